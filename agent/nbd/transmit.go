@@ -1,0 +1,216 @@
+package nbd
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"syscall"
+)
+
+// request is one transmission-phase request and, once handled, its reply.
+type request struct {
+	flags  uint16
+	typ    uint16
+	handle uint64
+	off    uint64
+	length uint32
+	buf    *[]byte // WRITE payload or READ data; nil for length 0 and other commands
+}
+
+// parseRequest decodes a request header. It rejects what cannot be answered
+// without losing the stream: bad magic and WRITE payloads over MaxPayload.
+// Everything else, however invalid, is left to the handler to fail.
+func parseRequest(h *[requestSize]byte) (request, error) {
+	if m := be.Uint32(h[0:]); m != requestMagic {
+		return request{}, protocolErrorf("bad request magic %#x", m)
+	}
+	r := request{
+		flags:  be.Uint16(h[4:]),
+		typ:    be.Uint16(h[6:]),
+		handle: be.Uint64(h[8:]),
+		off:    be.Uint64(h[16:]),
+		length: be.Uint32(h[24:]),
+	}
+	if r.typ == cmdWrite && r.length > MaxPayload {
+		return request{}, protocolErrorf("write of %d bytes at %d exceeds the %d-byte payload limit", r.length, r.off, MaxPayload)
+	}
+	return r, nil
+}
+
+// transmit runs the transmission phase: one goroutine reads requests and
+// starts a handler per request, at most MaxInFlight at a time; handlers
+// reply in completion order. It returns once every handler has replied.
+func (c *conn) transmit(exp *export) error {
+	sem := make(chan struct{}, c.srv.maxInFlight())
+	var wg sync.WaitGroup
+	err := c.readRequests(exp, sem, &wg)
+	wg.Wait()
+	if c.failed.Load() {
+		return c.failErr
+	}
+	if c.ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) error {
+	var h [requestSize]byte
+	for {
+		if err := readFull(c.br, h[:], "read request header", true); err != nil {
+			if err == io.EOF {
+				c.log.Debug("client disconnected without NBD_CMD_DISC")
+				return nil
+			}
+			return err
+		}
+		req, err := parseRequest(&h)
+		if err != nil {
+			return err
+		}
+		if req.typ == cmdDisc {
+			c.log.Debug("client sent NBD_CMD_DISC")
+			return nil
+		}
+		sem <- struct{}{}
+		if req.typ == cmdWrite && req.length > 0 {
+			req.buf = getBuf(int(req.length))
+			if err := readFull(c.br, *req.buf, "read write payload", false); err != nil {
+				putBuf(req.buf)
+				<-sem
+				return err
+			}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c.handle(exp, &req)
+		}()
+	}
+}
+
+// handle executes one request and sends its reply.
+func (c *conn) handle(exp *export, req *request) {
+	defer func() {
+		putBuf(req.buf)
+		if r := recover(); r != nil {
+			c.log.Error("nbd backend panicked", "op", cmdName(req.typ), "offset", req.off,
+				"length", req.length, "panic", r, "stack", string(debug.Stack()))
+			c.fail(fmt.Errorf("backend panic in %s: %v", cmdName(req.typ), r))
+		}
+	}()
+	errno := c.execute(exp, req)
+	var data []byte
+	if errno == 0 && req.typ == cmdRead && req.buf != nil {
+		data = *req.buf
+	}
+	if err := c.reply(req.handle, errno, data); err != nil {
+		c.fail(fmt.Errorf("send %s reply: %w", cmdName(req.typ), err))
+	}
+}
+
+// validFlags are the command flags each command accepts. FUA is allowed
+// everywhere because NBD_FLAG_SEND_FUA is advertised.
+func validFlags(typ uint16) uint16 {
+	if typ == cmdWriteZeroes {
+		return cmdFlagFUA | cmdFlagNoHole
+	}
+	return cmdFlagFUA
+}
+
+// execute validates req and runs it against the backend, returning the
+// error value for the reply. For a successful READ it leaves the data in
+// req.buf.
+func (c *conn) execute(exp *export, req *request) Errno {
+	switch req.typ {
+	case cmdRead, cmdWrite, cmdFlush, cmdTrim, cmdWriteZeroes:
+	default:
+		c.log.Debug("unknown command", "cmd", req.typ)
+		return EINVAL
+	}
+	if req.flags&^validFlags(req.typ) != 0 {
+		c.log.Debug("invalid command flags", "op", cmdName(req.typ), "flags", req.flags)
+		return EINVAL
+	}
+	if req.typ == cmdFlush {
+		return c.backendErr(req, exp.backend.Flush())
+	}
+
+	size := uint64(exp.size)
+	if req.off > size || uint64(req.length) > size-req.off {
+		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
+			return ENOSPC
+		}
+		return EINVAL
+	}
+	if req.typ == cmdRead && req.length > MaxPayload {
+		return EINVAL
+	}
+	if req.length == 0 {
+		return 0
+	}
+	off, n := int64(req.off), int64(req.length)
+	fua := req.flags&cmdFlagFUA != 0
+	b := exp.backend
+	switch req.typ {
+	case cmdRead:
+		req.buf = getBuf(int(n))
+		return c.backendErr(req, b.ReadAt(*req.buf, off))
+	case cmdWrite:
+		return c.backendErr(req, b.WriteAt(*req.buf, off, fua))
+	case cmdTrim:
+		return c.backendErr(req, b.Trim(off, n, fua))
+	default: // cmdWriteZeroes
+		return c.backendErr(req, b.WriteZeroes(off, n, fua))
+	}
+}
+
+// backendErr maps a backend error to the reply's error value and logs it.
+func (c *conn) backendErr(req *request, err error) Errno {
+	if err == nil {
+		return 0
+	}
+	errno := errnoFor(err)
+	c.log.Warn("nbd request failed", "op", cmdName(req.typ), "offset", req.off,
+		"length", req.length, "errno", uint32(errno), "err", err)
+	return errno
+}
+
+func errnoFor(err error) Errno {
+	var e Errno
+	if errors.As(err, &e) && e != 0 {
+		return e
+	}
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
+		return ENOSPC
+	case errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EROFS), errors.Is(err, os.ErrPermission):
+		return EPERM
+	}
+	return EIO
+}
+
+// reply sends a simple reply; data follows the header for a successful
+// READ. Replies from concurrent handlers are serialised.
+func (c *conn) reply(handle uint64, errno Errno, data []byte) error {
+	var h [simpleReplySize]byte
+	be.PutUint32(h[0:], simpleReplyMagic)
+	be.PutUint32(h[4:], uint32(errno))
+	be.PutUint64(h[8:], handle)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.failed.Load() {
+		return nil // the connection is already gone; fail has the reason
+	}
+	bufs := net.Buffers{h[:]}
+	if len(data) > 0 {
+		bufs = append(bufs, data)
+	}
+	_, err := bufs.WriteTo(c.nc)
+	return err
+}

@@ -1,0 +1,784 @@
+// Package spool is the agent's on-disk change log: every change the
+// write-splitter or the initial copy captures is appended here, in the
+// machine's sequence order, before the process server has acknowledged it.
+//
+// A spool is a directory of files named by the first sequence number they
+// hold (%016x.spool). Each file has a header and then records in the
+// replication.Record encoding, each written with a single write(2), so a
+// killed agent leaves at most one torn record at the tail, which Open cuts off.
+// Files are deleted once every record in them is acknowledged.
+//
+// The spool is bounded: Append blocks (back-pressure reaching the guest's
+// writes) while the unacknowledged bytes exceed the limit.
+//
+// Records are appended in one order and completed (the write to the backing
+// disk done) in possibly another; the spool hands the shipper only the prefix
+// of records that are all complete (Shippable), so an acknowledged record is
+// always one the source disk holds too.
+package spool
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// File header layout (little endian, 24 bytes):
+//
+//	0  magic   "ASRSPL"
+//	6  version u16
+//	8  first   u64 first sequence number in the file
+//	16 -       u32 (zero)
+//	20 hcrc    u32 CRC-32C of bytes 0..19
+const (
+	headerSize = 24
+	version    = 1
+	suffix     = ".spool"
+)
+
+var magic = [6]byte{'A', 'S', 'R', 'S', 'P', 'L'}
+
+// ErrClosed is returned by operations on a closed spool.
+var ErrClosed = errors.New("spool closed")
+
+// Options configure a spool.
+type Options struct {
+	// MaxBytes bounds the unacknowledged bytes; Append waits above it.
+	MaxBytes int64
+	// FileBytes is the size at which a new file is started.
+	FileBytes int64
+}
+
+// Spool is an open spool directory. It is safe for concurrent use.
+type Spool struct {
+	dir  string
+	opts Options
+
+	mu       sync.Mutex
+	cond     *sync.Cond // signalled on ack, completion, close
+	closed   bool
+	files    []*file // ordered by first seq; the last is the one appended to
+	next     uint64  // next sequence number to give out
+	acked    uint64  // last acknowledged sequence number
+	bytes    int64   // bytes in files (headers included)
+	unsynced bool    // the current file has writes not yet fsync'd
+	inflight []pending
+	ship     Position // end of the shippable prefix
+	shipSeq  uint64   // last shippable sequence number
+	buf      []byte
+
+	// samples of (seq, time) of appended records, at most one per
+	// sampleEvery, for OldestPending; popped as records are acknowledged.
+	samples       []sample
+	lastAckedTime int64
+
+	syncMu sync.Mutex // serializes fsync calls (group commit)
+	synced uint64     // records up to this seq are durable
+}
+
+type file struct {
+	first uint64
+	last  uint64 // last seq written (first-1 if empty)
+	size  int64
+	f     *os.File
+	path  string
+}
+
+type sample struct {
+	seq  uint64
+	time int64
+}
+
+// sampleEvery is the resolution of OldestPending.
+const sampleEvery = int64(10 * time.Millisecond)
+
+type pending struct {
+	seq  uint64
+	end  Position
+	done bool
+}
+
+// Position is a place in the spool: a file (by its first seq) and an offset.
+type Position struct {
+	File   uint64
+	Offset int64
+}
+
+// Tail describes the last record a disk had in the spool when it was opened;
+// after an unclean stop its change may not have reached the backing disk.
+type Tail struct {
+	Disk   uint32
+	Kind   replication.Kind
+	Offset uint64
+	Length uint32
+}
+
+// Recovered is what Open found in an existing spool.
+type Recovered struct {
+	Records   int
+	Truncated int64           // bytes of torn tail cut off
+	Tails     map[uint32]Tail // last data-changing record per disk
+	Progress  map[uint32]replication.Record
+}
+
+// Open opens or creates the spool in dir. acked is the last sequence number
+// the agent knows to be acknowledged (records up to it may be discarded);
+// next is the sequence number to start with when the spool is empty.
+func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
+	if opts.MaxBytes <= 0 {
+		opts.MaxBytes = 1 << 30
+	}
+	if opts.FileBytes <= 0 {
+		opts.FileBytes = 64 << 20
+	}
+	if opts.FileBytes > opts.MaxBytes/4 {
+		opts.FileBytes = opts.MaxBytes / 4
+	}
+	var rec Recovered
+	rec.Tails = map[uint32]Tail{}
+	rec.Progress = map[uint32]replication.Record{}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, rec, err
+	}
+	s := &Spool{dir: dir, opts: opts, acked: acked, next: acked + 1}
+	s.cond = sync.NewCond(&s.mu)
+	names, err := filepath.Glob(filepath.Join(dir, "*"+suffix))
+	if err != nil {
+		return nil, rec, err
+	}
+	sort.Strings(names)
+	for i, path := range names {
+		f, err := s.openFile(path, i == len(names)-1, &rec)
+		if err != nil {
+			s.closeFiles()
+			return nil, rec, err
+		}
+		if f == nil {
+			continue
+		}
+		if len(s.files) > 0 && f.first != s.next {
+			s.closeFiles()
+			return nil, rec, fmt.Errorf("spool %s: file %s starts at seq %d, want %d: %w",
+				dir, filepath.Base(path), f.first, s.next, replication.ErrCorrupt)
+		}
+		if len(s.files) == 0 && f.first > acked+1 {
+			// Files are deleted only once acknowledged, so the records
+			// before this file were: the caller's record of acks lags.
+			s.acked = f.first - 1
+		}
+		s.files = append(s.files, f)
+		s.next = f.last + 1
+		s.bytes += f.size
+	}
+	if s.next <= acked {
+		// Everything in the spool was acknowledged.
+		s.next = acked + 1
+	}
+	if len(s.files) == 0 || s.files[len(s.files)-1].size >= s.opts.FileBytes {
+		if err := s.newFile(); err != nil {
+			s.closeFiles()
+			return nil, rec, err
+		}
+	}
+	s.shipSeq = s.next - 1
+	s.ship = s.endPos()
+	s.synced = s.next - 1
+	s.trimLocked()
+	return s, rec, nil
+}
+
+// openFile validates one spool file and indexes its records. A torn record at
+// the end of the last file is truncated; damage anywhere else is an error.
+func (s *Spool) openFile(path string, last bool, rec *Recovered) (*file, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	data := make([]byte, headerSize)
+	if _, err := io.ReadFull(f, data); err != nil || st.Size() < headerSize {
+		if last {
+			// Crashed while creating the file: nothing in it was ever written.
+			f.Close()
+			return nil, os.Remove(path)
+		}
+		f.Close()
+		return nil, fmt.Errorf("spool file %s: short header: %w", path, replication.ErrCorrupt)
+	}
+	first, err := parseHeader(data)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("spool file %s: %w", path, err)
+	}
+	sf := &file{first: first, last: first - 1, size: headerSize, f: f, path: path}
+	hdr := make([]byte, replication.RecordHeaderSize)
+	var body []byte
+	for sf.size < st.Size() {
+		n, err := f.ReadAt(hdr, sf.size)
+		if err == nil || (err == io.EOF && n == len(hdr)) {
+			var r replication.Record
+			r, err = peekHeader(hdr)
+			if err == nil {
+				need := 0
+				if r.Kind.HasData() {
+					need = int(r.Length)
+				}
+				if cap(body) < replication.RecordHeaderSize+need {
+					body = make([]byte, replication.RecordHeaderSize+need)
+				}
+				body = body[:replication.RecordHeaderSize+need]
+				if _, err = f.ReadAt(body, sf.size); err == nil || errors.Is(err, io.EOF) {
+					var full replication.Record
+					var used int
+					full, used, err = replication.DecodeRecord(body)
+					if err == nil && full.Seq != sf.last+1 {
+						err = fmt.Errorf("seq %d, want %d: %w", full.Seq, sf.last+1, replication.ErrCorrupt)
+					}
+					if err == nil {
+						sf.last = full.Seq
+						sf.size += int64(used)
+						rec.Records++
+						noteRecord(rec, &full)
+						continue
+					}
+				}
+			}
+		}
+		if !last {
+			f.Close()
+			return nil, fmt.Errorf("spool file %s: record at byte %d: %v: %w", path, sf.size, err, replication.ErrCorrupt)
+		}
+		// Torn tail of the file being written when the agent stopped.
+		rec.Truncated = st.Size() - sf.size
+		if err := f.Truncate(sf.size); err != nil {
+			f.Close()
+			return nil, err
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return nil, err
+		}
+		break
+	}
+	if _, err := f.Seek(sf.size, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return sf, nil
+}
+
+func noteRecord(rec *Recovered, r *replication.Record) {
+	switch r.Kind {
+	case replication.KindWrite, replication.KindZero, replication.KindTrim, replication.KindBase:
+		rec.Tails[r.Disk] = Tail{Disk: r.Disk, Kind: r.Kind, Offset: r.Offset, Length: r.Length}
+	case replication.KindProgress:
+		r.Data = nil
+		rec.Progress[r.Disk] = *r
+	}
+}
+
+// peekHeader decodes a record header without its data (for sizing).
+func peekHeader(h []byte) (replication.Record, error) {
+	var r replication.Record
+	r.Seq = binary.LittleEndian.Uint64(h[0:])
+	r.Kind = replication.Kind(h[20])
+	r.Length = binary.LittleEndian.Uint32(h[32:])
+	if r.Kind < replication.KindWrite || r.Kind > replication.KindTag {
+		return r, fmt.Errorf("unknown kind %d: %w", r.Kind, replication.ErrCorrupt)
+	}
+	if r.Kind.HasData() && r.Length > replication.MaxRecordData {
+		return r, fmt.Errorf("length %d: %w", r.Length, replication.ErrCorrupt)
+	}
+	return r, nil
+}
+
+func header(first uint64) []byte {
+	h := make([]byte, headerSize)
+	copy(h, magic[:])
+	binary.LittleEndian.PutUint16(h[6:], version)
+	binary.LittleEndian.PutUint64(h[8:], first)
+	binary.LittleEndian.PutUint32(h[20:], replication.Checksum(h[:20]))
+	return h
+}
+
+func parseHeader(h []byte) (uint64, error) {
+	if [6]byte(h[0:6]) != magic {
+		return 0, fmt.Errorf("bad magic: %w", replication.ErrCorrupt)
+	}
+	if got, want := replication.Checksum(h[:20]), binary.LittleEndian.Uint32(h[20:]); got != want {
+		return 0, fmt.Errorf("header checksum: %w", replication.ErrCorrupt)
+	}
+	if v := binary.LittleEndian.Uint16(h[6:]); v != version {
+		return 0, fmt.Errorf("version %d not supported: %w", v, replication.ErrCorrupt)
+	}
+	return binary.LittleEndian.Uint64(h[8:]), nil
+}
+
+// newFile starts a new file at s.next; the previous file is fsync'd first so
+// that "durable up to the current file" covers everything before it.
+func (s *Spool) newFile() error {
+	if n := len(s.files); n > 0 && s.unsynced {
+		if err := s.files[n-1].f.Sync(); err != nil {
+			return err
+		}
+		s.unsynced = false
+	}
+	path := filepath.Join(s.dir, fmt.Sprintf("%016x%s", s.next, suffix))
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(header(s.next)); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := syncDir(s.dir); err != nil {
+		f.Close()
+		return err
+	}
+	s.files = append(s.files, &file{first: s.next, last: s.next - 1, size: headerSize, f: f, path: path})
+	s.bytes += headerSize
+	return nil
+}
+
+func (s *Spool) endPos() Position {
+	cur := s.files[len(s.files)-1]
+	return Position{File: cur.first, Offset: cur.size}
+}
+
+// Append writes r to the spool, assigning it the next sequence number, and
+// returns that number. The record is not yet shippable: the caller must call
+// Complete(seq) once the change is on the backing disk too. Append waits while
+// the spool is full, until ctx is done.
+func (s *Spool) Append(ctx context.Context, r *replication.Record) (uint64, error) {
+	size := int64(r.EncodedSize())
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for !s.closed && s.bytes+size > s.opts.MaxBytes && s.bytes > headerSize {
+		if s.acked+1 == s.next && len(s.files) == 1 {
+			// Everything is acknowledged but the current file holds it:
+			// start a new file so the old one can go.
+			if err := s.newFile(); err != nil {
+				return 0, fmt.Errorf("spool: %w", err)
+			}
+			s.trimLocked()
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+		s.waitLocked(ctx)
+	}
+	if s.closed {
+		return 0, ErrClosed
+	}
+	if s.files[len(s.files)-1].size >= s.opts.FileBytes {
+		if err := s.newFile(); err != nil {
+			return 0, fmt.Errorf("spool: %w", err)
+		}
+	}
+	cur := s.files[len(s.files)-1]
+	r.Seq = s.next
+	s.buf = replication.AppendRecord(s.buf[:0], r)
+	if _, err := cur.f.Write(s.buf); err != nil {
+		// The file may now hold a torn record; cut it off so later records
+		// are not written after garbage.
+		cur.f.Truncate(cur.size)
+		cur.f.Seek(cur.size, io.SeekStart)
+		return 0, fmt.Errorf("spool write: %w", err)
+	}
+	if cap(s.buf) > 4<<20 {
+		s.buf = nil // do not keep a huge buffer around
+	}
+	cur.size += size
+	cur.last = r.Seq
+	s.bytes += size
+	s.next++
+	s.unsynced = true
+	s.inflight = append(s.inflight, pending{seq: r.Seq, end: Position{File: cur.first, Offset: cur.size}})
+	if n := len(s.samples); n == 0 || r.Time-s.samples[n-1].time >= sampleEvery {
+		s.samples = append(s.samples, sample{r.Seq, r.Time})
+	}
+	return r.Seq, nil
+}
+
+// waitLocked waits on the condition variable but wakes up when ctx is done.
+func (s *Spool) waitLocked(ctx context.Context) {
+	stop := context.AfterFunc(ctx, func() {
+		s.mu.Lock()
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	})
+	s.cond.Wait()
+	stop()
+}
+
+// Complete marks seq's change as done on the backing disk.
+func (s *Spool) Complete(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	advanced := false
+	for i := range s.inflight {
+		if s.inflight[i].seq == seq {
+			s.inflight[i].done = true
+			break
+		}
+	}
+	for len(s.inflight) > 0 && s.inflight[0].done {
+		s.ship = s.inflight[0].end
+		s.shipSeq = s.inflight[0].seq
+		s.inflight = s.inflight[1:]
+		advanced = true
+	}
+	if advanced {
+		s.cond.Broadcast()
+	}
+}
+
+// Abort withdraws a record whose change could not be made on the backing disk
+// (an I/O error). The record stays in the log — the replica will receive a
+// change the source may not have — so the caller must treat the range as
+// unknown; here it simply lets later records ship.
+func (s *Spool) Abort(seq uint64) { s.Complete(seq) }
+
+// Sync makes every record appended so far durable.
+func (s *Spool) Sync() error {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	target := s.next - 1
+	if s.synced >= target || !s.unsynced {
+		s.mu.Unlock()
+		return nil
+	}
+	f := s.files[len(s.files)-1].f
+	s.unsynced = false
+	s.mu.Unlock()
+	// Earlier files were fsync'd when the next one was started.
+	if err := f.Sync(); err != nil {
+		s.mu.Lock()
+		s.unsynced = true
+		s.mu.Unlock()
+		return fmt.Errorf("spool sync: %w", err)
+	}
+	s.mu.Lock()
+	if target > s.synced {
+		s.synced = target
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// Ack records that the process server holds every record up to seq durably;
+// files holding only such records are deleted.
+func (s *Spool) Ack(seq uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if seq <= s.acked {
+		return nil
+	}
+	if seq > s.shipSeq {
+		return fmt.Errorf("ack of seq %d beyond the shippable %d", seq, s.shipSeq)
+	}
+	s.acked = seq
+	for len(s.samples) > 0 && s.samples[0].seq <= seq {
+		s.lastAckedTime = s.samples[0].time
+		s.samples = s.samples[1:]
+	}
+	err := s.trimLocked()
+	s.cond.Broadcast()
+	return err
+}
+
+func (s *Spool) trimLocked() error {
+	for len(s.files) > 1 && s.files[0].last <= s.acked {
+		f := s.files[0]
+		f.f.Close()
+		if err := os.Remove(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		s.bytes -= f.size
+		s.files = s.files[1:]
+	}
+	return nil
+}
+
+// Acked returns the last acknowledged sequence number.
+func (s *Spool) Acked() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.acked
+}
+
+// Next returns the sequence number the next Append will use.
+func (s *Spool) Next() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.next
+}
+
+// First returns the first sequence number still held in the spool.
+func (s *Spool) First() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.files[0].first
+}
+
+// Pending returns the bytes held for records not yet acknowledged (an
+// estimate at file granularity for the acknowledged part).
+func (s *Spool) Pending() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bytes
+}
+
+// Fill returns Pending as a fraction of MaxBytes.
+func (s *Spool) Fill() float64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return float64(s.bytes) / float64(s.opts.MaxBytes)
+}
+
+// Close closes the spool files. Blocked Appends return ErrClosed.
+func (s *Spool) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	s.cond.Broadcast()
+	var err error
+	if s.unsynced {
+		err = s.files[len(s.files)-1].f.Sync()
+	}
+	s.closeFiles()
+	return err
+}
+
+func (s *Spool) closeFiles() {
+	for _, f := range s.files {
+		f.f.Close()
+	}
+}
+
+// Reader reads shippable records in order. Each shipper connection makes one.
+type Reader struct {
+	s    *Spool
+	pos  Position
+	seq  uint64 // next seq to read
+	f    *os.File
+	size int64 // size of f once known to be final, else -1
+}
+
+// NewReader returns a reader positioned at record seq, which must be in the
+// spool (between First and the next seq to be given out).
+func (s *Spool) NewReader(seq uint64) (*Reader, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	if seq < s.files[0].first || seq > s.next {
+		return nil, fmt.Errorf("spool holds seq %d..%d, not %d", s.files[0].first, s.next-1, seq)
+	}
+	var fi *file
+	for _, f := range s.files {
+		if f.first <= seq {
+			fi = f
+		}
+	}
+	r := &Reader{s: s, pos: Position{File: fi.first, Offset: headerSize}, seq: fi.first, size: -1}
+	f, err := os.Open(fi.path)
+	if err != nil {
+		return nil, err
+	}
+	r.f = f
+	// Skip records before seq by their headers.
+	hdr := make([]byte, replication.RecordHeaderSize)
+	for r.seq < seq {
+		if _, err := f.ReadAt(hdr, r.pos.Offset); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("spool seek to seq %d: %w", seq, err)
+		}
+		h, err := peekHeader(hdr)
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		r.pos.Offset += replication.RecordHeaderSize
+		if h.Kind.HasData() {
+			r.pos.Offset += int64(h.Length)
+		}
+		r.seq++
+	}
+	return r, nil
+}
+
+// Next appends encoded records to buf until about max bytes or the end of
+// the shippable prefix, waiting up to wait for at least one record. It
+// returns the grown buffer, the first sequence number and the record count
+// (0 if nothing became shippable in time). Records are copied in bulk, their
+// headers walked (not decoded) to count them and check the sequence.
+func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Duration) ([]byte, uint64, uint32, error) {
+	s := r.s
+	s.mu.Lock()
+	if s.shipSeq < r.seq && wait > 0 {
+		wctx, cancel := context.WithTimeout(ctx, wait)
+		for !s.closed && s.shipSeq < r.seq && wctx.Err() == nil {
+			s.waitLocked(wctx)
+		}
+		cancel()
+	}
+	if s.closed {
+		s.mu.Unlock()
+		return buf, 0, 0, ErrClosed
+	}
+	end, endSeq := s.ship, s.shipSeq
+	s.mu.Unlock()
+	first := r.seq
+	var count uint32
+	for r.seq <= endSeq && len(buf) < max {
+		limit := end.Offset
+		if r.pos.File != end.File {
+			// An older file than the shippable end: it is complete and immutable.
+			if r.size < 0 {
+				st, err := r.f.Stat()
+				if err != nil {
+					return buf, first, count, err
+				}
+				r.size = st.Size()
+			}
+			if r.pos.Offset >= r.size {
+				if err := r.advanceFile(); err != nil {
+					return buf, first, count, err
+				}
+				continue
+			}
+			limit = r.size
+		}
+		n := limit - r.pos.Offset
+		if room := int64(max - len(buf)); n > room {
+			n = room
+		}
+		if n < replication.RecordHeaderSize {
+			n = replication.RecordHeaderSize
+		}
+		at := len(buf)
+		buf = append(buf, make([]byte, n)...)
+		if _, err := r.f.ReadAt(buf[at:], r.pos.Offset); err != nil {
+			return buf[:at], first, count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)
+		}
+		// Walk whole records in what was read.
+		p := at
+		for p+replication.RecordHeaderSize <= len(buf) && r.seq <= endSeq {
+			h, err := peekHeader(buf[p:])
+			if err != nil {
+				return buf[:p], first, count, fmt.Errorf("spool record seq %d: %w", r.seq, err)
+			}
+			if h.Seq != r.seq {
+				return buf[:p], first, count, fmt.Errorf("spool: found seq %d, want %d: %w", h.Seq, r.seq, replication.ErrCorrupt)
+			}
+			rl := replication.RecordHeaderSize
+			if h.Kind.HasData() {
+				rl += int(h.Length)
+			}
+			if p+rl > len(buf) {
+				if p == at {
+					// A record larger than the room left: read it whole.
+					buf = append(buf[:at], make([]byte, rl)...)
+					if _, err := r.f.ReadAt(buf[at:], r.pos.Offset); err != nil {
+						return buf[:at], first, count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)
+					}
+					continue
+				}
+				break
+			}
+			p += rl
+			r.pos.Offset += int64(rl)
+			r.seq++
+			count++
+		}
+		buf = buf[:p]
+		if p == at {
+			break
+		}
+	}
+	return buf, first, count, nil
+}
+
+func (r *Reader) advanceFile() error {
+	s := r.s
+	s.mu.Lock()
+	var nf *file
+	for _, f := range s.files {
+		if f.first == r.seq {
+			nf = f
+			break
+		}
+	}
+	s.mu.Unlock()
+	if nf == nil {
+		return fmt.Errorf("spool: no file starts at seq %d", r.seq)
+	}
+	f, err := os.Open(nf.path)
+	if err != nil {
+		return err
+	}
+	r.f.Close()
+	r.f = f
+	r.size = -1
+	r.pos = Position{File: nf.first, Offset: headerSize}
+	return nil
+}
+
+// Close releases the reader.
+func (r *Reader) Close() error { return r.f.Close() }
+
+// OldestPending returns the agent time (Unix ns) of the oldest record not
+// yet acknowledged, to within sampleEvery, or 0 if none is pending.
+func (s *Spool) OldestPending() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.acked+1 >= s.next {
+		return 0
+	}
+	if len(s.samples) == 0 {
+		return s.lastAckedTime
+	}
+	return s.samples[0].time
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// IsSpoolFile reports whether name looks like a spool file.
+func IsSpoolFile(name string) bool { return strings.HasSuffix(name, suffix) }

@@ -1,0 +1,334 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Applier applies one machine's sealed segments, in sequence order, to its
+// replica disks on a Target, takes a snapshot of every disk at each tag
+// record (a recovery point), and keeps the machine's catalog entry current.
+//
+// Crash safety: the catalog's AppliedSeq is written only after the replica
+// disks are flushed, and applying records again from AppliedSeq+1 gives the
+// same replica (records are applied in order; each overwrites its range), so
+// after a crash the process server simply re-applies from the catalog.
+type Applier struct {
+	cat   *Catalog
+	codec *Codec
+	log   *slog.Logger
+	m     MachineCatalog
+	disks map[uint32]ReplicaDisk
+
+	// OnPoint is called after a point is durable on the target. reqID is the
+	// operator request that asked for it (0 for a scheduled point).
+	OnPoint func(p Point, reqID uint64)
+	// OnNoPoint is called when a tag could not become a point (the machine
+	// is not fully protected).
+	OnNoPoint func(reqID uint64, reason string)
+	// OnState is called after the catalog entry is written.
+	OnState func(m MachineCatalog)
+}
+
+// OpenApplier loads (or starts) the catalog entry of a machine and opens its
+// replica disks.
+func OpenApplier(ctx context.Context, cat *Catalog, id, name string, log *slog.Logger) (*Applier, error) {
+	a := &Applier{cat: cat, codec: DefaultCodec(), log: log, disks: map[uint32]ReplicaDisk{}}
+	m, err := cat.Machine(ctx, id)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		m = MachineCatalog{ID: id, Name: name}
+		if err := cat.PutMachine(ctx, &m); err != nil {
+			return nil, err
+		}
+	case err != nil:
+		return nil, err
+	}
+	if name != "" {
+		m.Name = name
+	}
+	a.m = m
+	for _, d := range m.Disks {
+		rd, err := cat.T.OpenDisk(ctx, DiskKey(id, d.Index), d.Size)
+		if err != nil {
+			a.Close()
+			return nil, fmt.Errorf("open replica of disk %s: %w", d.Name, err)
+		}
+		a.disks[d.Index] = rd
+	}
+	return a, nil
+}
+
+// Machine returns the applier's view of the catalog entry.
+func (a *Applier) Machine() MachineCatalog {
+	m := a.m
+	m.Disks = append([]CatalogDisk(nil), a.m.Disks...)
+	return m
+}
+
+// Disk returns an open replica disk.
+func (a *Applier) Disk(index uint32) (ReplicaDisk, bool) {
+	d, ok := a.disks[index]
+	return d, ok
+}
+
+// EnsureDisks registers the disks an agent announced. A new disk gets a
+// fresh (all-zero) replica and starts initial replication. A known disk must
+// keep its size.
+func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
+	changed := false
+	for _, di := range disks {
+		if d, ok := a.m.Disk(di.Index); ok {
+			if d.Name != di.Name {
+				return fmt.Errorf("disk %d was %q and is now %q: disk indexes must not be reused", di.Index, d.Name, di.Name)
+			}
+			if d.Size != di.Size {
+				return fmt.Errorf("disk %s changed size from %d to %d bytes: resizing a protected disk is not supported yet; disable and re-enable protection", di.Name, d.Size, di.Size)
+			}
+			continue
+		}
+		if di.Size <= 0 {
+			return fmt.Errorf("disk %s: size %d", di.Name, di.Size)
+		}
+		rd, err := a.cat.T.OpenDisk(ctx, DiskKey(a.m.ID, di.Index), di.Size)
+		if err != nil {
+			return fmt.Errorf("create replica of disk %s: %w", di.Name, err)
+		}
+		a.disks[di.Index] = rd
+		a.m.Disks = append(a.m.Disks, CatalogDisk{Index: di.Index, Name: di.Name, Size: di.Size, State: StateInitial})
+		changed = true
+	}
+	if changed {
+		return a.saveMachine(ctx)
+	}
+	return nil
+}
+
+func (a *Applier) saveMachine(ctx context.Context) error {
+	if err := a.cat.PutMachine(ctx, &a.m); err != nil {
+		return fmt.Errorf("write catalog of machine %s: %w", a.m.ID, err)
+	}
+	if a.OnState != nil {
+		a.OnState(a.Machine())
+	}
+	return nil
+}
+
+// Apply applies a sealed segment. Records at or below AppliedSeq are skipped
+// (a segment may be re-applied after a crash); the first new record must be
+// AppliedSeq+1. A segment that fails any check is not applied at all: the
+// error wraps ErrCorrupt and the replica is untouched.
+func (a *Applier) Apply(ctx context.Context, seg []byte) error {
+	// Verify the whole segment before touching the replica.
+	scan, err := ScanSegment(seg, false, nil)
+	if err != nil {
+		return err
+	}
+	if scan.Last <= a.m.AppliedSeq {
+		return nil
+	}
+	if scan.First > a.m.AppliedSeq+1 {
+		return fmt.Errorf("segment %d-%d leaves a gap after applied seq %d: %w", scan.First, scan.Last, a.m.AppliedSeq, ErrCorrupt)
+	}
+	// Decode every frame first, so corruption anywhere stops the segment
+	// before the first write.
+	var frames []Frame
+	if _, err := ScanSegment(seg, false, func(f *Frame) error {
+		frames = append(frames, *f)
+		return nil
+	}); err != nil {
+		return err
+	}
+	type batch struct{ recs []Record }
+	batches := make([]batch, 0, len(frames))
+	for i := range frames {
+		// Each frame decompresses into its own buffer: records alias it.
+		recs, _, err := a.codec.Records(&frames[i], nil)
+		if err != nil {
+			return fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, err)
+		}
+		for j := range recs {
+			if err := a.check(&recs[j]); err != nil {
+				return fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, err)
+			}
+		}
+		batches = append(batches, batch{recs})
+	}
+	dirty := false
+	for _, b := range batches {
+		for i := range b.recs {
+			r := &b.recs[i]
+			if r.Seq <= a.m.AppliedSeq {
+				continue
+			}
+			if err := a.apply(ctx, r); err != nil {
+				return err
+			}
+			dirty = true
+		}
+	}
+	if !dirty {
+		return nil
+	}
+	return a.checkpoint(ctx, scan.Last)
+}
+
+// check validates a record against the machine's disks.
+func (a *Applier) check(r *Record) error {
+	if r.Kind == KindTag {
+		return nil
+	}
+	d, ok := a.m.Disk(r.Disk)
+	if !ok {
+		return fmt.Errorf("record %d names unknown disk %d: %w", r.Seq, r.Disk, ErrCorrupt)
+	}
+	if r.Kind == KindProgress {
+		if r.Offset > uint64(d.Size) {
+			return fmt.Errorf("record %d: progress %d past disk end %d: %w", r.Seq, r.Offset, d.Size, ErrCorrupt)
+		}
+		return nil
+	}
+	if r.End() > uint64(d.Size) {
+		return fmt.Errorf("record %d: %s at %d+%d past disk end %d: %w", r.Seq, r.Kind, r.Offset, r.Length, d.Size, ErrCorrupt)
+	}
+	return nil
+}
+
+func (a *Applier) apply(ctx context.Context, r *Record) error {
+	switch r.Kind {
+	case KindWrite, KindBase:
+		if err := a.disks[r.Disk].WriteAt(r.Data, int64(r.Offset)); err != nil {
+			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
+		}
+	case KindZero, KindTrim:
+		if err := a.disks[r.Disk].ZeroAt(int64(r.Offset), int64(r.Length)); err != nil {
+			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
+		}
+	case KindProgress:
+		d, _ := a.m.Disk(r.Disk)
+		if d.State == StateInitial {
+			d.Cursor = int64(r.Offset)
+			if r.Flags&FlagDone != 0 {
+				d.Cursor = d.Size
+				d.State = StateProtected
+				a.log.Info("initial replication complete", "machine", a.m.ID, "disk", d.Name, "seq", r.Seq)
+			}
+		}
+	case KindTag:
+		return a.tag(ctx, r)
+	}
+	return nil
+}
+
+// tag makes a recovery point after record r-1: flush, snapshot every disk,
+// then (only then) record the point and the checkpoint.
+func (a *Applier) tag(ctx context.Context, r *Record) error {
+	if !a.m.Protected() {
+		reason := "initial replication is not complete"
+		for _, d := range a.m.Disks {
+			if d.State == StateResync {
+				reason = fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)
+			}
+		}
+		if a.OnNoPoint != nil {
+			a.OnNoPoint(r.Offset, reason)
+		}
+		return nil
+	}
+	p := Point{ID: PointID(r.Seq), Seq: r.Seq, Time: time.Unix(0, r.Time).UTC(), Kind: PointCrash}
+	if r.Flags&FlagApp != 0 {
+		p.Kind = PointApp
+	}
+	for _, d := range a.m.Disks {
+		rd := a.disks[d.Index]
+		if err := rd.Flush(ctx); err != nil {
+			return fmt.Errorf("flush disk %s for point %s: %w", d.Name, p.ID, err)
+		}
+		if err := rd.Snapshot(ctx, SnapshotName(r.Seq)); err != nil {
+			return fmt.Errorf("snapshot disk %s for point %s: %w", d.Name, p.ID, err)
+		}
+		p.Disks = append(p.Disks, d.Index)
+	}
+	if err := a.cat.PutPoint(ctx, a.m.ID, p); err != nil {
+		return fmt.Errorf("record point %s: %w", p.ID, err)
+	}
+	if err := a.checkpoint(ctx, r.Seq); err != nil {
+		return err
+	}
+	a.log.Debug("recovery point", "machine", a.m.ID, "point", p.ID, "kind", p.Kind)
+	if a.OnPoint != nil {
+		a.OnPoint(p, r.Offset)
+	}
+	return nil
+}
+
+// checkpoint flushes the replica disks and records seq as applied.
+func (a *Applier) checkpoint(ctx context.Context, seq uint64) error {
+	for idx, rd := range a.disks {
+		if err := rd.Flush(ctx); err != nil {
+			return fmt.Errorf("flush replica of disk %d: %w", idx, err)
+		}
+	}
+	a.m.AppliedSeq = seq
+	return a.saveMachine(ctx)
+}
+
+// SkipTo records every record up to seq as handled without applying it: after
+// a segment is lost or corrupt the replica can no longer be proven equal to
+// the source (the disks are marked for resync first), but later segments can
+// still be applied so the cache drains.
+func (a *Applier) SkipTo(ctx context.Context, seq uint64) error {
+	if seq <= a.m.AppliedSeq {
+		return nil
+	}
+	if a.m.Protected() {
+		return fmt.Errorf("skip to seq %d: machine %s is not marked for resync", seq, a.m.ID)
+	}
+	return a.checkpoint(ctx, seq)
+}
+
+// AppliedSeq returns the last applied sequence number.
+func (a *Applier) AppliedSeq() uint64 { return a.m.AppliedSeq }
+
+// MarkResync records that a disk (or, with index < 0, every disk) of the
+// machine needs a resync, and why.
+func (a *Applier) MarkResync(ctx context.Context, index int64, reason string) error {
+	for i := range a.m.Disks {
+		if index < 0 || int64(a.m.Disks[i].Index) == index {
+			a.m.Disks[i].State = StateResync
+			a.m.Disks[i].Reason = reason
+		}
+	}
+	return a.saveMachine(ctx)
+}
+
+// DeletePoint prunes a point: its catalog entry first (so it is never listed
+// without its snapshots), then the disk snapshots.
+func (a *Applier) DeletePoint(ctx context.Context, p Point) error {
+	if err := a.cat.DeletePoint(ctx, a.m.ID, p.Seq); err != nil {
+		return err
+	}
+	for _, idx := range p.Disks {
+		if rd, ok := a.disks[idx]; ok {
+			if err := rd.DeleteSnapshot(ctx, SnapshotName(p.Seq)); err != nil {
+				return fmt.Errorf("delete snapshot of point %s on disk %d: %w", p.ID, idx, err)
+			}
+		}
+	}
+	return nil
+}
+
+// Close closes the replica disks.
+func (a *Applier) Close() error {
+	var first error
+	for _, rd := range a.disks {
+		if err := rd.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	a.disks = map[uint32]ReplicaDisk{}
+	return first
+}

@@ -1,0 +1,306 @@
+package replication
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The catalog is the target's own record of what it holds: machines, their
+// disks, and recovery points. It lives on the target beside the data so a new
+// asr on a fresh machine, given the storage and the vault passphrase, can list
+// points and recover after the on-premises site is lost.
+//
+// Keys:
+//
+//	vault                              the vault descriptor (VaultInfo)
+//	machines/<id>/machine              MachineCatalog
+//	machines/<id>/points/<%016x seq>   Point (one object per point)
+//	machines/<id>/disks/<index>        replica disk (Target.OpenDisk)
+
+// Disk states in the catalog (and in the server's database).
+const (
+	StateInitial   = "initial"
+	StateProtected = "protected"
+	StateResync    = "resync"
+)
+
+// MachineCatalog is the catalog entry of one machine.
+type MachineCatalog struct {
+	ID         string        `json:"id"`
+	Name       string        `json:"name"`
+	Disks      []CatalogDisk `json:"disks"`
+	AppliedSeq uint64        `json:"applied_seq"` // every record up to here is on the replica disks
+	Updated    time.Time     `json:"updated"`
+}
+
+// CatalogDisk is a replica disk in the catalog.
+type CatalogDisk struct {
+	Index  uint32 `json:"index"`
+	Name   string `json:"name"`
+	Size   int64  `json:"size"`
+	State  string `json:"state"`
+	Cursor int64  `json:"cursor"` // initial replication: source bytes applied
+	Reason string `json:"reason,omitempty"`
+}
+
+// Disk returns the catalog disk with the given index.
+func (m *MachineCatalog) Disk(index uint32) (*CatalogDisk, bool) {
+	for i := range m.Disks {
+		if m.Disks[i].Index == index {
+			return &m.Disks[i], true
+		}
+	}
+	return nil, false
+}
+
+// Protected reports whether every disk has completed initial replication and
+// none needs a resync: only then can a recovery point be made.
+func (m *MachineCatalog) Protected() bool {
+	if len(m.Disks) == 0 {
+		return false
+	}
+	for _, d := range m.Disks {
+		if d.State != StateProtected {
+			return false
+		}
+	}
+	return true
+}
+
+// Point kinds.
+const (
+	PointCrash = "crash"
+	PointApp   = "app"
+)
+
+// Point is a recovery point: a consistent cut across all disks of a machine,
+// after record Seq. Each disk has a snapshot named SnapshotName(Seq).
+type Point struct {
+	ID    string    `json:"id"`
+	Seq   uint64    `json:"seq"`
+	Time  time.Time `json:"time"`
+	Kind  string    `json:"kind"`
+	Disks []uint32  `json:"disks"`
+}
+
+// PointID is the identifier operators use for the point after record seq.
+func PointID(seq uint64) string { return strconv.FormatUint(seq, 10) }
+
+// SnapshotName is the replica-disk snapshot name of the point after seq;
+// fixed-width hex, so names sort in point order.
+func SnapshotName(seq uint64) string { return fmt.Sprintf("%016x", seq) }
+
+// VaultInfo describes the vault a target belongs to.
+type VaultInfo struct {
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
+	// Verifier proves knowledge of the vault passphrase without storing it.
+	Salt     []byte `json:"salt"`
+	Verifier []byte `json:"verifier"`
+}
+
+// ObjectCodec turns a catalog object into the bytes stored on the target and
+// back. The plain codec only frames and checksums; an encrypting codec seals.
+type ObjectCodec interface {
+	Seal(kind string, plain []byte) ([]byte, error)
+	Open(kind string, stored []byte) ([]byte, error)
+}
+
+// PlainCodec stores objects as: magic "ASROBJ", version u16, kind length u16,
+// kind, payload, CRC-32C of all before it.
+type PlainCodec struct{}
+
+var objMagic = [6]byte{'A', 'S', 'R', 'O', 'B', 'J'}
+
+const objVersion = 1
+
+// Seal frames plain.
+func (PlainCodec) Seal(kind string, plain []byte) ([]byte, error) {
+	b := make([]byte, 0, 10+len(kind)+len(plain)+4)
+	b = append(b, objMagic[:]...)
+	b = binary.LittleEndian.AppendUint16(b, objVersion)
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(kind)))
+	b = append(b, kind...)
+	b = append(b, plain...)
+	return binary.LittleEndian.AppendUint32(b, Checksum(b)), nil
+}
+
+// Open checks and unframes stored bytes.
+func (PlainCodec) Open(kind string, b []byte) ([]byte, error) {
+	if len(b) < 14 || [6]byte(b[:6]) != objMagic {
+		return nil, fmt.Errorf("%s object: bad magic: %w", kind, ErrCorrupt)
+	}
+	body, sum := b[:len(b)-4], binary.LittleEndian.Uint32(b[len(b)-4:])
+	if Checksum(body) != sum {
+		return nil, fmt.Errorf("%s object: checksum mismatch: %w", kind, ErrCorrupt)
+	}
+	if v := binary.LittleEndian.Uint16(b[6:]); v != objVersion {
+		return nil, fmt.Errorf("%s object: version %d not supported: %w", kind, v, ErrCorrupt)
+	}
+	kl := int(binary.LittleEndian.Uint16(b[8:]))
+	if 10+kl > len(body) || string(body[10:10+kl]) != kind {
+		return nil, fmt.Errorf("%s object: holds another kind of object: %w", kind, ErrCorrupt)
+	}
+	return body[10+kl:], nil
+}
+
+// Catalog reads and writes catalog objects on a target.
+type Catalog struct {
+	T     Target
+	Codec ObjectCodec
+}
+
+func machineKey(id string) string { return "machines/" + id + "/machine" }
+func pointKey(id string, seq uint64) string {
+	return "machines/" + id + "/points/" + SnapshotName(seq)
+}
+
+// DiskKey is the target key of a machine's replica disk.
+func DiskKey(machineID string, index uint32) string {
+	return "machines/" + machineID + "/disks/" + strconv.FormatUint(uint64(index), 10)
+}
+
+func (c *Catalog) put(ctx context.Context, key, kind string, v any) error {
+	p, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err := c.Codec.Seal(kind, p)
+	if err != nil {
+		return err
+	}
+	return c.T.PutObject(ctx, key, b)
+}
+
+func (c *Catalog) get(ctx context.Context, key, kind string, v any) error {
+	b, err := c.T.GetObject(ctx, key)
+	if err != nil {
+		return err
+	}
+	p, err := c.Codec.Open(kind, b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	if err := json.Unmarshal(p, v); err != nil {
+		return fmt.Errorf("%s: %v: %w", key, err, ErrCorrupt)
+	}
+	return nil
+}
+
+// Vault reads the vault descriptor.
+func (c *Catalog) Vault(ctx context.Context) (VaultInfo, error) {
+	var v VaultInfo
+	return v, c.get(ctx, "vault", "vault", &v)
+}
+
+// PutVault writes the vault descriptor.
+func (c *Catalog) PutVault(ctx context.Context, v VaultInfo) error {
+	return c.put(ctx, "vault", "vault", v)
+}
+
+// Machine reads a machine's entry.
+func (c *Catalog) Machine(ctx context.Context, id string) (MachineCatalog, error) {
+	var m MachineCatalog
+	return m, c.get(ctx, machineKey(id), "machine", &m)
+}
+
+// PutMachine writes a machine's entry.
+func (c *Catalog) PutMachine(ctx context.Context, m *MachineCatalog) error {
+	m.Updated = time.Now().UTC()
+	return c.put(ctx, machineKey(m.ID), "machine", m)
+}
+
+// Machines lists every machine in the catalog, by name.
+func (c *Catalog) Machines(ctx context.Context) ([]MachineCatalog, error) {
+	objs, err := c.T.ListObjects(ctx, "machines/")
+	if err != nil {
+		return nil, err
+	}
+	var ms []MachineCatalog
+	for _, o := range objs {
+		rest := strings.TrimPrefix(o.Key, "machines/")
+		id, name, ok := strings.Cut(rest, "/")
+		if !ok || name != "machine" {
+			continue
+		}
+		m, err := c.Machine(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, m)
+	}
+	sort.Slice(ms, func(i, j int) bool { return ms[i].Name < ms[j].Name })
+	return ms, nil
+}
+
+// FindMachine finds a machine by name or id.
+func (c *Catalog) FindMachine(ctx context.Context, nameOrID string) (MachineCatalog, error) {
+	ms, err := c.Machines(ctx)
+	if err != nil {
+		return MachineCatalog{}, err
+	}
+	for _, m := range ms {
+		if m.Name == nameOrID || m.ID == nameOrID {
+			return m, nil
+		}
+	}
+	return MachineCatalog{}, fmt.Errorf("machine %q: %w", nameOrID, ErrNotFound)
+}
+
+// PutPoint records a point.
+func (c *Catalog) PutPoint(ctx context.Context, machineID string, p Point) error {
+	return c.put(ctx, pointKey(machineID, p.Seq), "point", p)
+}
+
+// DeletePoint removes a point's catalog entry (its snapshots separately).
+func (c *Catalog) DeletePoint(ctx context.Context, machineID string, seq uint64) error {
+	return c.T.DeleteObject(ctx, pointKey(machineID, seq))
+}
+
+// Points lists a machine's recovery points, oldest first.
+func (c *Catalog) Points(ctx context.Context, machineID string) ([]Point, error) {
+	objs, err := c.T.ListObjects(ctx, "machines/"+machineID+"/points/")
+	if err != nil {
+		return nil, err
+	}
+	ps := make([]Point, 0, len(objs))
+	for _, o := range objs {
+		var p Point
+		if err := c.get(ctx, o.Key, "point", &p); err != nil {
+			return nil, err
+		}
+		ps = append(ps, p)
+	}
+	sort.Slice(ps, func(i, j int) bool { return ps[i].Seq < ps[j].Seq })
+	return ps, nil
+}
+
+// ErrNoPoint is returned when a requested recovery point does not exist.
+var ErrNoPoint = errors.New("no such recovery point")
+
+// FindPoint resolves "latest" or a point id among a machine's points.
+func (c *Catalog) FindPoint(ctx context.Context, machineID, id string) (Point, error) {
+	ps, err := c.Points(ctx, machineID)
+	if err != nil {
+		return Point{}, err
+	}
+	if len(ps) == 0 {
+		return Point{}, fmt.Errorf("machine %s has no recovery points yet: %w", machineID, ErrNoPoint)
+	}
+	if id == "latest" || id == "" {
+		return ps[len(ps)-1], nil
+	}
+	for _, p := range ps {
+		if p.ID == id {
+			return p, nil
+		}
+	}
+	return Point{}, fmt.Errorf("point %q of machine %s: %w", id, machineID, ErrNoPoint)
+}

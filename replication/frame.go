@@ -1,0 +1,354 @@
+package replication
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// The wire protocol (docs/PROTOCOL.md) is a stream of frames in both
+// directions over one mutual-TLS connection per agent. Segment files on the
+// process server hold DATA frames exactly as they arrived, so one codec serves
+// the wire, the cache and the target.
+
+// FrameType says what a frame carries.
+type FrameType uint8
+
+// Frame types. Persisted in segments: never renumber.
+const (
+	FrameHello   FrameType = 1 // agent -> server, JSON Hello
+	FrameWelcome FrameType = 2 // server -> agent, JSON Welcome
+	FrameData    FrameType = 3 // agent -> server, a batch of records
+	FrameAck     FrameType = 4 // server -> agent, Seq = last durable sequence number
+	FrameStatus  FrameType = 5 // agent -> server, JSON Status (also a heartbeat)
+	FrameTagReq  FrameType = 6 // server -> agent, JSON TagRequest
+	FrameError   FrameType = 7 // either way, JSON ErrorMessage; the sender closes
+	FrameSeal    FrameType = 8 // segments only: Seq = last sequence number, Count = records
+)
+
+func (t FrameType) String() string {
+	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal"}
+	if int(t) < len(names) && t != 0 {
+		return names[t]
+	}
+	return fmt.Sprintf("frame(%d)", uint8(t))
+}
+
+// ProtocolVersion is the frame format version this build speaks.
+const ProtocolVersion = 1
+
+// Frame limits: a peer that announces more is cut off before anything is allocated.
+const (
+	MaxFramePayload = 16 << 20 // bytes on the wire
+	MaxFrameRaw     = 40 << 20 // bytes after decompression
+	FrameHeaderSize = 36
+)
+
+// Frame flags.
+const (
+	// FlagZstd marks a payload compressed with zstd.
+	FlagZstd uint8 = 1 << 0
+	// FlagTag marks a DATA frame holding a recovery-point tag: the process
+	// server seals its segment at once so the point becomes recoverable quickly.
+	FlagTag uint8 = 1 << 1
+)
+
+var frameMagic = [4]byte{'A', 'S', 'R', 'F'}
+
+// Frame is one protocol unit. For FrameData, Payload is the (possibly
+// compressed) encoded records, Seq the first record's sequence number and
+// Count the number of records.
+type Frame struct {
+	Type    FrameType
+	Flags   uint8
+	Seq     uint64
+	Count   uint32
+	RawLen  uint32 // payload length after decompression
+	Payload []byte
+}
+
+// Frame header layout (little endian):
+//
+//	0  magic   "ASRF"
+//	4  version u8
+//	5  type    u8
+//	6  flags   u8
+//	7  -       u8 (zero)
+//	8  plen    u32 payload bytes that follow
+//	12 rlen    u32 payload bytes after decompression
+//	16 seq     u64
+//	24 count   u32
+//	28 pcrc    u32 CRC-32C of the payload bytes that follow
+//	32 hcrc    u32 CRC-32C of bytes 0..31
+
+// AppendFrame appends the encoding of f to dst.
+func AppendFrame(dst []byte, f *Frame) []byte {
+	var h [FrameHeaderSize]byte
+	encodeFrameHeader(h[:], f)
+	dst = append(dst, h[:]...)
+	return append(dst, f.Payload...)
+}
+
+func encodeFrameHeader(h []byte, f *Frame) {
+	copy(h[0:4], frameMagic[:])
+	h[4] = ProtocolVersion
+	h[5] = byte(f.Type)
+	h[6] = f.Flags
+	h[7] = 0
+	binary.LittleEndian.PutUint32(h[8:], uint32(len(f.Payload)))
+	raw := f.RawLen
+	if f.Flags&FlagZstd == 0 {
+		raw = uint32(len(f.Payload))
+	}
+	binary.LittleEndian.PutUint32(h[12:], raw)
+	binary.LittleEndian.PutUint64(h[16:], f.Seq)
+	binary.LittleEndian.PutUint32(h[24:], f.Count)
+	binary.LittleEndian.PutUint32(h[28:], Checksum(f.Payload))
+	binary.LittleEndian.PutUint32(h[32:], Checksum(h[:32]))
+}
+
+// WriteFrame writes f to w as header and payload.
+func WriteFrame(w io.Writer, f *Frame) error {
+	var h [FrameHeaderSize]byte
+	encodeFrameHeader(h[:], f)
+	if _, err := w.Write(h[:]); err != nil {
+		return err
+	}
+	if len(f.Payload) > 0 {
+		if _, err := w.Write(f.Payload); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ProtocolError is a protocol violation by the peer: bad magic, unknown version,
+// a length over the limits or a checksum mismatch. The connection that
+// produced it must be closed; nothing it carried may be used.
+type ProtocolError struct{ Reason string }
+
+func (e *ProtocolError) Error() string { return "protocol error: " + e.Reason }
+
+// Is makes every ProtocolError match ErrCorrupt.
+func (e *ProtocolError) Is(target error) bool { return target == ErrCorrupt }
+
+// ParseFrameHeader validates a frame header and returns the frame it
+// announces, with Payload unset, and the payload length to read next.
+func ParseFrameHeader(h []byte) (Frame, int, error) {
+	var f Frame
+	if len(h) < FrameHeaderSize {
+		return f, 0, &ProtocolError{"short header"}
+	}
+	if [4]byte(h[0:4]) != frameMagic {
+		return f, 0, &ProtocolError{fmt.Sprintf("bad magic %q", h[0:4])}
+	}
+	if got, want := Checksum(h[:32]), binary.LittleEndian.Uint32(h[32:]); got != want {
+		return f, 0, &ProtocolError{fmt.Sprintf("header checksum %08x, want %08x", got, want)}
+	}
+	if h[4] != ProtocolVersion {
+		return f, 0, &ProtocolError{fmt.Sprintf("unsupported protocol version %d (this build speaks %d)", h[4], ProtocolVersion)}
+	}
+	f.Type = FrameType(h[5])
+	if f.Type < FrameHello || f.Type > FrameSeal {
+		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
+	}
+	f.Flags = h[6]
+	if f.Flags&^(FlagZstd|FlagTag) != 0 || h[7] != 0 {
+		return f, 0, &ProtocolError{fmt.Sprintf("unknown flags %#x", h[6])}
+	}
+	plen := binary.LittleEndian.Uint32(h[8:])
+	f.RawLen = binary.LittleEndian.Uint32(h[12:])
+	f.Seq = binary.LittleEndian.Uint64(h[16:])
+	f.Count = binary.LittleEndian.Uint32(h[24:])
+	if plen > MaxFramePayload {
+		return f, 0, &ProtocolError{fmt.Sprintf("payload of %d bytes over the %d limit", plen, MaxFramePayload)}
+	}
+	if f.RawLen > MaxFrameRaw {
+		return f, 0, &ProtocolError{fmt.Sprintf("raw payload of %d bytes over the %d limit", f.RawLen, MaxFrameRaw)}
+	}
+	if f.Flags&FlagZstd == 0 && f.RawLen != plen {
+		return f, 0, &ProtocolError{"uncompressed payload with raw length != length"}
+	}
+	return f, int(plen), nil
+}
+
+// frameCRC returns the payload checksum recorded in a header.
+func frameCRC(h []byte) uint32 { return binary.LittleEndian.Uint32(h[28:]) }
+
+// ReadFrame reads one frame from r into buf (grown as needed) and verifies
+// its header and payload checksum. The returned Payload aliases buf. io.EOF is
+// returned only at a clean frame boundary.
+func ReadFrame(r io.Reader, buf []byte) (Frame, []byte, error) {
+	var h [FrameHeaderSize]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return Frame{}, buf, &ProtocolError{"truncated header"}
+		}
+		return Frame{}, buf, err
+	}
+	f, n, err := ParseFrameHeader(h[:])
+	if err != nil {
+		return f, buf, err
+	}
+	if cap(buf) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return f, buf, &ProtocolError{"truncated payload"}
+		}
+		return f, buf, err
+	}
+	if got, want := Checksum(buf), frameCRC(h[:]); got != want {
+		return f, buf, &ProtocolError{fmt.Sprintf("payload checksum %08x, want %08x", got, want)}
+	}
+	f.Payload = buf
+	return f, buf, nil
+}
+
+// Codec compresses and decompresses frame payloads. It is safe for concurrent use.
+type Codec struct {
+	enc *zstd.Encoder
+	dec *zstd.Decoder
+}
+
+var (
+	codecOnce   sync.Once
+	sharedCodec *Codec
+)
+
+// DefaultCodec returns a process-wide codec (zstd at its fastest level).
+func DefaultCodec() *Codec {
+	codecOnce.Do(func() {
+		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
+			zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+		if err != nil {
+			panic(err)
+		}
+		dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
+			zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			panic(err)
+		}
+		sharedCodec = &Codec{enc: enc, dec: dec}
+	})
+	return sharedCodec
+}
+
+// DataFrame builds a DATA frame from encoded records, compressed into dst's
+// storage when that makes it smaller.
+func (c *Codec) DataFrame(raw []byte, first uint64, count uint32, dst []byte) Frame {
+	comp := c.enc.EncodeAll(raw, dst[:0])
+	f := Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw))}
+	if len(comp) < len(raw) {
+		f.Flags = FlagZstd
+		f.Payload = comp
+	} else {
+		f.Payload = raw
+	}
+	return f
+}
+
+// Records decodes the records of a DATA frame, decompressing into buf, and
+// verifies every record checksum and the sequence numbers.
+func (c *Codec) Records(f *Frame, buf []byte) ([]Record, []byte, error) {
+	if f.Type != FrameData {
+		return nil, buf, fmt.Errorf("frame type %s is not data: %w", f.Type, ErrCorrupt)
+	}
+	raw := f.Payload
+	if f.Flags&FlagZstd != 0 {
+		var err error
+		raw, err = c.dec.DecodeAll(f.Payload, buf[:0])
+		if err != nil {
+			return nil, buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
+		}
+		if len(raw) != int(f.RawLen) {
+			return nil, raw, fmt.Errorf("frame at seq %d: %d bytes after decompression, header says %d: %w", f.Seq, len(raw), f.RawLen, ErrCorrupt)
+		}
+		buf = raw
+	}
+	recs, err := DecodeRecords(raw, f.Seq, f.Count)
+	return recs, buf, err
+}
+
+// JSONFrame builds a control frame carrying v as JSON.
+func JSONFrame(t FrameType, v any) (Frame, error) {
+	p, err := json.Marshal(v)
+	if err != nil {
+		return Frame{}, err
+	}
+	return Frame{Type: t, Payload: p, RawLen: uint32(len(p))}, nil
+}
+
+// DecodeJSON decodes a control frame's payload into v, rejecting unknown fields
+// only where that would hide a mistake: unknown fields are ignored so that a
+// newer peer can add some.
+func DecodeJSON(f *Frame, v any) error {
+	if err := json.Unmarshal(f.Payload, v); err != nil {
+		return &ProtocolError{fmt.Sprintf("%s frame: %v", f.Type, err)}
+	}
+	return nil
+}
+
+// Hello is the first frame an agent sends on a data connection.
+type Hello struct {
+	MachineID    string     `json:"machine_id"`
+	AgentVersion string     `json:"agent_version"`
+	Disks        []DiskInfo `json:"disks"`
+	// NextSeq is the sequence number the agent will give its next record; the
+	// agent's spool holds [SpoolFirst, NextSeq).
+	NextSeq    uint64 `json:"next_seq"`
+	SpoolFirst uint64 `json:"spool_first"`
+}
+
+// DiskInfo describes one protected disk of a machine.
+type DiskInfo struct {
+	Index uint32 `json:"index"`
+	Name  string `json:"name"`
+	Size  int64  `json:"size"`
+}
+
+// Welcome answers Hello. DurableSeq is the last sequence number the process
+// server holds durably for the machine (0: none); the agent resumes after it.
+type Welcome struct {
+	DurableSeq uint64 `json:"durable_seq"`
+	// CrashInterval, when set, overrides the agent's crash-consistent point
+	// interval (server policy); in nanoseconds.
+	CrashInterval int64 `json:"crash_interval,omitempty"`
+}
+
+// Status is the agent's periodic report; it doubles as a heartbeat.
+type Status struct {
+	Time          int64          `json:"time"`           // agent clock, Unix ns
+	SpoolBytes    int64          `json:"spool_bytes"`    // bytes in the spool not yet acknowledged
+	OldestPending int64          `json:"oldest_pending"` // time of the oldest unacknowledged change, 0 if none
+	LastSeq       uint64         `json:"last_seq"`       // last sequence number given out
+	Disks         []DiskProgress `json:"disks"`
+}
+
+// DiskProgress is a disk's initial-replication state as the agent sees it.
+type DiskProgress struct {
+	Index  uint32 `json:"index"`
+	Cursor int64  `json:"cursor"` // bytes of the source read so far
+	Done   bool   `json:"done"`
+}
+
+// TagRequest asks the agent for a recovery point now.
+type TagRequest struct {
+	ID  uint64 `json:"id"`
+	App bool   `json:"app,omitempty"`
+}
+
+// ErrorMessage is the payload of FrameError: why the sender is closing.
+type ErrorMessage struct {
+	Message string `json:"message"`
+	// Fatal tells the agent not to retry until an operator acts (for example
+	// an unknown or revoked machine).
+	Fatal bool `json:"fatal,omitempty"`
+}

@@ -1,0 +1,569 @@
+package procserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+const openName = "open.seg"
+
+// machine is the process server's state for one machine: its cache files,
+// its current agent connection and its applier.
+type machine struct {
+	s   *Server
+	id  string
+	dir string
+	log *slog.Logger
+
+	mu        sync.Mutex
+	open      *os.File // the unsealed cache file
+	openFirst uint64   // first seq the open file holds (or will hold)
+	openBytes int64    // bytes in the open file
+	openRaw   int64    // raw record bytes in the open file
+	openSince time.Time
+	openTag   bool   // the open file holds a tag: seal soon
+	appended  uint64 // last seq written to the cache
+	durable   uint64 // last seq fsync'd (acknowledged)
+	sealed    []sealedSeg
+	conn      *agentConn
+	status    replication.Status
+	statusAt  time.Time
+	applyErr  string
+	waiters   map[uint64]chan pointResult
+	syncWake  chan struct{}
+	applyWake chan struct{}
+	closed    bool
+
+	applyMu sync.Mutex // held while the applier works
+	applier *replication.Applier
+}
+
+type sealedSeg struct {
+	first, last uint64
+	path        string
+	size        int64
+	sealedAt    time.Time
+}
+
+type pointResult struct {
+	p   replication.Point
+	err error
+}
+
+// openMachine recovers a machine's cache directory.
+func openMachine(ctx context.Context, s *Server, id, name string) (*machine, error) {
+	m := &machine{
+		s: s, id: id, dir: filepath.Join(s.cfg.CacheDir, id), log: s.log.With("machine", id),
+		waiters: map[uint64]chan pointResult{}, syncWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1),
+	}
+	if err := os.MkdirAll(m.dir, 0o700); err != nil {
+		return nil, err
+	}
+	a, err := replication.OpenApplier(ctx, s.cfg.Catalog, id, name, m.log)
+	if err != nil {
+		return nil, err
+	}
+	m.applier = a
+	a.OnPoint = m.onPoint
+	a.OnNoPoint = m.onNoPoint
+	a.OnState = s.cfg.OnState
+	applied := a.AppliedSeq()
+	m.durable = applied
+
+	ents, err := os.ReadDir(m.dir)
+	if err != nil {
+		a.Close()
+		return nil, err
+	}
+	for _, e := range ents {
+		first, last, ok := replication.ParseSegmentName(e.Name())
+		if !ok {
+			continue
+		}
+		path := filepath.Join(m.dir, e.Name())
+		if last <= applied {
+			os.Remove(path)
+			continue
+		}
+		st, err := e.Info()
+		if err != nil {
+			a.Close()
+			return nil, err
+		}
+		m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: st.Size(), sealedAt: st.ModTime()})
+	}
+	sort.Slice(m.sealed, func(i, j int) bool { return m.sealed[i].first < m.sealed[j].first })
+	for _, sg := range m.sealed {
+		if sg.last > m.durable {
+			m.durable = sg.last
+		}
+		s.cacheBytes.Add(sg.size)
+	}
+	// The unsealed file: keep its complete frames (they were written, and
+	// those acknowledged were fsync'd), cut the torn tail, seal it.
+	openPath := filepath.Join(m.dir, openName)
+	if data, err := os.ReadFile(openPath); err == nil {
+		scan, err := replication.ScanSegment(data, true, nil)
+		switch {
+		case err != nil:
+			// Not even a valid header: created but never written.
+			m.log.Warn("discarding unreadable cache file", "err", err)
+		case scan.Records > 0 && scan.First <= m.durable+1 && scan.Last > m.durable:
+			if err := m.sealBytes(data[:scan.ValidLen], scan); err != nil {
+				a.Close()
+				return nil, err
+			}
+		}
+		os.Remove(openPath)
+	}
+	m.appended = m.durable
+	if err := m.newOpenFile(); err != nil {
+		a.Close()
+		return nil, err
+	}
+	if len(m.sealed) > 0 {
+		m.log.Info("cache recovered", "segments", len(m.sealed), "durable_seq", m.durable, "applied_seq", applied)
+	}
+	m.wakeApply()
+	return m, nil
+}
+
+// sealBytes writes recovered frames as a sealed segment.
+func (m *machine) sealBytes(data []byte, scan replication.SegmentScan) error {
+	seal := replication.SealFrame(scan.Last, scan.Records)
+	data = replication.AppendFrame(append([]byte(nil), data...), &seal)
+	path := filepath.Join(m.dir, replication.SegmentName(scan.First, scan.Last))
+	if err := writeFileSync(path, data); err != nil {
+		return err
+	}
+	m.sealed = append(m.sealed, sealedSeg{first: scan.First, last: scan.Last, path: path, size: int64(len(data)), sealedAt: time.Now()})
+	m.s.cacheBytes.Add(int64(len(data)))
+	if scan.Last > m.durable {
+		m.durable = scan.Last
+	}
+	return nil
+}
+
+func writeFileSync(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// newOpenFile starts an empty cache file after m.appended. Caller holds mu
+// (or has exclusive access).
+func (m *machine) newOpenFile() error {
+	path := filepath.Join(m.dir, openName)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	h := replication.SegmentHeader(m.appended+1, time.Now())
+	if _, err := f.Write(h); err != nil {
+		f.Close()
+		return err
+	}
+	m.open, m.openFirst, m.openBytes, m.openRaw, m.openTag = f, m.appended+1, int64(len(h)), 0, false
+	m.s.cacheBytes.Add(int64(len(h)))
+	return nil
+}
+
+// attach makes cc the machine's connection (closing an older one) and checks
+// that the agent's log continues the server's.
+func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hello) (replication.Welcome, error) {
+	m.applyMu.Lock()
+	err := m.applier.EnsureDisks(ctx, h.Disks)
+	m.applyMu.Unlock()
+	if err != nil {
+		return replication.Welcome{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return replication.Welcome{}, errors.New("process server closing")
+	}
+	// The agent holds [SpoolFirst, NextSeq); the server holds up to durable.
+	if h.SpoolFirst > m.durable+1 {
+		return replication.Welcome{}, fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
+	}
+	if h.NextSeq <= m.durable && h.NextSeq > 0 {
+		return replication.Welcome{}, fmt.Errorf("the server holds changes up to seq %d but the agent's log ends at %d: the agent lost its state; re-register it (a resync follows)", m.durable, h.NextSeq-1)
+	}
+	if old := m.conn; old != nil {
+		old.log.Info("replaced by a new connection")
+		old.c.Close()
+	}
+	m.conn = cc
+	return replication.Welcome{DurableSeq: m.durable}, nil
+}
+
+func (m *machine) detach(cc *agentConn) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.conn == cc {
+		m.conn = nil
+	}
+}
+
+// append writes a DATA frame to the open cache file. The frame is
+// acknowledged by the sync loop once fsync'd.
+func (m *machine) append(f *replication.Frame) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("process server closing")
+	}
+	if f.Seq != m.appended+1 || f.Count == 0 {
+		return &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, m.appended+1)}
+	}
+	b := replication.AppendFrame(make([]byte, 0, replication.FrameHeaderSize+len(f.Payload)), f)
+	if _, err := m.open.Write(b); err != nil {
+		// A partial write leaves garbage: cut it so the file stays valid.
+		m.open.Truncate(m.openBytes)
+		m.open.Seek(m.openBytes, 0)
+		return fmt.Errorf("write cache: %w", err)
+	}
+	if m.openRaw == 0 {
+		m.openSince = time.Now()
+	}
+	m.openBytes += int64(len(b))
+	m.openRaw += int64(f.RawLen)
+	m.appended = f.Seq + uint64(f.Count) - 1
+	if f.Flags&replication.FlagTag != 0 {
+		m.openTag = true
+	}
+	m.s.cacheBytes.Add(int64(len(b)))
+	select {
+	case m.syncWake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// syncLoop fsyncs the open cache file (group commit), acknowledges, and seals.
+func (m *machine) syncLoop() {
+	tick := time.NewTicker(m.s.cfg.SealAfter / 4)
+	defer tick.Stop()
+	for {
+		select {
+		case <-m.s.ctx.Done():
+			return
+		case <-m.syncWake:
+		case <-tick.C:
+		}
+		if err := m.syncOnce(); err != nil {
+			m.log.Error("cache sync failed", "err", err)
+			m.mu.Lock()
+			if m.conn != nil {
+				m.conn.c.Close() // the agent will resend from the last ack
+			}
+			m.mu.Unlock()
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+func (m *machine) syncOnce() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	target, f := m.appended, m.open
+	m.mu.Unlock()
+	if target > m.durableSeq() {
+		if err := f.Sync(); err != nil {
+			return err
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.open == f && target > m.durable {
+		m.durable = target
+	}
+	if m.openRaw > 0 && (m.openTag || m.openBytes >= m.s.cfg.SegmentBytes || m.openRaw >= m.s.cfg.SegmentBytes ||
+		time.Since(m.openSince) >= m.s.cfg.SealAfter) {
+		if err := m.sealLocked(); err != nil {
+			return err
+		}
+	}
+	if m.conn != nil {
+		m.conn.ack(m.durable)
+	}
+	return nil
+}
+
+func (m *machine) durableSeq() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.durable
+}
+
+// sealLocked closes the open file with a SEAL frame, renames it to its
+// sequence range and starts a new one.
+func (m *machine) sealLocked() error {
+	first, last := m.openFirst, m.appended
+	count := uint32(last - first + 1)
+	seal := replication.SealFrame(last, count)
+	b := replication.AppendFrame(nil, &seal)
+	if _, err := m.open.Write(b); err != nil {
+		m.open.Truncate(m.openBytes)
+		m.open.Seek(m.openBytes, 0)
+		return err
+	}
+	if err := m.open.Sync(); err != nil {
+		return err
+	}
+	if err := m.open.Close(); err != nil {
+		return err
+	}
+	size := m.openBytes + int64(len(b))
+	path := filepath.Join(m.dir, replication.SegmentName(first, last))
+	if err := os.Rename(filepath.Join(m.dir, openName), path); err != nil {
+		return err
+	}
+	if err := syncDir(m.dir); err != nil {
+		return err
+	}
+	m.s.cacheBytes.Add(int64(len(b)))
+	m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: size, sealedAt: time.Now()})
+	m.durable = last
+	if err := m.newOpenFile(); err != nil {
+		return err
+	}
+	m.wakeApply()
+	return nil
+}
+
+func (m *machine) wakeApply() {
+	select {
+	case m.applyWake <- struct{}{}:
+	default:
+	}
+}
+
+// applyLoop applies sealed segments in order. A corrupt segment is never
+// applied: it is moved aside, the machine is marked for resync, and later
+// segments are applied after it (the replica is not trusted for points until
+// the resync, so nothing is lost by keeping it current).
+func (m *machine) applyLoop() {
+	backoff := time.Second
+	for {
+		select {
+		case <-m.s.ctx.Done():
+			return
+		case <-m.applyWake:
+		case <-time.After(5 * time.Second):
+		}
+		for m.s.ctx.Err() == nil {
+			m.mu.Lock()
+			if len(m.sealed) == 0 {
+				m.mu.Unlock()
+				break
+			}
+			sg := m.sealed[0]
+			m.mu.Unlock()
+			err := m.applyOne(sg)
+			if err == nil {
+				backoff = time.Second
+				continue
+			}
+			m.mu.Lock()
+			m.applyErr = err.Error()
+			m.mu.Unlock()
+			m.log.Error("apply segment failed", "segment", filepath.Base(sg.path), "err", err, "retry_in", backoff)
+			select {
+			case <-m.s.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			if backoff < time.Minute {
+				backoff *= 2
+			}
+		}
+	}
+}
+
+func (m *machine) applyOne(sg sealedSeg) error {
+	data, err := os.ReadFile(sg.path)
+	if err != nil {
+		return err
+	}
+	m.applyMu.Lock()
+	err = m.applier.Apply(m.s.ctx, data)
+	if errors.Is(err, replication.ErrCorrupt) {
+		reason := fmt.Sprintf("segment %s failed verification (%v); it was not applied", filepath.Base(sg.path), err)
+		m.log.Error("corrupt segment", "segment", filepath.Base(sg.path), "err", err)
+		bad := filepath.Join(m.dir, "bad")
+		os.MkdirAll(bad, 0o700)
+		if rerr := os.Rename(sg.path, filepath.Join(bad, filepath.Base(sg.path))); rerr != nil {
+			m.applyMu.Unlock()
+			return rerr
+		}
+		err = m.applier.MarkResync(m.s.ctx, -1, reason)
+		if err == nil {
+			err = m.applier.SkipTo(m.s.ctx, sg.last)
+		}
+		m.applyMu.Unlock()
+		if err != nil {
+			return err
+		}
+		m.popSealed(sg)
+		return nil
+	}
+	m.applyMu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(sg.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	m.popSealed(sg)
+	return nil
+}
+
+func (m *machine) popSealed(sg sealedSeg) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.sealed) > 0 && m.sealed[0].path == sg.path {
+		m.sealed = m.sealed[1:]
+	}
+	m.s.cacheBytes.Add(-sg.size)
+	m.applyErr = ""
+}
+
+func (m *machine) onPoint(p replication.Point, reqID uint64) {
+	if m.s.cfg.OnPoint != nil {
+		m.s.cfg.OnPoint(m.id, p)
+	}
+	m.resolve(reqID, pointResult{p: p})
+}
+
+func (m *machine) onNoPoint(reqID uint64, reason string) {
+	m.resolve(reqID, pointResult{err: fmt.Errorf("no recovery point: %s", reason)})
+}
+
+func (m *machine) resolve(reqID uint64, r pointResult) {
+	if reqID == 0 {
+		return
+	}
+	m.mu.Lock()
+	ch, ok := m.waiters[reqID]
+	delete(m.waiters, reqID)
+	m.mu.Unlock()
+	if ok {
+		ch <- r
+	}
+}
+
+func (m *machine) requestPoint(ctx context.Context, id uint64, app bool) (replication.Point, error) {
+	f, err := replication.JSONFrame(replication.FrameTagReq, replication.TagRequest{ID: id, App: app})
+	if err != nil {
+		return replication.Point{}, err
+	}
+	ch := make(chan pointResult, 1)
+	m.mu.Lock()
+	cc := m.conn
+	if cc == nil {
+		m.mu.Unlock()
+		return replication.Point{}, fmt.Errorf("machine %s: %w", m.id, ErrNotConnected)
+	}
+	m.waiters[id] = ch
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.waiters, id)
+		m.mu.Unlock()
+	}()
+	select {
+	case cc.out <- f:
+	case <-cc.done:
+		return replication.Point{}, fmt.Errorf("machine %s: %w", m.id, ErrNotConnected)
+	case <-ctx.Done():
+		return replication.Point{}, ctx.Err()
+	}
+	select {
+	case r := <-ch:
+		return r.p, r.err
+	case <-ctx.Done():
+		return replication.Point{}, fmt.Errorf("waiting for the point: %w", ctx.Err())
+	}
+}
+
+func (m *machine) setStatus(st replication.Status) {
+	m.mu.Lock()
+	m.status, m.statusAt = st, time.Now()
+	m.mu.Unlock()
+}
+
+func (m *machine) stats() MachineStats {
+	m.mu.Lock()
+	st := MachineStats{
+		Connected:  m.conn != nil,
+		LastStatus: m.status,
+		StatusAt:   m.statusAt,
+		DurableSeq: m.durable,
+		Segments:   len(m.sealed),
+		ApplyError: m.applyErr,
+		CacheBytes: m.openBytes,
+	}
+	for _, sg := range m.sealed {
+		st.CacheBytes += sg.size
+	}
+	if len(m.sealed) > 0 {
+		st.OldestSealed = m.sealed[0].sealedAt
+	}
+	m.mu.Unlock()
+	m.applyMu.Lock()
+	st.AppliedSeq = m.applier.AppliedSeq()
+	m.applyMu.Unlock()
+	return st
+}
+
+// close stops using the machine's files. The sync and apply loops have
+// exited (the server context is cancelled and its WaitGroup waited).
+func (m *machine) close() error {
+	m.mu.Lock()
+	m.closed = true
+	var err error
+	if m.open != nil {
+		// Make what was written durable; an unsealed file is recovered at
+		// the next start.
+		err = m.open.Sync()
+		m.open.Close()
+		m.open = nil
+	}
+	m.mu.Unlock()
+	m.applyMu.Lock()
+	if cerr := m.applier.Close(); err == nil {
+		err = cerr
+	}
+	m.applyMu.Unlock()
+	return err
+}

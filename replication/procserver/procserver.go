@@ -1,0 +1,455 @@
+// Package procserver is asr's process server: it accepts agents' data
+// connections (mutual TLS, framed protocol), writes every DATA frame to a
+// durable per-machine cache and acknowledges it only after fsync, seals the
+// cache into immutable segments, and applies the segments in order to the
+// replica disks on the target (replication.Applier), making recovery points.
+//
+// It runs in-process in `asr server`; the types here do not depend on the
+// configuration server, which plugs in through Config callbacks.
+package procserver
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// Config configures a process server.
+type Config struct {
+	// CacheDir holds one directory per machine with its unsealed cache file
+	// and sealed segments waiting to be applied.
+	CacheDir string
+	Catalog  *replication.Catalog
+	// Authorize checks a client certificate (the machine id is its common
+	// name) and returns the machine's name.
+	Authorize func(ctx context.Context, machineID, certSerial string) (string, error)
+	// OnStatus receives each agent status report; OnState each catalog update;
+	// OnPoint each new recovery point; OnBytes payload bytes received.
+	OnStatus func(machineID string, st replication.Status)
+	OnState  func(m replication.MachineCatalog)
+	OnPoint  func(machineID string, p replication.Point)
+	OnBytes  func(machineID string, n int64)
+	// OnConnect and OnDisconnect report agent connections.
+	OnConnect    func(machineID string, h replication.Hello)
+	OnDisconnect func(machineID string, err error)
+	// SegmentBytes seals a cache file at this size (compressed bytes or raw
+	// record bytes, whichever is reached first). Default 32 MiB.
+	SegmentBytes int64
+	// SealAfter seals a non-empty cache file this long after its first frame.
+	// Default 1s.
+	SealAfter time.Duration
+	// CacheMaxBytes stops reading from agents while the cache holds more
+	// (back-pressure: agents spool). Default 8 GiB.
+	CacheMaxBytes int64
+	Logger        *slog.Logger
+}
+
+// Server is a process server.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	machines map[string]*machine
+	conns    map[net.Conn]struct{}
+
+	cacheBytes atomic.Int64
+	reqID      atomic.Uint64
+}
+
+// New creates a process server and recovers its cache: unsealed files are
+// cut at their last complete frame and sealed; sealed segments already
+// applied are removed; the rest are queued for the applier.
+func New(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.SegmentBytes <= 0 {
+		cfg.SegmentBytes = 32 << 20
+	}
+	if cfg.SealAfter <= 0 {
+		cfg.SealAfter = time.Second
+	}
+	if cfg.CacheMaxBytes <= 0 {
+		cfg.CacheMaxBytes = 8 << 30
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, conns: map[net.Conn]struct{}{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.reqID.Store(uint64(time.Now().UnixNano()))
+	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
+		return nil, err
+	}
+	ents, err := os.ReadDir(cfg.CacheDir)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		if _, err := s.machine(ctx, e.Name(), ""); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("recover cache of machine %s: %w", e.Name(), err)
+		}
+	}
+	return s, nil
+}
+
+// Serve accepts data connections on l until ctx is done or Close is called.
+// l must be a TLS listener that requires client certificates.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	go func() {
+		<-s.ctx.Done()
+		l.Close()
+	}()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil || s.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(50 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		s.mu.Lock()
+		s.conns[c] = struct{}{}
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			err := s.serveConn(c)
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.mu.Unlock()
+			c.Close()
+			if err != nil && s.ctx.Err() == nil {
+				s.log.Warn("data connection closed", "remote", c.RemoteAddr().String(), "reason", err)
+			}
+		}()
+	}
+}
+
+// Close stops accepting, closes connections, stops the appliers and waits.
+func (s *Server) Close() error {
+	s.cancel()
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	ms := make([]*machine, 0, len(s.machines))
+	for _, m := range s.machines {
+		ms = append(ms, m)
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	var first error
+	for _, m := range ms {
+		if err := m.close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// machine returns the state of a machine, creating and recovering it on
+// first use and starting its goroutines.
+func (s *Server) machine(ctx context.Context, id, name string) (*machine, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m, ok := s.machines[id]; ok {
+		return m, nil
+	}
+	if !validID(id) {
+		return nil, fmt.Errorf("invalid machine id %q", id)
+	}
+	m, err := openMachine(ctx, s, id, name)
+	if err != nil {
+		return nil, err
+	}
+	s.machines[id] = m
+	s.wg.Add(2)
+	go func() { defer s.wg.Done(); m.syncLoop() }()
+	go func() { defer s.wg.Done(); m.applyLoop() }()
+	return m, nil
+}
+
+func validID(id string) bool {
+	if len(id) == 0 || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// serveConn runs one agent connection.
+func (s *Server) serveConn(c net.Conn) error {
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return errors.New("not a TLS connection")
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if err := tc.HandshakeContext(s.ctx); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	certs := tc.ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		return errors.New("no client certificate")
+	}
+	id, serial := certs[0].Subject.CommonName, certs[0].SerialNumber.Text(16)
+	log := s.log.With("machine", id, "remote", c.RemoteAddr().String())
+	br := bufio.NewReaderSize(c, 1<<20)
+	bw := bufio.NewWriter(c)
+	fail := func(fatal bool, format string, args ...any) error {
+		msg := fmt.Sprintf(format, args...)
+		if f, err := replication.JSONFrame(replication.FrameError, replication.ErrorMessage{Message: msg, Fatal: fatal}); err == nil {
+			replication.WriteFrame(bw, &f)
+			bw.Flush()
+		}
+		return errors.New(msg)
+	}
+	name, err := s.cfg.Authorize(s.ctx, id, serial)
+	if err != nil {
+		return fail(true, "machine %s not authorized: %v", id, err)
+	}
+	f, _, err := replication.ReadFrame(br, nil)
+	if err != nil {
+		return fmt.Errorf("read hello: %w", err)
+	}
+	if f.Type != replication.FrameHello {
+		return fail(false, "expected hello, got %s", f.Type)
+	}
+	var h replication.Hello
+	if err := replication.DecodeJSON(&f, &h); err != nil {
+		return fail(false, "%v", err)
+	}
+	if h.MachineID != id {
+		return fail(true, "hello names machine %s but the certificate is for %s", h.MachineID, id)
+	}
+	m, err := s.machine(s.ctx, id, name)
+	if err != nil {
+		return fail(false, "%v", err)
+	}
+	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16), done: make(chan struct{})}
+	welcome, err := m.attach(s.ctx, cc, &h)
+	if err != nil {
+		return fail(true, "%v", err)
+	}
+	defer m.detach(cc)
+	if s.cfg.OnConnect != nil {
+		s.cfg.OnConnect(id, h)
+	}
+	wf, _ := replication.JSONFrame(replication.FrameWelcome, welcome)
+	if err := replication.WriteFrame(bw, &wf); err != nil {
+		return err
+	}
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	c.SetDeadline(time.Time{})
+	log.Info("agent connected", "name", name, "durable_seq", welcome.DurableSeq, "agent_next_seq", h.NextSeq)
+
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); cc.writeLoop() }()
+	defer close(cc.done)
+	err = s.readLoop(m, cc, br)
+	if s.cfg.OnDisconnect != nil {
+		s.cfg.OnDisconnect(id, err)
+	}
+	return err
+}
+
+// readLoop appends the agent's DATA frames to the cache.
+func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
+	var buf []byte
+	for {
+		// An agent sends a status at least every few seconds.
+		cc.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+		f, nb, err := replication.ReadFrame(br, buf)
+		buf = nb
+		if err != nil {
+			return err
+		}
+		switch f.Type {
+		case replication.FrameData:
+			for s.cacheBytes.Load() > s.cfg.CacheMaxBytes {
+				select {
+				case <-s.ctx.Done():
+					return s.ctx.Err()
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+			if err := m.append(&f); err != nil {
+				return err
+			}
+			if s.cfg.OnBytes != nil {
+				s.cfg.OnBytes(m.id, int64(len(f.Payload)+replication.FrameHeaderSize))
+			}
+		case replication.FrameStatus:
+			var st replication.Status
+			if err := replication.DecodeJSON(&f, &st); err != nil {
+				return err
+			}
+			m.setStatus(st)
+			if s.cfg.OnStatus != nil {
+				s.cfg.OnStatus(m.id, st)
+			}
+		case replication.FrameError:
+			var e replication.ErrorMessage
+			replication.DecodeJSON(&f, &e)
+			return fmt.Errorf("agent reports: %s", e.Message)
+		default:
+			return &replication.ProtocolError{Reason: fmt.Sprintf("unexpected %s frame from agent", f.Type)}
+		}
+	}
+}
+
+// agentConn is the server side of one agent connection.
+type agentConn struct {
+	c    net.Conn
+	bw   *bufio.Writer
+	log  *slog.Logger
+	acks chan uint64            // latest durable seq (coalesced)
+	out  chan replication.Frame // control frames to send
+	done chan struct{}
+}
+
+func (cc *agentConn) ack(seq uint64) {
+	for {
+		select {
+		case cc.acks <- seq:
+			return
+		default:
+		}
+		select {
+		case old := <-cc.acks:
+			if old > seq {
+				seq = old
+			}
+		default:
+		}
+	}
+}
+
+func (cc *agentConn) writeLoop() {
+	defer cc.c.Close()
+	for {
+		var f replication.Frame
+		select {
+		case <-cc.done:
+			return
+		case seq := <-cc.acks:
+			f = replication.Frame{Type: replication.FrameAck, Seq: seq}
+		case f = <-cc.out:
+		}
+		cc.c.SetWriteDeadline(time.Now().Add(time.Minute))
+		if err := replication.WriteFrame(cc.bw, &f); err != nil {
+			return
+		}
+		if err := cc.bw.Flush(); err != nil {
+			return
+		}
+	}
+}
+
+// RequestPoint asks a machine's agent for a recovery point now and waits
+// until it is durable on the target.
+func (s *Server) RequestPoint(ctx context.Context, machineID string, app bool) (replication.Point, error) {
+	s.mu.Lock()
+	m, ok := s.machines[machineID]
+	s.mu.Unlock()
+	if !ok {
+		return replication.Point{}, fmt.Errorf("machine %s has never connected: %w", machineID, ErrNotConnected)
+	}
+	return m.requestPoint(ctx, s.reqID.Add(1), app)
+}
+
+// ErrNotConnected is returned when an operation needs the machine's agent
+// and it is not connected.
+var ErrNotConnected = errors.New("agent not connected")
+
+// MachineStats are the process server's figures for one machine.
+type MachineStats struct {
+	Connected    bool
+	LastStatus   replication.Status
+	StatusAt     time.Time // server time of the last status
+	DurableSeq   uint64
+	AppliedSeq   uint64
+	CacheBytes   int64 // sealed + unsealed bytes waiting to be applied
+	Segments     int
+	ApplyError   string
+	OldestSealed time.Time
+}
+
+// Stats returns a machine's figures; ok is false if the machine is unknown.
+func (s *Server) Stats(machineID string) (MachineStats, bool) {
+	s.mu.Lock()
+	m, ok := s.machines[machineID]
+	s.mu.Unlock()
+	if !ok {
+		return MachineStats{}, false
+	}
+	return m.stats(), true
+}
+
+// Applier runs fn with a machine's applier held, so fn sees replica disks
+// that the applier does not change meanwhile (for reading snapshots through
+// the running server). Unknown machines get an applier opened for the call.
+func (s *Server) WithApplier(ctx context.Context, machineID string, fn func(a *replication.Applier) error) error {
+	m, err := s.machine(ctx, machineID, "")
+	if err != nil {
+		return err
+	}
+	m.applyMu.Lock()
+	defer m.applyMu.Unlock()
+	if m.applier == nil {
+		return errors.New("applier not open")
+	}
+	return fn(m.applier)
+}
+
+// MachineIDs lists the machines the process server knows.
+func (s *Server) MachineIDs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ids := make([]string, 0, len(s.machines))
+	for id := range s.machines {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+

@@ -1,0 +1,89 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"io"
+)
+
+// ErrNotFound is returned (wrapped) by a Target when an object, disk or
+// snapshot does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrLocked is returned by OpenTarget-style constructors when another server
+// holds the target's write lease.
+var ErrLocked = errors.New("target is in use by another server")
+
+// Target is the storage that replicated data lands in: a local directory or an
+// Azure Blob Storage container. It holds two kinds of things:
+//
+//   - objects: small-to-medium immutable or whole-replaced byte strings
+//     (segments, catalog entries, the vault descriptor), and
+//   - replica disks: fixed-size random-access images with point-in-time
+//     snapshots (recovery points).
+//
+// Contract, for every implementation (checked by replication/targettest):
+//   - Keys are slash-separated paths of [A-Za-z0-9._-] elements.
+//   - PutObject is atomic: a reader sees the old bytes or the new, never a mix;
+//     when it returns nil the object is durable.
+//   - GetObject of a missing key returns an error wrapping ErrNotFound.
+//   - ListObjects returns the keys under a prefix in lexical order; a missing
+//     prefix is an empty list.
+//   - DeleteObject and DeleteDisk are idempotent: deleting what is missing is nil.
+//   - All methods are safe for concurrent use on different keys.
+type Target interface {
+	PutObject(ctx context.Context, key string, data []byte) error
+	GetObject(ctx context.Context, key string) ([]byte, error)
+	ListObjects(ctx context.Context, prefix string) ([]ObjectInfo, error)
+	DeleteObject(ctx context.Context, key string) error
+
+	// OpenDisk opens the replica disk at key, creating it with the given size
+	// (all zeros) if it does not exist. Opening an existing disk with another
+	// size returns an error; size 0 opens an existing disk whatever its size.
+	OpenDisk(ctx context.Context, key string, size int64) (ReplicaDisk, error)
+	DeleteDisk(ctx context.Context, key string) error
+
+	// String names the target for logs and errors (no secrets).
+	String() string
+	Close() error
+}
+
+// ObjectInfo describes an object in a listing.
+type ObjectInfo struct {
+	Key  string
+	Size int64
+}
+
+// ReplicaDisk is a replica ("seed") disk on a Target. One writer (the applier
+// of the disk's machine) uses it at a time; readers of snapshots may run
+// concurrently with the writer.
+//
+// Writes may be buffered until Flush. Snapshot captures the flushed contents;
+// a snapshot never changes afterwards, whatever is written to the disk later.
+// Snapshot names must be given in increasing lexical order; taking a snapshot
+// whose name exists already is a no-op (so an interrupted applier can redo it).
+type ReplicaDisk interface {
+	Size() int64
+	WriteAt(p []byte, off int64) error
+	ZeroAt(off, n int64) error
+	Flush(ctx context.Context) error
+
+	Snapshot(ctx context.Context, name string) error
+	Snapshots(ctx context.Context) ([]string, error)
+	// DeleteSnapshot removes a snapshot and reclaims the space only it used.
+	// Deleting a missing snapshot is nil.
+	DeleteSnapshot(ctx context.Context, name string) error
+	// OpenSnapshot gives a stable reader of a snapshot's contents. The reader
+	// stays valid until closed, even if the snapshot is deleted meanwhile.
+	OpenSnapshot(ctx context.Context, name string) (SnapshotReader, error)
+
+	Close() error
+}
+
+// SnapshotReader reads a disk as it was at a snapshot. ReadAt of a range
+// inside the disk fills the whole buffer (no short reads).
+type SnapshotReader interface {
+	io.ReaderAt
+	Size() int64
+	Close() error
+}

@@ -1,0 +1,1031 @@
+package localfs
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/asrdr/asr/replication"
+)
+
+const (
+	replicaName = "replica.img"
+	snapDirName = "snap"
+	cowExt      = ".cow"
+	deletedExt  = ".deleted"
+	tmpMark     = "~tmp"
+
+	// defaultBufferLimit bounds the bytes WriteAt queues before it flushes.
+	defaultBufferLimit = 64 << 20
+	// opOverhead is what a queued change costs beyond its data.
+	opOverhead = 64
+	// saveBatch is the most records written to a log in one call.
+	saveBatch = 256
+	// holeCheckBlocks is the shortest run of blocks worth asking the file
+	// system whether it is a hole before reading it.
+	holeCheckBlocks = 64
+)
+
+// punch punches holes; tests replace it to exercise the fallback.
+var punch = punchHole
+
+// zeros is a source of zero bytes for comparisons and zero-filling writes.
+var zeros [256 << 10]byte
+
+// epoch is one snapshot's undo log, open and indexed.
+type epoch struct {
+	name string // snapshot name; kept after deletion, for errors
+	seq  uint64 // chain order
+	path string
+	f    *os.File
+
+	// index maps a block to the offset of its record. Written by the writer
+	// under disk.mu; read by readers under disk.mu (shared) and by the writer
+	// without it.
+	index map[uint64]int64
+
+	// Writer-only (disk.wmu) bookkeeping of the file.
+	count        int64 // records in the file
+	synced       int64 // records made durable by the last fsync
+	hdrCommitted int64 // committed count written in the header
+
+	// Guarded by disk.mu.
+	refs    int  // open readers
+	deleted bool // hidden: deleted by the caller, held by readers
+}
+
+// op is a change queued until Flush. data is nil for a zero op.
+type op struct {
+	off, n int64
+	data   []byte
+}
+
+// disk is the shared state of an open replica disk; Disk handles point at it.
+type disk struct {
+	t       *Target
+	key     string
+	dir     string
+	size    int64
+	nblocks uint64
+	handles int // guarded by t.mu
+
+	// wmu serializes the writer: WriteAt, ZeroAt, Flush, Snapshot,
+	// DeleteSnapshot, the merge of deleted snapshots and close.
+	wmu      sync.Mutex
+	replica  *os.File
+	ops      []op
+	opBytes  int64
+	bufLimit int64
+	readBuf  []byte
+	recBuf   []byte
+
+	// mu guards chain, the epochs' indexes, refs and deleted, and closed.
+	// Readers hold it shared while they read a chunk; the writer holds it
+	// exclusively while it publishes saved blocks and applies a change.
+	mu     sync.RWMutex
+	chain  []*epoch // oldest first, hidden epochs included
+	closed bool
+}
+
+// Disk is a replica disk of a Target: a handle on the disk's shared state.
+// It implements replication.ReplicaDisk.
+type Disk struct {
+	d      *disk
+	closed atomic.Bool
+}
+
+var _ replication.ReplicaDisk = (*Disk)(nil)
+
+func (t *Target) diskDir(key string) string {
+	return filepath.Join(t.dir, disksDir, filepath.FromSlash(key)+diskSuffix)
+}
+
+// OpenDisk opens the replica disk at key, creating a sparse, all-zero disk of
+// the given size if it does not exist. Size 0 opens an existing disk whatever
+// its size, or fails with replication.ErrNotFound. Opening a disk that is open
+// already returns another handle on the same state.
+func (t *Target) OpenDisk(ctx context.Context, key string, size int64) (replication.ReplicaDisk, error) {
+	if err := checkKey(key); err != nil {
+		return nil, fmt.Errorf("open disk: %w", err)
+	}
+	if size < 0 {
+		return nil, fmt.Errorf("open disk %s: negative size %d", key, size)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("open disk %s: %w", key, err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, fmt.Errorf("open disk %s: %s: %w", key, t, ErrClosed)
+	}
+	d := t.disks[key]
+	if d == nil {
+		var err error
+		if d, err = t.loadDisk(key, size); err != nil {
+			return nil, fmt.Errorf("open disk %s: %w", key, err)
+		}
+		t.disks[key] = d
+	} else if size != 0 && size != d.size {
+		return nil, fmt.Errorf("open disk %s: asked for %d bytes, the disk has %d", key, size, d.size)
+	}
+	d.handles++
+	return &Disk{d: d}, nil
+}
+
+// DeleteDisk removes the disk at key with its snapshots. Deleting a missing
+// disk is nil; deleting an open one fails with ErrDiskOpen.
+func (t *Target) DeleteDisk(ctx context.Context, key string) error {
+	if err := checkKey(key); err != nil {
+		return fmt.Errorf("delete disk: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete disk %s: %w", key, err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return fmt.Errorf("delete disk %s: %s: %w", key, t, ErrClosed)
+	}
+	if _, ok := t.disks[key]; ok {
+		return fmt.Errorf("delete disk %s: %w", key, ErrDiskOpen)
+	}
+	ddir := t.diskDir(key)
+	// The replica goes first: without it the disk does not exist, whatever
+	// a crash leaves of the rest (creation clears stale logs).
+	err := os.Remove(filepath.Join(ddir, replicaName))
+	switch {
+	case err == nil:
+		if err := syncDir(ddir); err != nil {
+			return fmt.Errorf("delete disk %s: %w", key, err)
+		}
+	case !errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("delete disk %s: %w", key, err)
+	}
+	// Only the disk's own files: other disks may nest below ddir.
+	if err := os.RemoveAll(filepath.Join(ddir, snapDirName)); err != nil {
+		return fmt.Errorf("delete disk %s: %w", key, err)
+	}
+	os.Remove(filepath.Join(ddir, replicaName+tmpMark))
+	t.treeMu.Lock()
+	removeEmptyParents(filepath.Join(t.dir, disksDir), ddir)
+	t.treeMu.Unlock()
+	return nil
+}
+
+// loadDisk opens (or creates) a disk's files and indexes its snapshots.
+func (t *Target) loadDisk(key string, size int64) (*disk, error) {
+	ddir := t.diskDir(key)
+	f, err := os.OpenFile(filepath.Join(ddir, replicaName), os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		if size == 0 {
+			return nil, replication.ErrNotFound
+		}
+		f, err = t.createReplica(ddir, size)
+	}
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if size != 0 && st.Size() != size {
+		f.Close()
+		return nil, fmt.Errorf("asked for %d bytes, the disk has %d", size, st.Size())
+	}
+	d := &disk{
+		t:        t,
+		key:      key,
+		dir:      ddir,
+		size:     st.Size(),
+		nblocks:  uint64((st.Size() + blockSize - 1) / blockSize),
+		replica:  f,
+		bufLimit: defaultBufferLimit,
+	}
+	if err := d.loadChain(); err != nil {
+		d.closeFiles()
+		return nil, err
+	}
+	// Deleted snapshots a crash left behind have no readers now.
+	d.wmu.Lock()
+	err = d.gcLocked()
+	d.wmu.Unlock()
+	if err != nil {
+		d.closeFiles()
+		return nil, err
+	}
+	return d, nil
+}
+
+// createReplica makes a new disk directory with a sparse replica of size
+// bytes, atomically: the replica appears complete or not at all.
+func (t *Target) createReplica(ddir string, size int64) (*os.File, error) {
+	t.treeMu.RLock()
+	defer t.treeMu.RUnlock()
+	if err := mkdirAllSync(filepath.Join(t.dir, disksDir), ddir); err != nil {
+		return nil, err
+	}
+	snap := filepath.Join(ddir, snapDirName)
+	if err := os.RemoveAll(snap); err != nil { // logs of a deleted disk
+		return nil, err
+	}
+	if err := os.Mkdir(snap, 0o755); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(ddir, replicaName)
+	tmp := path + tmpMark
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	err = f.Truncate(size)
+	if err == nil {
+		err = f.Sync()
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(ddir)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	return f, nil
+}
+
+// loadChain opens and scans the disk's logs.
+func (d *disk) loadChain() error {
+	snap := filepath.Join(d.dir, snapDirName)
+	if err := os.MkdirAll(snap, 0o755); err != nil {
+		return err
+	}
+	entries, err := os.ReadDir(snap)
+	if err != nil {
+		return err
+	}
+	for _, de := range entries {
+		name := de.Name()
+		path := filepath.Join(snap, name)
+		var e *epoch
+		switch {
+		case strings.Contains(name, "~"):
+			os.Remove(path) // a log whose creation a crash interrupted
+			continue
+		case strings.HasSuffix(name, cowExt) && validElem(strings.TrimSuffix(name, cowExt)):
+			e, err = d.loadEpoch(path)
+			if e != nil {
+				e.name = strings.TrimSuffix(name, cowExt)
+			}
+		case strings.HasSuffix(name, deletedExt):
+			e, err = d.loadEpoch(path)
+			if e != nil {
+				e.name, e.deleted = name, true
+			}
+		default:
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("snapshot log %s: %w", name, err)
+		}
+		d.chain = append(d.chain, e)
+	}
+	slices.SortFunc(d.chain, func(a, b *epoch) int { return cmp.Compare(a.seq, b.seq) })
+	for i := 1; i < len(d.chain); i++ {
+		if d.chain[i].seq == d.chain[i-1].seq {
+			return fmt.Errorf("snapshot logs %s and %s share sequence %d: %w",
+				filepath.Base(d.chain[i-1].path), filepath.Base(d.chain[i].path), d.chain[i].seq, replication.ErrCorrupt)
+		}
+	}
+	return nil
+}
+
+// loadEpoch opens a log, indexes it and truncates a torn tail.
+func (d *disk) loadEpoch(path string) (*epoch, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	s, err := scanCOW(io.NewSectionReader(f, 0, st.Size()), st.Size(), d.nblocks)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if s.validEnd < st.Size() {
+		if err := f.Truncate(s.validEnd); err != nil {
+			f.Close()
+			return nil, err
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	// Records past the committed count may sit only in the page cache of a
+	// process that died: count them as not durable, so the next Flush fsyncs
+	// them before it changes the replica.
+	return &epoch{
+		seq:          s.header.seq,
+		path:         path,
+		f:            f,
+		index:        s.index,
+		count:        s.records,
+		synced:       int64(s.header.committed),
+		hdrCommitted: int64(s.header.committed),
+	}, nil
+}
+
+// Size returns the disk's size in bytes.
+func (h *Disk) Size() int64 { return h.d.size }
+
+// lockWriter takes the writer lock of a usable disk.
+func (h *Disk) lockWriter() (*disk, error) {
+	d := h.d
+	if h.closed.Load() {
+		return nil, fmt.Errorf("disk %s: %w", d.key, ErrClosed)
+	}
+	d.wmu.Lock()
+	if d.closed {
+		d.wmu.Unlock()
+		return nil, fmt.Errorf("disk %s: %w", d.key, ErrClosed)
+	}
+	return d, nil
+}
+
+func (d *disk) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off > d.size || n > d.size-off {
+		return fmt.Errorf("range %d+%d outside the disk's %d bytes", off, n, d.size)
+	}
+	return nil
+}
+
+// WriteAt writes p at off. The old contents of the blocks it changes are saved
+// for the newest snapshot at once; the write itself is queued until Flush.
+func (h *Disk) WriteAt(p []byte, off int64) error {
+	if err := h.d.checkRange(off, int64(len(p))); err != nil {
+		return fmt.Errorf("write disk %s: %w", h.d.key, err)
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	d, err := h.lockWriter()
+	if err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	defer d.wmu.Unlock()
+	if err := d.change(off, int64(len(p)), bytes.Clone(p)); err != nil {
+		return fmt.Errorf("write disk %s at %d+%d: %w", d.key, off, len(p), err)
+	}
+	return nil
+}
+
+// ZeroAt makes n bytes at off read as zero, punching a hole in the replica
+// where the file system can.
+func (h *Disk) ZeroAt(off, n int64) error {
+	if err := h.d.checkRange(off, n); err != nil {
+		return fmt.Errorf("zero disk %s: %w", h.d.key, err)
+	}
+	if n == 0 {
+		return nil
+	}
+	d, err := h.lockWriter()
+	if err != nil {
+		return fmt.Errorf("zero: %w", err)
+	}
+	defer d.wmu.Unlock()
+	if err := d.change(off, n, nil); err != nil {
+		return fmt.Errorf("zero disk %s at %d+%d: %w", d.key, off, n, err)
+	}
+	return nil
+}
+
+// change saves what a change overwrites, then queues it.
+func (d *disk) change(off, n int64, data []byte) error {
+	if err := d.save(off, n, data); err != nil {
+		return err
+	}
+	d.ops = append(d.ops, op{off: off, n: n, data: data})
+	d.opBytes += int64(len(data)) + opOverhead
+	if d.opBytes >= d.bufLimit {
+		return d.flushLocked()
+	}
+	return nil
+}
+
+// save appends to the newest log the current contents of every block of
+// [off, off+n) that the log lacks and the change alters. The replica still
+// holds those blocks as they were at the newest snapshot: a block changed
+// since then is in the log already, queued changes included.
+func (d *disk) save(off, n int64, data []byte) error {
+	if len(d.chain) == 0 {
+		return nil
+	}
+	e := d.chain[len(d.chain)-1]
+	first := uint64(off / blockSize)
+	last := uint64((off + n - 1) / blockSize)
+	recs := d.recBuf[:0]
+	var blocks []uint64
+	for b := first; b <= last; {
+		if _, ok := e.index[b]; ok {
+			b++
+			continue
+		}
+		if data == nil {
+			// Zeroing a hole changes nothing: jump over holes (a trim of a
+			// mostly empty disk costs one lseek per extent, not a read).
+			if next := d.skipHole(b, last); next > b {
+				b = next
+				continue
+			}
+		}
+		end := b + 1
+		for end <= last && end-b < saveBatch {
+			if _, ok := e.index[end]; ok {
+				break
+			}
+			end++
+		}
+		old, err := d.readReplica(b, end)
+		if err != nil {
+			return err
+		}
+		for blk := b; blk < end; blk++ {
+			cur := old[(blk-b)*blockSize : (blk-b+1)*blockSize]
+			if d.unchanged(blk, cur, off, n, data) {
+				continue
+			}
+			recs = slices.Grow(recs, recSize)[:len(recs)+recSize]
+			rec := recs[len(recs)-recSize:]
+			copy(rec[recHeaderSize:], cur)
+			putRecord(rec, blk)
+			blocks = append(blocks, blk)
+		}
+		if len(blocks) >= saveBatch {
+			if err := d.appendRecords(e, recs, blocks); err != nil {
+				return err
+			}
+			recs, blocks = recs[:0], blocks[:0]
+		}
+		b = end
+	}
+	d.recBuf = recs[:0]
+	if len(blocks) == 0 {
+		return nil
+	}
+	return d.appendRecords(e, recs, blocks)
+}
+
+// skipHole returns the first block at or after b, up to last+1, that may
+// hold data in the replica (b itself if it may, or the file system cannot tell).
+func (d *disk) skipHole(b, last uint64) uint64 {
+	pos, ok := nextData(d.replica, int64(b)*blockSize)
+	if !ok || pos <= int64(b)*blockSize {
+		return b
+	}
+	return min(uint64(pos/blockSize), last+1)
+}
+
+// unchanged reports whether the change leaves block blk, now cur, as it is:
+// such a block needs no saving.
+func (d *disk) unchanged(blk uint64, cur []byte, off, n int64, data []byte) bool {
+	bstart := int64(blk) * blockSize
+	lo, hi := max(bstart, off), min(bstart+blockSize, off+n)
+	old := cur[lo-bstart : hi-bstart]
+	if data == nil {
+		return isZero(old)
+	}
+	return bytes.Equal(old, data[lo-off:hi-off])
+}
+
+func isZero(p []byte) bool {
+	for len(p) > 0 {
+		k := min(len(p), len(zeros))
+		if !bytes.Equal(p[:k], zeros[:k]) {
+			return false
+		}
+		p = p[k:]
+	}
+	return true
+}
+
+// readReplica returns blocks [b, end) of the replica, zero-padded past the
+// disk's end, in a buffer reused by the next call.
+func (d *disk) readReplica(b, end uint64) ([]byte, error) {
+	n := int64(end-b) * blockSize
+	if int64(cap(d.readBuf)) < n {
+		d.readBuf = make([]byte, n)
+	}
+	buf := d.readBuf[:n]
+	off := int64(b) * blockSize
+	avail := min(n, d.size-off)
+	if end-b >= holeCheckBlocks {
+		if pos, ok := nextData(d.replica, off); ok && pos >= off+avail {
+			clear(buf)
+			return buf, nil
+		}
+	}
+	m, err := d.replica.ReadAt(buf[:avail], off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("read replica: %w", err)
+	}
+	clear(buf[m:])
+	return buf, nil
+}
+
+// appendRecords writes records for blocks at the end of e's log and publishes
+// them to readers.
+func (d *disk) appendRecords(e *epoch, recs []byte, blocks []uint64) error {
+	at := recordOffset(e.count)
+	if _, err := e.f.WriteAt(recs, at); err != nil {
+		return fmt.Errorf("append to snapshot log %s: %w", e.name, err)
+	}
+	d.mu.Lock()
+	for i, b := range blocks {
+		e.index[b] = at + int64(i)*recSize
+	}
+	d.mu.Unlock()
+	e.count += int64(len(blocks))
+	return nil
+}
+
+// Flush makes the queued changes durable: the snapshot logs are fsynced
+// first, then the changes are applied to the replica, which is fsynced.
+func (h *Disk) Flush(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("flush disk %s: %w", h.d.key, err)
+	}
+	d, err := h.lockWriter()
+	if err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	defer d.wmu.Unlock()
+	if err := d.flushLocked(); err != nil {
+		return fmt.Errorf("flush disk %s: %w", d.key, err)
+	}
+	return nil
+}
+
+func (d *disk) flushLocked() error {
+	if err := d.syncLogs(); err != nil {
+		return err
+	}
+	return d.applyLocked(len(d.ops), true)
+}
+
+// syncLogs makes every saved block durable.
+func (d *disk) syncLogs() error {
+	for _, e := range d.chain {
+		if err := d.syncEpoch(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// syncEpoch fsyncs e's log if it has records not yet durable. The header
+// first learns the count the previous fsync made durable, so after a crash it
+// is a lower bound of the durable records.
+func (d *disk) syncEpoch(e *epoch) error {
+	if e.count == e.synced {
+		return nil
+	}
+	if e.hdrCommitted < e.synced {
+		if err := writeCommitted(e, e.synced); err != nil {
+			return err
+		}
+	}
+	if err := e.f.Sync(); err != nil {
+		return fmt.Errorf("sync snapshot log %s: %w", e.name, err)
+	}
+	e.synced = e.count
+	return nil
+}
+
+func writeCommitted(e *epoch, n int64) error {
+	if _, err := e.f.WriteAt(encodeCOWHeader(cowHeader{seq: e.seq, committed: uint64(n)}), 0); err != nil {
+		return fmt.Errorf("write snapshot log %s header: %w", e.name, err)
+	}
+	e.hdrCommitted = n
+	return nil
+}
+
+// finishEpoch makes e's log wholly durable and committed, for a clean close
+// and before a merged log is removed.
+func (d *disk) finishEpoch(e *epoch) error {
+	if err := d.syncEpoch(e); err != nil {
+		return err
+	}
+	if e.hdrCommitted == e.count {
+		return nil
+	}
+	if err := writeCommitted(e, e.count); err != nil {
+		return err
+	}
+	if err := e.f.Sync(); err != nil {
+		return fmt.Errorf("sync snapshot log %s: %w", e.name, err)
+	}
+	return nil
+}
+
+// applyLocked applies the first k queued changes to the replica, and fsyncs
+// it if asked. The logs must be durable already.
+func (d *disk) applyLocked(k int, sync bool) error {
+	if k == 0 {
+		return nil
+	}
+	for i := 0; i < k; i++ {
+		d.mu.Lock()
+		err := d.applyOp(d.ops[i])
+		d.mu.Unlock()
+		if err != nil {
+			d.dropOps(i)
+			return fmt.Errorf("apply to replica: %w", err)
+		}
+	}
+	d.dropOps(k)
+	if sync {
+		if err := d.replica.Sync(); err != nil {
+			return fmt.Errorf("sync replica: %w", err)
+		}
+	}
+	return nil
+}
+
+func (d *disk) dropOps(k int) {
+	for _, o := range d.ops[:k] {
+		d.opBytes -= int64(len(o.data)) + opOverhead
+	}
+	d.ops = slices.Delete(d.ops, 0, k)
+	if len(d.ops) == 0 {
+		d.ops = nil // let a large backing array go
+	}
+}
+
+func (d *disk) applyOp(o op) error {
+	if o.data != nil {
+		_, err := d.replica.WriteAt(o.data, o.off)
+		return err
+	}
+	if punch(d.replica, o.off, o.n) == nil {
+		return nil
+	}
+	for off, end := o.off, o.off+o.n; off < end; {
+		k := min(end-off, int64(len(zeros)))
+		if _, err := d.replica.WriteAt(zeros[:k], off); err != nil {
+			return err
+		}
+		off += k
+	}
+	return nil
+}
+
+// visible returns the live (not deleted) snapshot called name. The caller
+// holds wmu or mu.
+func (d *disk) visible(name string) *epoch {
+	for _, e := range d.chain {
+		if !e.deleted && e.name == name {
+			return e
+		}
+	}
+	return nil
+}
+
+func checkSnapName(name string) error {
+	if !validElem(name) || len(name) > maxNameLen {
+		return fmt.Errorf("snapshot name %q: %w", name, ErrInvalidKey)
+	}
+	return nil
+}
+
+// Snapshot flushes the disk and records its contents as snapshot name. A name
+// that exists already is a no-op; a new name must sort after every existing
+// one (ErrSnapshotOrder).
+func (h *Disk) Snapshot(ctx context.Context, name string) error {
+	if err := checkSnapName(name); err != nil {
+		return fmt.Errorf("snapshot disk %s: %w", h.d.key, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("snapshot disk %s: %w", h.d.key, err)
+	}
+	d, err := h.lockWriter()
+	if err != nil {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	defer d.wmu.Unlock()
+	if d.visible(name) != nil {
+		return nil
+	}
+	for _, e := range d.chain {
+		if !e.deleted && e.name >= name {
+			return fmt.Errorf("snapshot %s of disk %s: snapshot %s exists: %w", name, d.key, e.name, ErrSnapshotOrder)
+		}
+	}
+	if err := d.flushLocked(); err != nil {
+		return fmt.Errorf("snapshot %s of disk %s: %w", name, d.key, err)
+	}
+	seq := uint64(1)
+	if len(d.chain) > 0 {
+		seq = d.chain[len(d.chain)-1].seq + 1
+	}
+	e, err := d.createEpoch(name, seq)
+	if err != nil {
+		return fmt.Errorf("snapshot %s of disk %s: %w", name, d.key, err)
+	}
+	d.mu.Lock()
+	d.chain = append(d.chain, e)
+	d.mu.Unlock()
+	return nil
+}
+
+// createEpoch makes an empty log, atomically and durably.
+func (d *disk) createEpoch(name string, seq uint64) (*epoch, error) {
+	snap := filepath.Join(d.dir, snapDirName)
+	path := filepath.Join(snap, name+cowExt)
+	tmp := path + tmpMark
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	_, err = f.Write(encodeCOWHeader(cowHeader{seq: seq}))
+	if err == nil {
+		err = f.Sync()
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(snap)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return nil, err
+	}
+	return &epoch{name: name, seq: seq, path: path, f: f, index: map[uint64]int64{}}, nil
+}
+
+// Snapshots lists the disk's snapshots in name order.
+func (h *Disk) Snapshots(ctx context.Context) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("list snapshots of disk %s: %w", h.d.key, err)
+	}
+	if h.closed.Load() {
+		return nil, fmt.Errorf("list snapshots of disk %s: %w", h.d.key, ErrClosed)
+	}
+	d := h.d
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.closed {
+		return nil, fmt.Errorf("list snapshots of disk %s: %w", d.key, ErrClosed)
+	}
+	names := []string{}
+	for _, e := range d.chain {
+		if !e.deleted {
+			names = append(names, e.name)
+		}
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+// DeleteSnapshot deletes snapshot name; a missing one is nil. Its log is
+// merged into the previous snapshot's and removed at once, or, while readers
+// of it are open, when the last of them closes.
+func (h *Disk) DeleteSnapshot(ctx context.Context, name string) error {
+	if err := checkSnapName(name); err != nil {
+		return fmt.Errorf("delete snapshot of disk %s: %w", h.d.key, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, h.d.key, err)
+	}
+	d, err := h.lockWriter()
+	if err != nil {
+		return fmt.Errorf("delete snapshot: %w", err)
+	}
+	defer d.wmu.Unlock()
+	e := d.visible(name)
+	if e == nil {
+		return nil
+	}
+	// Hide it durably first, so the deletion holds even if the merge waits
+	// for readers or a crash interrupts it.
+	snap := filepath.Join(d.dir, snapDirName)
+	hidden := filepath.Join(snap, fmt.Sprintf("%016x%s", e.seq, deletedExt))
+	if err := os.Rename(e.path, hidden); err != nil {
+		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
+	}
+	d.mu.Lock()
+	e.deleted = true
+	e.path = hidden
+	d.mu.Unlock()
+	if err := syncDir(snap); err != nil {
+		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
+	}
+	if err := d.gcLocked(); err != nil {
+		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
+	}
+	return nil
+}
+
+// gcLocked merges away every deleted snapshot no reader holds, oldest first.
+func (d *disk) gcLocked() error {
+	for {
+		idx := -1
+		d.mu.RLock()
+		for i, e := range d.chain {
+			if e.deleted && e.refs == 0 {
+				idx = i
+				break
+			}
+		}
+		d.mu.RUnlock()
+		if idx < 0 {
+			return nil
+		}
+		if err := d.dropEpoch(idx); err != nil {
+			return err
+		}
+	}
+}
+
+// dropEpoch removes epoch i from the chain. Older snapshots read through it
+// for the blocks the previous epoch lacks, so those records move there first,
+// durably, before the file goes. A crash in between leaves both files, which
+// read the same; the next open redoes the merge, which skips what moved.
+func (d *disk) dropEpoch(i int) error {
+	e := d.chain[i]
+	if i > 0 {
+		if err := d.merge(e, d.chain[i-1]); err != nil {
+			return err
+		}
+	}
+	d.mu.Lock()
+	d.chain = slices.Delete(d.chain, i, i+1)
+	d.mu.Unlock()
+	e.f.Close()
+	if err := os.Remove(e.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove snapshot log %s: %w", e.name, err)
+	}
+	return syncDir(filepath.Join(d.dir, snapDirName))
+}
+
+// merge copies into p the records of e for blocks p lacks, then fsyncs and
+// commits p.
+func (d *disk) merge(e, p *epoch) error {
+	type move struct {
+		block uint64
+		off   int64
+	}
+	var todo []move
+	for b, off := range e.index {
+		if _, ok := p.index[b]; !ok {
+			todo = append(todo, move{b, off})
+		}
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	slices.SortFunc(todo, func(a, b move) int { return cmp.Compare(a.off, b.off) })
+	buf := make([]byte, min(len(todo), saveBatch)*recSize)
+	blocks := make([]uint64, 0, saveBatch)
+	for len(todo) > 0 {
+		batch := todo[:min(len(todo), saveBatch)]
+		todo = todo[len(batch):]
+		blocks = blocks[:0]
+		// Read runs of adjacent records at once.
+		for j := 0; j < len(batch); {
+			k := j + 1
+			for k < len(batch) && batch[k].off == batch[k-1].off+recSize {
+				k++
+			}
+			if _, err := e.f.ReadAt(buf[j*recSize:k*recSize], batch[j].off); err != nil {
+				return fmt.Errorf("merge snapshot log %s: %w", e.name, err)
+			}
+			j = k
+		}
+		for j, m := range batch {
+			rec := buf[j*recSize : (j+1)*recSize]
+			if b, err := checkRecord(rec, d.nblocks); err != nil || b != m.block {
+				return fmt.Errorf("merge snapshot log %s: record at %d (block %d): %v: %w", e.name, m.off, m.block, err, replication.ErrCorrupt)
+			}
+			blocks = append(blocks, m.block)
+		}
+		if err := d.appendRecords(p, buf[:len(batch)*recSize], blocks); err != nil {
+			return err
+		}
+	}
+	// Commit them in the header too: e, the other copy, is about to go, and
+	// an uncommitted record that reads back damaged would be dropped quietly.
+	return d.finishEpoch(p)
+}
+
+// OpenSnapshot returns a reader of snapshot name, or an error wrapping
+// replication.ErrNotFound. The reader stays valid until closed, whatever is
+// written, snapshotted or deleted meanwhile, until the disk closes.
+func (h *Disk) OpenSnapshot(ctx context.Context, name string) (replication.SnapshotReader, error) {
+	if err := checkSnapName(name); err != nil {
+		return nil, fmt.Errorf("open snapshot of disk %s: %w", h.d.key, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, h.d.key, err)
+	}
+	if h.closed.Load() {
+		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, h.d.key, ErrClosed)
+	}
+	d := h.d
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, d.key, ErrClosed)
+	}
+	e := d.visible(name)
+	if e == nil {
+		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, d.key, replication.ErrNotFound)
+	}
+	e.refs++
+	return &snapshotReader{d: d, e: e}, nil
+}
+
+// Close flushes the disk and releases the handle; the last handle closes the
+// disk's files, after which its snapshot readers fail.
+func (h *Disk) Close() error {
+	if !h.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	d, t := h.d, h.d.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	d.handles--
+	if d.handles > 0 {
+		d.wmu.Lock()
+		defer d.wmu.Unlock()
+		if d.closed {
+			return nil
+		}
+		if err := d.flushLocked(); err != nil {
+			return fmt.Errorf("close disk %s: %w", d.key, err)
+		}
+		return nil
+	}
+	if t.disks[d.key] == d {
+		delete(t.disks, d.key)
+	}
+	if err := d.close(); err != nil {
+		return fmt.Errorf("close disk %s: %w", d.key, err)
+	}
+	return nil
+}
+
+// close flushes, merges what it can, commits the logs and closes the files.
+func (d *disk) close() error {
+	d.wmu.Lock()
+	defer d.wmu.Unlock()
+	if d.closed {
+		return nil
+	}
+	var errs []error
+	if err := d.flushLocked(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.gcLocked(); err != nil {
+		errs = append(errs, err)
+	}
+	for _, e := range d.chain {
+		if err := d.finishEpoch(e); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	d.closeFiles()
+	return errors.Join(errs...)
+}
+
+// closeFiles marks the disk closed and closes its files as they are.
+func (d *disk) closeFiles() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.closed = true
+	d.replica.Close()
+	for _, e := range d.chain {
+		e.f.Close()
+	}
+}

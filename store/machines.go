@@ -1,0 +1,232 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Machine is a registered guest.
+type Machine struct {
+	ID            string
+	Name          string
+	CertSerial    string
+	RegisteredAt  time.Time
+	LastSeen      time.Time
+	AgentVersion  string
+	BytesReceived int64
+	LastError     string
+	Disks         []Disk
+}
+
+// Disk states.
+const (
+	DiskInitial   = "initial"   // initial replication running
+	DiskProtected = "protected" // replica complete, delta replication
+	DiskResync    = "resync"    // continuity lost; Reason says why
+)
+
+// Disk is a protected disk of a machine.
+type Disk struct {
+	Index  uint32
+	Name   string
+	Size   int64
+	State  string
+	Cursor int64
+	Reason string
+}
+
+// Point is a recovery point as listed in the console.
+type Point struct {
+	MachineID string
+	Seq       uint64
+	Time      time.Time
+	Kind      string
+}
+
+// CreateMachine registers a machine, or re-registers the one with the same
+// name (new certificate serial), and returns it with created=true if new.
+func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machine, bool, error) {
+	var m Machine
+	created := false
+	err := d.tx(ctx, func(tx *sql.Tx) error {
+		var existing string
+		err := tx.QueryRowContext(ctx, `SELECT id FROM machines WHERE name = ?`, name).Scan(&existing)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			created = true
+			_, err = tx.ExecContext(ctx, `INSERT INTO machines (id, name, cert_serial, registered_at) VALUES (?, ?, ?, ?)`,
+				id, name, serial, d.now().Unix())
+			return err
+		case err != nil:
+			return err
+		}
+		id = existing
+		_, err = tx.ExecContext(ctx, `UPDATE machines SET cert_serial = ? WHERE id = ?`, serial, id)
+		return err
+	})
+	if err != nil {
+		return m, false, fmt.Errorf("register machine %q: %w", name, err)
+	}
+	m, err = d.Machine(ctx, id)
+	return m, created, err
+}
+
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error`
+
+func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
+	var m Machine
+	var reg, seen int64
+	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError)
+	m.RegisteredAt = time.Unix(reg, 0)
+	if seen > 0 {
+		m.LastSeen = time.Unix(0, seen)
+	}
+	return m, err
+}
+
+// Machine returns a machine and its disks by id.
+func (d *DB) Machine(ctx context.Context, id string) (Machine, error) {
+	m, err := scanMachine(d.db.QueryRowContext(ctx, `SELECT `+machineCols+` FROM machines WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return m, fmt.Errorf("machine %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return m, err
+	}
+	m.Disks, err = d.Disks(ctx, id)
+	return m, err
+}
+
+// MachineByName looks a machine up by its name or, failing that, by its id.
+func (d *DB) MachineByName(ctx context.Context, name string) (Machine, error) {
+	var id string
+	err := d.db.QueryRowContext(ctx, `SELECT id FROM machines WHERE name = ? OR id = ? ORDER BY name = ? DESC LIMIT 1`,
+		name, name, name).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Machine{}, fmt.Errorf("machine %q: %w", name, ErrNotFound)
+	}
+	if err != nil {
+		return Machine{}, err
+	}
+	return d.Machine(ctx, id)
+}
+
+// Machines lists all machines with their disks, by name.
+func (d *DB) Machines(ctx context.Context) ([]Machine, error) {
+	rows, err := d.db.QueryContext(ctx, `SELECT `+machineCols+` FROM machines ORDER BY name`)
+	if err != nil {
+		return nil, err
+	}
+	var ms []Machine
+	for rows.Next() {
+		m, err := scanMachine(rows)
+		if err != nil {
+			rows.Close()
+			return nil, err
+		}
+		ms = append(ms, m)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	for i := range ms {
+		if ms[i].Disks, err = d.Disks(ctx, ms[i].ID); err != nil {
+			return nil, err
+		}
+	}
+	return ms, nil
+}
+
+// Disks lists a machine's disks by index.
+func (d *DB) Disks(ctx context.Context, machineID string) ([]Disk, error) {
+	rows, err := d.db.QueryContext(ctx, `SELECT idx, name, size, state, cursor, reason FROM disks WHERE machine_id = ? ORDER BY idx`, machineID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var ds []Disk
+	for rows.Next() {
+		var k Disk
+		if err := rows.Scan(&k.Index, &k.Name, &k.Size, &k.State, &k.Cursor, &k.Reason); err != nil {
+			return nil, err
+		}
+		ds = append(ds, k)
+	}
+	return ds, rows.Err()
+}
+
+// PutDisk inserts or updates a disk.
+func (d *DB) PutDisk(ctx context.Context, machineID string, k Disk) error {
+	_, err := d.db.ExecContext(ctx, `INSERT INTO disks (machine_id, idx, name, size, state, cursor, reason) VALUES (?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT(machine_id, idx) DO UPDATE SET name = excluded.name, size = excluded.size,
+		state = excluded.state, cursor = excluded.cursor, reason = excluded.reason`,
+		machineID, k.Index, k.Name, k.Size, k.State, k.Cursor, k.Reason)
+	if err != nil {
+		return fmt.Errorf("save disk %s/%d: %w", machineID, k.Index, err)
+	}
+	return nil
+}
+
+// TouchMachine records contact with a machine's agent.
+func (d *DB) TouchMachine(ctx context.Context, id, agentVersion string, addBytes int64) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_seen = ?, agent_version = CASE WHEN ? = '' THEN agent_version ELSE ? END,
+		bytes_received = bytes_received + ? WHERE id = ?`, d.now().UnixNano(), agentVersion, agentVersion, addBytes, id)
+	return err
+}
+
+// SetMachineError records (or, with "", clears) the error shown on a machine.
+func (d *DB) SetMachineError(ctx context.Context, id, msg string) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_error = ? WHERE id = ?`, msg, id)
+	return err
+}
+
+// AddPoint records a recovery point (idempotent).
+func (d *DB) AddPoint(ctx context.Context, p Point) error {
+	_, err := d.db.ExecContext(ctx, `INSERT OR IGNORE INTO points (machine_id, seq, time, kind) VALUES (?, ?, ?, ?)`,
+		p.MachineID, int64(p.Seq), p.Time.UnixNano(), p.Kind)
+	return err
+}
+
+// DeletePoints removes points of a machine (after pruning on the target).
+func (d *DB) DeletePoints(ctx context.Context, machineID string, seqs []uint64) error {
+	if len(seqs) == 0 {
+		return nil
+	}
+	args := []any{machineID}
+	for _, s := range seqs {
+		args = append(args, int64(s))
+	}
+	_, err := d.db.ExecContext(ctx, `DELETE FROM points WHERE machine_id = ? AND seq IN (?`+strings.Repeat(",?", len(seqs)-1)+`)`, args...)
+	return err
+}
+
+// Points lists a machine's points, oldest first; limit <= 0 means all.
+func (d *DB) Points(ctx context.Context, machineID string, limit int) ([]Point, error) {
+	q := `SELECT seq, time, kind FROM points WHERE machine_id = ? ORDER BY seq`
+	args := []any{machineID}
+	if limit > 0 {
+		q = `SELECT * FROM (SELECT seq, time, kind FROM points WHERE machine_id = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq`
+		args = append(args, limit)
+	}
+	rows, err := d.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var ps []Point
+	for rows.Next() {
+		var p Point
+		var seq, t int64
+		if err := rows.Scan(&seq, &t, &p.Kind); err != nil {
+			return nil, err
+		}
+		p.MachineID, p.Seq, p.Time = machineID, uint64(seq), time.Unix(0, t)
+		ps = append(ps, p)
+	}
+	return ps, rows.Err()
+}
