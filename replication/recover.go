@@ -128,6 +128,9 @@ func writeImageFile(ctx context.Context, snap SnapshotReader, path string) (int6
 // WriteImageFile writes a stream of a whole disk image (as served by the
 // server's image API) to a sparse file at path.
 func WriteImageFile(ctx context.Context, r io.Reader, size int64, path string) (int64, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return 0, err
+	}
 	tmp := path + ".partial"
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {

@@ -230,3 +230,10 @@ func (d *DB) Points(ctx context.Context, machineID string, limit int) ([]Point, 
 	}
 	return ps, rows.Err()
 }
+
+// PointCount counts a machine's points.
+func (d *DB) PointCount(ctx context.Context, machineID string) (int, error) {
+	var n int
+	err := d.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM points WHERE machine_id = ?`, machineID).Scan(&n)
+	return n, err
+}

@@ -16,6 +16,9 @@ import (
 
 const openName = "open.seg"
 
+// connectGrace is how long a point request waits for a disconnected agent.
+const connectGrace = 20 * time.Second
+
 // machine is the process server's state for one machine: its cache files,
 // its current agent connection and its applier.
 type machine struct {
@@ -35,6 +38,8 @@ type machine struct {
 	durable   uint64 // last seq fsync'd (acknowledged)
 	sealed    []sealedSeg
 	conn      *agentConn
+	ackSent   uint64
+	ackAt     time.Time
 	status    replication.Status
 	statusAt  time.Time
 	applyErr  string
@@ -220,6 +225,7 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 		old.c.Close()
 	}
 	m.conn = cc
+	m.ackSent = m.durable
 	return replication.Welcome{DurableSeq: m.durable}, nil
 }
 
@@ -313,8 +319,11 @@ func (m *machine) syncOnce() error {
 			return err
 		}
 	}
-	if m.conn != nil {
+	// Acknowledge what became durable, and at least every few seconds
+	// while idle so the agent knows the link is alive.
+	if m.conn != nil && (m.durable != m.ackSent || time.Since(m.ackAt) > 5*time.Second) {
 		m.conn.ack(m.durable)
+		m.ackSent, m.ackAt = m.durable, time.Now()
 	}
 	return nil
 }
@@ -488,7 +497,15 @@ func (m *machine) requestPoint(ctx context.Context, id uint64, app bool) (replic
 		return replication.Point{}, err
 	}
 	ch := make(chan pointResult, 1)
+	// An agent that is reconnecting (after a restart of either side) gets
+	// a moment to come back.
+	deadline := time.Now().Add(connectGrace)
 	m.mu.Lock()
+	for m.conn == nil && time.Now().Before(deadline) && ctx.Err() == nil {
+		m.mu.Unlock()
+		time.Sleep(100 * time.Millisecond)
+		m.mu.Lock()
+	}
 	cc := m.conn
 	if cc == nil {
 		m.mu.Unlock()

@@ -452,4 +452,3 @@ func syncDir(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
-

@@ -1,0 +1,34 @@
+SHELL := /bin/bash
+# asr — make test runs everything CI runs: unit and in-process integration
+# tests, then the end-to-end tests against real peers (installed here if
+# missing). make bench runs the benchmark scripts.
+
+GO ?= go
+E2E_TIMEOUT ?= 15m
+
+.PHONY: test unit e2e peers build bench generate vet
+
+test: peers vet unit e2e
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+
+unit:
+	$(GO) test -race -count=1 ./...
+
+e2e: build
+	ASR_BIN=$(CURDIR)/bin/asr $(GO) test -tags e2e -count=1 -timeout $(E2E_TIMEOUT) -v ./e2e/ 2>&1 | tee bin/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:' ; exit $${PIPESTATUS[0]}
+
+build:
+	mkdir -p bin
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/asr .
+
+peers:
+	./scripts/install-peers.sh
+
+generate:
+	$(GO) tool templ generate
+
+bench: build peers
+	./bench/run.sh

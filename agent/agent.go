@@ -1,0 +1,556 @@
+// Package agent is asr's Mobility service: it runs on a protected guest,
+// registers with the server, serves every protected disk over NBD as a
+// write-splitter (each change goes to the disk and to an ordered on-disk
+// spool), copies each disk once (initial replication) while it is in use,
+// ships the spool to the process server over mutual TLS, and tags the stream
+// with crash-consistent recovery points.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/agent/spool"
+	"github.com/asrdr/asr/replication"
+)
+
+// Version is the agent's version, set by main.
+var Version = "dev"
+
+// DiskSpec is a --disk NAME=PATH flag.
+type DiskSpec struct{ Name, Path string }
+
+// Config configures an agent.
+type Config struct {
+	Server         string // https://HOST:PORT of the server's control API
+	PassphraseFile string
+	StateDir       string
+	Name           string
+	Disks          []DiskSpec
+	NBD            string // unix:/path.sock or HOST:PORT
+	CrashInterval  time.Duration
+	SpoolMax       int64
+	// MaxRate limits the replication bandwidth to this many bytes per
+	// second on the wire (0: unlimited), as ASR and Zerto throttle.
+	MaxRate int64
+	Logger  *slog.Logger
+}
+
+var diskNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ParseFlags parses `asr agent` arguments.
+func ParseFlags(args []string) (Config, error) {
+	var c Config
+	fs := flag.NewFlagSet("asr agent", flag.ContinueOnError)
+	fs.StringVar(&c.Server, "server", "", "control URL of the asr server, https://HOST:PORT")
+	fs.StringVar(&c.PassphraseFile, "passphrase-file", "", "file holding the vault passphrase (needed to register)")
+	fs.StringVar(&c.StateDir, "state", "./asr-agent", "directory for the agent's identity, state and spool")
+	fs.StringVar(&c.Name, "name", "", "machine name (default: host name)")
+	fs.StringVar(&c.NBD, "nbd", "", "NBD listen address for the protected disks: unix:/path.sock or HOST:PORT")
+	fs.DurationVar(&c.CrashInterval, "crash-interval", 5*time.Minute, "interval between crash-consistent recovery points (1s or more)")
+	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
+	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
+	fs.Func("disk", "protected disk NAME=PATH (repeat for each disk)", func(v string) error {
+		name, path, ok := strings.Cut(v, "=")
+		if !ok || path == "" {
+			return fmt.Errorf("want NAME=PATH, got %q", v)
+		}
+		if !diskNameRE.MatchString(name) {
+			return fmt.Errorf("disk name %q: use letters, digits, '.', '_' and '-' (at most 64)", name)
+		}
+		for _, d := range c.Disks {
+			if d.Name == name {
+				return fmt.Errorf("disk %q given twice", name)
+			}
+		}
+		c.Disks = append(c.Disks, DiskSpec{name, path})
+		return nil
+	})
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	var err error
+	if c.SpoolMax, err = ParseSize(*spoolMax); err != nil {
+		return c, fmt.Errorf("--spool-max: %w", err)
+	}
+	if c.MaxRate, err = ParseSize(*maxRate); err != nil {
+		return c, fmt.Errorf("--max-rate: %w", err)
+	}
+	if c.Name == "" {
+		c.Name, _ = os.Hostname()
+	}
+	return c, c.validate()
+}
+
+func (c *Config) validate() error {
+	switch {
+	case len(c.Disks) == 0:
+		return errors.New("at least one --disk NAME=PATH is required")
+	case c.NBD == "":
+		return errors.New("--nbd is required (unix:/path.sock or HOST:PORT)")
+	case c.CrashInterval < time.Second:
+		return fmt.Errorf("--crash-interval %s: the minimum is 1s", c.CrashInterval)
+	case c.SpoolMax < 16<<20:
+		return fmt.Errorf("--spool-max %d: the minimum is 16MiB", c.SpoolMax)
+	case !diskNameRE.MatchString(c.Name):
+		return fmt.Errorf("--name %q: use letters, digits, '.', '_' and '-' (at most 64)", c.Name)
+	}
+	return nil
+}
+
+// ParseSize parses sizes like 1GiB, 512MiB, 4096.
+func ParseSize(s string) (int64, error) {
+	units := []struct {
+		suf  string
+		mult int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}}
+	s = strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suf) {
+			s, mult = strings.TrimSuffix(s, u.suf), u.mult
+			break
+		}
+	}
+	var n int64
+	if _, err := fmt.Sscanf(s, "%d", &n); err != nil || n < 0 || fmt.Sprint(n) != s {
+		return 0, fmt.Errorf("size %q: want a number with an optional KiB/MiB/GiB/TiB suffix", s)
+	}
+	return n * mult, nil
+}
+
+// Agent is a running agent.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+
+	st      *state
+	stMu    sync.Mutex // guards st and its file
+	spool   *spool.Spool
+	disks   []*Disk
+	lat     *latency
+	nbdSrv  *nbd.Server
+	nbdL    net.Listener
+	stats   *stats
+	unclean bool
+
+	// progress records not yet acknowledged, in seq order
+	progMu  sync.Mutex
+	prog    []progressMark
+	cursors map[uint32]*atomic.Int64 // read cursor of the initial copy, per disk
+	done    map[uint32]*atomic.Bool
+
+	lastTag       atomic.Uint64 // seq of the last tag record
+	crashInterval atomic.Int64
+	fatal         atomic.Pointer[string]
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type progressMark struct {
+	seq    uint64
+	disk   uint32
+	cursor int64
+	done   bool
+}
+
+// New opens the agent: it registers if it has no identity yet, opens the
+// disks and the spool, and repairs the log after an unclean stop. Run starts
+// the work.
+func New(ctx context.Context, cfg Config) (*Agent, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{},
+		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}}
+	a.crashInterval.Store(int64(cfg.CrashInterval))
+	a.ctx, a.cancel = context.WithCancel(context.Background())
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, err
+	}
+	st, err := loadState(cfg.StateDir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if cfg.Server == "" || cfg.PassphraseFile == "" {
+			return nil, errors.New("this agent is not registered yet: --server and --passphrase-file are required")
+		}
+		pass, err := os.ReadFile(cfg.PassphraseFile)
+		if err != nil {
+			return nil, fmt.Errorf("read passphrase: %w", err)
+		}
+		st, err = register(ctx, cfg.Server, pass, cfg.Name, cfg.StateDir)
+		if err != nil {
+			return nil, err
+		}
+		a.log.Info("registered", "machine", st.MachineID, "name", st.Name, "data", st.DataAddr)
+	case err != nil:
+		return nil, err
+	default:
+		if cfg.Name != st.Name && cfg.Name != "" {
+			a.log.Warn("--name differs from the registered name; keeping the registered one", "registered", st.Name, "given", cfg.Name)
+		}
+	}
+	a.st = st
+	if err := a.open(); err != nil {
+		a.closeResources()
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *Agent) open() error {
+	cfg := a.cfg
+	// Disks: keep indexes stable; new names get new indexes.
+	for _, spec := range cfg.Disks {
+		ds := a.st.disk(spec.Name)
+		if ds == nil {
+			idx := uint32(0)
+			for _, d := range a.st.Disks {
+				if d.Index >= idx {
+					idx = d.Index + 1
+				}
+			}
+			a.st.Disks = append(a.st.Disks, diskState{Index: idx, Name: spec.Name, Path: spec.Path})
+			ds = &a.st.Disks[len(a.st.Disks)-1]
+		}
+		ds.Path = spec.Path
+	}
+	for _, ds := range a.st.Disks {
+		found := false
+		for _, spec := range cfg.Disks {
+			found = found || spec.Name == ds.Name
+		}
+		if !found {
+			return fmt.Errorf("disk %q is protected but not given with --disk; give it, or disable its protection", ds.Name)
+		}
+	}
+	a.unclean = !exists(filepath.Join(cfg.StateDir, cleanFile))
+	sp, rec, err := spool.Open(filepath.Join(cfg.StateDir, spoolDir), spool.Options{MaxBytes: cfg.SpoolMax}, a.st.Acked)
+	if err != nil {
+		return fmt.Errorf("open spool: %w", err)
+	}
+	a.spool = sp
+	if rec.Truncated > 0 {
+		a.log.Warn("spool had a torn record at its end (the agent stopped mid-write); cut it off", "bytes", rec.Truncated)
+	}
+	for i := range a.st.Disks {
+		ds := &a.st.Disks[i]
+		d, err := openDisk(a.ctx, ds.Index, ds.Name, ds.Path, sp, a.lat, a.log)
+		if err != nil {
+			return err
+		}
+		a.disks = append(a.disks, d)
+		if ds.Size != 0 && ds.Size != d.Size() {
+			return fmt.Errorf("disk %s changed size from %d to %d bytes: resizing a protected disk is not supported yet", ds.Name, ds.Size, d.Size())
+		}
+		ds.Size = d.Size()
+		// The initial copy resumes from the furthest progress known: the
+		// acknowledged one in the state file, or a later one still in the
+		// spool (whose records will be sent).
+		if p, ok := rec.Progress[ds.Index]; ok && int64(p.Offset) > ds.Cursor {
+			ds.Cursor = int64(p.Offset)
+			ds.Done = ds.Done || p.Flags&replication.FlagDone != 0
+		}
+		a.cursors[ds.Index] = &atomic.Int64{}
+		a.cursors[ds.Index].Store(ds.Cursor)
+		a.done[ds.Index] = &atomic.Bool{}
+		a.done[ds.Index].Store(ds.Done)
+	}
+	if err := a.st.save(cfg.StateDir); err != nil {
+		return err
+	}
+	if a.unclean && rec.Records > 0 {
+		// After an unclean stop, each disk's last logged change may not
+		// have reached the disk (or reached it without being logged in
+		// full): log the range as the disk holds it now.
+		for _, t := range rec.Tails {
+			for _, d := range a.disks {
+				if d.Index == t.Disk {
+					if err := d.Relog(int64(t.Offset), int64(t.Length)); err != nil {
+						return fmt.Errorf("repair log of disk %s: %w", d.Name, err)
+					}
+					a.log.Info("unclean stop: re-logged the disk's last change", "disk", d.Name, "offset", t.Offset, "length", t.Length)
+				}
+			}
+		}
+	}
+	os.Remove(filepath.Join(cfg.StateDir, cleanFile))
+	a.stats = loadStats(cfg.StateDir)
+
+	a.nbdSrv = &nbd.Server{
+		Lookup: func(name string) (nbd.Backend, bool) {
+			for _, d := range a.disks {
+				if d.Name == name {
+					return d, true
+				}
+			}
+			return nil, false
+		},
+		List: func() []string {
+			names := make([]string, len(a.disks))
+			for i, d := range a.disks {
+				names[i] = d.Name
+			}
+			return names
+		},
+		Logger: a.log.With("component", "nbd"),
+	}
+	a.nbdL, err = nbd.Listen(cfg.NBD)
+	if err != nil {
+		return fmt.Errorf("NBD listen on %s: %w", cfg.NBD, err)
+	}
+	return nil
+}
+
+// MachineID returns the agent's registered machine id.
+func (a *Agent) MachineID() string { return a.st.MachineID }
+
+// NBDAddr returns the address the NBD server listens on.
+func (a *Agent) NBDAddr() net.Addr { return a.nbdL.Addr() }
+
+// Run serves NBD, copies the disks, ships the log and tags points until ctx
+// is done. It returns an error only for a fatal condition (for example the
+// server refusing this machine).
+func (a *Agent) Run(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, a.cancel)
+	defer stop()
+	a.wg.Add(5)
+	go func() { defer a.wg.Done(); a.nbdSrv.Serve(a.ctx, a.nbdL) }()
+	go func() { defer a.wg.Done(); a.initialCopy() }()
+	go func() { defer a.wg.Done(); a.shipLoop() }()
+	go func() { defer a.wg.Done(); a.tagLoop() }()
+	go func() { defer a.wg.Done(); a.statsLoop() }()
+	a.log.Info("agent running", "machine", a.st.MachineID, "name", a.st.Name, "nbd", a.nbdL.Addr().String(),
+		"disks", len(a.disks), "next_seq", a.spool.Next())
+	<-a.ctx.Done()
+	a.wg.Wait()
+	if f := a.fatal.Load(); f != nil {
+		return errors.New(*f)
+	}
+	return nil
+}
+
+func (a *Agent) setFatal(msg string) {
+	a.fatal.Store(&msg)
+	a.cancel()
+}
+
+// Close stops the agent (if running) and closes its files; a clean stop is
+// recorded so the next start need not repair the log.
+func (a *Agent) Close() error {
+	a.cancel()
+	a.wg.Wait()
+	err := a.closeResources()
+	if err == nil && a.spool != nil {
+		a.stMu.Lock()
+		a.st.save(a.cfg.StateDir)
+		a.stMu.Unlock()
+		err = writeFileAtomic(filepath.Join(a.cfg.StateDir, cleanFile), []byte("clean stop\n"), 0o600)
+	}
+	return err
+}
+
+func (a *Agent) closeResources() error {
+	var first error
+	if a.stats != nil {
+		a.stats.save(a.cfg.StateDir, a)
+	}
+	if a.nbdL != nil {
+		a.nbdL.Close()
+	}
+	for _, d := range a.disks {
+		if err := d.Flush(); err != nil && first == nil && !errors.Is(err, spool.ErrClosed) {
+			first = err
+		}
+		d.Close()
+	}
+	if a.spool != nil {
+		if err := a.spool.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// allDone reports whether every disk has finished its initial copy.
+func (a *Agent) allDone() bool {
+	for _, d := range a.done {
+		if !d.Load() {
+			return false
+		}
+	}
+	return true
+}
+
+// tag appends a recovery-point tag. With app set, the disks and the spool are
+// flushed first (no freeze hooks are configured yet, so this is the
+// flush-only form of an application-consistent point).
+func (a *Agent) tag(reqID uint64, app bool) error {
+	rec := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindTag, Offset: reqID}
+	if app {
+		for _, d := range a.disks {
+			if err := d.Flush(); err != nil {
+				return err
+			}
+		}
+		rec.Flags |= replication.FlagApp
+	}
+	seq, err := a.spool.Append(a.ctx, &rec)
+	if err != nil {
+		return err
+	}
+	a.spool.Complete(seq)
+	a.lastTag.Store(seq)
+	return nil
+}
+
+func (a *Agent) tagLoop() {
+	last := time.Now()
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case now := <-t.C:
+			if now.Sub(last) < time.Duration(a.crashInterval.Load()) {
+				continue
+			}
+			last = now
+			if !a.allDone() {
+				continue
+			}
+			if err := a.tag(0, false); err != nil && a.ctx.Err() == nil {
+				a.log.Error("crash-consistent tag failed", "err", err)
+			}
+		}
+	}
+}
+
+// onAck handles an acknowledgement: trims the spool and records the
+// acknowledged initial-copy progress in the state file.
+func (a *Agent) onAck(seq uint64) error {
+	if err := a.spool.Ack(seq); err != nil {
+		return err
+	}
+	a.lat.acked(seq)
+	a.progMu.Lock()
+	var marks []progressMark
+	for len(a.prog) > 0 && a.prog[0].seq <= seq {
+		marks = append(marks, a.prog[0])
+		a.prog = a.prog[1:]
+	}
+	a.progMu.Unlock()
+	a.stMu.Lock()
+	defer a.stMu.Unlock()
+	a.st.Acked = seq
+	if len(marks) == 0 {
+		return nil
+	}
+	for _, m := range marks {
+		for i := range a.st.Disks {
+			if a.st.Disks[i].Index == m.disk && m.cursor > a.st.Disks[i].Cursor {
+				a.st.Disks[i].Cursor = m.cursor
+				a.st.Disks[i].Done = a.st.Disks[i].Done || m.done
+			}
+		}
+	}
+	return a.st.save(a.cfg.StateDir)
+}
+
+// Progress returns each disk's initial-copy state.
+func (a *Agent) Progress() []replication.DiskProgress {
+	out := make([]replication.DiskProgress, 0, len(a.disks))
+	for _, d := range a.disks {
+		out = append(out, replication.DiskProgress{Index: d.Index, Cursor: a.cursors[d.Index].Load(), Done: a.done[d.Index].Load()})
+	}
+	return out
+}
+
+// Stats are the agent's cumulative figures, also written to
+// STATE/stats.json every second.
+type Stats struct {
+	BytesSent  int64        `json:"bytes_sent"` // frame bytes sent to the process server, all connections, all runs
+	RawSent    int64        `json:"raw_sent"`   // record bytes before compression
+	Frames     int64        `json:"frames"`
+	Records    int64        `json:"records"`
+	Acked      uint64       `json:"acked"`
+	NextSeq    uint64       `json:"next_seq"`
+	SpoolBytes int64        `json:"spool_bytes"`
+	Writes     int64        `json:"writes"` // guest changes this run
+	Latency    LatencyStats `json:"ack_latency"`
+	Connected  bool         `json:"connected"`
+	Disks      []replication.DiskProgress
+}
+
+type stats struct {
+	bytesSent, rawSent, frames, records atomic.Int64
+	connected                           atomic.Bool
+}
+
+func loadStats(dir string) *stats {
+	s := &stats{}
+	var prev Stats
+	if b, err := os.ReadFile(filepath.Join(dir, "stats.json")); err == nil && json.Unmarshal(b, &prev) == nil {
+		s.bytesSent.Store(prev.BytesSent)
+		s.rawSent.Store(prev.RawSent)
+		s.frames.Store(prev.Frames)
+		s.records.Store(prev.Records)
+	}
+	return s
+}
+
+// Stats returns the current figures.
+func (a *Agent) Stats() Stats {
+	var w int64
+	for _, d := range a.disks {
+		w += d.writes.Load()
+	}
+	return Stats{
+		BytesSent: a.stats.bytesSent.Load(), RawSent: a.stats.rawSent.Load(),
+		Frames: a.stats.frames.Load(), Records: a.stats.records.Load(),
+		Acked: a.spool.Acked(), NextSeq: a.spool.Next(), SpoolBytes: a.spool.Pending(),
+		Writes: w, Latency: a.lat.stats(), Connected: a.stats.connected.Load(), Disks: a.Progress(),
+	}
+}
+
+func (s *stats) save(dir string, a *Agent) {
+	b, err := json.MarshalIndent(a.Stats(), "", "  ")
+	if err == nil {
+		writeFileAtomic(filepath.Join(dir, "stats.json"), b, 0o644)
+	}
+}
+
+func (a *Agent) statsLoop() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-t.C:
+			a.stats.save(a.cfg.StateDir, a)
+		}
+	}
+}

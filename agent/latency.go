@@ -1,0 +1,92 @@
+package agent
+
+import (
+	"sync"
+	"time"
+)
+
+// latency measures, for every guest change, the time from its completion
+// (the NBD reply) to the process server's acknowledgement that it is durable:
+// the data-loss window a disaster at that moment would open. The histogram
+// has 1 ms buckets up to 60 s.
+type latency struct {
+	mu      sync.Mutex
+	pending []latSample // changes not yet acknowledged, in seq order
+	buckets [60001]uint64
+	count   uint64
+	max     time.Duration
+}
+
+type latSample struct {
+	seq uint64
+	at  time.Time
+}
+
+// maxPendingSamples bounds the memory of the tracker; beyond it new changes
+// are not sampled until acknowledgements catch up.
+const maxPendingSamples = 1 << 20
+
+func (l *latency) wrote(seq uint64) {
+	now := time.Now()
+	l.mu.Lock()
+	if len(l.pending) < maxPendingSamples {
+		l.pending = append(l.pending, latSample{seq, now})
+	}
+	l.mu.Unlock()
+}
+
+func (l *latency) acked(seq uint64) {
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	i := 0
+	for ; i < len(l.pending) && l.pending[i].seq <= seq; i++ {
+		d := now.Sub(l.pending[i].at)
+		b := int(d / time.Millisecond)
+		if b >= len(l.buckets) {
+			b = len(l.buckets) - 1
+		}
+		l.buckets[b]++
+		l.count++
+		if d > l.max {
+			l.max = d
+		}
+	}
+	if i > 0 {
+		n := copy(l.pending, l.pending[i:])
+		l.pending = l.pending[:n]
+	}
+}
+
+// LatencyStats summarises the acknowledgement latency of guest changes.
+type LatencyStats struct {
+	Count uint64  `json:"count"`
+	P50Ms float64 `json:"p50_ms"`
+	P99Ms float64 `json:"p99_ms"`
+	MaxMs float64 `json:"max_ms"`
+}
+
+func (l *latency) stats() LatencyStats {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := LatencyStats{Count: l.count, MaxMs: float64(l.max) / float64(time.Millisecond)}
+	if l.count == 0 {
+		return s
+	}
+	q := func(p float64) float64 {
+		want := uint64(p * float64(l.count))
+		if want == 0 {
+			want = 1
+		}
+		var acc uint64
+		for i, c := range l.buckets {
+			acc += c
+			if acc >= want {
+				return float64(i + 1) // upper edge of the bucket
+			}
+		}
+		return float64(len(l.buckets))
+	}
+	s.P50Ms, s.P99Ms = q(0.50), q(0.99)
+	return s
+}

@@ -1,0 +1,159 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/asrdr/asr/server/pki"
+)
+
+// ErrWrongPassphrase is returned when registration fails because the agent's
+// passphrase is not the vault's.
+var ErrWrongPassphrase = errors.New("wrong vault passphrase")
+
+// Challenge is the server's answer to GET /api/v1/agents/challenge.
+type Challenge struct {
+	Nonce    []byte `json:"nonce"`
+	CAPEM    string `json:"ca_pem"`
+	Proof    []byte `json:"proof"`     // pki.ServerProof(passphrase, nonce, ca_pem)
+	DataPort int    `json:"data_port"` // port of the data listener
+}
+
+// RegisterRequest is the body of POST /api/v1/agents/register.
+type RegisterRequest struct {
+	Name   string `json:"name"`
+	CSRPEM string `json:"csr_pem"`
+	Nonce  []byte `json:"nonce"`
+	Proof  []byte `json:"proof"` // pki.AgentProof(passphrase, nonce, name, csr_pem)
+}
+
+// RegisterResponse answers a successful registration.
+type RegisterResponse struct {
+	MachineID string `json:"machine_id"`
+	CertPEM   string `json:"cert_pem"`
+	DataPort  int    `json:"data_port"`
+}
+
+// register enrols the agent with the server and stores its identity in dir.
+func register(ctx context.Context, serverURL string, passphrase []byte, name, dir string) (*state, error) {
+	u, err := url.Parse(serverURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("--server %q: want https://HOST:PORT", serverURL)
+	}
+	host := u.Hostname()
+
+	// First contact: the server's CA is not known yet, so the certificate is
+	// checked after the server proves it knows the passphrase.
+	var peer []*x509.Certificate
+	insecure := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			peer = cs.PeerCertificates
+			return nil
+		},
+	}}}
+	var ch Challenge
+	if err := doJSON(ctx, insecure, http.MethodGet, serverURL+"/api/v1/agents/challenge", nil, &ch); err != nil {
+		return nil, fmt.Errorf("contact server %s: %w", serverURL, err)
+	}
+	if !pki.CheckProof(ch.Proof, pki.ServerProof(passphrase, ch.Nonce, []byte(ch.CAPEM))) {
+		return nil, fmt.Errorf("%w: the server at %s could not prove it knows this passphrase (or it is not the asr server you meant)", ErrWrongPassphrase, serverURL)
+	}
+	pool, err := pki.PoolFromPEM([]byte(ch.CAPEM))
+	if err != nil {
+		return nil, fmt.Errorf("server CA: %w", err)
+	}
+	if len(peer) == 0 {
+		return nil, errors.New("server presented no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range peer[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := peer[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, DNSName: host}); err != nil {
+		return nil, fmt.Errorf("server certificate is not from the vault CA: %w", err)
+	}
+
+	keyPEM, csrPEM, err := pki.NewKeyAndCSR(name)
+	if err != nil {
+		return nil, err
+	}
+	pinned := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: host}}}
+	req := RegisterRequest{Name: name, CSRPEM: string(csrPEM), Nonce: ch.Nonce,
+		Proof: pki.AgentProof(passphrase, ch.Nonce, name, csrPEM)}
+	var resp RegisterResponse
+	if err := doJSON(ctx, pinned, http.MethodPost, serverURL+"/api/v1/agents/register", req, &resp); err != nil {
+		var he *httpError
+		if errors.As(err, &he) && he.Status == http.StatusForbidden {
+			return nil, fmt.Errorf("%w: %s", ErrWrongPassphrase, he.Message)
+		}
+		return nil, fmt.Errorf("register with %s: %w", serverURL, err)
+	}
+	if err := writeFileAtomic(filepath.Join(dir, keyFile), keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if err := writeFileAtomic(filepath.Join(dir, certFile), []byte(resp.CertPEM), 0o644); err != nil {
+		return nil, err
+	}
+	if err := writeFileAtomic(filepath.Join(dir, caFile), []byte(ch.CAPEM), 0o644); err != nil {
+		return nil, err
+	}
+	st := &state{MachineID: resp.MachineID, Name: name, Server: serverURL,
+		DataAddr: net.JoinHostPort(host, strconv.Itoa(resp.DataPort))}
+	return st, st.save(dir)
+}
+
+type httpError struct {
+	Status  int
+	Message string
+}
+
+func (e *httpError) Error() string { return fmt.Sprintf("HTTP %d: %s", e.Status, e.Message) }
+
+func doJSON(ctx context.Context, c *http.Client, method, url string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, body)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var e struct {
+			Error string `json:"error"`
+		}
+		msg := string(bytes.TrimSpace(b))
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			msg = e.Error
+		}
+		return &httpError{Status: resp.StatusCode, Message: msg}
+	}
+	return json.Unmarshal(b, out)
+}

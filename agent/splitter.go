@@ -1,0 +1,205 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/agent/spool"
+	"github.com/asrdr/asr/replication"
+)
+
+// Disk is one protected disk: the NBD write-splitter in front of the backing
+// file or block device. Every change goes, in this order and under one lock,
+// to the spool and to the backing disk, so the log's order is the disk's
+// order even for overlapping concurrent writes. The spool only ships a record
+// once its change is on the backing disk (Spool.Complete), and after an
+// unclean stop the agent re-reads the range of each disk's last record, so
+// the log never claims a change the source does not have, nor misses one.
+type Disk struct {
+	Index uint32
+	Name  string
+	Path  string
+
+	f     *os.File
+	fb    *nbd.FileBackend
+	size  int64
+	spool *spool.Spool
+	ctx   context.Context
+	lat   *latency
+	log   *slog.Logger
+
+	mu sync.Mutex // serializes changes (spool append + backing write)
+
+	writes atomic.Int64 // guest changes captured
+	bytes  atomic.Int64 // guest bytes changed
+}
+
+var _ nbd.Backend = (*Disk)(nil)
+
+func openDisk(ctx context.Context, index uint32, name, path string, sp *spool.Spool, lat *latency, log *slog.Logger) (*Disk, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open disk %s: %w", name, err)
+	}
+	fb, err := nbd.NewFileBackend(f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if fb.Size() == 0 {
+		f.Close()
+		return nil, fmt.Errorf("disk %s (%s) has size 0", name, path)
+	}
+	return &Disk{Index: index, Name: name, Path: path, f: f, fb: fb, size: fb.Size(), spool: sp, ctx: ctx, lat: lat,
+		log: log.With("disk", name)}, nil
+}
+
+// Size returns the disk size.
+func (d *Disk) Size() int64 { return d.size }
+
+// ReadAt reads from the backing disk.
+func (d *Disk) ReadAt(p []byte, off int64) error { return d.fb.ReadAt(p, off) }
+
+// WriteAt captures a guest write.
+func (d *Disk) WriteAt(p []byte, off int64, fua bool) error {
+	return d.change(replication.KindWrite, p, off, int64(len(p)), fua)
+}
+
+// WriteZeroes captures NBD_CMD_WRITE_ZEROES.
+func (d *Disk) WriteZeroes(off, n int64, fua bool) error {
+	return d.change(replication.KindZero, nil, off, n, fua)
+}
+
+// Trim captures NBD_CMD_TRIM. The splitter zeroes the range (punching a hole
+// where it can) rather than leaving it undefined, so source and replica agree.
+func (d *Disk) Trim(off, n int64, fua bool) error {
+	return d.change(replication.KindTrim, nil, off, n, fua)
+}
+
+// Flush makes every completed change durable in the spool and on the backing
+// disk.
+func (d *Disk) Flush() error {
+	if err := d.spool.Sync(); err != nil {
+		return err
+	}
+	return d.fb.Flush()
+}
+
+// maxZeroRecord bounds the range of one zero/trim record (records carry a
+// 32-bit length).
+const maxZeroRecord = 1 << 30
+
+func (d *Disk) change(kind replication.Kind, p []byte, off, n int64, fua bool) error {
+	for n > 0 {
+		k := n
+		if !kind.HasData() && k > maxZeroRecord {
+			k = maxZeroRecord
+		}
+		if err := d.changeOne(kind, p, off, k); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	if fua {
+		return d.Flush()
+	}
+	return nil
+}
+
+func (d *Disk) changeOne(kind replication.Kind, p []byte, off, n int64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: kind, Offset: uint64(off), Length: uint32(n), Data: p}
+	seq, err := d.spool.Append(d.ctx, &rec)
+	if err != nil {
+		return fmt.Errorf("log change: %w", err)
+	}
+	switch kind {
+	case replication.KindWrite:
+		err = d.fb.WriteAt(p, off, false)
+	default:
+		err = d.fb.WriteZeroes(off, n, false)
+	}
+	if err != nil {
+		// The log now holds a change the disk may not: log what the disk
+		// really holds, right after it.
+		d.log.Error("backing write failed; logging the range as it is", "offset", off, "length", n, "err", err)
+		d.spool.Complete(seq)
+		if rerr := d.relogLocked(off, n); rerr != nil {
+			d.log.Error("cannot re-read the range either; the disk needs a resync", "err", rerr)
+		}
+		return err
+	}
+	d.spool.Complete(seq)
+	d.writes.Add(1)
+	d.bytes.Add(n)
+	d.lat.wrote(seq)
+	return nil
+}
+
+// relogLocked appends the current contents of a range as records (zero
+// chunks as zero records). Caller holds d.mu.
+func (d *Disk) relogLocked(off, n int64) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(buf)))
+		b := buf[:k]
+		if _, err := d.f.ReadAt(b, off); err != nil && err != io.EOF {
+			return err
+		}
+		rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindWrite, Offset: uint64(off), Length: uint32(k), Data: b}
+		if replication.IsZero(b) {
+			rec.Kind, rec.Data = replication.KindZero, nil
+		}
+		seq, err := d.spool.Append(d.ctx, &rec)
+		if err != nil {
+			return err
+		}
+		d.spool.Complete(seq)
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// Relog re-reads a range and logs its current contents (used after an
+// unclean stop for the range of the disk's last logged change).
+func (d *Disk) Relog(off, n int64) error {
+	if off >= d.size {
+		return nil
+	}
+	n = min(n, d.size-off)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.relogLocked(off, n)
+}
+
+// baseChunk reads [off, off+len(buf)) and, unless it is all zero, logs it as
+// initial-replication data. It holds the change lock so the chunk is exactly
+// the disk's contents at its place in the log.
+func (d *Disk) baseChunk(buf []byte, off int64) (bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, err := d.f.ReadAt(buf, off); err != nil && err != io.EOF {
+		return false, fmt.Errorf("read disk %s at %d: %w", d.Name, off, err)
+	}
+	if replication.IsZero(buf) {
+		return false, nil
+	}
+	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindBase, Offset: uint64(off), Length: uint32(len(buf)), Data: buf}
+	seq, err := d.spool.Append(d.ctx, &rec)
+	if err != nil {
+		return false, err
+	}
+	d.spool.Complete(seq)
+	return true, nil
+}
+
+// Close closes the backing file.
+func (d *Disk) Close() error { return d.f.Close() }

@@ -1,0 +1,190 @@
+package spool
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+func mustOpen(t *testing.T, dir string, opts Options) (*Spool, Recovered) {
+	t.Helper()
+	s, rec, err := Open(dir, opts, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, rec
+}
+
+func mustAppend(t *testing.T, s *Spool, disk uint32, off uint64, data []byte) uint64 {
+	t.Helper()
+	r := replication.Record{Time: time.Now().UnixNano(), Disk: disk, Kind: replication.KindWrite, Offset: off, Length: uint32(len(data)), Data: data}
+	seq, err := s.Append(context.Background(), &r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return seq
+}
+
+func readAll(t *testing.T, s *Spool, from uint64) []replication.Record {
+	t.Helper()
+	rd, err := s.NewReader(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	var out []replication.Record
+	for {
+		buf, first, n, err := rd.Next(context.Background(), nil, 1<<20, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			return out
+		}
+		recs, err := replication.DecodeRecords(buf, first, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, recs...)
+	}
+}
+
+func TestShippableOnlyWhenComplete(t *testing.T) {
+	s, _ := mustOpen(t, t.TempDir(), Options{})
+	defer s.Close()
+	a := mustAppend(t, s, 0, 0, []byte("a"))
+	b := mustAppend(t, s, 1, 0, []byte("b"))
+	s.Complete(b)
+	if got := readAll(t, s, 1); len(got) != 0 {
+		t.Fatalf("record after an incomplete one shipped: %d records", len(got))
+	}
+	s.Complete(a)
+	if got := readAll(t, s, 1); len(got) != 2 || string(got[1].Data) != "b" {
+		t.Fatalf("got %d records", len(got))
+	}
+}
+
+func TestRotateAckReopen(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{MaxBytes: 64 << 20, FileBytes: 64 << 10})
+	data := bytes.Repeat([]byte{7}, 4000)
+	var last uint64
+	for i := 0; i < 100; i++ {
+		last = mustAppend(t, s, uint32(i%2), uint64(i)*4096, data)
+		s.Complete(last)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "*.spool"))
+	if len(files) < 5 {
+		t.Fatalf("expected rotation, got %d files", len(files))
+	}
+	if got := readAll(t, s, 37); len(got) != 64 || got[0].Seq != 37 {
+		t.Fatalf("reader from 37: %d records", len(got))
+	}
+	if err := s.Ack(60); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := filepath.Glob(filepath.Join(dir, "*.spool"))
+	if len(after) >= len(files) {
+		t.Fatalf("ack did not delete files: %d -> %d", len(files), len(after))
+	}
+	if s.First() > 61 {
+		t.Fatalf("first %d: unacknowledged records deleted", s.First())
+	}
+	// Reopen without a clean close: everything not acknowledged is there,
+	// and the last change of each disk is reported.
+	s2, rec, err := Open(dir, Options{MaxBytes: 64 << 20, FileBytes: 64 << 10}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if s2.Next() != last+1 {
+		t.Fatalf("next %d, want %d", s2.Next(), last+1)
+	}
+	if got := readAll(t, s2, 61); len(got) != 40 {
+		t.Fatalf("after reopen: %d records from 61", len(got))
+	}
+	if rec.Tails[1].Offset != 99*4096 || rec.Tails[0].Offset != 98*4096 {
+		t.Fatalf("tails %+v", rec.Tails)
+	}
+	s.Close()
+}
+
+func TestTornTailTruncated(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	for i := 0; i < 3; i++ {
+		s.Complete(mustAppend(t, s, 0, 0, []byte("hello")))
+	}
+	s.Close()
+	files, _ := filepath.Glob(filepath.Join(dir, "*.spool"))
+	f, _ := os.OpenFile(files[len(files)-1], os.O_WRONLY|os.O_APPEND, 0)
+	f.Write([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9}) // half a record header
+	f.Close()
+	s2, rec, err := Open(dir, Options{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if rec.Truncated != 9 || s2.Next() != 4 {
+		t.Fatalf("truncated %d, next %d", rec.Truncated, s2.Next())
+	}
+	s2.Complete(mustAppend(t, s2, 0, 0, []byte("after")))
+	if got := readAll(t, s2, 1); len(got) != 4 || string(got[3].Data) != "after" {
+		t.Fatalf("got %d records after repair", len(got))
+	}
+}
+
+func TestCorruptMiddleRejected(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{MaxBytes: 16 << 20, FileBytes: 4096})
+	for i := 0; i < 10; i++ {
+		s.Complete(mustAppend(t, s, 0, 0, bytes.Repeat([]byte{1}, 3000)))
+	}
+	s.Close()
+	files, _ := filepath.Glob(filepath.Join(dir, "*.spool"))
+	b, _ := os.ReadFile(files[0])
+	b[len(b)-100] ^= 0xff
+	os.WriteFile(files[0], b, 0o600)
+	if _, _, err := Open(dir, Options{MaxBytes: 16 << 20, FileBytes: 4096}, 0); err == nil {
+		t.Fatal("damage in a full file was not detected")
+	}
+}
+
+func TestBoundedAppendWaitsForAck(t *testing.T) {
+	s, _ := mustOpen(t, t.TempDir(), Options{MaxBytes: 16 << 20, FileBytes: 1 << 20})
+	defer s.Close()
+	data := make([]byte, 1<<20)
+	var last uint64
+	for s.Pending()+int64(len(data))+replication.RecordHeaderSize <= 16<<20 {
+		last = mustAppend(t, s, 0, 0, data)
+		s.Complete(last)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	r := replication.Record{Kind: replication.KindWrite, Length: uint32(len(data)), Data: data}
+	if _, err := s.Append(ctx, &r); err == nil {
+		t.Fatal("append beyond the limit did not wait")
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Append(context.Background(), &r)
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	if err := s.Ack(last); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("append still blocked after the spool was acknowledged")
+	}
+}

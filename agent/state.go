@@ -1,0 +1,107 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// state is what the agent keeps in its --state directory besides the spool:
+// its identity (machine id, certificate, pinned CA) and each disk's index
+// and initial-replication progress as acknowledged by the server.
+type state struct {
+	Version   int         `json:"version"`
+	MachineID string      `json:"machine_id"`
+	Name      string      `json:"name"`
+	Server    string      `json:"server"`    // control URL used to register
+	DataAddr  string      `json:"data_addr"` // host:port of the data listener
+	Disks     []diskState `json:"disks"`
+	Acked     uint64      `json:"acked"` // last sequence number the server acknowledged
+}
+
+type diskState struct {
+	Index  uint32 `json:"index"`
+	Name   string `json:"name"`
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	Cursor int64  `json:"cursor"` // initial replication: bytes read and acknowledged
+	Done   bool   `json:"done"`
+}
+
+const (
+	stateFile  = "state.json"
+	certFile   = "cert.pem"
+	keyFile    = "key.pem"
+	caFile     = "ca.pem"
+	cleanFile  = "clean" // present while the agent is stopped cleanly
+	spoolDir   = "spool"
+	stateVersn = 1
+)
+
+func loadState(dir string) (*state, error) {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if err != nil {
+		return nil, err
+	}
+	var s state
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("agent state %s: %w", filepath.Join(dir, stateFile), err)
+	}
+	if s.Version != stateVersn {
+		return nil, fmt.Errorf("agent state %s: version %d not supported", filepath.Join(dir, stateFile), s.Version)
+	}
+	return &s, nil
+}
+
+func (s *state) save(dir string) error {
+	s.Version = stateVersn
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(dir, stateFile), b, 0o600)
+}
+
+func (s *state) disk(name string) *diskState {
+	for i := range s.Disks {
+		if s.Disks[i].Name == name {
+			return &s.Disks[i]
+		}
+	}
+	return nil
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return !errors.Is(err, os.ErrNotExist)
+}

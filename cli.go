@@ -1,0 +1,321 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/web"
+)
+
+// opFlags are the flags every operator command shares.
+type opFlags struct {
+	server, dataDir, tokenFile, caFile string
+	target, passFile                   string
+	machine                            string
+}
+
+func (o *opFlags) register(fs *flag.FlagSet, offline bool) {
+	fs.StringVar(&o.server, "server", "https://127.0.0.1:8443", "control URL of the asr server")
+	fs.StringVar(&o.dataDir, "data", server.DefaultDataDir, "server data directory, for the default --token-file and --ca-file")
+	fs.StringVar(&o.tokenFile, "token-file", "", "admin token file (default DATA/admin-token)")
+	fs.StringVar(&o.caFile, "ca-file", "", "server CA certificate (default DATA/ca.pem)")
+	fs.StringVar(&o.machine, "machine", "", "machine name or id")
+	if offline {
+		fs.StringVar(&o.target, "target", "", "read the target storage directly (no server), e.g. file:///srv/asr/target")
+		fs.StringVar(&o.passFile, "passphrase-file", "", "vault passphrase file (with --target)")
+	}
+}
+
+func (o *opFlags) client() (*server.Client, error) {
+	if o.tokenFile == "" {
+		o.tokenFile = filepath.Join(o.dataDir, server.AdminTokenFile)
+	}
+	if o.caFile == "" {
+		o.caFile = filepath.Join(o.dataDir, "ca.pem")
+	}
+	return server.NewClient(o.server, o.tokenFile, o.caFile)
+}
+
+// catalog opens the target directly and checks the passphrase against it.
+func (o *opFlags) catalog(ctx context.Context) (*replication.Catalog, func(), error) {
+	if o.passFile == "" {
+		return nil, nil, errors.New("--target needs --passphrase-file")
+	}
+	pass, err := server.ReadSecretFile(o.passFile)
+	if err != nil {
+		return nil, nil, err
+	}
+	t, err := server.OpenTarget(o.target)
+	if err != nil {
+		return nil, nil, err
+	}
+	cat := &replication.Catalog{T: t, Codec: replication.PlainCodec{}}
+	v, err := cat.Vault(ctx)
+	if err != nil {
+		t.Close()
+		if errors.Is(err, replication.ErrNotFound) {
+			return nil, nil, fmt.Errorf("%s holds no asr vault", o.target)
+		}
+		return nil, nil, err
+	}
+	if _, err := v.Check(pass); err != nil {
+		t.Close()
+		return nil, nil, err
+	}
+	return cat, func() { t.Close() }, nil
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	return nil
+}
+
+func runPoints(ctx context.Context, args []string, out io.Writer) error {
+	var o opFlags
+	fs := flag.NewFlagSet("asr points", flag.ContinueOnError)
+	o.register(fs, true)
+	asJSON := fs.Bool("json", false, "print JSON: [{id, time, kind}]")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if o.machine == "" {
+		return errors.New("--machine is required")
+	}
+	var points []server.PointJSON
+	if o.target != "" {
+		cat, closeFn, err := o.catalog(ctx)
+		if err != nil {
+			return err
+		}
+		defer closeFn()
+		m, err := cat.FindMachine(ctx, o.machine)
+		if err != nil {
+			return err
+		}
+		ps, err := cat.Points(ctx, m.ID)
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			points = append(points, server.PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind})
+		}
+	} else {
+		c, err := o.client()
+		if err != nil {
+			return err
+		}
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine)+"/points", nil, &points); err != nil {
+			return err
+		}
+	}
+	if *asJSON {
+		if points == nil {
+			points = []server.PointJSON{}
+		}
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(points)
+	}
+	if len(points) == 0 {
+		fmt.Fprintln(out, "no recovery points yet")
+		return nil
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tTIME\tKIND")
+	for _, p := range points {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", p.ID, p.Time, p.Kind)
+	}
+	return tw.Flush()
+}
+
+func runTag(ctx context.Context, args []string, out io.Writer) error {
+	var o opFlags
+	fs := flag.NewFlagSet("asr tag", flag.ContinueOnError)
+	o.register(fs, false)
+	wait := fs.Bool("wait", false, "wait until the point is durable and recoverable, then print its id")
+	app := fs.Bool("app", false, "application-consistent point (flush the guest's disks first)")
+	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the point")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if o.machine == "" {
+		return errors.New("--machine is required")
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	if !*wait {
+		var resp map[string]string
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/points",
+			server.TagRequest{App: *app, NoWait: true}, &resp); err != nil {
+			return err
+		}
+		fmt.Fprintln(out, "recovery point requested; it appears in `asr points` once durable")
+		return nil
+	}
+	p, err := c.Tag(ctx, o.machine, *app, *timeout)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "recovery point %s (%s) at %s\n", p.ID, p.Kind, p.Time)
+	fmt.Fprintln(out, p.ID)
+	return nil
+}
+
+func runRecover(ctx context.Context, args []string, out io.Writer) error {
+	var o opFlags
+	fs := flag.NewFlagSet("asr recover", flag.ContinueOnError)
+	o.register(fs, true)
+	point := fs.String("point", "latest", "recovery point id, or latest")
+	dir := fs.String("out", "", "directory for the recovered images, DIR/<disk>.img")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if o.machine == "" || *dir == "" {
+		return errors.New("--machine and --out are required")
+	}
+	start := time.Now()
+	if o.target != "" {
+		cat, closeFn, err := o.catalog(ctx)
+		if err != nil {
+			return err
+		}
+		defer closeFn()
+		m, err := cat.FindMachine(ctx, o.machine)
+		if err != nil {
+			return err
+		}
+		p, err := cat.FindPoint(ctx, m.ID, *point)
+		if err != nil {
+			return err
+		}
+		disks, err := replication.RecoverPoint(ctx, cat, m, p, *dir)
+		if err != nil {
+			return err
+		}
+		for _, d := range disks {
+			fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
+		}
+		fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", p.ID, p.Kind, p.Time.Format(time.RFC3339), time.Since(start).Round(time.Millisecond))
+		fmt.Fprintln(out, p.ID)
+		return nil
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	var m web.Machine
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine), nil, &m); err != nil {
+		return err
+	}
+	// Resolve "latest" once so every disk comes from the same point.
+	var points []server.PointJSON
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine)+"/points", nil, &points); err != nil {
+		return err
+	}
+	var p *server.PointJSON
+	for i := range points {
+		if points[i].ID == *point || (*point == "latest" && i == len(points)-1) {
+			p = &points[i]
+		}
+	}
+	if p == nil {
+		if len(points) == 0 {
+			return fmt.Errorf("machine %s has no recovery points yet", o.machine)
+		}
+		return fmt.Errorf("machine %s has no recovery point %q (see asr points)", o.machine, *point)
+	}
+	for _, d := range m.Disks {
+		body, size, err := c.Image(ctx, o.machine, p.ID, d.Name)
+		if err != nil {
+			return err
+		}
+		path := filepath.Join(*dir, d.Name+".img")
+		n, err := replication.WriteImageFile(ctx, body, size, path)
+		body.Close()
+		if err != nil {
+			return fmt.Errorf("recover disk %s: %w", d.Name, err)
+		}
+		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, path, size, n)
+	}
+	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", p.ID, p.Kind, p.Time, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintln(out, p.ID)
+	return nil
+}
+
+
+func runStatus(ctx context.Context, args []string, out io.Writer) error {
+	var o opFlags
+	fs := flag.NewFlagSet("asr status", flag.ContinueOnError)
+	o.register(fs, false)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	var ms []web.Machine
+	if o.machine != "" {
+		var m web.Machine
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine), nil, &m); err != nil {
+			return err
+		}
+		ms = []web.Machine{m}
+	} else if err := c.Do(ctx, http.MethodGet, "/api/v1/machines", nil, &ms); err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(ms)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MACHINE\tAGENT\tSTATE\tRPO\tLAST POINT\tDISKS")
+	for _, m := range ms {
+		agentState := "disconnected"
+		if m.Connected {
+			agentState = "connected"
+		}
+		state := m.State
+		switch m.State {
+		case "initial":
+			state = fmt.Sprintf("initial replication %.0f%%", m.Progress*100)
+		case "resync":
+			state = "needs resync: " + m.Reason
+		}
+		rpo := "-"
+		if m.RPOKnown {
+			rpo = m.RPO.Round(100 * time.Millisecond).String()
+		}
+		last := "-"
+		if m.LastPoint != nil {
+			last = m.LastPoint.ID + " (" + m.LastPoint.Time.Format(time.RFC3339) + ")"
+		}
+		var disks []string
+		for _, d := range m.Disks {
+			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, d.State))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, agentState, state, rpo, last, strings.Join(disks, ","))
+	}
+	return tw.Flush()
+}

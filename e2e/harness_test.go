@@ -1,0 +1,393 @@
+//go:build e2e
+
+// Package e2e holds asr's end-to-end tests: the real binary as separate
+// processes (server, agents, operator CLI), driven by real NBD clients
+// (qemu-io, fio, nbdcopy), killed with SIGKILL at awkward moments, and
+// checked byte for byte. Run with `make test` (or `go test -tags e2e ./e2e/`
+// with ASR_BIN pointing at a built binary; without it the binary is built).
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var asrBin string
+
+func TestMain(m *testing.M) {
+	asrBin = os.Getenv("ASR_BIN")
+	if asrBin == "" {
+		dir, err := os.MkdirTemp("", "asr-e2e-bin")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		asrBin = filepath.Join(dir, "asr")
+		cmd := exec.Command("go", "build", "-o", asrBin, "..")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build asr:", err)
+			os.Exit(1)
+		}
+		defer os.RemoveAll(dir)
+	}
+	os.Exit(m.Run())
+}
+
+// proc is a running asr process whose output goes to a log file.
+type proc struct {
+	t    *testing.T
+	name string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+	err  error
+}
+
+func startProc(t *testing.T, name, logPath string, args ...string) *proc {
+	t.Helper()
+	lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(asrBin, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.Env = append(os.Environ(), "ASR_LOG_LEVEL=info")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{t: t, name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		lf.Close()
+		close(p.done)
+	}()
+	t.Cleanup(func() { p.stop() })
+	return p
+}
+
+// kill sends SIGKILL and waits: the process gets no chance to clean up.
+func (p *proc) kill() {
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+// stop asks the process to exit (SIGTERM) and waits.
+func (p *proc) stop() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(20 * time.Second):
+		p.t.Errorf("%s did not stop on SIGTERM; killing it", p.name)
+		p.kill()
+	}
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *proc) logTail() string {
+	b, _ := os.ReadFile(p.log)
+	if len(b) > 6000 {
+		b = b[len(b)-6000:]
+	}
+	return string(b)
+}
+
+// cluster is a server and its agents in one test directory.
+type cluster struct {
+	t        *testing.T
+	dir      string
+	srvDir   string
+	listen   string
+	dataPort string
+	server   *proc
+	agents   map[string]*agentProc
+}
+
+type agentProc struct {
+	*proc
+	name  string
+	state string
+	sock  string
+	args  []string
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	return port
+}
+
+func newCluster(t *testing.T) *cluster {
+	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
+	c.srvDir = filepath.Join(c.dir, "srv")
+	c.listen = "127.0.0.1:" + freePort(t)
+	c.dataPort = freePort(t)
+	c.startServer()
+	return c
+}
+
+func (c *cluster) url() string { return "https://" + c.listen }
+
+func (c *cluster) startServer() {
+	c.t.Helper()
+	c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), "server", "--data", c.srvDir,
+		"--listen", c.listen, "--data-listen", "127.0.0.1:"+c.dataPort)
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := c.cli("status"); err == nil {
+			return
+		}
+		if c.server.exited() {
+			c.t.Fatalf("server exited: %v\n%s", c.server.err, c.server.logTail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c.t.Fatalf("server did not come up:\n%s", c.server.logTail())
+}
+
+// startAgent starts (or restarts, keeping its state) an agent.
+func (c *cluster) startAgent(name string, extra []string, disks ...string) *agentProc {
+	c.t.Helper()
+	a, ok := c.agents[name]
+	if !ok {
+		a = &agentProc{name: name, state: filepath.Join(c.dir, name), sock: filepath.Join(c.dir, name+".sock")}
+		a.args = []string{"agent", "--server", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+			"--state", a.state, "--name", name, "--nbd", "unix:" + a.sock, "--crash-interval", "1h"}
+		for _, d := range disks {
+			a.args = append(a.args, "--disk", d)
+		}
+		a.args = append(a.args, extra...)
+		c.agents[name] = a
+	}
+	a.proc = startProc(c.t, name, filepath.Join(c.dir, name+".log"), a.args...)
+	// Ready when its NBD socket answers.
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if conn, err := net.Dial("unix", a.sock); err == nil {
+			conn.Close()
+			return a
+		}
+		if a.exited() {
+			c.t.Fatalf("agent %s exited: %v\n%s", name, a.err, a.logTail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.t.Fatalf("agent %s did not come up:\n%s", name, a.logTail())
+	return nil
+}
+
+// uri is the NBD URI of an agent's disk.
+func (a *agentProc) uri(disk string) string { return "nbd+unix:///" + disk + "?socket=" + a.sock }
+
+// cli runs an operator command against the cluster's server and returns its
+// standard output.
+func (c *cluster) cli(args ...string) (string, error) {
+	args = append(args, "--data", c.srvDir, "--server", c.url())
+	return runAsr(args...)
+}
+
+func runAsr(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, asrBin, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("asr %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), nil
+}
+
+func (c *cluster) mustCLI(args ...string) string {
+	c.t.Helper()
+	out, err := c.cli(args...)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return out
+}
+
+// machineStatus is the part of `asr status --json` the tests read.
+type machineStatus struct {
+	Name          string  `json:"name"`
+	State         string  `json:"state"`
+	Progress      float64 `json:"progress"`
+	Connected     bool    `json:"connected"`
+	BytesReceived int64   `json:"bytes_received"`
+	Error         string  `json:"error"`
+	Reason        string  `json:"reason"`
+}
+
+func (c *cluster) status(name string) machineStatus {
+	c.t.Helper()
+	out, err := c.cli("status", "--json", "--machine", name)
+	if err != nil {
+		return machineStatus{}
+	}
+	var ms []machineStatus
+	if err := json.Unmarshal([]byte(out), &ms); err != nil || len(ms) != 1 {
+		c.t.Fatalf("status --json: %v: %s", err, out)
+	}
+	return ms[0]
+}
+
+func (c *cluster) waitState(name, state string, timeout time.Duration) machineStatus {
+	c.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st := c.status(name)
+		if st.State == state {
+			return st
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("machine %s: state %+v, want %s\nserver log:\n%s", name, st, state, c.server.logTail())
+		}
+		if a, ok := c.agents[name]; ok && a.proc != nil && a.exited() {
+			c.t.Fatalf("agent %s exited: %v\n%s", name, a.err, a.logTail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// tag asks for a point and returns its id (the last line of the output).
+func (c *cluster) tag(machine string) string {
+	c.t.Helper()
+	out := c.mustCLI("tag", "--machine", machine, "--wait")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	return lines[len(lines)-1]
+}
+
+// recoverAndCheck recovers a point through the server and compares each disk
+// with the expected sha256.
+func (c *cluster) recoverAndCheck(machine, point string, want map[string]string, extra ...string) {
+	c.t.Helper()
+	out := filepath.Join(c.dir, "recovered", machine+"-"+point)
+	args := append([]string{"recover", "--machine", machine, "--point", point, "--out", out}, extra...)
+	var err error
+	if len(extra) > 0 {
+		_, err = runAsr(args...)
+	} else {
+		_, err = c.cli(args...)
+	}
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	for disk, sum := range want {
+		if got := sha256File(c.t, filepath.Join(out, disk+".img")); got != sum {
+			c.t.Fatalf("machine %s point %s disk %s: recovered sha256 %s, source had %s", machine, point, disk, got, sum)
+		}
+	}
+	os.RemoveAll(out)
+}
+
+func sha256File(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, bufio.NewReaderSize(f, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// makeDisk creates a disk image: a third zero, a third text-like, a third
+// random (by 1 MiB stripes), like the benchmark's mixed disk.
+func makeDisk(t *testing.T, path string, size int64, seed uint64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(seed, 7))
+	buf := make([]byte, 1<<20)
+	words := []string{"alpha ", "beta ", "gamma ", "delta ", "replica ", "journal ", "\n"}
+	for off, i := int64(0), 0; off < size; off, i = off+int64(len(buf)), i+1 {
+		switch i % 3 {
+		case 0:
+			continue
+		case 1:
+			for j := 0; j < len(buf); {
+				j += copy(buf[j:], words[r.IntN(len(words))])
+			}
+		case 2:
+			for j := 0; j+8 <= len(buf); j += 8 {
+				v := r.Uint64()
+				for k := 0; k < 8; k++ {
+					buf[j+k] = byte(v >> (8 * k))
+				}
+			}
+		}
+		n := min(int64(len(buf)), size-off)
+		if _, err := f.WriteAt(buf[:n], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// background runs fn in a goroutine; wait returns its error.
+type background struct {
+	wg  sync.WaitGroup
+	err error
+}
+
+func (b *background) run(fn func() error) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.err = fn()
+	}()
+}
+
+func (b *background) wait() error { b.wg.Wait(); return b.err }
+
+// runTool runs an external tool, returning combined output.
+func runTool(ctx context.Context, t *testing.T, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, nbdPeerTool(t, name), args...)
+	cmd.Dir = t.TempDir()
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}

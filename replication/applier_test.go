@@ -1,0 +1,205 @@
+package replication_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/localfs"
+)
+
+const diskSize = 1 << 20
+
+// segBuilder makes sealed segments of records for one machine.
+type segBuilder struct {
+	next uint64
+}
+
+func (b *segBuilder) segment(t *testing.T, recs ...replication.Record) []byte {
+	t.Helper()
+	first := b.next
+	var raw []byte
+	for i := range recs {
+		recs[i].Seq = b.next
+		if recs[i].Kind.HasData() {
+			recs[i].Length = uint32(len(recs[i].Data))
+		}
+		raw = replication.AppendRecord(raw, &recs[i])
+		b.next++
+	}
+	f := replication.DefaultCodec().DataFrame(raw, first, uint32(len(recs)), nil)
+	seg := replication.SegmentHeader(first, time.Now())
+	seg = replication.AppendFrame(seg, &f)
+	seal := replication.SealFrame(b.next-1, uint32(len(recs)))
+	return replication.AppendFrame(seg, &seal)
+}
+
+func mustApplier(t *testing.T) (*replication.Applier, *replication.Catalog) {
+	t.Helper()
+	tgt, err := localfs.Open(filepath.Join(t.TempDir(), "target"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tgt.Close() })
+	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	a, err := replication.OpenApplier(context.Background(), cat, "00aa", "vm1", slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	if err := a.EnsureDisks(context.Background(), []replication.DiskInfo{{Index: 0, Name: "d0", Size: diskSize}}); err != nil {
+		t.Fatal(err)
+	}
+	return a, cat
+}
+
+func mustRead(t *testing.T, a *replication.Applier, seq uint64) []byte {
+	t.Helper()
+	rd, _ := a.Disk(0)
+	snap, err := rd.OpenSnapshot(context.Background(), replication.SnapshotName(seq))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Close()
+	b := make([]byte, diskSize)
+	if _, err := snap.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func fill(n int, v byte) []byte { return bytes.Repeat([]byte{v}, n) }
+
+func TestApplierPointsAreExact(t *testing.T) {
+	ctx := context.Background()
+	a, cat := mustApplier(t)
+	b := &segBuilder{next: 1}
+	model := make([]byte, diskSize)
+	r := rand.New(rand.NewPCG(1, 1))
+	var points []uint64
+	var images [][]byte
+	// Initial copy done, then writes and tags.
+	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone})); err != nil {
+		t.Fatal(err)
+	}
+	for seg := 0; seg < 20; seg++ {
+		var recs []replication.Record
+		for i := 0; i < 10; i++ {
+			off := r.IntN(diskSize - 9000)
+			switch r.IntN(5) {
+			case 0:
+				n := r.IntN(9000) + 1
+				recs = append(recs, replication.Record{Kind: replication.KindZero, Offset: uint64(off), Length: uint32(n)})
+				clear(model[off : off+n])
+			default:
+				d := fill(r.IntN(9000)+1, byte(r.IntN(255)+1))
+				recs = append(recs, replication.Record{Kind: replication.KindWrite, Offset: uint64(off), Data: d})
+				copy(model[off:], d)
+			}
+		}
+		recs = append(recs, replication.Record{Kind: replication.KindTag})
+		points = append(points, b.next+uint64(len(recs))-1)
+		images = append(images, append([]byte(nil), model...))
+		if err := a.Apply(ctx, b.segment(t, recs...)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ps, err := cat.Points(ctx, "00aa")
+	if err != nil || len(ps) != len(points) {
+		t.Fatalf("catalog has %d points (%v), want %d", len(ps), err, len(points))
+	}
+	for i, seq := range points {
+		if got := mustRead(t, a, seq); !bytes.Equal(got, images[i]) {
+			t.Fatalf("point %d (seq %d) differs from the source at that point", i, seq)
+		}
+	}
+}
+
+func TestApplierRejectsCorruptSegment(t *testing.T) {
+	ctx := context.Background()
+	a, _ := mustApplier(t)
+	b := &segBuilder{next: 1}
+	if err := a.Apply(ctx, b.segment(t,
+		replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone},
+		replication.Record{Kind: replication.KindWrite, Offset: 0, Data: fill(4096, 1)},
+		replication.Record{Kind: replication.KindTag})); err != nil {
+		t.Fatal(err)
+	}
+	before := mustRead(t, a, 3)
+	applied := a.AppliedSeq()
+	seg := b.segment(t,
+		replication.Record{Kind: replication.KindWrite, Offset: 0, Data: fill(4096, 2)},
+		replication.Record{Kind: replication.KindWrite, Offset: 8192, Data: fill(100000, 3)},
+		replication.Record{Kind: replication.KindTag})
+	for _, at := range []int{replication.SegmentHeaderSize + replication.FrameHeaderSize + 10, len(seg) / 2, len(seg) - 10} {
+		bad := append([]byte(nil), seg...)
+		bad[at] ^= 0x01
+		err := a.Apply(ctx, bad)
+		if !errors.Is(err, replication.ErrCorrupt) {
+			t.Fatalf("bit flip at %d: Apply = %v, want ErrCorrupt", at, err)
+		}
+		if a.AppliedSeq() != applied {
+			t.Fatalf("applied seq moved to %d after a corrupt segment", a.AppliedSeq())
+		}
+	}
+	// Nothing of the corrupt segment reached the replica: a point taken
+	// right after seq 3 equals the one before.
+	b.next = 4
+	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindTag})); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, a, 4); !bytes.Equal(got, before) {
+		t.Fatalf("the replica changed although the segment was rejected")
+	}
+	// The intact segment, renumbered after the new tag, applies.
+	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: fill(4096, 2)}, replication.Record{Kind: replication.KindTag})); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestApplierGapAndReplay(t *testing.T) {
+	ctx := context.Background()
+	a, _ := mustApplier(t)
+	b := &segBuilder{next: 1}
+	s1 := b.segment(t, replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone},
+		replication.Record{Kind: replication.KindWrite, Offset: 512, Data: fill(512, 7)})
+	s2 := b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 512, Data: fill(512, 8)}, replication.Record{Kind: replication.KindTag})
+	if err := a.Apply(ctx, s2); !errors.Is(err, replication.ErrCorrupt) {
+		t.Fatalf("gap: %v, want ErrCorrupt", err)
+	}
+	for _, s := range [][]byte{s1, s1, s2, s1, s2} { // replays are no-ops
+		if err := a.Apply(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := mustRead(t, a, 4)
+	if !bytes.Equal(got[512:1024], fill(512, 8)) || a.AppliedSeq() != 4 {
+		t.Fatalf("after replays: applied %d, data %v", a.AppliedSeq(), got[512:516])
+	}
+}
+
+func TestApplierNoPointDuringInitialReplication(t *testing.T) {
+	ctx := context.Background()
+	a, cat := mustApplier(t)
+	var reason string
+	a.OnNoPoint = func(_ uint64, r string) { reason = r }
+	b := &segBuilder{next: 1}
+	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindProgress, Offset: 4096},
+		replication.Record{Kind: replication.KindTag, Offset: 9})); err != nil {
+		t.Fatal(err)
+	}
+	ps, _ := cat.Points(ctx, "00aa")
+	if len(ps) != 0 || reason == "" {
+		t.Fatalf("points %v, reason %q: want no point and a reason", ps, reason)
+	}
+	m := a.Machine()
+	if d, _ := m.Disk(0); d.Cursor != 4096 || d.State != replication.StateInitial {
+		t.Fatalf("disk state %+v", d)
+	}
+}

@@ -1,0 +1,181 @@
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/base64"
+	"fmt"
+	"net/http"
+	"time"
+
+	"golang.org/x/crypto/argon2"
+
+	"crypto/rand"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store"
+	"github.com/asrdr/asr/web"
+)
+
+// sessionTTL is how long a console login lasts.
+const sessionTTL = 12 * time.Hour
+
+// consoleBackend adapts the server to web.Backend.
+type consoleBackend struct{ s *Server }
+
+var _ web.Backend = consoleBackend{}
+
+func (b consoleBackend) Machines(ctx context.Context) ([]web.Machine, error) {
+	return b.s.Machines(ctx)
+}
+
+func (b consoleBackend) CheckSecret(ctx context.Context, secret string) bool {
+	if subtle.ConstantTimeCompare([]byte(secret), []byte(b.s.token)) == 1 {
+		return true
+	}
+	return b.s.checkPassword(ctx, secret)
+}
+
+func (b consoleBackend) HasPassword(ctx context.Context) bool {
+	_, err := b.s.db.Setting(ctx, "console_password")
+	return err == nil
+}
+
+func (b consoleBackend) SetPassword(ctx context.Context, pw string) error {
+	return b.s.SetPassword(ctx, pw)
+}
+
+func (b consoleBackend) CreateSession(ctx context.Context) (string, string, error) {
+	return b.s.db.CreateSession(ctx, sessionTTL)
+}
+
+func (b consoleBackend) Session(ctx context.Context, id string) (string, error) {
+	return b.s.db.Session(ctx, id)
+}
+
+func (b consoleBackend) DeleteSession(ctx context.Context, id string) error {
+	return b.s.db.DeleteSession(ctx, id)
+}
+
+// console returns the web console handler.
+func (s *Server) console() http.Handler {
+	return web.New(consoleBackend{s}, web.Options{Logger: s.log, ServerURL: s.URL()})
+}
+
+// MinPasswordLen is the shortest console password accepted.
+const MinPasswordLen = 12
+
+// SetPassword sets the console password (stored as an Argon2id hash).
+func (s *Server) SetPassword(ctx context.Context, pw string) error {
+	if len(pw) < MinPasswordLen {
+		return fmt.Errorf("the console password must have at least %d characters", MinPasswordLen)
+	}
+	salt := make([]byte, 16)
+	rand.Read(salt)
+	h := argon2.IDKey([]byte(pw), salt, 2, 64<<10, 2, 32)
+	return s.db.SetSetting(ctx, "console_password",
+		base64.RawStdEncoding.EncodeToString(salt)+"$"+base64.RawStdEncoding.EncodeToString(h))
+}
+
+func (s *Server) checkPassword(ctx context.Context, pw string) bool {
+	v, err := s.db.Setting(ctx, "console_password")
+	if err != nil {
+		return false
+	}
+	var saltB, hashB string
+	for i := 0; i < len(v); i++ {
+		if v[i] == '$' {
+			saltB, hashB = v[:i], v[i+1:]
+		}
+	}
+	salt, err1 := base64.RawStdEncoding.DecodeString(saltB)
+	want, err2 := base64.RawStdEncoding.DecodeString(hashB)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	got := argon2.IDKey([]byte(pw), salt, 2, 64<<10, 2, 32)
+	return subtle.ConstantTimeCompare(got, want) == 1
+}
+
+// Machines returns every machine as the console and the API show it.
+func (s *Server) Machines(ctx context.Context) ([]web.Machine, error) {
+	ms, err := s.db.Machines(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]web.Machine, 0, len(ms))
+	for _, m := range ms {
+		v, err := s.machineView(ctx, m)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// machineView summarises a machine: state over its disks, the current RPO,
+// the last recovery point, process-server figures.
+func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine, error) {
+	v := web.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
+		BytesReceived: m.BytesReceived, Error: m.LastError, State: replication.StateProtected}
+	var total, copied int64
+	for _, d := range m.Disks {
+		wd := web.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}
+		switch d.State {
+		case replication.StateInitial:
+			wd.Progress = float64(d.Cursor) / float64(max(d.Size, 1))
+			if v.State != replication.StateResync {
+				v.State = replication.StateInitial
+			}
+		case replication.StateResync:
+			v.State, v.Reason = replication.StateResync, d.Reason
+		}
+		total += d.Size
+		copied += int64(wd.Progress * float64(d.Size))
+		v.Disks = append(v.Disks, wd)
+	}
+	if len(m.Disks) == 0 {
+		v.State = replication.StateInitial
+	}
+	v.Progress = 1
+	if total > 0 {
+		v.Progress = float64(copied) / float64(total)
+	}
+	points, err := s.db.Points(ctx, m.ID, 1)
+	if err != nil {
+		return v, err
+	}
+	if len(points) > 0 {
+		p := points[len(points)-1]
+		v.LastPoint = &web.Point{ID: replication.PointID(p.Seq), Time: p.Time, Kind: p.Kind}
+	}
+	if v.PointCount, err = s.db.PointCount(ctx, m.ID); err != nil {
+		return v, err
+	}
+	if st, ok := s.ps.Stats(m.ID); ok {
+		v.Connected = st.Connected
+		v.CacheBytes = st.CacheBytes
+		if st.ApplyError != "" && v.Error == "" {
+			v.Error = "applying replication data: " + st.ApplyError
+		}
+		if !st.StatusAt.IsZero() {
+			v.RPO, v.RPOKnown = rpo(st.LastStatus, st.StatusAt, time.Now()), true
+		}
+	}
+	return v, nil
+}
+
+// rpo is the current data-loss window: how far back the newest change that
+// the process server is known to hold durably lies. With changes pending on
+// the agent, it is the age of the oldest one; with none, everything up to the
+// agent's last report is held, so it is the age of that report. Ages are
+// measured on the agent's clock and extended by the server time since the
+// report, so clock skew between the two does not matter.
+func rpo(st replication.Status, at, now time.Time) time.Duration {
+	since := now.Sub(at)
+	if st.OldestPending > 0 {
+		return time.Duration(st.Time-st.OldestPending) + since
+	}
+	return since
+}

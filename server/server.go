@@ -1,0 +1,456 @@
+// Package server is asr's configuration server: it owns the vault (SQLite
+// state, CA, passphrase, admin token), registers agents, serves the control
+// API and the web console over HTTPS, and hosts the process server
+// (replication/procserver) on the data listener.
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/store"
+	"github.com/asrdr/asr/store/localfs"
+)
+
+// Version is the server's version, set by main.
+var Version = "dev"
+
+// Files in the data directory.
+const (
+	PassphraseFile = "passphrase"
+	AdminTokenFile = "admin-token"
+	DatabaseFile   = "vault.db"
+	CacheDir       = "cache"
+)
+
+// DefaultDataDir is where `asr server` keeps everything by default.
+const DefaultDataDir = "./asr-data"
+
+// Config configures a server.
+type Config struct {
+	DataDir           string
+	Listen            string // control API and console
+	DataListen        string // agents' data connections (mutual TLS)
+	Target            string // file://PATH (default DataDir/target)
+	AdminPasswordFile string // if set, the console password is set from it at start
+	Hosts             []string
+	CacheMaxBytes     int64
+	Logger            *slog.Logger
+}
+
+// ParseFlags parses `asr server` arguments.
+func ParseFlags(args []string) (Config, error) {
+	var c Config
+	fs := flag.NewFlagSet("asr server", flag.ContinueOnError)
+	fs.StringVar(&c.DataDir, "data", DefaultDataDir, "directory for the vault database, certificates, secrets and cache")
+	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8443", "address of the HTTPS control API and console")
+	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of the agents' data listener (mutual TLS)")
+	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
+	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
+	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
+		c.Hosts = append(c.Hosts, v)
+		return nil
+	})
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	return c, nil
+}
+
+// Server is a running configuration server.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	db     *store.DB
+	ca     *pki.CA
+	cert   tls.Certificate
+	pass   []byte
+	token  string
+	target replication.Target
+	cat    *replication.Catalog
+	ps     *procserver.Server
+
+	httpL, dataL net.Listener
+	httpSrv      *http.Server
+
+	nonceMu sync.Mutex
+	nonces  map[string]time.Time
+
+	bytesMu sync.Mutex
+	bytes   map[string]int64 // received bytes not yet added to the database
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// Open creates or opens the vault in cfg.DataDir, opens the target, recovers
+// the process server's cache and binds the listeners (so port 0 works and
+// Addr reports the port). Run serves.
+func Open(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.DataDir == "" {
+		cfg.DataDir = DefaultDataDir
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), nonces: map[string]time.Time{}, bytes: map[string]int64{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if err := s.open(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Server) open(ctx context.Context) error {
+	cfg := s.cfg
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return err
+	}
+	var err error
+	if s.pass, err = loadOrCreateSecret(filepath.Join(cfg.DataDir, PassphraseFile), func() string {
+		b := make([]byte, 24)
+		rand.Read(b)
+		return base64.RawURLEncoding.EncodeToString(b)
+	}); err != nil {
+		return err
+	}
+	tok, err := loadOrCreateSecret(filepath.Join(cfg.DataDir, AdminTokenFile), func() string {
+		b := make([]byte, 24)
+		rand.Read(b)
+		return hex.EncodeToString(b)
+	})
+	if err != nil {
+		return err
+	}
+	s.token = string(tok)
+	if s.db, err = store.Open(ctx, filepath.Join(cfg.DataDir, DatabaseFile)); err != nil {
+		return err
+	}
+	if s.ca, s.cert, err = pki.LoadOrCreate(cfg.DataDir, cfg.Hosts); err != nil {
+		return fmt.Errorf("certificates: %w", err)
+	}
+	if cfg.AdminPasswordFile != "" {
+		pw, err := ReadSecretFile(cfg.AdminPasswordFile)
+		if err != nil {
+			return err
+		}
+		if err := s.SetPassword(ctx, string(pw)); err != nil {
+			return err
+		}
+	}
+	targetURL := cfg.Target
+	if targetURL == "" {
+		abs, err := filepath.Abs(filepath.Join(cfg.DataDir, "target"))
+		if err != nil {
+			return err
+		}
+		targetURL = "file://" + abs
+	}
+	if s.target, err = OpenTarget(targetURL); err != nil {
+		return err
+	}
+	s.cat = &replication.Catalog{T: s.target, Codec: replication.PlainCodec{}}
+	if err := s.checkVault(ctx); err != nil {
+		return err
+	}
+	s.ps, err = procserver.New(ctx, procserver.Config{
+		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
+		Catalog:       s.cat,
+		Authorize:     s.authorizeAgent,
+		OnState:       s.onState,
+		OnPoint:       s.onPoint,
+		OnBytes:       s.onBytes,
+		OnConnect:     s.onConnect,
+		CacheMaxBytes: cfg.CacheMaxBytes,
+		Logger:        cfg.Logger.With("component", "procserver"),
+	})
+	if err != nil {
+		return fmt.Errorf("process server: %w", err)
+	}
+	if s.httpL, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	if s.dataL, err = net.Listen("tcp", cfg.DataListen); err != nil {
+		return fmt.Errorf("data listen %s: %w", cfg.DataListen, err)
+	}
+	return nil
+}
+
+// checkVault makes sure the target belongs to this vault (or claims an empty
+// target for it).
+func (s *Server) checkVault(ctx context.Context) error {
+	v, err := s.cat.Vault(ctx)
+	if errors.Is(err, replication.ErrNotFound) {
+		id, err := s.db.Setting(ctx, "vault_id")
+		if errors.Is(err, store.ErrNotFound) {
+			b := make([]byte, 8)
+			rand.Read(b)
+			id = hex.EncodeToString(b)
+			if err := s.db.SetSetting(ctx, "vault_id", id); err != nil {
+				return err
+			}
+		} else if err != nil {
+			return err
+		}
+		return s.cat.PutVault(ctx, replication.NewVaultInfo(id, s.pass))
+	}
+	if err != nil {
+		return fmt.Errorf("read vault descriptor on %s: %w", s.target, err)
+	}
+	if _, err := v.Check(s.pass); err != nil {
+		return fmt.Errorf("target %s belongs to vault %s, which this passphrase does not open: %w", s.target, v.ID, err)
+	}
+	return nil
+}
+
+// OpenTarget opens a target storage URL.
+func OpenTarget(raw string) (replication.Target, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("target %q: %w", raw, err)
+	}
+	switch u.Scheme {
+	case "file":
+		path := u.Path
+		if u.Host != "" && u.Host != "localhost" {
+			// file://relative/path is a common slip; accept it as relative.
+			path = u.Host + u.Path
+		}
+		if path == "" {
+			return nil, fmt.Errorf("target %q: no path", raw)
+		}
+		t, err := localfs.Open(path)
+		if errors.Is(err, replication.ErrLocked) {
+			return nil, fmt.Errorf("target %s is in use by a running asr server (stop it, or ask it with --server): %w", path, err)
+		}
+		return t, err
+	case "azure":
+		return nil, fmt.Errorf("target %q: the Azure Blob Storage target is not implemented yet", raw)
+	}
+	return nil, fmt.Errorf("target %q: unknown scheme (want file://PATH)", raw)
+}
+
+// ReadSecretFile reads a passphrase, token or password file, trimming
+// surrounding white space.
+func ReadSecretFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 {
+		return nil, fmt.Errorf("%s is empty", path)
+	}
+	return b, nil
+}
+
+func loadOrCreateSecret(path string, gen func() string) ([]byte, error) {
+	b, err := ReadSecretFile(path)
+	if err == nil {
+		return b, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	v := gen()
+	if err := os.WriteFile(path, []byte(v+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	return []byte(v), nil
+}
+
+// Addr returns the control listener's address.
+func (s *Server) Addr() net.Addr { return s.httpL.Addr() }
+
+// DataAddr returns the data listener's address.
+func (s *Server) DataAddr() net.Addr { return s.dataL.Addr() }
+
+// URL is the base URL of the control API.
+func (s *Server) URL() string {
+	host, port, _ := net.SplitHostPort(s.httpL.Addr().String())
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return "https://" + net.JoinHostPort(host, port)
+}
+
+// AdminToken returns the admin API token.
+func (s *Server) AdminToken() string { return s.token }
+
+// Run serves the control API, the console and the data listener until ctx is
+// done.
+func (s *Server) Run(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, s.cancel)
+	defer stop()
+	s.httpSrv = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{s.cert}, MinVersion: tls.VersionTLS12},
+	}
+	dataTLS := tls.NewListener(s.dataL, &tls.Config{
+		Certificates: []tls.Certificate{s.cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    s.ca.Pool(),
+		MinVersion:   tls.VersionTLS13,
+	})
+	errc := make(chan error, 2)
+	s.wg.Add(3)
+	go func() {
+		defer s.wg.Done()
+		err := s.httpSrv.ServeTLS(s.httpL, "", "")
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		errc <- err
+	}()
+	go func() { defer s.wg.Done(); errc <- s.ps.Serve(s.ctx, dataTLS) }()
+	go func() { defer s.wg.Done(); s.flushLoop() }()
+	s.log.Info("asr server running", "console", s.URL(), "data", s.dataL.Addr().String(), "target", s.target.String(), "data_dir", s.cfg.DataDir)
+	var err error
+	select {
+	case <-s.ctx.Done():
+	case err = <-errc:
+		s.cancel()
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.httpSrv.Shutdown(sctx)
+	cancel()
+	return err
+}
+
+// Close stops everything and closes the vault.
+func (s *Server) Close() error {
+	s.cancel()
+	if s.httpL != nil {
+		s.httpL.Close()
+	}
+	if s.dataL != nil {
+		s.dataL.Close()
+	}
+	s.wg.Wait()
+	var first error
+	keep := func(err error) {
+		if err != nil && first == nil {
+			first = err
+		}
+	}
+	if s.ps != nil {
+		keep(s.ps.Close())
+	}
+	if s.db != nil {
+		keep(s.flushBytes(context.Background()))
+		keep(s.db.Close())
+	}
+	if s.target != nil {
+		keep(s.target.Close())
+	}
+	return first
+}
+
+// authorizeAgent accepts a data connection from a registered machine whose
+// certificate is the one issued at its latest registration.
+func (s *Server) authorizeAgent(ctx context.Context, id, serial string) (string, error) {
+	m, err := s.db.Machine(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	if m.CertSerial != serial {
+		return "", errors.New("certificate superseded by a later registration")
+	}
+	return m.Name, nil
+}
+
+func (s *Server) onState(m replication.MachineCatalog) {
+	ctx := s.ctx
+	for _, d := range m.Disks {
+		if err := s.db.PutDisk(ctx, m.ID, store.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Cursor: d.Cursor, Reason: d.Reason}); err != nil {
+			s.log.Error("save disk state", "machine", m.ID, "err", err)
+		}
+	}
+}
+
+func (s *Server) onPoint(id string, p replication.Point) {
+	if err := s.db.AddPoint(s.ctx, store.Point{MachineID: id, Seq: p.Seq, Time: p.Time, Kind: p.Kind}); err != nil {
+		s.log.Error("save point", "machine", id, "point", p.ID, "err", err)
+	}
+}
+
+func (s *Server) onBytes(id string, n int64) {
+	s.bytesMu.Lock()
+	s.bytes[id] += n
+	s.bytesMu.Unlock()
+}
+
+func (s *Server) onConnect(id string, h replication.Hello) {
+	if err := s.db.TouchMachine(s.ctx, id, h.AgentVersion, 0); err != nil {
+		s.log.Error("record agent contact", "machine", id, "err", err)
+	}
+}
+
+// flushLoop adds received byte counts to the database every few seconds.
+func (s *Server) flushLoop() {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			if err := s.flushBytes(s.ctx); err != nil {
+				s.log.Error("save byte counts", "err", err)
+			}
+		}
+	}
+}
+
+func (s *Server) flushBytes(ctx context.Context) error {
+	s.bytesMu.Lock()
+	counts := s.bytes
+	s.bytes = map[string]int64{}
+	s.bytesMu.Unlock()
+	for id, n := range counts {
+		if err := s.db.TouchMachine(ctx, id, "", n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// newMachineID returns a random machine id (32 hex characters).
+func newMachineID() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func trimPort(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return strings.TrimSpace(hostport)
+}

@@ -1,0 +1,347 @@
+package server_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/web"
+)
+
+// These are in-process integration tests: a real server and a real agent in
+// this process, over real TLS and a real NBD socket. The e2e suite does the
+// same with separate processes and external NBD clients.
+
+type rig struct {
+	t          *testing.T
+	listen     string // kept across restarts: agents know the addresses
+	dataListen string
+	dir        string
+	srv        *server.Server
+	srvCtx     context.CancelFunc
+	srvErr     chan error
+	client     *server.Client
+	log        *slog.Logger
+}
+
+func quietLogger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+func startServer(t *testing.T, dir string) *rig {
+	t.Helper()
+	r := &rig{t: t, dir: dir, log: quietLogger()}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	return r
+}
+
+func (r *rig) start() {
+	t := r.t
+	t.Helper()
+	if r.listen == "" {
+		r.listen, r.dataListen = "127.0.0.1:0", "127.0.0.1:0"
+	}
+	srv, err := server.Open(context.Background(), server.Config{DataDir: filepath.Join(r.dir, "srv"),
+		Listen: r.listen, DataListen: r.dataListen, Logger: r.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.listen, r.dataListen = srv.Addr().String(), srv.DataAddr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	r.srv, r.srvCtx, r.srvErr = srv, cancel, make(chan error, 1)
+	go func() { r.srvErr <- srv.Run(ctx) }()
+	c, err := server.NewClient(srv.URL(), filepath.Join(r.dir, "srv", server.AdminTokenFile), filepath.Join(r.dir, "srv", "ca.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.client = c
+	t.Cleanup(r.stop)
+}
+
+func (r *rig) stop() {
+	if r.srv == nil {
+		return
+	}
+	r.srvCtx()
+	<-r.srvErr
+	r.srv.Close()
+	r.srv = nil
+}
+
+func (r *rig) agentConfig(name string, disks ...agent.DiskSpec) agent.Config {
+	return agent.Config{Server: r.srv.URL(), PassphraseFile: filepath.Join(r.dir, "srv", server.PassphraseFile),
+		StateDir: filepath.Join(r.dir, name), Name: name, Disks: disks, NBD: "unix:" + filepath.Join(r.dir, name+".sock"),
+		CrashInterval: time.Hour, SpoolMax: 64 << 20, Logger: r.log}
+}
+
+type runningAgent struct {
+	a    *agent.Agent
+	stop context.CancelFunc
+	done chan error
+}
+
+func startAgent(t *testing.T, cfg agent.Config) *runningAgent {
+	t.Helper()
+	a, err := agent.New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ra := &runningAgent{a: a, stop: cancel, done: make(chan error, 1)}
+	go func() { ra.done <- a.Run(ctx) }()
+	t.Cleanup(func() { ra.close() })
+	return ra
+}
+
+func (ra *runningAgent) close() {
+	if ra.a == nil {
+		return
+	}
+	ra.stop()
+	<-ra.done
+	ra.a.Close()
+	ra.a = nil
+}
+
+func mustDisk(t *testing.T, path string, size int64, seed uint64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(seed, 0))
+	buf := make([]byte, 64<<10)
+	for off := int64(0); off < size; off += 4 * int64(len(buf)) { // a quarter has data
+		for i := range buf {
+			buf[i] = byte(r.IntN(256))
+		}
+		f.WriteAt(buf, off)
+	}
+}
+
+func fileSum(t *testing.T, path string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
+func (r *rig) machine(name string) web.Machine {
+	r.t.Helper()
+	var m web.Machine
+	if err := r.client.Do(context.Background(), http.MethodGet, "/api/v1/machines/"+name, nil, &m); err != nil {
+		r.t.Fatal(err)
+	}
+	return m
+}
+
+func (r *rig) waitProtected(name string) {
+	r.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		var m web.Machine
+		if err := r.client.Do(context.Background(), http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == replication.StateProtected {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	r.t.Fatalf("machine %s not protected in time: %+v", name, r.machine(name))
+}
+
+func (r *rig) recover(name, point, out string) {
+	r.t.Helper()
+	m := r.machine(name)
+	for _, d := range m.Disks {
+		body, size, err := r.client.Image(context.Background(), name, point, d.Name)
+		if err != nil {
+			r.t.Fatal(err)
+		}
+		_, err = replication.WriteImageFile(context.Background(), body, size, filepath.Join(out, d.Name+".img"))
+		body.Close()
+		if err != nil {
+			r.t.Fatal(err)
+		}
+	}
+}
+
+func TestReplicateTagRecover(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	d0, d1 := filepath.Join(dir, "d0.img"), filepath.Join(dir, "d1.img")
+	mustDisk(t, d0, 8<<20, 1)
+	mustDisk(t, d1, 4<<20+512, 2)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}, agent.DiskSpec{Name: "d1", Path: d1})
+	ra := startAgent(t, cfg)
+
+	// Write through the splitter while the initial copy runs.
+	c0, err := nbd.Dial(ctx, cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c0.Close()
+	c1, err := nbd.Dial(ctx, cfg.NBD, "d1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	rnd := rand.New(rand.NewPCG(9, 9))
+	write := func(n int) {
+		for i := 0; i < n; i++ {
+			c := c0
+			if i%3 == 0 {
+				c = c1
+			}
+			b := make([]byte, 512*(1+rnd.IntN(64)))
+			for j := range b {
+				b[j] = byte(rnd.IntN(256))
+			}
+			off := rnd.Int64N((c.Size()-int64(len(b)))/512) * 512
+			if err := c.WriteAt(b, off); err != nil {
+				t.Fatal(err)
+			}
+			if i%50 == 0 {
+				if err := c.WriteZeroes(off, 8192); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	write(300)
+	r.waitProtected("vm1")
+
+	type snap struct {
+		id     string
+		d0, d1 [32]byte
+	}
+	var points []snap
+	for round := 0; round < 3; round++ {
+		write(200)
+		// Quiesced: no write in flight while tagging.
+		p, err := r.client.Tag(ctx, "vm1", round == 1, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		points = append(points, snap{p.ID, fileSum(t, d0), fileSum(t, d1)})
+	}
+	write(100) // later writes must not leak into earlier points
+	for _, p := range points {
+		out := filepath.Join(dir, "out-"+p.id)
+		r.recover("vm1", p.id, out)
+		if fileSum(t, filepath.Join(out, "d0.img")) != p.d0 || fileSum(t, filepath.Join(out, "d1.img")) != p.d1 {
+			t.Fatalf("point %s: recovered images differ from the source at that point", p.id)
+		}
+	}
+
+	// The same points, straight from the target with no server running.
+	ra.close()
+	r.stop()
+	tgt, err := server.OpenTarget("file://" + filepath.Join(dir, "srv", "target"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tgt.Close()
+	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	m, err := cat.FindMachine(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range points {
+		pt, err := cat.FindPoint(ctx, m.ID, p.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := filepath.Join(dir, "offline-"+p.id)
+		if _, err := replication.RecoverPoint(ctx, cat, m, pt, out); err != nil {
+			t.Fatal(err)
+		}
+		if fileSum(t, filepath.Join(out, "d0.img")) != p.d0 || fileSum(t, filepath.Join(out, "d1.img")) != p.d1 {
+			t.Fatalf("offline point %s differs", p.id)
+		}
+	}
+}
+
+func TestWrongPassphraseRegistersNothing(t *testing.T) {
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 1<<20, 1)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	bad := filepath.Join(dir, "bad-pass")
+	os.WriteFile(bad, []byte("not-the-passphrase\n"), 0o600)
+	cfg.PassphraseFile = bad
+	_, err := agent.New(context.Background(), cfg)
+	if !errors.Is(err, agent.ErrWrongPassphrase) {
+		t.Fatalf("agent.New = %v, want ErrWrongPassphrase", err)
+	}
+	ms, err := r.srv.Machines(context.Background())
+	if err != nil || len(ms) != 0 {
+		t.Fatalf("machines after a refused registration: %v, %v", ms, err)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, "cert.pem")); err == nil {
+		t.Fatal("the agent kept a certificate")
+	}
+}
+
+func TestAgentAndServerRestartResume(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 16<<20, 3)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	id := ra.a.MachineID()
+	ra.close()
+
+	// Writes while the server is down are spooled and arrive later.
+	r.stop()
+	ra = startAgent(t, cfg)
+	if ra.a.MachineID() != id {
+		t.Fatalf("restarted agent has a new identity")
+	}
+	c, err := nbd.Dial(ctx, cfg.NBD, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.WriteAt(bytes.Repeat([]byte{0xee}, 1<<20), 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	r.start()
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
+		t.Fatal("recovered image differs after restarts")
+	}
+}

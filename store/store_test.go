@@ -1,0 +1,92 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"testing/fstest"
+	"time"
+)
+
+func mustOpen(t *testing.T, path string) *DB {
+	t.Helper()
+	d, err := Open(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestMigrationsAppliedOnce(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "vault.db")
+	d := mustOpen(t, path)
+	first, err := d.AppliedMigrations(ctx)
+	if err != nil || len(first) == 0 {
+		t.Fatalf("applied %v, %v", first, err)
+	}
+	if _, _, err := d.CreateMachine(ctx, "aa", "vm1", "1"); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	// Reopening applies nothing again (a second CREATE TABLE would fail)
+	// and keeps the data.
+	d = mustOpen(t, path)
+	again, err := d.AppliedMigrations(ctx)
+	if err != nil || len(again) != len(first) {
+		t.Fatalf("after reopen: %v, %v", again, err)
+	}
+	if m, err := d.MachineByName(ctx, "vm1"); err != nil || m.ID != "aa" {
+		t.Fatalf("machine after reopen: %+v, %v", m, err)
+	}
+}
+
+func TestMigrateNewAndBroken(t *testing.T) {
+	ctx := context.Background()
+	d := mustOpen(t, filepath.Join(t.TempDir(), "vault.db"))
+	extra := fstest.MapFS{
+		"0001_init.sql":  {Data: []byte("CREATE TABLE already_there (x INT);")},
+		"9000_more.sql":  {Data: []byte("CREATE TABLE more (x INT); INSERT INTO more VALUES (1);")},
+		"9001_broke.sql": {Data: []byte("CREATE TABLE half (x INT); THIS IS NOT SQL;")},
+	}
+	// 0001 is recorded already and must be skipped; 9000 applies; 9001
+	// fails and leaves nothing behind (its own transaction).
+	err := d.migrate(ctx, extra)
+	if err == nil {
+		t.Fatal("broken migration did not fail")
+	}
+	var n int
+	if err := d.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM more`).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("9000 not applied: %d, %v", n, err)
+	}
+	if _, err := d.db.ExecContext(ctx, `SELECT * FROM half`); err == nil {
+		t.Fatal("the failed migration's first statement was kept")
+	}
+	if _, err := d.db.ExecContext(ctx, `SELECT * FROM already_there`); err == nil {
+		t.Fatal("an applied migration was applied again")
+	}
+	names, _ := d.AppliedMigrations(ctx)
+	if names[len(names)-1] != "9000_more.sql" {
+		t.Fatalf("recorded %v", names)
+	}
+}
+
+func TestSessions(t *testing.T) {
+	ctx := context.Background()
+	d := mustOpen(t, filepath.Join(t.TempDir(), "vault.db"))
+	now := time.Unix(1_800_000_000, 0)
+	d.SetClock(func() time.Time { return now })
+	id, csrf, err := d.CreateSession(ctx, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.Session(ctx, id); err != nil || got != csrf {
+		t.Fatalf("session: %q %v", got, err)
+	}
+	now = now.Add(2 * time.Hour)
+	if _, err := d.Session(ctx, id); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired session: %v", err)
+	}
+}

@@ -1,0 +1,151 @@
+package web
+
+import (
+	"flag"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite the testdata/*.golden files with the current output")
+
+const (
+	kib = int64(1) << 10
+	mib = kib << 10
+	gib = mib << 10
+)
+
+// Machines in each state the console shows, against testNow.
+var (
+	initialMachine = Machine{
+		ID: "5f2c9a41-7d3e-4b8a-9c11-0e6f2d7a3b90", Name: "web-01", Connected: true, AgentVersion: "0.4.0",
+		LastSeen: testNow.Add(-2 * time.Second), State: StateInitial, Progress: 0.42,
+		BytesReceived: 42 * gib, CacheBytes: 96 * mib,
+		Disks: []Disk{
+			{Index: 0, Name: "system", Size: 20 * gib, State: StateProtected, Progress: 1},
+			{Index: 1, Name: "data", Size: 80 * gib, State: StateInitial, Progress: 0.275},
+		},
+	}
+	protectedMachine = Machine{
+		ID: "a1b2c3d4-0000-4000-8000-000000000001", Name: "sql-prod", Connected: true, AgentVersion: "0.4.0",
+		LastSeen: testNow, State: StateProtected, Progress: 1,
+		RPO: 800 * time.Millisecond, RPOKnown: true,
+		LastPoint:  &Point{ID: "000000000000a3f1", Time: testNow.Add(-3*time.Minute - 12*time.Second), Kind: PointApp},
+		PointCount: 1234, BytesReceived: 150 * gib, CacheBytes: 0,
+		Disks: []Disk{
+			{Index: 0, Name: "os", Size: 60 * gib, State: StateProtected, Progress: 1},
+			{Index: 1, Name: "sqldata", Size: 500 * gib, State: StateProtected, Progress: 1},
+			{Index: 2, Name: "sqllog", Size: 64 * gib, State: StateProtected, Progress: 1},
+		},
+	}
+	resyncMachine = Machine{
+		ID: "c0ffee00-1111-4222-8333-444455556666", Name: "files-02", Connected: true, AgentVersion: "0.3.9",
+		LastSeen: testNow, State: StateResync, Progress: 1,
+		Reason: "the agent's spool overflowed while disconnected: changes were lost",
+		RPO:    42 * time.Minute, RPOKnown: true,
+		LastPoint:  &Point{ID: "0000000000000051", Time: testNow.Add(-45 * time.Minute), Kind: PointCrash},
+		PointCount: 81, BytesReceived: 1536 * mib, CacheBytes: 3 * gib / 2,
+		Disks: []Disk{
+			{Index: 0, Name: "sda", Size: 32 * gib, State: StateProtected, Progress: 1},
+			{Index: 1, Name: "sdb", Size: 2048 * gib, State: StateResync, Progress: 1,
+				Reason: "the agent's spool overflowed while disconnected: changes were lost"},
+		},
+	}
+	disconnectedMachine = Machine{
+		ID: "deadbeef-2222-4333-8444-555566667777", Name: "app-03", Connected: false, AgentVersion: "0.4.0",
+		LastSeen: testNow.Add(-2*time.Hour - 10*time.Minute), State: StateProtected, Progress: 1,
+		LastPoint:  &Point{ID: "00000000000003e8", Time: testNow.Add(-2*time.Hour - 11*time.Minute), Kind: PointCrash},
+		PointCount: 1000, BytesReceived: 75 * gib, CacheBytes: 512,
+		Error: "agent connection lost: read tcp 10.0.0.5:9443: connection reset by peer",
+		Disks: []Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: StateProtected, Progress: 1}},
+	}
+	neverSeenMachine = Machine{
+		ID: "77", Name: "new-vm", State: StateInitial,
+	}
+)
+
+func testMachines() []Machine {
+	return []Machine{initialMachine, protectedMachine, resyncMachine, disconnectedMachine, neverSeenMachine}
+}
+
+// TestRenderMachines compares the machines fragment, as the console serves
+// it, with testdata/fragment_*.golden. Run with -update to rewrite them.
+func TestRenderMachines(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		machines []Machine
+	}{
+		{"empty", nil},
+		{"initial", []Machine{initialMachine}},
+		{"protected", []Machine{protectedMachine}},
+		{"resync", []Machine{resyncMachine}},
+		{"disconnected", []Machine{disconnectedMachine, neverSeenMachine}},
+		{"all", testMachines()},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newFakeBackend(tt.machines...)
+			h := newTestHandler(t, b)
+			id, _ := mustLogin(t, h, b)
+			r := withSession(httptest.NewRequest("GET", "/fragments/machines", nil), id)
+			r.Header.Set("HX-Request", "true")
+			w := serve(h, r)
+			if w.Code != http.StatusOK {
+				t.Fatalf("status %d", w.Code)
+			}
+			checkGolden(t, "fragment_"+tt.name, w.Body.String())
+		})
+	}
+}
+
+// TestRenderPages compares whole pages with testdata/page_*.golden.
+func TestRenderPages(t *testing.T) {
+	b := newFakeBackend(protectedMachine)
+	h := newTestHandler(t, b)
+	id, _ := mustLogin(t, h, b) // session-1, csrf-1
+
+	checkPage := func(name string, r *http.Request, status int) {
+		t.Helper()
+		w := serve(h, r)
+		if w.Code != status {
+			t.Fatalf("%s: status %d, want %d", name, w.Code, status)
+		}
+		checkGolden(t, "page_"+name, w.Body.String())
+	}
+	checkPage("login", httptest.NewRequest("GET", "/login", nil), http.StatusOK)
+	checkPage("machines", withSession(httptest.NewRequest("GET", "/", nil), id), http.StatusOK)
+	checkPage("settings", withSession(httptest.NewRequest("GET", "/settings", nil), id), http.StatusOK)
+}
+
+// assetVersion matches the content hashes in static URLs, so that editing
+// the stylesheet does not change every golden page.
+var assetVersion = regexp.MustCompile(`\?v=[0-9a-f]{12}`)
+
+// checkGolden compares got with testdata/name.golden, or writes it there
+// with -update. Tags go one per line so that a diff shows what changed.
+func checkGolden(t *testing.T, name, got string) {
+	t.Helper()
+	got = assetVersion.ReplaceAllString(got, "?v=HASH")
+	got = strings.ReplaceAll(got, "><", ">\n<") + "\n"
+	path := filepath.Join("testdata", name+".golden")
+	if *update {
+		if err := os.MkdirAll("testdata", 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -update to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs from the output; run go test -update and review the diff.\n--- got:\n%s", path, got)
+	}
+}
