@@ -155,6 +155,19 @@ func freePort(t *testing.T) string {
 func newCluster(t *testing.T) *cluster {
 	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
 	c.srvDir = filepath.Join(c.dir, "srv")
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		logs, _ := filepath.Glob(filepath.Join(c.dir, "*.log"))
+		for _, l := range logs {
+			b, _ := os.ReadFile(l)
+			if len(b) > 8000 {
+				b = b[len(b)-8000:]
+			}
+			t.Logf("--- %s (tail) ---\n%s", filepath.Base(l), b)
+		}
+	})
 	c.listen = "127.0.0.1:" + freePort(t)
 	c.dataPort = freePort(t)
 	c.startServer()
@@ -368,6 +381,25 @@ func makeDisk(t *testing.T, path string, size int64, seed uint64) {
 	}
 }
 
+// makeRandomDisk creates a disk of incompressible data, so bytes on the wire
+// measure how much of the disk was sent.
+func makeRandomDisk(t *testing.T, path string, size int64, seed uint64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	r := rand.NewChaCha8([32]byte{byte(seed)})
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		r.Read(buf)
+		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // background runs fn in a goroutine; wait returns its error.
 type background struct {
 	wg  sync.WaitGroup
@@ -384,10 +416,21 @@ func (b *background) run(fn func() error) {
 
 func (b *background) wait() error { b.wg.Wait(); return b.err }
 
-// runTool runs an external tool, returning combined output.
+// runTool runs an external tool and returns its combined output (at most
+// the last 256 KiB: a tool whose server was killed may log without end).
 func runTool(ctx context.Context, t *testing.T, name string, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, nbdPeerTool(t, name), args...)
 	cmd.Dir = t.TempDir()
-	out, err := cmd.CombinedOutput()
-	return string(out), err
+	out, err := os.Create(filepath.Join(cmd.Dir, "output"))
+	if err != nil {
+		return "", err
+	}
+	defer out.Close()
+	cmd.Stdout, cmd.Stderr = out, out
+	err = cmd.Run()
+	st, _ := out.Stat()
+	off := max(0, st.Size()-256<<10)
+	b := make([]byte, st.Size()-off)
+	out.ReadAt(b, off)
+	return string(b), err
 }
