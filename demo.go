@@ -41,7 +41,7 @@ func runDemo(ctx context.Context, args []string, out io.Writer, log *slog.Logger
 	}
 	// Quiet the agents' and server's info logs: the demo prints its own summary.
 	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	if logLevel() < slog.LevelWarn {
+	if os.Getenv("ASR_LOG_LEVEL") != "" {
 		quiet = log
 	}
 	srvDir := filepath.Join(*dir, "server")

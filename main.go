@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"runtime/pprof"
 	"syscall"
 
 	"github.com/asrdr/asr/agent"
@@ -79,6 +80,21 @@ func run(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	cmd, rest := args[0], args[1:]
+	// ASR_CPUPROFILE=PREFIX writes a CPU profile of the command to
+	// PREFIX.COMMAND (for performance work; see BENCHMARKS.md).
+	if path := os.Getenv("ASR_CPUPROFILE"); path != "" {
+		f, err := os.Create(path + "." + cmd)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			f.Close()
+		}()
+	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: logLevel()}))
 	slog.SetDefault(log)
 	switch cmd {

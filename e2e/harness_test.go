@@ -51,6 +51,19 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// contain makes a child process die with the test: it gets its own process
+// group, which a cancelled context kills as a whole (tools such as fio fork
+// workers that would otherwise outlive their parent), and SIGKILL when the
+// test binary itself dies.
+func contain(cmd *exec.Cmd) *exec.Cmd {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if cmd.Cancel != nil { // made by CommandContext
+		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+		cmd.WaitDelay = 10 * time.Second
+	}
+	return cmd
+}
+
 // proc is a running asr process whose output goes to a log file.
 type proc struct {
 	t    *testing.T
@@ -67,7 +80,7 @@ func startProc(t *testing.T, name, logPath string, args ...string) *proc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(asrBin, args...)
+	cmd := contain(exec.Command(asrBin, args...))
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), "ASR_LOG_LEVEL=info")
 	if err := cmd.Start(); err != nil {
@@ -237,7 +250,7 @@ func (c *cluster) cli(args ...string) (string, error) {
 func runAsr(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, asrBin, args...)
+	cmd := contain(exec.CommandContext(ctx, asrBin, args...))
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -419,7 +432,10 @@ func (b *background) wait() error { b.wg.Wait(); return b.err }
 // runTool runs an external tool and returns its combined output (at most
 // the last 256 KiB: a tool whose server was killed may log without end).
 func runTool(ctx context.Context, t *testing.T, name string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, nbdPeerTool(t, name), args...)
+	if name == "fio" {
+		args = append([]string{"--thread"}, args...) // one process, no forked workers
+	}
+	cmd := contain(exec.CommandContext(ctx, nbdPeerTool(t, name), args...))
 	cmd.Dir = t.TempDir()
 	out, err := os.Create(filepath.Join(cmd.Dir, "output"))
 	if err != nil {

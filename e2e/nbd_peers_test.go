@@ -54,7 +54,7 @@ func nbdPeerRun(t *testing.T, name string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, nbdPeerTool(t, name), args...)
+	cmd := contain(exec.CommandContext(ctx, nbdPeerTool(t, name), args...))
 	cmd.Dir = t.TempDir() // for whatever the tool leaves behind
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -344,7 +344,7 @@ func TestNBDPeerNbdcopy(t *testing.T) {
 
 func TestNBDPeerFio(t *testing.T) {
 	d := nbdPeerServe(t, 64<<20, false)
-	out := nbdPeerRun(t, "fio",
+	out := nbdPeerRun(t, "fio", "--thread",
 		"--name=randwrite-verify",
 		"--ioengine=nbd",
 		"--uri="+d.uri,
@@ -397,7 +397,7 @@ func TestNBDPeerClientAgainstNbdkit(t *testing.T) {
 	nbdkit := nbdPeerTool(t, "nbdkit")
 	sock := filepath.Join(t.TempDir(), "kit.sock")
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, nbdkit, "--foreground", "--unix", sock, "--exportname", "disk", "memory", "size=8M")
+	cmd := contain(exec.CommandContext(ctx, nbdkit, "--foreground", "--unix", sock, "--exportname", "disk", "memory", "size=8M"))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {

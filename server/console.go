@@ -117,8 +117,11 @@ func (s *Server) Machines(ctx context.Context) ([]web.Machine, error) {
 // machineView summarises a machine: state over its disks, the current RPO,
 // the last recovery point, process-server figures.
 func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine, error) {
+	s.bytesMu.Lock()
+	pending := s.bytes[m.ID] // received, not yet added to the database
+	s.bytesMu.Unlock()
 	v := web.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
-		BytesReceived: m.BytesReceived, Error: m.LastError, State: replication.StateProtected}
+		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected}
 	var total, copied int64
 	for _, d := range m.Disks {
 		wd := web.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}

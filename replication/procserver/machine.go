@@ -73,7 +73,7 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		return nil, err
 	}
-	a, err := replication.OpenApplier(ctx, s.cfg.Catalog, id, name, m.log)
+	a, err := replication.OpenApplier(ctx, s.cfg.Catalog, id, name, s.log)
 	if err != nil {
 		return nil, err
 	}
