@@ -261,7 +261,6 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	return nil
 }
 
-
 func runStatus(ctx context.Context, args []string, out io.Writer) error {
 	var o opFlags
 	fs := flag.NewFlagSet("asr status", flag.ContinueOnError)
