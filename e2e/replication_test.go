@@ -52,6 +52,14 @@ func TestE2EReplicateRecoverBitExact(t *testing.T) {
 		}
 	}
 	fio("d1", "16M", 1)
+	// nbdinfo sees each export at its size; nbdcopy writes a file in.
+	info := nbdPeerRun(t, "nbdinfo", "--json", a.uri("d1"))
+	if !strings.Contains(info, fmt.Sprintf(`"export-size": %d`, 64<<20)) {
+		t.Fatalf("nbdinfo of d1:\n%s", info)
+	}
+	src := filepath.Join(c.dir, "copy-in.img")
+	makeDisk(t, src, 8<<20, 77)
+	nbdPeerRun(t, "nbdcopy", src, a.uri("d1"))
 	c.waitState("vm1", "protected", 3*time.Minute)
 
 	type point struct {

@@ -4,13 +4,18 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -343,5 +348,147 @@ func TestAgentAndServerRestartResume(t *testing.T) {
 	r.recover("vm1", p.ID, out)
 	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
 		t.Fatal("recovered image differs after restarts")
+	}
+}
+
+// syncBuffer is a goroutine-safe buffer for capturing logs.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var logs syncBuffer
+	r := &rig{t: t, dir: dir, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 2<<20, 1)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	startAgent(t, cfg)
+	r.waitProtected("vm1")
+
+	// A client without a certificate is refused in the TLS handshake.
+	caPEM, _ := os.ReadFile(filepath.Join(dir, "srv", "ca.pem"))
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	addr := r.srv.DataAddr().String()
+	if c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}); err == nil {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatal("a data connection without a client certificate was accepted")
+		}
+		c.Close()
+	}
+
+	// The agent's own certificate, then garbage instead of frames.
+	cert, err := tls.LoadX509KeyPair(filepath.Join(cfg.StateDir, "cert.pem"), filepath.Join(cfg.StateDir, "key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, junk := range [][]byte{
+		[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+		append([]byte("ASRF\x01\x01\x00\x00"), bytes.Repeat([]byte{0xff}, 64)...), // huge lengths, bad checksum
+	} {
+		c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", Certificates: []tls.Certificate{cert}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write(junk)
+		c.CloseWrite() // no more bytes: a short junk becomes a truncated frame
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadAll(c); err != nil && !errors.Is(err, io.EOF) {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("junk %d: the server kept a malformed connection open", i)
+			}
+		}
+		c.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), "protocol error") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(logs.String(), "protocol error") {
+		t.Fatalf("no logged reason for the closed connections:\n%s", logs.String())
+	}
+	// The real agent is unaffected.
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil {
+		t.Fatalf("tag after malformed connections: %v", err)
+	}
+}
+
+func TestCrashConsistentPointsOnSchedule(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 2<<20, 1)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	cfg.CrashInterval = time.Second
+	startAgent(t, cfg)
+	r.waitProtected("vm1")
+	deadline := time.Now().Add(20 * time.Second)
+	var points []server.PointJSON
+	for len(points) < 2 && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(points) < 2 {
+		t.Fatalf("%d points after waiting; want scheduled points every second", len(points))
+	}
+	for _, p := range points {
+		if p.Kind != "crash" {
+			t.Fatalf("scheduled point %+v is not crash-consistent", p)
+		}
+	}
+}
+
+func TestVaultCreatedOnceAndReused(t *testing.T) {
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	srvDir := filepath.Join(dir, "srv")
+	for name, mode := range map[string]os.FileMode{"passphrase": 0o600, "admin-token": 0o600, "ca-key.pem": 0o600} {
+		st, err := os.Stat(filepath.Join(srvDir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != mode {
+			t.Errorf("%s has mode %v, want %v", name, st.Mode().Perm(), mode)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(srvDir, "vault.db-wal")); err != nil {
+		t.Errorf("vault database is not in WAL mode: %v", err)
+	}
+	read := func(name string) string {
+		b, err := os.ReadFile(filepath.Join(srvDir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	tok, ca, pass := read("admin-token"), read("ca.pem"), read("passphrase")
+	r.stop()
+	r.start()
+	if read("admin-token") != tok || read("ca.pem") != ca || read("passphrase") != pass {
+		t.Fatal("a restart replaced the vault's secrets or CA")
+	}
+	if _, err := r.srv.Machines(context.Background()); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -71,7 +71,6 @@ type Spool struct {
 	next     uint64  // next sequence number to give out
 	acked    uint64  // last acknowledged sequence number
 	bytes    int64   // bytes in files (headers included)
-	unsynced bool    // the current file has writes not yet fsync'd
 	inflight []pending
 	ship     Position // end of the shippable prefix
 	shipSeq  uint64   // last shippable sequence number
@@ -87,6 +86,7 @@ type Spool struct {
 }
 
 type file struct {
+	dirty bool // written since its last fsync
 	first uint64
 	last  uint64 // last seq written (first-1 if empty)
 	size  int64
@@ -328,15 +328,10 @@ func parseHeader(h []byte) (uint64, error) {
 	return binary.LittleEndian.Uint64(h[8:]), nil
 }
 
-// newFile starts a new file at s.next; the previous file is fsync'd first so
-// that "durable up to the current file" covers everything before it.
+// newFile starts a new file at s.next. The previous one is not fsync'd here:
+// Sync covers every dirty file, and not forcing each full file to disk lets
+// records that are acknowledged soon never be written back at all.
 func (s *Spool) newFile() error {
-	if n := len(s.files); n > 0 && s.unsynced {
-		if err := s.files[n-1].f.Sync(); err != nil {
-			return err
-		}
-		s.unsynced = false
-	}
 	path := filepath.Join(s.dir, fmt.Sprintf("%016x%s", s.next, suffix))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -412,7 +407,7 @@ func (s *Spool) Append(ctx context.Context, r *replication.Record) (uint64, erro
 	cur.last = r.Seq
 	s.bytes += size
 	s.next++
-	s.unsynced = true
+	cur.dirty = true
 	s.inflight = append(s.inflight, pending{seq: r.Seq, end: Position{File: cur.first, Offset: cur.size}})
 	if n := len(s.samples); n == 0 || r.Time-s.samples[n-1].time >= sampleEvery {
 		s.samples = append(s.samples, sample{r.Seq, r.Time})
@@ -469,19 +464,28 @@ func (s *Spool) Sync() error {
 		return ErrClosed
 	}
 	target := s.next - 1
-	if s.synced >= target || !s.unsynced {
+	if s.synced >= target {
 		s.mu.Unlock()
 		return nil
 	}
-	f := s.files[len(s.files)-1].f
-	s.unsynced = false
+	var dirty []*file
+	for _, f := range s.files {
+		if f.dirty {
+			f.dirty = false
+			dirty = append(dirty, f)
+		}
+	}
 	s.mu.Unlock()
-	// Earlier files were fsync'd when the next one was started.
-	if err := f.Sync(); err != nil {
-		s.mu.Lock()
-		s.unsynced = true
-		s.mu.Unlock()
-		return fmt.Errorf("spool sync: %w", err)
+	for _, f := range dirty {
+		if err := f.f.Sync(); err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				continue // trimmed meanwhile: its records are acknowledged
+			}
+			s.mu.Lock()
+			f.dirty = true
+			s.mu.Unlock()
+			return fmt.Errorf("spool sync: %w", err)
+		}
 	}
 	s.mu.Lock()
 	if target > s.synced {
@@ -571,8 +575,12 @@ func (s *Spool) Close() error {
 	s.closed = true
 	s.cond.Broadcast()
 	var err error
-	if s.unsynced {
-		err = s.files[len(s.files)-1].f.Sync()
+	for _, f := range s.files {
+		if f.dirty {
+			if serr := f.f.Sync(); serr != nil && err == nil {
+				err = serr
+			}
+		}
 	}
 	s.closeFiles()
 	return err
