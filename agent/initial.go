@@ -12,6 +12,9 @@ const (
 	// progressEvery is how often (in source bytes) the initial copy logs
 	// its position; a restart re-reads at most this much.
 	progressEvery = 16 << 20
+	// dropAlign is the granularity at which the copy drops what it read
+	// from the page cache (the largest page-cache folio, 2 MiB).
+	dropAlign = 2 << 20
 	// initialSpoolShare is the spool fill above which the initial copy
 	// waits, keeping room for the guest's own writes.
 	initialSpoolShare = 0.5
@@ -31,6 +34,7 @@ func (a *Agent) initialCopy() {
 		a.log.Info("initial replication", "disk", d.Name, "from", start, "size", d.Size())
 		began := time.Now()
 		lastMark := start
+		dropped := start &^ (dropAlign - 1)
 		for off := start; off < d.Size(); {
 			for a.spool.Fill() > initialSpoolShare {
 				select {
@@ -52,6 +56,17 @@ func (a *Agent) initialCopy() {
 			}
 			off += n
 			cur.Store(off)
+			// The copy reads each block once: keep what it read out of the
+			// page cache, where it would crowd out the guest's data and,
+			// cached as large folios, make the guest's small writes slow.
+			// Only whole large folios can be dropped, hence the alignment.
+			if end := off &^ (dropAlign - 1); end > dropped || off == d.Size() {
+				if off == d.Size() {
+					end = off
+				}
+				dropCache(d.f, dropped, end-dropped)
+				dropped = end
+			}
 			if off-lastMark >= progressEvery || off == d.Size() {
 				if err := a.markProgress(d, off, off == d.Size()); err != nil {
 					if a.ctx.Err() == nil {

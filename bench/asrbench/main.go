@@ -355,14 +355,32 @@ func fioArgs(uri, rw, bs string, depth int) []string {
 		"--randrepeat=0", "--refill_buffers", "--norandommap"}
 }
 
-func benchSplitter(dir string) error {
-	disk := filepath.Join(dir, "disk.img")
-	f, err := os.Create(disk)
+// dropCaches writes back and drops the page cache (as root), so contenders
+// start from the same state; it reports whether it could.
+func dropCaches() bool {
+	exec.Command("sync").Run()
+	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0) == nil
+}
+
+func sparseFile(path string, size int64) error {
+	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
-	f.Truncate(1 << 30)
-	f.Close()
+	defer f.Close()
+	return f.Truncate(size)
+}
+
+func benchSplitter(dir string) error {
+	// Each contender gets its own fresh sparse file and a dropped page cache.
+	kitDisk, asrDisk := filepath.Join(dir, "nbdkit.img"), filepath.Join(dir, "asr.img")
+	if err := sparseFile(kitDisk, 1<<30); err != nil {
+		return err
+	}
+	if err := sparseFile(asrDisk, 1<<30); err != nil {
+		return err
+	}
+	dropped := dropCaches()
 	type row struct {
 		name       string
 		iops, mbps float64
@@ -371,7 +389,7 @@ func benchSplitter(dir string) error {
 	var rows []row
 	// nbdkit's file plugin serving the same file.
 	nsock := filepath.Join(dir, "nbdkit.sock")
-	nbdkit := exec.Command("nbdkit", "--foreground", "--unix", nsock, "file", disk)
+	nbdkit := exec.Command("nbdkit", "--foreground", "--unix", nsock, "file", kitDisk)
 	if err := nbdkit.Start(); err != nil {
 		return fmt.Errorf("nbdkit: %w", err)
 	}
@@ -392,7 +410,8 @@ func benchSplitter(dir string) error {
 	}
 	nbdkit.Process.Signal(syscall.SIGTERM)
 	nbdkit.Wait()
-	c, err := startCluster(dir, map[string]string{"d0": disk})
+	dropped = dropCaches() && dropped
+	c, err := startCluster(dir, map[string]string{"d0": asrDisk})
 	if err != nil {
 		return err
 	}
@@ -403,7 +422,7 @@ func benchSplitter(dir string) error {
 	if err := c.waitProtected(5 * time.Minute); err != nil {
 		return err
 	}
-	fmt.Printf("write-splitter: fio (nbd engine, iodepth 8, %d s each) on a 1 GiB file, replication running\n\n", *seconds)
+	fmt.Printf("write-splitter: fio (nbd engine, iodepth 8, %d s each) on a fresh sparse 1 GiB file each, replication running; page cache dropped before each: %v\n\n", *seconds, dropped)
 	fmt.Printf("%-30s %12s %10s %12s\n", "contender", "IOPS", "MB/s", "vs nbdkit")
 	for i, cs := range cases {
 		iops, mbps, err := fioResult(fioArgs("nbd+unix:///d0?socket="+c.sock, cs.rw, cs.bs, 8)...)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs asr's benchmarks and prints their tables. Needs bin/asr (make build)
+# and the peers (make peers). Usage: bench/run.sh [initial|splitter|rpo]...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || set -- initial splitter rpo
+for b in "$@"; do
+  echo "== $b =="
+  go run ./bench/asrbench -asr bin/asr "$b"
+  echo
+done
+echo "== go benchmarks (store/localfs, agent/nbd) =="
+go test -run '^$' -bench . -benchtime 2s ./store/localfs/ ./agent/nbd/ | grep -E '^(Benchmark|ok)'
