@@ -143,8 +143,9 @@ func TestE2EKillAgentDuringInitial(t *testing.T) {
 	// Throttled so the kill lands mid-copy.
 	a := c.startAgent("vm1", []string{"--max-rate", "40MiB"}, "d="+disk)
 	deadline := time.Now().Add(2 * time.Minute)
+	var st machineStatus
 	for {
-		st := c.status("vm1")
+		st = c.status("vm1")
 		if st.Progress > 0.3 && st.State == "initial" {
 			break
 		}
@@ -154,11 +155,10 @@ func TestE2EKillAgentDuringInitial(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	a.kill()
-	before := c.status("vm1")
-	t.Logf("killed the agent at %.0f%%", before.Progress*100)
+	t.Logf("killed the agent at %.0f%% (applied on the server)", st.Progress*100)
 	c.startAgent("vm1", nil)
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x33 7M 1M")
-	st := c.waitState("vm1", "protected", 3*time.Minute)
+	c.waitState("vm1", "protected", 3*time.Minute)
 	id := c.tag("vm1")
 	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
 	st = c.status("vm1")
