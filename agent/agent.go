@@ -25,6 +25,7 @@ import (
 	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 // Version is the agent's version, set by main.
@@ -366,7 +367,7 @@ func (a *Agent) Close() error {
 		a.stMu.Lock()
 		a.st.save(a.cfg.StateDir)
 		a.stMu.Unlock()
-		err = writeFileAtomic(filepath.Join(a.cfg.StateDir, cleanFile), []byte("clean stop\n"), 0o600)
+		err = atomicfile.Write(filepath.Join(a.cfg.StateDir, cleanFile), []byte("clean stop\n"), 0o600)
 	}
 	return err
 }
@@ -538,7 +539,7 @@ func (a *Agent) Stats() Stats {
 func (s *stats) save(dir string, a *Agent) {
 	b, err := json.MarshalIndent(a.Stats(), "", "  ")
 	if err == nil {
-		writeFileAtomic(filepath.Join(dir, "stats.json"), b, 0o644)
+		atomicfile.Write(filepath.Join(dir, "stats.json"), b, 0o644)
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 // ErrWrongPassphrase is returned when registration fails because the agent's
@@ -101,13 +102,13 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 		}
 		return nil, fmt.Errorf("register with %s: %w", serverURL, err)
 	}
-	if err := writeFileAtomic(filepath.Join(dir, keyFile), keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, keyFile), keyPEM, 0o600); err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(dir, certFile), []byte(resp.CertPEM), 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, certFile), []byte(resp.CertPEM), 0o644); err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(dir, caFile), []byte(ch.CAPEM), 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, caFile), []byte(ch.CAPEM), 0o644); err != nil {
 		return nil, err
 	}
 	st := &state{MachineID: resp.MachineID, Name: name, Server: serverURL,

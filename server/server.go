@@ -20,7 +20,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -185,6 +184,7 @@ func (s *Server) open(ctx context.Context) error {
 		OnPoint:       s.onPoint,
 		OnBytes:       s.onBytes,
 		OnConnect:     s.onConnect,
+		OnRefused:     s.onRefused,
 		CacheMaxBytes: cfg.CacheMaxBytes,
 		Logger:        cfg.Logger.With("component", "procserver"),
 	})
@@ -410,6 +410,16 @@ func (s *Server) onConnect(id string, h replication.Hello) {
 	if err := s.db.TouchMachine(s.ctx, id, h.AgentVersion, 0); err != nil {
 		s.log.Error("record agent contact", "machine", id, "err", err)
 	}
+	if err := s.db.SetMachineError(s.ctx, id, ""); err != nil {
+		s.log.Error("clear machine error", "machine", id, "err", err)
+	}
+}
+
+// onRefused shows why an agent was turned away on its machine.
+func (s *Server) onRefused(id, reason string) {
+	if err := s.db.SetMachineError(s.ctx, id, reason); err != nil {
+		s.log.Error("record machine error", "machine", id, "err", err)
+	}
 }
 
 // flushLoop adds received byte counts to the database every few seconds.
@@ -446,11 +456,4 @@ func newMachineID() string {
 	b := make([]byte, 16)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-func trimPort(hostport string) string {
-	if h, _, err := net.SplitHostPort(hostport); err == nil {
-		return h
-	}
-	return strings.TrimSpace(hostport)
 }

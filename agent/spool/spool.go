@@ -26,11 +26,11 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 // File header layout (little endian, 24 bytes):
@@ -345,7 +345,7 @@ func (s *Spool) newFile() error {
 		f.Close()
 		return err
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := atomicfile.SyncDir(s.dir); err != nil {
 		f.Close()
 		return err
 	}
@@ -447,12 +447,6 @@ func (s *Spool) Complete(seq uint64) {
 		s.cond.Broadcast()
 	}
 }
-
-// Abort withdraws a record whose change could not be made on the backing disk
-// (an I/O error). The record stays in the log — the replica will receive a
-// change the source may not have — so the caller must treat the range as
-// unknown; here it simply lets later records ship.
-func (s *Spool) Abort(seq uint64) { s.Complete(seq) }
 
 // Sync makes every record appended so far durable.
 func (s *Spool) Sync() error {
@@ -778,15 +772,3 @@ func (s *Spool) OldestPending() int64 {
 	}
 	return s.samples[0].time
 }
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-// IsSpoolFile reports whether name looks like a spool file.
-func IsSpoolFile(name string) bool { return strings.HasSuffix(name, suffix) }

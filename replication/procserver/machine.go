@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 const openName = "open.seg"
@@ -147,7 +148,7 @@ func (m *machine) sealBytes(data []byte, scan replication.SegmentScan) error {
 	seal := replication.SealFrame(scan.Last, scan.Records)
 	data = replication.AppendFrame(append([]byte(nil), data...), &seal)
 	path := filepath.Join(m.dir, replication.SegmentName(scan.First, scan.Last))
-	if err := writeFileSync(path, data); err != nil {
+	if err := atomicfile.Write(path, data, 0o600); err != nil {
 		return err
 	}
 	m.sealed = append(m.sealed, sealedSeg{first: scan.First, last: scan.Last, path: path, size: int64(len(data)), sealedAt: time.Now()})
@@ -156,29 +157,6 @@ func (m *machine) sealBytes(data []byte, scan replication.SegmentScan) error {
 		m.durable = scan.Last
 	}
 	return nil
-}
-
-func writeFileSync(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
 }
 
 // newOpenFile starts an empty cache file after m.appended. Caller holds mu
@@ -357,7 +335,7 @@ func (m *machine) sealLocked() error {
 	if err := os.Rename(filepath.Join(m.dir, openName), path); err != nil {
 		return err
 	}
-	if err := syncDir(m.dir); err != nil {
+	if err := atomicfile.SyncDir(m.dir); err != nil {
 		return err
 	}
 	m.s.cacheBytes.Add(int64(len(b)))

@@ -40,8 +40,10 @@ type Config struct {
 	OnState  func(m replication.MachineCatalog)
 	OnPoint  func(machineID string, p replication.Point)
 	OnBytes  func(machineID string, n int64)
-	// OnConnect and OnDisconnect report agent connections.
+	// OnConnect and OnDisconnect report agent connections; OnRefused a
+	// registered machine's agent turned away (the reason is for the console).
 	OnConnect    func(machineID string, h replication.Hello)
+	OnRefused    func(machineID, reason string)
 	OnDisconnect func(machineID string, err error)
 	// SegmentBytes seals a cache file at this size (compressed bytes or raw
 	// record bytes, whichever is reached first). Default 32 MiB.
@@ -236,6 +238,13 @@ func (s *Server) serveConn(c net.Conn) error {
 	if err != nil {
 		return fail(true, "machine %s not authorized: %v", id, err)
 	}
+	refuse := func(format string, args ...any) error {
+		err := fail(true, format, args...)
+		if s.cfg.OnRefused != nil {
+			s.cfg.OnRefused(id, err.Error())
+		}
+		return err
+	}
 	f, _, err := replication.ReadFrame(br, nil)
 	if err != nil {
 		return fmt.Errorf("read hello: %w", err)
@@ -248,7 +257,7 @@ func (s *Server) serveConn(c net.Conn) error {
 		return fail(false, "%v", err)
 	}
 	if h.MachineID != id {
-		return fail(true, "hello names machine %s but the certificate is for %s", h.MachineID, id)
+		return refuse("hello names machine %s but the certificate is for %s", h.MachineID, id)
 	}
 	m, err := s.machine(s.ctx, id, name)
 	if err != nil {
@@ -257,7 +266,7 @@ func (s *Server) serveConn(c net.Conn) error {
 	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16), done: make(chan struct{})}
 	welcome, err := m.attach(s.ctx, cc, &h)
 	if err != nil {
-		return fail(true, "%v", err)
+		return refuse("%v", err)
 	}
 	defer m.detach(cc)
 	if s.cfg.OnConnect != nil {
@@ -442,13 +451,4 @@ func (s *Server) MachineIDs() []string {
 	}
 	sort.Strings(ids)
 	return ids
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

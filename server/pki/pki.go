@@ -24,6 +24,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 // CA is a loaded certificate authority.
@@ -65,10 +67,10 @@ func LoadOrCreate(dir string, hosts []string) (*CA, tls.Certificate, error) {
 	if err != nil {
 		return nil, tls.Certificate{}, err
 	}
-	if err := writeFile(filepath.Join(dir, serverKeyFile), keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, serverKeyFile), keyPEM, 0o600); err != nil {
 		return nil, tls.Certificate{}, err
 	}
-	if err := writeFile(filepath.Join(dir, serverCertFile), certPEM, 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, serverCertFile), certPEM, 0o644); err != nil {
 		return nil, tls.Certificate{}, err
 	}
 	cert, err = tls.X509KeyPair(certPEM, keyPEM)
@@ -130,10 +132,10 @@ func createCA(dir string) (*CA, error) {
 		return nil, err
 	}
 	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	if err := writeFile(filepath.Join(dir, caKeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, caKeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
 		return nil, err
 	}
-	if err := writeFile(filepath.Join(dir, CAFile), certPEM, 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, CAFile), certPEM, 0o644); err != nil {
 		return nil, err
 	}
 	cert, err := x509.ParseCertificate(der)
@@ -246,18 +248,6 @@ func randomSerial() *big.Int {
 		panic(err)
 	}
 	return n
-}
-
-// writeFile writes a file atomically with the given mode.
-func writeFile(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, mode); err != nil {
-		return err
-	}
-	if err := os.Chmod(tmp, mode); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // Registration proofs. An agent registers by proving it knows the vault

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 const (
@@ -167,7 +168,7 @@ func (t *Target) DeleteDisk(ctx context.Context, key string) error {
 	err := os.Remove(filepath.Join(ddir, replicaName))
 	switch {
 	case err == nil:
-		if err := syncDir(ddir); err != nil {
+		if err := atomicfile.SyncDir(ddir); err != nil {
 			return fmt.Errorf("delete disk %s: %w", key, err)
 		}
 	case !errors.Is(err, fs.ErrNotExist):
@@ -259,7 +260,7 @@ func (t *Target) createReplica(ddir string, size int64) (*os.File, error) {
 		err = os.Rename(tmp, path)
 	}
 	if err == nil {
-		err = syncDir(ddir)
+		err = atomicfile.SyncDir(ddir)
 	}
 	if err != nil {
 		f.Close()
@@ -774,7 +775,7 @@ func (d *disk) createEpoch(name string, seq uint64) (*epoch, error) {
 		err = os.Rename(tmp, path)
 	}
 	if err == nil {
-		err = syncDir(snap)
+		err = atomicfile.SyncDir(snap)
 	}
 	if err != nil {
 		f.Close()
@@ -838,7 +839,7 @@ func (h *Disk) DeleteSnapshot(ctx context.Context, name string) error {
 	e.deleted = true
 	e.path = hidden
 	d.mu.Unlock()
-	if err := syncDir(snap); err != nil {
+	if err := atomicfile.SyncDir(snap); err != nil {
 		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
 	}
 	if err := d.gcLocked(); err != nil {
@@ -886,7 +887,7 @@ func (d *disk) dropEpoch(i int) error {
 	if err := os.Remove(e.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove snapshot log %s: %w", e.name, err)
 	}
-	return syncDir(filepath.Join(d.dir, snapDirName))
+	return atomicfile.SyncDir(filepath.Join(d.dir, snapDirName))
 }
 
 // merge copies into p the records of e for blocks p lacks, then fsyncs and

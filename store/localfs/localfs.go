@@ -110,6 +110,7 @@ import (
 	"syscall"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/atomicfile"
 )
 
 // ErrInvalidKey is returned (wrapped) for a key, prefix or snapshot name that
@@ -185,7 +186,7 @@ func Open(dir string) (*Target, error) {
 			return nil, fmt.Errorf("open target %s: %w", dir, err)
 		}
 	}
-	if err := syncDir(dir); err != nil {
+	if err := atomicfile.SyncDir(dir); err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
@@ -201,7 +202,7 @@ func (t *Target) checkFormat() error {
 		copy(h, formatMagic[:])
 		binary.LittleEndian.PutUint16(h[6:], formatVersion)
 		binary.LittleEndian.PutUint32(h[12:], replication.Checksum(h[:12]))
-		return writeFileAtomic(path, h)
+		return atomicfile.Write(path, h, 0o644)
 	}
 	if err != nil {
 		return err
@@ -334,7 +335,7 @@ func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
 	if err := mkdirAllSync(root, filepath.Dir(path)); err != nil {
 		return fmt.Errorf("put object %s: %w", key, err)
 	}
-	if err := writeFileAtomic(path, data); err != nil {
+	if err := atomicfile.Write(path, data, 0o644); err != nil {
 		return fmt.Errorf("put object %s: %w", key, err)
 	}
 	return nil
@@ -463,7 +464,7 @@ func (t *Target) DeleteObject(ctx context.Context, key string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("delete object %s: %w", key, err)
 	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 		return fmt.Errorf("delete object %s: %w", key, err)
 	}
 	removeEmptyParents(filepath.Join(t.dir, objectsDir), filepath.Dir(path))
@@ -474,51 +475,6 @@ func (t *Target) DeleteObject(ctx context.Context, key string) error {
 // of it is a file ("a/b" when "a" is an object).
 func isNotExist(err error) bool {
 	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR)
-}
-
-// writeFileAtomic writes data to path through a temporary file in the same
-// directory: fsync, rename, fsync the directory.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, filepath.Base(path)+"~tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	ok = true
-	return syncDir(dir)
-}
-
-// syncDir fsyncs a directory so the entries made or removed in it are durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // mkdirAllSync makes dir and its missing parents below root, fsyncing the
@@ -539,7 +495,7 @@ func mkdirAllSync(root, dir string) error {
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return err
 	}
-	return syncDir(filepath.Dir(dir))
+	return atomicfile.SyncDir(filepath.Dir(dir))
 }
 
 // removeEmptyParents removes dir and its parents up to (not including) root
@@ -550,7 +506,7 @@ func removeEmptyParents(root, dir string) {
 			return
 		}
 		parent := filepath.Dir(dir)
-		syncDir(parent)
+		atomicfile.SyncDir(parent)
 		dir = parent
 	}
 }
