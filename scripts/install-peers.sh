@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real peers the end-to-end tests and benchmarks drive, when
 # they are missing: qemu-io/qemu-img, nbdinfo/nbdcopy, fio (nbd engine),
-# nbdkit, e2fsprogs, zstd.
+# nbdkit, e2fsprogs, zstd, and Chromium for the console test.
 set -euo pipefail
 need=()
 check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
@@ -13,6 +13,7 @@ check fio fio
 check nbdkit nbdkit
 check e2fsck e2fsprogs
 check zstd zstd
+check chromium chromium
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
