@@ -50,7 +50,8 @@ type Config struct {
 	Logger  *slog.Logger
 }
 
-var diskNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+// nameRE is what a machine name may be.
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 // ParseFlags parses `asr agent` arguments.
 func ParseFlags(args []string) (Config, error) {
@@ -69,7 +70,7 @@ func ParseFlags(args []string) (Config, error) {
 		if !ok || path == "" {
 			return fmt.Errorf("want NAME=PATH, got %q", v)
 		}
-		if !diskNameRE.MatchString(name) {
+		if !replication.ValidDiskName(name) {
 			return fmt.Errorf("disk name %q: use letters, digits, '.', '_' and '-' (at most 64)", name)
 		}
 		for _, d := range c.Disks {
@@ -109,7 +110,7 @@ func (c *Config) validate() error {
 		return fmt.Errorf("--crash-interval %s: the minimum is 1s", c.CrashInterval)
 	case c.SpoolMax < 16<<20:
 		return fmt.Errorf("--spool-max %d: the minimum is 16MiB", c.SpoolMax)
-	case !diskNameRE.MatchString(c.Name):
+	case !nameRE.MatchString(c.Name):
 		return fmt.Errorf("--name %q: use letters, digits, '.', '_' and '-' (at most 64)", c.Name)
 	}
 	return nil
@@ -157,9 +158,10 @@ type Agent struct {
 	cursors map[uint32]*atomic.Int64 // read cursor of the initial copy, per disk
 	done    map[uint32]*atomic.Bool
 
-	lastTag       atomic.Uint64 // seq of the last tag record
+	tagMu         sync.Mutex
+	tagSeqs       []uint64 // tag records not yet sent (for FlagTag)
 	crashInterval atomic.Int64
-	fatal         atomic.Pointer[string]
+	current       atomic.Pointer[shipSession] // the current connection, if any
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -266,35 +268,26 @@ func (a *Agent) open() error {
 			return fmt.Errorf("disk %s changed size from %d to %d bytes: resizing a protected disk is not supported yet", ds.Name, ds.Size, d.Size())
 		}
 		ds.Size = d.Size()
+		idx := ds.Index
+		d.diverged = func(reason string) { a.markDiverged(idx, reason) }
 		// The initial copy resumes from the furthest progress known: the
 		// acknowledged one in the state file, or a later one still in the
-		// spool (whose records will be sent).
-		if p, ok := rec.Progress[ds.Index]; ok && int64(p.Offset) > ds.Cursor {
-			ds.Cursor = int64(p.Offset)
-			ds.Done = ds.Done || p.Flags&replication.FlagDone != 0
+		// spool (whose records will be sent). Only the acknowledged one is
+		// saved: the spool's tail is not durable until flushed.
+		cursor, done := ds.Cursor, ds.Done
+		if p, ok := rec.Progress[ds.Index]; ok && int64(p.Offset) > cursor {
+			cursor, done = int64(p.Offset), done || p.Flags&replication.FlagDone != 0
 		}
 		a.cursors[ds.Index] = &atomic.Int64{}
-		a.cursors[ds.Index].Store(ds.Cursor)
+		a.cursors[ds.Index].Store(cursor)
 		a.done[ds.Index] = &atomic.Bool{}
-		a.done[ds.Index].Store(ds.Done)
+		a.done[ds.Index].Store(done)
 	}
 	if err := a.st.save(cfg.StateDir); err != nil {
 		return err
 	}
-	if a.unclean && rec.Records > 0 {
-		// After an unclean stop, each disk's last logged change may not
-		// have reached the disk (or reached it without being logged in
-		// full): log the range as the disk holds it now.
-		for _, t := range rec.Tails {
-			for _, d := range a.disks {
-				if d.Index == t.Disk {
-					if err := d.Relog(int64(t.Offset), int64(t.Length)); err != nil {
-						return fmt.Errorf("repair log of disk %s: %w", d.Name, err)
-					}
-					a.log.Info("unclean stop: re-logged the disk's last change", "disk", d.Name, "offset", t.Offset, "length", t.Length)
-				}
-			}
-		}
+	if err := a.repair(rec); err != nil {
+		return err
 	}
 	os.Remove(filepath.Join(cfg.StateDir, cleanFile))
 	a.stats = loadStats(cfg.StateDir)
@@ -324,6 +317,73 @@ func (a *Agent) open() error {
 	return nil
 }
 
+// repairFile lists the ranges being re-logged after an unclean stop, so a
+// second stop in the middle of the repair repeats all of it.
+const repairFile = "repair.json"
+
+// repair re-logs, after an unclean stop, the range of each disk's last
+// logged change: it may have been logged and not reached the disk (or the
+// reverse). The ranges are saved first, so an interrupted repair is redone
+// whole at the next start.
+func (a *Agent) repair(rec spool.Recovered) error {
+	path := filepath.Join(a.cfg.StateDir, repairFile)
+	var ranges []spool.Tail
+	if b, err := os.ReadFile(path); err == nil {
+		if err := json.Unmarshal(b, &ranges); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	if a.unclean {
+		for _, t := range rec.Tails {
+			ranges = append(ranges, t)
+		}
+	}
+	if len(ranges) == 0 {
+		return nil
+	}
+	b, err := json.Marshal(ranges)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(path, b, 0o600); err != nil {
+		return err
+	}
+	for _, t := range ranges {
+		for _, d := range a.disks {
+			if d.Index == t.Disk {
+				if err := d.Relog(int64(t.Offset), int64(t.Length)); err != nil {
+					return fmt.Errorf("repair log of disk %s: %w", d.Name, err)
+				}
+				a.log.Info("unclean stop: re-logged the disk's last change", "disk", d.Name, "offset", t.Offset, "length", t.Length)
+			}
+		}
+	}
+	if err := a.spool.Sync(); err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil {
+		return err
+	}
+	return atomicfile.SyncDir(a.cfg.StateDir)
+}
+
+// markDiverged records, durably, that a disk's log and its contents may
+// disagree; the server is told at the next connection and marks the disk
+// for resync.
+func (a *Agent) markDiverged(index uint32, reason string) {
+	a.stMu.Lock()
+	defer a.stMu.Unlock()
+	for i := range a.st.Disks {
+		if a.st.Disks[i].Index == index && a.st.Disks[i].Diverged == "" {
+			a.st.Disks[i].Diverged = reason
+			if err := a.st.save(a.cfg.StateDir); err != nil {
+				a.log.Error("save agent state", "err", err)
+			}
+		}
+	}
+	a.reconnect()
+}
+
 // MachineID returns the agent's registered machine id.
 func (a *Agent) MachineID() string { return a.st.MachineID }
 
@@ -331,8 +391,9 @@ func (a *Agent) MachineID() string { return a.st.MachineID }
 func (a *Agent) NBDAddr() net.Addr { return a.nbdL.Addr() }
 
 // Run serves NBD, copies the disks, ships the log and tags points until ctx
-// is done. It returns an error only for a fatal condition (for example the
-// server refusing this machine).
+// is done. The disks stay served whatever happens to replication: a server
+// that refuses the agent is retried, and its reason logged, while the guest
+// keeps working.
 func (a *Agent) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, a.cancel)
 	defer stop()
@@ -346,15 +407,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		"disks", len(a.disks), "next_seq", a.spool.Next())
 	<-a.ctx.Done()
 	a.wg.Wait()
-	if f := a.fatal.Load(); f != nil {
-		return errors.New(*f)
-	}
 	return nil
 }
 
-func (a *Agent) setFatal(msg string) {
-	a.fatal.Store(&msg)
-	a.cancel()
+// reconnect ends the current session (if any); the ship loop starts a new
+// one, whose Hello carries the current disk state.
+func (a *Agent) reconnect() {
+	if s := a.current.Load(); s != nil {
+		s.nc.Close()
+	}
 }
 
 // Close stops the agent (if running) and closes its files; a clean stop is
@@ -417,13 +478,33 @@ func (a *Agent) tag(reqID uint64, app bool) error {
 		}
 		rec.Flags |= replication.FlagApp
 	}
+	// Under tagMu from Append to recording the seq, so the sender, which
+	// takes tagMu too, never ships this tag without knowing it is one.
+	a.tagMu.Lock()
 	seq, err := a.spool.Append(a.ctx, &rec)
+	if err == nil {
+		a.tagSeqs = append(a.tagSeqs, seq)
+	}
+	a.tagMu.Unlock()
 	if err != nil {
 		return err
 	}
 	a.spool.Complete(seq)
-	a.lastTag.Store(seq)
 	return nil
+}
+
+// hasTag reports whether a tag record lies in [first, last], forgetting the
+// tags up to last (they are being sent).
+func (a *Agent) hasTag(first, last uint64) bool {
+	a.tagMu.Lock()
+	defer a.tagMu.Unlock()
+	found := false
+	i := 0
+	for ; i < len(a.tagSeqs) && a.tagSeqs[i] <= last; i++ {
+		found = found || a.tagSeqs[i] >= first
+	}
+	a.tagSeqs = a.tagSeqs[i:]
+	return found
 }
 
 func (a *Agent) tagLoop() {

@@ -21,12 +21,15 @@ const (
 	frameRaw = 4 << 20
 	// window bounds the record bytes sent but not yet acknowledged.
 	window = 64 << 20
+	// refusedRetry is how often a refused agent tries again.
+	refusedRetry = 30 * time.Second
 	// linger lets small batches grow a little before a frame is sent.
 	linger      = 2 * time.Millisecond
 	lingerBelow = 256 << 10
 )
 
-// fatalError is a refusal by the server that retrying will not fix.
+// fatalError is a refusal by the server that retrying soon will not fix: an
+// operator has to act. The agent keeps serving its disks and retries slowly.
 type fatalError struct{ msg string }
 
 func (e *fatalError) Error() string { return e.msg }
@@ -44,9 +47,14 @@ func (a *Agent) shipLoop() {
 		}
 		var fe *fatalError
 		if errors.As(err, &fe) {
-			a.log.Error("the server refuses this agent; stopping", "reason", fe.msg)
-			a.setFatal(fe.msg)
-			return
+			a.log.Error("the server refuses this agent; the disks stay served and changes are spooled while an operator fixes the cause",
+				"reason", fe.msg, "retry_in", refusedRetry)
+			select {
+			case <-a.ctx.Done():
+				return
+			case <-time.After(refusedRetry):
+			}
+			continue
 		}
 		if time.Since(start) > 30*time.Second {
 			backoff = 500 * time.Millisecond
@@ -100,9 +108,16 @@ func (a *Agent) session() error {
 	bw := bufio.NewWriterSize(nc, 256<<10)
 
 	disks := make([]replication.DiskInfo, len(a.disks))
+	a.stMu.Lock()
 	for i, dk := range a.disks {
 		disks[i] = replication.DiskInfo{Index: dk.Index, Name: dk.Name, Size: dk.Size()}
+		for _, ds := range a.st.Disks {
+			if ds.Index == dk.Index {
+				disks[i].Diverged = ds.Diverged
+			}
+		}
 	}
+	a.stMu.Unlock()
 	hello := replication.Hello{MachineID: a.st.MachineID, AgentVersion: Version, Disks: disks,
 		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First()}
 	hf, _ := replication.JSONFrame(replication.FrameHello, hello)
@@ -149,6 +164,8 @@ func (a *Agent) session() error {
 
 	s := &shipSession{a: a, nc: nc, bw: bw}
 	s.cond = sync.NewCond(&s.mu)
+	a.current.Store(s)
+	defer a.current.CompareAndSwap(s, nil)
 	ctx, cancelS := context.WithCancel(a.ctx)
 	defer cancelS()
 	errc := make(chan error, 3)
@@ -249,7 +266,7 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 		}
 		f := codec.DataFrame(buf, first, count, cbuf)
 		last := first + uint64(count) - 1
-		if t := s.a.lastTag.Load(); t >= first && t <= last {
+		if s.a.hasTag(first, last) {
 			f.Flags |= replication.FlagTag
 		}
 		s.mu.Lock()

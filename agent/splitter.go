@@ -34,6 +34,9 @@ type Disk struct {
 	ctx   context.Context
 	lat   *latency
 	log   *slog.Logger
+	// diverged records that the log and the disk may disagree (a resync
+	// is needed); set by the agent.
+	diverged func(reason string)
 
 	mu sync.Mutex // serializes changes (spool append + backing write)
 
@@ -92,30 +95,40 @@ func (d *Disk) Flush() error {
 	return d.fb.Flush()
 }
 
-// maxZeroRecord bounds the range of one zero/trim record (records carry a
-// 32-bit length).
-const maxZeroRecord = 1 << 30
+// Record size limits: a guest write is logged as records of at most
+// maxDataRecord bytes (so a frame of records stays well under the wire
+// limit whatever the client's request size), a zero or trim as records of at
+// most maxZeroRecord (records carry a 32-bit length).
+const (
+	maxDataRecord = 4 << 20
+	maxZeroRecord = 1 << 30
+)
 
+// change logs and applies one guest request, split into records, all under
+// the change lock so no other change comes between its pieces.
 func (d *Disk) change(kind replication.Kind, p []byte, off, n int64, fua bool) error {
+	d.mu.Lock()
 	for n > 0 {
-		k := n
-		if !kind.HasData() && k > maxZeroRecord {
-			k = maxZeroRecord
+		k := min(n, int64(maxZeroRecord))
+		var chunk []byte
+		if kind.HasData() {
+			k = min(n, int64(maxDataRecord))
+			chunk, p = p[:k], p[k:]
 		}
-		if err := d.changeOne(kind, p, off, k); err != nil {
+		if err := d.changeLocked(kind, chunk, off, k); err != nil {
+			d.mu.Unlock()
 			return err
 		}
 		off, n = off+k, n-k
 	}
+	d.mu.Unlock()
 	if fua {
 		return d.Flush()
 	}
 	return nil
 }
 
-func (d *Disk) changeOne(kind replication.Kind, p []byte, off, n int64) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error {
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: kind, Offset: uint64(off), Length: uint32(n), Data: p}
 	seq, err := d.spool.Append(d.ctx, &rec)
 	if err != nil {
@@ -133,7 +146,11 @@ func (d *Disk) changeOne(kind replication.Kind, p []byte, off, n int64) error {
 		d.log.Error("backing write failed; logging the range as it is", "offset", off, "length", n, "err", err)
 		d.spool.Complete(seq)
 		if rerr := d.relogLocked(off, n); rerr != nil {
-			d.log.Error("cannot re-read the range either; the disk needs a resync", "err", rerr)
+			reason := fmt.Sprintf("a write at %d+%d failed on the disk (%v) and the range could not be re-read (%v)", off, n, err, rerr)
+			d.log.Error("the replica may now hold a change the disk does not; marking the disk for resync", "reason", reason)
+			if d.diverged != nil {
+				d.diverged(reason)
+			}
 		}
 		return err
 	}

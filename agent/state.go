@@ -30,6 +30,9 @@ type diskState struct {
 	Size   int64  `json:"size"`
 	Cursor int64  `json:"cursor"` // initial replication: bytes read and acknowledged
 	Done   bool   `json:"done"`
+	// Diverged says why the log may no longer match the disk (a failed
+	// write that could not be re-read); the server marks the disk for resync.
+	Diverged string `json:"diverged,omitempty"`
 }
 
 const (

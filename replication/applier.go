@@ -79,8 +79,26 @@ func (a *Applier) Disk(index uint32) (ReplicaDisk, bool) {
 // fresh (all-zero) replica and starts initial replication. A known disk must
 // keep its size.
 func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
+	// Names become file names on recovery: check them here, whatever the
+	// agent claims to have checked.
+	seen := map[string]bool{}
+	for _, di := range disks {
+		if !ValidDiskName(di.Name) {
+			return fmt.Errorf("disk name %q: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'", di.Name)
+		}
+		if seen[di.Name] {
+			return fmt.Errorf("disk name %q given twice", di.Name)
+		}
+		seen[di.Name] = true
+	}
 	changed := false
 	for _, di := range disks {
+		if di.Diverged != "" {
+			if d, ok := a.m.Disk(di.Index); ok && d.State != StateResync {
+				d.State, d.Reason = StateResync, "the agent reports: "+di.Diverged
+				changed = true
+			}
+		}
 		if d, ok := a.m.Disk(di.Index); ok {
 			if d.Name != di.Name {
 				return fmt.Errorf("disk %d was %q and is now %q: disk indexes must not be reused", di.Index, d.Name, di.Name)
@@ -96,6 +114,12 @@ func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
 		rd, err := a.cat.T.OpenDisk(ctx, DiskKey(a.m.ID, di.Index), di.Size)
 		if err != nil {
 			return fmt.Errorf("create replica of disk %s: %w", di.Name, err)
+		}
+		for _, d := range a.m.Disks {
+			if d.Name == di.Name {
+				rd.Close()
+				return fmt.Errorf("disk name %q is taken by disk %d of this machine", di.Name, d.Index)
+			}
 		}
 		a.disks[di.Index] = rd
 		a.m.Disks = append(a.m.Disks, CatalogDisk{Index: di.Index, Name: di.Name, Size: di.Size, State: StateInitial})

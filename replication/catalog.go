@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -73,6 +74,12 @@ func (m *MachineCatalog) Protected() bool {
 	}
 	return true
 }
+
+var diskNameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$`)
+
+// ValidDiskName reports whether a disk name is acceptable: it becomes a file
+// name (NAME.img) when the disk is recovered.
+func ValidDiskName(name string) bool { return diskNameRE.MatchString(name) }
 
 // Point kinds.
 const (

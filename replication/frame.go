@@ -312,6 +312,9 @@ type DiskInfo struct {
 	Index uint32 `json:"index"`
 	Name  string `json:"name"`
 	Size  int64  `json:"size"`
+	// Diverged, when set, says why the agent can no longer prove its log
+	// matches the disk: the server marks the disk for resync.
+	Diverged string `json:"diverged,omitempty"`
 }
 
 // Welcome answers Hello. DurableSeq is the last sequence number the process

@@ -81,8 +81,9 @@ type Spool struct {
 	samples       []sample
 	lastAckedTime int64
 
-	syncMu sync.Mutex // serializes fsync calls (group commit)
-	synced uint64     // records up to this seq are durable
+	syncMu  sync.Mutex // serializes fsync calls (group commit)
+	synced  uint64     // records up to this seq are durable
+	syncErr error      // sticky: after a failed fsync nothing is known durable
 }
 
 type file struct {
@@ -347,6 +348,7 @@ func (s *Spool) newFile() error {
 	}
 	if err := atomicfile.SyncDir(s.dir); err != nil {
 		f.Close()
+		os.Remove(path)
 		return err
 	}
 	s.files = append(s.files, &file{first: s.next, last: s.next - 1, size: headerSize, f: f, path: path})
@@ -452,6 +454,9 @@ func (s *Spool) Complete(seq uint64) {
 func (s *Spool) Sync() error {
 	s.syncMu.Lock()
 	defer s.syncMu.Unlock()
+	if s.syncErr != nil {
+		return s.syncErr
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -475,10 +480,10 @@ func (s *Spool) Sync() error {
 			if errors.Is(err, os.ErrClosed) {
 				continue // trimmed meanwhile: its records are acknowledged
 			}
-			s.mu.Lock()
-			f.dirty = true
-			s.mu.Unlock()
-			return fmt.Errorf("spool sync: %w", err)
+			// A later fsync may report success for pages the kernel
+			// dropped: from now on no flush can be promised.
+			s.syncErr = fmt.Errorf("spool sync failed, flushes cannot be honoured until the agent restarts: %w", err)
+			return s.syncErr
 		}
 	}
 	s.mu.Lock()
@@ -708,8 +713,9 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 				rl += int(h.Length)
 			}
 			if p+rl > len(buf) {
-				if p == at {
-					// A record larger than the room left: read it whole.
+				if p == at && at == 0 {
+					// The batch's first record is larger than the room:
+					// read it whole (a frame may exceed max by one record).
 					buf = append(buf[:at], make([]byte, rl)...)
 					if _, err := r.f.ReadAt(buf[at:], r.pos.Offset); err != nil {
 						return buf[:at], first, count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)

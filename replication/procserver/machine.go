@@ -44,6 +44,7 @@ type machine struct {
 	status    replication.Status
 	statusAt  time.Time
 	applyErr  string
+	broken    error // set when the cache could not be made durable
 	waiters   map[uint64]chan pointResult
 	syncWake  chan struct{}
 	applyWake chan struct{}
@@ -143,10 +144,14 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 	return m, nil
 }
 
-// sealBytes writes recovered frames as a sealed segment.
+// sealBytes writes recovered frames as a sealed segment. The file may be
+// sealed already (the server stopped between writing the SEAL frame and the
+// rename), in which case it is kept as it is.
 func (m *machine) sealBytes(data []byte, scan replication.SegmentScan) error {
-	seal := replication.SealFrame(scan.Last, scan.Records)
-	data = replication.AppendFrame(append([]byte(nil), data...), &seal)
+	if !scan.Sealed {
+		seal := replication.SealFrame(scan.Last, scan.Records)
+		data = replication.AppendFrame(append([]byte(nil), data...), &seal)
+	}
 	path := filepath.Join(m.dir, replication.SegmentName(scan.First, scan.Last))
 	if err := atomicfile.Write(path, data, 0o600); err != nil {
 		return err
@@ -172,6 +177,14 @@ func (m *machine) newOpenFile() error {
 		f.Close()
 		return err
 	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := atomicfile.SyncDir(m.dir); err != nil {
+		f.Close()
+		return err
+	}
 	m.open, m.openFirst, m.openBytes, m.openRaw, m.openTag = f, m.appended+1, int64(len(h)), 0, false
 	m.s.cacheBytes.Add(int64(len(h)))
 	return nil
@@ -191,18 +204,34 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 	if m.closed {
 		return replication.Welcome{}, errors.New("process server closing")
 	}
-	// The agent holds [SpoolFirst, NextSeq); the server holds up to durable.
-	if h.SpoolFirst > m.durable+1 {
-		return replication.Welcome{}, fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
+	if m.broken != nil {
+		return replication.Welcome{}, m.broken
 	}
-	if h.NextSeq <= m.durable && h.NextSeq > 0 {
-		return replication.Welcome{}, fmt.Errorf("the server holds changes up to seq %d but the agent's log ends at %d: the agent lost its state; re-register it (a resync follows)", m.durable, h.NextSeq-1)
-	}
+	// From here the old connection (if any) can append nothing more, and
+	// all it appended is made durable, so Welcome names everything held.
 	if old := m.conn; old != nil {
 		old.log.Info("replaced by a new connection")
-		old.c.Close()
+		old.replace()
 	}
 	m.conn = cc
+	if m.appended > m.durable {
+		if err := m.open.Sync(); err != nil {
+			m.breakLocked(err)
+			return replication.Welcome{}, m.broken
+		}
+		m.durable = m.appended
+	}
+	// The agent holds [SpoolFirst, NextSeq); the server holds up to durable.
+	switch {
+	case h.SpoolFirst > m.durable+1:
+		err = fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
+	case h.NextSeq <= m.durable && h.NextSeq > 0:
+		err = fmt.Errorf("the server holds changes up to seq %d but the agent's log ends at %d: the agent lost its state; re-register it (a resync follows)", m.durable, h.NextSeq-1)
+	}
+	if err != nil {
+		m.conn = nil
+		return replication.Welcome{}, err
+	}
 	m.ackSent = m.durable
 	return replication.Welcome{DurableSeq: m.durable}, nil
 }
@@ -213,15 +242,37 @@ func (m *machine) detach(cc *agentConn) {
 	if m.conn == cc {
 		m.conn = nil
 	}
+	cc.replace()
 }
 
-// append writes a DATA frame to the open cache file. The frame is
-// acknowledged by the sync loop once fsync'd.
-func (m *machine) append(f *replication.Frame) error {
+// breakLocked stops the machine's cache after an fsync failed: what the
+// file holds after a failed fsync is unknown (a retried fsync may report
+// success for data that was dropped), so nothing more is acknowledged until
+// the server is restarted and recovers the file. Caller holds mu.
+func (m *machine) breakLocked(err error) {
+	if m.broken == nil {
+		m.broken = fmt.Errorf("the process server's cache for this machine could not be made durable (%v); fix the cache disk and restart the server", err)
+		m.log.Error("cache fsync failed; no more acknowledgements for this machine until a restart", "err", err)
+	}
+	if m.conn != nil {
+		m.conn.replace()
+		m.conn = nil
+	}
+}
+
+// append writes a DATA frame from connection cc to the open cache file. The
+// frame is acknowledged by the sync loop once fsync'd.
+func (m *machine) append(cc *agentConn, f *replication.Frame) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return errors.New("process server closing")
+	}
+	if m.broken != nil {
+		return m.broken
+	}
+	if m.conn != cc {
+		return errors.New("connection replaced by a newer one")
 	}
 	if f.Seq != m.appended+1 || f.Count == 0 {
 		return &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, m.appended+1)}
@@ -262,10 +313,10 @@ func (m *machine) syncLoop() {
 		case <-tick.C:
 		}
 		if err := m.syncOnce(); err != nil {
-			m.log.Error("cache sync failed", "err", err)
+			m.log.Error("cache sync or seal failed", "err", err)
 			m.mu.Lock()
 			if m.conn != nil {
-				m.conn.c.Close() // the agent will resend from the last ack
+				m.conn.replace() // the agent will resend from the last ack
 			}
 			m.mu.Unlock()
 			time.Sleep(time.Second)
@@ -275,7 +326,7 @@ func (m *machine) syncLoop() {
 
 func (m *machine) syncOnce() error {
 	m.mu.Lock()
-	if m.closed {
+	if m.closed || m.broken != nil {
 		m.mu.Unlock()
 		return nil
 	}
@@ -283,6 +334,11 @@ func (m *machine) syncOnce() error {
 	m.mu.Unlock()
 	if target > m.durableSeq() {
 		if err := f.Sync(); err != nil {
+			m.mu.Lock()
+			if m.open == f { // not sealed (and synced) meanwhile
+				m.breakLocked(err)
+			}
+			m.mu.Unlock()
 			return err
 		}
 	}
@@ -319,24 +375,32 @@ func (m *machine) sealLocked() error {
 	count := uint32(last - first + 1)
 	seal := replication.SealFrame(last, count)
 	b := replication.AppendFrame(nil, &seal)
-	if _, err := m.open.Write(b); err != nil {
+	// Until the rename, a failure takes the SEAL frame back out, so later
+	// frames are never written after a seal.
+	unseal := func() {
 		m.open.Truncate(m.openBytes)
 		m.open.Seek(m.openBytes, 0)
+	}
+	if _, err := m.open.Write(b); err != nil {
+		unseal()
 		return err
 	}
 	if err := m.open.Sync(); err != nil {
-		return err
-	}
-	if err := m.open.Close(); err != nil {
+		unseal()
+		m.breakLocked(err)
 		return err
 	}
 	size := m.openBytes + int64(len(b))
 	path := filepath.Join(m.dir, replication.SegmentName(first, last))
 	if err := os.Rename(filepath.Join(m.dir, openName), path); err != nil {
+		unseal()
 		return err
 	}
+	m.open.Close()
 	if err := atomicfile.SyncDir(m.dir); err != nil {
-		return err
+		// The rename may not be durable; the file is sealed and valid
+		// under either name, and recovery handles both.
+		m.log.Warn("directory fsync after sealing failed", "err", err)
 	}
 	m.s.cacheBytes.Add(int64(len(b)))
 	m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: size, sealedAt: time.Now()})
@@ -407,12 +471,6 @@ func (m *machine) applyOne(sg sealedSeg) error {
 	if errors.Is(err, replication.ErrCorrupt) {
 		reason := fmt.Sprintf("segment %s failed verification (%v); it was not applied", filepath.Base(sg.path), err)
 		m.log.Error("corrupt segment", "segment", filepath.Base(sg.path), "err", err)
-		bad := filepath.Join(m.dir, "bad")
-		os.MkdirAll(bad, 0o700)
-		if rerr := os.Rename(sg.path, filepath.Join(bad, filepath.Base(sg.path))); rerr != nil {
-			m.applyMu.Unlock()
-			return rerr
-		}
 		err = m.applier.MarkResync(m.s.ctx, -1, reason)
 		if err == nil {
 			err = m.applier.SkipTo(m.s.ctx, sg.last)
@@ -420,6 +478,12 @@ func (m *machine) applyOne(sg sealedSeg) error {
 		m.applyMu.Unlock()
 		if err != nil {
 			return err
+		}
+		// Kept for inspection, out of the way of the applier.
+		bad := filepath.Join(m.dir, "bad")
+		os.MkdirAll(bad, 0o700)
+		if err := os.Rename(sg.path, filepath.Join(bad, filepath.Base(sg.path))); err != nil {
+			m.log.Warn("could not move the corrupt segment aside", "err", err)
 		}
 		m.popSealed(sg)
 		return nil

@@ -263,7 +263,8 @@ func (s *Server) serveConn(c net.Conn) error {
 	if err != nil {
 		return fail(false, "%v", err)
 	}
-	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16), done: make(chan struct{})}
+	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16),
+		done: make(chan struct{}), replaced: make(chan struct{})}
 	welcome, err := m.attach(s.ctx, cc, &h)
 	if err != nil {
 		return refuse("%v", err)
@@ -309,10 +310,12 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 				select {
 				case <-s.ctx.Done():
 					return s.ctx.Err()
+				case <-cc.replaced:
+					return errors.New("connection replaced while waiting for cache space")
 				case <-time.After(20 * time.Millisecond):
 				}
 			}
-			if err := m.append(&f); err != nil {
+			if err := m.append(cc, &f); err != nil {
 				return err
 			}
 			if s.cfg.OnBytes != nil {
@@ -345,6 +348,18 @@ type agentConn struct {
 	acks chan uint64            // latest durable seq (coalesced)
 	out  chan replication.Frame // control frames to send
 	done chan struct{}
+
+	replaceOnce sync.Once
+	replaced    chan struct{} // closed when the connection is replaced or closed
+}
+
+// replace ends the connection: its reader stops at once, even while waiting
+// for cache space, and can append nothing more.
+func (cc *agentConn) replace() {
+	cc.replaceOnce.Do(func() {
+		close(cc.replaced)
+		cc.c.Close()
+	})
 }
 
 func (cc *agentConn) ack(seq uint64) {

@@ -1,0 +1,131 @@
+package procserver
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/localfs"
+)
+
+const machineID = "00aa"
+
+func mustCatalog(t *testing.T) *replication.Catalog {
+	t.Helper()
+	tgt, err := localfs.Open(filepath.Join(t.TempDir(), "target"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tgt.Close() })
+	return &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+}
+
+// dataFrame encodes records first.. as one DATA frame.
+func dataFrame(first uint64, recs ...replication.Record) replication.Frame {
+	var raw []byte
+	for i := range recs {
+		recs[i].Seq = first + uint64(i)
+		if recs[i].Kind.HasData() {
+			recs[i].Length = uint32(len(recs[i].Data))
+		}
+		raw = replication.AppendRecord(raw, &recs[i])
+	}
+	return replication.DefaultCodec().DataFrame(raw, first, uint32(len(recs)), nil)
+}
+
+func mustServer(t *testing.T, cacheDir string, cat *replication.Catalog) *Server {
+	t.Helper()
+	s, err := New(context.Background(), Config{CacheDir: cacheDir, Catalog: cat,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// prepare registers the machine's disk and applies its initial copy, as a
+// first agent connection would, then closes the server.
+func prepare(t *testing.T, cacheDir string, cat *replication.Catalog) {
+	t.Helper()
+	ctx := context.Background()
+	a, err := replication.OpenApplier(ctx, cat, machineID, "vm", slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d", Size: 1 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(cacheDir, machineID), 0o700)
+}
+
+// waitApplied waits until the machine's applier has applied up to seq.
+func waitApplied(t *testing.T, s *Server, seq uint64) MachineStats {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, ok := s.Stats(machineID)
+		if ok && st.AppliedSeq >= seq {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("applied %d, want %d: %+v", st.AppliedSeq, seq, st)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A server killed between writing the SEAL frame and renaming the file
+// leaves a sealed open.seg: recovery keeps it as it is (sealing it again
+// would make a corrupt segment and force a resync).
+func TestRecoverSealedOpenFile(t *testing.T) {
+	cat := mustCatalog(t)
+	cache := t.TempDir()
+	prepare(t, cache, cat)
+	seg := replication.SegmentHeader(1, time.Now())
+	f := dataFrame(1,
+		replication.Record{Kind: replication.KindProgress, Offset: 1 << 20, Flags: replication.FlagDone},
+		replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: []byte("hello")})
+	seg = replication.AppendFrame(seg, &f)
+	seal := replication.SealFrame(2, 2)
+	seg = replication.AppendFrame(seg, &seal)
+	if err := os.WriteFile(filepath.Join(cache, machineID, openName), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := mustServer(t, cache, cat)
+	defer s.Close()
+	st := waitApplied(t, s, 2)
+	if st.ApplyError != "" {
+		t.Fatalf("apply error: %s", st.ApplyError)
+	}
+	m, _ := cat.Machine(context.Background(), machineID)
+	if !m.Protected() {
+		t.Fatalf("machine not protected after recovery: %+v", m.Disks)
+	}
+}
+
+// A torn tail (a frame cut short by the crash, never acknowledged) is cut
+// off; the complete frames before it are kept and applied.
+func TestRecoverTornOpenFile(t *testing.T) {
+	cat := mustCatalog(t)
+	cache := t.TempDir()
+	prepare(t, cache, cat)
+	seg := replication.SegmentHeader(1, time.Now())
+	f1 := dataFrame(1, replication.Record{Kind: replication.KindProgress, Offset: 1 << 20, Flags: replication.FlagDone})
+	f2 := dataFrame(2, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: make([]byte, 8192)})
+	seg = replication.AppendFrame(seg, &f1)
+	torn := replication.AppendFrame(nil, &f2)
+	seg = append(seg, torn[:len(torn)-7]...)
+	os.WriteFile(filepath.Join(cache, machineID, openName), seg, 0o600)
+	s := mustServer(t, cache, cat)
+	defer s.Close()
+	st := waitApplied(t, s, 1)
+	if st.DurableSeq != 1 || st.ApplyError != "" {
+		t.Fatalf("after recovery: %+v", st)
+	}
+}
