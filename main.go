@@ -52,6 +52,8 @@ Usage:
   asr status   [--machine M] [--json]
   asr points   --machine M [--json] [--target URL --passphrase-file F]
   asr tag      --machine M [--wait] [--app]
+  asr policy   list|show|create|set|assign ...
+  asr events   [--machine M]
   asr recover  --machine M --point latest|ID --out DIR [--target URL --passphrase-file F]
   asr version
 
@@ -112,6 +114,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runTag(ctx, rest, stdout)
 	case "recover":
 		return runRecover(ctx, rest, stdout)
+	case "policy":
+		return runPolicy(ctx, rest, stdout)
+	case "events":
+		return runEvents(ctx, rest, stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "asr", v)
 		return nil

@@ -43,6 +43,11 @@ type Config struct {
 	Disks          []DiskSpec
 	NBD            string // unix:/path.sock or HOST:PORT
 	CrashInterval  time.Duration
+	AppFrequency   time.Duration // 0: no scheduled application-consistent points
+	PreFreeze      string        // script run with "freeze" before file systems are frozen
+	PostThaw       string        // script run with "thaw" after they are thawed
+	FreezeMounts   []string      // mount points frozen for application-consistent points
+	FreezeTimeout  time.Duration // the freeze is time-boxed (default 10s)
 	SpoolMax       int64
 	// MaxRate limits the replication bandwidth to this many bytes per
 	// second on the wire (0: unlimited), as ASR and Zerto throttle.
@@ -62,7 +67,15 @@ func ParseFlags(args []string) (Config, error) {
 	fs.StringVar(&c.StateDir, "state", "./asr-agent", "directory for the agent's identity, state and spool")
 	fs.StringVar(&c.Name, "name", "", "machine name (default: host name)")
 	fs.StringVar(&c.NBD, "nbd", "", "NBD listen address for the protected disks: unix:/path.sock or HOST:PORT")
-	fs.DurationVar(&c.CrashInterval, "crash-interval", 5*time.Minute, "interval between crash-consistent recovery points (1s or more)")
+	fs.DurationVar(&c.CrashInterval, "crash-interval", 5*time.Minute, "interval between crash-consistent recovery points (1s or more); the machine's policy overrides it")
+	fs.DurationVar(&c.AppFrequency, "app-frequency", 0, "interval between application-consistent points (0: none); the machine's policy overrides it")
+	fs.StringVar(&c.PreFreeze, "pre-freeze", "", "script run (with argument \"freeze\") before an application-consistent point")
+	fs.StringVar(&c.PostThaw, "post-thaw", "", "script run (with argument \"thaw\") after an application-consistent point")
+	fs.DurationVar(&c.FreezeTimeout, "freeze-timeout", 10*time.Second, "longest time file systems stay frozen")
+	fs.Func("freeze", "mount point to freeze (FIFREEZE) for application-consistent points (repeatable)", func(v string) error {
+		c.FreezeMounts = append(c.FreezeMounts, v)
+		return nil
+	})
 	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
 	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
 	fs.Func("disk", "protected disk NAME=PATH (repeat for each disk)", func(v string) error {
@@ -160,7 +173,12 @@ type Agent struct {
 
 	tagMu         sync.Mutex
 	tagSeqs       []uint64 // tag records not yet sent (for FlagTag)
+	pointMu       sync.Mutex
 	crashInterval atomic.Int64
+	appFrequency  atomic.Int64
+	freezer       freezer
+	eventMu       sync.Mutex
+	events        []replication.AgentEvent
 	current       atomic.Pointer[shipSession] // the current connection, if any
 
 	ctx    context.Context
@@ -188,6 +206,8 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{},
 		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}}
 	a.crashInterval.Store(int64(cfg.CrashInterval))
+	a.appFrequency.Store(int64(cfg.AppFrequency))
+	a.freezer = osFreezer{}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, err
@@ -465,17 +485,22 @@ func (a *Agent) allDone() bool {
 	return true
 }
 
-// tag appends a recovery-point tag. With app set, the disks and the spool are
-// flushed first (no freeze hooks are configured yet, so this is the
-// flush-only form of an application-consistent point).
+// point makes a recovery point now: application-consistent (freeze
+// sequence, see freeze.go) or crash-consistent. One point at a time.
+func (a *Agent) point(reqID uint64, app bool) error {
+	a.pointMu.Lock()
+	defer a.pointMu.Unlock()
+	if app {
+		return a.appPoint(reqID)
+	}
+	return a.tag(reqID, false)
+}
+
+// tag appends a recovery-point tag record; app marks it application-
+// consistent (the caller has quiesced the guest).
 func (a *Agent) tag(reqID uint64, app bool) error {
 	rec := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindTag, Offset: reqID}
 	if app {
-		for _, d := range a.disks {
-			if err := d.Flush(); err != nil {
-				return err
-			}
-		}
 		rec.Flags |= replication.FlagApp
 	}
 	// Under tagMu from Append to recording the seq, so the sender, which
@@ -507,28 +532,69 @@ func (a *Agent) hasTag(first, last uint64) bool {
 	return found
 }
 
+// tagLoop makes the scheduled points: crash-consistent every crash
+// interval, application-consistent every app frequency (when set), as the
+// machine's policy says. An application-consistent point also counts as the
+// crash-consistent one due at the same time.
 func (a *Agent) tagLoop() {
-	last := time.Now()
-	t := time.NewTicker(250 * time.Millisecond)
+	lastCrash, lastApp := time.Now(), time.Now()
+	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {
 		case <-a.ctx.Done():
 			return
 		case now := <-t.C:
-			if now.Sub(last) < time.Duration(a.crashInterval.Load()) {
+			crashDue := now.Sub(lastCrash) >= time.Duration(a.crashInterval.Load())
+			appEvery := time.Duration(a.appFrequency.Load())
+			appDue := appEvery > 0 && now.Sub(lastApp) >= appEvery
+			if !crashDue && !appDue {
 				continue
 			}
-			last = now
 			if !a.allDone() {
+				lastCrash, lastApp = now, now // no points before the copy is complete
 				continue
 			}
-			if err := a.tag(0, false); err != nil && a.ctx.Err() == nil {
-				a.log.Error("crash-consistent tag failed", "err", err)
+			if err := a.point(0, appDue); err != nil && a.ctx.Err() == nil {
+				a.log.Error("scheduled point failed", "app", appDue, "err", err)
+			}
+			lastCrash = now
+			if appDue {
+				lastApp = now
 			}
 		}
 	}
 }
+
+// setPolicy applies the point schedule of the machine's policy.
+func (a *Agent) setPolicy(p replication.AgentPolicy) {
+	if p.CrashInterval > 0 {
+		a.crashInterval.Store(p.CrashInterval)
+	}
+	a.appFrequency.Store(p.AppFrequency)
+	a.log.Info("policy applied", "crash_interval", time.Duration(p.CrashInterval), "app_frequency", time.Duration(p.AppFrequency))
+}
+
+// event queues an event for the server (sent with the next status report).
+func (a *Agent) event(kind, msg string) {
+	a.eventMu.Lock()
+	defer a.eventMu.Unlock()
+	if len(a.events) < maxQueuedEvents {
+		a.events = append(a.events, replication.AgentEvent{Time: time.Now().UnixNano(), Kind: kind, Message: msg})
+	}
+}
+
+// takeEvents returns and clears the queued events.
+func (a *Agent) takeEvents() []replication.AgentEvent {
+	a.eventMu.Lock()
+	defer a.eventMu.Unlock()
+	ev := a.events
+	a.events = nil
+	return ev
+}
+
+// maxQueuedEvents bounds the events waiting for a status report.
+const maxQueuedEvents = 100
 
 // onAck handles an acknowledgement: trims the spool and records the
 // acknowledged initial-copy progress in the state file.

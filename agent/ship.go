@@ -151,8 +151,8 @@ func (a *Agent) session() error {
 			return err
 		}
 	}
-	if w.CrashInterval > 0 {
-		a.crashInterval.Store(w.CrashInterval)
+	if w.Policy != nil {
+		a.setPolicy(*w.Policy)
 	}
 	rd, err := a.spool.NewReader(w.DurableSeq + 1)
 	if err != nil {
@@ -327,10 +327,16 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 				return err
 			}
 			go func() {
-				if err := s.a.tag(tr.ID, tr.App); err != nil && ctx.Err() == nil {
+				if err := s.a.point(tr.ID, tr.App); err != nil && ctx.Err() == nil {
 					s.a.log.Error("requested tag failed", "err", err)
 				}
 			}()
+		case replication.FramePolicy:
+			var p replication.AgentPolicy
+			if err := replication.DecodeJSON(&f, &p); err != nil {
+				return err
+			}
+			s.a.setPolicy(p)
 		case replication.FrameError:
 			return checkError(&f)
 		default:
@@ -344,7 +350,8 @@ func (s *shipSession) status(ctx context.Context) error {
 	defer t.Stop()
 	for {
 		st := replication.Status{Time: time.Now().UnixNano(), SpoolBytes: s.a.spool.Pending(),
-			OldestPending: s.a.spool.OldestPending(), LastSeq: s.a.spool.Next() - 1, Disks: s.a.Progress()}
+			OldestPending: s.a.spool.OldestPending(), LastSeq: s.a.spool.Next() - 1, Disks: s.a.Progress(),
+			Events: s.a.takeEvents()}
 		f, err := replication.JSONFrame(replication.FrameStatus, st)
 		if err != nil {
 			return err

@@ -332,14 +332,14 @@ func (a *Applier) MarkResync(ctx context.Context, index int64, reason string) er
 // DeletePoint prunes a point: its catalog entry first (so it is never listed
 // without its snapshots), then the disk snapshots.
 func (a *Applier) DeletePoint(ctx context.Context, p Point) error {
-	if err := a.cat.DeletePoint(ctx, a.m.ID, p.Seq); err != nil {
+	if err := a.cat.DeletePoint(ctx, a.m.ID, p); err != nil {
 		return err
 	}
-	for _, idx := range p.Disks {
-		if rd, ok := a.disks[idx]; ok {
-			if err := rd.DeleteSnapshot(ctx, SnapshotName(p.Seq)); err != nil {
-				return fmt.Errorf("delete snapshot of point %s on disk %d: %w", p.ID, idx, err)
-			}
+	// Every disk of the machine (deleting a missing snapshot is a no-op), so
+	// a point listed without its disk list is pruned whole.
+	for idx, rd := range a.disks {
+		if err := rd.DeleteSnapshot(ctx, SnapshotName(p.Seq)); err != nil {
+			return fmt.Errorf("delete snapshot of point %s on disk %d: %w", p.ID, idx, err)
 		}
 	}
 	return nil

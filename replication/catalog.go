@@ -165,8 +165,26 @@ type Catalog struct {
 }
 
 func machineKey(id string) string { return "machines/" + id + "/machine" }
-func pointKey(id string, seq uint64) string {
-	return "machines/" + id + "/points/" + SnapshotName(seq)
+// pointKey names a point's catalog object. The key itself carries the
+// sequence number, time and kind, so listing the points needs no reads.
+func pointKey(id string, p Point) string {
+	return fmt.Sprintf("machines/%s/points/%016x.%016x.%s", id, p.Seq, p.Time.UnixNano(), p.Kind)
+}
+
+// parsePointKey is the inverse of pointKey for the last path element.
+func parsePointKey(name string) (Point, bool) {
+	var seq, ns uint64
+	parts := strings.SplitN(name, ".", 3)
+	if len(parts) != 3 || len(parts[0]) != 16 || len(parts[1]) != 16 {
+		return Point{}, false
+	}
+	if _, err := fmt.Sscanf(parts[0]+" "+parts[1], "%x %x", &seq, &ns); err != nil {
+		return Point{}, false
+	}
+	if parts[2] != PointCrash && parts[2] != PointApp {
+		return Point{}, false
+	}
+	return Point{ID: PointID(seq), Seq: seq, Time: time.Unix(0, int64(ns)).UTC(), Kind: parts[2]}, true
 }
 
 // DiskKey is the target key of a machine's replica disk.
@@ -263,25 +281,27 @@ func (c *Catalog) FindMachine(ctx context.Context, nameOrID string) (MachineCata
 
 // PutPoint records a point.
 func (c *Catalog) PutPoint(ctx context.Context, machineID string, p Point) error {
-	return c.put(ctx, pointKey(machineID, p.Seq), "point", p)
+	return c.put(ctx, pointKey(machineID, p), "point", p)
 }
 
 // DeletePoint removes a point's catalog entry (its snapshots separately).
-func (c *Catalog) DeletePoint(ctx context.Context, machineID string, seq uint64) error {
-	return c.T.DeleteObject(ctx, pointKey(machineID, seq))
+func (c *Catalog) DeletePoint(ctx context.Context, machineID string, p Point) error {
+	return c.T.DeleteObject(ctx, pointKey(machineID, p))
 }
 
-// Points lists a machine's recovery points, oldest first.
+// Points lists a machine's recovery points, oldest first, from the object
+// listing alone (Disks is not filled in; FindPoint reads the whole entry).
 func (c *Catalog) Points(ctx context.Context, machineID string) ([]Point, error) {
-	objs, err := c.T.ListObjects(ctx, "machines/"+machineID+"/points/")
+	prefix := "machines/" + machineID + "/points/"
+	objs, err := c.T.ListObjects(ctx, prefix)
 	if err != nil {
 		return nil, err
 	}
 	ps := make([]Point, 0, len(objs))
 	for _, o := range objs {
-		var p Point
-		if err := c.get(ctx, o.Key, "point", &p); err != nil {
-			return nil, err
+		p, ok := parsePointKey(strings.TrimPrefix(o.Key, prefix))
+		if !ok {
+			return nil, fmt.Errorf("catalog object %s: not a point: %w", o.Key, ErrCorrupt)
 		}
 		ps = append(ps, p)
 	}
@@ -301,13 +321,21 @@ func (c *Catalog) FindPoint(ctx context.Context, machineID, id string) (Point, e
 	if len(ps) == 0 {
 		return Point{}, fmt.Errorf("machine %s has no recovery points yet: %w", machineID, ErrNoPoint)
 	}
+	found := -1
 	if id == "latest" || id == "" {
-		return ps[len(ps)-1], nil
+		found = len(ps) - 1
 	}
-	for _, p := range ps {
+	for i, p := range ps {
 		if p.ID == id {
-			return p, nil
+			found = i
 		}
 	}
-	return Point{}, fmt.Errorf("point %q of machine %s: %w", id, machineID, ErrNoPoint)
+	if found < 0 {
+		return Point{}, fmt.Errorf("point %q of machine %s: %w", id, machineID, ErrNoPoint)
+	}
+	var p Point
+	if err := c.get(ctx, pointKey(machineID, ps[found]), "point", &p); err != nil {
+		return Point{}, err
+	}
+	return p, nil
 }

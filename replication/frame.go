@@ -29,10 +29,11 @@ const (
 	FrameTagReq  FrameType = 6 // server -> agent, JSON TagRequest
 	FrameError   FrameType = 7 // either way, JSON ErrorMessage; the sender closes
 	FrameSeal    FrameType = 8 // segments only: Seq = last sequence number, Count = records
+	FramePolicy  FrameType = 9 // server -> agent, JSON AgentPolicy: the point schedule changed
 )
 
 func (t FrameType) String() string {
-	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal"}
+	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal", "policy"}
 	if int(t) < len(names) && t != 0 {
 		return names[t]
 	}
@@ -154,7 +155,7 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 		return f, 0, &ProtocolError{fmt.Sprintf("unsupported protocol version %d (this build speaks %d)", h[4], ProtocolVersion)}
 	}
 	f.Type = FrameType(h[5])
-	if f.Type < FrameHello || f.Type > FrameSeal {
+	if f.Type < FrameHello || f.Type > FramePolicy {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
 	}
 	f.Flags = h[6]
@@ -321,9 +322,16 @@ type DiskInfo struct {
 // server holds durably for the machine (0: none); the agent resumes after it.
 type Welcome struct {
 	DurableSeq uint64 `json:"durable_seq"`
-	// CrashInterval, when set, overrides the agent's crash-consistent point
-	// interval (server policy); in nanoseconds.
-	CrashInterval int64 `json:"crash_interval,omitempty"`
+	// Policy, when set, is the machine's point schedule, which overrides
+	// the agent's flags.
+	Policy *AgentPolicy `json:"policy,omitempty"`
+}
+
+// AgentPolicy is the part of a replication policy the agent carries out:
+// when it makes crash- and application-consistent points. Durations in ns.
+type AgentPolicy struct {
+	CrashInterval int64 `json:"crash_interval"`
+	AppFrequency  int64 `json:"app_frequency"` // 0: no scheduled application-consistent points
 }
 
 // Status is the agent's periodic report; it doubles as a heartbeat.
@@ -333,6 +341,15 @@ type Status struct {
 	OldestPending int64          `json:"oldest_pending"` // time of the oldest unacknowledged change, 0 if none
 	LastSeq       uint64         `json:"last_seq"`       // last sequence number given out
 	Disks         []DiskProgress `json:"disks"`
+	Events        []AgentEvent   `json:"events,omitempty"` // new since the last report
+}
+
+// AgentEvent is something the agent reports for the console: a failed
+// freeze, a failed post-thaw script, ...
+type AgentEvent struct {
+	Time    int64  `json:"time"` // Unix ns
+	Kind    string `json:"kind"`
+	Message string `json:"message"`
 }
 
 // DiskProgress is a disk's initial-replication state as the agent sees it.

@@ -121,7 +121,8 @@ func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine,
 	pending := s.bytes[m.ID] // received, not yet added to the database
 	s.bytesMu.Unlock()
 	v := web.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
-		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected}
+		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected,
+		Policy: m.Policy, Group: m.Group}
 	var total, copied int64
 	for _, d := range m.Disks {
 		wd := web.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}

@@ -53,7 +53,15 @@ type Config struct {
 	AdminPasswordFile string // if set, the console password is set from it at start
 	Hosts             []string
 	CacheMaxBytes     int64
-	Logger            *slog.Logger
+	// TargetTier is the target's storage tier (replication.TierStandard
+	// or TierPremium), which bounds policy retention.
+	TargetTier string
+	// PolicyEvery is how often the RPO is checked against the thresholds
+	// (default 5s); PruneEvery how often old points are pruned (default 1m).
+	PolicyEvery, PruneEvery time.Duration
+	// Now is the clock for retention and events (default time.Now).
+	Now    func() time.Time
+	Logger *slog.Logger
 }
 
 // ParseFlags parses `asr server` arguments.
@@ -65,6 +73,7 @@ func ParseFlags(args []string) (Config, error) {
 	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of the agents' data listener (mutual TLS)")
 	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
 	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
+	fs.StringVar(&c.TargetTier, "target-tier", replication.TierStandard, "storage tier of the target: standard (retention up to 72h) or premium (up to 24h)")
 	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
 		c.Hosts = append(c.Hosts, v)
 		return nil
@@ -74,6 +83,9 @@ func ParseFlags(args []string) (Config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if c.TargetTier != replication.TierStandard && c.TargetTier != replication.TierPremium {
+		return c, fmt.Errorf("--target-tier %q: want standard or premium", c.TargetTier)
 	}
 	return c, nil
 }
@@ -100,6 +112,10 @@ type Server struct {
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
 
+	now     func() time.Time
+	rpoMu   sync.Mutex
+	rpoOver map[string]bool // machines whose RPO is over their threshold
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -115,7 +131,20 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DataDir == "" {
 		cfg.DataDir = DefaultDataDir
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), nonces: map[string]time.Time{}, bytes: map[string]int64{}}
+	if cfg.TargetTier == "" {
+		cfg.TargetTier = replication.TierStandard
+	}
+	if cfg.PolicyEvery <= 0 {
+		cfg.PolicyEvery = 5 * time.Second
+	}
+	if cfg.PruneEvery <= 0 {
+		cfg.PruneEvery = time.Minute
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), nonces: map[string]time.Time{}, bytes: map[string]int64{},
+		now: cfg.Now, rpoOver: map[string]bool{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.open(ctx); err != nil {
 		s.Close()
@@ -147,6 +176,10 @@ func (s *Server) open(ctx context.Context) error {
 	}
 	s.token = string(tok)
 	if s.db, err = store.Open(ctx, filepath.Join(cfg.DataDir, DatabaseFile)); err != nil {
+		return err
+	}
+	s.db.SetClock(cfg.Now)
+	if err := s.ensureDefaultPolicy(ctx); err != nil {
 		return err
 	}
 	if s.ca, s.cert, err = pki.LoadOrCreate(cfg.DataDir, cfg.Hosts); err != nil {
@@ -185,6 +218,8 @@ func (s *Server) open(ctx context.Context) error {
 		OnBytes:       s.onBytes,
 		OnConnect:     s.onConnect,
 		OnRefused:     s.onRefused,
+		OnStatus:      s.onStatus,
+		PolicyFor:     s.policyFor,
 		CacheMaxBytes: cfg.CacheMaxBytes,
 		Logger:        cfg.Logger.With("component", "procserver"),
 	})
@@ -319,7 +354,8 @@ func (s *Server) Run(ctx context.Context) error {
 		MinVersion:   tls.VersionTLS13,
 	})
 	errc := make(chan error, 2)
-	s.wg.Add(3)
+	s.wg.Add(4)
+	go func() { defer s.wg.Done(); s.policyLoop() }()
 	go func() {
 		defer s.wg.Done()
 		err := s.httpSrv.ServeTLS(s.httpL, "", "")

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,6 +41,7 @@ type rig struct {
 	srvErr     chan error
 	client     *server.Client
 	log        *slog.Logger
+	tune       func(*server.Config) // adjusts the config before each start
 }
 
 func quietLogger() *slog.Logger {
@@ -62,8 +64,11 @@ func (r *rig) start() {
 	if r.listen == "" {
 		r.listen, r.dataListen = "127.0.0.1:0", "127.0.0.1:0"
 	}
-	srv, err := server.Open(context.Background(), server.Config{DataDir: filepath.Join(r.dir, "srv"),
-		Listen: r.listen, DataListen: r.dataListen, Logger: r.log})
+	cfg := server.Config{DataDir: filepath.Join(r.dir, "srv"), Listen: r.listen, DataListen: r.dataListen, Logger: r.log}
+	if r.tune != nil {
+		r.tune(&cfg)
+	}
+	srv, err := server.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -431,18 +436,30 @@ func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
 	}
 }
 
-func TestCrashConsistentPointsOnSchedule(t *testing.T) {
+// A policy assigned to a running agent changes its point schedule at once,
+// without a restart.
+func TestPolicyReachesRunningAgent(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	disk := filepath.Join(dir, "d.img")
 	mustDisk(t, disk, 2<<20, 1)
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
-	cfg.CrashInterval = time.Second
 	startAgent(t, cfg)
 	r.waitProtected("vm1")
-	deadline := time.Now().Add(20 * time.Second)
+	// The default policy makes a point every 5 minutes: none come now.
+	time.Sleep(1500 * time.Millisecond)
 	var points []server.PointJSON
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil || len(points) != 0 {
+		t.Fatalf("points under the default policy: %v %v", points, err)
+	}
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "fast", CrashInterval: "5s"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", server.AssignRequest{Policy: "fast"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
 	for len(points) < 2 && time.Now().Before(deadline) {
 		time.Sleep(200 * time.Millisecond)
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
@@ -450,7 +467,7 @@ func TestCrashConsistentPointsOnSchedule(t *testing.T) {
 		}
 	}
 	if len(points) < 2 {
-		t.Fatalf("%d points after waiting; want scheduled points every second", len(points))
+		t.Fatalf("%d points 20 s after assigning a 5 s policy", len(points))
 	}
 	for _, p := range points {
 		if p.Kind != "crash" {
@@ -491,4 +508,154 @@ func TestVaultCreatedOnceAndReused(t *testing.T) {
 	if _, err := r.srv.Machines(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func TestPolicyAPIRulesAndFailbackTwin(t *testing.T) {
+	ctx := context.Background()
+	r := startServer(t, t.TempDir())
+	var ps []server.PolicyJSON
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies", nil, &ps); err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) != 2 || ps[0].Name != "default" || ps[1].Name != "default-failback" || ps[1].FailbackOf != "default" ||
+		ps[0].Retention != "24h0m0s" || ps[0].AppFrequency != "4h0m0s" || ps[0].CrashInterval != "5m0s" {
+		t.Fatalf("policies at first start: %+v", ps)
+	}
+	err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "long", Retention: "100h"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "retention") || !strings.Contains(err.Error(), "72h") {
+		t.Fatalf("retention over the standard limit: %v", err)
+	}
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "gold", Retention: "48h", AppFrequency: "2h"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	err = r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/gold", server.PolicyJSON{CrashInterval: "1s"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "crash-consistent interval") {
+		t.Fatalf("crash interval under 5s: %v", err)
+	}
+	var gold server.PolicyJSON
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold", nil, &gold); err != nil {
+		t.Fatal(err)
+	}
+	if gold.CrashInterval != "5m0s" || gold.Retention != "48h0m0s" {
+		t.Fatalf("a rejected change changed the policy: %+v", gold)
+	}
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold-failback", nil, &gold); err != nil || gold.FailbackOf != "gold" {
+		t.Fatalf("failback twin: %+v %v", gold, err)
+	}
+}
+
+// Retention: points older than the policy's retention are pruned on
+// schedule (with an injected clock), the newest is always kept, and their
+// copy-on-write space is reclaimed.
+func TestRetentionPrunesAndReclaims(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+		c.PolicyEvery, c.PruneEvery = 50*time.Millisecond, 50*time.Millisecond
+	}}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 4<<20, 1)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	startAgent(t, cfg)
+	r.waitProtected("vm1")
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "short", Retention: "1h", AppFrequency: "0", PITWindow: "30m"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", server.AssignRequest{Policy: "short"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c, err := nbd.Dial(ctx, cfg.NBD, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var ids []string
+	for i := 0; i < 4; i++ {
+		// Each point's churn is saved in its copy-on-write file.
+		if err := c.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 1<<20), 0); err != nil {
+			t.Fatal(err)
+		}
+		p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, p.ID)
+	}
+	cows := func() int {
+		m, _ := filepath.Glob(filepath.Join(dir, "srv", "target", "disks", "machines", "*", "disks", "0.disk", "snap", "*.cow"))
+		return len(m)
+	}
+	if n := cows(); n != 4 {
+		t.Fatalf("%d snapshot files for 4 points", n)
+	}
+	clock.Add(int64(2 * time.Hour)) // every point is now past the retention
+	deadline := time.Now().Add(10 * time.Second)
+	var points []server.PointJSON
+	for time.Now().Before(deadline) {
+		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
+			t.Fatal(err)
+		}
+		if len(points) == 1 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(points) != 1 || points[0].ID != ids[3] {
+		t.Fatalf("after the retention: %+v, want only the newest point %s", points, ids[3])
+	}
+	if n := cows(); n != 1 {
+		t.Fatalf("%d snapshot files left, want 1: space not reclaimed", n)
+	}
+	// The newest point still recovers exactly.
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", ids[3], out)
+	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
+		t.Fatal("the kept point differs from the source")
+	}
+}
+
+// Crossing the policy's RPO threshold raises an event; coming back under it
+// raises another.
+func TestRPOThresholdEvents(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.PolicyEvery = 50 * time.Millisecond }}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 1<<20, 1)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk}))
+	r.waitProtected("vm1")
+	events := func() []server.EventJSON {
+		var es []server.EventJSON
+		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es); err != nil {
+			t.Fatal(err)
+		}
+		return es
+	}
+	waitEvent := func(kind string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			for _, e := range events() {
+				if e.Kind == kind {
+					return
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("no %s event; events: %+v", kind, events())
+	}
+	// A threshold the RPO (about the status interval) always exceeds.
+	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", server.PolicyJSON{RPOThreshold: "1ms"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent("rpo-exceeded")
+	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", server.PolicyJSON{RPOThreshold: "1h"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent("rpo-recovered")
 }

@@ -19,6 +19,8 @@ type Machine struct {
 	AgentVersion  string
 	BytesReceived int64
 	LastError     string
+	Policy        string
+	Group         string
 	Disks         []Disk
 }
 
@@ -75,12 +77,12 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 	return m, created, err
 }
 
-const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error`
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name`
 
 func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
 	var reg, seen int64
-	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError)
+	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group)
 	m.RegisteredAt = time.Unix(reg, 0)
 	if seen > 0 {
 		m.LastSeen = time.Unix(0, seen)

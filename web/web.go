@@ -46,6 +46,9 @@ type Machine struct {
 	CacheBytes    int64  `json:"cache_bytes"`     // process-server backlog for this machine
 	Error         string `json:"error,omitempty"` // last error to show on the machine
 
+	Policy string `json:"policy"`          // replication policy assigned
+	Group  string `json:"group,omitempty"` // replication group ("" for none)
+
 	Disks []Disk `json:"disks"`
 }
 

@@ -233,7 +233,11 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 		return replication.Welcome{}, err
 	}
 	m.ackSent = m.durable
-	return replication.Welcome{DurableSeq: m.durable}, nil
+	w := replication.Welcome{DurableSeq: m.durable}
+	if m.s.cfg.PolicyFor != nil {
+		w.Policy = m.s.cfg.PolicyFor(m.id)
+	}
+	return w, nil
 }
 
 func (m *machine) detach(cc *agentConn) {

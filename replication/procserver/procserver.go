@@ -40,6 +40,9 @@ type Config struct {
 	OnState  func(m replication.MachineCatalog)
 	OnPoint  func(machineID string, p replication.Point)
 	OnBytes  func(machineID string, n int64)
+	// PolicyFor gives the point schedule sent to an agent when it connects
+	// (nil: the agent's own flags).
+	PolicyFor func(machineID string) *replication.AgentPolicy
 	// OnConnect and OnDisconnect report agent connections; OnRefused a
 	// registered machine's agent turned away (the reason is for the console).
 	OnConnect    func(machineID string, h replication.Hello)
@@ -466,4 +469,55 @@ func (s *Server) MachineIDs() []string {
 	}
 	sort.Strings(ids)
 	return ids
+}
+
+// SendPolicy pushes a machine's point schedule to its agent, if connected.
+func (s *Server) SendPolicy(machineID string, p replication.AgentPolicy) error {
+	s.mu.Lock()
+	m, ok := s.machines[machineID]
+	s.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	f, err := replication.JSONFrame(replication.FramePolicy, p)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	cc := m.conn
+	m.mu.Unlock()
+	if cc == nil {
+		return nil // sent in the Welcome of the next connection
+	}
+	select {
+	case cc.out <- f:
+		return nil
+	case <-cc.replaced:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("machine %s: the agent connection is not taking frames", machineID)
+	}
+}
+
+// PrunePoints deletes a machine's recovery points older than before, always
+// keeping the newest, and returns the deleted points.
+func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.Time) ([]replication.Point, error) {
+	var deleted []replication.Point
+	err := s.WithApplier(ctx, machineID, func(a *replication.Applier) error {
+		ps, err := s.cfg.Catalog.Points(ctx, machineID)
+		if err != nil {
+			return err
+		}
+		for i, p := range ps {
+			if i == len(ps)-1 || !p.Time.Before(before) {
+				break
+			}
+			if err := a.DeletePoint(ctx, p); err != nil {
+				return err
+			}
+			deleted = append(deleted, p)
+		}
+		return nil
+	})
+	return deleted, err
 }

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"text/tabwriter"
+
+	"github.com/asrdr/asr/server"
+)
+
+const policyUsage = `usage:
+  asr policy list [--json]
+  asr policy show NAME
+  asr policy create NAME [--rpo-threshold D] [--retention D] [--app-frequency D] [--crash-interval D] [--pit-window D]
+  asr policy set NAME    [--rpo-threshold D] [--retention D] [--app-frequency D] [--crash-interval D] [--pit-window D]
+  asr policy assign --machine M --policy NAME
+Durations are Go durations: 15m, 24h, 4h; --app-frequency 0 turns application-consistent points off.`
+
+// runPolicy manages replication policies.
+func runPolicy(ctx context.Context, args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return errors.New(policyUsage)
+	}
+	verb, rest := args[0], args[1:]
+	var o opFlags
+	fs := flag.NewFlagSet("asr policy "+verb, flag.ContinueOnError)
+	o.register(fs, false)
+	var j server.PolicyJSON
+	asJSON := fs.Bool("json", false, "print JSON")
+	policy := fs.String("policy", "", "policy name (assign)")
+	fs.StringVar(&j.RPOThreshold, "rpo-threshold", "", "RPO above which an event is raised")
+	fs.StringVar(&j.Retention, "retention", "", "how far back recovery points are kept (at most 72h, or 24h on a premium target)")
+	fs.StringVar(&j.AppFrequency, "app-frequency", "", "interval of application-consistent points, 1h to 12h, or 0 for none")
+	fs.StringVar(&j.CrashInterval, "crash-interval", "", "interval of crash-consistent points, 5s to 5m")
+	fs.StringVar(&j.PITWindow, "pit-window", "", "any-point-in-time window, at most the retention")
+	// The policy name comes first for show/create/set.
+	if verb == "show" || verb == "create" || verb == "set" {
+		if len(rest) == 0 || rest[0] == "" || rest[0][0] == '-' {
+			return fmt.Errorf("asr policy %s: give the policy name first\n%s", verb, policyUsage)
+		}
+		j.Name, rest = rest[0], rest[1:]
+	}
+	if err := parse(fs, rest); err != nil {
+		return err
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	var res any
+	switch verb {
+	case "list":
+		var ps []server.PolicyJSON
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/policies", nil, &ps); err != nil {
+			return err
+		}
+		if *asJSON {
+			res = ps
+			break
+		}
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tRPO THRESHOLD\tRETENTION\tAPP POINTS\tCRASH POINTS\tANY-POINT WINDOW\tFAILBACK OF")
+		for _, p := range ps {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.RPOThreshold, p.Retention, p.AppFrequency, p.CrashInterval, p.PITWindow, p.FailbackOf)
+		}
+		return tw.Flush()
+	case "show":
+		var p server.PolicyJSON
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/policies/"+url.PathEscape(j.Name), nil, &p); err != nil {
+			return err
+		}
+		res = p
+	case "create":
+		var p server.PolicyJSON
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/policies", j, &p); err != nil {
+			return err
+		}
+		res = p
+	case "set":
+		name := j.Name
+		j.Name = ""
+		var p server.PolicyJSON
+		if err := c.Do(ctx, http.MethodPatch, "/api/v1/policies/"+url.PathEscape(name), j, &p); err != nil {
+			return err
+		}
+		res = p
+	case "assign":
+		if o.machine == "" || *policy == "" {
+			return errors.New("asr policy assign: --machine and --policy are required")
+		}
+		var r map[string]string
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/policy", server.AssignRequest{Policy: *policy}, &r); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "machine %s now replicates under policy %s\n", r["machine"], r["policy"])
+		return nil
+	default:
+		return fmt.Errorf("asr policy: unknown command %q\n%s", verb, policyUsage)
+	}
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(res)
+}
+
+// runEvents lists recent events (RPO threshold crossed, freezes that
+// failed, ...).
+func runEvents(ctx context.Context, args []string, out io.Writer) error {
+	var o opFlags
+	fs := flag.NewFlagSet("asr events", flag.ContinueOnError)
+	o.register(fs, false)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	path := "/api/v1/events"
+	if o.machine != "" {
+		path += "?machine=" + url.QueryEscape(o.machine)
+	}
+	var es []server.EventJSON
+	if err := c.Do(ctx, http.MethodGet, path, nil, &es); err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(es)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tMACHINE\tSEVERITY\tKIND\tMESSAGE")
+	for _, e := range es {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time, e.Machine, e.Severity, e.Kind, e.Message)
+	}
+	return tw.Flush()
+}

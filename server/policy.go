@@ -1,0 +1,365 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store"
+)
+
+// PolicyJSON is a policy in the API, with durations as Go duration strings
+// ("15m", "24h", "0s").
+type PolicyJSON struct {
+	Name          string `json:"name"`
+	RPOThreshold  string `json:"rpo_threshold"`
+	Retention     string `json:"retention"`
+	AppFrequency  string `json:"app_frequency"`
+	CrashInterval string `json:"crash_interval"`
+	PITWindow     string `json:"pit_window"`
+	FailbackOf    string `json:"failback_of,omitempty"`
+}
+
+func policyJSON(p replication.Policy) PolicyJSON {
+	return PolicyJSON{Name: p.Name, RPOThreshold: p.RPOThreshold.String(), Retention: p.Retention.String(),
+		AppFrequency: p.AppFrequency.String(), CrashInterval: p.CrashInterval.String(), PITWindow: p.PITWindow.String(),
+		FailbackOf: p.FailbackOf}
+}
+
+// apply overlays the fields set in j on p; a malformed duration is an error
+// naming the field.
+func (j PolicyJSON) apply(p *replication.Policy) error {
+	for _, f := range []struct {
+		name string
+		v    string
+		dst  *time.Duration
+	}{
+		{"rpo_threshold", j.RPOThreshold, &p.RPOThreshold},
+		{"retention", j.Retention, &p.Retention},
+		{"app_frequency", j.AppFrequency, &p.AppFrequency},
+		{"crash_interval", j.CrashInterval, &p.CrashInterval},
+		{"pit_window", j.PITWindow, &p.PITWindow},
+	} {
+		if f.v == "" {
+			continue
+		}
+		d, err := time.ParseDuration(f.v)
+		if err != nil {
+			return errorf(http.StatusBadRequest, "%s %q: not a duration (e.g. 15m, 4h, 0 for off)", f.name, f.v)
+		}
+		*f.dst = d
+	}
+	return nil
+}
+
+// ensureDefaultPolicy creates the default policy (and its failback twin) at
+// the first start.
+func (s *Server) ensureDefaultPolicy(ctx context.Context) error {
+	_, err := s.db.Policy(ctx, "default")
+	if errors.Is(err, store.ErrNotFound) {
+		p := replication.DefaultPolicy()
+		if err := p.Validate(s.cfg.TargetTier); err != nil {
+			return err
+		}
+		return s.db.CreatePolicy(ctx, p)
+	}
+	return err
+}
+
+// machinePolicy returns the policy assigned to a machine.
+func (s *Server) machinePolicy(ctx context.Context, id string) (replication.Policy, error) {
+	m, err := s.db.Machine(ctx, id)
+	if err != nil {
+		return replication.Policy{}, err
+	}
+	return s.db.Policy(ctx, m.Policy)
+}
+
+// policyFor gives the point schedule an agent gets when it connects.
+func (s *Server) policyFor(id string) *replication.AgentPolicy {
+	p, err := s.machinePolicy(s.ctx, id)
+	if err != nil {
+		s.log.Error("policy of machine", "machine", id, "err", err)
+		return nil
+	}
+	ap := agentPolicy(p)
+	return &ap
+}
+
+func agentPolicy(p replication.Policy) replication.AgentPolicy {
+	return replication.AgentPolicy{CrashInterval: int64(p.CrashInterval), AppFrequency: int64(p.AppFrequency)}
+}
+
+// pushPolicy sends a policy to the running agents it is assigned to.
+func (s *Server) pushPolicy(ctx context.Context, p replication.Policy) {
+	ids, err := s.db.MachinesWithPolicy(ctx, p.Name)
+	if err != nil {
+		s.log.Error("machines of policy", "policy", p.Name, "err", err)
+		return
+	}
+	for _, id := range ids {
+		if err := s.ps.SendPolicy(id, agentPolicy(p)); err != nil {
+			s.log.Warn("push policy", "machine", id, "err", err)
+		}
+	}
+}
+
+func (s *Server) handlePolicies(w http.ResponseWriter, r *http.Request) error {
+	ps, err := s.db.Policies(r.Context())
+	if err != nil {
+		return err
+	}
+	out := make([]PolicyJSON, len(ps))
+	for i, p := range ps {
+		out[i] = policyJSON(p)
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) error {
+	p, err := s.db.Policy(r.Context(), chi.URLParam(r, "policy"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, policyJSON(p))
+	return nil
+}
+
+// handleCreatePolicy creates a policy (starting from the defaults for the
+// fields not given) and its failback twin.
+func (s *Server) handleCreatePolicy(w http.ResponseWriter, r *http.Request) error {
+	var j PolicyJSON
+	if err := readJSON(r, &j); err != nil {
+		return err
+	}
+	p := replication.DefaultPolicy()
+	p.Name = j.Name
+	if err := j.apply(&p); err != nil {
+		return err
+	}
+	if err := p.Validate(s.cfg.TargetTier); err != nil {
+		return errorf(http.StatusBadRequest, "%v; nothing was created", err)
+	}
+	if err := s.db.CreatePolicy(r.Context(), p); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return errorf(http.StatusConflict, "%v", err)
+		}
+		return err
+	}
+	s.log.Info("policy created", "policy", p.Name, "failback", replication.FailbackName(p.Name))
+	writeJSON(w, http.StatusCreated, policyJSON(p))
+	return nil
+}
+
+// handleUpdatePolicy changes the given fields of a policy; running agents
+// get the new schedule at once.
+func (s *Server) handleUpdatePolicy(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	p, err := s.db.Policy(ctx, chi.URLParam(r, "policy"))
+	if err != nil {
+		return err
+	}
+	var j PolicyJSON
+	if err := readJSON(r, &j); err != nil {
+		return err
+	}
+	if j.Name != "" && j.Name != p.Name {
+		return errorf(http.StatusBadRequest, "a policy cannot be renamed (%q to %q); create a new one and assign it", p.Name, j.Name)
+	}
+	if err := j.apply(&p); err != nil {
+		return err
+	}
+	if err := p.Validate(s.cfg.TargetTier); err != nil {
+		return errorf(http.StatusBadRequest, "%v; nothing was changed", err)
+	}
+	if err := s.db.UpdatePolicy(ctx, p); err != nil {
+		return err
+	}
+	s.pushPolicy(ctx, p)
+	s.log.Info("policy changed", "policy", p.Name)
+	writeJSON(w, http.StatusOK, policyJSON(p))
+	return nil
+}
+
+// AssignRequest is the body of POST /api/v1/machines/{m}/policy.
+type AssignRequest struct {
+	Policy string `json:"policy"`
+}
+
+func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	m, err := s.findMachine(ctx, r)
+	if err != nil {
+		return err
+	}
+	var req AssignRequest
+	if err := readJSON(r, &req); err != nil {
+		return err
+	}
+	p, err := s.db.Policy(ctx, req.Policy)
+	if err != nil {
+		return errorf(http.StatusBadRequest, "no policy named %q; nothing was changed", req.Policy)
+	}
+	if p.FailbackOf != "" {
+		return errorf(http.StatusBadRequest, "%q is a failback policy (used when replicating back from the recovery site); assign %q instead", p.Name, p.FailbackOf)
+	}
+	if err := s.db.AssignPolicy(ctx, m.ID, p.Name); err != nil {
+		return err
+	}
+	if err := s.ps.SendPolicy(m.ID, agentPolicy(p)); err != nil {
+		s.log.Warn("push policy", "machine", m.ID, "err", err)
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"machine": m.Name, "policy": p.Name})
+	return nil
+}
+
+// EventJSON is an event in the API.
+type EventJSON struct {
+	Time     string `json:"time"`
+	Machine  string `json:"machine,omitempty"`
+	Severity string `json:"severity"`
+	Kind     string `json:"kind"`
+	Message  string `json:"message"`
+}
+
+func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	id := ""
+	if name := r.URL.Query().Get("machine"); name != "" {
+		m, err := s.db.MachineByName(ctx, name)
+		if err != nil {
+			return err
+		}
+		id = m.ID
+	}
+	es, err := s.db.Events(ctx, id, 200)
+	if err != nil {
+		return err
+	}
+	names := map[string]string{}
+	out := make([]EventJSON, len(es))
+	for i, e := range es {
+		if _, ok := names[e.MachineID]; !ok && e.MachineID != "" {
+			if m, err := s.db.Machine(ctx, e.MachineID); err == nil {
+				names[e.MachineID] = m.Name
+			}
+		}
+		out[i] = EventJSON{Time: e.Time.UTC().Format(time.RFC3339Nano), Machine: names[e.MachineID],
+			Severity: e.Severity, Kind: e.Kind, Message: e.Message}
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// onStatus records the events an agent reports.
+func (s *Server) onStatus(id string, st replication.Status) {
+	for _, e := range st.Events {
+		if err := s.db.AddEvent(s.ctx, store.Event{Time: time.Unix(0, e.Time), MachineID: id, Severity: "warning",
+			Kind: e.Kind, Message: e.Message}); err != nil {
+			s.log.Error("record agent event", "machine", id, "err", err)
+		}
+	}
+}
+
+// policyLoop watches the RPO against each machine's threshold (an event
+// when it is crossed and when it recovers) and prunes points older than the
+// retention, on schedule.
+func (s *Server) policyLoop() {
+	t := time.NewTicker(s.cfg.PolicyEvery)
+	defer t.Stop()
+	lastPrune := time.Time{}
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		s.checkRPO(s.ctx)
+		if now := s.now(); now.Sub(lastPrune) >= s.cfg.PruneEvery {
+			lastPrune = now
+			if err := s.prune(s.ctx); err != nil && s.ctx.Err() == nil {
+				s.log.Error("retention pruning", "err", err)
+			}
+		}
+	}
+}
+
+// checkRPO raises an event when a machine's RPO crosses its policy's
+// threshold, and another when it is back under it.
+func (s *Server) checkRPO(ctx context.Context) {
+	ms, err := s.db.Machines(ctx)
+	if err != nil {
+		return
+	}
+	for _, m := range ms {
+		v, err := s.machineView(ctx, m)
+		if err != nil || !v.RPOKnown || v.State != replication.StateProtected {
+			continue
+		}
+		p, err := s.db.Policy(ctx, m.Policy)
+		if err != nil {
+			continue
+		}
+		over := v.RPO > p.RPOThreshold
+		s.rpoMu.Lock()
+		was := s.rpoOver[m.ID]
+		s.rpoOver[m.ID] = over
+		s.rpoMu.Unlock()
+		switch {
+		case over && !was:
+			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "rpo-exceeded",
+				Message: fmt.Sprintf("RPO %s exceeds the threshold of %s (policy %s)", v.RPO.Round(time.Second), p.RPOThreshold, p.Name)})
+		case !over && was:
+			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "rpo-recovered",
+				Message: fmt.Sprintf("RPO %s is back under the threshold of %s", v.RPO.Round(time.Second), p.RPOThreshold)})
+		}
+	}
+}
+
+func (s *Server) raise(ctx context.Context, e store.Event) {
+	e.Time = s.now()
+	s.log.Warn("event", "machine", e.MachineID, "kind", e.Kind, "message", e.Message)
+	if err := s.db.AddEvent(ctx, e); err != nil {
+		s.log.Error("record event", "err", err)
+	}
+}
+
+// prune deletes, for every machine, the points older than its policy's
+// retention (the newest point is always kept), reclaiming their storage.
+func (s *Server) prune(ctx context.Context) error {
+	ms, err := s.db.Machines(ctx)
+	if err != nil {
+		return err
+	}
+	for _, m := range ms {
+		p, err := s.db.Policy(ctx, m.Policy)
+		if err != nil {
+			return err
+		}
+		if _, ok := s.ps.Stats(m.ID); !ok {
+			continue // never connected: no applier, no points
+		}
+		deleted, err := s.ps.PrunePoints(ctx, m.ID, s.now().Add(-p.Retention))
+		if err != nil {
+			return fmt.Errorf("machine %s: %w", m.Name, err)
+		}
+		if len(deleted) == 0 {
+			continue
+		}
+		seqs := make([]uint64, len(deleted))
+		for i, d := range deleted {
+			seqs[i] = d.Seq
+		}
+		if err := s.db.DeletePoints(ctx, m.ID, seqs); err != nil {
+			return err
+		}
+		s.log.Info("recovery points pruned", "machine", m.ID, "count", len(deleted), "retention", p.Retention)
+	}
+	return nil
+}
