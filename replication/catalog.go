@@ -165,6 +165,7 @@ type Catalog struct {
 }
 
 func machineKey(id string) string { return "machines/" + id + "/machine" }
+
 // pointKey names a point's catalog object. The key itself carries the
 // sequence number, time and kind, so listing the points needs no reads.
 func pointKey(id string, p Point) string {
