@@ -184,13 +184,27 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	var o opFlags
 	fs := flag.NewFlagSet("asr recover", flag.ContinueOnError)
 	o.register(fs, true)
-	point := fs.String("point", "latest", "recovery point id, or latest")
+	point := fs.String("point", "", "recovery point id, or latest (the default)")
+	atFlag := fs.String("time", "", "recover as of this instant instead (RFC 3339, the agent's clock), within the policy's any-point-in-time window")
 	dir := fs.String("out", "", "directory for the recovered images, DIR/<disk>.img")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if o.machine == "" || *dir == "" {
 		return errors.New("--machine and --out are required")
+	}
+	var at time.Time
+	if *atFlag != "" {
+		if *point != "" {
+			return errors.New("give --point or --time, not both")
+		}
+		var err error
+		if at, err = time.Parse(time.RFC3339Nano, *atFlag); err != nil {
+			return fmt.Errorf("--time %q: want RFC 3339, e.g. 2026-11-26T09:30:00Z", *atFlag)
+		}
+	}
+	if *point == "" {
+		*point = "latest"
 	}
 	start := time.Now()
 	if o.target != "" {
@@ -202,6 +216,18 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		m, err := cat.FindMachine(ctx, o.machine)
 		if err != nil {
 			return err
+		}
+		if !at.IsZero() {
+			plan, last, err := replication.RecoverTime(ctx, cat, m, at, *dir)
+			if err != nil {
+				return err
+			}
+			res := server.Recovered{Machine: m.Name, Point: server.PointJSON{ID: plan.Base.ID}, LastSeq: last}
+			for _, d := range m.Disks {
+				res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: filepath.Join(*dir, d.Name+".img"), Size: d.Size})
+			}
+			printTime(out, res, *dir, at, start)
+			return nil
 		}
 		p, err := cat.FindPoint(ctx, m.ID, *point)
 		if err != nil {
@@ -222,43 +248,33 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	var m web.Machine
-	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine), nil, &m); err != nil {
-		return err
-	}
-	// Resolve "latest" once so every disk comes from the same point.
-	var points []server.PointJSON
-	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine)+"/points", nil, &points); err != nil {
-		return err
-	}
-	var p *server.PointJSON
-	for i := range points {
-		if points[i].ID == *point || (*point == "latest" && i == len(points)-1) {
-			p = &points[i]
-		}
-	}
-	if p == nil {
-		if len(points) == 0 {
-			return fmt.Errorf("machine %s has no recovery points yet", o.machine)
-		}
-		return fmt.Errorf("machine %s has no recovery point %q (see asr points)", o.machine, *point)
-	}
-	for _, d := range m.Disks {
-		body, size, err := c.Image(ctx, o.machine, p.ID, d.Name)
+	if !at.IsZero() {
+		res, err := c.RecoverTime(ctx, o.machine, at, *dir)
 		if err != nil {
 			return err
 		}
-		path := filepath.Join(*dir, d.Name+".img")
-		n, err := replication.WriteImageFile(ctx, body, size, path)
-		body.Close()
-		if err != nil {
-			return fmt.Errorf("recover disk %s: %w", d.Name, err)
-		}
-		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, path, size, n)
+		printTime(out, res, *dir, at, start)
+		return nil
 	}
-	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", p.ID, p.Kind, p.Time, time.Since(start).Round(time.Millisecond))
-	fmt.Fprintln(out, p.ID)
+	res, err := c.RecoverPoint(ctx, o.machine, *point, *dir)
+	if err != nil {
+		return err
+	}
+	for _, d := range res.Disks {
+		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
+	}
+	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", res.Point.ID, res.Point.Kind, res.Point.Time, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintln(out, res.Point.ID)
 	return nil
+}
+
+func printTime(out io.Writer, res server.Recovered, dir string, at, start time.Time) {
+	for _, d := range res.Disks {
+		fmt.Fprintf(out, "disk %s: %s (%d bytes)\n", d.Name, d.Path, d.Size)
+	}
+	fmt.Fprintf(out, "recovered machine %s as of %s: point %s plus changes up to seq %d, in %s\n",
+		res.Machine, at.UTC().Format(time.RFC3339Nano), res.Point.ID, res.LastSeq, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintln(out, res.LastSeq)
 }
 
 func runStatus(ctx context.Context, args []string, out io.Writer) error {

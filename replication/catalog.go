@@ -340,3 +340,53 @@ func (c *Catalog) FindPoint(ctx context.Context, machineID, id string) (Point, e
 	}
 	return p, nil
 }
+
+// SegmentInfo describes a segment kept on the target for any-point-in-time
+// recovery: its sequence range and the time of its last record, all in the
+// object's key so listing needs no reads.
+type SegmentInfo struct {
+	First, Last uint64
+	LastTime    time.Time
+	Key         string
+}
+
+func segmentKey(machineID string, si SegmentInfo) string {
+	return fmt.Sprintf("machines/%s/segments/%016x-%016x.%016x.seg", machineID, si.First, si.Last, si.LastTime.UnixNano())
+}
+
+// PutSegment keeps a sealed segment on the target.
+func (c *Catalog) PutSegment(ctx context.Context, machineID string, si SegmentInfo, data []byte) error {
+	return c.T.PutObject(ctx, segmentKey(machineID, si), data)
+}
+
+// Segments lists a machine's kept segments in sequence order.
+func (c *Catalog) Segments(ctx context.Context, machineID string) ([]SegmentInfo, error) {
+	prefix := "machines/" + machineID + "/segments/"
+	objs, err := c.T.ListObjects(ctx, prefix)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]SegmentInfo, 0, len(objs))
+	for _, o := range objs {
+		var si SegmentInfo
+		var ns uint64
+		name := strings.TrimPrefix(o.Key, prefix)
+		if _, err := fmt.Sscanf(name, "%016x-%016x.%016x.seg", &si.First, &si.Last, &ns); err != nil || si.Last < si.First {
+			return nil, fmt.Errorf("catalog object %s: not a segment: %w", o.Key, ErrCorrupt)
+		}
+		si.LastTime, si.Key = time.Unix(0, int64(ns)).UTC(), o.Key
+		out = append(out, si)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].First < out[j].First })
+	return out, nil
+}
+
+// Segment reads a kept segment.
+func (c *Catalog) Segment(ctx context.Context, si SegmentInfo) ([]byte, error) {
+	return c.T.GetObject(ctx, si.Key)
+}
+
+// DeleteSegment removes a kept segment.
+func (c *Catalog) DeleteSegment(ctx context.Context, si SegmentInfo) error {
+	return c.T.DeleteObject(ctx, si.Key)
+}

@@ -144,3 +144,24 @@ func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentS
 	}
 	return s, nil
 }
+
+// DescribeSegment verifies a sealed segment and returns its range and the
+// time of its last record (decoding only the last frame's records).
+func DescribeSegment(seg []byte) (SegmentInfo, error) {
+	var last Frame
+	scan, err := ScanSegment(seg, false, func(f *Frame) error {
+		last = *f
+		return nil
+	})
+	if err != nil {
+		return SegmentInfo{}, err
+	}
+	if scan.Records == 0 {
+		return SegmentInfo{}, fmt.Errorf("segment %d holds no records: %w", scan.First, ErrCorrupt)
+	}
+	recs, _, err := DefaultCodec().Records(&last, nil)
+	if err != nil {
+		return SegmentInfo{}, err
+	}
+	return SegmentInfo{First: scan.First, Last: scan.Last, LastTime: time.Unix(0, recs[len(recs)-1].Time).UTC()}, nil
+}

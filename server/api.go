@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -107,6 +108,8 @@ func (s *Server) routes() http.Handler {
 			r.Post("/machines/{machine}/points", handle(s.handleTag))
 			r.Get("/machines/{machine}/points/{point}/disks/{disk}/image", handle(s.handleImage))
 			r.Post("/machines/{machine}/policy", handle(s.handleAssignPolicy))
+			r.Get("/machines/{machine}/timeplan", handle(s.handleTimePlan))
+			r.Get("/machines/{machine}/segments/{segment}", handle(s.handleSegment))
 			r.Get("/policies", handle(s.handlePolicies))
 			r.Post("/policies", handle(s.handleCreatePolicy))
 			r.Get("/policies/{policy}", handle(s.handlePolicy))
@@ -343,4 +346,64 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	// client detects against Content-Length.
 	io.CopyBuffer(w, io.NewSectionReader(snap, 0, snap.Size()), make([]byte, 1<<20))
 	return nil
+}
+
+// TimePlanJSON is the answer of GET /api/v1/machines/{m}/timeplan?time=T:
+// the point to start from and the kept segments to replay.
+type TimePlanJSON struct {
+	Time     string   `json:"time"`
+	Base     string   `json:"base"` // point id
+	Segments []string `json:"segments"`
+}
+
+func (s *Server) handleTimePlan(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.findMachine(r.Context(), r)
+	if err != nil {
+		return err
+	}
+	at, err := time.Parse(time.RFC3339Nano, r.URL.Query().Get("time"))
+	if err != nil {
+		return errorf(http.StatusBadRequest, "time %q: want RFC 3339, e.g. 2026-11-26T09:30:00Z", r.URL.Query().Get("time"))
+	}
+	plan, err := s.cat.PlanTime(r.Context(), m.ID, at)
+	if errors.Is(err, replication.ErrTimeOutOfRange) {
+		return errorf(http.StatusUnprocessableEntity, "%v", err)
+	}
+	if err != nil {
+		return err
+	}
+	out := TimePlanJSON{Time: at.UTC().Format(time.RFC3339Nano), Base: plan.Base.ID}
+	for _, si := range plan.Segments {
+		out.Segments = append(out.Segments, path.Base(si.Key))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// handleSegment streams a kept segment (for any-point-in-time recovery
+// through the server).
+func (s *Server) handleSegment(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	m, err := s.findMachine(ctx, r)
+	if err != nil {
+		return err
+	}
+	name := chi.URLParam(r, "segment")
+	segs, err := s.cat.Segments(ctx, m.ID)
+	if err != nil {
+		return err
+	}
+	for _, si := range segs {
+		if path.Base(si.Key) == name {
+			data, err := s.cat.Segment(ctx, si)
+			if err != nil {
+				return err
+			}
+			w.Header().Set("Content-Type", "application/octet-stream")
+			w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+			w.Write(data)
+			return nil
+		}
+	}
+	return errorf(http.StatusNotFound, "machine %s keeps no segment %q", m.Name, name)
 }

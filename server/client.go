@@ -9,10 +9,14 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/web"
 )
 
 // Client is the operator side of the control API (used by the CLI).
@@ -111,4 +115,116 @@ func (c *Client) Tag(ctx context.Context, machine string, app bool, timeout time
 	err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/points",
 		TagRequest{App: app, Timeout: timeout.String()}, &p)
 	return p, err
+}
+
+// Get returns the body of a GET (bounded to 64 MiB).
+func (c *Client) Get(ctx context.Context, path string) ([]byte, error) {
+	resp, err := c.open(ctx, http.MethodGet, path, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+}
+
+// Recovered describes what RecoverPoint or RecoverTime wrote.
+type Recovered struct {
+	Machine string
+	Point   PointJSON // the point recovered, or the base of a time recovery
+	LastSeq uint64    // time recovery: the last change included
+	Disks   []replication.RecoveredDisk
+}
+
+// machineDisks returns a machine's name and disks through the API.
+func (c *Client) machine(ctx context.Context, machine string) (web.Machine, error) {
+	var m web.Machine
+	err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine), nil, &m)
+	return m, err
+}
+
+// RecoverPoint writes every disk of a machine at a point ("latest" or an
+// id) to dir/<disk>.img, streamed from the server.
+func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string) (Recovered, error) {
+	res := Recovered{Machine: machine}
+	m, err := c.machine(ctx, machine)
+	if err != nil {
+		return res, err
+	}
+	// Resolve "latest" once so every disk comes from the same point.
+	var points []PointJSON
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine)+"/points", nil, &points); err != nil {
+		return res, err
+	}
+	found := false
+	for i := range points {
+		if points[i].ID == point || (point == "latest" && i == len(points)-1) {
+			res.Point, found = points[i], true
+		}
+	}
+	if !found {
+		if len(points) == 0 {
+			return res, fmt.Errorf("machine %s has no recovery points yet", machine)
+		}
+		return res, fmt.Errorf("machine %s has no recovery point %q (see asr points)", machine, point)
+	}
+	for _, d := range m.Disks {
+		body, size, err := c.Image(ctx, machine, res.Point.ID, d.Name)
+		if err != nil {
+			return res, err
+		}
+		path := filepath.Join(dir, d.Name+".img")
+		n, err := replication.WriteImageFile(ctx, body, size, path)
+		body.Close()
+		if err != nil {
+			return res, fmt.Errorf("recover disk %s: %w", d.Name, err)
+		}
+		res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: path, Size: size, Data: n})
+	}
+	return res, nil
+}
+
+// RecoverTime writes every disk of a machine as of instant at: the server
+// plans (base point and kept segments), the images of the base point are
+// streamed, and the segments replayed here up to at.
+func (c *Client) RecoverTime(ctx context.Context, machine string, at time.Time, dir string) (Recovered, error) {
+	var plan TimePlanJSON
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine)+"/timeplan?time="+url.QueryEscape(at.Format(time.RFC3339Nano)), nil, &plan); err != nil {
+		return Recovered{Machine: machine}, err
+	}
+	res, err := c.RecoverPoint(ctx, machine, plan.Base, dir)
+	if err != nil {
+		return res, err
+	}
+	m, err := c.machine(ctx, machine)
+	if err != nil {
+		return res, err
+	}
+	files := map[uint32]*os.File{}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for _, d := range m.Disks {
+		if files[d.Index], err = os.OpenFile(filepath.Join(dir, d.Name+".img"), os.O_RDWR, 0); err != nil {
+			return res, err
+		}
+	}
+	seq, _ := strconv.ParseUint(plan.Base, 10, 64)
+	tp := replication.TimePlan{At: at, Base: replication.Point{ID: plan.Base, Seq: seq}}
+	for _, name := range plan.Segments {
+		tp.Segments = append(tp.Segments, replication.SegmentInfo{Key: name})
+	}
+	res.LastSeq, err = replication.ReplaySegments(ctx, tp, func(si replication.SegmentInfo) ([]byte, error) {
+		return c.Get(ctx, "/api/v1/machines/"+url.PathEscape(machine)+"/segments/"+url.PathEscape(si.Key))
+	}, files)
+	if err != nil {
+		return res, err
+	}
+	for _, f := range files {
+		if err := f.Sync(); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
 }

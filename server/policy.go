@@ -330,6 +330,38 @@ func (s *Server) raise(ctx context.Context, e store.Event) {
 	}
 }
 
+// pruneSegments deletes the kept segments no recovery to a time after
+// windowStart needs: those wholly before the newest point at or before it
+// (every such time starts from that point or a later one).
+func (s *Server) pruneSegments(ctx context.Context, machineID string, windowStart time.Time) error {
+	ps, err := s.cat.Points(ctx, machineID)
+	if err != nil {
+		return err
+	}
+	var cut *replication.Point
+	for i := range ps {
+		if !ps[i].Time.After(windowStart) {
+			cut = &ps[i]
+		}
+	}
+	if cut == nil {
+		return nil
+	}
+	segs, err := s.cat.Segments(ctx, machineID)
+	if err != nil {
+		return err
+	}
+	for _, si := range segs {
+		if si.Last > cut.Seq {
+			break
+		}
+		if err := s.cat.DeleteSegment(ctx, si); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // prune deletes, for every machine, the points older than its policy's
 // retention (the newest point is always kept), reclaiming their storage.
 func (s *Server) prune(ctx context.Context) error {
@@ -344,6 +376,9 @@ func (s *Server) prune(ctx context.Context) error {
 		}
 		if _, ok := s.ps.Stats(m.ID); !ok {
 			continue // never connected: no applier, no points
+		}
+		if err := s.pruneSegments(ctx, m.ID, s.now().Add(-p.PITWindow)); err != nil {
+			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}
 		deleted, err := s.ps.PrunePoints(ctx, m.ID, s.now().Add(-p.Retention))
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -182,17 +183,8 @@ func (r *rig) waitProtected(name string) {
 
 func (r *rig) recover(name, point, out string) {
 	r.t.Helper()
-	m := r.machine(name)
-	for _, d := range m.Disks {
-		body, size, err := r.client.Image(context.Background(), name, point, d.Name)
-		if err != nil {
-			r.t.Fatal(err)
-		}
-		_, err = replication.WriteImageFile(context.Background(), body, size, filepath.Join(out, d.Name+".img"))
-		body.Close()
-		if err != nil {
-			r.t.Fatal(err)
-		}
+	if _, err := r.client.RecoverPoint(context.Background(), name, point, out); err != nil {
+		r.t.Fatal(err)
 	}
 }
 
@@ -658,4 +650,117 @@ func TestRPOThresholdEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitEvent("rpo-recovered")
+}
+
+// Any point in time: for instants between sequential writes, the recovered
+// disk holds exactly the writes completed before the instant (a write in
+// flight at the instant may or may not be there), through the server and
+// from the target alone.
+func TestRecoverAnyPointInTime(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 4<<20, 1)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil { // a base point
+		t.Fatal(err)
+	}
+	c, err := nbd.Dial(ctx, cfg.NBD, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	base, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type write struct {
+		off          int64
+		data         []byte
+		start, reply time.Time
+	}
+	var writes []write
+	rnd := rand.New(rand.NewPCG(4, 4))
+	for i := 0; i < 60; i++ {
+		w := write{off: int64(rnd.IntN(1000)) * 4096, data: bytes.Repeat([]byte{byte(i + 1)}, 4096)}
+		w.start = time.Now()
+		if err := c.WriteAt(w.data, w.off); err != nil {
+			t.Fatal(err)
+		}
+		w.reply = time.Now()
+		writes = append(writes, w)
+		time.Sleep(3 * time.Millisecond)
+	}
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil { // everything kept on the target
+		t.Fatal(err)
+	}
+	// model of the disk after the writes i with keep(i)
+	model := func(keep func(int) bool) []byte {
+		b := append([]byte(nil), base...)
+		for i, w := range writes {
+			if keep(i) {
+				copy(b[w.off:], w.data)
+			}
+		}
+		return b
+	}
+	check := func(got []byte, at time.Time) {
+		t.Helper()
+		// Writes replied before at must be in; writes started after at out;
+		// a write spanning at either way (at most one: they are sequential).
+		in := func(i int) bool { return writes[i].reply.Before(at) }
+		if bytes.Equal(got, model(in)) {
+			return
+		}
+		for i, w := range writes {
+			if !w.start.After(at) && !w.reply.Before(at) {
+				if bytes.Equal(got, model(func(j int) bool { return in(j) || j == i })) {
+					return
+				}
+			}
+		}
+		t.Fatalf("image at %s is not the prefix of writes completed by then", at.Format(time.RFC3339Nano))
+	}
+	var instants []time.Time
+	for _, i := range []int{0, 7, 30, 59} {
+		instants = append(instants, writes[i].reply.Add(time.Millisecond))
+	}
+	instants = append(instants, writes[45].start.Add(-time.Millisecond))
+	for k, at := range instants {
+		out := filepath.Join(dir, fmt.Sprintf("pit-%d", k))
+		if _, err := r.client.RecoverTime(ctx, "vm1", at, out); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := os.ReadFile(filepath.Join(out, "d.img"))
+		check(got, at)
+	}
+	// Before the first point: a clear error.
+	if _, err := r.client.RecoverTime(ctx, "vm1", writes[0].start.Add(-time.Hour), filepath.Join(dir, "early")); err == nil ||
+		!strings.Contains(err.Error(), "before the oldest recovery point") {
+		t.Fatalf("a time before every point: %v", err)
+	}
+	// The site is gone: the same from the target alone.
+	ra.close()
+	r.stop()
+	tgt, err := server.OpenTarget("file://" + filepath.Join(dir, "srv", "target"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tgt.Close()
+	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	m, err := cat.FindMachine(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, at := range instants {
+		out := filepath.Join(dir, fmt.Sprintf("pit-offline-%d", k))
+		if _, _, err := replication.RecoverTime(ctx, cat, m, at, out); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := os.ReadFile(filepath.Join(out, "d.img"))
+		check(got, at)
+	}
 }

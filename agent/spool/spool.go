@@ -80,6 +80,7 @@ type Spool struct {
 	// sampleEvery, for OldestPending; popped as records are acknowledged.
 	samples       []sample
 	lastAckedTime int64
+	lastTime      int64 // time of the last record appended
 
 	syncMu  sync.Mutex // serializes fsync calls (group commit)
 	synced  uint64     // records up to this seq are durable
@@ -254,6 +255,7 @@ func (s *Spool) openFile(path string, last bool, rec *Recovered) (*file, error) 
 						sf.size += int64(used)
 						rec.Records++
 						noteRecord(rec, &full)
+						s.lastTime = max(s.lastTime, full.Time)
 						continue
 					}
 				}
@@ -394,6 +396,13 @@ func (s *Spool) Append(ctx context.Context, r *replication.Record) (uint64, erro
 	}
 	cur := s.files[len(s.files)-1]
 	r.Seq = s.next
+	// Times never go back along the sequence: recovery to a point in time
+	// takes exactly the records up to it. The caller's time was read before
+	// this lock, so the clamped time is still no later than now.
+	if r.Time < s.lastTime {
+		r.Time = s.lastTime
+	}
+	s.lastTime = r.Time
 	s.buf = replication.AppendRecord(s.buf[:0], r)
 	if _, err := cur.f.Write(s.buf); err != nil {
 		// The file may now hold a torn record; cut it off so later records

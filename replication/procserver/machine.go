@@ -91,6 +91,15 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 		a.Close()
 		return nil, err
 	}
+	kept, err := s.cfg.Catalog.Segments(ctx, id)
+	if err != nil {
+		a.Close()
+		return nil, err
+	}
+	onTarget := map[uint64]bool{}
+	for _, si := range kept {
+		onTarget[si.First] = true
+	}
 	for _, e := range ents {
 		first, last, ok := replication.ParseSegmentName(e.Name())
 		if !ok {
@@ -98,6 +107,13 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 		}
 		path := filepath.Join(m.dir, e.Name())
 		if last <= applied {
+			// Applied before the stop; it may not have reached the
+			// target's any-point-in-time store yet.
+			if !onTarget[first] {
+				if err := m.keepOnTarget(ctx, path); err != nil {
+					m.log.Warn("applied segment not kept for any-point-in-time recovery", "segment", e.Name(), "err", err)
+				}
+			}
 			os.Remove(path)
 			continue
 		}
@@ -470,6 +486,12 @@ func (m *machine) applyOne(sg sealedSeg) error {
 	if err != nil {
 		return err
 	}
+	// Kept on the target first, so a point is never reported before the
+	// changes after it can be replayed; a segment that fails verification
+	// is not kept (Apply reports it below).
+	if err := m.keepSegment(m.s.ctx, data); err != nil && !errors.Is(err, replication.ErrCorrupt) {
+		return err
+	}
 	m.applyMu.Lock()
 	err = m.applier.Apply(m.s.ctx, data)
 	if errors.Is(err, replication.ErrCorrupt) {
@@ -501,6 +523,27 @@ func (m *machine) applyOne(sg sealedSeg) error {
 	}
 	m.popSealed(sg)
 	return nil
+}
+
+// keepSegment stores an applied segment on the target, where recovery to
+// any point in time replays it (pruned once older than the policy's window).
+func (m *machine) keepSegment(ctx context.Context, data []byte) error {
+	si, err := replication.DescribeSegment(data)
+	if err != nil {
+		return err
+	}
+	if err := m.s.cfg.Catalog.PutSegment(ctx, m.id, si, data); err != nil {
+		return fmt.Errorf("keep segment %d-%d on the target: %w", si.First, si.Last, err)
+	}
+	return nil
+}
+
+func (m *machine) keepOnTarget(ctx context.Context, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return m.keepSegment(ctx, data)
 }
 
 func (m *machine) popSealed(sg sealedSeg) {
