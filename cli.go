@@ -23,10 +23,11 @@ import (
 type opFlags struct {
 	server, dataDir, tokenFile, caFile string
 	target, passFile                   string
-	machine                            string
+	machine, group                     string
 }
 
 func (o *opFlags) register(fs *flag.FlagSet, offline bool) {
+	fs.StringVar(&o.group, "group", "", "replication group (instead of --machine)")
 	fs.StringVar(&o.server, "server", "https://127.0.0.1:8443", "control URL of the asr server")
 	fs.StringVar(&o.dataDir, "data", server.DefaultDataDir, "server data directory, for the default --token-file and --ca-file")
 	fs.StringVar(&o.tokenFile, "token-file", "", "admin token file (default DATA/admin-token)")
@@ -95,8 +96,16 @@ func runPoints(ctx context.Context, args []string, out io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	if o.group != "" {
+		gps, closeFn, err := groupPoints(ctx, &o, o.group)
+		if err != nil {
+			return err
+		}
+		defer closeFn()
+		return printGroupPoints(out, gps, *asJSON)
+	}
 	if o.machine == "" {
-		return errors.New("--machine is required")
+		return errors.New("--machine (or --group) is required")
 	}
 	var points []server.PointJSON
 	if o.target != "" {
@@ -155,12 +164,24 @@ func runTag(ctx context.Context, args []string, out io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if o.machine == "" {
-		return errors.New("--machine is required")
-	}
 	c, err := o.client()
 	if err != nil {
 		return err
+	}
+	if o.group != "" {
+		// A group cut is synchronous: it returns once every member's point is durable.
+		var gp server.GroupPointJSON
+		tctx, cancel := context.WithTimeout(ctx, *timeout)
+		defer cancel()
+		if err := c.Do(tctx, http.MethodPost, "/api/v1/groups/"+url.PathEscape(o.group)+"/points", server.TagRequest{App: *app}, &gp); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "group point %s (%s) at %s across %d machines\n", gp.ID, gp.Kind, gp.Time, len(gp.Members))
+		fmt.Fprintln(out, gp.ID)
+		return nil
+	}
+	if o.machine == "" {
+		return errors.New("--machine (or --group) is required")
 	}
 	if !*wait {
 		var resp map[string]string
@@ -190,8 +211,14 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	if o.group != "" && *dir != "" {
+		if *atFlag != "" {
+			return errors.New("--time is for one machine; a group recovers at a group point")
+		}
+		return recoverGroup(ctx, &o, o.group, *point, *dir, out)
+	}
 	if o.machine == "" || *dir == "" {
-		return errors.New("--machine and --out are required")
+		return errors.New("--machine (or --group) and --out are required")
 	}
 	var at time.Time
 	if *atFlag != "" {

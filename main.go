@@ -54,6 +54,8 @@ Usage:
   asr tag      --machine M [--wait] [--app]
   asr policy   list|show|create|set|assign ...
   asr events   [--machine M]
+  asr group    set --machine M --group G | clear --machine M
+  (points, tag and recover take --group G instead of --machine M for a replication group)
   asr recover  --machine M --point latest|ID --out DIR [--target URL --passphrase-file F]
   asr version
 
@@ -118,6 +120,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runPolicy(ctx, rest, stdout)
 	case "events":
 		return runEvents(ctx, rest, stdout)
+	case "group":
+		return runGroup(ctx, rest, stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "asr", v)
 		return nil

@@ -179,6 +179,10 @@ type Agent struct {
 	freezer       freezer
 	eventMu       sync.Mutex
 	events        []replication.AgentEvent
+	inGroup       atomic.Bool // the server makes this machine's points
+	cutMu         sync.Mutex
+	cuts          map[uint64]chan replication.FrameType // group cuts being held
+	holds         *latency                              // how long group cuts held the writes
 	current       atomic.Pointer[shipSession] // the current connection, if any
 
 	ctx    context.Context
@@ -203,7 +207,8 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{},
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{}, holds: &latency{},
+		cuts: map[uint64]chan replication.FrameType{},
 		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}}
 	a.crashInterval.Store(int64(cfg.CrashInterval))
 	a.appFrequency.Store(int64(cfg.AppFrequency))
@@ -548,7 +553,8 @@ func (a *Agent) tagLoop() {
 			crashDue := now.Sub(lastCrash) >= time.Duration(a.crashInterval.Load())
 			appEvery := time.Duration(a.appFrequency.Load())
 			appDue := appEvery > 0 && now.Sub(lastApp) >= appEvery
-			if !crashDue && !appDue {
+			if a.inGroup.Load() || (!crashDue && !appDue) {
+				lastCrash, lastApp = now, now
 				continue
 			}
 			if !a.allDone() {
@@ -572,7 +578,8 @@ func (a *Agent) setPolicy(p replication.AgentPolicy) {
 		a.crashInterval.Store(p.CrashInterval)
 	}
 	a.appFrequency.Store(p.AppFrequency)
-	a.log.Info("policy applied", "crash_interval", time.Duration(p.CrashInterval), "app_frequency", time.Duration(p.AppFrequency))
+	a.inGroup.Store(p.Group != "")
+	a.log.Info("policy applied", "crash_interval", time.Duration(p.CrashInterval), "app_frequency", time.Duration(p.AppFrequency), "group", p.Group)
 }
 
 // event queues an event for the server (sent with the next status report).
@@ -648,6 +655,7 @@ type Stats struct {
 	SpoolBytes int64        `json:"spool_bytes"`
 	Writes     int64        `json:"writes"` // guest changes this run
 	Latency    LatencyStats `json:"ack_latency"`
+	Holds      LatencyStats `json:"group_holds"` // how long group cuts held the guest's writes
 	Connected  bool         `json:"connected"`
 	Disks      []replication.DiskProgress
 }
@@ -679,7 +687,7 @@ func (a *Agent) Stats() Stats {
 		BytesSent: a.stats.bytesSent.Load(), RawSent: a.stats.rawSent.Load(),
 		Frames: a.stats.frames.Load(), Records: a.stats.records.Load(),
 		Acked: a.spool.Acked(), NextSeq: a.spool.Next(), SpoolBytes: a.spool.Pending(),
-		Writes: w, Latency: a.lat.stats(), Connected: a.stats.connected.Load(), Disks: a.Progress(),
+		Writes: w, Latency: a.lat.stats(), Holds: a.holds.stats(), Connected: a.stats.connected.Load(), Disks: a.Progress(),
 	}
 }
 

@@ -41,20 +41,31 @@ func (l *latency) acked(seq uint64) {
 	defer l.mu.Unlock()
 	i := 0
 	for ; i < len(l.pending) && l.pending[i].seq <= seq; i++ {
-		d := now.Sub(l.pending[i].at)
-		b := int(d / time.Millisecond)
-		if b >= len(l.buckets) {
-			b = len(l.buckets) - 1
-		}
-		l.buckets[b]++
-		l.count++
-		if d > l.max {
-			l.max = d
-		}
+		l.observeLocked(now.Sub(l.pending[i].at))
 	}
 	if i > 0 {
 		n := copy(l.pending, l.pending[i:])
 		l.pending = l.pending[:n]
+	}
+}
+
+// observe adds one duration to the histogram (also used for group-cut
+// holds, which have no sequence number).
+func (l *latency) observe(d time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.observeLocked(d)
+}
+
+func (l *latency) observeLocked(d time.Duration) {
+	b := int(d / time.Millisecond)
+	if b >= len(l.buckets) {
+		b = len(l.buckets) - 1
+	}
+	l.buckets[b]++
+	l.count++
+	if d > l.max {
+		l.max = d
 	}
 }
 

@@ -331,6 +331,16 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 					s.a.log.Error("requested tag failed", "err", err)
 				}
 			}()
+		case replication.FrameHold, replication.FrameCut, replication.FrameRelease:
+			var c replication.Cut
+			if err := replication.DecodeJSON(&f, &c); err != nil {
+				return err
+			}
+			if f.Type == replication.FrameHold {
+				go s.a.groupCut(c, s)
+			} else {
+				s.a.cutDecision(f.Type, c)
+			}
 		case replication.FramePolicy:
 			var p replication.AgentPolicy
 			if err := replication.DecodeJSON(&f, &p); err != nil {

@@ -390,3 +390,63 @@ func (c *Catalog) Segment(ctx context.Context, si SegmentInfo) ([]byte, error) {
 func (c *Catalog) DeleteSegment(ctx context.Context, si SegmentInfo) error {
 	return c.T.DeleteObject(ctx, si.Key)
 }
+
+// GroupPoint is a recovery point of a replication group: one point per
+// member machine, all from the same cut.
+type GroupPoint struct {
+	ID      string            `json:"id"`
+	Time    time.Time         `json:"time"`
+	Kind    string            `json:"kind"`    // app only if every member's point is
+	Members map[string]string `json:"members"` // machine id -> point id
+}
+
+var groupNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidGroupName reports whether a replication group name is acceptable.
+func ValidGroupName(name string) bool { return groupNameRE.MatchString(name) }
+
+// PutGroupPoint records a group point.
+func (c *Catalog) PutGroupPoint(ctx context.Context, group string, gp GroupPoint) error {
+	n, err := strconv.ParseUint(gp.ID, 10, 64)
+	if err != nil {
+		return fmt.Errorf("group point id %q: %w", gp.ID, err)
+	}
+	return c.put(ctx, fmt.Sprintf("groups/%s/points/%020d", group, n), "grouppoint", gp)
+}
+
+// GroupPoints lists a group's points, oldest first.
+func (c *Catalog) GroupPoints(ctx context.Context, group string) ([]GroupPoint, error) {
+	objs, err := c.T.ListObjects(ctx, "groups/"+group+"/points/")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]GroupPoint, 0, len(objs))
+	for _, o := range objs {
+		var gp GroupPoint
+		if err := c.get(ctx, o.Key, "grouppoint", &gp); err != nil {
+			return nil, err
+		}
+		out = append(out, gp)
+	}
+	return out, nil
+}
+
+// FindGroupPoint resolves "latest" or an id among a group's points.
+func (c *Catalog) FindGroupPoint(ctx context.Context, group, id string) (GroupPoint, error) {
+	gps, err := c.GroupPoints(ctx, group)
+	if err != nil {
+		return GroupPoint{}, err
+	}
+	if len(gps) == 0 {
+		return GroupPoint{}, fmt.Errorf("group %s has no recovery points: %w", group, ErrNoPoint)
+	}
+	if id == "" || id == "latest" {
+		return gps[len(gps)-1], nil
+	}
+	for _, gp := range gps {
+		if gp.ID == id {
+			return gp, nil
+		}
+	}
+	return GroupPoint{}, fmt.Errorf("point %q of group %s: %w", id, group, ErrNoPoint)
+}

@@ -29,11 +29,16 @@ const (
 	FrameTagReq  FrameType = 6 // server -> agent, JSON TagRequest
 	FrameError   FrameType = 7 // either way, JSON ErrorMessage; the sender closes
 	FrameSeal    FrameType = 8 // segments only: Seq = last sequence number, Count = records
-	FramePolicy  FrameType = 9 // server -> agent, JSON AgentPolicy: the point schedule changed
+	FramePolicy  FrameType = 9  // server -> agent, JSON AgentPolicy: the point schedule changed
+	FrameHold    FrameType = 10 // server -> agent, JSON Cut: hold write completions for a group cut
+	FrameHeld    FrameType = 11 // agent -> server, JSON Cut: completions are held
+	FrameCut     FrameType = 12 // server -> agent, JSON Cut: tag now and release
+	FrameRelease FrameType = 13 // server -> agent, JSON Cut: release without a tag (cut abandoned)
 )
 
 func (t FrameType) String() string {
-	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal", "policy"}
+	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal", "policy",
+		"hold", "held", "cut", "release"}
 	if int(t) < len(names) && t != 0 {
 		return names[t]
 	}
@@ -155,7 +160,7 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 		return f, 0, &ProtocolError{fmt.Sprintf("unsupported protocol version %d (this build speaks %d)", h[4], ProtocolVersion)}
 	}
 	f.Type = FrameType(h[5])
-	if f.Type < FrameHello || f.Type > FramePolicy {
+	if f.Type < FrameHello || f.Type > FrameRelease {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
 	}
 	f.Flags = h[6]
@@ -332,6 +337,16 @@ type Welcome struct {
 type AgentPolicy struct {
 	CrashInterval int64 `json:"crash_interval"`
 	AppFrequency  int64 `json:"app_frequency"` // 0: no scheduled application-consistent points
+	// Group is set when the machine is in a replication group: the server
+	// then makes its points (group cuts) and the agent schedules none.
+	Group string `json:"group,omitempty"`
+}
+
+// Cut identifies a replication-group cut: HOLD, HELD, CUT and RELEASE
+// frames carry it. ID is also the request id of the tag each member makes.
+type Cut struct {
+	ID  uint64 `json:"id"`
+	App bool   `json:"app,omitempty"`
 }
 
 // Status is the agent's periodic report; it doubles as a heartbeat.

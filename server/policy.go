@@ -71,23 +71,20 @@ func (s *Server) ensureDefaultPolicy(ctx context.Context) error {
 	return err
 }
 
-// machinePolicy returns the policy assigned to a machine.
-func (s *Server) machinePolicy(ctx context.Context, id string) (replication.Policy, error) {
-	m, err := s.db.Machine(ctx, id)
-	if err != nil {
-		return replication.Policy{}, err
-	}
-	return s.db.Policy(ctx, m.Policy)
-}
-
 // policyFor gives the point schedule an agent gets when it connects.
 func (s *Server) policyFor(id string) *replication.AgentPolicy {
-	p, err := s.machinePolicy(s.ctx, id)
+	m, err := s.db.Machine(s.ctx, id)
+	if err != nil {
+		s.log.Error("policy of machine", "machine", id, "err", err)
+		return nil
+	}
+	p, err := s.db.Policy(s.ctx, m.Policy)
 	if err != nil {
 		s.log.Error("policy of machine", "machine", id, "err", err)
 		return nil
 	}
 	ap := agentPolicy(p)
+	ap.Group = m.Group
 	return &ap
 }
 
@@ -103,8 +100,10 @@ func (s *Server) pushPolicy(ctx context.Context, p replication.Policy) {
 		return
 	}
 	for _, id := range ids {
-		if err := s.ps.SendPolicy(id, agentPolicy(p)); err != nil {
-			s.log.Warn("push policy", "machine", id, "err", err)
+		if ap := s.policyFor(id); ap != nil {
+			if err := s.ps.SendPolicy(id, *ap); err != nil {
+				s.log.Warn("push policy", "machine", id, "err", err)
+			}
 		}
 	}
 }
@@ -212,8 +211,10 @@ func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) erro
 	if err := s.db.AssignPolicy(ctx, m.ID, p.Name); err != nil {
 		return err
 	}
-	if err := s.ps.SendPolicy(m.ID, agentPolicy(p)); err != nil {
-		s.log.Warn("push policy", "machine", m.ID, "err", err)
+	if ap := s.policyFor(m.ID); ap != nil {
+		if err := s.ps.SendPolicy(m.ID, *ap); err != nil {
+			s.log.Warn("push policy", "machine", m.ID, "err", err)
+		}
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"machine": m.Name, "policy": p.Name})
 	return nil

@@ -354,8 +354,9 @@ func (s *Server) Run(ctx context.Context) error {
 		MinVersion:   tls.VersionTLS13,
 	})
 	errc := make(chan error, 2)
-	s.wg.Add(4)
+	s.wg.Add(5)
 	go func() { defer s.wg.Done(); s.policyLoop() }()
+	go func() { defer s.wg.Done(); s.groupLoop() }()
 	go func() {
 		defer s.wg.Done()
 		err := s.httpSrv.ServeTLS(s.httpL, "", "")

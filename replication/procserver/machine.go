@@ -46,6 +46,7 @@ type machine struct {
 	applyErr  string
 	broken    error // set when the cache could not be made durable
 	waiters   map[uint64]chan pointResult
+	helds     map[uint64]chan struct{} // group cuts waiting for this agent to hold
 	syncWake  chan struct{}
 	applyWake chan struct{}
 	closed    bool
@@ -70,7 +71,7 @@ type pointResult struct {
 func openMachine(ctx context.Context, s *Server, id, name string) (*machine, error) {
 	m := &machine{
 		s: s, id: id, dir: filepath.Join(s.cfg.CacheDir, id), log: s.log.With("machine", id),
-		waiters: map[uint64]chan pointResult{}, syncWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1),
+		waiters: map[uint64]chan pointResult{}, helds: map[uint64]chan struct{}{}, syncWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1),
 	}
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		return nil, err

@@ -333,6 +333,19 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if s.cfg.OnStatus != nil {
 				s.cfg.OnStatus(m.id, st)
 			}
+		case replication.FrameHeld:
+			var c replication.Cut
+			if err := replication.DecodeJSON(&f, &c); err != nil {
+				return err
+			}
+			m.mu.Lock()
+			if ch, ok := m.helds[c.ID]; ok {
+				select {
+				case ch <- struct{}{}:
+				default:
+				}
+			}
+			m.mu.Unlock()
 		case replication.FrameError:
 			var e replication.ErrorMessage
 			replication.DecodeJSON(&f, &e)
@@ -520,4 +533,86 @@ func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.
 		return nil
 	})
 	return deleted, err
+}
+
+// GroupCut makes one consistent recovery point across the given machines
+// (a replication group): every agent holds its write completions, then all
+// tag at once and release. It returns each machine's point once all are
+// durable on the target. If a member cannot hold in time, the cut is
+// abandoned (every member releases) and nothing is tagged.
+func (s *Server) GroupCut(ctx context.Context, machineIDs []string, app bool, holdWait time.Duration) (map[string]replication.Point, error) {
+	id := s.reqID.Add(1)
+	type member struct {
+		m     *machine
+		cc    *agentConn
+		held  chan struct{}
+		point chan pointResult
+	}
+	var ms []member
+	defer func() {
+		for _, mb := range ms {
+			mb.m.mu.Lock()
+			delete(mb.m.helds, id)
+			delete(mb.m.waiters, id)
+			mb.m.mu.Unlock()
+		}
+	}()
+	for _, mid := range machineIDs {
+		s.mu.Lock()
+		m, ok := s.machines[mid]
+		s.mu.Unlock()
+		if !ok {
+			return nil, fmt.Errorf("machine %s: %w", mid, ErrNotConnected)
+		}
+		mb := member{m: m, held: make(chan struct{}, 1), point: make(chan pointResult, 1)}
+		m.mu.Lock()
+		mb.cc = m.conn
+		if mb.cc != nil {
+			m.helds[id] = mb.held
+			m.waiters[id] = mb.point
+		}
+		m.mu.Unlock()
+		if mb.cc == nil {
+			return nil, fmt.Errorf("machine %s: %w", mid, ErrNotConnected)
+		}
+		ms = append(ms, mb)
+	}
+	send := func(t replication.FrameType) {
+		f, _ := replication.JSONFrame(t, replication.Cut{ID: id, App: app})
+		for _, mb := range ms {
+			select {
+			case mb.cc.out <- f:
+			case <-mb.cc.replaced:
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}
+	send(replication.FrameHold)
+	timeout := time.NewTimer(holdWait)
+	defer timeout.Stop()
+	for _, mb := range ms {
+		select {
+		case <-mb.held:
+		case <-timeout.C:
+			send(replication.FrameRelease)
+			return nil, fmt.Errorf("machine %s did not hold its writes within %s; the group cut was abandoned", mb.m.id, holdWait)
+		case <-ctx.Done():
+			send(replication.FrameRelease)
+			return nil, ctx.Err()
+		}
+	}
+	send(replication.FrameCut)
+	points := map[string]replication.Point{}
+	for _, mb := range ms {
+		select {
+		case r := <-mb.point:
+			if r.err != nil {
+				return points, fmt.Errorf("machine %s: %w", mb.m.id, r.err)
+			}
+			points[mb.m.id] = r.p
+		case <-ctx.Done():
+			return points, fmt.Errorf("waiting for the group point: %w", ctx.Err())
+		}
+	}
+	return points, nil
 }
