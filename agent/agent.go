@@ -183,7 +183,7 @@ type Agent struct {
 	cutMu         sync.Mutex
 	cuts          map[uint64]chan replication.FrameType // group cuts being held
 	holds         *latency                              // how long group cuts held the writes
-	current       atomic.Pointer[shipSession] // the current connection, if any
+	current       atomic.Pointer[shipSession]           // the current connection, if any
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -208,7 +208,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		cfg.Logger = slog.Default()
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{}, holds: &latency{},
-		cuts: map[uint64]chan replication.FrameType{},
+		cuts:    map[uint64]chan replication.FrameType{},
 		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}}
 	a.crashInterval.Store(int64(cfg.CrashInterval))
 	a.appFrequency.Store(int64(cfg.AppFrequency))
@@ -553,8 +553,11 @@ func (a *Agent) tagLoop() {
 			crashDue := now.Sub(lastCrash) >= time.Duration(a.crashInterval.Load())
 			appEvery := time.Duration(a.appFrequency.Load())
 			appDue := appEvery > 0 && now.Sub(lastApp) >= appEvery
-			if a.inGroup.Load() || (!crashDue && !appDue) {
-				lastCrash, lastApp = now, now
+			if a.inGroup.Load() {
+				lastCrash, lastApp = now, now // the server makes the group's points
+				continue
+			}
+			if !crashDue && !appDue {
 				continue
 			}
 			if !a.allDone() {

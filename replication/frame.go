@@ -21,14 +21,14 @@ type FrameType uint8
 
 // Frame types. Persisted in segments: never renumber.
 const (
-	FrameHello   FrameType = 1 // agent -> server, JSON Hello
-	FrameWelcome FrameType = 2 // server -> agent, JSON Welcome
-	FrameData    FrameType = 3 // agent -> server, a batch of records
-	FrameAck     FrameType = 4 // server -> agent, Seq = last durable sequence number
-	FrameStatus  FrameType = 5 // agent -> server, JSON Status (also a heartbeat)
-	FrameTagReq  FrameType = 6 // server -> agent, JSON TagRequest
-	FrameError   FrameType = 7 // either way, JSON ErrorMessage; the sender closes
-	FrameSeal    FrameType = 8 // segments only: Seq = last sequence number, Count = records
+	FrameHello   FrameType = 1  // agent -> server, JSON Hello
+	FrameWelcome FrameType = 2  // server -> agent, JSON Welcome
+	FrameData    FrameType = 3  // agent -> server, a batch of records
+	FrameAck     FrameType = 4  // server -> agent, Seq = last durable sequence number
+	FrameStatus  FrameType = 5  // agent -> server, JSON Status (also a heartbeat)
+	FrameTagReq  FrameType = 6  // server -> agent, JSON TagRequest
+	FrameError   FrameType = 7  // either way, JSON ErrorMessage; the sender closes
+	FrameSeal    FrameType = 8  // segments only: Seq = last sequence number, Count = records
 	FramePolicy  FrameType = 9  // server -> agent, JSON AgentPolicy: the point schedule changed
 	FrameHold    FrameType = 10 // server -> agent, JSON Cut: hold write completions for a group cut
 	FrameHeld    FrameType = 11 // agent -> server, JSON Cut: completions are held
