@@ -31,8 +31,14 @@ import (
 // Version is the agent's version, set by main.
 var Version = "dev"
 
-// DiskSpec is a --disk NAME=PATH flag.
-type DiskSpec struct{ Name, Path string }
+// DiskSpec is a --disk NAME=PATH[,mode=scan][,interval=D] flag.
+type DiskSpec struct {
+	Name, Path string
+	// Scan selects scan mode: the disk is not served over NBD (the guest
+	// uses it directly) and its changes are found by periodic scans.
+	Scan         bool
+	ScanInterval time.Duration // default 30s
+}
 
 // Config configures an agent.
 type Config struct {
@@ -78,10 +84,29 @@ func ParseFlags(args []string) (Config, error) {
 	})
 	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
 	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
-	fs.Func("disk", "protected disk NAME=PATH (repeat for each disk)", func(v string) error {
-		name, path, ok := strings.Cut(v, "=")
-		if !ok || path == "" {
+	fs.Func("disk", "protected disk NAME=PATH, served over NBD; NAME=PATH,mode=scan[,interval=30s] for a disk the guest uses directly, copied by periodic scans (repeat for each disk)", func(v string) error {
+		name, rest, ok := strings.Cut(v, "=")
+		if !ok || rest == "" {
 			return fmt.Errorf("want NAME=PATH, got %q", v)
+		}
+		opts := strings.Split(rest, ",")
+		path := opts[0]
+		spec := DiskSpec{Name: name, Path: path}
+		for _, o := range opts[1:] {
+			k, val, _ := strings.Cut(o, "=")
+			switch {
+			case k == "mode" && val == "scan":
+				spec.Scan = true
+			case k == "mode" && val == "splitter":
+			case k == "interval":
+				d, err := time.ParseDuration(val)
+				if err != nil || d < time.Second {
+					return fmt.Errorf("disk %s: interval %q: want a duration of 1s or more", name, val)
+				}
+				spec.ScanInterval = d
+			default:
+				return fmt.Errorf("disk %s: unknown option %q (want mode=scan or mode=splitter, interval=D)", name, o)
+			}
 		}
 		if !replication.ValidDiskName(name) {
 			return fmt.Errorf("disk name %q: use letters, digits, '.', '_' and '-' (at most 64)", name)
@@ -91,7 +116,7 @@ func ParseFlags(args []string) (Config, error) {
 				return fmt.Errorf("disk %q given twice", name)
 			}
 		}
-		c.Disks = append(c.Disks, DiskSpec{name, path})
+		c.Disks = append(c.Disks, spec)
 		return nil
 	})
 	if err := fs.Parse(args); err != nil {
@@ -289,6 +314,20 @@ func (a *Agent) open() error {
 			return err
 		}
 		a.disks = append(a.disks, d)
+		for _, spec := range cfg.Disks {
+			if spec.Name == ds.Name && spec.Scan {
+				interval := spec.ScanInterval
+				if interval <= 0 {
+					interval = 30 * time.Second
+				}
+				d.scan = newScanState(d.Size(), interval)
+				if !a.unclean {
+					if err := loadScan(cfg.StateDir, d); err != nil {
+						a.log.Warn("scan hashes", "disk", d.Name, "err", err)
+					}
+				}
+			}
+		}
 		if ds.Size != 0 && ds.Size != d.Size() {
 			return fmt.Errorf("disk %s changed size from %d to %d bytes: resizing a protected disk is not supported yet", ds.Name, ds.Size, d.Size())
 		}
@@ -318,18 +357,21 @@ func (a *Agent) open() error {
 	a.stats = loadStats(cfg.StateDir)
 
 	a.nbdSrv = &nbd.Server{
+		// Scan-mode disks are used by the guest directly, not served.
 		Lookup: func(name string) (nbd.Backend, bool) {
 			for _, d := range a.disks {
-				if d.Name == name {
+				if d.Name == name && d.scan == nil {
 					return d, true
 				}
 			}
 			return nil, false
 		},
 		List: func() []string {
-			names := make([]string, len(a.disks))
-			for i, d := range a.disks {
-				names[i] = d.Name
+			var names []string
+			for _, d := range a.disks {
+				if d.scan == nil {
+					names = append(names, d.Name)
+				}
 			}
 			return names
 		},
@@ -422,7 +464,8 @@ func (a *Agent) NBDAddr() net.Addr { return a.nbdL.Addr() }
 func (a *Agent) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, a.cancel)
 	defer stop()
-	a.wg.Add(5)
+	a.wg.Add(6)
+	go func() { defer a.wg.Done(); a.scanLoop() }()
 	go func() { defer a.wg.Done(); a.nbdSrv.Serve(a.ctx, a.nbdL) }()
 	go func() { defer a.wg.Done(); a.initialCopy() }()
 	go func() { defer a.wg.Done(); a.shipLoop() }()
@@ -448,6 +491,13 @@ func (a *Agent) reconnect() {
 func (a *Agent) Close() error {
 	a.cancel()
 	a.wg.Wait()
+	for _, d := range a.disks {
+		if d.scan != nil {
+			if err := saveScan(a.cfg.StateDir, d); err != nil {
+				a.log.Error("save scan hashes", "disk", d.Name, "err", err)
+			}
+		}
+	}
 	err := a.closeResources()
 	if err == nil && a.spool != nil {
 		a.stMu.Lock()
@@ -505,8 +555,11 @@ func (a *Agent) point(reqID uint64, app bool) error {
 // consistent (the caller has quiesced the guest).
 func (a *Agent) tag(reqID uint64, app bool) error {
 	rec := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindTag, Offset: reqID}
-	if app {
+	switch {
+	case app:
 		rec.Flags |= replication.FlagApp
+	case a.hasScanDisks():
+		rec.Flags |= replication.FlagScan
 	}
 	// Under tagMu from Append to recording the seq, so the sender, which
 	// takes tagMu too, never ships this tag without knowing it is one.

@@ -100,6 +100,19 @@ func (a *Agent) quiesce(tagFn func() error) string {
 		mu.Unlock()
 	}
 	if failed == "" {
+		// Scan-mode disks are read whole while frozen, which makes them
+		// consistent with the rest.
+		for _, d := range a.disks {
+			if d.scan == nil || !a.done[d.Index].Load() {
+				continue
+			}
+			if _, err := a.scanPass(d); err != nil {
+				failed = fmt.Sprintf("scan of disk %s: %v", d.Name, err)
+				break
+			}
+		}
+	}
+	if failed == "" {
 		// The file systems have written everything through the splitter;
 		// make it durable, then tag, inside the box.
 		for _, d := range a.disks {

@@ -37,6 +37,8 @@ type Disk struct {
 	// diverged records that the log and the disk may disagree (a resync
 	// is needed); set by the agent.
 	diverged func(reason string)
+	// scan is set for a scan-mode disk.
+	scan *scanState
 
 	mu sync.Mutex // serializes changes (spool append + backing write)
 
@@ -205,6 +207,10 @@ func (d *Disk) baseChunk(buf []byte, off int64) (bool, error) {
 	defer d.mu.Unlock()
 	if _, err := d.f.ReadAt(buf, off); err != nil && err != io.EOF {
 		return false, fmt.Errorf("read disk %s at %d: %w", d.Name, off, err)
+	}
+	if d.scan != nil {
+		// What the replica will hold for this block, for the scans.
+		d.scan.note(off, hashBlock(buf))
 	}
 	if replication.IsZero(buf) {
 		return false, nil

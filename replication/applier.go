@@ -263,8 +263,11 @@ func (a *Applier) tag(ctx context.Context, r *Record) error {
 		return nil
 	}
 	p := Point{ID: PointID(r.Seq), Seq: r.Seq, Time: time.Unix(0, r.Time).UTC(), Kind: PointCrash}
-	if r.Flags&FlagApp != 0 {
+	switch {
+	case r.Flags&FlagApp != 0:
 		p.Kind = PointApp
+	case r.Flags&FlagScan != 0:
+		p.Kind = PointInconsistent
 	}
 	for _, d := range a.m.Disks {
 		rd := a.disks[d.Index]

@@ -85,6 +85,9 @@ func ValidDiskName(name string) bool { return diskNameRE.MatchString(name) }
 const (
 	PointCrash = "crash"
 	PointApp   = "app"
+	// PointInconsistent is a point of a machine with scan-mode disks taken
+	// outside a freeze: each disk is as its last scan found it.
+	PointInconsistent = "inconsistent"
 )
 
 // Point is a recovery point: a consistent cut across all disks of a machine,
@@ -182,7 +185,7 @@ func parsePointKey(name string) (Point, bool) {
 	if _, err := fmt.Sscanf(parts[0]+" "+parts[1], "%x %x", &seq, &ns); err != nil {
 		return Point{}, false
 	}
-	if parts[2] != PointCrash && parts[2] != PointApp {
+	if parts[2] != PointCrash && parts[2] != PointApp && parts[2] != PointInconsistent {
 		return Point{}, false
 	}
 	return Point{ID: PointID(seq), Seq: seq, Time: time.Unix(0, int64(ns)).UTC(), Kind: parts[2]}, true

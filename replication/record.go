@@ -67,6 +67,10 @@ const (
 	FlagDone uint8 = 1 << 0
 	// FlagApp on a KindTag record: the point is application-consistent.
 	FlagApp uint8 = 1 << 1
+	// FlagScan on a KindTag record: the machine has scan-mode disks, copied
+	// by periodic scans rather than write by write, and the point was not
+	// taken during a freeze: it is not crash-consistent.
+	FlagScan uint8 = 1 << 2
 )
 
 // MaxRecordData bounds the payload of one record (the NBD request limit).

@@ -879,3 +879,64 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 
 // TagRequestNoWait is an empty tag request body.
 func TagRequestNoWait() server.TagRequest { return server.TagRequest{} }
+
+// Scan mode: a disk the guest writes directly (not through NBD) is copied
+// by periodic scans; its points are marked inconsistent, except an
+// application-consistent one, which scans while frozen.
+func TestScanModeDisk(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	root, data := filepath.Join(dir, "root.img"), filepath.Join(dir, "data.img")
+	mustDisk(t, root, 8<<20, 1)
+	mustDisk(t, data, 4<<20, 2)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "root", Path: root, Scan: true, ScanInterval: time.Second},
+		agent.DiskSpec{Name: "data", Path: data})
+	startAgent(t, cfg)
+	r.waitProtected("vm1")
+	if _, err := nbd.Dial(ctx, cfg.NBD, "root"); err == nil {
+		t.Fatal("a scan-mode disk is served over NBD")
+	}
+	// The guest writes the root disk directly.
+	f, err := os.OpenFile(root, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(bytes.Repeat([]byte("root-change "), 50000), 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, 1<<20), 0); err != nil { // a block zeroed
+		t.Fatal(err)
+	}
+	time.Sleep(2500 * time.Millisecond) // at least one scan pass
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Kind != replication.PointInconsistent {
+		t.Fatalf("a point of a machine with a scan disk has kind %q, want %q", p.Kind, replication.PointInconsistent)
+	}
+	out := filepath.Join(dir, "out1")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "root.img")) != fileSum(t, root) || fileSum(t, filepath.Join(out, "data.img")) != fileSum(t, data) {
+		t.Fatal("recovered disks differ from the sources after a scan")
+	}
+	// A change right before an application-consistent point is in it: the
+	// point scans while frozen.
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0x5a}, 4096), 6<<20); err != nil {
+		t.Fatal(err)
+	}
+	p, err = r.client.Tag(ctx, "vm1", true, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Kind != replication.PointApp {
+		t.Fatalf("application-consistent point has kind %q", p.Kind)
+	}
+	out = filepath.Join(dir, "out2")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "root.img")) != fileSum(t, root) {
+		t.Fatal("the application-consistent point misses a change made just before it")
+	}
+}
