@@ -76,11 +76,17 @@ type proc struct {
 
 func startProc(t *testing.T, name, logPath string, args ...string) *proc {
 	t.Helper()
+	return startProcCmd(t, name, logPath, asrBin, args...)
+}
+
+// startProcCmd starts any program (e.g. ip netns exec ... asr).
+func startProcCmd(t *testing.T, name, logPath, prog string, args ...string) *proc {
+	t.Helper()
 	lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := contain(exec.Command(asrBin, args...))
+	cmd := contain(exec.Command(prog, args...))
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), "ASR_LOG_LEVEL=info")
 	if err := cmd.Start(); err != nil {
@@ -142,8 +148,11 @@ type cluster struct {
 	srvDir   string
 	listen   string
 	dataPort string
+	dataHost string   // data listener address (default 127.0.0.1)
 	server   *proc
 	agents   map[string]*agentProc
+	// serverArgs are extra arguments for asr server.
+	serverArgs []string
 }
 
 type agentProc struct {
@@ -152,6 +161,7 @@ type agentProc struct {
 	state string
 	sock  string
 	args  []string
+	ns    *netns // the namespace it runs in, if any
 }
 
 func freePort(t *testing.T) string {
@@ -191,8 +201,12 @@ func (c *cluster) url() string { return "https://" + c.listen }
 
 func (c *cluster) startServer() {
 	c.t.Helper()
-	c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), "server", "--data", c.srvDir,
-		"--listen", c.listen, "--data-listen", "127.0.0.1:"+c.dataPort)
+	host := c.dataHost
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	args := append([]string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}, c.serverArgs...)
+	c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, err := c.cli("status"); err == nil {
@@ -209,6 +223,12 @@ func (c *cluster) startServer() {
 // startAgent starts (or restarts, keeping its state) an agent.
 func (c *cluster) startAgent(name string, extra []string, disks ...string) *agentProc {
 	c.t.Helper()
+	return c.startAgentIn(nil, name, extra, disks...)
+}
+
+// startAgentIn starts an agent inside a network namespace (nil: the host's).
+func (c *cluster) startAgentIn(ns *netns, name string, extra []string, disks ...string) *agentProc {
+	c.t.Helper()
 	a, ok := c.agents[name]
 	if !ok {
 		a = &agentProc{name: name, state: filepath.Join(c.dir, name), sock: filepath.Join(c.dir, name+".sock")}
@@ -220,7 +240,16 @@ func (c *cluster) startAgent(name string, extra []string, disks ...string) *agen
 		a.args = append(a.args, extra...)
 		c.agents[name] = a
 	}
-	a.proc = startProc(c.t, name, filepath.Join(c.dir, name+".log"), a.args...)
+	if ns != nil {
+		a.ns = ns
+	}
+	args := a.args
+	if a.ns != nil {
+		args = append([]string{"netns", "exec", a.ns.name, asrBin}, args...)
+		a.proc = startProcCmd(c.t, name, filepath.Join(c.dir, name+".log"), "ip", args...)
+	} else {
+		a.proc = startProc(c.t, name, filepath.Join(c.dir, name+".log"), args...)
+	}
 	// Ready when its NBD socket answers.
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peers the end-to-end tests and benchmarks drive, when
 # they are missing: qemu-io/qemu-img, nbdinfo/nbdcopy, fio (nbd engine),
-# nbdkit, e2fsprogs, zstd, and Chromium for the console test.
+# nbdkit, e2fsprogs, zstd, Chromium for the console test, iproute2 and
+# iptables for the fault suite (network namespaces, loss, outages).
 set -euo pipefail
 need=()
 check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
@@ -14,6 +15,8 @@ check nbdkit nbdkit
 check e2fsck e2fsprogs
 check zstd zstd
 check chromium chromium
+check ip iproute2
+check iptables iptables
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
