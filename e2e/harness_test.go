@@ -148,7 +148,7 @@ type cluster struct {
 	srvDir   string
 	listen   string
 	dataPort string
-	dataHost string   // data listener address (default 127.0.0.1)
+	dataHost string // data listener address (default 127.0.0.1)
 	server   *proc
 	agents   map[string]*agentProc
 	// serverArgs are extra arguments for asr server.
