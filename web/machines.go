@@ -131,6 +131,8 @@ func pointKind(kind string) string {
 		return "crash-consistent"
 	case PointApp:
 		return "app-consistent"
+	case "inconsistent":
+		return "not crash-consistent (scan-mode disk)"
 	default:
 		return kind
 	}

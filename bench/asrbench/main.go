@@ -4,6 +4,10 @@
 //	asrbench initial   initial replication of a mixed disk vs zstd -1 -T0 and cat
 //	asrbench splitter  fio through the agent's write-splitter vs nbdkit's file plugin
 //	asrbench rpo       change-to-durable latency under a 20 MB/s random write load
+//	asrbench points    the cost of a point at 5 s intervals
+//	asrbench group     the write stall of a 4-machine group's cuts
+//	asrbench pit       any-point-in-time recovery against cp --sparse=always
+//	asrbench storage   stored bytes under steady churn with retention
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
 // `make peers` installs (zstd, fio, nbdkit). See BENCHMARKS.md.
@@ -40,7 +44,7 @@ var (
 func main() {
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -63,6 +67,14 @@ func main() {
 		err = benchSplitter(dir)
 	case "rpo":
 		err = benchRPO(dir)
+	case "points":
+		err = benchPoints(dir)
+	case "group":
+		err = benchGroup(dir)
+	case "pit":
+		err = benchPIT(dir)
+	case "storage":
+		err = benchStorage(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}
@@ -150,6 +162,7 @@ func timeCmd(script string) (time.Duration, error) {
 type cluster struct {
 	dir, srvDir, url string
 	server, agent    *exec.Cmd
+	extra            []*exec.Cmd // every agent started
 	sock             string
 	client           *http.Client
 	token            string
@@ -166,6 +179,19 @@ func freePort() string {
 }
 
 func startCluster(dir string, disks map[string]string, agentArgs ...string) (*cluster, error) {
+	c, err := startServer(dir)
+	if err != nil {
+		return nil, err
+	}
+	if c.agent, err = c.addAgent("bench", c.sock, disks, agentArgs...); err != nil {
+		c.stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+// startServer starts an asr server in dir/srv and waits for its API.
+func startServer(dir string) (*cluster, error) {
 	c := &cluster{dir: dir, srvDir: filepath.Join(dir, "srv"), sock: filepath.Join(dir, "nbd.sock")}
 	listen := "127.0.0.1:" + freePort()
 	c.url = "https://" + listen
@@ -189,19 +215,24 @@ func startCluster(dir string, disks map[string]string, agentArgs ...string) (*cl
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	return c, nil
+}
+
+// addAgent starts an agent named name serving its disks on sock.
+func (c *cluster) addAgent(name, sock string, disks map[string]string, agentArgs ...string) (*exec.Cmd, error) {
 	args := []string{"agent", "--server", c.url, "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
-		"--state", filepath.Join(dir, "agent"), "--name", "bench", "--nbd", "unix:" + c.sock}
-	for name, path := range disks {
-		args = append(args, "--disk", name+"="+path)
+		"--state", filepath.Join(c.dir, "agent-"+name), "--name", name, "--nbd", "unix:" + sock}
+	for dn, path := range disks {
+		args = append(args, "--disk", dn+"="+path)
 	}
-	c.agent = exec.Command(*asrBin, append(args, agentArgs...)...)
-	alog, _ := os.Create(filepath.Join(dir, "agent.log"))
-	c.agent.Stdout, c.agent.Stderr = alog, alog
-	if err := c.agent.Start(); err != nil {
-		c.stop()
+	a := exec.Command(*asrBin, append(args, agentArgs...)...)
+	alog, _ := os.Create(filepath.Join(c.dir, "agent-"+name+".log"))
+	a.Stdout, a.Stderr = alog, alog
+	if err := a.Start(); err != nil {
 		return nil, err
 	}
-	return c, nil
+	c.extra = append(c.extra, a)
+	return a, nil
 }
 
 type machine struct {
@@ -248,7 +279,7 @@ func (c *cluster) waitSocket() error {
 }
 
 func (c *cluster) stop() {
-	for _, p := range []*exec.Cmd{c.agent, c.server} {
+	for _, p := range append(c.extra, c.server) {
 		if p != nil && p.Process != nil {
 			p.Process.Signal(syscall.SIGTERM)
 			p.Wait()
@@ -517,7 +548,7 @@ func benchRPO(dir string) error {
 		return err
 	}
 	time.Sleep(2 * time.Second) // last acknowledgements
-	b, err := os.ReadFile(filepath.Join(c.dir, "agent", "stats.json"))
+	b, err := os.ReadFile(filepath.Join(c.dir, "agent-bench", "stats.json"))
 	if err != nil {
 		return err
 	}
