@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -185,5 +186,37 @@ func TestNoHooksStillAppPoint(t *testing.T) {
 	}
 	if flags, ok := lastTag(t, a); !ok || flags&replication.FlagApp == 0 {
 		t.Fatal("with no hooks an application-consistent request must still give a point of kind app")
+	}
+}
+
+// The policy's application-consistent frequency schedules app points (and
+// each also serves as the crash point due then).
+func TestScheduledAppPoints(t *testing.T) {
+	fz := &fakeFreezer{frozen: map[string]bool{}}
+	a := mustFreezeAgent(t, Config{FreezeMounts: []string{"/a"}}, fz)
+	ctx, cancel := context.WithCancel(context.Background())
+	a.ctx = ctx
+	a.done = map[uint32]*atomic.Bool{0: {}}
+	a.done[0].Store(true)
+	a.setPolicy(replication.AgentPolicy{CrashInterval: int64(time.Hour), AppFrequency: int64(150 * time.Millisecond)})
+	exited := make(chan struct{})
+	go func() { a.tagLoop(); close(exited) }()
+	time.Sleep(800 * time.Millisecond)
+	cancel()
+	<-exited
+	apps := 0
+	for _, f := range readFrames(t, a.spool) {
+		recs, _, _ := replication.DefaultCodec().Records(&f, nil)
+		for _, r := range recs {
+			if r.Kind == replication.KindTag && r.Flags&replication.FlagApp != 0 {
+				apps++
+			}
+		}
+	}
+	if apps < 3 {
+		t.Fatalf("%d application-consistent points in 800 ms at a 150 ms frequency", apps)
+	}
+	if fz.anyFrozen() {
+		t.Fatal("left frozen")
 	}
 }

@@ -78,8 +78,11 @@ func (s *Server) groupMembers(ctx context.Context) (map[string][]store.Machine, 
 	return groups, nil
 }
 
-// groupCut makes a group point now and records it.
+// groupCut makes a group point now and records it. Cuts run one at a time:
+// two cuts holding different members at once would wait on each other.
 func (s *Server) groupCut(ctx context.Context, group string, app bool) (replication.GroupPoint, error) {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
 	groups, err := s.groupMembers(ctx)
 	if err != nil {
 		return replication.GroupPoint{}, err

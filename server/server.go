@@ -112,6 +112,7 @@ type Server struct {
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
 
+	cutMu   sync.Mutex // one replication-group cut at a time
 	now     func() time.Time
 	rpoMu   sync.Mutex
 	rpoOver map[string]bool // machines whose RPO is over their threshold
