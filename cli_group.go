@@ -25,7 +25,7 @@ func runGroup(ctx context.Context, args []string, out io.Writer) error {
 	var o opFlags
 	fs := flag.NewFlagSet("asr group "+args[0], flag.ContinueOnError)
 	o.register(fs, false)
-	group := fs.String("group", "", "replication group")
+	group := &o.group
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
@@ -120,11 +120,44 @@ func printGroupPoints(out io.Writer, gps []server.GroupPointJSON, asJSON bool) e
 // recoverGroup writes every member's disks at a group point to
 // DIR/<machine>/<disk>.img.
 func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, out io.Writer) error {
-	gps, closeFn, err := groupPoints(ctx, o, group)
+	start := time.Now()
+	if o.target != "" {
+		cat, closeFn, err := o.catalog(ctx)
+		if err != nil {
+			return err
+		}
+		defer closeFn()
+		gp, err := cat.FindGroupPoint(ctx, group, point)
+		if err != nil {
+			return err
+		}
+		for id, pid := range gp.Members {
+			m, err := cat.FindMachine(ctx, id)
+			if err != nil {
+				return err
+			}
+			p, err := cat.FindPoint(ctx, m.ID, pid)
+			if err != nil {
+				return err
+			}
+			mdir := filepath.Join(dir, m.Name)
+			if _, err := replication.RecoverPoint(ctx, cat, m, p, mdir); err != nil {
+				return fmt.Errorf("machine %s: %w", m.Name, err)
+			}
+			fmt.Fprintf(out, "machine %s: point %s in %s\n", m.Name, pid, mdir)
+		}
+		fmt.Fprintf(out, "recovered group %s at point %s (%s, %s) in %s\n", group, gp.ID, gp.Kind, gp.Time.Format(time.RFC3339Nano), time.Since(start).Round(time.Millisecond))
+		fmt.Fprintln(out, gp.ID)
+		return nil
+	}
+	c, err := o.client()
 	if err != nil {
 		return err
 	}
-	defer closeFn()
+	var gps []server.GroupPointJSON
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/groups/"+url.PathEscape(group)+"/points", nil, &gps); err != nil {
+		return err
+	}
 	var gp *server.GroupPointJSON
 	for i := range gps {
 		if gps[i].ID == point || ((point == "" || point == "latest") && i == len(gps)-1) {
@@ -134,33 +167,10 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, out
 	if gp == nil {
 		return fmt.Errorf("group %s has no point %q (see asr points --group %s)", group, point, group)
 	}
-	start := time.Now()
 	for name, pid := range gp.Members {
 		mdir := filepath.Join(dir, name)
-		if o.target != "" {
-			cat, closeCat, err := o.catalog(ctx)
-			if err != nil {
-				return err
-			}
-			m, err := cat.FindMachine(ctx, name)
-			if err == nil {
-				var p replication.Point
-				if p, err = cat.FindPoint(ctx, m.ID, pid); err == nil {
-					_, err = replication.RecoverPoint(ctx, cat, m, p, mdir)
-				}
-			}
-			closeCat()
-			if err != nil {
-				return fmt.Errorf("machine %s: %w", name, err)
-			}
-		} else {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			if _, err := c.RecoverPoint(ctx, name, pid, mdir); err != nil {
-				return fmt.Errorf("machine %s: %w", name, err)
-			}
+		if _, err := c.RecoverPoint(ctx, name, pid, mdir); err != nil {
+			return fmt.Errorf("machine %s: %w", name, err)
 		}
 		fmt.Fprintf(out, "machine %s: point %s in %s\n", name, pid, mdir)
 	}
