@@ -359,8 +359,13 @@ func benchStorage(dir string) error {
 	}
 	load.Wait()
 	churnRet := 5e6 * retention.Seconds()
-	last := samples[len(samples)-1]
-	fmt.Printf("\nat the end: %.0f MiB stored; bound = replica (%.0f MiB) + churn within the retention (%.0f MiB at most) = %.0f MiB; ratio %.2f\n",
-		float64(last)/(1<<20), float64(replica0)/(1<<20), churnRet/(1<<20), (float64(replica0)+churnRet)/(1<<20), float64(last)/(float64(replica0)+churnRet))
+	var peak int64
+	for _, n := range samples {
+		peak = max(peak, n)
+	}
+	bound := float64(diskSize) + churnRet
+	fmt.Printf("\ntarget at the start (replica and the initial copy's kept segments): %.0f MiB\n", float64(replica0)/(1<<20))
+	fmt.Printf("peak %.0f MiB, end %.0f MiB; disk size + churn within the retention = %.0f MiB; peak ratio %.2f\n",
+		float64(peak)/(1<<20), float64(samples[len(samples)-1])/(1<<20), bound/(1<<20), float64(peak)/bound)
 	return nil
 }
