@@ -243,6 +243,16 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 		}
 	case KindTag:
 		return a.tag(ctx, r)
+	case KindResync:
+		d, _ := a.m.Disk(r.Disk)
+		if r.Flags&FlagDone != 0 {
+			if d.State == StateResync {
+				d.State, d.Reason = StateProtected, ""
+				a.log.Info("resync complete", "machine", a.m.ID, "disk", d.Name, "seq", r.Seq)
+			}
+		} else if d.State != StateInitial {
+			d.State, d.Reason = StateResync, string(r.Data)
+		}
 	}
 	return nil
 }
@@ -278,6 +288,10 @@ func (a *Applier) tag(ctx context.Context, r *Record) error {
 			return fmt.Errorf("snapshot disk %s for point %s: %w", d.Name, p.ID, err)
 		}
 		p.Disks = append(p.Disks, d.Index)
+		if p.Sizes == nil {
+			p.Sizes = map[uint32]int64{}
+		}
+		p.Sizes[d.Index] = d.Size
 	}
 	if err := a.cat.PutPoint(ctx, a.m.ID, p); err != nil {
 		return fmt.Errorf("record point %s: %w", p.ID, err)

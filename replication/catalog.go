@@ -98,6 +98,8 @@ type Point struct {
 	Time  time.Time `json:"time"`
 	Kind  string    `json:"kind"`
 	Disks []uint32  `json:"disks"`
+	// Sizes are the disks' sizes at the point (a disk may grow later).
+	Sizes map[uint32]int64 `json:"sizes,omitempty"`
 }
 
 // PointID is the identifier operators use for the point after record seq.

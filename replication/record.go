@@ -38,6 +38,11 @@ const (
 	// the machine, belongs to the point. Offset carries the request id (0 for a
 	// scheduled point) and Flags the point kind.
 	KindTag Kind = 6
+	// KindResync marks a resync of Disk: without FlagDone it starts (Data is
+	// the reason; the replica is inconsistent from here, no points), with
+	// FlagDone every difference has been logged before it (the disk is
+	// consistent again). Offset carries the resync id.
+	KindResync Kind = 7
 )
 
 func (k Kind) String() string {
@@ -54,12 +59,14 @@ func (k Kind) String() string {
 		return "progress"
 	case KindTag:
 		return "tag"
+	case KindResync:
+		return "resync"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
 // HasData reports whether records of kind k carry a payload.
-func (k Kind) HasData() bool { return k == KindWrite || k == KindBase }
+func (k Kind) HasData() bool { return k == KindWrite || k == KindBase || k == KindResync }
 
 // Record flags.
 const (
@@ -165,7 +172,7 @@ func DecodeRecord(b []byte) (Record, int, error) {
 	if b[22] != 0 || b[23] != 0 {
 		return r, 0, fmt.Errorf("record %d: reserved bytes set: %w", r.Seq, ErrCorrupt)
 	}
-	if r.Kind < KindWrite || r.Kind > KindTag {
+	if r.Kind < KindWrite || r.Kind > KindResync {
 		return r, 0, fmt.Errorf("record %d: unknown kind %d: %w", r.Seq, r.Kind, ErrCorrupt)
 	}
 	if r.Length > MaxRecordData && r.Kind.HasData() {

@@ -89,28 +89,32 @@ func RecoverPoint(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, 
 			return out, fmt.Errorf("open point %s of disk %s: %w", p.ID, d.Name, err)
 		}
 		path := filepath.Join(dir, d.Name+".img")
-		n, err := writeImageFile(ctx, snap, path)
+		size := snap.Size()
+		if s, ok := p.Sizes[idx]; ok && s <= size {
+			size = s // the disk grew after the point
+		}
+		n, err := writeImageFile(ctx, io.NewSectionReader(snap, 0, size), size, path)
 		snap.Close()
 		rd.Close()
 		if err != nil {
 			return out, fmt.Errorf("recover disk %s: %w", d.Name, err)
 		}
-		out = append(out, RecoveredDisk{Name: d.Name, Path: path, Size: snap.Size(), Data: n})
+		out = append(out, RecoveredDisk{Name: d.Name, Path: path, Size: size, Data: n})
 	}
 	return out, nil
 }
 
-// writeImageFile writes a snapshot to a new sparse file at path (via a
-// temporary name, so a failed recovery leaves no half image behind).
-func writeImageFile(ctx context.Context, snap SnapshotReader, path string) (int64, error) {
+// writeImageFile writes size bytes of a snapshot to a new sparse file at
+// path (via a temporary name, so a failed recovery leaves no half image).
+func writeImageFile(ctx context.Context, snap io.ReaderAt, size int64, path string) (int64, error) {
 	tmp := path + ".partial"
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return 0, err
 	}
-	n, err := WriteImage(ctx, snap, snap.Size(), f)
+	n, err := WriteImage(ctx, snap, size, f)
 	if err == nil {
-		err = f.Truncate(snap.Size())
+		err = f.Truncate(size)
 	}
 	if err == nil {
 		err = f.Sync()

@@ -10,6 +10,9 @@ import (
 // snapshot does not exist.
 var ErrNotFound = errors.New("not found")
 
+// ErrShrink is returned when a replica disk would have to shrink.
+var ErrShrink = errors.New("a replica disk cannot shrink")
+
 // ErrLocked is returned by OpenTarget-style constructors when another server
 // holds the target's write lease.
 var ErrLocked = errors.New("target is in use by another server")
@@ -67,6 +70,12 @@ type ReplicaDisk interface {
 	WriteAt(p []byte, off int64) error
 	ZeroAt(off, n int64) error
 	Flush(ctx context.Context) error
+	// ReadAt reads the current contents, everything written included (for
+	// rebuilding the replica's hash index).
+	ReadAt(p []byte, off int64) (int, error)
+	// Resize grows the disk; the new area reads as zero and snapshots keep
+	// their contents. Shrinking returns an error wrapping ErrShrink.
+	Resize(ctx context.Context, size int64) error
 
 	Snapshot(ctx context.Context, name string) error
 	Snapshots(ctx context.Context) ([]string, error)

@@ -321,6 +321,7 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	}
 	diskName := chi.URLParam(r, "disk")
 	var snap replication.SnapshotReader
+	var size int64
 	err = s.ps.WithApplier(ctx, m.ID, func(a *replication.Applier) error {
 		mc := a.Machine()
 		for _, d := range mc.Disks {
@@ -333,6 +334,12 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 			}
 			var err error
 			snap, err = rd.OpenSnapshot(ctx, replication.SnapshotName(p.Seq))
+			if err == nil {
+				size = snap.Size()
+				if s, ok := p.Sizes[d.Index]; ok && s <= size {
+					size = s // the disk grew after the point
+				}
+			}
 			return err
 		}
 		return errorf(http.StatusNotFound, "machine %s has no disk %q", m.Name, diskName)
@@ -342,12 +349,12 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	}
 	defer snap.Close()
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("Content-Length", strconv.FormatInt(snap.Size(), 10))
+	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 	w.Header().Set("X-Asr-Point", p.ID)
 	w.WriteHeader(http.StatusOK)
 	// Errors after the header are reported by a short body, which the
 	// client detects against Content-Length.
-	io.CopyBuffer(w, io.NewSectionReader(snap, 0, snap.Size()), make([]byte, 1<<20))
+	io.CopyBuffer(w, io.NewSectionReader(snap, 0, size), make([]byte, 1<<20))
 	return nil
 }
 

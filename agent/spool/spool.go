@@ -300,7 +300,7 @@ func peekHeader(h []byte) (replication.Record, error) {
 	r.Seq = binary.LittleEndian.Uint64(h[0:])
 	r.Kind = replication.Kind(h[20])
 	r.Length = binary.LittleEndian.Uint32(h[32:])
-	if r.Kind < replication.KindWrite || r.Kind > replication.KindTag {
+	if r.Kind < replication.KindWrite || r.Kind > replication.KindResync {
 		return r, fmt.Errorf("unknown kind %d: %w", r.Kind, replication.ErrCorrupt)
 	}
 	if r.Kind.HasData() && r.Length > replication.MaxRecordData {

@@ -83,6 +83,8 @@ func Run(t *testing.T, open OpenFunc) {
 		{"Snapshots/ConcurrentReaders", testConcurrentReaders},
 		{"Snapshots/Model", testModel},
 		{"Persistence", testPersistence},
+		{"Disks/CurrentRead", testCurrentRead},
+		{"Disks/Resize", testResize},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1475,4 +1477,88 @@ func testPersistence(t *testing.T, h *harness) {
 	h.mustDelete("vault")
 	h.reopen()
 	h.mustGetMissing("vault")
+}
+
+// testCurrentRead: ReadAt sees every write, flushed or not, and zeros.
+func testCurrentRead(t *testing.T, h *harness) {
+	const size = 1<<20 + 512
+	d := h.mustOpenDisk("cur", size)
+	defer mustClose(t, d)
+	model := make([]byte, size)
+	write := func(off int, b []byte) {
+		mustWrite(t, d, b, int64(off))
+		copy(model[off:], b)
+	}
+	check := func(what string) {
+		t.Helper()
+		got := make([]byte, size)
+		if n, err := d.ReadAt(got, 0); n != size || err != nil {
+			t.Fatalf("%s: ReadAt = %d, %v", what, n, err)
+		}
+		if i := firstDiff(got, model); i >= 0 {
+			t.Fatalf("%s: byte %d is %#02x, want %#02x", what, i, got[i], model[i])
+		}
+	}
+	write(4000, bytes.Repeat([]byte{1}, 9000))
+	check("unflushed write")
+	mustFlush(t, d)
+	check("flushed write")
+	mustSnapshot(t, d, "a")
+	write(size-700, bytes.Repeat([]byte{2}, 700))
+	mustZero(t, d, 5000, 3000)
+	clear(model[5000:8000])
+	check("after a snapshot, write and zero")
+	b := make([]byte, 10)
+	if _, err := d.ReadAt(b, size-5); err == nil {
+		t.Fatal("ReadAt past the end succeeded")
+	}
+}
+
+// testResize: a disk grows, its new area reads as zero, its snapshots keep
+// their contents, and it never shrinks.
+func testResize(t *testing.T, h *harness) {
+	const size = 1 << 20
+	d := h.mustOpenDisk("grow", size)
+	defer mustClose(t, d)
+	old := bytes.Repeat([]byte{7}, size)
+	mustWrite(t, d, old, 0)
+	mustFlush(t, d)
+	mustSnapshot(t, d, "a")
+	if err := d.Resize(h.ctx, size/2); !errors.Is(err, replication.ErrShrink) {
+		t.Fatalf("shrink: %v, want ErrShrink", err)
+	}
+	if err := d.Resize(h.ctx, 3*size); err != nil {
+		t.Fatal(err)
+	}
+	if d.Size() != 3*size {
+		t.Fatalf("Size() = %d after growing to %d", d.Size(), 3*size)
+	}
+	grown := make([]byte, 3*size)
+	copy(grown, old)
+	mustWrite(t, d, bytes.Repeat([]byte{9}, 4096), 2*size)
+	copy(grown[2*size:], bytes.Repeat([]byte{9}, 4096))
+	mustWrite(t, d, bytes.Repeat([]byte{8}, 4096), 0)
+	copy(grown, bytes.Repeat([]byte{8}, 4096))
+	mustFlush(t, d)
+	got := make([]byte, 3*size)
+	if _, err := d.ReadAt(got, 0); err != nil || firstDiff(got, grown) >= 0 {
+		t.Fatalf("grown disk differs from the model (%v)", err)
+	}
+	// The snapshot holds the old contents; past the old size it reads zero.
+	r := mustOpenSnapshot(t, d, "a")
+	defer mustClose(t, r)
+	snap := make([]byte, size)
+	if _, err := r.ReadAt(snap, 0); err != nil && err != io.EOF || firstDiff(snap, old) >= 0 {
+		t.Fatalf("snapshot changed by the growth (%v)", err)
+	}
+	tail := make([]byte, 4096)
+	if _, err := r.ReadAt(tail, 2*size); (err != nil && err != io.EOF) || !bytes.Equal(tail, make([]byte, 4096)) {
+		t.Fatalf("snapshot past its old size is not zero (%v)", err)
+	}
+	h.reopen()
+	d2 := h.mustOpenDisk("grow", 0)
+	defer mustClose(t, d2)
+	if d2.Size() != 3*size {
+		t.Fatalf("after reopen: Size() = %d", d2.Size())
+	}
 }

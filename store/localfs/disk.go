@@ -1030,3 +1030,60 @@ func (d *disk) closeFiles() {
 		e.f.Close()
 	}
 }
+
+// ReadAt reads the disk's current contents: everything written, flushed or
+// not. Queued changes are applied first (their snapshot logs made durable,
+// as in Flush, but the replica is not fsynced).
+func (h *Disk) ReadAt(p []byte, off int64) (int, error) {
+	if err := h.d.checkRange(off, int64(len(p))); err != nil {
+		return 0, fmt.Errorf("read disk %s: %w", h.d.key, err)
+	}
+	d, err := h.lockWriter()
+	if err != nil {
+		return 0, fmt.Errorf("read: %w", err)
+	}
+	defer d.wmu.Unlock()
+	if len(d.ops) > 0 {
+		if err := d.syncLogs(); err != nil {
+			return 0, fmt.Errorf("read disk %s: %w", d.key, err)
+		}
+		if err := d.applyLocked(len(d.ops), false); err != nil {
+			return 0, fmt.Errorf("read disk %s: %w", d.key, err)
+		}
+	}
+	n, err := d.replica.ReadAt(p, off)
+	if n == len(p) {
+		return n, nil
+	}
+	return n, fmt.Errorf("read disk %s at %d: %w", d.key, off, err)
+}
+
+// Resize grows the disk to size bytes; the new area reads as zero. The
+// snapshots keep their contents (reading one past the size the disk had
+// when it was taken gives zeros). Shrinking is refused.
+func (h *Disk) Resize(ctx context.Context, size int64) error {
+	d, err := h.lockWriter()
+	if err != nil {
+		return fmt.Errorf("resize: %w", err)
+	}
+	defer d.wmu.Unlock()
+	if size < d.size {
+		return fmt.Errorf("resize disk %s from %d to %d bytes: %w", d.key, d.size, size, replication.ErrShrink)
+	}
+	if size == d.size {
+		return nil
+	}
+	if err := d.flushLocked(); err != nil {
+		return fmt.Errorf("resize disk %s: %w", d.key, err)
+	}
+	if err := d.replica.Truncate(size); err != nil {
+		return fmt.Errorf("resize disk %s: %w", d.key, err)
+	}
+	if err := d.replica.Sync(); err != nil {
+		return fmt.Errorf("resize disk %s: %w", d.key, err)
+	}
+	d.mu.Lock()
+	d.size, d.nblocks = size, uint64((size+blockSize-1)/blockSize)
+	d.mu.Unlock()
+	return nil
+}
