@@ -208,6 +208,7 @@ type Agent struct {
 	cutMu         sync.Mutex
 	cuts          map[uint64]chan replication.FrameType // group cuts being held
 	holds         *latency                              // how long group cuts held the writes
+	resync        *resyncer
 	current       atomic.Pointer[shipSession]           // the current connection, if any
 
 	ctx    context.Context
@@ -235,6 +236,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{}, holds: &latency{},
 		cuts:    map[uint64]chan replication.FrameType{},
 		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}}
+	a.resync = newResyncer(a)
 	a.crashInterval.Store(int64(cfg.CrashInterval))
 	a.appFrequency.Store(int64(cfg.AppFrequency))
 	a.freezer = osFreezer{}
@@ -464,7 +466,8 @@ func (a *Agent) NBDAddr() net.Addr { return a.nbdL.Addr() }
 func (a *Agent) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, a.cancel)
 	defer stop()
-	a.wg.Add(6)
+	a.wg.Add(7)
+	go func() { defer a.wg.Done(); a.resync.loop() }()
 	go func() { defer a.wg.Done(); a.scanLoop() }()
 	go func() { defer a.wg.Done(); a.nbdSrv.Serve(a.ctx, a.nbdL) }()
 	go func() { defer a.wg.Done(); a.initialCopy() }()

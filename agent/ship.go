@@ -341,6 +341,20 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			} else {
 				s.a.cutDecision(f.Type, c)
 			}
+		case replication.FrameResync:
+			var job replication.ResyncJob
+			if err := replication.DecodeJSON(&f, &job); err != nil {
+				return err
+			}
+			if err := s.a.resync.start(job); err != nil {
+				return err
+			}
+		case replication.FrameWant:
+			var w replication.Want
+			if err := replication.DecodeJSON(&f, &w); err != nil {
+				return err
+			}
+			s.a.resync.want(w)
 		case replication.FramePolicy:
 			var p replication.AgentPolicy
 			if err := replication.DecodeJSON(&f, &p); err != nil {
@@ -361,7 +375,7 @@ func (s *shipSession) status(ctx context.Context) error {
 	for {
 		st := replication.Status{Time: time.Now().UnixNano(), SpoolBytes: s.a.spool.Pending(),
 			OldestPending: s.a.spool.OldestPending(), LastSeq: s.a.spool.Next() - 1, Disks: s.a.Progress(),
-			Events: s.a.takeEvents()}
+			Events: s.a.takeEvents(), Resync: s.a.resync.status()}
 		f, err := replication.JSONFrame(replication.FrameStatus, st)
 		if err != nil {
 			return err

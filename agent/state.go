@@ -21,6 +21,8 @@ type state struct {
 	DataAddr  string      `json:"data_addr"` // host:port of the data listener
 	Disks     []diskState `json:"disks"`
 	Acked     uint64      `json:"acked"` // last sequence number the server acknowledged
+	// Resync is the resync in progress, if any.
+	Resync *resyncState `json:"resync,omitempty"`
 }
 
 type diskState struct {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"time"
 )
 
@@ -22,6 +23,9 @@ type Applier struct {
 	log   *slog.Logger
 	m     MachineCatalog
 	disks map[uint32]ReplicaDisk
+
+	indexDir string                // "" : no hash indexes
+	indexes  map[uint32]*HashIndex // the replicas' block hashes, for resyncs
 
 	// OnPoint is called after a point is durable on the target. reqID is the
 	// operator request that asked for it (0 for a scheduled point).
@@ -62,6 +66,45 @@ func OpenApplier(ctx context.Context, cat *Catalog, id, name string, log *slog.L
 	return a, nil
 }
 
+// UseIndexes keeps a hash index of every replica disk in dir (see
+// HashIndex), loading what is there.
+func (a *Applier) UseIndexes(dir string) error {
+	a.indexDir = dir
+	a.indexes = map[uint32]*HashIndex{}
+	for _, d := range a.m.Disks {
+		if err := a.openIndex(d, false); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *Applier) openIndex(d CatalogDisk, fresh bool) error {
+	if a.indexDir == "" {
+		return nil
+	}
+	x, err := OpenHashIndex(filepath.Join(a.indexDir, a.m.ID, fmt.Sprintf("%d.idx", d.Index)), d.Size, fresh, a.m.AppliedSeq)
+	if err != nil {
+		return fmt.Errorf("hash index of disk %s: %w", d.Name, err)
+	}
+	a.indexes[d.Index] = x
+	return nil
+}
+
+// Index returns a disk's hash index (nil without indexes).
+func (a *Applier) Index(disk uint32) *HashIndex { return a.indexes[disk] }
+
+// SaveIndexes writes the hash indexes, as describing the replicas at the
+// applied sequence number.
+func (a *Applier) SaveIndexes() error {
+	for idx, x := range a.indexes {
+		if err := x.Save(a.m.AppliedSeq); err != nil {
+			return fmt.Errorf("save hash index of disk %d: %w", idx, err)
+		}
+	}
+	return nil
+}
+
 // Machine returns the applier's view of the catalog entry.
 func (a *Applier) Machine() MachineCatalog {
 	m := a.m
@@ -95,7 +138,7 @@ func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
 	for _, di := range disks {
 		if di.Diverged != "" {
 			if d, ok := a.m.Disk(di.Index); ok && d.State != StateResync {
-				d.State, d.Reason = StateResync, "the agent reports: "+di.Diverged
+				d.State, d.Reason, d.Ranges = StateResync, "the agent reports: "+di.Diverged, di.DivergedRanges
 				changed = true
 			}
 		}
@@ -103,8 +146,24 @@ func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
 			if d.Name != di.Name {
 				return fmt.Errorf("disk %d was %q and is now %q: disk indexes must not be reused", di.Index, d.Name, di.Name)
 			}
-			if d.Size != di.Size {
-				return fmt.Errorf("disk %s changed size from %d to %d bytes: resizing a protected disk is not supported yet; disable and re-enable protection", di.Name, d.Size, di.Size)
+			switch {
+			case di.Size < d.Size:
+				return fmt.Errorf("disk %s shrank from %d to %d bytes: a protected disk cannot shrink (as in ASR); restore its size, or disable protection and enable it again", di.Name, d.Size, di.Size)
+			case di.Size > d.Size:
+				// Grown: the replica grows, and the new area is resynced.
+				if err := a.disks[di.Index].Resize(ctx, di.Size); err != nil {
+					return fmt.Errorf("grow the replica of disk %s: %w", di.Name, err)
+				}
+				if x := a.indexes[di.Index]; x != nil {
+					x.Grow(di.Size)
+				}
+				old := d.Size
+				d.Size = di.Size
+				if d.State == StateProtected {
+					d.State, d.Reason = StateResync, fmt.Sprintf("disk grew from %d to %d bytes", old, di.Size)
+					d.Ranges = []Range{{Off: old, Len: di.Size - old}}
+				}
+				changed = true
 			}
 			continue
 		}
@@ -122,7 +181,11 @@ func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
 			}
 		}
 		a.disks[di.Index] = rd
-		a.m.Disks = append(a.m.Disks, CatalogDisk{Index: di.Index, Name: di.Name, Size: di.Size, State: StateInitial})
+		cd := CatalogDisk{Index: di.Index, Name: di.Name, Size: di.Size, State: StateInitial}
+		a.m.Disks = append(a.m.Disks, cd)
+		if err := a.openIndex(cd, true); err != nil {
+			return err
+		}
 		changed = true
 	}
 	if changed {
@@ -209,6 +272,9 @@ func (a *Applier) check(r *Record) error {
 	if !ok {
 		return fmt.Errorf("record %d names unknown disk %d: %w", r.Seq, r.Disk, ErrCorrupt)
 	}
+	if r.Kind == KindResync {
+		return nil // Offset is the resync's id
+	}
 	if r.Kind == KindProgress {
 		if r.Offset > uint64(d.Size) {
 			return fmt.Errorf("record %d: progress %d past disk end %d: %w", r.Seq, r.Offset, d.Size, ErrCorrupt)
@@ -227,9 +293,15 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 		if err := a.disks[r.Disk].WriteAt(r.Data, int64(r.Offset)); err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
 		}
+		if x := a.indexes[r.Disk]; x != nil {
+			x.Write(int64(r.Offset), r.Data)
+		}
 	case KindZero, KindTrim:
 		if err := a.disks[r.Disk].ZeroAt(int64(r.Offset), int64(r.Length)); err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
+		}
+		if x := a.indexes[r.Disk]; x != nil {
+			x.Zero(int64(r.Offset), int64(r.Length))
 		}
 	case KindProgress:
 		d, _ := a.m.Disk(r.Disk)
@@ -246,8 +318,9 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 	case KindResync:
 		d, _ := a.m.Disk(r.Disk)
 		if r.Flags&FlagDone != 0 {
+			d.LastResync = r.Offset
 			if d.State == StateResync {
-				d.State, d.Reason = StateProtected, ""
+				d.State, d.Reason, d.Ranges = StateProtected, "", nil
 				a.log.Info("resync complete", "machine", a.m.ID, "disk", d.Name, "seq", r.Seq)
 			}
 		} else if d.State != StateInitial {

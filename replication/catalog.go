@@ -49,6 +49,17 @@ type CatalogDisk struct {
 	State  string `json:"state"`
 	Cursor int64  `json:"cursor"` // initial replication: source bytes applied
 	Reason string `json:"reason,omitempty"`
+	// Ranges limits a needed resync to these byte ranges (empty: the
+	// whole disk).
+	Ranges []Range `json:"ranges,omitempty"`
+	// LastResync is the id of the last resync completed.
+	LastResync uint64 `json:"last_resync,omitempty"`
+}
+
+// Range is a byte range of a disk.
+type Range struct {
+	Off int64 `json:"off"`
+	Len int64 `json:"len"`
 }
 
 // Disk returns the catalog disk with the given index.

@@ -34,11 +34,14 @@ const (
 	FrameHeld    FrameType = 11 // agent -> server, JSON Cut: completions are held
 	FrameCut     FrameType = 12 // server -> agent, JSON Cut: tag now and release
 	FrameRelease FrameType = 13 // server -> agent, JSON Cut: release without a tag (cut abandoned)
+	FrameResync  FrameType = 14 // server -> agent, JSON ResyncJob: compare and send the differences
+	FrameHashes  FrameType = 15 // agent -> server, JSON Hashes: the source's chunk hashes
+	FrameWant    FrameType = 16 // server -> agent, JSON Want: the replica's block hashes of differing chunks
 )
 
 func (t FrameType) String() string {
 	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal", "policy",
-		"hold", "held", "cut", "release"}
+		"hold", "held", "cut", "release", "resync", "hashes", "want"}
 	if int(t) < len(names) && t != 0 {
 		return names[t]
 	}
@@ -160,7 +163,7 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 		return f, 0, &ProtocolError{fmt.Sprintf("unsupported protocol version %d (this build speaks %d)", h[4], ProtocolVersion)}
 	}
 	f.Type = FrameType(h[5])
-	if f.Type < FrameHello || f.Type > FrameRelease {
+	if f.Type < FrameHello || f.Type > FrameWant {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
 	}
 	f.Flags = h[6]
@@ -319,8 +322,10 @@ type DiskInfo struct {
 	Name  string `json:"name"`
 	Size  int64  `json:"size"`
 	// Diverged, when set, says why the agent can no longer prove its log
-	// matches the disk: the server marks the disk for resync.
-	Diverged string `json:"diverged,omitempty"`
+	// matches the disk: the server marks the disk for resync, of
+	// DivergedRanges only if given.
+	Diverged       string  `json:"diverged,omitempty"`
+	DivergedRanges []Range `json:"diverged_ranges,omitempty"`
 }
 
 // Welcome answers Hello. DurableSeq is the last sequence number the process
@@ -357,6 +362,51 @@ type Status struct {
 	LastSeq       uint64         `json:"last_seq"`       // last sequence number given out
 	Disks         []DiskProgress `json:"disks"`
 	Events        []AgentEvent   `json:"events,omitempty"` // new since the last report
+	Resync        *ResyncStatus  `json:"resync,omitempty"` // the resync running, if any
+}
+
+// ResyncJob asks the agent to resync a disk: compare the source with the
+// replica over Ranges (all of the disk if empty) and log what differs.
+type ResyncJob struct {
+	ID     uint64  `json:"id"`
+	Disk   uint32  `json:"disk"`
+	Reason string  `json:"reason"`
+	Ranges []Range `json:"ranges,omitempty"`
+}
+
+// Hashes carries the source's hashes of a batch of chunks (HashChunk bytes
+// each, at the given offsets) of a resync.
+type Hashes struct {
+	Job    uint64  `json:"job"`
+	Disk   uint32  `json:"disk"`
+	Batch  uint64  `json:"batch"`
+	Offs   []int64 `json:"offs"`
+	Hashes []byte  `json:"hashes"` // 16 bytes per chunk
+}
+
+// Want answers Hashes with the replica's block hashes of every chunk that
+// differs (chunks not listed are identical).
+type Want struct {
+	Job    uint64      `json:"job"`
+	Batch  uint64      `json:"batch"`
+	Chunks []WantChunk `json:"chunks"`
+	Error  string      `json:"error,omitempty"` // the server could not compare
+}
+
+// WantChunk is a differing chunk and the replica's hashes of its blocks.
+type WantChunk struct {
+	Off    int64  `json:"off"`
+	Leaves []byte `json:"leaves"` // 16 bytes per block
+}
+
+// ResyncStatus is a running resync's progress, in the agent's status.
+type ResyncStatus struct {
+	Job      uint64 `json:"job"`
+	Disk     uint32 `json:"disk"`
+	Total    int64  `json:"total"`    // bytes to compare
+	Compared int64  `json:"compared"` // bytes compared so far
+	Sent     int64  `json:"sent"`     // bytes logged because they differed
+	Error    string `json:"error,omitempty"`
 }
 
 // AgentEvent is something the agent reports for the console: a failed

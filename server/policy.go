@@ -258,8 +258,11 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// onStatus records the events an agent reports.
+// onStatus records the events and the resync progress an agent reports.
 func (s *Server) onStatus(id string, st replication.Status) {
+	if st.Resync != nil {
+		s.noteResyncStatus(id, st.Resync)
+	}
 	for _, e := range st.Events {
 		if err := s.db.AddEvent(s.ctx, store.Event{Time: time.Unix(0, e.Time), MachineID: id, Severity: "warning",
 			Kind: e.Kind, Message: e.Message}); err != nil {

@@ -59,6 +59,8 @@ type Config struct {
 	// PolicyEvery is how often the RPO is checked against the thresholds
 	// (default 5s); PruneEvery how often old points are pruned (default 1m).
 	PolicyEvery, PruneEvery time.Duration
+	// ResyncEvery is how often due resyncs are started (default 2s).
+	ResyncEvery time.Duration
 	// Now is the clock for retention and events (default time.Now).
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -144,6 +146,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.ResyncEvery <= 0 {
+		cfg.ResyncEvery = 2 * time.Second
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), nonces: map[string]time.Time{}, bytes: map[string]int64{},
 		now: cfg.Now, rpoOver: map[string]bool{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -212,6 +217,7 @@ func (s *Server) open(ctx context.Context) error {
 	}
 	s.ps, err = procserver.New(ctx, procserver.Config{
 		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
+		IndexDir:      filepath.Join(cfg.DataDir, "index"),
 		Catalog:       s.cat,
 		Authorize:     s.authorizeAgent,
 		OnState:       s.onState,
@@ -355,7 +361,8 @@ func (s *Server) Run(ctx context.Context) error {
 		MinVersion:   tls.VersionTLS13,
 	})
 	errc := make(chan error, 2)
-	s.wg.Add(5)
+	s.wg.Add(6)
+	go func() { defer s.wg.Done(); s.resyncLoop() }()
 	go func() { defer s.wg.Done(); s.policyLoop() }()
 	go func() { defer s.wg.Done(); s.groupLoop() }()
 	go func() {
@@ -430,6 +437,7 @@ func (s *Server) onState(m replication.MachineCatalog) {
 			s.log.Error("save disk state", "machine", m.ID, "err", err)
 		}
 	}
+	s.syncResyncRows(m)
 }
 
 func (s *Server) onPoint(id string, p replication.Point) {

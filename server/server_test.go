@@ -940,3 +940,78 @@ func TestScanModeDisk(t *testing.T) {
 		t.Fatal("the application-consistent point misses a change made just before it")
 	}
 }
+
+// An operator's resync compares the disk with its replica and sends only
+// what differs: here blocks changed behind the splitter's back.
+func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 64<<20, 7)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	// 20 blocks of 4 KiB changed directly in the file: the log never saw them.
+	f, err := os.OpenFile(disk, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rnd := rand.New(rand.NewPCG(5, 5))
+	const changed = 20
+	for i := 0; i < changed; i++ {
+		b := make([]byte, 4096)
+		for j := range b {
+			b[j] = byte(rnd.IntN(256))
+		}
+		f.WriteAt(b, int64(rnd.IntN(16384))*4096)
+	}
+	f.Close()
+	var rows []server.ResyncJSON
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, &rows); err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 1 || rows[0].State != "running" {
+		t.Fatalf("resync not started at once: %+v", rows)
+	}
+	// Done when the disk is protected again and the row is gone.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var left []server.ResyncJSON
+		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &left)
+		if len(left) == 0 && r.machine("vm1").State == replication.StateProtected {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("resync not done: %+v, machine %+v", left, r.machine("vm1"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	st := ra.a.Stats()
+	_ = st
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
+		t.Fatal("after the resync the replica differs from the source")
+	}
+	var es []server.EventJSON
+	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
+	var msg string
+	for _, e := range es {
+		if e.Kind == "resync-done" {
+			msg = e.Message
+		}
+	}
+	var compared, sent int64
+	if _, err := fmt.Sscanf(msg[strings.Index(msg, "compared"):], "compared %d bytes, sent %d", &compared, &sent); err != nil {
+		t.Fatalf("resync-done event %q: %v", msg, err)
+	}
+	if compared != 64<<20 || sent > changed*4096 || sent < 4096 {
+		t.Fatalf("compared %d bytes and sent %d for %d changed blocks of 4 KiB", compared, sent, changed)
+	}
+	t.Logf("compared %d bytes, sent %d (%d blocks changed)", compared, sent, changed)
+}

@@ -17,6 +17,11 @@ import (
 
 const openName = "open.seg"
 
+// indexSaveEvery is how often the replicas' hash indexes are saved (and at
+// a clean stop): after a crash, an index saved for an earlier sequence
+// number is discarded and rebuilt from the replica as resyncs need it.
+const indexSaveEvery = 30 * time.Second
+
 // connectGrace is how long a point request waits for a disconnected agent.
 const connectGrace = 20 * time.Second
 
@@ -53,6 +58,13 @@ type machine struct {
 
 	applyMu sync.Mutex // held while the applier works
 	applier *replication.Applier
+
+	compares chan compareReq // resync chunk hashes to compare
+}
+
+type compareReq struct {
+	cc *agentConn
+	h  replication.Hashes
 }
 
 type sealedSeg struct {
@@ -71,7 +83,8 @@ type pointResult struct {
 func openMachine(ctx context.Context, s *Server, id, name string) (*machine, error) {
 	m := &machine{
 		s: s, id: id, dir: filepath.Join(s.cfg.CacheDir, id), log: s.log.With("machine", id),
-		waiters: map[uint64]chan pointResult{}, helds: map[uint64]chan struct{}{}, syncWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1),
+		compares: make(chan compareReq, 4),
+		waiters:  map[uint64]chan pointResult{}, helds: map[uint64]chan struct{}{}, syncWake: make(chan struct{}, 1), applyWake: make(chan struct{}, 1),
 	}
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		return nil, err
@@ -81,6 +94,12 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 		return nil, err
 	}
 	m.applier = a
+	if s.cfg.IndexDir != "" {
+		if err := a.UseIndexes(s.cfg.IndexDir); err != nil {
+			a.Close()
+			return nil, err
+		}
+	}
 	a.OnPoint = m.onPoint
 	a.OnNoPoint = m.onNoPoint
 	a.OnState = s.cfg.OnState
@@ -446,7 +465,16 @@ func (m *machine) wakeApply() {
 // the resync, so nothing is lost by keeping it current).
 func (m *machine) applyLoop() {
 	backoff := time.Second
+	lastSave := time.Now()
 	for {
+		if time.Since(lastSave) > indexSaveEvery {
+			m.applyMu.Lock()
+			if err := m.applier.SaveIndexes(); err != nil {
+				m.log.Error("save hash indexes", "err", err)
+			}
+			m.applyMu.Unlock()
+			lastSave = time.Now()
+		}
 		select {
 		case <-m.s.ctx.Done():
 			return
@@ -668,9 +696,107 @@ func (m *machine) close() error {
 	}
 	m.mu.Unlock()
 	m.applyMu.Lock()
+	if serr := m.applier.SaveIndexes(); err == nil {
+		err = serr
+	}
 	if cerr := m.applier.Close(); err == nil {
 		err = cerr
 	}
 	m.applyMu.Unlock()
 	return err
+}
+
+// compareLoop answers resync chunk hashes from the replica's hash index.
+func (m *machine) compareLoop() {
+	for {
+		select {
+		case <-m.s.ctx.Done():
+			return
+		case req := <-m.compares:
+			w := m.compare(req.h)
+			f, err := replication.JSONFrame(replication.FrameWant, w)
+			if err != nil {
+				continue
+			}
+			select {
+			case req.cc.out <- f:
+			case <-req.cc.replaced:
+			case <-m.s.ctx.Done():
+				return
+			}
+		}
+	}
+}
+
+// compare finds the chunks of a batch whose replica hash differs.
+func (m *machine) compare(h replication.Hashes) replication.Want {
+	w := replication.Want{Job: h.Job, Batch: h.Batch}
+	if len(h.Hashes) != 16*len(h.Offs) {
+		w.Error = "malformed chunk hashes"
+		return w
+	}
+	m.applyMu.Lock()
+	x := m.applier.Index(h.Disk)
+	rd, ok := m.applier.Disk(h.Disk)
+	m.applyMu.Unlock()
+	if x == nil || !ok {
+		w.Error = fmt.Sprintf("no replica hash index for disk %d", h.Disk)
+		return w
+	}
+	read := replication.ReadFull(rd)
+	for i, off := range h.Offs {
+		if off < 0 || off%replication.HashChunk != 0 {
+			w.Error = fmt.Sprintf("chunk offset %d not aligned", off)
+			return w
+		}
+		ch, leaves, err := x.Chunk(int(off/replication.HashChunk), read)
+		if err != nil {
+			w.Error = err.Error()
+			return w
+		}
+		if string(ch[:]) == string(h.Hashes[16*i:16*i+16]) {
+			continue
+		}
+		wc := replication.WantChunk{Off: off, Leaves: make([]byte, 0, 16*len(leaves))}
+		for _, l := range leaves {
+			wc.Leaves = append(wc.Leaves, l[:]...)
+		}
+		w.Chunks = append(w.Chunks, wc)
+	}
+	return w
+}
+
+// startResync checks a sample of the disk's hash index against the replica
+// and asks the agent to resync.
+func (m *machine) startResync(ctx context.Context, job replication.ResyncJob) error {
+	m.applyMu.Lock()
+	x := m.applier.Index(job.Disk)
+	rd, ok := m.applier.Disk(job.Disk)
+	m.applyMu.Unlock()
+	if x == nil || !ok {
+		return fmt.Errorf("no replica or hash index for disk %d", job.Disk)
+	}
+	if bad, err := x.Verify(16, replication.ReadFull(rd)); err != nil {
+		return fmt.Errorf("verify the hash index: %w", err)
+	} else if bad > 0 {
+		m.log.Warn("replica hash index disagrees with the replica; it will be rebuilt as the resync reads it", "disk", job.Disk, "bad_chunks", bad)
+	}
+	f, err := replication.JSONFrame(replication.FrameResync, job)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	cc := m.conn
+	m.mu.Unlock()
+	if cc == nil {
+		return fmt.Errorf("machine %s: %w", m.id, ErrNotConnected)
+	}
+	select {
+	case cc.out <- f:
+		return nil
+	case <-cc.replaced:
+		return fmt.Errorf("machine %s: %w", m.id, ErrNotConnected)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

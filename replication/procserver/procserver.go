@@ -30,6 +30,8 @@ type Config struct {
 	// CacheDir holds one directory per machine with its unsealed cache file
 	// and sealed segments waiting to be applied.
 	CacheDir string
+	// IndexDir holds the replicas' hash indexes, for resyncs ("": none).
+	IndexDir string
 	Catalog  *replication.Catalog
 	// Authorize checks a client certificate (the machine id is its common
 	// name) and returns the machine's name.
@@ -193,9 +195,10 @@ func (s *Server) machine(ctx context.Context, id, name string) (*machine, error)
 		return nil, err
 	}
 	s.machines[id] = m
-	s.wg.Add(2)
+	s.wg.Add(3)
 	go func() { defer s.wg.Done(); m.syncLoop() }()
 	go func() { defer s.wg.Done(); m.applyLoop() }()
+	go func() { defer s.wg.Done(); m.compareLoop() }()
 	return m, nil
 }
 
@@ -332,6 +335,18 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			m.setStatus(st)
 			if s.cfg.OnStatus != nil {
 				s.cfg.OnStatus(m.id, st)
+			}
+		case replication.FrameHashes:
+			var h replication.Hashes
+			if err := replication.DecodeJSON(&f, &h); err != nil {
+				return err
+			}
+			select {
+			case m.compares <- compareReq{cc, h}:
+			case <-cc.replaced:
+				return errors.New("connection replaced")
+			case <-s.ctx.Done():
+				return s.ctx.Err()
 			}
 		case replication.FrameHeld:
 			var c replication.Cut
@@ -615,4 +630,15 @@ func (s *Server) GroupCut(ctx context.Context, machineIDs []string, app bool, ho
 		}
 	}
 	return points, nil
+}
+
+// StartResync asks a machine's agent to resync a disk (see agent/resync.go).
+func (s *Server) StartResync(ctx context.Context, machineID string, job replication.ResyncJob) error {
+	s.mu.Lock()
+	m, ok := s.machines[machineID]
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("machine %s: %w", machineID, ErrNotConnected)
+	}
+	return m.startResync(ctx, job)
 }

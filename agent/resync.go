@@ -1,0 +1,357 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// Resync: the server asks (FrameResync) for a disk, or a range of it, to be
+// compared with its replica. The agent logs a resync-start record (the
+// replica is inconsistent from there: no points), reads the source chunk by
+// chunk, and sends the chunk hashes in batches; the server answers with the
+// replica's block hashes of the chunks that differ; the agent re-reads each
+// such chunk under the disk's change lock and logs the blocks that differ,
+// so they take their place in the log among the guest's writes. A
+// resync-done record ends it. The job and its position are saved after
+// every batch, so a resync cut short (agent killed, link lost) goes on from
+// there.
+
+// resyncBatch is how many chunks one Hashes frame carries.
+const resyncBatch = 64
+
+// resyncState is the saved state of the resync in progress.
+type resyncState struct {
+	Job      replication.ResyncJob `json:"job"`
+	Started  bool                  `json:"started"` // the start record is logged
+	Cursor   int64                 `json:"cursor"`  // bytes of the job's chunks done
+	Compared int64                 `json:"compared"`
+	Sent     int64                 `json:"sent"`
+	Batch    uint64                `json:"batch"`
+}
+
+// resyncer runs resync jobs, one at a time.
+type resyncer struct {
+	a     *Agent
+	mu    sync.Mutex
+	wake  chan struct{}
+	wants map[uint64]chan replication.Want // by batch
+	err   string
+	last  *resyncState // the last job completed (for tests and stats)
+}
+
+func newResyncer(a *Agent) *resyncer {
+	return &resyncer{a: a, wake: make(chan struct{}, 1), wants: map[uint64]chan replication.Want{}}
+}
+
+// start saves a new job (replacing an unfinished one of the same disk, whose
+// work the new one repeats) and wakes the runner.
+func (r *resyncer) start(job replication.ResyncJob) error {
+	a := r.a
+	a.stMu.Lock()
+	if cur := a.st.Resync; cur != nil && cur.Job.ID == job.ID {
+		a.stMu.Unlock()
+		r.kick()
+		return nil // already running (a resent request)
+	}
+	a.st.Resync = &resyncState{Job: job}
+	err := a.st.save(a.cfg.StateDir)
+	a.stMu.Unlock()
+	if err != nil {
+		return err
+	}
+	a.log.Info("resync requested", "disk", job.Disk, "job", job.ID, "reason", job.Reason)
+	r.kick()
+	return nil
+}
+
+func (r *resyncer) kick() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// want delivers the server's answer to a batch.
+func (r *resyncer) want(w replication.Want) {
+	r.mu.Lock()
+	ch := r.wants[w.Batch]
+	r.mu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- w:
+		default:
+		}
+	}
+}
+
+// status is the progress for the agent's status report.
+func (r *resyncer) status() *replication.ResyncStatus {
+	a := r.a
+	a.stMu.Lock()
+	defer a.stMu.Unlock()
+	st := a.st.Resync
+	if st == nil {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return &replication.ResyncStatus{Job: st.Job.ID, Disk: st.Job.Disk, Total: r.total(st.Job),
+		Compared: st.Compared, Sent: st.Sent, Error: r.err}
+}
+
+// chunks returns the chunk offsets of a job, in order.
+func (r *resyncer) chunks(job replication.ResyncJob, size int64) []int64 {
+	ranges := job.Ranges
+	if len(ranges) == 0 {
+		ranges = []replication.Range{{Off: 0, Len: size}}
+	}
+	var offs []int64
+	last := int64(-1)
+	for _, rg := range ranges {
+		end := min(rg.Off+rg.Len, size)
+		for c := rg.Off / replication.HashChunk * replication.HashChunk; c < end; c += replication.HashChunk {
+			if c > last {
+				offs = append(offs, c)
+				last = c
+			}
+		}
+	}
+	return offs
+}
+
+func (r *resyncer) total(job replication.ResyncJob) int64 {
+	for _, d := range r.a.disks {
+		if d.Index == job.Disk {
+			return int64(len(r.chunks(job, d.Size()))) * replication.HashChunk
+		}
+	}
+	return 0
+}
+
+// loop runs the saved job whenever there is one and a session to run it on.
+func (r *resyncer) loop() {
+	a := r.a
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-r.wake:
+		case <-time.After(time.Second):
+		}
+		a.stMu.Lock()
+		st := a.st.Resync
+		a.stMu.Unlock()
+		s := a.current.Load()
+		if st == nil || s == nil {
+			continue
+		}
+		err := r.run(s, *st)
+		r.mu.Lock()
+		if err != nil {
+			r.err = err.Error()
+		} else {
+			r.err = ""
+		}
+		r.mu.Unlock()
+		if err != nil && a.ctx.Err() == nil {
+			a.log.Warn("resync interrupted; it goes on from where it was", "job", st.Job.ID, "err", err)
+		}
+	}
+}
+
+// run works through a job from its saved position.
+func (r *resyncer) run(s *shipSession, st resyncState) error {
+	a := r.a
+	var d *Disk
+	for _, dk := range a.disks {
+		if dk.Index == st.Job.Disk {
+			d = dk
+		}
+	}
+	if d == nil {
+		a.stMu.Lock()
+		a.st.Resync = nil
+		a.st.save(a.cfg.StateDir)
+		a.stMu.Unlock()
+		return fmt.Errorf("resync of unknown disk %d dropped", st.Job.Disk)
+	}
+	save := func(update func(*resyncState)) error {
+		a.stMu.Lock()
+		defer a.stMu.Unlock()
+		if a.st.Resync == nil || a.st.Resync.Job.ID != st.Job.ID {
+			return errors.New("the job was replaced")
+		}
+		update(a.st.Resync)
+		st = *a.st.Resync
+		return a.st.save(a.cfg.StateDir)
+	}
+	if !st.Started {
+		if err := d.logResync(st.Job.ID, st.Job.Reason, false); err != nil {
+			return err
+		}
+		if err := save(func(x *resyncState) { x.Started = true }); err != nil {
+			return err
+		}
+	}
+	offs := r.chunks(st.Job, d.Size())
+	skip := int(st.Cursor / replication.HashChunk)
+	buf := make([]byte, replication.HashChunk)
+	for i := skip; i < len(offs); i += resyncBatch {
+		batch := offs[i:min(i+resyncBatch, len(offs))]
+		h := replication.Hashes{Job: st.Job.ID, Disk: d.Index, Batch: st.Batch + 1, Offs: batch}
+		for _, off := range batch {
+			n := min(int64(replication.HashChunk), d.Size()-off)
+			if _, err := d.f.ReadAt(buf[:n], off); err != nil && err != io.EOF {
+				return fmt.Errorf("read disk %s at %d: %w", d.Name, off, err)
+			}
+			ch := replication.ChunkHash(replication.ChunkLeaves(buf[:n]))
+			h.Hashes = append(h.Hashes, ch[:]...)
+		}
+		dropCache(d.f, batch[0], batch[len(batch)-1]+replication.HashChunk-batch[0])
+		w, err := r.ask(s, h)
+		if err != nil {
+			return err
+		}
+		var sent int64
+		for _, wc := range w.Chunks {
+			n, err := d.sendDiffering(wc, buf)
+			if err != nil {
+				return err
+			}
+			sent += n
+		}
+		done := int64(i+len(batch)) * replication.HashChunk
+		compared := int64(len(batch)) * replication.HashChunk
+		if err := save(func(x *resyncState) {
+			x.Cursor, x.Batch = done, h.Batch
+			x.Compared += compared
+			x.Sent += sent
+		}); err != nil {
+			return err
+		}
+	}
+	if err := d.logResync(st.Job.ID, "", true); err != nil {
+		return err
+	}
+	a.log.Info("resync complete", "disk", d.Name, "job", st.Job.ID, "compared", st.Compared, "sent", st.Sent)
+	a.event("resync-done", fmt.Sprintf("resync of disk %s: compared %d bytes, sent %d", d.Name, st.Compared, st.Sent))
+	a.stMu.Lock()
+	defer a.stMu.Unlock()
+	if a.st.Resync != nil && a.st.Resync.Job.ID == st.Job.ID {
+		a.st.Resync = nil
+		r.last = &st
+	}
+	return a.st.save(a.cfg.StateDir)
+}
+
+// ask sends a batch of chunk hashes and waits for the answer.
+func (r *resyncer) ask(s *shipSession, h replication.Hashes) (replication.Want, error) {
+	ch := make(chan replication.Want, 1)
+	r.mu.Lock()
+	r.wants[h.Batch] = ch
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.wants, h.Batch)
+		r.mu.Unlock()
+	}()
+	f, err := replication.JSONFrame(replication.FrameHashes, h)
+	if err != nil {
+		return replication.Want{}, err
+	}
+	if err := s.write(&f); err != nil {
+		return replication.Want{}, fmt.Errorf("send hashes: %w", err)
+	}
+	select {
+	case w := <-ch:
+		if w.Error != "" {
+			return w, fmt.Errorf("server: %s", w.Error)
+		}
+		return w, nil
+	case <-time.After(5 * time.Minute):
+		return replication.Want{}, errors.New("no answer to the chunk hashes")
+	case <-r.a.ctx.Done():
+		return replication.Want{}, r.a.ctx.Err()
+	}
+}
+
+// logResync logs the start (with the reason) or the end of a resync.
+func (d *Disk) logResync(id uint64, reason string, done bool) error {
+	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
+		Data: []byte(reason), Length: uint32(len(reason))}
+	if done {
+		rec.Flags = replication.FlagDone
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	seq, err := d.spool.Append(d.ctx, &rec)
+	if err != nil {
+		return err
+	}
+	d.spool.Complete(seq)
+	return nil
+}
+
+// sendDiffering re-reads a differing chunk under the change lock and logs
+// the blocks whose hash differs from the replica's, in runs. It returns the
+// bytes logged.
+func (d *Disk) sendDiffering(wc replication.WantChunk, buf []byte) (int64, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := min(int64(replication.HashChunk), d.size-wc.Off)
+	if n <= 0 {
+		return 0, fmt.Errorf("chunk at %d past the disk's end", wc.Off)
+	}
+	b := buf[:n]
+	if _, err := d.f.ReadAt(b, wc.Off); err != nil && err != io.EOF {
+		return 0, err
+	}
+	leaves := replication.ChunkLeaves(b)
+	if len(wc.Leaves) != 16*len(leaves) {
+		return 0, fmt.Errorf("the server sent %d block hashes for a chunk of %d", len(wc.Leaves)/16, len(leaves))
+	}
+	var sent int64
+	flush := func(first, last int) error { // blocks [first, last)
+		if first >= last {
+			return nil
+		}
+		lo, hi := first*replication.HashBlock, min(last*replication.HashBlock, len(b))
+		data := b[lo:hi]
+		rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindWrite,
+			Offset: uint64(wc.Off + int64(lo)), Length: uint32(len(data)), Data: data}
+		if replication.IsZero(data) {
+			rec.Kind, rec.Data = replication.KindZero, nil
+		}
+		seq, err := d.spool.Append(d.ctx, &rec)
+		if err != nil {
+			return err
+		}
+		d.spool.Complete(seq)
+		sent += int64(len(data))
+		return nil
+	}
+	run := -1
+	for i, l := range leaves {
+		differs := string(l[:]) != string(wc.Leaves[16*i:16*i+16])
+		switch {
+		case differs && run < 0:
+			run = i
+		case !differs && run >= 0:
+			if err := flush(run, i); err != nil {
+				return sent, err
+			}
+			run = -1
+		}
+	}
+	if run >= 0 {
+		if err := flush(run, len(leaves)); err != nil {
+			return sent, err
+		}
+	}
+	return sent, nil
+}

@@ -1,0 +1,340 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store"
+)
+
+// Resync scheduling, as in ASR: a disk that needs a resync (whatever the
+// trigger: a lost or corrupt segment, a disk that grew, an agent that
+// stopped uncleanly or overflowed its spool, ...) gets a row in the resyncs
+// table. An automatic resync waits for the resync window, outside office
+// hours (default 22:00-06:00 server local time; per vault with the setting
+// resync_window, per policy with its resync_window); an operator's request
+// (asr resync, the console's Resync button) runs at once. A failed attempt
+// is retried with backoff inside the window; when the next try would fall
+// outside it, the resync stays failed, with its reason on the machine, until
+// an operator presses Resync again. When the agent's resync-done record is
+// applied the disk is protected again and the row goes away.
+
+// DefaultResyncWindow is the vault's resync window unless set.
+const DefaultResyncWindow = "22:00-06:00"
+
+// resyncWindow is a daily window of local time; always for "always".
+type resyncWindow struct {
+	always     bool
+	start, end time.Duration // since midnight; end < start wraps past midnight
+}
+
+func parseWindow(s string) (resyncWindow, error) {
+	if s == "always" {
+		return resyncWindow{always: true}, nil
+	}
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return resyncWindow{}, fmt.Errorf("resync window %q: want HH:MM-HH:MM (or always)", s)
+	}
+	pa, err1 := time.Parse("15:04", strings.TrimSpace(a))
+	pb, err2 := time.Parse("15:04", strings.TrimSpace(b))
+	if err1 != nil || err2 != nil || pa.Equal(pb) {
+		return resyncWindow{}, fmt.Errorf("resync window %q: want HH:MM-HH:MM (or always)", s)
+	}
+	since := func(t time.Time) time.Duration { return time.Duration(t.Hour())*time.Hour + time.Duration(t.Minute())*time.Minute }
+	return resyncWindow{start: since(pa), end: since(pb)}, nil
+}
+
+// contains reports whether t (local time) is in the window.
+func (w resyncWindow) contains(t time.Time) bool {
+	if w.always {
+		return true
+	}
+	d := time.Duration(t.Hour())*time.Hour + time.Duration(t.Minute())*time.Minute + time.Duration(t.Second())*time.Second
+	if w.start < w.end {
+		return d >= w.start && d < w.end
+	}
+	return d >= w.start || d < w.end
+}
+
+// next returns when the window next opens at or after t (t if open now).
+func (w resyncWindow) next(t time.Time) time.Time {
+	if w.contains(t) {
+		return t
+	}
+	y, m, d := t.Date()
+	open := time.Date(y, m, d, 0, 0, 0, 0, t.Location()).Add(w.start)
+	if !open.After(t) {
+		open = open.AddDate(0, 0, 1)
+	}
+	return open
+}
+
+// windowFor returns the resync window of a machine: its policy's, else the
+// vault's.
+func (s *Server) windowFor(ctx context.Context, m store.Machine) (resyncWindow, error) {
+	w, err := s.db.ResyncWindow(ctx, m.Policy)
+	if err != nil {
+		return resyncWindow{}, err
+	}
+	if w == "" {
+		if w, err = s.db.Setting(ctx, "resync_window"); errors.Is(err, store.ErrNotFound) {
+			w = DefaultResyncWindow
+		} else if err != nil {
+			return resyncWindow{}, err
+		}
+	}
+	return parseWindow(w)
+}
+
+// syncResyncRows keeps the resync rows in step with the catalog: a disk that
+// needs a resync gets a row; a disk protected again loses it.
+func (s *Server) syncResyncRows(m replication.MachineCatalog) {
+	ctx := s.ctx
+	for _, d := range m.Disks {
+		row, err := s.db.Resync(ctx, m.ID, d.Index)
+		has := err == nil
+		switch {
+		case d.State == replication.StateResync && !has:
+			if err := s.db.PutResync(ctx, store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, Ranges: d.Ranges,
+				State: store.ResyncScheduled, RequestedAt: s.now()}); err != nil {
+				s.log.Error("schedule resync", "machine", m.ID, "disk", d.Name, "err", err)
+			}
+			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
+				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
+		case has && row.State == store.ResyncRunning && d.LastResync == row.JobID && d.State == replication.StateProtected:
+			s.db.DeleteResync(ctx, m.ID, d.Index)
+			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
+				Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, row.Compared, row.Sent)})
+		}
+	}
+}
+
+// resyncLoop starts the resyncs that are due.
+func (s *Server) resyncLoop() {
+	t := time.NewTicker(s.cfg.ResyncEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		rows, err := s.db.Resyncs(s.ctx, "")
+		if err != nil {
+			continue
+		}
+		for _, r := range rows {
+			if r.State == store.ResyncScheduled {
+				s.maybeStartResync(s.ctx, r)
+			}
+		}
+	}
+}
+
+// resyncBackoff is the wait before retry n (1-based) of a failed resync.
+func resyncBackoff(n int) time.Duration {
+	d := 30 * time.Second << min(n-1, 5)
+	return min(d, 15*time.Minute)
+}
+
+// maxManualAttempts bounds the retries of an operator's resync.
+const maxManualAttempts = 3
+
+func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
+	now := s.now()
+	m, err := s.db.Machine(ctx, r.MachineID)
+	if err != nil {
+		return
+	}
+	w, err := s.windowFor(ctx, m)
+	if err != nil {
+		s.log.Error("resync window", "machine", m.ID, "err", err)
+		return
+	}
+	if !r.Manual && !w.contains(now) {
+		return
+	}
+	if !r.NextTry.IsZero() && now.Before(r.NextTry) {
+		return
+	}
+	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Ranges: r.Ranges}
+	err = s.ps.StartResync(ctx, m.ID, job)
+	if err == nil {
+		r.State, r.JobID, r.StartedAt, r.LastError = store.ResyncRunning, job.ID, now, ""
+		r.Compared, r.Sent, r.Total = 0, 0, 0
+		s.db.PutResync(ctx, r)
+		s.log.Info("resync started", "machine", m.ID, "disk", r.Disk, "job", job.ID, "manual", r.Manual)
+		return
+	}
+	r.Attempts++
+	r.LastError = err.Error()
+	r.NextTry = now.Add(resyncBackoff(r.Attempts))
+	if (!r.Manual && !w.contains(r.NextTry)) || (r.Manual && r.Attempts >= maxManualAttempts) {
+		r.State = store.ResyncFailed
+		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "resync-failed",
+			Message: fmt.Sprintf("resync of disk %d failed after %d attempts: %v; fix the cause and press Resync", r.Disk, r.Attempts, err)})
+	}
+	s.db.PutResync(ctx, r)
+}
+
+// noteResyncStatus records a running resync's progress from the agent.
+func (s *Server) noteResyncStatus(id string, st *replication.ResyncStatus) {
+	r, err := s.db.Resync(s.ctx, id, st.Disk)
+	if err != nil || r.JobID != st.Job {
+		return
+	}
+	r.Total, r.Compared, r.Sent, r.LastError = st.Total, st.Compared, st.Sent, st.Error
+	s.db.PutResync(s.ctx, r)
+}
+
+// ResyncRequest is the body of POST /api/v1/machines/{m}/resync.
+type ResyncRequest struct {
+	Disk string `json:"disk,omitempty"` // "" : every disk
+}
+
+// ResyncJSON is a disk's resync in the API.
+type ResyncJSON struct {
+	Disk      string `json:"disk"`
+	Reason    string `json:"reason"`
+	State     string `json:"state"`
+	Manual    bool   `json:"manual"`
+	Scheduled string `json:"scheduled,omitempty"` // when it will start (RFC 3339)
+	Attempts  int    `json:"attempts"`
+	LastError string `json:"last_error,omitempty"`
+	Total     int64  `json:"total"`
+	Compared  int64  `json:"compared"`
+	Sent      int64  `json:"sent"`
+}
+
+// handleResync starts a resync of a machine's disks at once (an operator's
+// request): of the disks that need one, with their reason and ranges; with
+// ?disk or for a machine all of whose disks are consistent, a full compare.
+func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	m, err := s.findMachine(ctx, r)
+	if err != nil {
+		return err
+	}
+	var req ResyncRequest
+	if r.ContentLength != 0 {
+		if err := readJSON(r, &req); err != nil {
+			return err
+		}
+	}
+	var picked []store.Disk
+	for _, d := range m.Disks {
+		if req.Disk == "" || d.Name == req.Disk {
+			picked = append(picked, d)
+		}
+	}
+	if len(picked) == 0 {
+		return errorf(http.StatusNotFound, "machine %s has no disk %q", m.Name, req.Disk)
+	}
+	var out []ResyncJSON
+	for _, d := range picked {
+		if d.State == replication.StateInitial {
+			return errorf(http.StatusConflict, "disk %s is still in its initial replication (%d%%); a resync is not needed",
+				d.Name, d.Cursor*100/max(d.Size, 1))
+		}
+		row, err := s.db.Resync(ctx, m.ID, d.Index)
+		if errors.Is(err, store.ErrNotFound) {
+			row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator request", RequestedAt: s.now()}
+		} else if err != nil {
+			return err
+		}
+		if row.State == store.ResyncRunning {
+			out = append(out, s.resyncJSON(ctx, m, d, row))
+			continue // already running
+		}
+		row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
+		if err := s.db.PutResync(ctx, row); err != nil {
+			return err
+		}
+		s.maybeStartResync(ctx, row)
+		row, _ = s.db.Resync(ctx, m.ID, d.Index)
+		out = append(out, s.resyncJSON(ctx, m, d, row))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) handleResyncs(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	m, err := s.findMachine(ctx, r)
+	if err != nil {
+		return err
+	}
+	out := []ResyncJSON{}
+	for _, d := range m.Disks {
+		if row, err := s.db.Resync(ctx, m.ID, d.Index); err == nil {
+			out = append(out, s.resyncJSON(ctx, m, d, row))
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) resyncJSON(ctx context.Context, m store.Machine, d store.Disk, r store.Resync) ResyncJSON {
+	j := ResyncJSON{Disk: d.Name, Reason: r.Reason, State: r.State, Manual: r.Manual, Attempts: r.Attempts,
+		LastError: r.LastError, Total: r.Total, Compared: r.Compared, Sent: r.Sent}
+	if at := s.resyncScheduled(ctx, m, r); !at.IsZero() {
+		j.Scheduled = at.UTC().Format(time.RFC3339)
+	}
+	return j
+}
+
+// resyncScheduled is when a scheduled resync will start (zero if not
+// scheduled).
+func (s *Server) resyncScheduled(ctx context.Context, m store.Machine, r store.Resync) time.Time {
+	if r.State != store.ResyncScheduled {
+		return time.Time{}
+	}
+	at := s.now()
+	if r.NextTry.After(at) {
+		at = r.NextTry
+	}
+	if r.Manual {
+		return at
+	}
+	w, err := s.windowFor(ctx, m)
+	if err != nil {
+		return time.Time{}
+	}
+	return w.next(at)
+}
+
+// handleResyncWindow sets the vault's resync window (PUT
+// /api/v1/settings/resync-window {"window": "22:00-06:00"}) or a policy's
+// (with "policy").
+func (s *Server) handleResyncWindow(w http.ResponseWriter, r *http.Request) error {
+	var req struct {
+		Window string `json:"window"`
+		Policy string `json:"policy,omitempty"`
+	}
+	if err := readJSON(r, &req); err != nil {
+		return err
+	}
+	if req.Window != "" || req.Policy == "" {
+		if _, err := parseWindow(req.Window); err != nil {
+			return errorf(http.StatusBadRequest, "%v; nothing was changed", err)
+		}
+	}
+	if req.Policy != "" {
+		if _, err := s.db.Policy(r.Context(), req.Policy); err != nil {
+			return errorf(http.StatusBadRequest, "no policy named %q; nothing was changed", req.Policy)
+		}
+		if err := s.db.SetResyncWindow(r.Context(), req.Policy, req.Window); err != nil {
+			return err
+		}
+	} else if err := s.db.SetSetting(r.Context(), "resync_window", req.Window); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, req)
+	return nil
+}

@@ -1,0 +1,145 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// Resync states.
+const (
+	ResyncScheduled = "scheduled"
+	ResyncRunning   = "running"
+	ResyncFailed    = "failed"
+)
+
+// Resync is a disk's pending or running resync.
+type Resync struct {
+	MachineID   string
+	Disk        uint32
+	Reason      string
+	Ranges      []replication.Range
+	Manual      bool
+	State       string
+	JobID       uint64
+	RequestedAt time.Time
+	NextTry     time.Time // zero: as soon as allowed
+	Attempts    int
+	LastError   string
+	StartedAt   time.Time
+	Total       int64
+	Compared    int64
+	Sent        int64
+}
+
+const resyncCols = `machine_id, disk_idx, reason, ranges, manual, state, job_id, requested_at, next_try, attempts, last_error, started_at, total, compared, sent`
+
+func nsTime(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
+}
+
+func tNs(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func scanResync(s interface{ Scan(...any) error }) (Resync, error) {
+	var r Resync
+	var ranges string
+	var manual int
+	var job, req, next, started int64
+	err := s.Scan(&r.MachineID, &r.Disk, &r.Reason, &ranges, &manual, &r.State, &job, &req, &next, &r.Attempts, &r.LastError, &started, &r.Total, &r.Compared, &r.Sent)
+	if err != nil {
+		return r, err
+	}
+	r.Manual, r.JobID = manual != 0, uint64(job)
+	r.RequestedAt, r.NextTry, r.StartedAt = nsTime(req), nsTime(next), nsTime(started)
+	if ranges != "" {
+		if err := json.Unmarshal([]byte(ranges), &r.Ranges); err != nil {
+			return r, fmt.Errorf("resync ranges: %w", err)
+		}
+	}
+	return r, nil
+}
+
+// PutResync inserts or replaces a disk's resync row.
+func (d *DB) PutResync(ctx context.Context, r Resync) error {
+	ranges := ""
+	if len(r.Ranges) > 0 {
+		b, _ := json.Marshal(r.Ranges)
+		ranges = string(b)
+	}
+	manual := 0
+	if r.Manual {
+		manual = 1
+	}
+	_, err := d.db.ExecContext(ctx, `INSERT OR REPLACE INTO resyncs (`+resyncCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		r.MachineID, r.Disk, r.Reason, ranges, manual, r.State, int64(r.JobID), tNs(r.RequestedAt), tNs(r.NextTry),
+		r.Attempts, r.LastError, tNs(r.StartedAt), r.Total, r.Compared, r.Sent)
+	return err
+}
+
+// Resync returns a disk's resync row, or ErrNotFound.
+func (d *DB) Resync(ctx context.Context, machineID string, disk uint32) (Resync, error) {
+	r, err := scanResync(d.db.QueryRowContext(ctx, `SELECT `+resyncCols+` FROM resyncs WHERE machine_id = ? AND disk_idx = ?`, machineID, disk))
+	if errors.Is(err, sql.ErrNoRows) {
+		return r, ErrNotFound
+	}
+	return r, err
+}
+
+// Resyncs lists the resync rows (of one machine unless machineID is "").
+func (d *DB) Resyncs(ctx context.Context, machineID string) ([]Resync, error) {
+	q := `SELECT ` + resyncCols + ` FROM resyncs`
+	var args []any
+	if machineID != "" {
+		q += ` WHERE machine_id = ?`
+		args = append(args, machineID)
+	}
+	rows, err := d.db.QueryContext(ctx, q+` ORDER BY machine_id, disk_idx`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Resync
+	for rows.Next() {
+		r, err := scanResync(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// DeleteResync removes a disk's resync row.
+func (d *DB) DeleteResync(ctx context.Context, machineID string, disk uint32) error {
+	_, err := d.db.ExecContext(ctx, `DELETE FROM resyncs WHERE machine_id = ? AND disk_idx = ?`, machineID, disk)
+	return err
+}
+
+// ResyncWindow returns a policy's resync window ("" = the vault's).
+func (d *DB) ResyncWindow(ctx context.Context, policy string) (string, error) {
+	var w string
+	err := d.db.QueryRowContext(ctx, `SELECT resync_window FROM policies WHERE name = ?`, policy).Scan(&w)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", fmt.Errorf("policy %q: %w", policy, ErrNotFound)
+	}
+	return w, err
+}
+
+// SetResyncWindow sets a policy's resync window ("" = the vault's).
+func (d *DB) SetResyncWindow(ctx context.Context, policy, window string) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE policies SET resync_window = ? WHERE name = ?`, window, policy)
+	return err
+}
