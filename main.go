@@ -55,6 +55,7 @@ Usage:
   asr policy   list|show|create|set|assign ...
   asr events   [--machine M]
   asr group    set --machine M --group G | clear --machine M
+  asr resync   --machine M [--disk D] [--wait] | --machine M --status | --window HH:MM-HH:MM [--policy P]
   (points, tag and recover take --group G instead of --machine M for a replication group)
   asr recover  --machine M --point latest|ID --out DIR [--target URL --passphrase-file F]
   asr version
@@ -122,6 +123,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runEvents(ctx, rest, stdout)
 	case "group":
 		return runGroup(ctx, rest, stdout)
+	case "resync":
+		return runResync(ctx, rest, stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "asr", v)
 		return nil

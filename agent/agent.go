@@ -209,7 +209,10 @@ type Agent struct {
 	cuts          map[uint64]chan replication.FrameType // group cuts being held
 	holds         *latency                              // how long group cuts held the writes
 	resync        *resyncer
-	current       atomic.Pointer[shipSession]           // the current connection, if any
+	al            *activityLog
+	over          *overflow
+	recovering    bool                        // started after the machine went down: may adopt the server's sequence
+	current       atomic.Pointer[shipSession] // the current connection, if any
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -330,8 +333,13 @@ func (a *Agent) open() error {
 				}
 			}
 		}
-		if ds.Size != 0 && ds.Size != d.Size() {
-			return fmt.Errorf("disk %s changed size from %d to %d bytes: resizing a protected disk is not supported yet", ds.Name, ds.Size, d.Size())
+		if ds.Size != 0 && d.Size() < ds.Size {
+			return fmt.Errorf("disk %s shrank from %d to %d bytes: a protected disk cannot shrink (as in ASR); restore its size, or disable its protection", ds.Name, ds.Size, d.Size())
+		}
+		if ds.Size != 0 && d.Size() > ds.Size {
+			// The server grows the replica and resyncs the new area when
+			// it sees the new size in Hello.
+			a.log.Info("disk grew; its new area will be resynced", "disk", ds.Name, "from", ds.Size, "to", d.Size())
 		}
 		ds.Size = d.Size()
 		idx := ds.Index
@@ -354,6 +362,14 @@ func (a *Agent) open() error {
 	}
 	if err := a.repair(rec); err != nil {
 		return err
+	}
+	if err := a.afterForcedShutdown(); err != nil {
+		return err
+	}
+	a.al = openActivityLog(cfg.StateDir)
+	a.over = &overflow{a: a}
+	for _, d := range a.disks {
+		d.al, d.over, d.changes = a.al, a.over, newChangeMap(d.Size())
 	}
 	os.Remove(filepath.Join(cfg.StateDir, cleanFile))
 	a.stats = loadStats(cfg.StateDir)
@@ -436,6 +452,50 @@ func (a *Agent) repair(rec spool.Recovered) error {
 	return atomicfile.SyncDir(a.cfg.StateDir)
 }
 
+// afterForcedShutdown checks whether the machine went down since the last
+// run (an unclean stop and another boot id): then the changes in the
+// activity log's extents may be lost from the spool while on the disk (or
+// the reverse), and each disk is marked for a resync of those ranges.
+func (a *Agent) afterForcedShutdown() error {
+	boot := bootID()
+	prev := a.st.BootID
+	a.st.BootID = boot
+	if a.st.Overflow {
+		// Stopped while overflowing: the changed-block maps are gone.
+		for i := range a.st.Disks {
+			a.st.Disks[i].Diverged, a.st.Disks[i].DivergedRanges = "the agent stopped during a spool overflow: its changed-block map was lost", nil
+		}
+		a.st.Overflow = false
+	}
+	if a.unclean && prev != "" && boot != "" && prev != boot {
+		a.recovering = true
+		risk, ok := atRisk(a.cfg.StateDir)
+		for i := range a.st.Disks {
+			ds := &a.st.Disks[i]
+			if ds.Diverged != "" {
+				continue // already marked (whole disk)
+			}
+			if !ok {
+				ds.Diverged, ds.DivergedRanges = "forced shutdown of the machine (activity log unreadable: the whole disk is at risk)", nil
+				continue
+			}
+			if rs := risk[ds.Index]; len(rs) > 0 {
+				ds.Diverged = fmt.Sprintf("forced shutdown of the machine: %d extents of 4 MiB had changes in flight", len(rs))
+				ds.DivergedRanges = rs
+			}
+		}
+		a.log.Warn("the machine went down while the agent ran: the extents in its activity log will be resynced")
+	}
+	if err := a.st.save(a.cfg.StateDir); err != nil {
+		return err
+	}
+	err := os.Remove(filepath.Join(a.cfg.StateDir, "activity.log"))
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return nil
+}
+
 // markDiverged records, durably, that a disk's log and its contents may
 // disagree; the server is told at the next connection and marks the disk
 // for resync.
@@ -453,6 +513,28 @@ func (a *Agent) markDiverged(index uint32, reason string) {
 	a.reconnect()
 }
 
+// clearDiverged forgets the divergences the server has now been told of (in
+// the Hello it just accepted): it marked those disks for resync.
+func (a *Agent) clearDiverged(told []replication.DiskInfo) {
+	a.stMu.Lock()
+	defer a.stMu.Unlock()
+	changed := false
+	for _, di := range told {
+		for i := range a.st.Disks {
+			ds := &a.st.Disks[i]
+			if ds.Index == di.Index && di.Diverged != "" && ds.Diverged == di.Diverged {
+				ds.Diverged, ds.DivergedRanges = "", nil
+				changed = true
+			}
+		}
+	}
+	if changed {
+		if err := a.st.save(a.cfg.StateDir); err != nil {
+			a.log.Error("save agent state", "err", err)
+		}
+	}
+}
+
 // MachineID returns the agent's registered machine id.
 func (a *Agent) MachineID() string { return a.st.MachineID }
 
@@ -466,7 +548,9 @@ func (a *Agent) NBDAddr() net.Addr { return a.nbdL.Addr() }
 func (a *Agent) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, a.cancel)
 	defer stop()
-	a.wg.Add(7)
+	a.wg.Add(9)
+	go func() { defer a.wg.Done(); a.over.loop() }()
+	go func() { defer a.wg.Done(); a.activityLoop() }()
 	go func() { defer a.wg.Done(); a.resync.loop() }()
 	go func() { defer a.wg.Done(); a.scanLoop() }()
 	go func() { defer a.wg.Done(); a.nbdSrv.Serve(a.ctx, a.nbdL) }()
@@ -503,6 +587,8 @@ func (a *Agent) Close() error {
 	}
 	err := a.closeResources()
 	if err == nil && a.spool != nil {
+		// Everything was fsynced: nothing is at risk any more.
+		os.Remove(filepath.Join(a.cfg.StateDir, "activity.log"))
 		a.stMu.Lock()
 		a.st.save(a.cfg.StateDir)
 		a.stMu.Unlock()

@@ -225,6 +225,11 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 			}
 			sent += n
 		}
+		// The batch's records are durable before the position moves past
+		// them (a forced shutdown must not lose them behind the cursor).
+		if err := a.spool.Sync(); err != nil {
+			return err
+		}
 		done := int64(i+len(batch)) * replication.HashChunk
 		compared := int64(len(batch)) * replication.HashChunk
 		if err := save(func(x *resyncState) {

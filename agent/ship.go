@@ -113,13 +113,13 @@ func (a *Agent) session() error {
 		disks[i] = replication.DiskInfo{Index: dk.Index, Name: dk.Name, Size: dk.Size()}
 		for _, ds := range a.st.Disks {
 			if ds.Index == dk.Index {
-				disks[i].Diverged = ds.Diverged
+				disks[i].Diverged, disks[i].DivergedRanges = ds.Diverged, ds.DivergedRanges
 			}
 		}
 	}
 	a.stMu.Unlock()
 	hello := replication.Hello{MachineID: a.st.MachineID, AgentVersion: Version, Disks: disks,
-		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First()}
+		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First(), Recovering: a.recovering}
 	hf, _ := replication.JSONFrame(replication.FrameHello, hello)
 	nc.SetDeadline(time.Now().Add(30 * time.Second))
 	if err := replication.WriteFrame(bw, &hf); err != nil {
@@ -144,8 +144,18 @@ func (a *Agent) session() error {
 	}
 	nc.SetDeadline(time.Time{})
 	if w.DurableSeq >= a.spool.Next() {
-		return &fatalError{fmt.Sprintf("the server holds changes up to seq %d, beyond this agent's log (%d): the agent's state is older than the server's", w.DurableSeq, a.spool.Next()-1)}
+		if !a.recovering {
+			return &fatalError{fmt.Sprintf("the server holds changes up to seq %d, beyond this agent's log (%d): the agent's state is older than the server's", w.DurableSeq, a.spool.Next()-1)}
+		}
+		// The machine went down: the server holds records the spool lost
+		// with the page cache. Go on after them (the extents they touched
+		// are being resynced).
+		a.log.Warn("the server holds records this agent lost in the forced shutdown; continuing after them", "server_seq", w.DurableSeq, "agent_next", a.spool.Next())
+		if err := a.spool.Rebase(w.DurableSeq + 1); err != nil {
+			return err
+		}
 	}
+	a.clearDiverged(disks)
 	if w.DurableSeq > a.spool.Acked() {
 		if err := a.onAck(w.DurableSeq); err != nil {
 			return err

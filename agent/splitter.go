@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -39,6 +40,12 @@ type Disk struct {
 	diverged func(reason string)
 	// scan is set for a scan-mode disk.
 	scan *scanState
+	// al is the agent's activity log (nil in tests that do without).
+	al *activityLog
+	// over and changes track changes while the spool overflows (nil:
+	// appends wait for room instead).
+	over    *overflow
+	changes *changeMap
 
 	mu sync.Mutex // serializes changes (spool append + backing write)
 
@@ -131,8 +138,26 @@ func (d *Disk) change(kind replication.Kind, p []byte, off, n int64, fua bool) e
 }
 
 func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error {
+	if d.al != nil {
+		if err := d.al.touch(d.Index, off, n); err != nil {
+			return err
+		}
+	}
+	if d.over != nil && d.over.active.Load() {
+		return d.untracked(kind, p, off, n)
+	}
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: kind, Offset: uint64(off), Length: uint32(n), Data: p}
-	seq, err := d.spool.Append(d.ctx, &rec)
+	var seq uint64
+	var err error
+	if d.over != nil {
+		seq, err = d.spool.TryAppend(&rec)
+		if errors.Is(err, spool.ErrFull) {
+			d.over.enter(d)
+			return d.untracked(kind, p, off, n)
+		}
+	} else {
+		seq, err = d.spool.Append(d.ctx, &rec)
+	}
 	if err != nil {
 		return fmt.Errorf("log change: %w", err)
 	}
@@ -163,9 +188,33 @@ func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error
 	return nil
 }
 
+// untracked makes a change while the spool overflows: the disk is written
+// and the blocks marked in the changed-block map, nothing is logged.
+func (d *Disk) untracked(kind replication.Kind, p []byte, off, n int64) error {
+	d.changes.mark(off, n)
+	d.over.marked.Add((n + mapBlock - 1) / mapBlock)
+	var err error
+	if kind == replication.KindWrite {
+		err = d.fb.WriteAt(p, off, false)
+	} else {
+		err = d.fb.WriteZeroes(off, n, false)
+	}
+	if err != nil {
+		return err
+	}
+	d.writes.Add(1)
+	d.bytes.Add(n)
+	return nil
+}
+
 // relogLocked appends the current contents of a range as records (zero
 // chunks as zero records). Caller holds d.mu.
 func (d *Disk) relogLocked(off, n int64) error {
+	if d.al != nil {
+		if err := d.al.touch(d.Index, off, n); err != nil {
+			return err
+		}
+	}
 	buf := make([]byte, min(n, 1<<20))
 	for n > 0 {
 		k := min(n, int64(len(buf)))

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/store/atomicfile"
 )
 
@@ -23,6 +24,12 @@ type state struct {
 	Acked     uint64      `json:"acked"` // last sequence number the server acknowledged
 	// Resync is the resync in progress, if any.
 	Resync *resyncState `json:"resync,omitempty"`
+	// BootID is the machine's boot id when the agent last started: another
+	// one at an unclean start means the machine itself went down.
+	BootID string `json:"boot_id,omitempty"`
+	// Overflow is set while the spool overflows (changes are tracked in
+	// memory only).
+	Overflow bool `json:"overflow,omitempty"`
 }
 
 type diskState struct {
@@ -34,7 +41,8 @@ type diskState struct {
 	Done   bool   `json:"done"`
 	// Diverged says why the log may no longer match the disk (a failed
 	// write that could not be re-read); the server marks the disk for resync.
-	Diverged string `json:"diverged,omitempty"`
+	Diverged       string              `json:"diverged,omitempty"`
+	DivergedRanges []replication.Range `json:"diverged_ranges,omitempty"`
 }
 
 const (

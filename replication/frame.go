@@ -314,6 +314,10 @@ type Hello struct {
 	// agent's spool holds [SpoolFirst, NextSeq).
 	NextSeq    uint64 `json:"next_seq"`
 	SpoolFirst uint64 `json:"spool_first"`
+	// Recovering is set after the machine went down hard: the agent's
+	// spool may have lost records the server holds; the disks at risk are
+	// marked diverged.
+	Recovering bool `json:"recovering,omitempty"`
 }
 
 // DiskInfo describes one protected disk of a machine.

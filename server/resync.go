@@ -46,7 +46,9 @@ func parseWindow(s string) (resyncWindow, error) {
 	if err1 != nil || err2 != nil || pa.Equal(pb) {
 		return resyncWindow{}, fmt.Errorf("resync window %q: want HH:MM-HH:MM (or always)", s)
 	}
-	since := func(t time.Time) time.Duration { return time.Duration(t.Hour())*time.Hour + time.Duration(t.Minute())*time.Minute }
+	since := func(t time.Time) time.Duration {
+		return time.Duration(t.Hour())*time.Hour + time.Duration(t.Minute())*time.Minute
+	}
 	return resyncWindow{start: since(pa), end: since(pb)}, nil
 }
 

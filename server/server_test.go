@@ -1015,3 +1015,156 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 	}
 	t.Logf("compared %d bytes, sent %d (%d blocks changed)", compared, sent, changed)
 }
+
+// A disk that grows: the replica grows and the new area is resynced, by the
+// scheduler, only once the resync window opens (injected clock); an
+// operator's request would run at once.
+func TestGrownDiskResyncedInTheWindow(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var clock atomic.Int64
+	noon := time.Date(2026, 11, 26, 12, 0, 0, 0, time.Local)
+	clock.Store(noon.UnixNano())
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+		c.ResyncEvery = 50 * time.Millisecond
+	}}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 8<<20, 3)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	ra.close()
+	// Grow the disk to 12 MiB with data in the new area.
+	f, _ := os.OpenFile(disk, os.O_RDWR, 0)
+	f.WriteAt(bytes.Repeat([]byte("grown "), 100000), 9<<20)
+	f.Close()
+	os.Truncate(disk, 12<<20)
+	startAgent(t, cfg)
+	var rows []server.ResyncJSON
+	deadline := time.Now().Add(20 * time.Second)
+	for len(rows) == 0 && time.Now().Before(deadline) {
+		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
+		time.Sleep(50 * time.Millisecond)
+	}
+	if len(rows) != 1 || !strings.Contains(rows[0].Reason, "grew") {
+		t.Fatalf("no resync scheduled for the grown disk: %+v", rows)
+	}
+	// Nothing runs at noon.
+	time.Sleep(500 * time.Millisecond)
+	r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
+	if rows[0].State != "scheduled" || !strings.HasPrefix(rows[0].Scheduled, "2026-11-26T") {
+		t.Fatalf("at noon: %+v, want scheduled for tonight", rows[0])
+	}
+	want := time.Date(2026, 11, 26, 22, 0, 0, 0, time.Local).UTC().Format(time.RFC3339)
+	if rows[0].Scheduled != want {
+		t.Fatalf("scheduled for %s, want %s", rows[0].Scheduled, want)
+	}
+	if _, err := r.client.Tag(ctx, "vm1", false, 10*time.Second); err == nil {
+		t.Fatal("a point was made while the disk needs a resync")
+	}
+	// The window opens.
+	clock.Store(time.Date(2026, 11, 26, 22, 30, 0, 0, time.Local).UnixNano())
+	deadline = time.Now().Add(30 * time.Second)
+	for r.machine("vm1").State != replication.StateProtected {
+		if time.Now().After(deadline) {
+			t.Fatalf("not resynced in the window: %+v", r.machine("vm1"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
+		t.Fatal("the grown disk's replica differs from the source")
+	}
+}
+
+// Spool overflow: with the server away the spool fills; the guest's writes
+// go on (tracked in a changed-block map, not stalled), and when the server
+// is back the marked blocks, and only they, are resent.
+func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := startServer(t, dir)
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 64<<20, 9)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	cfg.SpoolMax = 16 << 20
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	r.stop()
+	c, err := nbd.Dial(ctx, cfg.NBD, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rnd := rand.New(rand.NewPCG(6, 6))
+	chunk := make([]byte, 1<<20)
+	// 24 MiB of writes into a 16 MiB spool: the last ones overflow. None
+	// may stall the guest.
+	for i := 0; i < 24; i++ {
+		for j := range chunk {
+			chunk[j] = byte(rnd.IntN(256))
+		}
+		done := make(chan error, 1)
+		go func() { done <- c.WriteAt(chunk, int64(i)<<20) }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("write %d stalled: the spool is full and the agent did not fall back to a changed-block map", i)
+		}
+	}
+	r.start()
+	resynced := func() bool {
+		var es []server.EventJSON
+		r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
+		for _, e := range es {
+			if e.Kind == "spool-overflow-resynced" {
+				return true
+			}
+		}
+		return false
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if resynced() {
+			if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {
+				break // the done records are applied: points again
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not consistent again after the overflow: %+v", r.machine("vm1"))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	_ = ra
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
+		t.Fatal("after the overflow the replica differs from the source")
+	}
+	var es []server.EventJSON
+	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
+	var marked int64 = -1
+	for _, e := range es {
+		if e.Kind == "spool-overflow-resynced" {
+			fmt.Sscanf(e.Message[strings.Index(e.Message, "(")+1:], "%d blocks marked", &marked)
+		}
+	}
+	if marked <= 0 || marked*4096 > 24<<20 {
+		t.Fatalf("blocks marked during the overflow: %d (events %+v)", marked, es)
+	}
+	t.Logf("%d blocks of 4 KiB marked and resent", marked)
+}

@@ -368,9 +368,39 @@ func (s *Spool) endPos() Position {
 // Complete(seq) once the change is on the backing disk too. Append waits while
 // the spool is full, until ctx is done.
 func (s *Spool) Append(ctx context.Context, r *replication.Record) (uint64, error) {
+	return s.append(ctx, r, false)
+}
+
+// ErrFull is returned by TryAppend when the spool is over its soft limit.
+var ErrFull = errors.New("spool full")
+
+// softLimit is the share of MaxBytes above which TryAppend refuses: the rest
+// is kept for the records that mark the start of an overflow.
+const softLimit = 0.9
+
+// TryAppend is Append for the guest's writes: instead of waiting for room
+// above the soft limit it returns ErrFull at once (the agent then tracks
+// the change in a changed-block map; see the agent's overflow).
+func (s *Spool) TryAppend(r *replication.Record) (uint64, error) {
+	return s.append(context.Background(), r, true)
+}
+
+func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (uint64, error) {
 	size := int64(r.EncodedSize())
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if try && s.bytes+size > int64(softLimit*float64(s.opts.MaxBytes)) && s.bytes > headerSize {
+		if s.acked+1 == s.next && len(s.files) == 1 {
+			// All acknowledged: make room by starting a new file.
+			if err := s.newFile(); err != nil {
+				return 0, fmt.Errorf("spool: %w", err)
+			}
+			s.trimLocked()
+		}
+		if s.bytes+size > int64(softLimit*float64(s.opts.MaxBytes)) {
+			return 0, ErrFull
+		}
+	}
 	for !s.closed && s.bytes+size > s.opts.MaxBytes && s.bytes > headerSize {
 		if s.acked+1 == s.next && len(s.files) == 1 {
 			// Everything is acknowledged but the current file holds it:
@@ -786,4 +816,32 @@ func (s *Spool) OldestPending() int64 {
 		return s.lastAckedTime
 	}
 	return s.samples[0].time
+}
+
+// Rebase drops every record and starts the sequence again at next, which
+// must be beyond every record in the spool. An agent uses it after its
+// machine went down hard: the server already holds records the spool lost
+// with the page cache, and the agent continues after them.
+func (s *Spool) Rebase(next uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if next < s.next || len(s.inflight) > 0 {
+		return fmt.Errorf("spool rebase to %d: the spool holds records up to %d", next, s.next-1)
+	}
+	for _, f := range s.files {
+		f.f.Close()
+		os.Remove(f.path)
+	}
+	s.files, s.bytes = nil, 0
+	s.next, s.acked = next, next-1
+	if err := s.newFile(); err != nil {
+		return err
+	}
+	s.ship, s.shipSeq, s.synced = s.endPos(), next-1, next-1
+	s.samples = nil
+	s.cond.Broadcast()
+	return nil
 }

@@ -261,7 +261,7 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 	switch {
 	case h.SpoolFirst > m.durable+1:
 		err = fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
-	case h.NextSeq <= m.durable && h.NextSeq > 0:
+	case h.NextSeq <= m.durable && h.NextSeq > 0 && !h.Recovering:
 		err = fmt.Errorf("the server holds changes up to seq %d but the agent's log ends at %d: the agent lost its state; re-register it (a resync follows)", m.durable, h.NextSeq-1)
 	}
 	if err != nil {

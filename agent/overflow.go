@@ -1,0 +1,265 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/asrdr/asr/agent/spool"
+	"github.com/asrdr/asr/replication"
+)
+
+// Spool overflow: when the spool is nearly full (the server is out of reach
+// for long, or the link is too slow for the guest's writes), the agent does
+// not stall the guest: it logs a resync-start record for every disk (the
+// replica is inconsistent from there: no points) and from then on only
+// marks the 4 KiB blocks each write changes in a changed-block map, writing
+// the disk as usual. Once the spool has drained below half, guest writes are
+// logged again and the agent walks the maps, logging the current contents of
+// every marked block (under the disk's change lock, so in order with the
+// guest's writes); when every map is empty it logs resync-done records and
+// the disks are consistent again. Only the changed blocks travel. The maps
+// live in memory: if the agent stops while overflowing (the state file says
+// so), every disk is marked for a full checksum resync at the next start.
+
+const mapBlock = 4096
+
+// changeMap marks changed 4 KiB blocks of a disk.
+type changeMap struct {
+	mu    sync.Mutex
+	bits  []uint64
+	count int
+}
+
+func newChangeMap(size int64) *changeMap {
+	n := (size + mapBlock - 1) / mapBlock
+	return &changeMap{bits: make([]uint64, (n+63)/64)}
+}
+
+func (m *changeMap) mark(off, n int64) {
+	if n <= 0 {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for b := off / mapBlock; b <= (off+n-1)/mapBlock; b++ {
+		w, bit := b/64, uint64(1)<<(b%64)
+		if int(w) < len(m.bits) && m.bits[w]&bit == 0 {
+			m.bits[w] |= bit
+			m.count++
+		}
+	}
+}
+
+// next returns the first run of marked blocks (at most max blocks) at or
+// after block from, and false if none.
+func (m *changeMap) next(from int64, max int) (first int64, n int, ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	total := int64(len(m.bits)) * 64
+	for b := from; b < total; b++ {
+		if m.bits[b/64] == 0 {
+			b = (b/64+1)*64 - 1
+			continue
+		}
+		if m.bits[b/64]&(1<<(b%64)) == 0 {
+			continue
+		}
+		first = b
+		for b < total && n < max && m.bits[b/64]&(1<<(b%64)) != 0 {
+			n++
+			b++
+		}
+		return first, n, true
+	}
+	return 0, 0, false
+}
+
+func (m *changeMap) clear(first int64, n int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for b := first; b < first+int64(n); b++ {
+		if m.bits[b/64]&(1<<(b%64)) != 0 {
+			m.bits[b/64] &^= 1 << (b % 64)
+			m.count--
+		}
+	}
+}
+
+func (m *changeMap) empty() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.count == 0
+}
+
+// overflow is the agent's overflow state, shared by its disks.
+type overflow struct {
+	a      *Agent
+	active atomic.Bool
+	mu     sync.Mutex // serializes entering and leaving
+	began  bool       // start records logged, done records not yet
+	marked atomic.Int64
+}
+
+// enter switches to changed-block maps (called with d's change lock held).
+func (o *overflow) enter(d *Disk) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.active.Load() {
+		return
+	}
+	a := o.a
+	a.stMu.Lock()
+	a.st.Overflow = true
+	err := a.st.save(a.cfg.StateDir)
+	a.stMu.Unlock()
+	if err != nil {
+		a.log.Error("save agent state", "err", err)
+	}
+	o.active.Store(true)
+	if !o.began {
+		// Every disk's start record, in the spool's reserve. The guest's
+		// writes from here are tracked in the maps.
+		for _, dk := range a.disks {
+			rec := replication.Record{Time: time.Now().UnixNano(), Disk: dk.Index, Kind: replication.KindResync,
+				Data: []byte("spool overflow: the agent tracks changed blocks until it catches up")}
+			rec.Length = uint32(len(rec.Data))
+			seq, err := a.spool.Append(a.ctx, &rec)
+			if err != nil {
+				a.log.Error("log overflow start", "disk", dk.Name, "err", err)
+				continue
+			}
+			a.spool.Complete(seq)
+		}
+		o.began = true
+		a.event("spool-overflow", "the spool is full: the agent tracks changed blocks and resyncs them when it catches up (no recovery points meanwhile)")
+		a.log.Warn("spool overflow: tracking changed blocks", "disk_that_filled_it", d.Name)
+	}
+}
+
+// loop leaves overflow once the spool has drained, resending the marked
+// blocks.
+func (o *overflow) loop() {
+	a := o.a
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	buf := make([]byte, 1<<20)
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-t.C:
+		}
+		o.mu.Lock()
+		began := o.began
+		o.mu.Unlock()
+		if !began {
+			continue
+		}
+		if o.active.Load() {
+			if a.spool.Fill() >= 0.5 {
+				continue
+			}
+			o.active.Store(false) // guest writes are logged again from here
+			a.log.Info("spool drained: resending the changed blocks")
+		}
+		if err := o.drain(buf); err != nil {
+			if !errors.Is(err, spool.ErrFull) && a.ctx.Err() == nil {
+				a.log.Error("resend changed blocks", "err", err)
+			}
+			continue
+		}
+		o.finish()
+	}
+}
+
+// drain logs the current contents of every marked block.
+func (o *overflow) drain(buf []byte) error {
+	for _, d := range o.a.disks {
+		for from := int64(0); ; {
+			if o.active.Load() {
+				return spool.ErrFull // overflowing again: wait for room
+			}
+			first, n, ok := d.changes.next(from, len(buf)/mapBlock)
+			if !ok {
+				break
+			}
+			if err := d.resendBlocks(first, n, buf); err != nil {
+				return err
+			}
+			from = first + int64(n)
+		}
+	}
+	return nil
+}
+
+// finish logs the done records once every map is empty and no write is
+// being tracked.
+func (o *overflow) finish() {
+	a := o.a
+	for _, d := range a.disks {
+		d.mu.Lock()
+	}
+	defer func() {
+		for i := len(a.disks) - 1; i >= 0; i-- {
+			a.disks[i].mu.Unlock()
+		}
+	}()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.active.Load() || !o.began {
+		return
+	}
+	for _, d := range a.disks {
+		if !d.changes.empty() {
+			return
+		}
+	}
+	for _, d := range a.disks {
+		rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Flags: replication.FlagDone}
+		seq, err := a.spool.Append(a.ctx, &rec)
+		if err != nil {
+			a.log.Error("log overflow end", "disk", d.Name, "err", err)
+			return
+		}
+		a.spool.Complete(seq)
+	}
+	o.began = false
+	a.stMu.Lock()
+	a.st.Overflow = false
+	a.st.save(a.cfg.StateDir)
+	a.stMu.Unlock()
+	a.event("spool-overflow-resynced", fmt.Sprintf("the changed blocks of the overflow were resent (%d blocks marked)", o.marked.Load()))
+	a.log.Info("overflow resolved: the disks are consistent again")
+}
+
+// resendBlocks logs the current contents of n marked blocks from first.
+func (d *Disk) resendBlocks(first int64, n int, buf []byte) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	off := first * mapBlock
+	size := min(int64(n)*mapBlock, d.size-off)
+	b := buf[:size]
+	if _, err := d.f.ReadAt(b, off); err != nil && err != io.EOF {
+		return err
+	}
+	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindWrite,
+		Offset: uint64(off), Length: uint32(len(b)), Data: b}
+	if replication.IsZero(b) {
+		rec.Kind, rec.Data = replication.KindZero, nil
+	}
+	seq, err := d.spool.TryAppend(&rec)
+	if errors.Is(err, spool.ErrFull) {
+		d.over.enter(d)
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	d.spool.Complete(seq)
+	d.changes.clear(first, n)
+	return nil
+}

@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/asrdr/asr/server"
+)
+
+// runResync starts a resync now, shows resyncs, or sets the resync window.
+func runResync(ctx context.Context, args []string, out io.Writer) error {
+	var o opFlags
+	fs := flag.NewFlagSet("asr resync", flag.ContinueOnError)
+	o.register(fs, false)
+	disk := fs.String("disk", "", "only this disk (default: every disk of the machine)")
+	show := fs.Bool("status", false, "show the machine's resyncs instead of starting one")
+	wait := fs.Bool("wait", false, "wait until the resync is done")
+	window := fs.String("window", "", "set the resync window (HH:MM-HH:MM, server local time, or always) of the vault, or of --policy")
+	policy := fs.String("policy", "", "with --window: the policy whose window to set")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	if *window != "" {
+		body := map[string]string{"window": *window, "policy": *policy}
+		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/resync-window", body, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "resync window set to %s\n", *window)
+		return nil
+	}
+	if o.machine == "" {
+		return errors.New("--machine is required")
+	}
+	path := "/api/v1/machines/" + url.PathEscape(o.machine) + "/resync"
+	var rows []server.ResyncJSON
+	if !*show {
+		if err := c.Do(ctx, http.MethodPost, path, server.ResyncRequest{Disk: *disk}, &rows); err != nil {
+			return err
+		}
+	}
+	for {
+		if err := c.Do(ctx, http.MethodGet, path, nil, &rows); err != nil {
+			return err
+		}
+		if !*wait || len(rows) == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+	if len(rows) == 0 {
+		fmt.Fprintf(out, "machine %s: no resync needed or running\n", o.machine)
+		return nil
+	}
+	for _, r := range rows {
+		pct := 0.0
+		if r.Total > 0 {
+			pct = float64(r.Compared) * 100 / float64(r.Total)
+		}
+		fmt.Fprintf(out, "disk %s: %s (%s); compared %d of %d bytes (%.0f%%), sent %d", r.Disk, r.State, r.Reason, r.Compared, r.Total, pct, r.Sent)
+		if r.Scheduled != "" {
+			fmt.Fprintf(out, "; starts %s", r.Scheduled)
+		}
+		if r.LastError != "" {
+			fmt.Fprintf(out, "; last error: %s", r.LastError)
+		}
+		fmt.Fprintln(out)
+	}
+	return nil
+}
