@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -240,11 +241,10 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 			return err
 		}
 	}
-	if err := d.logResync(st.Job.ID, "", true); err != nil {
+	if err := d.logResyncDone(st.Job.ID, st.Compared, st.Sent); err != nil {
 		return err
 	}
 	a.log.Info("resync complete", "disk", d.Name, "job", st.Job.ID, "compared", st.Compared, "sent", st.Sent)
-	a.event("resync-done", fmt.Sprintf("resync of disk %s: compared %d bytes, sent %d", d.Name, st.Compared, st.Sent))
 	a.stMu.Lock()
 	defer a.stMu.Unlock()
 	if a.st.Resync != nil && a.st.Resync.Job.ID == st.Job.ID {
@@ -285,7 +285,22 @@ func (r *resyncer) ask(s *shipSession, h replication.Hashes) (replication.Want, 
 	}
 }
 
-// logResync logs the start (with the reason) or the end of a resync.
+// logResyncDone logs the end of a resync, with what it compared and sent.
+func (d *Disk) logResyncDone(id uint64, compared, sent int64) error {
+	data := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, uint64(compared)), uint64(sent))
+	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
+		Flags: replication.FlagDone, Data: data, Length: uint32(len(data))}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	seq, err := d.spool.Append(d.ctx, &rec)
+	if err != nil {
+		return err
+	}
+	d.spool.Complete(seq)
+	return nil
+}
+
+// logResync logs the start of a resync, with its reason.
 func (d *Disk) logResync(id uint64, reason string, done bool) error {
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Data: []byte(reason), Length: uint32(len(reason))}

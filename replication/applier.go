@@ -2,6 +2,7 @@ package replication
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -319,6 +320,10 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 		d, _ := a.m.Disk(r.Disk)
 		if r.Flags&FlagDone != 0 {
 			d.LastResync = r.Offset
+			if len(r.Data) == 16 {
+				d.LastResyncCompared = int64(binary.LittleEndian.Uint64(r.Data))
+				d.LastResyncSent = int64(binary.LittleEndian.Uint64(r.Data[8:]))
+			}
 			if d.State == StateResync {
 				d.State, d.Reason, d.Ranges = StateProtected, "", nil
 				a.log.Info("resync complete", "machine", a.m.ID, "disk", d.Name, "seq", r.Seq)

@@ -52,8 +52,11 @@ type CatalogDisk struct {
 	// Ranges limits a needed resync to these byte ranges (empty: the
 	// whole disk).
 	Ranges []Range `json:"ranges,omitempty"`
-	// LastResync is the id of the last resync completed.
-	LastResync uint64 `json:"last_resync,omitempty"`
+	// LastResync is the id of the last resync completed, and what it
+	// compared and sent.
+	LastResync         uint64 `json:"last_resync,omitempty"`
+	LastResyncCompared int64  `json:"last_resync_compared,omitempty"`
+	LastResyncSent     int64  `json:"last_resync_sent,omitempty"`
 }
 
 // Range is a byte range of a disk.

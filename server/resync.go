@@ -109,10 +109,14 @@ func (s *Server) syncResyncRows(m replication.MachineCatalog) {
 			}
 			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
 				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
+		case has && !row.Manual && row.State != store.ResyncRunning && d.State == replication.StateProtected:
+			// Consistent again by other means (the agent resent its
+			// overflow's changed blocks): nothing to schedule.
+			s.db.DeleteResync(ctx, m.ID, d.Index)
 		case has && row.State == store.ResyncRunning && d.LastResync == row.JobID && d.State == replication.StateProtected:
 			s.db.DeleteResync(ctx, m.ID, d.Index)
 			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
-				Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, row.Compared, row.Sent)})
+				Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, d.LastResyncCompared, d.LastResyncSent)})
 		}
 	}
 }

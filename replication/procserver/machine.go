@@ -258,6 +258,20 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 		m.durable = m.appended
 	}
 	// The agent holds [SpoolFirst, NextSeq); the server holds up to durable.
+	if h.SpoolFirst > m.durable+1 && m.openRaw == 0 {
+		// A sequence gap: changes the server acknowledged are gone from its
+		// cache (lost or damaged). The log goes on from the agent's first
+		// record; the applier meets the gap and marks the disks for resync.
+		m.log.Warn("sequence gap: changes lost between the server and the agent; the disks will be resynced",
+			"lost_from", m.durable+1, "lost_to", h.SpoolFirst-1)
+		m.open.Close()
+		m.s.cacheBytes.Add(-m.openBytes)
+		m.appended, m.durable = h.SpoolFirst-1, h.SpoolFirst-1
+		if err := m.newOpenFile(); err != nil {
+			m.conn = nil
+			return replication.Welcome{}, err
+		}
+	}
 	switch {
 	case h.SpoolFirst > m.durable+1:
 		err = fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
@@ -522,6 +536,19 @@ func (m *machine) applyOne(sg sealedSeg) error {
 		return err
 	}
 	m.applyMu.Lock()
+	if first, err := replication.ParseSegmentHeader(data); err == nil && first > m.applier.AppliedSeq()+1 {
+		// A sequence gap: the records before this segment are lost.
+		reason := fmt.Sprintf("changes %d to %d were lost before they were applied (sequence gap)", m.applier.AppliedSeq()+1, first-1)
+		m.log.Error("sequence gap", "from", m.applier.AppliedSeq()+1, "to", first-1)
+		err := m.applier.MarkResync(m.s.ctx, -1, reason)
+		if err == nil {
+			err = m.applier.SkipTo(m.s.ctx, first-1)
+		}
+		if err != nil {
+			m.applyMu.Unlock()
+			return err
+		}
+	}
 	err = m.applier.Apply(m.s.ctx, data)
 	if errors.Is(err, replication.ErrCorrupt) {
 		reason := fmt.Sprintf("segment %s failed verification (%v); it was not applied", filepath.Base(sg.path), err)

@@ -1,0 +1,227 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// resyncRow is a row of GET /machines/{m}/resync as the CLI prints it.
+func (c *cluster) resyncDone(t *testing.T, machine string) (compared, sent int64) {
+	t.Helper()
+	out := c.mustCLI("events", "--machine", machine, "--json")
+	var es []struct{ Kind, Message string }
+	json.Unmarshal([]byte(out), &es)
+	for _, e := range es { // newest first
+		if e.Kind == "resync-done" {
+			i := strings.Index(e.Message, "compared")
+			fmt.Sscanf(e.Message[i:], "compared %d bytes, sent %d", &compared, &sent)
+			return
+		}
+	}
+	t.Fatalf("no resync-done event for %s:\n%s", machine, out)
+	return
+}
+
+// waitReason waits until the machine needs a resync for a reason
+// containing want.
+func (c *cluster) waitReason(t *testing.T, machine, want string) machineStatus {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st := c.status(machine)
+		if st.State == "resync" && strings.Contains(st.Reason, want) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("machine %s: %+v, want a resync for %q\n%s", machine, st, want, c.server.logTail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// writeBehind changes blocks of a disk file directly, behind the
+// splitter's back (what a lost log leaves: the disk differs from the
+// replica).
+func writeBehind(t *testing.T, disk string, offs ...int64) {
+	t.Helper()
+	f, err := os.OpenFile(disk, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for i, off := range offs {
+		b := []byte(strings.Repeat(fmt.Sprintf("behind %d ", i), 512))[:4096]
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestE2EResyncForcedShutdown: the machine goes down hard (the agent is
+// killed and its machine comes back with another boot id); the extents in
+// the activity log are resynced, and only they.
+func TestE2EResyncForcedShutdown(t *testing.T) {
+	c := newCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	const size = 256 << 20
+	makeRandomDisk(t, disk, size, 21)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	c.waitState("vm1", "protected", 2*time.Minute)
+	// Writes in two extents (the activity log names them), then the crash.
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x31 8M 64k", "-c", "write -P 0x32 100M 64k")
+	a.kill()
+	// The machine rebooted: another boot id in the agent's state...
+	state := filepath.Join(a.state, "state.json")
+	b, _ := os.ReadFile(state)
+	var st map[string]any
+	json.Unmarshal(b, &st)
+	st["boot_id"] = "00000000-0000-0000-0000-000000000000"
+	b, _ = json.Marshal(st)
+	os.WriteFile(state, b, 0o600)
+	// ...and a write of the extents reached the disk but not the log.
+	writeBehind(t, disk, 8<<20+4096, 100<<20+8192)
+	c.startAgent("vm1", nil)
+	c.waitReason(t, "vm1", "forced shutdown")
+	c.mustCLI("resync", "--machine", "vm1", "--wait")
+	c.waitState("vm1", "protected", time.Minute)
+	compared, sent := c.resyncDone(t, "vm1")
+	if compared == 0 || compared > 4*(4<<20) || sent < 8192 || sent > 256<<10 {
+		t.Fatalf("compared %d bytes and sent %d: want only the activity log's extents compared and the changed blocks sent", compared, sent)
+	}
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	t.Logf("forced shutdown: compared %d bytes of a %d-byte disk, sent %d", compared, size, sent)
+}
+
+// TestE2EResyncSequenceGap: changes the server acknowledged are lost from
+// its cache before they were applied (the target was full, then the cache
+// was lost); the agent no longer has them either. The gap marks the disk;
+// the resync sends what differs.
+func TestE2EResyncSequenceGap(t *testing.T) {
+	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
+	c.srvDir = filepath.Join(c.dir, "srv")
+	tgt := filepath.Join(c.dir, "target")
+	os.MkdirAll(tgt, 0o700)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", tgt).CombinedOutput(); err != nil {
+		t.Fatalf("mount a small file system for the target (needs root): %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", tgt).Run() })
+	c.listen = "127.0.0.1:" + freePort(t)
+	c.dataPort = freePort(t)
+	c.serverArgs = []string{"--target", "file://" + tgt}
+	c.startServer()
+	disk := filepath.Join(c.dir, "d.img")
+	const size = 64 << 20
+	makeRandomDisk(t, disk, size, 22)
+	a := c.startAgent("vm1", []string{"--spool-max", "16MiB"}, "d="+disk)
+	c.waitState("vm1", "protected", time.Minute)
+	// The target fills up: the applier stops, the cache keeps what the
+	// agent sends, and acknowledges it (the agent then drops it).
+	fillFS(t, filepath.Join(tgt, "filler"))
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x41 1M 6M", "-c", "write -P 0x42 20M 6M")
+	time.Sleep(3 * time.Second)
+	// The server dies and its cache is lost with it.
+	c.server.kill()
+	segs, _ := filepath.Glob(filepath.Join(c.srvDir, "cache", "*", "*.seg"))
+	if len(segs) == 0 {
+		t.Fatal("no cached segment to lose: the test would not test anything")
+	}
+	for _, s := range segs {
+		os.Remove(s)
+	}
+	os.Remove(filepath.Join(tgt, "filler"))
+	c.startServer()
+	c.waitReason(t, "vm1", "sequence gap")
+	c.mustCLI("resync", "--machine", "vm1", "--wait")
+	c.waitState("vm1", "protected", time.Minute)
+	compared, sent := c.resyncDone(t, "vm1")
+	if compared != size || sent < 6<<20 || sent > 13<<20 {
+		t.Fatalf("compared %d bytes and sent %d for 12 MiB of lost changes on a %d-byte disk", compared, sent, size)
+	}
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	t.Logf("sequence gap: compared %d bytes, sent %d for 12 MiB of lost changes", compared, sent)
+}
+
+// TestE2EResyncUnderWritesAndKill: a resync while fio writes through the
+// splitter, with the agent killed in the middle: it resumes where it was
+// (the bytes compared stay under 1.5 x the disk) and ends bit-exact.
+func TestE2EResyncUnderWritesAndKill(t *testing.T) {
+	c := newCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	const size = 1 << 30
+	makeRandomDisk(t, disk, size, 23)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	c.waitState("vm1", "protected", 3*time.Minute)
+	var offs []int64
+	for i := int64(0); i < 100; i++ {
+		offs = append(offs, i*(size/100)+12288)
+	}
+	writeBehind(t, disk, offs...)
+	fio := background{}
+	fio.run(func() error {
+		_, err := runTool(t.Context(), t, "fio", "--name=w", "--ioengine=nbd", "--uri="+a.uri("d"), "--rw=randwrite",
+			"--bs=4k", "--iodepth=4", "--size=1G", "--time_based", "--runtime=6", "--rate=4m")
+		return err
+	})
+	c.mustCLI("resync", "--machine", "vm1")
+	// Kill the agent part-way through the compare.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		out := c.mustCLI("resync", "--machine", "vm1", "--status")
+		var comp, total int64
+		if i := strings.Index(out, "compared "); i >= 0 {
+			fmt.Sscanf(out[i:], "compared %d of %d", &comp, &total)
+		}
+		if comp > 0 && comp < total {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("could not catch the resync in progress: %s", out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	a.kill()
+	fio.wait() // fio loses its server: expected
+	a = c.startAgent("vm1", nil)
+	deadline = time.Now().Add(2 * time.Minute)
+	for !strings.Contains(c.mustCLI("events", "--machine", "vm1"), "resync-done") || c.status("vm1").State != "protected" {
+		if time.Now().After(deadline) {
+			t.Fatalf("resync did not finish after the restart: %+v\n%s", c.status("vm1"), a.logTail())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	compared, sent := c.resyncDone(t, "vm1")
+	if compared >= size*3/2 {
+		t.Fatalf("compared %d bytes of a %d-byte disk: the resync started over instead of resuming", compared, size)
+	}
+	if sent < 100*4096 {
+		t.Fatalf("sent %d bytes: the 100 blocks changed behind the splitter are not all there", sent)
+	}
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	t.Logf("resync under writes, killed and resumed: compared %d bytes of %d, sent %d", compared, int64(size), sent)
+}
+
+// TestE2EDiskShrinkRefused: a protected disk that shrank is a clear error.
+func TestE2EDiskShrinkRefused(t *testing.T) {
+	c := newCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	makeDisk(t, disk, 16<<20, 24)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	c.waitState("vm1", "protected", time.Minute)
+	a.stop()
+	os.Truncate(disk, 8<<20)
+	out, err := runAsr(a.args...)
+	if err == nil || !strings.Contains(err.Error(), "shrank") {
+		t.Fatalf("agent with a shrunk disk: err=%v out=%s", err, out)
+	}
+}
