@@ -18,7 +18,8 @@ import (
 // TestE2EConsoleInChromium drives the console in headless Chromium: login
 // with the admin token, the machines page, and its live refresh (htmx
 // polling) showing the initial copy finish and a new recovery point appear
-// without a reload.
+// without a reload; then a forced shutdown whose resync waits for the resync
+// window, started at once from the console after its confirmation.
 func TestE2EConsoleInChromium(t *testing.T) {
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
@@ -27,7 +28,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeRandomDisk(t, disk, 96<<20, 3)
-	c.startAgent("vm1", []string{"--max-rate", "16MiB"}, "data="+disk)
+	a := c.startAgent("vm1", []string{"--max-rate", "16MiB"}, "data="+disk)
 
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(browser),
@@ -126,4 +127,42 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if after, _ := chromedp.Run(ctx, chromedp.Location()); after != url {
 		t.Fatalf("the page navigated (%s -> %s): the refresh should be in place", url, after)
 	}
+
+	// The machine crashes; its resync waits for a window two hours away.
+	// The console shows why and when.
+	now := time.Now().Local()
+	c.mustCLI("resync", "--window", now.Add(2*time.Hour).Format("15:04")+"-"+now.Add(3*time.Hour).Format("15:04"))
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("data"), "-c", "write -P 0x61 8M 64k", "-c", "write -P 0x62 40M 64k")
+	a = c.forcedShutdown(t, a, "vm1", disk, 8<<20+4096)
+	shown := waitText("Scheduled for", time.Minute)
+	if !strings.Contains(shown, "forced shutdown") || !strings.Contains(shown, "(in 1 h") && !strings.Contains(shown, "(in 2 h") {
+		t.Fatalf("the scheduled resync shows no reason or start time:\n%s", shown)
+	}
+	if !strings.Contains(c.mustCLI("resync", "--machine", "vm1", "--status"), "scheduled") {
+		t.Fatal("the resync is not scheduled")
+	}
+
+	// Start it now: the link asks for confirmation first, and Cancel
+	// starts nothing.
+	link := chromedp.CSS(`a[aria-label="Resync data of vm1 now"]`)
+	do(chromedp.Click(link), chromedp.WaitVisible(chromedp.CSS("#confirm-resync")))
+	if s := text("main"); !strings.Contains(s, "Resync disk data?") || !strings.Contains(s, "forced shutdown") {
+		t.Fatalf("the confirmation page does not say what it resyncs and why:\n%s", s)
+	}
+	do(chromedp.Click(chromedp.CSS(`a.button[href="/"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
+	if !strings.Contains(c.mustCLI("resync", "--machine", "vm1", "--status"), "scheduled") {
+		t.Fatal("Cancel started the resync")
+	}
+	do(chromedp.Click(link), chromedp.WaitVisible(chromedp.CSS("#confirm-resync")),
+		chromedp.Click(chromedp.CSS("#confirm-resync")), chromedp.WaitVisible(chromedp.CSS("#machines")))
+	waitText("Protected", time.Minute)
+	if s := text("#machines"); strings.Contains(s, "Scheduled for") || strings.Contains(s, "Needs resync") {
+		t.Fatalf("the resync finished but the page still shows it:\n%s", s)
+	}
+	compared, sent := c.resyncDone(t, "vm1")
+	if sent < 4096 || compared > 8<<20 {
+		t.Fatalf("resync compared %d bytes and sent %d: want the activity log's extents only", compared, sent)
+	}
+	id = c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"data": sha256File(t, disk)})
 }

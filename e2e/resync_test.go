@@ -65,6 +65,30 @@ func writeBehind(t *testing.T, disk string, offs ...int64) {
 	}
 }
 
+// forcedShutdown crashes machine name: its agent is killed, writes at offs
+// reach the disk but not the replication log, and the agent starts again
+// after a reboot (another boot id in its state).
+func (c *cluster) forcedShutdown(t *testing.T, a *agentProc, name, disk string, offs ...int64) *agentProc {
+	t.Helper()
+	a.kill()
+	state := filepath.Join(a.state, "state.json")
+	b, err := os.ReadFile(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st map[string]any
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	st["boot_id"] = "00000000-0000-0000-0000-000000000000"
+	b, _ = json.Marshal(st)
+	if err := os.WriteFile(state, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	writeBehind(t, disk, offs...)
+	return c.startAgent(name, nil)
+}
+
 // TestE2EResyncForcedShutdown: the machine goes down hard (the agent is
 // killed and its machine comes back with another boot id); the extents in
 // the activity log are resynced, and only they.
@@ -77,18 +101,7 @@ func TestE2EResyncForcedShutdown(t *testing.T) {
 	c.waitState("vm1", "protected", 2*time.Minute)
 	// Writes in two extents (the activity log names them), then the crash.
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x31 8M 64k", "-c", "write -P 0x32 100M 64k")
-	a.kill()
-	// The machine rebooted: another boot id in the agent's state...
-	state := filepath.Join(a.state, "state.json")
-	b, _ := os.ReadFile(state)
-	var st map[string]any
-	json.Unmarshal(b, &st)
-	st["boot_id"] = "00000000-0000-0000-0000-000000000000"
-	b, _ = json.Marshal(st)
-	os.WriteFile(state, b, 0o600)
-	// ...and a write of the extents reached the disk but not the log.
-	writeBehind(t, disk, 8<<20+4096, 100<<20+8192)
-	c.startAgent("vm1", nil)
+	c.forcedShutdown(t, a, "vm1", disk, 8<<20+4096, 100<<20+8192)
 	c.waitReason(t, "vm1", "forced shutdown")
 	c.mustCLI("resync", "--machine", "vm1", "--wait")
 	c.waitState("vm1", "protected", time.Minute)

@@ -2,15 +2,15 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/subtle"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net/http"
 	"time"
 
 	"golang.org/x/crypto/argon2"
-
-	"crypto/rand"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/store"
@@ -55,6 +55,15 @@ func (b consoleBackend) Session(ctx context.Context, id string) (string, error) 
 
 func (b consoleBackend) DeleteSession(ctx context.Context, id string) error {
 	return b.s.db.DeleteSession(ctx, id)
+}
+
+func (b consoleBackend) StartResync(ctx context.Context, machineID, disk string) error {
+	m, err := b.s.db.Machine(ctx, machineID)
+	if err != nil {
+		return err
+	}
+	_, err = b.s.RequestResync(ctx, m, disk)
+	return err
 }
 
 // console returns the web console handler.
@@ -134,6 +143,13 @@ func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine,
 			}
 		case replication.StateResync:
 			v.State, v.Reason = replication.StateResync, d.Reason
+		}
+		if row, err := s.db.Resync(ctx, m.ID, d.Index); err == nil {
+			wd.Resync = &web.Resync{State: row.State, Reason: row.Reason, Manual: row.Manual,
+				Scheduled: s.resyncScheduled(ctx, m, row), Attempts: row.Attempts, LastError: row.LastError,
+				Total: row.Total, Compared: row.Compared, Sent: row.Sent}
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return v, err
 		}
 		total += d.Size
 		copied += int64(wd.Progress * float64(d.Size))

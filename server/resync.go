@@ -233,26 +233,41 @@ func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 	}
+	out, err := s.RequestResync(ctx, m, req.Disk)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// RequestResync starts a resync of machine m's disk (every disk for "") at
+// once, outside the resync window, as an operator asks from the API, the CLI
+// or the console. A disk whose resync is running is left to it. Nothing is
+// changed if any disk is refused.
+func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string) ([]ResyncJSON, error) {
 	var picked []store.Disk
 	for _, d := range m.Disks {
-		if req.Disk == "" || d.Name == req.Disk {
+		if disk == "" || d.Name == disk {
 			picked = append(picked, d)
 		}
 	}
 	if len(picked) == 0 {
-		return errorf(http.StatusNotFound, "machine %s has no disk %q", m.Name, req.Disk)
+		return nil, errorf(http.StatusNotFound, "machine %s has no disk %q", m.Name, disk)
 	}
-	var out []ResyncJSON
 	for _, d := range picked {
 		if d.State == replication.StateInitial {
-			return errorf(http.StatusConflict, "disk %s is still in its initial replication (%d%%); a resync is not needed",
+			return nil, errorf(http.StatusConflict, "disk %s is still in its initial replication (%d%%); a resync is not needed",
 				d.Name, d.Cursor*100/max(d.Size, 1))
 		}
+	}
+	out := []ResyncJSON{}
+	for _, d := range picked {
 		row, err := s.db.Resync(ctx, m.ID, d.Index)
 		if errors.Is(err, store.ErrNotFound) {
 			row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator request", RequestedAt: s.now()}
 		} else if err != nil {
-			return err
+			return nil, err
 		}
 		if row.State == store.ResyncRunning {
 			out = append(out, s.resyncJSON(ctx, m, d, row))
@@ -260,14 +275,14 @@ func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
 		}
 		row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
 		if err := s.db.PutResync(ctx, row); err != nil {
-			return err
+			return nil, err
 		}
+		s.log.Info("resync requested", "machine", m.ID, "disk", d.Name, "reason", row.Reason)
 		s.maybeStartResync(ctx, row)
 		row, _ = s.db.Resync(ctx, m.ID, d.Index)
 		out = append(out, s.resyncJSON(ctx, m, d, row))
 	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
+	return out, nil
 }
 
 func (s *Server) handleResyncs(w http.ResponseWriter, r *http.Request) error {

@@ -4,9 +4,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/a-h/templ"
+	"github.com/go-chi/chi/v5"
 )
 
 // machinesFragment is the id of the part of the machines page that htmx
@@ -154,3 +158,124 @@ func agentCommand(serverURL string) string {
 
 // progressValue is the value attribute of a <progress max="1">.
 func progressValue(p float64) string { return strconv.FormatFloat(clamp01(p), 'f', 3, 64) }
+
+// resyncView is what the resync confirmation page shows.
+type resyncView struct {
+	Session *session
+	Machine Machine
+	Disk    string // the disk to resync; "" for every disk
+	Error   string
+	Now     time.Time
+}
+
+// Disks returns the disks the resync covers.
+func (v resyncView) Disks() []Disk {
+	if v.Disk == "" {
+		return v.Machine.Disks
+	}
+	for _, d := range v.Machine.Disks {
+		if d.Name == v.Disk {
+			return []Disk{d}
+		}
+	}
+	return nil
+}
+
+// findMachine returns the machine of the request's {machine} path value.
+func (h *machinesHandler) findMachine(r *http.Request) (Machine, int, string) {
+	ms, err := h.backend.Machines(r.Context())
+	if err != nil {
+		h.log.Error("list machines", "err", err)
+		return Machine{}, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
+	}
+	id := chi.URLParam(r, "machine")
+	for _, m := range ms {
+		if m.ID == id {
+			return m, http.StatusOK, ""
+		}
+	}
+	return Machine{}, http.StatusNotFound, "There is no machine " + id + "."
+}
+
+// resyncPage asks the operator to confirm a resync (GET
+// /machines/{machine}/resync, optionally ?disk=NAME): what it covers, why it
+// may be needed, and what it costs. Starting one is a POST from this page.
+func (h *machinesHandler) resyncPage(w http.ResponseWriter, r *http.Request) {
+	m, status, msg := h.findMachine(r)
+	if status != http.StatusOK {
+		http.Error(w, strconv.Itoa(status)+" "+msg, status)
+		return
+	}
+	v := resyncView{Session: sessionFrom(r.Context()), Machine: m, Disk: r.URL.Query().Get("disk"), Now: h.now()}
+	if len(v.Disks()) == 0 {
+		http.Error(w, "404 machine "+m.Name+" has no disk "+v.Disk, http.StatusNotFound)
+		return
+	}
+	render(w, r, h.log, http.StatusOK, resyncPage(v))
+}
+
+// startResync starts the confirmed resync and goes back to the machines page,
+// where its progress shows. A refusal (say, a disk still in its initial
+// replication) shows on the confirmation page and starts nothing.
+func (h *machinesHandler) startResync(w http.ResponseWriter, r *http.Request) {
+	m, status, msg := h.findMachine(r)
+	if status != http.StatusOK {
+		http.Error(w, strconv.Itoa(status)+" "+msg, status)
+		return
+	}
+	v := resyncView{Session: sessionFrom(r.Context()), Machine: m, Disk: r.PostFormValue("disk"), Now: h.now()}
+	if len(v.Disks()) == 0 {
+		http.Error(w, "404 machine "+m.Name+" has no disk "+v.Disk, http.StatusNotFound)
+		return
+	}
+	if err := h.backend.StartResync(r.Context(), m.ID, v.Disk); err != nil {
+		h.log.Warn("start resync", "machine", m.ID, "disk", v.Disk, "err", err)
+		v.Error = "The resync was not started: " + err.Error()
+		render(w, r, h.log, http.StatusUnprocessableEntity, resyncPage(v))
+		return
+	}
+	h.log.Info("resync requested from the console", "machine", m.ID, "disk", v.Disk, "remote", r.RemoteAddr)
+	redirect(w, r, "/")
+}
+
+// resyncStatus describes a disk's resync in a few words, e.g. "Running: 45%
+// compared, 12 MiB sent" or "Scheduled for 22:00 (in 3 h)".
+func resyncStatus(rs *Resync, now time.Time) string {
+	switch rs.State {
+	case ResyncRunning:
+		s := "Running"
+		if rs.Total > 0 {
+			s += ": " + percent(float64(rs.Compared)/float64(rs.Total)) + " compared, " + humanBytes(rs.Sent) + " sent"
+		} else {
+			s += ": starting"
+		}
+		return s
+	case ResyncScheduled:
+		if rs.Scheduled.IsZero() || !rs.Scheduled.After(now) {
+			return "Starts as soon as the agent is connected"
+		}
+		if rs.Attempts > 0 {
+			return "Retry at " + clockTime(rs.Scheduled) + " (" + in(now, rs.Scheduled) + ")"
+		}
+		return "Scheduled for " + clockTime(rs.Scheduled) + " (" + in(now, rs.Scheduled) + ")"
+	case ResyncFailed:
+		return "Failed after " + strconv.Itoa(rs.Attempts) + " " + plural(rs.Attempts, "attempt", "attempts")
+	default:
+		return rs.State
+	}
+}
+
+// in is how far t lies ahead of now, e.g. "in 3 h".
+func in(now, t time.Time) string {
+	return "in " + humanDuration(t.Sub(now))
+}
+
+// resyncURL is the confirmation page of a resync of a machine's disk ("" for
+// every disk); the same path without the query starts it.
+func resyncURL(machineID, disk string) templ.SafeURL {
+	u := "/machines/" + url.PathEscape(machineID) + "/resync"
+	if disk != "" {
+		u += "?disk=" + url.QueryEscape(disk)
+	}
+	return templ.SafeURL(u)
+}

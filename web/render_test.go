@@ -53,7 +53,15 @@ var (
 		Disks: []Disk{
 			{Index: 0, Name: "sda", Size: 32 * gib, State: StateProtected, Progress: 1},
 			{Index: 1, Name: "sdb", Size: 2048 * gib, State: StateResync, Progress: 1,
-				Reason: "the agent's spool overflowed while disconnected: changes were lost"},
+				Reason: "the agent's spool overflowed while disconnected: changes were lost",
+				Resync: &Resync{State: ResyncScheduled, Reason: "the agent's spool overflowed while disconnected: changes were lost",
+					Scheduled: testNow.Add(3*time.Hour + 10*time.Minute)}},
+			{Index: 2, Name: "sdc", Size: 100 * gib, State: StateResync, Progress: 1, Reason: "disk grew from 50 GiB to 100 GiB",
+				Resync: &Resync{State: ResyncRunning, Reason: "disk grew from 50 GiB to 100 GiB", Manual: true,
+					Total: 100 * gib, Compared: 45 * gib, Sent: 12 * mib}},
+			{Index: 3, Name: "sdd", Size: 10 * gib, State: StateResync, Progress: 1, Reason: "operator request",
+				Resync: &Resync{State: ResyncFailed, Reason: "operator request", Attempts: 5,
+					LastError: "read /dev/sdd at 4096: input/output error"}},
 		},
 	}
 	disconnectedMachine = Machine{
@@ -119,6 +127,10 @@ func TestRenderPages(t *testing.T) {
 	checkPage("login", httptest.NewRequest("GET", "/login", nil), http.StatusOK)
 	checkPage("machines", withSession(httptest.NewRequest("GET", "/", nil), id), http.StatusOK)
 	checkPage("settings", withSession(httptest.NewRequest("GET", "/settings", nil), id), http.StatusOK)
+
+	b.machines = []Machine{resyncMachine}
+	checkPage("resync", withSession(httptest.NewRequest("GET", "/machines/"+resyncMachine.ID+"/resync", nil), id), http.StatusOK)
+	checkPage("resync_disk", withSession(httptest.NewRequest("GET", "/machines/"+resyncMachine.ID+"/resync?disk=sdd", nil), id), http.StatusOK)
 }
 
 // assetVersion matches the content hashes in static URLs, so that editing

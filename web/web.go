@@ -60,7 +60,31 @@ type Disk struct {
 	State    string  `json:"state"`
 	Progress float64 `json:"progress"` // initial replication, 0..1
 	Reason   string  `json:"reason,omitempty"`
+
+	// Resync is the disk's pending, running or failed resync; nil if none.
+	Resync *Resync `json:"resync,omitempty"`
 }
+
+// Resync is a disk's resync as the console shows it: why, when it starts,
+// how far it is, and what went wrong last.
+type Resync struct {
+	State     string    `json:"state"` // ResyncScheduled, ResyncRunning or ResyncFailed
+	Reason    string    `json:"reason"`
+	Manual    bool      `json:"manual"`             // requested by an operator (ignores the resync window)
+	Scheduled time.Time `json:"scheduled,omitzero"` // when a scheduled one starts
+	Attempts  int       `json:"attempts"`           // failed attempts so far
+	LastError string    `json:"last_error,omitempty"`
+	Total     int64     `json:"total"`    // bytes to compare
+	Compared  int64     `json:"compared"` // bytes compared so far
+	Sent      int64     `json:"sent"`     // bytes of differing blocks sent
+}
+
+// States of a [Resync].
+const (
+	ResyncScheduled = "scheduled"
+	ResyncRunning   = "running"
+	ResyncFailed    = "failed"
+)
 
 // Point is a recovery point.
 type Point struct {
@@ -108,6 +132,11 @@ type Backend interface {
 	// DeleteSession ends a session. Deleting an unknown session is not an
 	// error.
 	DeleteSession(ctx context.Context, id string) error
+
+	// StartResync starts a resync of a machine's disk at once, outside the
+	// resync window: disk "" is every disk of the machine. An error's message
+	// is shown to the user.
+	StartResync(ctx context.Context, machineID, disk string) error
 }
 
 // Options configures a [Handler]. The zero value is usable.
@@ -165,10 +194,12 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/", machines.page)
 		r.Get("/fragments/machines", machines.fragment)
 		r.Get("/settings", settings.page)
+		r.Get("/machines/{machine}/resync", machines.resyncPage)
 		r.Group(func(r chi.Router) {
 			r.Use(requireCSRF)
 			r.Post("/logout", auth.logout)
 			r.Post("/settings/password", settings.setPassword)
+			r.Post("/machines/{machine}/resync", machines.startResync)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -28,6 +29,8 @@ type fakeBackend struct {
 	password    string
 	sessions    map[string]string // id → CSRF token
 	next        int
+	resyncs     []string // "machine/disk" of each StartResync
+	resyncErr   error
 }
 
 var _ Backend = (*fakeBackend)(nil)
@@ -87,6 +90,16 @@ func (b *fakeBackend) DeleteSession(_ context.Context, id string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	delete(b.sessions, id)
+	return nil
+}
+
+func (b *fakeBackend) StartResync(_ context.Context, machineID, disk string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.resyncErr != nil {
+		return b.resyncErr
+	}
+	b.resyncs = append(b.resyncs, machineID+"/"+disk)
 	return nil
 }
 
@@ -577,5 +590,89 @@ func TestMountedInChi(t *testing.T) {
 	}
 	if w := serve(root, postForm("/login", url.Values{"secret": {testToken}})); w.Code != http.StatusSeeOther {
 		t.Errorf("POST /login through chi: status %d", w.Code)
+	}
+}
+
+// TestResync covers the resync confirmation and its POST: the CSRF token is
+// required, unknown machines and disks are refused without starting
+// anything, and a backend refusal shows on the page.
+func TestResync(t *testing.T) {
+	b := newFakeBackend(resyncMachine, protectedMachine)
+	h := newTestHandler(t, b)
+	id, csrf := mustLogin(t, h, b)
+	path := "/machines/" + resyncMachine.ID + "/resync"
+
+	// The machines page links to the confirmation, which asks before
+	// starting anything.
+	w := serve(h, withSession(httptest.NewRequest("GET", "/", nil), id))
+	if !strings.Contains(w.Body.String(), `href="`+path+`"`) {
+		t.Errorf("the machines page has no link to %s", path)
+	}
+	w = serve(h, withSession(httptest.NewRequest("GET", path, nil), id))
+	if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), "Resync every disk of this machine?") {
+		t.Fatalf("confirmation page: status %d:\n%s", w.Code, w.Body)
+	}
+	if len(b.resyncs) != 0 {
+		t.Fatalf("GET started a resync: %v", b.resyncs)
+	}
+
+	for _, tt := range []struct {
+		name   string
+		path   string
+		form   url.Values
+		status int
+	}{
+		{"no csrf", path, url.Values{"disk": {"sdb"}}, http.StatusForbidden},
+		{"wrong csrf", path, url.Values{"disk": {"sdb"}, "csrf": {"x"}}, http.StatusForbidden},
+		{"unknown machine", "/machines/nope/resync", url.Values{"csrf": {csrf}}, http.StatusNotFound},
+		{"unknown disk", path, url.Values{"disk": {"sdz"}, "csrf": {csrf}}, http.StatusNotFound},
+	} {
+		w := serve(h, withSession(postForm(tt.path, tt.form), id))
+		if w.Code != tt.status {
+			t.Errorf("%s: status %d, want %d", tt.name, w.Code, tt.status)
+		}
+	}
+	if w := serve(h, withSession(httptest.NewRequest("GET", path+"?disk=sdz", nil), id)); w.Code != http.StatusNotFound {
+		t.Errorf("confirmation of an unknown disk: status %d, want 404", w.Code)
+	}
+	if len(b.resyncs) != 0 {
+		t.Fatalf("refused requests started resyncs: %v", b.resyncs)
+	}
+
+	b.resyncErr = errors.New("disk sdb is still in its initial replication")
+	w = serve(h, withSession(postForm(path, url.Values{"disk": {"sdb"}, "csrf": {csrf}}), id))
+	if w.Code != http.StatusUnprocessableEntity || !strings.Contains(w.Body.String(), "still in its initial replication") {
+		t.Errorf("refused resync: status %d, body:\n%s", w.Code, w.Body)
+	}
+	b.resyncErr = nil
+
+	w = serve(h, withSession(postForm(path, url.Values{"disk": {"sdb"}, "csrf": {csrf}}), id))
+	if w.Code != http.StatusSeeOther || w.Header().Get("Location") != "/" {
+		t.Errorf("resync: status %d, Location %q; want 303 to /", w.Code, w.Header().Get("Location"))
+	}
+	w = serve(h, withSession(postForm(path, url.Values{"csrf": {csrf}}), id))
+	if w.Code != http.StatusSeeOther {
+		t.Errorf("resync of every disk: status %d", w.Code)
+	}
+	if want := []string{resyncMachine.ID + "/sdb", resyncMachine.ID + "/"}; !slices.Equal(b.resyncs, want) {
+		t.Errorf("resyncs started %v, want %v", b.resyncs, want)
+	}
+}
+
+func TestResyncStatus(t *testing.T) {
+	for _, tt := range []struct {
+		rs   Resync
+		want string
+	}{
+		{Resync{State: ResyncRunning}, "Running: starting"},
+		{Resync{State: ResyncRunning, Total: 200, Compared: 90, Sent: 2048}, "Running: 45% compared, 2 KiB sent"},
+		{Resync{State: ResyncScheduled}, "Starts as soon as the agent is connected"},
+		{Resync{State: ResyncScheduled, Scheduled: testNow.Add(3 * time.Hour)}, "Scheduled for 2025-06-01 15:00:00 UTC (in 3 h 0 min)"},
+		{Resync{State: ResyncScheduled, Attempts: 2, Scheduled: testNow.Add(2 * time.Minute)}, "Retry at 2025-06-01 12:02:00 UTC (in 2 min)"},
+		{Resync{State: ResyncFailed, Attempts: 1}, "Failed after 1 attempt"},
+	} {
+		if got := resyncStatus(&tt.rs, testNow); got != tt.want {
+			t.Errorf("%+v: %q, want %q", tt.rs, got, tt.want)
+		}
 	}
 }
