@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -114,11 +115,11 @@ func TestE2EResyncForcedShutdown(t *testing.T) {
 	t.Logf("forced shutdown: compared %d bytes of a %d-byte disk, sent %d", compared, size, sent)
 }
 
-// TestE2EResyncSequenceGap: changes the server acknowledged are lost from
-// its cache before they were applied (the target was full, then the cache
-// was lost); the agent no longer has them either. The gap marks the disk;
-// the resync sends what differs.
-func TestE2EResyncSequenceGap(t *testing.T) {
+// cachedChanges protects a 64 MiB disk with its replica on a small file
+// system, fills that file system so that 12 MiB of changes stay in the
+// process server's cache (acknowledged: the agent drops them), then kills
+// the server and frees the target. The cache holds the only copy.
+func cachedChanges(t *testing.T, seed uint64) (*cluster, string) {
 	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
 	c.srvDir = filepath.Join(c.dir, "srv")
 	tgt := filepath.Join(c.dir, "target")
@@ -132,8 +133,7 @@ func TestE2EResyncSequenceGap(t *testing.T) {
 	c.serverArgs = []string{"--target", "file://" + tgt}
 	c.startServer()
 	disk := filepath.Join(c.dir, "d.img")
-	const size = 64 << 20
-	makeRandomDisk(t, disk, size, 22)
+	makeRandomDisk(t, disk, 64<<20, seed)
 	a := c.startAgent("vm1", []string{"--spool-max", "16MiB"}, "d="+disk)
 	c.waitState("vm1", "protected", time.Minute)
 	// The target fills up: the applier stops, the cache keeps what the
@@ -141,16 +141,125 @@ func TestE2EResyncSequenceGap(t *testing.T) {
 	fillFS(t, filepath.Join(tgt, "filler"))
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x41 1M 6M", "-c", "write -P 0x42 20M 6M")
 	time.Sleep(3 * time.Second)
-	// The server dies and its cache is lost with it.
 	c.server.kill()
 	segs, _ := filepath.Glob(filepath.Join(c.srvDir, "cache", "*", "*.seg"))
 	if len(segs) == 0 {
-		t.Fatal("no cached segment to lose: the test would not test anything")
+		t.Fatal("no cached segment: the test would not test anything")
 	}
+	os.Remove(filepath.Join(tgt, "filler"))
+	return c, disk
+}
+
+// TestE2EResyncCorruptSegment: a cached segment is damaged before it was
+// applied (its checksum no longer matches). It is not applied, the disk is
+// marked, and the resync sends what differs.
+func TestE2EResyncCorruptSegment(t *testing.T) {
+	c, disk := cachedChanges(t, 25)
+	segs, _ := filepath.Glob(filepath.Join(c.srvDir, "cache", "*", "*.seg"))
+	slices.Sort(segs)
+	f, err := os.OpenFile(segs[0], os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, _ := f.Stat()
+	b := make([]byte, 1)
+	f.ReadAt(b, fi.Size()/2)
+	b[0] ^= 0x40
+	f.WriteAt(b, fi.Size()/2)
+	f.Close()
+	c.startServer()
+	c.waitReason(t, "vm1", "failed verification")
+	c.mustCLI("resync", "--machine", "vm1", "--wait")
+	c.waitState("vm1", "protected", time.Minute)
+	compared, sent := c.resyncDone(t, "vm1")
+	if compared != 64<<20 || sent == 0 || sent > 13<<20 {
+		t.Fatalf("compared %d bytes and sent %d, for at most 12 MiB of changes in a corrupt segment", compared, sent)
+	}
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	t.Logf("corrupt segment %s: compared %d bytes, sent %d", filepath.Base(segs[0]), compared, sent)
+}
+
+// TestE2EResyncDiskGrown: the disk grows while the agent is stopped; the
+// replica grows and only the new area's data travels.
+func TestE2EResyncDiskGrown(t *testing.T) {
+	c := newCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	makeRandomDisk(t, disk, 32<<20, 26)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	c.waitState("vm1", "protected", time.Minute)
+	a.stop()
+	if err := os.Truncate(disk, 48<<20); err != nil {
+		t.Fatal(err)
+	}
+	const grown = 600000 // bytes of data in the new area; the rest is zeros
+	f, _ := os.OpenFile(disk, os.O_RDWR, 0)
+	f.WriteAt([]byte(strings.Repeat("grown ", grown/6)), 40<<20)
+	f.Close()
+	c.startAgent("vm1", nil)
+	c.waitReason(t, "vm1", "grew")
+	c.mustCLI("resync", "--machine", "vm1", "--wait")
+	c.waitState("vm1", "protected", time.Minute)
+	compared, sent := c.resyncDone(t, "vm1")
+	if compared != 16<<20 || sent < grown || sent > grown+2*4096 {
+		t.Fatalf("compared %d bytes and sent %d; want the 16 MiB new area compared and its %d bytes of data sent", compared, sent, grown)
+	}
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+}
+
+// TestE2EResyncSpoolOverflow: the server is away, the guest writes more
+// than the spool holds; no write stalls (the agent falls back to a
+// changed-block map) and when the server is back, the marked blocks, and
+// only they, are resent.
+func TestE2EResyncSpoolOverflow(t *testing.T) {
+	c := newCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	makeRandomDisk(t, disk, 64<<20, 27)
+	a := c.startAgent("vm1", []string{"--spool-max", "16MiB"}, "d="+disk)
+	c.waitState("vm1", "protected", time.Minute)
+	c.server.kill()
+	// 24 MiB of writes into a 16 MiB spool. nbdPeerRun fails the test if
+	// qemu-io does not finish (a stalled guest).
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x51 0 8M", "-c", "write -P 0x52 8M 8M",
+		"-c", "write -P 0x53 16M 8M")
+	c.startServer()
+	deadline := time.Now().Add(2 * time.Minute)
+	var marked int64 = -1
+	for marked < 0 {
+		var es []struct{ Kind, Message string }
+		json.Unmarshal([]byte(c.mustCLI("events", "--machine", "vm1", "--json")), &es)
+		for _, e := range es {
+			if e.Kind == "spool-overflow-resynced" {
+				fmt.Sscanf(e.Message[strings.Index(e.Message, "(")+1:], "%d blocks marked", &marked)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no spool-overflow-resynced event\n%s", a.logTail())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if marked <= 0 || marked*4096 > 24<<20 {
+		t.Fatalf("%d blocks marked during the overflow, for 24 MiB of writes", marked)
+	}
+	c.waitState("vm1", "protected", time.Minute)
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	t.Logf("spool overflow: %d blocks of 4 KiB marked and resent, of 24 MiB written", marked)
+}
+
+// TestE2EResyncSequenceGap: changes the server acknowledged are lost from
+// its cache before they were applied (the target was full, then the cache
+// was lost); the agent no longer has them either. The gap marks the disk;
+// the resync sends what differs.
+func TestE2EResyncSequenceGap(t *testing.T) {
+	c, disk := cachedChanges(t, 22)
+	const size = 64 << 20
+	// The cache is lost with the server.
+	segs, _ := filepath.Glob(filepath.Join(c.srvDir, "cache", "*", "*.seg"))
 	for _, s := range segs {
 		os.Remove(s)
 	}
-	os.Remove(filepath.Join(tgt, "filler"))
 	c.startServer()
 	c.waitReason(t, "vm1", "sequence gap")
 	c.mustCLI("resync", "--machine", "vm1", "--wait")
