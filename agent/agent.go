@@ -58,7 +58,11 @@ type Config struct {
 	// MaxRate limits the replication bandwidth to this many bytes per
 	// second on the wire (0: unlimited), as ASR and Zerto throttle.
 	MaxRate int64
-	Logger  *slog.Logger
+	// ResyncRate limits how fast a resync reads the source disk, in bytes
+	// per second (0: unlimited), as DRBD's resync-rate keeps a resync from
+	// starving the guest's own I/O.
+	ResyncRate int64
+	Logger     *slog.Logger
 }
 
 // nameRE is what a machine name may be.
@@ -84,6 +88,7 @@ func ParseFlags(args []string) (Config, error) {
 	})
 	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
 	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
+	resyncRate := fs.String("resync-rate", "0", "how fast a resync may read the source disks, bytes per second, e.g. 200MiB (0: unlimited)")
 	fs.Func("disk", "protected disk NAME=PATH, served over NBD; NAME=PATH,mode=scan[,interval=30s] for a disk the guest uses directly, copied by periodic scans (repeat for each disk)", func(v string) error {
 		name, rest, ok := strings.Cut(v, "=")
 		if !ok || rest == "" {
@@ -131,6 +136,9 @@ func ParseFlags(args []string) (Config, error) {
 	}
 	if c.MaxRate, err = ParseSize(*maxRate); err != nil {
 		return c, fmt.Errorf("--max-rate: %w", err)
+	}
+	if c.ResyncRate, err = ParseSize(*resyncRate); err != nil {
+		return c, fmt.Errorf("--resync-rate: %w", err)
 	}
 	if c.Name == "" {
 		c.Name, _ = os.Hostname()

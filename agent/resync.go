@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -28,8 +29,9 @@ const resyncBatch = 64
 // resyncState is the saved state of the resync in progress.
 type resyncState struct {
 	Job      replication.ResyncJob `json:"job"`
-	Started  bool                  `json:"started"` // the start record is logged
-	Cursor   int64                 `json:"cursor"`  // bytes of the job's chunks done
+	Started  bool                  `json:"started"`   // the start record is logged
+	StartSeq uint64                `json:"start_seq"` // its sequence number
+	Cursor   int64                 `json:"cursor"`    // bytes of the job's chunks done
 	Compared int64                 `json:"compared"`
 	Sent     int64                 `json:"sent"`
 	Batch    uint64                `json:"batch"`
@@ -192,47 +194,43 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		return a.st.save(a.cfg.StateDir)
 	}
 	if !st.Started {
-		if err := d.logResync(st.Job.ID, st.Job.Reason, false); err != nil {
+		seq, err := d.logResync(st.Job.ID, st.Job.Reason)
+		if err != nil {
 			return err
 		}
-		if err := save(func(x *resyncState) { x.Started = true }); err != nil {
+		if err := save(func(x *resyncState) { x.Started, x.StartSeq = true, seq }); err != nil {
 			return err
 		}
 	}
 	offs := r.chunks(st.Job, d.Size())
-	skip := int(st.Cursor / replication.HashChunk)
-	buf := make([]byte, replication.HashChunk)
-	for i := skip; i < len(offs); i += resyncBatch {
-		batch := offs[i:min(i+resyncBatch, len(offs))]
-		h := replication.Hashes{Job: st.Job.ID, Disk: d.Index, Batch: st.Batch + 1, Offs: batch}
-		for _, off := range batch {
-			n := min(int64(replication.HashChunk), d.Size()-off)
-			if _, err := d.f.ReadAt(buf[:n], off); err != nil && err != io.EOF {
-				return fmt.Errorf("read disk %s at %d: %w", d.Name, off, err)
-			}
-			ch := replication.ChunkHash(replication.ChunkLeaves(buf[:n]))
-			h.Hashes = append(h.Hashes, ch[:]...)
+	ctx, cancel := context.WithCancel(a.ctx)
+	defer cancel()
+	batches := d.hashBatches(ctx, offs, int(st.Cursor/replication.HashChunk), a.cfg.ResyncRate)
+	for hb := range batches {
+		if hb.err != nil {
+			return hb.err
 		}
-		dropCache(d.f, batch[0], batch[len(batch)-1]+replication.HashChunk-batch[0])
+		h := replication.Hashes{Job: st.Job.ID, Disk: d.Index, Batch: st.Batch + 1, After: st.StartSeq, Offs: hb.offs, Hashes: hb.hashes}
 		w, err := r.ask(s, h)
 		if err != nil {
 			return err
 		}
 		var sent int64
 		for _, wc := range w.Chunks {
-			n, err := d.sendDiffering(wc, buf)
+			n, err := d.sendDiffering(wc, hb.leaves[wc.Off])
 			if err != nil {
 				return err
 			}
 			sent += n
 		}
+		dropCache(d.f, hb.offs[0], hb.offs[len(hb.offs)-1]+replication.HashChunk-hb.offs[0])
 		// The batch's records are durable before the position moves past
 		// them (a forced shutdown must not lose them behind the cursor).
 		if err := a.spool.Sync(); err != nil {
 			return err
 		}
-		done := int64(i+len(batch)) * replication.HashChunk
-		compared := int64(len(batch)) * replication.HashChunk
+		done := int64(hb.next) * replication.HashChunk
+		compared := int64(len(hb.offs)) * replication.HashChunk
 		if err := save(func(x *resyncState) {
 			x.Cursor, x.Batch = done, h.Batch
 			x.Compared += compared
@@ -240,6 +238,9 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		}); err != nil {
 			return err
 		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	if err := d.logResyncDone(st.Job.ID, st.Compared, st.Sent); err != nil {
 		return err
@@ -300,39 +301,115 @@ func (d *Disk) logResyncDone(id uint64, compared, sent int64) error {
 	return nil
 }
 
-// logResync logs the start of a resync, with its reason.
-func (d *Disk) logResync(id uint64, reason string, done bool) error {
+// logResync logs the start of a resync, with its reason, and returns the
+// record's sequence number.
+func (d *Disk) logResync(id uint64, reason string) (uint64, error) {
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Data: []byte(reason), Length: uint32(len(reason))}
-	if done {
-		rec.Flags = replication.FlagDone
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	seq, err := d.spool.Append(d.ctx, &rec)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	d.spool.Complete(seq)
-	return nil
+	return seq, nil
 }
 
-// sendDiffering re-reads a differing chunk under the change lock and logs
-// the blocks whose hash differs from the replica's, in runs. It returns the
-// bytes logged.
-func (d *Disk) sendDiffering(wc replication.WantChunk, buf []byte) (int64, error) {
+// hashedBatch is a batch of chunks read and hashed: their offsets, chunk
+// hashes (16 bytes each) and block hashes; next is the index of the chunk
+// after the batch.
+type hashedBatch struct {
+	offs   []int64
+	hashes []byte
+	leaves map[int64][]replication.Hash
+	next   int
+	err    error
+}
+
+// hashReaders is how many chunks are read and hashed at once: enough to
+// keep the disk's queue and both cores of a small machine busy.
+const hashReaders = 2
+
+// hashBatches reads and hashes the chunks at offs from index from on, a
+// batch at a time and one batch ahead of the compare, so that reading the
+// disk overlaps the round trip to the server and the sending of
+// differences. With rate > 0 it reads at most rate bytes per second. The
+// channel closes after the last batch, an error, or when ctx ends.
+func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, rate int64) <-chan hashedBatch {
+	out := make(chan hashedBatch, 1)
+	go func() {
+		defer close(out)
+		start, read := time.Now(), int64(0)
+		bufs := make([][]byte, hashReaders)
+		for i := range bufs {
+			bufs[i] = make([]byte, replication.HashChunk)
+		}
+		for i := from; i < len(offs); i += resyncBatch {
+			batch := offs[i:min(i+resyncBatch, len(offs))]
+			hb := hashedBatch{offs: batch, hashes: make([]byte, 16*len(batch)),
+				leaves: make(map[int64][]replication.Hash, len(batch)), next: i + len(batch)}
+			leaves := make([][]replication.Hash, len(batch))
+			errs := make([]error, hashReaders)
+			var wg sync.WaitGroup
+			for w := range hashReaders {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := bufs[w]
+					for j := w; j < len(batch); j += hashReaders {
+						n := min(int64(replication.HashChunk), d.Size()-batch[j])
+						if _, err := d.f.ReadAt(buf[:n], batch[j]); err != nil && err != io.EOF {
+							errs[w] = fmt.Errorf("read disk %s at %d: %w", d.Name, batch[j], err)
+							return
+						}
+						leaves[j] = replication.ChunkLeaves(buf[:n])
+						ch := replication.ChunkHash(leaves[j])
+						copy(hb.hashes[16*j:], ch[:])
+					}
+				}()
+			}
+			wg.Wait()
+			hb.err = errors.Join(errs...)
+			if read += int64(len(batch)) * replication.HashChunk; rate > 0 {
+				pause := time.Until(start.Add(time.Duration(float64(read) / float64(rate) * float64(time.Second))))
+				select {
+				case <-time.After(pause):
+				case <-ctx.Done():
+					return
+				}
+			}
+			for j, off := range batch {
+				hb.leaves[off] = leaves[j]
+			}
+			select {
+			case out <- hb:
+			case <-ctx.Done():
+				return
+			}
+			if hb.err != nil {
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// sendDiffering logs the blocks of a chunk whose hash, as read for the
+// compare, differs from the replica's, in runs, reading them again under
+// the disk's change lock. It returns the bytes logged.
+//
+// A block changed by the guest since the compare read it is right either
+// way: if it is sent, it is sent as it is now; if not, the guest's write
+// is in the log before this point and reaches the replica.
+func (d *Disk) sendDiffering(wc replication.WantChunk, leaves []replication.Hash) (int64, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	n := min(int64(replication.HashChunk), d.size-wc.Off)
 	if n <= 0 {
 		return 0, fmt.Errorf("chunk at %d past the disk's end", wc.Off)
 	}
-	b := buf[:n]
-	if _, err := d.f.ReadAt(b, wc.Off); err != nil && err != io.EOF {
-		return 0, err
-	}
-	leaves := replication.ChunkLeaves(b)
-	if len(wc.Leaves) != 16*len(leaves) {
+	if leaves == nil || len(wc.Leaves) != 16*len(leaves) {
 		return 0, fmt.Errorf("the server sent %d block hashes for a chunk of %d", len(wc.Leaves)/16, len(leaves))
 	}
 	var sent int64
@@ -340,10 +417,13 @@ func (d *Disk) sendDiffering(wc replication.WantChunk, buf []byte) (int64, error
 		if first >= last {
 			return nil
 		}
-		lo, hi := first*replication.HashBlock, min(last*replication.HashBlock, len(b))
-		data := b[lo:hi]
+		lo, hi := int64(first)*replication.HashBlock, min(int64(last)*replication.HashBlock, n)
+		data := make([]byte, hi-lo)
+		if _, err := d.f.ReadAt(data, wc.Off+lo); err != nil && err != io.EOF {
+			return fmt.Errorf("read disk %s at %d: %w", d.Name, wc.Off+lo, err)
+		}
 		rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindWrite,
-			Offset: uint64(wc.Off + int64(lo)), Length: uint32(len(data)), Data: data}
+			Offset: uint64(wc.Off + lo), Length: uint32(len(data)), Data: data}
 		if replication.IsZero(data) {
 			rec.Kind, rec.Data = replication.KindZero, nil
 		}

@@ -459,23 +459,39 @@ func (b *background) run(fn func() error) {
 func (b *background) wait() error { b.wg.Wait(); return b.err }
 
 // runTool runs an external tool and returns its combined output (at most
-// the last 256 KiB: a tool whose server was killed may log without end).
+// the last 256 KiB: a tool whose server was killed may log without end, so
+// the output is kept in memory as a bounded tail, never on disk).
 func runTool(ctx context.Context, t *testing.T, name string, args ...string) (string, error) {
 	if name == "fio" {
 		args = append([]string{"--thread"}, args...) // one process, no forked workers
 	}
 	cmd := contain(exec.CommandContext(ctx, nbdPeerTool(t, name), args...))
 	cmd.Dir = t.TempDir()
-	out, err := os.Create(filepath.Join(cmd.Dir, "output"))
-	if err != nil {
-		return "", err
-	}
-	defer out.Close()
+	out := &tailBuffer{max: 256 << 10}
 	cmd.Stdout, cmd.Stderr = out, out
-	err = cmd.Run()
-	st, _ := out.Stat()
-	off := max(0, st.Size()-256<<10)
-	b := make([]byte, st.Size()-off)
-	out.ReadAt(b, off)
-	return string(b), err
+	err := cmd.Run()
+	return out.String(), err
+}
+
+// tailBuffer keeps the last max bytes written to it.
+type tailBuffer struct {
+	mu  sync.Mutex
+	max int
+	b   []byte
+}
+
+func (w *tailBuffer) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.b = append(w.b, p...)
+	if len(w.b) > 2*w.max {
+		w.b = append(w.b[:0], w.b[len(w.b)-w.max:]...)
+	}
+	return len(p), nil
+}
+
+func (w *tailBuffer) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return string(w.b[max(0, len(w.b)-w.max):])
 }

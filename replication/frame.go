@@ -381,9 +381,13 @@ type ResyncJob struct {
 // Hashes carries the source's hashes of a batch of chunks (HashChunk bytes
 // each, at the given offsets) of a resync.
 type Hashes struct {
-	Job    uint64  `json:"job"`
-	Disk   uint32  `json:"disk"`
-	Batch  uint64  `json:"batch"`
+	Job   uint64 `json:"job"`
+	Disk  uint32 `json:"disk"`
+	Batch uint64 `json:"batch"`
+	// After is the sequence number of the resync's start record: the
+	// server compares once it has applied the log up to it, so that what
+	// the log held before the resync is in the replica it compares.
+	After  uint64  `json:"after,omitempty"`
 	Offs   []int64 `json:"offs"`
 	Hashes []byte  `json:"hashes"` // 16 bytes per chunk
 }

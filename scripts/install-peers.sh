@@ -2,7 +2,8 @@
 # Installs the real peers the end-to-end tests and benchmarks drive, when
 # they are missing: qemu-io/qemu-img, nbdinfo/nbdcopy, fio (nbd engine),
 # nbdkit, e2fsprogs, zstd, Chromium for the console test, iproute2 and
-# iptables for the fault suite (network namespaces, loss, outages).
+# iptables for the fault suite (network namespaces, loss, outages), rsync
+# for the resync benchmark.
 set -euo pipefail
 need=()
 check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
@@ -17,6 +18,7 @@ check zstd zstd
 check chromium chromium
 check ip iproute2
 check iptables iptables
+check rsync rsync
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -8,9 +8,10 @@
 //	asrbench group     the write stall of a 4-machine group's cuts
 //	asrbench pit       any-point-in-time recovery against cp --sparse=always
 //	asrbench storage   stored bytes under steady churn with retention
+//	asrbench resync    checksum-delta resync vs rsync --inplace --no-whole-file, and vs sha256sum
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
-// `make peers` installs (zstd, fio, nbdkit). See BENCHMARKS.md.
+// `make peers` installs (zstd, fio, nbdkit, rsync). See BENCHMARKS.md.
 package main
 
 import (
@@ -44,7 +45,7 @@ var (
 func main() {
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -75,6 +76,8 @@ func main() {
 		err = benchPIT(dir)
 	case "storage":
 		err = benchStorage(dir)
+	case "resync":
+		err = benchResync(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}

@@ -755,11 +755,50 @@ func (m *machine) compareLoop() {
 	}
 }
 
+// compareWait bounds how long a compare waits for the replica to catch up
+// with the resync's start record.
+const compareWait = 2 * time.Minute
+
+// waitApplied waits until the log is applied up to seq, sealing the open
+// cache file at once if it holds records up to seq.
+func (m *machine) waitApplied(seq uint64, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		m.applyMu.Lock()
+		applied := m.applier.AppliedSeq()
+		m.applyMu.Unlock()
+		if applied >= seq {
+			return nil
+		}
+		m.mu.Lock()
+		if m.openRaw > 0 {
+			m.openTag = true // seal soon, as for a tag
+		}
+		m.mu.Unlock()
+		select {
+		case m.syncWake <- struct{}{}:
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the replica is not caught up with the resync's start (applied %d of %d) after %v", applied, seq, timeout)
+		}
+		select {
+		case <-m.s.ctx.Done():
+			return m.s.ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
 // compare finds the chunks of a batch whose replica hash differs.
 func (m *machine) compare(h replication.Hashes) replication.Want {
 	w := replication.Want{Job: h.Job, Batch: h.Batch}
 	if len(h.Hashes) != 16*len(h.Offs) {
 		w.Error = "malformed chunk hashes"
+		return w
+	}
+	if err := m.waitApplied(h.After, compareWait); err != nil {
+		w.Error = err.Error()
 		return w
 	}
 	m.applyMu.Lock()

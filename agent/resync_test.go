@@ -1,0 +1,78 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// TestHashBatches: the pipelined, parallel reader hashes every chunk as
+// ChunkLeaves/ChunkHash of the data would, in order, from the cursor on.
+func TestHashBatches(t *testing.T) {
+	const size = 3*replication.HashChunk + 5*4096 // a short last chunk
+	d, _, _ := mustTestDisk(t, size)
+	data := make([]byte, size)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	if _, err := d.f.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	offs := []int64{0, replication.HashChunk, 2 * replication.HashChunk, 3 * replication.HashChunk}
+	for _, from := range []int{0, 2} {
+		var got []int64
+		for hb := range d.hashBatches(context.Background(), offs, from, 0) {
+			if hb.err != nil {
+				t.Fatal(hb.err)
+			}
+			for j, off := range hb.offs {
+				end := min(off+replication.HashChunk, size)
+				want := replication.ChunkLeaves(data[off:end])
+				ch := replication.ChunkHash(want)
+				if !bytes.Equal(hb.hashes[16*j:16*j+16], ch[:]) {
+					t.Fatalf("chunk at %d: wrong chunk hash", off)
+				}
+				if len(hb.leaves[off]) != len(want) || hb.leaves[off][len(want)-1] != want[len(want)-1] {
+					t.Fatalf("chunk at %d: wrong block hashes", off)
+				}
+				got = append(got, off)
+			}
+		}
+		if len(got) != len(offs)-from || got[0] != offs[from] {
+			t.Fatalf("from %d: hashed chunks %v", from, got)
+		}
+	}
+}
+
+// TestHashBatchesRate: --resync-rate paces the reads (a lower bound: the
+// limit must hold however fast the disk is).
+func TestHashBatchesRate(t *testing.T) {
+	d, _, _ := mustTestDisk(t, 4*replication.HashChunk)
+	offs := []int64{0, replication.HashChunk, 2 * replication.HashChunk, 3 * replication.HashChunk}
+	start := time.Now()
+	for hb := range d.hashBatches(context.Background(), offs, 0, 16<<20) { // 4 MiB at 16 MiB/s
+		if hb.err != nil {
+			t.Fatal(hb.err)
+		}
+	}
+	if took := time.Since(start); took < 200*time.Millisecond {
+		t.Fatalf("4 MiB read in %s at a limit of 16 MiB/s", took)
+	}
+}
+
+func TestResyncRateFlag(t *testing.T) {
+	base := []string{"--disk", "d=/dev/null", "--nbd", "unix:/tmp/x.sock", "--name", "vm1"}
+	c, err := ParseFlags(append(base, "--resync-rate", "200MiB"))
+	if err != nil || c.ResyncRate != 200<<20 {
+		t.Fatalf("--resync-rate 200MiB: %d, %v", c.ResyncRate, err)
+	}
+	if _, err := ParseFlags(append(base, "--resync-rate", "fast")); err == nil || !strings.Contains(err.Error(), "--resync-rate") {
+		t.Fatalf("--resync-rate fast: %v", err)
+	}
+}
