@@ -205,7 +205,7 @@ type Agent struct {
 	done    map[uint32]*atomic.Bool
 
 	tagMu         sync.Mutex
-	tagSeqs       []uint64 // tag records not yet sent (for FlagTag)
+	tagSeqs       []uint64 // tag and resync-done records not yet sent (for FlagTag)
 	pointMu       sync.Mutex
 	crashInterval atomic.Int64
 	appFrequency  atomic.Int64

@@ -242,7 +242,7 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := d.logResyncDone(st.Job.ID, st.Compared, st.Sent); err != nil {
+	if err := d.logResyncDone(a, st.Job.ID, st.Compared, st.Sent); err != nil {
 		return err
 	}
 	a.log.Info("resync complete", "disk", d.Name, "job", st.Job.ID, "compared", st.Compared, "sent", st.Sent)
@@ -287,13 +287,20 @@ func (r *resyncer) ask(s *shipSession, h replication.Hashes) (replication.Want, 
 }
 
 // logResyncDone logs the end of a resync, with what it compared and sent.
-func (d *Disk) logResyncDone(id uint64, compared, sent int64) error {
+// The record ships like a tag (FlagTag), so the server seals it at once and
+// the disk is protected again without waiting for the next seal.
+func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64) error {
 	data := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, uint64(compared)), uint64(sent))
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Flags: replication.FlagDone, Data: data, Length: uint32(len(data))}
-	d.mu.Lock()
+	d.mu.Lock() // the disk's lock before tagMu, as a group cut takes them
 	defer d.mu.Unlock()
+	a.tagMu.Lock()
 	seq, err := d.spool.Append(d.ctx, &rec)
+	if err == nil {
+		a.tagSeqs = append(a.tagSeqs, seq)
+	}
+	a.tagMu.Unlock()
 	if err != nil {
 		return err
 	}

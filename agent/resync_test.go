@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -74,5 +75,26 @@ func TestResyncRateFlag(t *testing.T) {
 	}
 	if _, err := ParseFlags(append(base, "--resync-rate", "fast")); err == nil || !strings.Contains(err.Error(), "--resync-rate") {
 		t.Fatalf("--resync-rate fast: %v", err)
+	}
+}
+
+// TestResyncDoneShipsLikeATag: the end of a resync makes its DATA frame
+// carry FlagTag, so the server seals it at once (the disk is protected
+// again without waiting for the next seal).
+func TestResyncDoneShipsLikeATag(t *testing.T) {
+	d, sp, dir := mustTestDisk(t, 1<<20)
+	a := &Agent{cfg: Config{StateDir: dir}, disks: []*Disk{d}, spool: sp, log: slog.Default(), ctx: context.Background()}
+	first := sp.Next()
+	if _, err := d.logResync(7, "test"); err != nil {
+		t.Fatal(err)
+	}
+	if a.hasTag(first, first) {
+		t.Fatal("the start of a resync ships like a tag")
+	}
+	if err := d.logResyncDone(a, 7, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !a.hasTag(first+1, first+1) {
+		t.Fatal("the end of a resync does not ship like a tag")
 	}
 }

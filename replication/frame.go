@@ -62,8 +62,9 @@ const (
 const (
 	// FlagZstd marks a payload compressed with zstd.
 	FlagZstd uint8 = 1 << 0
-	// FlagTag marks a DATA frame holding a recovery-point tag: the process
-	// server seals its segment at once so the point becomes recoverable quickly.
+	// FlagTag marks a DATA frame holding a recovery-point tag or the end of a
+	// resync: the process server seals its segment at once so the point
+	// becomes recoverable, or the disk protected again, quickly.
 	FlagTag uint8 = 1 << 1
 )
 
