@@ -62,17 +62,12 @@ func (o *opFlags) catalog(ctx context.Context) (*replication.Catalog, func(), er
 	if err != nil {
 		return nil, nil, err
 	}
-	cat := &replication.Catalog{T: t, Codec: replication.PlainCodec{}}
-	v, err := cat.Vault(ctx)
+	cat, _, err := replication.OpenVault(ctx, t, pass)
 	if err != nil {
 		t.Close()
 		if errors.Is(err, replication.ErrNotFound) {
 			return nil, nil, fmt.Errorf("%s holds no asr vault", o.target)
 		}
-		return nil, nil, err
-	}
-	if _, err := v.Check(pass); err != nil {
-		t.Close()
 		return nil, nil, err
 	}
 	return cat, func() { t.Close() }, nil

@@ -130,13 +130,20 @@ type VaultInfo struct {
 	// Verifier proves knowledge of the vault passphrase without storing it.
 	Salt     []byte `json:"salt"`
 	Verifier []byte `json:"verifier"`
+	// WrappedKey is the data key every other object is sealed with
+	// (seal.go), wrapped by a key derived from the passphrase.
+	WrappedKey []byte `json:"wrapped_key,omitempty"`
+	// Encrypting is set while a vault made before encryption existed has
+	// its objects sealed (EncryptVault).
+	Encrypting bool `json:"encrypting,omitempty"`
 }
 
-// ObjectCodec turns a catalog object into the bytes stored on the target and
-// back. The plain codec only frames and checksums; an encrypting codec seals.
+// ObjectCodec turns a catalog object stored at key into the bytes stored on
+// the target and back. The plain codec only frames and checksums; the
+// sealed codec (seal.go) encrypts too.
 type ObjectCodec interface {
-	Seal(kind string, plain []byte) ([]byte, error)
-	Open(kind string, stored []byte) ([]byte, error)
+	Seal(key, kind string, plain []byte) ([]byte, error)
+	Open(key, kind string, stored []byte) ([]byte, error)
 }
 
 // PlainCodec stores objects as: magic "ASROBJ", version u16, kind length u16,
@@ -148,7 +155,7 @@ var objMagic = [6]byte{'A', 'S', 'R', 'O', 'B', 'J'}
 const objVersion = 1
 
 // Seal frames plain.
-func (PlainCodec) Seal(kind string, plain []byte) ([]byte, error) {
+func (PlainCodec) Seal(_, kind string, plain []byte) ([]byte, error) {
 	b := make([]byte, 0, 10+len(kind)+len(plain)+4)
 	b = append(b, objMagic[:]...)
 	b = binary.LittleEndian.AppendUint16(b, objVersion)
@@ -159,7 +166,7 @@ func (PlainCodec) Seal(kind string, plain []byte) ([]byte, error) {
 }
 
 // Open checks and unframes stored bytes.
-func (PlainCodec) Open(kind string, b []byte) ([]byte, error) {
+func (PlainCodec) Open(_, kind string, b []byte) ([]byte, error) {
 	if len(b) < 14 || [6]byte(b[:6]) != objMagic {
 		return nil, fmt.Errorf("%s object: bad magic: %w", kind, ErrCorrupt)
 	}
@@ -177,11 +184,15 @@ func (PlainCodec) Open(kind string, b []byte) ([]byte, error) {
 	return body[10+kl:], nil
 }
 
-// Catalog reads and writes catalog objects on a target.
+// Catalog reads and writes catalog objects on a target. The server's
+// catalog seals them (OpenVault); the vault descriptor is always plain.
 type Catalog struct {
 	T     Target
 	Codec ObjectCodec
 }
+
+// vaultKey is the key of the vault descriptor.
+const vaultKey = "vault"
 
 func machineKey(id string) string { return "machines/" + id + "/machine" }
 
@@ -217,21 +228,40 @@ func (c *Catalog) put(ctx context.Context, key, kind string, v any) error {
 	if err != nil {
 		return err
 	}
-	b, err := c.Codec.Seal(kind, p)
+	return c.putRaw(ctx, key, kind, p)
+}
+
+func (c *Catalog) codec(key string) ObjectCodec {
+	if c.Codec == nil || key == vaultKey {
+		return PlainCodec{}
+	}
+	return c.Codec
+}
+
+func (c *Catalog) putRaw(ctx context.Context, key, kind string, p []byte) error {
+	b, err := c.codec(key).Seal(key, kind, p)
 	if err != nil {
 		return err
 	}
 	return c.T.PutObject(ctx, key, b)
 }
 
-func (c *Catalog) get(ctx context.Context, key, kind string, v any) error {
+func (c *Catalog) getRaw(ctx context.Context, key, kind string) ([]byte, error) {
 	b, err := c.T.GetObject(ctx, key)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	p, err := c.Codec.Open(kind, b)
+	p, err := c.codec(key).Open(key, kind, b)
 	if err != nil {
-		return fmt.Errorf("%s: %w", key, err)
+		return nil, fmt.Errorf("%s: %w", key, err)
+	}
+	return p, nil
+}
+
+func (c *Catalog) get(ctx context.Context, key, kind string, v any) error {
+	p, err := c.getRaw(ctx, key, kind)
+	if err != nil {
+		return err
 	}
 	if err := json.Unmarshal(p, v); err != nil {
 		return fmt.Errorf("%s: %v: %w", key, err, ErrCorrupt)
@@ -242,12 +272,12 @@ func (c *Catalog) get(ctx context.Context, key, kind string, v any) error {
 // Vault reads the vault descriptor.
 func (c *Catalog) Vault(ctx context.Context) (VaultInfo, error) {
 	var v VaultInfo
-	return v, c.get(ctx, "vault", "vault", &v)
+	return v, c.get(ctx, vaultKey, "vault", &v)
 }
 
 // PutVault writes the vault descriptor.
 func (c *Catalog) PutVault(ctx context.Context, v VaultInfo) error {
-	return c.put(ctx, "vault", "vault", v)
+	return c.put(ctx, vaultKey, "vault", v)
 }
 
 // Machine reads a machine's entry.
@@ -375,7 +405,7 @@ func segmentKey(machineID string, si SegmentInfo) string {
 
 // PutSegment keeps a sealed segment on the target.
 func (c *Catalog) PutSegment(ctx context.Context, machineID string, si SegmentInfo, data []byte) error {
-	return c.T.PutObject(ctx, segmentKey(machineID, si), data)
+	return c.putRaw(ctx, segmentKey(machineID, si), "segment", data)
 }
 
 // Segments lists a machine's kept segments in sequence order.
@@ -402,7 +432,7 @@ func (c *Catalog) Segments(ctx context.Context, machineID string) ([]SegmentInfo
 
 // Segment reads a kept segment.
 func (c *Catalog) Segment(ctx context.Context, si SegmentInfo) ([]byte, error) {
-	return c.T.GetObject(ctx, si.Key)
+	return c.getRaw(ctx, si.Key, "segment")
 }
 
 // DeleteSegment removes a kept segment.

@@ -34,11 +34,20 @@ func verifier(key []byte) []byte {
 	return m.Sum(nil)
 }
 
-// NewVaultInfo makes the descriptor of a new vault.
-func NewVaultInfo(id string, passphrase []byte) VaultInfo {
+// NewVaultInfo makes the descriptor of a new vault, with a new random data
+// key wrapped by the passphrase (seal.go).
+func NewVaultInfo(id string, passphrase []byte) (VaultInfo, error) {
 	salt := make([]byte, 16)
 	rand.Read(salt)
-	return VaultInfo{ID: id, Created: time.Now().UTC(), Salt: salt, Verifier: verifier(DeriveVaultKey(passphrase, salt))}
+	vk := DeriveVaultKey(passphrase, salt)
+	v := VaultInfo{ID: id, Created: time.Now().UTC(), Salt: salt, Verifier: verifier(vk)}
+	dataKey := make([]byte, 32)
+	if _, err := rand.Read(dataKey); err != nil {
+		return v, err
+	}
+	var err error
+	v.WrappedKey, err = wrapDataKey(vk, dataKey, id)
+	return v, err
 }
 
 // Check verifies a passphrase against the descriptor and returns the vault key.

@@ -211,8 +211,7 @@ func (s *Server) open(ctx context.Context) error {
 	if s.target, err = OpenTarget(targetURL); err != nil {
 		return err
 	}
-	s.cat = &replication.Catalog{T: s.target, Codec: replication.PlainCodec{}}
-	if err := s.checkVault(ctx); err != nil {
+	if err := s.openVault(ctx); err != nil {
 		return err
 	}
 	s.ps, err = procserver.New(ctx, procserver.Config{
@@ -242,10 +241,10 @@ func (s *Server) open(ctx context.Context) error {
 	return nil
 }
 
-// checkVault makes sure the target belongs to this vault (or claims an empty
-// target for it).
-func (s *Server) checkVault(ctx context.Context) error {
-	v, err := s.cat.Vault(ctx)
+// openVault makes sure the target belongs to this vault (or claims an empty
+// target for it) and opens its catalog, sealed with the vault's data key.
+func (s *Server) openVault(ctx context.Context) error {
+	cat, v, err := replication.OpenVault(ctx, s.target, s.pass)
 	if errors.Is(err, replication.ErrNotFound) {
 		id, err := s.db.Setting(ctx, "vault_id")
 		if errors.Is(err, store.ErrNotFound) {
@@ -258,14 +257,23 @@ func (s *Server) checkVault(ctx context.Context) error {
 		} else if err != nil {
 			return err
 		}
-		return s.cat.PutVault(ctx, replication.NewVaultInfo(id, s.pass))
-	}
-	if err != nil {
-		return fmt.Errorf("read vault descriptor on %s: %w", s.target, err)
-	}
-	if _, err := v.Check(s.pass); err != nil {
+		nv, err := replication.NewVaultInfo(id, s.pass)
+		if err != nil {
+			return err
+		}
+		if err := (&replication.Catalog{T: s.target}).PutVault(ctx, nv); err != nil {
+			return fmt.Errorf("write the vault descriptor on %s: %w", s.target, err)
+		}
+		cat, _, err = replication.OpenVault(ctx, s.target, s.pass)
+		if err != nil {
+			return err
+		}
+	} else if errors.Is(err, replication.ErrWrongPassphrase) {
 		return fmt.Errorf("target %s belongs to vault %s, which this passphrase does not open: %w", s.target, v.ID, err)
+	} else if err != nil {
+		return fmt.Errorf("open the vault on %s: %w", s.target, err)
 	}
+	s.cat = cat
 	return nil
 }
 

@@ -266,7 +266,22 @@ func TestReplicateTagRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tgt.Close()
-	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	pass, err := server.ReadSecretFile(filepath.Join(dir, "srv", server.PassphraseFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cat, _, err := replication.OpenVault(ctx, tgt, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Everything on the target but the vault descriptor is encrypted.
+	objs, _ := tgt.ListObjects(ctx, "")
+	for _, o := range objs {
+		b, _ := tgt.GetObject(ctx, o.Key)
+		if o.Key != "vault" && !bytes.HasPrefix(b, []byte("ASRENC")) {
+			t.Errorf("object %s on the target is not encrypted", o.Key)
+		}
+	}
 	m, err := cat.FindMachine(ctx, "vm1")
 	if err != nil {
 		t.Fatal(err)
@@ -751,7 +766,14 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tgt.Close()
-	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	pass, err := server.ReadSecretFile(filepath.Join(dir, "srv", server.PassphraseFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cat, _, err := replication.OpenVault(ctx, tgt, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
 	m, err := cat.FindMachine(ctx, "vm1")
 	if err != nil {
 		t.Fatal(err)
