@@ -203,8 +203,12 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	point := fs.String("point", "", "recovery point id, or latest (the default)")
 	atFlag := fs.String("time", "", "recover as of this instant instead (RFC 3339, the agent's clock), within the policy's any-point-in-time window")
 	dir := fs.String("out", "", "directory for the recovered images, DIR/<disk>.img")
+	format := fs.String("format", "raw", "image format: raw (DIR/<disk>.img) or vhd (DIR/<disk>.vhd, a fixed VHD Azure imports as a managed disk)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *format != "raw" && *format != "vhd" {
+		return fmt.Errorf("--format %q: want raw or vhd", *format)
 	}
 	if o.group != "" && *dir != "" {
 		if *atFlag != "" {
@@ -259,6 +263,9 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
+		if err := toFormat(disks, *format); err != nil {
+			return err
+		}
 		for _, d := range disks {
 			fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
 		}
@@ -282,11 +289,29 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := toFormat(res.Disks, *format); err != nil {
+		return err
+	}
 	for _, d := range res.Disks {
 		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
 	}
 	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", res.Point.ID, res.Point.Kind, res.Point.Time, time.Since(start).Round(time.Millisecond))
 	fmt.Fprintln(out, res.Point.ID)
+	return nil
+}
+
+// toFormat converts recovered raw images to the format asked for.
+func toFormat(disks []replication.RecoveredDisk, format string) error {
+	if format != "vhd" {
+		return nil
+	}
+	for i, d := range disks {
+		path, vsize, err := replication.ConvertToVHD(d.Path)
+		if err != nil {
+			return err
+		}
+		disks[i].Path, disks[i].Size = path, vsize
+	}
 	return nil
 }
 
