@@ -115,6 +115,9 @@ func (s *Server) routes() http.Handler {
 			r.Get("/policies/{policy}", handle(s.handlePolicy))
 			r.Patch("/policies/{policy}", handle(s.handleUpdatePolicy))
 			r.Get("/events", handle(s.handleEvents))
+			r.Get("/process-server", func(w http.ResponseWriter, r *http.Request) {
+				writeJSON(w, http.StatusOK, s.ProcessServer())
+			})
 			r.Post("/machines/{machine}/group", handle(s.handleSetGroup))
 			r.Post("/machines/{machine}/resync", handle(s.handleResync))
 			r.Get("/machines/{machine}/resync", handle(s.handleResyncs))

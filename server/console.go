@@ -57,6 +57,10 @@ func (b consoleBackend) DeleteSession(ctx context.Context, id string) error {
 	return b.s.db.DeleteSession(ctx, id)
 }
 
+func (b consoleBackend) ProcessServer(context.Context) (web.ProcessServer, error) {
+	return b.s.ProcessServer(), nil
+}
+
 func (b consoleBackend) StartResync(ctx context.Context, machineID, disk string) error {
 	m, err := b.s.db.Machine(ctx, machineID)
 	if err != nil {
@@ -198,4 +202,12 @@ func rpo(st replication.Status, at, now time.Time) time.Duration {
 		return time.Duration(st.Time-st.OldestPending) + since
 	}
 	return since
+}
+
+// ProcessServer returns the process server's figures for the API and console.
+func (s *Server) ProcessServer() web.ProcessServer {
+	f := s.ps.Figures()
+	return web.ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate,
+		Compression: f.Compression, CacheFree: f.CacheFree, CacheFreeB: f.CacheFreeB, CacheState: f.CacheState,
+		CacheError: f.CacheError, Target: s.target.String()}
 }

@@ -224,6 +224,7 @@ func (s *Server) open(ctx context.Context) error {
 		OnBytes:       s.onBytes,
 		OnConnect:     s.onConnect,
 		OnRefused:     s.onRefused,
+		OnCacheState:  s.onCacheState,
 		OnStatus:      s.onStatus,
 		PolicyFor:     s.policyFor,
 		CacheMaxBytes: cfg.CacheMaxBytes,
@@ -467,6 +468,20 @@ func (s *Server) onConnect(id string, h replication.Hello) {
 	if err := s.db.SetMachineError(s.ctx, id, ""); err != nil {
 		s.log.Error("clear machine error", "machine", id, "err", err)
 	}
+}
+
+// onCacheState raises an event when the cache disk's free space crosses a
+// threshold (warning under 30%, critical under 25%) or recovers.
+func (s *Server) onCacheState(state string, free, total uint64) {
+	sev, msg := "info", "the process server's cache disk has room again"
+	pct := 100 * float64(free) / float64(max(total, 1))
+	switch state {
+	case procserver.CacheWarning:
+		sev, msg = "warning", fmt.Sprintf("the process server's cache disk is %.0f%% free (warning under 30%%)", pct)
+	case procserver.CacheCritical:
+		sev, msg = "error", fmt.Sprintf("the process server's cache disk is %.0f%% free (critical under 25%%): agents are held back and spool", pct)
+	}
+	s.raise(s.ctx, store.Event{Severity: sev, Kind: "cache-" + state, Message: msg})
 }
 
 // onRefused shows why an agent was turned away on its machine.

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -250,6 +251,17 @@ func TestReplicateTagRecover(t *testing.T) {
 		points = append(points, snap{p.ID, fileSum(t, d0), fileSum(t, d1)})
 	}
 	write(100) // later writes must not leak into earlier points
+
+	// The process server's figures count what came in and went out.
+	var ps web.ProcessServer
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/process-server", nil, &ps); err != nil {
+		t.Fatal(err)
+	}
+	if ps.Compression <= 0 || ps.CacheFreeB == 0 || ps.CacheFree <= 0 || ps.CacheFree > 1 ||
+		!slices.Contains([]string{web.CacheOK, web.CacheWarning, web.CacheCritical}, ps.CacheState) ||
+		ps.Target == "" {
+		t.Fatalf("process server figures: %+v", ps)
+	}
 	for _, p := range points {
 		out := filepath.Join(dir, "out-"+p.id)
 		r.recover("vm1", p.id, out)

@@ -90,3 +90,11 @@ func shortID(id string) string {
 	}
 	return id
 }
+
+// ratio writes a compression ratio, "2.4x"; "-" before anything arrived.
+func ratio(r float64) string {
+	if r <= 0 || math.IsNaN(r) {
+		return "-"
+	}
+	return fmt.Sprintf("%.1fx", r)
+}

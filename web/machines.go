@@ -35,7 +35,8 @@ type machinesPageView struct {
 // machinesView is what the polled fragment shows.
 type machinesView struct {
 	Machines  []Machine
-	Err       string // the machines could not be loaded
+	PS        *ProcessServer // nil if its figures could not be loaded
+	Err       string         // the machines could not be loaded
 	Now       time.Time
 	ServerURL string
 }
@@ -68,6 +69,11 @@ func (h *machinesHandler) view(r *http.Request) (machinesPageView, int) {
 		return v, http.StatusInternalServerError
 	}
 	v.Table.Machines = ms
+	if ps, err := h.backend.ProcessServer(r.Context()); err != nil {
+		h.log.Error("process server figures", "err", err)
+	} else {
+		v.Table.PS = &ps
+	}
 	return v, http.StatusOK
 }
 

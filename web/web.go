@@ -52,6 +52,27 @@ type Machine struct {
 	Disks []Disk `json:"disks"`
 }
 
+// ProcessServer is the process server's health as the console shows it
+// (and the JSON of GET /api/v1/process-server).
+type ProcessServer struct {
+	BacklogBytes int64         `json:"backlog_bytes"`  // received, not yet applied to the target
+	BacklogAge   time.Duration `json:"backlog_age_ns"` // age of the oldest data not yet applied
+	UploadRate   float64       `json:"upload_rate"`    // bytes per second written to the target, last 10 s
+	Compression  float64       `json:"compression"`    // uncompressed / compressed bytes received (0: none yet)
+	CacheFree    float64       `json:"cache_free"`     // fraction of the cache disk free, 0..1
+	CacheFreeB   uint64        `json:"cache_free_bytes"`
+	CacheState   string        `json:"cache_state"` // ok, warning (under 30% free), critical (under 25%)
+	CacheError   string        `json:"cache_error,omitempty"`
+	Target       string        `json:"target"` // where replicated data lands, e.g. azure://acct/container
+}
+
+// Cache states of a ProcessServer.
+const (
+	CacheOK       = "ok"
+	CacheWarning  = "warning"
+	CacheCritical = "critical"
+)
+
 // Disk is one protected disk of a machine.
 type Disk struct {
 	Index    uint32  `json:"index"`
@@ -137,6 +158,9 @@ type Backend interface {
 	// resync window: disk "" is every disk of the machine. An error's message
 	// is shown to the user.
 	StartResync(ctx context.Context, machineID, disk string) error
+
+	// ProcessServer returns the process server's figures.
+	ProcessServer(ctx context.Context) (ProcessServer, error)
 }
 
 // Options configures a [Handler]. The zero value is usable.

@@ -31,12 +31,22 @@ type fakeBackend struct {
 	next        int
 	resyncs     []string // "machine/disk" of each StartResync
 	resyncErr   error
+	ps          ProcessServer
+	psErr       error
 }
 
 var _ Backend = (*fakeBackend)(nil)
 
 func newFakeBackend(ms ...Machine) *fakeBackend {
-	return &fakeBackend{machines: ms, sessions: map[string]string{}}
+	return &fakeBackend{machines: ms, sessions: map[string]string{}, ps: ProcessServer{
+		BacklogBytes: 12 << 20, BacklogAge: 3 * time.Second, UploadRate: 20 << 20, Compression: 2.4,
+		CacheFree: 0.62, CacheFreeB: 40 << 30, CacheState: CacheOK, Target: "file:///var/lib/asr/target"}}
+}
+
+func (b *fakeBackend) ProcessServer(context.Context) (ProcessServer, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ps, b.psErr
 }
 
 func (b *fakeBackend) Machines(context.Context) ([]Machine, error) {
@@ -674,5 +684,44 @@ func TestResyncStatus(t *testing.T) {
 		if got := resyncStatus(&tt.rs, testNow); got != tt.want {
 			t.Errorf("%+v: %q, want %q", tt.rs, got, tt.want)
 		}
+	}
+}
+
+// TestProcessServerPanel: the machines page shows the process server's
+// figures, marks a cache disk in warning or critical, and leaves the panel
+// out (not the machines) when the figures cannot be read.
+func TestProcessServerPanel(t *testing.T) {
+	b := newFakeBackend(protectedMachine)
+	h := newTestHandler(t, b)
+	id, _ := mustLogin(t, h, b)
+	page := func() string {
+		return serve(h, withSession(httptest.NewRequest("GET", "/fragments/machines", nil), id)).Body.String()
+	}
+	body := page()
+	for _, want := range []string{"Process server", "12 MiB", "(oldest 3.0 s)", "20 MiB/s", "2.4x", "62% (40 GiB)", "file:///var/lib/asr/target"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("panel lacks %q", want)
+		}
+	}
+	if strings.Contains(body, "critical") || strings.Contains(body, "badge-warn") {
+		t.Error("a healthy cache shows a warning")
+	}
+	b.mu.Lock()
+	b.ps.CacheState, b.ps.CacheFree = CacheCritical, 0.2
+	b.mu.Unlock()
+	if body := page(); !strings.Contains(body, "critical: agents are held back") || !strings.Contains(body, "cache-critical") {
+		t.Errorf("critical cache not shown:\n%s", body)
+	}
+	b.mu.Lock()
+	b.ps.CacheState, b.ps.CacheFree = CacheWarning, 0.28
+	b.mu.Unlock()
+	if body := page(); !strings.Contains(body, `<strong class="badge badge-warn">warning</strong>`) {
+		t.Errorf("warning not shown:\n%s", body)
+	}
+	b.mu.Lock()
+	b.psErr = errors.New("down")
+	b.mu.Unlock()
+	if body := page(); strings.Contains(body, "Process server") || !strings.Contains(body, protectedMachine.Name) {
+		t.Errorf("figures unavailable: the panel should go, the machines stay:\n%s", body)
 	}
 }

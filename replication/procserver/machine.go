@@ -71,6 +71,7 @@ type sealedSeg struct {
 	first, last uint64
 	path        string
 	size        int64
+	raw         int64 // record bytes, uncompressed (= size for a segment recovered at start)
 	sealedAt    time.Time
 }
 
@@ -142,7 +143,7 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 			a.Close()
 			return nil, err
 		}
-		m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: st.Size(), sealedAt: st.ModTime()})
+		m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: st.Size(), raw: st.Size(), sealedAt: st.ModTime()})
 	}
 	sort.Slice(m.sealed, func(i, j int) bool { return m.sealed[i].first < m.sealed[j].first })
 	for _, sg := range m.sealed {
@@ -192,7 +193,7 @@ func (m *machine) sealBytes(data []byte, scan replication.SegmentScan) error {
 	if err := atomicfile.Write(path, data, 0o600); err != nil {
 		return err
 	}
-	m.sealed = append(m.sealed, sealedSeg{first: scan.First, last: scan.Last, path: path, size: int64(len(data)), sealedAt: time.Now()})
+	m.sealed = append(m.sealed, sealedSeg{first: scan.First, last: scan.Last, path: path, size: int64(len(data)), raw: int64(len(data)), sealedAt: time.Now()})
 	m.s.cacheBytes.Add(int64(len(data)))
 	if scan.Last > m.durable {
 		m.durable = scan.Last
@@ -444,7 +445,7 @@ func (m *machine) sealLocked() error {
 		m.breakLocked(err)
 		return err
 	}
-	size := m.openBytes + int64(len(b))
+	size, raw := m.openBytes+int64(len(b)), m.openRaw
 	path := filepath.Join(m.dir, replication.SegmentName(first, last))
 	if err := os.Rename(filepath.Join(m.dir, openName), path); err != nil {
 		unseal()
@@ -457,7 +458,7 @@ func (m *machine) sealLocked() error {
 		m.log.Warn("directory fsync after sealing failed", "err", err)
 	}
 	m.s.cacheBytes.Add(int64(len(b)))
-	m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: size, sealedAt: time.Now()})
+	m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: size, raw: raw, sealedAt: time.Now()})
 	m.durable = last
 	if err := m.newOpenFile(); err != nil {
 		return err
@@ -532,7 +533,9 @@ func (m *machine) applyOne(sg sealedSeg) error {
 	// Kept on the target first, so a point is never reported before the
 	// changes after it can be replayed; a segment that fails verification
 	// is not kept (Apply reports it below).
-	if err := m.keepSegment(m.s.ctx, data); err != nil && !errors.Is(err, replication.ErrCorrupt) {
+	if err := m.keepSegment(m.s.ctx, data); err == nil {
+		m.s.uploadedBytes(int64(len(data)))
+	} else if !errors.Is(err, replication.ErrCorrupt) {
 		return err
 	}
 	m.applyMu.Lock()
@@ -574,6 +577,7 @@ func (m *machine) applyOne(sg sealedSeg) error {
 	if err != nil {
 		return err
 	}
+	m.s.uploadedBytes(sg.raw)
 	if err := os.Remove(sg.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
@@ -682,6 +686,19 @@ func (m *machine) setStatus(st replication.Status) {
 	m.mu.Lock()
 	m.status, m.statusAt = st, time.Now()
 	m.mu.Unlock()
+}
+
+// oldestUnapplied is when the oldest data in the cache arrived (zero: none).
+func (m *machine) oldestUnapplied() time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.sealed) > 0 {
+		return m.sealed[0].sealedAt
+	}
+	if m.openRaw > 0 {
+		return m.openSince
+	}
+	return time.Time{}
 }
 
 func (m *machine) stats() MachineStats {

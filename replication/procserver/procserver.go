@@ -59,7 +59,12 @@ type Config struct {
 	// CacheMaxBytes stops reading from agents while the cache holds more
 	// (back-pressure: agents spool). Default 8 GiB.
 	CacheMaxBytes int64
-	Logger        *slog.Logger
+	// DiskFree reports the free and total bytes of the file system holding
+	// dir (default: statfs). OnCacheState reports the cache disk entering
+	// another state (CacheOK, CacheWarning, CacheCritical).
+	DiskFree     func(dir string) (free, total uint64, err error)
+	OnCacheState func(state string, free, total uint64)
+	Logger       *slog.Logger
 }
 
 // Server is a process server.
@@ -77,6 +82,11 @@ type Server struct {
 
 	cacheBytes atomic.Int64
 	reqID      atomic.Uint64
+
+	// Figures (figures.go).
+	space                         cacheSpace
+	uploads                       meter
+	uploaded, rawBytes, wireBytes atomic.Int64
 }
 
 // New creates a process server and recovers its cache: unsealed files are
@@ -94,6 +104,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.DiskFree == nil {
+		cfg.DiskFree = diskFree
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, conns: map[net.Conn]struct{}{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -114,6 +127,21 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("recover cache of machine %s: %w", e.Name(), err)
 		}
 	}
+	s.sampleCache()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-t.C:
+				s.sampleCache()
+			}
+		}
+	}()
 	return s, nil
 }
 
@@ -312,7 +340,7 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 		}
 		switch f.Type {
 		case replication.FrameData:
-			for s.cacheBytes.Load() > s.cfg.CacheMaxBytes {
+			for s.cacheFull() {
 				select {
 				case <-s.ctx.Done():
 					return s.ctx.Err()
@@ -324,6 +352,8 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if err := m.append(cc, &f); err != nil {
 				return err
 			}
+			s.rawBytes.Add(int64(f.RawLen))
+			s.wireBytes.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
 			if s.cfg.OnBytes != nil {
 				s.cfg.OnBytes(m.id, int64(len(f.Payload)+replication.FrameHeaderSize))
 			}
