@@ -11,5 +11,5 @@ func diskFree(dir string) (free, total uint64, err error) {
 		return 0, 0, err
 	}
 	bs := uint64(st.Bsize)
-	return st.Bavail * bs, (st.Blocks-st.Bfree+st.Bavail) * bs, nil
+	return st.Bavail * bs, (st.Blocks - st.Bfree + st.Bavail) * bs, nil
 }
