@@ -329,12 +329,31 @@ func runStatus(ctx context.Context, args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("asr status", flag.ContinueOnError)
 	o.register(fs, false)
 	asJSON := fs.Bool("json", false, "print JSON")
+	psOnly := fs.Bool("process-server", false, "print the process server's figures instead: backlog, upload rate, compression, cache disk")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	c, err := o.client()
 	if err != nil {
 		return err
+	}
+	if *psOnly {
+		var ps web.ProcessServer
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/process-server", nil, &ps); err != nil {
+			return err
+		}
+		if *asJSON {
+			enc := json.NewEncoder(out)
+			enc.SetIndent("", "  ")
+			return enc.Encode(ps)
+		}
+		cache := fmt.Sprintf("%.0f%% free (%d bytes), %s", ps.CacheFree*100, ps.CacheFreeB, ps.CacheState)
+		if ps.CacheError != "" {
+			cache = "unknown: " + ps.CacheError
+		}
+		fmt.Fprintf(out, "target:       %s\nbacklog:      %d bytes, oldest %s\nupload rate:  %.0f bytes/s\ncompression:  %.2fx\ncache disk:   %s\n",
+			ps.Target, ps.BacklogBytes, ps.BacklogAge.Round(time.Millisecond), ps.UploadRate, ps.Compression, cache)
+		return nil
 	}
 	var ms []web.Machine
 	if o.machine != "" {

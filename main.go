@@ -49,7 +49,7 @@ Usage:
   asr server   [--data DIR] [--listen ADDR] [--data-listen ADDR] [--target URL]
   asr agent    --server URL --passphrase-file F --state DIR --name NAME --disk NAME=PATH... --nbd ADDR
   asr demo     [--data DIR] [--listen ADDR]
-  asr status   [--machine M] [--json]
+  asr status   [--machine M] [--json] | --process-server [--json]
   asr points   --machine M [--json] [--target URL --passphrase-file F]
   asr tag      --machine M [--wait] [--app]
   asr policy   list|show|create|set|assign ...
@@ -57,7 +57,7 @@ Usage:
   asr group    set --machine M --group G | clear --machine M
   asr resync   --machine M [--disk D] [--wait] | --machine M --status | --window HH:MM-HH:MM [--policy P]
   (points, tag and recover take --group G instead of --machine M for a replication group)
-  asr recover  --machine M --point latest|ID --out DIR [--target URL --passphrase-file F]
+  asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd] [--target URL --passphrase-file F]
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,

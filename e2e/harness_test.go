@@ -305,6 +305,7 @@ type machineStatus struct {
 	Progress      float64 `json:"progress"`
 	Connected     bool    `json:"connected"`
 	BytesReceived int64   `json:"bytes_received"`
+	CacheBytes    int64   `json:"cache_bytes"`
 	Error         string  `json:"error"`
 	Reason        string  `json:"reason"`
 }

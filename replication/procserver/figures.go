@@ -139,13 +139,12 @@ func (s *Server) cacheFull() bool {
 func (s *Server) Figures() Figures {
 	now := time.Now()
 	f := Figures{
-		BacklogBytes: s.cacheBytes.Load(),
-		UploadRate:   s.uploads.rate(now),
-		Uploaded:     s.uploaded.Load(),
-		RawBytes:     s.rawBytes.Load(),
-		WireBytes:    s.wireBytes.Load(),
-		CacheFreeB:   s.space.free.Load(),
-		CacheTotalB:  s.space.total.Load(),
+		UploadRate:  s.uploads.rate(now),
+		Uploaded:    s.uploaded.Load(),
+		RawBytes:    s.rawBytes.Load(),
+		WireBytes:   s.wireBytes.Load(),
+		CacheFreeB:  s.space.free.Load(),
+		CacheTotalB: s.space.total.Load(),
 	}
 	f.CacheState, _ = s.space.state.Load().(string)
 	f.CacheError, _ = s.space.err.Load().(string)
@@ -162,7 +161,9 @@ func (s *Server) Figures() Figures {
 	}
 	s.mu.Unlock()
 	for _, m := range ms {
-		if t := m.oldestUnapplied(); !t.IsZero() && now.Sub(t) > f.BacklogAge {
+		n, t := m.backlog()
+		f.BacklogBytes += n
+		if !t.IsZero() && now.Sub(t) > f.BacklogAge {
 			f.BacklogAge = now.Sub(t)
 		}
 	}

@@ -688,17 +688,23 @@ func (m *machine) setStatus(st replication.Status) {
 	m.mu.Unlock()
 }
 
-// oldestUnapplied is when the oldest data in the cache arrived (zero: none).
-func (m *machine) oldestUnapplied() time.Time {
+// backlog is what the cache holds that is not applied yet (an open file
+// with no frames is not backlog) and when the oldest of it arrived (zero:
+// nothing).
+func (m *machine) backlog() (n int64, oldest time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if len(m.sealed) > 0 {
-		return m.sealed[0].sealedAt
+	for _, sg := range m.sealed {
+		n += sg.size
 	}
 	if m.openRaw > 0 {
-		return m.openSince
+		n += m.openBytes
+		oldest = m.openSince
 	}
-	return time.Time{}
+	if len(m.sealed) > 0 {
+		oldest = m.sealed[0].sealedAt
+	}
+	return n, oldest
 }
 
 func (m *machine) stats() MachineStats {
