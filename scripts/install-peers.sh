@@ -3,8 +3,10 @@
 # they are missing: qemu-io/qemu-img, nbdinfo/nbdcopy, fio (nbd engine),
 # nbdkit, e2fsprogs, zstd, Chromium for the console test, iproute2 and
 # iptables for the fault suite (network namespaces, loss, outages), rsync
-# for the resync benchmark.
+# for the resync benchmark, and Azurite (npm, into bin/npm) for the Azure
+# target's tests.
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
 check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
 check qemu-io qemu-utils
@@ -19,11 +21,17 @@ check chromium chromium
 check ip iproute2
 check iptables iptables
 check rsync rsync
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
+check npm npm
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing: ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
-sudo=""
-[ "$(id -u)" = 0 ] || sudo="sudo"
-echo "installing: ${need[*]}" >&2
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+# Azurite, the Azure Storage emulator, goes into the git-ignored bin/ so that
+# azure/azuritetest finds it at a fixed place.
+if [ ! -x "$root/bin/npm/node_modules/.bin/azurite-blob" ]; then
+  echo "installing: azurite (npm, into bin/npm)" >&2
+  npm install --prefix "$root/bin/npm" --no-audit --no-fund --silent azurite@3
+fi

@@ -1,0 +1,707 @@
+// Package azure implements replication.Target on an Azure Blob Storage
+// container: the target of a replica site in Azure.
+//
+// # Design
+//
+// A vault is one blob container: catalog objects are block blobs
+// objects/<key>, each written by one Put Blob (an atomic replace), and a
+// replica disk is a page blob disks/<key>, its size rounded up to 512 bytes,
+// the logical size in its metadata. A recovery point is a blob snapshot of
+// the page blob, named in the snapshot's metadata. Azure bills page-blob
+// snapshots incrementally, for the pages that differ from the next newer
+// version, so a point costs the churn since the previous one, as with the
+// local target's undo logs, but the service keeps the old pages itself: the
+// target writes no undo data, a point is one call and so is its deletion,
+// with no merge (a page rewritten with the same bytes counts as changed).
+// Writes are buffered in memory (up to 64 MiB) and uploaded at Flush as Put
+// Page calls of at most 4 MiB; zeroed ranges become Clear Page calls, which
+// free the pages. Large reads list the written page ranges first, so holes
+// are not downloaded. A snapshot deleted while a reader holds it is kept
+// until the reader closes; the pending deletion is recorded in the page
+// blob's metadata, so a crash in between leaves the snapshot only until the
+// disk is next opened. Page blobs need a general-purpose v2 (or premium page
+// blob) account without hierarchical namespace; a page blob holds 8 TiB.
+//
+// A lock blob under a 60 s lease, renewed every 20 s, keeps two servers from
+// writing one container. A server proposes the lease ID it keeps in its data
+// directory, so after a restart it takes its own lease back at once, while
+// another server must wait up to 60 s for a crashed one's lease to expire.
+//
+// # Layout
+//
+//	format            layout version: "ASRAZB", u16 version, u32 zero, CRC-32C
+//	lock              empty block blob whose lease is the write lock (ErrLocked)
+//	objects/<key>     one block blob per object
+//	disks/<key>       the disk's newest contents, a page blob; metadata
+//	                  asrversion (1), asrsize, and asrdeleting (snapshot IDs
+//	                  deleted but held by readers, comma-separated)
+//	disks/<key>@<id>  blob snapshot <id> (the service's timestamp) of the disk;
+//	                  metadata asrversion, asrsize and asrsnap (the name)
+//
+// Objects and disks live under separate prefixes, so an object and a disk
+// may share a key, and, the namespace being flat, "a" and "a/b" may both be
+// objects or both disks.
+//
+// # Leases and fencing
+//
+// The lease fences servers, not requests: the other blobs take no lease
+// condition. Every write checks first that the lease is held: it fails
+// (wrapping replication.ErrLocked) once a renewal finds the lease lost, and
+// fails for as long as no renewal has succeeded for 50 s, before the service
+// could let another server take the lease. Reads go on regardless, so a
+// recovery still works.
+//
+// # Errors
+//
+// Transient failures (timeouts, 408, 429, 5xx) are retried with exponential
+// backoff by the SDK's pipeline: 6 retries, 0.5 s to 10 s apart, each try
+// limited to a minute. A 403 fails at once with an error wrapping ErrAuth;
+// a missing blob or snapshot wraps replication.ErrNotFound. Errors carry the
+// service's code and message on one line, and never a SAS token.
+package azure
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/runtime"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blockblob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
+	"github.com/google/uuid"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// ErrAuth is returned (wrapped) when the storage account refuses the
+// credentials: a wrong key, a SAS token that expired or lacks a permission,
+// or an address the account's firewall does not admit.
+var ErrAuth = errors.New("storage account rejected the credentials")
+
+// ErrInvalidKey is returned (wrapped) for a key, prefix or snapshot name that
+// breaks the Target contract's rules.
+var ErrInvalidKey = errors.New("invalid key")
+
+// ErrDiskOpen is returned (wrapped) by DeleteDisk while the disk is open.
+var ErrDiskOpen = errors.New("disk is open")
+
+// ErrSnapshotOrder is returned (wrapped) by Snapshot for a new name that does
+// not sort after every existing snapshot of the disk.
+var ErrSnapshotOrder = errors.New("snapshot name out of order")
+
+// ErrClosed is returned (wrapped) by a Target, disk or reader used after Close.
+var ErrClosed = os.ErrClosed
+
+const (
+	formatBlob     = "format"
+	formatSize     = 16
+	formatVersion  = 1
+	lockBlob       = "lock"
+	objectsPrefix  = "objects/"
+	disksPrefix    = "disks/"
+	maxBlobNameLen = 1024 // the service's limit
+	maxKeyLen      = maxBlobNameLen - len(objectsPrefix)
+	maxNameLen     = 200
+
+	leaseSeconds = 60
+	renewEvery   = 20 * time.Second
+	// renewRetry is the pause after a renewal that failed for a transient
+	// reason, and renewTimeout bounds one renewal, retries included: the
+	// lease must not lapse while the pipeline backs off.
+	renewRetry   = 5 * time.Second
+	renewTimeout = 15 * time.Second
+	// leaseTrust is how long after the start of its last successful renewal
+	// the lease counts as held. The service counts 60 s from when it got the
+	// request, later than the start; the 10 s left over cover clock rates.
+	leaseTrust = 50 * time.Second
+
+	// closeTimeout bounds the release of the lease in Close.
+	closeTimeout = 30 * time.Second
+)
+
+var formatMagic = [6]byte{'A', 'S', 'R', 'A', 'Z', 'B'}
+
+// retryOptions are the SDK pipeline's: transient errors are retried with
+// exponential backoff for about a minute in all, each try limited to one.
+var retryOptions = policy.RetryOptions{
+	MaxRetries:    6,
+	TryTimeout:    time.Minute,
+	RetryDelay:    500 * time.Millisecond,
+	MaxRetryDelay: 10 * time.Second,
+}
+
+// Target is a replication.Target on an Azure blob container. Open it with
+// Open.
+type Target struct {
+	name string // azure://ACCOUNT/CONTAINER
+	cc   *container.Client
+	lock *lease.BlobClient
+	log  *slog.Logger
+	now  func() time.Time
+
+	// ctx lives until Close; it serves the calls that take no context
+	// (WriteAt, ZeroAt, ReadAt) and the lease's renewals.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	leaseMu  sync.Mutex
+	renewed  time.Time // start of the last successful acquire or renewal
+	leaseErr error     // set for good once a renewal finds the lease lost
+
+	mu     sync.Mutex       // guards disks and closed
+	disks  map[string]*disk // open disks by key
+	closed bool
+}
+
+var _ replication.Target = (*Target)(nil)
+
+// Open opens the vault in cfg's container, creating the container if it is
+// missing, and takes the container's write lease. It returns an error
+// wrapping replication.ErrLocked if another server holds the lease, and one
+// wrapping ErrAuth if the account refuses the credentials.
+func Open(ctx context.Context, cfg Config) (*Target, error) {
+	cfg, err := cfg.resolve()
+	if err != nil {
+		return nil, err
+	}
+	cc, err := newContainerClient(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", cfg, err)
+	}
+	leaseID := cfg.LeaseID
+	if leaseID == "" {
+		leaseID = uuid.NewString()
+	}
+	lc, err := lease.NewBlobClient(cc.NewBlockBlobClient(lockBlob), &lease.BlobClientOptions{LeaseID: &leaseID})
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", cfg, err)
+	}
+	t := &Target{
+		name:  cfg.String(),
+		cc:    cc,
+		lock:  lc,
+		log:   slog.Default().With("component", "azure", "target", cfg.String()),
+		now:   time.Now,
+		disks: map[string]*disk{},
+	}
+	createErr, err := t.createContainer(ctx, cfg.Key == "")
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", t, err)
+	}
+	if err := t.acquireLease(ctx); err != nil {
+		if createErr != nil && bloberror.HasCode(err, bloberror.ContainerNotFound) {
+			return nil, fmt.Errorf("open %s: the container does not exist and the SAS token cannot create it (Create Container: %v): create the container, or use a SAS with the create permission on containers, or the account key", t, createErr)
+		}
+		return nil, fmt.Errorf("open %s: %w", t, err)
+	}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
+	if err := t.checkFormat(ctx); err != nil {
+		t.cancel()
+		t.releaseLease()
+		return nil, fmt.Errorf("open %s: %w", t, err)
+	}
+	t.wg.Add(1)
+	go t.keepLease()
+	return t, nil
+}
+
+// newContainerClient makes the SDK client: retries as retryOptions says, and
+// an HTTP client that speaks TLS 1.2 or later and follows no redirect (the
+// service sends none, and one could lead off https or off the endpoint).
+func newContainerClient(cfg Config) (*container.Client, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	tr.MaxIdleConnsPerHost = 16
+	hc := &http.Client{
+		Transport:     tr,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	opts := &container.ClientOptions{ClientOptions: policy.ClientOptions{
+		Retry:     retryOptions,
+		Transport: hc,
+		Telemetry: policy.TelemetryOptions{ApplicationID: "asr"},
+	}}
+	u := cfg.Endpoint + "/" + cfg.Container
+	if cfg.Key != "" {
+		cred, err := container.NewSharedKeyCredential(cfg.Account, cfg.Key)
+		if err != nil {
+			return nil, errors.New("the account key is not valid base64")
+		}
+		return container.NewClientWithSharedKeyCredential(u, cred, opts)
+	}
+	return container.NewClientWithNoCredential(u+"?"+cfg.SAS, opts)
+}
+
+// createContainer creates the container if it is missing. With a SAS token
+// (sas), a refusal is not final: the token may be scoped to an existing
+// container, which it cannot create. createErr reports that refusal.
+func (t *Target) createContainer(ctx context.Context, sas bool) (createErr, err error) {
+	_, err = t.cc.Create(ctx, nil)
+	var se *serviceError
+	switch {
+	case err == nil, bloberror.HasCode(err, bloberror.ContainerAlreadyExists):
+		return nil, nil
+	case sas && errors.As(azError(err), &se) && se.kind == ErrAuth:
+		// Whether the token is bad or only lacks the permission, the
+		// lease, taken next, tells.
+		return errors.New(se.answer()), nil
+	}
+	return nil, fmt.Errorf("create container: %w", azError(err))
+}
+
+// acquireLease takes the lock blob's lease, creating the blob in a new vault.
+func (t *Target) acquireLease(ctx context.Context) error {
+	for created := false; ; created = true {
+		start := t.now()
+		_, err := t.lock.AcquireLease(ctx, leaseSeconds, nil)
+		switch {
+		case err == nil:
+			t.leaseMu.Lock()
+			t.renewed = start
+			t.leaseMu.Unlock()
+			return nil
+		case bloberror.HasCode(err, bloberror.LeaseAlreadyPresent, bloberror.LeaseIsBreakingAndCannotBeAcquired):
+			return fmt.Errorf("another asr server holds the container (the lease on its %q blob; a crashed server's lease expires within %d s): %w", lockBlob, leaseSeconds, replication.ErrLocked)
+		case bloberror.HasCode(err, bloberror.BlobNotFound) && !created:
+			// A new vault. If-None-Match keeps a lock blob that another
+			// server made meanwhile, and its lease.
+			_, err := t.cc.NewBlockBlobClient(lockBlob).Upload(ctx, streaming.NopCloser(bytes.NewReader(nil)), &blockblob.UploadOptions{
+				AccessConditions: &blob.AccessConditions{ModifiedAccessConditions: &blob.ModifiedAccessConditions{IfNoneMatch: to.Ptr(azcore.ETagAny)}},
+			})
+			if err != nil && !bloberror.HasCode(err, bloberror.BlobAlreadyExists, bloberror.LeaseIDMissing, bloberror.ConditionNotMet) {
+				return fmt.Errorf("create the %s blob: %w", lockBlob, azError(err))
+			}
+		default:
+			return fmt.Errorf("take the write lease: %w", azError(err))
+		}
+	}
+}
+
+// keepLease renews the lease until Close.
+func (t *Target) keepLease() {
+	defer t.wg.Done()
+	timer := time.NewTimer(renewEvery)
+	defer timer.Stop()
+	for {
+		select {
+		case <-t.ctx.Done():
+			return
+		case <-timer.C:
+		}
+		next := renewEvery
+		if err := t.renew(t.ctx); err != nil {
+			if t.ctx.Err() != nil {
+				return
+			}
+			if errors.Is(err, replication.ErrLocked) {
+				t.log.Error("write lease lost; writes fail from now on", "err", err)
+				return
+			}
+			t.log.Warn("write lease renewal failed; retrying", "err", err)
+			next = renewRetry
+		}
+		timer.Reset(next)
+	}
+}
+
+// renew renews the lease once. A refusal that says the lease is gone (taken,
+// broken, released, or its blob deleted) is final: it is recorded, and
+// every later write fails with it.
+func (t *Target) renew(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, renewTimeout)
+	defer cancel()
+	start := t.now()
+	_, err := t.lock.RenewLease(ctx, nil)
+	t.leaseMu.Lock()
+	defer t.leaseMu.Unlock()
+	if t.leaseErr != nil {
+		return t.leaseErr
+	}
+	if err == nil {
+		t.renewed = start
+		return nil
+	}
+	if bloberror.HasCode(err, bloberror.LeaseIDMismatchWithLeaseOperation, bloberror.LeaseIsBrokenAndCannotBeRenewed,
+		bloberror.LeaseNotPresentWithLeaseOperation, bloberror.LeaseLost, bloberror.LeaseAlreadyPresent,
+		bloberror.BlobNotFound, bloberror.ContainerNotFound) {
+		t.leaseErr = fmt.Errorf("%s: the write lease is lost (%v); another asr server may be writing the container, so this one stops: %w", t, azError(err), replication.ErrLocked)
+		return t.leaseErr
+	}
+	return fmt.Errorf("renew the write lease: %w", azError(err))
+}
+
+// checkWrite returns an error unless the lease is surely held.
+func (t *Target) checkWrite() error {
+	t.leaseMu.Lock()
+	defer t.leaseMu.Unlock()
+	if t.leaseErr != nil {
+		return t.leaseErr
+	}
+	if age := t.now().Sub(t.renewed); age > leaseTrust {
+		return fmt.Errorf("%s: the write lease has not been renewed for %s and may lapse; writes wait for a renewal", t, age.Round(time.Second))
+	}
+	return nil
+}
+
+// releaseLease gives the lease up, so another server can take it at once. A
+// lease this Target no longer holds (it expired, another Target with the
+// same lease ID released it, or another server took it after that) is fine:
+// Azure answers the first case with LeaseNotPresent, Azurite with
+// LeaseIdMismatch.
+func (t *Target) releaseLease() error {
+	t.leaseMu.Lock()
+	lost := t.leaseErr != nil
+	t.leaseMu.Unlock()
+	if lost {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+	defer cancel()
+	_, err := t.lock.ReleaseLease(ctx, nil)
+	if err != nil && !bloberror.HasCode(err, bloberror.LeaseNotPresentWithLeaseOperation, bloberror.LeaseIDMismatchWithLeaseOperation) {
+		return fmt.Errorf("release the write lease: %w", azError(err))
+	}
+	return nil
+}
+
+// checkFormat verifies the layout blob, writing it into a new vault.
+func (t *Target) checkFormat(ctx context.Context) error {
+	bc := t.cc.NewBlockBlobClient(formatBlob)
+	b, err := getBlob(ctx, bc.BlobClient())
+	if errors.Is(err, replication.ErrNotFound) {
+		h := make([]byte, formatSize)
+		copy(h, formatMagic[:])
+		binary.LittleEndian.PutUint16(h[6:], formatVersion)
+		binary.LittleEndian.PutUint32(h[12:], replication.Checksum(h[:12]))
+		if _, err := bc.Upload(ctx, streaming.NopCloser(bytes.NewReader(h)), nil); err != nil {
+			return fmt.Errorf("write the %s blob: %w", formatBlob, azError(err))
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read the %s blob: %w", formatBlob, err)
+	}
+	if len(b) != formatSize || [6]byte(b[:6]) != formatMagic {
+		return fmt.Errorf("blob %s: not an asr vault layout blob: %w", formatBlob, replication.ErrCorrupt)
+	}
+	if got, want := replication.Checksum(b[:12]), binary.LittleEndian.Uint32(b[12:]); got != want {
+		return fmt.Errorf("blob %s: checksum %08x, want %08x: %w", formatBlob, got, want, replication.ErrCorrupt)
+	}
+	if v := binary.LittleEndian.Uint16(b[6:]); v != formatVersion {
+		return fmt.Errorf("blob %s: layout version %d not supported (this build reads %d): %w", formatBlob, v, formatVersion, replication.ErrCorrupt)
+	}
+	return nil
+}
+
+// String returns "azure://ACCOUNT/CONTAINER".
+func (t *Target) String() string { return t.name }
+
+// Close closes every disk still open (flushing them), stops renewing the
+// lease and releases it. Snapshot readers fail afterwards.
+func (t *Target) Close() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil
+	}
+	t.closed = true
+	var errs []error
+	keys := make([]string, 0, len(t.disks))
+	for k := range t.disks {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if err := t.disks[k].close(t.ctx); err != nil {
+			errs = append(errs, fmt.Errorf("close disk %s: %w", k, err))
+		}
+		delete(t.disks, k)
+	}
+	t.cancel()
+	t.wg.Wait()
+	if err := t.releaseLease(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("close %s: %w", t, err)
+	}
+	return nil
+}
+
+func (t *Target) checkOpen() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return fmt.Errorf("%s: %w", t, ErrClosed)
+	}
+	return nil
+}
+
+// PutObject stores data at key with one Put Blob: atomic, and durable when it
+// returns.
+func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
+	if err := checkKey(key); err != nil {
+		return fmt.Errorf("put object: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("put object %s: %w", key, err)
+	}
+	if err := t.checkOpen(); err != nil {
+		return fmt.Errorf("put object %s: %w", key, err)
+	}
+	if err := t.checkWrite(); err != nil {
+		return fmt.Errorf("put object %s: %w", key, err)
+	}
+	bc := t.cc.NewBlockBlobClient(objectsPrefix + key)
+	if _, err := bc.Upload(ctx, streaming.NopCloser(bytes.NewReader(data)), nil); err != nil {
+		return fmt.Errorf("put object %s: %w", key, azError(err))
+	}
+	return nil
+}
+
+// GetObject returns the object at key, or an error wrapping
+// replication.ErrNotFound.
+func (t *Target) GetObject(ctx context.Context, key string) ([]byte, error) {
+	if err := checkKey(key); err != nil {
+		return nil, fmt.Errorf("get object: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("get object %s: %w", key, err)
+	}
+	if err := t.checkOpen(); err != nil {
+		return nil, fmt.Errorf("get object %s: %w", key, err)
+	}
+	b, err := getBlob(ctx, t.cc.NewBlobClient(objectsPrefix+key))
+	if err != nil {
+		return nil, fmt.Errorf("get object %s: %w", key, err)
+	}
+	return b, nil
+}
+
+// getAttempts bounds the downloads of a blob that keeps being replaced.
+const getAttempts = 3
+
+// getBlob downloads a whole blob. A broken download resumes where it
+// stopped, on the condition that the blob is the same (If-Match); if it was
+// replaced meanwhile, the download starts over, so the bytes are always one
+// version's.
+func getBlob(ctx context.Context, bc *blob.Client) ([]byte, error) {
+	for attempt := 1; ; attempt++ {
+		resp, err := bc.DownloadStream(ctx, nil)
+		if err != nil {
+			return nil, azError(err)
+		}
+		body := resp.NewRetryReader(ctx, &blob.RetryReaderOptions{MaxRetries: 5})
+		var buf bytes.Buffer
+		if resp.ContentLength != nil {
+			buf.Grow(int(*resp.ContentLength))
+		}
+		_, err = io.Copy(&buf, body)
+		body.Close()
+		if err == nil {
+			return buf.Bytes(), nil
+		}
+		if attempt == getAttempts || !bloberror.HasCode(err, bloberror.ConditionNotMet) {
+			return nil, azError(err)
+		}
+	}
+}
+
+// ListObjects returns the objects whose keys start with prefix, sorted.
+func (t *Target) ListObjects(ctx context.Context, prefix string) ([]replication.ObjectInfo, error) {
+	if err := checkPrefix(prefix); err != nil {
+		return nil, fmt.Errorf("list objects: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("list objects %q: %w", prefix, err)
+	}
+	if err := t.checkOpen(); err != nil {
+		return nil, fmt.Errorf("list objects %q: %w", prefix, err)
+	}
+	out := []replication.ObjectInfo{}
+	pager := t.cc.NewListBlobsFlatPager(&container.ListBlobsFlatOptions{Prefix: to.Ptr(objectsPrefix + prefix)})
+	for pager.More() {
+		page, err := pager.NextPage(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("list objects %q: %w", prefix, azError(err))
+		}
+		for _, it := range page.Segment.BlobItems {
+			if it.Name == nil || it.Properties == nil || it.Properties.ContentLength == nil {
+				continue
+			}
+			key := strings.TrimPrefix(*it.Name, objectsPrefix)
+			if checkKey(key) != nil {
+				continue // not written by this package
+			}
+			out = append(out, replication.ObjectInfo{Key: key, Size: *it.Properties.ContentLength})
+		}
+	}
+	// The service lists in name order already; sorting keeps the contract
+	// independent of that.
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out, nil
+}
+
+// DeleteObject removes the object at key; a missing object is not an error.
+func (t *Target) DeleteObject(ctx context.Context, key string) error {
+	if err := checkKey(key); err != nil {
+		return fmt.Errorf("delete object: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete object %s: %w", key, err)
+	}
+	if err := t.checkOpen(); err != nil {
+		return fmt.Errorf("delete object %s: %w", key, err)
+	}
+	if err := t.checkWrite(); err != nil {
+		return fmt.Errorf("delete object %s: %w", key, err)
+	}
+	_, err := t.cc.NewBlobClient(objectsPrefix+key).Delete(ctx, nil)
+	if err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
+		return fmt.Errorf("delete object %s: %w", key, azError(err))
+	}
+	return nil
+}
+
+// validElem reports whether s is a valid key element (and snapshot name).
+func validElem(s string) bool {
+	if s == "" || s == "." || s == ".." {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func checkKey(key string) error {
+	if key == "" || len(key) > maxKeyLen {
+		return fmt.Errorf("key %q: %w", key, ErrInvalidKey)
+	}
+	for e := range strings.SplitSeq(key, "/") {
+		if !validElem(e) {
+			return fmt.Errorf("key %q: %w", key, ErrInvalidKey)
+		}
+	}
+	return nil
+}
+
+// checkPrefix accepts "" and any prefix of a valid key: whole elements, each
+// followed by '/', then an optional partial element.
+func checkPrefix(prefix string) error {
+	if prefix == "" {
+		return nil
+	}
+	if len(prefix) > maxKeyLen {
+		return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
+	}
+	elems := strings.Split(prefix, "/")
+	for i, e := range elems {
+		if i < len(elems)-1 {
+			if !validElem(e) {
+				return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
+			}
+			continue
+		}
+		// The last part may be empty (trailing slash) or the start of an
+		// element, such as "." of ".x".
+		if e != "" && !validElem(e+"x") {
+			return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
+		}
+	}
+	return nil
+}
+
+// serviceError is an error response of the storage service, told in one
+// line (the SDK's own message spans a dozen, with the response body).
+type serviceError struct {
+	status int
+	code   string
+	msg    string // the service's message, its first line
+	kind   error  // ErrAuth, replication.ErrNotFound, or nil
+	resp   *azcore.ResponseError
+}
+
+func (e *serviceError) Error() string {
+	if e.kind == ErrAuth {
+		return fmt.Sprintf("%v (%s); check the account key or SAS token (its expiry and permissions) and the account's network rules", ErrAuth, e.answer())
+	}
+	return e.answer()
+}
+
+// answer is the service's answer: status, code and message.
+func (e *serviceError) answer() string {
+	s := fmt.Sprintf("HTTP %d %s", e.status, e.code)
+	if e.msg != "" {
+		s += ": " + e.msg
+	}
+	return s
+}
+
+func (e *serviceError) Unwrap() []error {
+	if e.kind != nil {
+		return []error{e.kind, e.resp}
+	}
+	return []error{e.resp}
+}
+
+// azError translates an error of the SDK: a service response becomes a
+// serviceError (403 wraps ErrAuth, a missing blob replication.ErrNotFound),
+// and a transport error loses its URL's query, which may hold a SAS token.
+func azError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if se := (*serviceError)(nil); errors.As(err, &se) {
+		return err
+	}
+	var re *azcore.ResponseError
+	if errors.As(err, &re) {
+		e := &serviceError{status: re.StatusCode, code: re.ErrorCode, resp: re}
+		if re.RawResponse != nil {
+			if body, perr := runtime.Payload(re.RawResponse); perr == nil && len(body) > 0 {
+				var x struct{ Message string }
+				if xml.Unmarshal(body, &x) == nil {
+					e.msg, _, _ = strings.Cut(strings.TrimSpace(x.Message), "\n")
+				}
+			}
+		}
+		switch {
+		case re.StatusCode == http.StatusForbidden:
+			e.kind = ErrAuth
+		case re.StatusCode == http.StatusNotFound && re.ErrorCode != string(bloberror.ContainerNotFound):
+			e.kind = replication.ErrNotFound
+		}
+		return e
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		u, _, _ := strings.Cut(ue.URL, "?")
+		return &url.Error{Op: ue.Op, URL: u, Err: ue.Err}
+	}
+	return err
+}
