@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/web"
@@ -58,7 +59,7 @@ func (o *opFlags) catalog(ctx context.Context) (*replication.Catalog, func(), er
 	if err != nil {
 		return nil, nil, err
 	}
-	t, err := server.OpenTarget(o.target)
+	t, err := server.OpenTarget(ctx, o.target, "")
 	if err != nil {
 		return nil, nil, err
 	}
@@ -204,11 +205,15 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	atFlag := fs.String("time", "", "recover as of this instant instead (RFC 3339, the agent's clock), within the policy's any-point-in-time window")
 	dir := fs.String("out", "", "directory for the recovered images, DIR/<disk>.img")
 	format := fs.String("format", "raw", "image format: raw (DIR/<disk>.img) or vhd (DIR/<disk>.vhd, a fixed VHD Azure imports as a managed disk)")
+	toBlob := fs.String("to-blob", "", "with --format vhd and an azure:// --target: also upload each VHD as a page blob NAME (NAME-<disk>.vhd for a machine of several disks) in the target's container, ready to import as a managed disk")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if *format != "raw" && *format != "vhd" {
 		return fmt.Errorf("--format %q: want raw or vhd", *format)
+	}
+	if *toBlob != "" && (*format != "vhd" || o.target == "" || !strings.HasPrefix(o.target, "azure://")) {
+		return errors.New("--to-blob needs --format vhd and an azure:// --target")
 	}
 	if o.group != "" && *dir != "" {
 		if *atFlag != "" {
@@ -266,6 +271,11 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		if err := toFormat(disks, *format); err != nil {
 			return err
 		}
+		if *toBlob != "" {
+			if err := uploadVHDs(ctx, cat.T, disks, *toBlob, out); err != nil {
+				return err
+			}
+		}
 		for _, d := range disks {
 			fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
 		}
@@ -297,6 +307,28 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", res.Point.ID, res.Point.Kind, res.Point.Time, time.Since(start).Round(time.Millisecond))
 	fmt.Fprintln(out, res.Point.ID)
+	return nil
+}
+
+// uploadVHDs uploads recovered VHDs to page blobs in an Azure target's
+// container: name for a single disk, name-<disk>.vhd (name without .vhd)
+// for several.
+func uploadVHDs(ctx context.Context, t replication.Target, disks []replication.RecoveredDisk, name string, out io.Writer) error {
+	az, ok := t.(*azure.Target)
+	if !ok {
+		return fmt.Errorf("--to-blob: %s is not an Azure target", t)
+	}
+	for _, d := range disks {
+		blobName := name
+		if len(disks) > 1 {
+			blobName = strings.TrimSuffix(name, ".vhd") + "-" + d.Name + ".vhd"
+		}
+		sent, err := az.UploadVHD(ctx, d.Path, blobName)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "disk %s: page blob %s/%s (%d bytes, %d sent)\n", d.Name, az, blobName, d.Size+replication.VHDFooterSize, sent)
+	}
 	return nil
 }
 

@@ -57,7 +57,7 @@ Usage:
   asr group    set --machine M --group G | clear --machine M
   asr resync   --machine M [--disk D] [--wait] | --machine M --status | --window HH:MM-HH:MM [--policy P]
   (points, tag and recover take --group G instead of --machine M for a replication group)
-  asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd] [--target URL --passphrase-file F]
+  asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd [--to-blob NAME]] [--target URL --passphrase-file F]
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,

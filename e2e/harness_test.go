@@ -175,8 +175,11 @@ func freePort(t *testing.T) string {
 	return port
 }
 
-func newCluster(t *testing.T) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
+func newCluster(t *testing.T) *cluster { return newClusterArgs(t) }
+
+// newClusterArgs starts a cluster whose server gets extra arguments.
+func newClusterArgs(t *testing.T, serverArgs ...string) *cluster {
+	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}, serverArgs: serverArgs}
 	c.srvDir = filepath.Join(c.dir, "srv")
 	t.Cleanup(func() {
 		if !t.Failed() {

@@ -20,13 +20,16 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store"
+	"github.com/asrdr/asr/store/atomicfile"
 	"github.com/asrdr/asr/store/localfs"
 )
 
@@ -208,7 +211,11 @@ func (s *Server) open(ctx context.Context) error {
 		}
 		targetURL = "file://" + abs
 	}
-	if s.target, err = OpenTarget(targetURL); err != nil {
+	lease, err := leaseID(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	if s.target, err = OpenTarget(ctx, targetURL, lease); err != nil {
 		return err
 	}
 	if err := s.openVault(ctx); err != nil {
@@ -278,8 +285,31 @@ func (s *Server) openVault(ctx context.Context) error {
 	return nil
 }
 
-// OpenTarget opens a target storage URL.
-func OpenTarget(raw string) (replication.Target, error) {
+// leaseFile holds the id of the server's write lease on an Azure target, so
+// that a restarted server takes its own lease back at once.
+const leaseFile = "target-lease"
+
+// leaseID reads the server's lease id, making one on first use.
+func leaseID(dataDir string) (string, error) {
+	path := filepath.Join(dataDir, leaseFile)
+	if b, err := os.ReadFile(path); err == nil {
+		return strings.TrimSpace(string(b)), nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	var u [16]byte
+	rand.Read(u[:])
+	u[6], u[8] = u[6]&0x0f|0x40, u[8]&0x3f|0x80 // a version 4 UUID, as Azure wants lease ids
+	id := fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:])
+	return id, atomicfile.Write(path, []byte(id+"\n"), 0o600)
+}
+
+// OpenTarget opens a target storage URL: file://PATH, or
+// azure://ACCOUNT/CONTAINER with credentials from the environment
+// (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with
+// AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN). lease is the id of the
+// write lease on an Azure container ("": a new one).
+func OpenTarget(ctx context.Context, raw, lease string) (replication.Target, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, fmt.Errorf("target %q: %w", raw, err)
@@ -297,12 +327,25 @@ func OpenTarget(raw string) (replication.Target, error) {
 		t, err := localfs.Open(path)
 		if errors.Is(err, replication.ErrLocked) {
 			return nil, fmt.Errorf("target %s is in use by a running asr server (stop it, or ask it with --server): %w", path, err)
+		} else if err != nil {
+			return nil, err
 		}
-		return t, err
+		return t, nil
 	case "azure":
-		return nil, fmt.Errorf("target %q: the Azure Blob Storage target is not implemented yet", raw)
+		cfg, err := azure.ParseURL(raw, os.Getenv)
+		if err != nil {
+			return nil, err
+		}
+		cfg.LeaseID = lease
+		t, err := azure.Open(ctx, cfg)
+		if errors.Is(err, replication.ErrLocked) {
+			return nil, fmt.Errorf("%w (stop it, or ask it with --server)", err)
+		} else if err != nil {
+			return nil, err // not a typed nil in the interface
+		}
+		return t, nil
 	}
-	return nil, fmt.Errorf("target %q: unknown scheme (want file://PATH)", raw)
+	return nil, fmt.Errorf("target %q: unknown scheme (want file://PATH or azure://ACCOUNT/CONTAINER)", raw)
 }
 
 // ReadSecretFile reads a passphrase, token or password file, trimming

@@ -273,7 +273,7 @@ func TestReplicateTagRecover(t *testing.T) {
 	// The same points, straight from the target with no server running.
 	ra.close()
 	r.stop()
-	tgt, err := server.OpenTarget("file://" + filepath.Join(dir, "srv", "target"))
+	tgt, err := server.OpenTarget(ctx, "file://"+filepath.Join(dir, "srv", "target"), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -773,7 +773,7 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 	// The site is gone: the same from the target alone.
 	ra.close()
 	r.stop()
-	tgt, err := server.OpenTarget("file://" + filepath.Join(dir, "srv", "target"))
+	tgt, err := server.OpenTarget(ctx, "file://"+filepath.Join(dir, "srv", "target"), "")
 	if err != nil {
 		t.Fatal(err)
 	}
