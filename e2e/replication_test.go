@@ -20,6 +20,17 @@ import (
 // has exactly those bytes.
 func TestE2EReplicateRecoverBitExact(t *testing.T) {
 	c := newCluster(t)
+	replicateRecoverBitExact(t, c, "file://"+filepath.Join(c.srvDir, "target"))
+}
+
+// TestE2EAzureReplicateRecoverBitExact: the same with the replicas and the
+// catalog in Azure Blob Storage (a real Azurite).
+func TestE2EAzureReplicateRecoverBitExact(t *testing.T) {
+	c, _, target := azureCluster(t)
+	replicateRecoverBitExact(t, c, target)
+}
+
+func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	d0, d1 := filepath.Join(c.dir, "d0.img"), filepath.Join(c.dir, "d1.img")
 	makeDisk(t, d0, 96<<20, 1)
 	makeDisk(t, d1, 64<<20, 2)
@@ -93,7 +104,6 @@ func TestE2EReplicateRecoverBitExact(t *testing.T) {
 	// The on-premises site is gone: only the target and the passphrase.
 	a.stop()
 	c.server.stop()
-	target := "file://" + filepath.Join(c.srvDir, "target")
 	pass := filepath.Join(c.dir, "pass-copy")
 	b, _ := os.ReadFile(filepath.Join(c.srvDir, "passphrase"))
 	os.WriteFile(pass, b, 0o600)
