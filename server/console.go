@@ -207,7 +207,7 @@ func rpo(st replication.Status, at, now time.Time) time.Duration {
 // ProcessServer returns the process server's figures for the API and console.
 func (s *Server) ProcessServer() web.ProcessServer {
 	f := s.ps.Figures()
-	return web.ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate,
+	return web.ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate, Uploaded: f.Uploaded,
 		Compression: f.Compression, CacheFree: f.CacheFree, CacheFreeB: f.CacheFreeB, CacheState: f.CacheState,
 		CacheError: f.CacheError, Target: s.target.String()}
 }

@@ -69,19 +69,32 @@ func Start(t testing.TB) (connString string) {
 // New starts an Azurite blob service on a port of its choosing.
 func New(t testing.TB) *Azurite {
 	t.Helper()
-	bin, err := binary()
+	a, err := Run(t.TempDir())
 	if err != nil {
-		t.Fatalf("azurite: %v", err)
+		t.Fatal(err)
 	}
-	a := &Azurite{t: t, bin: bin, dir: t.TempDir(), port: "0", out: &tail{}}
+	a.t = t
 	t.Cleanup(func() {
 		a.Kill()
 		if t.Failed() {
 			t.Logf("azurite output:\n%s", a.out)
 		}
 	})
-	a.start()
 	return a
+}
+
+// Run starts an Azurite blob service with its data in dir, outside a test
+// (the benchmarks use it). Stop it with Kill.
+func Run(dir string) (*Azurite, error) {
+	bin, err := binary()
+	if err != nil {
+		return nil, fmt.Errorf("azurite: %w", err)
+	}
+	a := &Azurite{bin: bin, dir: dir, port: "0", out: &tail{}}
+	if err := a.start(); err != nil {
+		return nil, err
+	}
+	return a, nil
 }
 
 // ConnString returns a connection string for the development account, which
@@ -109,7 +122,9 @@ func (a *Azurite) Kill() {
 func (a *Azurite) Restart() {
 	a.t.Helper()
 	a.Kill()
-	a.start()
+	if err := a.start(); err != nil {
+		a.t.Fatal(err)
+	}
 }
 
 // Download copies a blob into the file at path.
@@ -135,8 +150,7 @@ func (a *Azurite) Download(container, name, path string) error {
 }
 
 // start runs azurite-blob and waits until it serves.
-func (a *Azurite) start() {
-	a.t.Helper()
+func (a *Azurite) start() error {
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := exec.CommandContext(ctx, a.bin,
 		"--blobHost", "127.0.0.1", "--blobPort", a.port,
@@ -152,7 +166,7 @@ func (a *Azurite) start() {
 	cmd.Stderr = a.out
 	if err := cmd.Start(); err != nil {
 		cancel()
-		a.t.Fatalf("azurite: start %s: %v", a.bin, err)
+		return fmt.Errorf("azurite: start %s: %w", a.bin, err)
 	}
 	exited := make(chan error, 1)
 	go func() {
@@ -182,20 +196,24 @@ func (a *Azurite) start() {
 	case addr = <-found:
 	case err := <-exited:
 		exited <- err // for stop
-		a.t.Fatalf("azurite exited before serving (%v):\n%s", err, a.out)
+		return fmt.Errorf("azurite exited before serving (%v):\n%s", err, a.out)
 	case <-time.After(startTimeout):
-		a.t.Fatalf("azurite did not start within %s:\n%s", startTimeout, a.out)
+		a.Kill()
+		return fmt.Errorf("azurite did not start within %s:\n%s", startTimeout, a.out)
 	}
 	u, err := url.Parse(addr)
 	if err != nil {
-		a.t.Fatalf("azurite: listening address %q: %v", addr, err)
+		a.Kill()
+		return fmt.Errorf("azurite: listening address %q: %w", addr, err)
 	}
 	if err := waitReady(addr + "/" + Account); err != nil {
-		a.t.Fatalf("azurite at %s: %v\n%s", addr, err, a.out)
+		a.Kill()
+		return fmt.Errorf("azurite at %s: %w\n%s", addr, err, a.out)
 	}
 	a.mu.Lock()
 	a.addr, a.port = addr, u.Port()
 	a.mu.Unlock()
+	return nil
 }
 
 // binary finds azurite-blob: $AZURITE_BLOB, else <repo>/bin/npm, the repo

@@ -9,9 +9,10 @@
 //	asrbench pit       any-point-in-time recovery against cp --sparse=always
 //	asrbench storage   stored bytes under steady churn with retention
 //	asrbench resync    checksum-delta resync vs rsync --inplace --no-whole-file, and vs sha256sum
+//	asrbench azure     upload path to Azurite vs a bare azblob upload; compression ratio
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
-// `make peers` installs (zstd, fio, nbdkit, rsync). See BENCHMARKS.md.
+// `make peers` installs (zstd, fio, nbdkit, rsync, Azurite). See BENCHMARKS.md.
 package main
 
 import (
@@ -45,7 +46,7 @@ var (
 func main() {
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -78,6 +79,8 @@ func main() {
 		err = benchStorage(dir)
 	case "resync":
 		err = benchResync(dir)
+	case "azure":
+		err = benchAzure(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}
@@ -194,11 +197,11 @@ func startCluster(dir string, disks map[string]string, agentArgs ...string) (*cl
 }
 
 // startServer starts an asr server in dir/srv and waits for its API.
-func startServer(dir string) (*cluster, error) {
+func startServer(dir string, extra ...string) (*cluster, error) {
 	c := &cluster{dir: dir, srvDir: filepath.Join(dir, "srv"), sock: filepath.Join(dir, "nbd.sock")}
 	listen := "127.0.0.1:" + freePort()
 	c.url = "https://" + listen
-	c.server = exec.Command(*asrBin, "server", "--data", c.srvDir, "--listen", listen, "--data-listen", "127.0.0.1:"+freePort())
+	c.server = exec.Command(*asrBin, append([]string{"server", "--data", c.srvDir, "--listen", listen, "--data-listen", "127.0.0.1:" + freePort()}, extra...)...)
 	logf, _ := os.Create(filepath.Join(dir, "server.log"))
 	c.server.Stdout, c.server.Stderr = logf, logf
 	if err := c.server.Start(); err != nil {
