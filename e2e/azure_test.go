@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+
 	"github.com/asrdr/asr/azure/azuritetest"
 )
 
@@ -144,4 +146,45 @@ func TestE2EAzureOutage(t *testing.T) {
 	}
 	id := c.tag("vm1")
 	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+}
+
+// TestE2EAzureContainerDeleted: the vault's container disappears while the
+// server runs (deleted by hand, a wrong script): a permanent error. The
+// server does not crash or loop: the machine shows a clear error, the
+// agent's writes are still acknowledged into the cache, and nothing is
+// written to a container it no longer owns.
+func TestE2EAzureContainerDeleted(t *testing.T) {
+	c, az, _ := azureCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	makeDisk(t, disk, 8<<20, 44)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	c.waitState("vm1", "protected", 3*time.Minute)
+	cc, err := container.NewClientFromConnectionString(az.ConnString(), "vault1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cc.Delete(t.Context(), nil); err != nil {
+		t.Fatal(err)
+	}
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x55 1M 1M")
+	deadline := time.Now().Add(2 * time.Minute)
+	var st machineStatus
+	for st = c.status("vm1"); st.Error == ""; st = c.status("vm1") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no error on the machine after its container was deleted: %+v", st)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	t.Logf("machine error: %s", st.Error)
+	if c.server.exited() {
+		t.Fatalf("the server exited: %v", c.server.err)
+	}
+	if ps := c.processServer(); ps.BacklogBytes == 0 {
+		t.Fatalf("the write is not in the cache: %+v", ps)
+	}
+	// The container was not silently re-created by the running server.
+	time.Sleep(3 * time.Second)
+	if _, err := cc.GetProperties(t.Context(), nil); err == nil {
+		t.Fatal("the running server re-created the deleted container")
+	}
 }
