@@ -105,6 +105,11 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	first := waitText("Initial replication", 30*time.Second)
 	t.Logf("during the initial copy:\n%s", first)
 	waitText("Protected", 2*time.Minute)
+	// The process server's figures are under the machines.
+	if ps := text(chromedp.CSS("#process-server")); !strings.Contains(ps, "Backlog") || !strings.Contains(ps, "Compression") ||
+		!strings.Contains(ps, "Cache disk free") || !strings.Contains(ps, "file://") && !strings.Contains(ps, "localfs:") {
+		t.Fatalf("process server panel:\n%s", ps)
+	}
 
 	// A new point appears by itself.
 	out := c.mustCLI("tag", "--machine", "vm1", "--wait")
