@@ -219,6 +219,9 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		if *atFlag != "" {
 			return errors.New("--time is for one machine; a group recovers at a group point")
 		}
+		if *format != "raw" || *toBlob != "" {
+			return errors.New("--format vhd and --to-blob are for one machine: recover the group's point machine by machine (asr points --group lists each member's point)")
+		}
 		return recoverGroup(ctx, &o, o.group, *point, *dir, out)
 	}
 	if o.machine == "" || *dir == "" {
@@ -257,6 +260,14 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 			for _, d := range m.Disks {
 				res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: filepath.Join(*dir, d.Name+".img"), Size: d.Size})
 			}
+			if err := toFormat(res.Disks, *format); err != nil {
+				return err
+			}
+			if *toBlob != "" {
+				if err := uploadVHDs(ctx, cat.T, res.Disks, *toBlob, out); err != nil {
+					return err
+				}
+			}
 			printTime(out, res, *dir, at, start)
 			return nil
 		}
@@ -290,6 +301,9 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	if !at.IsZero() {
 		res, err := c.RecoverTime(ctx, o.machine, at, *dir)
 		if err != nil {
+			return err
+		}
+		if err := toFormat(res.Disks, *format); err != nil {
 			return err
 		}
 		printTime(out, res, *dir, at, start)

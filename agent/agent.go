@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -658,19 +659,25 @@ func (a *Agent) tag(reqID uint64, app bool) error {
 	case a.hasScanDisks():
 		rec.Flags |= replication.FlagScan
 	}
-	// Under tagMu from Append to recording the seq, so the sender, which
-	// takes tagMu too, never ships this tag without knowing it is one.
-	a.tagMu.Lock()
 	seq, err := a.spool.Append(a.ctx, &rec)
-	if err == nil {
-		a.tagSeqs = append(a.tagSeqs, seq)
-	}
-	a.tagMu.Unlock()
 	if err != nil {
 		return err
 	}
+	a.markTag(seq)
 	a.spool.Complete(seq)
 	return nil
+}
+
+// markTag records that the record seq ships like a tag (FlagTag). It is
+// called before the record is completed: the sender never reads past the
+// completed prefix, so it cannot ship the record without knowing. Append
+// is not done under tagMu: it may wait for spool space, which only the
+// sender, which takes tagMu, frees.
+func (a *Agent) markTag(seq uint64) {
+	a.tagMu.Lock()
+	defer a.tagMu.Unlock()
+	i, _ := slices.BinarySearch(a.tagSeqs, seq)
+	a.tagSeqs = slices.Insert(a.tagSeqs, i, seq)
 }
 
 // hasTag reports whether a tag record lies in [first, last], forgetting the

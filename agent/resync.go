@@ -198,6 +198,11 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		if err != nil {
 			return err
 		}
+		// The start record is durable before the state names it: after an
+		// OS crash the compare must not wait for a record that is gone.
+		if err := a.spool.Sync(); err != nil {
+			return err
+		}
 		if err := save(func(x *resyncState) { x.Started, x.StartSeq = true, seq }); err != nil {
 			return err
 		}
@@ -205,7 +210,8 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 	offs := r.chunks(st.Job, d.Size())
 	ctx, cancel := context.WithCancel(a.ctx)
 	defer cancel()
-	batches := d.hashBatches(ctx, offs, int(st.Cursor/replication.HashChunk), a.cfg.ResyncRate)
+	pace := &pacer{rate: a.cfg.ResyncRate}
+	batches := d.hashBatches(ctx, offs, int(st.Cursor/replication.HashChunk), pace)
 	for hb := range batches {
 		if hb.err != nil {
 			return hb.err
@@ -222,6 +228,9 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 				return err
 			}
 			sent += n
+			if err := pace.wait(ctx, n); err != nil { // what was read again
+				return err
+			}
 		}
 		dropCache(d.f, hb.offs[0], hb.offs[len(hb.offs)-1]+replication.HashChunk-hb.offs[0])
 		// The batch's records are durable before the position moves past
@@ -293,17 +302,13 @@ func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64) error {
 	data := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, uint64(compared)), uint64(sent))
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Flags: replication.FlagDone, Data: data, Length: uint32(len(data))}
-	d.mu.Lock() // the disk's lock before tagMu, as a group cut takes them
+	d.mu.Lock()
 	defer d.mu.Unlock()
-	a.tagMu.Lock()
 	seq, err := d.spool.Append(d.ctx, &rec)
-	if err == nil {
-		a.tagSeqs = append(a.tagSeqs, seq)
-	}
-	a.tagMu.Unlock()
 	if err != nil {
 		return err
 	}
+	a.markTag(seq)
 	d.spool.Complete(seq)
 	return nil
 }
@@ -338,16 +343,45 @@ type hashedBatch struct {
 // keep the disk's queue and both cores of a small machine busy.
 const hashReaders = 2
 
+// pacer spaces a resync's reads to at most rate bytes per second
+// (--resync-rate; 0: unlimited), chunk by chunk. Time not used (the compare
+// waited for the server) is not saved up: no burst follows a stall.
+type pacer struct {
+	rate int64
+	mu   sync.Mutex
+	next time.Time // when the next read may start
+}
+
+// wait blocks until n more bytes may be read, or ctx ends.
+func (p *pacer) wait(ctx context.Context, n int64) error {
+	if p == nil || p.rate <= 0 {
+		return ctx.Err()
+	}
+	p.mu.Lock()
+	now := time.Now()
+	at := now
+	if p.next.After(now) {
+		at = p.next
+	}
+	p.next = at.Add(time.Duration(float64(n) / float64(p.rate) * float64(time.Second)))
+	p.mu.Unlock()
+	select {
+	case <-time.After(at.Sub(now)):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // hashBatches reads and hashes the chunks at offs from index from on, a
 // batch at a time and one batch ahead of the compare, so that reading the
 // disk overlaps the round trip to the server and the sending of
-// differences. With rate > 0 it reads at most rate bytes per second. The
-// channel closes after the last batch, an error, or when ctx ends.
-func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, rate int64) <-chan hashedBatch {
+// differences, each read spaced by pace. The channel closes after the last
+// batch, an error, or when ctx ends.
+func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, pace *pacer) <-chan hashedBatch {
 	out := make(chan hashedBatch, 1)
 	go func() {
 		defer close(out)
-		start, read := time.Now(), int64(0)
 		bufs := make([][]byte, hashReaders)
 		for i := range bufs {
 			bufs[i] = make([]byte, replication.HashChunk)
@@ -366,6 +400,10 @@ func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, rate int
 					buf := bufs[w]
 					for j := w; j < len(batch); j += hashReaders {
 						n := min(int64(replication.HashChunk), d.Size()-batch[j])
+						if err := pace.wait(ctx, n); err != nil {
+							errs[w] = err
+							return
+						}
 						if _, err := d.f.ReadAt(buf[:n], batch[j]); err != nil && err != io.EOF {
 							errs[w] = fmt.Errorf("read disk %s at %d: %w", d.Name, batch[j], err)
 							return
@@ -378,14 +416,6 @@ func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, rate int
 			}
 			wg.Wait()
 			hb.err = errors.Join(errs...)
-			if read += int64(len(batch)) * replication.HashChunk; rate > 0 {
-				pause := time.Until(start.Add(time.Duration(float64(read) / float64(rate) * float64(time.Second))))
-				select {
-				case <-time.After(pause):
-				case <-ctx.Done():
-					return
-				}
-			}
 			for j, off := range batch {
 				hb.leaves[off] = leaves[j]
 			}

@@ -28,7 +28,7 @@ func TestHashBatches(t *testing.T) {
 	offs := []int64{0, replication.HashChunk, 2 * replication.HashChunk, 3 * replication.HashChunk}
 	for _, from := range []int{0, 2} {
 		var got []int64
-		for hb := range d.hashBatches(context.Background(), offs, from, 0) {
+		for hb := range d.hashBatches(context.Background(), offs, from, nil) {
 			if hb.err != nil {
 				t.Fatal(hb.err)
 			}
@@ -51,19 +51,38 @@ func TestHashBatches(t *testing.T) {
 	}
 }
 
-// TestHashBatchesRate: --resync-rate paces the reads (a lower bound: the
-// limit must hold however fast the disk is).
+// TestHashBatchesRate: --resync-rate paces the reads chunk by chunk (a
+// lower bound: the limit must hold however fast the disk is; the first
+// chunk is read at once).
 func TestHashBatchesRate(t *testing.T) {
-	d, _, _ := mustTestDisk(t, 4*replication.HashChunk)
-	offs := []int64{0, replication.HashChunk, 2 * replication.HashChunk, 3 * replication.HashChunk}
+	const chunks = 8
+	d, _, _ := mustTestDisk(t, chunks*replication.HashChunk)
+	var offs []int64
+	for i := range int64(chunks) {
+		offs = append(offs, i*replication.HashChunk)
+	}
 	start := time.Now()
-	for hb := range d.hashBatches(context.Background(), offs, 0, 16<<20) { // 4 MiB at 16 MiB/s
+	for hb := range d.hashBatches(context.Background(), offs, 0, &pacer{rate: 16 << 20}) {
 		if hb.err != nil {
 			t.Fatal(hb.err)
 		}
 	}
-	if took := time.Since(start); took < 200*time.Millisecond {
-		t.Fatalf("4 MiB read in %s at a limit of 16 MiB/s", took)
+	if took, min := time.Since(start), (chunks-1)*time.Second/16; took < min {
+		t.Fatalf("8 MiB read in %s at a limit of 16 MiB/s, want at least %s", took, min)
+	}
+}
+
+// TestPacerNoBurstAfterStall: time not used is not saved up.
+func TestPacerNoBurstAfterStall(t *testing.T) {
+	p := &pacer{rate: 1 << 20}
+	ctx := context.Background()
+	p.wait(ctx, 1<<20)                    // the next read may start in 1 s
+	p.next = time.Now().Add(-time.Minute) // as after a long stall
+	p.wait(ctx, 1<<20)
+	start := time.Now()
+	p.wait(ctx, 1<<20) // must wait about 1 s, not run on credit
+	if took := time.Since(start); took < 900*time.Millisecond {
+		t.Fatalf("a read after a stall waited %s, want about 1 s", took)
 	}
 }
 

@@ -136,6 +136,10 @@ type VaultInfo struct {
 	// Encrypting is set while a vault made before encryption existed has
 	// its objects sealed (EncryptVault).
 	Encrypting bool `json:"encrypting,omitempty"`
+	// MAC authenticates the descriptor (every field above) under a key
+	// derived from the passphrase: the descriptor is the one plain object,
+	// and nobody without the passphrase may change what it says.
+	MAC []byte `json:"mac,omitempty"`
 }
 
 // ObjectCodec turns a catalog object stored at key into the bytes stored on

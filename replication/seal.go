@@ -116,6 +116,22 @@ func kekFor(vaultKey []byte) []byte {
 
 func wrapAD(vaultID string) []byte { return []byte("asr data key v1\x00" + vaultID) }
 
+// descriptorMAC authenticates a vault descriptor's fields.
+func descriptorMAC(vaultKey []byte, v VaultInfo) []byte {
+	k := hmac.New(sha256.New, vaultKey)
+	k.Write([]byte("asr vault mac v1"))
+	m := hmac.New(sha256.New, k.Sum(nil))
+	enc := 0
+	if v.Encrypting {
+		enc = 1
+	}
+	fmt.Fprintf(m, "%q %d %x %x %x %d", v.ID, v.Created.UnixNano(), v.Salt, v.Verifier, v.WrappedKey, enc)
+	return m.Sum(nil)
+}
+
+// seal sets the descriptor's MAC.
+func (v *VaultInfo) seal(vaultKey []byte) { v.MAC = descriptorMAC(vaultKey, *v) }
+
 // wrapDataKey seals a data key under the vault key.
 func wrapDataKey(vaultKey, dataKey []byte, vaultID string) ([]byte, error) {
 	aead, err := newGCM(kekFor(vaultKey))
@@ -129,12 +145,19 @@ func wrapDataKey(vaultKey, dataKey []byte, vaultID string) ([]byte, error) {
 	return aead.Seal(nonce, nonce, dataKey, wrapAD(vaultID)), nil
 }
 
-// DataKey checks the passphrase and unwraps the vault's data key. A vault
-// made before encryption existed has none (nil, nil): see EncryptVault.
+// DataKey checks the passphrase and the descriptor's MAC and unwraps the
+// vault's data key. A vault made before encryption existed has none (nil,
+// nil): see EncryptVault.
 func (v VaultInfo) DataKey(passphrase []byte) ([]byte, error) {
 	vk, err := v.Check(passphrase)
-	if err != nil || v.WrappedKey == nil {
+	if err != nil {
 		return nil, err
+	}
+	if v.WrappedKey == nil && v.MAC == nil {
+		return nil, nil
+	}
+	if !hmac.Equal(v.MAC, descriptorMAC(vk, v)) {
+		return nil, fmt.Errorf("vault %s: the descriptor on the target was changed by someone without the passphrase (MAC mismatch): %w", v.ID, ErrCorrupt)
 	}
 	aead, err := newGCM(kekFor(vk))
 	if err != nil {
@@ -187,6 +210,24 @@ func EncryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, passphrase []
 		return nil, err
 	}
 	if key == nil {
+		// A descriptor with no key over a target holding sealed objects
+		// was damaged or replaced: a new key would lose every object.
+		objs, err := cat.T.ListObjects(ctx, "")
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range objs {
+			if o.Key == vaultKey {
+				continue
+			}
+			b, err := cat.T.GetObject(ctx, o.Key)
+			if err != nil {
+				return nil, err
+			}
+			if isSealed(b) {
+				return nil, fmt.Errorf("vault %s: the descriptor has no data key but %s is encrypted: the descriptor was damaged or replaced; restore it: %w", v.ID, o.Key, ErrCorrupt)
+			}
+		}
 		vk, _ := v.Check(passphrase)
 		key = make([]byte, 32)
 		if _, err := rand.Read(key); err != nil {
@@ -196,6 +237,7 @@ func EncryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, passphrase []
 			return nil, err
 		}
 		v.Encrypting = true
+		v.seal(vk)
 		if err := cat.PutVault(ctx, *v); err != nil {
 			return nil, err
 		}
@@ -237,6 +279,11 @@ func EncryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, passphrase []
 		}
 	}
 	v.Encrypting = false
+	vk, err := v.Check(passphrase)
+	if err != nil {
+		return nil, err
+	}
+	v.seal(vk)
 	return key, cat.PutVault(ctx, *v)
 }
 

@@ -85,7 +85,7 @@ func TestEncryptVault(t *testing.T) {
 	defer tgt.Close()
 	pass := []byte("passphrase")
 	v, _ := replication.NewVaultInfo("v1", pass)
-	v.WrappedKey = nil // as made before encryption
+	v.WrappedKey, v.MAC = nil, nil // as made before encryption
 	plain := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
 	if err := plain.PutVault(ctx, v); err != nil {
 		t.Fatal(err)
@@ -106,6 +106,11 @@ func TestEncryptVault(t *testing.T) {
 
 	if _, _, err := replication.OpenVault(ctx, tgt, []byte("wrong")); !errors.Is(err, replication.ErrWrongPassphrase) {
 		t.Fatalf("wrong passphrase: %v", err)
+	}
+	// A conversion cut short (the target fails after the descriptor and
+	// one object) goes on with the same key at the next open.
+	if _, _, err := replication.OpenVault(ctx, &failingPuts{Target: tgt, left: 2}, pass); err == nil {
+		t.Fatal("a conversion whose writes fail succeeded")
 	}
 	cat, v2, err := replication.OpenVault(ctx, tgt, pass)
 	if err != nil {
@@ -146,20 +151,40 @@ func TestEncryptVault(t *testing.T) {
 	if got, err := cat2.Machine(ctx, "m1"); err != nil || got.Name != "secret-machine" {
 		t.Fatalf("machine after reopening: %+v, %v", got, err)
 	}
-	// A conversion cut short (marked, one object still plain) goes on
-	// with the same key when the vault is opened again.
-	v2.Encrypting = true
-	plain.PutVault(ctx, v2)
-	if err := plain.PutMachine(ctx, &replication.MachineCatalog{ID: "m2", Name: "secret-machine"}); err != nil {
-		t.Fatal(err)
+	// The descriptor is authenticated: changed without the passphrase (the
+	// conversion mark set, or the key removed), it is refused, and no new
+	// key replaces the one the objects are sealed with.
+	tampered := v2
+	tampered.Encrypting = true
+	plain.PutVault(ctx, tampered)
+	if _, _, err := replication.OpenVault(ctx, tgt, pass); !errors.Is(err, replication.ErrCorrupt) {
+		t.Fatalf("descriptor with the conversion mark set by hand: %v", err)
 	}
-	cat3, v3, err := replication.OpenVault(ctx, tgt, pass)
-	if err != nil || v3.Encrypting {
-		t.Fatalf("resumed conversion: %+v, %v", v3, err)
+	tampered = v2
+	tampered.WrappedKey, tampered.MAC = nil, nil
+	plain.PutVault(ctx, tampered)
+	if _, _, err := replication.OpenVault(ctx, tgt, pass); !errors.Is(err, replication.ErrCorrupt) {
+		t.Fatalf("descriptor with its key removed: %v", err)
 	}
-	for _, id := range []string{"m1", "m2"} {
-		if got, err := cat3.Machine(ctx, id); err != nil || got.Name != "secret-machine" {
-			t.Fatalf("machine %s after a resumed conversion: %+v, %v", id, got, err)
-		}
+	if got, _ := plain.Vault(ctx); got.WrappedKey != nil {
+		t.Fatal("a new data key was made over sealed objects")
 	}
+	plain.PutVault(ctx, v2) // restored
+	if _, _, err := replication.OpenVault(ctx, tgt, pass); err != nil {
+		t.Fatalf("restored descriptor: %v", err)
+	}
+}
+
+// failingPuts is a target whose PutObject fails after left successes.
+type failingPuts struct {
+	replication.Target
+	left int
+}
+
+func (f *failingPuts) PutObject(ctx context.Context, key string, data []byte) error {
+	if f.left <= 0 {
+		return errors.New("injected: storage unavailable")
+	}
+	f.left--
+	return f.Target.PutObject(ctx, key, data)
 }

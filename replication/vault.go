@@ -46,8 +46,11 @@ func NewVaultInfo(id string, passphrase []byte) (VaultInfo, error) {
 		return v, err
 	}
 	var err error
-	v.WrappedKey, err = wrapDataKey(vk, dataKey, id)
-	return v, err
+	if v.WrappedKey, err = wrapDataKey(vk, dataKey, id); err != nil {
+		return v, err
+	}
+	v.seal(vk)
+	return v, nil
 }
 
 // Check verifies a passphrase against the descriptor and returns the vault key.

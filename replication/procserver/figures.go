@@ -14,10 +14,13 @@ import (
 // criticalCacheBytes, so back-pressure reaches the agents (they spool, then
 // fall back to their changed-block maps) before the cache disk fills.
 
-// Cache free-space thresholds, as in ASR.
+// Cache free-space thresholds, as in ASR. A state is left only
+// cacheHysteresis past its threshold, so free space hovering around one
+// neither floods the events nor toggles the back-pressure.
 const (
 	CacheWarnFree     = 0.30
 	CacheCriticalFree = 0.25
+	cacheHysteresis   = 0.02
 )
 
 // Cache states.
@@ -25,6 +28,7 @@ const (
 	CacheOK       = "ok"
 	CacheWarning  = "warning"
 	CacheCritical = "critical"
+	CacheUnknown  = "unknown" // the free space cannot be measured: no back-pressure from it
 )
 
 // criticalCacheBytes is what the cache may still take while its disk is
@@ -99,8 +103,13 @@ type cacheSpace struct {
 // state. It runs every second.
 func (s *Server) sampleCache() {
 	free, total, err := s.cfg.DiskFree(s.cfg.CacheDir)
+	old, _ := s.space.state.Load().(string)
 	if err != nil {
 		s.space.err.Store(err.Error())
+		if old != CacheUnknown {
+			s.space.state.Store(CacheUnknown)
+			s.log.Warn("cannot measure the process server's cache disk", "err", err)
+		}
 		return
 	}
 	s.space.err.Store("")
@@ -108,14 +117,22 @@ func (s *Server) sampleCache() {
 	s.space.total.Store(total)
 	state := CacheOK
 	if total > 0 {
-		switch f := float64(free) / float64(total); {
-		case f < CacheCriticalFree:
+		f := float64(free) / float64(total)
+		warn, crit := CacheWarnFree, CacheCriticalFree
+		switch old {
+		case CacheWarning:
+			warn += cacheHysteresis
+		case CacheCritical:
+			warn, crit = warn+cacheHysteresis, crit+cacheHysteresis
+		}
+		switch {
+		case f < crit:
 			state = CacheCritical
-		case f < CacheWarnFree:
+		case f < warn:
 			state = CacheWarning
 		}
 	}
-	if old, _ := s.space.state.Swap(state).(string); old != state && (old != "" || state != CacheOK) {
+	if s.space.state.Swap(state); old != state && (old != "" || state != CacheOK) {
 		s.log.Warn("process server cache disk", "state", state, "free_bytes", free, "total_bytes", total)
 		if s.cfg.OnCacheState != nil {
 			s.cfg.OnCacheState(state, free, total)

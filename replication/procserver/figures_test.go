@@ -2,8 +2,10 @@ package procserver
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -31,13 +33,14 @@ func TestMeterRate(t *testing.T) {
 func TestCacheStates(t *testing.T) {
 	var mu sync.Mutex
 	free := uint64(50)
+	var statErr error
 	var got []string
 	s, err := New(context.Background(), Config{CacheDir: t.TempDir(), Catalog: nil,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		DiskFree: func(string) (uint64, uint64, error) {
 			mu.Lock()
 			defer mu.Unlock()
-			return free, 100, nil
+			return free, 100, statErr
 		},
 		OnCacheState: func(state string, _, _ uint64) {
 			mu.Lock()
@@ -57,14 +60,15 @@ func TestCacheStates(t *testing.T) {
 	for _, c := range []struct {
 		free  uint64
 		state string
-	}{{50, CacheOK}, {29, CacheWarning}, {28, CacheWarning}, {24, CacheCritical}, {40, CacheOK}} {
+	}{{50, CacheOK}, {29, CacheWarning}, {31, CacheWarning}, {24, CacheCritical}, {26, CacheCritical}, {28, CacheWarning},
+		{40, CacheOK}} {
 		set(c.free)
 		if f := s.Figures(); f.CacheState != c.state || f.CacheFree != float64(c.free)/100 {
 			t.Fatalf("%d%% free: %+v, want %s", c.free, f, c.state)
 		}
 	}
 	mu.Lock()
-	if want := []string{CacheWarning, CacheCritical, CacheOK}; len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
+	if want := []string{CacheWarning, CacheCritical, CacheWarning, CacheOK}; !slices.Equal(got, want) {
 		t.Fatalf("reported %v, want %v", got, want)
 	}
 	mu.Unlock()
@@ -80,6 +84,15 @@ func TestCacheStates(t *testing.T) {
 	s.cacheBytes.Store(criticalCacheBytes / 2)
 	if s.cacheFull() {
 		t.Fatal("a critical cache disk stops even a nearly empty cache")
+	}
+	// A disk that cannot be measured is unknown and holds nothing back.
+	s.cacheBytes.Store(criticalCacheBytes + 1)
+	mu.Lock()
+	statErr = errors.New("statfs: input/output error")
+	mu.Unlock()
+	s.sampleCache()
+	if f := s.Figures(); f.CacheState != CacheUnknown || f.CacheError == "" || s.cacheFull() {
+		t.Fatalf("unmeasurable cache disk: %+v, full %v", f, s.cacheFull())
 	}
 	s.cacheBytes.Store(0)
 }

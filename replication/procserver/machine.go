@@ -793,14 +793,20 @@ func (m *machine) waitApplied(seq uint64, timeout time.Duration) error {
 		if applied >= seq {
 			return nil
 		}
+		// Seal the open file soon, as for a tag, if it holds seq; files
+		// opened after it are sealed as usual (sealing every frame as it
+		// arrives would only slow the applier down).
 		m.mu.Lock()
-		if m.openRaw > 0 {
-			m.openTag = true // seal soon, as for a tag
+		seal := m.openRaw > 0 && m.openFirst <= seq && seq <= m.appended
+		if seal {
+			m.openTag = true
 		}
 		m.mu.Unlock()
-		select {
-		case m.syncWake <- struct{}{}:
-		default:
+		if seal {
+			select {
+			case m.syncWake <- struct{}{}:
+			default:
+			}
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("the replica is not caught up with the resync's start (applied %d of %d) after %v", applied, seq, timeout)
