@@ -1118,6 +1118,96 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	}
 }
 
+// TestScheduledResyncRetriesThenFails: an automatic resync whose agent is
+// unreachable is retried with backoff inside the window; when the next try
+// would fall outside it, it stays failed with the reason on the machine
+// (API, event) until an operator starts it, which then runs at once.
+func TestScheduledResyncRetriesThenFails(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var clock atomic.Int64
+	at := func(h, m, s int) { clock.Store(time.Date(2026, 11, 27, h, m, s, 0, time.Local).UnixNano()) }
+	clock.Store(time.Date(2026, 11, 26, 12, 0, 0, 0, time.Local).UnixNano()) // outside the default window (22:00-06:00)
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+		c.ResyncEvery = 20 * time.Millisecond
+	}}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 8<<20, 4)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	ra.close()
+	os.Truncate(disk, 12<<20) // grown: needs a resync
+	ra = startAgent(t, cfg)
+	rows := func() []server.ResyncJSON {
+		var rows []server.ResyncJSON
+		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
+		return rows
+	}
+	waitRow := func(what string, ok func(server.ResyncJSON) bool) server.ResyncJSON {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			if rs := rows(); len(rs) == 1 && ok(rs[0]) {
+				return rs[0]
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %+v", what, rows())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	// The grown disk waits for the window; its agent goes away meanwhile.
+	waitRow("resync scheduled", func(x server.ResyncJSON) bool { return x.State == "scheduled" })
+	ra.close()
+	at(5, 50, 0) // the next night, inside the window, near its end
+	first := waitRow("first attempt fails", func(x server.ResyncJSON) bool { return x.Attempts == 1 })
+	if first.State != "scheduled" || first.LastError == "" {
+		t.Fatalf("after one failed attempt inside the window: %+v", first)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if x := rows()[0]; x.Attempts != 1 {
+		t.Fatalf("retried before its backoff: %+v", x)
+	}
+	at(5, 50, 31) // backoff 30 s over
+	waitRow("second attempt", func(x server.ResyncJSON) bool { return x.Attempts == 2 && x.State == "scheduled" })
+	at(5, 59, 0) // the next backoff (1 min) would end after 06:00
+	failed := waitRow("failed when the window closes", func(x server.ResyncJSON) bool { return x.State == "failed" })
+	if failed.Attempts != 3 || !strings.Contains(failed.LastError, "not connected") {
+		t.Fatalf("failed resync: %+v", failed)
+	}
+	var es []server.EventJSON
+	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
+	if !slices.ContainsFunc(es, func(e server.EventJSON) bool { return e.Kind == "resync-failed" }) {
+		t.Fatalf("no resync-failed event: %+v", es)
+	}
+	if d := r.machine("vm1").Disks[0]; d.Resync == nil || d.Resync.State != web.ResyncFailed || d.Resync.LastError == "" {
+		t.Fatalf("the machine does not show the failure: %+v", d.Resync)
+	}
+	// Failed stays failed, even in the window.
+	at(5, 55, 0)
+	time.Sleep(200 * time.Millisecond)
+	if x := rows()[0]; x.State != "failed" {
+		t.Fatalf("a failed resync restarted by itself: %+v", x)
+	}
+	// The operator fixes the cause (the agent is back) and presses Resync
+	// at noon: it runs at once.
+	at(12, 0, 0)
+	startAgent(t, cfg)
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for r.machine("vm1").State != replication.StateProtected {
+		if time.Now().After(deadline) {
+			t.Fatalf("the operator's resync did not run: %+v %+v", r.machine("vm1"), rows())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // Spool overflow: with the server away the spool fills; the guest's writes
 // go on (tracked in a changed-block map, not stalled), and when the server
 // is back the marked blocks, and only they, are resent.
