@@ -116,7 +116,7 @@ func (x *HashIndex) setSize(size int64) {
 func (x *HashIndex) reset(fresh bool) {
 	for i := range x.leaves {
 		if fresh {
-			x.leaves[i], x.stale[i] = HashData(make([]byte, x.blockLen(i))), false
+			x.leaves[i], x.stale[i] = zeroHash(int64(x.blockLen(i))), false
 		} else {
 			x.stale[i] = true
 		}
@@ -125,6 +125,19 @@ func (x *HashIndex) reset(fresh bool) {
 
 func (x *HashIndex) blockLen(i int) int {
 	return int(min(int64(HashBlock), x.size-int64(i)*HashBlock))
+}
+
+// zeroBlockHash is the hash of a whole block of zeros, computed once: a new
+// or grown replica, and every zeroed range, would otherwise hash megabytes
+// of zeros (a 2 GiB disk: 1.4 s of SHA-256 before its first byte arrives).
+var zeroBlockHash = sync.OnceValue(func() Hash { return HashData(make([]byte, HashBlock)) })
+
+// zeroHash is the hash of n zero bytes.
+func zeroHash(n int64) Hash {
+	if n == HashBlock {
+		return zeroBlockHash()
+	}
+	return HashData(make([]byte, n))
 }
 
 // File: magic, version u16, size u64, count u64, seq u64, then per block
@@ -212,7 +225,7 @@ func (x *HashIndex) Grow(size int64) {
 	for i := oldN; i < n; i++ {
 		x.leaves = append(x.leaves, Hash{})
 		x.stale = append(x.stale, false)
-		x.leaves[i] = HashData(make([]byte, x.blockLen(i)))
+		x.leaves[i] = zeroHash(int64(x.blockLen(i)))
 	}
 	x.changed = true
 }
@@ -232,7 +245,7 @@ func (x *HashIndex) Zero(off, n int64) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.note(off, n, func(i int, b0, b1 int64) {
-		x.leaves[i], x.stale[i] = HashData(make([]byte, b1-b0)), false
+		x.leaves[i], x.stale[i] = zeroHash(b1-b0), false
 	})
 }
 
