@@ -134,7 +134,7 @@ type VaultInfo struct {
 	// (seal.go), wrapped by a key derived from the passphrase.
 	WrappedKey []byte `json:"wrapped_key,omitempty"`
 	// Encrypting is set while a vault made before encryption existed has
-	// its objects sealed (EncryptVault).
+	// its objects sealed (OpenVault converts it).
 	Encrypting bool `json:"encrypting,omitempty"`
 	// MAC authenticates the descriptor (every field above) under a key
 	// derived from the passphrase: the descriptor is the one plain object,

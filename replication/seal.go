@@ -38,9 +38,6 @@ const sealVersion = 1
 // object with "asr object v1", key and kind as additional data.
 type SealedCodec struct {
 	aead cipher.AEAD
-	// AcceptPlain lets Open read objects written before the vault was
-	// encrypted (while EncryptVault converts them).
-	AcceptPlain bool
 }
 
 // NewSealedCodec makes a codec for a 32-byte data key.
@@ -86,9 +83,6 @@ func (c *SealedCodec) Seal(key, kind string, plain []byte) ([]byte, error) {
 // stored under another key all fail authentication.
 func (c *SealedCodec) Open(key, kind string, b []byte) ([]byte, error) {
 	if len(b) >= 6 && [6]byte(b[:6]) == objMagic {
-		if c.AcceptPlain {
-			return PlainCodec{}.Open(key, kind, b)
-		}
 		return nil, fmt.Errorf("%s object %s: %w (written outside this vault?)", kind, key, ErrNotSealed)
 	}
 	ns := c.aead.NonceSize()
@@ -147,12 +141,18 @@ func wrapDataKey(vaultKey, dataKey []byte, vaultID string) ([]byte, error) {
 
 // DataKey checks the passphrase and the descriptor's MAC and unwraps the
 // vault's data key. A vault made before encryption existed has none (nil,
-// nil): see EncryptVault.
+// nil): OpenVault converts such a vault.
 func (v VaultInfo) DataKey(passphrase []byte) ([]byte, error) {
 	vk, err := v.Check(passphrase)
 	if err != nil {
 		return nil, err
 	}
+	return v.unwrap(vk)
+}
+
+// unwrap checks the MAC and unwraps the data key with the vault key (the
+// passphrase already checked: Argon2id runs once per open).
+func (v VaultInfo) unwrap(vk []byte) ([]byte, error) {
 	if v.WrappedKey == nil && v.MAC == nil {
 		return nil, nil
 	}
@@ -176,19 +176,23 @@ func (v VaultInfo) DataKey(passphrase []byte) ([]byte, error) {
 
 // OpenVault checks the passphrase against the target's vault descriptor and
 // returns a catalog whose objects are sealed with the vault's data key. A
-// vault made before encryption existed is converted first (EncryptVault).
+// vault made before encryption existed is converted first (encryptVault).
 func OpenVault(ctx context.Context, t Target, passphrase []byte) (*Catalog, VaultInfo, error) {
 	cat := &Catalog{T: t, Codec: PlainCodec{}}
 	v, err := cat.Vault(ctx)
 	if err != nil {
 		return nil, v, err
 	}
-	key, err := v.DataKey(passphrase)
+	vk, err := v.Check(passphrase)
+	if err != nil {
+		return nil, v, err
+	}
+	key, err := v.unwrap(vk)
 	if err != nil {
 		return nil, v, err
 	}
 	if key == nil || v.Encrypting {
-		if key, err = EncryptVault(ctx, cat, &v, passphrase); err != nil {
+		if key, err = encryptVault(ctx, cat, &v, vk); err != nil {
 			return nil, v, fmt.Errorf("encrypt the vault's objects: %w", err)
 		}
 	}
@@ -200,12 +204,12 @@ func OpenVault(ctx context.Context, t Target, passphrase []byte) (*Catalog, Vaul
 	return cat, v, nil
 }
 
-// EncryptVault converts a vault made before encryption existed: it gives
+// encryptVault converts a vault made before encryption existed: it gives
 // the vault a data key (saved first, marked Encrypting, so a conversion cut
 // short goes on with the same key), seals every plain object in place, and
-// clears the mark. It returns the data key.
-func EncryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, passphrase []byte) ([]byte, error) {
-	key, err := v.DataKey(passphrase)
+// clears the mark. vk is the checked vault key. It returns the data key.
+func encryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, vk []byte) ([]byte, error) {
+	key, err := v.unwrap(vk)
 	if err != nil {
 		return nil, err
 	}
@@ -228,7 +232,6 @@ func EncryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, passphrase []
 				return nil, fmt.Errorf("vault %s: the descriptor has no data key but %s is encrypted: the descriptor was damaged or replaced; restore it: %w", v.ID, o.Key, ErrCorrupt)
 			}
 		}
-		vk, _ := v.Check(passphrase)
 		key = make([]byte, 32)
 		if _, err := rand.Read(key); err != nil {
 			return nil, err
@@ -279,10 +282,6 @@ func EncryptVault(ctx context.Context, cat *Catalog, v *VaultInfo, passphrase []
 		}
 	}
 	v.Encrypting = false
-	vk, err := v.Check(passphrase)
-	if err != nil {
-		return nil, err
-	}
 	v.seal(vk)
 	return key, cat.PutVault(ctx, *v)
 }

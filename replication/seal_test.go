@@ -46,10 +46,6 @@ func TestSealedCodec(t *testing.T) {
 	if _, err := c.Open("k", "machine", framed); !errors.Is(err, replication.ErrNotSealed) {
 		t.Fatalf("plain object: %v, want ErrNotSealed", err)
 	}
-	c.AcceptPlain = true
-	if got, err := c.Open("k", "machine", framed); err != nil || !bytes.Equal(got, plain) {
-		t.Fatalf("plain object while converting: %q, %v", got, err)
-	}
 }
 
 func TestVaultDataKey(t *testing.T) {

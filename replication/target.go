@@ -3,12 +3,73 @@ package replication
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"strings"
 )
 
 // ErrNotFound is returned (wrapped) by a Target when an object, disk or
 // snapshot does not exist.
 var ErrNotFound = errors.New("not found")
+
+// ErrInvalidKey is returned (wrapped) by a Target for a key, prefix or
+// snapshot name outside the contract's rules.
+var ErrInvalidKey = errors.New("invalid key")
+
+// ValidKeyElem reports whether s is a valid key element (and snapshot
+// name): [A-Za-z0-9._-], not empty, not "." or "..".
+func ValidKeyElem(s string) bool {
+	if s == "" || s == "." || s == ".." {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// CheckKey checks a key of at most maxLen bytes against the contract.
+func CheckKey(key string, maxLen int) error {
+	if key == "" || len(key) > maxLen {
+		return fmt.Errorf("key %q: %w", key, ErrInvalidKey)
+	}
+	for e := range strings.SplitSeq(key, "/") {
+		if !ValidKeyElem(e) {
+			return fmt.Errorf("key %q: %w", key, ErrInvalidKey)
+		}
+	}
+	return nil
+}
+
+// CheckPrefix accepts "" and any prefix of a valid key of at most maxLen
+// bytes: whole elements, each followed by '/', then an optional partial
+// element.
+func CheckPrefix(prefix string, maxLen int) error {
+	if prefix == "" {
+		return nil
+	}
+	if len(prefix) > maxLen {
+		return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
+	}
+	elems := strings.Split(prefix, "/")
+	for i, e := range elems {
+		if i < len(elems)-1 {
+			if !ValidKeyElem(e) {
+				return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
+			}
+			continue
+		}
+		// The last part may be empty (trailing slash) or the start of an
+		// element, such as "." of ".x".
+		if e != "" && !ValidKeyElem(e+"x") {
+			return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
+		}
+	}
+	return nil
+}
 
 // ErrShrink is returned when a replica disk would have to shrink.
 var ErrShrink = errors.New("a replica disk cannot shrink")

@@ -196,6 +196,25 @@ func startCluster(dir string, disks map[string]string, agentArgs ...string) (*cl
 	return c, nil
 }
 
+// protectedMixedDisk makes a mixed disk of size bytes at dir/disk.img,
+// starts a server and an agent for it, and waits until it is protected.
+// The caller stops the cluster.
+func protectedMixedDisk(dir string, size int64, timeout time.Duration) (*cluster, string, error) {
+	disk := filepath.Join(dir, "disk.img")
+	if err := makeMixedDisk(disk, size); err != nil {
+		return nil, "", err
+	}
+	c, err := startCluster(dir, map[string]string{"d0": disk})
+	if err != nil {
+		return nil, "", err
+	}
+	if err := c.waitMachine("bench", timeout); err != nil {
+		c.stop()
+		return nil, "", err
+	}
+	return c, disk, nil
+}
+
 // startServer starts an asr server in dir/srv and waits for its API.
 func startServer(dir string, extra ...string) (*cluster, error) {
 	c := &cluster{dir: dir, srvDir: filepath.Join(dir, "srv"), sock: filepath.Join(dir, "nbd.sock")}

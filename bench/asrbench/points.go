@@ -261,18 +261,11 @@ func fioP99(out []byte) float64 {
 // changes) against cp --sparse=always of the same image.
 func benchPIT(dir string) error {
 	size := parseSize(*sizeArg)
-	disk := filepath.Join(dir, "disk.img")
-	if err := makeMixedDisk(disk, size); err != nil {
-		return err
-	}
-	c, err := startCluster(dir, map[string]string{"d0": disk})
+	c, disk, err := protectedMixedDisk(dir, size, 10*time.Minute)
 	if err != nil {
 		return err
 	}
 	defer c.stop()
-	if err := c.waitMachine("bench", 10*time.Minute); err != nil {
-		return err
-	}
 	var p pointJSON
 	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", map[string]any{}, &p); err != nil {
 		return err
@@ -329,18 +322,11 @@ func benchStorage(dir string) error {
 	if *storageRetention > 0 {
 		retention, run = *storageRetention, *storageRetention*5/4
 	}
-	disk := filepath.Join(dir, "d.img")
-	if err := makeMixedDisk(disk, diskSize); err != nil {
-		return err
-	}
-	c, err := startCluster(dir, map[string]string{"d0": disk})
+	c, _, err := protectedMixedDisk(dir, diskSize, 10*time.Minute)
 	if err != nil {
 		return err
 	}
 	defer c.stop()
-	if err := c.waitMachine("bench", 10*time.Minute); err != nil {
-		return err
-	}
 	pol := map[string]string{"name": "s", "retention": retention.String(), "pit_window": (retention / 2).String(),
 		"crash_interval": *storageInterval, "app_frequency": "0"}
 	if err := c.api(http.MethodPost, "/api/v1/policies", pol, nil); err != nil {

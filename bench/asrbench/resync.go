@@ -143,18 +143,11 @@ func sha256Of(path string) (string, error) {
 // is dropped before each contender.
 func benchResync(dir string) error {
 	size := parseSize(*resyncSize)
-	disk := filepath.Join(dir, "disk.img")
-	if err := makeMixedDisk(disk, size); err != nil {
-		return err
-	}
-	c, err := startCluster(dir, map[string]string{"d0": disk})
+	c, disk, err := protectedMixedDisk(dir, size, 30*time.Minute)
 	if err != nil {
 		return err
 	}
 	defer c.stop()
-	if err := c.waitMachine("bench", 30*time.Minute); err != nil {
-		return err
-	}
 	// rsync's destinations start as the same image the replica holds: one
 	// for rsync's default block size (about the square root of the file's
 	// size), one for 4 KiB blocks, asr's own granularity.

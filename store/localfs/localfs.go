@@ -115,7 +115,7 @@ import (
 
 // ErrInvalidKey is returned (wrapped) for a key, prefix or snapshot name that
 // breaks the Target contract's rules.
-var ErrInvalidKey = errors.New("invalid key")
+var ErrInvalidKey = replication.ErrInvalidKey
 
 // ErrDiskOpen is returned (wrapped) by DeleteDisk while the disk is open.
 var ErrDiskOpen = errors.New("disk is open")
@@ -261,57 +261,10 @@ func (t *Target) checkOpen() error {
 	return nil
 }
 
-// validElem reports whether s is a valid key element (and snapshot name).
-func validElem(s string) bool {
-	if s == "" || s == "." || s == ".." {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
-
-func checkKey(key string) error {
-	if key == "" || len(key) > maxKeyLen {
-		return fmt.Errorf("key %q: %w", key, ErrInvalidKey)
-	}
-	for _, e := range strings.Split(key, "/") {
-		if !validElem(e) {
-			return fmt.Errorf("key %q: %w", key, ErrInvalidKey)
-		}
-	}
-	return nil
-}
-
-// checkPrefix accepts "" and any prefix of a valid key: whole elements, each
-// followed by '/', then an optional partial element.
-func checkPrefix(prefix string) error {
-	if prefix == "" {
-		return nil
-	}
-	if len(prefix) > maxKeyLen {
-		return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
-	}
-	elems := strings.Split(prefix, "/")
-	for i, e := range elems {
-		if i < len(elems)-1 {
-			if !validElem(e) {
-				return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
-			}
-			continue
-		}
-		// The last part may be empty (trailing slash) or the start of an
-		// element, such as "." of ".x".
-		if e != "" && !validElem(e+"x") {
-			return fmt.Errorf("prefix %q: %w", prefix, ErrInvalidKey)
-		}
-	}
-	return nil
-}
+// The key rules are the Target contract's (replication.CheckKey).
+func validElem(s string) bool         { return replication.ValidKeyElem(s) }
+func checkKey(key string) error       { return replication.CheckKey(key, maxKeyLen) }
+func checkPrefix(prefix string) error { return replication.CheckPrefix(prefix, maxKeyLen) }
 
 func (t *Target) objectPath(key string) string {
 	return filepath.Join(t.dir, objectsDir, filepath.FromSlash(key))
