@@ -206,6 +206,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	dir := fs.String("out", "", "directory for the recovered images, DIR/<disk>.img")
 	format := fs.String("format", "raw", "image format: raw (DIR/<disk>.img) or vhd (DIR/<disk>.vhd, a fixed VHD Azure imports as a managed disk)")
 	toBlob := fs.String("to-blob", "", "with --format vhd and an azure:// --target: also upload each VHD as a page blob NAME (NAME-<disk>.vhd for a machine of several disks) in the target's container, ready to import as a managed disk")
+	accept := fs.Bool("accept-damage", false, "write blocks that fail their checksums as they are (listed) instead of failing the recovery")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -222,7 +223,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		if *format != "raw" || *toBlob != "" {
 			return errors.New("--format vhd and --to-blob are for one machine: recover the group's point machine by machine (asr points --group lists each member's point)")
 		}
-		return recoverGroup(ctx, &o, o.group, *point, *dir, out)
+		return recoverGroup(ctx, &o, o.group, *point, *dir, replication.RecoverOptions{AcceptDamage: *accept}, out)
 	}
 	if o.machine == "" || *dir == "" {
 		return errors.New("--machine (or --group) and --out are required")
@@ -240,6 +241,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 	if *point == "" {
 		*point = "latest"
 	}
+	opts := replication.RecoverOptions{AcceptDamage: *accept}
 	start := time.Now()
 	if o.target != "" {
 		cat, closeFn, err := o.catalog(ctx)
@@ -252,14 +254,11 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 			return err
 		}
 		if !at.IsZero() {
-			plan, last, err := replication.RecoverTime(ctx, cat, m, at, *dir)
+			plan, disks, last, err := replication.RecoverTime(ctx, cat, m, at, *dir, opts)
 			if err != nil {
 				return err
 			}
-			res := server.Recovered{Machine: m.Name, Point: server.PointJSON{ID: plan.Base.ID}, LastSeq: last}
-			for _, d := range m.Disks {
-				res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: filepath.Join(*dir, d.Name+".img"), Size: d.Size})
-			}
+			res := server.Recovered{Machine: m.Name, Point: server.PointJSON{ID: plan.Base.ID}, LastSeq: last, Disks: disks}
 			if err := toFormat(res.Disks, *format); err != nil {
 				return err
 			}
@@ -275,7 +274,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		disks, err := replication.RecoverPoint(ctx, cat, m, p, *dir)
+		disks, err := replication.RecoverPoint(ctx, cat, m, p, *dir, opts)
 		if err != nil {
 			return err
 		}
@@ -287,9 +286,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 				return err
 			}
 		}
-		for _, d := range disks {
-			fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
-		}
+		printDisks(out, disks)
 		fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", p.ID, p.Kind, p.Time.Format(time.RFC3339), time.Since(start).Round(time.Millisecond))
 		fmt.Fprintln(out, p.ID)
 		return nil
@@ -299,7 +296,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		return err
 	}
 	if !at.IsZero() {
-		res, err := c.RecoverTime(ctx, o.machine, at, *dir)
+		res, err := c.RecoverTime(ctx, o.machine, at, *dir, opts)
 		if err != nil {
 			return err
 		}
@@ -309,16 +306,14 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 		printTime(out, res, *dir, at, start)
 		return nil
 	}
-	res, err := c.RecoverPoint(ctx, o.machine, *point, *dir)
+	res, err := c.RecoverPoint(ctx, o.machine, *point, *dir, opts)
 	if err != nil {
 		return err
 	}
 	if err := toFormat(res.Disks, *format); err != nil {
 		return err
 	}
-	for _, d := range res.Disks {
-		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data)\n", d.Name, d.Path, d.Size, d.Data)
-	}
+	printDisks(out, res.Disks)
 	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", res.Point.ID, res.Point.Kind, res.Point.Time, time.Since(start).Round(time.Millisecond))
 	fmt.Fprintln(out, res.Point.ID)
 	return nil
@@ -361,10 +356,32 @@ func toFormat(disks []replication.RecoveredDisk, format string) error {
 	return nil
 }
 
-func printTime(out io.Writer, res server.Recovered, dir string, at, start time.Time) {
-	for _, d := range res.Disks {
-		fmt.Fprintf(out, "disk %s: %s (%d bytes)\n", d.Name, d.Path, d.Size)
+// printDisks prints each recovered disk: where, how big, and whether its
+// blocks were checked against the point's checksums (and any damage
+// accepted).
+func printDisks(out io.Writer, disks []replication.RecoveredDisk) {
+	for _, d := range disks {
+		check := "every block checked"
+		if !d.Checked {
+			check = "not checked: the point predates block checksums"
+		}
+		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data; %s)\n", d.Name, d.Path, d.Size, d.Data, check)
+		if len(d.Damaged) > 0 {
+			offs := make([]string, 0, 8)
+			for _, off := range d.Damaged[:min(len(d.Damaged), 8)] {
+				offs = append(offs, fmt.Sprint(off))
+			}
+			more := ""
+			if len(d.Damaged) > 8 {
+				more = fmt.Sprintf(" and %d more", len(d.Damaged)-8)
+			}
+			fmt.Fprintf(out, "  WARNING: %d damaged blocks of 4 KiB written as they are (accepted), at offsets %s%s\n", len(d.Damaged), strings.Join(offs, ", "), more)
+		}
 	}
+}
+
+func printTime(out io.Writer, res server.Recovered, dir string, at, start time.Time) {
+	printDisks(out, res.Disks)
 	fmt.Fprintf(out, "recovered machine %s as of %s: point %s plus changes up to seq %d, in %s\n",
 		res.Machine, at.UTC().Format(time.RFC3339Nano), res.Point.ID, res.LastSeq, time.Since(start).Round(time.Millisecond))
 	fmt.Fprintln(out, res.LastSeq)

@@ -119,7 +119,7 @@ func printGroupPoints(out io.Writer, gps []server.GroupPointJSON, asJSON bool) e
 
 // recoverGroup writes every member's disks at a group point to
 // DIR/<machine>/<disk>.img.
-func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, out io.Writer) error {
+func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opts replication.RecoverOptions, out io.Writer) error {
 	start := time.Now()
 	if o.target != "" {
 		cat, closeFn, err := o.catalog(ctx)
@@ -141,7 +141,7 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, out
 				return err
 			}
 			mdir := filepath.Join(dir, m.Name)
-			if _, err := replication.RecoverPoint(ctx, cat, m, p, mdir); err != nil {
+			if _, err := replication.RecoverPoint(ctx, cat, m, p, mdir, opts); err != nil {
 				return fmt.Errorf("machine %s: %w", m.Name, err)
 			}
 			fmt.Fprintf(out, "machine %s: point %s in %s\n", m.Name, pid, mdir)
@@ -169,7 +169,7 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, out
 	}
 	for name, pid := range gp.Members {
 		mdir := filepath.Join(dir, name)
-		if _, err := c.RecoverPoint(ctx, name, pid, mdir); err != nil {
+		if _, err := c.RecoverPoint(ctx, name, pid, mdir, opts); err != nil {
 			return fmt.Errorf("machine %s: %w", name, err)
 		}
 		fmt.Fprintf(out, "machine %s: point %s in %s\n", name, pid, mdir)

@@ -57,7 +57,8 @@ Usage:
   asr group    set --machine M --group G | clear --machine M
   asr resync   --machine M [--disk D] [--wait] | --machine M --status | --window HH:MM-HH:MM [--policy P]
   (points, tag and recover take --group G instead of --machine M for a replication group)
-  asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd [--to-blob NAME]] [--target URL --passphrase-file F]
+  asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd [--to-blob NAME]] [--accept-damage] [--target URL --passphrase-file F]
+  asr verify   --machine M [--point P] [--no-source] [--wait] [--target URL --passphrase-file F] | --every 168h|off
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,
@@ -125,6 +126,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runGroup(ctx, rest, stdout)
 	case "resync":
 		return runResync(ctx, rest, stdout)
+	case "verify":
+		return runVerify(ctx, rest, stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "asr", v)
 		return nil

@@ -194,7 +194,7 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		return a.st.save(a.cfg.StateDir)
 	}
 	if !st.Started {
-		seq, err := d.logResync(st.Job.ID, st.Job.Reason)
+		seq, err := d.logResync(st.Job.ID, st.Job.Reason, st.Job.Verify)
 		if err != nil {
 			return err
 		}
@@ -216,7 +216,8 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		if hb.err != nil {
 			return hb.err
 		}
-		h := replication.Hashes{Job: st.Job.ID, Disk: d.Index, Batch: st.Batch + 1, After: st.StartSeq, Offs: hb.offs, Hashes: hb.hashes}
+		h := replication.Hashes{Job: st.Job.ID, Disk: d.Index, Batch: st.Batch + 1, After: st.StartSeq, Offs: hb.offs, Hashes: hb.hashes,
+			Verify: st.Job.Verify}
 		w, err := r.ask(s, h)
 		if err != nil {
 			return err
@@ -251,7 +252,7 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := d.logResyncDone(a, st.Job.ID, st.Compared, st.Sent); err != nil {
+	if err := d.logResyncDone(a, st.Job.ID, st.Compared, st.Sent, st.Job.Verify); err != nil {
 		return err
 	}
 	a.log.Info("resync complete", "disk", d.Name, "job", st.Job.ID, "compared", st.Compared, "sent", st.Sent)
@@ -298,10 +299,13 @@ func (r *resyncer) ask(s *shipSession, h replication.Hashes) (replication.Want, 
 // logResyncDone logs the end of a resync, with what it compared and sent.
 // The record ships like a tag (FlagTag), so the server seals it at once and
 // the disk is protected again without waiting for the next seal.
-func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64) error {
+func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64, verify bool) error {
 	data := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, uint64(compared)), uint64(sent))
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Flags: replication.FlagDone, Data: data, Length: uint32(len(data))}
+	if verify {
+		rec.Flags |= replication.FlagVerify
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	seq, err := d.spool.Append(d.ctx, &rec)
@@ -313,11 +317,15 @@ func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64) error {
 	return nil
 }
 
-// logResync logs the start of a resync, with its reason, and returns the
-// record's sequence number.
-func (d *Disk) logResync(id uint64, reason string) (uint64, error) {
+// logResync logs the start of a resync (or of a verify, which leaves the
+// disk consistent unless it finds differences), with its reason, and
+// returns the record's sequence number.
+func (d *Disk) logResync(id uint64, reason string, verify bool) (uint64, error) {
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Data: []byte(reason), Length: uint32(len(reason))}
+	if verify {
+		rec.Flags = replication.FlagVerify
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	seq, err := d.spool.Append(d.ctx, &rec)

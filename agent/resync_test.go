@@ -104,13 +104,13 @@ func TestResyncDoneShipsLikeATag(t *testing.T) {
 	d, sp, dir := mustTestDisk(t, 1<<20)
 	a := &Agent{cfg: Config{StateDir: dir}, disks: []*Disk{d}, spool: sp, log: slog.Default(), ctx: context.Background()}
 	first := sp.Next()
-	if _, err := d.logResync(7, "test"); err != nil {
+	if _, err := d.logResync(7, "test", false); err != nil {
 		t.Fatal(err)
 	}
 	if a.hasTag(first, first) {
 		t.Fatal("the start of a resync ships like a tag")
 	}
-	if err := d.logResyncDone(a, 7, 1<<20, 0); err != nil {
+	if err := d.logResyncDone(a, 7, 1<<20, 0, false); err != nil {
 		t.Fatal(err)
 	}
 	if !a.hasTag(first+1, first+1) {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"time"
 )
 
@@ -24,9 +23,7 @@ type Applier struct {
 	log   *slog.Logger
 	m     MachineCatalog
 	disks map[uint32]ReplicaDisk
-
-	indexDir string                // "" : no hash indexes
-	indexes  map[uint32]*HashIndex // the replicas' block hashes, for resyncs
+	sums  map[uint32]*Sums // each replica disk's block checksums (sums.go)
 
 	// OnPoint is called after a point is durable on the target. reqID is the
 	// operator request that asked for it (0 for a scheduled point).
@@ -41,7 +38,7 @@ type Applier struct {
 // OpenApplier loads (or starts) the catalog entry of a machine and opens its
 // replica disks.
 func OpenApplier(ctx context.Context, cat *Catalog, id, name string, log *slog.Logger) (*Applier, error) {
-	a := &Applier{cat: cat, codec: DefaultCodec(), log: log, disks: map[uint32]ReplicaDisk{}}
+	a := &Applier{cat: cat, codec: DefaultCodec(), log: log, disks: map[uint32]ReplicaDisk{}, sums: map[uint32]*Sums{}}
 	m, err := cat.Machine(ctx, id)
 	switch {
 	case errors.Is(err, ErrNotFound):
@@ -56,55 +53,47 @@ func OpenApplier(ctx context.Context, cat *Catalog, id, name string, log *slog.L
 		m.Name = name
 	}
 	a.m = m
-	for _, d := range m.Disks {
+	built := false
+	for i := range a.m.Disks {
+		d := &a.m.Disks[i]
 		rd, err := cat.T.OpenDisk(ctx, DiskKey(id, d.Index), d.Size)
 		if err != nil {
 			a.Close()
 			return nil, fmt.Errorf("open replica of disk %s: %w", d.Name, err)
 		}
 		a.disks[d.Index] = rd
+		sums, created, err := OpenSums(ctx, cat.T, SumKey(id, d.Index), d.Size)
+		if err != nil {
+			a.Close()
+			return nil, fmt.Errorf("block checksums of disk %s: %w", d.Name, err)
+		}
+		a.sums[d.Index] = sums
+		if created || !d.Sums {
+			// A disk replicated before asr kept checksums (or whose
+			// checksums were lost): build them from the replica as it is.
+			if d.Sums {
+				log.Warn("the block checksums of a replica disk are missing; rebuilding them from the replica", "machine", id, "disk", d.Name)
+			} else {
+				log.Info("building block checksums of a replica disk", "machine", id, "disk", d.Name, "size", d.Size)
+			}
+			if err := BuildSums(ctx, rd, sums); err != nil {
+				a.Close()
+				return nil, fmt.Errorf("build block checksums of disk %s: %w", d.Name, err)
+			}
+			d.Sums, built = true, true
+		}
+	}
+	if built {
+		if err := a.saveMachine(ctx); err != nil {
+			a.Close()
+			return nil, err
+		}
 	}
 	return a, nil
 }
 
-// UseIndexes keeps a hash index of every replica disk in dir (see
-// HashIndex), loading what is there.
-func (a *Applier) UseIndexes(dir string) error {
-	a.indexDir = dir
-	a.indexes = map[uint32]*HashIndex{}
-	for _, d := range a.m.Disks {
-		if err := a.openIndex(d, false); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (a *Applier) openIndex(d CatalogDisk, fresh bool) error {
-	if a.indexDir == "" {
-		return nil
-	}
-	x, err := OpenHashIndex(filepath.Join(a.indexDir, a.m.ID, fmt.Sprintf("%d.idx", d.Index)), d.Size, fresh, a.m.AppliedSeq)
-	if err != nil {
-		return fmt.Errorf("hash index of disk %s: %w", d.Name, err)
-	}
-	a.indexes[d.Index] = x
-	return nil
-}
-
-// Index returns a disk's hash index (nil without indexes).
-func (a *Applier) Index(disk uint32) *HashIndex { return a.indexes[disk] }
-
-// SaveIndexes writes the hash indexes, as describing the replicas at the
-// applied sequence number.
-func (a *Applier) SaveIndexes() error {
-	for idx, x := range a.indexes {
-		if err := x.Save(a.m.AppliedSeq); err != nil {
-			return fmt.Errorf("save hash index of disk %d: %w", idx, err)
-		}
-	}
-	return nil
-}
+// Sums returns a disk's block checksums (nil for an unknown disk).
+func (a *Applier) Sums(disk uint32) *Sums { return a.sums[disk] }
 
 // Machine returns the applier's view of the catalog entry.
 func (a *Applier) Machine() MachineCatalog {
@@ -152,11 +141,14 @@ func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
 				return fmt.Errorf("disk %s shrank from %d to %d bytes: a protected disk cannot shrink (as in ASR); restore its size, or disable protection and enable it again", di.Name, d.Size, di.Size)
 			case di.Size > d.Size:
 				// Grown: the replica grows, and the new area is resynced.
+				if di.Size > MaxDiskSize {
+					return fmt.Errorf("disk %s grew to %d bytes, more than asr supports (%d): %w", di.Name, di.Size, int64(MaxDiskSize), ErrDiskTooLarge)
+				}
 				if err := a.disks[di.Index].Resize(ctx, di.Size); err != nil {
 					return fmt.Errorf("grow the replica of disk %s: %w", di.Name, err)
 				}
-				if x := a.indexes[di.Index]; x != nil {
-					x.Grow(di.Size)
+				if err := a.sums[di.Index].Resize(ctx, di.Size); err != nil {
+					return fmt.Errorf("grow the checksums of disk %s: %w", di.Name, err)
 				}
 				old := d.Size
 				d.Size = di.Size
@@ -171,22 +163,29 @@ func (a *Applier) EnsureDisks(ctx context.Context, disks []DiskInfo) error {
 		if di.Size <= 0 {
 			return fmt.Errorf("disk %s: size %d", di.Name, di.Size)
 		}
+		if di.Size > MaxDiskSize {
+			return fmt.Errorf("disk %s of %d bytes is larger than asr supports (%d, VMware's largest virtual disk is 62 TB): %w", di.Name, di.Size, int64(MaxDiskSize), ErrDiskTooLarge)
+		}
+		for _, d := range a.m.Disks {
+			if d.Name == di.Name {
+				return fmt.Errorf("disk name %q is taken by disk %d of this machine", di.Name, d.Index)
+			}
+		}
 		rd, err := a.cat.T.OpenDisk(ctx, DiskKey(a.m.ID, di.Index), di.Size)
 		if err != nil {
 			return fmt.Errorf("create replica of disk %s: %w", di.Name, err)
 		}
-		for _, d := range a.m.Disks {
-			if d.Name == di.Name {
-				rd.Close()
-				return fmt.Errorf("disk name %q is taken by disk %d of this machine", di.Name, d.Index)
-			}
+		// A new disk's replica is all zeros, and so are its new checksums
+		// (an existing sum disk here was made by a start cut short before
+		// the catalog named the disk: nothing was applied to either).
+		sums, _, err := OpenSums(ctx, a.cat.T, SumKey(a.m.ID, di.Index), di.Size)
+		if err != nil {
+			rd.Close()
+			return fmt.Errorf("create the checksums of disk %s: %w", di.Name, err)
 		}
 		a.disks[di.Index] = rd
-		cd := CatalogDisk{Index: di.Index, Name: di.Name, Size: di.Size, State: StateInitial}
-		a.m.Disks = append(a.m.Disks, cd)
-		if err := a.openIndex(cd, true); err != nil {
-			return err
-		}
+		a.sums[di.Index] = sums
+		a.m.Disks = append(a.m.Disks, CatalogDisk{Index: di.Index, Name: di.Name, Size: di.Size, State: StateInitial, Sums: true})
 		changed = true
 	}
 	if changed {
@@ -294,15 +293,15 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 		if err := a.disks[r.Disk].WriteAt(r.Data, int64(r.Offset)); err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
 		}
-		if x := a.indexes[r.Disk]; x != nil {
-			x.Write(int64(r.Offset), r.Data)
+		if err := a.sums[r.Disk].Note(int64(r.Offset), r.Data); err != nil {
+			return fmt.Errorf("apply record %d to the checksums of disk %d: %w", r.Seq, r.Disk, err)
 		}
 	case KindZero, KindTrim:
 		if err := a.disks[r.Disk].ZeroAt(int64(r.Offset), int64(r.Length)); err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
 		}
-		if x := a.indexes[r.Disk]; x != nil {
-			x.Zero(int64(r.Offset), int64(r.Length))
+		if err := a.sums[r.Disk].NoteZero(int64(r.Offset), int64(r.Length)); err != nil {
+			return fmt.Errorf("apply record %d to the checksums of disk %d: %w", r.Seq, r.Disk, err)
 		}
 	case KindProgress:
 		d, _ := a.m.Disk(r.Disk)
@@ -328,7 +327,10 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 				d.State, d.Reason, d.Ranges = StateProtected, "", nil
 				a.log.Info("resync complete", "machine", a.m.ID, "disk", d.Name, "seq", r.Seq)
 			}
-		} else if d.State != StateInitial {
+		} else if d.State != StateInitial && r.Flags&FlagVerify == 0 {
+			// A resync starts: the replica is inconsistent from here. A
+			// verify leaves the disk as it is unless it finds differences
+			// (the process server then marks it).
 			d.State, d.Reason = StateResync, string(r.Data)
 		}
 	}
@@ -357,13 +359,16 @@ func (a *Applier) tag(ctx context.Context, r *Record) error {
 	case r.Flags&FlagScan != 0:
 		p.Kind = PointInconsistent
 	}
+	if err := a.flush(ctx); err != nil {
+		return fmt.Errorf("point %s: %w", p.ID, err)
+	}
+	p.Sums = true
 	for _, d := range a.m.Disks {
-		rd := a.disks[d.Index]
-		if err := rd.Flush(ctx); err != nil {
-			return fmt.Errorf("flush disk %s for point %s: %w", d.Name, p.ID, err)
-		}
-		if err := rd.Snapshot(ctx, SnapshotName(r.Seq)); err != nil {
+		if err := a.disks[d.Index].Snapshot(ctx, SnapshotName(r.Seq)); err != nil {
 			return fmt.Errorf("snapshot disk %s for point %s: %w", d.Name, p.ID, err)
+		}
+		if err := a.sums[d.Index].Snapshot(ctx, SnapshotName(r.Seq)); err != nil {
+			return fmt.Errorf("snapshot the checksums of disk %s for point %s: %w", d.Name, p.ID, err)
 		}
 		p.Disks = append(p.Disks, d.Index)
 		if p.Sizes == nil {
@@ -386,13 +391,30 @@ func (a *Applier) tag(ctx context.Context, r *Record) error {
 
 // checkpoint flushes the replica disks and records seq as applied.
 func (a *Applier) checkpoint(ctx context.Context, seq uint64) error {
+	if err := a.flush(ctx); err != nil {
+		return err
+	}
+	a.m.AppliedSeq = seq
+	return a.saveMachine(ctx)
+}
+
+// flush flushes the replica disks, then hashes the blocks written in part
+// (read back from the flushed replica) and flushes the checksums.
+func (a *Applier) flush(ctx context.Context) error {
 	for idx, rd := range a.disks {
 		if err := rd.Flush(ctx); err != nil {
 			return fmt.Errorf("flush replica of disk %d: %w", idx, err)
 		}
 	}
-	a.m.AppliedSeq = seq
-	return a.saveMachine(ctx)
+	for idx, s := range a.sums {
+		if err := s.Settle(ReadFull(a.disks[idx])); err != nil {
+			return fmt.Errorf("checksums of disk %d: %w", idx, err)
+		}
+		if err := s.Flush(ctx); err != nil {
+			return fmt.Errorf("flush the checksums of disk %d: %w", idx, err)
+		}
+	}
+	return nil
 }
 
 // SkipTo records every record up to seq as handled without applying it: after
@@ -424,6 +446,39 @@ func (a *Applier) MarkResync(ctx context.Context, index int64, reason string) er
 	return a.saveMachine(ctx)
 }
 
+// MarkDamage records replica blocks found not to match their checksums
+// (offsets of 4 KiB blocks of disk idx): their checksums are marked damaged
+// and flushed at once, so recovery fails on them and the next compare asks
+// the source for them again. With a reason, the disk is also marked for a
+// resync of those blocks (added to the ranges of a resync already due).
+func (a *Applier) MarkDamage(ctx context.Context, idx uint32, blocks []int64, reason string) error {
+	s, ok := a.sums[idx]
+	d, ok2 := a.m.Disk(idx)
+	if !ok || !ok2 {
+		return fmt.Errorf("mark damage: no disk %d", idx)
+	}
+	for _, off := range blocks {
+		if err := s.MarkDamaged(off / HashBlock); err != nil {
+			return err
+		}
+	}
+	if err := a.flush(ctx); err != nil {
+		return err
+	}
+	if reason == "" || d.State == StateInitial {
+		return nil
+	}
+	if d.State != StateResync {
+		d.State, d.Reason, d.Ranges = StateResync, reason, BlockRanges(blocks)
+	} else if len(d.Ranges) > 0 {
+		// Already due for some ranges: add these (due for the whole disk,
+		// nothing to add).
+		d.Ranges = append(d.Ranges, BlockRanges(blocks)...)
+		d.Reason = reason + "; " + d.Reason
+	}
+	return a.saveMachine(ctx)
+}
+
 // DeletePoint prunes a point: its catalog entry first (so it is never listed
 // without its snapshots), then the disk snapshots.
 func (a *Applier) DeletePoint(ctx context.Context, p Point) error {
@@ -435,6 +490,9 @@ func (a *Applier) DeletePoint(ctx context.Context, p Point) error {
 	for idx, rd := range a.disks {
 		if err := rd.DeleteSnapshot(ctx, SnapshotName(p.Seq)); err != nil {
 			return fmt.Errorf("delete snapshot of point %s on disk %d: %w", p.ID, idx, err)
+		}
+		if err := a.sums[idx].DeleteSnapshot(ctx, SnapshotName(p.Seq)); err != nil {
+			return fmt.Errorf("delete the checksums of point %s on disk %d: %w", p.ID, idx, err)
 		}
 	}
 	return nil
@@ -448,6 +506,11 @@ func (a *Applier) Close() error {
 			first = err
 		}
 	}
-	a.disks = map[uint32]ReplicaDisk{}
+	for _, s := range a.sums {
+		if err := s.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	a.disks, a.sums = map[uint32]ReplicaDisk{}, map[uint32]*Sums{}
 	return first
 }

@@ -57,6 +57,10 @@ type CatalogDisk struct {
 	LastResync         uint64 `json:"last_resync,omitempty"`
 	LastResyncCompared int64  `json:"last_resync_compared,omitempty"`
 	LastResyncSent     int64  `json:"last_resync_sent,omitempty"`
+	// Sums is set once the disk has block checksums on the target
+	// (SumKey); a disk replicated before they existed gets them, built
+	// from the replica, when its applier next opens.
+	Sums bool `json:"sums,omitempty"`
 }
 
 // Range is a byte range of a disk.
@@ -114,6 +118,10 @@ type Point struct {
 	Disks []uint32  `json:"disks"`
 	// Sizes are the disks' sizes at the point (a disk may grow later).
 	Sizes map[uint32]int64 `json:"sizes,omitempty"`
+	// Sums is set when every disk's block checksums were snapshotted with
+	// it (sums.go): recovery checks what it reads. Points made before asr
+	// kept checksums have none and are recovered unchecked.
+	Sums bool `json:"sums,omitempty"`
 }
 
 // PointID is the identifier operators use for the point after record seq.

@@ -377,6 +377,11 @@ type ResyncJob struct {
 	Disk   uint32  `json:"disk"`
 	Reason string  `json:"reason"`
 	Ranges []Range `json:"ranges,omitempty"`
+	// Verify makes the job a verify (DRBD's online verify): the server
+	// compares with the replica's contents read back, not with its
+	// checksums, and the disk stays consistent unless differences are
+	// found (which are then resent like any resync's).
+	Verify bool `json:"verify,omitempty"`
 }
 
 // Hashes carries the source's hashes of a batch of chunks (HashChunk bytes
@@ -391,6 +396,8 @@ type Hashes struct {
 	After  uint64  `json:"after,omitempty"`
 	Offs   []int64 `json:"offs"`
 	Hashes []byte  `json:"hashes"` // 16 bytes per chunk
+	// Verify is set for a verify job (ResyncJob.Verify).
+	Verify bool `json:"verify,omitempty"`
 }
 
 // Want answers Hashes with the replica's block hashes of every chunk that

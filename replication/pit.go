@@ -82,16 +82,24 @@ func (c *Catalog) PlanTime(ctx context.Context, machineID string, at time.Time) 
 }
 
 // RecoverTime writes every disk of a machine as of time at to
-// dir/<disk>.img, straight from the target. It returns the plan used and the
-// sequence number of the last change included.
-func RecoverTime(ctx context.Context, cat *Catalog, m MachineCatalog, at time.Time, dir string) (TimePlan, uint64, error) {
+// dir/<disk>.img, straight from the target: the base point, checked against
+// its block checksums (RecoverPoint), then the kept changes after it, each
+// checked by its record checksum. It returns the plan used, the base
+// point's disks and the sequence number of the last change included.
+func RecoverTime(ctx context.Context, cat *Catalog, m MachineCatalog, at time.Time, dir string, opts RecoverOptions) (TimePlan, []RecoveredDisk, uint64, error) {
 	plan, err := cat.PlanTime(ctx, m.ID, at)
 	if err != nil {
-		return plan, 0, err
+		return plan, nil, 0, err
 	}
-	if _, err := RecoverPoint(ctx, cat, m, plan.Base, dir); err != nil {
-		return plan, 0, err
+	disks, err := RecoverPoint(ctx, cat, m, plan.Base, dir, opts)
+	if err != nil {
+		return plan, disks, 0, err
 	}
+	plan2, last, err := replayTime(ctx, cat, m, plan, dir)
+	return plan2, disks, last, err
+}
+
+func replayTime(ctx context.Context, cat *Catalog, m MachineCatalog, plan TimePlan, dir string) (TimePlan, uint64, error) {
 	files := map[uint32]*os.File{}
 	defer func() {
 		for _, f := range files {

@@ -78,6 +78,11 @@ const (
 	// by periodic scans rather than write by write, and the point was not
 	// taken during a freeze: it is not crash-consistent.
 	FlagScan uint8 = 1 << 2
+	// FlagVerify on a KindResync record: the resync is a verify (an
+	// operator's or a scheduled check of a consistent disk): its start does
+	// not make the disk inconsistent; the process server marks the disk
+	// only if the compare finds differences.
+	FlagVerify uint8 = 1 << 3
 )
 
 // MaxRecordData bounds the payload of one record (the NBD request limit).

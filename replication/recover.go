@@ -2,6 +2,7 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -65,12 +66,28 @@ type RecoveredDisk struct {
 	Path string
 	Size int64
 	Data int64
+	// Checked is set when every block written was checked against the
+	// point's block checksums (points made before asr kept them are not).
+	Checked bool
+	// Damaged lists the blocks that did not match their checksums and were
+	// written as they are (only with RecoverOptions.AcceptDamage).
+	Damaged []int64
+}
+
+// RecoverOptions are the choices of a recovery.
+type RecoverOptions struct {
+	// AcceptDamage writes blocks that fail their checksums as they are
+	// (listed in RecoveredDisk.Damaged) instead of failing the recovery.
+	AcceptDamage bool
 }
 
 // RecoverPoint writes every disk of a machine at point p to dir/<disk>.img,
-// straight from the target (no server involved). Existing files are replaced.
-func RecoverPoint(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, dir string) ([]RecoveredDisk, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+// straight from the target (no server involved), checking every block
+// against the point's checksums. Existing files are replaced. A damaged
+// block fails the recovery with a *DamageError naming the disk, the offset
+// and every point that shares the damage, unless opts.AcceptDamage.
+func RecoverPoint(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, dir string, opts RecoverOptions) ([]RecoveredDisk, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	var out []RecoveredDisk
@@ -79,36 +96,69 @@ func RecoverPoint(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, 
 		if !ok {
 			return out, fmt.Errorf("point %s names disk %d, unknown to machine %s: %w", p.ID, idx, m.Name, ErrCorrupt)
 		}
-		rd, err := cat.T.OpenDisk(ctx, DiskKey(m.ID, idx), 0)
+		rec, err := recoverDisk(ctx, cat, m, p, *d, dir, opts)
 		if err != nil {
-			return out, fmt.Errorf("open replica of disk %s: %w", d.Name, err)
+			return out, err
 		}
-		snap, err := rd.OpenSnapshot(ctx, SnapshotName(p.Seq))
-		if err != nil {
-			rd.Close()
-			return out, fmt.Errorf("open point %s of disk %s: %w", p.ID, d.Name, err)
-		}
-		path := filepath.Join(dir, d.Name+".img")
-		size := snap.Size()
-		if s, ok := p.Sizes[idx]; ok && s <= size {
-			size = s // the disk grew after the point
-		}
-		n, err := writeImageFile(ctx, io.NewSectionReader(snap, 0, size), size, path)
-		snap.Close()
-		rd.Close()
-		if err != nil {
-			return out, fmt.Errorf("recover disk %s: %w", d.Name, err)
-		}
-		out = append(out, RecoveredDisk{Name: d.Name, Path: path, Size: size, Data: n})
+		out = append(out, rec)
 	}
 	return out, nil
+}
+
+func recoverDisk(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, d CatalogDisk, dir string, opts RecoverOptions) (RecoveredDisk, error) {
+	rd, err := cat.T.OpenDisk(ctx, DiskKey(m.ID, d.Index), 0)
+	if err != nil {
+		return RecoveredDisk{}, fmt.Errorf("open replica of disk %s: %w", d.Name, err)
+	}
+	defer rd.Close()
+	var sums ReplicaDisk
+	if p.Sums {
+		if sums, err = cat.T.OpenDisk(ctx, SumKey(m.ID, d.Index), 0); err != nil {
+			return RecoveredDisk{}, fmt.Errorf("open the block checksums of disk %s: %w", d.Name, err)
+		}
+		defer sums.Close()
+	}
+	r, err := OpenPointDisk(ctx, m, p, d.Index, rd, sums, opts.AcceptDamage)
+	if err != nil {
+		return RecoveredDisk{}, err
+	}
+	path := filepath.Join(dir, d.Name+".img")
+	n, err := writeImageFile(ctx, r, r.Size(), path)
+	r.Close()
+	var de *DamageError
+	if errors.As(err, &de) {
+		de.Also = cat.damagedCopies(ctx, m, p, d.Index, rd, sums, de.Offset)
+	}
+	if err != nil {
+		return RecoveredDisk{}, fmt.Errorf("recover disk %s: %w", d.Name, err)
+	}
+	return RecoveredDisk{Name: d.Name, Path: path, Size: r.Size(), Data: n, Checked: r.Checked(), Damaged: r.Damaged()}, nil
+}
+
+// damagedCopies lists the other points (and "current") whose copy of the
+// block at off of disk idx is damaged too (see DamagedCopies).
+func (c *Catalog) damagedCopies(ctx context.Context, m MachineCatalog, except Point, idx uint32, rd, sums ReplicaDisk, off int64) []string {
+	listed, err := c.Points(ctx, m.ID)
+	if err != nil {
+		return nil
+	}
+	var full []Point
+	for _, lp := range listed {
+		if lp.Seq == except.Seq {
+			continue
+		}
+		if p, err := c.FindPoint(ctx, m.ID, lp.ID); err == nil {
+			full = append(full, p)
+		}
+	}
+	return DamagedCopies(ctx, m, full, idx, rd, sums, off)
 }
 
 // writeImageFile writes size bytes of a snapshot to a new sparse file at
 // path (via a temporary name, so a failed recovery leaves no half image).
 func writeImageFile(ctx context.Context, snap io.ReaderAt, size int64, path string) (int64, error) {
 	tmp := path + ".partial"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return 0, err
 	}
@@ -132,11 +182,11 @@ func writeImageFile(ctx context.Context, snap io.ReaderAt, size int64, path stri
 // WriteImageFile writes a stream of a whole disk image (as served by the
 // server's image API) to a sparse file at path.
 func WriteImageFile(ctx context.Context, r io.Reader, size int64, path string) (int64, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return 0, err
 	}
 	tmp := path + ".partial"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return 0, err
 	}

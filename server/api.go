@@ -122,6 +122,9 @@ func (s *Server) routes() http.Handler {
 			r.Post("/machines/{machine}/resync", handle(s.handleResync))
 			r.Get("/machines/{machine}/resync", handle(s.handleResyncs))
 			r.Put("/settings/resync-window", handle(s.handleResyncWindow))
+			r.Post("/machines/{machine}/verify", handle(s.handleVerify))
+			r.Get("/machines/{machine}/verify", handle(s.handleVerifyStatus))
+			r.Put("/settings/scrub", handle(s.handleScrubSetting))
 			r.Get("/groups/{group}/points", handle(s.handleGroupPoints))
 			r.Post("/groups/{group}/points", handle(s.handleGroupTag))
 		})
@@ -312,9 +315,21 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// Image stream headers and trailers: the size comes first, and since a
+// damaged block may be met mid-stream (after the status line), the outcome
+// comes last, in trailers the client must check.
+const (
+	HeaderImageSize    = "X-Asr-Size"    // bytes of the image
+	HeaderImageChecked = "X-Asr-Checked" // "1": every block is checked against the point's checksums
+	TrailerImageError  = "X-Asr-Error"   // set if the stream is incomplete, and why
+	TrailerDamaged     = "X-Asr-Damaged" // with accept_damage: offsets of damaged blocks, comma-separated
+)
+
 // handleImage streams a disk at a point, byte for byte, as
-// application/octet-stream. The snapshot reader is taken from the running
-// applier, so the image is exact while replication goes on.
+// application/octet-stream, checking every block against the point's
+// checksums. The snapshot reader is taken from the running applier, so the
+// image is exact while replication goes on. ?accept_damage=1 streams
+// damaged blocks as they are and lists them in a trailer.
 func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	m, err := s.findMachine(ctx, r)
@@ -325,42 +340,39 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	accept := r.URL.Query().Get("accept_damage") == "1"
 	diskName := chi.URLParam(r, "disk")
-	var snap replication.SnapshotReader
-	var size int64
-	err = s.ps.WithApplier(ctx, m.ID, func(a *replication.Applier) error {
-		mc := a.Machine()
-		for _, d := range mc.Disks {
-			if d.Name != diskName {
-				continue
-			}
-			rd, ok := a.Disk(d.Index)
-			if !ok {
-				return fmt.Errorf("disk %s is not open", diskName)
-			}
-			var err error
-			snap, err = rd.OpenSnapshot(ctx, replication.SnapshotName(p.Seq))
-			if err == nil {
-				size = snap.Size()
-				if s, ok := p.Sizes[d.Index]; ok && s <= size {
-					size = s // the disk grew after the point
-				}
-			}
-			return err
-		}
-		return errorf(http.StatusNotFound, "machine %s has no disk %q", m.Name, diskName)
-	})
+	snap, err := s.ps.OpenPoint(ctx, m.ID, p, diskName, accept)
 	if err != nil {
 		return err
 	}
 	defer snap.Close()
+	size := snap.Size()
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	w.Header().Set(HeaderImageSize, strconv.FormatInt(size, 10))
+	if snap.Checked() {
+		w.Header().Set(HeaderImageChecked, "1")
+	}
 	w.Header().Set("X-Asr-Point", p.ID)
+	w.Header().Set("Trailer", TrailerImageError+", "+TrailerDamaged)
 	w.WriteHeader(http.StatusOK)
-	// Errors after the header are reported by a short body, which the
-	// client detects against Content-Length.
-	io.CopyBuffer(w, io.NewSectionReader(snap, 0, size), make([]byte, 1<<20))
+	_, err = io.CopyBuffer(w, io.NewSectionReader(snap, 0, size), make([]byte, 1<<20))
+	var de *replication.DamageError
+	if errors.As(err, &de) {
+		de.Also = s.ps.DamagedCopies(context.WithoutCancel(ctx), m.ID, diskName, de.Offset, p.ID)
+		s.onDamage(m.ID, procserver.Damage{Disk: diskName, Point: p.ID, Blocks: []int64{de.Offset}, Found: "a recovery"})
+	}
+	if err != nil {
+		w.Header().Set(TrailerImageError, err.Error())
+		return nil
+	}
+	if d := snap.Damaged(); len(d) > 0 {
+		parts := make([]string, 0, min(len(d), 10000))
+		for _, off := range d[:min(len(d), 10000)] {
+			parts = append(parts, strconv.FormatInt(off, 10))
+		}
+		w.Header().Set(TrailerDamaged, strings.Join(parts, ","))
+	}
 	return nil
 }
 

@@ -99,14 +99,57 @@ func (c *Client) open(ctx context.Context, method, path string, body io.Reader) 
 	return resp, nil
 }
 
-// Image streams a disk image at a point; the caller closes the body.
-func (c *Client) Image(ctx context.Context, machine, point, disk string) (io.ReadCloser, int64, error) {
-	resp, err := c.open(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine)+"/points/"+
-		url.PathEscape(point)+"/disks/"+url.PathEscape(disk)+"/image", nil)
-	if err != nil {
-		return nil, 0, err
+// Image streams a disk image at a point. The caller reads exactly Size
+// bytes from Body, then calls Finish, which reads the stream's end and
+// reports the server's verdict (a damaged block, an error mid-stream), and
+// closes it.
+func (c *Client) Image(ctx context.Context, machine, point, disk string, accept bool) (*ImageStream, error) {
+	path := "/api/v1/machines/" + url.PathEscape(machine) + "/points/" + url.PathEscape(point) + "/disks/" + url.PathEscape(disk) + "/image"
+	if accept {
+		path += "?accept_damage=1"
 	}
-	return resp.Body, resp.ContentLength, nil
+	resp, err := c.open(ctx, http.MethodGet, path, nil)
+	if err != nil {
+		return nil, err
+	}
+	size, err := strconv.ParseInt(resp.Header.Get(HeaderImageSize), 10, 64)
+	if err != nil || size < 0 {
+		resp.Body.Close()
+		return nil, fmt.Errorf("image of disk %s: the server sent no size", disk)
+	}
+	return &ImageStream{Body: resp.Body, Size: size, Checked: resp.Header.Get(HeaderImageChecked) == "1", resp: resp}, nil
+}
+
+// ImageStream is a disk image being streamed from the server.
+type ImageStream struct {
+	Body    io.Reader
+	Size    int64
+	Checked bool // every block is checked against the point's checksums
+	resp    *http.Response
+}
+
+// Finish reads the rest of the stream and returns the offsets of damaged
+// blocks the server streamed as they are (with accept), or the error that
+// cut the stream short.
+func (s *ImageStream) Finish() ([]int64, error) {
+	defer s.resp.Body.Close()
+	if _, err := io.Copy(io.Discard, io.LimitReader(s.resp.Body, 1<<20)); err != nil {
+		return nil, fmt.Errorf("image stream: %w", err)
+	}
+	if msg := s.resp.Trailer.Get(TrailerImageError); msg != "" {
+		return nil, fmt.Errorf("server: %s", msg)
+	}
+	var damaged []int64
+	if v := s.resp.Trailer.Get(TrailerDamaged); v != "" {
+		for _, f := range strings.Split(v, ",") {
+			off, err := strconv.ParseInt(f, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("image stream: bad damage list from the server")
+			}
+			damaged = append(damaged, off)
+		}
+	}
+	return damaged, nil
 }
 
 // Tag asks for a recovery point and waits for it.
@@ -143,8 +186,10 @@ func (c *Client) machine(ctx context.Context, machine string) (web.Machine, erro
 }
 
 // RecoverPoint writes every disk of a machine at a point ("latest" or an
-// id) to dir/<disk>.img, streamed from the server.
-func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string) (Recovered, error) {
+// id) to dir/<disk>.img, streamed from the server, which checks every block
+// against the point's checksums (a damaged block fails the recovery unless
+// opts.AcceptDamage).
+func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string, opts replication.RecoverOptions) (Recovered, error) {
 	res := Recovered{Machine: machine}
 	m, err := c.machine(ctx, machine)
 	if err != nil {
@@ -168,17 +213,23 @@ func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string) (
 		return res, fmt.Errorf("machine %s has no recovery point %q (see asr points)", machine, point)
 	}
 	for _, d := range m.Disks {
-		body, size, err := c.Image(ctx, machine, res.Point.ID, d.Name)
+		img, err := c.Image(ctx, machine, res.Point.ID, d.Name, opts.AcceptDamage)
 		if err != nil {
 			return res, err
 		}
 		path := filepath.Join(dir, d.Name+".img")
-		n, err := replication.WriteImageFile(ctx, body, size, path)
-		body.Close()
+		n, err := replication.WriteImageFile(ctx, img.Body, img.Size, path)
+		damaged, ferr := img.Finish()
+		if ferr != nil {
+			// The server's reason beats a short stream's.
+			err = ferr
+			os.Remove(path)
+		}
 		if err != nil {
 			return res, fmt.Errorf("recover disk %s: %w", d.Name, err)
 		}
-		res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: path, Size: size, Data: n})
+		res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: path, Size: img.Size, Data: n,
+			Checked: img.Checked, Damaged: damaged})
 	}
 	return res, nil
 }
@@ -186,12 +237,12 @@ func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string) (
 // RecoverTime writes every disk of a machine as of instant at: the server
 // plans (base point and kept segments), the images of the base point are
 // streamed, and the segments replayed here up to at.
-func (c *Client) RecoverTime(ctx context.Context, machine string, at time.Time, dir string) (Recovered, error) {
+func (c *Client) RecoverTime(ctx context.Context, machine string, at time.Time, dir string, opts replication.RecoverOptions) (Recovered, error) {
 	var plan TimePlanJSON
 	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine)+"/timeplan?time="+url.QueryEscape(at.Format(time.RFC3339Nano)), nil, &plan); err != nil {
 		return Recovered{Machine: machine}, err
 	}
-	res, err := c.RecoverPoint(ctx, machine, plan.Base, dir)
+	res, err := c.RecoverPoint(ctx, machine, plan.Base, dir, opts)
 	if err != nil {
 		return res, err
 	}

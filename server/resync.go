@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -115,8 +116,23 @@ func (s *Server) syncResyncRows(m replication.MachineCatalog) {
 			s.db.DeleteResync(ctx, m.ID, d.Index)
 		case has && row.State == store.ResyncRunning && d.LastResync == row.JobID && d.State == replication.StateProtected:
 			s.db.DeleteResync(ctx, m.ID, d.Index)
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
-				Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, d.LastResyncCompared, d.LastResyncSent)})
+			switch {
+			case row.Verify && d.LastResyncSent == 0:
+				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "verify-done",
+					Message: fmt.Sprintf("disk %s verified against the source: compared %d bytes, no difference", d.Name, d.LastResyncCompared)})
+			case row.Verify:
+				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "verify-done",
+					Message: fmt.Sprintf("disk %s verified against the source: compared %d bytes, %d bytes differed and were resent; the replica is consistent again", d.Name, d.LastResyncCompared, d.LastResyncSent)})
+			default:
+				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
+					Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, d.LastResyncCompared, d.LastResyncSent)})
+			}
+		case has && row.State != store.ResyncRunning && d.State == replication.StateResync && !slices.Equal(row.Ranges, d.Ranges):
+			// More became due (a scrub found damage): widen the waiting job.
+			row.Ranges, row.Reason, row.Verify = d.Ranges, d.Reason, false
+			if err := s.db.PutResync(ctx, row); err != nil {
+				s.log.Error("update resync", "machine", m.ID, "disk", d.Name, "err", err)
+			}
 		}
 	}
 }
@@ -140,6 +156,7 @@ func (s *Server) resyncLoop() {
 				s.maybeStartResync(s.ctx, r)
 			}
 		}
+		s.maybeScrub(s.ctx)
 	}
 }
 
@@ -169,7 +186,7 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	if !r.NextTry.IsZero() && now.Before(r.NextTry) {
 		return
 	}
-	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Ranges: r.Ranges}
+	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Ranges: r.Ranges, Verify: r.Verify}
 	err = s.ps.StartResync(ctx, m.ID, job)
 	if err == nil {
 		r.State, r.JobID, r.StartedAt, r.LastError = store.ResyncRunning, job.ID, now, ""

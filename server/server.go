@@ -117,10 +117,13 @@ type Server struct {
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
 
-	cutMu   sync.Mutex // one replication-group cut at a time
-	now     func() time.Time
-	rpoMu   sync.Mutex
-	rpoOver map[string]bool // machines whose RPO is over their threshold
+	cutMu sync.Mutex // one replication-group cut at a time
+
+	scrubMu   sync.Mutex
+	scrubbing bool // a scheduled scrub is running
+	now       func() time.Time
+	rpoMu     sync.Mutex
+	rpoOver   map[string]bool // machines whose RPO is over their threshold
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -221,14 +224,23 @@ func (s *Server) open(ctx context.Context) error {
 	if err := s.openVault(ctx); err != nil {
 		return err
 	}
+	// Hash indexes were kept here before the block checksums moved to the
+	// target (replication/sums.go).
+	if old := filepath.Join(cfg.DataDir, "index"); exists(old) {
+		s.log.Info("removing the old hash indexes (block checksums are kept on the target now)", "dir", old)
+		if err := os.RemoveAll(old); err != nil {
+			return err
+		}
+	}
 	s.ps, err = procserver.New(ctx, procserver.Config{
 		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
-		IndexDir:      filepath.Join(cfg.DataDir, "index"),
 		Catalog:       s.cat,
 		Authorize:     s.authorizeAgent,
 		OnState:       s.onState,
 		OnPoint:       s.onPoint,
 		OnBytes:       s.onBytes,
+		OnDamage:      s.onDamage,
+		OnQuarantine:  s.onQuarantine,
 		OnConnect:     s.onConnect,
 		OnRefused:     s.onRefused,
 		OnCacheState:  s.onCacheState,
@@ -527,6 +539,14 @@ func (s *Server) onCacheState(state string, free, total uint64) {
 	s.raise(s.ctx, store.Event{Severity: sev, Kind: "cache-" + state, Message: msg})
 }
 
+// onQuarantine raises an event for a cached segment that failed
+// verification: it was moved aside, never applied, and the machine's disks
+// are marked for resync.
+func (s *Server) onQuarantine(id, path, reason string) {
+	s.raise(s.ctx, store.Event{MachineID: id, Severity: "error", Kind: "segment-quarantined",
+		Message: fmt.Sprintf("%s; it was moved to %s for inspection, and the disks are resynced from the source", reason, path)})
+}
+
 // onRefused shows why an agent was turned away on its machine.
 func (s *Server) onRefused(id, reason string) {
 	if err := s.db.SetMachineError(s.ctx, id, reason); err != nil {
@@ -568,4 +588,9 @@ func newMachineID() string {
 	b := make([]byte, 16)
 	rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

@@ -185,7 +185,7 @@ func (r *rig) waitProtected(name string) {
 
 func (r *rig) recover(name, point, out string) {
 	r.t.Helper()
-	if _, err := r.client.RecoverPoint(context.Background(), name, point, out); err != nil {
+	if _, err := r.client.RecoverPoint(context.Background(), name, point, out, replication.RecoverOptions{}); err != nil {
 		r.t.Fatal(err)
 	}
 }
@@ -304,7 +304,7 @@ func TestReplicateTagRecover(t *testing.T) {
 			t.Fatal(err)
 		}
 		out := filepath.Join(dir, "offline-"+p.id)
-		if _, err := replication.RecoverPoint(ctx, cat, m, pt, out); err != nil {
+		if _, err := replication.RecoverPoint(ctx, cat, m, pt, out, replication.RecoverOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		if fileSum(t, filepath.Join(out, "d0.img")) != p.d0 || fileSum(t, filepath.Join(out, "d1.img")) != p.d1 {
@@ -759,14 +759,14 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 	instants = append(instants, writes[45].start.Add(-time.Millisecond))
 	for k, at := range instants {
 		out := filepath.Join(dir, fmt.Sprintf("pit-%d", k))
-		if _, err := r.client.RecoverTime(ctx, "vm1", at, out); err != nil {
+		if _, err := r.client.RecoverTime(ctx, "vm1", at, out, replication.RecoverOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		got, _ := os.ReadFile(filepath.Join(out, "d.img"))
 		check(got, at)
 	}
 	// Before the first point: a clear error.
-	if _, err := r.client.RecoverTime(ctx, "vm1", writes[0].start.Add(-time.Hour), filepath.Join(dir, "early")); err == nil ||
+	if _, err := r.client.RecoverTime(ctx, "vm1", writes[0].start.Add(-time.Hour), filepath.Join(dir, "early"), replication.RecoverOptions{}); err == nil ||
 		!strings.Contains(err.Error(), "before the oldest recovery point") {
 		t.Fatalf("a time before every point: %v", err)
 	}
@@ -792,7 +792,7 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 	}
 	for k, at := range instants {
 		out := filepath.Join(dir, fmt.Sprintf("pit-offline-%d", k))
-		if _, _, err := replication.RecoverTime(ctx, cat, m, at, out); err != nil {
+		if _, _, _, err := replication.RecoverTime(ctx, cat, m, at, out, replication.RecoverOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		got, _ := os.ReadFile(filepath.Join(out, "d.img"))

@@ -21,7 +21,11 @@ type Machine struct {
 	LastError     string
 	Policy        string
 	Group         string
-	Disks         []Disk
+	// LastScrub is when the replica was last checked against its block
+	// checksums, and ScrubResult what that found.
+	LastScrub   time.Time
+	ScrubResult string
+	Disks       []Disk
 }
 
 // Disk states.
@@ -77,13 +81,16 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 	return m, created, err
 }
 
-const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name`
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result`
 
 func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
-	var reg, seen int64
-	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group)
+	var reg, seen, scrub int64
+	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult)
 	m.RegisteredAt = time.Unix(reg, 0)
+	if scrub > 0 {
+		m.LastScrub = time.Unix(0, scrub)
+	}
 	if seen > 0 {
 		m.LastSeen = time.Unix(0, seen)
 	}
@@ -178,6 +185,12 @@ func (d *DB) PutDisk(ctx context.Context, machineID string, k Disk) error {
 func (d *DB) TouchMachine(ctx context.Context, id, agentVersion string, addBytes int64) error {
 	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_seen = ?, agent_version = CASE WHEN ? = '' THEN agent_version ELSE ? END,
 		bytes_received = bytes_received + ? WHERE id = ?`, d.now().UnixNano(), agentVersion, agentVersion, addBytes, id)
+	return err
+}
+
+// SetScrub records a machine's last scrub and what it found.
+func (d *DB) SetScrub(ctx context.Context, id string, at time.Time, result string) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_scrub = ?, scrub_result = ? WHERE id = ?`, at.UnixNano(), result, id)
 	return err
 }
 

@@ -35,9 +35,12 @@ type Resync struct {
 	Total       int64
 	Compared    int64
 	Sent        int64
+	// Verify makes the job a verify: the source is compared with the
+	// replica's contents read back (replication.ResyncJob.Verify).
+	Verify bool
 }
 
-const resyncCols = `machine_id, disk_idx, reason, ranges, manual, state, job_id, requested_at, next_try, attempts, last_error, started_at, total, compared, sent`
+const resyncCols = `machine_id, disk_idx, reason, ranges, manual, state, job_id, requested_at, next_try, attempts, last_error, started_at, total, compared, sent, verify`
 
 func nsTime(ns int64) time.Time {
 	if ns == 0 {
@@ -56,13 +59,13 @@ func tNs(t time.Time) int64 {
 func scanResync(s interface{ Scan(...any) error }) (Resync, error) {
 	var r Resync
 	var ranges string
-	var manual int
+	var manual, verify int
 	var job, req, next, started int64
-	err := s.Scan(&r.MachineID, &r.Disk, &r.Reason, &ranges, &manual, &r.State, &job, &req, &next, &r.Attempts, &r.LastError, &started, &r.Total, &r.Compared, &r.Sent)
+	err := s.Scan(&r.MachineID, &r.Disk, &r.Reason, &ranges, &manual, &r.State, &job, &req, &next, &r.Attempts, &r.LastError, &started, &r.Total, &r.Compared, &r.Sent, &verify)
 	if err != nil {
 		return r, err
 	}
-	r.Manual, r.JobID = manual != 0, uint64(job)
+	r.Manual, r.Verify, r.JobID = manual != 0, verify != 0, uint64(job)
 	r.RequestedAt, r.NextTry, r.StartedAt = nsTime(req), nsTime(next), nsTime(started)
 	if ranges != "" {
 		if err := json.Unmarshal([]byte(ranges), &r.Ranges); err != nil {
@@ -79,13 +82,16 @@ func (d *DB) PutResync(ctx context.Context, r Resync) error {
 		b, _ := json.Marshal(r.Ranges)
 		ranges = string(b)
 	}
-	manual := 0
+	manual, verify := 0, 0
 	if r.Manual {
 		manual = 1
 	}
-	_, err := d.db.ExecContext(ctx, `INSERT OR REPLACE INTO resyncs (`+resyncCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	if r.Verify {
+		verify = 1
+	}
+	_, err := d.db.ExecContext(ctx, `INSERT OR REPLACE INTO resyncs (`+resyncCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		r.MachineID, r.Disk, r.Reason, ranges, manual, r.State, int64(r.JobID), tNs(r.RequestedAt), tNs(r.NextTry),
-		r.Attempts, r.LastError, tNs(r.StartedAt), r.Total, r.Compared, r.Sent)
+		r.Attempts, r.LastError, tNs(r.StartedAt), r.Total, r.Compared, r.Sent, verify)
 	return err
 }
 

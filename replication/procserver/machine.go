@@ -17,11 +17,6 @@ import (
 
 const openName = "open.seg"
 
-// indexSaveEvery is how often the replicas' hash indexes are saved (and at
-// a clean stop): after a crash, an index saved for an earlier sequence
-// number is discarded and rebuilt from the replica as resyncs need it.
-const indexSaveEvery = 30 * time.Second
-
 // connectGrace is how long a point request waits for a disconnected agent.
 const connectGrace = 20 * time.Second
 
@@ -95,12 +90,6 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 		return nil, err
 	}
 	m.applier = a
-	if s.cfg.IndexDir != "" {
-		if err := a.UseIndexes(s.cfg.IndexDir); err != nil {
-			a.Close()
-			return nil, err
-		}
-	}
 	a.OnPoint = m.onPoint
 	a.OnNoPoint = m.onNoPoint
 	a.OnState = s.cfg.OnState
@@ -232,9 +221,14 @@ func (m *machine) newOpenFile() error {
 func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hello) (replication.Welcome, error) {
 	m.applyMu.Lock()
 	err := m.applier.EnsureDisks(ctx, h.Disks)
+	mc := m.applier.Machine()
 	m.applyMu.Unlock()
 	if err != nil {
 		return replication.Welcome{}, err
+	}
+	cc.disks = map[uint32]int64{}
+	for _, d := range mc.Disks {
+		cc.disks[d.Index] = d.Size
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -480,16 +474,7 @@ func (m *machine) wakeApply() {
 // the resync, so nothing is lost by keeping it current).
 func (m *machine) applyLoop() {
 	backoff := time.Second
-	lastSave := time.Now()
 	for {
-		if time.Since(lastSave) > indexSaveEvery {
-			m.applyMu.Lock()
-			if err := m.applier.SaveIndexes(); err != nil {
-				m.log.Error("save hash indexes", "err", err)
-			}
-			m.applyMu.Unlock()
-			lastSave = time.Now()
-		}
 		select {
 		case <-m.s.ctx.Done():
 			return
@@ -571,6 +556,9 @@ func (m *machine) applyOne(sg sealedSeg) error {
 			m.log.Warn("could not move the corrupt segment aside", "err", err)
 		}
 		m.popSealed(sg)
+		if m.s.cfg.OnQuarantine != nil {
+			m.s.cfg.OnQuarantine(m.id, filepath.Join(bad, filepath.Base(sg.path)), reason)
+		}
 		return nil
 	}
 	m.applyMu.Unlock()
@@ -746,9 +734,6 @@ func (m *machine) close() error {
 	}
 	m.mu.Unlock()
 	m.applyMu.Lock()
-	if serr := m.applier.SaveIndexes(); err == nil {
-		err = serr
-	}
 	if cerr := m.applier.Close(); err == nil {
 		err = cerr
 	}
@@ -819,7 +804,10 @@ func (m *machine) waitApplied(seq uint64, timeout time.Duration) error {
 	}
 }
 
-// compare finds the chunks of a batch whose replica hash differs.
+// compare finds the chunks of a batch whose replica hash differs: from the
+// replica's block checksums, or, for a verify job (DRBD's online verify),
+// from the replica's contents read back, checked against the checksums on
+// the way.
 func (m *machine) compare(h replication.Hashes) replication.Want {
 	w := replication.Want{Job: h.Job, Batch: h.Batch}
 	if len(h.Hashes) != 16*len(h.Offs) {
@@ -831,20 +819,31 @@ func (m *machine) compare(h replication.Hashes) replication.Want {
 		return w
 	}
 	m.applyMu.Lock()
-	x := m.applier.Index(h.Disk)
+	sums := m.applier.Sums(h.Disk)
 	rd, ok := m.applier.Disk(h.Disk)
 	m.applyMu.Unlock()
-	if x == nil || !ok {
-		w.Error = fmt.Sprintf("no replica hash index for disk %d", h.Disk)
+	if sums == nil || !ok {
+		w.Error = fmt.Sprintf("no replica disk %d", h.Disk)
 		return w
 	}
-	read := replication.ReadFull(rd)
+	var damaged []int64
+	buf := make([]byte, replication.HashChunk)
 	for i, off := range h.Offs {
-		if off < 0 || off%replication.HashChunk != 0 {
-			w.Error = fmt.Sprintf("chunk offset %d not aligned", off)
+		if off < 0 || off%replication.HashChunk != 0 || off >= rd.Size() {
+			w.Error = fmt.Sprintf("chunk offset %d not aligned or past the disk's end", off)
 			return w
 		}
-		ch, leaves, err := x.Chunk(int(off/replication.HashChunk), read)
+		c := off / replication.HashChunk
+		var ch replication.Hash
+		var leaves []replication.Hash
+		var err error
+		if h.Verify {
+			var bad []int64
+			ch, leaves, bad, err = m.readChunk(h.Disk, c, buf)
+			damaged = append(damaged, bad...)
+		} else {
+			ch, leaves, err = sums.Chunk(c)
+		}
 		if err != nil {
 			w.Error = err.Error()
 			return w
@@ -858,23 +857,106 @@ func (m *machine) compare(h replication.Hashes) replication.Want {
 		}
 		w.Chunks = append(w.Chunks, wc)
 	}
+	if h.Verify && (len(damaged) > 0 || len(w.Chunks) > 0) {
+		if err := m.verifyFound(h.Disk, damaged, len(w.Chunks)); err != nil {
+			w.Error = err.Error()
+			return w
+		}
+	}
 	return w
 }
 
-// startResync checks a sample of the disk's hash index against the replica
-// and asks the agent to resync.
+// readChunk reads chunk c of a replica disk back, hashes its blocks, and
+// checks them against the disk's checksums (a damaged block is marked, so
+// the answer asks the source for it).
+func (m *machine) readChunk(disk uint32, c int64, buf []byte) (replication.Hash, []replication.Hash, []int64, error) {
+	m.applyMu.Lock()
+	defer m.applyMu.Unlock()
+	rd, _ := m.applier.Disk(disk)
+	bad, err := replication.CheckChunk(rd, m.applier.Sums(disk), c, buf)
+	if err != nil {
+		return replication.Hash{}, nil, nil, err
+	}
+	n := min(int64(replication.HashChunk), rd.Size()-c*replication.HashChunk)
+	leaves := replication.ChunkLeaves(buf[:n])
+	return replication.ChunkHash(leaves), leaves, bad, nil
+}
+
+// verifyFound records what a verify found on a disk: damaged blocks are
+// marked in the checksums and reported, and the disk makes no points until
+// the verify's differences are resent (the job's done record ends that).
+func (m *machine) verifyFound(disk uint32, damaged []int64, differing int) error {
+	m.applyMu.Lock()
+	defer m.applyMu.Unlock()
+	mc := m.applier.Machine()
+	d, ok := mc.Disk(disk)
+	if !ok {
+		return fmt.Errorf("no disk %d", disk)
+	}
+	reason := fmt.Sprintf("a verify found %d chunks that differ from the source", differing)
+	if len(damaged) > 0 {
+		reason = fmt.Sprintf("a verify found %d damaged blocks in the replica (first at offset %d) and %d chunks that differ from the source", len(damaged), damaged[0], differing)
+	}
+	if err := m.applier.MarkDamage(m.s.ctx, disk, damaged, reason); err != nil {
+		return err
+	}
+	if len(damaged) > 0 && m.s.cfg.OnDamage != nil {
+		m.s.cfg.OnDamage(m.id, Damage{Disk: d.Name, Blocks: damaged, Found: "verify"})
+	}
+	return nil
+}
+
+// Damage is what a check found wrong with a replica disk: blocks whose
+// contents do not match their checksums, in the current contents (Point
+// "") or in a recovery point's own blocks.
+type Damage struct {
+	Disk   string
+	Point  string
+	Blocks []int64 // offsets of damaged 4 KiB blocks
+	Found  string  // "scrub", "verify", "resync sample", ...
+}
+
+// startResync checks a sample of the disk's checksums against the replica
+// (marking what is damaged, so the resync sends it again) and asks the
+// agent to resync.
 func (m *machine) startResync(ctx context.Context, job replication.ResyncJob) error {
 	m.applyMu.Lock()
-	x := m.applier.Index(job.Disk)
+	sums := m.applier.Sums(job.Disk)
 	rd, ok := m.applier.Disk(job.Disk)
 	m.applyMu.Unlock()
-	if x == nil || !ok {
-		return fmt.Errorf("no replica or hash index for disk %d", job.Disk)
+	if sums == nil || !ok {
+		return fmt.Errorf("no replica disk %d", job.Disk)
 	}
-	if bad, err := x.Verify(16, replication.ReadFull(rd)); err != nil {
-		return fmt.Errorf("verify the hash index: %w", err)
-	} else if bad > 0 {
-		m.log.Warn("replica hash index disagrees with the replica; it will be rebuilt as the resync reads it", "disk", job.Disk, "bad_chunks", bad)
+	if !job.Verify {
+		var bad []int64
+		buf := make([]byte, replication.HashChunk)
+		for _, c := range replication.SampleChunks(rd.Size(), 16) {
+			m.applyMu.Lock()
+			b, err := replication.CheckChunk(rd, sums, c, buf)
+			m.applyMu.Unlock()
+			if err != nil {
+				return fmt.Errorf("check the replica before the resync: %w", err)
+			}
+			bad = append(bad, b...)
+		}
+		if len(bad) > 0 {
+			m.log.Warn("replica blocks do not match their checksums; the resync sends them again", "disk", job.Disk, "blocks", len(bad))
+			m.applyMu.Lock()
+			mc := m.applier.Machine()
+			d, _ := mc.Disk(job.Disk)
+			err := m.applier.MarkDamage(ctx, job.Disk, bad, "")
+			m.applyMu.Unlock()
+			if err != nil {
+				return err
+			}
+			if len(job.Ranges) > 0 {
+				// The job compares only its ranges: add the damaged blocks.
+				job.Ranges = append(job.Ranges, replication.BlockRanges(bad)...)
+			}
+			if m.s.cfg.OnDamage != nil && d != nil {
+				m.s.cfg.OnDamage(m.id, Damage{Disk: d.Name, Blocks: bad, Found: "resync sample"})
+			}
+		}
 	}
 	f, err := replication.JSONFrame(replication.FrameResync, job)
 	if err != nil {

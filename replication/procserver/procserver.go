@@ -30,8 +30,6 @@ type Config struct {
 	// CacheDir holds one directory per machine with its unsealed cache file
 	// and sealed segments waiting to be applied.
 	CacheDir string
-	// IndexDir holds the replicas' hash indexes, for resyncs ("": none).
-	IndexDir string
 	Catalog  *replication.Catalog
 	// Authorize checks a client certificate (the machine id is its common
 	// name) and returns the machine's name.
@@ -42,6 +40,11 @@ type Config struct {
 	OnState  func(m replication.MachineCatalog)
 	OnPoint  func(machineID string, p replication.Point)
 	OnBytes  func(machineID string, n int64)
+	// OnDamage reports replica blocks found not to match their checksums;
+	// OnQuarantine a cached segment that failed verification, moved aside
+	// (path) and never applied.
+	OnDamage     func(machineID string, d Damage)
+	OnQuarantine func(machineID, path, reason string)
 	// PolicyFor gives the point schedule sent to an agent when it connects
 	// (nil: the agent's own flags).
 	PolicyFor func(machineID string) *replication.AgentPolicy
@@ -78,6 +81,7 @@ type Server struct {
 
 	mu       sync.Mutex
 	machines map[string]*machine
+	failed   map[string]error // machines whose last open failed, and why
 	conns    map[net.Conn]struct{}
 
 	cacheBytes atomic.Int64
@@ -108,7 +112,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DiskFree == nil {
 		cfg.DiskFree = diskFree
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, conns: map[net.Conn]struct{}{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, conns: map[net.Conn]struct{}{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reqID.Store(uint64(time.Now().UnixNano()))
 	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
@@ -123,8 +127,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			continue
 		}
 		if _, err := s.machine(ctx, e.Name(), ""); err != nil {
-			s.Close()
-			return nil, fmt.Errorf("recover cache of machine %s: %w", e.Name(), err)
+			// One machine that cannot be opened (its replica unreadable, a
+			// target error) does not keep the others from replicating: it
+			// is reported, its agent refused with the reason, and it is
+			// tried again when the agent next connects.
+			s.log.Error("machine cannot be opened; its replication is stopped until this is fixed", "machine", e.Name(), "err", err)
 		}
 	}
 	s.sampleCache()
@@ -220,8 +227,11 @@ func (s *Server) machine(ctx context.Context, id, name string) (*machine, error)
 	}
 	m, err := openMachine(ctx, s, id, name)
 	if err != nil {
+		err = fmt.Errorf("open machine %s: %w", id, err)
+		s.failed[id] = err
 		return nil, err
 	}
+	delete(s.failed, id)
 	s.machines[id] = m
 	s.wg.Add(3)
 	go func() { defer s.wg.Done(); m.syncLoop() }()
@@ -329,7 +339,8 @@ func (s *Server) serveConn(c net.Conn) error {
 
 // readLoop appends the agent's DATA frames to the cache.
 func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
-	var buf []byte
+	var buf, dbuf []byte
+	codec := replication.DefaultCodec()
 	for {
 		// An agent sends a status at least every few seconds.
 		cc.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
@@ -348,6 +359,20 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 					return errors.New("connection replaced while waiting for cache space")
 				case <-time.After(20 * time.Millisecond):
 				}
+			}
+			// Checked whole before it is written: nothing malformed or
+			// damaged is ever acknowledged (the agent keeps it and sends
+			// it again on the next connection).
+			var err error
+			if dbuf, err = codec.CheckData(&f, dbuf, cc.disk); err != nil {
+				err = fmt.Errorf("refused a data frame at seq %d (nothing of it was kept or acknowledged): %w", f.Seq, err)
+				if s.cfg.OnRefused != nil {
+					s.cfg.OnRefused(m.id, err.Error())
+				}
+				return err
+			}
+			if cap(dbuf) > 2*replication.MaxFrameRaw {
+				dbuf = nil
 			}
 			if err := m.append(cc, &f); err != nil {
 				return err
@@ -412,6 +437,14 @@ type agentConn struct {
 
 	replaceOnce sync.Once
 	replaced    chan struct{} // closed when the connection is replaced or closed
+
+	disks map[uint32]int64 // the machine's disk sizes as of the Hello
+}
+
+// disk returns a disk's size as the connection's Hello left it.
+func (cc *agentConn) disk(index uint32) (int64, bool) {
+	size, ok := cc.disks[index]
+	return size, ok
 }
 
 // replace ends the connection: its reader stops at once, even while waiting
@@ -494,7 +527,11 @@ type MachineStats struct {
 func (s *Server) Stats(machineID string) (MachineStats, bool) {
 	s.mu.Lock()
 	m, ok := s.machines[machineID]
+	ferr := s.failed[machineID]
 	s.mu.Unlock()
+	if ferr != nil && !ok {
+		return MachineStats{ApplyError: ferr.Error()}, true
+	}
 	if !ok {
 		return MachineStats{}, false
 	}

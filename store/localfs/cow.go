@@ -103,14 +103,15 @@ func recordOffset(i int64) int64 { return cowHeaderSize + i*recSize }
 type cowScan struct {
 	header   cowHeader
 	index    map[uint64]int64 // block -> record offset
-	records  int64            // valid records
+	records  int64            // valid records (damaged committed ones included)
 	validEnd int64            // bytes up to the end of the last valid record
+	damaged  int64            // committed records that fail their checksum
 }
 
 // scanCOW reads a COW file of size bytes for a disk of nblocks blocks and
-// indexes its records. Damage within the committed records wraps
-// replication.ErrCorrupt; damage after them is a torn tail: the scan stops
-// there and validEnd says where to truncate.
+// indexes its records. A damaged committed record is counted and indexed
+// (reads of its block fail); damage after them is a torn tail: the scan
+// stops there and validEnd says where to truncate.
 func scanCOW(r io.Reader, size int64, nblocks uint64) (cowScan, error) {
 	var s cowScan
 	br := bufio.NewReaderSize(r, int(min(max(size, 16), 256*recSize)))
@@ -148,10 +149,23 @@ func scanCOW(r io.Reader, size int64, nblocks uint64) (cowScan, error) {
 			}
 		}
 		if err != nil {
-			if committed {
-				return s, fmt.Errorf("cow record %d: %v: %w", i, err, replication.ErrCorrupt)
+			if !committed {
+				return s, nil // torn tail
 			}
-			return s, nil // torn tail
+			// A committed record damaged since it was written (bit rot).
+			// It stays indexed under its block, so reading that block of
+			// the snapshot fails (ErrCorrupt) as it would after the open;
+			// the rest of the disk stays usable. If its block index is
+			// what was damaged, the block is unknown and the record is
+			// skipped; the block checksums the applier keeps beside every
+			// disk (replication/sums.go) catch the loss when it is read.
+			s.damaged++
+			if _, dup := s.index[block]; block < nblocks && !dup {
+				s.index[block] = recordOffset(i)
+			}
+			s.records = i + 1
+			s.validEnd = recordOffset(i + 1)
+			continue
 		}
 		s.index[block] = recordOffset(i)
 		s.records = i + 1

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -331,6 +332,10 @@ func (d *disk) loadEpoch(path string) (*epoch, error) {
 	if err != nil {
 		f.Close()
 		return nil, err
+	}
+	if s.damaged > 0 {
+		slog.Warn("localfs: snapshot log records damaged since they were written (bit rot); reading those blocks of the snapshot fails",
+			"log", path, "records", s.damaged)
 	}
 	if s.validEnd < st.Size() {
 		if err := f.Truncate(s.validEnd); err != nil {
@@ -927,7 +932,11 @@ func (d *disk) merge(e, p *epoch) error {
 		for j, m := range batch {
 			rec := buf[j*recSize : (j+1)*recSize]
 			if b, err := checkRecord(rec, d.nblocks); err != nil || b != m.block {
-				return fmt.Errorf("merge snapshot log %s: record at %d (block %d): %v: %w", e.name, m.off, m.block, err, replication.ErrCorrupt)
+				// Damaged since it was written (bit rot): moved as it is,
+				// so that the older snapshot's read of the block fails as
+				// this one's would, rather than the whole merge failing.
+				slog.Warn("localfs: a damaged snapshot log record is merged as it is; reads of its block fail", "disk", d.key,
+					"log", e.name, "block", m.block, "err", err)
 			}
 			blocks = append(blocks, m.block)
 		}

@@ -409,13 +409,11 @@ func TestTornTail(t *testing.T) {
 }
 
 func TestCorruptionDetected(t *testing.T) {
+	// Damage that makes a log unreadable fails the open.
 	tests := []struct {
 		name   string
 		damage func(t *testing.T, path string)
 	}{
-		{"committed record data", func(t *testing.T, path string) { corrupt(t, path, recordOffset(1)+2000) }},
-		{"committed record crc", func(t *testing.T, path string) { corrupt(t, path, recordOffset(3)+8) }},
-		{"committed record reserved", func(t *testing.T, path string) { corrupt(t, path, recordOffset(0)+13) }},
 		{"header", func(t *testing.T, path string) { corrupt(t, path, 20) }},
 		{"magic", func(t *testing.T, path string) { corrupt(t, path, 0) }},
 		{"committed records cut off", func(t *testing.T, path string) { os.Truncate(path, recordOffset(3)) }},
@@ -433,24 +431,75 @@ func TestCorruptionDetected(t *testing.T) {
 			tg.Close()
 		})
 	}
-	// After a clean close every record is committed.
+	// A committed record damaged since it was written (bit rot) costs its
+	// block, not the disk: the disk opens, reading that block of the
+	// snapshot fails, the other blocks read as they were.
+	blocks := []struct {
+		name   string
+		damage func(t *testing.T, path string)
+		block  int64
+	}{
+		{"committed record data", func(t *testing.T, path string) { corrupt(t, path, recordOffset(1)+2000) }, 1},
+		{"committed record crc", func(t *testing.T, path string) { corrupt(t, path, recordOffset(3)+8) }, 3},
+		{"committed record reserved", func(t *testing.T, path string) { corrupt(t, path, recordOffset(0)+13) }, 0},
+	}
+	for _, tt := range blocks {
+		t.Run(tt.name, func(t *testing.T) {
+			dir, path, snap, _, _ := tailSetup(t)
+			tt.damage(t, path)
+			tg, d, err := reopenDisk(t, dir)
+			if err != nil {
+				t.Fatalf("OpenDisk: %v", err)
+			}
+			defer tg.Close()
+			defer d.Close()
+			checkDamagedBlock(t, d, "s1", snap, tt.block)
+		})
+	}
 	t.Run("clean close", func(t *testing.T) {
 		dir := t.TempDir()
 		tg := mustOpen(t, dir)
 		d := mustDisk(t, tg, "d", 64<<10)
+		model := make([]byte, 64<<10)
 		mustFlushSnap(t, d, "s1")
-		change{off: 0, n: 3 * blockSize, data: bytes.Repeat([]byte{9}, 3*blockSize)}.apply(t, d, make([]byte, 64<<10))
+		snap := slices.Clone(model)
+		change{off: 0, n: 3 * blockSize, data: bytes.Repeat([]byte{9}, 3*blockSize)}.apply(t, d, model)
 		path, _ := d.newestSynced()
 		if err := d.Close(); err != nil {
 			t.Fatal(err)
 		}
 		tg.Close()
-		corrupt(t, path, recordOffset(2)+50) // the last record
-		tg, _, err := reopenDisk(t, dir)
-		if !errors.Is(err, replication.ErrCorrupt) {
-			t.Fatalf("OpenDisk = %v, want ErrCorrupt", err)
+		corrupt(t, path, recordOffset(2)+50) // the last record: committed at the clean close
+		tg, d2, err := reopenDisk(t, dir)
+		if err != nil {
+			t.Fatalf("OpenDisk: %v", err)
 		}
-		tg.Close()
+		defer tg.Close()
+		defer d2.Close()
+		checkDamagedBlock(t, d2, "s1", snap, 2)
+	})
+	// Deleting a snapshot merges its damaged record as it is: the older
+	// snapshot's read of the block fails too, and the delete succeeds.
+	t.Run("merge", func(t *testing.T) {
+		dir := t.TempDir()
+		tg := mustOpen(t, dir)
+		defer tg.Close()
+		d := mustDisk(t, tg, "d", 64<<10)
+		defer d.Close()
+		model := make([]byte, 64<<10)
+		mustFlushSnap(t, d, "s0")
+		s0 := slices.Clone(model)
+		mustFlushSnap(t, d, "s1")
+		change{off: blockSize, n: blockSize, data: bytes.Repeat([]byte{7}, blockSize)}.apply(t, d, model)
+		if err := d.Flush(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		path, _ := d.newestSynced()
+		corrupt(t, path, recordOffset(0)+recHeaderSize+5)
+		if err := d.DeleteSnapshot(t.Context(), "s1"); err != nil {
+			t.Fatalf("DeleteSnapshot over a damaged record: %v", err)
+		}
+		checkDamagedBlock(t, d, "s0", s0, 1)
 	})
 	// Damage after open shows in reads.
 	t.Run("read", func(t *testing.T) {
@@ -938,6 +987,29 @@ func TestTrimLargeSparse(t *testing.T) {
 	for _, off := range offs {
 		if _, err := r.ReadAt(buf, off); err != nil || string(buf) != "data" {
 			t.Fatalf("s1 at %d = %q, %v", off, buf, err)
+		}
+	}
+}
+
+// checkDamagedBlock checks that reading block b of snapshot name fails with
+// ErrCorrupt while every other block reads as in model.
+func checkDamagedBlock(t *testing.T, d *Disk, name string, model []byte, b int64) {
+	t.Helper()
+	r, err := d.OpenSnapshot(t.Context(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	buf := make([]byte, blockSize)
+	for blk := int64(0); blk*blockSize < int64(len(model)); blk++ {
+		_, err := r.ReadAt(buf, blk*blockSize)
+		switch {
+		case blk == b && !errors.Is(err, replication.ErrCorrupt):
+			t.Fatalf("block %d (damaged): ReadAt = %v, want ErrCorrupt", blk, err)
+		case blk != b && err != nil:
+			t.Fatalf("block %d: ReadAt: %v", blk, err)
+		case blk != b && !bytes.Equal(buf, model[blk*blockSize:(blk+1)*blockSize]):
+			t.Fatalf("block %d reads other data than the snapshot held", blk)
 		}
 	}
 }

@@ -71,3 +71,15 @@ func nextData(f *os.File, off int64) (int64, bool) {
 	}
 	return 0, false
 }
+
+const seekHoleWhence = 4 // SEEK_HOLE
+
+// nextHole returns the offset of the first hole at or after off in f (the
+// file's end counts as one), and false if f cannot tell.
+func nextHole(f *os.File, off int64) (int64, bool) {
+	pos, err := f.Seek(off, seekHoleWhence)
+	if err != nil {
+		return 0, false
+	}
+	return pos, true
+}

@@ -18,3 +18,6 @@ func punchHole(*os.File, int64, int64) error { return errNoPunch }
 
 // nextData cannot tell where data is.
 func nextData(*os.File, int64) (int64, bool) { return 0, false }
+
+// nextHole cannot tell where holes are.
+func nextHole(*os.File, int64) (int64, bool) { return 0, false }
