@@ -16,7 +16,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -65,9 +64,6 @@ type Config struct {
 	ResyncRate int64
 	Logger     *slog.Logger
 }
-
-// nameRE is what a machine name may be.
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 // ParseFlags parses `asr agent` arguments.
 func ParseFlags(args []string) (Config, error) {
@@ -157,8 +153,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("--crash-interval %s: the minimum is 1s", c.CrashInterval)
 	case c.SpoolMax < 16<<20:
 		return fmt.Errorf("--spool-max %d: the minimum is 16MiB", c.SpoolMax)
-	case !nameRE.MatchString(c.Name):
-		return fmt.Errorf("--name %q: use letters, digits, '.', '_' and '-' (at most 64)", c.Name)
+	case !replication.ValidMachineName(c.Name):
+		return fmt.Errorf("--name %q: want %s", c.Name, replication.MachineNameRule)
 	}
 	return nil
 }
@@ -266,7 +262,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		if err != nil {
 			return nil, fmt.Errorf("read passphrase: %w", err)
 		}
-		st, err = register(ctx, cfg.Server, pass, cfg.Name, cfg.StateDir)
+		st, err = registerRetry(ctx, a.log, defaultRegisterBackoff, cfg.Server, pass, cfg.Name, cfg.StateDir)
 		if err != nil {
 			return nil, err
 		}

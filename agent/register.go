@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -16,6 +17,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store/atomicfile"
 )
@@ -28,8 +30,12 @@ var ErrWrongPassphrase = errors.New("wrong vault passphrase")
 type Challenge struct {
 	Nonce    []byte `json:"nonce"`
 	CAPEM    string `json:"ca_pem"`
-	Proof    []byte `json:"proof"`     // pki.ServerProof(passphrase, nonce, ca_pem)
+	Proof    []byte `json:"proof"`     // pki.ServerProof(key, nonce, ca_pem)
 	DataPort int    `json:"data_port"` // port of the data listener
+	// Salt and KDF are what the proof key is derived with:
+	// key = pki.DeriveProofKey(passphrase, salt, kdf).
+	Salt []byte                `json:"salt"`
+	KDF  replication.KDFParams `json:"kdf"`
 }
 
 // RegisterRequest is the body of POST /api/v1/agents/register.
@@ -37,7 +43,7 @@ type RegisterRequest struct {
 	Name   string `json:"name"`
 	CSRPEM string `json:"csr_pem"`
 	Nonce  []byte `json:"nonce"`
-	Proof  []byte `json:"proof"` // pki.AgentProof(passphrase, nonce, name, csr_pem)
+	Proof  []byte `json:"proof"` // pki.AgentProof(key, nonce, name, csr_pem)
 }
 
 // RegisterResponse answers a successful registration.
@@ -47,11 +53,73 @@ type RegisterResponse struct {
 	DataPort  int    `json:"data_port"`
 }
 
+// registerBackoff is the wait between registration tries: from min,
+// doubling, up to max.
+type registerBackoff struct{ min, max time.Duration }
+
+var defaultRegisterBackoff = registerBackoff{min: 500 * time.Millisecond, max: 30 * time.Second}
+
+// registerRetry registers, trying again with capped exponential backoff
+// after any failure a later try may fix (the server down, restarting or
+// overloaded, a timeout, a challenge evicted by others' challenges), until
+// it succeeds or ctx ends. A wrong passphrase, and any refusal only an
+// operator can fix, returns at once.
+func registerRetry(ctx context.Context, log *slog.Logger, b registerBackoff, serverURL string, passphrase []byte, name, dir string) (*state, error) {
+	delay := b.min
+	for try := 1; ; try++ {
+		st, err := register(ctx, serverURL, passphrase, name, dir)
+		if err == nil {
+			return st, nil
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("register with %s: %w (last error: %v)", serverURL, ctx.Err(), err)
+		}
+		if !retryable(err) {
+			return nil, err
+		}
+		log.Warn("registration failed; retrying", "err", err, "try", try, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("register with %s: %w (last error: %v)", serverURL, ctx.Err(), err)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, b.max)
+	}
+}
+
+// permanentError marks a registration failure that trying again will not
+// fix: a wrong passphrase, a bad --server, a server an operator must
+// reconfigure, a local file that cannot be written.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+func permanent(err error) error { return &permanentError{err} }
+
+// retryable reports whether a later registration try may succeed.
+func retryable(err error) bool {
+	var pe *permanentError
+	if errors.As(err, &pe) || errors.Is(err, ErrWrongPassphrase) {
+		return false
+	}
+	var he *httpError
+	if errors.As(err, &he) {
+		switch he.Status {
+		case http.StatusRequestTimeout, http.StatusConflict, http.StatusTooEarly, http.StatusTooManyRequests:
+			return true
+		}
+		return he.Status >= 500
+	}
+	// No answer at all (refused, reset, timed out) or a garbled one.
+	return true
+}
+
 // register enrols the agent with the server and stores its identity in dir.
 func register(ctx context.Context, serverURL string, passphrase []byte, name, dir string) (*state, error) {
 	u, err := url.Parse(serverURL)
 	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return nil, fmt.Errorf("--server %q: want https://HOST:PORT", serverURL)
+		return nil, permanent(fmt.Errorf("--server %q: want https://HOST:PORT", serverURL))
 	}
 	host := u.Hostname()
 
@@ -65,35 +133,48 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 			return nil
 		},
 	}}}
+	defer insecure.CloseIdleConnections()
 	var ch Challenge
 	if err := doJSON(ctx, insecure, http.MethodGet, serverURL+"/api/v1/agents/challenge", nil, &ch); err != nil {
 		return nil, fmt.Errorf("contact server %s: %w", serverURL, err)
 	}
-	if !pki.CheckProof(ch.Proof, pki.ServerProof(passphrase, ch.Nonce, []byte(ch.CAPEM))) {
+	if len(ch.Salt) == 0 {
+		return nil, permanent(fmt.Errorf("the server at %s sent a challenge without a registration salt: it is older than this agent; upgrade it", serverURL))
+	}
+	// The salt and cost come from a server not yet authenticated: bounded
+	// before the derivation allocates anything.
+	key, err := pki.DeriveProofKey(passphrase, ch.Salt, ch.KDF)
+	if err != nil {
+		return nil, permanent(fmt.Errorf("the server at %s: %w", serverURL, err))
+	}
+	if !pki.CheckProof(ch.Proof, pki.ServerProof(key, ch.Nonce, []byte(ch.CAPEM))) {
 		return nil, fmt.Errorf("%w: the server at %s could not prove it knows this passphrase (or it is not the asr server you meant)", ErrWrongPassphrase, serverURL)
 	}
+	// The server has proven the passphrase: a CA or certificate that does
+	// not check is a server to reconfigure, not a network accident.
 	pool, err := pki.PoolFromPEM([]byte(ch.CAPEM))
 	if err != nil {
-		return nil, fmt.Errorf("server CA: %w", err)
+		return nil, permanent(fmt.Errorf("server CA: %w", err))
 	}
 	if len(peer) == 0 {
-		return nil, errors.New("server presented no certificate")
+		return nil, permanent(errors.New("server presented no certificate"))
 	}
 	inter := x509.NewCertPool()
 	for _, c := range peer[1:] {
 		inter.AddCert(c)
 	}
 	if _, err := peer[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, DNSName: host}); err != nil {
-		return nil, fmt.Errorf("server certificate is not from the vault CA: %w", err)
+		return nil, permanent(fmt.Errorf("server certificate is not from the vault CA: %w", err))
 	}
 
 	keyPEM, csrPEM, err := pki.NewKeyAndCSR(name)
 	if err != nil {
-		return nil, err
+		return nil, permanent(err)
 	}
 	pinned := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: host}}}
+	defer pinned.CloseIdleConnections()
 	req := RegisterRequest{Name: name, CSRPEM: string(csrPEM), Nonce: ch.Nonce,
-		Proof: pki.AgentProof(passphrase, ch.Nonce, name, csrPEM)}
+		Proof: pki.AgentProof(key, ch.Nonce, name, csrPEM)}
 	var resp RegisterResponse
 	if err := doJSON(ctx, pinned, http.MethodPost, serverURL+"/api/v1/agents/register", req, &resp); err != nil {
 		var he *httpError
@@ -103,17 +184,20 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 		return nil, fmt.Errorf("register with %s: %w", serverURL, err)
 	}
 	if err := atomicfile.Write(filepath.Join(dir, keyFile), keyPEM, 0o600); err != nil {
-		return nil, err
+		return nil, permanent(err)
 	}
 	if err := atomicfile.Write(filepath.Join(dir, certFile), []byte(resp.CertPEM), 0o644); err != nil {
-		return nil, err
+		return nil, permanent(err)
 	}
 	if err := atomicfile.Write(filepath.Join(dir, caFile), []byte(ch.CAPEM), 0o644); err != nil {
-		return nil, err
+		return nil, permanent(err)
 	}
 	st := &state{MachineID: resp.MachineID, Name: name, Server: serverURL,
 		DataAddr: net.JoinHostPort(host, strconv.Itoa(resp.DataPort))}
-	return st, st.save(dir)
+	if err := st.save(dir); err != nil {
+		return nil, permanent(err)
+	}
+	return st, nil
 }
 
 type httpError struct {

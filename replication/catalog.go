@@ -99,6 +99,21 @@ var diskNameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$`)
 // name (NAME.img) when the disk is recovered.
 func ValidDiskName(name string) bool { return diskNameRE.MatchString(name) }
 
+var machineNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidMachineName reports whether a machine name is acceptable: 1 to 64
+// letters, digits, '.', '_' and '-', starting with a letter or digit. The
+// name becomes a directory name at recovery, a URL path segment and a
+// command-line argument, and is printed raw by `asr status`: no separators,
+// quotes, spaces or control characters, and no leading '-' (read as a flag)
+// or '.' ("..", hidden files). This is stricter than ValidDiskName only in
+// the first character, and is the rule agents have always applied, so every
+// name registered by an agent stays valid.
+func ValidMachineName(name string) bool { return machineNameRE.MatchString(name) }
+
+// MachineNameRule says what ValidMachineName accepts, for error messages.
+const MachineNameRule = "1 to 64 letters, digits, '.', '_' and '-', starting with a letter or digit"
+
 // Point kinds.
 const (
 	PointCrash = "crash"

@@ -15,17 +15,30 @@ import (
 // target belongs to.
 var ErrWrongPassphrase = errors.New("wrong vault passphrase")
 
-// Vault key derivation: Argon2id, memory-hard, so a stolen vault descriptor
-// does not make guessing the passphrase cheap.
-const (
-	kdfTime    = 2
-	kdfMemory  = 64 << 10 // KiB
-	kdfThreads = 2
-)
+// KDFParams are the costs of an Argon2id key derivation. They travel in
+// registration challenges, so that an agent derives its key exactly as the
+// server did.
+type KDFParams struct {
+	Time    uint32 `json:"time"`    // passes over the memory
+	Memory  uint32 `json:"memory"`  // KiB
+	Threads uint8  `json:"threads"` // lanes
+}
+
+// VaultKDF is the cost of every key derived from the vault passphrase:
+// Argon2id, memory-hard, so that neither a stolen vault descriptor nor a
+// captured registration challenge makes guessing the passphrase cheap.
+var VaultKDF = KDFParams{Time: 2, Memory: 64 << 10, Threads: 2}
+
+// Key derives a 32-byte key from a passphrase and salt. The parameters must
+// be sane (argon2 panics on zero passes or lanes): check any that came from
+// the wire first.
+func (p KDFParams) Key(passphrase, salt []byte) []byte {
+	return argon2.IDKey(passphrase, salt, p.Time, p.Memory, p.Threads, 32)
+}
 
 // DeriveVaultKey derives the 32-byte vault key from a passphrase and salt.
 func DeriveVaultKey(passphrase, salt []byte) []byte {
-	return argon2.IDKey(passphrase, salt, kdfTime, kdfMemory, kdfThreads, 32)
+	return VaultKDF.Key(passphrase, salt)
 }
 
 func verifier(key []byte) []byte {

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -146,28 +145,13 @@ func (s *Server) requireToken(next http.Handler) http.Handler {
 	})
 }
 
-const nonceTTL = 5 * time.Minute
-
 func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) error {
-	nonce := make([]byte, 32)
-	rand.Read(nonce)
-	s.nonceMu.Lock()
-	now := time.Now()
-	for k, t := range s.nonces {
-		if now.Sub(t) > nonceTTL {
-			delete(s.nonces, k)
-		}
-	}
-	if len(s.nonces) > 10000 {
-		s.nonceMu.Unlock()
-		return errorf(http.StatusTooManyRequests, "too many registrations in progress")
-	}
-	s.nonces[string(nonce)] = now
-	s.nonceMu.Unlock()
+	nonce := s.nonces.issue(nonceSource(r.RemoteAddr))
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())
 	p, _ := strconv.Atoi(port)
 	writeJSON(w, http.StatusOK, agent.Challenge{Nonce: nonce, CAPEM: string(s.ca.CertPEM),
-		Proof: pki.ServerProof(s.pass, nonce, s.ca.CertPEM), DataPort: p})
+		Proof: pki.ServerProof(s.regKey, nonce, s.ca.CertPEM), DataPort: p,
+		Salt: s.regSalt, KDF: replication.VaultKDF})
 	return nil
 }
 
@@ -176,20 +160,19 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
-	s.nonceMu.Lock()
-	issued, ok := s.nonces[string(req.Nonce)]
-	delete(s.nonces, string(req.Nonce)) // single use
-	s.nonceMu.Unlock()
-	if !ok || time.Since(issued) > nonceTTL {
-		return errorf(http.StatusBadRequest, "unknown or expired registration challenge; try again")
+	if !s.nonces.take(req.Nonce) { // single use
+		// 409, not 400: the request was good but its challenge is gone
+		// (used, expired, or evicted by others' challenges); the agent
+		// retries with a new one.
+		return errorf(http.StatusConflict, "unknown, used or expired registration challenge; try again")
 	}
-	if !pki.CheckProof(req.Proof, pki.AgentProof(s.pass, req.Nonce, req.Name, []byte(req.CSRPEM))) {
+	if !pki.CheckProof(req.Proof, pki.AgentProof(s.regKey, req.Nonce, req.Name, []byte(req.CSRPEM))) {
 		s.log.Warn("registration refused: wrong passphrase", "name", req.Name, "remote", r.RemoteAddr)
 		time.Sleep(500 * time.Millisecond)
 		return errorf(http.StatusForbidden, "wrong vault passphrase: nothing was registered")
 	}
-	if req.Name == "" || len(req.Name) > 64 {
-		return errorf(http.StatusBadRequest, "machine name must be 1 to 64 characters")
+	if !replication.ValidMachineName(req.Name) {
+		return errorf(http.StatusBadRequest, "machine name %q: want %s; nothing was registered", req.Name, replication.MachineNameRule)
 	}
 	id := newMachineID()
 	if existing, err := s.db.MachineByName(r.Context(), req.Name); err == nil {

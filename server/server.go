@@ -111,8 +111,9 @@ type Server struct {
 	httpL, dataL net.Listener
 	httpSrv      *http.Server
 
-	nonceMu sync.Mutex
-	nonces  map[string]time.Time
+	nonces  *nonceTable
+	regSalt []byte       // the vault's registration salt
+	regKey  pki.ProofKey // registration proofs' key, derived once at open
 
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
@@ -155,8 +156,11 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.ResyncEvery <= 0 {
 		cfg.ResyncEvery = 2 * time.Second
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), nonces: map[string]time.Time{}, bytes: map[string]int64{},
-		now: cfg.Now, rpoOver: map[string]bool{}}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
+		now: cfg.Now, rpoOver: map[string]bool{},
+		// Real time, not cfg.Now: a nonce's life is a security bound, not
+		// something a test's clock should stretch.
+		nonces: newNonceTable(noncesPerSource, maxNonces, nonceTTL, time.Now)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.open(ctx); err != nil {
 		s.Close()
@@ -196,6 +200,9 @@ func (s *Server) open(ctx context.Context) error {
 	}
 	if s.ca, s.cert, err = pki.LoadOrCreate(cfg.DataDir, cfg.Hosts); err != nil {
 		return fmt.Errorf("certificates: %w", err)
+	}
+	if err := s.loadRegistrationKey(ctx); err != nil {
+		return err
 	}
 	if cfg.AdminPasswordFile != "" {
 		pw, err := ReadSecretFile(cfg.AdminPasswordFile)
@@ -294,6 +301,35 @@ func (s *Server) openVault(ctx context.Context) error {
 		return fmt.Errorf("open the vault on %s: %w", s.target, err)
 	}
 	s.cat = cat
+	return nil
+}
+
+// registrationSaltSetting names the setting that holds the vault's
+// registration salt (hex).
+const registrationSaltSetting = "registration_salt"
+
+// loadRegistrationKey derives the key of the registration proofs from the
+// passphrase and the vault's registration salt, making the salt on first
+// use. This is the server's one Argon2id for registrations: challenges and
+// proof checks are HMACs, so a flood of them costs little.
+func (s *Server) loadRegistrationKey(ctx context.Context) error {
+	v, err := s.db.Setting(ctx, registrationSaltSetting)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		s.regSalt = pki.NewSalt()
+		if err := s.db.SetSetting(ctx, registrationSaltSetting, hex.EncodeToString(s.regSalt)); err != nil {
+			return fmt.Errorf("save the registration salt: %w", err)
+		}
+	case err != nil:
+		return fmt.Errorf("registration salt: %w", err)
+	default:
+		if s.regSalt, err = hex.DecodeString(v); err != nil {
+			return fmt.Errorf("registration salt in setting %s: %w", registrationSaltSetting, err)
+		}
+	}
+	if s.regKey, err = pki.DeriveProofKey(s.pass, s.regSalt, replication.VaultKDF); err != nil {
+		return fmt.Errorf("registration key: %w", err)
+	}
 	return nil
 }
 
