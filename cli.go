@@ -59,7 +59,9 @@ func (o *opFlags) catalog(ctx context.Context) (*replication.Catalog, func(), er
 	if err != nil {
 		return nil, nil, err
 	}
-	t, err := server.OpenTarget(ctx, o.target, "")
+	// A reader creates nothing: a mistyped --target must not become an
+	// empty vault.
+	t, err := server.OpenTarget(ctx, o.target, "", server.ExistingTarget)
 	if err != nil {
 		return nil, nil, err
 	}

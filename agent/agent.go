@@ -222,6 +222,10 @@ type Agent struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// reqs tracks the goroutines of the server's requests (points, group
+	// cuts), which the receiver starts; Run and Close wait for them after
+	// wg, once no receiver can start more.
+	reqs sync.WaitGroup
 }
 
 type progressMark struct {
@@ -567,6 +571,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		"disks", len(a.disks), "next_seq", a.spool.Next())
 	<-a.ctx.Done()
 	a.wg.Wait()
+	a.reqs.Wait()
 	return nil
 }
 
@@ -583,6 +588,7 @@ func (a *Agent) reconnect() {
 func (a *Agent) Close() error {
 	a.cancel()
 	a.wg.Wait()
+	a.reqs.Wait()
 	for _, d := range a.disks {
 		if d.scan != nil {
 			if err := saveScan(a.cfg.StateDir, d); err != nil {
@@ -595,8 +601,13 @@ func (a *Agent) Close() error {
 		// Everything was fsynced: nothing is at risk any more.
 		os.Remove(filepath.Join(a.cfg.StateDir, "activity.log"))
 		a.stMu.Lock()
-		a.st.save(a.cfg.StateDir)
+		err = a.st.save(a.cfg.StateDir)
 		a.stMu.Unlock()
+		if err != nil {
+			// No clean marker: the state file may be older than the
+			// spool, and the next start must repair the log.
+			return fmt.Errorf("save agent state at stop (the next start repairs the log): %w", err)
+		}
 		err = atomicfile.Write(filepath.Join(a.cfg.StateDir, cleanFile), []byte("clean stop\n"), 0o600)
 	}
 	return err

@@ -179,8 +179,11 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 	if d == nil {
 		a.stMu.Lock()
 		a.st.Resync = nil
-		a.st.save(a.cfg.StateDir)
+		err := a.st.save(a.cfg.StateDir)
 		a.stMu.Unlock()
+		if err != nil {
+			return fmt.Errorf("resync of unknown disk %d dropped, but the agent state could not be saved: %w", st.Job.Disk, err)
+		}
 		return fmt.Errorf("resync of unknown disk %d dropped", st.Job.Disk)
 	}
 	save := func(update func(*resyncState)) error {

@@ -336,18 +336,18 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &tr); err != nil {
 				return err
 			}
-			go func() {
+			s.a.reqs.Go(func() {
 				if err := s.a.point(tr.ID, tr.App); err != nil && ctx.Err() == nil {
 					s.a.log.Error("requested tag failed", "err", err)
 				}
-			}()
+			})
 		case replication.FrameHold, replication.FrameCut, replication.FrameRelease:
 			var c replication.Cut
 			if err := replication.DecodeJSON(&f, &c); err != nil {
 				return err
 			}
 			if f.Type == replication.FrameHold {
-				go s.a.groupCut(c, s)
+				s.a.reqs.Go(func() { s.a.groupCut(c, s) })
 			} else {
 				s.a.cutDecision(f.Type, c)
 			}

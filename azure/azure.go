@@ -177,9 +177,11 @@ type Target struct {
 var _ replication.Target = (*Target)(nil)
 
 // Open opens the vault in cfg's container, creating the container if it is
-// missing, and takes the container's write lease. It returns an error
-// wrapping replication.ErrLocked if another server holds the lease, and one
-// wrapping ErrAuth if the account refuses the credentials.
+// missing (unless cfg.NoCreate), and takes the container's write lease. It
+// returns an error wrapping replication.ErrLocked if another server holds
+// the lease, one wrapping ErrAuth if the account refuses the credentials,
+// and, with cfg.NoCreate, one wrapping replication.ErrNotFound if the
+// container holds no vault.
 func Open(ctx context.Context, cfg Config) (*Target, error) {
 	cfg, err := cfg.resolve()
 	if err != nil {
@@ -205,8 +207,13 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 		now:   time.Now,
 		disks: map[string]*disk{},
 	}
-	createErr, err := t.createContainer(ctx, cfg.Key == "")
-	if err != nil {
+	var createErr error
+	if cfg.NoCreate {
+		// Before the lease, whose lock blob a new vault would get.
+		if err := t.checkExists(ctx); err != nil {
+			return nil, err
+		}
+	} else if createErr, err = t.createContainer(ctx, cfg.Key == ""); err != nil {
 		return nil, fmt.Errorf("open %s: %w", t, err)
 	}
 	if err := t.acquireLease(ctx); err != nil {
@@ -216,7 +223,7 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 		return nil, fmt.Errorf("open %s: %w", t, err)
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
-	if err := t.checkFormat(ctx); err != nil {
+	if err := t.checkFormat(ctx, !cfg.NoCreate); err != nil {
 		t.cancel()
 		t.releaseLease()
 		return nil, fmt.Errorf("open %s: %w", t, err)
@@ -385,10 +392,29 @@ func (t *Target) releaseLease() error {
 	return nil
 }
 
-// checkFormat verifies the layout blob, writing it into a new vault.
-func (t *Target) checkFormat(ctx context.Context) error {
+// checkExists returns an error wrapping replication.ErrNotFound unless the
+// container holds a vault's layout blob. It creates nothing.
+func (t *Target) checkExists(ctx context.Context) error {
+	_, err := getBlob(ctx, t.cc.NewBlobClient(formatBlob))
+	switch {
+	case err == nil:
+		return nil
+	case bloberror.HasCode(err, bloberror.ContainerNotFound):
+		return fmt.Errorf("%s holds no asr vault (no such container): %w", t, replication.ErrNotFound)
+	case errors.Is(err, replication.ErrNotFound):
+		return fmt.Errorf("%s holds no asr vault (no %s blob in the container): %w", t, formatBlob, replication.ErrNotFound)
+	}
+	return fmt.Errorf("open %s: read the %s blob: %w", t, formatBlob, err)
+}
+
+// checkFormat verifies the layout blob, writing it into a new vault if
+// create is set.
+func (t *Target) checkFormat(ctx context.Context, create bool) error {
 	bc := t.cc.NewBlockBlobClient(formatBlob)
 	b, err := getBlob(ctx, bc.BlobClient())
+	if errors.Is(err, replication.ErrNotFound) && !create {
+		return fmt.Errorf("no %s blob: %w", formatBlob, err)
+	}
 	if errors.Is(err, replication.ErrNotFound) {
 		h := make([]byte, formatSize)
 		copy(h, formatMagic[:])

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
@@ -35,6 +36,7 @@ func TestAzurite(t *testing.T) {
 	t.Run("LeaseLost", func(t *testing.T) { testLeaseLost(t, cs) })
 	t.Run("WrongKey", func(t *testing.T) { testWrongKey(t, cs) })
 	t.Run("MissingContainer", func(t *testing.T) { testMissingContainer(t, cs) })
+	t.Run("NoCreate", func(t *testing.T) { testNoCreate(t, cs) })
 	t.Run("SAS", func(t *testing.T) { testContainerSAS(t, cs) })
 	t.Run("BufferBound", func(t *testing.T) { testBufferBound(t, cs) })
 	t.Run("LargeZero", func(t *testing.T) { testLargeZero(t, cs) })
@@ -197,6 +199,65 @@ func testMissingContainer(t *testing.T, cs string) {
 	}
 	mustCloseTarget(t, tg)
 	mustCloseTarget(t, mustOpen(t, cfg)) // and it opens again
+}
+
+// testNoCreate: a NoCreate open (a reader's) of a container that does not
+// exist, or holds no vault, fails with a clear ErrNotFound and creates
+// nothing, not even the container or the lock blob; of a vault it works.
+func testNoCreate(t *testing.T, cs string) {
+	cfg := Config{ConnectionString: cs, Container: containerFor(t.TempDir()), NoCreate: true}
+	rc, err := cfg.resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := newContainerClient(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(why string) {
+		t.Helper()
+		tg, err := Open(t.Context(), cfg)
+		if err == nil {
+			tg.Close()
+			t.Fatalf("NoCreate Open of a container with %s succeeded", why)
+		}
+		if !errors.Is(err, replication.ErrNotFound) || !strings.Contains(err.Error(), "holds no asr vault ("+why+")") {
+			t.Fatalf("NoCreate Open of a container with %s = %v, want an ErrNotFound that says so", why, err)
+		}
+	}
+
+	open("no such container")
+	if _, err := cc.GetProperties(t.Context(), nil); !bloberror.HasCode(err, bloberror.ContainerNotFound) {
+		t.Fatalf("the container after a NoCreate Open: %v (want ContainerNotFound)", err)
+	}
+
+	if _, err := cc.Create(t.Context(), nil); err != nil {
+		t.Fatal(err)
+	}
+	open("no format blob in the container")
+	pager := cc.NewListBlobsFlatPager(nil)
+	for pager.More() {
+		page, err := pager.NextPage(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range page.Segment.BlobItems {
+			t.Errorf("a NoCreate Open left blob %s in an empty container", *b.Name)
+		}
+	}
+
+	w := cfg
+	w.NoCreate = false
+	tg := mustOpen(t, w)
+	if err := tg.PutObject(t.Context(), "vault", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	mustCloseTarget(t, tg)
+	tg = mustOpen(t, cfg)
+	defer mustCloseTarget(t, tg)
+	if b, err := tg.GetObject(t.Context(), "vault"); err != nil || string(b) != "v" {
+		t.Fatalf("GetObject after a NoCreate Open: %q, %v", b, err)
+	}
 }
 
 // containerSAS signs a SAS token for one container with Azurite's key.

@@ -51,6 +51,11 @@ type Config struct {
 	// A server that keeps it across restarts takes its own lease back at
 	// once instead of waiting for it to expire. Empty: a random one.
 	LeaseID string
+	// NoCreate makes Open create nothing: the container must hold a vault
+	// already (its format blob), else Open fails with an error wrapping
+	// replication.ErrNotFound. Readers of a target open it so, and a
+	// mistyped container name does not become an empty vault.
+	NoCreate bool
 }
 
 // String returns "azure://ACCOUNT/CONTAINER", without secrets.

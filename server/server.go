@@ -171,7 +171,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 
 func (s *Server) open(ctx context.Context) error {
 	cfg := s.cfg
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+	if err := privateDir(cfg.DataDir, s.log); err != nil {
 		return err
 	}
 	var err error
@@ -225,7 +225,7 @@ func (s *Server) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if s.target, err = OpenTarget(ctx, targetURL, lease); err != nil {
+	if s.target, err = OpenTarget(ctx, targetURL, lease, CreateTarget); err != nil {
 		return err
 	}
 	if err := s.openVault(ctx); err != nil {
@@ -352,12 +352,51 @@ func leaseID(dataDir string) (string, error) {
 	return id, atomicfile.Write(path, []byte(id+"\n"), 0o600)
 }
 
+// privateDir makes the data directory (0700), or takes the group and other
+// bits off an existing one, with a log line: it holds the vault's secrets,
+// its database and the cache of guest data.
+func privateDir(dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	perm := st.Mode().Perm()
+	if perm&0o077 == 0 {
+		return nil
+	}
+	if err := os.Chmod(dir, perm&^0o077); err != nil {
+		return fmt.Errorf("data directory %s is readable by other users (mode %04o) and cannot be made private: %w", dir, perm, err)
+	}
+	log.Warn("the data directory was open to other users; made it private to this one", "dir", dir,
+		"was", fmt.Sprintf("%04o", perm), "now", fmt.Sprintf("%04o", perm&^0o077))
+	return nil
+}
+
+// TargetMode says whether OpenTarget may create what it opens.
+type TargetMode int
+
+const (
+	// CreateTarget makes the directory or container when missing, and the
+	// layout in it: the server claims a new target.
+	CreateTarget TargetMode = iota
+	// ExistingTarget creates nothing: the target must hold an asr vault
+	// already, else the error wraps replication.ErrNotFound and says so.
+	// Every reader of a target opens it so (asr recover and asr points
+	// with --target), so a mistyped path or container leaves nothing
+	// behind.
+	ExistingTarget
+)
+
 // OpenTarget opens a target storage URL: file://PATH, or
 // azure://ACCOUNT/CONTAINER with credentials from the environment
 // (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with
 // AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN). lease is the id of the
-// write lease on an Azure container ("": a new one).
-func OpenTarget(ctx context.Context, raw, lease string) (replication.Target, error) {
+// write lease on an Azure container ("": a new one); mode says whether a
+// missing target is created.
+func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replication.Target, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, fmt.Errorf("target %q: %w", raw, err)
@@ -372,7 +411,11 @@ func OpenTarget(ctx context.Context, raw, lease string) (replication.Target, err
 		if path == "" {
 			return nil, fmt.Errorf("target %q: no path", raw)
 		}
-		t, err := localfs.Open(path)
+		var opts []localfs.Option
+		if mode == ExistingTarget {
+			opts = append(opts, localfs.NoCreate())
+		}
+		t, err := localfs.Open(path, opts...)
 		if errors.Is(err, replication.ErrLocked) {
 			return nil, fmt.Errorf("target %s is in use by a running asr server (stop it, or ask it with --server): %w", path, err)
 		} else if err != nil {
@@ -385,6 +428,7 @@ func OpenTarget(ctx context.Context, raw, lease string) (replication.Target, err
 			return nil, err
 		}
 		cfg.LeaseID = lease
+		cfg.NoCreate = mode == ExistingTarget
 		t, err := azure.Open(ctx, cfg)
 		if errors.Is(err, replication.ErrLocked) {
 			return nil, fmt.Errorf("%w (stop it, or ask it with --server)", err)

@@ -273,7 +273,7 @@ func TestReplicateTagRecover(t *testing.T) {
 	// The same points, straight from the target with no server running.
 	ra.close()
 	r.stop()
-	tgt, err := server.OpenTarget(ctx, "file://"+filepath.Join(dir, "srv", "target"), "")
+	tgt, err := server.OpenTarget(ctx, "file://"+filepath.Join(dir, "srv", "target"), "", server.ExistingTarget)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -773,7 +773,7 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 	// The site is gone: the same from the target alone.
 	ra.close()
 	r.stop()
-	tgt, err := server.OpenTarget(ctx, "file://"+filepath.Join(dir, "srv", "target"), "")
+	tgt, err := server.OpenTarget(ctx, "file://"+filepath.Join(dir, "srv", "target"), "", server.ExistingTarget)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1291,4 +1291,62 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 		t.Fatalf("blocks marked during the overflow: %d (events %+v)", marked, es)
 	}
 	t.Logf("%d blocks of 4 KiB marked and resent", marked)
+}
+
+// lockedBuffer collects log output written from several goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// An existing data directory open to other users (0755) is made private
+// with a log line, the vault database is 0600, and a target outside the
+// data directory is private too.
+func TestDataDirAndTargetPrivate(t *testing.T) {
+	dir := t.TempDir()
+	data, target := filepath.Join(dir, "data"), filepath.Join(dir, "target")
+	for _, d := range []string{data, target} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var logs lockedBuffer
+	srv, err := server.Open(context.Background(), server.Config{DataDir: data, Listen: "127.0.0.1:0", DataListen: "127.0.0.1:0",
+		Target: "file://" + target, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	for path, want := range map[string]os.FileMode{
+		data:                                     0o700,
+		filepath.Join(data, server.DatabaseFile): 0o600,
+		target:                                   0o700,
+		filepath.Join(target, "objects", "vault"): 0o600,
+	} {
+		st, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := st.Mode().Perm(); got != want {
+			t.Errorf("%s: mode %04o, want %04o", path, got, want)
+		}
+	}
+	if !strings.Contains(logs.String(), "made it private") || !strings.Contains(logs.String(), "was=0755") {
+		t.Errorf("no log line says the data directory was tightened:\n%s", logs.String())
+	}
 }

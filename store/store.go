@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -36,8 +37,12 @@ type DB struct {
 }
 
 // Open opens (creating if needed) the database at path and applies pending
-// migrations.
+// migrations. The database and its -wal and -shm files are made 0600, or
+// tightened to it: they hold the vault's settings, machines and sessions.
 func Open(ctx context.Context, path string) (*DB, error) {
+	if err := privateFiles(path); err != nil {
+		return nil, fmt.Errorf("open vault database: %w", err)
+	}
 	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=busy_timeout(10000)" +
 		"&_pragma=foreign_keys(1)&_pragma=synchronous(FULL)&_txlock=immediate"
 	sdb, err := sql.Open("sqlite", dsn)
@@ -53,6 +58,35 @@ func Open(ctx context.Context, path string) (*DB, error) {
 		return nil, err
 	}
 	return d, nil
+}
+
+// privateFiles creates the database file 0600 if it is missing, and takes
+// the group and other bits off it and off its -wal and -shm files if they
+// exist. SQLite makes the -wal and -shm files with the database file's
+// mode, so a private database file keeps the new ones private too.
+func privateFiles(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		st, err := os.Stat(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if perm := st.Mode().Perm(); perm&0o077 != 0 {
+			if err := os.Chmod(p, perm&^0o077); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Close closes the database.

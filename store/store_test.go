@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"testing"
 	"testing/fstest"
@@ -89,4 +90,46 @@ func TestSessions(t *testing.T) {
 	if _, err := d.Session(ctx, id); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("expired session: %v", err)
 	}
+}
+
+// The vault database and its -wal and -shm files are private to the
+// server's user: made 0600, and an older database left 0644 (with its
+// -wal and -shm from a crash) is tightened when opened.
+func TestDatabaseFilesPrivate(t *testing.T) {
+	check := func(path string) {
+		t.Helper()
+		for _, p := range []string{path, path + "-wal", path + "-shm"} {
+			st, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := st.Mode().Perm(); got != 0o600 {
+				t.Errorf("%s: mode %04o, want 0600", filepath.Base(p), got)
+			}
+		}
+	}
+	path := filepath.Join(t.TempDir(), "vault.db")
+	d := mustOpen(t, path)
+	if err := d.SetSetting(context.Background(), "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	check(path) // the -wal and -shm exist while the database is open
+	d.Close()
+
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+			// A clean close removes the -wal and -shm; a crash leaves them.
+			if err := os.WriteFile(p, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Chmod(p, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d = mustOpen(t, path)
+	if v, err := d.Setting(context.Background(), "k"); err != nil || v != "v" {
+		t.Fatalf("setting after reopen: %q, %v", v, err)
+	}
+	check(path)
 }

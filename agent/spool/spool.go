@@ -85,6 +85,12 @@ type Spool struct {
 	syncMu  sync.Mutex // serializes fsync calls (group commit)
 	synced  uint64     // records up to this seq are durable
 	syncErr error      // sticky: after a failed fsync nothing is known durable
+
+	// cutErr is sticky (guarded by mu): a write failed and cutting its
+	// torn bytes off failed too, so the file may hold garbage where the
+	// next record would go. Nothing more is appended or flushed until a
+	// restart, whose Open cuts the torn tail.
+	cutErr error
 }
 
 type file struct {
@@ -92,8 +98,18 @@ type file struct {
 	first uint64
 	last  uint64 // last seq written (first-1 if empty)
 	size  int64
-	f     *os.File
+	f     appendFile
 	path  string
+}
+
+// appendFile is what the spool does with the file it appends to: an
+// *os.File, or in tests one whose operations fail.
+type appendFile interface {
+	io.Writer
+	io.Seeker
+	Truncate(size int64) error
+	Sync() error
+	Close() error
 }
 
 type sample struct {
@@ -389,6 +405,9 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 	size := int64(r.EncodedSize())
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.cutErr != nil {
+		return 0, s.cutErr
+	}
 	if try && s.bytes+size > int64(softLimit*float64(s.opts.MaxBytes)) && s.bytes > headerSize {
 		if s.acked+1 == s.next && len(s.files) == 1 {
 			// All acknowledged: make room by starting a new file.
@@ -436,9 +455,17 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 	s.buf = replication.AppendRecord(s.buf[:0], r)
 	if _, err := cur.f.Write(s.buf); err != nil {
 		// The file may now hold a torn record; cut it off so later records
-		// are not written after garbage.
-		cur.f.Truncate(cur.size)
-		cur.f.Seek(cur.size, io.SeekStart)
+		// are not written after garbage. If that fails too, no later
+		// record may follow (Open would cut it off with the garbage).
+		cut := cur.f.Truncate(cur.size)
+		if cut == nil {
+			_, cut = cur.f.Seek(cur.size, io.SeekStart)
+		}
+		if cut != nil {
+			s.cutErr = fmt.Errorf("spool: a write to %s failed and its torn bytes could not be cut off, so nothing more is logged until the agent restarts: %w",
+				filepath.Base(cur.path), errors.Join(err, cut))
+			return 0, s.cutErr
+		}
 		return 0, fmt.Errorf("spool write: %w", err)
 	}
 	if cap(s.buf) > 4<<20 {
@@ -500,6 +527,12 @@ func (s *Spool) Sync() error {
 	if s.closed {
 		s.mu.Unlock()
 		return ErrClosed
+	}
+	if s.cutErr != nil {
+		// The log takes no more changes: every flush says so, as after a
+		// failed fsync, until a restart repairs it.
+		s.mu.Unlock()
+		return s.cutErr
 	}
 	target := s.next - 1
 	if s.synced >= target {

@@ -3,8 +3,10 @@ package spool
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -186,5 +188,105 @@ func TestBoundedAppendWaitsForAck(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("append still blocked after the spool was acknowledged")
+	}
+}
+
+// faultyFile makes the append path's file operations fail on demand.
+type faultyFile struct {
+	appendFile
+	writeErr error // a failing write puts partial bytes in the file first
+	partial  int
+	cutErr   error // Truncate fails with it
+}
+
+func (f *faultyFile) Write(p []byte) (int, error) {
+	if f.writeErr == nil {
+		return f.appendFile.Write(p)
+	}
+	n, _ := f.appendFile.Write(p[:f.partial])
+	return n, f.writeErr
+}
+
+func (f *faultyFile) Truncate(size int64) error {
+	if f.cutErr != nil {
+		return f.cutErr
+	}
+	return f.appendFile.Truncate(size)
+}
+
+// A failed write whose torn bytes cannot be cut off breaks the spool for
+// good: every later Append and Sync fails (a record appended after the
+// garbage would be cut off with it by the next Open, though acknowledged
+// to the guest), until a restart, whose Open cuts the torn tail.
+func TestFailedCutIsSticky(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	first := mustAppend(t, s, 0, 0, bytes.Repeat([]byte{1}, 4096))
+	s.Complete(first)
+	eio, cutEIO := errors.New("injected write error"), errors.New("injected truncate error")
+	ff := &faultyFile{appendFile: s.files[len(s.files)-1].f, writeErr: eio, partial: 10, cutErr: cutEIO}
+	s.files[len(s.files)-1].f = ff
+
+	r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Offset: 4096, Length: 4096, Data: make([]byte, 4096)}
+	if _, err := s.Append(context.Background(), &r); !errors.Is(err, eio) || !errors.Is(err, cutEIO) {
+		t.Fatalf("Append with a failing write and cut = %v", err)
+	}
+	// The file works again, but what follows the last record is unknown.
+	ff.writeErr, ff.cutErr = nil, nil
+	for i := range 2 {
+		r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Offset: 8192, Length: 4096, Data: make([]byte, 4096)}
+		if seq, err := s.Append(context.Background(), &r); err == nil || !strings.Contains(err.Error(), "until the agent restarts") {
+			t.Fatalf("Append %d after a failed cut = seq %d, %v; want the sticky error", i, seq, err)
+		}
+		if _, err := s.TryAppend(&r); err == nil || !strings.Contains(err.Error(), "until the agent restarts") {
+			t.Fatalf("TryAppend %d after a failed cut = %v; want the sticky error", i, err)
+		}
+		if err := s.Sync(); err == nil || !strings.Contains(err.Error(), "until the agent restarts") {
+			t.Fatalf("Sync %d after a failed cut = %v; want the sticky error", i, err)
+		}
+	}
+	s.Close()
+
+	// A restart cuts the torn bytes and goes on after the last record.
+	s, rec := mustOpen(t, dir, Options{})
+	defer s.Close()
+	if rec.Records != 1 || rec.Truncated != 10 {
+		t.Fatalf("reopen: %d records, %d bytes cut; want 1 and the 10 torn bytes", rec.Records, rec.Truncated)
+	}
+	second := mustAppend(t, s, 0, 8192, bytes.Repeat([]byte{2}, 4096))
+	s.Complete(second)
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, s, first); len(got) != 2 || got[0].Seq != first || got[1].Seq != second || got[1].Data[0] != 2 {
+		t.Fatalf("after the restart the spool holds %d records", len(got))
+	}
+}
+
+// A failed write whose torn bytes are cut off fails alone: the next
+// record follows the last whole one.
+func TestFailedWriteCutOff(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	first := mustAppend(t, s, 0, 0, bytes.Repeat([]byte{1}, 4096))
+	s.Complete(first)
+	eio := errors.New("injected write error")
+	ff := &faultyFile{appendFile: s.files[len(s.files)-1].f, writeErr: eio, partial: 10}
+	s.files[len(s.files)-1].f = ff
+	r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Offset: 4096, Length: 4096, Data: make([]byte, 4096)}
+	if _, err := s.Append(context.Background(), &r); !errors.Is(err, eio) {
+		t.Fatalf("Append with a failing write = %v", err)
+	}
+	ff.writeErr = nil
+	second := mustAppend(t, s, 0, 8192, bytes.Repeat([]byte{2}, 4096))
+	s.Complete(second)
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, rec := mustOpen(t, dir, Options{})
+	defer s.Close()
+	if rec.Records != 2 || rec.Truncated != 0 {
+		t.Fatalf("reopen: %d records, %d bytes cut; want 2 and none", rec.Records, rec.Truncated)
 	}
 }

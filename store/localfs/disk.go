@@ -244,12 +244,12 @@ func (t *Target) createReplica(ddir string, size int64) (*os.File, error) {
 	if err := os.RemoveAll(snap); err != nil { // logs of a deleted disk
 		return nil, err
 	}
-	if err := os.Mkdir(snap, 0o755); err != nil {
+	if err := os.Mkdir(snap, 0o700); err != nil {
 		return nil, err
 	}
 	path := filepath.Join(ddir, replicaName)
 	tmp := path + tmpMark
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -274,7 +274,7 @@ func (t *Target) createReplica(ddir string, size int64) (*os.File, error) {
 // loadChain opens and scans the disk's logs.
 func (d *disk) loadChain() error {
 	snap := filepath.Join(d.dir, snapDirName)
-	if err := os.MkdirAll(snap, 0o755); err != nil {
+	if err := os.MkdirAll(snap, 0o700); err != nil {
 		return err
 	}
 	entries, err := os.ReadDir(snap)
@@ -768,7 +768,7 @@ func (d *disk) createEpoch(name string, seq uint64) (*epoch, error) {
 	snap := filepath.Join(d.dir, snapDirName)
 	path := filepath.Join(snap, name+cowExt)
 	tmp := path + tmpMark
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
 	}

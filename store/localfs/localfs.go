@@ -11,6 +11,9 @@
 //	<dir>/disks/<key>.disk/snap/<name>.cow       the undo log of snapshot <name>
 //	<dir>/disks/<key>.disk/snap/<seq>.deleted    a deleted snapshot's log, kept for its readers
 //
+// Every directory is 0700 and every file 0600: replica images are guest data
+// and the catalog names the machines (Open tightens an older target).
+//
 // Objects and disks live in separate trees, so no object key collides with a
 // disk's files, and a disk directory carries the ".disk" suffix, so the disks
 // "a" and "a/snap" cannot collide either. PutObject writes a temporary file
@@ -102,6 +105,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -159,15 +163,46 @@ type Target struct {
 
 var _ replication.Target = (*Target)(nil)
 
-// Open opens the target in dir, creating the directory if it is missing. It
-// returns an error wrapping replication.ErrLocked if another Target (in this
-// process or another) has dir open.
-func Open(dir string) (*Target, error) {
+// Option changes how Open opens a target.
+type Option func(*options)
+
+type options struct {
+	noCreate bool
+}
+
+// NoCreate makes Open create nothing: dir must hold a target already (its
+// layout file), else Open fails with an error wrapping
+// replication.ErrNotFound and leaves the path as it was. Readers of a target
+// (recovery from the target alone) open it so, and a mistyped path does not
+// become an empty target. Such an open does not tighten modes either.
+func NoCreate() Option { return func(o *options) { o.noCreate = true } }
+
+// Open opens the target in dir, creating the directory (0700) if it is
+// missing, unless NoCreate is given. It returns an error wrapping
+// replication.ErrLocked if another Target (in this process or another) has
+// dir open.
+//
+// Everything the target holds is private to its user: directories are made
+// 0700 and files 0600 (replica images are guest data). A target made before
+// that, whose directory others can read, is tightened here, its tree first
+// and its directory last; a failure to tighten is logged, not fatal (the
+// directory may belong to another user who lets this one write).
+func Open(dir string, opts ...Option) (*Target, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	dir = filepath.Clean(dir)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if o.noCreate {
+		if err := checkExists(dir); err != nil {
+			return nil, err
+		}
+	} else if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR|os.O_CREATE, 0o644)
+	// The lock file is part of every target's layout (made before the
+	// layout file), so making it here creates nothing in a NoCreate open.
+	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
@@ -176,12 +211,17 @@ func Open(dir string) (*Target, error) {
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
 	t := &Target{dir: dir, lock: lock, disks: map[string]*disk{}}
-	if err := t.checkFormat(); err != nil {
+	if err := t.checkFormat(!o.noCreate); err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
+	if o.noCreate {
+		// The object and disk trees may be missing (a target with nothing
+		// in them yet): reads then find nothing, as they should.
+		return t, nil
+	}
 	for _, sub := range []string{objectsDir, disksDir} {
-		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
 			lock.Close()
 			return nil, fmt.Errorf("open target %s: %w", dir, err)
 		}
@@ -190,19 +230,97 @@ func Open(dir string) (*Target, error) {
 		lock.Close()
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
+	log := slog.Default().With("component", "localfs", "target", dir)
+	if n, err := tighten(dir); err != nil {
+		log.Warn("the target's files stay readable by other users: cannot tighten their modes to 0600/0700", "tightened", n, "err", err)
+	} else if n > 0 {
+		log.Info("made the target private to this user (directories 0700, files 0600)", "entries", n)
+	}
 	return t, nil
 }
 
-// checkFormat verifies the layout file, writing it into a new target.
-func (t *Target) checkFormat() error {
+// checkExists returns an error wrapping replication.ErrNotFound unless dir
+// holds a target's layout file. It creates nothing.
+func checkExists(dir string) error {
+	_, err := os.Stat(filepath.Join(dir, formatFile))
+	if err == nil {
+		return nil
+	}
+	if !isNotExist(err) {
+		return fmt.Errorf("open target %s: %w", dir, err)
+	}
+	why := "no asr layout file in it"
+	if st, serr := os.Stat(dir); isNotExist(serr) {
+		why = "no such directory"
+	} else if serr == nil && !st.IsDir() {
+		why = "not a directory"
+	}
+	return fmt.Errorf("%s holds no asr vault (%s): %w", dir, why, replication.ErrNotFound)
+}
+
+// tighten takes the group and other permission bits off every directory
+// and regular file under dir, then off dir itself, and returns how many it
+// changed. The directory goes last, so a private directory means the walk
+// was done before (and nothing below it is reachable by others anyway): it
+// is not walked again, which keeps a start cheap on a target of many
+// objects. Symbolic links are left alone (chmod would follow them).
+func tighten(dir string) (int, error) {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return 0, err
+	}
+	if st.Mode().Perm()&0o077 == 0 {
+		return 0, nil
+	}
+	n := 0
+	err = filepath.WalkDir(dir, func(path string, de fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if path == dir || (!de.IsDir() && !de.Type().IsRegular()) {
+			return nil
+		}
+		info, err := de.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if perm := info.Mode().Perm(); perm&0o077 != 0 {
+			if err := os.Chmod(path, perm&^0o077); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return n, err
+	}
+	if err := os.Chmod(dir, st.Mode().Perm()&^0o077); err != nil {
+		return n, err
+	}
+	return n + 1, nil
+}
+
+// checkFormat verifies the layout file, writing it into a new target if
+// create is set.
+func (t *Target) checkFormat(create bool) error {
 	path := filepath.Join(t.dir, formatFile)
 	b, err := os.ReadFile(path)
+	if isNotExist(err) && !create {
+		return fmt.Errorf("no asr layout file: %w", replication.ErrNotFound)
+	}
 	if isNotExist(err) {
 		h := make([]byte, formatSize)
 		copy(h, formatMagic[:])
 		binary.LittleEndian.PutUint16(h[6:], formatVersion)
 		binary.LittleEndian.PutUint32(h[12:], replication.Checksum(h[:12]))
-		return atomicfile.Write(path, h, 0o644)
+		return atomicfile.Write(path, h, 0o600)
 	}
 	if err != nil {
 		return err
@@ -288,7 +406,7 @@ func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
 	if err := mkdirAllSync(root, filepath.Dir(path)); err != nil {
 		return fmt.Errorf("put object %s: %w", key, err)
 	}
-	if err := atomicfile.Write(path, data, 0o644); err != nil {
+	if err := atomicfile.Write(path, data, 0o600); err != nil {
 		return fmt.Errorf("put object %s: %w", key, err)
 	}
 	return nil
@@ -445,7 +563,7 @@ func mkdirAllSync(root, dir string) error {
 	if err := mkdirAllSync(root, filepath.Dir(dir)); err != nil {
 		return err
 	}
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
 		return err
 	}
 	return atomicfile.SyncDir(filepath.Dir(dir))
