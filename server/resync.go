@@ -127,9 +127,9 @@ func (s *Server) syncResyncRows(m replication.MachineCatalog) {
 				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
 					Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, d.LastResyncCompared, d.LastResyncSent)})
 			}
-		case has && row.State != store.ResyncRunning && d.State == replication.StateResync && !slices.Equal(row.Ranges, d.Ranges):
+		case has && !row.Verify && row.State != store.ResyncRunning && d.State == replication.StateResync && !slices.Equal(row.Ranges, d.Ranges):
 			// More became due (a scrub found damage): widen the waiting job.
-			row.Ranges, row.Reason, row.Verify = d.Ranges, d.Reason, false
+			row.Ranges, row.Reason = d.Ranges, d.Reason
 			if err := s.db.PutResync(ctx, row); err != nil {
 				s.log.Error("update resync", "machine", m.ID, "disk", d.Name, "err", err)
 			}

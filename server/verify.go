@@ -254,13 +254,15 @@ func (s *Server) requestVerify(ctx context.Context, m store.Machine) ([]ResyncJS
 		} else if err != nil && !errors.Is(err, store.ErrNotFound) {
 			return nil, err
 		}
+		reason := "operator verify: compare the source with the replica's contents"
 		if err == nil && !row.Verify {
-			// A resync is due anyway (scheduled or failed): run it now.
-			row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
-		} else {
-			row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator verify: compare the source with the replica's contents",
-				Manual: true, Verify: true, State: store.ResyncScheduled, RequestedAt: s.now()}
+			// A resync is due (the scrub may just have found damage): the
+			// verify compares the whole disk, so it does that resync's
+			// work too, and ends it.
+			reason += "; also due: " + row.Reason
 		}
+		row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: reason,
+			Manual: true, Verify: true, State: store.ResyncScheduled, RequestedAt: s.now()}
 		if err := s.db.PutResync(ctx, row); err != nil {
 			return nil, err
 		}
@@ -313,3 +315,6 @@ func (s *Server) handleScrubSetting(w http.ResponseWriter, r *http.Request) erro
 	writeJSON(w, http.StatusOK, req)
 	return nil
 }
+
+// DB returns the vault database (for tests and tools in-process).
+func (s *Server) DB() *store.DB { return s.db }
