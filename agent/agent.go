@@ -180,6 +180,10 @@ func ParseSize(s string) (int64, error) {
 	return n * mult, nil
 }
 
+// maxScanSize bounds a scan-mode disk: its block hashes (17 bytes a MiB)
+// live in memory, 70 MiB at this size.
+const maxScanSize = 4 << 40
+
 // Agent is a running agent.
 type Agent struct {
 	cfg Config
@@ -333,6 +337,9 @@ func (a *Agent) open() error {
 				interval := spec.ScanInterval
 				if interval <= 0 {
 					interval = 30 * time.Second
+				}
+				if d.Size() > maxScanSize {
+					return fmt.Errorf("disk %s: %d bytes is more than scan mode handles (%d: it keeps a hash of every MiB in memory); serve it over NBD (without mode=scan)", d.Name, d.Size(), int64(maxScanSize))
 				}
 				d.scan = newScanState(d.Size(), interval)
 				if !a.unclean {

@@ -46,6 +46,24 @@ func (a *Agent) initialCopy() {
 			if a.ctx.Err() != nil {
 				return
 			}
+			// A hole of a sparse (thin) disk reads as zeros, which the
+			// fresh replica holds already: skip it without reading. (A
+			// guest write there is logged by the splitter as usual.)
+			if next, ok := nextData(d.f, off); ok && next >= off+initialChunk {
+				off = min(next&^(initialChunk-1), d.Size())
+				cur.Store(off)
+				dropped = max(dropped, off&^(dropAlign-1))
+				if off-lastMark >= progressEvery || off == d.Size() {
+					if err := a.markProgress(d, off, off == d.Size()); err != nil {
+						if a.ctx.Err() == nil {
+							a.log.Error("log initial replication progress", "disk", d.Name, "err", err)
+						}
+						return
+					}
+					lastMark = off
+				}
+				continue
+			}
 			n := min(int64(initialChunk), d.Size()-off)
 			if _, err := d.baseChunk(buf[:n], off); err != nil {
 				if a.ctx.Err() == nil {

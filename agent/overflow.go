@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,17 +28,30 @@ import (
 
 const mapBlock = 4096
 
-// changeMap marks changed 4 KiB blocks of a disk.
+// changeMap marks changed 4 KiB blocks of a disk. It is sparse: a page of
+// bits (4 KiB, covering 128 MiB of the disk) exists only while a block in
+// it is marked, so its memory follows what the guest changed during the
+// overflow, not the size of the disk.
 type changeMap struct {
-	mu    sync.Mutex
-	bits  []uint64
-	count int
+	mu     sync.Mutex
+	blocks int64
+	pages  map[int64]*mapPage
+	order  []int64 // page numbers, sorted
+	count  int
+}
+
+const mapPageWords = 512 // 32768 blocks, 128 MiB
+
+type mapPage struct {
+	bits [mapPageWords]uint64
+	n    int // blocks marked in the page
 }
 
 func newChangeMap(size int64) *changeMap {
-	n := (size + mapBlock - 1) / mapBlock
-	return &changeMap{bits: make([]uint64, (n+63)/64)}
+	return &changeMap{blocks: (size + mapBlock - 1) / mapBlock, pages: map[int64]*mapPage{}}
 }
+
+const mapPageBlocks = mapPageWords * 64
 
 func (m *changeMap) mark(off, n int64) {
 	if n <= 0 {
@@ -45,13 +59,32 @@ func (m *changeMap) mark(off, n int64) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for b := off / mapBlock; b <= (off+n-1)/mapBlock; b++ {
-		w, bit := b/64, uint64(1)<<(b%64)
-		if int(w) < len(m.bits) && m.bits[w]&bit == 0 {
-			m.bits[w] |= bit
+	for b := off / mapBlock; b <= (off+n-1)/mapBlock && b < m.blocks; b++ {
+		pn := b / mapPageBlocks
+		pg := m.pages[pn]
+		if pg == nil {
+			pg = &mapPage{}
+			m.pages[pn] = pg
+			i, _ := slices.BinarySearch(m.order, pn)
+			m.order = slices.Insert(m.order, i, pn)
+		}
+		i := b % mapPageBlocks
+		w, bit := i/64, uint64(1)<<(i%64)
+		if pg.bits[w]&bit == 0 {
+			pg.bits[w] |= bit
+			pg.n++
 			m.count++
 		}
 	}
+}
+
+func (m *changeMap) isSet(b int64) bool {
+	pg := m.pages[b/mapPageBlocks]
+	if pg == nil {
+		return false
+	}
+	i := b % mapPageBlocks
+	return pg.bits[i/64]&(1<<(i%64)) != 0
 }
 
 // next returns the first run of marked blocks (at most max blocks) at or
@@ -59,32 +92,57 @@ func (m *changeMap) mark(off, n int64) {
 func (m *changeMap) next(from int64, max int) (first int64, n int, ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	total := int64(len(m.bits)) * 64
-	for b := from; b < total; b++ {
-		if m.bits[b/64] == 0 {
-			b = (b/64+1)*64 - 1
-			continue
+	k, _ := slices.BinarySearch(m.order, from/mapPageBlocks)
+	for ; k < len(m.order); k++ {
+		pn := m.order[k]
+		pg := m.pages[pn]
+		b0 := max64(from, pn*mapPageBlocks)
+		for b := b0; b < (pn+1)*mapPageBlocks; b++ {
+			i := b % mapPageBlocks
+			if pg.bits[i/64] == 0 {
+				b = pn*mapPageBlocks + (i/64+1)*64 - 1
+				continue
+			}
+			if pg.bits[i/64]&(1<<(i%64)) == 0 {
+				continue
+			}
+			first = b
+			for b < m.blocks && n < max && m.isSet(b) {
+				n++
+				b++
+			}
+			return first, n, true
 		}
-		if m.bits[b/64]&(1<<(b%64)) == 0 {
-			continue
-		}
-		first = b
-		for b < total && n < max && m.bits[b/64]&(1<<(b%64)) != 0 {
-			n++
-			b++
-		}
-		return first, n, true
 	}
 	return 0, 0, false
+}
+
+func max64(a, b int64) int64 {
+	if a > b {
+		return a
+	}
+	return b
 }
 
 func (m *changeMap) clear(first int64, n int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for b := first; b < first+int64(n); b++ {
-		if m.bits[b/64]&(1<<(b%64)) != 0 {
-			m.bits[b/64] &^= 1 << (b % 64)
+		pn := b / mapPageBlocks
+		pg := m.pages[pn]
+		if pg == nil {
+			continue
+		}
+		i := b % mapPageBlocks
+		if pg.bits[i/64]&(1<<(i%64)) != 0 {
+			pg.bits[i/64] &^= 1 << (i % 64)
+			pg.n--
 			m.count--
+			if pg.n == 0 {
+				delete(m.pages, pn)
+				j, _ := slices.BinarySearch(m.order, pn)
+				m.order = slices.Delete(m.order, j, j+1)
+			}
 		}
 	}
 }

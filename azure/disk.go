@@ -118,7 +118,7 @@ func (t *Target) OpenDisk(ctx context.Context, key string, size int64) (replicat
 		return nil, fmt.Errorf("open disk: %w", err)
 	}
 	if size < 0 || size > maxDiskSize {
-		return nil, fmt.Errorf("open disk %s: size %d is not between 0 and 8 TiB, the most a page blob holds", key, size)
+		return nil, fmt.Errorf("open disk %s: size %d is not between 0 and 8 TiB, the most a page blob holds: %w", key, size, replication.ErrDiskTooLarge)
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("open disk %s: %w", key, err)
@@ -753,7 +753,7 @@ func (h *Disk) Resize(ctx context.Context, size int64) error {
 		return nil
 	}
 	if size > maxDiskSize {
-		return fmt.Errorf("resize disk %s to %d bytes: a page blob holds at most 8 TiB", d.key, size)
+		return fmt.Errorf("resize disk %s to %d bytes: a page blob holds at most 8 TiB: %w", d.key, size, replication.ErrDiskTooLarge)
 	}
 	// The blob grows first: a crash before the metadata leaves a blob
 	// larger than its disk, which is harmless and grows again next time.

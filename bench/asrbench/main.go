@@ -10,6 +10,7 @@
 //	asrbench storage   stored bytes under steady churn with retention
 //	asrbench resync    checksum-delta resync vs rsync --inplace --no-whole-file, and vs sha256sum
 //	asrbench azure     upload path to Azurite vs a bare azblob upload; compression ratio
+//	asrbench capacity  server memory with 1, 16 and 64 TiB of sparse protected disks
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
 // `make peers` installs (zstd, fio, nbdkit, rsync, Azurite). See BENCHMARKS.md.
@@ -46,7 +47,7 @@ var (
 func main() {
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -81,6 +82,8 @@ func main() {
 		err = benchResync(dir)
 	case "azure":
 		err = benchAzure(dir)
+	case "capacity":
+		err = benchCapacity(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/store/atomicfile"
@@ -254,6 +255,9 @@ func (t *Target) createReplica(ddir string, size int64) (*os.File, error) {
 		return nil, err
 	}
 	err = f.Truncate(size)
+	if errors.Is(err, syscall.EFBIG) {
+		err = fmt.Errorf("the file system under %s cannot hold a file of %d bytes (%v): %w", ddir, size, err, replication.ErrDiskTooLarge)
+	}
 	if err == nil {
 		err = f.Sync()
 	}
@@ -1086,6 +1090,9 @@ func (h *Disk) Resize(ctx context.Context, size int64) error {
 		return fmt.Errorf("resize disk %s: %w", d.key, err)
 	}
 	if err := d.replica.Truncate(size); err != nil {
+		if errors.Is(err, syscall.EFBIG) {
+			err = fmt.Errorf("the file system cannot hold a file of %d bytes (%v): %w", size, err, replication.ErrDiskTooLarge)
+		}
 		return fmt.Errorf("resize disk %s: %w", d.key, err)
 	}
 	if err := d.replica.Sync(); err != nil {
