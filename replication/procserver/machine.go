@@ -248,6 +248,9 @@ func (m *machine) newOpenFile() error {
 // that the agent's log continues the server's, or takes it as a new log
 // (another log id), recorded in the catalog before the Welcome names it.
 func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hello) (replication.Welcome, error) {
+	if h.LogID != "" && !validID(h.LogID) {
+		return replication.Welcome{}, fmt.Errorf("log id %.80q: want up to 64 hex digits", h.LogID)
+	}
 	m.attachMu.Lock()
 	defer m.attachMu.Unlock()
 	m.applyMu.Lock()

@@ -354,6 +354,9 @@ func TestSupersedeEndsLog(t *testing.T) {
 	if m, _ := r.cat.Machine(context.Background(), machineID); m.LogEnded != "the machine was re-registered" || m.LogID != "" {
 		t.Fatalf("catalog after Supersede: %+v", m)
 	}
+	if _, _, err := r.hello(t, "not hex", 1, 40); err == nil || !strings.Contains(err.Error(), "hex") {
+		t.Fatalf("a malformed log id: %v, want a refusal", err)
+	}
 	if _, _, err := r.hello(t, "", 1, 40); err == nil || !strings.Contains(err.Error(), "upgrade") {
 		t.Fatalf("an agent without a log id after the log ended: %v, want a refusal", err)
 	}
