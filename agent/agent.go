@@ -204,6 +204,10 @@ type Agent struct {
 	prog    []progressMark
 	cursors map[uint32]*atomic.Int64 // read cursor of the initial copy, per disk
 	done    map[uint32]*atomic.Bool
+	// copyGen counts the new logs started (newlog.go): each restarts the
+	// initial copy, which copyWake wakes.
+	copyGen  atomic.Uint64
+	copyWake chan struct{}
 
 	tagMu         sync.Mutex
 	tagSeqs       []uint64 // tag and resync-done records not yet sent (for FlagTag)
@@ -251,7 +255,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{}, holds: &latency{},
 		cuts:    map[uint64]chan replication.FrameType{},
-		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}}
+		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}, copyWake: make(chan struct{}, 1)}
 	a.resync = newResyncer(a)
 	a.crashInterval.Store(int64(cfg.CrashInterval))
 	a.appFrequency.Store(int64(cfg.AppFrequency))
@@ -281,6 +285,11 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		if cfg.Name != st.Name && cfg.Name != "" {
 			a.log.Warn("--name differs from the registered name; keeping the registered one", "registered", st.Name, "given", cfg.Name)
 		}
+	}
+	if st.LogID == "" {
+		// A new state, or one from before log ids (an agent continuing
+		// its own log): open saves it.
+		st.LogID = newLogID()
 	}
 	a.st = st
 	if err := a.open(); err != nil {

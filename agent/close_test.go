@@ -71,7 +71,7 @@ func TestCloseWaitsForRequestedPoint(t *testing.T) {
 		}
 		// The point ran whole before the spool closed: its tag is logged.
 		found := false
-		for _, r := range spoolRecords(t, filepath.Join(a.cfg.StateDir, spoolDir)) {
+		for _, r := range spoolFileRecords(t, filepath.Join(a.cfg.StateDir, spoolDir)) {
 			found = found || (r.Kind == replication.KindTag && r.Offset == 42 && r.Flags&replication.FlagApp != 0)
 		}
 		if !found {
@@ -83,7 +83,7 @@ func TestCloseWaitsForRequestedPoint(t *testing.T) {
 // spoolRecords reopens a closed spool and returns its records. It decodes
 // them itself: the shared zstd codec readFrames uses must not be tied to a
 // synctest bubble.
-func spoolRecords(t *testing.T, dir string) []replication.Record {
+func spoolFileRecords(t *testing.T, dir string) []replication.Record {
 	t.Helper()
 	sp, _, err := spool.Open(dir, spool.Options{MaxBytes: 1 << 30}, 0)
 	if err != nil {

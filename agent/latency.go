@@ -49,6 +49,13 @@ func (l *latency) acked(seq uint64) {
 	}
 }
 
+// reset forgets the changes not yet acknowledged: a new log dropped them.
+func (l *latency) reset() {
+	l.mu.Lock()
+	l.pending = l.pending[:0]
+	l.mu.Unlock()
+}
+
 // observe adds one duration to the histogram (also used for group-cut
 // holds, which have no sequence number).
 func (l *latency) observe(d time.Duration) {

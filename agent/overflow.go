@@ -147,6 +147,14 @@ func (m *changeMap) clear(first int64, n int) {
 	}
 }
 
+func (m *changeMap) reset() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	clear(m.pages)
+	m.order = m.order[:0]
+	m.count = 0
+}
+
 func (m *changeMap) empty() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -195,6 +203,22 @@ func (o *overflow) enter(d *Disk) {
 		o.began = true
 		a.event("spool-overflow", "the spool is full: the agent tracks changed blocks and resyncs them when it catches up (no recovery points meanwhile)")
 		a.log.Warn("spool overflow: tracking changed blocks", "disk_that_filled_it", d.Name)
+	}
+}
+
+// reset forgets an overflow when the agent starts a new log (newlog.go):
+// its start records are dropped with the spool, and the changes the maps
+// hold were made before the new log, whose resync or new copy covers them.
+// The caller holds every disk's change lock.
+func (o *overflow) reset() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.active.Store(false)
+	o.began = false
+	for _, d := range o.a.disks {
+		if d.changes != nil {
+			d.changes.reset()
+		}
 	}
 }
 

@@ -311,6 +311,15 @@ func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64, verify b
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// Only the job the agent holds may end: the server takes a done record
+	// as "the disk is consistent again", and a job replaced meanwhile (by
+	// a new log, or a newer job) did not make it so.
+	a.stMu.Lock()
+	current := a.st.Resync != nil && a.st.Resync.Job.ID == id
+	a.stMu.Unlock()
+	if !current {
+		return errors.New("the job was replaced")
+	}
 	seq, err := d.spool.Append(d.ctx, &rec)
 	if err != nil {
 		return err

@@ -102,7 +102,8 @@ func TestResyncRateFlag(t *testing.T) {
 // again without waiting for the next seal).
 func TestResyncDoneShipsLikeATag(t *testing.T) {
 	d, sp, dir := mustTestDisk(t, 1<<20)
-	a := &Agent{cfg: Config{StateDir: dir}, disks: []*Disk{d}, spool: sp, log: slog.Default(), ctx: context.Background()}
+	a := &Agent{cfg: Config{StateDir: dir}, disks: []*Disk{d}, spool: sp, log: slog.Default(), ctx: context.Background(),
+		st: &state{Resync: &resyncState{Job: replication.ResyncJob{ID: 7}}}}
 	first := sp.Next()
 	if _, err := d.logResync(7, "test", false); err != nil {
 		t.Fatal(err)

@@ -119,7 +119,7 @@ func (a *Agent) session() error {
 	}
 	a.stMu.Unlock()
 	hello := replication.Hello{MachineID: a.st.MachineID, AgentVersion: Version, Disks: disks,
-		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First(), Recovering: a.recovering}
+		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First(), Recovering: a.recovering, LogID: a.st.LogID}
 	hf, _ := replication.JSONFrame(replication.FrameHello, hello)
 	nc.SetDeadline(time.Now().Add(30 * time.Second))
 	if err := replication.WriteFrame(bw, &hf); err != nil {
@@ -143,6 +143,12 @@ func (a *Agent) session() error {
 		return err
 	}
 	nc.SetDeadline(time.Time{})
+	if w.NewLog {
+		// Another log than the server's: never joined by number.
+		if err := a.startNewLog(w); err != nil {
+			return err
+		}
+	}
 	if w.DurableSeq >= a.spool.Next() {
 		if !a.recovering {
 			return &fatalError{fmt.Sprintf("the server holds changes up to seq %d, beyond this agent's log (%d): the agent's state is older than the server's", w.DurableSeq, a.spool.Next()-1)}

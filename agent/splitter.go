@@ -248,12 +248,10 @@ func (d *Disk) Relog(off, n int64) error {
 	return d.relogLocked(off, n)
 }
 
-// baseChunk reads [off, off+len(buf)) and, unless it is all zero, logs it as
-// initial-replication data. It holds the change lock so the chunk is exactly
-// the disk's contents at its place in the log.
-func (d *Disk) baseChunk(buf []byte, off int64) (bool, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+// baseChunkLocked reads [off, off+len(buf)) and, unless it is all zero,
+// logs it as initial-replication data. The caller holds the change lock so
+// the chunk is exactly the disk's contents at its place in the log.
+func (d *Disk) baseChunkLocked(buf []byte, off int64) (bool, error) {
 	if _, err := d.f.ReadAt(buf, off); err != nil && err != io.EOF {
 		return false, fmt.Errorf("read disk %s at %d: %w", d.Name, off, err)
 	}

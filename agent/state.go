@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,6 +32,10 @@ type state struct {
 	// Overflow is set while the spool overflows (changes are tracked in
 	// memory only).
 	Overflow bool `json:"overflow,omitempty"`
+	// LogID names this agent's log (Hello.LogID): made with the state, so
+	// an agent that registers again, or lost its state, has another one,
+	// and the server never joins its records to the old log by number.
+	LogID string `json:"log_id,omitempty"`
 }
 
 type diskState struct {
@@ -77,6 +83,13 @@ func (s *state) save(dir string) error {
 		return err
 	}
 	return atomicfile.Write(filepath.Join(dir, stateFile), b, 0o600)
+}
+
+// newLogID returns a random log id: 64 bits, in hex.
+func newLogID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 func (s *state) disk(name string) *diskState {

@@ -337,6 +337,86 @@ func (a *Applier) apply(ctx context.Context, r *Record) error {
 	return nil
 }
 
+// AdoptLog records the id of the agent log the machine's sequence numbers
+// belong to: the machine's first agent log, or one the catalog names none
+// for yet (a vault from before log ids, or a log that ended before anything
+// was held).
+func (a *Applier) AdoptLog(ctx context.Context, id string) error {
+	prevID, prevEnded := a.m.LogID, a.m.LogEnded
+	a.m.LogID, a.m.LogEnded = id, ""
+	if err := a.saveMachine(ctx); err != nil {
+		a.m.LogID, a.m.LogEnded = prevID, prevEnded
+		return err
+	}
+	return nil
+}
+
+// EndLog records that the machine's log ended, and why (the machine was
+// re-registered): the next agent's log is taken as a new one whatever its
+// id, even in a vault from before log ids.
+func (a *Applier) EndLog(ctx context.Context, reason string) error {
+	prev := a.m.LogEnded
+	a.m.LogEnded = reason
+	if err := a.saveMachine(ctx); err != nil {
+		a.m.LogEnded = prev
+		return err
+	}
+	return nil
+}
+
+// ErrLogNotApplied is returned by StartLog while the old log is not
+// applied to its end.
+var ErrLogNotApplied = errors.New("the old log is not applied to its end")
+
+// StartLog records that the agent log id is a new log that starts at
+// sequence number start, right after the old log, which must be applied
+// to its end (start-1) first: its records were acknowledged to the old
+// agent, and its tags made their points. It marks the disks and returns
+// those the new log does not copy again: the ones whose replica is
+// complete or being resynced are marked for a whole-disk resync (a checksum
+// compare sends only what differs), the others start their initial copy
+// again on a zeroed replica (the copy skips chunks of zeros, which a fresh
+// replica holds). So nothing of the new log is joined to the old one by
+// sequence number, and no point is made from it before the resync. The
+// catalog is written before StartLog returns.
+func (a *Applier) StartLog(ctx context.Context, id string, start uint64, reason string) ([]uint32, error) {
+	if start != a.m.AppliedSeq+1 {
+		return nil, fmt.Errorf("new log of machine %s at seq %d: the replica is applied up to %d: %w", a.m.ID, start, a.m.AppliedSeq, ErrLogNotApplied)
+	}
+	prev := a.Machine()
+	copied := []uint32{}
+	for i := range a.m.Disks {
+		d := &a.m.Disks[i]
+		if d.State == StateProtected || d.State == StateResync {
+			d.State, d.Reason, d.Ranges = StateResync, reason, nil
+			copied = append(copied, d.Index)
+			continue
+		}
+		// Flushed before the catalog can say so.
+		rd := a.disks[d.Index]
+		if err := rd.ZeroAt(0, d.Size); err != nil {
+			a.m = prev
+			return nil, fmt.Errorf("clear the replica of disk %s for its new copy: %w", d.Name, err)
+		}
+		if err := rd.Flush(ctx); err != nil {
+			a.m = prev
+			return nil, fmt.Errorf("clear the replica of disk %s for its new copy: %w", d.Name, err)
+		}
+		if err := a.sums[d.Index].Clear(ctx); err != nil {
+			a.m = prev
+			return nil, fmt.Errorf("clear the checksums of disk %s for its new copy: %w", d.Name, err)
+		}
+		d.State, d.Cursor, d.Reason, d.Ranges = StateInitial, 0, "", nil
+	}
+	a.m.LogID, a.m.LogStart, a.m.LogReason, a.m.LogEnded = id, start, reason, ""
+	if err := a.saveMachine(ctx); err != nil {
+		a.m = prev
+		return nil, err
+	}
+	a.log.Warn("the agent's new log starts: disks marked", "machine", a.m.ID, "seq", start, "resync", copied, "reason", reason)
+	return copied, nil
+}
+
 // tag makes a recovery point after record r-1: flush, snapshot every disk,
 // then (only then) record the point and the checkpoint.
 func (a *Applier) tag(ctx context.Context, r *Record) error {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -201,5 +202,108 @@ func TestApplierNoPointDuringInitialReplication(t *testing.T) {
 	m := a.Machine()
 	if d, _ := m.Disk(0); d.Cursor != 4096 || d.State != replication.StateInitial {
 		t.Fatalf("disk state %+v", d)
+	}
+}
+
+// TestApplierNewLog: an agent's new log is to start at seq 7 while the old
+// log's records 4-6 are still to be applied; the disk needed a resync of a
+// part of it. The new log waits for the old one, whose records are applied
+// as before (they were acknowledged to the old agent; its tag makes a
+// point); then the disk is marked for a whole-disk resync for the new log,
+// whose tag makes no point.
+func TestApplierNewLog(t *testing.T) {
+	ctx := context.Background()
+	a, cat := mustApplier(t)
+	var noPoint string
+	a.OnNoPoint = func(_ uint64, reason string) { noPoint = reason }
+	b := &segBuilder{next: 1}
+	if err := a.Apply(ctx, b.segment(t,
+		replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone},
+		replication.Record{Kind: replication.KindWrite, Offset: 65536, Data: fill(4096, 7)},
+		replication.Record{Kind: replication.KindTag})); err != nil {
+		t.Fatal(err)
+	}
+	old := b.segment(t,
+		replication.Record{Kind: replication.KindWrite, Offset: 0, Data: fill(4096, 1)},
+		replication.Record{Kind: replication.KindTag}, // seq 5
+		replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: fill(4096, 2)})
+	const reason = "the agent started a new log at seq 7 (test)"
+	if _, err := a.StartLog(ctx, "00000000000000bb", 7, reason); !errors.Is(err, replication.ErrLogNotApplied) {
+		t.Fatalf("StartLog before the old log is applied: %v, want ErrLogNotApplied", err)
+	}
+	if m, _ := cat.Machine(ctx, "00aa"); m.LogID != "" || !m.Protected() {
+		t.Fatalf("a refused StartLog changed the catalog: %+v", m)
+	}
+	if err := a.Apply(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	ps, _ := cat.Points(ctx, "00aa")
+	if len(ps) != 2 || ps[1].Seq != 5 {
+		t.Fatalf("points %v: want the old log's tags (seq 3 and 5)", ps)
+	}
+	// The agent reports a disk at risk (a part of it) as it connects.
+	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d0", Size: diskSize, Diverged: "test",
+		DivergedRanges: []replication.Range{{Off: 0, Len: 4096}}}}); err != nil {
+		t.Fatal(err)
+	}
+	copied, err := a.StartLog(ctx, "00000000000000bb", 7, reason)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(copied) != 1 || copied[0] != 0 {
+		t.Fatalf("StartLog names disks %v as copied, want [0]", copied)
+	}
+	m, err := cat.Machine(ctx, "00aa")
+	d0, _ := m.Disk(0)
+	if err != nil || m.LogID != "00000000000000bb" || m.LogStart != 7 || m.LogReason != reason ||
+		d0.State != replication.StateResync || d0.Reason != reason || d0.Ranges != nil {
+		t.Fatalf("catalog after StartLog: %+v, disk %+v, %v; want a whole-disk resync for the new log", m, d0, err)
+	}
+	if err := a.Apply(ctx, b.segment(t,
+		replication.Record{Kind: replication.KindWrite, Offset: 8192, Data: fill(4096, 3)},
+		replication.Record{Kind: replication.KindTag})); err != nil { // seq 7-8: the new log
+		t.Fatal(err)
+	}
+	if ps, _ := cat.Points(ctx, "00aa"); len(ps) != 2 {
+		t.Fatalf("points %v: a point from the new log before its resync", ps)
+	}
+	if !strings.Contains(noPoint, "new log") {
+		t.Fatalf("the new log's tag: no-point reason %q, want the resync for the new log", noPoint)
+	}
+	rd, _ := a.Disk(0)
+	got := make([]byte, 12288)
+	rd.ReadAt(got, 0)
+	if !bytes.Equal(got, append(append(fill(4096, 1), fill(4096, 2)...), fill(4096, 3)...)) {
+		t.Fatal("records of the old and the new log were not all applied")
+	}
+}
+
+// TestApplierNewLogRestartsCopy: a disk still in its initial copy when a new
+// log starts is copied again from the start, on a zeroed replica (the copy
+// skips chunks of zeros, which a fresh replica holds).
+func TestApplierNewLogRestartsCopy(t *testing.T) {
+	ctx := context.Background()
+	a, cat := mustApplier(t)
+	b := &segBuilder{next: 1}
+	if err := a.Apply(ctx, b.segment(t,
+		replication.Record{Kind: replication.KindBase, Offset: 0, Data: fill(8192, 9)},
+		replication.Record{Kind: replication.KindProgress, Offset: 8192})); err != nil {
+		t.Fatal(err)
+	}
+	copied, err := a.StartLog(ctx, "00000000000000bb", 3, "new log")
+	if err != nil || len(copied) != 0 {
+		t.Fatalf("StartLog: copied %v, %v; want none (the disk is in its initial copy)", copied, err)
+	}
+	m, _ := cat.Machine(ctx, "00aa")
+	if d, _ := m.Disk(0); d.State != replication.StateInitial || d.Cursor != 0 {
+		t.Fatalf("after the new log started: disk %+v; want the copy started again", d)
+	}
+	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindBase, Offset: 0, Data: fill(4096, 5)})); err != nil {
+		t.Fatal(err)
+	}
+	rd, _ := a.Disk(0)
+	got := make([]byte, 8192)
+	if _, err := rd.ReadAt(got, 0); err != nil || !bytes.Equal(got, append(fill(4096, 5), make([]byte, 4096)...)) {
+		t.Fatalf("the replica was not cleared for the new copy (%v)", err)
 	}
 }

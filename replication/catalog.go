@@ -39,6 +39,20 @@ type MachineCatalog struct {
 	Disks      []CatalogDisk `json:"disks"`
 	AppliedSeq uint64        `json:"applied_seq"` // every record up to here is on the replica disks
 	Updated    time.Time     `json:"updated"`
+	// LogID names the agent log the machine's sequence numbers belong to
+	// ("": none known yet, as in a vault from before log ids; the next
+	// agent's log id is adopted).
+	LogID string `json:"log_id,omitempty"`
+	// LogStart is the first sequence number of the current log when it
+	// replaced an earlier one (0: the machine's first log), LogReason why.
+	// Every record of the old log (all before LogStart) was applied first;
+	// then the disks were marked: the complete ones (or being resynced)
+	// for a whole-disk resync, the others to copy again.
+	LogStart  uint64 `json:"log_start,omitempty"`
+	LogReason string `json:"log_reason,omitempty"`
+	// LogEnded, when set, says why the machine's log ended (it was
+	// re-registered): the next agent's log is a new one whatever its id.
+	LogEnded string `json:"log_ended,omitempty"`
 }
 
 // CatalogDisk is a replica disk in the catalog.

@@ -319,6 +319,11 @@ type Hello struct {
 	// spool may have lost records the server holds; the disks at risk are
 	// marked diverged.
 	Recovering bool `json:"recovering,omitempty"`
+	// LogID names the agent's log (random, 16 hex digits, made with the
+	// agent's state): sequence numbers mean something only within one log.
+	// Another log id than the server's is a new log (the agent re-registered
+	// or lost its state), which is never joined to the old one by number.
+	LogID string `json:"log_id,omitempty"`
 }
 
 // DiskInfo describes one protected disk of a machine.
@@ -337,6 +342,15 @@ type DiskInfo struct {
 // server holds durably for the machine (0: none); the agent resumes after it.
 type Welcome struct {
 	DurableSeq uint64 `json:"durable_seq"`
+	// NewLog is set when the server took the agent's log as a new one:
+	// the agent drops its whole spool and numbers its records from
+	// DurableSeq+1. Nothing of the dropped records is lost: the server
+	// resyncs (checksum compare) the disks listed in Copied, and the
+	// others are copied again from the start.
+	NewLog bool `json:"new_log,omitempty"`
+	// Copied lists, with NewLog, the indexes of the disks whose replica is
+	// complete or being resynced: the agent does not copy them again.
+	Copied []uint32 `json:"copied,omitempty"`
 	// Policy, when set, is the machine's point schedule, which overrides
 	// the agent's flags.
 	Policy *AgentPolicy `json:"policy,omitempty"`

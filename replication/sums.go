@@ -353,6 +353,20 @@ func (s *Sums) Resize(ctx context.Context, size int64) error {
 	return nil
 }
 
+// Clear makes every entry zero (the replica was zeroed whole), with one
+// ZeroAt of the sum disk, which targets do without touching what is zero
+// already.
+func (s *Sums) Clear(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.pages)
+	clear(s.partial)
+	if err := s.rd.ZeroAt(0, s.rd.Size()); err != nil {
+		return fmt.Errorf("clear sums: %w", err)
+	}
+	return s.rd.Flush(ctx)
+}
+
 // Close closes the sum disk (unflushed pages are dropped: the applier
 // flushes at every checkpoint, and re-applies after it).
 func (s *Sums) Close() error { return s.rd.Close() }

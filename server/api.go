@@ -189,7 +189,13 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	if !created {
 		// A re-registered machine (new state directory) starts a new log:
 		// the server's copy can no longer be proven to match the source.
+		// The old agent stops here: its connection is closed (its
+		// certificate no longer connects) and its log is over, so the new
+		// agent's log is never joined to it by sequence number.
 		s.log.Warn("machine re-registered; its earlier certificate is revoked", "machine", m.ID, "name", m.Name)
+		if err := s.ps.Supersede(r.Context(), m.ID, "the machine was re-registered"); err != nil {
+			return err
+		}
 	}
 	s.log.Info("agent registered", "machine", m.ID, "name", m.Name, "remote", r.RemoteAddr)
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())

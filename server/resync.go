@@ -103,6 +103,17 @@ func (s *Server) syncResyncRows(m replication.MachineCatalog) {
 		row, err := s.db.Resync(ctx, m.ID, d.Index)
 		has := err == nil
 		switch {
+		case has && d.State == replication.StateResync && m.LogStart > 0 && d.Reason == m.LogReason && row.Reason != d.Reason:
+			// The agent started a new log: the whole disk is compared, by
+			// the new agent, whatever an earlier resync was to compare (a
+			// part of the disk) or was running (the old agent's job).
+			row.Reason, row.Ranges, row.State, row.JobID, row.RequestedAt = d.Reason, nil, store.ResyncScheduled, 0, s.now()
+			row.Attempts, row.NextTry, row.LastError, row.Total, row.Compared, row.Sent = 0, time.Time{}, "", 0, 0, 0
+			if err := s.db.PutResync(ctx, row); err != nil {
+				s.log.Error("schedule resync", "machine", m.ID, "disk", d.Name, "err", err)
+			}
+			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
+				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
 		case d.State == replication.StateResync && !has:
 			if err := s.db.PutResync(ctx, store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, Ranges: d.Ranges,
 				State: store.ResyncScheduled, RequestedAt: s.now()}); err != nil {

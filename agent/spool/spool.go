@@ -864,9 +864,54 @@ func (s *Spool) Rebase(next uint64) error {
 	if next < s.next || len(s.inflight) > 0 {
 		return fmt.Errorf("spool rebase to %d: the spool holds records up to %d", next, s.next-1)
 	}
-	for _, f := range s.files {
+	return s.restartLocked(next)
+}
+
+// Reset drops every record and numbers the next one next, which may be
+// lower than the numbers the spool gave out: the agent starts a new log
+// where the server's holdings end, and the dropped records are never sent.
+// No record may be in flight (appended and not yet completed): the caller
+// holds off every appender. A crash in the middle leaves either the old
+// records, from the first one on, or none (then the spool starts again at
+// the caller's acknowledged number), or the new empty log.
+func (s *Spool) Reset(next uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if next == 0 {
+		return errors.New("spool reset to seq 0: sequence numbers start at 1")
+	}
+	if len(s.inflight) > 0 {
+		return fmt.Errorf("spool reset to %d: %d records appended and not yet completed", next, len(s.inflight))
+	}
+	return s.restartLocked(next)
+}
+
+// restartLocked removes every file, newest first (so that a crash leaves a
+// prefix of the log, never a tail that could pass for the new one), then
+// starts an empty file at next.
+func (s *Spool) restartLocked(next uint64) error {
+	for i := len(s.files) - 1; i >= 0; i-- {
+		f := s.files[i]
+		if err := os.Remove(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			// What is left is a shorter spool, still the log's prefix:
+			// keep using it as such.
+			s.next = f.last + 1
+			s.acked, s.shipSeq, s.synced = min(s.acked, f.last), min(s.shipSeq, f.last), min(s.synced, f.last)
+			s.ship = s.endPos()
+			for len(s.samples) > 0 && s.samples[len(s.samples)-1].seq > f.last {
+				s.samples = s.samples[:len(s.samples)-1]
+			}
+			return fmt.Errorf("spool: %w", err)
+		}
 		f.f.Close()
-		os.Remove(f.path)
+		s.bytes -= f.size
+		s.files = s.files[:i]
+	}
+	if err := atomicfile.SyncDir(s.dir); err != nil {
+		return fmt.Errorf("spool: %w", err)
 	}
 	s.files, s.bytes = nil, 0
 	s.next, s.acked = next, next-1

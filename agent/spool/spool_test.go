@@ -290,3 +290,56 @@ func TestFailedWriteCutOff(t *testing.T) {
 		t.Fatalf("reopen: %d records, %d bytes cut; want 2 and none", rec.Records, rec.Truncated)
 	}
 }
+
+// TestReset: a new log drops every record and numbers from the given seq,
+// lower than the numbers given out (a file of that name may exist); the
+// spool opens again as the new log, and a reset with a record in flight is
+// refused and changes nothing.
+func TestReset(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{MaxBytes: 64 << 20, FileBytes: 4096})
+	var last uint64
+	for i := range 20 {
+		last = mustAppend(t, s, 0, uint64(i)*4096, bytes.Repeat([]byte{byte(i)}, 1000))
+		s.Complete(last)
+	}
+	if names, _ := filepath.Glob(filepath.Join(dir, "*"+suffix)); len(names) < 3 {
+		t.Fatalf("%d spool files: the test wants several", len(names))
+	}
+	inflight := mustAppend(t, s, 0, 0, []byte("in flight"))
+	if err := s.Reset(5); err == nil {
+		t.Fatal("Reset with a record in flight succeeded")
+	}
+	if s.Next() != inflight+1 || s.First() != 1 {
+		t.Fatalf("a refused reset changed the spool: first %d next %d", s.First(), s.Next())
+	}
+	s.Complete(inflight)
+	for _, next := range []uint64{5, 1} { // below the numbers given out; 1 is the first file's own name
+		if err := s.Reset(next); err != nil {
+			t.Fatal(err)
+		}
+		if s.First() != next || s.Next() != next || s.Acked() != next-1 || s.OldestPending() != 0 {
+			t.Fatalf("after Reset(%d): first %d next %d acked %d oldest %d", next, s.First(), s.Next(), s.Acked(), s.OldestPending())
+		}
+		if got := readAll(t, s, next); len(got) != 0 {
+			t.Fatalf("after Reset(%d) the spool still ships %d records", next, len(got))
+		}
+	}
+	seq := mustAppend(t, s, 1, 8192, []byte("new log"))
+	s.Complete(seq)
+	if seq != 1 {
+		t.Fatalf("first record of the new log has seq %d, want 1", seq)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, rec, err := Open(dir, Options{MaxBytes: 64 << 20, FileBytes: 4096}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	got := readAll(t, s2, s2.First())
+	if rec.Records != 1 || len(got) != 1 || got[0].Seq != 1 || string(got[0].Data) != "new log" || s2.Next() != 2 {
+		t.Fatalf("reopened after a reset: %d records recovered, %+v, next %d", rec.Records, got, s2.Next())
+	}
+}

@@ -20,6 +20,19 @@ const openName = "open.seg"
 // connectGrace is how long a point request waits for a disconnected agent.
 const connectGrace = 20 * time.Second
 
+// newLogWait bounds how long an agent's new log waits for the old one to be
+// applied before the agent is told to try again (within the 30 s the
+// server gives a Hello's answer). Server.newLogWait holds it (tests shorten
+// it).
+const newLogWait = 15 * time.Second
+
+// tryAgainError is a refusal that goes away by itself: the agent is told
+// to try again soon, not that an operator must act.
+type tryAgainError struct{ err error }
+
+func (e *tryAgainError) Error() string { return e.err.Error() }
+func (e *tryAgainError) Unwrap() error { return e.err }
+
 // machine is the process server's state for one machine: its cache files,
 // its current agent connection and its applier.
 type machine struct {
@@ -53,6 +66,10 @@ type machine struct {
 
 	applyMu sync.Mutex // held while the applier works
 	applier *replication.Applier
+
+	// attachMu serializes connecting agents (and the end of a log): each
+	// decides from the catalog's log which log the agent's records join.
+	attachMu sync.Mutex
 
 	compares chan compareReq // resync chunk hashes to compare
 }
@@ -217,19 +234,74 @@ func (m *machine) newOpenFile() error {
 }
 
 // attach makes cc the machine's connection (closing an older one) and checks
-// that the agent's log continues the server's.
+// that the agent's log continues the server's, or takes it as a new log
+// (another log id), recorded in the catalog before the Welcome names it.
 func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hello) (replication.Welcome, error) {
+	if h.LogID != "" && !validID(h.LogID) {
+		return replication.Welcome{}, fmt.Errorf("log id %.80q: want up to 64 hex digits", h.LogID)
+	}
+	m.attachMu.Lock()
+	defer m.attachMu.Unlock()
 	m.applyMu.Lock()
 	err := m.applier.EnsureDisks(ctx, h.Disks)
-	mc := m.applier.Machine()
+	cat := m.applier.Machine()
 	m.applyMu.Unlock()
 	if err != nil {
 		return replication.Welcome{}, err
 	}
 	cc.disks = map[uint32]int64{}
-	for _, d := range mc.Disks {
+	for _, d := range cat.Disks {
 		cc.disks[d.Index] = d.Size
 	}
+	w, err := m.join(cc, h, &cat)
+	if err != nil {
+		return w, err
+	}
+	// cc's reader has not started and the old connection can append nothing
+	// more: the durable sequence number stays w.DurableSeq meanwhile.
+	if w.NewLog {
+		// The old log is applied to its end first (its tags make their
+		// points), so that the disks are marked, and the resyncs due
+		// follow the new log, before the agent can be asked for anything.
+		if werr := m.waitApplied(w.DurableSeq, time.Duration(m.s.newLogWait.Load())); werr != nil {
+			err = &tryAgainError{fmt.Errorf("this agent's log is a new one, which starts once the server has applied the old one: %v", werr)}
+		}
+	}
+	m.applyMu.Lock()
+	switch {
+	case err != nil:
+	case w.NewLog:
+		why := cat.LogEnded
+		if why == "" {
+			why = "re-registered, or its state was lost"
+		}
+		start := w.DurableSeq + 1
+		reason := fmt.Sprintf("the agent started a new log at seq %d (%s)", start, why)
+		m.log.Warn("the agent's log is a new one: it starts after the server's durable seq, and the disks will be resynced",
+			"log_id", h.LogID, "previous_log_id", cat.LogID, "seq", start, "agent_spool_first", h.SpoolFirst, "agent_next_seq", h.NextSeq)
+		w.Copied, err = m.applier.StartLog(ctx, h.LogID, start, reason)
+	case h.LogID != "" && (cat.LogID != h.LogID || cat.LogEnded != ""):
+		err = m.applier.AdoptLog(ctx, h.LogID)
+	}
+	m.applyMu.Unlock()
+	if err != nil {
+		m.mu.Lock()
+		if m.conn == cc {
+			m.conn = nil
+		}
+		m.mu.Unlock()
+		return replication.Welcome{}, err
+	}
+	if m.s.cfg.PolicyFor != nil {
+		w.Policy = m.s.cfg.PolicyFor(m.id)
+	}
+	return w, nil
+}
+
+// join makes cc the machine's connection and decides how the agent's log
+// joins what the server holds: it continues it (the same log id, or an
+// agent that has none), or it is a new log. cat is the catalog entry.
+func (m *machine) join(cc *agentConn, h *replication.Hello, cat *replication.MachineCatalog) (replication.Welcome, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -252,8 +324,32 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 		}
 		m.durable = m.appended
 	}
+	var err error
+	newLog := false
+	if m.durable > 0 { // with nothing held, any log starts here
+		switch {
+		case h.LogID == "" && cat.LogEnded != "":
+			err = fmt.Errorf("the machine's log ended (%s) and this agent (version %s) cannot start a new one: upgrade the agent", cat.LogEnded, h.AgentVersion)
+		case h.LogID == "":
+			// An agent from before log ids: the numbers are all there is.
+		case cat.LogEnded != "", cat.LogID != "" && cat.LogID != h.LogID:
+			newLog = true
+		case cat.LogStart > 0 && h.SpoolFirst < cat.LogStart:
+			// This log started at LogStart but the agent's spool is still
+			// numbered as before: it never applied the Welcome that
+			// started it (the connection broke first). Start it again.
+			newLog = true
+		}
+	}
+	if newLog {
+		// Never joined by sequence number: the new log starts after what
+		// the server holds, all of which stays and is applied (it was
+		// acknowledged to the old agent).
+		m.ackSent = m.durable
+		return replication.Welcome{DurableSeq: m.durable, NewLog: true}, nil
+	}
 	// The agent holds [SpoolFirst, NextSeq); the server holds up to durable.
-	if h.SpoolFirst > m.durable+1 && m.openRaw == 0 {
+	if err == nil && h.SpoolFirst > m.durable+1 && m.openRaw == 0 {
 		// A sequence gap: changes the server acknowledged are gone from its
 		// cache (lost or damaged). The log goes on from the agent's first
 		// record; the applier meets the gap and marks the disks for resync.
@@ -268,6 +364,7 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 		}
 	}
 	switch {
+	case err != nil:
 	case h.SpoolFirst > m.durable+1:
 		err = fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
 	case h.NextSeq <= m.durable && h.NextSeq > 0 && !h.Recovering:
@@ -278,11 +375,7 @@ func (m *machine) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 		return replication.Welcome{}, err
 	}
 	m.ackSent = m.durable
-	w := replication.Welcome{DurableSeq: m.durable}
-	if m.s.cfg.PolicyFor != nil {
-		w.Policy = m.s.cfg.PolicyFor(m.id)
-	}
-	return w, nil
+	return replication.Welcome{DurableSeq: m.durable}, nil
 }
 
 func (m *machine) detach(cc *agentConn) {
@@ -292,6 +385,29 @@ func (m *machine) detach(cc *agentConn) {
 		m.conn = nil
 	}
 	cc.replace()
+	close(cc.stopped)
+}
+
+// disconnect ends the machine's agent connection, if any, and waits until
+// its reader stopped: from then on nothing it sends is used.
+func (m *machine) disconnect(ctx context.Context, reason string) error {
+	m.attachMu.Lock() // a connection being attached is either not there yet or detached in the end
+	m.mu.Lock()
+	cc := m.conn
+	m.conn = nil
+	m.mu.Unlock()
+	m.attachMu.Unlock()
+	if cc == nil {
+		return nil
+	}
+	cc.log.Warn("agent connection closed", "reason", reason)
+	cc.replace()
+	select {
+	case <-cc.stopped:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the agent connection of machine %s to stop: %w", m.id, ctx.Err())
+	}
 }
 
 // breakLocked stops the machine's cache after an fsync failed: what the

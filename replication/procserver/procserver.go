@@ -86,6 +86,7 @@ type Server struct {
 
 	cacheBytes atomic.Int64
 	reqID      atomic.Uint64
+	newLogWait atomic.Int64 // see newLogWait
 
 	// Figures (figures.go).
 	space                         cacheSpace
@@ -115,6 +116,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, conns: map[net.Conn]struct{}{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reqID.Store(uint64(time.Now().UnixNano()))
+	s.newLogWait.Store(int64(newLogWait))
 	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
 		return nil, err
 	}
@@ -308,9 +310,12 @@ func (s *Server) serveConn(c net.Conn) error {
 		return fail(false, "%v", err)
 	}
 	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16),
-		done: make(chan struct{}), replaced: make(chan struct{})}
+		done: make(chan struct{}), replaced: make(chan struct{}), stopped: make(chan struct{})}
 	welcome, err := m.attach(s.ctx, cc, &h)
-	if err != nil {
+	var again *tryAgainError
+	if errors.As(err, &again) {
+		return fail(false, "%v", err)
+	} else if err != nil {
 		return refuse("%v", err)
 	}
 	defer m.detach(cc)
@@ -438,6 +443,8 @@ type agentConn struct {
 	replaceOnce sync.Once
 	replaced    chan struct{} // closed when the connection is replaced or closed
 
+	stopped chan struct{} // closed once its reader stopped (detach)
+
 	disks map[uint32]int64 // the machine's disk sizes as of the Hello
 }
 
@@ -504,6 +511,50 @@ func (s *Server) RequestPoint(ctx context.Context, machineID string, app bool) (
 		return replication.Point{}, fmt.Errorf("machine %s has never connected: %w", machineID, ErrNotConnected)
 	}
 	return m.requestPoint(ctx, s.reqID.Add(1), app)
+}
+
+// Disconnect ends a machine's agent connection at once, if it has one, and
+// waits until its reader stopped: from then on nothing the agent sends on it
+// is appended or used. reason is logged. The agent may connect again (see
+// Supersede for an agent that must not).
+func (s *Server) Disconnect(ctx context.Context, machineID, reason string) error {
+	s.mu.Lock()
+	m, ok := s.machines[machineID]
+	s.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	return m.disconnect(ctx, reason)
+}
+
+// Supersede ends the log of a machine's agent, which was replaced (the
+// machine was re-registered; the caller has already revoked the old agent's
+// certificate, so it cannot connect again): its connection is closed at
+// once (Disconnect), and the catalog records that the log ended, so that
+// the next agent's log is taken as a new one whatever its id: never joined
+// to the old one by sequence number, and its disks resynced. A machine
+// without a catalog entry never replicated anything: it has no log to end.
+func (s *Server) Supersede(ctx context.Context, machineID, reason string) error {
+	if err := s.Disconnect(ctx, machineID, reason); err != nil {
+		return err
+	}
+	if _, err := s.cfg.Catalog.Machine(ctx, machineID); errors.Is(err, replication.ErrNotFound) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read the catalog of machine %s: %w", machineID, err)
+	}
+	m, err := s.machine(ctx, machineID, "")
+	if err != nil {
+		return err
+	}
+	m.attachMu.Lock()
+	defer m.attachMu.Unlock()
+	m.applyMu.Lock()
+	defer m.applyMu.Unlock()
+	if err := m.applier.EndLog(ctx, reason); err != nil {
+		return fmt.Errorf("record the end of machine %s's log: %w", machineID, err)
+	}
+	return nil
 }
 
 // ErrNotConnected is returned when an operation needs the machine's agent
