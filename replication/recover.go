@@ -127,7 +127,10 @@ func recoverDisk(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, d
 	r.Close()
 	var de *DamageError
 	if errors.As(err, &de) {
+		// Wrapping errors rendered their text already: report the damage
+		// itself, now naming every point it reaches.
 		de.Also = cat.damagedCopies(ctx, m, p, d.Index, rd, sums, de.Offset)
+		err = de
 	}
 	if err != nil {
 		return RecoveredDisk{}, fmt.Errorf("recover disk %s: %w", d.Name, err)

@@ -349,6 +349,7 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	var de *replication.DamageError
 	if errors.As(err, &de) {
 		de.Also = s.ps.DamagedCopies(context.WithoutCancel(ctx), m.ID, diskName, de.Offset, p.ID)
+		err = de // its wrappers rendered their text before Also was known
 		s.onDamage(m.ID, procserver.Damage{Disk: diskName, Point: p.ID, Blocks: []int64{de.Offset}, Found: "a recovery"})
 	}
 	if err != nil {

@@ -349,10 +349,18 @@ func (m *machine) join(cc *agentConn, h *replication.Hello, cat *replication.Mac
 		return replication.Welcome{DurableSeq: m.durable, NewLog: true}, nil
 	}
 	// The agent holds [SpoolFirst, NextSeq); the server holds up to durable.
-	if err == nil && h.SpoolFirst > m.durable+1 && m.openRaw == 0 {
+	if err == nil && h.SpoolFirst > m.durable+1 {
 		// A sequence gap: changes the server acknowledged are gone from its
 		// cache (lost or damaged). The log goes on from the agent's first
 		// record; the applier meets the gap and marks the disks for resync.
+		// What the open cache file holds is durable (synced above): it is
+		// sealed first, so the log after the gap starts a file of its own.
+		if m.openRaw > 0 {
+			if serr := m.sealLocked(); serr != nil {
+				m.conn = nil
+				return replication.Welcome{}, fmt.Errorf("seal the cache before a sequence gap: %w", serr)
+			}
+		}
 		m.log.Warn("sequence gap: changes lost between the server and the agent; the disks will be resynced",
 			"lost_from", m.durable+1, "lost_to", h.SpoolFirst-1)
 		m.open.Close()
@@ -365,8 +373,6 @@ func (m *machine) join(cc *agentConn, h *replication.Hello, cat *replication.Mac
 	}
 	switch {
 	case err != nil:
-	case h.SpoolFirst > m.durable+1:
-		err = fmt.Errorf("the agent's log starts at seq %d but this server holds only up to %d: changes were lost between them; the machine needs a resync", h.SpoolFirst, m.durable)
 	case h.NextSeq <= m.durable && h.NextSeq > 0 && !h.Recovering:
 		err = fmt.Errorf("the server holds changes up to seq %d but the agent's log ends at %d: the agent lost its state; re-register it (a resync follows)", m.durable, h.NextSeq-1)
 	}

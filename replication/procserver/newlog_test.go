@@ -65,7 +65,10 @@ func (g *gatedTarget) open() {
 	g.mu.Unlock()
 }
 
-func mustTLSRig(t *testing.T) *tlsRig {
+func mustTLSRig(t *testing.T) *tlsRig { t.Helper(); return mustTLSRigWith(t, nil) }
+
+// mustTLSRigWith is mustTLSRig with the process server's config adjusted.
+func mustTLSRigWith(t *testing.T, tune func(*Config)) *tlsRig {
 	t.Helper()
 	dir := t.TempDir()
 	ca, cert, err := pki.LoadOrCreate(dir, nil)
@@ -89,7 +92,7 @@ func mustTLSRig(t *testing.T) *tlsRig {
 		ServerName: "localhost", MinVersion: tls.VersionTLS13}}
 	r.cat = &replication.Catalog{T: r.target, Codec: cat.Codec}
 	t.Cleanup(r.target.open) // before the server closes: nothing may stay held
-	r.s, err = New(context.Background(), Config{CacheDir: filepath.Join(dir, "cache"), Catalog: r.cat,
+	cfg := Config{CacheDir: filepath.Join(dir, "cache"), Catalog: r.cat,
 		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Authorize: func(context.Context, string, string) (string, error) { return "vm", nil },
 		// Called after attach, before the Welcome is written.
@@ -101,7 +104,11 @@ func mustTLSRig(t *testing.T) *tlsRig {
 			r.mu.Lock()
 			r.atConnect = append(r.atConnect, m)
 			r.mu.Unlock()
-		}})
+		}}
+	if tune != nil {
+		tune(&cfg)
+	}
+	r.s, err = New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
