@@ -17,7 +17,7 @@ import (
 // whole-disk resync at the gap. (It used to be refused for good whenever
 // the open file held anything, and accepted after a restart.)
 func TestSequenceGapWithOpenCacheFile(t *testing.T) {
-	r := mustTLSRigWith(t, func(c *Config) { c.SealAfter, c.SegmentBytes = time.Hour, 1 << 30 })
+	r := mustTLSRigWith(t, func(c *Config) { c.SealAfter, c.SegmentBytes = time.Hour, 1<<30 })
 	a := protectWithLogA(t, r) // seq 1-3, applied
 	// Seq 4, acknowledged but not sealed: it stays in the open file.
 	a.send(dataFrame(4, replication.Record{Kind: replication.KindWrite, Offset: 8192, Data: []byte("in the open file")}))
