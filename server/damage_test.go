@@ -8,10 +8,12 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -196,7 +198,7 @@ func TestBitRotFoundAndRepaired(t *testing.T) {
 	}
 	// A second scrub finds the current contents whole.
 	m, _ := r.srv.DB().MachineByName(ctx, "vm1")
-	rep, err := r.srv.ScrubMachine(ctx, m)
+	rep, err := r.srv.ScrubMachine(ctx, m, false)
 	if err != nil || len(rep.Disks[0].Damaged) != 0 {
 		t.Fatalf("scrub after the repair: %v %+v", err, rep.Disks)
 	}
@@ -228,5 +230,86 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("gave up waiting for %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// The scheduled scrub runs once an interval has passed since the last one,
+// only inside the machine's resync window; damage it finds is marked and
+// resynced from the source in the window, and the next point is whole.
+func TestScheduledScrub(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var clock atomic.Int64
+	day := time.Date(2026, 11, 27, 12, 0, 0, 0, time.Local) // outside the default window (22:00-06:00)
+	clock.Store(day.UnixNano())
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+		c.ResyncEvery = 20 * time.Millisecond
+	}}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 4<<20, 9)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": "24h"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": "5m"}, nil); err == nil {
+		t.Fatal("a scrub interval under an hour was accepted")
+	}
+	scrubbed := func() time.Time {
+		m, err := r.srv.DB().MachineByName(ctx, "vm1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.LastScrub
+	}
+	// A day later, but outside the window: nothing.
+	clock.Store(day.Add(25 * time.Hour).UnixNano())
+	waitScheduledTicks(t, r)
+	if !scrubbed().IsZero() {
+		t.Fatal("a scrub ran outside the resync window")
+	}
+	// In the window: it runs, finds nothing.
+	night := day.Add(35 * time.Hour) // 23:00 the next day
+	clock.Store(night.UnixNano())
+	waitFor(t, "the scheduled scrub", func() bool { return !scrubbed().IsZero() })
+	evs, _ := r.srv.DB().Events(ctx, "", 100)
+	if !hasEvent(evs, "scrub-ok", "no damage") {
+		t.Fatalf("no scrub-ok event: %+v", evs)
+	}
+	// Bit rot; the next night's scrub finds it, and the resync it marks
+	// runs in the window and repairs it.
+	replica := filepath.Join(dir, "srv", "target", "disks", "machines", ra.a.MachineID(), "disks", "0.disk", "replica.img")
+	f, _ := os.OpenFile(replica, os.O_RDWR, 0)
+	b := make([]byte, 1)
+	f.ReadAt(b, 2<<20+5)
+	b[0] ^= 1
+	f.WriteAt(b, 2<<20+5)
+	f.Close()
+	clock.Store(night.Add(24 * time.Hour).UnixNano())
+	waitFor(t, "the scrub to find the damage and the resync to repair it", func() bool {
+		evs, _ := r.srv.DB().Events(ctx, "", 200)
+		return hasEvent(evs, "damage", "2097152") && hasEvent(evs, "resync-done", "sent 4096")
+	})
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
+		t.Fatal("the point after the repair differs from the source")
+	}
+}
+
+// waitScheduledTicks waits until the resync loop (where scrubs are
+// scheduled) has run several times since the call.
+func waitScheduledTicks(t *testing.T, r *rig) {
+	t.Helper()
+	for i := 0; i < 3; i++ {
+		before := r.srv.LoopTicks()
+		waitFor(t, "the resync loop", func() bool { return r.srv.LoopTicks() > before })
 	}
 }

@@ -168,6 +168,7 @@ func (s *Server) resyncLoop() {
 			}
 		}
 		s.maybeScrub(s.ctx)
+		s.loopTicks.Add(1)
 	}
 }
 

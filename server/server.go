@@ -23,6 +23,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/asrdr/asr/azure"
@@ -122,7 +123,8 @@ type Server struct {
 	cutMu sync.Mutex // one replication-group cut at a time
 
 	scrubMu   sync.Mutex
-	scrubbing bool // a scheduled scrub is running
+	scrubbing bool         // a scheduled scrub is running
+	loopTicks atomic.Int64 // passes of the resync loop (LoopTicks)
 	now       func() time.Time
 	rpoMu     sync.Mutex
 	rpoOver   map[string]bool // machines whose RPO is over their threshold

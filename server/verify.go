@@ -112,7 +112,7 @@ func (s *Server) maybeScrub(ctx context.Context) {
 				s.scrubbing = false
 				s.scrubMu.Unlock()
 			}()
-			if _, err := s.ScrubMachine(s.ctx, m); err != nil && s.ctx.Err() == nil {
+			if _, err := s.ScrubMachine(s.ctx, m, true); err != nil && s.ctx.Err() == nil {
 				s.log.Error("scheduled scrub", "machine", m.ID, "err", err)
 			}
 		}()
@@ -120,10 +120,11 @@ func (s *Server) maybeScrub(ctx context.Context) {
 	}
 }
 
-// ScrubMachine scrubs a machine's replica now and records the result.
-func (s *Server) ScrubMachine(ctx context.Context, m store.Machine) (procserver.ScrubReport, error) {
+// ScrubMachine scrubs a machine's replica now and records the result
+// (scheduled: see procserver.Server.Scrub).
+func (s *Server) ScrubMachine(ctx context.Context, m store.Machine, scheduled bool) (procserver.ScrubReport, error) {
 	start := s.now()
-	rep, err := s.ps.Scrub(ctx, m.ID)
+	rep, err := s.ps.Scrub(ctx, m.ID, scheduled)
 	if err != nil {
 		s.db.SetScrub(s.ctx, m.ID, start, "failed: "+err.Error())
 		s.raise(s.ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "scrub-failed",
@@ -143,7 +144,11 @@ func (s *Server) ScrubMachine(ctx context.Context, m store.Machine) (procserver.
 
 func scrubSummary(rep procserver.ScrubReport) string {
 	var checked, damaged, pdamaged, pchecked int64
+	skipped := 0
 	for _, d := range rep.Disks {
+		if d.Skipped != "" {
+			skipped++
+		}
 		checked += d.Checked
 		damaged += int64(len(d.Damaged))
 	}
@@ -156,6 +161,9 @@ func scrubSummary(rep procserver.ScrubReport) string {
 		}
 	}
 	if damaged == 0 && pdamaged == 0 {
+		if skipped == len(rep.Disks) && skipped > 0 {
+			return rep.Disks[0].Skipped
+		}
 		return fmt.Sprintf("no damage (%d bytes of the replica and %d bytes held by points checked)", checked, pchecked)
 	}
 	var b strings.Builder
@@ -228,7 +236,7 @@ func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 			return errorf(http.StatusConflict, "disk %s is still in its initial replication; verify it once it is protected", d.Name)
 		}
 	}
-	rep, err := s.ScrubMachine(ctx, m)
+	rep, err := s.ScrubMachine(ctx, m, false)
 	if err != nil {
 		return err
 	}
@@ -318,3 +326,7 @@ func (s *Server) handleScrubSetting(w http.ResponseWriter, r *http.Request) erro
 
 // DB returns the vault database (for tests and tools in-process).
 func (s *Server) DB() *store.DB { return s.db }
+
+// LoopTicks counts the passes of the loop that starts resyncs and scrubs
+// (tests wait for passes instead of sleeping).
+func (s *Server) LoopTicks() int64 { return s.loopTicks.Load() }

@@ -25,6 +25,8 @@ type DiskScrub struct {
 	Disk    string  `json:"disk"`
 	Checked int64   `json:"checked"`
 	Damaged []int64 `json:"damaged,omitempty"`
+	// Skipped says why a scheduled scrub left the disk alone.
+	Skipped string `json:"skipped,omitempty"`
 }
 
 // PointScrub is one disk of a recovery point, checked.
@@ -56,8 +58,10 @@ func (r ScrubReport) Damaged() bool {
 // the blocks each recovery point holds itself, where the target can tell
 // which (damage there cannot be repaired: the source has moved on; it is
 // reported). The applier is held out one chunk at a time, so replication
-// goes on meanwhile.
-func (s *Server) Scrub(ctx context.Context, machineID string) (ScrubReport, error) {
+// goes on meanwhile. A scheduled scrub reads only targets that say where
+// their data is (the local one): reading a cloud target back costs egress,
+// and the service checks its own data; an operator's scrub reads any.
+func (s *Server) Scrub(ctx context.Context, machineID string, scheduled bool) (ScrubReport, error) {
 	m, err := s.known(machineID)
 	if err != nil {
 		return ScrubReport{}, err
@@ -70,6 +74,10 @@ func (s *Server) Scrub(ctx context.Context, machineID string) (ScrubReport, erro
 	for _, d := range mc.Disks {
 		rd, sums, ok := m.handles(d.Index)
 		if !ok {
+			continue
+		}
+		if _, local := rd.(replication.DataExtenter); scheduled && !local {
+			rep.Disks = append(rep.Disks, DiskScrub{Disk: d.Name, Skipped: "not read back on schedule: the target keeps its own checksums (asr verify reads it)"})
 			continue
 		}
 		m.applyMu.Lock()
