@@ -79,6 +79,10 @@ type Server struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	handshakes chan struct{}  // slots for TLS handshakes under way
+	hellos     chan struct{}  // slots for authenticated connections whose Hello is not read yet
+	helloing   map[string]int // the same, per machine (under mu)
+
 	mu       sync.Mutex
 	machines map[string]*machine
 	failed   map[string]error // machines whose last open failed, and why
@@ -113,7 +117,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DiskFree == nil {
 		cfg.DiskFree = diskFree
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, conns: map[net.Conn]struct{}{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, conns: map[net.Conn]struct{}{},
+		handshakes: make(chan struct{}, maxHandshakes), hellos: make(chan struct{}, maxHellos), helloing: map[string]int{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reqID.Store(uint64(time.Now().UnixNano()))
 	s.newLogWait.Store(int64(newLogWait))
@@ -152,6 +157,40 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}()
 	return s, nil
+}
+
+// Bounds on connections that have not finished their start: a Hello names
+// at most 64 disks, far less than maxHello; an agent has one connection at
+// a time (two while one replaces the other).
+const (
+	maxHello            = 1 << 20
+	maxHandshakes       = 128
+	maxHellos           = 32
+	maxHellosPerMachine = 2
+)
+
+// helloSlot takes a slot for reading a machine's Hello, or says why not;
+// release gives it back.
+func (s *Server) helloSlot(id string) (release func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.helloing[id] >= maxHellosPerMachine {
+		return nil, fmt.Errorf("machine %s has %d connections waiting for their hello already; try again", id, maxHellosPerMachine)
+	}
+	select {
+	case s.hellos <- struct{}{}:
+	default:
+		return nil, fmt.Errorf("%d connections are waiting for their hello already; try again", maxHellos)
+	}
+	s.helloing[id]++
+	return func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.helloing[id]--; s.helloing[id] == 0 {
+			delete(s.helloing, id)
+		}
+		<-s.hellos
+	}, nil
 }
 
 // Serve accepts data connections on l until ctx is done or Close is called.
@@ -260,8 +299,18 @@ func (s *Server) serveConn(c net.Conn) error {
 	if !ok {
 		return errors.New("not a TLS connection")
 	}
+	// Unfinished handshakes are bounded, so that connections that never
+	// finish one (or never send their Hello) cannot pile up: past a bound a
+	// new one is closed at once, and its agent tries again.
+	select {
+	case s.handshakes <- struct{}{}:
+	default:
+		return fmt.Errorf("%d TLS handshakes under way already: connection closed", cap(s.handshakes))
+	}
 	c.SetDeadline(time.Now().Add(30 * time.Second))
-	if err := tc.HandshakeContext(s.ctx); err != nil {
+	err := tc.HandshakeContext(s.ctx)
+	<-s.handshakes
+	if err != nil {
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
 	certs := tc.ConnectionState().PeerCertificates
@@ -291,7 +340,12 @@ func (s *Server) serveConn(c net.Conn) error {
 		}
 		return err
 	}
-	f, _, err := replication.ReadFrame(br, nil)
+	release, err := s.helloSlot(id)
+	if err != nil {
+		return fail(false, "%v", err)
+	}
+	f, _, err := replication.ReadFrameMax(br, nil, maxHello)
+	release()
 	if err != nil {
 		return fmt.Errorf("read hello: %w", err)
 	}
