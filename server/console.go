@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"golang.org/x/crypto/argon2"
@@ -135,7 +136,8 @@ func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine,
 	s.bytesMu.Unlock()
 	v := web.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
 		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected,
-		Policy: m.Policy, Group: m.Group}
+		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
+		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
 	var total, copied int64
 	for _, d := range m.Disks {
 		wd := web.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}

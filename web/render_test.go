@@ -37,6 +37,7 @@ var (
 		RPO: 800 * time.Millisecond, RPOKnown: true,
 		LastPoint:  &Point{ID: "000000000000a3f1", Time: testNow.Add(-3*time.Minute - 12*time.Second), Kind: PointApp},
 		PointCount: 1234, BytesReceived: 150 * gib, CacheBytes: 0,
+		LastScrub: testNow.Add(-26 * time.Hour), ScrubResult: "no damage (644245094400 bytes of the replica and 1073741824 bytes held by points checked)",
 		Disks: []Disk{
 			{Index: 0, Name: "os", Size: 60 * gib, State: StateProtected, Progress: 1},
 			{Index: 1, Name: "sqldata", Size: 500 * gib, State: StateProtected, Progress: 1},
@@ -69,8 +70,10 @@ var (
 		LastSeen: testNow.Add(-2*time.Hour - 10*time.Minute), State: StateProtected, Progress: 1,
 		LastPoint:  &Point{ID: "00000000000003e8", Time: testNow.Add(-2*time.Hour - 11*time.Minute), Kind: PointCrash},
 		PointCount: 1000, BytesReceived: 75 * gib, CacheBytes: 512,
-		Error: "agent connection lost: read tcp 10.0.0.5:9443: connection reset by peer",
-		Disks: []Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: StateProtected, Progress: 1}},
+		Error:     "agent connection lost: read tcp 10.0.0.5:9443: connection reset by peer",
+		LastScrub: testNow.Add(-3 * time.Hour), ScrubDamage: true,
+		ScrubResult: "1 damaged blocks in the replica (being resynced from the source), 1 damaged blocks in 1 recovery points; 42949672960 bytes checked",
+		Disks:       []Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: StateProtected, Progress: 1}},
 	}
 	neverSeenMachine = Machine{
 		ID: "77", Name: "new-vm", State: StateInitial,

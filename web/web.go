@@ -49,6 +49,12 @@ type Machine struct {
 	Policy string `json:"policy"`          // replication policy assigned
 	Group  string `json:"group,omitempty"` // replication group ("" for none)
 
+	// LastScrub is when the replica was last checked against its block
+	// checksums (zero: never), ScrubResult what that found.
+	LastScrub   time.Time `json:"last_scrub,omitzero"`
+	ScrubResult string    `json:"scrub_result,omitempty"`
+	ScrubDamage bool      `json:"scrub_damage,omitempty"` // the last scrub found damage
+
 	Disks []Disk `json:"disks"`
 }
 
