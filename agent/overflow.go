@@ -171,19 +171,27 @@ type overflow struct {
 }
 
 // enter switches to changed-block maps (called with d's change lock held).
-func (o *overflow) enter(d *Disk) {
+// It returns false, and the caller waits for spool room instead, if the
+// overflow cannot be recorded in the state file first: an agent stopped
+// during an overflow must know it at the next start (its maps are gone),
+// or the disks would diverge silently.
+func (o *overflow) enter(d *Disk) bool {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.active.Load() {
-		return
+		return true
 	}
 	a := o.a
 	a.stMu.Lock()
 	a.st.Overflow = true
 	err := a.st.save(a.cfg.StateDir)
+	if err != nil {
+		a.st.Overflow = false
+	}
 	a.stMu.Unlock()
 	if err != nil {
-		a.log.Error("save agent state", "err", err)
+		a.log.Error("the spool is full but the overflow cannot be recorded (state file); the guest's writes wait for room instead", "err", err)
+		return false
 	}
 	o.active.Store(true)
 	if !o.began {
@@ -204,6 +212,7 @@ func (o *overflow) enter(d *Disk) {
 		a.event("spool-overflow", "the spool is full: the agent tracks changed blocks and resyncs them when it catches up (no recovery points meanwhile)")
 		a.log.Warn("spool overflow: tracking changed blocks", "disk_that_filled_it", d.Name)
 	}
+	return true
 }
 
 // reset forgets an overflow when the agent starts a new log (newlog.go):
@@ -312,7 +321,11 @@ func (o *overflow) finish() {
 	o.began = false
 	a.stMu.Lock()
 	a.st.Overflow = false
-	a.st.save(a.cfg.StateDir)
+	if err := a.st.save(a.cfg.StateDir); err != nil {
+		// The next start then believes it stopped mid-overflow and
+		// compares the disks in full: costly, never wrong.
+		a.log.Error("save agent state after the overflow", "err", err)
+	}
 	a.stMu.Unlock()
 	a.event("spool-overflow-resynced", fmt.Sprintf("the changed blocks of the overflow were resent (%d blocks marked)", o.marked.Load()))
 	a.log.Info("overflow resolved: the disks are consistent again")

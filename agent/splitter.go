@@ -152,8 +152,10 @@ func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error
 	if d.over != nil {
 		seq, err = d.spool.TryAppend(&rec)
 		if errors.Is(err, spool.ErrFull) {
-			d.over.enter(d)
-			return d.untracked(kind, p, off, n)
+			if d.over.enter(d) {
+				return d.untracked(kind, p, off, n)
+			}
+			seq, err = d.spool.Append(d.ctx, &rec) // wait for room
 		}
 	} else {
 		seq, err = d.spool.Append(d.ctx, &rec)

@@ -281,13 +281,15 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 		if st, ok := s.ps.Stats(m.ID); !ok || !st.Connected {
 			return fmt.Errorf("machine %s: %w", m.Name, procserver.ErrNotConnected)
 		}
-		go func() {
+		if !s.goRequest(func() {
 			ctx, cancel := context.WithTimeout(s.ctx, timeout)
 			defer cancel()
 			if _, err := s.ps.RequestPoint(ctx, m.ID, req.App); err != nil {
 				s.log.Warn("requested point failed", "machine", m.ID, "err", err)
 			}
-		}()
+		}) {
+			return errorf(http.StatusServiceUnavailable, "the server is stopping")
+		}
 		writeJSON(w, http.StatusAccepted, map[string]string{"status": "requested"})
 		return nil
 	}

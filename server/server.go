@@ -122,6 +122,10 @@ type Server struct {
 
 	cutMu sync.Mutex // one replication-group cut at a time
 
+	reqMu    sync.Mutex
+	reqs     sync.WaitGroup // work a request started that outlives it
+	stopping bool           // under reqMu: Close has begun, no more reqs
+
 	scrubMu   sync.Mutex
 	scrubbing bool         // a scheduled scrub is running
 	loopTicks atomic.Int64 // passes of the resync loop (LoopTicks)
@@ -549,6 +553,10 @@ func (s *Server) Close() error {
 		s.dataL.Close()
 	}
 	s.wg.Wait()
+	s.reqMu.Lock()
+	s.stopping = true
+	s.reqMu.Unlock()
+	s.reqs.Wait()
 	var first error
 	keep := func(err error) {
 		if err != nil && first == nil {
@@ -680,4 +688,16 @@ func newMachineID() string {
 func exists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
+}
+
+// goRequest runs fn in a goroutine that Close waits for, unless the server
+// is stopping (then it returns false and fn does not run).
+func (s *Server) goRequest(fn func()) bool {
+	s.reqMu.Lock()
+	defer s.reqMu.Unlock()
+	if s.stopping {
+		return false
+	}
+	s.reqs.Go(fn)
+	return true
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -42,7 +43,7 @@ type machine struct {
 	log *slog.Logger
 
 	mu        sync.Mutex
-	open      *os.File // the unsealed cache file
+	open      cacheFile // the unsealed cache file
 	openFirst uint64   // first seq the open file holds (or will hold)
 	openBytes int64    // bytes in the open file
 	openRaw   int64    // raw record bytes in the open file
@@ -451,8 +452,7 @@ func (m *machine) append(cc *agentConn, f *replication.Frame) error {
 	b := replication.AppendFrame(make([]byte, 0, replication.FrameHeaderSize+len(f.Payload)), f)
 	if _, err := m.open.Write(b); err != nil {
 		// A partial write leaves garbage: cut it so the file stays valid.
-		m.open.Truncate(m.openBytes)
-		m.open.Seek(m.openBytes, 0)
+		m.cutLocked()
 		return fmt.Errorf("write cache: %w", err)
 	}
 	if m.openRaw == 0 {
@@ -548,10 +548,7 @@ func (m *machine) sealLocked() error {
 	b := replication.AppendFrame(nil, &seal)
 	// Until the rename, a failure takes the SEAL frame back out, so later
 	// frames are never written after a seal.
-	unseal := func() {
-		m.open.Truncate(m.openBytes)
-		m.open.Seek(m.openBytes, 0)
-	}
+	unseal := m.cutLocked
 	if _, err := m.open.Write(b); err != nil {
 		unseal()
 		return err
@@ -577,10 +574,35 @@ func (m *machine) sealLocked() error {
 	m.sealed = append(m.sealed, sealedSeg{first: first, last: last, path: path, size: size, raw: raw, sealedAt: time.Now()})
 	m.durable = last
 	if err := m.newOpenFile(); err != nil {
+		// Without an open file nothing more can be cached.
+		m.breakLocked(fmt.Errorf("start a new cache file: %v", err))
 		return err
 	}
 	m.wakeApply()
 	return nil
+}
+
+// cacheFile is the open cache file (an *os.File; tests inject failures).
+type cacheFile interface {
+	io.Writer
+	Truncate(size int64) error
+	Seek(offset int64, whence int) (int64, error)
+	Sync() error
+	Close() error
+}
+
+// cutLocked takes whatever a failed write left after the last whole frame
+// back out of the open file. If that fails too, what follows the last
+// frame is unknown: the cache stops like after a failed fsync (sticky),
+// rather than append a frame after garbage. Caller holds mu.
+func (m *machine) cutLocked() {
+	err := m.open.Truncate(m.openBytes)
+	if err == nil {
+		_, err = m.open.Seek(m.openBytes, io.SeekStart)
+	}
+	if err != nil {
+		m.breakLocked(fmt.Errorf("cut the cache file back after a failed write: %v", err))
+	}
 }
 
 func (m *machine) wakeApply() {

@@ -198,10 +198,8 @@ func (s *Server) helloSlot(id string) (release func(), err error) {
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
-	go func() {
-		<-s.ctx.Done()
-		l.Close()
-	}()
+	stopS := context.AfterFunc(s.ctx, func() { l.Close() }) // Close stops Serve too
+	defer stopS()
 	for {
 		c, err := l.Accept()
 		if err != nil {
