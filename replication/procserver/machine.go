@@ -44,9 +44,9 @@ type machine struct {
 
 	mu        sync.Mutex
 	open      cacheFile // the unsealed cache file
-	openFirst uint64   // first seq the open file holds (or will hold)
-	openBytes int64    // bytes in the open file
-	openRaw   int64    // raw record bytes in the open file
+	openFirst uint64    // first seq the open file holds (or will hold)
+	openBytes int64     // bytes in the open file
+	openRaw   int64     // raw record bytes in the open file
 	openSince time.Time
 	openTag   bool   // the open file holds a tag: seal soon
 	appended  uint64 // last seq written to the cache
