@@ -142,6 +142,9 @@ func (a *Agent) session() error {
 	if err := replication.DecodeJSON(&f, &w); err != nil {
 		return err
 	}
+	if err := w.Validate(); err != nil {
+		return err
+	}
 	nc.SetDeadline(time.Time{})
 	if w.DurableSeq >= a.spool.Next() {
 		if !a.recovering {
@@ -356,6 +359,9 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &job); err != nil {
 				return err
 			}
+			if err := job.Validate(); err != nil {
+				return err
+			}
 			if err := s.a.resync.start(job); err != nil {
 				return err
 			}
@@ -364,10 +370,16 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &w); err != nil {
 				return err
 			}
+			if err := w.Validate(); err != nil {
+				return err
+			}
 			s.a.resync.want(w)
 		case replication.FramePolicy:
 			var p replication.AgentPolicy
 			if err := replication.DecodeJSON(&f, &p); err != nil {
+				return err
+			}
+			if err := p.Validate(); err != nil {
 				return err
 			}
 			s.a.setPolicy(p)
