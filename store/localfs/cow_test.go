@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"testing"
 
+	"github.com/asrdr/asr/internal/allocguard"
 	"github.com/asrdr/asr/replication"
 )
 
@@ -60,8 +62,23 @@ func TestScanCOW(t *testing.T) {
 	}
 }
 
-// FuzzScanCOW feeds the COW parser arbitrary bytes: it must not panic, and
-// what it accepts must be consistent.
+// fixCOW recomputes, in place, the checksums of a COW file's header and
+// whole records and returns it, so that mutations of the fields behind
+// them (committed count, block numbers) reach the parser.
+func fixCOW(b []byte) []byte {
+	if len(b) < cowHeaderSize {
+		return b
+	}
+	binary.LittleEndian.PutUint32(b[44:], replication.Checksum(b[:44]))
+	for p := b[cowHeaderSize:]; len(p) >= recSize; p = p[recSize:] {
+		binary.LittleEndian.PutUint32(p[8:], recordCRC(p))
+	}
+	return b
+}
+
+// FuzzScanCOW feeds the COW parser arbitrary bytes, as they are and with
+// their checksums recomputed: it must not panic, must allocate in
+// proportion to the file, and what it accepts must be consistent.
 func FuzzScanCOW(f *testing.F) {
 	f.Add(cowFile(1, 0))
 	f.Add(cowFile(2, 1, 0, 5))
@@ -69,36 +86,47 @@ func FuzzScanCOW(f *testing.F) {
 	f.Add(cowFile(4, 0, 1, 2)[:cowHeaderSize+recSize+100])
 	f.Add(append(cowFile(5, 1, 3), make([]byte, recSize)...))
 	f.Add([]byte("ASRCOW"))
+	f.Add(cowFile(6, 1<<40, 1)) // commits more records than the file holds
 	f.Fuzz(func(t *testing.T, data []byte) {
-		const nblocks = 8
-		s, err := scanCOW(bytes.NewReader(data), int64(len(data)), nblocks)
-		if err != nil {
-			if !errors.Is(err, replication.ErrCorrupt) {
-				t.Fatalf("error without ErrCorrupt: %v", err)
-			}
-			return
-		}
-		if s.validEnd > int64(len(data)) || s.validEnd != recordOffset(s.records) {
-			t.Fatalf("validEnd %d, records %d, %d bytes", s.validEnd, s.records, len(data))
-		}
-		if s.header.committed > uint64(s.records) {
-			t.Fatalf("committed %d > records %d", s.header.committed, s.records)
-		}
-		if int64(len(s.index)) != s.records {
-			t.Fatalf("index holds %d, records %d", len(s.index), s.records)
-		}
-		for b, off := range s.index {
-			if off < cowHeaderSize || off+recSize > s.validEnd || (off-cowHeaderSize)%recSize != 0 {
-				t.Fatalf("block %d at bad offset %d", b, off)
-			}
-			if got, err := checkRecord(data[off:off+recSize], nblocks); err != nil || got != b {
-				t.Fatalf("record at %d: block %d, %v; indexed as %d", off, got, err, b)
-			}
-		}
-		// Truncating to validEnd gives a file that scans the same.
-		s2, err := scanCOW(bytes.NewReader(data[:s.validEnd]), s.validEnd, nblocks)
-		if err != nil || s2.records != s.records {
-			t.Fatalf("rescan of the valid part: %d records, %v", s2.records, err)
-		}
+		checkScanCOW(t, data)
+		checkScanCOW(t, fixCOW(slices.Clone(data)))
 	})
+}
+
+func checkScanCOW(t *testing.T, data []byte) {
+	t.Helper()
+	const nblocks = 8
+	var s cowScan
+	var err error
+	allocguard.Check(t, "scanCOW", allocguard.Bound(len(data)), func() {
+		s, err = scanCOW(bytes.NewReader(data), int64(len(data)), nblocks)
+	})
+	if err != nil {
+		if !errors.Is(err, replication.ErrCorrupt) {
+			t.Fatalf("error without ErrCorrupt: %v", err)
+		}
+		return
+	}
+	if s.validEnd > int64(len(data)) || s.validEnd != recordOffset(s.records) {
+		t.Fatalf("validEnd %d, records %d, %d bytes", s.validEnd, s.records, len(data))
+	}
+	if s.header.committed > uint64(s.records) {
+		t.Fatalf("committed %d > records %d", s.header.committed, s.records)
+	}
+	if int64(len(s.index)) != s.records {
+		t.Fatalf("index holds %d, records %d", len(s.index), s.records)
+	}
+	for b, off := range s.index {
+		if off < cowHeaderSize || off+recSize > s.validEnd || (off-cowHeaderSize)%recSize != 0 {
+			t.Fatalf("block %d at bad offset %d", b, off)
+		}
+		if got, err := checkRecord(data[off:off+recSize], nblocks); err != nil || got != b {
+			t.Fatalf("record at %d: block %d, %v; indexed as %d", off, got, err, b)
+		}
+	}
+	// Truncating to validEnd gives a file that scans the same.
+	s2, err := scanCOW(bytes.NewReader(data[:s.validEnd]), s.validEnd, nblocks)
+	if err != nil || s2.records != s.records {
+		t.Fatalf("rescan of the valid part: %d records, %v", s2.records, err)
+	}
 }
