@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
@@ -18,13 +17,12 @@ import (
 // than its input justifies (internal/allocguard), which is how an
 // allocation sized from an unchecked count shows up.
 
-// mustSegment builds a sealed segment of frames of records from first.
-func mustSegment(tb testing.TB, c *Codec, first uint64, frames, per int, r *rand.Rand) []byte {
-	tb.Helper()
+// seedSegment builds a sealed segment of frames of small records from first.
+func seedSegment(c *Codec, first uint64, frames, per int) []byte {
 	seg := SegmentHeader(first, time.Unix(1, 0))
 	next := first
 	for range frames {
-		recs := mustRecords(tb, next, per, r)
+		recs := seedRecords(next, per)
 		f := c.DataFrame(encodeRecords(recs), next, uint32(per), nil)
 		seg = AppendFrame(seg, &f)
 		next += uint64(per)
@@ -51,8 +49,7 @@ func fixSegment(b []byte) []byte {
 // recomputed.
 func FuzzScanSegment(f *testing.F) {
 	c := warmCodec(f)
-	r := rand.New(rand.NewPCG(9, 10))
-	good := mustSegment(f, c, 10, 3, 4, r)
+	good := seedSegment(c, 10, 3, 4)
 	f.Add(good)
 	f.Add(good[:len(good)-FrameHeaderSize])         // unsealed
 	f.Add(good[:len(good)-FrameHeaderSize-7])       // torn

@@ -89,6 +89,9 @@ func openSpool(t *testing.T, dir string, first uint64, body []byte, another bool
 	var rec Recovered
 	var err error
 	allocguard.Check(t, "spool.Open", allocguard.Bound(len(body)+headerSize), func() {
+		if s != nil {
+			s.Close() // Check may open twice
+		}
 		s, rec, err = Open(dir, Options{MaxBytes: 1 << 40}, 0)
 	})
 	if err != nil {
