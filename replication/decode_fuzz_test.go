@@ -49,12 +49,13 @@ func fixSegment(b []byte) []byte {
 // recomputed.
 func FuzzScanSegment(f *testing.F) {
 	c := warmCodec(f)
-	good := seedSegment(c, 10, 3, 4)
+	good := seedSegment(c, 10, 2, 2)
+	seal := good[len(good)-FrameHeaderSize:]
 	f.Add(good)
-	f.Add(good[:len(good)-FrameHeaderSize])         // unsealed
-	f.Add(good[:len(good)-FrameHeaderSize-7])       // torn
-	f.Add(SegmentHeader(5, time.Unix(0, 0)))        // empty
-	f.Add(append(slices.Clone(good), good[32:]...)) // frames after the seal
+	f.Add(good[:len(good)-FrameHeaderSize])    // unsealed
+	f.Add(good[:len(good)-FrameHeaderSize-7])  // torn
+	f.Add(SegmentHeader(5, time.Unix(0, 0)))   // empty
+	f.Add(append(slices.Clone(good), seal...)) // a frame after the seal
 	for _, bad := range hugeCountFrames(f) {
 		f.Add(hugeCountSegment(bad)) // issue 8: the cached segment of the bad frame
 	}
@@ -205,7 +206,7 @@ func FuzzControlMessage(f *testing.F) {
 	add(FrameStatus, Status{Disks: []DiskProgress{{Index: 0, Cursor: 5}}, Events: []AgentEvent{{Kind: "k", Message: "m"}}})
 	add(FrameResync, ResyncJob{ID: 1, Disk: 0, Reason: "r", Ranges: []Range{{Off: 1 << 20, Len: 1 << 20}}})
 	add(FrameHashes, Hashes{Job: 1, Batch: 1, Offs: []int64{0, HashChunk}, Hashes: make([]byte, 32)})
-	add(FrameWant, Want{Job: 1, Batch: 1, Chunks: []WantChunk{{Off: HashChunk, Leaves: make([]byte, 16*HashFanout)}}})
+	add(FrameWant, Want{Job: 1, Batch: 1, Chunks: []WantChunk{{Off: HashChunk, Leaves: make([]byte, 32)}}})
 	f.Add(uint8(FrameHello), []byte(`{"disks":[{},{},{},{},{},{},{},{}]}`))
 	f.Add(uint8(FrameHashes), []byte(`{"offs":[0,0,0,0],"hashes":"AAAA"}`))
 	f.Fuzz(func(t *testing.T, typ uint8, payload []byte) {
