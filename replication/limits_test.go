@@ -113,6 +113,7 @@ func TestLargestHelloFits(t *testing.T) {
 	if len(f.Payload) > MaxControlPayload {
 		t.Fatalf("the largest valid hello takes %d bytes, over the %d limit", len(f.Payload), MaxControlPayload)
 	}
+	t.Logf("the largest valid hello takes %d bytes", len(f.Payload))
 	var b bytes.Buffer
 	if err := WriteFrame(&b, &f); err != nil {
 		t.Fatal(err)
