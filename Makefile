@@ -6,7 +6,7 @@ SHELL := /bin/bash
 GO ?= go
 E2E_TIMEOUT ?= 15m
 
-.PHONY: test unit e2e peers build bench generate vet
+.PHONY: test unit e2e peers build bench generate vet fuzz
 
 test: peers vet unit e2e
 
@@ -32,3 +32,8 @@ generate:
 
 bench: build peers
 	./bench/run.sh
+
+# Every fuzz target for FUZZTIME (default 60s) each, one at a time;
+# make fuzz FUZZ=Segment runs those matching a pattern.
+fuzz:
+	./scripts/fuzz.sh $(FUZZ)

@@ -135,13 +135,48 @@ func atRisk(dir string) (map[uint32][]replication.Range, bool) {
 	p := b[10:]
 	for i := 0; i < n; i++ {
 		disk, e := binary.LittleEndian.Uint32(p), binary.LittleEndian.Uint64(p[4:])
+		if e >= replication.MaxDiskSize/alExtent {
+			return nil, false // no disk has that extent: not a log this agent wrote
+		}
 		out[disk] = append(out[disk], replication.Range{Off: int64(e) * alExtent, Len: alExtent})
 		p = p[12:]
 	}
-	for d := range out {
-		sort.Slice(out[d], func(i, j int) bool { return out[d][i].Off < out[d][j].Off })
+	for d, rs := range out {
+		sort.Slice(rs, func(i, j int) bool { return rs[i].Off < rs[j].Off })
+		out[d] = coalesce(rs, replication.MaxDivergedRanges)
 	}
 	return out, true
+}
+
+// coalesce returns sorted ranges as at most limit ranges covering them, by
+// closing the smallest gaps first: a Hello carries at most
+// replication.MaxDivergedRanges per disk, and resyncing a little more than
+// changed is safe where a refused Hello is not.
+func coalesce(rs []replication.Range, limit int) []replication.Range {
+	if len(rs) <= limit {
+		return rs
+	}
+	// gaps[i] is the gap after rs[i]; close the len(rs)-limit smallest.
+	gaps := make([]int, len(rs)-1)
+	for i := range gaps {
+		gaps[i] = i
+	}
+	gap := func(i int) int64 { return rs[i+1].Off - (rs[i].Off + rs[i].Len) }
+	sort.SliceStable(gaps, func(a, b int) bool { return gap(gaps[a]) < gap(gaps[b]) })
+	closed := make([]bool, len(rs))
+	for _, i := range gaps[:len(rs)-limit] {
+		closed[i] = true
+	}
+	out := make([]replication.Range, 0, limit)
+	for i, r := range rs {
+		if i > 0 && closed[i-1] {
+			last := &out[len(out)-1]
+			last.Len = max(last.Len, r.Off+r.Len-last.Off)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // bootID identifies this boot of the machine ("" if unknown).

@@ -142,6 +142,9 @@ func (a *Agent) session() error {
 	if err := replication.DecodeJSON(&f, &w); err != nil {
 		return err
 	}
+	if err := w.Validate(); err != nil {
+		return err
+	}
 	nc.SetDeadline(time.Time{})
 	if w.NewLog {
 		// Another log than the server's: never joined by number.
@@ -362,6 +365,9 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &job); err != nil {
 				return err
 			}
+			if err := job.Validate(); err != nil {
+				return err
+			}
 			if err := s.a.resync.start(job); err != nil {
 				return err
 			}
@@ -370,10 +376,16 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &w); err != nil {
 				return err
 			}
+			if err := w.Validate(); err != nil {
+				return err
+			}
 			s.a.resync.want(w)
 		case replication.FramePolicy:
 			var p replication.AgentPolicy
 			if err := replication.DecodeJSON(&f, &p); err != nil {
+				return err
+			}
+			if err := p.Validate(); err != nil {
 				return err
 			}
 			s.a.setPolicy(p)

@@ -525,6 +525,10 @@ func (t *Target) GetObject(ctx context.Context, key string) ([]byte, error) {
 	return b, nil
 }
 
+// maxPrealloc bounds the buffer getBlob makes from a blob's announced
+// length before its bytes arrive.
+const maxPrealloc = 64 << 20
+
 // getAttempts bounds the downloads of a blob that keeps being replaced.
 const getAttempts = 3
 
@@ -540,8 +544,11 @@ func getBlob(ctx context.Context, bc *blob.Client) ([]byte, error) {
 		}
 		body := resp.NewRetryReader(ctx, &blob.RetryReaderOptions{MaxRetries: 5})
 		var buf bytes.Buffer
-		if resp.ContentLength != nil {
-			buf.Grow(int(*resp.ContentLength))
+		if resp.ContentLength != nil && *resp.ContentLength > 0 {
+			// The announced length, not the bytes received: grow ahead
+			// of them only up to a bound (objects are catalog entries
+			// and segments of a few MiB).
+			buf.Grow(int(min(*resp.ContentLength, maxPrealloc)))
 		}
 		_, err = io.Copy(&buf, body)
 		body.Close()

@@ -286,14 +286,16 @@ func getMeta(m map[string]*string, name string) (string, bool) {
 	return "", false
 }
 
+// metaInt reads a size from the metadata: between 0 and maxDiskSize, so
+// that nothing computed from it (pages, buffers, a hash index) overflows.
 func metaInt(m map[string]*string, name string) (int64, error) {
 	v, ok := getMeta(m, name)
 	if !ok {
 		return 0, fmt.Errorf("no %s metadata", name)
 	}
 	n, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("%s metadata %q is not a size", name, v)
+	if err != nil || n < 0 || n > maxDiskSize {
+		return 0, fmt.Errorf("%s metadata %q is not a size of at most %d bytes", name, v, int64(maxDiskSize))
 	}
 	return n, nil
 }

@@ -16,23 +16,12 @@ import (
 // writes a frame to its cache, so nothing malformed or damaged is ever
 // acknowledged: the agent still holds it and sends it again.
 func (c *Codec) CheckData(f *Frame, buf []byte, disk func(index uint32) (size int64, ok bool)) ([]byte, error) {
-	if f.Type != FrameData {
-		return buf, fmt.Errorf("frame type %s is not data: %w", f.Type, ErrCorrupt)
-	}
-	if f.Count == 0 {
+	if f.Type == FrameData && f.Count == 0 {
 		return buf, fmt.Errorf("data frame at seq %d holds no records: %w", f.Seq, ErrCorrupt)
 	}
-	raw := f.Payload
-	if f.Flags&FlagZstd != 0 {
-		var err error
-		raw, err = c.dec.DecodeAll(f.Payload, buf[:0])
-		if err != nil {
-			return buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
-		}
-		buf = raw
-	}
-	if len(raw) != int(f.RawLen) {
-		return buf, fmt.Errorf("frame at seq %d: %d bytes of records, header says %d: %w", f.Seq, len(raw), f.RawLen, ErrCorrupt)
+	raw, buf, err := c.payload(f, buf)
+	if err != nil {
+		return buf, err
 	}
 	// A count the bytes cannot hold is refused before anything is read.
 	if uint64(f.Count) > uint64(len(raw)/RecordHeaderSize) {

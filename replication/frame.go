@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
@@ -56,6 +57,11 @@ const (
 	MaxFramePayload = 16 << 20 // bytes on the wire
 	MaxFrameRaw     = 40 << 20 // bytes after decompression
 	FrameHeaderSize = 36
+	// MaxControlPayload bounds the payload of every frame but DATA: JSON
+	// decoding costs a multiple of the bytes it reads, and the largest
+	// message (a Hello of MaxDisks disks with MaxDivergedRanges ranges
+	// each) takes under 3 MiB.
+	MaxControlPayload = 4 << 20
 )
 
 // Frame flags.
@@ -178,6 +184,9 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 	if plen > MaxFramePayload {
 		return f, 0, &ProtocolError{fmt.Sprintf("payload of %d bytes over the %d limit", plen, MaxFramePayload)}
 	}
+	if f.Type != FrameData && plen > MaxControlPayload {
+		return f, 0, &ProtocolError{fmt.Sprintf("%s payload of %d bytes over the %d limit", f.Type, plen, MaxControlPayload)}
+	}
 	if f.RawLen > MaxFrameRaw {
 		return f, 0, &ProtocolError{fmt.Sprintf("raw payload of %d bytes over the %d limit", f.RawLen, MaxFrameRaw)}
 	}
@@ -205,11 +214,8 @@ func ReadFrame(r io.Reader, buf []byte) (Frame, []byte, error) {
 	if err != nil {
 		return f, buf, err
 	}
-	if cap(buf) < n {
-		buf = make([]byte, n)
-	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
+	buf, err = readPayload(r, buf, n)
+	if err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			return f, buf, &ProtocolError{"truncated payload"}
 		}
@@ -220,6 +226,34 @@ func ReadFrame(r io.Reader, buf []byte) (Frame, []byte, error) {
 	}
 	f.Payload = buf
 	return f, buf, nil
+}
+
+// payloadStep is the most readPayload allocates ahead of the bytes that
+// have arrived.
+const payloadStep = 64 << 10
+
+// readPayload reads n bytes into buf, reusing its storage when it is large
+// enough. Otherwise the buffer grows with the bytes that actually arrive
+// (doubling, from payloadStep), never to the length a header announced
+// before they are there: a peer that announces 16 MiB and sends 10 bytes
+// costs 64 KiB, not 16 MiB.
+func readPayload(r io.Reader, buf []byte, n int) ([]byte, error) {
+	if cap(buf) >= n {
+		buf = buf[:n]
+		_, err := io.ReadFull(r, buf)
+		return buf, err
+	}
+	buf = buf[:0]
+	for len(buf) < n {
+		step := min(n-len(buf), max(len(buf), payloadStep))
+		buf = slices.Grow(buf, step)
+		m, err := io.ReadFull(r, buf[len(buf):len(buf)+step])
+		buf = buf[:len(buf)+m]
+		if err != nil {
+			return buf, err
+		}
+	}
+	return buf, nil
 }
 
 // Codec compresses and decompresses frame payloads. It is safe for concurrent use.
@@ -241,8 +275,11 @@ func DefaultCodec() *Codec {
 		if err != nil {
 			panic(err)
 		}
+		// DecodeAll writes at most cap(dst): Records gives it room for
+		// exactly the raw length the frame header announced.
 		dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
-			zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true))
+			zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true),
+			zstd.WithDecodeAllCapLimit(true))
 		if err != nil {
 			panic(err)
 		}
@@ -267,24 +304,52 @@ func (c *Codec) DataFrame(raw []byte, first uint64, count uint32, dst []byte) Fr
 
 // Records decodes the records of a DATA frame, decompressing into buf, and
 // verifies every record checksum and the sequence numbers.
+//
+// Decompression is bounded by the frame's raw length (itself at most
+// MaxFrameRaw, checked with the header): a payload whose zstd header
+// announces more is refused before anything is allocated, and one that
+// decodes to more stops at the raw length.
 func (c *Codec) Records(f *Frame, buf []byte) ([]Record, []byte, error) {
-	if f.Type != FrameData {
-		return nil, buf, fmt.Errorf("frame type %s is not data: %w", f.Type, ErrCorrupt)
-	}
-	raw := f.Payload
-	if f.Flags&FlagZstd != 0 {
-		var err error
-		raw, err = c.dec.DecodeAll(f.Payload, buf[:0])
-		if err != nil {
-			return nil, buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
-		}
-		if len(raw) != int(f.RawLen) {
-			return nil, raw, fmt.Errorf("frame at seq %d: %d bytes after decompression, header says %d: %w", f.Seq, len(raw), f.RawLen, ErrCorrupt)
-		}
-		buf = raw
+	raw, buf, err := c.payload(f, buf)
+	if err != nil {
+		return nil, buf, err
 	}
 	recs, err := DecodeRecords(raw, f.Seq, f.Count)
 	return recs, buf, err
+}
+
+// payload returns a DATA frame's records, decompressed into buf if need
+// be: at most RawLen bytes, and exactly that many.
+func (c *Codec) payload(f *Frame, buf []byte) ([]byte, []byte, error) {
+	if f.Type != FrameData {
+		return nil, buf, fmt.Errorf("frame type %s is not data: %w", f.Type, ErrCorrupt)
+	}
+	if f.RawLen > MaxFrameRaw {
+		return nil, buf, fmt.Errorf("frame at seq %d: raw length %d over the %d limit: %w", f.Seq, f.RawLen, MaxFrameRaw, ErrCorrupt)
+	}
+	raw := f.Payload
+	if f.Flags&FlagZstd != 0 {
+		n := int(f.RawLen)
+		var zh zstd.Header
+		if err := zh.Decode(f.Payload); err != nil {
+			return nil, buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
+		}
+		if zh.HasFCS && zh.FrameContentSize > uint64(n) {
+			return nil, buf, fmt.Errorf("frame at seq %d: compressed content of %d bytes, header says %d: %w", f.Seq, zh.FrameContentSize, n, ErrCorrupt)
+		}
+		if cap(buf) < n {
+			buf = make([]byte, 0, n)
+		}
+		var err error
+		raw, err = c.dec.DecodeAll(f.Payload, buf[:0:n])
+		if err != nil {
+			return nil, buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
+		}
+	}
+	if len(raw) != int(f.RawLen) {
+		return nil, buf, fmt.Errorf("frame at seq %d: %d bytes of records, header says %d: %w", f.Seq, len(raw), f.RawLen, ErrCorrupt)
+	}
+	return raw, buf, nil
 }
 
 // JSONFrame builds a control frame carrying v as JSON.

@@ -202,8 +202,13 @@ func DecodeRecord(b []byte) (Record, int, error) {
 
 // DecodeRecords decodes a batch of consecutive records. The sequence numbers
 // must be contiguous starting at first, and the batch must hold count records
-// and nothing else.
+// and nothing else. count comes from a frame header: a count that b cannot
+// hold (every record takes at least RecordHeaderSize bytes) is refused
+// before anything is allocated from it.
 func DecodeRecords(b []byte, first uint64, count uint32) ([]Record, error) {
+	if uint64(count) > uint64(len(b)/RecordHeaderSize) {
+		return nil, fmt.Errorf("batch of %d bytes cannot hold the %d records its header says: %w", len(b), count, ErrCorrupt)
+	}
 	recs := make([]Record, 0, count)
 	for len(b) > 0 {
 		r, n, err := DecodeRecord(b)

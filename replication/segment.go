@@ -1,7 +1,6 @@
 package replication
 
 import (
-	"bytes"
 	"encoding/binary"
 	"fmt"
 	"time"
@@ -86,7 +85,7 @@ type SegmentScan struct {
 }
 
 // ScanSegment walks the frames of a segment, calling fn (if not nil) for each
-// DATA frame in order. In a sealed segment any damage is an error wrapping
+// DATA frame in order; the frame's Payload aliases data. In a sealed segment any damage is an error wrapping
 // ErrCorrupt. With allowTail, the scan instead stops quietly at the first
 // incomplete or damaged frame: that is how an unsealed cache file is recovered
 // after a crash (the damaged tail was never acknowledged).
@@ -98,19 +97,19 @@ func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentS
 	}
 	s.First, s.Last = first, first-1
 	s.ValidLen = SegmentHeaderSize
-	r := bytes.NewReader(data[SegmentHeaderSize:])
-	for r.Len() > 0 {
-		f, _, err := ReadFrame(r, nil)
+	for rest := data[SegmentHeaderSize:]; len(rest) > 0; {
+		f, n, err := sliceFrame(rest)
 		if err != nil {
 			if allowTail {
 				return s, nil
 			}
 			return s, fmt.Errorf("segment frame %d at byte %d: %v: %w", s.Frames, s.ValidLen, err, ErrCorrupt)
 		}
-		end := len(data) - r.Len()
+		rest = rest[n:]
+		end := len(data) - len(rest)
 		switch f.Type {
 		case FrameData:
-			if f.Seq != s.Last+1 || f.Count == 0 {
+			if f.Seq != s.Last+1 || f.Count == 0 || s.Records+f.Count < s.Records || s.Last+uint64(f.Count) < s.Last {
 				if allowTail {
 					return s, nil
 				}
@@ -126,7 +125,7 @@ func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentS
 			s.Frames++
 			s.ValidLen = end
 		case FrameSeal:
-			if f.Seq != s.Last || f.Count != s.Records || r.Len() != 0 {
+			if f.Seq != s.Last || f.Count != s.Records || len(rest) != 0 {
 				return s, fmt.Errorf("segment seal says last %d count %d, content has last %d count %d: %w", f.Seq, f.Count, s.Last, s.Records, ErrCorrupt)
 			}
 			s.Sealed = true
@@ -143,6 +142,28 @@ func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentS
 		return s, fmt.Errorf("segment %d-%d is not sealed: %w", s.First, s.Last, ErrCorrupt)
 	}
 	return s, nil
+}
+
+// sliceFrame verifies the frame at the front of b and returns it, its
+// Payload aliasing b, with the bytes it takes. The payload length is checked
+// against the bytes present before anything else is done with it.
+func sliceFrame(b []byte) (Frame, int, error) {
+	if len(b) < FrameHeaderSize {
+		return Frame{}, 0, &ProtocolError{"truncated header"}
+	}
+	f, n, err := ParseFrameHeader(b[:FrameHeaderSize])
+	if err != nil {
+		return f, 0, err
+	}
+	if n > len(b)-FrameHeaderSize {
+		return f, 0, &ProtocolError{fmt.Sprintf("truncated payload (%d of %d bytes)", len(b)-FrameHeaderSize, n)}
+	}
+	p := b[FrameHeaderSize : FrameHeaderSize+n]
+	if got, want := Checksum(p), frameCRC(b); got != want {
+		return f, 0, &ProtocolError{fmt.Sprintf("payload checksum %08x, want %08x", got, want)}
+	}
+	f.Payload = p
+	return f, FrameHeaderSize + n, nil
 }
 
 // DescribeSegment verifies a sealed segment and returns its range and the

@@ -44,10 +44,6 @@ const sumPageSize = HashFanout * SumEntrySize
 // sumCachePages bounds the sum pages a disk keeps in memory (256 KiB).
 const sumCachePages = 64
 
-// MaxDiskSize is the largest protected disk: VMware's largest virtual disk
-// is 62 TB. A target may support less (an Azure page blob holds 8 TiB).
-const MaxDiskSize = 64 << 40
-
 // ErrDiskTooLarge is returned (wrapped) for a disk larger than asr or the
 // target supports.
 var ErrDiskTooLarge = errors.New("disk too large")

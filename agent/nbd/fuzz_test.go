@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -8,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/asrdr/asr/internal/allocguard"
 )
 
 // errorCatcher is a slog.Handler that counts Error records: the server logs
@@ -45,31 +48,72 @@ func fuzzServer(size int) (*Server, *memBackend, errorCatcher) {
 	return &Server{Lookup: lookup, List: list, Logger: slog.New(ec), MaxInFlight: 4}, mb, ec
 }
 
+// sessionBound is what a session may allocate beyond its input: the
+// connection's 64 KiB read buffer and, per request in flight, a payload
+// buffer of at most the fuzz export's size (64 KiB).
+const sessionBound = 64<<10 + 4*64<<10
+
 // feedServer runs a session in which the client sends data and hangs up,
-// and fails if the server does not finish or misbehaves.
+// and fails if the server does not finish, misbehaves, or allocates more
+// than the input and the export justify (a length trusted before its
+// bytes arrived).
 func feedServer(t *testing.T, srv *Server, mb *memBackend, ec errorCatcher, data []byte) {
-	cs, ss := net.Pipe()
+	allocguard.Check(t, "nbd session", allocguard.Bound(len(data))+sessionBound, func() {
+		serveSession(t, srv, mb, ec, data)
+	})
+}
+
+// serveSession runs the server on a connection from a client that sends
+// data, half-closes and reads every reply: unlike a net.Pipe closed after
+// the write, the server gets to act on the whole input, transmission
+// phase included, before it sees the end.
+func serveSession(t *testing.T, srv *Server, mb *memBackend, ec errorCatcher, data []byte) {
 	done := make(chan error, 1)
-	go func() { done <- srv.ServeConn(context.Background(), ss) }()
-	drained := make(chan struct{})
-	go func() {
-		io.Copy(io.Discard, cs)
-		close(drained)
-	}()
-	cs.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	cs.Write(data) // fails early if the server hangs up first, as it may
-	cs.Close()
+	go func() { done <- srv.ServeConn(context.Background(), &scriptConn{r: bytes.NewReader(data)}) }()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("ServeConn did not return after the client hung up")
 	}
-	<-drained
 	mb.assertClean(t)
 	if n := ec.n.Load(); n > 0 {
 		t.Fatalf("server logged %d errors, last: %s", n, *ec.last.Load())
 	}
 }
+
+// scriptConn is the server's end of a connection from a scripted client:
+// reads return the script and then io.EOF (the client's half-close),
+// writes are taken and dropped, deadlines have nothing to bound.
+type scriptConn struct {
+	r      *bytes.Reader
+	closed atomic.Bool
+}
+
+func (c *scriptConn) Read(p []byte) (int, error) {
+	if c.closed.Load() {
+		return 0, net.ErrClosed
+	}
+	return c.r.Read(p)
+}
+
+func (c *scriptConn) Write(p []byte) (int, error) {
+	if c.closed.Load() {
+		return 0, net.ErrClosed
+	}
+	return len(p), nil
+}
+
+func (c *scriptConn) Close() error                     { c.closed.Store(true); return nil }
+func (c *scriptConn) LocalAddr() net.Addr              { return scriptAddr{} }
+func (c *scriptConn) RemoteAddr() net.Addr             { return scriptAddr{} }
+func (c *scriptConn) SetDeadline(time.Time) error      { return nil }
+func (c *scriptConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *scriptConn) SetWriteDeadline(time.Time) error { return nil }
+
+type scriptAddr struct{}
+
+func (scriptAddr) Network() string { return "script" }
+func (scriptAddr) String() string  { return "client" }
 
 func clientFlags() []byte { return be.AppendUint32(nil, flagCFixedNewstyle|flagCNoZeroes) }
 
@@ -147,6 +191,7 @@ func FuzzTransmission(f *testing.F) {
 	))
 	f.Add(req(0, cmdWrite, 1, 0, MaxPayload+1, nil))
 	f.Add(req(0, cmdWrite, 1, 0, 4096, []byte("short")))
+	f.Add(req(0, cmdWrite, 1, 1<<20, MaxPayload, []byte("past the end"))) // refused: nothing allocated for it
 	f.Add([]byte{0x25, 0x60, 0x95, 0x13, 0, 0, 0, 1})
 	f.Add([]byte("not a request at all, not at all"))
 
@@ -164,7 +209,10 @@ func FuzzParseInfoRequest(f *testing.F) {
 	f.Add(infoRequest(""))
 	f.Add([]byte{0, 0, 0, 5, 'a', 0, 0})
 	f.Fuzz(func(t *testing.T, d []byte) {
-		name, infos, ok := parseInfoRequest(d)
+		var name []byte
+		var infos []uint16
+		var ok bool
+		allocguard.Check(t, "parseInfoRequest", allocguard.Bound(len(d)), func() { name, infos, ok = parseInfoRequest(d) })
 		if !ok {
 			return
 		}
@@ -202,21 +250,29 @@ func FuzzClient(f *testing.F) {
 	f.Add(cat(greet, optRep(repErrUnknown, []byte("no such export"))))
 	f.Add(cat(greet, optRep(repInfo, export), optRep(repAck, nil), reply(0, 99, nil)))
 
+	f.Add(cat(greet, be.AppendUint64(nil, optReplyMagic), be.AppendUint32(nil, optGo), be.AppendUint32(nil, repInfo),
+		be.AppendUint32(nil, 0xffffffff))) // a reply that says it is 4 GiB
+
 	f.Fuzz(func(t *testing.T, data []byte) {
-		cs, ss := net.Pipe()
-		go func() {
-			go io.Copy(io.Discard, ss)
-			ss.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			ss.Write(data)
-			ss.Close()
-		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		c, err := NewClient(ctx, cs, "disk")
-		if err != nil {
-			return
-		}
-		c.ReadAt(make([]byte, 8), 0)
-		c.Close()
+		// The client's read buffer, and an option reply of at most 64 KiB.
+		allocguard.Check(t, "nbd client", allocguard.Bound(len(data))+2*64<<10, func() { runClient(data) })
 	})
+}
+
+func runClient(data []byte) {
+	cs, ss := net.Pipe()
+	go func() {
+		go io.Copy(io.Discard, ss)
+		ss.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		ss.Write(data)
+		ss.Close()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := NewClient(ctx, cs, "disk")
+	if err != nil {
+		return
+	}
+	c.ReadAt(make([]byte, 8), 0)
+	c.Close()
 }

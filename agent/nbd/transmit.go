@@ -78,11 +78,20 @@ func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) 
 		}
 		sem <- struct{}{}
 		if req.typ == cmdWrite && req.length > 0 {
-			req.buf = getBuf(int(req.length))
-			if err := readFull(c.br, *req.buf, "read write payload", false); err != nil {
-				putBuf(req.buf)
-				<-sem
-				return err
+			if !exp.inside(req.off, req.length) {
+				// Refused (ENOSPC) whatever it holds: skip the payload
+				// rather than allocate for it.
+				if err := discard(c.br, int64(req.length)); err != nil {
+					<-sem
+					return err
+				}
+			} else {
+				req.buf = getBuf(int(req.length))
+				if err := readFull(c.br, *req.buf, "read write payload", false); err != nil {
+					putBuf(req.buf)
+					<-sem
+					return err
+				}
 			}
 		}
 		wg.Add(1)
@@ -92,6 +101,23 @@ func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) 
 			c.handle(exp, &req)
 		}()
 	}
+}
+
+// inside reports whether [off, off+n) lies within the export.
+func (e *export) inside(off uint64, n uint32) bool {
+	size := uint64(e.size)
+	return off <= size && uint64(n) <= size-off
+}
+
+// discard skips n payload bytes of a request that is refused.
+func discard(r io.Reader, n int64) error {
+	if m, err := io.CopyN(io.Discard, r, n); m < n {
+		if err == nil || errors.Is(err, io.EOF) {
+			return protocolErrorf("read write payload: truncated message")
+		}
+		return fmt.Errorf("read write payload: %w", err)
+	}
+	return nil
 }
 
 // handle executes one request and sends its reply.
@@ -141,8 +167,7 @@ func (c *conn) execute(exp *export, req *request) Errno {
 		return c.backendErr(req, exp.backend.Flush())
 	}
 
-	size := uint64(exp.size)
-	if req.off > size || uint64(req.length) > size-req.off {
+	if !exp.inside(req.off, req.length) {
 		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
 			return ENOSPC
 		}

@@ -255,11 +255,18 @@ func (s *Spool) openFile(path string, last bool, rec *Recovered) (*file, error) 
 				if r.Kind.HasData() {
 					need = int(r.Length)
 				}
-				if cap(body) < replication.RecordHeaderSize+need {
-					body = make([]byte, replication.RecordHeaderSize+need)
+				if rest := st.Size() - sf.size - replication.RecordHeaderSize; int64(need) > rest {
+					// A length the file does not hold (a torn tail or
+					// damage): allocate nothing from it.
+					err = fmt.Errorf("record of %d data bytes, the file holds %d more: %w", need, max(rest, 0), replication.ErrCorrupt)
+				} else {
+					if cap(body) < replication.RecordHeaderSize+need {
+						body = make([]byte, replication.RecordHeaderSize+need)
+					}
+					body = body[:replication.RecordHeaderSize+need]
+					_, err = f.ReadAt(body, sf.size)
 				}
-				body = body[:replication.RecordHeaderSize+need]
-				if _, err = f.ReadAt(body, sf.size); err == nil || errors.Is(err, io.EOF) {
+				if err == nil || errors.Is(err, io.EOF) {
 					var full replication.Record
 					var used int
 					full, used, err = replication.DecodeRecord(body)
@@ -783,6 +790,9 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 			rl := replication.RecordHeaderSize
 			if h.Kind.HasData() {
 				rl += int(h.Length)
+			}
+			if int64(rl) > limit-r.pos.Offset {
+				return buf[:p], first, count, fmt.Errorf("spool record seq %d of %d bytes runs past the end of what was written: %w", r.seq, rl, replication.ErrCorrupt)
 			}
 			if p+rl > len(buf) {
 				if p == at && at == 0 {

@@ -357,6 +357,9 @@ func (s *Server) serveConn(c net.Conn) error {
 	if h.MachineID != id {
 		return refuse("hello names machine %s but the certificate is for %s", h.MachineID, id)
 	}
+	if err := h.Validate(); err != nil {
+		return refuse("%v", err)
+	}
 	m, err := s.machine(s.ctx, id, name)
 	if err != nil {
 		return fail(false, "%v", err)
@@ -444,6 +447,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &st); err != nil {
 				return err
 			}
+			if err := st.Validate(); err != nil {
+				return err
+			}
 			m.setStatus(st)
 			if s.cfg.OnStatus != nil {
 				s.cfg.OnStatus(m.id, st)
@@ -451,6 +457,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 		case replication.FrameHashes:
 			var h replication.Hashes
 			if err := replication.DecodeJSON(&f, &h); err != nil {
+				return err
+			}
+			if err := h.Validate(); err != nil {
 				return err
 			}
 			select {
