@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -127,5 +128,59 @@ func TestRecoverTornOpenFile(t *testing.T) {
 	st := waitApplied(t, s, 1)
 	if st.DurableSeq != 1 || st.ApplyError != "" {
 		t.Fatalf("after recovery: %+v", st)
+	}
+}
+
+// A cached segment holding a frame that claims 0xFFFFFFFF records around
+// one real one (written by a version that acknowledged it) used to crash
+// the server at every start: it is now moved aside with an event, never
+// applied, the disks are marked for resync, and the server goes on.
+func TestBadCachedSegmentQuarantined(t *testing.T) {
+	cat := mustCatalog(t)
+	cache := t.TempDir()
+	prepare(t, cache, cat)
+	good := dataFrame(1, replication.Record{Kind: replication.KindProgress, Offset: 1 << 20, Flags: replication.FlagDone})
+	seg := replication.SegmentHeader(1, time.Now())
+	seg = replication.AppendFrame(seg, &good)
+	seal := replication.SealFrame(1, 1)
+	seg = replication.AppendFrame(seg, &seal)
+	if err := os.WriteFile(filepath.Join(cache, machineID, replication.SegmentName(1, 1)), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rec := replication.Record{Seq: 2, Kind: replication.KindWrite, Offset: 0, Data: []byte("one real record"), Length: 15}
+	bad := replication.Frame{Type: replication.FrameData, Seq: 2, Count: 0xFFFFFFFF}
+	bad.Payload = replication.AppendRecord(nil, &rec)
+	bad.RawLen = uint32(len(bad.Payload))
+	seg = replication.SegmentHeader(2, time.Now())
+	seg = replication.AppendFrame(seg, &bad)
+	last := uint64(2) + 0xFFFFFFFF - 1
+	seal = replication.SealFrame(last, 0xFFFFFFFF)
+	seg = replication.AppendFrame(seg, &seal)
+	name := replication.SegmentName(2, last)
+	if err := os.WriteFile(filepath.Join(cache, machineID, name), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	quarantined := make(chan string, 10)
+	s, err := New(context.Background(), Config{CacheDir: cache, Catalog: cat, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		OnQuarantine: func(id, path, reason string) { quarantined <- path + ": " + reason }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	select {
+	case q := <-quarantined:
+		if !strings.Contains(q, filepath.Join("bad", name)) {
+			t.Fatalf("quarantined %s; want the bad segment moved to bad/", q)
+		}
+	case <-time.After(time.Minute): // a hung test, not a slow one
+		t.Fatal("the bad segment was not quarantined")
+	}
+	waitApplied(t, s, last)
+	if _, err := os.Stat(filepath.Join(cache, machineID, "bad", name)); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := cat.Machine(context.Background(), machineID)
+	if m.Disks[0].State != replication.StateResync {
+		t.Fatalf("disk %+v: want it marked for resync", m.Disks[0])
 	}
 }
