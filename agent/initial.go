@@ -56,6 +56,24 @@ func (a *Agent) copyDisk(d *Disk, buf []byte, gen uint64) bool {
 	began := time.Now()
 	lastMark := start
 	dropped := start &^ (dropAlign - 1)
+	// mark logs the copy's position every progressEvery and at the end; it
+	// returns false when the copies must stop.
+	mark := func(off int64) bool {
+		if off-lastMark < progressEvery && off != d.Size() {
+			return true
+		}
+		current, err := a.markProgress(d, off, off == d.Size(), gen)
+		if err != nil {
+			if a.ctx.Err() == nil {
+				a.log.Error("log initial replication progress", "disk", d.Name, "err", err)
+			}
+			return false
+		}
+		if current {
+			lastMark = off
+		}
+		return current
+	}
 	for off := start; off < d.Size(); {
 		for a.spool.Fill() > initialSpoolShare {
 			select {
@@ -77,18 +95,8 @@ func (a *Agent) copyDisk(d *Disk, buf []byte, gen uint64) bool {
 			}
 			off = to
 			dropped = max(dropped, off&^(dropAlign-1))
-			if off-lastMark >= progressEvery || off == d.Size() {
-				current, err := a.markProgress(d, off, off == d.Size(), gen)
-				if err != nil {
-					if a.ctx.Err() == nil {
-						a.log.Error("log initial replication progress", "disk", d.Name, "err", err)
-					}
-					return false
-				}
-				if !current {
-					return false
-				}
-				lastMark = off
+			if !mark(off) {
+				return false
 			}
 			continue
 		}
@@ -116,18 +124,8 @@ func (a *Agent) copyDisk(d *Disk, buf []byte, gen uint64) bool {
 			dropCache(d.f, dropped, end-dropped)
 			dropped = end
 		}
-		if off-lastMark >= progressEvery || off == d.Size() {
-			current, err := a.markProgress(d, off, off == d.Size(), gen)
-			if err != nil {
-				if a.ctx.Err() == nil {
-					a.log.Error("log initial replication progress", "disk", d.Name, "err", err)
-				}
-				return false
-			}
-			if !current {
-				return false
-			}
-			lastMark = off
+		if !mark(off) {
+			return false
 		}
 	}
 	if start >= d.Size() && !a.setDone(d, gen) {

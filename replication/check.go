@@ -1,11 +1,6 @@
 package replication
 
-import (
-	"bytes"
-	"errors"
-	"fmt"
-	"io"
-)
+import "fmt"
 
 // CheckData verifies a DATA frame completely without keeping its records:
 // the payload decompresses to the announced length, and holds exactly the
@@ -53,25 +48,4 @@ func (c *Codec) CheckData(f *Frame, buf []byte, disk func(index uint32) (size in
 		return buf, fmt.Errorf("frame at seq %d holds %d records, header says %d: %w", f.Seq, n, f.Count, ErrCorrupt)
 	}
 	return buf, nil
-}
-
-// ReadFrameMax is ReadFrame for a frame whose payload may be at most max
-// bytes (a Hello, whose size is known to be small): a header announcing
-// more is refused before anything else is read or allocated.
-func ReadFrameMax(r io.Reader, buf []byte, max int) (Frame, []byte, error) {
-	var h [FrameHeaderSize]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return Frame{}, buf, &ProtocolError{"truncated header"}
-		}
-		return Frame{}, buf, err
-	}
-	f, n, err := ParseFrameHeader(h[:])
-	if err != nil {
-		return f, buf, err
-	}
-	if n > max {
-		return f, buf, &ProtocolError{fmt.Sprintf("%s frame of %d bytes over the %d this message may have", f.Type, n, max)}
-	}
-	return ReadFrame(io.MultiReader(bytes.NewReader(h[:]), r), buf)
 }

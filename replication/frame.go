@@ -203,6 +203,17 @@ func frameCRC(h []byte) uint32 { return binary.LittleEndian.Uint32(h[28:]) }
 // its header and payload checksum. The returned Payload aliases buf. io.EOF is
 // returned only at a clean frame boundary.
 func ReadFrame(r io.Reader, buf []byte) (Frame, []byte, error) {
+	return readFrame(r, buf, MaxFramePayload)
+}
+
+// ReadFrameMax is ReadFrame for a frame whose payload may be at most max
+// bytes (a Hello, whose size is known to be small): a header announcing
+// more is refused before anything else is read or allocated.
+func ReadFrameMax(r io.Reader, buf []byte, max int) (Frame, []byte, error) {
+	return readFrame(r, buf, max)
+}
+
+func readFrame(r io.Reader, buf []byte, max int) (Frame, []byte, error) {
 	var h [FrameHeaderSize]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
@@ -213,6 +224,9 @@ func ReadFrame(r io.Reader, buf []byte) (Frame, []byte, error) {
 	f, n, err := ParseFrameHeader(h[:])
 	if err != nil {
 		return f, buf, err
+	}
+	if n > max {
+		return f, buf, &ProtocolError{fmt.Sprintf("%s frame of %d bytes over the %d this message may have", f.Type, n, max)}
 	}
 	buf, err = readPayload(r, buf, n)
 	if err != nil {

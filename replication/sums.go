@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sort"
 	"strconv"
@@ -425,12 +426,7 @@ func (r *CheckedReader) Checked() bool { return r.sums != nil }
 func (r *CheckedReader) Damaged() []int64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make([]int64, 0, len(r.damaged))
-	for off := range r.damaged {
-		out = append(out, off)
-	}
-	slices.Sort(out)
-	return out
+	return slices.Sorted(maps.Keys(r.damaged))
 }
 
 var checkBufs = sync.Pool{New: func() any { b := make([]byte, 0, HashChunk+HashBlock); return &b }}
