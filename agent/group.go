@@ -34,13 +34,15 @@ type groupCuts struct {
 	cuts map[uint64]chan replication.FrameType
 	// holds measures how long cuts held the guest's writes.
 	holds latency
+	// holdTimeout is how long a cut waits for the server's decision.
+	holdTimeout time.Duration
 
 	rt *routines // the cuts being held
 }
 
 func newGroupCuts(parent context.Context, log *slog.Logger, disks diskSet, pts *points, events *eventQueue) *groupCuts {
 	return &groupCuts{log: log, disks: disks, points: pts, events: events,
-		cuts: map[uint64]chan replication.FrameType{}, rt: newRoutines(parent)}
+		cuts: map[uint64]chan replication.FrameType{}, holdTimeout: holdTimeout, rt: newRoutines(parent)}
 }
 
 // start does nothing: cuts start when the server asks (hold).
@@ -92,8 +94,8 @@ func (g *groupCuts) run(c replication.Cut, w frameWriter) {
 				return g.points.tag(c.ID, app)
 			}
 			return fmt.Errorf("cut %d abandoned by the server", c.ID)
-		case <-time.After(holdTimeout):
-			return fmt.Errorf("no cut within %s: released the writes", holdTimeout)
+		case <-time.After(g.holdTimeout):
+			return fmt.Errorf("no cut within %s: released the writes", g.holdTimeout)
 		case <-ctx.Done():
 			return ctx.Err()
 		}

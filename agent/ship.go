@@ -198,6 +198,11 @@ func (sh *shipper) session() error {
 		return err
 	}
 	defer nc.Close()
+	// Close ends the handshake too, not only the session after it: a
+	// server that does not answer the Hello would hold Close for the
+	// handshake's 30 s deadline.
+	stop := context.AfterFunc(sh.rt.ctx, func() { nc.Close() })
+	defer stop()
 	br := bufio.NewReaderSize(nc, 64<<10)
 	bw := bufio.NewWriterSize(nc, 256<<10)
 
