@@ -177,7 +177,8 @@ func ParseSize(s string) (int64, error) {
 
 // Agent is a running agent. It wires its components together and runs
 // them; each component owns its locks and goroutines (its Close waits for
-// them), so none is reached into from here:
+// them) and is used through its methods (docs/ARCHITECTURE.md, "How the
+// agent is built"):
 //
 //   - state (state.go): the state file and its lock
 //   - disks (splitter.go, disks.go) and spool: the write-splitter and the log
