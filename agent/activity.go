@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -36,17 +38,49 @@ type alKey struct {
 	extent uint64
 }
 
+// activityFile is the activity log's file in the state directory.
+const activityFile = "activity.log"
+
+// activityLog is the activity log and the goroutine that checkpoints it.
 type activityLog struct {
 	path string
+	log  *slog.Logger
 	mu   sync.Mutex
 	set  map[alKey]uint64 // extent -> generation of its last change
 	gen  uint64
 	err  error // sticky: the log could not be written
+
+	// sync makes every completed change durable in the spool and the
+	// disks (before a checkpoint).
+	sync func() error
+	rt   *routines // the checkpoints
 }
 
-func openActivityLog(dir string) *activityLog {
-	return &activityLog{path: filepath.Join(dir, "activity.log"), set: map[alKey]uint64{}}
+func openActivityLog(parent context.Context, dir string, log *slog.Logger, sync func() error) *activityLog {
+	return &activityLog{path: filepath.Join(dir, activityFile), log: log, set: map[alKey]uint64{}, sync: sync, rt: newRoutines(parent)}
 }
+
+// start checkpoints the log every alCheckpoint.
+func (al *activityLog) start() {
+	al.rt.Go(func() {
+		t := time.NewTicker(alCheckpoint)
+		defer t.Stop()
+		for {
+			select {
+			case <-al.rt.ctx.Done():
+				return
+			case <-t.C:
+				if err := al.checkpoint(al.sync); err != nil && al.rt.ctx.Err() == nil {
+					al.log.Error("activity log checkpoint", "err", err)
+				}
+			}
+		}
+	})
+}
+
+// Close stops the checkpoints. The file stays: only a clean stop, with
+// everything synced, removes it.
+func (al *activityLog) Close() { al.rt.Close() }
 
 // touch makes sure the extents of [off, off+n) of disk are in the log,
 // writing it durably if one was missing.
@@ -119,7 +153,7 @@ func (al *activityLog) saveLocked() error {
 // forced shutdown may have left different from the replica. ok is false if
 // the log is unreadable (then every disk is at risk as a whole).
 func atRisk(dir string) (map[uint32][]replication.Range, bool) {
-	b, err := os.ReadFile(filepath.Join(dir, "activity.log"))
+	b, err := os.ReadFile(filepath.Join(dir, activityFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, true
 	}
@@ -186,33 +220,4 @@ func bootID() string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
-}
-
-// activityLoop empties the activity log of synced extents every few seconds.
-func (a *Agent) activityLoop() {
-	t := time.NewTicker(alCheckpoint)
-	defer t.Stop()
-	for {
-		select {
-		case <-a.ctx.Done():
-			return
-		case <-t.C:
-			if err := a.al.checkpoint(a.syncAll); err != nil && a.ctx.Err() == nil {
-				a.log.Error("activity log checkpoint", "err", err)
-			}
-		}
-	}
-}
-
-// syncAll makes every completed change durable in the spool and the disks.
-func (a *Agent) syncAll() error {
-	if err := a.spool.Sync(); err != nil {
-		return err
-	}
-	for _, d := range a.disks {
-		if err := d.fb.Flush(); err != nil {
-			return err
-		}
-	}
-	return nil
 }

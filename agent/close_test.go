@@ -19,18 +19,6 @@ import (
 	"github.com/asrdr/asr/replication"
 )
 
-// mustCloseAgent makes an agent with one disk, its spool and a state, as
-// New leaves it, for the tests of Close.
-func mustCloseAgent(t *testing.T, cfg Config) *Agent {
-	t.Helper()
-	d, sp, dir := mustTestDisk(t, 1<<20)
-	cfg.StateDir = dir
-	a := &Agent{cfg: cfg, disks: []*Disk{d}, spool: sp, log: slog.Default(), freezer: osFreezer{},
-		st: &state{MachineID: "m1", Name: "vm1", Disks: []diskState{{Index: 0, Name: "d"}}}}
-	a.ctx, a.cancel = context.WithCancel(context.Background())
-	return a
-}
-
 // A point the server asked for runs on its own goroutine; Close waits for
 // it before closing the disks and the spool under it. The point is held in
 // its freeze until the test releases it, after Close was called.
@@ -39,11 +27,11 @@ func TestCloseWaitsForRequestedPoint(t *testing.T) {
 		fz := &fakeFreezer{frozen: map[string]bool{}, block: "/mnt/db", unblck: make(chan struct{})}
 		release := sync.OnceFunc(func() { close(fz.unblck) })
 		defer release()
-		a := mustCloseAgent(t, Config{FreezeMounts: []string{"/mnt/db"}})
-		a.freezer = fz
+		a := mustAgent(t, agentSetup{cfg: func(c *Config) { c.FreezeMounts = []string{"/mnt/db"} }})
+		a.points.freezer = fz
 		nc, peer := net.Pipe()
 		defer peer.Close()
-		s := &shipSession{a: a, nc: nc}
+		s := &shipSession{sh: a.ship, nc: nc}
 		s.cond = sync.NewCond(&s.mu)
 		f, err := replication.JSONFrame(replication.FrameTagReq, replication.TagRequest{ID: 42, App: true})
 		if err != nil {
@@ -115,7 +103,7 @@ func spoolFileRecords(t *testing.T, dir string) []replication.Record {
 // failed save the next start must repair the log, and Close says why.
 func TestCloseStateSave(t *testing.T) {
 	t.Run("saved", func(t *testing.T) {
-		a := mustCloseAgent(t, Config{})
+		a := mustAgent(t, agentSetup{})
 		if err := a.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -127,9 +115,10 @@ func TestCloseStateSave(t *testing.T) {
 		}
 	})
 	t.Run("save fails", func(t *testing.T) {
-		a := mustCloseAgent(t, Config{})
+		a := mustAgent(t, agentSetup{})
 		// A directory where the state file goes: the save's rename fails
 		// (a read-only directory would not stop root).
+		os.Remove(filepath.Join(a.cfg.StateDir, stateFile))
 		if err := os.Mkdir(filepath.Join(a.cfg.StateDir, stateFile), 0o700); err != nil {
 			t.Fatal(err)
 		}
@@ -151,12 +140,13 @@ func TestDroppedResyncReportsFailedSave(t *testing.T) {
 		t.Fatal(err)
 	}
 	job := resyncState{Job: replication.ResyncJob{ID: 7, Disk: 9}}
-	a := &Agent{cfg: Config{StateDir: dir}, log: slog.Default(), ctx: context.Background(), st: &state{Resync: &job}}
-	err := newResyncer(a).run(nil, job)
+	st := newStateStore(dir, &state{Resync: &job})
+	r := newResyncer(context.Background(), slog.Default(), nil, nil, st, &tagMarks{}, func() frameWriter { return nil }, 0)
+	err := r.run(nil, job)
 	if err == nil || !strings.Contains(err.Error(), "unknown disk 9 dropped") || !strings.Contains(err.Error(), "could not be saved") {
 		t.Fatalf("run of a job for an unknown disk, with a failing save = %v", err)
 	}
-	if a.st.Resync != nil {
+	if st.resyncJob() != nil {
 		t.Fatal("the job is still current")
 	}
 }

@@ -31,28 +31,29 @@ type freezer interface {
 
 // appPoint makes an application-consistent point, or a crash-consistent one
 // (with the reason) when the freeze fails or times out. reqID is the
-// operator request (0 for a scheduled point).
-func (a *Agent) appPoint(reqID uint64) error {
-	reason := a.quiesce(func() error { return a.tag(reqID, true) })
+// operator request (0 for a scheduled point). The caller holds the point
+// lock.
+func (p *points) appPoint(reqID uint64) error {
+	reason := p.quiesce(func() error { return p.tag(reqID, true) })
 	if reason == "" {
 		return nil
 	}
-	a.log.Warn("application-consistent point failed; taking a crash-consistent one", "reason", reason)
-	a.event("freeze-failed", "application-consistent point failed, a crash-consistent point was taken instead: "+reason)
-	return a.tag(reqID, false)
+	p.log.Warn("application-consistent point failed; taking a crash-consistent one", "reason", reason)
+	p.events.add("freeze-failed", "application-consistent point failed, a crash-consistent point was taken instead: "+reason)
+	return p.tag(reqID, false)
 }
 
 // quiesce runs the freeze sequence around tagFn and returns "" if the point
 // is application-consistent, else why not (tagFn was then not called).
-func (a *Agent) quiesce(tagFn func() error) string {
-	cfg := a.cfg
-	if cfg.PreFreeze != "" {
-		if err := runScript(a.ctx, cfg.PreFreeze, "freeze"); err != nil {
-			a.runPostThaw()
+func (p *points) quiesce(tagFn func() error) string {
+	fc := p.freeze
+	if fc.preFreeze != "" {
+		if err := runScript(p.rt.ctx, fc.preFreeze, "freeze"); err != nil {
+			p.runPostThaw()
 			return fmt.Sprintf("pre-freeze script: %v", err)
 		}
 	}
-	timeout := cfg.FreezeTimeout
+	timeout := fc.timeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
@@ -64,8 +65,8 @@ func (a *Agent) quiesce(tagFn func() error) string {
 		mu.Lock()
 		defer mu.Unlock()
 		for i := len(frozen) - 1; i >= 0; i-- {
-			if err := a.freezer.Thaw(frozen[i]); err != nil {
-				a.log.Error("thaw failed", "mount", frozen[i], "err", err)
+			if err := p.freezer.Thaw(frozen[i]); err != nil {
+				p.log.Error("thaw failed", "mount", frozen[i], "err", err)
 			}
 		}
 		frozen = nil
@@ -76,14 +77,14 @@ func (a *Agent) quiesce(tagFn func() error) string {
 		thawAll()
 	})
 	failed := ""
-	for _, mnt := range cfg.FreezeMounts {
-		err := a.freezer.Freeze(mnt)
+	for _, mnt := range fc.mounts {
+		err := p.freezer.Freeze(mnt)
 		select {
 		case <-expired:
 			// Too late: the box closed while this freeze was running;
 			// undo it (the thaw above ran before it finished).
 			if err == nil {
-				a.freezer.Thaw(mnt)
+				p.freezer.Thaw(mnt)
 			}
 			failed = fmt.Sprintf("freeze of %s did not finish within %s", mnt, timeout)
 		default:
@@ -99,23 +100,17 @@ func (a *Agent) quiesce(tagFn func() error) string {
 		frozen = append(frozen, mnt)
 		mu.Unlock()
 	}
-	if failed == "" {
+	if failed == "" && p.whileFrozen != nil {
 		// Scan-mode disks are read whole while frozen, which makes them
 		// consistent with the rest.
-		for _, d := range a.disks {
-			if d.scan == nil || !a.done[d.Index].Load() {
-				continue
-			}
-			if _, err := a.scanPass(d); err != nil {
-				failed = fmt.Sprintf("scan of disk %s: %v", d.Name, err)
-				break
-			}
+		if err := p.whileFrozen(); err != nil {
+			failed = err.Error()
 		}
 	}
 	if failed == "" {
 		// The file systems have written everything through the splitter;
 		// make it durable, then tag, inside the box.
-		for _, d := range a.disks {
+		for _, d := range p.disks {
 			if err := d.Flush(); err != nil {
 				failed = fmt.Sprintf("flush of disk %s: %v", d.Name, err)
 				break
@@ -134,17 +129,18 @@ func (a *Agent) quiesce(tagFn func() error) string {
 	}
 	box.Stop()
 	thawAll()
-	a.runPostThaw()
+	p.runPostThaw()
 	return failed
 }
 
-func (a *Agent) runPostThaw() {
-	if a.cfg.PostThaw == "" {
+func (p *points) runPostThaw() {
+	script := p.freeze.postThaw
+	if script == "" {
 		return
 	}
-	if err := runScript(a.ctx, a.cfg.PostThaw, "thaw"); err != nil {
-		a.log.Error("post-thaw script failed", "script", a.cfg.PostThaw, "err", err)
-		a.event("thaw-script-failed", fmt.Sprintf("post-thaw script %s failed: %v", a.cfg.PostThaw, err))
+	if err := runScript(p.rt.ctx, script, "thaw"); err != nil {
+		p.log.Error("post-thaw script failed", "script", script, "err", err)
+		p.events.add("thaw-script-failed", fmt.Sprintf("post-thaw script %s failed: %v", script, err))
 	}
 }
 

@@ -8,10 +8,11 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
+	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
 )
 
@@ -53,20 +54,22 @@ func (f *fakeFreezer) anyFrozen() bool {
 	return len(f.frozen) > 0
 }
 
-func mustFreezeAgent(t *testing.T, cfg Config, fz *fakeFreezer) *Agent {
+// mustPoints makes the points of one disk, quiesced as fc says with fz.
+func mustPoints(t *testing.T, fc freezeConfig, fz *fakeFreezer) *points {
 	t.Helper()
-	d, sp, dir := mustTestDisk(t, 1<<20)
-	cfg.StateDir = dir
-	a := &Agent{cfg: cfg, disks: []*Disk{d}, spool: sp, log: slog.Default(), freezer: fz, ctx: context.Background()}
-	return a
+	d, sp, _ := mustTestDisk(t, 1<<20)
+	p := newPoints(context.Background(), slog.Default(), sp, diskSet{d}, &tagMarks{}, &eventQueue{}, time.Hour, 0, fc)
+	p.freezer = fz
+	t.Cleanup(p.Close)
+	return p
 }
 
 // lastTag returns the flags of the last tag record in the spool.
-func lastTag(t *testing.T, a *Agent) (uint8, bool) {
+func lastTag(t *testing.T, sp *spool.Spool) (uint8, bool) {
 	t.Helper()
 	var flags uint8
 	found := false
-	for _, f := range readFrames(t, a.spool) {
+	for _, f := range readFrames(t, sp) {
 		recs, _, err := replication.DefaultCodec().Records(&f, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -92,15 +95,15 @@ func script(t *testing.T, body string) string {
 func TestAppPointFreezesTagsThaws(t *testing.T) {
 	marks := filepath.Join(t.TempDir(), "marks")
 	fz := &fakeFreezer{frozen: map[string]bool{}}
-	a := mustFreezeAgent(t, Config{
-		FreezeMounts: []string{"/a", "/b"},
-		PreFreeze:    script(t, "echo pre-$1 >> "+marks),
-		PostThaw:     script(t, "echo post-$1 >> "+marks),
+	a := mustPoints(t, freezeConfig{
+		mounts:    []string{"/a", "/b"},
+		preFreeze: script(t, "echo pre-$1 >> "+marks),
+		postThaw:  script(t, "echo post-$1 >> "+marks),
 	}, fz)
 	if err := a.point(7, true); err != nil {
 		t.Fatal(err)
 	}
-	if flags, ok := lastTag(t, a); !ok || flags&replication.FlagApp == 0 {
+	if flags, ok := lastTag(t, a.spool); !ok || flags&replication.FlagApp == 0 {
 		t.Fatalf("no application-consistent tag (found %v, flags %b)", ok, flags)
 	}
 	if fz.anyFrozen() {
@@ -117,17 +120,17 @@ func TestAppPointFreezesTagsThaws(t *testing.T) {
 
 func TestFailedFreezeThawsAndTakesCrashPoint(t *testing.T) {
 	fz := &fakeFreezer{frozen: map[string]bool{}, fail: "/b"}
-	a := mustFreezeAgent(t, Config{FreezeMounts: []string{"/a", "/b"}}, fz)
+	a := mustPoints(t, freezeConfig{mounts: []string{"/a", "/b"}}, fz)
 	if err := a.point(0, true); err != nil {
 		t.Fatal(err)
 	}
-	if flags, ok := lastTag(t, a); !ok || flags&replication.FlagApp != 0 {
+	if flags, ok := lastTag(t, a.spool); !ok || flags&replication.FlagApp != 0 {
 		t.Fatalf("want a crash-consistent point, got found=%v flags=%b", ok, flags)
 	}
 	if fz.anyFrozen() {
 		t.Fatal("a file system was left frozen after a failed freeze")
 	}
-	ev := a.takeEvents()
+	ev := a.events.take()
 	if len(ev) != 1 || ev[0].Kind != "freeze-failed" || !strings.Contains(ev[0].Message, "/b") {
 		t.Fatalf("events %+v", ev)
 	}
@@ -135,7 +138,7 @@ func TestFailedFreezeThawsAndTakesCrashPoint(t *testing.T) {
 
 func TestFreezeTimeBoxed(t *testing.T) {
 	fz := &fakeFreezer{frozen: map[string]bool{}, block: "/b", unblck: make(chan struct{})}
-	a := mustFreezeAgent(t, Config{FreezeMounts: []string{"/a", "/b"}, FreezeTimeout: 200 * time.Millisecond}, fz)
+	a := mustPoints(t, freezeConfig{mounts: []string{"/a", "/b"}, timeout: 200 * time.Millisecond}, fz)
 	done := make(chan error, 1)
 	go func() { done <- a.point(0, true) }()
 	// While /b's freeze hangs, the box closes and /a is thawed.
@@ -159,64 +162,64 @@ func TestFreezeTimeBoxed(t *testing.T) {
 	if fz.anyFrozen() {
 		t.Fatalf("left frozen: %v", fz.log)
 	}
-	if flags, ok := lastTag(t, a); !ok || flags&replication.FlagApp != 0 {
+	if flags, ok := lastTag(t, a.spool); !ok || flags&replication.FlagApp != 0 {
 		t.Fatalf("want a crash-consistent point after the time-out, got found=%v flags=%b", ok, flags)
 	}
 }
 
 func TestFailingPreFreezeScript(t *testing.T) {
 	fz := &fakeFreezer{frozen: map[string]bool{}}
-	a := mustFreezeAgent(t, Config{FreezeMounts: []string{"/a"}, PreFreeze: script(t, "echo database busy; exit 3")}, fz)
+	a := mustPoints(t, freezeConfig{mounts: []string{"/a"}, preFreeze: script(t, "echo database busy; exit 3")}, fz)
 	if err := a.point(0, true); err != nil {
 		t.Fatal(err)
 	}
 	if len(fz.log) != 0 {
 		t.Fatalf("froze although the pre-freeze script failed: %v", fz.log)
 	}
-	ev := a.takeEvents()
+	ev := a.events.take()
 	if len(ev) != 1 || !strings.Contains(ev[0].Message, "database busy") {
 		t.Fatalf("events %+v", ev)
 	}
 }
 
 func TestNoHooksStillAppPoint(t *testing.T) {
-	a := mustFreezeAgent(t, Config{}, &fakeFreezer{frozen: map[string]bool{}})
+	a := mustPoints(t, freezeConfig{}, &fakeFreezer{frozen: map[string]bool{}})
 	if err := a.point(0, true); err != nil {
 		t.Fatal(err)
 	}
-	if flags, ok := lastTag(t, a); !ok || flags&replication.FlagApp == 0 {
+	if flags, ok := lastTag(t, a.spool); !ok || flags&replication.FlagApp == 0 {
 		t.Fatal("with no hooks an application-consistent request must still give a point of kind app")
 	}
 }
 
 // The policy's application-consistent frequency schedules app points (and
-// each also serves as the crash point due then).
+// each also serves as the crash point due then). In a bubble, so time is
+// the schedule's alone: the first 800 ms give exactly the points due.
 func TestScheduledAppPoints(t *testing.T) {
-	fz := &fakeFreezer{frozen: map[string]bool{}}
-	a := mustFreezeAgent(t, Config{FreezeMounts: []string{"/a"}}, fz)
-	ctx, cancel := context.WithCancel(context.Background())
-	a.ctx = ctx
-	a.done = map[uint32]*atomic.Bool{0: {}}
-	a.done[0].Store(true)
-	a.setPolicy(replication.AgentPolicy{CrashInterval: int64(time.Hour), AppFrequency: int64(150 * time.Millisecond)})
-	exited := make(chan struct{})
-	go func() { a.tagLoop(); close(exited) }()
-	time.Sleep(800 * time.Millisecond)
-	cancel()
-	<-exited
-	apps := 0
-	for _, f := range readFrames(t, a.spool) {
-		recs, _, _ := replication.DefaultCodec().Records(&f, nil)
-		for _, r := range recs {
-			if r.Kind == replication.KindTag && r.Flags&replication.FlagApp != 0 {
+	synctest.Test(t, func(t *testing.T) {
+		fz := &fakeFreezer{frozen: map[string]bool{}}
+		p := mustPoints(t, freezeConfig{mounts: []string{"/a"}}, fz)
+		p.setPolicy(replication.AgentPolicy{CrashInterval: int64(time.Hour), AppFrequency: int64(150 * time.Millisecond)})
+		p.start()
+		time.Sleep(850 * time.Millisecond)
+		p.Close()
+		apps, crashes := 0, 0
+		// Decoded without the shared zstd codec, which must not be tied
+		// to a bubble.
+		for _, r := range spoolRecords(t, p.spool, p.spool.First()) {
+			switch {
+			case r.Kind == replication.KindTag && r.Flags&replication.FlagApp != 0:
 				apps++
+			case r.Kind == replication.KindTag:
+				crashes++
 			}
 		}
-	}
-	if apps < 3 {
-		t.Fatalf("%d application-consistent points in 800 ms at a 150 ms frequency", apps)
-	}
-	if fz.anyFrozen() {
-		t.Fatal("left frozen")
-	}
+		// Ticks every 100 ms: due at 200, 400, 600 and 800 ms.
+		if apps != 4 || crashes != 0 {
+			t.Fatalf("%d application-consistent and %d crash points in 850 ms at a 150 ms frequency, want 4 and 0", apps, crashes)
+		}
+		if fz.anyFrozen() {
+			t.Fatal("left frozen")
+		}
+	})
 }

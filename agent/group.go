@@ -1,7 +1,10 @@
 package agent
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -19,58 +22,91 @@ import (
 // not come in time is abandoned and the writes go on.
 const holdTimeout = 5 * time.Second
 
-// groupCut runs one cut on this machine. It sends HELD on s when holding.
-func (a *Agent) groupCut(c replication.Cut, s *shipSession) {
-	a.pointMu.Lock()
-	defer a.pointMu.Unlock()
+// groupCuts is the agent's part in the group cuts: the cuts being held,
+// and the goroutines that hold them.
+type groupCuts struct {
+	log    *slog.Logger
+	disks  diskSet
+	points *points // its lock is held during a cut; it tags and quiesces
+	events *eventQueue
+
+	mu   sync.Mutex // guards cuts
+	cuts map[uint64]chan replication.FrameType
+	// holds measures how long cuts held the guest's writes.
+	holds latency
+	// holdTimeout is how long a cut waits for the server's decision.
+	holdTimeout time.Duration
+
+	rt *routines // the cuts being held
+}
+
+func newGroupCuts(parent context.Context, log *slog.Logger, disks diskSet, pts *points, events *eventQueue) *groupCuts {
+	return &groupCuts{log: log, disks: disks, points: pts, events: events,
+		cuts: map[uint64]chan replication.FrameType{}, holdTimeout: holdTimeout, rt: newRoutines(parent)}
+}
+
+// start does nothing: cuts start when the server asks (hold).
+func (g *groupCuts) start() {}
+
+// Close waits for the cuts being held (which end at once: their context is
+// cancelled).
+func (g *groupCuts) Close() { g.rt.Close() }
+
+// hold starts the server's HOLD for cut c on its own goroutine: it sends
+// HELD on w once the writes are held, and waits for the decision.
+func (g *groupCuts) hold(c replication.Cut, w frameWriter) {
+	g.rt.Go(func() { g.run(c, w) })
+}
+
+// run runs one cut on this machine. It sends HELD on w when holding.
+func (g *groupCuts) run(c replication.Cut, w frameWriter) {
+	g.points.Lock()
+	defer g.points.Unlock()
+	ctx := g.rt.ctx
 	ch := make(chan replication.FrameType, 1)
-	a.cutMu.Lock()
-	a.cuts[c.ID] = ch
-	a.cutMu.Unlock()
+	g.mu.Lock()
+	g.cuts[c.ID] = ch
+	g.mu.Unlock()
 	defer func() {
-		a.cutMu.Lock()
-		delete(a.cuts, c.ID)
-		a.cutMu.Unlock()
+		g.mu.Lock()
+		delete(g.cuts, c.ID)
+		g.mu.Unlock()
 	}()
 	ran := false
 	hold := func(app bool) error {
 		ran = true
-		for _, d := range a.disks {
-			d.mu.Lock()
-		}
+		g.disks.lockAll()
 		held := time.Now()
 		defer func() {
-			for i := len(a.disks) - 1; i >= 0; i-- {
-				a.disks[i].mu.Unlock()
-			}
-			a.holds.observe(time.Since(held))
+			g.disks.unlockAll()
+			g.holds.observe(time.Since(held))
 		}()
 		f, err := replication.JSONFrame(replication.FrameHeld, c)
 		if err != nil {
 			return err
 		}
-		if err := s.write(&f); err != nil {
+		if err := w.write(&f); err != nil {
 			return fmt.Errorf("send held: %w", err)
 		}
 		select {
 		case t := <-ch:
 			if t == replication.FrameCut {
-				return a.tag(c.ID, app)
+				return g.points.tag(c.ID, app)
 			}
 			return fmt.Errorf("cut %d abandoned by the server", c.ID)
-		case <-time.After(holdTimeout):
-			return fmt.Errorf("no cut within %s: released the writes", holdTimeout)
-		case <-a.ctx.Done():
-			return a.ctx.Err()
+		case <-time.After(g.holdTimeout):
+			return fmt.Errorf("no cut within %s: released the writes", g.holdTimeout)
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	}
 	var err error
 	if c.App {
-		if reason := a.quiesce(func() error { return hold(true) }); reason != "" {
+		if reason := g.points.quiesce(func() error { return hold(true) }); reason != "" {
 			if !ran {
 				// The freeze failed before the hold: take part with a
 				// crash-consistent member point.
-				a.event("freeze-failed", "group point: application-consistent preparation failed, this machine's part is crash-consistent: "+reason)
+				g.events.add("freeze-failed", "group point: application-consistent preparation failed, this machine's part is crash-consistent: "+reason)
 				err = hold(false)
 			} else {
 				err = fmt.Errorf("%s", reason)
@@ -79,16 +115,16 @@ func (a *Agent) groupCut(c replication.Cut, s *shipSession) {
 	} else {
 		err = hold(false)
 	}
-	if err != nil && a.ctx.Err() == nil {
-		a.log.Warn("group cut", "cut", c.ID, "err", err)
+	if err != nil && ctx.Err() == nil {
+		g.log.Warn("group cut", "cut", c.ID, "err", err)
 	}
 }
 
-// cutDecision delivers the server's CUT or RELEASE for a cut being held.
-func (a *Agent) cutDecision(t replication.FrameType, c replication.Cut) {
-	a.cutMu.Lock()
-	ch := a.cuts[c.ID]
-	a.cutMu.Unlock()
+// decide delivers the server's CUT or RELEASE for a cut being held.
+func (g *groupCuts) decide(t replication.FrameType, c replication.Cut) {
+	g.mu.Lock()
+	ch := g.cuts[c.ID]
+	g.mu.Unlock()
 	if ch != nil {
 		select {
 		case ch <- t:

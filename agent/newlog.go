@@ -30,71 +30,35 @@ var testHookNewLog func()
 // lock (and the point lock), so no change is in flight meanwhile. It runs
 // before the session's sender starts.
 func (a *Agent) startNewLog(w replication.Welcome) error {
-	a.pointMu.Lock()
-	defer a.pointMu.Unlock()
-	for _, d := range a.disks {
-		d.mu.Lock()
-	}
-	defer func() {
-		for i := len(a.disks) - 1; i >= 0; i-- {
-			a.disks[i].mu.Unlock()
-		}
-	}()
+	a.points.Lock()
+	defer a.points.Unlock()
+	a.disks.lockAll()
+	defer a.disks.unlockAll()
 	next := w.DurableSeq + 1
 	droppedFrom, droppedTo := a.spool.First(), a.spool.Next()-1
 	if err := a.spool.Reset(next); err != nil {
 		return fmt.Errorf("start the new log at seq %d: %w", next, err)
 	}
-	a.progMu.Lock()
-	a.prog = nil
-	a.progMu.Unlock()
-	a.tagMu.Lock()
-	a.tagSeqs = nil
-	a.tagMu.Unlock()
+	a.tags.reset()
 	a.lat.reset()
-	if a.over != nil {
-		a.over.reset()
-	}
+	a.over.reset()
 	copied := map[uint32]bool{}
 	for _, idx := range w.Copied {
 		copied[idx] = true
 	}
 	sizes := map[uint32]int64{}
 	for _, d := range a.disks {
-		cursor := int64(0)
-		if copied[d.Index] {
-			cursor = d.Size()
-		}
 		sizes[d.Index] = d.Size()
-		a.cursors[d.Index].Store(cursor)
-		a.done[d.Index].Store(copied[d.Index])
 	}
-	a.copyGen.Add(1)
-	a.stMu.Lock()
-	a.st.Acked = w.DurableSeq
-	for i := range a.st.Disks {
-		ds := &a.st.Disks[i]
-		ds.Done, ds.Cursor = copied[ds.Index], 0
-		if ds.Done {
-			ds.Cursor = sizes[ds.Index]
-		}
-	}
-	// A resync the server asked for belongs to the old log: the new log's
-	// resync replaces it.
-	a.st.Resync, a.st.Overflow = nil, false
-	err := a.st.save(a.cfg.StateDir)
-	a.stMu.Unlock()
+	a.copies.restart(copied)
+	err := a.state.startNewLog(w.DurableSeq, copied, sizes)
 	if testHookNewLog != nil {
 		testHookNewLog()
-	}
-	select {
-	case a.copyWake <- struct{}{}:
-	default:
 	}
 	msg := fmt.Sprintf("the server started a new log for this agent at seq %d (it holds up to %d); the records the spool held (%d to %d) are dropped, and the disks are resynced or copied again",
 		next, w.DurableSeq, droppedFrom, droppedTo)
 	a.log.Warn(msg, "copied", w.Copied)
-	a.event("new-log", msg)
+	a.events.add("new-log", msg)
 	if err != nil {
 		return fmt.Errorf("save the agent state for the new log: %w", err)
 	}

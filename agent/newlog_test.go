@@ -3,12 +3,8 @@ package agent
 import (
 	"bytes"
 	"context"
-	"fmt"
-	"io"
-	"log/slog"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -22,45 +18,7 @@ import (
 // fill, if set) and a spool of spoolMax bytes, without a server.
 func mustNewLogAgent(t *testing.T, spoolMax int64, fill func(i int, f *os.File), sizes ...int64) *Agent {
 	t.Helper()
-	dir := t.TempDir()
-	sp, _, err := spool.Open(filepath.Join(dir, "spool"), spool.Options{MaxBytes: spoolMax}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ctx, cancel := context.WithCancel(context.Background())
-	a := &Agent{cfg: Config{StateDir: dir}, spool: sp, log: log, lat: &latency{}, ctx: ctx, cancel: cancel, st: &state{LogID: newLogID()},
-		cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{}, copyWake: make(chan struct{}, 1)}
-	for i, size := range sizes {
-		name := fmt.Sprintf("d%d", i)
-		path := filepath.Join(dir, name+".img")
-		f, err := os.Create(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.Truncate(size)
-		if fill != nil {
-			fill(i, f)
-		}
-		f.Close()
-		d, err := openDisk(ctx, uint32(i), name, path, sp, a.lat, log)
-		if err != nil {
-			t.Fatal(err)
-		}
-		a.disks = append(a.disks, d)
-		a.st.Disks = append(a.st.Disks, diskState{Index: uint32(i), Name: name, Path: path, Size: size})
-		a.cursors[uint32(i)] = &atomic.Int64{}
-		a.done[uint32(i)] = &atomic.Bool{}
-	}
-	t.Cleanup(func() {
-		cancel()
-		for _, d := range a.disks {
-			d.Close()
-		}
-		sp.Close()
-		testHookNewLog = nil
-	})
-	return a
+	return mustAgent(t, agentSetup{spoolMax: spoolMax, fill: fill, sizes: sizes})
 }
 
 // spoolRecords returns every record the spool holds from seq on.
@@ -109,10 +67,10 @@ func TestNewLogResetUnderWrites(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := a.point(0, false); err != nil {
+	if err := a.points.point(0, false); err != nil {
 		t.Fatal(err)
 	}
-	a.prog = append(a.prog, progressMark{seq: 51, disk: 1, cursor: 1 << 20})
+	a.copies.marks = append(a.copies.marks, progressMark{seq: 51, disk: 1, cursor: 1 << 20})
 
 	var writes atomic.Int64
 	stop := make(chan struct{})
@@ -157,7 +115,7 @@ func TestNewLogResetUnderWrites(t *testing.T) {
 				return
 			default:
 			}
-			if err := a.point(0, false); err != nil {
+			if err := a.points.point(0, false); err != nil {
 				t.Error(err)
 				return
 			}
@@ -220,18 +178,17 @@ func TestNewLogResetUnderWrites(t *testing.T) {
 		t.Fatalf("%d records in the new log for at least 200 writes", len(recs))
 	}
 	// Only the new log's numbers are remembered.
-	a.tagMu.Lock()
-	nt := len(a.tagSeqs)
+	marks := a.tags.pending()
+	nt := len(marks)
 	first := uint64(0)
 	if nt > 0 {
-		first = a.tagSeqs[0]
+		first = marks[0]
 	}
-	a.tagMu.Unlock()
 	if nt != tags || (nt > 0 && first <= durable) {
 		t.Fatalf("%d tag marks (first %d) for %d tags in the new log", nt, first, tags)
 	}
-	if len(a.prog) != 0 {
-		t.Fatalf("progress marks of the dropped log kept: %+v", a.prog)
+	if len(a.copies.marks) != 0 {
+		t.Fatalf("progress marks of the dropped log kept: %+v", a.copies.marks)
 	}
 	a.lat.mu.Lock()
 	for _, s := range a.lat.pending {
@@ -247,7 +204,8 @@ func TestNewLogResetUnderWrites(t *testing.T) {
 	if st.Acked != durable || !st.Disks[0].Done || st.Disks[0].Cursor != size || st.Disks[1].Done || st.Disks[1].Cursor != 0 {
 		t.Fatalf("saved state: acked %d, disks %+v", st.Acked, st.Disks)
 	}
-	if !a.done[0].Load() || a.cursors[0].Load() != size || a.done[1].Load() || a.cursors[1].Load() != 0 {
+	c := a.copies
+	if !c.done[0].Load() || c.cursors[0].Load() != size || c.done[1].Load() || c.cursors[1].Load() != 0 {
 		t.Fatal("disk 0 must count as copied and disk 1 be copied again")
 	}
 }
@@ -256,18 +214,17 @@ func TestNewLogResetUnderWrites(t *testing.T) {
 // new log starts, naming disk 0 copied: the copy logs nothing more of it,
 // and goes on with disk 1, from its start.
 func TestNewLogRestartsCopy(t *testing.T) {
-	const size = 8 << 20
+	const size = 16 << 20
 	fill := func(i int, f *os.File) {
 		b := bytes.Repeat([]byte{byte(i + 1)}, size)
 		f.WriteAt(b, 0)
 	}
 	// No server acknowledges: the copy stops at half the spool.
-	a := mustNewLogAgent(t, 8<<20, fill, size, size)
-	done := make(chan struct{})
-	go func() { a.initialCopy(); close(done) }()
-	defer func() { a.cancel(); <-done }()
+	a := mustNewLogAgent(t, 16<<20, fill, size, size)
+	a.copies.start()
+	defer a.copies.Close()
 	deadline := time.Now().Add(time.Minute)
-	for a.cursors[0].Load() == 0 {
+	for a.copies.cursors[0].Load() == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the initial copy did not start")
 		}
@@ -288,14 +245,13 @@ func TestNewLogRestartsCopy(t *testing.T) {
 	if r := recs[0]; r.Disk != 1 || r.Kind != replication.KindBase || r.Offset != 0 {
 		t.Fatalf("first record of the new log: disk %d %s at %d; want disk 1's copy from its start", r.Disk, r.Kind, r.Offset)
 	}
-	a.cancel()
-	<-done
+	a.copies.Close()
 	for _, r := range spoolRecords(t, a.spool, durable+1) {
 		if r.Disk == 0 {
 			t.Fatalf("record %d (%s) of disk 0, which the new log does not copy", r.Seq, r.Kind)
 		}
 	}
-	if !a.done[0].Load() || a.cursors[0].Load() != size {
+	if !a.copies.isDone(0) || a.copies.cursors[0].Load() != size {
 		t.Fatal("disk 0 is not counted as copied")
 	}
 }

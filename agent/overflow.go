@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -161,14 +163,35 @@ func (m *changeMap) empty() bool {
 	return m.count == 0
 }
 
-// overflow is the agent's overflow state, shared by its disks.
+// overflowTick is how often the overflow looks whether the spool drained.
+const overflowTick = 200 * time.Millisecond
+
+// overflow is the agent's overflow state, shared by its disks, and the
+// goroutine that leaves it.
 type overflow struct {
-	a      *Agent
+	log    *slog.Logger
+	spool  *spool.Spool
+	disks  diskSet
+	state  *stateStore // records the overflow (its maps are lost with the agent)
+	events *eventQueue
+
 	active atomic.Bool
 	mu     sync.Mutex // serializes entering and leaving
 	began  bool       // start records logged, done records not yet
 	marked atomic.Int64
+
+	rt *routines // the catch-up
 }
+
+func newOverflow(parent context.Context, log *slog.Logger, sp *spool.Spool, disks diskSet, st *stateStore, events *eventQueue) *overflow {
+	return &overflow{log: log, spool: sp, disks: disks, state: st, events: events, rt: newRoutines(parent)}
+}
+
+// start begins watching for the end of an overflow.
+func (o *overflow) start() { o.rt.Go(o.loop) }
+
+// Close stops the catch-up (an overflow in progress stays recorded).
+func (o *overflow) Close() { o.rt.Close() }
 
 // enter switches to changed-block maps (called with d's change lock held).
 // It returns false, and the caller waits for spool room instead, if the
@@ -181,36 +204,28 @@ func (o *overflow) enter(d *Disk) bool {
 	if o.active.Load() {
 		return true
 	}
-	a := o.a
-	a.stMu.Lock()
-	a.st.Overflow = true
-	err := a.st.save(a.cfg.StateDir)
-	if err != nil {
-		a.st.Overflow = false
-	}
-	a.stMu.Unlock()
-	if err != nil {
-		a.log.Error("the spool is full but the overflow cannot be recorded (state file); the guest's writes wait for room instead", "err", err)
+	if err := o.state.setOverflow(true); err != nil {
+		o.log.Error("the spool is full but the overflow cannot be recorded (state file); the guest's writes wait for room instead", "err", err)
 		return false
 	}
 	o.active.Store(true)
 	if !o.began {
 		// Every disk's start record, in the spool's reserve. The guest's
 		// writes from here are tracked in the maps.
-		for _, dk := range a.disks {
+		for _, dk := range o.disks {
 			rec := replication.Record{Time: time.Now().UnixNano(), Disk: dk.Index, Kind: replication.KindResync,
 				Data: []byte("spool overflow: the agent tracks changed blocks until it catches up")}
 			rec.Length = uint32(len(rec.Data))
-			seq, err := a.spool.Append(a.ctx, &rec)
+			seq, err := o.spool.Append(o.rt.ctx, &rec)
 			if err != nil {
-				a.log.Error("log overflow start", "disk", dk.Name, "err", err)
+				o.log.Error("log overflow start", "disk", dk.Name, "err", err)
 				continue
 			}
-			a.spool.Complete(seq)
+			o.spool.Complete(seq)
 		}
 		o.began = true
-		a.event("spool-overflow", "the spool is full: the agent tracks changed blocks and resyncs them when it catches up (no recovery points meanwhile)")
-		a.log.Warn("spool overflow: tracking changed blocks", "disk_that_filled_it", d.Name)
+		o.events.add("spool-overflow", "the spool is full: the agent tracks changed blocks and resyncs them when it catches up (no recovery points meanwhile)")
+		o.log.Warn("spool overflow: tracking changed blocks", "disk_that_filled_it", d.Name)
 	}
 	return true
 }
@@ -224,7 +239,7 @@ func (o *overflow) reset() {
 	defer o.mu.Unlock()
 	o.active.Store(false)
 	o.began = false
-	for _, d := range o.a.disks {
+	for _, d := range o.disks {
 		if d.changes != nil {
 			d.changes.reset()
 		}
@@ -234,13 +249,12 @@ func (o *overflow) reset() {
 // loop leaves overflow once the spool has drained, resending the marked
 // blocks.
 func (o *overflow) loop() {
-	a := o.a
-	t := time.NewTicker(200 * time.Millisecond)
+	t := time.NewTicker(overflowTick)
 	defer t.Stop()
 	buf := make([]byte, 1<<20)
 	for {
 		select {
-		case <-a.ctx.Done():
+		case <-o.rt.ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -251,15 +265,15 @@ func (o *overflow) loop() {
 			continue
 		}
 		if o.active.Load() {
-			if a.spool.Fill() >= 0.5 {
+			if o.spool.Fill() >= 0.5 {
 				continue
 			}
 			o.active.Store(false) // guest writes are logged again from here
-			a.log.Info("spool drained: resending the changed blocks")
+			o.log.Info("spool drained: resending the changed blocks")
 		}
 		if err := o.drain(buf); err != nil {
-			if !errors.Is(err, spool.ErrFull) && a.ctx.Err() == nil {
-				a.log.Error("resend changed blocks", "err", err)
+			if !errors.Is(err, spool.ErrFull) && o.rt.ctx.Err() == nil {
+				o.log.Error("resend changed blocks", "err", err)
 			}
 			continue
 		}
@@ -269,7 +283,7 @@ func (o *overflow) loop() {
 
 // drain logs the current contents of every marked block.
 func (o *overflow) drain(buf []byte) error {
-	for _, d := range o.a.disks {
+	for _, d := range o.disks {
 		for from := int64(0); ; {
 			if o.active.Load() {
 				return spool.ErrFull // overflowing again: wait for room
@@ -290,45 +304,35 @@ func (o *overflow) drain(buf []byte) error {
 // finish logs the done records once every map is empty and no write is
 // being tracked.
 func (o *overflow) finish() {
-	a := o.a
-	for _, d := range a.disks {
-		d.mu.Lock()
-	}
-	defer func() {
-		for i := len(a.disks) - 1; i >= 0; i-- {
-			a.disks[i].mu.Unlock()
-		}
-	}()
+	o.disks.lockAll()
+	defer o.disks.unlockAll()
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.active.Load() || !o.began {
 		return
 	}
-	for _, d := range a.disks {
+	for _, d := range o.disks {
 		if !d.changes.empty() {
 			return
 		}
 	}
-	for _, d := range a.disks {
+	for _, d := range o.disks {
 		rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Flags: replication.FlagDone}
-		seq, err := a.spool.Append(a.ctx, &rec)
+		seq, err := o.spool.Append(o.rt.ctx, &rec)
 		if err != nil {
-			a.log.Error("log overflow end", "disk", d.Name, "err", err)
+			o.log.Error("log overflow end", "disk", d.Name, "err", err)
 			return
 		}
-		a.spool.Complete(seq)
+		o.spool.Complete(seq)
 	}
 	o.began = false
-	a.stMu.Lock()
-	a.st.Overflow = false
-	if err := a.st.save(a.cfg.StateDir); err != nil {
+	if err := o.state.setOverflow(false); err != nil {
 		// The next start then believes it stopped mid-overflow and
 		// compares the disks in full: costly, never wrong.
-		a.log.Error("save agent state after the overflow", "err", err)
+		o.log.Error("save agent state after the overflow", "err", err)
 	}
-	a.stMu.Unlock()
-	a.event("spool-overflow-resynced", fmt.Sprintf("the changed blocks of the overflow were resent (%d blocks marked)", o.marked.Load()))
-	a.log.Info("overflow resolved: the disks are consistent again")
+	o.events.add("spool-overflow-resynced", fmt.Sprintf("the changed blocks of the overflow were resent (%d blocks marked)", o.marked.Load()))
+	o.log.Info("overflow resolved: the disks are consistent again")
 }
 
 // resendBlocks logs the current contents of n marked blocks from first.

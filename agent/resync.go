@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"sync"
 	"time"
 
+	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
 )
 
@@ -37,37 +39,59 @@ type resyncState struct {
 	Batch    uint64                `json:"batch"`
 }
 
-// resyncer runs resync jobs, one at a time.
+// frameWriter sends frames on the current connection to the process
+// server (a ship session).
+type frameWriter interface {
+	write(*replication.Frame) error
+}
+
+// resyncWait is how long a batch waits for the server's answer.
+const resyncWait = 5 * time.Minute
+
+// resyncer runs resync jobs, one at a time: it owns the job's answers from
+// the server and the goroutine that runs it; the job itself and its
+// position are in the state file.
 type resyncer struct {
-	a     *Agent
-	mu    sync.Mutex
+	log   *slog.Logger
+	spool *spool.Spool
+	disks diskSet
+	state *stateStore
+	tags  *tagMarks // the done record ships like a tag
+	// session returns the current connection, nil if there is none.
+	session func() frameWriter
+	rate    int64 // bytes per second read from the source (0: unlimited)
+
+	mu    sync.Mutex // guards wants and err
 	wake  chan struct{}
 	wants map[uint64]chan replication.Want // by batch
 	err   string
-	last  *resyncState // the last job completed (for tests and stats)
+
+	rt *routines // the runner
 }
 
-func newResyncer(a *Agent) *resyncer {
-	return &resyncer{a: a, wake: make(chan struct{}, 1), wants: map[uint64]chan replication.Want{}}
+func newResyncer(parent context.Context, log *slog.Logger, sp *spool.Spool, disks diskSet, st *stateStore, tags *tagMarks,
+	session func() frameWriter, rate int64) *resyncer {
+	return &resyncer{log: log, spool: sp, disks: disks, state: st, tags: tags, session: session, rate: rate,
+		wake: make(chan struct{}, 1), wants: map[uint64]chan replication.Want{}, rt: newRoutines(parent)}
 }
 
-// start saves a new job (replacing an unfinished one of the same disk, whose
-// work the new one repeats) and wakes the runner.
-func (r *resyncer) start(job replication.ResyncJob) error {
-	a := r.a
-	a.stMu.Lock()
-	if cur := a.st.Resync; cur != nil && cur.Job.ID == job.ID {
-		a.stMu.Unlock()
-		r.kick()
-		return nil // already running (a resent request)
-	}
-	a.st.Resync = &resyncState{Job: job}
-	err := a.st.save(a.cfg.StateDir)
-	a.stMu.Unlock()
+// start begins running the saved job (and those the server sends).
+func (r *resyncer) start() { r.rt.Go(r.loop) }
+
+// Close stops the job in progress; it goes on from its saved position at
+// the next start.
+func (r *resyncer) Close() { r.rt.Close() }
+
+// request saves a new job (replacing an unfinished one of the same disk,
+// whose work the new one repeats) and wakes the runner.
+func (r *resyncer) request(job replication.ResyncJob) error {
+	started, err := r.state.startResync(job)
 	if err != nil {
 		return err
 	}
-	a.log.Info("resync requested", "disk", job.Disk, "job", job.ID, "reason", job.Reason)
+	if started {
+		r.log.Info("resync requested", "disk", job.Disk, "job", job.ID, "reason", job.Reason)
+	} // else already running (a resent request)
 	r.kick()
 	return nil
 }
@@ -94,10 +118,7 @@ func (r *resyncer) want(w replication.Want) {
 
 // status is the progress for the agent's status report.
 func (r *resyncer) status() *replication.ResyncStatus {
-	a := r.a
-	a.stMu.Lock()
-	defer a.stMu.Unlock()
-	st := a.st.Resync
+	st := r.state.resyncJob()
 	if st == nil {
 		return nil
 	}
@@ -128,28 +149,24 @@ func (r *resyncer) chunks(job replication.ResyncJob, size int64) []int64 {
 }
 
 func (r *resyncer) total(job replication.ResyncJob) int64 {
-	for _, d := range r.a.disks {
-		if d.Index == job.Disk {
-			return int64(len(r.chunks(job, d.Size()))) * replication.HashChunk
-		}
+	if d := r.disks.byIndex(job.Disk); d != nil {
+		return int64(len(r.chunks(job, d.Size()))) * replication.HashChunk
 	}
 	return 0
 }
 
 // loop runs the saved job whenever there is one and a session to run it on.
 func (r *resyncer) loop() {
-	a := r.a
+	ctx := r.rt.ctx
 	for {
 		select {
-		case <-a.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-r.wake:
 		case <-time.After(time.Second):
 		}
-		a.stMu.Lock()
-		st := a.st.Resync
-		a.stMu.Unlock()
-		s := a.current.Load()
+		st := r.state.resyncJob()
+		s := r.session()
 		if st == nil || s == nil {
 			continue
 		}
@@ -161,40 +178,28 @@ func (r *resyncer) loop() {
 			r.err = ""
 		}
 		r.mu.Unlock()
-		if err != nil && a.ctx.Err() == nil {
-			a.log.Warn("resync interrupted; it goes on from where it was", "job", st.Job.ID, "err", err)
+		if err != nil && ctx.Err() == nil {
+			r.log.Warn("resync interrupted; it goes on from where it was", "job", st.Job.ID, "err", err)
 		}
 	}
 }
 
 // run works through a job from its saved position.
-func (r *resyncer) run(s *shipSession, st resyncState) error {
-	a := r.a
-	var d *Disk
-	for _, dk := range a.disks {
-		if dk.Index == st.Job.Disk {
-			d = dk
-		}
-	}
+func (r *resyncer) run(s frameWriter, st resyncState) error {
+	d := r.disks.byIndex(st.Job.Disk)
 	if d == nil {
-		a.stMu.Lock()
-		a.st.Resync = nil
-		err := a.st.save(a.cfg.StateDir)
-		a.stMu.Unlock()
-		if err != nil {
+		if err := r.state.dropResync(); err != nil {
 			return fmt.Errorf("resync of unknown disk %d dropped, but the agent state could not be saved: %w", st.Job.Disk, err)
 		}
 		return fmt.Errorf("resync of unknown disk %d dropped", st.Job.Disk)
 	}
 	save := func(update func(*resyncState)) error {
-		a.stMu.Lock()
-		defer a.stMu.Unlock()
-		if a.st.Resync == nil || a.st.Resync.Job.ID != st.Job.ID {
-			return errors.New("the job was replaced")
+		saved, err := r.state.updateResync(st.Job.ID, update)
+		if errors.Is(err, errJobReplaced) {
+			return err
 		}
-		update(a.st.Resync)
-		st = *a.st.Resync
-		return a.st.save(a.cfg.StateDir)
+		st = saved
+		return err
 	}
 	if !st.Started {
 		seq, err := d.logResync(st.Job.ID, st.Job.Reason, st.Job.Verify)
@@ -203,7 +208,7 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		}
 		// The start record is durable before the state names it: after an
 		// OS crash the compare must not wait for a record that is gone.
-		if err := a.spool.Sync(); err != nil {
+		if err := r.spool.Sync(); err != nil {
 			return err
 		}
 		if err := save(func(x *resyncState) { x.Started, x.StartSeq = true, seq }); err != nil {
@@ -211,10 +216,15 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		}
 	}
 	offs := r.chunks(st.Job, d.Size())
-	ctx, cancel := context.WithCancel(a.ctx)
-	defer cancel()
-	pace := &pacer{rate: a.cfg.ResyncRate}
+	ctx, cancel := context.WithCancel(r.rt.ctx)
+	pace := &pacer{rate: r.rate}
 	batches := d.hashBatches(ctx, offs, int(st.Cursor/replication.HashChunk), pace)
+	defer func() {
+		// The readers end before the job does: none outlives Close.
+		cancel()
+		for range batches {
+		}
+	}()
 	for hb := range batches {
 		if hb.err != nil {
 			return hb.err
@@ -239,7 +249,7 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 		dropCache(d.f, hb.offs[0], hb.offs[len(hb.offs)-1]+replication.HashChunk-hb.offs[0])
 		// The batch's records are durable before the position moves past
 		// them (a forced shutdown must not lose them behind the cursor).
-		if err := a.spool.Sync(); err != nil {
+		if err := r.spool.Sync(); err != nil {
 			return err
 		}
 		done := int64(hb.next) * replication.HashChunk
@@ -255,21 +265,16 @@ func (r *resyncer) run(s *shipSession, st resyncState) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := d.logResyncDone(a, st.Job.ID, st.Compared, st.Sent, st.Job.Verify); err != nil {
+	if err := r.logDone(d, st.Job.ID, st.Compared, st.Sent, st.Job.Verify); err != nil {
 		return err
 	}
-	a.log.Info("resync complete", "disk", d.Name, "job", st.Job.ID, "compared", st.Compared, "sent", st.Sent)
-	a.stMu.Lock()
-	defer a.stMu.Unlock()
-	if a.st.Resync != nil && a.st.Resync.Job.ID == st.Job.ID {
-		a.st.Resync = nil
-		r.last = &st
-	}
-	return a.st.save(a.cfg.StateDir)
+	r.log.Info("resync complete", "disk", d.Name, "job", st.Job.ID, "compared", st.Compared, "sent", st.Sent)
+	_, err := r.state.endResync(st.Job.ID)
+	return err
 }
 
 // ask sends a batch of chunk hashes and waits for the answer.
-func (r *resyncer) ask(s *shipSession, h replication.Hashes) (replication.Want, error) {
+func (r *resyncer) ask(s frameWriter, h replication.Hashes) (replication.Want, error) {
 	ch := make(chan replication.Want, 1)
 	r.mu.Lock()
 	r.wants[h.Batch] = ch
@@ -292,17 +297,17 @@ func (r *resyncer) ask(s *shipSession, h replication.Hashes) (replication.Want, 
 			return w, fmt.Errorf("server: %s", w.Error)
 		}
 		return w, nil
-	case <-time.After(5 * time.Minute):
+	case <-time.After(resyncWait):
 		return replication.Want{}, errors.New("no answer to the chunk hashes")
-	case <-r.a.ctx.Done():
-		return replication.Want{}, r.a.ctx.Err()
+	case <-r.rt.ctx.Done():
+		return replication.Want{}, r.rt.ctx.Err()
 	}
 }
 
-// logResyncDone logs the end of a resync, with what it compared and sent.
+// logDone logs the end of a resync, with what it compared and sent.
 // The record ships like a tag (FlagTag), so the server seals it at once and
 // the disk is protected again without waiting for the next seal.
-func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64, verify bool) error {
+func (r *resyncer) logDone(d *Disk, id uint64, compared, sent int64, verify bool) error {
 	data := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, uint64(compared)), uint64(sent))
 	rec := replication.Record{Time: time.Now().UnixNano(), Disk: d.Index, Kind: replication.KindResync, Offset: id,
 		Flags: replication.FlagDone, Data: data, Length: uint32(len(data))}
@@ -314,17 +319,14 @@ func (d *Disk) logResyncDone(a *Agent, id uint64, compared, sent int64, verify b
 	// Only the job the agent holds may end: the server takes a done record
 	// as "the disk is consistent again", and a job replaced meanwhile (by
 	// a new log, or a newer job) did not make it so.
-	a.stMu.Lock()
-	current := a.st.Resync != nil && a.st.Resync.Job.ID == id
-	a.stMu.Unlock()
-	if !current {
-		return errors.New("the job was replaced")
+	if !r.state.resyncCurrent(id) {
+		return errJobReplaced
 	}
 	seq, err := d.spool.Append(d.ctx, &rec)
 	if err != nil {
 		return err
 	}
-	a.markTag(seq)
+	r.tags.mark(seq)
 	d.spool.Complete(seq)
 	return nil
 }

@@ -1,16 +1,19 @@
 package agent
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/store/atomicfile"
 )
@@ -59,19 +62,53 @@ func (s *scanState) note(off int64, h blockHash) {
 	s.mu.Unlock()
 }
 
-// scanPass reads the whole disk once and logs the blocks whose contents
+// scanTick is how often the scanner looks whether a disk's scan is due.
+const scanTick = 200 * time.Millisecond
+
+// scanner scans the scan-mode disks: it owns the goroutine that scans each
+// one at its interval once its initial copy is complete.
+type scanner struct {
+	log   *slog.Logger
+	spool *spool.Spool
+	disks diskSet
+	// copied reports whether a disk's initial copy is complete: a disk is
+	// scanned only from then on.
+	copied func(index uint32) bool
+	// pointLock is held during a pass: no scan while a point is made
+	// (an application-consistent point scans while frozen instead).
+	pointLock sync.Locker
+
+	rt *routines // the scans
+}
+
+func newScanner(parent context.Context, log *slog.Logger, sp *spool.Spool, disks diskSet, copied func(uint32) bool, pointLock sync.Locker) *scanner {
+	return &scanner{log: log, spool: sp, disks: disks, copied: copied, pointLock: pointLock, rt: newRoutines(parent)}
+}
+
+// start begins the scans (a machine without scan-mode disks has none).
+func (s *scanner) start() {
+	if s.disks.hasScan() {
+		s.rt.Go(s.loop)
+	}
+}
+
+// Close stops the scans.
+func (s *scanner) Close() { s.rt.Close() }
+
+// pass reads the whole disk once and logs the blocks whose contents
 // differ from what was last sent. It returns the number of blocks sent.
-func (a *Agent) scanPass(d *Disk) (int, error) {
+func (s *scanner) pass(d *Disk) (int, error) {
+	ctx := s.rt.ctx
 	buf := make([]byte, scanBlock)
 	sent := 0
 	for off := int64(0); off < d.Size(); off += scanBlock {
-		if err := a.ctx.Err(); err != nil {
+		if err := ctx.Err(); err != nil {
 			return sent, err
 		}
-		for a.spool.Fill() > initialSpoolShare {
+		for s.spool.Fill() > initialSpoolShare {
 			select {
-			case <-a.ctx.Done():
-				return sent, a.ctx.Err()
+			case <-ctx.Done():
+				return sent, ctx.Err()
 			case <-time.After(10 * time.Millisecond):
 			}
 		}
@@ -91,6 +128,21 @@ func (a *Agent) scanPass(d *Disk) (int, error) {
 	d.scan.changed += int64(sent)
 	d.scan.mu.Unlock()
 	return sent, nil
+}
+
+// passCopied scans every scan-mode disk whose initial copy is complete
+// (inside an application-consistent freeze, which makes them consistent
+// with the rest). The caller holds the point lock.
+func (s *scanner) passCopied() error {
+	for _, d := range s.disks {
+		if d.scan == nil || !s.copied(d.Index) {
+			continue
+		}
+		if _, err := s.pass(d); err != nil {
+			return fmt.Errorf("scan of disk %s: %v", d.Name, err)
+		}
+	}
+	return nil
 }
 
 // scanChunk reads one block and logs it if it changed since it was sent.
@@ -121,47 +173,38 @@ func (d *Disk) scanChunk(b []byte, off int64) (bool, error) {
 	return true, nil
 }
 
-// scanLoop scans every scan-mode disk at its interval, once its initial
+// loop scans every scan-mode disk at its interval, once its initial
 // copy is complete.
-func (a *Agent) scanLoop() {
+func (s *scanner) loop() {
+	ctx := s.rt.ctx
 	last := map[uint32]time.Time{}
-	t := time.NewTicker(200 * time.Millisecond)
+	t := time.NewTicker(scanTick)
 	defer t.Stop()
 	for {
 		select {
-		case <-a.ctx.Done():
+		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			for _, d := range a.disks {
-				if d.scan == nil || !a.done[d.Index].Load() || now.Sub(last[d.Index]) < d.scan.interval {
+			for _, d := range s.disks {
+				if d.scan == nil || !s.copied(d.Index) || now.Sub(last[d.Index]) < d.scan.interval {
 					continue
 				}
-				a.pointMu.Lock() // not while a point is being made
-				n, err := a.scanPass(d)
-				a.pointMu.Unlock()
+				s.pointLock.Lock() // not while a point is being made
+				n, err := s.pass(d)
+				s.pointLock.Unlock()
 				last[d.Index] = time.Now()
 				if err != nil {
-					if a.ctx.Err() == nil {
-						a.log.Error("scan pass", "disk", d.Name, "err", err)
+					if ctx.Err() == nil {
+						s.log.Error("scan pass", "disk", d.Name, "err", err)
 					}
 					continue
 				}
 				if n > 0 {
-					a.log.Debug("scan pass", "disk", d.Name, "changed_blocks", n)
+					s.log.Debug("scan pass", "disk", d.Name, "changed_blocks", n)
 				}
 			}
 		}
 	}
-}
-
-// hasScanDisks reports whether the machine has scan-mode disks.
-func (a *Agent) hasScanDisks() bool {
-	for _, d := range a.disks {
-		if d.scan != nil {
-			return true
-		}
-	}
-	return false
 }
 
 // Hash file: "ASRSCN", version u16, block size u32, count u64, then count

@@ -6,12 +6,15 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server/pki"
 )
@@ -34,23 +37,102 @@ type fatalError struct{ msg string }
 
 func (e *fatalError) Error() string { return e.msg }
 
-// shipLoop keeps a session with the process server, reconnecting with
-// backoff, until the agent stops or the server refuses it for good.
-func (a *Agent) shipLoop() {
+// shipHandler is what the process server's messages mean to the rest of
+// the agent. The shipper speaks the protocol (handshake, DATA frames, the
+// send window, decoding and checking what the server sends); the handler
+// acts on it. Methods may be called from the session's goroutines
+// concurrently.
+type shipHandler interface {
+	// hello returns the Hello for a new connection.
+	hello() replication.Hello
+	// welcome acts on the server's answer to hello, before anything is
+	// sent: it may start a new log, move the log's start, or refuse to go
+	// on (a *fatalError).
+	welcome(hello replication.Hello, w replication.Welcome) error
+	// acked handles the acknowledgement of every record up to seq.
+	acked(seq uint64) error
+	// tagRequest makes the point the server asks for, without waiting
+	// for it; ctx ends with the session.
+	tagRequest(ctx context.Context, tr replication.TagRequest)
+	// hold starts holding the writes for a group cut, without waiting;
+	// HELD is sent on w.
+	hold(c replication.Cut, w frameWriter)
+	// cutDecision delivers the server's CUT or RELEASE of a cut.
+	cutDecision(t replication.FrameType, c replication.Cut)
+	// resync saves and starts a resync job (checked).
+	resync(job replication.ResyncJob) error
+	// want delivers the server's answer to a batch of chunk hashes (checked).
+	want(w replication.Want)
+	// policy applies the machine's policy (checked).
+	policy(p replication.AgentPolicy)
+	// status returns the status report sent every second.
+	status() replication.Status
+}
+
+// shipper ships the spool to the process server: it owns the connection
+// (one session at a time, reconnecting with backoff), the send window,
+// the throttle and the cumulative send figures.
+type shipper struct {
+	log      *slog.Logger
+	spool    *spool.Spool
+	tags     *tagMarks // records that ship like a tag (FlagTag)
+	maxRate  int64     // bytes per second on the wire (0: unlimited)
+	addr     string    // the process server's data address, for the log
+	dial     func(ctx context.Context) (net.Conn, error)
+	h        shipHandler
+	counters *sendCounters
+
+	cur atomic.Pointer[shipSession] // the current connection, if any
+	rt  *routines                   // the ship loop (whose sessions end before it does)
+}
+
+func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64, addr string,
+	dial func(context.Context) (net.Conn, error), h shipHandler, counters *sendCounters) *shipper {
+	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, addr: addr, dial: dial, h: h, counters: counters,
+		rt: newRoutines(parent)}
+}
+
+// start begins shipping.
+func (sh *shipper) start() { sh.rt.Go(sh.loop) }
+
+// Close ends the session and stops shipping.
+func (sh *shipper) Close() { sh.rt.Close() }
+
+// current returns the current session, or nil.
+func (sh *shipper) current() frameWriter {
+	if s := sh.cur.Load(); s != nil {
+		return s
+	}
+	return nil
+}
+
+// reconnect ends the current session (if any); the loop starts a new one,
+// whose Hello carries the current disk state.
+func (sh *shipper) reconnect() {
+	if s := sh.cur.Load(); s != nil {
+		s.nc.Close()
+	}
+}
+
+// loop keeps a session with the process server, reconnecting with
+// backoff, until the agent stops; a refusal by the server is retried
+// slowly.
+func (sh *shipper) loop() {
+	ctx := sh.rt.ctx
 	backoff := 500 * time.Millisecond
-	for a.ctx.Err() == nil {
+	for ctx.Err() == nil {
 		start := time.Now()
-		err := a.session()
-		a.stats.connected.Store(false)
-		if a.ctx.Err() != nil {
+		err := sh.session()
+		sh.counters.connected.Store(false)
+		if ctx.Err() != nil {
 			return
 		}
 		var fe *fatalError
 		if errors.As(err, &fe) {
-			a.log.Error("the server refuses this agent; the disks stay served and changes are spooled while an operator fixes the cause",
+			sh.log.Error("the server refuses this agent; the disks stay served and changes are spooled while an operator fixes the cause",
 				"reason", fe.msg, "retry_in", refusedRetry)
 			select {
-			case <-a.ctx.Done():
+			case <-ctx.Done():
 				return
 			case <-time.After(refusedRetry):
 			}
@@ -59,9 +141,9 @@ func (a *Agent) shipLoop() {
 		if time.Since(start) > 30*time.Second {
 			backoff = 500 * time.Millisecond
 		}
-		a.log.Warn("no connection to the process server; the spool keeps every change", "err", err, "retry_in", backoff)
+		sh.log.Warn("no connection to the process server; the spool keeps every change", "err", err, "retry_in", backoff)
 		select {
-		case <-a.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-time.After(backoff):
 		}
@@ -69,12 +151,31 @@ func (a *Agent) shipLoop() {
 	}
 }
 
-func (a *Agent) tlsConfig() (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(filepath.Join(a.cfg.StateDir, certFile), filepath.Join(a.cfg.StateDir, keyFile))
+// tlsDialer dials the process server at addr over mutual TLS with the
+// agent's certificate and pinned CA from its state directory.
+func tlsDialer(dir, addr string) func(context.Context) (net.Conn, error) {
+	return func(ctx context.Context) (net.Conn, error) {
+		cfg, err := tlsConfig(dir, addr)
+		if err != nil {
+			return nil, err
+		}
+		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}, Config: cfg}
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		nc, err := d.DialContext(dctx, "tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("connect %s: %w", addr, err)
+		}
+		return nc, nil
+	}
+}
+
+func tlsConfig(dir, addr string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, certFile), filepath.Join(dir, keyFile))
 	if err != nil {
 		return nil, fmt.Errorf("agent certificate: %w", err)
 	}
-	caPEM, err := os.ReadFile(filepath.Join(a.cfg.StateDir, caFile))
+	caPEM, err := os.ReadFile(filepath.Join(dir, caFile))
 	if err != nil {
 		return nil, err
 	}
@@ -82,7 +183,7 @@ func (a *Agent) tlsConfig() (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	host, _, err := net.SplitHostPort(a.st.DataAddr)
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, err
 	}
@@ -91,35 +192,21 @@ func (a *Agent) tlsConfig() (*tls.Config, error) {
 
 // session runs one connection: hello, then the sender, receiver and status
 // loops until one fails.
-func (a *Agent) session() error {
-	cfg, err := a.tlsConfig()
+func (sh *shipper) session() error {
+	nc, err := sh.dial(sh.rt.ctx)
 	if err != nil {
 		return err
 	}
-	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}, Config: cfg}
-	dctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
-	nc, err := d.DialContext(dctx, "tcp", a.st.DataAddr)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("connect %s: %w", a.st.DataAddr, err)
-	}
 	defer nc.Close()
+	// Close ends the handshake too, not only the session after it: a
+	// server that does not answer the Hello would hold Close for the
+	// handshake's 30 s deadline.
+	stop := context.AfterFunc(sh.rt.ctx, func() { nc.Close() })
+	defer stop()
 	br := bufio.NewReaderSize(nc, 64<<10)
 	bw := bufio.NewWriterSize(nc, 256<<10)
 
-	disks := make([]replication.DiskInfo, len(a.disks))
-	a.stMu.Lock()
-	for i, dk := range a.disks {
-		disks[i] = replication.DiskInfo{Index: dk.Index, Name: dk.Name, Size: dk.Size()}
-		for _, ds := range a.st.Disks {
-			if ds.Index == dk.Index {
-				disks[i].Diverged, disks[i].DivergedRanges = ds.Diverged, ds.DivergedRanges
-			}
-		}
-	}
-	a.stMu.Unlock()
-	hello := replication.Hello{MachineID: a.st.MachineID, AgentVersion: Version, Disks: disks,
-		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First(), Recovering: a.recovering, LogID: a.st.LogID}
+	hello := sh.h.hello()
 	hf, _ := replication.JSONFrame(replication.FrameHello, hello)
 	nc.SetDeadline(time.Now().Add(30 * time.Second))
 	if err := replication.WriteFrame(bw, &hf); err != nil {
@@ -146,46 +233,22 @@ func (a *Agent) session() error {
 		return err
 	}
 	nc.SetDeadline(time.Time{})
-	if w.NewLog {
-		// Another log than the server's: never joined by number.
-		if err := a.startNewLog(w); err != nil {
-			return err
-		}
+	if err := sh.h.welcome(hello, w); err != nil {
+		return err
 	}
-	if w.DurableSeq >= a.spool.Next() {
-		if !a.recovering {
-			return &fatalError{fmt.Sprintf("the server holds changes up to seq %d, beyond this agent's log (%d): the agent's state is older than the server's", w.DurableSeq, a.spool.Next()-1)}
-		}
-		// The machine went down: the server holds records the spool lost
-		// with the page cache. Go on after them (the extents they touched
-		// are being resynced).
-		a.log.Warn("the server holds records this agent lost in the forced shutdown; continuing after them", "server_seq", w.DurableSeq, "agent_next", a.spool.Next())
-		if err := a.spool.Rebase(w.DurableSeq + 1); err != nil {
-			return err
-		}
-	}
-	a.clearDiverged(disks)
-	if w.DurableSeq > a.spool.Acked() {
-		if err := a.onAck(w.DurableSeq); err != nil {
-			return err
-		}
-	}
-	if w.Policy != nil {
-		a.setPolicy(*w.Policy)
-	}
-	rd, err := a.spool.NewReader(w.DurableSeq + 1)
+	rd, err := sh.spool.NewReader(w.DurableSeq + 1)
 	if err != nil {
 		return err
 	}
 	defer rd.Close()
-	a.stats.connected.Store(true)
-	a.log.Info("connected to the process server", "addr", a.st.DataAddr, "resume_seq", w.DurableSeq+1)
+	sh.counters.connected.Store(true)
+	sh.log.Info("connected to the process server", "addr", sh.addr, "resume_seq", w.DurableSeq+1)
 
-	s := &shipSession{a: a, nc: nc, bw: bw}
+	s := &shipSession{sh: sh, nc: nc, bw: bw}
 	s.cond = sync.NewCond(&s.mu)
-	a.current.Store(s)
-	defer a.current.CompareAndSwap(s, nil)
-	ctx, cancelS := context.WithCancel(a.ctx)
+	sh.cur.Store(s)
+	defer sh.cur.CompareAndSwap(s, nil)
+	ctx, cancelS := context.WithCancel(sh.rt.ctx)
 	defer cancelS()
 	errc := make(chan error, 3)
 	go func() { errc <- s.receive(ctx, br) }()
@@ -217,8 +280,9 @@ func checkError(f *replication.Frame) error {
 	return errors.New("server: " + e.Message)
 }
 
+// shipSession is one connection to the process server.
 type shipSession struct {
-	a   *Agent
+	sh  *shipper
 	nc  net.Conn
 	wmu sync.Mutex // guards bw
 	bw  *bufio.Writer
@@ -285,14 +349,14 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 		}
 		f := codec.DataFrame(buf, first, count, cbuf)
 		last := first + uint64(count) - 1
-		if s.a.hasTag(first, last) {
+		if s.sh.tags.has(first, last) {
 			f.Flags |= replication.FlagTag
 		}
 		s.mu.Lock()
 		s.inflight = append(s.inflight, sent{last, len(buf)})
 		s.raw += len(buf)
 		s.mu.Unlock()
-		if rate := s.a.cfg.MaxRate; rate > 0 {
+		if rate := s.sh.maxRate; rate > 0 {
 			if wait := time.Until(next); wait > 0 {
 				select {
 				case <-ctx.Done():
@@ -305,11 +369,11 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 		if err := s.write(&f); err != nil {
 			return err
 		}
-		st := s.a.stats
-		st.bytesSent.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
-		st.rawSent.Add(int64(len(buf)))
-		st.frames.Add(1)
-		st.records.Add(int64(count))
+		c := s.sh.counters
+		c.bytesSent.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
+		c.rawSent.Add(int64(len(buf)))
+		c.frames.Add(1)
+		c.records.Add(int64(count))
 		if cap(buf) > 2*frameRaw+replication.MaxRecordData {
 			buf = nil
 		}
@@ -318,6 +382,7 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 }
 
 func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
+	h := s.sh.h
 	var buf []byte
 	for {
 		// The server acknowledges at least every few seconds while data
@@ -330,7 +395,7 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 		}
 		switch f.Type {
 		case replication.FrameAck:
-			if err := s.a.onAck(f.Seq); err != nil {
+			if err := h.acked(f.Seq); err != nil {
 				return err
 			}
 			s.mu.Lock()
@@ -345,20 +410,16 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := replication.DecodeJSON(&f, &tr); err != nil {
 				return err
 			}
-			s.a.reqs.Go(func() {
-				if err := s.a.point(tr.ID, tr.App); err != nil && ctx.Err() == nil {
-					s.a.log.Error("requested tag failed", "err", err)
-				}
-			})
+			h.tagRequest(ctx, tr)
 		case replication.FrameHold, replication.FrameCut, replication.FrameRelease:
 			var c replication.Cut
 			if err := replication.DecodeJSON(&f, &c); err != nil {
 				return err
 			}
 			if f.Type == replication.FrameHold {
-				s.a.reqs.Go(func() { s.a.groupCut(c, s) })
+				h.hold(c, s)
 			} else {
-				s.a.cutDecision(f.Type, c)
+				h.cutDecision(f.Type, c)
 			}
 		case replication.FrameResync:
 			var job replication.ResyncJob
@@ -368,7 +429,7 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := job.Validate(); err != nil {
 				return err
 			}
-			if err := s.a.resync.start(job); err != nil {
+			if err := h.resync(job); err != nil {
 				return err
 			}
 		case replication.FrameWant:
@@ -379,7 +440,7 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := w.Validate(); err != nil {
 				return err
 			}
-			s.a.resync.want(w)
+			h.want(w)
 		case replication.FramePolicy:
 			var p replication.AgentPolicy
 			if err := replication.DecodeJSON(&f, &p); err != nil {
@@ -388,7 +449,7 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 			if err := p.Validate(); err != nil {
 				return err
 			}
-			s.a.setPolicy(p)
+			h.policy(p)
 		case replication.FrameError:
 			return checkError(&f)
 		default:
@@ -401,10 +462,7 @@ func (s *shipSession) status(ctx context.Context) error {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
-		st := replication.Status{Time: time.Now().UnixNano(), SpoolBytes: s.a.spool.Pending(),
-			OldestPending: s.a.spool.OldestPending(), LastSeq: s.a.spool.Next() - 1, Disks: s.a.Progress(),
-			Events: s.a.takeEvents(), Resync: s.a.resync.status()}
-		f, err := replication.JSONFrame(replication.FrameStatus, st)
+		f, err := replication.JSONFrame(replication.FrameStatus, s.sh.h.status())
 		if err != nil {
 			return err
 		}

@@ -161,10 +161,9 @@ func TestInterruptedRepairIsRedone(t *testing.T) {
 	if err := d.Relog(0, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	a := &Agent{cfg: Config{StateDir: dir}, disks: []*Disk{d}, spool: sp, log: slog.Default()}
 	// This start is clean as far as the marker goes and the spool's tail
 	// is the 1 MiB piece: only the saved list knows the whole range.
-	if err := a.repair(spool.Recovered{}); err != nil {
+	if err := repairLog(dir, false, spool.Recovered{}, diskSet{d}, sp, slog.Default()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, repairFile)); !errors.Is(err, os.ErrNotExist) {

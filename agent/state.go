@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/store/atomicfile"
@@ -101,7 +102,244 @@ func (s *state) disk(name string) *diskState {
 	return nil
 }
 
+func (s *state) diskByIndex(index uint32) *diskState {
+	for i := range s.Disks {
+		if s.Disks[i].Index == index {
+			return &s.Disks[i]
+		}
+	}
+	return nil
+}
+
 func exists(path string) bool {
 	_, err := os.Stat(path)
 	return !errors.Is(err, os.ErrNotExist)
+}
+
+// errJobReplaced is returned for a resync job that is no longer the one the
+// state holds (a newer job or a new log replaced it).
+var errJobReplaced = errors.New("the job was replaced")
+
+// stateStore is the agent's state file and its lock: every change to the
+// state is made under the lock and, where it must survive a crash before
+// anything depends on it, saved before the lock is released.
+type stateStore struct {
+	dir string
+	mu  sync.Mutex // guards st and its file
+	st  *state
+}
+
+func newStateStore(dir string, st *state) *stateStore {
+	return &stateStore{dir: dir, st: st}
+}
+
+// save writes the state as it is (at a stop).
+func (s *stateStore) save() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.save(s.dir)
+}
+
+// update changes the state with fn and saves it.
+func (s *stateStore) update(fn func(*state)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fn(s.st)
+	return s.st.save(s.dir)
+}
+
+// Identity: fixed once the agent is open.
+
+func (s *stateStore) machineID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.MachineID
+}
+
+func (s *stateStore) logID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.LogID
+}
+
+func (s *stateStore) dataAddr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.DataAddr
+}
+
+func (s *stateStore) name() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Name
+}
+
+// fillDiverged copies each disk's divergence into the Hello's disks.
+func (s *stateStore) fillDiverged(disks []replication.DiskInfo) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range disks {
+		if ds := s.st.diskByIndex(disks[i].Index); ds != nil {
+			disks[i].Diverged, disks[i].DivergedRanges = ds.Diverged, ds.DivergedRanges
+		}
+	}
+}
+
+// markDiverged records, durably, that a disk's log and its contents may
+// disagree, unless the disk is already marked.
+func (s *stateStore) markDiverged(index uint32, reason string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ds := s.st.diskByIndex(index)
+	if ds == nil || ds.Diverged != "" {
+		return nil
+	}
+	ds.Diverged = reason
+	return s.st.save(s.dir)
+}
+
+// clearDiverged forgets the divergences the server has been told of (the
+// disks of a Hello it accepted), unless they changed since.
+func (s *stateStore) clearDiverged(told []replication.DiskInfo) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	changed := false
+	for _, di := range told {
+		ds := s.st.diskByIndex(di.Index)
+		if ds != nil && di.Diverged != "" && ds.Diverged == di.Diverged {
+			ds.Diverged, ds.DivergedRanges = "", nil
+			changed = true
+		}
+	}
+	if !changed {
+		return nil
+	}
+	return s.st.save(s.dir)
+}
+
+// acked records the server's acknowledgement of seq and the initial-copy
+// progress it made durable. The state is saved only when a cursor moved:
+// the acknowledged sequence alone is saved with the next change (the
+// spool knows it too).
+func (s *stateStore) acked(seq uint64, marks []progressMark) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.Acked = seq
+	if len(marks) == 0 {
+		return nil
+	}
+	for _, m := range marks {
+		if ds := s.st.diskByIndex(m.disk); ds != nil && m.cursor > ds.Cursor {
+			ds.Cursor = m.cursor
+			ds.Done = ds.Done || m.done
+		}
+	}
+	return s.st.save(s.dir)
+}
+
+// setOverflow records whether the spool overflows. Entering is undone if
+// it cannot be saved (the caller then does not enter: an overflow the next
+// start does not know of would lose its changed blocks); leaving stays
+// done in memory even if the save fails (the next start then compares the
+// disks in full: costly, never wrong).
+func (s *stateStore) setOverflow(on bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.Overflow = on
+	err := s.st.save(s.dir)
+	if err != nil && on {
+		s.st.Overflow = false
+	}
+	return err
+}
+
+// overflowing reports whether the state says the spool overflows.
+func (s *stateStore) overflowing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Overflow
+}
+
+// resyncJob returns a copy of the resync in progress, or nil.
+func (s *stateStore) resyncJob() *resyncState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.st.Resync == nil {
+		return nil
+	}
+	st := *s.st.Resync
+	return &st
+}
+
+// startResync saves a new resync job, replacing one in progress. It
+// reports false, saving nothing, if the job is the one in progress (a
+// resent request).
+func (s *stateStore) startResync(job replication.ResyncJob) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cur := s.st.Resync; cur != nil && cur.Job.ID == job.ID {
+		return false, nil
+	}
+	s.st.Resync = &resyncState{Job: job}
+	return true, s.st.save(s.dir)
+}
+
+// updateResync changes the job in progress, if it is still job id, and
+// saves it; it returns the job as saved.
+func (s *stateStore) updateResync(id uint64, fn func(*resyncState)) (resyncState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.st.Resync == nil || s.st.Resync.Job.ID != id {
+		return resyncState{}, errJobReplaced
+	}
+	fn(s.st.Resync)
+	return *s.st.Resync, s.st.save(s.dir)
+}
+
+// resyncCurrent reports whether job id is the one in progress.
+func (s *stateStore) resyncCurrent(id uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Resync != nil && s.st.Resync.Job.ID == id
+}
+
+// endResync forgets job id, if it is the one in progress (reported), and
+// saves the state either way.
+func (s *stateStore) endResync(id uint64) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ended := false
+	if s.st.Resync != nil && s.st.Resync.Job.ID == id {
+		s.st.Resync = nil
+		ended = true
+	}
+	return ended, s.st.save(s.dir)
+}
+
+// dropResync forgets the resync in progress, whatever it is.
+func (s *stateStore) dropResync() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.Resync = nil
+	return s.st.save(s.dir)
+}
+
+// startNewLog records a new log from durable+1: the copied disks count as
+// copied (cursor at their size), the others are copied again from their
+// start; the resync and the overflow of the old log are forgotten.
+func (s *stateStore) startNewLog(durable uint64, copied map[uint32]bool, sizes map[uint32]int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.Acked = durable
+	for i := range s.st.Disks {
+		ds := &s.st.Disks[i]
+		ds.Done, ds.Cursor = copied[ds.Index], 0
+		if ds.Done {
+			ds.Cursor = sizes[ds.Index]
+		}
+	}
+	// A resync the server asked for belongs to the old log: the new log's
+	// resync replaces it.
+	s.st.Resync, s.st.Overflow = nil, false
+	return s.st.save(s.dir)
 }

@@ -1,0 +1,252 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/asrdr/asr/agent/spool"
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/store/atomicfile"
+)
+
+// The start of an agent: its identity (registering the first time), its
+// disks and spool, the repair of the log after an unclean stop, and the
+// check for a forced shutdown of the machine. All of it runs before any
+// component does, on the state as loaded.
+
+// maxScanSize bounds a scan-mode disk: its block hashes (17 bytes a MiB)
+// live in memory, 70 MiB at this size.
+const maxScanSize = 4 << 40
+
+// identity loads the agent's state, registering first if it has none.
+func (a *Agent) identity(ctx context.Context) (*state, error) {
+	cfg := a.cfg
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, err
+	}
+	st, err := loadState(cfg.StateDir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if cfg.Server == "" || cfg.PassphraseFile == "" {
+			return nil, errors.New("this agent is not registered yet: --server and --passphrase-file are required")
+		}
+		pass, err := os.ReadFile(cfg.PassphraseFile)
+		if err != nil {
+			return nil, fmt.Errorf("read passphrase: %w", err)
+		}
+		st, err = registerRetry(ctx, a.log, defaultRegisterBackoff, cfg.Server, pass, cfg.Name, cfg.StateDir)
+		if err != nil {
+			return nil, err
+		}
+		a.log.Info("registered", "machine", st.MachineID, "name", st.Name, "data", st.DataAddr)
+	case err != nil:
+		return nil, err
+	default:
+		if cfg.Name != st.Name && cfg.Name != "" {
+			a.log.Warn("--name differs from the registered name; keeping the registered one", "registered", st.Name, "given", cfg.Name)
+		}
+	}
+	if st.LogID == "" {
+		// A new state, or one from before log ids (an agent continuing
+		// its own log): open saves it.
+		st.LogID = newLogID()
+	}
+	return st, nil
+}
+
+// open opens the spool and the disks of st, repairs the log after an
+// unclean stop, and wires the components.
+func (a *Agent) open(st *state) error {
+	cfg := a.cfg
+	// Disks: keep indexes stable; new names get new indexes.
+	for _, spec := range cfg.Disks {
+		ds := st.disk(spec.Name)
+		if ds == nil {
+			idx := uint32(0)
+			for _, d := range st.Disks {
+				if d.Index >= idx {
+					idx = d.Index + 1
+				}
+			}
+			st.Disks = append(st.Disks, diskState{Index: idx, Name: spec.Name, Path: spec.Path})
+			ds = &st.Disks[len(st.Disks)-1]
+		}
+		ds.Path = spec.Path
+	}
+	for _, ds := range st.Disks {
+		found := false
+		for _, spec := range cfg.Disks {
+			found = found || spec.Name == ds.Name
+		}
+		if !found {
+			return fmt.Errorf("disk %q is protected but not given with --disk; give it, or disable its protection", ds.Name)
+		}
+	}
+	a.unclean = !exists(filepath.Join(cfg.StateDir, cleanFile))
+	sp, rec, err := spool.Open(filepath.Join(cfg.StateDir, spoolDir), spool.Options{MaxBytes: cfg.SpoolMax}, st.Acked)
+	if err != nil {
+		return fmt.Errorf("open spool: %w", err)
+	}
+	a.spool = sp
+	if rec.Truncated > 0 {
+		a.log.Warn("spool had a torn record at its end (the agent stopped mid-write); cut it off", "bytes", rec.Truncated)
+	}
+	from := map[uint32]copyPos{}
+	for i := range st.Disks {
+		ds := &st.Disks[i]
+		d, err := openDisk(a.ctx, ds.Index, ds.Name, ds.Path, sp, a.lat, a.log)
+		if err != nil {
+			return err
+		}
+		a.disks = append(a.disks, d)
+		for _, spec := range cfg.Disks {
+			if spec.Name == ds.Name && spec.Scan {
+				interval := spec.ScanInterval
+				if interval <= 0 {
+					interval = 30 * time.Second
+				}
+				if d.Size() > maxScanSize {
+					return fmt.Errorf("disk %s: %d bytes is more than scan mode handles (%d: it keeps a hash of every MiB in memory); serve it over NBD (without mode=scan)", d.Name, d.Size(), int64(maxScanSize))
+				}
+				d.scan = newScanState(d.Size(), interval)
+				if !a.unclean {
+					if err := loadScan(cfg.StateDir, d); err != nil {
+						a.log.Warn("scan hashes", "disk", d.Name, "err", err)
+					}
+				}
+			}
+		}
+		if ds.Size != 0 && d.Size() < ds.Size {
+			return fmt.Errorf("disk %s shrank from %d to %d bytes: a protected disk cannot shrink (as in ASR); restore its size, or disable its protection", ds.Name, ds.Size, d.Size())
+		}
+		if ds.Size != 0 && d.Size() > ds.Size {
+			// The server grows the replica and resyncs the new area when
+			// it sees the new size in Hello.
+			a.log.Info("disk grew; its new area will be resynced", "disk", ds.Name, "from", ds.Size, "to", d.Size())
+		}
+		ds.Size = d.Size()
+		idx := ds.Index
+		d.diverged = func(reason string) { a.markDiverged(idx, reason) }
+		// The initial copy resumes from the furthest progress known: the
+		// acknowledged one in the state file, or a later one still in the
+		// spool (whose records will be sent). Only the acknowledged one is
+		// saved: the spool's tail is not durable until flushed.
+		pos := copyPos{cursor: ds.Cursor, done: ds.Done}
+		if p, ok := rec.Progress[ds.Index]; ok && int64(p.Offset) > pos.cursor {
+			pos = copyPos{cursor: int64(p.Offset), done: pos.done || p.Flags&replication.FlagDone != 0}
+		}
+		from[ds.Index] = pos
+	}
+	if err := st.save(cfg.StateDir); err != nil {
+		return err
+	}
+	if err := repairLog(cfg.StateDir, a.unclean, rec, a.disks, sp, a.log); err != nil {
+		return err
+	}
+	if err := a.afterForcedShutdown(st); err != nil {
+		return err
+	}
+	a.state = newStateStore(cfg.StateDir, st)
+	os.Remove(filepath.Join(cfg.StateDir, cleanFile))
+	return a.wire(from)
+}
+
+// repairFile lists the ranges being re-logged after an unclean stop, so a
+// second stop in the middle of the repair repeats all of it.
+const repairFile = "repair.json"
+
+// repairLog re-logs, after an unclean stop, the range of each disk's last
+// logged change: it may have been logged and not reached the disk (or the
+// reverse). The ranges are saved first, so an interrupted repair is redone
+// whole at the next start.
+func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp *spool.Spool, log *slog.Logger) error {
+	path := filepath.Join(dir, repairFile)
+	var ranges []spool.Tail
+	if b, err := os.ReadFile(path); err == nil {
+		if err := json.Unmarshal(b, &ranges); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	if unclean {
+		for _, t := range rec.Tails {
+			ranges = append(ranges, t)
+		}
+	}
+	if len(ranges) == 0 {
+		return nil
+	}
+	b, err := json.Marshal(ranges)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(path, b, 0o600); err != nil {
+		return err
+	}
+	for _, t := range ranges {
+		for _, d := range disks {
+			if d.Index == t.Disk {
+				if err := d.Relog(int64(t.Offset), int64(t.Length)); err != nil {
+					return fmt.Errorf("repair log of disk %s: %w", d.Name, err)
+				}
+				log.Info("unclean stop: re-logged the disk's last change", "disk", d.Name, "offset", t.Offset, "length", t.Length)
+			}
+		}
+	}
+	if err := sp.Sync(); err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil {
+		return err
+	}
+	return atomicfile.SyncDir(dir)
+}
+
+// afterForcedShutdown checks whether the machine went down since the last
+// run (an unclean stop and another boot id): then the changes in the
+// activity log's extents may be lost from the spool while on the disk (or
+// the reverse), and each disk is marked for a resync of those ranges.
+func (a *Agent) afterForcedShutdown(st *state) error {
+	boot := bootID()
+	prev := st.BootID
+	st.BootID = boot
+	if st.Overflow {
+		// Stopped while overflowing: the changed-block maps are gone.
+		for i := range st.Disks {
+			st.Disks[i].Diverged, st.Disks[i].DivergedRanges = "the agent stopped during a spool overflow: its changed-block map was lost", nil
+		}
+		st.Overflow = false
+	}
+	if a.unclean && prev != "" && boot != "" && prev != boot {
+		a.recovering = true
+		risk, ok := atRisk(a.cfg.StateDir)
+		for i := range st.Disks {
+			ds := &st.Disks[i]
+			if ds.Diverged != "" {
+				continue // already marked (whole disk)
+			}
+			if !ok {
+				ds.Diverged, ds.DivergedRanges = "forced shutdown of the machine (activity log unreadable: the whole disk is at risk)", nil
+				continue
+			}
+			if rs := risk[ds.Index]; len(rs) > 0 {
+				ds.Diverged = fmt.Sprintf("forced shutdown of the machine: %d extents of 4 MiB had changes in flight", len(rs))
+				ds.DivergedRanges = rs
+			}
+		}
+		a.log.Warn("the machine went down while the agent ran: the extents in its activity log will be resynced")
+	}
+	if err := st.save(a.cfg.StateDir); err != nil {
+		return err
+	}
+	err := os.Remove(filepath.Join(a.cfg.StateDir, activityFile))
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return nil
+}
