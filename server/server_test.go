@@ -45,6 +45,7 @@ type rig struct {
 	client     *server.Client
 	log        *slog.Logger
 	tune       func(*server.Config) // adjusts the config before each start
+	opened     func(*server.Server) // called after each Open, before Run
 }
 
 func quietLogger() *slog.Logger {
@@ -76,6 +77,9 @@ func (r *rig) start() {
 		t.Fatal(err)
 	}
 	r.listen, r.dataListen = srv.Addr().String(), srv.DataAddr().String()
+	if r.opened != nil {
+		r.opened(srv)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.srv, r.srvCtx, r.srvErr = srv, cancel, make(chan error, 1)
 	go func() { r.srvErr <- srv.Run(ctx) }()
@@ -1048,6 +1052,86 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 		t.Fatalf("compared %d bytes and sent %d for %d changed blocks of 4 KiB", compared, sent, changed)
 	}
 	t.Logf("compared %d bytes, sent %d (%d blocks changed)", compared, sent, changed)
+}
+
+// One operator request starts one resync job, even when the resync loop
+// runs while the request is starting it: the request marks the row
+// scheduled, and the loop, which starts scheduled rows, must not start it a
+// second time (the second job would replace the first on the agent). The
+// request's start is held until the loop has tried the row.
+func TestOperatorResyncStartsOneJob(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var attempts, starts, passes atomic.Int64
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	wake := make(chan struct{}, 1)
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.ResyncEvery = 5 * time.Millisecond }}
+	r.opened = func(s *server.Server) {
+		server.SetResyncHook(s, func(event string) {
+			switch event {
+			case "attempt":
+				attempts.Add(1)
+			case "start":
+				if starts.Add(1) == 1 {
+					<-release // the first start waits for the test
+				}
+			case "pass":
+				passes.Add(1)
+			}
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		})
+	}
+	r.start()
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) }) // before the server stops
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		safety := time.NewTimer(2 * time.Minute) // a hung server, not a slow one
+		defer safety.Stop()
+		for !ok() {
+			select {
+			case <-wake:
+			case <-safety.C:
+				t.Fatalf("%s: %d attempts, %d starts, %d passes of the loop", what, attempts.Load(), starts.Load(), passes.Load())
+			}
+		}
+	}
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 8<<20, 11)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk}))
+	r.waitProtected("vm1")
+
+	type result struct {
+		rows []server.ResyncJSON
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		var rows []server.ResyncJSON
+		err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, &rows)
+		done <- result{rows, err}
+	}()
+	// The request's attempt comes first (there is no row before it); the
+	// second is the loop's, which sees the row the request marked.
+	waitFor("the loop did not try the requested resync", func() bool { return attempts.Load() >= 2 })
+	releaseOnce.Do(func() { close(release) })
+	res := <-done
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	if len(res.rows) != 1 || res.rows[0].State != "running" {
+		t.Fatalf("resync not started at once: %+v", res.rows)
+	}
+	// Once a pass of the loop that began before the request returned has
+	// ended, the loop's attempt is over.
+	p := passes.Load()
+	waitFor("the loop did not finish its pass", func() bool { return passes.Load() > p })
+	if n := starts.Load(); n != 1 {
+		t.Fatalf("one operator request started %d resync jobs", n)
+	}
 }
 
 // A disk that grows: the replica grows and the new area is resynced, by the

@@ -1,0 +1,5 @@
+package server
+
+// SetResyncHook sets the hook that the starts of resyncs call (see
+// resyncStarts). Call it before Run.
+func SetResyncHook(s *Server, hook func(event string)) { s.resyncStart.hook = hook }
