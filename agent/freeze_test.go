@@ -201,7 +201,23 @@ func TestScheduledAppPoints(t *testing.T) {
 	a.setPolicy(replication.AgentPolicy{CrashInterval: int64(time.Hour), AppFrequency: int64(150 * time.Millisecond)})
 	exited := make(chan struct{})
 	go func() { a.tagLoop(); close(exited) }()
-	time.Sleep(800 * time.Millisecond)
+	// Each app point tags before it thaws: three thaws, three points. (The
+	// deadline only ends a hung loop; a slow machine just takes longer.)
+	deadline := time.Now().Add(time.Minute)
+	for thaws := 0; thaws < 3; {
+		fz.mu.Lock()
+		thaws = 0
+		for _, l := range fz.log {
+			if l == "thaw /a" {
+				thaws++
+			}
+		}
+		fz.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatalf("%d scheduled application-consistent points in a minute at a 150 ms frequency", thaws)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	cancel()
 	<-exited
 	apps := 0
@@ -214,7 +230,7 @@ func TestScheduledAppPoints(t *testing.T) {
 		}
 	}
 	if apps < 3 {
-		t.Fatalf("%d application-consistent points in 800 ms at a 150 ms frequency", apps)
+		t.Fatalf("%d application-consistent points logged after three thaws", apps)
 	}
 	if fz.anyFrozen() {
 		t.Fatal("left frozen")

@@ -48,6 +48,10 @@ type rig struct {
 	opened     func(*server.Server) // called after each Open, before Run
 }
 
+// hung bounds every wait of these tests for a state: a safety net that ends
+// a hung run, never the pace a loaded machine has to keep.
+const hung = 3 * time.Minute
+
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
@@ -176,7 +180,7 @@ func (r *rig) machine(name string) web.Machine {
 
 func (r *rig) waitProtected(name string) {
 	r.t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(hung)
 	for time.Now().Before(deadline) {
 		var m web.Machine
 		if err := r.client.Do(context.Background(), http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == replication.StateProtected {
@@ -438,7 +442,8 @@ func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
 		}
 		c.Write(junk)
 		c.CloseWrite() // no more bytes: a short junk becomes a truncated frame
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		// A connection the server kept open would stay open for good.
+		c.SetReadDeadline(time.Now().Add(hung))
 		if _, err := io.ReadAll(c); err != nil && !errors.Is(err, io.EOF) {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -447,7 +452,7 @@ func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
 		}
 		c.Close()
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(hung)
 	for !strings.Contains(logs.String(), "protocol error") && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -483,7 +488,7 @@ func TestPolicyReachesRunningAgent(t *testing.T) {
 	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", server.AssignRequest{Policy: "fast"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(hung)
 	for len(points) < 2 && time.Now().Before(deadline) {
 		time.Sleep(200 * time.Millisecond)
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
@@ -491,7 +496,7 @@ func TestPolicyReachesRunningAgent(t *testing.T) {
 		}
 	}
 	if len(points) < 2 {
-		t.Fatalf("%d points 20 s after assigning a 5 s policy", len(points))
+		t.Fatalf("%d points %s after assigning a 5 s policy", len(points), hung)
 	}
 	for _, p := range points {
 		if p.Kind != "crash" {
@@ -617,7 +622,7 @@ func TestRetentionPrunesAndReclaims(t *testing.T) {
 		t.Fatalf("%d snapshot files for 4 points", n)
 	}
 	clock.Add(int64(2 * time.Hour)) // every point is now past the retention
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(hung)
 	var points []server.PointJSON
 	for time.Now().Before(deadline) {
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
@@ -662,7 +667,7 @@ func TestRPOThresholdEvents(t *testing.T) {
 	}
 	waitEvent := func(kind string) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
+		deadline := time.Now().Add(hung)
 		for time.Now().Before(deadline) {
 			for _, e := range events() {
 				if e.Kind == kind {
@@ -863,7 +868,19 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 	}()
 	var gps []server.GroupPointJSON
 	for i := 0; i < 5; i++ {
-		time.Sleep(100 * time.Millisecond)
+		// Each cut comes after at least 20 more writes, however slow
+		// they are.
+		from, deadline := wrote.Load(), time.Now().Add(hung)
+		for wrote.Load() < from+20 {
+			if time.Now().After(deadline) {
+				t.Fatalf("the writer is stuck at write %d", wrote.Load())
+			}
+			select {
+			case err := <-done:
+				t.Fatalf("the writer stopped: %v", err)
+			case <-time.After(time.Millisecond):
+			}
+		}
 		var gp server.GroupPointJSON
 		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/groups/g/points", TagRequestNoWait(), &gp); err != nil {
 			t.Fatal(err)
@@ -947,32 +964,41 @@ func TestScanModeDisk(t *testing.T) {
 	if _, err := f.WriteAt(make([]byte, 1<<20), 0); err != nil { // a block zeroed
 		t.Fatal(err)
 	}
-	time.Sleep(2500 * time.Millisecond) // at least one scan pass
-	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p.Kind != replication.PointInconsistent {
-		t.Fatalf("a point of a machine with a scan disk has kind %q, want %q", p.Kind, replication.PointInconsistent)
-	}
-	out := filepath.Join(dir, "out1")
-	r.recover("vm1", p.ID, out)
-	if fileSum(t, filepath.Join(out, "root.img")) != fileSum(t, root) || fileSum(t, filepath.Join(out, "data.img")) != fileSum(t, data) {
-		t.Fatal("recovered disks differ from the sources after a scan")
+	// A scan pass (every second) picks the changes up: points are taken
+	// until one holds them. A point never splits a pass (both take the
+	// agent's point lock), so a point either holds a pass's changes or not.
+	deadline := time.Now().Add(hung)
+	for n := 1; ; n++ {
+		p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Kind != replication.PointInconsistent {
+			t.Fatalf("a point of a machine with a scan disk has kind %q, want %q", p.Kind, replication.PointInconsistent)
+		}
+		out := filepath.Join(dir, fmt.Sprintf("out1-%d", n))
+		r.recover("vm1", p.ID, out)
+		if fileSum(t, filepath.Join(out, "root.img")) == fileSum(t, root) && fileSum(t, filepath.Join(out, "data.img")) == fileSum(t, data) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("recovered disks still differ from the sources after %d points in %s of scans", n, hung)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	// A change right before an application-consistent point is in it: the
 	// point scans while frozen.
 	if _, err := f.WriteAt(bytes.Repeat([]byte{0x5a}, 4096), 6<<20); err != nil {
 		t.Fatal(err)
 	}
-	p, err = r.client.Tag(ctx, "vm1", true, time.Minute)
+	p, err := r.client.Tag(ctx, "vm1", true, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if p.Kind != replication.PointApp {
 		t.Fatalf("application-consistent point has kind %q", p.Kind)
 	}
-	out = filepath.Join(dir, "out2")
+	out := filepath.Join(dir, "out2")
 	r.recover("vm1", p.ID, out)
 	if fileSum(t, filepath.Join(out, "root.img")) != fileSum(t, root) {
 		t.Fatal("the application-consistent point misses a change made just before it")
@@ -1013,7 +1039,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 		t.Fatalf("resync not started at once: %+v", rows)
 	}
 	// Done when the disk is protected again and the row is gone.
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(hung)
 	for {
 		var left []server.ResyncJSON
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &left)
@@ -1161,7 +1187,7 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	os.Truncate(disk, 12<<20)
 	startAgent(t, cfg)
 	var rows []server.ResyncJSON
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(hung)
 	for len(rows) == 0 && time.Now().Before(deadline) {
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
 		time.Sleep(50 * time.Millisecond)
@@ -1184,7 +1210,7 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	}
 	// The window opens.
 	clock.Store(time.Date(2026, 11, 26, 22, 30, 0, 0, time.Local).UnixNano())
-	deadline = time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(hung)
 	for r.machine("vm1").State != replication.StateProtected {
 		if time.Now().After(deadline) {
 			t.Fatalf("not resynced in the window: %+v", r.machine("vm1"))
@@ -1232,7 +1258,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	}
 	waitRow := func(what string, ok func(server.ResyncJSON) bool) server.ResyncJSON {
 		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
+		deadline := time.Now().Add(hung)
 		for {
 			if rs := rows(); len(rs) == 1 && ok(rs[0]) {
 				return rs[0]
@@ -1283,7 +1309,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, nil); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(hung)
 	for r.machine("vm1").State != replication.StateProtected {
 		if time.Now().After(deadline) {
 			t.Fatalf("the operator's resync did not run: %+v %+v", r.machine("vm1"), rows())
@@ -1326,7 +1352,7 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-		case <-time.After(5 * time.Second):
+		case <-time.After(hung): // a stalled write waits for the server: forever
 			t.Fatalf("write %d stalled: the spool is full and the agent did not fall back to a changed-block map", i)
 		}
 	}
@@ -1341,7 +1367,7 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 		}
 		return false
 	}
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(hung)
 	for {
 		if resynced() {
 			if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {
