@@ -126,9 +126,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	}
 
 	// A new point appears by itself.
-	out := c.mustCLI("tag", "--machine", "vm1", "--wait")
-	lines := strings.Split(strings.TrimSpace(out), "\n")
-	id := lines[len(lines)-1]
+	id := c.tag("vm1")
 	var points []struct{ ID, Time string }
 	if err := json.Unmarshal([]byte(c.mustCLI("points", "--machine", "vm1", "--json")), &points); err != nil {
 		t.Fatal(err)

@@ -454,10 +454,15 @@ func (c *cluster) waitReceived(name string, n int64) machineStatus {
 	return c.waitStatus(name, fmt.Sprintf("%d bytes received", n), func(st machineStatus) bool { return st.BytesReceived >= n })
 }
 
+// tagTimeout is how long the tests let `asr tag --wait` wait for a point:
+// a safety net (the CLI's default, 2 min, can pass on a loaded machine with
+// a backlog to apply first).
+const tagTimeout = "5m"
+
 // tag asks for a point and returns its id (the last line of the output).
 func (c *cluster) tag(machine string) string {
 	c.t.Helper()
-	out := c.mustCLI("tag", "--machine", machine, "--wait")
+	out := c.mustCLI("tag", "--machine", machine, "--wait", "--timeout", tagTimeout)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	return lines[len(lines)-1]
 }

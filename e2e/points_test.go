@@ -55,7 +55,7 @@ func TestE2EPolicyGroupTimeCLI(t *testing.T) {
 	for _, m := range []string{"vm1", "vm2"} {
 		c.mustCLI("group", "set", "--machine", m, "--group", "web")
 	}
-	out := c.mustCLI("tag", "--group", "web", "--wait")
+	out := c.mustCLI("tag", "--group", "web", "--wait", "--timeout", tagTimeout)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	gid := lines[len(lines)-1]
 	sums := map[string]string{"vm1": sha256File(t, disks[0]), "vm2": sha256File(t, disks[1])}
@@ -75,7 +75,7 @@ func TestE2EPolicyGroupTimeCLI(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	a := c.agents["vm2"]
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x77 1M 1M")
-	c.mustCLI("tag", "--group", "web", "--wait") // the write is on the target
+	c.mustCLI("tag", "--group", "web", "--wait", "--timeout", tagTimeout) // the write is on the target
 	tdir := filepath.Join(c.dir, "time")
 	c.mustCLI("recover", "--machine", "vm2", "--time", at.Format(time.RFC3339Nano), "--out", tdir)
 	if got := sha256File(t, filepath.Join(tdir, "d.img")); got != sums["vm2"] {

@@ -36,14 +36,14 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	makeDisk(t, d1, 64<<20, 2)
 	a := c.startAgent("vm1", nil, "d0="+d0, "d1="+d1)
 
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
 	// Writes during the initial copy.
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d0"),
 		"-c", "write -P 0x5a 1M 4M", "-c", "write -z 40M 2M", "-c", "aio_write -P 0x11 90M 64k", "-c", "aio_flush",
 		"-c", "discard 20M 1M", "-c", "write -P 0x7e 95M 512")
 	fio := func(disk string, size string, seed int) {
 		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+		defer cancel()
 		out, err := runTool(ctx, t, "fio", "--name=w", "--ioengine=nbd", "--uri="+a.uri(disk), "--rw=randwrite",
 			"--bs=4k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
 			fmt.Sprintf("--randseed=%d", seed), "--output-format=json")
