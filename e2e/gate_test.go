@@ -39,19 +39,21 @@ func gatedCluster(t *testing.T) (*cluster, *dataGate) {
 	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
 	c.srvDir = filepath.Join(c.dir, "srv")
 	c.listen = "127.0.0.1:" + freePort(t)
-	c.dataPort = freePort(t)
 	c.dataHost = "127.0.0.2"
 	t.Cleanup(c.dumpLogsOnFailure)
-	c.startServer()
-	return c, newDataGate(t, "127.0.0.1:"+c.dataPort, c.dataHost+":"+c.dataPort)
-}
-
-func newDataGate(t *testing.T, listen, upstream string) *dataGate {
-	t.Helper()
-	l, err := net.Listen("tcp", listen)
+	// The gate takes its port first (no other process can take it after),
+	// and the server's data listener the same port on 127.0.0.2.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	_, c.dataPort, _ = net.SplitHostPort(l.Addr().String())
+	c.gate = newDataGate(t, l, c.dataHost+":"+c.dataPort)
+	c.startServer()
+	return c, c.gate
+}
+
+func newDataGate(t *testing.T, l net.Listener, upstream string) *dataGate {
 	g := &dataGate{t: t, l: l, upstream: upstream, conns: map[net.Conn]bool{}}
 	g.cond = sync.NewCond(&g.mu)
 	go g.serve()

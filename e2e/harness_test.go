@@ -217,6 +217,7 @@ type cluster struct {
 	agents   map[string]*agentProc
 	// serverArgs are extra arguments for asr server.
 	serverArgs []string
+	gate       *dataGate // between the agents and the data listener, if any
 }
 
 type agentProc struct {
@@ -276,19 +277,55 @@ func (c *cluster) startServer() {
 	if host == "" {
 		host = "127.0.0.1"
 	}
-	args := append([]string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}, c.serverArgs...)
-	c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
-	deadline := time.Now().Add(hungAfter) // a hung server, not a slow one
-	for time.Now().Before(deadline) {
-		if _, err := c.cli("status"); err == nil {
+	for attempt := 1; ; attempt++ {
+		args := append([]string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}, c.serverArgs...)
+		c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
+		if c.serverUp() {
 			return
 		}
+		// Another process on the machine (other tests run here too) took
+		// a port between freePort and the server's bind. Before any agent
+		// knows the addresses, the server can take others.
+		if attempt < 5 && len(c.agents) == 0 && strings.Contains(c.server.logTail(), "address already in use") {
+			c.t.Logf("server start %d: a port was taken meanwhile; trying others", attempt)
+			lhost, _, _ := net.SplitHostPort(c.listen)
+			c.listen = net.JoinHostPort(lhost, freePort(c.t))
+			if c.gate == nil { // a gate forwards to the data port it has
+				c.dataPort = freePort(c.t)
+			}
+			continue
+		}
+		c.t.Fatalf("server exited: %v\n%s", c.server.err, c.server.logTail())
+	}
+}
+
+// serverUp waits until the server answers (true) or exits (false).
+func (c *cluster) serverUp() bool {
+	c.t.Helper()
+	deadline := time.Now().Add(hungAfter) // a hung server, not a slow one
+	for time.Now().Before(deadline) {
+		// Ended when the server exits: if it did not get its port,
+		// whatever holds the port may never answer.
+		ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+		go func() {
+			select {
+			case <-c.server.done:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		_, err := runAsrCtx(ctx, "status", "--data", c.srvDir, "--server", c.url())
+		cancel()
+		if err == nil {
+			return true
+		}
 		if c.server.exited() {
-			c.t.Fatalf("server exited: %v\n%s", c.server.err, c.server.logTail())
+			return false
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	c.t.Fatalf("server did not come up:\n%s", c.server.logTail())
+	return false
 }
 
 // startAgent starts (or restarts, keeping its state) an agent.
@@ -350,6 +387,11 @@ func (c *cluster) cli(args ...string) (string, error) {
 func runAsr(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	return runAsrCtx(ctx, args...)
+}
+
+// runAsrCtx runs an asr command, killed when ctx is done.
+func runAsrCtx(ctx context.Context, args ...string) (string, error) {
 	cmd := contain(exec.CommandContext(ctx, asrBin, args...))
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
