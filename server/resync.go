@@ -229,13 +229,11 @@ func (s *Server) startResyncLocked(ctx context.Context, r store.Resync) {
 }
 
 // noteResyncStatus records a running resync's progress from the agent.
+// It updates the row in place, only if it is still that job's: reading the
+// row and writing it back whole could bring back a row that the applier
+// deleted in between (the job done), which would then show as running.
 func (s *Server) noteResyncStatus(id string, st *replication.ResyncStatus) {
-	r, err := s.db.Resync(s.ctx, id, st.Disk)
-	if err != nil || r.JobID != st.Job {
-		return
-	}
-	r.Total, r.Compared, r.Sent, r.LastError = st.Total, st.Compared, st.Sent, st.Error
-	s.db.PutResync(s.ctx, r)
+	s.db.UpdateResyncProgress(s.ctx, id, st.Disk, st.Job, st.Total, st.Compared, st.Sent, st.Error)
 }
 
 // ResyncRequest is the body of POST /api/v1/machines/{m}/resync.
