@@ -65,10 +65,19 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The live sections are swapped in whole by htmx's polling: a node the
+	// browser found can be gone by the time it is read or clicked
+	// ("No node with given id found"). That step did nothing and is done
+	// again on the new node.
+	stale := func(err error) bool { return err != nil && strings.Contains(err.Error(), "node with given id") }
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
-			if _, err := chromedp.Run(ctx, step); err != nil {
+			_, err := chromedp.Run(ctx, step)
+			for stale(err) {
+				_, err = chromedp.Run(ctx, step)
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -76,6 +85,9 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	text := func(sel chromedp.CSS) string {
 		t.Helper()
 		s, err := chromedp.Run(ctx, chromedp.Text(sel))
+		for stale(err) {
+			s, err = chromedp.Run(ctx, chromedp.Text(sel))
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
