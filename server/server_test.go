@@ -1160,6 +1160,33 @@ func TestOperatorResyncStartsOneJob(t *testing.T) {
 	}
 }
 
+// loopPasses counts the passes of a server's resync loop (its test hook), so
+// that a test can know the loop has looked at the rows, instead of hoping
+// it has within some time.
+type loopPasses struct{ n atomic.Int64 }
+
+// watch sets the hook on a server just opened (rig.opened).
+func (l *loopPasses) watch(s *server.Server) {
+	server.SetResyncHook(s, func(event string) {
+		if event == "pass" {
+			l.n.Add(1)
+		}
+	})
+}
+
+// waitWhole waits until a whole pass of the loop began and ended after the
+// call: two more ends of a pass.
+func (l *loopPasses) waitWhole(t *testing.T) {
+	t.Helper()
+	from, deadline := l.n.Load(), time.Now().Add(hung)
+	for l.n.Load() < from+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the resync loop made %d passes in %s", l.n.Load()-from, hung)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // A disk that grows: the replica grows and the new area is resynced, by the
 // scheduler, only once the resync window opens (injected clock); an
 // operator's request would run at once.
@@ -1173,6 +1200,8 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
 		c.ResyncEvery = 50 * time.Millisecond
 	}}
+	var loop loopPasses
+	r.opened = loop.watch
 	r.start()
 	disk := filepath.Join(dir, "d.img")
 	mustDisk(t, disk, 8<<20, 3)
@@ -1195,8 +1224,8 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	if len(rows) != 1 || !strings.Contains(rows[0].Reason, "grew") {
 		t.Fatalf("no resync scheduled for the grown disk: %+v", rows)
 	}
-	// Nothing runs at noon.
-	time.Sleep(500 * time.Millisecond)
+	// Nothing runs at noon: the loop has looked at the row and left it.
+	loop.waitWhole(t)
 	r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
 	if rows[0].State != "scheduled" || !strings.HasPrefix(rows[0].Scheduled, "2026-11-26T") {
 		t.Fatalf("at noon: %+v, want scheduled for tonight", rows[0])
@@ -1242,6 +1271,8 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
 		c.ResyncEvery = 20 * time.Millisecond
 	}}
+	var loop loopPasses
+	r.opened = loop.watch
 	r.start()
 	disk := filepath.Join(dir, "d.img")
 	mustDisk(t, disk, 8<<20, 4)
@@ -1277,7 +1308,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	if first.State != "scheduled" || first.LastError == "" {
 		t.Fatalf("after one failed attempt inside the window: %+v", first)
 	}
-	time.Sleep(200 * time.Millisecond)
+	loop.waitWhole(t) // the loop has looked at the row and left it
 	if x := rows()[0]; x.Attempts != 1 {
 		t.Fatalf("retried before its backoff: %+v", x)
 	}
@@ -1298,7 +1329,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	}
 	// Failed stays failed, even in the window.
 	at(5, 55, 0)
-	time.Sleep(200 * time.Millisecond)
+	loop.waitWhole(t)
 	if x := rows()[0]; x.State != "failed" {
 		t.Fatalf("a failed resync restarted by itself: %+v", x)
 	}
