@@ -46,8 +46,12 @@ func TestE2EAzureReplicateFailover(t *testing.T) {
 	if ps := c.processServer(); ps.Compression <= 0 {
 		t.Fatalf("process server figures: %+v", ps)
 	}
-	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x63 2M 1M") // after the point
-	time.Sleep(2 * time.Second)
+	// A write after the point, applied to the replica before the site goes:
+	// the point must not hold it.
+	from := c.status("vm1").BytesReceived
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x63 2M 1M")
+	c.waitReceived("vm1", from+1)
+	c.waitBacklog("the write after the point applied", func(n int64) bool { return n == 0 })
 
 	// The site is gone.
 	pass := filepath.Join(c.dir, "passphrase")
@@ -126,18 +130,14 @@ func TestE2EAzureOutage(t *testing.T) {
 	// 6 MiB of incompressible writes while the storage is down.
 	src := randomFile(t, c.dir, 6<<20, 43)
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", fmt.Sprintf("write -s %s 4M 6M", src))
-	time.Sleep(3 * time.Second)
-	ps := c.processServer()
-	if ps.BacklogBytes < 5<<20 {
-		t.Fatalf("storage down: the backlog is %d bytes, want the 6 MiB written", ps.BacklogBytes)
-	}
+	ps := c.waitBacklog("storage down: the 6 MiB written in the cache", func(n int64) bool { return n >= 5<<20 })
 	if st := c.status("vm1"); st.Error == "" {
 		t.Logf("machine while storage is down: %+v", st)
 	}
 	t.Logf("storage down: backlog %d bytes", ps.BacklogBytes)
 
 	az.Restart()
-	deadline := time.Now().Add(3 * time.Minute)
+	deadline := time.Now().Add(hungAfter)
 	for c.processServer().BacklogBytes != 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("the backlog did not drain: %+v\n%s", c.processServer(), c.server.logTail())
@@ -167,7 +167,7 @@ func TestE2EAzureContainerDeleted(t *testing.T) {
 		t.Fatal(err)
 	}
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x55 1M 1M")
-	deadline := time.Now().Add(2 * time.Minute)
+	deadline := time.Now().Add(hungAfter)
 	var st machineStatus
 	for st = c.status("vm1"); st.Error == ""; st = c.status("vm1") {
 		if time.Now().After(deadline) {

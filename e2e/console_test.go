@@ -5,6 +5,8 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,16 +21,23 @@ import (
 // with the admin token, the machines page, and its live refresh (htmx
 // polling) showing the initial copy finish and a new recovery point appear
 // without a reload; then a forced shutdown whose resync waits for the resync
-// window, started at once from the console after its confirmation.
+// window, started at once from the console after its confirmation. The
+// agent's data link is held part-way through the initial copy until the
+// page has shown it, so the copy cannot finish before the browser has
+// loaded the page.
 func TestE2EConsoleInChromium(t *testing.T) {
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
 	}
-	c := newCluster(t)
+	c, gate := gatedCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
-	makeRandomDisk(t, disk, 96<<20, 3)
-	a := c.startAgent("vm1", []string{"--max-rate", "16MiB"}, "data="+disk)
+	const size = 96 << 20
+	makeRandomDisk(t, disk, size, 3)
+	// 40% of the (incompressible) disk gets through, then the gate holds:
+	// the copy stays at a third (progress is recorded every 16 MiB).
+	gate.allow(size * 2 / 5)
+	a := c.startAgent("vm1", nil, "data="+disk)
 
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(browser),
@@ -48,17 +57,27 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	defer cancelA()
 	ctx, cancel := chromedp.NewContext(actx)
 	defer cancel()
-	ctx, cancelT := context.WithTimeout(ctx, 3*time.Minute)
+	// A safety net for a hung browser or server, not a pace to keep.
+	ctx, cancelT := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancelT()
 
 	token, err := os.ReadFile(filepath.Join(c.srvDir, "admin-token"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The live sections are swapped in whole by htmx's polling: a node the
+	// browser found can be gone by the time it is read or clicked
+	// ("No node with given id found"). That step did nothing and is done
+	// again on the new node.
+	stale := func(err error) bool { return err != nil && strings.Contains(err.Error(), "node with given id") }
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
-			if _, err := chromedp.Run(ctx, step); err != nil {
+			_, err := chromedp.Run(ctx, step)
+			for stale(err) {
+				_, err = chromedp.Run(ctx, step)
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -66,6 +85,9 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	text := func(sel chromedp.CSS) string {
 		t.Helper()
 		s, err := chromedp.Run(ctx, chromedp.Text(sel))
+		for stale(err) {
+			s, err = chromedp.Run(ctx, chromedp.Text(sel))
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -84,9 +106,11 @@ func TestE2EConsoleInChromium(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS("#machines")))
 
 	// waitText polls the live section until it contains want (no reloads).
-	waitText := func(want string, timeout time.Duration) string {
+	// Every state it waits for holds until the page shows it; the timeout
+	// only ends a hung run.
+	waitText := func(want string) string {
 		t.Helper()
-		deadline := time.Now().Add(timeout)
+		deadline := time.Now().Add(hungAfter)
 		var got string
 		for time.Now().Before(deadline) {
 			if got = text("#machines"); strings.Contains(got, want) {
@@ -101,10 +125,12 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitText("vm1", 30*time.Second)
-	first := waitText("Initial replication", 30*time.Second)
+	waitText("vm1")
+	st := c.waitStatus("vm1", "a third of the initial copy applied", func(st machineStatus) bool { return st.copying(0.3) })
+	first := waitText(fmt.Sprintf("Initial replication %d%%", int(math.Floor(st.Progress*100))))
 	t.Logf("during the initial copy:\n%s", first)
-	waitText("Protected", 2*time.Minute)
+	gate.release()
+	waitText("Protected")
 	// The process server's figures are under the machines.
 	if ps := text(chromedp.CSS("#process-server")); !strings.Contains(ps, "Backlog") || !strings.Contains(ps, "Compression") ||
 		!strings.Contains(ps, "Cache disk free") || !strings.Contains(ps, "file://") && !strings.Contains(ps, "localfs:") {
@@ -112,9 +138,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	}
 
 	// A new point appears by itself.
-	out := c.mustCLI("tag", "--machine", "vm1", "--wait")
-	lines := strings.Split(strings.TrimSpace(out), "\n")
-	id := lines[len(lines)-1]
+	id := c.tag("vm1")
 	var points []struct{ ID, Time string }
 	if err := json.Unmarshal([]byte(c.mustCLI("points", "--machine", "vm1", "--json")), &points); err != nil {
 		t.Fatal(err)
@@ -128,7 +152,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if when.IsZero() {
 		t.Fatalf("point %s not listed", id)
 	}
-	waitText(when.UTC().Format("2006-01-02 15:04:05"), 30*time.Second)
+	waitText(when.UTC().Format("2006-01-02 15:04:05"))
 	if after, _ := chromedp.Run(ctx, chromedp.Location()); after != url {
 		t.Fatalf("the page navigated (%s -> %s): the refresh should be in place", url, after)
 	}
@@ -139,7 +163,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	c.mustCLI("resync", "--window", now.Add(2*time.Hour).Format("15:04")+"-"+now.Add(3*time.Hour).Format("15:04"))
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("data"), "-c", "write -P 0x61 8M 64k", "-c", "write -P 0x62 40M 64k")
 	a = c.forcedShutdown(t, a, "vm1", disk, 8<<20+4096)
-	shown := waitText("Scheduled for", time.Minute)
+	shown := waitText("Scheduled for")
 	if !strings.Contains(shown, "forced shutdown") || !strings.Contains(shown, "(in 1 h") && !strings.Contains(shown, "(in 2 h") {
 		t.Fatalf("the scheduled resync shows no reason or start time:\n%s", shown)
 	}
@@ -160,7 +184,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	}
 	do(chromedp.Click(link), chromedp.WaitVisible(chromedp.CSS("#confirm-resync")),
 		chromedp.Click(chromedp.CSS("#confirm-resync")), chromedp.WaitVisible(chromedp.CSS("#machines")))
-	waitText("Protected", time.Minute)
+	waitText("Protected")
 	if s := text("#machines"); strings.Contains(s, "Scheduled for") || strings.Contains(s, "Needs resync") {
 		t.Fatalf("the resync finished but the page still shows it:\n%s", s)
 	}

@@ -93,7 +93,7 @@ func TestE2EExt4AppConsistent(t *testing.T) {
 // appTag takes an application-consistent point and checks its kind.
 func (c *cluster) appTag(t *testing.T) string {
 	t.Helper()
-	out := c.mustCLI("tag", "--machine", "vm1", "--wait", "--app")
+	out := c.mustCLI("tag", "--machine", "vm1", "--wait", "--app", "--timeout", tagTimeout)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	id := lines[len(lines)-1]
 	var points []struct{ ID, Kind string }

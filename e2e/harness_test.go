@@ -30,6 +30,11 @@ import (
 
 var asrBin string
 
+// hungAfter bounds the tests' waits for a state or an event. It is a safety
+// net that ends a hung run with a clear message, never the pace a loaded
+// machine has to keep: every wait is for something that holds once reached.
+const hungAfter = 3 * time.Minute
+
 func TestMain(m *testing.M) {
 	asrBin = os.Getenv("ASR_BIN")
 	if asrBin == "" {
@@ -116,11 +121,55 @@ func (p *proc) stop() {
 	default:
 	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.cmd.Process.Signal(syscall.SIGCONT) // in case the test left it paused
 	select {
 	case <-p.done:
-	case <-time.After(20 * time.Second):
+	case <-time.After(hungAfter):
 		p.t.Errorf("%s did not stop on SIGTERM; killing it", p.name)
 		p.kill()
+	}
+}
+
+// pause stops the process (SIGSTOP) and waits until every thread of it is
+// stopped, so that nothing it does can happen after pause returns.
+func (p *proc) pause() {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		p.t.Fatalf("stop %s: %v", p.name, err)
+	}
+	for {
+		if p.exited() {
+			p.t.Fatalf("%s exited: %v\n%s", p.name, p.err, p.logTail())
+		}
+		if p.stopped() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// stopped reports whether every thread of the process is stopped.
+func (p *proc) stopped() bool {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", p.cmd.Process.Pid))
+	for _, task := range tasks {
+		b, err := os.ReadFile(task)
+		if err != nil {
+			continue // the thread is gone
+		}
+		// pid (comm) state ...: comm may hold spaces, so look after the last ')'.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 || i+2 >= len(b) || (b[i+2] != 'T' && b[i+2] != 't') {
+			return false
+		}
+	}
+	return len(tasks) > 0
+}
+
+// resume continues a paused process (SIGCONT).
+func (p *proc) resume() {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		p.t.Fatalf("continue %s: %v", p.name, err)
 	}
 }
 
@@ -130,6 +179,21 @@ func (p *proc) exited() bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// waitLog waits until the process's log contains s.
+func (p *proc) waitLog(t *testing.T, s string) {
+	t.Helper()
+	deadline := time.Now().Add(hungAfter) // a hung process, not a slow one
+	for {
+		if b, _ := os.ReadFile(p.log); bytes.Contains(b, []byte(s)) {
+			return
+		}
+		if p.exited() || time.Now().After(deadline) {
+			t.Fatalf("%s never logged %q:\n%s", p.name, s, p.logTail())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
@@ -153,6 +217,7 @@ type cluster struct {
 	agents   map[string]*agentProc
 	// serverArgs are extra arguments for asr server.
 	serverArgs []string
+	gate       *dataGate // between the agents and the data listener, if any
 }
 
 type agentProc struct {
@@ -181,23 +246,27 @@ func newCluster(t *testing.T) *cluster { return newClusterArgs(t) }
 func newClusterArgs(t *testing.T, serverArgs ...string) *cluster {
 	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}, serverArgs: serverArgs}
 	c.srvDir = filepath.Join(c.dir, "srv")
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		logs, _ := filepath.Glob(filepath.Join(c.dir, "*.log"))
-		for _, l := range logs {
-			b, _ := os.ReadFile(l)
-			if len(b) > 8000 {
-				b = b[len(b)-8000:]
-			}
-			t.Logf("--- %s (tail) ---\n%s", filepath.Base(l), b)
-		}
-	})
+	t.Cleanup(c.dumpLogsOnFailure)
 	c.listen = "127.0.0.1:" + freePort(t)
 	c.dataPort = freePort(t)
 	c.startServer()
 	return c
+}
+
+// dumpLogsOnFailure logs the tail of every process's log if the test
+// failed.
+func (c *cluster) dumpLogsOnFailure() {
+	if !c.t.Failed() {
+		return
+	}
+	logs, _ := filepath.Glob(filepath.Join(c.dir, "*.log"))
+	for _, l := range logs {
+		b, _ := os.ReadFile(l)
+		if len(b) > 8000 {
+			b = b[len(b)-8000:]
+		}
+		c.t.Logf("--- %s (tail) ---\n%s", filepath.Base(l), b)
+	}
 }
 
 func (c *cluster) url() string { return "https://" + c.listen }
@@ -208,19 +277,55 @@ func (c *cluster) startServer() {
 	if host == "" {
 		host = "127.0.0.1"
 	}
-	args := append([]string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}, c.serverArgs...)
-	c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if _, err := c.cli("status"); err == nil {
+	for attempt := 1; ; attempt++ {
+		args := append([]string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}, c.serverArgs...)
+		c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
+		if c.serverUp() {
 			return
 		}
+		// Another process on the machine (other tests run here too) took
+		// a port between freePort and the server's bind. Before any agent
+		// knows the addresses, the server can take others.
+		if attempt < 5 && len(c.agents) == 0 && strings.Contains(c.server.logTail(), "address already in use") {
+			c.t.Logf("server start %d: a port was taken meanwhile; trying others", attempt)
+			lhost, _, _ := net.SplitHostPort(c.listen)
+			c.listen = net.JoinHostPort(lhost, freePort(c.t))
+			if c.gate == nil { // a gate forwards to the data port it has
+				c.dataPort = freePort(c.t)
+			}
+			continue
+		}
+		c.t.Fatalf("server exited: %v\n%s", c.server.err, c.server.logTail())
+	}
+}
+
+// serverUp waits until the server answers (true) or exits (false).
+func (c *cluster) serverUp() bool {
+	c.t.Helper()
+	deadline := time.Now().Add(hungAfter) // a hung server, not a slow one
+	for time.Now().Before(deadline) {
+		// Ended when the server exits: if it did not get its port,
+		// whatever holds the port may never answer.
+		ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+		go func() {
+			select {
+			case <-c.server.done:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		_, err := runAsrCtx(ctx, "status", "--data", c.srvDir, "--server", c.url())
+		cancel()
+		if err == nil {
+			return true
+		}
 		if c.server.exited() {
-			c.t.Fatalf("server exited: %v\n%s", c.server.err, c.server.logTail())
+			return false
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	c.t.Fatalf("server did not come up:\n%s", c.server.logTail())
+	return false
 }
 
 // startAgent starts (or restarts, keeping its state) an agent.
@@ -254,7 +359,7 @@ func (c *cluster) startAgentIn(ns *netns, name string, extra []string, disks ...
 		a.proc = startProc(c.t, name, filepath.Join(c.dir, name+".log"), args...)
 	}
 	// Ready when its NBD socket answers.
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(hungAfter) // a hung agent, not a slow one
 	for time.Now().Before(deadline) {
 		if conn, err := net.Dial("unix", a.sock); err == nil {
 			conn.Close()
@@ -282,6 +387,11 @@ func (c *cluster) cli(args ...string) (string, error) {
 func runAsr(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	return runAsrCtx(ctx, args...)
+}
+
+// runAsrCtx runs an asr command, killed when ctx is done.
+func runAsrCtx(ctx context.Context, args ...string) (string, error) {
 	cmd := contain(exec.CommandContext(ctx, asrBin, args...))
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -311,6 +421,18 @@ type machineStatus struct {
 	CacheBytes    int64   `json:"cache_bytes"`
 	Error         string  `json:"error"`
 	Reason        string  `json:"reason"`
+	Disks         []struct {
+		Name     string  `json:"name"`
+		State    string  `json:"state"`
+		Progress float64 `json:"progress"`
+	} `json:"disks"`
+}
+
+// copying reports whether the machine's disks are known (a machine with
+// none yet shows as initial, at 100%) and in their initial copy, at least
+// at progress p.
+func (st machineStatus) copying(p float64) bool {
+	return len(st.Disks) > 0 && st.State == "initial" && st.Progress >= p && st.Progress < 1
 }
 
 func (c *cluster) status(name string) machineStatus {
@@ -326,9 +448,11 @@ func (c *cluster) status(name string) machineStatus {
 	return ms[0]
 }
 
+// waitState waits until a machine is in a state. The timeout is a safety
+// net for a hung run, at least hungAfter.
 func (c *cluster) waitState(name, state string, timeout time.Duration) machineStatus {
 	c.t.Helper()
-	deadline := time.Now().Add(timeout)
+	deadline := time.Now().Add(max(timeout, hungAfter))
 	for {
 		st := c.status(name)
 		if st.State == state {
@@ -344,10 +468,43 @@ func (c *cluster) waitState(name, state string, timeout time.Duration) machineSt
 	}
 }
 
+// waitStatus waits until a machine's status satisfies ok. The condition
+// must be one that holds once reached (the test holds what would move it
+// on); the timeout only ends a hung run.
+func (c *cluster) waitStatus(name, what string, ok func(machineStatus) bool) machineStatus {
+	c.t.Helper()
+	deadline := time.Now().Add(hungAfter)
+	for {
+		st := c.status(name)
+		if ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("machine %s: %+v; waited for: %s\nserver log:\n%s", name, st, what, c.server.logTail())
+		}
+		if a, ok := c.agents[name]; ok && a.proc != nil && a.exited() {
+			c.t.Fatalf("agent %s exited: %v\n%s", name, a.err, a.logTail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// waitReceived waits until the server has received at least n bytes from
+// a machine's agent.
+func (c *cluster) waitReceived(name string, n int64) machineStatus {
+	c.t.Helper()
+	return c.waitStatus(name, fmt.Sprintf("%d bytes received", n), func(st machineStatus) bool { return st.BytesReceived >= n })
+}
+
+// tagTimeout is how long the tests let `asr tag --wait` wait for a point:
+// a safety net (the CLI's default, 2 min, can pass on a loaded machine with
+// a backlog to apply first).
+const tagTimeout = "5m"
+
 // tag asks for a point and returns its id (the last line of the output).
 func (c *cluster) tag(machine string) string {
 	c.t.Helper()
-	out := c.mustCLI("tag", "--machine", machine, "--wait")
+	out := c.mustCLI("tag", "--machine", machine, "--wait", "--timeout", tagTimeout)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	return lines[len(lines)-1]
 }

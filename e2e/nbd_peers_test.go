@@ -407,7 +407,7 @@ func TestNBDPeerClientAgainstNbdkit(t *testing.T) {
 		cancel()
 		cmd.Wait()
 	})
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(hungAfter)
 	for {
 		c, err := net.Dial("unix", sock)
 		if err == nil {

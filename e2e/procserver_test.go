@@ -23,6 +23,23 @@ type processServer struct {
 	CacheState   string  `json:"cache_state"`
 }
 
+// waitBacklog waits until the process server's backlog satisfies ok (a
+// state that holds once reached; the timeout only ends a hung run).
+func (c *cluster) waitBacklog(what string, ok func(int64) bool) processServer {
+	c.t.Helper()
+	deadline := time.Now().Add(hungAfter)
+	for {
+		ps := c.processServer()
+		if ok(ps.BacklogBytes) {
+			return ps
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("process server %+v; waited for: %s\n%s", ps, what, c.server.logTail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func (c *cluster) processServer() processServer {
 	c.t.Helper()
 	var ps processServer
@@ -92,7 +109,8 @@ func TestE2ECacheDiskCritical(t *testing.T) {
 
 	fillFS(t, filepath.Join(tgt, "filler"))                 // nothing drains
 	fillFSTo(t, filepath.Join(c.srvDir, "filler"), 100<<20) // under 20% of 512 MiB free
-	deadline := time.Now().Add(10 * time.Second)
+	// The disk is sampled every second; the deadline only ends a hung run.
+	deadline := time.Now().Add(hungAfter)
 	for c.processServer().CacheState != "critical" {
 		if time.Now().After(deadline) {
 			t.Fatalf("cache disk not critical: %+v", c.processServer())
@@ -104,7 +122,12 @@ func TestE2ECacheDiskCritical(t *testing.T) {
 	}
 	// 160 MiB of incompressible writes: more than the cache disk holds.
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -s "+randomFile(t, c.dir, 160<<20, 32)+" 32M 160M")
-	time.Sleep(5 * time.Second)
+	// The cache takes data up to its 64 MiB (nothing drains: the target is
+	// full) and then stops reading; a state that holds.
+	c.waitBacklog("the cache filled up to its limit on a critical disk", func(n int64) bool { return n > 64<<20 })
+	// A broken limit would let the backlog grow on from there: give it a
+	// moment to show. (A working one holds it however long this takes.)
+	time.Sleep(2 * time.Second)
 	ps := c.processServer()
 	if ps.BacklogBytes > 80<<20 || ps.CacheState != "critical" {
 		t.Fatalf("the cache took %d bytes on a critical disk (state %s)", ps.BacklogBytes, ps.CacheState)
@@ -113,7 +136,7 @@ func TestE2ECacheDiskCritical(t *testing.T) {
 
 	os.Remove(filepath.Join(c.srvDir, "filler"))
 	os.Remove(filepath.Join(tgt, "filler"))
-	deadline = time.Now().Add(2 * time.Minute)
+	deadline = time.Now().Add(hungAfter)
 	for {
 		ps := c.processServer()
 		st := c.status("vm1")

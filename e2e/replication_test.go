@@ -36,14 +36,14 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	makeDisk(t, d1, 64<<20, 2)
 	a := c.startAgent("vm1", nil, "d0="+d0, "d1="+d1)
 
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
 	// Writes during the initial copy.
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d0"),
 		"-c", "write -P 0x5a 1M 4M", "-c", "write -z 40M 2M", "-c", "aio_write -P 0x11 90M 64k", "-c", "aio_flush",
 		"-c", "discard 20M 1M", "-c", "write -P 0x7e 95M 512")
 	fio := func(disk string, size string, seed int) {
 		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+		defer cancel()
 		out, err := runTool(ctx, t, "fio", "--name=w", "--ioengine=nbd", "--uri="+a.uri(disk), "--rw=randwrite",
 			"--bs=4k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
 			fmt.Sprintf("--randseed=%d", seed), "--output-format=json")
@@ -146,26 +146,18 @@ func TestE2EWrongPassphrase(t *testing.T) {
 // initial copy; after a restart the copy resumes (the server received less
 // than 1.2 x the disk size in all) and the latest point equals the source.
 func TestE2EKillAgentDuringInitial(t *testing.T) {
-	c := newCluster(t)
+	c, gate := gatedCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
-	const size = 192 << 20
+	const size = 96 << 20
 	makeRandomDisk(t, disk, size, 5)
-	// Throttled so the kill lands mid-copy.
-	a := c.startAgent("vm1", []string{"--max-rate", "40MiB"}, "d="+disk)
-	deadline := time.Now().Add(2 * time.Minute)
-	var st machineStatus
-	for {
-		st = c.status("vm1")
-		if st.Progress > 0.3 && st.State == "initial" {
-			break
-		}
-		if st.State == "protected" || time.Now().After(deadline) {
-			t.Fatalf("could not catch the initial copy in progress: %+v", st)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	// The gate lets 40% of the disk (incompressible) through, then holds:
+	// the kill lands mid-copy however fast or slow the copy runs.
+	gate.allow(size * 2 / 5)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	st := c.waitStatus("vm1", "the server applied 30% of the copy", func(st machineStatus) bool { return st.copying(0.3) })
 	a.kill()
-	t.Logf("killed the agent at %.0f%% (applied on the server)", st.Progress*100)
+	t.Logf("killed the agent at %.0f%% (applied on the server; %d bytes let through)", st.Progress*100, gate.sent())
+	gate.release()
 	c.startAgent("vm1", nil)
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x33 7M 1M")
 	c.waitState("vm1", "protected", 3*time.Minute)
@@ -188,7 +180,7 @@ func TestE2EKillDuringDelta(t *testing.T) {
 	makeRandomDisk(t, disk, size, 6)
 	a := c.startAgent("vm1", nil, "d="+disk)
 	initial := c.waitState("vm1", "protected", 3*time.Minute).BytesReceived
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute) // fio runs 4 s at a time
 	defer cancel()
 	written := int64(0)
 	fioRun := func(ctx context.Context, seconds int, seed int) *background {
@@ -207,14 +199,15 @@ func TestE2EKillDuringDelta(t *testing.T) {
 	// libnbd, so it is stopped too (as the guest's I/O would be).
 	fctx, stopFio := context.WithCancel(ctx)
 	bg := fioRun(fctx, 4, 1)
-	time.Sleep(2 * time.Second)
+	c.waitReceived("vm1", initial+1<<20) // fio's writes are flowing
 	a.kill()
 	stopFio()
 	bg.wait()
 	c.startAgent("vm1", nil)
 	// Server killed under load: the agent spools and resends from the last ack.
+	from := c.status("vm1").BytesReceived
 	bg = fioRun(ctx, 4, 2)
-	time.Sleep(2 * time.Second)
+	c.waitReceived("vm1", from+1<<20)
 	c.server.kill()
 	time.Sleep(500 * time.Millisecond)
 	c.startServer()

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/asrdr/asr/replication"
 )
 
 // resyncRow is a row of GET /machines/{m}/resync as the CLI prints it.
@@ -37,7 +39,7 @@ func (c *cluster) resyncDone(t *testing.T, machine string) (compared, sent int64
 // containing want.
 func (c *cluster) waitReason(t *testing.T, machine, want string) machineStatus {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(hungAfter)
 	for {
 		st := c.status(machine)
 		if st.State == "resync" && strings.Contains(st.Reason, want) {
@@ -142,8 +144,77 @@ func pendingChanges(t *testing.T, seed uint64) (*cluster, string, string, *agent
 	c.waitState("vm1", "protected", time.Minute)
 	fillFS(t, filepath.Join(tgt, "filler"))
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x41 1M 6M", "-c", "write -P 0x42 20M 6M")
-	time.Sleep(3 * time.Second)
+	// Every change is acknowledged (the agent drops them) and in a sealed
+	// cache segment.
+	last := a.freshStats(t).NextSeq - 1
+	a.waitStats(t, fmt.Sprintf("changes up to %d acknowledged", last), func(st agentStats) bool { return st.Acked >= last })
+	c.waitSealed(t, last)
 	return c, tgt, disk, a
+}
+
+// agentStats is the part of an agent's STATE/stats.json the tests read.
+type agentStats struct {
+	Acked   uint64 `json:"acked"`    // the server holds every change up to it
+	NextSeq uint64 `json:"next_seq"` // of the next change the agent logs
+}
+
+func (a *agentProc) readStats() (agentStats, bool) {
+	var st agentStats
+	b, err := os.ReadFile(filepath.Join(a.state, "stats.json"))
+	return st, err == nil && json.Unmarshal(b, &st) == nil
+}
+
+// waitStats waits until the agent's figures satisfy ok.
+func (a *agentProc) waitStats(t *testing.T, what string, ok func(agentStats) bool) agentStats {
+	t.Helper()
+	deadline := time.Now().Add(hungAfter) // a hung agent, not a slow one
+	for {
+		if st, read := a.readStats(); read && ok(st) {
+			return st
+		}
+		if a.exited() {
+			t.Fatalf("agent %s exited: %v\n%s", a.name, a.err, a.logTail())
+		}
+		if time.Now().After(deadline) {
+			st, _ := a.readStats()
+			t.Fatalf("agent %s: %+v; waited for: %s", a.name, st, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// freshStats returns the agent's figures as computed after the call
+// began. The agent rewrites stats.json every second, one save after the
+// other (each atomic): of the files that appear after it is removed, the
+// second was computed after the first had appeared, that is after the
+// call began.
+func (a *agentProc) freshStats(t *testing.T) agentStats {
+	t.Helper()
+	var st agentStats
+	for range 2 {
+		os.Remove(filepath.Join(a.state, "stats.json"))
+		st = a.waitStats(t, "stats.json written again", func(agentStats) bool { return true })
+	}
+	return st
+}
+
+// waitSealed waits until the server's cache holds a sealed segment that
+// ends at seq or later.
+func (c *cluster) waitSealed(t *testing.T, seq uint64) {
+	t.Helper()
+	deadline := time.Now().Add(hungAfter) // a hung server, not a slow one
+	for {
+		segs, _ := filepath.Glob(filepath.Join(c.srvDir, "cache", "*", "*.seg"))
+		for _, s := range segs {
+			if _, last, ok := replication.ParseSegmentName(filepath.Base(s)); ok && last >= seq {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no sealed cache segment reaches seq %d: %v\n%s", seq, segs, c.server.logTail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // TestE2EResyncComparesAfterTheLog: the log holds changes the replica has
@@ -165,7 +236,9 @@ func TestE2EResyncComparesAfterTheLog(t *testing.T) {
 	f.WriteAt(orig, 1<<20)
 	f.Close()
 	c.mustCLI("resync", "--machine", "vm1")
-	time.Sleep(2 * time.Second) // the compare waits for the log: let it wait
+	// The compare must wait for the log, which cannot be applied while the
+	// target is full: it stays waiting until the test has seen it wait.
+	c.server.waitLog(t, "resync compare waits until the replica has applied the log")
 	os.Remove(filepath.Join(tgt, "filler"))
 	c.mustCLI("resync", "--machine", "vm1", "--wait")
 	c.waitState("vm1", "protected", time.Minute)
@@ -266,7 +339,7 @@ func TestE2EResyncSpoolOverflow(t *testing.T) {
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x51 0 8M", "-c", "write -P 0x52 8M 8M",
 		"-c", "write -P 0x53 16M 8M")
 	c.startServer()
-	deadline := time.Now().Add(2 * time.Minute)
+	deadline := time.Now().Add(hungAfter)
 	var marked int64 = -1
 	for marked < 0 {
 		var es []struct{ Kind, Message string }
@@ -316,15 +389,16 @@ func TestE2EResyncSequenceGap(t *testing.T) {
 }
 
 // TestE2EResyncUnderWritesAndKill: a resync while fio writes through the
-// splitter, with the agent killed in the middle: it resumes where it was
-// (the bytes compared stay under 1.5 x the disk) and ends bit-exact.
+// splitter, with the agent killed past half of the compare: it resumes
+// where it was (the bytes compared stay under 1.5 x the disk; starting over
+// would pass it) and ends bit-exact.
 func TestE2EResyncUnderWritesAndKill(t *testing.T) {
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
-	const size = 1 << 30
+	const size = 256 << 20
 	makeRandomDisk(t, disk, size, 23)
-	// The compare is paced (--resync-rate) so that the kill lands in it.
-	a := c.startAgent("vm1", []string{"--resync-rate", "128MiB"}, "d="+disk)
+	// The compare is paced (--resync-rate), a batch (64 MiB) at a time.
+	a := c.startAgent("vm1", []string{"--resync-rate", "64MiB"}, "d="+disk)
 	c.waitState("vm1", "protected", 3*time.Minute)
 	var offs []int64
 	for i := int64(0); i < 100; i++ {
@@ -338,31 +412,38 @@ func TestE2EResyncUnderWritesAndKill(t *testing.T) {
 	defer stopFio()
 	fio.run(func() error {
 		_, err := runTool(fctx, t, "fio", "--name=w", "--ioengine=nbd", "--uri="+a.uri("d"), "--rw=randwrite",
-			"--bs=4k", "--iodepth=4", "--size=1G", "--time_based", "--runtime=6", "--rate=4m")
+			"--bs=4k", "--iodepth=4", fmt.Sprintf("--size=%d", size), "--time_based", "--runtime=6", "--rate=4m")
 		return err
 	})
 	c.mustCLI("resync", "--machine", "vm1")
-	// Kill the agent part-way through the compare.
-	deadline := time.Now().Add(time.Minute)
+	// Kill the agent past half of the compare, before its end. The agent
+	// runs in short slices and its saved position is read while it is
+	// stopped, so the kill lands exactly where the test saw it, however
+	// loaded the machine.
+	var seen bool
+	deadline := time.Now().Add(hungAfter) // a hung agent, not a slow one
 	for {
-		out := c.mustCLI("resync", "--machine", "vm1", "--status")
-		var comp, total int64
-		if i := strings.Index(out, "compared "); i >= 0 {
-			fmt.Sscanf(out[i:], "compared %d of %d", &comp, &total)
-		}
-		if comp > 0 && comp < total {
+		a.pause()
+		rs := agentResync(t, a)
+		if rs != nil && rs.Compared >= size/2 && rs.Cursor < size {
+			t.Logf("killing the agent with %d of %d bytes compared", rs.Compared, int64(size))
 			break
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("could not catch the resync in progress: %s", out)
+		if rs == nil && seen {
+			t.Fatalf("the resync ended before the test saw it past half: a slice of 50 ms ran for two 64 MiB batches (2 s)\n%s", a.logTail())
 		}
-		time.Sleep(20 * time.Millisecond)
+		seen = seen || rs != nil
+		if time.Now().After(deadline) {
+			t.Fatalf("the resync did not start or progress: %+v\n%s", rs, a.logTail())
+		}
+		a.resume()
+		time.Sleep(50 * time.Millisecond) // the slice the agent runs for
 	}
 	a.kill()
 	stopFio()
 	fio.wait() // fio loses its server: an error is expected
 	a = c.startAgent("vm1", nil)
-	deadline = time.Now().Add(2 * time.Minute)
+	deadline = time.Now().Add(hungAfter)
 	for !strings.Contains(c.mustCLI("events", "--machine", "vm1"), "resync-done") || c.status("vm1").State != "protected" {
 		if time.Now().After(deadline) {
 			t.Fatalf("resync did not finish after the restart: %+v\n%s", c.status("vm1"), a.logTail())
@@ -379,6 +460,29 @@ func TestE2EResyncUnderWritesAndKill(t *testing.T) {
 	id := c.tag("vm1")
 	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
 	t.Logf("resync under writes, killed and resumed: compared %d bytes of %d, sent %d", compared, int64(size), sent)
+}
+
+// agentResyncState is the part of the agent's saved resync the tests read.
+type agentResyncState struct {
+	Cursor   int64 `json:"cursor"`
+	Compared int64 `json:"compared"`
+}
+
+// agentResync reads the resync in progress from an agent's saved state
+// (nil: none). Read it while the agent is paused.
+func agentResync(t *testing.T, a *agentProc) *agentResyncState {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(a.state, "state.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Resync *agentResyncState `json:"resync"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatalf("agent state: %v", err)
+	}
+	return st.Resync
 }
 
 // TestE2EDiskShrinkRefused: a protected disk that shrank is a clear error.

@@ -309,7 +309,7 @@ func TestScheduledScrub(t *testing.T) {
 func waitScheduledTicks(t *testing.T, r *rig) {
 	t.Helper()
 	for i := 0; i < 3; i++ {
-		before := r.srv.LoopTicks()
-		waitFor(t, "the resync loop", func() bool { return r.srv.LoopTicks() > before })
+		before := server.LoopTicks(r.srv)
+		waitFor(t, "the resync loop", func() bool { return server.LoopTicks(r.srv) > before })
 	}
 }

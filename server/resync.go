@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -164,11 +165,33 @@ func (s *Server) resyncLoop() {
 		}
 		for _, r := range rows {
 			if r.State == store.ResyncScheduled {
-				s.maybeStartResync(s.ctx, r)
+				s.maybeStartResync(s.ctx, r.MachineID, r.Disk)
 			}
 		}
 		s.maybeScrub(s.ctx)
 		s.loopTicks.Add(1)
+		s.resyncHook("pass")
+	}
+}
+
+// resyncStarts serializes the starts of resyncs. A start reads the row,
+// checks it is still scheduled, starts the job on the agent and saves the
+// row as running; the loop and an operator's request (which marks the row
+// scheduled first) both start rows, so without this both could read the
+// same scheduled row and start two jobs for one disk, the second replacing
+// the first on the agent. Only starts take it: the applier's and the
+// agent's updates of a row never wait behind a start.
+type resyncStarts struct {
+	mu sync.Mutex
+	// hook, when set (tests only, before Run), is called at "attempt"
+	// (before a start takes mu), "start" (before the job goes to the agent)
+	// and "pass" (after each pass of the loop).
+	hook func(event string)
+}
+
+func (s *Server) resyncHook(event string) {
+	if h := s.resyncStart.hook; h != nil {
+		h(event)
 	}
 }
 
@@ -181,7 +204,22 @@ func resyncBackoff(n int) time.Duration {
 // maxManualAttempts bounds the retries of an operator's resync.
 const maxManualAttempts = 3
 
-func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
+// maybeStartResync starts a disk's resync if its row is still scheduled
+// and due.
+func (s *Server) maybeStartResync(ctx context.Context, machineID string, disk uint32) {
+	s.resyncHook("attempt")
+	s.resyncStart.mu.Lock()
+	defer s.resyncStart.mu.Unlock()
+	r, err := s.db.Resync(ctx, machineID, disk)
+	if err != nil || r.State != store.ResyncScheduled {
+		return // gone, or started (or failed) meanwhile
+	}
+	s.startResyncLocked(ctx, r)
+}
+
+// startResyncLocked starts the scheduled resync r, read under
+// s.resyncStart.mu, if it is due.
+func (s *Server) startResyncLocked(ctx context.Context, r store.Resync) {
 	now := s.now()
 	m, err := s.db.Machine(ctx, r.MachineID)
 	if err != nil {
@@ -199,6 +237,7 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 		return
 	}
 	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Ranges: r.Ranges, Verify: r.Verify}
+	s.resyncHook("start")
 	err = s.ps.StartResync(ctx, m.ID, job)
 	if err == nil {
 		r.State, r.JobID, r.StartedAt, r.LastError = store.ResyncRunning, job.ID, now, ""
@@ -219,13 +258,11 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 }
 
 // noteResyncStatus records a running resync's progress from the agent.
+// It updates the row in place, only if it is still that job's: reading the
+// row and writing it back whole could bring back a row that the applier
+// deleted in between (the job done), which would then show as running.
 func (s *Server) noteResyncStatus(id string, st *replication.ResyncStatus) {
-	r, err := s.db.Resync(s.ctx, id, st.Disk)
-	if err != nil || r.JobID != st.Job {
-		return
-	}
-	r.Total, r.Compared, r.Sent, r.LastError = st.Total, st.Compared, st.Sent, st.Error
-	s.db.PutResync(s.ctx, r)
+	s.db.UpdateResyncProgress(s.ctx, id, st.Disk, st.Job, st.Total, st.Compared, st.Sent, st.Error)
 }
 
 // ResyncRequest is the body of POST /api/v1/machines/{m}/resync.
@@ -292,26 +329,39 @@ func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string
 	}
 	out := []ResyncJSON{}
 	for _, d := range picked {
-		row, err := s.db.Resync(ctx, m.ID, d.Index)
-		if errors.Is(err, store.ErrNotFound) {
-			row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator request", RequestedAt: s.now()}
-		} else if err != nil {
+		row, err := s.requestResync(ctx, m, d)
+		if err != nil {
 			return nil, err
 		}
-		if row.State == store.ResyncRunning {
-			out = append(out, s.resyncJSON(ctx, m, d, row))
-			continue // already running
-		}
-		row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
-		if err := s.db.PutResync(ctx, row); err != nil {
-			return nil, err
-		}
-		s.log.Info("resync requested", "machine", m.ID, "disk", d.Name, "reason", row.Reason)
-		s.maybeStartResync(ctx, row)
-		row, _ = s.db.Resync(ctx, m.ID, d.Index)
 		out = append(out, s.resyncJSON(ctx, m, d, row))
 	}
 	return out, nil
+}
+
+// requestResync marks disk d's resync an operator's and starts it, unless
+// it is running; it returns the row as it is then. The row is read, marked
+// and started under s.resyncStart.mu, so the loop cannot start it too.
+func (s *Server) requestResync(ctx context.Context, m store.Machine, d store.Disk) (store.Resync, error) {
+	s.resyncHook("attempt")
+	s.resyncStart.mu.Lock()
+	defer s.resyncStart.mu.Unlock()
+	row, err := s.db.Resync(ctx, m.ID, d.Index)
+	if errors.Is(err, store.ErrNotFound) {
+		row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator request", RequestedAt: s.now()}
+	} else if err != nil {
+		return row, err
+	}
+	if row.State == store.ResyncRunning {
+		return row, nil // already running
+	}
+	row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
+	if err := s.db.PutResync(ctx, row); err != nil {
+		return row, err
+	}
+	s.log.Info("resync requested", "machine", m.ID, "disk", d.Name, "reason", row.Reason)
+	s.startResyncLocked(ctx, row)
+	row, _ = s.db.Resync(ctx, m.ID, d.Index)
+	return row, nil
 }
 
 func (s *Server) handleResyncs(w http.ResponseWriter, r *http.Request) error {

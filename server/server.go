@@ -133,6 +133,8 @@ type Server struct {
 	rpoMu     sync.Mutex
 	rpoOver   map[string]bool // machines whose RPO is over their threshold
 
+	resyncStart resyncStarts // one start of a resync at a time (resync.go)
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup

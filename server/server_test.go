@@ -45,7 +45,12 @@ type rig struct {
 	client     *server.Client
 	log        *slog.Logger
 	tune       func(*server.Config) // adjusts the config before each start
+	opened     func(*server.Server) // called after each Open, before Run
 }
+
+// hung bounds every wait of these tests for a state: a safety net that ends
+// a hung run, never the pace a loaded machine has to keep.
+const hung = 3 * time.Minute
 
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -76,6 +81,9 @@ func (r *rig) start() {
 		t.Fatal(err)
 	}
 	r.listen, r.dataListen = srv.Addr().String(), srv.DataAddr().String()
+	if r.opened != nil {
+		r.opened(srv)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.srv, r.srvCtx, r.srvErr = srv, cancel, make(chan error, 1)
 	go func() { r.srvErr <- srv.Run(ctx) }()
@@ -172,7 +180,7 @@ func (r *rig) machine(name string) web.Machine {
 
 func (r *rig) waitProtected(name string) {
 	r.t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(hung)
 	for time.Now().Before(deadline) {
 		var m web.Machine
 		if err := r.client.Do(context.Background(), http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == replication.StateProtected {
@@ -434,7 +442,8 @@ func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
 		}
 		c.Write(junk)
 		c.CloseWrite() // no more bytes: a short junk becomes a truncated frame
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		// A connection the server kept open would stay open for good.
+		c.SetReadDeadline(time.Now().Add(hung))
 		if _, err := io.ReadAll(c); err != nil && !errors.Is(err, io.EOF) {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -443,7 +452,7 @@ func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
 		}
 		c.Close()
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(hung)
 	for !strings.Contains(logs.String(), "protocol error") && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -479,7 +488,7 @@ func TestPolicyReachesRunningAgent(t *testing.T) {
 	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", server.AssignRequest{Policy: "fast"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(hung)
 	for len(points) < 2 && time.Now().Before(deadline) {
 		time.Sleep(200 * time.Millisecond)
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
@@ -487,7 +496,7 @@ func TestPolicyReachesRunningAgent(t *testing.T) {
 		}
 	}
 	if len(points) < 2 {
-		t.Fatalf("%d points 20 s after assigning a 5 s policy", len(points))
+		t.Fatalf("%d points %s after assigning a 5 s policy", len(points), hung)
 	}
 	for _, p := range points {
 		if p.Kind != "crash" {
@@ -613,7 +622,7 @@ func TestRetentionPrunesAndReclaims(t *testing.T) {
 		t.Fatalf("%d snapshot files for 4 points", n)
 	}
 	clock.Add(int64(2 * time.Hour)) // every point is now past the retention
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(hung)
 	var points []server.PointJSON
 	for time.Now().Before(deadline) {
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
@@ -658,7 +667,7 @@ func TestRPOThresholdEvents(t *testing.T) {
 	}
 	waitEvent := func(kind string) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
+		deadline := time.Now().Add(hung)
 		for time.Now().Before(deadline) {
 			for _, e := range events() {
 				if e.Kind == kind {
@@ -859,7 +868,19 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 	}()
 	var gps []server.GroupPointJSON
 	for i := 0; i < 5; i++ {
-		time.Sleep(100 * time.Millisecond)
+		// Each cut comes after at least 20 more writes, however slow
+		// they are.
+		from, deadline := wrote.Load(), time.Now().Add(hung)
+		for wrote.Load() < from+20 {
+			if time.Now().After(deadline) {
+				t.Fatalf("the writer is stuck at write %d", wrote.Load())
+			}
+			select {
+			case err := <-done:
+				t.Fatalf("the writer stopped: %v", err)
+			case <-time.After(time.Millisecond):
+			}
+		}
 		var gp server.GroupPointJSON
 		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/groups/g/points", TagRequestNoWait(), &gp); err != nil {
 			t.Fatal(err)
@@ -943,32 +964,41 @@ func TestScanModeDisk(t *testing.T) {
 	if _, err := f.WriteAt(make([]byte, 1<<20), 0); err != nil { // a block zeroed
 		t.Fatal(err)
 	}
-	time.Sleep(2500 * time.Millisecond) // at least one scan pass
-	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p.Kind != replication.PointInconsistent {
-		t.Fatalf("a point of a machine with a scan disk has kind %q, want %q", p.Kind, replication.PointInconsistent)
-	}
-	out := filepath.Join(dir, "out1")
-	r.recover("vm1", p.ID, out)
-	if fileSum(t, filepath.Join(out, "root.img")) != fileSum(t, root) || fileSum(t, filepath.Join(out, "data.img")) != fileSum(t, data) {
-		t.Fatal("recovered disks differ from the sources after a scan")
+	// A scan pass (every second) picks the changes up: points are taken
+	// until one holds them. A point never splits a pass (both take the
+	// agent's point lock), so a point either holds a pass's changes or not.
+	deadline := time.Now().Add(hung)
+	for n := 1; ; n++ {
+		p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Kind != replication.PointInconsistent {
+			t.Fatalf("a point of a machine with a scan disk has kind %q, want %q", p.Kind, replication.PointInconsistent)
+		}
+		out := filepath.Join(dir, fmt.Sprintf("out1-%d", n))
+		r.recover("vm1", p.ID, out)
+		if fileSum(t, filepath.Join(out, "root.img")) == fileSum(t, root) && fileSum(t, filepath.Join(out, "data.img")) == fileSum(t, data) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("recovered disks still differ from the sources after %d points in %s of scans", n, hung)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	// A change right before an application-consistent point is in it: the
 	// point scans while frozen.
 	if _, err := f.WriteAt(bytes.Repeat([]byte{0x5a}, 4096), 6<<20); err != nil {
 		t.Fatal(err)
 	}
-	p, err = r.client.Tag(ctx, "vm1", true, time.Minute)
+	p, err := r.client.Tag(ctx, "vm1", true, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if p.Kind != replication.PointApp {
 		t.Fatalf("application-consistent point has kind %q", p.Kind)
 	}
-	out = filepath.Join(dir, "out2")
+	out := filepath.Join(dir, "out2")
 	r.recover("vm1", p.ID, out)
 	if fileSum(t, filepath.Join(out, "root.img")) != fileSum(t, root) {
 		t.Fatal("the application-consistent point misses a change made just before it")
@@ -1009,7 +1039,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 		t.Fatalf("resync not started at once: %+v", rows)
 	}
 	// Done when the disk is protected again and the row is gone.
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(hung)
 	for {
 		var left []server.ResyncJSON
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &left)
@@ -1050,6 +1080,113 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 	t.Logf("compared %d bytes, sent %d (%d blocks changed)", compared, sent, changed)
 }
 
+// One operator request starts one resync job, even when the resync loop
+// runs while the request is starting it: the request marks the row
+// scheduled, and the loop, which starts scheduled rows, must not start it a
+// second time (the second job would replace the first on the agent). The
+// request's start is held until the loop has tried the row.
+func TestOperatorResyncStartsOneJob(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	var attempts, starts, passes atomic.Int64
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	wake := make(chan struct{}, 1)
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.ResyncEvery = 5 * time.Millisecond }}
+	r.opened = func(s *server.Server) {
+		server.SetResyncHook(s, func(event string) {
+			switch event {
+			case "attempt":
+				attempts.Add(1)
+			case "start":
+				if starts.Add(1) == 1 {
+					<-release // the first start waits for the test
+				}
+			case "pass":
+				passes.Add(1)
+			}
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		})
+	}
+	r.start()
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) }) // before the server stops
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		safety := time.NewTimer(2 * time.Minute) // a hung server, not a slow one
+		defer safety.Stop()
+		for !ok() {
+			select {
+			case <-wake:
+			case <-safety.C:
+				t.Fatalf("%s: %d attempts, %d starts, %d passes of the loop", what, attempts.Load(), starts.Load(), passes.Load())
+			}
+		}
+	}
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 8<<20, 11)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk}))
+	r.waitProtected("vm1")
+
+	type result struct {
+		rows []server.ResyncJSON
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		var rows []server.ResyncJSON
+		err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, &rows)
+		done <- result{rows, err}
+	}()
+	// The request's attempt comes first (there is no row before it); the
+	// second is the loop's, which sees the row the request marked.
+	waitFor("the loop did not try the requested resync", func() bool { return attempts.Load() >= 2 })
+	releaseOnce.Do(func() { close(release) })
+	res := <-done
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	if len(res.rows) != 1 || res.rows[0].State != "running" {
+		t.Fatalf("resync not started at once: %+v", res.rows)
+	}
+	// Once a pass of the loop that began before the request returned has
+	// ended, the loop's attempt is over.
+	p := passes.Load()
+	waitFor("the loop did not finish its pass", func() bool { return passes.Load() > p })
+	if n := starts.Load(); n != 1 {
+		t.Fatalf("one operator request started %d resync jobs", n)
+	}
+}
+
+// loopPasses counts the passes of a server's resync loop (its test hook), so
+// that a test can know the loop has looked at the rows, instead of hoping
+// it has within some time.
+type loopPasses struct{ n atomic.Int64 }
+
+// watch sets the hook on a server just opened (rig.opened).
+func (l *loopPasses) watch(s *server.Server) {
+	server.SetResyncHook(s, func(event string) {
+		if event == "pass" {
+			l.n.Add(1)
+		}
+	})
+}
+
+// waitWhole waits until a whole pass of the loop began and ended after the
+// call: two more ends of a pass.
+func (l *loopPasses) waitWhole(t *testing.T) {
+	t.Helper()
+	from, deadline := l.n.Load(), time.Now().Add(hung)
+	for l.n.Load() < from+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the resync loop made %d passes in %s", l.n.Load()-from, hung)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // A disk that grows: the replica grows and the new area is resynced, by the
 // scheduler, only once the resync window opens (injected clock); an
 // operator's request would run at once.
@@ -1063,6 +1200,8 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
 		c.ResyncEvery = 50 * time.Millisecond
 	}}
+	var loop loopPasses
+	r.opened = loop.watch
 	r.start()
 	disk := filepath.Join(dir, "d.img")
 	mustDisk(t, disk, 8<<20, 3)
@@ -1077,7 +1216,7 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	os.Truncate(disk, 12<<20)
 	startAgent(t, cfg)
 	var rows []server.ResyncJSON
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(hung)
 	for len(rows) == 0 && time.Now().Before(deadline) {
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
 		time.Sleep(50 * time.Millisecond)
@@ -1085,8 +1224,8 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	if len(rows) != 1 || !strings.Contains(rows[0].Reason, "grew") {
 		t.Fatalf("no resync scheduled for the grown disk: %+v", rows)
 	}
-	// Nothing runs at noon.
-	time.Sleep(500 * time.Millisecond)
+	// Nothing runs at noon: the loop has looked at the row and left it.
+	loop.waitWhole(t)
 	r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
 	if rows[0].State != "scheduled" || !strings.HasPrefix(rows[0].Scheduled, "2026-11-26T") {
 		t.Fatalf("at noon: %+v, want scheduled for tonight", rows[0])
@@ -1100,7 +1239,7 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	}
 	// The window opens.
 	clock.Store(time.Date(2026, 11, 26, 22, 30, 0, 0, time.Local).UnixNano())
-	deadline = time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(hung)
 	for r.machine("vm1").State != replication.StateProtected {
 		if time.Now().After(deadline) {
 			t.Fatalf("not resynced in the window: %+v", r.machine("vm1"))
@@ -1132,6 +1271,8 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
 		c.ResyncEvery = 20 * time.Millisecond
 	}}
+	var loop loopPasses
+	r.opened = loop.watch
 	r.start()
 	disk := filepath.Join(dir, "d.img")
 	mustDisk(t, disk, 8<<20, 4)
@@ -1148,7 +1289,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	}
 	waitRow := func(what string, ok func(server.ResyncJSON) bool) server.ResyncJSON {
 		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
+		deadline := time.Now().Add(hung)
 		for {
 			if rs := rows(); len(rs) == 1 && ok(rs[0]) {
 				return rs[0]
@@ -1167,7 +1308,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	if first.State != "scheduled" || first.LastError == "" {
 		t.Fatalf("after one failed attempt inside the window: %+v", first)
 	}
-	time.Sleep(200 * time.Millisecond)
+	loop.waitWhole(t) // the loop has looked at the row and left it
 	if x := rows()[0]; x.Attempts != 1 {
 		t.Fatalf("retried before its backoff: %+v", x)
 	}
@@ -1188,7 +1329,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	}
 	// Failed stays failed, even in the window.
 	at(5, 55, 0)
-	time.Sleep(200 * time.Millisecond)
+	loop.waitWhole(t)
 	if x := rows()[0]; x.State != "failed" {
 		t.Fatalf("a failed resync restarted by itself: %+v", x)
 	}
@@ -1199,7 +1340,7 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, nil); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(hung)
 	for r.machine("vm1").State != replication.StateProtected {
 		if time.Now().After(deadline) {
 			t.Fatalf("the operator's resync did not run: %+v %+v", r.machine("vm1"), rows())
@@ -1242,7 +1383,7 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-		case <-time.After(5 * time.Second):
+		case <-time.After(hung): // a stalled write waits for the server: forever
 			t.Fatalf("write %d stalled: the spool is full and the agent did not fall back to a changed-block map", i)
 		}
 	}
@@ -1257,7 +1398,7 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 		}
 		return false
 	}
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(hung)
 	for {
 		if resynced() {
 			if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {

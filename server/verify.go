@@ -274,7 +274,7 @@ func (s *Server) requestVerify(ctx context.Context, m store.Machine) ([]ResyncJS
 		if err := s.db.PutResync(ctx, row); err != nil {
 			return nil, err
 		}
-		s.maybeStartResync(ctx, row)
+		s.maybeStartResync(ctx, m.ID, d.Index)
 		row, _ = s.db.Resync(ctx, m.ID, d.Index)
 		out = append(out, s.resyncJSON(ctx, m, d, row))
 	}
@@ -327,6 +327,3 @@ func (s *Server) handleScrubSetting(w http.ResponseWriter, r *http.Request) erro
 // DB returns the vault database (for tests and tools in-process).
 func (s *Server) DB() *store.DB { return s.db }
 
-// LoopTicks counts the passes of the loop that starts resyncs and scrubs
-// (tests wait for passes instead of sleeping).
-func (s *Server) LoopTicks() int64 { return s.loopTicks.Load() }

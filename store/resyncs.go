@@ -95,6 +95,19 @@ func (d *DB) PutResync(ctx context.Context, r Resync) error {
 	return err
 }
 
+// UpdateResyncProgress records the progress of job on a disk's resync row,
+// if the row is that job's: a row deleted meanwhile (the job is done) or
+// taken by another job stays as it is. It reports whether it updated.
+func (d *DB) UpdateResyncProgress(ctx context.Context, machineID string, disk uint32, job uint64, total, compared, sent int64, lastError string) (bool, error) {
+	res, err := d.db.ExecContext(ctx, `UPDATE resyncs SET total = ?, compared = ?, sent = ?, last_error = ?
+		WHERE machine_id = ? AND disk_idx = ? AND job_id = ?`, total, compared, sent, lastError, machineID, disk, int64(job))
+	if err != nil {
+		return false, err
+	}
+	n, err := res.RowsAffected()
+	return n > 0, err
+}
+
 // Resync returns a disk's resync row, or ErrNotFound.
 func (d *DB) Resync(ctx context.Context, machineID string, disk uint32) (Resync, error) {
 	r, err := scanResync(d.db.QueryRowContext(ctx, `SELECT `+resyncCols+` FROM resyncs WHERE machine_id = ? AND disk_idx = ?`, machineID, disk))

@@ -74,6 +74,39 @@ func TestMigrateNewAndBroken(t *testing.T) {
 	}
 }
 
+// A resync's progress goes only to the row of its job: never to a row that
+// is gone (the job ended) or that another job has taken.
+func TestUpdateResyncProgress(t *testing.T) {
+	ctx := context.Background()
+	d := mustOpen(t, filepath.Join(t.TempDir(), "vault.db"))
+	if _, _, err := d.CreateMachine(ctx, "aa", "vm1", "1"); err != nil {
+		t.Fatal(err)
+	}
+	row := Resync{MachineID: "aa", Disk: 0, Reason: "test", State: ResyncRunning, JobID: 7, RequestedAt: time.Unix(1, 0)}
+	if err := d.PutResync(ctx, row); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := d.UpdateResyncProgress(ctx, "aa", 0, 7, 100, 40, 8, "slow"); !ok || err != nil {
+		t.Fatalf("update of the job's row: %v, %v", ok, err)
+	}
+	got, err := d.Resync(ctx, "aa", 0)
+	if err != nil || got.Total != 100 || got.Compared != 40 || got.Sent != 8 || got.LastError != "slow" || got.State != ResyncRunning || got.Reason != "test" {
+		t.Fatalf("after the update: %+v, %v", got, err)
+	}
+	if ok, err := d.UpdateResyncProgress(ctx, "aa", 0, 6, 1, 1, 1, ""); ok || err != nil {
+		t.Fatalf("another job's progress updated the row: %v, %v", ok, err)
+	}
+	if err := d.DeleteResync(ctx, "aa", 0); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := d.UpdateResyncProgress(ctx, "aa", 0, 7, 100, 100, 8, ""); ok || err != nil {
+		t.Fatalf("progress after the row was deleted: %v, %v", ok, err)
+	}
+	if _, err := d.Resync(ctx, "aa", 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the deleted row came back: %v", err)
+	}
+}
+
 func TestSessions(t *testing.T) {
 	ctx := context.Background()
 	d := mustOpen(t, filepath.Join(t.TempDir(), "vault.db"))

@@ -275,7 +275,7 @@ func dialRaw(t testing.TB, addr string) *rawConn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.SetDeadline(time.Now().Add(20 * time.Second))
+	c.SetDeadline(time.Now().Add(time.Minute))
 	t.Cleanup(func() { c.Close() })
 	return &rawConn{t: t, c: c, br: bufio.NewReader(c)}
 }
@@ -389,7 +389,9 @@ func (r *rawConn) expectReply(handle uint64, want Errno) {
 // sending anything more.
 func (r *rawConn) expectClosed() {
 	r.t.Helper()
-	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Under DefaultHandshakeTimeout, so that a server that only closes an
+	// idle handshake by its default does not pass: a safety net, not a pace.
+	r.c.SetReadDeadline(time.Now().Add(20 * time.Second))
 	b, err := io.ReadAll(r.br)
 	if err != nil && !errors.Is(err, net.ErrClosed) && !strings.Contains(err.Error(), "reset") {
 		r.t.Fatalf("want connection closed, got %v", err)

@@ -36,10 +36,11 @@ const (
 const EnvBinary = "AZURITE_BLOB"
 
 // startTimeout bounds Azurite's start-up (Node takes a few seconds), and
-// stopTimeout its shut-down.
+// stopTimeout its shut-down (it saves its index first): safety nets for a
+// hung Azurite, generous enough for a loaded machine.
 const (
-	startTimeout = 60 * time.Second
-	stopTimeout  = 10 * time.Second
+	startTimeout = 3 * time.Minute
+	stopTimeout  = time.Minute
 )
 
 // listening is the line Azurite prints once it serves, with its address.

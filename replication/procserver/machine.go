@@ -915,12 +915,15 @@ const compareWait = 2 * time.Minute
 // cache file at once if it holds records up to seq.
 func (m *machine) waitApplied(seq uint64, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
-	for {
+	for waiting := false; ; waiting = true {
 		m.applyMu.Lock()
 		applied := m.applier.AppliedSeq()
 		m.applyMu.Unlock()
 		if applied >= seq {
 			return nil
+		}
+		if !waiting {
+			m.log.Info("resync compare waits until the replica has applied the log up to the resync's start", "applied_seq", applied, "seq", seq)
 		}
 		// Seal the open file soon, as for a tag, if it holds seq; files
 		// opened after it are sealed as usual (sealing every frame as it
