@@ -326,4 +326,3 @@ func (s *Server) handleScrubSetting(w http.ResponseWriter, r *http.Request) erro
 
 // DB returns the vault database (for tests and tools in-process).
 func (s *Server) DB() *store.DB { return s.db }
-
