@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/localfs"
 )
 
 const diskSize = 1 << 20

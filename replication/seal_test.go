@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/localfs"
 )
 
 func TestSealedCodec(t *testing.T) {

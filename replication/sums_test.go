@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/localfs"
 )
 
 // sumsApplier is an applier over a local target in dir with one disk of

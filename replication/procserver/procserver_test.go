@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/localfs"
 )
 
 const machineID = "00aa"
