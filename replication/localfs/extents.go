@@ -2,33 +2,17 @@ package localfs
 
 import (
 	"context"
-	"fmt"
 	"slices"
 
 	"github.com/asrdr/asr/replication"
 )
 
-var (
-	_ replication.DataExtenter     = (*Disk)(nil)
-	_ replication.SnapshotExtenter = (*Disk)(nil)
-)
-
 // DataExtents returns the ranges of the replica that may hold data: the
 // file's data extents (SEEK_DATA/SEEK_HOLE), after the queued changes are
 // applied. Where the file system cannot tell, the whole disk.
-func (h *Disk) DataExtents(ctx context.Context) ([]replication.Range, error) {
-	d, err := h.lockWriter()
-	if err != nil {
-		return nil, fmt.Errorf("extents: %w", err)
-	}
-	defer d.wmu.Unlock()
-	if len(d.ops) > 0 {
-		if err := d.syncLogs(); err != nil {
-			return nil, fmt.Errorf("extents of disk %s: %w", d.key, err)
-		}
-		if err := d.applyLocked(len(d.ops), false); err != nil {
-			return nil, fmt.Errorf("extents of disk %s: %w", d.key, err)
-		}
+func (d *disk) DataExtents(ctx context.Context) ([]replication.Range, error) {
+	if err := d.applyQueue(); err != nil {
+		return nil, err
 	}
 	var out []replication.Range
 	for off := int64(0); off < d.size; {
@@ -56,30 +40,18 @@ func (h *Disk) DataExtents(ctx context.Context) ([]replication.Range, error) {
 	return out, nil
 }
 
-// SnapshotExtents returns the ranges snapshot name holds itself: the blocks
-// its undo log saved because the disk changed after it. The rest of the
+// SnapshotExtents returns the ranges a snapshot holds itself: the blocks its
+// undo log saved because the disk changed after it. The rest of the
 // snapshot reads from newer snapshots or the replica.
-func (h *Disk) SnapshotExtents(ctx context.Context, name string) ([]replication.Range, error) {
-	if err := checkSnapName(name); err != nil {
-		return nil, fmt.Errorf("snapshot extents of disk %s: %w", h.d.key, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	d := h.d
+func (d *disk) SnapshotExtents(_ context.Context, ref any) ([]replication.Range, error) {
+	e := ref.(*epoch)
 	d.mu.RLock()
-	e := d.visible(name)
-	var blocks []uint64
-	if e != nil {
-		blocks = make([]uint64, 0, len(e.index))
-		for b := range e.index {
-			blocks = append(blocks, b)
-		}
+	blocks := make([]uint64, 0, len(e.index))
+	for b := range e.index {
+		blocks = append(blocks, b)
 	}
+	size := d.size
 	d.mu.RUnlock()
-	if e == nil {
-		return nil, fmt.Errorf("snapshot extents %s of disk %s: %w", name, d.key, replication.ErrNotFound)
-	}
 	slices.Sort(blocks)
 	var out []replication.Range
 	for _, b := range blocks {
@@ -90,8 +62,8 @@ func (h *Disk) SnapshotExtents(ctx context.Context, name string) ([]replication.
 		}
 		out = append(out, replication.Range{Off: off, Len: blockSize})
 	}
-	if n := len(out); n > 0 && out[n-1].Off+out[n-1].Len > d.size {
-		out[n-1].Len = d.size - out[n-1].Off
+	if n := len(out); n > 0 && out[n-1].Off+out[n-1].Len > size {
+		out[n-1].Len = size - out[n-1].Off
 	}
 	return out, nil
 }
