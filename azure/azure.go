@@ -21,6 +21,9 @@
 // blob's metadata, so a crash in between leaves the snapshot only until the
 // disk is next opened. Page blobs need a general-purpose v2 (or premium page
 // blob) account without hierarchical namespace; a page blob holds 8 TiB.
+// The disks' handles, snapshot order, readers and deferred deletion are
+// replication/diskcore's, shared with every target; this package is the
+// storage under them.
 //
 // A lock blob under a 60 s lease, renewed every 20 s, keeps two servers from
 // writing one container. A server proposes the lease ID it keeps in its data
@@ -72,7 +75,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -91,26 +93,13 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/diskcore"
 )
 
 // ErrAuth is returned (wrapped) when the storage account refuses the
 // credentials: a wrong key, a SAS token that expired or lacks a permission,
 // or an address the account's firewall does not admit.
 var ErrAuth = errors.New("storage account rejected the credentials")
-
-// ErrInvalidKey is returned (wrapped) for a key, prefix or snapshot name that
-// breaks the Target contract's rules.
-var ErrInvalidKey = replication.ErrInvalidKey
-
-// ErrDiskOpen is returned (wrapped) by DeleteDisk while the disk is open.
-var ErrDiskOpen = errors.New("disk is open")
-
-// ErrSnapshotOrder is returned (wrapped) by Snapshot for a new name that does
-// not sort after every existing snapshot of the disk.
-var ErrSnapshotOrder = errors.New("snapshot name out of order")
-
-// ErrClosed is returned (wrapped) by a Target, disk or reader used after Close.
-var ErrClosed = os.ErrClosed
 
 const (
 	formatBlob     = "format"
@@ -121,7 +110,6 @@ const (
 	disksPrefix    = "disks/"
 	maxBlobNameLen = 1024 // the service's limit
 	maxKeyLen      = maxBlobNameLen - len(objectsPrefix)
-	maxNameLen     = 200
 
 	leaseSeconds = 60
 	renewEvery   = 20 * time.Second
@@ -169,9 +157,8 @@ type Target struct {
 	renewed  time.Time // start of the last successful acquire or renewal
 	leaseErr error     // set for good once a renewal finds the lease lost
 
-	mu     sync.Mutex       // guards disks and closed
-	disks  map[string]*disk // open disks by key
-	closed bool
+	disks     *diskcore.Disks // the open disks, and whether t is closed
+	closeOnce sync.Once
 }
 
 var _ replication.Target = (*Target)(nil)
@@ -200,12 +187,11 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 		return nil, fmt.Errorf("open %s: %w", cfg, err)
 	}
 	t := &Target{
-		name:  cfg.String(),
-		cc:    cc,
-		lock:  lc,
-		log:   slog.Default().With("component", "azure", "target", cfg.String()),
-		now:   time.Now,
-		disks: map[string]*disk{},
+		name: cfg.String(),
+		cc:   cc,
+		lock: lc,
+		log:  slog.Default().With("component", "azure", "target", cfg.String()),
+		now:  time.Now,
 	}
 	var createErr error
 	if cfg.NoCreate {
@@ -223,6 +209,14 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 		return nil, fmt.Errorf("open %s: %w", t, err)
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
+	t.disks = diskcore.New(diskStorage{t}, diskcore.Config{
+		Name:        t.name,
+		MaxKeyLen:   maxKeyLen,
+		BufferLimit: bufferLimit,
+		Context:     t.ctx,
+		CheckWrite:  t.checkWrite,
+		Logger:      t.log,
+	})
 	if err := t.checkFormat(ctx, !cfg.NoCreate); err != nil {
 		t.cancel()
 		t.releaseLease()
@@ -444,57 +438,36 @@ func (t *Target) checkFormat(ctx context.Context, create bool) error {
 func (t *Target) String() string { return t.name }
 
 // Close closes every disk still open (flushing them), stops renewing the
-// lease and releases it. Snapshot readers fail afterwards.
-func (t *Target) Close() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return nil
-	}
-	t.closed = true
-	var errs []error
-	keys := make([]string, 0, len(t.disks))
-	for k := range t.disks {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		if err := t.disks[k].close(t.ctx); err != nil {
-			errs = append(errs, fmt.Errorf("close disk %s: %w", k, err))
+// lease and releases it. Snapshot readers fail afterwards. Closing again is
+// nil.
+func (t *Target) Close() (err error) {
+	t.closeOnce.Do(func() {
+		err = t.disks.Close()
+		t.cancel()
+		t.wg.Wait()
+		if err = errors.Join(err, t.releaseLease()); err != nil {
+			err = fmt.Errorf("close %s: %w", t, err)
 		}
-		delete(t.disks, k)
-	}
-	t.cancel()
-	t.wg.Wait()
-	if err := t.releaseLease(); err != nil {
-		errs = append(errs, err)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("close %s: %w", t, err)
-	}
-	return nil
+	})
+	return err
 }
 
-func (t *Target) checkOpen() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return fmt.Errorf("%s: %w", t, ErrClosed)
-	}
-	return nil
+// OpenDisk opens the replica disk at key, creating an all-zero page blob of
+// the given size if it does not exist (replication.Target).
+func (t *Target) OpenDisk(ctx context.Context, key string, size int64) (replication.ReplicaDisk, error) {
+	return t.disks.OpenDisk(ctx, key, size)
+}
+
+// DeleteDisk removes the disk at key with its snapshots (replication.Target).
+func (t *Target) DeleteDisk(ctx context.Context, key string) error {
+	return t.disks.DeleteDisk(ctx, key)
 }
 
 // PutObject stores data at key with one Put Blob: atomic, and durable when it
 // returns.
 func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
-	if err := checkKey(key); err != nil {
-		return fmt.Errorf("put object: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("put object %s: %w", key, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return fmt.Errorf("put object %s: %w", key, err)
+	if err := t.disks.Check(ctx, "put object", key, false); err != nil {
+		return err
 	}
 	if err := t.checkWrite(); err != nil {
 		return fmt.Errorf("put object %s: %w", key, err)
@@ -509,14 +482,8 @@ func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
 // GetObject returns the object at key, or an error wrapping
 // replication.ErrNotFound.
 func (t *Target) GetObject(ctx context.Context, key string) ([]byte, error) {
-	if err := checkKey(key); err != nil {
-		return nil, fmt.Errorf("get object: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("get object %s: %w", key, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return nil, fmt.Errorf("get object %s: %w", key, err)
+	if err := t.disks.Check(ctx, "get object", key, false); err != nil {
+		return nil, err
 	}
 	b, err := getBlob(ctx, t.cc.NewBlobClient(objectsPrefix+key))
 	if err != nil {
@@ -563,14 +530,8 @@ func getBlob(ctx context.Context, bc *blob.Client) ([]byte, error) {
 
 // ListObjects returns the objects whose keys start with prefix, sorted.
 func (t *Target) ListObjects(ctx context.Context, prefix string) ([]replication.ObjectInfo, error) {
-	if err := checkPrefix(prefix); err != nil {
-		return nil, fmt.Errorf("list objects: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("list objects %q: %w", prefix, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return nil, fmt.Errorf("list objects %q: %w", prefix, err)
+	if err := t.disks.Check(ctx, "list objects", prefix, true); err != nil {
+		return nil, err
 	}
 	out := []replication.ObjectInfo{}
 	pager := t.cc.NewListBlobsFlatPager(&container.ListBlobsFlatOptions{Prefix: to.Ptr(objectsPrefix + prefix)})
@@ -598,14 +559,8 @@ func (t *Target) ListObjects(ctx context.Context, prefix string) ([]replication.
 
 // DeleteObject removes the object at key; a missing object is not an error.
 func (t *Target) DeleteObject(ctx context.Context, key string) error {
-	if err := checkKey(key); err != nil {
-		return fmt.Errorf("delete object: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("delete object %s: %w", key, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return fmt.Errorf("delete object %s: %w", key, err)
+	if err := t.disks.Check(ctx, "delete object", key, false); err != nil {
+		return err
 	}
 	if err := t.checkWrite(); err != nil {
 		return fmt.Errorf("delete object %s: %w", key, err)
@@ -618,7 +573,6 @@ func (t *Target) DeleteObject(ctx context.Context, key string) error {
 }
 
 // The key rules are the Target contract's (replication.CheckKey).
-func validElem(s string) bool         { return replication.ValidKeyElem(s) }
 func checkKey(key string) error       { return replication.CheckKey(key, maxKeyLen) }
 func checkPrefix(prefix string) error { return replication.CheckPrefix(prefix, maxKeyLen) }
 

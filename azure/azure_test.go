@@ -204,9 +204,7 @@ func TestCheckContainer(t *testing.T) {
 // newTestDisk makes a disk with no blob behind it: enough for the buffer's
 // logic as long as nothing needs to be read or uploaded.
 func newTestDisk(size int64) *disk {
-	d := &disk{key: "test", pages: map[int64]*page{}, bufLimit: defaultBufferLimit}
-	d.size.Store(size)
-	return d
+	return &disk{key: "test", size: size, pages: map[int64]*page{}}
 }
 
 func TestClearSpans(t *testing.T) {

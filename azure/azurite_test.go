@@ -20,6 +20,7 @@ import (
 
 	"github.com/asrdr/asr/azure/azuritetest"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/diskcore"
 	"github.com/asrdr/asr/replication/targettest"
 )
 
@@ -325,6 +326,9 @@ func testContainerSAS(t *testing.T, cs string) {
 
 // testBufferBound: WriteAt flushes by itself once the buffer is full.
 func testBufferBound(t *testing.T, cs string) {
+	old := bufferLimit
+	bufferLimit = 1 << 20
+	defer func() { bufferLimit = old }()
 	tg := mustOpen(t, Config{ConnectionString: cs, Container: containerFor(t.TempDir())})
 	defer mustCloseTarget(t, tg)
 	const size = 4 << 20
@@ -333,8 +337,7 @@ func testBufferBound(t *testing.T, cs string) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	d := h.(*Disk).d
-	d.bufLimit = 1 << 20
+	d := diskcore.StorageOf(h).(*disk)
 	want := make([]byte, size)
 	for off := 0; off < size; off += 100 << 10 {
 		p := bytes.Repeat([]byte{byte(off>>10) | 1}, min(100<<10, size-off))
@@ -342,8 +345,8 @@ func testBufferBound(t *testing.T, cs string) {
 			t.Fatal(err)
 		}
 		copy(want[off:], p)
-		if b := d.buffered(); b >= d.bufLimit {
-			t.Fatalf("buffer at %d bytes, over its bound %d", b, d.bufLimit)
+		if b := d.buffered(); b >= bufferLimit {
+			t.Fatalf("buffer at %d bytes, over its bound %d", b, bufferLimit)
 		}
 	}
 	got := make([]byte, size)
@@ -363,7 +366,7 @@ func testLargeZero(t *testing.T, cs string) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	d := h.(*Disk).d
+	d := diskcore.StorageOf(h).(*disk)
 	mark := bytes.Repeat([]byte{7}, 4096)
 	for _, off := range []int64{0, 1 << 30, size - 4096} {
 		if err := h.WriteAt(mark, off); err != nil {
@@ -428,7 +431,7 @@ func testHeldAfterCrash(t *testing.T, cs string) {
 	if err := h.DeleteSnapshot(t.Context(), "s1"); err != nil {
 		t.Fatal(err)
 	}
-	d := h.(*Disk).d
+	d := diskcore.StorageOf(h).(*disk)
 	if l, err := d.listSnapshots(t.Context()); err != nil || len(l) != 2 {
 		t.Fatalf("the service lists %d snapshots, %v; want both while a reader holds s1", len(l), err)
 	}
@@ -447,7 +450,7 @@ func testHeldAfterCrash(t *testing.T, cs string) {
 	if names, err := h2.Snapshots(t.Context()); err != nil || len(names) != 1 || names[0] != "s2" {
 		t.Fatalf("Snapshots after the crash = %q, %v; want [s2]", names, err)
 	}
-	d2 := h2.(*Disk).d
+	d2 := diskcore.StorageOf(h2).(*disk)
 	if l, err := d2.listSnapshots(t.Context()); err != nil || len(l) != 1 || l[0].name != "s2" {
 		t.Fatalf("the service still lists %d snapshots (%v) after the reopen", len(l), err)
 	}

@@ -24,7 +24,7 @@ import (
 // blob reads as zeros). An existing blob of that name is refused, so a
 // failover never overwrites a disk. It returns the bytes sent.
 func (t *Target) UploadVHD(ctx context.Context, path, name string) (int64, error) {
-	if err := t.checkOpen(); err != nil {
+	if err := t.disks.CheckOpen(); err != nil {
 		return 0, err
 	}
 	if err := checkKey(name); err != nil {

@@ -11,5 +11,5 @@ for b in "$@"; do
   go run ./bench/asrbench -asr bin/asr "$b"
   echo
 done
-echo "== go benchmarks (store/localfs, agent/nbd, agent) =="
-go test -run '^$' -bench . -benchtime 2s ./store/localfs/ ./agent/nbd/ ./agent/ | grep -E '^(Benchmark|ok)'
+echo "== go benchmarks (replication/localfs, agent/nbd, agent) =="
+go test -run '^$' -bench . -benchtime 2s ./replication/localfs/ ./agent/nbd/ ./agent/ | grep -E '^(Benchmark|ok)'

@@ -6,13 +6,12 @@ import (
 	"errors"
 	"log/slog"
 	"math/rand/v2"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/memtarget"
 )
 
 const diskSize = 1 << 20
@@ -43,10 +42,7 @@ func (b *segBuilder) segment(t *testing.T, recs ...replication.Record) []byte {
 
 func mustApplier(t *testing.T) (*replication.Applier, *replication.Catalog) {
 	t.Helper()
-	tgt, err := localfs.Open(filepath.Join(t.TempDir(), "target"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	tgt := memtarget.New()
 	t.Cleanup(func() { tgt.Close() })
 	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
 	a, err := replication.OpenApplier(context.Background(), cat, "00aa", "vm1", slog.Default())

@@ -6,7 +6,7 @@
 //
 // Everything here is transport- and storage-neutral: the agent, the process
 // server and the operator CLI all build on it, and the storage adapters
-// (store/localfs, azure) implement the Target interface declared here.
+// (replication/localfs, azure) implement the Target interface declared here.
 package replication
 
 import (

@@ -4,12 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/memtarget"
 )
 
 func TestSealedCodec(t *testing.T) {
@@ -74,10 +73,7 @@ func TestVaultDataKey(t *testing.T) {
 // still reads, and nothing on the target is plain but the descriptor.
 func TestEncryptVault(t *testing.T) {
 	ctx := context.Background()
-	tgt, err := localfs.Open(filepath.Join(t.TempDir(), "target"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	tgt := memtarget.New()
 	defer tgt.Close()
 	pass := []byte("passphrase")
 	v, _ := replication.NewVaultInfo("v1", pass)

@@ -12,18 +12,26 @@ import (
 	"testing"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/localfs"
+	"github.com/asrdr/asr/replication/memtarget"
 )
 
-// sumsApplier is an applier over a local target in dir with one disk of
-// size bytes whose initial copy is done.
-func sumsApplier(t *testing.T, dir string, size int64) (*replication.Applier, *replication.Catalog, *segBuilder) {
+// localTarget opens a local target in dir, for the tests that damage its
+// files (replicaPath).
+func localTarget(t *testing.T, dir string) replication.Target {
 	t.Helper()
-	ctx := context.Background()
 	tgt, err := localfs.Open(filepath.Join(dir, "target"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return tgt
+}
+
+// sumsApplier is an applier over tgt, which it closes when the test ends,
+// with one disk of size bytes whose initial copy is done.
+func sumsApplier(t *testing.T, tgt replication.Target, size int64) (*replication.Applier, *replication.Catalog, *segBuilder) {
+	t.Helper()
+	ctx := context.Background()
 	t.Cleanup(func() { tgt.Close() })
 	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
 	a, err := replication.OpenApplier(ctx, cat, "00aa", "vm1", slog.Default())
@@ -52,8 +60,7 @@ func replicaPath(dir string) string {
 func TestSumsTrackTheReplica(t *testing.T) {
 	ctx := context.Background()
 	const size = 66<<20 + 3000 // 67 sum pages (more than the cache), a short last block
-	dir := t.TempDir()
-	a, cat, b := sumsApplier(t, dir, size)
+	a, cat, b := sumsApplier(t, memtarget.New(), size)
 	model := make([]byte, size)
 	r := rand.New(rand.NewPCG(2, 3))
 	var points []uint64
@@ -140,7 +147,7 @@ func TestRecoverDetectsBitRot(t *testing.T) {
 	ctx := context.Background()
 	const size = 4 << 20
 	dir := t.TempDir()
-	a, cat, b := sumsApplier(t, dir, size)
+	a, cat, b := sumsApplier(t, localTarget(t, dir), size)
 	const rot = 40 * 4096
 	// Point A: blocks 10 and 300 written. Point B: block 300 rewritten.
 	// Then block 10 is rewritten (after B), and point C taken.
@@ -208,7 +215,7 @@ func TestRecoverDetectsDamagedSnapshot(t *testing.T) {
 	ctx := context.Background()
 	const size = 4 << 20
 	dir := t.TempDir()
-	a, cat, b := sumsApplier(t, dir, size)
+	a, cat, b := sumsApplier(t, localTarget(t, dir), size)
 	old := bytes.Repeat([]byte("old block 77 "), 400)[:4096]
 	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 77 * 4096, Data: old},
 		replication.Record{Kind: replication.KindTag})); err != nil {
@@ -254,8 +261,7 @@ func TestRecoverDetectsDamagedSnapshot(t *testing.T) {
 func TestSumsBuiltForOldDisk(t *testing.T) {
 	ctx := context.Background()
 	const size = 3 << 20
-	dir := t.TempDir()
-	a, cat, b := sumsApplier(t, dir, size)
+	a, cat, b := sumsApplier(t, memtarget.New(), size)
 	data := bytes.Repeat([]byte("legacy"), 10000)
 	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 5000, Data: data},
 		replication.Record{Kind: replication.KindTag})); err != nil {
@@ -322,8 +328,7 @@ func TestDiskTooLarge(t *testing.T) {
 func TestCheckedReaderUnaligned(t *testing.T) {
 	ctx := context.Background()
 	const size = 3<<20 + 777
-	dir := t.TempDir()
-	a, cat, b := sumsApplier(t, dir, size)
+	a, cat, b := sumsApplier(t, memtarget.New(), size)
 	r := rand.New(rand.NewPCG(5, 5))
 	data := make([]byte, size)
 	for i := range data {

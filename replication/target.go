@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 )
 
@@ -71,8 +72,32 @@ func CheckPrefix(prefix string, maxLen int) error {
 	return nil
 }
 
+// MaxSnapshotNameLen is the longest snapshot name the contract admits.
+const MaxSnapshotNameLen = 200
+
+// CheckSnapshotName checks a snapshot name against the contract: one key
+// element (ValidKeyElem) of at most MaxSnapshotNameLen bytes.
+func CheckSnapshotName(name string) error {
+	if !ValidKeyElem(name) || len(name) > MaxSnapshotNameLen {
+		return fmt.Errorf("snapshot name %q: %w", name, ErrInvalidKey)
+	}
+	return nil
+}
+
 // ErrShrink is returned when a replica disk would have to shrink.
 var ErrShrink = errors.New("a replica disk cannot shrink")
+
+// ErrDiskOpen is returned (wrapped) by DeleteDisk while the disk is open.
+var ErrDiskOpen = errors.New("disk is open")
+
+// ErrSnapshotOrder is returned (wrapped) by Snapshot for a new name that does
+// not sort after every existing snapshot of the disk.
+var ErrSnapshotOrder = errors.New("snapshot name out of order")
+
+// ErrClosed is returned (wrapped) by a Target, a replica disk or a snapshot
+// reader used after its Close (a disk's readers fail once the disk closes).
+// It is os.ErrClosed, so that errors.Is matches either.
+var ErrClosed = os.ErrClosed
 
 // ErrLocked is returned by OpenTarget-style constructors when another server
 // holds the target's write lease.
@@ -87,7 +112,8 @@ var ErrLocked = errors.New("target is in use by another server")
 //     snapshots (recovery points).
 //
 // Contract, for every implementation (checked by replication/targettest):
-//   - Keys are slash-separated paths of [A-Za-z0-9._-] elements.
+//   - Keys are slash-separated paths of [A-Za-z0-9._-] elements; a key, prefix
+//     or snapshot name outside the rules is an error wrapping ErrInvalidKey.
 //   - PutObject is atomic: a reader sees the old bytes or the new, never a mix;
 //     when it returns nil the object is durable.
 //   - GetObject of a missing key returns an error wrapping ErrNotFound.
@@ -95,6 +121,9 @@ var ErrLocked = errors.New("target is in use by another server")
 //     prefix is an empty list.
 //   - DeleteObject and DeleteDisk are idempotent: deleting what is missing is nil.
 //   - All methods are safe for concurrent use on different keys.
+//   - After Close, every method of the target, of its disks and of their
+//     snapshot readers fails with an error wrapping ErrClosed (but Close,
+//     which is nil, and Size).
 type Target interface {
 	PutObject(ctx context.Context, key string, data []byte) error
 	GetObject(ctx context.Context, key string) ([]byte, error)
@@ -103,8 +132,12 @@ type Target interface {
 
 	// OpenDisk opens the replica disk at key, creating it with the given size
 	// (all zeros) if it does not exist. Opening an existing disk with another
-	// size returns an error; size 0 opens an existing disk whatever its size.
+	// size returns an error; size 0 opens an existing disk whatever its size,
+	// or fails with ErrNotFound. Opening a disk that is open already returns
+	// another handle on the same disk (the applier and a recovery share one).
 	OpenDisk(ctx context.Context, key string, size int64) (ReplicaDisk, error)
+	// DeleteDisk removes the disk at key with its snapshots. Deleting a disk
+	// while a handle on it is open fails with ErrDiskOpen.
 	DeleteDisk(ctx context.Context, key string) error
 
 	// String names the target for logs and errors (no secrets).
@@ -124,8 +157,12 @@ type ObjectInfo struct {
 //
 // Writes may be buffered until Flush. Snapshot captures the flushed contents;
 // a snapshot never changes afterwards, whatever is written to the disk later.
-// Snapshot names must be given in increasing lexical order; taking a snapshot
-// whose name exists already is a no-op (so an interrupted applier can redo it).
+// Snapshot names are single key elements (CheckSnapshotName) and must be
+// given in increasing lexical order: a new name that does not sort after
+// every existing snapshot fails with ErrSnapshotOrder. Taking a snapshot
+// whose name exists already is a no-op (so an interrupted applier can redo
+// it). Close flushes and releases the handle; the last handle's Close closes
+// the disk, after which its snapshot readers fail with ErrClosed.
 type ReplicaDisk interface {
 	Size() int64
 	WriteAt(p []byte, off int64) error

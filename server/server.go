@@ -28,11 +28,11 @@ import (
 
 	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/localfs"
 	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/store/atomicfile"
-	"github.com/asrdr/asr/store/localfs"
 )
 
 // Version is the server's version, set by main.

@@ -11,17 +11,14 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/store/localfs"
+	"github.com/asrdr/asr/replication/memtarget"
 )
 
 const machineID = "00aa"
 
 func mustCatalog(t *testing.T) *replication.Catalog {
 	t.Helper()
-	tgt, err := localfs.Open(filepath.Join(t.TempDir(), "target"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	tgt := memtarget.New()
 	t.Cleanup(func() { tgt.Close() })
 	return &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
 }

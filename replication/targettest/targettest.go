@@ -22,11 +22,12 @@
 //
 // What the suite takes as given beyond the written contract, so that every
 // target behaves alike: keys and list prefixes that break the key rules are
-// refused (BadKeys); snapshot names are single key elements; ReadAt past the
-// end of a disk returns io.EOF like any io.ReaderAt; PutObject, GetObject and
-// ListObjects fail with the context's error once it is canceled. The suite
-// calls Flush before every Snapshot, as the applier does, and closes every
-// disk and reader before it reopens a target.
+// refused (BadKeys); ReadAt past the end of a disk returns io.EOF like any
+// io.ReaderAt; PutObject, GetObject and ListObjects fail with the context's
+// error once it is canceled. The suite calls Flush before every Snapshot, as
+// the applier does, and closes every disk and reader before it reopens a
+// target (but in Snapshots/HeldAtClose and Closed, which close them under
+// their readers).
 package targettest
 
 import (
@@ -37,6 +38,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -72,6 +74,7 @@ func Run(t *testing.T, open OpenFunc) {
 		{"Disks/OutOfRange", testDiskOutOfRange},
 		{"Disks/ReadAtEdges", testReadAtEdges},
 		{"Disks/Delete", testDeleteDisk},
+		{"Disks/Shared", testSharedDisk},
 		{"Disks/SeparateFromObjects", testDisksAndObjects},
 		{"Disks/Concurrent", testDisksConcurrent},
 		{"Snapshots/Stable", testSnapshotStable},
@@ -81,10 +84,12 @@ func Run(t *testing.T, open OpenFunc) {
 		{"Snapshots/Delete", testSnapshotDelete},
 		{"Snapshots/ReaderOutlivesChanges", testReaderOutlives},
 		{"Snapshots/ConcurrentReaders", testConcurrentReaders},
+		{"Snapshots/HeldAtClose", testHeldAtClose},
 		{"Snapshots/Model", testModel},
 		{"Persistence", testPersistence},
 		{"Disks/CurrentRead", testCurrentRead},
 		{"Disks/Resize", testResize},
+		{"Closed", testClosed},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -788,6 +793,55 @@ func testDeleteDisk(t *testing.T, h *harness) {
 	mustClose(t, d)
 }
 
+// testSharedDisk opens a disk twice, as the applier and a recovery do: both
+// handles share one disk, which cannot be deleted while either is open.
+func testSharedDisk(t *testing.T, h *harness) {
+	const size = 64 << 10
+	w := h.mustOpenDisk("shared", size)
+	r := h.mustOpenDisk("shared", 0)
+	if r.Size() != size {
+		t.Fatalf("second handle: Size() = %d", r.Size())
+	}
+	mustWrite(t, w, []byte("x"), 0)
+	mustSnapshot(t, w, "s1")
+	want := make([]byte, size)
+	want[0] = 'x'
+	checkSnapshot(t, r, "s1", want)
+	mustWrite(t, w, []byte("y"), 1)
+	got := make([]byte, 2)
+	if _, err := r.ReadAt(got, 0); err != nil || string(got) != "xy" {
+		t.Fatalf("the other handle reads %q, %v; want the write through the first", got, err)
+	}
+	if err := h.tg.DeleteDisk(h.ctx, "shared"); !errors.Is(err, replication.ErrDiskOpen) {
+		t.Fatalf("DeleteDisk of an open disk = %v, want ErrDiskOpen", err)
+	}
+	if d, err := h.tg.OpenDisk(h.ctx, "shared", 2*size); err == nil {
+		d.Close()
+		t.Fatal("OpenDisk of an open disk with another size accepted")
+	}
+	mustClose(t, w)
+	if err := w.WriteAt([]byte("z"), 0); !errors.Is(err, replication.ErrClosed) {
+		t.Fatalf("WriteAt on a closed handle = %v, want ErrClosed", err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatalf("second Close of a handle: %v", err)
+	}
+	// The first Close flushed: the write is the disk's, through the other.
+	want[1] = 'y'
+	mustSnapshot(t, r, "s2")
+	checkSnapshot(t, r, "s2", want)
+	if err := h.tg.DeleteDisk(h.ctx, "shared"); !errors.Is(err, replication.ErrDiskOpen) {
+		t.Fatalf("DeleteDisk while one handle is open = %v, want ErrDiskOpen", err)
+	}
+	mustClose(t, r)
+	if err := h.tg.DeleteDisk(h.ctx, "shared"); err != nil {
+		t.Fatalf("DeleteDisk of the closed disk: %v", err)
+	}
+	if _, err := h.tg.OpenDisk(h.ctx, "shared", 0); !errors.Is(err, replication.ErrNotFound) {
+		t.Fatalf("OpenDisk of the deleted disk = %v, want ErrNotFound", err)
+	}
+}
+
 func testDisksAndObjects(t *testing.T, h *harness) {
 	h.mustPut("same", []byte("object"))
 	d := h.mustOpenDisk("same", 8192)
@@ -941,12 +995,12 @@ func testSnapshotOrder(t *testing.T, h *harness) {
 	d := h.mustOpenDisk("order", 8192)
 	defer d.Close()
 	mustSnapshot(t, d, "0000000000000010")
-	if err := d.Snapshot(h.ctx, "000000000000000f"); err == nil {
-		t.Fatalf("Snapshot of a name before the newest accepted")
+	if err := d.Snapshot(h.ctx, "000000000000000f"); !errors.Is(err, replication.ErrSnapshotOrder) {
+		t.Fatalf("Snapshot of a name before the newest = %v, want ErrSnapshotOrder", err)
 	}
 	mustSnapshot(t, d, "0000000000000020")
-	if err := d.Snapshot(h.ctx, "0000000000000011"); err == nil {
-		t.Fatalf("Snapshot of a name between existing ones accepted")
+	if err := d.Snapshot(h.ctx, "0000000000000011"); !errors.Is(err, replication.ErrSnapshotOrder) {
+		t.Fatalf("Snapshot of a name between existing ones = %v, want ErrSnapshotOrder", err)
 	}
 	// Existing names are a no-op, the older one too (an applier redoing a point).
 	if err := d.Snapshot(h.ctx, "0000000000000010"); err != nil {
@@ -962,8 +1016,8 @@ func testSnapshotOrder(t *testing.T, h *harness) {
 	d2 := h.mustOpenDisk("order2", 8192)
 	defer d2.Close()
 	mustSnapshot(t, d2, "a10")
-	if err := d2.Snapshot(h.ctx, "a1"); err == nil {
-		t.Fatalf("Snapshot(a1) after a10 accepted")
+	if err := d2.Snapshot(h.ctx, "a1"); !errors.Is(err, replication.ErrSnapshotOrder) {
+		t.Fatalf("Snapshot(a1) after a10 = %v, want ErrSnapshotOrder", err)
 	}
 	mustSnapshot(t, d2, "a9")
 	mustSnapshots(t, d2, "a10", "a9")
@@ -990,14 +1044,19 @@ func testSnapshotMissing(t *testing.T, h *harness) {
 		t.Fatalf("DeleteSnapshot again = %v", err)
 	}
 	mustSnapshots(t, d)
-	// Snapshot names are single key elements.
-	for _, name := range []string{"", "../x", "a/b", "a b", "."} {
-		if err := d.Snapshot(h.ctx, name); err == nil {
-			t.Errorf("Snapshot(%q) accepted", name)
+	// Snapshot names are single key elements of at most 200 bytes.
+	for _, name := range []string{"", "../x", "a/b", "a b", ".", strings.Repeat("a", replication.MaxSnapshotNameLen+1)} {
+		if err := d.Snapshot(h.ctx, name); !errors.Is(err, replication.ErrInvalidKey) {
+			t.Errorf("Snapshot(%q) = %v, want ErrInvalidKey", name, err)
 		}
-		if r, err := d.OpenSnapshot(h.ctx, name); err == nil {
-			r.Close()
-			t.Errorf("OpenSnapshot(%q) accepted", name)
+		if r, err := d.OpenSnapshot(h.ctx, name); !errors.Is(err, replication.ErrInvalidKey) {
+			if err == nil {
+				r.Close()
+			}
+			t.Errorf("OpenSnapshot(%q) = %v, want ErrInvalidKey", name, err)
+		}
+		if err := d.DeleteSnapshot(h.ctx, name); !errors.Is(err, replication.ErrInvalidKey) {
+			t.Errorf("DeleteSnapshot(%q) = %v, want ErrInvalidKey", name, err)
 		}
 	}
 	mustSnapshots(t, d)
@@ -1193,6 +1252,51 @@ func testReaderOutlives(t *testing.T, h *harness) {
 	checkSnapshot(t, d, "s5", r5.want)
 	if err := r5.r.Close(); err != nil {
 		t.Fatalf("second Close of a reader: %v", err)
+	}
+}
+
+// testHeldAtClose deletes a snapshot a reader holds, then closes the disk
+// under the reader: the reader fails from then on, and the snapshot stays
+// deleted, after a reopen of the disk and of the target too.
+func testHeldAtClose(t *testing.T, h *harness) {
+	const key = "held"
+	d := h.mustOpenDisk(key, oddSize)
+	c := &changer{t: t, rng: newRand(t, 8), d: d, model: make([]byte, oddSize)}
+	snaps := map[string][]byte{}
+	for _, name := range []string{"s1", "s2", "s3"} {
+		c.some()
+		mustSnapshot(t, d, name)
+		snaps[name] = slices.Clone(c.model)
+	}
+	c.some()
+	mustFlush(t, d)
+	r1 := mustOpenSnapshot(t, d, "s1")
+	r2 := mustOpenSnapshot(t, d, "s2")
+	for _, name := range []string{"s1", "s2"} {
+		if err := d.DeleteSnapshot(h.ctx, name); err != nil {
+			t.Fatalf("DeleteSnapshot(%s): %v", name, err)
+		}
+	}
+	checkReader(t, r1, snaps["s1"], "held reader of s1")
+	mustClose(t, r2) // s2 goes now, s1 when the disk closes
+	mustSnapshots(t, d, "s3")
+	mustClose(t, d)
+	if _, err := r1.ReadAt(make([]byte, 10), 0); !errors.Is(err, replication.ErrClosed) {
+		t.Fatalf("ReadAt of a reader of a closed disk = %v, want ErrClosed", err)
+	}
+	if r1.Size() != oddSize {
+		t.Fatalf("Size() of a reader of a closed disk = %d", r1.Size())
+	}
+	mustClose(t, r1)
+	for _, reopen := range []func(){func() {}, h.reopen} {
+		reopen()
+		d = h.mustOpenDisk(key, 0)
+		mustSnapshots(t, d, "s3")
+		checkSnapshot(t, d, "s3", snaps["s3"])
+		if _, err := d.OpenSnapshot(h.ctx, "s1"); !errors.Is(err, replication.ErrNotFound) {
+			t.Fatalf("OpenSnapshot of a snapshot deleted under its reader = %v, want ErrNotFound", err)
+		}
+		mustClose(t, d)
 	}
 }
 
@@ -1561,4 +1665,57 @@ func testResize(t *testing.T, h *harness) {
 	if d2.Size() != 3*size {
 		t.Fatalf("after reopen: Size() = %d", d2.Size())
 	}
+}
+
+// testClosed: once the target is closed, its objects, disks and snapshot
+// readers fail with ErrClosed; closing any of them again is nil.
+func testClosed(t *testing.T, h *harness) {
+	h.mustPut("o", []byte("x"))
+	d := h.mustOpenDisk("c", 8192)
+	mustWrite(t, d, []byte("d"), 0)
+	mustSnapshot(t, d, "s")
+	r := mustOpenSnapshot(t, d, "s")
+	if err := h.tg.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	closed := func(what string, err error) {
+		t.Helper()
+		if !errors.Is(err, replication.ErrClosed) {
+			t.Errorf("%s after Close = %v, want ErrClosed", what, err)
+		}
+	}
+	closed("PutObject", h.tg.PutObject(h.ctx, "o", nil))
+	_, err := h.tg.GetObject(h.ctx, "o")
+	closed("GetObject", err)
+	_, err = h.tg.ListObjects(h.ctx, "")
+	closed("ListObjects", err)
+	closed("DeleteObject", h.tg.DeleteObject(h.ctx, "o"))
+	_, err = h.tg.OpenDisk(h.ctx, "c", 0)
+	closed("OpenDisk", err)
+	closed("DeleteDisk", h.tg.DeleteDisk(h.ctx, "c"))
+	closed("WriteAt", d.WriteAt([]byte{1}, 0))
+	closed("Flush", d.Flush(h.ctx))
+	closed("Snapshot", d.Snapshot(h.ctx, "t"))
+	_, err = d.OpenSnapshot(h.ctx, "s")
+	closed("OpenSnapshot", err)
+	_, err = r.ReadAt(make([]byte, 10), 0)
+	closed("ReadAt of a reader", err)
+	if r.Size() != 8192 || d.Size() != 8192 {
+		t.Errorf("Size() after Close: reader %d, disk %d", r.Size(), d.Size())
+	}
+	for what, c := range map[string]io.Closer{"reader": r, "disk": d, "target": h.tg} {
+		if err := c.Close(); err != nil {
+			t.Errorf("Close of a %s after the target's: %v", what, err)
+		}
+	}
+	// What was written before Close is there.
+	h.tg = h.open(t, h.dir)
+	if got := h.mustGet("o"); string(got) != "x" {
+		t.Fatalf("object after reopen = %q", got)
+	}
+	d = h.mustOpenDisk("c", 0)
+	want := make([]byte, 8192)
+	want[0] = 'd'
+	checkSnapshot(t, d, "s", want)
+	mustClose(t, d)
 }

@@ -6,7 +6,6 @@ import (
 	"io"
 	"slices"
 	"sync"
-	"sync/atomic"
 
 	"github.com/asrdr/asr/replication"
 )
@@ -17,49 +16,33 @@ const readChunk = 64 * blockSize
 // recPool holds record-sized scratch buffers for readers.
 var recPool = sync.Pool{New: func() any { return new([recSize]byte) }}
 
-// snapshotReader reads a disk as it was at one snapshot. It holds a reference
-// on the snapshot's epoch, which keeps the epoch (and so every block the
-// snapshot needs) in the chain even if the snapshot is deleted.
+// snapshotReader reads a disk as it was at one snapshot (diskcore.Reader).
+// diskcore holds a reference on the snapshot for it, which keeps the epoch
+// (and so every block the snapshot needs) in the chain even if the snapshot
+// is deleted.
 type snapshotReader struct {
-	d      *disk
-	e      *epoch
-	closed atomic.Bool
+	d *disk
+	e *epoch
 }
 
-var _ replication.SnapshotReader = (*snapshotReader)(nil)
+// Size returns the disk's size.
+func (r *snapshotReader) Size() int64 {
+	r.d.mu.RLock()
+	defer r.d.mu.RUnlock()
+	return r.d.size
+}
 
-// Size returns the disk's size; it works after Close too.
-func (r *snapshotReader) Size() int64 { return r.d.size }
-
-// ReadAt reads len(p) bytes of the snapshot at off. Like any io.ReaderAt, it
-// returns io.EOF with fewer bytes only at the end of the disk.
+// ReadAt fills p, inside the disk, a chunk at a time.
 func (r *snapshotReader) ReadAt(p []byte, off int64) (int, error) {
-	if r.closed.Load() {
-		return 0, fmt.Errorf("read snapshot %s of disk %s: %w", r.e.name, r.d.key, ErrClosed)
-	}
-	if off < 0 {
-		return 0, fmt.Errorf("read snapshot %s of disk %s: negative offset %d", r.e.name, r.d.key, off)
-	}
-	size := r.d.size
-	if off >= size {
-		return 0, io.EOF
-	}
-	n, eof := len(p), false
-	if int64(n) > size-off {
-		n, eof = int(size-off), true
-	}
-	for done := 0; done < n; {
+	for done := 0; done < len(p); {
 		cur := off + int64(done)
-		m := int(min(int64(n-done), (cur/readChunk+1)*readChunk-cur))
+		m := int(min(int64(len(p)-done), (cur/readChunk+1)*readChunk-cur))
 		if err := r.readChunk(p[done:done+m], cur); err != nil {
-			return done, fmt.Errorf("read snapshot %s of disk %s at %d: %w", r.e.name, r.d.key, cur, err)
+			return done, err
 		}
 		done += m
 	}
-	if eof {
-		return n, io.EOF
-	}
-	return n, nil
+	return len(p), nil
 }
 
 // readChunk fills p from off, all under one hold of the read lock: the writer
@@ -69,7 +52,7 @@ func (r *snapshotReader) readChunk(p []byte, off int64) error {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	if d.closed {
-		return ErrClosed
+		return replication.ErrClosed
 	}
 	pos := slices.Index(d.chain, r.e)
 	if pos < 0 {
@@ -123,29 +106,4 @@ func (r *snapshotReader) readChunk(p []byte, off int64) error {
 		copy(p[lo-off:hi-off], rec[recHeaderSize+lo-bstart:recHeaderSize+hi-bstart])
 	}
 	return readRun(end)
-}
-
-// Close releases the reader. If its snapshot was deleted and this was the
-// last reader, the snapshot's log is merged away now.
-func (r *snapshotReader) Close() error {
-	if !r.closed.CompareAndSwap(false, true) {
-		return nil
-	}
-	d := r.d
-	d.mu.Lock()
-	r.e.refs--
-	gc := r.e.refs == 0 && r.e.deleted && !d.closed
-	d.mu.Unlock()
-	if !gc {
-		return nil
-	}
-	d.wmu.Lock()
-	defer d.wmu.Unlock()
-	if d.closed {
-		return nil
-	}
-	if err := d.gcLocked(); err != nil {
-		return fmt.Errorf("close snapshot reader of disk %s: %w", d.key, err)
-	}
-	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/diskcore"
 	"github.com/asrdr/asr/replication/targettest"
 )
 
@@ -42,53 +43,59 @@ func TestConformanceNoPunch(t *testing.T) {
 
 // ----- test hooks -----
 
+// tdisk is a handle on a replica disk with its storage, for the hooks.
+type tdisk struct {
+	replication.ReplicaDisk
+	d *disk
+}
+
+func newTDisk(rd replication.ReplicaDisk) *tdisk {
+	return &tdisk{rd, diskcore.StorageOf(rd).(*disk)}
+}
+
 // syncLogs fsyncs the snapshot logs without applying the queue: the first
 // half of a Flush.
-func (h *Disk) syncLogs() error {
-	h.d.wmu.Lock()
-	defer h.d.wmu.Unlock()
-	return h.d.syncLogs()
-}
+func (h *tdisk) syncLogs() error { return h.d.syncLogs() }
 
 // applySome applies the first k queued changes without fsync, as a crash in
 // the middle of a Flush would leave them.
-func (h *Disk) applySome(k int) error {
-	h.d.wmu.Lock()
-	defer h.d.wmu.Unlock()
+func (h *tdisk) applySome(k int) error {
 	return h.d.applyLocked(min(k, len(h.d.ops)), false)
 }
 
-// crash drops the disk as a dead process would: the queue is lost, the files
-// are closed as they are.
-func (h *Disk) crash() {
-	d := h.d
-	d.t.mu.Lock()
-	delete(d.t.disks, d.key)
-	d.t.mu.Unlock()
-	d.wmu.Lock()
-	d.closeFiles()
-	d.wmu.Unlock()
-	h.closed.Store(true)
-}
-
 // newestSynced returns the path and the durable length of the newest log.
-func (h *Disk) newestSynced() (string, int64) {
-	h.d.wmu.Lock()
-	defer h.d.wmu.Unlock()
+func (h *tdisk) newestSynced() (string, int64) {
 	e := h.d.chain[len(h.d.chain)-1]
 	return e.path, recordOffset(e.synced)
 }
 
-func (h *Disk) setBufferLimit(n int64) {
-	h.d.wmu.Lock()
-	h.d.bufLimit = n
-	h.d.wmu.Unlock()
+func (h *tdisk) queued() int { return len(h.d.ops) }
+
+// crash returns a copy of tg's directory as a process that died now would
+// leave it: what it wrote is there, synced or not; what it queued is lost.
+// paths are moved into the copy. tg goes on, over the original.
+func crash(t *testing.T, tg *Target, paths ...*string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS(tg.Dir())); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range paths {
+		rel, err := filepath.Rel(tg.Dir(), *p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		*p = filepath.Join(dir, rel)
+	}
+	return dir
 }
 
-func (h *Disk) queued() int {
-	h.d.wmu.Lock()
-	defer h.d.wmu.Unlock()
-	return len(h.d.ops)
+// withBufferLimit lowers the bound of queued changes for the targets opened
+// until the test ends.
+func withBufferLimit(t testing.TB, n int64) {
+	old := bufferLimit
+	bufferLimit = n
+	t.Cleanup(func() { bufferLimit = old })
 }
 
 // ----- helpers -----
@@ -103,13 +110,13 @@ func mustOpen(t testing.TB, dir string) *Target {
 	return tg
 }
 
-func mustDisk(t testing.TB, tg *Target, key string, size int64) *Disk {
+func mustDisk(t testing.TB, tg *Target, key string, size int64) *tdisk {
 	t.Helper()
 	d, err := tg.OpenDisk(t.Context(), key, size)
 	if err != nil {
 		t.Fatalf("OpenDisk(%s): %v", key, err)
 	}
-	return d.(*Disk)
+	return newTDisk(d)
 }
 
 // change is a recorded WriteAt (data != nil) or ZeroAt, to replay.
@@ -118,7 +125,7 @@ type change struct {
 	data   []byte
 }
 
-func (c change) apply(t testing.TB, d *Disk, model []byte) {
+func (c change) apply(t testing.TB, d *tdisk, model []byte) {
 	t.Helper()
 	var err error
 	if c.data != nil {
@@ -154,7 +161,7 @@ func randChanges(rng *rand.Rand, size int64, count int) []change {
 	return cs
 }
 
-func snapshotBytes(t testing.TB, d *Disk, name string) []byte {
+func snapshotBytes(t testing.TB, d *tdisk, name string) []byte {
 	t.Helper()
 	r, err := d.OpenSnapshot(t.Context(), name)
 	if err != nil {
@@ -168,7 +175,7 @@ func snapshotBytes(t testing.TB, d *Disk, name string) []byte {
 	return b
 }
 
-func checkSnap(t testing.TB, d *Disk, name string, want []byte) {
+func checkSnap(t testing.TB, d *tdisk, name string, want []byte) {
 	t.Helper()
 	got := snapshotBytes(t, d, name)
 	if !bytes.Equal(got, want) {
@@ -180,7 +187,7 @@ func checkSnap(t testing.TB, d *Disk, name string, want []byte) {
 	}
 }
 
-func mustFlushSnap(t testing.TB, d *Disk, name string) {
+func mustFlushSnap(t testing.TB, d *tdisk, name string) {
 	t.Helper()
 	if err := d.Flush(t.Context()); err != nil {
 		t.Fatal(err)
@@ -234,7 +241,7 @@ func TestCrashReplay(t *testing.T) {
 						c.apply(t, d, make([]byte, size))
 					}
 				}
-				d.crash()
+				dir = crash(t, tg, &path)
 				if tornExtra {
 					if err := os.Truncate(path, synced+recSize/3); err != nil {
 						t.Fatal(err)
@@ -294,7 +301,7 @@ func TestCrashBeforeFlush(t *testing.T) {
 	for _, c := range randChanges(rng, size, 30) {
 		c.apply(t, d, make([]byte, size))
 	}
-	d.crash()
+	dir = crash(t, tg)
 	tg.Close()
 	tg = mustOpen(t, dir)
 	d = mustDisk(t, tg, "d", 0)
@@ -350,18 +357,18 @@ func tailSetup(t *testing.T) (dir, path string, model []byte, n, c int64) {
 		t.Fatal(err)
 	}
 	path, _ = d.newestSynced()
-	d.crash()
+	dir = crash(t, tg, &path)
 	tg.Close()
 	return dir, path, snap, 8, 4
 }
 
-func reopenDisk(t *testing.T, dir string) (*Target, *Disk, error) {
+func reopenDisk(t *testing.T, dir string) (*Target, *tdisk, error) {
 	tg := mustOpen(t, dir)
 	d, err := tg.OpenDisk(t.Context(), "d", 0)
 	if err != nil {
 		return tg, nil, err
 	}
-	return tg, d.(*Disk), nil
+	return tg, newTDisk(d), nil
 }
 
 func TestTornTail(t *testing.T) {
@@ -646,7 +653,7 @@ func TestDeferredDeleteSurvivesCrash(t *testing.T) {
 	if err := d.DeleteSnapshot(t.Context(), "s2"); err != nil {
 		t.Fatal(err)
 	}
-	d.crash()
+	dir = crash(t, tg)
 	tg.Close()
 
 	tg = mustOpen(t, dir)
@@ -698,7 +705,7 @@ func TestSnapshotAfterDeletedNewest(t *testing.T) {
 	for _, n := range []string{"s1", "s2", "s25"} {
 		checkSnap(t, d, n, snaps[n])
 	}
-	if err := d.Snapshot(t.Context(), "s21"); !errors.Is(err, ErrSnapshotOrder) {
+	if err := d.Snapshot(t.Context(), "s21"); !errors.Is(err, replication.ErrSnapshotOrder) {
 		t.Fatalf("Snapshot(s21) = %v, want ErrSnapshotOrder", err)
 	}
 	d.Close()
@@ -801,10 +808,10 @@ func TestSnapshotFlushes(t *testing.T) {
 
 func TestBufferLimit(t *testing.T) {
 	const size = 1 << 20
+	withBufferLimit(t, 64<<10)
 	tg := mustOpen(t, t.TempDir())
 	d := mustDisk(t, tg, "d", size)
 	defer d.Close()
-	d.setBufferLimit(64 << 10)
 	model := make([]byte, size)
 	rng := rand.New(rand.NewPCG(6, 6))
 	mustFlushSnap(t, d, "s0")
@@ -850,13 +857,13 @@ func TestClosed(t *testing.T) {
 	if err := tg.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.ReadAt(make([]byte, 10), 0); !errors.Is(err, ErrClosed) {
+	if _, err := r.ReadAt(make([]byte, 10), 0); !errors.Is(err, replication.ErrClosed) {
 		t.Fatalf("ReadAt after the target closed = %v", err)
 	}
-	if err := d.WriteAt([]byte{1}, 0); !errors.Is(err, ErrClosed) {
+	if err := d.WriteAt([]byte{1}, 0); !errors.Is(err, replication.ErrClosed) {
 		t.Fatalf("WriteAt after the target closed = %v", err)
 	}
-	if err := tg.PutObject(t.Context(), "k", nil); !errors.Is(err, ErrClosed) {
+	if err := tg.PutObject(t.Context(), "k", nil); !errors.Is(err, replication.ErrClosed) {
 		t.Fatalf("PutObject after Close = %v", err)
 	}
 	if r.Size() != 8192 {
@@ -878,13 +885,13 @@ func TestSharedDisk(t *testing.T) {
 	want := make([]byte, 64<<10)
 	want[0] = 'x'
 	checkSnap(t, r, "s1", want)
-	if err := tg.DeleteDisk(t.Context(), "d"); !errors.Is(err, ErrDiskOpen) {
+	if err := tg.DeleteDisk(t.Context(), "d"); !errors.Is(err, replication.ErrDiskOpen) {
 		t.Fatalf("DeleteDisk of an open disk = %v", err)
 	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.WriteAt([]byte("y"), 0); !errors.Is(err, ErrClosed) {
+	if err := w.WriteAt([]byte("y"), 0); !errors.Is(err, replication.ErrClosed) {
 		t.Fatalf("WriteAt on a closed handle = %v", err)
 	}
 	checkSnap(t, r, "s1", want)
@@ -993,7 +1000,7 @@ func TestTrimLargeSparse(t *testing.T) {
 
 // checkDamagedBlock checks that reading block b of snapshot name fails with
 // ErrCorrupt while every other block reads as in model.
-func checkDamagedBlock(t *testing.T, d *Disk, name string, model []byte, b int64) {
+func checkDamagedBlock(t *testing.T, d *tdisk, name string, model []byte, b int64) {
 	t.Helper()
 	r, err := d.OpenSnapshot(t.Context(), name)
 	if err != nil {

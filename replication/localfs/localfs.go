@@ -54,8 +54,10 @@
 // <seq>.deleted at once (so the deletion survives a crash), the snapshot
 // leaves listings, and its epoch stays in the chain, indexed and open, until
 // the last reader closes. Chain order is creation order (seq), not name order,
-// so a new snapshot may sort before a deleted one still held. Deleted logs a
-// crash leaves behind are merged at the next OpenDisk.
+// so a new snapshot may sort before a deleted one still held. A disk closed
+// while readers held a deleted snapshot merges it then (the readers fail
+// from then on); deleted logs a crash leaves behind are merged at the next
+// OpenDisk.
 //
 // # COW file format (version 1, little endian)
 //
@@ -88,15 +90,17 @@
 //
 // # Concurrency
 //
-// A Target serves many disks and objects concurrently. Per disk, one writer
-// (WriteAt, ZeroAt, Flush, Snapshot, DeleteSnapshot; serialized by a mutex)
-// runs alongside any number of snapshot readers. Readers hold the disk's read
-// lock while they look up the logs and read one 256 KiB chunk; the writer
-// holds the write lock while it publishes saved blocks and while it applies
-// each queued change, so a reader never sees a block changed but not saved.
-// Opening a disk that is open already returns another handle on the same
-// state (the applier and a recovery may share a disk); Close flushes, and the
-// last handle's Close closes the files, after which readers fail.
+// The disks' handles, snapshot names and order, readers' references and
+// deferred deletion are replication/diskcore's, shared with every target;
+// this package is the storage under them. Per disk, one writer (serialized
+// by diskcore) runs alongside any number of snapshot readers. Readers hold
+// the disk's read lock while they look up the logs and read one 256 KiB
+// chunk; the writer holds the write lock while it publishes saved blocks and
+// while it applies each queued change, so a reader never sees a block
+// changed but not saved. Opening a disk that is open already returns another
+// handle on the same state (the applier and a recovery may share a disk);
+// Close flushes, and the last handle's Close closes the files (merging the
+// deleted snapshots its readers held), after which readers fail.
 package localfs
 
 import (
@@ -114,22 +118,9 @@ import (
 	"syscall"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/diskcore"
 	"github.com/asrdr/asr/store/atomicfile"
 )
-
-// ErrInvalidKey is returned (wrapped) for a key, prefix or snapshot name that
-// breaks the Target contract's rules.
-var ErrInvalidKey = replication.ErrInvalidKey
-
-// ErrDiskOpen is returned (wrapped) by DeleteDisk while the disk is open.
-var ErrDiskOpen = errors.New("disk is open")
-
-// ErrSnapshotOrder is returned (wrapped) by Snapshot for a new name that does
-// not sort after every existing snapshot of the disk.
-var ErrSnapshotOrder = errors.New("snapshot name out of order")
-
-// ErrClosed is returned (wrapped) by a Target, disk or reader used after Close.
-var ErrClosed = os.ErrClosed
 
 // Layout file: magic "ASRLFS", version u16, u32 zero, CRC-32C of bytes 0..11.
 const (
@@ -141,8 +132,11 @@ const (
 	disksDir      = "disks"
 	diskSuffix    = ".disk"
 	maxKeyLen     = 1024
-	maxNameLen    = 200
 )
+
+// bufferLimit bounds the bytes a disk queues before it flushes; tests lower
+// it.
+var bufferLimit int64 = diskcore.DefaultBufferLimit
 
 var formatMagic = [6]byte{'A', 'S', 'R', 'L', 'F', 'S'}
 
@@ -156,9 +150,9 @@ type Target struct {
 	// by the deletes), so a put never loses its freshly made parent.
 	treeMu sync.RWMutex
 
-	mu     sync.Mutex       // guards disks and closed
-	disks  map[string]*disk // open disks by key
-	closed bool
+	disks     *diskcore.Disks // the open disks, and whether t is closed
+	closeOnce sync.Once
+	closeErr  error
 }
 
 var _ replication.Target = (*Target)(nil)
@@ -210,7 +204,8 @@ func Open(dir string, opts ...Option) (*Target, error) {
 		lock.Close()
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
-	t := &Target{dir: dir, lock: lock, disks: map[string]*disk{}}
+	t := &Target{dir: dir, lock: lock}
+	t.disks = diskcore.New(diskStorage{t}, diskcore.Config{Name: t.String(), MaxKeyLen: maxKeyLen, BufferLimit: bufferLimit})
 	if err := t.checkFormat(!o.noCreate); err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
@@ -344,43 +339,26 @@ func (t *Target) Dir() string { return t.dir }
 func (t *Target) String() string { return "localfs:" + t.dir }
 
 // Close closes every disk still open (flushing them) and releases the lock.
-// Snapshot readers of those disks fail afterwards.
+// Snapshot readers of those disks fail afterwards. Closing again is nil.
 func (t *Target) Close() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return nil
-	}
-	t.closed = true
-	var errs []error
-	keys := make([]string, 0, len(t.disks))
-	for k := range t.disks {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		if err := t.disks[k].close(); err != nil {
-			errs = append(errs, fmt.Errorf("close disk %s: %w", k, err))
-		}
-		delete(t.disks, k)
-	}
-	if err := t.lock.Close(); err != nil {
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
+	t.closeOnce.Do(func() {
+		t.closeErr = errors.Join(t.disks.Close(), t.lock.Close())
+	})
+	return t.closeErr
 }
 
-func (t *Target) checkOpen() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return fmt.Errorf("%s: %w", t, ErrClosed)
-	}
-	return nil
+// OpenDisk opens the replica disk at key, creating a sparse, all-zero disk of
+// the given size if it does not exist (replication.Target).
+func (t *Target) OpenDisk(ctx context.Context, key string, size int64) (replication.ReplicaDisk, error) {
+	return t.disks.OpenDisk(ctx, key, size)
+}
+
+// DeleteDisk removes the disk at key with its snapshots (replication.Target).
+func (t *Target) DeleteDisk(ctx context.Context, key string) error {
+	return t.disks.DeleteDisk(ctx, key)
 }
 
 // The key rules are the Target contract's (replication.CheckKey).
-func validElem(s string) bool         { return replication.ValidKeyElem(s) }
 func checkKey(key string) error       { return replication.CheckKey(key, maxKeyLen) }
 func checkPrefix(prefix string) error { return replication.CheckPrefix(prefix, maxKeyLen) }
 
@@ -390,14 +368,8 @@ func (t *Target) objectPath(key string) string {
 
 // PutObject stores data at key atomically and durably.
 func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
-	if err := checkKey(key); err != nil {
-		return fmt.Errorf("put object: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("put object %s: %w", key, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return fmt.Errorf("put object %s: %w", key, err)
+	if err := t.disks.Check(ctx, "put object", key, false); err != nil {
+		return err
 	}
 	t.treeMu.RLock()
 	defer t.treeMu.RUnlock()
@@ -415,14 +387,8 @@ func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
 // GetObject returns the object at key, or an error wrapping
 // replication.ErrNotFound.
 func (t *Target) GetObject(ctx context.Context, key string) ([]byte, error) {
-	if err := checkKey(key); err != nil {
-		return nil, fmt.Errorf("get object: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("get object %s: %w", key, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return nil, fmt.Errorf("get object %s: %w", key, err)
+	if err := t.disks.Check(ctx, "get object", key, false); err != nil {
+		return nil, err
 	}
 	path := t.objectPath(key)
 	b, err := os.ReadFile(path)
@@ -441,14 +407,8 @@ func (t *Target) GetObject(ctx context.Context, key string) ([]byte, error) {
 
 // ListObjects returns the objects whose keys start with prefix, sorted.
 func (t *Target) ListObjects(ctx context.Context, prefix string) ([]replication.ObjectInfo, error) {
-	if err := checkPrefix(prefix); err != nil {
-		return nil, fmt.Errorf("list objects: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("list objects %q: %w", prefix, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return nil, fmt.Errorf("list objects %q: %w", prefix, err)
+	if err := t.disks.Check(ctx, "list objects", prefix, true); err != nil {
+		return nil, err
 	}
 	root := filepath.Join(t.dir, objectsDir)
 	// Walk only the directory the prefix names fully.
@@ -510,14 +470,8 @@ func (t *Target) ListObjects(ctx context.Context, prefix string) ([]replication.
 
 // DeleteObject removes the object at key; a missing object is not an error.
 func (t *Target) DeleteObject(ctx context.Context, key string) error {
-	if err := checkKey(key); err != nil {
-		return fmt.Errorf("delete object: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("delete object %s: %w", key, err)
-	}
-	if err := t.checkOpen(); err != nil {
-		return fmt.Errorf("delete object %s: %w", key, err)
+	if err := t.disks.Check(ctx, "delete object", key, false); err != nil {
+		return err
 	}
 	path := t.objectPath(key)
 	st, err := os.Lstat(path)

@@ -12,13 +12,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/diskcore"
 	"github.com/asrdr/asr/store/atomicfile"
 )
 
@@ -29,8 +28,6 @@ const (
 	deletedExt  = ".deleted"
 	tmpMark     = "~tmp"
 
-	// defaultBufferLimit bounds the bytes WriteAt queues before it flushes.
-	defaultBufferLimit = 64 << 20
 	// opOverhead is what a queued change costs beyond its data.
 	opOverhead = 64
 	// saveBatch is the most records written to a log in one call.
@@ -46,7 +43,8 @@ var punch = punchHole
 // zeros is a source of zero bytes for comparisons and zero-filling writes.
 var zeros [256 << 10]byte
 
-// epoch is one snapshot's undo log, open and indexed.
+// epoch is one snapshot's undo log, open and indexed. It is the snapshot's
+// ref in diskcore.
 type epoch struct {
 	name string // snapshot name; kept after deletion, for errors
 	seq  uint64 // chain order
@@ -58,14 +56,11 @@ type epoch struct {
 	// without it.
 	index map[uint64]int64
 
-	// Writer-only (disk.wmu) bookkeeping of the file.
+	// Writer-only bookkeeping of the file.
 	count        int64 // records in the file
 	synced       int64 // records made durable by the last fsync
 	hdrCommitted int64 // committed count written in the header
-
-	// Guarded by disk.mu.
-	refs    int  // open readers
-	deleted bool // hidden: deleted by the caller, held by readers
+	hidden       bool  // deleted: renamed to <seq>.deleted
 }
 
 // op is a change queued until Flush. data is nil for a zero op.
@@ -74,96 +69,47 @@ type op struct {
 	data   []byte
 }
 
-// disk is the shared state of an open replica disk; Disk handles point at it.
+// disk is the storage of an open replica disk: diskcore.Disk. diskcore
+// calls the writer's methods one at a time.
 type disk struct {
-	t       *Target
-	key     string
-	dir     string
+	t   *Target
+	key string
+	dir string
+
+	// The writer's.
+	replica *os.File
+	ops     []op
+	opBytes int64
+	readBuf []byte
+	recBuf  []byte
+
+	// mu guards size, nblocks, chain, the epochs' indexes, and closed.
+	// Readers hold it shared while they read a chunk; the writer holds it
+	// exclusively while it publishes saved blocks, applies a change or
+	// resizes the disk, and reads those without it.
+	mu      sync.RWMutex
 	size    int64
 	nblocks uint64
-	handles int // guarded by t.mu
-
-	// wmu serializes the writer: WriteAt, ZeroAt, Flush, Snapshot,
-	// DeleteSnapshot, the merge of deleted snapshots and close.
-	wmu      sync.Mutex
-	replica  *os.File
-	ops      []op
-	opBytes  int64
-	bufLimit int64
-	readBuf  []byte
-	recBuf   []byte
-
-	// mu guards chain, the epochs' indexes, refs and deleted, and closed.
-	// Readers hold it shared while they read a chunk; the writer holds it
-	// exclusively while it publishes saved blocks and applies a change.
-	mu     sync.RWMutex
-	chain  []*epoch // oldest first, hidden epochs included
-	closed bool
+	chain   []*epoch // oldest first, hidden epochs included
+	closed  bool
 }
 
-// Disk is a replica disk of a Target: a handle on the disk's shared state.
-// It implements replication.ReplicaDisk.
-type Disk struct {
-	d      *disk
-	closed atomic.Bool
-}
-
-var _ replication.ReplicaDisk = (*Disk)(nil)
+var (
+	_ diskcore.Disk     = (*disk)(nil)
+	_ diskcore.Extenter = (*disk)(nil)
+)
 
 func (t *Target) diskDir(key string) string {
 	return filepath.Join(t.dir, disksDir, filepath.FromSlash(key)+diskSuffix)
 }
 
-// OpenDisk opens the replica disk at key, creating a sparse, all-zero disk of
-// the given size if it does not exist. Size 0 opens an existing disk whatever
-// its size, or fails with replication.ErrNotFound. Opening a disk that is open
-// already returns another handle on the same state.
-func (t *Target) OpenDisk(ctx context.Context, key string, size int64) (replication.ReplicaDisk, error) {
-	if err := checkKey(key); err != nil {
-		return nil, fmt.Errorf("open disk: %w", err)
-	}
-	if size < 0 {
-		return nil, fmt.Errorf("open disk %s: negative size %d", key, size)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("open disk %s: %w", key, err)
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return nil, fmt.Errorf("open disk %s: %s: %w", key, t, ErrClosed)
-	}
-	d := t.disks[key]
-	if d == nil {
-		var err error
-		if d, err = t.loadDisk(key, size); err != nil {
-			return nil, fmt.Errorf("open disk %s: %w", key, err)
-		}
-		t.disks[key] = d
-	} else if size != 0 && size != d.size {
-		return nil, fmt.Errorf("open disk %s: asked for %d bytes, the disk has %d", key, size, d.size)
-	}
-	d.handles++
-	return &Disk{d: d}, nil
-}
+// diskStorage is the target's disk tree as diskcore.Storage.
+type diskStorage struct{ t *Target }
 
-// DeleteDisk removes the disk at key with its snapshots. Deleting a missing
-// disk is nil; deleting an open one fails with ErrDiskOpen.
-func (t *Target) DeleteDisk(ctx context.Context, key string) error {
-	if err := checkKey(key); err != nil {
-		return fmt.Errorf("delete disk: %w", err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("delete disk %s: %w", key, err)
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return fmt.Errorf("delete disk %s: %s: %w", key, t, ErrClosed)
-	}
-	if _, ok := t.disks[key]; ok {
-		return fmt.Errorf("delete disk %s: %w", key, ErrDiskOpen)
-	}
+// DeleteDisk removes the disk at key with its snapshots; a missing disk is
+// nil.
+func (s diskStorage) DeleteDisk(ctx context.Context, key string) error {
+	t := s.t
 	ddir := t.diskDir(key)
 	// The replica goes first: without it the disk does not exist, whatever
 	// a crash leaves of the rest (creation clears stale logs).
@@ -171,14 +117,14 @@ func (t *Target) DeleteDisk(ctx context.Context, key string) error {
 	switch {
 	case err == nil:
 		if err := atomicfile.SyncDir(ddir); err != nil {
-			return fmt.Errorf("delete disk %s: %w", key, err)
+			return err
 		}
 	case !errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("delete disk %s: %w", key, err)
+		return err
 	}
 	// Only the disk's own files: other disks may nest below ddir.
 	if err := os.RemoveAll(filepath.Join(ddir, snapDirName)); err != nil {
-		return fmt.Errorf("delete disk %s: %w", key, err)
+		return err
 	}
 	os.Remove(filepath.Join(ddir, replicaName+tmpMark))
 	t.treeMu.Lock()
@@ -187,50 +133,48 @@ func (t *Target) DeleteDisk(ctx context.Context, key string) error {
 	return nil
 }
 
-// loadDisk opens (or creates) a disk's files and indexes its snapshots.
-func (t *Target) loadDisk(key string, size int64) (*disk, error) {
+// LoadDisk opens (or creates) a disk's files and indexes its snapshots. The
+// deleted snapshots a crash left behind go to diskcore, which merges them
+// away.
+func (s diskStorage) LoadDisk(ctx context.Context, key string, size int64) (diskcore.Loaded, error) {
+	t := s.t
 	ddir := t.diskDir(key)
 	f, err := os.OpenFile(filepath.Join(ddir, replicaName), os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		if size == 0 {
-			return nil, replication.ErrNotFound
+			return diskcore.Loaded{}, replication.ErrNotFound
 		}
 		f, err = t.createReplica(ddir, size)
 	}
 	if err != nil {
-		return nil, err
+		return diskcore.Loaded{}, err
 	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, err
+		return diskcore.Loaded{}, err
 	}
-	if size != 0 && st.Size() != size {
+	if err := diskcore.CheckSize(size, st.Size()); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("asked for %d bytes, the disk has %d", size, st.Size())
+		return diskcore.Loaded{}, err
 	}
 	d := &disk{
-		t:        t,
-		key:      key,
-		dir:      ddir,
-		size:     st.Size(),
-		nblocks:  uint64((st.Size() + blockSize - 1) / blockSize),
-		replica:  f,
-		bufLimit: defaultBufferLimit,
+		t:       t,
+		key:     key,
+		dir:     ddir,
+		size:    st.Size(),
+		nblocks: uint64((st.Size() + blockSize - 1) / blockSize),
+		replica: f,
 	}
 	if err := d.loadChain(); err != nil {
 		d.closeFiles()
-		return nil, err
+		return diskcore.Loaded{}, err
 	}
-	// Deleted snapshots a crash left behind have no readers now.
-	d.wmu.Lock()
-	err = d.gcLocked()
-	d.wmu.Unlock()
-	if err != nil {
-		d.closeFiles()
-		return nil, err
+	l := diskcore.Loaded{Disk: d, Size: d.size}
+	for _, e := range d.chain {
+		l.Add(e.name, e, e.hidden)
 	}
-	return d, nil
+	return l, nil
 }
 
 // createReplica makes a new disk directory with a sparse replica of size
@@ -293,7 +237,7 @@ func (d *disk) loadChain() error {
 		case strings.Contains(name, "~"):
 			os.Remove(path) // a log whose creation a crash interrupted
 			continue
-		case strings.HasSuffix(name, cowExt) && validElem(strings.TrimSuffix(name, cowExt)):
+		case strings.HasSuffix(name, cowExt) && replication.ValidKeyElem(strings.TrimSuffix(name, cowExt)):
 			e, err = d.loadEpoch(path)
 			if e != nil {
 				e.name = strings.TrimSuffix(name, cowExt)
@@ -301,7 +245,7 @@ func (d *disk) loadChain() error {
 		case strings.HasSuffix(name, deletedExt):
 			e, err = d.loadEpoch(path)
 			if e != nil {
-				e.name, e.deleted = name, true
+				e.name, e.hidden = name, true
 			}
 		default:
 			continue
@@ -365,68 +309,16 @@ func (d *disk) loadEpoch(path string) (*epoch, error) {
 	}, nil
 }
 
-// Size returns the disk's size in bytes.
-func (h *Disk) Size() int64 { return h.d.size }
-
-// lockWriter takes the writer lock of a usable disk.
-func (h *Disk) lockWriter() (*disk, error) {
-	d := h.d
-	if h.closed.Load() {
-		return nil, fmt.Errorf("disk %s: %w", d.key, ErrClosed)
-	}
-	d.wmu.Lock()
-	if d.closed {
-		d.wmu.Unlock()
-		return nil, fmt.Errorf("disk %s: %w", d.key, ErrClosed)
-	}
-	return d, nil
+// Write saves for the newest snapshot the old contents of the blocks p
+// changes, at once, and queues the write until Flush.
+func (d *disk) Write(p []byte, off int64) error {
+	return d.change(off, int64(len(p)), bytes.Clone(p))
 }
 
-func (d *disk) checkRange(off, n int64) error {
-	if off < 0 || n < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("range %d+%d outside the disk's %d bytes", off, n, d.size)
-	}
-	return nil
-}
-
-// WriteAt writes p at off. The old contents of the blocks it changes are saved
-// for the newest snapshot at once; the write itself is queued until Flush.
-func (h *Disk) WriteAt(p []byte, off int64) error {
-	if err := h.d.checkRange(off, int64(len(p))); err != nil {
-		return fmt.Errorf("write disk %s: %w", h.d.key, err)
-	}
-	if len(p) == 0 {
-		return nil
-	}
-	d, err := h.lockWriter()
-	if err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	defer d.wmu.Unlock()
-	if err := d.change(off, int64(len(p)), bytes.Clone(p)); err != nil {
-		return fmt.Errorf("write disk %s at %d+%d: %w", d.key, off, len(p), err)
-	}
-	return nil
-}
-
-// ZeroAt makes n bytes at off read as zero, punching a hole in the replica
-// where the file system can.
-func (h *Disk) ZeroAt(off, n int64) error {
-	if err := h.d.checkRange(off, n); err != nil {
-		return fmt.Errorf("zero disk %s: %w", h.d.key, err)
-	}
-	if n == 0 {
-		return nil
-	}
-	d, err := h.lockWriter()
-	if err != nil {
-		return fmt.Errorf("zero: %w", err)
-	}
-	defer d.wmu.Unlock()
-	if err := d.change(off, n, nil); err != nil {
-		return fmt.Errorf("zero disk %s at %d+%d: %w", d.key, off, n, err)
-	}
-	return nil
+// Zero saves like Write and queues a change that makes n bytes at off read
+// as zero, punching a hole in the replica where the file system can.
+func (d *disk) Zero(off, n int64) error {
+	return d.change(off, n, nil)
 }
 
 // change saves what a change overwrites, then queues it.
@@ -436,11 +328,11 @@ func (d *disk) change(off, n int64, data []byte) error {
 	}
 	d.ops = append(d.ops, op{off: off, n: n, data: data})
 	d.opBytes += int64(len(data)) + opOverhead
-	if d.opBytes >= d.bufLimit {
-		return d.flushLocked()
-	}
 	return nil
 }
+
+// Buffered is the bytes of queued changes, each counted with an overhead.
+func (d *disk) Buffered() int64 { return d.opBytes }
 
 // save appends to the newest log the current contents of every block of
 // [off, off+n) that the log lacks and the change alters. The replica still
@@ -580,20 +472,7 @@ func (d *disk) appendRecords(e *epoch, recs []byte, blocks []uint64) error {
 
 // Flush makes the queued changes durable: the snapshot logs are fsynced
 // first, then the changes are applied to the replica, which is fsynced.
-func (h *Disk) Flush(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("flush disk %s: %w", h.d.key, err)
-	}
-	d, err := h.lockWriter()
-	if err != nil {
-		return fmt.Errorf("flush: %w", err)
-	}
-	defer d.wmu.Unlock()
-	if err := d.flushLocked(); err != nil {
-		return fmt.Errorf("flush disk %s: %w", d.key, err)
-	}
-	return nil
-}
+func (d *disk) Flush(context.Context) error { return d.flushLocked() }
 
 func (d *disk) flushLocked() error {
 	if err := d.syncLogs(); err != nil {
@@ -709,62 +588,22 @@ func (d *disk) applyOp(o op) error {
 	return nil
 }
 
-// visible returns the live (not deleted) snapshot called name. The caller
-// holds wmu or mu.
-func (d *disk) visible(name string) *epoch {
-	for _, e := range d.chain {
-		if !e.deleted && e.name == name {
-			return e
-		}
-	}
-	return nil
-}
-
-func checkSnapName(name string) error {
-	if !validElem(name) || len(name) > maxNameLen {
-		return fmt.Errorf("snapshot name %q: %w", name, ErrInvalidKey)
-	}
-	return nil
-}
-
-// Snapshot flushes the disk and records its contents as snapshot name. A name
-// that exists already is a no-op; a new name must sort after every existing
-// one (ErrSnapshotOrder).
-func (h *Disk) Snapshot(ctx context.Context, name string) error {
-	if err := checkSnapName(name); err != nil {
-		return fmt.Errorf("snapshot disk %s: %w", h.d.key, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("snapshot disk %s: %w", h.d.key, err)
-	}
-	d, err := h.lockWriter()
-	if err != nil {
-		return fmt.Errorf("snapshot: %w", err)
-	}
-	defer d.wmu.Unlock()
-	if d.visible(name) != nil {
-		return nil
-	}
-	for _, e := range d.chain {
-		if !e.deleted && e.name >= name {
-			return fmt.Errorf("snapshot %s of disk %s: snapshot %s exists: %w", name, d.key, e.name, ErrSnapshotOrder)
-		}
-	}
-	if err := d.flushLocked(); err != nil {
-		return fmt.Errorf("snapshot %s of disk %s: %w", name, d.key, err)
-	}
+// Snapshot starts the epoch of snapshot name: a new, empty undo log, which
+// the blocks changed from now on are saved to. diskcore has flushed the
+// disk.
+func (d *disk) Snapshot(_ context.Context, name string) (any, error) {
 	seq := uint64(1)
 	if len(d.chain) > 0 {
 		seq = d.chain[len(d.chain)-1].seq + 1
 	}
 	e, err := d.createEpoch(name, seq)
 	if err != nil {
-		return fmt.Errorf("snapshot %s of disk %s: %w", name, d.key, err)
+		return nil, err
 	}
 	d.mu.Lock()
 	d.chain = append(d.chain, e)
 	d.mu.Unlock()
-	return nil
+	return e, nil
 }
 
 // createEpoch makes an empty log, atomically and durably.
@@ -794,88 +633,37 @@ func (d *disk) createEpoch(name string, seq uint64) (*epoch, error) {
 	return &epoch{name: name, seq: seq, path: path, f: f, index: map[uint64]int64{}}, nil
 }
 
-// Snapshots lists the disk's snapshots in name order.
-func (h *Disk) Snapshots(ctx context.Context) ([]string, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("list snapshots of disk %s: %w", h.d.key, err)
-	}
-	if h.closed.Load() {
-		return nil, fmt.Errorf("list snapshots of disk %s: %w", h.d.key, ErrClosed)
-	}
-	d := h.d
-	d.mu.RLock()
-	defer d.mu.RUnlock()
-	if d.closed {
-		return nil, fmt.Errorf("list snapshots of disk %s: %w", d.key, ErrClosed)
-	}
-	names := []string{}
-	for _, e := range d.chain {
-		if !e.deleted {
-			names = append(names, e.name)
-		}
-	}
-	sort.Strings(names)
-	return names, nil
+// HideSnapshot renames the snapshot's log to <seq>.deleted, durably, so
+// that its deletion holds whether the merge waits for readers or a crash
+// interrupts it: the next LoadDisk hands it back as held.
+func (d *disk) HideSnapshot(_ context.Context, ref any, _ bool) error {
+	return d.hide(ref.(*epoch))
 }
 
-// DeleteSnapshot deletes snapshot name; a missing one is nil. Its log is
-// merged into the previous snapshot's and removed at once, or, while readers
-// of it are open, when the last of them closes.
-func (h *Disk) DeleteSnapshot(ctx context.Context, name string) error {
-	if err := checkSnapName(name); err != nil {
-		return fmt.Errorf("delete snapshot of disk %s: %w", h.d.key, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, h.d.key, err)
-	}
-	d, err := h.lockWriter()
-	if err != nil {
-		return fmt.Errorf("delete snapshot: %w", err)
-	}
-	defer d.wmu.Unlock()
-	e := d.visible(name)
-	if e == nil {
+func (d *disk) hide(e *epoch) error {
+	if e.hidden {
 		return nil
 	}
-	// Hide it durably first, so the deletion holds even if the merge waits
-	// for readers or a crash interrupts it.
 	snap := filepath.Join(d.dir, snapDirName)
 	hidden := filepath.Join(snap, fmt.Sprintf("%016x%s", e.seq, deletedExt))
 	if err := os.Rename(e.path, hidden); err != nil {
-		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
+		return err
 	}
-	d.mu.Lock()
-	e.deleted = true
-	e.path = hidden
-	d.mu.Unlock()
-	if err := atomicfile.SyncDir(snap); err != nil {
-		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
-	}
-	if err := d.gcLocked(); err != nil {
-		return fmt.Errorf("delete snapshot %s of disk %s: %w", name, d.key, err)
-	}
-	return nil
+	e.hidden, e.path = true, hidden
+	return atomicfile.SyncDir(snap)
 }
 
-// gcLocked merges away every deleted snapshot no reader holds, oldest first.
-func (d *disk) gcLocked() error {
-	for {
-		idx := -1
-		d.mu.RLock()
-		for i, e := range d.chain {
-			if e.deleted && e.refs == 0 {
-				idx = i
-				break
-			}
-		}
-		d.mu.RUnlock()
-		if idx < 0 {
-			return nil
-		}
-		if err := d.dropEpoch(idx); err != nil {
-			return err
-		}
+// DropSnapshot merges a deleted snapshot's log away (dropEpoch).
+func (d *disk) DropSnapshot(_ context.Context, ref any) error {
+	e := ref.(*epoch)
+	if err := d.hide(e); err != nil {
+		return err
 	}
+	i := slices.Index(d.chain, e)
+	if i < 0 {
+		return nil
+	}
+	return d.dropEpoch(i)
 }
 
 // dropEpoch removes epoch i from the chain. Older snapshots read through it
@@ -953,76 +741,30 @@ func (d *disk) merge(e, p *epoch) error {
 	return d.finishEpoch(p)
 }
 
-// OpenSnapshot returns a reader of snapshot name, or an error wrapping
-// replication.ErrNotFound. The reader stays valid until closed, whatever is
-// written, snapshotted or deleted meanwhile, until the disk closes.
-func (h *Disk) OpenSnapshot(ctx context.Context, name string) (replication.SnapshotReader, error) {
-	if err := checkSnapName(name); err != nil {
-		return nil, fmt.Errorf("open snapshot of disk %s: %w", h.d.key, err)
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, h.d.key, err)
-	}
-	if h.closed.Load() {
-		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, h.d.key, ErrClosed)
-	}
-	d := h.d
+// OpenSnapshot returns a reader of the snapshot; its epoch stays in the
+// chain, with every block the snapshot needs, until diskcore drops it.
+func (d *disk) OpenSnapshot(ref any) (diskcore.Reader, error) {
+	return &snapshotReader{d: d, e: ref.(*epoch)}, nil
+}
+
+// Close ends the readers, merges the deleted snapshots away (oldest first;
+// those that fail stay for the next LoadDisk), commits the logs and closes
+// the files. diskcore has flushed the disk.
+func (d *disk) Close(ctx context.Context, held []any) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.closed {
-		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, d.key, ErrClosed)
-	}
-	e := d.visible(name)
-	if e == nil {
-		return nil, fmt.Errorf("open snapshot %s of disk %s: %w", name, d.key, replication.ErrNotFound)
-	}
-	e.refs++
-	return &snapshotReader{d: d, e: e}, nil
-}
-
-// Close flushes the disk and releases the handle; the last handle closes the
-// disk's files, after which its snapshot readers fail.
-func (h *Disk) Close() error {
-	if !h.closed.CompareAndSwap(false, true) {
-		return nil
-	}
-	d, t := h.d, h.d.t
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	d.handles--
-	if d.handles > 0 {
-		d.wmu.Lock()
-		defer d.wmu.Unlock()
-		if d.closed {
-			return nil
-		}
-		if err := d.flushLocked(); err != nil {
-			return fmt.Errorf("close disk %s: %w", d.key, err)
-		}
-		return nil
-	}
-	if t.disks[d.key] == d {
-		delete(t.disks, d.key)
-	}
-	if err := d.close(); err != nil {
-		return fmt.Errorf("close disk %s: %w", d.key, err)
-	}
-	return nil
-}
-
-// close flushes, merges what it can, commits the logs and closes the files.
-func (d *disk) close() error {
-	d.wmu.Lock()
-	defer d.wmu.Unlock()
-	if d.closed {
-		return nil
-	}
+	d.closed = true
+	d.mu.Unlock()
 	var errs []error
-	if err := d.flushLocked(); err != nil {
-		errs = append(errs, err)
+	var drop []*epoch
+	for _, e := range d.chain {
+		if slices.Contains(held, any(e)) {
+			drop = append(drop, e)
+		}
 	}
-	if err := d.gcLocked(); err != nil {
-		errs = append(errs, err)
+	for _, e := range drop {
+		if err := d.DropSnapshot(ctx, e); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	for _, e := range d.chain {
 		if err := d.finishEpoch(e); err != nil {
@@ -1047,56 +789,43 @@ func (d *disk) closeFiles() {
 // ReadAt reads the disk's current contents: everything written, flushed or
 // not. Queued changes are applied first (their snapshot logs made durable,
 // as in Flush, but the replica is not fsynced).
-func (h *Disk) ReadAt(p []byte, off int64) (int, error) {
-	if err := h.d.checkRange(off, int64(len(p))); err != nil {
-		return 0, fmt.Errorf("read disk %s: %w", h.d.key, err)
+func (d *disk) ReadAt(p []byte, off int64) error {
+	if err := d.applyQueue(); err != nil {
+		return err
 	}
-	d, err := h.lockWriter()
-	if err != nil {
-		return 0, fmt.Errorf("read: %w", err)
+	if n, err := d.replica.ReadAt(p, off); n < len(p) {
+		return fmt.Errorf("read replica: %w", err)
 	}
-	defer d.wmu.Unlock()
-	if len(d.ops) > 0 {
-		if err := d.syncLogs(); err != nil {
-			return 0, fmt.Errorf("read disk %s: %w", d.key, err)
-		}
-		if err := d.applyLocked(len(d.ops), false); err != nil {
-			return 0, fmt.Errorf("read disk %s: %w", d.key, err)
-		}
+	return nil
+}
+
+// applyQueue applies the queued changes to the replica, their snapshot logs
+// made durable first, without fsyncing the replica.
+func (d *disk) applyQueue() error {
+	if len(d.ops) == 0 {
+		return nil
 	}
-	n, err := d.replica.ReadAt(p, off)
-	if n == len(p) {
-		return n, nil
+	if err := d.syncLogs(); err != nil {
+		return err
 	}
-	return n, fmt.Errorf("read disk %s at %d: %w", d.key, off, err)
+	return d.applyLocked(len(d.ops), false)
 }
 
 // Resize grows the disk to size bytes; the new area reads as zero. The
 // snapshots keep their contents (reading one past the size the disk had
-// when it was taken gives zeros). Shrinking is refused.
-func (h *Disk) Resize(ctx context.Context, size int64) error {
-	d, err := h.lockWriter()
-	if err != nil {
-		return fmt.Errorf("resize: %w", err)
-	}
-	defer d.wmu.Unlock()
-	if size < d.size {
-		return fmt.Errorf("resize disk %s from %d to %d bytes: %w", d.key, d.size, size, replication.ErrShrink)
-	}
-	if size == d.size {
-		return nil
-	}
+// when it was taken gives zeros).
+func (d *disk) Resize(_ context.Context, size int64) error {
 	if err := d.flushLocked(); err != nil {
-		return fmt.Errorf("resize disk %s: %w", d.key, err)
+		return err
 	}
 	if err := d.replica.Truncate(size); err != nil {
 		if errors.Is(err, syscall.EFBIG) {
 			err = fmt.Errorf("the file system cannot hold a file of %d bytes (%v): %w", size, err, replication.ErrDiskTooLarge)
 		}
-		return fmt.Errorf("resize disk %s: %w", d.key, err)
+		return err
 	}
 	if err := d.replica.Sync(); err != nil {
-		return fmt.Errorf("resize disk %s: %w", d.key, err)
+		return err
 	}
 	d.mu.Lock()
 	d.size, d.nblocks = size, uint64((size+blockSize-1)/blockSize)

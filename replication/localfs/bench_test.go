@@ -10,7 +10,7 @@ import (
 // every 64 writes and taking a snapshot every `every` writes (keeping the
 // last 8), as an applier does.
 //
-//	go test -run '^$' -bench . -benchtime 20000x ./store/localfs/
+//	go test -run '^$' -bench . -benchtime 20000x ./replication/localfs/
 func BenchmarkWriteFlush(b *testing.B) {
 	for _, every := range []int{0, 256, 4096} {
 		b.Run(fmt.Sprintf("snapshotEvery=%d", every), func(b *testing.B) {
