@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -95,38 +94,43 @@ func (s *Server) windowFor(ctx context.Context, m store.Machine) (resyncWindow, 
 	return parseWindow(w)
 }
 
-// syncResyncRows keeps the resync rows in step with the catalog: a disk that
-// needs a resync gets a row; a disk protected again loses it.
-func (s *Server) syncResyncRows(m replication.MachineCatalog) {
-	ctx := s.ctx
+// reconcileResyncs brings a machine's resync rows in step with its
+// catalog entry m, the truth on whether a disk needs a resync, why, over
+// which ranges, and when one is done (the job's done record applied). A
+// row keeps only what the catalog does not know: the schedule (when, how
+// often tried, the last error), who asked (an operator, a verify) and the
+// progress. m is the newest view: news is coalesced, so no decision may
+// rest on having seen a state in between.
+func (s *Server) reconcileResyncs(ctx context.Context, m replication.MachineCatalog) error {
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
+	rows, err := s.db.Resyncs(ctx, m.ID)
+	if err != nil {
+		return err
+	}
+	byDisk := map[uint32]store.Resync{}
+	for _, r := range rows {
+		byDisk[r.Disk] = r
+	}
+	needed := func(d replication.CatalogDisk) store.Resync {
+		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
+			Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
+		return store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, State: store.ResyncScheduled, RequestedAt: s.now()}
+	}
 	for _, d := range m.Disks {
-		row, err := s.db.Resync(ctx, m.ID, d.Index)
-		has := err == nil
+		row, has := byDisk[d.Index]
+		resync := d.State == replication.StateResync
 		switch {
-		case has && d.State == replication.StateResync && m.LogStart > 0 && d.Reason == m.LogReason && row.Reason != d.Reason:
-			// The agent started a new log: the whole disk is compared, by
-			// the new agent, whatever an earlier resync was to compare (a
-			// part of the disk) or was running (the old agent's job).
-			row.Reason, row.Ranges, row.State, row.JobID, row.RequestedAt = d.Reason, nil, store.ResyncScheduled, 0, s.now()
-			row.Attempts, row.NextTry, row.LastError, row.Total, row.Compared, row.Sent = 0, time.Time{}, "", 0, 0, 0
-			if err := s.db.PutResync(ctx, row); err != nil {
-				s.log.Error("schedule resync", "machine", m.ID, "disk", d.Name, "err", err)
+		case has && row.State == store.ResyncRunning && row.JobID != 0 && d.LastResync == row.JobID:
+			// The job's done record is applied. The disk is consistent
+			// again, unless it was marked again since.
+			if resync {
+				if err := s.db.PutResync(ctx, needed(d)); err != nil {
+					return err
+				}
+			} else if err := s.db.DeleteResync(ctx, m.ID, d.Index); err != nil {
+				return err
 			}
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
-				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
-		case d.State == replication.StateResync && !has:
-			if err := s.db.PutResync(ctx, store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, Ranges: d.Ranges,
-				State: store.ResyncScheduled, RequestedAt: s.now()}); err != nil {
-				s.log.Error("schedule resync", "machine", m.ID, "disk", d.Name, "err", err)
-			}
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
-				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
-		case has && !row.Manual && row.State != store.ResyncRunning && d.State == replication.StateProtected:
-			// Consistent again by other means (the agent resent its
-			// overflow's changed blocks): nothing to schedule.
-			s.db.DeleteResync(ctx, m.ID, d.Index)
-		case has && row.State == store.ResyncRunning && d.LastResync == row.JobID && d.State == replication.StateProtected:
-			s.db.DeleteResync(ctx, m.ID, d.Index)
 			switch {
 			case row.Verify && d.LastResyncSent == 0:
 				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "verify-done",
@@ -138,14 +142,36 @@ func (s *Server) syncResyncRows(m replication.MachineCatalog) {
 				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
 					Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, d.LastResyncCompared, d.LastResyncSent)})
 			}
-		case has && !row.Verify && row.State != store.ResyncRunning && d.State == replication.StateResync && !slices.Equal(row.Ranges, d.Ranges):
-			// More became due (a scrub found damage): widen the waiting job.
-			row.Ranges, row.Reason = d.Ranges, d.Reason
+		case has && resync && m.LogStart > 0 && d.Reason == m.LogReason && row.Reason != d.Reason:
+			// The agent started a new log: the whole disk is compared, by
+			// the new agent, whatever an earlier resync was to compare (a
+			// part of the disk) or was running (the old agent's job).
+			// Who asked for it stays.
+			fresh := needed(d)
+			fresh.Manual, fresh.Verify, fresh.StartedAt = row.Manual, row.Verify, row.StartedAt
+			if err := s.db.PutResync(ctx, fresh); err != nil {
+				return err
+			}
+		case resync && !has:
+			if err := s.db.PutResync(ctx, needed(d)); err != nil {
+				return err
+			}
+		case has && !row.Manual && row.State != store.ResyncRunning && d.State == replication.StateProtected:
+			// Consistent again by other means (the agent resent its
+			// overflow's changed blocks): nothing to schedule.
+			if err := s.db.DeleteResync(ctx, m.ID, d.Index); err != nil {
+				return err
+			}
+		case has && !row.Verify && row.State != store.ResyncRunning && resync && row.Reason != d.Reason:
+			// More became due (a scrub found damage): the waiting job says
+			// so (it takes its ranges from the catalog when it starts).
+			row.Reason = d.Reason
 			if err := s.db.PutResync(ctx, row); err != nil {
-				s.log.Error("update resync", "machine", m.ID, "disk", d.Name, "err", err)
+				return err
 			}
 		}
 	}
+	return nil
 }
 
 // resyncLoop starts the resyncs that are due.
@@ -164,12 +190,23 @@ func (s *Server) resyncLoop() {
 		}
 		for _, r := range rows {
 			if r.State == store.ResyncScheduled {
-				s.maybeStartResync(s.ctx, r)
+				s.startIfDue(s.ctx, r.MachineID, r.Disk)
 			}
 		}
 		s.maybeScrub(s.ctx)
 		s.loopTicks.Add(1)
 	}
+}
+
+// startIfDue starts a disk's scheduled resync if it is due.
+func (s *Server) startIfDue(ctx context.Context, machineID string, disk uint32) {
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
+	r, err := s.db.Resync(ctx, machineID, disk)
+	if err != nil || r.State != store.ResyncScheduled {
+		return // changed meanwhile
+	}
+	s.maybeStartResync(ctx, r)
 }
 
 // resyncBackoff is the wait before retry n (1-based) of a failed resync.
@@ -181,6 +218,9 @@ func resyncBackoff(n int) time.Duration {
 // maxManualAttempts bounds the retries of an operator's resync.
 const maxManualAttempts = 3
 
+// maybeStartResync starts a scheduled resync if it is due (its window,
+// its backoff). The process server takes the job's reason and ranges from
+// the catalog. Caller holds resyncMu.
 func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	now := s.now()
 	m, err := s.db.Machine(ctx, r.MachineID)
@@ -198,12 +238,14 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	if !r.NextTry.IsZero() && now.Before(r.NextTry) {
 		return
 	}
-	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Ranges: r.Ranges, Verify: r.Verify}
+	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Verify: r.Verify}
 	err = s.ps.StartResync(ctx, m.ID, job)
 	if err == nil {
 		r.State, r.JobID, r.StartedAt, r.LastError = store.ResyncRunning, job.ID, now, ""
 		r.Compared, r.Sent, r.Total = 0, 0, 0
-		s.db.PutResync(ctx, r)
+		if err := s.db.PutResync(ctx, r); err != nil {
+			s.log.Error("the resync started but its row could not be saved; it may be started again", "machine", m.ID, "disk", r.Disk, "err", err)
+		}
 		s.log.Info("resync started", "machine", m.ID, "disk", r.Disk, "job", job.ID, "manual", r.Manual)
 		return
 	}
@@ -215,17 +257,27 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "resync-failed",
 			Message: fmt.Sprintf("resync of disk %d failed after %d attempts: %v; fix the cause and press Resync", r.Disk, r.Attempts, err)})
 	}
-	s.db.PutResync(ctx, r)
+	if err := s.db.PutResync(ctx, r); err != nil {
+		s.log.Error("save a failed resync attempt", "machine", m.ID, "disk", r.Disk, "err", err)
+	}
 }
 
-// noteResyncStatus records a running resync's progress from the agent.
-func (s *Server) noteResyncStatus(id string, st *replication.ResyncStatus) {
-	r, err := s.db.Resync(s.ctx, id, st.Disk)
-	if err != nil || r.JobID != st.Job {
-		return
+// noteResyncStatus records a running resync's progress from the agent (a
+// job that is not the row's any more is left alone).
+func (s *Server) noteResyncStatus(ctx context.Context, id string, st replication.ResyncStatus) error {
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
+	r, err := s.db.Resync(ctx, id, st.Disk)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	if r.JobID != st.Job {
+		return nil
 	}
 	r.Total, r.Compared, r.Sent, r.LastError = st.Total, st.Compared, st.Sent, st.Error
-	s.db.PutResync(s.ctx, r)
+	return s.db.PutResync(ctx, r)
 }
 
 // ResyncRequest is the body of POST /api/v1/machines/{m}/resync.
@@ -290,6 +342,8 @@ func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string
 				d.Name, d.Cursor*100/max(d.Size, 1))
 		}
 	}
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
 	out := []ResyncJSON{}
 	for _, d := range picked {
 		row, err := s.db.Resync(ctx, m.ID, d.Index)
