@@ -112,10 +112,19 @@ func (s *Server) reconcileResyncs(ctx context.Context, m replication.MachineCata
 	for _, r := range rows {
 		byDisk[r.Disk] = r
 	}
-	needed := func(d replication.CatalogDisk) store.Resync {
+	// schedule writes a scheduled row for a disk marked for resync, and
+	// says so (once written: a failed write is tried again, whole).
+	schedule := func(d replication.CatalogDisk, keep *store.Resync) error {
+		r := store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, State: store.ResyncScheduled, RequestedAt: s.now()}
+		if keep != nil { // who asked for it stays
+			r.Manual, r.Verify, r.StartedAt = keep.Manual, keep.Verify, keep.StartedAt
+		}
+		if err := s.db.PutResync(ctx, r); err != nil {
+			return err
+		}
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
 			Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
-		return store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, State: store.ResyncScheduled, RequestedAt: s.now()}
+		return nil
 	}
 	for _, d := range m.Disks {
 		row, has := byDisk[d.Index]
@@ -125,7 +134,7 @@ func (s *Server) reconcileResyncs(ctx context.Context, m replication.MachineCata
 			// The job's done record is applied. The disk is consistent
 			// again, unless it was marked again since.
 			if resync {
-				if err := s.db.PutResync(ctx, needed(d)); err != nil {
+				if err := schedule(d, nil); err != nil {
 					return err
 				}
 			} else if err := s.db.DeleteResync(ctx, m.ID, d.Index); err != nil {
@@ -146,14 +155,11 @@ func (s *Server) reconcileResyncs(ctx context.Context, m replication.MachineCata
 			// The agent started a new log: the whole disk is compared, by
 			// the new agent, whatever an earlier resync was to compare (a
 			// part of the disk) or was running (the old agent's job).
-			// Who asked for it stays.
-			fresh := needed(d)
-			fresh.Manual, fresh.Verify, fresh.StartedAt = row.Manual, row.Verify, row.StartedAt
-			if err := s.db.PutResync(ctx, fresh); err != nil {
+			if err := schedule(d, &row); err != nil {
 				return err
 			}
 		case resync && !has:
-			if err := s.db.PutResync(ctx, needed(d)); err != nil {
+			if err := schedule(d, nil); err != nil {
 				return err
 			}
 		case has && !row.Manual && row.State != store.ResyncRunning && d.State == replication.StateProtected:
