@@ -302,6 +302,11 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 		}
 		return errorf(http.StatusConflict, "%v", err)
 	}
+	// The point is made (on the target); the machine's view shows it once
+	// the database has its copy, which is worth a short wait, not more.
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	s.mirror.sync(sctx)
+	scancel()
 	writeJSON(w, http.StatusOK, pointJSON(p))
 	return nil
 }

@@ -1,9 +1,15 @@
 package server
 
-// SetResyncHook sets the hook that the starts of resyncs call (see
-// resyncStarts). Call it before Run.
-func SetResyncHook(s *Server, hook func(event string)) { s.resyncStart.hook = hook }
+import "github.com/asrdr/asr/replication/procserver"
+
+// SetResyncHook sets the hook that the starts of resyncs and the passes of
+// the resync loop call (see resyncHook). Call it before Run.
+func SetResyncHook(s *Server, hook func(event string)) { s.resyncTestHook = hook }
 
 // LoopTicks counts the passes of the loop that starts resyncs and
 // schedules scrubs.
 func LoopTicks(s *Server) int64 { return s.loopTicks.Load() }
+
+// ProcessServerForTest is the server's process server, for tests that
+// watch replication without the vault database.
+func (s *Server) ProcessServerForTest() *procserver.Server { return s.ps }

@@ -258,19 +258,6 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// onStatus records the events and the resync progress an agent reports.
-func (s *Server) onStatus(id string, st replication.Status) {
-	if st.Resync != nil {
-		s.noteResyncStatus(id, st.Resync)
-	}
-	for _, e := range st.Events {
-		if err := s.db.AddEvent(s.ctx, store.Event{Time: time.Unix(0, e.Time), MachineID: id, Severity: "warning",
-			Kind: e.Kind, Message: e.Message}); err != nil {
-			s.log.Error("record agent event", "machine", id, "err", err)
-		}
-	}
-}
-
 // policyLoop watches the RPO against each machine's threshold (an event
 // when it is crossed and when it recovers) and prunes points older than the
 // retention, on schedule.

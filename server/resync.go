@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -96,38 +94,52 @@ func (s *Server) windowFor(ctx context.Context, m store.Machine) (resyncWindow, 
 	return parseWindow(w)
 }
 
-// syncResyncRows keeps the resync rows in step with the catalog: a disk that
-// needs a resync gets a row; a disk protected again loses it.
-func (s *Server) syncResyncRows(m replication.MachineCatalog) {
-	ctx := s.ctx
+// reconcileResyncs brings a machine's resync rows in step with its
+// catalog entry m, the truth on whether a disk needs a resync, why, over
+// which ranges, and when one is done (the job's done record applied). A
+// row keeps only what the catalog does not know: the schedule (when, how
+// often tried, the last error), who asked (an operator, a verify) and the
+// progress. m is the newest view: news is coalesced, so no decision may
+// rest on having seen a state in between.
+func (s *Server) reconcileResyncs(ctx context.Context, m replication.MachineCatalog) error {
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
+	rows, err := s.db.Resyncs(ctx, m.ID)
+	if err != nil {
+		return err
+	}
+	byDisk := map[uint32]store.Resync{}
+	for _, r := range rows {
+		byDisk[r.Disk] = r
+	}
+	// schedule writes a scheduled row for a disk marked for resync, and
+	// says so (once written: a failed write is tried again, whole).
+	schedule := func(d replication.CatalogDisk, keep *store.Resync) error {
+		r := store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, State: store.ResyncScheduled, RequestedAt: s.now()}
+		if keep != nil { // who asked for it stays
+			r.Manual, r.Verify, r.StartedAt = keep.Manual, keep.Verify, keep.StartedAt
+		}
+		if err := s.db.PutResync(ctx, r); err != nil {
+			return err
+		}
+		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
+			Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
+		return nil
+	}
 	for _, d := range m.Disks {
-		row, err := s.db.Resync(ctx, m.ID, d.Index)
-		has := err == nil
+		row, has := byDisk[d.Index]
+		resync := d.State == replication.StateResync
 		switch {
-		case has && d.State == replication.StateResync && m.LogStart > 0 && d.Reason == m.LogReason && row.Reason != d.Reason:
-			// The agent started a new log: the whole disk is compared, by
-			// the new agent, whatever an earlier resync was to compare (a
-			// part of the disk) or was running (the old agent's job).
-			row.Reason, row.Ranges, row.State, row.JobID, row.RequestedAt = d.Reason, nil, store.ResyncScheduled, 0, s.now()
-			row.Attempts, row.NextTry, row.LastError, row.Total, row.Compared, row.Sent = 0, time.Time{}, "", 0, 0, 0
-			if err := s.db.PutResync(ctx, row); err != nil {
-				s.log.Error("schedule resync", "machine", m.ID, "disk", d.Name, "err", err)
+		case has && row.State == store.ResyncRunning && row.JobID != 0 && d.LastResync == row.JobID:
+			// The job's done record is applied. The disk is consistent
+			// again, unless it was marked again since.
+			if resync {
+				if err := schedule(d, nil); err != nil {
+					return err
+				}
+			} else if err := s.db.DeleteResync(ctx, m.ID, d.Index); err != nil {
+				return err
 			}
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
-				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
-		case d.State == replication.StateResync && !has:
-			if err := s.db.PutResync(ctx, store.Resync{MachineID: m.ID, Disk: d.Index, Reason: d.Reason, Ranges: d.Ranges,
-				State: store.ResyncScheduled, RequestedAt: s.now()}); err != nil {
-				s.log.Error("schedule resync", "machine", m.ID, "disk", d.Name, "err", err)
-			}
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "resync-needed",
-				Message: fmt.Sprintf("disk %s needs a resync: %s", d.Name, d.Reason)})
-		case has && !row.Manual && row.State != store.ResyncRunning && d.State == replication.StateProtected:
-			// Consistent again by other means (the agent resent its
-			// overflow's changed blocks): nothing to schedule.
-			s.db.DeleteResync(ctx, m.ID, d.Index)
-		case has && row.State == store.ResyncRunning && d.LastResync == row.JobID && d.State == replication.StateProtected:
-			s.db.DeleteResync(ctx, m.ID, d.Index)
 			switch {
 			case row.Verify && d.LastResyncSent == 0:
 				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "verify-done",
@@ -139,14 +151,33 @@ func (s *Server) syncResyncRows(m replication.MachineCatalog) {
 				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "resync-done",
 					Message: fmt.Sprintf("disk %s is consistent again: compared %d bytes, sent %d", d.Name, d.LastResyncCompared, d.LastResyncSent)})
 			}
-		case has && !row.Verify && row.State != store.ResyncRunning && d.State == replication.StateResync && !slices.Equal(row.Ranges, d.Ranges):
-			// More became due (a scrub found damage): widen the waiting job.
-			row.Ranges, row.Reason = d.Ranges, d.Reason
+		case has && resync && m.LogStart > 0 && d.Reason == m.LogReason && row.Reason != d.Reason:
+			// The agent started a new log: the whole disk is compared, by
+			// the new agent, whatever an earlier resync was to compare (a
+			// part of the disk) or was running (the old agent's job).
+			if err := schedule(d, &row); err != nil {
+				return err
+			}
+		case resync && !has:
+			if err := schedule(d, nil); err != nil {
+				return err
+			}
+		case has && !row.Manual && row.State != store.ResyncRunning && d.State == replication.StateProtected:
+			// Consistent again by other means (the agent resent its
+			// overflow's changed blocks): nothing to schedule.
+			if err := s.db.DeleteResync(ctx, m.ID, d.Index); err != nil {
+				return err
+			}
+		case has && !row.Verify && row.State != store.ResyncRunning && resync && row.Reason != d.Reason:
+			// More became due (a scrub found damage): the waiting job says
+			// so (it takes its ranges from the catalog when it starts).
+			row.Reason = d.Reason
 			if err := s.db.PutResync(ctx, row); err != nil {
-				s.log.Error("update resync", "machine", m.ID, "disk", d.Name, "err", err)
+				return err
 			}
 		}
 	}
+	return nil
 }
 
 // resyncLoop starts the resyncs that are due.
@@ -165,7 +196,7 @@ func (s *Server) resyncLoop() {
 		}
 		for _, r := range rows {
 			if r.State == store.ResyncScheduled {
-				s.maybeStartResync(s.ctx, r.MachineID, r.Disk)
+				s.startIfDue(s.ctx, r.MachineID, r.Disk)
 			}
 		}
 		s.maybeScrub(s.ctx)
@@ -174,25 +205,26 @@ func (s *Server) resyncLoop() {
 	}
 }
 
-// resyncStarts serializes the starts of resyncs. A start reads the row,
-// checks it is still scheduled, starts the job on the agent and saves the
-// row as running; the loop and an operator's request (which marks the row
-// scheduled first) both start rows, so without this both could read the
-// same scheduled row and start two jobs for one disk, the second replacing
-// the first on the agent. Only starts take it: the applier's and the
-// agent's updates of a row never wait behind a start.
-type resyncStarts struct {
-	mu sync.Mutex
-	// hook, when set (tests only, before Run), is called at "attempt"
-	// (before a start takes mu), "start" (before the job goes to the agent)
-	// and "pass" (after each pass of the loop).
-	hook func(event string)
-}
-
+// resyncHook, when set (tests only, before Run), is called at "attempt"
+// (before a start of a scheduled resync takes resyncMu, or the operator's
+// under it), "start" (before the job goes to the agent) and "pass" (after
+// each pass of the loop).
 func (s *Server) resyncHook(event string) {
-	if h := s.resyncStart.hook; h != nil {
+	if h := s.resyncTestHook; h != nil {
 		h(event)
 	}
+}
+
+// startIfDue starts a disk's scheduled resync if it is due.
+func (s *Server) startIfDue(ctx context.Context, machineID string, disk uint32) {
+	s.resyncHook("attempt")
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
+	r, err := s.db.Resync(ctx, machineID, disk)
+	if err != nil || r.State != store.ResyncScheduled {
+		return // changed meanwhile
+	}
+	s.maybeStartResync(ctx, r)
 }
 
 // resyncBackoff is the wait before retry n (1-based) of a failed resync.
@@ -204,22 +236,10 @@ func resyncBackoff(n int) time.Duration {
 // maxManualAttempts bounds the retries of an operator's resync.
 const maxManualAttempts = 3
 
-// maybeStartResync starts a disk's resync if its row is still scheduled
-// and due.
-func (s *Server) maybeStartResync(ctx context.Context, machineID string, disk uint32) {
-	s.resyncHook("attempt")
-	s.resyncStart.mu.Lock()
-	defer s.resyncStart.mu.Unlock()
-	r, err := s.db.Resync(ctx, machineID, disk)
-	if err != nil || r.State != store.ResyncScheduled {
-		return // gone, or started (or failed) meanwhile
-	}
-	s.startResyncLocked(ctx, r)
-}
-
-// startResyncLocked starts the scheduled resync r, read under
-// s.resyncStart.mu, if it is due.
-func (s *Server) startResyncLocked(ctx context.Context, r store.Resync) {
+// maybeStartResync starts a scheduled resync if it is due (its window,
+// its backoff). The process server takes the job's reason and ranges from
+// the catalog. Caller holds resyncMu.
+func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	now := s.now()
 	m, err := s.db.Machine(ctx, r.MachineID)
 	if err != nil {
@@ -236,13 +256,15 @@ func (s *Server) startResyncLocked(ctx context.Context, r store.Resync) {
 	if !r.NextTry.IsZero() && now.Before(r.NextTry) {
 		return
 	}
-	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Ranges: r.Ranges, Verify: r.Verify}
+	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Verify: r.Verify}
 	s.resyncHook("start")
 	err = s.ps.StartResync(ctx, m.ID, job)
 	if err == nil {
 		r.State, r.JobID, r.StartedAt, r.LastError = store.ResyncRunning, job.ID, now, ""
 		r.Compared, r.Sent, r.Total = 0, 0, 0
-		s.db.PutResync(ctx, r)
+		if err := s.db.PutResync(ctx, r); err != nil {
+			s.log.Error("the resync started but its row could not be saved; it may be started again", "machine", m.ID, "disk", r.Disk, "err", err)
+		}
 		s.log.Info("resync started", "machine", m.ID, "disk", r.Disk, "job", job.ID, "manual", r.Manual)
 		return
 	}
@@ -254,15 +276,18 @@ func (s *Server) startResyncLocked(ctx context.Context, r store.Resync) {
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "resync-failed",
 			Message: fmt.Sprintf("resync of disk %d failed after %d attempts: %v; fix the cause and press Resync", r.Disk, r.Attempts, err)})
 	}
-	s.db.PutResync(ctx, r)
+	if err := s.db.PutResync(ctx, r); err != nil {
+		s.log.Error("save a failed resync attempt", "machine", m.ID, "disk", r.Disk, "err", err)
+	}
 }
 
-// noteResyncStatus records a running resync's progress from the agent.
-// It updates the row in place, only if it is still that job's: reading the
-// row and writing it back whole could bring back a row that the applier
-// deleted in between (the job done), which would then show as running.
-func (s *Server) noteResyncStatus(id string, st *replication.ResyncStatus) {
-	s.db.UpdateResyncProgress(s.ctx, id, st.Disk, st.Job, st.Total, st.Compared, st.Sent, st.Error)
+// noteResyncStatus records a running resync's progress from the agent (a
+// job that is not the row's any more is left alone).
+func (s *Server) noteResyncStatus(ctx context.Context, id string, st replication.ResyncStatus) error {
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
+	_, err := s.db.UpdateResyncProgress(ctx, id, st.Disk, st.Job, st.Total, st.Compared, st.Sent, st.Error)
+	return err
 }
 
 // ResyncRequest is the body of POST /api/v1/machines/{m}/resync.
@@ -327,41 +352,31 @@ func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string
 				d.Name, d.Cursor*100/max(d.Size, 1))
 		}
 	}
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
 	out := []ResyncJSON{}
 	for _, d := range picked {
-		row, err := s.requestResync(ctx, m, d)
-		if err != nil {
+		row, err := s.db.Resync(ctx, m.ID, d.Index)
+		if errors.Is(err, store.ErrNotFound) {
+			row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator request", RequestedAt: s.now()}
+		} else if err != nil {
 			return nil, err
 		}
+		if row.State == store.ResyncRunning {
+			out = append(out, s.resyncJSON(ctx, m, d, row))
+			continue // already running
+		}
+		row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
+		if err := s.db.PutResync(ctx, row); err != nil {
+			return nil, err
+		}
+		s.log.Info("resync requested", "machine", m.ID, "disk", d.Name, "reason", row.Reason)
+		s.resyncHook("attempt")
+		s.maybeStartResync(ctx, row)
+		row, _ = s.db.Resync(ctx, m.ID, d.Index)
 		out = append(out, s.resyncJSON(ctx, m, d, row))
 	}
 	return out, nil
-}
-
-// requestResync marks disk d's resync an operator's and starts it, unless
-// it is running; it returns the row as it is then. The row is read, marked
-// and started under s.resyncStart.mu, so the loop cannot start it too.
-func (s *Server) requestResync(ctx context.Context, m store.Machine, d store.Disk) (store.Resync, error) {
-	s.resyncHook("attempt")
-	s.resyncStart.mu.Lock()
-	defer s.resyncStart.mu.Unlock()
-	row, err := s.db.Resync(ctx, m.ID, d.Index)
-	if errors.Is(err, store.ErrNotFound) {
-		row = store.Resync{MachineID: m.ID, Disk: d.Index, Reason: "operator request", RequestedAt: s.now()}
-	} else if err != nil {
-		return row, err
-	}
-	if row.State == store.ResyncRunning {
-		return row, nil // already running
-	}
-	row.Manual, row.State, row.Attempts, row.NextTry, row.LastError = true, store.ResyncScheduled, 0, time.Time{}, ""
-	if err := s.db.PutResync(ctx, row); err != nil {
-		return row, err
-	}
-	s.log.Info("resync requested", "machine", m.ID, "disk", d.Name, "reason", row.Reason)
-	s.startResyncLocked(ctx, row)
-	row, _ = s.db.Resync(ctx, m.ID, d.Index)
-	return row, nil
 }
 
 func (s *Server) handleResyncs(w http.ResponseWriter, r *http.Request) error {

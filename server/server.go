@@ -120,6 +120,18 @@ type Server struct {
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
 
+	// The mirror writes what the process server reports to the database
+	// (mirror.go, news.go); mirrorSeen and mirrorDisks are its writer's,
+	// used on its goroutine only.
+	mirror      *mirror
+	mirrorSeen  map[string]bool
+	mirrorDisks map[string][]store.Disk
+
+	// resyncMu serializes the changes of resync rows (the mirror's
+	// reconciliation with the catalog, the scheduler, operators' requests,
+	// progress), each of which reads a row and writes it back.
+	resyncMu sync.Mutex
+
 	cutMu sync.Mutex // one replication-group cut at a time
 
 	reqMu    sync.Mutex
@@ -133,7 +145,7 @@ type Server struct {
 	rpoMu     sync.Mutex
 	rpoOver   map[string]bool // machines whose RPO is over their threshold
 
-	resyncStart resyncStarts // one start of a resync at a time (resync.go)
+	resyncTestHook func(event string) // tests only: resyncHook
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -166,6 +178,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		cfg.ResyncEvery = 2 * time.Second
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
+		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
 		now: cfg.Now, rpoOver: map[string]bool{},
 		// Real time, not cfg.Now: a nonce's life is a security bound, not
 		// something a test's clock should stretch.
@@ -252,6 +265,8 @@ func (s *Server) open(ctx context.Context) error {
 			return err
 		}
 	}
+	// Before the process server, which reports each machine it opens.
+	s.mirror = newMirror(s.writeNews, s.log.With("component", "mirror"), time.Second, 30*time.Second)
 	s.ps, err = procserver.New(ctx, procserver.Config{
 		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
 		Catalog:       s.cat,
@@ -259,7 +274,7 @@ func (s *Server) open(ctx context.Context) error {
 		OnState:       s.onState,
 		OnPoint:       s.onPoint,
 		OnBytes:       s.onBytes,
-		OnDamage:      s.onDamage,
+		OnDamage:      s.noteDamage,
 		OnQuarantine:  s.onQuarantine,
 		OnConnect:     s.onConnect,
 		OnRefused:     s.onRefused,
@@ -568,6 +583,9 @@ func (s *Server) Close() error {
 	if s.ps != nil {
 		keep(s.ps.Close())
 	}
+	if s.mirror != nil {
+		s.mirror.close() // after the process server: nothing more is noted
+	}
 	if s.db != nil {
 		keep(s.flushBytes(context.Background()))
 		keep(s.db.Close())
@@ -591,64 +609,10 @@ func (s *Server) authorizeAgent(ctx context.Context, id, serial string) (string,
 	return m.Name, nil
 }
 
-func (s *Server) onState(m replication.MachineCatalog) {
-	ctx := s.ctx
-	for _, d := range m.Disks {
-		if err := s.db.PutDisk(ctx, m.ID, store.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Cursor: d.Cursor, Reason: d.Reason}); err != nil {
-			s.log.Error("save disk state", "machine", m.ID, "err", err)
-		}
-	}
-	s.syncResyncRows(m)
-}
-
-func (s *Server) onPoint(id string, p replication.Point) {
-	if err := s.db.AddPoint(s.ctx, store.Point{MachineID: id, Seq: p.Seq, Time: p.Time, Kind: p.Kind}); err != nil {
-		s.log.Error("save point", "machine", id, "point", p.ID, "err", err)
-	}
-}
-
 func (s *Server) onBytes(id string, n int64) {
 	s.bytesMu.Lock()
 	s.bytes[id] += n
 	s.bytesMu.Unlock()
-}
-
-func (s *Server) onConnect(id string, h replication.Hello) {
-	if err := s.db.TouchMachine(s.ctx, id, h.AgentVersion, 0); err != nil {
-		s.log.Error("record agent contact", "machine", id, "err", err)
-	}
-	if err := s.db.SetMachineError(s.ctx, id, ""); err != nil {
-		s.log.Error("clear machine error", "machine", id, "err", err)
-	}
-}
-
-// onCacheState raises an event when the cache disk's free space crosses a
-// threshold (warning under 30%, critical under 25%) or recovers.
-func (s *Server) onCacheState(state string, free, total uint64) {
-	sev, msg := "info", "the process server's cache disk has room again"
-	pct := 100 * float64(free) / float64(max(total, 1))
-	switch state {
-	case procserver.CacheWarning:
-		sev, msg = "warning", fmt.Sprintf("the process server's cache disk is %.0f%% free (warning under 30%%)", pct)
-	case procserver.CacheCritical:
-		sev, msg = "error", fmt.Sprintf("the process server's cache disk is %.0f%% free (critical under 25%%): agents are held back and spool", pct)
-	}
-	s.raise(s.ctx, store.Event{Severity: sev, Kind: "cache-" + state, Message: msg})
-}
-
-// onQuarantine raises an event for a cached segment that failed
-// verification: it was moved aside, never applied, and the machine's disks
-// are marked for resync.
-func (s *Server) onQuarantine(id, path, reason string) {
-	s.raise(s.ctx, store.Event{MachineID: id, Severity: "error", Kind: "segment-quarantined",
-		Message: fmt.Sprintf("%s; it was moved to %s for inspection, and the disks are resynced from the source", reason, path)})
-}
-
-// onRefused shows why an agent was turned away on its machine.
-func (s *Server) onRefused(id, reason string) {
-	if err := s.db.SetMachineError(s.ctx, id, reason); err != nil {
-		s.log.Error("record machine error", "machine", id, "err", err)
-	}
 }
 
 // flushLoop adds received byte counts to the database every few seconds.

@@ -34,6 +34,10 @@ const DefaultScrubEvery = 7 * 24 * time.Hour
 
 // onDamage raises an event for blocks found not to match their checksums.
 func (s *Server) onDamage(id string, d procserver.Damage) {
+	s.raise(s.ctx, damageEvent(id, d))
+}
+
+func damageEvent(id string, d procserver.Damage) store.Event {
 	where := "the replica's current contents"
 	todo := "they are fetched from the source by a resync"
 	if d.Point != "" {
@@ -44,9 +48,9 @@ func (s *Server) onDamage(id string, d procserver.Damage) {
 	if len(d.Blocks) > 0 {
 		first = d.Blocks[0]
 	}
-	s.raise(s.ctx, store.Event{MachineID: id, Severity: "error", Kind: "damage",
+	return store.Event{MachineID: id, Severity: "error", Kind: "damage",
 		Message: fmt.Sprintf("disk %s: %d blocks of 4 KiB in %s do not match their checksums (found by %s; first at offset %d): %s",
-			d.Disk, len(d.Blocks), where, d.Found, first, todo)})
+			d.Disk, len(d.Blocks), where, d.Found, first, todo)}
 }
 
 // scrubEvery returns the scrub interval (0: no scheduled scrubs).
@@ -125,6 +129,11 @@ func (s *Server) maybeScrub(ctx context.Context) {
 func (s *Server) ScrubMachine(ctx context.Context, m store.Machine, scheduled bool) (procserver.ScrubReport, error) {
 	start := s.now()
 	rep, err := s.ps.Scrub(ctx, m.ID, scheduled)
+	// The damage it found is noted for the database (the process server's
+	// callbacks do not wait for it): written before the scrub's answer.
+	if serr := s.mirror.sync(ctx); serr != nil && err == nil {
+		err = serr
+	}
 	if err != nil {
 		s.db.SetScrub(s.ctx, m.ID, start, "failed: "+err.Error())
 		s.raise(s.ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "scrub-failed",
@@ -216,6 +225,9 @@ func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return err
 		}
+		if err := s.mirror.sync(ctx); err != nil { // its damage events
+			return err
+		}
 		out.Point = ps
 		var damaged int
 		var checked int64
@@ -253,6 +265,8 @@ func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 // requestVerify starts a verify job on each disk of a machine that has no
 // resync running.
 func (s *Server) requestVerify(ctx context.Context, m store.Machine) ([]ResyncJSON, error) {
+	s.resyncMu.Lock()
+	defer s.resyncMu.Unlock()
 	var out []ResyncJSON
 	for _, d := range m.Disks {
 		row, err := s.db.Resync(ctx, m.ID, d.Index)
@@ -274,7 +288,8 @@ func (s *Server) requestVerify(ctx context.Context, m store.Machine) ([]ResyncJS
 		if err := s.db.PutResync(ctx, row); err != nil {
 			return nil, err
 		}
-		s.maybeStartResync(ctx, m.ID, d.Index)
+		s.resyncHook("attempt")
+		s.maybeStartResync(ctx, row)
 		row, _ = s.db.Resync(ctx, m.ID, d.Index)
 		out = append(out, s.resyncJSON(ctx, m, d, row))
 	}

@@ -3,12 +3,9 @@ package store
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
-
-	"github.com/asrdr/asr/replication"
 )
 
 // Resync states.
@@ -18,12 +15,17 @@ const (
 	ResyncFailed    = "failed"
 )
 
-// Resync is a disk's pending or running resync.
+// Resync is a disk's pending or running resync: its schedule. Whether a
+// disk needs a resync, why and over which ranges is the catalog's to say
+// (the server creates and removes the rows by it): Reason is what the row
+// was scheduled for, shown to operators (an operator's or a verify's own
+// reason when the catalog names none). The ranges column is no longer
+// written (the job takes its ranges from the catalog when it starts); old
+// rows keep theirs, unread.
 type Resync struct {
 	MachineID   string
 	Disk        uint32
 	Reason      string
-	Ranges      []replication.Range
 	Manual      bool
 	State       string
 	JobID       uint64
@@ -58,7 +60,7 @@ func tNs(t time.Time) int64 {
 
 func scanResync(s interface{ Scan(...any) error }) (Resync, error) {
 	var r Resync
-	var ranges string
+	var ranges string // unread (see Resync)
 	var manual, verify int
 	var job, req, next, started int64
 	err := s.Scan(&r.MachineID, &r.Disk, &r.Reason, &ranges, &manual, &r.State, &job, &req, &next, &r.Attempts, &r.LastError, &started, &r.Total, &r.Compared, &r.Sent, &verify)
@@ -67,21 +69,11 @@ func scanResync(s interface{ Scan(...any) error }) (Resync, error) {
 	}
 	r.Manual, r.Verify, r.JobID = manual != 0, verify != 0, uint64(job)
 	r.RequestedAt, r.NextTry, r.StartedAt = nsTime(req), nsTime(next), nsTime(started)
-	if ranges != "" {
-		if err := json.Unmarshal([]byte(ranges), &r.Ranges); err != nil {
-			return r, fmt.Errorf("resync ranges: %w", err)
-		}
-	}
 	return r, nil
 }
 
 // PutResync inserts or replaces a disk's resync row.
 func (d *DB) PutResync(ctx context.Context, r Resync) error {
-	ranges := ""
-	if len(r.Ranges) > 0 {
-		b, _ := json.Marshal(r.Ranges)
-		ranges = string(b)
-	}
 	manual, verify := 0, 0
 	if r.Manual {
 		manual = 1
@@ -90,7 +82,7 @@ func (d *DB) PutResync(ctx context.Context, r Resync) error {
 		verify = 1
 	}
 	_, err := d.db.ExecContext(ctx, `INSERT OR REPLACE INTO resyncs (`+resyncCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		r.MachineID, r.Disk, r.Reason, ranges, manual, r.State, int64(r.JobID), tNs(r.RequestedAt), tNs(r.NextTry),
+		r.MachineID, r.Disk, r.Reason, "", manual, r.State, int64(r.JobID), tNs(r.RequestedAt), tNs(r.NextTry),
 		r.Attempts, r.LastError, tNs(r.StartedAt), r.Total, r.Compared, r.Sent, verify)
 	return err
 }

@@ -2,9 +2,10 @@
 // modernc.org/sqlite) in WAL mode, with the numbered migrations of package
 // migrations applied once each. It keeps what the configuration server
 // manages: settings, registered machines and disks, the recovery points shown
-// in the console, and console sessions. The authoritative record of recovery
-// points is the catalog on the target (package replication); the points table
-// mirrors it for queries.
+// in the console, and console sessions. The authoritative record of disk
+// states and recovery points is the catalog on the target (package
+// replication); the disks and points tables copy it for queries, written
+// by the server off the replication path.
 package store
 
 import (
@@ -17,6 +18,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/asrdr/asr/migrations"
@@ -91,6 +93,18 @@ func privateFiles(path string) error {
 
 // Close closes the database.
 func (d *DB) Close() error { return d.db.Close() }
+
+// Hold takes the database's one connection, in a write transaction, until
+// release is called: meanwhile every other statement waits, as behind a
+// long write or a slow disk. Tests use it to show what does not wait on
+// the database.
+func (d *DB) Hold(ctx context.Context) (release func(), err error) {
+	tx, err := d.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	return sync.OnceFunc(func() { tx.Rollback() }), nil
+}
 
 // SetClock replaces the clock (tests).
 func (d *DB) SetClock(now func() time.Time) { d.now = now }

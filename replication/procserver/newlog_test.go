@@ -28,6 +28,10 @@ type tlsRig struct {
 	addr   string
 	client *tls.Config
 
+	cfg       Config
+	serverTLS *tls.Config
+	stopServe func()
+
 	mu        sync.Mutex
 	atConnect []replication.MachineCatalog // the catalog on the target when each Welcome was about to be sent
 }
@@ -108,12 +112,22 @@ func mustTLSRigWith(t *testing.T, tune func(*Config)) *tlsRig {
 	if tune != nil {
 		tune(&cfg)
 	}
-	r.s, err = New(context.Background(), cfg)
-	if err != nil {
+	r.cfg = cfg
+	r.serverTLS = &tls.Config{Certificates: []tls.Certificate{cert},
+		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13}
+	r.start(t)
+	t.Cleanup(r.stop)
+	return r
+}
+
+// start starts the process server and its listener.
+func (r *tlsRig) start(t *testing.T) {
+	t.Helper()
+	var err error
+	if r.s, err = New(context.Background(), r.cfg); err != nil {
 		t.Fatal(err)
 	}
-	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert},
-		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13})
+	l, err := tls.Listen("tcp", "127.0.0.1:0", r.serverTLS)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,8 +135,25 @@ func mustTLSRigWith(t *testing.T, tune func(*Config)) *tlsRig {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { r.s.Serve(ctx, l); close(done) }()
-	t.Cleanup(func() { cancel(); <-done; r.s.Close() })
-	return r
+	r.stopServe = func() { cancel(); <-done }
+}
+
+// stop stops the process server (as a restart or the test's end does).
+func (r *tlsRig) stop() {
+	if r.stopServe == nil {
+		return
+	}
+	r.stopServe()
+	r.stopServe = nil
+	r.s.Close()
+}
+
+// restart stops the process server and starts it again on the same cache
+// and target.
+func (r *tlsRig) restart(t *testing.T) {
+	t.Helper()
+	r.stop()
+	r.start(t)
 }
 
 // lastConnect returns the catalog as it was when the last Welcome was sent.
@@ -313,9 +344,7 @@ func TestDisconnect(t *testing.T) {
 	r := mustTLSRig(t)
 	a := protectWithLogA(t, r)
 	m, _ := r.s.machine(context.Background(), machineID, "")
-	m.mu.Lock()
-	cc := m.conn
-	m.mu.Unlock()
+	cc := m.sess.current()
 	if cc == nil {
 		t.Fatal("no connection")
 	}

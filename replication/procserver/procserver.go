@@ -34,8 +34,15 @@ type Config struct {
 	// Authorize checks a client certificate (the machine id is its common
 	// name) and returns the machine's name.
 	Authorize func(ctx context.Context, machineID, certSerial string) (string, error)
-	// OnStatus receives each agent status report; OnState each catalog update;
-	// OnPoint each new recovery point; OnBytes payload bytes received.
+	// The callbacks run on the replication path (an agent connection's
+	// reader; the applier, under its lock): each must return at once,
+	// never waiting on a database or the network. The server notes what
+	// they report and writes it elsewhere.
+	//
+	// OnStatus receives each agent status report; OnState each catalog
+	// update (and each machine's entry as it is when the machine is
+	// opened); OnPoint each new recovery point; OnBytes payload bytes
+	// received.
 	OnStatus func(machineID string, st replication.Status)
 	OnState  func(m replication.MachineCatalog)
 	OnPoint  func(machineID string, p replication.Point)
@@ -50,6 +57,8 @@ type Config struct {
 	PolicyFor func(machineID string) *replication.AgentPolicy
 	// OnConnect and OnDisconnect report agent connections; OnRefused a
 	// registered machine's agent turned away (the reason is for the console).
+	// Authorize and PolicyFor are asked when an agent connects, before its
+	// Welcome.
 	OnConnect    func(machineID string, h replication.Hello)
 	OnRefused    func(machineID, reason string)
 	OnDisconnect func(machineID string, err error)
@@ -68,6 +77,10 @@ type Config struct {
 	DiskFree     func(dir string) (free, total uint64, err error)
 	OnCacheState func(state string, free, total uint64)
 	Logger       *slog.Logger
+
+	// createCacheFile makes a machine's open cache file (tests inject
+	// failures; default: an *os.File).
+	createCacheFile func(path string) (cacheFile, error)
 }
 
 // Server is a process server.
@@ -84,6 +97,7 @@ type Server struct {
 	helloing   map[string]int // the same, per machine (under mu)
 
 	mu       sync.Mutex
+	closed   bool // Close has begun: no more machines are opened
 	machines map[string]*machine
 	failed   map[string]error // machines whose last open failed, and why
 	conns    map[net.Conn]struct{}
@@ -235,6 +249,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 func (s *Server) Close() error {
 	s.cancel()
 	s.mu.Lock()
+	s.closed = true
 	for c := range s.conns {
 		c.Close()
 	}
@@ -261,6 +276,9 @@ func (s *Server) machine(ctx context.Context, id, name string) (*machine, error)
 	if m, ok := s.machines[id]; ok {
 		return m, nil
 	}
+	if s.closed {
+		return nil, errors.New("process server closing")
+	}
 	if !validID(id) {
 		return nil, fmt.Errorf("invalid machine id %q", id)
 	}
@@ -272,10 +290,6 @@ func (s *Server) machine(ctx context.Context, id, name string) (*machine, error)
 	}
 	delete(s.failed, id)
 	s.machines[id] = m
-	s.wg.Add(3)
-	go func() { defer s.wg.Done(); m.syncLoop() }()
-	go func() { defer s.wg.Done(); m.applyLoop() }()
-	go func() { defer s.wg.Done(); m.compareLoop() }()
 	return m, nil
 }
 
@@ -366,14 +380,14 @@ func (s *Server) serveConn(c net.Conn) error {
 	}
 	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16),
 		done: make(chan struct{}), replaced: make(chan struct{}), stopped: make(chan struct{})}
-	welcome, err := m.attach(s.ctx, cc, &h)
+	welcome, err := m.sess.attach(s.ctx, cc, &h)
 	var again *tryAgainError
 	if errors.As(err, &again) {
 		return fail(false, "%v", err)
 	} else if err != nil {
 		return refuse("%v", err)
 	}
-	defer m.detach(cc)
+	defer m.sess.detach(cc)
 	if s.cfg.OnConnect != nil {
 		s.cfg.OnConnect(id, h)
 	}
@@ -450,7 +464,7 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if err := st.Validate(); err != nil {
 				return err
 			}
-			m.setStatus(st)
+			m.sess.setStatus(st)
 			if s.cfg.OnStatus != nil {
 				s.cfg.OnStatus(m.id, st)
 			}
@@ -462,102 +476,21 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if err := h.Validate(); err != nil {
 				return err
 			}
-			select {
-			case m.compares <- compareReq{cc, h}:
-			case <-cc.replaced:
-				return errors.New("connection replaced")
-			case <-s.ctx.Done():
-				return s.ctx.Err()
+			if err := m.cmp.submit(s.ctx, cc, h); err != nil {
+				return err
 			}
 		case replication.FrameHeld:
 			var c replication.Cut
 			if err := replication.DecodeJSON(&f, &c); err != nil {
 				return err
 			}
-			m.mu.Lock()
-			if ch, ok := m.helds[c.ID]; ok {
-				select {
-				case ch <- struct{}{}:
-				default:
-				}
-			}
-			m.mu.Unlock()
+			m.points.held(c.ID)
 		case replication.FrameError:
 			var e replication.ErrorMessage
 			replication.DecodeJSON(&f, &e)
 			return fmt.Errorf("agent reports: %s", e.Message)
 		default:
 			return &replication.ProtocolError{Reason: fmt.Sprintf("unexpected %s frame from agent", f.Type)}
-		}
-	}
-}
-
-// agentConn is the server side of one agent connection.
-type agentConn struct {
-	c    net.Conn
-	bw   *bufio.Writer
-	log  *slog.Logger
-	acks chan uint64            // latest durable seq (coalesced)
-	out  chan replication.Frame // control frames to send
-	done chan struct{}
-
-	replaceOnce sync.Once
-	replaced    chan struct{} // closed when the connection is replaced or closed
-
-	stopped chan struct{} // closed once its reader stopped (detach)
-
-	disks map[uint32]int64 // the machine's disk sizes as of the Hello
-}
-
-// disk returns a disk's size as the connection's Hello left it.
-func (cc *agentConn) disk(index uint32) (int64, bool) {
-	size, ok := cc.disks[index]
-	return size, ok
-}
-
-// replace ends the connection: its reader stops at once, even while waiting
-// for cache space, and can append nothing more.
-func (cc *agentConn) replace() {
-	cc.replaceOnce.Do(func() {
-		close(cc.replaced)
-		cc.c.Close()
-	})
-}
-
-func (cc *agentConn) ack(seq uint64) {
-	for {
-		select {
-		case cc.acks <- seq:
-			return
-		default:
-		}
-		select {
-		case old := <-cc.acks:
-			if old > seq {
-				seq = old
-			}
-		default:
-		}
-	}
-}
-
-func (cc *agentConn) writeLoop() {
-	defer cc.c.Close()
-	for {
-		var f replication.Frame
-		select {
-		case <-cc.done:
-			return
-		case seq := <-cc.acks:
-			f = replication.Frame{Type: replication.FrameAck, Seq: seq}
-		case f = <-cc.out:
-		}
-		cc.c.SetWriteDeadline(time.Now().Add(time.Minute))
-		if err := replication.WriteFrame(cc.bw, &f); err != nil {
-			return
-		}
-		if err := cc.bw.Flush(); err != nil {
-			return
 		}
 	}
 }
@@ -585,7 +518,7 @@ func (s *Server) Disconnect(ctx context.Context, machineID, reason string) error
 	if !ok {
 		return nil
 	}
-	return m.disconnect(ctx, reason)
+	return m.sess.disconnect(ctx, reason)
 }
 
 // Supersede ends the log of a machine's agent, which was replaced (the
@@ -608,11 +541,7 @@ func (s *Server) Supersede(ctx context.Context, machineID, reason string) error 
 	if err != nil {
 		return err
 	}
-	m.attachMu.Lock()
-	defer m.attachMu.Unlock()
-	m.applyMu.Lock()
-	defer m.applyMu.Unlock()
-	if err := m.applier.EndLog(ctx, reason); err != nil {
+	if err := m.sess.endLog(ctx, reason); err != nil {
 		return fmt.Errorf("record the end of machine %s's log: %w", machineID, err)
 	}
 	return nil
@@ -658,12 +587,7 @@ func (s *Server) WithApplier(ctx context.Context, machineID string, fn func(a *r
 	if err != nil {
 		return err
 	}
-	m.applyMu.Lock()
-	defer m.applyMu.Unlock()
-	if m.applier == nil {
-		return errors.New("applier not open")
-	}
-	return fn(m.applier)
+	return m.rep.with(fn)
 }
 
 // MachineIDs lists the machines the process server knows.
@@ -690,9 +614,7 @@ func (s *Server) SendPolicy(machineID string, p replication.AgentPolicy) error {
 	if err != nil {
 		return err
 	}
-	m.mu.Lock()
-	cc := m.conn
-	m.mu.Unlock()
+	cc := m.sess.current()
 	if cc == nil {
 		return nil // sent in the Welcome of the next connection
 	}
@@ -727,88 +649,6 @@ func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.
 		return nil
 	})
 	return deleted, err
-}
-
-// GroupCut makes one consistent recovery point across the given machines
-// (a replication group): every agent holds its write completions, then all
-// tag at once and release. It returns each machine's point once all are
-// durable on the target. If a member cannot hold in time, the cut is
-// abandoned (every member releases) and nothing is tagged.
-func (s *Server) GroupCut(ctx context.Context, machineIDs []string, app bool, holdWait time.Duration) (map[string]replication.Point, error) {
-	id := s.reqID.Add(1)
-	type member struct {
-		m     *machine
-		cc    *agentConn
-		held  chan struct{}
-		point chan pointResult
-	}
-	var ms []member
-	defer func() {
-		for _, mb := range ms {
-			mb.m.mu.Lock()
-			delete(mb.m.helds, id)
-			delete(mb.m.waiters, id)
-			mb.m.mu.Unlock()
-		}
-	}()
-	for _, mid := range machineIDs {
-		s.mu.Lock()
-		m, ok := s.machines[mid]
-		s.mu.Unlock()
-		if !ok {
-			return nil, fmt.Errorf("machine %s: %w", mid, ErrNotConnected)
-		}
-		mb := member{m: m, held: make(chan struct{}, 1), point: make(chan pointResult, 1)}
-		m.mu.Lock()
-		mb.cc = m.conn
-		if mb.cc != nil {
-			m.helds[id] = mb.held
-			m.waiters[id] = mb.point
-		}
-		m.mu.Unlock()
-		if mb.cc == nil {
-			return nil, fmt.Errorf("machine %s: %w", mid, ErrNotConnected)
-		}
-		ms = append(ms, mb)
-	}
-	send := func(t replication.FrameType) {
-		f, _ := replication.JSONFrame(t, replication.Cut{ID: id, App: app})
-		for _, mb := range ms {
-			select {
-			case mb.cc.out <- f:
-			case <-mb.cc.replaced:
-			case <-time.After(5 * time.Second):
-			}
-		}
-	}
-	send(replication.FrameHold)
-	timeout := time.NewTimer(holdWait)
-	defer timeout.Stop()
-	for _, mb := range ms {
-		select {
-		case <-mb.held:
-		case <-timeout.C:
-			send(replication.FrameRelease)
-			return nil, fmt.Errorf("machine %s did not hold its writes within %s; the group cut was abandoned", mb.m.id, holdWait)
-		case <-ctx.Done():
-			send(replication.FrameRelease)
-			return nil, ctx.Err()
-		}
-	}
-	send(replication.FrameCut)
-	points := map[string]replication.Point{}
-	for _, mb := range ms {
-		select {
-		case r := <-mb.point:
-			if r.err != nil {
-				return points, fmt.Errorf("machine %s: %w", mb.m.id, r.err)
-			}
-			points[mb.m.id] = r.p
-		case <-ctx.Done():
-			return points, fmt.Errorf("waiting for the group point: %w", ctx.Err())
-		}
-	}
-	return points, nil
 }
 
 // StartResync asks a machine's agent to resync a disk (see agent/resync.go).

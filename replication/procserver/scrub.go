@@ -67,12 +67,10 @@ func (s *Server) Scrub(ctx context.Context, machineID string, scheduled bool) (S
 		return ScrubReport{}, err
 	}
 	var rep ScrubReport
-	m.applyMu.Lock()
-	mc := m.applier.Machine()
-	m.applyMu.Unlock()
+	mc := m.rep.machine()
 	buf := make([]byte, replication.HashChunk)
 	for _, d := range mc.Disks {
-		rd, sums, ok := m.handles(d.Index)
+		rd, sums, ok := m.rep.handles(d.Index)
 		if !ok {
 			continue
 		}
@@ -80,9 +78,9 @@ func (s *Server) Scrub(ctx context.Context, machineID string, scheduled bool) (S
 			rep.Disks = append(rep.Disks, DiskScrub{Disk: d.Name, Skipped: "not read back on schedule: the target keeps its own checksums (asr verify reads it)"})
 			continue
 		}
-		m.applyMu.Lock()
+		m.rep.mu.Lock()
 		chunks, err := replication.ScrubChunks(ctx, rd, sums)
-		m.applyMu.Unlock()
+		m.rep.mu.Unlock()
 		if err != nil {
 			return rep, fmt.Errorf("scrub disk %s: %w", d.Name, err)
 		}
@@ -91,9 +89,9 @@ func (s *Server) Scrub(ctx context.Context, machineID string, scheduled bool) (S
 			if err := ctx.Err(); err != nil {
 				return rep, err
 			}
-			m.applyMu.Lock()
+			m.rep.mu.Lock()
 			bad, err := replication.CheckChunk(rd, sums, c, buf)
-			m.applyMu.Unlock()
+			m.rep.mu.Unlock()
 			if err != nil {
 				return rep, fmt.Errorf("scrub disk %s: %w", d.Name, err)
 			}
@@ -102,9 +100,9 @@ func (s *Server) Scrub(ctx context.Context, machineID string, scheduled bool) (S
 		}
 		if len(ds.Damaged) > 0 {
 			reason := fmt.Sprintf("a scrub found %d damaged blocks in the replica (first at offset %d)", len(ds.Damaged), ds.Damaged[0])
-			m.applyMu.Lock()
-			err := m.applier.MarkDamage(ctx, d.Index, ds.Damaged, reason)
-			m.applyMu.Unlock()
+			m.rep.mu.Lock()
+			err := m.rep.a.MarkDamage(ctx, d.Index, ds.Damaged, reason)
+			m.rep.mu.Unlock()
 			if err != nil {
 				return rep, err
 			}
@@ -132,7 +130,7 @@ func (s *Server) Scrub(ctx context.Context, machineID string, scheduled bool) (S
 		}
 		for _, idx := range p.Disks {
 			d, ok := mc.Disk(idx)
-			rd, sums, ok2 := m.handles(idx)
+			rd, sums, ok2 := m.rep.handles(idx)
 			if !ok || !ok2 {
 				continue
 			}
@@ -179,13 +177,11 @@ func (s *Server) CheckPoint(ctx context.Context, machineID, pointID string) ([]P
 	if !p.Sums {
 		return nil, fmt.Errorf("point %s was made before asr kept block checksums: it cannot be checked", p.ID)
 	}
-	m.applyMu.Lock()
-	mc := m.applier.Machine()
-	m.applyMu.Unlock()
+	mc := m.rep.machine()
 	var out []PointScrub
 	for _, idx := range p.Disks {
 		d, ok := mc.Disk(idx)
-		rd, sums, ok2 := m.handles(idx)
+		rd, sums, ok2 := m.rep.handles(idx)
 		if !ok || !ok2 {
 			return out, fmt.Errorf("point %s names disk %d, which is not open", p.ID, idx)
 		}
@@ -213,15 +209,6 @@ func (s *Server) known(machineID string) (*machine, error) {
 	return s.machine(s.ctx, machineID, "")
 }
 
-// handles returns a disk's open replica and checksums.
-func (m *machine) handles(idx uint32) (replication.ReplicaDisk, *replication.Sums, bool) {
-	m.applyMu.Lock()
-	defer m.applyMu.Unlock()
-	rd, ok := m.applier.Disk(idx)
-	sums := m.applier.Sums(idx)
-	return rd, sums, ok && sums != nil
-}
-
 // OpenPoint opens a disk (by name) of a machine at a recovery point for
 // reading through the point's checksums (see replication.CheckedReader).
 func (s *Server) OpenPoint(ctx context.Context, machineID string, p replication.Point, disk string, accept bool) (*replication.CheckedReader, error) {
@@ -229,14 +216,12 @@ func (s *Server) OpenPoint(ctx context.Context, machineID string, p replication.
 	if err != nil {
 		return nil, err
 	}
-	m.applyMu.Lock()
-	mc := m.applier.Machine()
-	m.applyMu.Unlock()
+	mc := m.rep.machine()
 	for _, d := range mc.Disks {
 		if d.Name != disk {
 			continue
 		}
-		rd, sums, ok := m.handles(d.Index)
+		rd, sums, ok := m.rep.handles(d.Index)
 		if !ok {
 			return nil, fmt.Errorf("disk %s is not open", disk)
 		}
@@ -252,9 +237,7 @@ func (s *Server) DamagedCopies(ctx context.Context, machineID, disk string, off 
 	if err != nil {
 		return nil
 	}
-	m.applyMu.Lock()
-	mc := m.applier.Machine()
-	m.applyMu.Unlock()
+	mc := m.rep.machine()
 	listed, err := s.cfg.Catalog.Points(ctx, machineID)
 	if err != nil {
 		return nil
@@ -272,13 +255,13 @@ func (s *Server) DamagedCopies(ctx context.Context, machineID, disk string, off 
 		if d.Name != disk {
 			continue
 		}
-		rd, sums, ok := m.handles(d.Index)
+		rd, sums, ok := m.rep.handles(d.Index)
 		if !ok {
 			return nil
 		}
 		// The current contents are read under the applier's lock.
-		m.applyMu.Lock()
-		defer m.applyMu.Unlock()
+		m.rep.mu.Lock()
+		defer m.rep.mu.Unlock()
 		return replication.DamagedCopies(ctx, mc, full, d.Index, rd, sums.Disk(), off)
 	}
 	return nil

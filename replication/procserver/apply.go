@@ -1,0 +1,326 @@
+package procserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// segmentQueue is where the apply loop takes sealed segments from, in
+// order (the machine's cache).
+type segmentQueue interface {
+	next() (sealedSeg, bool)
+	done(sg sealedSeg)
+	sealSoon(seq uint64)
+}
+
+// replica is a machine's applier and the loop that applies its sealed
+// segments, in order, to the replica disks on the target. mu is the
+// applier's lock: the loop holds it while it applies a segment, and
+// whoever reads the replica disks or changes the catalog entry holds it
+// too, so they see the replica between segments. Nothing under mu waits on
+// the vault database: the applier's callbacks (the process server's
+// OnState, OnPoint) must return at once.
+type replica struct {
+	id  string
+	dir string // the machine's cache directory (bad/ is under it)
+	cat *replication.Catalog
+	log *slog.Logger
+	// onQuarantine reports a segment moved aside; onUploaded bytes
+	// written to the target (figures).
+	onQuarantine func(path, reason string)
+	onUploaded   func(n int64)
+
+	mu     sync.Mutex
+	a      *replication.Applier
+	closed bool
+
+	wake   chan struct{}
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	stateMu  sync.Mutex
+	applyErr string        // the last segment's failure, until one applies
+	progress chan struct{} // closed and replaced when the applied seq advances
+}
+
+func newReplica(id, dir string, cat *replication.Catalog, a *replication.Applier, log *slog.Logger) *replica {
+	return &replica{id: id, dir: dir, cat: cat, a: a, log: log, wake: make(chan struct{}, 1), progress: make(chan struct{}),
+		onQuarantine: func(string, string) {}, onUploaded: func(int64) {}}
+}
+
+// start starts the apply loop on the segments of q (stopped by parent or
+// close).
+func (r *replica) start(parent context.Context, q segmentQueue) {
+	r.ctx, r.cancel = context.WithCancel(parent)
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); r.loop(q) }()
+	r.kick()
+}
+
+// kick wakes the apply loop (a segment was sealed).
+func (r *replica) kick() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// with runs fn holding the applier.
+func (r *replica) with(fn func(a *replication.Applier) error) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.a == nil {
+		return errors.New("applier not open")
+	}
+	return fn(r.a)
+}
+
+func (r *replica) appliedSeq() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.a.AppliedSeq()
+}
+
+func (r *replica) machine() replication.MachineCatalog {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.a.Machine()
+}
+
+// handles returns a disk's open replica and checksums.
+func (r *replica) handles(idx uint32) (replication.ReplicaDisk, *replication.Sums, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rd, ok := r.a.Disk(idx)
+	sums := r.a.Sums(idx)
+	return rd, sums, ok && sums != nil
+}
+
+func (r *replica) setErr(msg string) {
+	r.stateMu.Lock()
+	r.applyErr = msg
+	r.stateMu.Unlock()
+}
+
+func (r *replica) lastErr() string {
+	r.stateMu.Lock()
+	defer r.stateMu.Unlock()
+	return r.applyErr
+}
+
+// advanced tells waiters the applied seq moved.
+func (r *replica) advanced() {
+	r.stateMu.Lock()
+	close(r.progress)
+	r.progress = make(chan struct{})
+	r.stateMu.Unlock()
+}
+
+func (r *replica) progressed() <-chan struct{} {
+	r.stateMu.Lock()
+	defer r.stateMu.Unlock()
+	return r.progress
+}
+
+// waitApplied waits until the log is applied up to seq, having the open
+// cache file sealed at once if it holds seq (files opened after it are
+// sealed as usual: sealing every frame as it arrives would only slow the
+// applier down).
+func (r *replica) waitApplied(ctx context.Context, q segmentQueue, seq uint64, timeout time.Duration) error {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	// The seal is asked again now and then: seq may reach the open file
+	// after the first ask.
+	again := time.NewTicker(100 * time.Millisecond)
+	defer again.Stop()
+	for waiting := false; ; waiting = true {
+		progress := r.progressed()
+		applied := r.appliedSeq()
+		if applied >= seq {
+			return nil
+		}
+		if !waiting {
+			r.log.Info("resync compare waits until the replica has applied the log up to the resync's start", "applied_seq", applied, "seq", seq)
+		}
+		q.sealSoon(seq)
+		select {
+		case <-progress:
+		case <-again.C:
+		case <-deadline.C:
+			return fmt.Errorf("the replica is not caught up with the resync's start (applied %d of %d) after %v", applied, seq, timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// loop applies sealed segments in order. A corrupt segment is never
+// applied: it is moved aside, the machine is marked for resync, and later
+// segments are applied after it (the replica is not trusted for points
+// until the resync, so nothing is lost by keeping it current). A failure
+// (the target out of reach) is retried with backoff; the cache holds the
+// log meanwhile.
+func (r *replica) loop(q segmentQueue) {
+	backoff := time.Second
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-r.wake:
+		case <-time.After(5 * time.Second):
+		}
+		for r.ctx.Err() == nil {
+			sg, ok := q.next()
+			if !ok {
+				break
+			}
+			err := r.applyOne(q, sg)
+			if err == nil {
+				backoff = time.Second
+				continue
+			}
+			r.setErr(err.Error())
+			r.log.Error("apply segment failed", "segment", filepath.Base(sg.path), "err", err, "retry_in", backoff)
+			select {
+			case <-r.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, time.Minute)
+		}
+	}
+}
+
+func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
+	ctx := r.ctx
+	data, err := os.ReadFile(sg.path)
+	if err != nil {
+		return err
+	}
+	// Kept on the target first, so a point is never reported before the
+	// changes after it can be replayed; a segment that fails verification
+	// is not kept (Apply reports it below).
+	if err := r.keepSegment(ctx, data); err == nil {
+		r.onUploaded(int64(len(data)))
+	} else if !errors.Is(err, replication.ErrCorrupt) {
+		return err
+	}
+	r.mu.Lock()
+	if first, err := replication.ParseSegmentHeader(data); err == nil && first > r.a.AppliedSeq()+1 {
+		// A sequence gap: the records before this segment are lost.
+		reason := fmt.Sprintf("changes %d to %d were lost before they were applied (sequence gap)", r.a.AppliedSeq()+1, first-1)
+		r.log.Error("sequence gap", "from", r.a.AppliedSeq()+1, "to", first-1)
+		err := r.a.MarkResync(ctx, -1, reason)
+		if err == nil {
+			err = r.a.SkipTo(ctx, first-1)
+		}
+		if err != nil {
+			r.mu.Unlock()
+			return err
+		}
+	}
+	err = r.a.Apply(ctx, data)
+	if errors.Is(err, replication.ErrCorrupt) {
+		reason := fmt.Sprintf("segment %s failed verification (%v); it was not applied", filepath.Base(sg.path), err)
+		r.log.Error("corrupt segment", "segment", filepath.Base(sg.path), "err", err)
+		err = r.a.MarkResync(ctx, -1, reason)
+		if err == nil {
+			err = r.a.SkipTo(ctx, sg.last)
+		}
+		r.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		// Kept for inspection, out of the way of the applier.
+		bad := filepath.Join(r.dir, "bad")
+		os.MkdirAll(bad, 0o700)
+		if err := os.Rename(sg.path, filepath.Join(bad, filepath.Base(sg.path))); err != nil {
+			r.log.Warn("could not move the corrupt segment aside", "err", err)
+		}
+		q.done(sg)
+		r.setErr("")
+		r.advanced()
+		r.onQuarantine(filepath.Join(bad, filepath.Base(sg.path)), reason)
+		return nil
+	}
+	r.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	r.onUploaded(sg.raw)
+	if err := os.Remove(sg.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	q.done(sg)
+	r.setErr("")
+	r.advanced()
+	return nil
+}
+
+// keepSegment stores an applied segment on the target, where recovery to
+// any point in time replays it (pruned once older than the policy's window).
+func (r *replica) keepSegment(ctx context.Context, data []byte) error {
+	si, err := replication.DescribeSegment(data)
+	if err != nil {
+		return err
+	}
+	if err := r.cat.PutSegment(ctx, r.id, si, data); err != nil {
+		return fmt.Errorf("keep segment %d-%d on the target: %w", si.First, si.Last, err)
+	}
+	return nil
+}
+
+// keepApplied keeps segments applied before a stop on the target, unless
+// they are there already, and removes them from the cache.
+func (r *replica) keepApplied(ctx context.Context, segs []sealedSeg) error {
+	if len(segs) == 0 {
+		return nil
+	}
+	kept, err := r.cat.Segments(ctx, r.id)
+	if err != nil {
+		return err
+	}
+	onTarget := map[uint64]bool{}
+	for _, si := range kept {
+		onTarget[si.First] = true
+	}
+	for _, sg := range segs {
+		// Applied before the stop; it may not have reached the target's
+		// any-point-in-time store yet.
+		if !onTarget[sg.first] {
+			data, err := os.ReadFile(sg.path)
+			if err == nil {
+				err = r.keepSegment(ctx, data)
+			}
+			if err != nil {
+				r.log.Warn("applied segment not kept for any-point-in-time recovery", "segment", filepath.Base(sg.path), "err", err)
+			}
+		}
+		os.Remove(sg.path)
+	}
+	return nil
+}
+
+// close stops the apply loop and closes the replica disks.
+func (r *replica) close() error {
+	if r.cancel != nil {
+		r.cancel()
+	}
+	r.wg.Wait()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	return r.a.Close()
+}

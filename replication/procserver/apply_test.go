@@ -1,0 +1,130 @@
+package procserver
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// replicaRig is a machine's applier and apply loop alone, fed by its cache.
+type replicaRig struct {
+	cat   *replication.Catalog
+	dir   string
+	rep   *replica
+	cache *cache
+}
+
+// writeSegment writes records first.. as a sealed segment file in dir.
+func writeSegment(t *testing.T, dir string, first uint64, recs ...replication.Record) {
+	t.Helper()
+	f := dataFrame(first, recs...)
+	seg := replication.SegmentHeader(first, time.Now())
+	seg = replication.AppendFrame(seg, &f)
+	last := first + uint64(len(recs)) - 1
+	seal := replication.SealFrame(last, uint32(len(recs)))
+	seg = replication.AppendFrame(seg, &seal)
+	if err := os.WriteFile(filepath.Join(dir, replication.SegmentName(first, last)), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// mustReplica opens the machine's applier (one disk of 2 MiB, its initial
+// copy done at seq 1) and starts its apply loop on the cache in dir,
+// after prepare has written the segments it finds there.
+func mustReplica(t *testing.T, prepare func(dir string)) *replicaRig {
+	t.Helper()
+	ctx := context.Background()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	r := &replicaRig{cat: mustCatalog(t), dir: t.TempDir()}
+	a, err := replication.OpenApplier(ctx, r.cat, machineID, "vm", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d", Size: 2 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	writeSegment(t, r.dir, 1, replication.Record{Kind: replication.KindProgress, Offset: 2 << 20, Flags: replication.FlagDone})
+	if prepare != nil {
+		prepare(r.dir)
+	}
+	r.rep = newReplica(machineID, r.dir, r.cat, a, log)
+	var total atomic.Int64
+	var done []sealedSeg
+	r.cache, done, err = openCache(ctx, cacheConfig{dir: r.dir, segmentBytes: 1 << 30, sealAfter: time.Hour, total: &total, log: log,
+		onSealed: r.rep.kick}, a.AppliedSeq())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.rep.keepApplied(ctx, done); err != nil {
+		t.Fatal(err)
+	}
+	r.rep.start(ctx, r.cache)
+	t.Cleanup(func() { r.rep.close(); r.cache.close() })
+	return r
+}
+
+func (r *replicaRig) waitApplied(t *testing.T, seq uint64) {
+	t.Helper()
+	if err := r.rep.waitApplied(context.Background(), r.cache, seq, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The apply loop applies the cache's sealed segments in order; one that
+// starts past the applied seq (a sequence gap: the records between were
+// lost) marks every disk for a whole-disk resync, and what follows the gap
+// is applied but makes no point before the resync.
+func TestApplyLoopMarksASequenceGap(t *testing.T) {
+	after := replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: []byte("after the gap")}
+	r := mustReplica(t, func(dir string) {
+		writeSegment(t, dir, 2, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("before")},
+			replication.Record{Kind: replication.KindTag})
+		writeSegment(t, dir, 6, after, replication.Record{Kind: replication.KindTag})
+	})
+	r.waitApplied(t, 7)
+	m := r.rep.machine()
+	if m.Disks[0].State != replication.StateResync || !strings.Contains(m.Disks[0].Reason, "changes 4 to 5 were lost") {
+		t.Fatalf("disk after the gap: %+v", m.Disks[0])
+	}
+	ps, _ := r.cat.Points(context.Background(), machineID)
+	if len(ps) != 1 || ps[0].Seq != 3 {
+		t.Fatalf("points %v: want only the one before the gap", ps)
+	}
+	rd, _, _ := r.rep.handles(0)
+	got := make([]byte, len(after.Data))
+	rd.ReadAt(got, 4096)
+	if !bytes.Equal(got, after.Data) {
+		t.Fatalf("replica after the gap: %q", got)
+	}
+	if st := r.cache.stats(); st.segments != 0 {
+		t.Fatalf("applied segments left in the cache: %+v", st)
+	}
+	if e := r.rep.lastErr(); e != "" {
+		t.Fatalf("apply error %q", e)
+	}
+}
+
+// waitApplied returns once the log is applied up to seq, having the open
+// file sealed at once if it holds seq; it gives up after its timeout.
+func TestWaitAppliedSealsTheOpenFile(t *testing.T) {
+	r := mustReplica(t, nil)
+	r.waitApplied(t, 1)
+	epoch, _, _ := r.cache.takeOver()
+	f := dataFrame(2, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("in the open file")})
+	if err := r.cache.append(epoch, &f); err != nil {
+		t.Fatal(err)
+	}
+	r.waitApplied(t, 2) // sealed on request: the file would wait an hour
+	if err := r.rep.waitApplied(context.Background(), r.cache, 3, 50*time.Millisecond); err == nil {
+		t.Fatal("seq 3, never sent, is applied")
+	}
+}
