@@ -6,6 +6,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/asrdr/asr/replication/retry"
 )
 
 // Pacer spaces work to at most Rate bytes per second (0 or less:
@@ -35,15 +37,5 @@ func (p *Pacer) Wait(ctx context.Context, n int64) error {
 	}
 	p.next = at.Add(time.Duration(float64(n) / float64(p.rate) * float64(time.Second)))
 	p.mu.Unlock()
-	if at == now {
-		return ctx.Err()
-	}
-	t := time.NewTimer(at.Sub(now))
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return retry.Sleep(ctx, at.Sub(now))
 }

@@ -34,10 +34,10 @@ func (b *Backoff) Next() time.Duration {
 // Reset starts the schedule again from Min: a try succeeded.
 func (b *Backoff) Reset() { b.cur = 0 }
 
-// Sleep waits d, or until ctx ends; it returns ctx.Err() if ctx ended
-// first (or had ended already), else nil.
+// Sleep waits d (not at all if d <= 0), or until ctx ends; it returns
+// ctx.Err() if ctx ended first (or had ended already), else nil.
 func Sleep(ctx context.Context, d time.Duration) error {
-	if err := ctx.Err(); err != nil {
+	if err := ctx.Err(); err != nil || d <= 0 {
 		return err
 	}
 	t := time.NewTimer(d)
