@@ -18,6 +18,7 @@ test: peers vet unit e2e
 vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	./scripts/check-tracked.sh
 
 unit:
 	$(GO) test -race -count=1 -timeout $(UNIT_TIMEOUT) ./...

@@ -18,8 +18,9 @@ import (
 // the first hold and the last tag, so a write that depends on another
 // machine's completed write is never in the cut without it.
 
-// holdTimeout bounds how long the guest's writes stay held: a cut that does
-// not come in time is abandoned and the writes go on.
+// holdTimeout bounds how long the guest's writes stay held, from the moment
+// they stop (sending HELD included) to the server's decision: a cut that
+// does not come in time is abandoned and the writes go on.
 const holdTimeout = 5 * time.Second
 
 // groupCuts is the agent's part in the group cuts: the cuts being held,
@@ -75,29 +76,44 @@ func (g *groupCuts) run(c replication.Cut, w frameWriter) {
 	ran := false
 	hold := func(app bool) error {
 		ran = true
+		f, err := replication.JSONFrame(replication.FrameHeld, c)
+		if err != nil {
+			return err
+		}
 		g.disks.lockAll()
 		held := time.Now()
 		defer func() {
 			g.disks.unlockAll()
 			g.holds.observe(time.Since(held))
 		}()
-		f, err := replication.JSONFrame(replication.FrameHeld, c)
-		if err != nil {
-			return err
-		}
-		if err := w.write(&f); err != nil {
-			return fmt.Errorf("send held: %w", err)
-		}
-		select {
-		case t := <-ch:
-			if t == replication.FrameCut {
-				return g.points.tag(c.ID, app)
-			}
-			return fmt.Errorf("cut %d abandoned by the server", c.ID)
-		case <-time.After(g.holdTimeout):
-			return fmt.Errorf("no cut within %s: released the writes", g.holdTimeout)
-		case <-ctx.Done():
+		// The time box counts from the moment the writes stop, the sending
+		// of HELD included: on a slow link HELD queues behind a DATA frame
+		// (up to 4 MiB, under a one-minute write deadline), and the guest's
+		// writes must not wait for it. A HELD still being sent when the box
+		// closes reaches the server late; its CUT then finds no cut here.
+		box := time.NewTimer(g.holdTimeout)
+		defer box.Stop()
+		sent := make(chan error, 1)
+		if !g.rt.Go(func() { sent <- w.write(&f) }) {
 			return ctx.Err()
+		}
+		for {
+			select {
+			case err := <-sent:
+				if err != nil {
+					return fmt.Errorf("send held: %w", err)
+				}
+				sent = nil
+			case t := <-ch:
+				if t == replication.FrameCut {
+					return g.points.tag(c.ID, app)
+				}
+				return fmt.Errorf("cut %d abandoned by the server", c.ID)
+			case <-box.C:
+				return fmt.Errorf("no cut within %s of holding the writes: released them", g.holdTimeout)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		}
 	}
 	var err error

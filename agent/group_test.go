@@ -93,6 +93,49 @@ func TestGroupCutReleased(t *testing.T) {
 	}
 }
 
+// stuckWriter is a session whose HELD is stuck behind a frame on a slow
+// link: its write returns only when released.
+type stuckWriter struct{ called, release chan struct{} }
+
+func (w *stuckWriter) write(*replication.Frame) error {
+	close(w.called)
+	<-w.release
+	return nil
+}
+
+// The hold timeout counts from the moment the writes stop: a HELD stuck in
+// the connection does not hold the guest's writes past it, and the cut
+// then tags nothing.
+func TestGroupCutHoldBoundedWhileHeldIsStuck(t *testing.T) {
+	g, _ := mustGroupCuts(t)
+	g.holdTimeout = 100 * time.Millisecond
+	w := &stuckWriter{called: make(chan struct{}), release: make(chan struct{})}
+	g.hold(replication.Cut{ID: 4}, w)
+	<-w.called // the writes are held, HELD is being sent
+	wrote := make(chan error, 1)
+	go func() { wrote <- g.disks[0].WriteAt(make([]byte, 4096), 0, false) }()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		close(w.release) // so that Close ends
+		t.Fatal("a write stayed held while HELD was stuck in the connection")
+	}
+	g.decide(replication.FrameCut, replication.Cut{ID: 4}) // too late: no cut
+	close(w.release)
+	g.Close()
+	for _, r := range cutRecords(t, g) {
+		if r.Kind == replication.KindTag {
+			t.Fatal("a cut released by its timeout tagged")
+		}
+	}
+	if n := g.holds.stats().Count; n != 1 {
+		t.Fatalf("%d holds measured, want 1", n)
+	}
+}
+
 // Close ends a cut being held at once.
 func TestGroupCutEndsWithClose(t *testing.T) {
 	g, w := mustGroupCuts(t)

@@ -7,8 +7,8 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/asrdr/asr/internal/allocguard"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/allocguard"
 )
 
 // TestLimitsMatchProtocol: what the agent sends stays within what the

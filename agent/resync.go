@@ -12,6 +12,7 @@ import (
 
 	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/pace"
 )
 
 // Resync: the server asks (FrameResync) for a disk, or a range of it, to be
@@ -217,8 +218,8 @@ func (r *resyncer) run(s frameWriter, st resyncState) error {
 	}
 	offs := r.chunks(st.Job, d.Size())
 	ctx, cancel := context.WithCancel(r.rt.ctx)
-	pace := &pacer{rate: r.rate}
-	batches := d.hashBatches(ctx, offs, int(st.Cursor/replication.HashChunk), pace)
+	pacer := pace.New(r.rate)
+	batches := d.hashBatches(ctx, offs, int(st.Cursor/replication.HashChunk), pacer)
 	defer func() {
 		// The readers end before the job does: none outlives Close.
 		cancel()
@@ -242,7 +243,7 @@ func (r *resyncer) run(s frameWriter, st resyncState) error {
 				return err
 			}
 			sent += n
-			if err := pace.wait(ctx, n); err != nil { // what was read again
+			if err := pacer.Wait(ctx, n); err != nil { // what was read again
 				return err
 			}
 		}
@@ -365,42 +366,12 @@ type hashedBatch struct {
 // keep the disk's queue and both cores of a small machine busy.
 const hashReaders = 2
 
-// pacer spaces a resync's reads to at most rate bytes per second
-// (--resync-rate; 0: unlimited), chunk by chunk. Time not used (the compare
-// waited for the server) is not saved up: no burst follows a stall.
-type pacer struct {
-	rate int64
-	mu   sync.Mutex
-	next time.Time // when the next read may start
-}
-
-// wait blocks until n more bytes may be read, or ctx ends.
-func (p *pacer) wait(ctx context.Context, n int64) error {
-	if p == nil || p.rate <= 0 {
-		return ctx.Err()
-	}
-	p.mu.Lock()
-	now := time.Now()
-	at := now
-	if p.next.After(now) {
-		at = p.next
-	}
-	p.next = at.Add(time.Duration(float64(n) / float64(p.rate) * float64(time.Second)))
-	p.mu.Unlock()
-	select {
-	case <-time.After(at.Sub(now)):
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // hashBatches reads and hashes the chunks at offs from index from on, a
 // batch at a time and one batch ahead of the compare, so that reading the
 // disk overlaps the round trip to the server and the sending of
-// differences, each read spaced by pace. The channel closes after the last
+// differences, each read spaced by pacer. The channel closes after the last
 // batch, an error, or when ctx ends.
-func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, pace *pacer) <-chan hashedBatch {
+func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, pacer *pace.Pacer) <-chan hashedBatch {
 	out := make(chan hashedBatch, 1)
 	go func() {
 		defer close(out)
@@ -422,7 +393,7 @@ func (d *Disk) hashBatches(ctx context.Context, offs []int64, from int, pace *pa
 					buf := bufs[w]
 					for j := w; j < len(batch); j += hashReaders {
 						n := min(int64(replication.HashChunk), d.Size()-batch[j])
-						if err := pace.wait(ctx, n); err != nil {
+						if err := pacer.Wait(ctx, n); err != nil {
 							errs[w] = err
 							return
 						}

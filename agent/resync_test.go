@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/pace"
 )
 
 // TestHashBatches: the pipelined, parallel reader hashes every chunk as
@@ -66,27 +67,13 @@ func TestHashBatchesRate(t *testing.T) {
 		offs = append(offs, i*replication.HashChunk)
 	}
 	start := time.Now()
-	for hb := range d.hashBatches(context.Background(), offs, 0, &pacer{rate: 16 << 20}) {
+	for hb := range d.hashBatches(context.Background(), offs, 0, pace.New(16<<20)) {
 		if hb.err != nil {
 			t.Fatal(hb.err)
 		}
 	}
 	if took, min := time.Since(start), (chunks-1)*time.Second/16; took < min {
 		t.Fatalf("8 MiB read in %s at a limit of 16 MiB/s, want at least %s", took, min)
-	}
-}
-
-// TestPacerNoBurstAfterStall: time not used is not saved up.
-func TestPacerNoBurstAfterStall(t *testing.T) {
-	p := &pacer{rate: 1 << 20}
-	ctx := context.Background()
-	p.wait(ctx, 1<<20)                    // the next read may start in 1 s
-	p.next = time.Now().Add(-time.Minute) // as after a long stall
-	p.wait(ctx, 1<<20)
-	start := time.Now()
-	p.wait(ctx, 1<<20) // must wait about 1 s, not run on credit
-	if took := time.Since(start); took < 900*time.Millisecond {
-		t.Fatalf("a read after a stall waited %s, want about 1 s", took)
 	}
 }
 

@@ -16,6 +16,8 @@ import (
 
 	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/pace"
+	"github.com/asrdr/asr/replication/retry"
 	"github.com/asrdr/asr/server/pki"
 )
 
@@ -119,7 +121,7 @@ func (sh *shipper) reconnect() {
 // slowly.
 func (sh *shipper) loop() {
 	ctx := sh.rt.ctx
-	backoff := 500 * time.Millisecond
+	backoff := retry.New(500*time.Millisecond, 5*time.Second)
 	for ctx.Err() == nil {
 		start := time.Now()
 		err := sh.session()
@@ -131,23 +133,19 @@ func (sh *shipper) loop() {
 		if errors.As(err, &fe) {
 			sh.log.Error("the server refuses this agent; the disks stay served and changes are spooled while an operator fixes the cause",
 				"reason", fe.msg, "retry_in", refusedRetry)
-			select {
-			case <-ctx.Done():
+			if retry.Sleep(ctx, refusedRetry) != nil {
 				return
-			case <-time.After(refusedRetry):
 			}
 			continue
 		}
 		if time.Since(start) > 30*time.Second {
-			backoff = 500 * time.Millisecond
+			backoff.Reset() // the session lasted: a new outage starts short
 		}
-		sh.log.Warn("no connection to the process server; the spool keeps every change", "err", err, "retry_in", backoff)
-		select {
-		case <-ctx.Done():
+		wait := backoff.Next()
+		sh.log.Warn("no connection to the process server; the spool keeps every change", "err", err, "retry_in", wait)
+		if retry.Sleep(ctx, wait) != nil {
 			return
-		case <-time.After(backoff):
 		}
-		backoff = min(backoff*2, 5*time.Second)
 	}
 }
 
@@ -314,7 +312,7 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 }) error {
 	codec := replication.DefaultCodec()
 	var buf, cbuf []byte
-	var next time.Time // throttle: earliest time the next frame may go
+	pacer := pace.New(s.sh.maxRate) // --max-rate, per session: a new one starts at once
 	for ctx.Err() == nil {
 		s.mu.Lock()
 		for s.raw > window && !s.dead {
@@ -356,15 +354,8 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 		s.inflight = append(s.inflight, sent{last, len(buf)})
 		s.raw += len(buf)
 		s.mu.Unlock()
-		if rate := s.sh.maxRate; rate > 0 {
-			if wait := time.Until(next); wait > 0 {
-				select {
-				case <-ctx.Done():
-					return ctx.Err()
-				case <-time.After(wait):
-				}
-			}
-			next = time.Now().Add(time.Duration(float64(len(f.Payload)) / float64(rate) * float64(time.Second)))
+		if err := pacer.Wait(ctx, int64(len(f.Payload))); err != nil {
+			return err
 		}
 		if err := s.write(&f); err != nil {
 			return err

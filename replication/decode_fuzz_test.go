@@ -8,13 +8,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/asrdr/asr/internal/allocguard"
+	"github.com/asrdr/asr/replication/allocguard"
 )
 
 // Fuzzers for the decoders of untrusted bytes beyond the wire's frames:
 // segments (cache files, kept segments on the target), catalog objects and
 // the JSON control messages. Each checks that a call allocates no more
-// than its input justifies (internal/allocguard), which is how an
+// than its input justifies (replication/allocguard), which is how an
 // allocation sized from an unchecked count shows up.
 
 // seedSegment builds a sealed segment of frames of small records from first.

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/asrdr/asr/internal/allocguard"
+	"github.com/asrdr/asr/replication/allocguard"
 )
 
 func mustRecords(t testing.TB, first uint64, n int, r *rand.Rand) []Record {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/retry"
 	"github.com/asrdr/asr/store"
 )
 
@@ -152,7 +153,7 @@ func (m *mirror) sync(ctx context.Context) error {
 }
 
 func (m *mirror) run() {
-	wait := m.retry
+	backoff := retry.New(m.retry, m.maxRetry)
 	for {
 		select {
 		case <-m.ctx.Done():
@@ -160,15 +161,13 @@ func (m *mirror) run() {
 		case <-m.wake:
 		}
 		for m.pass(m.ctx) != nil {
+			wait := backoff.Next()
 			m.log.Warn("the vault database is behind the catalog; trying again", "retry_in", wait)
-			select {
-			case <-m.ctx.Done():
+			if retry.Sleep(m.ctx, wait) != nil {
 				return
-			case <-time.After(wait):
 			}
-			wait = min(2*wait, m.maxRetry)
 		}
-		wait = m.retry
+		backoff.Reset()
 	}
 }
 

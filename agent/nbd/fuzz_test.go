@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/asrdr/asr/internal/allocguard"
+	"github.com/asrdr/asr/replication/allocguard"
 )
 
 // errorCatcher is a slog.Handler that counts Error records: the server logs

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/asrdr/asr/replication/retry"
 )
 
 // Backend is a disk exported over NBD. Methods may be called concurrently,
@@ -111,7 +113,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	defer stop()
 
 	log := s.logger()
-	var backoff time.Duration
+	backoff := retry.New(5*time.Millisecond, time.Second)
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -121,16 +123,14 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			if !temporaryAcceptError(err) {
 				return fmt.Errorf("nbd accept on %s: %w", l.Addr(), err)
 			}
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			log.Warn("nbd accept failed, retrying", "err", err, "delay", backoff)
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
+			delay := backoff.Next()
+			log.Warn("nbd accept failed, retrying", "err", err, "delay", delay)
+			if retry.Sleep(ctx, delay) != nil {
 				return nil
 			}
 			continue
 		}
-		backoff = 0
+		backoff.Reset()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

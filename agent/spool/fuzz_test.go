@@ -10,8 +10,8 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/asrdr/asr/internal/allocguard"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/allocguard"
 )
 
 // fixRecords recomputes, in place, the data checksums of the records in b

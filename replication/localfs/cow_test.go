@@ -7,8 +7,8 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/asrdr/asr/internal/allocguard"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/allocguard"
 )
 
 // cowFile builds a COW file holding records for blocks, committing c of them.

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/retry"
 )
 
 // segmentQueue is where the apply loop takes sealed segments from, in
@@ -170,7 +171,7 @@ func (r *replica) waitApplied(ctx context.Context, q segmentQueue, seq uint64, t
 // (the target out of reach) is retried with backoff; the cache holds the
 // log meanwhile.
 func (r *replica) loop(q segmentQueue) {
-	backoff := time.Second
+	backoff := retry.New(time.Second, time.Minute)
 	for {
 		select {
 		case <-r.ctx.Done():
@@ -185,17 +186,15 @@ func (r *replica) loop(q segmentQueue) {
 			}
 			err := r.applyOne(q, sg)
 			if err == nil {
-				backoff = time.Second
+				backoff.Reset()
 				continue
 			}
 			r.setErr(err.Error())
-			r.log.Error("apply segment failed", "segment", filepath.Base(sg.path), "err", err, "retry_in", backoff)
-			select {
-			case <-r.ctx.Done():
+			wait := backoff.Next()
+			r.log.Error("apply segment failed", "segment", filepath.Base(sg.path), "err", err, "retry_in", wait)
+			if retry.Sleep(r.ctx, wait) != nil {
 				return
-			case <-time.After(backoff):
 			}
-			backoff = min(2*backoff, time.Minute)
 		}
 	}
 }
