@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/store"
 )
 
@@ -258,7 +259,18 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	}
 	job := replication.ResyncJob{ID: uint64(now.UnixNano()), Disk: r.Disk, Reason: r.Reason, Verify: r.Verify}
 	s.resyncHook("start")
-	err = s.ps.StartResync(ctx, m.ID, job)
+	// A scheduled row may lag behind the catalog (the mirror writes it
+	// after the fact): one the scheduler made is started only while the
+	// catalog still marks the disk, or a disk its done record just made
+	// consistent would be compared whole again, without points meanwhile.
+	err = s.ps.StartResync(ctx, m.ID, job, !r.Manual)
+	if errors.Is(err, procserver.ErrResyncNotNeeded) {
+		if err := s.db.DeleteResync(ctx, m.ID, r.Disk); err != nil {
+			s.log.Error("drop a resync the catalog no longer needs", "machine", m.ID, "disk", r.Disk, "err", err)
+		}
+		s.log.Info("scheduled resync not needed any more: the disk is consistent", "machine", m.ID, "disk", r.Disk)
+		return
+	}
 	if err == nil {
 		r.State, r.JobID, r.StartedAt, r.LastError = store.ResyncRunning, job.ID, now, ""
 		r.Compared, r.Sent, r.Total = 0, 0, 0

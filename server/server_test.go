@@ -27,6 +27,7 @@ import (
 	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/web"
 )
 
@@ -81,6 +82,21 @@ func (r *rig) start() {
 		t.Fatal(err)
 	}
 	r.listen, r.dataListen = srv.Addr().String(), srv.DataAddr().String()
+	if cfg.Now == nil {
+		// Automatic resyncs wait for the vault's resync window; with the
+		// default (22:00-06:00) a test run at night would see them start,
+		// and maybe end, before it looks. On the real clock the window is
+		// put half a day away, so a resync starts when a test asks for it,
+		// at whatever time the suite runs. (Tests about the window inject
+		// a clock and keep the default, or set their own.)
+		ctx := context.Background()
+		if _, err := srv.DB().Setting(ctx, "resync_window"); errors.Is(err, store.ErrNotFound) {
+			away := time.Now().Add(12 * time.Hour)
+			if err := srv.DB().SetSetting(ctx, "resync_window", away.Format("15:04")+"-"+away.Add(time.Hour).Format("15:04")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	if r.opened != nil {
 		r.opened(srv)
 	}

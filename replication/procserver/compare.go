@@ -212,7 +212,7 @@ func (cp *comparer) verifyFound(disk uint32, damaged []int64, differing int) err
 // marked for resync is resynced for its reason, over its ranges (none: the
 // whole disk); a consistent one (an operator's request, a verify) whole,
 // for job.Reason.
-func (m *machine) startResync(ctx context.Context, job replication.ResyncJob) error {
+func (m *machine) startResync(ctx context.Context, job replication.ResyncJob, ifMarked bool) error {
 	var rd replication.ReplicaDisk
 	var sums *replication.Sums
 	var name string
@@ -222,6 +222,9 @@ func (m *machine) startResync(ctx context.Context, job replication.ResyncJob) er
 		disk, ok2 := a.Disk(job.Disk)
 		if !ok || !ok2 || a.Sums(job.Disk) == nil {
 			return fmt.Errorf("no replica disk %d", job.Disk)
+		}
+		if ifMarked && d.State != replication.StateResync {
+			return fmt.Errorf("disk %s: %w", d.Name, ErrResyncNotNeeded)
 		}
 		rd, sums, name = disk, a.Sums(job.Disk), d.Name
 		job.Ranges = nil

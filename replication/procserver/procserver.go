@@ -551,6 +551,11 @@ func (s *Server) Supersede(ctx context.Context, machineID, reason string) error 
 // and it is not connected.
 var ErrNotConnected = errors.New("agent not connected")
 
+// ErrResyncNotNeeded is StartResync's answer, with ifMarked, when the
+// catalog no longer marks the disk for a resync: its done record was
+// applied after the resync was scheduled.
+var ErrResyncNotNeeded = errors.New("the disk is no longer marked for a resync")
+
 // MachineStats are the process server's figures for one machine.
 type MachineStats struct {
 	Connected    bool
@@ -652,12 +657,12 @@ func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.
 }
 
 // StartResync asks a machine's agent to resync a disk (see agent/resync.go).
-func (s *Server) StartResync(ctx context.Context, machineID string, job replication.ResyncJob) error {
+func (s *Server) StartResync(ctx context.Context, machineID string, job replication.ResyncJob, ifMarked bool) error {
 	s.mu.Lock()
 	m, ok := s.machines[machineID]
 	s.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("machine %s: %w", machineID, ErrNotConnected)
 	}
-	return m.startResync(ctx, job)
+	return m.startResync(ctx, job, ifMarked)
 }

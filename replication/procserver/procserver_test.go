@@ -2,6 +2,7 @@ package procserver
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -179,5 +180,34 @@ func TestBadCachedSegmentQuarantined(t *testing.T) {
 	m, _ := cat.Machine(context.Background(), machineID)
 	if m.Disks[0].State != replication.StateResync {
 		t.Fatalf("disk %+v: want it marked for resync", m.Disks[0])
+	}
+}
+
+// A resync the server scheduled is started only while the catalog still
+// marks the disk (the server's row may lag behind a done record just
+// applied); an operator's is started whatever the catalog says.
+func TestStartResyncOnlyIfMarked(t *testing.T) {
+	cat := mustCatalog(t)
+	cache := t.TempDir()
+	prepare(t, cache, cat)
+	seg := replication.SegmentHeader(1, time.Now())
+	f := dataFrame(1, replication.Record{Kind: replication.KindProgress, Offset: 1 << 20, Flags: replication.FlagDone})
+	seg = replication.AppendFrame(seg, &f)
+	seal := replication.SealFrame(1, 1)
+	seg = replication.AppendFrame(seg, &seal)
+	if err := os.WriteFile(filepath.Join(cache, machineID, openName), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := mustServer(t, cache, cat)
+	defer s.Close()
+	waitApplied(t, s, 1)
+	ctx := context.Background()
+	job := replication.ResyncJob{ID: 7, Disk: 0, Reason: "scheduled before the done record"}
+	if err := s.StartResync(ctx, machineID, job, true); !errors.Is(err, ErrResyncNotNeeded) {
+		t.Fatalf("a scheduled resync of a consistent disk: %v, want ErrResyncNotNeeded", err)
+	}
+	// An operator's goes on to the agent (not connected here).
+	if err := s.StartResync(ctx, machineID, job, false); errors.Is(err, ErrResyncNotNeeded) || err == nil {
+		t.Fatalf("an operator's resync of a consistent disk: %v, want it sent to the agent", err)
 	}
 }
