@@ -17,41 +17,13 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/store/atomicfile"
 )
 
 // ErrWrongPassphrase is returned when registration fails because the agent's
 // passphrase is not the vault's.
 var ErrWrongPassphrase = errors.New("wrong vault passphrase")
-
-// Challenge is the server's answer to GET /api/v1/agents/challenge.
-type Challenge struct {
-	Nonce    []byte `json:"nonce"`
-	CAPEM    string `json:"ca_pem"`
-	Proof    []byte `json:"proof"`     // pki.ServerProof(key, nonce, ca_pem)
-	DataPort int    `json:"data_port"` // port of the data listener
-	// Salt and KDF are what the proof key is derived with:
-	// key = pki.DeriveProofKey(passphrase, salt, kdf).
-	Salt []byte                `json:"salt"`
-	KDF  replication.KDFParams `json:"kdf"`
-}
-
-// RegisterRequest is the body of POST /api/v1/agents/register.
-type RegisterRequest struct {
-	Name   string `json:"name"`
-	CSRPEM string `json:"csr_pem"`
-	Nonce  []byte `json:"nonce"`
-	Proof  []byte `json:"proof"` // pki.AgentProof(key, nonce, name, csr_pem)
-}
-
-// RegisterResponse answers a successful registration.
-type RegisterResponse struct {
-	MachineID string `json:"machine_id"`
-	CertPEM   string `json:"cert_pem"`
-	DataPort  int    `json:"data_port"`
-}
 
 // registerBackoff is the wait between registration tries: from min,
 // doubling, up to max.
@@ -134,7 +106,7 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 		},
 	}}}
 	defer insecure.CloseIdleConnections()
-	var ch Challenge
+	var ch enroll.Challenge
 	if err := doJSON(ctx, insecure, http.MethodGet, serverURL+"/api/v1/agents/challenge", nil, &ch); err != nil {
 		return nil, fmt.Errorf("contact server %s: %w", serverURL, err)
 	}
@@ -143,16 +115,16 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 	}
 	// The salt and cost come from a server not yet authenticated: bounded
 	// before the derivation allocates anything.
-	key, err := pki.DeriveProofKey(passphrase, ch.Salt, ch.KDF)
+	key, err := enroll.DeriveProofKey(passphrase, ch.Salt, ch.KDF)
 	if err != nil {
 		return nil, permanent(fmt.Errorf("the server at %s: %w", serverURL, err))
 	}
-	if !pki.CheckProof(ch.Proof, pki.ServerProof(key, ch.Nonce, []byte(ch.CAPEM))) {
+	if !enroll.CheckProof(ch.Proof, enroll.ServerProof(key, ch.Nonce, []byte(ch.CAPEM))) {
 		return nil, fmt.Errorf("%w: the server at %s could not prove it knows this passphrase (or it is not the asr server you meant)", ErrWrongPassphrase, serverURL)
 	}
 	// The server has proven the passphrase: a CA or certificate that does
 	// not check is a server to reconfigure, not a network accident.
-	pool, err := pki.PoolFromPEM([]byte(ch.CAPEM))
+	pool, err := enroll.PoolFromPEM([]byte(ch.CAPEM))
 	if err != nil {
 		return nil, permanent(fmt.Errorf("server CA: %w", err))
 	}
@@ -167,15 +139,15 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 		return nil, permanent(fmt.Errorf("server certificate is not from the vault CA: %w", err))
 	}
 
-	keyPEM, csrPEM, err := pki.NewKeyAndCSR(name)
+	keyPEM, csrPEM, err := enroll.NewKeyAndCSR(name)
 	if err != nil {
 		return nil, permanent(err)
 	}
 	pinned := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: host}}}
 	defer pinned.CloseIdleConnections()
-	req := RegisterRequest{Name: name, CSRPEM: string(csrPEM), Nonce: ch.Nonce,
-		Proof: pki.AgentProof(key, ch.Nonce, name, csrPEM)}
-	var resp RegisterResponse
+	req := enroll.RegisterRequest{Name: name, CSRPEM: string(csrPEM), Nonce: ch.Nonce,
+		Proof: enroll.AgentProof(key, ch.Nonce, name, csrPEM)}
+	var resp enroll.RegisterResponse
 	if err := doJSON(ctx, pinned, http.MethodPost, serverURL+"/api/v1/agents/register", req, &resp); err != nil {
 		var he *httpError
 		if errors.As(err, &he) && he.Status == http.StatusForbidden {

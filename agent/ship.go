@@ -16,7 +16,7 @@ import (
 
 	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/replication/enroll"
 )
 
 const (
@@ -179,7 +179,7 @@ func tlsConfig(dir, addr string) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	pool, err := pki.PoolFromPEM(caPEM)
+	pool, err := enroll.PoolFromPEM(caPEM)
 	if err != nil {
 		return nil, err
 	}

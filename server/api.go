@@ -16,10 +16,9 @@ import (
 
 	"github.com/go-chi/chi/v5"
 
-	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/procserver"
-	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store"
 )
 
@@ -149,14 +148,14 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) error {
 	nonce := s.nonces.issue(nonceSource(r.RemoteAddr))
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())
 	p, _ := strconv.Atoi(port)
-	writeJSON(w, http.StatusOK, agent.Challenge{Nonce: nonce, CAPEM: string(s.ca.CertPEM),
-		Proof: pki.ServerProof(s.regKey, nonce, s.ca.CertPEM), DataPort: p,
+	writeJSON(w, http.StatusOK, enroll.Challenge{Nonce: nonce, CAPEM: string(s.ca.CertPEM),
+		Proof: enroll.ServerProof(s.regKey, nonce, s.ca.CertPEM), DataPort: p,
 		Salt: s.regSalt, KDF: replication.VaultKDF})
 	return nil
 }
 
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
-	var req agent.RegisterRequest
+	var req enroll.RegisterRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
@@ -166,7 +165,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		// retries with a new one.
 		return errorf(http.StatusConflict, "unknown, used or expired registration challenge; try again")
 	}
-	if !pki.CheckProof(req.Proof, pki.AgentProof(s.regKey, req.Nonce, req.Name, []byte(req.CSRPEM))) {
+	if !enroll.CheckProof(req.Proof, enroll.AgentProof(s.regKey, req.Nonce, req.Name, []byte(req.CSRPEM))) {
 		s.log.Warn("registration refused: wrong passphrase", "name", req.Name, "remote", r.RemoteAddr)
 		time.Sleep(500 * time.Millisecond)
 		return errorf(http.StatusForbidden, "wrong vault passphrase: nothing was registered")
@@ -200,7 +199,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	s.log.Info("agent registered", "machine", m.ID, "name", m.Name, "remote", r.RemoteAddr)
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())
 	p, _ := strconv.Atoi(port)
-	writeJSON(w, http.StatusOK, agent.RegisterResponse{MachineID: m.ID, CertPEM: string(certPEM), DataPort: p})
+	writeJSON(w, http.StatusOK, enroll.RegisterResponse{MachineID: m.ID, CertPEM: string(certPEM), DataPort: p})
 	return nil
 }
 

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/web"
 )
 
@@ -36,7 +36,7 @@ func NewClient(serverURL, tokenFile, caFile string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server CA: %w (give --ca-file)", err)
 	}
-	pool, err := pki.PoolFromPEM(caPEM)
+	pool, err := enroll.PoolFromPEM(caPEM)
 	if err != nil {
 		return nil, fmt.Errorf("server CA %s: %w", caFile, err)
 	}

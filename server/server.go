@@ -28,6 +28,7 @@ import (
 
 	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/localfs"
 	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/pki"
@@ -114,8 +115,8 @@ type Server struct {
 	httpSrv      *http.Server
 
 	nonces  *nonceTable
-	regSalt []byte       // the vault's registration salt
-	regKey  pki.ProofKey // registration proofs' key, derived once at open
+	regSalt []byte          // the vault's registration salt
+	regKey  enroll.ProofKey // registration proofs' key, derived once at open
 
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
@@ -344,7 +345,7 @@ func (s *Server) loadRegistrationKey(ctx context.Context) error {
 	v, err := s.db.Setting(ctx, registrationSaltSetting)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
-		s.regSalt = pki.NewSalt()
+		s.regSalt = enroll.NewSalt()
 		if err := s.db.SetSetting(ctx, registrationSaltSetting, hex.EncodeToString(s.regSalt)); err != nil {
 			return fmt.Errorf("save the registration salt: %w", err)
 		}
@@ -355,7 +356,7 @@ func (s *Server) loadRegistrationKey(ctx context.Context) error {
 			return fmt.Errorf("registration salt in setting %s: %w", registrationSaltSetting, err)
 		}
 	}
-	if s.regKey, err = pki.DeriveProofKey(s.pass, s.regSalt, replication.VaultKDF); err != nil {
+	if s.regKey, err = enroll.DeriveProofKey(s.pass, s.regSalt, replication.VaultKDF); err != nil {
 		return fmt.Errorf("registration key: %w", err)
 	}
 	return nil
