@@ -17,7 +17,7 @@ import (
 	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
-	"github.com/asrdr/asr/web"
+	"github.com/asrdr/asr/server/api"
 )
 
 // opFlags are the flags every operator command shares.
@@ -40,14 +40,14 @@ func (o *opFlags) register(fs *flag.FlagSet, offline bool) {
 	}
 }
 
-func (o *opFlags) client() (*server.Client, error) {
+func (o *opFlags) client() (*api.Client, error) {
 	if o.tokenFile == "" {
 		o.tokenFile = filepath.Join(o.dataDir, server.AdminTokenFile)
 	}
 	if o.caFile == "" {
 		o.caFile = filepath.Join(o.dataDir, "ca.pem")
 	}
-	return server.NewClient(o.server, o.tokenFile, o.caFile)
+	return api.NewClient(o.server, o.tokenFile, o.caFile)
 }
 
 // catalog opens the target directly and checks the passphrase against it.
@@ -55,7 +55,7 @@ func (o *opFlags) catalog(ctx context.Context) (*replication.Catalog, func(), er
 	if o.passFile == "" {
 		return nil, nil, errors.New("--target needs --passphrase-file")
 	}
-	pass, err := server.ReadSecretFile(o.passFile)
+	pass, err := api.ReadSecretFile(o.passFile)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -105,7 +105,7 @@ func runPoints(ctx context.Context, args []string, out io.Writer) error {
 	if o.machine == "" {
 		return errors.New("--machine (or --group) is required")
 	}
-	var points []server.PointJSON
+	var points []api.PointJSON
 	if o.target != "" {
 		cat, closeFn, err := o.catalog(ctx)
 		if err != nil {
@@ -121,7 +121,7 @@ func runPoints(ctx context.Context, args []string, out io.Writer) error {
 			return err
 		}
 		for _, p := range ps {
-			points = append(points, server.PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind})
+			points = append(points, api.PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind})
 		}
 	} else {
 		c, err := o.client()
@@ -134,7 +134,7 @@ func runPoints(ctx context.Context, args []string, out io.Writer) error {
 	}
 	if *asJSON {
 		if points == nil {
-			points = []server.PointJSON{}
+			points = []api.PointJSON{}
 		}
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -168,10 +168,10 @@ func runTag(ctx context.Context, args []string, out io.Writer) error {
 	}
 	if o.group != "" {
 		// A group cut is synchronous: it returns once every member's point is durable.
-		var gp server.GroupPointJSON
+		var gp api.GroupPointJSON
 		tctx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
-		if err := c.Do(tctx, http.MethodPost, "/api/v1/groups/"+url.PathEscape(o.group)+"/points", server.TagRequest{App: *app}, &gp); err != nil {
+		if err := c.Do(tctx, http.MethodPost, "/api/v1/groups/"+url.PathEscape(o.group)+"/points", api.TagRequest{App: *app}, &gp); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "group point %s (%s) at %s across %d machines\n", gp.ID, gp.Kind, gp.Time, len(gp.Members))
@@ -184,7 +184,7 @@ func runTag(ctx context.Context, args []string, out io.Writer) error {
 	if !*wait {
 		var resp map[string]string
 		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/points",
-			server.TagRequest{App: *app, NoWait: true}, &resp); err != nil {
+			api.TagRequest{App: *app, NoWait: true}, &resp); err != nil {
 			return err
 		}
 		fmt.Fprintln(out, "recovery point requested; it appears in `asr points` once durable")
@@ -260,7 +260,7 @@ func runRecover(ctx context.Context, args []string, out io.Writer) error {
 			if err != nil {
 				return err
 			}
-			res := server.Recovered{Machine: m.Name, Point: server.PointJSON{ID: plan.Base.ID}, LastSeq: last, Disks: disks}
+			res := api.Recovered{Machine: m.Name, Point: api.PointJSON{ID: plan.Base.ID}, LastSeq: last, Disks: disks}
 			if err := toFormat(res.Disks, *format); err != nil {
 				return err
 			}
@@ -382,7 +382,7 @@ func printDisks(out io.Writer, disks []replication.RecoveredDisk) {
 	}
 }
 
-func printTime(out io.Writer, res server.Recovered, dir string, at, start time.Time) {
+func printTime(out io.Writer, res api.Recovered, dir string, at, start time.Time) {
 	printDisks(out, res.Disks)
 	fmt.Fprintf(out, "recovered machine %s as of %s: point %s plus changes up to seq %d, in %s\n",
 		res.Machine, at.UTC().Format(time.RFC3339Nano), res.Point.ID, res.LastSeq, time.Since(start).Round(time.Millisecond))
@@ -403,7 +403,7 @@ func runStatus(ctx context.Context, args []string, out io.Writer) error {
 		return err
 	}
 	if *psOnly {
-		var ps web.ProcessServer
+		var ps api.ProcessServer
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/process-server", nil, &ps); err != nil {
 			return err
 		}
@@ -420,13 +420,13 @@ func runStatus(ctx context.Context, args []string, out io.Writer) error {
 			ps.Target, ps.BacklogBytes, ps.BacklogAge.Round(time.Millisecond), ps.UploadRate, ps.Compression, cache)
 		return nil
 	}
-	var ms []web.Machine
+	var ms []api.Machine
 	if o.machine != "" {
-		var m web.Machine
+		var m api.Machine
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine), nil, &m); err != nil {
 			return err
 		}
-		ms = []web.Machine{m}
+		ms = []api.Machine{m}
 	} else if err := c.Do(ctx, http.MethodGet, "/api/v1/machines", nil, &ms); err != nil {
 		return err
 	}

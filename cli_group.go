@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // runGroup puts machines in replication groups.
@@ -39,7 +39,7 @@ func runGroup(ctx context.Context, args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/group", server.GroupRequest{Group: *group}, nil); err != nil {
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/group", api.GroupRequest{Group: *group}, nil); err != nil {
 		return err
 	}
 	if *group == "" {
@@ -51,13 +51,13 @@ func runGroup(ctx context.Context, args []string, out io.Writer) error {
 }
 
 // groupPoints lists a group's points, through the server or the target.
-func groupPoints(ctx context.Context, o *opFlags, group string) ([]server.GroupPointJSON, func(), error) {
+func groupPoints(ctx context.Context, o *opFlags, group string) ([]api.GroupPointJSON, func(), error) {
 	if o.target == "" {
 		c, err := o.client()
 		if err != nil {
 			return nil, nil, err
 		}
-		var gps []server.GroupPointJSON
+		var gps []api.GroupPointJSON
 		err = c.Do(ctx, http.MethodGet, "/api/v1/groups/"+url.PathEscape(group)+"/points", nil, &gps)
 		return gps, func() {}, err
 	}
@@ -79,9 +79,9 @@ func groupPoints(ctx context.Context, o *opFlags, group string) ([]server.GroupP
 	for _, m := range ms {
 		names[m.ID] = m.Name
 	}
-	out := make([]server.GroupPointJSON, len(gps))
+	out := make([]api.GroupPointJSON, len(gps))
 	for i, gp := range gps {
-		out[i] = server.GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
+		out[i] = api.GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
 		for id, pid := range gp.Members {
 			out[i].Members[names[id]] = pid
 		}
@@ -89,10 +89,10 @@ func groupPoints(ctx context.Context, o *opFlags, group string) ([]server.GroupP
 	return out, closeFn, nil
 }
 
-func printGroupPoints(out io.Writer, gps []server.GroupPointJSON, asJSON bool) error {
+func printGroupPoints(out io.Writer, gps []api.GroupPointJSON, asJSON bool) error {
 	if asJSON {
 		if gps == nil {
-			gps = []server.GroupPointJSON{}
+			gps = []api.GroupPointJSON{}
 		}
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -154,11 +154,11 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opt
 	if err != nil {
 		return err
 	}
-	var gps []server.GroupPointJSON
+	var gps []api.GroupPointJSON
 	if err := c.Do(ctx, http.MethodGet, "/api/v1/groups/"+url.PathEscape(group)+"/points", nil, &gps); err != nil {
 		return err
 	}
-	var gp *server.GroupPointJSON
+	var gp *api.GroupPointJSON
 	for i := range gps {
 		if gps[i].ID == point || ((point == "" || point == "latest") && i == len(gps)-1) {
 			gp = &gps[i]

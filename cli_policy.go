@@ -11,7 +11,7 @@ import (
 	"net/url"
 	"text/tabwriter"
 
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 const policyUsage = `usage:
@@ -31,7 +31,7 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 	var o opFlags
 	fs := flag.NewFlagSet("asr policy "+verb, flag.ContinueOnError)
 	o.register(fs, false)
-	var j server.PolicyJSON
+	var j api.PolicyJSON
 	asJSON := fs.Bool("json", false, "print JSON")
 	policy := fs.String("policy", "", "policy name (assign)")
 	fs.StringVar(&j.RPOThreshold, "rpo-threshold", "", "RPO above which an event is raised")
@@ -56,7 +56,7 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 	var res any
 	switch verb {
 	case "list":
-		var ps []server.PolicyJSON
+		var ps []api.PolicyJSON
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/policies", nil, &ps); err != nil {
 			return err
 		}
@@ -71,13 +71,13 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 		}
 		return tw.Flush()
 	case "show":
-		var p server.PolicyJSON
+		var p api.PolicyJSON
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/policies/"+url.PathEscape(j.Name), nil, &p); err != nil {
 			return err
 		}
 		res = p
 	case "create":
-		var p server.PolicyJSON
+		var p api.PolicyJSON
 		if err := c.Do(ctx, http.MethodPost, "/api/v1/policies", j, &p); err != nil {
 			return err
 		}
@@ -85,7 +85,7 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 	case "set":
 		name := j.Name
 		j.Name = ""
-		var p server.PolicyJSON
+		var p api.PolicyJSON
 		if err := c.Do(ctx, http.MethodPatch, "/api/v1/policies/"+url.PathEscape(name), j, &p); err != nil {
 			return err
 		}
@@ -95,7 +95,7 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 			return errors.New("asr policy assign: --machine and --policy are required")
 		}
 		var r map[string]string
-		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/policy", server.AssignRequest{Policy: *policy}, &r); err != nil {
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/policy", api.AssignRequest{Policy: *policy}, &r); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "machine %s now replicates under policy %s\n", r["machine"], r["policy"])
@@ -126,7 +126,7 @@ func runEvents(ctx context.Context, args []string, out io.Writer) error {
 	if o.machine != "" {
 		path += "?machine=" + url.QueryEscape(o.machine)
 	}
-	var es []server.EventJSON
+	var es []api.EventJSON
 	if err := c.Do(ctx, http.MethodGet, path, nil, &es); err != nil {
 		return err
 	}

@@ -10,7 +10,7 @@ import (
 	"net/url"
 	"time"
 
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // runResync starts a resync now, shows resyncs, or sets the resync window.
@@ -42,9 +42,9 @@ func runResync(ctx context.Context, args []string, out io.Writer) error {
 		return errors.New("--machine is required")
 	}
 	path := "/api/v1/machines/" + url.PathEscape(o.machine) + "/resync"
-	var rows []server.ResyncJSON
+	var rows []api.ResyncJSON
 	if !*show {
-		if err := c.Do(ctx, http.MethodPost, path, server.ResyncRequest{Disk: *disk}, &rows); err != nil {
+		if err := c.Do(ctx, http.MethodPost, path, api.ResyncRequest{Disk: *disk}, &rows); err != nil {
 			return err
 		}
 	}

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // errDamage is returned (after the report is printed) when a check found
@@ -55,9 +55,9 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 		return err
 	}
 	path := "/api/v1/machines/" + url.PathEscape(o.machine) + "/verify"
-	var res server.VerifyJSON
+	var res api.VerifyJSON
 	started := time.Now()
-	if err := c.Do(ctx, http.MethodPost, path, server.VerifyRequest{Point: *point, NoSource: *noSource}, &res); err != nil {
+	if err := c.Do(ctx, http.MethodPost, path, api.VerifyRequest{Point: *point, NoSource: *noSource}, &res); err != nil {
 		return err
 	}
 	if *asJSON {
@@ -73,7 +73,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 	if *wait && len(res.Jobs) > 0 {
 		for {
 			var st struct {
-				Jobs []server.ResyncJSON `json:"jobs"`
+				Jobs []api.ResyncJSON `json:"jobs"`
 			}
 			if err := c.Do(ctx, http.MethodGet, path, nil, &st); err != nil {
 				return err
@@ -92,7 +92,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 			case <-time.After(time.Second):
 			}
 		}
-		var evs []server.EventJSON
+		var evs []api.EventJSON
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/events?machine="+url.QueryEscape(o.machine), nil, &evs); err != nil {
 			return err
 		}
@@ -111,7 +111,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 	return nil
 }
 
-func printVerify(out io.Writer, res server.VerifyJSON) {
+func printVerify(out io.Writer, res api.VerifyJSON) {
 	for _, p := range res.Point {
 		fmt.Fprintf(out, "point %s disk %s: %d bytes checked, %d damaged blocks%s\n", p.Point, p.Disk, p.Checked, len(p.Damaged), offsets(p.Damaged))
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
 )
 
@@ -32,7 +33,7 @@ func runDemo(ctx context.Context, args []string, out io.Writer, log *slog.Logger
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	size, err := agent.ParseSize(*sizeFlag)
+	size, err := replication.ParseSize(*sizeFlag)
 	if err != nil {
 		return err
 	}

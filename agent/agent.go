@@ -123,13 +123,13 @@ func ParseFlags(args []string) (Config, error) {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	var err error
-	if c.SpoolMax, err = ParseSize(*spoolMax); err != nil {
+	if c.SpoolMax, err = replication.ParseSize(*spoolMax); err != nil {
 		return c, fmt.Errorf("--spool-max: %w", err)
 	}
-	if c.MaxRate, err = ParseSize(*maxRate); err != nil {
+	if c.MaxRate, err = replication.ParseSize(*maxRate); err != nil {
 		return c, fmt.Errorf("--max-rate: %w", err)
 	}
-	if c.ResyncRate, err = ParseSize(*resyncRate); err != nil {
+	if c.ResyncRate, err = replication.ParseSize(*resyncRate); err != nil {
 		return c, fmt.Errorf("--resync-rate: %w", err)
 	}
 	if c.Name == "" {
@@ -152,27 +152,6 @@ func (c *Config) validate() error {
 		return fmt.Errorf("--name %q: want %s", c.Name, replication.MachineNameRule)
 	}
 	return nil
-}
-
-// ParseSize parses sizes like 1GiB, 512MiB, 4096.
-func ParseSize(s string) (int64, error) {
-	units := []struct {
-		suf  string
-		mult int64
-	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}}
-	s = strings.TrimSpace(s)
-	mult := int64(1)
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suf) {
-			s, mult = strings.TrimSuffix(s, u.suf), u.mult
-			break
-		}
-	}
-	var n int64
-	if _, err := fmt.Sscanf(s, "%d", &n); err != nil || n < 0 || fmt.Sprint(n) != s {
-		return 0, fmt.Errorf("size %q: want a number with an optional KiB/MiB/GiB/TiB suffix", s)
-	}
-	return n * mult, nil
 }
 
 // Agent is a running agent. It wires its components together and runs

@@ -20,6 +20,7 @@ import (
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
 
@@ -168,8 +169,8 @@ func TestBitRotFoundAndRepaired(t *testing.T) {
 	}
 
 	// asr verify: the scrub finds the block, the compare resends it.
-	var vres server.VerifyJSON
-	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", server.VerifyRequest{}, &vres); err != nil {
+	var vres api.VerifyJSON
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", api.VerifyRequest{}, &vres); err != nil {
 		t.Fatal(err)
 	}
 	if !vres.Damaged || len(vres.Scrub.Disks) != 1 || !slices.Equal(vres.Scrub.Disks[0].Damaged, []int64{3153920}) {

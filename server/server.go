@@ -5,7 +5,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -31,6 +30,7 @@ import (
 	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/localfs"
 	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/store/atomicfile"
@@ -232,7 +232,7 @@ func (s *Server) open(ctx context.Context) error {
 		return err
 	}
 	if cfg.AdminPasswordFile != "" {
-		pw, err := ReadSecretFile(cfg.AdminPasswordFile)
+		pw, err := api.ReadSecretFile(cfg.AdminPasswordFile)
 		if err != nil {
 			return err
 		}
@@ -469,22 +469,8 @@ func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replic
 	return nil, fmt.Errorf("target %q: unknown scheme (want file://PATH or azure://ACCOUNT/CONTAINER)", raw)
 }
 
-// ReadSecretFile reads a passphrase, token or password file, trimming
-// surrounding white space.
-func ReadSecretFile(path string) ([]byte, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	b = bytes.TrimSpace(b)
-	if len(b) == 0 {
-		return nil, fmt.Errorf("%s is empty", path)
-	}
-	return b, nil
-}
-
 func loadOrCreateSecret(path string, gen func() string) ([]byte, error) {
-	b, err := ReadSecretFile(path)
+	b, err := api.ReadSecretFile(path)
 	if err == nil {
 		return b, nil
 	}

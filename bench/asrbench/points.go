@@ -2,10 +2,10 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // The benchmarks of recovery points (issue 3): the cost of a point, the
@@ -22,34 +24,14 @@ import (
 
 // api calls the control API.
 func (c *cluster) api(method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, _ := json.Marshal(in)
-		body = bytes.NewReader(b)
-	}
-	req, _ := http.NewRequest(method, c.url+path, body)
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s %s: HTTP %d: %s", method, path, resp.StatusCode, b)
-	}
-	if out != nil {
-		return json.Unmarshal(b, out)
-	}
-	return nil
+	return c.ctl.Do(context.Background(), method, path, in, out)
 }
 
 func (c *cluster) waitMachine(name string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		var m machine
-		if err := c.api(http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == "protected" {
+		var m api.Machine
+		if err := c.api(http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == api.StateProtected {
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
