@@ -288,15 +288,3 @@ func TestRegisterFatalErrorsAreNotRetried(t *testing.T) {
 		})
 	}
 }
-
-func TestNameFlagUsesTheServersRule(t *testing.T) {
-	for _, name := range []string{"a/b", "x'; DROP TABLE machines;--", "\x1b[31mred", "m1 ", "-m1", strings.Repeat("m", 65)} {
-		_, err := ParseFlags([]string{"--disk", "d=/dev/null", "--nbd", "unix:/tmp/x.sock", "--name", name})
-		if err == nil || !strings.Contains(err.Error(), "--name") {
-			t.Errorf("--name %q: %v, want refused", name, err)
-		}
-	}
-	if _, err := ParseFlags([]string{"--disk", "d=/dev/null", "--nbd", "unix:/tmp/x.sock", "--name", "web-01.example"}); err != nil {
-		t.Errorf("a good name refused: %v", err)
-	}
-}

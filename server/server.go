@@ -11,7 +11,6 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -70,32 +69,6 @@ type Config struct {
 	// Now is the clock for retention and events (default time.Now).
 	Now    func() time.Time
 	Logger *slog.Logger
-}
-
-// ParseFlags parses `asr server` arguments.
-func ParseFlags(args []string) (Config, error) {
-	var c Config
-	fs := flag.NewFlagSet("asr server", flag.ContinueOnError)
-	fs.StringVar(&c.DataDir, "data", DefaultDataDir, "directory for the vault database, certificates, secrets and cache")
-	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8443", "address of the HTTPS control API and console")
-	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of the agents' data listener (mutual TLS)")
-	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
-	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
-	fs.StringVar(&c.TargetTier, "target-tier", replication.TierStandard, "storage tier of the target: standard (retention up to 72h) or premium (up to 24h)")
-	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
-		c.Hosts = append(c.Hosts, v)
-		return nil
-	})
-	if err := fs.Parse(args); err != nil {
-		return c, err
-	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	if c.TargetTier != replication.TierStandard && c.TargetTier != replication.TierPremium {
-		return c, fmt.Errorf("--target-tier %q: want standard or premium", c.TargetTier)
-	}
-	return c, nil
 }
 
 // Server is a running configuration server.

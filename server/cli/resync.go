@@ -1,11 +1,9 @@
-package main
+package cli
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"time"
@@ -14,9 +12,10 @@ import (
 )
 
 // runResync starts a resync now, shows resyncs, or sets the resync window.
-func runResync(ctx context.Context, args []string, out io.Writer) error {
+func runResync(ctx context.Context, e *env, args []string) error {
+	out := e.out
 	var o opFlags
-	fs := flag.NewFlagSet("asr resync", flag.ContinueOnError)
+	fs := e.flags("asr resync")
 	o.register(fs, false)
 	disk := fs.String("disk", "", "only this disk (default: every disk of the machine)")
 	show := fs.Bool("status", false, "show the machine's resyncs instead of starting one")

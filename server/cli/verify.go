@@ -1,14 +1,13 @@
-package main
+package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"text/tabwriter"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -21,9 +20,10 @@ var errDamage = errors.New("damage found (see above)")
 
 // runVerify checks replicas against their block checksums and, through the
 // agent, against the source; or sets the scrub schedule.
-func runVerify(ctx context.Context, args []string, out io.Writer) error {
+func runVerify(ctx context.Context, e *env, args []string) error {
+	out := e.out
 	var o opFlags
-	fs := flag.NewFlagSet("asr verify", flag.ContinueOnError)
+	fs := e.flags("asr verify")
 	o.register(fs, true)
 	point := fs.String("point", "", "check this recovery point (an id or latest) whole, as a recovery would read it")
 	noSource := fs.Bool("no-source", false, "only scrub the replica against its checksums; do not compare with the source through the agent")
@@ -60,14 +60,8 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 	if err := c.Do(ctx, http.MethodPost, path, api.VerifyRequest{Point: *point, NoSource: *noSource}, &res); err != nil {
 		return err
 	}
-	if *asJSON {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(res); err != nil {
-			return err
-		}
-	} else {
-		printVerify(out, res)
+	if err := output(out, *asJSON, res, func(tw *tabwriter.Writer) { printVerify(tw, res) }); err != nil {
+		return err
 	}
 	damaged := res.Damaged
 	if *wait && len(res.Jobs) > 0 {
@@ -82,7 +76,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 				break
 			}
 			for _, j := range st.Jobs {
-				if j.State == "failed" {
+				if j.State == api.ResyncFailed {
 					return fmt.Errorf("the compare of disk %s with the source failed: %s", j.Disk, j.LastError)
 				}
 			}
