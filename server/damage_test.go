@@ -252,10 +252,10 @@ func TestScheduledScrub(t *testing.T) {
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
 	ra := startAgent(t, cfg)
 	r.waitProtected("vm1")
-	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": "24h"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", api.ScrubRequest{Every: "24h"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": "5m"}, nil); err == nil {
+	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", api.ScrubRequest{Every: "5m"}, nil); err == nil {
 		t.Fatal("a scrub interval under an hour was accepted")
 	}
 	scrubbed := func() time.Time {

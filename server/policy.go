@@ -200,7 +200,7 @@ func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) erro
 			s.log.Warn("push policy", "machine", m.ID, "err", err)
 		}
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"machine": m.Name, "policy": p.Name})
+	writeJSON(w, http.StatusOK, api.AssignJSON{Machine: m.Name, Policy: p.Name})
 	return nil
 }
 

@@ -410,10 +410,7 @@ func (s *Server) resyncScheduled(ctx context.Context, m store.Machine, r store.R
 // /api/v1/settings/resync-window {"window": "22:00-06:00"}) or a policy's
 // (with "policy").
 func (s *Server) handleResyncWindow(w http.ResponseWriter, r *http.Request) error {
-	var req struct {
-		Window string `json:"window"`
-		Policy string `json:"policy,omitempty"`
-	}
+	var req api.ResyncWindowRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}

@@ -283,12 +283,7 @@ func (s *Server) handleVerifyStatus(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	out := struct {
-		Machine     string           `json:"machine"`
-		LastScrub   string           `json:"last_scrub,omitempty"`
-		ScrubResult string           `json:"scrub_result,omitempty"`
-		Jobs        []api.ResyncJSON `json:"jobs"`
-	}{Machine: m.Name, ScrubResult: m.ScrubResult, Jobs: []api.ResyncJSON{}}
+	out := api.VerifyStatusJSON{Machine: m.Name, ScrubResult: m.ScrubResult, Jobs: []api.ResyncJSON{}}
 	if !m.LastScrub.IsZero() {
 		out.LastScrub = m.LastScrub.UTC().Format(time.RFC3339)
 	}
@@ -304,9 +299,7 @@ func (s *Server) handleVerifyStatus(w http.ResponseWriter, r *http.Request) erro
 // handleScrubSetting sets the scrub interval (PUT /api/v1/settings/scrub
 // {"every": "168h"} or {"every": "off"}).
 func (s *Server) handleScrubSetting(w http.ResponseWriter, r *http.Request) error {
-	var req struct {
-		Every string `json:"every"`
-	}
+	var req api.ScrubRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}

@@ -181,6 +181,24 @@ type AssignRequest struct {
 	Policy string `json:"policy"`
 }
 
+// AssignJSON answers POST /api/v1/machines/{m}/policy.
+type AssignJSON struct {
+	Machine string `json:"machine"`
+	Policy  string `json:"policy"`
+}
+
+// ResyncWindowRequest is the body of PUT /api/v1/settings/resync-window:
+// the vault's resync window, or with Policy that policy's.
+type ResyncWindowRequest struct {
+	Window string `json:"window"` // HH:MM-HH:MM (server local time) or always
+	Policy string `json:"policy,omitempty"`
+}
+
+// ScrubRequest is the body (and the answer) of PUT /api/v1/settings/scrub.
+type ScrubRequest struct {
+	Every string `json:"every"` // a Go duration such as 168h, or off
+}
+
 // EventJSON is an event in the API.
 type EventJSON struct {
 	Time     string `json:"time"`
@@ -229,6 +247,15 @@ type VerifyRequest struct {
 	Point string `json:"point,omitempty"`
 	// NoSource skips the compare with the source (the scrub only).
 	NoSource bool `json:"no_source,omitempty"`
+}
+
+// VerifyStatusJSON answers GET /api/v1/machines/{m}/verify: the last
+// scrub and the verify (resync) jobs running.
+type VerifyStatusJSON struct {
+	Machine     string       `json:"machine"`
+	LastScrub   string       `json:"last_scrub,omitempty"` // RFC 3339
+	ScrubResult string       `json:"scrub_result,omitempty"`
+	Jobs        []ResyncJSON `json:"jobs"`
 }
 
 // VerifyJSON is the answer: the scrub's (or the point check's) findings

@@ -11,6 +11,7 @@ import (
 	"github.com/asrdr/asr/replication"
 )
 
+// runAgent runs the agent on a protected guest until ctx ends.
 func runAgent(ctx context.Context, e *env, args []string) error {
 	cfg, err := agentFlags(e, args)
 	if err != nil {

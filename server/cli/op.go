@@ -19,6 +19,8 @@ type opFlags struct {
 	machine, group                     string
 }
 
+// register adds the shared flags to fs; offline adds --target and
+// --passphrase-file, for the commands that can read the target directly.
 func (o *opFlags) register(fs *flag.FlagSet, offline bool) {
 	fs.StringVar(&o.group, "group", "", "replication group (instead of --machine)")
 	fs.StringVar(&o.server, "server", "https://127.0.0.1:8443", "control URL of the asr server")
@@ -32,6 +34,7 @@ func (o *opFlags) register(fs *flag.FlagSet, offline bool) {
 	}
 }
 
+// client makes the API client of the server the flags name.
 func (o *opFlags) client() (*api.Client, error) {
 	if o.tokenFile == "" {
 		o.tokenFile = filepath.Join(o.dataDir, server.AdminTokenFile)
@@ -68,6 +71,7 @@ func (o *opFlags) catalog(ctx context.Context) (*replication.Catalog, func(), er
 	return cat, func() { t.Close() }, nil
 }
 
+// parse parses a command's flags; it takes no positional arguments.
 func parse(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -76,4 +80,19 @@ func parse(fs *flag.FlagSet, args []string) error {
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	return nil
+}
+
+// machineOnTarget opens the target directly (catalog) and finds --machine
+// in it; the caller calls closeFn.
+func (o *opFlags) machineOnTarget(ctx context.Context) (*replication.Catalog, replication.MachineCatalog, func(), error) {
+	cat, closeFn, err := o.catalog(ctx)
+	if err != nil {
+		return nil, replication.MachineCatalog{}, nil, err
+	}
+	m, err := cat.FindMachine(ctx, o.machine)
+	if err != nil {
+		closeFn()
+		return nil, m, nil, err
+	}
+	return cat, m, closeFn, nil
 }

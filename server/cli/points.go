@@ -14,6 +14,8 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
+// runPoints lists a machine's (or a group's) recovery points, through the
+// server or straight from the target.
 func runPoints(ctx context.Context, e *env, args []string) error {
 	out := e.out
 	var o opFlags
@@ -36,15 +38,11 @@ func runPoints(ctx context.Context, e *env, args []string) error {
 	}
 	var points []api.PointJSON
 	if o.target != "" {
-		cat, closeFn, err := o.catalog(ctx)
+		cat, m, closeFn, err := o.machineOnTarget(ctx)
 		if err != nil {
 			return err
 		}
 		defer closeFn()
-		m, err := cat.FindMachine(ctx, o.machine)
-		if err != nil {
-			return err
-		}
 		ps, err := cat.Points(ctx, m.ID)
 		if err != nil {
 			return err
@@ -139,6 +137,7 @@ func printGroupPoints(out io.Writer, gps []api.GroupPointJSON, asJSON bool) erro
 	})
 }
 
+// runTag asks for a recovery point of a machine (or a group cut).
 func runTag(ctx context.Context, e *env, args []string) error {
 	out := e.out
 	var o opFlags

@@ -95,11 +95,11 @@ func runPolicy(ctx context.Context, e *env, args []string) error {
 		if o.machine == "" || *policy == "" {
 			return errors.New("asr policy assign: --machine and --policy are required")
 		}
-		var r map[string]string
+		var r api.AssignJSON
 		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/policy", api.AssignRequest{Policy: *policy}, &r); err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "machine %s now replicates under policy %s\n", r["machine"], r["policy"])
+		fmt.Fprintf(out, "machine %s now replicates under policy %s\n", r.Machine, r.Policy)
 		return nil
 	default:
 		return fmt.Errorf("asr policy: unknown command %q\n%s", verb, policyUsage)

@@ -16,6 +16,8 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
+// runRecover writes a machine's (or a group's) disks at a point, or as of
+// an instant, as images: through the server or straight from the target.
 func runRecover(ctx context.Context, e *env, args []string) error {
 	out := e.out
 	var o opFlags
@@ -64,15 +66,11 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 	opts := replication.RecoverOptions{AcceptDamage: *accept}
 	start := time.Now()
 	if o.target != "" {
-		cat, closeFn, err := o.catalog(ctx)
+		cat, m, closeFn, err := o.machineOnTarget(ctx)
 		if err != nil {
 			return err
 		}
 		defer closeFn()
-		m, err := cat.FindMachine(ctx, o.machine)
-		if err != nil {
-			return err
-		}
 		if !at.IsZero() {
 			plan, disks, last, err := replication.RecoverTime(ctx, cat, m, at, *dir, opts)
 			if err != nil {

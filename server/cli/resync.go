@@ -30,7 +30,7 @@ func runResync(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	if *window != "" {
-		body := map[string]string{"window": *window, "policy": *policy}
+		body := api.ResyncWindowRequest{Window: *window, Policy: *policy}
 		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/resync-window", body, nil); err != nil {
 			return err
 		}

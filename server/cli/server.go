@@ -8,6 +8,8 @@ import (
 	"github.com/asrdr/asr/server"
 )
 
+// runServer runs the configuration server and its process server until
+// ctx ends.
 func runServer(ctx context.Context, e *env, args []string) error {
 	cfg, err := serverFlags(e, args)
 	if err != nil {

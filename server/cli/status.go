@@ -12,6 +12,7 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
+// runStatus shows the protected machines, or the process server's figures.
 func runStatus(ctx context.Context, e *env, args []string) error {
 	out := e.out
 	var o opFlags

@@ -38,7 +38,7 @@ func runVerify(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": *every}, nil); err != nil {
+		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", api.ScrubRequest{Every: *every}, nil); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "scrub interval set to %s\n", *every)
@@ -66,9 +66,7 @@ func runVerify(ctx context.Context, e *env, args []string) error {
 	damaged := res.Damaged
 	if *wait && len(res.Jobs) > 0 {
 		for {
-			var st struct {
-				Jobs []api.ResyncJSON `json:"jobs"`
-			}
+			var st api.VerifyStatusJSON
 			if err := c.Do(ctx, http.MethodGet, path, nil, &st); err != nil {
 				return err
 			}
@@ -146,15 +144,11 @@ func offsets(offs []int64) string {
 // the server is down): one point whole, or every point's own blocks and
 // the replicas' current contents. It changes nothing.
 func verifyOffline(ctx context.Context, o *opFlags, point string, out io.Writer) error {
-	cat, closeFn, err := o.catalog(ctx)
+	cat, m, closeFn, err := o.machineOnTarget(ctx)
 	if err != nil {
 		return err
 	}
 	defer closeFn()
-	m, err := cat.FindMachine(ctx, o.machine)
-	if err != nil {
-		return err
-	}
 	damaged := false
 	var points []replication.Point
 	if point != "" {
