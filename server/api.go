@@ -23,10 +23,6 @@ import (
 	"github.com/asrdr/asr/store"
 )
 
-func pointJSON(p replication.Point) api.PointJSON {
-	return api.PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind}
-}
-
 // apiError is an error with the HTTP status it maps to.
 type apiError struct {
 	status int
@@ -239,7 +235,7 @@ func (s *Server) handlePoints(w http.ResponseWriter, r *http.Request) error {
 	}
 	out := make([]api.PointJSON, len(ps))
 	for i, p := range ps {
-		out[i] = pointJSON(p)
+		out[i] = api.PointOf(p)
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -292,7 +288,7 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 	s.mirror.sync(sctx)
 	scancel()
-	writeJSON(w, http.StatusOK, pointJSON(p))
+	writeJSON(w, http.StatusOK, api.PointOf(p))
 	return nil
 }
 

@@ -112,15 +112,12 @@ func (s *Server) groupCut(ctx context.Context, group string, app bool) (replicat
 }
 
 func (s *Server) groupPointJSON(ctx context.Context, gp replication.GroupPoint) api.GroupPointJSON {
-	out := api.GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
-	for id, pid := range gp.Members {
-		name := id
+	return api.GroupPointOf(gp, func(id string) string {
 		if m, err := s.db.Machine(ctx, id); err == nil {
-			name = m.Name
+			return m.Name
 		}
-		out.Members[name] = pid
-	}
-	return out
+		return id
+	})
 }
 
 func (s *Server) handleGroupTag(w http.ResponseWriter, r *http.Request) error {

@@ -138,6 +138,11 @@ type PointJSON struct {
 	Kind string `json:"kind"`
 }
 
+// PointOf is recovery point p as the API shows it.
+func PointOf(p replication.Point) PointJSON {
+	return PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind}
+}
+
 // TagRequest is the body of POST /api/v1/machines/{m}/points.
 type TagRequest struct {
 	App     bool   `json:"app,omitempty"`
@@ -214,6 +219,16 @@ type GroupPointJSON struct {
 	Time    string            `json:"time"`
 	Kind    string            `json:"kind"`
 	Members map[string]string `json:"members"` // machine name -> point id
+}
+
+// GroupPointOf is group point gp as the API shows it, each member named
+// by name(machine id).
+func GroupPointOf(gp replication.GroupPoint, name func(id string) string) GroupPointJSON {
+	out := GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
+	for id, pid := range gp.Members {
+		out.Members[name(id)] = pid
+	}
+	return out
 }
 
 // GroupRequest is the body of POST /api/v1/machines/{m}/group.

@@ -48,7 +48,7 @@ func runPoints(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		for _, p := range ps {
-			points = append(points, api.PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind})
+			points = append(points, api.PointOf(p))
 		}
 	} else {
 		c, err := o.client()
@@ -105,10 +105,7 @@ func groupPoints(ctx context.Context, o *opFlags, group string) ([]api.GroupPoin
 	}
 	out := make([]api.GroupPointJSON, len(gps))
 	for i, gp := range gps {
-		out[i] = api.GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
-		for id, pid := range gp.Members {
-			out[i].Members[names[id]] = pid
-		}
+		out[i] = api.GroupPointOf(gp, func(id string) string { return names[id] })
 	}
 	return out, closeFn, nil
 }
