@@ -1337,6 +1337,13 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	// at noon: it runs at once.
 	at(12, 0, 0)
 	startAgent(t, cfg)
+	// Pressed once the agent is back: a press before it connects fails
+	// its attempt, whose retry waits 30 s of a clock that stands still.
+	for deadline := time.Now().Add(hung); !r.machine("vm1").Connected; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not come back: %+v", r.machine("vm1"))
+		}
+	}
 	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", api.ResyncRequest{}, nil); err != nil {
 		t.Fatal(err)
 	}
