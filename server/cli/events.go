@@ -14,9 +14,7 @@ import (
 // failed, ...).
 func runEvents(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr events")
-	o.register(fs, false)
+	fs, o := e.opCommand("asr events", false)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := parse(fs, args); err != nil {
 		return err

@@ -22,9 +22,7 @@ func runGroup(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 || (args[0] != "set" && args[0] != "clear") {
 		return errors.New(groupUsage)
 	}
-	var o opFlags
-	fs := e.flags("asr group " + args[0])
-	o.register(fs, false)
+	fs, o := e.opCommand("asr group "+args[0], false)
 	group := &o.group
 	if err := parse(fs, args[1:]); err != nil {
 		return err

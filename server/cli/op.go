@@ -19,6 +19,15 @@ type opFlags struct {
 	machine, group                     string
 }
 
+// opCommand makes an operator command's flag set, with the shared flags
+// (offline: with --target and --passphrase-file).
+func (e *env) opCommand(name string, offline bool) (*flag.FlagSet, *opFlags) {
+	o := &opFlags{}
+	fs := e.flags(name)
+	o.register(fs, offline)
+	return fs, o
+}
+
 // register adds the shared flags to fs; offline adds --target and
 // --passphrase-file, for the commands that can read the target directly.
 func (o *opFlags) register(fs *flag.FlagSet, offline bool) {

@@ -18,15 +18,13 @@ import (
 // server or straight from the target.
 func runPoints(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr points")
-	o.register(fs, true)
+	fs, o := e.opCommand("asr points", true)
 	asJSON := fs.Bool("json", false, "print JSON: [{id, time, kind}]")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if o.group != "" {
-		gps, closeFn, err := groupPoints(ctx, &o, o.group)
+		gps, closeFn, err := groupPoints(ctx, o, o.group)
 		if err != nil {
 			return err
 		}
@@ -137,9 +135,7 @@ func printGroupPoints(out io.Writer, gps []api.GroupPointJSON, asJSON bool) erro
 // runTag asks for a recovery point of a machine (or a group cut).
 func runTag(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr tag")
-	o.register(fs, false)
+	fs, o := e.opCommand("asr tag", false)
 	wait := fs.Bool("wait", false, "wait until the point is durable and recoverable, then print its id")
 	app := fs.Bool("app", false, "application-consistent point (flush the guest's disks first)")
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the point")

@@ -30,9 +30,7 @@ func runPolicy(ctx context.Context, e *env, args []string) error {
 		return nil
 	}
 	verb, rest := args[0], args[1:]
-	var o opFlags
-	fs := e.flags("asr policy " + verb)
-	o.register(fs, false)
+	fs, o := e.opCommand("asr policy "+verb, false)
 	var j api.PolicyJSON
 	asJSON := fs.Bool("json", false, "print JSON")
 	policy := fs.String("policy", "", "policy name (assign)")

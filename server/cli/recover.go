@@ -20,9 +20,7 @@ import (
 // an instant, as images: through the server or straight from the target.
 func runRecover(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr recover")
-	o.register(fs, true)
+	fs, o := e.opCommand("asr recover", true)
 	point := fs.String("point", "", "recovery point id, or latest (the default)")
 	atFlag := fs.String("time", "", "recover as of this instant instead (RFC 3339, the agent's clock), within the policy's any-point-in-time window")
 	dir := fs.String("out", "", "directory for the recovered images, DIR/<disk>.img")
@@ -45,7 +43,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 		if *format != "raw" || *toBlob != "" {
 			return errors.New("--format vhd and --to-blob are for one machine: recover the group's point machine by machine (asr points --group lists each member's point)")
 		}
-		return recoverGroup(ctx, &o, o.group, *point, *dir, replication.RecoverOptions{AcceptDamage: *accept}, out)
+		return recoverGroup(ctx, o, o.group, *point, *dir, replication.RecoverOptions{AcceptDamage: *accept}, out)
 	}
 	if o.machine == "" || *dir == "" {
 		return errors.New("--machine (or --group) and --out are required")

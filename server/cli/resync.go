@@ -14,9 +14,7 @@ import (
 // runResync starts a resync now, shows resyncs, or sets the resync window.
 func runResync(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr resync")
-	o.register(fs, false)
+	fs, o := e.opCommand("asr resync", false)
 	disk := fs.String("disk", "", "only this disk (default: every disk of the machine)")
 	show := fs.Bool("status", false, "show the machine's resyncs instead of starting one")
 	wait := fs.Bool("wait", false, "wait until the resync is done")

@@ -15,9 +15,7 @@ import (
 // runStatus shows the protected machines, or the process server's figures.
 func runStatus(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr status")
-	o.register(fs, false)
+	fs, o := e.opCommand("asr status", false)
 	asJSON := fs.Bool("json", false, "print JSON")
 	psOnly := fs.Bool("process-server", false, "print the process server's figures instead: backlog, upload rate, compression, cache disk")
 	if err := parse(fs, args); err != nil {

@@ -22,9 +22,7 @@ var errDamage = errors.New("damage found (see above)")
 // agent, against the source; or sets the scrub schedule.
 func runVerify(ctx context.Context, e *env, args []string) error {
 	out := e.out
-	var o opFlags
-	fs := e.flags("asr verify")
-	o.register(fs, true)
+	fs, o := e.opCommand("asr verify", true)
 	point := fs.String("point", "", "check this recovery point (an id or latest) whole, as a recovery would read it")
 	noSource := fs.Bool("no-source", false, "only scrub the replica against its checksums; do not compare with the source through the agent")
 	wait := fs.Bool("wait", false, "wait until the compare with the source is done and print its result")
@@ -48,7 +46,7 @@ func runVerify(ctx context.Context, e *env, args []string) error {
 		return errors.New("--machine is required")
 	}
 	if o.target != "" {
-		return verifyOffline(ctx, &o, *point, out)
+		return verifyOffline(ctx, o, *point, out)
 	}
 	c, err := o.client()
 	if err != nil {
