@@ -9,13 +9,11 @@ package agent
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/asrdr/asr/agent/spool"
@@ -60,85 +58,9 @@ type Config struct {
 	Logger     *slog.Logger
 }
 
-// ParseFlags parses `asr agent` arguments.
-func ParseFlags(args []string) (Config, error) {
-	var c Config
-	fs := flag.NewFlagSet("asr agent", flag.ContinueOnError)
-	fs.StringVar(&c.Server, "server", "", "control URL of the asr server, https://HOST:PORT")
-	fs.StringVar(&c.PassphraseFile, "passphrase-file", "", "file holding the vault passphrase (needed to register)")
-	fs.StringVar(&c.StateDir, "state", "./asr-agent", "directory for the agent's identity, state and spool")
-	fs.StringVar(&c.Name, "name", "", "machine name (default: host name)")
-	fs.StringVar(&c.NBD, "nbd", "", "NBD listen address for the protected disks: unix:/path.sock or HOST:PORT")
-	fs.DurationVar(&c.CrashInterval, "crash-interval", 5*time.Minute, "interval between crash-consistent recovery points (1s or more); the machine's policy overrides it")
-	fs.DurationVar(&c.AppFrequency, "app-frequency", 0, "interval between application-consistent points (0: none); the machine's policy overrides it")
-	fs.StringVar(&c.PreFreeze, "pre-freeze", "", "script run (with argument \"freeze\") before an application-consistent point")
-	fs.StringVar(&c.PostThaw, "post-thaw", "", "script run (with argument \"thaw\") after an application-consistent point")
-	fs.DurationVar(&c.FreezeTimeout, "freeze-timeout", 10*time.Second, "longest time file systems stay frozen")
-	fs.Func("freeze", "mount point to freeze (FIFREEZE) for application-consistent points (repeatable)", func(v string) error {
-		c.FreezeMounts = append(c.FreezeMounts, v)
-		return nil
-	})
-	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
-	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
-	resyncRate := fs.String("resync-rate", "0", "how fast a resync may read the source disks, bytes per second, e.g. 200MiB (0: unlimited)")
-	fs.Func("disk", "protected disk NAME=PATH, served over NBD; NAME=PATH,mode=scan[,interval=30s] for a disk the guest uses directly, copied by periodic scans (repeat for each disk)", func(v string) error {
-		name, rest, ok := strings.Cut(v, "=")
-		if !ok || rest == "" {
-			return fmt.Errorf("want NAME=PATH, got %q", v)
-		}
-		opts := strings.Split(rest, ",")
-		path := opts[0]
-		spec := DiskSpec{Name: name, Path: path}
-		for _, o := range opts[1:] {
-			k, val, _ := strings.Cut(o, "=")
-			switch {
-			case k == "mode" && val == "scan":
-				spec.Scan = true
-			case k == "mode" && val == "splitter":
-			case k == "interval":
-				d, err := time.ParseDuration(val)
-				if err != nil || d < time.Second {
-					return fmt.Errorf("disk %s: interval %q: want a duration of 1s or more", name, val)
-				}
-				spec.ScanInterval = d
-			default:
-				return fmt.Errorf("disk %s: unknown option %q (want mode=scan or mode=splitter, interval=D)", name, o)
-			}
-		}
-		if !replication.ValidDiskName(name) {
-			return fmt.Errorf("disk name %q: use letters, digits, '.', '_' and '-' (at most 64)", name)
-		}
-		for _, d := range c.Disks {
-			if d.Name == name {
-				return fmt.Errorf("disk %q given twice", name)
-			}
-		}
-		c.Disks = append(c.Disks, spec)
-		return nil
-	})
-	if err := fs.Parse(args); err != nil {
-		return c, err
-	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	var err error
-	if c.SpoolMax, err = ParseSize(*spoolMax); err != nil {
-		return c, fmt.Errorf("--spool-max: %w", err)
-	}
-	if c.MaxRate, err = ParseSize(*maxRate); err != nil {
-		return c, fmt.Errorf("--max-rate: %w", err)
-	}
-	if c.ResyncRate, err = ParseSize(*resyncRate); err != nil {
-		return c, fmt.Errorf("--resync-rate: %w", err)
-	}
-	if c.Name == "" {
-		c.Name, _ = os.Hostname()
-	}
-	return c, c.validate()
-}
-
-func (c *Config) validate() error {
+// Validate checks a configuration (the names are the flags' of asr
+// agent); New checks it too.
+func (c *Config) Validate() error {
 	switch {
 	case len(c.Disks) == 0:
 		return errors.New("at least one --disk NAME=PATH is required")
@@ -152,27 +74,6 @@ func (c *Config) validate() error {
 		return fmt.Errorf("--name %q: want %s", c.Name, replication.MachineNameRule)
 	}
 	return nil
-}
-
-// ParseSize parses sizes like 1GiB, 512MiB, 4096.
-func ParseSize(s string) (int64, error) {
-	units := []struct {
-		suf  string
-		mult int64
-	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}}
-	s = strings.TrimSpace(s)
-	mult := int64(1)
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suf) {
-			s, mult = strings.TrimSuffix(s, u.suf), u.mult
-			break
-		}
-	}
-	var n int64
-	if _, err := fmt.Sscanf(s, "%d", &n); err != nil || n < 0 || fmt.Sprint(n) != s {
-		return 0, fmt.Errorf("size %q: want a number with an optional KiB/MiB/GiB/TiB suffix", s)
-	}
-	return n * mult, nil
 }
 
 // Agent is a running agent. It wires its components together and runs
@@ -235,7 +136,7 @@ type Agent struct {
 // disks and the spool, and repairs the log after an unclean stop. Run starts
 // the work.
 func New(ctx context.Context, cfg Config) (*Agent, error) {
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if cfg.Logger == nil {

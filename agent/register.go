@@ -17,8 +17,8 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/replication/enroll"
+	"github.com/asrdr/asr/replication/retry"
 	"github.com/asrdr/asr/store/atomicfile"
 )
 
@@ -26,46 +26,16 @@ import (
 // passphrase is not the vault's.
 var ErrWrongPassphrase = errors.New("wrong vault passphrase")
 
-// Challenge is the server's answer to GET /api/v1/agents/challenge.
-type Challenge struct {
-	Nonce    []byte `json:"nonce"`
-	CAPEM    string `json:"ca_pem"`
-	Proof    []byte `json:"proof"`     // pki.ServerProof(key, nonce, ca_pem)
-	DataPort int    `json:"data_port"` // port of the data listener
-	// Salt and KDF are what the proof key is derived with:
-	// key = pki.DeriveProofKey(passphrase, salt, kdf).
-	Salt []byte                `json:"salt"`
-	KDF  replication.KDFParams `json:"kdf"`
-}
-
-// RegisterRequest is the body of POST /api/v1/agents/register.
-type RegisterRequest struct {
-	Name   string `json:"name"`
-	CSRPEM string `json:"csr_pem"`
-	Nonce  []byte `json:"nonce"`
-	Proof  []byte `json:"proof"` // pki.AgentProof(key, nonce, name, csr_pem)
-}
-
-// RegisterResponse answers a successful registration.
-type RegisterResponse struct {
-	MachineID string `json:"machine_id"`
-	CertPEM   string `json:"cert_pem"`
-	DataPort  int    `json:"data_port"`
-}
-
-// registerBackoff is the wait between registration tries: from min,
-// doubling, up to max.
-type registerBackoff struct{ min, max time.Duration }
-
-var defaultRegisterBackoff = registerBackoff{min: 500 * time.Millisecond, max: 30 * time.Second}
+// defaultRegisterBackoff is the wait between registration tries: from
+// 0.5 s, doubling, up to 30 s.
+var defaultRegisterBackoff = retry.New(500*time.Millisecond, 30*time.Second)
 
 // registerRetry registers, trying again with capped exponential backoff
 // after any failure a later try may fix (the server down, restarting or
 // overloaded, a timeout, a challenge evicted by others' challenges), until
 // it succeeds or ctx ends. A wrong passphrase, and any refusal only an
 // operator can fix, returns at once.
-func registerRetry(ctx context.Context, log *slog.Logger, b registerBackoff, serverURL string, passphrase []byte, name, dir string) (*state, error) {
-	delay := b.min
+func registerRetry(ctx context.Context, log *slog.Logger, b retry.Backoff, serverURL string, passphrase []byte, name, dir string) (*state, error) {
 	for try := 1; ; try++ {
 		st, err := register(ctx, serverURL, passphrase, name, dir)
 		if err == nil {
@@ -77,13 +47,11 @@ func registerRetry(ctx context.Context, log *slog.Logger, b registerBackoff, ser
 		if !retryable(err) {
 			return nil, err
 		}
+		delay := b.Next()
 		log.Warn("registration failed; retrying", "err", err, "try", try, "retry_in", delay)
-		select {
-		case <-ctx.Done():
+		if retry.Sleep(ctx, delay) != nil {
 			return nil, fmt.Errorf("register with %s: %w (last error: %v)", serverURL, ctx.Err(), err)
-		case <-time.After(delay):
 		}
-		delay = min(2*delay, b.max)
 	}
 }
 
@@ -134,7 +102,7 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 		},
 	}}}
 	defer insecure.CloseIdleConnections()
-	var ch Challenge
+	var ch enroll.Challenge
 	if err := doJSON(ctx, insecure, http.MethodGet, serverURL+"/api/v1/agents/challenge", nil, &ch); err != nil {
 		return nil, fmt.Errorf("contact server %s: %w", serverURL, err)
 	}
@@ -143,16 +111,16 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 	}
 	// The salt and cost come from a server not yet authenticated: bounded
 	// before the derivation allocates anything.
-	key, err := pki.DeriveProofKey(passphrase, ch.Salt, ch.KDF)
+	key, err := enroll.DeriveProofKey(passphrase, ch.Salt, ch.KDF)
 	if err != nil {
 		return nil, permanent(fmt.Errorf("the server at %s: %w", serverURL, err))
 	}
-	if !pki.CheckProof(ch.Proof, pki.ServerProof(key, ch.Nonce, []byte(ch.CAPEM))) {
+	if !enroll.CheckProof(ch.Proof, enroll.ServerProof(key, ch.Nonce, []byte(ch.CAPEM))) {
 		return nil, fmt.Errorf("%w: the server at %s could not prove it knows this passphrase (or it is not the asr server you meant)", ErrWrongPassphrase, serverURL)
 	}
 	// The server has proven the passphrase: a CA or certificate that does
 	// not check is a server to reconfigure, not a network accident.
-	pool, err := pki.PoolFromPEM([]byte(ch.CAPEM))
+	pool, err := enroll.PoolFromPEM([]byte(ch.CAPEM))
 	if err != nil {
 		return nil, permanent(fmt.Errorf("server CA: %w", err))
 	}
@@ -167,15 +135,15 @@ func register(ctx context.Context, serverURL string, passphrase []byte, name, di
 		return nil, permanent(fmt.Errorf("server certificate is not from the vault CA: %w", err))
 	}
 
-	keyPEM, csrPEM, err := pki.NewKeyAndCSR(name)
+	keyPEM, csrPEM, err := enroll.NewKeyAndCSR(name)
 	if err != nil {
 		return nil, permanent(err)
 	}
 	pinned := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: host}}}
 	defer pinned.CloseIdleConnections()
-	req := RegisterRequest{Name: name, CSRPEM: string(csrPEM), Nonce: ch.Nonce,
-		Proof: pki.AgentProof(key, ch.Nonce, name, csrPEM)}
-	var resp RegisterResponse
+	req := enroll.RegisterRequest{Name: name, CSRPEM: string(csrPEM), Nonce: ch.Nonce,
+		Proof: enroll.AgentProof(key, ch.Nonce, name, csrPEM)}
+	var resp enroll.RegisterResponse
 	if err := doJSON(ctx, pinned, http.MethodPost, serverURL+"/api/v1/agents/register", req, &resp); err != nil {
 		var he *httpError
 		if errors.As(err, &he) && he.Status == http.StatusForbidden {

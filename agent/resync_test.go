@@ -77,17 +77,6 @@ func TestHashBatchesRate(t *testing.T) {
 	}
 }
 
-func TestResyncRateFlag(t *testing.T) {
-	base := []string{"--disk", "d=/dev/null", "--nbd", "unix:/tmp/x.sock", "--name", "vm1"}
-	c, err := ParseFlags(append(base, "--resync-rate", "200MiB"))
-	if err != nil || c.ResyncRate != 200<<20 {
-		t.Fatalf("--resync-rate 200MiB: %d, %v", c.ResyncRate, err)
-	}
-	if _, err := ParseFlags(append(base, "--resync-rate", "fast")); err == nil || !strings.Contains(err.Error(), "--resync-rate") {
-		t.Fatalf("--resync-rate fast: %v", err)
-	}
-}
-
 // TestResyncDoneShipsLikeATag: the end of a resync makes its DATA frame
 // carry FlagTag, so the server seals it at once (the disk is protected
 // again without waiting for the next seal).

@@ -16,9 +16,9 @@ import (
 
 	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/pace"
 	"github.com/asrdr/asr/replication/retry"
-	"github.com/asrdr/asr/server/pki"
 )
 
 const (
@@ -177,7 +177,7 @@ func tlsConfig(dir, addr string) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	pool, err := pki.PoolFromPEM(caPEM)
+	pool, err := enroll.PoolFromPEM(caPEM)
 	if err != nil {
 		return nil, err
 	}

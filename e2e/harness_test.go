@@ -26,6 +26,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 var asrBin string
@@ -418,22 +420,8 @@ func (c *cluster) mustCLI(args ...string) string {
 	return out
 }
 
-// machineStatus is the part of `asr status --json` the tests read.
-type machineStatus struct {
-	Name          string  `json:"name"`
-	State         string  `json:"state"`
-	Progress      float64 `json:"progress"`
-	Connected     bool    `json:"connected"`
-	BytesReceived int64   `json:"bytes_received"`
-	CacheBytes    int64   `json:"cache_bytes"`
-	Error         string  `json:"error"`
-	Reason        string  `json:"reason"`
-	Disks         []struct {
-		Name     string  `json:"name"`
-		State    string  `json:"state"`
-		Progress float64 `json:"progress"`
-	} `json:"disks"`
-}
+// machineStatus is a machine as `asr status --json` shows it.
+type machineStatus struct{ api.Machine }
 
 // copying reports whether the machine's disks are known (a machine with
 // none yet shows as initial, at 100%) and in their initial copy, at least

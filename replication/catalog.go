@@ -32,6 +32,14 @@ const (
 	StateResync    = "resync"
 )
 
+// States of a disk's resync as the server schedules it (its database, the
+// API and the console).
+const (
+	ResyncScheduled = "scheduled"
+	ResyncRunning   = "running"
+	ResyncFailed    = "failed"
+)
+
 // MachineCatalog is the catalog entry of one machine.
 type MachineCatalog struct {
 	ID         string        `json:"id"`

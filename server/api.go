@@ -16,23 +16,12 @@ import (
 
 	"github.com/go-chi/chi/v5"
 
-	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/procserver"
-	"github.com/asrdr/asr/server/pki"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
-
-// PointJSON is a recovery point in API answers and `asr points --json`.
-type PointJSON struct {
-	ID   string `json:"id"`
-	Time string `json:"time"` // RFC 3339, UTC
-	Kind string `json:"kind"`
-}
-
-func pointJSON(p replication.Point) PointJSON {
-	return PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind}
-}
 
 // apiError is an error with the HTTP status it maps to.
 type apiError struct {
@@ -149,14 +138,14 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) error {
 	nonce := s.nonces.issue(nonceSource(r.RemoteAddr))
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())
 	p, _ := strconv.Atoi(port)
-	writeJSON(w, http.StatusOK, agent.Challenge{Nonce: nonce, CAPEM: string(s.ca.CertPEM),
-		Proof: pki.ServerProof(s.regKey, nonce, s.ca.CertPEM), DataPort: p,
+	writeJSON(w, http.StatusOK, enroll.Challenge{Nonce: nonce, CAPEM: string(s.ca.CertPEM),
+		Proof: enroll.ServerProof(s.regKey, nonce, s.ca.CertPEM), DataPort: p,
 		Salt: s.regSalt, KDF: replication.VaultKDF})
 	return nil
 }
 
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
-	var req agent.RegisterRequest
+	var req enroll.RegisterRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
@@ -166,7 +155,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		// retries with a new one.
 		return errorf(http.StatusConflict, "unknown, used or expired registration challenge; try again")
 	}
-	if !pki.CheckProof(req.Proof, pki.AgentProof(s.regKey, req.Nonce, req.Name, []byte(req.CSRPEM))) {
+	if !enroll.CheckProof(req.Proof, enroll.AgentProof(s.regKey, req.Nonce, req.Name, []byte(req.CSRPEM))) {
 		s.log.Warn("registration refused: wrong passphrase", "name", req.Name, "remote", r.RemoteAddr)
 		time.Sleep(500 * time.Millisecond)
 		return errorf(http.StatusForbidden, "wrong vault passphrase: nothing was registered")
@@ -200,7 +189,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 	s.log.Info("agent registered", "machine", m.ID, "name", m.Name, "remote", r.RemoteAddr)
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())
 	p, _ := strconv.Atoi(port)
-	writeJSON(w, http.StatusOK, agent.RegisterResponse{MachineID: m.ID, CertPEM: string(certPEM), DataPort: p})
+	writeJSON(w, http.StatusOK, enroll.RegisterResponse{MachineID: m.ID, CertPEM: string(certPEM), DataPort: p})
 	return nil
 }
 
@@ -244,20 +233,12 @@ func (s *Server) handlePoints(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := make([]PointJSON, len(ps))
+	out := make([]api.PointJSON, len(ps))
 	for i, p := range ps {
-		out[i] = pointJSON(p)
+		out[i] = api.PointOf(p)
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
-}
-
-// TagRequest is the body of POST /api/v1/machines/{m}/points.
-type TagRequest struct {
-	App     bool   `json:"app,omitempty"`
-	Timeout string `json:"timeout,omitempty"` // Go duration, default 2m
-	// NoWait returns 202 as soon as the request is handed to the agent.
-	NoWait bool `json:"no_wait,omitempty"`
 }
 
 func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
@@ -265,7 +246,7 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	var req TagRequest
+	var req api.TagRequest
 	if r.ContentLength != 0 {
 		if err := readJSON(r, &req); err != nil {
 			return err
@@ -307,19 +288,9 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 	s.mirror.sync(sctx)
 	scancel()
-	writeJSON(w, http.StatusOK, pointJSON(p))
+	writeJSON(w, http.StatusOK, api.PointOf(p))
 	return nil
 }
-
-// Image stream headers and trailers: the size comes first, and since a
-// damaged block may be met mid-stream (after the status line), the outcome
-// comes last, in trailers the client must check.
-const (
-	HeaderImageSize    = "X-Asr-Size"    // bytes of the image
-	HeaderImageChecked = "X-Asr-Checked" // "1": every block is checked against the point's checksums
-	TrailerImageError  = "X-Asr-Error"   // set if the stream is incomplete, and why
-	TrailerDamaged     = "X-Asr-Damaged" // with accept_damage: offsets of damaged blocks, comma-separated
-)
 
 // handleImage streams a disk at a point, byte for byte, as
 // application/octet-stream, checking every block against the point's
@@ -345,12 +316,12 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	defer snap.Close()
 	size := snap.Size()
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set(HeaderImageSize, strconv.FormatInt(size, 10))
+	w.Header().Set(api.HeaderImageSize, strconv.FormatInt(size, 10))
 	if snap.Checked() {
-		w.Header().Set(HeaderImageChecked, "1")
+		w.Header().Set(api.HeaderImageChecked, "1")
 	}
 	w.Header().Set("X-Asr-Point", p.ID)
-	w.Header().Set("Trailer", TrailerImageError+", "+TrailerDamaged)
+	w.Header().Set("Trailer", api.TrailerImageError+", "+api.TrailerDamaged)
 	w.WriteHeader(http.StatusOK)
 	_, err = io.CopyBuffer(w, io.NewSectionReader(snap, 0, size), make([]byte, 1<<20))
 	var de *replication.DamageError
@@ -360,7 +331,7 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 		s.onDamage(m.ID, procserver.Damage{Disk: diskName, Point: p.ID, Blocks: []int64{de.Offset}, Found: "a recovery"})
 	}
 	if err != nil {
-		w.Header().Set(TrailerImageError, err.Error())
+		w.Header().Set(api.TrailerImageError, err.Error())
 		return nil
 	}
 	if d := snap.Damaged(); len(d) > 0 {
@@ -368,17 +339,9 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 		for _, off := range d[:min(len(d), 10000)] {
 			parts = append(parts, strconv.FormatInt(off, 10))
 		}
-		w.Header().Set(TrailerDamaged, strings.Join(parts, ","))
+		w.Header().Set(api.TrailerDamaged, strings.Join(parts, ","))
 	}
 	return nil
-}
-
-// TimePlanJSON is the answer of GET /api/v1/machines/{m}/timeplan?time=T:
-// the point to start from and the kept segments to replay.
-type TimePlanJSON struct {
-	Time     string   `json:"time"`
-	Base     string   `json:"base"` // point id
-	Segments []string `json:"segments"`
 }
 
 func (s *Server) handleTimePlan(w http.ResponseWriter, r *http.Request) error {
@@ -397,7 +360,7 @@ func (s *Server) handleTimePlan(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := TimePlanJSON{Time: at.UTC().Format(time.RFC3339Nano), Base: plan.Base.ID}
+	out := api.TimePlanJSON{Time: at.UTC().Format(time.RFC3339Nano), Base: plan.Base.ID}
 	for _, si := range plan.Segments {
 		out.Segments = append(out.Segments, path.Base(si.Key))
 	}

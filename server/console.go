@@ -14,6 +14,7 @@ import (
 	"golang.org/x/crypto/argon2"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/web"
 )
@@ -26,7 +27,7 @@ type consoleBackend struct{ s *Server }
 
 var _ web.Backend = consoleBackend{}
 
-func (b consoleBackend) Machines(ctx context.Context) ([]web.Machine, error) {
+func (b consoleBackend) Machines(ctx context.Context) ([]api.Machine, error) {
 	return b.s.Machines(ctx)
 }
 
@@ -58,7 +59,7 @@ func (b consoleBackend) DeleteSession(ctx context.Context, id string) error {
 	return b.s.db.DeleteSession(ctx, id)
 }
 
-func (b consoleBackend) ProcessServer(context.Context) (web.ProcessServer, error) {
+func (b consoleBackend) ProcessServer(context.Context) (api.ProcessServer, error) {
 	return b.s.ProcessServer(), nil
 }
 
@@ -112,12 +113,12 @@ func (s *Server) checkPassword(ctx context.Context, pw string) bool {
 }
 
 // Machines returns every machine as the console and the API show it.
-func (s *Server) Machines(ctx context.Context) ([]web.Machine, error) {
+func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 	ms, err := s.db.Machines(ctx)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]web.Machine, 0, len(ms))
+	out := make([]api.Machine, 0, len(ms))
 	for _, m := range ms {
 		v, err := s.machineView(ctx, m)
 		if err != nil {
@@ -130,17 +131,17 @@ func (s *Server) Machines(ctx context.Context) ([]web.Machine, error) {
 
 // machineView summarises a machine: state over its disks, the current RPO,
 // the last recovery point, process-server figures.
-func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine, error) {
+func (s *Server) machineView(ctx context.Context, m store.Machine) (api.Machine, error) {
 	s.bytesMu.Lock()
 	pending := s.bytes[m.ID] // received, not yet added to the database
 	s.bytesMu.Unlock()
-	v := web.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
+	v := api.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
 		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected,
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
 		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
 	var total, copied int64
 	for _, d := range m.Disks {
-		wd := web.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}
+		wd := api.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}
 		switch d.State {
 		case replication.StateInitial:
 			wd.Progress = float64(d.Cursor) / float64(max(d.Size, 1))
@@ -151,7 +152,7 @@ func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine,
 			v.State, v.Reason = replication.StateResync, d.Reason
 		}
 		if row, err := s.db.Resync(ctx, m.ID, d.Index); err == nil {
-			wd.Resync = &web.Resync{State: row.State, Reason: row.Reason, Manual: row.Manual,
+			wd.Resync = &api.Resync{State: row.State, Reason: row.Reason, Manual: row.Manual,
 				Scheduled: s.resyncScheduled(ctx, m, row), Attempts: row.Attempts, LastError: row.LastError,
 				Total: row.Total, Compared: row.Compared, Sent: row.Sent}
 		} else if !errors.Is(err, store.ErrNotFound) {
@@ -174,7 +175,7 @@ func (s *Server) machineView(ctx context.Context, m store.Machine) (web.Machine,
 	}
 	if len(points) > 0 {
 		p := points[len(points)-1]
-		v.LastPoint = &web.Point{ID: replication.PointID(p.Seq), Time: p.Time, Kind: p.Kind}
+		v.LastPoint = &api.Point{ID: replication.PointID(p.Seq), Time: p.Time, Kind: p.Kind}
 	}
 	if v.PointCount, err = s.db.PointCount(ctx, m.ID); err != nil {
 		return v, err
@@ -207,9 +208,9 @@ func rpo(st replication.Status, at, now time.Time) time.Duration {
 }
 
 // ProcessServer returns the process server's figures for the API and console.
-func (s *Server) ProcessServer() web.ProcessServer {
+func (s *Server) ProcessServer() api.ProcessServer {
 	f := s.ps.Figures()
-	return web.ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate, Uploaded: f.Uploaded,
+	return api.ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate, Uploaded: f.Uploaded,
 		Compression: f.Compression, CacheFree: f.CacheFree, CacheFreeB: f.CacheFreeB, CacheState: f.CacheState,
 		CacheError: f.CacheError, Target: s.target.String()}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
 
@@ -168,8 +169,8 @@ func TestBitRotFoundAndRepaired(t *testing.T) {
 	}
 
 	// asr verify: the scrub finds the block, the compare resends it.
-	var vres server.VerifyJSON
-	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", server.VerifyRequest{}, &vres); err != nil {
+	var vres api.VerifyJSON
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", api.VerifyRequest{}, &vres); err != nil {
 		t.Fatal(err)
 	}
 	if !vres.Damaged || len(vres.Scrub.Disks) != 1 || !slices.Equal(vres.Scrub.Disks[0].Damaged, []int64{3153920}) {
@@ -251,10 +252,10 @@ func TestScheduledScrub(t *testing.T) {
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
 	ra := startAgent(t, cfg)
 	r.waitProtected("vm1")
-	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": "24h"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", api.ScrubRequest{Every: "24h"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": "5m"}, nil); err == nil {
+	if err := r.client.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", api.ScrubRequest{Every: "5m"}, nil); err == nil {
 		t.Fatal("a scrub interval under an hour was accepted")
 	}
 	scrubbed := func() time.Time {

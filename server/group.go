@@ -12,6 +12,7 @@ import (
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
 
@@ -25,26 +26,13 @@ import (
 // writes; an application-consistent cut also waits for the freezes.
 const holdWait = 3 * time.Second
 
-// GroupPointJSON is a group point in the API.
-type GroupPointJSON struct {
-	ID      string            `json:"id"`
-	Time    string            `json:"time"`
-	Kind    string            `json:"kind"`
-	Members map[string]string `json:"members"` // machine name -> point id
-}
-
-// GroupRequest is the body of POST /api/v1/machines/{m}/group.
-type GroupRequest struct {
-	Group string `json:"group"` // "" takes the machine out of its group
-}
-
 func (s *Server) handleSetGroup(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	m, err := s.findMachine(ctx, r)
 	if err != nil {
 		return err
 	}
-	var req GroupRequest
+	var req api.GroupRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
@@ -123,20 +111,17 @@ func (s *Server) groupCut(ctx context.Context, group string, app bool) (replicat
 	return gp, nil
 }
 
-func (s *Server) groupPointJSON(ctx context.Context, gp replication.GroupPoint) GroupPointJSON {
-	out := GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
-	for id, pid := range gp.Members {
-		name := id
+func (s *Server) groupPointJSON(ctx context.Context, gp replication.GroupPoint) api.GroupPointJSON {
+	return api.GroupPointOf(gp, func(id string) string {
 		if m, err := s.db.Machine(ctx, id); err == nil {
-			name = m.Name
+			return m.Name
 		}
-		out.Members[name] = pid
-	}
-	return out
+		return id
+	})
 }
 
 func (s *Server) handleGroupTag(w http.ResponseWriter, r *http.Request) error {
-	var req TagRequest
+	var req api.TagRequest
 	if r.ContentLength != 0 {
 		if err := readJSON(r, &req); err != nil {
 			return err
@@ -161,7 +146,7 @@ func (s *Server) handleGroupPoints(w http.ResponseWriter, r *http.Request) error
 	if err != nil {
 		return err
 	}
-	out := make([]GroupPointJSON, len(gps))
+	out := make([]api.GroupPointJSON, len(gps))
 	for i, gp := range gps {
 		out[i] = s.groupPointJSON(r.Context(), gp)
 	}

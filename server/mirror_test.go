@@ -11,7 +11,7 @@ import (
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/web"
+	"github.com/asrdr/asr/server/api"
 )
 
 // TestReplicationDoesNotWaitOnTheDatabase: with the vault database held
@@ -66,7 +66,7 @@ func TestReplicationDoesNotWaitOnTheDatabase(t *testing.T) {
 
 	last := points[2].ID
 	waitFor(t, "the database to show the points", func() bool {
-		var m web.Machine
+		var m api.Machine
 		err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1", nil, &m)
 		return err == nil && m.LastPoint != nil && m.LastPoint.ID == last && m.State == replication.StateProtected
 	})

@@ -14,6 +14,7 @@ import (
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // TestReregisteredMachineResyncsWholeDisk: a machine whose disk grew has a
@@ -40,12 +41,12 @@ func TestReregisteredMachineResyncsWholeDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	startAgent(t, cfg) // the old agent, running on
-	rows := func() []server.ResyncJSON {
-		var rows []server.ResyncJSON
+	rows := func() []api.ResyncJSON {
+		var rows []api.ResyncJSON
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
 		return rows
 	}
-	waitRow := func(what string, ok func(server.ResyncJSON) bool) {
+	waitRow := func(what string, ok func(api.ResyncJSON) bool) {
 		t.Helper()
 		deadline := time.Now().Add(30 * time.Second)
 		for {
@@ -58,7 +59,7 @@ func TestReregisteredMachineResyncsWholeDisk(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	waitRow("the new area's resync scheduled", func(x server.ResyncJSON) bool {
+	waitRow("the new area's resync scheduled", func(x api.ResyncJSON) bool {
 		return x.State == "scheduled" && strings.Contains(x.Reason, "grew")
 	})
 	// A block the old log never carried (its lost state had it).
@@ -72,13 +73,13 @@ func TestReregisteredMachineResyncsWholeDisk(t *testing.T) {
 	fresh := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
 	fresh.StateDir, fresh.NBD = filepath.Join(dir, "vm1-fresh"), "unix:"+filepath.Join(dir, "vm1-fresh.sock")
 	startAgent(t, fresh)
-	waitRow("the resync for the new log", func(x server.ResyncJSON) bool {
+	waitRow("the resync for the new log", func(x api.ResyncJSON) bool {
 		return x.State == "scheduled" && strings.Contains(x.Reason, "new log")
 	})
 	if m := r.machine("vm1"); m.State != replication.StateResync {
 		t.Fatalf("machine %s after the re-registration, want resync", m.State)
 	}
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", api.ResyncRequest{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(time.Minute)
@@ -88,7 +89,7 @@ func TestReregisteredMachineResyncsWholeDisk(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	var es []server.EventJSON
+	var es []api.EventJSON
 	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
 	var compared, sent int64 = -1, -1
 	for _, e := range es {

@@ -10,30 +10,19 @@ import (
 	"github.com/go-chi/chi/v5"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
 
-// PolicyJSON is a policy in the API, with durations as Go duration strings
-// ("15m", "24h", "0s").
-type PolicyJSON struct {
-	Name          string `json:"name"`
-	RPOThreshold  string `json:"rpo_threshold"`
-	Retention     string `json:"retention"`
-	AppFrequency  string `json:"app_frequency"`
-	CrashInterval string `json:"crash_interval"`
-	PITWindow     string `json:"pit_window"`
-	FailbackOf    string `json:"failback_of,omitempty"`
-}
-
-func policyJSON(p replication.Policy) PolicyJSON {
-	return PolicyJSON{Name: p.Name, RPOThreshold: p.RPOThreshold.String(), Retention: p.Retention.String(),
+func policyJSON(p replication.Policy) api.PolicyJSON {
+	return api.PolicyJSON{Name: p.Name, RPOThreshold: p.RPOThreshold.String(), Retention: p.Retention.String(),
 		AppFrequency: p.AppFrequency.String(), CrashInterval: p.CrashInterval.String(), PITWindow: p.PITWindow.String(),
 		FailbackOf: p.FailbackOf}
 }
 
-// apply overlays the fields set in j on p; a malformed duration is an error
+// applyPolicy overlays the fields set in j on p; a malformed duration is an error
 // naming the field.
-func (j PolicyJSON) apply(p *replication.Policy) error {
+func applyPolicy(j api.PolicyJSON, p *replication.Policy) error {
 	for _, f := range []struct {
 		name string
 		v    string
@@ -113,7 +102,7 @@ func (s *Server) handlePolicies(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := make([]PolicyJSON, len(ps))
+	out := make([]api.PolicyJSON, len(ps))
 	for i, p := range ps {
 		out[i] = policyJSON(p)
 	}
@@ -133,13 +122,13 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) error {
 // handleCreatePolicy creates a policy (starting from the defaults for the
 // fields not given) and its failback twin.
 func (s *Server) handleCreatePolicy(w http.ResponseWriter, r *http.Request) error {
-	var j PolicyJSON
+	var j api.PolicyJSON
 	if err := readJSON(r, &j); err != nil {
 		return err
 	}
 	p := replication.DefaultPolicy()
 	p.Name = j.Name
-	if err := j.apply(&p); err != nil {
+	if err := applyPolicy(j, &p); err != nil {
 		return err
 	}
 	if err := p.Validate(s.cfg.TargetTier); err != nil {
@@ -164,14 +153,14 @@ func (s *Server) handleUpdatePolicy(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	var j PolicyJSON
+	var j api.PolicyJSON
 	if err := readJSON(r, &j); err != nil {
 		return err
 	}
 	if j.Name != "" && j.Name != p.Name {
 		return errorf(http.StatusBadRequest, "a policy cannot be renamed (%q to %q); create a new one and assign it", p.Name, j.Name)
 	}
-	if err := j.apply(&p); err != nil {
+	if err := applyPolicy(j, &p); err != nil {
 		return err
 	}
 	if err := p.Validate(s.cfg.TargetTier); err != nil {
@@ -186,18 +175,13 @@ func (s *Server) handleUpdatePolicy(w http.ResponseWriter, r *http.Request) erro
 	return nil
 }
 
-// AssignRequest is the body of POST /api/v1/machines/{m}/policy.
-type AssignRequest struct {
-	Policy string `json:"policy"`
-}
-
 func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	m, err := s.findMachine(ctx, r)
 	if err != nil {
 		return err
 	}
-	var req AssignRequest
+	var req api.AssignRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
@@ -216,17 +200,8 @@ func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) erro
 			s.log.Warn("push policy", "machine", m.ID, "err", err)
 		}
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"machine": m.Name, "policy": p.Name})
+	writeJSON(w, http.StatusOK, api.AssignJSON{Machine: m.Name, Policy: p.Name})
 	return nil
-}
-
-// EventJSON is an event in the API.
-type EventJSON struct {
-	Time     string `json:"time"`
-	Machine  string `json:"machine,omitempty"`
-	Severity string `json:"severity"`
-	Kind     string `json:"kind"`
-	Message  string `json:"message"`
 }
 
 func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
@@ -244,14 +219,14 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	names := map[string]string{}
-	out := make([]EventJSON, len(es))
+	out := make([]api.EventJSON, len(es))
 	for i, e := range es {
 		if _, ok := names[e.MachineID]; !ok && e.MachineID != "" {
 			if m, err := s.db.Machine(ctx, e.MachineID); err == nil {
 				names[e.MachineID] = m.Name
 			}
 		}
-		out[i] = EventJSON{Time: e.Time.UTC().Format(time.RFC3339Nano), Machine: names[e.MachineID],
+		out[i] = api.EventJSON{Time: e.Time.UTC().Format(time.RFC3339Nano), Machine: names[e.MachineID],
 			Severity: e.Severity, Kind: e.Kind, Message: e.Message}
 	}
 	writeJSON(w, http.StatusOK, out)

@@ -14,8 +14,8 @@ import (
 	"testing"
 
 	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/server"
-	"github.com/asrdr/asr/server/pki"
 )
 
 // enroller registers by hand, as an agent does, from a chosen source
@@ -26,7 +26,7 @@ type enroller struct {
 	url  string
 	pass []byte
 	c    *http.Client
-	key  *pki.ProofKey // derived at the first challenge: one Argon2id per enroller
+	key  *enroll.ProofKey // derived at the first challenge: one Argon2id per enroller
 }
 
 func newEnroller(t *testing.T, r *rig, localIP string) *enroller {
@@ -73,9 +73,9 @@ func (e *enroller) do(method, path string, in any) (int, []byte) {
 }
 
 // challenge fetches a challenge, returning its status.
-func (e *enroller) challenge() (agent.Challenge, int) {
+func (e *enroller) challenge() (enroll.Challenge, int) {
 	e.t.Helper()
-	var ch agent.Challenge
+	var ch enroll.Challenge
 	st, b := e.do(http.MethodGet, "/api/v1/agents/challenge", nil)
 	if st == http.StatusOK {
 		if err := json.Unmarshal(b, &ch); err != nil {
@@ -86,20 +86,20 @@ func (e *enroller) challenge() (agent.Challenge, int) {
 }
 
 // mustChallenge fetches a challenge and checks the server's proof.
-func (e *enroller) mustChallenge() agent.Challenge {
+func (e *enroller) mustChallenge() enroll.Challenge {
 	e.t.Helper()
 	ch, st := e.challenge()
 	if st != http.StatusOK {
 		e.t.Fatalf("challenge: HTTP %d", st)
 	}
 	if e.key == nil {
-		k, err := pki.DeriveProofKey(e.pass, ch.Salt, ch.KDF)
+		k, err := enroll.DeriveProofKey(e.pass, ch.Salt, ch.KDF)
 		if err != nil {
 			e.t.Fatal(err)
 		}
 		e.key = &k
 	}
-	if !pki.CheckProof(ch.Proof, pki.ServerProof(*e.key, ch.Nonce, []byte(ch.CAPEM))) {
+	if !enroll.CheckProof(ch.Proof, enroll.ServerProof(*e.key, ch.Nonce, []byte(ch.CAPEM))) {
 		e.t.Fatal("the server's proof does not check")
 	}
 	return ch
@@ -107,14 +107,14 @@ func (e *enroller) mustChallenge() agent.Challenge {
 
 // register answers a challenge with a valid proof for name, returning the
 // status and the body.
-func (e *enroller) register(ch agent.Challenge, name string) (int, string) {
+func (e *enroller) register(ch enroll.Challenge, name string) (int, string) {
 	e.t.Helper()
-	_, csr, err := pki.NewKeyAndCSR("x")
+	_, csr, err := enroll.NewKeyAndCSR("x")
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	st, b := e.do(http.MethodPost, "/api/v1/agents/register", agent.RegisterRequest{Name: name, CSRPEM: string(csr),
-		Nonce: ch.Nonce, Proof: pki.AgentProof(*e.key, ch.Nonce, name, csr)})
+	st, b := e.do(http.MethodPost, "/api/v1/agents/register", enroll.RegisterRequest{Name: name, CSRPEM: string(csr),
+		Nonce: ch.Nonce, Proof: enroll.AgentProof(*e.key, ch.Nonce, name, csr)})
 	return st, string(b)
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
 
@@ -302,25 +303,6 @@ func (s *Server) noteResyncStatus(ctx context.Context, id string, st replication
 	return err
 }
 
-// ResyncRequest is the body of POST /api/v1/machines/{m}/resync.
-type ResyncRequest struct {
-	Disk string `json:"disk,omitempty"` // "" : every disk
-}
-
-// ResyncJSON is a disk's resync in the API.
-type ResyncJSON struct {
-	Disk      string `json:"disk"`
-	Reason    string `json:"reason"`
-	State     string `json:"state"`
-	Manual    bool   `json:"manual"`
-	Scheduled string `json:"scheduled,omitempty"` // when it will start (RFC 3339)
-	Attempts  int    `json:"attempts"`
-	LastError string `json:"last_error,omitempty"`
-	Total     int64  `json:"total"`
-	Compared  int64  `json:"compared"`
-	Sent      int64  `json:"sent"`
-}
-
 // handleResync starts a resync of a machine's disks at once (an operator's
 // request): of the disks that need one, with their reason and ranges; with
 // ?disk or for a machine all of whose disks are consistent, a full compare.
@@ -330,7 +312,7 @@ func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	var req ResyncRequest
+	var req api.ResyncRequest
 	if r.ContentLength != 0 {
 		if err := readJSON(r, &req); err != nil {
 			return err
@@ -348,7 +330,7 @@ func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
 // once, outside the resync window, as an operator asks from the API, the CLI
 // or the console. A disk whose resync is running is left to it. Nothing is
 // changed if any disk is refused.
-func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string) ([]ResyncJSON, error) {
+func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string) ([]api.ResyncJSON, error) {
 	var picked []store.Disk
 	for _, d := range m.Disks {
 		if disk == "" || d.Name == disk {
@@ -366,7 +348,7 @@ func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string
 	}
 	s.resyncMu.Lock()
 	defer s.resyncMu.Unlock()
-	out := []ResyncJSON{}
+	out := []api.ResyncJSON{}
 	for _, d := range picked {
 		row, err := s.db.Resync(ctx, m.ID, d.Index)
 		if errors.Is(err, store.ErrNotFound) {
@@ -397,7 +379,7 @@ func (s *Server) handleResyncs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := []ResyncJSON{}
+	out := []api.ResyncJSON{}
 	for _, d := range m.Disks {
 		if row, err := s.db.Resync(ctx, m.ID, d.Index); err == nil {
 			out = append(out, s.resyncJSON(ctx, m, d, row))
@@ -407,8 +389,8 @@ func (s *Server) handleResyncs(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) resyncJSON(ctx context.Context, m store.Machine, d store.Disk, r store.Resync) ResyncJSON {
-	j := ResyncJSON{Disk: d.Name, Reason: r.Reason, State: r.State, Manual: r.Manual, Attempts: r.Attempts,
+func (s *Server) resyncJSON(ctx context.Context, m store.Machine, d store.Disk, r store.Resync) api.ResyncJSON {
+	j := api.ResyncJSON{Disk: d.Name, Reason: r.Reason, State: r.State, Manual: r.Manual, Attempts: r.Attempts,
 		LastError: r.LastError, Total: r.Total, Compared: r.Compared, Sent: r.Sent}
 	if at := s.resyncScheduled(ctx, m, r); !at.IsZero() {
 		j.Scheduled = at.UTC().Format(time.RFC3339)
@@ -440,10 +422,7 @@ func (s *Server) resyncScheduled(ctx context.Context, m store.Machine, r store.R
 // /api/v1/settings/resync-window {"window": "22:00-06:00"}) or a policy's
 // (with "policy").
 func (s *Server) handleResyncWindow(w http.ResponseWriter, r *http.Request) error {
-	var req struct {
-		Window string `json:"window"`
-		Policy string `json:"policy,omitempty"`
-	}
+	var req api.ResyncWindowRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}

@@ -5,14 +5,12 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -28,8 +26,10 @@ import (
 
 	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/localfs"
 	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/store/atomicfile"
@@ -71,32 +71,6 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// ParseFlags parses `asr server` arguments.
-func ParseFlags(args []string) (Config, error) {
-	var c Config
-	fs := flag.NewFlagSet("asr server", flag.ContinueOnError)
-	fs.StringVar(&c.DataDir, "data", DefaultDataDir, "directory for the vault database, certificates, secrets and cache")
-	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8443", "address of the HTTPS control API and console")
-	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of the agents' data listener (mutual TLS)")
-	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
-	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
-	fs.StringVar(&c.TargetTier, "target-tier", replication.TierStandard, "storage tier of the target: standard (retention up to 72h) or premium (up to 24h)")
-	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
-		c.Hosts = append(c.Hosts, v)
-		return nil
-	})
-	if err := fs.Parse(args); err != nil {
-		return c, err
-	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	if c.TargetTier != replication.TierStandard && c.TargetTier != replication.TierPremium {
-		return c, fmt.Errorf("--target-tier %q: want standard or premium", c.TargetTier)
-	}
-	return c, nil
-}
-
 // Server is a running configuration server.
 type Server struct {
 	cfg    Config
@@ -114,8 +88,8 @@ type Server struct {
 	httpSrv      *http.Server
 
 	nonces  *nonceTable
-	regSalt []byte       // the vault's registration salt
-	regKey  pki.ProofKey // registration proofs' key, derived once at open
+	regSalt []byte          // the vault's registration salt
+	regKey  enroll.ProofKey // registration proofs' key, derived once at open
 
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
@@ -231,7 +205,7 @@ func (s *Server) open(ctx context.Context) error {
 		return err
 	}
 	if cfg.AdminPasswordFile != "" {
-		pw, err := ReadSecretFile(cfg.AdminPasswordFile)
+		pw, err := api.ReadSecretFile(cfg.AdminPasswordFile)
 		if err != nil {
 			return err
 		}
@@ -344,7 +318,7 @@ func (s *Server) loadRegistrationKey(ctx context.Context) error {
 	v, err := s.db.Setting(ctx, registrationSaltSetting)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
-		s.regSalt = pki.NewSalt()
+		s.regSalt = enroll.NewSalt()
 		if err := s.db.SetSetting(ctx, registrationSaltSetting, hex.EncodeToString(s.regSalt)); err != nil {
 			return fmt.Errorf("save the registration salt: %w", err)
 		}
@@ -355,7 +329,7 @@ func (s *Server) loadRegistrationKey(ctx context.Context) error {
 			return fmt.Errorf("registration salt in setting %s: %w", registrationSaltSetting, err)
 		}
 	}
-	if s.regKey, err = pki.DeriveProofKey(s.pass, s.regSalt, replication.VaultKDF); err != nil {
+	if s.regKey, err = enroll.DeriveProofKey(s.pass, s.regSalt, replication.VaultKDF); err != nil {
 		return fmt.Errorf("registration key: %w", err)
 	}
 	return nil
@@ -468,22 +442,8 @@ func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replic
 	return nil, fmt.Errorf("target %q: unknown scheme (want file://PATH or azure://ACCOUNT/CONTAINER)", raw)
 }
 
-// ReadSecretFile reads a passphrase, token or password file, trimming
-// surrounding white space.
-func ReadSecretFile(path string) ([]byte, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	b = bytes.TrimSpace(b)
-	if len(b) == 0 {
-		return nil, fmt.Errorf("%s is empty", path)
-	}
-	return b, nil
-}
-
 func loadOrCreateSecret(path string, gen func() string) ([]byte, error) {
-	b, err := ReadSecretFile(path)
+	b, err := api.ReadSecretFile(path)
 	if err == nil {
 		return b, nil
 	}

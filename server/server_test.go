@@ -27,8 +27,8 @@ import (
 	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
-	"github.com/asrdr/asr/web"
 )
 
 // These are in-process integration tests: a real server and a real agent in
@@ -43,7 +43,7 @@ type rig struct {
 	srv        *server.Server
 	srvCtx     context.CancelFunc
 	srvErr     chan error
-	client     *server.Client
+	client     *api.Client
 	log        *slog.Logger
 	tune       func(*server.Config) // adjusts the config before each start
 	opened     func(*server.Server) // called after each Open, before Run
@@ -103,7 +103,7 @@ func (r *rig) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	r.srv, r.srvCtx, r.srvErr = srv, cancel, make(chan error, 1)
 	go func() { r.srvErr <- srv.Run(ctx) }()
-	c, err := server.NewClient(srv.URL(), filepath.Join(r.dir, "srv", server.AdminTokenFile), filepath.Join(r.dir, "srv", "ca.pem"))
+	c, err := api.NewClient(srv.URL(), filepath.Join(r.dir, "srv", server.AdminTokenFile), filepath.Join(r.dir, "srv", "ca.pem"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,9 +185,9 @@ func fileSum(t *testing.T, path string) [32]byte {
 	return sha256.Sum256(b)
 }
 
-func (r *rig) machine(name string) web.Machine {
+func (r *rig) machine(name string) api.Machine {
 	r.t.Helper()
-	var m web.Machine
+	var m api.Machine
 	if err := r.client.Do(context.Background(), http.MethodGet, "/api/v1/machines/"+name, nil, &m); err != nil {
 		r.t.Fatal(err)
 	}
@@ -198,7 +198,7 @@ func (r *rig) waitProtected(name string) {
 	r.t.Helper()
 	deadline := time.Now().Add(hung)
 	for time.Now().Before(deadline) {
-		var m web.Machine
+		var m api.Machine
 		if err := r.client.Do(context.Background(), http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == replication.StateProtected {
 			return
 		}
@@ -277,12 +277,12 @@ func TestReplicateTagRecover(t *testing.T) {
 	write(100) // later writes must not leak into earlier points
 
 	// The process server's figures count what came in and went out.
-	var ps web.ProcessServer
+	var ps api.ProcessServer
 	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/process-server", nil, &ps); err != nil {
 		t.Fatal(err)
 	}
 	if ps.Compression <= 0 || ps.CacheFreeB == 0 || ps.CacheFree <= 0 || ps.CacheFree > 1 ||
-		!slices.Contains([]string{web.CacheOK, web.CacheWarning, web.CacheCritical}, ps.CacheState) ||
+		!slices.Contains([]string{api.CacheOK, api.CacheWarning, api.CacheCritical}, ps.CacheState) ||
 		ps.Target == "" {
 		t.Fatalf("process server figures: %+v", ps)
 	}
@@ -302,7 +302,7 @@ func TestReplicateTagRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tgt.Close()
-	pass, err := server.ReadSecretFile(filepath.Join(dir, "srv", server.PassphraseFile))
+	pass, err := api.ReadSecretFile(filepath.Join(dir, "srv", server.PassphraseFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -494,14 +494,14 @@ func TestPolicyReachesRunningAgent(t *testing.T) {
 	r.waitProtected("vm1")
 	// The default policy makes a point every 5 minutes: none come now.
 	time.Sleep(1500 * time.Millisecond)
-	var points []server.PointJSON
+	var points []api.PointJSON
 	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil || len(points) != 0 {
 		t.Fatalf("points under the default policy: %v %v", points, err)
 	}
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "fast", CrashInterval: "5s"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", api.PolicyJSON{Name: "fast", CrashInterval: "5s"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", server.AssignRequest{Policy: "fast"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", api.AssignRequest{Policy: "fast"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(hung)
@@ -558,7 +558,7 @@ func TestVaultCreatedOnceAndReused(t *testing.T) {
 func TestPolicyAPIRulesAndFailbackTwin(t *testing.T) {
 	ctx := context.Background()
 	r := startServer(t, t.TempDir())
-	var ps []server.PolicyJSON
+	var ps []api.PolicyJSON
 	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies", nil, &ps); err != nil {
 		t.Fatal(err)
 	}
@@ -566,18 +566,18 @@ func TestPolicyAPIRulesAndFailbackTwin(t *testing.T) {
 		ps[0].Retention != "24h0m0s" || ps[0].AppFrequency != "4h0m0s" || ps[0].CrashInterval != "5m0s" {
 		t.Fatalf("policies at first start: %+v", ps)
 	}
-	err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "long", Retention: "100h"}, nil)
+	err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", api.PolicyJSON{Name: "long", Retention: "100h"}, nil)
 	if err == nil || !strings.Contains(err.Error(), "retention") || !strings.Contains(err.Error(), "72h") {
 		t.Fatalf("retention over the standard limit: %v", err)
 	}
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "gold", Retention: "48h", AppFrequency: "2h"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", api.PolicyJSON{Name: "gold", Retention: "48h", AppFrequency: "2h"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	err = r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/gold", server.PolicyJSON{CrashInterval: "1s"}, nil)
+	err = r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/gold", api.PolicyJSON{CrashInterval: "1s"}, nil)
 	if err == nil || !strings.Contains(err.Error(), "crash-consistent interval") {
 		t.Fatalf("crash interval under 5s: %v", err)
 	}
-	var gold server.PolicyJSON
+	var gold api.PolicyJSON
 	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold", nil, &gold); err != nil {
 		t.Fatal(err)
 	}
@@ -607,10 +607,10 @@ func TestRetentionPrunesAndReclaims(t *testing.T) {
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
 	startAgent(t, cfg)
 	r.waitProtected("vm1")
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", server.PolicyJSON{Name: "short", Retention: "1h", AppFrequency: "0", PITWindow: "30m"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/policies", api.PolicyJSON{Name: "short", Retention: "1h", AppFrequency: "0", PITWindow: "30m"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", server.AssignRequest{Policy: "short"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/policy", api.AssignRequest{Policy: "short"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	c, err := nbd.Dial(ctx, cfg.NBD, "d")
@@ -639,7 +639,7 @@ func TestRetentionPrunesAndReclaims(t *testing.T) {
 	}
 	clock.Add(int64(2 * time.Hour)) // every point is now past the retention
 	deadline := time.Now().Add(hung)
-	var points []server.PointJSON
+	var points []api.PointJSON
 	for time.Now().Before(deadline) {
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &points); err != nil {
 			t.Fatal(err)
@@ -674,8 +674,8 @@ func TestRPOThresholdEvents(t *testing.T) {
 	mustDisk(t, disk, 1<<20, 1)
 	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk}))
 	r.waitProtected("vm1")
-	events := func() []server.EventJSON {
-		var es []server.EventJSON
+	events := func() []api.EventJSON {
+		var es []api.EventJSON
 		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es); err != nil {
 			t.Fatal(err)
 		}
@@ -695,11 +695,11 @@ func TestRPOThresholdEvents(t *testing.T) {
 		t.Fatalf("no %s event; events: %+v", kind, events())
 	}
 	// A threshold the RPO (about the status interval) always exceeds.
-	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", server.PolicyJSON{RPOThreshold: "1ms"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", api.PolicyJSON{RPOThreshold: "1ms"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	waitEvent("rpo-exceeded")
-	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", server.PolicyJSON{RPOThreshold: "1h"}, nil); err != nil {
+	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", api.PolicyJSON{RPOThreshold: "1h"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	waitEvent("rpo-recovered")
@@ -803,7 +803,7 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tgt.Close()
-	pass, err := server.ReadSecretFile(filepath.Join(dir, "srv", server.PassphraseFile))
+	pass, err := api.ReadSecretFile(filepath.Join(dir, "srv", server.PassphraseFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -846,7 +846,7 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 		cfg := r.agentConfig(name, agent.DiskSpec{Name: "d", Path: disk})
 		agents = append(agents, startAgent(t, cfg))
 		r.waitProtected(name)
-		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/"+name+"/group", server.GroupRequest{Group: "g"}, nil); err != nil {
+		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/"+name+"/group", api.GroupRequest{Group: "g"}, nil); err != nil {
 			t.Fatal(err)
 		}
 		c, err := nbd.Dial(ctx, cfg.NBD, "d")
@@ -882,7 +882,7 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 			wrote.Store(int64(k + 1))
 		}
 	}()
-	var gps []server.GroupPointJSON
+	var gps []api.GroupPointJSON
 	for i := 0; i < 5; i++ {
 		// Each cut comes after at least 20 more writes, however slow
 		// they are.
@@ -897,7 +897,7 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 			case <-time.After(time.Millisecond):
 			}
 		}
-		var gp server.GroupPointJSON
+		var gp api.GroupPointJSON
 		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/groups/g/points", TagRequestNoWait(), &gp); err != nil {
 			t.Fatal(err)
 		}
@@ -949,7 +949,7 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 }
 
 // TagRequestNoWait is an empty tag request body.
-func TagRequestNoWait() server.TagRequest { return server.TagRequest{} }
+func TagRequestNoWait() api.TagRequest { return api.TagRequest{} }
 
 // Scan mode: a disk the guest writes directly (not through NBD) is copied
 // by periodic scans; its points are marked inconsistent, except an
@@ -1047,8 +1047,8 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 		f.WriteAt(b, int64(rnd.IntN(16384))*4096)
 	}
 	f.Close()
-	var rows []server.ResyncJSON
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, &rows); err != nil {
+	var rows []api.ResyncJSON
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", api.ResyncRequest{}, &rows); err != nil {
 		t.Fatal(err)
 	}
 	if len(rows) != 1 || rows[0].State != "running" {
@@ -1057,7 +1057,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 	// Done when the disk is protected again and the row is gone.
 	deadline := time.Now().Add(hung)
 	for {
-		var left []server.ResyncJSON
+		var left []api.ResyncJSON
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &left)
 		if len(left) == 0 && r.machine("vm1").State == replication.StateProtected {
 			break
@@ -1078,7 +1078,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
 		t.Fatal("after the resync the replica differs from the source")
 	}
-	var es []server.EventJSON
+	var es []api.EventJSON
 	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
 	var msg string
 	for _, e := range es {
@@ -1147,13 +1147,13 @@ func TestOperatorResyncStartsOneJob(t *testing.T) {
 	r.waitProtected("vm1")
 
 	type result struct {
-		rows []server.ResyncJSON
+		rows []api.ResyncJSON
 		err  error
 	}
 	done := make(chan result, 1)
 	go func() {
-		var rows []server.ResyncJSON
-		err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, &rows)
+		var rows []api.ResyncJSON
+		err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", api.ResyncRequest{}, &rows)
 		done <- result{rows, err}
 	}()
 	// The request's attempt comes first (there is no row before it); the
@@ -1231,7 +1231,7 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 	f.Close()
 	os.Truncate(disk, 12<<20)
 	startAgent(t, cfg)
-	var rows []server.ResyncJSON
+	var rows []api.ResyncJSON
 	deadline := time.Now().Add(hung)
 	for len(rows) == 0 && time.Now().Before(deadline) {
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
@@ -1298,12 +1298,12 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	ra.close()
 	os.Truncate(disk, 12<<20) // grown: needs a resync
 	ra = startAgent(t, cfg)
-	rows := func() []server.ResyncJSON {
-		var rows []server.ResyncJSON
+	rows := func() []api.ResyncJSON {
+		var rows []api.ResyncJSON
 		r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/resync", nil, &rows)
 		return rows
 	}
-	waitRow := func(what string, ok func(server.ResyncJSON) bool) server.ResyncJSON {
+	waitRow := func(what string, ok func(api.ResyncJSON) bool) api.ResyncJSON {
 		t.Helper()
 		deadline := time.Now().Add(hung)
 		for {
@@ -1317,10 +1317,10 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 		}
 	}
 	// The grown disk waits for the window; its agent goes away meanwhile.
-	waitRow("resync scheduled", func(x server.ResyncJSON) bool { return x.State == "scheduled" })
+	waitRow("resync scheduled", func(x api.ResyncJSON) bool { return x.State == "scheduled" })
 	ra.close()
 	at(5, 50, 0) // the next night, inside the window, near its end
-	first := waitRow("first attempt fails", func(x server.ResyncJSON) bool { return x.Attempts == 1 })
+	first := waitRow("first attempt fails", func(x api.ResyncJSON) bool { return x.Attempts == 1 })
 	if first.State != "scheduled" || first.LastError == "" {
 		t.Fatalf("after one failed attempt inside the window: %+v", first)
 	}
@@ -1329,18 +1329,18 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 		t.Fatalf("retried before its backoff: %+v", x)
 	}
 	at(5, 50, 31) // backoff 30 s over
-	waitRow("second attempt", func(x server.ResyncJSON) bool { return x.Attempts == 2 && x.State == "scheduled" })
+	waitRow("second attempt", func(x api.ResyncJSON) bool { return x.Attempts == 2 && x.State == "scheduled" })
 	at(5, 59, 0) // the next backoff (1 min) would end after 06:00
-	failed := waitRow("failed when the window closes", func(x server.ResyncJSON) bool { return x.State == "failed" })
+	failed := waitRow("failed when the window closes", func(x api.ResyncJSON) bool { return x.State == "failed" })
 	if failed.Attempts != 3 || !strings.Contains(failed.LastError, "not connected") {
 		t.Fatalf("failed resync: %+v", failed)
 	}
-	var es []server.EventJSON
+	var es []api.EventJSON
 	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
-	if !slices.ContainsFunc(es, func(e server.EventJSON) bool { return e.Kind == "resync-failed" }) {
+	if !slices.ContainsFunc(es, func(e api.EventJSON) bool { return e.Kind == "resync-failed" }) {
 		t.Fatalf("no resync-failed event: %+v", es)
 	}
-	if d := r.machine("vm1").Disks[0]; d.Resync == nil || d.Resync.State != web.ResyncFailed || d.Resync.LastError == "" {
+	if d := r.machine("vm1").Disks[0]; d.Resync == nil || d.Resync.State != api.ResyncFailed || d.Resync.LastError == "" {
 		t.Fatalf("the machine does not show the failure: %+v", d.Resync)
 	}
 	// Failed stays failed, even in the window.
@@ -1353,7 +1353,14 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 	// at noon: it runs at once.
 	at(12, 0, 0)
 	startAgent(t, cfg)
-	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", server.ResyncRequest{}, nil); err != nil {
+	// Pressed once the agent is back: a press before it connects fails
+	// its attempt, whose retry waits 30 s of a clock that stands still.
+	for deadline := time.Now().Add(hung); !r.machine("vm1").Connected; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not come back: %+v", r.machine("vm1"))
+		}
+	}
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/resync", api.ResyncRequest{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(hung)
@@ -1405,7 +1412,7 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 	}
 	r.start()
 	resynced := func() bool {
-		var es []server.EventJSON
+		var es []api.EventJSON
 		r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
 		for _, e := range es {
 			if e.Kind == "spool-overflow-resynced" {
@@ -1436,7 +1443,7 @@ func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
 	if fileSum(t, filepath.Join(out, "d.img")) != fileSum(t, disk) {
 		t.Fatal("after the overflow the replica differs from the source")
 	}
-	var es []server.EventJSON
+	var es []api.EventJSON
 	r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &es)
 	var marked int64 = -1
 	for _, e := range es {

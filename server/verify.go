@@ -10,6 +10,7 @@ import (
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 )
 
@@ -187,39 +188,19 @@ func scrubSummary(rep procserver.ScrubReport) string {
 	return b.String()
 }
 
-// VerifyRequest is the body of POST /api/v1/machines/{m}/verify.
-type VerifyRequest struct {
-	// Point checks a whole recovery point ("latest" or an id) through its
-	// checksums, as a recovery would read it.
-	Point string `json:"point,omitempty"`
-	// NoSource skips the compare with the source (the scrub only).
-	NoSource bool `json:"no_source,omitempty"`
-}
-
-// VerifyJSON is the answer: the scrub's (or the point check's) findings
-// and the verify jobs started.
-type VerifyJSON struct {
-	Machine string                  `json:"machine"`
-	Scrub   *procserver.ScrubReport `json:"scrub,omitempty"`
-	Point   []procserver.PointScrub `json:"point,omitempty"`
-	Jobs    []ResyncJSON            `json:"jobs,omitempty"`
-	Summary string                  `json:"summary"`
-	Damaged bool                    `json:"damaged"`
-}
-
 func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	m, err := s.findMachine(ctx, r)
 	if err != nil {
 		return err
 	}
-	var req VerifyRequest
+	var req api.VerifyRequest
 	if r.ContentLength != 0 {
 		if err := readJSON(r, &req); err != nil {
 			return err
 		}
 	}
-	out := VerifyJSON{Machine: m.Name}
+	out := api.VerifyJSON{Machine: m.Name}
 	if req.Point != "" {
 		ps, err := s.ps.CheckPoint(ctx, m.ID, req.Point)
 		if err != nil {
@@ -264,10 +245,10 @@ func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 
 // requestVerify starts a verify job on each disk of a machine that has no
 // resync running.
-func (s *Server) requestVerify(ctx context.Context, m store.Machine) ([]ResyncJSON, error) {
+func (s *Server) requestVerify(ctx context.Context, m store.Machine) ([]api.ResyncJSON, error) {
 	s.resyncMu.Lock()
 	defer s.resyncMu.Unlock()
-	var out []ResyncJSON
+	var out []api.ResyncJSON
 	for _, d := range m.Disks {
 		row, err := s.db.Resync(ctx, m.ID, d.Index)
 		if err == nil && row.State == store.ResyncRunning {
@@ -302,12 +283,7 @@ func (s *Server) handleVerifyStatus(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
-	out := struct {
-		Machine     string       `json:"machine"`
-		LastScrub   string       `json:"last_scrub,omitempty"`
-		ScrubResult string       `json:"scrub_result,omitempty"`
-		Jobs        []ResyncJSON `json:"jobs"`
-	}{Machine: m.Name, ScrubResult: m.ScrubResult, Jobs: []ResyncJSON{}}
+	out := api.VerifyStatusJSON{Machine: m.Name, ScrubResult: m.ScrubResult, Jobs: []api.ResyncJSON{}}
 	if !m.LastScrub.IsZero() {
 		out.LastScrub = m.LastScrub.UTC().Format(time.RFC3339)
 	}
@@ -323,9 +299,7 @@ func (s *Server) handleVerifyStatus(w http.ResponseWriter, r *http.Request) erro
 // handleScrubSetting sets the scrub interval (PUT /api/v1/settings/scrub
 // {"every": "168h"} or {"every": "off"}).
 func (s *Server) handleScrubSetting(w http.ResponseWriter, r *http.Request) error {
-	var req struct {
-		Every string `json:"every"`
-	}
+	var req api.ScrubRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}

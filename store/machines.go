@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/asrdr/asr/replication"
 )
 
 // Machine is a registered guest.
@@ -30,9 +32,9 @@ type Machine struct {
 
 // Disk states.
 const (
-	DiskInitial   = "initial"   // initial replication running
-	DiskProtected = "protected" // replica complete, delta replication
-	DiskResync    = "resync"    // continuity lost; Reason says why
+	DiskInitial   = replication.StateInitial   // initial replication running
+	DiskProtected = replication.StateProtected // replica complete, delta replication
+	DiskResync    = replication.StateResync    // continuity lost; Reason says why
 )
 
 // Disk is a protected disk of a machine.

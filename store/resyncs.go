@@ -6,13 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/asrdr/asr/replication"
 )
 
-// Resync states.
+// Resync states (replication's names).
 const (
-	ResyncScheduled = "scheduled"
-	ResyncRunning   = "running"
-	ResyncFailed    = "failed"
+	ResyncScheduled = replication.ResyncScheduled
+	ResyncRunning   = replication.ResyncRunning
+	ResyncFailed    = replication.ResyncFailed
 )
 
 // Resync is a disk's pending or running resync: its schedule. Whether a

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 func TestHumanDuration(t *testing.T) {
@@ -86,7 +88,7 @@ func TestMachineSummary(t *testing.T) {
 	if got != want {
 		t.Errorf("got %q, want %q", got, want)
 	}
-	if got := machineSummary([]Machine{protectedMachine}); got != "1 machine: 1 protected" {
+	if got := machineSummary([]api.Machine{protectedMachine}); got != "1 machine: 1 protected" {
 		t.Errorf("one machine: %q", got)
 	}
 }

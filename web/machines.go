@@ -11,6 +11,8 @@ import (
 
 	"github.com/a-h/templ"
 	"github.com/go-chi/chi/v5"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // machinesFragment is the id of the part of the machines page that htmx
@@ -34,9 +36,9 @@ type machinesPageView struct {
 
 // machinesView is what the polled fragment shows.
 type machinesView struct {
-	Machines  []Machine
-	PS        *ProcessServer // nil if its figures could not be loaded
-	Err       string         // the machines could not be loaded
+	Machines  []api.Machine
+	PS        *api.ProcessServer // nil if its figures could not be loaded
+	Err       string             // the machines could not be loaded
 	Now       time.Time
 	ServerURL string
 }
@@ -79,15 +81,15 @@ func (h *machinesHandler) view(r *http.Request) (machinesPageView, int) {
 
 // machineSummary counts the machines by state, e.g. "3 machines: 1 protected,
 // 1 in initial replication, 1 needs resync · 1 agent disconnected".
-func machineSummary(ms []Machine) string {
+func machineSummary(ms []api.Machine) string {
 	var protected, initial, resync, other, disconnected int
 	for _, m := range ms {
 		switch m.State {
-		case StateProtected:
+		case api.StateProtected:
 			protected++
-		case StateInitial:
+		case api.StateInitial:
 			initial++
-		case StateResync:
+		case api.StateResync:
 			resync++
 		default:
 			other++
@@ -137,9 +139,9 @@ func rpoClass(d time.Duration) string {
 // pointKind names a kind of recovery point.
 func pointKind(kind string) string {
 	switch kind {
-	case PointCrash:
+	case api.PointCrash:
 		return "crash-consistent"
-	case PointApp:
+	case api.PointApp:
 		return "app-consistent"
 	case "inconsistent":
 		return "not crash-consistent (scan-mode disk)"
@@ -168,31 +170,31 @@ func progressValue(p float64) string { return strconv.FormatFloat(clamp01(p), 'f
 // resyncView is what the resync confirmation page shows.
 type resyncView struct {
 	Session *session
-	Machine Machine
+	Machine api.Machine
 	Disk    string // the disk to resync; "" for every disk
 	Error   string
 	Now     time.Time
 }
 
 // Disks returns the disks the resync covers.
-func (v resyncView) Disks() []Disk {
+func (v resyncView) Disks() []api.Disk {
 	if v.Disk == "" {
 		return v.Machine.Disks
 	}
 	for _, d := range v.Machine.Disks {
 		if d.Name == v.Disk {
-			return []Disk{d}
+			return []api.Disk{d}
 		}
 	}
 	return nil
 }
 
 // findMachine returns the machine of the request's {machine} path value.
-func (h *machinesHandler) findMachine(r *http.Request) (Machine, int, string) {
+func (h *machinesHandler) findMachine(r *http.Request) (api.Machine, int, string) {
 	ms, err := h.backend.Machines(r.Context())
 	if err != nil {
 		h.log.Error("list machines", "err", err)
-		return Machine{}, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
+		return api.Machine{}, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
 	}
 	id := chi.URLParam(r, "machine")
 	for _, m := range ms {
@@ -200,7 +202,7 @@ func (h *machinesHandler) findMachine(r *http.Request) (Machine, int, string) {
 			return m, http.StatusOK, ""
 		}
 	}
-	return Machine{}, http.StatusNotFound, "There is no machine " + id + "."
+	return api.Machine{}, http.StatusNotFound, "There is no machine " + id + "."
 }
 
 // resyncPage asks the operator to confirm a resync (GET
@@ -246,9 +248,9 @@ func (h *machinesHandler) startResync(w http.ResponseWriter, r *http.Request) {
 
 // resyncStatus describes a disk's resync in a few words, e.g. "Running: 45%
 // compared, 12 MiB sent" or "Scheduled for 22:00 (in 3 h)".
-func resyncStatus(rs *Resync, now time.Time) string {
+func resyncStatus(rs *api.Resync, now time.Time) string {
 	switch rs.State {
-	case ResyncRunning:
+	case api.ResyncRunning:
 		s := "Running"
 		if rs.Total > 0 {
 			s += ": " + percent(float64(rs.Compared)/float64(rs.Total)) + " compared, " + humanBytes(rs.Sent) + " sent"
@@ -256,7 +258,7 @@ func resyncStatus(rs *Resync, now time.Time) string {
 			s += ": starting"
 		}
 		return s
-	case ResyncScheduled:
+	case api.ResyncScheduled:
 		if rs.Scheduled.IsZero() || !rs.Scheduled.After(now) {
 			return "Starts as soon as the agent is connected"
 		}
@@ -264,7 +266,7 @@ func resyncStatus(rs *Resync, now time.Time) string {
 			return "Retry at " + clockTime(rs.Scheduled) + " (" + in(now, rs.Scheduled) + ")"
 		}
 		return "Scheduled for " + clockTime(rs.Scheduled) + " (" + in(now, rs.Scheduled) + ")"
-	case ResyncFailed:
+	case api.ResyncFailed:
 		return "Failed after " + strconv.Itoa(rs.Attempts) + " " + plural(rs.Attempts, "attempt", "attempts")
 	default:
 		return rs.State

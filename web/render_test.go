@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 var update = flag.Bool("update", false, "rewrite the testdata/*.golden files with the current output")
@@ -22,66 +24,66 @@ const (
 
 // Machines in each state the console shows, against testNow.
 var (
-	initialMachine = Machine{
+	initialMachine = api.Machine{
 		ID: "5f2c9a41-7d3e-4b8a-9c11-0e6f2d7a3b90", Name: "web-01", Connected: true, AgentVersion: "0.4.0",
-		LastSeen: testNow.Add(-2 * time.Second), State: StateInitial, Progress: 0.42,
+		LastSeen: testNow.Add(-2 * time.Second), State: api.StateInitial, Progress: 0.42,
 		BytesReceived: 42 * gib, CacheBytes: 96 * mib,
-		Disks: []Disk{
-			{Index: 0, Name: "system", Size: 20 * gib, State: StateProtected, Progress: 1},
-			{Index: 1, Name: "data", Size: 80 * gib, State: StateInitial, Progress: 0.275},
+		Disks: []api.Disk{
+			{Index: 0, Name: "system", Size: 20 * gib, State: api.StateProtected, Progress: 1},
+			{Index: 1, Name: "data", Size: 80 * gib, State: api.StateInitial, Progress: 0.275},
 		},
 	}
-	protectedMachine = Machine{
+	protectedMachine = api.Machine{
 		ID: "a1b2c3d4-0000-4000-8000-000000000001", Name: "sql-prod", Connected: true, AgentVersion: "0.4.0",
-		LastSeen: testNow, State: StateProtected, Progress: 1,
+		LastSeen: testNow, State: api.StateProtected, Progress: 1,
 		RPO: 800 * time.Millisecond, RPOKnown: true,
-		LastPoint:  &Point{ID: "000000000000a3f1", Time: testNow.Add(-3*time.Minute - 12*time.Second), Kind: PointApp},
+		LastPoint:  &api.Point{ID: "000000000000a3f1", Time: testNow.Add(-3*time.Minute - 12*time.Second), Kind: api.PointApp},
 		PointCount: 1234, BytesReceived: 150 * gib, CacheBytes: 0,
 		LastScrub: testNow.Add(-26 * time.Hour), ScrubResult: "no damage (644245094400 bytes of the replica and 1073741824 bytes held by points checked)",
-		Disks: []Disk{
-			{Index: 0, Name: "os", Size: 60 * gib, State: StateProtected, Progress: 1},
-			{Index: 1, Name: "sqldata", Size: 500 * gib, State: StateProtected, Progress: 1},
-			{Index: 2, Name: "sqllog", Size: 64 * gib, State: StateProtected, Progress: 1},
+		Disks: []api.Disk{
+			{Index: 0, Name: "os", Size: 60 * gib, State: api.StateProtected, Progress: 1},
+			{Index: 1, Name: "sqldata", Size: 500 * gib, State: api.StateProtected, Progress: 1},
+			{Index: 2, Name: "sqllog", Size: 64 * gib, State: api.StateProtected, Progress: 1},
 		},
 	}
-	resyncMachine = Machine{
+	resyncMachine = api.Machine{
 		ID: "c0ffee00-1111-4222-8333-444455556666", Name: "files-02", Connected: true, AgentVersion: "0.3.9",
-		LastSeen: testNow, State: StateResync, Progress: 1,
+		LastSeen: testNow, State: api.StateResync, Progress: 1,
 		Reason: "the agent's spool overflowed while disconnected: changes were lost",
 		RPO:    42 * time.Minute, RPOKnown: true,
-		LastPoint:  &Point{ID: "0000000000000051", Time: testNow.Add(-45 * time.Minute), Kind: PointCrash},
+		LastPoint:  &api.Point{ID: "0000000000000051", Time: testNow.Add(-45 * time.Minute), Kind: api.PointCrash},
 		PointCount: 81, BytesReceived: 1536 * mib, CacheBytes: 3 * gib / 2,
-		Disks: []Disk{
-			{Index: 0, Name: "sda", Size: 32 * gib, State: StateProtected, Progress: 1},
-			{Index: 1, Name: "sdb", Size: 2048 * gib, State: StateResync, Progress: 1,
+		Disks: []api.Disk{
+			{Index: 0, Name: "sda", Size: 32 * gib, State: api.StateProtected, Progress: 1},
+			{Index: 1, Name: "sdb", Size: 2048 * gib, State: api.StateResync, Progress: 1,
 				Reason: "the agent's spool overflowed while disconnected: changes were lost",
-				Resync: &Resync{State: ResyncScheduled, Reason: "the agent's spool overflowed while disconnected: changes were lost",
+				Resync: &api.Resync{State: api.ResyncScheduled, Reason: "the agent's spool overflowed while disconnected: changes were lost",
 					Scheduled: testNow.Add(3*time.Hour + 10*time.Minute)}},
-			{Index: 2, Name: "sdc", Size: 100 * gib, State: StateResync, Progress: 1, Reason: "disk grew from 50 GiB to 100 GiB",
-				Resync: &Resync{State: ResyncRunning, Reason: "disk grew from 50 GiB to 100 GiB", Manual: true,
+			{Index: 2, Name: "sdc", Size: 100 * gib, State: api.StateResync, Progress: 1, Reason: "disk grew from 50 GiB to 100 GiB",
+				Resync: &api.Resync{State: api.ResyncRunning, Reason: "disk grew from 50 GiB to 100 GiB", Manual: true,
 					Total: 100 * gib, Compared: 45 * gib, Sent: 12 * mib}},
-			{Index: 3, Name: "sdd", Size: 10 * gib, State: StateResync, Progress: 1, Reason: "operator request",
-				Resync: &Resync{State: ResyncFailed, Reason: "operator request", Attempts: 5,
+			{Index: 3, Name: "sdd", Size: 10 * gib, State: api.StateResync, Progress: 1, Reason: "operator request",
+				Resync: &api.Resync{State: api.ResyncFailed, Reason: "operator request", Attempts: 5,
 					LastError: "read /dev/sdd at 4096: input/output error"}},
 		},
 	}
-	disconnectedMachine = Machine{
+	disconnectedMachine = api.Machine{
 		ID: "deadbeef-2222-4333-8444-555566667777", Name: "app-03", Connected: false, AgentVersion: "0.4.0",
-		LastSeen: testNow.Add(-2*time.Hour - 10*time.Minute), State: StateProtected, Progress: 1,
-		LastPoint:  &Point{ID: "00000000000003e8", Time: testNow.Add(-2*time.Hour - 11*time.Minute), Kind: PointCrash},
+		LastSeen: testNow.Add(-2*time.Hour - 10*time.Minute), State: api.StateProtected, Progress: 1,
+		LastPoint:  &api.Point{ID: "00000000000003e8", Time: testNow.Add(-2*time.Hour - 11*time.Minute), Kind: api.PointCrash},
 		PointCount: 1000, BytesReceived: 75 * gib, CacheBytes: 512,
 		Error:     "agent connection lost: read tcp 10.0.0.5:9443: connection reset by peer",
 		LastScrub: testNow.Add(-3 * time.Hour), ScrubDamage: true,
 		ScrubResult: "1 damaged blocks in the replica (being resynced from the source), 1 damaged blocks in 1 recovery points; 42949672960 bytes checked",
-		Disks:       []Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: StateProtected, Progress: 1}},
+		Disks:       []api.Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: api.StateProtected, Progress: 1}},
 	}
-	neverSeenMachine = Machine{
-		ID: "77", Name: "new-vm", State: StateInitial,
+	neverSeenMachine = api.Machine{
+		ID: "77", Name: "new-vm", State: api.StateInitial,
 	}
 )
 
-func testMachines() []Machine {
-	return []Machine{initialMachine, protectedMachine, resyncMachine, disconnectedMachine, neverSeenMachine}
+func testMachines() []api.Machine {
+	return []api.Machine{initialMachine, protectedMachine, resyncMachine, disconnectedMachine, neverSeenMachine}
 }
 
 // TestRenderMachines compares the machines fragment, as the console serves
@@ -89,13 +91,13 @@ func testMachines() []Machine {
 func TestRenderMachines(t *testing.T) {
 	for _, tt := range []struct {
 		name     string
-		machines []Machine
+		machines []api.Machine
 	}{
 		{"empty", nil},
-		{"initial", []Machine{initialMachine}},
-		{"protected", []Machine{protectedMachine}},
-		{"resync", []Machine{resyncMachine}},
-		{"disconnected", []Machine{disconnectedMachine, neverSeenMachine}},
+		{"initial", []api.Machine{initialMachine}},
+		{"protected", []api.Machine{protectedMachine}},
+		{"resync", []api.Machine{resyncMachine}},
+		{"disconnected", []api.Machine{disconnectedMachine, neverSeenMachine}},
 		{"all", testMachines()},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -131,7 +133,7 @@ func TestRenderPages(t *testing.T) {
 	checkPage("machines", withSession(httptest.NewRequest("GET", "/", nil), id), http.StatusOK)
 	checkPage("settings", withSession(httptest.NewRequest("GET", "/settings", nil), id), http.StatusOK)
 
-	b.machines = []Machine{resyncMachine}
+	b.machines = []api.Machine{resyncMachine}
 	checkPage("resync", withSession(httptest.NewRequest("GET", "/machines/"+resyncMachine.ID+"/resync", nil), id), http.StatusOK)
 	checkPage("resync_disk", withSession(httptest.NewRequest("GET", "/machines/"+resyncMachine.ID+"/resync?disk=sdd", nil), id), http.StatusOK)
 }

@@ -19,119 +19,8 @@ import (
 	"time"
 
 	"github.com/go-chi/chi/v5"
-)
 
-// Machine is a protected machine as the console shows it. It is also the JSON
-// form of a machine in the server's API.
-type Machine struct {
-	ID           string    `json:"id"`
-	Name         string    `json:"name"`
-	Connected    bool      `json:"connected"`
-	AgentVersion string    `json:"agent_version"`
-	LastSeen     time.Time `json:"last_seen,omitzero"` // zero: never seen
-
-	// State summarises the disks: StateResync if any disk needs a resync,
-	// else StateInitial if any disk is still being copied, else
-	// StateProtected.
-	State    string  `json:"state"`
-	Progress float64 `json:"progress"`         // initial replication over all disks, by bytes, 0..1
-	Reason   string  `json:"reason,omitempty"` // why a resync is needed
-
-	RPO      time.Duration `json:"rpo_ns"` // current data-loss window; meaningful only if RPOKnown
-	RPOKnown bool          `json:"rpo_known"`
-
-	LastPoint     *Point `json:"last_point,omitempty"` // latest recovery point; nil if none
-	PointCount    int    `json:"point_count"`
-	BytesReceived int64  `json:"bytes_received"`
-	CacheBytes    int64  `json:"cache_bytes"`     // process-server backlog for this machine
-	Error         string `json:"error,omitempty"` // last error to show on the machine
-
-	Policy string `json:"policy"`          // replication policy assigned
-	Group  string `json:"group,omitempty"` // replication group ("" for none)
-
-	// LastScrub is when the replica was last checked against its block
-	// checksums (zero: never), ScrubResult what that found.
-	LastScrub   time.Time `json:"last_scrub,omitzero"`
-	ScrubResult string    `json:"scrub_result,omitempty"`
-	ScrubDamage bool      `json:"scrub_damage,omitempty"` // the last scrub found damage
-
-	Disks []Disk `json:"disks"`
-}
-
-// ProcessServer is the process server's health as the console shows it
-// (and the JSON of GET /api/v1/process-server).
-type ProcessServer struct {
-	BacklogBytes int64         `json:"backlog_bytes"`  // received, not yet applied to the target
-	BacklogAge   time.Duration `json:"backlog_age_ns"` // age of the oldest data not yet applied
-	UploadRate   float64       `json:"upload_rate"`    // bytes per second written to the target, last 10 s
-	Uploaded     int64         `json:"uploaded"`       // bytes written to the target since the server started
-	Compression  float64       `json:"compression"`    // uncompressed / compressed bytes received (0: none yet)
-	CacheFree    float64       `json:"cache_free"`     // fraction of the cache disk free, 0..1
-	CacheFreeB   uint64        `json:"cache_free_bytes"`
-	CacheState   string        `json:"cache_state"` // ok, warning (under 30% free), critical (under 25%)
-	CacheError   string        `json:"cache_error,omitempty"`
-	Target       string        `json:"target"` // where replicated data lands, e.g. azure://acct/container
-}
-
-// Cache states of a ProcessServer.
-const (
-	CacheOK       = "ok"
-	CacheWarning  = "warning"
-	CacheCritical = "critical"
-)
-
-// Disk is one protected disk of a machine.
-type Disk struct {
-	Index    uint32  `json:"index"`
-	Name     string  `json:"name"`
-	Size     int64   `json:"size"` // bytes
-	State    string  `json:"state"`
-	Progress float64 `json:"progress"` // initial replication, 0..1
-	Reason   string  `json:"reason,omitempty"`
-
-	// Resync is the disk's pending, running or failed resync; nil if none.
-	Resync *Resync `json:"resync,omitempty"`
-}
-
-// Resync is a disk's resync as the console shows it: why, when it starts,
-// how far it is, and what went wrong last.
-type Resync struct {
-	State     string    `json:"state"` // ResyncScheduled, ResyncRunning or ResyncFailed
-	Reason    string    `json:"reason"`
-	Manual    bool      `json:"manual"`             // requested by an operator (ignores the resync window)
-	Scheduled time.Time `json:"scheduled,omitzero"` // when a scheduled one starts
-	Attempts  int       `json:"attempts"`           // failed attempts so far
-	LastError string    `json:"last_error,omitempty"`
-	Total     int64     `json:"total"`    // bytes to compare
-	Compared  int64     `json:"compared"` // bytes compared so far
-	Sent      int64     `json:"sent"`     // bytes of differing blocks sent
-}
-
-// States of a [Resync].
-const (
-	ResyncScheduled = "scheduled"
-	ResyncRunning   = "running"
-	ResyncFailed    = "failed"
-)
-
-// Point is a recovery point.
-type Point struct {
-	ID   string    `json:"id"`
-	Time time.Time `json:"time"`
-	Kind string    `json:"kind"` // PointCrash or PointApp
-}
-
-// Replication states of a machine or disk, as in [Machine.State].
-const (
-	StateInitial   = "initial"
-	StateProtected = "protected"
-	StateResync    = "resync"
-)
-
-// Kinds of recovery point, as in [Point.Kind].
-const (
-	PointCrash = "crash" // crash-consistent
-	PointApp   = "app"   // application-consistent
+	"github.com/asrdr/asr/server/api"
 )
 
 // Backend is what the console needs from the server.
@@ -140,7 +29,7 @@ const (
 // must compare them in constant time.
 type Backend interface {
 	// Machines returns every protected machine, in display order.
-	Machines(ctx context.Context) ([]Machine, error)
+	Machines(ctx context.Context) ([]api.Machine, error)
 
 	// CheckSecret reports whether s is the admin token or the console
 	// password.
@@ -167,7 +56,7 @@ type Backend interface {
 	StartResync(ctx context.Context, machineID, disk string) error
 
 	// ProcessServer returns the process server's figures.
-	ProcessServer(ctx context.Context) (ProcessServer, error)
+	ProcessServer(ctx context.Context) (api.ProcessServer, error)
 }
 
 // Options configures a [Handler]. The zero value is usable.

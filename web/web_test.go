@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/go-chi/chi/v5"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 const testToken = "admin-token-0123456789"
@@ -24,32 +26,32 @@ var testNow = time.Date(2025, 6, 1, 12, 0, 0, 0, time.UTC)
 // fakeBackend is an in-memory Backend.
 type fakeBackend struct {
 	mu          sync.Mutex
-	machines    []Machine
+	machines    []api.Machine
 	machinesErr error
 	password    string
 	sessions    map[string]string // id → CSRF token
 	next        int
 	resyncs     []string // "machine/disk" of each StartResync
 	resyncErr   error
-	ps          ProcessServer
+	ps          api.ProcessServer
 	psErr       error
 }
 
 var _ Backend = (*fakeBackend)(nil)
 
-func newFakeBackend(ms ...Machine) *fakeBackend {
-	return &fakeBackend{machines: ms, sessions: map[string]string{}, ps: ProcessServer{
+func newFakeBackend(ms ...api.Machine) *fakeBackend {
+	return &fakeBackend{machines: ms, sessions: map[string]string{}, ps: api.ProcessServer{
 		BacklogBytes: 12 << 20, BacklogAge: 3 * time.Second, UploadRate: 20 << 20, Compression: 2.4,
-		CacheFree: 0.62, CacheFreeB: 40 << 30, CacheState: CacheOK, Target: "file:///var/lib/asr/target"}}
+		CacheFree: 0.62, CacheFreeB: 40 << 30, CacheState: api.CacheOK, Target: "file:///var/lib/asr/target"}}
 }
 
-func (b *fakeBackend) ProcessServer(context.Context) (ProcessServer, error) {
+func (b *fakeBackend) ProcessServer(context.Context) (api.ProcessServer, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.ps, b.psErr
 }
 
-func (b *fakeBackend) Machines(context.Context) ([]Machine, error) {
+func (b *fakeBackend) Machines(context.Context) ([]api.Machine, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.machines, b.machinesErr
@@ -671,15 +673,15 @@ func TestResync(t *testing.T) {
 
 func TestResyncStatus(t *testing.T) {
 	for _, tt := range []struct {
-		rs   Resync
+		rs   api.Resync
 		want string
 	}{
-		{Resync{State: ResyncRunning}, "Running: starting"},
-		{Resync{State: ResyncRunning, Total: 200, Compared: 90, Sent: 2048}, "Running: 45% compared, 2 KiB sent"},
-		{Resync{State: ResyncScheduled}, "Starts as soon as the agent is connected"},
-		{Resync{State: ResyncScheduled, Scheduled: testNow.Add(3 * time.Hour)}, "Scheduled for 2025-06-01 15:00:00 UTC (in 3 h 0 min)"},
-		{Resync{State: ResyncScheduled, Attempts: 2, Scheduled: testNow.Add(2 * time.Minute)}, "Retry at 2025-06-01 12:02:00 UTC (in 2 min)"},
-		{Resync{State: ResyncFailed, Attempts: 1}, "Failed after 1 attempt"},
+		{api.Resync{State: api.ResyncRunning}, "Running: starting"},
+		{api.Resync{State: api.ResyncRunning, Total: 200, Compared: 90, Sent: 2048}, "Running: 45% compared, 2 KiB sent"},
+		{api.Resync{State: api.ResyncScheduled}, "Starts as soon as the agent is connected"},
+		{api.Resync{State: api.ResyncScheduled, Scheduled: testNow.Add(3 * time.Hour)}, "Scheduled for 2025-06-01 15:00:00 UTC (in 3 h 0 min)"},
+		{api.Resync{State: api.ResyncScheduled, Attempts: 2, Scheduled: testNow.Add(2 * time.Minute)}, "Retry at 2025-06-01 12:02:00 UTC (in 2 min)"},
+		{api.Resync{State: api.ResyncFailed, Attempts: 1}, "Failed after 1 attempt"},
 	} {
 		if got := resyncStatus(&tt.rs, testNow); got != tt.want {
 			t.Errorf("%+v: %q, want %q", tt.rs, got, tt.want)
@@ -707,13 +709,13 @@ func TestProcessServerPanel(t *testing.T) {
 		t.Error("a healthy cache shows a warning")
 	}
 	b.mu.Lock()
-	b.ps.CacheState, b.ps.CacheFree = CacheCritical, 0.2
+	b.ps.CacheState, b.ps.CacheFree = api.CacheCritical, 0.2
 	b.mu.Unlock()
 	if body := page(); !strings.Contains(body, "critical: agents are held back") || !strings.Contains(body, "cache-critical") {
 		t.Errorf("critical cache not shown:\n%s", body)
 	}
 	b.mu.Lock()
-	b.ps.CacheState, b.ps.CacheFree = CacheWarning, 0.28
+	b.ps.CacheState, b.ps.CacheFree = api.CacheWarning, 0.28
 	b.mu.Unlock()
 	if body := page(); !strings.Contains(body, `<strong class="badge badge-warn">warning</strong>`) {
 		t.Errorf("warning not shown:\n%s", body)

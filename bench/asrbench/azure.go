@@ -18,7 +18,7 @@ import (
 
 	"github.com/asrdr/asr/azure/azuritetest"
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/web"
+	"github.com/asrdr/asr/server/api"
 )
 
 var azureSize = flag.String("azure-size", "2GiB", "disk size for the Azure upload benchmark")
@@ -74,7 +74,7 @@ func benchAzure(dir string) error {
 		return err
 	}
 	asrT := time.Since(start)
-	var ps web.ProcessServer
+	var ps api.ProcessServer
 	if err := c.api("GET", "/api/v1/process-server", nil, &ps); err != nil {
 		return err
 	}

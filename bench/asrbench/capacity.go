@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 var (
@@ -84,7 +86,7 @@ func capacityRun(dir string, total int64) error {
 	}
 	took := time.Since(start)
 	for _, n := range names {
-		if err := c.api(http.MethodPost, "/api/v1/machines/"+n+"/points", map[string]any{}, nil); err != nil {
+		if err := c.api(http.MethodPost, "/api/v1/machines/"+n+"/points", api.TagRequest{}, nil); err != nil {
 			return err
 		}
 	}

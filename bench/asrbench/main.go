@@ -34,6 +34,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server/api"
 )
 
 var (
@@ -109,18 +112,13 @@ func cpuModel() string {
 	return "unknown CPU"
 }
 
+// parseSize parses a size flag (replication.ParseSize); a bad one ends the run.
 func parseSize(s string) int64 {
-	mult := int64(1)
-	for suf, m := range map[string]int64{"GiB": 1 << 30, "MiB": 1 << 20} {
-		if strings.HasSuffix(s, suf) {
-			s, mult = strings.TrimSuffix(s, suf), m
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
+	n, err := replication.ParseSize(s)
 	if err != nil {
-		fail(fmt.Errorf("size %q", s))
+		fail(err)
 	}
-	return n * mult
+	return n
 }
 
 // makeMixedDisk writes the benchmark disk: a third zeros, a third text-like,
@@ -173,8 +171,7 @@ type cluster struct {
 	server, agent    *exec.Cmd
 	extra            []*exec.Cmd // every agent started
 	sock             string
-	client           *http.Client
-	token            string
+	ctl              *api.Client // the control API, as the operator CLI uses it
 }
 
 func freePort() string {
@@ -229,10 +226,10 @@ func startServer(dir string, extra ...string) (*cluster, error) {
 	if err := c.server.Start(); err != nil {
 		return nil, err
 	}
-	c.client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	c.ctl = &api.Client{URL: c.url, HTTP: &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}}
 	for i := 0; ; i++ {
 		if tok, err := os.ReadFile(filepath.Join(c.srvDir, "admin-token")); err == nil {
-			c.token = strings.TrimSpace(string(tok))
+			c.ctl.Token = strings.TrimSpace(string(tok))
 			if _, err := c.machines(); err == nil {
 				break
 			}
@@ -263,31 +260,15 @@ func (c *cluster) addAgent(name, sock string, disks map[string]string, agentArgs
 	return a, nil
 }
 
-type machine struct {
-	State    string  `json:"state"`
-	Progress float64 `json:"progress"`
-	RPO      int64   `json:"rpo_ns"`
-}
-
-func (c *cluster) machines() ([]machine, error) {
-	req, _ := http.NewRequest(http.MethodGet, c.url+"/api/v1/machines", nil)
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	resp, err := c.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("HTTP %d", resp.StatusCode)
-	}
-	var ms []machine
-	return ms, json.NewDecoder(resp.Body).Decode(&ms)
+func (c *cluster) machines() ([]api.Machine, error) {
+	var ms []api.Machine
+	return ms, c.ctl.Do(context.Background(), http.MethodGet, "/api/v1/machines", nil, &ms)
 }
 
 func (c *cluster) waitProtected(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		if ms, err := c.machines(); err == nil && len(ms) == 1 && ms[0].State == "protected" {
+		if ms, err := c.machines(); err == nil && len(ms) == 1 && ms[0].State == api.StateProtected {
 			return nil
 		}
 		time.Sleep(10 * time.Millisecond)

@@ -2,10 +2,10 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // The benchmarks of recovery points (issue 3): the cost of a point, the
@@ -22,34 +24,14 @@ import (
 
 // api calls the control API.
 func (c *cluster) api(method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, _ := json.Marshal(in)
-		body = bytes.NewReader(b)
-	}
-	req, _ := http.NewRequest(method, c.url+path, body)
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s %s: HTTP %d: %s", method, path, resp.StatusCode, b)
-	}
-	if out != nil {
-		return json.Unmarshal(b, out)
-	}
-	return nil
+	return c.ctl.Do(context.Background(), method, path, in, out)
 }
 
 func (c *cluster) waitMachine(name string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		var m machine
-		if err := c.api(http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == "protected" {
+		var m api.Machine
+		if err := c.api(http.MethodGet, "/api/v1/machines/"+name, nil, &m); err == nil && m.State == api.StateProtected {
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -88,8 +70,6 @@ func fioLoad(sock, export string, rate int, d time.Duration) *exec.Cmd {
 	return cmd
 }
 
-type pointJSON struct{ ID, Time, Kind string }
-
 // benchPoints: the cost of a point at 5 s intervals, against the same run
 // with points every 5 minutes (none in the run): agent CPU and stored
 // bytes, both under the same 5 MB/s churn.
@@ -116,10 +96,10 @@ func benchPoints(dir string) error {
 		if err := c.waitMachine("bench", 5*time.Minute); err != nil {
 			return r, err
 		}
-		if err := c.api(http.MethodPost, "/api/v1/policies", map[string]string{"name": "p", "crash_interval": interval, "app_frequency": "0"}, nil); err != nil {
+		if err := c.api(http.MethodPost, "/api/v1/policies", api.PolicyJSON{Name: "p", CrashInterval: interval, AppFrequency: "0"}, nil); err != nil {
 			return r, err
 		}
-		if err := c.api(http.MethodPost, "/api/v1/machines/bench/policy", map[string]string{"policy": "p"}, nil); err != nil {
+		if err := c.api(http.MethodPost, "/api/v1/machines/bench/policy", api.AssignRequest{Policy: "p"}, nil); err != nil {
 			return r, err
 		}
 		target := filepath.Join(c.srvDir, "target")
@@ -128,7 +108,7 @@ func benchPoints(dir string) error {
 			return r, fmt.Errorf("fio: %v\n%s", err, out)
 		}
 		time.Sleep(3 * time.Second) // drain
-		var ps []pointJSON
+		var ps []api.PointJSON
 		c.api(http.MethodGet, "/api/v1/machines/bench/points", nil, &ps)
 		r = result{cpu: cpuSeconds(c.agent) - cpu0, stored: duBytes(target) - stored0, points: len(ps)}
 		return r, nil
@@ -180,7 +160,7 @@ func benchGroup(dir string) error {
 		if err := c.waitMachine(name, 2*time.Minute); err != nil {
 			return err
 		}
-		if err := c.api(http.MethodPost, "/api/v1/machines/"+name+"/group", map[string]string{"group": "bench"}, nil); err != nil {
+		if err := c.api(http.MethodPost, "/api/v1/machines/"+name+"/group", api.GroupRequest{Group: "bench"}, nil); err != nil {
 			return err
 		}
 	}
@@ -201,7 +181,7 @@ func benchGroup(dir string) error {
 	var cutTimes []time.Duration
 	for cuts < 30 {
 		start := time.Now()
-		if err := c.api(http.MethodPost, "/api/v1/groups/bench/points", map[string]any{}, nil); err != nil {
+		if err := c.api(http.MethodPost, "/api/v1/groups/bench/points", api.TagRequest{}, nil); err != nil {
 			return err
 		}
 		cutTimes = append(cutTimes, time.Since(start))
@@ -266,8 +246,8 @@ func benchPIT(dir string) error {
 		return err
 	}
 	defer c.stop()
-	var p pointJSON
-	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", map[string]any{}, &p); err != nil {
+	var p api.PointJSON
+	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", api.TagRequest{}, &p); err != nil {
 		return err
 	}
 	// Changes after the point: 30 s of 5 MB/s random writes.
@@ -275,7 +255,7 @@ func benchPIT(dir string) error {
 		return fmt.Errorf("fio: %v\n%s", err, out)
 	}
 	at := time.Now().Add(-5 * time.Second).UTC()
-	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", map[string]any{}, nil); err != nil { // all changes kept
+	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", api.TagRequest{}, nil); err != nil { // all changes kept
 		return err
 	}
 	dropCaches()
@@ -327,12 +307,12 @@ func benchStorage(dir string) error {
 		return err
 	}
 	defer c.stop()
-	pol := map[string]string{"name": "s", "retention": retention.String(), "pit_window": (retention / 2).String(),
-		"crash_interval": *storageInterval, "app_frequency": "0"}
+	pol := api.PolicyJSON{Name: "s", Retention: retention.String(), PITWindow: (retention / 2).String(),
+		CrashInterval: *storageInterval, AppFrequency: "0"}
 	if err := c.api(http.MethodPost, "/api/v1/policies", pol, nil); err != nil {
 		return err
 	}
-	if err := c.api(http.MethodPost, "/api/v1/machines/bench/policy", map[string]string{"policy": "s"}, nil); err != nil {
+	if err := c.api(http.MethodPost, "/api/v1/machines/bench/policy", api.AssignRequest{Policy: "s"}, nil); err != nil {
 		return err
 	}
 	target := filepath.Join(c.srvDir, "target")

@@ -15,6 +15,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // The resync benchmark (issue 4): asr's checksum delta against rsync's, on
@@ -38,12 +40,10 @@ func loBytes() int64 {
 	return 0
 }
 
-type eventJSON struct{ Kind, Message string }
-
 // resyncsDone counts the machine's resync-done events and returns the
 // message of the newest.
 func (c *cluster) resyncsDone() (int, string) {
-	var es []eventJSON
+	var es []api.EventJSON
 	if err := c.api(http.MethodGet, "/api/v1/events?machine=bench", nil, &es); err != nil {
 		return -1, ""
 	}
@@ -65,7 +65,7 @@ func (c *cluster) timedResync() (time.Duration, int64, string, error) {
 	before, _ := c.resyncsDone()
 	lo := loBytes()
 	start := time.Now()
-	if err := c.api(http.MethodPost, "/api/v1/machines/bench/resync", map[string]any{}, nil); err != nil {
+	if err := c.api(http.MethodPost, "/api/v1/machines/bench/resync", api.ResyncRequest{}, nil); err != nil {
 		return 0, 0, "", err
 	}
 	deadline := start.Add(30 * time.Minute)
@@ -237,8 +237,8 @@ func benchResync(dir string) error {
 			return fmt.Errorf("rsync's copy %s differs from the source", name)
 		}
 	}
-	var p pointJSON
-	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", map[string]any{}, &p); err != nil {
+	var p api.PointJSON
+	if err := c.api(http.MethodPost, "/api/v1/machines/bench/points", api.TagRequest{}, &p); err != nil {
 		return fmt.Errorf("point after the resync: %w", err)
 	}
 	out := filepath.Join(dir, "recovered")

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/server/pki"
 )
 
@@ -79,7 +80,7 @@ func mustTLSRigWith(t *testing.T, tune func(*Config)) *tlsRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	keyPEM, csrPEM, err := pki.NewKeyAndCSR(machineID)
+	keyPEM, csrPEM, err := enroll.NewKeyAndCSR(machineID)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
-package server
+package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -15,8 +16,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server/pki"
-	"github.com/asrdr/asr/web"
+	"github.com/asrdr/asr/replication/enroll"
 )
 
 // Client is the operator side of the control API (used by the CLI).
@@ -36,7 +36,7 @@ func NewClient(serverURL, tokenFile, caFile string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server CA: %w (give --ca-file)", err)
 	}
-	pool, err := pki.PoolFromPEM(caPEM)
+	pool, err := enroll.PoolFromPEM(caPEM)
 	if err != nil {
 		return nil, fmt.Errorf("server CA %s: %w", caFile, err)
 	}
@@ -178,9 +178,9 @@ type Recovered struct {
 	Disks   []replication.RecoveredDisk
 }
 
-// machineDisks returns a machine's name and disks through the API.
-func (c *Client) machine(ctx context.Context, machine string) (web.Machine, error) {
-	var m web.Machine
+// machine returns a machine (its name and disks) through the API.
+func (c *Client) machine(ctx context.Context, machine string) (Machine, error) {
+	var m Machine
 	err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine), nil, &m)
 	return m, err
 }
@@ -278,4 +278,18 @@ func (c *Client) RecoverTime(ctx context.Context, machine string, at time.Time, 
 		}
 	}
 	return res, nil
+}
+
+// ReadSecretFile reads a passphrase, token or password file, trimming
+// surrounding white space.
+func ReadSecretFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 {
+		return nil, fmt.Errorf("%s is empty", path)
+	}
+	return b, nil
 }

@@ -1,17 +1,14 @@
-package main
+package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"text/tabwriter"
 
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 const policyUsage = `usage:
@@ -23,15 +20,18 @@ const policyUsage = `usage:
 Durations are Go durations: 15m, 24h, 4h; --app-frequency 0 turns application-consistent points off.`
 
 // runPolicy manages replication policies.
-func runPolicy(ctx context.Context, args []string, out io.Writer) error {
+func runPolicy(ctx context.Context, e *env, args []string) error {
+	out := e.out
 	if len(args) == 0 {
 		return errors.New(policyUsage)
 	}
+	if isHelp(args[0]) {
+		fmt.Fprintln(e.out, policyUsage)
+		return nil
+	}
 	verb, rest := args[0], args[1:]
-	var o opFlags
-	fs := flag.NewFlagSet("asr policy "+verb, flag.ContinueOnError)
-	o.register(fs, false)
-	var j server.PolicyJSON
+	fs, o := e.opCommand("asr policy "+verb, false)
+	var j api.PolicyJSON
 	asJSON := fs.Bool("json", false, "print JSON")
 	policy := fs.String("policy", "", "policy name (assign)")
 	fs.StringVar(&j.RPOThreshold, "rpo-threshold", "", "RPO above which an event is raised")
@@ -41,6 +41,9 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 	fs.StringVar(&j.PITWindow, "pit-window", "", "any-point-in-time window, at most the retention")
 	// The policy name comes first for show/create/set.
 	if verb == "show" || verb == "create" || verb == "set" {
+		if len(rest) > 0 && isHelp(rest[0]) {
+			return parse(fs, rest)
+		}
 		if len(rest) == 0 || rest[0] == "" || rest[0][0] == '-' {
 			return fmt.Errorf("asr policy %s: give the policy name first\n%s", verb, policyUsage)
 		}
@@ -56,28 +59,24 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 	var res any
 	switch verb {
 	case "list":
-		var ps []server.PolicyJSON
+		var ps []api.PolicyJSON
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/policies", nil, &ps); err != nil {
 			return err
 		}
-		if *asJSON {
-			res = ps
-			break
-		}
-		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tRPO THRESHOLD\tRETENTION\tAPP POINTS\tCRASH POINTS\tANY-POINT WINDOW\tFAILBACK OF")
-		for _, p := range ps {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.RPOThreshold, p.Retention, p.AppFrequency, p.CrashInterval, p.PITWindow, p.FailbackOf)
-		}
-		return tw.Flush()
+		return output(out, *asJSON, ps, func(tw *tabwriter.Writer) {
+			fmt.Fprintln(tw, "NAME\tRPO THRESHOLD\tRETENTION\tAPP POINTS\tCRASH POINTS\tANY-POINT WINDOW\tFAILBACK OF")
+			for _, p := range ps {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.RPOThreshold, p.Retention, p.AppFrequency, p.CrashInterval, p.PITWindow, p.FailbackOf)
+			}
+		})
 	case "show":
-		var p server.PolicyJSON
+		var p api.PolicyJSON
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/policies/"+url.PathEscape(j.Name), nil, &p); err != nil {
 			return err
 		}
 		res = p
 	case "create":
-		var p server.PolicyJSON
+		var p api.PolicyJSON
 		if err := c.Do(ctx, http.MethodPost, "/api/v1/policies", j, &p); err != nil {
 			return err
 		}
@@ -85,7 +84,7 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 	case "set":
 		name := j.Name
 		j.Name = ""
-		var p server.PolicyJSON
+		var p api.PolicyJSON
 		if err := c.Do(ctx, http.MethodPatch, "/api/v1/policies/"+url.PathEscape(name), j, &p); err != nil {
 			return err
 		}
@@ -94,51 +93,14 @@ func runPolicy(ctx context.Context, args []string, out io.Writer) error {
 		if o.machine == "" || *policy == "" {
 			return errors.New("asr policy assign: --machine and --policy are required")
 		}
-		var r map[string]string
-		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/policy", server.AssignRequest{Policy: *policy}, &r); err != nil {
+		var r api.AssignJSON
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(o.machine)+"/policy", api.AssignRequest{Policy: *policy}, &r); err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "machine %s now replicates under policy %s\n", r["machine"], r["policy"])
+		fmt.Fprintf(out, "machine %s now replicates under policy %s\n", r.Machine, r.Policy)
 		return nil
 	default:
 		return fmt.Errorf("asr policy: unknown command %q\n%s", verb, policyUsage)
 	}
-	enc := json.NewEncoder(out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(res)
-}
-
-// runEvents lists recent events (RPO threshold crossed, freezes that
-// failed, ...).
-func runEvents(ctx context.Context, args []string, out io.Writer) error {
-	var o opFlags
-	fs := flag.NewFlagSet("asr events", flag.ContinueOnError)
-	o.register(fs, false)
-	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	c, err := o.client()
-	if err != nil {
-		return err
-	}
-	path := "/api/v1/events"
-	if o.machine != "" {
-		path += "?machine=" + url.QueryEscape(o.machine)
-	}
-	var es []server.EventJSON
-	if err := c.Do(ctx, http.MethodGet, path, nil, &es); err != nil {
-		return err
-	}
-	if *asJSON {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		return enc.Encode(es)
-	}
-	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TIME\tMACHINE\tSEVERITY\tKIND\tMESSAGE")
-	for _, e := range es {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time, e.Machine, e.Severity, e.Kind, e.Message)
-	}
-	return tw.Flush()
+	return output(out, true, res, nil)
 }

@@ -1,23 +1,20 @@
-package main
+package cli
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"time"
 
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // runResync starts a resync now, shows resyncs, or sets the resync window.
-func runResync(ctx context.Context, args []string, out io.Writer) error {
-	var o opFlags
-	fs := flag.NewFlagSet("asr resync", flag.ContinueOnError)
-	o.register(fs, false)
+func runResync(ctx context.Context, e *env, args []string) error {
+	out := e.out
+	fs, o := e.opCommand("asr resync", false)
 	disk := fs.String("disk", "", "only this disk (default: every disk of the machine)")
 	show := fs.Bool("status", false, "show the machine's resyncs instead of starting one")
 	wait := fs.Bool("wait", false, "wait until the resync is done")
@@ -31,7 +28,7 @@ func runResync(ctx context.Context, args []string, out io.Writer) error {
 		return err
 	}
 	if *window != "" {
-		body := map[string]string{"window": *window, "policy": *policy}
+		body := api.ResyncWindowRequest{Window: *window, Policy: *policy}
 		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/resync-window", body, nil); err != nil {
 			return err
 		}
@@ -42,9 +39,9 @@ func runResync(ctx context.Context, args []string, out io.Writer) error {
 		return errors.New("--machine is required")
 	}
 	path := "/api/v1/machines/" + url.PathEscape(o.machine) + "/resync"
-	var rows []server.ResyncJSON
+	var rows []api.ResyncJSON
 	if !*show {
-		if err := c.Do(ctx, http.MethodPost, path, server.ResyncRequest{Disk: *disk}, &rows); err != nil {
+		if err := c.Do(ctx, http.MethodPost, path, api.ResyncRequest{Disk: *disk}, &rows); err != nil {
 			return err
 		}
 	}

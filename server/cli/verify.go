@@ -1,18 +1,17 @@
-package main
+package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"text/tabwriter"
 	"time"
 
 	"github.com/asrdr/asr/replication"
-	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // errDamage is returned (after the report is printed) when a check found
@@ -21,10 +20,9 @@ var errDamage = errors.New("damage found (see above)")
 
 // runVerify checks replicas against their block checksums and, through the
 // agent, against the source; or sets the scrub schedule.
-func runVerify(ctx context.Context, args []string, out io.Writer) error {
-	var o opFlags
-	fs := flag.NewFlagSet("asr verify", flag.ContinueOnError)
-	o.register(fs, true)
+func runVerify(ctx context.Context, e *env, args []string) error {
+	out := e.out
+	fs, o := e.opCommand("asr verify", true)
 	point := fs.String("point", "", "check this recovery point (an id or latest) whole, as a recovery would read it")
 	noSource := fs.Bool("no-source", false, "only scrub the replica against its checksums; do not compare with the source through the agent")
 	wait := fs.Bool("wait", false, "wait until the compare with the source is done and print its result")
@@ -38,7 +36,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", map[string]string{"every": *every}, nil); err != nil {
+		if err := c.Do(ctx, http.MethodPut, "/api/v1/settings/scrub", api.ScrubRequest{Every: *every}, nil); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "scrub interval set to %s\n", *every)
@@ -48,33 +46,25 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 		return errors.New("--machine is required")
 	}
 	if o.target != "" {
-		return verifyOffline(ctx, &o, *point, out)
+		return verifyOffline(ctx, o, *point, out)
 	}
 	c, err := o.client()
 	if err != nil {
 		return err
 	}
 	path := "/api/v1/machines/" + url.PathEscape(o.machine) + "/verify"
-	var res server.VerifyJSON
+	var res api.VerifyJSON
 	started := time.Now()
-	if err := c.Do(ctx, http.MethodPost, path, server.VerifyRequest{Point: *point, NoSource: *noSource}, &res); err != nil {
+	if err := c.Do(ctx, http.MethodPost, path, api.VerifyRequest{Point: *point, NoSource: *noSource}, &res); err != nil {
 		return err
 	}
-	if *asJSON {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(res); err != nil {
-			return err
-		}
-	} else {
-		printVerify(out, res)
+	if err := output(out, *asJSON, res, func(tw *tabwriter.Writer) { printVerify(tw, res) }); err != nil {
+		return err
 	}
 	damaged := res.Damaged
 	if *wait && len(res.Jobs) > 0 {
 		for {
-			var st struct {
-				Jobs []server.ResyncJSON `json:"jobs"`
-			}
+			var st api.VerifyStatusJSON
 			if err := c.Do(ctx, http.MethodGet, path, nil, &st); err != nil {
 				return err
 			}
@@ -82,7 +72,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 				break
 			}
 			for _, j := range st.Jobs {
-				if j.State == "failed" {
+				if j.State == api.ResyncFailed {
 					return fmt.Errorf("the compare of disk %s with the source failed: %s", j.Disk, j.LastError)
 				}
 			}
@@ -92,7 +82,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 			case <-time.After(time.Second):
 			}
 		}
-		var evs []server.EventJSON
+		var evs []api.EventJSON
 		if err := c.Do(ctx, http.MethodGet, "/api/v1/events?machine="+url.QueryEscape(o.machine), nil, &evs); err != nil {
 			return err
 		}
@@ -111,7 +101,7 @@ func runVerify(ctx context.Context, args []string, out io.Writer) error {
 	return nil
 }
 
-func printVerify(out io.Writer, res server.VerifyJSON) {
+func printVerify(out io.Writer, res api.VerifyJSON) {
 	for _, p := range res.Point {
 		fmt.Fprintf(out, "point %s disk %s: %d bytes checked, %d damaged blocks%s\n", p.Point, p.Disk, p.Checked, len(p.Damaged), offsets(p.Damaged))
 	}
@@ -152,15 +142,11 @@ func offsets(offs []int64) string {
 // the server is down): one point whole, or every point's own blocks and
 // the replicas' current contents. It changes nothing.
 func verifyOffline(ctx context.Context, o *opFlags, point string, out io.Writer) error {
-	cat, closeFn, err := o.catalog(ctx)
+	cat, m, closeFn, err := o.machineOnTarget(ctx)
 	if err != nil {
 		return err
 	}
 	defer closeFn()
-	m, err := cat.FindMachine(ctx, o.machine)
-	if err != nil {
-		return err
-	}
 	damaged := false
 	var points []replication.Point
 	if point != "" {

@@ -1,11 +1,9 @@
-package main
+package cli
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -15,14 +13,16 @@ import (
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
 )
 
 // runDemo starts a server and agents protecting sparse disk files, with a
 // write load through each agent's NBD splitter: the real code paths, on one
 // machine.
-func runDemo(ctx context.Context, args []string, out io.Writer, log *slog.Logger) error {
-	fs := flag.NewFlagSet("asr demo", flag.ContinueOnError)
+func runDemo(ctx context.Context, e *env, args []string) error {
+	out := e.out
+	fs := e.flags("asr demo")
 	dir := fs.String("data", "./asr-demo", "directory for the demo's server, guests and target")
 	listen := fs.String("listen", "127.0.0.1:8443", "console and API address")
 	machines := fs.Int("machines", 2, "number of protected guests")
@@ -32,7 +32,7 @@ func runDemo(ctx context.Context, args []string, out io.Writer, log *slog.Logger
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	size, err := agent.ParseSize(*sizeFlag)
+	size, err := replication.ParseSize(*sizeFlag)
 	if err != nil {
 		return err
 	}
@@ -40,9 +40,9 @@ func runDemo(ctx context.Context, args []string, out io.Writer, log *slog.Logger
 		return errors.New("--machines: 1 to 16")
 	}
 	// Quiet the agents' and server's info logs: the demo prints its own summary.
-	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	quiet := slog.New(slog.NewTextHandler(e.errOut, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if os.Getenv("ASR_LOG_LEVEL") != "" {
-		quiet = log
+		quiet = e.log
 	}
 	srvDir := filepath.Join(*dir, "server")
 	srv, err := server.Open(ctx, server.Config{DataDir: srvDir, Listen: *listen, DataListen: "127.0.0.1:0", Logger: quiet})

@@ -1,4 +1,4 @@
-package main
+package cli
 
 import (
 	"context"
@@ -26,7 +26,7 @@ func TestTargetReadersCreateNothing(t *testing.T) {
 	out := filepath.Join(base, "out")
 	commands := []struct {
 		name string
-		run  func(context.Context, []string, io.Writer) error
+		run  func(context.Context, *env, []string) error
 		args []string
 	}{
 		{"recover", runRecover, []string{"--machine", "vm1", "--out", out}},
@@ -46,7 +46,7 @@ func TestTargetReadersCreateNothing(t *testing.T) {
 			t.Run(c.name+"/"+tc.what, func(t *testing.T) {
 				target := "file://" + tc.path
 				args := append(append([]string{}, c.args...), "--target", target, "--passphrase-file", pass)
-				err := c.run(context.Background(), args, io.Discard)
+				err := c.run(context.Background(), &env{out: io.Discard, errOut: io.Discard}, args)
 				if err == nil || !strings.Contains(err.Error(), "holds no asr vault") {
 					t.Fatalf("asr %s --target %s: %v, want an error saying it holds no asr vault", c.name, target, err)
 				}

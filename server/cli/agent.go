@@ -1,0 +1,105 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/replication"
+)
+
+// runAgent runs the agent on a protected guest until ctx ends.
+func runAgent(ctx context.Context, e *env, args []string) error {
+	cfg, err := agentFlags(e, args)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = e.log
+	a, err := agent.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	err = a.Run(ctx)
+	if cerr := a.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// agentFlags parses `asr agent` arguments.
+func agentFlags(e *env, args []string) (agent.Config, error) {
+	var c agent.Config
+	fs := e.flags("asr agent")
+	fs.StringVar(&c.Server, "server", "", "control URL of the asr server, https://HOST:PORT")
+	fs.StringVar(&c.PassphraseFile, "passphrase-file", "", "file holding the vault passphrase (needed to register)")
+	fs.StringVar(&c.StateDir, "state", "./asr-agent", "directory for the agent's identity, state and spool")
+	fs.StringVar(&c.Name, "name", "", "machine name (default: host name)")
+	fs.StringVar(&c.NBD, "nbd", "", "NBD listen address for the protected disks: unix:/path.sock or HOST:PORT")
+	fs.DurationVar(&c.CrashInterval, "crash-interval", 5*time.Minute, "interval between crash-consistent recovery points (1s or more); the machine's policy overrides it")
+	fs.DurationVar(&c.AppFrequency, "app-frequency", 0, "interval between application-consistent points (0: none); the machine's policy overrides it")
+	fs.StringVar(&c.PreFreeze, "pre-freeze", "", "script run (with argument \"freeze\") before an application-consistent point")
+	fs.StringVar(&c.PostThaw, "post-thaw", "", "script run (with argument \"thaw\") after an application-consistent point")
+	fs.DurationVar(&c.FreezeTimeout, "freeze-timeout", 10*time.Second, "longest time file systems stay frozen")
+	fs.Func("freeze", "mount point to freeze (FIFREEZE) for application-consistent points (repeatable)", func(v string) error {
+		c.FreezeMounts = append(c.FreezeMounts, v)
+		return nil
+	})
+	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
+	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
+	resyncRate := fs.String("resync-rate", "0", "how fast a resync may read the source disks, bytes per second, e.g. 200MiB (0: unlimited)")
+	fs.Func("disk", "protected disk NAME=PATH, served over NBD; NAME=PATH,mode=scan[,interval=30s] for a disk the guest uses directly, copied by periodic scans (repeat for each disk)", func(v string) error {
+		name, rest, ok := strings.Cut(v, "=")
+		if !ok || rest == "" {
+			return fmt.Errorf("want NAME=PATH, got %q", v)
+		}
+		opts := strings.Split(rest, ",")
+		path := opts[0]
+		spec := agent.DiskSpec{Name: name, Path: path}
+		for _, o := range opts[1:] {
+			k, val, _ := strings.Cut(o, "=")
+			switch {
+			case k == "mode" && val == "scan":
+				spec.Scan = true
+			case k == "mode" && val == "splitter":
+			case k == "interval":
+				d, err := time.ParseDuration(val)
+				if err != nil || d < time.Second {
+					return fmt.Errorf("disk %s: interval %q: want a duration of 1s or more", name, val)
+				}
+				spec.ScanInterval = d
+			default:
+				return fmt.Errorf("disk %s: unknown option %q (want mode=scan or mode=splitter, interval=D)", name, o)
+			}
+		}
+		if !replication.ValidDiskName(name) {
+			return fmt.Errorf("disk name %q: use letters, digits, '.', '_' and '-' (at most 64)", name)
+		}
+		for _, d := range c.Disks {
+			if d.Name == name {
+				return fmt.Errorf("disk %q given twice", name)
+			}
+		}
+		c.Disks = append(c.Disks, spec)
+		return nil
+	})
+	if err := parse(fs, args); err != nil {
+		return c, err
+	}
+	var err error
+	if c.SpoolMax, err = replication.ParseSize(*spoolMax); err != nil {
+		return c, fmt.Errorf("--spool-max: %w", err)
+	}
+	if c.MaxRate, err = replication.ParseSize(*maxRate); err != nil {
+		return c, fmt.Errorf("--max-rate: %w", err)
+	}
+	if c.ResyncRate, err = replication.ParseSize(*resyncRate); err != nil {
+		return c, fmt.Errorf("--resync-rate: %w", err)
+	}
+	if c.Name == "" {
+		c.Name, _ = os.Hostname()
+	}
+	return c, c.Validate()
+}

@@ -1,0 +1,274 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
+)
+
+// TestMain makes the passphrase key derivation cheap: every server start
+// derives the vault and registration keys at the vault's cost otherwise.
+func TestMain(m *testing.M) {
+	replication.VaultKDF = replication.KDFParams{Time: 1, Memory: 1 << 10, Threads: 1}
+	os.Exit(m.Run())
+}
+
+// result is what one run of the command line did.
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+// runCLI runs the command line in-process.
+func runCLI(t *testing.T, args ...string) result {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := Main(args, &out, &errOut, "test")
+	return result{code, out.String(), errOut.String()}
+}
+
+// mustRun runs the command line and fails the test unless it succeeds.
+func mustRun(t *testing.T, args ...string) string {
+	t.Helper()
+	r := runCLI(t, args...)
+	if r.code != 0 {
+		t.Fatalf("asr %s: exit %d, stderr:\n%s", strings.Join(args, " "), r.code, r.stderr)
+	}
+	return r.stdout
+}
+
+// mustFail runs the command line and fails the test unless it exits 1 with
+// an error message containing want.
+func mustFail(t *testing.T, want string, args ...string) {
+	t.Helper()
+	r := runCLI(t, args...)
+	if r.code != 1 || !strings.Contains(r.stderr, "asr: ") || !strings.Contains(r.stderr, want) {
+		t.Fatalf("asr %s: exit %d, stderr %q; want exit 1 and an error containing %q", strings.Join(args, " "), r.code, r.stderr, want)
+	}
+}
+
+func TestHelpExitsZero(t *testing.T) {
+	cases := [][]string{{"help"}, {"-h"}, {"--help"}, {"policy", "-h"}, {"policy", "help"}, {"group", "--help"}}
+	for cmd := range commands {
+		cases = append(cases, []string{cmd, "-h"}, []string{cmd, "--help"})
+	}
+	for _, verb := range []string{"list", "show", "create", "set", "assign"} {
+		cases = append(cases, []string{"policy", verb, "-h"})
+	}
+	cases = append(cases, []string{"group", "set", "-h"}, []string{"group", "clear", "-h"})
+	for _, args := range cases {
+		r := runCLI(t, args...)
+		if r.code != 0 {
+			t.Errorf("asr %s: exit %d, stderr %q; want 0", strings.Join(args, " "), r.code, r.stderr)
+		}
+		if r.stdout == "" && !strings.Contains(r.stderr, "Usage of asr") {
+			t.Errorf("asr %s printed no help (stdout %q, stderr %q)", strings.Join(args, " "), r.stdout, r.stderr)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"version", "--version", "-v"} {
+		if got := mustRun(t, arg); got != "asr test\n" {
+			t.Errorf("asr %s = %q", arg, got)
+		}
+	}
+}
+
+// Bad usage exits 1 with the reason, before anything is contacted or
+// started (no server runs here; --data points nowhere).
+func TestBadUsage(t *testing.T) {
+	nowhere := filepath.Join(t.TempDir(), "none")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "no command given"},
+		{[]string{"bogus"}, `unknown command "bogus"`},
+		{[]string{"status", "--bogus"}, "flag provided but not defined: -bogus"},
+		{[]string{"status", "extra"}, `unexpected argument "extra"`},
+		{[]string{"status", "--data", nowhere}, "admin token"},
+		{[]string{"points"}, "--machine (or --group) is required"},
+		{[]string{"recover", "--machine", "vm1"}, "--machine (or --group) and --out are required"},
+		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--format", "qcow2"}, `--format "qcow2": want raw or vhd`},
+		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--point", "1", "--time", "2026-11-26T09:30:00Z"}, "give --point or --time, not both"},
+		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--time", "yesterday"}, "want RFC 3339"},
+		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--to-blob", "x"}, "--to-blob needs --format vhd"},
+		{[]string{"points", "--machine", "vm1", "--target", "file://" + nowhere}, "--target needs --passphrase-file"},
+		{[]string{"policy"}, "asr policy list"},
+		{[]string{"policy", "show"}, "give the policy name first"},
+		{[]string{"group"}, "usage: asr group set"},
+		{[]string{"group", "set", "--machine", "vm1"}, "--machine (and, for set, --group) are required"},
+		{[]string{"server", "--target-tier", "gold"}, `--target-tier "gold"`},
+		{[]string{"agent", "--nbd", "unix:/tmp/x.sock"}, "at least one --disk NAME=PATH is required"},
+		{[]string{"agent", "--disk", "d"}, "want NAME=PATH"},
+		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--spool-max", "lots"}, "--spool-max"},
+		{[]string{"demo", "--machines", "0"}, "--machines: 1 to 16"},
+		{[]string{"demo", "--disk-size", "big"}, `size "big"`},
+		{[]string{"verify"}, "--machine is required"},
+	} {
+		mustFail(t, tc.want, tc.args...)
+	}
+}
+
+// startServer starts a real server in-process on loopback ports and
+// returns the flags that point the operator commands at it.
+func startServer(t *testing.T) (*server.Server, []string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "srv")
+	srv, err := server.Open(context.Background(), server.Config{DataDir: dir, Listen: "127.0.0.1:0", DataListen: "127.0.0.1:0",
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		srv.Close()
+	})
+	return srv, []string{"--server", srv.URL(), "--data", dir}
+}
+
+func mustJSON(t *testing.T, s string, v any) {
+	t.Helper()
+	if err := json.Unmarshal([]byte(s), v); err != nil {
+		t.Fatalf("%v in %q", err, s)
+	}
+}
+
+// The operator commands against a real server: tables, --json, errors.
+func TestOperatorCommands(t *testing.T) {
+	srv, conn := startServer(t)
+	with := func(args ...string) []string { return append(args, conn...) }
+
+	// No machine yet.
+	if got := mustRun(t, with("status")...); !strings.HasPrefix(got, "MACHINE  AGENT  STATE  RPO  LAST POINT  DISKS\n") {
+		t.Errorf("status = %q", got)
+	}
+	if got := mustRun(t, with("status", "--json")...); got != "[]\n" {
+		t.Errorf("status --json = %q", got)
+	}
+	if _, _, err := srv.DB().CreateMachine(context.Background(), "id-vm1", "vm1", "1"); err != nil {
+		t.Fatal(err)
+	}
+	got := mustRun(t, with("status")...)
+	lines := strings.Split(strings.TrimSpace(got), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[1], "vm1 ") || !strings.Contains(lines[1], "disconnected") {
+		t.Errorf("status with one machine = %q", got)
+	}
+	var ms []api.Machine
+	mustJSON(t, mustRun(t, with("status", "--json")...), &ms)
+	if len(ms) != 1 || ms[0].Name != "vm1" || ms[0].ID != "id-vm1" {
+		t.Errorf("status --json = %+v", ms)
+	}
+	mustJSON(t, mustRun(t, with("status", "--machine", "vm1", "--json")...), &ms)
+	if len(ms) != 1 || ms[0].Name != "vm1" {
+		t.Errorf("status --machine vm1 --json = %+v", ms)
+	}
+	mustFail(t, `no machine named "vm2"`, with("status", "--machine", "vm2")...)
+
+	// The process server.
+	if got := mustRun(t, with("status", "--process-server")...); !strings.HasPrefix(got, "target:       localfs:") || !strings.Contains(got, "\ncache disk:   ") {
+		t.Errorf("status --process-server = %q", got)
+	}
+	var ps api.ProcessServer
+	mustJSON(t, mustRun(t, with("status", "--process-server", "--json")...), &ps)
+	if !strings.HasPrefix(ps.Target, "localfs:") {
+		t.Errorf("status --process-server --json: target %q", ps.Target)
+	}
+
+	// Points.
+	if got := mustRun(t, with("points", "--machine", "vm1")...); got != "no recovery points yet\n" {
+		t.Errorf("points = %q", got)
+	}
+	if got := mustRun(t, with("points", "--machine", "vm1", "--json")...); got != "[]\n" {
+		t.Errorf("points --json = %q", got)
+	}
+	if got := mustRun(t, with("points", "--group", "web")...); got != "no group points yet\n" {
+		t.Errorf("points --group = %q", got)
+	}
+	if got := mustRun(t, with("points", "--group", "web", "--json")...); got != "[]\n" {
+		t.Errorf("points --group --json = %q", got)
+	}
+	mustFail(t, `no machine named "vm2"`, with("points", "--machine", "vm2")...)
+	mustFail(t, "not connected", with("tag", "--machine", "vm1")...)
+
+	// Policies.
+	got = mustRun(t, with("policy", "list")...)
+	if !strings.HasPrefix(got, "NAME ") || !strings.Contains(got, "\ndefault ") {
+		t.Errorf("policy list = %q", got)
+	}
+	var pols []api.PolicyJSON
+	mustJSON(t, mustRun(t, with("policy", "list", "--json")...), &pols)
+	if len(pols) == 0 {
+		t.Error("policy list --json: no policy")
+	}
+	var p api.PolicyJSON
+	mustJSON(t, mustRun(t, with("policy", "create", "gold", "--rpo-threshold", "10m")...), &p)
+	if p.Name != "gold" || p.RPOThreshold != "10m0s" {
+		t.Errorf("policy create = %+v", p)
+	}
+	mustJSON(t, mustRun(t, with("policy", "set", "gold", "--retention", "48h")...), &p)
+	if p.Retention != "48h0m0s" {
+		t.Errorf("policy set = %+v", p)
+	}
+	mustJSON(t, mustRun(t, with("policy", "show", "gold")...), &p)
+	if p.Name != "gold" || p.Retention != "48h0m0s" {
+		t.Errorf("policy show = %+v", p)
+	}
+	mustFail(t, `rpo_threshold "soon": not a duration`, with("policy", "set", "gold", "--rpo-threshold", "soon")...)
+	mustFail(t, `unknown command "frob"`, with("policy", "frob")...)
+	mustFail(t, "--machine and --policy are required", with("policy", "assign", "--policy", "gold")...)
+	if got := mustRun(t, with("policy", "assign", "--machine", "vm1", "--policy", "gold")...); got != "machine vm1 now replicates under policy gold\n" {
+		t.Errorf("policy assign = %q", got)
+	}
+
+	// Groups.
+	if got := mustRun(t, with("group", "set", "--machine", "vm1", "--group", "web")...); got != "machine vm1 is in replication group web: its points are now the group's\n" {
+		t.Errorf("group set = %q", got)
+	}
+	if got := mustRun(t, with("group", "clear", "--machine", "vm1")...); got != "machine vm1 is in no replication group\n" {
+		t.Errorf("group clear = %q", got)
+	}
+
+	// Events.
+	if got := mustRun(t, with("events")...); strings.Join(strings.Fields(strings.SplitN(got, "\n", 2)[0]), " ") != "TIME MACHINE SEVERITY KIND MESSAGE" {
+		t.Errorf("events = %q", got)
+	}
+	var evs []api.EventJSON
+	mustJSON(t, mustRun(t, with("events", "--json", "--machine", "vm1")...), &evs)
+
+	// Resync and verify settings.
+	if got := mustRun(t, with("resync", "--window", "always")...); got != "resync window set to always\n" {
+		t.Errorf("resync --window = %q", got)
+	}
+	mustFail(t, "--machine is required", with("resync")...)
+	if got := mustRun(t, with("resync", "--machine", "vm1", "--status")...); got != "machine vm1: no resync needed or running\n" {
+		t.Errorf("resync --status = %q", got)
+	}
+	if got := mustRun(t, with("verify", "--every", "168h")...); got != "scrub interval set to 168h\n" {
+		t.Errorf("verify --every = %q", got)
+	}
+
+	// A wrong token is refused.
+	tok := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tok, []byte("wrong\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustFail(t, "HTTP 401", with("status", "--token-file", tok)...)
+}

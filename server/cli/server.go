@@ -1,0 +1,51 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/server"
+)
+
+// runServer runs the configuration server and its process server until
+// ctx ends.
+func runServer(ctx context.Context, e *env, args []string) error {
+	cfg, err := serverFlags(e, args)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = e.log
+	s, err := server.Open(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	err = s.Run(ctx)
+	if cerr := s.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// serverFlags parses `asr server` arguments.
+func serverFlags(e *env, args []string) (server.Config, error) {
+	var c server.Config
+	fs := e.flags("asr server")
+	fs.StringVar(&c.DataDir, "data", server.DefaultDataDir, "directory for the vault database, certificates, secrets and cache")
+	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8443", "address of the HTTPS control API and console")
+	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of the agents' data listener (mutual TLS)")
+	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
+	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
+	fs.StringVar(&c.TargetTier, "target-tier", replication.TierStandard, "storage tier of the target: standard (retention up to 72h) or premium (up to 24h)")
+	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
+		c.Hosts = append(c.Hosts, v)
+		return nil
+	})
+	if err := parse(fs, args); err != nil {
+		return c, err
+	}
+	if c.TargetTier != replication.TierStandard && c.TargetTier != replication.TierPremium {
+		return c, fmt.Errorf("--target-tier %q: want standard or premium", c.TargetTier)
+	}
+	return c, nil
+}
