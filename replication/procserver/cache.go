@@ -279,14 +279,10 @@ func (c *cache) fence(epoch uint64) {
 func (c *cache) skipTo(epoch, last uint64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	switch {
-	case c.closed:
-		return errors.New("process server closing")
-	case c.broken != nil:
-		return c.broken
-	case epoch != c.writer:
-		return errReplaced
-	case last <= c.appended:
+	if err := c.writableLocked(epoch); err != nil {
+		return err
+	}
+	if last <= c.appended {
 		return fmt.Errorf("skip to seq %d: the cache holds up to %d", last, c.appended)
 	}
 	if c.openRaw > 0 {
@@ -305,6 +301,21 @@ func (c *cache) skipTo(epoch, last uint64) error {
 	return nil
 }
 
+// writableLocked returns why the writer with this epoch may not change
+// the cache: it is closing, broken, or the writer was replaced. Caller
+// holds mu.
+func (c *cache) writableLocked(epoch uint64) error {
+	switch {
+	case c.closed:
+		return errors.New("process server closing")
+	case c.broken != nil:
+		return c.broken
+	case epoch != c.writer:
+		return errReplaced
+	}
+	return nil
+}
+
 // breakLocked stops the cache for good (see the top of this file). Caller
 // holds mu.
 func (c *cache) breakLocked(err error) {
@@ -319,14 +330,10 @@ func (c *cache) breakLocked(err error) {
 func (c *cache) append(epoch uint64, f *replication.Frame) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	switch {
-	case c.closed:
-		return errors.New("process server closing")
-	case c.broken != nil:
-		return c.broken
-	case epoch != c.writer:
-		return errReplaced
-	case f.Seq != c.appended+1 || f.Count == 0:
+	if err := c.writableLocked(epoch); err != nil {
+		return err
+	}
+	if f.Seq != c.appended+1 || f.Count == 0 {
 		return &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, c.appended+1)}
 	}
 	b := replication.AppendFrame(make([]byte, 0, replication.FrameHeaderSize+len(f.Payload)), f)
