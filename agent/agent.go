@@ -55,7 +55,13 @@ type Config struct {
 	// per second (0: unlimited), as DRBD's resync-rate keeps a resync from
 	// starving the guest's own I/O.
 	ResyncRate int64
-	Logger     *slog.Logger
+	// BIOSUUID is the guest's BIOS UUID the agent reports, which links the
+	// machine to its VM in the vCenter inventory. "" reads it from
+	// replication.BIOSUUIDFile (`--bios-uuid` overrides it, for tests and for
+	// guests whose DMI is unreadable); if that fails too the agent reports
+	// none and the console shows the machine as not linked.
+	BIOSUUID string
+	Logger   *slog.Logger
 }
 
 // Validate checks a configuration (the names are the flags' of asr
@@ -73,7 +79,30 @@ func (c *Config) Validate() error {
 	case !replication.ValidMachineName(c.Name):
 		return fmt.Errorf("--name %q: want %s", c.Name, replication.MachineNameRule)
 	}
+	if c.BIOSUUID != "" {
+		if _, err := replication.ParseBIOSUUID(c.BIOSUUID); err != nil {
+			return fmt.Errorf("--bios-uuid: %w", err)
+		}
+	}
 	return nil
+}
+
+// biosUUID is the UUID the agent reports: the configured one, or the one
+// the guest's firmware gives (read once; "" with a log line if unreadable).
+func biosUUID(cfg Config, log *slog.Logger) string {
+	if cfg.BIOSUUID != "" {
+		u, _ := replication.ParseBIOSUUID(cfg.BIOSUUID)
+		return u
+	}
+	b, err := os.ReadFile(replication.BIOSUUIDFile)
+	if err == nil {
+		var u string
+		if u, err = replication.ParseBIOSUUID(string(b)); err == nil {
+			return u
+		}
+	}
+	log.Info("the guest's BIOS UUID is unknown: the machine cannot be linked to its VM (give --bios-uuid)", "err", err)
+	return ""
 }
 
 // Agent is a running agent. It wires its components together and runs
@@ -106,8 +135,9 @@ type Agent struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	unclean    bool // no clean marker at start: the log was repaired
-	recovering bool // started after the machine went down: may adopt the server's sequence
+	uuid       string // the guest's BIOS UUID, reported in Hello ("": unknown)
+	unclean    bool   // no clean marker at start: the log was repaired
+	recovering bool   // started after the machine went down: may adopt the server's sequence
 
 	// Open from New to Close.
 	state *stateStore
@@ -144,6 +174,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent"), lat: &latency{}, events: &eventQueue{}, tags: &tagMarks{}}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
+	a.uuid = biosUUID(cfg, a.log)
 	st, err := a.identity(ctx)
 	if err != nil {
 		a.cancel()

@@ -23,7 +23,7 @@ func (a *Agent) hello() replication.Hello {
 	}
 	a.state.fillDiverged(disks)
 	return replication.Hello{MachineID: a.state.machineID(), AgentVersion: Version, Disks: disks,
-		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First(), Recovering: a.recovering, LogID: a.state.logID()}
+		NextSeq: a.spool.Next(), SpoolFirst: a.spool.First(), Recovering: a.recovering, LogID: a.state.logID(), BIOSUUID: a.uuid}
 }
 
 // welcome acts on the server's answer to a Hello: a new log, a server

@@ -403,6 +403,10 @@ type Hello struct {
 	// Another log id than the server's is a new log (the agent re-registered
 	// or lost its state), which is never joined to the old one by number.
 	LogID string `json:"log_id,omitempty"`
+	// BIOSUUID is the guest's BIOS UUID (lower case, 8-4-4-4-12 hex), what
+	// links the machine to its VM in the vCenter inventory; "" if the
+	// agent cannot read it.
+	BIOSUUID string `json:"bios_uuid,omitempty"`
 }
 
 // DiskInfo describes one protected disk of a machine.

@@ -36,7 +36,7 @@ func validationError(what, format string, args ...any) error {
 
 // Validate checks a Hello against the protocol's limits: at most MaxDisks
 // disks with valid, distinct names and distinct indexes, sizes up to
-// MaxDiskSize, and diverged ranges within them.
+// MaxDiskSize, diverged ranges within them, and a well-formed BIOS UUID.
 func (h *Hello) Validate() error {
 	if len(h.Disks) > MaxDisks {
 		return validationError("hello", "%d disks, at most %d", len(h.Disks), MaxDisks)
@@ -55,6 +55,11 @@ func (h *Hello) Validate() error {
 			return validationError("hello", "disk index %d given twice", d.Index)
 		}
 		names[d.Name], indexes[d.Index] = true, true
+	}
+	if h.BIOSUUID != "" {
+		if _, err := ParseBIOSUUID(h.BIOSUUID); err != nil {
+			return validationError("hello", "%v", err)
+		}
 	}
 	return nil
 }

@@ -42,6 +42,9 @@ func TestValidate(t *testing.T) {
 		ok   bool
 	}{
 		{"hello", &Hello{Disks: disks(3)}, true},
+		{"hello bios uuid", &Hello{BIOSUUID: "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6f"}, true},
+		{"hello bad bios uuid", &Hello{BIOSUUID: "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6"}, false},
+		{"hello hostile bios uuid", &Hello{BIOSUUID: "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6'"}, false},
 		{"hello of 64 disks", &Hello{Disks: disks(MaxDisks)}, true},
 		{"hello of 65 disks", &Hello{Disks: disks(MaxDisks + 1)}, false},
 		{"hello bad name", withDisk(func(d *DiskInfo) { d.Name = "../x" }), false},
@@ -128,5 +131,21 @@ func TestControlFrameLimit(t *testing.T) {
 	b := AppendFrame(nil, &f)
 	if _, _, err := ReadFrame(bytes.NewReader(b), nil); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("a status of %d bytes: %v, want a protocol error", len(f.Payload), err)
+	}
+}
+
+func TestParseBIOSUUID(t *testing.T) {
+	for in, want := range map[string]string{
+		"4217F2A3-9B1C-4C6E-8F00-1A2B3C4D5E6F\n": "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6f",
+		" 4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6f":  "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6f",
+	} {
+		if got, err := ParseBIOSUUID(in); err != nil || got != want {
+			t.Errorf("ParseBIOSUUID(%q) = %q, %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "4217f2a39b1c4c6e8f001a2b3c4d5e6f", "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6g", "4217f2a3_9b1c-4c6e-8f00-1a2b3c4d5e6f"} {
+		if _, err := ParseBIOSUUID(bad); err == nil {
+			t.Errorf("ParseBIOSUUID(%q) accepted", bad)
+		}
 	}
 }

@@ -40,6 +40,7 @@ type news struct {
 // contact is what the agent's connection attempts say.
 type contact struct {
 	version string // the agent's version ("": unchanged)
+	uuid    string // the guest's BIOS UUID the agent reports ("": unchanged)
 	touch   bool   // last seen now
 	err     string // the machine's error to show ("": none)
 	setErr  bool   // err is to be written
@@ -59,6 +60,9 @@ func (n *news) merge(n2 *news) {
 		c := n.contact
 		if c2.version != "" {
 			c.version = c2.version
+		}
+		if c2.uuid != "" {
+			c.uuid = c2.uuid
 		}
 		c.touch = c.touch || c2.touch
 		if c2.setErr {

@@ -25,7 +25,7 @@ func (s *Server) onPoint(id string, p replication.Point) {
 }
 
 func (s *Server) onConnect(id string, h replication.Hello) {
-	s.mirror.note(id, &news{contact: &contact{version: h.AgentVersion, touch: true, setErr: true}})
+	s.mirror.note(id, &news{contact: &contact{version: h.AgentVersion, uuid: h.BIOSUUID, touch: true, setErr: true}})
 }
 
 // onRefused shows why an agent was turned away on its machine.
@@ -119,6 +119,12 @@ func (s *Server) writeNews(ctx context.Context, id string, n *news) error {
 				return fmt.Errorf("record agent contact: %w", err)
 			}
 			c.touch, c.version = false, ""
+		}
+		if c.uuid != "" {
+			if err := s.db.SetBIOSUUID(ctx, id, c.uuid); err != nil {
+				return fmt.Errorf("record the BIOS UUID: %w", err)
+			}
+			c.uuid = ""
 		}
 		if c.setErr {
 			if err := s.db.SetMachineError(ctx, id, c.err); err != nil {

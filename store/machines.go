@@ -27,7 +27,11 @@ type Machine struct {
 	// checksums, and ScrubResult what that found.
 	LastScrub   time.Time
 	ScrubResult string
-	Disks       []Disk
+	// BIOSUUID is the guest's BIOS UUID as its agent reports it (lower
+	// case; "" if the agent does not know it): what links the machine to a
+	// VM of the inventory.
+	BIOSUUID string
+	Disks    []Disk
 }
 
 // Disk states.
@@ -83,12 +87,12 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 	return m, created, err
 }
 
-const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result`
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid`
 
 func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
 	var reg, seen, scrub int64
-	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult)
+	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult, &m.BIOSUUID)
 	m.RegisteredAt = time.Unix(reg, 0)
 	if scrub > 0 {
 		m.LastScrub = time.Unix(0, scrub)
@@ -187,6 +191,12 @@ func (d *DB) PutDisk(ctx context.Context, machineID string, k Disk) error {
 func (d *DB) TouchMachine(ctx context.Context, id, agentVersion string, addBytes int64) error {
 	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_seen = ?, agent_version = CASE WHEN ? = '' THEN agent_version ELSE ? END,
 		bytes_received = bytes_received + ? WHERE id = ?`, d.now().UnixNano(), agentVersion, agentVersion, addBytes, id)
+	return err
+}
+
+// SetBIOSUUID records the BIOS UUID a machine's agent reports.
+func (d *DB) SetBIOSUUID(ctx context.Context, id, uuid string) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE machines SET bios_uuid = ? WHERE id = ? AND bios_uuid != ?`, uuid, id, uuid)
 	return err
 }
 

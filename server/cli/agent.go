@@ -37,6 +37,7 @@ func agentFlags(e *env, args []string) (agent.Config, error) {
 	fs.StringVar(&c.PassphraseFile, "passphrase-file", "", "file holding the vault passphrase (needed to register)")
 	fs.StringVar(&c.StateDir, "state", "./asr-agent", "directory for the agent's identity, state and spool")
 	fs.StringVar(&c.Name, "name", "", "machine name (default: host name)")
+	fs.StringVar(&c.BIOSUUID, "bios-uuid", "", "the guest's BIOS UUID, reported to link the machine to its VM (default: read from "+replication.BIOSUUIDFile+")")
 	fs.StringVar(&c.NBD, "nbd", "", "NBD listen address for the protected disks: unix:/path.sock or HOST:PORT")
 	fs.DurationVar(&c.CrashInterval, "crash-interval", 5*time.Minute, "interval between crash-consistent recovery points (1s or more); the machine's policy overrides it")
 	fs.DurationVar(&c.AppFrequency, "app-frequency", 0, "interval between application-consistent points (0: none); the machine's policy overrides it")
