@@ -27,12 +27,15 @@ import (
 type apiError struct {
 	status int
 	msg    string
+	// confirm: what the operator is asked to confirm (api.ErrorBody's
+	// Thumbprint and HostKey), if anything.
+	thumbprint, hostKey string
 }
 
 func (e *apiError) Error() string { return e.msg }
 
 func errorf(status int, format string, args ...any) error {
-	return &apiError{status, fmt.Sprintf(format, args...)}
+	return &apiError{status: status, msg: fmt.Sprintf(format, args...)}
 }
 
 // writeError maps an error to a status at the HTTP boundary.
@@ -49,7 +52,11 @@ func writeError(w http.ResponseWriter, err error) {
 	case errors.Is(err, context.DeadlineExceeded):
 		status = http.StatusGatewayTimeout
 	}
-	writeJSON(w, status, map[string]string{"error": err.Error()})
+	body := api.ErrorBody{Error: err.Error()}
+	if ae != nil {
+		body.Thumbprint, body.HostKey = ae.thumbprint, ae.hostKey
+	}
+	writeJSON(w, status, body)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -113,6 +120,14 @@ func (s *Server) routes() http.Handler {
 			r.Post("/machines/{machine}/verify", handle(s.handleVerify))
 			r.Get("/machines/{machine}/verify", handle(s.handleVerifyStatus))
 			r.Put("/settings/scrub", handle(s.handleScrubSetting))
+			r.Get("/vcenters", handle(s.handleVCenters))
+			r.Post("/vcenters", handle(s.handleAddVCenter))
+			r.Delete("/vcenters/{vcenter}", handle(s.handleRemoveVCenter))
+			r.Get("/vms", handle(s.handleVMs))
+			r.Post("/protect", handle(s.handleProtect))
+			r.Post("/vms/unprotect", handle(s.handleUnprotectVM))
+			r.Get("/jobs", handle(s.handleJobs))
+			r.Get("/jobs/{job}", handle(s.handleJob))
 			r.Get("/groups/{group}/points", handle(s.handleGroupPoints))
 			r.Post("/groups/{group}/points", handle(s.handleGroupTag))
 		})
@@ -216,7 +231,7 @@ func (s *Server) handleMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	v, err := s.machineView(r.Context(), m)
+	v, err := s.machineView(r.Context(), m, nil)
 	if err != nil {
 		return err
 	}

@@ -118,9 +118,13 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 	if err != nil {
 		return nil, err
 	}
+	l, err := s.links(ctx)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]api.Machine, 0, len(ms))
 	for _, m := range ms {
-		v, err := s.machineView(ctx, m)
+		v, err := s.machineView(ctx, m, l)
 		if err != nil {
 			return nil, err
 		}
@@ -130,8 +134,15 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 }
 
 // machineView summarises a machine: state over its disks, the current RPO,
-// the last recovery point, process-server figures.
-func (s *Server) machineView(ctx context.Context, m store.Machine) (api.Machine, error) {
+// the last recovery point, process-server figures, its VM (l: the links
+// of machines to VMs, nil to look them up).
+func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (api.Machine, error) {
+	if l == nil {
+		var err error
+		if l, err = s.links(ctx); err != nil {
+			return api.Machine{}, err
+		}
+	}
 	s.bytesMu.Lock()
 	pending := s.bytes[m.ID] // received, not yet added to the database
 	s.bytesMu.Unlock()
@@ -139,6 +150,7 @@ func (s *Server) machineView(ctx context.Context, m store.Machine) (api.Machine,
 		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected,
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
 		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
+	l.link(&v, m.BIOSUUID)
 	var total, copied int64
 	for _, d := range m.Disks {
 		wd := api.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}

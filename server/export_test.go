@@ -1,6 +1,10 @@
 package server
 
-import "github.com/asrdr/asr/replication/procserver"
+import (
+	"time"
+
+	"github.com/asrdr/asr/replication/procserver"
+)
 
 // SetResyncHook sets the hook that the starts of resyncs and the passes of
 // the resync loop call (see resyncHook). Call it before Run.
@@ -13,3 +17,9 @@ func LoopTicks(s *Server) int64 { return s.loopTicks.Load() }
 // ProcessServerForTest is the server's process server, for tests that
 // watch replication without the vault database.
 func (s *Server) ProcessServerForTest() *procserver.Server { return s.ps }
+
+// SetDiscoveryTiming shortens the vCenter discoveries' retry schedule and
+// update wait. Call it before Run.
+func SetDiscoveryTiming(s *Server, minBackoff, maxBackoff, maxWait time.Duration) {
+	s.vc.minBackoff, s.vc.maxBackoff, s.vc.maxWait = minBackoff, maxBackoff, maxWait
+}

@@ -175,19 +175,11 @@ func (s *Server) handleUpdatePolicy(w http.ResponseWriter, r *http.Request) erro
 	return nil
 }
 
-func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) error {
-	ctx := r.Context()
-	m, err := s.findMachine(ctx, r)
+// assignPolicy gives a machine a (forward) policy and sends it to its agent.
+func (s *Server) assignPolicy(ctx context.Context, m store.Machine, policy string) error {
+	p, err := s.db.Policy(ctx, policy)
 	if err != nil {
-		return err
-	}
-	var req api.AssignRequest
-	if err := readJSON(r, &req); err != nil {
-		return err
-	}
-	p, err := s.db.Policy(ctx, req.Policy)
-	if err != nil {
-		return errorf(http.StatusBadRequest, "no policy named %q; nothing was changed", req.Policy)
+		return errorf(http.StatusBadRequest, "no policy named %q; nothing was changed", policy)
 	}
 	if p.FailbackOf != "" {
 		return errorf(http.StatusBadRequest, "%q is a failback policy (used when replicating back from the recovery site); assign %q instead", p.Name, p.FailbackOf)
@@ -200,7 +192,23 @@ func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) erro
 			s.log.Warn("push policy", "machine", m.ID, "err", err)
 		}
 	}
-	writeJSON(w, http.StatusOK, api.AssignJSON{Machine: m.Name, Policy: p.Name})
+	return nil
+}
+
+func (s *Server) handleAssignPolicy(w http.ResponseWriter, r *http.Request) error {
+	ctx := r.Context()
+	m, err := s.findMachine(ctx, r)
+	if err != nil {
+		return err
+	}
+	var req api.AssignRequest
+	if err := readJSON(r, &req); err != nil {
+		return err
+	}
+	if err := s.assignPolicy(ctx, m, req.Policy); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.AssignJSON{Machine: m.Name, Policy: req.Policy})
 	return nil
 }
 
@@ -264,7 +272,7 @@ func (s *Server) checkRPO(ctx context.Context) {
 		return
 	}
 	for _, m := range ms {
-		v, err := s.machineView(ctx, m)
+		v, err := s.machineView(ctx, m, &links{}) // the RPO only: no VM look-up
 		if err != nil || !v.RPOKnown || v.State != replication.StateProtected {
 			continue
 		}

@@ -57,6 +57,9 @@ type Config struct {
 	Target            string // file://PATH (default DataDir/target)
 	AdminPasswordFile string // if set, the console password is set from it at start
 	Hosts             []string
+	// AdvertiseURL is the control URL pushed agents register with,
+	// https://HOST:PORT (default: the listener's address, URL).
+	AdvertiseURL string
 	CacheMaxBytes     int64
 	// TargetTier is the target's storage tier (replication.TierStandard
 	// or TierPremium), which bounds policy retention.
@@ -120,6 +123,9 @@ type Server struct {
 	rpoOver   map[string]bool // machines whose RPO is over their threshold
 
 	resyncTestHook func(event string) // tests only: resyncHook
+
+	jobs jobsState    // running jobs (jobs.go)
+	vc   vcenterState // vCenter discoveries (vmware.go)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -196,6 +202,9 @@ func (s *Server) open(ctx context.Context) error {
 	}
 	s.db.SetClock(cfg.Now)
 	if err := s.ensureDefaultPolicy(ctx); err != nil {
+		return err
+	}
+	if err := s.db.FailRunningJobs(ctx, "the server stopped while the job ran"); err != nil {
 		return err
 	}
 	if s.ca, s.cert, err = pki.LoadOrCreate(cfg.DataDir, cfg.Hosts); err != nil {
@@ -492,6 +501,9 @@ func (s *Server) Run(ctx context.Context) error {
 		ClientCAs:    s.ca.Pool(),
 		MinVersion:   tls.VersionTLS13,
 	})
+	if err := s.startDiscovery(s.ctx); err != nil {
+		return err
+	}
 	errc := make(chan error, 2)
 	s.wg.Add(6)
 	go func() { defer s.wg.Done(); s.resyncLoop() }()
@@ -530,6 +542,7 @@ func (s *Server) Close() error {
 		s.dataL.Close()
 	}
 	s.wg.Wait()
+	s.stopDiscovery()
 	s.reqMu.Lock()
 	s.stopping = true
 	s.reqMu.Unlock()

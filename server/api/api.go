@@ -50,6 +50,13 @@ type Machine struct {
 	ScrubResult string    `json:"scrub_result,omitempty"`
 	ScrubDamage bool      `json:"scrub_damage,omitempty"` // the last scrub found damage
 
+	// BIOSUUID is what the agent reports; VM the inventory's VM with that
+	// UUID, or nil with LinkProblem saying why (LinkNoVM, LinkDuplicate,
+	// ...; "" when no vCenter is registered).
+	BIOSUUID    string  `json:"bios_uuid,omitempty"`
+	VM          *VMLink `json:"vm,omitempty"`
+	LinkProblem string  `json:"link_problem,omitempty"`
+
 	Disks []Disk `json:"disks"`
 }
 

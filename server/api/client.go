@@ -70,6 +70,15 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 	return json.NewDecoder(resp.Body).Decode(out)
 }
 
+// Error is a server's error answer: its status and body (the message, and
+// what the operator is asked to confirm, if anything).
+type Error struct {
+	Status int
+	Body   ErrorBody
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("server: %s (HTTP %d)", e.Body.Error, e.Status) }
+
 // open sends a request and returns a successful response; the caller closes it.
 func (c *Client) open(ctx context.Context, method, path string, body io.Reader) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, c.URL+path, body)
@@ -87,14 +96,11 @@ func (c *Client) open(ctx context.Context, method, path string, body io.Reader) 
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		var e struct {
-			Error string `json:"error"`
+		e := &Error{Status: resp.StatusCode}
+		if json.Unmarshal(b, &e.Body) != nil || e.Body.Error == "" {
+			e.Body.Error = strings.TrimSpace(string(b))
 		}
-		msg := strings.TrimSpace(string(b))
-		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			msg = e.Error
-		}
-		return nil, fmt.Errorf("server: %s (HTTP %d)", msg, resp.StatusCode)
+		return nil, e
 	}
 	return resp, nil
 }

@@ -27,6 +27,7 @@ import (
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/vmware/push"
 )
 
 const usage = `asr — disaster recovery for VMware virtual machines
@@ -45,6 +46,10 @@ Usage:
   (points, tag and recover take --group G instead of --machine M for a replication group)
   asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd [--to-blob NAME]] [--accept-damage] [--target URL --passphrase-file F]
   asr verify   --machine M [--point P] [--no-source] [--wait] [--target URL --passphrase-file F] | --every 168h|off
+  asr vcenter  add --name N --url https://HOST/sdk --user U --password-file F [--thumbprint T] | list | remove NAME
+  asr vms      [--vcenter NAME] [--json]
+  asr protect  --vm NAME --ssh USER@HOST[:PORT] --ssh-key FILE --disk NAME=DEVICE... [--policy P] [--mode nbd|scan]
+  asr jobs     [ID] [--json]
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,
@@ -81,6 +86,10 @@ var commands = map[string]func(ctx context.Context, e *env, args []string) error
 	"group":   runGroup,
 	"resync":  runResync,
 	"verify":  runVerify,
+	"vcenter": runVCenter,
+	"vms":     runVMs,
+	"protect": runProtect,
+	"jobs":    runJobs,
 }
 
 // Main runs the asr command line with args (without the program name) and
@@ -88,6 +97,11 @@ var commands = map[string]func(ctx context.Context, e *env, args []string) error
 // any error, which is printed to stderr. version is the build's version
 // ("" reads it from the module's build information).
 func Main(args []string, stdout, stderr io.Writer, version string) int {
+	// The reachability probe a push install runs on a guest with the
+	// copied binary (vmware/push): its own output and exit status.
+	if len(args) > 0 && args[0] == push.ProbeCommand {
+		return push.ProbeMain(args[1:])
+	}
 	err := run(args, stdout, stderr, buildVersion(version))
 	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return 0

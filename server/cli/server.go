@@ -37,6 +37,7 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
 	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
 	fs.StringVar(&c.TargetTier, "target-tier", replication.TierStandard, "storage tier of the target: standard (retention up to 72h) or premium (up to 24h)")
+	fs.StringVar(&c.AdvertiseURL, "advertise-url", "", "control URL that guests reach the server at, given to pushed agents, https://HOST:PORT (default: the --listen address; add HOST with --host)")
 	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
 		c.Hosts = append(c.Hosts, v)
 		return nil

@@ -1,0 +1,256 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/store"
+)
+
+// A job is a long operation an operator started (a push install, the
+// removal of an agent): it runs on the server's context, its steps are
+// kept in memory for watchers and written to the database, so the console
+// and `asr jobs` show them after it ends too. A server that stops with jobs
+// running marks them failed at its next start.
+type job struct {
+	s   *Server
+	id  string
+	log func(msg string, args ...any)
+
+	mu      sync.Mutex
+	j       api.Job
+	changed chan struct{} // closed and replaced at each change
+	written time.Time     // last write of byte progress to the database
+}
+
+// jobsState is the server's running jobs.
+type jobsState struct {
+	mu      sync.Mutex
+	running map[string]*job
+}
+
+// startJob records a job and runs fn on its own goroutine. fn reports
+// through the job's step methods; its error fails the job.
+func (s *Server) startJob(ctx context.Context, kind, subject string, fn func(ctx context.Context, j *job) error) (api.Job, error) {
+	b := make([]byte, 8)
+	rand.Read(b)
+	j := &job{s: s, id: hex.EncodeToString(b), changed: make(chan struct{})}
+	j.j = api.Job{ID: j.id, Kind: kind, Subject: subject, State: api.JobRunning, Steps: []api.JobStep{}, StartedAt: s.now()}
+	j.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"job", j.id, "kind", kind, "subject", subject}, args...)...) }
+	if err := s.db.AddJob(ctx, store.Job{ID: j.id, Kind: kind, Subject: subject, StartedAt: j.j.StartedAt}); err != nil {
+		return api.Job{}, err
+	}
+	s.jobs.mu.Lock()
+	if s.jobs.running == nil {
+		s.jobs.running = map[string]*job{}
+	}
+	s.jobs.running[j.id] = j
+	s.jobs.mu.Unlock()
+	j.log("job started")
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		err := fn(s.ctx, j)
+		j.finish(err)
+		s.jobs.mu.Lock()
+		delete(s.jobs.running, j.id)
+		s.jobs.mu.Unlock()
+	}()
+	return j.snapshot(), nil
+}
+
+func (j *job) snapshot() api.Job {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	c := j.j
+	c.Steps = append([]api.JobStep(nil), j.j.Steps...)
+	return c
+}
+
+// update sets the step named st.Name (appending it the first time) and
+// publishes the change; byte progress alone is written to the database at
+// most every half second.
+func (j *job) update(st api.JobStep) {
+	j.mu.Lock()
+	found := false
+	progressOnly := false
+	for i := range j.j.Steps {
+		if j.j.Steps[i].Name == st.Name {
+			old := j.j.Steps[i]
+			progressOnly = old.State == st.State && old.Detail == st.Detail && old.Total == st.Total
+			j.j.Steps[i] = st
+			found = true
+		}
+	}
+	if !found {
+		j.j.Steps = append(j.j.Steps, st)
+	}
+	write := !progressOnly || time.Since(j.written) > 500*time.Millisecond
+	if write {
+		j.written = time.Now()
+	}
+	j.publishLocked()
+	c := j.j
+	j.mu.Unlock()
+	if !progressOnly {
+		j.log("job step", "step", st.Name, "state", st.State, "detail", st.Detail)
+	}
+	if write {
+		j.save(c)
+	}
+}
+
+// step starts a step and returns the function that ends it (done, or
+// failed with the error's text).
+func (j *job) step(name, detail string) func(err error) {
+	j.update(api.JobStep{Name: name, State: "running", Detail: detail})
+	return func(err error) {
+		if err != nil {
+			j.update(api.JobStep{Name: name, State: "failed", Detail: err.Error()})
+			return
+		}
+		j.update(api.JobStep{Name: name, State: "done", Detail: detail})
+	}
+}
+
+func (j *job) publishLocked() {
+	close(j.changed)
+	j.changed = make(chan struct{})
+}
+
+func (j *job) finish(err error) {
+	j.mu.Lock()
+	j.j.State, j.j.EndedAt = api.JobSucceeded, j.s.now()
+	if err != nil {
+		j.j.State, j.j.Error = api.JobFailed, err.Error()
+		for i := range j.j.Steps {
+			if j.j.Steps[i].State == "running" {
+				j.j.Steps[i].State = "failed"
+			}
+		}
+	}
+	j.publishLocked()
+	c := j.j
+	j.mu.Unlock()
+	j.save(c)
+	if err != nil {
+		j.log("job failed", "err", err)
+	} else {
+		j.log("job succeeded")
+	}
+}
+
+func (j *job) save(c api.Job) {
+	steps, _ := json.Marshal(c.Steps)
+	// The server's context may be ending: the job's last word still goes
+	// to the database.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := j.s.db.UpdateJob(ctx, c.ID, c.State, string(steps), c.Error); err != nil {
+		j.s.log.Warn("record a job's progress", "job", c.ID, "err", err)
+	}
+}
+
+func jobFromRow(r store.Job) api.Job {
+	j := api.Job{ID: r.ID, Kind: r.Kind, Subject: r.Subject, State: r.State, Error: r.Error, StartedAt: r.StartedAt, EndedAt: r.EndedAt}
+	if json.Unmarshal([]byte(r.Steps), &j.Steps) != nil || j.Steps == nil {
+		j.Steps = []api.JobStep{}
+	}
+	return j
+}
+
+// Job returns a job: the running one's live state, or its record.
+func (s *Server) Job(ctx context.Context, id string) (api.Job, error) {
+	s.jobs.mu.Lock()
+	j := s.jobs.running[id]
+	s.jobs.mu.Unlock()
+	if j != nil {
+		return j.snapshot(), nil
+	}
+	r, err := s.db.Job(ctx, id)
+	if err != nil {
+		return api.Job{}, err
+	}
+	return jobFromRow(r), nil
+}
+
+// Jobs lists the newest jobs first (running ones with their live state).
+func (s *Server) Jobs(ctx context.Context, limit int) ([]api.Job, error) {
+	rows, err := s.db.Jobs(ctx, limit)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.Job, 0, len(rows))
+	for _, r := range rows {
+		if r.State == store.JobRunning {
+			if j, err := s.Job(ctx, r.ID); err == nil {
+				out = append(out, j)
+				continue
+			}
+		}
+		out = append(out, jobFromRow(r))
+	}
+	return out, nil
+}
+
+// waitJob returns a job once its version differs from version, it ends,
+// or a while passes (the long poll behind api.Client.WaitJob).
+func (s *Server) waitJob(ctx context.Context, id, version string) (api.Job, error) {
+	deadline := time.NewTimer(25 * time.Second)
+	defer deadline.Stop()
+	for {
+		s.jobs.mu.Lock()
+		j := s.jobs.running[id]
+		s.jobs.mu.Unlock()
+		if j == nil {
+			return s.Job(ctx, id)
+		}
+		j.mu.Lock()
+		c, ch := j.j, j.changed
+		c.Steps = append([]api.JobStep(nil), j.j.Steps...)
+		j.mu.Unlock()
+		if version == "" || api.JobVersion(c) != version {
+			return c, nil
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			return c, nil
+		case <-ctx.Done():
+			return c, ctx.Err()
+		}
+	}
+}
+
+func (s *Server) handleJobs(w http.ResponseWriter, r *http.Request) error {
+	js, err := s.Jobs(r.Context(), 100)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, js)
+	return nil
+}
+
+func (s *Server) handleJob(w http.ResponseWriter, r *http.Request) error {
+	id := chi.URLParam(r, "job")
+	var j api.Job
+	var err error
+	if v, ok := r.URL.Query()["wait"]; ok {
+		j, err = s.waitJob(r.Context(), id, v[0])
+	} else {
+		j, err = s.Job(r.Context(), id)
+	}
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, j)
+	return nil
+}

@@ -1,0 +1,219 @@
+// Package vcsim runs govmomi's vCenter simulator (simulator.VPX) in
+// process over TLS, as the vCenter of `asr demo` and of the tests: a real
+// SOAP endpoint with a data center, hosts, a cluster, datastores, networks
+// and VMs. It has no guest operations (tools report no IP unless a test
+// sets one) and no changed-block tracking; asr uses neither of them.
+package vcsim
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+
+	"github.com/vmware/govmomi"
+	"github.com/vmware/govmomi/find"
+	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// Sim is a running simulator.
+type Sim struct {
+	Model *simulator.Model
+	// URL is the SDK URL (without user information); User and Password
+	// log in; Thumbprint is the SHA-256 of its certificate, as vCenter
+	// shows it (colon-separated upper-case hex).
+	URL, User, Password, Thumbprint string
+
+	mu     sync.Mutex
+	server *simulator.Server
+}
+
+// Start creates the inventory of a small vCenter (simulator.VPX: one data
+// center, a cluster and a standalone host, a few VMs) and serves it over
+// TLS on 127.0.0.1. The password is the one to log in with.
+func Start(user, password string) (*Sim, error) {
+	m := simulator.VPX()
+	if err := m.Create(); err != nil {
+		return nil, fmt.Errorf("vCenter simulator: %w", err)
+	}
+	m.Service.TLS = new(tls.Config) // the simulator's own localhost certificate
+	m.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(user, password)}
+	s := &Sim{Model: m, User: user, Password: password}
+	s.serve()
+	return s, nil
+}
+
+func (s *Sim) serve() {
+	srv := s.Model.Service.NewServer()
+	u := *srv.URL
+	u.User = nil
+	sum := sha256.Sum256(srv.Certificate().Raw)
+	hexes := make([]string, len(sum))
+	for i, b := range sum {
+		hexes[i] = fmt.Sprintf("%02X", b)
+	}
+	s.mu.Lock()
+	s.server, s.URL, s.Thumbprint = srv, u.String(), strings.Join(hexes, ":")
+	s.mu.Unlock()
+}
+
+// Stop stops serving (a vCenter outage); the inventory is kept.
+func (s *Sim) Stop() {
+	s.mu.Lock()
+	srv := s.server
+	s.server = nil
+	s.mu.Unlock()
+	if srv != nil {
+		srv.Close()
+	}
+}
+
+// Restart serves the same inventory again, on the same address and with
+// the same certificate, after Stop.
+func (s *Sim) Restart() {
+	s.serve()
+}
+
+// Close stops the simulator for good.
+func (s *Sim) Close() {
+	s.Stop()
+	s.Model.Remove()
+}
+
+// Client logs in (trusting the simulator's certificate), for callers that
+// change the inventory.
+func (s *Sim) Client(ctx context.Context) (*govmomi.Client, error) {
+	u, err := url.Parse(s.URL)
+	if err != nil {
+		return nil, err
+	}
+	u.User = url.UserPassword(s.User, s.Password)
+	return govmomi.NewClient(ctx, u, true)
+}
+
+// VMSpec is a VM to create.
+type VMSpec struct {
+	Name      string
+	BIOSUUID  string  // "" lets the simulator choose
+	CPUs      int32   // default 1
+	MemoryMiB int32   // default 1024
+	Disks     []int64 // capacities in bytes, on SCSI controller 0
+	PowerOn   bool
+	GuestOS   string // guest id, default otherLinux64Guest
+}
+
+// CreateVM creates a VM in the data center's first cluster, on its first
+// datastore, with a NIC on "VM Network".
+func (s *Sim) CreateVM(ctx context.Context, c *govmomi.Client, spec VMSpec) (*object.VirtualMachine, error) {
+	f := find.NewFinder(c.Client, true)
+	dc, err := f.DefaultDatacenter(ctx)
+	if err != nil {
+		return nil, err
+	}
+	f.SetDatacenter(dc)
+	folders, err := dc.Folders(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := f.DefaultResourcePool(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dss, err := f.DatastoreList(ctx, "*")
+	if err != nil || len(dss) == 0 {
+		return nil, fmt.Errorf("no datastore: %v", err)
+	}
+	ds := dss[0]
+	net, err := f.Network(ctx, "VM Network")
+	if err != nil {
+		return nil, err
+	}
+	if spec.CPUs == 0 {
+		spec.CPUs = 1
+	}
+	if spec.MemoryMiB == 0 {
+		spec.MemoryMiB = 1024
+	}
+	if spec.GuestOS == "" {
+		spec.GuestOS = string(types.VirtualMachineGuestOsIdentifierOtherLinux64Guest)
+	}
+	var devices object.VirtualDeviceList
+	scsi, err := devices.CreateSCSIController("pvscsi")
+	if err != nil {
+		return nil, err
+	}
+	devices = append(devices, scsi)
+	ctrl := scsi.(types.BaseVirtualController)
+	for i, size := range spec.Disks {
+		disk := devices.CreateDisk(ctrl, ds.Reference(), ds.Path(fmt.Sprintf("%s/%s_%d.vmdk", spec.Name, spec.Name, i)))
+		disk.CapacityInBytes = size
+		disk.CapacityInKB = size / 1024
+		devices = append(devices, disk)
+	}
+	backing, err := net.EthernetCardBackingInfo(ctx)
+	if err != nil {
+		return nil, err
+	}
+	nic, err := devices.CreateEthernetCard("vmxnet3", backing)
+	if err != nil {
+		return nil, err
+	}
+	devices = append(devices, nic)
+	deviceChange, err := devices.ConfigSpec(types.VirtualDeviceConfigSpecOperationAdd)
+	if err != nil {
+		return nil, err
+	}
+	for _, dc := range deviceChange {
+		if d, ok := dc.GetVirtualDeviceConfigSpec().Device.(*types.VirtualDisk); ok && d != nil {
+			dc.GetVirtualDeviceConfigSpec().FileOperation = types.VirtualDeviceConfigSpecFileOperationCreate
+		}
+	}
+	cs := types.VirtualMachineConfigSpec{Name: spec.Name, Uuid: spec.BIOSUUID, NumCPUs: spec.CPUs, MemoryMB: int64(spec.MemoryMiB),
+		GuestId: spec.GuestOS, DeviceChange: deviceChange,
+		Files: &types.VirtualMachineFileInfo{VmPathName: fmt.Sprintf("[%s]", ds.Name())}}
+	task, err := folders.VmFolder.CreateVM(ctx, cs, pool, nil)
+	if err != nil {
+		return nil, err
+	}
+	info, err := task.WaitForResult(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("create VM %s: %w", spec.Name, err)
+	}
+	vm := object.NewVirtualMachine(c.Client, info.Result.(types.ManagedObjectReference))
+	if spec.PowerOn {
+		t, err := vm.PowerOn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := t.Wait(ctx); err != nil {
+			return nil, fmt.Errorf("power on %s: %w", spec.Name, err)
+		}
+	}
+	return vm, nil
+}
+
+// FindVM finds a VM by name.
+func FindVM(ctx context.Context, c *govmomi.Client, name string) (*object.VirtualMachine, error) {
+	f := find.NewFinder(c.Client, true)
+	dc, err := f.DefaultDatacenter(ctx)
+	if err != nil {
+		return nil, err
+	}
+	f.SetDatacenter(dc)
+	return f.VirtualMachine(ctx, name)
+}
+
+// SetUUID gives a VM another BIOS UUID (as cloning without a new UUID
+// does).
+func SetUUID(ctx context.Context, vm *object.VirtualMachine, uuid string) error {
+	t, err := vm.Reconfigure(ctx, types.VirtualMachineConfigSpec{Uuid: uuid})
+	if err != nil {
+		return err
+	}
+	return t.Wait(ctx)
+}
