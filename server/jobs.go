@@ -44,7 +44,9 @@ func (s *Server) startJob(ctx context.Context, kind, subject string, fn func(ctx
 	rand.Read(b)
 	j := &job{s: s, id: hex.EncodeToString(b), changed: make(chan struct{})}
 	j.j = api.Job{ID: j.id, Kind: kind, Subject: subject, State: api.JobRunning, Steps: []api.JobStep{}, StartedAt: s.now()}
-	j.log = func(msg string, args ...any) { s.log.Info(msg, append([]any{"job", j.id, "kind", kind, "subject", subject}, args...)...) }
+	j.log = func(msg string, args ...any) {
+		s.log.Info(msg, append([]any{"job", j.id, "kind", kind, "subject", subject}, args...)...)
+	}
 	if err := s.db.AddJob(ctx, store.Job{ID: j.id, Kind: kind, Subject: subject, StartedAt: j.j.StartedAt}); err != nil {
 		return api.Job{}, err
 	}

@@ -59,8 +59,8 @@ type Config struct {
 	Hosts             []string
 	// AdvertiseURL is the control URL pushed agents register with,
 	// https://HOST:PORT (default: the listener's address, URL).
-	AdvertiseURL string
-	CacheMaxBytes     int64
+	AdvertiseURL  string
+	CacheMaxBytes int64
 	// TargetTier is the target's storage tier (replication.TierStandard
 	// or TierPremium), which bounds policy retention.
 	TargetTier string

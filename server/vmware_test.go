@@ -3,8 +3,8 @@ package server_test
 import (
 	"context"
 	"errors"
-	"net/http"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -75,7 +75,9 @@ func TestVCenterRegisterDiscoverLink(t *testing.T) {
 	dir := t.TempDir()
 	logs := &syncBuffer{}
 	r := &rig{t: t, dir: dir, log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
-	r.opened = func(s *server.Server) { server.SetDiscoveryTiming(s, 50*time.Millisecond, 200*time.Millisecond, time.Second) }
+	r.opened = func(s *server.Server) {
+		server.SetDiscoveryTiming(s, 50*time.Millisecond, 200*time.Millisecond, time.Second)
+	}
 	r.start()
 	c := r.client
 	req := api.AddVCenterRequest{Name: "vc1", URL: sim.URL, User: sim.User, Password: simPassword}
