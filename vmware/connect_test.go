@@ -2,6 +2,7 @@ package vmware
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -192,4 +193,15 @@ func TestConnectURL(t *testing.T) {
 		t.Fatalf("Connect without /sdk: %v", err)
 	}
 	_ = c.Logout(ctxT(t))
+}
+
+func TestEndpointNeverShowsThePassword(t *testing.T) {
+	ep := Endpoint{Name: "vc1", URL: "https://vc.example/sdk", User: "admin", Password: testPassword}
+	var buf syncBuffer
+	testLogger(&buf).Info("endpoint", "ep", ep)
+	for _, out := range []string{buf.String(), fmt.Sprint(ep), fmt.Sprintf("%+v", ep), fmt.Sprintf("%s", ep)} {
+		if strings.Contains(out, testPassword) || !strings.Contains(out, "vc1") {
+			t.Errorf("%q", out)
+		}
+	}
 }
