@@ -84,7 +84,14 @@ var vmProps = []string{
 	"config.hardware.device",
 	"runtime.powerState", "runtime.host",
 	"guest.ipAddress", "guest.net", "guest.hostName",
+	// changeVersion changes at every reconfiguration. vCenter reports
+	// the changed properties too, but a peer that reports only this
+	// (govmomi's simulator does so for config.uuid) must not leave the
+	// model behind: a modify that changes it reads the VM whole.
+	changeVersion,
 }
+
+const changeVersion = "config.changeVersion"
 
 var otherProps = []string{"name", "parent"}
 
@@ -145,6 +152,9 @@ func (inv *inventory) apply(u types.ObjectUpdate) (refetch bool, err error) {
 		}
 		switch c.Op {
 		case types.PropertyChangeOpAssign:
+			if c.Name == changeVersion && u.Kind == types.ObjectUpdateKindModify && o.props[c.Name] != c.Val {
+				refetch = true
+			}
 			o.props[c.Name] = c.Val
 		case types.PropertyChangeOpRemove, types.PropertyChangeOpIndirectRemove:
 			delete(o.props, c.Name)
