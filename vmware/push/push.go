@@ -225,9 +225,11 @@ func (o Options) withDefaults() (Options, error) {
 			return o, fmt.Errorf("push: disk %s: device %q: want an absolute path without ',' or newlines", d.Name, d.Device)
 		}
 	}
-	if _, err := uuid.Parse(o.ExpectUUID); err != nil {
-		return o, fmt.Errorf("push: the VM's BIOS UUID %q: want a UUID", o.ExpectUUID)
+	id, err := uuid.Parse(o.ExpectUUID)
+	if err != nil || len(o.ExpectUUID) != 36 {
+		return o, fmt.Errorf("push: the VM's BIOS UUID %q: want a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)", o.ExpectUUID)
 	}
+	o.ExpectUUID = id.String() // lower case, as compared and as --bios-uuid gets it
 	if !strings.HasPrefix(o.UUIDPath, "/") {
 		return o, fmt.Errorf("push: UUID path %q: want an absolute path", o.UUIDPath)
 	}

@@ -179,12 +179,11 @@ func newEnv(t *testing.T, tinyParent bool) *env {
 		ServerURL:  "https://" + ctl.Addr().String(),
 		Reach:      []string{ctl.Addr().String()},
 		Passphrase: []byte(passphrase),
-		Disks:      []push.Disk{{Name: "sda", Device: disk}, {Name: "data disk's", Device: disk, Scan: true}},
+		Disks:      []push.Disk{{Name: "sda", Device: disk}, {Name: "data-1", Device: disk, Scan: true}},
 		ExpectUUID: vmUUID,
 		UUIDPath:   uuidFile,
 		ExtraArgs:  []string{"--notify", sock},
 	}
-	e.opts.Disks[1].Name = "data-1"
 	t.Cleanup(func() {
 		// Whatever a test left running is stopped.
 		push.Uninstall(context.Background(), e.opts.Target, e.dir, nil)
@@ -394,7 +393,9 @@ func TestInstallUpgradeUninstall(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
+	e.mu.Lock()
 	e.steps = nil
+	e.mu.Unlock()
 	if err := push.Uninstall(ctx, e.opts.Target, e.dir, e.progress); err != nil {
 		t.Fatal(err)
 	}
@@ -623,4 +624,24 @@ func TestUUIDUnreadable(t *testing.T) {
 	if i < 0 || i+1 >= len(a.Args) || a.Args[i+1] != vmUUID {
 		t.Errorf("args %q lack --bios-uuid %s", a.Args, vmUUID)
 	}
+}
+
+// TestCancelDuringCopy: a caller giving up in the middle of the copy leaves
+// nothing behind.
+func TestCancelDuringCopy(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, false)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var copying bool
+	err := push.Install(ctx, e.opts, func(s push.Step) {
+		if s.Name == push.StepCopy && s.State == push.StateRunning && s.Total > 0 {
+			copying = true
+			cancel()
+		}
+	})
+	if !errors.Is(err, context.Canceled) || !copying {
+		t.Fatalf("install cancelled during the copy (copying %v): %v, want context.Canceled", copying, err)
+	}
+	e.mustNothingLeft(t)
 }
