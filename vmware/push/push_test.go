@@ -258,13 +258,16 @@ func TestHostKeyCheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if algos != nil {
+	if !slices.Equal(algos, newHostAlgorithms) {
 		t.Errorf("algorithms for an unknown host: %v", algos)
 	}
 	err = cb(addr, remote, k1)
 	var uk *UnknownHostKeyError
-	if !errors.As(err, &uk) || uk.Fingerprint != ssh.FingerprintSHA256(k1) || uk.Host != addr {
+	if !errors.As(err, &uk) || uk.Fingerprint != ssh.FingerprintSHA256(k1) || uk.Host != addr || uk.KeyType != ssh.KeyAlgoED25519 {
 		t.Fatalf("unknown host: %v", err)
+	}
+	if !strings.Contains(err.Error(), "ssh_host_ed25519_key.pub") {
+		t.Errorf("message %q: no hint of the key file to check", err)
 	}
 	if !strings.HasPrefix(uk.Fingerprint, "SHA256:") || strings.HasSuffix(uk.Fingerprint, "=") {
 		t.Errorf("fingerprint %q: want ssh-keygen's form", uk.Fingerprint)
