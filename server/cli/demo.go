@@ -73,6 +73,11 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("demo vCenter: %w", err)
 	}
 	defer vc.Close()
+	guest, spares, err := startDemoGuest(*dir, size, quiet)
+	if err != nil {
+		return fmt.Errorf("demo guest: %w", err)
+	}
+	defer stopDemoGuest(guest, spares)
 
 	var agents []*agent.Agent
 	var wg sync.WaitGroup
@@ -121,9 +126,10 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 
   vCenter:  %s (govmomi's simulator, registered as %q): the demo guests
             are its VMs %s; the others are not protected yet.
+%s
 Press Ctrl-C to stop.
 `, *machines, *sizeFlag, *rate, srv.URL(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), srvDir, srv.URL(),
-		srvDir, srv.URL(), vc.URL, demoVCenter, demoNames(*machines))
+		srvDir, srv.URL(), vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(guest, spares, srvDir, srv.URL()))
 	select {
 	case <-ctx.Done():
 		fmt.Fprintln(out, "\nstopping...")
