@@ -18,6 +18,10 @@ import (
 // the job runs.
 const jobFragment = "job"
 
+// jobsFragment is the id of the jobs list, which htmx polls while a job
+// runs.
+const jobsFragment = "jobs"
+
 // jobsListLimit is how many jobs the jobs page lists.
 const jobsListLimit = 100
 
@@ -36,17 +40,40 @@ type jobsView struct {
 	Now     time.Time
 }
 
-// list serves the jobs, newest first.
-func (h *jobsHandler) list(w http.ResponseWriter, r *http.Request) {
+// Running reports whether a job of the list is running.
+func (v jobsView) Running() bool {
+	for _, j := range v.Jobs {
+		if j.State == api.JobRunning {
+			return true
+		}
+	}
+	return false
+}
+
+func (h *jobsHandler) listView(r *http.Request) (jobsView, int) {
 	v := jobsView{Session: sessionFrom(r.Context()), Now: h.now()}
-	status := http.StatusOK
 	js, err := h.backend.Jobs(r.Context(), jobsListLimit)
 	if err != nil {
 		h.log.Error("list jobs", "err", err)
-		v.Err, status = err.Error(), http.StatusInternalServerError
+		v.Err = err.Error()
+		return v, http.StatusInternalServerError
 	}
 	v.Jobs = js
+	return v, http.StatusOK
+}
+
+// list serves the jobs, newest first.
+func (h *jobsHandler) list(w http.ResponseWriter, r *http.Request) {
+	v, status := h.listView(r)
 	render(w, r, h.log, status, jobsPage(v))
+}
+
+// listFragment serves the jobs list alone, for htmx to swap in (200 with
+// the error in place if the jobs cannot be loaded; that list stops
+// polling, as it knows of no running job).
+func (h *jobsHandler) listFragment(w http.ResponseWriter, r *http.Request) {
+	v, _ := h.listView(r)
+	render(w, r, h.log, http.StatusOK, jobsPage(v), jobsFragment)
 }
 
 // jobView is what a job's page shows.

@@ -558,6 +558,13 @@ func TestJobs(t *testing.T) {
 		}
 	}
 
+	if !strings.Contains(list, `hx-get="/fragments/jobs"`) {
+		t.Error("the jobs list does not refresh while a job runs")
+	}
+	if frag := get(t, h, id, "/fragments/jobs", http.StatusOK); !strings.HasPrefix(frag, `<section id="jobs-list"`) || !strings.Contains(list, frag) {
+		t.Errorf("the jobs fragment is not the list of the page:\n%.300s", frag)
+	}
+
 	run := get(t, h, id, "/jobs/j-run", http.StatusOK)
 	for _, want := range []string{`hx-get="/fragments/jobs/j-run"`, `hx-trigger="every 1s"`, `<progress value="12582912" max="50331648"`, "12 MiB of 48 MiB", "connect", "copy"} {
 		if !strings.Contains(run, want) {
@@ -577,6 +584,9 @@ func TestJobs(t *testing.T) {
 	b.jobs[0].State, b.jobs[0].EndedAt = api.JobSucceeded, testNow
 	if frag := get(t, h, id, "/fragments/jobs/j-run", http.StatusOK); strings.Contains(frag, "hx-trigger") || !strings.Contains(frag, "succeeded") {
 		t.Errorf("ended job's fragment:\n%s", frag)
+	}
+	if list := get(t, h, id, "/jobs", http.StatusOK); strings.Contains(list, "hx-trigger") {
+		t.Error("the jobs list still refreshes with no job running")
 	}
 	get(t, h, id, "/jobs/nope", http.StatusNotFound)
 }

@@ -157,6 +157,7 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/vms", inventory.page)
 		r.Get("/protect", inventory.protectPage)
 		r.Get("/jobs", jobs.list)
+		r.Get("/fragments/jobs", jobs.listFragment)
 		r.Get("/jobs/{job}", jobs.page)
 		r.Get("/fragments/jobs/{job}", jobs.fragment)
 		r.Group(func(r chi.Router) {
