@@ -19,7 +19,10 @@ var _ shipHandler = (*Agent)(nil)
 func (a *Agent) hello() replication.Hello {
 	disks := make([]replication.DiskInfo, len(a.disks))
 	for i, d := range a.disks {
-		disks[i] = replication.DiskInfo{Index: d.Index, Name: d.Name, Size: d.Size()}
+		disks[i] = replication.DiskInfo{Index: d.Index, Name: d.Name, Size: d.Size(), Mode: replication.DiskModeNBD}
+		if d.scan != nil {
+			disks[i].Mode = replication.DiskModeScan
+		}
 	}
 	a.state.fillDiverged(disks)
 	return replication.Hello{MachineID: a.state.machineID(), AgentVersion: Version, Disks: disks,

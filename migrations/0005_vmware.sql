@@ -29,6 +29,7 @@ CREATE TABLE vms (
 CREATE INDEX vms_bios_uuid ON vms(bios_uuid);
 
 ALTER TABLE machines ADD COLUMN bios_uuid TEXT NOT NULL DEFAULT '';  -- as the agent reports it, lower case
+ALTER TABLE machines ADD COLUMN disk_modes TEXT NOT NULL DEFAULT '';  -- JSON {disk name: nbd|scan} as the agent reports them
 
 CREATE TABLE jobs (
     id         TEXT PRIMARY KEY,            -- 16 hex chars

@@ -419,7 +419,22 @@ type DiskInfo struct {
 	// DivergedRanges only if given.
 	Diverged       string  `json:"diverged,omitempty"`
 	DivergedRanges []Range `json:"diverged_ranges,omitempty"`
+	// Mode is how the agent captures the disk's changes: DiskModeNBD
+	// ("" from older agents) or DiskModeScan.
+	Mode string `json:"mode,omitempty"`
 }
+
+// Disk capture modes (DiskInfo.Mode).
+const (
+	// DiskModeNBD: the guest's workload writes through the agent's NBD
+	// export; every write is captured as it happens (seconds of RPO).
+	DiskModeNBD = "nbd"
+	// DiskModeScan: the workload uses the disk directly; the agent finds
+	// changes by periodic block-hash scans (the RPO is the scan interval
+	// plus the transfer, and a block rewritten twice between scans ships
+	// once).
+	DiskModeScan = "scan"
+)
 
 // Welcome answers Hello. DurableSeq is the last sequence number the process
 // server holds durably for the machine (0: none); the agent resumes after it.

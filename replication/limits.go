@@ -72,6 +72,9 @@ func (d *DiskInfo) Validate() error {
 	if d.Size < 0 || d.Size > MaxDiskSize {
 		return validationError("hello", "disk %s: size %d is not between 0 and %d (larger than asr supports: VMware's largest virtual disk is 62 TB)", d.Name, d.Size, int64(MaxDiskSize))
 	}
+	if d.Mode != "" && d.Mode != DiskModeNBD && d.Mode != DiskModeScan {
+		return validationError("hello", "disk %s: mode %q, want %s or %s", d.Name, d.Mode, DiskModeNBD, DiskModeScan)
+	}
 	if len(d.DivergedRanges) > MaxDivergedRanges {
 		return validationError("hello", "disk %s: %d diverged ranges, at most %d", d.Name, len(d.DivergedRanges), MaxDivergedRanges)
 	}

@@ -45,6 +45,8 @@ func TestValidate(t *testing.T) {
 		{"hello bios uuid", &Hello{BIOSUUID: "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6f"}, true},
 		{"hello bad bios uuid", &Hello{BIOSUUID: "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6"}, false},
 		{"hello hostile bios uuid", &Hello{BIOSUUID: "4217f2a3-9b1c-4c6e-8f00-1a2b3c4d5e6'"}, false},
+		{"hello scan disk", withDisk(func(d *DiskInfo) { d.Mode = DiskModeScan }), true},
+		{"hello bad mode", withDisk(func(d *DiskInfo) { d.Mode = "copy" }), false},
 		{"hello of 64 disks", &Hello{Disks: disks(MaxDisks)}, true},
 		{"hello of 65 disks", &Hello{Disks: disks(MaxDisks + 1)}, false},
 		{"hello bad name", withDisk(func(d *DiskInfo) { d.Name = "../x" }), false},

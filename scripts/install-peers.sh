@@ -3,7 +3,8 @@
 # they are missing: qemu-io/qemu-img, nbdinfo/nbdcopy, fio (nbd engine),
 # nbdkit, e2fsprogs, zstd, Chromium for the console test, iproute2 and
 # iptables for the fault suite (network namespaces, loss, outages), rsync
-# for the resync benchmark, and Azurite (npm, into bin/npm) for the Azure
+# for the resync benchmark, OpenSSH's server (sshd, ssh-keygen) for the push
+# install tests, and Azurite (npm, into bin/npm) for the Azure
 # target's tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +23,9 @@ check ip iproute2
 check iptables iptables
 check rsync rsync
 check npm npm
+# sshd lives in /usr/sbin, outside a non-root PATH: check the file.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+check ssh-keygen openssh-client
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

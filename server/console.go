@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -209,9 +210,13 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
 		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
 	l.link(&v, m.BIOSUUID)
+	modes := map[string]string{}
+	if m.DiskModes != "" {
+		json.Unmarshal([]byte(m.DiskModes), &modes)
+	}
 	var total, copied int64
 	for _, d := range m.Disks {
-		wd := api.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1}
+		wd := api.Disk{Index: d.Index, Name: d.Name, Size: d.Size, State: d.State, Reason: d.Reason, Progress: 1, Mode: modes[d.Name]}
 		switch d.State {
 		case replication.StateInitial:
 			wd.Progress = float64(d.Cursor) / float64(max(d.Size, 1))

@@ -41,6 +41,7 @@ type news struct {
 type contact struct {
 	version string // the agent's version ("": unchanged)
 	uuid    string // the guest's BIOS UUID the agent reports ("": unchanged)
+	modes   string // the disks' capture modes as JSON ("": unchanged)
 	touch   bool   // last seen now
 	err     string // the machine's error to show ("": none)
 	setErr  bool   // err is to be written
@@ -63,6 +64,9 @@ func (n *news) merge(n2 *news) {
 		}
 		if c2.uuid != "" {
 			c.uuid = c2.uuid
+		}
+		if c2.modes != "" {
+			c.modes = c2.modes
 		}
 		c.touch = c.touch || c2.touch
 		if c2.setErr {

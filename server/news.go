@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -25,7 +26,18 @@ func (s *Server) onPoint(id string, p replication.Point) {
 }
 
 func (s *Server) onConnect(id string, h replication.Hello) {
-	s.mirror.note(id, &news{contact: &contact{version: h.AgentVersion, uuid: h.BIOSUUID, touch: true, setErr: true}})
+	modes := map[string]string{}
+	for _, d := range h.Disks {
+		if d.Mode != "" {
+			modes[d.Name] = d.Mode
+		}
+	}
+	var mj string
+	if len(modes) > 0 {
+		b, _ := json.Marshal(modes)
+		mj = string(b)
+	}
+	s.mirror.note(id, &news{contact: &contact{version: h.AgentVersion, uuid: h.BIOSUUID, modes: mj, touch: true, setErr: true}})
 }
 
 // onRefused shows why an agent was turned away on its machine.
@@ -125,6 +137,12 @@ func (s *Server) writeNews(ctx context.Context, id string, n *news) error {
 				return fmt.Errorf("record the BIOS UUID: %w", err)
 			}
 			c.uuid = ""
+		}
+		if c.modes != "" {
+			if err := s.db.SetDiskModes(ctx, id, c.modes); err != nil {
+				return fmt.Errorf("record the disks' modes: %w", err)
+			}
+			c.modes = ""
 		}
 		if c.setErr {
 			if err := s.db.SetMachineError(ctx, id, c.err); err != nil {

@@ -162,6 +162,9 @@ func (s *Server) Protect(ctx context.Context, req api.ProtectRequest) (api.Job, 
 	if err != nil {
 		return api.Job{}, errorf(http.StatusBadRequest, "%v", err)
 	}
+	if err := checkGuest(ctx, t); err != nil {
+		return api.Job{}, err
+	}
 	bin, err := os.Executable()
 	if err != nil {
 		return api.Job{}, fmt.Errorf("the server's own binary (the agent): %w", err)
@@ -251,14 +254,25 @@ func (s *Server) waitMachine(ctx context.Context, wait time.Duration, ok func(st
 	}
 }
 
-// pushError maps what a push refused to an answer the operator can act on
-// (an unknown host key asks for confirmation).
-func pushError(err error) error {
+// checkGuest logs in to the guest before a job starts, and maps what it
+// refused to an answer the operator can act on (an unknown host key asks
+// for confirmation; nothing was done).
+func checkGuest(ctx context.Context, t push.Target) error {
+	err := push.Check(ctx, t)
 	var uk *push.UnknownHostKeyError
-	if errors.As(err, &uk) {
-		return &apiError{status: http.StatusPreconditionRequired, msg: err.Error(), hostKey: uk.Fingerprint}
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &uk):
+		return &apiError{status: http.StatusPreconditionRequired, msg: err.Error() + "; nothing was done", hostKey: uk.Fingerprint}
+	case errors.Is(err, push.ErrHostKeyMismatch):
+		return errorf(http.StatusConflict, "%v; nothing was done", err)
+	case errors.Is(err, push.ErrAuth):
+		return errorf(http.StatusBadRequest, "%v; nothing was done", err)
+	case errors.Is(err, push.ErrConnect):
+		return errorf(http.StatusBadGateway, "%v; nothing was done", err)
 	}
-	return err
+	return errorf(http.StatusBadRequest, "%v; nothing was done", err)
 }
 
 // UnprotectVM starts the job that removes the agent from a VM's guest and
@@ -273,6 +287,9 @@ func (s *Server) UnprotectVM(ctx context.Context, req api.UnprotectVMRequest) (a
 	}
 	t, err := s.pushTarget(req.SSH, req.Key, req.KnownHosts, req.AcceptHostKey)
 	if err != nil {
+		return api.Job{}, err
+	}
+	if err := checkGuest(ctx, t); err != nil {
 		return api.Job{}, err
 	}
 	machine := vm.Machine

@@ -956,6 +956,8 @@ func TagRequestNoWait() api.TagRequest { return api.TagRequest{} }
 // application-consistent one, which scans while frozen.
 func TestScanModeDisk(t *testing.T) {
 	ctx := context.Background()
+	start := time.Now()
+	deadline0 := func(*testing.T) time.Time { return start.Add(hung) }
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	root, data := filepath.Join(dir, "root.img"), filepath.Join(dir, "data.img")
@@ -967,6 +969,17 @@ func TestScanModeDisk(t *testing.T) {
 	r.waitProtected("vm1")
 	if _, err := nbd.Dial(ctx, cfg.NBD, "root"); err == nil {
 		t.Fatal("a scan-mode disk is served over NBD")
+	}
+	// The console and the API say which mode each disk runs in (as the
+	// mirror writes what the agent's Hello said).
+	for modes := map[string]string{}; modes["root"] != api.DiskModeScan || modes["data"] != api.DiskModeNBD; {
+		if time.Now().After(deadline0(t)) {
+			t.Fatalf("disk modes %v, want root scan and data nbd", modes)
+		}
+		time.Sleep(20 * time.Millisecond)
+		for _, d := range r.machine("vm1").Disks {
+			modes[d.Name] = d.Mode
+		}
 	}
 	// The guest writes the root disk directly.
 	f, err := os.OpenFile(root, os.O_RDWR, 0)

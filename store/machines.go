@@ -31,7 +31,10 @@ type Machine struct {
 	// case; "" if the agent does not know it): what links the machine to a
 	// VM of the inventory.
 	BIOSUUID string
-	Disks    []Disk
+	// DiskModes is how the agent captures each disk (by name: nbd or scan),
+	// as JSON, as it last reported them.
+	DiskModes string
+	Disks     []Disk
 }
 
 // Disk states.
@@ -87,12 +90,12 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 	return m, created, err
 }
 
-const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid`
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid, disk_modes`
 
 func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
 	var reg, seen, scrub int64
-	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult, &m.BIOSUUID)
+	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult, &m.BIOSUUID, &m.DiskModes)
 	m.RegisteredAt = time.Unix(reg, 0)
 	if scrub > 0 {
 		m.LastScrub = time.Unix(0, scrub)
@@ -197,6 +200,12 @@ func (d *DB) TouchMachine(ctx context.Context, id, agentVersion string, addBytes
 // SetBIOSUUID records the BIOS UUID a machine's agent reports.
 func (d *DB) SetBIOSUUID(ctx context.Context, id, uuid string) error {
 	_, err := d.db.ExecContext(ctx, `UPDATE machines SET bios_uuid = ? WHERE id = ? AND bios_uuid != ?`, uuid, id, uuid)
+	return err
+}
+
+// SetDiskModes records how the agent captures each disk (JSON).
+func (d *DB) SetDiskModes(ctx context.Context, id, modes string) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE machines SET disk_modes = ? WHERE id = ?`, modes, id)
 	return err
 }
 

@@ -44,6 +44,12 @@ type Endpoint struct {
 	Thumbprint string
 }
 
+// String shows an Endpoint (%v, %+v) by name, URL and user: never the
+// password.
+func (ep Endpoint) String() string {
+	return fmt.Sprintf("vcenter %s (%s as %s)", ep.Name, ep.URL, ep.User)
+}
+
 // LogValue logs an Endpoint by name, URL and user: never the password.
 func (ep Endpoint) LogValue() slog.Value {
 	return slog.GroupValue(slog.String("name", ep.Name), slog.String("url", ep.URL), slog.String("user", ep.User))

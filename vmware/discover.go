@@ -195,6 +195,8 @@ func (w *Watcher) session(ctx context.Context, b *retry.Backoff) error {
 			w.log.Debug("vcenter logout", "err", err)
 		}
 	}()
+	// No session keep-alive is needed: the session is never idle, the
+	// wait below is a call every MaxWait at the longest.
 	about := c.ServiceContent.About.FullName
 	w.log.Info("vcenter connected", "about", about)
 
@@ -284,6 +286,7 @@ func (w *Watcher) refetch(ctx context.Context, c *govmomi.Client, inv *inventory
 	if len(refs) == 0 {
 		return nil
 	}
+	w.log.Debug("vcenter: reading changed objects whole", "objects", len(refs))
 	var spec types.PropertyFilterSpec
 	for _, r := range refs {
 		spec.ObjectSet = append(spec.ObjectSet, types.ObjectSpec{Obj: r})

@@ -9,7 +9,8 @@ import (
 	"github.com/vmware/govmomi/vim25/types"
 )
 
-// VM is one virtual machine as asr shows and protects it. References to
+// VM is one virtual machine as asr shows and protects it. Lists of VMs
+// are sorted by name (byte order), then ref. References to
 // other objects are resolved to their names; a name not known yet (an
 // object outside the view, or one whose update has not arrived) is "".
 type VM struct {
@@ -29,7 +30,7 @@ type VM struct {
 	Disks         []Disk   `json:"disks"` // by key
 	Host          string   `json:"host"`
 	Cluster       string   `json:"cluster"` // "" on a standalone host
-	Folder        string   `json:"folder"`
+	Folder        string   `json:"folder"`  // the parent folder's name ("" in a vApp)
 	ResourcePool  string   `json:"resource_pool"`
 	Datastores    []string `json:"datastores"` // names, sorted
 	Networks      []string `json:"networks"`   // names, sorted
@@ -71,7 +72,7 @@ const (
 var viewTypes = []string{
 	"VirtualMachine", "HostSystem", "ClusterComputeResource", "ComputeResource",
 	"Datastore", "Folder", "ResourcePool", "Network", "DistributedVirtualPortgroup",
-	"OpaqueNetwork",
+	"OpaqueNetwork", "VirtualApp",
 }
 
 // vmProps are the VirtualMachine properties the filter asks for; every
@@ -83,7 +84,14 @@ var vmProps = []string{
 	"config.hardware.device",
 	"runtime.powerState", "runtime.host",
 	"guest.ipAddress", "guest.net", "guest.hostName",
+	// changeVersion changes at every reconfiguration. vCenter reports
+	// the changed properties too, but a peer that reports only this
+	// (govmomi's simulator does so for config.uuid) must not leave the
+	// model behind: a modify that changes it reads the VM whole.
+	changeVersion,
 }
+
+const changeVersion = "config.changeVersion"
 
 var otherProps = []string{"name", "parent"}
 
@@ -144,6 +152,9 @@ func (inv *inventory) apply(u types.ObjectUpdate) (refetch bool, err error) {
 		}
 		switch c.Op {
 		case types.PropertyChangeOpAssign:
+			if c.Name == changeVersion && u.Kind == types.ObjectUpdateKindModify && o.props[c.Name] != c.Val {
+				refetch = true
+			}
 			o.props[c.Name] = c.Val
 		case types.PropertyChangeOpRemove, types.PropertyChangeOpIndirectRemove:
 			delete(o.props, c.Name)
@@ -226,7 +237,9 @@ func (inv *inventory) vm(vcenter string, o *invObject) VM {
 			}
 		}
 	}
-	v.Folder = inv.name(ref(p["parent"]))
+	if parent := ref(p["parent"]); parent != nil && parent.Type == "Folder" {
+		v.Folder = inv.name(parent) // a VM in a vApp has no folder
+	}
 	v.ResourcePool = inv.name(ref(p["resourcePool"]))
 	v.Datastores = inv.names(p["datastore"])
 	v.Networks = inv.names(p["network"])

@@ -83,6 +83,12 @@ const (
 	CacheUnknown  = procserver.CacheUnknown
 )
 
+// Disk capture modes (Disk.Mode), as the replication layer names them.
+const (
+	DiskModeNBD  = replication.DiskModeNBD
+	DiskModeScan = replication.DiskModeScan
+)
+
 // Disk is one protected disk of a machine.
 type Disk struct {
 	Index    uint32  `json:"index"`
@@ -91,6 +97,9 @@ type Disk struct {
 	State    string  `json:"state"`
 	Progress float64 `json:"progress"` // initial replication, 0..1
 	Reason   string  `json:"reason,omitempty"`
+	// Mode is how the agent captures the disk's changes: DiskModeNBD,
+	// DiskModeScan, or "" if the agent has not said (older agents: NBD).
+	Mode string `json:"mode,omitempty"`
 
 	// Resync is the disk's pending, running or failed resync; nil if none.
 	Resync *Resync `json:"resync,omitempty"`

@@ -49,6 +49,7 @@ Usage:
   asr vcenter  add --name N --url https://HOST/sdk --user U --password-file F [--thumbprint T] | list | remove NAME
   asr vms      [--vcenter NAME] [--json]
   asr protect  --vm NAME --ssh USER@HOST[:PORT] --ssh-key FILE --disk NAME=DEVICE... [--policy P] [--mode nbd|scan]
+  asr unprotect --vm NAME --ssh USER@HOST[:PORT] --ssh-key FILE [--delete-replica] | --machine M [--delete-replica]
   asr jobs     [ID] [--json]
   asr version
 
@@ -74,22 +75,23 @@ func (e *env) flags(name string) *flag.FlagSet {
 
 // commands maps each subcommand to the function that runs it.
 var commands = map[string]func(ctx context.Context, e *env, args []string) error{
-	"server":  runServer,
-	"agent":   runAgent,
-	"demo":    runDemo,
-	"status":  runStatus,
-	"points":  runPoints,
-	"tag":     runTag,
-	"recover": runRecover,
-	"policy":  runPolicy,
-	"events":  runEvents,
-	"group":   runGroup,
-	"resync":  runResync,
-	"verify":  runVerify,
-	"vcenter": runVCenter,
-	"vms":     runVMs,
-	"protect": runProtect,
-	"jobs":    runJobs,
+	"server":    runServer,
+	"agent":     runAgent,
+	"demo":      runDemo,
+	"status":    runStatus,
+	"points":    runPoints,
+	"tag":       runTag,
+	"recover":   runRecover,
+	"policy":    runPolicy,
+	"events":    runEvents,
+	"group":     runGroup,
+	"resync":    runResync,
+	"verify":    runVerify,
+	"vcenter":   runVCenter,
+	"vms":       runVMs,
+	"protect":   runProtect,
+	"jobs":      runJobs,
+	"unprotect": runUnprotect,
 }
 
 // Main runs the asr command line with args (without the program name) and

@@ -325,3 +325,53 @@ func runJobs(ctx context.Context, e *env, args []string) error {
 		}
 	})
 }
+
+const unprotectUsage = `usage:
+  asr unprotect --vm NAME --ssh USER@HOST[:PORT] --ssh-key FILE [--install-dir DIR] [--delete-replica]
+  asr unprotect --machine M [--delete-replica]
+With --vm, the agent is stopped and removed from the guest over SSH, then
+the machine's protection ends; with --machine, only the protection ends
+(remove the agent yourself). The replica and its recovery points are kept
+unless --delete-replica.`
+
+// runUnprotect ends a machine's protection, and with --vm removes its agent
+// from the guest.
+func runUnprotect(ctx context.Context, e *env, args []string) error {
+	if len(args) > 0 && isHelp(args[0]) {
+		fmt.Fprintln(e.out, unprotectUsage)
+		return nil
+	}
+	fs, o := e.opCommand("asr unprotect", false)
+	var sf sshFlags
+	sf.register(fs)
+	del := fs.Bool("delete-replica", false, "also delete the replica disks and their recovery points from the target")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	switch {
+	case sf.vm != "" && o.machine != "":
+		return fmt.Errorf("asr unprotect: give --vm or --machine, not both\n%s", unprotectUsage)
+	case sf.vm != "":
+		key, known, err := sf.read()
+		if err != nil {
+			return fmt.Errorf("asr unprotect: %w\n%s", err, unprotectUsage)
+		}
+		j, err := c.UnprotectVM(ctx, api.UnprotectVMRequest{VCenter: sf.vcenter, VM: sf.vm, SSH: sf.ssh, Key: key,
+			KnownHosts: known, AcceptHostKey: sf.accept, InstallDir: sf.installDir, DeleteReplica: *del})
+		if err != nil {
+			return hostKeyHint(err)
+		}
+		return followJob(ctx, e, c, j)
+	case o.machine != "":
+		if err := c.Unprotect(ctx, o.machine, *del); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.out, "machine %s unprotected\n", o.machine)
+		return nil
+	}
+	return fmt.Errorf("asr unprotect: give --vm or --machine\n%s", unprotectUsage)
+}

@@ -162,7 +162,7 @@ func hostKeyCheck(t Target) (ssh.HostKeyCallback, []string, error) {
 			return &hostKeyMismatch{fingerprint: fp}
 		}
 		if t.AcceptHostKey == "" || t.AcceptHostKey != fp {
-			return &UnknownHostKeyError{Host: t.Addr, Fingerprint: fp, Offered: t.AcceptHostKey}
+			return &UnknownHostKeyError{Host: t.Addr, Fingerprint: fp, KeyType: key.Type(), Offered: t.AcceptHostKey}
 		}
 		if t.RecordFile == "" {
 			return nil
@@ -172,8 +172,19 @@ func hostKeyCheck(t Target) (ssh.HostKeyCallback, []string, error) {
 	return cb, algos, nil
 }
 
+// newHostAlgorithms are the host-key algorithms asked of a guest with no
+// known key, in OpenSSH's order of preference (ed25519 first, no SHA-1
+// RSA): the library's default prefers ECDSA, and the fingerprint shown to
+// the operator should be of the key ssh would show. HostKeyFingerprint asks
+// for the same, so that it shows the key Install will see.
+var newHostAlgorithms = []string{
+	ssh.KeyAlgoED25519,
+	ssh.KeyAlgoECDSA256, ssh.KeyAlgoECDSA384, ssh.KeyAlgoECDSA521,
+	ssh.KeyAlgoRSASHA512, ssh.KeyAlgoRSASHA256,
+}
+
 // knownAlgorithms returns the host-key algorithms of the keys known for
-// addr, or nil (the library's default) when none is known. It asks the
+// addr, or newHostAlgorithms when none is known. It asks the
 // callback about a throw-away key: the KeyError lists the known ones.
 func knownAlgorithms(known ssh.HostKeyCallback, addr string) []string {
 	pub, _, err := ed25519.GenerateKey(nil)
@@ -187,7 +198,7 @@ func knownAlgorithms(known ssh.HostKeyCallback, addr string) []string {
 	var ke *knownhosts.KeyError
 	err = known(addr, &net.TCPAddr{IP: net.IPv4zero}, probe)
 	if !errors.As(err, &ke) || len(ke.Want) == 0 {
-		return nil
+		return newHostAlgorithms
 	}
 	var algos []string
 	seen := map[string]bool{}
@@ -246,7 +257,8 @@ func HostKeyFingerprint(ctx context.Context, addr string) (string, error) {
 			fp = ssh.FingerprintSHA256(key)
 			return errGot
 		},
-		Timeout: handshakeTimeout,
+		HostKeyAlgorithms: newHostAlgorithms,
+		Timeout:           handshakeTimeout,
 	}
 	c, err := dialConfig(ctx, addr, cfg)
 	if c != nil {

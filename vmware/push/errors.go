@@ -3,6 +3,7 @@ package push
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // The conditions a caller branches on. Errors from Install and Uninstall wrap
@@ -48,17 +49,30 @@ var (
 type UnknownHostKeyError struct {
 	Host        string // Target.Addr
 	Fingerprint string // "SHA256:...", as ssh-keygen -l shows it
+	KeyType     string // the key's type, "ssh-ed25519", "ecdsa-sha2-nistp256", "ssh-rsa"
 	Offered     string // the AcceptHostKey given, if any (it did not match)
 }
 
 func (e *UnknownHostKeyError) Error() string {
 	if e.Offered != "" {
-		return fmt.Sprintf("push %s: %v: the guest presented %s, not the confirmed %s; check the guest's key on its console",
-			e.Host, ErrHostKeyUnknown, e.Fingerprint, e.Offered)
+		return fmt.Sprintf("push %s: %v: the guest presented %s, not the confirmed %s; check the guest's key on its console (%s)",
+			e.Host, ErrHostKeyUnknown, e.Fingerprint, e.Offered, e.keygenHint())
 	}
 	return fmt.Sprintf("push %s: %v: the guest presented %s; compare it with the guest's own key "+
-		"(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub on its console) and confirm it to proceed",
-		e.Host, ErrHostKeyUnknown, e.Fingerprint)
+		"(%s on its console) and confirm it to proceed",
+		e.Host, ErrHostKeyUnknown, e.Fingerprint, e.keygenHint())
+}
+
+// keygenHint is the command that shows the guest's key of e.KeyType.
+func (e *UnknownHostKeyError) keygenHint() string {
+	name := "ed25519"
+	switch {
+	case strings.HasPrefix(e.KeyType, "ecdsa-"):
+		name = "ecdsa"
+	case strings.HasPrefix(e.KeyType, "ssh-rsa"), strings.HasPrefix(e.KeyType, "rsa-"):
+		name = "rsa"
+	}
+	return "ssh-keygen -lf /etc/ssh/ssh_host_" + name + "_key.pub"
 }
 
 // Unwrap makes errors.Is(err, ErrHostKeyUnknown) true.

@@ -225,9 +225,11 @@ func (o Options) withDefaults() (Options, error) {
 			return o, fmt.Errorf("push: disk %s: device %q: want an absolute path without ',' or newlines", d.Name, d.Device)
 		}
 	}
-	if _, err := uuid.Parse(o.ExpectUUID); err != nil {
-		return o, fmt.Errorf("push: the VM's BIOS UUID %q: want a UUID", o.ExpectUUID)
+	id, err := uuid.Parse(o.ExpectUUID)
+	if err != nil || len(o.ExpectUUID) != 36 {
+		return o, fmt.Errorf("push: the VM's BIOS UUID %q: want a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)", o.ExpectUUID)
 	}
+	o.ExpectUUID = id.String() // lower case, as compared and as --bios-uuid gets it
 	if !strings.HasPrefix(o.UUIDPath, "/") {
 		return o, fmt.Errorf("push: UUID path %q: want an absolute path", o.UUIDPath)
 	}
@@ -436,7 +438,7 @@ func (r *remote) prerequisites(ctx context.Context, o Options, size int64) (stri
 	if err != nil {
 		return "", err
 	}
-	arch := res.out()
+	arch := lastLine(res.out())
 	want := guestArch(runtime.GOARCH)
 	ok := false
 	for _, w := range want {
@@ -478,13 +480,13 @@ df -Pk "$d"`, nil)
 	if res.code != 0 {
 		return "", fmt.Errorf("push %s: checking the disks failed: %s", host, res.msg())
 	}
-	if out := res.out(); out != "" {
+	if out := res.out(); strings.Contains(out, "missing ") || strings.Contains(out, "badtype ") {
 		var missing, bad []string
 		for _, line := range strings.Split(out, "\n") {
-			kind, dev, _ := strings.Cut(line, " ")
-			if kind == "missing" {
+			switch kind, dev, _ := strings.Cut(line, " "); kind {
+			case "missing":
 				missing = append(missing, dev)
-			} else {
+			case "badtype":
 				bad = append(bad, dev)
 			}
 		}
@@ -503,7 +505,7 @@ df -Pk "$d"`, nil)
 	if err != nil {
 		return "", err
 	}
-	got := strings.ToLower(res.out())
+	got := strings.ToLower(lastLine(res.out()))
 	want1 := strings.ToLower(o.ExpectUUID)
 	switch {
 	case got == want1 && res.code == 0:
@@ -533,10 +535,12 @@ func (r *remote) becomeRoot(ctx context.Context, user string) error {
 	if res.code != 0 {
 		return fmt.Errorf("push %s: id -u failed: %s", r.host, res.msg())
 	}
-	if res.out() == "0" {
+	// The last line: a chatty shell start-up file may print before it.
+	uid := lastLine(res.out())
+	if uid == "0" {
 		return nil
 	}
-	r.uid = res.out()
+	r.uid = uid
 	res, err = r.exec(ctx, "sudo -n true", nil)
 	if err != nil {
 		return err
@@ -634,7 +638,7 @@ rm -f "$d/asr.new"
 	if err != nil {
 		return created, "", err
 	}
-	got, _, _ := strings.Cut(res.out(), " ")
+	got, _, _ := strings.Cut(lastLine(res.out()), " ")
 	if res.code != 0 || got != sum {
 		return created, "", fmt.Errorf("push %s: the copied binary's SHA-256 is %q, want %s (%s): the copy was damaged; try again",
 			r.host, got, sum, res.msg())
@@ -688,7 +692,8 @@ func (r *remote) reachability(ctx context.Context, dir string, reach []string) (
 			r.host, ErrUnreachable, strings.Join(failed, "; "))
 	}
 	if res.code != 0 || okCount != len(reach) {
-		return "", fmt.Errorf("push %s: the reachability probe failed (exit status %d): %s", r.host, res.code, res.msg())
+		return "", fmt.Errorf("push %s: the reachability probe (%s %s) failed (exit status %d): %s: is the binary an asr with the %s command?",
+			r.host, dir+"/asr.new", ProbeCommand, res.code, res.msg(), ProbeCommand)
 	}
 	return "reached " + strings.Join(reach, ", "), nil
 }

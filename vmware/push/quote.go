@@ -2,10 +2,12 @@ package push
 
 import "strings"
 
-// shellQuote quotes s as one word for a POSIX shell: single quotes, with each
-// embedded single quote written as '\''. Every value this package puts into a
-// remote command goes through it, so no path, name or argument can end the
-// word, start a command substitution or expand a variable.
+// shellQuote quotes s as one word for a POSIX shell: in single quotes, each
+// embedded single quote closed, escaped and reopened. Every value this
+// package puts into a remote command goes through it, so no path, name or
+// argument can end the word, start a command substitution or expand a
+// variable. Words of only safe characters stay as they are, for readable
+// scripts.
 func shellQuote(s string) string {
 	if s == "" {
 		return "''"

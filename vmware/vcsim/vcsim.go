@@ -10,6 +10,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"fmt"
+	"net/http"
 	"net/url"
 	"strings"
 	"sync"
@@ -74,8 +75,16 @@ func (s *Sim) Stop() {
 }
 
 // Restart serves the same inventory again, on the same address and with
-// the same certificate, after Stop.
+// the same certificate, after Stop. (The simulator registers its handlers
+// on its mux as it starts and cannot twice on one: it gets a new mux, with
+// the SDK's paths, which it registers only once.)
 func (s *Sim) Restart() {
+	svc := s.Model.Service
+	path := svc.Context.Map.Path
+	mux := http.NewServeMux()
+	mux.HandleFunc(path, svc.ServeSDK)
+	mux.HandleFunc(path+"/vimService", svc.ServeSDK)
+	svc.ServeMux = mux
 	s.serve()
 }
 
@@ -120,7 +129,11 @@ func (s *Sim) CreateVM(ctx context.Context, c *govmomi.Client, spec VMSpec) (*ob
 	if err != nil {
 		return nil, err
 	}
-	pool, err := f.DefaultResourcePool(ctx)
+	clusters, err := f.ClusterComputeResourceList(ctx, "*")
+	if err != nil || len(clusters) == 0 {
+		return nil, fmt.Errorf("no cluster: %v", err)
+	}
+	pool, err := clusters[0].ResourcePool(ctx)
 	if err != nil {
 		return nil, err
 	}
