@@ -137,10 +137,13 @@ type protectView struct {
 	Disks      string // NAME=DEVICE lines
 	Mode       string
 	Policy     string
-	Policies   []api.PolicyJSON
-	PS         *api.ProcessServer
-	Error      string
-	Started    []api.Job // jobs started by the last submission
+	// InstallDir and SkipUUIDCheck are the advanced options.
+	InstallDir    string
+	SkipUUIDCheck bool
+	Policies      []api.PolicyJSON
+	PS            *api.ProcessServer
+	Error         string
+	Started       []api.Job // jobs started by the last submission
 }
 
 // protectPage shows the "Enable replication" form for the VMs selected in
@@ -244,6 +247,8 @@ func (h *inventoryHandler) protect(w http.ResponseWriter, r *http.Request) {
 	v.Disks = r.PostFormValue("disks")
 	v.Mode = r.PostFormValue("mode")
 	v.Policy = r.PostFormValue("policy")
+	v.InstallDir = strings.TrimSpace(r.PostFormValue("install_dir"))
+	v.SkipUUIDCheck = r.PostFormValue("skip_uuid_check") != ""
 	if status != http.StatusOK {
 		render(w, r, h.log, status, protectPage(v))
 		return
@@ -288,7 +293,7 @@ func (h *inventoryHandler) protect(w http.ResponseWriter, r *http.Request) {
 	var again []protectTarget
 	for _, t := range v.Targets {
 		req := api.ProtectRequest{VCenter: t.VM.VCenter, VM: t.VM.Ref, SSH: t.SSH, Key: key, KnownHosts: v.KnownHosts,
-			AcceptHostKey: t.Accept, Disks: disks, Mode: v.Mode, Policy: v.Policy}
+			AcceptHostKey: t.Accept, Disks: disks, Mode: v.Mode, Policy: v.Policy, InstallDir: v.InstallDir, SkipUUIDCheck: v.SkipUUIDCheck}
 		j, hostKey, err := h.backend.Protect(ctx, req)
 		if err != nil {
 			h.log.Warn("protect from the console", "vcenter", t.VM.VCenter, "vm", t.VM.Name, "err", err)

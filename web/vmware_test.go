@@ -463,7 +463,10 @@ func TestProtectOneVM(t *testing.T) {
 	b := newVMwareBackend()
 	h := newTestHandler(t, b)
 	id, csrf := mustLogin(t, h, b)
-	w := post(t, h, id, "/protect", protectForm(csrf, "vc1/vm-11"), http.StatusSeeOther)
+	f := protectForm(csrf, "vc1/vm-11")
+	f.Set("install_dir", " /srv/asr ")
+	f.Set("skip_uuid_check", "1")
+	w := post(t, h, id, "/protect", f, http.StatusSeeOther)
 	if loc := w.Header().Get("Location"); loc != "/jobs/job-1" {
 		t.Errorf("redirect to %q", loc)
 	}
@@ -473,6 +476,7 @@ func TestProtectOneVM(t *testing.T) {
 	got := b.protects[0]
 	want := api.ProtectRequest{VCenter: "vc1", VM: "vm-11", SSH: "root@10.0.0.12:22", Key: fakeKey,
 		KnownHosts: "10.0.0.12 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKnown", Mode: "scan", Policy: "gold",
+		InstallDir: "/srv/asr", SkipUUIDCheck: true,
 		Disks: []api.ProtectDisk{{Name: "data", Device: "/dev/sdb"}, {Name: "logs", Device: "/dev/sdc"}}}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("request\n%+v\nwant\n%+v", got, want)
@@ -594,13 +598,17 @@ func TestJobs(t *testing.T) {
 func TestMachineVMLink(t *testing.T) {
 	linked := protectedMachine
 	linked.VM = &api.VMLink{VCenter: "vc1", Ref: "vm-11", Name: "sql-prod-vm", Host: "esx-02.lab", IPs: []string{"10.0.0.12", "fe80::1"}, Stale: true}
+	linked.Disks = append([]api.Disk(nil), linked.Disks...)
+	linked.Disks[0].Mode, linked.Disks[1].Mode = api.DiskModeScan, api.DiskModeNBD
 	unlinked := disconnectedMachine
 	unlinked.LinkProblem = api.LinkDuplicate
 	b := newFakeBackend(linked, unlinked)
 	h := newTestHandler(t, b)
 	id, _ := mustLogin(t, h, b)
 	body := get(t, h, id, "/", http.StatusOK)
-	for _, want := range []string{"VM sql-prod-vm", "on esx-02.lab", "10.0.0.12, fe80::1", ">stale</span>", api.LinkDuplicate, `id="machine-sql-prod"`} {
+	for _, want := range []string{"VM sql-prod-vm", "on esx-02.lab", "10.0.0.12, fe80::1", ">stale</span>", api.LinkDuplicate, `id="machine-sql-prod"`,
+		`<span class="disk-mode" title="periodic block scans: the RPO is the scan interval plus the transfer">scan</span>`,
+		`<span class="disk-mode" title="every write, through the agent's NBD export">NBD</span>`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("machines page lacks %q", want)
 		}
