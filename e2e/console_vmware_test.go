@@ -4,9 +4,6 @@ package e2e
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/pem"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,19 +15,20 @@ import (
 	"github.com/chromedp/chromedp"
 	"github.com/vmware/govmomi/view"
 	"github.com/vmware/govmomi/vim25/mo"
-	"golang.org/x/crypto/ssh"
 
 	"github.com/asrdr/asr/vmware/vcsim"
 )
 
 // TestE2EConsoleVMware drives the VMware pages of the console in headless
-// Chromium against the real server and govmomi's vCenter simulator: the
-// vCenter is added through the form in its two steps (the certificate's
-// thumbprint shown, the password asked again and never echoed), the
-// inventory lists the simulator's VMs and filters them, and "Enable
-// replication" of one VM starts a protect job whose page shows its steps.
-// The job's SSH target is a loopback port nothing listens on, so the job
-// fails for real in its connect step, and the page says so.
+// Chromium against the real server, govmomi's vCenter simulator and a real
+// OpenSSH server standing for the guest: the vCenter is added through the
+// form in its two steps (the certificate's thumbprint shown, the password
+// asked again and never echoed), the inventory lists the simulator's VMs
+// and filters them, and "Enable replication" of the guest's VM is refused
+// for an SSH target nothing listens on, then asks to confirm the guest's
+// unknown host key, then starts the push job, whose page follows its steps
+// until initial replication has begun; the machines page shows the machine
+// linked to its VM.
 func TestE2EConsoleVMware(t *testing.T) {
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
@@ -44,6 +42,18 @@ func TestE2EConsoleVMware(t *testing.T) {
 	// Closed after the cluster's server has stopped (cleanups run last
 	// first), so no discovery holds a connection to it.
 	t.Cleanup(sim.Close)
+	const size = 16 << 20
+	{
+		ctx := context.Background()
+		gc, err := sim.Client(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := sim.CreateVM(ctx, gc, vcsim.VMSpec{Name: "guest01", BIOSUUID: guestUUID, CPUs: 2, MemoryMiB: 2048, Disks: []int64{size}, PowerOn: true}); err != nil {
+			t.Fatal(err)
+		}
+		gc.Logout(ctx)
+	}
 	wantVMs := simVMNames(t, sim)
 	c := newCluster(t)
 
@@ -171,7 +181,7 @@ func TestE2EConsoleVMware(t *testing.T) {
 	waitFor("listed every VM of the simulator", inventory, func(s string) bool {
 		return !slices.ContainsFunc(wantVMs, func(n string) bool { return !strings.Contains(s, n) })
 	})
-	vm := wantVMs[0]
+	const vm = "guest01"
 	do(chromedp.SetValue(chromedp.CSS("#f-q"), vm),
 		chromedp.Click(chromedp.CSS("#filter")),
 		chromedp.WaitVisible(chromedp.CSS("#vm-count")))
@@ -179,24 +189,68 @@ func TestE2EConsoleVMware(t *testing.T) {
 		t.Fatalf("filtering on %s: %s", vm, s)
 	}
 
-	// Enable replication of that VM, over SSH to a port nothing listens on.
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	// The guest: a real sshd, root logging in with the test's key; its
+	// disk a file, the agent installed in a directory of the test.
+	sshd := startSSHD(t)
+	keyPEM, err := os.ReadFile(sshd.KeyFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	block, err := ssh.MarshalPrivateKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	key := string(pem.EncodeToMemory(block))
+	key := string(keyPEM)
 	keyBody := strings.Split(key, "\n")[1]
-	target := "root@127.0.0.1:" + freePort(t)
+	guest := t.TempDir()
+	disk := filepath.Join(guest, "disk0.img")
+	makeDisk(t, disk, size, 11)
+	install := filepath.Join(guest, "opt-asr")
+	t.Cleanup(func() { killPidFile(filepath.Join(install, "agent.pid")) })
+
+	// First to an SSH port nothing listens on: refused plainly, nothing
+	// started, and the key is not sent back.
 	do(chromedp.Click(chromedp.CSS(`tr[data-vm="`+vm+`"] input[type="checkbox"]`)),
 		chromedp.Click(chromedp.CSS("#enable-replication")),
-		chromedp.WaitVisible(chromedp.CSS("#protect-submit")),
-		chromedp.SetValue(chromedp.CSS("#ssh-0"), target),
+		chromedp.WaitVisible(chromedp.CSS("#protect-submit")))
+	if n, _ := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("input[name^=ssh-]").length`)); n != 1 {
+		t.Fatalf("one VM selected, %d SSH target fields", n)
+	}
+	do(chromedp.SetValue(chromedp.CSS("#ssh-0"), "root@127.0.0.1:"+freePort(t)),
 		chromedp.SetValue(chromedp.CSS("#key"), key),
-		chromedp.SetValue(chromedp.CSS("#disks"), "data=/dev/sdb"),
+		chromedp.SetValue(chromedp.CSS("#disks"), "d0="+disk),
+		chromedp.Click(chromedp.CSS("details.advanced summary")),
+		chromedp.SetValue(chromedp.CSS("#install_dir"), install),
+		chromedp.Click(chromedp.CSS("#skip_uuid_check")),
+		chromedp.Click(chromedp.CSS("#protect-submit")),
+		chromedp.WaitVisible(chromedp.CSS("#target-error-0")))
+	if e := text("#target-error-0"); !strings.Contains(e, "nothing was done") {
+		t.Fatalf("the push to a closed port shows %q", e)
+	}
+	if strings.Contains(html(), keyBody) {
+		t.Fatal("the form shown again holds the private key")
+	}
+	if _, err := os.Stat(install); !os.IsNotExist(err) {
+		t.Fatalf("a refused push left %s: %v", install, err)
+	}
+
+	// To the guest: its host key is not known, so the form comes back
+	// with the fingerprint to confirm, filled in.
+	do(chromedp.SetValue(chromedp.CSS("#ssh-0"), "root@"+sshd.Addr),
+		chromedp.SetValue(chromedp.CSS("#key"), key),
+		chromedp.Click(chromedp.CSS("#protect-submit")),
+		chromedp.WaitVisible(chromedp.CSS("#hostkey-0")))
+	fp := sshd.fingerprint()
+	if s := text("#hostkey-0"); !strings.Contains(s, fp) {
+		t.Fatalf("the host key confirmation shows %q, the guest's key is %s", s, fp)
+	}
+	if v, _ := chromedp.Run(ctx, chromedp.Value(chromedp.CSS("#accept-0"))); v != fp {
+		t.Fatalf("the accepted host key field holds %q, want %s", v, fp)
+	}
+	if v, _ := chromedp.Run(ctx, chromedp.Value(chromedp.CSS("#key"))); v != "" || strings.Contains(html(), keyBody) {
+		t.Fatal("the confirmation step sends the private key back")
+	}
+	if _, err := os.Stat(install); !os.IsNotExist(err) {
+		t.Fatalf("an unconfirmed host left %s: %v", install, err)
+	}
+	// Confirmed (the key typed again): the job starts, its page follows it.
+	do(chromedp.SetValue(chromedp.CSS("#key"), key),
 		chromedp.Click(chromedp.CSS("#protect-submit")),
 		chromedp.WaitVisible(chromedp.CSS("#job-steps")))
 	loc, err := chromedp.Run(ctx, chromedp.Location())
@@ -206,7 +260,6 @@ func TestE2EConsoleVMware(t *testing.T) {
 	if h := text("h1"); !strings.Contains(h, "protect") || !strings.Contains(h, vm) {
 		t.Fatalf("the job page is titled %q", h)
 	}
-	// The page follows the job by itself (htmx polling) until it ends.
 	state := func() string {
 		s, err := chromedp.Run(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
 		for stale(err) {
@@ -217,17 +270,17 @@ func TestE2EConsoleVMware(t *testing.T) {
 		}
 		return s.Value
 	}
+	// The page follows the job by itself (htmx polling) until it ends.
 	waitFor("saw the job end", state, func(s string) bool { return s != "running" })
-	if s := state(); s != "failed" {
-		t.Fatalf("the job to a closed port ended %q", s)
-	}
 	steps := text("#job-steps")
-	t.Logf("the job's steps:\n%s\nerror: %s", steps, text("#job-error"))
-	if !strings.Contains(steps, "connect") || !strings.Contains(steps, "failed") {
-		t.Fatalf("the job's steps do not show the failed connect step:\n%s", steps)
+	t.Logf("the job's steps:\n%s", steps)
+	if s := state(); s != "succeeded" {
+		t.Fatalf("the job ended %q: %s", s, text("#job"))
 	}
-	if e := text("#job-error"); !strings.Contains(e, "refused") && !strings.Contains(e, "127.0.0.1") {
-		t.Fatalf("the job's error does not say why: %s", e)
+	for _, step := range []string{"connect", "copy", "registration", "initial replication"} {
+		if !strings.Contains(steps, step) {
+			t.Fatalf("the job's steps lack %q", step)
+		}
 	}
 	if after, _ := chromedp.Run(ctx, chromedp.Location()); after != loc {
 		t.Fatalf("the page navigated (%s -> %s): the refresh should be in place", loc, after)
@@ -235,11 +288,15 @@ func TestE2EConsoleVMware(t *testing.T) {
 	if strings.Contains(html(), keyBody) {
 		t.Fatal("the job page shows the private key")
 	}
-	// The jobs list has it too.
 	do(chromedp.Click(chromedp.CSS(`nav a[href="/jobs"]`)), chromedp.WaitVisible(chromedp.CSS("#jobs")))
-	if s := text("#jobs"); !strings.Contains(s, vm) || !strings.Contains(s, "failed") {
+	if s := text("#jobs"); !strings.Contains(s, vm) || !strings.Contains(s, "succeeded") {
 		t.Fatalf("the jobs list shows:\n%s", s)
 	}
+
+	// The machines page shows the new machine with its VM.
+	do(chromedp.Click(chromedp.CSS(`nav a[href="/"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
+	waitFor("showed the machine linked to its VM", func() string { return text("#machines") },
+		func(s string) bool { return strings.Contains(s, "VM "+vm) })
 	if b, err := os.ReadFile(filepath.Join(c.dir, "server.log")); err == nil && strings.Contains(string(b), keyBody) {
 		t.Fatal("the server's log holds the private key")
 	}
