@@ -110,16 +110,20 @@ func (j *job) update(st api.JobStep) {
 	}
 }
 
-// step starts a step and returns the function that ends it (done, or
-// failed with the error's text).
-func (j *job) step(name, detail string) func(err error) {
+// step starts a step and returns the function that ends it: done with
+// what it found (done: "" keeps the running detail), or failed with the
+// error's text.
+func (j *job) step(name, detail string) func(done string, err error) {
 	j.update(api.JobStep{Name: name, State: "running", Detail: detail})
-	return func(err error) {
-		if err != nil {
+	return func(done string, err error) {
+		switch {
+		case err != nil:
 			j.update(api.JobStep{Name: name, State: "failed", Detail: err.Error()})
-			return
+		case done != "":
+			j.update(api.JobStep{Name: name, State: "done", Detail: done})
+		default:
+			j.update(api.JobStep{Name: name, State: "done", Detail: detail})
 		}
-		j.update(api.JobStep{Name: name, State: "done", Detail: detail})
 	}
 }
 

@@ -195,20 +195,20 @@ func (s *Server) runProtect(ctx context.Context, j *job, o push.Options, vm api.
 		}
 		return true, nil
 	})
-	end(err)
+	end(fmt.Sprintf("machine %s (id %s) registered and connected", m.Name, m.ID), err)
 	if err != nil {
 		return err
 	}
 	if policy != "" {
 		end := j.step("policy", "assigning policy "+policy)
 		err := s.assignPolicy(ctx, m, policy)
-		end(err)
+		end("policy "+policy, err)
 		if err != nil {
 			return err
 		}
 	}
 	end = j.step("initial replication", "waiting for initial replication to begin")
-	_, err = s.waitMachine(ctx, initialWait, func(m store.Machine) (bool, error) {
+	m, err = s.waitMachine(ctx, initialWait, func(m store.Machine) (bool, error) {
 		if m.Name != o.Name || len(m.Disks) < len(o.Disks) {
 			return false, nil
 		}
@@ -219,7 +219,16 @@ func (s *Server) runProtect(ctx context.Context, j *job, o push.Options, vm api.
 		}
 		return true, nil
 	})
-	end(err)
+	var copied, total int64
+	for _, d := range m.Disks {
+		total += d.Size
+		if d.State == replication.StateProtected {
+			copied += d.Size
+		} else {
+			copied += min(d.Cursor, d.Size)
+		}
+	}
+	end(fmt.Sprintf("begun: %d of %d bytes copied; follow it with asr status --machine %s", copied, total, o.Name), err)
 	return err
 }
 
@@ -302,7 +311,7 @@ func (s *Server) UnprotectVM(ctx context.Context, req api.UnprotectVMRequest) (a
 		}
 		end := j.step("end protection", "machine "+machine)
 		err = s.Unprotect(ctx, machine, req.DeleteReplica)
-		end(err)
+		end("", err)
 		return err
 	})
 }

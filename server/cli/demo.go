@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -45,12 +46,38 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		quiet = e.log
 	}
 	srvDir := filepath.Join(*dir, "server")
-	srv, err := server.Open(ctx, server.Config{DataDir: srvDir, Listen: *listen, DataListen: "127.0.0.1:0", Logger: quiet})
+	// The agents keep the data listener's address they registered with:
+	// a rerun listens where the first run did.
+	portFile := filepath.Join(*dir, "data-listen")
+	dataListen := "127.0.0.1:0"
+	if b, err := os.ReadFile(portFile); err == nil {
+		dataListen = strings.TrimSpace(string(b))
+	}
+	srv, err := server.Open(ctx, server.Config{DataDir: srvDir, Listen: *listen, DataListen: dataListen, Logger: quiet})
 	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(portFile, []byte(srv.DataAddr().String()+"\n"), 0o600); err != nil {
+		srv.Close()
 		return err
 	}
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Run(ctx) }()
+
+	// A vCenter: govmomi's simulator, in process, registered like a real
+	// one, with a VM for each demo guest (matched by BIOS UUID) and a few
+	// more that are not protected yet.
+	vc, err := startDemoVCenter(ctx, srv, *machines, size, filepath.Join(*dir, "guests"))
+	if err != nil {
+		srv.Close()
+		return fmt.Errorf("demo vCenter: %w", err)
+	}
+	defer vc.Close()
+	guest, spares, err := startDemoGuest(*dir, size, quiet)
+	if err != nil {
+		return fmt.Errorf("demo guest: %w", err)
+	}
+	defer stopDemoGuest(guest, spares)
 
 	var agents []*agent.Agent
 	var wg sync.WaitGroup
@@ -78,7 +105,7 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 			Server: srv.URL(), PassphraseFile: filepath.Join(srvDir, server.PassphraseFile),
 			StateDir: filepath.Join(gdir, "agent"), Name: name,
 			Disks: []agent.DiskSpec{{Name: "disk0", Path: disk}}, NBD: "unix:" + sock,
-			CrashInterval: *crash, SpoolMax: 256 << 20, Logger: quiet,
+			CrashInterval: *crash, SpoolMax: 256 << 20, Logger: quiet, BIOSUUID: demoUUID(name),
 		})
 		if err != nil {
 			return fmt.Errorf("start agent %s: %w", name, err)
@@ -95,8 +122,14 @@ func runDemo(ctx context.Context, e *env, args []string) error {
   (also in %s)
 
   CLI:      go run . status --data %s --server %s
+            go run . vms --data %s --server %s
+
+  vCenter:  %s (govmomi's simulator, registered as %q): the demo guests
+            are its VMs %s; the others are not protected yet.
+%s
 Press Ctrl-C to stop.
-`, *machines, *sizeFlag, *rate, srv.URL(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), srvDir, srv.URL())
+`, *machines, *sizeFlag, *rate, srv.URL(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), srvDir, srv.URL(),
+		srvDir, srv.URL(), vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(guest, spares, srvDir, srv.URL()))
 	select {
 	case <-ctx.Done():
 		fmt.Fprintln(out, "\nstopping...")
