@@ -73,6 +73,64 @@ func (b consoleBackend) StartResync(ctx context.Context, machineID, disk string)
 	return err
 }
 
+func (b consoleBackend) VCenters(ctx context.Context) ([]api.VCenter, error) {
+	return b.s.VCenters(ctx)
+}
+
+func (b consoleBackend) AddVCenter(ctx context.Context, req api.AddVCenterRequest) (api.VCenter, string, error) {
+	v, err := b.s.AddVCenter(ctx, req)
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return v, ae.thumbprint, err
+	}
+	return v, "", err
+}
+
+func (b consoleBackend) RemoveVCenter(ctx context.Context, name string) error {
+	err := b.s.RemoveVCenter(ctx, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("vCenter %s: %w", name, web.ErrNotFound)
+	}
+	return err
+}
+
+func (b consoleBackend) VMs(ctx context.Context) ([]api.VM, error) {
+	return b.s.VMs(ctx, "")
+}
+
+func (b consoleBackend) Policies(ctx context.Context) ([]api.PolicyJSON, error) {
+	ps, err := b.s.db.Policies(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.PolicyJSON, len(ps))
+	for i, p := range ps {
+		out[i] = policyJSON(p)
+	}
+	return out, nil
+}
+
+func (b consoleBackend) Protect(ctx context.Context, req api.ProtectRequest) (api.Job, string, error) {
+	j, err := b.s.Protect(ctx, req)
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return j, ae.hostKey, err
+	}
+	return j, "", err
+}
+
+func (b consoleBackend) Jobs(ctx context.Context, limit int) ([]api.Job, error) {
+	return b.s.Jobs(ctx, limit)
+}
+
+func (b consoleBackend) Job(ctx context.Context, id string) (api.Job, error) {
+	j, err := b.s.Job(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return j, fmt.Errorf("job %s: %w", id, web.ErrNotFound)
+	}
+	return j, err
+}
+
 // console returns the web console handler.
 func (s *Server) console() http.Handler {
 	return web.New(consoleBackend{s}, web.Options{Logger: s.log, ServerURL: s.URL()})

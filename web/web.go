@@ -1,7 +1,8 @@
 // Package web is asr's web console: a small server-rendered HTML interface
 // where DR administrators sign in, watch the replication state, RPO and
-// recovery points of every protected machine, and manage the console
-// password.
+// recovery points of every protected machine, register vCenters, enable
+// replication of their VMs from the inventory, follow the jobs that do it,
+// and manage the console password.
 //
 // Pages are templ components; live values are refreshed by htmx polling a
 // fragment of the machines page. The only script is the vendored htmx, served
@@ -14,6 +15,7 @@ package web
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/http"
 	"time"
@@ -57,7 +59,39 @@ type Backend interface {
 
 	// ProcessServer returns the process server's figures.
 	ProcessServer(ctx context.Context) (api.ProcessServer, error)
+
+	// VCenters lists the registered vCenters.
+	VCenters(ctx context.Context) ([]api.VCenter, error)
+	// AddVCenter registers a vCenter. When the operator must confirm the
+	// vCenter's certificate first (no thumbprint in req, or not the one
+	// the certificate has), it registers nothing and returns, with the
+	// error, the certificate's SHA-256 thumbprint to confirm. Other
+	// errors' messages are shown to the user.
+	AddVCenter(ctx context.Context, req api.AddVCenterRequest) (v api.VCenter, confirmThumbprint string, err error)
+	// RemoveVCenter forgets a vCenter and its inventory: [ErrNotFound] if
+	// there is no such vCenter.
+	RemoveVCenter(ctx context.Context, name string) error
+	// VMs lists the inventory of every vCenter, each VM with the machine
+	// protecting it.
+	VMs(ctx context.Context) ([]api.VM, error)
+	// Policies lists the replication policies by name.
+	Policies(ctx context.Context) ([]api.PolicyJSON, error)
+	// Protect starts the job that pushes the agent to a VM's guest over
+	// SSH and protects its disks. When the guest's SSH host key is not
+	// known and not the one req accepts, it starts nothing and returns,
+	// with the error, the key's "SHA256:..." fingerprint to confirm.
+	// Other errors' messages are shown to the user. req.Key is a secret:
+	// implementations must neither store nor log it.
+	Protect(ctx context.Context, req api.ProtectRequest) (j api.Job, confirmHostKey string, err error)
+	// Jobs lists the newest jobs first, at most limit.
+	Jobs(ctx context.Context, limit int) ([]api.Job, error)
+	// Job returns a job: [ErrNotFound] if there is no such job.
+	Job(ctx context.Context, id string) (api.Job, error)
 }
+
+// ErrNotFound is what a [Backend] returns for a vCenter or a job that does
+// not exist.
+var ErrNotFound = errors.New("not found")
 
 // Options configures a [Handler]. The zero value is usable.
 type Options struct {
@@ -95,6 +129,9 @@ func New(b Backend, opts Options) *Handler {
 	auth := &authHandler{backend: b, log: log, loginDelay: defaultLoginDelay}
 	machines := &machinesHandler{backend: b, log: log, now: now, serverURL: opts.ServerURL}
 	settings := &settingsHandler{backend: b, log: log, failDelay: defaultLoginDelay}
+	vcenters := &vcentersHandler{backend: b, log: log, now: now}
+	inventory := &inventoryHandler{backend: b, log: log, now: now}
+	jobs := &jobsHandler{backend: b, log: log, now: now}
 
 	r := chi.NewRouter()
 	r.Use(securityHeaders)
@@ -115,11 +152,22 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/fragments/machines", machines.fragment)
 		r.Get("/settings", settings.page)
 		r.Get("/machines/{machine}/resync", machines.resyncPage)
+		r.Get("/vcenters", vcenters.page)
+		r.Get("/vcenters/{vcenter}/remove", vcenters.removePage)
+		r.Get("/vms", inventory.page)
+		r.Get("/protect", inventory.protectPage)
+		r.Get("/jobs", jobs.list)
+		r.Get("/fragments/jobs", jobs.listFragment)
+		r.Get("/jobs/{job}", jobs.page)
+		r.Get("/fragments/jobs/{job}", jobs.fragment)
 		r.Group(func(r chi.Router) {
 			r.Use(requireCSRF)
 			r.Post("/logout", auth.logout)
 			r.Post("/settings/password", settings.setPassword)
 			r.Post("/machines/{machine}/resync", machines.startResync)
+			r.Post("/vcenters", vcenters.add)
+			r.Post("/vcenters/{vcenter}/remove", vcenters.remove)
+			r.Post("/protect", inventory.protect)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}

@@ -35,6 +35,8 @@ type fakeBackend struct {
 	resyncErr   error
 	ps          api.ProcessServer
 	psErr       error
+
+	fakeVMware // vCenters, inventory, policies, jobs (vmware_test.go)
 }
 
 var _ Backend = (*fakeBackend)(nil)
