@@ -7,7 +7,7 @@
 // with --target and --passphrase-file, read the target storage directly.
 // Each command group has its file: server.go, agent.go, demo.go, status.go,
 // points.go (points, tag), recover.go, policy.go, events.go, group.go,
-// resync.go, verify.go; op.go holds what the operator commands share.
+// resync.go, verify.go, unprotect.go; op.go holds what the operator commands share.
 package cli
 
 import (
@@ -45,6 +45,7 @@ Usage:
   (points, tag and recover take --group G instead of --machine M for a replication group)
   asr recover  --machine M --point latest|ID --out DIR [--format raw|vhd [--to-blob NAME]] [--accept-damage] [--target URL --passphrase-file F]
   asr verify   --machine M [--point P] [--no-source] [--wait] [--target URL --passphrase-file F] | --every 168h|off
+  asr unprotect --machine M [--delete-replica]
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,
@@ -69,18 +70,19 @@ func (e *env) flags(name string) *flag.FlagSet {
 
 // commands maps each subcommand to the function that runs it.
 var commands = map[string]func(ctx context.Context, e *env, args []string) error{
-	"server":  runServer,
-	"agent":   runAgent,
-	"demo":    runDemo,
-	"status":  runStatus,
-	"points":  runPoints,
-	"tag":     runTag,
-	"recover": runRecover,
-	"policy":  runPolicy,
-	"events":  runEvents,
-	"group":   runGroup,
-	"resync":  runResync,
-	"verify":  runVerify,
+	"server":    runServer,
+	"agent":     runAgent,
+	"demo":      runDemo,
+	"status":    runStatus,
+	"points":    runPoints,
+	"tag":       runTag,
+	"recover":   runRecover,
+	"policy":    runPolicy,
+	"events":    runEvents,
+	"group":     runGroup,
+	"resync":    runResync,
+	"verify":    runVerify,
+	"unprotect": runUnprotect,
 }
 
 // Main runs the asr command line with args (without the program name) and
