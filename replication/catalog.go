@@ -548,3 +548,73 @@ func (c *Catalog) FindGroupPoint(ctx context.Context, group, id string) (GroupPo
 	}
 	return GroupPoint{}, fmt.Errorf("point %q of group %s: %w", id, group, ErrNoPoint)
 }
+
+// DeleteMachine deletes everything of a machine on the target: its replica
+// and sum disks with their snapshots (its recovery points' data), its kept
+// segments and points, its membership of group points (a group point left
+// without members goes), and last its catalog entry. The entry goes last
+// because it names the disks: a deletion cut short (a crash, a disk still
+// open for a recovery: ErrDiskOpen) is finished by running it again. A
+// machine without an entry has nothing left but objects under its prefix,
+// which are deleted. The machine's disks must not be open (its applier
+// closed).
+func (c *Catalog) DeleteMachine(ctx context.Context, id string) error {
+	m, err := c.Machine(ctx, id)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("read the catalog of machine %s: %w", id, err)
+	}
+	for _, d := range m.Disks {
+		if err := c.T.DeleteDisk(ctx, DiskKey(id, d.Index)); err != nil {
+			return fmt.Errorf("delete the replica of disk %s: %w", d.Name, err)
+		}
+		if err := c.T.DeleteDisk(ctx, SumKey(id, d.Index)); err != nil {
+			return fmt.Errorf("delete the checksums of disk %s: %w", d.Name, err)
+		}
+	}
+	if err := c.dropGroupMember(ctx, id); err != nil {
+		return err
+	}
+	objs, err := c.T.ListObjects(ctx, "machines/"+id+"/")
+	if err != nil {
+		return err
+	}
+	for _, o := range objs {
+		if o.Key == machineKey(id) {
+			continue
+		}
+		if err := c.T.DeleteObject(ctx, o.Key); err != nil {
+			return fmt.Errorf("delete %s: %w", o.Key, err)
+		}
+	}
+	return c.T.DeleteObject(ctx, machineKey(id))
+}
+
+// dropGroupMember takes machine id out of every group point that names it.
+func (c *Catalog) dropGroupMember(ctx context.Context, id string) error {
+	objs, err := c.T.ListObjects(ctx, "groups/")
+	if err != nil {
+		return err
+	}
+	for _, o := range objs {
+		if !strings.Contains(o.Key, "/points/") {
+			continue
+		}
+		var gp GroupPoint
+		if err := c.get(ctx, o.Key, "grouppoint", &gp); err != nil {
+			return err
+		}
+		if _, ok := gp.Members[id]; !ok {
+			continue
+		}
+		delete(gp.Members, id)
+		if len(gp.Members) == 0 {
+			err = c.T.DeleteObject(ctx, o.Key)
+		} else {
+			err = c.put(ctx, o.Key, "grouppoint", gp)
+		}
+		if err != nil {
+			return fmt.Errorf("take machine %s out of group point %s: %w", id, o.Key, err)
+		}
+	}
+	return nil
+}

@@ -1,10 +1,15 @@
 package replication_test
 
 import (
+	"context"
+	"errors"
+	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/memtarget"
 )
 
 func TestValidMachineName(t *testing.T) {
@@ -36,5 +41,79 @@ func TestValidMachineName(t *testing.T) {
 		if got := replication.ValidMachineName(tc.name); got != tc.ok {
 			t.Errorf("ValidMachineName(%q) = %v, want %v", tc.name, got, tc.ok)
 		}
+	}
+}
+
+// DeleteMachine leaves nothing of the machine on the target (disks, sums,
+// points, segments, its entry), takes it out of group points (deleting
+// those it was alone in), touches no other machine, and finishes a
+// deletion cut short when run again.
+func TestCatalogDeleteMachine(t *testing.T) {
+	ctx := context.Background()
+	tgt := memtarget.New()
+	defer tgt.Close()
+	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	for _, id := range []string{"00aa", "00bb"} {
+		a, err := replication.OpenApplier(ctx, cat, id, "vm-"+id, slog.Default())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d0", Size: 1 << 20}, {Index: 3, Name: "d3", Size: 1 << 20}}); err != nil {
+			t.Fatal(err)
+		}
+		a.Close()
+		p := replication.Point{ID: "7", Seq: 7, Time: time.Unix(100, 0).UTC(), Kind: replication.PointCrash}
+		if err := cat.PutPoint(ctx, id, p); err != nil {
+			t.Fatal(err)
+		}
+		si := replication.SegmentInfo{First: 1, Last: 7, LastTime: time.Unix(100, 0)}
+		if err := cat.PutSegment(ctx, id, si, []byte("segment")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cat.PutGroupPoint(ctx, "g", replication.GroupPoint{ID: "1", Kind: replication.PointCrash, Members: map[string]string{"00aa": "7", "00bb": "7"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cat.PutGroupPoint(ctx, "solo", replication.GroupPoint{ID: "2", Kind: replication.PointCrash, Members: map[string]string{"00aa": "7"}}); err != nil {
+		t.Fatal(err)
+	}
+	// Cut short: one disk is deleted already, the entry still names it.
+	if err := tgt.DeleteDisk(ctx, replication.DiskKey("00aa", 0)); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // again: nothing left to do, no error
+		if err := cat.DeleteMachine(ctx, "00aa"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	objs, err := tgt.ListObjects(ctx, "machines/00aa/")
+	if err != nil || len(objs) != 0 {
+		t.Fatalf("objects left: %v, %v", objs, err)
+	}
+	for _, idx := range []uint32{0, 3} {
+		for _, key := range []string{replication.DiskKey("00aa", idx), replication.SumKey("00aa", idx)} {
+			if _, err := tgt.OpenDisk(ctx, key, 0); !errors.Is(err, replication.ErrNotFound) {
+				t.Errorf("disk %s: %v, want not found", key, err)
+			}
+		}
+	}
+	gps, err := cat.GroupPoints(ctx, "g")
+	if err != nil || len(gps) != 1 || len(gps[0].Members) != 1 || gps[0].Members["00bb"] != "7" {
+		t.Fatalf("group g's points: %+v, %v", gps, err)
+	}
+	if gps, err := cat.GroupPoints(ctx, "solo"); err != nil || len(gps) != 0 {
+		t.Fatalf("group solo's points: %+v, %v", gps, err)
+	}
+	// The other machine is whole.
+	if m, err := cat.Machine(ctx, "00bb"); err != nil || len(m.Disks) != 2 {
+		t.Fatalf("the other machine: %+v, %v", m, err)
+	}
+	if ps, err := cat.Points(ctx, "00bb"); err != nil || len(ps) != 1 {
+		t.Fatalf("the other machine's points: %+v, %v", ps, err)
+	}
+	if d, err := tgt.OpenDisk(ctx, replication.DiskKey("00bb", 3), 0); err != nil {
+		t.Fatal(err)
+	} else {
+		d.Close()
 	}
 }

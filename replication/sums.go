@@ -406,6 +406,7 @@ type CheckedReader struct {
 
 	mu      sync.Mutex
 	damaged map[int64]bool
+	also    []io.Closer // closed after the readers (CloseAlso)
 }
 
 // NewCheckedReader checks data (size bytes) against sums (nil: unchecked).
@@ -525,8 +526,18 @@ func (r *CheckedReader) Close() error {
 			err = serr
 		}
 	}
+	for _, c := range r.also {
+		if cerr := c.Close(); err == nil {
+			err = cerr
+		}
+	}
+	r.also = nil
 	return err
 }
+
+// CloseAlso has Close close cs too, after the readers (the disk handles a
+// reader opened for itself, which must outlive its snapshot readers).
+func (r *CheckedReader) CloseAlso(cs ...io.Closer) { r.also = append(r.also, cs...) }
 
 // OpenPointDisk opens disk idx of machine m at point p for reading, with its
 // checksums when the point has them (rd and sums are the open replica and

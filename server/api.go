@@ -115,6 +115,7 @@ func (s *Server) routes() http.Handler {
 			})
 			r.Post("/machines/{machine}/group", handle(s.handleSetGroup))
 			r.Post("/machines/{machine}/resync", handle(s.handleResync))
+			r.Post("/machines/{machine}/unprotect", handle(s.handleUnprotect))
 			r.Get("/machines/{machine}/resync", handle(s.handleResyncs))
 			r.Put("/settings/resync-window", handle(s.handleResyncWindow))
 			r.Post("/machines/{machine}/verify", handle(s.handleVerify))
@@ -187,6 +188,13 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 		return errorf(http.StatusBadRequest, "%v", err)
 	}
 	m, created, err := s.db.CreateMachine(r.Context(), id, req.Name, serial)
+	if errors.Is(err, store.ErrUnprotected) {
+		// Not 409, which agents retry: an operator must choose. The
+		// unprotected machine keeps its name (and its recovery points)
+		// until its replica is deleted.
+		s.log.Warn("registration refused: the name belongs to an unprotected machine", "name", req.Name, "remote", r.RemoteAddr)
+		return errorf(http.StatusUnprocessableEntity, "%v; its replica is kept for recovery under this name: to protect the machine again, run asr unprotect --machine %s --delete-replica (deletes that replica and its recovery points) or register this agent under another name; nothing was registered", err, req.Name)
+	}
 	if err != nil {
 		return err
 	}
@@ -261,6 +269,9 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if err := refuseUnprotected(m, "a recovery point"); err != nil {
+		return err
+	}
 	var req api.TagRequest
 	if r.ContentLength != 0 {
 		if err := readJSON(r, &req); err != nil {
@@ -293,6 +304,9 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	defer cancel()
 	p, err := s.ps.RequestPoint(ctx, m.ID, req.App)
 	if err != nil {
+		if errors.Is(err, procserver.ErrRemoved) {
+			return errorf(http.StatusConflict, "%v", err)
+		}
 		if errors.Is(err, procserver.ErrNotConnected) || errors.Is(err, context.DeadlineExceeded) {
 			return err
 		}

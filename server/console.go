@@ -240,6 +240,10 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 	if len(m.Disks) == 0 {
 		v.State = replication.StateInitial
 	}
+	if m.Unprotected() {
+		v.State, v.Unprotected, v.UnprotectedAt = api.StateUnprotected, true, m.UnprotectedAt
+		v.Reason = "replication disabled; the replica and its recovery points are kept on the target"
+	}
 	v.Progress = 1
 	if total > 0 {
 		v.Progress = float64(copied) / float64(total)
@@ -261,7 +265,7 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 		if st.ApplyError != "" && v.Error == "" {
 			v.Error = "applying replication data: " + st.ApplyError
 		}
-		if !st.StatusAt.IsZero() {
+		if !st.StatusAt.IsZero() && !m.Unprotected() {
 			v.RPO, v.RPOKnown = rpo(st.LastStatus, st.StatusAt, time.Now()), true
 		}
 	}

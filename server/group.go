@@ -32,6 +32,9 @@ func (s *Server) handleSetGroup(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if err := refuseUnprotected(m, "a replication group"); err != nil {
+		return err
+	}
 	var req api.GroupRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
@@ -59,7 +62,7 @@ func (s *Server) groupMembers(ctx context.Context) (map[string][]store.Machine, 
 	}
 	groups := map[string][]store.Machine{}
 	for _, m := range ms {
-		if m.Group != "" {
+		if m.Group != "" && !m.Unprotected() {
 			groups[m.Group] = append(groups[m.Group], m)
 		}
 	}

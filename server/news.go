@@ -97,6 +97,17 @@ func (s *Server) noteEvent(e store.Event) {
 // the vault database, taking out of n what it wrote. It runs on the
 // mirror's goroutine only (and, once the mirror is stopped, in its close).
 func (s *Server) writeNews(ctx context.Context, id string, n *news) error {
+	unprotected, gone := s.unprotected(id)
+	if gone {
+		// Its row is being deleted (unprotect --delete-replica).
+		*n = news{}
+		return nil
+	}
+	if unprotected {
+		// Its resyncs ended with its protection; what its drained cache
+		// reported (points, disk states) is still written.
+		n.resyncs = nil
+	}
 	if id != "" {
 		known, err := s.mirrored(ctx, id)
 		if err != nil {
@@ -120,8 +131,10 @@ func (s *Server) writeNews(ctx context.Context, id string, n *news) error {
 		if err := s.writeDisks(ctx, *n.state); err != nil {
 			return err
 		}
-		if err := s.reconcileResyncs(ctx, *n.state); err != nil {
-			return err
+		if !unprotected {
+			if err := s.reconcileResyncs(ctx, *n.state); err != nil {
+				return err
+			}
 		}
 		n.state = nil
 	}

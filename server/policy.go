@@ -344,6 +344,12 @@ func (s *Server) prune(ctx context.Context) error {
 		return err
 	}
 	for _, m := range ms {
+		if m.Unprotected() {
+			// Its points are frozen as they were when its protection
+			// ended (unprotect.go): no new point would replace those
+			// that age out.
+			continue
+		}
 		p, err := s.db.Policy(ctx, m.Policy)
 		if err != nil {
 			return err

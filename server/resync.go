@@ -244,8 +244,8 @@ const maxManualAttempts = 3
 func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	now := s.now()
 	m, err := s.db.Machine(ctx, r.MachineID)
-	if err != nil {
-		return
+	if err != nil || m.Unprotected() {
+		return // an unprotected machine's rows are going (unprotect.go)
 	}
 	w, err := s.windowFor(ctx, m)
 	if err != nil {
@@ -331,6 +331,9 @@ func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
 // or the console. A disk whose resync is running is left to it. Nothing is
 // changed if any disk is refused.
 func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string) ([]api.ResyncJSON, error) {
+	if err := refuseUnprotected(m, "a resync"); err != nil {
+		return nil, err
+	}
 	var picked []store.Disk
 	for _, d := range m.Disks {
 		if disk == "" || d.Name == disk {

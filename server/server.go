@@ -111,6 +111,15 @@ type Server struct {
 
 	cutMu sync.Mutex // one replication-group cut at a time
 
+	// unprotectMu serializes the removals of unprotected machines
+	// (unprotect.go); unprot (under unprotMu) notes the unprotected
+	// machines (true: its row is being deleted) for the mirror;
+	// unprotectedAtStart are those whose removal Run finishes.
+	unprotectMu        sync.Mutex
+	unprotMu           sync.Mutex
+	unprot             map[string]bool
+	unprotectedAtStart []store.Machine
+
 	reqMu    sync.Mutex
 	reqs     sync.WaitGroup // work a request started that outlives it
 	stopping bool           // under reqMu: Close has begun, no more reqs
@@ -159,7 +168,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
 		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
-		now: cfg.Now, rpoOver: map[string]bool{},
+		now: cfg.Now, rpoOver: map[string]bool{}, unprot: map[string]bool{},
 		// Real time, not cfg.Now: a nonce's life is a security bound, not
 		// something a test's clock should stretch.
 		nonces: newNonceTable(noncesPerSource, maxNonces, nonceTTL, time.Now)}
@@ -248,9 +257,24 @@ func (s *Server) open(ctx context.Context) error {
 			return err
 		}
 	}
+	// Machines whose protection ended are never opened by the process
+	// server; Run finishes a removal a stop cut short.
+	ms, err := s.db.Machines(ctx)
+	if err != nil {
+		return err
+	}
+	var removed []string
+	for _, m := range ms {
+		if m.Unprotected() {
+			removed = append(removed, m.ID)
+			s.unprotectedAtStart = append(s.unprotectedAtStart, m)
+			s.noteUnprotected(m.ID, false)
+		}
+	}
 	// Before the process server, which reports each machine it opens.
 	s.mirror = newMirror(s.writeNews, s.log.With("component", "mirror"), time.Second, 30*time.Second)
 	s.ps, err = procserver.New(ctx, procserver.Config{
+		Removed:       removed,
 		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
 		Catalog:       s.cat,
 		Authorize:     s.authorizeAgent,
@@ -505,7 +529,8 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	errc := make(chan error, 2)
-	s.wg.Add(6)
+	s.wg.Add(7)
+	go func() { defer s.wg.Done(); s.finishUnprotects(s.unprotectedAtStart) }()
 	go func() { defer s.wg.Done(); s.resyncLoop() }()
 	go func() { defer s.wg.Done(); s.policyLoop() }()
 	go func() { defer s.wg.Done(); s.groupLoop() }()
@@ -573,8 +598,16 @@ func (s *Server) Close() error {
 // certificate is the one issued at its latest registration.
 func (s *Server) authorizeAgent(ctx context.Context, id, serial string) (string, error) {
 	m, err := s.db.Machine(ctx, id)
-	if err != nil {
+	if errors.Is(err, store.ErrNotFound) {
+		return "", fmt.Errorf("no machine %s is registered with this vault (a machine unprotected with --delete-replica is gone): register the agent again", id)
+	} else if err != nil {
 		return "", err
+	}
+	if m.Unprotected() {
+		// Shown on the machine too: its agent is still out there.
+		reason := unprotectedReason(m)
+		s.onRefused(id, reason)
+		return "", errors.New(reason)
 	}
 	if m.CertSerial != serial {
 		return "", errors.New("certificate superseded by a later registration")

@@ -96,7 +96,7 @@ func (s *Server) maybeScrub(ctx context.Context) {
 	}
 	now := s.now()
 	for _, m := range ms {
-		if len(m.Disks) == 0 || now.Sub(m.LastScrub) < every {
+		if m.Unprotected() || len(m.Disks) == 0 || now.Sub(m.LastScrub) < every {
 			continue
 		}
 		if m.LastScrub.IsZero() && now.Sub(m.RegisteredAt) < every {
@@ -192,6 +192,9 @@ func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	m, err := s.findMachine(ctx, r)
 	if err != nil {
+		return err
+	}
+	if err := refuseUnprotected(m, "verify"); err != nil {
 		return err
 	}
 	var req api.VerifyRequest

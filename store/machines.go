@@ -34,8 +34,21 @@ type Machine struct {
 	// DiskModes is how the agent captures each disk (by name: nbd or scan),
 	// as JSON, as it last reported them.
 	DiskModes string
-	Disks     []Disk
+	// UnprotectedAt is when the machine's protection ended (asr
+	// unprotect; zero: protected). DeleteReplica says its replica, its
+	// points and its row are to be deleted too (a removal cut short is
+	// finished at the next start).
+	UnprotectedAt time.Time
+	DeleteReplica bool
+	Disks         []Disk
 }
+
+// Unprotected reports whether the machine's protection ended.
+func (m Machine) Unprotected() bool { return !m.UnprotectedAt.IsZero() }
+
+// ErrUnprotected is returned (wrapped) by CreateMachine for a name taken by
+// a machine whose protection ended.
+var ErrUnprotected = errors.New("the machine's protection ended")
 
 // Disk states.
 const (
@@ -80,6 +93,16 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 			return err
 		}
 		id = existing
+		var unprotected int64
+		if err := tx.QueryRowContext(ctx, `SELECT unprotected_at FROM machines WHERE id = ?`, id).Scan(&unprotected); err != nil {
+			return err
+		}
+		if unprotected != 0 {
+			// Checked in the same transaction as the update: an unprotect
+			// cannot slip in between and have its mark ignored.
+			return fmt.Errorf("name %q is taken by machine %s, unprotected at %s: %w", name, id,
+				time.Unix(0, unprotected).UTC().Format(time.RFC3339), ErrUnprotected)
+		}
 		_, err = tx.ExecContext(ctx, `UPDATE machines SET cert_serial = ? WHERE id = ?`, serial, id)
 		return err
 	})
@@ -90,12 +113,16 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 	return m, created, err
 }
 
-const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid, disk_modes`
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid, disk_modes, unprotected_at, delete_replica`
 
 func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
-	var reg, seen, scrub int64
-	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult, &m.BIOSUUID, &m.DiskModes)
+	var reg, seen, scrub, unprotected int64
+	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult, &m.BIOSUUID, &m.DiskModes,
+		&unprotected, &m.DeleteReplica)
+	if unprotected != 0 {
+		m.UnprotectedAt = time.Unix(0, unprotected)
+	}
 	m.RegisteredAt = time.Unix(reg, 0)
 	if scrub > 0 {
 		m.LastScrub = time.Unix(0, scrub)
@@ -213,6 +240,39 @@ func (d *DB) SetDiskModes(ctx context.Context, id, modes string) error {
 func (d *DB) SetScrub(ctx context.Context, id string, at time.Time, result string) error {
 	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_scrub = ?, scrub_result = ? WHERE id = ?`, at.UnixNano(), result, id)
 	return err
+}
+
+// SetUnprotected marks a machine's protection as ended at at (kept if it
+// ended earlier) and revokes its client certificate (its serial is
+// cleared, so no certificate matches it); deleteReplica asks for its
+// replica, points and row to be deleted too (once asked, it stays asked).
+// It takes the machine out of its replication group.
+func (d *DB) SetUnprotected(ctx context.Context, id string, at time.Time, deleteReplica bool) error {
+	res, err := d.db.ExecContext(ctx, `UPDATE machines SET
+		unprotected_at = CASE WHEN unprotected_at = 0 THEN ? ELSE unprotected_at END,
+		delete_replica = MAX(delete_replica, ?), cert_serial = '', group_name = '' WHERE id = ?`,
+		at.UnixNano(), deleteReplica, id)
+	if err != nil {
+		return fmt.Errorf("mark machine %s unprotected: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("machine %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// DeleteMachine deletes a machine's row with its disks, points and resync
+// rows (by cascade) and its events. Deleting a missing machine is nil.
+func (d *DB) DeleteMachine(ctx context.Context, id string) error {
+	return d.tx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `DELETE FROM events WHERE machine_id = ?`, id); err != nil {
+			return fmt.Errorf("delete the events of machine %s: %w", id, err)
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM machines WHERE id = ?`, id); err != nil {
+			return fmt.Errorf("delete machine %s: %w", id, err)
+		}
+		return nil
+	})
 }
 
 // SetMachineError records (or, with "", clears) the error shown on a machine.

@@ -141,6 +141,13 @@ func (d *DB) DeleteResync(ctx context.Context, machineID string, disk uint32) er
 	return err
 }
 
+// DeleteResyncs removes every resync row (resyncs and verify jobs) of a
+// machine.
+func (d *DB) DeleteResyncs(ctx context.Context, machineID string) error {
+	_, err := d.db.ExecContext(ctx, `DELETE FROM resyncs WHERE machine_id = ?`, machineID)
+	return err
+}
+
 // ResyncWindow returns a policy's resync window ("" = the vault's).
 func (d *DB) ResyncWindow(ctx context.Context, policy string) (string, error) {
 	var w string

@@ -82,7 +82,7 @@ func (h *machinesHandler) view(r *http.Request) (machinesPageView, int) {
 // machineSummary counts the machines by state, e.g. "3 machines: 1 protected,
 // 1 in initial replication, 1 needs resync · 1 agent disconnected".
 func machineSummary(ms []api.Machine) string {
-	var protected, initial, resync, other, disconnected int
+	var protected, initial, resync, unprotected, other, disconnected int
 	for _, m := range ms {
 		switch m.State {
 		case api.StateProtected:
@@ -91,6 +91,9 @@ func machineSummary(ms []api.Machine) string {
 			initial++
 		case api.StateResync:
 			resync++
+		case api.StateUnprotected:
+			unprotected++
+			continue // its agent is refused, not disconnected
 		default:
 			other++
 		}
@@ -107,6 +110,7 @@ func machineSummary(ms []api.Machine) string {
 	add(protected, "protected")
 	add(initial, "in initial replication")
 	add(resync, plural(resync, "needs", "need")+" resync")
+	add(unprotected, "unprotected")
 	add(other, "in another state")
 	s := fmt.Sprintf("%d %s: %s", len(ms), plural(len(ms), "machine", "machines"), strings.Join(parts, ", "))
 	if disconnected > 0 {

@@ -77,6 +77,16 @@ var (
 		ScrubResult: "1 damaged blocks in the replica (being resynced from the source), 1 damaged blocks in 1 recovery points; 42949672960 bytes checked",
 		Disks:       []api.Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: api.StateProtected, Progress: 1}},
 	}
+	unprotectedMachine = api.Machine{
+		ID: "0123456789abcdef0123456789abcdef", Name: "old-erp", AgentVersion: "0.4.0",
+		LastSeen: testNow.Add(-26 * time.Hour), State: api.StateUnprotected, Progress: 1,
+		Reason:      "replication disabled; the replica and its recovery points are kept on the target",
+		Unprotected: true, UnprotectedAt: testNow.Add(-25 * time.Hour),
+		LastPoint:  &api.Point{ID: "0000000000000a00", Time: testNow.Add(-25*time.Hour - time.Minute), Kind: api.PointCrash},
+		PointCount: 12, BytesReceived: 10 * gib,
+		Error: "machine old-erp is unprotected (replication disabled at 2026-11-25T09:00:00Z): its agent is refused",
+		Disks: []api.Disk{{Index: 0, Name: "disk0", Size: 40 * gib, State: api.StateProtected, Progress: 1}},
+	}
 	neverSeenMachine = api.Machine{
 		ID: "77", Name: "new-vm", State: api.StateInitial,
 	}
@@ -98,6 +108,7 @@ func TestRenderMachines(t *testing.T) {
 		{"protected", []api.Machine{protectedMachine}},
 		{"resync", []api.Machine{resyncMachine}},
 		{"disconnected", []api.Machine{disconnectedMachine, neverSeenMachine}},
+		{"unprotected", []api.Machine{unprotectedMachine}},
 		{"all", testMachines()},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -499,6 +499,36 @@ func (c *cache) cutLocked() {
 	}
 }
 
+// sealAll makes what is appended durable and seals the open file, if it
+// holds frames, so the applier can take everything the cache holds (the
+// machine's removal with drain: nothing is appended any more).
+func (c *cache) sealAll() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return errors.New("process server closing")
+	}
+	if c.broken != nil {
+		return c.broken
+	}
+	if c.openRaw == 0 {
+		return nil
+	}
+	if err := c.open.Sync(); err != nil {
+		c.breakLocked(err)
+		return c.broken
+	}
+	c.durable = c.appended
+	return c.sealLocked()
+}
+
+// uncount takes a closed cache's bytes out of the total of every machine
+// (its files are about to be removed).
+func (c *cache) uncount() {
+	st := c.stats()
+	c.cfg.total.Add(-st.bytes)
+}
+
 // next returns the oldest sealed segment, which the applier applies next.
 func (c *cache) next() (sealedSeg, bool) {
 	c.mu.Lock()

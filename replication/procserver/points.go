@@ -68,6 +68,18 @@ func (ps *points) resolve(id uint64, r pointResult) {
 	}
 }
 
+// fail answers every request waiting for a point with err (the machine's
+// protection ended).
+func (ps *points) fail(err error) {
+	ps.mu.Lock()
+	ws := ps.waiters
+	ps.waiters = map[uint64]chan pointResult{}
+	ps.mu.Unlock()
+	for _, ch := range ws {
+		ch <- pointResult{err: err} // buffered, one answer per registration
+	}
+}
+
 // held notes the agent's HELD for group cut id.
 func (ps *points) held(id uint64) {
 	ps.mu.Lock()

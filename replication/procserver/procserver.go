@@ -77,6 +77,10 @@ type Config struct {
 	DiskFree     func(dir string) (free, total uint64, err error)
 	OnCacheState func(state string, free, total uint64)
 	Logger       *slog.Logger
+	// Removed names the machines whose protection ended (the server's
+	// unprotected machines): New does not open them, and nothing opens
+	// them later; Remove finishes what is left of them.
+	Removed []string
 
 	// createCacheFile makes a machine's open cache file (tests inject
 	// failures; default: an *os.File).
@@ -100,6 +104,7 @@ type Server struct {
 	closed   bool // Close has begun: no more machines are opened
 	machines map[string]*machine
 	failed   map[string]error // machines whose last open failed, and why
+	removed  map[string]bool  // machines whose protection ended (Remove): never opened again
 	conns    map[net.Conn]struct{}
 
 	cacheBytes atomic.Int64
@@ -131,11 +136,14 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DiskFree == nil {
 		cfg.DiskFree = diskFree
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, conns: map[net.Conn]struct{}{},
+	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, removed: map[string]bool{}, conns: map[net.Conn]struct{}{},
 		handshakes: make(chan struct{}, maxHandshakes), hellos: make(chan struct{}, maxHellos), helloing: map[string]int{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reqID.Store(uint64(time.Now().UnixNano()))
 	s.newLogWait.Store(int64(newLogWait))
+	for _, id := range cfg.Removed {
+		s.removed[id] = true
+	}
 	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
 		return nil, err
 	}
@@ -144,8 +152,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	for _, e := range ents {
-		if !e.IsDir() {
-			continue
+		if !e.IsDir() || s.removed[e.Name()] {
+			continue // a removed machine's cache: Remove finishes it
 		}
 		if _, err := s.machine(ctx, e.Name(), ""); err != nil {
 			// One machine that cannot be opened (its replica unreadable, a
@@ -273,6 +281,9 @@ func (s *Server) Close() error {
 func (s *Server) machine(ctx context.Context, id, name string) (*machine, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.removedErr(id); err != nil {
+		return nil, err
+	}
 	if m, ok := s.machines[id]; ok {
 		return m, nil
 	}
@@ -375,7 +386,9 @@ func (s *Server) serveConn(c net.Conn) error {
 		return refuse("%v", err)
 	}
 	m, err := s.machine(s.ctx, id, name)
-	if err != nil {
+	if errors.Is(err, ErrRemoved) {
+		return refuse("%v: this agent is no longer protected by this server", err)
+	} else if err != nil {
 		return fail(false, "%v", err)
 	}
 	cc := &agentConn{c: c, bw: bw, log: log, acks: make(chan uint64, 1), out: make(chan replication.Frame, 16),

@@ -206,12 +206,16 @@ func (s *Server) known(machineID string) (*machine, error) {
 	if ok {
 		return m, nil
 	}
-	return s.machine(s.ctx, machineID, "")
+	return s.machine(s.ctx, machineID, "") // refuses a removed machine
 }
 
 // OpenPoint opens a disk (by name) of a machine at a recovery point for
 // reading through the point's checksums (see replication.CheckedReader).
 func (s *Server) OpenPoint(ctx context.Context, machineID string, p replication.Point, disk string, accept bool) (*replication.CheckedReader, error) {
+	if s.isRemoved(machineID) {
+		// Its replica is kept for recovery, with no applier.
+		return s.openRemovedPoint(ctx, machineID, p, disk, accept)
+	}
 	m, err := s.known(machineID)
 	if err != nil {
 		return nil, err

@@ -82,6 +82,7 @@ type session struct {
 	newLogWait *atomic.Int64
 
 	attachMu sync.Mutex
+	retired  string // under attachMu: why no connection is attached any more (retire)
 
 	mu       sync.Mutex
 	conn     *agentConn // the connection; acknowledged only once ready
@@ -106,6 +107,9 @@ func (s *session) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 	}
 	s.attachMu.Lock()
 	defer s.attachMu.Unlock()
+	if s.retired != "" {
+		return replication.Welcome{}, fmt.Errorf("%s: %w", s.retired, ErrRemoved)
+	}
 	var cat replication.MachineCatalog
 	err := s.rep.with(func(a *replication.Applier) error {
 		err := a.EnsureDisks(ctx, h.Disks)
@@ -261,6 +265,16 @@ func (s *session) disconnect(ctx context.Context, reason string) error {
 	case <-ctx.Done():
 		return fmt.Errorf("waiting for the agent connection of machine %s to stop: %w", s.id, ctx.Err())
 	}
+}
+
+// retire ends the session for good (the machine's protection ended): the
+// connection is closed as by disconnect, and no connection is attached
+// any more.
+func (s *session) retire(ctx context.Context, reason string) error {
+	s.attachMu.Lock()
+	s.retired = reason
+	s.attachMu.Unlock()
+	return s.disconnect(ctx, reason)
 }
 
 // kick ends the connection after the cache failed to sync or seal: the

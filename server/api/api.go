@@ -27,7 +27,8 @@ type Machine struct {
 
 	// State summarises the disks: StateResync if any disk needs a resync,
 	// else StateInitial if any disk is still being copied, else
-	// StateProtected.
+	// StateProtected; StateUnprotected for a machine whose protection
+	// ended (whatever its disks were).
 	State    string  `json:"state"`
 	Progress float64 `json:"progress"`         // initial replication over all disks, by bytes, 0..1
 	Reason   string  `json:"reason,omitempty"` // why a resync is needed
@@ -56,6 +57,12 @@ type Machine struct {
 	BIOSUUID    string  `json:"bios_uuid,omitempty"`
 	VM          *VMLink `json:"vm,omitempty"`
 	LinkProblem string  `json:"link_problem,omitempty"`
+
+	// Unprotected: the machine's protection ended (asr unprotect) at
+	// UnprotectedAt; its replica and recovery points are kept, its agent
+	// is refused.
+	Unprotected   bool      `json:"unprotected"`
+	UnprotectedAt time.Time `json:"unprotected_at,omitzero"`
 
 	Disks []Disk `json:"disks"`
 }
@@ -138,6 +145,11 @@ const (
 	StateInitial   = replication.StateInitial
 	StateProtected = replication.StateProtected
 	StateResync    = replication.StateResync
+	// StateUnprotected is a machine whose protection ended, its replica
+	// kept (a machine's state only, never a disk's).
+	StateUnprotected = "unprotected"
+	// StateDeleted answers an unprotect that deleted the replica too.
+	StateDeleted = "deleted"
 )
 
 // Kinds of recovery point, as in [Point.Kind].
@@ -250,6 +262,20 @@ func GroupPointOf(gp replication.GroupPoint, name func(id string) string) GroupP
 // GroupRequest is the body of POST /api/v1/machines/{m}/group.
 type GroupRequest struct {
 	Group string `json:"group"` // "" takes the machine out of its group
+}
+
+// UnprotectRequest is the body of POST /api/v1/machines/{m}/unprotect,
+// which ends the machine's protection (disables its replication).
+type UnprotectRequest struct {
+	// DeleteReplica deletes the replica disks, the recovery points and
+	// every record of the machine too (default: kept, for recovery).
+	DeleteReplica bool `json:"delete_replica"`
+}
+
+// UnprotectJSON answers POST /api/v1/machines/{m}/unprotect.
+type UnprotectJSON struct {
+	Machine string `json:"machine"`
+	State   string `json:"state"` // StateUnprotected (replica kept) or StateDeleted
 }
 
 // ResyncRequest is the body of POST /api/v1/machines/{m}/resync.

@@ -166,6 +166,15 @@ func (c *Client) Tag(ctx context.Context, machine string, app bool, timeout time
 	return p, err
 }
 
+// Unprotect ends a machine's protection (disables its replication):
+// its agent is refused from then on; its replica and recovery points are
+// kept for recovery, or deleted with every record of the machine with
+// deleteReplica. Calling it again finishes a removal cut short.
+func (c *Client) Unprotect(ctx context.Context, machine string, deleteReplica bool) error {
+	return c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/unprotect",
+		UnprotectRequest{DeleteReplica: deleteReplica}, nil)
+}
+
 // Get returns the body of a GET (bounded to 64 MiB).
 func (c *Client) Get(ctx context.Context, path string) ([]byte, error) {
 	resp, err := c.open(ctx, http.MethodGet, path, nil)

@@ -7,7 +7,7 @@
 // with --target and --passphrase-file, read the target storage directly.
 // Each command group has its file: server.go, agent.go, demo.go, status.go,
 // points.go (points, tag), recover.go, policy.go, events.go, group.go,
-// resync.go, verify.go; op.go holds what the operator commands share.
+// resync.go, verify.go, unprotect.go; op.go holds what the operator commands share.
 package cli
 
 import (

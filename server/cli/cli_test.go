@@ -116,6 +116,9 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"demo", "--machines", "0"}, "--machines: 1 to 16"},
 		{[]string{"demo", "--disk-size", "big"}, `size "big"`},
 		{[]string{"verify"}, "--machine is required"},
+		{[]string{"unprotect"}, "--machine is required"},
+		{[]string{"unprotect", "--group", "web"}, "unprotect takes --machine, not --group"},
+		{[]string{"unprotect", "--machine", "vm1", "extra"}, `unexpected argument "extra"`},
 	} {
 		mustFail(t, tc.want, tc.args...)
 	}
@@ -271,4 +274,37 @@ func TestOperatorCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustFail(t, "HTTP 401", with("status", "--token-file", tok)...)
+}
+
+// asr unprotect against a real server: the replica kept (the machine
+// listed as unprotected), again (nothing to do), then deleted.
+func TestUnprotectCommand(t *testing.T) {
+	srv, conn := startServer(t)
+	with := func(args ...string) []string { return append(args, conn...) }
+	const id = "0123456789abcdef0123456789abcdef"
+	if _, _, err := srv.DB().CreateMachine(context.Background(), id, "vm1", "1"); err != nil {
+		t.Fatal(err)
+	}
+	mustFail(t, `no machine named "vm2"`, with("unprotect", "--machine", "vm2")...)
+	for range 2 {
+		got := mustRun(t, with("unprotect", "--machine", "vm1")...)
+		if !strings.HasPrefix(got, "machine vm1 is unprotected: its agent is refused; its replica and recovery points are kept") {
+			t.Errorf("unprotect = %q", got)
+		}
+	}
+	var ms []api.Machine
+	mustJSON(t, mustRun(t, with("status", "--machine", "vm1", "--json")...), &ms)
+	if len(ms) != 1 || !ms[0].Unprotected || ms[0].State != api.StateUnprotected {
+		t.Errorf("status after unprotect = %+v", ms)
+	}
+	if got := mustRun(t, with("status")...); !strings.Contains(strings.Join(strings.Fields(got), " "), "vm1 refused unprotected - -") {
+		t.Errorf("status after unprotect = %q", got)
+	}
+	mustFail(t, "is unprotected", with("tag", "--machine", "vm1")...)
+	got := mustRun(t, with("unprotect", "--machine", id, "--delete-replica")...)
+	if got != "machine "+id+" is unprotected: its agent is refused, and its replica, recovery points and records are deleted\n" {
+		t.Errorf("unprotect --delete-replica = %q", got)
+	}
+	mustFail(t, `no machine named "vm1"`, with("status", "--machine", "vm1")...)
+	mustFail(t, `no machine named "vm1"`, with("unprotect", "--machine", "vm1", "--delete-replica")...)
 }

@@ -62,6 +62,9 @@ func machineTable(tw *tabwriter.Writer, ms []api.Machine) {
 		if m.Connected {
 			agentState = "connected"
 		}
+		if m.Unprotected {
+			agentState = "refused"
+		}
 		state := m.State
 		switch m.State {
 		case api.StateInitial:
