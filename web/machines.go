@@ -1,6 +1,7 @@
 package web
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -195,18 +196,26 @@ func (v resyncView) Disks() []api.Disk {
 
 // findMachine returns the machine of the request's {machine} path value.
 func (h *machinesHandler) findMachine(r *http.Request) (api.Machine, int, string) {
-	ms, err := h.backend.Machines(r.Context())
+	return findByPath(r, h.log, h.backend.Machines, "machine", "machine", "machines", func(m api.Machine) string { return m.ID })
+}
+
+// findByPath finds the item of list whose key is the request's {param}
+// path value (one names one item in messages, what the list); a failed list is a 500, no such item a 404 (with the message
+// to show).
+func findByPath[T any](r *http.Request, log *slog.Logger, list func(context.Context) ([]T, error), param, one, what string, key func(T) string) (T, int, string) {
+	var zero T
+	items, err := list(r.Context())
 	if err != nil {
-		h.log.Error("list machines", "err", err)
-		return api.Machine{}, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
+		log.Error("list "+what, "err", err)
+		return zero, http.StatusInternalServerError, "Could not load the " + what + ": " + err.Error()
 	}
-	id := chi.URLParam(r, "machine")
-	for _, m := range ms {
-		if m.ID == id {
-			return m, http.StatusOK, ""
+	v := chi.URLParam(r, param)
+	for _, it := range items {
+		if key(it) == v {
+			return it, http.StatusOK, ""
 		}
 	}
-	return api.Machine{}, http.StatusNotFound, "There is no machine " + id + "."
+	return zero, http.StatusNotFound, "There is no " + one + " " + v + "."
 }
 
 // resyncPage asks the operator to confirm a resync (GET

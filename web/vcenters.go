@@ -123,18 +123,7 @@ type vcenterRemoveView struct {
 
 // findVCenter returns the vCenter of the request's {vcenter} path value.
 func (h *vcentersHandler) findVCenter(r *http.Request) (api.VCenter, int, string) {
-	vs, err := h.backend.VCenters(r.Context())
-	if err != nil {
-		h.log.Error("list vCenters", "err", err)
-		return api.VCenter{}, http.StatusInternalServerError, "Could not load the vCenters: " + err.Error()
-	}
-	name := chi.URLParam(r, "vcenter")
-	for _, v := range vs {
-		if v.Name == name {
-			return v, http.StatusOK, ""
-		}
-	}
-	return api.VCenter{}, http.StatusNotFound, "There is no vCenter " + name + "."
+	return findByPath(r, h.log, h.backend.VCenters, "vcenter", "vCenter", "vCenters", func(v api.VCenter) string { return v.Name })
 }
 
 // removePage asks the operator to confirm the removal of a vCenter.
