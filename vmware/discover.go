@@ -241,6 +241,11 @@ func (w *Watcher) session(ctx context.Context, b *retry.Backoff) error {
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
+				// Stopped mid-wait: the vCenter would hold the wait (and
+				// the connection) until MaxWait; cancel it there too.
+				cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
+				methods.CancelWaitForUpdates(cctx, c, &types.CancelWaitForUpdates{This: pc.Reference()})
+				ccancel()
 				return ctx.Err()
 			}
 			return fmt.Errorf("wait for updates: %w", err)

@@ -4,16 +4,19 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/vmware/vcsim"
 )
 
 // TestMain makes the passphrase key derivation cheap: every server start
@@ -307,4 +310,65 @@ func TestUnprotectCommand(t *testing.T) {
 	}
 	mustFail(t, `no machine named "vm1"`, with("status", "--machine", "vm1")...)
 	mustFail(t, `no machine named "vm1"`, with("unprotect", "--machine", "vm1", "--delete-replica")...)
+}
+
+// The VMware commands against a real server and govmomi's simulator:
+// vcenter add (the thumbprint asked for, then pinned), list, vms --json
+// (the fields an operator scripts against), protect's refusals before any
+// job, jobs, vcenter remove.
+func TestVMwareCommands(t *testing.T) {
+	_, conn := startServer(t)
+	with := func(args ...string) []string { return append(args, conn...) }
+	sim, err := vcsim.Start("administrator@vsphere.local", "cli-Vc-Pw-77")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	pw := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pw, []byte(sim.Password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	add := []string{"vcenter", "add", "--name", "vc1", "--url", sim.URL, "--user", sim.User, "--password-file", pw}
+	mustFail(t, "--thumbprint "+sim.Thumbprint, with(add...)...)
+	mustFail(t, "--name, --url, --user and --password-file are required", with("vcenter", "add", "--name", "vc1")...)
+	if got := mustRun(t, with(append(add, "--thumbprint", sim.Thumbprint)...)...); !strings.Contains(got, "certificate pinned: "+sim.Thumbprint) {
+		t.Errorf("vcenter add = %q", got)
+	}
+	var vcs []api.VCenter
+	mustJSON(t, mustRun(t, with("vcenter", "list", "--json")...), &vcs)
+	if len(vcs) != 1 || vcs[0].Name != "vc1" || vcs[0].Thumbprint != sim.Thumbprint || strings.Contains(fmt.Sprint(vcs), sim.Password) {
+		t.Fatalf("vcenter list = %+v", vcs)
+	}
+	var vms []map[string]any
+	deadline := time.Now().Add(time.Minute)
+	for len(vms) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("vms lists nothing")
+		}
+		time.Sleep(50 * time.Millisecond)
+		mustJSON(t, mustRun(t, with("vms", "--vcenter", "vc1", "--json")...), &vms)
+	}
+	for _, k := range []string{"name", "bios_uuid", "power_state", "vcenter", "machine", "disks"} {
+		if _, ok := vms[0][k]; !ok {
+			t.Errorf("vms --json lacks %q: %v", k, vms[0])
+		}
+	}
+	if got := mustRun(t, with("vms")...); !strings.Contains(got, "BIOS UUID") || !strings.Contains(got, vms[0]["name"].(string)) {
+		t.Errorf("vms = %q", got)
+	}
+	key := filepath.Join(t.TempDir(), "key")
+	os.WriteFile(key, []byte("not a key"), 0o600)
+	mustFail(t, "--vm, --ssh and --ssh-key are required", with("protect", "--vm", "x")...)
+	mustFail(t, `no VM named "nope"`, with("protect", "--vm", "nope", "--ssh", "root@127.0.0.1:1", "--ssh-key", key, "--disk", "d0=/dev/sdb")...)
+	name := vms[0]["name"].(string)
+	mustFail(t, "name the disks to protect", with("protect", "--vm", name, "--ssh", "root@127.0.0.1:1", "--ssh-key", key)...)
+	mustFail(t, "not a valid PEM private key", with("protect", "--vm", name, "--ssh", "root@127.0.0.1:1", "--ssh-key", key, "--disk", "d0=/dev/sdb")...)
+	mustFail(t, "want NAME=DEVICE", with("protect", "--vm", name, "--disk", "d0")...)
+	if got := mustRun(t, with("jobs")...); !strings.HasPrefix(got, "ID") || strings.Count(got, "\n") != 1 {
+		t.Errorf("a refused protect started a job: %q", got)
+	}
+	if got := mustRun(t, with("vcenter", "remove", "vc1")...); got != "vCenter vc1 removed\n" {
+		t.Errorf("vcenter remove = %q", got)
+	}
+	mustFail(t, `no vCenter named "vc1"`, with("vcenter", "remove", "vc1")...)
 }
