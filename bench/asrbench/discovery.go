@@ -32,10 +32,14 @@ import (
 
 var (
 	discoveryVMs = flag.String("vms", "100,1000,5000", "discovery benchmark: inventory sizes (VMs), one run each")
-	discChanges  = flag.String("changes", "50,20,8", "discovery benchmark: renames and power-offs timed per inventory, one per -vms size (the last repeats)")
+	discChanges  = flag.String("changes", "50,20,2", "discovery benchmark: renames and power-offs timed per inventory, one per -vms size (the last repeats)")
 	discPolls    = flag.Int("polls", 5, "discovery benchmark: full retrieves timed per inventory")
 	simChild     = flag.Int("sim-child", 0, "internal: serve a vCenter simulator with this many VMs (the discovery benchmark's child process)")
 )
+
+// changeTimeout bounds the wait for the watcher to show one change: the
+// simulator collects its whole view again for every update it sends.
+const changeTimeout = 20 * time.Minute
 
 const (
 	simUser     = "bench"
@@ -126,17 +130,26 @@ func benchDiscovery(string) error {
 	for i, n := range sizes {
 		r, err := discoveryRun(n, changes[min(i, len(changes)-1)])
 		if err != nil {
+			printDiscovery(rows)
 			return fmt.Errorf("%d VMs: %w", n, err)
 		}
 		rows = append(rows, r)
 	}
+	printDiscovery(rows)
+	return nil
+}
 
-	fmt.Printf("\nwatcher (vmware.Watch)\n%6s %8s %6s %9s %9s %10s %10s %8s %8s %16s %16s %10s %10s %14s\n", "VMs", "objects", "hosts",
-		"sim build", "sim RSS", "initial", "heap", "heap/VM", "changes", "rename p50/p99", "power-off p50/p99", "call p50", "CPU/change", "sim CPU/change")
+func printDiscovery(rows []discRow) {
+	if len(rows) == 0 {
+		return
+	}
+
+	fmt.Printf("\nwatcher (vmware.Watch)\n%6s %8s %6s %9s %9s %10s %10s %8s %8s %16s %16s %10s %10s %14s %6s\n", "VMs", "objects", "hosts",
+		"sim build", "sim RSS", "initial", "heap", "heap/VM", "changes", "rename p50/p99", "power-off p50/p99", "call p50", "CPU/change", "sim CPU/change", "drops")
 	for _, r := range rows {
-		fmt.Printf("%6d %8d %6d %8.1fs %5.0f MiB %9.2fs %6.1f MiB %6.1f KiB %8d %7.0f/%4.0f ms %7.0f/%4.0f ms %7.0f ms %7.0f ms %10.0f ms\n",
+		fmt.Printf("%6d %8d %6d %8.1fs %5.0f MiB %9.2fs %6.1f MiB %6.1f KiB %8d %7.0f/%4.0f ms %7.0f/%4.0f ms %7.0f ms %7.0f ms %10.0f ms %6d\n",
 			r.vms, r.sim.Objects, r.sim.Hosts, r.sim.BuildSeconds, r.simRSS, r.initial.Seconds(), r.heap/(1<<20), r.heap/float64(r.vms)/1024, r.changes,
-			ms(pct(r.rename, 50)), ms(pct(r.rename, 99)), ms(pct(r.powerOff, 50)), ms(pct(r.powerOff, 99)), ms(pct(r.calls, 50)), ms(r.cpu), ms(r.simCPU))
+			ms(pct(r.rename, 50)), ms(pct(r.rename, 99)), ms(pct(r.powerOff, 50)), ms(pct(r.powerOff, 99)), ms(pct(r.calls, 50)), ms(r.cpu), ms(r.simCPU), r.drops)
 	}
 	fmt.Printf("\npolling (full RetrievePropertiesEx of the same properties over a ContainerView)\n%6s %16s %13s %11s %16s %16s %12s %12s\n", "VMs",
 		"retrieve median", "(min-max)", "response", "latency @10s", "latency @60s", "@10s/watcher", "MB/h @10s")
@@ -144,7 +157,7 @@ func benchDiscovery(string) error {
 		med := pct(r.polls, 50)
 		l10 := 5*time.Second + med
 		l60 := 30*time.Second + med
-		fmt.Printf("%6d %13.0f ms %5.0f-%5.0f ms %7.2f MB %13.2f s %13.2f s %11.0fx %11.0f\n", r.vms, ms(med), ms(slices.Min(r.polls)), ms(slices.Max(r.polls)),
+		fmt.Printf("%6d %13.0f ms %5.0f-%5.0f ms %7.2f MB %13.2f s %13.2f s %11.2fx %11.0f\n", r.vms, ms(med), ms(slices.Min(r.polls)), ms(slices.Max(r.polls)),
 			float64(r.pollBytes)/1e6, l10.Seconds(), l60.Seconds(), float64(l10)/float64(pct(r.rename, 50)), float64(r.pollBytes)*360/1e6)
 	}
 	fmt.Println(`
@@ -155,8 +168,7 @@ PowerOffVM_Task) to the watcher's Updated() showing the new name or state; "call
 call's own round trip, task wait included. latency @Ns: a poller's mean delay, N/2 + one
 retrieve; @10s/watcher divides it by the rename p50. response: SOAP body bytes of one retrieve.
 CPU/change: this process's CPU time (watcher, second client, waiting) per rename or power-off;
-sim CPU/change: the simulator child's.`)
-	return nil
+sim CPU/change: the simulator child's. drops: watcher sessions lost (then read again whole).`)
 }
 
 type discRow struct {
@@ -169,6 +181,7 @@ type discRow struct {
 	polls                   []time.Duration
 	pollBytes               int64
 	cpu, simCPU             time.Duration // per change: this process's, the simulator's
+	drops                   int64         // watcher sessions lost during the changes
 }
 
 // cpuTime is a process's user and system CPU time so far (/proc/PID/stat).
@@ -228,7 +241,14 @@ func discoveryRun(n, changes int) (discRow, error) {
 
 	before := liveHeap()
 	start := time.Now()
-	w := vmware.Watch(ctx, ep, vmware.WatchOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	var drops atomic.Int64 // sessions lost after the first connection
+	w := vmware.Watch(ctx, ep, vmware.WatchOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		OnStatus: func(st vmware.Status) {
+			if !st.Connected && st.LastError != "" {
+				drops.Add(1)
+				fmt.Fprintf(os.Stderr, "%d VMs: watcher disconnected: %s\n", n, st.LastError)
+			}
+		}})
 	defer w.Close()
 	vms, err := waitWatcher(w, 10*time.Minute, func(vms []vmware.VM) bool { return len(vms) == n })
 	if err != nil {
@@ -263,7 +283,7 @@ func discoveryRun(n, changes int) (discRow, error) {
 			return row, fmt.Errorf("rename %s: %w", v.Name, err)
 		}
 		call := time.Since(t0)
-		if _, err := waitWatcher(w, time.Minute, func(vms []vmware.VM) bool { return hasVM(vms, v.Ref, func(x vmware.VM) bool { return x.Name == name }) }); err != nil {
+		if _, err := waitWatcher(w, changeTimeout, func(vms []vmware.VM) bool { return hasVM(vms, v.Ref, func(x vmware.VM) bool { return x.Name == name }) }); err != nil {
 			return row, fmt.Errorf("rename of %s not seen: %w", v.Name, err)
 		}
 		row.rename = append(row.rename, time.Since(t0))
@@ -285,7 +305,7 @@ func discoveryRun(n, changes int) (discRow, error) {
 		}
 		call := time.Since(t0)
 		off := string(types.VirtualMachinePowerStatePoweredOff)
-		if _, err := waitWatcher(w, time.Minute, func(vms []vmware.VM) bool {
+		if _, err := waitWatcher(w, changeTimeout, func(vms []vmware.VM) bool {
 			return hasVM(vms, v.Ref, func(x vmware.VM) bool { return x.PowerState == off })
 		}); err != nil {
 			return row, fmt.Errorf("power-off of %s not seen: %w", v.Name, err)
@@ -294,6 +314,7 @@ func discoveryRun(n, changes int) (discRow, error) {
 		row.calls = append(row.calls, call)
 	}
 
+	row.drops = drops.Load()
 	row.cpu = (cpuTime(os.Getpid()) - cpu0) / time.Duration(2*changes)
 	row.simCPU = (cpuTime(child.Process.Pid) - simCPU0) / time.Duration(2*changes)
 
