@@ -11,9 +11,12 @@
 //	asrbench resync    checksum-delta resync vs rsync --inplace --no-whole-file, and vs sha256sum
 //	asrbench azure     upload path to Azurite vs a bare azblob upload; compression ratio
 //	asrbench capacity  server memory with 1, 16 and 64 TiB of sparse protected disks
+//	asrbench discovery vCenter inventory watch (100, 1,000, 5,000 simulated VMs) vs polling
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
-// `make peers` installs (zstd, fio, nbdkit, rsync, Azurite). See BENCHMARKS.md.
+// `make peers` installs (zstd, fio, nbdkit, rsync, Azurite); discovery
+// needs neither (govmomi's simulator runs in a child process). See
+// BENCHMARKS.md.
 package main
 
 import (
@@ -49,8 +52,14 @@ var (
 
 func main() {
 	flag.Parse()
+	if *simChild > 0 {
+		if err := runSimChild(*simChild); err != nil {
+			fail(err)
+		}
+		return
+	}
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -87,6 +96,8 @@ func main() {
 		err = benchAzure(dir)
 	case "capacity":
 		err = benchCapacity(dir)
+	case "discovery":
+		err = benchDiscovery(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}

@@ -50,7 +50,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func mustFakeAgent(t *testing.T, version int) string {
+func mustFakeAgent(t testing.TB, version int) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		buildDir, buildErr = os.MkdirTemp("", "asr-push-fake-")
@@ -112,7 +112,7 @@ type env struct {
 
 // newEnv sets up a guest; tinyParent runs its sshd in a private mount
 // namespace where the install directory's parent is a 2 MiB tmpfs.
-func newEnv(t *testing.T, tinyParent bool) *env {
+func newEnv(t testing.TB, tinyParent bool) *env {
 	t.Helper()
 	e := &env{starts: make(chan *started, 8)}
 	tmp := t.TempDir()
