@@ -83,6 +83,7 @@ func (s *Server) watch(v store.VCenter) error {
 	ep := vmware.Endpoint{Name: v.Name, URL: v.URL, User: v.User, Password: pw, Thumbprint: v.Thumbprint}
 	name := v.Name
 	log := s.log.With("vcenter", name)
+	inv := &inventoryWriter{}
 	s.vc.mu.Lock()
 	defer s.vc.mu.Unlock()
 	if s.vc.watchers == nil {
@@ -97,15 +98,7 @@ func (s *Server) watch(v store.VCenter) error {
 				log.Warn("vCenter has more VMs than asr keeps; the rest are left out", "vms", len(vms), "kept", maxInventoryVMs)
 				vms = vms[:maxInventoryVMs]
 			}
-			rows := make([]store.VMRow, 0, len(vms))
-			for _, vm := range vms {
-				b, err := json.Marshal(vm)
-				if err != nil {
-					continue
-				}
-				rows = append(rows, store.VMRow{Ref: vm.Ref, Name: vm.Name, BIOSUUID: vm.BIOSUUID, Data: string(b)})
-			}
-			if err := s.db.ReplaceVMs(s.ctx, name, rows); err != nil && s.ctx.Err() == nil {
+			if err := inv.write(s.ctx, s.db, name, vms); err != nil && s.ctx.Err() == nil {
 				log.Warn("record the VM inventory", "err", err)
 			}
 		},
@@ -117,6 +110,47 @@ func (s *Server) watch(v store.VCenter) error {
 		MinBackoff: s.vc.minBackoff, MaxBackoff: s.vc.maxBackoff, MaxWait: s.vc.maxWait,
 		Logger: s.log,
 	})
+	return nil
+}
+
+// inventoryWriter writes a discovery's VM lists to the database: the whole
+// list the first time (rows of VMs removed while asr was not watching go),
+// then only the VMs that changed and those gone. It is used on the
+// discovery's goroutine only.
+type inventoryWriter struct {
+	written map[string]string // ref -> the JSON last written; nil: nothing yet
+}
+
+func (w *inventoryWriter) write(ctx context.Context, db *store.DB, vcenter string, vms []vmware.VM) error {
+	now := make(map[string]string, len(vms))
+	var put []store.VMRow
+	for _, vm := range vms {
+		b, err := json.Marshal(vm)
+		if err != nil {
+			continue
+		}
+		now[vm.Ref] = string(b)
+		if w.written == nil || w.written[vm.Ref] != string(b) {
+			put = append(put, store.VMRow{Ref: vm.Ref, Name: vm.Name, BIOSUUID: vm.BIOSUUID, Data: string(b)})
+		}
+	}
+	var err error
+	if w.written == nil {
+		err = db.ReplaceVMs(ctx, vcenter, put)
+	} else {
+		var gone []string
+		for ref := range w.written {
+			if _, ok := now[ref]; !ok {
+				gone = append(gone, ref)
+			}
+		}
+		err = db.UpdateVMs(ctx, vcenter, put, gone)
+	}
+	if err != nil {
+		w.written = nil // write it whole next time
+		return err
+	}
+	w.written = now
 	return nil
 }
 

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-func mustOpen(t *testing.T, path string) *DB {
+func mustOpen(t testing.TB, path string) *DB {
 	t.Helper()
 	d, err := Open(context.Background(), path)
 	if err != nil {

@@ -145,6 +145,39 @@ func (d *DB) ReplaceVMs(ctx context.Context, vcenter string, vms []VMRow) error 
 	})
 }
 
+// UpdateVMs writes the VMs of a vCenter that changed (put, by ref) and
+// deletes those gone (by ref), marking its inventory current: what
+// ReplaceVMs does when the caller knows what it wrote before, at a cost in
+// proportion to the change rather than to the inventory.
+func (d *DB) UpdateVMs(ctx context.Context, vcenter string, put []VMRow, gone []string) error {
+	return d.tx(ctx, func(tx *sql.Tx) error {
+		var one int
+		if err := tx.QueryRowContext(ctx, `SELECT 1 FROM vcenters WHERE name = ?`, vcenter).Scan(&one); errors.Is(err, sql.ErrNoRows) {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		now := d.now().UnixNano()
+		for _, ref := range gone {
+			if _, err := tx.ExecContext(ctx, `DELETE FROM vms WHERE vcenter = ? AND ref = ?`, vcenter, ref); err != nil {
+				return err
+			}
+		}
+		for _, v := range put {
+			if _, err := tx.ExecContext(ctx, `INSERT INTO vms (vcenter, ref, name, bios_uuid, data, stale, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?)
+				ON CONFLICT (vcenter, ref) DO UPDATE SET name = excluded.name, bios_uuid = excluded.bios_uuid, data = excluded.data, stale = 0, updated_at = excluded.updated_at`,
+				vcenter, v.Ref, v.Name, strings.ToLower(v.BIOSUUID), v.Data, now); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE vms SET stale = 0 WHERE vcenter = ? AND stale = 1`, vcenter); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, `UPDATE vcenters SET last_update = ? WHERE name = ?`, now, vcenter)
+		return err
+	})
+}
+
 // VMs lists the inventory (of one vCenter unless vcenter is ""), by name.
 func (d *DB) VMs(ctx context.Context, vcenter string) ([]VMRow, error) {
 	q := `SELECT vcenter, ref, name, bios_uuid, data, stale, updated_at FROM vms`
