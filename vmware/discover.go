@@ -120,7 +120,9 @@ func (w *Watcher) VMs() []VM {
 
 // Updated returns a channel closed at the next change of the status or
 // the VM list: read Status or VMs, and if it is not what you wait for,
-// wait on the channel taken before reading.
+// wait on the channel taken before reading. A change shows in Status and
+// VMs, and closes the channel, only after OnStatus and OnChange have
+// returned from it.
 func (w *Watcher) Updated() <-chan struct{} {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -141,21 +143,27 @@ func (w *Watcher) notifyLocked() {
 }
 
 // setStatus changes the status with f and reports it if it changed
-// (LastUpdate alone is no change to report).
+// (LastUpdate alone is no change to report). A change is reported to
+// OnStatus before Status shows it and Updated wakes its waiters, so
+// whoever sees it finds the callback has run (the server's database row,
+// a test's record). Only the watcher's goroutine calls it.
 func (w *Watcher) setStatus(f func(*Status)) {
 	w.mu.Lock()
 	old := w.status
-	f(&w.status)
-	st := w.status
+	w.mu.Unlock()
+	st := old
+	f(&st)
 	changed := old.Connected != st.Connected || old.LastError != st.LastError ||
 		old.About != st.About || old.VMs != st.VMs
+	if changed && w.opts.OnStatus != nil {
+		w.opts.OnStatus(st)
+	}
+	w.mu.Lock()
+	w.status = st
 	if changed {
 		w.notifyLocked()
 	}
 	w.mu.Unlock()
-	if changed && w.opts.OnStatus != nil {
-		w.opts.OnStatus(st)
-	}
 }
 
 func (w *Watcher) run(ctx context.Context) {
@@ -311,23 +319,27 @@ func (w *Watcher) refetch(ctx context.Context, c *govmomi.Client, inv *inventory
 }
 
 // publish installs a new VM list, marks the watcher connected and calls
-// OnChange if the list changed (always after a (re)connection).
+// OnChange if the list changed (always after a (re)connection). OnChange
+// runs before VMs shows the list and Updated wakes its waiters (as for the
+// status, see setStatus). Only the watcher's goroutine writes the list.
 func (w *Watcher) publish(vms []VM, about string, first bool) {
 	now := time.Now()
 	w.mu.Lock()
 	same := !first && reflect.DeepEqual(w.vms, vms)
+	w.mu.Unlock()
+	if !same && w.opts.OnChange != nil {
+		w.opts.OnChange(slices.Clone(vms))
+	}
 	if !same {
+		w.mu.Lock()
 		w.vms = vms
 		w.notifyLocked()
+		w.mu.Unlock()
 	}
-	w.mu.Unlock()
 	w.setStatus(func(s *Status) {
 		if !s.Connected {
 			s.Since = now
 		}
 		s.Connected, s.LastError, s.About, s.VMs, s.LastUpdate = true, "", about, len(vms), now
 	})
-	if !same && w.opts.OnChange != nil {
-		w.opts.OnChange(slices.Clone(vms))
-	}
 }
