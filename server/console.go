@@ -177,7 +177,7 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	l, err := s.links(ctx)
+	l, _, err := s.links(ctx, false)
 	if err != nil {
 		return nil, err
 	}
@@ -198,7 +198,7 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (api.Machine, error) {
 	if l == nil {
 		var err error
-		if l, err = s.links(ctx); err != nil {
+		if l, _, err = s.links(ctx, false); err != nil {
 			return api.Machine{}, err
 		}
 	}

@@ -294,17 +294,43 @@ type links struct {
 	machines  map[string][]string // BIOS UUID -> machine names
 }
 
-func (s *Server) links(ctx context.Context) (*links, error) {
+// links matches machines to VMs. With all set it reads the whole
+// inventory (and returns it decoded, for the inventory's listing);
+// otherwise only the VMs whose BIOS UUID a machine reports (the index
+// vms_bios_uuid), which is all a machine's view needs.
+func (s *Server) links(ctx context.Context, all bool) (*links, []api.VM, error) {
 	l := &links{vmsByUUID: map[string][]api.VM{}, machines: map[string][]string{}}
 	vcs, err := s.db.VCenters(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	l.vcenters = len(vcs)
-	rows, err := s.db.VMs(ctx, "")
+	ms, err := s.db.Machines(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	var uuids []string
+	for _, m := range ms {
+		if m.BIOSUUID != "" {
+			if len(l.machines[m.BIOSUUID]) == 0 {
+				uuids = append(uuids, m.BIOSUUID)
+			}
+			l.machines[m.BIOSUUID] = append(l.machines[m.BIOSUUID], m.Name)
+		}
+	}
+	if l.vcenters == 0 {
+		return l, nil, nil
+	}
+	var rows []store.VMRow
+	if all {
+		rows, err = s.db.VMs(ctx, "")
+	} else {
+		rows, err = s.db.VMsWithUUIDs(ctx, uuids)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	vms := make([]api.VM, 0, len(rows))
 	for _, r := range rows {
 		vm, err := vmFromRow(r)
 		if err != nil {
@@ -314,17 +340,9 @@ func (s *Server) links(ctx context.Context) (*links, error) {
 		if vm.BIOSUUID != "" && !vm.Template {
 			l.vmsByUUID[vm.BIOSUUID] = append(l.vmsByUUID[vm.BIOSUUID], vm)
 		}
+		vms = append(vms, vm)
 	}
-	ms, err := s.db.Machines(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, m := range ms {
-		if m.BIOSUUID != "" {
-			l.machines[m.BIOSUUID] = append(l.machines[m.BIOSUUID], m.Name)
-		}
-	}
-	return l, nil
+	return l, vms, nil
 }
 
 func vmFromRow(r store.VMRow) (api.VM, error) {
@@ -373,18 +391,15 @@ func (l *links) vm(vm *api.VM) {
 // VMs lists the inventory (of one vCenter unless vcenter is ""), each VM
 // with the machine protecting it.
 func (s *Server) VMs(ctx context.Context, vcenter string) ([]api.VM, error) {
-	l, err := s.links(ctx)
+	// The whole inventory even for one vCenter: a clone's twin may be in
+	// another.
+	l, vms, err := s.links(ctx, true)
 	if err != nil {
 		return nil, err
 	}
-	rows, err := s.db.VMs(ctx, vcenter)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]api.VM, 0, len(rows))
-	for _, r := range rows {
-		vm, err := vmFromRow(r)
-		if err != nil {
+	out := make([]api.VM, 0, len(vms))
+	for _, vm := range vms {
+		if vcenter != "" && vm.VCenter != vcenter {
 			continue
 		}
 		l.vm(&vm)

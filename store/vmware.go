@@ -178,6 +178,31 @@ func (d *DB) UpdateVMs(ctx context.Context, vcenter string, put []VMRow, gone []
 	})
 }
 
+// VMsWithUUIDs lists the VMs whose BIOS UUID (lower case) is one of
+// uuids, in no particular order.
+func (d *DB) VMsWithUUIDs(ctx context.Context, uuids []string) ([]VMRow, error) {
+	var out []VMRow
+	for len(uuids) > 0 {
+		n := min(len(uuids), 500) // SQLite's bound on variables is 32,766; batches stay well under
+		q := `SELECT vcenter, ref, name, bios_uuid, data, stale, updated_at FROM vms WHERE bios_uuid IN (?` + strings.Repeat(", ?", n-1) + `)`
+		args := make([]any, n)
+		for i, u := range uuids[:n] {
+			args[i] = u
+		}
+		uuids = uuids[n:]
+		rows, err := d.db.QueryContext(ctx, q, args...)
+		if err != nil {
+			return nil, err
+		}
+		vs, err := scanVMRows(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, vs...)
+	}
+	return out, nil
+}
+
 // VMs lists the inventory (of one vCenter unless vcenter is ""), by name.
 func (d *DB) VMs(ctx context.Context, vcenter string) ([]VMRow, error) {
 	q := `SELECT vcenter, ref, name, bios_uuid, data, stale, updated_at FROM vms`
@@ -190,6 +215,11 @@ func (d *DB) VMs(ctx context.Context, vcenter string) ([]VMRow, error) {
 	if err != nil {
 		return nil, err
 	}
+	return scanVMRows(rows)
+}
+
+// scanVMRows reads VM rows and closes them.
+func scanVMRows(rows *sql.Rows) ([]VMRow, error) {
 	defer rows.Close()
 	var vs []VMRow
 	for rows.Next() {

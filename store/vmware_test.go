@@ -62,6 +62,14 @@ func TestUpdateVMs(t *testing.T) {
 			t.Fatalf("row %d: %+v and %+v", i, a[i], b[i])
 		}
 	}
+	// Looked up by BIOS UUID: vm-3 in both vCenters, nothing for an unknown one.
+	got, err := d.VMsWithUUIDs(ctx, []string{whole[3].BIOSUUID, "ffffffff-0000-4000-8000-000000000000"})
+	if err != nil || len(got) != 2 || got[0].Ref != "vm-3" || got[1].Ref != "vm-3" || got[0].VCenter == got[1].VCenter {
+		t.Fatalf("VMsWithUUIDs = %+v, %v", got, err)
+	}
+	if got, err := d.VMsWithUUIDs(ctx, nil); err != nil || len(got) != 0 {
+		t.Fatalf("VMsWithUUIDs(nil) = %+v, %v", got, err)
+	}
 	if err := d.RemoveVCenter(ctx, "b"); err != nil {
 		t.Fatal(err)
 	}
