@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -130,6 +131,15 @@ func replayTime(ctx context.Context, cat *Catalog, m MachineCatalog, plan TimePl
 // plan's time. get fetches a segment. It returns the last sequence number
 // applied (the base point's if none).
 func ReplaySegments(ctx context.Context, plan TimePlan, get func(SegmentInfo) ([]byte, error), files map[uint32]*os.File) (uint64, error) {
+	ws := make(map[uint32]io.WriterAt, len(files))
+	for k, f := range files {
+		ws[k] = f
+	}
+	return ReplayInto(ctx, plan, get, ws)
+}
+
+// ReplayInto is ReplaySegments into any writers (a failover's overlays).
+func ReplayInto(ctx context.Context, plan TimePlan, get func(SegmentInfo) ([]byte, error), files map[uint32]io.WriterAt) (uint64, error) {
 	last := plan.Base.Seq
 	codec := DefaultCodec()
 	zero := make([]byte, 1<<20)
@@ -173,7 +183,7 @@ func ReplaySegments(ctx context.Context, plan TimePlan, get func(SegmentInfo) ([
 	return last, nil
 }
 
-func replay(files map[uint32]*os.File, r *Record, zero []byte) error {
+func replay(files map[uint32]io.WriterAt, r *Record, zero []byte) error {
 	switch r.Kind {
 	case KindWrite, KindBase, KindZero, KindTrim:
 	default:

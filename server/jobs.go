@@ -29,6 +29,10 @@ type job struct {
 	j       api.Job
 	changed chan struct{} // closed and replaced at each change
 	written time.Time     // last write of byte progress to the database
+
+	cancel    context.CancelFunc
+	cancelled bool          // under mu: an operator cancelled it
+	confirm   chan struct{} // under mu: closed when a waiting action is confirmed
 }
 
 // jobsState is the server's running jobs.
@@ -57,10 +61,13 @@ func (s *Server) startJob(ctx context.Context, kind, subject string, fn func(ctx
 	s.jobs.running[j.id] = j
 	s.jobs.mu.Unlock()
 	j.log("job started")
+	jctx, cancel := context.WithCancel(s.ctx)
+	j.cancel = cancel
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		err := fn(s.ctx, j)
+		defer cancel()
+		err := fn(jctx, j)
 		j.finish(err)
 		s.jobs.mu.Lock()
 		delete(s.jobs.running, j.id)
@@ -135,8 +142,12 @@ func (j *job) publishLocked() {
 func (j *job) finish(err error) {
 	j.mu.Lock()
 	j.j.State, j.j.EndedAt = api.JobSucceeded, j.s.now()
+	j.j.Waiting, j.j.Cancellable = "", false
 	if err != nil {
 		j.j.State, j.j.Error = api.JobFailed, err.Error()
+		if j.cancelled {
+			j.j.State = api.JobCancelled
+		}
 		for i := range j.j.Steps {
 			if j.j.Steps[i].State == "running" {
 				j.j.Steps[i].State = "failed"
@@ -163,10 +174,134 @@ func (j *job) save(c api.Job) {
 	if err := j.s.db.UpdateJob(ctx, c.ID, c.State, string(steps), c.Error); err != nil {
 		j.s.log.Warn("record a job's progress", "job", c.ID, "err", err)
 	}
+	out, _ := json.Marshal(c.Output)
+	if err := j.s.db.SetJobResult(ctx, c.ID, string(out), time.Duration(c.RTO*float64(time.Second)), c.Waiting); err != nil {
+		j.s.log.Warn("record a job's result", "job", c.ID, "err", err)
+	}
+}
+
+// setResult sets the job's output lines and measured RTO.
+func (j *job) setResult(lines []string, rto time.Duration) {
+	j.mu.Lock()
+	j.j.Output = append([]string(nil), lines...)
+	j.j.RTO = rto.Seconds()
+	j.publishLocked()
+	c := j.j
+	j.mu.Unlock()
+	j.save(c)
+}
+
+// setCancellable says whether an operator may cancel the job now (it is
+// safe to stop until the switch of a failover).
+func (j *job) setCancellable(ok bool) {
+	j.mu.Lock()
+	j.j.Cancellable = ok
+	j.publishLocked()
+	j.mu.Unlock()
+}
+
+// waitConfirm pauses the job on a manual action until an operator
+// confirms it (ConfirmJob) or the job is cancelled.
+func (j *job) waitConfirm(ctx context.Context, text string) error {
+	j.mu.Lock()
+	ch := make(chan struct{})
+	j.confirm = ch
+	j.j.Waiting = text
+	j.j.Cancellable = true
+	j.publishLocked()
+	c := j.j
+	j.mu.Unlock()
+	j.save(c)
+	j.log("job waits for a manual action", "action", text)
+	defer func() {
+		j.mu.Lock()
+		j.confirm, j.j.Waiting, j.j.Cancellable = nil, "", false
+		j.publishLocked()
+		c := j.j
+		j.mu.Unlock()
+		j.save(c)
+	}()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// ConfirmJob confirms the manual action a job waits on.
+func (s *Server) ConfirmJob(ctx context.Context, id string) error {
+	s.jobs.mu.Lock()
+	j := s.jobs.running[id]
+	s.jobs.mu.Unlock()
+	if j == nil {
+		if _, err := s.db.Job(ctx, id); err != nil {
+			return err
+		}
+		return errorf(http.StatusConflict, "job %s is not running", id)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.confirm == nil {
+		return errorf(http.StatusConflict, "job %s is not waiting for a confirmation", id)
+	}
+	close(j.confirm)
+	j.confirm = nil
+	j.log("manual action confirmed", "action", j.j.Waiting)
+	return nil
+}
+
+// CancelJob stops a job that may be stopped now (Cancellable).
+func (s *Server) CancelJob(ctx context.Context, id string) error {
+	s.jobs.mu.Lock()
+	j := s.jobs.running[id]
+	s.jobs.mu.Unlock()
+	if j == nil {
+		if _, err := s.db.Job(ctx, id); err != nil {
+			return err
+		}
+		return errorf(http.StatusConflict, "job %s is not running", id)
+	}
+	j.mu.Lock()
+	if !j.j.Cancellable {
+		j.mu.Unlock()
+		return errorf(http.StatusConflict, "job %s cannot be cancelled now (it is past the point where stopping is safe)", id)
+	}
+	j.cancelled = true
+	j.mu.Unlock()
+	j.log("job cancelled by an operator")
+	j.cancel()
+	return nil
+}
+
+func (s *Server) handleConfirmJob(w http.ResponseWriter, r *http.Request) error {
+	if err := s.ConfirmJob(r.Context(), chi.URLParam(r, "job")); err != nil {
+		return err
+	}
+	j, err := s.Job(r.Context(), chi.URLParam(r, "job"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, j)
+	return nil
+}
+
+func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) error {
+	if err := s.CancelJob(r.Context(), chi.URLParam(r, "job")); err != nil {
+		return err
+	}
+	j, err := s.Job(r.Context(), chi.URLParam(r, "job"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, j)
+	return nil
 }
 
 func jobFromRow(r store.Job) api.Job {
-	j := api.Job{ID: r.ID, Kind: r.Kind, Subject: r.Subject, State: r.State, Error: r.Error, StartedAt: r.StartedAt, EndedAt: r.EndedAt}
+	j := api.Job{ID: r.ID, Kind: r.Kind, Subject: r.Subject, State: r.State, Error: r.Error, StartedAt: r.StartedAt, EndedAt: r.EndedAt,
+		RTO: r.RTO.Seconds(), Waiting: r.Waiting}
+	json.Unmarshal([]byte(r.Output), &j.Output)
 	if json.Unmarshal([]byte(r.Steps), &j.Steps) != nil || j.Steps == nil {
 		j.Steps = []api.JobStep{}
 	}

@@ -343,6 +343,10 @@ func (s *Server) prune(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	held, err := s.db.HeldPoints(ctx)
+	if err != nil {
+		return err
+	}
 	for _, m := range ms {
 		if m.Unprotected() {
 			// Its points are frozen as they were when its protection
@@ -360,7 +364,7 @@ func (s *Server) prune(ctx context.Context) error {
 		if err := s.pruneSegments(ctx, m.ID, s.now().Add(-p.PITWindow)); err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}
-		deleted, err := s.ps.PrunePoints(ctx, m.ID, s.now().Add(-p.Retention))
+		deleted, err := s.ps.PrunePoints(ctx, m.ID, s.now().Add(-p.Retention), held[m.ID])
 		if err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}

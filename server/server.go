@@ -69,6 +69,13 @@ type Config struct {
 	PolicyEvery, PruneEvery time.Duration
 	// ResyncEvery is how often due resyncs are started (default 2s).
 	ResyncEvery time.Duration
+	// NBDListen is where failovers' NBD exports are served (default
+	// DefaultNBDListen, loopback; "off": only the data directory's UNIX
+	// socket).
+	NBDListen string
+	// DrillCheckEvery is how often the plans' drill schedules are checked
+	// (default 1m).
+	DrillCheckEvery time.Duration
 	// Now is the clock for retention and events (default time.Now).
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -133,8 +140,9 @@ type Server struct {
 
 	resyncTestHook func(event string) // tests only: resyncHook
 
-	jobs jobsState    // running jobs (jobs.go)
-	vc   vcenterState // vCenter discoveries (vmware.go)
+	jobs jobsState     // running jobs (jobs.go)
+	vc   vcenterState  // vCenter discoveries (vmware.go)
+	fo   failoverState // failovers' NBD exports (failover.go)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -165,6 +173,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.ResyncEvery <= 0 {
 		cfg.ResyncEvery = 2 * time.Second
+	}
+	if cfg.DrillCheckEvery <= 0 {
+		cfg.DrillCheckEvery = time.Minute
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
 		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
@@ -300,7 +311,10 @@ func (s *Server) open(ctx context.Context) error {
 	if s.dataL, err = net.Listen("tcp", cfg.DataListen); err != nil {
 		return fmt.Errorf("data listen %s: %w", cfg.DataListen, err)
 	}
-	return nil
+	if err := s.openNBD(); err != nil {
+		return err
+	}
+	return s.restoreFailovers(ctx)
 }
 
 // openVault makes sure the target belongs to this vault (or claims an empty
@@ -529,7 +543,9 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	errc := make(chan error, 2)
-	s.wg.Add(7)
+	s.wg.Add(9)
+	go func() { defer s.wg.Done(); s.serveNBD(s.ctx) }()
+	go func() { defer s.wg.Done(); s.drillLoop() }()
 	go func() { defer s.wg.Done(); s.finishUnprotects(s.unprotectedAtStart) }()
 	go func() { defer s.wg.Done(); s.resyncLoop() }()
 	go func() { defer s.wg.Done(); s.policyLoop() }()
@@ -567,6 +583,7 @@ func (s *Server) Close() error {
 		s.dataL.Close()
 	}
 	s.wg.Wait()
+	s.closeNBD()
 	s.stopDiscovery()
 	s.reqMu.Lock()
 	s.stopping = true

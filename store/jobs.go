@@ -26,6 +26,12 @@ type Job struct {
 	Error     string
 	StartedAt time.Time
 	EndedAt   time.Time
+	// Output is the job's result lines as JSON (a failover's DISK URI
+	// lines); RTO the measured time until the recovered machine was
+	// usable; Waiting the manual action it waits on ("" if none).
+	Output  string
+	RTO     time.Duration
+	Waiting string
 }
 
 // AddJob records a new running job.
@@ -52,6 +58,16 @@ func (d *DB) UpdateJob(ctx context.Context, id, state, steps, errMsg string) err
 	return err
 }
 
+// SetJobResult writes a job's output lines (JSON), measured RTO and the
+// manual action it waits on.
+func (d *DB) SetJobResult(ctx context.Context, id, output string, rto time.Duration, waiting string) error {
+	if output == "" {
+		output = "[]"
+	}
+	_, err := d.db.ExecContext(ctx, `UPDATE jobs SET output = ?, rto_ns = ?, waiting = ? WHERE id = ?`, output, int64(rto), waiting, id)
+	return err
+}
+
 // FailRunningJobs ends the jobs a stopped server left running: their
 // goroutine is gone, so they can neither finish nor report.
 func (d *DB) FailRunningJobs(ctx context.Context, why string) error {
@@ -60,12 +76,13 @@ func (d *DB) FailRunningJobs(ctx context.Context, why string) error {
 	return err
 }
 
-const jobCols = `id, kind, subject, state, steps, error, started_at, ended_at`
+const jobCols = `id, kind, subject, state, steps, error, started_at, ended_at, output, rto_ns, waiting`
 
 func scanJob(s interface{ Scan(...any) error }) (Job, error) {
 	var j Job
-	var st, en int64
-	err := s.Scan(&j.ID, &j.Kind, &j.Subject, &j.State, &j.Steps, &j.Error, &st, &en)
+	var st, en, rto int64
+	err := s.Scan(&j.ID, &j.Kind, &j.Subject, &j.State, &j.Steps, &j.Error, &st, &en, &j.Output, &rto, &j.Waiting)
+	j.RTO = time.Duration(rto)
 	j.StartedAt = time.Unix(0, st)
 	if en > 0 {
 		j.EndedAt = time.Unix(0, en)

@@ -647,8 +647,9 @@ func (s *Server) SendPolicy(machineID string, p replication.AgentPolicy) error {
 }
 
 // PrunePoints deletes a machine's recovery points older than before, always
-// keeping the newest, and returns the deleted points.
-func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.Time) ([]replication.Point, error) {
+// keeping the newest and those whose sequence number keep holds (the points
+// of live failovers), and returns the deleted points.
+func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.Time, keep map[uint64]bool) ([]replication.Point, error) {
 	var deleted []replication.Point
 	err := s.WithApplier(ctx, machineID, func(a *replication.Applier) error {
 		ps, err := s.cfg.Catalog.Points(ctx, machineID)
@@ -658,6 +659,9 @@ func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.
 		for i, p := range ps {
 			if i == len(ps)-1 || !p.Time.Before(before) {
 				break
+			}
+			if keep[p.Seq] {
+				continue
 			}
 			if err := a.DeletePoint(ctx, p); err != nil {
 				return err

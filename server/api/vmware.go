@@ -144,6 +144,7 @@ const (
 	JobRunning   = "running"
 	JobSucceeded = "succeeded"
 	JobFailed    = "failed"
+	JobCancelled = "cancelled"
 )
 
 // Job is a long operation (a push install, an unprotect) with its steps
@@ -157,6 +158,16 @@ type Job struct {
 	Steps     []JobStep `json:"steps"`
 	StartedAt time.Time `json:"started_at"`
 	EndedAt   time.Time `json:"ended_at,omitzero"`
+	// Output is the job's result lines (a failover's "DISK URI" lines).
+	Output []string `json:"output,omitempty"`
+	// RTO is the measured time from the start until the recovered
+	// machines were usable, in seconds (failovers and drills).
+	RTO float64 `json:"rto_seconds,omitempty"`
+	// Waiting is the manual action the job waits on: it goes on when an
+	// operator confirms it (POST /api/v1/jobs/{id}/confirm).
+	Waiting string `json:"waiting,omitempty"`
+	// Cancellable says POST /api/v1/jobs/{id}/cancel may stop it now.
+	Cancellable bool `json:"cancellable,omitempty"`
 }
 
 // JobStep is one step of a job; Done and Total count bytes where the step
@@ -182,9 +193,11 @@ type ErrorBody struct {
 // any step does.
 func JobVersion(j Job) string {
 	b, _ := json.Marshal(struct {
-		State, Error string
-		Steps        []JobStep
-	}{j.State, j.Error, j.Steps})
+		State, Error, Waiting string
+		Steps                 []JobStep
+		Output                []string
+		Cancellable           bool
+	}{j.State, j.Error, j.Waiting, j.Steps, j.Output, j.Cancellable})
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:8])
 }

@@ -51,6 +51,13 @@ Usage:
   asr protect  --vm NAME --ssh USER@HOST[:PORT] --ssh-key FILE --disk NAME=DEVICE... [--policy P] [--mode nbd|scan]
   asr unprotect --vm NAME --ssh USER@HOST[:PORT] --ssh-key FILE [--delete-replica] | --machine M [--delete-replica]
   asr jobs     [ID] [--json]
+  asr job      show|confirm|cancel ID
+  asr failover --machine M|--group G|--plan P [--test] [--planned] [--point ID|latest|latest-app | --time T] --to nbd|qemu|vsphere|azure
+               [--boot-check REGEX] [--boot-port N] [--vcenter N --datastore DS [--host H|--pool P] [--network N]]
+               [--subscription S --resource-group RG --location L --vnet V --subnet SN [--size SIZE]]
+  asr failover --machine M|--group G|--plan P --cleanup | --commit | --change-point ID  |  --list [--all] [--json]
+  asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
+               | list | show NAME | delete NAME [--json]
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,
@@ -92,6 +99,9 @@ var commands = map[string]func(ctx context.Context, e *env, args []string) error
 	"protect":   runProtect,
 	"jobs":      runJobs,
 	"unprotect": runUnprotect,
+	"failover":  runFailover,
+	"plan":      runPlan,
+	"job":       runJob,
 }
 
 // Main runs the asr command line with args (without the program name) and

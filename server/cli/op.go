@@ -32,15 +32,20 @@ func (e *env) opCommand(name string, offline bool) (*flag.FlagSet, *opFlags) {
 // --passphrase-file, for the commands that can read the target directly.
 func (o *opFlags) register(fs *flag.FlagSet, offline bool) {
 	fs.StringVar(&o.group, "group", "", "replication group (instead of --machine)")
-	fs.StringVar(&o.server, "server", "https://127.0.0.1:8443", "control URL of the asr server")
-	fs.StringVar(&o.dataDir, "data", server.DefaultDataDir, "server data directory, for the default --token-file and --ca-file")
-	fs.StringVar(&o.tokenFile, "token-file", "", "admin token file (default DATA/admin-token)")
-	fs.StringVar(&o.caFile, "ca-file", "", "server CA certificate (default DATA/ca.pem)")
+	o.registerConn(fs)
 	fs.StringVar(&o.machine, "machine", "", "machine name or id")
 	if offline {
 		fs.StringVar(&o.target, "target", "", "read the target storage directly (no server), e.g. file:///srv/asr/target")
 		fs.StringVar(&o.passFile, "passphrase-file", "", "vault passphrase file (with --target)")
 	}
+}
+
+// registerConn adds only the flags that reach the server.
+func (o *opFlags) registerConn(fs *flag.FlagSet) {
+	fs.StringVar(&o.server, "server", "https://127.0.0.1:8443", "control URL of the asr server")
+	fs.StringVar(&o.dataDir, "data", server.DefaultDataDir, "server data directory, for the default --token-file and --ca-file")
+	fs.StringVar(&o.tokenFile, "token-file", "", "admin token file (default DATA/admin-token)")
+	fs.StringVar(&o.caFile, "ca-file", "", "server CA certificate (default DATA/ca.pem)")
 }
 
 // client makes the API client of the server the flags name.

@@ -267,6 +267,10 @@ func followJob(ctx context.Context, e *env, c *api.Client, j api.Job) error {
 			if st.Total > 0 && st.State == "running" {
 				continue // byte progress: the step's end says it
 			}
+			if j.Waiting != "" && printed["\x00waiting"] != j.Waiting {
+				printed["\x00waiting"] = j.Waiting
+				fmt.Fprintf(e.out, "  waiting for a manual action: %s\n  confirm it in the console or with: asr job confirm %s\n", j.Waiting, j.ID)
+			}
 			if printed[st.Name] != line {
 				printed[st.Name] = line
 				fmt.Fprintf(e.out, "  %-20s %s\n", st.Name, line)
@@ -277,9 +281,20 @@ func followJob(ctx context.Context, e *env, c *api.Client, j api.Job) error {
 		return err
 	}
 	if j.State != api.JobSucceeded {
+		for _, l := range j.Output {
+			fmt.Fprintln(e.out, l)
+		}
 		return hostKeyHint(fmt.Errorf("job %s %s: %s", j.ID, j.State, j.Error))
 	}
-	fmt.Fprintf(e.out, "job %s succeeded\n", j.ID)
+	fmt.Fprintf(e.out, "job %s succeeded", j.ID)
+	if j.RTO > 0 {
+		fmt.Fprintf(e.out, " (RTO %.1fs)", j.RTO)
+	}
+	fmt.Fprintln(e.out)
+	// The result lines come last, so a script takes them with tail.
+	for _, l := range j.Output {
+		fmt.Fprintln(e.out, l)
+	}
 	return nil
 }
 

@@ -1,0 +1,116 @@
+package api
+
+import (
+	"time"
+)
+
+// Failover kinds and destinations.
+const (
+	FailoverTest = "test"     // a test failover: thrown away at cleanup
+	FailoverReal = "failover" // the machine now runs from the recovered disks
+
+	ToNBD     = "nbd"     // the server's own read-write NBD exports
+	ToQEMU    = "qemu"    // a verified drill: QEMU boots the exports in an isolated network
+	ToVSphere = "vsphere" // a VM created in a registered vCenter
+	ToAzure   = "azure"   // managed disks and a VM in Azure
+)
+
+// FailoverRequest starts a test failover or a failover (POST
+// /api/v1/failovers) of one machine, the members of a replication group
+// (at one of the group's cuts) or a recovery plan.
+type FailoverRequest struct {
+	Machine string `json:"machine,omitempty"`
+	Group   string `json:"group,omitempty"`
+	Plan    string `json:"plan,omitempty"`
+	Test    bool   `json:"test,omitempty"`
+	// Planned shuts the source down and takes a last point first (a
+	// failover only): no acknowledged write is lost.
+	Planned bool `json:"planned,omitempty"`
+	// Point is a point id, "latest" (default) or "latest-app"; with a
+	// group, a group point id. Time, inside the any-point window, is the
+	// alternative.
+	Point string     `json:"point,omitempty"`
+	Time  *time.Time `json:"time,omitempty"`
+	To    string     `json:"to"`
+
+	// --to qemu: the boot check (a regexp on the serial console, and/or a
+	// TCP port that must answer) and how long the guest has to pass it.
+	BootCheck   string  `json:"boot_check,omitempty"`
+	BootPort    int     `json:"boot_port,omitempty"`
+	BootTimeout float64 `json:"boot_timeout_seconds,omitempty"`
+
+	VSphere *VSphereTarget `json:"vsphere,omitempty"`
+	Azure   *AzureTarget   `json:"azure,omitempty"`
+}
+
+// VSphereTarget is where a failover to vSphere creates the VM.
+type VSphereTarget struct {
+	VCenter   string `json:"vcenter"`
+	Datastore string `json:"datastore"`
+	Host      string `json:"host,omitempty"`
+	Pool      string `json:"pool,omitempty"`
+	Network   string `json:"network,omitempty"`
+	// PowerOn powers a test failover's VM on (a failover's always is).
+	PowerOn bool `json:"power_on,omitempty"`
+}
+
+// AzureTarget is where a failover to Azure creates the VM.
+type AzureTarget struct {
+	Subscription  string `json:"subscription"`
+	ResourceGroup string `json:"resource_group"`
+	Location      string `json:"location"`
+	VNet          string `json:"vnet"`
+	Subnet        string `json:"subnet"`
+	Size          string `json:"size,omitempty"`
+}
+
+// FailoverAction acts on the live failover of a machine, group or plan:
+// cleanup (a test failover), commit, or change-point (POST
+// /api/v1/failovers/{action}).
+type FailoverAction struct {
+	Machine string     `json:"machine,omitempty"`
+	Group   string     `json:"group,omitempty"`
+	Plan    string     `json:"plan,omitempty"`
+	Point   string     `json:"point,omitempty"` // change-point
+	Time    *time.Time `json:"time,omitempty"`  // change-point
+}
+
+// Failover is a machine's failover (GET /api/v1/failovers).
+type Failover struct {
+	ID        string     `json:"id"`
+	Machine   string     `json:"machine"`
+	MachineID string     `json:"machine_id"`
+	Kind      string     `json:"kind"` // test | failover
+	To        string     `json:"to"`
+	State     string     `json:"state"` // starting | active | committed | failed | ended
+	Point     string     `json:"point"`
+	PointTime time.Time  `json:"point_time,omitzero"`
+	Time      *time.Time `json:"time,omitempty"` // --time
+	Plan      string     `json:"plan,omitempty"`
+	JobID     string     `json:"job_id,omitempty"`
+	Created   time.Time  `json:"created"`
+	Ended     time.Time  `json:"ended,omitzero"`
+	Exports   []Export   `json:"exports,omitempty"`
+	// VM names what a failover to vSphere or Azure created.
+	VM    string       `json:"vm,omitempty"`
+	Drill *DrillResult `json:"drill,omitempty"`
+}
+
+// Export is one recovered disk served over NBD.
+type Export struct {
+	Disk string `json:"disk"`
+	URI  string `json:"uri"` // nbd://HOST:PORT/MACHINE/DISK
+	// Socket is the same export on the server's UNIX socket (nbd+unix).
+	Socket  string `json:"socket_uri,omitempty"`
+	Size    int64  `json:"size"`
+	Written int64  `json:"written_bytes"` // written since the failover (64 KiB blocks)
+}
+
+// DrillResult is what a verified drill found.
+type DrillResult struct {
+	Passed   bool    `json:"passed"`
+	BootTime float64 `json:"boot_seconds"`
+	Accel    string  `json:"accel,omitempty"`
+	Reason   string  `json:"reason,omitempty"`
+	Console  string  `json:"console_tail,omitempty"`
+}
