@@ -466,7 +466,7 @@ func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, err
 		for i, f := range fs {
 			m := ms[i]
 			done := j.step(m.Name+": release points", "keep only the failed-over point")
-			deleted, err := s.ps.PrunePoints(ctx, m.ID, time.Now().Add(24*time.Hour), map[uint64]bool{f.PointSeq: true})
+			deleted, err := s.ps.DeletePointsExcept(ctx, m.ID, f.PointSeq)
 			if err == nil {
 				seqs := make([]uint64, len(deleted))
 				for k, p := range deleted {

@@ -673,6 +673,29 @@ func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.
 	return deleted, err
 }
 
+// DeletePointsExcept deletes every recovery point of a machine but keep
+// (a committed failover's point), the newest included, and returns them.
+func (s *Server) DeletePointsExcept(ctx context.Context, machineID string, keep uint64) ([]replication.Point, error) {
+	var deleted []replication.Point
+	err := s.WithApplier(ctx, machineID, func(a *replication.Applier) error {
+		ps, err := s.cfg.Catalog.Points(ctx, machineID)
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			if p.Seq == keep {
+				continue
+			}
+			if err := a.DeletePoint(ctx, p); err != nil {
+				return err
+			}
+			deleted = append(deleted, p)
+		}
+		return nil
+	})
+	return deleted, err
+}
+
 // StartResync asks a machine's agent to resync a disk (see agent/resync.go).
 func (s *Server) StartResync(ctx context.Context, machineID string, job replication.ResyncJob, ifMarked bool) error {
 	s.mu.Lock()
