@@ -37,6 +37,9 @@ type VM struct {
 	Template      bool     `json:"template,omitempty"`
 	// NICs are the network adapters, by key (what a failover recreates).
 	NICs []NIC `json:"nics,omitempty"`
+	// GuestID is config.guestId (GuestOS shows the full name when there
+	// is one): a failover VM gets the same.
+	GuestID string `json:"guest_id,omitempty"`
 	// Firmware is config.firmware: "bios" or "efi" ("" if not reported).
 	// A failover VM must boot the same way as its source.
 	Firmware string `json:"firmware,omitempty"`
@@ -251,6 +254,7 @@ func (inv *inventory) vm(vcenter string, o *invObject) VM {
 	v.MemoryMiB, _ = p["config.hardware.memoryMB"].(int32)
 	v.Template, _ = p["config.template"].(bool)
 	v.Firmware = str(p["config.firmware"])
+	v.GuestID = str(p["config.guestId"])
 
 	host := ref(p["runtime.host"])
 	v.Host = inv.name(host)

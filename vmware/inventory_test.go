@@ -212,7 +212,8 @@ func TestNICs(t *testing.T) {
 		card(new(types.VirtualVmxnet3Vrdma), 4003, "", nil),
 		scsi(1000, "SCSI controller 0"),
 	}}
-	mustApply(t, inv, enter(moref("VirtualMachine", "vm-1"), map[string]any{"name": "web", "config.hardware.device": devs, "config.firmware": "efi"}))
+	mustApply(t, inv, enter(moref("VirtualMachine", "vm-1"), map[string]any{"name": "web", "config.hardware.device": devs, "config.firmware": "efi",
+		"config.guestId": "rhel9_64Guest", "config.guestFullName": "Red Hat Enterprise Linux 9 (64-bit)"}))
 	v := inv.vms("vc")[0]
 	want := []NIC{
 		{Key: 4000, Type: "vmxnet3", Network: "VM Network", MAC: "00:50:56:00:00:01"},
@@ -220,7 +221,7 @@ func TestNICs(t *testing.T) {
 		{Key: 4002, Type: "e1000e", Network: "DPG-prod", MAC: "00:50:56:00:00:03"},
 		{Key: 4003, Type: "vmxnet3vrdma"},
 	}
-	if !slices.Equal(v.NICs, want) || v.Firmware != "efi" {
+	if !slices.Equal(v.NICs, want) || v.Firmware != "efi" || v.GuestID != "rhel9_64Guest" {
 		t.Fatalf("nics %+v firmware %q\nwant %+v efi", v.NICs, v.Firmware, want)
 	}
 }
