@@ -769,3 +769,47 @@ func BenchmarkFailoverUpload256MiB(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// TestFailoverNetworkAndPlacement: Network sends every NIC to a
+// distributed port group; Host and Pool place the VM.
+func TestFailoverNetworkAndPlacement(t *testing.T) {
+	s := mustFailoverSim(t)
+	ctx := ctxT(t)
+	b := mustDiskBytes(t, 1<<20, 5)
+	spec := FailoverSpec{VMName: "placed", Datastore: s.ds, CPUs: 1, MemoryMiB: 512, Network: "DC0_DVPG0",
+		Host: "DC0_C0_H1", Pool: "/DC0/host/DC0_C0/Resources",
+		NICs: []NIC{{Type: "vmxnet3", Network: "VM Network"}, {Type: "e1000"}}}
+	res, err := FailoverToVSphere(ctx, s.c, spec, []FailoverDisk{{Name: "disk0", Size: int64(len(b)), Src: bytes.NewReader(b)}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := vmInfo(t, s.c, res.Ref)
+	var host mo.HostSystem
+	if err := property.DefaultCollector(s.c.Client).RetrieveOne(ctx, *m.Runtime.Host, []string{"name"}, &host); err != nil {
+		t.Fatal(err)
+	}
+	if host.Name != "DC0_C0_H1" || res.Host != "DC0_C0_H1" {
+		t.Fatalf("on host %s (result %q), want DC0_C0_H1", host.Name, res.Host)
+	}
+	var pgs []string
+	for _, d := range m.Config.Hardware.Device {
+		if card, ok := d.(types.BaseVirtualEthernetCard); ok {
+			bk, ok := card.GetVirtualEthernetCard().Backing.(*types.VirtualEthernetCardDistributedVirtualPortBackingInfo)
+			if !ok {
+				t.Fatalf("NIC backing %T, want a distributed port", card.GetVirtualEthernetCard().Backing)
+			}
+			var pg mo.DistributedVirtualPortgroup
+			ref := types.ManagedObjectReference{Type: "DistributedVirtualPortgroup", Value: bk.Port.PortgroupKey}
+			if err := property.DefaultCollector(s.c.Client).RetrieveOne(ctx, ref, []string{"name"}, &pg); err != nil {
+				t.Fatal(err)
+			}
+			pgs = append(pgs, pg.Name)
+		}
+	}
+	if !slices.Equal(pgs, []string{"DC0_DVPG0", "DC0_DVPG0"}) || !slices.Equal(res.Networks, pgs) {
+		t.Fatalf("NICs on %v (result %v)", pgs, res.Networks)
+	}
+	if err := DeleteFailoverVM(ctx, s.c, res.Ref); err != nil {
+		t.Fatal(err)
+	}
+}
