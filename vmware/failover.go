@@ -537,7 +537,7 @@ func dsExists(ctx context.Context, ds *object.Datastore, name string) (bool, err
 // run makes the VM; it returns the failed step.
 func (f *failover) run(ctx context.Context) (string, error) {
 	s := f.spec
-	if s.Isolated {
+	if s.Isolated && len(s.NICs) > 0 { // without NICs there is nothing to isolate
 		name := cmp.Or(s.IsolatedNetwork, DefaultIsolatedNetwork)
 		net, err := isolatedNetwork(ctx, f.c, f.dc, f.host, f.hostName, name)
 		if err != nil {
