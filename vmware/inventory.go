@@ -35,6 +35,26 @@ type VM struct {
 	Datastores    []string `json:"datastores"` // names, sorted
 	Networks      []string `json:"networks"`   // names, sorted
 	Template      bool     `json:"template,omitempty"`
+	// NICs are the network adapters, by key (what a failover recreates).
+	NICs []NIC `json:"nics,omitempty"`
+	// GuestID is config.guestId (GuestOS shows the full name when there
+	// is one): a failover VM gets the same.
+	GuestID string `json:"guest_id,omitempty"`
+	// Firmware is config.firmware: "bios" or "efi" ("" if not reported).
+	// A failover VM must boot the same way as its source.
+	Firmware string `json:"firmware,omitempty"`
+}
+
+// NIC is one network adapter of a VM.
+type NIC struct {
+	Key int32 `json:"key"`
+	// Type is the adapter's kind: vmxnet3, e1000, e1000e, vmxnet2,
+	// vmxnet, pcnet32, sriov, vmxnet3vrdma ("" if unknown).
+	Type string `json:"type"`
+	// Network is the name of its network or distributed port group ("" if
+	// unknown, e.g. an NSX opaque network not in the view).
+	Network string `json:"network"`
+	MAC     string `json:"mac,omitempty"`
 }
 
 // Disk is one virtual disk of a VM.
@@ -47,6 +67,12 @@ type Disk struct {
 	Controller    string `json:"controller"` // its controller's label, "SCSI controller 0"
 	ControllerKey int32  `json:"controller_key"`
 	Unit          int32  `json:"unit"`
+	// ControllerType is the controller's kind (pvscsi, lsilogic,
+	// lsilogic-sas, buslogic, nvme, sata, ide; "" if unknown) and
+	// ControllerBus its bus number among the controllers of its family
+	// (SCSI, NVMe, SATA, IDE): a failover recreates the same layout.
+	ControllerType string `json:"controller_type,omitempty"`
+	ControllerBus  int32  `json:"controller_bus"`
 }
 
 // Bounds on what one update can make the watcher hold or process. A
@@ -80,7 +106,7 @@ var viewTypes = []string{
 var vmProps = []string{
 	"name", "parent", "resourcePool", "datastore", "network",
 	"config.uuid", "config.instanceUuid", "config.guestFullName", "config.guestId",
-	"config.template", "config.hardware.numCPU", "config.hardware.memoryMB",
+	"config.template", "config.firmware", "config.hardware.numCPU", "config.hardware.memoryMB",
 	"config.hardware.device",
 	"runtime.powerState", "runtime.host",
 	"guest.ipAddress", "guest.net", "guest.hostName",
@@ -227,6 +253,8 @@ func (inv *inventory) vm(vcenter string, o *invObject) VM {
 	v.CPUs, _ = p["config.hardware.numCPU"].(int32)
 	v.MemoryMiB, _ = p["config.hardware.memoryMB"].(int32)
 	v.Template, _ = p["config.template"].(bool)
+	v.Firmware = str(p["config.firmware"])
+	v.GuestID = str(p["config.guestId"])
 
 	host := ref(p["runtime.host"])
 	v.Host = inv.name(host)
@@ -246,6 +274,7 @@ func (inv *inventory) vm(vcenter string, o *invObject) VM {
 	v.IPs = ips(p["guest.ipAddress"], p["guest.net"])
 	if devs, ok := p["config.hardware.device"].(types.ArrayOfVirtualDevice); ok {
 		v.Disks = disks(devs.VirtualDevice)
+		v.NICs = inv.nics(devs.VirtualDevice)
 	}
 	return v
 }
@@ -271,10 +300,12 @@ func (inv *inventory) names(val any) []string {
 func disks(devs []types.BaseVirtualDevice) []Disk {
 	devs = devs[:min(len(devs), maxDevices)]
 	labels := make(map[int32]string)
+	ctrls := make(map[int32]types.BaseVirtualController)
 	for _, d := range devs {
-		if _, ok := d.(types.BaseVirtualController); ok {
+		if c, ok := d.(types.BaseVirtualController); ok {
 			dev := d.GetVirtualDevice()
 			labels[dev.Key] = label(dev)
+			ctrls[dev.Key] = c
 		}
 	}
 	out := []Disk{}
@@ -290,6 +321,10 @@ func disks(devs []types.BaseVirtualDevice) []Disk {
 			ControllerKey: disk.ControllerKey,
 			Controller:    labels[disk.ControllerKey],
 		}
+		if c := ctrls[disk.ControllerKey]; c != nil {
+			dk.ControllerType = controllerKind(c)
+			dk.ControllerBus = c.GetVirtualController().BusNumber
+		}
 		if dk.CapacityBytes == 0 {
 			dk.CapacityBytes = disk.CapacityInKB * 1024 // before vSphere 5.5
 		}
@@ -303,6 +338,31 @@ func disks(devs []types.BaseVirtualDevice) []Disk {
 		out = append(out, dk)
 	}
 	slices.SortFunc(out, func(a, b Disk) int { return cmp.Compare(a.Key, b.Key) })
+	return out
+}
+
+// nics are a VM's network adapters, by key, with their networks' names.
+// Only the first maxDevices devices are read.
+func (inv *inventory) nics(devs []types.BaseVirtualDevice) []NIC {
+	var out []NIC
+	for _, d := range devs[:min(len(devs), maxDevices)] {
+		card, ok := d.(types.BaseVirtualEthernetCard)
+		if !ok {
+			continue
+		}
+		e := card.GetVirtualEthernetCard()
+		n := NIC{Key: e.Key, Type: nicKind(d), MAC: e.MacAddress}
+		switch b := e.Backing.(type) {
+		case *types.VirtualEthernetCardNetworkBackingInfo:
+			n.Network = cmp.Or(inv.name(b.Network), b.DeviceName)
+		case *types.VirtualEthernetCardDistributedVirtualPortBackingInfo:
+			n.Network = inv.name(&types.ManagedObjectReference{Type: "DistributedVirtualPortgroup", Value: b.Port.PortgroupKey})
+		}
+		// An NSX opaque network's backing names it by its id, not its
+		// object: left "" (the model holds only names and parents).
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b NIC) int { return cmp.Compare(a.Key, b.Key) })
 	return out
 }
 

@@ -139,8 +139,8 @@ func TestDisks(t *testing.T) {
 	}
 	got := disks(devs)
 	want := []Disk{
-		{Key: 2000, Label: "Hard disk 2000", CapacityBytes: 1 << 20, Path: "[ds1] vm/vm.vmdk", Datastore: "ds1", Controller: "SCSI controller 0", ControllerKey: 1000, Unit: 0},
-		{Key: 2001, Label: "Hard disk 2001", CapacityBytes: 1 << 20, Path: "[ds 2] vm/vm_1.vmdk", Datastore: "ds 2", Controller: "SCSI controller 0", ControllerKey: 1000, Unit: 1},
+		{Key: 2000, Label: "Hard disk 2000", CapacityBytes: 1 << 20, Path: "[ds1] vm/vm.vmdk", Datastore: "ds1", Controller: "SCSI controller 0", ControllerKey: 1000, Unit: 0, ControllerType: "pvscsi"},
+		{Key: 2001, Label: "Hard disk 2001", CapacityBytes: 1 << 20, Path: "[ds 2] vm/vm_1.vmdk", Datastore: "ds 2", Controller: "SCSI controller 0", ControllerKey: 1000, Unit: 1, ControllerType: "pvscsi"},
 		{Key: 2002, Label: "Hard disk 2002", CapacityBytes: 1 << 20, ControllerKey: 1001, Unit: 0},
 	}
 	if !slices.Equal(got, want) {
@@ -154,6 +154,75 @@ func TestDisks(t *testing.T) {
 	}
 	if n := len(disks(many)); n != maxDevices-1 {
 		t.Fatalf("%d disks read, want %d", n, maxDevices-1)
+	}
+}
+
+// TestDiskControllers reads each controller kind and its bus number:
+// what a failover recreates.
+func TestDiskControllers(t *testing.T) {
+	bus := func(c types.BaseVirtualController, key, n int32) types.BaseVirtualDevice {
+		c.GetVirtualController().Key, c.GetVirtualController().BusNumber = key, n
+		return c.(types.BaseVirtualDevice)
+	}
+	devs := []types.BaseVirtualDevice{
+		bus(new(types.ParaVirtualSCSIController), 1000, 0),
+		bus(new(types.VirtualLsiLogicController), 1001, 1),
+		bus(new(types.VirtualLsiLogicSASController), 1002, 2),
+		bus(new(types.VirtualBusLogicController), 1003, 3),
+		bus(new(types.VirtualNVMEController), 31000, 1),
+		bus(new(types.VirtualAHCIController), 15000, 0),
+		bus(new(types.VirtualIDEController), 201, 1),
+	}
+	want := map[int32]struct {
+		kind string
+		bus  int32
+	}{1000: {"pvscsi", 0}, 1001: {"lsilogic", 1}, 1002: {"lsilogic-sas", 2}, 1003: {"buslogic", 3},
+		31000: {"nvme", 1}, 15000: {"sata", 0}, 201: {"ide", 1}}
+	for i, d := range slices.Clone(devs) {
+		devs = append(devs, vdisk(int32(2000+i), d.GetVirtualDevice().Key, 0, "[ds] x.vmdk"))
+	}
+	got := disks(devs)
+	if len(got) != len(want) {
+		t.Fatalf("%d disks, want %d", len(got), len(want))
+	}
+	for _, d := range got {
+		if w := want[d.ControllerKey]; d.ControllerType != w.kind || d.ControllerBus != w.bus {
+			t.Errorf("disk on controller %d: %q bus %d, want %q bus %d", d.ControllerKey, d.ControllerType, d.ControllerBus, w.kind, w.bus)
+		}
+	}
+}
+
+func TestNICs(t *testing.T) {
+	inv := newInventory()
+	mustApply(t, inv, enter(moref("Network", "network-7"), map[string]any{"name": "VM Network"}))
+	mustApply(t, inv, enter(moref("DistributedVirtualPortgroup", "dvportgroup-9"), map[string]any{"name": "DPG-prod"}))
+	netRef := moref("Network", "network-7")
+	card := func(d types.BaseVirtualDevice, key int32, mac string, b types.BaseVirtualDeviceBackingInfo) types.BaseVirtualDevice {
+		e := d.(types.BaseVirtualEthernetCard).GetVirtualEthernetCard()
+		e.Key, e.MacAddress, e.Backing = key, mac, b
+		return d
+	}
+	devs := types.ArrayOfVirtualDevice{VirtualDevice: []types.BaseVirtualDevice{
+		card(new(types.VirtualE1000e), 4002, "00:50:56:00:00:03", &types.VirtualEthernetCardDistributedVirtualPortBackingInfo{
+			Port: types.DistributedVirtualSwitchPortConnection{PortgroupKey: "dvportgroup-9"}}),
+		card(new(types.VirtualVmxnet3), 4000, "00:50:56:00:00:01", &types.VirtualEthernetCardNetworkBackingInfo{
+			VirtualDeviceDeviceBackingInfo: types.VirtualDeviceDeviceBackingInfo{DeviceName: "VM Network"}, Network: &netRef}),
+		card(new(types.VirtualE1000), 4001, "00:50:56:00:00:02", &types.VirtualEthernetCardNetworkBackingInfo{
+			VirtualDeviceDeviceBackingInfo: types.VirtualDeviceDeviceBackingInfo{DeviceName: "not-in-view"}}),
+		card(new(types.VirtualVmxnet3Vrdma), 4003, "", nil),
+		scsi(1000, "SCSI controller 0"),
+	}}
+	mustApply(t, inv, enter(moref("VirtualMachine", "vm-1"), map[string]any{"name": "web", "config.hardware.device": devs, "config.firmware": "efi",
+		"config.guestId": "rhel9_64Guest", "config.guestFullName": "Red Hat Enterprise Linux 9 (64-bit)"}))
+	v := inv.vms("vc")[0]
+	want := []NIC{
+		{Key: 4000, Type: "vmxnet3", Network: "VM Network", MAC: "00:50:56:00:00:01"},
+		{Key: 4001, Type: "e1000", Network: "not-in-view", MAC: "00:50:56:00:00:02"},
+		{Key: 4002, Type: "e1000e", Network: "DPG-prod", MAC: "00:50:56:00:00:03"},
+		{Key: 4003, Type: "vmxnet3vrdma"},
+	}
+	if !slices.Equal(v.NICs, want) || v.Firmware != "efi" || v.GuestID != "rhel9_64Guest" {
+		t.Fatalf("nics %+v firmware %q\nwant %+v efi", v.NICs, v.Firmware, want)
 	}
 }
 
