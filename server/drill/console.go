@@ -1,6 +1,7 @@
 package drill
 
 import (
+	"bytes"
 	"io"
 	"regexp"
 	"strings"
@@ -10,6 +11,11 @@ import (
 // maxLine bounds a console line; longer output is split, so a guest that
 // never prints a newline cannot grow memory.
 const maxLine = 4096
+
+// maxPrompt bounds the unfinished line matched against the check: a prompt
+// is short, and matching a long line again on every read would cost
+// quadratic time when a guest writes a byte at a time.
+const maxPrompt = 256
 
 // console scans serial output line by line for a boot check and keeps the
 // last lines for the verdict.
@@ -29,7 +35,8 @@ func newConsole(check *regexp.Regexp, keep int) *console {
 
 // scan reads r until EOF or an error, copying everything to log (if not
 // nil), and calls onMatch once, when the check matches a complete line or
-// the unfinished last one (a "login: " prompt has no newline).
+// the unfinished last one while it is short (a "login: " prompt has no
+// newline).
 func (c *console) scan(r io.Reader, log io.Writer, onMatch func()) {
 	buf := make([]byte, 4096)
 	for {
@@ -56,7 +63,7 @@ func (c *console) feed(p []byte) bool {
 	defer c.mu.Unlock()
 	newMatch := false
 	for len(p) > 0 {
-		i := strings.IndexByte(string(p), '\n')
+		i := bytes.IndexByte(p, '\n')
 		if i < 0 {
 			room := maxLine - len(c.partial)
 			if len(p) < room {
@@ -78,7 +85,7 @@ func (c *console) feed(p []byte) bool {
 		}
 		c.partial = c.partial[:0]
 	}
-	if len(c.partial) > 0 && c.matchLine(c.partial) {
+	if len(c.partial) > 0 && len(c.partial) <= maxPrompt && c.matchLine(c.partial) {
 		newMatch = true
 	}
 	return newMatch
