@@ -196,7 +196,7 @@ func TestBootPortNotListening(t *testing.T) {
 		Disks:     []Disk{{Socket: sock, Export: "boot"}},
 		BootCheck: regexp.MustCompile(bootdisk.BootedMarker),
 		TCPPort:   8081,
-		Timeout:   90 * time.Second,
+		Timeout:   60 * time.Second,
 		Accel:     AccelTCG,
 	})
 	if err != nil {
