@@ -15,11 +15,13 @@ import (
 // Pacing of the TCP check. Polling is the only way to see a port open:
 // nothing tells the host when the guest starts listening.
 const (
-	tcpRetryEvery  = 500 * time.Millisecond
+	tcpRetryEvery  = 250 * time.Millisecond
 	tcpDialTimeout = 2 * time.Second
 	// tcpHandshake bounds the wait for the guest to answer the SYN that
-	// QEMU's user-mode network sends on behalf of a host connection.
-	tcpHandshake  = 3 * time.Second
+	// QEMU's user-mode network sends on behalf of a host connection. A
+	// SYN sent before the guest's network was up is retransmitted only
+	// seconds later: a fresh connection is quicker, so keep this short.
+	tcpHandshake  = time.Second
 	tcpStateEvery = 100 * time.Millisecond
 )
 
