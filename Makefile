@@ -24,7 +24,7 @@ unit:
 	$(GO) test -race -count=1 -timeout $(UNIT_TIMEOUT) ./...
 
 e2e: build
-	ASR_BIN=$(CURDIR)/bin/asr $(GO) test -tags e2e -count=1 -timeout $(E2E_TIMEOUT) -v ./e2e/ ./azure/... ./vmware/... 2>&1 | tee bin/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:' ; exit $${PIPESTATUS[0]}
+	ASR_BIN=$(CURDIR)/bin/asr $(GO) test -tags e2e -count=1 -timeout $(E2E_TIMEOUT) -v ./e2e/ ./azure/... ./vmware/... ./server/drill/... 2>&1 | tee bin/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:' ; exit $${PIPESTATUS[0]}
 
 build:
 	mkdir -p bin

@@ -4,7 +4,9 @@
 # nbdkit, e2fsprogs, zstd, Chromium for the console test, iproute2 and
 # iptables for the fault suite (network namespaces, loss, outages), rsync
 # for the resync benchmark, OpenSSH's server (sshd, ssh-keygen) for the push
-# install tests, and Azurite (npm, into bin/npm) for the Azure
+# install tests, QEMU's system emulator, a Linux kernel, static busybox,
+# syslinux and mtools for the drill tests (server/drill, bootdisk), and
+# Azurite (npm, into bin/npm) for the Azure
 # target's tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,6 +28,16 @@ check npm npm
 # sshd lives in /usr/sbin, outside a non-root PATH: check the file.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 check ssh-keygen openssh-client
+# Verified drills: server/drill boots images server/drill/bootdisk makes.
+check qemu-system-x86_64 qemu-system-x86
+# The drill disks boot the host's packaged kernel: check the file.
+compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-cloud-amd64)
+# The initramfs has no libraries: busybox must be the static build.
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need+=(busybox-static)
+check syslinux syslinux
+[ -f /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
+check mformat mtools
+check mcopy mtools
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
