@@ -115,6 +115,7 @@ func biosUUID(cfg Config, log *slog.Logger) string {
 //   - copies (initial.go): initial replication, cursors, progress marks
 //   - points (points.go, freeze.go): the point lock, the schedule, tags
 //   - groups (group.go): group cuts being held
+//   - fo (failover.go): the freeze of a planned failover, its final points
 //   - scans (scan.go): scan-mode disks
 //   - resyncer (resync.go): the checksum resync job
 //   - over (overflow.go): spool overflow and its catch-up
@@ -157,6 +158,7 @@ type Agent struct {
 	groups   *groupCuts
 	scans    *scanner
 	resyncer *resyncer
+	fo       *failover
 	ship     *shipper
 	nbd      *exporter
 	stats    *statsFile
@@ -205,6 +207,11 @@ func (a *Agent) wire(from map[uint32]copyPos) error {
 	a.scans = newScanner(ctx, log, a.spool, a.disks, a.copies.isDone, a.points)
 	a.points.whileFrozen = a.scans.passCopied
 	a.groups = newGroupCuts(ctx, log, a.disks, a.points, a.events)
+	// Before the NBD server: a machine frozen before a restart refuses
+	// the first write.
+	a.fo = newFailover(ctx, log, a.spool, a.disks, a.state, a.points, a.events)
+	a.fo.ready = func() bool { return a.copies.allDone() && !a.over.pending() }
+	a.fo.scanPass = a.scans.passCopied
 	addr := a.state.dataAddr()
 	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, addr, tlsDialer(cfg.StateDir, addr), a, loadSendCounters(cfg.StateDir))
 	a.resyncer = newResyncer(ctx, log, a.spool, a.disks, a.state, a.tags, a.ship.current, cfg.ResyncRate)
@@ -224,7 +231,7 @@ type part interface {
 // them and stop waits for them: the shipper first, as its receiver starts
 // the points and cuts the server asks for.
 func (a *Agent) parts() []part {
-	return []part{a.ship, a.groups, a.points, a.resyncer, a.copies, a.scans, a.over, a.al, a.nbd, a.stats}
+	return []part{a.ship, a.groups, a.fo, a.points, a.resyncer, a.copies, a.scans, a.over, a.al, a.nbd, a.stats}
 }
 
 // MachineID returns the agent's registered machine id.

@@ -79,6 +79,10 @@ func (a *Agent) tagRequest(ctx context.Context, tr replication.TagRequest) {
 	a.points.request(ctx, tr.ID, tr.App)
 }
 
+func (a *Agent) freeze(ctx context.Context, fr replication.Freeze) error { return a.fo.freeze(ctx, fr) }
+
+func (a *Agent) thaw(fr replication.Freeze) error { return a.fo.thaw(fr) }
+
 func (a *Agent) hold(c replication.Cut, w frameWriter) { a.groups.hold(c, w) }
 
 func (a *Agent) cutDecision(t replication.FrameType, c replication.Cut) { a.groups.decide(t, c) }
@@ -93,5 +97,5 @@ func (a *Agent) policy(p replication.AgentPolicy) { a.points.setPolicy(p) }
 func (a *Agent) status() replication.Status {
 	return replication.Status{Time: time.Now().UnixNano(), SpoolBytes: a.spool.Pending(),
 		OldestPending: a.spool.OldestPending(), LastSeq: a.spool.Next() - 1, Disks: a.Progress(),
-		Events: a.events.take(), Resync: a.resyncer.status()}
+		Events: a.events.take(), Resync: a.resyncer.status(), Failover: a.fo.current()}
 }

@@ -230,6 +230,14 @@ func (o *overflow) enter(d *Disk) bool {
 	return true
 }
 
+// pending reports whether an overflow is under way or being caught up:
+// the disks are inconsistent on the server until its done records.
+func (o *overflow) pending() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.began
+}
+
 // reset forgets an overflow when the agent starts a new log (newlog.go):
 // its start records are dropped with the spool, and the changes the maps
 // hold were made before the new log, whose resync or new copy covers them.

@@ -152,6 +152,12 @@ func (p *points) point(reqID uint64, app bool) error {
 // tag appends a recovery-point tag record; app marks it application-
 // consistent (the caller has quiesced the guest).
 func (p *points) tag(reqID uint64, app bool) error {
+	_, err := p.tagSeq(reqID, app)
+	return err
+}
+
+// tagSeq is tag, returning the tag record's sequence number.
+func (p *points) tagSeq(reqID uint64, app bool) (uint64, error) {
 	rec := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindTag, Offset: reqID}
 	switch {
 	case app:
@@ -161,11 +167,11 @@ func (p *points) tag(reqID uint64, app bool) error {
 	}
 	seq, err := p.spool.Append(p.rt.ctx, &rec)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	p.tags.mark(seq)
 	p.spool.Complete(seq)
-	return nil
+	return seq, nil
 }
 
 // loop makes the scheduled points: crash-consistent every crash

@@ -56,6 +56,12 @@ type shipHandler interface {
 	// tagRequest makes the point the server asks for, without waiting
 	// for it; ctx ends with the session.
 	tagRequest(ctx context.Context, tr replication.TagRequest)
+	// freeze refuses every guest write from now on (saved first) and
+	// starts the failover's final point without waiting for it; an error
+	// means the machine could not be frozen.
+	freeze(ctx context.Context, fr replication.Freeze) error
+	// thaw cancels a planned failover: writes are allowed again.
+	thaw(fr replication.Freeze) error
 	// hold starts holding the writes for a group cut, without waiting;
 	// HELD is sent on w.
 	hold(c replication.Cut, w frameWriter)
@@ -411,6 +417,24 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 				h.hold(c, s)
 			} else {
 				h.cutDecision(f.Type, c)
+			}
+		case replication.FrameFreeze, replication.FrameThaw:
+			var fr replication.Freeze
+			if err := replication.DecodeJSON(&f, &fr); err != nil {
+				return err
+			}
+			if err := fr.Validate(); err != nil {
+				return err
+			}
+			if f.Type == replication.FrameFreeze {
+				err = h.freeze(ctx, fr)
+			} else {
+				err = h.thaw(fr)
+			}
+			if err != nil {
+				// Not the connection's fault: the server sees the state in
+				// the next status, and may ask again.
+				s.sh.log.Error("planned failover", "frame", f.Type, "failover", fr.ID, "err", err)
 			}
 		case replication.FrameResync:
 			var job replication.ResyncJob

@@ -34,6 +34,10 @@ type (
 	resyncCall replication.ResyncJob
 	wantCall   replication.Want
 	policyCall replication.AgentPolicy
+	freezeCall struct {
+		t  replication.FrameType
+		fr replication.Freeze
+	}
 )
 
 // fakeShipHandler is the rest of the agent, for the shipper alone: it
@@ -62,6 +66,14 @@ func (h *fakeShipHandler) cutDecision(t replication.FrameType, c replication.Cut
 }
 func (h *fakeShipHandler) resync(job replication.ResyncJob) error {
 	h.calls <- resyncCall(job)
+	return nil
+}
+func (h *fakeShipHandler) freeze(_ context.Context, fr replication.Freeze) error {
+	h.calls <- freezeCall{replication.FrameFreeze, fr}
+	return nil
+}
+func (h *fakeShipHandler) thaw(fr replication.Freeze) error {
+	h.calls <- freezeCall{replication.FrameThaw, fr}
 	return nil
 }
 func (h *fakeShipHandler) want(w replication.Want)          { h.calls <- wantCall(w) }
@@ -227,6 +239,14 @@ func TestShipperSession(t *testing.T) {
 	srv.sendJSON(replication.FrameWant, replication.Want{Job: 4, Batch: 1})
 	if c, ok := h.next(t).(wantCall); !ok || c.Batch != 1 {
 		t.Fatalf("handler call %+v, want the want", c)
+	}
+	srv.sendJSON(replication.FrameFreeze, replication.Freeze{ID: "f1", Req: 5})
+	if c := h.next(t); c != (freezeCall{replication.FrameFreeze, replication.Freeze{ID: "f1", Req: 5}}) {
+		t.Fatalf("handler call %+v, want the freeze", c)
+	}
+	srv.sendJSON(replication.FrameThaw, replication.Freeze{ID: "f1"})
+	if c := h.next(t); c != (freezeCall{replication.FrameThaw, replication.Freeze{ID: "f1"}}) {
+		t.Fatalf("handler call %+v, want the thaw", c)
 	}
 	srv.sendJSON(replication.FramePolicy, replication.AgentPolicy{CrashInterval: int64(time.Minute)})
 	if c, ok := h.next(t).(policyCall); !ok || c.CrashInterval != int64(time.Minute) {

@@ -46,6 +46,9 @@ type Disk struct {
 	// appends wait for room instead).
 	over    *overflow
 	changes *changeMap
+	// frozen, when set and true, refuses every change: the machine is
+	// frozen for a planned failover (failover.go). Checked under mu.
+	frozen *atomic.Bool
 
 	mu sync.Mutex // serializes changes (spool append + backing write)
 
@@ -117,6 +120,10 @@ const (
 // the change lock so no other change comes between its pieces.
 func (d *Disk) change(kind replication.Kind, p []byte, off, n int64, fua bool) error {
 	d.mu.Lock()
+	if d.frozen != nil && d.frozen.Load() {
+		d.mu.Unlock()
+		return fmt.Errorf("disk %s is frozen for a planned failover: %w", d.Name, errFrozen)
+	}
 	for n > 0 {
 		k := min(n, int64(maxZeroRecord))
 		var chunk []byte

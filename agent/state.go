@@ -37,6 +37,10 @@ type state struct {
 	// an agent that registers again, or lost its state, has another one,
 	// and the server never joins its records to the old log by number.
 	LogID string `json:"log_id,omitempty"`
+	// Failover is the planned failover the machine is frozen under
+	// (failover.go), "" if none: guest writes are refused until its THAW,
+	// also after a restart.
+	Failover string `json:"failover,omitempty"`
 }
 
 type diskState struct {
@@ -251,6 +255,28 @@ func (s *stateStore) setOverflow(on bool) error {
 		s.st.Overflow = false
 	}
 	return err
+}
+
+// setFailover records the planned failover the machine is frozen under
+// ("" once thawed). Undone in memory if it cannot be saved.
+func (s *stateStore) setFailover(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	prev := s.st.Failover
+	s.st.Failover = id
+	if err := s.st.save(s.dir); err != nil {
+		s.st.Failover = prev
+		return err
+	}
+	return nil
+}
+
+// failover returns the planned failover the state says the machine is
+// frozen under, or "".
+func (s *stateStore) failover() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Failover
 }
 
 // overflowing reports whether the state says the spool overflows.

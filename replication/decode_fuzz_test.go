@@ -185,6 +185,8 @@ func controlMessage(t FrameType) interface{ Validate() error } {
 		return &Hashes{}
 	case FrameWant:
 		return &Want{}
+	case FrameFreeze, FrameThaw:
+		return &Freeze{}
 	}
 	return nil
 }
@@ -207,6 +209,10 @@ func FuzzControlMessage(f *testing.F) {
 	add(FrameResync, ResyncJob{ID: 1, Disk: 0, Reason: "r", Ranges: []Range{{Off: 1 << 20, Len: 1 << 20}}})
 	add(FrameHashes, Hashes{Job: 1, Batch: 1, Offs: []int64{0, HashChunk}, Hashes: make([]byte, 32)})
 	add(FrameWant, Want{Job: 1, Batch: 1, Chunks: []WantChunk{{Off: HashChunk, Leaves: make([]byte, 32)}}})
+	add(FrameFreeze, Freeze{ID: "planned-1", Req: 7})
+	add(FrameThaw, Freeze{ID: "planned-1"})
+	add(FrameStatus, Status{Failover: "planned-1"})
+	f.Add(uint8(FrameFreeze), []byte(`{"id":"../x","req":-1}`))
 	f.Add(uint8(FrameHello), []byte(`{"disks":[{},{},{},{},{},{},{},{}]}`))
 	f.Add(uint8(FrameHashes), []byte(`{"offs":[0,0,0,0],"hashes":"AAAA"}`))
 	f.Fuzz(func(t *testing.T, typ uint8, payload []byte) {
@@ -254,6 +260,13 @@ func checkLimits(t *testing.T, v any) {
 	case *Status:
 		if len(m.Disks) > MaxDisks || len(m.Events) > MaxStatusEvents {
 			t.Fatalf("status with %d disks, %d events accepted", len(m.Disks), len(m.Events))
+		}
+		if m.Failover != "" && !ValidFreezeID(m.Failover) {
+			t.Fatalf("status with failover id %q accepted", m.Failover)
+		}
+	case *Freeze:
+		if !ValidFreezeID(m.ID) {
+			t.Fatalf("freeze id %q accepted", m.ID)
 		}
 	case *ResyncJob:
 		if !rangesOK(m.Ranges) {

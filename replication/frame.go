@@ -38,11 +38,13 @@ const (
 	FrameResync  FrameType = 14 // server -> agent, JSON ResyncJob: compare and send the differences
 	FrameHashes  FrameType = 15 // agent -> server, JSON Hashes: the source's chunk hashes
 	FrameWant    FrameType = 16 // server -> agent, JSON Want: the replica's block hashes of differing chunks
+	FrameFreeze  FrameType = 17 // server -> agent, JSON Freeze: refuse every write from now on, then tag the final point
+	FrameThaw    FrameType = 18 // server -> agent, JSON Freeze: the planned failover is cancelled, writes allowed again
 )
 
 func (t FrameType) String() string {
 	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal", "policy",
-		"hold", "held", "cut", "release", "resync", "hashes", "want"}
+		"hold", "held", "cut", "release", "resync", "hashes", "want", "freeze", "thaw"}
 	if int(t) < len(names) && t != 0 {
 		return names[t]
 	}
@@ -170,7 +172,7 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 		return f, 0, &ProtocolError{fmt.Sprintf("unsupported protocol version %d (this build speaks %d)", h[4], ProtocolVersion)}
 	}
 	f.Type = FrameType(h[5])
-	if f.Type < FrameHello || f.Type > FrameWant {
+	if f.Type < FrameHello || f.Type > FrameThaw {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
 	}
 	f.Flags = h[6]
@@ -480,6 +482,9 @@ type Status struct {
 	Disks         []DiskProgress `json:"disks"`
 	Events        []AgentEvent   `json:"events,omitempty"` // new since the last report
 	Resync        *ResyncStatus  `json:"resync,omitempty"` // the resync running, if any
+	// Failover is the ID of the planned failover the agent is frozen
+	// under (FrameFreeze), "" if none: its guest writes are refused.
+	Failover string `json:"failover,omitempty"`
 }
 
 // ResyncJob asks the agent to resync a disk: compare the source with the
@@ -557,6 +562,26 @@ type TagRequest struct {
 	ID  uint64 `json:"id"`
 	App bool   `json:"app,omitempty"`
 }
+
+// Freeze is the payload of FrameFreeze and FrameThaw: a planned failover.
+// On FREEZE the agent refuses every guest write (write, write-zeroes,
+// trim) on every disk from then on, until the THAW of the same ID, also
+// across its restarts; once the writes that were in flight have completed
+// (each is logged) it appends a tag record with request id Req, whose
+// point is the failover's final point: it holds every write the guest was
+// told had completed. A FREEZE of the ID the agent is already frozen under
+// only tags again (with its Req).
+type Freeze struct {
+	// ID names the failover (ValidFreezeID): what a THAW must name.
+	ID string `json:"id"`
+	// Req is the request id the final point's tag record carries (FREEZE
+	// only; 0: nobody waits for the point).
+	Req uint64 `json:"req,omitempty"`
+}
+
+// FailoverTag is the name operators and logs give the final point of
+// planned failover id (points themselves are named by sequence number).
+func FailoverTag(id string) string { return "failover-" + id }
 
 // ErrorMessage is the payload of FrameError: why the sender is closing.
 type ErrorMessage struct {

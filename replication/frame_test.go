@@ -99,6 +99,10 @@ func TestFrameRejects(t *testing.T) {
 			b[5] = 200
 			return fixHeaderCRC(b)
 		},
+		"type after the last": func(b []byte) []byte {
+			b[5] = byte(FrameThaw) + 1
+			return fixHeaderCRC(b)
+		},
 		"huge length": func(b []byte) []byte {
 			b[8], b[9], b[10], b[11] = 0xff, 0xff, 0xff, 0x7f
 			return fixHeaderCRC(b)
@@ -112,6 +116,35 @@ func TestFrameRejects(t *testing.T) {
 				t.Fatalf("got %v, want a protocol error", err)
 			}
 		})
+	}
+}
+
+// TestControlFrameTypes: every control frame type, the newest included,
+// has its name and goes through the reader; FREEZE and THAW carry a
+// Freeze.
+func TestControlFrameTypes(t *testing.T) {
+	want := map[FrameType]string{FrameWant: "want", FrameFreeze: "freeze", FrameThaw: "thaw"}
+	for ft, name := range want {
+		if ft.String() != name {
+			t.Errorf("%d.String() = %q, want %q", uint8(ft), ft.String(), name)
+		}
+	}
+	if FrameFreeze != 17 || FrameThaw != 18 {
+		t.Fatal("frame types renumbered")
+	}
+	for _, ft := range []FrameType{FrameFreeze, FrameThaw} {
+		f, err := JSONFrame(ft, Freeze{ID: "planned-1", Req: 9})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _, err := ReadFrame(bytes.NewReader(AppendFrame(nil, &f)), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", ft, err)
+		}
+		var fr Freeze
+		if err := DecodeJSON(&got, &fr); err != nil || fr != (Freeze{ID: "planned-1", Req: 9}) || fr.Validate() != nil {
+			t.Fatalf("%s: decoded %+v, %v", ft, fr, err)
+		}
 	}
 }
 

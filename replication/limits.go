@@ -121,6 +121,22 @@ func (s *Status) Validate() error {
 	if len(s.Events) > MaxStatusEvents {
 		return validationError("status", "%d events, at most %d", len(s.Events), MaxStatusEvents)
 	}
+	if s.Failover != "" && !ValidFreezeID(s.Failover) {
+		return validationError("status", "failover id %q is not valid", s.Failover)
+	}
+	return nil
+}
+
+// ValidFreezeID reports whether id may name a planned failover (Freeze.ID):
+// the rule of machine names (MachineNameRule), as it ends up in file names
+// and logs.
+func ValidFreezeID(id string) bool { return ValidMachineName(id) }
+
+// Validate checks a Freeze: its ID follows ValidFreezeID.
+func (f *Freeze) Validate() error {
+	if !ValidFreezeID(f.ID) {
+		return validationError("freeze", "id %q: want %s", f.ID, MachineNameRule)
+	}
 	return nil
 }
 

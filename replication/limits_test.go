@@ -82,6 +82,12 @@ func TestValidate(t *testing.T) {
 		{"want no leaves", &Want{Chunks: []WantChunk{{Off: 0}}}, false},
 		{"want too many leaves", &Want{Chunks: []WantChunk{{Off: 0, Leaves: make([]byte, 16*HashFanout+16)}}}, false},
 		{"want partial leaf", &Want{Chunks: []WantChunk{{Off: 0, Leaves: make([]byte, 17)}}}, false},
+		{"freeze", &Freeze{ID: "planned-2026.12_a", Req: 3}, true},
+		{"freeze no id", &Freeze{Req: 3}, false},
+		{"freeze path id", &Freeze{ID: "../x"}, false},
+		{"freeze long id", &Freeze{ID: strings.Repeat("a", 65)}, false},
+		{"status frozen", &Status{Failover: "planned-1"}, true},
+		{"status bad failover", &Status{Failover: "a b"}, false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

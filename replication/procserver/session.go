@@ -91,11 +91,13 @@ type session struct {
 	ackAt    time.Time
 	status   replication.Status
 	statusAt time.Time
+	statusCh chan struct{} // closed and replaced at each status report
 	attached chan struct{} // closed and replaced when a connection becomes ready
 }
 
 func newSession(id string, log *slog.Logger, c *cache, rep *replica, newLogWait *atomic.Int64) *session {
-	return &session{id: id, log: log, cache: c, rep: rep, newLogWait: newLogWait, attached: make(chan struct{})}
+	return &session{id: id, log: log, cache: c, rep: rep, newLogWait: newLogWait, attached: make(chan struct{}),
+		statusCh: make(chan struct{})}
 }
 
 // attach makes cc the machine's connection (ending an older one) and
@@ -318,14 +320,31 @@ func (s *session) current() *agentConn {
 // waitConn returns the connection, giving an agent that is reconnecting
 // (after a restart of either side) up to grace to come back.
 func (s *session) waitConn(ctx context.Context, grace time.Duration) *agentConn {
+	return s.waitNewConn(ctx, grace, nil)
+}
+
+// waitNewConn is waitConn for a connection other than prev (one that
+// ended, whose reader may not have detached yet).
+func (s *session) waitNewConn(ctx context.Context, grace time.Duration, prev *agentConn) *agentConn {
 	t := time.NewTimer(grace)
 	defer t.Stop()
 	for {
 		s.mu.Lock()
 		cc, ready, attached := s.conn, s.ready, s.attached
 		s.mu.Unlock()
-		if ready {
+		if ready && cc != prev {
 			return cc
+		}
+		if ready {
+			// prev is still attached: wait for its end, then for the next.
+			select {
+			case <-cc.stopped:
+				continue
+			case <-t.C:
+				return nil
+			case <-ctx.Done():
+				return nil
+			}
 		}
 		select {
 		case <-attached:
@@ -340,7 +359,17 @@ func (s *session) waitConn(ctx context.Context, grace time.Duration) *agentConn 
 func (s *session) setStatus(st replication.Status) {
 	s.mu.Lock()
 	s.status, s.statusAt = st, time.Now()
+	close(s.statusCh)
+	s.statusCh = make(chan struct{})
 	s.mu.Unlock()
+}
+
+// lastStatus returns the agent's last status report, when it came, and a
+// channel closed at the next one.
+func (s *session) lastStatus() (replication.Status, time.Time, <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status, s.statusAt, s.statusCh
 }
 
 // stats fills in the connection's part of a machine's figures.
