@@ -195,6 +195,28 @@ func (s *Server) exportSocketURI(name string) string {
 // changes when plan is set) under MACHINE/DISK, from overlays in the
 // failover's directory (kept if they exist: a restart serves them again).
 func (s *Server) exportMachine(ctx context.Context, f store.Failover, m store.Machine, p replication.Point, plan *replication.TimePlan) ([]api.Export, error) {
+	ex, err := s.openRecovered(ctx, f, m, p, plan)
+	if err != nil {
+		return nil, err
+	}
+	s.fo.mu.Lock()
+	if old := s.fo.byMachine[m.ID]; old != nil {
+		s.fo.mu.Unlock()
+		ex.close()
+		return nil, fmt.Errorf("machine %s is exported already (failover %s)", m.Name, old.failoverID)
+	}
+	for _, e := range ex.disks {
+		s.fo.exports[e.name] = e
+	}
+	s.fo.byMachine[m.ID] = ex
+	s.fo.mu.Unlock()
+	return s.exportsOf(m.ID), nil
+}
+
+// openRecovered opens every disk of point p as an overlay in the
+// failover's directory (replaying plan's changes into new overlays): the
+// machine as recovered, read-write, nothing copied.
+func (s *Server) openRecovered(ctx context.Context, f store.Failover, m store.Machine, p replication.Point, plan *replication.TimePlan) (*exported, error) {
 	dir := failoverDir(s.cfg.DataDir, f.ID)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -204,17 +226,11 @@ func (s *Server) exportMachine(ctx context.Context, f store.Failover, m store.Ma
 		return nil, err
 	}
 	ex := &exported{failoverID: f.ID, machine: m.Name}
-	closeAll := func() {
-		for _, e := range ex.disks {
-			e.ov.Close()
-			e.base.Close()
-		}
-	}
 	fresh := true
 	for _, idx := range p.Disks {
 		d, ok := mc.Disk(idx)
 		if !ok {
-			closeAll()
+			ex.close()
 			return nil, fmt.Errorf("point %s names disk %d, unknown to machine %s: %w", p.ID, idx, m.Name, replication.ErrCorrupt)
 		}
 		if _, err := os.Stat(filepath.Join(dir, d.Name+".map")); err == nil {
@@ -222,35 +238,36 @@ func (s *Server) exportMachine(ctx context.Context, f store.Failover, m store.Ma
 		}
 		base, err := openPointReader(ctx, s.cat, mc, p, d.Index)
 		if err != nil {
-			closeAll()
+			ex.close()
 			return nil, fmt.Errorf("open point %s of disk %s: %w", p.ID, d.Name, err)
 		}
 		ov, err := overlay.Open(dir, d.Name, base, base.Size())
 		if err != nil {
 			base.Close()
-			closeAll()
+			ex.close()
 			return nil, err
 		}
 		ex.disks = append(ex.disks, &export{name: m.Name + "/" + d.Name, disk: d.Name, ov: ov, base: base})
 	}
 	if plan != nil && fresh {
 		if err := s.replayInto(ctx, mc, *plan, ex); err != nil {
-			closeAll()
+			ex.close()
 			return nil, fmt.Errorf("replay the changes after point %s: %w", p.ID, err)
 		}
 	}
-	s.fo.mu.Lock()
-	if old := s.fo.byMachine[m.ID]; old != nil {
-		s.fo.mu.Unlock()
-		closeAll()
-		return nil, fmt.Errorf("machine %s is exported already (failover %s)", m.Name, old.failoverID)
-	}
+	return ex, nil
+}
+
+// close closes the overlays and their bases (keeping the files).
+func (ex *exported) close() error {
+	var first error
 	for _, e := range ex.disks {
-		s.fo.exports[e.name] = e
+		if err := e.ov.Close(); err != nil && first == nil {
+			first = err
+		}
+		e.base.Close()
 	}
-	s.fo.byMachine[m.ID] = ex
-	s.fo.mu.Unlock()
-	return s.exportsOf(m.ID), nil
+	return first
 }
 
 // openPointReader opens a disk at a point through its own handles on the
@@ -345,12 +362,7 @@ func (s *Server) unexport(machineID, failoverID string, remove bool) error {
 	s.fo.mu.Unlock()
 	var first error
 	if ex != nil {
-		for _, e := range ex.disks {
-			if err := e.ov.Close(); err != nil && first == nil {
-				first = err
-			}
-			e.base.Close()
-		}
+		first = ex.close()
 	}
 	if remove && failoverID != "" {
 		if err := os.RemoveAll(failoverDir(s.cfg.DataDir, failoverID)); err != nil && first == nil {
