@@ -255,7 +255,9 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 }
 
 // overlayReader reads an overlay as an io.ReaderAt.
-type overlayReader struct{ ov interface{ ReadAt([]byte, int64) error } }
+type overlayReader struct {
+	ov interface{ ReadAt([]byte, int64) error }
+}
 
 func (r overlayReader) ReadAt(p []byte, off int64) (int, error) {
 	if err := r.ov.ReadAt(p, off); err != nil {
