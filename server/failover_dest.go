@@ -71,6 +71,12 @@ func (s *Server) vcenterClient(ctx context.Context, name string) (*govmomi.Clien
 func (s *Server) plannedPoint(ctx context.Context, j *job, m store.Machine, id string) (replication.Point, error) {
 	j.setCancellable(true)
 	done := j.step(m.Name+": freeze", "the source refuses new writes; what it acknowledged drains into a last point")
+	if st, ok := s.ps.Stats(m.ID); !ok || !st.Connected {
+		// Freeze would wait for the agent to come back: say so at once.
+		err := fmt.Errorf("the agent of %s is not connected: a planned failover needs the source running (run an unplanned failover instead): %w", m.Name, procserver.ErrNotConnected)
+		done("", err)
+		return replication.Point{}, err
+	}
 	p, err := s.ps.Freeze(ctx, m.ID, id)
 	if err != nil {
 		done("", err)

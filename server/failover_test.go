@@ -471,3 +471,98 @@ func TestPlanTestFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A planned failover through the API, under a constant write load: the
+// source refuses writes from the freeze on, and the failed-over exports
+// equal the source disk byte for byte (every acknowledged write is there).
+func TestPlannedFailoverToNBD(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	r.start()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 8<<20, 21)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0})
+	startAgent(t, cfg)
+	r.waitProtected("vm1")
+	var writers []*stripeWriter
+	progress := make(chan struct{}, 1)
+	refused := make(chan error, 4)
+	for i := range 4 {
+		c, err := nbd.Dial(ctx, cfg.NBD, "d0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		w := &stripeWriter{c: c, disk: "d0", id: i, stripes: 4, last: map[int64][]byte{}}
+		writers = append(writers, w)
+		go func() { refused <- w.run(progress) }()
+	}
+	for range 200 {
+		<-progress
+	}
+	j := r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", Planned: true, To: api.ToNBD}))
+	for range writers {
+		if err := <-refused; !errors.Is(err, nbd.EPERM) {
+			t.Fatalf("a writer stopped with %v, want EPERM (the source is frozen)", err)
+		}
+	}
+	c := dialExport(t, exportsOf(t, j)["d0"])
+	defer c.Close()
+	if exportSum(t, c) != fileSum(t, d0) {
+		t.Fatal("the failed-over disk differs from the frozen source: acknowledged writes were lost")
+	}
+	if j.Kind != "planned-failover" || j.RTO <= 0 {
+		t.Fatalf("job %+v", j)
+	}
+	// A planned failover of a machine whose agent is gone is refused by
+	// its job with the reason, and leaves no failover behind.
+	r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "vm1"}))
+	if fos, _ := r.client.Failovers(ctx, false); len(fos) != 1 || fos[0].State != "committed" {
+		t.Fatalf("after commit: %+v", fos)
+	}
+}
+
+// A planned failover needs the source's agent: without it the job fails
+// with the reason and nothing is left.
+func TestPlannedFailoverNeedsTheAgent(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	r.start()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 1<<20, 22)
+	ra := startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}))
+	r.waitProtected("vm1")
+	ra.close()
+	j := r.runJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", Planned: true, To: api.ToNBD}))
+	if j.State != api.JobFailed || !strings.Contains(j.Error, "unplanned") {
+		t.Fatalf("planned failover without the agent: %s %s", j.State, j.Error)
+	}
+	if fos, _ := r.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("a refused planned failover left %+v", fos)
+	}
+}
+
+// The replica a live failover runs from cannot be deleted.
+func TestUnprotectKeepsAFailedOverReplica(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	r.start()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 1<<20, 23)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}))
+	r.waitProtected("vm1")
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", Test: true, To: api.ToNBD}))
+	err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/vm1/unprotect", api.UnprotectRequest{DeleteReplica: true}, nil)
+	if err == nil || !strings.Contains(err.Error(), "clean it up") {
+		t.Fatalf("unprotect --delete-replica under a test failover: %v", err)
+	}
+	if m := r.machine("vm1"); m.State == "unprotected" {
+		t.Fatal("the refused unprotect changed the machine")
+	}
+}

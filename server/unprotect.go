@@ -49,6 +49,9 @@ func (s *Server) Unprotect(ctx context.Context, machine string, deleteReplica bo
 	} else if err != nil {
 		return err
 	}
+	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil && deleteReplica {
+		return errorf(http.StatusConflict, "machine %s has a live %s (%s) that runs from its replica: clean it up (or fail back) before deleting the replica", m.Name, kindWord(f.Kind), f.State)
+	}
 	if m.Unprotected() && m.DeleteReplica && !deleteReplica {
 		return errorf(http.StatusConflict, "the deletion of machine %s's replica was started (unprotected at %s) and is not finished: run unprotect --delete-replica again to finish it",
 			m.Name, m.UnprotectedAt.UTC().Format(time.RFC3339))
