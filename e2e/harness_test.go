@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -287,7 +288,13 @@ func (c *cluster) startServer() {
 		host = "127.0.0.1"
 	}
 	for attempt := 1; ; attempt++ {
-		args := append([]string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}, c.serverArgs...)
+		args := []string{"server", "--data", c.srvDir, "--listen", c.listen, "--data-listen", host + ":" + c.dataPort}
+		if !slices.Contains(c.serverArgs, "--nbd-listen") {
+			// Failovers' exports on a port of the kernel's choosing (the
+			// URIs say which): never the default one another server holds.
+			args = append(args, "--nbd-listen", "127.0.0.1:0")
+		}
+		args = append(args, c.serverArgs...)
 		c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
 		if c.serverUp() {
 			return

@@ -53,7 +53,7 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	if b, err := os.ReadFile(portFile); err == nil {
 		dataListen = strings.TrimSpace(string(b))
 	}
-	srv, err := server.Open(ctx, server.Config{DataDir: srvDir, Listen: *listen, DataListen: dataListen, Logger: quiet})
+	srv, err := server.Open(ctx, server.Config{DataDir: srvDir, Listen: *listen, DataListen: dataListen, NBDListen: "127.0.0.1:0", Logger: quiet})
 	if err != nil {
 		return err
 	}
