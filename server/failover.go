@@ -87,7 +87,7 @@ func failoverDir(dataDir, id string) string { return filepath.Join(dataDir, "fai
 func (s *Server) openNBD() error {
 	addr := s.cfg.NBDListen
 	if addr == "" {
-		addr = DefaultNBDListen
+		addr = "127.0.0.1:0" // `asr server` passes DefaultNBDListen
 	}
 	fs := &s.fo
 	fs.exports, fs.byMachine = map[string]*export{}, map[string]*exported{}

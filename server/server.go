@@ -69,9 +69,9 @@ type Config struct {
 	PolicyEvery, PruneEvery time.Duration
 	// ResyncEvery is how often due resyncs are started (default 2s).
 	ResyncEvery time.Duration
-	// NBDListen is where failovers' NBD exports are served (default
-	// DefaultNBDListen, loopback; "off": only the data directory's UNIX
-	// socket).
+	// NBDListen is where failovers' NBD exports are served ("": a
+	// loopback port the kernel chooses; `asr server` defaults to
+	// DefaultNBDListen; "off": only the data directory's UNIX socket).
 	NBDListen string
 	// DrillCheckEvery is how often the plans' drill schedules are checked
 	// (default 1m).
