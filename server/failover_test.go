@@ -566,3 +566,63 @@ func TestUnprotectKeepsAFailedOverReplica(t *testing.T) {
 		t.Fatal("the refused unprotect changed the machine")
 	}
 }
+
+// A replication group fails over at one of its cuts: each member from its
+// own point of that cut.
+func TestGroupTestFailover(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	r.start()
+	sums := map[string][32]byte{}
+	var srcs []*nbd.Client
+	for i, name := range []string{"vm1", "vm2"} {
+		d := filepath.Join(dir, name+".img")
+		mustDisk(t, d, 2<<20, uint64(30+i))
+		cfg := r.agentConfig(name, agent.DiskSpec{Name: "d", Path: d})
+		startAgent(t, cfg)
+		r.waitProtected(name)
+		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/"+name+"/group", api.GroupRequest{Group: "g"}, nil); err != nil {
+			t.Fatal(err)
+		}
+		c, err := nbd.Dial(ctx, cfg.NBD, "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		srcs = append(srcs, c)
+	}
+	var gp api.GroupPointJSON
+	if err := r.client.Do(ctx, http.MethodPost, "/api/v1/groups/g/points", api.TagRequest{}, &gp); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"vm1", "vm2"} {
+		sums[name] = fileSum(t, filepath.Join(dir, name+".img"))
+	}
+	// Later writes are not in the cut.
+	for _, c := range srcs {
+		if err := c.WriteAt(bytes.Repeat([]byte{0xcc}, 65536), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	j := r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Group: "g", Test: true, Point: gp.ID, To: api.ToNBD}))
+	if len(j.Output) != 2 {
+		t.Fatalf("group output %q", j.Output)
+	}
+	for _, l := range j.Output {
+		name, uri, _ := strings.Cut(l, " ")
+		machine, _, _ := strings.Cut(name, "/")
+		c := dialExport(t, uri)
+		if exportSum(t, c) != sums[machine] {
+			t.Fatalf("%s: the export differs from the group's cut", name)
+		}
+		c.Close()
+	}
+	r.mustJob(r.client.FailoverAction(ctx, "cleanup", api.FailoverAction{Group: "g"}))
+	if fos, _ := r.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("after the group's cleanup: %+v", fos)
+	}
+}
