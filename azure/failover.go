@@ -469,7 +469,7 @@ func failoverTags(spec FailoverSpec) (map[string]*string, error) {
 		if k == "" || len(k) > 512 || len(v) > 256 || strings.ContainsAny(k, "<>%&\\?/") {
 			return nil, invalid("tag %q: want a name of 1 to 512 characters without <>%%&\\?/ and a value of at most 256", k)
 		}
-		if _, ok := tags[k]; ok {
+		if k == TagFailover || k == TagTestFailover {
 			return nil, invalid("tag %q is the failover's own", k)
 		}
 		tags[k] = to.Ptr(v)
