@@ -573,11 +573,20 @@ func (t *Target) FailoverDisk(ctx context.Context, spec FailoverSpec, blobName, 
 	if vsize != size-replication.VHDFooterSize {
 		return FailoverDisk{}, fmt.Errorf("blob %s: the VHD footer says %d bytes, the blob holds %d and the footer: %w", blobName, vsize, size-replication.VHDFooterSize, replication.ErrCorrupt)
 	}
-	u, err := url.Parse(pb.URL())
+	// The SDK escapes a blob name's slashes (%2F); the URL Azure shows for
+	// the blob, and that an import is documented with, keeps them. The
+	// container URL's query, a SAS token if any, goes: Azure reads the
+	// blob with the storage account ID.
+	u, err := url.Parse(t.cc.URL())
 	if err != nil {
 		return FailoverDisk{}, fmt.Errorf("blob %s: %w", blobName, err)
 	}
-	u.RawQuery = "" // the SAS token, if any: Azure reads the blob with the account ID
+	u.RawQuery = ""
+	segs := strings.Split(blobName, "/")
+	for i, s := range segs {
+		segs[i] = url.PathEscape(s)
+	}
+	u = u.JoinPath(segs...)
 	return FailoverDisk{
 		Name:             diskName,
 		BlobURL:          u.String(),
