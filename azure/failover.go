@@ -1003,7 +1003,7 @@ func (e *armErr) Error() string {
 
 func (e *armErr) Unwrap() error { return e.resp }
 
-// armError shortens an ARM error; a 403 also wraps ErrARMAuth.
+// armError shortens an ARM error; a 401 or 403 also wraps ErrARMAuth.
 func armError(err error) error {
 	var re *azcore.ResponseError
 	if !errors.As(err, &re) {
@@ -1029,10 +1029,11 @@ func armError(err error) error {
 	return e
 }
 
-// ErrARMAuth is wrapped when Azure Resource Manager refuses the
-// credential, or its identity lacks a role on the resource group (it needs
-// Virtual Machine Contributor and Network Contributor, or Contributor, and
-// read access to the storage account).
+// ErrARMAuth is wrapped when Azure Resource Manager refuses the credential
+// (401), or its identity lacks a permission (403): it must create disks,
+// NICs and VMs in the resource group, join the subnet, and read the VHDs'
+// storage account. Contributor on those covers it; a narrower set of roles
+// has not been worked out, nor anything checked against real Azure.
 var ErrARMAuth = errors.New("Azure refused the credential or its role assignments")
 
 // deref returns *p, or def if p is nil.

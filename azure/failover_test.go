@@ -142,6 +142,10 @@ func (f *fakeARM) addSubnet(rg, vnet, name string) {
 func (f *fakeARM) getSubnet(_ context.Context, rg, vnet, name string, _ *armnetwork.SubnetsClientGetOptions) (resp azfake.Responder[armnetwork.SubnetsClientGetResponse], errResp azfake.ErrorResponder) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if name == "forbidden" {
+		errResp.SetResponseError(http.StatusForbidden, "AuthorizationFailed")
+		return
+	}
 	s, ok := f.subnets[key(rg, vnet+"/"+name)]
 	if !ok {
 		errResp.SetResponseError(http.StatusNotFound, "NotFound")
@@ -706,6 +710,16 @@ func TestFailoverMissingSubnet(t *testing.T) {
 	}
 	if len(f.writeLog()) != 0 {
 		t.Fatalf("writes: %v", f.writeLog())
+	}
+}
+
+func TestFailoverForbidden(t *testing.T) {
+	f := newFakeARM(t)
+	spec := testSpec()
+	spec.Subnet = "forbidden"
+	_, err := FailoverToAzure(t.Context(), &azfake.TokenCredential{}, f.options(), spec, testDisks(), nil)
+	if !errors.Is(err, ErrARMAuth) || !strings.Contains(err.Error(), "403 AuthorizationFailed") {
+		t.Fatalf("err %v, want ErrARMAuth with the status and code", err)
 	}
 }
 
