@@ -141,11 +141,12 @@ var retryOptions = policy.RetryOptions{
 // Target is a replication.Target on an Azure blob container. Open it with
 // Open.
 type Target struct {
-	name string // azure://ACCOUNT/CONTAINER
-	cc   *container.Client
-	lock *lease.BlobClient
-	log  *slog.Logger
-	now  func() time.Time
+	name    string // azure://ACCOUNT/CONTAINER
+	account string // the storage account, for FailoverDisk's resource ID
+	cc      *container.Client
+	lock    *lease.BlobClient
+	log     *slog.Logger
+	now     func() time.Time
 
 	// ctx lives until Close; it serves the calls that take no context
 	// (WriteAt, ZeroAt, ReadAt) and the lease's renewals.
@@ -187,11 +188,12 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 		return nil, fmt.Errorf("open %s: %w", cfg, err)
 	}
 	t := &Target{
-		name: cfg.String(),
-		cc:   cc,
-		lock: lc,
-		log:  slog.Default().With("component", "azure", "target", cfg.String()),
-		now:  time.Now,
+		name:    cfg.String(),
+		account: cfg.Account,
+		cc:      cc,
+		lock:    lc,
+		log:     slog.Default().With("component", "azure", "target", cfg.String()),
+		now:     time.Now,
 	}
 	var createErr error
 	if cfg.NoCreate {
