@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -13,10 +14,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/vim25/types"
 
+	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/api"
@@ -289,10 +292,130 @@ func (s *Server) removeVSphereVM(ctx context.Context, d *failoverDetail) error {
 	return err
 }
 
-// Placeholders until the Azure destination lands.
-
-func (s *Server) failoverToAzure(ctx context.Context, j *job, f store.Failover, m store.Machine, p replication.Point, plan *replication.TimePlan, req api.FailoverRequest, d failoverDetail) (failoverDetail, []string, error) {
-	return d, nil, errors.New("not built yet")
+// azureCredential is the ARM credential: the configured one (tests), else
+// azidentity's default chain (environment, managed identity, Azure CLI).
+func (s *Server) azureCredential() (azcore.TokenCredential, error) {
+	if s.cfg.ARMCredential != nil {
+		return s.cfg.ARMCredential, nil
+	}
+	return azure.NewCredential()
 }
 
-func (s *Server) removeAzureVM(ctx context.Context, d *failoverDetail) error { return nil }
+// azureVMName makes a machine name an Azure VM name (no underscores).
+func azureVMName(name string) string {
+	return strings.Trim(strings.ReplaceAll(name, "_", "-"), "-.")
+}
+
+// failoverToAzure writes each recovered disk as a fixed VHD, uploads it as
+// a page blob into the vault's storage account (the azure:// target), and
+// creates managed disks from the blobs, a NIC and a VM through ARM
+// (azure.FailoverToAzure). This path has run only against the Azure
+// SDK's fake servers and Azurite, not against real Azure.
+func (s *Server) failoverToAzure(ctx context.Context, j *job, f store.Failover, m store.Machine, p replication.Point, plan *replication.TimePlan, req api.FailoverRequest, d failoverDetail) (failoverDetail, []string, error) {
+	az, ok := s.target.(*azure.Target)
+	if !ok {
+		return d, nil, errorf(http.StatusBadRequest, "failover to Azure imports the disks from the vault's storage account: the server's target must be azure:// (it is %s)", s.target)
+	}
+	cred, err := s.azureCredential()
+	if err != nil {
+		return d, nil, fmt.Errorf("Azure credentials: %w", err)
+	}
+	at := req.Azure
+	src := s.sourceVM(ctx, m)
+	spec := azure.FailoverSpec{Subscription: at.Subscription, ResourceGroup: at.ResourceGroup, Location: at.Location,
+		VNet: at.VNet, Subnet: at.Subnet, Size: at.Size, VMName: azureVMName(recoveredName(m, src, req.Test)),
+		OSType: azure.OSTypeFromGuest(""), CPUs: 2, MemoryMiB: 4096, Test: req.Test}
+	if src != nil {
+		spec.OSType = azure.OSTypeFromGuest(src.GuestOS)
+		spec.CPUs, spec.MemoryMiB = src.CPUs, src.MemoryMiB
+		if src.Firmware == "efi" {
+			spec.HyperVGeneration = "V2"
+		}
+	}
+	ex, err := s.openRecovered(ctx, f, m, p, plan)
+	if err != nil {
+		return d, nil, err
+	}
+	defer func() {
+		ex.close()
+		os.RemoveAll(failoverDir(s.cfg.DataDir, f.ID))
+	}()
+	var disks []azure.FailoverDisk
+	for _, e := range ex.disks {
+		done := j.step(m.Name+": upload "+e.disk, "a fixed VHD page blob in "+s.target.String())
+		img := filepath.Join(failoverDir(s.cfg.DataDir, f.ID), e.disk+".img")
+		blob := fmt.Sprintf("failover/%s-%s-%s.vhd", m.Name, f.ID, e.disk)
+		n, err := writeVHD(ctx, overlayReader{e.ov}, e.ov.Size(), img)
+		var sent int64
+		if err == nil {
+			sent, err = az.UploadVHD(ctx, n, blob)
+			os.Remove(n)
+		}
+		var fd azure.FailoverDisk
+		if err == nil {
+			fd, err = az.FailoverDisk(ctx, spec, blob, "")
+		}
+		done(fmt.Sprintf("%s: %d bytes sent", blob, sent), err)
+		if err != nil {
+			return d, nil, err
+		}
+		disks = append(disks, fd)
+	}
+	step := m.Name + ": create VM in Azure"
+	j.update(api.JobStep{Name: step, State: "running", Detail: fmt.Sprintf("%s in %s/%s", spec.VMName, at.ResourceGroup, at.Location)})
+	res, err := azure.FailoverToAzure(ctx, cred, s.cfg.ARMOptions, spec, disks, func(what string) {
+		j.update(api.JobStep{Name: step, State: "running", Detail: what})
+	})
+	if err != nil {
+		j.update(api.JobStep{Name: step, State: "failed", Detail: err.Error()})
+		if errors.Is(err, azure.ErrInvalidFailover) || errors.Is(err, azure.ErrExists) {
+			err = errorf(http.StatusBadRequest, "%v", err)
+		}
+		return d, nil, err
+	}
+	j.update(api.JobStep{Name: step, State: "done", Detail: fmt.Sprintf("VM %s (%s), NIC %s, %d managed disks", res.VMName, res.Size, res.PrivateIP, len(res.DiskIDs))})
+	d.Azure, _ = json.Marshal(res)
+	d.VM = "azure/" + res.ResourceGroup + "/" + res.VMName
+	return d, []string{fmt.Sprintf("%s %s %s", m.Name, d.VM, res.VMID)}, nil
+}
+
+// writeVHD writes a disk as a fixed VHD file (a sparse raw image, then the
+// footer) and returns its path.
+func writeVHD(ctx context.Context, r io.ReaderAt, size int64, img string) (string, error) {
+	f, err := os.OpenFile(img, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return "", err
+	}
+	_, err = replication.WriteImage(ctx, r, size, f)
+	if err == nil {
+		err = f.Truncate(size)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(img)
+		return "", err
+	}
+	path, _, err := replication.ConvertToVHD(img)
+	return path, err
+}
+
+// removeAzureVM deletes a test failover's VM, NIC and managed disks.
+func (s *Server) removeAzureVM(ctx context.Context, d *failoverDetail) error {
+	if len(d.Azure) == 0 {
+		return nil
+	}
+	var res azure.FailoverResult
+	if err := json.Unmarshal(d.Azure, &res); err != nil {
+		return err
+	}
+	if !res.Test {
+		return nil // a failover's VM is the machine now
+	}
+	cred, err := s.azureCredential()
+	if err != nil {
+		return err
+	}
+	return azure.DeleteFailover(ctx, cred, s.cfg.ARMOptions, res)
+}

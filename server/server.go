@@ -12,6 +12,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/arm"
 	"log/slog"
 	"net"
 	"net/http"
@@ -73,6 +75,11 @@ type Config struct {
 	// loopback port the kernel chooses; `asr server` defaults to
 	// DefaultNBDListen; "off": only the data directory's UNIX socket).
 	NBDListen string
+	// ARMCredential and ARMOptions reach Azure Resource Manager for
+	// failovers to Azure (nil: azidentity's default credential chain and
+	// the SDK's defaults; tests point them at the SDK's fake servers).
+	ARMCredential azcore.TokenCredential
+	ARMOptions    *arm.ClientOptions
 	// DrillCheckEvery is how often the plans' drill schedules are checked
 	// (default 1m).
 	DrillCheckEvery time.Duration
