@@ -686,7 +686,7 @@ func jobDetail(v jobView) templ.Component {
 			}
 		}
 		if v.Job.Waiting != "" {
-			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 55, "<div id=\"job-waiting\" class=\"manual-action\" role=\"status\"><p><strong>Manual action:</strong> <span id=\"job-waiting-text\">")
+			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 55, "<div id=\"job-waiting\" class=\"manual-action\"><p><strong>Manual action:</strong> <span id=\"job-waiting-text\">")
 			if templ_7745c5c3_Err != nil {
 				return templ_7745c5c3_Err
 			}
