@@ -131,6 +131,75 @@ func (b consoleBackend) Job(ctx context.Context, id string) (api.Job, error) {
 	return j, err
 }
 
+func (b consoleBackend) ConfirmJob(ctx context.Context, id string) error {
+	return notFound(b.s.ConfirmJob(ctx, id), "job "+id)
+}
+
+func (b consoleBackend) CancelJob(ctx context.Context, id string) error {
+	return notFound(b.s.CancelJob(ctx, id), "job "+id)
+}
+
+func (b consoleBackend) Points(ctx context.Context, machine string) ([]api.PointJSON, error) {
+	m, err := b.s.db.MachineByName(ctx, machine)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("machine %s: %w", machine, web.ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	ps, err := b.s.cat.Points(ctx, m.ID)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.PointJSON, len(ps))
+	for i, p := range ps {
+		out[i] = api.PointOf(p)
+	}
+	return out, nil
+}
+
+func (b consoleBackend) Failovers(ctx context.Context) ([]api.Failover, error) {
+	return b.s.Failovers(ctx, false)
+}
+
+func (b consoleBackend) StartFailover(ctx context.Context, req api.FailoverRequest) (api.Job, error) {
+	return b.s.StartFailover(ctx, req)
+}
+
+func (b consoleBackend) Cleanup(ctx context.Context, a api.FailoverAction) (api.Job, error) {
+	return b.s.Cleanup(ctx, a)
+}
+
+func (b consoleBackend) Commit(ctx context.Context, a api.FailoverAction) (api.Job, error) {
+	return b.s.Commit(ctx, a)
+}
+
+func (b consoleBackend) ChangePoint(ctx context.Context, a api.FailoverAction) (api.Job, error) {
+	return b.s.ChangePoint(ctx, a)
+}
+
+func (b consoleBackend) Plans(ctx context.Context) ([]api.Plan, error) {
+	return b.s.Plans(ctx)
+}
+
+func (b consoleBackend) CreatePlan(ctx context.Context, p api.Plan) (api.Plan, error) {
+	return b.s.CreatePlan(ctx, p, false)
+}
+
+func (b consoleBackend) DeletePlan(ctx context.Context, name string) error {
+	return notFound(b.s.DeletePlan(ctx, name), "plan "+name)
+}
+
+// notFound translates the server's not-found errors (the store's, or an
+// API error with status 404) into web.ErrNotFound.
+func notFound(err error, what string) error {
+	var ae *apiError
+	if errors.Is(err, store.ErrNotFound) || (errors.As(err, &ae) && ae.status == http.StatusNotFound) {
+		return fmt.Errorf("%s: %w", what, web.ErrNotFound)
+	}
+	return err
+}
+
 // console returns the web console handler.
 func (s *Server) console() http.Handler {
 	return web.New(consoleBackend{s}, web.Options{Logger: s.log, ServerURL: s.URL()})

@@ -1,6 +1,7 @@
 package web
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net/http"
@@ -81,7 +82,9 @@ type jobView struct {
 	Session *session
 	Job     api.Job
 	Err     string // the job could not be loaded (the fragment keeps polling)
-	Now     time.Time
+	// ActionErr is why a confirmation or a cancellation was refused.
+	ActionErr string
+	Now       time.Time
 }
 
 func (h *jobsHandler) view(r *http.Request) (jobView, int) {
@@ -123,6 +126,39 @@ func (h *jobsHandler) fragment(w http.ResponseWriter, r *http.Request) {
 	render(w, r, h.log, http.StatusOK, jobPage(v), jobFragment)
 }
 
+// confirm confirms the manual action the job waits on and goes back to
+// the job's page; confirm and cancel show a refusal (the job was confirmed
+// or ended meanwhile) on the job's page.
+func (h *jobsHandler) confirm(w http.ResponseWriter, r *http.Request) {
+	h.control(w, r, "confirm", h.backend.ConfirmJob)
+}
+
+// cancel stops a job that may be stopped now.
+func (h *jobsHandler) cancel(w http.ResponseWriter, r *http.Request) {
+	h.control(w, r, "cancel", h.backend.CancelJob)
+}
+
+func (h *jobsHandler) control(w http.ResponseWriter, r *http.Request, what string, fn func(ctx context.Context, id string) error) {
+	id := chi.URLParam(r, "job")
+	err := fn(r.Context(), id)
+	if errors.Is(err, ErrNotFound) {
+		http.Error(w, "404 There is no job "+id+".", http.StatusNotFound)
+		return
+	}
+	if err != nil {
+		h.log.Warn(what+" job", "job", id, "err", err)
+		v, status := h.view(r)
+		if status == http.StatusOK {
+			status = http.StatusConflict
+		}
+		v.ActionErr = "Could not " + what + " the job: " + err.Error()
+		render(w, r, h.log, status, jobPage(v))
+		return
+	}
+	h.log.Info("job "+what+" from the console", "job", id, "remote", r.RemoteAddr)
+	redirect(w, r, "/jobs/"+url.PathEscape(id))
+}
+
 // jobURL is a job's page.
 func jobURL(id string) templ.SafeURL { return templ.SafeURL("/jobs/" + url.PathEscape(id)) }
 
@@ -158,3 +194,20 @@ func stepBytes(st api.JobStep) string {
 }
 
 func int64s(n int64) string { return strconv.FormatInt(n, 10) }
+
+// jobConfirmURL and jobCancelURL are where the job page's buttons post.
+func jobConfirmURL(id string) templ.SafeURL {
+	return templ.SafeURL("/jobs/" + url.PathEscape(id) + "/confirm")
+}
+
+func jobCancelURL(id string) templ.SafeURL {
+	return templ.SafeURL("/jobs/" + url.PathEscape(id) + "/cancel")
+}
+
+// rto is a measured recovery time, e.g. "12.4 s".
+func rto(seconds float64) string {
+	if seconds < 60 {
+		return strconv.FormatFloat(seconds, 'f', 1, 64) + " s"
+	}
+	return humanDuration(time.Duration(seconds * float64(time.Second)))
+}

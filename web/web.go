@@ -1,8 +1,10 @@
 // Package web is asr's web console: a small server-rendered HTML interface
 // where DR administrators sign in, watch the replication state, RPO and
 // recovery points of every protected machine, register vCenters, enable
-// replication of their VMs from the inventory, follow the jobs that do it,
-// and manage the console password.
+// replication of their VMs from the inventory, define recovery plans, run
+// test failovers, failovers and drills of machines and plans, follow the
+// jobs that do it (confirming a plan's manual actions), and manage the
+// console password.
 //
 // Pages are templ components; live values are refreshed by htmx polling a
 // fragment of the machines page. The only script is the vendored htmx, served
@@ -87,10 +89,38 @@ type Backend interface {
 	Jobs(ctx context.Context, limit int) ([]api.Job, error)
 	// Job returns a job: [ErrNotFound] if there is no such job.
 	Job(ctx context.Context, id string) (api.Job, error)
+	// ConfirmJob confirms the manual action a job waits on (its Waiting);
+	// CancelJob stops a job that may be stopped now (its Cancellable). An
+	// error's message is shown to the user.
+	ConfirmJob(ctx context.Context, id string) error
+	CancelJob(ctx context.Context, id string) error
+
+	// Points lists a machine's recovery points, oldest first.
+	Points(ctx context.Context, machine string) ([]api.PointJSON, error)
+	// Failovers lists the live failovers.
+	Failovers(ctx context.Context) ([]api.Failover, error)
+	// StartFailover starts the job of a test failover, a failover or a
+	// drill of a machine or a plan. Cleanup, Commit and ChangePoint start
+	// the job that acts on a live one. A request the server refuses
+	// starts nothing and returns an error whose message is shown to the
+	// user.
+	StartFailover(ctx context.Context, req api.FailoverRequest) (api.Job, error)
+	Cleanup(ctx context.Context, a api.FailoverAction) (api.Job, error)
+	Commit(ctx context.Context, a api.FailoverAction) (api.Job, error)
+	ChangePoint(ctx context.Context, a api.FailoverAction) (api.Job, error)
+
+	// Plans lists the recovery plans by name.
+	Plans(ctx context.Context) ([]api.Plan, error)
+	// CreatePlan stores a new plan. A plan the server refuses (a name
+	// taken, an unknown machine, a script that is not there) is not
+	// stored, and the error's message is shown to the user.
+	CreatePlan(ctx context.Context, p api.Plan) (api.Plan, error)
+	// DeletePlan deletes a plan: [ErrNotFound] if there is no such plan.
+	DeletePlan(ctx context.Context, name string) error
 }
 
-// ErrNotFound is what a [Backend] returns for a vCenter or a job that does
-// not exist.
+// ErrNotFound is what a [Backend] returns for a vCenter, a job or a plan
+// that does not exist.
 var ErrNotFound = errors.New("not found")
 
 // Options configures a [Handler]. The zero value is usable.
@@ -132,6 +162,8 @@ func New(b Backend, opts Options) *Handler {
 	vcenters := &vcentersHandler{backend: b, log: log, now: now}
 	inventory := &inventoryHandler{backend: b, log: log, now: now}
 	jobs := &jobsHandler{backend: b, log: log, now: now}
+	plans := &plansHandler{backend: b, log: log, now: now}
+	failovers := &failoversHandler{backend: b, log: log, now: now}
 
 	r := chi.NewRouter()
 	r.Use(securityHeaders)
@@ -160,6 +192,9 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/fragments/jobs", jobs.listFragment)
 		r.Get("/jobs/{job}", jobs.page)
 		r.Get("/fragments/jobs/{job}", jobs.fragment)
+		r.Get("/plans", plans.page)
+		r.Get("/failovers", failovers.page)
+		r.Get("/failovers/new", failovers.newPage)
 		r.Group(func(r chi.Router) {
 			r.Use(requireCSRF)
 			r.Post("/logout", auth.logout)
@@ -168,6 +203,13 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/vcenters", vcenters.add)
 			r.Post("/vcenters/{vcenter}/remove", vcenters.remove)
 			r.Post("/protect", inventory.protect)
+			r.Post("/jobs/{job}/confirm", jobs.confirm)
+			r.Post("/jobs/{job}/cancel", jobs.cancel)
+			r.Post("/plans", plans.create)
+			r.Post("/plans/{plan}/delete", plans.remove)
+			r.Post("/plans/{plan}/{action}", plans.act)
+			r.Post("/failovers", failovers.start)
+			r.Post("/failovers/{action}", failovers.act)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}

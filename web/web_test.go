@@ -36,7 +36,8 @@ type fakeBackend struct {
 	ps          api.ProcessServer
 	psErr       error
 
-	fakeVMware // vCenters, inventory, policies, jobs (vmware_test.go)
+	fakeVMware   // vCenters, inventory, policies, jobs (vmware_test.go)
+	fakeRecovery // plans, failovers, points (recovery_test.go)
 }
 
 var _ Backend = (*fakeBackend)(nil)
