@@ -267,6 +267,87 @@ func TestE2EFailoverTestNBD(t *testing.T) {
 	c.recoverAndCheck("m", point, want)
 }
 
+// TestE2EFailoverPlannedUnderFio is a planned failover while fio writes
+// to the protected disk at random through the agent: the source refuses
+// writes from the freeze on (fio stops with EPERM), and the failed-over
+// disk equals the source disk byte for byte, so every write the source
+// acknowledged is in the last point. Commit then ends the protection.
+func TestE2EFailoverPlannedUnderFio(t *testing.T) {
+	c := newFailoverCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	makeDisk(t, disk, 64<<20, 3)
+	a := c.startAgent("m", nil, "d="+disk)
+	c.waitState("m", "protected", hungAfter)
+	before := c.status("m").BytesReceived
+
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute) // ends a hung fio
+	defer cancel()
+	var fio background
+	var fioOut string
+	fio.run(func() error {
+		var err error
+		fioOut, err = runTool(ctx, t, "fio", "--name=planned", "--ioengine=nbd", "--uri="+a.uri("d"),
+			"--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=64M", "--time_based", "--runtime=600",
+			"--continue_on_error=none")
+		return err
+	})
+	// fio's writes reach the server: the workload is under way.
+	c.waitReceived("m", before+8<<20)
+
+	r := c.failover("--machine", "m", "--planned", "--to", "nbd")
+	t.Logf("planned failover:\n%s", r.out)
+	if !strings.Contains(r.out, "m: freeze") || !strings.Contains(r.out, "no acknowledged write is after it") {
+		t.Fatalf("planned failover output lacks the freeze:\n%s", r.out)
+	}
+	uris := exportURIs(t, r)
+	if len(uris) != 1 || uris["d"] == "" {
+		t.Fatalf("planned failover exports %v", uris)
+	}
+
+	// The source refuses writes now: fio stops on its first error.
+	err := fio.wait()
+	if err == nil {
+		t.Fatalf("fio ran its 600 s through a planned failover:\n%s", fioOut)
+	}
+	if !strings.Contains(fioOut, "Operation not permitted") {
+		t.Fatalf("fio stopped with %v, not on EPERM:\n%s", err, fioOut)
+	}
+	if ctx.Err() != nil {
+		t.Fatal("fio was killed, not stopped by its write errors")
+	}
+	t.Logf("fio: %v\n%s", err, nbdPeerTruncate(fioOut))
+
+	// The failed-over disk is the source as fio left it.
+	src := sha256File(t, disk)
+	if got := nbdCopySum(t, uris["d"]); got != src {
+		t.Fatalf("failed-over disk sha256 %s, source %s: an acknowledged write is missing", got, src)
+	}
+	fs := c.liveFailovers()
+	if len(fs) != 1 || fs[0].Kind != api.FailoverReal || fs[0].State != "active" {
+		t.Fatalf("live failovers: %+v", fs)
+	}
+	// Still frozen: a write now is refused too.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), hungAfter)
+	out, err := runTool(ctx2, t, "qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", a.uri("d"))
+	cancel2()
+	if err == nil && !strings.Contains(out, "Operation not permitted") {
+		t.Fatalf("a write to the frozen source:\n%s", out)
+	}
+
+	cm := c.mustCLI("failover", "--machine", "m", "--commit")
+	if !strings.Contains(cm, "succeeded") {
+		t.Fatalf("commit:\n%s", cm)
+	}
+	st := c.status("m")
+	if st.State != api.StateUnprotected || !st.Unprotected {
+		t.Fatalf("after commit the machine is %s (unprotected %v)", st.State, st.Unprotected)
+	}
+	// The failed-over machine keeps running from its export.
+	if got := nbdCopySum(t, uris["d"]); got != src {
+		t.Fatal("the export changed at commit")
+	}
+}
+
 // silence unused imports until the vSphere test below uses them.
 var (
 	_ = find.NewFinder
