@@ -20,12 +20,12 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/find"
-	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/vmware/vcsim"
 )
 
 // newFailoverCluster starts a cluster whose server serves its exports on a
@@ -348,12 +348,154 @@ func TestE2EFailoverPlannedUnderFio(t *testing.T) {
 	}
 }
 
-// silence unused imports until the vSphere test below uses them.
-var (
-	_ = find.NewFinder
-	_ = object.NewVirtualMachine
-	_ = property.DefaultCollector
-	_ mo.Datastore
-	_ types.ManagedObjectReference
-	_ = time.Second
-)
+// simDatastoreDir is the local directory behind a datastore of the
+// simulator (its summary.url).
+func simDatastoreDir(t *testing.T, sim *vcsim.Sim, name string) string {
+	t.Helper()
+	ctx := context.Background()
+	gc, err := sim.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Logout(ctx)
+	f := find.NewFinder(gc.Client, true)
+	dc, err := f.DefaultDatacenter(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.SetDatacenter(dc)
+	ds, err := f.Datastore(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mds mo.Datastore
+	if err := ds.Properties(ctx, ds.Reference(), []string{"summary"}, &mds); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(mds.Summary.Url); err != nil || !fi.IsDir() {
+		t.Fatalf("datastore %s: url %q is not a local directory: %v", name, mds.Summary.Url, err)
+	}
+	return mds.Summary.Url
+}
+
+// simVM reads a VM of the simulator by its reference; found is false once
+// it is gone.
+func simVM(t *testing.T, sim *vcsim.Sim, ref string) (vm mo.VirtualMachine, found bool) {
+	t.Helper()
+	ctx := context.Background()
+	gc, err := sim.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Logout(ctx)
+	err = property.DefaultCollector(gc.Client).RetrieveOne(ctx, types.ManagedObjectReference{Type: "VirtualMachine", Value: ref},
+		[]string{"name", "config", "runtime.powerState"}, &vm)
+	if err != nil {
+		if strings.Contains(err.Error(), "ManagedObjectNotFound") || strings.Contains(err.Error(), "has already been deleted") {
+			return vm, false
+		}
+		t.Fatal(err)
+	}
+	return vm, true
+}
+
+// vsphereResult parses a failover's "MACHINE VCENTER/VM REF" line.
+func vsphereResult(t *testing.T, r failoverResult, machine string) (vmPath, ref string) {
+	t.Helper()
+	if len(r.lines) != 1 {
+		t.Fatalf("failover to vSphere: result lines %q:\n%s", r.lines, r.out)
+	}
+	f := strings.Fields(r.lines[0])
+	if len(f) != 3 || f[0] != machine {
+		t.Fatalf("failover to vSphere: result line %q:\n%s", r.lines[0], r.out)
+	}
+	return f[1], f[2]
+}
+
+// TestE2EFailoverVSphere fails a machine linked to a simulated VM over to
+// the vSphere simulator through the real binary: a test failover creates a
+// powered-off VM that cleanup removes with its folder; a failover uploads
+// the point's disk (the datastore's flat file equals it byte for byte) and
+// creates a powered-on VM with the source's CPUs and memory.
+func TestE2EFailoverVSphere(t *testing.T) {
+	c := newFailoverCluster(t)
+	const size = 24 << 20
+	sim := c.addSimVCenter("guest01", size)
+	dsDir := simDatastoreDir(t, sim, "LocalDS_0")
+	disk := filepath.Join(c.dir, "d0.img")
+	makeHoleyDisk(t, disk, size, 4)
+	want := sha256File(t, disk)
+	c.startAgent("m", []string{"--bios-uuid", guestUUID}, "d0="+disk)
+	c.waitState("m", "protected", hungAfter)
+	c.waitStatus("m", "linked to VM guest01", func(st machineStatus) bool { return st.VM != nil && st.VM.Name == "guest01" })
+	point := c.tag("m")
+	c.recoverAndCheck("m", point, map[string]string{"d0": want})
+
+	// A test failover: a VM, powered off unless asked, on an isolated
+	// network; cleanup removes it and its files.
+	r := c.failover("--machine", "m", "--test", "--point", point, "--to", "vsphere", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	vmPath, ref := vsphereResult(t, r, "m")
+	if vmPath != "vc1/guest01-test" {
+		t.Fatalf("test VM %s:\n%s", vmPath, r.out)
+	}
+	vm, ok := simVM(t, sim, ref)
+	if !ok || vm.Name != "guest01-test" || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("test VM %s: found %v, %s, %s", ref, ok, vm.Name, vm.Runtime.PowerState)
+	}
+	if got := sha256File(t, filepath.Join(dsDir, "guest01-test", "d0-flat.vmdk")); got != want {
+		t.Fatalf("test VM's flat disk sha256 %s, the point holds %s", got, want)
+	}
+	if fs := c.liveFailovers(); len(fs) != 1 || fs[0].VM != "vc1/guest01-test" {
+		t.Fatalf("live failovers: %+v", fs)
+	}
+	c.mustCLI("failover", "--machine", "m", "--cleanup")
+	if _, ok := simVM(t, sim, ref); ok {
+		t.Fatalf("cleanup left the test VM %s", ref)
+	}
+	if _, err := os.Stat(filepath.Join(dsDir, "guest01-test")); !os.IsNotExist(err) {
+		t.Fatalf("cleanup left the test VM's folder: %v", err)
+	}
+	if fs := c.liveFailovers(); len(fs) != 0 {
+		t.Fatalf("live failovers after cleanup: %+v", fs)
+	}
+
+	// A failover: powered on, the source's shape, the point's bytes.
+	r = c.failover("--machine", "m", "--point", point, "--to", "vsphere", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	t.Logf("failover:\n%s", r.out)
+	vmPath, ref = vsphereResult(t, r, "m")
+	if vmPath != "vc1/guest01-recovered" {
+		t.Fatalf("recovered VM %s:\n%s", vmPath, r.out)
+	}
+	vm, ok = simVM(t, sim, ref)
+	if !ok || vm.Name != "guest01-recovered" || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		t.Fatalf("recovered VM %s: found %v, %s, %s", ref, ok, vm.Name, vm.Runtime.PowerState)
+	}
+	if vm.Config == nil || vm.Config.Hardware.NumCPU != 2 || vm.Config.Hardware.MemoryMB != 2048 {
+		t.Fatalf("recovered VM hardware %+v, want the source's 2 CPUs and 2048 MiB", vm.Config)
+	}
+	var vdisks []*types.VirtualDisk
+	for _, d := range vm.Config.Hardware.Device {
+		if vd, ok := d.(*types.VirtualDisk); ok {
+			vdisks = append(vdisks, vd)
+		}
+	}
+	if len(vdisks) != 1 || vdisks[0].CapacityInBytes != size {
+		t.Fatalf("recovered VM disks %+v", vdisks)
+	}
+	if got := sha256File(t, filepath.Join(dsDir, "guest01-recovered", "d0-flat.vmdk")); got != want {
+		t.Fatalf("recovered flat disk sha256 %s, the point holds %s", got, want)
+	}
+	if fs := c.liveFailovers(); len(fs) != 1 || fs[0].Kind != api.FailoverReal || fs[0].VM != "vc1/guest01-recovered" {
+		t.Fatalf("live failovers: %+v", fs)
+	}
+	if _, err := c.cli("failover", "--machine", "m", "--cleanup"); err == nil {
+		t.Fatal("cleanup of a failover (not a test) succeeded")
+	}
+	c.mustCLI("failover", "--machine", "m", "--commit")
+	if st := c.status("m"); st.State != api.StateUnprotected {
+		t.Fatalf("after commit the machine is %s", st.State)
+	}
+	if _, ok := simVM(t, sim, ref); !ok {
+		t.Fatal("commit removed the recovered VM")
+	}
+}
