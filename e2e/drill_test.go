@@ -133,6 +133,15 @@ func TestE2EDrillCorruptKernelFails(t *testing.T) {
 	if !strings.Contains(err.Error(), "never matched") {
 		t.Fatalf("the command's error lacks the reason: %v", err)
 	}
+	var boot *api.JobStep
+	for i, st := range j.Steps {
+		if st.Name == "m: boot" {
+			boot = &j.Steps[i]
+		}
+	}
+	if boot == nil || boot.State != "failed" || !strings.HasPrefix(boot.Detail, "timed out after 45s") {
+		t.Fatalf("job %s: boot step %+v, want failed with its reason", j.ID, boot)
+	}
 	if !hasEvent(c.events("m"), "drill-failed") {
 		t.Fatalf("no drill-failed event: %+v", c.events("m"))
 	}

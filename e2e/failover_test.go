@@ -462,6 +462,9 @@ func TestE2EFailoverVSphere(t *testing.T) {
 	// A failover: powered on, the source's shape, the point's bytes.
 	r = c.failover("--machine", "m", "--point", point, "--to", "vsphere", "--vcenter", "vc1", "--datastore", "LocalDS_0")
 	t.Logf("failover:\n%s", r.out)
+	if !regexp.MustCompile(`(?m)done: VM guest01-recovered \(vm-[0-9]+\), powered on, networks VM Network$`).MatchString(r.out) {
+		t.Fatalf("the create step's detail:\n%s", r.out)
+	}
 	vmPath, ref = vsphereResult(t, r, "m")
 	if vmPath != "vc1/guest01-recovered" {
 		t.Fatalf("recovered VM %s:\n%s", vmPath, r.out)
