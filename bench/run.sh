@@ -2,7 +2,7 @@
 # Runs asr's benchmarks and prints their tables. Needs bin/asr (make build)
 # and the peers (make peers). Usage: bench/run.sh [BENCHMARK]..., where
 # BENCHMARK is one of initial splitter rpo points group pit storage resync
-# azure (default: initial splitter rpo).
+# azure capacity discovery failover (default: initial splitter rpo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- initial splitter rpo

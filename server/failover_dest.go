@@ -179,7 +179,7 @@ func (s *Server) drill(ctx context.Context, j *job, f store.Failover, m store.Ma
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "drill-passed",
 			Message: fmt.Sprintf("drill passed: point %s booted in %.1fs (%s)", f.PointID, r.BootTime, r.Accel)})
 	} else {
-		done("", fmt.Errorf("failed: %s", res.Reason))
+		done("", errors.New(res.Reason)) // the step's state says failed
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "drill-failed",
 			Message: fmt.Sprintf("drill failed: point %s did not boot: %s (console in %s)", f.PointID, firstLine(res.Reason), o.LogPath)})
 	}
@@ -257,7 +257,11 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 	if res.PoweredOn {
 		state = "powered on"
 	}
-	j.update(api.JobStep{Name: step, State: "done", Detail: fmt.Sprintf("VM %s (%s) on %s, %s, networks %s", res.Name, res.Ref, res.Host, state, strings.Join(slices.Compact(slices.Sorted(slices.Values(res.Networks))), ","))})
+	where := "" // vCenter placed it when no host was named
+	if res.Host != "" {
+		where = " on " + res.Host
+	}
+	j.update(api.JobStep{Name: step, State: "done", Detail: fmt.Sprintf("VM %s (%s)%s, %s, networks %s", res.Name, res.Ref, where, state, strings.Join(slices.Compact(slices.Sorted(slices.Values(res.Networks))), ","))})
 	d.VM = vt.VCenter + "/" + res.Name
 	d.VSphere = &vsphereDetail{VCenter: vt.VCenter, Ref: res.Ref, Name: res.Name}
 	return d, []string{fmt.Sprintf("%s %s %s", m.Name, d.VM, res.Ref)}, nil

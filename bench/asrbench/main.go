@@ -12,6 +12,7 @@
 //	asrbench azure     upload path to Azurite vs a bare azblob upload; compression ratio
 //	asrbench capacity  server memory with 1, 16 and 64 TiB of sparse protected disks
 //	asrbench discovery vCenter inventory watch (100, 1,000, 5,000 simulated VMs) vs polling
+//	asrbench failover  time to a usable test-failover NBD export, 1 GiB and 1 TiB sparse disks
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
 // `make peers` installs (zstd, fio, nbdkit, rsync, Azurite); discovery
@@ -59,7 +60,7 @@ func main() {
 		return
 	}
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery|failover")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -98,6 +99,8 @@ func main() {
 		err = benchCapacity(dir)
 	case "discovery":
 		err = benchDiscovery(dir)
+	case "failover":
+		err = benchFailover(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}
