@@ -275,22 +275,20 @@ func (s *Server) CancelJob(ctx context.Context, id string) error {
 }
 
 func (s *Server) handleConfirmJob(w http.ResponseWriter, r *http.Request) error {
-	if err := s.ConfirmJob(r.Context(), chi.URLParam(r, "job")); err != nil {
-		return err
-	}
-	j, err := s.Job(r.Context(), chi.URLParam(r, "job"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, j)
-	return nil
+	return s.jobAction(w, r, s.ConfirmJob)
 }
 
 func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) error {
-	if err := s.CancelJob(r.Context(), chi.URLParam(r, "job")); err != nil {
+	return s.jobAction(w, r, s.CancelJob)
+}
+
+// jobAction acts on the job of the URL and answers with its new state.
+func (s *Server) jobAction(w http.ResponseWriter, r *http.Request, act func(context.Context, string) error) error {
+	id := chi.URLParam(r, "job")
+	if err := act(r.Context(), id); err != nil {
 		return err
 	}
-	j, err := s.Job(r.Context(), chi.URLParam(r, "job"))
+	j, err := s.Job(r.Context(), id)
 	if err != nil {
 		return err
 	}

@@ -650,6 +650,23 @@ func (s *Server) SendPolicy(machineID string, p replication.AgentPolicy) error {
 // keeping the newest and those whose sequence number keep holds (the points
 // of live failovers), and returns the deleted points.
 func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.Time, keep map[uint64]bool) ([]replication.Point, error) {
+	return s.deletePoints(ctx, machineID, func(i, n int, p replication.Point) (del, stop bool) {
+		if i == n-1 || !p.Time.Before(before) {
+			return false, true
+		}
+		return !keep[p.Seq], false
+	})
+}
+
+// DeletePointsExcept deletes every recovery point of a machine but keep
+// (a committed failover's point), the newest included, and returns them.
+func (s *Server) DeletePointsExcept(ctx context.Context, machineID string, keep uint64) ([]replication.Point, error) {
+	return s.deletePoints(ctx, machineID, func(_, _ int, p replication.Point) (del, stop bool) { return p.Seq != keep, false })
+}
+
+// deletePoints deletes, oldest first, the points pick says to (the i-th
+// of n), until it says stop.
+func (s *Server) deletePoints(ctx context.Context, machineID string, pick func(i, n int, p replication.Point) (del, stop bool)) ([]replication.Point, error) {
 	var deleted []replication.Point
 	err := s.WithApplier(ctx, machineID, func(a *replication.Applier) error {
 		ps, err := s.cfg.Catalog.Points(ctx, machineID)
@@ -657,33 +674,11 @@ func (s *Server) PrunePoints(ctx context.Context, machineID string, before time.
 			return err
 		}
 		for i, p := range ps {
-			if i == len(ps)-1 || !p.Time.Before(before) {
+			del, stop := pick(i, len(ps), p)
+			if stop {
 				break
 			}
-			if keep[p.Seq] {
-				continue
-			}
-			if err := a.DeletePoint(ctx, p); err != nil {
-				return err
-			}
-			deleted = append(deleted, p)
-		}
-		return nil
-	})
-	return deleted, err
-}
-
-// DeletePointsExcept deletes every recovery point of a machine but keep
-// (a committed failover's point), the newest included, and returns them.
-func (s *Server) DeletePointsExcept(ctx context.Context, machineID string, keep uint64) ([]replication.Point, error) {
-	var deleted []replication.Point
-	err := s.WithApplier(ctx, machineID, func(a *replication.Applier) error {
-		ps, err := s.cfg.Catalog.Points(ctx, machineID)
-		if err != nil {
-			return err
-		}
-		for _, p := range ps {
-			if p.Seq == keep {
+			if !del {
 				continue
 			}
 			if err := a.DeletePoint(ctx, p); err != nil {
