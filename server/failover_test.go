@@ -10,15 +10,21 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/vmware/govmomi/view"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/types"
+
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/vmware/vcsim"
 )
 
 // dialExport connects to an export by its NBD URI (nbd://HOST:PORT/NAME).
@@ -624,5 +630,66 @@ func TestGroupTestFailover(t *testing.T) {
 	r.mustJob(r.client.FailoverAction(ctx, "cleanup", api.FailoverAction{Group: "g"}))
 	if fos, _ := r.client.Failovers(ctx, false); len(fos) != 0 {
 		t.Fatalf("after the group's cleanup: %+v", fos)
+	}
+}
+
+// A planned failover of a machine linked to a VM shuts the VM down through
+// its vCenter after the last point, then recovers it in the vCenter with
+// the VM's CPUs and memory.
+func TestPlannedFailoverShutsTheVMDown(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	sim := startSim(t)
+	r := startServer(t, dir)
+	if _, err := r.client.AddVCenter(ctx, api.AddVCenterRequest{Name: "vc1", URL: sim.URL, User: sim.User, Password: simPassword, Thumbprint: sim.Thumbprint}); err != nil {
+		t.Fatal(err)
+	}
+	gc, err := sim.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Logout(ctx)
+	const uuid = "4211aaaa-bbbb-4ccc-8ddd-eeeeffff0001"
+	vm, err := sim.CreateVM(ctx, gc, vcsim.VMSpec{Name: "app01", BIOSUUID: uuid, CPUs: 2, MemoryMiB: 2048, Disks: []int64{4 << 20}, PowerOn: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(dir, "d0.img")
+	mustDisk(t, disk, 4<<20, 40)
+	cfg := r.agentConfig("app01", agent.DiskSpec{Name: "d0", Path: disk})
+	cfg.BIOSUUID = uuid
+	startAgent(t, cfg)
+	r.waitProtected("app01")
+	waitFor(t, "the machine linked to its VM", func() bool { return r.machine("app01").VM != nil })
+	var ds []mo.Datastore
+	v, err := view.NewManager(gc.Client).CreateContainerView(ctx, gc.ServiceContent.RootFolder, []string{"Datastore"}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Retrieve(ctx, []string{"Datastore"}, []string{"name"}, &ds); err != nil || len(ds) == 0 {
+		t.Fatalf("datastores: %v", err)
+	}
+	j := r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "app01", Planned: true, To: api.ToVSphere,
+		VSphere: &api.VSphereTarget{VCenter: "vc1", Datastore: ds[0].Name}}))
+	if st, err := vm.PowerState(ctx); err != nil || st != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the source VM after a planned failover: %s %v", st, err)
+	}
+	var names []string
+	for _, s := range j.Steps {
+		names = append(names, s.Name)
+	}
+	if !slices.Contains(names, "app01: freeze") || !slices.Contains(names, "app01: shut down") {
+		t.Fatalf("steps %v", names)
+	}
+	rec, err := vcsim.FindVM(ctx, gc, "app01-recovered")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mvm mo.VirtualMachine
+	if err := rec.Properties(ctx, rec.Reference(), []string{"config.hardware", "runtime.powerState"}, &mvm); err != nil {
+		t.Fatal(err)
+	}
+	if mvm.Config.Hardware.NumCPU != 2 || mvm.Config.Hardware.MemoryMB != 2048 || mvm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		t.Fatalf("the recovered VM: %d CPUs, %d MiB, %s", mvm.Config.Hardware.NumCPU, mvm.Config.Hardware.MemoryMB, mvm.Runtime.PowerState)
 	}
 }
