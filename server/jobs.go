@@ -79,8 +79,16 @@ func (s *Server) startJob(ctx context.Context, kind, subject string, fn func(ctx
 func (j *job) snapshot() api.Job {
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	return j.cloneLocked()
+}
+
+// cloneLocked copies the job's state (j.mu held), its slices too: the copy
+// is read (marshalled, saved) after the lock is released, while other
+// steps change the job.
+func (j *job) cloneLocked() api.Job {
 	c := j.j
 	c.Steps = append([]api.JobStep(nil), j.j.Steps...)
+	c.Output = append([]string(nil), j.j.Output...)
 	return c
 }
 
@@ -107,7 +115,7 @@ func (j *job) update(st api.JobStep) {
 		j.written = time.Now()
 	}
 	j.publishLocked()
-	c := j.j
+	c := j.cloneLocked()
 	j.mu.Unlock()
 	if !progressOnly {
 		j.log("job step", "step", st.Name, "state", st.State, "detail", st.Detail)
@@ -155,7 +163,7 @@ func (j *job) finish(err error) {
 		}
 	}
 	j.publishLocked()
-	c := j.j
+	c := j.cloneLocked()
 	j.mu.Unlock()
 	j.save(c)
 	if err != nil {
@@ -186,7 +194,7 @@ func (j *job) setResult(lines []string, rto time.Duration) {
 	j.j.Output = append([]string(nil), lines...)
 	j.j.RTO = rto.Seconds()
 	j.publishLocked()
-	c := j.j
+	c := j.cloneLocked()
 	j.mu.Unlock()
 	j.save(c)
 }
@@ -209,7 +217,7 @@ func (j *job) waitConfirm(ctx context.Context, text string) error {
 	j.j.Waiting = text
 	j.j.Cancellable = true
 	j.publishLocked()
-	c := j.j
+	c := j.cloneLocked()
 	j.mu.Unlock()
 	j.save(c)
 	j.log("job waits for a manual action", "action", text)
@@ -217,7 +225,7 @@ func (j *job) waitConfirm(ctx context.Context, text string) error {
 		j.mu.Lock()
 		j.confirm, j.j.Waiting, j.j.Cancellable = nil, "", false
 		j.publishLocked()
-		c := j.j
+		c := j.cloneLocked()
 		j.mu.Unlock()
 		j.save(c)
 	}()
@@ -353,8 +361,7 @@ func (s *Server) waitJob(ctx context.Context, id, version string) (api.Job, erro
 			return s.Job(ctx, id)
 		}
 		j.mu.Lock()
-		c, ch := j.j, j.changed
-		c.Steps = append([]api.JobStep(nil), j.j.Steps...)
+		c, ch := j.cloneLocked(), j.changed
 		j.mu.Unlock()
 		if version == "" || api.JobVersion(c) != version {
 			return c, nil
