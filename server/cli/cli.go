@@ -123,7 +123,11 @@ func Main(args []string, stdout, stderr io.Writer, version string) int {
 }
 
 func run(args []string, stdout, stderr io.Writer, version string) error {
-	agent.Version, server.Version = version, version
+	// Written only when they change: a test runs commands beside an agent
+	// in this process, which reads agent.Version.
+	if agent.Version != version || server.Version != version {
+		agent.Version, server.Version = version, version
+	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return errors.New("no command given")

@@ -29,6 +29,8 @@ func TestFailoverPlanJobCommands(t *testing.T) {
 	if err := os.WriteFile(disk, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// The version the commands below set, set before the agent reads it.
+	agent.Version, server.Version = "test", "test"
 	a, err := agent.New(context.Background(), agent.Config{Server: srv.URL(), PassphraseFile: filepath.Join(conn[3], server.PassphraseFile),
 		StateDir: filepath.Join(dir, "agent"), Name: "vm1", Disks: []agent.DiskSpec{{Name: "d0", Path: disk}},
 		NBD: "unix:" + filepath.Join(dir, "vm1.sock"), CrashInterval: time.Hour, SpoolMax: 16 << 20, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
