@@ -578,6 +578,10 @@ func (f *failover) run(ctx context.Context) (string, error) {
 	return "", nil
 }
 
+// expectContinue bounds the wait for a server's 100 Continue before an
+// upload's body is sent anyway.
+const expectContinue = 30 * time.Second
+
 // upload writes a disk's flat extent, then its descriptor: a descriptor
 // on the datastore means its extent is whole.
 func (f *failover) upload(ctx context.Context, d placedDisk) error {
@@ -587,6 +591,16 @@ func (f *failover) upload(ctx context.Context, d placedDisk) error {
 	r := &diskReader{src: d.Src, size: d.Size, onRead: f.add}
 	p := soap.DefaultUpload
 	p.ContentLength = d.Size
+	// The body follows the server's 100 Continue, so the server has made
+	// the file (and its folder) before a byte is sent: a source that fails
+	// mid-disk aborts an upload the server has begun, and the cleanup that
+	// follows cannot be overtaken by a late start of it recreating the
+	// folder. A server that does not answer 100 Continue gets the body
+	// after expectContinue.
+	p.Headers = map[string]string{"Expect": "100-continue"}
+	if t := f.c.Client.DefaultTransport(); t != nil && t.ExpectContinueTimeout < expectContinue {
+		t.ExpectContinueTimeout = expectContinue
+	}
 	if err := f.ds.Upload(ctx, r, dir+"/"+flat, &p); err != nil {
 		if serr := r.srcErr(); serr != nil {
 			return fmt.Errorf("read the source: %w", serr)
