@@ -242,20 +242,27 @@ func (s *Server) failoverOne(ctx context.Context, j *job, t foTarget, req api.Fa
 	if t.plan != nil {
 		f.AtTime = t.plan.At
 	}
-	if req.Planned {
-		p, err := s.plannedPoint(ctx, j, m, f.ID)
-		if err != nil {
-			return nil, err
-		}
-		t.point, f.PointSeq, f.PointID = p, p.Seq, p.ID
-	}
 	reqJSON, _ := json.Marshal(req)
 	f.Detail = encodeDetail(failoverDetail{Request: reqJSON})
+	// The record comes first: it claims the machine (one live failover
+	// each), so a planned failover freezes no source another one holds.
 	if err := s.db.AddFailover(ctx, f); err != nil {
 		if errors.Is(err, store.ErrConflict) {
 			return nil, errorf(http.StatusConflict, "machine %s has a failover already", m.Name)
 		}
 		return nil, err
+	}
+	if req.Planned {
+		p, err := s.plannedPoint(ctx, j, m, f.ID)
+		if err == nil {
+			t.point, f.PointSeq, f.PointID = p, p.Seq, p.ID
+			err = s.db.UpdateFailover(ctx, f)
+		}
+		if err != nil {
+			f.State = store.FailoverFailed
+			s.db.UpdateFailover(context.WithoutCancel(ctx), f)
+			return nil, err
+		}
 	}
 	d, lines, err := s.recoverTo(ctx, j, f, m, t.point, t.plan, req)
 	if err != nil {
