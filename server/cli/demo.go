@@ -124,12 +124,18 @@ func runDemo(ctx context.Context, e *env, args []string) error {
   CLI:      go run . status --data %s --server %s
             go run . vms --data %s --server %s
 
+  Recover:  go run . tag --machine demo-vm1 --wait --data %s --server %s
+            go run . failover --machine demo-vm1 --test --to nbd --data %s --server %s
+            (a point once the initial copy is done, then a test failover in seconds:
+            the point as NBD exports, printed last; --cleanup instead of --test
+            --to nbd ends it; the console's Failovers page does the same)
+
   vCenter:  %s (govmomi's simulator, registered as %q): the demo guests
             are its VMs %s; the others are not protected yet.
 %s
 Press Ctrl-C to stop.
 `, *machines, *sizeFlag, *rate, srv.URL(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), srvDir, srv.URL(),
-		srvDir, srv.URL(), vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(guest, spares, srvDir, srv.URL()))
+		srvDir, srv.URL(), srvDir, srv.URL(), srvDir, srv.URL(), vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(guest, spares, srvDir, srv.URL()))
 	select {
 	case <-ctx.Done():
 		fmt.Fprintln(out, "\nstopping...")
