@@ -24,6 +24,7 @@ check chromium chromium
 check ip iproute2
 check iptables iptables
 check rsync rsync
+check cpio cpio
 check npm npm
 # sshd lives in /usr/sbin, outside a non-root PATH: check the file.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
