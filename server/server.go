@@ -33,6 +33,7 @@ import (
 	"github.com/asrdr/asr/replication/localfs"
 	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/server/hoststat"
 	"github.com/asrdr/asr/server/pki"
 	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/store/atomicfile"
@@ -152,6 +153,8 @@ type Server struct {
 	vc   vcenterState  // vCenter discoveries (vmware.go)
 	fo   failoverState // failovers' NBD exports (failover.go)
 
+	host *hoststat.Sampler // the host's CPU and memory (hostLoop)
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -187,7 +190,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
 		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
-		now: cfg.Now, rpoOver: map[string]bool{}, unprot: map[string]bool{},
+		now: cfg.Now, rpoOver: map[string]bool{}, host: hoststat.New(), unprot: map[string]bool{},
 		// Real time, not cfg.Now: a nonce's life is a security bound, not
 		// something a test's clock should stretch.
 		nonces: newNonceTable(noncesPerSource, maxNonces, nonceTTL, time.Now)}
@@ -551,7 +554,8 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	errc := make(chan error, 2)
-	s.wg.Add(9)
+	s.wg.Add(10)
+	go func() { defer s.wg.Done(); s.hostLoop() }()
 	go func() { defer s.wg.Done(); s.serveNBD(s.ctx) }()
 	go func() { defer s.wg.Done(); s.drillLoop() }()
 	go func() { defer s.wg.Done(); s.finishUnprotects(s.unprotectedAtStart) }()

@@ -80,7 +80,27 @@ type ProcessServer struct {
 	CacheState   string        `json:"cache_state"` // ok, warning (under 30% free), critical (under 25%)
 	CacheError   string        `json:"cache_error,omitempty"`
 	Target       string        `json:"target"` // where replicated data lands, e.g. azure://acct/container
+
+	RawBytes  int64 `json:"raw_bytes"`  // record bytes received since the server started
+	WireBytes int64 `json:"wire_bytes"` // the same as they came over the wire (compressed)
+
+	// The host's figures, as ASR's process-server health counts them: CPU
+	// busy over the last 5 s (0..1; -1 not measured yet), memory in use
+	// (0..1, of MemoryTotal bytes); HostError why they could not be read.
+	CPU         float64 `json:"cpu"`
+	Memory      float64 `json:"memory"`
+	MemoryTotal uint64  `json:"memory_total_bytes"`
+	HostError   string  `json:"host_error,omitempty"`
+
+	// UploadETA is the estimated cache upload time: the backlog at the
+	// current upload rate (0: no backlog; UploadStalled: a backlog and
+	// nothing uploading).
+	UploadETA time.Duration `json:"upload_eta_ns"`
 }
+
+// UploadStalled is a ProcessServer's UploadETA when its backlog is not
+// being uploaded at all.
+const UploadStalled = 1000 * time.Hour
 
 // Cache states of a ProcessServer, as the process server names them.
 const (
