@@ -141,8 +141,12 @@ func (s *Server) routes() http.Handler {
 			r.Delete("/plans/{plan}", handle(s.handleDeletePlan))
 			r.Get("/groups/{group}/points", handle(s.handleGroupPoints))
 			r.Post("/groups/{group}/points", handle(s.handleGroupTag))
+			r.Get("/metrics/token", handle(s.handleMetricsToken))
+			r.Post("/metrics/token", handle(s.handleMetricsToken))
 		})
 	})
+	// Prometheus: the admin token or the read-only metrics token.
+	r.With(s.requireMetricsToken).Get("/metrics", s.metrics.handler.ServeHTTP)
 	r.Mount("/", s.console())
 	return r
 }

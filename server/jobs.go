@@ -166,6 +166,7 @@ func (j *job) finish(err error) {
 	c := j.cloneLocked()
 	j.mu.Unlock()
 	j.save(c)
+	j.s.metrics.observeJob(c)
 	if err != nil {
 		j.log("job failed", "err", err)
 	} else {

@@ -155,6 +155,8 @@ type Server struct {
 
 	host *hoststat.Sampler // the host's CPU and memory (hostLoop)
 
+	metrics *metrics // GET /metrics: registry, job histograms, token (metrics.go)
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -228,6 +230,9 @@ func (s *Server) open(ctx context.Context) error {
 		return err
 	}
 	s.token = string(tok)
+	if s.metrics, err = newMetrics(s, cfg.DataDir); err != nil {
+		return err
+	}
 	if s.db, err = store.Open(ctx, filepath.Join(cfg.DataDir, DatabaseFile)); err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -38,6 +39,10 @@ type replica struct {
 	// written to the target (figures).
 	onQuarantine func(path, reason string)
 	onUploaded   func(n int64)
+	// applied counts the cache bytes of the segments applied since the
+	// machine was opened (MachineStats.AppliedBytes): the same bytes the
+	// backlog and the received count measure, as they came over the wire.
+	applied atomic.Int64
 
 	mu     sync.Mutex
 	a      *replication.Applier
@@ -256,6 +261,7 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 		return err
 	}
 	r.onUploaded(sg.raw)
+	r.applied.Add(sg.size)
 	if err := os.Remove(sg.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}

@@ -108,7 +108,8 @@ func (m *machine) backlog() (n int64, oldest time.Time) {
 func (m *machine) stats() MachineStats {
 	cs := m.cache.stats()
 	st := MachineStats{DurableSeq: cs.durable, Segments: cs.segments, CacheBytes: cs.bytes, OldestSealed: cs.oldestSealed,
-		ApplyError: m.rep.lastErr(), AppliedSeq: m.rep.appliedSeq()}
+		ApplyError: m.rep.lastErr(), AppliedSeq: m.rep.appliedSeq(),
+		BacklogBytes: cs.backlog, BacklogSince: cs.oldest, AppliedBytes: m.rep.applied.Load()}
 	m.sess.stats(&st)
 	return st
 }

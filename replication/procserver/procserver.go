@@ -580,6 +580,15 @@ type MachineStats struct {
 	Segments     int
 	ApplyError   string
 	OldestSealed time.Time
+	// BacklogBytes are the cache bytes received and not yet applied
+	// (sealed segments and an open file holding frames), BacklogSince
+	// when the oldest of them arrived (zero: no backlog).
+	BacklogBytes int64
+	BacklogSince time.Time
+	// AppliedBytes are the cache bytes of the segments applied to the
+	// target since the machine was opened (a counter; it starts again
+	// from zero when the server restarts).
+	AppliedBytes int64
 }
 
 // Stats returns a machine's figures; ok is false if the machine is unknown.
