@@ -162,11 +162,11 @@ func (j *job) finish(err error) {
 			}
 		}
 	}
+	j.s.metrics.observeJob(j.j) // before anyone can see that it ended
 	j.publishLocked()
 	c := j.cloneLocked()
 	j.mu.Unlock()
 	j.save(c)
-	j.s.metrics.observeJob(c)
 	if err != nil {
 		j.log("job failed", "err", err)
 	} else {

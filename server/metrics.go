@@ -59,8 +59,9 @@ type metrics struct {
 	received   map[string]float64
 }
 
-// jobBuckets span a push install's seconds to a large plan's hours.
-var jobBuckets = []float64{1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400}
+// jobBuckets span a test failover to NBD's fraction of a second to a large
+// plan's hours.
+var jobBuckets = []float64{0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400}
 
 // newMetrics loads or makes the metrics token in dataDir and builds the
 // registry.

@@ -7,7 +7,7 @@
 // with --target and --passphrase-file, read the target storage directly.
 // Each command group has its file: server.go, agent.go, demo.go, status.go,
 // points.go (points, tag), recover.go, policy.go, events.go, group.go,
-// resync.go, verify.go, unprotect.go; op.go holds what the operator commands share.
+// resync.go, verify.go, unprotect.go, metrics.go; op.go holds what the operator commands share.
 package cli
 
 import (
@@ -58,6 +58,7 @@ Usage:
   asr failover --machine M|--group G|--plan P --cleanup | --commit | --change-point ID  |  --list [--all] [--json]
   asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
                | list | show NAME | delete NAME [--json]
+  asr metrics  token [--rotate] [--json]   (the read-only token of GET /metrics, Prometheus)
   asr version
 
 Operator commands talk to a running server (--server, --token-file, --ca-file,
@@ -102,6 +103,7 @@ var commands = map[string]func(ctx context.Context, e *env, args []string) error
 	"failover":  runFailover,
 	"plan":      runPlan,
 	"job":       runJob,
+	"metrics":   runMetrics,
 }
 
 // Main runs the asr command line with args (without the program name) and
