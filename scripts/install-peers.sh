@@ -5,8 +5,8 @@
 # iptables for the fault suite (network namespaces, loss, outages), rsync
 # for the resync benchmark, OpenSSH's server (sshd, ssh-keygen) for the push
 # install tests, QEMU's system emulator, a Linux kernel, static busybox,
-# syslinux and mtools for the drill tests (server/drill, bootdisk), and
-# Azurite (npm, into bin/npm) for the Azure
+# syslinux and mtools for the drill tests (server/drill, bootdisk),
+# Prometheus and promtool for the metrics test, and Azurite (npm, into bin/npm) for the Azure
 # target's tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,6 +39,9 @@ check syslinux syslinux
 [ -f /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
 check mformat mtools
 check mcopy mtools
+# The metrics test: promtool checks a scrape, a real Prometheus scrapes.
+check prometheus prometheus
+check promtool prometheus
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
