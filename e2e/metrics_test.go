@@ -85,30 +85,7 @@ func TestE2EMetricsPrometheus(t *testing.T) {
 	// A real Prometheus scraping the server over HTTPS.
 	prom := startPrometheus(t, c, tools["prometheus"], tokenFile)
 	deadline := time.Now().Add(hungAfter)
-	var last string
-	for {
-		var targets struct {
-			Data struct {
-				ActiveTargets []struct {
-					Health    string `json:"health"`
-					LastError string `json:"lastError"`
-					ScrapeURL string `json:"scrapeUrl"`
-				} `json:"activeTargets"`
-			} `json:"data"`
-		}
-		if err := promGet(prom.url+"/api/v1/targets", &targets); err != nil {
-			last = err.Error()
-		} else if ts := targets.Data.ActiveTargets; len(ts) == 1 && ts[0].Health == "up" {
-			break
-		} else {
-			last = fmt.Sprintf("%+v", ts)
-		}
-		prom.alive(t)
-		if time.Now().After(deadline) {
-			t.Fatalf("Prometheus's target never came up: %s\n%s", last, prom.logTail())
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	prom.waitScrapedAfter(t, time.Time{}, deadline)
 	for query, ok := range map[string]func(float64) bool{
 		`asr_machine_rpo_seconds{machine="m1"}`:             func(v float64) bool { return v >= 0 },
 		`asr_machine_state{machine="m1",state="protected"}`: func(v float64) bool { return v == 1 },
@@ -123,6 +100,52 @@ func TestE2EMetricsPrometheus(t *testing.T) {
 		if !ok(v) {
 			t.Errorf("Prometheus: %s = %v", query, v)
 		}
+	}
+
+	// A rotated token: the old one is refused at once, and Prometheus,
+	// reading the file at each scrape, goes on with the new one.
+	newTok := strings.TrimSpace(c.mustCLI("metrics", "token", "--rotate"))
+	rotated := time.Now()
+	if newTok == tok || len(newTok) < 32 {
+		t.Fatalf("asr metrics token --rotate printed %q (the old one: %q)", newTok, tok)
+	}
+	if code, _ := bearerGet(t, hc, c.url()+"/metrics", tok); code != http.StatusUnauthorized {
+		t.Fatalf("GET /metrics with the rotated-out token: %d", code)
+	}
+	if code, _ := bearerGet(t, hc, c.url()+"/metrics", newTok); code != http.StatusOK {
+		t.Fatalf("GET /metrics with the new token: %d", code)
+	}
+	prom.waitScrapedAfter(t, rotated, time.Now().Add(hungAfter))
+}
+
+// waitScrapedAfter waits until Prometheus's one target was scraped
+// successfully by a scrape that started after since.
+func (p *promProc) waitScrapedAfter(t *testing.T, since time.Time, deadline time.Time) {
+	t.Helper()
+	var last string
+	for {
+		var targets struct {
+			Data struct {
+				ActiveTargets []struct {
+					Health     string    `json:"health"`
+					LastError  string    `json:"lastError"`
+					LastScrape time.Time `json:"lastScrape"`
+					ScrapeURL  string    `json:"scrapeUrl"`
+				} `json:"activeTargets"`
+			} `json:"data"`
+		}
+		if err := promGet(p.url+"/api/v1/targets", &targets); err != nil {
+			last = err.Error()
+		} else if ts := targets.Data.ActiveTargets; len(ts) == 1 && ts[0].Health == "up" && ts[0].LastError == "" && ts[0].LastScrape.After(since) {
+			return
+		} else {
+			last = fmt.Sprintf("%+v", ts)
+		}
+		p.alive(t)
+		if time.Now().After(deadline) {
+			t.Fatalf("Prometheus's target never scraped well after %v: %s\n%s", since, last, p.logTail())
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

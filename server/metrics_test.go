@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -23,6 +24,7 @@ import (
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/store"
 )
 
 // httpsClient trusts the rig's server CA.
@@ -60,7 +62,7 @@ func (r *rig) get(hc *http.Client, path, token string) (int, []byte) {
 	return resp.StatusCode, b
 }
 
-func mustSecret(t *testing.T, path string) string {
+func mustSecret(t testing.TB, path string) string {
 	t.Helper()
 	b, err := api.ReadSecretFile(path)
 	if err != nil {
@@ -337,4 +339,77 @@ func TestMetrics(t *testing.T) {
 	if code, _ := r.get(r.httpsClient(), "/metrics", tok.Token); code != http.StatusOK {
 		t.Errorf("the rotated token after a restart: %d", code)
 	}
+}
+
+// BenchmarkMetricsScrape measures one scrape of /metrics over HTTPS (keep-
+// alive) of a server with 100 machines of two disks and 100 points each, a
+// resync row on every tenth disk: the database reads of every machine's
+// view and the exposition.
+func BenchmarkMetricsScrape(b *testing.B) {
+	ctx := context.Background()
+	dir := b.TempDir()
+	srv, err := server.Open(ctx, server.Config{DataDir: filepath.Join(dir, "srv"), Listen: "127.0.0.1:0", DataListen: "127.0.0.1:0",
+		NBDListen: "off", Logger: quietLogger()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(rctx) }()
+	defer func() {
+		cancel()
+		<-done
+		srv.Close()
+	}()
+	db := srv.DB()
+	now := time.Now()
+	for i := range 100 {
+		m, _, err := db.CreateMachine(ctx, fmt.Sprintf("%032x", i+1), fmt.Sprintf("vm%03d", i), "serial")
+		if err != nil {
+			b.Fatal(err)
+		}
+		for d := range 2 {
+			if err := db.PutDisk(ctx, m.ID, store.Disk{Index: uint32(d), Name: fmt.Sprintf("d%d", d), Size: 64 << 30, State: replication.StateProtected}); err != nil {
+				b.Fatal(err)
+			}
+			if (2*i+d)%10 == 0 {
+				if err := db.PutResync(ctx, store.Resync{MachineID: m.ID, Disk: uint32(d), State: replication.ResyncRunning, Reason: "bench", Total: 64 << 30, Compared: 1 << 30}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		for p := range 100 {
+			if err := db.AddPoint(ctx, store.Point{MachineID: m.ID, Seq: uint64(p + 1), Time: now.Add(time.Duration(p-100) * time.Minute), Kind: "crash"}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := db.TouchMachine(ctx, m.ID, "bench", int64(i)<<30); err != nil {
+			b.Fatal(err)
+		}
+	}
+	tok := mustSecret(b, filepath.Join(dir, "srv", server.MetricsTokenFile))
+	pem, err := os.ReadFile(filepath.Join(dir, "srv", "ca.pem"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	var size int
+	b.ResetTimer()
+	for b.Loop() {
+		req, _ := http.NewRequest(http.MethodGet, srv.URL()+"/metrics", nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := hc.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK {
+			b.Fatalf("scrape: %d %v", resp.StatusCode, err)
+		}
+		size = len(body)
+	}
+	b.ReportMetric(float64(size), "bytes/scrape")
 }
