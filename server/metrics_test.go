@@ -342,10 +342,16 @@ func TestMetrics(t *testing.T) {
 }
 
 // BenchmarkMetricsScrape measures one scrape of /metrics over HTTPS (keep-
-// alive) of a server with 100 machines of two disks and 100 points each, a
-// resync row on every tenth disk: the database reads of every machine's
-// view and the exposition.
+// alive) of a server with 100 (and 1,000) machines of two disks and 100
+// points each, a resync row on every tenth disk: the database reads of
+// every machine's view and the exposition.
 func BenchmarkMetricsScrape(b *testing.B) {
+	for _, n := range []int{100, 1000} {
+		b.Run(fmt.Sprintf("machines=%d", n), func(b *testing.B) { benchmarkMetricsScrape(b, n) })
+	}
+}
+
+func benchmarkMetricsScrape(b *testing.B, machines int) {
 	ctx := context.Background()
 	dir := b.TempDir()
 	srv, err := server.Open(ctx, server.Config{DataDir: filepath.Join(dir, "srv"), Listen: "127.0.0.1:0", DataListen: "127.0.0.1:0",
@@ -363,7 +369,7 @@ func BenchmarkMetricsScrape(b *testing.B) {
 	}()
 	db := srv.DB()
 	now := time.Now()
-	for i := range 100 {
+	for i := range machines {
 		m, _, err := db.CreateMachine(ctx, fmt.Sprintf("%032x", i+1), fmt.Sprintf("vm%03d", i), "serial")
 		if err != nil {
 			b.Fatal(err)
