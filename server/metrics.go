@@ -149,7 +149,7 @@ func (s *Server) requireMetricsToken(next http.Handler) http.Handler {
 		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		admin := subtle.ConstantTimeCompare([]byte(tok), []byte(s.token))
 		met := subtle.ConstantTimeCompare([]byte(tok), []byte(s.metrics.Token()))
-		if !ok || admin|met != 1 {
+		if !ok || tok == "" || admin|met != 1 {
 			time.Sleep(200 * time.Millisecond)
 			writeError(w, errorf(http.StatusUnauthorized, "missing or wrong token (Authorization: Bearer TOKEN, with the metrics token in %s or the admin token in %s, both in the server's data directory)", MetricsTokenFile, AdminTokenFile))
 			return
