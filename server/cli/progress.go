@@ -200,3 +200,35 @@ func clock(d time.Duration) string {
 	}
 	return fmt.Sprintf("%d:%02d", s/60, s%60)
 }
+
+// diskProgress returns a progress callback for an operation over several
+// disks, one after the other (recover: RecoverOptions.Progress): a bar per
+// disk, labelled what and the disk's name; done ends the last one.
+func diskProgress(w io.Writer, what string) (fn func(disk string, done, size int64), done func()) {
+	var mu sync.Mutex
+	var cur *progress
+	var name string
+	var last int64
+	fn = func(disk string, n, size int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		if cur == nil || disk != name {
+			if cur != nil {
+				cur.finish(last)
+			}
+			cur, name = newProgress(w, what+" "+disk, size), disk
+			cur.update(0)
+		}
+		last = n
+		cur.update(n)
+	}
+	done = func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if cur != nil {
+			cur.finish(last)
+			cur = nil
+		}
+	}
+	return fn, done
+}
