@@ -45,12 +45,29 @@ func runResync(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 	}
+	bars := map[string]*progress{} // a running resync's compare, per disk
+	defer func() {
+		for _, b := range bars {
+			b.clear()
+		}
+	}()
 	for {
 		if err := c.Do(ctx, http.MethodGet, path, nil, &rows); err != nil {
 			return err
 		}
 		if !*wait || len(rows) == 0 {
 			break
+		}
+		for _, r := range rows {
+			if r.State != api.ResyncRunning || r.Total <= 0 {
+				continue
+			}
+			b := bars[r.Disk]
+			if b == nil {
+				b = newProgress(e.errOut, "resync "+o.machine+"/"+r.Disk, r.Total)
+				bars[r.Disk] = b
+			}
+			b.update(r.Compared)
 		}
 		select {
 		case <-ctx.Done():
