@@ -184,6 +184,11 @@ func runTag(ctx context.Context, e *env, args []string) error {
 		if err == nil || !strings.Contains(err.Error(), initialNotDone) {
 			break
 		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
 	}
 	if err != nil {
 		return err
