@@ -135,7 +135,8 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 a crash-consistent point every %s, kept %s. Its data (%s) stays under about %s.
 
   Console:  %s
-  Log in with the admin token: %s
+  Sign in by opening, once:  %s
+  or with the admin token: %s
   (also in %s). The console's certificate is the demo's own CA's, which
   the browser does not know: accept its warning once (or import
   %s into the browser).
@@ -155,7 +156,7 @@ a crash-consistent point every %s, kept %s. Its data (%s) stays under about %s.
 %s
 Press Ctrl-C to stop.
 `, *machines, *sizeFlag, *rate, *crash, demoRetention, *dir, humanBytes(demoBound(*machines, size, *rate)),
-		srv.URL(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), filepath.Join(srvDir, "ca.pem"),
+		srv.URL(), srv.LoginLink(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), filepath.Join(srvDir, "ca.pem"),
 		asr, srvDir, srv.URL(), asr, srvDir, srv.URL(), asr, srvDir, srv.URL(), asr, srvDir, srv.URL(),
 		vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(asr, guest, spares, srvDir, srv.URL()))
 	select {
