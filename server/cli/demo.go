@@ -47,6 +47,9 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		return errors.New("--rate: not negative")
 	}
 	asr := demoCommand()
+	if abs, err := filepath.Abs(*dir); err == nil {
+		*dir = abs // its paths are printed in commands that work from any directory
+	}
 	// Quiet the agents' and server's info logs: the demo prints its own summary.
 	quiet := slog.New(slog.NewTextHandler(e.errOut, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if os.Getenv("ASR_LOG_LEVEL") != "" {
@@ -73,9 +76,6 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	if err := setDemoPolicy(ctx, srv, *crash); err != nil {
 		srv.Close()
 		return err
-	}
-	if abs, err := filepath.Abs(srvDir); err == nil {
-		srvDir = abs // printed in commands that work from any directory
 	}
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Run(ctx) }()
