@@ -87,3 +87,33 @@ func TestRecoverSparseAndRefusesToOverwrite(t *testing.T) {
 		t.Errorf("a progress bar off a terminal: %q", r.stderr)
 	}
 }
+
+// The check every recovery path runs first (through the server, from the
+// target, a group's members): an image it would write that exists is
+// refused, unless --force; a VHD recovery also minds the .vhd.
+func TestRefuseOverwrite(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "d1.vhd"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		disks  []string
+		format string
+		force  bool
+		want   string
+	}{
+		{[]string{"d0", "d1"}, "raw", false, ""},
+		{[]string{"d0", "d1"}, "vhd", false, "d1.vhd exists"},
+		{[]string{"d0", "d1"}, "vhd", true, ""},
+		{[]string{"d0"}, "vhd", false, ""},
+	} {
+		err := refuseOverwrite(dir, tc.disks, tc.format, tc.force)
+		if (tc.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("refuseOverwrite(%v, %s, force %v) = %v, want %q", tc.disks, tc.format, tc.force, err, tc.want)
+		}
+	}
+	// A missing --out is no image at all.
+	if err := refuseOverwrite(filepath.Join(dir, "none"), []string{"d0"}, "raw", false); err != nil {
+		t.Error(err)
+	}
+}
