@@ -45,10 +45,13 @@ func runResync(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 	}
-	bars := map[string]*progress{} // a running resync's compare, per disk
+	// The compare of the first running disk, one bar at a time (a
+	// terminal line holds one).
+	var bar *progress
+	var barDisk string
 	defer func() {
-		for _, b := range bars {
-			b.clear()
+		if bar != nil {
+			bar.clear()
 		}
 	}()
 	for {
@@ -62,12 +65,14 @@ func runResync(ctx context.Context, e *env, args []string) error {
 			if r.State != api.ResyncRunning || r.Total <= 0 {
 				continue
 			}
-			b := bars[r.Disk]
-			if b == nil {
-				b = newProgress(e.errOut, "resync "+o.machine+"/"+r.Disk, r.Total)
-				bars[r.Disk] = b
+			if bar == nil || barDisk != r.Disk {
+				if bar != nil {
+					bar.clear()
+				}
+				bar, barDisk = newProgress(e.errOut, "resync "+o.machine+"/"+r.Disk, r.Total), r.Disk
 			}
-			b.update(r.Compared)
+			bar.update(r.Compared)
+			break
 		}
 		select {
 		case <-ctx.Done():
