@@ -212,8 +212,12 @@ func (a *Agent) wire(from map[uint32]copyPos) error {
 	a.fo = newFailover(ctx, log, a.spool, a.disks, a.state, a.points, a.events)
 	a.fo.ready = func() bool { return a.copies.allDone() && !a.over.pending() }
 	a.fo.scanPass = a.scans.passCopied
-	addr := a.state.dataAddr()
-	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, addr, tlsDialer(cfg.StateDir, addr), a, loadSendCounters(cfg.StateDir))
+	control := cfg.Server
+	if control == "" {
+		control = a.state.server()
+	}
+	dd := &dataDialer{dir: cfg.StateDir, control: control, st: a.state, log: log}
+	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, dd.dial, a, loadSendCounters(cfg.StateDir))
 	a.resyncer = newResyncer(ctx, log, a.spool, a.disks, a.state, a.tags, a.ship.current, cfg.ResyncRate)
 	a.stats = newStatsFile(ctx, cfg.StateDir, a.Stats)
 	var err error

@@ -85,7 +85,6 @@ type shipper struct {
 	spool    *spool.Spool
 	tags     *tagMarks // records that ship like a tag (FlagTag)
 	maxRate  int64     // bytes per second on the wire (0: unlimited)
-	addr     string    // the process server's data address, for the log
 	dial     func(ctx context.Context) (net.Conn, error)
 	h        shipHandler
 	counters *sendCounters
@@ -94,9 +93,9 @@ type shipper struct {
 	rt  *routines                   // the ship loop (whose sessions end before it does)
 }
 
-func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64, addr string,
+func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64,
 	dial func(context.Context) (net.Conn, error), h shipHandler, counters *sendCounters) *shipper {
-	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, addr: addr, dial: dial, h: h, counters: counters,
+	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, dial: dial, h: h, counters: counters,
 		rt: newRoutines(parent)}
 }
 
@@ -246,7 +245,7 @@ func (sh *shipper) session() error {
 	}
 	defer rd.Close()
 	sh.counters.connected.Store(true)
-	sh.log.Info("connected to the process server", "addr", sh.addr, "resume_seq", w.DurableSeq+1)
+	sh.log.Info("connected to the process server", "addr", nc.RemoteAddr().String(), "resume_seq", w.DurableSeq+1)
 
 	s := &shipSession{sh: sh, nc: nc, bw: bw}
 	s.cond = sync.NewCond(&s.mu)

@@ -149,7 +149,7 @@ func mustShipper(t *testing.T, sp *spool.Spool, h shipHandler) (*shipper, chan *
 		conns <- &fakeProcServer{t: t, nc: s, br: bufio.NewReader(s)}
 		return c, nil
 	}
-	sh := newShipper(context.Background(), slog.New(slog.DiscardHandler), sp, &tagMarks{}, 0, "test", dial, h, &sendCounters{})
+	sh := newShipper(context.Background(), slog.New(slog.DiscardHandler), sp, &tagMarks{}, 0, dial, h, &sendCounters{})
 	t.Cleanup(sh.Close)
 	return sh, conns
 }

@@ -172,6 +172,13 @@ func (s *stateStore) dataAddr() string {
 	return s.st.DataAddr
 }
 
+// server is the control URL the agent registered with.
+func (s *stateStore) server() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Server
+}
+
 func (s *stateStore) name() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -18,12 +19,16 @@ import (
 // vCenter (the simulator) lists the demo guests linked to their machines
 // and spare VMs not protected; the protect command the demo prints
 // enables replication of a spare VM through the demo's SSH guest (a real
-// push install); stopping the demo stops the pushed agent too.
+// push install); stopping the demo stops the pushed agent too. Its
+// --crash-interval is its policy's (points every 5 s, not the default
+// policy's 5 min), and a restarted demo whose data port moved is
+// reconnected to by its agents.
 func TestE2EDemoShowsTheWholeFlow(t *testing.T) {
 	dir := t.TempDir()
 	listen := "127.0.0.1:" + freePort(t)
 	logPath := filepath.Join(dir, "demo.log")
-	demo := startProc(t, "demo", logPath, "demo", "--data", filepath.Join(dir, "demo"), "--listen", listen, "--disk-size", "32MiB", "--machines", "1")
+	demoArgs := []string{"demo", "--data", filepath.Join(dir, "demo"), "--listen", listen, "--disk-size", "32MiB", "--machines", "1", "--crash-interval", "5s"}
+	demo := startProc(t, "demo", logPath, demoArgs...)
 	defer func() {
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
@@ -35,7 +40,7 @@ func TestE2EDemoShowsTheWholeFlow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile(`go run \. (protect [^\n]*\\\n[^\n]*\\\n[^\n]*--skip-uuid-check)`).FindStringSubmatch(string(b))
+	m := regexp.MustCompile(`\S+ (protect [^\n]*\\\n[^\n]*\\\n[^\n]*--skip-uuid-check)`).FindStringSubmatch(string(b))
 	if m == nil {
 		t.Fatalf("the demo prints no protect command:\n%s", b)
 	}
@@ -63,6 +68,50 @@ func TestE2EDemoShowsTheWholeFlow(t *testing.T) {
 	if !alive(pid) {
 		t.Fatalf("the pushed agent (pid %d) does not run", pid)
 	}
+
+	// The demo's --crash-interval is the policy the agents get.
+	out, err = cli("policy", "show", "default", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pol api.PolicyJSON
+	if err := json.Unmarshal([]byte(out), &pol); err != nil || pol.CrashInterval != "5s" {
+		t.Fatalf("the demo's policy: %+v (%v), want crash_interval 5s", pol, err)
+	}
+	// points lists demo-vm1's points; nil while the demo's server does
+	// not answer (it is starting).
+	points := func() []api.PointJSON {
+		out, err := cli("points", "--machine", "demo-vm1", "--json")
+		if err != nil {
+			return nil
+		}
+		var ps []api.PointJSON
+		if err := json.Unmarshal([]byte(out), &ps); err != nil {
+			t.Fatal(err)
+		}
+		return ps
+	}
+	waitPoints := func(what string, ok func([]api.PointJSON) bool) []api.PointJSON {
+		t.Helper()
+		deadline := time.Now().Add(hungAfter)
+		for {
+			ps := points()
+			if ok(ps) {
+				return ps
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("demo-vm1: %s: points %+v", what, ps)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	ps := waitPoints("three scheduled points", func(ps []api.PointJSON) bool { return len(ps) >= 3 })
+	t1, _ := time.Parse(time.RFC3339Nano, ps[len(ps)-2].Time)
+	t2, _ := time.Parse(time.RFC3339Nano, ps[len(ps)-1].Time)
+	if gap := t2.Sub(t1); gap <= 0 || gap > time.Minute {
+		t.Fatalf("scheduled points %s apart, want about 5 s (the demo's --crash-interval): %+v", gap, ps)
+	}
+
 	demo.stop()
 	deadline := time.Now().Add(hungAfter)
 	for alive(pid) {
@@ -71,4 +120,16 @@ func TestE2EDemoShowsTheWholeFlow(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+
+	// Restarted, on another data port (the saved one forgotten): its
+	// agents find the server again and points go on.
+	if err := os.Remove(filepath.Join(dir, "demo", "data-listen")); err != nil {
+		t.Fatal(err)
+	}
+	last := ps
+	demo = startProc(t, "demo", logPath, demoArgs...)
+	defer demo.stop()
+	waitPoints("a point after the restart", func(ps []api.PointJSON) bool {
+		return len(ps) > 0 && ps[len(ps)-1].ID != last[len(last)-1].ID
+	})
 }

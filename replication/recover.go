@@ -9,13 +9,42 @@ import (
 	"path/filepath"
 )
 
-// recoverChunk is the unit of copying (and of sparseness detection) when a
-// disk image is written out.
-const recoverChunk = 1 << 20
+// recoverChunk is the unit of copying when a disk image is written out;
+// holeBlock the unit of sparseness within it: an all-zero 4 KiB block is
+// never written, so a file system with 4 KiB blocks allocates only the
+// blocks that hold data (a chunk with one written block costs one block,
+// not a MiB).
+const (
+	recoverChunk = 1 << 20
+	holeBlock    = 4 << 10
+)
+
+// writeSparse writes b at off to w, skipping its all-zero holeBlock blocks
+// (adjacent non-zero blocks go in one write). It returns the bytes written.
+func writeSparse(w io.WriterAt, b []byte, off int64) (int64, error) {
+	var data int64
+	for i := 0; i < len(b); {
+		j := min(i+holeBlock, len(b))
+		if isZero(b[i:j]) {
+			i = j
+			continue
+		}
+		for j < len(b) && !isZero(b[j:min(j+holeBlock, len(b))]) {
+			j = min(j+holeBlock, len(b))
+		}
+		if _, err := w.WriteAt(b[i:j], off+int64(i)); err != nil {
+			return data, err
+		}
+		data += int64(j - i)
+		i = j
+	}
+	return data, nil
+}
 
 // WriteImage copies a snapshot to w (which starts empty), size bytes, leaving
-// all-zero chunks as holes when w is a file. It returns the bytes of data
-// (non-zero chunks) written.
+// all-zero 4 KiB blocks as holes when w is a file (the caller truncates it
+// to size at the end). It returns the bytes of data (non-zero blocks)
+// written.
 func WriteImage(ctx context.Context, src io.ReaderAt, size int64, w io.WriterAt) (int64, error) {
 	buf := make([]byte, recoverChunk)
 	var data int64
@@ -31,13 +60,11 @@ func WriteImage(ctx context.Context, src io.ReaderAt, size int64, w io.WriterAt)
 		if _, err := src.ReadAt(b, off); err != nil && err != io.EOF {
 			return data, fmt.Errorf("read at %d: %w", off, err)
 		}
-		if isZero(b) {
-			continue
-		}
-		if _, err := w.WriteAt(b, off); err != nil {
+		n, err := writeSparse(w, b, off)
+		data += n
+		if err != nil {
 			return data, err
 		}
-		data += n
 	}
 	return data, nil
 }
@@ -79,6 +106,46 @@ type RecoverOptions struct {
 	// AcceptDamage writes blocks that fail their checksums as they are
 	// (listed in RecoveredDisk.Damaged) instead of failing the recovery.
 	AcceptDamage bool
+	// Progress, if set, is told how far each disk's image is written: done
+	// of size bytes, from the goroutine writing it.
+	Progress func(disk string, done, size int64)
+}
+
+// progressReaderAt reports how far a front-to-back copy has read.
+type progressReaderAt struct {
+	r    io.ReaderAt
+	disk string
+	size int64
+	fn   func(disk string, done, size int64)
+}
+
+func (p progressReaderAt) ReadAt(b []byte, off int64) (int, error) {
+	n, err := p.r.ReadAt(b, off)
+	p.fn(p.disk, off+int64(n), p.size)
+	return n, err
+}
+
+// ProgressReader reports how far a stream of a disk of size bytes has been
+// read to fn (nil: r itself).
+func ProgressReader(r io.Reader, disk string, size int64, fn func(disk string, done, size int64)) io.Reader {
+	if fn == nil {
+		return r
+	}
+	return &progressReader{r: r, disk: disk, size: size, fn: fn}
+}
+
+type progressReader struct {
+	r          io.Reader
+	disk       string
+	done, size int64
+	fn         func(disk string, done, size int64)
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	p.done += int64(n)
+	p.fn(p.disk, p.done, p.size)
+	return n, err
 }
 
 // RecoverPoint writes every disk of a machine at point p to dir/<disk>.img,
@@ -123,7 +190,11 @@ func recoverDisk(ctx context.Context, cat *Catalog, m MachineCatalog, p Point, d
 		return RecoveredDisk{}, err
 	}
 	path := filepath.Join(dir, d.Name+".img")
-	n, err := writeImageFile(ctx, r, r.Size(), path)
+	var src io.ReaderAt = r
+	if opts.Progress != nil {
+		src = progressReaderAt{r: r, disk: d.Name, size: r.Size(), fn: opts.Progress}
+	}
+	n, err := writeImageFile(ctx, src, r.Size(), path)
 	r.Close()
 	var de *DamageError
 	if errors.As(err, &de) {
@@ -183,7 +254,8 @@ func writeImageFile(ctx context.Context, snap io.ReaderAt, size int64, path stri
 }
 
 // WriteImageFile writes a stream of a whole disk image (as served by the
-// server's image API) to a sparse file at path.
+// server's image API) to a sparse file at path: all-zero 4 KiB blocks are
+// holes, the file truncated to size at the end.
 func WriteImageFile(ctx context.Context, r io.Reader, size int64, path string) (int64, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return 0, err
@@ -207,11 +279,11 @@ func WriteImageFile(ctx context.Context, r io.Reader, size int64, path string) (
 			err = fmt.Errorf("image stream ended at byte %d of %d: %w", off, size, err)
 			break
 		}
-		if !isZero(buf[:n]) {
-			if _, err = f.WriteAt(buf[:n], off); err != nil {
-				break
-			}
-			data += n
+		var w int64
+		w, err = writeSparse(f, buf[:n], off)
+		data += w
+		if err != nil {
+			break
 		}
 		off += n
 	}

@@ -92,6 +92,7 @@ type Config struct {
 
 // Server is a running configuration server.
 type Server struct {
+	logins loginLinks // one-time console login links (loginlink.go)
 	cfg    Config
 	log    *slog.Logger
 	db     *store.DB

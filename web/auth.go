@@ -65,6 +65,12 @@ func (a *authHandler) login(w http.ResponseWriter, r *http.Request) {
 			loginPage("That is neither the admin token nor the console password."))
 		return
 	}
+	a.startSession(w, r)
+}
+
+// startSession signs the browser in: a new session, its cookie, and the
+// machines page.
+func (a *authHandler) startSession(w http.ResponseWriter, r *http.Request) {
 	// A session cookie from before is replaced, so end its session too.
 	if old, err := r.Cookie(sessionCookie); err == nil && old.Value != "" {
 		if err := a.backend.DeleteSession(r.Context(), old.Value); err != nil {

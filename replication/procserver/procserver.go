@@ -14,6 +14,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -246,7 +247,13 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			delete(s.conns, c)
 			s.mu.Unlock()
 			c.Close()
-			if err != nil && s.ctx.Err() == nil {
+			switch {
+			case err == nil || s.ctx.Err() != nil:
+			case errors.Is(err, io.EOF):
+				// Closed by the agent between frames: it stopped or
+				// reconnects; nothing was lost.
+				s.log.Info("data connection closed", "remote", c.RemoteAddr().String(), "reason", err)
+			default:
 				s.log.Warn("data connection closed", "remote", c.RemoteAddr().String(), "reason", err)
 			}
 		}()

@@ -233,7 +233,7 @@ func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string, o
 			return res, err
 		}
 		path := filepath.Join(dir, d.Name+".img")
-		n, err := replication.WriteImageFile(ctx, img.Body, img.Size, path)
+		n, err := replication.WriteImageFile(ctx, replication.ProgressReader(img.Body, d.Name, img.Size, opts.Progress), img.Size, path)
 		damaged, ferr := img.Finish()
 		if ferr != nil {
 			// The server's reason beats a short stream's.

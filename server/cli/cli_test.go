@@ -69,6 +69,21 @@ func TestHelpExitsZero(t *testing.T) {
 		cases = append(cases, []string{"policy", verb, "-h"})
 	}
 	cases = append(cases, []string{"group", "set", "-h"}, []string{"group", "clear", "-h"})
+	// Every verb of the commands that take one, with and without its
+	// positional argument.
+	for cmd, verbs := range map[string][]string{
+		"vcenter": {"add", "list", "remove"},
+		"plan":    {"create", "list", "show", "delete"},
+		"job":     {"show", "confirm", "cancel"},
+		"policy":  {"list", "show", "create", "set", "assign"},
+		"group":   {"set", "clear"},
+	} {
+		for _, verb := range verbs {
+			for _, h := range []string{"-h", "--help"} {
+				cases = append(cases, []string{cmd, verb, h}, []string{cmd, verb, "x", h})
+			}
+		}
+	}
 	for _, args := range cases {
 		r := runCLI(t, args...)
 		if r.code != 0 {

@@ -27,9 +27,9 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	dir := fs.String("data", "./asr-demo", "directory for the demo's server, guests and target")
 	listen := fs.String("listen", "127.0.0.1:8443", "console and API address")
 	machines := fs.Int("machines", 2, "number of protected guests")
-	sizeFlag := fs.String("disk-size", "1GiB", "size of each guest disk")
-	rate := fs.Float64("rate", 2, "write load per guest, MB/s")
-	crash := fs.Duration("crash-interval", 30*time.Second, "crash-consistent point interval")
+	sizeFlag := fs.String("disk-size", "256MiB", "size of each guest disk")
+	rate := fs.Float64("rate", 0.5, "write load per guest, MB/s")
+	crash := fs.Duration("crash-interval", 30*time.Second, "crash-consistent point interval (the demo's policy's; 5s to 5m)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -39,6 +39,16 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 	}
 	if *machines < 1 || *machines > 16 {
 		return errors.New("--machines: 1 to 16")
+	}
+	if *crash < replication.MinCrashInterval || *crash > replication.MaxCrashInterval {
+		return fmt.Errorf("--crash-interval %s: 5s to 5m", *crash)
+	}
+	if *rate < 0 {
+		return errors.New("--rate: not negative")
+	}
+	asr := demoCommand()
+	if abs, err := filepath.Abs(*dir); err == nil {
+		*dir = abs // its paths are printed in commands that work from any directory
 	}
 	// Quiet the agents' and server's info logs: the demo prints its own summary.
 	quiet := slog.New(slog.NewTextHandler(e.errOut, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -58,6 +68,12 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	if err := os.WriteFile(portFile, []byte(srv.DataAddr().String()+"\n"), 0o600); err != nil {
+		srv.Close()
+		return err
+	}
+	// The agents get the server's policy when they connect, which would
+	// override their --crash-interval: the demo's flag goes into it.
+	if err := setDemoPolicy(ctx, srv, *crash); err != nil {
 		srv.Close()
 		return err
 	}
@@ -105,7 +121,7 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 			Server: srv.URL(), PassphraseFile: filepath.Join(srvDir, server.PassphraseFile),
 			StateDir: filepath.Join(gdir, "agent"), Name: name,
 			Disks: []agent.DiskSpec{{Name: "disk0", Path: disk}}, NBD: "unix:" + sock,
-			CrashInterval: *crash, SpoolMax: 256 << 20, Logger: quiet, BIOSUUID: demoUUID(name),
+			CrashInterval: *crash, SpoolMax: demoSpoolMax, Logger: quiet, BIOSUUID: demoUUID(name),
 		})
 		if err != nil {
 			return fmt.Errorf("start agent %s: %w", name, err)
@@ -115,27 +131,34 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		go func() { defer wg.Done(); a.Run(ctx) }()
 		go func() { defer wg.Done(); demoLoad(lctx, "unix:"+sock, "disk0", *rate, int64(i), quiet) }()
 	}
-	fmt.Fprintf(out, `asr demo is running: %d guests, %s disks, %.1f MB/s of writes each through NBD.
+	fmt.Fprintf(out, `asr demo is running: %d guests, %s disks, %.1f MB/s of writes each through NBD;
+a crash-consistent point every %s, kept %s. Its data (%s) stays under about %s.
 
   Console:  %s
-  Log in with the admin token: %s
-  (also in %s)
+  Sign in by opening, once:  %s
+  or with the admin token: %s
+  (also in %s). The console's certificate is the demo's own CA's, which
+  the browser does not know: accept its warning once (or import
+  %s into the browser).
 
-  CLI:      go run . status --data %s --server %s
-            go run . vms --data %s --server %s
+  CLI:      %s status --data %s --server %s
+            %s vms --data %s --server %s
 
-  Recover:  go run . tag --machine demo-vm1 --wait --data %s --server %s
-            go run . failover --machine demo-vm1 --test --to nbd --data %s --server %s
-            (a point once the initial copy is done, then a test failover in seconds:
-            the point as NBD exports, printed last; --cleanup instead of --test
-            --to nbd ends it; the console's Failovers page does the same)
+  Recover:  %s tag --machine demo-vm1 --wait --data %s --server %s
+            %s failover --machine demo-vm1 --test --to nbd --data %s --server %s
+            (tag --wait waits for the initial copy, then takes a point; a test
+            failover then takes seconds: the point as NBD exports, printed last;
+            --cleanup instead of --test --to nbd ends it; the console's
+            Failovers page does the same)
 
   vCenter:  %s (govmomi's simulator, registered as %q): the demo guests
             are its VMs %s; the others are not protected yet.
 %s
 Press Ctrl-C to stop.
-`, *machines, *sizeFlag, *rate, srv.URL(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), srvDir, srv.URL(),
-		srvDir, srv.URL(), srvDir, srv.URL(), srvDir, srv.URL(), vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(guest, spares, srvDir, srv.URL()))
+`, *machines, *sizeFlag, *rate, *crash, demoRetention, *dir, humanBytes(demoBound(*machines, size, *rate)),
+		srv.URL(), srv.LoginLink(), srv.AdminToken(), filepath.Join(srvDir, server.AdminTokenFile), filepath.Join(srvDir, "ca.pem"),
+		asr, srvDir, srv.URL(), asr, srvDir, srv.URL(), asr, srvDir, srv.URL(), asr, srvDir, srv.URL(),
+		vc.URL, demoVCenter, demoNames(*machines), demoGuestHelp(asr, guest, spares, srvDir, srv.URL()))
 	select {
 	case <-ctx.Done():
 		fmt.Fprintln(out, "\nstopping...")
@@ -144,6 +167,56 @@ Press Ctrl-C to stop.
 	}
 	stopLoad()
 	return nil
+}
+
+// The demo's policy keeps little: with the default one (24 h of points, a
+// 1 h any-point window) its target grew by the write load twice over, GBs
+// within minutes.
+const (
+	demoRetention = 10 * time.Minute
+	demoPITWindow = 5 * time.Minute
+)
+
+// setDemoPolicy makes the vault's default policy the demo's: points every
+// crash, kept demoRetention, no application-consistent points.
+func setDemoPolicy(ctx context.Context, srv *server.Server, crash time.Duration) error {
+	p, err := srv.DB().Policy(ctx, "default")
+	if err != nil {
+		return fmt.Errorf("the demo's policy: %w", err)
+	}
+	p.CrashInterval, p.Retention, p.PITWindow, p.AppFrequency = crash, demoRetention, demoPITWindow, 0
+	if err := p.Validate(""); err != nil {
+		return fmt.Errorf("the demo's policy: %w", err)
+	}
+	if err := srv.DB().UpdatePolicy(ctx, p); err != nil {
+		return fmt.Errorf("the demo's policy: %w", err)
+	}
+	return nil
+}
+
+// demoBound is about the most the demo's data directory holds, whatever
+// it runs for: each guest's disk file and its replica (size each), and
+// what the retention keeps of the write load: the points' saved blocks
+// (at most every byte written in demoRetention) and the kept segments (at
+// most every byte written in demoPITWindow); then the spools (the agents'
+// 256 MiB bound each, reached only while the server does not take the
+// log) and 128 MiB of fixed costs (the database, block sums, caches).
+func demoBound(machines int, size int64, rate float64) int64 {
+	churn := int64(rate * 1e6 * (demoRetention + demoPITWindow).Seconds())
+	return int64(machines)*(2*size+churn+demoSpoolMax) + 128<<20
+}
+
+// demoSpoolMax is each demo agent's spool bound.
+const demoSpoolMax = 256 << 20
+
+// demoCommand is how the demo's printed commands call asr: "go run ." when
+// it runs that way, else the binary as it was started.
+func demoCommand() string {
+	arg0 := os.Args[0]
+	if strings.Contains(arg0, "go-build") || strings.HasSuffix(arg0, ".test") {
+		return "go run ."
+	}
+	return arg0
 }
 
 // prepareDemoDisk creates a sparse disk with some data (a quarter text-like,

@@ -142,7 +142,7 @@ func stopDemoGuest(g *sshguest.Guest, spares []demoSpare) {
 }
 
 // demoGuestHelp says how to enable replication of a spare VM.
-func demoGuestHelp(g *sshguest.Guest, spares []demoSpare, srvDir, url string) string {
+func demoGuestHelp(asr string, g *sshguest.Guest, spares []demoSpare, srvDir, url string) string {
 	sp := spares[0]
 	var b strings.Builder
 	fmt.Fprintf(&b, `
@@ -152,11 +152,11 @@ func demoGuestHelp(g *sshguest.Guest, spares []demoSpare, srvDir, url string) st
     private key:  %s
     disk:         disk0=%s   install dir: %s
     and skip the BIOS UUID check (this machine's UUID is not the VM's).
-    go run . protect --data %s --server %s --vm %s --ssh %s@%s \
+    %s protect --data %s --server %s --vm %s --ssh %s@%s \
       --ssh-key %s --accept-host-key %s --disk disk0=%s \
       --install-dir %s --skip-uuid-check`,
 		sp.name, g.User, g.Addr, g.Fingerprint, g.LoginKey, sp.disk, sp.installDir,
-		srvDir, url, sp.name, g.User, g.Addr, g.LoginKey, g.Fingerprint, sp.disk, sp.installDir)
+		asr, srvDir, url, sp.name, g.User, g.Addr, g.LoginKey, g.Fingerprint, sp.disk, sp.installDir)
 	if os.Geteuid() != 0 {
 		b.WriteString("\n  (A push install needs root on the guest: run the demo as root to try it; as another user it stops at its prerequisites.)")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -314,8 +315,10 @@ func actions(as []api.PlanAction) string {
 
 // runJob shows, confirms or cancels one job.
 func runJob(ctx context.Context, e *env, args []string) error {
-	if len(args) > 0 && isHelp(args[0]) {
-		fmt.Fprintln(e.out, "asr job show|confirm|cancel ID: show a job, confirm the manual action it waits on, or cancel it")
+	// Help anywhere (asr job -h, asr job show --help): the verb's flags are
+	// those of every operator command.
+	if slices.ContainsFunc(args, isHelp) {
+		fmt.Fprintln(e.out, "asr job show|confirm|cancel ID [--json]: show a job, confirm the manual action it waits on, or cancel it")
 		return nil
 	}
 	if len(args) < 2 || strings.HasPrefix(args[1], "-") {

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"path/filepath"
+	"slices"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
@@ -91,6 +92,12 @@ func parse(fs *flag.FlagSet, args []string) error {
 		return err
 	}
 	if fs.NArg() > 0 {
+		// The flag package stops at the first argument that is not a
+		// flag: a -h after it still asks for help.
+		if slices.ContainsFunc(fs.Args(), func(a string) bool { return a == "-h" || a == "--help" || a == "-help" }) {
+			fs.Usage()
+			return flag.ErrHelp
+		}
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	return nil

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -136,7 +137,7 @@ func printGroupPoints(out io.Writer, gps []api.GroupPointJSON, asJSON bool) erro
 func runTag(ctx context.Context, e *env, args []string) error {
 	out := e.out
 	fs, o := e.opCommand("asr tag", false)
-	wait := fs.Bool("wait", false, "wait until the point is durable and recoverable, then print its id")
+	wait := fs.Bool("wait", false, "wait for the initial replication (progress on stderr), then until the point is durable and recoverable, then print its id")
 	app := fs.Bool("app", false, "application-consistent point: the agent runs its freeze scripts and freezes its --freeze mounts first (without either, a flush before the tag)")
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the point")
 	if err := parse(fs, args); err != nil {
@@ -170,11 +171,87 @@ func runTag(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintln(out, "recovery point requested; it appears in `asr points` once durable")
 		return nil
 	}
-	p, err := c.Tag(ctx, o.machine, *app, *timeout)
+	var p api.PointJSON
+	for {
+		// A point needs the initial copy done: --wait waits for it first
+		// (as long as it takes; Ctrl-C ends the wait).
+		if err := waitInitial(ctx, c, o.machine, e.errOut, time.Second); err != nil {
+			return err
+		}
+		p, err = c.Tag(ctx, o.machine, *app, *timeout)
+		// The machine's state may say protected a moment before its
+		// applier does: still copying means waiting again.
+		if err == nil || !strings.Contains(err.Error(), initialNotDone) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(out, "recovery point %s (%s) at %s\n", p.ID, p.Kind, p.Time)
 	fmt.Fprintln(out, p.ID)
 	return nil
+}
+
+// initialNotDone is how the process server refuses a point before the
+// machine's initial replication is complete.
+const initialNotDone = "initial replication is not complete"
+
+// waitInitial waits until every disk of machine has its initial copy, so a
+// point can be taken, polling its state every poll and showing the copy's
+// progress on errOut. It returns at once when the machine is protected,
+// and fails when its protection ends or a disk needs a resync (no point is
+// possible until the resync runs).
+func waitInitial(ctx context.Context, c *api.Client, machine string, errOut io.Writer, poll time.Duration) error {
+	var pr *progress
+	defer func() {
+		if pr != nil {
+			pr.clear()
+		}
+	}()
+	for {
+		var m api.Machine
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine), nil, &m); err != nil {
+			return err
+		}
+		switch {
+		case m.Unprotected || m.State == api.StateUnprotected:
+			return fmt.Errorf("machine %s is unprotected: no new point can be taken", machine)
+		case m.State == api.StateResync:
+			return fmt.Errorf("machine %s needs a resync before a point can be taken (%s): see asr resync --machine %s --status", machine, m.Reason, machine)
+		case m.State == api.StateProtected:
+			if pr != nil {
+				pr.finish(diskBytes(m))
+			}
+			return nil
+		}
+		if pr == nil {
+			fmt.Fprintf(errOut, "machine %s: waiting for the initial replication before the point\n", machine)
+			pr = newProgress(errOut, "initial replication "+machine, diskBytes(m))
+		}
+		if !m.Connected {
+			pr.status(fmt.Sprintf("%.0f%%, agent not connected", m.Progress*100))
+		} else {
+			pr.update(int64(m.Progress * float64(diskBytes(m))))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(poll):
+		}
+	}
+}
+
+// diskBytes is the size of every disk of m.
+func diskBytes(m api.Machine) int64 {
+	var n int64
+	for _, d := range m.Disks {
+		n += d.Size
+	}
+	return n
 }

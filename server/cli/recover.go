@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -27,6 +28,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 	format := fs.String("format", "raw", "image format: raw (DIR/<disk>.img) or vhd (DIR/<disk>.vhd, a fixed VHD Azure imports as a managed disk)")
 	toBlob := fs.String("to-blob", "", "with --format vhd and an azure:// --target: also upload each VHD as a page blob NAME (NAME-<disk>.vhd for a machine of several disks) in the target's container, ready to import as a managed disk")
 	accept := fs.Bool("accept-damage", false, "write blocks that fail their checksums as they are (listed) instead of failing the recovery")
+	force := fs.Bool("force", false, "replace images that already exist in --out (without it, an existing image is refused and nothing is written)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -43,7 +45,9 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 		if *format != "raw" || *toBlob != "" {
 			return errors.New("--format vhd and --to-blob are for one machine: recover the group's point machine by machine (asr points --group lists each member's point)")
 		}
-		return recoverGroup(ctx, o, o.group, *point, *dir, replication.RecoverOptions{AcceptDamage: *accept}, out)
+		opts, done := recoverOptions(e, *accept)
+		defer done()
+		return recoverGroup(ctx, o, o.group, *point, *dir, opts, *force, out)
 	}
 	if o.machine == "" || *dir == "" {
 		return errors.New("--machine (or --group) and --out are required")
@@ -61,7 +65,8 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 	if *point == "" {
 		*point = "latest"
 	}
-	opts := replication.RecoverOptions{AcceptDamage: *accept}
+	opts, done := recoverOptions(e, *accept)
+	defer done()
 	start := time.Now()
 	if o.target != "" {
 		cat, m, closeFn, err := o.machineOnTarget(ctx)
@@ -69,6 +74,9 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		defer closeFn()
+		if err := refuseOverwrite(*dir, catalogDiskNames(m), *format, *force); err != nil {
+			return err
+		}
 		if !at.IsZero() {
 			plan, disks, last, err := replication.RecoverTime(ctx, cat, m, at, *dir, opts)
 			if err != nil {
@@ -83,6 +91,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 					return err
 				}
 			}
+			done()
 			printTime(out, res, *dir, at, start)
 			return nil
 		}
@@ -102,6 +111,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 				return err
 			}
 		}
+		done()
 		printDisks(out, disks)
 		fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", p.ID, p.Kind, p.Time.Format(time.RFC3339), time.Since(start).Round(time.Millisecond))
 		fmt.Fprintln(out, p.ID)
@@ -109,6 +119,9 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 	}
 	c, err := o.client()
 	if err != nil {
+		return err
+	}
+	if err := refuseOverwriteOf(ctx, c, o.machine, *dir, *format, *force); err != nil {
 		return err
 	}
 	if !at.IsZero() {
@@ -119,6 +132,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 		if err := toFormat(res.Disks, *format); err != nil {
 			return err
 		}
+		done()
 		printTime(out, res, *dir, at, start)
 		return nil
 	}
@@ -129,6 +143,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 	if err := toFormat(res.Disks, *format); err != nil {
 		return err
 	}
+	done()
 	printDisks(out, res.Disks)
 	fmt.Fprintf(out, "recovered point %s (%s, %s) in %s\n", res.Point.ID, res.Point.Kind, res.Point.Time, time.Since(start).Round(time.Millisecond))
 	fmt.Fprintln(out, res.Point.ID)
@@ -137,7 +152,7 @@ func runRecover(ctx context.Context, e *env, args []string) error {
 
 // recoverGroup writes every member's disks at a group point to
 // DIR/<machine>/<disk>.img.
-func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opts replication.RecoverOptions, out io.Writer) error {
+func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opts replication.RecoverOptions, force bool, out io.Writer) error {
 	start := time.Now()
 	if o.target != "" {
 		cat, closeFn, err := o.catalog(ctx)
@@ -149,6 +164,15 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opt
 		if err != nil {
 			return err
 		}
+		for id := range gp.Members {
+			m, err := cat.FindMachine(ctx, id)
+			if err != nil {
+				return err
+			}
+			if err := refuseOverwrite(filepath.Join(dir, m.Name), catalogDiskNames(m), "raw", force); err != nil {
+				return err
+			}
+		}
 		for id, pid := range gp.Members {
 			m, err := cat.FindMachine(ctx, id)
 			if err != nil {
@@ -159,7 +183,7 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opt
 				return err
 			}
 			mdir := filepath.Join(dir, m.Name)
-			if _, err := replication.RecoverPoint(ctx, cat, m, p, mdir, opts); err != nil {
+			if _, err := replication.RecoverPoint(ctx, cat, m, p, mdir, machineProgress(opts, m.Name)); err != nil {
 				return fmt.Errorf("machine %s: %w", m.Name, err)
 			}
 			fmt.Fprintf(out, "machine %s: point %s in %s\n", m.Name, pid, mdir)
@@ -185,9 +209,14 @@ func recoverGroup(ctx context.Context, o *opFlags, group, point, dir string, opt
 	if gp == nil {
 		return fmt.Errorf("group %s has no point %q (see asr points --group %s)", group, point, group)
 	}
+	for name := range gp.Members {
+		if err := refuseOverwriteOf(ctx, c, name, filepath.Join(dir, name), "raw", force); err != nil {
+			return err
+		}
+	}
 	for name, pid := range gp.Members {
 		mdir := filepath.Join(dir, name)
-		if _, err := c.RecoverPoint(ctx, name, pid, mdir, opts); err != nil {
+		if _, err := c.RecoverPoint(ctx, name, pid, mdir, machineProgress(opts, name)); err != nil {
 			return fmt.Errorf("machine %s: %w", name, err)
 		}
 		fmt.Fprintf(out, "machine %s: point %s in %s\n", name, pid, mdir)
@@ -263,4 +292,66 @@ func printTime(out io.Writer, res api.Recovered, dir string, at, start time.Time
 	fmt.Fprintf(out, "recovered machine %s as of %s: point %s plus changes up to seq %d, in %s\n",
 		res.Machine, at.UTC().Format(time.RFC3339Nano), res.Point.ID, res.LastSeq, time.Since(start).Round(time.Millisecond))
 	fmt.Fprintln(out, res.LastSeq)
+}
+
+// recoverOptions are a recovery's options, with its progress shown on
+// stderr; done ends the last disk's bar.
+func recoverOptions(e *env, accept bool) (replication.RecoverOptions, func()) {
+	fn, done := diskProgress(e.errOut, "recover")
+	return replication.RecoverOptions{AcceptDamage: accept, Progress: fn}, done
+}
+
+// refuseOverwrite fails, before anything is written, if an image a
+// recovery of these disks would write in dir exists already, unless force.
+func refuseOverwrite(dir string, disks []string, format string, force bool) error {
+	if force {
+		return nil
+	}
+	exts := []string{".img"}
+	if format == "vhd" {
+		exts = append(exts, ".vhd")
+	}
+	for _, d := range disks {
+		for _, ext := range exts {
+			path := filepath.Join(dir, d+ext)
+			if _, err := os.Lstat(path); err == nil {
+				return fmt.Errorf("%s exists: asr recover does not replace an image (nothing was written); remove it, choose another --out, or give --force", path)
+			}
+		}
+	}
+	return nil
+}
+
+// refuseOverwriteOf is refuseOverwrite for the disks the server lists for
+// machine (a recovery through the server writes each of them).
+func refuseOverwriteOf(ctx context.Context, c *api.Client, machine, dir, format string, force bool) error {
+	if force {
+		return nil
+	}
+	var m api.Machine
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(machine), nil, &m); err != nil {
+		return err
+	}
+	names := make([]string, len(m.Disks))
+	for i, d := range m.Disks {
+		names[i] = d.Name
+	}
+	return refuseOverwrite(dir, names, format, force)
+}
+
+// catalogDiskNames lists the names of a machine's disks on the target.
+func catalogDiskNames(m replication.MachineCatalog) []string {
+	names := make([]string, len(m.Disks))
+	for i, d := range m.Disks {
+		names[i] = d.Name
+	}
+	return names
+}
+
+// machineProgress labels a group member's disks with its name.
+func machineProgress(opts replication.RecoverOptions, machine string) replication.RecoverOptions {
+	if fn := opts.Progress; fn != nil {
+		opts.Progress = func(disk string, done, size int64) { fn(machine+"/"+disk, done, size) }
+	}
+	return opts
 }

@@ -45,11 +45,33 @@ func runResync(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 	}
+	// The compare of the first running disk, one bar at a time (a
+	// terminal line holds one).
+	var bar *progress
+	var barDisk string
+	defer func() {
+		if bar != nil {
+			bar.clear()
+		}
+	}()
 	for {
 		if err := c.Do(ctx, http.MethodGet, path, nil, &rows); err != nil {
 			return err
 		}
 		if !*wait || len(rows) == 0 {
+			break
+		}
+		for _, r := range rows {
+			if r.State != api.ResyncRunning || r.Total <= 0 {
+				continue
+			}
+			if bar == nil || barDisk != r.Disk {
+				if bar != nil {
+					bar.clear()
+				}
+				bar, barDisk = newProgress(e.errOut, "resync "+o.machine+"/"+r.Disk, r.Total), r.Disk
+			}
+			bar.update(r.Compared)
 			break
 		}
 		select {

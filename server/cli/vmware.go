@@ -258,6 +258,12 @@ func runProtect(ctx context.Context, e *env, args []string) error {
 func followJob(ctx context.Context, e *env, c *api.Client, j api.Job) error {
 	fmt.Fprintf(e.out, "job %s: %s %s\n", j.ID, j.Kind, j.Subject)
 	printed := map[string]string{}
+	bars := map[string]*progress{} // the running steps that count bytes (an upload, a copy)
+	defer func() {
+		for _, b := range bars {
+			b.clear()
+		}
+	}()
 	j, err := c.WaitJob(ctx, j.ID, func(j api.Job) {
 		for _, st := range j.Steps {
 			line := st.State
@@ -265,7 +271,18 @@ func followJob(ctx context.Context, e *env, c *api.Client, j api.Job) error {
 				line += ": " + st.Detail
 			}
 			if st.Total > 0 && st.State == "running" {
-				continue // byte progress: the step's end says it
+				// Byte progress: a bar on stderr; the step's end says the rest.
+				b := bars[st.Name]
+				if b == nil {
+					b = newProgress(e.errOut, "  "+st.Name, st.Total)
+					bars[st.Name] = b
+				}
+				b.update(st.Done)
+				continue
+			}
+			if b := bars[st.Name]; b != nil {
+				b.clear()
+				delete(bars, st.Name)
 			}
 			if j.Waiting != "" && printed["\x00waiting"] != j.Waiting {
 				printed["\x00waiting"] = j.Waiting
