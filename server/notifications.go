@@ -308,3 +308,33 @@ func (s *Server) handleSetWebhook(w http.ResponseWriter, r *http.Request) error 
 	}
 	return s.handleNotifications(w, r)
 }
+
+// The console's part of alerts (web.Backend).
+
+func (b consoleBackend) Alerts(ctx context.Context, all bool) ([]api.Alert, error) {
+	return b.s.Alerts(ctx, all)
+}
+
+func (b consoleBackend) AckAlert(ctx context.Context, id int64) error {
+	return notFound(b.s.AckAlert(ctx, id), fmt.Sprintf("alert %d", id))
+}
+
+func (b consoleBackend) Events(ctx context.Context, limit int) ([]api.EventJSON, error) {
+	return b.s.Events(ctx, "", limit)
+}
+
+func (b consoleBackend) Notifications(ctx context.Context) (api.NotificationSettings, error) {
+	return b.s.Notifications(ctx)
+}
+
+func (b consoleBackend) SetEmail(ctx context.Context, e *api.EmailSettings) error {
+	return b.s.SetEmail(ctx, e)
+}
+
+func (b consoleBackend) SetWebhook(ctx context.Context, w *api.WebhookSettings) error {
+	return b.s.SetWebhook(ctx, w)
+}
+
+func (b consoleBackend) TestNotification(ctx context.Context) (api.TestNotificationResult, error) {
+	return b.s.TestNotification(ctx)
+}

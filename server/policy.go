@@ -223,9 +223,20 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 		}
 		id = m.ID
 	}
-	es, err := s.db.Events(ctx, id, 200)
+	out, err := s.Events(ctx, id, 200)
 	if err != nil {
 		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// Events lists the newest events (of one machine unless machineID is ""),
+// newest first, at most limit.
+func (s *Server) Events(ctx context.Context, machineID string, limit int) ([]api.EventJSON, error) {
+	es, err := s.db.Events(ctx, machineID, limit)
+	if err != nil {
+		return nil, err
 	}
 	names := map[string]string{}
 	out := make([]api.EventJSON, len(es))
@@ -238,8 +249,7 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 		out[i] = api.EventJSON{Time: e.Time.UTC().Format(time.RFC3339Nano), Machine: names[e.MachineID],
 			Severity: e.Severity, Kind: e.Kind, Message: e.Message}
 	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
+	return out, nil
 }
 
 // policyLoop prunes points older than the retention, on schedule (the
