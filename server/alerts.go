@@ -152,6 +152,8 @@ func (e *alertEngine) step(now time.Time, obs []alertObs, active []store.Alert) 
 			ops = append(ops, alertOp{change: api.AlertChangeEscalate, obs: o, sev: severityOf(lvl), active: a})
 		case a != nil && o.clear && now.Sub(t.clearSince) >= e.clear:
 			ops = append(ops, alertOp{change: api.AlertChangeResolved, obs: o, sev: a.Severity, active: a})
+			delete(e.track, id)
+			continue
 		}
 		if a == nil && lvl == 0 && o.level == 0 {
 			delete(e.track, id) // nothing to remember
