@@ -112,7 +112,7 @@ func (e *alertEngine) step(now time.Time, obs []alertObs, active []store.Alert) 
 	for id, a := range act {
 		if !seen[id] {
 			obs = append(obs, alertObs{kind: a.Kind, key: a.Key, clear: true, machineID: a.MachineID, machine: a.Machine,
-				disk: a.Disk, subject: a.Subject, message: "no longer applies: " + a.Message, action: a.Action})
+				disk: a.Disk, subject: a.Subject, message: "no longer applies", action: a.Action})
 		}
 	}
 	var ops []alertOp
@@ -273,15 +273,18 @@ func (s *Server) applyAlertOp(ctx context.Context, op alertOp, now time.Time) er
 		a.Severity, a.Message, a.Action, a.Updated, a.Acked = op.sev, o.message, o.action, now, time.Time{}
 		msg = "escalated to " + op.sev + ": " + o.message
 	case api.AlertChangeResolved:
-		msg = "resolved: " + o.message
-		if !strings.HasPrefix(o.message, "no longer applies") && o.level == 0 {
-			msg = "resolved (" + o.message + ")"
+		msg = "resolved: " + op.active.Message
+		if o.message != "" {
+			msg += "; now: " + o.message
 		}
 		if err := s.db.ResolveAlert(ctx, op.active.ID, op.active.Message, now); err != nil {
 			return fmt.Errorf("resolve alert %d: %w", op.active.ID, err)
 		}
 		a = *op.active
 		a.State, a.Resolved, a.Updated = store.AlertResolved, now, now
+		if o.message != "" && !strings.HasPrefix(o.message, "no longer applies") {
+			a.Message += "; now: " + o.message // for the notice; the row keeps what was raised
+		}
 		evSev = api.SeverityInfo
 	}
 	s.raise(ctx, store.Event{MachineID: o.machineID, Severity: evSev, Kind: alertEventKind(o.kind, op.change), Message: alertSubjectPrefix(a) + msg})
