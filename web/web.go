@@ -3,8 +3,9 @@
 // recovery points of every protected machine, register vCenters, enable
 // replication of their VMs from the inventory, define recovery plans, run
 // test failovers, failovers and drills of machines and plans, follow the
-// jobs that do it (confirming a plan's manual actions), and manage the
-// console password.
+// jobs that do it (confirming a plan's manual actions), see and
+// acknowledge alerts, set how alerts are sent (e-mail, webhook), and
+// manage the console password.
 //
 // Pages are templ components; live values are refreshed by htmx polling a
 // fragment of the machines page. The only script is the vendored htmx, served
