@@ -177,7 +177,8 @@ type alertState struct {
 	notify  *notify.Notifier
 }
 
-// openAlerts starts the notifier with the stored settings.
+// openAlerts sets the alert settings' defaults and starts the notifier
+// with the stored settings.
 func (s *Server) openAlerts(ctx context.Context) error {
 	if s.cfg.HeartbeatLost <= 0 {
 		s.cfg.HeartbeatLost = defaultHeartbeatLost
@@ -191,7 +192,12 @@ func (s *Server) openAlerts(ctx context.Context) error {
 	s.alerts.engine.clear = s.cfg.AlertClear
 	s.alerts.started = s.now()
 	s.alerts.notify = notify.New(notify.Options{Logger: s.cfg.Logger})
-	return s.loadNotifications(ctx)
+	// Settings that cannot be read (a sealed password this vault's key
+	// does not open) leave the notifications off, not the server down.
+	if err := s.loadNotifications(ctx); err != nil {
+		s.log.Error("alert notifications are off: their settings cannot be read; set them again (asr alerts email ...)", "err", err)
+	}
+	return nil
 }
 
 // closeAlerts stops the notifier (a waiting digest is sent).
