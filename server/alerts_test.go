@@ -340,3 +340,31 @@ func isStatus(err error, status int) bool {
 	var ae *api.Error
 	return errors.As(err, &ae) && ae.Status == status
 }
+
+// The server's certificate: a warning 30 days before it expires, critical
+// 7 days before, on the server's clock.
+func TestAlertCertificateExpiry(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Now()
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	set := func(t time.Time) { mu.Lock(); now = t; mu.Unlock() }
+	r := &rig{t: t, dir: t.TempDir(), log: quietLogger(), tune: func(c *server.Config) {
+		c.Now, c.PolicyEvery = clock, 20*time.Millisecond
+	}}
+	r.start()
+	issued := time.Now()
+	set(issued.AddDate(5, 0, 0).Add(-10 * 24 * time.Hour)) // the server's certificate lives 5 years
+	a := r.waitAlert(api.AlertCertificate, "", "")
+	if a.Subject != "the server's TLS certificate" || a.Severity != api.SeverityWarning || !strings.Contains(a.Action, "restart the server") {
+		t.Fatalf("certificate alert %+v", a)
+	}
+	set(issued.AddDate(5, 0, 0).Add(-3 * 24 * time.Hour))
+	deadline := time.Now().Add(hung)
+	for a.Severity != api.SeverityCritical && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		a = r.waitAlert(api.AlertCertificate, "", "")
+	}
+	if a.Severity != api.SeverityCritical {
+		t.Fatalf("not escalated: %+v", a)
+	}
+}
