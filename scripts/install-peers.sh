@@ -6,8 +6,9 @@
 # for the resync benchmark, OpenSSH's server (sshd, ssh-keygen) for the push
 # install tests, QEMU's system emulator, a Linux kernel, static busybox,
 # syslinux and mtools for the drill tests (server/drill, bootdisk),
-# Prometheus and promtool for the metrics test, and Azurite (npm, into bin/npm) for the Azure
-# target's tests.
+# Prometheus and promtool for the metrics test, Azurite (npm, into bin/npm)
+# for the Azure target's tests, and mailpit (a real SMTP server with an HTTP
+# API; go install, into bin/) for the alert e-mail test.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
@@ -54,4 +55,10 @@ fi
 if [ ! -x "$root/bin/npm/node_modules/.bin/azurite-blob" ]; then
   echo "installing: azurite (npm, into bin/npm)" >&2
   npm install --prefix "$root/bin/npm" --no-audit --no-fund --silent azurite@3
+fi
+# mailpit, an SMTP server with an HTTP API, for e2e/alerts_test.go: into the
+# git-ignored bin/, where the test looks when it is not on the PATH.
+if ! command -v mailpit >/dev/null 2>&1 && [ ! -x "$root/bin/mailpit" ]; then
+  echo "installing: mailpit (go install, into bin/)" >&2
+  GOBIN="$root/bin" go install github.com/axllent/mailpit@v1.33.1
 fi

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"time"
 
@@ -222,9 +223,20 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 		}
 		id = m.ID
 	}
-	es, err := s.db.Events(ctx, id, 200)
+	out, err := s.Events(ctx, id, 200)
 	if err != nil {
 		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// Events lists the newest events (of one machine unless machineID is ""),
+// newest first, at most limit.
+func (s *Server) Events(ctx context.Context, machineID string, limit int) ([]api.EventJSON, error) {
+	es, err := s.db.Events(ctx, machineID, limit)
+	if err != nil {
+		return nil, err
 	}
 	names := map[string]string{}
 	out := make([]api.EventJSON, len(es))
@@ -237,13 +249,11 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) error {
 		out[i] = api.EventJSON{Time: e.Time.UTC().Format(time.RFC3339Nano), Machine: names[e.MachineID],
 			Severity: e.Severity, Kind: e.Kind, Message: e.Message}
 	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
+	return out, nil
 }
 
-// policyLoop watches the RPO against each machine's threshold (an event
-// when it is crossed and when it recovers) and prunes points older than the
-// retention, on schedule.
+// policyLoop prunes points older than the retention, on schedule (the
+// RPO against each machine's threshold is the alert engine's: alerts.go).
 func (s *Server) policyLoop() {
 	t := time.NewTicker(s.cfg.PolicyEvery)
 	defer t.Stop()
@@ -254,7 +264,6 @@ func (s *Server) policyLoop() {
 			return
 		case <-t.C:
 		}
-		s.checkRPO(s.ctx)
 		if now := s.now(); now.Sub(lastPrune) >= s.cfg.PruneEvery {
 			lastPrune = now
 			if err := s.prune(s.ctx); err != nil && s.ctx.Err() == nil {
@@ -264,41 +273,18 @@ func (s *Server) policyLoop() {
 	}
 }
 
-// checkRPO raises an event when a machine's RPO crosses its policy's
-// threshold, and another when it is back under it.
-func (s *Server) checkRPO(ctx context.Context) {
-	ms, err := s.db.Machines(ctx)
-	if err != nil {
-		return
-	}
-	for _, m := range ms {
-		v, err := s.machineView(ctx, m, &links{}) // the RPO only: no VM look-up
-		if err != nil || !v.RPOKnown || v.State != replication.StateProtected {
-			continue
-		}
-		p, err := s.db.Policy(ctx, m.Policy)
-		if err != nil {
-			continue
-		}
-		over := v.RPO > p.RPOThreshold
-		s.rpoMu.Lock()
-		was := s.rpoOver[m.ID]
-		s.rpoOver[m.ID] = over
-		s.rpoMu.Unlock()
-		switch {
-		case over && !was:
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "rpo-exceeded",
-				Message: fmt.Sprintf("RPO %s exceeds the threshold of %s (policy %s)", v.RPO.Round(time.Second), p.RPOThreshold, p.Name)})
-		case !over && was:
-			s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "rpo-recovered",
-				Message: fmt.Sprintf("RPO %s is back under the threshold of %s", v.RPO.Round(time.Second), p.RPOThreshold)})
-		}
-	}
-}
-
+// raise records an event, logged at its severity: info at INFO, warning
+// at WARN, critical (and error) at ERROR.
 func (s *Server) raise(ctx context.Context, e store.Event) {
 	e.Time = s.now()
-	s.log.Warn("event", "machine", e.MachineID, "kind", e.Kind, "message", e.Message)
+	level := slog.LevelWarn
+	switch e.Severity {
+	case api.SeverityInfo:
+		level = slog.LevelInfo
+	case api.SeverityCritical, "error":
+		level = slog.LevelError
+	}
+	s.log.Log(ctx, level, "event", "machine", e.MachineID, "kind", e.Kind, "severity", e.Severity, "message", e.Message)
 	if err := s.db.AddEvent(ctx, e); err != nil {
 		s.log.Error("record event", "err", err)
 	}

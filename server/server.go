@@ -85,6 +85,13 @@ type Config struct {
 	// DrillCheckEvery is how often the plans' drill schedules are checked
 	// (default 1m).
 	DrillCheckEvery time.Duration
+	// HeartbeatLost is how long an agent may stay disconnected before its
+	// alert (default 15m; critical at 4 times it); HealthHold how long
+	// the process server's health figures, a vCenter's outage and the
+	// target's errors must hold before they raise an alert (default 15m,
+	// as in ASR); AlertClear how long a condition must be clearly false
+	// before its alert clears (default 2m). See alerts.go.
+	HeartbeatLost, HealthHold, AlertClear time.Duration
 	// Now is the clock for retention and events (default time.Now).
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -145,8 +152,8 @@ type Server struct {
 	scrubbing bool         // a scheduled scrub is running
 	loopTicks atomic.Int64 // passes of the resync loop (LoopTicks)
 	now       func() time.Time
-	rpoMu     sync.Mutex
-	rpoOver   map[string]bool // machines whose RPO is over their threshold
+
+	alerts alertState // the alert engine and the notifier (alerts.go)
 
 	resyncTestHook func(event string) // tests only: resyncHook
 
@@ -193,7 +200,7 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
 		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
-		now: cfg.Now, rpoOver: map[string]bool{}, host: hoststat.New(), unprot: map[string]bool{},
+		now: cfg.Now, host: hoststat.New(), unprot: map[string]bool{},
 		// Real time, not cfg.Now: a nonce's life is a security bound, not
 		// something a test's clock should stretch.
 		nonces: newNonceTable(noncesPerSource, maxNonces, nonceTTL, time.Now)}
@@ -275,6 +282,9 @@ func (s *Server) open(ctx context.Context) error {
 		return err
 	}
 	if err := s.openVault(ctx); err != nil {
+		return err
+	}
+	if err := s.openAlerts(ctx); err != nil {
 		return err
 	}
 	// Hash indexes were kept here before the block checksums moved to the
@@ -578,6 +588,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	go func() { defer s.wg.Done(); errc <- s.ps.Serve(s.ctx, dataTLS) }()
 	go func() { defer s.wg.Done(); s.flushLoop() }()
+	s.wg.Go(s.alertLoop)
 	s.log.Info("asr server running", "console", s.URL(), "data", s.dataL.Addr().String(), "target", s.target.String(), "data_dir", s.cfg.DataDir)
 	var err error
 	select {
@@ -601,6 +612,7 @@ func (s *Server) Close() error {
 		s.dataL.Close()
 	}
 	s.wg.Wait()
+	s.closeAlerts()
 	s.closeNBD()
 	s.stopDiscovery()
 	s.reqMu.Lock()

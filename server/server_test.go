@@ -668,7 +668,9 @@ func TestRetentionPrunesAndReclaims(t *testing.T) {
 func TestRPOThresholdEvents(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.PolicyEvery = 50 * time.Millisecond }}
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.PolicyEvery, c.AlertClear = 50*time.Millisecond, 100*time.Millisecond
+	}}
 	r.start()
 	disk := filepath.Join(dir, "d.img")
 	mustDisk(t, disk, 1<<20, 1)

@@ -79,9 +79,6 @@ func (s *Server) finishUnprotect(ctx context.Context, id, name string, deleteRep
 	if err := s.mirror.sync(ctx); err != nil {
 		return fmt.Errorf("unprotect machine %s: %w (run unprotect again to finish)", name, err)
 	}
-	s.rpoMu.Lock()
-	delete(s.rpoOver, id)
-	s.rpoMu.Unlock()
 	s.resyncMu.Lock()
 	err := s.db.DeleteResyncs(ctx, id)
 	s.resyncMu.Unlock()

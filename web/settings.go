@@ -4,15 +4,21 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // minPasswordLen is the shortest console password accepted, as the server
 // enforces it; checking here too gives a clear message before any work.
 const minPasswordLen = 12
 
-// settingsHandler serves the settings page: the console password.
+// settingsHandler serves the settings page: the console password and
+// the alerts' notifications.
 type settingsHandler struct {
 	backend Backend
 	log     *slog.Logger
@@ -26,15 +32,81 @@ type settingsView struct {
 	HasPassword bool
 	Saved       bool
 	Error       string
+	// Notify is how alerts are sent; NotifySaved says what was just saved
+	// or sent, NotifyErr why a change or a test was refused.
+	Notify      api.NotificationSettings
+	NotifySaved string
+	NotifyErr   string
 }
 
 // page serves the settings page.
 func (h *settingsHandler) page(w http.ResponseWriter, r *http.Request) {
-	render(w, r, h.log, http.StatusOK, settingsPage(settingsView{
-		Session:     sessionFrom(r.Context()),
-		HasPassword: h.backend.HasPassword(r.Context()),
-		Saved:       r.URL.Query().Get("saved") == "1",
-	}))
+	v := h.view(r)
+	switch r.URL.Query().Get("notify") {
+	case "email":
+		v.NotifySaved = "The e-mail settings are saved."
+	case "webhook":
+		v.NotifySaved = "The webhook is saved."
+	case "test":
+		v.NotifySaved = "The test notification was sent."
+	}
+	render(w, r, h.log, http.StatusOK, settingsPage(v))
+}
+
+func (h *settingsHandler) view(r *http.Request) settingsView {
+	ctx := r.Context()
+	v := settingsView{Session: sessionFrom(ctx), HasPassword: h.backend.HasPassword(ctx),
+		Saved: r.URL.Query().Get("saved") == "1"}
+	n, err := h.backend.Notifications(ctx)
+	if err != nil {
+		h.log.Error("notification settings", "err", err)
+		v.NotifyErr = "Could not load the notification settings: " + err.Error()
+	}
+	v.Notify = n
+	return v
+}
+
+// setNotifications saves the e-mail or webhook settings (or turns them
+// off: the form's "off" button), or sends a test notification.
+func (h *settingsHandler) setNotifications(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	off := r.PostFormValue("off") != ""
+	var err error
+	channel := chi.URLParam(r, "channel")
+	switch channel {
+	case "email":
+		var e *api.EmailSettings
+		if !off {
+			e = &api.EmailSettings{SMTP: r.PostFormValue("smtp"), From: r.PostFormValue("from"),
+				To: splitList(r.PostFormValue("to")), StartTLS: r.PostFormValue("starttls") != "",
+				User: r.PostFormValue("user"), Password: r.PostFormValue("password"),
+				MinSeverity: r.PostFormValue("min_severity"), Digest: r.PostFormValue("digest")}
+		}
+		err = h.backend.SetEmail(ctx, e)
+	case "webhook":
+		var wh *api.WebhookSettings
+		if !off {
+			wh = &api.WebhookSettings{URL: r.PostFormValue("url"), MinSeverity: r.PostFormValue("min_severity")}
+		}
+		err = h.backend.SetWebhook(ctx, wh)
+	case "test":
+		_, err = h.backend.TestNotification(ctx)
+	default:
+		http.Error(w, "404 page not found", http.StatusNotFound)
+		return
+	}
+	if err != nil {
+		v := h.view(r)
+		v.NotifyErr = "Not done: " + err.Error()
+		render(w, r, h.log, http.StatusUnprocessableEntity, settingsPage(v))
+		return
+	}
+	redirect(w, r, "/settings?notify="+channel)
+}
+
+// splitList splits a comma- or space-separated list.
+func splitList(s string) []string {
+	return strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' || r == '\n' || r == '\r' })
 }
 
 // setPassword sets or changes the console password. Changing it takes the
@@ -72,4 +144,42 @@ func (h *settingsHandler) setPassword(w http.ResponseWriter, r *http.Request) {
 	}
 	h.log.Info("console password set", "remote", r.RemoteAddr)
 	redirect(w, r, "/settings?saved=1")
+}
+
+// emailField is a field of the stored e-mail settings, for the form.
+func emailField(v settingsView, name string) string {
+	e := v.Notify.Email
+	if e == nil {
+		return ""
+	}
+	switch name {
+	case "smtp":
+		return e.SMTP
+	case "from":
+		return e.From
+	case "to":
+		return strings.Join(e.To, ", ")
+	case "user":
+		return e.User
+	case "min_severity":
+		return e.MinSeverity
+	case "digest":
+		return e.Digest
+	}
+	return ""
+}
+
+// webhookField is a field of the stored webhook settings, for the form.
+func webhookField(v settingsView, name string) string {
+	w := v.Notify.Webhook
+	if w == nil {
+		return ""
+	}
+	switch name {
+	case "url":
+		return w.URL
+	case "min_severity":
+		return w.MinSeverity
+	}
+	return ""
 }

@@ -3,8 +3,9 @@
 // recovery points of every protected machine, register vCenters, enable
 // replication of their VMs from the inventory, define recovery plans, run
 // test failovers, failovers and drills of machines and plans, follow the
-// jobs that do it (confirming a plan's manual actions), and manage the
-// console password.
+// jobs that do it (confirming a plan's manual actions), see and
+// acknowledge alerts, set how alerts are sent (e-mail, webhook), and
+// manage the console password.
 //
 // Pages are templ components; live values are refreshed by htmx polling a
 // fragment of the machines page. The only script is the vendored htmx, served
@@ -117,6 +118,22 @@ type Backend interface {
 	CreatePlan(ctx context.Context, p api.Plan) (api.Plan, error)
 	// DeletePlan deletes a plan: [ErrNotFound] if there is no such plan.
 	DeletePlan(ctx context.Context, name string) error
+
+	// Alerts lists the active alerts, most severe and newest first, and
+	// with all the resolved ones after them. AckAlert acknowledges one:
+	// [ErrNotFound] if there is no such alert.
+	Alerts(ctx context.Context, all bool) ([]api.Alert, error)
+	AckAlert(ctx context.Context, id int64) error
+	// Events lists the newest events first, at most limit.
+	Events(ctx context.Context, limit int) ([]api.EventJSON, error)
+	// Notifications returns how alerts are sent; SetEmail and SetWebhook
+	// change a channel (nil: off; a request refused changes nothing and
+	// its error's message is shown); TestNotification sends a test notice
+	// through every channel now, its error saying what refused it.
+	Notifications(ctx context.Context) (api.NotificationSettings, error)
+	SetEmail(ctx context.Context, e *api.EmailSettings) error
+	SetWebhook(ctx context.Context, w *api.WebhookSettings) error
+	TestNotification(ctx context.Context) (api.TestNotificationResult, error)
 }
 
 // ErrNotFound is what a [Backend] returns for a vCenter, a job or a plan
@@ -164,6 +181,7 @@ func New(b Backend, opts Options) *Handler {
 	jobs := &jobsHandler{backend: b, log: log, now: now}
 	plans := &plansHandler{backend: b, log: log, now: now}
 	failovers := &failoversHandler{backend: b, log: log, now: now}
+	alerts := &alertsHandler{backend: b, log: log, now: now}
 
 	r := chi.NewRouter()
 	r.Use(securityHeaders)
@@ -196,6 +214,7 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/plans", plans.page)
 		r.Get("/failovers", failovers.page)
 		r.Get("/failovers/new", failovers.newPage)
+		r.Get("/alerts", alerts.page)
 		r.Group(func(r chi.Router) {
 			r.Use(requireCSRF)
 			r.Post("/logout", auth.logout)
@@ -211,6 +230,8 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/plans/{plan}/{action}", plans.act)
 			r.Post("/failovers", failovers.start)
 			r.Post("/failovers/{action}", failovers.act)
+			r.Post("/alerts/{alert}/ack", alerts.ack)
+			r.Post("/settings/notifications/{channel}", settings.setNotifications)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}

@@ -38,6 +38,7 @@ type fakeBackend struct {
 
 	fakeVMware   // vCenters, inventory, policies, jobs (vmware_test.go)
 	fakeRecovery // plans, failovers, points (recovery_test.go)
+	fakeAlerts   // alerts, events, notifications (alerts_test.go)
 }
 
 var _ Backend = (*fakeBackend)(nil)

@@ -35,3 +35,87 @@ type Alert struct {
 	Resolved time.Time `json:"resolved,omitzero"`
 	Acked    time.Time `json:"acked,omitzero"` // zero: not acknowledged
 }
+
+// Alert kinds.
+const (
+	AlertRPO            = "rpo"             // a machine's RPO over its policy's threshold
+	AlertHeartbeat      = "agent-heartbeat" // a machine's agent not connected
+	AlertPSCPU          = "ps-cpu"          // the process server's CPU
+	AlertPSMemory       = "ps-memory"       // the process server's memory
+	AlertPSCacheFree    = "ps-cache-free"   // free space on the cache disk
+	AlertPSUpload       = "ps-upload"       // estimated cache upload time
+	AlertResyncFailed   = "resync-failed"   // a disk's resync failed
+	AlertScrubDamage    = "scrub-damage"    // a scrub found damaged blocks
+	AlertJobFailed      = "job-failed"      // a job failed
+	AlertVCenter        = "vcenter-unreachable"
+	AlertTarget         = "target-unreachable" // the applier cannot write to the target
+	AlertCertificate    = "certificate-expiry" // the server's certificate or the CA expires soon
+	AlertTest           = "test"               // a test notification (POST /api/v1/alerts/test)
+	AlertChangeRaised   = "raised"
+	AlertChangeEscalate = "escalated"
+	AlertChangeResolved = "resolved"
+)
+
+// SeverityRank orders severities: info 0, warning 1, critical 2; an
+// unknown name ranks -1.
+func SeverityRank(s string) int {
+	switch s {
+	case SeverityInfo:
+		return 0
+	case SeverityWarning:
+		return 1
+	case SeverityCritical:
+		return 2
+	}
+	return -1
+}
+
+// EmailSettings is how alerts are sent by e-mail (PUT
+// /api/v1/settings/notifications/email; DELETE turns e-mail off).
+// Password is write-only: GET shows PasswordSet instead. A PUT without a
+// password keeps the one stored for the same user.
+type EmailSettings struct {
+	SMTP        string   `json:"smtp"` // HOST:PORT of the SMTP server
+	From        string   `json:"from"`
+	To          []string `json:"to"`
+	StartTLS    bool     `json:"starttls"` // refuse to send unless the server offers STARTTLS
+	User        string   `json:"user,omitempty"`
+	Password    string   `json:"password,omitempty"`
+	PasswordSet bool     `json:"password_set,omitempty"`
+	MinSeverity string   `json:"min_severity,omitempty"` // warning (default) or critical
+	Digest      string   `json:"digest,omitempty"`       // batching interval, e.g. 5m (default); 0 sends every notice at once
+}
+
+// WebhookSettings is where alerts are POSTed as JSON (PUT
+// /api/v1/settings/notifications/webhook; DELETE turns it off). The body
+// is a WebhookBody.
+type WebhookSettings struct {
+	URL         string `json:"url"`
+	MinSeverity string `json:"min_severity,omitempty"`
+}
+
+// NotificationSettings is GET /api/v1/settings/notifications: nil where a
+// channel is off.
+type NotificationSettings struct {
+	Email   *EmailSettings   `json:"email,omitempty"`
+	Webhook *WebhookSettings `json:"webhook,omitempty"`
+}
+
+// WebhookBody is what a webhook receives for each notice: Change is
+// "raised", "escalated", "resolved" or "test"; Alert the alert as GET
+// /api/v1/alerts shows it. Version is 1; fields may be added, never
+// renamed.
+type WebhookBody struct {
+	Version int       `json:"version"`
+	Change  string    `json:"change"`
+	Alert   Alert     `json:"alert"`
+	Sent    time.Time `json:"sent"`
+}
+
+// TestNotificationResult is POST /api/v1/alerts/test's answer: what each
+// configured channel did ("" where it sent, the error otherwise).
+type TestNotificationResult struct {
+	Email   string   `json:"email,omitempty"`
+	Webhook string   `json:"webhook,omitempty"`
+	Sent    []string `json:"sent"` // the channels that sent: "email", "webhook"
+}

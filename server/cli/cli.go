@@ -7,7 +7,8 @@
 // with --target and --passphrase-file, read the target storage directly.
 // Each command group has its file: server.go, agent.go, demo.go, status.go,
 // points.go (points, tag), recover.go, policy.go, events.go, group.go,
-// resync.go, verify.go, unprotect.go, metrics.go; op.go holds what the operator commands share.
+// resync.go, verify.go, unprotect.go, metrics.go, alerts.go; op.go holds
+// what the operator commands share.
 package cli
 
 import (
@@ -41,6 +42,9 @@ Usage:
   asr tag      --machine M [--wait] [--app]
   asr policy   list|show|create|set|assign ...
   asr events   [--machine M]
+  asr alerts   [list] [--all] [--json] | ack ID | test | webhook --url URL | webhook --off | email --off
+  asr alerts   email --smtp HOST:PORT --from ADDR --to ADDR[,ADDR...] [--starttls=false] [--user U --password-file F]
+               [--min-severity warning|critical] [--digest 5m]
   asr group    set --machine M --group G | clear --machine M
   asr resync   --machine M [--disk D] [--wait] | --machine M --status | --window HH:MM-HH:MM [--policy P]
   (points, tag and recover take --group G instead of --machine M for a replication group)
@@ -104,6 +108,7 @@ var commands = map[string]func(ctx context.Context, e *env, args []string) error
 	"plan":      runPlan,
 	"job":       runJob,
 	"metrics":   runMetrics,
+	"alerts":    runAlerts,
 }
 
 // Main runs the asr command line with args (without the program name) and

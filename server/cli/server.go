@@ -41,6 +41,9 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")
 	fs.StringVar(&c.TargetTier, "target-tier", replication.TierStandard, "storage tier of the target: standard (retention up to 72h) or premium (up to 24h)")
 	fs.StringVar(&c.AdvertiseURL, "advertise-url", "", "control URL that guests reach the server at, given to pushed agents, https://HOST:PORT (default: the --listen address; add HOST with --host)")
+	fs.DurationVar(&c.HeartbeatLost, "heartbeat-lost", 15*time.Minute, "alert when an agent has not been connected for this long (critical at 4 times it)")
+	fs.DurationVar(&c.HealthHold, "health-hold", 15*time.Minute, "how long the process server's health figures, a vCenter outage or target errors must hold before they alert")
+	fs.DurationVar(&c.AlertClear, "alert-clear", 2*time.Minute, "how long a condition must be clearly false before its alert clears")
 	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
 		c.Hosts = append(c.Hosts, v)
 		return nil
