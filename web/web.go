@@ -117,6 +117,43 @@ type Backend interface {
 	CreatePlan(ctx context.Context, p api.Plan) (api.Plan, error)
 	// DeletePlan deletes a plan: [ErrNotFound] if there is no such plan.
 	DeletePlan(ctx context.Context, name string) error
+
+	// Alerts lists the active alerts (all: the resolved ones too), newest
+	// first. AckAlert acknowledges one: [ErrNotFound] if there is none.
+	Alerts(ctx context.Context, all bool) ([]api.Alert, error)
+	AckAlert(ctx context.Context, id int64) error
+	// Events lists the newest events, newest first, at most limit.
+	Events(ctx context.Context, limit int) ([]api.EventJSON, error)
+
+	// MachineEvents lists the newest events of a machine (by name),
+	// newest first, at most limit: [ErrNotFound] if there is no such
+	// machine.
+	MachineEvents(ctx context.Context, machine string, limit int) ([]api.EventJSON, error)
+	// History returns a machine's RPO and churn samples (one a minute,
+	// kept 25 h) since since, oldest first: [ErrNotFound] if there is no
+	// such machine.
+	History(ctx context.Context, machine string, since time.Time) ([]api.HistorySample, error)
+	// Tag asks a machine's agent for a recovery point now (app: an
+	// application-consistent one) and returns it once it is made. An
+	// error's message is shown to the user.
+	Tag(ctx context.Context, machine string, app bool) (api.PointJSON, error)
+	// CreatePolicy stores a new policy (fields left empty take the
+	// defaults); UpdatePolicy changes the fields set of policy name. A
+	// policy the server refuses (a malformed duration, a rule broken, a
+	// name taken) changes nothing, and the error's message is shown to
+	// the user.
+	CreatePolicy(ctx context.Context, p api.PolicyJSON) (api.PolicyJSON, error)
+	UpdatePolicy(ctx context.Context, name string, p api.PolicyJSON) (api.PolicyJSON, error)
+	// AssignPolicy gives a machine (by name) a policy. An error's message
+	// is shown to the user.
+	AssignPolicy(ctx context.Context, machine, policy string) error
+	// SetGroup puts a machine (by name) in a replication group; ""
+	// takes it out. An error's message is shown to the user.
+	SetGroup(ctx context.Context, machine, group string) error
+	// GroupPoints lists a replication group's points, oldest first;
+	// GroupTag makes one now across its members.
+	GroupPoints(ctx context.Context, group string) ([]api.GroupPointJSON, error)
+	GroupTag(ctx context.Context, group string, app bool) (api.GroupPointJSON, error)
 }
 
 // ErrNotFound is what a [Backend] returns for a vCenter, a job or a plan
