@@ -150,7 +150,7 @@ func requireCSRF(next http.Handler) http.Handler {
 			token = r.PostFormValue("csrf")
 		}
 		if s == nil || s.CSRF == "" || subtle.ConstantTimeCompare([]byte(token), []byte(s.CSRF)) != 1 {
-			http.Error(w, "403 invalid or missing CSRF token: reload the page and try again", http.StatusForbidden)
+			httpError(w, r, http.StatusForbidden, "Invalid or missing CSRF token: reload the page and try again.")
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -201,6 +201,11 @@ func New(b Backend, opts Options) *Handler {
 	jobs := &jobsHandler{backend: b, log: log, now: now}
 	plans := &plansHandler{backend: b, log: log, now: now}
 	failovers := &failoversHandler{backend: b, log: log, now: now}
+	dashboard := &dashboardHandler{backend: b, log: log, now: now}
+	machine := &machineHandler{backend: b, log: log, now: now}
+	policies := &policiesHandler{backend: b, log: log, now: now}
+	groups := &groupsHandler{backend: b, log: log, now: now}
+	infra := &infrastructureHandler{backend: b, log: log, now: now}
 
 	r := chi.NewRouter()
 	r.Use(securityHeaders)
@@ -208,16 +213,22 @@ func New(b Backend, opts Options) *Handler {
 	// outright. Sessions carry a CSRF token on top of this, but the login
 	// form has no session yet.
 	r.Use(http.NewCrossOriginProtection().Handler)
-	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, "404 page not found", http.StatusNotFound)
-	})
+	r.NotFound(notFoundPage)
 
 	r.Handle("/static/*", http.StripPrefix("/static/", staticHandler()))
 	r.Get("/login", auth.loginPage)
 	r.Post("/login", auth.login)
 	r.Group(func(r chi.Router) {
 		r.Use(auth.requireSession)
-		r.Get("/", machines.page)
+		r.Get("/", dashboard.page)
+		r.Get("/fragments/dashboard", dashboard.fragment)
+		r.Get("/machines", machines.page)
+		r.Get("/machines/{machine}", machine.page)
+		r.Get("/policies", policies.page)
+		r.Get("/policies/{policy}/edit", policies.editPage)
+		r.Get("/groups", groups.page)
+		r.Get("/infrastructure", infra.page)
+		r.Get("/fragments/infrastructure", infra.fragment)
 		r.Get("/fragments/machines", machines.fragment)
 		r.Get("/settings", settings.page)
 		r.Get("/machines/{machine}/resync", machines.resyncPage)
@@ -247,6 +258,12 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/plans/{plan}/{action}", plans.act)
 			r.Post("/failovers", failovers.start)
 			r.Post("/failovers/{action}", failovers.act)
+			r.Post("/machines/{machine}/tag", machine.tag)
+			r.Post("/policies", policies.create)
+			r.Post("/policies/assign", policies.assign)
+			r.Post("/policies/{policy}/edit", policies.update)
+			r.Post("/groups/members", groups.setMember)
+			r.Post("/groups/{group}/points", groups.tag)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}
