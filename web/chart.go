@@ -6,6 +6,7 @@ import (
 	"html"
 	"io"
 	"math"
+	"slices"
 	"strings"
 	"time"
 
@@ -97,15 +98,30 @@ func (c lineChart) y(v, top float64) float64 {
 	return chartTop + chartPlotH - clamp01(v/top)*chartPlotH
 }
 
-// segments splits the points in the window into runs drawn joined.
+// segments splits the points in the window into runs drawn joined: a run
+// breaks where two points lie further apart than MaxGap and than three
+// times the median interval (points sampled less often than MaxGap stay
+// joined).
 func (c lineChart) segments() [][]chartPoint {
+	var in []chartPoint
+	for _, p := range c.Points {
+		if !p.T.Before(c.Start) && !p.T.After(c.End) {
+			in = append(in, p)
+		}
+	}
+	gap := c.MaxGap
+	if gap > 0 && len(in) > 5 {
+		ds := make([]time.Duration, 0, len(in)-1)
+		for i := 1; i < len(in); i++ {
+			ds = append(ds, in[i].T.Sub(in[i-1].T))
+		}
+		slices.Sort(ds)
+		gap = max(gap, 3*ds[len(ds)/2])
+	}
 	var out [][]chartPoint
 	var cur []chartPoint
-	for _, p := range c.Points {
-		if p.T.Before(c.Start) || p.T.After(c.End) {
-			continue
-		}
-		if len(cur) > 0 && c.MaxGap > 0 && p.T.Sub(cur[len(cur)-1].T) > c.MaxGap {
+	for _, p := range in {
+		if len(cur) > 0 && gap > 0 && p.T.Sub(cur[len(cur)-1].T) > gap {
 			out = append(out, cur)
 			cur = nil
 		}
