@@ -103,6 +103,8 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	}
 	do(chromedp.SetValue(chromedp.CSS("#secret"), strings.TrimSpace(string(token))),
 		chromedp.Submit(chromedp.CSS("#secret")),
+		chromedp.WaitVisible(chromedp.CSS("#dashboard")),
+		chromedp.Click(chromedp.CSS(`nav a[href="/machines"]`)),
 		chromedp.WaitVisible(chromedp.CSS("#machines")))
 
 	// waitText polls the live section until it contains want (no reloads).
@@ -178,12 +180,14 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if s := text("main"); !strings.Contains(s, "Resync disk data?") || !strings.Contains(s, "forced shutdown") {
 		t.Fatalf("the confirmation page does not say what it resyncs and why:\n%s", s)
 	}
-	do(chromedp.Click(chromedp.CSS(`a.button[href="/"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
+	do(chromedp.Click(chromedp.CSS(`a.button[href="/machines/vm1"]`)), chromedp.WaitVisible(chromedp.CSS("#machine-title")),
+		chromedp.Click(chromedp.CSS(`nav a[href="/machines"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
 	if !strings.Contains(c.mustCLI("resync", "--machine", "vm1", "--status"), "scheduled") {
 		t.Fatal("Cancel started the resync")
 	}
 	do(chromedp.Click(link), chromedp.WaitVisible(chromedp.CSS("#confirm-resync")),
-		chromedp.Click(chromedp.CSS("#confirm-resync")), chromedp.WaitVisible(chromedp.CSS("#machines")))
+		chromedp.Click(chromedp.CSS("#confirm-resync")), chromedp.WaitVisible(chromedp.CSS("#machine-title")),
+		chromedp.Click(chromedp.CSS(`nav a[href="/machines"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
 	waitText("Protected")
 	if s := text("#machines"); strings.Contains(s, "Scheduled for") || strings.Contains(s, "Needs resync") {
 		t.Fatalf("the resync finished but the page still shows it:\n%s", s)
