@@ -144,7 +144,7 @@ func machinePage(v machinePageView) templ.Component {
 					return templ_7745c5c3_Err
 				}
 			}
-			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 12, " <section class=\"card\" aria-labelledby=\"figures-title\"><h2 id=\"figures-title\" class=\"visually-hidden\">Figures</h2><dl class=\"figures machine-figures\"><div><dt>RPO</dt><dd id=\"machine-rpo\">")
+			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 12, " <section class=\"card machine-card\" aria-labelledby=\"figures-title\"><h2 id=\"figures-title\" class=\"visually-hidden\">Figures</h2><dl class=\"figures machine-figures\"><div><dt>RPO</dt><dd id=\"machine-rpo\">")
 			if templ_7745c5c3_Err != nil {
 				return templ_7745c5c3_Err
 			}
@@ -378,7 +378,7 @@ func machinePage(v machinePageView) templ.Component {
 			if templ_7745c5c3_Err != nil {
 				return templ_7745c5c3_Err
 			}
-			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 34, "<section class=\"card\" aria-labelledby=\"machine-charts-title\"><h2 id=\"machine-charts-title\">Last 24 hours</h2><div class=\"multiples\"><figure class=\"multiple\"><figcaption>RPO</figcaption>")
+			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 34, "<section class=\"card machine-card\" aria-labelledby=\"machine-charts-title\"><h2 id=\"machine-charts-title\">Last 24 hours</h2><div class=\"multiples\"><figure class=\"multiple\"><figcaption>RPO</figcaption>")
 			if templ_7745c5c3_Err != nil {
 				return templ_7745c5c3_Err
 			}
