@@ -39,7 +39,7 @@ func groupsPage(v groupsView) templ.Component {
 				}()
 			}
 			ctx = templ.InitializeContext(ctx)
-			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 1, "<h1>Replication groups</h1><p class=\"help\">The machines of a group share their crash- and application-consistent points: each is one cut across every member, so a multi-VM application recovers consistent. CLI: <code>asr group set --machine M --group G</code>; API: <code>POST /api/v1/machines/M/group</code>, <code>POST /api/v1/groups/G/points</code>.</p>")
+			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 1, "<h1>Replication groups</h1><p class=\"help\">The machines of a group share their crash- and application-consistent points: each is one cut across every member, so a multi-VM application recovers consistent. CLI: <code>asr group set --machine M --group G</code>; API: <code>POST /api/v1/machines/M/group</code>, <code>POST /api/v1/groups/G/points</code> (<code>asr tag --group G</code>).</p>")
 			if templ_7745c5c3_Err != nil {
 				return templ_7745c5c3_Err
 			}

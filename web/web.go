@@ -1,13 +1,17 @@
 // Package web is asr's web console: a small server-rendered HTML interface
-// where DR administrators sign in, watch the replication state, RPO and
-// recovery points of every protected machine, register vCenters, enable
+// where DR administrators sign in, see the health of everything on a
+// dashboard (counts, alerts, every machine's RPO, 24 h charts drawn as
+// SVG on the server), watch the replication state, RPO and recovery points
+// of every protected machine and act on one from its page (tag, resync,
+// test failover, failover), manage policies and replication groups, see
+// the process server, target and vCenters, register vCenters, enable
 // replication of their VMs from the inventory, define recovery plans, run
 // test failovers, failovers and drills of machines and plans, follow the
 // jobs that do it (confirming a plan's manual actions), and manage the
 // console password.
 //
 // Pages are templ components; live values are refreshed by htmx polling a
-// fragment of the machines page. The only script is the vendored htmx, served
+// fragment of the page (dashboard, machines, infrastructure, jobs). The only script is the vendored htmx, served
 // from the embedded static directory, so the console works without access to
 // the internet and under a strict Content-Security-Policy.
 //
