@@ -31,14 +31,14 @@ func newConsoleBackend() *fakeBackend {
 	b.machines = []api.Machine{web, sql, files, app, old}
 	b.policies[0] = api.PolicyJSON{Name: "default", RPOThreshold: "15m0s", Retention: "72h0m0s", AppFrequency: "0s", CrashInterval: "5m0s", PITWindow: "24h0m0s"}
 	b.policies[1] = api.PolicyJSON{Name: "gold", RPOThreshold: "5m0s", Retention: "24h0m0s", AppFrequency: "1h0m0s", CrashInterval: "30s", PITWindow: "4h0m0s"}
-	b.alerts = []api.Alert{
+	b.consoleAlerts = []api.Alert{
 		{ID: 7, Kind: "rpo-exceeded", Severity: api.SeverityCritical, State: api.AlertActive, Machine: "files-02",
 			Message: "RPO 42m exceeds the threshold of 15m (policy default)", Action: "Check the agent's connection.", Raised: testNow.Add(-40 * time.Minute)},
 		{ID: 8, Kind: "cache-warning", Severity: api.SeverityWarning, State: api.AlertActive, Subject: "process-server",
 			Message: "the process server's cache disk is 28% free", Raised: testNow.Add(-5 * time.Minute)},
 		{ID: 3, Kind: "drill-failed", Severity: api.SeverityCritical, State: api.AlertResolved, Message: "an old drill", Raised: testNow.Add(-30 * time.Hour)},
 	}
-	b.events = []api.EventJSON{
+	b.consoleEvents = []api.EventJSON{
 		{Time: testNow.Add(-time.Minute).Format(time.RFC3339Nano), Machine: "sql-prod", Severity: "info", Kind: "resync-done", Message: "disk sqldata: resync done, 12 MiB sent"},
 		{Time: testNow.Add(-20 * time.Minute).Format(time.RFC3339Nano), Machine: "sql-prod", Severity: "warning", Kind: "rpo-exceeded", Message: "RPO 6m exceeds the threshold of 5m"},
 		{Time: testNow.Add(-30 * time.Minute).Format(time.RFC3339Nano), Machine: "sql-prod", Severity: "warning", Kind: "resync-needed", Message: "disk sqldata: the disk grew"},

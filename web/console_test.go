@@ -16,47 +16,16 @@ import (
 // malformed duration, a crash interval out of 5s..5m, a name taken, a
 // rename) and a refused one changes nothing.
 type fakeConsole struct {
-	alerts      []api.Alert
-	acked       []int64
-	events      []api.EventJSON
-	history     map[string][]api.HistorySample // machine -> samples
-	tags        []string                       // "machine crash|app" of each Tag
-	tagErr      error
-	assigned    []string // "machine=policy" of each AssignPolicy
-	groupsSet   []string // "machine=group" of each SetGroup
-	groupPoints map[string][]api.GroupPointJSON
-	groupTags   []string
-}
-
-func (b *fakeBackend) Alerts(_ context.Context, all bool) ([]api.Alert, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var out []api.Alert
-	for _, a := range b.alerts {
-		if all || a.State == api.AlertActive {
-			out = append(out, a)
-		}
-	}
-	return out, nil
-}
-
-func (b *fakeBackend) AckAlert(_ context.Context, id int64) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for i := range b.alerts {
-		if b.alerts[i].ID == id {
-			b.alerts[i].Acked = testNow
-			b.acked = append(b.acked, id)
-			return nil
-		}
-	}
-	return fmt.Errorf("alert %d: %w", id, ErrNotFound)
-}
-
-func (b *fakeBackend) Events(_ context.Context, limit int) ([]api.EventJSON, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.events[:min(limit, len(b.events))], nil
+	consoleAlerts []api.Alert                    // Alerts and AckAlert (console_alertsfake_test.go)
+	consoleAcked  []int64                        // ids of AckAlert
+	consoleEvents []api.EventJSON                // Events and MachineEvents, newest first
+	history       map[string][]api.HistorySample // machine -> samples
+	tags          []string                       // "machine crash|app" of each Tag
+	tagErr        error
+	assigned      []string // "machine=policy" of each AssignPolicy
+	groupsSet     []string // "machine=group" of each SetGroup
+	groupPoints   map[string][]api.GroupPointJSON
+	groupTags     []string
 }
 
 func (b *fakeBackend) machine(name string) (api.Machine, error) {
@@ -75,7 +44,7 @@ func (b *fakeBackend) MachineEvents(_ context.Context, machine string, limit int
 		return nil, err
 	}
 	var out []api.EventJSON
-	for _, e := range b.events {
+	for _, e := range b.consoleEvents {
 		if e.Machine == machine && len(out) < limit {
 			out = append(out, e)
 		}
