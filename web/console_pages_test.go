@@ -124,6 +124,13 @@ func TestDashboard(t *testing.T) {
 	if !strings.HasPrefix(frag, `<div id="dashboard"`) || !strings.Contains(body, frag) {
 		t.Errorf("the fragment is not the dashboard's polled part:\n%.300s", frag)
 	}
+	if strings.Contains(frag, "<svg class=\"chart") || strings.Contains(frag, `id="rpo-chart-`) {
+		t.Error("the 5 s fragment carries the charts")
+	}
+	charts := get(t, h, id, "/fragments/dashboard/charts", http.StatusOK)
+	if !strings.HasPrefix(charts, `<section id="charts"`) || !strings.Contains(body, charts) || !strings.Contains(charts, `id="rpo-chart-sql-prod"`) {
+		t.Errorf("the charts fragment is not the dashboard's charts:\n%.300s", charts)
+	}
 }
 
 // TestDisconnectedIsNotProtected: a machine whose agent is gone shows

@@ -11,8 +11,14 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
-// dashboardFragment is the id of the part of the dashboard htmx polls.
-const dashboardFragment = "dashboard"
+// dashboardFragment is the id of the part of the dashboard htmx polls
+// every 5 s; chartsFragment that of its charts, polled every 30 s (the
+// history is sampled once a minute, and reading it is the page's costly
+// part).
+const (
+	dashboardFragment = "dashboard"
+	chartsFragment    = "dashboard-charts"
+)
 
 // dashboardHandler serves the console's home: the health of everything at
 // a glance.
@@ -66,7 +72,9 @@ type dashboardView struct {
 // Threshold is the RPO threshold of a machine's policy (0: unknown).
 func (v dashboardView) Threshold(m api.Machine) time.Duration { return v.Thresholds[m.Policy] }
 
-func (h *dashboardHandler) view(r *http.Request) (dashboardView, int) {
+// view gathers what the dashboard shows; the machines' history only with
+// charts.
+func (h *dashboardHandler) view(r *http.Request, charts bool) (dashboardView, int) {
 	ctx := r.Context()
 	now := h.now()
 	v := dashboardView{Session: sessionFrom(ctx), Now: now, Thresholds: map[string]time.Duration{}, History: map[string][]api.HistorySample{}}
@@ -91,7 +99,7 @@ func (h *dashboardHandler) view(r *http.Request) (dashboardView, int) {
 		case api.StateUnprotected:
 			v.Counts.Unprotected++
 		}
-		if m.Unprotected {
+		if m.Unprotected || !charts {
 			continue
 		}
 		hist, err := h.backend.History(ctx, m.Name, now.Add(-historyWindow))
@@ -143,7 +151,7 @@ func (h *dashboardHandler) view(r *http.Request) (dashboardView, int) {
 
 // page serves the dashboard.
 func (h *dashboardHandler) page(w http.ResponseWriter, r *http.Request) {
-	v, status := h.view(r)
+	v, status := h.view(r, true)
 	v.NeedsPassword = !h.backend.HasPassword(r.Context())
 	render(w, r, h.log, status, dashboardPage(v))
 }
@@ -151,8 +159,14 @@ func (h *dashboardHandler) page(w http.ResponseWriter, r *http.Request) {
 // fragment serves the dashboard's polled part (200 even when the machines
 // could not be loaded: htmx swaps no error responses).
 func (h *dashboardHandler) fragment(w http.ResponseWriter, r *http.Request) {
-	v, _ := h.view(r)
+	v, _ := h.view(r, false)
 	render(w, r, h.log, http.StatusOK, dashboardPage(v), dashboardFragment)
+}
+
+// chartsFragment serves the dashboard's charts alone.
+func (h *dashboardHandler) charts(w http.ResponseWriter, r *http.Request) {
+	v, _ := h.view(r, true)
+	render(w, r, h.log, http.StatusOK, dashboardPage(v), chartsFragment)
 }
 
 // rpoText writes a machine's RPO for a table: "0.8 s", or "≥ 2 h 10 min"

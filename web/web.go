@@ -226,6 +226,7 @@ func New(b Backend, opts Options) *Handler {
 		r.Use(auth.requireSession)
 		r.Get("/", dashboard.page)
 		r.Get("/fragments/dashboard", dashboard.fragment)
+		r.Get("/fragments/dashboard/charts", dashboard.charts)
 		r.Get("/machines", machines.page)
 		r.Get("/machines/{machine}", machine.page)
 		r.Get("/policies", policies.page)
