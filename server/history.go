@@ -60,6 +60,13 @@ func (s *Server) sampleHistory(ctx context.Context, now time.Time) error {
 	if _, err := s.db.PruneHistory(ctx, now.Add(-historyKeep)); err != nil {
 		return fmt.Errorf("prune history: %w", err)
 	}
+	// Sampled more often than the bound allows in 25 h (tests, a
+	// --history-every of seconds), a machine's history is capped too.
+	if s.cfg.HistoryEvery < historyKeep/store.MaxSamplesPerMachine {
+		if _, err := s.db.CapHistory(ctx); err != nil {
+			return fmt.Errorf("cap history: %w", err)
+		}
+	}
 	return nil
 }
 

@@ -64,28 +64,27 @@ func (d *DB) History(ctx context.Context, machineID string, since time.Time) ([]
 	return out, nil
 }
 
-// PruneHistory deletes the samples older than before, and those of each
-// machine beyond its newest MaxSamplesPerMachine. It returns how many went.
+// PruneHistory deletes the samples older than before and returns how many
+// went.
 func (d *DB) PruneHistory(ctx context.Context, before time.Time) (int64, error) {
-	var n int64
-	err := d.tx(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `DELETE FROM history WHERE time < ?`, before.UnixNano())
-		if err != nil {
-			return err
-		}
-		n, _ = res.RowsAffected()
-		// Then the oldest of a machine sampled more often than the bound
-		// allows (a short sampling interval).
-		res, err = tx.ExecContext(ctx, `DELETE FROM history
-			WHERE machine_id IN (SELECT machine_id FROM history GROUP BY machine_id HAVING COUNT(*) > ?1)
-			AND time < (SELECT h.time FROM history h WHERE h.machine_id = history.machine_id ORDER BY h.time DESC LIMIT 1 OFFSET ?1 - 1)`,
-			MaxSamplesPerMachine)
-		if err != nil {
-			return err
-		}
-		m, _ := res.RowsAffected()
-		n += m
-		return nil
-	})
-	return n, err
+	res, err := d.db.ExecContext(ctx, `DELETE FROM history WHERE time < ?`, before.UnixNano())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// CapHistory deletes the oldest samples of each machine beyond its newest
+// MaxSamplesPerMachine (a machine sampled more often than the bound
+// allows) and returns how many went. It reads the whole table: callers
+// sampling less often than the bound needs skip it.
+func (d *DB) CapHistory(ctx context.Context) (int64, error) {
+	res, err := d.db.ExecContext(ctx, `DELETE FROM history
+		WHERE machine_id IN (SELECT machine_id FROM history GROUP BY machine_id HAVING COUNT(*) > ?1)
+		AND time < (SELECT h.time FROM history h WHERE h.machine_id = history.machine_id ORDER BY h.time DESC LIMIT 1 OFFSET ?1 - 1)`,
+		MaxSamplesPerMachine)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
 }

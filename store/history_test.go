@@ -61,8 +61,8 @@ func TestHistoryBounded(t *testing.T) {
 	if err := d.AddSamples(ctx, ss); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := d.PruneHistory(ctx, t0); err != nil {
-		t.Fatal(err)
+	if n, err := d.CapHistory(ctx); err != nil || n != 50 {
+		t.Fatalf("capped %d samples (%v), want 50", n, err)
 	}
 	got, err := d.History(ctx, "aa", time.Time{})
 	if err != nil {
