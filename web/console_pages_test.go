@@ -279,21 +279,30 @@ func TestPolicies(t *testing.T) {
 		return post(t, h, id, "/policies", form, status).Body.String()
 	}
 	// Refused input shows in the form, as typed, and creates nothing.
+	invalid := regexp.MustCompile(`<input id="([a-z-]+)"[^>]*aria-invalid="true"`)
 	for _, tt := range []struct {
-		form url.Values
-		want string
+		form    url.Values
+		want    string
+		invalid string // the field marked invalid
 	}{
-		{url.Values{"name": {"silver"}, "crash_interval": {"1s"}}, "must be from 5s to 5m"},
-		{url.Values{"name": {"silver"}, "retention": {"soon"}}, `retention &#34;soon&#34;: not a duration`},
-		{url.Values{"name": {""}}, "Give the policy a name."},
-		{url.Values{"name": {"gold"}}, "already exists"},
+		{url.Values{"name": {"silver"}, "crash_interval": {"1s"}}, "must be from 5s to 5m", "new-crash"},
+		{url.Values{"name": {"silver"}, "retention": {"soon"}}, `retention &#34;soon&#34;: not a duration`, "new-retention"},
+		{url.Values{"name": {""}}, "Give the policy a name.", "policy-name"},
+		{url.Values{"name": {"gold"}}, "already exists", "policy-name"},
 	} {
 		body := create(tt.form, http.StatusUnprocessableEntity)
 		if !strings.Contains(body, `id="policy-error"`) || !strings.Contains(body, tt.want) {
 			t.Errorf("%v: no error %q in the form", tt.form, tt.want)
 		}
-		if !strings.Contains(body, `value="`+tt.form.Get("name")+`"`) || !strings.Contains(body, `aria-invalid="true"`) {
-			t.Errorf("%v: the form lost what was typed or is not marked invalid", tt.form)
+		if !strings.Contains(body, `value="`+tt.form.Get("name")+`"`) {
+			t.Errorf("%v: the form lost what was typed", tt.form)
+		}
+		var marked []string
+		for _, m := range invalid.FindAllStringSubmatch(body, -1) {
+			marked = append(marked, m[1])
+		}
+		if !slices.Equal(marked, []string{tt.invalid}) {
+			t.Errorf("%v: fields marked invalid %v, want %s", tt.form, marked, tt.invalid)
 		}
 	}
 	if !slices.Equal(b.policies, before) {
@@ -416,4 +425,22 @@ func TestRenderConsolePages(t *testing.T) {
 	checkGolden(t, "page_policies_refused", post(t, h, id, "/policies", url.Values{"csrf": {csrf}, "name": {"silver"}, "crash_interval": {"1s"}}, http.StatusUnprocessableEntity).Body.String())
 	w := serve(h, withSession(httptest.NewRequest("GET", "/no/such/page", nil), id))
 	checkGolden(t, "page_error_404", w.Body.String())
+}
+
+// TestInvalidPolicyField: the server's refusals name the field to mark.
+func TestInvalidPolicyField(t *testing.T) {
+	for msg, want := range map[string]string{
+		"invalid app-consistent frequency: 2h: must be shorter than the retention (1h); nothing was created":              "app",
+		"invalid any-point-in-time window: 48h: must be more than 0 and at most the retention (24h); nothing was changed": "pit",
+		"invalid retention: 100h: must be more than 0 and at most 72h on a standard target; nothing was created":          "retention",
+		`invalid name: "a b": 1 to 64 letters, digits, '.', '_' or '-'; nothing was created`:                              "name",
+		"invalid rpo threshold: 0s: must be positive; nothing was changed":                                                "rpo",
+		`crash_interval "soon": not a duration (e.g. 15m, 4h, 0 for off)`:                                                 "crash",
+		"policy silver: already exists": "name",
+		"database is locked":            "",
+	} {
+		if got := invalidPolicyField(msg); got != want {
+			t.Errorf("%q: %q, want %q", msg, got, want)
+		}
+	}
 }

@@ -186,3 +186,31 @@ func (h *policiesHandler) update(w http.ResponseWriter, r *http.Request) {
 func policyEditURL(name string) templ.SafeURL {
 	return templ.SafeURL("/policies/" + url.PathEscape(name) + "/edit")
 }
+
+// invalidPolicyField names the field of the policy form a refusal is
+// about ("name", "rpo", "retention", "app", "crash", "pit"; "" for none
+// known), from the server's message: its rules and duration errors name
+// the field (replication.PolicyError, "crash_interval \"x\": not a
+// duration"). The field named first in the message wins: "the
+// app-consistent frequency must be shorter than the retention" is about
+// the frequency.
+func invalidPolicyField(msg string) string {
+	if msg == "" {
+		return ""
+	}
+	m := strings.ToLower(msg)
+	best, at := "", len(m)
+	for _, f := range []struct{ key, label string }{
+		{"pit", "pit_window"}, {"pit", "any-point-in-time window"},
+		{"crash", "crash_interval"}, {"crash", "crash-consistent interval"},
+		{"app", "app_frequency"}, {"app", "app-consistent frequency"},
+		{"rpo", "rpo_threshold"}, {"rpo", "rpo threshold"},
+		{"retention", "retention"},
+		{"name", "name"}, {"name", "already exists"},
+	} {
+		if i := strings.Index(m, f.label); i >= 0 && i < at {
+			best, at = f.key, i
+		}
+	}
+	return best
+}
