@@ -444,3 +444,25 @@ func TestInvalidPolicyField(t *testing.T) {
 		}
 	}
 }
+
+// TestRPOAtLeast: the RPO the console shows of each kind of machine.
+func TestRPOAtLeast(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		m         api.Machine
+		rpo       time.Duration
+		exact, ok bool
+	}{
+		{"reporting", protectedMachine, protectedMachine.RPO, true, true},
+		{"gone, seen 2 h 10 min ago", disconnectedMachine, 2*time.Hour + 10*time.Minute, false, true},
+		{"connected, no status yet", initialMachine, 0, false, false},
+		{"never seen, no point", neverSeenMachine, 0, false, false},
+		{"gone, never seen since, a point", api.Machine{LastPoint: &api.Point{Time: testNow.Add(-time.Hour)}}, time.Hour, false, true},
+		{"unprotected", unprotectedMachine, 0, false, false},
+	} {
+		rpo, exact, ok := tt.m.RPOAtLeast(testNow)
+		if rpo != tt.rpo || exact != tt.exact || ok != tt.ok {
+			t.Errorf("%s: %v %v %v, want %v %v %v", tt.name, rpo, exact, ok, tt.rpo, tt.exact, tt.ok)
+		}
+	}
+}

@@ -18,13 +18,16 @@ type HistorySample struct {
 // bound from when the agent was last seen (or, never seen since, its last
 // recovery point): the data-loss window of an agent that is gone keeps
 // growing even when the server restarted since. ok is false for a machine
-// with neither (never seen, no point) or unprotected.
+// unprotected, connected with no status reported yet, or with neither
+// (never seen, no point).
 func (m Machine) RPOAtLeast(now time.Time) (rpo time.Duration, exact, ok bool) {
 	switch {
 	case m.Unprotected:
 		return 0, false, false
 	case m.RPOKnown:
 		return m.RPO, true, true
+	case m.Connected:
+		return 0, false, false // its first status is on its way
 	case !m.LastSeen.IsZero():
 		return max(now.Sub(m.LastSeen), 0), false, true
 	case m.LastPoint != nil:
