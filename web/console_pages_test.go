@@ -466,3 +466,32 @@ func TestRPOAtLeast(t *testing.T) {
 		}
 	}
 }
+
+// TestJobProgress: a running job shows its steps' progress on its page and
+// in the list, both polled while it runs.
+func TestJobProgress(t *testing.T) {
+	b := newConsoleBackend()
+	h := newTestHandler(t, b)
+	id, _ := mustLogin(t, h, b)
+	page := get(t, h, id, "/jobs/j-run", http.StatusOK)
+	for _, want := range []string{`id="job-progress"`, `<progress value="1" max="2"`, "1 of 2 steps done", `hx-trigger="every 1s"`,
+		`<progress value="1048576" max="4194304"`} {
+		if !strings.Contains(page, want) {
+			t.Errorf("job page lacks %s", want)
+		}
+	}
+	list := get(t, h, id, "/jobs", http.StatusOK)
+	for _, want := range []string{`data-job="j-run" data-state="running"`, "1 of 2 steps done", `hx-get="/fragments/jobs"`} {
+		if !strings.Contains(list, want) {
+			t.Errorf("jobs list lacks %s", want)
+		}
+	}
+	// Ended, it shows every step done and polls no more.
+	b.vmMu.Lock()
+	b.jobs[0].State, b.jobs[0].Steps[1].State = api.JobSucceeded, "done"
+	b.vmMu.Unlock()
+	page = get(t, h, id, "/fragments/jobs/j-run", http.StatusOK)
+	if !strings.Contains(page, "2 of 2 steps done") || strings.Contains(page, "hx-trigger") {
+		t.Errorf("ended job:\n%s", page)
+	}
+}
