@@ -449,6 +449,22 @@ func TestE2EConsoleDR(t *testing.T) {
 		t.Fatalf("%s disconnected machines counted, want 1", n)
 	}
 	p.screenshot("11-disconnected")
+	// Its page says so too, and its RPO grows in place (the page polls).
+	p.do(chromedp.Click(chromedp.CSS(`#rpo-table a[href="/machines/m2"]`)), chromedp.WaitVisible(chromedp.CSS("#machine-live .status-disconnected")))
+	if s := p.text(".machine-head"); strings.Contains(s, "Protected") {
+		t.Fatalf("m2's page shows %q", s)
+	}
+	loc, _ := chromedp.Run(p.ctx, chromedp.Location())
+	first = p.text("#machine-rpo")
+	p.waitJS("showed m2's RPO grow on its page past "+first, `(() => {
+		const secs = s => { let t = 0; for (const [, n, u] of s.matchAll(/([0-9.]+) (d|h|min|s)/g)) t += n * {d: 86400, h: 3600, min: 60, s: 1}[u]; return t; };
+		const e = document.querySelector("#machine-rpo");
+		return !!e && secs(e.textContent) > secs(`+"`"+first+"`"+`) + 2;
+	})()`)
+	if after, _ := chromedp.Run(p.ctx, chromedp.Location()); after != loc {
+		t.Fatalf("the machine page navigated (%s -> %s): the refresh should be in place", loc, after)
+	}
+	p.screenshot("12-disconnected-machine")
 
 	// A narrow screen: the machines table scrolls in its box, the page
 	// does not overflow.
@@ -466,7 +482,7 @@ func TestE2EConsoleDR(t *testing.T) {
 	if w := p.evalInt(`document.querySelector("#machines-scroll").getBoundingClientRect().right`); w > 400 {
 		t.Errorf("the machines table's box ends at %d px, past the 400 px window", w)
 	}
-	p.screenshot("12-narrow-machines")
+	p.screenshot("13-narrow-machines")
 	t.Logf("screenshots in %s", shots)
 }
 

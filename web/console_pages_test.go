@@ -495,3 +495,28 @@ func TestJobProgress(t *testing.T) {
 		t.Errorf("ended job:\n%s", page)
 	}
 }
+
+// TestMachinePagePolling: a machine's status, figures and disks refresh in
+// place; a machine gone says so in their place.
+func TestMachinePagePolling(t *testing.T) {
+	b := newConsoleBackend()
+	h := newTestHandler(t, b)
+	id, _ := mustLogin(t, h, b)
+	page := get(t, h, id, "/machines/app-03", http.StatusOK)
+	frag := get(t, h, id, "/fragments/machines/app-03", http.StatusOK)
+	if !strings.HasPrefix(frag, `<div id="machine-live" hx-get="/fragments/machines/app-03" hx-trigger="every 5s"`) || !strings.Contains(page, frag) {
+		t.Fatalf("the fragment is not the page's polled part:\n%.400s", frag)
+	}
+	for _, want := range []string{"Disconnected", "≥ 2 h 10 min", `data-disk="disk0"`} {
+		if !strings.Contains(frag, want) {
+			t.Errorf("fragment lacks %s", want)
+		}
+	}
+	b.mu.Lock()
+	b.machines = b.machines[:1]
+	b.mu.Unlock()
+	frag = get(t, h, id, "/fragments/machines/app-03", http.StatusOK)
+	if !strings.Contains(frag, "There is no machine app-03.") || !strings.Contains(frag, `hx-get="/fragments/machines/app-03"`) {
+		t.Errorf("a machine gone:\n%s", frag)
+	}
+}

@@ -22,6 +22,15 @@ type machineHandler struct {
 	now     func() time.Time
 }
 
+// machineLiveFragment is the id of the part of a machine's page htmx
+// polls: its status, figures and disks.
+const machineLiveFragment = "machine-live"
+
+// machineFragmentURL is where a machine's page polls its live part.
+func machineFragmentURL(name string) string {
+	return "/fragments/machines/" + url.PathEscape(name)
+}
+
 // machineEventsShown is how many of a machine's events its page lists.
 const machineEventsShown = 50
 
@@ -110,7 +119,8 @@ func isResyncEvent(e api.EventJSON) bool {
 	return strings.HasPrefix(e.Kind, "resync") || strings.HasPrefix(e.Kind, "verify")
 }
 
-func (h *machineHandler) view(r *http.Request) (machinePageView, int, string) {
+// view gathers what a machine's page shows (live: only its polled part).
+func (h *machineHandler) view(r *http.Request, live bool) (machinePageView, int, string) {
 	ctx := r.Context()
 	name := chi.URLParam(r, "machine")
 	v := machinePageView{Session: sessionFrom(ctx), Now: h.now()}
@@ -137,6 +147,9 @@ func (h *machineHandler) view(r *http.Request) (machinePageView, int, string) {
 	} else {
 		h.log.Error("list policies", "err", err)
 	}
+	if live {
+		return v, http.StatusOK, ""
+	}
 	if v.Points, err = h.backend.Points(ctx, name); err != nil {
 		h.log.Error("list points", "machine", name, "err", err)
 		v.PointsErr = err.Error()
@@ -158,7 +171,7 @@ func (h *machineHandler) view(r *http.Request) (machinePageView, int, string) {
 
 // page serves a machine's page (?tagged=ID after a tag).
 func (h *machineHandler) page(w http.ResponseWriter, r *http.Request) {
-	v, status, msg := h.view(r)
+	v, status, msg := h.view(r, false)
 	if status != http.StatusOK {
 		httpError(w, r, status, msg)
 		return
@@ -167,12 +180,24 @@ func (h *machineHandler) page(w http.ResponseWriter, r *http.Request) {
 	render(w, r, h.log, http.StatusOK, machinePage(v))
 }
 
+// fragment serves the polled part of a machine's page. A machine gone (a
+// deletion) or a failed load answers 200 with the message in its place:
+// htmx swaps no error responses.
+func (h *machineHandler) fragment(w http.ResponseWriter, r *http.Request) {
+	v, status, msg := h.view(r, true)
+	if status != http.StatusOK {
+		render(w, r, h.log, http.StatusOK, machineGone(chi.URLParam(r, "machine"), msg))
+		return
+	}
+	render(w, r, h.log, http.StatusOK, machinePage(v), machineLiveFragment)
+}
+
 // tag asks the machine's agent for a recovery point (form field kind:
 // crash or app) and goes back to the machine's page, which names it. A
 // refusal (an agent not connected, a machine unprotected) shows there and
 // makes nothing.
 func (h *machineHandler) tag(w http.ResponseWriter, r *http.Request) {
-	v, status, msg := h.view(r)
+	v, status, msg := h.view(r, false)
 	if status != http.StatusOK {
 		httpError(w, r, status, msg)
 		return

@@ -229,6 +229,7 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/fragments/dashboard/charts", dashboard.charts)
 		r.Get("/machines", machines.page)
 		r.Get("/machines/{machine}", machine.page)
+		r.Get("/fragments/machines/{machine}", machine.fragment)
 		r.Get("/policies", policies.page)
 		r.Get("/policies/{policy}/edit", policies.editPage)
 		r.Get("/groups", groups.page)
