@@ -74,7 +74,7 @@ func (a *authHandler) login(w http.ResponseWriter, r *http.Request) {
 	id, _, err := a.backend.CreateSession(r.Context())
 	if err != nil {
 		a.log.Error("create console session", "err", err)
-		http.Error(w, "could not start a session; see the server log", http.StatusInternalServerError)
+		httpError(w, r, http.StatusInternalServerError, "Could not start a session; see the server log.")
 		return
 	}
 	a.log.Info("console login", "remote", r.RemoteAddr)
@@ -93,7 +93,7 @@ func (a *authHandler) login(w http.ResponseWriter, r *http.Request) {
 func (a *authHandler) logout(w http.ResponseWriter, r *http.Request) {
 	if err := a.backend.DeleteSession(r.Context(), sessionFrom(r.Context()).ID); err != nil {
 		a.log.Error("delete console session", "err", err)
-		http.Error(w, "could not end the session; see the server log", http.StatusInternalServerError)
+		httpError(w, r, http.StatusInternalServerError, "Could not end the session; see the server log.")
 		return
 	}
 	clearSessionCookie(w)

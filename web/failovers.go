@@ -79,7 +79,7 @@ func (h *failoversHandler) act(w http.ResponseWriter, r *http.Request) {
 		a.Point = strings.TrimSpace(r.PostFormValue("point"))
 		j, err = h.backend.ChangePoint(ctx, a)
 	default:
-		http.Error(w, statusText(http.StatusNotFound, "No failover action "+action+"."), http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "No failover action "+action+".")
 		return
 	}
 	if err != nil {
