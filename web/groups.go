@@ -153,3 +153,13 @@ func groupMembers(gp api.GroupPointJSON) string {
 	slices.Sort(parts)
 	return strings.Join(parts, ", ")
 }
+
+// timeText writes an RFC 3339 time of the API as the console writes times
+// (as it is if it is not one).
+func timeText(s string) string {
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return s
+	}
+	return clockTime(t)
+}

@@ -276,9 +276,9 @@ func groupsPage(v groupsView) templ.Component {
 								return templ_7745c5c3_Err
 							}
 							var templ_7745c5c3_Var16 string
-							templ_7745c5c3_Var16, templ_7745c5c3_Err = templ.JoinStringErrs(p.Time)
+							templ_7745c5c3_Var16, templ_7745c5c3_Err = templ.JoinStringErrs(timeText(p.Time))
 							if templ_7745c5c3_Err != nil {
-								return templ.Error{Err: templ_7745c5c3_Err, FileName: `web/groups.templ`, Line: 55, Col: 23}
+								return templ.Error{Err: templ_7745c5c3_Err, FileName: `web/groups.templ`, Line: 55, Col: 33}
 							}
 							_, templ_7745c5c3_Err = templ_7745c5c3_Buffer.WriteString(templ.EscapeString(templ_7745c5c3_Var16))
 							if templ_7745c5c3_Err != nil {
