@@ -153,7 +153,7 @@ func TestE2EConsolePlan(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS("#secret")),
 		chromedp.SetValue(chromedp.CSS("#secret"), strings.TrimSpace(string(token))),
 		chromedp.Submit(chromedp.CSS("#secret")),
-		chromedp.WaitVisible(chromedp.CSS("#machines")))
+		chromedp.WaitVisible(chromedp.CSS("#dashboard")))
 
 	// The plan, through the form.
 	do(chromedp.Click(chromedp.CSS(`nav a[href="/plans"]`)),

@@ -134,7 +134,7 @@ func TestE2EConsoleVMware(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS("#secret")),
 		chromedp.SetValue(chromedp.CSS("#secret"), strings.TrimSpace(string(token))),
 		chromedp.Submit(chromedp.CSS("#secret")),
-		chromedp.WaitVisible(chromedp.CSS("#machines")))
+		chromedp.WaitVisible(chromedp.CSS("#dashboard")))
 
 	// Add the vCenter: the first step shows the certificate's thumbprint.
 	do(chromedp.Click(chromedp.CSS(`nav a[href="/vcenters"]`)),
@@ -293,7 +293,7 @@ func TestE2EConsoleVMware(t *testing.T) {
 	}
 
 	// The machines page shows the new machine with its VM.
-	do(chromedp.Click(chromedp.CSS(`nav a[href="/"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
+	do(chromedp.Click(chromedp.CSS(`nav a[href="/machines"]`)), chromedp.WaitVisible(chromedp.CSS("#machines")))
 	waitFor("showed the machine linked to its VM", func() string { return text("#machines") },
 		func(s string) bool { return strings.Contains(s, "VM "+vm) })
 	if b, err := os.ReadFile(filepath.Join(c.dir, "server.log")); err == nil && strings.Contains(string(b), keyBody) {

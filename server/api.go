@@ -104,6 +104,7 @@ func (s *Server) routes() http.Handler {
 			r.Get("/machines/{machine}/points/{point}/disks/{disk}/image", handle(s.handleImage))
 			r.Post("/machines/{machine}/policy", handle(s.handleAssignPolicy))
 			r.Get("/machines/{machine}/timeplan", handle(s.handleTimePlan))
+			r.Get("/machines/{machine}/history", handle(s.handleHistory))
 			r.Get("/machines/{machine}/segments/{segment}", handle(s.handleSegment))
 			r.Get("/policies", handle(s.handlePolicies))
 			r.Post("/policies", handle(s.handleCreatePolicy))
@@ -324,23 +325,38 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout)
 	defer cancel()
-	p, err := s.ps.RequestPoint(ctx, m.ID, req.App)
+	p, err := s.tag(ctx, m, req.App)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.PointOf(p))
+	return nil
+}
+
+// tag asks a machine's agent for a recovery point now and waits for it
+// (the API's and the console's tag): what the process server refuses is
+// a conflict; an agent not connected or a deadline passed keep their
+// errors.
+func (s *Server) tag(ctx context.Context, m store.Machine, app bool) (replication.Point, error) {
+	if err := refuseUnprotected(m, "a recovery point"); err != nil {
+		return replication.Point{}, err
+	}
+	p, err := s.ps.RequestPoint(ctx, m.ID, app)
 	if err != nil {
 		if errors.Is(err, procserver.ErrRemoved) {
-			return errorf(http.StatusConflict, "%v", err)
+			return p, errorf(http.StatusConflict, "%v", err)
 		}
 		if errors.Is(err, procserver.ErrNotConnected) || errors.Is(err, context.DeadlineExceeded) {
-			return err
+			return p, err
 		}
-		return errorf(http.StatusConflict, "%v", err)
+		return p, errorf(http.StatusConflict, "%v", err)
 	}
 	// The point is made (on the target); the machine's view shows it once
 	// the database has its copy, which is worth a short wait, not more.
 	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 	s.mirror.sync(sctx)
 	scancel()
-	writeJSON(w, http.StatusOK, api.PointOf(p))
-	return nil
+	return p, nil
 }
 
 // handleImage streams a disk at a point, byte for byte, as

@@ -190,6 +190,84 @@ func (b consoleBackend) DeletePlan(ctx context.Context, name string) error {
 	return notFound(b.s.DeletePlan(ctx, name), "plan "+name)
 }
 
+func (b consoleBackend) MachineEvents(ctx context.Context, machine string, limit int) ([]api.EventJSON, error) {
+	m, err := b.s.db.MachineByName(ctx, machine)
+	if err != nil {
+		return nil, notFound(err, "machine "+machine)
+	}
+	return b.s.Events(ctx, m.ID, limit)
+}
+
+func (b consoleBackend) History(ctx context.Context, machine string, since time.Time) ([]api.HistorySample, error) {
+	h, err := b.s.History(ctx, machine, since)
+	return h, notFound(err, "machine "+machine)
+}
+
+// consoleTagTimeout bounds how long the console waits for a point it asked
+// for (the API's default is 2 minutes; a browser gives up sooner).
+const consoleTagTimeout = time.Minute
+
+func (b consoleBackend) Tag(ctx context.Context, machine string, app bool) (api.PointJSON, error) {
+	m, err := b.s.db.MachineByName(ctx, machine)
+	if err != nil {
+		return api.PointJSON{}, notFound(err, "machine "+machine)
+	}
+	ctx, cancel := context.WithTimeout(ctx, consoleTagTimeout)
+	defer cancel()
+	p, err := b.s.tag(ctx, m, app)
+	if err != nil {
+		return api.PointJSON{}, err
+	}
+	return api.PointOf(p), nil
+}
+
+func (b consoleBackend) CreatePolicy(ctx context.Context, p api.PolicyJSON) (api.PolicyJSON, error) {
+	return b.s.CreatePolicy(ctx, p)
+}
+
+func (b consoleBackend) UpdatePolicy(ctx context.Context, name string, p api.PolicyJSON) (api.PolicyJSON, error) {
+	out, err := b.s.UpdatePolicy(ctx, name, p)
+	return out, notFound(err, "policy "+name)
+}
+
+func (b consoleBackend) AssignPolicy(ctx context.Context, machine, policy string) error {
+	m, err := b.s.db.MachineByName(ctx, machine)
+	if err != nil {
+		return notFound(err, "machine "+machine)
+	}
+	return b.s.assignPolicy(ctx, m, policy)
+}
+
+func (b consoleBackend) SetGroup(ctx context.Context, machine, group string) error {
+	m, err := b.s.db.MachineByName(ctx, machine)
+	if err != nil {
+		return notFound(err, "machine "+machine)
+	}
+	return b.s.setGroup(ctx, m, group)
+}
+
+func (b consoleBackend) GroupPoints(ctx context.Context, group string) ([]api.GroupPointJSON, error) {
+	gps, err := b.s.cat.GroupPoints(ctx, group)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.GroupPointJSON, len(gps))
+	for i, gp := range gps {
+		out[i] = b.s.groupPointJSON(ctx, gp)
+	}
+	return out, nil
+}
+
+func (b consoleBackend) GroupTag(ctx context.Context, group string, app bool) (api.GroupPointJSON, error) {
+	ctx, cancel := context.WithTimeout(ctx, consoleTagTimeout)
+	defer cancel()
+	gp, err := b.s.groupCut(ctx, group, app)
+	if err != nil {
+		return api.GroupPointJSON{}, err
+	}
+	return b.s.groupPointJSON(ctx, gp), nil
+}
+
 // notFound translates the server's not-found errors (the store's, or an
 // API error with status 404) into web.ErrNotFound.
 func notFound(err error, what string) error {

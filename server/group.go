@@ -32,17 +32,28 @@ func (s *Server) handleSetGroup(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if err := refuseUnprotected(m, "a replication group"); err != nil {
-		return err
-	}
 	var req api.GroupRequest
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
-	if req.Group != "" && !replication.ValidGroupName(req.Group) {
-		return errorf(http.StatusBadRequest, "group name %q: 1 to 64 letters, digits, '.', '_' or '-'; nothing was changed", req.Group)
+	if err := s.setGroup(ctx, m, req.Group); err != nil {
+		return err
 	}
-	if err := s.db.SetGroup(ctx, m.ID, req.Group); err != nil {
+	writeJSON(w, http.StatusOK, map[string]string{"machine": m.Name, "group": req.Group})
+	return nil
+}
+
+// setGroup puts a machine in a replication group ("" takes it out) and
+// sends its agent the new schedule. A bad name or an unprotected machine
+// changes nothing.
+func (s *Server) setGroup(ctx context.Context, m store.Machine, group string) error {
+	if err := refuseUnprotected(m, "a replication group"); err != nil {
+		return err
+	}
+	if group != "" && !replication.ValidGroupName(group) {
+		return errorf(http.StatusBadRequest, "group name %q: 1 to 64 letters, digits, '.', '_' or '-'; nothing was changed", group)
+	}
+	if err := s.db.SetGroup(ctx, m.ID, group); err != nil {
 		return err
 	}
 	if p := s.policyFor(m.ID); p != nil {
@@ -50,7 +61,6 @@ func (s *Server) handleSetGroup(w http.ResponseWriter, r *http.Request) error {
 			s.log.Warn("push policy", "machine", m.ID, "err", err)
 		}
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"machine": m.Name, "group": req.Group})
 	return nil
 }
 

@@ -127,53 +127,75 @@ func (s *Server) handleCreatePolicy(w http.ResponseWriter, r *http.Request) erro
 	if err := readJSON(r, &j); err != nil {
 		return err
 	}
+	p, err := s.CreatePolicy(r.Context(), j)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, p)
+	return nil
+}
+
+// CreatePolicy creates a policy (starting from the defaults for the
+// fields not given) and its failback twin. A policy refused (a malformed
+// duration, a rule broken: 400; a name taken: 409) creates nothing.
+func (s *Server) CreatePolicy(ctx context.Context, j api.PolicyJSON) (api.PolicyJSON, error) {
 	p := replication.DefaultPolicy()
 	p.Name = j.Name
 	if err := applyPolicy(j, &p); err != nil {
-		return err
+		return api.PolicyJSON{}, err
 	}
 	if err := p.Validate(s.cfg.TargetTier); err != nil {
-		return errorf(http.StatusBadRequest, "%v; nothing was created", err)
+		return api.PolicyJSON{}, errorf(http.StatusBadRequest, "%v; nothing was created", err)
 	}
-	if err := s.db.CreatePolicy(r.Context(), p); err != nil {
+	if err := s.db.CreatePolicy(ctx, p); err != nil {
 		if errors.Is(err, store.ErrConflict) {
-			return errorf(http.StatusConflict, "%v", err)
+			return api.PolicyJSON{}, errorf(http.StatusConflict, "%v", err)
 		}
-		return err
+		return api.PolicyJSON{}, err
 	}
 	s.log.Info("policy created", "policy", p.Name, "failback", replication.FailbackName(p.Name))
-	writeJSON(w, http.StatusCreated, policyJSON(p))
-	return nil
+	return policyJSON(p), nil
 }
 
 // handleUpdatePolicy changes the given fields of a policy; running agents
 // get the new schedule at once.
 func (s *Server) handleUpdatePolicy(w http.ResponseWriter, r *http.Request) error {
-	ctx := r.Context()
-	p, err := s.db.Policy(ctx, chi.URLParam(r, "policy"))
-	if err != nil {
-		return err
-	}
 	var j api.PolicyJSON
 	if err := readJSON(r, &j); err != nil {
 		return err
 	}
+	p, err := s.UpdatePolicy(r.Context(), chi.URLParam(r, "policy"), j)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, p)
+	return nil
+}
+
+// UpdatePolicy changes the fields set in j of policy name (store.ErrNotFound
+// if there is none) and sends the new schedule to the running agents it is
+// assigned to. A change refused (a rename, a malformed duration, a rule
+// broken: 400) changes nothing.
+func (s *Server) UpdatePolicy(ctx context.Context, name string, j api.PolicyJSON) (api.PolicyJSON, error) {
+	p, err := s.db.Policy(ctx, name)
+	if err != nil {
+		return api.PolicyJSON{}, err
+	}
 	if j.Name != "" && j.Name != p.Name {
-		return errorf(http.StatusBadRequest, "a policy cannot be renamed (%q to %q); create a new one and assign it", p.Name, j.Name)
+		return api.PolicyJSON{}, errorf(http.StatusBadRequest, "a policy cannot be renamed (%q to %q); create a new one and assign it", p.Name, j.Name)
 	}
 	if err := applyPolicy(j, &p); err != nil {
-		return err
+		return api.PolicyJSON{}, err
 	}
 	if err := p.Validate(s.cfg.TargetTier); err != nil {
-		return errorf(http.StatusBadRequest, "%v; nothing was changed", err)
+		return api.PolicyJSON{}, errorf(http.StatusBadRequest, "%v; nothing was changed", err)
 	}
 	if err := s.db.UpdatePolicy(ctx, p); err != nil {
-		return err
+		return api.PolicyJSON{}, err
 	}
 	s.pushPolicy(ctx, p)
 	s.log.Info("policy changed", "policy", p.Name)
-	writeJSON(w, http.StatusOK, policyJSON(p))
-	return nil
+	return policyJSON(p), nil
 }
 
 // assignPolicy gives a machine a (forward) policy and sends it to its agent.

@@ -92,6 +92,9 @@ type Config struct {
 	// as in ASR); AlertClear how long a condition must be clearly false
 	// before its alert clears (default 2m). See alerts.go.
 	HeartbeatLost, HealthHold, AlertClear time.Duration
+	// HistoryEvery is how often every machine's RPO and bytes received
+	// are sampled for the console's charts (default 1m).
+	HistoryEvery time.Duration
 	// Now is the clock for retention and events (default time.Now).
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -197,6 +200,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.DrillCheckEvery <= 0 {
 		cfg.DrillCheckEvery = time.Minute
+	}
+	if cfg.HistoryEvery <= 0 {
+		cfg.HistoryEvery = time.Minute
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
 		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
@@ -570,8 +576,9 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	errc := make(chan error, 2)
-	s.wg.Add(10)
+	s.wg.Add(11)
 	go func() { defer s.wg.Done(); s.hostLoop() }()
+	go func() { defer s.wg.Done(); s.historyLoop() }()
 	go func() { defer s.wg.Done(); s.serveNBD(s.ctx) }()
 	go func() { defer s.wg.Done(); s.drillLoop() }()
 	go func() { defer s.wg.Done(); s.finishUnprotects(s.unprotectedAtStart) }()

@@ -80,7 +80,7 @@ func (a *authHandler) startSession(w http.ResponseWriter, r *http.Request) {
 	id, _, err := a.backend.CreateSession(r.Context())
 	if err != nil {
 		a.log.Error("create console session", "err", err)
-		http.Error(w, "could not start a session; see the server log", http.StatusInternalServerError)
+		httpError(w, r, http.StatusInternalServerError, "Could not start a session; see the server log.")
 		return
 	}
 	a.log.Info("console login", "remote", r.RemoteAddr)
@@ -99,7 +99,7 @@ func (a *authHandler) startSession(w http.ResponseWriter, r *http.Request) {
 func (a *authHandler) logout(w http.ResponseWriter, r *http.Request) {
 	if err := a.backend.DeleteSession(r.Context(), sessionFrom(r.Context()).ID); err != nil {
 		a.log.Error("delete console session", "err", err)
-		http.Error(w, "could not end the session; see the server log", http.StatusInternalServerError)
+		httpError(w, r, http.StatusInternalServerError, "Could not end the session; see the server log.")
 		return
 	}
 	clearSessionCookie(w)
@@ -156,7 +156,7 @@ func requireCSRF(next http.Handler) http.Handler {
 			token = r.PostFormValue("csrf")
 		}
 		if s == nil || s.CSRF == "" || subtle.ConstantTimeCompare([]byte(token), []byte(s.CSRF)) != 1 {
-			http.Error(w, "403 invalid or missing CSRF token: reload the page and try again", http.StatusForbidden)
+			httpError(w, r, http.StatusForbidden, "Invalid or missing CSRF token: reload the page and try again.")
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -79,7 +79,7 @@ func (h *failoversHandler) act(w http.ResponseWriter, r *http.Request) {
 		a.Point = strings.TrimSpace(r.PostFormValue("point"))
 		j, err = h.backend.ChangePoint(ctx, a)
 	default:
-		http.Error(w, statusText(http.StatusNotFound, "No failover action "+action+"."), http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "No failover action "+action+".")
 		return
 	}
 	if err != nil {
@@ -150,7 +150,15 @@ func (h *failoversHandler) newView(r *http.Request, f failoverForm) (newFailover
 // newPage serves the form that fails one machine over
 // (/failovers/new?machine=NAME).
 func (h *failoversHandler) newPage(w http.ResponseWriter, r *http.Request) {
-	f := failoverForm{Machine: r.URL.Query().Get("machine"), Kind: "test", Point: "latest", To: api.ToNBD}
+	q := r.URL.Query()
+	f := failoverForm{Machine: q.Get("machine"), Kind: "test", Point: "latest", To: api.ToNBD}
+	// Prefilled from a machine's page: the kind and the point chosen there.
+	if k := q.Get("kind"); k == "planned" || k == "unplanned" {
+		f.Kind = k
+	}
+	if p := q.Get("point"); p != "" {
+		f.Point = p
+	}
 	v, status := h.newView(r, f)
 	render(w, r, h.log, status, newFailoverPage(v))
 }

@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/a-h/templ"
-
 	"github.com/asrdr/asr/server/api"
 )
 
@@ -357,9 +355,6 @@ func hostCluster(vm api.VM) string {
 		return vm.Cluster
 	}
 }
-
-// machineURL is where a machine shows: the machines page, at its row.
-func machineURL(id string) templ.SafeURL { return templ.SafeURL("/#machine-" + url.PathEscape(id)) }
 
 func queryEscape(s string) string { return url.QueryEscape(s) }
 

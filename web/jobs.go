@@ -108,7 +108,7 @@ func (h *jobsHandler) view(r *http.Request) (jobView, int) {
 func (h *jobsHandler) page(w http.ResponseWriter, r *http.Request) {
 	v, status := h.view(r)
 	if status == http.StatusNotFound {
-		http.Error(w, "404 There is no job "+chi.URLParam(r, "job")+".", status)
+		httpError(w, r, status, "There is no job "+chi.URLParam(r, "job")+".")
 		return
 	}
 	render(w, r, h.log, status, jobPage(v))
@@ -120,7 +120,7 @@ func (h *jobsHandler) page(w http.ResponseWriter, r *http.Request) {
 func (h *jobsHandler) fragment(w http.ResponseWriter, r *http.Request) {
 	v, status := h.view(r)
 	if status == http.StatusNotFound {
-		http.Error(w, "404 There is no job "+chi.URLParam(r, "job")+".", status)
+		httpError(w, r, status, "There is no job "+chi.URLParam(r, "job")+".")
 		return
 	}
 	render(w, r, h.log, http.StatusOK, jobPage(v), jobFragment)
@@ -142,7 +142,7 @@ func (h *jobsHandler) control(w http.ResponseWriter, r *http.Request, what strin
 	id := chi.URLParam(r, "job")
 	err := fn(r.Context(), id)
 	if errors.Is(err, ErrNotFound) {
-		http.Error(w, "404 There is no job "+id+".", http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "There is no job "+id+".")
 		return
 	}
 	if err != nil {

@@ -224,12 +224,12 @@ func findByPath[T any](r *http.Request, log *slog.Logger, list func(context.Cont
 func (h *machinesHandler) resyncPage(w http.ResponseWriter, r *http.Request) {
 	m, status, msg := h.findMachine(r)
 	if status != http.StatusOK {
-		http.Error(w, strconv.Itoa(status)+" "+msg, status)
+		httpError(w, r, status, msg)
 		return
 	}
 	v := resyncView{Session: sessionFrom(r.Context()), Machine: m, Disk: r.URL.Query().Get("disk"), Now: h.now()}
 	if len(v.Disks()) == 0 {
-		http.Error(w, "404 machine "+m.Name+" has no disk "+v.Disk, http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "Machine "+m.Name+" has no disk "+v.Disk+".")
 		return
 	}
 	render(w, r, h.log, http.StatusOK, resyncPage(v))
@@ -241,12 +241,12 @@ func (h *machinesHandler) resyncPage(w http.ResponseWriter, r *http.Request) {
 func (h *machinesHandler) startResync(w http.ResponseWriter, r *http.Request) {
 	m, status, msg := h.findMachine(r)
 	if status != http.StatusOK {
-		http.Error(w, strconv.Itoa(status)+" "+msg, status)
+		httpError(w, r, status, msg)
 		return
 	}
 	v := resyncView{Session: sessionFrom(r.Context()), Machine: m, Disk: r.PostFormValue("disk"), Now: h.now()}
 	if len(v.Disks()) == 0 {
-		http.Error(w, "404 machine "+m.Name+" has no disk "+v.Disk, http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "Machine "+m.Name+" has no disk "+v.Disk+".")
 		return
 	}
 	if err := h.backend.StartResync(r.Context(), m.ID, v.Disk); err != nil {
@@ -256,7 +256,7 @@ func (h *machinesHandler) startResync(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.log.Info("resync requested from the console", "machine", m.ID, "disk", v.Disk, "remote", r.RemoteAddr)
-	redirect(w, r, "/")
+	redirect(w, r, string(machineURL(m.Name)))
 }
 
 // resyncStatus describes a disk's resync in a few words, e.g. "Running: 45%

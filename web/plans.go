@@ -227,7 +227,7 @@ func (h *plansHandler) remove(w http.ResponseWriter, r *http.Request) {
 	name := chi.URLParam(r, "plan")
 	err := h.backend.DeletePlan(r.Context(), name)
 	if errors.Is(err, ErrNotFound) {
-		http.Error(w, statusText(http.StatusNotFound, "There is no plan "+name+"."), http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "There is no plan "+name+".")
 		return
 	}
 	if err != nil {
@@ -274,7 +274,7 @@ func (h *plansHandler) act(w http.ResponseWriter, r *http.Request) {
 	case "commit":
 		j, err = h.backend.Commit(ctx, api.FailoverAction{Plan: name})
 	default:
-		http.Error(w, statusText(http.StatusNotFound, "No plan action "+action+"."), http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "No plan action "+action+".")
 		return
 	}
 	if err != nil {

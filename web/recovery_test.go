@@ -222,7 +222,7 @@ func TestNavigationRecovery(t *testing.T) {
 			t.Errorf("%s: %s is not the current page in the nav", path, current)
 		}
 	}
-	if body := get(t, h, id, "/", http.StatusOK); !strings.Contains(body, `href="/failovers/new?machine=db"`) {
+	if body := get(t, h, id, "/machines", http.StatusOK); !strings.Contains(body, `href="/failovers/new?machine=db"`) {
 		t.Error("the machines page has no failover button for db")
 	}
 }

@@ -21,7 +21,7 @@ func render(w http.ResponseWriter, r *http.Request, log *slog.Logger, status int
 	}
 	if err != nil {
 		log.Error("render page", "path", r.URL.Path, "err", err)
-		http.Error(w, "500 could not render the page; see the server log", http.StatusInternalServerError)
+		httpError(w, r, http.StatusInternalServerError, "The page could not be rendered; see the server log.")
 		return
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")

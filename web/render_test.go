@@ -141,7 +141,7 @@ func TestRenderPages(t *testing.T) {
 		checkGolden(t, "page_"+name, w.Body.String())
 	}
 	checkPage("login", httptest.NewRequest("GET", "/login", nil), http.StatusOK)
-	checkPage("machines", withSession(httptest.NewRequest("GET", "/", nil), id), http.StatusOK)
+	checkPage("machines", withSession(httptest.NewRequest("GET", "/machines", nil), id), http.StatusOK)
 	checkPage("settings", withSession(httptest.NewRequest("GET", "/settings", nil), id), http.StatusOK)
 
 	b.machines = []api.Machine{resyncMachine}

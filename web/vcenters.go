@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -130,7 +129,7 @@ func (h *vcentersHandler) findVCenter(r *http.Request) (api.VCenter, int, string
 func (h *vcentersHandler) removePage(w http.ResponseWriter, r *http.Request) {
 	v, status, msg := h.findVCenter(r)
 	if status != http.StatusOK {
-		http.Error(w, statusText(status, msg), status)
+		httpError(w, r, status, msg)
 		return
 	}
 	render(w, r, h.log, http.StatusOK, vcenterRemovePage(vcenterRemoveView{Session: sessionFrom(r.Context()), VCenter: v}))
@@ -141,7 +140,7 @@ func (h *vcentersHandler) remove(w http.ResponseWriter, r *http.Request) {
 	name := chi.URLParam(r, "vcenter")
 	err := h.backend.RemoveVCenter(r.Context(), name)
 	if errors.Is(err, ErrNotFound) {
-		http.Error(w, statusText(http.StatusNotFound, "There is no vCenter "+name+"."), http.StatusNotFound)
+		httpError(w, r, http.StatusNotFound, "There is no vCenter "+name+".")
 		return
 	}
 	if err != nil {
@@ -152,12 +151,6 @@ func (h *vcentersHandler) remove(w http.ResponseWriter, r *http.Request) {
 	}
 	h.log.Info("vCenter removed from the console", "vcenter", name, "remote", r.RemoteAddr)
 	redirect(w, r, "/vcenters?removed="+url.QueryEscape(name))
-}
-
-// statusText is the body of a plain error answer, e.g. "404 There is no
-// vCenter x.".
-func statusText(status int, msg string) string {
-	return strconv.Itoa(status) + " " + msg
 }
 
 // vcenterRemoveURL is the confirmation page of a vCenter's removal; a POST

@@ -197,7 +197,7 @@ func TestNavigation(t *testing.T) {
 	b := newVMwareBackend()
 	h := newTestHandler(t, b)
 	id, _ := mustLogin(t, h, b)
-	for path, current := range map[string]string{"/vcenters": "vCenters", "/vms": "Inventory", "/jobs": "Jobs", "/": "Machines"} {
+	for path, current := range map[string]string{"/vcenters": "vCenters", "/vms": "Inventory", "/jobs": "Jobs", "/": "Dashboard", "/machines": "Machines", "/policies": "Policies", "/groups": "Groups", "/infrastructure": "Infrastructure"} {
 		body := get(t, h, id, path, http.StatusOK)
 		for _, want := range []string{`href="/vcenters"`, `href="/vms"`, `href="/jobs"`} {
 			if !strings.Contains(body, want) {
@@ -348,7 +348,7 @@ func TestInventory(t *testing.T) {
 		t.Errorf("VMs %s", got)
 	}
 	for _, want := range []string{
-		"Ubuntu Linux (64-bit)", "10.0.0.11", "4 GiB", "2 disks, 80 GiB", "esx-01.lab (prod)", `href="/#machine-web-01"`,
+		"Ubuntu Linux (64-bit)", "10.0.0.11", "4 GiB", "2 disks, 80 GiB", "esx-01.lab (prod)", `href="/machines/web-01"`,
 		"duplicate UUID", ">stale</span>", `value="vc1/vm-11"`, `action="/protect"`, "Suspended",
 	} {
 		if !strings.Contains(body, want) {
@@ -605,7 +605,7 @@ func TestMachineVMLink(t *testing.T) {
 	b := newFakeBackend(linked, unlinked)
 	h := newTestHandler(t, b)
 	id, _ := mustLogin(t, h, b)
-	body := get(t, h, id, "/", http.StatusOK)
+	body := get(t, h, id, "/machines", http.StatusOK)
 	for _, want := range []string{"VM sql-prod-vm", "on esx-02.lab", "10.0.0.12, fe80::1", ">stale</span>", api.LinkDuplicate, `id="machine-sql-prod"`,
 		`<span class="disk-mode" title="periodic block scans: the RPO is the scan interval plus the transfer">scan</span>`,
 		`<span class="disk-mode" title="every write, through the agent's NBD export">NBD</span>`} {

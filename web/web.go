@@ -1,6 +1,10 @@
 // Package web is asr's web console: a small server-rendered HTML interface
-// where DR administrators sign in, watch the replication state, RPO and
-// recovery points of every protected machine, register vCenters, enable
+// where DR administrators sign in, see the health of everything on a
+// dashboard (counts, alerts, every machine's RPO, 24 h charts drawn as
+// SVG on the server), watch the replication state, RPO and recovery points
+// of every protected machine and act on one from its page (tag, resync,
+// test failover, failover), manage policies and replication groups, see
+// the process server, target and vCenters, register vCenters, enable
 // replication of their VMs from the inventory, define recovery plans, run
 // test failovers, failovers and drills of machines and plans, follow the
 // jobs that do it (confirming a plan's manual actions), see and
@@ -8,7 +12,7 @@
 // manage the console password.
 //
 // Pages are templ components; live values are refreshed by htmx polling a
-// fragment of the machines page. The only script is the vendored htmx, served
+// fragment of the page (dashboard, machines, infrastructure, jobs). The only script is the vendored htmx, served
 // from the embedded static directory, so the console works without access to
 // the internet and under a strict Content-Security-Policy.
 //
@@ -134,6 +138,36 @@ type Backend interface {
 	SetEmail(ctx context.Context, e *api.EmailSettings) error
 	SetWebhook(ctx context.Context, w *api.WebhookSettings) error
 	TestNotification(ctx context.Context) (api.TestNotificationResult, error)
+
+	// MachineEvents lists the newest events of a machine (by name),
+	// newest first, at most limit: [ErrNotFound] if there is no such
+	// machine.
+	MachineEvents(ctx context.Context, machine string, limit int) ([]api.EventJSON, error)
+	// History returns a machine's RPO and churn samples (one a minute,
+	// kept 25 h) since since, oldest first: [ErrNotFound] if there is no
+	// such machine.
+	History(ctx context.Context, machine string, since time.Time) ([]api.HistorySample, error)
+	// Tag asks a machine's agent for a recovery point now (app: an
+	// application-consistent one) and returns it once it is made. An
+	// error's message is shown to the user.
+	Tag(ctx context.Context, machine string, app bool) (api.PointJSON, error)
+	// CreatePolicy stores a new policy (fields left empty take the
+	// defaults); UpdatePolicy changes the fields set of policy name. A
+	// policy the server refuses (a malformed duration, a rule broken, a
+	// name taken) changes nothing, and the error's message is shown to
+	// the user.
+	CreatePolicy(ctx context.Context, p api.PolicyJSON) (api.PolicyJSON, error)
+	UpdatePolicy(ctx context.Context, name string, p api.PolicyJSON) (api.PolicyJSON, error)
+	// AssignPolicy gives a machine (by name) a policy. An error's message
+	// is shown to the user.
+	AssignPolicy(ctx context.Context, machine, policy string) error
+	// SetGroup puts a machine (by name) in a replication group; ""
+	// takes it out. An error's message is shown to the user.
+	SetGroup(ctx context.Context, machine, group string) error
+	// GroupPoints lists a replication group's points, oldest first;
+	// GroupTag makes one now across its members.
+	GroupPoints(ctx context.Context, group string) ([]api.GroupPointJSON, error)
+	GroupTag(ctx context.Context, group string, app bool) (api.GroupPointJSON, error)
 }
 
 // ErrNotFound is what a [Backend] returns for a vCenter, a job or a plan
@@ -182,6 +216,11 @@ func New(b Backend, opts Options) *Handler {
 	plans := &plansHandler{backend: b, log: log, now: now}
 	failovers := &failoversHandler{backend: b, log: log, now: now}
 	alerts := &alertsHandler{backend: b, log: log, now: now}
+	dashboard := &dashboardHandler{backend: b, log: log, now: now}
+	machine := &machineHandler{backend: b, log: log, now: now}
+	policies := &policiesHandler{backend: b, log: log, now: now}
+	groups := &groupsHandler{backend: b, log: log, now: now}
+	infra := &infrastructureHandler{backend: b, log: log, now: now}
 
 	r := chi.NewRouter()
 	r.Use(securityHeaders)
@@ -189,9 +228,7 @@ func New(b Backend, opts Options) *Handler {
 	// outright. Sessions carry a CSRF token on top of this, but the login
 	// form has no session yet.
 	r.Use(http.NewCrossOriginProtection().Handler)
-	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, "404 page not found", http.StatusNotFound)
-	})
+	r.NotFound(notFoundPage)
 
 	r.Handle("/static/*", http.StripPrefix("/static/", staticHandler()))
 	r.Get("/login", auth.loginPage)
@@ -199,7 +236,17 @@ func New(b Backend, opts Options) *Handler {
 	r.Get("/login/link", auth.loginLink)
 	r.Group(func(r chi.Router) {
 		r.Use(auth.requireSession)
-		r.Get("/", machines.page)
+		r.Get("/", dashboard.page)
+		r.Get("/fragments/dashboard", dashboard.fragment)
+		r.Get("/fragments/dashboard/charts", dashboard.charts)
+		r.Get("/machines", machines.page)
+		r.Get("/machines/{machine}", machine.page)
+		r.Get("/fragments/machines/{machine}", machine.fragment)
+		r.Get("/policies", policies.page)
+		r.Get("/policies/{policy}/edit", policies.editPage)
+		r.Get("/groups", groups.page)
+		r.Get("/infrastructure", infra.page)
+		r.Get("/fragments/infrastructure", infra.fragment)
 		r.Get("/fragments/machines", machines.fragment)
 		r.Get("/settings", settings.page)
 		r.Get("/machines/{machine}/resync", machines.resyncPage)
@@ -232,6 +279,12 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/failovers/{action}", failovers.act)
 			r.Post("/alerts/{alert}/ack", alerts.ack)
 			r.Post("/settings/notifications/{channel}", settings.setNotifications)
+			r.Post("/machines/{machine}/tag", machine.tag)
+			r.Post("/policies", policies.create)
+			r.Post("/policies/assign", policies.assign)
+			r.Post("/policies/{policy}/edit", policies.update)
+			r.Post("/groups/members", groups.setMember)
+			r.Post("/groups/{group}/points", groups.tag)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}

@@ -39,6 +39,7 @@ type fakeBackend struct {
 	fakeVMware   // vCenters, inventory, policies, jobs (vmware_test.go)
 	fakeRecovery // plans, failovers, points (recovery_test.go)
 	fakeAlerts   // alerts, events, notifications (alerts_test.go)
+	fakeConsole  // history, tags, policies, groups, machine events (console_test.go)
 }
 
 var _ Backend = (*fakeBackend)(nil)
@@ -473,6 +474,13 @@ func TestNoInlineCode(t *testing.T) {
 	for _, r := range []*http.Request{
 		httptest.NewRequest("GET", "/login", nil),
 		withSession(httptest.NewRequest("GET", "/", nil), id),
+		withSession(httptest.NewRequest("GET", "/machines", nil), id),
+		withSession(httptest.NewRequest("GET", "/machines/"+resyncMachine.Name, nil), id),
+		withSession(httptest.NewRequest("GET", "/policies", nil), id),
+		withSession(httptest.NewRequest("GET", "/policies/gold/edit", nil), id),
+		withSession(httptest.NewRequest("GET", "/groups", nil), id),
+		withSession(httptest.NewRequest("GET", "/infrastructure", nil), id),
+		withSession(httptest.NewRequest("GET", "/no/such/page", nil), id),
 		withSession(httptest.NewRequest("GET", "/settings", nil), id),
 	} {
 		body := serve(h, r).Body.String()
@@ -498,7 +506,7 @@ func TestMachinesPolling(t *testing.T) {
 	h := newTestHandler(t, b)
 	id, csrf := mustLogin(t, h, b)
 
-	page := serve(h, withSession(httptest.NewRequest("GET", "/", nil), id)).Body.String()
+	page := serve(h, withSession(httptest.NewRequest("GET", "/machines", nil), id)).Body.String()
 	for _, want := range []string{
 		`hx-get="/fragments/machines"`, `hx-trigger="every 2s"`, `hx-swap="outerHTML"`,
 		`hx-headers="{&#34;X-CSRF-Token&#34;:&#34;` + csrf + `&#34;}"`,
@@ -620,7 +628,7 @@ func TestResync(t *testing.T) {
 
 	// The machines page links to the confirmation, which asks before
 	// starting anything.
-	w := serve(h, withSession(httptest.NewRequest("GET", "/", nil), id))
+	w := serve(h, withSession(httptest.NewRequest("GET", "/machines", nil), id))
 	if !strings.Contains(w.Body.String(), `href="`+path+`"`) {
 		t.Errorf("the machines page has no link to %s", path)
 	}
@@ -663,8 +671,8 @@ func TestResync(t *testing.T) {
 	b.resyncErr = nil
 
 	w = serve(h, withSession(postForm(path, url.Values{"disk": {"sdb"}, "csrf": {csrf}}), id))
-	if w.Code != http.StatusSeeOther || w.Header().Get("Location") != "/" {
-		t.Errorf("resync: status %d, Location %q; want 303 to /", w.Code, w.Header().Get("Location"))
+	if w.Code != http.StatusSeeOther || w.Header().Get("Location") != "/machines/files-02" {
+		t.Errorf("resync: status %d, Location %q; want 303 to the machine's page", w.Code, w.Header().Get("Location"))
 	}
 	w = serve(h, withSession(postForm(path, url.Values{"csrf": {csrf}}), id))
 	if w.Code != http.StatusSeeOther {

@@ -36,6 +36,7 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8443", "address of the HTTPS control API and console")
 	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of the agents' data listener (mutual TLS)")
 	fs.DurationVar(&c.DrillCheckEvery, "drill-check-every", time.Minute, "how often the recovery plans' drill schedules are checked")
+	fs.DurationVar(&c.HistoryEvery, "history-every", time.Minute, "how often every machine's RPO and churn are sampled for the console's charts")
 	fs.StringVar(&c.NBDListen, "nbd-listen", server.DefaultNBDListen, "address of the failovers' NBD exports (unauthenticated: keep it on loopback or an isolated recovery network; off: only DATA/nbd.sock)")
 	fs.StringVar(&c.Target, "target", "", "target storage URL (default file://DATA/target)")
 	fs.StringVar(&c.AdminPasswordFile, "admin-password-file", "", "set the console password from this file at start")

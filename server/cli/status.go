@@ -72,9 +72,14 @@ func machineTable(tw *tabwriter.Writer, ms []api.Machine) {
 		case api.StateResync:
 			state = "needs resync: " + m.Reason
 		}
+		// An agent gone since the server started has no RPO reported: at
+		// least the time since it was last seen, as the console shows it.
 		rpo := "-"
-		if m.RPOKnown {
-			rpo = m.RPO.Round(100 * time.Millisecond).String()
+		if d, exact, ok := m.RPOAtLeast(time.Now()); ok {
+			rpo = d.Round(100 * time.Millisecond).String()
+			if !exact {
+				rpo = ">=" + d.Round(time.Second).String()
+			}
 		}
 		last := "-"
 		if m.LastPoint != nil {
