@@ -16,13 +16,13 @@ import (
 // malformed duration, a crash interval out of 5s..5m, a name taken, a
 // rename) and a refused one changes nothing.
 type fakeConsole struct {
-	history       map[string][]api.HistorySample // machine -> samples
-	tags          []string                       // "machine crash|app" of each Tag
-	tagErr        error
-	assigned      []string // "machine=policy" of each AssignPolicy
-	groupsSet     []string // "machine=group" of each SetGroup
-	groupPoints   map[string][]api.GroupPointJSON
-	groupTags     []string
+	history     map[string][]api.HistorySample // machine -> samples
+	tags        []string                       // "machine crash|app" of each Tag
+	tagErr      error
+	assigned    []string // "machine=policy" of each AssignPolicy
+	groupsSet   []string // "machine=group" of each SetGroup
+	groupPoints map[string][]api.GroupPointJSON
+	groupTags   []string
 }
 
 func (b *fakeBackend) machine(name string) (api.Machine, error) {
