@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -11,7 +12,6 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/server/api"
-	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/web"
 )
 
@@ -39,92 +39,6 @@ func mustOpenServer(t *testing.T, clock *testClock) *Server {
 	t.Cleanup(func() { s.Close() })
 	s.db.SetClock(clock.now)
 	return s
-}
-
-func TestAlertsForConsole(t *testing.T) {
-	ctx := context.Background()
-	clock := &testClock{t: time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)}
-	s := mustOpenServer(t, clock)
-	for _, id := range []string{"aa", "bb"} {
-		if _, _, err := s.db.CreateMachine(ctx, id, "vm-"+id, "1"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	add := func(machine, sev, kind, msg string) {
-		t.Helper()
-		clock.add(time.Minute)
-		if err := s.db.AddEvent(ctx, store.Event{MachineID: machine, Severity: sev, Kind: kind, Message: msg}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	add("aa", "warning", "rpo-exceeded", "aa over")     // resolved below
-	add("bb", "warning", "rpo-exceeded", "bb over")     // stays: the recovery is aa's
-	add("aa", "info", "rpo-recovered", "aa back")       // resolves aa's
-	add("aa", "error", "resync-failed", "aa failed")    // active
-	add("", "warning", "group-point-failed", "old one") // no resolver: expires after 24 h
-	add("bb", "warning", "rpo-exceeded", "bb over again")
-	clock.add(25 * time.Hour)
-	add("", "error", "cache-critical", "cache full") // active
-
-	b := consoleBackend{s}
-	as, err := b.Alerts(ctx, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for _, a := range as {
-		got = append(got, a.Machine+":"+a.Kind+":"+a.Severity+":"+a.Message)
-	}
-	want := []string{":cache-critical:critical:cache full", "vm-bb:rpo-exceeded:warning:bb over again", "vm-aa:resync-failed:critical:aa failed"}
-	if strings.Join(got, "|") != strings.Join(want, "|") {
-		t.Fatalf("active alerts:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
-	}
-	all, err := b.Alerts(ctx, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resolved := 0
-	for _, a := range all {
-		if a.State == api.AlertResolved {
-			resolved++
-		}
-	}
-	if resolved != 2 { // aa's RPO, the expired group point
-		t.Errorf("%d resolved alerts, want 2: %+v", resolved, all)
-	}
-	if err := b.AckAlert(ctx, as[0].ID); err != nil {
-		t.Fatal(err)
-	}
-	as, _ = b.Alerts(ctx, false)
-	if as[0].Acked.IsZero() || !as[1].Acked.IsZero() {
-		t.Errorf("acknowledged: %v, %v", as[0].Acked, as[1].Acked)
-	}
-	// Events, all and a machine's, newest first.
-	es, err := b.Events(ctx, 3)
-	if err != nil || len(es) != 3 || es[0].Kind != "cache-critical" {
-		t.Errorf("events: %+v, %v", es, err)
-	}
-	es, err = b.MachineEvents(ctx, "vm-aa", 10)
-	if err != nil || len(es) != 3 || es[0].Machine != "vm-aa" {
-		t.Errorf("events of vm-aa: %+v, %v", es, err)
-	}
-	if _, err := b.MachineEvents(ctx, "nope", 10); !errorsIs(err, web.ErrNotFound) {
-		t.Errorf("events of an unknown machine: %v", err)
-	}
-}
-
-func errorsIs(err, target error) bool {
-	for err != nil {
-		if err == target {
-			return true
-		}
-		u, ok := err.(interface{ Unwrap() error })
-		if !ok {
-			return false
-		}
-		err = u.Unwrap()
-	}
-	return false
 }
 
 // TestConsolePoliciesAndGroups: the console's policy and group changes go
@@ -160,7 +74,7 @@ func TestConsolePoliciesAndGroups(t *testing.T) {
 	if p, _ := s.db.Policy(ctx, "silver"); p.CrashInterval != time.Minute {
 		t.Errorf("a refused change changed the policy: %+v", p)
 	}
-	if _, err := b.UpdatePolicy(ctx, "nope", api.PolicyJSON{CrashInterval: "1m"}); !errorsIs(err, web.ErrNotFound) {
+	if _, err := b.UpdatePolicy(ctx, "nope", api.PolicyJSON{CrashInterval: "1m"}); !errors.Is(err, web.ErrNotFound) {
 		t.Errorf("update of an unknown policy: %v", err)
 	}
 	if err := b.AssignPolicy(ctx, "vm1", "silver-failback"); err == nil {
@@ -179,7 +93,7 @@ func TestConsolePoliciesAndGroups(t *testing.T) {
 	if m.Policy != "silver" || m.Group != "erp" {
 		t.Errorf("machine: policy %q group %q", m.Policy, m.Group)
 	}
-	if err := b.SetGroup(ctx, "nope", "erp"); !errorsIs(err, web.ErrNotFound) {
+	if err := b.SetGroup(ctx, "nope", "erp"); !errors.Is(err, web.ErrNotFound) {
 		t.Errorf("group of an unknown machine: %v", err)
 	}
 	if _, err := b.Tag(ctx, "vm1", false); err == nil {
