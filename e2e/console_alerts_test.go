@@ -32,6 +32,7 @@ import (
 // tiles count it and link to the alerts page; Acknowledge marks it on the
 // page and in the API; exactly one RPO mail. Continued (SIGCONT), the
 // alert is listed as resolved and exactly one "resolved" mail arrives.
+// The alerts page polls: both changes appear without a reload.
 // Every state is checked in the page's DOM text and screenshotted.
 func TestE2EConsoleAlerts(t *testing.T) {
 	browser, err := exec.LookPath("chromium")
@@ -132,10 +133,20 @@ func TestE2EConsoleAlerts(t *testing.T) {
 	// The agent stops: nothing reaches the server, the RPO grows past the
 	// threshold. (Critical comes at twice it: a minute gives the steps
 	// below time to ack before, even on a loaded machine.)
+	// The alerts page is open and polls: the alert appears without a
+	// reload.
+	p.do(chromedp.Click(chromedp.CSS(`nav a[href="/alerts"]`)), chromedp.WaitVisible(chromedp.CSS("#alerts-live")))
+	if s := p.text("#alerts-active"); !strings.Contains(s, "No active alert") {
+		t.Fatalf("active alerts before the agent stops:\n%s", s)
+	}
+	loc := p.location()
 	c.mustCLI("policy", "set", "default", "--rpo-threshold", "1m")
 	ag.proc.pause()
 	active := `#alerts-active tr[data-kind="rpo"][data-machine="vm1"]`
-	p.reloadUntil("showed vm1's RPO alert as active", c.url()+"/alerts", `document.querySelector('`+active+`') !== null`)
+	p.waitJS("showed vm1's RPO alert as active", `document.querySelector('`+active+`') !== null`)
+	if after := p.location(); after != loc {
+		t.Fatalf("the alerts page navigated (%s -> %s): the refresh should be in place", loc, after)
+	}
 	row := p.text(active)
 	for _, want := range []string{"warning", "vm1", "rpo", "exceeds the threshold of 1m0s", "asr status --machine vm1"} {
 		if !strings.Contains(row, want) {
@@ -195,7 +206,7 @@ func TestE2EConsoleAlerts(t *testing.T) {
 	// clearly under the threshold.
 	ag.proc.resume()
 	resolved := `#alerts-resolved tr[data-alert="` + id + `"]`
-	p.reloadUntil("listed vm1's RPO alert as resolved", c.url()+"/alerts", `document.querySelector('`+resolved+`') !== null`)
+	p.waitJS("listed vm1's RPO alert as resolved", `document.querySelector('`+resolved+`') !== null`)
 	if s := p.text(resolved); !strings.Contains(s, "vm1") || !strings.Contains(s, "rpo") {
 		t.Fatalf("the resolved alert's row:\n%s", s)
 	}
@@ -298,19 +309,11 @@ func (p *consolePage) evalBool(expr string) bool {
 	return b
 }
 
-// reloadUntil loads url again until the page's DOM makes expr true, for a
-// page that does not poll by itself; the deadline only ends a hung run.
-func (p *consolePage) reloadUntil(what, url, expr string) {
+func (p *consolePage) location() string {
 	p.t.Helper()
-	deadline := time.Now().Add(hungAfter)
-	for {
-		p.do(chromedp.Navigate(url), chromedp.WaitVisible(chromedp.CSS("main")))
-		if p.evalBool(expr) {
-			return
-		}
-		if time.Now().After(deadline) {
-			p.t.Fatalf("the page never %s; it shows:\n%s", what, p.text("main"))
-		}
-		time.Sleep(500 * time.Millisecond)
+	loc, err := chromedp.Run(p.ctx, chromedp.Location())
+	if err != nil {
+		p.t.Fatal(err)
 	}
+	return loc
 }

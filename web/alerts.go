@@ -13,6 +13,9 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
+// alertsFragment is the id of the part of the alerts page htmx polls.
+const alertsFragment = "alerts"
+
 // alertsEventLimit is how many recent events the alerts page lists, and
 // alertsResolvedLimit how many resolved alerts.
 const (
@@ -77,6 +80,13 @@ func (h *alertsHandler) page(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	render(w, r, h.log, status, alertsPage(v))
+}
+
+// fragment serves the alerts page's polled part (200 even when the alerts
+// could not be loaded: htmx swaps no error responses).
+func (h *alertsHandler) fragment(w http.ResponseWriter, r *http.Request) {
+	v, _ := h.view(r)
+	render(w, r, h.log, http.StatusOK, alertsPage(v), alertsFragment)
 }
 
 // ack acknowledges an alert and goes back to the alerts page.

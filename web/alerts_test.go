@@ -148,6 +148,22 @@ func TestAlertsPageAndAck(t *testing.T) {
 	if body := get(t, h, id, "/alerts?acked=1", http.StatusOK); strings.Contains(body, "alerts-done") {
 		t.Error("a resolved, unacknowledged alert is said to be acknowledged")
 	}
+	// The polled part: the live sections alone, with an alert raised
+	// since and one resolved since.
+	b.amu.Lock()
+	b.alerts[0].State, b.alerts[0].Resolved = api.AlertResolved, testNow
+	b.alerts = append(b.alerts, api.Alert{ID: 4, Kind: api.AlertHeartbeat, Severity: api.SeverityWarning, State: api.AlertActive,
+		Machine: "app-01", Message: "the agent is not connected", Action: "start the agent on app-01", Raised: testNow, Updated: testNow})
+	b.amu.Unlock()
+	frag := get(t, h, id, "/fragments/alerts", http.StatusOK)
+	if !strings.HasPrefix(strings.TrimSpace(frag), `<div id="alerts-live" hx-get="/fragments/alerts" hx-trigger="every 5s" hx-swap="outerHTML">`) ||
+		strings.Contains(frag, "<html") || strings.Contains(frag, "alerts-done") {
+		t.Fatalf("the alerts fragment is not the live part alone:\n%s", frag)
+	}
+	active, resolved := frag[:strings.Index(frag, `id="alerts-resolved"`)], frag[strings.Index(frag, `id="alerts-resolved"`):]
+	if !strings.Contains(active, `data-alert="4"`) || !strings.Contains(active, `id="ack-4"`) || strings.Contains(active, `data-alert="3"`) || !strings.Contains(resolved, `data-alert="3"`) {
+		t.Errorf("the fragment does not show the new alert active and alert 3 resolved:\n%s", frag)
+	}
 	post(t, h, id, "/alerts/99/ack", url.Values{"csrf": {csrf}}, http.StatusNotFound)
 	post(t, h, id, "/alerts/x/ack", url.Values{"csrf": {csrf}}, http.StatusNotFound)
 }
