@@ -234,43 +234,7 @@ func TestE2EConsoleDR(t *testing.T) {
 	}
 	c.tag("m1")
 
-	shots := os.Getenv("ASR_SCREENSHOTS")
-	if shots == "" {
-		shots = t.TempDir()
-	}
-	if err := os.MkdirAll(shots, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	opts := append(chromedp.DefaultExecAllocatorOptions[:],
-		chromedp.ExecPath(browser),
-		chromedp.Flag("headless", true),
-		chromedp.Flag("no-sandbox", true),
-		chromedp.Flag("disable-gpu", true),
-		chromedp.Flag("disable-quic", true),
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.Flag("ignore-certificate-errors", true),
-		chromedp.WindowSize(1280, 900),
-		chromedp.UserDataDir(t.TempDir()),
-	)
-	actx, cancelA := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelA()
-	ctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
-	ctx, cancelT := context.WithTimeout(ctx, 10*time.Minute) // a hung browser, not a pace
-	defer cancelT()
-	p := &consolePage{t: t, ctx: ctx, shots: shots}
-
-	token, err := os.ReadFile(filepath.Join(c.srvDir, "admin-token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.do(chromedp.Navigate(c.url()+"/login"),
-		chromedp.WaitVisible(chromedp.CSS("#secret")),
-		chromedp.SetValue(chromedp.CSS("#secret"), strings.TrimSpace(string(token))),
-		chromedp.Submit(chromedp.CSS("#secret")),
-		chromedp.WaitVisible(chromedp.CSS("#dashboard")))
+	p := openConsole(t, c, browser)
 
 	// The dashboard: counts, the RPO table, and charts with lines once
 	// the server has sampled a few times (every 200 ms here; the page
@@ -483,10 +447,56 @@ func TestE2EConsoleDR(t *testing.T) {
 		t.Errorf("the machines table's box ends at %d px, past the 400 px window", w)
 	}
 	p.screenshot("13-narrow-machines")
-	t.Logf("screenshots in %s", shots)
+	t.Logf("screenshots in %s", p.shots)
 }
 
-// consolePage drives one browser tab for TestE2EConsoleDR.
+// openConsole starts headless Chromium (1280x900), signs into the
+// cluster's console with the admin token and returns the tab on the
+// dashboard. Screenshots go to $ASR_SCREENSHOTS, else the test's
+// temporary directory.
+func openConsole(t *testing.T, c *cluster, browser string) *consolePage {
+	t.Helper()
+	shots := os.Getenv("ASR_SCREENSHOTS")
+	if shots == "" {
+		shots = t.TempDir()
+	}
+	if err := os.MkdirAll(shots, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(browser),
+		chromedp.Flag("headless", true),
+		chromedp.Flag("no-sandbox", true),
+		chromedp.Flag("disable-gpu", true),
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("ignore-certificate-errors", true),
+		chromedp.WindowSize(1280, 900),
+		chromedp.UserDataDir(t.TempDir()),
+	)
+	actx, cancelA := chromedp.NewExecAllocator(context.Background(), opts...)
+	t.Cleanup(cancelA)
+	ctx, cancel := chromedp.NewContext(actx)
+	t.Cleanup(cancel)
+	ctx, cancelT := context.WithTimeout(ctx, 10*time.Minute) // a hung browser, not a pace
+	t.Cleanup(cancelT)
+	p := &consolePage{t: t, ctx: ctx, shots: shots}
+
+	token, err := os.ReadFile(filepath.Join(c.srvDir, "admin-token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.do(chromedp.Navigate(c.url()+"/login"),
+		chromedp.WaitVisible(chromedp.CSS("#secret")),
+		chromedp.SetValue(chromedp.CSS("#secret"), strings.TrimSpace(string(token))),
+		chromedp.Submit(chromedp.CSS("#secret")),
+		chromedp.WaitVisible(chromedp.CSS("#dashboard")))
+	return p
+}
+
+// consolePage drives one browser tab of the console.
 type consolePage struct {
 	t     *testing.T
 	ctx   context.Context

@@ -13,6 +13,9 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
+// alertsFragment is the id of the part of the alerts page htmx polls.
+const alertsFragment = "alerts"
+
 // alertsEventLimit is how many recent events the alerts page lists, and
 // alertsResolvedLimit how many resolved alerts.
 const (
@@ -35,7 +38,9 @@ type alertsView struct {
 	Resolved []api.Alert
 	Events   []api.EventJSON
 	Err      string
-	Now      time.Time
+	// Done says what was just done (an acknowledgement).
+	Done string
+	Now  time.Time
 }
 
 func (h *alertsHandler) view(r *http.Request) (alertsView, int) {
@@ -66,7 +71,22 @@ func (h *alertsHandler) view(r *http.Request) (alertsView, int) {
 // page serves the alerts page.
 func (h *alertsHandler) page(w http.ResponseWriter, r *http.Request) {
 	v, status := h.view(r)
+	if id, err := strconv.ParseInt(r.URL.Query().Get("acked"), 10, 64); err == nil {
+		for _, a := range append(v.Active, v.Resolved...) {
+			if a.ID == id && !a.Acked.IsZero() {
+				v.Done = "Acknowledged: the " + a.Kind + " alert of " + alertAbout(a) +
+					". It stays active until its condition clears; an escalation to critical takes the acknowledgement back."
+			}
+		}
+	}
 	render(w, r, h.log, status, alertsPage(v))
+}
+
+// fragment serves the alerts page's polled part (200 even when the alerts
+// could not be loaded: htmx swaps no error responses).
+func (h *alertsHandler) fragment(w http.ResponseWriter, r *http.Request) {
+	v, _ := h.view(r)
+	render(w, r, h.log, http.StatusOK, alertsPage(v), alertsFragment)
 }
 
 // ack acknowledges an alert and goes back to the alerts page.
@@ -87,7 +107,7 @@ func (h *alertsHandler) ack(w http.ResponseWriter, r *http.Request) {
 		render(w, r, h.log, http.StatusUnprocessableEntity, alertsPage(v))
 		return
 	}
-	redirect(w, r, "/alerts")
+	redirect(w, r, "/alerts?acked="+strconv.FormatInt(id, 10))
 }
 
 // alertAbout names what an alert is about: machine/disk, or its subject.

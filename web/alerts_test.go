@@ -21,6 +21,7 @@ type fakeAlerts struct {
 	notify   api.NotificationSettings
 	setErr   error // what SetEmail and SetWebhook refuse with
 	testErr  error
+	testSent []string // the channels TestNotification says it sent through
 	tests    int
 	emailSet []*api.EmailSettings
 }
@@ -86,7 +87,7 @@ func (f *fakeAlerts) TestNotification(context.Context) (api.TestNotificationResu
 	f.amu.Lock()
 	defer f.amu.Unlock()
 	f.tests++
-	return api.TestNotificationResult{}, f.testErr
+	return api.TestNotificationResult{Sent: f.testSent}, f.testErr
 }
 
 func testAlerts() []api.Alert {
@@ -123,11 +124,45 @@ func TestAlertsPageAndAck(t *testing.T) {
 		t.Fatal("acknowledged without the CSRF token")
 	}
 	w := post(t, h, id, "/alerts/3/ack", url.Values{"csrf": {csrf}}, http.StatusSeeOther)
-	if loc := w.Header().Get("Location"); loc != "/alerts" {
+	if loc := w.Header().Get("Location"); loc != "/alerts?acked=3" {
 		t.Fatalf("ack redirects to %q", loc)
 	}
 	if b.alerts[0].Acked.IsZero() {
 		t.Fatal("not acknowledged")
+	}
+	// The page says what was acknowledged, and the alert's row shows it
+	// instead of the button.
+	body = get(t, h, id, "/alerts?acked=3", http.StatusOK)
+	if !strings.Contains(body, `id="alerts-done"`) || !strings.Contains(body, "Acknowledged: the rpo alert of web-01.") {
+		t.Errorf("the acknowledgement is not said:\n%s", body)
+	}
+	row := body[strings.Index(body, `data-alert="3"`):]
+	row = row[:strings.Index(row, "</tr>")]
+	if !strings.Contains(row, "Acknowledged") || strings.Contains(row, "<button") {
+		t.Errorf("the acknowledged alert's row: %s", row)
+	}
+	if n := strings.Count(body, `class="button alert-ack"`); n != 0 {
+		t.Errorf("%d Acknowledge buttons left, want none (both active alerts are acknowledged)", n)
+	}
+	// An id that is not an acknowledged alert says nothing.
+	if body := get(t, h, id, "/alerts?acked=1", http.StatusOK); strings.Contains(body, "alerts-done") {
+		t.Error("a resolved, unacknowledged alert is said to be acknowledged")
+	}
+	// The polled part: the live sections alone, with an alert raised
+	// since and one resolved since.
+	b.amu.Lock()
+	b.alerts[0].State, b.alerts[0].Resolved = api.AlertResolved, testNow
+	b.alerts = append(b.alerts, api.Alert{ID: 4, Kind: api.AlertHeartbeat, Severity: api.SeverityWarning, State: api.AlertActive,
+		Machine: "app-01", Message: "the agent is not connected", Action: "start the agent on app-01", Raised: testNow, Updated: testNow})
+	b.amu.Unlock()
+	frag := get(t, h, id, "/fragments/alerts", http.StatusOK)
+	if !strings.HasPrefix(strings.TrimSpace(frag), `<div id="alerts-live" hx-get="/fragments/alerts" hx-trigger="every 5s" hx-swap="outerHTML">`) ||
+		strings.Contains(frag, "<html") || strings.Contains(frag, "alerts-done") {
+		t.Fatalf("the alerts fragment is not the live part alone:\n%s", frag)
+	}
+	active, resolved := frag[:strings.Index(frag, `id="alerts-resolved"`)], frag[strings.Index(frag, `id="alerts-resolved"`):]
+	if !strings.Contains(active, `data-alert="4"`) || !strings.Contains(active, `id="ack-4"`) || strings.Contains(active, `data-alert="3"`) || !strings.Contains(resolved, `data-alert="3"`) {
+		t.Errorf("the fragment does not show the new alert active and alert 3 resolved:\n%s", frag)
 	}
 	post(t, h, id, "/alerts/99/ack", url.Values{"csrf": {csrf}}, http.StatusNotFound)
 	post(t, h, id, "/alerts/x/ack", url.Values{"csrf": {csrf}}, http.StatusNotFound)
@@ -138,7 +173,7 @@ func TestSettingsNotifications(t *testing.T) {
 	h := newTestHandler(t, b)
 	id, csrf := mustLogin(t, h, b)
 	body := get(t, h, id, "/settings", http.StatusOK)
-	if strings.Contains(body, "Send test e-mail") {
+	if strings.Contains(body, "Send a test notification") {
 		t.Error("a test button with no channel set")
 	}
 	post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "smtp": {"mail.example.com:587"},
@@ -149,21 +184,64 @@ func TestSettingsNotifications(t *testing.T) {
 	}
 	body = get(t, h, id, "/settings?notify=email", http.StatusOK)
 	checkGolden(t, "page_settings_notifications", body)
-	if !strings.Contains(body, "Send test e-mail") || !strings.Contains(body, "The e-mail settings are saved.") {
-		t.Error("settings page lacks the test button or the saved notice")
+	if !strings.Contains(body, "Send a test notification") || !strings.Contains(body, "The e-mail settings are saved.") ||
+		!strings.Contains(body, "Sends one test notice by e-mail.") {
+		t.Error("settings page lacks the test button, what it sends, or the saved notice")
 	}
-	// A refusal is shown, and nothing changes.
+	// A refusal is shown, nothing changes, and the form keeps what was
+	// typed (STARTTLS unticked included), never the password.
 	b.setErr = errors.New(`recipient "nobody": mail: missing '@' or angle-addr; nothing was changed`)
-	w := post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "smtp": {"mail.example.com:587"},
-		"from": {"asr@example.com"}, "to": {"nobody"}}, http.StatusUnprocessableEntity)
-	if !strings.Contains(w.Body.String(), "missing &#39;@&#39;") {
-		t.Errorf("refusal not shown:\n%s", w.Body)
+	w := post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "smtp": {"relay.example.com:25"},
+		"from": {"asr@example.com"}, "to": {"nobody"}, "user": {"asr"}, "password": {"s3cret-pw"}, "digest": {"1m"}}, http.StatusUnprocessableEntity)
+	refused := w.Body.String()
+	if !strings.Contains(refused, "The e-mail settings were not saved: recipient") || !strings.Contains(refused, "missing &#39;@&#39;") {
+		t.Errorf("refusal not shown:\n%s", refused)
+	}
+	for _, want := range []string{`value="relay.example.com:25"`, `name="to" type="text" value="nobody"`, `name="user" type="text" autocomplete="off" value="asr"`, `value="1m"`} {
+		if !strings.Contains(refused, want) {
+			t.Errorf("the refused form lost what was typed: no %s", want)
+		}
+	}
+	if strings.Contains(refused, "s3cret-pw") {
+		t.Error("the refused form echoes the password")
+	}
+	if strings.Contains(refused, `name="starttls" type="checkbox" value="1" checked`) {
+		t.Error("the refused form ticks STARTTLS again although it was unticked")
+	}
+	if e := b.notify.Email; e == nil || e.SMTP != "mail.example.com:587" || len(b.emailSet) != 1 {
+		t.Errorf("a refused change changed the settings: %+v", e)
+	}
+	// A webhook refused keeps its URL in the form.
+	w = post(t, h, id, "/settings/notifications/webhook", url.Values{"csrf": {csrf}, "url": {"ftp://hooks.example.com/asr"}}, http.StatusUnprocessableEntity)
+	if s := w.Body.String(); !strings.Contains(s, "The webhook was not saved") || !strings.Contains(s, `value="ftp://hooks.example.com/asr"`) {
+		t.Errorf("the refused webhook form:\n%s", s)
 	}
 	b.setErr = nil
-	b.testErr = errors.New("e-mail: 550 relaying denied")
+	// STARTTLS unticked is saved as off, and shown unticked.
+	post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "smtp": {"127.0.0.1:1025"},
+		"from": {"asr@example.com"}, "to": {"ops@example.com"}}, http.StatusSeeOther)
+	if e := b.notify.Email; e == nil || e.StartTLS {
+		t.Fatalf("STARTTLS unticked, saved %+v", e)
+	}
+	if body := get(t, h, id, "/settings", http.StatusOK); strings.Contains(body, `name="starttls" type="checkbox" value="1" checked`) {
+		t.Error("STARTTLS is off but shown ticked")
+	}
+	// The test says where it went.
+	b.testSent = []string{"email", "webhook"}
+	w = post(t, h, id, "/settings/notifications/test", url.Values{"csrf": {csrf}}, http.StatusSeeOther)
+	loc := w.Header().Get("Location")
+	if body := get(t, h, id, loc, http.StatusOK); !strings.Contains(body, "A test notification was sent by e-mail and to the webhook.") {
+		t.Errorf("after the test (%s) the page says:\n%s", loc, body)
+	}
+	if body := get(t, h, id, "/settings?notify=test&sent=<b>pwned</b>", http.StatusOK); strings.Contains(body, "pwned") {
+		t.Error("the test notice repeats the query's words")
+	}
+	// A test refused by one channel says so, and says where it did go.
+	b.testSent = []string{"webhook"}
+	b.testErr = errors.New("test notification refused: e-mail: 550 relaying denied")
 	w = post(t, h, id, "/settings/notifications/test", url.Values{"csrf": {csrf}}, http.StatusUnprocessableEntity)
-	if !strings.Contains(w.Body.String(), "550 relaying denied") || b.tests != 1 {
-		t.Errorf("test refusal not shown (tests %d):\n%s", b.tests, w.Body)
+	if s := w.Body.String(); !strings.Contains(s, "550 relaying denied") || !strings.Contains(s, "(it was sent to the webhook)") || b.tests != 2 {
+		t.Errorf("test refusal not shown (tests %d):\n%s", b.tests, s)
 	}
 	post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "off": {"1"}}, http.StatusSeeOther)
 	if b.notify.Email != nil {

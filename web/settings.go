@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -37,6 +38,12 @@ type settingsView struct {
 	Notify      api.NotificationSettings
 	NotifySaved string
 	NotifyErr   string
+	// EmailInput and WebhookInput are what was typed into a form the
+	// server refused: the form shows them again (never the password), not
+	// the stored settings, so the operator corrects the mistake instead of
+	// typing everything again.
+	EmailInput   *api.EmailSettings
+	WebhookInput *api.WebhookSettings
 }
 
 // page serves the settings page.
@@ -48,7 +55,7 @@ func (h *settingsHandler) page(w http.ResponseWriter, r *http.Request) {
 	case "webhook":
 		v.NotifySaved = "The webhook is saved."
 	case "test":
-		v.NotifySaved = "The test notification was sent."
+		v.NotifySaved = "A test notification was sent" + sentTo(strings.Split(r.URL.Query().Get("sent"), ",")) + "."
 	}
 	render(w, r, h.log, http.StatusOK, settingsPage(v))
 }
@@ -71,9 +78,7 @@ func (h *settingsHandler) view(r *http.Request) settingsView {
 func (h *settingsHandler) setNotifications(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	off := r.PostFormValue("off") != ""
-	var err error
-	channel := chi.URLParam(r, "channel")
-	switch channel {
+	switch chi.URLParam(r, "channel") {
 	case "email":
 		var e *api.EmailSettings
 		if !off {
@@ -82,26 +87,65 @@ func (h *settingsHandler) setNotifications(w http.ResponseWriter, r *http.Reques
 				User: r.PostFormValue("user"), Password: r.PostFormValue("password"),
 				MinSeverity: r.PostFormValue("min_severity"), Digest: r.PostFormValue("digest")}
 		}
-		err = h.backend.SetEmail(ctx, e)
+		if err := h.backend.SetEmail(ctx, e); err != nil {
+			v := h.view(r)
+			v.NotifyErr = "The e-mail settings were not saved: " + err.Error()
+			if e != nil {
+				typed := *e
+				typed.Password = ""
+				v.EmailInput = &typed
+			}
+			render(w, r, h.log, http.StatusUnprocessableEntity, settingsPage(v))
+			return
+		}
+		redirect(w, r, "/settings?notify=email")
 	case "webhook":
 		var wh *api.WebhookSettings
 		if !off {
 			wh = &api.WebhookSettings{URL: r.PostFormValue("url"), MinSeverity: r.PostFormValue("min_severity")}
 		}
-		err = h.backend.SetWebhook(ctx, wh)
+		if err := h.backend.SetWebhook(ctx, wh); err != nil {
+			v := h.view(r)
+			v.NotifyErr = "The webhook was not saved: " + err.Error()
+			v.WebhookInput = wh
+			render(w, r, h.log, http.StatusUnprocessableEntity, settingsPage(v))
+			return
+		}
+		redirect(w, r, "/settings?notify=webhook")
 	case "test":
-		_, err = h.backend.TestNotification(ctx)
+		res, err := h.backend.TestNotification(ctx)
+		if err != nil {
+			// A channel that sent did send: say so, or the operator
+			// would expect nothing in the mailbox and try again.
+			v := h.view(r)
+			v.NotifyErr = "The test notification failed: " + err.Error()
+			if len(res.Sent) > 0 {
+				v.NotifyErr += " (it was sent" + sentTo(res.Sent) + ")"
+			}
+			render(w, r, h.log, http.StatusUnprocessableEntity, settingsPage(v))
+			return
+		}
+		redirect(w, r, "/settings?notify=test&sent="+strings.Join(res.Sent, ","))
 	default:
 		http.Error(w, "404 page not found", http.StatusNotFound)
-		return
 	}
-	if err != nil {
-		v := h.view(r)
-		v.NotifyErr = "Not done: " + err.Error()
-		render(w, r, h.log, http.StatusUnprocessableEntity, settingsPage(v))
-		return
+}
+
+// sentTo says where a test notification went (" by e-mail and to the
+// webhook"); it names only the channels it knows, so a link's query
+// cannot put words on the page.
+func sentTo(channels []string) string {
+	var parts []string
+	if slices.Contains(channels, "email") {
+		parts = append(parts, "by e-mail")
 	}
-	redirect(w, r, "/settings?notify="+channel)
+	if slices.Contains(channels, "webhook") {
+		parts = append(parts, "to the webhook")
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " " + strings.Join(parts, " and ")
 }
 
 // splitList splits a comma- or space-separated list.
@@ -149,6 +193,9 @@ func (h *settingsHandler) setPassword(w http.ResponseWriter, r *http.Request) {
 // emailField is a field of the stored e-mail settings, for the form.
 func emailField(v settingsView, name string) string {
 	e := v.Notify.Email
+	if v.EmailInput != nil {
+		e = v.EmailInput
+	}
 	if e == nil {
 		return ""
 	}
@@ -169,9 +216,24 @@ func emailField(v settingsView, name string) string {
 	return ""
 }
 
+// emailStartTLS is whether the form's STARTTLS box is ticked: as typed
+// into a refused form, else as stored; on by default.
+func emailStartTLS(v settingsView) bool {
+	switch {
+	case v.EmailInput != nil:
+		return v.EmailInput.StartTLS
+	case v.Notify.Email != nil:
+		return v.Notify.Email.StartTLS
+	}
+	return true
+}
+
 // webhookField is a field of the stored webhook settings, for the form.
 func webhookField(v settingsView, name string) string {
 	w := v.Notify.Webhook
+	if v.WebhookInput != nil {
+		w = v.WebhookInput
+	}
 	if w == nil {
 		return ""
 	}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -66,5 +67,34 @@ func mustCopy(t *testing.T, from, to string) {
 	}
 	if err := os.WriteFile(to, b, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestStylesheetStylesEveryInputType: every type of text-like input a
+// page uses is styled by asr.css. An input type the stylesheet does not
+// name is drawn by the browser as a bare box beside the styled fields
+// (the notifications' From and webhook URL were).
+func TestStylesheetStylesEveryInputType(t *testing.T) {
+	css, err := os.ReadFile(filepath.Join("static", "asr.css"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	templs, err := filepath.Glob("*.templ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	typeAttr := regexp.MustCompile(`<input[^>]*\btype="([a-z-]+)"`)
+	notText := map[string]bool{"hidden": true, "checkbox": true, "radio": true, "submit": true, "button": true, "file": true}
+	for _, f := range templs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range typeAttr.FindAllSubmatch(b, -1) {
+			typ := string(m[1])
+			if !notText[typ] && !bytes.Contains(css, []byte(`input[type="`+typ+`"]`)) {
+				t.Errorf("%s: an input of type %q, which asr.css does not style", f, typ)
+			}
+		}
 	}
 }

@@ -262,6 +262,7 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/failovers", failovers.page)
 		r.Get("/failovers/new", failovers.newPage)
 		r.Get("/alerts", alerts.page)
+		r.Get("/fragments/alerts", alerts.fragment)
 		r.Group(func(r chi.Router) {
 			r.Use(requireCSRF)
 			r.Post("/logout", auth.logout)
