@@ -262,11 +262,15 @@ func (d *DB) SetUnprotected(ctx context.Context, id string, at time.Time, delete
 }
 
 // DeleteMachine deletes a machine's row with its disks, points and resync
-// rows (by cascade) and its events. Deleting a missing machine is nil.
+// rows (by cascade), its events and its alerts. Deleting a missing
+// machine is nil.
 func (d *DB) DeleteMachine(ctx context.Context, id string) error {
 	return d.tx(ctx, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, `DELETE FROM events WHERE machine_id = ?`, id); err != nil {
 			return fmt.Errorf("delete the events of machine %s: %w", id, err)
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM alerts WHERE machine_id = ?`, id); err != nil {
+			return fmt.Errorf("delete the alerts of machine %s: %w", id, err)
 		}
 		if _, err := tx.ExecContext(ctx, `DELETE FROM machines WHERE id = ?`, id); err != nil {
 			return fmt.Errorf("delete machine %s: %w", id, err)
