@@ -9,6 +9,13 @@ ALTER TABLE alerts ADD COLUMN notified_severity TEXT NOT NULL DEFAULT '';
 ALTER TABLE alerts ADD COLUMN resolve_notified_at INTEGER NOT NULL DEFAULT 0;
 UPDATE alerts SET notified_at = raised, notified_severity = severity,
     resolve_notified_at = CASE WHEN state = 'resolved' THEN resolved ELSE 0 END;
+-- What the last scrub found, for the alerts (scrub_result is display
+-- text): '' (none), ok, damaged, failed.
+ALTER TABLE machines ADD COLUMN scrub_outcome TEXT NOT NULL DEFAULT '';
+UPDATE machines SET scrub_outcome = CASE
+    WHEN scrub_result LIKE 'failed%' THEN 'failed'
+    WHEN scrub_result LIKE '%damaged blocks%' THEN 'damaged'
+    WHEN scrub_result != '' THEN 'ok' ELSE '' END;
 -- The notices still to send.
 CREATE INDEX alerts_unsent ON alerts (id)
     WHERE (state = 'active' AND (notified_at = 0 OR notified_severity != severity))

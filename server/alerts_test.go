@@ -204,7 +204,7 @@ func TestAlertConditions(t *testing.T) {
 	if err := db.PutResync(ctx, store.Resync{MachineID: id, Disk: 1, Reason: "sequence gap", State: store.ResyncFailed, Attempts: 5, LastError: "agent not connected"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.SetScrub(ctx, id, time.Now(), "3 damaged blocks on sda"); err != nil {
+	if err := db.SetScrub(ctx, id, time.Now(), store.ScrubDamaged, "3 damaged blocks on sda"); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.AddJob(ctx, store.Job{ID: "00000000000000aa", Kind: "protect", Subject: "vc1/web", State: store.JobRunning, Steps: "[]"}); err != nil {
@@ -236,7 +236,7 @@ func TestAlertConditions(t *testing.T) {
 	if err := db.DeleteResync(ctx, id, 1); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.SetScrub(ctx, id, time.Now(), "ok: 2 disks checked"); err != nil {
+	if err := db.SetScrub(ctx, id, time.Now(), store.ScrubOK, "ok: 2 disks checked"); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.SetVCenterStatus(ctx, "vc1", true, time.Now(), "", ""); err != nil {

@@ -46,6 +46,7 @@ const (
 	AlertPSUpload       = "ps-upload"       // estimated cache upload time
 	AlertResyncFailed   = "resync-failed"   // a disk's resync failed
 	AlertScrubDamage    = "scrub-damage"    // a scrub found damaged blocks
+	AlertScrubFailed    = "scrub-failed"    // a scrub could not run to its end
 	AlertJobFailed      = "job-failed"      // a job failed
 	AlertVCenter        = "vcenter-unreachable"
 	AlertTarget         = "target-unreachable" // the applier cannot write to the target
