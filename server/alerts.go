@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/server/notify"
 	"github.com/asrdr/asr/store"
@@ -448,34 +449,20 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 			}
 			policies[m.Policy] = p
 		}
-		mo, err := s.machineObs(ctx, m, p, now)
+		st, ok := s.ps.Stats(m.ID)
+		mo, err := s.machineObs(ctx, m, p, now, st, ok)
 		if err != nil {
 			return nil, err
 		}
 		obs = append(obs, mo...)
-		if st, ok := s.ps.Stats(m.ID); ok {
+		if ok {
 			stats = true
 			if st.ApplyError != "" {
 				applyErrs = append(applyErrs, m.Name+": "+st.ApplyError)
 			}
 		}
 	}
-	// The applier's writes to the target: one alert for the target, however
-	// many machines it fails. Without any machine's figures (no agent came
-	// since the start) it cannot be told.
-	tgt := alertObs{kind: api.AlertTarget, key: s.target.String(), subject: "target " + s.target.String(),
-		hold: s.cfg.HealthHold, clear: len(applyErrs) == 0, keep: !stats}
-	if len(applyErrs) > 0 {
-		tgt.level = 2
-		shown := applyErrs
-		if len(shown) > 5 {
-			shown = append(shown[:5:5], fmt.Sprintf("and %d more machines", len(applyErrs)-5))
-		}
-		tgt.message = fmt.Sprintf("the replication data of %d machines cannot be applied to the target %s (%s); the process server's cache fills meanwhile",
-			len(applyErrs), s.target, strings.Join(shown, "; "))
-		tgt.action = "check that the target storage is reachable and writable from this server (space, credentials, network); the applier retries on its own"
-	}
-	obs = append(obs, tgt)
+	obs = append(obs, targetObs(s.target.String(), stats, applyErrs, s.cfg.HealthHold))
 	obs = append(obs, processServerObs(s.ProcessServer(), s.cfg.HealthHold)...)
 	vs, err := s.db.VCenters(ctx)
 	if err != nil {
@@ -520,10 +507,10 @@ func orNone(s string) string {
 }
 
 // machineObs observes a machine's RPO, its agent's heartbeat, its resyncs,
-// its scrub and the applier's writes to the target.
-func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.Policy, now time.Time) ([]alertObs, error) {
+// its scrub; st and ok are the process server's figures of it (ok: it has
+// some).
+func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.Policy, now time.Time, st procserver.MachineStats, ok bool) ([]alertObs, error) {
 	var obs []alertObs
-	st, ok := s.ps.Stats(m.ID)
 	protected := len(m.Disks) > 0
 	for _, d := range m.Disks {
 		if d.State != replication.StateProtected {
@@ -632,6 +619,25 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 			action:  fmt.Sprintf("fix the cause (the target's reachability, the server's logs), then scrub again: asr verify --machine %s", m.Name)})
 	}
 	return obs, nil
+}
+
+// targetObs observes the applier's writes to the target: one alert for
+// the target, however many machines it fails (applyErrs: "machine:
+// error"). Without any machine's figures (stats false: no agent came
+// since the start) it cannot be told: keep.
+func targetObs(target string, stats bool, applyErrs []string, hold time.Duration) alertObs {
+	o := alertObs{kind: api.AlertTarget, key: target, subject: "target " + target, hold: hold, clear: len(applyErrs) == 0, keep: !stats}
+	if len(applyErrs) > 0 {
+		o.level = 2
+		shown := applyErrs
+		if len(shown) > 5 {
+			shown = append(shown[:5:5], fmt.Sprintf("and %d more", len(applyErrs)-5))
+		}
+		o.message = fmt.Sprintf("the replication data of %d machines cannot be applied to the target %s (%s); the process server's cache fills meanwhile",
+			len(applyErrs), target, strings.Join(shown, "; "))
+		o.action = "check that the target storage is reachable and writable from this server (space, credentials, network); the applier retries on its own"
+	}
+	return o
 }
 
 // rpoLevel: warning over the threshold, critical over twice it.
