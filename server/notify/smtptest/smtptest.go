@@ -100,6 +100,13 @@ func (s *Server) Mails() []Mail {
 	return append([]Mail(nil), s.mails...)
 }
 
+// SetRefuse replaces the recipients refused (nil: none).
+func (s *Server) SetRefuse(refuse map[string]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.refuse = refuse
+}
+
 // Arrived is signalled once per mail received.
 func (s *Server) Arrived() <-chan struct{} { return s.arrived }
 
@@ -162,7 +169,10 @@ func (s *Server) serve(c net.Conn) {
 		case "RCPT":
 			to, _, _ := strings.Cut(strings.TrimPrefix(arg, "TO:"), " ")
 			to = strings.Trim(to, "<>")
-			if msg, ok := s.refuse[to]; ok {
+			s.mu.Lock()
+			msg, ok := s.refuse[to]
+			s.mu.Unlock()
+			if ok {
 				say("%s", msg)
 				continue
 			}
