@@ -141,7 +141,7 @@ func TestEngineKeepHolds(t *testing.T) {
 	}
 	// The machine is gone: not observed at all.
 	r.pass(time.Minute)
-	if got := r.pass(2*time.Minute); len(got) != 1 || got[0] != "resolved" {
+	if got := r.pass(2 * time.Minute); len(got) != 1 || got[0] != "resolved" {
 		t.Fatalf("gone machine: %v", got)
 	}
 }
@@ -231,7 +231,7 @@ func TestMachineObs(t *testing.T) {
 	// Scrubs.
 	for _, tc := range []struct {
 		outcome, result, kind string
-		level             int
+		level                 int
 	}{
 		{store.ScrubDamaged, "3 damaged blocks on sda", api.AlertScrubDamage, 2},
 		{store.ScrubFailed, "failed: target unreachable", api.AlertScrubFailed, 1},
