@@ -2,12 +2,15 @@ package server_test
 
 import (
 	"context"
+	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/server/notify"
 	"github.com/asrdr/asr/server/notify/smtptest"
 	"github.com/asrdr/asr/store"
 )
@@ -150,5 +153,89 @@ func TestOutboxRetriesAFailedMail(t *testing.T) {
 	}
 	if row, _ := r.srv.DB().Alert(ctx, a.ID); row.Notified.IsZero() {
 		t.Fatal("sent, not marked")
+	}
+}
+
+// The stored SMTP password is kept only for the same server and user; a
+// CA given for STARTTLS is checked, stored and used; a bad one is refused.
+func TestEmailSettingsPasswordAndCA(t *testing.T) {
+	ctx := context.Background()
+	mail, err := smtptest.Start(smtptest.Options{StartTLS: true, Users: map[string]string{"asr": "p4ss"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mail.Close()
+	other, err := smtptest.Start(smtptest.Options{StartTLS: true, Users: map[string]string{"asr": "p4ss"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	r := startServer(t, t.TempDir())
+	c := r.client
+	set := func(e api.EmailSettings) error { return c.SetEmail(ctx, &e) }
+	base := api.EmailSettings{SMTP: mail.Addr, From: "asr@example.com", To: []string{"ops@example.com"}, StartTLS: true, User: "asr"}
+	// Without the CA, the self-signed certificate is refused.
+	e := base
+	e.Password = "p4ss"
+	if err := set(e); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.TestNotification(ctx); !isStatus(err, http.StatusBadGateway) || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("test without the CA: %v", err)
+	}
+	for _, bad := range []string{"not PEM", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", strings.Repeat("x", notify.MaxCABytes+1)} {
+		e := base
+		e.CAPEM = bad
+		if err := set(e); !isStatus(err, http.StatusBadRequest) || !strings.Contains(err.Error(), "CA file") {
+			t.Errorf("CA %.20q: %v", bad, err)
+		}
+	}
+	// The CA; the password is kept (same server, same user).
+	e = base
+	e.CAPEM = string(mail.CAPEM)
+	if err := set(e); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.TestNotification(ctx); err != nil {
+		t.Fatalf("test with the CA and the kept password: %v", err)
+	}
+	if m := mail.Mails(); len(m) != 1 || !m[0].TLS || m[0].Auth != "asr" {
+		t.Fatalf("mails %+v", m)
+	}
+	// The CA is kept too when not given again for the same server.
+	if n, _ := c.Notifications(ctx); n.Email == nil || n.Email.CAPEM != string(mail.CAPEM) || !n.Email.PasswordSet {
+		t.Fatalf("settings %+v", n.Email)
+	}
+	// Another server or another user: the password must be given again.
+	e = base
+	e.SMTP = other.Addr
+	e.CAPEM = string(other.CAPEM)
+	if err := set(e); !isStatus(err, http.StatusBadRequest) || !strings.Contains(err.Error(), "give the password again") {
+		t.Fatalf("another server, no password: %v", err)
+	}
+	e = base
+	e.User = "ops"
+	if err := set(e); !isStatus(err, http.StatusBadRequest) || !strings.Contains(err.Error(), "give the password again") {
+		t.Fatalf("another user, no password: %v", err)
+	}
+	if n, _ := c.Notifications(ctx); n.Email == nil || n.Email.SMTP != mail.Addr || n.Email.User != "asr" {
+		t.Fatalf("a refused change changed the settings: %+v", n.Email)
+	}
+	e = base
+	e.SMTP, e.CAPEM, e.Password = other.Addr, string(other.CAPEM), "p4ss"
+	if err := set(e); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.TestNotification(ctx); err != nil || len(other.Mails()) != 1 {
+		t.Fatalf("test on the other server: %v, %d mails", err, len(other.Mails()))
+	}
+	// NoCA drops it.
+	e = base
+	e.SMTP, e.NoCA = other.Addr, true
+	if err := set(e); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := c.Notifications(ctx); n.Email.CAPEM != "" || !n.Email.PasswordSet {
+		t.Fatalf("after --no-ca: %+v", n.Email)
 	}
 }

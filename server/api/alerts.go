@@ -85,6 +85,11 @@ type EmailSettings struct {
 	PasswordSet bool     `json:"password_set,omitempty"`
 	MinSeverity string   `json:"min_severity,omitempty"` // warning (default) or critical
 	Digest      string   `json:"digest,omitempty"`       // batching interval, e.g. 5m (default); 0 sends every notice at once
+	// CAPEM is the CA (PEM certificates) the SMTP server's STARTTLS
+	// certificate is checked against instead of the system's roots. Empty
+	// keeps the stored one while the SMTP server is the same; NoCA drops it.
+	CAPEM string `json:"ca_pem,omitempty"`
+	NoCA  bool   `json:"no_ca,omitempty"`
 }
 
 // WebhookSettings is where alerts are POSTed as JSON (PUT

@@ -18,6 +18,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -99,6 +101,42 @@ const (
 	// DefaultDigest is the digest interval when none is given.
 	DefaultDigest = 5 * time.Minute
 )
+
+// MaxCABytes bounds the PEM of an SMTP server's CA.
+const MaxCABytes = 64 << 10
+
+// ParseCA checks the PEM of an SMTP server's CA: certificates only, at
+// least one, at most MaxCABytes; it returns them as a pool.
+func ParseCA(pemBytes []byte) (*x509.CertPool, error) {
+	if len(pemBytes) > MaxCABytes {
+		return nil, fmt.Errorf("CA file: %d bytes, at most %d", len(pemBytes), MaxCABytes)
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for rest := pemBytes; ; {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			if len(bytes.TrimSpace(rest)) > 0 {
+				return nil, errors.New("CA file: text that is not PEM")
+			}
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("CA file: a %q block; want certificates only", b.Type)
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("CA file: certificate %d: %v", n+1, err)
+		}
+		pool.AddCert(c)
+		n++
+	}
+	if n == 0 {
+		return nil, errors.New("CA file: no PEM certificate in it")
+	}
+	return pool, nil
+}
 
 // ValidateEmail checks an e-mail configuration and normalizes it (bare
 // addresses, the default minimum severity); the error says what is wrong.
