@@ -131,8 +131,8 @@ func alertsEmail(ctx context.Context, e *env, args []string) error {
 	starttls := fs.Bool("starttls", true, "refuse to send unless the server offers STARTTLS (--starttls=false: send in clear)")
 	user := fs.String("user", "", "SMTP user (AUTH PLAIN or LOGIN)")
 	passFile := fs.String("password-file", "", "file holding the SMTP password (stored sealed with the vault's key; kept, if not given, only for the same --smtp and --user)")
-	caFile := fs.String("ca-file", "", "PEM file of the CA that signs the SMTP server's certificate (STARTTLS), instead of the system's roots; kept, if not given, for the same --smtp")
-	noCA := fs.Bool("no-ca", false, "drop the stored CA: check the SMTP server's certificate against the system's roots")
+	caFile := fs.String("smtp-ca-file", "", "PEM file of the CA that signs the SMTP server's certificate (STARTTLS), instead of the system's roots; kept, if not given, for the same --smtp")
+	noCA := fs.Bool("no-smtp-ca", false, "drop the stored CA: check the SMTP server's certificate against the system's roots")
 	minSev := fs.String("min-severity", "warning", "send alerts of this severity and above: warning or critical")
 	digest := fs.String("digest", "5m", "batch the alerts after the first of a storm for this long (0: send each at once)")
 	off := fs.Bool("off", false, "turn alert e-mail off")
@@ -167,7 +167,7 @@ func alertsEmail(ctx context.Context, e *env, args []string) error {
 	}
 	if *caFile != "" {
 		if *noCA {
-			return errors.New("--ca-file and --no-ca: choose one")
+			return errors.New("--smtp-ca-file and --no-smtp-ca: choose one")
 		}
 		b, err := readLimited(*caFile, notify.MaxCABytes)
 		if err != nil {
