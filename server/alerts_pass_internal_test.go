@@ -317,3 +317,37 @@ func TestTargetObs(t *testing.T) {
 		t.Fatalf("no figures: %+v", o)
 	}
 }
+
+// The pass prunes the alerts resolved over 30 days ago (their resolve
+// told), hourly.
+func TestAlertPassPrunes(t *testing.T) {
+	ctx := context.Background()
+	clock := &testClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
+	s := mustOpenServer(t, clock)
+	now := clock.now()
+	old, err := s.db.RaiseAlert(ctx, store.Alert{Kind: api.AlertJobFailed, Key: "old", Severity: api.SeverityWarning, Raised: now.Add(-40 * 24 * time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recent, err := s.db.RaiseAlert(ctx, store.Alert{Kind: api.AlertJobFailed, Key: "recent", Severity: api.SeverityWarning, Raised: now.Add(-2 * 24 * time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, at := range map[int64]time.Time{old: now.Add(-31 * 24 * time.Hour), recent: now.Add(-24 * time.Hour)} {
+		if err := s.db.ResolveAlert(ctx, id, "", at); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.db.MarkAlertNotified(ctx, id, store.NoticeResolved, api.SeverityWarning, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.applyAlertPass(ctx, nil, now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.db.Alert(ctx, old); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("an alert resolved 31 days ago is kept: %v", err)
+	}
+	if _, err := s.db.Alert(ctx, recent); err != nil {
+		t.Fatalf("an alert resolved a day ago is pruned: %v", err)
+	}
+}
