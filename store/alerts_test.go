@@ -78,8 +78,8 @@ func TestAlertsOrder(t *testing.T) {
 		}
 		return id
 	}
-	r1 := raise("r1", "critical") // resolved last
-	r2 := raise("r2", "warning")  // resolved first
+	r1 := raise("r1", "warning")  // resolved last: listed first, though older and a warning
+	r2 := raise("r2", "critical") // resolved first
 	a1 := raise("a1", "warning")
 	a2 := raise("a2", "critical")
 	a3 := raise("a3", "warning")
