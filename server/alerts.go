@@ -376,7 +376,13 @@ func (s *Server) applyAlertOp(ctx context.Context, op alertOp, now time.Time) er
 		if o.message != "" {
 			msg += "; now: " + o.message
 		}
-		if err := s.alerts.db.ResolveAlert(ctx, op.active.ID, op.active.Message, now); err != nil {
+		// The row keeps what was wrong and says what it is now: the
+		// resolve's notice is made from it.
+		rowMsg := op.active.Message
+		if o.message != "" && !strings.HasPrefix(o.message, "no longer applies") {
+			rowMsg += "; now: " + o.message
+		}
+		if err := s.alerts.db.ResolveAlert(ctx, op.active.ID, rowMsg, now); err != nil {
 			return fmt.Errorf("resolve alert %d: %w", op.active.ID, err)
 		}
 		a = *op.active
