@@ -40,7 +40,7 @@ func TestE2EConsoleAlerts(t *testing.T) {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
 	}
 	c := newClusterArgs(t, "--alert-clear", "2s")
-	mp := startMailpit(t, c.dir)
+	mp := startMailpit(t, c.dir, smtpTLS{}) // plain: the console's form is what is tested here
 	hook := newHookRecorder(t)
 	client, err := api.NewClient(c.url(), filepath.Join(c.srvDir, "admin-token"), filepath.Join(c.srvDir, "ca.pem"))
 	if err != nil {

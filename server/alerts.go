@@ -7,9 +7,11 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/server/notify"
 	"github.com/asrdr/asr/store"
@@ -33,11 +35,17 @@ import (
 //     the state back to normal for the others (agent connected, resync
 //     no longer failed, ...). A subject that is gone (a machine
 //     unprotected or deleted, a vCenter removed) counts as clearly false.
-//     A condition that cannot be measured (host figures unreadable) neither
-//     raises nor clears.
+//     A condition that cannot be measured (host figures unreadable, CPU
+//     not sampled yet) is not observed: for a subject that is still there
+//     it is observed with keep (the RPO of a machine whose disk is in
+//     resync, whose start or threshold is unknown), which neither raises
+//     nor clears, and breaks a clearing under way.
+//   - While active, an alert's message follows the figure (the RPO now),
+//     without a notice.
 //
 // One alert row per (kind, subject) while active (store: a unique index);
-// each raise, escalation and clear is an event and a notice.
+// each raise, escalation and clear is an event, and a notice sent from
+// the row by the outbox (outbox.go).
 
 // Defaults of the alert settings.
 const (
@@ -48,6 +56,13 @@ const (
 	jobAlertFor = 24 * time.Hour
 	// maxAlertRows bounds the alerts a listing reads.
 	maxAlertRows = 1000
+	// alertKeep is how long a resolved alert is kept.
+	alertKeep = 30 * 24 * time.Hour
+	// alertPruneEvery is how often the resolved alerts are pruned.
+	alertPruneEvery = time.Hour
+	// alertChangeUpdate is the engine's op for a new message of an active
+	// alert: no event, no notice.
+	alertChangeUpdate = "update"
 )
 
 // alertObs is one observation of a condition on a subject.
@@ -55,6 +70,7 @@ type alertObs struct {
 	kind, key string
 	level     int           // 0 none, 1 warning, 2 critical
 	clear     bool          // clearly false: counts towards clearing
+	keep      bool          // not measurable now: neither raise nor clear
 	hold      time.Duration // how long a level must hold before it raises
 	machineID string
 	machine   string
@@ -118,6 +134,12 @@ func (e *alertEngine) step(now time.Time, obs []alertObs, active []store.Alert) 
 	var ops []alertOp
 	for _, o := range obs {
 		id := o.id()
+		if o.keep {
+			if t := e.track[id]; t != nil {
+				t.clearSince = time.Time{} // clearing needs no break
+			}
+			continue
+		}
 		t := e.track[id]
 		if t == nil {
 			t = &alertTrack{}
@@ -154,6 +176,8 @@ func (e *alertEngine) step(now time.Time, obs []alertObs, active []store.Alert) 
 			ops = append(ops, alertOp{change: api.AlertChangeResolved, obs: o, sev: a.Severity, active: a})
 			delete(e.track, id)
 			continue
+		case a != nil && o.level > 0 && (o.message != a.Message || o.action != a.Action):
+			ops = append(ops, alertOp{change: alertChangeUpdate, obs: o, sev: a.Severity, active: a})
 		}
 		if a == nil && lvl == 0 && o.level == 0 {
 			delete(e.track, id) // nothing to remember
@@ -169,12 +193,28 @@ func (e *alertEngine) step(now time.Time, obs []alertObs, active []store.Alert) 
 	return ops
 }
 
+// alertStore is what the engine's pass needs of the vault database.
+type alertStore interface {
+	ActiveAlerts(ctx context.Context) ([]store.Alert, error)
+	ActiveAlert(ctx context.Context, kind, key string) (store.Alert, error)
+	RaiseAlert(ctx context.Context, a store.Alert) (int64, error)
+	UpdateAlert(ctx context.Context, id int64, severity, message, action string, at time.Time) error
+	ResolveAlert(ctx context.Context, id int64, message string, at time.Time) error
+	PruneAlerts(ctx context.Context, before time.Time) (int64, error)
+}
+
+var _ alertStore = (*store.DB)(nil)
+
 // alertState is the server's alert engine and notifier.
 type alertState struct {
-	mu      sync.Mutex // one pass at a time
-	engine  alertEngine
-	started time.Time // the server's start: no contact is known before it
-	notify  *notify.Notifier
+	mu        sync.Mutex // one pass at a time
+	engine    alertEngine
+	db        alertStore
+	started   time.Time // the server's start: no contact is known before it
+	notify    *notify.Notifier
+	outbox    *outbox
+	lastPrune time.Time
+	passes    atomic.Int64 // engine passes done, for tests
 }
 
 // openAlerts sets the alert settings' defaults and starts the notifier
@@ -191,7 +231,9 @@ func (s *Server) openAlerts(ctx context.Context) error {
 	}
 	s.alerts.engine.clear = s.cfg.AlertClear
 	s.alerts.started = s.now()
+	s.alerts.db = s.db
 	s.alerts.notify = notify.New(notify.Options{Logger: s.cfg.Logger})
+	s.alerts.outbox = newOutbox(s.db, s.alerts.notify, s.now, s.log.With("component", "alerts"))
 	// Settings that cannot be read (a sealed password this vault's key
 	// does not open) leave the notifications off, not the server down.
 	if err := s.loadNotifications(ctx); err != nil {
@@ -200,17 +242,23 @@ func (s *Server) openAlerts(ctx context.Context) error {
 	return nil
 }
 
-// closeAlerts stops the notifier (a waiting digest is sent).
+// closeAlerts stops the notifier (what is queued and a waiting digest are
+// sent, and marked).
 func (s *Server) closeAlerts() {
 	if s.alerts.notify != nil {
 		s.alerts.notify.Close()
 	}
 }
 
-// alertLoop evaluates the alert conditions every PolicyEvery.
+// alertLoop evaluates the alert conditions every PolicyEvery, and sends
+// the notices not sent yet: at once (those a stopped server left), then
+// after each pass.
 func (s *Server) alertLoop() {
 	t := time.NewTicker(s.cfg.PolicyEvery)
 	defer t.Stop()
+	if err := s.alerts.outbox.flush(s.ctx); err != nil && s.ctx.Err() == nil {
+		s.log.Error("alert notices", "err", err)
+	}
 	for {
 		select {
 		case <-s.ctx.Done():
@@ -220,6 +268,10 @@ func (s *Server) alertLoop() {
 		if err := s.evaluateAlerts(s.ctx); err != nil && s.ctx.Err() == nil {
 			s.log.Error("alerts", "err", err)
 		}
+		if err := s.alerts.outbox.flush(s.ctx); err != nil && s.ctx.Err() == nil {
+			s.log.Error("alert notices", "err", err)
+		}
+		s.alerts.passes.Add(1)
 	}
 }
 
@@ -231,15 +283,41 @@ func (s *Server) evaluateAlerts(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	active, err := s.db.Alerts(ctx, false, maxAlertRows)
+	return s.applyAlertPass(ctx, obs, s.now())
+}
+
+// applyAlertPass steps the engine with a pass's observations and every
+// active alert, and records its decisions: one that fails is logged and
+// the others go on (the engine remembers nothing of a failed raise, so
+// the next pass raises it again). It prunes the old resolved alerts.
+func (s *Server) applyAlertPass(ctx context.Context, obs []alertObs, now time.Time) error {
+	active, err := s.alerts.db.ActiveAlerts(ctx)
 	if err != nil {
 		return err
 	}
-	now := s.now()
+	failed := 0
 	for _, op := range s.alerts.engine.step(now, obs, active) {
 		if err := s.applyAlertOp(ctx, op, now); err != nil {
-			return err
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			failed++
+			s.log.Error("alert not recorded; tried again next pass", "kind", op.obs.kind, "key", op.obs.key, "change", op.change, "err", err)
 		}
+	}
+	if now.Sub(s.alerts.lastPrune) >= alertPruneEvery {
+		n, err := s.alerts.db.PruneAlerts(ctx, now.Add(-alertKeep))
+		if err != nil {
+			s.log.Error("alerts", "err", err)
+		} else {
+			s.alerts.lastPrune = now
+			if n > 0 {
+				s.log.Info("old resolved alerts pruned", "alerts", n, "older_than", alertKeep)
+			}
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d alert changes not recorded", failed)
 	}
 	return nil
 }
@@ -266,13 +344,28 @@ func (s *Server) applyAlertOp(ctx context.Context, op alertOp, now time.Time) er
 	case api.AlertChangeRaised:
 		a = store.Alert{Kind: o.kind, Key: o.key, Severity: op.sev, State: store.AlertActive, MachineID: o.machineID,
 			Machine: o.machine, Disk: o.disk, Subject: o.subject, Message: o.message, Action: o.action, Raised: now, Updated: now}
-		id, err := s.db.RaiseAlert(ctx, a)
+		id, err := s.alerts.db.RaiseAlert(ctx, a)
+		if errors.Is(err, store.ErrAlertActive) {
+			// Active already (a row the listing did not have): adopt it;
+			// the next pass sees it and escalates or resolves it.
+			old, gerr := s.alerts.db.ActiveAlert(ctx, o.kind, o.key)
+			if gerr != nil {
+				return fmt.Errorf("raise alert %s %s: %w; %w", o.kind, o.key, err, gerr)
+			}
+			s.log.Warn("alert already active; adopted", "kind", o.kind, "key", o.key, "alert", old.ID)
+			return nil
+		}
 		if err != nil {
 			return fmt.Errorf("raise alert %s: %w", o.kind, err)
 		}
 		a.ID = id
+	case alertChangeUpdate:
+		if err := s.alerts.db.UpdateAlert(ctx, op.active.ID, op.active.Severity, o.message, o.action, now); err != nil {
+			return fmt.Errorf("update alert %d: %w", op.active.ID, err)
+		}
+		return nil
 	case api.AlertChangeEscalate:
-		if err := s.db.UpdateAlert(ctx, op.active.ID, op.sev, o.message, o.action, now); err != nil {
+		if err := s.alerts.db.UpdateAlert(ctx, op.active.ID, op.sev, o.message, o.action, now); err != nil {
 			return fmt.Errorf("escalate alert %d: %w", op.active.ID, err)
 		}
 		a = *op.active
@@ -283,18 +376,20 @@ func (s *Server) applyAlertOp(ctx context.Context, op alertOp, now time.Time) er
 		if o.message != "" {
 			msg += "; now: " + o.message
 		}
-		if err := s.db.ResolveAlert(ctx, op.active.ID, op.active.Message, now); err != nil {
+		// The row keeps what was wrong and says what it is now: the
+		// resolve's notice is made from it.
+		rowMsg := op.active.Message
+		if o.message != "" && !strings.HasPrefix(o.message, "no longer applies") {
+			rowMsg += "; now: " + o.message
+		}
+		if err := s.alerts.db.ResolveAlert(ctx, op.active.ID, rowMsg, now); err != nil {
 			return fmt.Errorf("resolve alert %d: %w", op.active.ID, err)
 		}
 		a = *op.active
-		a.State, a.Resolved, a.Updated = store.AlertResolved, now, now
-		if o.message != "" && !strings.HasPrefix(o.message, "no longer applies") {
-			a.Message += "; now: " + o.message // for the notice; the row keeps what was raised
-		}
 		evSev = api.SeverityInfo
 	}
+	// The notice goes from the row (outbox.go), after the pass.
 	s.raise(ctx, store.Event{MachineID: o.machineID, Severity: evSev, Kind: alertEventKind(o.kind, op.change), Message: alertSubjectPrefix(a) + msg})
-	s.alerts.notify.Notify(notify.Notice{Change: op.change, Alert: alertJSON(a)})
 	return nil
 }
 
@@ -347,6 +442,8 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 		return nil, err
 	}
 	policies := map[string]replication.Policy{}
+	var applyErrs []string // machine: error, for the target's alert
+	stats := false
 	for _, m := range ms {
 		if m.Unprotected() {
 			continue // frozen: no RPO, no agent expected (its alerts clear)
@@ -358,12 +455,20 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 			}
 			policies[m.Policy] = p
 		}
-		mo, err := s.machineObs(ctx, m, p, now)
+		st, ok := s.ps.Stats(m.ID)
+		mo, err := s.machineObs(ctx, m, p, now, st, ok)
 		if err != nil {
 			return nil, err
 		}
 		obs = append(obs, mo...)
+		if ok {
+			stats = true
+			if st.ApplyError != "" {
+				applyErrs = append(applyErrs, m.Name+": "+st.ApplyError)
+			}
+		}
 	}
+	obs = append(obs, targetObs(s.target.String(), stats, applyErrs, s.cfg.HealthHold))
 	obs = append(obs, processServerObs(s.ProcessServer(), s.cfg.HealthHold)...)
 	vs, err := s.db.VCenters(ctx)
 	if err != nil {
@@ -378,12 +483,12 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 		}
 		obs = append(obs, o)
 	}
-	jobs, err := s.db.Jobs(ctx, 200)
+	jobs, err := s.db.FailedJobs(ctx, now.Add(-jobAlertFor))
 	if err != nil {
 		return nil, err
 	}
 	for _, j := range jobs {
-		if j.State == store.JobFailed && now.Sub(j.EndedAt) < jobAlertFor {
+		if now.Sub(j.EndedAt) < jobAlertFor {
 			obs = append(obs, alertObs{kind: api.AlertJobFailed, key: j.ID, level: 1, subject: fmt.Sprintf("job %s (%s %s)", j.ID, j.Kind, j.Subject),
 				message: fmt.Sprintf("job %s (%s %s) failed: %s", j.ID, j.Kind, j.Subject, orNone(j.Error)),
 				action:  fmt.Sprintf("read the job's steps (asr jobs %s), fix the cause and start it again; this alert clears %s after the failure", j.ID, jobAlertFor)})
@@ -408,10 +513,10 @@ func orNone(s string) string {
 }
 
 // machineObs observes a machine's RPO, its agent's heartbeat, its resyncs,
-// its scrub and the applier's writes to the target.
-func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.Policy, now time.Time) ([]alertObs, error) {
+// its scrub; st and ok are the process server's figures of it (ok: it has
+// some).
+func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.Policy, now time.Time, st procserver.MachineStats, ok bool) ([]alertObs, error) {
 	var obs []alertObs
-	st, ok := s.ps.Stats(m.ID)
 	protected := len(m.Disks) > 0
 	for _, d := range m.Disks {
 		if d.State != replication.StateProtected {
@@ -421,12 +526,17 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 	// The RPO. Without a status from the agent since this server started
 	// (an agent that never reconnected), it is measured from the newest
 	// durable data the vault knows: the latest recovery point or the
-	// agent's last contact.
-	if protected && p.RPOThreshold > 0 {
+	// agent's last contact. When it cannot be measured (a disk in resync,
+	// no threshold, nothing to measure from), the machine is still there:
+	// its RPO alert holds (keep), it does not clear.
+	rpoKeep := alertObs{kind: api.AlertRPO, key: m.ID, machineID: m.ID, machine: m.Name, keep: true}
+	if !protected || p.RPOThreshold <= 0 {
+		obs = append(obs, rpoKeep)
+	} else {
 		var r time.Duration
 		known, how := false, ""
 		if ok && !st.StatusAt.IsZero() {
-			r, known = rpo(st.LastStatus, st.StatusAt, time.Now()), true
+			r, known = rpo(st.LastStatus, st.StatusAt, now), true
 		} else {
 			var base time.Time
 			pts, err := s.db.Points(ctx, m.ID, 1)
@@ -454,6 +564,8 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 				o.message = fmt.Sprintf("RPO %s is back under the threshold of %s", r.Round(time.Second), p.RPOThreshold)
 			}
 			obs = append(obs, o)
+		} else {
+			obs = append(obs, rpoKeep)
 		}
 	}
 	// The agent's heartbeat: not connected for HeartbeatLost (warning),
@@ -500,24 +612,38 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 			message: fmt.Sprintf("the resync of disk %s of %s failed after %d attempts: %s; no recovery point is made until it succeeds", disk, m.Name, r.Attempts, orNone(r.LastError)),
 			action:  fmt.Sprintf("fix the cause, then start it again: asr resync --machine %s --disk %s (or the Resync button in the console)", m.Name, disk)})
 	}
-	// What the last scrub found.
-	if strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed") {
+	// What the last scrub found: damage (critical), or a scrub that could
+	// not run to its end (warning: nothing is known to be damaged).
+	switch m.ScrubOutcome {
+	case store.ScrubDamaged:
 		obs = append(obs, alertObs{kind: api.AlertScrubDamage, key: m.ID, level: 2, machineID: m.ID, machine: m.Name,
 			message: fmt.Sprintf("the scrub of %s's replica at %s: %s", m.Name, m.LastScrub.UTC().Format(time.RFC3339), m.ScrubResult),
 			action:  fmt.Sprintf("see which blocks: asr verify --machine %s; a resync repairs the replica (asr resync --machine %s); check the target's storage", m.Name, m.Name)})
-	}
-	// The applier's writes to the target.
-	if ok {
-		o := alertObs{kind: api.AlertTarget, key: m.ID, machineID: m.ID, machine: m.Name, subject: s.target.String(),
-			hold: s.cfg.HealthHold, clear: st.ApplyError == ""}
-		if st.ApplyError != "" {
-			o.level = 2
-			o.message = fmt.Sprintf("the replication data of %s cannot be applied to the target %s: %s; the process server's cache fills meanwhile", m.Name, s.target, st.ApplyError)
-			o.action = "check that the target storage is reachable and writable from this server (space, credentials, network); the applier retries on its own"
-		}
-		obs = append(obs, o)
+	case store.ScrubFailed:
+		obs = append(obs, alertObs{kind: api.AlertScrubFailed, key: m.ID, level: 1, machineID: m.ID, machine: m.Name,
+			message: fmt.Sprintf("the scrub of %s's replica at %s did not finish: %s; the replica is not checked", m.Name, m.LastScrub.UTC().Format(time.RFC3339), m.ScrubResult),
+			action:  fmt.Sprintf("fix the cause (the target's reachability, the server's logs), then scrub again: asr verify --machine %s", m.Name)})
 	}
 	return obs, nil
+}
+
+// targetObs observes the applier's writes to the target: one alert for
+// the target, however many machines it fails (applyErrs: "machine:
+// error"). Without any machine's figures (stats false: no agent came
+// since the start) it cannot be told: keep.
+func targetObs(target string, stats bool, applyErrs []string, hold time.Duration) alertObs {
+	o := alertObs{kind: api.AlertTarget, key: target, subject: "target " + target, hold: hold, clear: len(applyErrs) == 0, keep: !stats}
+	if len(applyErrs) > 0 {
+		o.level = 2
+		shown := applyErrs
+		if len(shown) > 5 {
+			shown = append(shown[:5:5], fmt.Sprintf("and %d more", len(applyErrs)-5))
+		}
+		o.message = fmt.Sprintf("the replication data of %d machines cannot be applied to the target %s (%s); the process server's cache fills meanwhile",
+			len(applyErrs), target, strings.Join(shown, "; "))
+		o.action = "check that the target storage is reachable and writable from this server (space, credentials, network); the applier retries on its own"
+	}
+	return o
 }
 
 // rpoLevel: warning over the threshold, critical over twice it.
@@ -550,11 +676,16 @@ func processServerObs(ps api.ProcessServer, hold time.Duration) []alertObs {
 		return 0
 	}
 	var obs []alertObs
-	if ps.HostError == "" {
+	// CPU < 0 is not sampled yet, MemoryTotal 0 not read: unmeasured, not
+	// low (it must not count towards clearing).
+	if ps.HostError == "" && ps.CPU >= 0 {
 		obs = append(obs,
 			mk(api.AlertPSCPU, above(ps.CPU, 0.80, 0.95), ps.CPU < 0.70,
 				fmt.Sprintf("the process server's CPU is %.0f%% busy (warning over 80%%, critical over 95%%, held %s)", ps.CPU*100, hold),
-				"see what else runs on the server's host (top); give the host more CPUs or move machines to another server"),
+				"see what else runs on the server's host (top); give the host more CPUs or move machines to another server"))
+	}
+	if ps.HostError == "" && ps.MemoryTotal > 0 {
+		obs = append(obs,
 			mk(api.AlertPSMemory, above(ps.Memory, 0.80, 0.95), ps.Memory < 0.70,
 				fmt.Sprintf("the process server's host uses %.0f%% of its memory (warning over 80%%, critical over 95%%, held %s)", ps.Memory*100, hold),
 				"see what uses the memory on the server's host (top, free -m); give the host more memory"))

@@ -178,8 +178,11 @@ func TestProcessServerObs(t *testing.T) {
 		{api.ProcessServer{CPU: 0.85}, api.AlertPSCPU, 1, false},
 		{api.ProcessServer{CPU: 0.96}, api.AlertPSCPU, 2, false},
 		{api.ProcessServer{CPU: 0.99, HostError: "no /proc"}, api.AlertPSCPU, -1, false},
-		{api.ProcessServer{Memory: 0.81}, api.AlertPSMemory, 1, false},
-		{api.ProcessServer{Memory: 0.951}, api.AlertPSMemory, 2, false},
+		{api.ProcessServer{CPU: -1}, api.AlertPSCPU, -1, false}, // not sampled yet: not observed
+		{api.ProcessServer{Memory: 0.81, MemoryTotal: 1 << 30}, api.AlertPSMemory, 1, false},
+		{api.ProcessServer{Memory: 0.951, MemoryTotal: 1 << 30}, api.AlertPSMemory, 2, false},
+		{api.ProcessServer{Memory: 0.1, MemoryTotal: 1 << 30}, api.AlertPSMemory, 0, true},
+		{api.ProcessServer{Memory: 0}, api.AlertPSMemory, -1, false}, // total unknown: not observed
 		{api.ProcessServer{CacheFree: 0.5, CacheState: api.CacheOK}, api.AlertPSCacheFree, 0, true},
 		{api.ProcessServer{CacheFree: 0.29, CacheState: api.CacheOK}, api.AlertPSCacheFree, 1, false},
 		{api.ProcessServer{CacheFree: 0.2, CacheState: api.CacheOK}, api.AlertPSCacheFree, 2, false},

@@ -78,6 +78,12 @@ func (h *hookRecorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+func (h *hookRecorder) bodiesCopy() []api.WebhookBody {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]api.WebhookBody(nil), h.bodies...)
+}
+
 func (h *hookRecorder) count(kind, change string) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -147,8 +153,12 @@ func TestAlertRPOOfAnAgentThatNeverReconnected(t *testing.T) {
 	for hook.count(api.AlertRPO, api.AlertChangeRaised) == 0 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
+	r.waitPasses(20) // no later duplicate
 	if c := hook.count(api.AlertRPO, api.AlertChangeRaised); c != 1 {
 		t.Fatalf("%d RPO notices at the webhook", c)
+	}
+	if c := hook.count(api.AlertHeartbeat, api.AlertChangeRaised); c != 1 {
+		t.Fatalf("%d heartbeat notices at the webhook", c)
 	}
 	// The events name it at its severity.
 	es, err := r.srv.Events(ctx, "", 50)
@@ -164,12 +174,18 @@ func TestAlertRPOOfAnAgentThatNeverReconnected(t *testing.T) {
 	if !found {
 		t.Fatalf("no rpo-exceeded event: %+v", es)
 	}
-	// Acknowledging keeps it active.
+	// Acknowledging keeps it active. The RPO grows while the agent is
+	// away: once critical it cannot escalate again (an escalation takes
+	// the acknowledgement back), so the acknowledgement must hold.
+	waitFor(t, "the RPO alert critical", func() bool {
+		return r.waitAlert(api.AlertRPO, "vm1", "").Severity == api.SeverityCritical
+	})
 	if err := r.client.AckAlert(ctx, a.ID); err != nil {
 		t.Fatal(err)
 	}
+	r.waitPasses(10)
 	a = r.waitAlert(api.AlertRPO, "vm1", "")
-	if a.Acked.IsZero() && a.Severity == api.SeverityWarning {
+	if a.Acked.IsZero() || a.Severity != api.SeverityCritical {
 		t.Fatalf("not acknowledged: %+v", a)
 	}
 	// The agent comes back: both clear.
@@ -204,7 +220,7 @@ func TestAlertConditions(t *testing.T) {
 	if err := db.PutResync(ctx, store.Resync{MachineID: id, Disk: 1, Reason: "sequence gap", State: store.ResyncFailed, Attempts: 5, LastError: "agent not connected"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.SetScrub(ctx, id, time.Now(), "3 damaged blocks on sda"); err != nil {
+	if err := db.SetScrub(ctx, id, time.Now(), store.ScrubDamaged, "3 damaged blocks on sda"); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.AddJob(ctx, store.Job{ID: "00000000000000aa", Kind: "protect", Subject: "vc1/web", State: store.JobRunning, Steps: "[]"}); err != nil {
@@ -236,7 +252,7 @@ func TestAlertConditions(t *testing.T) {
 	if err := db.DeleteResync(ctx, id, 1); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.SetScrub(ctx, id, time.Now(), "ok: 2 disks checked"); err != nil {
+	if err := db.SetScrub(ctx, id, time.Now(), store.ScrubOK, "ok: 2 disks checked"); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.SetVCenterStatus(ctx, "vc1", true, time.Now(), "", ""); err != nil {

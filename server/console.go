@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strings"
 	"time"
 
 	"golang.org/x/crypto/argon2"
@@ -355,7 +354,7 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 	v := api.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
 		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected,
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
-		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
+		ScrubDamage: m.ScrubOutcome == store.ScrubDamaged || m.ScrubOutcome == store.ScrubFailed}
 	l.link(&v, m.BIOSUUID)
 	modes := map[string]string{}
 	if m.DiskModes != "" {

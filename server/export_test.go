@@ -23,3 +23,13 @@ func (s *Server) ProcessServerForTest() *procserver.Server { return s.ps }
 func SetDiscoveryTiming(s *Server, minBackoff, maxBackoff, maxWait time.Duration) {
 	s.vc.minBackoff, s.vc.maxBackoff, s.vc.maxWait = minBackoff, maxBackoff, maxWait
 }
+
+// AlertPasses counts the passes of the alert loop (each an engine pass
+// and an outbox flush).
+func AlertPasses(s *Server) int64 { return s.alerts.passes.Load() }
+
+// SetOutboxBackoff sets the backoff between the sends of a failing alert
+// notice. Call it before Run.
+func SetOutboxBackoff(s *Server, min, max time.Duration) {
+	s.alerts.outbox.minBackoff, s.alerts.outbox.maxBackoff = min, max
+}

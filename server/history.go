@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -45,6 +46,9 @@ func (s *Server) sampleHistory(ctx context.Context, now time.Time) error {
 			continue
 		}
 		v, err := s.machineView(ctx, m, &links{}) // no VM look-up
+		if errors.Is(err, store.ErrNotFound) {
+			continue // deleted since the listing
+		}
 		if err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}

@@ -195,6 +195,13 @@ var (
 	descRPO = prometheus.NewDesc("asr_machine_rpo_seconds",
 		"Current data-loss window: how far back the newest change the process server holds durably lies (only while known; see asr_machine_rpo_known).",
 		[]string{"machine"}, nil)
+	descRPOLowerBound = prometheus.NewDesc("asr_machine_rpo_lower_bound_seconds",
+		"While the RPO is not known (its agent has not reported since the server started): a lower bound of it, from the agent's last contact or the machine's latest recovery point (absent when neither is known).",
+		[]string{"machine"}, nil)
+	descAlertsActive = prometheus.NewDesc("asr_alerts_active",
+		"Active alerts, by kind and severity (warning, critical).", []string{"kind", "severity"}, nil)
+	descAlertPasses = prometheus.NewDesc("asr_alert_engine_passes_total",
+		"Passes of the alert engine (each evaluates every condition, then sends the notices not sent yet) since the server started.", nil, nil)
 	descRPOKnown = prometheus.NewDesc("asr_machine_rpo_known",
 		"1 if the machine's RPO is known (its agent reported since the server started), else 0.",
 		[]string{"machine"}, nil)
@@ -282,12 +289,12 @@ var (
 
 // Describe sends the collector's descriptions.
 func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMachineInfo, descRPO, descRPOKnown, descMachineState, descConnected,
+	for _, d := range []*prometheus.Desc{descMachineInfo, descRPO, descRPOLowerBound, descRPOKnown, descMachineState, descConnected,
 		descReceived, descApplied, descBacklog, descBacklogAge, descPoints, descLastPoint, descMachineProgress,
 		descDiskSize, descDiskState, descDiskInitial, descDiskResync, descDiskResyncState,
 		descPSBacklog, descPSBacklogAge, descPSUploadRate, descPSUploaded, descPSRaw, descPSWire, descPSCompression,
 		descPSCacheFree, descPSCacheFreeB, descPSCacheState, descPSCPU, descPSMemory, descPSMemoryTotal,
-		descJobsRunning, descInfo} {
+		descJobsRunning, descInfo, descAlertsActive, descAlertPasses} {
 		ch <- d
 	}
 }
@@ -343,6 +350,36 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	if err := c.collectMachines(ctx, gauge, counter); err != nil {
 		ch <- prometheus.NewInvalidMetric(descMachineInfo, fmt.Errorf("read the machines: %w", err))
 	}
+	counter(descAlertPasses, float64(s.alerts.passes.Load()))
+	if err := c.collectAlerts(ctx, gauge); err != nil {
+		ch <- prometheus.NewInvalidMetric(descAlertsActive, fmt.Errorf("read the alerts: %w", err))
+	}
+}
+
+// alertKinds are the kinds asr_alerts_active always shows (0 when none is
+// active), so that an alert rule on them has a series to read.
+var alertKinds = []string{api.AlertRPO, api.AlertHeartbeat, api.AlertPSCPU, api.AlertPSMemory, api.AlertPSCacheFree,
+	api.AlertPSUpload, api.AlertResyncFailed, api.AlertScrubDamage, api.AlertScrubFailed, api.AlertJobFailed,
+	api.AlertVCenter, api.AlertTarget, api.AlertCertificate}
+
+// collectAlerts sends the count of active alerts by kind and severity.
+func (c *metricsCollector) collectAlerts(ctx context.Context, gauge func(*prometheus.Desc, float64, ...string)) error {
+	as, err := c.s.db.ActiveAlerts(ctx)
+	if err != nil {
+		return err
+	}
+	type ks struct{ kind, sev string }
+	n := map[ks]int{}
+	for _, k := range alertKinds {
+		n[ks{k, api.SeverityWarning}], n[ks{k, api.SeverityCritical}] = 0, 0
+	}
+	for _, a := range as {
+		n[ks{a.Kind, a.Severity}]++
+	}
+	for k, v := range n {
+		gauge(descAlertsActive, float64(v), k.kind, k.sev)
+	}
+	return nil
 }
 
 // collectMachines sends every machine's and disk's metrics.
@@ -366,6 +403,8 @@ func (c *metricsCollector) collectMachines(ctx context.Context, gauge, counter f
 		gauge(descRPOKnown, bool01(v.RPOKnown), name)
 		if v.RPOKnown {
 			gauge(descRPO, v.RPO.Seconds(), name)
+		} else if r, exact, ok := v.RPOAtLeast(s.now()); ok && !exact {
+			gauge(descRPOLowerBound, r.Seconds(), name)
 		}
 		for _, st := range machineStates {
 			gauge(descMachineState, bool01(v.State == st), name, st)

@@ -235,6 +235,9 @@ func TestMetrics(t *testing.T) {
 	if v := s.must(t, "asr_machine_rpo_known", m...); v != 1 || !before.RPOKnown {
 		t.Errorf("asr_machine_rpo_known = %v (API: %v)", v, before.RPOKnown)
 	}
+	if _, ok := s.value("asr_machine_rpo_lower_bound_seconds", m...); ok {
+		t.Error("asr_machine_rpo_lower_bound_seconds shown while the RPO is known")
+	}
 	// The agent reports every few seconds, resetting the RPO: a sanity
 	// bound only.
 	if v := s.must(t, "asr_machine_rpo_seconds", m...); v < 0 || v > hung.Seconds() {
@@ -418,4 +421,52 @@ func benchmarkMetricsScrape(b *testing.B, machines int) {
 		size = len(body)
 	}
 	b.ReportMetric(float64(size), "bytes/scrape")
+}
+
+// A machine whose agent did not come back after a restart: its RPO is not
+// known, its lower bound is shown and grows; the active alerts are
+// counted by kind and severity, zero for the kinds with none.
+func TestMetricsRPOLowerBoundAndAlerts(t *testing.T) {
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger()}
+	r.start()
+	disk := filepath.Join(dir, "d.img")
+	mustDisk(t, disk, 1<<20, 1)
+	ra := startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk}))
+	r.waitProtected("vm1")
+	ra.close()
+	r.stop()
+	r.tune = func(c *server.Config) { c.PolicyEvery, c.HeartbeatLost = 10*time.Millisecond, time.Hour }
+	r.start()
+	mustFailedJob(t, r.srv.DB(), "00000000000000cc")
+	r.waitAlert(api.AlertJobFailed, "", "")
+	hc := r.httpsClient()
+	tok := mustSecret(t, filepath.Join(dir, "srv", server.MetricsTokenFile))
+	s := r.scrape(hc, tok)
+	m := []string{"machine", "vm1"}
+	if v := s.must(t, "asr_machine_rpo_known", m...); v != 0 {
+		t.Fatalf("asr_machine_rpo_known = %v after a restart without the agent", v)
+	}
+	lb := s.must(t, "asr_machine_rpo_lower_bound_seconds", m...)
+	if lb <= 0 {
+		t.Fatalf("asr_machine_rpo_lower_bound_seconds = %v", lb)
+	}
+	if v := s.must(t, "asr_alerts_active", "kind", api.AlertJobFailed, "severity", api.SeverityWarning); v != 1 {
+		t.Errorf("asr_alerts_active{job-failed,warning} = %v", v)
+	}
+	if v := s.must(t, "asr_alerts_active", "kind", api.AlertScrubDamage, "severity", api.SeverityCritical); v != 0 {
+		t.Errorf("asr_alerts_active{scrub-damage,critical} = %v", v)
+	}
+	passes := s.must(t, "asr_alert_engine_passes_total")
+	if passes < 1 {
+		t.Errorf("asr_alert_engine_passes_total = %v", passes)
+	}
+	r.waitPasses(3)
+	s2 := r.scrape(hc, tok)
+	if v := s2.must(t, "asr_machine_rpo_lower_bound_seconds", m...); v <= lb {
+		t.Errorf("the lower bound did not grow: %v then %v", lb, v)
+	}
+	if v := s2.must(t, "asr_alert_engine_passes_total"); v < passes+3 {
+		t.Errorf("asr_alert_engine_passes_total %v then %v", passes, v)
+	}
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,6 +39,7 @@ type storedEmail struct {
 	Secret      []byte   `json:"secret,omitempty"` // the sealed password
 	MinSeverity string   `json:"min_severity"`
 	Digest      int64    `json:"digest_ns"`
+	CAPEM       string   `json:"ca_pem,omitempty"` // the SMTP server's CA, PEM; "": the system's roots
 }
 
 type storedWebhook struct {
@@ -86,6 +88,13 @@ func (s *Server) loadNotifications(ctx context.Context) error {
 	if se != nil {
 		e = &notify.Email{Addr: se.SMTP, From: se.From, To: se.To, StartTLS: se.StartTLS, User: se.User,
 			MinSeverity: se.MinSeverity, Digest: time.Duration(se.Digest)}
+		if se.CAPEM != "" {
+			pool, err := notify.ParseCA([]byte(se.CAPEM))
+			if err != nil {
+				return fmt.Errorf("setting %s: %w", emailSetting, err)
+			}
+			e.TLSConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		}
 		if len(se.Secret) > 0 {
 			pw, err := s.cat.Codec.Open(smtpSecretKey, smtpSecretKind, se.Secret)
 			if err != nil {
@@ -110,7 +119,7 @@ func (s *Server) Notifications(ctx context.Context) (api.NotificationSettings, e
 	var out api.NotificationSettings
 	if se != nil {
 		out.Email = &api.EmailSettings{SMTP: se.SMTP, From: se.From, To: se.To, StartTLS: se.StartTLS, User: se.User,
-			PasswordSet: len(se.Secret) > 0, MinSeverity: se.MinSeverity, Digest: time.Duration(se.Digest).String()}
+			PasswordSet: len(se.Secret) > 0, MinSeverity: se.MinSeverity, Digest: time.Duration(se.Digest).String(), CAPEM: se.CAPEM}
 	}
 	if sw != nil {
 		out.Webhook = &api.WebhookSettings{URL: sw.URL, MinSeverity: sw.MinSeverity}
@@ -150,19 +159,40 @@ func (s *Server) SetEmail(ctx context.Context, req *api.EmailSettings) error {
 	if e.User == "" && e.Password != "" {
 		return errorf(http.StatusBadRequest, "a password without a user; nothing was changed")
 	}
+	if req.CAPEM != "" {
+		if req.NoCA {
+			return errorf(http.StatusBadRequest, "a CA and no CA; nothing was changed")
+		}
+		if _, err := notify.ParseCA([]byte(req.CAPEM)); err != nil {
+			return errorf(http.StatusBadRequest, "%v; nothing was changed", err)
+		}
+	}
 	st := storedEmail{Version: notifySettingV1, SMTP: e.Addr, From: e.From, To: e.To, StartTLS: e.StartTLS, User: e.User,
-		MinSeverity: e.MinSeverity, Digest: int64(e.Digest)}
+		MinSeverity: e.MinSeverity, Digest: int64(e.Digest), CAPEM: req.CAPEM}
+	old, _, err := s.notifySettings(ctx)
+	if err != nil {
+		return err
+	}
+	// What the request leaves out is kept only for the same server: the
+	// sealed password for the same server and user (it is not sent to
+	// another), the CA for the same server.
+	same := old != nil && old.SMTP == e.Addr
+	if st.CAPEM == "" && !req.NoCA && same {
+		st.CAPEM = old.CAPEM
+	}
 	if e.User != "" {
-		if e.Password != "" {
+		switch {
+		case e.Password != "":
 			sealed, err := s.cat.Codec.Seal(smtpSecretKey, smtpSecretKind, []byte(e.Password))
 			if err != nil {
 				return err
 			}
 			st.Secret = sealed
-		} else if old, _, err := s.notifySettings(ctx); err == nil && old != nil && old.User == e.User {
-			st.Secret = old.Secret // the same user keeps the stored password
-		} else if err != nil {
-			return err
+		case same && old.User == e.User:
+			st.Secret = old.Secret
+		case old != nil && len(old.Secret) > 0:
+			return errorf(http.StatusBadRequest, "the SMTP server or user changed (was %s, user %q): give the password again (the stored one is only kept for the same server and user); nothing was changed",
+				old.SMTP, old.User)
 		}
 	}
 	b, err := json.Marshal(st)

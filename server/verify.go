@@ -136,13 +136,16 @@ func (s *Server) ScrubMachine(ctx context.Context, m store.Machine, scheduled bo
 		err = serr
 	}
 	if err != nil {
-		s.db.SetScrub(s.ctx, m.ID, start, "failed: "+err.Error())
+		s.db.SetScrub(s.ctx, m.ID, start, store.ScrubFailed, "failed: "+err.Error())
 		s.raise(s.ctx, store.Event{MachineID: m.ID, Severity: "error", Kind: "scrub-failed",
 			Message: fmt.Sprintf("the scrub of the replica failed: %v", err)})
 		return rep, err
 	}
-	summary := scrubSummary(rep)
-	if err := s.db.SetScrub(s.ctx, m.ID, start, summary); err != nil {
+	summary, outcome := scrubSummary(rep), store.ScrubOK
+	if rep.Damaged() {
+		outcome = store.ScrubDamaged
+	}
+	if err := s.db.SetScrub(s.ctx, m.ID, start, outcome, summary); err != nil {
 		return rep, err
 	}
 	if !rep.Damaged() {

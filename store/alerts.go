@@ -35,20 +35,32 @@ type Alert struct {
 	Updated   time.Time
 	Resolved  time.Time
 	Acked     time.Time
+	// The outbox: when the raise was told (zero: not yet), the severity
+	// last told, when the resolve was told.
+	Notified         time.Time
+	NotifiedSeverity string
+	ResolveNotified  time.Time
 }
 
 // ErrAlertActive is returned by RaiseAlert when an active alert of the same
 // kind and subject exists.
 var ErrAlertActive = errors.New("an active alert of this kind and subject exists")
 
-const alertCols = `id, kind, subject_key, severity, state, machine_id, machine, disk, subject, message, action, raised, updated, resolved, acked`
+const alertCols = `id, kind, subject_key, severity, state, machine_id, machine, disk, subject, message, action, raised, updated, resolved, acked,
+	notified_at, notified_severity, resolve_notified_at`
 
 func scanAlert(s interface{ Scan(...any) error }) (Alert, error) {
 	var a Alert
-	var raised, updated, resolved, acked int64
+	var raised, updated, resolved, acked, notified, resolveNotified int64
 	err := s.Scan(&a.ID, &a.Kind, &a.Key, &a.Severity, &a.State, &a.MachineID, &a.Machine, &a.Disk, &a.Subject,
-		&a.Message, &a.Action, &raised, &updated, &resolved, &acked)
+		&a.Message, &a.Action, &raised, &updated, &resolved, &acked, &notified, &a.NotifiedSeverity, &resolveNotified)
 	a.Raised, a.Updated = time.Unix(0, raised), time.Unix(0, updated)
+	if notified != 0 {
+		a.Notified = time.Unix(0, notified)
+	}
+	if resolveNotified != 0 {
+		a.ResolveNotified = time.Unix(0, resolveNotified)
+	}
 	if resolved != 0 {
 		a.Resolved = time.Unix(0, resolved)
 	}
@@ -113,8 +125,9 @@ func (d *DB) Alert(ctx context.Context, id int64) (Alert, error) {
 	return a, err
 }
 
-// Alerts lists the active alerts (most severe, then newest first) and,
-// with all, then the newest resolved ones, at most limit in all.
+// Alerts lists the active alerts (the critical first, then newest first)
+// and, with all, then the resolved ones, the latest resolved first: at
+// most limit in all (limit <= 0: no limit).
 func (d *DB) Alerts(ctx context.Context, all bool, limit int) ([]Alert, error) {
 	q := `SELECT ` + alertCols + ` FROM alerts WHERE state = ?`
 	args := []any{AlertActive}
@@ -122,8 +135,77 @@ func (d *DB) Alerts(ctx context.Context, all bool, limit int) ([]Alert, error) {
 		q = `SELECT ` + alertCols + ` FROM alerts`
 		args = nil
 	}
-	q += ` ORDER BY state = 'active' DESC, severity = 'critical' DESC, id DESC LIMIT ?`
-	args = append(args, limit)
+	// The same expressions as the index alerts_listing.
+	q += ` ORDER BY state = 'active' DESC, (state = 'active' AND severity = 'critical') DESC, resolved DESC, id DESC`
+	if limit > 0 {
+		q += ` LIMIT ?`
+		args = append(args, limit)
+	}
+	return d.queryAlerts(ctx, q, args...)
+}
+
+// ActiveAlerts lists every active alert, in no particular order.
+func (d *DB) ActiveAlerts(ctx context.Context) ([]Alert, error) {
+	return d.queryAlerts(ctx, `SELECT `+alertCols+` FROM alerts WHERE state = ?`, AlertActive)
+}
+
+// ActiveAlert returns the active alert of a kind and subject (ErrNotFound
+// if there is none).
+func (d *DB) ActiveAlert(ctx context.Context, kind, key string) (Alert, error) {
+	a, err := scanAlert(d.db.QueryRowContext(ctx, `SELECT `+alertCols+` FROM alerts WHERE state = ? AND kind = ? AND subject_key = ?`,
+		AlertActive, kind, key))
+	if errors.Is(err, sql.ErrNoRows) {
+		return a, fmt.Errorf("active alert %s %s: %w", kind, key, ErrNotFound)
+	}
+	return a, err
+}
+
+// UnsentAlerts lists the alerts with a notice still to send, oldest first:
+// active ones whose raise or current severity was not told, resolved
+// ones whose resolve was not told.
+func (d *DB) UnsentAlerts(ctx context.Context) ([]Alert, error) {
+	// The same condition as the index alerts_unsent.
+	return d.queryAlerts(ctx, `SELECT `+alertCols+` FROM alerts
+		WHERE (state = 'active' AND (notified_at = 0 OR notified_severity != severity))
+		   OR (state = 'resolved' AND resolve_notified_at = 0) ORDER BY id`)
+}
+
+// Notice changes that MarkAlertNotified records (api.AlertChange*).
+const (
+	NoticeRaised   = "raised"
+	NoticeEscalate = "escalated"
+	NoticeResolved = "resolved"
+)
+
+// MarkAlertNotified records that a notice of an alert was sent: a raise
+// or an escalation at severity, or its resolve. Marking twice is not an
+// error; a missing alert (pruned, its machine deleted) is not one either.
+func (d *DB) MarkAlertNotified(ctx context.Context, id int64, change, severity string, at time.Time) error {
+	var err error
+	switch change {
+	case NoticeRaised, NoticeEscalate:
+		_, err = d.db.ExecContext(ctx, `UPDATE alerts SET notified_at = CASE WHEN notified_at = 0 THEN ? ELSE notified_at END,
+			notified_severity = ? WHERE id = ?`, at.UnixNano(), severity, id)
+	case NoticeResolved:
+		_, err = d.db.ExecContext(ctx, `UPDATE alerts SET resolve_notified_at = ? WHERE id = ? AND resolve_notified_at = 0`, at.UnixNano(), id)
+	default:
+		return fmt.Errorf("alert %d: unknown notice change %q", id, change)
+	}
+	return err
+}
+
+// PruneAlerts deletes the alerts resolved before a time, and returns how
+// many it deleted. An alert whose resolve is not told yet is kept.
+func (d *DB) PruneAlerts(ctx context.Context, before time.Time) (int64, error) {
+	r, err := d.db.ExecContext(ctx, `DELETE FROM alerts WHERE state = ? AND resolved < ? AND resolve_notified_at != 0`,
+		AlertResolved, before.UnixNano())
+	if err != nil {
+		return 0, fmt.Errorf("prune alerts: %w", err)
+	}
+	return r.RowsAffected()
+}
+
+func (d *DB) queryAlerts(ctx context.Context, q string, args ...any) ([]Alert, error) {
 	rows, err := d.db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err

@@ -23,12 +23,16 @@ type Sample struct {
 const MaxSamplesPerMachine = 1600
 
 // AddSamples records samples in one transaction. A sample at the time of an
-// existing one of the same machine replaces it.
+// existing one of the same machine replaces it; a sample of a machine
+// not in the vault (deleted meanwhile) is skipped.
 func (d *DB) AddSamples(ctx context.Context, ss []Sample) error {
 	return d.tx(ctx, func(tx *sql.Tx) error {
 		for _, s := range ss {
-			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO history (machine_id, time, rpo_ns, bytes) VALUES (?, ?, ?, ?)`,
-				s.MachineID, s.Time.UnixNano(), int64(s.RPO), s.Bytes); err != nil {
+			// A machine deleted since the caller listed it is skipped,
+			// not a foreign key failure of the whole batch.
+			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO history (machine_id, time, rpo_ns, bytes)
+				SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM machines WHERE id = ?)`,
+				s.MachineID, s.Time.UnixNano(), int64(s.RPO), s.Bytes, s.MachineID); err != nil {
 				return fmt.Errorf("add history sample: %w", err)
 			}
 		}

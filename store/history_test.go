@@ -72,3 +72,28 @@ func TestHistoryBounded(t *testing.T) {
 		t.Fatalf("%d samples from %v; want %d from the 50th", len(got), got[0].Time, MaxSamplesPerMachine)
 	}
 }
+
+// A machine deleted between the listing and AddSamples does not fail the
+// batch: its sample is skipped, the others are kept.
+func TestHistoryOfADeletedMachine(t *testing.T) {
+	ctx := context.Background()
+	d := mustOpen(t, filepath.Join(t.TempDir(), "vault.db"))
+	for _, id := range []string{"aa", "bb"} {
+		if _, _, err := d.CreateMachine(ctx, id, "vm-"+id, "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.DeleteMachine(ctx, "aa"); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	if err := d.AddSamples(ctx, []Sample{{MachineID: "aa", Time: t0, RPO: time.Second, Bytes: 1}, {MachineID: "bb", Time: t0, RPO: time.Second, Bytes: 2}}); err != nil {
+		t.Fatalf("a deleted machine's sample failed the batch: %v", err)
+	}
+	if got, err := d.History(ctx, "bb", t0); err != nil || len(got) != 1 || got[0].Bytes != 2 {
+		t.Fatalf("bb's history %+v %v", got, err)
+	}
+	if got, _ := d.History(ctx, "aa", t0); len(got) != 0 {
+		t.Fatalf("aa's history %+v", got)
+	}
+}

@@ -116,3 +116,23 @@ func (d *DB) Jobs(ctx context.Context, limit int) ([]Job, error) {
 	}
 	return js, rows.Err()
 }
+
+// FailedJobs lists the failed jobs that ended at or after since, newest
+// first, however many.
+func (d *DB) FailedJobs(ctx context.Context, since time.Time) ([]Job, error) {
+	rows, err := d.db.QueryContext(ctx, `SELECT `+jobCols+` FROM jobs WHERE state = ? AND ended_at >= ? ORDER BY ended_at DESC`,
+		JobFailed, since.UnixNano())
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var js []Job
+	for rows.Next() {
+		j, err := scanJob(rows)
+		if err != nil {
+			return nil, err
+		}
+		js = append(js, j)
+	}
+	return js, rows.Err()
+}

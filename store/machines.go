@@ -27,6 +27,9 @@ type Machine struct {
 	// checksums, and ScrubResult what that found.
 	LastScrub   time.Time
 	ScrubResult string
+	// ScrubOutcome is what the last scrub found: ScrubOK, ScrubDamaged,
+	// ScrubFailed, or "" (none yet).
+	ScrubOutcome string
 	// BIOSUUID is the guest's BIOS UUID as its agent reports it (lower
 	// case; "" if the agent does not know it): what links the machine to a
 	// VM of the inventory.
@@ -113,13 +116,13 @@ func (d *DB) CreateMachine(ctx context.Context, id, name, serial string) (Machin
 	return m, created, err
 }
 
-const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid, disk_modes, unprotected_at, delete_replica`
+const machineCols = `id, name, cert_serial, registered_at, last_seen, agent_version, bytes_received, last_error, policy, group_name, last_scrub, scrub_result, bios_uuid, disk_modes, unprotected_at, delete_replica, scrub_outcome`
 
 func scanMachine(s interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
 	var reg, seen, scrub, unprotected int64
 	err := s.Scan(&m.ID, &m.Name, &m.CertSerial, &reg, &seen, &m.AgentVersion, &m.BytesReceived, &m.LastError, &m.Policy, &m.Group, &scrub, &m.ScrubResult, &m.BIOSUUID, &m.DiskModes,
-		&unprotected, &m.DeleteReplica)
+		&unprotected, &m.DeleteReplica, &m.ScrubOutcome)
 	if unprotected != 0 {
 		m.UnprotectedAt = time.Unix(0, unprotected)
 	}
@@ -236,9 +239,18 @@ func (d *DB) SetDiskModes(ctx context.Context, id, modes string) error {
 	return err
 }
 
-// SetScrub records a machine's last scrub and what it found.
-func (d *DB) SetScrub(ctx context.Context, id string, at time.Time, result string) error {
-	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_scrub = ?, scrub_result = ? WHERE id = ?`, at.UnixNano(), result, id)
+// Scrub outcomes (Machine.ScrubOutcome).
+const (
+	ScrubOK      = "ok"
+	ScrubDamaged = "damaged" // it found damaged blocks
+	ScrubFailed  = "failed"  // it could not run to its end
+)
+
+// SetScrub records a machine's last scrub: its outcome (ScrubOK,
+// ScrubDamaged, ScrubFailed) and what it found, for display.
+func (d *DB) SetScrub(ctx context.Context, id string, at time.Time, outcome, result string) error {
+	_, err := d.db.ExecContext(ctx, `UPDATE machines SET last_scrub = ?, scrub_outcome = ?, scrub_result = ? WHERE id = ?`,
+		at.UnixNano(), outcome, result, id)
 	return err
 }
 
@@ -262,11 +274,15 @@ func (d *DB) SetUnprotected(ctx context.Context, id string, at time.Time, delete
 }
 
 // DeleteMachine deletes a machine's row with its disks, points and resync
-// rows (by cascade) and its events. Deleting a missing machine is nil.
+// rows (by cascade), its events and its alerts. Deleting a missing
+// machine is nil.
 func (d *DB) DeleteMachine(ctx context.Context, id string) error {
 	return d.tx(ctx, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, `DELETE FROM events WHERE machine_id = ?`, id); err != nil {
 			return fmt.Errorf("delete the events of machine %s: %w", id, err)
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM alerts WHERE machine_id = ?`, id); err != nil {
+			return fmt.Errorf("delete the alerts of machine %s: %w", id, err)
 		}
 		if _, err := tx.ExecContext(ctx, `DELETE FROM machines WHERE id = ?`, id); err != nil {
 			return fmt.Errorf("delete machine %s: %w", id, err)

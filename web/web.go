@@ -233,7 +233,8 @@ func New(b Backend, opts Options) *Handler {
 	r.Handle("/static/*", http.StripPrefix("/static/", staticHandler()))
 	r.Get("/login", auth.loginPage)
 	r.Post("/login", auth.login)
-	r.Get("/login/link", auth.loginLink)
+	r.Get("/login/link", auth.loginLinkPage)
+	r.Post("/login/link", auth.loginLink)
 	r.Group(func(r chi.Router) {
 		r.Use(auth.requireSession)
 		r.Get("/", dashboard.page)

@@ -46,6 +46,7 @@ const (
 	AlertPSUpload       = "ps-upload"       // estimated cache upload time
 	AlertResyncFailed   = "resync-failed"   // a disk's resync failed
 	AlertScrubDamage    = "scrub-damage"    // a scrub found damaged blocks
+	AlertScrubFailed    = "scrub-failed"    // a scrub could not run to its end
 	AlertJobFailed      = "job-failed"      // a job failed
 	AlertVCenter        = "vcenter-unreachable"
 	AlertTarget         = "target-unreachable" // the applier cannot write to the target
@@ -84,6 +85,11 @@ type EmailSettings struct {
 	PasswordSet bool     `json:"password_set,omitempty"`
 	MinSeverity string   `json:"min_severity,omitempty"` // warning (default) or critical
 	Digest      string   `json:"digest,omitempty"`       // batching interval, e.g. 5m (default); 0 sends every notice at once
+	// CAPEM is the CA (PEM certificates) the SMTP server's STARTTLS
+	// certificate is checked against instead of the system's roots. Empty
+	// keeps the stored one while the SMTP server is the same; NoCA drops it.
+	CAPEM string `json:"ca_pem,omitempty"`
+	NoCA  bool   `json:"no_ca,omitempty"`
 }
 
 // WebhookSettings is where alerts are POSTed as JSON (PUT

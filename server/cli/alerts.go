@@ -4,13 +4,33 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/server/notify"
 )
+
+// readLimited reads a small file, refusing one over max bytes.
+func readLimited(path string, max int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	if int64(len(b)) > max {
+		return nil, fmt.Errorf("%s: larger than %d bytes", path, max)
+	}
+	return b, nil
+}
 
 // runAlerts lists and acknowledges alerts and sets how they are sent:
 // asr alerts [list] [--all] [--json] | ack ID | email ... | webhook ... | test.
@@ -110,7 +130,9 @@ func alertsEmail(ctx context.Context, e *env, args []string) error {
 	to := fs.String("to", "", "recipients, ADDR[,ADDR...]")
 	starttls := fs.Bool("starttls", true, "refuse to send unless the server offers STARTTLS (--starttls=false: send in clear)")
 	user := fs.String("user", "", "SMTP user (AUTH PLAIN or LOGIN)")
-	passFile := fs.String("password-file", "", "file holding the SMTP password (stored sealed with the vault's key)")
+	passFile := fs.String("password-file", "", "file holding the SMTP password (stored sealed with the vault's key; kept, if not given, only for the same --smtp and --user)")
+	caFile := fs.String("smtp-ca-file", "", "PEM file of the CA that signs the SMTP server's certificate (STARTTLS), instead of the system's roots; kept, if not given, for the same --smtp")
+	noCA := fs.Bool("no-smtp-ca", false, "drop the stored CA: check the SMTP server's certificate against the system's roots")
 	minSev := fs.String("min-severity", "warning", "send alerts of this severity and above: warning or critical")
 	digest := fs.String("digest", "5m", "batch the alerts after the first of a storm for this long (0: send each at once)")
 	off := fs.Bool("off", false, "turn alert e-mail off")
@@ -143,6 +165,20 @@ func alertsEmail(ctx context.Context, e *env, args []string) error {
 		}
 		req.Password = string(pw)
 	}
+	if *caFile != "" {
+		if *noCA {
+			return errors.New("--smtp-ca-file and --no-smtp-ca: choose one")
+		}
+		b, err := readLimited(*caFile, notify.MaxCABytes)
+		if err != nil {
+			return err
+		}
+		if _, err := notify.ParseCA(b); err != nil {
+			return fmt.Errorf("%s: %w", *caFile, err)
+		}
+		req.CAPEM = string(b)
+	}
+	req.NoCA = *noCA
 	if err := c.SetEmail(ctx, req); err != nil {
 		return err
 	}

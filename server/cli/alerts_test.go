@@ -53,6 +53,27 @@ func TestAlertsCommand(t *testing.T) {
 	if ms := mail.Mails(); len(ms) != 1 || len(ms[0].To) != 2 || !strings.Contains(ms[0].Data, "Subject: [asr] TEST") {
 		t.Fatalf("mails %+v", ms)
 	}
+	// A CA for STARTTLS from a file: checked before it is sent.
+	bad := filepath.Join(t.TempDir(), "bad.pem")
+	if err := os.WriteFile(bad, []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustFail(t, "CA file", with("alerts", "email", "--smtp", mail.Addr, "--from", "asr@example.com", "--to", "a@example.com", "--smtp-ca-file", bad)...)
+	mustFail(t, "choose one", with("alerts", "email", "--smtp", mail.Addr, "--from", "asr@example.com", "--to", "a@example.com", "--smtp-ca-file", bad, "--no-smtp-ca")...)
+	tlsMail, err := smtptest.Start(smtptest.Options{StartTLS: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tlsMail.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, tlsMail.CAPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, with("alerts", "email", "--smtp", tlsMail.Addr, "--from", "asr@example.com", "--to", "a@example.com", "--smtp-ca-file", ca)...)
+	mustRun(t, with("alerts", "test")...)
+	if ms := tlsMail.Mails(); len(ms) != 1 || !ms[0].TLS {
+		t.Fatalf("mails over STARTTLS %+v", ms)
+	}
 	mustRun(t, with("alerts", "email", "--off")...)
 	mustFail(t, "no notification channel is set up", with("alerts", "test")...)
 }

@@ -43,7 +43,7 @@ Usage:
   asr policy   list|show|create|set|assign ...
   asr events   [--machine M]
   asr alerts   [list] [--all] [--json] | ack ID | test | webhook --url URL | webhook --off | email --off
-  asr alerts   email --smtp HOST:PORT --from ADDR --to ADDR[,ADDR...] [--starttls=false] [--user U --password-file F]
+  asr alerts   email --smtp HOST:PORT --from ADDR --to ADDR[,ADDR...] [--starttls=false] [--user U --password-file F] [--smtp-ca-file F | --no-smtp-ca]
                [--min-severity warning|critical] [--digest 5m]
   asr group    set --machine M --group G | clear --machine M
   asr resync   --machine M [--disk D] [--wait] | --machine M --status | --window HH:MM-HH:MM [--policy P]

@@ -6,15 +6,21 @@
 //
 // A Notifier never blocks its caller: notices go into bounded queues, one
 // per channel, each emptied by its own goroutine, so a slow SMTP server
-// delays neither the alert engine nor the webhook. A full queue drops the
-// notice with a log line.
+// delays neither the alert engine nor the webhook. It does not keep
+// notices either: each notice's Done says, per channel, whether it was
+// sent (or needed no sending) or failed (a refused or unreachable server,
+// a full queue, a Close before it could be sent), and the caller (the
+// server's outbox) sends a failed one again later. A failed mail does not
+// start a digest interval.
 package notify
 
 import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +42,34 @@ import (
 type Notice struct {
 	Change string // api.AlertChangeRaised, AlertChangeEscalate, AlertChangeResolved, or "test"
 	Alert  api.Alert
+	// Done, if set, is called once per channel the notice was given to,
+	// from that channel's goroutine (or from Send, for a full queue): a nil
+	// error when the notice was sent, or needs no sending (the channel is
+	// off, the severity under its minimum); otherwise why it was not sent.
+	// It must not block for long.
+	Done func(channel string, err error)
+}
+
+// The channels, as Send and Done name them.
+const (
+	ChannelEmail   = "email"
+	ChannelWebhook = "webhook"
+)
+
+// Channels lists the channels.
+var Channels = []string{ChannelEmail, ChannelWebhook}
+
+// Errors a notice's Done gets besides a channel's own.
+var (
+	ErrQueueFull  = errors.New("notification queue full")
+	ErrDigestFull = errors.New("e-mail digest full")
+	ErrClosed     = errors.New("notifier closed before the notice could be sent")
+)
+
+func (no Notice) done(channel string, err error) {
+	if no.Done != nil {
+		no.Done(channel, err)
+	}
 }
 
 // Email is the e-mail channel's configuration.
@@ -67,6 +101,42 @@ const (
 	// DefaultDigest is the digest interval when none is given.
 	DefaultDigest = 5 * time.Minute
 )
+
+// MaxCABytes bounds the PEM of an SMTP server's CA.
+const MaxCABytes = 64 << 10
+
+// ParseCA checks the PEM of an SMTP server's CA: certificates only, at
+// least one, at most MaxCABytes; it returns them as a pool.
+func ParseCA(pemBytes []byte) (*x509.CertPool, error) {
+	if len(pemBytes) > MaxCABytes {
+		return nil, fmt.Errorf("CA file: %d bytes, at most %d", len(pemBytes), MaxCABytes)
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for rest := pemBytes; ; {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			if len(bytes.TrimSpace(rest)) > 0 {
+				return nil, errors.New("CA file: text that is not PEM")
+			}
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("CA file: a %q block; want certificates only", b.Type)
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("CA file: certificate %d: %v", n+1, err)
+		}
+		pool.AddCert(c)
+		n++
+	}
+	if n == 0 {
+		return nil, errors.New("CA file: no PEM certificate in it")
+	}
+	return pool, nil
+}
 
 // ValidateEmail checks an e-mail configuration and normalizes it (bare
 // addresses, the default minimum severity); the error says what is wrong.
@@ -200,8 +270,9 @@ func New(opts Options) *Notifier {
 	return n
 }
 
-// Close stops the Notifier; a digest still waiting is sent first (for
-// at most 10 s).
+// Close stops the Notifier; the notices still queued and a digest still
+// waiting are sent first (for at most 10 s per channel); those that could
+// not be get their Done with an error.
 func (n *Notifier) Close() {
 	n.cancel()
 	n.wg.Wait()
@@ -222,12 +293,23 @@ func (n *Notifier) config() (*Email, *Webhook) {
 
 // Notify queues a notice for every channel; it never blocks.
 func (n *Notifier) Notify(no Notice) {
-	for _, q := range []chan item{n.mailQ, n.hookQ} {
-		select {
-		case q <- item{n: no}:
-		default:
-			n.log.Warn("notification queue full; notice dropped", "kind", no.Alert.Kind, "machine", no.Alert.Machine, "change", no.Change)
-		}
+	for _, ch := range Channels {
+		n.Send(ch, no)
+	}
+}
+
+// Send queues a notice for one channel (ChannelEmail, ChannelWebhook); it
+// never blocks: a full queue calls the notice's Done with ErrQueueFull.
+func (n *Notifier) Send(channel string, no Notice) {
+	q := n.mailQ
+	if channel == ChannelWebhook {
+		q = n.hookQ
+	}
+	select {
+	case q <- item{n: no}:
+	default:
+		n.log.Warn("notification queue full; notice not sent", "channel", channel, "kind", no.Alert.Kind, "machine", no.Alert.Machine, "change", no.Change)
+		no.done(channel, ErrQueueFull)
 	}
 }
 
@@ -247,7 +329,8 @@ func passes(min string, no Notice) bool {
 // mailLoop sends the e-mail: the first notice of a storm at once, the
 // others of the digest interval that follows in one mail at its end; a
 // digest mail starts another interval, so a long storm gets one mail per
-// interval.
+// interval. Only a mail that was sent starts an interval: after a failure
+// the next notice (the outbox sends the failed ones again) goes at once.
 func (n *Notifier) mailLoop() {
 	ticks := n.opts.Ticks
 	if ticks == nil {
@@ -258,23 +341,49 @@ func (n *Notifier) mailLoop() {
 	var batch []Notice
 	var windowEnd time.Time
 	const maxBatch = 1000
-	dropped := 0
-	send := func(ctx context.Context, e *Email, ns []Notice) {
-		subject, body := compose(ns, dropped)
-		dropped = 0
-		if err := n.opts.SendMail(ctx, *e, subject, body); err != nil {
-			n.log.Error("alert e-mail not sent", "smtp", e.Addr, "notices", len(ns), "err", err)
-			return
+	send := func(ctx context.Context, e *Email, ns []Notice) bool {
+		subject, body := compose(ns, 0)
+		err := n.opts.SendMail(ctx, *e, subject, body)
+		if err != nil {
+			n.log.Error("alert e-mail not sent; it is tried again", "smtp", e.Addr, "notices", len(ns), "err", err)
+		} else {
+			n.log.Info("alert e-mail sent", "to", strings.Join(e.To, ","), "notices", len(ns))
 		}
-		n.log.Info("alert e-mail sent", "to", strings.Join(e.To, ","), "notices", len(ns))
+		for _, no := range ns {
+			no.done(ChannelEmail, err)
+		}
+		return err == nil
 	}
 	for {
 		select {
 		case <-n.ctx.Done():
-			if e, _ := n.config(); e != nil && len(batch) > 0 {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				send(ctx, e, batch)
-				cancel()
+			// Drain the queue into the batch and send it once.
+			e, _ := n.config()
+			for more := true; more; {
+				select {
+				case it := <-n.mailQ:
+					switch {
+					case it.done != nil:
+						close(it.done)
+					case e == nil || !passes(e.MinSeverity, it.n):
+						it.n.done(ChannelEmail, nil)
+					default:
+						batch = append(batch, it.n)
+					}
+				default:
+					more = false
+				}
+			}
+			if len(batch) > 0 {
+				if e == nil {
+					for _, no := range batch {
+						no.done(ChannelEmail, nil)
+					}
+				} else {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					send(ctx, e, batch)
+					cancel()
+				}
 			}
 			return
 		case it := <-n.mailQ:
@@ -284,15 +393,17 @@ func (n *Notifier) mailLoop() {
 			}
 			e, _ := n.config()
 			if e == nil || !passes(e.MinSeverity, it.n) {
+				it.n.done(ChannelEmail, nil)
 				continue
 			}
 			if now := n.opts.Now(); e.Digest <= 0 || !now.Before(windowEnd) {
-				send(n.ctx, e, []Notice{it.n})
-				windowEnd = now.Add(e.Digest)
+				if send(n.ctx, e, []Notice{it.n}) {
+					windowEnd = now.Add(e.Digest)
+				}
 			} else if len(batch) < maxBatch {
 				batch = append(batch, it.n)
 			} else {
-				dropped++
+				it.n.done(ChannelEmail, ErrDigestFull)
 			}
 		case <-ticks:
 			now := n.opts.Now()
@@ -300,8 +411,13 @@ func (n *Notifier) mailLoop() {
 				continue
 			}
 			if e, _ := n.config(); e != nil {
-				send(n.ctx, e, batch)
-				windowEnd = now.Add(e.Digest)
+				if send(n.ctx, e, batch) {
+					windowEnd = now.Add(e.Digest)
+				}
+			} else {
+				for _, no := range batch {
+					no.done(ChannelEmail, nil) // e-mail was turned off
+				}
 			}
 			batch = nil
 		}
@@ -309,24 +425,49 @@ func (n *Notifier) mailLoop() {
 }
 
 func (n *Notifier) hookLoop() {
-	for {
+	for n.ctx.Err() == nil { // checked first: a closing Notifier drains, it does not post on a cancelled context
 		select {
 		case <-n.ctx.Done():
-			return
 		case it := <-n.hookQ:
 			if it.done != nil {
 				close(it.done)
 				continue
 			}
-			_, w := n.config()
-			if w == nil || !passes(w.MinSeverity, it.n) {
-				continue
-			}
-			if err := n.post(n.ctx, *w, it.n, n.opts.WebhookTries); err != nil && n.ctx.Err() == nil {
-				n.log.Error("alert webhook not sent", "url", redactURL(w.URL), "err", err)
-			}
+			n.postNotice(n.ctx, it.n, n.opts.WebhookTries)
 		}
 	}
+	// Drain the queue: one try each, within 10 s in all.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for {
+		select {
+		case it := <-n.hookQ:
+			if it.done != nil {
+				close(it.done)
+				continue
+			}
+			n.postNotice(ctx, it.n, 1)
+		default:
+			return
+		}
+	}
+}
+
+// postNotice posts one notice to the webhook, if it is on, and says so.
+func (n *Notifier) postNotice(ctx context.Context, no Notice, tries int) {
+	_, w := n.config()
+	if w == nil || !passes(w.MinSeverity, no) {
+		no.done(ChannelWebhook, nil)
+		return
+	}
+	err := n.post(ctx, *w, no, tries)
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w: %v", ErrClosed, err)
+		}
+		n.log.Error("alert webhook not sent; it is tried again", "url", redactURL(w.URL), "err", err)
+	}
+	no.done(ChannelWebhook, err)
 }
 
 // post sends a notice to the webhook, trying up to tries times: network

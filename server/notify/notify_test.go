@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -323,3 +325,79 @@ func TestNotifyNeverBlocks(t *testing.T) {
 }
 
 type smtpServerInfo = smtp.ServerInfo
+
+// A mail the SMTP server refuses reports its error to the notice's Done and
+// starts no digest interval: the notice sent again goes at once.
+func TestFailedMailStartsNoDigest(t *testing.T) {
+	var fail atomic.Bool
+	fail.Store(true)
+	mails := make(chan sentMail, 10)
+	ticks := make(chan time.Time)
+	n := New(Options{Ticks: ticks, SendMail: func(_ context.Context, _ Email, subject, body string) error {
+		if fail.Load() {
+			return errors.New("421 try later")
+		}
+		mails <- sentMail{subject, body}
+		return nil
+	}})
+	defer n.Close()
+	n.Configure(&Email{Addr: "x:25", From: "a@b", To: []string{"c@d"}, MinSeverity: api.SeverityWarning, Digest: time.Hour}, nil)
+	results := make(chan error, 10)
+	no := notice(api.AlertChangeRaised, api.SeverityWarning, "vm1")
+	no.Done = func(ch string, err error) {
+		if ch != ChannelEmail {
+			t.Errorf("done on %s", ch)
+		}
+		results <- err
+	}
+	n.Send(ChannelEmail, no)
+	if err := <-results; err == nil || !strings.Contains(err.Error(), "421") {
+		t.Fatalf("failed send reported %v", err)
+	}
+	fail.Store(false)
+	n.Send(ChannelEmail, no)
+	if err := <-results; err != nil {
+		t.Fatalf("second send: %v", err)
+	}
+	if m := <-mails; !strings.Contains(m.subject, "vm1") {
+		t.Fatalf("mail %q", m.subject)
+	}
+}
+
+// Close sends what is still queued, and reports each notice's fate.
+func TestCloseDrainsQueues(t *testing.T) {
+	block := make(chan struct{})
+	var mailed, hooked atomic.Int32
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hooked.Add(1) }))
+	defer hook.Close()
+	n := New(Options{SendMail: func(_ context.Context, _ Email, _, body string) error {
+		<-block
+		mailed.Add(int32(strings.Count(body, "rpo vm")))
+		return nil
+	}})
+	n.Configure(&Email{Addr: "x:25", From: "a@b", To: []string{"c@d"}, MinSeverity: api.SeverityWarning}, &Webhook{URL: hook.URL, MinSeverity: api.SeverityWarning})
+	var mu sync.Mutex
+	done := map[string]int{}
+	for i := 0; i < 5; i++ {
+		no := notice(api.AlertChangeRaised, api.SeverityWarning, fmt.Sprintf("vm%d", i))
+		no.Done = func(ch string, err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			done[ch+" called"]++
+			if err == nil {
+				done[ch]++
+			}
+		}
+		n.Notify(no)
+	}
+	close(block) // the first mail goes, the four others wait in the queue
+	n.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	// A post under way when Close came may be cut short: it says so, and
+	// the caller sends it again later.
+	if done[ChannelEmail] != 5 || mailed.Load() != 5 || done[ChannelWebhook+" called"] != 5 ||
+		done[ChannelWebhook] < 4 || int(hooked.Load()) < done[ChannelWebhook] {
+		t.Fatalf("done %v, %d notices mailed, %d posted; want all 5 mailed, every notice's Done called, at most one post cut", done, mailed.Load(), hooked.Load())
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/pem"
 	"fmt"
 	"math/big"
 	"net"
@@ -34,8 +35,10 @@ type Mail struct {
 // Server is a running test SMTP server.
 type Server struct {
 	Addr string
-	// CAPool trusts the STARTTLS certificate.
+	// CAPool trusts the STARTTLS certificate; CAPEM is that certificate
+	// (self-signed) as PEM.
 	CAPool *x509.CertPool
+	CAPEM  []byte
 
 	mu       sync.Mutex
 	mails    []Mail
@@ -74,6 +77,7 @@ func Start(o Options) (*Server, error) {
 			return nil, err
 		}
 		s.tlsCfg, s.CAPool = &tls.Config{Certificates: []tls.Certificate{cert}}, pool
+		s.CAPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})
 	}
 	s.wg.Go(func() {
 		for {
@@ -98,6 +102,13 @@ func (s *Server) Mails() []Mail {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]Mail(nil), s.mails...)
+}
+
+// SetRefuse replaces the recipients refused (nil: none).
+func (s *Server) SetRefuse(refuse map[string]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.refuse = refuse
 }
 
 // Arrived is signalled once per mail received.
@@ -162,7 +173,10 @@ func (s *Server) serve(c net.Conn) {
 		case "RCPT":
 			to, _, _ := strings.Cut(strings.TrimPrefix(arg, "TO:"), " ")
 			to = strings.Trim(to, "<>")
-			if msg, ok := s.refuse[to]; ok {
+			s.mu.Lock()
+			msg, ok := s.refuse[to]
+			s.mu.Unlock()
+			if ok {
 				say("%s", msg)
 				continue
 			}
