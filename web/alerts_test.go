@@ -226,6 +226,22 @@ func TestSettingsNotifications(t *testing.T) {
 	if body := get(t, h, id, "/settings", http.StatusOK); strings.Contains(body, `name="starttls" type="checkbox" value="1" checked`) {
 		t.Error("STARTTLS is off but shown ticked")
 	}
+	// The SMTP server's CA goes to the backend as typed (trimmed), and
+	// "remove it" as NoCA.
+	post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "smtp": {"relay.example.com:587"},
+		"from": {"asr@example.com"}, "to": {"ops@example.com"}, "starttls": {"1"},
+		"ca_pem": {"\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\n"}}, http.StatusSeeOther)
+	if e := b.emailSet[len(b.emailSet)-1]; e.CAPEM != "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----" || e.NoCA {
+		t.Errorf("the CA sent to the backend: %q (no_ca %v)", e.CAPEM, e.NoCA)
+	}
+	if body := get(t, h, id, "/settings", http.StatusOK); !strings.Contains(body, `id="smtp-no-ca"`) {
+		t.Error("a stored CA is not said, nor can it be removed")
+	}
+	post(t, h, id, "/settings/notifications/email", url.Values{"csrf": {csrf}, "smtp": {"relay.example.com:587"},
+		"from": {"asr@example.com"}, "to": {"ops@example.com"}, "no_ca": {"1"}}, http.StatusSeeOther)
+	if e := b.emailSet[len(b.emailSet)-1]; !e.NoCA {
+		t.Error("removing the CA did not reach the backend")
+	}
 	// The test says where it went.
 	b.testSent = []string{"email", "webhook"}
 	w = post(t, h, id, "/settings/notifications/test", url.Values{"csrf": {csrf}}, http.StatusSeeOther)

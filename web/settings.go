@@ -85,7 +85,8 @@ func (h *settingsHandler) setNotifications(w http.ResponseWriter, r *http.Reques
 			e = &api.EmailSettings{SMTP: r.PostFormValue("smtp"), From: r.PostFormValue("from"),
 				To: splitList(r.PostFormValue("to")), StartTLS: r.PostFormValue("starttls") != "",
 				User: r.PostFormValue("user"), Password: r.PostFormValue("password"),
-				MinSeverity: r.PostFormValue("min_severity"), Digest: r.PostFormValue("digest")}
+				MinSeverity: r.PostFormValue("min_severity"), Digest: r.PostFormValue("digest"),
+				CAPEM: strings.TrimSpace(r.PostFormValue("ca_pem")), NoCA: r.PostFormValue("no_ca") != ""}
 		}
 		if err := h.backend.SetEmail(ctx, e); err != nil {
 			v := h.view(r)
