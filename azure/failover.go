@@ -48,6 +48,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/retry"
 )
 
 // ErrInvalidFailover is wrapped by the errors for a FailoverSpec or
@@ -73,9 +74,12 @@ const (
 	// rollbackTimeout bounds the deletion of a failed failover's resources,
 	// which runs even when the caller's context is done.
 	rollbackTimeout = 30 * time.Minute
-	maxDataDisks    = 64 // the most any VM size takes
-	maxPageBlob     = 8 << 40
-	defaultDiskSKU  = armcompute.DiskStorageAccountTypesStandardSSDLRS
+	// rollbackRounds bounds the passes over what a failed failover
+	// created (see the rollback).
+	rollbackRounds = 6
+	maxDataDisks   = 64 // the most any VM size takes
+	maxPageBlob    = 8 << 40
+	defaultDiskSKU = armcompute.DiskStorageAccountTypesStandardSSDLRS
 )
 
 // pollFrequency is how often a long-running ARM operation is polled when
@@ -678,11 +682,26 @@ func FailoverToAzure(ctx context.Context, cred azcore.TokenCredential, opts *arm
 		}
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
 		defer cancel()
+		// Rounds: a create whose caller gave up (ctx cancelled, a timeout)
+		// may still be carried out by Azure after its resource's delete
+		// found nothing; the VM then holds its disks and NIC, whose
+		// deletes fail. Another round deletes the VM that appeared, then
+		// what it held (a delete of what is gone succeeds).
 		var left []error
-		for i := len(undo) - 1; i >= 0; i-- {
-			progress("roll back: delete " + undoWhat[i])
-			if uerr := undo[i](rctx); uerr != nil {
-				left = append(left, fmt.Errorf("delete %s: %w", undoWhat[i], uerr))
+		b := retry.New(time.Second, 30*time.Second)
+		for round := 0; round < rollbackRounds; round++ {
+			if round > 0 && retry.Sleep(rctx, b.Next()) != nil {
+				break
+			}
+			left = nil
+			for i := len(undo) - 1; i >= 0; i-- {
+				progress("roll back: delete " + undoWhat[i])
+				if uerr := undo[i](rctx); uerr != nil {
+					left = append(left, fmt.Errorf("delete %s: %w", undoWhat[i], uerr))
+				}
+			}
+			if len(left) == 0 {
+				break
 			}
 		}
 		if len(left) > 0 {
@@ -717,6 +736,9 @@ func FailoverToAzure(ctx context.Context, cred azcore.TokenCredential, opts *arm
 		name := d.Name
 		undo = append(undo, func(ctx context.Context) error { return c.deleteDisk(ctx, rg, name) })
 		undoWhat = append(undoWhat, "disk "+name)
+		if err := ctx.Err(); err != nil { // start no create once given up
+			return res, fmt.Errorf("failover %s: import disk %s: %w", spec.VMName, name, err)
+		}
 		poller, err := c.disks.BeginCreateOrUpdate(ctx, rg, name, disk, nil)
 		if err != nil {
 			return res, fmt.Errorf("failover %s: import disk %s: %w", spec.VMName, name, armError(err))
@@ -751,6 +773,9 @@ func FailoverToAzure(ctx context.Context, cred azcore.TokenCredential, opts *arm
 	}
 	undo = append(undo, func(ctx context.Context) error { return c.deleteNIC(ctx, rg, p.nicName) })
 	undoWhat = append(undoWhat, "NIC "+p.nicName)
+	if err := ctx.Err(); err != nil {
+		return res, fmt.Errorf("failover %s: create NIC: %w", spec.VMName, err)
+	}
 	np, err := c.nics.BeginCreateOrUpdate(ctx, rg, p.nicName, nic, nil)
 	if err != nil {
 		return res, fmt.Errorf("failover %s: create NIC %s: %w", spec.VMName, p.nicName, armError(err))
@@ -802,6 +827,9 @@ func FailoverToAzure(ctx context.Context, cred azcore.TokenCredential, opts *arm
 	}
 	undo = append(undo, func(ctx context.Context) error { return c.deleteVM(ctx, rg, spec.VMName) })
 	undoWhat = append(undoWhat, "VM "+spec.VMName)
+	if err := ctx.Err(); err != nil {
+		return res, fmt.Errorf("failover %s: create VM: %w", spec.VMName, err)
+	}
 	vp, err := c.vms.BeginCreateOrUpdate(ctx, rg, spec.VMName, vm, &armcompute.VirtualMachinesClientBeginCreateOrUpdateOptions{IfNoneMatch: to.Ptr("*")})
 	if err != nil {
 		return res, fmt.Errorf("failover %s: create VM: %w", spec.VMName, armError(err))

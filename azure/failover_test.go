@@ -47,8 +47,12 @@ type fakeARM struct {
 	importCheck func(ctx context.Context, sourceURI, storageAccountID string) (int64, error)
 	// vmFail injects a failure at the VM step: "put" refuses the PUT
 	// itself, "provision" creates the VM, attaches its disks and NIC, and
-	// fails the operation, as an allocation failure does.
+	// fails the operation, as an allocation failure does; "late" answers
+	// the PUT with an error but carries it out later, once the VM's
+	// delete has found nothing (a create whose caller gave up, landing
+	// after the rollback looked).
 	vmFail string
+	lateVM *lateVM // the PUT "late" holds back
 
 	mu      sync.Mutex
 	calls   int      // every request
@@ -305,6 +309,11 @@ func (f *fakeARM) putVM(_ context.Context, rg, name string, vm armcompute.Virtua
 		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
 		return
 	}
+	if f.vmFail == "late" {
+		f.vmFail, f.lateVM = "", &lateVM{rg: rg, name: name, vm: vm}
+		errResp.SetResponseError(http.StatusGatewayTimeout, "GatewayTimeout")
+		return
+	}
 	p := vm.Properties
 	if p == nil || p.HardwareProfile == nil || p.StorageProfile == nil || p.StorageProfile.OSDisk == nil || p.NetworkProfile == nil {
 		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
@@ -359,7 +368,30 @@ func (f *fakeARM) putVM(_ context.Context, rg, name string, vm armcompute.Virtua
 	return
 }
 
-func (f *fakeARM) deleteVM(_ context.Context, rg, name string, _ *armcompute.VirtualMachinesClientBeginDeleteOptions) (resp azfake.PollerResponder[armcompute.VirtualMachinesClientDeleteResponse], errResp azfake.ErrorResponder) {
+// lateVM is a VM create the fake carries out after the fact.
+type lateVM struct {
+	rg, name string
+	vm       armcompute.VirtualMachine
+}
+
+func (f *fakeARM) deleteVM(ctx context.Context, rg, name string, o *armcompute.VirtualMachinesClientBeginDeleteOptions) (resp azfake.PollerResponder[armcompute.VirtualMachinesClientDeleteResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	late := f.lateVM
+	if _, ok := f.vms[key(rg, name)]; ok {
+		late = nil
+	}
+	if late != nil {
+		f.lateVM = nil
+	}
+	f.mu.Unlock()
+	resp, errResp = f.deleteVMNow(rg, name)
+	if late != nil { // the held-back create lands now that the delete found nothing
+		f.putVM(ctx, late.rg, late.name, late.vm, nil)
+	}
+	return resp, errResp
+}
+
+func (f *fakeARM) deleteVMNow(rg, name string) (resp azfake.PollerResponder[armcompute.VirtualMachinesClientDeleteResponse], errResp azfake.ErrorResponder) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.writes = append(f.writes, "DELETE vms/"+name)
@@ -679,6 +711,27 @@ func TestFailoverRollbackCancelled(t *testing.T) {
 	}
 	if got := f.resources(); len(got) != 0 {
 		t.Fatalf("left after a cancelled failover: %v", got)
+	}
+}
+
+// TestFailoverRollbackLateCreate: a VM create answered with an error but
+// carried out after the rollback's delete of the VM found nothing (the VM
+// then holds the disks and NIC, whose deletes fail) is cleaned up by the
+// rollback's next round.
+func TestFailoverRollbackLateCreate(t *testing.T) {
+	f := newFakeARM(t)
+	f.vmFail = "late"
+	_, err := FailoverToAzure(t.Context(), &azfake.TokenCredential{}, f.options(), testSpec(), testDisks(), nil)
+	if err == nil || strings.Contains(err.Error(), "left resources behind") {
+		t.Fatalf("err %v, want the VM's failure and a complete rollback", err)
+	}
+	if got := f.resources(); len(got) != 0 {
+		t.Fatalf("left after a late VM create: %v", got)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if n := strings.Count(strings.Join(f.writes, " "), "DELETE vms/"); n < 2 {
+		t.Errorf("the VM was deleted %d times, want a second round after it appeared: %v", n, f.writes)
 	}
 }
 
