@@ -357,6 +357,7 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
 		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
 	l.link(&v, m.BIOSUUID)
+	v.Direction = s.directionOf(ctx, m.ID)
 	modes := map[string]string{}
 	if m.DiskModes != "" {
 		json.Unmarshal([]byte(m.DiskModes), &modes)
