@@ -62,6 +62,9 @@ type reverseDetail struct {
 type reverseState struct {
 	mu   sync.Mutex
 	runs map[string]*reverseRun
+	// recMu serializes the read-modify-writes of reprotected failovers'
+	// records (the shipper's byte count, failback's switch).
+	recMu sync.Mutex
 }
 
 // reverseRun ships one failover's marked blocks to the original disks.
@@ -69,6 +72,7 @@ type reverseRun struct {
 	failoverID string
 	machineID  string
 	disks      []revDisk
+	base       int64 // bytes sent before a restart (the record's)
 	sent       atomic.Int64
 	wakeCh     chan struct{}
 
@@ -230,8 +234,8 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 			return err
 		}
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("failover %s reprotected: changes go back to the original disks (%d bytes sent)", f.ID, run.sent.Load())})
-		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes sent to the original disks", run.sent.Load())}, 0)
+			Message: fmt.Sprintf("failover %s reprotected: changes go back to the original disks (%d bytes sent)", f.ID, run.total())})
+		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes sent to the original disks", run.total())}, 0)
 		return nil
 	})
 }
@@ -252,6 +256,9 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (*r
 		return nil, err
 	}
 	run := &reverseRun{failoverID: f.ID, machineID: m.ID, wakeCh: make(chan struct{}, 1), changed: make(chan struct{}), done: make(chan struct{})}
+	if d := decodeDetail(f); d.Reverse != nil {
+		run.base = d.Reverse.Sent
+	}
 	for _, e := range ex.disks {
 		i := slices.IndexFunc(mc.Disks, func(d replication.CatalogDisk) bool { return d.Name == e.disk })
 		if i < 0 {
@@ -379,6 +386,7 @@ func (s *Server) shipReverse(ctx context.Context, run *reverseRun) {
 		if err := run.saveMaps(); err != nil {
 			log.Error("failback: save the maps", "err", err)
 		}
+		s.saveSent(ctx, run)
 		lastSave = time.Now()
 		run.notify("")
 		select {
@@ -388,6 +396,27 @@ func (s *Server) shipReverse(ctx context.Context, run *reverseRun) {
 		}
 	}
 }
+
+// saveSent records the bytes sent so far in the failover's record.
+func (s *Server) saveSent(ctx context.Context, run *reverseRun) {
+	s.rv.recMu.Lock()
+	defer s.rv.recMu.Unlock()
+	f, err := s.db.LiveFailover(ctx, run.machineID)
+	if err != nil || f.ID != run.failoverID {
+		return
+	}
+	d := decodeDetail(f)
+	if d.Reverse == nil || d.Reverse.State != dirReprotected || d.Reverse.Sent == run.total() {
+		return
+	}
+	d.Reverse.Sent = run.total()
+	f.Detail = encodeDetail(d)
+	if err := s.db.UpdateFailover(ctx, f); err != nil {
+		s.log.Error("failback: record the bytes sent", "machine", run.machineID, "err", err)
+	}
+}
+
+func (r *reverseRun) total() int64 { return r.base + r.sent.Load() }
 
 // sendBlocks sends blocks (in runs of contiguous ones) and returns the
 // bytes sent.
@@ -428,7 +457,7 @@ func (s *Server) waitDrained(ctx context.Context, j *job, name, detail string, r
 				j.update(api.JobStep{Name: name, State: "failed", Detail: err.Error()})
 				return err
 			}
-			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("%d bytes sent", run.sent.Load()), Total: start, Done: start})
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("%d bytes sent", run.total()), Total: start, Done: start})
 			return nil
 		}
 		d := detail
@@ -476,7 +505,7 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
 		start := time.Now()
 		j.setCancellable(true)
-		err := s.failbackSteps(ctx, j, f, m, run)
+		err := s.failbackSteps(ctx, j, &f, m, run)
 		if err != nil {
 			for _, d := range run.disks {
 				d.be.stopped.Store(false) // the failed-over machine runs on
@@ -491,7 +520,7 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 
 // failbackSteps stops the failed-over machine, drains and verifies:
 // everything up to the switch, any of which a cancel undoes.
-func (s *Server) failbackSteps(ctx context.Context, j *job, f store.Failover, m store.Machine, run *reverseRun) error {
+func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m store.Machine, run *reverseRun) error {
 	done := j.step(m.Name+": stop the failed-over machine", "its exports refuse writes from now on")
 	var err error
 	for _, d := range run.disks {
@@ -539,10 +568,17 @@ func (s *Server) failbackSteps(ctx context.Context, j *job, f store.Failover, m 
 	}
 	// The switch: from here the failback goes on (also after a restart).
 	j.setCancellable(false)
-	d := decodeDetail(f)
-	d.Reverse.State, d.Reverse.Sent, d.Reverse.Compared = dirFailingBack, run.sent.Load(), compared
+	s.rv.recMu.Lock()
+	defer s.rv.recMu.Unlock()
+	cur, err := s.db.LiveFailover(context.WithoutCancel(ctx), m.ID)
+	if err != nil {
+		return err
+	}
+	*f = cur
+	d := decodeDetail(*f)
+	d.Reverse.State, d.Reverse.Sent, d.Reverse.Compared = dirFailingBack, run.total(), compared
 	f.Detail = encodeDetail(d)
-	return s.db.UpdateFailover(context.WithoutCancel(ctx), f)
+	return s.db.UpdateFailover(context.WithoutCancel(ctx), *f)
 }
 
 // finishFailback thaws the original machine and ends the failover: its
@@ -606,50 +642,17 @@ func (s *Server) reprotectForward(ctx context.Context, m store.Machine, f store.
 		return api.Job{}, err
 	}
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
-		name := m.Name + ": resync"
-		detail := "compare the disks with the replica (checksums), send the differences"
-		j.update(api.JobStep{Name: name, State: "running", Detail: detail})
-		if _, err := s.RequestResync(ctx, m, ""); err != nil {
-			j.update(api.JobStep{Name: name, State: "failed", Detail: err.Error()})
-			return err
-		}
+		// One disk at a time: the agent runs one resync job at once.
 		var compared, sent int64
-		t := time.NewTicker(200 * time.Millisecond)
-		defer t.Stop()
-		for {
-			mm, err := s.db.Machine(ctx, m.ID)
+		for _, disk := range m.Disks {
+			c, sn, err := s.resyncDisk(ctx, j, m, disk)
 			if err != nil {
 				return err
 			}
-			protected := len(mm.Disks) > 0
-			var total, c, sn int64
-			for _, d := range mm.Disks {
-				if d.State != replication.StateProtected {
-					protected = false
-				}
-				if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil {
-					total, c, sn = total+r.Total, c+r.Compared, sn+r.Sent
-					if r.State == store.ResyncFailed {
-						err := fmt.Errorf("resync of disk %s failed: %s", d.Name, r.LastError)
-						j.update(api.JobStep{Name: name, State: "failed", Detail: err.Error()})
-						return err
-					}
-				}
-			}
-			compared, sent = max(compared, c), max(sent, sn)
-			if protected {
-				break
-			}
-			j.update(api.JobStep{Name: name, State: "running", Detail: fmt.Sprintf("%s: %d bytes compared, %d sent", detail, compared, sent), Total: total, Done: c})
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-t.C:
-			}
+			compared, sent = compared+c, sent+sn
 		}
 		// The rows are gone with the done records: the agent's final
 		// figures are in the done event; what was seen last is reported.
-		j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("protected again: %d bytes compared, %d sent", compared, sent), Total: compared, Done: compared})
 		d := decodeDetail(f)
 		d.Reverse.Forward, d.Reverse.Resynced, d.Reverse.Resent = "done", compared, sent
 		f.Detail = encodeDetail(d)
@@ -661,6 +664,57 @@ func (s *Server) reprotectForward(ctx context.Context, m store.Machine, f store.
 		j.setResult([]string{fmt.Sprintf("protected again: %d bytes compared, %d sent", compared, sent)}, 0)
 		return nil
 	})
+}
+
+// resyncDisk resyncs one disk at once and waits until it is protected;
+// it returns the bytes compared and sent, as last reported.
+func (s *Server) resyncDisk(ctx context.Context, j *job, m store.Machine, disk store.Disk) (int64, int64, error) {
+	name := m.Name + ": resync " + disk.Name
+	detail := "compare the disk with the replica (checksums), send the differences"
+	j.update(api.JobStep{Name: name, State: "running", Detail: detail})
+	fail := func(err error) (int64, int64, error) {
+		j.update(api.JobStep{Name: name, State: "failed", Detail: err.Error()})
+		return 0, 0, err
+	}
+	if _, err := s.RequestResync(ctx, m, disk.Name); err != nil {
+		return fail(err)
+	}
+	var compared, sent int64
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		mm, err := s.db.Machine(ctx, m.ID)
+		if err != nil {
+			return fail(err)
+		}
+		protected := false
+		for _, d := range mm.Disks {
+			if d.Index == disk.Index {
+				protected = d.State == replication.StateProtected
+			}
+		}
+		r, err := s.db.Resync(ctx, m.ID, disk.Index)
+		if err == nil {
+			if r.State == store.ResyncFailed {
+				return fail(fmt.Errorf("resync of disk %s failed: %s", disk.Name, r.LastError))
+			}
+			compared, sent = max(compared, r.Compared), max(sent, r.Sent)
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return fail(err)
+		}
+		if protected && errors.Is(err, store.ErrNotFound) {
+			// The row goes with the done record: the agent's last report
+			// is what is known (the done event has the exact figures).
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("protected again: %d bytes compared, %d sent", compared, sent), Total: disk.Size, Done: disk.Size})
+			return compared, sent, nil
+		}
+		j.update(api.JobStep{Name: name, State: "running", Detail: fmt.Sprintf("%s: %d bytes compared, %d sent", detail, compared, sent), Total: disk.Size, Done: compared})
+		select {
+		case <-ctx.Done():
+			return fail(ctx.Err())
+		case <-t.C:
+		}
+	}
 }
 
 // restoreReverse, at start, resumes the shipping of a reprotected
