@@ -76,7 +76,7 @@ func (h *fakeShipHandler) thaw(fr replication.Freeze) error {
 	h.calls <- freezeCall{replication.FrameThaw, fr}
 	return nil
 }
-func (h *fakeShipHandler) want(w replication.Want)          { h.calls <- wantCall(w) }
+func (h *fakeShipHandler) want(w replication.Want) { h.calls <- wantCall(w) }
 func (h *fakeShipHandler) reverseWrite(seq uint64, d replication.ReverseData) replication.ReverseAck {
 	return replication.ReverseAck{ID: d.ID, Seq: seq, Error: "fake"}
 }
