@@ -513,6 +513,11 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 			return err
 		}
 		lines, err := s.finishFailback(ctx, j, f, m)
+		if err != nil {
+			// Past the switch: finished in the background (or at the
+			// next start), never undone.
+			s.finishLater(f, m)
+		}
 		j.setResult(lines, time.Since(start))
 		return err
 	})
@@ -739,20 +744,30 @@ func (s *Server) restoreReverse(ctx context.Context, f store.Failover, m store.M
 			}
 		}
 		s.fo.mu.Unlock()
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			b := retry.New(time.Second, 30*time.Second)
-			for s.ctx.Err() == nil {
-				if _, err := s.finishFailback(s.ctx, nil, f, m); err == nil {
-					return
-				} else {
-					s.log.Warn("failback: finishing after a restart", "machine", m.Name, "failover", f.ID, "err", err)
-				}
-				retry.Sleep(s.ctx, b.Next())
-			}
-		}()
+		s.finishLater(f, m)
 	}
+}
+
+// finishLater finishes a failback past its switch in the background,
+// retrying with backoff until it is done or the server stops.
+func (s *Server) finishLater(f store.Failover, m store.Machine) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		b := retry.New(time.Second, 30*time.Second)
+		for s.ctx.Err() == nil {
+			retry.Sleep(s.ctx, b.Next())
+			cur, err := s.db.LiveFailover(s.ctx, m.ID)
+			if err != nil || cur.ID != f.ID {
+				return // finished meanwhile
+			}
+			if _, err := s.finishFailback(s.ctx, nil, cur, m); err == nil {
+				return
+			} else {
+				s.log.Warn("failback: finishing after the switch", "machine", m.Name, "failover", f.ID, "err", err)
+			}
+		}
+	}()
 }
 
 // directionOf is a machine's direction for the API: "" (protected as

@@ -283,3 +283,45 @@ func TestFailbackRefusals(t *testing.T) {
 		t.Fatalf("after refusals: %+v", m)
 	}
 }
+
+// A failback is cancellable until its switch: cancelled while its drain
+// waits for the agent, it leaves the failed-over machine running (its
+// exports writable) and the machine reprotected; run again once the agent
+// is back, it completes.
+func TestFailbackCancel(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 4)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	fr.ra.close() // the drain below cannot end
+	fr.write("d1", 4)
+	j, err := fr.client.Failback(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the failback's drain", func() bool {
+		jj, err := fr.client.Job(ctx, j.ID)
+		if err != nil {
+			return false
+		}
+		for _, s := range jj.Steps {
+			if strings.HasSuffix(s.Name, ": drain") && s.State == "running" && jj.Cancellable {
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := fr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = fr.runJob(j, nil); j.State == api.JobSucceeded {
+		t.Fatalf("a cancelled failback succeeded: %+v", j)
+	}
+	if m := fr.machine("vm1"); m.Direction != "reprotected" {
+		t.Fatalf("after a cancelled failback: direction %q", m.Direction)
+	}
+	fr.write("d0", 2) // the failed-over machine runs on
+	fr.ra = startAgent(t, fr.cfg)
+	want := fr.sums()
+	fr.checkFailedBack(want)
+}
