@@ -129,6 +129,11 @@ func (fr *failbackRig) checkFailedBack(want map[string][32]byte) {
 	if _, err := fmt.Sscanf(j.Output[0], "failed back: %d bytes sent, %d bytes compared", &sent, &compared); err != nil {
 		t.Fatalf("failback output %q: %v", j.Output[0], err)
 	}
+	all, err := fr.client.Failovers(ctx, true)
+	if err != nil || len(all) == 0 || all[0].Failback == nil || all[0].Failback.State != "failed-back" ||
+		all[0].Failback.Sent != sent || all[0].Failback.Compared != compared {
+		t.Fatalf("the failover after failback: %+v %v", all, err)
+	}
 	for d, p := range fr.disks {
 		if fileSum(t, p) != want[d] {
 			t.Fatalf("disk %s: the original differs from the failed-over disk's final state", d)
@@ -219,6 +224,11 @@ func TestFailbackFullCycle(t *testing.T) {
 	}
 	fr.write("d0", 10)
 	fr.write("d1", 5)
+	waitFor(t, "the new writes on the original disks", func() bool {
+		fos, err := fr.client.Failovers(ctx, false)
+		return err == nil && len(fos) == 1 && fos[0].Failback != nil && fos[0].Failback.State == "reprotected" &&
+			fos[0].Failback.Pending == 0 && fos[0].Failback.Sent > 0
+	})
 	// The original machine is still frozen.
 	src, err := nbd.Dial(ctx, fr.cfg.NBD, "d0")
 	if err != nil {
@@ -324,4 +334,31 @@ func TestFailbackCancel(t *testing.T) {
 	fr.ra = startAgent(t, fr.cfg)
 	want := fr.sums()
 	fr.checkFailedBack(want)
+}
+
+// Only planned failovers to NBD are reprotected in this version: an
+// unplanned one is refused with the reason, and nothing changes.
+func TestReprotectRefusesUnplanned(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	r.start()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 2<<20, 41)
+	ra := startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}))
+	r.waitProtected("vm1")
+	if _, err := r.client.Reprotect(ctx, "vm1"); err == nil {
+		t.Fatal("reprotect of a protected machine accepted")
+	}
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	ra.close()
+	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", To: api.ToNBD}))
+	if _, err := r.client.Reprotect(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "planned") {
+		t.Fatalf("reprotect of an unplanned failover: %v", err)
+	}
+	if m := r.machine("vm1"); m.Direction != "failed-over" {
+		t.Fatalf("after a refused reprotect: direction %q", m.Direction)
+	}
 }

@@ -481,6 +481,12 @@ func (s *Server) failoverView(ctx context.Context, f store.Failover) api.Failove
 	}
 	d := decodeDetail(f)
 	v.VM, v.Drill = d.VM, d.Drill
+	if r := d.Reverse; r != nil {
+		v.Failback = &api.FailbackStatus{State: r.State, Sent: r.Sent, Compared: r.Compared, Forward: r.Forward, Resynced: r.Resynced, Resent: r.Resent}
+		if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
+			v.Failback.Sent, v.Failback.Pending = run.total(), run.pending()
+		}
+	}
 	if live := s.exportsOf(f.MachineID); live != nil && f.Live() {
 		v.Exports = live
 	} else {
