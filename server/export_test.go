@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"time"
 
 	"github.com/asrdr/asr/replication/procserver"
@@ -23,3 +24,7 @@ func (s *Server) ProcessServerForTest() *procserver.Server { return s.ps }
 func SetDiscoveryTiming(s *Server, minBackoff, maxBackoff, maxWait time.Duration) {
 	s.vc.minBackoff, s.vc.maxBackoff, s.vc.maxWait = minBackoff, maxBackoff, maxWait
 }
+
+// SetFailbackSwitchHook sets the hook a failback calls once its switch is
+// recorded, before the thaw, with the server's context.
+func SetFailbackSwitchHook(s *Server, hook func(ctx context.Context)) { s.rv.switchHook = hook }

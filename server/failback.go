@@ -65,6 +65,8 @@ type reverseState struct {
 	// recMu serializes the read-modify-writes of reprotected failovers'
 	// records (the shipper's byte count, failback's switch).
 	recMu sync.Mutex
+	// switchHook, for tests, runs after a failback's switch is recorded.
+	switchHook func(ctx context.Context)
 }
 
 // reverseRun ships one failover's marked blocks to the original disks.
@@ -511,6 +513,13 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 				d.be.stopped.Store(false) // the failed-over machine runs on
 			}
 			return err
+		}
+		if s.rv.switchHook != nil {
+			s.rv.switchHook(s.ctx)
+		}
+		if s.ctx.Err() != nil {
+			// The server stops: past the switch, the next start thaws.
+			return fmt.Errorf("the server stopped after the switch: the failback is finished at its next start")
 		}
 		lines, err := s.finishFailback(ctx, j, f, m)
 		if err != nil {

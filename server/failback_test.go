@@ -362,3 +362,38 @@ func TestReprotectRefusesUnplanned(t *testing.T) {
 		t.Fatalf("after a refused reprotect: direction %q", m.Direction)
 	}
 }
+
+// A server that stops after a failback's switch (the record says
+// failing-back) finishes it at its next start: the original is thawed,
+// the failover ended, nothing lost.
+func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 6)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	fr.write("d1", 6)
+	want := fr.sums()
+	switched := make(chan struct{})
+	server.SetFailbackSwitchHook(fr.srv, func(ctx context.Context) {
+		close(switched)
+		<-ctx.Done()
+	})
+	if _, err := fr.client.Failback(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	<-switched
+	fr.stop()
+	fr.start()
+	waitFor(t, "the failback finished after the restart", func() bool {
+		return fr.machine("vm1").Direction == "failed-back"
+	})
+	for d, p := range fr.disks {
+		if fileSum(t, p) != want[d] {
+			t.Fatalf("disk %s: the original differs from the failed-over disk's final state", d)
+		}
+	}
+	if fos, _ := fr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers: %+v", fos)
+	}
+	fr.checkForward()
+}
