@@ -136,7 +136,7 @@ func revPath(dataDir, failoverID, disk string) string {
 	return filepath.Join(failoverDir(dataDir, failoverID), disk+".rev")
 }
 
-// plannedRequest returns the request a failover was made by.
+// failoverRequest returns the request a failover was made by.
 func failoverRequest(f store.Failover) (api.FailoverRequest, error) {
 	var req api.FailoverRequest
 	d := decodeDetail(f)
@@ -219,13 +219,14 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 		}
 		done = j.step(m.Name+": track changes", "the blocks written since the failover")
 		run, err := s.startReverse(f, m, true)
-		if err == nil {
-			d := decodeDetail(f)
-			d.Reverse = &reverseDetail{State: dirReprotected, Started: s.now()}
-			f.Detail = encodeDetail(d)
-			err = s.db.UpdateFailover(ctx, f)
-		}
 		if err != nil {
+			done("", err)
+			return err
+		}
+		d := decodeDetail(f)
+		d.Reverse = &reverseDetail{State: dirReprotected, Started: s.now()}
+		f.Detail = encodeDetail(d)
+		if err = s.db.UpdateFailover(ctx, f); err != nil {
 			done("", err)
 			s.stopReverse(m.ID)
 			return err
@@ -246,7 +247,7 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 // starts its shipper. fresh marks every block the overlays hold (the
 // first reprotect); otherwise the saved maps are loaded (a restart), or
 // the overlays' blocks marked where a map is missing or unreadable.
-func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (*reverseRun, error) {
+func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (run *reverseRun, err error) {
 	s.fo.mu.Lock()
 	ex := s.fo.byMachine[m.ID]
 	s.fo.mu.Unlock()
@@ -257,21 +258,48 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (*r
 	if err != nil {
 		return nil, err
 	}
-	run := &reverseRun{failoverID: f.ID, machineID: m.ID, wakeCh: make(chan struct{}, 1), changed: make(chan struct{}), done: make(chan struct{})}
+	ctx, cancel := context.WithCancel(s.ctx)
+	run = &reverseRun{failoverID: f.ID, machineID: m.ID, wakeCh: make(chan struct{}, 1), changed: make(chan struct{}),
+		done: make(chan struct{}), cancel: cancel}
 	if d := decodeDetail(f); d.Reverse != nil {
 		run.base = d.Reverse.Sent
 	}
+	// Claimed first: one run per machine, whoever asks at the same time.
+	s.rv.mu.Lock()
+	if s.rv.runs == nil {
+		s.rv.runs = map[string]*reverseRun{}
+	}
+	if s.rv.runs[m.ID] != nil {
+		s.rv.mu.Unlock()
+		cancel()
+		return nil, errorf(http.StatusConflict, "machine %s is being reprotected already", m.Name)
+	}
+	s.rv.runs[m.ID] = run
+	s.rv.mu.Unlock()
+	defer func() {
+		if err != nil { // nothing tracked: the exports as they were
+			for _, e := range ex.disks {
+				e.be.rev.Store(nil)
+			}
+			s.rv.mu.Lock()
+			delete(s.rv.runs, m.ID)
+			s.rv.mu.Unlock()
+			cancel()
+			close(run.done)
+			run = nil
+		}
+	}()
 	for _, e := range ex.disks {
 		i := slices.IndexFunc(mc.Disks, func(d replication.CatalogDisk) bool { return d.Name == e.disk })
 		if i < 0 {
-			return nil, fmt.Errorf("disk %s unknown to the catalog", e.disk)
+			return run, fmt.Errorf("disk %s unknown to the catalog", e.disk)
 		}
 		path := revPath(s.cfg.DataDir, f.ID, e.disk)
 		var rm *reverseMap
 		if !fresh {
-			rm, err = loadReverseMap(path, e.ov.Size(), run.wake)
-			if err != nil {
-				s.log.Warn("failback map unreadable: every block the failed-over disk holds is sent again", "machine", m.Name, "disk", e.disk, "err", err)
+			var lerr error
+			if rm, lerr = loadReverseMap(path, e.ov.Size(), run.wake); lerr != nil {
+				s.log.Warn("failback map unreadable: every block the failed-over disk holds is sent again", "machine", m.Name, "disk", e.disk, "err", lerr)
 				rm = nil
 			}
 		}
@@ -280,30 +308,17 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (*r
 			// Tracked first, then listed: a write between the two is
 			// marked by one or the other.
 			e.be.rev.Store(rm)
-			if err := e.ov.Blocks(func(off int64) error { rm.mark(off, 1); return nil }); err != nil {
-				return nil, err
+			if err = e.ov.Blocks(func(off int64) error { rm.mark(off, 1); return nil }); err != nil {
+				return run, err
 			}
-			if err := rm.save(); err != nil {
-				return nil, err
+			if err = rm.save(); err != nil {
+				return run, err
 			}
 		} else {
 			e.be.rev.Store(rm)
 		}
 		run.disks = append(run.disks, revDisk{index: mc.Disks[i].Index, name: e.disk, be: e.be, m: rm})
 	}
-	ctx, cancel := context.WithCancel(s.ctx)
-	run.cancel = cancel
-	s.rv.mu.Lock()
-	if s.rv.runs == nil {
-		s.rv.runs = map[string]*reverseRun{}
-	}
-	if old := s.rv.runs[m.ID]; old != nil {
-		s.rv.mu.Unlock()
-		cancel()
-		return nil, fmt.Errorf("machine %s is being reprotected already", m.Name)
-	}
-	s.rv.runs[m.ID] = run
-	s.rv.mu.Unlock()
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
