@@ -65,6 +65,8 @@ func (fc *failbackCase) fio(uri, name string, n int64) {
 	fc.written += n
 }
 
+var forwardRE = regexp.MustCompile(`protected again: (\d+) bytes compared, (\d+) sent`)
+
 var failedBackRE = regexp.MustCompile(`failed back: (\d+) bytes sent, (\d+) bytes compared`)
 
 // checkFailedBack checks a failback's output, the original disk against
@@ -100,8 +102,14 @@ func (fc *failbackCase) checkForward() {
 	a := c.agents["m"]
 	fc.fio(a.uri("d"), "back-home", 1<<20) // the original runs again
 	out := c.mustCLI("reprotect", "--machine", "m")
-	if !strings.Contains(out, "protected again") {
+	m := forwardRE.FindStringSubmatch(out)
+	if m == nil {
 		c.t.Fatalf("forward reprotect:\n%s", out)
+	}
+	compared, _ := strconv.ParseInt(m[1], 10, 64)
+	sent, _ := strconv.ParseInt(m[2], 10, 64)
+	if compared != 32<<20 || sent <= 0 || sent >= compared/2 {
+		c.t.Fatalf("forward reprotect compared %d bytes and sent %d: want the whole disk compared, only the differences sent", compared, sent)
 	}
 	c.waitState("m", "protected", hungAfter)
 	if st := c.status("m"); st.Direction != "" {

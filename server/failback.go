@@ -680,8 +680,6 @@ func (s *Server) reprotectForward(ctx context.Context, m store.Machine, f store.
 			}
 			compared, sent = compared+c, sent+sn
 		}
-		// The rows are gone with the done records: the agent's final
-		// figures are in the done event; what was seen last is reported.
 		d := decodeDetail(f)
 		d.Reverse.Forward, d.Reverse.Resynced, d.Reverse.Resent = "done", compared, sent
 		f.Detail = encodeDetail(d)
@@ -696,7 +694,7 @@ func (s *Server) reprotectForward(ctx context.Context, m store.Machine, f store.
 }
 
 // resyncDisk resyncs one disk at once and waits until it is protected;
-// it returns the bytes compared and sent, as last reported.
+// it returns the bytes compared and sent (the done record's).
 func (s *Server) resyncDisk(ctx context.Context, j *job, m store.Machine, disk store.Disk) (int64, int64, error) {
 	name := m.Name + ": resync " + disk.Name
 	detail := "compare the disk with the replica (checksums), send the differences"
@@ -732,8 +730,13 @@ func (s *Server) resyncDisk(ctx context.Context, j *job, m store.Machine, disk s
 			return fail(err)
 		}
 		if protected && errors.Is(err, store.ErrNotFound) {
-			// The row goes with the done record: the agent's last report
-			// is what is known (the done event has the exact figures).
+			// The row goes with the done record, whose figures the
+			// catalog keeps.
+			if mc, err := s.cat.Machine(ctx, m.ID); err == nil {
+				if cd, ok := mc.Disk(disk.Index); ok && cd.LastResyncCompared > 0 {
+					compared, sent = cd.LastResyncCompared, cd.LastResyncSent
+				}
+			}
 			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("protected again: %d bytes compared, %d sent", compared, sent), Total: disk.Size, Done: disk.Size})
 			return compared, sent, nil
 		}

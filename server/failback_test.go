@@ -174,6 +174,13 @@ func (fr *failbackRig) checkForward() {
 	src.Close()
 	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
 	t.Logf("forward reprotect: %q", j.Output)
+	var compared, sent int64
+	if len(j.Output) != 1 {
+		t.Fatalf("forward reprotect output %q", j.Output)
+	}
+	if _, err := fmt.Sscanf(j.Output[0], "protected again: %d bytes compared, %d sent", &compared, &sent); err != nil || compared != (8+16)<<20 || sent <= 0 || sent >= compared {
+		t.Fatalf("forward reprotect output %q (%v): want both disks compared, only the differences sent", j.Output[0], err)
+	}
 	fr.waitProtected("vm1")
 	if m := fr.machine("vm1"); m.Direction != "" {
 		t.Fatalf("after the forward reprotect: direction %q", m.Direction)
