@@ -268,6 +268,7 @@ func (s *Server) handleMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	v.Direction = s.directionOf(r.Context(), m.ID)
 	writeJSON(w, http.StatusOK, v)
 	return nil
 }

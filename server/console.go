@@ -334,6 +334,7 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 		if err != nil {
 			return nil, err
 		}
+		v.Direction = s.directionOf(ctx, m.ID)
 		out = append(out, v)
 	}
 	return out, nil
@@ -357,7 +358,6 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
 		ScrubDamage: strings.Contains(m.ScrubResult, "damaged blocks") || strings.HasPrefix(m.ScrubResult, "failed")}
 	l.link(&v, m.BIOSUUID)
-	v.Direction = s.directionOf(ctx, m.ID)
 	modes := map[string]string{}
 	if m.DiskModes != "" {
 		json.Unmarshal([]byte(m.DiskModes), &modes)
