@@ -361,6 +361,14 @@ func (s *Server) shipReverse(ctx context.Context, run *reverseRun) {
 	backoff := retry.New(500*time.Millisecond, 5*time.Second)
 	buf := make([]byte, replication.MaxReverseData)
 	lastSave := time.Now()
+	defer func() {
+		// A stop: what was acknowledged is saved (what was in flight is
+		// dirty again), and the bytes sent recorded.
+		if err := run.saveMaps(); err != nil {
+			log.Error("failback: save the maps", "err", err)
+		}
+		s.saveSent(context.WithoutCancel(ctx), run)
+	}()
 	for ctx.Err() == nil {
 		sent := false
 		var failed error
