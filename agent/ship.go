@@ -75,6 +75,11 @@ type shipHandler interface {
 	policy(p replication.AgentPolicy)
 	// status returns the status report sent every second.
 	status() replication.Status
+	// reverseWrite carries out a failback's REVERSE frame (checked) and
+	// returns its answer.
+	reverseWrite(seq uint64, d replication.ReverseData) replication.ReverseAck
+	// reverseSum hashes a whole disk for a failback's REVERSE_SUM.
+	reverseSum(r replication.ReverseSum) replication.ReverseAck
 }
 
 // shipper ships the spool to the process server: it owns the connection
@@ -464,12 +469,46 @@ func (s *shipSession) receive(ctx context.Context, br *bufio.Reader) error {
 				return err
 			}
 			h.policy(p)
+		case replication.FrameReverse:
+			d, err := replication.DecodeReverse(&f)
+			if err != nil {
+				return err
+			}
+			// Written and synced before the next frame is read: the
+			// server keeps one frame in flight per caller.
+			if err := s.writeJSON(replication.FrameReverseAck, h.reverseWrite(f.Seq, d)); err != nil {
+				return err
+			}
+		case replication.FrameReverseSum:
+			var r replication.ReverseSum
+			if err := replication.DecodeJSON(&f, &r); err != nil {
+				return err
+			}
+			if err := r.Validate(); err != nil {
+				return err
+			}
+			// A whole disk is read: not on the receiver, which must go
+			// on reading acknowledgements.
+			s.sh.rt.Go(func() {
+				if err := s.writeJSON(replication.FrameReverseAck, h.reverseSum(r)); err != nil {
+					s.sh.log.Error("failback: answer a disk sum", "err", err)
+				}
+			})
 		case replication.FrameError:
 			return checkError(&f)
 		default:
 			return &replication.ProtocolError{Reason: fmt.Sprintf("unexpected %s frame from server", f.Type)}
 		}
 	}
+}
+
+// writeJSON sends a control frame carrying v.
+func (s *shipSession) writeJSON(t replication.FrameType, v any) error {
+	f, err := replication.JSONFrame(t, v)
+	if err != nil {
+		return err
+	}
+	return s.write(&f)
 }
 
 func (s *shipSession) status(ctx context.Context) error {

@@ -76,7 +76,13 @@ func (h *fakeShipHandler) thaw(fr replication.Freeze) error {
 	h.calls <- freezeCall{replication.FrameThaw, fr}
 	return nil
 }
-func (h *fakeShipHandler) want(w replication.Want)          { h.calls <- wantCall(w) }
+func (h *fakeShipHandler) want(w replication.Want) { h.calls <- wantCall(w) }
+func (h *fakeShipHandler) reverseWrite(seq uint64, d replication.ReverseData) replication.ReverseAck {
+	return replication.ReverseAck{ID: d.ID, Seq: seq, Error: "fake"}
+}
+func (h *fakeShipHandler) reverseSum(r replication.ReverseSum) replication.ReverseAck {
+	return replication.ReverseAck{ID: r.ID, Seq: r.Seq, Error: "fake"}
+}
 func (h *fakeShipHandler) policy(p replication.AgentPolicy) { h.calls <- policyCall(p) }
 func (h *fakeShipHandler) status() replication.Status       { return replication.Status{LastSeq: 1} }
 

@@ -271,7 +271,8 @@ func TestE2EFailoverTestNBD(t *testing.T) {
 // to the protected disk at random through the agent: the source refuses
 // writes from the freeze on (fio stops with EPERM), and the failed-over
 // disk equals the source disk byte for byte, so every write the source
-// acknowledged is in the last point. Commit then ends the protection.
+// acknowledged is in the last point. Commit keeps the source frozen, its
+// agent registered (failback's master target).
 func TestE2EFailoverPlannedUnderFio(t *testing.T) {
 	c := newFailoverCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
@@ -338,9 +339,11 @@ func TestE2EFailoverPlannedUnderFio(t *testing.T) {
 	if !strings.Contains(cm, "succeeded") {
 		t.Fatalf("commit:\n%s", cm)
 	}
+	// A planned failover to NBD keeps its source registered and frozen:
+	// it is failback's master target (failback_test.go).
 	st := c.status("m")
-	if st.State != api.StateUnprotected || !st.Unprotected {
-		t.Fatalf("after commit the machine is %s (unprotected %v)", st.State, st.Unprotected)
+	if st.Unprotected || st.Direction != "failed-over" {
+		t.Fatalf("after commit the machine is %s (unprotected %v, direction %q)", st.State, st.Unprotected, st.Direction)
 	}
 	// The failed-over machine keeps running from its export.
 	if got := nbdCopySum(t, uris["d"]); got != src {

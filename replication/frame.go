@@ -40,11 +40,16 @@ const (
 	FrameWant    FrameType = 16 // server -> agent, JSON Want: the replica's block hashes of differing chunks
 	FrameFreeze  FrameType = 17 // server -> agent, JSON Freeze: refuse every write from now on, then tag the final point
 	FrameThaw    FrameType = 18 // server -> agent, JSON Freeze: the planned failover is cancelled, writes allowed again
+	// Failback (reverse.go): the server writes the failed-over machine's
+	// changes into the original disks through the frozen agent.
+	FrameReverse    FrameType = 19 // server -> agent, binary ReverseData: write this range into the original disk
+	FrameReverseAck FrameType = 20 // agent -> server, JSON ReverseAck: durable (or refused), or a disk's sum
+	FrameReverseSum FrameType = 21 // server -> agent, JSON ReverseSum: the SHA-256 of a whole original disk
 )
 
 func (t FrameType) String() string {
 	names := [...]string{"", "hello", "welcome", "data", "ack", "status", "tagreq", "error", "seal", "policy",
-		"hold", "held", "cut", "release", "resync", "hashes", "want", "freeze", "thaw"}
+		"hold", "held", "cut", "release", "resync", "hashes", "want", "freeze", "thaw", "reverse", "reverse-ack", "reverse-sum"}
 	if int(t) < len(names) && t != 0 {
 		return names[t]
 	}
@@ -172,7 +177,7 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 		return f, 0, &ProtocolError{fmt.Sprintf("unsupported protocol version %d (this build speaks %d)", h[4], ProtocolVersion)}
 	}
 	f.Type = FrameType(h[5])
-	if f.Type < FrameHello || f.Type > FrameThaw {
+	if f.Type < FrameHello || f.Type > FrameReverseSum {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
 	}
 	f.Flags = h[6]

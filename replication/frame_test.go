@@ -100,7 +100,7 @@ func TestFrameRejects(t *testing.T) {
 			return fixHeaderCRC(b)
 		},
 		"type after the last": func(b []byte) []byte {
-			b[5] = byte(FrameThaw) + 1
+			b[5] = byte(FrameReverseSum) + 1
 			return fixHeaderCRC(b)
 		},
 		"huge length": func(b []byte) []byte {

@@ -143,6 +143,8 @@ func (s *Server) routes() http.Handler {
 			r.Get("/failovers", handle(s.handleFailovers))
 			r.Post("/failovers", handle(s.handleStartFailover))
 			r.Post("/failovers/{action}", handle(s.handleFailoverAction))
+			r.Post("/machines/{machine}/reprotect", handle(s.handleReprotect))
+			r.Post("/machines/{machine}/failback", handle(s.handleFailback))
 			r.Get("/plans", handle(s.handlePlans))
 			r.Post("/plans", handle(s.handleCreatePlan))
 			r.Get("/plans/{plan}", handle(s.handlePlan))
@@ -266,6 +268,7 @@ func (s *Server) handleMachine(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	v.Direction = s.directionOf(r.Context(), m.ID)
 	writeJSON(w, http.StatusOK, v)
 	return nil
 }

@@ -333,6 +333,7 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 		if err != nil {
 			return nil, err
 		}
+		v.Direction = s.directionOf(ctx, m.ID)
 		out = append(out, v)
 	}
 	return out, nil

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"time"
 
 	"github.com/asrdr/asr/replication/procserver"
@@ -33,3 +34,7 @@ func AlertPasses(s *Server) int64 { return s.alerts.passes.Load() }
 func SetOutboxBackoff(s *Server, min, max time.Duration) {
 	s.alerts.outbox.minBackoff, s.alerts.outbox.maxBackoff = min, max
 }
+
+// SetFailbackSwitchHook sets the hook a failback calls once its switch is
+// recorded, before the thaw, with the server's context.
+func SetFailbackSwitchHook(s *Server, hook func(ctx context.Context)) { s.rv.switchHook = hook }

@@ -79,6 +79,7 @@ type export struct {
 	disk string
 	ov   *overlay.Overlay
 	base io.Closer
+	be   *exportBackend // what the NBD server serves: ov, with failback's tracking
 }
 
 func failoverDir(dataDir, id string) string { return filepath.Join(dataDir, "failovers", id) }
@@ -156,7 +157,7 @@ func (s *Server) lookupExport(name string) (nbd.Backend, bool) {
 	if !ok {
 		return nil, false
 	}
-	return e.ov, true
+	return e.be, true
 }
 
 func (s *Server) exportNames() []string {
@@ -247,7 +248,7 @@ func (s *Server) openRecovered(ctx context.Context, f store.Failover, m store.Ma
 			ex.close()
 			return nil, err
 		}
-		ex.disks = append(ex.disks, &export{name: m.Name + "/" + d.Name, disk: d.Name, ov: ov, base: base})
+		ex.disks = append(ex.disks, &export{name: m.Name + "/" + d.Name, disk: d.Name, ov: ov, base: base, be: &exportBackend{ov: ov}})
 	}
 	if plan != nil && fresh {
 		if err := s.replayInto(ctx, mc, *plan, ex); err != nil {
@@ -400,6 +401,8 @@ type failoverDetail struct {
 	VSphere *vsphereDetail   `json:"vsphere,omitempty"`
 	Azure   json.RawMessage  `json:"azure,omitempty"`
 	Drill   *api.DrillResult `json:"drill,omitempty"`
+	// Reverse is the failback's state (failback.go).
+	Reverse *reverseDetail `json:"reverse,omitempty"`
 }
 
 type vsphereDetail struct {
@@ -478,6 +481,12 @@ func (s *Server) failoverView(ctx context.Context, f store.Failover) api.Failove
 	}
 	d := decodeDetail(f)
 	v.VM, v.Drill = d.VM, d.Drill
+	if r := d.Reverse; r != nil {
+		v.Failback = &api.FailbackStatus{State: r.State, Sent: r.Sent, Compared: r.Compared, Forward: r.Forward, Resynced: r.Resynced, Resent: r.Resent}
+		if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
+			v.Failback.Sent, v.Failback.Pending = run.total(), run.pending()
+		}
+	}
 	if live := s.exportsOf(f.MachineID); live != nil && f.Live() {
 		v.Exports = live
 	} else {
@@ -529,6 +538,9 @@ func (s *Server) restoreFailovers(ctx context.Context) error {
 		p, err := s.cat.FindPoint(ctx, m.ID, f.PointID)
 		if err == nil {
 			_, err = s.exportMachine(ctx, f, m, p, nil)
+		}
+		if err == nil {
+			s.restoreReverse(ctx, f, m)
 		}
 		if err != nil {
 			s.log.Error("serve a failover's exports again", "machine", m.Name, "failover", f.ID, "err", err)

@@ -449,6 +449,8 @@ func subjectOf(a api.FailoverAction) string {
 // Commit ends failovers: the recovered machines are the machines now. The
 // source's protection stops (it is unprotected, its replica and the
 // failed-over point kept) until reprotect; the other points are released.
+// A planned failover to NBD keeps its source registered, frozen: it is
+// the master target of failback (failback.go).
 func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, error) {
 	ms, err := s.selected(ctx, a)
 	if err != nil {
@@ -483,6 +485,22 @@ func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, err
 				done(fmt.Sprintf("%d points released", len(deleted)), err)
 			} else {
 				done(fmt.Sprintf("kept: %v", err), nil)
+			}
+			if reverseCandidate(f) {
+				// A planned failover to NBD: the source is frozen, its
+				// agent stays registered and connected as failback's
+				// master target (asr reprotect ships the changes back).
+				done = j.step(m.Name+": keep the source frozen", "the original agent stays registered: reprotect sends the changes back to it")
+				f.State = store.FailoverCommitted
+				err = s.db.UpdateFailover(ctx, f)
+				done("", err)
+				if err != nil {
+					errs = append(errs, fmt.Errorf("%s: %w", m.Name, err))
+					continue
+				}
+				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "failover-committed",
+					Message: fmt.Sprintf("failover %s committed at point %s: the source stays frozen; asr reprotect --machine %s sends the changes back", f.ID, f.PointID, m.Name)})
+				continue
 			}
 			done = j.step(m.Name+": stop protection", "until reprotect")
 			err = s.Unprotect(ctx, m.ID, false)

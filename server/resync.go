@@ -247,6 +247,9 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	if err != nil || m.Unprotected() {
 		return // an unprotected machine's rows are going (unprotect.go)
 	}
+	if s.reverseRunOf(m.ID) != nil {
+		return // failback writes the source: compared once it is failed back
+	}
 	w, err := s.windowFor(ctx, m)
 	if err != nil {
 		s.log.Error("resync window", "machine", m.ID, "err", err)
@@ -333,6 +336,9 @@ func (s *Server) handleResync(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) RequestResync(ctx context.Context, m store.Machine, disk string) ([]api.ResyncJSON, error) {
 	if err := refuseUnprotected(m, "a resync"); err != nil {
 		return nil, err
+	}
+	if s.reverseRunOf(m.ID) != nil {
+		return nil, errorf(http.StatusConflict, "machine %s is reprotected: its original disks are being written by failback; it is resynced by asr reprotect after failback", m.Name)
 	}
 	var picked []store.Disk
 	for _, d := range m.Disks {

@@ -163,6 +163,7 @@ type Server struct {
 	jobs jobsState     // running jobs (jobs.go)
 	vc   vcenterState  // vCenter discoveries (vmware.go)
 	fo   failoverState // failovers' NBD exports (failover.go)
+	rv   reverseState  // failback's shipments to the original disks (failback.go)
 
 	host *hoststat.Sampler // the host's CPU and memory (hostLoop)
 

@@ -52,6 +52,9 @@ func (s *Server) Unprotect(ctx context.Context, machine string, deleteReplica bo
 	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil && deleteReplica {
 		return errorf(http.StatusConflict, "machine %s has a live %s (%s) that runs from its replica: clean it up (or fail back) before deleting the replica", m.Name, kindWord(f.Kind), f.State)
 	}
+	if s.reverseRunOf(m.ID) != nil {
+		return errorf(http.StatusConflict, "machine %s is reprotected (failback in progress): fail it back first", m.Name)
+	}
 	if m.Unprotected() && m.DeleteReplica && !deleteReplica {
 		return errorf(http.StatusConflict, "the deletion of machine %s's replica was started (unprotected at %s) and is not finished: run unprotect --delete-replica again to finish it",
 			m.Name, m.UnprotectedAt.UTC().Format(time.RFC3339))

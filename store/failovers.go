@@ -125,6 +125,16 @@ func (d *DB) LiveFailover(ctx context.Context, machineID string) (Failover, erro
 	return f, err
 }
 
+// LatestFailover returns a machine's newest failover (live or ended), or
+// ErrNotFound.
+func (d *DB) LatestFailover(ctx context.Context, machineID string) (Failover, error) {
+	f, err := scanFailover(d.db.QueryRowContext(ctx, `SELECT `+failoverCols+` FROM failovers WHERE machine_id = ? ORDER BY created_at DESC LIMIT 1`, machineID))
+	if errors.Is(err, sql.ErrNoRows) {
+		return f, fmt.Errorf("machine %s has no failover: %w", machineID, ErrNotFound)
+	}
+	return f, err
+}
+
 // Failovers lists the live failovers, and the ended ones when all is set,
 // newest first.
 func (d *DB) Failovers(ctx context.Context, all bool) ([]Failover, error) {

@@ -98,3 +98,29 @@ func ratio(r float64) string {
 	}
 	return fmt.Sprintf("%.1fx", r)
 }
+
+// directionText names a machine's failback direction (api.Machine.Direction).
+func directionText(d string) string {
+	switch d {
+	case "failed-over":
+		return "Failed over: runs from its failover"
+	case "reprotected":
+		return "Reprotected: its changes go back to the original disks"
+	case "failing-back":
+		return "Failing back"
+	case "failed-back":
+		return "Failed back: forward protection not resumed yet"
+	}
+	return d
+}
+
+// directionNext is the command that moves a machine on in its failback.
+func directionNext(d string) string {
+	switch d {
+	case "failed-over", "failed-back":
+		return "reprotect"
+	case "reprotected":
+		return "failback"
+	}
+	return ""
+}

@@ -32,6 +32,7 @@ type machine struct {
 	sess   *session
 	points *points
 	cmp    *comparer
+	rev    reverser // failback's REVERSE_ACKs (reverse.go)
 }
 
 // openMachine recovers a machine's cache and catalog entry and starts its

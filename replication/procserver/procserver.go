@@ -499,6 +499,15 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if err := m.cmp.submit(s.ctx, cc, h); err != nil {
 				return err
 			}
+		case replication.FrameReverseAck:
+			var a replication.ReverseAck
+			if err := replication.DecodeJSON(&f, &a); err != nil {
+				return err
+			}
+			if err := a.Validate(); err != nil {
+				return err
+			}
+			m.rev.ack(a)
 		case replication.FrameHeld:
 			var c replication.Cut
 			if err := replication.DecodeJSON(&f, &c); err != nil {

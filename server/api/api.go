@@ -64,6 +64,14 @@ type Machine struct {
 	Unprotected   bool      `json:"unprotected"`
 	UnprotectedAt time.Time `json:"unprotected_at,omitzero"`
 
+	// Direction is where the machine runs and which way its changes go
+	// (failback): "" (protected as usual, from its original site),
+	// failed-over (running from a committed or active failover),
+	// reprotected (its changes go back to the original disks),
+	// failing-back, failed-back (on premises again, forward protection
+	// not resumed yet: asr reprotect).
+	Direction string `json:"direction,omitempty"`
+
 	Disks []Disk `json:"disks"`
 }
 

@@ -94,6 +94,25 @@ type Failover struct {
 	// VM names what a failover to vSphere or Azure created.
 	VM    string       `json:"vm,omitempty"`
 	Drill *DrillResult `json:"drill,omitempty"`
+	// Failback is the failback's progress once the failover is
+	// reprotected (asr reprotect, asr failback).
+	Failback *FailbackStatus `json:"failback,omitempty"`
+}
+
+// FailbackStatus is where a failover's failback is.
+type FailbackStatus struct {
+	State string `json:"state"` // reprotected | failing-back | failed-back
+	// Sent is the bytes written back to the original disks; Pending, the
+	// bytes written to the exports not yet on them (live failovers only);
+	// Compared, the bytes the failback's verification compared.
+	Sent     int64 `json:"sent"`
+	Pending  int64 `json:"pending"`
+	Compared int64 `json:"compared"`
+	// Forward is "done" once the machine is protected forward again;
+	// Resynced and Resent are that resync's bytes compared and sent.
+	Forward  string `json:"forward,omitempty"`
+	Resynced int64  `json:"resynced,omitempty"`
+	Resent   int64  `json:"resent,omitempty"`
 }
 
 // Export is one recovered disk served over NBD.

@@ -70,3 +70,19 @@ func (c *Client) Plan(ctx context.Context, name string) (Plan, error) {
 func (c *Client) DeletePlan(ctx context.Context, name string) error {
 	return c.Do(ctx, http.MethodDelete, "/api/v1/plans/"+url.PathEscape(name), nil, nil)
 }
+
+// Reprotect reprotects a machine in the direction it needs (a job):
+// toward its original disks after a committed planned failover to NBD,
+// forward again after a failback.
+func (c *Client) Reprotect(ctx context.Context, machine string) (Job, error) {
+	var j Job
+	err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/reprotect", nil, &j)
+	return j, err
+}
+
+// Failback fails a reprotected machine back to its original disks (a job).
+func (c *Client) Failback(ctx context.Context, machine string) (Job, error) {
+	var j Job
+	err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/failback", nil, &j)
+	return j, err
+}

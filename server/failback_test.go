@@ -1,0 +1,406 @@
+package server_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
+)
+
+// failbackRig is a protected machine with two disks, failed over (planned)
+// to the server's NBD exports and committed.
+type failbackRig struct {
+	*rig
+	cfg     agent.Config
+	ra      *runningAgent
+	disks   map[string]string // name -> the original disk file
+	exports map[string]string // name -> export URI
+	written int64             // bytes written into the exports since the failover
+	rnd     *rand.Rand
+}
+
+func startFailbackRig(t *testing.T) *failbackRig {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	fr := &failbackRig{rig: r, disks: map[string]string{}, rnd: rand.New(rand.NewPCG(7, 7))}
+	var specs []agent.DiskSpec
+	for i, name := range []string{"d0", "d1"} {
+		p := filepath.Join(dir, name+".img")
+		mustDisk(t, p, int64(8+8*i)<<20, uint64(31+i))
+		fr.disks[name] = p
+		specs = append(specs, agent.DiskSpec{Name: name, Path: p})
+	}
+	fr.cfg = r.agentConfig("vm1", specs...)
+	fr.ra = startAgent(t, fr.cfg)
+	r.waitProtected("vm1")
+	src, err := nbd.Dial(ctx, fr.cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WriteAt(bytes.Repeat([]byte{3}, 200000), 12345); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	j := r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", Planned: true, To: api.ToNBD}))
+	fr.exports = exportsOf(t, j)
+	r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "vm1"}))
+	if m := r.machine("vm1"); m.Unprotected || m.Direction != "failed-over" {
+		t.Fatalf("after the commit of a planned failover: unprotected %v, direction %q", m.Unprotected, m.Direction)
+	}
+	return fr
+}
+
+// write writes n random 64 KiB blocks into an export (aligned, so the
+// bytes the failback sends can be compared with them) and flushes.
+func (fr *failbackRig) write(disk string, n int) {
+	fr.t.Helper()
+	c := dialExport(fr.t, fr.exports[disk])
+	defer c.Close()
+	blocks := c.Size() / 65536
+	buf := make([]byte, 65536)
+	for range n {
+		for i := range buf {
+			buf[i] = byte(fr.rnd.IntN(256))
+		}
+		if err := c.WriteAt(buf, fr.rnd.Int64N(blocks)*65536); err != nil {
+			fr.t.Fatal(err)
+		}
+		fr.written += int64(len(buf))
+	}
+	if err := c.Flush(); err != nil {
+		fr.t.Fatal(err)
+	}
+}
+
+// restart restarts the server; the exports' port changes.
+func (fr *failbackRig) restart() {
+	fr.t.Helper()
+	fr.stop()
+	fr.start()
+	fos, err := fr.client.Failovers(context.Background(), false)
+	if err != nil || len(fos) != 1 {
+		fr.t.Fatalf("failovers after a restart: %+v %v", fos, err)
+	}
+	for _, e := range fos[0].Exports {
+		fr.exports[e.Disk] = e.URI
+	}
+}
+
+// sums returns the exports' SHA-256, by disk.
+func (fr *failbackRig) sums() map[string][32]byte {
+	fr.t.Helper()
+	out := map[string][32]byte{}
+	for d, uri := range fr.exports {
+		c := dialExport(fr.t, uri)
+		out[d] = exportSum(fr.t, c)
+		c.Close()
+	}
+	return out
+}
+
+// checkFailedBack fails back and checks the original disks against want
+// and the bytes sent against what was written.
+func (fr *failbackRig) checkFailedBack(want map[string][32]byte) {
+	t := fr.t
+	t.Helper()
+	ctx := context.Background()
+	j := fr.mustJob(fr.client.Failback(ctx, "vm1"))
+	var sent, compared int64
+	if len(j.Output) != 1 {
+		t.Fatalf("failback output %q", j.Output)
+	}
+	if _, err := fmt.Sscanf(j.Output[0], "failed back: %d bytes sent, %d bytes compared", &sent, &compared); err != nil {
+		t.Fatalf("failback output %q: %v", j.Output[0], err)
+	}
+	all, err := fr.client.Failovers(ctx, true)
+	if err != nil || len(all) == 0 || all[0].Failback == nil || all[0].Failback.State != "failed-back" ||
+		all[0].Failback.Sent != sent || all[0].Failback.Compared != compared {
+		t.Fatalf("the failover after failback: %+v %v", all, err)
+	}
+	for d, p := range fr.disks {
+		if fileSum(t, p) != want[d] {
+			t.Fatalf("disk %s: the original differs from the failed-over disk's final state", d)
+		}
+	}
+	if sent < fr.written/4 || sent > 2*fr.written {
+		t.Fatalf("%d bytes sent for %d written after the failover", sent, fr.written)
+	}
+	if compared != (8+16)<<20 {
+		t.Fatalf("%d bytes compared, want both disks whole", compared)
+	}
+	t.Logf("failback: %d bytes written after the failover, %d sent, %d compared", fr.written, sent, compared)
+	if m := fr.machine("vm1"); m.Direction != "failed-back" {
+		t.Fatalf("after failback: direction %q", m.Direction)
+	}
+	if fos, _ := fr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers after failback: %+v", fos)
+	}
+}
+
+// checkForward reprotects forward, then a write and a new point recover
+// bit-exact.
+func (fr *failbackRig) checkForward() {
+	t := fr.t
+	t.Helper()
+	ctx := context.Background()
+	// The original machine runs again: its writes are accepted.
+	src, err := nbd.Dial(ctx, fr.cfg.NBD, "d1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WriteAt(bytes.Repeat([]byte{9}, 100000), 4<<20); err != nil {
+		t.Fatalf("a write to the failed-back machine: %v", err)
+	}
+	if err := src.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	t.Logf("forward reprotect: %q", j.Output)
+	var compared, sent int64
+	if len(j.Output) != 1 {
+		t.Fatalf("forward reprotect output %q", j.Output)
+	}
+	if _, err := fmt.Sscanf(j.Output[0], "protected again: %d bytes compared, %d sent", &compared, &sent); err != nil || compared != (8+16)<<20 || sent <= 0 || sent >= compared {
+		t.Fatalf("forward reprotect output %q (%v): want both disks compared, only the differences sent", j.Output[0], err)
+	}
+	fr.waitProtected("vm1")
+	if m := fr.machine("vm1"); m.Direction != "" {
+		t.Fatalf("after the forward reprotect: direction %q", m.Direction)
+	}
+	p, err := fr.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	fr.recover("vm1", p.ID, out)
+	for d, path := range fr.disks {
+		if fileSum(t, filepath.Join(out, d+".img")) != fileSum(t, path) {
+			t.Fatalf("disk %s: the point after the forward reprotect differs from the source", d)
+		}
+	}
+	if _, err := fr.client.Reprotect(ctx, "vm1"); err == nil {
+		t.Fatal("a second forward reprotect was accepted")
+	}
+}
+
+// The full cycle on local disks: planned failover to NBD, writes into the
+// exports, reprotect, more writes (shipped as they come), failback: the
+// original disk files equal the exports' final state, the bytes sent stay
+// within twice the bytes written; forward protection resumes with a
+// checksum resync and a new point recovers bit-exact.
+func TestFailbackFullCycle(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	// Refused before a reprotect.
+	if _, err := fr.client.Failback(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "reprotect") {
+		t.Fatalf("failback before reprotect: %v", err)
+	}
+	fr.write("d0", 20)
+	fr.write("d1", 30)
+	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	if len(j.Output) != 1 || !strings.HasPrefix(j.Output[0], "reprotected") {
+		t.Fatalf("reprotect output %q", j.Output)
+	}
+	if m := fr.machine("vm1"); m.Direction != "reprotected" {
+		t.Fatalf("after reprotect: direction %q", m.Direction)
+	}
+	if _, err := fr.client.Reprotect(ctx, "vm1"); err == nil {
+		t.Fatal("a second reprotect was accepted")
+	}
+	// An operator's resync would compare a source failback is writing.
+	if err := fr.client.Do(ctx, "POST", "/api/v1/machines/vm1/resync", nil, nil); err == nil {
+		t.Fatal("a resync of a reprotected machine was accepted")
+	}
+	fr.write("d0", 10)
+	fr.write("d1", 5)
+	waitFor(t, "the new writes on the original disks", func() bool {
+		fos, err := fr.client.Failovers(ctx, false)
+		return err == nil && len(fos) == 1 && fos[0].Failback != nil && fos[0].Failback.State == "reprotected" &&
+			fos[0].Failback.Pending == 0 && fos[0].Failback.Sent > 0
+	})
+	// The original machine is still frozen.
+	src, err := nbd.Dial(ctx, fr.cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WriteAt([]byte{1}, 0); !errors.Is(err, nbd.EPERM) {
+		t.Fatalf("a write to the frozen original: %v", err)
+	}
+	src.Close()
+	want := fr.sums()
+	fr.checkFailedBack(want)
+	fr.checkForward()
+}
+
+// A failback survives a server restart and an agent restart while the
+// changes go back: the shipping resumes from the saved maps and nothing
+// is lost.
+func TestFailbackResumesAfterRestarts(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 16)
+	fr.write("d1", 16)
+	fr.ra.close() // the original agent goes away: nothing can be sent
+	j, err := fr.client.Reprotect(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the reprotect is recorded (its first pass waits for the agent).
+	waitFor(t, "the reprotect's first pass", func() bool {
+		return fr.machine("vm1").Direction == "reprotected"
+	})
+	_ = j
+	fr.restart()
+	if m := fr.machine("vm1"); m.Direction != "reprotected" {
+		t.Fatalf("after a restart: direction %q", m.Direction)
+	}
+	fr.write("d0", 8) // written while the agent is away, after the restart
+	fr.ra = startAgent(t, fr.cfg)
+	fr.write("d1", 8)
+	want := fr.sums()
+	// And the server stops once more while the agent is back.
+	fr.restart()
+	fr.checkFailedBack(want)
+	fr.checkForward()
+}
+
+// Bad requests are refused with a reason and change nothing.
+func TestFailbackRefusals(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	if _, err := fr.client.Failback(ctx, "nosuch"); err == nil {
+		t.Fatal("failback of an unknown machine accepted")
+	}
+	if _, err := fr.client.Reprotect(ctx, "nosuch"); err == nil {
+		t.Fatal("reprotect of an unknown machine accepted")
+	}
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	if err := fr.client.Do(ctx, "POST", "/api/v1/machines/vm1/unprotect", map[string]any{}, nil); err == nil || !strings.Contains(err.Error(), "failback") {
+		t.Fatalf("unprotect while failback writes the original: %v", err)
+	}
+	if m := fr.machine("vm1"); m.Direction != "reprotected" || m.Unprotected {
+		t.Fatalf("after refusals: %+v", m)
+	}
+}
+
+// A failback is cancellable until its switch: cancelled while its drain
+// waits for the agent, it leaves the failed-over machine running (its
+// exports writable) and the machine reprotected; run again once the agent
+// is back, it completes.
+func TestFailbackCancel(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 4)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	fr.ra.close() // the drain below cannot end
+	fr.write("d1", 4)
+	j, err := fr.client.Failback(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the failback's drain", func() bool {
+		jj, err := fr.client.Job(ctx, j.ID)
+		if err != nil {
+			return false
+		}
+		for _, s := range jj.Steps {
+			if strings.HasSuffix(s.Name, ": drain") && s.State == "running" && jj.Cancellable {
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := fr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = fr.runJob(j, nil); j.State == api.JobSucceeded {
+		t.Fatalf("a cancelled failback succeeded: %+v", j)
+	}
+	if m := fr.machine("vm1"); m.Direction != "reprotected" {
+		t.Fatalf("after a cancelled failback: direction %q", m.Direction)
+	}
+	fr.write("d0", 2) // the failed-over machine runs on
+	fr.ra = startAgent(t, fr.cfg)
+	want := fr.sums()
+	fr.checkFailedBack(want)
+}
+
+// Only planned failovers to NBD are reprotected in this version: an
+// unplanned one is refused with the reason, and nothing changes.
+func TestReprotectRefusesUnplanned(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	r.start()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 2<<20, 41)
+	ra := startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}))
+	r.waitProtected("vm1")
+	if _, err := r.client.Reprotect(ctx, "vm1"); err == nil {
+		t.Fatal("reprotect of a protected machine accepted")
+	}
+	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	ra.close()
+	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", To: api.ToNBD}))
+	if _, err := r.client.Reprotect(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "planned") {
+		t.Fatalf("reprotect of an unplanned failover: %v", err)
+	}
+	if m := r.machine("vm1"); m.Direction != "failed-over" {
+		t.Fatalf("after a refused reprotect: direction %q", m.Direction)
+	}
+}
+
+// A server that stops after a failback's switch (the record says
+// failing-back) finishes it at its next start: the original is thawed,
+// the failover ended, nothing lost.
+func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 6)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	fr.write("d1", 6)
+	want := fr.sums()
+	switched := make(chan struct{})
+	server.SetFailbackSwitchHook(fr.srv, func(ctx context.Context) {
+		close(switched)
+		<-ctx.Done()
+	})
+	if _, err := fr.client.Failback(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	<-switched
+	fr.stop()
+	fr.start()
+	waitFor(t, "the failback finished after the restart", func() bool {
+		return fr.machine("vm1").Direction == "failed-back"
+	})
+	for d, p := range fr.disks {
+		if fileSum(t, p) != want[d] {
+			t.Fatalf("disk %s: the original differs from the failed-over disk's final state", d)
+		}
+	}
+	if fos, _ := fr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers: %+v", fos)
+	}
+	fr.checkForward()
+}
