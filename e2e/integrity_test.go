@@ -81,7 +81,8 @@ func TestE2EBitRotDetectedAndRepaired(t *testing.T) {
 	c.server.stop()
 	target := "file://" + filepath.Join(c.srvDir, "target")
 	pass := filepath.Join(c.srvDir, "passphrase")
-	_, err = runAsr("recover", "--machine", "vm1", "--point", p2, "--out", out, "--target", target, "--passphrase-file", pass)
+	// (A new --out: out holds p1's image, which recover does not replace.)
+	_, err = runAsr("recover", "--machine", "vm1", "--point", p2, "--out", filepath.Join(c.dir, "out-target"), "--target", target, "--passphrase-file", pass)
 	if err == nil || !strings.Contains(err.Error(), block) || !strings.Contains(err.Error(), "point "+p2) || !strings.Contains(err.Error(), p1) {
 		t.Fatalf("recover from the target = %v; want %s in point %s, also %s", err, block, p2, p1)
 	}
