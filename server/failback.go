@@ -67,6 +67,36 @@ type reverseState struct {
 	recMu sync.Mutex
 	// switchHook, for tests, runs after a failback's switch is recorded.
 	switchHook func(ctx context.Context)
+	// startMu makes the check for a running reprotect or failback job
+	// of a machine and the start of another one atomic: a second click
+	// in the console is refused, not run twice.
+	startMu sync.Mutex
+}
+
+// failbackJobRunning returns the id of a reprotect or failback job of
+// machine that is still running ("" if none). s.rv.startMu is held.
+func (s *Server) failbackJobRunning(machine string) string {
+	s.jobs.mu.Lock()
+	jobs := make([]*job, 0, len(s.jobs.running))
+	for _, j := range s.jobs.running {
+		jobs = append(jobs, j)
+	}
+	s.jobs.mu.Unlock()
+	for _, j := range jobs {
+		if v := j.snapshot(); (v.Kind == "reprotect" || v.Kind == "failback") && v.Subject == machine && v.State == api.JobRunning {
+			return v.ID
+		}
+	}
+	return ""
+}
+
+// refuseFailbackRunning is the conflict of a reprotect or failback asked
+// for while one of the machine runs.
+func (s *Server) refuseFailbackRunning(m store.Machine) error {
+	if id := s.failbackJobRunning(m.Name); id != "" {
+		return errorf(http.StatusConflict, "machine %s: a reprotect or failback job is running (job %s): wait for it to end", m.Name, id)
+	}
+	return nil
 }
 
 // reverseRun ships one failover's marked blocks to the original disks.
@@ -162,6 +192,11 @@ func (s *Server) Reprotect(ctx context.Context, machine string) (api.Job, error)
 		return api.Job{}, errorf(http.StatusNotFound, "no machine named %q", machine)
 	}
 	if err != nil {
+		return api.Job{}, err
+	}
+	s.rv.startMu.Lock()
+	defer s.rv.startMu.Unlock()
+	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
 	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil {
@@ -508,6 +543,11 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 		return api.Job{}, errorf(http.StatusNotFound, "no machine named %q", machine)
 	}
 	if err != nil {
+		return api.Job{}, err
+	}
+	s.rv.startMu.Lock()
+	defer s.rv.startMu.Unlock()
+	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
 	f, err := s.db.LiveFailover(ctx, m.ID)
