@@ -279,3 +279,13 @@ func exportsWritten(f *api.Failover) int64 {
 	}
 	return n
 }
+
+// PendingNow is " (N pending now)", the bytes written to the exports not
+// yet on the original disks, or "" if none.
+func (v failbackView) PendingNow() string {
+	f := v.Offer.Failover
+	if f == nil || f.Failback == nil || f.Failback.Pending <= 0 {
+		return ""
+	}
+	return " (" + humanBytes(f.Failback.Pending) + " pending now)"
+}

@@ -124,6 +124,12 @@ func TestFailbackButtons(t *testing.T) {
 					t.Errorf("%s: the running job is not linked", where)
 				}
 			}
+			if fo := tc.failover; fo != nil && fo.Failback != nil {
+				page := get(t, h, id, "/failovers", http.StatusOK)
+				if !strings.Contains(page, `<a href="/machines/db">`+fo.Failback.State+`</a>`) || !strings.Contains(page, "sent back to the original disks") {
+					t.Error("the failovers page does not show the failback's state and bytes")
+				}
+			}
 		})
 	}
 }
