@@ -9,6 +9,7 @@ package e2e
 // each confirmed, each followed on its job's page.
 
 import (
+	"encoding/json"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -17,6 +18,8 @@ import (
 	"testing"
 
 	"github.com/chromedp/chromedp"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // bytesShownRE is a byte figure as the console writes it.
@@ -26,7 +29,9 @@ var bytesShownRE = regexp.MustCompile(`\d+(\.\d)? (B|KiB|MiB|GiB)`)
 // over (planned, to NBD) and commit from the console; write into the
 // failed-over export; Reprotect, Failback (its drain held by a stopped
 // agent, so the job's live progress and the machine page's "running"
-// are seen, then let go) and Reprotect forward from the machine's page.
+// are seen, then let go) and Reprotect forward from the machine's page
+// (its form posted twice: the second post refused by the server, 409,
+// shown, nothing more started).
 // The original disk ends equal to the export's final content and a new
 // point recovers bit-exact.
 func TestE2EConsoleFailback(t *testing.T) {
@@ -194,7 +199,44 @@ func TestE2EConsoleFailback(t *testing.T) {
 		t.Fatalf("the forward reprotect's confirmation says:\n%s", s)
 	}
 	p.screenshot("fb-09-forward-confirm")
-	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")))
+	// A double click: the form is posted twice. The first post starts the
+	// job; the second is refused by the server (409), its reason shown on
+	// the confirmation page, and starts nothing.
+	jobPage, err := chromedp.Run(p.ctx, chromedp.Evaluate[string](`(() => {
+		const f = document.querySelector("#confirm-reprotect").form;
+		return fetch(f.action, {method: "POST", body: new URLSearchParams(new FormData(f))}).then(r => r.url);
+	})()`, chromedp.EvalAwaitPromise))
+	if err != nil || !regexp.MustCompile(`/jobs/[0-9a-f]+$`).MatchString(jobPage) {
+		t.Fatalf("the first post of the forward reprotect went to %q: %v", jobPage, err)
+	}
+	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")), chromedp.WaitVisible(chromedp.CSS("#failback-error")))
+	if s := p.text("#failback-error"); !strings.Contains(s, "Nothing was started: machine m") {
+		t.Fatalf("the second post of the forward reprotect: %q", s)
+	}
+	p.screenshot("fb-10-forward-refused")
+	var jobs []api.Job
+	if err := json.Unmarshal([]byte(c.mustCLI("jobs", "--json")), &jobs); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, j := range jobs {
+		if j.Kind == "reprotect" && j.Subject == "m" {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Fatalf("%d reprotect jobs, want 2 (the reverse one and one forward): %+v", n, jobs)
+	}
+	// The refusal links the running job: the one the first post started.
+	if href := p.evalString(`document.querySelector("#failback-running-job") ? document.querySelector("#failback-running-job").href : ""`); href != jobPage {
+		// The job may have ended already: then there is no link.
+		if href != "" {
+			t.Fatalf("the refusal links %q, the job started is %q", href, jobPage)
+		}
+		p.do(chromedp.Navigate(jobPage), chromedp.WaitVisible(chromedp.CSS("#job")))
+	} else {
+		p.do(chromedp.Click(chromedp.CSS("#failback-running-job")), chromedp.WaitVisible(chromedp.CSS("#job")))
+	}
 	out, steps = jobDone("forward reprotect")
 	m := forwardRE.FindStringSubmatch(out)
 	if m == nil || !strings.Contains(steps, "resync d") {
@@ -205,7 +247,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	if compared != 32<<20 || sent <= 0 || sent >= compared/2 {
 		t.Fatalf("forward reprotect compared %d bytes and sent %d: want the whole disk compared, only the differences sent", compared, sent)
 	}
-	p.screenshot("fb-10-forward-job")
+	p.screenshot("fb-11-forward-job")
 	c.waitState("m", "protected", hungAfter)
 	if st := c.status("m"); st.Direction != "" {
 		t.Fatalf("after the forward reprotect: direction %q", st.Direction)
@@ -214,7 +256,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	if p.exists("#machine-failback") || p.exists("a.failback-action") {
 		t.Fatal("the machine's page still shows failback once protected forward")
 	}
-	p.screenshot("fb-11-protected")
+	p.screenshot("fb-12-protected")
 	point := c.tag("m")
 	c.recoverAndCheck("m", point, map[string]string{"d": sha256File(t, fc.disk)})
 }

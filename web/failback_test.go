@@ -155,7 +155,7 @@ func TestFailbackConfirmPages(t *testing.T) {
 		{"reprotect_uncommitted", "/machines/db/reprotect", 2, http.StatusConflict,
 			[]string{"Commit the failover"}},
 		{"reprotect_running", "/machines/db/reprotect", 6, http.StatusConflict,
-			[]string{"A reprotect job of db is running"}},
+			[]string{"A reprotect job of db is running", `id="failback-running-job" class="button button-primary" href="/jobs/job-9"`}},
 	} {
 		t.Run(tc.golden, func(t *testing.T) {
 			b := failbackBackend(tc.c)
