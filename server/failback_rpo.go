@@ -45,7 +45,7 @@ type revAge struct {
 	now    func() time.Time
 	pend   int64     // blocks dirty or in flight
 	safe   time.Time // while pend > 0: every write before it is on the original (zero: not known)
-	synced bool      // nothing was pending at some moment (the first pass is done), or loaded from a saved map
+	synced bool      // the first pass is done: nothing was pending at some moment since backdate, or loaded from a saved map
 	marks  uint64    // blocks marked so far: a moment every disk was empty is checked against it
 
 	genOn             bool
@@ -69,7 +69,8 @@ func (m *reverseMap) marked(b int64, now time.Time) {
 		return
 	}
 	if a.pend == 0 {
-		a.safe = now
+		// Everything written before is on the original.
+		a.safe, a.synced = now, true
 	}
 	a.pend++
 }
@@ -150,12 +151,17 @@ func (m *reverseMap) loaded(safe int64) {
 	}
 }
 
-// backdate says the blocks pending now were written at t or later (the
-// overlay's blocks, marked at reprotect, were written since the failover).
+// backdate says the blocks pending now were written at t or later: the
+// overlay's blocks, marked at reprotect, were written since the failover,
+// and are the first pass.
 func (m *reverseMap) backdate(t time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.age.pend > 0 && (m.age.safe.IsZero() || t.Before(m.age.safe)) {
+	if m.age.pend == 0 {
+		return
+	}
+	m.age.synced = false
+	if m.age.safe.IsZero() || t.Before(m.age.safe) {
 		m.age.safe = t
 		m.gen++
 	}

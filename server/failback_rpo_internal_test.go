@@ -40,6 +40,7 @@ func TestReverseMapAge(t *testing.T) {
 	mustLag(t, m, clock.now(), 0)
 	t0 := clock.now()
 	m.mark(0, 1)
+	m.backdate(t0) // the overlay's blocks at reprotect: the first pass
 	clock.add(10 * time.Second)
 	mustLag(t, m, clock.now(), 10*time.Second)
 	if m.lag().synced {
@@ -93,6 +94,9 @@ func TestReverseMapAge(t *testing.T) {
 	m.mark(5*overlay.BlockSize, 1)
 	clock.add(3 * time.Second)
 	mustLag(t, m, clock.now(), 3*time.Second)
+	if !m.lag().synced {
+		t.Fatal("a write after the first pass counts as a first pass")
+	}
 	// backdate: the overlay's blocks at reprotect were written since the
 	// failover.
 	m.backdate(t0)
