@@ -13,11 +13,14 @@ import (
 	"encoding/json"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/chromedp/chromedp"
 
 	"github.com/asrdr/asr/server/api"
 )
@@ -62,6 +65,10 @@ func (c *cluster) alertsOf(all bool) []api.Alert {
 }
 
 func TestE2EFailbackPolicyReverseRPO(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
+	}
 	fc := startFailbackCase(t, "--alert-clear", "2s")
 	c := fc.c
 
@@ -84,6 +91,20 @@ func TestE2EFailbackPolicyReverseRPO(t *testing.T) {
 		!strings.Contains(out+err.Error(), "is a failback policy") {
 		t.Fatalf("a failback policy assigned to a machine: %v\n%s", err, out)
 	}
+	// The console edits it too, and says what applies.
+	p := openConsole(t, c, browser)
+	p.do(chromedp.Navigate(c.url()+"/policies"), chromedp.WaitVisible(chromedp.CSS("#policy-create")),
+		chromedp.Click(chromedp.CSS(`a[href="/policies/default-failback/edit"]`)), chromedp.WaitVisible(chromedp.CSS("#failback-notes")))
+	if s := p.text("#failback-notes"); !strings.Contains(s, "app_frequency: not applied") || !strings.Contains(s, "cannot be assigned") {
+		t.Fatalf("the failback policy's page says %q", s)
+	}
+	p.do(chromedp.SetValue(chromedp.CSS("#edit-retention"), "12h"),
+		chromedp.Click(chromedp.CSS("#policy-edit-submit")),
+		chromedp.WaitVisible(chromedp.CSS("#policies-done")))
+	if s := p.text(`#policies tr[data-policy="default-failback"]`); !strings.Contains(s, "12h0m0s") || !strings.Contains(s, "10s") {
+		t.Fatalf("the failback policy's row after the console's edit: %q", s)
+	}
+	p.screenshot("failback-policy")
 
 	fc.fio(fc.export, "failed-over", 2<<20)
 	c.mustCLI("reprotect", "--machine", "m")
@@ -125,6 +146,9 @@ func TestE2EFailbackPolicyReverseRPO(t *testing.T) {
 	if out := c.mustCLI("status", "--machine", "m"); !strings.Contains(out, "reverse ") || !strings.Contains(out, "(over 10s)") {
 		t.Fatalf("asr status with the reverse RPO over its threshold:\n%s", out)
 	}
+	p.do(chromedp.Navigate(c.url()+"/machines"))
+	p.waitVisible("the reverse RPO flagged over its threshold", "#machine-m .reverse-rpo.rpo-over")
+	p.screenshot("reverse-rpo-over")
 
 	// Continued: drained, the alert clears.
 	a.proc.resume()

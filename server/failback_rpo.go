@@ -316,6 +316,12 @@ type reversePoints struct {
 // (an event) at most every failback policy's crash-consistent interval.
 func (s *Server) reverseIdle(ctx context.Context, run *reverseRun) {
 	now := s.now()
+	run.pts.mu.Lock()
+	last := run.pts.last
+	run.pts.mu.Unlock()
+	if !last.IsZero() && now.Sub(last) < replication.MinCrashInterval {
+		return // no policy allows one yet: spare the database
+	}
 	if !run.lag(now).consistent {
 		return
 	}
