@@ -146,7 +146,7 @@ func TestE2EFailbackPolicyReverseRPO(t *testing.T) {
 	if out := c.mustCLI("status", "--machine", "m"); !strings.Contains(out, "reverse ") || !strings.Contains(out, "(over 10s)") {
 		t.Fatalf("asr status with the reverse RPO over its threshold:\n%s", out)
 	}
-	p.do(chromedp.Navigate(c.url()+"/machines"))
+	p.do(chromedp.Navigate(c.url() + "/machines"))
 	p.waitVisible("the reverse RPO flagged over its threshold", "#machine-m .reverse-rpo.rpo-over")
 	p.screenshot("reverse-rpo-over")
 
