@@ -85,7 +85,7 @@ type reverseRun struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	pts reversePoints // failback_rpo.go
+	fp failbackPolicyState // failback_rpo.go
 }
 
 type revDisk struct {
@@ -323,6 +323,7 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (ru
 		rm.setClock(s.now)
 		run.disks = append(run.disks, revDisk{index: mc.Disks[i].Index, name: e.disk, be: e.be, m: rm})
 	}
+	run.fp.ready.Store(true) // its disks may be read from now on (failback_rpo.go)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -200,7 +201,11 @@ type reverseLag struct {
 }
 
 // lag measures a run's reverse RPO at now: the largest of its disks'.
+// A run still being set up is not known, nor past its first pass.
 func (r *reverseRun) lag(now time.Time) reverseLag {
+	if !r.fp.ready.Load() {
+		return reverseLag{}
+	}
 	l := reverseLag{known: true, synced: true}
 	var marks uint64
 	for _, d := range r.disks {
@@ -254,9 +259,9 @@ func (s *Server) reverseStatus(ctx context.Context, m store.Machine) *api.Revers
 	if p, err := s.failbackPolicy(ctx, m.Policy); err == nil {
 		rs.Threshold = p.RPOThreshold
 	}
-	run.pts.mu.Lock()
-	rs.LastPoint = run.pts.last
-	run.pts.mu.Unlock()
+	run.fp.mu.Lock()
+	rs.LastPoint = run.fp.last
+	run.fp.mu.Unlock()
 	if l.consistent {
 		rs.ConsistentAt = now
 	} else {
@@ -304,10 +309,13 @@ func (s *Server) reverseRPOObs(ctx context.Context, ms []store.Machine, now time
 	return obs, nil
 }
 
-// reversePoints is a run's record of its reverse points.
-type reversePoints struct {
-	mu   sync.Mutex
-	last time.Time // the newest reverse point recorded (zero: none since the server started)
+// failbackPolicyState is what a run keeps for the failback policy.
+type failbackPolicyState struct {
+	// ready: the run's disks are all there (startReverse registers the
+	// run before it adds them); the readers here wait for it.
+	ready atomic.Bool
+	mu    sync.Mutex
+	last  time.Time // the newest reverse point recorded (zero: none since the server started)
 }
 
 // reverseIdle runs when a run's shipper found nothing to send: if every
@@ -316,9 +324,9 @@ type reversePoints struct {
 // (an event) at most every failback policy's crash-consistent interval.
 func (s *Server) reverseIdle(ctx context.Context, run *reverseRun) {
 	now := s.now()
-	run.pts.mu.Lock()
-	last := run.pts.last
-	run.pts.mu.Unlock()
+	run.fp.mu.Lock()
+	last := run.fp.last
+	run.fp.mu.Unlock()
 	if !last.IsZero() && now.Sub(last) < replication.MinCrashInterval {
 		return // no policy allows one yet: spare the database
 	}
@@ -334,12 +342,12 @@ func (s *Server) reverseIdle(ctx context.Context, run *reverseRun) {
 		s.log.Error("failback policy", "machine", m.Name, "err", err)
 		return
 	}
-	run.pts.mu.Lock()
-	due := run.pts.last.IsZero() || now.Sub(run.pts.last) >= p.CrashInterval
+	run.fp.mu.Lock()
+	due := run.fp.last.IsZero() || now.Sub(run.fp.last) >= p.CrashInterval
 	if due {
-		run.pts.last = now
+		run.fp.last = now
 	}
-	run.pts.mu.Unlock()
+	run.fp.mu.Unlock()
 	if !due {
 		return
 	}

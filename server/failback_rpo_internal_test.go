@@ -160,6 +160,11 @@ func TestReverseRPOAlert(t *testing.T) {
 		run.disks = append(run.disks, revDisk{index: uint32(i), name: string(rune('a' + i)), m: rm})
 	}
 	s.rv.runs = map[string]*reverseRun{id: run}
+	// Being set up: not known, kept.
+	if rs := s.reverseStatus(ctx, m); rs == nil || rs.RPOKnown || rs.FirstPassDone {
+		t.Fatalf("reverse status of a run being set up: %+v", rs)
+	}
+	run.fp.ready.Store(true)
 	active := func() (api.Alert, bool) {
 		t.Helper()
 		as, err := s.Alerts(ctx, false)
@@ -282,6 +287,7 @@ func TestReversePoints(t *testing.T) {
 	rm := newReverseMap(filepath.Join(t.TempDir(), "a.rev"), 16*overlay.BlockSize, func() {})
 	rm.setClock(clock.now)
 	run := &reverseRun{failoverID: "f1", machineID: id, disks: []revDisk{{name: "a", m: rm}}}
+	run.fp.ready.Store(true)
 	points := func() int {
 		t.Helper()
 		es, err := s.Events(ctx, id, 100)
