@@ -166,10 +166,10 @@ func (r *ReverseSum) ReverseBlocks(size int64) int {
 // asked for (and Size is the disk's). Error set: it was refused, and
 // nothing was written.
 type ReverseAck struct {
-	ID    string `json:"id"`
-	Seq   uint64 `json:"seq"`
-	Sum   string `json:"sum,omitempty"`
-	Size  int64  `json:"size,omitempty"`
+	ID   string `json:"id"`
+	Seq  uint64 `json:"seq"`
+	Sum  string `json:"sum,omitempty"`
+	Size int64  `json:"size,omitempty"`
 	// Hashes is a block-sum REVERSE_SUM's answer: 16 bytes per block.
 	Hashes []byte `json:"hashes,omitempty"`
 	Error  string `json:"error,omitempty"`
