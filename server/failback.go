@@ -208,6 +208,9 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 	if f.State != store.FailoverCommitted {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
 	}
+	if unplannedFailover(f) {
+		return s.reprotectUnplanned(ctx, m, f)
+	}
 	if d := decodeDetail(f); d.Reverse != nil {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
@@ -215,9 +218,6 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
 			return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
 		}
-	}
-	if unplannedFailover(f) {
-		return s.reprotectUnplanned(ctx, m, f)
 	}
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
 		done := j.step(m.Name+": mark the replica", "the original disks change outside the log: the replica is resynced after failback")

@@ -365,29 +365,31 @@ func (s *Server) saveCompare(ctx context.Context, run *reverseRun) error {
 // the freeze of the original and the checksum compare, then the first
 // pass. The job may be cancelled while it waits for the original agent:
 // nothing was written to the original disks, and the failover is as it
-// was.
+// was. Run again while the compare has not ended (its job was cancelled
+// by a restart, say), it follows the compare under way, cancellable the
+// same way.
 func (s *Server) reprotectUnplanned(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
+	var run *reverseRun
+	if d := decodeDetail(f); d.Reverse != nil {
+		run = s.reverseRunOf(m.ID)
+		if d.Reverse.Unplanned == nil || d.Reverse.State != dirReprotected || run == nil || run.failoverID != f.ID || run.cmp.left() == 0 {
+			return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+		}
+	} else {
+		for _, d := range m.Disks {
+			if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
+				return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
+			}
+		}
+	}
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
 		j.setCancellable(true)
-		done := j.step(m.Name+": track changes", "the blocks written since the failover")
-		// Recorded first: the run reads it, and a restart resumes it.
-		s.rv.recMu.Lock()
-		d := decodeDetail(f)
-		d.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Unplanned: &compareDetail{}}
-		f.Detail = encodeDetail(d)
-		err := s.db.UpdateFailover(ctx, f)
-		s.rv.recMu.Unlock()
-		if err != nil {
-			done("", err)
-			return err
+		if run == nil {
+			var err error
+			if run, err = s.startUnplanned(ctx, j, m, f); err != nil {
+				return err
+			}
 		}
-		run, err := s.startReverse(f, m, true)
-		if err != nil {
-			done("", err)
-			s.undoUnplanned(context.WithoutCancel(ctx), m, f.ID)
-			return err
-		}
-		done("tracked; the original disks are compared before anything is sent", nil)
 		c := run.cmp
 		if err := s.waitCompare(ctx, j, run, m.Name+": freeze the original",
 			fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), c.frozen, false); err != nil {
@@ -411,6 +413,31 @@ func (s *Server) reprotectUnplanned(ctx context.Context, m store.Machine, f stor
 		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", c.total, rec.Differ, run.total())}, 0)
 		return nil
 	})
+}
+
+// startUnplanned records an unplanned failover's reprotect and starts
+// its run (tracking, then freeze and compare, then shipping).
+func (s *Server) startUnplanned(ctx context.Context, j *job, m store.Machine, f store.Failover) (*reverseRun, error) {
+	done := j.step(m.Name+": track changes", "the blocks written since the failover")
+	// Recorded first: the run reads it, and a restart resumes it.
+	s.rv.recMu.Lock()
+	d := decodeDetail(f)
+	d.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Unplanned: &compareDetail{}}
+	f.Detail = encodeDetail(d)
+	err := s.db.UpdateFailover(ctx, f)
+	s.rv.recMu.Unlock()
+	if err != nil {
+		done("", err)
+		return nil, err
+	}
+	run, err := s.startReverse(f, m, true)
+	if err != nil {
+		done("", err)
+		s.undoUnplanned(context.WithoutCancel(ctx), m, f.ID)
+		return nil, err
+	}
+	done("tracked; the original disks are compared before anything is sent", nil)
+	return run, nil
 }
 
 // waitCompare runs a job step until ch closes, with the compare's

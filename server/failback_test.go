@@ -495,8 +495,9 @@ func (fr *failbackRig) failback() *api.FailbackStatus {
 // With the original agent away, the reprotect of an unplanned failover
 // waits for it, says so, and may be cancelled (the failover is as it
 // was); a failback is refused meanwhile; run again, it waits through a
-// server restart, and once the agent is back the compare and the
-// shipping finish by themselves.
+// server restart (the compare resumes by itself), and a reprotect run
+// after the restart follows it until the agent is back and the changes
+// are on the original disks.
 func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
@@ -545,12 +546,23 @@ func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
 		t.Fatalf("after a restart: direction %q", m.Direction)
 	}
 	fr.write("d1", 4)
+	// Run again, reprotect follows the wait the restart resumed.
+	j, err = fr.client.Reprotect(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the second reprotect waiting for the agent", func() bool { return waiting(j) })
 	fr.ra = startAgent(t, fr.cfg)
-	waitFor(t, "the compare and the first pass after the restart", func() bool {
-		fos, err := fr.client.Failovers(ctx, false)
-		return err == nil && len(fos) == 1 && fos[0].Failback != nil && fos[0].Failback.Checksum != nil &&
-			fos[0].Failback.Checksum.State == "done" && fos[0].Failback.Pending == 0
-	})
+	if j = fr.runJob(j, nil); j.State != api.JobSucceeded || len(j.Output) != 1 || !strings.HasPrefix(j.Output[0], "reprotected: 25165824 bytes compared") {
+		t.Fatalf("reprotect once the agent is back: %+v", j)
+	}
+	if _, err := fr.client.Reprotect(ctx, "vm1"); err == nil {
+		t.Fatal("a reprotect after the compare was accepted")
+	}
+	if fos, err := fr.client.Failovers(ctx, false); err != nil || len(fos) != 1 || fos[0].Failback == nil || fos[0].Failback.Checksum == nil ||
+		fos[0].Failback.Checksum.State != "done" || fos[0].Failback.Pending != 0 {
+		t.Fatalf("after the reprotect: %+v %v", fos, err)
+	}
 	want := fr.sums()
 	fr.checkFailedBack(want)
 	fr.checkForward()
