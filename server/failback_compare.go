@@ -50,6 +50,7 @@ type compareDetail struct {
 	Frozen bool             `json:"frozen,omitempty"`
 	Done   bool             `json:"done,omitempty"`
 	At     map[string]int64 `json:"at,omitempty"` // compared up to, by disk
+	Total  int64            `json:"total"`        // the disks' bytes
 	Differ int64            `json:"differ"`       // bytes found different
 }
 
@@ -150,7 +151,7 @@ func newCompare(f store.Failover, name string, disks []revDisk) *reverseCompare 
 			c.rec.Done = false
 		}
 	}
-	c.rec.At = at
+	c.rec.At, c.rec.Total = at, c.total
 	if c.rec.Frozen {
 		close(c.frozen)
 	}
@@ -514,11 +515,7 @@ func (s *Server) checksumView(f store.Failover, r *reverseDetail) *api.FailbackC
 		return nil
 	}
 	rec, waiting := *r.Unplanned, ""
-	var total int64
 	if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
-		for _, d := range run.disks {
-			total += d.be.ov.Size()
-		}
 		if run.cmp != nil {
 			rec, waiting = run.cmp.snapshot()
 			if run.cmp.left() == 0 {
@@ -526,16 +523,14 @@ func (s *Server) checksumView(f store.Failover, r *reverseDetail) *api.FailbackC
 			}
 		}
 	}
-	v := &api.FailbackChecksum{State: "comparing", Total: total, Differ: rec.Differ, Waiting: waiting}
+	v := &api.FailbackChecksum{State: "comparing", Total: rec.Total, Differ: rec.Differ, Waiting: waiting}
 	for _, n := range rec.At {
 		v.Compared += n
 	}
 	switch {
 	case rec.Done:
 		v.State = "done"
-		if total > 0 {
-			v.Compared = total
-		}
+		v.Compared = max(v.Compared, rec.Total)
 	case !rec.Frozen:
 		v.State = "waiting-for-agent"
 	}

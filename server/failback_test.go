@@ -476,8 +476,12 @@ func TestFailbackUnplannedFullCycle(t *testing.T) {
 	fr.write("d1", 5)
 	want := fr.sums()
 	fr.checkFailedBack(want)
-	if sent := fr.failback().Sent; sent > total/4 {
-		t.Fatalf("%d bytes sent for %d-byte disks: a full copy", sent, total)
+	fb := fr.failback()
+	if fb.Sent > total/4 {
+		t.Fatalf("%d bytes sent for %d-byte disks: a full copy", fb.Sent, total)
+	}
+	if c := fb.Checksum; c == nil || c.State != "done" || c.Total != total || c.Compared != total || c.Differ != differ {
+		t.Fatalf("the ended failover's checksum compare: %+v", c)
 	}
 	fr.checkForward()
 }
