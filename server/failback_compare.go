@@ -193,6 +193,9 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 		c.mu.Lock()
 		off := c.rec.At[d.name]
 		c.mu.Unlock()
+		if off < size {
+			log.Info("failback: checksum compare", "disk", d.name, "from", off, "size", size)
+		}
 		for off < size {
 			if ctx.Err() != nil {
 				return
