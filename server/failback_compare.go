@@ -170,6 +170,15 @@ func keepSourceStep(f store.Failover) (string, string) {
 	return "keep the source frozen", "the original agent stays registered: reprotect sends the changes back to it"
 }
 
+// sourceFailedOverUnplanned says whether a machine's live failover is a
+// committed unplanned one to NBD: its source stays registered for
+// failback but is not expected to replicate (it is usually gone), so it
+// gets no RPO or heartbeat alerts until the failback ends the failover.
+func (s *Server) sourceFailedOverUnplanned(ctx context.Context, machineID string) bool {
+	f, err := s.db.LiveFailover(ctx, machineID)
+	return err == nil && f.State == store.FailoverCommitted && reverseCandidate(f) && unplannedFailover(f)
+}
+
 // unplannedFailover says whether a failover was made unplanned.
 func unplannedFailover(f store.Failover) bool {
 	req, err := failoverRequest(f)

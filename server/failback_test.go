@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -670,4 +671,42 @@ func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
 		t.Fatalf("live failovers: %+v", fos)
 	}
 	fr.checkForward()
+}
+
+// The source of a committed unplanned failover stays registered for
+// failback, but no RPO or heartbeat alert is raised for it (it is
+// usually gone), while a protected machine whose agent went away at the
+// same time is alerted.
+func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	d := filepath.Join(fr.dir, "other.img")
+	mustDisk(t, d, 1<<20, 77)
+	other := startAgent(t, fr.agentConfig("vm2", agent.DiskSpec{Name: "d", Path: d}))
+	fr.waitProtected("vm2")
+	if _, err := fr.client.Tag(ctx, "vm2", false, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	fr.ra.close()
+	other.close()
+	fr.tune = func(c *server.Config) {
+		c.NBDListen = "127.0.0.1:0"
+		c.PolicyEvery, c.HeartbeatLost, c.AlertClear = 20*time.Millisecond, 500*time.Millisecond, 100*time.Millisecond
+	}
+	fr.restart()
+	if err := fr.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", api.PolicyJSON{RPOThreshold: "1s"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	fr.waitAlert(api.AlertHeartbeat, "vm2", "")
+	fr.waitAlert(api.AlertRPO, "vm2", "")
+	fr.waitPasses(2)
+	as, err := fr.client.Alerts(ctx, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range as {
+		if a.Machine == "vm1" {
+			t.Fatalf("an alert on the failed-over source: %+v", a)
+		}
+	}
 }
