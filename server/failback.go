@@ -22,7 +22,9 @@ import (
 )
 
 // Failback of a planned failover to the server's NBD exports, back to the
-// original location (docs/ARCHITECTURE.md, "Failback"):
+// original location (docs/ARCHITECTURE.md, "Failback"; an unplanned one
+// is the same once its original agent is frozen and its disks compared:
+// failback_compare.go):
 //
 //  1. Reprotect (reverse): the replica's disks are marked for a resync
 //     (the original disks are about to change outside the log), every
