@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"sync"
@@ -288,10 +289,7 @@ func compareSums(d revDisk, off int64, sums []replication.Hash, buf []byte) (int
 
 // freezeOriginal freezes the original agent under the failover (waiting
 // for it to connect) and marks the replica for a resync; false: ctx ended.
-func (s *Server) freezeOriginal(ctx context.Context, run *reverseRun, log interface {
-	Warn(string, ...any)
-	Info(string, ...any)
-}) bool {
+func (s *Server) freezeOriginal(ctx context.Context, run *reverseRun, log *slog.Logger) bool {
 	c := run.cmp
 	backoff := retry.New(time.Second, 10*time.Second)
 	select {
