@@ -50,9 +50,18 @@ import (
 type compareDetail struct {
 	Frozen bool             `json:"frozen,omitempty"`
 	Done   bool             `json:"done,omitempty"`
-	At     map[string]int64 `json:"at,omitempty"` // compared up to, by disk
-	Total  int64            `json:"total"`        // the disks' bytes
-	Differ int64            `json:"differ"`       // bytes found different
+	At     map[string]int64 `json:"at,omitempty"`   // compared up to, by disk
+	Total  int64            `json:"total"`          // the disks' bytes
+	Diff   map[string]int64 `json:"diff,omitempty"` // bytes found different, by disk
+}
+
+// differ is the bytes the compare found different on every disk.
+func (r compareDetail) differ() int64 {
+	var n int64
+	for _, v := range r.Diff {
+		n += v
+	}
+	return n
 }
 
 // compareTestHook, for tests, is called before each batch of the
@@ -71,7 +80,8 @@ const compareSaveEvery = time.Second
 type reverseCompare struct {
 	machine string // name, for the texts
 	total   int64
-	frozen  chan struct{} // closed once the agent is frozen
+	frozen  chan struct{} // closed once the agent is frozen (the first time)
+	frozen1 sync.Once
 	done    chan struct{} // closed once every disk is compared
 
 	mu      sync.Mutex
@@ -86,6 +96,10 @@ func (c *reverseCompare) snapshot() (compareDetail, string) {
 	r.At = make(map[string]int64, len(c.rec.At))
 	for k, v := range c.rec.At {
 		r.At[k] = v
+	}
+	r.Diff = make(map[string]int64, len(c.rec.Diff))
+	for k, v := range c.rec.Diff {
+		r.Diff[k] = v
 	}
 	return r, c.waiting
 }
@@ -143,18 +157,19 @@ func newCompare(f store.Failover, name string, disks []revDisk) *reverseCompare 
 	}
 	c := &reverseCompare{machine: name, frozen: make(chan struct{}), done: make(chan struct{})}
 	c.rec = *d.Reverse.Unplanned
-	at := map[string]int64{}
+	at, diff := map[string]int64{}, map[string]int64{}
 	for _, dk := range disks {
 		c.total += dk.be.ov.Size()
 		at[dk.name] = min(max(c.rec.At[dk.name], 0), dk.be.ov.Size())
+		diff[dk.name] = max(c.rec.Diff[dk.name], 0)
 		if dk.remade {
-			at[dk.name] = 0
+			at[dk.name], diff[dk.name] = 0, 0
 			c.rec.Done = false
 		}
 	}
-	c.rec.At, c.rec.Total = at, c.total
+	c.rec.At, c.rec.Diff, c.rec.Total = at, diff, c.total
 	if c.rec.Frozen {
-		close(c.frozen)
+		c.frozen1.Do(func() { close(c.frozen) })
 	}
 	if c.rec.Done {
 		return nil
@@ -192,9 +207,38 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 	c := run.cmp
 	log := s.log.With("machine", c.machine, "failover", run.failoverID)
 	defer s.saveCompare(context.WithoutCancel(ctx), run)
-	if !s.freezeOriginal(ctx, run, log) {
-		return
+	for {
+		if !s.freezeOriginal(ctx, run, log) {
+			return
+		}
+		thawed, ok := s.compareDisks(ctx, run, log)
+		if !ok {
+			return
+		}
+		if !thawed {
+			break
+		}
 	}
+	c.mu.Lock()
+	c.rec.Done = true
+	c.mu.Unlock()
+	if err := s.saveCompare(ctx, run); err != nil {
+		log.Error("failback: record the compare's end", "err", err)
+	}
+	close(c.done)
+	r, _ := c.snapshot()
+	log.Info("failback: checksum compare done", "compared", c.total, "differ", r.differ())
+	run.notify("")
+}
+
+// compareDisks compares every disk from where the record says; ok is
+// false when ctx ended. thawed: the agent refused a request, not frozen
+// under the failover any more (thawed by hand, its state lost): the
+// original may have changed since, so the record starts again (frozen
+// false, nothing compared; the blocks marked stay marked) and the caller
+// freezes it again.
+func (s *Server) compareDisks(ctx context.Context, run *reverseRun, log *slog.Logger) (thawed, ok bool) {
+	c := run.cmp
 	backoff := retry.New(500*time.Millisecond, 5*time.Second)
 	buf := make([]byte, overlay.BlockSize)
 	lastSave := time.Now()
@@ -208,7 +252,7 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 		}
 		for off < size {
 			if ctx.Err() != nil {
-				return
+				return false, false
 			}
 			if h := compareTestHook.Load(); h != nil {
 				(*h)(ctx, d.name, off)
@@ -219,7 +263,20 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 			}
 			if err != nil {
 				if ctx.Err() != nil {
-					return
+					return false, false
+				}
+				if errors.Is(err, procserver.ErrReverseRefused) && s.agentThawed(run) {
+					log.Warn("failback: the original agent is not frozen any more: frozen again, compared again from the start", "err", err)
+					c.mu.Lock()
+					c.rec.Frozen = false
+					for k := range c.rec.At {
+						c.rec.At[k], c.rec.Diff[k] = 0, 0
+					}
+					c.mu.Unlock()
+					if err := s.saveCompare(ctx, run); err != nil {
+						log.Error("failback: record the compare's restart", "err", err)
+					}
+					return true, true
 				}
 				why := fmt.Sprintf("compare disk %s at %d: %v", d.name, off, err)
 				if errors.Is(err, procserver.ErrNotConnected) {
@@ -244,7 +301,7 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 			off = min(off+int64(len(sums))*overlay.BlockSize, size)
 			c.mu.Lock()
 			c.rec.At[d.name] = off
-			c.rec.Differ += differ
+			c.rec.Diff[d.name] += differ
 			c.waiting = ""
 			c.mu.Unlock()
 			if time.Since(lastSave) > compareSaveEvery || off == size {
@@ -256,16 +313,14 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 			run.notify("")
 		}
 	}
-	c.mu.Lock()
-	c.rec.Done = true
-	c.mu.Unlock()
-	if err := s.saveCompare(ctx, run); err != nil {
-		log.Error("failback: record the compare's end", "err", err)
-	}
-	close(c.done)
-	r, _ := c.snapshot()
-	log.Info("failback: checksum compare done", "compared", c.total, "differ", r.Differ)
-	run.notify("")
+	return false, true
+}
+
+// agentThawed says whether the agent, connected, reports that it is not
+// frozen under the run's failover.
+func (s *Server) agentThawed(run *reverseRun) bool {
+	st, ok := s.ps.Stats(run.machineID)
+	return ok && st.Connected && !st.StatusAt.IsZero() && st.LastStatus.Failover != run.failoverID
 }
 
 // compareSums compares the agent's sums of the blocks from off with the
@@ -292,10 +347,11 @@ func compareSums(d revDisk, off int64, sums []replication.Hash, buf []byte) (int
 func (s *Server) freezeOriginal(ctx context.Context, run *reverseRun, log *slog.Logger) bool {
 	c := run.cmp
 	backoff := retry.New(time.Second, 10*time.Second)
-	select {
-	case <-c.frozen:
+	c.mu.Lock()
+	frozen := c.rec.Frozen
+	c.mu.Unlock()
+	if frozen {
 		return true
-	default:
 	}
 	waitText := fmt.Sprintf("waiting for the original agent of machine %s to connect", c.machine)
 	for ctx.Err() == nil {
@@ -343,7 +399,7 @@ func (s *Server) freezeOriginal(ctx context.Context, run *reverseRun, log *slog.
 	if err := s.saveCompare(ctx, run); err != nil {
 		log.Warn("failback: record the freeze", "err", err)
 	}
-	close(c.frozen)
+	c.frozen1.Do(func() { close(c.frozen) })
 	log.Info("failback: the original agent is frozen: checksum compare")
 	run.notify("")
 	return true
@@ -420,8 +476,8 @@ func (s *Server) reprotectUnplanned(ctx context.Context, m store.Machine, f stor
 			return err
 		}
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("failover %s (unplanned) reprotected: %d bytes compared, %d differed; %d bytes sent to the original disks", f.ID, c.total, rec.Differ, run.total())})
-		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", c.total, rec.Differ, run.total())}, 0)
+			Message: fmt.Sprintf("failover %s (unplanned) reprotected: %d bytes compared, %d differed; %d bytes sent to the original disks", f.ID, c.total, rec.differ(), run.total())})
+		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", c.total, rec.differ(), run.total())}, 0)
 		return nil
 	})
 }
@@ -461,13 +517,13 @@ func (s *Server) waitCompare(ctx context.Context, j *job, run *reverseRun, name,
 		st := api.JobStep{Name: name, State: "running", Detail: detail}
 		if progress {
 			st.Total, st.Done = c.total, c.compared()
-			st.Detail = fmt.Sprintf("%s (%d bytes differ so far)", detail, rec.Differ)
+			st.Detail = fmt.Sprintf("%s (%d bytes differ so far)", detail, rec.differ())
 		}
 		select {
 		case <-ch:
 			st.State = "done"
 			if progress {
-				st.Detail = fmt.Sprintf("%d bytes compared, %d differ", c.total, rec.Differ)
+				st.Detail = fmt.Sprintf("%d bytes compared, %d differ", c.total, rec.differ())
 				st.Done = c.total
 			}
 			j.update(st)
@@ -533,7 +589,7 @@ func (s *Server) checksumView(f store.Failover, r *reverseDetail) *api.FailbackC
 			}
 		}
 	}
-	v := &api.FailbackChecksum{State: "comparing", Total: rec.Total, Differ: rec.Differ, Waiting: waiting}
+	v := &api.FailbackChecksum{State: "comparing", Total: rec.Total, Differ: rec.differ(), Waiting: waiting}
 	for _, n := range rec.At {
 		v.Compared += n
 	}

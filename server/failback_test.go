@@ -710,3 +710,48 @@ func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
 		}
 	}
 }
+
+// An original agent thawed in the middle of the compare (by hand, say)
+// is frozen again and its disks compared again from the start: a write it
+// took meanwhile, on a disk compared already, is overwritten too.
+func TestFailbackUnplannedThawedInCompare(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	fr.write("d0", 4)
+	fos, err := fr.client.Failovers(ctx, false)
+	if err != nil || len(fos) != 1 {
+		t.Fatalf("failovers: %+v %v", fos, err)
+	}
+	thawed := make(chan error, 1)
+	var once sync.Once
+	server.SetFailbackCompareHook(func(hctx context.Context, disk string, off int64) {
+		if disk != "d1" {
+			return
+		}
+		once.Do(func() {
+			err := fr.srv.ProcessServerForTest().Thaw(hctx, fos[0].MachineID, fos[0].ID)
+			if err == nil { // the original takes a write, on d0, compared already
+				var c *nbd.Client
+				if c, err = nbd.Dial(hctx, fr.cfg.NBD, "d0"); err == nil {
+					if err = c.WriteAt(bytes.Repeat([]byte{0xee}, 65536), 65536*7); err == nil {
+						err = c.Flush()
+					}
+					c.Close()
+				}
+			}
+			thawed <- err
+		})
+	})
+	defer server.SetFailbackCompareHook(nil)
+	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	if err := <-thawed; err != nil {
+		t.Fatalf("thaw and write the original: %v", err)
+	}
+	fr.written += 65536
+	t.Logf("reprotect: %q", j.Output)
+	if c := fr.checksum(); c == nil || c.State != "done" || c.Compared != (8+16)<<20 {
+		t.Fatalf("the checksum compare: %+v", c)
+	}
+	want := fr.sums()
+	fr.checkFailedBack(want)
+}
