@@ -39,11 +39,18 @@ func (a *Agent) reverseWrite(seq uint64, d replication.ReverseData) replication.
 	return ack
 }
 
-// reverseSum answers a REVERSE_SUM: the SHA-256 of the whole disk.
+// reverseSum answers a REVERSE_SUM: the SHA-256 of the whole disk, or
+// the block sums of a range (the checksum compare of an unplanned
+// failover's failback).
 func (a *Agent) reverseSum(r replication.ReverseSum) replication.ReverseAck {
 	ack := replication.ReverseAck{ID: r.ID, Seq: r.Seq}
 	disk, err := a.reverseDisk(r.ID, r.Disk)
-	if err == nil {
+	switch {
+	case err != nil:
+	case r.Block > 0:
+		ack.Hashes, err = blockSums(readerAt{disk}, disk.Size(), r)
+		ack.Size = disk.Size()
+	default:
 		h := sha256.New()
 		if _, err = io.Copy(h, io.NewSectionReader(readerAt{disk}, 0, disk.Size())); err == nil {
 			ack.Sum, ack.Size = hex.EncodeToString(h.Sum(nil)), disk.Size()
@@ -53,6 +60,27 @@ func (a *Agent) reverseSum(r replication.ReverseSum) replication.ReverseAck {
 		ack.Error = err.Error()
 	}
 	return ack
+}
+
+// blockSums reads the blocks a (valid) block-sum request names from a
+// disk of size bytes and returns their sums, 16 bytes each.
+func blockSums(d io.ReaderAt, size int64, r replication.ReverseSum) ([]byte, error) {
+	n := r.ReverseBlocks(size)
+	if n == 0 {
+		return nil, fmt.Errorf("offset %d at or past the disk's end (%d bytes)", r.Off, size)
+	}
+	out := make([]byte, 0, n*len(replication.Hash{}))
+	buf := make([]byte, r.Block)
+	for i := range n {
+		off := r.Off + int64(i)*r.Block
+		p := buf[:min(r.Block, size-off)]
+		if _, err := d.ReadAt(p, off); err != nil {
+			return nil, fmt.Errorf("read at %d: %w", off, err)
+		}
+		s := replication.BlockSum(p)
+		out = append(out, s[:]...)
+	}
+	return out, nil
 }
 
 // reverseDisk returns the disk a reverse frame names, if the machine is

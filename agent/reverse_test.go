@@ -59,3 +59,44 @@ func TestReverseWritesOnlyWhileFrozen(t *testing.T) {
 		t.Fatal("a guest write while frozen")
 	}
 }
+
+// Block sums (an unplanned failover's checksum compare) are the resync's
+// hash of each block of the backing disk, the last one cut at the disk's
+// end, and only while frozen under the failover.
+func TestReverseBlockSums(t *testing.T) {
+	a := mustAgent(t, agentSetup{})
+	d := a.disks[0]
+	const block = 65536
+	req := replication.ReverseSum{ID: "f", Seq: 3, Disk: d.Index, Block: block, Count: replication.MaxReverseHashes}
+	if ack := a.reverseSum(req); !strings.Contains(ack.Error, "not frozen") || len(ack.Hashes) != 0 {
+		t.Fatalf("block sums of a thawed machine: %+v", ack)
+	}
+	a.fo.ready = func() bool { return false }
+	if err := a.freeze(context.Background(), replication.Freeze{ID: "f", Req: 1}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(d.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := (len(b) + block - 1) / block
+	ack := a.reverseSum(req)
+	if ack.Error != "" || ack.Seq != 3 || ack.Size != int64(len(b)) || len(ack.Hashes) != 16*n {
+		t.Fatalf("block sums: error %q, size %d, %d bytes of sums for %d blocks", ack.Error, ack.Size, len(ack.Hashes), n)
+	}
+	for i := range n {
+		s := replication.BlockSum(b[i*block : min((i+1)*block, len(b))])
+		if !bytes.Equal(ack.Hashes[16*i:16*i+16], s[:]) {
+			t.Fatalf("block %d: the sum differs from the disk's", i)
+		}
+	}
+	// From the last block on: one sum.
+	req.Off = int64(n-1) * block
+	if ack := a.reverseSum(req); ack.Error != "" || len(ack.Hashes) != 16 {
+		t.Fatalf("the last block's sum: %+v", ack)
+	}
+	req.Off = int64(n) * block
+	if ack := a.reverseSum(req); ack.Error == "" {
+		t.Fatalf("block sums past the disk's end: %+v", ack)
+	}
+}

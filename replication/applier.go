@@ -515,12 +515,15 @@ func (a *Applier) SkipTo(ctx context.Context, seq uint64) error {
 func (a *Applier) AppliedSeq() uint64 { return a.m.AppliedSeq }
 
 // MarkResync records that a disk (or, with index < 0, every disk) of the
-// machine needs a resync, and why.
+// machine needs a resync of the whole disk, and why: the ranges a resync
+// already due was limited to go (its callers know no more of what
+// changed: a sequence gap, a corrupt segment, failback's writes).
 func (a *Applier) MarkResync(ctx context.Context, index int64, reason string) error {
 	for i := range a.m.Disks {
 		if index < 0 || int64(a.m.Disks[i].Index) == index {
 			a.m.Disks[i].State = StateResync
 			a.m.Disks[i].Reason = reason
+			a.m.Disks[i].Ranges = nil
 		}
 	}
 	return a.saveMachine(ctx)

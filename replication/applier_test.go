@@ -303,3 +303,30 @@ func TestApplierNewLogRestartsCopy(t *testing.T) {
 		t.Fatalf("the replica was not cleared for the new copy (%v)", err)
 	}
 }
+
+// MarkResync asks for a whole-disk resync: a resync already due over some
+// ranges (a diverged part) becomes one of the whole disk, as its callers
+// (a sequence gap, a corrupt segment, failback's writes) know no more of
+// what changed.
+func TestApplierMarkResyncIsWholeDisk(t *testing.T) {
+	ctx := context.Background()
+	a, cat := mustApplier(t)
+	b := &segBuilder{next: 1}
+	if err := a.Apply(ctx, b.segment(t, replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone})); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d0", Size: diskSize, Diverged: "test",
+		DivergedRanges: []replication.Range{{Off: 0, Len: 4096}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := cat.Machine(ctx, "00aa"); len(m.Disks) != 1 || m.Disks[0].State != replication.StateResync || len(m.Disks[0].Ranges) != 1 {
+		t.Fatalf("a diverged range: %+v", m.Disks)
+	}
+	if err := a.MarkResync(ctx, -1, "failback of failover f writes the original disks"); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := cat.Machine(ctx, "00aa")
+	if d := m.Disks[0]; d.State != replication.StateResync || d.Ranges != nil || !strings.Contains(d.Reason, "failback") {
+		t.Fatalf("after MarkResync: %+v, want a whole-disk resync", d)
+	}
+}

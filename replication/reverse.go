@@ -99,35 +99,85 @@ func (d *ReverseData) Validate() error {
 // ReverseSum is the payload of FrameReverseSum: the server asks for the
 // SHA-256 of the whole of disk Disk of the machine frozen under ID; the
 // answer is a ReverseAck with the same Seq.
+//
+// With Block set it asks instead for the block sums of Count blocks of
+// Block bytes from Off (the last one cut at the disk's end, none past
+// it): the checksum compare of an unplanned failover's failback, which
+// finds the blocks where the original disk differs from the failed-over
+// one. The answer's Hashes holds one BlockSum per block.
 type ReverseSum struct {
-	ID   string `json:"id"`
-	Seq  uint64 `json:"seq"`
-	Disk uint32 `json:"disk"`
+	ID    string `json:"id"`
+	Seq   uint64 `json:"seq"`
+	Disk  uint32 `json:"disk"`
+	Off   int64  `json:"off,omitempty"`
+	Block int64  `json:"block,omitempty"`
+	Count int    `json:"count,omitempty"`
 }
 
-// Validate checks a ReverseSum.
+// MaxReverseHashes bounds the block sums one REVERSE_SUM asks for.
+const MaxReverseHashes = 1024
+
+// Validate checks a ReverseSum: a valid id; for block sums, a block of
+// HashBlock to MaxReverseData bytes in whole HashBlocks, 1 to
+// MaxReverseHashes of them, from an offset aligned to the block inside
+// MaxDiskSize; without Block, no Off or Count.
 func (r *ReverseSum) Validate() error {
 	if !ValidFreezeID(r.ID) {
 		return validationError("reverse-sum", "id %q: want %s", r.ID, MachineNameRule)
 	}
+	if r.Block == 0 {
+		if r.Off != 0 || r.Count != 0 {
+			return validationError("reverse-sum", "offset %d and count %d without a block size", r.Off, r.Count)
+		}
+		return nil
+	}
+	if r.Block < HashBlock || r.Block > MaxReverseData || r.Block%HashBlock != 0 {
+		return validationError("reverse-sum", "block of %d bytes: want %d to %d in steps of %d", r.Block, HashBlock, MaxReverseData, HashBlock)
+	}
+	if r.Count < 1 || r.Count > MaxReverseHashes {
+		return validationError("reverse-sum", "%d blocks: want 1 to %d", r.Count, MaxReverseHashes)
+	}
+	if r.Off < 0 || r.Off >= MaxDiskSize || r.Off%r.Block != 0 {
+		return validationError("reverse-sum", "offset %d: want a multiple of %d under %d", r.Off, r.Block, MaxDiskSize)
+	}
 	return nil
+}
+
+// BlockSum is the sum of one block in a REVERSE_SUM's answer: the
+// resync's hash tree over it (ChunkHash of its 4 KiB blocks' hashes), so
+// both sides compute it as the resync does.
+func BlockSum(p []byte) Hash { return ChunkHash(ChunkLeaves(p)) }
+
+// ReverseBlocks is how many block sums the answer to a block-sum
+// REVERSE_SUM holds on a disk of size bytes: the blocks from Off, cut at
+// the disk's end; 0 if Off is at or past it.
+func (r *ReverseSum) ReverseBlocks(size int64) int {
+	if r.Block <= 0 || r.Off >= size {
+		return 0
+	}
+	end := min(r.Off+r.Block*int64(r.Count), size)
+	return int((end - r.Off + r.Block - 1) / r.Block)
 }
 
 // ReverseAck is the payload of FrameReverseAck: the REVERSE frame (or
 // REVERSE_SUM) with sequence number Seq was carried out: for REVERSE its
 // data is durable on the original disk; for REVERSE_SUM, Sum (64 hex
-// digits) and Size describe the disk. Error set: it was refused, and
+// digits) and Size describe the disk, or Hashes holds the block sums
+// asked for (and Size is the disk's). Error set: it was refused, and
 // nothing was written.
 type ReverseAck struct {
-	ID    string `json:"id"`
-	Seq   uint64 `json:"seq"`
-	Sum   string `json:"sum,omitempty"`
-	Size  int64  `json:"size,omitempty"`
-	Error string `json:"error,omitempty"`
+	ID   string `json:"id"`
+	Seq  uint64 `json:"seq"`
+	Sum  string `json:"sum,omitempty"`
+	Size int64  `json:"size,omitempty"`
+	// Hashes is a block-sum REVERSE_SUM's answer: 16 bytes per block.
+	Hashes []byte `json:"hashes,omitempty"`
+	Error  string `json:"error,omitempty"`
 }
 
 // Validate checks a ReverseAck: a valid id, a sum of 64 hex digits if
-// any, a size inside MaxDiskSize, an error message of at most 4 KiB.
+// any, a size inside MaxDiskSize, whole block sums and at most
+// MaxReverseHashes of them, an error message of at most 4 KiB.
 func (r *ReverseAck) Validate() error {
 	if !ValidFreezeID(r.ID) {
 		return validationError("reverse-ack", "id %q: want %s", r.ID, MachineNameRule)
@@ -139,6 +189,9 @@ func (r *ReverseAck) Validate() error {
 	}
 	if r.Size < 0 || r.Size > MaxDiskSize {
 		return validationError("reverse-ack", "size %d outside 0..%d", r.Size, MaxDiskSize)
+	}
+	if len(r.Hashes)%len(Hash{}) != 0 || len(r.Hashes) > MaxReverseHashes*len(Hash{}) {
+		return validationError("reverse-ack", "%d bytes of block sums: want whole sums of %d bytes, at most %d of them", len(r.Hashes), len(Hash{}), MaxReverseHashes)
 	}
 	if len(r.Error) > 4096 {
 		return validationError("reverse-ack", "error message of %d bytes", len(r.Error))

@@ -63,6 +63,52 @@ func TestReverseRefused(t *testing.T) {
 	if s := (ReverseSum{ID: "a b"}); s.Validate() == nil {
 		t.Error("a bad sum request valid")
 	}
+	if a := (ReverseAck{ID: "f", Hashes: make([]byte, 17)}); a.Validate() == nil {
+		t.Error("an ack with a partial block sum valid")
+	}
+	if a := (ReverseAck{ID: "f", Hashes: make([]byte, 16*(MaxReverseHashes+1))}); a.Validate() == nil {
+		t.Error("an ack with too many block sums valid")
+	}
+}
+
+// Block-sum requests are bounded: the block size, the count and the
+// offset are checked before the agent reads anything.
+func TestReverseSumBlocks(t *testing.T) {
+	for _, c := range []struct {
+		s  ReverseSum
+		ok bool
+	}{
+		{ReverseSum{ID: "f"}, true},
+		{ReverseSum{ID: "f", Off: 65536}, false},
+		{ReverseSum{ID: "f", Count: 3}, false},
+		{ReverseSum{ID: "f", Block: 65536, Count: 1}, true},
+		{ReverseSum{ID: "f", Block: 65536, Off: 131072, Count: MaxReverseHashes}, true},
+		{ReverseSum{ID: "f", Block: 65536, Count: MaxReverseHashes + 1}, false},
+		{ReverseSum{ID: "f", Block: 65536, Count: 0}, false},
+		{ReverseSum{ID: "f", Block: 65536, Off: 4096, Count: 1}, false},
+		{ReverseSum{ID: "f", Block: 65536, Off: -65536, Count: 1}, false},
+		{ReverseSum{ID: "f", Block: 65536, Off: MaxDiskSize, Count: 1}, false},
+		{ReverseSum{ID: "f", Block: 1000, Count: 1}, false},
+		{ReverseSum{ID: "f", Block: MaxReverseData * 2, Count: 1}, false},
+	} {
+		if err := c.s.Validate(); (err == nil) != c.ok {
+			t.Errorf("%+v: %v, want valid %v", c.s, err, c.ok)
+		}
+	}
+	r := ReverseSum{ID: "f", Block: 65536, Off: 65536, Count: 4}
+	for _, c := range []struct {
+		size int64
+		want int
+	}{{0, 0}, {65536, 0}, {65537, 1}, {3 * 65536, 2}, {10 * 65536, 4}} {
+		if got := r.ReverseBlocks(c.size); got != c.want {
+			t.Errorf("ReverseBlocks(%d) = %d, want %d", c.size, got, c.want)
+		}
+	}
+	// The sum of a block is the resync's tree over its 4 KiB blocks.
+	p := bytes.Repeat([]byte{5}, 3*HashBlock+100)
+	if BlockSum(p) != ChunkHash(ChunkLeaves(p)) || BlockSum(p) == BlockSum(p[:len(p)-1]) {
+		t.Error("BlockSum is not the resync's chunk hash")
+	}
 }
 
 // FuzzDecodeReverse feeds REVERSE payloads and REVERSE_ACK JSON to their
@@ -73,6 +119,8 @@ func FuzzDecodeReverse(f *testing.F) {
 	f.Add([]byte{0})
 	f.Add([]byte{64})
 	f.Add([]byte(`{"id":"f1","seq":3,"sum":"00"}`))
+	f.Add([]byte(`{"id":"f1","seq":3,"hashes":"AAAAAAAAAAAAAAAAAAAAAA=="}`))
+	f.Add([]byte(`{"id":"f1","seq":3,"disk":1,"off":65536,"block":65536,"count":16}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fr := Frame{Type: FrameReverse, Payload: data}
 		allocguard.Check(t, "DecodeReverse", allocguard.Bound(len(data)), func() {
@@ -84,7 +132,17 @@ func FuzzDecodeReverse(f *testing.F) {
 		allocguard.Check(t, "ReverseAck", allocguard.Bound(len(data)), func() {
 			var a ReverseAck
 			if json.Unmarshal(data, &a) == nil {
-				a.Validate()
+				if a.Validate() == nil && len(a.Hashes) > 16*MaxReverseHashes {
+					t.Fatalf("accepted %d bytes of block sums", len(a.Hashes))
+				}
+			}
+		})
+		allocguard.Check(t, "ReverseSum", allocguard.Bound(len(data)), func() {
+			var r ReverseSum
+			if json.Unmarshal(data, &r) == nil && r.Validate() == nil {
+				if n := r.ReverseBlocks(MaxDiskSize); n > MaxReverseHashes || r.Off%max(r.Block, 1) != 0 {
+					t.Fatalf("accepted %+v: %d blocks", r, n)
+				}
 			}
 		})
 	})

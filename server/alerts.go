@@ -445,8 +445,8 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 	var applyErrs []string // machine: error, for the target's alert
 	stats := false
 	for _, m := range ms {
-		if m.Unprotected() {
-			continue // frozen: no RPO, no agent expected (its alerts clear)
+		if m.Unprotected() || s.sourceFailedOverUnplanned(ctx, m.ID) {
+			continue // no RPO, no agent expected (its alerts clear)
 		}
 		p, ok := policies[m.Policy]
 		if !ok {

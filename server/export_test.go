@@ -38,3 +38,14 @@ func SetOutboxBackoff(s *Server, min, max time.Duration) {
 // SetFailbackSwitchHook sets the hook a failback calls once its switch is
 // recorded, before the thaw, with the server's context.
 func SetFailbackSwitchHook(s *Server, hook func(ctx context.Context)) { s.rv.switchHook = hook }
+
+// SetFailbackCompareHook sets the hook an unplanned failover's checksum
+// compare calls before each batch (for every server of the test binary;
+// nil removes it).
+func SetFailbackCompareHook(hook func(ctx context.Context, disk string, off int64)) {
+	if hook == nil {
+		compareTestHook.Store(nil)
+		return
+	}
+	compareTestHook.Store(&hook)
+}

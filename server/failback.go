@@ -22,7 +22,9 @@ import (
 )
 
 // Failback of a planned failover to the server's NBD exports, back to the
-// original location (docs/ARCHITECTURE.md, "Failback"):
+// original location (docs/ARCHITECTURE.md, "Failback"; an unplanned one
+// is the same once its original agent is frozen and its disks compared:
+// failback_compare.go):
 //
 //  1. Reprotect (reverse): the replica's disks are marked for a resync
 //     (the original disks are about to change outside the log), every
@@ -56,6 +58,9 @@ type reverseDetail struct {
 	Forward  string `json:"forward,omitempty"`
 	Resent   int64  `json:"resent,omitempty"`   // the forward resync's bytes sent
 	Resynced int64  `json:"resynced,omitempty"` // and compared
+	// Unplanned is the checksum compare of an unplanned failover's
+	// reprotect (failback_compare.go); nil for a planned one.
+	Unplanned *compareDetail `json:"unplanned,omitempty"`
 }
 
 // reverseState is the server's running reverse shipments, by machine id.
@@ -107,6 +112,7 @@ type reverseRun struct {
 	base       int64 // bytes sent before a restart (the record's)
 	sent       atomic.Int64
 	wakeCh     chan struct{}
+	cmp        *reverseCompare // an unplanned failover's compare, run first
 
 	mu      sync.Mutex
 	changed chan struct{} // closed and replaced at each acknowledged batch or error
@@ -123,6 +129,9 @@ type revDisk struct {
 	name  string
 	be    *exportBackend
 	m     *reverseMap
+	// remade: its saved map was unreadable at a restart (an unplanned
+	// failover's compare of this disk starts again).
+	remade bool
 }
 
 func (r *reverseRun) wake() {
@@ -156,7 +165,7 @@ func (r *reverseRun) pending() int64 {
 	for _, d := range r.disks {
 		n += d.m.pending()
 	}
-	return n
+	return n + r.cmp.left()
 }
 
 func (r *reverseRun) saveMaps() error {
@@ -184,10 +193,11 @@ func failoverRequest(f store.Failover) (api.FailoverRequest, error) {
 	return req, err
 }
 
-// reverseCandidate is a failover failback can run for: planned, to NBD.
+// reverseCandidate is a failover failback can run for: to NBD (an
+// unplanned one is compared first: failback_compare.go).
 func reverseCandidate(f store.Failover) bool {
-	req, err := failoverRequest(f)
-	return err == nil && f.Kind == api.FailoverReal && f.Dest == api.ToNBD && req.Planned
+	_, err := failoverRequest(f)
+	return err == nil && f.Kind == api.FailoverReal && f.Dest == api.ToNBD
 }
 
 // Reprotect reprotects a machine in the direction it needs: after a
@@ -237,10 +247,13 @@ func (s *Server) lastFailback(ctx context.Context, machineID string) (store.Fail
 
 func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
 	if !reverseCandidate(f) {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s: failback is done for planned failovers to the server's NBD exports (this one is %s to %s); the others are not supported yet", m.Name, kindWord(f.Kind), f.Dest)
+		return api.Job{}, errorf(http.StatusConflict, "machine %s: failback is done for failovers to the server's NBD exports (this one is %s to %s); the others are not supported yet", m.Name, kindWord(f.Kind), f.Dest)
 	}
 	if f.State != store.FailoverCommitted {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
+	}
+	if unplannedFailover(f) {
+		return s.reprotectUnplanned(ctx, m, f)
 	}
 	if d := decodeDetail(f); d.Reverse != nil {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
@@ -345,6 +358,7 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (ru
 				rm = nil
 			}
 		}
+		remade := !fresh && rm == nil
 		if rm == nil {
 			rm = newReverseMap(path, e.ov.Size(), run.wake)
 			// Tracked first, then listed: a write between the two is
@@ -361,13 +375,17 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (ru
 			e.be.rev.Store(rm)
 		}
 		rm.setClock(s.now)
-		run.disks = append(run.disks, revDisk{index: mc.Disks[i].Index, name: e.disk, be: e.be, m: rm})
+		run.disks = append(run.disks, revDisk{index: mc.Disks[i].Index, name: e.disk, be: e.be, m: rm, remade: remade})
 	}
+	run.cmp = newCompare(f, m.Name, run.disks)
 	run.fp.ready.Store(true) // its disks may be read from now on (failback_rpo.go)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		defer close(run.done)
+		if run.cmp != nil {
+			s.runCompare(ctx, run) // nothing is sent before it is done
+		}
 		s.shipReverse(ctx, run)
 	}()
 	return run, nil
@@ -577,6 +595,9 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	}
 	if d.Reverse.State != dirReprotected {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if err := run.cmp.refuseFailback(); err != nil {
+		return api.Job{}, err
 	}
 	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
 		start := time.Now()

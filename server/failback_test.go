@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -356,34 +358,300 @@ func TestFailbackCancel(t *testing.T) {
 	fr.checkFailedBack(want)
 }
 
-// Only planned failovers to NBD are reprotected in this version: an
-// unplanned one is refused with the reason, and nothing changes.
-func TestReprotectRefusesUnplanned(t *testing.T) {
+// startUnplannedRig is failbackRig's machine failed over unplanned to
+// NBD at a point after which its source went on writing (before the
+// failover and after its commit: the agent runs on, not frozen). Those
+// writes are counted in written: failback must undo them.
+func startUnplannedRig(t *testing.T) *failbackRig {
+	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
-	r.start()
-	d0 := filepath.Join(dir, "d0.img")
-	mustDisk(t, d0, 2<<20, 41)
-	ra := startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}))
-	r.waitProtected("vm1")
-	if _, err := r.client.Reprotect(ctx, "vm1"); err == nil {
-		t.Fatal("reprotect of a protected machine accepted")
+	if testing.Verbose() {
+		r.log = slog.Default()
 	}
-	if _, err := r.client.Tag(ctx, "vm1", false, time.Minute); err != nil {
+	r.start()
+	fr := &failbackRig{rig: r, disks: map[string]string{}, rnd: rand.New(rand.NewPCG(9, 9))}
+	var specs []agent.DiskSpec
+	for i, name := range []string{"d0", "d1"} {
+		p := filepath.Join(dir, name+".img")
+		mustDisk(t, p, int64(8+8*i)<<20, uint64(51+i))
+		fr.disks[name] = p
+		specs = append(specs, agent.DiskSpec{Name: name, Path: p})
+	}
+	fr.cfg = r.agentConfig("vm1", specs...)
+	fr.ra = startAgent(t, fr.cfg)
+	r.waitProtected("vm1")
+	fr.writeSource("d0", 3)
+	p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+	if err != nil {
 		t.Fatal(err)
 	}
-	ra.close()
-	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", To: api.ToNBD}))
-	if _, err := r.client.Reprotect(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "planned") {
-		t.Fatalf("reprotect of an unplanned failover: %v", err)
+	atPoint := map[string][32]byte{}
+	for d, path := range fr.disks {
+		atPoint[d] = fileSum(t, path)
 	}
-	if m := r.machine("vm1"); m.Direction != "failed-over" {
-		t.Fatalf("after a refused reprotect: direction %q", m.Direction)
+	fr.written = 0
+	// After the point: written on the original, replicated or not, never
+	// in the failed-over state.
+	fr.writeSource("d0", 6)
+	fr.writeSource("d1", 4)
+	j := r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", To: api.ToNBD, Point: p.ID}))
+	fr.exports = exportsOf(t, j)
+	if got := fr.sums(); got["d0"] != atPoint["d0"] || got["d1"] != atPoint["d1"] {
+		t.Fatal("the exports are not the point's state")
 	}
 	if fs, err := r.client.Failovers(ctx, false); err != nil || len(fs) != 1 || fs[0].Planned {
 		t.Fatalf("an unplanned failover listed as %+v, %v", fs, err)
 	}
+	r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "vm1"}))
+	if m := r.machine("vm1"); m.Unprotected || m.Direction != "failed-over" {
+		t.Fatalf("after the commit of an unplanned failover to NBD: unprotected %v, direction %q", m.Unprotected, m.Direction)
+	}
+	fr.writeSource("d1", 3) // the source runs on after the commit too
+	return fr
+}
+
+// writeSource writes n random 64 KiB blocks into the original machine's
+// disk, through its agent.
+func (fr *failbackRig) writeSource(disk string, n int) {
+	fr.t.Helper()
+	c, err := nbd.Dial(context.Background(), fr.cfg.NBD, disk)
+	if err != nil {
+		fr.t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 65536)
+	blocks := c.Size() / 65536
+	for range n {
+		for i := range buf {
+			buf[i] = byte(fr.rnd.IntN(256))
+		}
+		if err := c.WriteAt(buf, fr.rnd.Int64N(blocks)*65536); err != nil {
+			fr.t.Fatalf("a write to the original: %v", err)
+		}
+		fr.written += int64(len(buf))
+	}
+	if err := c.Flush(); err != nil {
+		fr.t.Fatal(err)
+	}
+}
+
+// checksum returns the live failover's checksum compare (nil: none).
+func (fr *failbackRig) checksum() *api.FailbackChecksum {
+	fr.t.Helper()
+	fos, err := fr.client.Failovers(context.Background(), false)
+	if err != nil || len(fos) != 1 || fos[0].Failback == nil {
+		fr.t.Fatalf("failovers: %+v %v", fos, err)
+	}
+	return fos[0].Failback.Checksum
+}
+
+// The full cycle after an unplanned failover to NBD: the original disks
+// hold writes after the point (before the failover and after its
+// commit), the exports get writes; reprotect freezes the original agent,
+// compares the disks by block sums and sends only what differs; failback
+// makes the original equal to the failed-over state (bytes sent far
+// below the disks' size: no full copy); forward protection resumes and a
+// new point recovers bit-exact.
+func TestFailbackUnplannedFullCycle(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	fr.write("d0", 10)
+	fr.write("d1", 12)
+	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	var compared, differ, sent int64
+	if len(j.Output) != 1 {
+		t.Fatalf("reprotect output %q", j.Output)
+	}
+	if _, err := fmt.Sscanf(j.Output[0], "reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", &compared, &differ, &sent); err != nil {
+		t.Fatalf("reprotect output %q: %v", j.Output[0], err)
+	}
+	const total = (8 + 16) << 20
+	if compared != total || differ <= 0 || differ > fr.written || sent <= 0 || sent > 2*fr.written {
+		t.Fatalf("reprotect: %d compared, %d differ, %d sent, for %d bytes written on both sides", compared, differ, sent, fr.written)
+	}
+	names := map[string]bool{}
+	for _, st := range j.Steps {
+		names[st.Name] = true
+	}
+	if !names["vm1: freeze the original"] || !names["vm1: compare"] || !names["vm1: first pass"] {
+		t.Fatalf("reprotect steps %+v", j.Steps)
+	}
+	if c := fr.checksum(); c == nil || c.State != "done" || c.Compared != total || c.Total != total || c.Differ != differ {
+		t.Fatalf("the failover's checksum compare: %+v", c)
+	}
+	// The original is frozen now: its guest writes are refused.
+	src, err := nbd.Dial(ctx, fr.cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WriteAt([]byte{1}, 0); !errors.Is(err, nbd.EPERM) {
+		t.Fatalf("a write to the original after reprotect: %v", err)
+	}
+	src.Close()
+	fr.write("d1", 5)
+	want := fr.sums()
+	fr.checkFailedBack(want)
+	fb := fr.failback()
+	if fb.Sent > total/4 {
+		t.Fatalf("%d bytes sent for %d-byte disks: a full copy", fb.Sent, total)
+	}
+	if c := fb.Checksum; c == nil || c.State != "done" || c.Total != total || c.Compared != total || c.Differ != differ {
+		t.Fatalf("the ended failover's checksum compare: %+v", c)
+	}
+	fr.checkForward()
+}
+
+// failback returns the (ended) failover's failback figures.
+func (fr *failbackRig) failback() *api.FailbackStatus {
+	fr.t.Helper()
+	all, err := fr.client.Failovers(context.Background(), true)
+	if err != nil || len(all) == 0 || all[0].Failback == nil {
+		fr.t.Fatalf("failovers: %+v %v", all, err)
+	}
+	return all[0].Failback
+}
+
+// With the original agent away, the reprotect of an unplanned failover
+// waits for it, says so, and may be cancelled (the failover is as it
+// was); a failback is refused meanwhile; run again, it waits through a
+// server restart (the compare resumes by itself), and a reprotect run
+// after the restart follows it until the agent is back and the changes
+// are on the original disks.
+func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	fr.write("d0", 4)
+	fr.ra.close()
+	waiting := func(j api.Job) bool {
+		jj, err := fr.client.Job(ctx, j.ID)
+		if err != nil {
+			return false
+		}
+		for _, s := range jj.Steps {
+			if s.Name == "vm1: freeze the original" && s.State == "running" &&
+				strings.Contains(s.Detail, "waits for the original agent of machine vm1") && jj.Cancellable {
+				return true
+			}
+		}
+		return false
+	}
+	j, err := fr.client.Reprotect(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the reprotect waiting for the agent", func() bool { return waiting(j) })
+	if _, err := fr.client.Failback(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "compare") {
+		t.Fatalf("failback before the compare: %v", err)
+	}
+	if c := fr.checksum(); c == nil || c.State != "waiting-for-agent" {
+		t.Fatalf("the checksum compare while the agent is away: %+v", c)
+	}
+	if _, err := fr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = fr.runJob(j, nil); j.State == api.JobSucceeded {
+		t.Fatalf("a cancelled reprotect succeeded: %+v", j)
+	}
+	if m := fr.machine("vm1"); m.Direction != "failed-over" {
+		t.Fatalf("after a cancelled reprotect: direction %q", m.Direction)
+	}
+	j, err = fr.client.Reprotect(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the reprotect waiting for the agent", func() bool { return waiting(j) })
+	fr.restart()
+	if m := fr.machine("vm1"); m.Direction != "reprotected" {
+		t.Fatalf("after a restart: direction %q", m.Direction)
+	}
+	fr.write("d1", 4)
+	// Run again, reprotect follows the wait the restart resumed.
+	j, err = fr.client.Reprotect(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the second reprotect waiting for the agent", func() bool { return waiting(j) })
+	fr.ra = startAgent(t, fr.cfg)
+	if j = fr.runJob(j, nil); j.State != api.JobSucceeded || len(j.Output) != 1 || !strings.HasPrefix(j.Output[0], "reprotected: 25165824 bytes compared") {
+		t.Fatalf("reprotect once the agent is back: %+v", j)
+	}
+	if _, err := fr.client.Reprotect(ctx, "vm1"); err == nil {
+		t.Fatal("a reprotect after the compare was accepted")
+	}
+	if fos, err := fr.client.Failovers(ctx, false); err != nil || len(fos) != 1 || fos[0].Failback == nil || fos[0].Failback.Checksum == nil ||
+		fos[0].Failback.Checksum.State != "done" || fos[0].Failback.Pending != 0 {
+		t.Fatalf("after the reprotect: %+v %v", fos, err)
+	}
+	want := fr.sums()
+	fr.checkFailedBack(want)
+	fr.checkForward()
+}
+
+// The compare's progress survives a server stop in its middle: the disk
+// compared before the stop is not compared again, and the blocks it
+// found different are still sent (the original ends equal to the
+// failed-over state).
+func TestFailbackUnplannedCompareResumes(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	fr.write("d0", 6)
+	fr.write("d1", 6)
+	stopped := make(chan struct{})
+	var once sync.Once
+	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+		if disk == "d1" {
+			once.Do(func() { close(stopped) })
+			<-ctx.Done() // held until the server stops
+		}
+	})
+	defer server.SetFailbackCompareHook(nil)
+	if _, err := fr.client.Reprotect(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	<-stopped
+	fr.stop()
+	var mu sync.Mutex
+	asked := map[string]bool{} // a batch retried (the agent reconnecting) counts once
+	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+		mu.Lock()
+		asked[fmt.Sprintf("%s@%d", disk, off)] = true
+		mu.Unlock()
+	})
+	fr.restart2()
+	waitFor(t, "the compare after the restart", func() bool {
+		c := fr.checksum()
+		return c != nil && c.State == "done" && fr.checksumPending() == 0
+	})
+	mu.Lock()
+	if len(asked) != 1 || !asked["d1@0"] {
+		t.Fatalf("the compare after the restart asked for %v, want d1 only (d0 was done before the stop)", asked)
+	}
+	mu.Unlock()
+	want := fr.sums()
+	fr.checkFailedBack(want)
+}
+
+// restart2 starts a stopped server again (restart after a stop of its own).
+func (fr *failbackRig) restart2() {
+	fr.t.Helper()
+	fr.start()
+	fos, err := fr.client.Failovers(context.Background(), false)
+	if err != nil || len(fos) != 1 {
+		fr.t.Fatalf("failovers after a restart: %+v %v", fos, err)
+	}
+	for _, e := range fos[0].Exports {
+		fr.exports[e.Disk] = e.URI
+	}
+}
+
+func (fr *failbackRig) checksumPending() int64 {
+	fos, err := fr.client.Failovers(context.Background(), false)
+	if err != nil || len(fos) != 1 || fos[0].Failback == nil {
+		return -1
+	}
+	return fos[0].Failback.Pending
 }
 
 // A server that stops after a failback's switch (the record says
@@ -419,4 +687,87 @@ func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
 		t.Fatalf("live failovers: %+v", fos)
 	}
 	fr.checkForward()
+}
+
+// The source of a committed unplanned failover stays registered for
+// failback, but no RPO or heartbeat alert is raised for it (it is
+// usually gone), while a protected machine whose agent went away at the
+// same time is alerted.
+func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	d := filepath.Join(fr.dir, "other.img")
+	mustDisk(t, d, 1<<20, 77)
+	other := startAgent(t, fr.agentConfig("vm2", agent.DiskSpec{Name: "d", Path: d}))
+	fr.waitProtected("vm2")
+	if _, err := fr.client.Tag(ctx, "vm2", false, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	fr.ra.close()
+	other.close()
+	fr.tune = func(c *server.Config) {
+		c.NBDListen = "127.0.0.1:0"
+		c.PolicyEvery, c.HeartbeatLost, c.AlertClear = 20*time.Millisecond, 500*time.Millisecond, 100*time.Millisecond
+	}
+	fr.restart()
+	if err := fr.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default", api.PolicyJSON{RPOThreshold: "1s"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	fr.waitAlert(api.AlertHeartbeat, "vm2", "")
+	fr.waitAlert(api.AlertRPO, "vm2", "")
+	fr.waitPasses(2)
+	as, err := fr.client.Alerts(ctx, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range as {
+		if a.Machine == "vm1" {
+			t.Fatalf("an alert on the failed-over source: %+v", a)
+		}
+	}
+}
+
+// An original agent thawed in the middle of the compare (by hand, say)
+// is frozen again and its disks compared again from the start: a write it
+// took meanwhile, on a disk compared already, is overwritten too.
+func TestFailbackUnplannedThawedInCompare(t *testing.T) {
+	ctx := context.Background()
+	fr := startUnplannedRig(t)
+	fr.write("d0", 4)
+	fos, err := fr.client.Failovers(ctx, false)
+	if err != nil || len(fos) != 1 {
+		t.Fatalf("failovers: %+v %v", fos, err)
+	}
+	thawed := make(chan error, 1)
+	var once sync.Once
+	server.SetFailbackCompareHook(func(hctx context.Context, disk string, off int64) {
+		if disk != "d1" {
+			return
+		}
+		once.Do(func() {
+			err := fr.srv.ProcessServerForTest().Thaw(hctx, fos[0].MachineID, fos[0].ID)
+			if err == nil { // the original takes a write, on d0, compared already
+				var c *nbd.Client
+				if c, err = nbd.Dial(hctx, fr.cfg.NBD, "d0"); err == nil {
+					if err = c.WriteAt(bytes.Repeat([]byte{0xee}, 65536), 65536*7); err == nil {
+						err = c.Flush()
+					}
+					c.Close()
+				}
+			}
+			thawed <- err
+		})
+	})
+	defer server.SetFailbackCompareHook(nil)
+	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	if err := <-thawed; err != nil {
+		t.Fatalf("thaw and write the original: %v", err)
+	}
+	fr.written += 65536
+	t.Logf("reprotect: %q", j.Output)
+	if c := fr.checksum(); c == nil || c.State != "done" || c.Compared != (8+16)<<20 {
+		t.Fatalf("the checksum compare: %+v", c)
+	}
+	want := fr.sums()
+	fr.checkFailedBack(want)
 }

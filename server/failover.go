@@ -489,6 +489,7 @@ func (s *Server) failoverView(ctx context.Context, f store.Failover) api.Failove
 		if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
 			v.Failback.Sent, v.Failback.Pending = run.total(), run.pending()
 		}
+		v.Failback.Checksum = s.checksumView(f, r)
 	}
 	if live := s.exportsOf(f.MachineID); live != nil && f.Live() {
 		v.Exports = live

@@ -487,10 +487,12 @@ func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, err
 				done(fmt.Sprintf("kept: %v", err), nil)
 			}
 			if reverseCandidate(f) {
-				// A planned failover to NBD: the source is frozen, its
-				// agent stays registered and connected as failback's
-				// master target (asr reprotect ships the changes back).
-				done = j.step(m.Name+": keep the source frozen", "the original agent stays registered: reprotect sends the changes back to it")
+				// A failover to NBD: the source's agent stays registered
+				// (frozen if planned) as failback's master target (asr
+				// reprotect ships the changes back; an unplanned one
+				// freezes it and compares its disks first).
+				step, what := keepSourceStep(f)
+				done = j.step(m.Name+": "+step, what)
 				f.State = store.FailoverCommitted
 				err = s.db.UpdateFailover(ctx, f)
 				done("", err)
@@ -499,7 +501,7 @@ func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, err
 					continue
 				}
 				s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "failover-committed",
-					Message: fmt.Sprintf("failover %s committed at point %s: the source stays frozen; asr reprotect --machine %s sends the changes back", f.ID, f.PointID, m.Name)})
+					Message: fmt.Sprintf("failover %s committed at point %s: the source stays registered; asr reprotect --machine %s sends the changes back", f.ID, f.PointID, m.Name)})
 				continue
 			}
 			done = j.step(m.Name+": stop protection", "until reprotect")

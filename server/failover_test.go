@@ -204,7 +204,8 @@ func TestTestFailoverToNBD(t *testing.T) {
 }
 
 // A failover to NBD survives a server restart with what was written to it;
-// its point can be changed before commit; commit stops protection, keeps
+// its point can be changed before commit; commit keeps the source
+// registered (failback's master target), keeps
 // the exports and releases the other points.
 func TestFailoverChangePointCommit(t *testing.T) {
 	ctx := context.Background()
@@ -279,8 +280,10 @@ func TestFailoverChangePointCommit(t *testing.T) {
 		t.Fatalf("the export broke at commit: %v", err)
 	}
 	c.Close()
-	if m := r.machine("vm1"); m.State != "unprotected" {
-		t.Fatalf("after commit the machine is %q, want unprotected", m.State)
+	// A failover to NBD keeps its source registered: it is failback's
+	// master target (failback_compare.go).
+	if m := r.machine("vm1"); m.Unprotected || m.Direction != "failed-over" {
+		t.Fatalf("after commit the machine is %q (unprotected %v, direction %q), want registered, failed over", m.State, m.Unprotected, m.Direction)
 	}
 	var ps []api.PointJSON
 	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/vm1/points", nil, &ps); err != nil {

@@ -64,8 +64,8 @@ func failbackOfferFor(m api.Machine, f *api.Failover, running *api.Job) failback
 	case "failed-over":
 		switch {
 		case f == nil:
-		case f.To != api.ToNBD || !f.Planned:
-			o.Note = "Failback is done for planned failovers to the server's NBD exports; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not supported yet."
+		case f.To != api.ToNBD:
+			o.Note = "Failback is done for failovers to the server's NBD exports; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not supported yet."
 		case f.State != "committed":
 			o.Note = "Commit the failover (Failovers page) to reprotect it: until then it can still change its point."
 		default:

@@ -52,7 +52,7 @@ var failbackCases = []struct {
 	{name: "failed_over_uncommitted", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.State = "active" }),
 		note: "Commit the failover", direction: "Failed over"},
 	{name: "failed_over_unplanned", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.Planned = false }),
-		note: "this one is unplanned to nbd: not supported yet", direction: "Failed over"},
+		action: actionReprotect, direction: "Failed over"},
 	{name: "failed_over_vsphere", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = api.ToVSphere; f.Exports = nil }),
 		note: "this one is planned to vsphere", direction: "Failed over"},
 	{name: "reprotected", machine: withDirection("reprotected"),

@@ -92,6 +92,40 @@ func (s *Server) ReverseSum(ctx context.Context, machineID, id string, disk uint
 	return a.Sum, a.Size, err
 }
 
+// ReverseBlockSums returns the block sums (replication.BlockSum) of
+// count blocks of block bytes from off of machineID's original disk, as
+// its agent, frozen under failover id, reads them (the last one cut at
+// the disk's end), and the disk's size. The count of sums is checked
+// against that size.
+func (s *Server) ReverseBlockSums(ctx context.Context, machineID, id string, disk uint32, off, block int64, count int) ([]replication.Hash, int64, error) {
+	m, err := s.knownMachine(machineID)
+	if err != nil {
+		return nil, 0, err
+	}
+	seq := s.reqID.Add(1)
+	req := replication.ReverseSum{ID: id, Seq: seq, Disk: disk, Off: off, Block: block, Count: count}
+	if err := req.Validate(); err != nil {
+		return nil, 0, err
+	}
+	f, err := replication.JSONFrame(replication.FrameReverseSum, req)
+	if err != nil {
+		return nil, 0, err
+	}
+	a, err := m.reverse(ctx, f, seq)
+	if err != nil {
+		return nil, 0, err
+	}
+	n := req.ReverseBlocks(a.Size)
+	if len(a.Hashes) == 0 || len(a.Hashes) != n*len(replication.Hash{}) {
+		return nil, a.Size, fmt.Errorf("machine %s: %d bytes of block sums for %d blocks of a %d-byte disk (is the agent older than the server?)", m.id, len(a.Hashes), n, a.Size)
+	}
+	out := make([]replication.Hash, n)
+	for i := range out {
+		copy(out[i][:], a.Hashes[16*i:])
+	}
+	return out, a.Size, nil
+}
+
 func (m *machine) reverse(ctx context.Context, f replication.Frame, seq uint64) (replication.ReverseAck, error) {
 	ch := m.rev.want(seq)
 	defer m.rev.forget(seq)

@@ -116,6 +116,22 @@ type FailbackStatus struct {
 	Forward  string `json:"forward,omitempty"`
 	Resynced int64  `json:"resynced,omitempty"`
 	Resent   int64  `json:"resent,omitempty"`
+	// Checksum is the checksum compare of an unplanned failover's
+	// reprotect (the original disks against the failed-over state).
+	Checksum *FailbackChecksum `json:"checksum,omitempty"`
+}
+
+// FailbackChecksum is where the checksum compare of an unplanned
+// failover's reprotect is: State waiting-for-agent (the original agent
+// must connect and be frozen first), comparing or done; Compared of
+// Total bytes compared; Differ, the bytes found different (marked to be
+// sent); Waiting, why it waits now, if it does.
+type FailbackChecksum struct {
+	State    string `json:"state"`
+	Total    int64  `json:"total"`
+	Compared int64  `json:"compared"`
+	Differ   int64  `json:"differ"`
+	Waiting  string `json:"waiting,omitempty"`
 }
 
 // Export is one recovered disk served over NBD.

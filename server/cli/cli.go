@@ -60,7 +60,7 @@ Usage:
                [--boot-check REGEX] [--boot-port N] [--vcenter N --datastore DS [--host H|--pool P] [--network N]]
                [--subscription S --resource-group RG --location L --vnet V --subnet SN [--size SIZE]]
   asr failover --machine M|--group G|--plan P --cleanup | --commit | --change-point ID  |  --list [--all] [--json]
-  asr reprotect --machine M   (after a committed planned failover to nbd: send its changes back; after failback: protect forward again)
+  asr reprotect --machine M   (after a committed failover to nbd: send its changes back, an unplanned one after a checksum compare; after failback: protect forward again)
   asr failback  --machine M   (stop the failed-over machine, drain, verify, thaw the original)
   asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
                | list | show NAME | delete NAME [--json]

@@ -8,9 +8,11 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
-// runReprotect reprotects a machine: after a committed planned failover to
-// the server's NBD exports, its changes go back to the original disks;
-// after a failback, protection resumes forward with a checksum resync.
+// runReprotect reprotects a machine: after a committed failover to the
+// server's NBD exports, its changes go back to the original disks (after
+// an unplanned one, once the original agent is frozen and its disks
+// compared); after a failback, protection resumes forward with a
+// checksum resync.
 func runReprotect(ctx context.Context, e *env, args []string) error {
 	return machineJob(ctx, e, args, "asr reprotect", func(c *api.Client, m string) (api.Job, error) { return c.Reprotect(ctx, m) })
 }
