@@ -56,6 +56,9 @@ type reverseDetail struct {
 	Forward  string `json:"forward,omitempty"`
 	Resent   int64  `json:"resent,omitempty"`   // the forward resync's bytes sent
 	Resynced int64  `json:"resynced,omitempty"` // and compared
+	// Alternate is the new VM of a failback to an alternate location
+	// (failback_alt.go); nil for the original location.
+	Alternate *altDetail `json:"alternate,omitempty"`
 }
 
 // reverseState is the server's running reverse shipments, by machine id.
@@ -175,6 +178,9 @@ func (s *Server) Reprotect(ctx context.Context, machine string) (api.Job, error)
 	}
 	if !ok {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s has nothing to reprotect: no committed failover and no failback waiting for forward protection", m.Name)
+	}
+	if err := refuseForwardAlternate(m, f); err != nil {
+		return api.Job{}, err
 	}
 	return s.reprotectForward(ctx, m, f)
 }
@@ -527,7 +533,12 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	if d.Reverse.State != dirReprotected {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
-	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
+	release, err := s.claimFailback(m)
+	if err != nil {
+		return api.Job{}, err
+	}
+	started, err := s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
+		defer release()
 		start := time.Now()
 		j.setCancellable(true)
 		err := s.failbackSteps(ctx, j, &f, m, run)
@@ -553,6 +564,10 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 		j.setResult(lines, time.Since(start))
 		return err
 	})
+	if err != nil {
+		release()
+	}
+	return started, err
 }
 
 // failbackSteps stops the failed-over machine, drains and verifies:
@@ -635,6 +650,7 @@ func (s *Server) finishFailback(ctx context.Context, j *job, f store.Failover, m
 	if err != nil {
 		return nil, err
 	}
+	powerNote := s.powerOnOriginal(ctx, j, m)
 	done = step(m.Name+": end the failover", "its exports and overlays go")
 	s.stopReverse(m.ID)
 	err = s.unexport(m.ID, f.ID, true)
@@ -652,7 +668,11 @@ func (s *Server) finishFailback(ctx context.Context, j *job, f store.Failover, m
 	d := decodeDetail(f)
 	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "failed-back",
 		Message: fmt.Sprintf("failed back from failover %s: %d bytes sent, %d compared; run asr reprotect --machine %s to protect it again", f.ID, d.Reverse.Sent, d.Reverse.Compared, m.Name)})
-	return []string{fmt.Sprintf("failed back: %d bytes sent, %d bytes compared", d.Reverse.Sent, d.Reverse.Compared)}, nil
+	lines := []string{fmt.Sprintf("failed back: %d bytes sent, %d bytes compared", d.Reverse.Sent, d.Reverse.Compared)}
+	if powerNote != "" {
+		lines = append(lines, powerNote)
+	}
+	return lines, nil
 }
 
 // overlaySum is the SHA-256 of a failed-over disk as its export reads.
@@ -841,7 +861,11 @@ func (s *Server) handleFailback(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	j, err := s.Failback(r.Context(), m.Name)
+	req, err := readFailbackRequest(r)
+	if err != nil {
+		return err
+	}
+	j, err := s.FailbackTo(r.Context(), m.Name, req)
 	if err != nil {
 		return err
 	}

@@ -165,6 +165,8 @@ type Server struct {
 	fo   failoverState // failovers' NBD exports (failover.go)
 	rv   reverseState  // failback's shipments to the original disks (failback.go)
 
+	fb failbackClaims // machines a failback job runs for (failback_alt.go)
+
 	host *hoststat.Sampler // the host's CPU and memory (hostLoop)
 
 	metrics *metrics // GET /metrics: registry, job histograms, token (metrics.go)

@@ -113,6 +113,9 @@ type FailbackStatus struct {
 	Forward  string `json:"forward,omitempty"`
 	Resynced int64  `json:"resynced,omitempty"`
 	Resent   int64  `json:"resent,omitempty"`
+	// VM is the new VM of an alternate-location failback (VCENTER/NAME);
+	// "" for the original location.
+	VM string `json:"vm,omitempty"`
 }
 
 // Export is one recovered disk served over NBD.
