@@ -47,6 +47,10 @@ type altDetail struct {
 type failbackClaims struct {
 	mu      sync.Mutex
 	running map[string]bool
+	// verifiedHook, for tests, runs when an alternate-location failback
+	// has verified its copy, just before its switch, with the job's
+	// context and id.
+	verifiedHook func(ctx context.Context, jobID string)
 }
 
 // claimFailback claims a machine for a failback job; release ends the
@@ -182,8 +186,16 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 		}
 		return err
 	}
-	// The switch: the failback is recorded, the failover ends.
+	if s.fb.verifiedHook != nil {
+		s.fb.verifiedHook(ctx, j.id)
+	}
+	// The switch: the failback is recorded, the failover ends. A cancel
+	// that came before it undoes the copy.
 	j.setCancellable(false)
+	if ctx.Err() != nil {
+		s.undoAlternate(ctx, c, ex, f, m, res)
+		return ctx.Err()
+	}
 	done := j.step(m.Name+": end the failover", "record the failback to "+vt.VCenter+"/"+res.Name+"; the exports and overlays go")
 	f, planned, err := s.recordAlternate(ctx, f, m, vt, res)
 	done("", err)
@@ -317,9 +329,9 @@ func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.
 	return cur, req.Planned, nil
 }
 
-// undoAlternate, after the record failed, removes the new VM and lets the
-// failed-over machine run on (shipping to the original disks again if it
-// was reprotected).
+// undoAlternate, after a cancel at the switch or a failed record, removes
+// the new VM and lets the failed-over machine run on (shipping to the
+// original disks again if it was reprotected and its shipper stopped).
 func (s *Server) undoAlternate(ctx context.Context, c *govmomi.Client, ex *exported, f store.Failover, m store.Machine, res vmware.FailoverResult) {
 	ctx = context.WithoutCancel(ctx)
 	if err := vmware.DeleteFailoverVM(ctx, c, res.Ref); err != nil {
@@ -328,7 +340,7 @@ func (s *Server) undoAlternate(ctx context.Context, c *govmomi.Client, ex *expor
 	for _, e := range ex.disks {
 		e.be.stopped.Store(false)
 	}
-	if cur, err := s.db.LiveFailover(ctx, m.ID); err == nil && cur.ID == f.ID {
+	if cur, err := s.db.LiveFailover(ctx, m.ID); err == nil && cur.ID == f.ID && s.reverseRunOf(m.ID) == nil {
 		if d := decodeDetail(cur); d.Reverse != nil && d.Reverse.State == dirReprotected {
 			if _, err := s.startReverse(cur, m, false); err != nil {
 				s.log.Error("failback: resume sending changes back", "machine", m.Name, "err", err)

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/vmware/govmomi"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/vmware/vcsim"
 )
@@ -365,4 +367,57 @@ func TestFailbackPowersOnTheLinkedVM(t *testing.T) {
 	if !slices.ContainsFunc(evs, func(e api.EventJSON) bool { return e.Kind == "failback-power-on" }) {
 		t.Fatalf("no failback-power-on event: %+v", evs)
 	}
+}
+
+// An alternate-location failback cancelled once its copy is verified
+// (the last moment it can be) removes the new VM and its folder and lets
+// the failed-over machine run on: its exports writable, its changes
+// still going back to the original; the next failback completes.
+func TestFailbackAlternateCancelled(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	sim := startSim(t)
+	gc := fr.addSim(sim)
+	ds, dsDir := simDatastore(t, gc)
+	fr.write("d0", 5)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	var once sync.Once
+	server.SetAlternateVerifiedHook(fr.srv, func(jctx context.Context, id string) {
+		once.Do(func() {
+			if err := fr.srv.CancelJob(ctx, id); err != nil {
+				t.Errorf("cancel the failback once verified: %v", err)
+				return
+			}
+			<-jctx.Done()
+		})
+	})
+	req := api.FailbackRequest{Alternate: true, VSphere: &api.VSphereTarget{VCenter: "vc1", Datastore: ds}}
+	j := fr.runJob(fr.client.FailbackTo(ctx, "vm1", req))
+	if j.State != api.JobCancelled {
+		t.Fatalf("the cancelled failback: %s %s (steps %+v)", j.State, j.Error, j.Steps)
+	}
+	if _, err := vcsim.FindVM(ctx, gc, "vm1-failback"); err == nil {
+		t.Fatal("a cancelled failback left its VM")
+	}
+	if _, err := os.Stat(filepath.Join(dsDir, "vm1-failback")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a cancelled failback left its folder: %v", err)
+	}
+	if m := fr.machine("vm1"); m.Direction != "reprotected" {
+		t.Fatalf("after a cancelled failback: direction %q", m.Direction)
+	}
+	fr.write("d1", 6) // the failed-over machine runs on
+	waitFor(t, "the new writes on the original disks", func() bool {
+		fos, err := fr.client.Failovers(ctx, false)
+		return err == nil && len(fos) == 1 && fos[0].Failback != nil && fos[0].Failback.Pending == 0
+	})
+	for d, p := range fr.disks {
+		c := dialExport(t, fr.exports[d])
+		if exportSum(t, c) != fileSum(t, p) {
+			t.Fatalf("disk %s: the original does not hold the writes made after the cancel", d)
+		}
+		c.Close()
+	}
+	want := fr.sums()
+	j = fr.mustJob(fr.client.FailbackTo(ctx, "vm1", req))
+	fr.checkAlternate(j, gc, dsDir, "vm1-failback", want)
 }
