@@ -197,7 +197,7 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 		return ctx.Err()
 	}
 	done := j.step(m.Name+": end the failover", "record the failback to "+vt.VCenter+"/"+res.Name+"; the exports and overlays go")
-	f, planned, err := s.recordAlternate(ctx, f, m, vt, res)
+	f, frozen, err := s.recordAlternate(ctx, f, m, vt, res)
 	done("", err)
 	if err != nil {
 		s.undoAlternate(ctx, c, ex, f, m, res)
@@ -216,7 +216,7 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 		done("powered on", nil)
 	}
 	lines = append(lines, fmt.Sprintf("forward protection: the new VM has no asr agent; enable replication of %s from the inventory (asr protect --vm %s ...) to protect it", res.Name, res.Name))
-	if planned {
+	if frozen {
 		lines = append(lines, fmt.Sprintf("the original machine's agent stays frozen (its disks refuse writes; they are not the failed-back state): remove it with asr unprotect --machine %s", m.Name))
 	}
 	s.raise(context.WithoutCancel(ctx), store.Event{MachineID: m.ID, Severity: "info", Kind: "failed-back",
@@ -298,8 +298,8 @@ func (s *Server) verifyAlternate(ctx context.Context, j *job, c *govmomi.Client,
 
 // recordAlternate records the failback done: the shipper to the original
 // disks (if reprotected) stops, the failover ends, direction failed-back
-// to the new VM. It returns the record and whether the failover was
-// planned (its original agent stays frozen).
+// to the new VM. It returns the record and whether the original agent
+// stays frozen: a planned failover's is, and so is a reprotected one's.
 func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.Machine, vt api.VSphereTarget, res vmware.FailoverResult) (store.Failover, bool, error) {
 	ctx = context.WithoutCancel(ctx)
 	s.stopReverse(m.ID)
@@ -314,8 +314,9 @@ func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.
 	}
 	req, _ := failoverRequest(cur)
 	d := decodeDetail(cur)
+	reprotected := d.Reverse != nil
 	r := &reverseDetail{Started: s.now()}
-	if d.Reverse != nil {
+	if reprotected {
 		r.Started, r.Sent = d.Reverse.Started, d.Reverse.Sent
 	}
 	r.State, r.Compared = dirFailedBack, res.Bytes
@@ -326,7 +327,7 @@ func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.
 	if err := s.db.UpdateFailover(ctx, cur); err != nil {
 		return f, false, err
 	}
-	return cur, req.Planned, nil
+	return cur, req.Planned || reprotected, nil
 }
 
 // undoAlternate, after a cancel at the switch or a failed record, removes
