@@ -138,7 +138,10 @@ type mailpitMessage struct {
 }
 
 func (m *mailpit) messages() ([]mailpitMessage, error) {
-	resp, err := http.Get("http://" + m.api + "/api/v1/messages?limit=500")
+	// A bounded request: a mailpit that stops answering fails the test, it
+	// does not hang it.
+	cl := http.Client{Timeout: 30 * time.Second}
+	resp, err := cl.Get("http://" + m.api + "/api/v1/messages?limit=500")
 	if err != nil {
 		return nil, err
 	}

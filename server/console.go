@@ -177,6 +177,14 @@ func (b consoleBackend) ChangePoint(ctx context.Context, a api.FailoverAction) (
 	return b.s.ChangePoint(ctx, a)
 }
 
+func (b consoleBackend) Reprotect(ctx context.Context, machine string) (api.Job, error) {
+	return b.s.Reprotect(ctx, machine)
+}
+
+func (b consoleBackend) Failback(ctx context.Context, machine string) (api.Job, error) {
+	return b.s.Failback(ctx, machine)
+}
+
 func (b consoleBackend) Plans(ctx context.Context) ([]api.Plan, error) {
 	return b.s.Plans(ctx)
 }

@@ -70,6 +70,36 @@ type reverseState struct {
 	recMu sync.Mutex
 	// switchHook, for tests, runs after a failback's switch is recorded.
 	switchHook func(ctx context.Context)
+	// startMu makes the check for a running reprotect or failback job
+	// of a machine and the start of another one atomic: a second click
+	// in the console is refused, not run twice.
+	startMu sync.Mutex
+}
+
+// failbackJobRunning returns the id of a reprotect or failback job of
+// machine that is still running ("" if none). s.rv.startMu is held.
+func (s *Server) failbackJobRunning(machine string) string {
+	s.jobs.mu.Lock()
+	jobs := make([]*job, 0, len(s.jobs.running))
+	for _, j := range s.jobs.running {
+		jobs = append(jobs, j)
+	}
+	s.jobs.mu.Unlock()
+	for _, j := range jobs {
+		if v := j.snapshot(); (v.Kind == "reprotect" || v.Kind == "failback") && v.Subject == machine && v.State == api.JobRunning {
+			return v.ID
+		}
+	}
+	return ""
+}
+
+// refuseFailbackRunning is the conflict of a reprotect or failback asked
+// for while one of the machine runs.
+func (s *Server) refuseFailbackRunning(m store.Machine) error {
+	if id := s.failbackJobRunning(m.Name); id != "" {
+		return errorf(http.StatusConflict, "machine %s: a reprotect or failback job is running (job %s): wait for it to end", m.Name, id)
+	}
+	return nil
 }
 
 // reverseRun ships one failover's marked blocks to the original disks.
@@ -165,6 +195,11 @@ func (s *Server) Reprotect(ctx context.Context, machine string) (api.Job, error)
 		return api.Job{}, errorf(http.StatusNotFound, "no machine named %q", machine)
 	}
 	if err != nil {
+		return api.Job{}, err
+	}
+	s.rv.startMu.Lock()
+	defer s.rv.startMu.Unlock()
+	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
 	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil {
@@ -516,6 +551,11 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	if err != nil {
 		return api.Job{}, err
 	}
+	s.rv.startMu.Lock()
+	defer s.rv.startMu.Unlock()
+	if err := s.refuseFailbackRunning(m); err != nil {
+		return api.Job{}, err
+	}
 	f, err := s.db.LiveFailover(ctx, m.ID)
 	if errors.Is(err, store.ErrNotFound) {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s has no failover to fail back", m.Name)
@@ -533,12 +573,7 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	if d.Reverse.State != dirReprotected {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
-	release, err := s.claimFailback(m)
-	if err != nil {
-		return api.Job{}, err
-	}
-	started, err := s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
-		defer release()
+	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
 		start := time.Now()
 		j.setCancellable(true)
 		err := s.failbackSteps(ctx, j, &f, m, run)
@@ -564,10 +599,6 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 		j.setResult(lines, time.Since(start))
 		return err
 	})
-	if err != nil {
-		release()
-	}
-	return started, err
 }
 
 // failbackSteps stops the failed-over machine, drains and verifies:

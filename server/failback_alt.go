@@ -42,37 +42,13 @@ type altDetail struct {
 	Datastore string `json:"datastore"`
 }
 
-// failbackClaims is the machines a failback job runs for: one at a time,
-// whichever location.
-type failbackClaims struct {
-	mu      sync.Mutex
-	running map[string]bool
+// altFailback is what the alternate-location failback keeps in the
+// server: a test hook.
+type altFailback struct {
 	// verifiedHook, for tests, runs when an alternate-location failback
 	// has verified its copy, just before its switch, with the job's
 	// context and id.
 	verifiedHook func(ctx context.Context, jobID string)
-}
-
-// claimFailback claims a machine for a failback job; release ends the
-// claim.
-func (s *Server) claimFailback(m store.Machine) (release func(), err error) {
-	s.fb.mu.Lock()
-	defer s.fb.mu.Unlock()
-	if s.fb.running[m.ID] {
-		return nil, errorf(http.StatusConflict, "machine %s is being failed back already", m.Name)
-	}
-	if s.fb.running == nil {
-		s.fb.running = map[string]bool{}
-	}
-	s.fb.running[m.ID] = true
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			s.fb.mu.Lock()
-			delete(s.fb.running, m.ID)
-			s.fb.mu.Unlock()
-		})
-	}, nil
 }
 
 // FailbackTo fails a machine back as req says: to its original disks (the
@@ -117,26 +93,9 @@ func (s *Server) failbackAlternate(ctx context.Context, machine string, req api.
 	if err != nil {
 		return api.Job{}, err
 	}
-	f, err := s.db.LiveFailover(ctx, m.ID)
-	if errors.Is(err, store.ErrNotFound) {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s has no failover to fail back", m.Name)
-	} else if err != nil {
+	f, ex, err := s.alternateFailover(ctx, m)
+	if err != nil {
 		return api.Job{}, err
-	}
-	if f.Kind != api.FailoverReal || f.Dest != api.ToNBD {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s: failback to an alternate location is done for failovers to the server's NBD exports (this one is %s to %s)", m.Name, kindWord(f.Kind), f.Dest)
-	}
-	if f.State != store.FailoverCommitted {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then fail back", m.Name, f.State)
-	}
-	if d := decodeDetail(f); d.Reverse != nil && d.Reverse.State != dirReprotected {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
-	}
-	s.fo.mu.Lock()
-	ex := s.fo.byMachine[m.ID]
-	s.fo.mu.Unlock()
-	if ex == nil || ex.failoverID != f.ID {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s: its failover's exports are not served (is the server starting?)", m.Name)
 	}
 	src := s.sourceVM(ctx, m)
 	name := req.VMName
@@ -155,18 +114,51 @@ func (s *Server) failbackAlternate(ctx context.Context, machine string, req api.
 	if err != nil {
 		return api.Job{}, vsphereError(err)
 	}
-	release, err := s.claimFailback(m)
-	if err != nil {
+	// One reprotect or failback job of a machine at a time, whichever
+	// location (the check and the start under the same lock).
+	s.rv.startMu.Lock()
+	defer s.rv.startMu.Unlock()
+	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
-	j, err := s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
-		defer release()
+	// Checked again: a job that ended during the vCenter's check may
+	// have changed the failover.
+	if f2, ex2, err := s.alternateFailover(ctx, m); err != nil {
+		return api.Job{}, err
+	} else if f2.ID != f.ID || ex2 != ex {
+		return api.Job{}, errorf(http.StatusConflict, "machine %s: its failover changed during the check; try again", m.Name)
+	}
+	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
 		return s.runFailbackAlternate(ctx, j, f, m, ex, src, *vt, name)
 	})
-	if err != nil {
-		release()
+}
+
+// alternateFailover is the failover an alternate-location failback takes
+// (a live failover to NBD, committed, not failing back or failed back)
+// and its exports.
+func (s *Server) alternateFailover(ctx context.Context, m store.Machine) (store.Failover, *exported, error) {
+	f, err := s.db.LiveFailover(ctx, m.ID)
+	if errors.Is(err, store.ErrNotFound) {
+		return f, nil, errorf(http.StatusConflict, "machine %s has no failover to fail back", m.Name)
+	} else if err != nil {
+		return f, nil, err
 	}
-	return j, err
+	if f.Kind != api.FailoverReal || f.Dest != api.ToNBD {
+		return f, nil, errorf(http.StatusConflict, "machine %s: failback to an alternate location is done for failovers to the server's NBD exports (this one is %s to %s)", m.Name, kindWord(f.Kind), f.Dest)
+	}
+	if f.State != store.FailoverCommitted {
+		return f, nil, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then fail back", m.Name, f.State)
+	}
+	if d := decodeDetail(f); d.Reverse != nil && d.Reverse.State != dirReprotected {
+		return f, nil, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	s.fo.mu.Lock()
+	ex := s.fo.byMachine[m.ID]
+	s.fo.mu.Unlock()
+	if ex == nil || ex.failoverID != f.ID {
+		return f, nil, errorf(http.StatusConflict, "machine %s: its failover's exports are not served (is the server starting?)", m.Name)
+	}
+	return f, ex, nil
 }
 
 // runFailbackAlternate is the job: stop, copy, verify (cancellable until

@@ -299,6 +299,11 @@ func TestFailbackRefusals(t *testing.T) {
 	if m := fr.machine("vm1"); m.Direction != "reprotected" || m.Unprotected {
 		t.Fatalf("after refusals: %+v", m)
 	}
+	// The console shows its buttons from the failover's record.
+	fs, err := fr.client.Failovers(ctx, false)
+	if err != nil || len(fs) != 1 || !fs[0].Planned || fs[0].Failback == nil || fs[0].Failback.State != "reprotected" {
+		t.Fatalf("failovers: %+v, %v", fs, err)
+	}
 }
 
 // A failback is cancellable until its switch: cancelled while its drain
@@ -328,6 +333,14 @@ func TestFailbackCancel(t *testing.T) {
 		}
 		return false
 	})
+	// A second failback, or a reprotect, while it runs is refused (a
+	// second click in the console).
+	if _, err := fr.client.Failback(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "job "+j.ID) {
+		t.Fatalf("a second failback while one runs: %v", err)
+	}
+	if _, err := fr.client.Reprotect(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "running") {
+		t.Fatalf("a reprotect while a failback runs: %v", err)
+	}
 	if _, err := fr.client.CancelJob(ctx, j.ID); err != nil {
 		t.Fatal(err)
 	}
@@ -367,6 +380,9 @@ func TestReprotectRefusesUnplanned(t *testing.T) {
 	}
 	if m := r.machine("vm1"); m.Direction != "failed-over" {
 		t.Fatalf("after a refused reprotect: direction %q", m.Direction)
+	}
+	if fs, err := r.client.Failovers(ctx, false); err != nil || len(fs) != 1 || fs[0].Planned {
+		t.Fatalf("an unplanned failover listed as %+v, %v", fs, err)
 	}
 }
 

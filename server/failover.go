@@ -479,6 +479,9 @@ func (s *Server) failoverView(ctx context.Context, f store.Failover) api.Failove
 	if p, err := s.cat.FindPoint(ctx, f.MachineID, f.PointID); err == nil {
 		v.PointTime = p.Time
 	}
+	if req, err := failoverRequest(f); err == nil {
+		v.Planned = req.Planned
+	}
 	d := decodeDetail(f)
 	v.VM, v.Drill = d.VM, d.Drill
 	if r := d.Reverse; r != nil {

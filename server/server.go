@@ -165,7 +165,7 @@ type Server struct {
 	fo   failoverState // failovers' NBD exports (failover.go)
 	rv   reverseState  // failback's shipments to the original disks (failback.go)
 
-	fb failbackClaims // machines a failback job runs for (failback_alt.go)
+	fb altFailback // the alternate-location failback's test hook (failback_alt.go)
 
 	host *hoststat.Sampler // the host's CPU and memory (hostLoop)
 

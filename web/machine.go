@@ -50,8 +50,9 @@ type machinePageView struct {
 	Resyncs   []api.EventJSON // the resync events among them
 	EventsErr string
 	History   []api.HistorySample
-	Tagged    string // the point just made by Tag
-	Error     string // an action refused
+	Failback  failbackOffer // what its failback direction allows now
+	Tagged    string        // the point just made by Tag
+	Error     string        // an action refused
 }
 
 // TimelineStart is where the points timeline begins: the retention of
@@ -147,6 +148,7 @@ func (h *machineHandler) view(r *http.Request, live bool) (machinePageView, int,
 	} else {
 		h.log.Error("list policies", "err", err)
 	}
+	v.Failback = failbackOffers(ctx, h.backend, h.log, []api.Machine{v.Machine})[v.Machine.ID]
 	if live {
 		return v, http.StatusOK, ""
 	}

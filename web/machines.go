@@ -42,6 +42,8 @@ type machinesView struct {
 	Err       string             // the machines could not be loaded
 	Now       time.Time
 	ServerURL string
+	// Failback is the failback offer of each machine in failback, by id.
+	Failback map[string]failbackOffer
 }
 
 // page serves the whole machines page.
@@ -72,6 +74,7 @@ func (h *machinesHandler) view(r *http.Request) (machinesPageView, int) {
 		return v, http.StatusInternalServerError
 	}
 	v.Table.Machines = ms
+	v.Table.Failback = failbackOffers(r.Context(), h.backend, h.log, ms)
 	if ps, err := h.backend.ProcessServer(r.Context()); err != nil {
 		h.log.Error("process server figures", "err", err)
 	} else {

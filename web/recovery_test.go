@@ -546,3 +546,11 @@ func TestRecoveryPagesNoInlineCode(t *testing.T) {
 		}
 	}
 }
+
+func (b *fakeBackend) Reprotect(_ context.Context, machine string) (api.Job, error) {
+	return b.action("reprotect", api.FailoverAction{Machine: machine})
+}
+
+func (b *fakeBackend) Failback(_ context.Context, machine string) (api.Job, error) {
+	return b.action("failback", api.FailoverAction{Machine: machine})
+}

@@ -3,8 +3,8 @@
 // dashboard (counts, alerts, every machine's RPO, 24 h charts drawn as
 // SVG on the server), watch the replication state, RPO and recovery points
 // of every protected machine and act on one from its page (tag, resync,
-// test failover, failover), manage policies and replication groups, see
-// the process server, target and vCenters, register vCenters, enable
+// test failover, failover; reprotect and fail back), manage policies and
+// replication groups, see the process server, target and vCenters, register vCenters, enable
 // replication of their VMs from the inventory, define recovery plans, run
 // test failovers, failovers and drills of machines and plans, follow the
 // jobs that do it (confirming a plan's manual actions), see and
@@ -113,6 +113,14 @@ type Backend interface {
 	Cleanup(ctx context.Context, a api.FailoverAction) (api.Job, error)
 	Commit(ctx context.Context, a api.FailoverAction) (api.Job, error)
 	ChangePoint(ctx context.Context, a api.FailoverAction) (api.Job, error)
+	// Reprotect starts the job that reprotects a machine (by name) in
+	// the direction it needs: after a committed planned failover to NBD,
+	// its changes go back to the original disks; after a failback,
+	// protection resumes forward. Failback starts the job that fails a
+	// reprotected machine back. A machine in another state starts
+	// nothing and returns an error whose message is shown to the user.
+	Reprotect(ctx context.Context, machine string) (api.Job, error)
+	Failback(ctx context.Context, machine string) (api.Job, error)
 
 	// Plans lists the recovery plans by name.
 	Plans(ctx context.Context) ([]api.Plan, error)
@@ -221,6 +229,7 @@ func New(b Backend, opts Options) *Handler {
 	policies := &policiesHandler{backend: b, log: log, now: now}
 	groups := &groupsHandler{backend: b, log: log, now: now}
 	infra := &infrastructureHandler{backend: b, log: log, now: now}
+	failback := &failbackHandler{backend: b, log: log, now: now}
 
 	r := chi.NewRouter()
 	r.Use(securityHeaders)
@@ -251,6 +260,8 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/fragments/machines", machines.fragment)
 		r.Get("/settings", settings.page)
 		r.Get("/machines/{machine}/resync", machines.resyncPage)
+		r.Get("/machines/{machine}/reprotect", failback.confirmPage(actionReprotect))
+		r.Get("/machines/{machine}/failback", failback.confirmPage(actionFailback))
 		r.Get("/vcenters", vcenters.page)
 		r.Get("/vcenters/{vcenter}/remove", vcenters.removePage)
 		r.Get("/vms", inventory.page)
@@ -269,6 +280,8 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/logout", auth.logout)
 			r.Post("/settings/password", settings.setPassword)
 			r.Post("/machines/{machine}/resync", machines.startResync)
+			r.Post("/machines/{machine}/reprotect", failback.start(actionReprotect))
+			r.Post("/machines/{machine}/failback", failback.start(actionFailback))
 			r.Post("/vcenters", vcenters.add)
 			r.Post("/vcenters/{vcenter}/remove", vcenters.remove)
 			r.Post("/protect", inventory.protect)

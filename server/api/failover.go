@@ -77,10 +77,13 @@ type FailoverAction struct {
 
 // Failover is a machine's failover (GET /api/v1/failovers).
 type Failover struct {
-	ID        string     `json:"id"`
-	Machine   string     `json:"machine"`
-	MachineID string     `json:"machine_id"`
-	Kind      string     `json:"kind"` // test | failover
+	ID        string `json:"id"`
+	Machine   string `json:"machine"`
+	MachineID string `json:"machine_id"`
+	Kind      string `json:"kind"` // test | failover
+	// Planned: the source was shut down and a last point taken first
+	// (only a planned failover to NBD can be failed back).
+	Planned   bool       `json:"planned,omitempty"`
 	To        string     `json:"to"`
 	State     string     `json:"state"` // starting | active | committed | failed | ended
 	Point     string     `json:"point"`

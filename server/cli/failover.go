@@ -59,13 +59,13 @@ func runFailover(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		return output(e.out, *asJSON, fos, func(tw *tabwriter.Writer) {
-			fmt.Fprintln(tw, "MACHINE\tKIND\tTO\tSTATE\tPOINT\tPLAN\tCREATED\tWHERE")
+			fmt.Fprintln(tw, "MACHINE\tKIND\tTO\tSTATE\tPOINT\tPLAN\tCREATED\tFAILBACK\tWHERE")
 			for _, f := range fos {
 				where := f.VM
 				for _, x := range f.Exports {
 					where += " " + x.Disk + "=" + x.URI
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Machine, f.Kind, f.To, f.State, f.Point, f.Plan, f.Created.Local().Format(time.DateTime), strings.TrimSpace(where))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Machine, f.Kind, f.To, f.State, f.Point, f.Plan, f.Created.Local().Format(time.DateTime), failbackText(f.Failback), strings.TrimSpace(where))
 			}
 		})
 	}
@@ -118,6 +118,19 @@ func runFailover(ctx context.Context, e *env, args []string) error {
 		return nil
 	}
 	return followJob(ctx, e, c, j)
+}
+
+// failbackText is a failover's failback in the list: its state and its
+// bytes sent, pending, compared (and the forward resync's), "-" if none.
+func failbackText(fb *api.FailbackStatus) string {
+	if fb == nil {
+		return "-"
+	}
+	s := fmt.Sprintf("%s sent=%d pending=%d compared=%d", fb.State, fb.Sent, fb.Pending, fb.Compared)
+	if fb.Forward != "" {
+		s += fmt.Sprintf(" forward=%s resynced=%d resent=%d", fb.Forward, fb.Resynced, fb.Resent)
+	}
+	return s
 }
 
 // runPlan manages recovery plans.

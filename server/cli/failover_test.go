@@ -129,3 +129,20 @@ func TestFailoverPlanJobCommands(t *testing.T) {
 	mustRun(t, with("plan", "delete", "p1")...)
 	mustFail(t, "no plan named", with("plan", "show", "p1")...)
 }
+
+// The failovers list shows a failback's state and its bytes.
+func TestFailbackText(t *testing.T) {
+	for _, c := range []struct {
+		fb   *api.FailbackStatus
+		want string
+	}{
+		{nil, "-"},
+		{&api.FailbackStatus{State: "reprotected", Sent: 4096, Pending: 65536}, "reprotected sent=4096 pending=65536 compared=0"},
+		{&api.FailbackStatus{State: "failed-back", Sent: 10, Compared: 20, Forward: "done", Resynced: 30, Resent: 5},
+			"failed-back sent=10 pending=0 compared=20 forward=done resynced=30 resent=5"},
+	} {
+		if got := failbackText(c.fb); got != c.want {
+			t.Errorf("failbackText(%+v) = %q, want %q", c.fb, got, c.want)
+		}
+	}
+}
