@@ -140,7 +140,10 @@ func (p *proc) pause() {
 	if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		p.t.Fatalf("stop %s: %v", p.name, err)
 	}
-	for {
+	// A thread in an uninterruptible wait (I/O) stops once it returns; a
+	// wait past hungAfter is a hung run.
+	deadline := time.Now().Add(hungAfter)
+	for time.Now().Before(deadline) {
 		if p.exited() {
 			p.t.Fatalf("%s exited: %v\n%s", p.name, p.err, p.logTail())
 		}
@@ -149,6 +152,7 @@ func (p *proc) pause() {
 		}
 		time.Sleep(time.Millisecond)
 	}
+	p.t.Fatalf("%s: not every thread stopped %v after SIGSTOP", p.name, hungAfter)
 }
 
 // stopped reports whether every thread of the process is stopped.

@@ -668,7 +668,12 @@ func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m
 // exports and overlays go. Run by the failback job after the switch, and
 // at start for a failback a stop cut short after it.
 func (s *Server) finishFailback(ctx context.Context, j *job, f store.Failover, m store.Machine) ([]string, error) {
-	ctx = context.WithoutCancel(ctx)
+	// Past the switch a cancel of the job no longer stops it, a stop of
+	// the server does: the thaw may wait on an agent that does not answer,
+	// and the next start finishes it (restoreReverse).
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)()
 	step := func(name, detail string) func(string, error) {
 		if j == nil {
 			return func(string, error) {}
