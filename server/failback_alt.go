@@ -201,7 +201,10 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 	vm := vt.VCenter + "/" + res.Name
 	lines := []string{fmt.Sprintf("failed back to a new VM: %s (%s) in %s, %d bytes copied and verified", vm, res.Ref, res.Dir, res.Bytes)}
 	done = j.step(m.Name+": power on", fmt.Sprintf("VM %s through vCenter %s", res.Name, vt.VCenter))
-	if _, err := vmware.PowerOn(context.WithoutCancel(ctx), c, res.Ref); err != nil {
+	pctx, pcancel := s.boundedCtx(ctx)
+	_, err = vmware.PowerOn(pctx, c, res.Ref)
+	pcancel()
+	if err != nil {
 		done("", err)
 		lines = append(lines, fmt.Sprintf("VM %s could not be powered on (%v): its disks hold the failed-over machine's final state; power it on in vCenter", vm, err))
 	} else {
@@ -246,7 +249,10 @@ func (s *Server) copyToAlternate(ctx context.Context, j *job, c *govmomi.Client,
 		return res, err
 	}
 	if err := s.verifyAlternate(ctx, j, c, m, ex, sums, res); err != nil {
-		if derr := vmware.DeleteFailoverVM(context.WithoutCancel(ctx), c, res.Ref); derr != nil {
+		dctx, dcancel := s.boundedCtx(ctx)
+		derr := vmware.DeleteFailoverVM(dctx, c, res.Ref)
+		dcancel()
+		if derr != nil {
 			err = fmt.Errorf("%w (and removing VM %s failed: %v; remove it and its folder %s by hand)", err, res.Name, derr, res.Dir)
 		}
 		return res, err
@@ -326,9 +332,12 @@ func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.
 // the new VM and lets the failed-over machine run on (shipping to the
 // original disks again if it was reprotected and its shipper stopped).
 func (s *Server) undoAlternate(ctx context.Context, c *govmomi.Client, ex *exported, f store.Failover, m store.Machine, res vmware.FailoverResult) {
+	dctx, dcancel := s.boundedCtx(ctx)
+	err := vmware.DeleteFailoverVM(dctx, c, res.Ref)
+	dcancel()
 	ctx = context.WithoutCancel(ctx)
-	if err := vmware.DeleteFailoverVM(ctx, c, res.Ref); err != nil {
-		s.log.Error("failback: remove the new VM after a failed record", "machine", m.Name, "vm", res.Name, "err", err)
+	if err != nil {
+		s.log.Error("failback: remove the new VM (cancelled at the switch, or not recorded)", "machine", m.Name, "vm", res.Name, "err", err)
 	}
 	for _, e := range ex.disks {
 		e.be.stopped.Store(false)

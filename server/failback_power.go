@@ -9,8 +9,17 @@ import (
 	"github.com/asrdr/asr/vmware"
 )
 
-// powerOnTimeout bounds the vCenter power-on at a failback's switch.
-const powerOnTimeout = 5 * time.Minute
+// vcenterStepTimeout bounds a failback's vCenter calls that run past a
+// cancel (a power-on, the removal of a VM).
+const vcenterStepTimeout = 5 * time.Minute
+
+// boundedCtx is ctx without its cancel, bounded by vcenterStepTimeout and
+// ended when the server stops (a silent vCenter never holds a stop up).
+func (s *Server) boundedCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), vcenterStepTimeout)
+	stop := context.AfterFunc(s.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
 
 // powerOnOriginal, at an original-location failback's switch (the drain
 // and the compare done, the agent thawed), powers the on-premises VM on
@@ -29,7 +38,7 @@ func (s *Server) powerOnOriginal(ctx context.Context, j *job, m store.Machine) s
 	if j != nil {
 		done = j.step(m.Name+": power on VM", fmt.Sprintf("VM %s through vCenter %s, if it is off", vm.Name, vm.VCenter))
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), powerOnTimeout)
+	ctx, cancel := s.boundedCtx(ctx)
 	defer cancel()
 	c, err := s.vcenterClient(ctx, vm.VCenter)
 	var on bool
@@ -40,7 +49,7 @@ func (s *Server) powerOnOriginal(ctx context.Context, j *job, m store.Machine) s
 	if err != nil {
 		err = fmt.Errorf("VM %s could not be powered on through vCenter %s (%v): its disks hold the failed-back state and accept writes; power it on in vCenter", vm.Name, vm.VCenter, err)
 		done("", err)
-		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "failback-power-on", Message: err.Error()})
+		s.raise(context.WithoutCancel(ctx), store.Event{MachineID: m.ID, Severity: "warning", Kind: "failback-power-on", Message: err.Error()})
 		return err.Error()
 	}
 	if on {
