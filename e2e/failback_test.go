@@ -27,9 +27,9 @@ type failbackCase struct {
 	written int64
 }
 
-func startFailbackCase(t *testing.T) *failbackCase {
+func startFailbackCase(t *testing.T, serverArgs ...string) *failbackCase {
 	t.Helper()
-	c := newFailoverCluster(t)
+	c := newFailoverCluster(t, serverArgs...)
 	fc := &failbackCase{c: c, disk: filepath.Join(c.dir, "d.img")}
 	makeDisk(t, fc.disk, 32<<20, 5)
 	a := c.startAgent("m", nil, "d="+fc.disk)

@@ -31,10 +31,10 @@ import (
 // newFailoverCluster starts a cluster whose server serves its exports on a
 // port of its own, and whose drills use TCG (the same on every machine,
 // with or without /dev/kvm).
-func newFailoverCluster(t *testing.T) *cluster {
+func newFailoverCluster(t *testing.T, serverArgs ...string) *cluster {
 	t.Helper()
 	t.Setenv("ASR_DRILL_ACCEL", "tcg") // inherited by the server process
-	return newClusterArgs(t, "--nbd-listen", "127.0.0.1:"+freePort(t))
+	return newClusterArgs(t, append([]string{"--nbd-listen", "127.0.0.1:" + freePort(t)}, serverArgs...)...)
 }
 
 // failoverResult is what `asr failover` printed: the job's id, its RTO and

@@ -101,6 +101,35 @@ func (p Policy) Validate(tier string) error {
 // FailbackName is the name of the failback policy made with policy name.
 func FailbackName(name string) string { return name + "-failback" }
 
+// DefaultFailbackPolicy returns the failback policy made with replication
+// policy of, with ASR's failback defaults: an RPO threshold of 15 min, 24 h
+// retention, application-consistent every 60 min. The crash-consistent
+// interval (5 min) and the any-point-in-time window (1 h) are the
+// replication policy's defaults. It applies to the reverse direction of
+// a reprotected machine (its changes going back to the original disks):
+// its RPO threshold raises the reverse RPO alert, its crash-consistent
+// interval and retention rule the reverse points (records of the moments
+// the original disks were a crash-consistent copy); the
+// application-consistent frequency and the window are kept for ASR's
+// shape but not applied (FailbackNotes says why).
+func DefaultFailbackPolicy(of string) Policy {
+	return Policy{Name: FailbackName(of), FailbackOf: of, RPOThreshold: 15 * time.Minute, Retention: 24 * time.Hour,
+		AppFrequency: time.Hour, CrashInterval: 5 * time.Minute, PITWindow: time.Hour}
+}
+
+// FailbackNotes says, field by field, what a failback policy's settings do
+// in the reverse direction, where the original disks are written in place
+// through the original agent.
+func FailbackNotes() []string {
+	return []string{
+		"rpo_threshold: applied: the reverse RPO (how far the original disks are behind the failed-over machine) is alerted against it (alert reverse-rpo)",
+		"crash_interval: applied: a reverse point (the original disks were a crash-consistent copy of the failed-over machine: nothing left to send) is recorded at most this often",
+		"retention: applied: reverse points older than it are pruned; they are records only: the original disks are written in place, so no earlier state of them can be recovered",
+		"app_frequency: not applied: an application-consistent point needs an agent inside the failed-over machine, and the NBD exports it runs from have none",
+		"pit_window: not applied: the original disks keep no history to recover an earlier time from",
+	}
+}
+
 // fmtDuration prints whole hours and minutes without trailing zero units.
 func fmtDuration(d time.Duration) string {
 	s := d.String()

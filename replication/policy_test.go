@@ -58,3 +58,24 @@ func TestPolicyRules(t *testing.T) {
 		})
 	}
 }
+
+// A failback policy has ASR's failback defaults whatever its replication
+// policy's settings, and they are valid on either tier.
+func TestDefaultFailbackPolicy(t *testing.T) {
+	p := DefaultFailbackPolicy("gold")
+	if p.Name != "gold-failback" || p.FailbackOf != "gold" || p.RPOThreshold != 15*time.Minute || p.Retention != 24*time.Hour ||
+		p.AppFrequency != time.Hour || p.CrashInterval != 5*time.Minute || p.PITWindow != time.Hour {
+		t.Fatalf("failback defaults %+v", p)
+	}
+	for _, tier := range []string{TierStandard, TierPremium} {
+		if err := p.Validate(tier); err != nil {
+			t.Fatalf("failback defaults on %s: %v", tier, err)
+		}
+	}
+	if err := DefaultFailbackPolicy(strings.Repeat("x", 60)).Validate(TierStandard); err == nil {
+		t.Fatal("a failback name over 64 characters accepted")
+	}
+	if n := FailbackNotes(); len(n) != 5 {
+		t.Fatalf("notes %q: want one per setting", n)
+	}
+}

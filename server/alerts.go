@@ -468,6 +468,11 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 			}
 		}
 	}
+	rev, err := s.reverseRPOObs(ctx, ms, now)
+	if err != nil {
+		return nil, err
+	}
+	obs = append(obs, rev...)
 	obs = append(obs, targetObs(s.target.String(), stats, applyErrs, s.cfg.HealthHold))
 	obs = append(obs, processServerObs(s.ProcessServer(), s.cfg.HealthHold)...)
 	vs, err := s.db.VCenters(ctx)

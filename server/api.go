@@ -269,6 +269,7 @@ func (s *Server) handleMachine(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	v.Direction = s.directionOf(r.Context(), m.ID)
+	v.Reverse = s.reverseStatus(r.Context(), m)
 	writeJSON(w, http.StatusOK, v)
 	return nil
 }

@@ -342,6 +342,7 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 			return nil, err
 		}
 		v.Direction = s.directionOf(ctx, m.ID)
+		v.Reverse = s.reverseStatus(ctx, m)
 		out = append(out, v)
 	}
 	return out, nil

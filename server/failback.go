@@ -117,6 +117,8 @@ type reverseRun struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	fp failbackPolicyState // failback_rpo.go
 }
 
 type revDisk struct {
@@ -352,14 +354,17 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (ru
 			if err = e.ov.Blocks(func(off int64) error { rm.mark(off, 1); return nil }); err != nil {
 				return run, err
 			}
+			rm.backdate(f.CreatedAt) // written since the failover
 			if err = rm.save(); err != nil {
 				return run, err
 			}
 		} else {
 			e.be.rev.Store(rm)
 		}
+		rm.setClock(s.now)
 		run.disks = append(run.disks, revDisk{index: mc.Disks[i].Index, name: e.disk, be: e.be, m: rm})
 	}
+	run.fp.ready.Store(true) // its disks may be read from now on (failback_rpo.go)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -453,6 +458,7 @@ func (s *Server) shipReverse(ctx context.Context, run *reverseRun) {
 			log.Error("failback: save the maps", "err", err)
 		}
 		s.saveSent(ctx, run)
+		s.reverseIdle(ctx, run) // a reverse point (failback_rpo.go)
 		lastSave = time.Now()
 		run.notify("")
 		select {

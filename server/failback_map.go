@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/overlay"
@@ -94,18 +95,23 @@ type reverseMap struct {
 	gen      uint64
 	saveMu   sync.Mutex
 	savedGen atomic.Uint64
+	// age is how far behind the original disk is (failback_rpo.go).
+	age revAge
 }
 
-// Reverse map file: magic, version, block size, disk size, bits, CRC-32C
-// of everything before it.
+// Reverse map file: magic, version, block size, disk size, (version 2)
+// the time every write before which is on the original (Unix ns, 0: not
+// known), bits, CRC-32C of everything before it. Version 1 (no time) is
+// still read: its writes' age is not known.
 var revMagic = [8]byte{'A', 'S', 'R', 'R', 'E', 'V', 'M', 'P'}
 
-const revVersion = 1
+const revVersion = 2
 
 func newReverseMap(path string, size int64, wake func()) *reverseMap {
 	n := (size + overlay.BlockSize - 1) / overlay.BlockSize
 	words := (n + 63) / 64
-	return &reverseMap{path: path, size: size, blocks: n, wake: wake, dirty: make([]uint64, words), inflight: make([]uint64, words)}
+	return &reverseMap{path: path, size: size, blocks: n, wake: wake, dirty: make([]uint64, words), inflight: make([]uint64, words),
+		age: revAge{now: time.Now}}
 }
 
 // loadReverseMap reads a saved map: its blocks are dirty again (what was
@@ -117,12 +123,19 @@ func loadReverseMap(path string, size int64, wake func()) (*reverseMap, error) {
 	if err != nil {
 		return nil, err
 	}
-	want := 8 + 4 + 4 + 8 + len(m.dirty)*8 + 4
-	if len(b) != want || [8]byte(b[:8]) != revMagic {
+	if len(b) < 12 || [8]byte(b[:8]) != revMagic {
 		return nil, fmt.Errorf("failback map %s: not a map of a %d-byte disk: %w", path, size, replication.ErrCorrupt)
 	}
-	if v := binary.LittleEndian.Uint32(b[8:]); v != revVersion {
-		return nil, fmt.Errorf("failback map %s: version %d, this build reads %d: %w", path, v, revVersion, replication.ErrCorrupt)
+	hdr := 24
+	switch v := binary.LittleEndian.Uint32(b[8:]); v {
+	case 1:
+	case revVersion:
+		hdr = 32
+	default:
+		return nil, fmt.Errorf("failback map %s: version %d, this build reads 1 and %d: %w", path, v, revVersion, replication.ErrCorrupt)
+	}
+	if len(b) != hdr+len(m.dirty)*8+4 {
+		return nil, fmt.Errorf("failback map %s: not a map of a %d-byte disk: %w", path, size, replication.ErrCorrupt)
 	}
 	if binary.LittleEndian.Uint32(b[12:]) != overlay.BlockSize || int64(binary.LittleEndian.Uint64(b[16:])) != size {
 		return nil, fmt.Errorf("failback map %s: made for another disk: %w", path, replication.ErrCorrupt)
@@ -130,9 +143,14 @@ func loadReverseMap(path string, size int64, wake func()) (*reverseMap, error) {
 	if replication.Checksum(b[:len(b)-4]) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
 		return nil, fmt.Errorf("failback map %s: checksum mismatch: %w", path, replication.ErrCorrupt)
 	}
-	for i := range m.dirty {
-		m.dirty[i] = binary.LittleEndian.Uint64(b[24+8*i:])
+	var safe int64
+	if hdr == 32 {
+		safe = int64(binary.LittleEndian.Uint64(b[24:]))
 	}
+	for i := range m.dirty {
+		m.dirty[i] = binary.LittleEndian.Uint64(b[hdr+8*i:])
+	}
+	m.loaded(safe)
 	return m, nil
 }
 
@@ -146,13 +164,14 @@ func (m *reverseMap) save() error {
 		m.mu.Unlock()
 		return nil
 	}
-	b := make([]byte, 24+len(m.dirty)*8+4)
+	b := make([]byte, 32+len(m.dirty)*8+4)
 	copy(b, revMagic[:])
 	binary.LittleEndian.PutUint32(b[8:], revVersion)
 	binary.LittleEndian.PutUint32(b[12:], overlay.BlockSize)
 	binary.LittleEndian.PutUint64(b[16:], uint64(m.size))
+	binary.LittleEndian.PutUint64(b[24:], uint64(m.age.safeNanos()))
 	for i := range m.dirty {
-		binary.LittleEndian.PutUint64(b[24+8*i:], m.dirty[i]|m.inflight[i])
+		binary.LittleEndian.PutUint64(b[32+8*i:], m.dirty[i]|m.inflight[i])
 	}
 	m.mu.Unlock()
 	binary.LittleEndian.PutUint32(b[len(b)-4:], replication.Checksum(b[:len(b)-4]))
@@ -169,7 +188,9 @@ func (m *reverseMap) mark(off, n int64) {
 		return
 	}
 	m.mu.Lock()
+	now := m.age.now()
 	for b := off / overlay.BlockSize; b <= (off+n-1)/overlay.BlockSize && b < m.blocks; b++ {
+		m.marked(b, now)
 		m.dirty[b/64] |= 1 << (b % 64)
 	}
 	m.gen++
@@ -187,6 +208,7 @@ func (m *reverseMap) take(max int) []int64 {
 	if words == 0 {
 		return nil
 	}
+	m.startGeneration()
 	start := (m.cursor / 64) % words
 	for i := int64(0); i < words && len(out) < max; i++ {
 		w := (start + i) % words
@@ -194,6 +216,7 @@ func (m *reverseMap) take(max int) []int64 {
 			bit := int64(bits.TrailingZeros64(m.dirty[w]))
 			m.dirty[w] &^= 1 << bit
 			m.inflight[w] |= 1 << bit
+			m.taken(w*64 + bit)
 			out = append(out, w*64+bit)
 		}
 	}
@@ -210,7 +233,9 @@ func (m *reverseMap) done(blocks []int64) {
 	m.mu.Lock()
 	for _, b := range blocks {
 		m.inflight[b/64] &^= 1 << (b % 64)
+		m.acked(b)
 	}
+	m.ackedAll()
 	m.gen++
 	m.mu.Unlock()
 }
@@ -221,6 +246,7 @@ func (m *reverseMap) fail(blocks []int64) {
 	for _, b := range blocks {
 		m.inflight[b/64] &^= 1 << (b % 64)
 		m.dirty[b/64] |= 1 << (b % 64)
+		m.failed(b)
 	}
 	m.gen++
 	m.mu.Unlock()

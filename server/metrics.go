@@ -198,6 +198,12 @@ var (
 	descRPOLowerBound = prometheus.NewDesc("asr_machine_rpo_lower_bound_seconds",
 		"While the RPO is not known (its agent has not reported since the server started): a lower bound of it, from the agent's last contact or the machine's latest recovery point (absent when neither is known).",
 		[]string{"machine"}, nil)
+	descReverseRPO = prometheus.NewDesc("asr_machine_reverse_rpo_seconds",
+		"A reprotected machine's reverse RPO: how far its original disks are behind the failed-over machine (the age of the oldest write not yet on them; 0 when none is pending). Present only while its changes are sent back and the age is known.",
+		[]string{"machine"}, nil)
+	descReversePending = prometheus.NewDesc("asr_machine_reverse_pending_bytes",
+		"A reprotected machine's bytes written since the failover not yet on its original disks. Present only while its changes are sent back.",
+		[]string{"machine"}, nil)
 	descAlertsActive = prometheus.NewDesc("asr_alerts_active",
 		"Active alerts, by kind and severity (warning, critical).", []string{"kind", "severity"}, nil)
 	descAlertPasses = prometheus.NewDesc("asr_alert_engine_passes_total",
@@ -294,7 +300,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 		descDiskSize, descDiskState, descDiskInitial, descDiskResync, descDiskResyncState,
 		descPSBacklog, descPSBacklogAge, descPSUploadRate, descPSUploaded, descPSRaw, descPSWire, descPSCompression,
 		descPSCacheFree, descPSCacheFreeB, descPSCacheState, descPSCPU, descPSMemory, descPSMemoryTotal,
-		descJobsRunning, descInfo, descAlertsActive, descAlertPasses} {
+		descJobsRunning, descInfo, descAlertsActive, descAlertPasses, descReverseRPO, descReversePending} {
 		ch <- d
 	}
 }
@@ -358,7 +364,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 
 // alertKinds are the kinds asr_alerts_active always shows (0 when none is
 // active), so that an alert rule on them has a series to read.
-var alertKinds = []string{api.AlertRPO, api.AlertHeartbeat, api.AlertPSCPU, api.AlertPSMemory, api.AlertPSCacheFree,
+var alertKinds = []string{api.AlertRPO, api.AlertReverseRPO, api.AlertHeartbeat, api.AlertPSCPU, api.AlertPSMemory, api.AlertPSCacheFree,
 	api.AlertPSUpload, api.AlertResyncFailed, api.AlertScrubDamage, api.AlertScrubFailed, api.AlertJobFailed,
 	api.AlertVCenter, api.AlertTarget, api.AlertCertificate}
 
@@ -410,6 +416,13 @@ func (c *metricsCollector) collectMachines(ctx context.Context, gauge, counter f
 			gauge(descMachineState, bool01(v.State == st), name, st)
 		}
 		gauge(descConnected, bool01(v.Connected), name)
+		if run := s.reverseRunOf(v.ID); run != nil {
+			l := run.lag(s.now())
+			gauge(descReversePending, float64(l.pending), name)
+			if l.known {
+				gauge(descReverseRPO, l.rpo.Seconds(), name)
+			}
+		}
 		counter(descReceived, c.receivedCount(v.ID, float64(v.BytesReceived)), name)
 		gauge(descPoints, float64(v.PointCount), name)
 		if v.LastPoint != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -16,9 +17,13 @@ import (
 )
 
 func policyJSON(p replication.Policy) api.PolicyJSON {
-	return api.PolicyJSON{Name: p.Name, RPOThreshold: p.RPOThreshold.String(), Retention: p.Retention.String(),
+	j := api.PolicyJSON{Name: p.Name, RPOThreshold: p.RPOThreshold.String(), Retention: p.Retention.String(),
 		AppFrequency: p.AppFrequency.String(), CrashInterval: p.CrashInterval.String(), PITWindow: p.PITWindow.String(),
 		FailbackOf: p.FailbackOf}
+	if p.FailbackOf != "" {
+		j.Notes = strings.Join(replication.FailbackNotes(), "; ")
+	}
+	return j
 }
 
 // applyPolicy overlays the fields set in j on p; a malformed duration is an error
@@ -53,8 +58,10 @@ func (s *Server) ensureDefaultPolicy(ctx context.Context) error {
 	_, err := s.db.Policy(ctx, "default")
 	if errors.Is(err, store.ErrNotFound) {
 		p := replication.DefaultPolicy()
-		if err := p.Validate(s.cfg.TargetTier); err != nil {
-			return err
+		for _, q := range []replication.Policy{p, replication.DefaultFailbackPolicy(p.Name)} {
+			if err := q.Validate(s.cfg.TargetTier); err != nil {
+				return err
+			}
 		}
 		return s.db.CreatePolicy(ctx, p)
 	}
@@ -146,6 +153,9 @@ func (s *Server) CreatePolicy(ctx context.Context, j api.PolicyJSON) (api.Policy
 	}
 	if err := p.Validate(s.cfg.TargetTier); err != nil {
 		return api.PolicyJSON{}, errorf(http.StatusBadRequest, "%v; nothing was created", err)
+	}
+	if err := replication.DefaultFailbackPolicy(p.Name).Validate(s.cfg.TargetTier); err != nil {
+		return api.PolicyJSON{}, errorf(http.StatusBadRequest, "its failback policy: %v; nothing was created", err)
 	}
 	if err := s.db.CreatePolicy(ctx, p); err != nil {
 		if errors.Is(err, store.ErrConflict) {
@@ -290,6 +300,9 @@ func (s *Server) policyLoop() {
 			lastPrune = now
 			if err := s.prune(s.ctx); err != nil && s.ctx.Err() == nil {
 				s.log.Error("retention pruning", "err", err)
+			}
+			if err := s.pruneReversePoints(s.ctx); err != nil && s.ctx.Err() == nil {
+				s.log.Error("reverse points pruning", "err", err)
 			}
 		}
 	}

@@ -584,8 +584,35 @@ func TestPolicyAPIRulesAndFailbackTwin(t *testing.T) {
 	if gold.CrashInterval != "5m0s" || gold.Retention != "48h0m0s" {
 		t.Fatalf("a rejected change changed the policy: %+v", gold)
 	}
-	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold-failback", nil, &gold); err != nil || gold.FailbackOf != "gold" {
-		t.Fatalf("failback twin: %+v %v", gold, err)
+	// The twin has ASR's failback defaults, not gold's settings.
+	var fb api.PolicyJSON
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold-failback", nil, &fb); err != nil || fb.FailbackOf != "gold" ||
+		fb.RPOThreshold != "15m0s" || fb.Retention != "24h0m0s" || fb.AppFrequency != "1h0m0s" || fb.CrashInterval != "5m0s" || fb.PITWindow != "1h0m0s" ||
+		!strings.Contains(fb.Notes, "app_frequency: not applied") {
+		t.Fatalf("failback twin: %+v %v", fb, err)
+	}
+	if ps[1].RPOThreshold != "15m0s" || ps[1].AppFrequency != "1h0m0s" || ps[1].Retention != "24h0m0s" {
+		t.Fatalf("default-failback: %+v", ps[1])
+	}
+	// Editable, under the same rules; a refused change changes nothing.
+	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/gold-failback", api.PolicyJSON{RPOThreshold: "10s", CrashInterval: "30s"}, &fb); err != nil ||
+		fb.RPOThreshold != "10s" || fb.CrashInterval != "30s" || fb.FailbackOf != "gold" {
+		t.Fatalf("set the failback policy: %+v %v", fb, err)
+	}
+	err = r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/gold-failback", api.PolicyJSON{AppFrequency: "30m"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "app-consistent frequency") || !strings.Contains(err.Error(), "nothing was changed") {
+		t.Fatalf("a failback policy's app-consistent frequency under 1h: %v", err)
+	}
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold-failback", nil, &fb); err != nil || fb.AppFrequency != "1h0m0s" || fb.RPOThreshold != "10s" {
+		t.Fatalf("after a refused change: %+v %v", fb, err)
+	}
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/policies/gold", nil, &gold); err != nil || gold.RPOThreshold != "15m0s" || gold.CrashInterval != "5m0s" {
+		t.Fatalf("editing the failback policy changed its replication policy: %+v %v", gold, err)
+	}
+	// A name taken by a twin is refused whole.
+	err = r.client.Do(ctx, http.MethodPost, "/api/v1/policies", api.PolicyJSON{Name: "gold-failback"}, nil)
+	if !isStatus(err, http.StatusConflict) {
+		t.Fatalf("a policy named like a twin: %v", err)
 	}
 }
 

@@ -49,15 +49,14 @@ func (d *DB) Policies(ctx context.Context) ([]replication.Policy, error) {
 }
 
 // CreatePolicy stores a new policy and, for a replication policy, its
-// failback twin (same settings, named replication.FailbackName), in one
-// transaction. The caller validates.
+// failback twin (replication.DefaultFailbackPolicy: ASR's failback
+// defaults, not the policy's settings), in one transaction. The caller
+// validates both.
 func (d *DB) CreatePolicy(ctx context.Context, p replication.Policy) error {
 	return d.tx(ctx, func(tx *sql.Tx) error {
 		ps := []replication.Policy{p}
 		if p.FailbackOf == "" {
-			fb := p
-			fb.Name, fb.FailbackOf = replication.FailbackName(p.Name), p.Name
-			ps = append(ps, fb)
+			ps = append(ps, replication.DefaultFailbackPolicy(p.Name))
 		}
 		for _, q := range ps {
 			var n int
@@ -142,6 +141,16 @@ func (d *DB) AddEvent(ctx context.Context, e Event) error {
 	_, err := d.db.ExecContext(ctx, `INSERT INTO events (time, machine_id, severity, kind, message) VALUES (?, ?, ?, ?, ?)`,
 		e.Time.UnixNano(), e.MachineID, e.Severity, e.Kind, e.Message)
 	return err
+}
+
+// DeleteEvents deletes a machine's events of kind older than before and
+// returns how many went.
+func (d *DB) DeleteEvents(ctx context.Context, machineID, kind string, before time.Time) (int64, error) {
+	res, err := d.db.ExecContext(ctx, `DELETE FROM events WHERE machine_id = ? AND kind = ? AND time < ?`, machineID, kind, before.UnixNano())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
 }
 
 // Events lists the newest events (of one machine, unless machineID is ""),

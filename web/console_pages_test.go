@@ -31,6 +31,8 @@ func newConsoleBackend() *fakeBackend {
 	b.machines = []api.Machine{web, sql, files, app, old}
 	b.policies[0] = api.PolicyJSON{Name: "default", RPOThreshold: "15m0s", Retention: "72h0m0s", AppFrequency: "0s", CrashInterval: "5m0s", PITWindow: "24h0m0s"}
 	b.policies[1] = api.PolicyJSON{Name: "gold", RPOThreshold: "5m0s", Retention: "24h0m0s", AppFrequency: "1h0m0s", CrashInterval: "30s", PITWindow: "4h0m0s"}
+	b.policies[2] = api.PolicyJSON{Name: "gold-failback", RPOThreshold: "15m0s", Retention: "24h0m0s", AppFrequency: "1h0m0s", CrashInterval: "5m0s", PITWindow: "1h0m0s",
+		FailbackOf: "gold", Notes: "rpo_threshold: applied: the reverse RPO is alerted against it; app_frequency: not applied: no agent inside the failed-over machine"}
 	b.alerts = []api.Alert{
 		{ID: 7, Kind: "rpo-exceeded", Severity: api.SeverityCritical, State: api.AlertActive, Machine: "files-02",
 			Message: "RPO 42m exceeds the threshold of 15m (policy default)", Action: "Check the agent's connection.", Raised: testNow.Add(-40 * time.Minute)},
@@ -418,7 +420,7 @@ func TestRenderConsolePages(t *testing.T) {
 	id, csrf := mustLogin(t, h, b)
 	for name, path := range map[string]string{
 		"dashboard": "/", "machine": "/machines/sql-prod", "machine_disconnected": "/machines/app-03", "policies": "/policies",
-		"policy_edit": "/policies/gold/edit", "groups": "/groups", "infrastructure": "/infrastructure",
+		"policy_edit": "/policies/gold/edit", "policy_edit_failback": "/policies/gold-failback/edit", "groups": "/groups", "infrastructure": "/infrastructure",
 	} {
 		checkGolden(t, "page_"+name, get(t, h, id, path, http.StatusOK))
 	}

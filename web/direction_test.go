@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/asrdr/asr/server/api"
 )
@@ -18,5 +19,28 @@ func TestDirectionShown(t *testing.T) {
 	body := get(t, h, id, "/machines", http.StatusOK)
 	if !strings.Contains(body, "Reprotected: its changes go back to the original disks") || !strings.Contains(body, `href="/machines/db/failback"`) {
 		t.Error("the machines page does not show the failback direction")
+	}
+}
+
+// A reprotected machine shows its reverse RPO against its failback
+// policy, flagged when over the threshold, on the machines page and its
+// own page; unknown and first-pass states are said so.
+func TestReverseRPOShown(t *testing.T) {
+	b := newFakeBackend(api.Machine{ID: "m1", Name: "db", State: api.StateResync, Direction: "reprotected",
+		Reverse: &api.ReverseStatus{RPO: 95 * time.Second, RPOKnown: true, Threshold: time.Minute, Policy: "default-failback",
+			Pending: 3 << 20, FirstPassDone: true},
+		Disks: []api.Disk{{Index: 0, Name: "d0", Size: 1 << 20, State: api.StateResync}}})
+	h := newTestHandler(t, b)
+	id, _ := mustLogin(t, h, b)
+	for _, page := range []string{"/machines", "/machines/db"} {
+		body := get(t, h, id, page, http.StatusOK)
+		if !strings.Contains(body, `class="reverse-rpo rpo-over"`) || !strings.Contains(body, "Reverse RPO</strong> 1 min") ||
+			!strings.Contains(body, "threshold 1m0s (policy default-failback)") || !strings.Contains(body, "3 MiB not yet on the original disks") {
+			t.Errorf("%s does not show the reverse RPO over its threshold:\n%s", page, body)
+		}
+	}
+	r := &api.ReverseStatus{Threshold: time.Minute, Policy: "p-failback"}
+	if reverseRPOText(r) != "not known yet" || reverseOver(r) || !strings.Contains(reverseDetailText(r), "first pass under way") {
+		t.Errorf("unknown reverse RPO: %q %v %q", reverseRPOText(r), reverseOver(r), reverseDetailText(r))
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math"
 	"time"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // humanDuration writes a data-loss window the way an operator reads it:
@@ -112,6 +114,29 @@ func directionText(d string) string {
 		return "Failed back: forward protection not resumed yet"
 	}
 	return d
+}
+
+// reverseRPOText is a reprotected machine's reverse RPO (how far its
+// original disks are behind the failed-over machine).
+func reverseRPOText(r *api.ReverseStatus) string {
+	if !r.RPOKnown {
+		return "not known yet"
+	}
+	return humanDuration(r.RPO)
+}
+
+// reverseOver: the reverse RPO is over its failback policy's threshold.
+func reverseOver(r *api.ReverseStatus) bool {
+	return r.RPOKnown && r.Threshold > 0 && r.RPO > r.Threshold
+}
+
+// reverseDetailText says what the reverse RPO is measured against.
+func reverseDetailText(r *api.ReverseStatus) string {
+	s := fmt.Sprintf("threshold %s (policy %s); %s not yet on the original disks", r.Threshold, r.Policy, humanBytes(r.Pending))
+	if !r.FirstPassDone {
+		s += "; first pass under way"
+	}
+	return s
 }
 
 // directionNext is the command that moves a machine on in its failback.

@@ -182,6 +182,14 @@ func (h *policiesHandler) update(w http.ResponseWriter, r *http.Request) {
 	redirect(w, r, "/policies?done="+url.QueryEscape("Policy "+p.Name+" changed."))
 }
 
+// policyNotes are a failback policy's notes, one per setting.
+func policyNotes(p api.PolicyJSON) []string {
+	if p.Notes == "" {
+		return nil
+	}
+	return strings.Split(p.Notes, "; ")
+}
+
 // policyEditURL is a policy's edit page (and where its form posts).
 func policyEditURL(name string) templ.SafeURL {
 	return templ.SafeURL("/policies/" + url.PathEscape(name) + "/edit")

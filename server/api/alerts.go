@@ -39,6 +39,7 @@ type Alert struct {
 // Alert kinds.
 const (
 	AlertRPO            = "rpo"             // a machine's RPO over its policy's threshold
+	AlertReverseRPO     = "reverse-rpo"     // a reprotected machine's reverse RPO over its failback policy's threshold
 	AlertHeartbeat      = "agent-heartbeat" // a machine's agent not connected
 	AlertPSCPU          = "ps-cpu"          // the process server's CPU
 	AlertPSMemory       = "ps-memory"       // the process server's memory

@@ -71,8 +71,36 @@ type Machine struct {
 	// failing-back, failed-back (on premises again, forward protection
 	// not resumed yet: asr reprotect).
 	Direction string `json:"direction,omitempty"`
+	// Reverse is the reverse direction of a reprotected machine (nil
+	// unless its changes are being sent back to the original disks).
+	Reverse *ReverseStatus `json:"reverse,omitempty"`
 
 	Disks []Disk `json:"disks"`
+}
+
+// ReverseStatus is how far a reprotected machine's original disks are
+// behind the failed-over machine, against its failback policy.
+type ReverseStatus struct {
+	// RPO is the reverse RPO: the age of the oldest write to the
+	// failed-over machine not yet acknowledged on the original disks (0:
+	// none pending); an upper bound, late by at most the time to drain
+	// what was pending a moment before. Meaningful only if RPOKnown (a
+	// map saved by an older server holds blocks of unknown age until
+	// drained).
+	RPO       time.Duration `json:"rpo_ns"`
+	RPOKnown  bool          `json:"rpo_known"`
+	Threshold time.Duration `json:"threshold_ns"` // the failback policy's RPO threshold
+	Policy    string        `json:"policy"`       // the failback policy
+	Pending   int64         `json:"pending"`      // bytes written not yet on the original disks
+	// FirstPassDone: what the failed-over machine wrote before reprotect
+	// is on the original disks (the reverse RPO alert waits for it).
+	FirstPassDone bool `json:"first_pass_done"`
+	// ConsistentAt is the latest moment the original disks were known to
+	// be a crash-consistent copy of the failed-over machine (nothing
+	// pending on any disk); zero if none is known since the server
+	// started. LastPoint is the newest reverse point recorded.
+	ConsistentAt time.Time `json:"consistent_at,omitzero"`
+	LastPoint    time.Time `json:"last_point,omitzero"`
 }
 
 // ProcessServer is the process server's health as the console shows it
@@ -235,6 +263,10 @@ type PolicyJSON struct {
 	CrashInterval string `json:"crash_interval"`
 	PITWindow     string `json:"pit_window"`
 	FailbackOf    string `json:"failback_of,omitempty"`
+	// Notes, on a failback policy (read only), say which settings apply
+	// to the reverse direction and why the others cannot (sentences
+	// separated by "; ").
+	Notes string `json:"notes,omitempty"`
 }
 
 // AssignRequest is the body of POST /api/v1/machines/{m}/policy.

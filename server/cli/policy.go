@@ -17,7 +17,10 @@ const policyUsage = `usage:
   asr policy create NAME [--rpo-threshold D] [--retention D] [--app-frequency D] [--crash-interval D] [--pit-window D]
   asr policy set NAME    [--rpo-threshold D] [--retention D] [--app-frequency D] [--crash-interval D] [--pit-window D]
   asr policy assign --machine M --policy NAME
-Durations are Go durations: 15m, 24h, 4h; --app-frequency 0 turns application-consistent points off.`
+Durations are Go durations: 15m, 24h, 4h; --app-frequency 0 turns application-consistent points off.
+Each policy NAME has a failback policy NAME-failback (ASR's failback defaults: RPO threshold 15m,
+retention 24h, app-consistent 1h), set like any policy and never assigned: its RPO threshold alerts
+on a reprotected machine's reverse RPO (asr policy show NAME-failback: what applies).`
 
 // runPolicy manages replication policies.
 func runPolicy(ctx context.Context, e *env, args []string) error {

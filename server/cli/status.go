@@ -81,6 +81,17 @@ func machineTable(tw *tabwriter.Writer, ms []api.Machine) {
 				rpo = ">=" + d.Round(time.Second).String()
 			}
 		}
+		if r := m.Reverse; r != nil {
+			// Reprotected: the RPO that matters is the reverse one (the
+			// forward one waits for the resync after failback).
+			rpo = "reverse ?"
+			if r.RPOKnown {
+				rpo = "reverse " + r.RPO.Round(100*time.Millisecond).String()
+			}
+			if r.RPOKnown && r.Threshold > 0 && r.RPO > r.Threshold {
+				rpo += " (over " + r.Threshold.String() + ")"
+			}
+		}
 		last := "-"
 		if m.LastPoint != nil {
 			last = m.LastPoint.ID + " (" + m.LastPoint.Time.Format(time.RFC3339) + ")"
