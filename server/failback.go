@@ -149,7 +149,12 @@ func (r *reverseRun) watch() (<-chan struct{}, string) {
 	return r.changed, r.lastErr
 }
 
+// pending is the bytes not yet on the original disks; 0 for a run still
+// being started (its disks are read only once it is ready).
 func (r *reverseRun) pending() int64 {
+	if !r.fp.ready.Load() {
+		return 0
+	}
 	var n int64
 	for _, d := range r.disks {
 		n += d.m.pending()
@@ -573,7 +578,7 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect --machine %s first", m.Name, m.Name)
 	}
 	run := s.reverseRunOf(m.ID)
-	if run == nil {
+	if run == nil || !run.fp.ready.Load() {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s: its changes are not being sent back (is the server starting?)", m.Name)
 	}
 	if d.Reverse.State != dirReprotected {
