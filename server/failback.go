@@ -61,6 +61,9 @@ type reverseDetail struct {
 	// Unplanned is the checksum compare of an unplanned failover's
 	// reprotect (failback_compare.go); nil for a planned one.
 	Unplanned *compareDetail `json:"unplanned,omitempty"`
+	// Alternate is the new VM of a failback to an alternate location
+	// (failback_alt.go); nil for the original location.
+	Alternate *altDetail `json:"alternate,omitempty"`
 }
 
 // reverseState is the server's running reverse shipments, by machine id.
@@ -227,6 +230,9 @@ func (s *Server) Reprotect(ctx context.Context, machine string) (api.Job, error)
 	}
 	if !ok {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s has nothing to reprotect: no committed failover and no failback waiting for forward protection", m.Name)
+	}
+	if err := refuseForwardAlternate(m, f); err != nil {
+		return api.Job{}, err
 	}
 	return s.reprotectForward(ctx, m, f)
 }
@@ -712,6 +718,7 @@ func (s *Server) finishFailback(ctx context.Context, j *job, f store.Failover, m
 	if err != nil {
 		return nil, err
 	}
+	powerNote := s.powerOnOriginal(ctx, j, m)
 	done = step(m.Name+": end the failover", "its exports and overlays go")
 	s.stopReverse(m.ID)
 	err = s.unexport(m.ID, f.ID, true)
@@ -729,7 +736,11 @@ func (s *Server) finishFailback(ctx context.Context, j *job, f store.Failover, m
 	d := decodeDetail(f)
 	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "failed-back",
 		Message: fmt.Sprintf("failed back from failover %s: %d bytes sent, %d compared; run asr reprotect --machine %s to protect it again", f.ID, d.Reverse.Sent, d.Reverse.Compared, m.Name)})
-	return []string{fmt.Sprintf("failed back: %d bytes sent, %d bytes compared", d.Reverse.Sent, d.Reverse.Compared)}, nil
+	lines := []string{fmt.Sprintf("failed back: %d bytes sent, %d bytes compared", d.Reverse.Sent, d.Reverse.Compared)}
+	if powerNote != "" {
+		lines = append(lines, powerNote)
+	}
+	return lines, nil
 }
 
 // overlaySum is the SHA-256 of a failed-over disk as its export reads.
@@ -918,7 +929,11 @@ func (s *Server) handleFailback(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	j, err := s.Failback(r.Context(), m.Name)
+	req, err := readFailbackRequest(r)
+	if err != nil {
+		return err
+	}
+	j, err := s.FailbackTo(r.Context(), m.Name, req)
 	if err != nil {
 		return err
 	}

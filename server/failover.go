@@ -485,7 +485,7 @@ func (s *Server) failoverView(ctx context.Context, f store.Failover) api.Failove
 	d := decodeDetail(f)
 	v.VM, v.Drill = d.VM, d.Drill
 	if r := d.Reverse; r != nil {
-		v.Failback = &api.FailbackStatus{State: r.State, Sent: r.Sent, Compared: r.Compared, Forward: r.Forward, Resynced: r.Resynced, Resent: r.Resent}
+		v.Failback = &api.FailbackStatus{State: r.State, Sent: r.Sent, Compared: r.Compared, Forward: r.Forward, Resynced: r.Resynced, Resent: r.Resent, VM: alternateVM(r)}
 		if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
 			v.Failback.Sent, v.Failback.Pending = run.total(), run.pending()
 		}

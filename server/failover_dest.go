@@ -221,8 +221,24 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 		os.RemoveAll(failoverDir(s.cfg.DataDir, f.ID))
 	}()
 	src := s.sourceVM(ctx, m)
-	spec := vmware.FailoverSpec{VMName: recoveredName(m, src, req.Test), Datastore: vt.Datastore, Host: vt.Host, Pool: vt.Pool,
-		Network: vt.Network, Isolated: req.Test, PowerOn: !req.Test || vt.PowerOn, CPUs: 1, MemoryMiB: 1024}
+	spec, disks := vsphereVM(src, recoveredName(m, src, req.Test), *vt, req.Test, !req.Test || vt.PowerOn, ex.disks, nil)
+	res, err := s.createVSphereVM(ctx, j, c, m, vt.VCenter, spec, disks)
+	if err != nil {
+		return d, nil, err
+	}
+	d.VM = vt.VCenter + "/" + res.Name
+	d.VSphere = &vsphereDetail{VCenter: vt.VCenter, Ref: res.Ref, Name: res.Name}
+	return d, []string{fmt.Sprintf("%s %s %s", m.Name, d.VM, res.Ref)}, nil
+}
+
+// vsphereVM is the VM a failover to vSphere (or an alternate-location
+// failback) makes of a machine's exported disks: the source VM's CPUs,
+// memory, guest, firmware and NICs when the machine is linked to one (src),
+// each disk at its place on the source when they are as many. wrap, if
+// not nil, wraps each disk's reader (disk i of exs).
+func vsphereVM(src *vmware.VM, name string, vt api.VSphereTarget, isolated, powerOn bool, exs []*export, wrap func(i int, r io.ReaderAt) io.ReaderAt) (vmware.FailoverSpec, []vmware.FailoverDisk) {
+	spec := vmware.FailoverSpec{VMName: name, Datastore: vt.Datastore, Host: vt.Host, Pool: vt.Pool,
+		Network: vt.Network, Isolated: isolated, PowerOn: powerOn, CPUs: 1, MemoryMiB: 1024}
 	var srcDisks []vmware.Disk
 	if src != nil {
 		spec.CPUs, spec.MemoryMiB, spec.GuestID, spec.Firmware, spec.NICs = src.CPUs, src.MemoryMiB, src.GuestID, src.Firmware, src.NICs
@@ -232,26 +248,42 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 		spec.NICs = []vmware.NIC{{Type: "vmxnet3"}}
 	}
 	var disks []vmware.FailoverDisk
-	for i, e := range ex.disks {
-		fd := vmware.FailoverDisk{Name: e.disk, Size: e.ov.Size(), Src: overlayReader{e.ov}, Unit: -1}
+	for i, e := range exs {
+		var r io.ReaderAt = overlayReader{e.ov}
+		if wrap != nil {
+			r = wrap(i, r)
+		}
+		fd := vmware.FailoverDisk{Name: e.disk, Size: e.ov.Size(), Src: r, Unit: -1}
 		// The source's disks in device order match the protected disks
 		// in index order when they are as many: each keeps its controller.
-		if len(srcDisks) == len(ex.disks) {
+		if len(srcDisks) == len(exs) {
 			fd.Controller, fd.Bus, fd.Unit = srcDisks[i].ControllerType, srcDisks[i].ControllerBus, srcDisks[i].Unit
 		}
 		disks = append(disks, fd)
 	}
-	step := fmt.Sprintf("%s: create VM in %s", m.Name, vt.VCenter)
-	j.update(api.JobStep{Name: step, State: "running", Detail: fmt.Sprintf("upload %d disks to %s, create %s", len(disks), vt.Datastore, spec.VMName)})
+	return spec, disks
+}
+
+// vsphereError maps the errors of a request made wrong to 400.
+func vsphereError(err error) error {
+	if errors.Is(err, vmware.ErrInvalidFailover) || errors.Is(err, vmware.ErrNotFound) || errors.Is(err, vmware.ErrExists) {
+		return errorf(http.StatusBadRequest, "%v", err)
+	}
+	return err
+}
+
+// createVSphereVM uploads the disks to the datastore and creates the VM
+// (vmware.FailoverToVSphere), as a job step with the bytes uploaded.
+func (s *Server) createVSphereVM(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, vcenter string, spec vmware.FailoverSpec, disks []vmware.FailoverDisk) (vmware.FailoverResult, error) {
+	step := fmt.Sprintf("%s: create VM in %s", m.Name, vcenter)
+	detail := fmt.Sprintf("upload %d disks to %s, create %s", len(disks), spec.Datastore, spec.VMName)
+	j.update(api.JobStep{Name: step, State: "running", Detail: detail})
 	res, err := vmware.FailoverToVSphere(ctx, c, spec, disks, func(done, total int64) {
-		j.update(api.JobStep{Name: step, State: "running", Detail: fmt.Sprintf("upload %d disks to %s, create %s", len(disks), vt.Datastore, spec.VMName), Done: done, Total: total})
+		j.update(api.JobStep{Name: step, State: "running", Detail: detail, Done: done, Total: total})
 	})
 	if err != nil {
 		j.update(api.JobStep{Name: step, State: "failed", Detail: err.Error()})
-		if errors.Is(err, vmware.ErrInvalidFailover) || errors.Is(err, vmware.ErrNotFound) || errors.Is(err, vmware.ErrExists) {
-			err = errorf(http.StatusBadRequest, "%v", err)
-		}
-		return d, nil, err
+		return res, vsphereError(err)
 	}
 	state := "powered off"
 	if res.PoweredOn {
@@ -261,10 +293,9 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 	if res.Host != "" {
 		where = " on " + res.Host
 	}
-	j.update(api.JobStep{Name: step, State: "done", Detail: fmt.Sprintf("VM %s (%s)%s, %s, networks %s", res.Name, res.Ref, where, state, strings.Join(slices.Compact(slices.Sorted(slices.Values(res.Networks))), ","))})
-	d.VM = vt.VCenter + "/" + res.Name
-	d.VSphere = &vsphereDetail{VCenter: vt.VCenter, Ref: res.Ref, Name: res.Name}
-	return d, []string{fmt.Sprintf("%s %s %s", m.Name, d.VM, res.Ref)}, nil
+	j.update(api.JobStep{Name: step, State: "done", Detail: fmt.Sprintf("VM %s (%s)%s, %s, networks %s", res.Name, res.Ref, where, state, strings.Join(slices.Compact(slices.Sorted(slices.Values(res.Networks))), ",")),
+		Done: res.Bytes, Total: res.Bytes})
+	return res, nil
 }
 
 // overlayReader reads an overlay as an io.ReaderAt.

@@ -165,6 +165,8 @@ type Server struct {
 	fo   failoverState // failovers' NBD exports (failover.go)
 	rv   reverseState  // failback's shipments to the original disks (failback.go)
 
+	fb altFailback // the alternate-location failback's test hook (failback_alt.go)
+
 	host *hoststat.Sampler // the host's CPU and memory (hostLoop)
 
 	metrics *metrics // GET /metrics: registry, job histograms, token (metrics.go)

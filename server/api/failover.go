@@ -119,6 +119,9 @@ type FailbackStatus struct {
 	// Checksum is the checksum compare of an unplanned failover's
 	// reprotect (the original disks against the failed-over state).
 	Checksum *FailbackChecksum `json:"checksum,omitempty"`
+	// VM is the new VM of an alternate-location failback (VCENTER/NAME);
+	// "" for the original location.
+	VM string `json:"vm,omitempty"`
 }
 
 // FailbackChecksum is where the checksum compare of an unplanned

@@ -137,6 +137,10 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"unprotect"}, "--machine is required"},
 		{[]string{"unprotect", "--group", "web"}, "unprotect takes --machine, not --group"},
 		{[]string{"unprotect", "--machine", "vm1", "extra"}, `unexpected argument "extra"`},
+		{[]string{"failback"}, "name the machine (--machine M)"},
+		{[]string{"failback", "--machine", "vm1", "--vcenter", "vc1"}, "go with --alternate"},
+		{[]string{"failback", "--machine", "vm1", "--alternate", "--vcenter", "vc1"}, "--vcenter N --datastore DS"},
+		{[]string{"failback", "--machine", "vm1", "--alternate", "--datastore", "ds1"}, "--vcenter N --datastore DS"},
 	} {
 		mustFail(t, tc.want, tc.args...)
 	}

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 
 	"github.com/asrdr/asr/server/api"
@@ -14,25 +15,62 @@ import (
 // compared); after a failback, protection resumes forward with a
 // checksum resync.
 func runReprotect(ctx context.Context, e *env, args []string) error {
-	return machineJob(ctx, e, args, "asr reprotect", func(c *api.Client, m string) (api.Job, error) { return c.Reprotect(ctx, m) })
+	return machineJob(ctx, e, args, "asr reprotect", nil, func(c *api.Client, m string) (api.Job, error) { return c.Reprotect(ctx, m) })
 }
 
-// runFailback fails a reprotected machine back to its original disks.
+// runFailback fails a reprotected machine back to its original disks, or
+// with --alternate to a new VM made in a vCenter.
 func runFailback(ctx context.Context, e *env, args []string) error {
-	return machineJob(ctx, e, args, "asr failback", func(c *api.Client, m string) (api.Job, error) { return c.Failback(ctx, m) })
+	var req api.FailbackRequest
+	vt := &api.VSphereTarget{}
+	register := func(fs *flag.FlagSet) func() error {
+		fs.BoolVar(&req.Alternate, "alternate", false, "fail back to a new VM made in a vCenter (a full copy of the failed-over disks), not to the original disks")
+		fs.StringVar(&vt.VCenter, "vcenter", "", "--alternate: the registered vCenter that makes the new VM")
+		fs.StringVar(&vt.Datastore, "datastore", "", "--alternate: the datastore of the new VM's disks")
+		fs.StringVar(&req.VMName, "vm-name", "", "--alternate: the new VM's name (default: the linked VM's or the machine's name, then -failback)")
+		fs.StringVar(&vt.Host, "host", "", "--alternate: the ESXi host (default: the first cluster's pool)")
+		fs.StringVar(&vt.Pool, "pool", "", "--alternate: the resource pool")
+		fs.StringVar(&vt.Network, "network", "", "--alternate: the network of the new VM's NICs (default: the linked VM's)")
+		return func() error {
+			switch {
+			case !req.Alternate && (*vt != api.VSphereTarget{} || req.VMName != ""):
+				return errors.New("asr failback: --vcenter, --datastore, --vm-name, --host, --pool and --network go with --alternate")
+			case req.Alternate && (vt.VCenter == "" || vt.Datastore == ""):
+				return errors.New("asr failback --alternate: name the vCenter and the datastore of the new VM (--vcenter N --datastore DS)")
+			}
+			return nil
+		}
+	}
+	return machineJob(ctx, e, args, "asr failback", register, func(c *api.Client, m string) (api.Job, error) {
+		if !req.Alternate {
+			return c.Failback(ctx, m)
+		}
+		req.VSphere = vt
+		return c.FailbackTo(ctx, m, req)
+	})
 }
 
-func machineJob(ctx context.Context, e *env, args []string, name string, start func(*api.Client, string) (api.Job, error)) error {
+// machineJob runs a job on one machine (--machine M) and follows it;
+// register, if not nil, adds the command's own flags and returns the
+// check of their values, run before the server is contacted.
+func machineJob(ctx context.Context, e *env, args []string, name string, register func(*flag.FlagSet) func() error, start func(*api.Client, string) (api.Job, error)) error {
 	fs := e.flags(name)
 	o := &opFlags{}
 	o.registerConn(fs)
 	fs.StringVar(&o.machine, "machine", "", "machine name or id")
 	noWait := fs.Bool("no-wait", false, "print the job's id and return")
+	check := func() error { return nil }
+	if register != nil {
+		check = register(fs)
+	}
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if o.machine == "" {
 		return errors.New(name + ": name the machine (--machine M)")
+	}
+	if err := check(); err != nil {
+		return err
 	}
 	c, err := o.client()
 	if err != nil {

@@ -1,0 +1,148 @@
+//go:build e2e
+
+package e2e
+
+// Failback with a vCenter (the govmomi simulator in process), through the
+// real binaries: to an alternate location (a new VM whose flat files are
+// a full copy of the failed-over disks), and to the original location of
+// a machine linked to a VM, which the failback powers on.
+
+import (
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/vmware/vcsim"
+)
+
+// linkedFailbackCase is machine "m" with one 32 MiB disk, linked (BIOS
+// UUID) to the simulator's VM guest01, failed over (planned) to NBD,
+// committed, written to through fio, and reprotected.
+type linkedFailbackCase struct {
+	*failbackCase
+	sim   *vcsim.Sim
+	dsDir string
+	ref   string // guest01's
+}
+
+func startLinkedFailbackCase(t *testing.T) *linkedFailbackCase {
+	t.Helper()
+	c := newFailoverCluster(t)
+	lc := &linkedFailbackCase{failbackCase: &failbackCase{c: c, disk: filepath.Join(c.dir, "d.img")}}
+	lc.sim = c.addSimVCenter("guest01", 32<<20)
+	lc.dsDir = simDatastoreDir(t, lc.sim, "LocalDS_0")
+	lc.ref = c.waitVM("guest01", "discovered", func(vm api.VM) bool { return vm.BIOSUUID == guestUUID }).Ref
+	makeDisk(t, lc.disk, 32<<20, 9)
+	a := c.startAgent("m", []string{"--bios-uuid", guestUUID}, "d="+lc.disk)
+	c.waitState("m", "protected", hungAfter)
+	c.waitStatus("m", "linked to VM guest01", func(st machineStatus) bool { return st.VM != nil && st.VM.Name == "guest01" })
+	lc.fio(a.uri("d"), "fwd", 1<<20)
+	r := c.failover("--machine", "m", "--planned", "--to", "nbd")
+	if !strings.Contains(r.out, "m: shut down") {
+		t.Fatalf("a planned failover of a linked machine shuts its VM down:\n%s", r.out)
+	}
+	if vm, ok := simVM(t, lc.sim, lc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("guest01 after the planned failover: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+	lc.export = exportURIs(t, r)["d"]
+	lc.written = 0
+	c.mustCLI("failover", "--machine", "m", "--commit")
+	lc.fio(lc.export, "failed-over", 3<<20)
+	if out := c.mustCLI("reprotect", "--machine", "m"); !strings.Contains(out, "reprotected:") {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	lc.fio(lc.export, "reprotected", 2<<20)
+	return lc
+}
+
+var alternateRE = regexp.MustCompile(`failed back to a new VM: vc1/(\S+) \((vm-\d+)\) in \[LocalDS_0\] (\S+), (\d+) bytes copied and verified`)
+
+// TestE2EFailbackAlternateVSphere: protect, planned failover to NBD, fio
+// into the export, reprotect, more fio, then `asr failback --alternate
+// --vcenter vc1 --datastore LocalDS_0`: a new VM in the simulator with the
+// source's shape and one disk, powered on, whose flat file in the
+// datastore's directory equals the export's final content; the original
+// disk is not written; forward reprotect is refused with what to do.
+func TestE2EFailbackAlternateVSphere(t *testing.T) {
+	lc := startLinkedFailbackCase(t)
+	c := lc.c
+	// Refused before anything stops: an unknown datastore.
+	if out, err := c.cli("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "nope"); err == nil || !strings.Contains(err.Error()+out, "nope") {
+		t.Fatalf("alternate failback to an unknown datastore: %v\n%s", err, out)
+	}
+	if out, err := c.cli("failback", "--machine", "m", "--alternate", "--datastore", "LocalDS_0"); err == nil || !strings.Contains(err.Error()+out, "--vcenter") {
+		t.Fatalf("alternate failback without a vCenter: %v\n%s", err, out)
+	}
+	want := nbdCopySum(t, lc.export)
+	c.waitStatus("m", "the writes on the original disk", func(machineStatus) bool {
+		fs := c.liveFailovers()
+		return len(fs) == 1 && fs[0].Failback != nil && fs[0].Failback.Pending == 0
+	})
+	original := sha256File(t, lc.disk)
+
+	out := c.mustCLI("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	t.Logf("alternate failback:\n%s", out)
+	m := alternateRE.FindStringSubmatch(out)
+	if m == nil || m[1] != "guest01-failback" || m[3] != "guest01-failback" || m[4] != "33554432" {
+		t.Fatalf("alternate failback output:\n%s", out)
+	}
+	if !strings.Contains(out, "has no asr agent") || !strings.Contains(out, "asr protect --vm guest01-failback") {
+		t.Fatalf("the output does not say how to protect the new VM:\n%s", out)
+	}
+	vm, ok := simVM(t, lc.sim, m[2])
+	if !ok || vm.Name != "guest01-failback" || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		t.Fatalf("the new VM %s: found %v, %s, %s", m[2], ok, vm.Name, vm.Runtime.PowerState)
+	}
+	if vm.Config == nil || vm.Config.Hardware.NumCPU != 2 || vm.Config.Hardware.MemoryMB != 2048 {
+		t.Fatalf("the new VM's hardware %+v, want guest01's 2 CPUs and 2048 MiB", vm.Config)
+	}
+	var files []string
+	for _, d := range vm.Config.Hardware.Device {
+		if vd, ok := d.(*types.VirtualDisk); ok && vd.CapacityInBytes == 32<<20 {
+			files = append(files, vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName)
+		}
+	}
+	if len(files) != 1 || files[0] != "[LocalDS_0] guest01-failback/d.vmdk" {
+		t.Fatalf("the new VM's disks %v", files)
+	}
+	if got := sha256File(t, filepath.Join(lc.dsDir, "guest01-failback", "d-flat.vmdk")); got != want {
+		t.Fatalf("the new VM's flat file sha256 %s, the failed-over disk's final state %s", got, want)
+	}
+	if got := sha256File(t, lc.disk); got != original {
+		t.Fatal("an alternate-location failback wrote the original disk")
+	}
+	if st := c.status("m"); st.Direction != "failed-back" {
+		t.Fatalf("after the failback: direction %q", st.Direction)
+	}
+	if fs := c.liveFailovers(); len(fs) != 0 {
+		t.Fatalf("live failovers after the failback: %+v", fs)
+	}
+	if out, err := c.cli("reprotect", "--machine", "m"); err == nil || !strings.Contains(err.Error()+out, "asr protect --vm guest01-failback") {
+		t.Fatalf("forward reprotect after an alternate failback: %v\n%s", err, out)
+	}
+	if vm, ok := simVM(t, lc.sim, lc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("guest01 after an alternate failback: found %v, %s (want it left off)", ok, vm.Runtime.PowerState)
+	}
+}
+
+// TestE2EFailbackPowersOnVM: the original-location failback of a machine
+// linked to guest01 powers the VM on through the vCenter at the switch
+// (the planned failover shut it down); the original disk equals the
+// export's final content.
+func TestE2EFailbackPowersOnVM(t *testing.T) {
+	lc := startLinkedFailbackCase(t)
+	want := nbdCopySum(t, lc.export)
+	out := lc.c.mustCLI("failback", "--machine", "m")
+	t.Logf("failback:\n%s", out)
+	if !regexp.MustCompile(`m: power on VM\s+done: powered on`).MatchString(out) {
+		t.Fatalf("the failback's output has no power-on of the VM:\n%s", out)
+	}
+	lc.checkFailedBack(out, want)
+	if vm, ok := simVM(t, lc.sim, lc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		t.Fatalf("guest01 after failback: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+}
