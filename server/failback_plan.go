@@ -237,10 +237,10 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 		}
 		var head []string
 		if len(rev) > 0 {
-			head = append(head, fmt.Sprintf("plan %s reprotected: %d machines, %d bytes sent to the original disks", p.Name, len(rev), sent))
+			head = append(head, fmt.Sprintf("plan %s reprotected: %s, %d bytes sent to the original disks", p.Name, machinesWord(len(rev), ""), sent))
 		}
 		if len(fwd) > 0 {
-			head = append(head, fmt.Sprintf("plan %s protected again: %d machines, %d bytes compared, %d sent", p.Name, len(fwd), compared, resent))
+			head = append(head, fmt.Sprintf("plan %s protected again: %s, %d bytes compared, %d sent", p.Name, machinesWord(len(fwd), ""), compared, resent))
 		}
 		j.setResult(append(head, lines...), 0)
 		return nil
@@ -329,7 +329,7 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 	if err == nil {
 		// The switch: from here the failback goes on (also after a restart).
 		j.setCancellable(false)
-		done := j.step("switch", fmt.Sprintf("%d machines switch back at once", len(all)))
+		done := j.step("switch", machinesWord(len(all), "")+" switch back at once")
 		err = s.recordSwitch(ctx, all)
 		done("recorded", err)
 	}
@@ -354,7 +354,7 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 		if len(g) == 0 {
 			continue
 		}
-		done := j.step(fmt.Sprintf("group %d: power on", i+1), fmt.Sprintf("%d original machines", len(g)))
+		done := j.step(fmt.Sprintf("group %d: power on", i+1), machinesWord(len(g), "original"))
 		n := 0
 		for _, sm := range g {
 			if failed != nil {
@@ -382,7 +382,7 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 	if failed != nil {
 		return lines, failed
 	}
-	head := fmt.Sprintf("plan %s failed back: %d machines, %d bytes sent, %d bytes compared; run asr reprotect --plan %s to protect them again", p.Name, len(all), sent, compared, p.Name)
+	head := fmt.Sprintf("plan %s failed back: %s, %d bytes sent, %d bytes compared; run asr reprotect --plan %s to protect them again", p.Name, machinesWord(len(all), ""), sent, compared, p.Name)
 	return append([]string{head}, lines...), nil
 }
 
@@ -396,7 +396,7 @@ func (s *Server) planFailbackPrepare(ctx context.Context, j *job, members [][]*s
 		if len(members[i]) == 0 {
 			continue
 		}
-		done := j.step(fmt.Sprintf("group %d: shut down", i+1), fmt.Sprintf("stop %d failed-over machines", len(members[i])))
+		done := j.step(fmt.Sprintf("group %d: shut down", i+1), "stop "+machinesWord(len(members[i]), "failed-over"))
 		for _, sm := range members[i] {
 			if err := stopFailedOver(j, sm.m, sm.run); err != nil {
 				done("", err)
@@ -437,4 +437,16 @@ func (s *Server) handleFailbackPlan(w http.ResponseWriter, r *http.Request) erro
 	}
 	writeJSON(w, http.StatusAccepted, j)
 	return nil
+}
+
+// machinesWord is "1 machine", "2 original machines" and so on.
+func machinesWord(n int, adj string) string {
+	w := "machines"
+	if n == 1 {
+		w = "machine"
+	}
+	if adj != "" {
+		w = adj + " " + w
+	}
+	return fmt.Sprintf("%d %s", n, w)
 }

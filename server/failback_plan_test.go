@@ -341,3 +341,48 @@ func TestFailbackPlanRefusals(t *testing.T) {
 	}
 	pr.directions("failed-over")
 }
+
+// A server that stops after a plan failback's switch (every machine's
+// record says failing-back, in one transaction) finishes every machine at
+// its next start: nothing lost, none left half-way.
+func TestFailbackPlanFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRig(t, true)
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	want := pr.sums()
+	switched := make(chan struct{})
+	server.SetFailbackSwitchHook(pr.srv, func(ctx context.Context) {
+		close(switched)
+		<-ctx.Done()
+	})
+	if _, err := pr.client.FailbackPlan(ctx, "app"); err != nil {
+		t.Fatal(err)
+	}
+	<-switched
+	pr.directions("failing-back")
+	pr.stop()
+	pr.start()
+	waitFor(t, "every machine failed back after the restart", func() bool {
+		for _, m := range planMachines {
+			if pr.machine(m).Direction != "failed-back" {
+				return false
+			}
+		}
+		return true
+	})
+	for m, p := range pr.disks {
+		if fileSum(t, p) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+	if fos, _ := pr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers: %+v", fos)
+	}
+	pr.forward()
+}
