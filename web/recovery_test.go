@@ -243,7 +243,7 @@ func TestPlansPage(t *testing.T) {
 	for _, want := range []string{`id="plan-shop"`, "Group 1:</strong> db", "post: manual: check the database", "pre: script /etc/asr/dns-switch.sh",
 		"every 7 d 0 h, boot check: console shows /login:/ and port 22 answers within 5 min", "3 h ago", "No scheduled drill.",
 		"db (test failover to nbd, active)", `action="/plans/shop/test"`, `action="/plans/shop/failover"`, `action="/plans/shop/cleanup"`,
-		`action="/plans/shop/commit"`, `action="/plans/shop/reprotect"`, `action="/plans/shop/failback"`, `action="/plans/web/delete"`, `<option value="db">db</option>`} {
+		`action="/plans/shop/commit"`, `href="/plans/shop/reprotect"`, `href="/plans/shop/failback"`, `action="/plans/web/delete"`, `<option value="db">db</option>`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("plans page lacks %q", want)
 		}

@@ -277,6 +277,8 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/jobs/{job}", jobs.page)
 		r.Get("/fragments/jobs/{job}", jobs.fragment)
 		r.Get("/plans", plans.page)
+		r.Get("/plans/{plan}/reprotect", plans.confirm(actionReprotect))
+		r.Get("/plans/{plan}/failback", plans.confirm(actionFailback))
 		r.Get("/failovers", failovers.page)
 		r.Get("/failovers/new", failovers.newPage)
 		r.Get("/alerts", alerts.page)
