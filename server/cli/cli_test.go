@@ -137,6 +137,8 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"unprotect"}, "--machine is required"},
 		{[]string{"unprotect", "--group", "web"}, "unprotect takes --machine, not --group"},
 		{[]string{"unprotect", "--machine", "vm1", "extra"}, `unexpected argument "extra"`},
+		{[]string{"reprotect"}, "name the machine (--machine M) or the recovery plan (--plan P)"},
+		{[]string{"failback", "--machine", "vm1", "--plan", "app"}, "one of them"},
 	} {
 		mustFail(t, tc.want, tc.args...)
 	}
