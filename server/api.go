@@ -150,6 +150,8 @@ func (s *Server) routes() http.Handler {
 			r.Get("/plans/{plan}", handle(s.handlePlan))
 			r.Put("/plans/{plan}", handle(s.handleCreatePlan))
 			r.Delete("/plans/{plan}", handle(s.handleDeletePlan))
+			r.Post("/plans/{plan}/reprotect", handle(s.handleReprotectPlan))
+			r.Post("/plans/{plan}/failback", handle(s.handleFailbackPlan))
 			r.Get("/groups/{group}/points", handle(s.handleGroupPoints))
 			r.Post("/groups/{group}/points", handle(s.handleGroupTag))
 			r.Get("/metrics/token", handle(s.handleMetricsToken))

@@ -185,6 +185,14 @@ func (b consoleBackend) Failback(ctx context.Context, machine string) (api.Job, 
 	return b.s.Failback(ctx, machine)
 }
 
+func (b consoleBackend) ReprotectPlan(ctx context.Context, plan string) (api.Job, error) {
+	return b.s.ReprotectPlan(ctx, plan)
+}
+
+func (b consoleBackend) FailbackPlan(ctx context.Context, plan string) (api.Job, error) {
+	return b.s.FailbackPlan(ctx, plan)
+}
+
 func (b consoleBackend) Plans(ctx context.Context) ([]api.Plan, error) {
 	return b.s.Plans(ctx)
 }

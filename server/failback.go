@@ -79,6 +79,9 @@ type reverseState struct {
 	// of a machine and the start of another one atomic: a second click
 	// in the console is refused, not run twice.
 	startMu sync.Mutex
+	// planJobs maps a running plan reprotect or failback job's id to
+	// its machines' names (under startMu).
+	planJobs map[string][]string
 }
 
 // failbackJobRunning returns the id of a reprotect or failback job of
@@ -91,7 +94,7 @@ func (s *Server) failbackJobRunning(machine string) string {
 	}
 	s.jobs.mu.Unlock()
 	for _, j := range jobs {
-		if v := j.snapshot(); (v.Kind == "reprotect" || v.Kind == "failback") && v.Subject == machine && v.State == api.JobRunning {
+		if v := j.snapshot(); (v.Kind == "reprotect" || v.Kind == "failback") && (v.Subject == machine || slices.Contains(s.rv.planJobs[v.ID], machine)) && v.State == api.JobRunning {
 			return v.ID
 		}
 	}
@@ -252,56 +255,79 @@ func (s *Server) lastFailback(ctx context.Context, machineID string) (store.Fail
 }
 
 func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
-	if !reverseCandidate(f) {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s: failback is done for failovers to the server's NBD exports (this one is %s to %s); the others are not supported yet", m.Name, kindWord(f.Kind), f.Dest)
-	}
-	if f.State != store.FailoverCommitted {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
+	if err := s.refuseReprotectReverse(ctx, m, f); err != nil {
+		return api.Job{}, err
 	}
 	if unplannedFailover(f) {
 		return s.reprotectUnplanned(ctx, m, f)
 	}
+	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
+		sent, err := s.reprotectReverseSteps(ctx, j, m, f)
+		if err != nil {
+			return err
+		}
+		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes sent to the original disks", sent)}, 0)
+		return nil
+	})
+}
+
+// refuseReprotectReverse says why a machine's live failover f cannot be
+// reprotected toward its original disks (nil if it can).
+func (s *Server) refuseReprotectReverse(ctx context.Context, m store.Machine, f store.Failover) error {
+	if !reverseCandidate(f) {
+		return errorf(http.StatusConflict, "machine %s: failback is done for failovers to the server's NBD exports (this one is %s to %s); the others are not supported yet", m.Name, kindWord(f.Kind), f.Dest)
+	}
+	if f.State != store.FailoverCommitted {
+		return errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
+	}
+	if unplannedFailover(f) {
+		return nil // reprotectUnplanned checks the rest
+	}
 	if d := decodeDetail(f); d.Reverse != nil {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+		return errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
 	for _, d := range m.Disks {
 		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
-			return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
+			return errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
 		}
 	}
-	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
-		done := j.step(m.Name+": mark the replica", "the original disks change outside the log: the replica is resynced after failback")
-		err := s.ps.WithApplier(ctx, m.ID, func(a *replication.Applier) error {
-			return a.MarkResync(ctx, -1, fmt.Sprintf("failback of failover %s writes the original disks", f.ID))
-		})
-		done("marked for a resync", err)
-		if err != nil {
-			return err
-		}
-		done = j.step(m.Name+": track changes", "the blocks written since the failover")
-		run, err := s.startReverse(f, m, true)
-		if err != nil {
-			done("", err)
-			return err
-		}
-		d := decodeDetail(f)
-		d.Reverse = &reverseDetail{State: dirReprotected, Started: s.now()}
-		f.Detail = encodeDetail(d)
-		if err = s.db.UpdateFailover(ctx, f); err != nil {
-			done("", err)
-			s.stopReverse(m.ID)
-			return err
-		}
-		done(fmt.Sprintf("%d bytes to send", run.pending()), nil)
-		err = s.waitDrained(ctx, j, m.Name+": first pass", "send the changes to the original disks", run)
-		if err != nil {
-			return err
-		}
-		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("failover %s reprotected: changes go back to the original disks (%d bytes sent)", f.ID, run.total())})
-		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes sent to the original disks", run.total())}, 0)
-		return nil
+	return nil
+}
+
+// reprotectReverseSteps are a reverse reprotect's steps in job j: the
+// replica marked for a resync, the changes tracked and a first pass sent.
+// It returns the bytes sent.
+func (s *Server) reprotectReverseSteps(ctx context.Context, j *job, m store.Machine, f store.Failover) (int64, error) {
+	done := j.step(m.Name+": mark the replica", "the original disks change outside the log: the replica is resynced after failback")
+	err := s.ps.WithApplier(ctx, m.ID, func(a *replication.Applier) error {
+		return a.MarkResync(ctx, -1, fmt.Sprintf("failback of failover %s writes the original disks", f.ID))
 	})
+	done("marked for a resync", err)
+	if err != nil {
+		return 0, err
+	}
+	done = j.step(m.Name+": track changes", "the blocks written since the failover")
+	run, err := s.startReverse(f, m, true)
+	if err != nil {
+		done("", err)
+		return 0, err
+	}
+	d := decodeDetail(f)
+	d.Reverse = &reverseDetail{State: dirReprotected, Started: s.now()}
+	f.Detail = encodeDetail(d)
+	if err = s.db.UpdateFailover(ctx, f); err != nil {
+		done("", err)
+		s.stopReverse(m.ID)
+		return 0, err
+	}
+	done(fmt.Sprintf("%d bytes to send", run.pending()), nil)
+	err = s.waitDrained(ctx, j, m.Name+": first pass", "send the changes to the original disks", run)
+	if err != nil {
+		return 0, err
+	}
+	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
+		Message: fmt.Sprintf("failover %s reprotected: changes go back to the original disks (%d bytes sent)", f.ID, run.total())})
+	return run.total(), nil
 }
 
 // startReverse installs the reverse maps on a failover's exports and
@@ -585,24 +611,11 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
-	f, err := s.db.LiveFailover(ctx, m.ID)
-	if errors.Is(err, store.ErrNotFound) {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s has no failover to fail back", m.Name)
-	} else if err != nil {
+	f, run, err := s.failbackReady(ctx, m, "--machine "+m.Name)
+	if err != nil {
 		return api.Job{}, err
 	}
-	d := decodeDetail(f)
-	if d.Reverse == nil {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect --machine %s first", m.Name, m.Name)
-	}
-	run := s.reverseRunOf(m.ID)
-	if run == nil || !run.fp.ready.Load() {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s: its changes are not being sent back (is the server starting?)", m.Name)
-	}
-	if d.Reverse.State != dirReprotected {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
-	}
-	if err := run.cmp.refuseFailback(); err != nil {
+	if err := s.refuseGroupAlone(ctx, m); err != nil {
 		return api.Job{}, err
 	}
 	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
@@ -633,9 +646,62 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	})
 }
 
+// failbackReady returns a machine's reprotected failover and its shipper,
+// or why it cannot fail back (again names the flag that reprotects it).
+func (s *Server) failbackReady(ctx context.Context, m store.Machine, again string) (store.Failover, *reverseRun, error) {
+	f, err := s.db.LiveFailover(ctx, m.ID)
+	if errors.Is(err, store.ErrNotFound) {
+		return f, nil, errorf(http.StatusConflict, "machine %s has no failover to fail back", m.Name)
+	} else if err != nil {
+		return f, nil, err
+	}
+	d := decodeDetail(f)
+	if d.Reverse == nil {
+		return f, nil, errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect %s first", m.Name, again)
+	}
+	run := s.reverseRunOf(m.ID)
+	if run == nil || !run.fp.ready.Load() {
+		return f, nil, errorf(http.StatusConflict, "machine %s: its changes are not being sent back (is the server starting?)", m.Name)
+	}
+	if d.Reverse.State != dirReprotected {
+		return f, nil, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if err := run.cmp.refuseFailback(); err != nil {
+		return f, nil, err
+	}
+	return f, run, nil
+}
+
 // failbackSteps stops the failed-over machine, drains and verifies:
 // everything up to the switch, any of which a cancel undoes.
 func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m store.Machine, run *reverseRun) error {
+	if err := stopFailedOver(j, m, run); err != nil {
+		return err
+	}
+	if err := s.waitDrained(ctx, j, m.Name+": drain", "send the last changes to the original disks", run); err != nil {
+		return err
+	}
+	compared, err := s.verifyOriginal(ctx, j, *f, m, run)
+	if err != nil {
+		return err
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	// The switch: from here the failback goes on (also after a restart).
+	j.setCancellable(false)
+	sw := &switchMember{m: m, run: run, compared: compared}
+	if err := s.recordSwitch(ctx, []*switchMember{sw}); err != nil {
+		return err
+	}
+	*f = sw.f
+	return nil
+}
+
+// stopFailedOver stops a failed-over machine: its exports refuse writes
+// and what they hold is flushed. A failback that does not reach its
+// switch lets them accept writes again.
+func stopFailedOver(j *job, m store.Machine, run *reverseRun) error {
 	done := j.step(m.Name+": stop the failed-over machine", "its exports refuse writes from now on")
 	var err error
 	for _, d := range run.disks {
@@ -647,12 +713,12 @@ func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m
 		}
 	}
 	done("writes refused; flushed", err)
-	if err != nil {
-		return err
-	}
-	if err := s.waitDrained(ctx, j, m.Name+": drain", "send the last changes to the original disks", run); err != nil {
-		return err
-	}
+	return err
+}
+
+// verifyOriginal compares every original disk of a drained machine with
+// its export, whole (SHA-256 on both sides); it returns the bytes compared.
+func (s *Server) verifyOriginal(ctx context.Context, j *job, f store.Failover, m store.Machine, run *reverseRun) (int64, error) {
 	var compared int64
 	verify := m.Name + ": verify"
 	total := int64(0)
@@ -664,7 +730,7 @@ func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m
 		want, err := overlaySum(ctx, d.be.ov)
 		if err != nil {
 			j.update(api.JobStep{Name: verify, State: "failed", Detail: err.Error()})
-			return err
+			return 0, err
 		}
 		got, size, err := s.ps.ReverseSum(ctx, m.ID, f.ID, d.index)
 		if err == nil && (got != want || size != d.be.ov.Size()) {
@@ -672,28 +738,53 @@ func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m
 		}
 		if err != nil {
 			j.update(api.JobStep{Name: verify, State: "failed", Detail: err.Error()})
-			return err
+			return 0, err
 		}
 		compared += size
 		j.update(api.JobStep{Name: verify, State: "running", Detail: "compare the original disks with the failed-over ones (SHA-256)", Total: total, Done: compared})
 	}
 	j.update(api.JobStep{Name: verify, State: "done", Detail: fmt.Sprintf("%d bytes compared: equal", compared), Total: total, Done: compared})
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	// The switch: from here the failback goes on (also after a restart).
-	j.setCancellable(false)
+	return compared, nil
+}
+
+// switchMember is a machine a failback switches back: its failover, its
+// shipper and the bytes its verification compared; recordSwitch sets f to
+// its updated record.
+type switchMember struct {
+	m        store.Machine
+	run      *reverseRun
+	compared int64
+	f        store.Failover
+}
+
+// recordSwitch records the switch of stopped, drained and verified
+// machines (failing-back), all in one transaction: from here their
+// failback goes on, also after a restart.
+func (s *Server) recordSwitch(ctx context.Context, ms []*switchMember) error {
+	ctx = context.WithoutCancel(ctx)
 	s.rv.recMu.Lock()
 	defer s.rv.recMu.Unlock()
-	cur, err := s.db.LiveFailover(context.WithoutCancel(ctx), m.ID)
-	if err != nil {
+	fs := make([]store.Failover, len(ms))
+	for i, sm := range ms {
+		cur, err := s.db.LiveFailover(ctx, sm.m.ID)
+		if err != nil {
+			return err
+		}
+		d := decodeDetail(cur)
+		if d.Reverse == nil {
+			return fmt.Errorf("machine %s: failover %s is not reprotected", sm.m.Name, cur.ID)
+		}
+		d.Reverse.State, d.Reverse.Sent, d.Reverse.Compared = dirFailingBack, sm.run.total(), sm.compared
+		cur.Detail = encodeDetail(d)
+		fs[i] = cur
+	}
+	if err := s.db.UpdateFailovers(ctx, fs); err != nil {
 		return err
 	}
-	*f = cur
-	d := decodeDetail(*f)
-	d.Reverse.State, d.Reverse.Sent, d.Reverse.Compared = dirFailingBack, run.total(), compared
-	f.Detail = encodeDetail(d)
-	return s.db.UpdateFailover(context.WithoutCancel(ctx), *f)
+	for i, sm := range ms {
+		sm.f = fs[i]
+	}
+	return nil
 }
 
 // finishFailback thaws the original machine and ends the failover: its
@@ -767,26 +858,35 @@ func (s *Server) reprotectForward(ctx context.Context, m store.Machine, f store.
 		return api.Job{}, err
 	}
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
-		// One disk at a time: the agent runs one resync job at once.
-		var compared, sent int64
-		for _, disk := range m.Disks {
-			c, sn, err := s.resyncDisk(ctx, j, m, disk)
-			if err != nil {
-				return err
-			}
-			compared, sent = compared+c, sent+sn
-		}
-		d := decodeDetail(f)
-		d.Reverse.Forward, d.Reverse.Resynced, d.Reverse.Resent = "done", compared, sent
-		f.Detail = encodeDetail(d)
-		if err := s.db.UpdateFailover(ctx, f); err != nil {
+		compared, sent, err := s.reprotectForwardSteps(ctx, j, m, f)
+		if err != nil {
 			return err
 		}
-		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("protected forward again after failback of failover %s", f.ID)})
 		j.setResult([]string{fmt.Sprintf("protected again: %d bytes compared, %d sent", compared, sent)}, 0)
 		return nil
 	})
+}
+
+// reprotectForwardSteps resyncs a failed-back machine's disks in job j
+// and records it protected forward; it returns the bytes compared and sent.
+func (s *Server) reprotectForwardSteps(ctx context.Context, j *job, m store.Machine, f store.Failover) (compared, sent int64, err error) {
+	// One disk at a time: the agent runs one resync job at once.
+	for _, disk := range m.Disks {
+		c, sn, err := s.resyncDisk(ctx, j, m, disk)
+		if err != nil {
+			return 0, 0, err
+		}
+		compared, sent = compared+c, sent+sn
+	}
+	d := decodeDetail(f)
+	d.Reverse.Forward, d.Reverse.Resynced, d.Reverse.Resent = "done", compared, sent
+	f.Detail = encodeDetail(d)
+	if err := s.db.UpdateFailover(ctx, f); err != nil {
+		return 0, 0, err
+	}
+	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
+		Message: fmt.Sprintf("protected forward again after failback of failover %s", f.ID)})
+	return compared, sent, nil
 }
 
 // resyncDisk resyncs one disk at once and waits until it is protected;

@@ -97,6 +97,25 @@ func (d *DB) AddFailover(ctx context.Context, f Failover) error {
 // UpdateFailover writes a failover's state, point and detail (ending it
 // when the state is failed or ended).
 func (d *DB) UpdateFailover(ctx context.Context, f Failover) error {
+	return d.updateFailover(ctx, d.db, f)
+}
+
+// UpdateFailovers updates several failovers in one transaction: all of
+// them or none (a plan's failback records its machines' switch at once).
+func (d *DB) UpdateFailovers(ctx context.Context, fs []Failover) error {
+	return d.tx(ctx, func(tx *sql.Tx) error {
+		for _, f := range fs {
+			if err := d.updateFailover(ctx, tx, f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func (d *DB) updateFailover(ctx context.Context, db interface {
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+}, f Failover) error {
 	var en, at int64
 	if f.State == FailoverFailed || f.State == FailoverEnded {
 		en = d.now().UnixNano()
@@ -104,7 +123,7 @@ func (d *DB) UpdateFailover(ctx context.Context, f Failover) error {
 	if !f.AtTime.IsZero() {
 		at = f.AtTime.UnixNano()
 	}
-	res, err := d.db.ExecContext(ctx, `UPDATE failovers SET state = ?, point_seq = ?, point_id = ?, at_time = ?, detail = ?, ended_at = ?, job_id = ? WHERE id = ?`,
+	res, err := db.ExecContext(ctx, `UPDATE failovers SET state = ?, point_seq = ?, point_id = ?, at_time = ?, detail = ?, ended_at = ?, job_id = ? WHERE id = ?`,
 		f.State, int64(f.PointSeq), f.PointID, at, f.Detail, en, f.JobID, f.ID)
 	if err != nil {
 		return err

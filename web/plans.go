@@ -248,8 +248,9 @@ func (h *plansHandler) planFailed(w http.ResponseWriter, r *http.Request, name, 
 }
 
 // act starts a job on a plan: "test" (to nbd or a drill to qemu),
-// "failover" (planned or not, to nbd), "cleanup" or "commit"; the browser
-// goes to the job's page.
+// "failover" (planned or not, to nbd), "cleanup", "commit", "reprotect"
+// (after the plan's committed planned failover, or forward after its
+// failback) or "failback"; the browser goes to the job's page.
 func (h *plansHandler) act(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	name, action := chi.URLParam(r, "plan"), chi.URLParam(r, "action")
@@ -273,6 +274,10 @@ func (h *plansHandler) act(w http.ResponseWriter, r *http.Request) {
 		j, err = h.backend.Cleanup(ctx, api.FailoverAction{Plan: name})
 	case "commit":
 		j, err = h.backend.Commit(ctx, api.FailoverAction{Plan: name})
+	case "reprotect":
+		j, err = h.backend.ReprotectPlan(ctx, name)
+	case "failback":
+		j, err = h.backend.FailbackPlan(ctx, name)
 	default:
 		httpError(w, r, http.StatusNotFound, "No plan action "+action+".")
 		return

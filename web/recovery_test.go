@@ -243,7 +243,7 @@ func TestPlansPage(t *testing.T) {
 	for _, want := range []string{`id="plan-shop"`, "Group 1:</strong> db", "post: manual: check the database", "pre: script /etc/asr/dns-switch.sh",
 		"every 7 d 0 h, boot check: console shows /login:/ and port 22 answers within 5 min", "3 h ago", "No scheduled drill.",
 		"db (test failover to nbd, active)", `action="/plans/shop/test"`, `action="/plans/shop/failover"`, `action="/plans/shop/cleanup"`,
-		`action="/plans/shop/commit"`, `action="/plans/web/delete"`, `<option value="db">db</option>`} {
+		`action="/plans/shop/commit"`, `href="/plans/shop/reprotect"`, `href="/plans/shop/failback"`, `action="/plans/web/delete"`, `<option value="db">db</option>`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("plans page lacks %q", want)
 		}
@@ -327,6 +327,8 @@ func TestPlanActions(t *testing.T) {
 		{"failover", url.Values{"planned": {"0"}}, &api.FailoverRequest{Plan: "shop", To: api.ToNBD}, ""},
 		{"cleanup", nil, nil, "cleanup shop"},
 		{"commit", nil, nil, "commit shop"},
+		{"reprotect", nil, nil, "reprotect shop"},
+		{"failback", nil, nil, "failback shop"},
 	} {
 		b.requests, b.actions = nil, nil
 		f := url.Values{"csrf": {csrf}}
@@ -553,4 +555,12 @@ func (b *fakeBackend) Reprotect(_ context.Context, machine string) (api.Job, err
 
 func (b *fakeBackend) Failback(_ context.Context, machine string) (api.Job, error) {
 	return b.action("failback", api.FailoverAction{Machine: machine})
+}
+
+func (b *fakeBackend) ReprotectPlan(_ context.Context, plan string) (api.Job, error) {
+	return b.action("reprotect", api.FailoverAction{Plan: plan})
+}
+
+func (b *fakeBackend) FailbackPlan(_ context.Context, plan string) (api.Job, error) {
+	return b.action("failback", api.FailoverAction{Plan: plan})
 }

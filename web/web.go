@@ -121,6 +121,12 @@ type Backend interface {
 	// nothing and returns an error whose message is shown to the user.
 	Reprotect(ctx context.Context, machine string) (api.Job, error)
 	Failback(ctx context.Context, machine string) (api.Job, error)
+	// ReprotectPlan and FailbackPlan do the same for every machine a
+	// recovery plan's failover failed over, as one job; a plan any of
+	// whose machines cannot take part starts nothing, and the error
+	// lists them.
+	ReprotectPlan(ctx context.Context, plan string) (api.Job, error)
+	FailbackPlan(ctx context.Context, plan string) (api.Job, error)
 
 	// Plans lists the recovery plans by name.
 	Plans(ctx context.Context) ([]api.Plan, error)
@@ -271,6 +277,8 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/jobs/{job}", jobs.page)
 		r.Get("/fragments/jobs/{job}", jobs.fragment)
 		r.Get("/plans", plans.page)
+		r.Get("/plans/{plan}/reprotect", plans.confirm(actionReprotect))
+		r.Get("/plans/{plan}/failback", plans.confirm(actionFailback))
 		r.Get("/failovers", failovers.page)
 		r.Get("/failovers/new", failovers.newPage)
 		r.Get("/alerts", alerts.page)

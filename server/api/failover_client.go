@@ -86,3 +86,21 @@ func (c *Client) Failback(ctx context.Context, machine string) (Job, error) {
 	err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/failback", nil, &j)
 	return j, err
 }
+
+// ReprotectPlan reprotects a recovery plan's machines (a job): toward
+// their original disks after the plan's committed planned failover to
+// NBD, forward again after the plan's failback.
+func (c *Client) ReprotectPlan(ctx context.Context, plan string) (Job, error) {
+	var j Job
+	err := c.Do(ctx, http.MethodPost, "/api/v1/plans/"+url.PathEscape(plan)+"/reprotect", nil, &j)
+	return j, err
+}
+
+// FailbackPlan fails a reprotected plan back to its original machines (a
+// job): shut down last group first, drain and verify all, switch all at
+// once, power on in the plan's order.
+func (c *Client) FailbackPlan(ctx context.Context, plan string) (Job, error) {
+	var j Job
+	err := c.Do(ctx, http.MethodPost, "/api/v1/plans/"+url.PathEscape(plan)+"/failback", nil, &j)
+	return j, err
+}

@@ -137,10 +137,13 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"unprotect"}, "--machine is required"},
 		{[]string{"unprotect", "--group", "web"}, "unprotect takes --machine, not --group"},
 		{[]string{"unprotect", "--machine", "vm1", "extra"}, `unexpected argument "extra"`},
-		{[]string{"failback"}, "name the machine (--machine M)"},
+		{[]string{"failback"}, "name the machine (--machine M) or the recovery plan (--plan P)"},
 		{[]string{"failback", "--machine", "vm1", "--vcenter", "vc1"}, "go with --alternate"},
 		{[]string{"failback", "--machine", "vm1", "--alternate", "--vcenter", "vc1"}, "--vcenter N --datastore DS"},
 		{[]string{"failback", "--machine", "vm1", "--alternate", "--datastore", "ds1"}, "--vcenter N --datastore DS"},
+		{[]string{"reprotect"}, "name the machine (--machine M) or the recovery plan (--plan P)"},
+		{[]string{"failback", "--machine", "vm1", "--plan", "app"}, "one of them"},
+		{[]string{"failback", "--plan", "app", "--alternate", "--vcenter", "vc1", "--datastore", "ds1"}, "not a plan"},
 	} {
 		mustFail(t, tc.want, tc.args...)
 	}

@@ -9,17 +9,20 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
-// runReprotect reprotects a machine: after a committed failover to the
-// server's NBD exports, its changes go back to the original disks (after
-// an unplanned one, once the original agent is frozen and its disks
-// compared); after a failback, protection resumes forward with a
-// checksum resync.
+// runReprotect reprotects a machine or a recovery plan's machines: after
+// a committed failover to the server's NBD exports, their changes go back
+// to the original disks (after an unplanned one, once the original agent
+// is frozen and its disks compared; --machine only); after a failback,
+// protection resumes forward with a checksum resync.
 func runReprotect(ctx context.Context, e *env, args []string) error {
-	return machineJob(ctx, e, args, "asr reprotect", nil, func(c *api.Client, m string) (api.Job, error) { return c.Reprotect(ctx, m) })
+	return machineJob(ctx, e, args, "asr reprotect", nil,
+		func(c *api.Client, m string) (api.Job, error) { return c.Reprotect(ctx, m) },
+		func(c *api.Client, p string) (api.Job, error) { return c.ReprotectPlan(ctx, p) })
 }
 
-// runFailback fails a reprotected machine back to its original disks, or
-// with --alternate to a new VM made in a vCenter.
+// runFailback fails a reprotected machine, or a reprotected plan's
+// machines, back to the original disks; a machine with --alternate to a
+// new VM made in a vCenter.
 func runFailback(ctx context.Context, e *env, args []string) error {
 	var req api.FailbackRequest
 	vt := &api.VSphereTarget{}
@@ -35,29 +38,35 @@ func runFailback(ctx context.Context, e *env, args []string) error {
 			switch {
 			case !req.Alternate && (*vt != api.VSphereTarget{} || req.VMName != ""):
 				return errors.New("asr failback: --vcenter, --datastore, --vm-name, --host, --pool and --network go with --alternate")
+			case req.Alternate && fs.Lookup("plan").Value.String() != "":
+				return errors.New("asr failback: --alternate is for one machine (--machine M), not a plan")
 			case req.Alternate && (vt.VCenter == "" || vt.Datastore == ""):
 				return errors.New("asr failback --alternate: name the vCenter and the datastore of the new VM (--vcenter N --datastore DS)")
 			}
 			return nil
 		}
 	}
-	return machineJob(ctx, e, args, "asr failback", register, func(c *api.Client, m string) (api.Job, error) {
-		if !req.Alternate {
-			return c.Failback(ctx, m)
-		}
-		req.VSphere = vt
-		return c.FailbackTo(ctx, m, req)
-	})
+	return machineJob(ctx, e, args, "asr failback", register,
+		func(c *api.Client, m string) (api.Job, error) {
+			if !req.Alternate {
+				return c.Failback(ctx, m)
+			}
+			req.VSphere = vt
+			return c.FailbackTo(ctx, m, req)
+		},
+		func(c *api.Client, p string) (api.Job, error) { return c.FailbackPlan(ctx, p) })
 }
 
-// machineJob runs a job on one machine (--machine M) and follows it;
-// register, if not nil, adds the command's own flags and returns the
-// check of their values, run before the server is contacted.
-func machineJob(ctx context.Context, e *env, args []string, name string, register func(*flag.FlagSet) func() error, start func(*api.Client, string) (api.Job, error)) error {
+// machineJob starts a job of a machine (--machine) or of a recovery plan
+// (--plan) and follows it; register, if not nil, adds the command's own
+// flags and returns the check of their values, run before the server is
+// contacted.
+func machineJob(ctx context.Context, e *env, args []string, name string, register func(*flag.FlagSet) func() error, machine, plan func(*api.Client, string) (api.Job, error)) error {
 	fs := e.flags(name)
 	o := &opFlags{}
 	o.registerConn(fs)
 	fs.StringVar(&o.machine, "machine", "", "machine name or id")
+	planName := fs.String("plan", "", "recovery plan name: every machine its failover failed over")
 	noWait := fs.Bool("no-wait", false, "print the job's id and return")
 	check := func() error { return nil }
 	if register != nil {
@@ -66,8 +75,8 @@ func machineJob(ctx context.Context, e *env, args []string, name string, registe
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if o.machine == "" {
-		return errors.New(name + ": name the machine (--machine M)")
+	if (o.machine == "") == (*planName == "") {
+		return errors.New(name + ": name the machine (--machine M) or the recovery plan (--plan P), one of them")
 	}
 	if err := check(); err != nil {
 		return err
@@ -76,7 +85,12 @@ func machineJob(ctx context.Context, e *env, args []string, name string, registe
 	if err != nil {
 		return err
 	}
-	j, err := start(c, o.machine)
+	var j api.Job
+	if *planName != "" {
+		j, err = plan(c, *planName)
+	} else {
+		j, err = machine(c, o.machine)
+	}
 	if err != nil {
 		return err
 	}

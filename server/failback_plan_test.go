@@ -1,0 +1,388 @@
+package server_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
+)
+
+// planRig is a recovery plan "app" of two groups: db (group 1), app1 and
+// app2 (group 2, and replication group "rg"), each machine with one disk,
+// failed over (planned) to the server's NBD exports by the plan.
+type planRig struct {
+	*rig
+	cfgs    map[string]agent.Config
+	agents  map[string]*runningAgent
+	disks   map[string]string // machine -> its original disk file
+	exports map[string]string // machine -> its export's URI
+	rnd     *rand.Rand
+}
+
+var planMachines = []string{"db", "app1", "app2"}
+
+// startPlanRig protects the machines and fails the plan over; commit
+// commits it.
+func startPlanRig(t *testing.T, commit bool) *planRig {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	pr := &planRig{rig: r, cfgs: map[string]agent.Config{}, agents: map[string]*runningAgent{},
+		disks: map[string]string{}, exports: map[string]string{}, rnd: rand.New(rand.NewPCG(5, 9))}
+	for i, name := range planMachines {
+		p := filepath.Join(dir, name+".img")
+		mustDisk(t, p, int64(4+2*i)<<20, uint64(50+i))
+		pr.disks[name] = p
+		pr.cfgs[name] = r.agentConfig(name, agent.DiskSpec{Name: "d0", Path: p})
+		pr.agents[name] = startAgent(t, pr.cfgs[name])
+	}
+	for _, name := range planMachines {
+		r.waitProtected(name)
+	}
+	for _, name := range []string{"app1", "app2"} {
+		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/machines/"+name+"/group", api.GroupRequest{Group: "rg"}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := r.client.CreatePlan(ctx, api.Plan{Name: "app", Groups: []api.PlanGroup{
+		{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: true, To: api.ToNBD}))
+	if commit {
+		r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Plan: "app"}))
+	}
+	pr.readExports()
+	return pr
+}
+
+// readExports reads the live failovers' exports.
+func (pr *planRig) readExports() {
+	pr.t.Helper()
+	fos, err := pr.client.Failovers(context.Background(), false)
+	if err != nil {
+		pr.t.Fatal(err)
+	}
+	for _, f := range fos {
+		if len(f.Exports) != 1 || f.Plan != "app" {
+			pr.t.Fatalf("failover of %s: %+v", f.Machine, f)
+		}
+		pr.exports[f.Machine] = f.Exports[0].URI
+	}
+	if len(pr.exports) != len(planMachines) {
+		pr.t.Fatalf("exports %v", pr.exports)
+	}
+}
+
+// write writes n random 64 KiB blocks into a machine's export.
+func (pr *planRig) write(machine string, n int) {
+	pr.t.Helper()
+	c := dialExport(pr.t, pr.exports[machine])
+	defer c.Close()
+	buf := make([]byte, 65536)
+	for range n {
+		for i := range buf {
+			buf[i] = byte(pr.rnd.IntN(256))
+		}
+		if err := c.WriteAt(buf, pr.rnd.Int64N(c.Size()/65536)*65536); err != nil {
+			pr.t.Fatal(err)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		pr.t.Fatal(err)
+	}
+}
+
+func (pr *planRig) sums() map[string][32]byte {
+	pr.t.Helper()
+	out := map[string][32]byte{}
+	for m, uri := range pr.exports {
+		c := dialExport(pr.t, uri)
+		out[m] = exportSum(pr.t, c)
+		c.Close()
+	}
+	return out
+}
+
+func (pr *planRig) directions(want string) {
+	pr.t.Helper()
+	for _, name := range planMachines {
+		if d := pr.machine(name).Direction; d != want {
+			pr.t.Fatalf("machine %s: direction %q, want %q", name, d, want)
+		}
+	}
+}
+
+// stepIndex returns the index of the job's step named name.
+func stepIndex(t *testing.T, j api.Job, name string) int {
+	t.Helper()
+	i := slices.IndexFunc(j.Steps, func(s api.JobStep) bool { return s.Name == name })
+	if i < 0 {
+		var names []string
+		for _, s := range j.Steps {
+			names = append(names, s.Name)
+		}
+		t.Fatalf("job %s has no step %q: %q", j.ID, name, names)
+	}
+	return i
+}
+
+// failBackPlan fails the plan back and checks the order of its steps,
+// the original disks against want, and that the machines are failed back.
+func (pr *planRig) failBackPlan(want map[string][32]byte) {
+	t := pr.t
+	t.Helper()
+	ctx := context.Background()
+	j := pr.mustJob(pr.client.FailbackPlan(ctx, "app"))
+	t.Logf("plan failback output %q", j.Output)
+	if len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan app failed back: 3 machines") {
+		t.Fatalf("plan failback output %q", j.Output)
+	}
+	at := func(name string) int { return stepIndex(t, j, name) }
+	// Shut down the last group first; drain every machine, then compare
+	// every one, before the switch; power on in the plan's order.
+	order := [][]string{
+		{"group 2: shut down"}, {"app1: stop the failed-over machine", "app2: stop the failed-over machine"},
+		{"group 1: shut down"}, {"db: stop the failed-over machine"},
+		{"app1: drain", "app2: drain", "db: drain"},
+		{"app1: verify", "app2: verify", "db: verify"},
+		{"switch"},
+		{"group 1: power on"}, {"db: power on"}, {"db: end the failover"},
+		{"group 2: power on"}, {"app1: power on", "app2: power on"},
+	}
+	for k := 1; k < len(order); k++ {
+		for _, before := range order[k-1] {
+			for _, after := range order[k] {
+				if at(before) >= at(after) {
+					t.Fatalf("step %q is not before %q", before, after)
+				}
+			}
+		}
+	}
+	for _, s := range j.Steps {
+		if strings.HasSuffix(s.Name, ": verify") && (s.Total == 0 || s.Done != s.Total) {
+			t.Fatalf("step %+v: want its bytes", s)
+		}
+	}
+	for m, p := range pr.disks {
+		if fileSum(t, p) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+	pr.directions("failed-back")
+	if fos, _ := pr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers after the plan's failback: %+v", fos)
+	}
+}
+
+// forward protects the plan forward again; a new point of each machine
+// recovers bit-exact.
+func (pr *planRig) forward() {
+	t := pr.t
+	t.Helper()
+	ctx := context.Background()
+	j := pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	t.Logf("forward plan reprotect output %q", j.Output)
+	if len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan app protected again: 3 machines") {
+		t.Fatalf("forward plan reprotect output %q", j.Output)
+	}
+	for _, name := range planMachines {
+		pr.waitProtected(name)
+	}
+	pr.directions("")
+	for _, name := range planMachines {
+		p, err := pr.client.Tag(ctx, name, false, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := t.TempDir()
+		pr.recover(name, p.ID, out)
+		if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, pr.disks[name]) {
+			t.Fatalf("machine %s: the point after the forward reprotect differs from the source", name)
+		}
+	}
+	if _, err := pr.client.ReprotectPlan(ctx, "app"); err == nil {
+		t.Fatal("a second forward reprotect of the plan was accepted")
+	}
+}
+
+// The plan's cycle: reprotect --plan, the failback of one member of a
+// replication group refused, failback --plan in order (shut down last
+// group first, drain and verify all, switch, power on in plan order), the
+// original disks equal the exports, forward protection again.
+func TestFailbackPlanCycle(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRig(t, true)
+	if _, err := pr.client.FailbackPlan(ctx, "app"); err == nil || !strings.Contains(err.Error(), "reprotect --plan app") {
+		t.Fatalf("plan failback before reprotect: %v", err)
+	}
+	for _, m := range planMachines {
+		pr.write(m, 8)
+	}
+	j := pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	if len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan app reprotected: 3 machines") {
+		t.Fatalf("plan reprotect output %q", j.Output)
+	}
+	pr.directions("reprotected")
+	if _, err := pr.client.ReprotectPlan(ctx, "app"); err == nil || !strings.Contains(err.Error(), "reprotected already") {
+		t.Fatalf("a second plan reprotect: %v", err)
+	}
+	// app1 alone would come back on premises while app2 runs failed over.
+	_, err := pr.client.Failback(ctx, "app1")
+	if err == nil || !strings.Contains(err.Error(), "replication group rg with app2") || !strings.Contains(err.Error(), "asr failback --plan app") {
+		t.Fatalf("failback of one member of a replication group: %v", err)
+	}
+	pr.directions("reprotected")
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.failBackPlan(pr.sums())
+	pr.forward()
+}
+
+// A plan's failback is cancellable until its switch: cancelled while the
+// drain of one machine waits for its agent, every failed-over machine runs
+// on (its export writable) and stays reprotected; run again, it completes.
+func TestFailbackPlanCancel(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRig(t, true)
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	pr.agents["app2"].close() // app2's drain cannot end
+	pr.write("app2", 4)
+	j, err := pr.client.FailbackPlan(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the plan failback's drain of app2", func() bool {
+		jj, err := pr.client.Job(ctx, j.ID)
+		if err != nil {
+			return false
+		}
+		for _, s := range jj.Steps {
+			if s.Name == "app2: drain" && s.State == "running" && jj.Cancellable {
+				return true
+			}
+		}
+		return false
+	})
+	// Stopped: the exports refuse writes.
+	c := dialExport(t, pr.exports["db"])
+	if err := c.WriteAt(make([]byte, 4096), 0); err == nil {
+		t.Fatal("a write to a stopped failed-over machine was accepted")
+	}
+	c.Close()
+	if _, err := pr.client.FailbackPlan(ctx, "app"); err == nil || !strings.Contains(err.Error(), "job "+j.ID) {
+		t.Fatalf("a second plan failback while one runs: %v", err)
+	}
+	if _, err := pr.client.Reprotect(ctx, "db"); err == nil || !strings.Contains(err.Error(), "running") {
+		t.Fatalf("a machine's reprotect while its plan fails back: %v", err)
+	}
+	if _, err := pr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = pr.runJob(j, nil); j.State == api.JobSucceeded {
+		t.Fatalf("a cancelled plan failback succeeded: %+v", j)
+	}
+	for _, s := range j.Steps {
+		if s.Name == "switch" || strings.HasSuffix(s.Name, "power on") {
+			t.Fatalf("a cancelled plan failback ran step %+v", s)
+		}
+	}
+	pr.directions("reprotected")
+	for _, m := range planMachines {
+		pr.write(m, 2) // every failed-over machine runs on
+	}
+	pr.agents["app2"] = startAgent(t, pr.cfgs["app2"])
+	pr.failBackPlan(pr.sums())
+	pr.forward()
+}
+
+// Refusals list every machine that cannot take part and start nothing.
+func TestFailbackPlanRefusals(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRig(t, false)
+	var ae *api.Error
+	if _, err := pr.client.ReprotectPlan(ctx, "nosuch"); !errors.As(err, &ae) || ae.Status != http.StatusNotFound {
+		t.Fatalf("reprotect of an unknown plan: %v", err)
+	}
+	// db committed, app1 and app2 not.
+	pr.mustJob(pr.client.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "db"}))
+	_, err := pr.client.ReprotectPlan(ctx, "app")
+	if !errors.As(err, &ae) || ae.Status != http.StatusConflict ||
+		!strings.Contains(err.Error(), "nothing was started") || !strings.Contains(err.Error(), "app1's failover is") ||
+		!strings.Contains(err.Error(), "app2's failover is") || strings.Contains(err.Error(), "db") {
+		t.Fatalf("reprotect of a plan half committed: %v", err)
+	}
+	if d := pr.machine("db").Direction; d != "failed-over" {
+		t.Fatalf("db after a refused plan reprotect: direction %q", d)
+	}
+	_, err = pr.client.FailbackPlan(ctx, "app")
+	if err == nil || !strings.Contains(err.Error(), "db is not reprotected") || !strings.Contains(err.Error(), "app2 is not reprotected") {
+		t.Fatalf("failback of a plan not reprotected: %v", err)
+	}
+	pr.directions("failed-over")
+}
+
+// A server that stops after a plan failback's switch (every machine's
+// record says failing-back, in one transaction) finishes every machine at
+// its next start: nothing lost, none left half-way.
+func TestFailbackPlanFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRig(t, true)
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	want := pr.sums()
+	switched := make(chan struct{})
+	server.SetFailbackSwitchHook(pr.srv, func(ctx context.Context) {
+		close(switched)
+		<-ctx.Done()
+	})
+	if _, err := pr.client.FailbackPlan(ctx, "app"); err != nil {
+		t.Fatal(err)
+	}
+	<-switched
+	pr.directions("failing-back")
+	pr.stop()
+	pr.start()
+	waitFor(t, "every machine failed back after the restart", func() bool {
+		for _, m := range planMachines {
+			if pr.machine(m).Direction != "failed-back" {
+				return false
+			}
+		}
+		return true
+	})
+	for m, p := range pr.disks {
+		if fileSum(t, p) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+	if fos, _ := pr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers: %+v", fos)
+	}
+	pr.forward()
+}
