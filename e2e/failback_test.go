@@ -320,8 +320,8 @@ func TestE2EFailbackUnplanned(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if out, err := c.cli("failback", "--machine", "m"); err == nil || !strings.Contains(err.Error(), "compare") {
-		t.Fatalf("failback while the reprotect waits for the agent (%v):\n%s", err, out)
+	if out, err := c.cli("failback", "--machine", "m"); err == nil || !strings.Contains(err.Error(), "job is running") {
+		t.Fatalf("failback while the reprotect's job waits for the agent (%v):\n%s", err, out)
 	}
 	if ck := fc.checksum(); ck == nil || ck.State != "waiting-for-agent" {
 		t.Fatalf("the checksum compare while the agent is held: %+v", ck)
@@ -330,6 +330,11 @@ func TestE2EFailbackUnplanned(t *testing.T) {
 	c.startServer()
 	if st := c.status("m"); st.Direction != "reprotected" {
 		t.Fatalf("after kill -9 of the server during reprotect: direction %q", st.Direction)
+	}
+	// No job now (it ended with the server): the compare, still waiting
+	// for the held agent, refuses the failback by itself.
+	if out, err := c.cli("failback", "--machine", "m"); err == nil || !strings.Contains(err.Error(), "compare") {
+		t.Fatalf("failback while the compare waits for the agent (%v):\n%s", err, out)
 	}
 	a.proc.kill()
 	c.startAgent("m", nil)
