@@ -82,6 +82,10 @@ type Config struct {
 	// unprotected machines): New does not open them, and nothing opens
 	// them later; Remove finishes what is left of them.
 	Removed []string
+	// Name labels this process server where the target keeps a machine's
+	// lease (replication.MachineLeaser), so another process server refused
+	// the machine learns who holds it. Default "asr server".
+	Name string
 
 	// createCacheFile makes a machine's open cache file (tests inject
 	// failures; default: an *os.File).
@@ -136,6 +140,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.DiskFree == nil {
 		cfg.DiskFree = diskFree
+	}
+	if cfg.Name == "" {
+		cfg.Name = "asr server"
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, removed: map[string]bool{}, conns: map[net.Conn]struct{}{},
 		handshakes: make(chan struct{}, maxHandshakes), hellos: make(chan struct{}, maxHellos), helloing: map[string]int{}}
