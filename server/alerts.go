@@ -223,6 +223,9 @@ func (s *Server) openAlerts(ctx context.Context) error {
 	if s.cfg.HeartbeatLost <= 0 {
 		s.cfg.HeartbeatLost = defaultHeartbeatLost
 	}
+	if s.cfg.PSHeartbeatLost <= 0 {
+		s.cfg.PSHeartbeatLost = defaultPSHeartbeatLost
+	}
 	if s.cfg.HealthHold <= 0 {
 		s.cfg.HealthHold = defaultHealthHold
 	}
@@ -470,6 +473,11 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 	}
 	obs = append(obs, targetObs(s.target.String(), stats, applyErrs, s.cfg.HealthHold))
 	obs = append(obs, processServerObs(s.ProcessServer(), s.cfg.HealthHold)...)
+	psObs, err := s.psHeartbeatObs(ctx, now)
+	if err != nil {
+		return nil, err
+	}
+	obs = append(obs, psObs...)
 	vs, err := s.db.VCenters(ctx)
 	if err != nil {
 		return nil, err

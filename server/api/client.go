@@ -308,3 +308,16 @@ func ReadSecretFile(path string) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// ProcessServers lists the built-in process server and the scale-out ones
+// (GET /api/v1/process-servers).
+func (c *Client) ProcessServers(ctx context.Context) ([]ProcessServerInfo, error) {
+	var out []ProcessServerInfo
+	err := c.Do(ctx, http.MethodGet, "/api/v1/process-servers", nil, &out)
+	return out, err
+}
+
+// RemoveProcessServer ends a scale-out process server's registration.
+func (c *Client) RemoveProcessServer(ctx context.Context, name string) error {
+	return c.Do(ctx, http.MethodDelete, "/api/v1/process-servers/"+url.PathEscape(name), nil, nil)
+}

@@ -1,0 +1,12 @@
+-- Scale-out process servers (asr process-server) registered with this
+-- configuration server. A registration holds the serial of the client
+-- certificate it was issued (a re-registration under the same name revokes
+-- the old one) and the data address its agents connect to. Heartbeats and
+-- figures are kept in memory only (no write per heartbeat).
+
+CREATE TABLE process_servers (
+    name        TEXT PRIMARY KEY,
+    cert_serial TEXT NOT NULL,
+    data_addr   TEXT NOT NULL,
+    registered  INTEGER NOT NULL                -- Unix ns
+);
