@@ -165,7 +165,8 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 	}
 	s.pss.last[p.Name] = psBeat{at: s.now(), figures: hb.Figures}
 	s.pss.mu.Unlock()
-	writeJSON(w, http.StatusOK, api.ProcessServerHeartbeatReply{Every: psHeartbeatEvery})
+	// Three beats in the lost interval at least: one late beat is no alert.
+	writeJSON(w, http.StatusOK, api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3)})
 	return nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -80,7 +81,11 @@ func runPS(ctx context.Context, e *env, args []string) error {
 	o := &opFlags{}
 	o.registerConn(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parse(fs, args[1:]); err != nil {
+	rest, name := args[1:], ""
+	if verb == "remove" && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+		name, rest = rest[0], rest[1:]
+	}
+	if err := parse(fs, rest); err != nil {
 		return err
 	}
 	switch verb {
@@ -109,17 +114,17 @@ func runPS(ctx context.Context, e *env, args []string) error {
 			}
 		})
 	case "remove":
-		if fs.NArg() != 1 {
-			return errors.New(psUsage)
+		if name == "" || fs.NArg() != 0 {
+			return fmt.Errorf("asr ps remove: give the process server's name\n%s", psUsage)
 		}
 		c, err := o.client()
 		if err != nil {
 			return err
 		}
-		if err := c.RemoveProcessServer(ctx, fs.Arg(0)); err != nil {
+		if err := c.RemoveProcessServer(ctx, name); err != nil {
 			return err
 		}
-		fmt.Fprintf(e.out, "process server %s removed\n", fs.Arg(0))
+		fmt.Fprintf(e.out, "process server %s removed\n", name)
 		return nil
 	}
 	return fmt.Errorf("unknown verb %q\n%s", verb, psUsage)
