@@ -77,6 +77,7 @@ func TestHelpExitsZero(t *testing.T) {
 		"job":     {"show", "confirm", "cancel"},
 		"policy":  {"list", "show", "create", "set", "assign"},
 		"group":   {"set", "clear"},
+		"ps":      {"list", "remove"},
 	} {
 		for _, verb := range verbs {
 			for _, h := range []string{"-h", "--help"} {
@@ -137,6 +138,14 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"unprotect"}, "--machine is required"},
 		{[]string{"unprotect", "--group", "web"}, "unprotect takes --machine, not --group"},
 		{[]string{"unprotect", "--machine", "vm1", "extra"}, `unexpected argument "extra"`},
+		{[]string{"process-server"}, "--config https://HOST:PORT is required"},
+		{[]string{"process-server", "--config", "https://x:1"}, "--passphrase-file is required"},
+		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere}, "--name is required"},
+		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere, "--name", "p", "--cache-max", "lots"}, "--cache-max"},
+		{[]string{"ps"}, "no verb given"},
+		{[]string{"ps", "bogus"}, `unknown verb "bogus"`},
+		{[]string{"ps", "remove"}, "give the process server's name"},
+		{[]string{"ps", "list", "extra"}, `unexpected argument "extra"`},
 	} {
 		mustFail(t, tc.want, tc.args...)
 	}
