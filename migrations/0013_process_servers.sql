@@ -10,3 +10,10 @@ CREATE TABLE process_servers (
     data_addr   TEXT NOT NULL,
     registered  INTEGER NOT NULL                -- Unix ns
 );
+
+-- The process server each machine is assigned to; a machine without a row
+-- is the configuration server's built-in one's.
+CREATE TABLE ps_assignments (
+    machine_id     TEXT PRIMARY KEY REFERENCES machines(id) ON DELETE CASCADE,
+    process_server TEXT NOT NULL REFERENCES process_servers(name)
+);

@@ -7,9 +7,10 @@
 // serves its data listener, and reports its health and figures in a
 // heartbeat over mutual TLS.
 //
-// Not done yet: the configuration server assigns it no machine, so its data
-// listener refuses every agent with that reason; see docs/ARCHITECTURE.md,
-// "Scale-out process servers".
+// It serves the machines the configuration server assigns to it (each
+// heartbeat's reply), and hands over any other it has open (applied whole,
+// then its lease let go); see docs/ARCHITECTURE.md, "Scale-out process
+// servers".
 package psnode
 
 import (
@@ -69,6 +70,13 @@ type Node struct {
 	ps       *procserver.Server
 	host     *hoststat.Sampler
 	client   *http.Client // mutual TLS to the configuration server
+
+	mu       sync.Mutex
+	assigned map[string]api.PSAssignment // the machines it serves, by id (the last heartbeat's reply)
+	handing  map[string]bool             // machines being handed over (release)
+	wg       sync.WaitGroup              // the hand-overs
+	ctx      context.Context             // ends at Close: the hand-overs' context
+	cancel   context.CancelFunc
 }
 
 // Open registers with the configuration server, opens the target and the
@@ -81,7 +89,9 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	if !replication.ValidMachineName(cfg.Name) || cfg.Name == api.BuiltinProcessServer {
 		return nil, fmt.Errorf("--name %q: want %s, not %q", cfg.Name, replication.MachineNameRule, api.BuiltinProcessServer)
 	}
-	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "process-server", "process_server", cfg.Name), host: hoststat.New()}
+	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "process-server", "process_server", cfg.Name), host: hoststat.New(),
+		assigned: map[string]api.PSAssignment{}, handing: map[string]bool{}}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
 	if err := n.open(ctx); err != nil {
 		n.Close()
 		return nil, err
@@ -126,9 +136,15 @@ func (n *Node) open(ctx context.Context) error {
 	n.vaultID, n.targetID = v.ID, n.target.String()
 	n.client = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
 		RootCAs: n.enrol.Pool, ServerName: n.enrol.Host, Certificates: []tls.Certificate{n.cert},
-		NextProtos: []string{enroll.ProcessServerALPN, "http/1.1"}, MinVersion: tls.VersionTLS13}}}
-	n.ps, err = procserver.New(ctx, procserver.Config{
+		NextProtos: []string{enroll.ClientCertALPN, "http/1.1"}, MinVersion: tls.VersionTLS13}}}
+	// What it serves, before the process server opens what its cache
+	// holds.
+	if err := n.beat(ctx, nil); err != nil {
+		return fmt.Errorf("first heartbeat to %s: %w", n.enrol.URL, err)
+	}
+	ps, err := procserver.New(ctx, procserver.Config{
 		Name:          cfg.Name,
+		Serves:        n.serves,
 		CacheDir:      filepath.Join(cfg.DataDir, "cache"),
 		Catalog:       cat,
 		Authorize:     n.authorize,
@@ -138,6 +154,9 @@ func (n *Node) open(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("process server: %w", err)
 	}
+	n.mu.Lock()
+	n.ps = ps
+	n.mu.Unlock()
 	return nil
 }
 
@@ -194,10 +213,85 @@ func advertised(ctx context.Context, explicit, listen, configURL string) (string
 	return net.JoinHostPort(local, port), nil
 }
 
-// authorize turns every agent away: no machine is assigned to a scale-out
-// process server yet.
+// authorize accepts the agent of a machine assigned to this process server
+// with the certificate of its latest registration. A machine not known
+// yet asks the configuration server at once (a heartbeat): a machine just
+// switched here connects before the next beat.
 func (n *Node) authorize(ctx context.Context, machineID, serial string) (string, error) {
-	return "", fmt.Errorf("machine %s is not assigned to process server %s (assigning machines to scale-out process servers is not done yet)", machineID, n.cfg.Name)
+	a, ok := n.assignment(machineID)
+	if !ok {
+		if err := n.beat(ctx, nil); err != nil {
+			return "", fmt.Errorf("ask the configuration server about machine %s: %w", machineID, err)
+		}
+		a, ok = n.assignment(machineID)
+	}
+	if !ok {
+		return "", fmt.Errorf("machine %s is not assigned to process server %s: its agent asks the configuration server where to connect", machineID, n.cfg.Name)
+	}
+	if a.CertSerial != serial {
+		return "", errors.New("certificate superseded by a later registration")
+	}
+	return a.Name, nil
+}
+
+func (n *Node) assignment(id string) (api.PSAssignment, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	a, ok := n.assigned[id]
+	return a, ok
+}
+
+// serves is the process server's Config.Serves.
+func (n *Node) serves(id string) error {
+	if _, ok := n.assignment(id); !ok {
+		return fmt.Errorf("machine %s is not assigned to process server %s", id, n.cfg.Name)
+	}
+	return nil
+}
+
+// follow takes a heartbeat's reply: the machines assigned now; any other
+// machine it has open is handed over (applied whole, then let go), one
+// goroutine each, owned by the node.
+func (n *Node) follow(reply *api.ProcessServerHeartbeatReply) {
+	if len(reply.Assigned) > api.MaxPSMachines {
+		n.log.Error("the configuration server assigned too many machines; ignored", "machines", len(reply.Assigned), "max", api.MaxPSMachines)
+		return
+	}
+	m := make(map[string]api.PSAssignment, len(reply.Assigned))
+	for _, a := range reply.Assigned {
+		m[a.MachineID] = a
+	}
+	n.mu.Lock()
+	ps := n.ps
+	n.assigned = m
+	n.mu.Unlock()
+	if ps == nil {
+		return
+	}
+	// Not under n.mu: the process server asks serves (n.mu) under its
+	// own lock.
+	open := ps.MachineIDs()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, id := range open {
+		if _, ok := m[id]; ok || n.handing[id] || n.ctx.Err() != nil {
+			continue
+		}
+		n.handing[id] = true
+		n.wg.Go(func() {
+			defer func() {
+				n.mu.Lock()
+				delete(n.handing, id)
+				n.mu.Unlock()
+			}()
+			n.log.Info("machine switched to another process server: applying its cache, then letting it go", "machine", id)
+			if err := ps.Release(n.ctx, id); err != nil {
+				n.log.Error("hand-over failed; tried again at the next heartbeat", "machine", id, "err", err)
+				return
+			}
+			n.log.Info("machine handed over", "machine", id)
+		})
+	}
 }
 
 // DataAddr is the address agents dial.
@@ -240,6 +334,9 @@ func (n *Node) heartbeatLoop(ctx context.Context) error {
 	for {
 		var reply api.ProcessServerHeartbeatReply
 		err := n.beat(ctx, &reply)
+		if err == nil {
+			every = reply.Every
+		}
 		var he *enroll.HTTPError
 		switch {
 		case ctx.Err() != nil:
@@ -249,7 +346,7 @@ func (n *Node) heartbeatLoop(ctx context.Context) error {
 		case err != nil:
 			n.log.Warn("heartbeat failed; trying again", "err", err, "retry_in", every)
 		default:
-			every = min(max(reply.Every, time.Second), time.Minute)
+			every = min(max(every, time.Second), time.Minute)
 		}
 		if retry.Sleep(ctx, every) != nil {
 			return nil
@@ -258,11 +355,27 @@ func (n *Node) heartbeatLoop(ctx context.Context) error {
 	}
 }
 
+// beat sends a heartbeat (its figures, the machines it has open) and
+// follows the reply's assignments; reply, if not nil, receives it.
 func (n *Node) beat(ctx context.Context, reply *api.ProcessServerHeartbeatReply) error {
+	if reply == nil {
+		reply = &api.ProcessServerHeartbeatReply{}
+	}
 	h := n.host.Last()
-	hb := api.ProcessServerHeartbeat{Name: n.cfg.Name, VaultID: n.vaultID,
-		Figures: api.NewProcessServer(n.ps.Figures(), h.CPU, h.Memory, h.MemoryTotal, h.Err, n.targetID)}
-	return enroll.DoJSON(ctx, n.client, http.MethodPost, n.enrol.URL+"/api/v1/process-servers/heartbeat", hb, reply)
+	n.mu.Lock()
+	ps := n.ps
+	n.mu.Unlock()
+	var f procserver.Figures
+	hb := api.ProcessServerHeartbeat{Name: n.cfg.Name, VaultID: n.vaultID, Machines: []string{}}
+	if ps != nil {
+		f, hb.Machines = ps.Figures(), ps.MachineIDs()
+	}
+	hb.Figures = api.NewProcessServer(f, h.CPU, h.Memory, h.MemoryTotal, h.Err, n.targetID)
+	if err := enroll.DoJSON(ctx, n.client, http.MethodPost, n.enrol.URL+"/api/v1/process-servers/heartbeat", hb, reply); err != nil {
+		return err
+	}
+	n.follow(reply)
+	return nil
 }
 
 // Close stops the process server (its machines' leases released after
@@ -274,6 +387,10 @@ func (n *Node) Close() error {
 			first = err
 		}
 	}
+	if n.cancel != nil {
+		n.cancel()
+	}
+	n.wg.Wait()
 	if n.dataL != nil {
 		n.dataL.Close()
 	}

@@ -98,6 +98,8 @@ func (s *Server) routes() http.Handler {
 		// proof, then heartbeats by their client certificate.
 		r.Post("/process-servers/register", handle(s.handlePSRegister))
 		r.Post("/process-servers/heartbeat", handle(s.handlePSHeartbeat))
+		// An agent asks where its process server is (client certificate).
+		r.Get("/agents/data-address", handle(s.handleDataAddress))
 		// Operator API: admin token.
 		r.Group(func(r chi.Router) {
 			r.Use(s.requireToken)
@@ -125,6 +127,7 @@ func (s *Server) routes() http.Handler {
 			r.Delete("/settings/notifications/webhook", handle(s.handleSetWebhook))
 			r.Get("/process-servers", handle(s.handlePSList))
 			r.Delete("/process-servers/{name}", handle(s.handlePSRemove))
+			r.Post("/machines/{machine}/process-server", handle(s.handleSwitch))
 			r.Get("/process-server", func(w http.ResponseWriter, r *http.Request) {
 				writeJSON(w, http.StatusOK, s.ProcessServer())
 			})

@@ -26,10 +26,13 @@ import (
 // the control port. Registrations are in the vault database; heartbeats
 // and figures only in memory (no database write per heartbeat).
 //
-// Not done yet: assigning machines to a scale-out process server, telling
-// agents where to connect, `asr ps switch` and the automatic switch. Until
-// then every machine is the built-in process server's, and a scale-out
-// process server serves no machine (its data listener refuses every agent).
+// Machines are assigned to a process server (the built-in one unless the
+// operator switched them: `asr ps switch`); each process server opens only
+// the machines it serves (procserver.Config.Serves), under the machine's
+// lease on the target, and agents ask the control URL where their process
+// server is at each connect (GET /api/v1/agents/data-address). Not done
+// yet: the automatic switch away from a silent process server, and the
+// least-loaded choice for new machines.
 
 // defaultPSHeartbeatLost is how long a process server may go without a
 // heartbeat before its critical alert; psHeartbeatEvery how often it is
@@ -39,20 +42,54 @@ const (
 	psHeartbeatEvery       = 5 * time.Second
 )
 
-// processServers is the in-memory side: the last heartbeat of each.
+// processServers is the in-memory side: the last heartbeat of each, and
+// the assignments (a copy of the table, written through).
 type processServers struct {
-	mu   sync.Mutex
-	last map[string]psBeat
+	switchMu sync.Mutex // one switch at a time
+
+	mu       sync.Mutex
+	last     map[string]psBeat
+	assigned map[string]string // machine id -> scale-out process server; absent: the built-in one
 }
 
 type psBeat struct {
-	at      time.Time
-	figures api.ProcessServer
+	at       time.Time
+	figures  api.ProcessServer
+	machines map[string]bool // the machines it has open
+}
+
+// loadAssignments reads the assignments (at open, before the process
+// server, which asks servesBuiltin).
+func (s *Server) loadAssignments(ctx context.Context) error {
+	a, err := s.db.Assignments(ctx)
+	if err != nil {
+		return err
+	}
+	s.pss.mu.Lock()
+	s.pss.assigned = a
+	s.pss.mu.Unlock()
+	return nil
+}
+
+// assignedTo is the scale-out process server a machine is assigned to (""
+// for the built-in one).
+func (s *Server) assignedTo(machineID string) string {
+	s.pss.mu.Lock()
+	defer s.pss.mu.Unlock()
+	return s.pss.assigned[machineID]
+}
+
+// servesBuiltin is the built-in process server's Config.Serves.
+func (s *Server) servesBuiltin(machineID string) error {
+	if ps := s.assignedTo(machineID); ps != "" {
+		return fmt.Errorf("machine %s is served by process server %s, not the configuration server's built-in one", machineID, ps)
+	}
+	return nil
 }
 
 // controlTLS is the control listener's TLS configuration: a client
 // certificate is asked for only on the connections of process servers
-// (they offer enroll.ProcessServerALPN), so a browser never sees a
+// (they offer enroll.ClientCertALPN), so a browser never sees a
 // certificate prompt.
 func (s *Server) controlTLS() *tls.Config {
 	base := &tls.Config{Certificates: []tls.Certificate{s.cert}, MinVersion: tls.VersionTLS12}
@@ -62,7 +99,7 @@ func (s *Server) controlTLS() *tls.Config {
 		// spoken (net/http closes a connection of another protocol).
 		NextProtos: []string{"http/1.1"}}
 	base.GetConfigForClient = func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-		if slices.Contains(h.SupportedProtos, enroll.ProcessServerALPN) {
+		if slices.Contains(h.SupportedProtos, enroll.ClientCertALPN) {
 			return ps, nil
 		}
 		return nil, nil
@@ -125,7 +162,7 @@ func (s *Server) handlePSRegister(w http.ResponseWriter, r *http.Request) error 
 // made request r, checked against its latest registration.
 func (s *Server) psFromCert(ctx context.Context, r *http.Request) (store.ProcessServer, error) {
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.PeerCertificates) == 0 {
-		return store.ProcessServer{}, errorf(http.StatusUnauthorized, "a process server's client certificate is required (connect with ALPN %s)", enroll.ProcessServerALPN)
+		return store.ProcessServer{}, errorf(http.StatusUnauthorized, "a process server's client certificate is required (connect with ALPN %s)", enroll.ClientCertALPN)
 	}
 	c := r.TLS.PeerCertificates[0]
 	name, ok := strings.CutPrefix(c.Subject.CommonName, "ps:")
@@ -159,14 +196,40 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 	if hb.VaultID != s.vaultID {
 		return errorf(http.StatusConflict, "process server %s writes to the target of vault %q; this configuration server's vault is %q (target %s): give it the same target", p.Name, hb.VaultID, s.vaultID, s.targetURL)
 	}
+	if len(hb.Machines) > api.MaxPSMachines {
+		return errorf(http.StatusBadRequest, "heartbeat names %d machines, at most %d", len(hb.Machines), api.MaxPSMachines)
+	}
+	open := make(map[string]bool, len(hb.Machines))
+	for _, id := range hb.Machines {
+		open[id] = true
+	}
 	s.pss.mu.Lock()
 	if s.pss.last == nil {
 		s.pss.last = map[string]psBeat{}
 	}
-	s.pss.last[p.Name] = psBeat{at: s.now(), figures: hb.Figures}
+	s.pss.last[p.Name] = psBeat{at: s.now(), figures: hb.Figures, machines: open}
+	var ids []string
+	for id, ps := range s.pss.assigned {
+		if ps == p.Name {
+			ids = append(ids, id)
+		}
+	}
 	s.pss.mu.Unlock()
 	// Three beats in the lost interval at least: one late beat is no alert.
-	writeJSON(w, http.StatusOK, api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3)})
+	reply := api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3), Assigned: []api.PSAssignment{}}
+	for _, id := range ids {
+		m, err := s.db.Machine(r.Context(), id)
+		if errors.Is(err, store.ErrNotFound) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		if m.Unprotected() {
+			continue // its agent is refused; nothing opens it
+		}
+		reply.Assigned = append(reply.Assigned, api.PSAssignment{MachineID: m.ID, Name: m.Name, CertSerial: m.CertSerial})
+	}
+	writeJSON(w, http.StatusOK, reply)
 	return nil
 }
 
@@ -181,9 +244,14 @@ func (s *Server) ProcessServers(ctx context.Context) ([]api.ProcessServerInfo, e
 		LastHeartbeat: now, State: api.PSHealthy, Figures: s.ProcessServer(), Machines: len(s.ps.MachineIDs())}}
 	s.pss.mu.Lock()
 	defer s.pss.mu.Unlock()
+	count := map[string]int{}
+	for _, ps := range s.pss.assigned {
+		count[ps]++
+	}
 	for _, p := range rows {
 		b := s.pss.last[p.Name]
-		i := api.ProcessServerInfo{Name: p.Name, DataAddr: p.DataAddr, Registered: p.Registered, LastHeartbeat: b.at, Figures: b.figures, State: api.PSNoHeartbeat}
+		i := api.ProcessServerInfo{Name: p.Name, DataAddr: p.DataAddr, Registered: p.Registered, LastHeartbeat: b.at, Figures: b.figures,
+			State: api.PSNoHeartbeat, Machines: count[p.Name]}
 		if !b.at.IsZero() && now.Sub(b.at) <= s.cfg.PSHeartbeatLost {
 			i.State = api.PSHealthy
 		}
@@ -202,11 +270,24 @@ func (s *Server) handlePSList(w http.ResponseWriter, r *http.Request) error {
 }
 
 // RemoveProcessServer ends a scale-out process server's registration: its
-// certificate no longer authenticates. (It would be refused while machines
-// are assigned to it; none can be yet.)
+// certificate no longer authenticates. It is refused while machines are
+// assigned to it.
 func (s *Server) RemoveProcessServer(ctx context.Context, name string) error {
 	if name == api.BuiltinProcessServer {
 		return errorf(http.StatusBadRequest, "the built-in process server is part of the configuration server: it cannot be removed")
+	}
+	s.pss.switchMu.Lock() // no switch to it meanwhile
+	defer s.pss.switchMu.Unlock()
+	s.pss.mu.Lock()
+	n := 0
+	for _, ps := range s.pss.assigned {
+		if ps == name {
+			n++
+		}
+	}
+	s.pss.mu.Unlock()
+	if n > 0 {
+		return errorf(http.StatusConflict, "process server %s serves %d machines: switch them to another (asr ps switch --machine M --to PS) first; nothing was removed", name, n)
 	}
 	if err := s.db.RemoveProcessServer(ctx, name); errors.Is(err, store.ErrNotFound) {
 		return errorf(http.StatusNotFound, "no process server named %q", name)
@@ -256,4 +337,150 @@ func (s *Server) psHeartbeatObs(ctx context.Context, now time.Time) ([]alertObs,
 		obs = append(obs, o)
 	}
 	return obs, nil
+}
+
+// SwitchProcessServer moves a machine to another process server (to: a
+// scale-out one's name, or api.BuiltinProcessServer). The assignment is
+// written first (so the old process server opens it no more and the agent
+// is told the new address), then the old one hands it over: it closes the
+// agent's connection and applies everything its cache holds (every
+// acknowledged write) before its lease on the target goes. The new one
+// opens the machine, under the lease, when the agent connects; the agent
+// re-sends from its log whatever was not acknowledged. It returns once the
+// old process server has let the machine go (or ctx ends: the hand-over
+// goes on, and the switch may be asked again).
+func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) error {
+	s.pss.switchMu.Lock()
+	defer s.pss.switchMu.Unlock()
+	m, err := s.db.MachineByName(ctx, machine)
+	if errors.Is(err, store.ErrNotFound) {
+		return errorf(http.StatusNotFound, "no machine named %q", machine)
+	} else if err != nil {
+		return err
+	}
+	if m.Unprotected() {
+		return errorf(http.StatusConflict, "machine %s is not protected any more", machine)
+	}
+	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil {
+		return errorf(http.StatusConflict, "machine %s has a live failover (%s): a switch waits until it is cleaned up or failed back", machine, f.ID)
+	} else if !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	newPS := to
+	if to == api.BuiltinProcessServer {
+		newPS = ""
+	} else {
+		if _, err := s.db.ProcessServerByName(ctx, to); errors.Is(err, store.ErrNotFound) {
+			return errorf(http.StatusNotFound, "no process server named %q", to)
+		} else if err != nil {
+			return err
+		}
+		s.pss.mu.Lock()
+		b := s.pss.last[to]
+		s.pss.mu.Unlock()
+		if b.at.IsZero() || s.now().Sub(b.at) > s.cfg.PSHeartbeatLost {
+			return errorf(http.StatusConflict, "process server %s sends no heartbeat: switch to a healthy one (asr ps list)", to)
+		}
+	}
+	old := s.assignedTo(m.ID)
+	if old == newPS {
+		return nil
+	}
+	if old != "" {
+		s.pss.mu.Lock()
+		b := s.pss.last[old]
+		s.pss.mu.Unlock()
+		if b.at.IsZero() || s.now().Sub(b.at) > s.cfg.PSHeartbeatLost {
+			return errorf(http.StatusConflict, "process server %s, which serves %s, sends no heartbeat: its cache may hold acknowledged changes not yet applied; start it again so it hands the machine over", old, machine)
+		}
+	}
+	if err := s.db.Assign(ctx, m.ID, newPS); err != nil {
+		return err
+	}
+	s.pss.mu.Lock()
+	if newPS == "" {
+		delete(s.pss.assigned, m.ID)
+	} else {
+		s.pss.assigned[m.ID] = newPS
+	}
+	since := s.now()
+	s.pss.mu.Unlock()
+	from := old
+	if from == "" {
+		from = api.BuiltinProcessServer
+	}
+	s.raise(ctx, store.Event{MachineID: m.ID, Kind: "process-server-switch", Severity: api.SeverityInfo,
+		Message: fmt.Sprintf("%s switched from process server %s to %s", machine, from, to)})
+	if old == "" {
+		// The built-in process server hands it over here.
+		if err := s.ps.Release(ctx, m.ID); err != nil {
+			return fmt.Errorf("the built-in process server's hand-over of %s: %w", machine, err)
+		}
+		return nil
+	}
+	// A scale-out one learns it from its next heartbeat's reply and hands
+	// it over; done when a heartbeat after that no longer names it.
+	for {
+		s.pss.mu.Lock()
+		b := s.pss.last[old]
+		s.pss.mu.Unlock()
+		if b.at.After(since) && !b.machines[m.ID] {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("process server %s has not handed %s over yet (it applies its cache first): %w", old, machine, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (s *Server) handleSwitch(w http.ResponseWriter, r *http.Request) error {
+	var req api.SwitchRequest
+	if err := readJSON(r, &req); err != nil {
+		return err
+	}
+	if err := s.SwitchProcessServer(r.Context(), chi.URLParam(r, "machine"), req.To); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// agentFromCert is the machine whose verified client certificate made
+// request r, checked against its latest registration.
+func (s *Server) agentFromCert(ctx context.Context, r *http.Request) (store.Machine, error) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.PeerCertificates) == 0 {
+		return store.Machine{}, errorf(http.StatusUnauthorized, "an agent's client certificate is required (connect with ALPN %s)", enroll.ClientCertALPN)
+	}
+	c := r.TLS.PeerCertificates[0]
+	m, err := s.db.Machine(ctx, c.Subject.CommonName)
+	if errors.Is(err, store.ErrNotFound) {
+		return m, errorf(http.StatusForbidden, "no machine %s is registered with this vault", c.Subject.CommonName)
+	} else if err != nil {
+		return m, err
+	}
+	if m.CertSerial != c.SerialNumber.Text(16) {
+		return m, errorf(http.StatusForbidden, "certificate superseded by a later registration")
+	}
+	return m, nil
+}
+
+// handleDataAddress tells an agent where its machine's process server is.
+func (s *Server) handleDataAddress(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.agentFromCert(r.Context(), r)
+	if err != nil {
+		return err
+	}
+	ps := s.assignedTo(m.ID)
+	if ps == "" {
+		writeJSON(w, http.StatusOK, enroll.DataAddress{ProcessServer: api.BuiltinProcessServer})
+		return nil
+	}
+	p, err := s.db.ProcessServerByName(r.Context(), ps)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, enroll.DataAddress{ProcessServer: ps, DataAddr: p.DataAddr})
+	return nil
 }

@@ -4,11 +4,16 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
 
 	"github.com/asrdr/asr/psnode"
 	"github.com/asrdr/asr/replication"
@@ -152,4 +157,136 @@ func TestProcessServerRegistersAndBeats(t *testing.T) {
 	defer stop3()
 	go n3.Run(ctx3)
 	waitAlert(false)
+}
+
+// A machine switched mid-stream between the built-in process server and
+// two scale-out ones (ps1, ps2, then back), with writes going on all the
+// while: each process server serves it in turn (bytes arrive there), and
+// a point made at the end recovers bit-exact: every write acknowledged to
+// the guest is in the replica, whichever process server received it.
+func TestSwitchProcessServerMidStream(t *testing.T) {
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger()}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	defer cancel()
+	passFile := filepath.Join(dir, "srv", server.PassphraseFile)
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 8<<20, 1)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0})
+	startAgent(t, cfg)
+	c0, err := nbd.Dial(ctx, cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c0.Close()
+	r.waitProtected("vm1")
+
+	for _, name := range []string{"ps1", "ps2"} {
+		n, err := psnode.Open(ctx, r.psConfig(name, passFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		nctx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- n.Run(nctx) }()
+		t.Cleanup(func() {
+			stop()
+			<-done
+			n.Close()
+		})
+		r.waitPS(ctx, name, api.PSHealthy)
+	}
+	if err := r.client.SwitchProcessServer(ctx, "vm1", "nowhere"); err == nil || !strings.Contains(err.Error(), "no process server") {
+		t.Fatalf("switch to an unknown process server: %v", err)
+	}
+
+	// The writer: random blocks, each acknowledged by the agent's NBD
+	// server, until stopped.
+	stopW, wdone := make(chan struct{}), make(chan error, 1)
+	var written atomic.Int64
+	go func() {
+		rnd := rand.New(rand.NewPCG(5, 5))
+		for {
+			select {
+			case <-stopW:
+				wdone <- nil
+				return
+			default:
+			}
+			b := make([]byte, 4096*(1+rnd.IntN(16)))
+			for j := range b {
+				b[j] = byte(rnd.IntN(256))
+			}
+			off := rnd.Int64N((c0.Size()-int64(len(b)))/4096) * 4096
+			if err := c0.WriteAt(b, off); err != nil {
+				wdone <- err
+				return
+			}
+			written.Add(int64(len(b)))
+		}
+	}()
+	// received is what a process server's heartbeat says it took in.
+	received := func(name string) int64 {
+		l, err := r.client.ProcessServers(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range l {
+			if p.Name == name {
+				return p.Figures.RawBytes
+			}
+		}
+		t.Fatalf("no process server %s", name)
+		return 0
+	}
+	for _, to := range []string{"ps1", "ps2", "ps1"} {
+		before := received(to)
+		if err := r.client.SwitchProcessServer(ctx, "vm1", to); err != nil {
+			t.Fatal(err)
+		}
+		for received(to) <= before {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("no data reached %s after the switch", to)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		t.Logf("vm1 on %s; %d bytes written so far", to, written.Load())
+	}
+	if err := r.client.RemoveProcessServer(ctx, "ps1"); err == nil || !strings.Contains(err.Error(), "serves 1 machines") {
+		t.Fatalf("removing the process server vm1 is on: %v", err)
+	}
+	if err := r.client.SwitchProcessServer(ctx, "vm1", api.BuiltinProcessServer); err != nil {
+		t.Fatal(err)
+	}
+	close(stopW)
+	if err := <-wdone; err != nil {
+		t.Fatal(err)
+	}
+	// Back on the built-in one: a point (retried until the agent is
+	// connected there again) holds every write.
+	var p api.PointJSON
+	for {
+		p, err = r.client.Tag(ctx, "vm1", false, time.Minute)
+		if err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no point after switching back: %v", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	out := filepath.Join(dir, "out")
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, d0) {
+		t.Fatalf("point %s after the switches differs from the source (%d bytes written)", p.ID, written.Load())
+	}
+	if err := r.client.RemoveProcessServer(ctx, "ps1"); err != nil {
+		t.Fatalf("removing ps1 once vm1 left it: %v", err)
+	}
 }

@@ -325,10 +325,14 @@ func (s *Server) open(ctx context.Context) error {
 			s.noteUnprotected(m.ID, false)
 		}
 	}
+	if err := s.loadAssignments(ctx); err != nil {
+		return err
+	}
 	// Before the process server, which reports each machine it opens.
 	s.mirror = newMirror(s.writeNews, s.log.With("component", "mirror"), time.Second, 30*time.Second)
 	s.ps, err = procserver.New(ctx, procserver.Config{
 		Removed:       removed,
+		Serves:        s.servesBuiltin,
 		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
 		Catalog:       s.cat,
 		Authorize:     s.authorizeAgent,
@@ -688,6 +692,9 @@ func (s *Server) authorizeAgent(ctx context.Context, id, serial string) (string,
 	}
 	if m.CertSerial != serial {
 		return "", errors.New("certificate superseded by a later registration")
+	}
+	if err := s.servesBuiltin(id); err != nil {
+		return "", err
 	}
 	return m.Name, nil
 }

@@ -83,3 +83,37 @@ func (d *DB) RemoveProcessServer(ctx context.Context, name string) error {
 	}
 	return nil
 }
+
+// Assignments maps each machine assigned to a scale-out process server to
+// its name (machines not in it are the built-in process server's).
+func (d *DB) Assignments(ctx context.Context) (map[string]string, error) {
+	rows, err := d.db.QueryContext(ctx, `SELECT machine_id, process_server FROM ps_assignments`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]string{}
+	for rows.Next() {
+		var m, p string
+		if err := rows.Scan(&m, &p); err != nil {
+			return nil, err
+		}
+		out[m] = p
+	}
+	return out, rows.Err()
+}
+
+// Assign assigns a machine to a scale-out process server ("" : the
+// built-in one).
+func (d *DB) Assign(ctx context.Context, machineID, processServer string) error {
+	var err error
+	if processServer == "" {
+		_, err = d.db.ExecContext(ctx, `DELETE FROM ps_assignments WHERE machine_id = ?`, machineID)
+	} else {
+		_, err = d.db.ExecContext(ctx, `INSERT OR REPLACE INTO ps_assignments (machine_id, process_server) VALUES (?, ?)`, machineID, processServer)
+	}
+	if err != nil {
+		return fmt.Errorf("assign machine %s to process server %q: %w", machineID, processServer, err)
+	}
+	return nil
+}

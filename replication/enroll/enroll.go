@@ -191,11 +191,20 @@ type ProcessServerRegisterResponse struct {
 // certificate: a machine id (hex) or a machine name never holds ':'.
 func ProcessServerCN(name string) string { return "ps:" + name }
 
-// ProcessServerALPN is a TLS protocol name a process server offers (with
-// http/1.1, which is what the server picks) when it calls the
-// configuration server's control API: the server asks for a client
-// certificate only on such connections (a browser is never asked).
-const ProcessServerALPN = "asr-process-server/1"
+// ClientCertALPN is a TLS protocol name a process server or an agent offers
+// (with http/1.1, which is what the server picks) when it calls the
+// configuration server's control API with its client certificate: the
+// server asks for a client certificate only on such connections (a browser
+// is never asked).
+const ClientCertALPN = "asr-client-cert/1"
+
+// DataAddress answers an agent's GET /api/v1/agents/data-address (mutual
+// TLS): where its machine's process server is. An empty DataAddr means the
+// configuration server's built-in one, at the address the agent has.
+type DataAddress struct {
+	ProcessServer string `json:"process_server"`
+	DataAddr      string `json:"data_addr,omitempty"`
+}
 
 // CheckProof compares proofs in constant time.
 func CheckProof(got, want []byte) bool { return hmac.Equal(got, want) }

@@ -2,6 +2,7 @@ package procserver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -48,7 +49,7 @@ func openMachine(ctx context.Context, s *Server, id, name string) (*machine, err
 	m := &machine{s: s, id: id, log: s.log.With("machine", id), points: newPoints()}
 	dir := filepath.Join(s.cfg.CacheDir, id)
 	if l, ok := s.cfg.Catalog.T.(replication.MachineLeaser); ok {
-		lease, err := l.LeaseMachine(ctx, id, s.cfg.Name)
+		lease, err := takeLease(ctx, l, id, s.cfg.Name)
 		if err != nil {
 			return nil, err
 		}
@@ -156,4 +157,26 @@ func (m *machine) close() error {
 		}
 	}
 	return err
+}
+
+// leaseWait is how long opening a machine waits for its lease while
+// another process server holds it: the one it was switched away from
+// applies its cache before it lets go.
+var leaseWait = time.Minute
+
+// takeLease takes a machine's lease, waiting up to leaseWait (or until ctx
+// ends) while another holder has it.
+func takeLease(ctx context.Context, l replication.MachineLeaser, id, holder string) (replication.Lease, error) {
+	deadline := time.Now().Add(leaseWait)
+	for {
+		lease, err := l.LeaseMachine(ctx, id, holder)
+		if !errors.Is(err, replication.ErrMachineLeased) || time.Now().After(deadline) {
+			return lease, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }

@@ -321,3 +321,10 @@ func (c *Client) ProcessServers(ctx context.Context) ([]ProcessServerInfo, error
 func (c *Client) RemoveProcessServer(ctx context.Context, name string) error {
 	return c.Do(ctx, http.MethodDelete, "/api/v1/process-servers/"+url.PathEscape(name), nil, nil)
 }
+
+// SwitchProcessServer moves a machine to another process server (a
+// scale-out one's name, or BuiltinProcessServer); it returns once the old
+// one has handed the machine over.
+func (c *Client) SwitchProcessServer(ctx context.Context, machine, to string) error {
+	return c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/process-server", SwitchRequest{To: to}, nil)
+}

@@ -14,12 +14,35 @@ type ProcessServerHeartbeat struct {
 	Name    string        `json:"name"`
 	VaultID string        `json:"vault_id"` // the vault its target holds: must be the configuration server's
 	Figures ProcessServer `json:"figures"`
+	// Machines are the ids of the machines it has open (and so holds the
+	// lease of), at most MaxPSMachines.
+	Machines []string `json:"machines"`
 }
+
+// MaxPSMachines bounds the machines a heartbeat or its reply names (ASR
+// sizes a process server at about 200 machines).
+const MaxPSMachines = 10000
 
 // ProcessServerHeartbeatReply answers a heartbeat.
 type ProcessServerHeartbeatReply struct {
 	// Every is how often the configuration server wants heartbeats.
 	Every time.Duration `json:"every_ns"`
+	// Assigned are the machines it serves: it accepts their agents (with
+	// the certificate serial of their latest registration) and hands over
+	// any other machine it has open (procserver.Release).
+	Assigned []PSAssignment `json:"assigned"`
+}
+
+// PSAssignment is a machine a scale-out process server serves.
+type PSAssignment struct {
+	MachineID  string `json:"machine_id"`
+	Name       string `json:"name"`
+	CertSerial string `json:"cert_serial"`
+}
+
+// SwitchRequest is the body of POST /api/v1/machines/{m}/process-server.
+type SwitchRequest struct {
+	To string `json:"to"` // a scale-out process server's name, or BuiltinProcessServer
 }
 
 // Process server states in a ProcessServerInfo.
@@ -43,8 +66,8 @@ type ProcessServerInfo struct {
 	LastHeartbeat time.Time     `json:"last_heartbeat,omitzero"`
 	State         string        `json:"state"`
 	Figures       ProcessServer `json:"figures"`
-	// Machines is how many machines it serves. Assigning machines to a
-	// scale-out process server is not done yet: all are the built-in one's.
+	// Machines is how many machines are assigned to it (the built-in
+	// one: how many it has open).
 	Machines int `json:"machines"`
 }
 

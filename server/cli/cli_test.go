@@ -77,7 +77,7 @@ func TestHelpExitsZero(t *testing.T) {
 		"job":     {"show", "confirm", "cancel"},
 		"policy":  {"list", "show", "create", "set", "assign"},
 		"group":   {"set", "clear"},
-		"ps":      {"list", "remove"},
+		"ps":      {"list", "switch", "remove"},
 	} {
 		for _, verb := range verbs {
 			for _, h := range []string{"-h", "--help"} {
@@ -145,6 +145,7 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"ps"}, "no verb given"},
 		{[]string{"ps", "bogus"}, `unknown verb "bogus"`},
 		{[]string{"ps", "remove"}, "give the process server's name"},
+		{[]string{"ps", "switch", "--machine", "vm1"}, "--machine and --to are required"},
 		{[]string{"ps", "list", "extra"}, `unexpected argument "extra"`},
 	} {
 		mustFail(t, tc.want, tc.args...)

@@ -60,12 +60,16 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 	return err
 }
 
-const psUsage = `usage: asr ps list [--json] | remove NAME
+const psUsage = `usage: asr ps list [--json] | switch --machine M --to PS | remove NAME
 
 list: the built-in process server and the scale-out ones (asr process-server),
 with their state (healthy, or no-heartbeat), last heartbeat and figures.
+switch: moves a machine to another process server (a scale-out one's name,
+or builtin): the old one applies what its cache holds and lets the machine
+go, the agent connects to the new one and re-sends what was not
+acknowledged; it returns once the old one has let go.
 remove: ends a scale-out process server's registration (its certificate no
-longer authenticates).`
+longer authenticates); refused while machines are assigned to it.`
 
 // runPS lists or removes process servers.
 func runPS(ctx context.Context, e *env, args []string) error {
@@ -81,6 +85,9 @@ func runPS(ctx context.Context, e *env, args []string) error {
 	o := &opFlags{}
 	o.registerConn(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
+	machine := fs.String("machine", "", "the machine to switch (switch)")
+	to := fs.String("to", "", "the process server to switch it to: a scale-out one's name, or builtin (switch)")
+	wait := fs.Duration("timeout", 10*time.Minute, "how long switch waits for the old process server to let the machine go")
 	rest, name := args[1:], ""
 	if verb == "remove" && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
 		name, rest = rest[0], rest[1:]
@@ -113,6 +120,21 @@ func runPS(ctx context.Context, e *env, args []string) error {
 					ratio(f.CPU), ratio(f.Memory), ratio(f.CacheFree), f.BacklogBytes, f.UploadRate)
 			}
 		})
+	case "switch":
+		if *machine == "" || *to == "" {
+			return fmt.Errorf("asr ps switch: --machine and --to are required\n%s", psUsage)
+		}
+		c, err := o.client()
+		if err != nil {
+			return err
+		}
+		wctx, cancel := context.WithTimeout(ctx, *wait)
+		defer cancel()
+		if err := c.SwitchProcessServer(wctx, *machine, *to); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.out, "machine %s is served by process server %s\n", *machine, *to)
+		return nil
 	case "remove":
 		if name == "" || fs.NArg() != 0 {
 			return fmt.Errorf("asr ps remove: give the process server's name\n%s", psUsage)
