@@ -141,7 +141,8 @@ func TestE2EProcessServers(t *testing.T) {
 // vm2 to ps2, then vm1 moves from ps1 to ps2 mid-stream (`asr ps switch`),
 // and both come back to the built-in process server; each switch is seen
 // by the data arriving at the new process server. A process server with a
-// machine cannot be removed. At the end each machine's latest point
+// machine cannot be removed. ps2 is killed (kill -9) with both machines on
+// it and started again: it takes them back. At the end each machine's latest point
 // recovers bit-exact: no write acknowledged to fio is lost, whichever
 // process server received it.
 func TestE2EProcessServerSwitch(t *testing.T) {
@@ -157,11 +158,15 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 	for vm := range disks {
 		c.waitState(vm, "protected", 3*time.Minute)
 	}
-	for _, name := range []string{"ps1", "ps2"} {
+	procs := map[string]*proc{}
+	startPS := func(name string) {
 		p := startProc(t, name, filepath.Join(c.dir, name+".log"), "process-server", "--config", c.url(), "--passphrase-file", pass,
 			"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name)
 		p.waitLog(t, "asr process server running")
+		procs[name] = p
 	}
+	startPS("ps1")
+	startPS("ps2")
 	received := func(name string) int64 {
 		t.Helper()
 		var l []api.ProcessServerInfo
@@ -224,6 +229,19 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 	switchTo("vm1", "ps2") // mid-stream, from one scale-out process server to another
 	if _, err := c.cli("ps", "remove", "ps2"); err == nil || !strings.Contains(err.Error(), "serves 2 machines") {
 		t.Fatalf("removing ps2 while it serves vm1 and vm2: %v", err)
+	}
+	// kill -9 of ps2 with both machines on it, under fio: the agents keep
+	// spooling; started again (on another data port: the agents ask the
+	// configuration server), it recovers its cache and takes them back.
+	procs["ps2"].kill()
+	os.Remove(filepath.Join(c.dir, "ps2.log"))
+	startPS("ps2")
+	deadline = time.Now().Add(hungAfter)
+	for received("ps2") <= 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no data reached ps2 after its restart")
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	close(stop)
 	if err := bg.wait(); err != nil {

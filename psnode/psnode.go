@@ -138,7 +138,8 @@ func (n *Node) open(ctx context.Context) error {
 		RootCAs: n.enrol.Pool, ServerName: n.enrol.Host, Certificates: []tls.Certificate{n.cert},
 		NextProtos: []string{enroll.ClientCertALPN, "http/1.1"}, MinVersion: tls.VersionTLS13}}}
 	// What it serves, before the process server opens what its cache
-	// holds.
+	// holds (this first heartbeat has the host's figures only).
+	n.host.Sample(time.Now())
 	if err := n.beat(ctx, nil); err != nil {
 		return fmt.Errorf("first heartbeat to %s: %w", n.enrol.URL, err)
 	}

@@ -27,6 +27,11 @@ var ErrMachineLeased = errors.New("the machine's replica is being written by ano
 //     for operators (the process server's name), not a secret.
 type MachineLeaser interface {
 	LeaseMachine(ctx context.Context, id, holder string) (Lease, error)
+	// DropMachineLease removes what the target keeps of a machine's lease
+	// once the machine is deleted (Catalog.DeleteMachine); it fails with
+	// ErrMachineLeased while a holder has it. Only for a machine nothing
+	// will open again.
+	DropMachineLease(ctx context.Context, id string) error
 }
 
 // Lease is a machine's lease, held until Release (idempotent).

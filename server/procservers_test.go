@@ -33,7 +33,9 @@ func (r *rig) psConfig(name, passFile string) psnode.Config {
 		}, Logger: r.log}
 }
 
-// waitPS waits until the list shows the process server name in state.
+// waitPS waits until the list shows the process server name in state,
+// with the figures of its process server (not only of its first
+// heartbeat, sent before its process server runs).
 func (r *rig) waitPS(ctx context.Context, name, state string) api.ProcessServerInfo {
 	r.t.Helper()
 	for {
@@ -42,7 +44,7 @@ func (r *rig) waitPS(ctx context.Context, name, state string) api.ProcessServerI
 			r.t.Fatal(err)
 		}
 		for _, p := range l {
-			if p.Name == name && p.State == state {
+			if p.Name == name && p.State == state && p.Figures.CacheState != "" {
 				return p
 			}
 		}

@@ -72,3 +72,22 @@ func (l *fileLease) Release() error {
 	l.once.Do(func() { l.err = l.f.Close() })
 	return l.err
 }
+
+// DropMachineLease removes leases/<id>, taking the lease first so that a
+// holder is never left with an unlinked file (replication.MachineLeaser).
+// Missing is nil.
+func (t *Target) DropMachineLease(ctx context.Context, id string) error {
+	path := filepath.Join(t.dir, leasesDir, id)
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	l, err := t.LeaseMachine(ctx, id, "deleting the machine")
+	if err != nil {
+		return err
+	}
+	defer l.Release()
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("drop the lease of machine %s: %w", id, err)
+	}
+	return nil
+}

@@ -3,6 +3,8 @@ package localfs_test
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -68,6 +70,19 @@ func TestLeaseMachine(t *testing.T) {
 		if _, err := ps.LeaseMachine(ctx, bad, "ps1"); !errors.Is(err, replication.ErrInvalidKey) {
 			t.Errorf("lease %q: %v, want ErrInvalidKey", bad, err)
 		}
+	}
+	if err := cs.DropMachineLease(ctx, "aa01"); !errors.Is(err, replication.ErrMachineLeased) {
+		t.Fatalf("drop a held lease: %v, want ErrMachineLeased", err)
+	}
+	a2.Release()
+	if err := cs.DropMachineLease(ctx, "aa01"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "leases", "aa01")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the dropped lease's file: %v", err)
+	}
+	if err := cs.DropMachineLease(ctx, "zz99"); err != nil {
+		t.Fatalf("drop a lease never taken: %v", err)
 	}
 	ps.Close()
 	if _, err := ps.LeaseMachine(ctx, "cc03", "ps1"); !errors.Is(err, replication.ErrClosed) {
