@@ -271,6 +271,11 @@ func (s *Server) alertLoop() {
 		if err := s.evaluateAlerts(s.ctx); err != nil && s.ctx.Err() == nil {
 			s.log.Error("alerts", "err", err)
 		}
+		if s.cfg.AutoSwitch {
+			if err := s.autoSwitch(s.ctx); err != nil && s.ctx.Err() == nil {
+				s.log.Error("automatic switch", "err", err)
+			}
+		}
 		if err := s.alerts.outbox.flush(s.ctx); err != nil && s.ctx.Err() == nil {
 			s.log.Error("alert notices", "err", err)
 		}

@@ -30,9 +30,10 @@ import (
 // operator switched them: `asr ps switch`); each process server opens only
 // the machines it serves (procserver.Config.Serves), under the machine's
 // lease on the target, and agents ask the control URL where their process
-// server is at each connect (GET /api/v1/agents/data-address). Not done
-// yet: the automatic switch away from a silent process server, and the
-// least-loaded choice for new machines.
+// server is at each connect (GET /api/v1/agents/data-address); with
+// Config.AutoSwitch the machines of a silent process server move to the
+// built-in one (autoSwitch). Not done yet: the least-loaded choice for new
+// machines.
 
 // defaultPSHeartbeatLost is how long a process server may go without a
 // heartbeat before its critical alert; psHeartbeatEvery how often it is
@@ -482,5 +483,59 @@ func (s *Server) handleDataAddress(w http.ResponseWriter, r *http.Request) error
 		return err
 	}
 	writeJSON(w, http.StatusOK, enroll.DataAddress{ProcessServer: ps, DataAddr: p.DataAddr})
+	return nil
+}
+
+// autoSwitch moves the machines of every scale-out process server without
+// a heartbeat for PSHeartbeatLost (counted from this server's start for
+// one not heard since) to the built-in process server. The silent one
+// cannot hand them over: what its cache acknowledged and did not apply is
+// not on the target, so the built-in one finds the agent's log past the
+// catalog's applied sequence (a sequence gap) and the machine's disks are
+// marked for a resync (its reason says so), never silently continued. Its
+// lease guards the rest: a process server that is alive but cut off from
+// this server keeps the machine's lease, so the built-in one cannot open
+// the machine until it lets go (it learns of the switch at its next
+// heartbeat and hands the machine over, drained, with no gap).
+func (s *Server) autoSwitch(ctx context.Context) error {
+	rows, err := s.db.ProcessServers(ctx)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	s.pss.switchMu.Lock()
+	defer s.pss.switchMu.Unlock()
+	for _, p := range rows {
+		s.pss.mu.Lock()
+		last := s.alerts.started
+		if b := s.pss.last[p.Name]; b.at.After(last) {
+			last = b.at
+		}
+		var ids []string
+		for id, ps := range s.pss.assigned {
+			if ps == p.Name {
+				ids = append(ids, id)
+			}
+		}
+		s.pss.mu.Unlock()
+		if now.Sub(last) <= s.cfg.PSHeartbeatLost || len(ids) == 0 {
+			continue
+		}
+		for _, id := range ids {
+			if err := s.db.Assign(ctx, id, ""); err != nil {
+				return err
+			}
+			s.pss.mu.Lock()
+			delete(s.pss.assigned, id)
+			s.pss.mu.Unlock()
+			name := id
+			if m, err := s.db.Machine(ctx, id); err == nil {
+				name = m.Name
+			}
+			s.raise(ctx, store.Event{MachineID: id, Kind: "process-server-switch", Severity: api.SeverityWarning,
+				Message: fmt.Sprintf("%s switched automatically from process server %s (no heartbeat since %s) to the built-in one; changes its cache acknowledged and did not apply are resynced",
+					name, p.Name, last.UTC().Format(time.RFC3339))})
+		}
+	}
 	return nil
 }

@@ -95,6 +95,9 @@ type Config struct {
 	// PSHeartbeatLost is how long a scale-out process server may go
 	// without a heartbeat before its critical alert (default 2m).
 	PSHeartbeatLost time.Duration
+	// AutoSwitch moves the machines of a scale-out process server with no
+	// heartbeat for PSHeartbeatLost to the built-in one (procservers.go).
+	AutoSwitch bool
 	// HistoryEvery is how often every machine's RPO and bytes received
 	// are sampled for the console's charts (default 1m).
 	HistoryEvery time.Duration
