@@ -247,8 +247,9 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 	if err := bg.wait(); err != nil {
 		t.Fatal(err)
 	}
-	for _, vm := range []string{"vm1", "vm2"} {
-		c.mustCLI("ps", "switch", "--machine", vm, "--to", "builtin")
+	// Both on ps2: moved back together.
+	if out := c.mustCLI("ps", "switch", "--from", "ps2", "--to", "builtin"); !strings.Contains(out, "2 machines moved") {
+		t.Fatalf("asr ps switch --from ps2: %s", out)
 	}
 	// Back on the built-in process server: a point (asked again until the
 	// agent is connected there) holds every write.

@@ -128,6 +128,7 @@ func (s *Server) routes() http.Handler {
 			r.Get("/process-servers", handle(s.handlePSList))
 			r.Delete("/process-servers/{name}", handle(s.handlePSRemove))
 			r.Post("/machines/{machine}/process-server", handle(s.handleSwitch))
+			r.Post("/process-servers/{name}/switch", handle(s.handleSwitchAll))
 			r.Get("/process-server", func(w http.ResponseWriter, r *http.Request) {
 				writeJSON(w, http.StatusOK, s.ProcessServer())
 			})

@@ -539,3 +539,63 @@ func (s *Server) autoSwitch(ctx context.Context) error {
 	}
 	return nil
 }
+
+// SwitchAll moves every machine of process server from (a scale-out one's
+// name, or api.BuiltinProcessServer) to another, one at a time
+// (SwitchProcessServer each); it returns the machines moved, and stops at
+// the first that fails.
+func (s *Server) SwitchAll(ctx context.Context, from, to string) ([]string, error) {
+	var ids []string
+	if from == api.BuiltinProcessServer {
+		ms, err := s.db.Machines(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			if !m.Unprotected() && s.assignedTo(m.ID) == "" {
+				ids = append(ids, m.ID)
+			}
+		}
+	} else {
+		if _, err := s.db.ProcessServerByName(ctx, from); errors.Is(err, store.ErrNotFound) {
+			return nil, errorf(http.StatusNotFound, "no process server named %q", from)
+		} else if err != nil {
+			return nil, err
+		}
+		s.pss.mu.Lock()
+		for id, ps := range s.pss.assigned {
+			if ps == from {
+				ids = append(ids, id)
+			}
+		}
+		s.pss.mu.Unlock()
+	}
+	var moved []string
+	for _, id := range ids {
+		m, err := s.db.Machine(ctx, id)
+		if err != nil {
+			return moved, err
+		}
+		if err := s.SwitchProcessServer(ctx, m.Name, to); err != nil {
+			return moved, fmt.Errorf("switch %s: %w", m.Name, err)
+		}
+		moved = append(moved, m.Name)
+	}
+	return moved, nil
+}
+
+func (s *Server) handleSwitchAll(w http.ResponseWriter, r *http.Request) error {
+	var req api.SwitchRequest
+	if err := readJSON(r, &req); err != nil {
+		return err
+	}
+	moved, err := s.SwitchAll(r.Context(), chi.URLParam(r, "name"), req.To)
+	if err != nil {
+		if len(moved) > 0 {
+			return fmt.Errorf("%w (moved before that: %s)", err, strings.Join(moved, ", "))
+		}
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.SwitchAllResult{Moved: append([]string{}, moved...)})
+	return nil
+}

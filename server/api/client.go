@@ -328,3 +328,10 @@ func (c *Client) RemoveProcessServer(ctx context.Context, name string) error {
 func (c *Client) SwitchProcessServer(ctx context.Context, machine, to string) error {
 	return c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/process-server", SwitchRequest{To: to}, nil)
 }
+
+// SwitchAll moves every machine of process server from to another.
+func (c *Client) SwitchAll(ctx context.Context, from, to string) ([]string, error) {
+	var out SwitchAllResult
+	err := c.Do(ctx, http.MethodPost, "/api/v1/process-servers/"+url.PathEscape(from)+"/switch", SwitchRequest{To: to}, &out)
+	return out.Moved, err
+}

@@ -103,3 +103,9 @@ func UploadETA(backlog int64, rate float64) time.Duration {
 	}
 	return time.Duration(eta)
 }
+
+// SwitchAllResult answers POST /api/v1/process-servers/{name}/switch: the
+// machines moved.
+type SwitchAllResult struct {
+	Moved []string `json:"moved"`
+}

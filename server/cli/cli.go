@@ -38,7 +38,7 @@ Usage:
   asr server   [--data DIR] [--listen ADDR] [--data-listen ADDR] [--target URL]
   asr agent    --server URL --passphrase-file F --state DIR --name NAME --disk NAME=PATH... --nbd ADDR
   asr process-server --config https://CS:8443 --passphrase-file F --name NAME [--data DIR] [--data-listen ADDR] [--target URL]
-  asr ps       list [--json] | switch --machine M --to PS|builtin | remove NAME
+  asr ps       list [--json] | switch --machine M|--from PS --to PS|builtin | remove NAME
   asr demo     [--data DIR] [--listen ADDR]
   asr status   [--machine M] [--json] | --process-server [--json]
   asr points   --machine M [--json] [--target URL --passphrase-file F]

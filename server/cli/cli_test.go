@@ -145,7 +145,8 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"ps"}, "no verb given"},
 		{[]string{"ps", "bogus"}, `unknown verb "bogus"`},
 		{[]string{"ps", "remove"}, "give the process server's name"},
-		{[]string{"ps", "switch", "--machine", "vm1"}, "--machine and --to are required"},
+		{[]string{"ps", "switch", "--machine", "vm1"}, "--machine M or --from PS, and --to, are required"},
+		{[]string{"ps", "switch", "--machine", "vm1", "--from", "ps1", "--to", "builtin"}, "--machine M or --from PS, and --to, are required"},
 		{[]string{"ps", "list", "extra"}, `unexpected argument "extra"`},
 	} {
 		mustFail(t, tc.want, tc.args...)

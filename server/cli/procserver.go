@@ -60,11 +60,11 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 	return err
 }
 
-const psUsage = `usage: asr ps list [--json] | switch --machine M --to PS | remove NAME
+const psUsage = `usage: asr ps list [--json] | switch --machine M|--from PS --to PS | remove NAME
 
 list: the built-in process server and the scale-out ones (asr process-server),
 with their state (healthy, or no-heartbeat), last heartbeat and figures.
-switch: moves a machine to another process server (a scale-out one's name,
+switch: moves a machine (or every machine of --from) to another process server (a scale-out one's name,
 or builtin): the old one applies what its cache holds and lets the machine
 go, the agent connects to the new one and re-sends what was not
 acknowledged; it returns once the old one has let go.
@@ -86,6 +86,7 @@ func runPS(ctx context.Context, e *env, args []string) error {
 	o.registerConn(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	machine := fs.String("machine", "", "the machine to switch (switch)")
+	from := fs.String("from", "", "switch every machine of this process server (switch; instead of --machine)")
 	to := fs.String("to", "", "the process server to switch it to: a scale-out one's name, or builtin (switch)")
 	wait := fs.Duration("timeout", 10*time.Minute, "how long switch waits for the old process server to let the machine go")
 	rest, name := args[1:], ""
@@ -121,8 +122,8 @@ func runPS(ctx context.Context, e *env, args []string) error {
 			}
 		})
 	case "switch":
-		if *machine == "" || *to == "" {
-			return fmt.Errorf("asr ps switch: --machine and --to are required\n%s", psUsage)
+		if (*machine == "") == (*from == "") || *to == "" {
+			return fmt.Errorf("asr ps switch: --machine M or --from PS, and --to, are required\n%s", psUsage)
 		}
 		c, err := o.client()
 		if err != nil {
@@ -130,6 +131,14 @@ func runPS(ctx context.Context, e *env, args []string) error {
 		}
 		wctx, cancel := context.WithTimeout(ctx, *wait)
 		defer cancel()
+		if *from != "" {
+			moved, err := c.SwitchAll(wctx, *from, *to)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.out, "%d machines moved from process server %s to %s: %s\n", len(moved), *from, *to, strings.Join(moved, ", "))
+			return nil
+		}
 		if err := c.SwitchProcessServer(wctx, *machine, *to); err != nil {
 			return err
 		}
