@@ -385,6 +385,11 @@ func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) er
 	}
 	old := s.assignedTo(m.ID)
 	if old == newPS {
+		if newPS != "" && slices.Contains(s.ps.MachineIDs(), m.ID) {
+			// An earlier switch away from the built-in one whose
+			// hand-over did not finish: finish it.
+			return s.releaseBuiltin(ctx, m)
+		}
 		return nil
 	}
 	if old != "" {
@@ -413,11 +418,7 @@ func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) er
 	s.raise(ctx, store.Event{MachineID: m.ID, Kind: "process-server-switch", Severity: api.SeverityInfo,
 		Message: fmt.Sprintf("%s switched from process server %s to %s", machine, from, to)})
 	if old == "" {
-		// The built-in process server hands it over here.
-		if err := s.ps.Release(ctx, m.ID); err != nil {
-			return fmt.Errorf("the built-in process server's hand-over of %s: %w", machine, err)
-		}
-		return nil
+		return s.releaseBuiltin(ctx, m)
 	}
 	// A scale-out one learns it from its next heartbeat's reply and hands
 	// it over; done when a heartbeat after that no longer names it.
@@ -598,4 +599,23 @@ func (s *Server) handleSwitchAll(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, api.SwitchAllResult{Moved: append([]string{}, moved...)})
 	return nil
+}
+
+// releaseBuiltin has the built-in process server hand machine m over, in
+// a goroutine the server owns (the request may end first: the hand-over
+// goes on; asking the switch again finishes it, or says it is under way).
+func (s *Server) releaseBuiltin(ctx context.Context, m store.Machine) error {
+	done := make(chan error, 1)
+	if !s.goRequest(func() { done <- s.ps.Release(s.ctx, m.ID) }) {
+		return errors.New("server stopping")
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("the built-in process server's hand-over of %s: %w", m.Name, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("the built-in process server is still handing %s over (it applies its cache first): %w", m.Name, ctx.Err())
+	}
 }
