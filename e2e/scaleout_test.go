@@ -24,11 +24,7 @@ import (
 // writing its machine's replica under that machine's lease (a point made
 // meanwhile recovers bit-exact); kill -9 of one raises the critical
 // ps-heartbeat alert; `asr ps remove` stops the other (its next heartbeat
-// is refused).
-//
-// Not tested here because not done yet: machines assigned to a scale-out
-// process server, a switch between process servers (see ARCHITECTURE.md,
-// "Scale-out process servers").
+// is refused). Switches are TestE2EProcessServerSwitch's.
 func TestE2EProcessServers(t *testing.T) {
 	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
 	d0 := filepath.Join(c.dir, "d0.img")
