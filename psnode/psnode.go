@@ -86,8 +86,8 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if !replication.ValidMachineName(cfg.Name) || cfg.Name == api.BuiltinProcessServer {
-		return nil, fmt.Errorf("--name %q: want %s, not %q", cfg.Name, replication.MachineNameRule, api.BuiltinProcessServer)
+	if !replication.ValidMachineName(cfg.Name) || cfg.Name == api.BuiltinProcessServer || cfg.Name == api.AutoProcessServer {
+		return nil, fmt.Errorf("--name %q: want %s, neither %q nor %q (reserved)", cfg.Name, replication.MachineNameRule, api.BuiltinProcessServer, api.AutoProcessServer)
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "process-server", "process_server", cfg.Name), host: hoststat.New(),
 		assigned: map[string]api.PSAssignment{}, handing: map[string]bool{}}

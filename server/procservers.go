@@ -114,8 +114,8 @@ func validPSName(name string) error {
 	if !replication.ValidMachineName(name) {
 		return fmt.Errorf("process server name %q: want %s", name, replication.MachineNameRule)
 	}
-	if name == api.BuiltinProcessServer {
-		return fmt.Errorf("process server name %q is the configuration server's own", name)
+	if name == api.BuiltinProcessServer || name == api.AutoProcessServer {
+		return fmt.Errorf("process server name %q is reserved", name)
 	}
 	return nil
 }
@@ -341,7 +341,8 @@ func (s *Server) psHeartbeatObs(ctx context.Context, now time.Time) ([]alertObs,
 }
 
 // SwitchProcessServer moves a machine to another process server (to: a
-// scale-out one's name, or api.BuiltinProcessServer). The assignment is
+// scale-out one's name, api.BuiltinProcessServer, or api.AutoProcessServer:
+// the least loaded healthy one). The assignment is
 // written first (so the old process server opens it no more and the agent
 // is told the new address), then the old one hands it over: it closes the
 // agent's connection and applies everything its cache holds (every
@@ -350,7 +351,14 @@ func (s *Server) psHeartbeatObs(ctx context.Context, now time.Time) ([]alertObs,
 // re-sends from its log whatever was not acknowledged. It returns once the
 // old process server has let the machine go (or ctx ends: the hand-over
 // goes on, and the switch may be asked again).
-func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) error {
+func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) (string, error) {
+	err := s.switchProcessServer(ctx, machine, &to)
+	return to, err
+}
+
+// switchProcessServer is SwitchProcessServer; *to becomes the process
+// server chosen for api.AutoProcessServer.
+func (s *Server) switchProcessServer(ctx context.Context, machine string, to *string) error {
 	s.pss.switchMu.Lock()
 	defer s.pss.switchMu.Unlock()
 	m, err := s.db.MachineByName(ctx, machine)
@@ -367,20 +375,25 @@ func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) er
 	} else if !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
-	newPS := to
-	if to == api.BuiltinProcessServer {
+	if *to == api.AutoProcessServer {
+		if *to, err = s.leastLoaded(ctx); err != nil {
+			return err
+		}
+	}
+	newPS := *to
+	if *to == api.BuiltinProcessServer {
 		newPS = ""
 	} else {
-		if _, err := s.db.ProcessServerByName(ctx, to); errors.Is(err, store.ErrNotFound) {
-			return errorf(http.StatusNotFound, "no process server named %q", to)
+		if _, err := s.db.ProcessServerByName(ctx, *to); errors.Is(err, store.ErrNotFound) {
+			return errorf(http.StatusNotFound, "no process server named %q", *to)
 		} else if err != nil {
 			return err
 		}
 		s.pss.mu.Lock()
-		b := s.pss.last[to]
+		b := s.pss.last[*to]
 		s.pss.mu.Unlock()
 		if b.at.IsZero() || s.now().Sub(b.at) > s.cfg.PSHeartbeatLost {
-			return errorf(http.StatusConflict, "process server %s sends no heartbeat: switch to a healthy one (asr ps list)", to)
+			return errorf(http.StatusConflict, "process server %s sends no heartbeat: switch to a healthy one (asr ps list)", *to)
 		}
 	}
 	old := s.assignedTo(m.ID)
@@ -416,7 +429,7 @@ func (s *Server) SwitchProcessServer(ctx context.Context, machine, to string) er
 		from = api.BuiltinProcessServer
 	}
 	s.raise(ctx, store.Event{MachineID: m.ID, Kind: "process-server-switch", Severity: api.SeverityInfo,
-		Message: fmt.Sprintf("%s switched from process server %s to %s", machine, from, to)})
+		Message: fmt.Sprintf("%s switched from process server %s to %s", machine, from, *to)})
 	if old == "" {
 		return s.releaseBuiltin(ctx, m)
 	}
@@ -442,10 +455,11 @@ func (s *Server) handleSwitch(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &req); err != nil {
 		return err
 	}
-	if err := s.SwitchProcessServer(r.Context(), chi.URLParam(r, "machine"), req.To); err != nil {
+	to, err := s.SwitchProcessServer(r.Context(), chi.URLParam(r, "machine"), req.To)
+	if err != nil {
 		return err
 	}
-	w.WriteHeader(http.StatusNoContent)
+	writeJSON(w, http.StatusOK, api.SwitchResult{ProcessServer: to})
 	return nil
 }
 
@@ -577,7 +591,7 @@ func (s *Server) SwitchAll(ctx context.Context, from, to string) ([]string, erro
 		if err != nil {
 			return moved, err
 		}
-		if err := s.SwitchProcessServer(ctx, m.Name, to); err != nil {
+		if _, err := s.SwitchProcessServer(ctx, m.Name, to); err != nil {
 			return moved, fmt.Errorf("switch %s: %w", m.Name, err)
 		}
 		moved = append(moved, m.Name)
@@ -618,4 +632,37 @@ func (s *Server) releaseBuiltin(ctx context.Context, m store.Machine) error {
 	case <-ctx.Done():
 		return fmt.Errorf("the built-in process server is still handing %s over (it applies its cache first): %w", m.Name, ctx.Err())
 	}
+}
+
+// leastLoaded is the healthy process server (the built-in one included)
+// with the least churn: the lowest upload rate to the target over the last
+// 10 s (what its machines write, once applied), then the fewest machines.
+func (s *Server) leastLoaded(ctx context.Context) (string, error) {
+	l, err := s.ProcessServers(ctx)
+	if err != nil {
+		return "", err
+	}
+	name, ok := pickLeastLoaded(l)
+	if !ok {
+		return "", errorf(http.StatusConflict, "no healthy process server")
+	}
+	return name, nil
+}
+
+// pickLeastLoaded is leastLoaded's choice among l.
+func pickLeastLoaded(l []api.ProcessServerInfo) (string, bool) {
+	best := -1
+	for i, p := range l {
+		if p.State != api.PSHealthy {
+			continue
+		}
+		if best < 0 || p.Figures.UploadRate < l[best].Figures.UploadRate ||
+			p.Figures.UploadRate == l[best].Figures.UploadRate && p.Machines < l[best].Machines {
+			best = i
+		}
+	}
+	if best < 0 {
+		return "", false
+	}
+	return l[best].Name, true
 }

@@ -202,7 +202,7 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 		})
 		r.waitPS(ctx, name, api.PSHealthy)
 	}
-	if err := r.client.SwitchProcessServer(ctx, "vm1", "nowhere"); err == nil || !strings.Contains(err.Error(), "no process server") {
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "nowhere"); err == nil || !strings.Contains(err.Error(), "no process server") {
 		t.Fatalf("switch to an unknown process server: %v", err)
 	}
 
@@ -247,8 +247,8 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 	}
 	for _, to := range []string{"ps1", "ps2", "ps1"} {
 		before := received(to)
-		if err := r.client.SwitchProcessServer(ctx, "vm1", to); err != nil {
-			t.Fatal(err)
+		if now, err := r.client.SwitchProcessServer(ctx, "vm1", to); err != nil || now != to {
+			t.Fatalf("switch to %s: on %q, %v", to, now, err)
 		}
 		for received(to) <= before {
 			select {
@@ -266,7 +266,12 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 	if err := r.client.Unprotect(ctx, "vm1", true); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
 		t.Fatalf("unprotect of a machine on ps1: %v", err)
 	}
-	if err := r.client.SwitchProcessServer(ctx, "vm1", api.BuiltinProcessServer); err != nil {
+	// auto: the least loaded healthy one; ps2 has no machine and uploads
+	// nothing now, the built-in one and ps1 neither: one of the three.
+	if now, err := r.client.SwitchProcessServer(ctx, "vm1", api.AutoProcessServer); err != nil || now == api.AutoProcessServer || now == "" {
+		t.Fatalf("switch to auto: on %q, %v", now, err)
+	}
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", api.BuiltinProcessServer); err != nil {
 		t.Fatal(err)
 	}
 	close(stopW)

@@ -323,10 +323,12 @@ func (c *Client) RemoveProcessServer(ctx context.Context, name string) error {
 }
 
 // SwitchProcessServer moves a machine to another process server (a
-// scale-out one's name, or BuiltinProcessServer); it returns once the old
-// one has handed the machine over.
-func (c *Client) SwitchProcessServer(ctx context.Context, machine, to string) error {
-	return c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/process-server", SwitchRequest{To: to}, nil)
+// scale-out one's name, BuiltinProcessServer, or AutoProcessServer); it
+// returns the one it is on once the old one has handed the machine over.
+func (c *Client) SwitchProcessServer(ctx context.Context, machine, to string) (string, error) {
+	var out SwitchResult
+	err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/process-server", SwitchRequest{To: to}, &out)
+	return out.ProcessServer, err
 }
 
 // SwitchAll moves every machine of process server from to another.

@@ -42,7 +42,7 @@ type PSAssignment struct {
 
 // SwitchRequest is the body of POST /api/v1/machines/{m}/process-server.
 type SwitchRequest struct {
-	To string `json:"to"` // a scale-out process server's name, or BuiltinProcessServer
+	To string `json:"to"` // a scale-out process server's name, BuiltinProcessServer or AutoProcessServer
 }
 
 // Process server states in a ProcessServerInfo.
@@ -54,6 +54,11 @@ const (
 // BuiltinProcessServer names the configuration server's own process
 // server in lists; no scale-out process server may take the name.
 const BuiltinProcessServer = "builtin"
+
+// AutoProcessServer, as a switch's destination, picks the healthy process
+// server with the least churn (upload rate), the built-in one included; no
+// process server may take the name either.
+const AutoProcessServer = "auto"
 
 // ProcessServerInfo is one process server in GET /api/v1/process-servers.
 type ProcessServerInfo struct {
@@ -108,4 +113,10 @@ func UploadETA(backlog int64, rate float64) time.Duration {
 // machines moved.
 type SwitchAllResult struct {
 	Moved []string `json:"moved"`
+}
+
+// SwitchResult answers POST /api/v1/machines/{m}/process-server: the
+// process server the machine is on now.
+type SwitchResult struct {
+	ProcessServer string `json:"process_server"`
 }

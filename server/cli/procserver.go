@@ -64,8 +64,9 @@ const psUsage = `usage: asr ps list [--json] | switch --machine M|--from PS --to
 
 list: the built-in process server and the scale-out ones (asr process-server),
 with their state (healthy, or no-heartbeat), last heartbeat and figures.
-switch: moves a machine (or every machine of --from) to another process server (a scale-out one's name,
-or builtin): the old one applies what its cache holds and lets the machine
+switch: moves a machine (or every machine of --from) to another process server
+(a scale-out one's name, builtin, or auto: the least loaded healthy one, by
+upload rate, then machines): the old one applies what its cache holds and lets the machine
 go, the agent connects to the new one and re-sends what was not
 acknowledged; it returns once the old one has let go.
 remove: ends a scale-out process server's registration (its certificate no
@@ -87,7 +88,7 @@ func runPS(ctx context.Context, e *env, args []string) error {
 	asJSON := fs.Bool("json", false, "print JSON")
 	machine := fs.String("machine", "", "the machine to switch (switch)")
 	from := fs.String("from", "", "switch every machine of this process server (switch; instead of --machine)")
-	to := fs.String("to", "", "the process server to switch it to: a scale-out one's name, or builtin (switch)")
+	to := fs.String("to", "", "the process server to switch it to: a scale-out one's name, builtin, or auto (the least loaded healthy one) (switch)")
 	wait := fs.Duration("timeout", 10*time.Minute, "how long switch waits for the old process server to let the machine go")
 	rest, name := args[1:], ""
 	if verb == "remove" && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
@@ -139,10 +140,11 @@ func runPS(ctx context.Context, e *env, args []string) error {
 			fmt.Fprintf(e.out, "%d machines moved from process server %s to %s: %s\n", len(moved), *from, *to, strings.Join(moved, ", "))
 			return nil
 		}
-		if err := c.SwitchProcessServer(wctx, *machine, *to); err != nil {
+		now, err := c.SwitchProcessServer(wctx, *machine, *to)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(e.out, "machine %s is served by process server %s\n", *machine, *to)
+		fmt.Fprintf(e.out, "machine %s is served by process server %s\n", *machine, now)
 		return nil
 	case "remove":
 		if name == "" || fs.NArg() != 0 {
