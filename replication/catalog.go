@@ -586,7 +586,14 @@ func (c *Catalog) DeleteMachine(ctx context.Context, id string) error {
 			return fmt.Errorf("delete %s: %w", o.Key, err)
 		}
 	}
-	return c.T.DeleteObject(ctx, machineKey(id))
+	if err := c.T.DeleteObject(ctx, machineKey(id)); err != nil {
+		return err
+	}
+	if l, ok := c.T.(MachineLeaser); ok {
+		// Last: nothing opens a deleted machine again.
+		return l.DropMachineLease(ctx, id)
+	}
+	return nil
 }
 
 // dropGroupMember takes machine id out of every group point that names it.

@@ -223,6 +223,9 @@ func (s *Server) openAlerts(ctx context.Context) error {
 	if s.cfg.HeartbeatLost <= 0 {
 		s.cfg.HeartbeatLost = defaultHeartbeatLost
 	}
+	if s.cfg.PSHeartbeatLost <= 0 {
+		s.cfg.PSHeartbeatLost = defaultPSHeartbeatLost
+	}
 	if s.cfg.HealthHold <= 0 {
 		s.cfg.HealthHold = defaultHealthHold
 	}
@@ -267,6 +270,11 @@ func (s *Server) alertLoop() {
 		}
 		if err := s.evaluateAlerts(s.ctx); err != nil && s.ctx.Err() == nil {
 			s.log.Error("alerts", "err", err)
+		}
+		if s.cfg.AutoSwitch {
+			if err := s.autoSwitch(s.ctx); err != nil && s.ctx.Err() == nil {
+				s.log.Error("automatic switch", "err", err)
+			}
 		}
 		if err := s.alerts.outbox.flush(s.ctx); err != nil && s.ctx.Err() == nil {
 			s.log.Error("alert notices", "err", err)
@@ -475,6 +483,11 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 	obs = append(obs, rev...)
 	obs = append(obs, targetObs(s.target.String(), stats, applyErrs, s.cfg.HealthHold))
 	obs = append(obs, processServerObs(s.ProcessServer(), s.cfg.HealthHold)...)
+	psObs, err := s.psHeartbeatObs(ctx, now)
+	if err != nil {
+		return nil, err
+	}
+	obs = append(obs, psObs...)
 	vs, err := s.db.VCenters(ctx)
 	if err != nil {
 		return nil, err
@@ -535,7 +548,12 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 	// no threshold, nothing to measure from), the machine is still there:
 	// its RPO alert holds (keep), it does not clear.
 	rpoKeep := alertObs{kind: api.AlertRPO, key: m.ID, machineID: m.ID, machine: m.Name, keep: true}
-	if !protected || p.RPOThreshold <= 0 {
+	if s.assignedTo(m.ID) != "" {
+		// On a scale-out process server, which reports no agent status
+		// or points to this server (not done yet): neither its RPO nor
+		// its agent's connection can be told here; their alerts hold.
+		obs = append(obs, rpoKeep, alertObs{kind: api.AlertHeartbeat, key: m.ID, machineID: m.ID, machine: m.Name, keep: true})
+	} else if !protected || p.RPOThreshold <= 0 {
 		obs = append(obs, rpoKeep)
 	} else {
 		var r time.Duration
@@ -575,7 +593,11 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 	}
 	// The agent's heartbeat: not connected for HeartbeatLost (warning),
 	// four times that (critical). No contact is known from before this
-	// server started.
+	// server started. (Observed above for a machine on a scale-out
+	// process server.)
+	if s.assignedTo(m.ID) != "" {
+		return s.machineObsRest(ctx, m, obs)
+	}
 	connected := ok && st.Connected
 	last := s.alerts.started
 	for _, t := range []time.Time{m.LastSeen, st.StatusAt} {
@@ -598,6 +620,11 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 		hb.message = "the agent of " + m.Name + " is connected"
 	}
 	obs = append(obs, hb)
+	return s.machineObsRest(ctx, m, obs)
+}
+
+// machineObsRest adds a machine's resync and scrub observations to obs.
+func (s *Server) machineObsRest(ctx context.Context, m store.Machine, obs []alertObs) ([]alertObs, error) {
 	// Resyncs that failed.
 	rows, err := s.db.Resyncs(ctx, m.ID)
 	if err != nil {

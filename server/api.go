@@ -94,6 +94,12 @@ func (s *Server) routes() http.Handler {
 		// Agent enrolment: authenticated by the passphrase proof.
 		r.Get("/agents/challenge", handle(s.handleChallenge))
 		r.Post("/agents/register", handle(s.handleRegister))
+		// Scale-out process servers: registration by the passphrase
+		// proof, then heartbeats by their client certificate.
+		r.Post("/process-servers/register", handle(s.handlePSRegister))
+		r.Post("/process-servers/heartbeat", handle(s.handlePSHeartbeat))
+		// An agent asks where its process server is (client certificate).
+		r.Get("/agents/data-address", handle(s.handleDataAddress))
 		// Operator API: admin token.
 		r.Group(func(r chi.Router) {
 			r.Use(s.requireToken)
@@ -119,6 +125,10 @@ func (s *Server) routes() http.Handler {
 			r.Delete("/settings/notifications/email", handle(s.handleSetEmail))
 			r.Put("/settings/notifications/webhook", handle(s.handleSetWebhook))
 			r.Delete("/settings/notifications/webhook", handle(s.handleSetWebhook))
+			r.Get("/process-servers", handle(s.handlePSList))
+			r.Delete("/process-servers/{name}", handle(s.handlePSRemove))
+			r.Post("/machines/{machine}/process-server", handle(s.handleSwitch))
+			r.Post("/process-servers/{name}/switch", handle(s.handleSwitchAll))
 			r.Get("/process-server", func(w http.ResponseWriter, r *http.Request) {
 				writeJSON(w, http.StatusOK, s.ProcessServer())
 			})

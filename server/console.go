@@ -460,34 +460,8 @@ func rpo(st replication.Status, at, now time.Time) time.Duration {
 
 // ProcessServer returns the process server's figures for the API and console.
 func (s *Server) ProcessServer() api.ProcessServer {
-	f := s.ps.Figures()
 	h := s.host.Last()
-	ps := api.ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate, Uploaded: f.Uploaded,
-		Compression: f.Compression, CacheFree: f.CacheFree, CacheFreeB: f.CacheFreeB, CacheState: f.CacheState,
-		CacheError: f.CacheError, Target: s.target.String(),
-		CPU: h.CPU, Memory: h.Memory, MemoryTotal: h.MemoryTotal, RawBytes: f.RawBytes, WireBytes: f.WireBytes}
-	if h.Err != nil {
-		ps.HostError = h.Err.Error()
-	}
-	ps.UploadETA = uploadETA(f.BacklogBytes, f.UploadRate)
-	return ps
-}
-
-// uploadETA is ASR's "estimated cache upload time": the backlog over the
-// upload rate. With a backlog and nothing uploading it is unbounded
-// (api.UploadStalled).
-func uploadETA(backlog int64, rate float64) time.Duration {
-	switch {
-	case backlog <= 0:
-		return 0
-	case rate < 1:
-		return api.UploadStalled
-	}
-	eta := float64(backlog) / rate * float64(time.Second)
-	if eta >= float64(api.UploadStalled) {
-		return api.UploadStalled
-	}
-	return time.Duration(eta)
+	return api.NewProcessServer(s.ps.Figures(), h.CPU, h.Memory, h.MemoryTotal, h.Err, s.target.String())
 }
 
 // hostLoop samples the host's CPU and memory every 5 s (the process

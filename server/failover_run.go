@@ -246,7 +246,17 @@ func (s *Server) failoverOne(ctx context.Context, j *job, t foTarget, req api.Fa
 	f.Detail = encodeDetail(failoverDetail{Request: reqJSON})
 	// The record comes first: it claims the machine (one live failover
 	// each), so a planned failover freezes no source another one holds.
-	if err := s.db.AddFailover(ctx, f); err != nil {
+	// A machine on a scale-out process server is refused (its replica is
+	// written by another process; the exports read it in this one): the
+	// switch lock keeps a switch from slipping in before the record.
+	s.pss.switchMu.Lock()
+	if ps := s.assignedTo(m.ID); ps != "" {
+		s.pss.switchMu.Unlock()
+		return nil, fmt.Errorf("machine %s is served by process server %s: switch it back first (asr ps switch --machine %s --to builtin); failover from a scale-out process server is not done yet", m.Name, ps, m.Name)
+	}
+	err := s.db.AddFailover(ctx, f)
+	s.pss.switchMu.Unlock()
+	if err != nil {
 		if errors.Is(err, store.ErrConflict) {
 			return nil, errorf(http.StatusConflict, "machine %s has a failover already", m.Name)
 		}

@@ -92,6 +92,12 @@ type Config struct {
 	// as in ASR); AlertClear how long a condition must be clearly false
 	// before its alert clears (default 2m). See alerts.go.
 	HeartbeatLost, HealthHold, AlertClear time.Duration
+	// PSHeartbeatLost is how long a scale-out process server may go
+	// without a heartbeat before its critical alert (default 2m).
+	PSHeartbeatLost time.Duration
+	// AutoSwitch moves the machines of a scale-out process server with no
+	// heartbeat for PSHeartbeatLost to the built-in one (procservers.go).
+	AutoSwitch bool
 	// HistoryEvery is how often every machine's RPO and bytes received
 	// are sampled for the console's charts (default 1m).
 	HistoryEvery time.Duration
@@ -113,6 +119,11 @@ type Server struct {
 	target replication.Target
 	cat    *replication.Catalog
 	ps     *procserver.Server
+	// vaultID is the vault's id on the target (a scale-out process server
+	// must show the same one); targetURL the target's URL, handed to
+	// process servers at registration (no credentials in it).
+	vaultID, targetURL string
+	pss                processServers // scale-out process servers (procservers.go)
 
 	httpL, dataL net.Listener
 	httpSrv      *http.Server
@@ -291,6 +302,7 @@ func (s *Server) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.targetURL = targetURL
 	if s.target, err = OpenTarget(ctx, targetURL, lease, CreateTarget); err != nil {
 		return err
 	}
@@ -322,10 +334,14 @@ func (s *Server) open(ctx context.Context) error {
 			s.noteUnprotected(m.ID, false)
 		}
 	}
+	if err := s.loadAssignments(ctx); err != nil {
+		return err
+	}
 	// Before the process server, which reports each machine it opens.
 	s.mirror = newMirror(s.writeNews, s.log.With("component", "mirror"), time.Second, 30*time.Second)
 	s.ps, err = procserver.New(ctx, procserver.Config{
 		Removed:       removed,
+		Serves:        s.servesBuiltin,
 		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
 		Catalog:       s.cat,
 		Authorize:     s.authorizeAgent,
@@ -380,7 +396,7 @@ func (s *Server) openVault(ctx context.Context) error {
 		if err := (&replication.Catalog{T: s.target}).PutVault(ctx, nv); err != nil {
 			return fmt.Errorf("write the vault descriptor on %s: %w", s.target, err)
 		}
-		cat, _, err = replication.OpenVault(ctx, s.target, s.pass)
+		cat, v, err = replication.OpenVault(ctx, s.target, s.pass)
 		if err != nil {
 			return err
 		}
@@ -389,7 +405,7 @@ func (s *Server) openVault(ctx context.Context) error {
 	} else if err != nil {
 		return fmt.Errorf("open the vault on %s: %w", s.target, err)
 	}
-	s.cat = cat
+	s.cat, s.vaultID = cat, v.ID
 	return nil
 }
 
@@ -477,6 +493,11 @@ const (
 	// with --target), so a mistyped path or container leaves nothing
 	// behind.
 	ExistingTarget
+	// SharedTarget opens a target the configuration server holds, for a
+	// scale-out process server: it must exist, and its writes are fenced
+	// per machine (replication.MachineLeaser) instead of by the whole
+	// target's lock. Only the local-directory target does this yet.
+	SharedTarget
 )
 
 // OpenTarget opens a target storage URL: file://PATH, or
@@ -501,8 +522,11 @@ func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replic
 			return nil, fmt.Errorf("target %q: no path", raw)
 		}
 		var opts []localfs.Option
-		if mode == ExistingTarget {
+		switch mode {
+		case ExistingTarget:
 			opts = append(opts, localfs.NoCreate())
+		case SharedTarget:
+			opts = append(opts, localfs.Shared())
 		}
 		t, err := localfs.Open(path, opts...)
 		if errors.Is(err, replication.ErrLocked) {
@@ -512,6 +536,11 @@ func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replic
 		}
 		return t, nil
 	case "azure":
+		if mode == SharedTarget {
+			// The container has one write lease (azure.go); leases per
+			// machine on Azure are not done yet.
+			return nil, fmt.Errorf("target %s: a scale-out process server cannot share an Azure target yet (the container has one write lease, held by the configuration server); only file:// targets can be shared", raw)
+		}
 		cfg, err := azure.ParseURL(raw, os.Getenv)
 		if err != nil {
 			return nil, err
@@ -571,7 +600,7 @@ func (s *Server) Run(ctx context.Context) error {
 		Handler:           s.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{s.cert}, MinVersion: tls.VersionTLS12},
+		TLSConfig:         s.controlTLS(),
 	}
 	dataTLS := tls.NewListener(s.dataL, &tls.Config{
 		Certificates: []tls.Certificate{s.cert},
@@ -672,6 +701,9 @@ func (s *Server) authorizeAgent(ctx context.Context, id, serial string) (string,
 	}
 	if m.CertSerial != serial {
 		return "", errors.New("certificate superseded by a later registration")
+	}
+	if err := s.servesBuiltin(id); err != nil {
+		return "", err
 	}
 	return m.Name, nil
 }

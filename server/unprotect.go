@@ -55,16 +55,27 @@ func (s *Server) Unprotect(ctx context.Context, machine string, deleteReplica bo
 	if s.reverseRunOf(m.ID) != nil {
 		return errorf(http.StatusConflict, "machine %s is reprotected (failback in progress): fail it back first", m.Name)
 	}
+	// The switch lock until the machine is marked: no switch slips in.
+	s.pss.switchMu.Lock()
+	if ps := s.assignedTo(m.ID); ps != "" {
+		s.pss.switchMu.Unlock()
+		// Its replica is written by another process: the removal (drain,
+		// deletion) is the built-in process server's.
+		return errorf(http.StatusConflict, "machine %s is served by process server %s: switch it back first (asr ps switch --machine %s --to builtin); nothing was changed", m.Name, ps, m.Name)
+	}
 	if m.Unprotected() && m.DeleteReplica && !deleteReplica {
+		s.pss.switchMu.Unlock()
 		return errorf(http.StatusConflict, "the deletion of machine %s's replica was started (unprotected at %s) and is not finished: run unprotect --delete-replica again to finish it",
 			m.Name, m.UnprotectedAt.UTC().Format(time.RFC3339))
 	}
 	if !m.Unprotected() || (deleteReplica && !m.DeleteReplica) {
 		if err := s.db.SetUnprotected(ctx, m.ID, s.now(), deleteReplica); err != nil {
+			s.pss.switchMu.Unlock()
 			return err
 		}
 		s.log.Warn("machine unprotected: its agent is refused from now on", "machine", m.ID, "name", m.Name, "delete_replica", deleteReplica)
 	}
+	s.pss.switchMu.Unlock()
 	s.noteUnprotected(m.ID, false)
 	return s.finishUnprotect(ctx, m.ID, m.Name, deleteReplica)
 }

@@ -161,5 +161,50 @@ func AgentProof(key ProofKey, nonce []byte, name string, csrPEM []byte) []byte {
 	return proof(key, []byte("agent"), nonce, []byte(name), csrPEM)
 }
 
+// ProcessServerProof is what a scale-out process server shows for a nonce,
+// its name, its data address and its certificate request: a proof of
+// another kind than an agent's, so neither passes for the other.
+func ProcessServerProof(key ProofKey, nonce []byte, name, dataAddr string, csrPEM []byte) []byte {
+	return proof(key, []byte("process-server"), nonce, []byte(name), []byte(dataAddr), csrPEM)
+}
+
+// ProcessServerRegisterRequest is the body of POST
+// /api/v1/process-servers/register.
+type ProcessServerRegisterRequest struct {
+	Name     string `json:"name"`
+	DataAddr string `json:"data_addr"` // host:port its agents connect to
+	CSRPEM   string `json:"csr_pem"`
+	Nonce    []byte `json:"nonce"`
+	Proof    []byte `json:"proof"` // ProcessServerProof(key, nonce, name, data_addr, csr_pem)
+}
+
+// ProcessServerRegisterResponse answers a process server's registration.
+type ProcessServerRegisterResponse struct {
+	CertPEM string `json:"cert_pem"`
+	// Target is the configuration server's target URL (no credentials:
+	// an Azure target's come from the process server's environment).
+	Target  string `json:"target"`
+	VaultID string `json:"vault_id"`
+}
+
+// ProcessServerCN is the common name of a process server's client
+// certificate: a machine id (hex) or a machine name never holds ':'.
+func ProcessServerCN(name string) string { return "ps:" + name }
+
+// ClientCertALPN is a TLS protocol name a process server or an agent offers
+// (with http/1.1, which is what the server picks) when it calls the
+// configuration server's control API with its client certificate: the
+// server asks for a client certificate only on such connections (a browser
+// is never asked).
+const ClientCertALPN = "asr-client-cert/1"
+
+// DataAddress answers an agent's GET /api/v1/agents/data-address (mutual
+// TLS): where its machine's process server is. An empty DataAddr means the
+// configuration server's built-in one, at the address the agent has.
+type DataAddress struct {
+	ProcessServer string `json:"process_server"`
+	DataAddr      string `json:"data_addr,omitempty"`
+}
+
 // CheckProof compares proofs in constant time.
 func CheckProof(got, want []byte) bool { return hmac.Equal(got, want) }

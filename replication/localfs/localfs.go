@@ -5,7 +5,8 @@
 // # Layout
 //
 //	<dir>/format                                 layout version: "ASRLFS", u16 version, CRC-32C
-//	<dir>/lock                                   flock'ed while a Target has dir open (ErrLocked)
+//	<dir>/lock                                   flock'ed while a Target has dir open (ErrLocked), but a Shared one
+//	<dir>/leases/<machine id>                    flock'ed by the holder of the machine's lease (lease.go)
 //	<dir>/objects/<key>                          one plain file per object
 //	<dir>/disks/<key>.disk/replica.img           the disk's newest contents, a sparse file
 //	<dir>/disks/<key>.disk/snap/<name>.cow       the undo log of snapshot <name>
@@ -162,6 +163,7 @@ type Option func(*options)
 
 type options struct {
 	noCreate bool
+	shared   bool
 }
 
 // NoCreate makes Open create nothing: dir must hold a target already (its
@@ -170,6 +172,13 @@ type options struct {
 // (recovery from the target alone) open it so, and a mistyped path does not
 // become an empty target. Such an open does not tighten modes either.
 func NoCreate() Option { return func(o *options) { o.noCreate = true } }
+
+// Shared makes Open take no lock on the whole target: a scale-out process
+// server writes a target the configuration server holds, and its writes
+// are fenced per machine by LeaseMachine instead (every process server,
+// the built-in one included, writes a machine only under its lease). A
+// shared target must hold a target already, as with NoCreate.
+func Shared() Option { return func(o *options) { o.shared, o.noCreate = true, true } }
 
 // Open opens the target in dir, creating the directory (0700) if it is
 // missing, unless NoCreate is given. It returns an error wrapping
@@ -200,9 +209,12 @@ func Open(dir string, opts ...Option) (*Target, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open target %s: %w", dir, err)
 	}
-	if err := lockFileExclusive(lock); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("open target %s: %w", dir, err)
+	// A shared open keeps the file open unlocked, so Close is the same.
+	if !o.shared {
+		if err := lockFileExclusive(lock); err != nil {
+			lock.Close()
+			return nil, fmt.Errorf("open target %s: %w", dir, err)
+		}
 	}
 	t := &Target{dir: dir, lock: lock}
 	t.disks = diskcore.New(diskStorage{t}, diskcore.Config{Name: t.String(), MaxKeyLen: maxKeyLen, BufferLimit: bufferLimit})

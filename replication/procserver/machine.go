@@ -2,6 +2,7 @@ package procserver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -33,6 +34,12 @@ type machine struct {
 	points *points
 	cmp    *comparer
 	rev    reverser // failback's REVERSE_ACKs (reverse.go)
+
+	// lease is the machine's lease on a target several process servers
+	// write (nil on a target without leases, which one server holds
+	// whole): taken before anything of the machine is read or written,
+	// released after its last write (close).
+	lease replication.Lease
 }
 
 // openMachine recovers a machine's cache and catalog entry and starts its
@@ -41,6 +48,26 @@ type machine struct {
 func openMachine(ctx context.Context, s *Server, id, name string) (*machine, error) {
 	m := &machine{s: s, id: id, log: s.log.With("machine", id), points: newPoints()}
 	dir := filepath.Join(s.cfg.CacheDir, id)
+	if l, ok := s.cfg.Catalog.T.(replication.MachineLeaser); ok {
+		lease, err := takeLease(ctx, l, id, s.cfg.Name)
+		if err != nil {
+			return nil, err
+		}
+		m.lease = lease
+	}
+	opened, err := m.open(ctx, dir, name)
+	if err != nil {
+		if m.lease != nil {
+			m.lease.Release()
+		}
+		return nil, err
+	}
+	return opened, nil
+}
+
+// open is openMachine's part under the lease.
+func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) {
+	s, id := m.s, m.id
 	a, err := replication.OpenApplier(ctx, s.cfg.Catalog, id, name, s.log)
 	if err != nil {
 		return nil, err
@@ -123,5 +150,33 @@ func (m *machine) close() error {
 	if cerr := m.cache.close(); err == nil {
 		err = cerr
 	}
+	if m.lease != nil {
+		// After the last write: the applier and the cache are closed.
+		if lerr := m.lease.Release(); err == nil {
+			err = lerr
+		}
+	}
 	return err
+}
+
+// leaseWait is how long opening a machine waits for its lease while
+// another process server holds it: the one it was switched away from
+// applies its cache before it lets go.
+var leaseWait = time.Minute
+
+// takeLease takes a machine's lease, waiting up to leaseWait (or until ctx
+// ends) while another holder has it.
+func takeLease(ctx context.Context, l replication.MachineLeaser, id, holder string) (replication.Lease, error) {
+	deadline := time.Now().Add(leaseWait)
+	for {
+		lease, err := l.LeaseMachine(ctx, id, holder)
+		if !errors.Is(err, replication.ErrMachineLeased) || time.Now().After(deadline) {
+			return lease, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }

@@ -82,6 +82,16 @@ type Config struct {
 	// unprotected machines): New does not open them, and nothing opens
 	// them later; Remove finishes what is left of them.
 	Removed []string
+	// Serves says whether this process server serves a machine now (nil:
+	// every machine): a machine it does not serve is not opened (its
+	// agent is refused with the error, and so are requests that would
+	// open it). The configuration server assigns machines to process
+	// servers; Release hands one over.
+	Serves func(machineID string) error
+	// Name labels this process server where the target keeps a machine's
+	// lease (replication.MachineLeaser), so another process server refused
+	// the machine learns who holds it. Default "asr server".
+	Name string
 
 	// createCacheFile makes a machine's open cache file (tests inject
 	// failures; default: an *os.File).
@@ -106,6 +116,7 @@ type Server struct {
 	machines map[string]*machine
 	failed   map[string]error // machines whose last open failed, and why
 	removed  map[string]bool  // machines whose protection ended (Remove): never opened again
+	handing  map[string]bool  // machines being handed over (Release): not opened meanwhile
 	conns    map[net.Conn]struct{}
 
 	cacheBytes atomic.Int64
@@ -137,7 +148,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.DiskFree == nil {
 		cfg.DiskFree = diskFree
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, removed: map[string]bool{}, conns: map[net.Conn]struct{}{},
+	if cfg.Name == "" {
+		cfg.Name = "asr server"
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, removed: map[string]bool{}, handing: map[string]bool{}, conns: map[net.Conn]struct{}{},
 		handshakes: make(chan struct{}, maxHandshakes), hellos: make(chan struct{}, maxHellos), helloing: map[string]int{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reqID.Store(uint64(time.Now().UnixNano()))
@@ -293,6 +307,14 @@ func (s *Server) machine(ctx context.Context, id, name string) (*machine, error)
 	}
 	if m, ok := s.machines[id]; ok {
 		return m, nil
+	}
+	if s.handing[id] {
+		return nil, fmt.Errorf("machine %s is being handed over to another process server", id)
+	}
+	if s.cfg.Serves != nil {
+		if err := s.cfg.Serves(id); err != nil {
+			return nil, err
+		}
 	}
 	if s.closed {
 		return nil, errors.New("process server closing")

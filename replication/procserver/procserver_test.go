@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/localfs"
 	"github.com/asrdr/asr/replication/memtarget"
 )
 
@@ -209,5 +210,59 @@ func TestStartResyncOnlyIfMarked(t *testing.T) {
 	// An operator's goes on to the agent (not connected here).
 	if err := s.StartResync(ctx, machineID, job, false); errors.Is(err, ErrResyncNotNeeded) || err == nil {
 		t.Fatalf("an operator's resync of a consistent disk: %v, want it sent to the agent", err)
+	}
+}
+
+// Two process servers on one local target (the configuration server's
+// and a scale-out one): a machine is opened by one at a time, the other
+// refused with the holder's name until the first closes it.
+func TestMachineLeaseKeepsOneWriter(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	t1, err := localfs.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer t1.Close()
+	t2, err := localfs.Open(dir, localfs.Shared())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer t2.Close()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s1, err := New(ctx, Config{CacheDir: t.TempDir(), Catalog: &replication.Catalog{T: t1, Codec: replication.PlainCodec{}}, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := New(ctx, Config{Name: "ps2", CacheDir: t.TempDir(), Catalog: &replication.Catalog{T: t2, Codec: replication.PlainCodec{}}, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	const id = "ab01"
+	defer func(w time.Duration) { leaseWait = w }(leaseWait)
+	leaseWait = 0 // refused at once: the test is about who holds it
+	noop := func(*replication.Applier) error { return nil }
+	if err := s1.WithApplier(ctx, id, noop); err != nil {
+		t.Fatal(err)
+	}
+	err = s2.WithApplier(ctx, id, noop)
+	if !errors.Is(err, replication.ErrMachineLeased) || !strings.Contains(err.Error(), "asr server") {
+		t.Fatalf("second process server opened the machine: %v", err)
+	}
+	if err := s1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.WithApplier(ctx, id, noop); err != nil {
+		t.Fatalf("after the first closed: %v", err)
+	}
+	// And now the first, started again, is the one refused.
+	s3, err := New(ctx, Config{CacheDir: t.TempDir(), Catalog: &replication.Catalog{T: t1, Codec: replication.PlainCodec{}}, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	if err := s3.WithApplier(ctx, id, noop); !errors.Is(err, replication.ErrMachineLeased) || !strings.Contains(err.Error(), "ps2") {
+		t.Fatalf("the machine held by ps2: %v", err)
 	}
 }

@@ -100,10 +100,17 @@ func (s *Server) isRemoved(id string) bool {
 // total. On an error before the parts close, the machine goes on applying
 // and a later retire goes on from there.
 func (m *machine) retire(ctx context.Context, drain bool) error {
-	if err := m.sess.retire(ctx, "the machine's protection ended (unprotected)"); err != nil {
+	reason := "the machine's protection ended (unprotected)"
+	return m.retireFor(ctx, drain, reason, fmt.Errorf("%s: %w", reason, ErrRemoved))
+}
+
+// retireFor is retire with the reason the agent is told, and the error
+// waiting point requests and later attaches get.
+func (m *machine) retireFor(ctx context.Context, drain bool, reason string, pointErr error) error {
+	if err := m.sess.retire(ctx, reason, pointErr); err != nil {
 		return err
 	}
-	m.points.fail(fmt.Errorf("machine %s: %w", m.id, ErrRemoved))
+	m.points.fail(pointErr)
 	m.cmp.close()
 	if drain {
 		if err := m.cache.sealAll(); err != nil {
@@ -181,4 +188,67 @@ func (s *Server) openRemovedPoint(ctx context.Context, machineID string, p repli
 		return cr, nil
 	}
 	return nil, fmt.Errorf("machine %s has no disk %q: %w", mc.Name, disk, replication.ErrNotFound)
+}
+
+// Release hands a machine over to another process server (a switch): its
+// agent's connection is closed, everything its cache holds (all that was
+// acknowledged) is sealed and applied to the replica, then the machine
+// closes, which releases its lease on the target after the last write, and
+// its cache directory goes. Unlike Remove, the machine may be opened again
+// later, once Config.Serves says this process server serves it again.
+// Meanwhile it is not opened (the caller has changed what Serves says
+// first). A machine not open whose cache directory is left (a restart) is
+// opened for the drain alone. If the drain fails (ctx ends, the target is
+// out of reach) the machine stays open without its connection, and a later
+// Release goes on from there.
+func (s *Server) Release(ctx context.Context, id string) error {
+	if !validID(id) {
+		return fmt.Errorf("invalid machine id %q", id)
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return errors.New("process server closing")
+	}
+	if s.handing[id] {
+		s.mu.Unlock()
+		return fmt.Errorf("machine %s is being handed over already", id)
+	}
+	s.handing[id] = true
+	m := s.machines[id]
+	delete(s.failed, id)
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.handing, id)
+		s.mu.Unlock()
+	}()
+	reason, pointErr := "the machine moved to another process server: ask the configuration server where", fmt.Errorf("machine %s moved to another process server", id)
+	dir := filepath.Join(s.cfg.CacheDir, id)
+	if m == nil {
+		if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		om, err := openMachine(ctx, s, id, "")
+		if err != nil {
+			return fmt.Errorf("open machine %s to apply what its cache holds: %w", id, err)
+		}
+		if err := om.retireFor(ctx, true, reason, pointErr); err != nil {
+			om.close()
+			return err
+		}
+	} else {
+		if err := m.retireFor(ctx, true, reason, pointErr); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		if s.machines[id] == m {
+			delete(s.machines, id)
+		}
+		s.mu.Unlock()
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove the cache of machine %s: %w", id, err)
+	}
+	return nil
 }

@@ -83,6 +83,8 @@ type session struct {
 
 	attachMu sync.Mutex
 	retired  string // under attachMu: why no connection is attached any more (retire)
+	// retiredErr is what an attach is refused with once retired.
+	retiredErr error
 
 	mu       sync.Mutex
 	conn     *agentConn // the connection; acknowledged only once ready
@@ -110,7 +112,7 @@ func (s *session) attach(ctx context.Context, cc *agentConn, h *replication.Hell
 	s.attachMu.Lock()
 	defer s.attachMu.Unlock()
 	if s.retired != "" {
-		return replication.Welcome{}, fmt.Errorf("%s: %w", s.retired, ErrRemoved)
+		return replication.Welcome{}, s.retiredErr
 	}
 	var cat replication.MachineCatalog
 	err := s.rep.with(func(a *replication.Applier) error {
@@ -272,9 +274,9 @@ func (s *session) disconnect(ctx context.Context, reason string) error {
 // retire ends the session for good (the machine's protection ended): the
 // connection is closed as by disconnect, and no connection is attached
 // any more.
-func (s *session) retire(ctx context.Context, reason string) error {
+func (s *session) retire(ctx context.Context, reason string, refusal error) error {
 	s.attachMu.Lock()
-	s.retired = reason
+	s.retired, s.retiredErr = reason, refusal
 	s.attachMu.Unlock()
 	return s.disconnect(ctx, reason)
 }

@@ -45,6 +45,7 @@ const (
 	AlertPSMemory       = "ps-memory"       // the process server's memory
 	AlertPSCacheFree    = "ps-cache-free"   // free space on the cache disk
 	AlertPSUpload       = "ps-upload"       // estimated cache upload time
+	AlertPSHeartbeat    = "ps-heartbeat"    // a scale-out process server sends no heartbeat
 	AlertResyncFailed   = "resync-failed"   // a disk's resync failed
 	AlertScrubDamage    = "scrub-damage"    // a scrub found damaged blocks
 	AlertScrubFailed    = "scrub-failed"    // a scrub could not run to its end

@@ -308,3 +308,32 @@ func ReadSecretFile(path string) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// ProcessServers lists the built-in process server and the scale-out ones
+// (GET /api/v1/process-servers).
+func (c *Client) ProcessServers(ctx context.Context) ([]ProcessServerInfo, error) {
+	var out []ProcessServerInfo
+	err := c.Do(ctx, http.MethodGet, "/api/v1/process-servers", nil, &out)
+	return out, err
+}
+
+// RemoveProcessServer ends a scale-out process server's registration.
+func (c *Client) RemoveProcessServer(ctx context.Context, name string) error {
+	return c.Do(ctx, http.MethodDelete, "/api/v1/process-servers/"+url.PathEscape(name), nil, nil)
+}
+
+// SwitchProcessServer moves a machine to another process server (a
+// scale-out one's name, BuiltinProcessServer, or AutoProcessServer); it
+// returns the one it is on once the old one has handed the machine over.
+func (c *Client) SwitchProcessServer(ctx context.Context, machine, to string) (string, error) {
+	var out SwitchResult
+	err := c.Do(ctx, http.MethodPost, "/api/v1/machines/"+url.PathEscape(machine)+"/process-server", SwitchRequest{To: to}, &out)
+	return out.ProcessServer, err
+}
+
+// SwitchAll moves every machine of process server from to another.
+func (c *Client) SwitchAll(ctx context.Context, from, to string) ([]string, error) {
+	var out SwitchAllResult
+	err := c.Do(ctx, http.MethodPost, "/api/v1/process-servers/"+url.PathEscape(from)+"/switch", SwitchRequest{To: to}, &out)
+	return out.Moved, err
+}

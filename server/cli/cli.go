@@ -7,7 +7,8 @@
 // with --target and --passphrase-file, read the target storage directly.
 // Each command group has its file: server.go, agent.go, demo.go, status.go,
 // points.go (points, tag), recover.go, policy.go, events.go, group.go,
-// resync.go, verify.go, unprotect.go, metrics.go, alerts.go; op.go holds
+// resync.go, verify.go, unprotect.go, metrics.go, alerts.go, procserver.go
+// (process-server, ps); op.go holds
 // what the operator commands share.
 package cli
 
@@ -36,6 +37,8 @@ const usage = `asr — disaster recovery for VMware virtual machines
 Usage:
   asr server   [--data DIR] [--listen ADDR] [--data-listen ADDR] [--target URL]
   asr agent    --server URL --passphrase-file F --state DIR --name NAME --disk NAME=PATH... --nbd ADDR
+  asr process-server --config https://CS:8443 --passphrase-file F --name NAME [--data DIR] [--data-listen ADDR] [--target URL]
+  asr ps       list [--json] | switch --machine M|--from PS --to PS|builtin | remove NAME
   asr demo     [--data DIR] [--listen ADDR]
   asr status   [--machine M] [--json] | --process-server [--json]
   asr points   --machine M [--json] [--target URL --passphrase-file F]
@@ -117,6 +120,9 @@ var commands = map[string]func(ctx context.Context, e *env, args []string) error
 	"job":       runJob,
 	"metrics":   runMetrics,
 	"alerts":    runAlerts,
+
+	"process-server": runProcessServer,
+	"ps":             runPS,
 }
 
 // Main runs the asr command line with args (without the program name) and

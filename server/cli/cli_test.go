@@ -77,6 +77,7 @@ func TestHelpExitsZero(t *testing.T) {
 		"job":     {"show", "confirm", "cancel"},
 		"policy":  {"list", "show", "create", "set", "assign"},
 		"group":   {"set", "clear"},
+		"ps":      {"list", "switch", "remove"},
 	} {
 		for _, verb := range verbs {
 			for _, h := range []string{"-h", "--help"} {
@@ -144,6 +145,16 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"reprotect"}, "name the machine (--machine M) or the recovery plan (--plan P)"},
 		{[]string{"failback", "--machine", "vm1", "--plan", "app"}, "one of them"},
 		{[]string{"failback", "--plan", "app", "--alternate", "--vcenter", "vc1", "--datastore", "ds1"}, "not a plan"},
+		{[]string{"process-server"}, "--config https://HOST:PORT is required"},
+		{[]string{"process-server", "--config", "https://x:1"}, "--passphrase-file is required"},
+		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere}, "--name is required"},
+		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere, "--name", "p", "--cache-max", "lots"}, "--cache-max"},
+		{[]string{"ps"}, "no verb given"},
+		{[]string{"ps", "bogus"}, `unknown verb "bogus"`},
+		{[]string{"ps", "remove"}, "give the process server's name"},
+		{[]string{"ps", "switch", "--machine", "vm1"}, "--machine M or --from PS, and --to, are required"},
+		{[]string{"ps", "switch", "--machine", "vm1", "--from", "ps1", "--to", "builtin"}, "--machine M or --from PS, and --to, are required"},
+		{[]string{"ps", "list", "extra"}, `unexpected argument "extra"`},
 	} {
 		mustFail(t, tc.want, tc.args...)
 	}

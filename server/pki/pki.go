@@ -145,6 +145,21 @@ func createCA(dir string) (*CA, error) {
 // certificate request, with the given common name (the machine id). It
 // returns the certificate PEM and its serial number (hex).
 func (ca *CA) SignClient(csrPEM []byte, commonName string) ([]byte, string, error) {
+	return ca.signCSR(csrPEM, commonName, "asr agent", nil)
+}
+
+// SignProcessServer signs a scale-out process server's certificate: a
+// client certificate for its calls to the configuration server, and a
+// server certificate for its data listener, valid for host (a name or an
+// address: what its agents dial).
+func (ca *CA) SignProcessServer(csrPEM []byte, commonName, host string) ([]byte, string, error) {
+	if host == "" {
+		return nil, "", errors.New("a process server's certificate needs its data listener's host")
+	}
+	return ca.signCSR(csrPEM, commonName, "asr process server", []string{host})
+}
+
+func (ca *CA) signCSR(csrPEM []byte, commonName, org string, hosts []string) ([]byte, string, error) {
 	block, _ := pem.Decode(csrPEM)
 	if block == nil || block.Type != "CERTIFICATE REQUEST" {
 		return nil, "", errors.New("certificate request: not a PEM CERTIFICATE REQUEST")
@@ -159,11 +174,21 @@ func (ca *CA) SignClient(csrPEM []byte, commonName string) ([]byte, string, erro
 	serial := randomSerial()
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: commonName, Organization: []string{"asr agent"}},
+		Subject:      pkix.Name{CommonName: commonName, Organization: []string{org}},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().AddDate(10, 0, 0),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	if len(hosts) > 0 {
+		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, csr.PublicKey, ca.key)
 	if err != nil {
