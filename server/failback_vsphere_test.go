@@ -324,4 +324,3 @@ func (fr *failbackRig) checkForwardOf(name string) {
 		}
 	}
 }
-
