@@ -112,7 +112,9 @@ func (s *Server) reprotectVSphere(ctx context.Context, m store.Machine, f store.
 		if err := s.freezeForVSphere(ctx, j, m, f, log); err != nil {
 			return err
 		}
-		j.setCancellable(false)
+		// Still cancellable: a pass cut short wrote only some blocks of
+		// the frozen original, which failback's pass makes whole; the
+		// original stays frozen until failback (or asr unprotect).
 		c, err := s.vcenterClient(ctx, d.VSphere.VCenter)
 		if err != nil {
 			return err

@@ -18,6 +18,7 @@ import (
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/vmware/vcsim"
 )
@@ -323,4 +324,43 @@ func (fr *failbackRig) checkForwardOf(name string) {
 			t.Fatalf("disk %s: the point after the forward reprotect differs from the source", d)
 		}
 	}
+}
+
+// A server stop right after a vSphere failback's switch: the next start
+// finishes it (thaw, the original VM powered on, the failover ended).
+func TestFailbackFromVSphereFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	ctx := context.Background()
+	vr := startVSphereRig(t)
+	vr.writeRecovered("d1", 7)
+	vr.mustJob(vr.client.Reprotect(ctx, "app01"))
+	vr.writeRecovered("d0", 3)
+	if t1, err := vr.src.PowerOff(ctx); err != nil || t1.Wait(ctx) != nil {
+		t.Fatalf("power off the original VM: %v", err)
+	}
+	switched := make(chan struct{})
+	server.SetFailbackSwitchHook(vr.srv, func(ctx context.Context) {
+		close(switched)
+		<-ctx.Done()
+	})
+	if _, err := vr.client.Failback(ctx, "app01"); err != nil {
+		t.Fatal(err)
+	}
+	<-switched
+	vr.stop()
+	vr.start()
+	waitFor(t, "the failback finished after the restart", func() bool {
+		return vr.machine("app01").Direction == "failed-back"
+	})
+	for d, p := range vr.disks {
+		if fileSHA(t, p) != fileSHA(t, vr.flats[d]) {
+			t.Fatalf("disk %s: the original differs from the recovered VM's final state", d)
+		}
+	}
+	if powerState(t, vr.rec) != types.VirtualMachinePowerStatePoweredOff || powerState(t, vr.src) != types.VirtualMachinePowerStatePoweredOn {
+		t.Fatalf("after failback: the recovered VM %s, the original %s", powerState(t, vr.rec), powerState(t, vr.src))
+	}
+	if fos, _ := vr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers: %+v", fos)
+	}
+	vr.checkForwardOf("app01")
 }
