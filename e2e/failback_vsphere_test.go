@@ -9,12 +9,14 @@ package e2e
 
 import (
 	"context"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/chromedp/chromedp"
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/asrdr/asr/server/api"
@@ -240,4 +242,88 @@ func TestE2EFailbackFromVSphere(t *testing.T) {
 		t.Fatalf("the recovered VM after failback: found %v, %s", ok, vm.Runtime.PowerState)
 	}
 	fc.checkForward()
+}
+
+// TestE2EConsoleFailbackVSphere: a failover to vSphere (the simulator)
+// committed, then Reprotect and Failback from the machine's page in
+// Chromium, each confirmation saying what happens to the recovered VM;
+// the original disk ends equal to the recovered VM's flat file, the
+// recovered VM powered off.
+func TestE2EConsoleFailbackVSphere(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
+	}
+	c := newFailoverCluster(t)
+	const size = 32 << 20
+	sim := c.addSimVCenter("guest01", size)
+	dsDir := simDatastoreDir(t, sim, "LocalDS_0")
+	c.waitVM("guest01", "discovered", func(vm api.VM) bool { return vm.BIOSUUID == guestUUID })
+	fc := &failbackCase{c: c, disk: filepath.Join(c.dir, "d.img")}
+	makeDisk(t, fc.disk, size, 13)
+	a := c.startAgent("m", []string{"--bios-uuid", guestUUID}, "d="+fc.disk)
+	c.waitState("m", "protected", hungAfter)
+	c.waitStatus("m", "linked to VM guest01", func(st machineStatus) bool { return st.VM != nil && st.VM.Name == "guest01" })
+	fc.fio(a.uri("d"), "fwd", 1<<20)
+	point := c.tag("m")
+	r := c.failover("--machine", "m", "--point", point, "--to", "vsphere", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	_, ref := vsphereResult(t, r, "m")
+	c.mustCLI("failover", "--machine", "m", "--commit")
+	flat := filepath.Join(dsDir, "guest01-recovered", "d-flat.vmdk")
+	fc.written = 0
+	fc.fioFile(flat, "recovered", 2<<20)
+
+	p := openConsole(t, c, browser)
+	machinePage := func() {
+		t.Helper()
+		p.do(chromedp.Navigate(c.url()+"/machines/m"), chromedp.WaitVisible(chromedp.CSS("#machine-title")))
+	}
+	jobDone := func(what string) (output, steps string) {
+		t.Helper()
+		p.waitVisible("showed the end of the "+what+" job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
+		if s := p.text("#job-state"); s != "succeeded" {
+			t.Fatalf("the %s job %s:\n%s", what, s, p.text("#job"))
+		}
+		if p.exists("#job-output") {
+			output = p.text("#job-output")
+		}
+		return output, p.text("#job-steps")
+	}
+
+	machinePage()
+	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed over") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
+		t.Fatalf("the committed failover to vSphere's machine page shows:\n%s", s)
+	}
+	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="reprotect"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-reprotect")))
+	if s := p.text("#failback-steps"); !strings.Contains(s, "vc1/guest01-recovered") || !strings.Contains(s, "only the blocks that differ") {
+		t.Fatalf("the reprotect confirmation says:\n%s", s)
+	}
+	p.screenshot("fbvs-01-reprotect-confirm")
+	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")))
+	out, steps := jobDone("reprotect")
+	if m := reprotectedRE.FindStringSubmatch(out); m == nil || !strings.Contains(steps, "compare and send") {
+		t.Fatalf("the reprotect job shows:\n%s\n%s", out, steps)
+	}
+	fc.fioFile(flat, "recovered-after-reprotect", 1<<20)
+
+	machinePage()
+	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="failback"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-failback")))
+	if s := p.text("#failback-steps"); !strings.Contains(s, "vc1/guest01-recovered is powered off") || !strings.Contains(s, "compared whole") {
+		t.Fatalf("the failback confirmation says:\n%s", s)
+	}
+	p.screenshot("fbvs-02-failback-confirm")
+	p.do(chromedp.Click(chromedp.CSS("#confirm-failback")))
+	out, steps = jobDone("failback")
+	if !strings.Contains(steps, "stop the recovered VM") || !strings.Contains(steps, "compared: equal") {
+		t.Fatalf("the failback's steps:\n%s", steps)
+	}
+	p.screenshot("fbvs-03-failed-back-job")
+	fc.checkFailedBack(out, sha256File(t, flat))
+	if vm, ok := simVM(t, sim, ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the recovered VM after failback: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+	machinePage()
+	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
+		t.Fatalf("the failed-back machine's page shows:\n%s", s)
+	}
 }
