@@ -607,11 +607,18 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 		if r.State != store.ResyncFailed {
 			continue
 		}
-		disk := fmt.Sprint(r.Disk)
+		disk, known := "", false
 		for _, d := range m.Disks {
 			if d.Index == r.Disk {
-				disk = d.Name
+				disk, known = d.Name, true
 			}
+		}
+		if !known {
+			// The machine was read before its disk was added (this pass
+			// reads the resyncs later): not measurable now, and no alert
+			// naming the disk by its number only.
+			obs = append(obs, alertObs{kind: api.AlertResyncFailed, key: fmt.Sprintf("%s/%d", m.ID, r.Disk), keep: true, machineID: m.ID, machine: m.Name})
+			continue
 		}
 		obs = append(obs, alertObs{kind: api.AlertResyncFailed, key: fmt.Sprintf("%s/%d", m.ID, r.Disk), level: 1, machineID: m.ID, machine: m.Name, disk: disk,
 			message: fmt.Sprintf("the resync of disk %s of %s failed after %d attempts: %s; no recovery point is made until it succeeds", disk, m.Name, r.Attempts, orNone(r.LastError)),

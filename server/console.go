@@ -366,11 +366,19 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 			return api.Machine{}, err
 		}
 	}
+	// Received bytes: the database's count and what is not added to it
+	// yet; never less than shown before (m may have been read before a
+	// flush moved the pending bytes into the database).
 	s.bytesMu.Lock()
-	pending := s.bytes[m.ID] // received, not yet added to the database
+	received := m.BytesReceived + s.bytes[m.ID]
+	if s.bytesShown == nil {
+		s.bytesShown = map[string]int64{}
+	}
+	received = max(received, s.bytesShown[m.ID])
+	s.bytesShown[m.ID] = received
 	s.bytesMu.Unlock()
 	v := api.Machine{ID: m.ID, Name: m.Name, AgentVersion: m.AgentVersion, LastSeen: m.LastSeen,
-		BytesReceived: m.BytesReceived + pending, Error: m.LastError, State: replication.StateProtected,
+		BytesReceived: received, Error: m.LastError, State: replication.StateProtected,
 		Policy: m.Policy, Group: m.Group, LastScrub: m.LastScrub, ScrubResult: m.ScrubResult,
 		ScrubDamage: m.ScrubOutcome == store.ScrubDamaged || m.ScrubOutcome == store.ScrubFailed}
 	l.link(&v, m.BIOSUUID)

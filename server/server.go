@@ -123,6 +123,10 @@ type Server struct {
 
 	bytesMu sync.Mutex
 	bytes   map[string]int64 // received bytes not yet added to the database
+	// bytesShown is the largest received count machineView reported per
+	// machine: a view whose database row was read before a flush moved
+	// the pending count into it would otherwise count that part nowhere.
+	bytesShown map[string]int64
 
 	// The mirror writes what the process server reports to the database
 	// (mirror.go, news.go); mirrorSeen and mirrorDisks are its writer's,
