@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/chromedp/chromedp"
 	"github.com/vmware/govmomi/vim25/types"
@@ -169,16 +170,19 @@ func (fc *failbackCase) fioFile(path, name string, n int64) {
 
 var reprotectedRE = regexp.MustCompile(`reprotected: (\d+) bytes compared, (\d+) differ, (\d+) bytes sent to the original disks`)
 
-// TestE2EFailbackFromVSphere: protect a machine linked to the simulator's
-// guest01 with the real agent, write after a point on the original, fail
-// over (unplanned) to vSphere from that point and commit; fio writes into
-// the recovered VM's flat file in the datastore's directory; reprotect
-// freezes the original agent and sends only the blocks that differ
-// (bytes sent far below the disk's size); more fio; failback powers the
-// recovered VM off, sends the rest and verifies: the original disk's
-// SHA-256 equals the recovered VM's final disk; forward protection
-// resumes and a new point recovers bit-exact.
-func TestE2EFailbackFromVSphere(t *testing.T) {
+// vsphereFailbackCase is machine "m" with one 32 MiB disk, linked to
+// the simulator's guest01, written after its last point (1 MiB at 30 MiB,
+// on the original only), failed over unplanned to vSphere at that point
+// and committed.
+type vsphereFailbackCase struct {
+	*failbackCase
+	sim  *vcsim.Sim
+	flat string // the recovered VM's flat file in the datastore's directory
+	ref  string // the recovered VM's
+}
+
+func startVSphereFailbackCase(t *testing.T) *vsphereFailbackCase {
+	t.Helper()
 	c := newFailoverCluster(t)
 	const size = 32 << 20
 	sim := c.addSimVCenter("guest01", size)
@@ -209,8 +213,23 @@ func TestE2EFailbackFromVSphere(t *testing.T) {
 	if st := c.status("m"); st.Direction != "failed-over" || st.Unprotected {
 		t.Fatalf("after commit: direction %q, unprotected %v", st.Direction, st.Unprotected)
 	}
-	flat := filepath.Join(dsDir, "guest01-recovered", "d-flat.vmdk")
 	fc.written = 0
+	return &vsphereFailbackCase{failbackCase: fc, sim: sim, ref: ref, flat: filepath.Join(dsDir, "guest01-recovered", "d-flat.vmdk")}
+}
+
+// TestE2EFailbackFromVSphere: protect a machine linked to the simulator's
+// guest01 with the real agent, write after a point on the original, fail
+// over (unplanned) to vSphere from that point and commit; fio writes into
+// the recovered VM's flat file in the datastore's directory; reprotect
+// freezes the original agent and sends only the blocks that differ
+// (bytes sent far below the disk's size); more fio; failback powers the
+// recovered VM off, sends the rest and verifies: the original disk's
+// SHA-256 equals the recovered VM's final disk; forward protection
+// resumes and a new point recovers bit-exact.
+func TestE2EFailbackFromVSphere(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c, flat, sim, ref := vc.failbackCase, vc.c, vc.flat, vc.sim, vc.ref
+	const size = 32 << 20
 	fc.fioFile(flat, "recovered", 3<<20)
 
 	out := c.mustCLI("reprotect", "--machine", "m")
@@ -326,4 +345,59 @@ func TestE2EConsoleFailbackVSphere(t *testing.T) {
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
 		t.Fatalf("the failed-back machine's page shows:\n%s", s)
 	}
+}
+
+// TestE2EFailbackFromVSphereKilled: reprotect, then a failback whose pass
+// cannot end (the original agent held by SIGSTOP); kill -9 of the server
+// in the pass and of the agent; after the restarts the machine is still
+// reprotected (the recovered VM was left off), and failback run again
+// ends with the original equal to the recovered VM's disk; forward
+// protection resumes.
+func TestE2EFailbackFromVSphereKilled(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c := vc.failbackCase, vc.c
+	fc.fioFile(vc.flat, "recovered", 2<<20)
+	c.mustCLI("reprotect", "--machine", "m")
+	fc.fioFile(vc.flat, "recovered-after-reprotect", 3<<20)
+	want := sha256File(t, vc.flat)
+	a := c.agents["m"]
+	a.proc.pause()
+	id := strings.TrimSpace(c.mustCLI("failback", "--machine", "m", "--no-wait"))
+	deadline := time.Now().Add(hungAfter)
+	for {
+		j := c.job(id)
+		pass := false
+		for _, s := range j.Steps {
+			if s.Name == "m: send the last changes" && s.State == "running" {
+				pass = true
+			}
+		}
+		if pass {
+			break
+		}
+		if j.State != "running" || time.Now().After(deadline) {
+			t.Fatalf("failback job %s: %+v", id, j)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.server.kill()
+	c.startServer()
+	if st := c.status("m"); st.Direction != "reprotected" {
+		t.Fatalf("after kill -9 of the server during failback: direction %q", st.Direction)
+	}
+	if vm, ok := simVM(t, vc.sim, vc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the recovered VM after the kill: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+	a.proc.kill()
+	c.startAgent("m", nil)
+	out, err := c.cli("failback", "--machine", "m")
+	if err != nil {
+		t.Fatalf("failback after the kills: %v\n%s", err, out)
+	}
+	t.Logf("failback after the kills:\n%s", out)
+	fc.checkFailedBack(out, want)
+	if got := sha256File(t, vc.flat); got != want {
+		t.Fatal("the recovered VM's disk changed")
+	}
+	fc.checkForward()
 }
