@@ -8,11 +8,16 @@ package e2e
 // a machine linked to a VM, which the failback powers on.
 
 import (
+	"context"
+	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/chromedp/chromedp"
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/asrdr/asr/server/api"
@@ -145,4 +150,254 @@ func TestE2EFailbackPowersOnVM(t *testing.T) {
 	if vm, ok := simVM(t, lc.sim, lc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
 		t.Fatalf("guest01 after failback: found %v, %s", ok, vm.Runtime.PowerState)
 	}
+}
+
+// fioFile writes n bytes of random 64 KiB blocks into a file with fio (the
+// recovered VM's guest writing its disk: the simulator's datastore is a
+// directory, and the flat file is the VM's disk).
+func (fc *failbackCase) fioFile(path, name string, n int64) {
+	t := fc.c.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+	defer cancel()
+	out, err := runTool(ctx, t, "fio", "--name="+name, "--filename="+path, "--ioengine=psync", "--rw=randwrite", "--bs=64k",
+		"--size=32M", "--io_size="+strconv.FormatInt(n, 10), "--end_fsync=1", "--randseed="+strconv.Itoa(len(name)*7+int(n%97)))
+	if err != nil {
+		t.Fatalf("fio %s: %v\n%s", name, err, out)
+	}
+	fc.written += n
+}
+
+var reprotectedRE = regexp.MustCompile(`reprotected: (\d+) bytes compared, (\d+) differ, (\d+) bytes sent to the original disks`)
+
+// vsphereFailbackCase is machine "m" with one 32 MiB disk, linked to
+// the simulator's guest01, written after its last point (1 MiB at 30 MiB,
+// on the original only), failed over unplanned to vSphere at that point
+// and committed.
+type vsphereFailbackCase struct {
+	*failbackCase
+	sim  *vcsim.Sim
+	flat string // the recovered VM's flat file in the datastore's directory
+	ref  string // the recovered VM's
+}
+
+func startVSphereFailbackCase(t *testing.T) *vsphereFailbackCase {
+	t.Helper()
+	c := newFailoverCluster(t)
+	const size = 32 << 20
+	sim := c.addSimVCenter("guest01", size)
+	dsDir := simDatastoreDir(t, sim, "LocalDS_0")
+	c.waitVM("guest01", "discovered", func(vm api.VM) bool { return vm.BIOSUUID == guestUUID })
+	fc := &failbackCase{c: c, disk: filepath.Join(c.dir, "d.img")}
+	makeDisk(t, fc.disk, size, 11)
+	a := c.startAgent("m", []string{"--bios-uuid", guestUUID}, "d="+fc.disk)
+	c.waitState("m", "protected", hungAfter)
+	c.waitStatus("m", "linked to VM guest01", func(st machineStatus) bool { return st.VM != nil && st.VM.Name == "guest01" })
+	fc.fio(a.uri("d"), "fwd", 1<<20)
+	point := c.tag("m")
+	// After the point, on the original only: 1 MiB at 30 MiB (fio's
+	// random offsets repeat from run to run whatever the seed, so the
+	// recovered VM's random writes below would cover random ones).
+	ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+	defer cancel()
+	if out, err := runTool(ctx, t, "fio", "--name=after-point", "--ioengine=nbd", "--uri="+a.uri("d"), "--rw=write", "--bs=64k",
+		"--offset=30M", "--size=1M"); err != nil {
+		t.Fatalf("fio after-point: %v\n%s", err, out)
+	}
+	r := c.failover("--machine", "m", "--point", point, "--to", "vsphere", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	vmPath, ref := vsphereResult(t, r, "m")
+	if vmPath != "vc1/guest01-recovered" {
+		t.Fatalf("recovered VM %s:\n%s", vmPath, r.out)
+	}
+	c.mustCLI("failover", "--machine", "m", "--commit")
+	if st := c.status("m"); st.Direction != "failed-over" || st.Unprotected {
+		t.Fatalf("after commit: direction %q, unprotected %v", st.Direction, st.Unprotected)
+	}
+	fc.written = 0
+	return &vsphereFailbackCase{failbackCase: fc, sim: sim, ref: ref, flat: filepath.Join(dsDir, "guest01-recovered", "d-flat.vmdk")}
+}
+
+// TestE2EFailbackFromVSphere: protect a machine linked to the simulator's
+// guest01 with the real agent, write after a point on the original, fail
+// over (unplanned) to vSphere from that point and commit; fio writes into
+// the recovered VM's flat file in the datastore's directory; reprotect
+// freezes the original agent and sends only the blocks that differ
+// (bytes sent far below the disk's size); more fio; failback powers the
+// recovered VM off, sends the rest and verifies: the original disk's
+// SHA-256 equals the recovered VM's final disk; forward protection
+// resumes and a new point recovers bit-exact.
+func TestE2EFailbackFromVSphere(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c, flat, sim, ref := vc.failbackCase, vc.c, vc.flat, vc.sim, vc.ref
+	const size = 32 << 20
+	fc.fioFile(flat, "recovered", 3<<20)
+
+	out := c.mustCLI("reprotect", "--machine", "m")
+	m := reprotectedRE.FindStringSubmatch(out)
+	if m == nil || !strings.Contains(out, "freeze the original") {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	compared, _ := strconv.ParseInt(m[1], 10, 64)
+	sent, _ := strconv.ParseInt(m[3], 10, 64)
+	// What differs: fio's blocks in the recovered VM and the original's
+	// writes after the point (1 MiB, some of it covered by the former).
+	if compared != size || sent <= fc.written || sent > fc.written+1<<20 {
+		t.Fatalf("reprotect compared %d bytes and sent %d, for %d written into the recovered VM", compared, sent, fc.written)
+	}
+	t.Logf("reprotect: %d bytes compared, %d sent", compared, sent)
+	if st := c.status("m"); st.Direction != "reprotected" {
+		t.Fatalf("after reprotect: direction %q", st.Direction)
+	}
+	fc.fioFile(flat, "recovered-after-reprotect", 2<<20)
+
+	out = c.mustCLI("failback", "--machine", "m")
+	for _, s := range []string{"m: stop the recovered VM", "m: send the last changes", "m: verify", "m: end the failover", "guest01-recovered stays powered off"} {
+		if !strings.Contains(out, s) {
+			t.Fatalf("failback output lacks %q:\n%s", s, out)
+		}
+	}
+	fc.checkFailedBack(out, sha256File(t, flat))
+	if vm, ok := simVM(t, sim, ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the recovered VM after failback: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+	fc.checkForward()
+}
+
+// TestE2EConsoleFailbackVSphere: a failover to vSphere (the simulator)
+// committed, then Reprotect and Failback from the machine's page in
+// Chromium, each confirmation saying what happens to the recovered VM;
+// the original disk ends equal to the recovered VM's flat file, the
+// recovered VM powered off.
+func TestE2EConsoleFailbackVSphere(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
+	}
+	c := newFailoverCluster(t)
+	const size = 32 << 20
+	sim := c.addSimVCenter("guest01", size)
+	dsDir := simDatastoreDir(t, sim, "LocalDS_0")
+	c.waitVM("guest01", "discovered", func(vm api.VM) bool { return vm.BIOSUUID == guestUUID })
+	fc := &failbackCase{c: c, disk: filepath.Join(c.dir, "d.img")}
+	makeDisk(t, fc.disk, size, 13)
+	a := c.startAgent("m", []string{"--bios-uuid", guestUUID}, "d="+fc.disk)
+	c.waitState("m", "protected", hungAfter)
+	c.waitStatus("m", "linked to VM guest01", func(st machineStatus) bool { return st.VM != nil && st.VM.Name == "guest01" })
+	fc.fio(a.uri("d"), "fwd", 1<<20)
+	point := c.tag("m")
+	r := c.failover("--machine", "m", "--point", point, "--to", "vsphere", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	_, ref := vsphereResult(t, r, "m")
+	c.mustCLI("failover", "--machine", "m", "--commit")
+	flat := filepath.Join(dsDir, "guest01-recovered", "d-flat.vmdk")
+	fc.written = 0
+	fc.fioFile(flat, "recovered", 2<<20)
+
+	p := openConsole(t, c, browser)
+	machinePage := func() {
+		t.Helper()
+		p.do(chromedp.Navigate(c.url()+"/machines/m"), chromedp.WaitVisible(chromedp.CSS("#machine-title")))
+	}
+	jobDone := func(what string) (output, steps string) {
+		t.Helper()
+		p.waitVisible("showed the end of the "+what+" job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
+		if s := p.text("#job-state"); s != "succeeded" {
+			t.Fatalf("the %s job %s:\n%s", what, s, p.text("#job"))
+		}
+		if p.exists("#job-output") {
+			output = p.text("#job-output")
+		}
+		return output, p.text("#job-steps")
+	}
+
+	machinePage()
+	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed over") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
+		t.Fatalf("the committed failover to vSphere's machine page shows:\n%s", s)
+	}
+	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="reprotect"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-reprotect")))
+	if s := p.text("#failback-steps"); !strings.Contains(s, "vc1/guest01-recovered") || !strings.Contains(s, "only the blocks that differ") {
+		t.Fatalf("the reprotect confirmation says:\n%s", s)
+	}
+	p.screenshot("fbvs-01-reprotect-confirm")
+	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")))
+	out, steps := jobDone("reprotect")
+	if m := reprotectedRE.FindStringSubmatch(out); m == nil || !strings.Contains(steps, "compare and send") {
+		t.Fatalf("the reprotect job shows:\n%s\n%s", out, steps)
+	}
+	fc.fioFile(flat, "recovered-after-reprotect", 1<<20)
+
+	machinePage()
+	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="failback"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-failback")))
+	if s := p.text("#failback-steps"); !strings.Contains(s, "vc1/guest01-recovered is powered off") || !strings.Contains(s, "compared whole") {
+		t.Fatalf("the failback confirmation says:\n%s", s)
+	}
+	p.screenshot("fbvs-02-failback-confirm")
+	p.do(chromedp.Click(chromedp.CSS("#confirm-failback")))
+	out, steps = jobDone("failback")
+	if !strings.Contains(steps, "stop the recovered VM") || !strings.Contains(steps, "compared: equal") {
+		t.Fatalf("the failback's steps:\n%s", steps)
+	}
+	p.screenshot("fbvs-03-failed-back-job")
+	fc.checkFailedBack(out, sha256File(t, flat))
+	if vm, ok := simVM(t, sim, ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the recovered VM after failback: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+	machinePage()
+	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
+		t.Fatalf("the failed-back machine's page shows:\n%s", s)
+	}
+}
+
+// TestE2EFailbackFromVSphereKilled: reprotect, then a failback whose pass
+// cannot end (the original agent held by SIGSTOP); kill -9 of the server
+// in the pass and of the agent; after the restarts the machine is still
+// reprotected (the recovered VM was left off), and failback run again
+// ends with the original equal to the recovered VM's disk; forward
+// protection resumes.
+func TestE2EFailbackFromVSphereKilled(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c := vc.failbackCase, vc.c
+	fc.fioFile(vc.flat, "recovered", 2<<20)
+	c.mustCLI("reprotect", "--machine", "m")
+	fc.fioFile(vc.flat, "recovered-after-reprotect", 3<<20)
+	want := sha256File(t, vc.flat)
+	a := c.agents["m"]
+	a.proc.pause()
+	id := strings.TrimSpace(c.mustCLI("failback", "--machine", "m", "--no-wait"))
+	deadline := time.Now().Add(hungAfter)
+	for {
+		j := c.job(id)
+		pass := false
+		for _, s := range j.Steps {
+			if s.Name == "m: send the last changes" && s.State == "running" {
+				pass = true
+			}
+		}
+		if pass {
+			break
+		}
+		if j.State != "running" || time.Now().After(deadline) {
+			t.Fatalf("failback job %s: %+v", id, j)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.server.kill()
+	c.startServer()
+	if st := c.status("m"); st.Direction != "reprotected" {
+		t.Fatalf("after kill -9 of the server during failback: direction %q", st.Direction)
+	}
+	if vm, ok := simVM(t, vc.sim, vc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the recovered VM after the kill: found %v, %s", ok, vm.Runtime.PowerState)
+	}
+	a.proc.kill()
+	c.startAgent("m", nil)
+	out, err := c.cli("failback", "--machine", "m")
+	if err != nil {
+		t.Fatalf("failback after the kills: %v\n%s", err, out)
+	}
+	t.Logf("failback after the kills:\n%s", out)
+	fc.checkFailedBack(out, want)
+	if got := sha256File(t, vc.flat); got != want {
+		t.Fatal("the recovered VM's disk changed")
+	}
+	fc.checkForward()
 }

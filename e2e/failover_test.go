@@ -498,8 +498,9 @@ func TestE2EFailoverVSphere(t *testing.T) {
 		t.Fatal("cleanup of a failover (not a test) succeeded")
 	}
 	c.mustCLI("failover", "--machine", "m", "--commit")
-	if st := c.status("m"); st.State != api.StateUnprotected {
-		t.Fatalf("after commit the machine is %s", st.State)
+	// The source stays registered: failback goes back to it.
+	if st := c.status("m"); st.Unprotected || st.Direction != "failed-over" {
+		t.Fatalf("after commit the machine is %s (unprotected %v), direction %q", st.State, st.Unprotected, st.Direction)
 	}
 	if _, ok := simVM(t, sim, ref); !ok {
 		t.Fatal("commit removed the recovered VM")

@@ -64,6 +64,9 @@ type reverseDetail struct {
 	// Alternate is the new VM of a failback to an alternate location
 	// (failback_alt.go); nil for the original location.
 	Alternate *altDetail `json:"alternate,omitempty"`
+	// VSphere is reprotect's pass of a failover to vSphere
+	// (failback_vsphere.go); nil for a failover to NBD.
+	VSphere *vsphereReverse `json:"vsphere,omitempty"`
 }
 
 // reverseState is the server's running reverse shipments, by machine id.
@@ -255,6 +258,9 @@ func (s *Server) lastFailback(ctx context.Context, machineID string) (store.Fail
 }
 
 func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
+	if vsphereFailback(f) {
+		return s.reprotectVSphere(ctx, m, f)
+	}
 	if err := s.refuseReprotectReverse(ctx, m, f); err != nil {
 		return api.Job{}, err
 	}
@@ -611,6 +617,9 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
+	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil && vsphereFailback(f) {
+		return s.failbackVSphere(ctx, m, f)
+	}
 	f, run, err := s.failbackReady(ctx, m, "--machine "+m.Name)
 	if err != nil {
 		return api.Job{}, err
@@ -955,6 +964,9 @@ func (s *Server) restoreReverse(ctx context.Context, f store.Failover, m store.M
 	}
 	switch d.Reverse.State {
 	case dirReprotected:
+		if vsphereFailback(f) {
+			return // nothing runs between reprotect and failback
+		}
 		if _, err := s.startReverse(f, m, false); err != nil {
 			s.log.Error("failback: resume sending changes back", "machine", m.Name, "failover", f.ID, "err", err)
 		}

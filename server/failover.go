@@ -526,6 +526,9 @@ func (s *Server) restoreFailovers(ctx context.Context) error {
 		}
 		serving := (f.Dest == api.ToNBD) && f.State != store.FailoverStarting
 		if !serving {
+			if f.State == store.FailoverCommitted && vsphereFailback(f) {
+				s.restoreReverse(ctx, f, m) // a failback past its switch
+			}
 			if f.State == store.FailoverStarting || f.Dest == api.ToQEMU {
 				// Cut short (or a drill, which lives only with its job):
 				// what it made is removed by the same path as a cleanup.

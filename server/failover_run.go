@@ -459,8 +459,9 @@ func subjectOf(a api.FailoverAction) string {
 // Commit ends failovers: the recovered machines are the machines now. The
 // source's protection stops (it is unprotected, its replica and the
 // failed-over point kept) until reprotect; the other points are released.
-// A planned failover to NBD keeps its source registered, frozen: it is
-// the master target of failback (failback.go).
+// A failover to NBD keeps its source registered (frozen if planned), and
+// so does a failover to vSphere: it is the master target of failback
+// (failback.go, failback_vsphere.go).
 func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, error) {
 	ms, err := s.selected(ctx, a)
 	if err != nil {
@@ -496,8 +497,8 @@ func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, err
 			} else {
 				done(fmt.Sprintf("kept: %v", err), nil)
 			}
-			if reverseCandidate(f) {
-				// A failover to NBD: the source's agent stays registered
+			if reverseCandidate(f) || vsphereFailback(f) {
+				// A failover to NBD or vSphere: the source's agent stays registered
 				// (frozen if planned) as failback's master target (asr
 				// reprotect ships the changes back; an unplanned one
 				// freezes it and compares its disks first).

@@ -64,8 +64,8 @@ func failbackOfferFor(m api.Machine, f *api.Failover, running *api.Job) failback
 	case "failed-over":
 		switch {
 		case f == nil:
-		case f.To != api.ToNBD:
-			o.Note = "Failback is done for failovers to the server's NBD exports; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not supported yet."
+		case f.To != api.ToNBD && f.To != api.ToVSphere:
+			o.Note = "Failback is done for failovers to the server's NBD exports or to vSphere; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not supported yet."
 		case f.State != "committed":
 			o.Note = "Commit the failover (Failovers page) to reprotect it: until then it can still change its point."
 		default:
@@ -157,6 +157,12 @@ type failbackView struct {
 // Applies reports whether the page's action is the one the machine's
 // direction allows now.
 func (v failbackView) Applies() bool { return v.Offer.Action == v.Action }
+
+// VSphere reports whether the machine's live failover is to vSphere (its
+// failback reads the recovered VM's disks through vCenter).
+func (v failbackView) VSphere() bool {
+	return v.Offer.Failover != nil && v.Offer.Failover.To == api.ToVSphere
+}
 
 func (h *failbackHandler) view(r *http.Request, action string) (failbackView, int, string) {
 	ctx := r.Context()

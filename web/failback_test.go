@@ -53,8 +53,8 @@ var failbackCases = []struct {
 		note: "Commit the failover", direction: "Failed over"},
 	{name: "failed_over_unplanned", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.Planned = false }),
 		action: actionReprotect, direction: "Failed over"},
-	{name: "failed_over_vsphere", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = api.ToVSphere; f.Exports = nil }),
-		note: "this one is planned to vsphere", direction: "Failed over"},
+	{name: "failed_over_vsphere", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = api.ToVSphere; f.Exports = nil; f.VM = "vc1/db-recovered" }),
+		action: actionReprotect, direction: "Failed over"},
 	{name: "reprotected", machine: withDirection("reprotected"),
 		failover: failoverWith(func(f *api.Failover) {
 			f.Failback = &api.FailbackStatus{State: "reprotected", Sent: 4 * mib, Pending: 2 * mib}
@@ -71,6 +71,14 @@ var failbackCases = []struct {
 		}),
 		note: "The switch is done", direction: "Failing back"},
 	{name: "failed_back", machine: withDirection("failed-back"), action: actionReprotect, forward: true, direction: "Failed back"},
+	{name: "failed_over_azure", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = api.ToAzure; f.Exports = nil }),
+		note: "this one is planned to azure", direction: "Failed over"},
+	{name: "reprotected_vsphere", machine: withDirection("reprotected"),
+		failover: failoverWith(func(f *api.Failover) {
+			f.To, f.Exports, f.VM = api.ToVSphere, nil, "vc1/db-recovered"
+			f.Failback = &api.FailbackStatus{State: "reprotected", Sent: 3 * mib}
+		}),
+		action: actionFailback, note: "3 MiB sent back to the original disks", direction: "Reprotected"},
 }
 
 func failbackBackend(c int) *fakeBackend {
@@ -150,6 +158,10 @@ func TestFailbackConfirmPages(t *testing.T) {
 				"on-premises machine is resumed", `id="confirm-failback"`}},
 		{"reprotect_forward", "/machines/db/reprotect", 9, http.StatusOK,
 			[]string{"Reprotect db forward", "compares checksums", "not a new initial replication", `id="confirm-reprotect"`}},
+		{"reprotect_vsphere", "/machines/db/reprotect", 4, http.StatusOK,
+			[]string{"Reprotect db", "original agent is frozen", "vc1/db-recovered", "only the blocks that differ", `id="confirm-reprotect"`}},
+		{"failback_vsphere", "/machines/db/failback", 11, http.StatusOK,
+			[]string{"Fail db back", "vc1/db-recovered", "is powered off", "compared whole", `id="confirm-failback"`}},
 		{"failback_not_reprotected", "/machines/db/failback", 1, http.StatusConflict,
 			[]string{"failback does not apply now", "Back to db"}},
 		{"reprotect_uncommitted", "/machines/db/reprotect", 2, http.StatusConflict,

@@ -1,0 +1,472 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"log/slog"
+	"net/http"
+	"slices"
+	"time"
+
+	"github.com/vmware/govmomi"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/overlay"
+	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/replication/retry"
+	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/store"
+	"github.com/asrdr/asr/vmware"
+)
+
+// Failback of a committed failover to vSphere, to the original location
+// (docs/ARCHITECTURE.md, "Failback"). The failover made a VM in a
+// registered vCenter from the point; the recovered machine runs there and
+// its disks are flat VMDKs in a datastore. The original machine's agent
+// stayed registered at the commit. The failed-over state is read where it
+// is, through vCenter's /folder endpoint (the datastore's flat files),
+// and never copied whole to the original:
+//
+//   - Reprotect (reverse): the original agent is frozen under the
+//     failover (failback_compare.go's freezeOriginal: waits, cancellable,
+//     for an agent not connected; the replica is marked for a resync),
+//     then one checksum pass: each recovered disk is read once, in order,
+//     its 64 KiB blocks' sums (replication.BlockSum) compared with the
+//     original's (REVERSE_SUM with a range), and only the blocks that
+//     differ sent to the original agent as REVERSE frames, each
+//     acknowledged once durable on the original disk. The recovered VM
+//     runs on meanwhile: its pass reads a disk in use, which is fine,
+//     since failback's pass is the one that counts.
+//   - Failback: the recovered VM is powered off through vCenter (the
+//     recovered machine stopped: nothing it wrote after is lost, there is
+//     nothing after), the same pass again (only what changed since
+//     reprotect differs), each flat file's SHA-256 taken as it is read;
+//     then the original disks' SHA-256 (REVERSE_SUM) must equal them. The
+//     switch and its end are the NBD failback's (recordSwitch,
+//     finishFailback: thaw, the linked VM powered on, the failover ended).
+//     Cancellable until the switch: the recovered VM is powered on again.
+//
+// Crash safety: the passes write nothing but the original disks, frozen,
+// and failback's pass with the recovered VM off is complete by itself and
+// verified whole, so a pass cut short by a stop is simply run again; the
+// record says reprotected only once reprotect's pass is done, and
+// failing-back only once failback's is verified (a restart past that
+// finishes it: restoreReverse). Not done here: the recovered machine's
+// writes between reprotect and failback are not sent as they happen (no
+// agent in the recovered guest ships them; failback's pass finds them),
+// so there is no reverse RPO for these failovers.
+
+// vsphereReverse is the reverse record of a failover to vSphere
+// (reverseDetail.VSphere): reprotect's checksum pass.
+type vsphereReverse struct {
+	Compared int64 `json:"compared"` // bytes compared by reprotect's pass
+	Differ   int64 `json:"differ"`   // bytes found different (and sent)
+}
+
+// vsphereFailback says whether f is a real failover to vSphere whose VM
+// is recorded: failback to the original location reads that VM's disks.
+func vsphereFailback(f store.Failover) bool {
+	if f.Kind != api.FailoverReal || f.Dest != api.ToVSphere {
+		return false
+	}
+	d := decodeDetail(f)
+	return d.VSphere != nil && d.VSphere.Ref != ""
+}
+
+// vspherePass is what one checksum pass did.
+type vspherePass struct {
+	compared, differ, sent int64
+	sums                   []string // each recovered disk's SHA-256, in m.Disks order
+}
+
+// vsphereStepTimeout bounds the power-on of a recovered VM when a
+// failback is cancelled or fails.
+const vsphereStepTimeout = vcenterStepTimeout
+
+// reprotectVSphere reprotects a committed failover to vSphere toward the
+// original disks.
+func (s *Server) reprotectVSphere(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
+	if f.State != store.FailoverCommitted {
+		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
+	}
+	if d := decodeDetail(f); d.Reverse != nil {
+		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if m.Unprotected() {
+		return api.Job{}, errorf(http.StatusConflict, "machine %s is unprotected (its failover was committed before failback of failovers to vSphere kept the original agent registered): failback needs the original agent", m.Name)
+	}
+	for _, d := range m.Disks {
+		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
+			return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
+		}
+	}
+	d := decodeDetail(f)
+	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
+		log := s.log.With("machine", m.Name, "failover", f.ID)
+		j.setCancellable(true)
+		if err := s.freezeForVSphere(ctx, j, m, f, log); err != nil {
+			return err
+		}
+		// Still cancellable: a pass cut short wrote only some blocks of
+		// the frozen original, which failback's pass makes whole; the
+		// original stays frozen until failback (or asr unprotect).
+		c, err := s.vcenterClient(ctx, d.VSphere.VCenter)
+		if err != nil {
+			return err
+		}
+		defer c.Logout(context.WithoutCancel(ctx))
+		disks, err := s.recoveredDisks(ctx, j, c, m, d.VSphere)
+		if err != nil {
+			return err
+		}
+		p, err := s.vsphereCompare(ctx, j, m.Name+": compare and send",
+			fmt.Sprintf("block sums of the original disks against VM %s's (read through vCenter %s): only the blocks that differ are sent", d.VSphere.Name, d.VSphere.VCenter),
+			c, m, f, disks, false)
+		if err != nil {
+			return err
+		}
+		s.rv.recMu.Lock()
+		cur, err := s.db.LiveFailover(ctx, m.ID)
+		if err == nil && cur.ID != f.ID {
+			err = fmt.Errorf("machine %s: failover %s is not live any more", m.Name, f.ID)
+		}
+		if err == nil {
+			cd := decodeDetail(cur)
+			cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent,
+				VSphere: &vsphereReverse{Compared: p.compared, Differ: p.differ}}
+			cur.Detail = encodeDetail(cd)
+			err = s.db.UpdateFailover(ctx, cur)
+		}
+		s.rv.recMu.Unlock()
+		if err != nil {
+			return err
+		}
+		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
+			Message: fmt.Sprintf("failover %s (to vSphere, VM %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, d.VSphere.Name, p.compared, p.differ)})
+		j.setResult([]string{
+			fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", p.compared, p.differ, p.sent),
+			fmt.Sprintf("VM %s runs on; its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", d.VSphere.Name, m.Name),
+		}, 0)
+		return nil
+	})
+}
+
+// freezeForVSphere freezes the original agent under the failover and
+// marks the replica for a resync, as an unplanned failover's reprotect
+// does (freezeOriginal), as the job's step; cancellable while it waits.
+func (s *Server) freezeForVSphere(ctx context.Context, j *job, m store.Machine, f store.Failover, log *slog.Logger) error {
+	run := &reverseRun{failoverID: f.ID, machineID: m.ID, changed: make(chan struct{}),
+		cmp: &reverseCompare{machine: m.Name, frozen: make(chan struct{}), done: make(chan struct{})}}
+	fctx, cancel := context.WithCancel(ctx)
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		s.freezeOriginal(fctx, run, log)
+	}()
+	err := s.waitCompare(ctx, j, run, m.Name+": freeze the original",
+		fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), run.cmp.frozen, false)
+	cancel()
+	<-ended
+	return err
+}
+
+// recoveredDisks returns the recovered VM's disks, one per protected
+// disk in m.Disks' order, as a job step.
+func (s *Server) recoveredDisks(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, v *vsphereDetail) ([]vmware.RecoveredDisk, error) {
+	done := j.step(m.Name+": find VM "+v.Name, fmt.Sprintf("its disks' flat files, through vCenter %s", v.VCenter))
+	disks, err := vmware.RecoveredDisks(ctx, c, v.Ref)
+	if err == nil && len(disks) != len(m.Disks) {
+		err = fmt.Errorf("VM %s has %d disks, machine %s %d: its disks were changed since the failover; failback needs them as the failover made them", v.Name, len(disks), m.Name, len(m.Disks))
+	}
+	if err != nil {
+		err = fmt.Errorf("the recovered VM %s (%s) in vCenter %s: %w", v.Name, v.Ref, v.VCenter, err)
+		done("", err)
+		return nil, err
+	}
+	names := make([]string, len(disks))
+	for i, d := range disks {
+		names[i] = d.Descriptor
+	}
+	done(fmt.Sprintf("%d disks: %v", len(disks), names), nil)
+	return disks, nil
+}
+
+// machineDisks is m.Disks in index order (the failover's disk order).
+func machineDisks(m store.Machine) []store.Disk {
+	ds := slices.Clone(m.Disks)
+	slices.SortFunc(ds, func(a, b store.Disk) int { return int(a.Index) - int(b.Index) })
+	return ds
+}
+
+// vsphereCompare is one checksum pass over every recovered disk: read in
+// order through vCenter, each batch of blocks' sums compared with the
+// original's, the blocks that differ written to the original (each
+// acknowledged durable). withSum also takes each flat file's SHA-256.
+func (s *Server) vsphereCompare(ctx context.Context, j *job, name, detail string, c *govmomi.Client, m store.Machine, f store.Failover, disks []vmware.RecoveredDisk, withSum bool) (vspherePass, error) {
+	var p vspherePass
+	var total int64
+	for _, d := range disks {
+		total += d.Size
+	}
+	waiting := ""
+	show := func(state string) {
+		st := api.JobStep{Name: name, State: state, Total: total, Done: p.compared,
+			Detail: fmt.Sprintf("%s (%d bytes differ, %d sent)", detail, p.differ, p.sent)}
+		if waiting != "" {
+			st.Detail += " (" + waiting + ")"
+		}
+		j.update(st)
+	}
+	fail := func(err error) (vspherePass, error) {
+		j.update(api.JobStep{Name: name, State: "failed", Total: total, Done: p.compared, Detail: err.Error()})
+		return p, err
+	}
+	show("running")
+	buf := make([]byte, compareBatch*overlay.BlockSize)
+	for i, md := range machineDisks(m) {
+		rd := disks[i]
+		rc, size, err := vmware.OpenFlat(ctx, c, rd)
+		if err != nil {
+			return fail(err)
+		}
+		var h hash.Hash
+		if withSum {
+			h = sha256.New()
+		}
+		n, err := s.compareFlat(ctx, m, f, md, rd, rc, size, buf, h, &p, func(w string) { waiting = w; show("running") })
+		rc.Close()
+		if err != nil {
+			return fail(err)
+		}
+		if withSum {
+			p.sums = append(p.sums, hex.EncodeToString(h.Sum(nil)))
+		}
+		s.log.Info("failback: disk compared", "machine", m.Name, "disk", md.Name, "bytes", n)
+	}
+	j.update(api.JobStep{Name: name, State: "done", Total: total, Done: p.compared,
+		Detail: fmt.Sprintf("%d bytes compared, %d differ, %d bytes sent", p.compared, p.differ, p.sent)})
+	return p, nil
+}
+
+// compareFlat compares one recovered disk (r, size bytes; -1 unknown)
+// with original disk md, sending the blocks that differ; it returns the
+// bytes read.
+func (s *Server) compareFlat(ctx context.Context, m store.Machine, f store.Failover, md store.Disk, rd vmware.RecoveredDisk, r io.Reader, size int64, buf []byte, h hash.Hash, p *vspherePass, wait func(string)) (int64, error) {
+	if size >= 0 && size != rd.Size {
+		return 0, fmt.Errorf("the flat file of %s is %d bytes, the disk %d", rd.Descriptor, size, rd.Size)
+	}
+	var off int64
+	for off < rd.Size {
+		if err := ctx.Err(); err != nil {
+			return off, err
+		}
+		want := min(int64(len(buf)), rd.Size-off)
+		got, err := io.ReadFull(r, buf[:want])
+		if err != nil {
+			return off, fmt.Errorf("read %s at %d (%d of %d bytes): %w", rd.Descriptor, off, got, want, err)
+		}
+		chunk := buf[:want]
+		if h != nil {
+			h.Write(chunk)
+		}
+		count := int((want + overlay.BlockSize - 1) / overlay.BlockSize)
+		var sums []replication.Hash
+		var osize int64
+		err = s.retryOriginal(ctx, m, wait, func() error {
+			var err error
+			sums, osize, err = s.ps.ReverseBlockSums(ctx, m.ID, f.ID, md.Index, off, overlay.BlockSize, count)
+			return err
+		})
+		if err != nil {
+			return off, fmt.Errorf("block sums of original disk %s at %d: %w", md.Name, off, err)
+		}
+		if osize != rd.Size {
+			return off, fmt.Errorf("the original disk %s is %d bytes, the recovered one (%s) %d", md.Name, osize, rd.Descriptor, rd.Size)
+		}
+		if len(sums) != count {
+			return off, fmt.Errorf("original disk %s: %d block sums for %d blocks", md.Name, len(sums), count)
+		}
+		// Runs of contiguous differing blocks, at most MaxReverseData each.
+		var runStart, runEnd int64 = -1, -1
+		flush := func() error {
+			if runStart < 0 {
+				return nil
+			}
+			data := chunk[runStart:runEnd]
+			at := off + runStart
+			runStart, runEnd = -1, -1
+			err := s.retryOriginal(ctx, m, wait, func() error {
+				return s.ps.ReverseWrite(ctx, m.ID, f.ID, md.Index, at, data)
+			})
+			if err != nil {
+				return fmt.Errorf("write original disk %s at %d: %w", md.Name, at, err)
+			}
+			p.sent += int64(len(data))
+			return nil
+		}
+		for k, sum := range sums {
+			bs := int64(k) * overlay.BlockSize
+			be := min(bs+overlay.BlockSize, want)
+			if replication.BlockSum(chunk[bs:be]) == sum {
+				if err := flush(); err != nil {
+					return off, err
+				}
+				continue
+			}
+			p.differ += be - bs
+			if runStart >= 0 && (runEnd != bs || be-runStart > replication.MaxReverseData) {
+				if err := flush(); err != nil {
+					return off, err
+				}
+			}
+			if runStart < 0 {
+				runStart = bs
+			}
+			runEnd = be
+		}
+		if err := flush(); err != nil {
+			return off, err
+		}
+		off += want
+		p.compared += want
+		wait("")
+	}
+	return off, nil
+}
+
+// retryOriginal runs a request to the original agent, again with backoff
+// while the agent is not connected (saying so through wait); a refusal
+// (not frozen under the failover: thawed by hand, its state lost) ends
+// the pass: the original may have taken writes.
+func (s *Server) retryOriginal(ctx context.Context, m store.Machine, wait func(string), fn func() error) error {
+	b := retry.New(500*time.Millisecond, 5*time.Second)
+	for {
+		err := fn()
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		if errors.Is(err, procserver.ErrReverseRefused) {
+			return fmt.Errorf("%w (is the original agent still frozen under the failover? run asr reprotect --machine %s again to freeze it)", err, m.Name)
+		}
+		why := fmt.Sprintf("waiting for the original agent of machine %s: %v", m.Name, err)
+		if errors.Is(err, procserver.ErrNotConnected) {
+			why = fmt.Sprintf("waiting for the original agent of machine %s to connect", m.Name)
+		}
+		wait(why)
+		retry.Sleep(ctx, b.Next())
+	}
+}
+
+// failbackVSphere fails a reprotected failover to vSphere back to the
+// original disks.
+func (s *Server) failbackVSphere(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
+	d := decodeDetail(f)
+	if d.Reverse == nil {
+		return api.Job{}, errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect --machine %s first", m.Name, m.Name)
+	}
+	if d.Reverse.State != dirReprotected || d.Reverse.VSphere == nil {
+		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if err := s.refuseGroupAlone(ctx, m); err != nil {
+		return api.Job{}, err
+	}
+	v := d.VSphere
+	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
+		start := time.Now()
+		j.setCancellable(true)
+		c, err := s.vcenterClient(ctx, v.VCenter)
+		if err != nil {
+			return err
+		}
+		defer c.Logout(context.WithoutCancel(ctx))
+		sw, err := s.failbackVSphereSteps(ctx, j, c, m, f, v, d.Reverse.Sent)
+		if err != nil {
+			return err
+		}
+		if s.rv.switchHook != nil {
+			s.rv.switchHook(s.ctx)
+		}
+		if s.ctx.Err() != nil {
+			return fmt.Errorf("the server stopped after the switch: the failback is finished at its next start")
+		}
+		lines, err := s.finishFailback(ctx, j, sw.f, m)
+		if err != nil {
+			s.finishLater(sw.f, m)
+		}
+		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in vCenter %s: remove it there once the original machine runs", v.Name, v.VCenter))
+		j.setResult(lines, time.Since(start))
+		return err
+	})
+}
+
+// failbackVSphereSteps stops the recovered VM, sends its last changes and
+// verifies, and records the switch; before the switch a failure or a
+// cancel powers the recovered VM on again.
+func (s *Server) failbackVSphereSteps(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, f store.Failover, v *vsphereDetail, sentBefore int64) (sw *switchMember, err error) {
+	done := j.step(m.Name+": stop the recovered VM", fmt.Sprintf("power off VM %s through vCenter %s: the failed-over machine writes nothing more", v.Name, v.VCenter))
+	off, err := vmware.PowerOff(ctx, c, v.Ref)
+	if err != nil {
+		done("", err)
+		return nil, err
+	}
+	done(map[bool]string{true: "powered off", false: "off already"}[off], nil)
+	defer func() {
+		if err == nil || !off {
+			return
+		}
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), vsphereStepTimeout)
+		defer cancel()
+		undo := j.step(m.Name+": power the recovered VM on again", "the failback did not switch: the failed-over machine runs on")
+		_, perr := vmware.PowerOn(pctx, c, v.Ref)
+		undo("powered on", perr)
+		if perr != nil {
+			s.raise(pctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "failback-power-on",
+				Message: fmt.Sprintf("failback of %s did not switch, and its recovered VM %s could not be powered on again (%v): power it on in vCenter %s", m.Name, v.Name, perr, v.VCenter)})
+		}
+	}()
+	disks, err := s.recoveredDisks(ctx, j, c, m, v)
+	if err != nil {
+		return nil, err
+	}
+	p, err := s.vsphereCompare(ctx, j, m.Name+": send the last changes",
+		"block sums of the original disks against the stopped VM's: the blocks that differ are sent", c, m, f, disks, true)
+	if err != nil {
+		return nil, err
+	}
+	verify := m.Name + ": verify"
+	j.update(api.JobStep{Name: verify, State: "running", Detail: "compare the original disks with the recovered VM's (SHA-256)", Total: p.compared})
+	var compared int64
+	for i, md := range machineDisks(m) {
+		var got string
+		var size int64
+		err := s.retryOriginal(ctx, m, func(string) {}, func() error {
+			var err error
+			got, size, err = s.ps.ReverseSum(ctx, m.ID, f.ID, md.Index)
+			return err
+		})
+		if err == nil && (got != p.sums[i] || size != disks[i].Size) {
+			err = fmt.Errorf("disk %s: the original (sha256 %s, %d bytes) differs from the recovered VM's %s (sha256 %s, %d bytes)", md.Name, got, size, disks[i].Descriptor, p.sums[i], disks[i].Size)
+		}
+		if err != nil {
+			j.update(api.JobStep{Name: verify, State: "failed", Detail: err.Error()})
+			return nil, err
+		}
+		compared += size
+		j.update(api.JobStep{Name: verify, State: "running", Detail: "compare the original disks with the recovered VM's (SHA-256)", Total: p.compared, Done: compared})
+	}
+	j.update(api.JobStep{Name: verify, State: "done", Detail: fmt.Sprintf("%d bytes compared: equal", compared), Total: p.compared, Done: compared})
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	j.setCancellable(false)
+	sw = &switchMember{m: m, run: &reverseRun{base: sentBefore + p.sent}, compared: p.compared}
+	if err := s.recordSwitch(ctx, []*switchMember{sw}); err != nil {
+		return nil, err
+	}
+	return sw, nil
+}
