@@ -137,6 +137,17 @@ func sumFile(ctx context.Context, ds *object.Datastore, path string, add func(in
 // waits until it runs. It returns false, and does nothing, when the VM
 // runs already; ErrNotFound when no VM has the ref.
 func PowerOn(ctx context.Context, c *govmomi.Client, ref string) (bool, error) {
+	return setPower(ctx, c, ref, true)
+}
+
+// setPower powers a VM on or off (hard, as vCenter's Power Off) and waits
+// until it is so: false, doing nothing, when it is so already (or became
+// so meanwhile by someone else's hand).
+func setPower(ctx context.Context, c *govmomi.Client, ref string, on bool) (bool, error) {
+	want, verb := types.VirtualMachinePowerStatePoweredOff, "power off"
+	if on {
+		want, verb = types.VirtualMachinePowerStatePoweredOn, "power on"
+	}
 	vm := object.NewVirtualMachine(c.Client, types.ManagedObjectReference{Type: "VirtualMachine", Value: ref})
 	st, err := vm.PowerState(ctx)
 	if err != nil {
@@ -145,21 +156,25 @@ func PowerOn(ctx context.Context, c *govmomi.Client, ref string) (bool, error) {
 		}
 		return false, fmt.Errorf("VM %s: %w", ref, err)
 	}
-	if st == types.VirtualMachinePowerStatePoweredOn {
+	if st == want {
 		return false, nil
 	}
-	t, err := vm.PowerOn(ctx)
+	var t *object.Task
+	if on {
+		t, err = vm.PowerOn(ctx)
+	} else {
+		t, err = vm.PowerOff(ctx)
+	}
 	if err == nil {
 		err = t.Wait(ctx)
 	}
 	if err != nil {
 		if fault.Is(err, &types.InvalidPowerState{}) {
-			// Powered on meanwhile by someone else.
-			if st, serr := vm.PowerState(ctx); serr == nil && st == types.VirtualMachinePowerStatePoweredOn {
+			if st, serr := vm.PowerState(ctx); serr == nil && st == want {
 				return false, nil
 			}
 		}
-		return false, fmt.Errorf("power on VM %s: %w", ref, err)
+		return false, fmt.Errorf("%s VM %s: %w", verb, ref, err)
 	}
 	return true, nil
 }

@@ -102,28 +102,5 @@ func OpenFlat(ctx context.Context, c *govmomi.Client, d RecoveredDisk) (io.ReadC
 // waits until it is off. It returns false, and does nothing, when the VM
 // is off already; ErrNotFound when no VM has the ref.
 func PowerOff(ctx context.Context, c *govmomi.Client, ref string) (bool, error) {
-	vm := object.NewVirtualMachine(c.Client, types.ManagedObjectReference{Type: "VirtualMachine", Value: ref})
-	st, err := vm.PowerState(ctx)
-	if err != nil {
-		if fault.Is(err, &types.ManagedObjectNotFound{}) {
-			return false, fmt.Errorf("VM %s: %w", ref, ErrNotFound)
-		}
-		return false, fmt.Errorf("VM %s: %w", ref, err)
-	}
-	if st == types.VirtualMachinePowerStatePoweredOff {
-		return false, nil
-	}
-	t, err := vm.PowerOff(ctx)
-	if err == nil {
-		err = t.Wait(ctx)
-	}
-	if err != nil {
-		if fault.Is(err, &types.InvalidPowerState{}) {
-			if st, serr := vm.PowerState(ctx); serr == nil && st == types.VirtualMachinePowerStatePoweredOff {
-				return false, nil
-			}
-		}
-		return false, fmt.Errorf("power off VM %s: %w", ref, err)
-	}
-	return true, nil
+	return setPower(ctx, c, ref, false)
 }
