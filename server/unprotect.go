@@ -110,6 +110,9 @@ func (s *Server) finishUnprotect(ctx context.Context, id, name string, deleteRep
 	if err := s.db.DeleteMachine(ctx, id); err != nil {
 		return fmt.Errorf("unprotect machine %s: %w (run unprotect --delete-replica again to finish)", name, err)
 	}
+	s.bytesMu.Lock()
+	delete(s.bytesShown, id) // what views showed of a machine that is gone
+	s.bytesMu.Unlock()
 	s.log.Info("machine unprotected; its replica, recovery points and records are deleted", "machine", id, "name", name)
 	return nil
 }

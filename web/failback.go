@@ -168,20 +168,11 @@ func (h *failbackHandler) view(r *http.Request, action string) (failbackView, in
 	ctx := r.Context()
 	name := chi.URLParam(r, "machine")
 	v := failbackView{Session: sessionFrom(ctx), Action: action}
-	ms, err := h.backend.Machines(ctx)
-	if err != nil {
-		h.log.Error("list machines", "err", err)
-		return v, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
+	m, code, msg := machineNamed(ctx, h.backend, h.log, name)
+	if code != 0 {
+		return v, code, msg
 	}
-	found := false
-	for _, m := range ms {
-		if m.Name == name {
-			v.Machine, found = m, true
-		}
-	}
-	if !found {
-		return v, http.StatusNotFound, "There is no machine " + name + "."
-	}
+	v.Machine = m
 	v.Offer = failbackOffers(ctx, h.backend, h.log, []api.Machine{v.Machine})[v.Machine.ID]
 	return v, http.StatusOK, ""
 }

@@ -1,6 +1,7 @@
 package web
 
 import (
+	"context"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -125,20 +126,11 @@ func (h *machineHandler) view(r *http.Request, live bool) (machinePageView, int,
 	ctx := r.Context()
 	name := chi.URLParam(r, "machine")
 	v := machinePageView{Session: sessionFrom(ctx), Now: h.now()}
-	ms, err := h.backend.Machines(ctx)
-	if err != nil {
-		h.log.Error("list machines", "err", err)
-		return v, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
+	m, code, msg := machineNamed(ctx, h.backend, h.log, name)
+	if code != 0 {
+		return v, code, msg
 	}
-	found := false
-	for _, m := range ms {
-		if m.Name == name {
-			v.Machine, found = m, true
-		}
-	}
-	if !found {
-		return v, http.StatusNotFound, "There is no machine " + name + "."
-	}
+	v.Machine = m
 	if ps, err := h.backend.Policies(ctx); err == nil {
 		for _, p := range ps {
 			if p.Name == v.Machine.Policy {
@@ -152,6 +144,7 @@ func (h *machineHandler) view(r *http.Request, live bool) (machinePageView, int,
 	if live {
 		return v, http.StatusOK, ""
 	}
+	var err error
 	if v.Points, err = h.backend.Points(ctx, name); err != nil {
 		h.log.Error("list points", "machine", name, "err", err)
 		v.PointsErr = err.Error()
@@ -276,4 +269,20 @@ func eventBadge(sev string) string {
 		return "badge-warn"
 	}
 	return "badge-ok"
+}
+
+// machineNamed finds the machine a page is about: its HTTP status and
+// message when it cannot (0 and "" when found).
+func machineNamed(ctx context.Context, b Backend, log *slog.Logger, name string) (api.Machine, int, string) {
+	ms, err := b.Machines(ctx)
+	if err != nil {
+		log.Error("list machines", "err", err)
+		return api.Machine{}, http.StatusInternalServerError, "Could not load the machines: " + err.Error()
+	}
+	for _, m := range ms {
+		if m.Name == name {
+			return m, 0, ""
+		}
+	}
+	return api.Machine{}, http.StatusNotFound, "There is no machine " + name + "."
 }
