@@ -256,16 +256,17 @@ func TestCreatePlan(t *testing.T) {
 	h := newTestHandler(t, b)
 	id, csrf := mustLogin(t, h, b)
 	form := url.Values{"csrf": {csrf}, "name": {"shop"},
-		"g1_machines": {"db"}, "g1_post": {"check the database\n\n"},
-		"g2_machines": {"app"}, "g2_pre": {"/etc/asr/dns-switch.sh\r\nwarn the users"},
+		"g1_machines": {"db"}, "g1_post": {"check the database\n\nfailback: check the replication\n"},
+		"g2_machines": {"app"}, "g2_pre": {"/etc/asr/dns-switch.sh\r\nwarn the users\nfailover:/etc/asr/fence.sh"},
 		"drill": {"1"}, "drill_every": {"24"}, "drill_check": {"login:"}, "drill_port": {"22"}, "drill_timeout": {"120"}}
 	w := post(t, h, id, "/plans", form, http.StatusSeeOther)
 	if loc := w.Header().Get("Location"); loc != "/plans?created=shop#plan-shop" {
 		t.Errorf("created: to %s", loc)
 	}
 	want := api.Plan{Name: "shop", Created: testNow, Groups: []api.PlanGroup{
-		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "manual", Text: "check the database"}}},
-		{Machines: []string{"app"}, Pre: []api.PlanAction{{Kind: "script", Path: "/etc/asr/dns-switch.sh"}, {Kind: "manual", Text: "warn the users"}}},
+		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "manual", Text: "check the database"}, {Kind: "manual", Text: "check the replication", On: api.ActionOnFailback}}},
+		{Machines: []string{"app"}, Pre: []api.PlanAction{{Kind: "script", Path: "/etc/asr/dns-switch.sh"}, {Kind: "manual", Text: "warn the users"},
+			{Kind: "script", Path: "/etc/asr/fence.sh", On: api.ActionOnFailover}}},
 	}, Drill: &api.PlanDrill{EverySeconds: 24 * 3600, BootCheck: "login:", BootPort: 22, TimeoutSeconds: 120}}
 	if len(b.plans) != 1 || !reflect.DeepEqual(b.plans[0], want) {
 		t.Fatalf("plan stored:\n%+v\nwant\n%+v", b.plans, want)

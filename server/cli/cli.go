@@ -69,7 +69,7 @@ Usage:
                                         shut down last group first, drain and verify all, switch all at once, power on in plan order)
   asr failback  --machine M --alternate --vcenter N --datastore DS [--vm-name NAME] [--host H|--pool P] [--network N]
                (a new VM with a full, verified copy of the failed-over disks; the original is not touched)
-  asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
+  asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=[failback:]script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
                | list | show NAME | delete NAME [--json]
   asr metrics  token [--rotate] [--json]   (the read-only token of GET /metrics, Prometheus)
   asr version
