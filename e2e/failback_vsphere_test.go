@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/asrdr/asr/server/api"
@@ -89,7 +90,12 @@ func TestE2EFailbackAlternateVSphere(t *testing.T) {
 	})
 	original := sha256File(t, lc.disk)
 
-	out := c.mustCLI("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	// The new VM goes in a VM folder of the operator's (--folder).
+	if out, err := c.cli("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0", "--folder", "/DC0/vm/nope"); err == nil || !strings.Contains(err.Error()+out, "nope") {
+		t.Fatalf("alternate failback to an unknown folder: %v\n%s", err, out)
+	}
+	folder := simVMFolder(t, lc.sim, "DR")
+	out := c.mustCLI("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0", "--folder", "/DC0/vm/DR")
 	t.Logf("alternate failback:\n%s", out)
 	m := alternateRE.FindStringSubmatch(out)
 	if m == nil || m[1] != "guest01-failback" || m[3] != "guest01-failback" || m[4] != "33554432" {
@@ -101,6 +107,9 @@ func TestE2EFailbackAlternateVSphere(t *testing.T) {
 	vm, ok := simVM(t, lc.sim, m[2])
 	if !ok || vm.Name != "guest01-failback" || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
 		t.Fatalf("the new VM %s: found %v, %s, %s", m[2], ok, vm.Name, vm.Runtime.PowerState)
+	}
+	if vm.Parent == nil || *vm.Parent != folder {
+		t.Fatalf("the new VM is in folder %v, want /DC0/vm/DR (%v)", vm.Parent, folder)
 	}
 	if vm.Config == nil || vm.Config.Hardware.NumCPU != 2 || vm.Config.Hardware.MemoryMB != 2048 {
 		t.Fatalf("the new VM's hardware %+v, want guest01's 2 CPUs and 2048 MiB", vm.Config)
@@ -400,4 +409,28 @@ func TestE2EFailbackFromVSphereKilled(t *testing.T) {
 		t.Fatal("the recovered VM's disk changed")
 	}
 	fc.checkForward()
+}
+
+// simVMFolder makes a VM folder in the simulator's data center's VM folder.
+func simVMFolder(t *testing.T, sim *vcsim.Sim, name string) types.ManagedObjectReference {
+	t.Helper()
+	ctx := context.Background()
+	gc, err := sim.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Logout(ctx)
+	dc, err := find.NewFinder(gc.Client).DefaultDatacenter(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := dc.Folders(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := fs.VmFolder.CreateFolder(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f.Reference()
 }

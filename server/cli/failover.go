@@ -38,6 +38,7 @@ func runFailover(ctx context.Context, e *env, args []string) error {
 	datastore := fs.String("datastore", "", "--to vsphere: the datastore for the recovered disks")
 	host := fs.String("host", "", "--to vsphere: the ESXi host (default: the first cluster's pool)")
 	pool := fs.String("pool", "", "--to vsphere: the resource pool")
+	folder := fs.String("folder", "", "--to vsphere: the VM folder of the new VM, a name or inventory path (default: the data center's VM folder)")
 	network := fs.String("network", "", "--to vsphere: the network for the NICs (a test failover uses an isolated one)")
 	powerOn := fs.Bool("power-on", false, "--to vsphere --test: power the test VM on")
 	sub := fs.String("subscription", "", "--to azure: subscription id")
@@ -103,7 +104,7 @@ func runFailover(ctx context.Context, e *env, args []string) error {
 			req.BootTimeout = bootTimeout.Seconds()
 		}
 		if *vcenter != "" || *datastore != "" || *to == api.ToVSphere {
-			req.VSphere = &api.VSphereTarget{VCenter: *vcenter, Datastore: *datastore, Host: *host, Pool: *pool, Network: *network, PowerOn: *powerOn}
+			req.VSphere = &api.VSphereTarget{VCenter: *vcenter, Datastore: *datastore, Host: *host, Pool: *pool, Folder: *folder, Network: *network, PowerOn: *powerOn}
 		}
 		if *sub != "" || *rg != "" || *to == api.ToAzure {
 			req.Azure = &api.AzureTarget{Subscription: *sub, ResourceGroup: *rg, Location: *loc, VNet: *vnet, Subnet: *subnet, Size: *size}
