@@ -23,6 +23,7 @@ type fakeRecovery struct {
 	failovers []api.Failover
 	points    map[string][]api.PointJSON // machine -> points, oldest first
 	requests  []api.FailoverRequest      // every StartFailover
+	alternate []api.FailbackRequest      // every FailbackTo
 	actions   []string                   // "cleanup machine/plan", "commit ...", "change-point ..."
 	confirmed []string                   // job ids
 	cancelled []string
@@ -556,6 +557,13 @@ func (b *fakeBackend) Reprotect(_ context.Context, machine string) (api.Job, err
 
 func (b *fakeBackend) Failback(_ context.Context, machine string) (api.Job, error) {
 	return b.action("failback", api.FailoverAction{Machine: machine})
+}
+
+func (b *fakeBackend) FailbackTo(_ context.Context, machine string, req api.FailbackRequest) (api.Job, error) {
+	b.mu.Lock()
+	b.alternate = append(b.alternate, req)
+	b.mu.Unlock()
+	return b.action("failback-alternate", api.FailoverAction{Machine: machine})
 }
 
 func (b *fakeBackend) ReprotectPlan(_ context.Context, plan string) (api.Job, error) {
