@@ -161,3 +161,64 @@ func TestE2EFailbackPlan(t *testing.T) {
 		c.recoverAndCheck(m, p, map[string]string{"d": sha256File(t, disks[m])})
 	}
 }
+
+// TestE2EFailbackGroup: a replication group failed over (planned, no group
+// point taken first) with asr failover --group, failed back with asr
+// failback --group after asr reprotect --group (one member alone refused
+// with that hint); every original disk equals its export's final content,
+// and asr reprotect --group protects them forward.
+func TestE2EFailbackGroup(t *testing.T) {
+	c := newFailoverCluster(t)
+	machines := []string{"app1", "app2"}
+	disks := map[string]string{}
+	for i, m := range machines {
+		disks[m] = filepath.Join(c.dir, m+".img")
+		makeDisk(t, disks[m], 16<<20, uint64(40+i))
+		c.startAgent(m, nil, "d="+disks[m])
+	}
+	for _, m := range machines {
+		c.waitState(m, "protected", hungAfter)
+		c.mustCLI("group", "set", "--machine", m, "--group", "rg")
+		planFio(t, c.agents[m].uri("d"), "fwd-"+m, 1<<20)
+	}
+	if out := c.mustCLI("failover", "--group", "rg", "--planned", "--to", "nbd"); !strings.Contains(out, "succeeded") {
+		t.Fatalf("planned failover of the group:\n%s", out)
+	}
+	c.mustCLI("failover", "--group", "rg", "--commit")
+	exports := map[string]string{}
+	for _, f := range c.liveFailovers() {
+		exports[f.Machine] = f.Exports[0].URI
+	}
+	for _, m := range machines {
+		planFio(t, exports[m], "failed-over-"+m, 2<<20)
+	}
+	if out := c.mustCLI("reprotect", "--group", "rg"); !strings.Contains(out, "group rg reprotected: 2 machines") {
+		t.Fatalf("reprotect --group:\n%s", out)
+	}
+	if out, err := c.cli("failback", "--machine", "app1"); err == nil || !strings.Contains(err.Error()+out, "asr failback --group rg") {
+		t.Fatalf("failback of app1 alone: %v\n%s", err, out)
+	}
+	want := map[string]string{}
+	for _, m := range machines {
+		planFio(t, exports[m], "reprotected-"+m, 1<<20)
+		want[m] = nbdCopySum(t, exports[m])
+	}
+	out := c.mustCLI("failback", "--group", "rg")
+	if !strings.Contains(out, "group rg failed back: 2 machines") {
+		t.Fatalf("failback --group:\n%s", out)
+	}
+	for _, m := range machines {
+		if got := sha256File(t, disks[m]); got != want[m] {
+			t.Fatalf("%s: original disk sha256 %s, the failed-over disk's final state %s", m, got, want[m])
+		}
+	}
+	if out := c.mustCLI("reprotect", "--group", "rg"); !strings.Contains(out, "group rg protected again: 2 machines") {
+		t.Fatalf("reprotect --group forward:\n%s", out)
+	}
+	for _, m := range machines {
+		c.waitState(m, "protected", hungAfter)
+		if st := c.status(m); st.Direction != "" {
+			t.Fatalf("%s after the forward reprotect: direction %q", m, st.Direction)
+		}
+	}
+}

@@ -29,6 +29,7 @@ type planRig struct {
 	disks   map[string]string // machine -> its original disk file
 	exports map[string]string // machine -> its export's URI
 	rnd     *rand.Rand
+	plan    string // the plan that failed them over ("" for a group's failover)
 }
 
 var planMachines = []string{"db", "app1", "app2"}
@@ -41,7 +42,9 @@ func startPlanRig(t *testing.T, commit bool) *planRig {
 }
 
 // startPlanRigWith is startPlanRig with the plan's groups (their actions)
-// given: db in group 1, app1 and app2 in group 2.
+// given: db in group 1, app1 and app2 in group 2. With groups nil there is
+// no plan: db fails over by itself, app1 and app2 as replication group rg
+// (asr failover --group rg).
 func startPlanRigWith(t *testing.T, commit bool, groups []api.PlanGroup) *planRig {
 	t.Helper()
 	ctx := context.Background()
@@ -68,12 +71,22 @@ func startPlanRigWith(t *testing.T, commit bool, groups []api.PlanGroup) *planRi
 			t.Fatal(err)
 		}
 	}
-	if _, err := r.client.CreatePlan(ctx, api.Plan{Name: "app", Groups: groups}); err != nil {
-		t.Fatal(err)
-	}
-	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: true, To: api.ToNBD}))
-	if commit {
-		r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Plan: "app"}))
+	if groups == nil {
+		for _, a := range []api.FailoverAction{{Machine: "db"}, {Group: "rg"}} {
+			r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: a.Machine, Group: a.Group, Planned: true, To: api.ToNBD}))
+			if commit {
+				r.mustJob(r.client.FailoverAction(ctx, "commit", a))
+			}
+		}
+	} else {
+		pr.plan = "app"
+		if _, err := r.client.CreatePlan(ctx, api.Plan{Name: "app", Groups: groups}); err != nil {
+			t.Fatal(err)
+		}
+		r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: true, To: api.ToNBD}))
+		if commit {
+			r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Plan: "app"}))
+		}
 	}
 	pr.readExports()
 	return pr
@@ -87,7 +100,7 @@ func (pr *planRig) readExports() {
 		pr.t.Fatal(err)
 	}
 	for _, f := range fos {
-		if len(f.Exports) != 1 || f.Plan != "app" {
+		if len(f.Exports) != 1 || f.Plan != pr.plan {
 			pr.t.Fatalf("failover of %s: %+v", f.Machine, f)
 		}
 		pr.exports[f.Machine] = f.Exports[0].URI
@@ -127,9 +140,12 @@ func (pr *planRig) sums() map[string][32]byte {
 	return out
 }
 
-func (pr *planRig) directions(want string) {
+func (pr *planRig) directions(want string, machines ...string) {
 	pr.t.Helper()
-	for _, name := range planMachines {
+	if len(machines) == 0 {
+		machines = planMachines
+	}
+	for _, name := range machines {
 		if d := pr.machine(name).Direction; d != want {
 			pr.t.Fatalf("machine %s: direction %q, want %q", name, d, want)
 		}
@@ -497,4 +513,69 @@ func TestFailbackPlanActions(t *testing.T) {
 	if n := len(lines()); n != 4 {
 		t.Fatalf("%d actions ran in all, want 4", n)
 	}
+}
+
+// A replication group failed over by asr failover --group fails back with
+// asr failback --group (no plan needed): its reprotect, the failback of one
+// member alone refused with that hint, the group's failback (every
+// member's original disk equals its export), forward again. db, failed
+// over by itself, is not the group's and stays as it is.
+func TestFailbackGroup(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRigWith(t, true, nil)
+	rg := []string{"app1", "app2"}
+	if _, err := pr.client.FailbackGroup(ctx, "nope"); err == nil || !strings.Contains(err.Error(), "no replication group named") {
+		t.Fatalf("failback of an unknown group: %v", err)
+	}
+	if _, err := pr.client.FailbackGroup(ctx, "rg"); err == nil || !strings.Contains(err.Error(), "reprotect") {
+		t.Fatalf("group failback before reprotect: %v", err)
+	}
+	for _, m := range planMachines {
+		pr.write(m, 6)
+	}
+	j := pr.mustJob(pr.client.ReprotectGroup(ctx, "rg"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "group rg reprotected: 2 machines") || j.Subject != "group rg" {
+		t.Fatalf("group reprotect %q: %q", j.Subject, j.Output)
+	}
+	pr.directions("reprotected", rg...)
+	pr.directions("failed-over", "db")
+	_, err := pr.client.Failback(ctx, "app1")
+	if err == nil || !strings.Contains(err.Error(), "replication group rg with app2") || !strings.Contains(err.Error(), "asr failback --group rg") {
+		t.Fatalf("failback of one member of a replication group: %v", err)
+	}
+	for _, m := range rg {
+		pr.write(m, 3)
+	}
+	want := pr.sums()
+	j = pr.mustJob(pr.client.FailbackGroup(ctx, "rg"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "group rg failed back: 2 machines") || !strings.Contains(j.Output[0], "asr reprotect --group rg") {
+		t.Fatalf("group failback output %q", j.Output)
+	}
+	if stepIndex(t, j, "switch") > stepIndex(t, j, "app1: power on") || stepIndex(t, j, "app2: verify") > stepIndex(t, j, "switch") {
+		t.Fatalf("the group's failback steps out of order: %+v", j.Steps)
+	}
+	for _, m := range rg {
+		if fileSum(t, pr.disks[m]) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+	pr.directions("failed-back", rg...)
+	pr.directions("failed-over", "db")
+	j = pr.mustJob(pr.client.ReprotectGroup(ctx, "rg"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "group rg protected again: 2 machines") {
+		t.Fatalf("forward group reprotect output %q", j.Output)
+	}
+	for _, m := range rg {
+		pr.waitProtected(m)
+		p, err := pr.client.Tag(ctx, m, false, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := t.TempDir()
+		pr.recover(m, p.ID, out)
+		if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, pr.disks[m]) {
+			t.Fatalf("machine %s: the point after the forward reprotect differs from the source", m)
+		}
+	}
+	pr.directions("", rg...)
 }
