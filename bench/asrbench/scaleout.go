@@ -107,6 +107,7 @@ func scaleOutRound(dir string, n int) (*scaleOutResult, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
+	defer os.RemoveAll(dir) // after the cluster stops: a round keeps GBs of replicas and segments
 	// Heartbeats every second (a third of the lost interval): the
 	// scale-out one's figures are at most a second old.
 	c, err := startServer(dir, "--ps-heartbeat-lost", "3s", "--nbd-listen", "127.0.0.1:0")
