@@ -11,6 +11,7 @@ package e2e
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -47,12 +48,29 @@ func TestE2EFailbackPlan(t *testing.T) {
 	}
 	c.mustCLI("group", "set", "--machine", "app1", "--group", "rg")
 	c.mustCLI("group", "set", "--machine", "app2", "--group", "rg")
-	c.mustCLI("plan", "create", "app", "--group", "1=db", "--group", "2=app1,app2")
+	// A plan's script actions: one for both directions, one for failback
+	// only; each logs the direction, phase and group it ran for.
+	actionLog := filepath.Join(c.dir, "actions.log")
+	script := filepath.Join(c.dir, "action.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$ASR_DIRECTION $ASR_PHASE $ASR_GROUP $ASR_FAILOVER_TYPE\" >> "+actionLog+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.mustCLI("plan", "create", "app", "--group", "1=db", "--group", "2=app1,app2", "--pre", "2=script:"+script, "--post", "1=failback:script:"+script)
+	actions := func() string {
+		b, err := os.ReadFile(actionLog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
 	if out := c.mustCLI("failover", "--plan", "app", "--planned", "--to", "nbd"); !strings.Contains(out, "succeeded") {
 		t.Fatalf("planned failover of the plan:\n%s", out)
 	}
 	if out := c.mustCLI("failover", "--plan", "app", "--commit"); !strings.Contains(out, "succeeded") {
 		t.Fatalf("commit of the plan:\n%s", out)
+	}
+	if got := actions(); got != "primary-to-recovery pre 2 planned\n" {
+		t.Fatalf("the plan's actions on failover: %q", got)
 	}
 	exports := map[string]string{}
 	for _, f := range c.liveFailovers() {
@@ -111,6 +129,11 @@ func TestE2EFailbackPlan(t *testing.T) {
 	}
 	if fs := c.liveFailovers(); len(fs) != 0 {
 		t.Fatalf("live failovers after failback --plan: %+v", fs)
+	}
+	// On failback: group 1's failback-only post action after db's
+	// power-on, then group 2's pre action before app1's and app2's.
+	if got := actions(); got != "primary-to-recovery pre 2 planned\nrecovery-to-primary post 1 failback\nrecovery-to-primary pre 2 failback\n" {
+		t.Fatalf("the plan's actions after its failback: %q", got)
 	}
 	// Forward again: the originals run and write, a checksum resync each.
 	for _, m := range machines {

@@ -185,6 +185,10 @@ func (b consoleBackend) Failback(ctx context.Context, machine string) (api.Job, 
 	return b.s.Failback(ctx, machine)
 }
 
+func (b consoleBackend) FailbackTo(ctx context.Context, machine string, req api.FailbackRequest) (api.Job, error) {
+	return b.s.FailbackTo(ctx, machine, req)
+}
+
 func (b consoleBackend) ReprotectPlan(ctx context.Context, plan string) (api.Job, error) {
 	return b.s.ReprotectPlan(ctx, plan)
 }

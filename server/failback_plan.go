@@ -33,7 +33,13 @@ import (
 //     switch. Cancellable until the switch; a cancel lets every
 //     failed-over machine run on, still reprotected.
 //
-// A plan's pre and post actions do not run on failback (not done yet).
+// A plan's failback runs each group's pre actions (those that run on
+// failback, api.PlanAction.RunsOn) before the group's original machines
+// power on and its post actions after, with the direction
+// "recovery-to-primary"; they run past the switch, so an action that fails
+// fails the job and the groups after it are finished in the background
+// without their actions (a power-on failure does the same). A plan whose
+// failback a restart finishes past the switch does not run them.
 
 // planMachineGroups returns a plan's machines by group, in plan order.
 func (s *Server) planMachineGroups(ctx context.Context, p api.Plan) ([][]store.Machine, error) {
@@ -356,9 +362,14 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 	var lines []string
 	var sent, compared int64
 	var failed error
+	actx := api.ActionContext{Plan: p.Name, Type: "failback", Direction: "recovery-to-primary", Machines: map[string]api.ActionMachine{}}
 	for i, g := range members {
 		if len(g) == 0 {
 			continue
+		}
+		if failed == nil {
+			actx.Phase = "pre"
+			failed = s.runActions(ctx, j, i+1, p.Groups[i].Pre, &actx, true)
 		}
 		done := j.step(fmt.Sprintf("group %d: power on", i+1), machinesWord(len(g), "original"))
 		n := 0
@@ -377,13 +388,20 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 			d := decodeDetail(sm.f)
 			sent, compared = sent+d.Reverse.Sent, compared+d.Reverse.Compared
 			lines = append(lines, fmt.Sprintf("%s: failed back: %d bytes sent, %d bytes compared", sm.m.Name, d.Reverse.Sent, d.Reverse.Compared))
+			am := api.ActionMachine{To: "original"}
+			if vm := s.sourceVM(ctx, sm.m); vm != nil {
+				am.VM = vm.Name
+			}
+			actx.Machines[sm.m.Name] = am
 			n++
 		}
 		if failed != nil {
 			done("", fmt.Errorf("%w; the rest are powered on in the background", failed))
-		} else {
-			done(fmt.Sprintf("%d powered on", n), nil)
+			continue
 		}
+		done(fmt.Sprintf("%d powered on", n), nil)
+		actx.Phase = "post"
+		failed = s.runActions(ctx, j, i+1, p.Groups[i].Post, &actx, true)
 	}
 	if failed != nil {
 		return lines, failed

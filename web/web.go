@@ -121,6 +121,10 @@ type Backend interface {
 	// nothing and returns an error whose message is shown to the user.
 	Reprotect(ctx context.Context, machine string) (api.Job, error)
 	Failback(ctx context.Context, machine string) (api.Job, error)
+	// FailbackTo starts the job that fails a machine back to a new VM made
+	// through a vCenter (req.Alternate), a full copy of its failed-over
+	// disks.
+	FailbackTo(ctx context.Context, machine string, req api.FailbackRequest) (api.Job, error)
 	// ReprotectPlan and FailbackPlan do the same for every machine a
 	// recovery plan's failover failed over, as one job; a plan any of
 	// whose machines cannot take part starts nothing, and the error
@@ -268,6 +272,7 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/machines/{machine}/resync", machines.resyncPage)
 		r.Get("/machines/{machine}/reprotect", failback.confirmPage(actionReprotect))
 		r.Get("/machines/{machine}/failback", failback.confirmPage(actionFailback))
+		r.Get("/machines/{machine}/"+actionAlternate, failback.alternatePage)
 		r.Get("/vcenters", vcenters.page)
 		r.Get("/vcenters/{vcenter}/remove", vcenters.removePage)
 		r.Get("/vms", inventory.page)
@@ -290,6 +295,7 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/machines/{machine}/resync", machines.startResync)
 			r.Post("/machines/{machine}/reprotect", failback.start(actionReprotect))
 			r.Post("/machines/{machine}/failback", failback.start(actionFailback))
+			r.Post("/machines/{machine}/"+actionAlternate, failback.alternateStart)
 			r.Post("/vcenters", vcenters.add)
 			r.Post("/vcenters/{vcenter}/remove", vcenters.remove)
 			r.Post("/protect", inventory.protect)

@@ -33,11 +33,12 @@ func runFailback(ctx context.Context, e *env, args []string) error {
 		fs.StringVar(&req.VMName, "vm-name", "", "--alternate: the new VM's name (default: the linked VM's or the machine's name, then -failback)")
 		fs.StringVar(&vt.Host, "host", "", "--alternate: the ESXi host (default: the first cluster's pool)")
 		fs.StringVar(&vt.Pool, "pool", "", "--alternate: the resource pool")
+		fs.StringVar(&vt.Folder, "folder", "", "--alternate: the VM folder of the new VM, a name or inventory path (default: the data center's VM folder)")
 		fs.StringVar(&vt.Network, "network", "", "--alternate: the network of the new VM's NICs (default: the linked VM's)")
 		return func() error {
 			switch {
 			case !req.Alternate && (*vt != api.VSphereTarget{} || req.VMName != ""):
-				return errors.New("asr failback: --vcenter, --datastore, --vm-name, --host, --pool and --network go with --alternate")
+				return errors.New("asr failback: --vcenter, --datastore, --vm-name, --host, --pool, --folder and --network go with --alternate")
 			case req.Alternate && fs.Lookup("plan").Value.String() != "":
 				return errors.New("asr failback: --alternate is for one machine (--machine M), not a plan")
 			case req.Alternate && (vt.VCenter == "" || vt.Datastore == ""):
