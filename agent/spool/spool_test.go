@@ -343,3 +343,44 @@ func TestReset(t *testing.T) {
 		t.Fatalf("reopened after a reset: %d records recovered, %+v, next %d", rec.Records, got, s2.Next())
 	}
 }
+
+// At most MaxInFlight records are appended past the first incomplete one:
+// an append waits for it, and the records a kill may leave logged but not
+// written are all among the last MaxInFlight, which Open reports (Recent).
+func TestInFlightWindow(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	first := mustAppend(t, s, 0, 0, []byte("held"))
+	for i := 1; i < MaxInFlight; i++ {
+		s.Complete(mustAppend(t, s, 1, uint64(i)*4096, []byte("done")))
+	}
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	r := replication.Record{Kind: replication.KindWrite, Disk: 2, Length: 4, Data: []byte("more")}
+	if _, err := s.Append(cancelled, &r); !errors.Is(err, context.Canceled) {
+		t.Fatalf("append past the window = %v, want it to wait (context canceled)", err)
+	}
+	s.Complete(first)
+	if _, err := s.Append(cancelled, &r); err != nil {
+		t.Fatalf("append once the first record completed: %v", err)
+	}
+	tag := replication.Record{Kind: replication.KindResync, Disk: 2, Data: []byte("not a change"), Length: 12}
+	seq, err := s.Append(context.Background(), &tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Complete(seq)
+	s.Close()
+	_, rec := mustOpen(t, dir, Options{})
+	// The last MaxInFlight records: 62 of disk 1 (from offset 2*4096),
+	// disk 2's, and the resync mark (not a change).
+	if len(rec.Recent) != MaxInFlight-1 {
+		t.Fatalf("%d recent changes, want %d", len(rec.Recent), MaxInFlight-1)
+	}
+	if got := rec.Recent[0]; got.Disk != 1 || got.Offset != 2*4096 {
+		t.Fatalf("first recent change %+v, want disk 1 at %d", got, 2*4096)
+	}
+	if got := rec.Recent[len(rec.Recent)-1]; got.Disk != 2 || got.Length != 4 {
+		t.Fatalf("last recent change %+v, want disk 2's", got)
+	}
+}
