@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -50,6 +51,48 @@ func BenchmarkSplitterWrite(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// BenchmarkSplitterWriteParallel is BenchmarkSplitterWrite with 8 writers
+// (fio's iodepth 8 through the NBD server) and the activity log: what the
+// guest pays when its requests are in flight together.
+func BenchmarkSplitterWriteParallel(b *testing.B) {
+	for _, bs := range []int{4 << 10, 1 << 20} {
+		b.Run(byteSize(bs), func(b *testing.B) {
+			dir := b.TempDir()
+			path := filepath.Join(dir, "d.img")
+			f, _ := os.Create(path)
+			f.Truncate(1 << 30)
+			f.Close()
+			sp, _, err := spool.Open(filepath.Join(dir, "spool"), spool.Options{MaxBytes: 64 << 30}, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer sp.Close()
+			d, err := openDisk(context.Background(), 0, "d", path, sp, &latency{}, slog.Default())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer d.Close()
+			d.al = openActivityLog(context.Background(), dir, slog.Default(), nil)
+			defer d.al.Close()
+			var seed atomic.Uint64
+			b.SetBytes(int64(bs))
+			b.SetParallelism((8 + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				buf := make([]byte, bs)
+				r := rand.New(rand.NewPCG(seed.Add(1), 1))
+				for pb.Next() {
+					off := r.Int64N((1<<30)/int64(bs)) * int64(bs)
+					if err := d.WriteAt(buf, off, false); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
 		})
 	}
 }

@@ -153,9 +153,11 @@ type Recovered struct {
 	Records   int
 	Truncated int64           // bytes of torn tail cut off
 	Tails     map[uint32]Tail // last data-changing record per disk
-	// Recent are the change records among the last MaxInFlight records,
-	// in sequence order: every change that may have been logged and not
-	// written (or the reverse) when the agent stopped is one of them.
+	// Recent are the guest's change records (write, zero, trim) among
+	// the last MaxInFlight records, in sequence order: every change that
+	// may have been logged and not written (or the reverse) when the agent
+	// stopped is one of them. (Base records are read from the disk and
+	// complete at once: never in flight.)
 	Recent   []Tail
 	Progress map[uint32]replication.Record
 	last     []Tail // the last MaxInFlight records (Kind 0: not a change)
@@ -329,12 +331,13 @@ func noteRecord(rec *Recovered, r *replication.Record) {
 	if len(rec.last) == MaxInFlight {
 		rec.last = append(rec.last[:0], rec.last[1:]...)
 	}
-	var t Tail
+	t := Tail{Disk: r.Disk, Kind: r.Kind, Offset: r.Offset, Length: r.Length}
 	switch r.Kind {
-	case replication.KindWrite, replication.KindZero, replication.KindTrim, replication.KindBase:
-		t = Tail{Disk: r.Disk, Kind: r.Kind, Offset: r.Offset, Length: r.Length}
+	case replication.KindWrite, replication.KindZero, replication.KindTrim:
+		rec.last = append(rec.last, t)
+	default:
+		rec.last = append(rec.last, Tail{})
 	}
-	rec.last = append(rec.last, t)
 	switch r.Kind {
 	case replication.KindWrite, replication.KindZero, replication.KindTrim, replication.KindBase:
 		rec.Tails[r.Disk] = t
