@@ -179,3 +179,29 @@ func TestActivityLogJournal(t *testing.T) {
 		t.Fatalf("journal is %d bytes for 10 extents at risk", size())
 	}
 }
+
+// A change to extents already durable in the log never waits for the
+// journal's writes (an fsync or a compaction in progress).
+func TestActivityLogHotExtentDoesNotWaitForTheJournal(t *testing.T) {
+	al := openActivityLog(context.Background(), t.TempDir(), slog.New(slog.DiscardHandler), nil)
+	defer al.Close()
+	mustTouchDone(t, al, 0, 0, 4096)
+	al.wmu.Lock() // a journal write in progress
+	done := make(chan error, 1)
+	go func() {
+		g, err := al.touch(0, 8192, 4096)
+		al.done(g)
+		done <- err
+	}()
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-ctx.Done():
+		t.Fatal("a change to an extent in the log waited for the journal")
+	}
+	al.wmu.Unlock()
+}
