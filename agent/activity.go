@@ -91,7 +91,8 @@ type activityLog struct {
 	broken   bool           // the journal's tail is unknown: compact next
 
 	// wmu serializes the journal's writes (append + fsync, or a
-	// compaction): held while waiting for the disk, never with mu.
+	// compaction). Taken before mu, never while holding it; mu is not
+	// held while waiting for the disk.
 	wmu sync.Mutex
 	f   *os.File // the journal, opened for appending; nil until the first write
 
