@@ -151,8 +151,7 @@ type Tail struct {
 // Recovered is what Open found in an existing spool.
 type Recovered struct {
 	Records   int
-	Truncated int64           // bytes of torn tail cut off
-	Tails     map[uint32]Tail // last data-changing record per disk
+	Truncated int64 // bytes of torn tail cut off
 	// Recent are the guest's change records (write, zero, trim) among
 	// the last MaxInFlight records, in sequence order: every change that
 	// may have been logged and not written (or the reverse) when the agent
@@ -177,7 +176,6 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		opts.FileBytes = opts.MaxBytes / 4
 	}
 	var rec Recovered
-	rec.Tails = map[uint32]Tail{}
 	rec.Progress = map[uint32]replication.Record{}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, rec, err
@@ -338,10 +336,7 @@ func noteRecord(rec *Recovered, r *replication.Record) {
 	default:
 		rec.last = append(rec.last, Tail{})
 	}
-	switch r.Kind {
-	case replication.KindWrite, replication.KindZero, replication.KindTrim, replication.KindBase:
-		rec.Tails[r.Disk] = t
-	case replication.KindProgress:
+	if r.Kind == replication.KindProgress {
 		r.Data = nil
 		rec.Progress[r.Disk] = *r
 	}

@@ -98,7 +98,7 @@ func TestRotateAckReopen(t *testing.T) {
 		t.Fatalf("first %d: unacknowledged records deleted", s.First())
 	}
 	// Reopen without a clean close: everything not acknowledged is there,
-	// and the last change of each disk is reported.
+	// and the last changes are reported.
 	s2, rec, err := Open(dir, Options{MaxBytes: 64 << 20, FileBytes: 64 << 10}, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -110,8 +110,9 @@ func TestRotateAckReopen(t *testing.T) {
 	if got := readAll(t, s2, 61); len(got) != 40 {
 		t.Fatalf("after reopen: %d records from 61", len(got))
 	}
-	if rec.Tails[1].Offset != 99*4096 || rec.Tails[0].Offset != 98*4096 {
-		t.Fatalf("tails %+v", rec.Tails)
+	if n := len(rec.Recent); n != min(MaxInFlight, rec.Records) || rec.Recent[n-1].Disk != 1 || rec.Recent[n-1].Offset != 99*4096 ||
+		rec.Recent[n-2].Disk != 0 || rec.Recent[n-2].Offset != 98*4096 {
+		t.Fatalf("recent changes %+v", rec.Recent)
 	}
 	s.Close()
 }
