@@ -73,6 +73,12 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 		return nil, err
 	}
 	m.rep = newReplica(id, dir, s.cfg.Catalog, a, m.log)
+	ps, err := s.cfg.Catalog.Points(ctx, id)
+	if err != nil {
+		a.Close()
+		return nil, fmt.Errorf("list the points of machine %s: %w", id, err)
+	}
+	m.rep.pointMade.Store(len(ps) > 0)
 	m.rep.onUploaded = s.uploadedBytes
 	if s.cfg.OnQuarantine != nil {
 		m.rep.onQuarantine = func(path, reason string) { s.cfg.OnQuarantine(id, path, reason) }
@@ -80,6 +86,7 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 	// The applier's callbacks run under its lock, on the apply path: they
 	// must return at once (Config says so to the server).
 	a.OnPoint = func(p replication.Point, reqID uint64) {
+		m.rep.pointMade.Store(true)
 		if s.cfg.OnPoint != nil {
 			s.cfg.OnPoint(id, p)
 		}
