@@ -296,11 +296,16 @@ func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 		}()
 	}
 	wg.Wait()
-	p := &PreparedSegment{First: scan.First, Last: scan.Last, recs: make([]preparedRecord, 0, scan.Records)}
+	// Sized by the records decoded, never by a count the segment claims.
+	n := 0
 	for _, d := range out {
 		if d.err != nil {
 			return nil, fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, d.err)
 		}
+		n += len(d.recs)
+	}
+	p := &PreparedSegment{First: scan.First, Last: scan.Last, recs: make([]preparedRecord, 0, n)}
+	for _, d := range out {
 		for _, pr := range d.recs {
 			p.Tags = p.Tags || pr.r.Kind == KindTag
 		}
