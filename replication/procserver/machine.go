@@ -73,12 +73,13 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 		return nil, err
 	}
 	m.rep = newReplica(id, dir, s.cfg.Catalog, a, m.log)
+	// Segments are kept from the first point on (keepSegment). A listing
+	// that fails keeps them all, as if a point existed: never fewer.
 	ps, err := s.cfg.Catalog.Points(ctx, id)
 	if err != nil {
-		a.Close()
-		return nil, fmt.Errorf("list the points of machine %s: %w", id, err)
+		m.log.Warn("cannot list the machine's points; every applied segment is kept on the target", "err", err)
 	}
-	m.rep.pointMade.Store(len(ps) > 0)
+	m.rep.pointMade.Store(err != nil || len(ps) > 0)
 	m.rep.onUploaded = s.uploadedBytes
 	if s.cfg.OnQuarantine != nil {
 		m.rep.onQuarantine = func(path, reason string) { s.cfg.OnQuarantine(id, path, reason) }
