@@ -266,13 +266,17 @@ func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 	}
 	out := make([]decoded, len(frames))
 	codec := DefaultCodec()
+	// Frames are taken in order and none after a failure: beyond the
+	// frames that decode, at most one per worker is decompressed (each
+	// into at most MaxFrameRaw bytes).
 	var next atomic.Int64
+	var failed atomic.Bool
 	var wg sync.WaitGroup
 	for w := min(runtime.GOMAXPROCS(0), len(frames)); w > 0; w-- {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for {
+			for !failed.Load() {
 				i := int(next.Add(1) - 1)
 				if i >= len(frames) {
 					return
@@ -282,7 +286,8 @@ func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 				recs, _, err := codec.Records(&frames[i], nil)
 				if err != nil {
 					out[i].err = err
-					continue
+					failed.Store(true)
+					return
 				}
 				prs := make([]preparedRecord, len(recs))
 				for j := range recs {
