@@ -248,6 +248,9 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 	}
+	if created {
+		s.placeNew(r.Context(), m)
+	}
 	s.log.Info("agent registered", "machine", m.ID, "name", m.Name, "remote", r.RemoteAddr)
 	_, port, _ := net.SplitHostPort(s.dataL.Addr().String())
 	p, _ := strconv.Atoi(port)

@@ -98,6 +98,11 @@ type Config struct {
 	// AutoSwitch moves the machines of a scale-out process server with no
 	// heartbeat for PSHeartbeatLost to the built-in one (procservers.go).
 	AutoSwitch bool
+	// Placement is where a newly registered machine is served:
+	// PlacementBuiltin (the built-in process server, ASR's default) or
+	// PlacementAuto (the least loaded healthy process server, the
+	// built-in one included; placement.go).
+	Placement string
 	// HistoryEvery is how often every machine's RPO and bytes received
 	// are sampled for the console's charts (default 1m).
 	HistoryEvery time.Duration
@@ -221,6 +226,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.HistoryEvery <= 0 {
 		cfg.HistoryEvery = time.Minute
+	}
+	if err := checkPlacement(cfg.Placement); err != nil {
+		return nil, err
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "server"), bytes: map[string]int64{},
 		mirrorSeen: map[string]bool{}, mirrorDisks: map[string][]store.Disk{},
