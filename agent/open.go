@@ -148,7 +148,7 @@ func (a *Agent) open(st *state) error {
 	if err := st.save(cfg.StateDir); err != nil {
 		return err
 	}
-	if err := repairLog(cfg.StateDir, a.unclean, rec, a.disks, sp, a.log); err != nil {
+	if err := repairLog(cfg.StateDir, a.unclean, rec, st, a.disks, sp, a.log); err != nil {
 		return err
 	}
 	if err := a.afterForcedShutdown(st); err != nil {
@@ -169,7 +169,13 @@ const repairFile = "repair.json"
 // that do not overlap run concurrently. Overlapping ranges are merged, so
 // each byte is read once. The ranges are saved first, so an interrupted
 // repair is redone whole at the next start.
-func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp *spool.Spool, log *slog.Logger) error {
+//
+// Nothing ships before the repair, so it never waits for room in the
+// spool: when the ranges do not fit in what is left of it, they are
+// marked for a resync instead (the server compares them with the
+// replica), and after a stop during an overflow (the whole disk is
+// resynced) nothing is re-logged.
+func repairLog(dir string, unclean bool, rec spool.Recovered, st *state, disks diskSet, sp *spool.Spool, log *slog.Logger) error {
 	path := filepath.Join(dir, repairFile)
 	var ranges []spool.Tail
 	if b, err := os.ReadFile(path); err == nil {
@@ -190,6 +196,23 @@ func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp 
 	if err := atomicfile.Write(path, b, 0o600); err != nil {
 		return err
 	}
+	var need int64
+	for _, t := range ranges {
+		need += int64(t.Length) + repairRecordOverhead
+	}
+	if st.Overflow || need > sp.Room() {
+		if !st.Overflow {
+			log.Warn("unclean stop with the spool nearly full: the last changes' ranges are marked for a resync instead of re-logged", "bytes", need, "room", sp.Room())
+			divergeRanges(st, ranges)
+			if err := st.save(dir); err != nil {
+				return err
+			}
+		}
+		if err := os.Remove(path); err != nil {
+			return err
+		}
+		return atomicfile.SyncDir(dir)
+	}
 	for _, t := range ranges {
 		for _, d := range disks {
 			if d.Index == t.Disk {
@@ -207,6 +230,27 @@ func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp 
 		return err
 	}
 	return atomicfile.SyncDir(dir)
+}
+
+// repairRecordOverhead bounds a re-logged range's record header (its
+// data is at most the range's length).
+const repairRecordOverhead = 64
+
+// divergeRanges marks ranges of the disks for a resync (a disk marked
+// whole stays so).
+func divergeRanges(st *state, ranges []spool.Tail) {
+	for i := range st.Disks {
+		ds := &st.Disks[i]
+		if ds.Diverged != "" && len(ds.DivergedRanges) == 0 {
+			continue
+		}
+		for _, t := range ranges {
+			if t.Disk == ds.Index {
+				ds.DivergedRanges = append(ds.DivergedRanges, replication.Range{Off: int64(t.Offset), Len: int64(t.Length)})
+				ds.Diverged = "unclean stop with the spool full: the ranges of its last changes are resynced"
+			}
+		}
+	}
 }
 
 // mergeTails returns the ranges of ts, per disk, with overlapping or
@@ -252,7 +296,7 @@ func (a *Agent) afterForcedShutdown(st *state) error {
 		risk, ok := atRisk(a.cfg.StateDir)
 		for i := range st.Disks {
 			ds := &st.Disks[i]
-			if ds.Diverged != "" {
+			if ds.Diverged != "" && len(ds.DivergedRanges) == 0 {
 				continue // already marked (whole disk)
 			}
 			if !ok {
@@ -261,13 +305,23 @@ func (a *Agent) afterForcedShutdown(st *state) error {
 			}
 			if rs := risk[ds.Index]; len(rs) > 0 {
 				ds.Diverged = fmt.Sprintf("forced shutdown of the machine: %d extents of 4 MiB had changes in flight", len(rs))
-				ds.DivergedRanges = rs
+				ds.DivergedRanges = append(ds.DivergedRanges, rs...)
 			}
 		}
 		a.log.Warn("the machine went down while the agent ran: the extents in its activity log will be resynced")
 	}
 	if err := st.save(a.cfg.StateDir); err != nil {
 		return err
+	}
+	if a.unclean {
+		// The activity log of the run that stopped covers its writes
+		// until they are durable: the spool was synced at its open, the
+		// disks are here, before the log goes.
+		for _, d := range a.disks {
+			if err := d.fb.Flush(); err != nil {
+				return fmt.Errorf("sync disk %s after an unclean stop: %w", d.Name, err)
+			}
+		}
 	}
 	err := os.Remove(filepath.Join(a.cfg.StateDir, activityFile))
 	if err != nil && !os.IsNotExist(err) {

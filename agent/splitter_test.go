@@ -210,7 +210,7 @@ func TestInterruptedRepairIsRedone(t *testing.T) {
 	}
 	// This start is clean as far as the marker goes and the spool's tail
 	// is the 1 MiB piece: only the saved list knows the whole range.
-	if err := repairLog(dir, false, spool.Recovered{}, diskSet{d}, sp, slog.Default()); err != nil {
+	if err := repairLog(dir, false, spool.Recovered{}, &state{}, diskSet{d}, sp, slog.Default()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, repairFile)); !errors.Is(err, os.ErrNotExist) {
@@ -234,6 +234,67 @@ func TestInterruptedRepairIsRedone(t *testing.T) {
 	}
 	if !bytes.Equal(replica[:8<<20], content) {
 		t.Fatal("the replayed log does not match the disk: the repair missed part of the range")
+	}
+}
+
+// A repair whose ranges do not fit in what is left of the spool never
+// waits for room (nothing ships before it: it would wait forever): the
+// ranges are marked for a resync instead, and the repair list goes. After
+// a stop during an overflow (the whole disk is resynced) nothing is
+// re-logged either.
+func TestRepairWithTheSpoolFullMarksAResync(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "d.img")
+	if err := os.WriteFile(path, bytes.Repeat([]byte{7}, 8<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sp, _, err := spool.Open(filepath.Join(dir, "spool"), spool.Options{MaxBytes: 4 << 20}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp.Close()
+	d, err := openDisk(context.Background(), 0, "d", path, sp, &latency{}, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for i := range 3 {
+		r := replication.Record{Kind: replication.KindWrite, Offset: uint64(i) << 20, Length: 1 << 20, Data: make([]byte, 1<<20)}
+		seq, err := sp.Append(context.Background(), &r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sp.Complete(seq)
+	}
+	st := &state{Disks: []diskState{{Index: 0, Name: "d", Path: path, Size: 8 << 20}}}
+	recent := []spool.Tail{{Disk: 0, Kind: replication.KindWrite, Offset: 0, Length: 2 << 20}, {Disk: 0, Kind: replication.KindWrite, Offset: 4 << 20, Length: 1 << 20}}
+	before := sp.Next()
+	if err := repairLog(dir, true, spool.Recovered{Recent: recent}, st, diskSet{d}, sp, slog.Default()); err != nil {
+		t.Fatal(err)
+	}
+	if sp.Next() != before {
+		t.Fatalf("%d records re-logged into a full spool", sp.Next()-before)
+	}
+	want := []replication.Range{{Off: 0, Len: 2 << 20}, {Off: 4 << 20, Len: 1 << 20}}
+	if ds := st.Disks[0]; ds.Diverged == "" || !slices.Equal(ds.DivergedRanges, want) {
+		t.Fatalf("disk state %+v, want the ranges %v marked for a resync", ds, want)
+	}
+	if _, err := os.Stat(filepath.Join(dir, repairFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("repair list not removed: %v", err)
+	}
+	st2, err := loadState(dir)
+	if err != nil || len(st2.Disks) != 1 || !slices.Equal(st2.Disks[0].DivergedRanges, want) {
+		t.Fatalf("the marked ranges are not saved: %+v %v", st2, err)
+	}
+
+	// Stopped during an overflow: nothing re-logged, nothing marked here
+	// (the whole disk is, by afterForcedShutdown).
+	st = &state{Overflow: true, Disks: []diskState{{Index: 0, Name: "d", Path: path, Size: 8 << 20}}}
+	if err := repairLog(dir, true, spool.Recovered{Recent: recent[1:]}, st, diskSet{d}, sp, slog.Default()); err != nil {
+		t.Fatal(err)
+	}
+	if sp.Next() != before || len(st.Disks[0].DivergedRanges) != 0 {
+		t.Fatalf("after an overflow: %d records re-logged, ranges %v", sp.Next()-before, st.Disks[0].DivergedRanges)
 	}
 }
 
@@ -390,7 +451,7 @@ func TestRepairRelogsEveryChangeInFlight(t *testing.T) {
 		{Kind: replication.KindWrite, Offset: 8192, Length: 4096},
 		{Kind: replication.KindWrite, Offset: 65536, Length: 4096},
 	}}
-	if err := repairLog(dir, true, rec, diskSet{d}, sp, slog.Default()); err != nil {
+	if err := repairLog(dir, true, rec, &state{}, diskSet{d}, sp, slog.Default()); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(replayLog(t, sp, size), disk) {

@@ -94,6 +94,8 @@ type Spool struct {
 	// next record would go. Nothing more is appended or flushed until a
 	// restart, whose Open cuts the torn tail.
 	cutErr error
+	// waiters counts the appends waiting in waitLocked (for tests).
+	waiters int
 }
 
 type file struct {
@@ -226,6 +228,15 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		}
 	}
 	rec.last = nil
+	// What a killed process left may still be only in the page cache:
+	// made durable here, before anything counts on it (the activity log
+	// of that run is dropped once the disks are synced too).
+	for _, f := range s.files {
+		if err := f.f.Sync(); err != nil {
+			s.closeFiles()
+			return nil, rec, fmt.Errorf("spool: sync %s: %w", f.path, err)
+		}
+	}
 	s.shipSeq = s.next - 1
 	s.ship = s.endPos()
 	s.synced = s.next - 1
@@ -437,23 +448,19 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 	size := int64(r.EncodedSize())
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.cutErr != nil {
-		return 0, s.cutErr
-	}
-	if try && s.bytes+size > int64(softLimit*float64(s.opts.MaxBytes)) && s.bytes > headerSize {
-		if s.acked+1 == s.next && len(s.files) == 1 {
-			// All acknowledged: make room by starting a new file.
-			if err := s.newFile(); err != nil {
-				return 0, fmt.Errorf("spool: %w", err)
-			}
-			s.trimLocked()
-		}
-		if s.bytes+size > int64(softLimit*float64(s.opts.MaxBytes)) {
-			return 0, ErrFull
-		}
-	}
+	soft := int64(softLimit * float64(s.opts.MaxBytes))
+	over := func(limit int64) bool { return s.bytes+size > limit && s.bytes > headerSize }
+	// Every condition is checked again after each wait: another append
+	// may have taken the room, failed (cutErr) or the spool closed
+	// meanwhile.
 	for {
-		for !s.closed && s.bytes+size > s.opts.MaxBytes && s.bytes > headerSize {
+		if s.cutErr != nil {
+			return 0, s.cutErr
+		}
+		if s.closed {
+			return 0, ErrClosed
+		}
+		if over(s.opts.MaxBytes) || try && over(soft) {
 			if s.acked+1 == s.next && len(s.files) == 1 {
 				// Everything is acknowledged but the current file holds it:
 				// start a new file so the old one can go.
@@ -463,20 +470,25 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 				s.trimLocked()
 				continue
 			}
+			if try {
+				return 0, ErrFull
+			}
 			if err := ctx.Err(); err != nil {
 				return 0, err
 			}
 			s.waitLocked(ctx)
+			continue
 		}
 		// The in-flight window (see MaxInFlight): the first incomplete
 		// record completes without any lock its appenders may hold.
-		if s.closed || len(s.inflight) < MaxInFlight {
-			break
+		if len(s.inflight) >= MaxInFlight {
+			if err := ctx.Err(); err != nil {
+				return 0, err
+			}
+			s.waitLocked(ctx)
+			continue
 		}
-		if err := ctx.Err(); err != nil {
-			return 0, err
-		}
-		s.waitLocked(ctx)
+		break
 	}
 	if s.closed {
 		return 0, ErrClosed
@@ -533,7 +545,9 @@ func (s *Spool) waitLocked(ctx context.Context) {
 		s.cond.Broadcast()
 		s.mu.Unlock()
 	})
+	s.waiters++
 	s.cond.Wait()
+	s.waiters--
 	stop()
 }
 
@@ -670,6 +684,14 @@ func (s *Spool) Pending() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.bytes
+}
+
+// Room returns how many more bytes Append takes without waiting for an
+// acknowledgement.
+func (s *Spool) Room() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return max(0, s.opts.MaxBytes-s.bytes)
 }
 
 // Fill returns Pending as a fraction of MaxBytes.

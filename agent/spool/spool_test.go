@@ -385,3 +385,127 @@ func TestInFlightWindow(t *testing.T) {
 		t.Fatalf("last recent change %+v, want disk 2's", got)
 	}
 }
+
+// TryAppend never waits for room, also after waiting for the in-flight
+// window: guest writes that queue behind a full window and then find the
+// soft limit passed get ErrFull (the agent's bitmap mode), never a wait
+// for the server's acknowledgement. Appends queued behind the window
+// also see a failed cut that happened while they waited, and write
+// nothing after its torn bytes.
+func TestWindowWaitersCheckAgain(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{MaxBytes: 1 << 20})
+	defer s.Close()
+	var held []uint64
+	for i := range MaxInFlight {
+		held = append(held, mustAppend(t, s, 0, uint64(i)*512, []byte("in flight")))
+	}
+	const writers = 24
+	type result struct {
+		seq uint64
+		err error
+	}
+	results := make(chan result, writers)
+	for i := range writers {
+		go func() {
+			r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Disk: 1, Offset: uint64(i) << 16, Length: 65536, Data: make([]byte, 65536)}
+			seq, err := s.TryAppend(&r)
+			if err == nil {
+				s.Complete(seq)
+			}
+			results <- result{seq, err}
+		}()
+	}
+	waitWaiters(t, s, writers)
+	for _, seq := range held {
+		s.Complete(seq)
+	}
+	full := 0
+	deadline := time.After(time.Minute) // a safety net: the bug is a wait that never ends
+	for range writers {
+		select {
+		case r := <-results:
+			if errors.Is(r.err, ErrFull) {
+				full++
+			} else if r.err != nil {
+				t.Fatal(r.err)
+			}
+		case <-deadline:
+			t.Fatal("a TryAppend waited for room after waiting for the in-flight window")
+		}
+	}
+	if full == 0 {
+		t.Fatalf("24 appends of 64 KiB into a 1 MiB spool: none refused")
+	}
+
+	// A failed cut while appends wait for the window: they get its error.
+	dir = t.TempDir()
+	s2, _ := mustOpen(t, dir, Options{})
+	defer s2.Close()
+	held = held[:0]
+	for i := range MaxInFlight {
+		held = append(held, mustAppend(t, s2, 0, uint64(i)*512, []byte("in flight")))
+	}
+	waiting := make(chan error, 1)
+	go func() {
+		r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Disk: 1, Length: 4, Data: []byte("late")}
+		_, err := s2.Append(context.Background(), &r)
+		waiting <- err
+	}()
+	waitWaiters(t, s2, 1)
+	eio, cutEIO := errors.New("injected write error"), errors.New("injected truncate error")
+	s2.mu.Lock()
+	ff := &faultyFile{appendFile: s2.files[len(s2.files)-1].f, writeErr: eio, partial: 10, cutErr: cutEIO}
+	s2.files[len(s2.files)-1].f = ff
+	s2.mu.Unlock()
+	s2.Complete(held[0]) // room in the window: the failing append or the waiter goes first
+	r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Disk: 2, Length: 4, Data: []byte("torn")}
+	_, failErr := s2.Append(context.Background(), &r)
+	s2.mu.Lock()
+	ff.writeErr, ff.cutErr = nil, nil
+	s2.mu.Unlock()
+	for _, seq := range held[1:] {
+		s2.Complete(seq)
+	}
+	werr := <-waiting
+	// Whichever went first, nothing may follow torn bytes: either the
+	// waiter wrote before the failure (and the failing append failed), or
+	// it failed with the sticky error.
+	if failErr == nil {
+		t.Fatal("the append with a failing write and cut succeeded")
+	}
+	if werr == nil {
+		s2.mu.Lock()
+		cut := s2.cutErr
+		s2.mu.Unlock()
+		if cut == nil {
+			t.Fatal("no sticky error after a failed cut")
+		}
+		// It must have been written before the failure: a reopen keeps it.
+		s2.Close()
+		_, rec := mustOpen(t, dir, Options{})
+		if rec.Records != MaxInFlight+1 {
+			t.Fatalf("the waiter's record was written after the torn bytes: %d records kept, want %d", rec.Records, MaxInFlight+1)
+		}
+	} else if !strings.Contains(werr.Error(), "until the agent restarts") {
+		t.Fatalf("the waiter got %v, want the sticky error", werr)
+	}
+}
+
+// waitWaiters waits until n appends wait in the spool.
+func waitWaiters(t *testing.T, s *Spool, n int) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		s.mu.Lock()
+		w := s.waiters
+		s.mu.Unlock()
+		if w >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d appends wait, want %d", w, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
