@@ -324,13 +324,13 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	if req.NoWait {
-		if st, ok := s.ps.Stats(m.ID); !ok || !st.Connected {
+		if st, ok := s.machineStats(m.ID); !ok || !st.Connected {
 			return fmt.Errorf("machine %s: %w", m.Name, procserver.ErrNotConnected)
 		}
 		if !s.goRequest(func() {
 			ctx, cancel := context.WithTimeout(s.ctx, timeout)
 			defer cancel()
-			if _, err := s.ps.RequestPoint(ctx, m.ID, req.App); err != nil {
+			if _, err := s.requestPoint(ctx, m.ID, req.App); err != nil {
 				s.log.Warn("requested point failed", "machine", m.ID, "err", err)
 			}
 		}) {
@@ -357,7 +357,7 @@ func (s *Server) tag(ctx context.Context, m store.Machine, app bool) (replicatio
 	if err := refuseUnprotected(m, "a recovery point"); err != nil {
 		return replication.Point{}, err
 	}
-	p, err := s.ps.RequestPoint(ctx, m.ID, app)
+	p, err := s.requestPoint(ctx, m.ID, app)
 	if err != nil {
 		if errors.Is(err, procserver.ErrRemoved) {
 			return p, errorf(http.StatusConflict, "%v", err)
