@@ -96,6 +96,16 @@ func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
 			return api.PSCommandResult{Error: err.Error(), NotConnected: errors.Is(err, procserver.ErrNotConnected)}
 		}
 		return api.PSCommandResult{Point: &p}
+	case api.PSCommandResync:
+		if cmd.Resync == nil {
+			return api.PSCommandResult{Error: "a resync command without its job"}
+		}
+		n.log.Info("resync started by the configuration server", "machine", cmd.MachineID, "disk", cmd.Resync.Disk, "job", cmd.Resync.ID, "command", cmd.ID)
+		err := n.ps.StartResync(ctx, cmd.MachineID, *cmd.Resync, cmd.IfMarked)
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error(), NotConnected: errors.Is(err, procserver.ErrNotConnected), NotNeeded: errors.Is(err, procserver.ErrResyncNotNeeded)}
+		}
+		return api.PSCommandResult{}
 	}
 	return api.PSCommandResult{Error: fmt.Sprintf("unknown command %q (this process server is older than the configuration server?)", cmd.Kind)}
 }

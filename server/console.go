@@ -431,6 +431,10 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 	if v.PointCount, err = s.db.PointCount(ctx, m.ID); err != nil {
 		return v, err
 	}
+	v.ProcessServer = api.BuiltinProcessServer
+	if ps := s.assignedTo(m.ID); ps != "" {
+		v.ProcessServer = ps
+	}
 	if st, ok := s.machineStats(m.ID); ok {
 		v.Connected = st.Connected
 		v.CacheBytes = st.CacheBytes

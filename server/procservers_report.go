@@ -218,6 +218,10 @@ func (s *Server) psCommand(ctx context.Context, ps string, cmd api.PSCommand) (a
 	cmd.ID = hex.EncodeToString(b)
 	c := &psCmd{ps: ps, cmd: cmd, done: make(chan api.PSCommandResult, 1)}
 	s.pss.mu.Lock()
+	if b := s.pss.last[ps]; b.at.IsZero() || s.now().Sub(b.at) > s.cfg.PSHeartbeatLost {
+		s.pss.mu.Unlock()
+		return api.PSCommandResult{}, errorf(http.StatusConflict, "process server %s, which serves machine %s, sends no heartbeat: nothing was asked of it (asr ps list)", ps, cmd.MachineID)
+	}
 	if s.pss.cmds == nil {
 		s.pss.machines, s.pss.runs, s.pss.cmds = map[string]psMachine{}, map[string]psRun{}, map[string]*psCmd{}
 	}
@@ -270,4 +274,31 @@ func (s *Server) requestPoint(ctx context.Context, id string, app bool) (replica
 		return replication.Point{}, errors.New("process server " + ps + " answered the point request without a point")
 	}
 	return *r.Point, nil
+}
+
+// psCommandWait bounds how long the resync loop waits for a scale-out
+// process server to take a command (its next heartbeat).
+const psCommandWait = 30 * time.Second
+
+// startResync is procserver.Server.StartResync for a machine on any
+// process server.
+func (s *Server) startResync(ctx context.Context, id string, job replication.ResyncJob, ifMarked bool) error {
+	ps := s.assignedTo(id)
+	if ps == "" {
+		return s.ps.StartResync(ctx, id, job, ifMarked)
+	}
+	ctx, cancel := context.WithTimeout(ctx, psCommandWait)
+	defer cancel()
+	r, err := s.psCommand(ctx, ps, api.PSCommand{Kind: api.PSCommandResync, MachineID: id, Resync: &job, IfMarked: ifMarked, Timeout: psCommandWait})
+	switch {
+	case err != nil:
+		return err
+	case r.NotNeeded:
+		return procserver.ErrResyncNotNeeded
+	case r.NotConnected:
+		return fmt.Errorf("machine %s on process server %s: %w", id, ps, procserver.ErrNotConnected)
+	case r.Error != "":
+		return fmt.Errorf("process server %s: %s", ps, r.Error)
+	}
+	return nil
 }

@@ -308,7 +308,8 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 // new point (in GET /api/v1/machines/{m}: connected, RPO known, last point,
 // point count); `asr tag` makes a point there (a command in a heartbeat's
 // reply); the policy's schedule reaches the agent (crash points every 5 s
-// appear); when the agent stops, its heartbeat and RPO alerts raise. A
+// appear); a resync asked for runs there and repairs a block the replica
+// lacks; when the agent stops, its heartbeat and RPO alerts raise. A
 // recovery through the server is refused while the machine is there, and
 // the point made there recovers bit-exact once it is back.
 func TestProcessServerReportsAndCommands(t *testing.T) {
@@ -395,6 +396,34 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 		t.Fatalf("recovery of a machine on ps1: %v", err)
 	}
 
+	sumAtP := fileSum(t, d0)
+
+	// A resync asked for runs through ps1: a block written past the
+	// splitter (the replica lacks it) is found and sent.
+	f, err := os.OpenFile(d0, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte(strings.Repeat("written past the splitter ", 300)), 5<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/resync", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the resync through ps1 done", func() bool {
+		var rows []api.ResyncJSON
+		if err := r.client.Do(ctx, "GET", "/api/v1/machines/vm1/resync", nil, &rows); err != nil {
+			t.Fatal(err)
+		}
+		for _, x := range rows {
+			if x.State == "failed" {
+				t.Fatalf("resync through ps1: %+v", x)
+			}
+		}
+		return len(rows) == 0 && r.machine("vm1").State == replication.StateProtected
+	})
+
 	// The policy reaches the agent through ps1: crash points every 5 s.
 	count := r.machine("vm1").PointCount
 	if err := r.client.Do(ctx, "PATCH", "/api/v1/policies/default", api.PolicyJSON{CrashInterval: "5s"}, nil); err != nil {
@@ -424,15 +453,16 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 		t.Fatalf("RPO alert: %+v", a)
 	}
 
-	// Back on the built-in process server: the point made on ps1 (and
-	// the last one, with no write since) recovers bit-exact.
+	// Back on the built-in process server: the point asked for on ps1,
+	// and the last one (after the resync, with no write since), recover
+	// bit-exact.
 	if _, err := r.client.SwitchProcessServer(ctx, "vm1", api.BuiltinProcessServer); err != nil {
 		t.Fatal(err)
 	}
-	for _, id := range []string{p.ID, last} {
+	for id, want := range map[string][32]byte{p.ID: sumAtP, last: fileSum(t, d0)} {
 		out := filepath.Join(dir, "out-"+id)
 		r.recover("vm1", id, out)
-		if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, d0) {
+		if fileSum(t, filepath.Join(out, "d0.img")) != want {
 			t.Fatalf("point %s made on ps1 differs from the source", id)
 		}
 	}

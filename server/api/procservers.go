@@ -214,6 +214,10 @@ type PSCommand struct {
 	Kind      string `json:"kind"` // PSCommandPoint
 	MachineID string `json:"machine_id"`
 	App       bool   `json:"app,omitempty"` // PSCommandPoint: application-consistent
+	// PSCommandResync: the job, started only while the catalog marks
+	// the disk if IfMarked (procserver.Server.StartResync).
+	Resync   *replication.ResyncJob `json:"resync,omitempty"`
+	IfMarked bool                   `json:"if_marked,omitempty"`
 	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
 	Timeout time.Duration `json:"timeout_ns"`
 }
@@ -223,6 +227,9 @@ const (
 	// PSCommandPoint asks the machine's agent for a recovery point now
 	// (procserver.Server.RequestPoint); the result names it.
 	PSCommandPoint = "point"
+	// PSCommandResync starts a resync job on the machine's agent; the
+	// result says it started (its progress and end come as any resync's).
+	PSCommandResync = "resync"
 )
 
 // MaxPSCommandTimeout bounds a command's run.
@@ -234,6 +241,9 @@ type PSCommandResult struct {
 	ID    string `json:"id"`
 	Error string `json:"error,omitempty"`
 	// NotConnected says the machine's agent was not connected.
-	NotConnected bool               `json:"not_connected,omitempty"`
-	Point        *replication.Point `json:"point,omitempty"`
+	NotConnected bool `json:"not_connected,omitempty"`
+	// NotNeeded says a resync was not started: the catalog no longer
+	// marks the disk (procserver.ErrResyncNotNeeded).
+	NotNeeded bool               `json:"not_needed,omitempty"`
+	Point     *replication.Point `json:"point,omitempty"`
 }
