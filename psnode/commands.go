@@ -106,6 +106,22 @@ func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
 			return api.PSCommandResult{Error: err.Error(), NotConnected: errors.Is(err, procserver.ErrNotConnected), NotNeeded: errors.Is(err, procserver.ErrResyncNotNeeded)}
 		}
 		return api.PSCommandResult{}
+	case api.PSCommandPrune:
+		if len(cmd.Keep) > api.MaxPSPruneKeep {
+			return api.PSCommandResult{Error: fmt.Sprintf("a prune keeping %d points by name, at most %d", len(cmd.Keep), api.MaxPSPruneKeep)}
+		}
+		keep := make(map[uint64]bool, len(cmd.Keep))
+		for _, k := range cmd.Keep {
+			keep[k] = true
+		}
+		deleted, err := n.ps.PrunePoints(ctx, cmd.MachineID, cmd.Before, keep)
+		if len(deleted) > 0 {
+			n.log.Info("recovery points pruned", "machine", cmd.MachineID, "count", len(deleted), "before", cmd.Before)
+		}
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error(), Deleted: len(deleted)}
+		}
+		return api.PSCommandResult{Deleted: len(deleted)}
 	}
 	return api.PSCommandResult{Error: fmt.Sprintf("unknown command %q (this process server is older than the configuration server?)", cmd.Kind)}
 }

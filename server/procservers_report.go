@@ -302,3 +302,38 @@ func (s *Server) startResync(ctx context.Context, id string, job replication.Res
 	}
 	return nil
 }
+
+// prunePoints is procserver.Server.PrunePoints for a machine on any
+// process server; deleted are the seqs of the points deleted (nil for a
+// scale-out one's: the mirror rereads the machine's points from the
+// catalog instead) and n how many.
+func (s *Server) prunePoints(ctx context.Context, id string, before time.Time, keep map[uint64]bool) (deleted []uint64, n int, err error) {
+	ps := s.assignedTo(id)
+	if ps == "" {
+		pts, err := s.ps.PrunePoints(ctx, id, before, keep)
+		for _, p := range pts {
+			deleted = append(deleted, p.Seq)
+		}
+		return deleted, len(pts), err
+	}
+	if len(keep) > api.MaxPSPruneKeep {
+		return nil, 0, fmt.Errorf("machine %s holds %d points for failovers, more than a prune command names (%d)", id, len(keep), api.MaxPSPruneKeep)
+	}
+	cmd := api.PSCommand{Kind: api.PSCommandPrune, MachineID: id, Before: before, Timeout: psCommandWait}
+	for k := range keep {
+		cmd.Keep = append(cmd.Keep, k)
+	}
+	ctx, cancel := context.WithTimeout(ctx, psCommandWait)
+	defer cancel()
+	r, err := s.psCommand(ctx, ps, cmd)
+	if err != nil {
+		return nil, 0, err
+	}
+	if r.Deleted > 0 {
+		s.mirror.note(id, &news{reconcile: true})
+	}
+	if r.Error != "" {
+		return nil, r.Deleted, fmt.Errorf("process server %s: %s", ps, r.Error)
+	}
+	return nil, r.Deleted, nil
+}

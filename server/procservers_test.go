@@ -467,3 +467,72 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 		}
 	}
 }
+
+// Retention reaches a machine on a scale-out process server: its points
+// past the policy's retention are pruned there (a command in a heartbeat's
+// reply), the newest kept, and the vault database follows the catalog.
+func TestProcessServerPrunes(t *testing.T) {
+	dir := t.TempDir()
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+		c.PolicyEvery, c.PruneEvery, c.PSHeartbeatLost = 50*time.Millisecond, 50*time.Millisecond, 3*time.Second
+	}}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	defer cancel()
+	d := filepath.Join(dir, "d.img")
+	mustDisk(t, d, 4<<20, 1)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: d}))
+	r.waitProtected("vm1")
+	if err := r.client.Do(ctx, "POST", "/api/v1/policies", api.PolicyJSON{Name: "short", Retention: "1h", AppFrequency: "0", PITWindow: "30m"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/policy", api.AssignRequest{Policy: "short"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	n, err := psnode.Open(ctx, r.psConfig("ps1", filepath.Join(dir, "srv", server.PassphraseFile)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- n.Run(nctx) }()
+	t.Cleanup(func() {
+		stop()
+		<-done
+		n.Close()
+	})
+	r.waitPS(ctx, "ps1", api.PSHealthy)
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
+		t.Fatal(err)
+	}
+	var last api.PointJSON
+	for range 3 {
+		for {
+			if last, err = r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("no point of vm1 on ps1: %v", err)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+	waitFor(t, "three points or more in the view", func() bool { return r.machine("vm1").PointCount >= 3 })
+	clock.Add(int64(2 * time.Hour)) // every point is past the retention
+	waitFor(t, "the old points pruned by ps1, the newest kept", func() bool {
+		clock.Add(int64(time.Second)) // the next prune pass is due
+		var pts []api.PointJSON
+		if err := r.client.Do(ctx, "GET", "/api/v1/machines/vm1/points", nil, &pts); err != nil {
+			t.Fatal(err)
+		}
+		m := r.machine("vm1")
+		return len(pts) == 1 && pts[0].ID == last.ID && m.PointCount == 1 && m.LastPoint != nil && m.LastPoint.ID == last.ID
+	})
+}

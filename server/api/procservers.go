@@ -218,6 +218,11 @@ type PSCommand struct {
 	// the disk if IfMarked (procserver.Server.StartResync).
 	Resync   *replication.ResyncJob `json:"resync,omitempty"`
 	IfMarked bool                   `json:"if_marked,omitempty"`
+	// PSCommandPrune: delete the points older than Before but the newest
+	// and those named by Keep (at most MaxPSPruneKeep), as
+	// procserver.Server.PrunePoints.
+	Before time.Time `json:"before,omitzero"`
+	Keep   []uint64  `json:"keep,omitempty"`
 	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
 	Timeout time.Duration `json:"timeout_ns"`
 }
@@ -230,7 +235,15 @@ const (
 	// PSCommandResync starts a resync job on the machine's agent; the
 	// result says it started (its progress and end come as any resync's).
 	PSCommandResync = "resync"
+	// PSCommandPrune prunes the machine's points past its retention; the
+	// result counts those deleted (the configuration server then rereads
+	// the machine's points from the catalog).
+	PSCommandPrune = "prune"
 )
+
+// MaxPSPruneKeep bounds the points a prune command keeps by name (the
+// points of live failovers).
+const MaxPSPruneKeep = 10000
 
 // MaxPSCommandTimeout bounds a command's run.
 const MaxPSCommandTimeout = 30 * time.Minute
@@ -244,6 +257,8 @@ type PSCommandResult struct {
 	NotConnected bool `json:"not_connected,omitempty"`
 	// NotNeeded says a resync was not started: the catalog no longer
 	// marks the disk (procserver.ErrResyncNotNeeded).
-	NotNeeded bool               `json:"not_needed,omitempty"`
-	Point     *replication.Point `json:"point,omitempty"`
+	NotNeeded bool `json:"not_needed,omitempty"`
+	// Deleted counts the points a prune deleted.
+	Deleted int                `json:"deleted,omitempty"`
+	Point   *replication.Point `json:"point,omitempty"`
 }
