@@ -395,6 +395,9 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 	if _, err := r.client.RecoverPoint(ctx, "vm1", p.ID, filepath.Join(dir, "early"), replication.RecoverOptions{}); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
 		t.Fatalf("recovery of a machine on ps1: %v", err)
 	}
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", nil, nil); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
+		t.Fatalf("scrub of a machine on ps1: %v", err)
+	}
 
 	sumAtP := fileSum(t, d0)
 
