@@ -3,6 +3,7 @@ package psnode
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"log/slog"
 	"slices"
 	"sync"
@@ -181,20 +182,23 @@ func (o *outbox) take() {
 		ids = append(ids, id)
 	}
 	slices.Sort(ids)
+	size := 0
 	for _, id := range ids {
 		if len(o.inflight) >= o.maxMachines {
 			break
 		}
 		n := o.pending[id]
 		sent := &api.PSNews{State: n.State, Bytes: n.Bytes, Resyncs: n.Resyncs, Connect: n.Connect, Refused: n.Refused, Reconcile: n.Reconcile}
-		k := min(len(n.Points), o.maxPoints)
-		sent.Points, n.Points = n.Points[:k:k], n.Points[k:]
-		k = min(len(n.Events), o.maxEvents)
-		sent.Events, n.Events = n.Events[:k:k], n.Events[k:]
-		k = min(len(n.Damage), o.maxEvents)
-		sent.Damage, n.Damage = n.Damage[:k:k], n.Damage[k:]
-		k = min(len(n.Quarantine), o.maxEvents)
-		sent.Quarantine, n.Quarantine = n.Quarantine[:k:k], n.Quarantine[k:]
+		kp, ke, kd, kq := min(len(n.Points), o.maxPoints), min(len(n.Events), o.maxEvents), min(len(n.Damage), o.maxEvents), min(len(n.Quarantine), o.maxEvents)
+		sent.Points, sent.Events, sent.Damage, sent.Quarantine = n.Points[:kp:kp], n.Events[:ke:ke], n.Damage[:kd:kd], n.Quarantine[:kq:kq]
+		// The heartbeat's size is bounded too (the configuration server
+		// reads at most api.MaxPSHeartbeatBytes): past the news budget
+		// the other machines wait for the next heartbeat.
+		b, _ := json.Marshal(sent)
+		if size += len(b); size > api.MaxPSNewsBytes && len(o.inflight) > 0 {
+			break
+		}
+		n.Points, n.Events, n.Damage, n.Quarantine = n.Points[kp:], n.Events[ke:], n.Damage[kd:], n.Quarantine[kq:]
 		if len(n.Points)+len(n.Events)+len(n.Damage)+len(n.Quarantine) == 0 {
 			delete(o.pending, id)
 		} else {

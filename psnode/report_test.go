@@ -1,9 +1,11 @@
 package psnode
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,5 +110,44 @@ func TestOutboxBoundsAndResends(t *testing.T) {
 	}
 	if len(seen) != machines {
 		t.Fatalf("three heartbeats of at most 3 machines reported %d of %d", len(seen), machines)
+	}
+}
+
+// A heartbeat's news stay within api.MaxPSNewsBytes (one machine's at
+// least): large events wait for the next heartbeats, and all arrive.
+func TestOutboxNewsBudget(t *testing.T) {
+	o := newOutbox(slog.New(slog.NewTextHandler(io.Discard, nil)), 0)
+	var cfg procserver.Config
+	o.callbacks(&cfg)
+	big := strings.Repeat("x", 30<<10)
+	const machines = 5
+	for m := range machines {
+		evs := make([]replication.AgentEvent, api.MaxPSReportEvents)
+		for i := range evs {
+			evs[i].Message = big
+		}
+		cfg.OnStatus(fmt.Sprintf("%032x", m+1), replication.Status{Events: evs})
+	}
+	got, beats := 0, 0
+	for {
+		reps, seq := o.report(nil, nil)
+		if seq == 0 {
+			break
+		}
+		beats++
+		b, err := json.Marshal(reps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) > api.MaxPSNewsBytes && len(reps) > 1 {
+			t.Fatalf("heartbeat %d: %d bytes of news for %d machines, at most %d", beats, len(b), len(reps), api.MaxPSNewsBytes)
+		}
+		for _, r := range reps {
+			got += len(r.News.Events)
+		}
+		o.answered(seq)
+	}
+	if got != machines*api.MaxPSReportEvents || beats < 2 {
+		t.Fatalf("%d events in %d heartbeats, want %d in more than one", got, beats, machines*api.MaxPSReportEvents)
 	}
 }

@@ -68,7 +68,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func readJSON(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	return readJSONMax(r, v, 1<<20)
+}
+
+// readJSONMax is readJSON for a body of at most max bytes.
+func readJSONMax(r *http.Request, v any, max int64) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, max))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		return errorf(http.StatusBadRequest, "request body: %v", err)

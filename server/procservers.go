@@ -194,7 +194,7 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 		return err
 	}
 	var hb api.ProcessServerHeartbeat
-	if err := readJSON(r, &hb); err != nil {
+	if err := readJSONMax(r, &hb, api.MaxPSHeartbeatBytes); err != nil {
 		return err
 	}
 	if hb.Name != p.Name {

@@ -150,6 +150,12 @@ const (
 	MaxPSReportEvents   = 64   // events (agent events, damage, quarantines) per machine per heartbeat
 	MaxPSDamageBlocks   = 1024 // blocks named by one damage report
 	MaxPSCommands       = 256  // commands per reply, results per heartbeat
+	// MaxPSHeartbeatBytes bounds a heartbeat's body; a process server
+	// keeps the news of one heartbeat within MaxPSNewsBytes (one
+	// machine's news at least), which leaves room for the figures of
+	// MaxPSReportMachines machines and the ids of MaxPSMachines.
+	MaxPSHeartbeatBytes = 8 << 20
+	MaxPSNewsBytes      = 4 << 20
 )
 
 // PSMachineReport is what a scale-out process server reports of one
