@@ -9,8 +9,11 @@
 //
 // It serves the machines the configuration server assigns to it (each
 // heartbeat's reply), and hands over any other it has open (applied whole,
-// then its lease let go); see docs/ARCHITECTURE.md, "Scale-out process
-// servers".
+// then its lease let go). Its heartbeats also report what the machines do
+// (report.go: what its process server's callbacks tell, as the built-in
+// one's tell the configuration server) and carry the results of the
+// commands the replies ask (commands.go: point requests, resyncs,
+// pruning); see docs/ARCHITECTURE.md, "Scale-out process servers".
 package psnode
 
 import (
