@@ -42,7 +42,8 @@ type outbox struct {
 
 	mu       sync.Mutex
 	pending  map[string]*api.PSNews
-	next     string // the machine to start the next report at (round robin past the bound)
+	opened   map[string]bool // machines whose first catalog view this run was noted
+	next     string          // the machine to start the next report at (round robin past the bound)
 	seq      uint64
 	inflight []api.PSMachineReport // news only (by machine), numbered seq
 	sent     bool                  // inflight was sent (and not answered yet)
@@ -55,7 +56,7 @@ func newOutbox(log *slog.Logger, maxMachines int) *outbox {
 	b := make([]byte, 8)
 	rand.Read(b)
 	return &outbox{log: log, maxMachines: maxMachines, maxPoints: api.MaxPSReportPoints, maxEvents: api.MaxPSReportEvents,
-		run: hex.EncodeToString(b), pending: map[string]*api.PSNews{}}
+		run: hex.EncodeToString(b), pending: map[string]*api.PSNews{}, opened: map[string]bool{}}
 }
 
 // note merges news n2 into machine id's pending news.
@@ -84,7 +85,15 @@ func (o *outbox) note(id string, f func(n *api.PSNews)) {
 // callbacks are the process server's callbacks that note news.
 func (o *outbox) callbacks(cfg *procserver.Config) {
 	cfg.OnState = func(m replication.MachineCatalog) {
-		o.note(m.ID, func(n *api.PSNews) { n.State = &m })
+		o.note(m.ID, func(n *api.PSNews) {
+			n.State = &m
+			if !o.opened[m.ID] {
+				// Opened by this run (reported first as it opens): the
+				// points an earlier run, or another process server, made
+				// and did not report are reread from the catalog.
+				o.opened[m.ID], n.Reconcile = true, true
+			}
+		})
 	}
 	cfg.OnPoint = func(id string, p replication.Point) {
 		o.note(id, func(n *api.PSNews) { n.Points = append(n.Points, p) })
