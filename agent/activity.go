@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -21,11 +22,21 @@ import (
 // shutdown: the 4 MiB extents of each disk with changes that may not yet be
 // durable in both the spool and the disk. An extent is added, durably,
 // before its first change goes to the spool and the disk; every few
-// seconds, once the spool and the disks are fsynced, the extents written
-// before the fsync leave it. A process that is killed loses nothing (the
-// page cache keeps the spool), but after the machine itself went down
-// (another boot id) the extents in the log are at risk: the disk is marked
-// for a resync of exactly those ranges.
+// seconds, once the spool and the disks are fsynced, the extents whose
+// changes all completed before the fsync leave it. A process that is
+// killed loses nothing (the page cache keeps the spool), but after the
+// machine itself went down (another boot id) the extents in the log are at
+// risk: the disk is marked for a resync of exactly those ranges.
+//
+// The file is a journal (DRBD's activity-log transactions): a header, then
+// one fixed-size record per extent added, appended and fsync'd before
+// the change that added it goes on (concurrent additions share one
+// fsync). A change to an extent already in the log writes nothing. A
+// checkpoint compacts the journal: it writes the extents still at risk to
+// a new file, which replaces the old one atomically. A record torn by a
+// crash is the last one (records are appended in order, each change waits
+// for its own record's fsync), and its change never started: reading
+// stops at the first record that does not check.
 
 // alExtent is the granularity of the activity log.
 const alExtent = 4 << 20
@@ -33,9 +44,33 @@ const alExtent = 4 << 20
 // alCheckpoint is how often the activity log is emptied of synced extents.
 const alCheckpoint = 5 * time.Second
 
+// The journal's layout (little endian). Header (16 bytes): "ASRAL2", u16
+// version (2), u32 zero, u32 CRC-32C of bytes 0..11. Record (24 bytes):
+// u8 alRecordTag, 3 zero bytes, u32 disk, u64 extent, u32 zero, u32 CRC-32C
+// of bytes 0..19.
+const (
+	alHeaderSize = 16
+	alRecordSize = 24
+	alVersion    = 2
+	alRecordTag  = 0xA1
+	// alMaxFile bounds the journal a start reads (2.8 million extents,
+	// 10 TiB of disk at risk); a longer one is unreadable and every disk
+	// is at risk as a whole.
+	alMaxFile = 64 << 20
+)
+
+var alMagic = [6]byte{'A', 'S', 'R', 'A', 'L', '2'}
+
 type alKey struct {
 	disk   uint32
 	extent uint64
+}
+
+// alEntry is an extent in the log: the generation of its last change, and
+// the journal record that made it durable.
+type alEntry struct {
+	gen uint64
+	rec uint64
 }
 
 // activityFile is the activity log's file in the state directory.
@@ -45,10 +80,21 @@ const activityFile = "activity.log"
 type activityLog struct {
 	path string
 	log  *slog.Logger
-	mu   sync.Mutex
-	set  map[alKey]uint64 // extent -> generation of its last change
-	gen  uint64
-	err  error // sticky: the log could not be written
+
+	mu       sync.Mutex
+	set      map[alKey]alEntry
+	gen      uint64         // generation of the last touch
+	inflight map[uint64]int // generations of changes not yet done
+	recs     uint64         // records added (journal order)
+	durable  uint64         // records known durable
+	pend     []byte         // records added and not yet written
+	broken   bool           // the journal's tail is unknown: compact next
+
+	// wmu serializes the journal's writes (append + fsync, or a
+	// compaction). Taken before mu, never while holding it; mu is not
+	// held while waiting for the disk.
+	wmu sync.Mutex
+	f   *os.File // the journal, opened for appending; nil until the first write
 
 	// sync makes every completed change durable in the spool and the
 	// disks (before a checkpoint).
@@ -57,7 +103,8 @@ type activityLog struct {
 }
 
 func openActivityLog(parent context.Context, dir string, log *slog.Logger, sync func() error) *activityLog {
-	return &activityLog{path: filepath.Join(dir, activityFile), log: log, set: map[alKey]uint64{}, sync: sync, rt: newRoutines(parent)}
+	return &activityLog{path: filepath.Join(dir, activityFile), log: log, set: map[alKey]alEntry{},
+		inflight: map[uint64]int{}, sync: sync, rt: newRoutines(parent)}
 }
 
 // start checkpoints the log every alCheckpoint.
@@ -80,100 +127,224 @@ func (al *activityLog) start() {
 
 // Close stops the checkpoints. The file stays: only a clean stop, with
 // everything synced, removes it.
-func (al *activityLog) Close() { al.rt.Close() }
+func (al *activityLog) Close() {
+	al.rt.Close()
+	al.wmu.Lock()
+	if al.f != nil {
+		al.f.Close()
+		al.f = nil
+	}
+	al.wmu.Unlock()
+}
 
-// touch makes sure the extents of [off, off+n) of disk are in the log,
-// writing it durably if one was missing.
-func (al *activityLog) touch(disk uint32, off, n int64) error {
+// touch makes sure the extents of [off, off+n) of disk are durably in the
+// log, and returns the change's generation, which the caller hands to done
+// once its change is in the spool and on the disk (or failed): until then
+// no checkpoint drops those extents. A change whose extents are all in the
+// log already writes nothing and waits for nothing but mu.
+func (al *activityLog) touch(disk uint32, off, n int64) (uint64, error) {
 	if n <= 0 {
+		return 0, nil
+	}
+	al.mu.Lock()
+	al.gen++
+	g := al.gen
+	need := uint64(0)
+	for e := uint64(off) / alExtent; e <= uint64(off+n-1)/alExtent; e++ {
+		k := alKey{disk, e}
+		ent, ok := al.set[k]
+		if !ok {
+			al.recs++
+			ent.rec = al.recs
+			al.pend = appendALRecord(al.pend, k)
+		}
+		ent.gen = g
+		al.set[k] = ent
+		need = max(need, ent.rec)
+	}
+	al.inflight[g]++
+	durable := al.durable
+	al.mu.Unlock()
+	if need <= durable {
+		return g, nil
+	}
+	if err := al.commit(need); err != nil {
+		al.done(g)
+		return 0, fmt.Errorf("activity log: %w", err)
+	}
+	return g, nil
+}
+
+// done ends the change of generation g (see touch).
+func (al *activityLog) done(g uint64) {
+	if g == 0 {
+		return
+	}
+	al.mu.Lock()
+	if al.inflight[g]--; al.inflight[g] <= 0 {
+		delete(al.inflight, g)
+	}
+	al.mu.Unlock()
+}
+
+// commit makes the journal durable up to record need: one append and
+// fsync for every record pending (group commit), or a compaction if the
+// journal is not open yet or its tail is unknown. Every record in the
+// journal is an extent in the set (extents leave the set only with a
+// compaction), so the file holds one record per extent at risk.
+func (al *activityLog) commit(need uint64) error {
+	al.wmu.Lock()
+	defer al.wmu.Unlock()
+	al.mu.Lock()
+	if al.durable >= need {
+		al.mu.Unlock()
 		return nil
+	}
+	if al.f == nil || al.broken {
+		al.mu.Unlock()
+		return al.compactLocked()
+	}
+	pend, upto := al.pend, al.recs
+	al.pend = nil
+	al.mu.Unlock()
+	_, err := al.f.Write(pend)
+	if err == nil {
+		err = al.f.Sync()
 	}
 	al.mu.Lock()
 	defer al.mu.Unlock()
-	al.gen++
-	added := false
-	for e := uint64(off) / alExtent; e <= uint64(off+n-1)/alExtent; e++ {
-		k := alKey{disk, e}
-		if _, ok := al.set[k]; !ok {
-			added = true
-		}
-		al.set[k] = al.gen
+	if err != nil {
+		// What reached the file is unknown: the next commit rewrites it
+		// whole (the records are still in the set).
+		al.broken = true
+		return err
 	}
-	if !added {
-		return nil
+	al.durable = max(al.durable, upto)
+	return nil
+}
+
+// compactLocked writes the whole set as a new journal that replaces the old
+// one atomically, and opens it for appending. The caller holds wmu.
+func (al *activityLog) compactLocked() error {
+	al.mu.Lock()
+	keys := make([]alKey, 0, len(al.set))
+	for k := range al.set {
+		keys = append(keys, k)
 	}
-	if err := al.saveLocked(); err != nil {
-		al.err = err
-		return fmt.Errorf("activity log: %w", err)
+	upto := al.recs
+	al.pend = nil
+	al.mu.Unlock()
+	// Records added from here are after upto and go to the new file.
+	b := alHeader()
+	for _, k := range keys {
+		b = appendALRecord(b, k)
 	}
+	err := atomicfile.Write(al.path, b, 0o600)
+	var f *os.File
+	if err == nil {
+		f, err = os.OpenFile(al.path, os.O_WRONLY|os.O_APPEND, 0)
+	}
+	al.mu.Lock()
+	defer al.mu.Unlock()
+	if al.f != nil {
+		al.f.Close()
+		al.f = nil
+	}
+	if err != nil {
+		al.broken = true
+		return err
+	}
+	al.f = f
+	al.broken = false
+	al.durable = max(al.durable, upto)
 	return nil
 }
 
 // checkpoint fsyncs the spool and the disks (sync) and then drops from the
-// log the extents not changed since the fsync began.
+// log the extents whose changes all completed before the fsync began, and
+// compacts the journal.
 func (al *activityLog) checkpoint(sync func() error) error {
 	al.mu.Lock()
 	if len(al.set) == 0 {
 		al.mu.Unlock()
 		return nil
 	}
+	// Changes up to g were done when the sync began (a change still in
+	// flight may reach the spool or the disk after the fsync).
 	g := al.gen
+	for ig := range al.inflight {
+		g = min(g, ig-1)
+	}
 	al.mu.Unlock()
 	if err := sync(); err != nil {
 		return err
 	}
+	al.wmu.Lock()
+	defer al.wmu.Unlock()
 	al.mu.Lock()
-	defer al.mu.Unlock()
-	for k, kg := range al.set {
-		if kg <= g {
+	dropped := 0
+	for k, e := range al.set {
+		if e.gen <= g {
 			delete(al.set, k)
+			dropped++
 		}
 	}
-	return al.saveLocked()
+	al.mu.Unlock()
+	if dropped == 0 && al.f != nil && !al.broken {
+		return nil
+	}
+	return al.compactLocked()
 }
 
-// File: "ASRAL1", count u32, entries [disk u32][extent u64], CRC-32C.
-func (al *activityLog) saveLocked() error {
-	keys := make([]alKey, 0, len(al.set))
-	for k := range al.set {
-		keys = append(keys, k)
-	}
-	b := make([]byte, 0, 10+12*len(keys)+4)
-	b = append(b, "ASRAL1"...)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(keys)))
-	for _, k := range keys {
-		b = binary.LittleEndian.AppendUint32(b, k.disk)
-		b = binary.LittleEndian.AppendUint64(b, k.extent)
-	}
-	b = binary.LittleEndian.AppendUint32(b, replication.Checksum(b))
-	return atomicfile.Write(al.path, b, 0o600)
+func alHeader() []byte {
+	b := make([]byte, alHeaderSize)
+	copy(b, alMagic[:])
+	binary.LittleEndian.PutUint16(b[6:], alVersion)
+	binary.LittleEndian.PutUint32(b[12:], replication.Checksum(b[:12]))
+	return b
+}
+
+func appendALRecord(b []byte, k alKey) []byte {
+	at := len(b)
+	b = append(b, alRecordTag, 0, 0, 0)
+	b = binary.LittleEndian.AppendUint32(b, k.disk)
+	b = binary.LittleEndian.AppendUint64(b, k.extent)
+	b = binary.LittleEndian.AppendUint32(b, 0)
+	return binary.LittleEndian.AppendUint32(b, replication.Checksum(b[at:at+20]))
 }
 
 // atRisk reads the log left by the last run: the ranges of each disk that a
 // forced shutdown may have left different from the replica. ok is false if
 // the log is unreadable (then every disk is at risk as a whole).
 func atRisk(dir string) (map[uint32][]replication.Range, bool) {
-	b, err := os.ReadFile(filepath.Join(dir, activityFile))
+	f, err := os.Open(filepath.Join(dir, activityFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, true
 	}
-	if err != nil || len(b) < 14 || string(b[:6]) != "ASRAL1" ||
-		replication.Checksum(b[:len(b)-4]) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
+	if err != nil {
 		return nil, false
 	}
-	n := int(binary.LittleEndian.Uint32(b[6:]))
-	if len(b) != 10+12*n+4 {
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, alMaxFile+1))
+	if err != nil || len(b) > alMaxFile || len(b) < alHeaderSize || [6]byte(b[:6]) != alMagic ||
+		binary.LittleEndian.Uint16(b[6:]) != alVersion ||
+		replication.Checksum(b[:12]) != binary.LittleEndian.Uint32(b[12:]) {
 		return nil, false
 	}
 	out := map[uint32][]replication.Range{}
-	p := b[10:]
-	for i := 0; i < n; i++ {
-		disk, e := binary.LittleEndian.Uint32(p), binary.LittleEndian.Uint64(p[4:])
+	seen := map[alKey]bool{}
+	for p := b[alHeaderSize:]; len(p) >= alRecordSize; p = p[alRecordSize:] {
+		if p[0] != alRecordTag || replication.Checksum(p[:20]) != binary.LittleEndian.Uint32(p[20:]) {
+			break // the torn tail of an append whose change never started
+		}
+		disk, e := binary.LittleEndian.Uint32(p[4:]), binary.LittleEndian.Uint64(p[8:])
 		if e >= replication.MaxDiskSize/alExtent {
 			return nil, false // no disk has that extent: not a log this agent wrote
 		}
-		out[disk] = append(out[disk], replication.Range{Off: int64(e) * alExtent, Len: alExtent})
-		p = p[12:]
+		if k := (alKey{disk, e}); !seen[k] {
+			seen[k] = true
+			out[disk] = append(out[disk], replication.Range{Off: int64(e) * alExtent, Len: alExtent})
+		}
 	}
 	for d, rs := range out {
 		sort.Slice(rs, func(i, j int) bool { return rs[i].Off < rs[j].Off })

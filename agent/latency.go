@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"slices"
 	"sync"
 	"time"
 )
@@ -30,7 +31,13 @@ func (l *latency) wrote(seq uint64) {
 	now := time.Now()
 	l.mu.Lock()
 	if len(l.pending) < maxPendingSamples {
-		l.pending = append(l.pending, latSample{seq, now})
+		// Changes complete out of order (those that do not overlap run
+		// concurrently): keep the samples in seq order.
+		i := len(l.pending)
+		for i > 0 && l.pending[i-1].seq > seq {
+			i--
+		}
+		l.pending = slices.Insert(l.pending, i, latSample{seq, now})
 	}
 	l.mu.Unlock()
 }

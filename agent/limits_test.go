@@ -43,15 +43,24 @@ func TestCoalesce(t *testing.T) {
 	}
 }
 
-// alFile encodes an activity log file of the given entries.
+// alFile encodes an activity log journal of the given entries.
 func alFile(entries [][2]uint64) []byte {
-	b := []byte("ASRAL1")
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(entries)))
+	b := alHeader()
 	for _, e := range entries {
-		b = binary.LittleEndian.AppendUint32(b, uint32(e[0]))
-		b = binary.LittleEndian.AppendUint64(b, e[1])
+		b = appendALRecord(b, alKey{uint32(e[0]), e[1]})
 	}
-	return binary.LittleEndian.AppendUint32(b, replication.Checksum(b))
+	return b
+}
+
+// alFixChecksums recomputes the header's and every whole record's checksum.
+func alFixChecksums(b []byte) {
+	if len(b) < alHeaderSize {
+		return
+	}
+	binary.LittleEndian.PutUint32(b[12:], replication.Checksum(b[:12]))
+	for p := b[alHeaderSize:]; len(p) >= alRecordSize; p = p[alRecordSize:] {
+		binary.LittleEndian.PutUint32(p[20:], replication.Checksum(p[:20]))
+	}
 }
 
 // expandAL turns a compact input into activity-log entries: each 11 bytes
@@ -81,23 +90,21 @@ func compactAL(runs ...[3]uint64) []byte {
 }
 
 // FuzzAtRisk reads activity logs: each input as a file, as it is and with
-// its checksum recomputed, and as the log of the entries its compact form
+// its checksums recomputed, and as the log of the entries its compact form
 // describes (expandAL). What atRisk returns must be ranges a Hello may
 // carry (the server refuses a Hello that breaks a limit), and reading costs
 // memory in proportion to the file.
 func FuzzAtRisk(f *testing.F) {
 	f.Add(alFile([][2]uint64{{0, 1}, {0, 2}, {1, 7}}))
 	f.Add(alFile([][2]uint64{{0, 1 << 62}}))
-	f.Add([]byte("ASRAL1\xff\xff\xff\xff\x00\x00\x00\x00"))
+	f.Add([]byte("ASRAL2\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\xa1\x00\x00\x00\xff\xff\xff\xff"))
 	f.Add(compactAL([3]uint64{0, 0, 3 * replication.MaxDivergedRanges}, [3]uint64{1, 100, 5}))
 	f.Add(compactAL([3]uint64{2, replication.MaxDiskSize/alExtent - 1, 2}))
 	dir := f.TempDir()
 	path := filepath.Join(dir, "activity.log")
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fixed := slices.Clone(data)
-		if len(fixed) >= 4 {
-			binary.LittleEndian.PutUint32(fixed[len(fixed)-4:], replication.Checksum(fixed[:len(fixed)-4]))
-		}
+		alFixChecksums(fixed)
 		entries := expandAL(data)
 		for i, b := range [][]byte{data, fixed, alFile(entries)} {
 			if err := os.WriteFile(path, b, 0o600); err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/asrdr/asr/agent/spool"
@@ -161,10 +163,12 @@ func (a *Agent) open(st *state) error {
 // second stop in the middle of the repair repeats all of it.
 const repairFile = "repair.json"
 
-// repairLog re-logs, after an unclean stop, the range of each disk's last
-// logged change: it may have been logged and not reached the disk (or the
-// reverse). The ranges are saved first, so an interrupted repair is redone
-// whole at the next start.
+// repairLog re-logs, after an unclean stop, the ranges of the changes
+// among the spool's last spool.MaxInFlight records: any of them may have
+// been logged and not reached the disk (or the reverse), since changes
+// that do not overlap run concurrently. Overlapping ranges are merged, so
+// each byte is read once. The ranges are saved first, so an interrupted
+// repair is redone whole at the next start.
 func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp *spool.Spool, log *slog.Logger) error {
 	path := filepath.Join(dir, repairFile)
 	var ranges []spool.Tail
@@ -174,9 +178,7 @@ func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp 
 		}
 	}
 	if unclean {
-		for _, t := range rec.Tails {
-			ranges = append(ranges, t)
-		}
+		ranges = append(ranges, mergeTails(rec.Recent)...)
 	}
 	if len(ranges) == 0 {
 		return nil
@@ -205,6 +207,29 @@ func repairLog(dir string, unclean bool, rec spool.Recovered, disks diskSet, sp 
 		return err
 	}
 	return atomicfile.SyncDir(dir)
+}
+
+// mergeTails returns the ranges of ts, per disk, with overlapping or
+// touching ranges merged (as writes: a relog reads what the disk holds).
+func mergeTails(ts []spool.Tail) []spool.Tail {
+	ts = slices.Clone(ts)
+	slices.SortFunc(ts, func(a, b spool.Tail) int {
+		return cmp.Or(cmp.Compare(a.Disk, b.Disk), cmp.Compare(a.Offset, b.Offset))
+	})
+	var out []spool.Tail
+	for _, t := range ts {
+		t.Kind = replication.KindWrite
+		if n := len(out); n > 0 && out[n-1].Disk == t.Disk && t.Offset <= out[n-1].Offset+uint64(out[n-1].Length) {
+			last := &out[n-1]
+			end := max(last.Offset+uint64(last.Length), t.Offset+uint64(t.Length))
+			if end-last.Offset <= replication.MaxRecordData {
+				last.Length = uint32(end - last.Offset)
+				continue
+			}
+		}
+		out = append(out, t)
+	}
+	return out
 }
 
 // afterForcedShutdown checks whether the machine went down since the last

@@ -17,12 +17,16 @@ import (
 )
 
 // Disk is one protected disk: the NBD write-splitter in front of the backing
-// file or block device. Every change goes, in this order and under one lock,
-// to the spool and to the backing disk, so the log's order is the disk's
-// order even for overlapping concurrent writes. The spool only ships a record
-// once its change is on the backing disk (Spool.Complete), and after an
-// unclean stop the agent re-reads the range of each disk's last record, so
-// the log never claims a change the source does not have, nor misses one.
+// file or block device. Every change is appended to the spool and then
+// written to the backing disk. Changes whose ranges do not overlap run
+// concurrently (the NBD server serves a connection's requests in parallel);
+// a change waits for every overlapping change in flight to finish first
+// (the disk's range lock), so for every byte the log's order is the disk's
+// order. The spool only ships a record once its change is on the backing
+// disk (Spool.Complete), and after an unclean stop the agent re-reads the
+// ranges of the last records the spool may have had in flight
+// (spool.MaxInFlight), so the log never claims a change the source does
+// not have, nor misses one.
 type Disk struct {
 	Index uint32
 	Name  string
@@ -50,7 +54,16 @@ type Disk struct {
 	// frozen for a planned failover (failover.go). Checked under mu.
 	frozen *atomic.Bool
 
-	mu sync.Mutex // serializes changes (spool append + backing write)
+	// mu is the change lock. A guest change holds it shared for its whole
+	// course (log, write, complete); whoever must see the disk with no
+	// change in flight (the initial copy, points, resync and overflow
+	// reads, a new log, a freeze) holds it exclusively.
+	mu sync.RWMutex
+	// ranges orders overlapping guest changes (held with mu shared).
+	ranges rangeLock
+	// afterLog, in tests, runs after a change is logged and before it
+	// reaches the disk.
+	afterLog func(seq uint64)
 
 	writes atomic.Int64 // guest changes captured
 	bytes  atomic.Int64 // guest bytes changed
@@ -116,14 +129,26 @@ const (
 	maxZeroRecord = 1 << 30
 )
 
-// change logs and applies one guest request, split into records, all under
-// the change lock so no other change comes between its pieces.
+// change logs and applies one guest request, split into records, holding
+// the change lock shared and the request's whole range, so no overlapping
+// change comes between its pieces.
 func (d *Disk) change(kind replication.Kind, p []byte, off, n int64, fua bool) error {
-	d.mu.Lock()
+	d.mu.RLock()
 	if d.frozen != nil && d.frozen.Load() {
-		d.mu.Unlock()
+		d.mu.RUnlock()
 		return fmt.Errorf("disk %s is frozen for a planned failover: %w", d.Name, errFrozen)
 	}
+	d.ranges.lock(off, n)
+	err := d.changeRange(kind, p, off, n)
+	d.ranges.unlock(off, n)
+	d.mu.RUnlock()
+	if err == nil && fua {
+		return d.Flush()
+	}
+	return err
+}
+
+func (d *Disk) changeRange(kind replication.Kind, p []byte, off, n int64) error {
 	for n > 0 {
 		k := min(n, int64(maxZeroRecord))
 		var chunk []byte
@@ -132,23 +157,22 @@ func (d *Disk) change(kind replication.Kind, p []byte, off, n int64, fua bool) e
 			chunk, p = p[:k], p[k:]
 		}
 		if err := d.changeLocked(kind, chunk, off, k); err != nil {
-			d.mu.Unlock()
 			return err
 		}
 		off, n = off+k, n-k
 	}
-	d.mu.Unlock()
-	if fua {
-		return d.Flush()
-	}
 	return nil
 }
 
+// changeLocked logs and applies one record's change. The caller holds the
+// change lock (shared or exclusive) and the range.
 func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error {
 	if d.al != nil {
-		if err := d.al.touch(d.Index, off, n); err != nil {
+		g, err := d.al.touch(d.Index, off, n)
+		if err != nil {
 			return err
 		}
+		defer d.al.done(g)
 	}
 	if d.over != nil && d.over.active.Load() {
 		return d.untracked(kind, p, off, n)
@@ -170,6 +194,9 @@ func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error
 	if err != nil {
 		return fmt.Errorf("log change: %w", err)
 	}
+	if d.afterLog != nil {
+		d.afterLog(seq)
+	}
 	switch kind {
 	case replication.KindWrite:
 		err = d.fb.WriteAt(p, off, false)
@@ -178,7 +205,8 @@ func (d *Disk) changeLocked(kind replication.Kind, p []byte, off, n int64) error
 	}
 	if err != nil {
 		// The log now holds a change the disk may not: log what the disk
-		// really holds, right after it.
+		// really holds, right after it (no overlapping change can come
+		// between: the caller holds the range).
 		d.log.Error("backing write failed; logging the range as it is", "offset", off, "length", n, "err", err)
 		d.spool.Complete(seq)
 		if rerr := d.relogLocked(off, n); rerr != nil {
@@ -217,12 +245,15 @@ func (d *Disk) untracked(kind replication.Kind, p []byte, off, n int64) error {
 }
 
 // relogLocked appends the current contents of a range as records (zero
-// chunks as zero records). Caller holds d.mu.
+// chunks as zero records). The caller holds d.mu exclusively, or shared
+// with the range.
 func (d *Disk) relogLocked(off, n int64) error {
 	if d.al != nil {
-		if err := d.al.touch(d.Index, off, n); err != nil {
+		g, err := d.al.touch(d.Index, off, n)
+		if err != nil {
 			return err
 		}
+		defer d.al.done(g)
 	}
 	buf := make([]byte, min(n, 1<<20))
 	for n > 0 {
@@ -278,6 +309,64 @@ func (d *Disk) baseChunkLocked(buf []byte, off int64) (bool, error) {
 	}
 	d.spool.Complete(seq)
 	return true, nil
+}
+
+// rangeLock holds the byte ranges of a disk's changes in flight: a change
+// waits until no change in flight overlaps its range. Changes in flight are
+// few (the NBD server's in-flight limit per connection), so a list does.
+type rangeLock struct {
+	mu      sync.Mutex
+	cond    sync.Cond
+	held    []span
+	waiting int // changes waiting for an overlapping one
+}
+
+type span struct{ off, end int64 }
+
+func (l *rangeLock) overlaps(s span) bool {
+	for _, h := range l.held {
+		if h.off < s.end && s.off < h.end {
+			return true
+		}
+	}
+	return false
+}
+
+// lock waits until no held range overlaps [off, off+n), then holds it.
+func (l *rangeLock) lock(off, n int64) {
+	s := span{off, off + max(n, 1)}
+	l.mu.Lock()
+	if l.cond.L == nil {
+		l.cond.L = &l.mu
+	}
+	for l.overlaps(s) {
+		l.waiting++
+		l.cond.Wait()
+		l.waiting--
+	}
+	l.held = append(l.held, s)
+	l.mu.Unlock()
+}
+
+// waiters returns the number of changes waiting for an overlapping one.
+func (l *rangeLock) waiters() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.waiting
+}
+
+// unlock releases a range lock took.
+func (l *rangeLock) unlock(off, n int64) {
+	s := span{off, off + max(n, 1)}
+	l.mu.Lock()
+	for i, h := range l.held {
+		if h == s {
+			l.held = append(l.held[:i], l.held[i+1:]...)
+			break
+		}
+	}
+	l.cond.Broadcast()
+	l.mu.Unlock()
 }
 
 // Close closes the backing file.

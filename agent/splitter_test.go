@@ -9,7 +9,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/asrdr/asr/agent/spool"
 	"github.com/asrdr/asr/replication"
@@ -46,6 +51,48 @@ func BenchmarkSplitterWrite(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// BenchmarkSplitterWriteParallel is BenchmarkSplitterWrite with 8 writers
+// (fio's iodepth 8 through the NBD server) and the activity log: what the
+// guest pays when its requests are in flight together.
+func BenchmarkSplitterWriteParallel(b *testing.B) {
+	for _, bs := range []int{4 << 10, 1 << 20} {
+		b.Run(byteSize(bs), func(b *testing.B) {
+			dir := b.TempDir()
+			path := filepath.Join(dir, "d.img")
+			f, _ := os.Create(path)
+			f.Truncate(1 << 30)
+			f.Close()
+			sp, _, err := spool.Open(filepath.Join(dir, "spool"), spool.Options{MaxBytes: 64 << 30}, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer sp.Close()
+			d, err := openDisk(context.Background(), 0, "d", path, sp, &latency{}, slog.Default())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer d.Close()
+			d.al = openActivityLog(context.Background(), dir, slog.Default(), nil)
+			defer d.al.Close()
+			var seed atomic.Uint64
+			b.SetBytes(int64(bs))
+			b.SetParallelism((8 + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				buf := make([]byte, bs)
+				r := rand.New(rand.NewPCG(seed.Add(1), 1))
+				for pb.Next() {
+					off := r.Int64N((1<<30)/int64(bs)) * int64(bs)
+					if err := d.WriteAt(buf, off, false); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
 		})
 	}
 }
@@ -187,5 +234,186 @@ func TestInterruptedRepairIsRedone(t *testing.T) {
 	}
 	if !bytes.Equal(replica[:8<<20], content) {
 		t.Fatal("the replayed log does not match the disk: the repair missed part of the range")
+	}
+}
+
+// replayLog applies every record in the spool, in order, to an image of
+// size bytes of zeros, as the replica would.
+func replayLog(t *testing.T, sp *spool.Spool, size int64) []byte {
+	t.Helper()
+	img := make([]byte, size)
+	for _, f := range readFrames(t, sp) {
+		recs, _, err := replication.DefaultCodec().Records(&f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range recs {
+			switch r.Kind {
+			case replication.KindWrite, replication.KindBase:
+				copy(img[r.Offset:], r.Data)
+			case replication.KindZero, replication.KindTrim:
+				clear(img[r.Offset:r.End()])
+			}
+		}
+	}
+	return img
+}
+
+// Changes run concurrently, but one that overlaps a change in flight waits
+// for it, so the log's order is the disk's order: change A is held after
+// it was logged and before it reaches the disk; B, over the same range,
+// must not be logged before A is on the disk (without the range lock B
+// would be logged and written first, A would then overwrite it on the disk
+// while the log says B came last). C, elsewhere, completes meanwhile.
+func TestOverlappingChangesKeepLogOrder(t *testing.T) {
+	const size = 1 << 20
+	d, sp, _ := mustTestDisk(t, size)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	aLogged, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	d.afterLog = func(uint64) {
+		first := false
+		once.Do(func() { first = true })
+		if first {
+			close(aLogged)
+			<-release
+		}
+	}
+	a := bytes.Repeat([]byte{'a'}, 8192)
+	b := bytes.Repeat([]byte{'b'}, 4096)
+	c := bytes.Repeat([]byte{'c'}, 4096)
+	errs := make(chan error, 3)
+	go func() { errs <- d.WriteAt(a, 0, false) }()
+	<-aLogged
+	var bDone atomic.Bool
+	go func() { err := d.WriteAt(b, 4096, false); bDone.Store(true); errs <- err }()
+	cErr := make(chan error, 1)
+	go func() { cErr <- d.WriteAt(c, 65536, false) }()
+	select {
+	case err := <-cErr:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-ctx.Done():
+		t.Fatal("a change that overlaps nothing in flight did not complete while another was held")
+	}
+	waitFor(t, "the overlapping change to wait or finish", func() bool { return d.ranges.waiters() > 0 || bDone.Load() })
+	close(release)
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	disk := make([]byte, size)
+	if _, err := d.f.ReadAt(disk, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(disk[4096:8192], b) {
+		t.Fatal("the disk does not hold the later change B")
+	}
+	if !bytes.Equal(replayLog(t, sp, size), disk) {
+		t.Fatal("replaying the log does not give the disk: overlapping changes were logged in another order than written")
+	}
+}
+
+// Many concurrent changes, overlapping at random: replaying the log gives
+// the disk.
+func TestConcurrentChangesReplayToTheDisk(t *testing.T) {
+	const size = 256 << 10
+	d, sp, _ := mustTestDisk(t, size)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 7))
+			for i := range 300 {
+				off := r.Int64N(size/512-16) * 512
+				n := (1 + r.Int64N(16)) * 512
+				var err error
+				switch i % 10 {
+				case 9:
+					err = d.WriteZeroes(off, n, false)
+				default:
+					err = d.WriteAt(bytes.Repeat([]byte{byte(w*31 + i)}, int(n)), off, false)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	disk := make([]byte, size)
+	if _, err := d.f.ReadAt(disk, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(replayLog(t, sp, size), disk) {
+		t.Fatal("replaying the log does not give the disk")
+	}
+}
+
+// After an unclean stop, every change among the spool's last records may
+// have been logged without reaching the disk (changes run concurrently),
+// not only each disk's last one: the repair re-logs them all.
+func TestRepairRelogsEveryChangeInFlight(t *testing.T) {
+	const size = 1 << 20
+	d, sp, dir := mustTestDisk(t, size)
+	disk := make([]byte, size)
+	copy(disk[0:], bytes.Repeat([]byte{0x11}, 4096))
+	copy(disk[8192:], bytes.Repeat([]byte{0x11}, 4096))
+	copy(disk[65536:], bytes.Repeat([]byte{0x44}, 4096))
+	if _, err := d.f.WriteAt(disk, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Logged: two writes the disk never got, then one it did.
+	for _, c := range []struct {
+		off int64
+		b   byte
+	}{{0, 0x22}, {8192, 0x33}, {65536, 0x44}} {
+		r := replication.Record{Kind: replication.KindWrite, Offset: uint64(c.off), Length: 4096, Data: bytes.Repeat([]byte{c.b}, 4096)}
+		seq, err := sp.Append(context.Background(), &r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sp.Complete(seq)
+	}
+	rec := spool.Recovered{Recent: []spool.Tail{
+		{Kind: replication.KindWrite, Offset: 0, Length: 4096},
+		{Kind: replication.KindWrite, Offset: 8192, Length: 4096},
+		{Kind: replication.KindWrite, Offset: 65536, Length: 4096},
+	}}
+	if err := repairLog(dir, true, rec, diskSet{d}, sp, slog.Default()); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(replayLog(t, sp, size), disk) {
+		t.Fatal("the replayed log does not match the disk: a change in flight was not repaired")
+	}
+}
+
+func TestMergeTails(t *testing.T) {
+	w := replication.KindWrite
+	got := mergeTails([]spool.Tail{
+		{Disk: 1, Kind: w, Offset: 8192, Length: 4096},
+		{Disk: 0, Kind: replication.KindZero, Offset: 0, Length: 8192},
+		{Disk: 1, Kind: w, Offset: 0, Length: 4096},
+		{Disk: 0, Kind: w, Offset: 4096, Length: 8192},
+		{Disk: 1, Kind: w, Offset: 4096, Length: 4096},
+		{Disk: 1, Kind: w, Offset: 1 << 20, Length: 4096},
+	})
+	want := []spool.Tail{
+		{Disk: 0, Kind: w, Offset: 0, Length: 12288},
+		{Disk: 1, Kind: w, Offset: 0, Length: 12288},
+		{Disk: 1, Kind: w, Offset: 1 << 20, Length: 4096},
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("mergeTails = %+v, want %+v", got, want)
 	}
 }

@@ -11,6 +11,7 @@ package e2e
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -47,12 +48,29 @@ func TestE2EFailbackPlan(t *testing.T) {
 	}
 	c.mustCLI("group", "set", "--machine", "app1", "--group", "rg")
 	c.mustCLI("group", "set", "--machine", "app2", "--group", "rg")
-	c.mustCLI("plan", "create", "app", "--group", "1=db", "--group", "2=app1,app2")
+	// A plan's script actions: one for both directions, one for failback
+	// only; each logs the direction, phase and group it ran for.
+	actionLog := filepath.Join(c.dir, "actions.log")
+	script := filepath.Join(c.dir, "action.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$ASR_DIRECTION $ASR_PHASE $ASR_GROUP $ASR_FAILOVER_TYPE\" >> "+actionLog+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.mustCLI("plan", "create", "app", "--group", "1=db", "--group", "2=app1,app2", "--pre", "2=script:"+script, "--post", "1=failback:script:"+script)
+	actions := func() string {
+		b, err := os.ReadFile(actionLog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
 	if out := c.mustCLI("failover", "--plan", "app", "--planned", "--to", "nbd"); !strings.Contains(out, "succeeded") {
 		t.Fatalf("planned failover of the plan:\n%s", out)
 	}
 	if out := c.mustCLI("failover", "--plan", "app", "--commit"); !strings.Contains(out, "succeeded") {
 		t.Fatalf("commit of the plan:\n%s", out)
+	}
+	if got := actions(); got != "primary-to-recovery pre 2 planned\n" {
+		t.Fatalf("the plan's actions on failover: %q", got)
 	}
 	exports := map[string]string{}
 	for _, f := range c.liveFailovers() {
@@ -112,6 +130,11 @@ func TestE2EFailbackPlan(t *testing.T) {
 	if fs := c.liveFailovers(); len(fs) != 0 {
 		t.Fatalf("live failovers after failback --plan: %+v", fs)
 	}
+	// On failback: group 1's failback-only post action after db's
+	// power-on, then group 2's pre action before app1's and app2's.
+	if got := actions(); got != "primary-to-recovery pre 2 planned\nrecovery-to-primary post 1 failback\nrecovery-to-primary pre 2 failback\n" {
+		t.Fatalf("the plan's actions after its failback: %q", got)
+	}
 	// Forward again: the originals run and write, a checksum resync each.
 	for _, m := range machines {
 		planFio(t, c.agents[m].uri("d"), "back-home-"+m, 1<<20)
@@ -136,5 +159,66 @@ func TestE2EFailbackPlan(t *testing.T) {
 		}
 		p := c.tag(m)
 		c.recoverAndCheck(m, p, map[string]string{"d": sha256File(t, disks[m])})
+	}
+}
+
+// TestE2EFailbackGroup: a replication group failed over (planned, no group
+// point taken first) with asr failover --group, failed back with asr
+// failback --group after asr reprotect --group (one member alone refused
+// with that hint); every original disk equals its export's final content,
+// and asr reprotect --group protects them forward.
+func TestE2EFailbackGroup(t *testing.T) {
+	c := newFailoverCluster(t)
+	machines := []string{"app1", "app2"}
+	disks := map[string]string{}
+	for i, m := range machines {
+		disks[m] = filepath.Join(c.dir, m+".img")
+		makeDisk(t, disks[m], 16<<20, uint64(40+i))
+		c.startAgent(m, nil, "d="+disks[m])
+	}
+	for _, m := range machines {
+		c.waitState(m, "protected", hungAfter)
+		c.mustCLI("group", "set", "--machine", m, "--group", "rg")
+		planFio(t, c.agents[m].uri("d"), "fwd-"+m, 1<<20)
+	}
+	if out := c.mustCLI("failover", "--group", "rg", "--planned", "--to", "nbd"); !strings.Contains(out, "succeeded") {
+		t.Fatalf("planned failover of the group:\n%s", out)
+	}
+	c.mustCLI("failover", "--group", "rg", "--commit")
+	exports := map[string]string{}
+	for _, f := range c.liveFailovers() {
+		exports[f.Machine] = f.Exports[0].URI
+	}
+	for _, m := range machines {
+		planFio(t, exports[m], "failed-over-"+m, 2<<20)
+	}
+	if out := c.mustCLI("reprotect", "--group", "rg"); !strings.Contains(out, "group rg reprotected: 2 machines") {
+		t.Fatalf("reprotect --group:\n%s", out)
+	}
+	if out, err := c.cli("failback", "--machine", "app1"); err == nil || !strings.Contains(err.Error()+out, "asr failback --group rg") {
+		t.Fatalf("failback of app1 alone: %v\n%s", err, out)
+	}
+	want := map[string]string{}
+	for _, m := range machines {
+		planFio(t, exports[m], "reprotected-"+m, 1<<20)
+		want[m] = nbdCopySum(t, exports[m])
+	}
+	out := c.mustCLI("failback", "--group", "rg")
+	if !strings.Contains(out, "group rg failed back: 2 machines") {
+		t.Fatalf("failback --group:\n%s", out)
+	}
+	for _, m := range machines {
+		if got := sha256File(t, disks[m]); got != want[m] {
+			t.Fatalf("%s: original disk sha256 %s, the failed-over disk's final state %s", m, got, want[m])
+		}
+	}
+	if out := c.mustCLI("reprotect", "--group", "rg"); !strings.Contains(out, "group rg protected again: 2 machines") {
+		t.Fatalf("reprotect --group forward:\n%s", out)
+	}
+	for _, m := range machines {
+		c.waitState(m, "protected", hungAfter)
+		if st := c.status(m); st.Direction != "" {
+			t.Fatalf("%s after the forward reprotect: direction %q", m, st.Direction)
+		}
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/asrdr/asr/server/api"
@@ -89,7 +90,12 @@ func TestE2EFailbackAlternateVSphere(t *testing.T) {
 	})
 	original := sha256File(t, lc.disk)
 
-	out := c.mustCLI("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0")
+	// The new VM goes in a VM folder of the operator's (--folder).
+	if out, err := c.cli("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0", "--folder", "/DC0/vm/nope"); err == nil || !strings.Contains(err.Error()+out, "nope") {
+		t.Fatalf("alternate failback to an unknown folder: %v\n%s", err, out)
+	}
+	folder := simVMFolder(t, lc.sim, "DR")
+	out := c.mustCLI("failback", "--machine", "m", "--alternate", "--vcenter", "vc1", "--datastore", "LocalDS_0", "--folder", "/DC0/vm/DR")
 	t.Logf("alternate failback:\n%s", out)
 	m := alternateRE.FindStringSubmatch(out)
 	if m == nil || m[1] != "guest01-failback" || m[3] != "guest01-failback" || m[4] != "33554432" {
@@ -101,6 +107,9 @@ func TestE2EFailbackAlternateVSphere(t *testing.T) {
 	vm, ok := simVM(t, lc.sim, m[2])
 	if !ok || vm.Name != "guest01-failback" || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
 		t.Fatalf("the new VM %s: found %v, %s, %s", m[2], ok, vm.Name, vm.Runtime.PowerState)
+	}
+	if vm.Parent == nil || *vm.Parent != folder {
+		t.Fatalf("the new VM is in folder %v, want /DC0/vm/DR (%v)", vm.Parent, folder)
 	}
 	if vm.Config == nil || vm.Config.Hardware.NumCPU != 2 || vm.Config.Hardware.MemoryMB != 2048 {
 		t.Fatalf("the new VM's hardware %+v, want guest01's 2 CPUs and 2048 MiB", vm.Config)
@@ -400,4 +409,100 @@ func TestE2EFailbackFromVSphereKilled(t *testing.T) {
 		t.Fatal("the recovered VM's disk changed")
 	}
 	fc.checkForward()
+}
+
+// simVMFolder makes a VM folder in the simulator's data center's VM folder.
+func simVMFolder(t *testing.T, sim *vcsim.Sim, name string) types.ManagedObjectReference {
+	t.Helper()
+	ctx := context.Background()
+	gc, err := sim.Client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Logout(ctx)
+	dc, err := find.NewFinder(gc.Client).DefaultDatacenter(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := dc.Folders(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := fs.VmFolder.CreateFolder(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f.Reference()
+}
+
+// TestE2EConsoleFailbackAlternate: the alternate location from the
+// console, in Chromium: a linked machine failed over (planned) to NBD,
+// committed and reprotected (startLinkedFailbackCase), then "Fail back to
+// a new VM…" on its page; the form refused once by vCenter (an unknown
+// datastore: shown with what was typed, nothing stopped), then sent with
+// the simulator's datastore and a VM folder: the job's page ends
+// succeeded, the new VM is in the folder, powered on, and its flat file
+// equals the export's final content; the original disk is not written.
+func TestE2EConsoleFailbackAlternate(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
+	}
+	lc := startLinkedFailbackCase(t)
+	c := lc.c
+	want := nbdCopySum(t, lc.export)
+	c.waitStatus("m", "the writes on the original disk", func(machineStatus) bool {
+		fs := c.liveFailovers()
+		return len(fs) == 1 && fs[0].Failback != nil && fs[0].Failback.Pending == 0
+	})
+	original := sha256File(t, lc.disk)
+	folder := simVMFolder(t, lc.sim, "DR")
+
+	p := openConsole(t, c, browser)
+	p.do(chromedp.Navigate(c.url()+"/machines/m"), chromedp.WaitVisible(chromedp.CSS("#machine-title")))
+	p.do(chromedp.Click(chromedp.CSS("a.failback-alternate")), chromedp.WaitVisible(chromedp.CSS("#alternate-form")))
+	if s := p.text("#alternate-steps"); !strings.Contains(s, "original disks are not touched") {
+		t.Fatalf("the alternate location's page says:\n%s", s)
+	}
+	fill := func(ds string) {
+		t.Helper()
+		p.do(chromedp.SetValue(chromedp.CSS("#datastore"), ds), chromedp.SetValue(chromedp.CSS("#folder"), "/DC0/vm/DR"),
+			chromedp.SetValue(chromedp.CSS("#vm_name"), "m-new"), chromedp.Click(chromedp.CSS("#confirm-alternate")))
+	}
+	fill("nope")
+	p.waitVisible("showed vCenter's refusal", "#alternate-error")
+	if s := p.text("#alternate-error"); !strings.Contains(s, "Nothing was started") || !strings.Contains(s, "nope") {
+		t.Fatalf("the refusal shows:\n%s", s)
+	}
+	if v := p.evalString(`document.querySelector("#folder").value`); v != "/DC0/vm/DR" {
+		t.Fatalf("the refused form lost the folder typed: %q", v)
+	}
+	if fs := c.liveFailovers(); len(fs) != 1 || fs[0].Failback == nil || fs[0].Failback.State != "reprotected" {
+		t.Fatalf("a refused alternate failback changed the failover: %+v", fs)
+	}
+	p.screenshot("fbalt-01-refused")
+	fill("LocalDS_0")
+	p.waitVisible("showed the end of the failback job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
+	if s := p.text("#job-state"); s != "succeeded" {
+		t.Fatalf("the failback job %s:\n%s", s, p.text("#job"))
+	}
+	out := p.text("#job-output")
+	m := alternateRE.FindStringSubmatch(out)
+	if m == nil || m[1] != "m-new" || m[4] != "33554432" {
+		t.Fatalf("the failback job's output:\n%s", out)
+	}
+	p.screenshot("fbalt-02-done")
+	vm, ok := simVM(t, lc.sim, m[2])
+	if !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn || vm.Parent == nil || *vm.Parent != folder {
+		t.Fatalf("the new VM %s: found %v, %s, in %v (want powered on, in %v)", m[2], ok, vm.Runtime.PowerState, vm.Parent, folder)
+	}
+	if got := sha256File(t, filepath.Join(lc.dsDir, "m-new", "d-flat.vmdk")); got != want {
+		t.Fatalf("the new VM's flat file sha256 %s, the failed-over disk's final state %s", got, want)
+	}
+	if got := sha256File(t, lc.disk); got != original {
+		t.Fatal("an alternate-location failback wrote the original disk")
+	}
+	if st := c.status("m"); st.Direction != "failed-back" {
+		t.Fatalf("after the failback: direction %q", st.Direction)
+	}
 }

@@ -392,7 +392,7 @@ func simVM(t *testing.T, sim *vcsim.Sim, ref string) (vm mo.VirtualMachine, foun
 	}
 	defer gc.Logout(ctx)
 	err = property.DefaultCollector(gc.Client).RetrieveOne(ctx, types.ManagedObjectReference{Type: "VirtualMachine", Value: ref},
-		[]string{"name", "config", "runtime.powerState"}, &vm)
+		[]string{"name", "config", "runtime.powerState", "parent"}, &vm)
 	if err != nil {
 		if strings.Contains(err.Error(), "ManagedObjectNotFound") || strings.Contains(err.Error(), "has already been deleted") {
 			return vm, false

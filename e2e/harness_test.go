@@ -614,9 +614,10 @@ func makeRandomDisk(t *testing.T, path string, size int64, seed uint64) {
 	}
 }
 
-// background runs fn in a goroutine; wait returns its error.
+// background runs functions in goroutines; wait returns the first error.
 type background struct {
 	wg  sync.WaitGroup
+	mu  sync.Mutex
 	err error
 }
 
@@ -624,7 +625,13 @@ func (b *background) run(fn func() error) {
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		b.err = fn()
+		if err := fn(); err != nil {
+			b.mu.Lock()
+			if b.err == nil {
+				b.err = err
+			}
+			b.mu.Unlock()
+		}
 	}()
 }
 

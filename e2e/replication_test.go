@@ -170,6 +170,49 @@ func TestE2EKillAgentDuringInitial(t *testing.T) {
 	t.Logf("bytes received: %d for a %d-byte disk (%.2fx)", st.BytesReceived, size, float64(st.BytesReceived)/size)
 }
 
+// TestE2EKillServerDuringInitial: kill -9 of the server in the middle of
+// the initial copy, with acknowledged base data in its cache; after the
+// restart the copy goes on (not from zero) and the first point recovers
+// bit-exact. The target keeps no segment of the log before that point:
+// the initial copy is stored once, as the replica (issue 13).
+func TestE2EKillServerDuringInitial(t *testing.T) {
+	c, gate := gatedCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	const size = 96 << 20
+	makeRandomDisk(t, disk, size, 7)
+	gate.allow(size * 2 / 5)
+	a := c.startAgent("vm1", nil, "d="+disk)
+	st := c.waitStatus("vm1", "the server applied 30% of the copy", func(st machineStatus) bool { return st.copying(0.3) })
+	c.server.kill()
+	t.Logf("killed the server at %.0f%% of the copy applied (%d bytes let through)", st.Progress*100, gate.sent())
+	gate.release()
+	c.startServer()
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x44 9M 1M")
+	c.waitState("vm1", "protected", 3*time.Minute)
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	if sent := gate.sent(); sent >= size*6/5 {
+		t.Fatalf("the agent sent %d bytes for a %d-byte disk: the copy restarted instead of resuming", sent, size)
+	}
+	var pointSeq uint64
+	if _, err := fmt.Sscan(id, &pointSeq); err != nil {
+		t.Fatalf("point id %q: %v", id, err)
+	}
+	segs, err := filepath.Glob(filepath.Join(c.srvDir, "target", "objects", "machines", "*", "segments", "*.seg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sg := range segs {
+		var first, last uint64
+		if _, err := fmt.Sscanf(filepath.Base(sg), "%016x-%016x.", &first, &last); err != nil {
+			t.Fatalf("segment name %s: %v", sg, err)
+		}
+		if last < pointSeq {
+			t.Fatalf("segment %s, wholly before the first point (seq %d), is kept on the target", filepath.Base(sg), pointSeq)
+		}
+	}
+}
+
 // TestE2EKillDuringDelta: kill -9 of the agent, then of the server, while
 // fio writes through the splitter; after restarts the latest point equals
 // the source and nothing was sent again from zero.

@@ -30,7 +30,6 @@ func TestE2EProcessServers(t *testing.T) {
 	d0 := filepath.Join(c.dir, "d0.img")
 	makeDisk(t, d0, 32<<20, 1)
 	a := c.startAgent("vm1", nil, "d0="+d0)
-	pass := filepath.Join(c.srvDir, "passphrase")
 
 	// A wrong passphrase: refused, clear error, nothing registered.
 	bad := filepath.Join(c.dir, "bad-pass")
@@ -52,13 +51,7 @@ func TestE2EProcessServers(t *testing.T) {
 		t.Fatalf("after the refused registration: %+v", l)
 	}
 
-	start := func(name string) *proc {
-		p := startProc(t, name, filepath.Join(c.dir, name+".log"), "process-server", "--config", c.url(), "--passphrase-file", pass,
-			"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name)
-		p.waitLog(t, "asr process server running")
-		return p
-	}
-	ps1, ps2 := start("ps1"), start("ps2")
+	ps1, ps2 := c.startPS("ps1"), c.startPS("ps2")
 	deadline := time.Now().Add(hungAfter)
 	for {
 		healthy := 0
@@ -143,7 +136,6 @@ func TestE2EProcessServers(t *testing.T) {
 // process server received it.
 func TestE2EProcessServerSwitch(t *testing.T) {
 	c := newCluster(t)
-	pass := filepath.Join(c.srvDir, "passphrase")
 	disks := map[string]string{}
 	agents := map[string]*agentProc{}
 	for i, vm := range []string{"vm1", "vm2"} {
@@ -155,24 +147,13 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 		c.waitState(vm, "protected", 3*time.Minute)
 	}
 	procs := map[string]*proc{}
-	startPS := func(name string) {
-		p := startProc(t, name, filepath.Join(c.dir, name+".log"), "process-server", "--config", c.url(), "--passphrase-file", pass,
-			"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name)
-		p.waitLog(t, "asr process server running")
-		procs[name] = p
-	}
+	startPS := func(name string) { procs[name] = c.startPS(name) }
 	startPS("ps1")
 	startPS("ps2")
 	received := func(name string) int64 {
 		t.Helper()
-		var l []api.ProcessServerInfo
-		if err := json.Unmarshal([]byte(c.mustCLI("ps", "list", "--json")), &l); err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range l {
-			if p.Name == name {
-				return p.Figures.RawBytes
-			}
+		if p, ok := c.psInfo(name); ok {
+			return p.Figures.RawBytes
 		}
 		return -1
 	}
@@ -185,28 +166,10 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 	}
 
 	// fio on both machines until stopped: each run writes and verifies.
-	nbdPeerTool(t, "fio")
 	stop := make(chan struct{})
 	var bg background
 	for i, vm := range []string{"vm1", "vm2"} {
-		uri := agents[vm].uri("d0")
-		bg.run(func() error {
-			for round := 0; ; round++ {
-				select {
-				case <-stop:
-					return nil
-				default:
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
-				out, err := runTool(ctx, t, "fio", "--name=w", "--ioengine=nbd", "--uri="+uri, "--rw=randwrite",
-					"--bs=4k", "--iodepth=4", "--size=4M", "--offset="+fmt.Sprint((round%6)*4)+"M", "--verify=crc32c", "--verify_fatal=1",
-					"--verify_state_save=0", fmt.Sprintf("--randseed=%d", 100*i+round))
-				cancel()
-				if err != nil {
-					return fmt.Errorf("fio on %s: %v\n%s", vm, err, out)
-				}
-			}
-		})
+		fioRounds(t, &bg, stop, vm, agents[vm].uri("d0"), 100*i)
 	}
 	switchTo := func(vm, to string) {
 		t.Helper()
@@ -277,26 +240,15 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 // recovers bit-exact.
 func TestE2EProcessServerAutoSwitch(t *testing.T) {
 	c := newClusterArgs(t, "--auto-switch", "--ps-heartbeat-lost", "3s")
-	pass := filepath.Join(c.srvDir, "passphrase")
 	disk := filepath.Join(c.dir, "vm1.img")
 	makeDisk(t, disk, 32<<20, 7)
 	a := c.startAgent("vm1", nil, "d0="+disk)
 	c.waitState("vm1", "protected", 3*time.Minute)
-	ps1 := startProc(t, "ps1", filepath.Join(c.dir, "ps1.log"), "process-server", "--config", c.url(), "--passphrase-file", pass,
-		"--data", filepath.Join(c.dir, "ps1"), "--data-listen", "127.0.0.1:0", "--name", "ps1")
-	ps1.waitLog(t, "asr process server running")
+	ps1 := c.startPS("ps1")
 	ps := func() api.ProcessServerInfo {
 		t.Helper()
-		var l []api.ProcessServerInfo
-		if err := json.Unmarshal([]byte(c.mustCLI("ps", "list", "--json")), &l); err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range l {
-			if p.Name == "ps1" {
-				return p
-			}
-		}
-		return api.ProcessServerInfo{}
+		p, _ := c.psInfo("ps1")
+		return p
 	}
 	deadline := time.Now().Add(hungAfter)
 	for ps().State != api.PSHealthy {
@@ -306,26 +258,9 @@ func TestE2EProcessServerAutoSwitch(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
-	nbdPeerTool(t, "fio")
 	stop := make(chan struct{})
 	var bg background
-	bg.run(func() error {
-		for round := 0; ; round++ {
-			select {
-			case <-stop:
-				return nil
-			default:
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
-			out, err := runTool(ctx, t, "fio", "--name=w", "--ioengine=nbd", "--uri="+a.uri("d0"), "--rw=randwrite",
-				"--bs=4k", "--iodepth=4", "--size=4M", "--offset="+fmt.Sprint((round%6)*4)+"M", "--verify=crc32c", "--verify_fatal=1",
-				"--verify_state_save=0", fmt.Sprintf("--randseed=%d", 7+round))
-			cancel()
-			if err != nil {
-				return fmt.Errorf("fio: %v\n%s", err, out)
-			}
-		}
-	})
+	fioRounds(t, &bg, stop, "vm1", a.uri("d0"), 7)
 	c.mustCLI("ps", "switch", "--machine", "vm1", "--to", "ps1")
 	deadline = time.Now().Add(hungAfter)
 	for ps().Figures.RawBytes == 0 {
@@ -359,4 +294,269 @@ func TestE2EProcessServerAutoSwitch(t *testing.T) {
 	if out := c.mustCLI("events", "--machine", "vm1"); !strings.Contains(out, "switched automatically from process server ps1") {
 		t.Fatalf("no event of the automatic switch:\n%s", out)
 	}
+}
+
+// TestE2EScaleOutFourAgents: the issue's scenario whole, with real
+// processes: a configuration server, two `asr process-server` and four
+// agents, each under fio writes (verified by fio as it goes). The machines
+// are spread over the three process servers, then two move mid-stream (one
+// between the scale-out ones, one from the built-in one). ps1 is killed
+// (kill -9) with two machines: a switch away from it is refused (its cache
+// may hold acknowledged changes); started again it recovers its cache and
+// takes its agents back, and `asr ps switch --from ps1` then moves its
+// machines with nothing lost (no resync: the hand-over applied the cache).
+// The configuration server is restarted with --auto-switch and ps2 killed
+// with the two other machines: they move to the built-in process server by
+// themselves, the gap its cache took with it is resynced. With fio
+// stopped, every machine's latest point recovers bit-exact against its
+// source disk: no write acknowledged to fio is lost, whichever process
+// server received it and whatever happened to that one.
+func TestE2EScaleOutFourAgents(t *testing.T) {
+	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
+	vms := []string{"vm1", "vm2", "vm3", "vm4"}
+	disks := map[string]string{}
+	agents := map[string]*agentProc{}
+	for i, vm := range vms {
+		disks[vm] = filepath.Join(c.dir, vm+".img")
+		makeDisk(t, disks[vm], 24<<20, uint64(40+i))
+		agents[vm] = c.startAgent(vm, nil, "d0="+disks[vm])
+	}
+	for _, vm := range vms {
+		c.waitState(vm, "protected", 3*time.Minute)
+	}
+	procs := map[string]*proc{"ps1": c.startPS("ps1"), "ps2": c.startPS("ps2")}
+	c.waitPS("ps1 and ps2 healthy", func(l map[string]api.ProcessServerInfo) bool {
+		return l["ps1"].State == api.PSHealthy && l["ps2"].State == api.PSHealthy
+	})
+
+	// fio on the four machines until stopped (rate-limited: four guests,
+	// three process servers and fio share this machine's cores).
+	stop := make(chan struct{})
+	var bg background
+	for i, vm := range vms {
+		fioRounds(t, &bg, stop, vm, agents[vm].uri("d0"), 1000*(i+1), "--rate=2m")
+	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			close(stop)
+			bg.wait()
+		}
+	}()
+	// Spread: vm1 and vm2 on ps1, vm3 on ps2, vm4 on the built-in one.
+	c.switchTo("vm1", "ps1")
+	c.switchTo("vm2", "ps1")
+	c.switchTo("vm3", "ps2")
+	// Two switches mid-stream: vm2 from one scale-out process server to
+	// the other, vm4 from the built-in one to ps1.
+	c.switchTo("vm2", "ps2")
+	c.switchTo("vm4", "ps1")
+	c.waitPS("ps1: vm1, vm4; ps2: vm2, vm3; the built-in one: none open", func(l map[string]api.ProcessServerInfo) bool {
+		return l["ps1"].Machines == 2 && l["ps2"].Machines == 2 && l[api.BuiltinProcessServer].Machines == 0
+	})
+
+	// kill -9 of ps1 mid-stream, with vm1 and vm4 on it.
+	procs["ps1"].kill()
+	c.waitPS("ps1 without a heartbeat", func(l map[string]api.ProcessServerInfo) bool { return l["ps1"].State == api.PSNoHeartbeat })
+	// Refused: its cache may hold acknowledged changes not applied yet.
+	if out, err := c.cli("ps", "switch", "--from", "ps1", "--to", "ps2"); err == nil || !strings.Contains(err.Error(), "sends no heartbeat") {
+		t.Fatalf("asr ps switch --from a killed ps1: %v\n%s", err, out)
+	}
+	if l := c.psList(); l["ps1"].Machines != 2 || l["ps2"].Machines != 2 {
+		t.Fatalf("the refused switch moved machines: %+v", l)
+	}
+	// Started again: it recovers its cache and its agents come back (each
+	// reconnects: one more "agent connected" in its log)...
+	before := map[string]int{"vm1": connections(t, c.psLog("ps1"), "vm1"), "vm4": connections(t, c.psLog("ps1"), "vm4")}
+	procs["ps1"] = c.startPS("ps1")
+	for _, vm := range []string{"vm1", "vm4"} {
+		waitConnected(t, c.psLog("ps1"), vm, before[vm])
+	}
+	// ... and hands them over whole: they go to the built-in one.
+	before = map[string]int{"vm1": connections(t, c.psLog(api.BuiltinProcessServer), "vm1"), "vm4": connections(t, c.psLog(api.BuiltinProcessServer), "vm4")}
+	if out := c.mustCLI("ps", "switch", "--from", "ps1", "--to", "builtin"); !strings.Contains(out, "2 machines moved") {
+		t.Fatalf("asr ps switch --from ps1 after its restart: %s", out)
+	}
+	for _, vm := range []string{"vm1", "vm4"} {
+		waitConnected(t, c.psLog(api.BuiltinProcessServer), vm, before[vm])
+	}
+
+	// --auto-switch (the configuration server restarted with it; the
+	// process servers and the agents wait for it), then kill -9 of ps2
+	// with vm2 and vm3 on it, mid-stream.
+	c.server.stop()
+	c.serverArgs = append(c.serverArgs, "--auto-switch")
+	c.startServer()
+	c.waitPS("ps2 heard from by the restarted configuration server", func(l map[string]api.ProcessServerInfo) bool {
+		return l["ps2"].State == api.PSHealthy && l["ps2"].Machines == 2
+	})
+	before = map[string]int{"vm2": connections(t, c.psLog(api.BuiltinProcessServer), "vm2"), "vm3": connections(t, c.psLog(api.BuiltinProcessServer), "vm3")}
+	procs["ps2"].kill()
+	c.waitPS("vm2 and vm3 moved off the silent ps2 by themselves", func(l map[string]api.ProcessServerInfo) bool {
+		return l["ps2"].State == api.PSNoHeartbeat && l["ps2"].Machines == 0
+	})
+	for _, vm := range []string{"vm2", "vm3"} {
+		waitConnected(t, c.psLog(api.BuiltinProcessServer), vm, before[vm])
+		if out := c.mustCLI("events", "--machine", vm); !strings.Contains(out, "switched automatically from process server ps2") {
+			t.Fatalf("no event of %s's automatic switch:\n%s", vm, out)
+		}
+	}
+
+	// fio stops (every run verified what it wrote); what ps2's cache took
+	// with it is resynced; each machine's latest point holds every write.
+	stopped = true
+	close(stop)
+	if err := bg.wait(); err != nil {
+		t.Fatal(err)
+	}
+	for _, vm := range []string{"vm2", "vm3"} {
+		t.Logf("%s after the automatic switch: %s", vm, c.status(vm).State)
+		c.mustCLI("resync", "--machine", vm, "--wait")
+	}
+	for name, p := range c.psList() {
+		t.Logf("process server %s: %s, %d record bytes received since its start", name, p.State, p.Figures.RawBytes)
+	}
+	for _, vm := range vms {
+		id := c.tag(vm)
+		c.recoverAndCheck(vm, id, map[string]string{"d0": sha256File(t, disks[vm])})
+	}
+	// The machines handed over by the restarted ps1 needed no resync.
+	for _, vm := range []string{"vm1", "vm4"} {
+		for _, d := range c.status(vm).Disks {
+			if d.Resync != nil {
+				t.Fatalf("%s, handed over by ps1 after its restart, has a resync: %+v", vm, *d.Resync)
+			}
+		}
+	}
+	c.mustCLI("ps", "remove", "ps1")
+}
+
+// startPS starts a scale-out process server (`asr process-server`) named
+// name, registered with the cluster's configuration server, and waits
+// until it runs. Its log is c.psLog(name), appended to across restarts.
+func (c *cluster) startPS(name string) *proc {
+	c.t.Helper()
+	p := startProc(c.t, name, c.psLog(name), "process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name)
+	p.waitLog(c.t, "asr process server running")
+	return p
+}
+
+// psLog is the log of a process server (the built-in one's: the
+// configuration server's).
+func (c *cluster) psLog(name string) string {
+	if name == api.BuiltinProcessServer {
+		return filepath.Join(c.dir, "server.log")
+	}
+	return filepath.Join(c.dir, name+".log")
+}
+
+// psList is `asr ps list --json`, by name.
+func (c *cluster) psList() map[string]api.ProcessServerInfo {
+	c.t.Helper()
+	var l []api.ProcessServerInfo
+	if err := json.Unmarshal([]byte(c.mustCLI("ps", "list", "--json")), &l); err != nil {
+		c.t.Fatal(err)
+	}
+	m := make(map[string]api.ProcessServerInfo, len(l))
+	for _, p := range l {
+		m[p.Name] = p
+	}
+	return m
+}
+
+// psInfo is one process server of `asr ps list --json`.
+func (c *cluster) psInfo(name string) (api.ProcessServerInfo, bool) {
+	c.t.Helper()
+	p, ok := c.psList()[name]
+	return p, ok
+}
+
+// waitPS waits until `asr ps list` satisfies ok (a state that holds once
+// reached).
+func (c *cluster) waitPS(what string, ok func(map[string]api.ProcessServerInfo) bool) {
+	c.t.Helper()
+	deadline := time.Now().Add(hungAfter)
+	for {
+		l := c.psList()
+		if ok(l) {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("process servers %+v; waited for: %s", l, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// switchTo moves a machine to process server to (`asr ps switch`) and
+// waits until its agent has connected there and records reached it.
+func (c *cluster) switchTo(vm, to string) {
+	c.t.Helper()
+	n := connections(c.t, c.psLog(to), vm)
+	p, _ := c.psInfo(to)
+	if out := c.mustCLI("ps", "switch", "--machine", vm, "--to", to); !strings.Contains(out, "served by process server "+to) {
+		c.t.Fatalf("asr ps switch --machine %s --to %s: %s", vm, to, out)
+	}
+	waitConnected(c.t, c.psLog(to), vm, n)
+	c.waitPS(fmt.Sprintf("records reaching %s after %s's switch", to, vm), func(l map[string]api.ProcessServerInfo) bool {
+		return l[to].Figures.RawBytes > p.Figures.RawBytes
+	})
+}
+
+// connections counts the connections of a machine's agent a process
+// server has accepted, from its log.
+func connections(t *testing.T, log, vm string) int {
+	t.Helper()
+	b, err := os.ReadFile(log)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, `msg="agent connected"`) && strings.Contains(l, " name="+vm+" ") {
+			n++
+		}
+	}
+	return n
+}
+
+// waitConnected waits until a process server has accepted more than n
+// connections of a machine's agent.
+func waitConnected(t *testing.T, log, vm string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(hungAfter)
+	for connections(t, log, vm) <= n {
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(log)
+			t.Fatalf("%s's agent never connected again (%d connections) to the process server logging to %s:\n%s", vm, n, log, b[max(0, len(b)-6000):])
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// fioRounds runs fio on an NBD URI in the background until stop is
+// closed: rounds of 4 MiB of random 4 KiB writes (each round at another
+// offset, seeded seed+round), each verified by fio as it goes.
+func fioRounds(t *testing.T, bg *background, stop <-chan struct{}, vm, uri string, seed int, extra ...string) {
+	t.Helper()
+	nbdPeerTool(t, "fio")
+	bg.run(func() error {
+		for round := 0; ; round++ {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+			args := append([]string{"--name=w", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+				"--bs=4k", "--iodepth=4", "--size=4M", "--offset=" + fmt.Sprint((round%6)*4) + "M", "--verify=crc32c", "--verify_fatal=1",
+				"--verify_state_save=0", fmt.Sprintf("--randseed=%d", seed+round)}, extra...)
+			out, err := runTool(ctx, t, "fio", args...)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("fio on %s: %v\n%s", vm, err, out)
+			}
+		}
+	})
 }

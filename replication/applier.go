@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -209,58 +212,144 @@ func (a *Applier) saveMachine(ctx context.Context) error {
 // AppliedSeq+1. A segment that fails any check is not applied at all: the
 // error wraps ErrCorrupt and the replica is untouched.
 func (a *Applier) Apply(ctx context.Context, seg []byte) error {
-	// Verify the whole segment before touching the replica.
-	scan, err := ScanSegment(seg, false, nil)
+	p, err := PrepareSegment(seg)
 	if err != nil {
 		return err
 	}
-	if scan.Last <= a.m.AppliedSeq {
-		return nil
-	}
-	if scan.First > a.m.AppliedSeq+1 {
-		return fmt.Errorf("segment %d-%d leaves a gap after applied seq %d: %w", scan.First, scan.Last, a.m.AppliedSeq, ErrCorrupt)
-	}
-	// Decode every frame first, so corruption anywhere stops the segment
-	// before the first write.
+	return a.ApplyPrepared(ctx, p)
+}
+
+// PreparedSegment is a sealed segment verified and decoded, its writes'
+// block checksums computed: what the applier then takes in log order.
+type PreparedSegment struct {
+	First, Last uint64
+	// LastTime is the time of its last record; Tags whether it holds a
+	// tag record (one that may make a recovery point).
+	LastTime time.Time
+	Tags     bool
+	recs     []preparedRecord
+}
+
+type preparedRecord struct {
+	r  Record
+	be BlockEntries // write and base records: their whole blocks' checksums
+}
+
+// Empty reports whether the segment holds no records.
+func (p *PreparedSegment) Empty() bool { return len(p.recs) == 0 }
+
+// Info describes the segment as the target keeps it (DescribeSegment).
+func (p *PreparedSegment) Info() SegmentInfo {
+	return SegmentInfo{First: p.First, Last: p.Last, LastTime: p.LastTime}
+}
+
+// PrepareSegment verifies a sealed segment whole (frame and record
+// checksums, decompression, sequence continuity) and decodes it, the
+// frames decompressed and their writes hashed on every CPU. It reads no
+// applier state, so it runs outside the applier's lock (and ahead of the
+// segment before it); a failure wraps ErrCorrupt.
+func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 	var frames []Frame
-	if _, err := ScanSegment(seg, false, func(f *Frame) error {
+	scan, err := ScanSegment(seg, false, func(f *Frame) error {
 		frames = append(frames, *f)
 		return nil
-	}); err != nil {
-		return err
+	})
+	if err != nil {
+		return nil, err
 	}
-	type batch struct{ recs []Record }
-	batches := make([]batch, 0, len(frames))
-	for i := range frames {
-		// Each frame decompresses into its own buffer: records alias it.
-		recs, _, err := a.codec.Records(&frames[i], nil)
-		if err != nil {
-			return fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, err)
-		}
-		for j := range recs {
-			if err := a.check(&recs[j]); err != nil {
-				return fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, err)
+	if scan.Records == 0 {
+		return &PreparedSegment{First: scan.First, Last: scan.Last}, nil // nothing to apply, nothing to keep
+	}
+	type decoded struct {
+		recs []preparedRecord
+		err  error
+	}
+	out := make([]decoded, len(frames))
+	codec := DefaultCodec()
+	// Frames are taken in order and none after a failure: beyond the
+	// frames that decode, at most one per worker is decompressed (each
+	// into at most MaxFrameRaw bytes).
+	var next atomic.Int64
+	var failed atomic.Bool
+	var wg sync.WaitGroup
+	for w := min(runtime.GOMAXPROCS(0), len(frames)); w > 0; w-- {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !failed.Load() {
+				i := int(next.Add(1) - 1)
+				if i >= len(frames) {
+					return
+				}
+				// Each frame decompresses into its own buffer: records
+				// alias it.
+				recs, _, err := codec.Records(&frames[i], nil)
+				if err != nil {
+					out[i].err = err
+					failed.Store(true)
+					return
+				}
+				prs := make([]preparedRecord, len(recs))
+				for j := range recs {
+					prs[j].r = recs[j]
+					if k := recs[j].Kind; k == KindWrite || k == KindBase {
+						prs[j].be = EntriesOf(int64(recs[j].Offset), recs[j].Data)
+					}
+				}
+				out[i].recs = prs
 			}
+		}()
+	}
+	wg.Wait()
+	// Sized by the records decoded, never by a count the segment claims.
+	n := 0
+	for _, d := range out {
+		if d.err != nil {
+			return nil, fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, d.err)
 		}
-		batches = append(batches, batch{recs})
+		n += len(d.recs)
+	}
+	p := &PreparedSegment{First: scan.First, Last: scan.Last, recs: make([]preparedRecord, 0, n)}
+	for _, d := range out {
+		for _, pr := range d.recs {
+			p.Tags = p.Tags || pr.r.Kind == KindTag
+		}
+		p.recs = append(p.recs, d.recs...)
+	}
+	p.LastTime = time.Unix(0, p.recs[len(p.recs)-1].r.Time).UTC()
+	return p, nil
+}
+
+// ApplyPrepared applies a prepared segment (see Apply): every record is
+// checked against the machine's disks before the first write, then the
+// records are applied in log order.
+func (a *Applier) ApplyPrepared(ctx context.Context, p *PreparedSegment) error {
+	if p.Last <= a.m.AppliedSeq {
+		return nil
+	}
+	if p.First > a.m.AppliedSeq+1 {
+		return fmt.Errorf("segment %d-%d leaves a gap after applied seq %d: %w", p.First, p.Last, a.m.AppliedSeq, ErrCorrupt)
+	}
+	for i := range p.recs {
+		if err := a.check(&p.recs[i].r); err != nil {
+			return fmt.Errorf("segment %d-%d: %w", p.First, p.Last, err)
+		}
 	}
 	dirty := false
-	for _, b := range batches {
-		for i := range b.recs {
-			r := &b.recs[i]
-			if r.Seq <= a.m.AppliedSeq {
-				continue
-			}
-			if err := a.apply(ctx, r); err != nil {
-				return err
-			}
-			dirty = true
+	for i := range p.recs {
+		pr := &p.recs[i]
+		if pr.r.Seq <= a.m.AppliedSeq {
+			continue
 		}
+		if err := a.apply(ctx, &pr.r, pr.be); err != nil {
+			return err
+		}
+		dirty = true
 	}
 	if !dirty {
 		return nil
 	}
-	return a.checkpoint(ctx, scan.Last)
+	return a.checkpoint(ctx, p.Last)
 }
 
 // check validates a record against the machine's disks.
@@ -287,13 +376,13 @@ func (a *Applier) check(r *Record) error {
 	return nil
 }
 
-func (a *Applier) apply(ctx context.Context, r *Record) error {
+func (a *Applier) apply(ctx context.Context, r *Record, be BlockEntries) error {
 	switch r.Kind {
 	case KindWrite, KindBase:
 		if err := a.disks[r.Disk].WriteAt(r.Data, int64(r.Offset)); err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
 		}
-		if err := a.sums[r.Disk].Note(int64(r.Offset), r.Data); err != nil {
+		if err := a.sums[r.Disk].NoteEntries(int64(r.Offset), r.Data, be); err != nil {
 			return fmt.Errorf("apply record %d to the checksums of disk %d: %w", r.Seq, r.Disk, err)
 		}
 	case KindZero, KindTrim:

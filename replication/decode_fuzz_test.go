@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -85,19 +86,36 @@ func scanSegment(t *testing.T, c *Codec, data []byte) {
 		t.Fatalf("rescan of the valid part: %+v, %v; first scan %+v", again, err, s)
 	}
 	var n uint32
+	var raw uint64
 	_, err = ScanSegment(data, false, func(f *Frame) error {
 		recs := decodeFrame(t, c, f)
 		if recs == nil {
 			return ErrCorrupt
 		}
 		n += uint32(len(recs))
+		raw += uint64(f.RawLen)
 		return nil
 	})
+	// PrepareSegment (how the applier reads a cached segment) holds every
+	// frame decoded (its records, their bytes, the checksums of their 4 KiB
+	// blocks) and, after a frame that fails, no more than one frame's
+	// buffer per worker (as DescribeSegment's one frame): nothing a count
+	// in the segment claims.
+	var p *PreparedSegment
+	var perr error
+	inFlight := uint64(runtime.GOMAXPROCS(0)) * MaxFrameRaw
+	allocguard.Check(t, "PrepareSegment", bound+2*allocguard.PerByte*raw+inFlight, func() { p, perr = PrepareSegment(data) })
+	if (perr == nil) != (err == nil) || perr != nil && !errors.Is(perr, ErrCorrupt) {
+		t.Fatalf("PrepareSegment: %v; the sealed scan and decoding: %v", perr, err)
+	}
 	if err != nil {
 		return
 	}
 	if !s.Sealed || n != s.Records {
 		t.Fatalf("sealed scan decoded %d records; scan says %+v", n, s)
+	}
+	if p.First != s.First || p.Last != s.Last || len(p.recs) != int(n) {
+		t.Fatalf("PrepareSegment %d-%d with %d records, scan %d-%d with %d", p.First, p.Last, len(p.recs), s.First, s.Last, n)
 	}
 	var si SegmentInfo
 	allocguard.Check(t, "DescribeSegment", bound+MaxFrameRaw, func() { si, err = DescribeSegment(data) })

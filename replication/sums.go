@@ -202,9 +202,40 @@ func (s *Sums) setLocked(b int64, e Hash) error {
 // Note records that data was written at off: whole blocks get their entry
 // from the data; blocks written in part are hashed at the next Settle.
 func (s *Sums) Note(off int64, data []byte) error {
+	return s.NoteEntries(off, data, BlockEntries{})
+}
+
+// BlockEntries are the checksum entries of a write's whole 4 KiB blocks,
+// computed ahead of Note (the applier hashes a segment's writes in
+// parallel, before it takes them in log order): e[i] is block first+i.
+type BlockEntries struct {
+	first int64
+	e     []Hash
+}
+
+// EntriesOf hashes the whole 4 KiB blocks of data written at off (a
+// disk's short last block, if any, is left to NoteEntries).
+func EntriesOf(off int64, data []byte) BlockEntries {
+	b := (off + HashBlock - 1) / HashBlock
+	end := off + int64(len(data))
+	be := BlockEntries{first: b, e: make([]Hash, 0, max(0, end/HashBlock-b))}
+	for ; (b+1)*HashBlock <= end; b++ {
+		be.e = append(be.e, BlockEntry(data[b*HashBlock-off:(b+1)*HashBlock-off]))
+	}
+	return be
+}
+
+// NoteEntries is Note with the whole blocks' entries given (be is
+// EntriesOf(off, data)); a block be does not hold is hashed here.
+func (s *Sums) NoteEntries(off int64, data []byte, be BlockEntries) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.noteLocked(off, int64(len(data)), func(b0, b1 int64) Hash { return BlockEntry(data[b0-off : b1-off]) })
+	return s.noteLocked(off, int64(len(data)), func(b0, b1 int64) Hash {
+		if i := b0/HashBlock - be.first; b1-b0 == HashBlock && i >= 0 && i < int64(len(be.e)) {
+			return be.e[i]
+		}
+		return BlockEntry(data[b0-off : b1-off])
+	})
 }
 
 // NoteZero records that n bytes at off now read as zero.

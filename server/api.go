@@ -167,6 +167,8 @@ func (s *Server) routes() http.Handler {
 			r.Delete("/plans/{plan}", handle(s.handleDeletePlan))
 			r.Post("/plans/{plan}/reprotect", handle(s.handleReprotectPlan))
 			r.Post("/plans/{plan}/failback", handle(s.handleFailbackPlan))
+			r.Post("/groups/{group}/reprotect", handle(s.handleReprotectGroup))
+			r.Post("/groups/{group}/failback", handle(s.handleFailbackGroup))
 			r.Get("/groups/{group}/points", handle(s.handleGroupPoints))
 			r.Post("/groups/{group}/points", handle(s.handleGroupTag))
 			r.Get("/metrics/token", handle(s.handleMetricsToken))

@@ -63,6 +63,18 @@ func (b consoleBackend) ProcessServer(context.Context) (api.ProcessServer, error
 	return b.s.ProcessServer(), nil
 }
 
+func (b consoleBackend) ProcessServers(ctx context.Context) ([]api.ProcessServerInfo, error) {
+	return b.s.ProcessServers(ctx)
+}
+
+func (b consoleBackend) SwitchProcessServer(ctx context.Context, machine, to string) (string, error) {
+	return b.s.SwitchProcessServer(ctx, machine, to)
+}
+
+func (b consoleBackend) SwitchAll(ctx context.Context, from, to string) ([]string, error) {
+	return b.s.SwitchAll(ctx, from, to)
+}
+
 func (b consoleBackend) StartResync(ctx context.Context, machineID, disk string) error {
 	m, err := b.s.db.Machine(ctx, machineID)
 	if err != nil {
@@ -183,6 +195,10 @@ func (b consoleBackend) Reprotect(ctx context.Context, machine string) (api.Job,
 
 func (b consoleBackend) Failback(ctx context.Context, machine string) (api.Job, error) {
 	return b.s.Failback(ctx, machine)
+}
+
+func (b consoleBackend) FailbackTo(ctx context.Context, machine string, req api.FailbackRequest) (api.Job, error) {
+	return b.s.FailbackTo(ctx, machine, req)
 }
 
 func (b consoleBackend) ReprotectPlan(ctx context.Context, plan string) (api.Job, error) {

@@ -33,7 +33,72 @@ import (
 //     switch. Cancellable until the switch; a cancel lets every
 //     failed-over machine run on, still reprotected.
 //
-// A plan's pre and post actions do not run on failback (not done yet).
+// A plan's failback runs each group's pre actions (those that run on
+// failback, api.PlanAction.RunsOn) before the group's original machines
+// power on and its post actions after, with the direction
+// "recovery-to-primary"; they run past the switch, so an action that fails
+// fails the job and the groups after it are finished in the background
+// without their actions (a power-on failure does the same). A plan whose
+// failback a restart finishes past the switch does not run them.
+
+// fbSet is what a reprotect or failback of several machines at once acts
+// on: a recovery plan (its groups in order, its actions), or a replication
+// group (asr reprotect|failback --group G: one group of its members, no
+// actions), whose members fail back together, switched at one consistent
+// moment.
+type fbSet struct {
+	kind string   // "plan" or "group"
+	p    api.Plan // a group's: named after it, one group of its members
+}
+
+// label names the set in messages: "plan app", "group rg".
+func (x fbSet) label() string { return x.kind + " " + x.p.Name }
+
+// flag is the set's command-line flag: "--plan app", "--group rg".
+func (x fbSet) flag() string { return "--" + x.kind + " " + x.p.Name }
+
+// owns reports whether a failover is the set's to fail back: one the plan
+// made; for a group, one no plan made (of the group, or of a member by
+// itself).
+func (x fbSet) owns(f store.Failover) bool {
+	if x.kind == "plan" {
+		return f.Plan == x.p.Name
+	}
+	return f.Plan == ""
+}
+
+// ownsWhat says which failovers the set fails back.
+func (x fbSet) ownsWhat() string {
+	if x.kind == "plan" {
+		return "made by plan " + x.p.Name
+	}
+	return "made by asr failover --group or --machine (not by a plan)"
+}
+
+// planSet is a recovery plan's set.
+func (s *Server) planSet(ctx context.Context, plan string) (fbSet, error) {
+	p, err := s.Plan(ctx, plan)
+	return fbSet{kind: "plan", p: p}, err
+}
+
+// groupSet is a replication group's set: its members, by name.
+func (s *Server) groupSet(ctx context.Context, group string) (fbSet, error) {
+	ms, err := s.db.Machines(ctx)
+	if err != nil {
+		return fbSet{}, err
+	}
+	var names []string
+	for _, m := range ms {
+		if m.Group == group {
+			names = append(names, m.Name)
+		}
+	}
+	if group == "" || len(names) == 0 {
+		return fbSet{}, errorf(http.StatusNotFound, "no replication group named %q", group)
+	}
+	slices.Sort(names)
+	return fbSet{kind: "group", p: api.Plan{Name: group, Groups: []api.PlanGroup{{Machines: names}}}}, nil
+}
 
 // planMachineGroups returns a plan's machines by group, in plan order.
 func (s *Server) planMachineGroups(ctx context.Context, p api.Plan) ([][]store.Machine, error) {
@@ -86,13 +151,14 @@ func (s *Server) groupPartnersFailedOver(ctx context.Context, m store.Machine, w
 // across its members, and failing them back one at a time would put the
 // original machines back at different moments (one running on premises
 // while another still runs failed over), which is not a consistent state
-// of the group. They fail back together, through a plan that holds them.
+// of the group. They fail back together: asr failback --group G, or
+// through a plan that holds them all.
 func (s *Server) refuseGroupAlone(ctx context.Context, m store.Machine) error {
 	others, err := s.groupPartnersFailedOver(ctx, m, nil)
 	if err != nil || len(others) == 0 {
 		return err
 	}
-	hint := "put them all in one recovery plan (asr plan create) and run asr failback --plan PLAN"
+	hint := "run asr failback --group " + m.Group
 	if ps, err := s.Plans(ctx); err == nil {
 		for _, p := range ps {
 			var in []string
@@ -112,9 +178,9 @@ func (s *Server) refuseGroupAlone(ctx context.Context, m store.Machine) error {
 // startPlanJob starts a plan's reprotect or failback job; while it runs,
 // a reprotect or failback of any of its machines is refused.
 // s.rv.startMu is held.
-func (s *Server) startPlanJob(ctx context.Context, kind string, p api.Plan, machines []string, fn func(ctx context.Context, j *job) error) (api.Job, error) {
+func (s *Server) startPlanJob(ctx context.Context, kind string, x fbSet, machines []string, fn func(ctx context.Context, j *job) error) (api.Job, error) {
 	ready := make(chan struct{})
-	j, err := s.startJob(ctx, kind, "plan "+p.Name, func(ctx context.Context, j *job) error {
+	j, err := s.startJob(ctx, kind, x.label(), func(ctx context.Context, j *job) error {
 		<-ready
 		defer func() {
 			s.rv.startMu.Lock()
@@ -134,10 +200,10 @@ func (s *Server) startPlanJob(ctx context.Context, kind string, p api.Plan, mach
 	return j, nil
 }
 
-// refusePlan is the conflict of a plan some of whose machines cannot take
-// part: every reason, one a line, and nothing started.
-func refusePlan(p api.Plan, what string, problems []string) error {
-	return errorf(http.StatusConflict, "plan %s cannot be %s (nothing was started):\n  %s", p.Name, what, strings.Join(problems, "\n  "))
+// refusePlan is the conflict of a plan (or group) some of whose machines
+// cannot take part: every reason, one a line, and nothing started.
+func refusePlan(x fbSet, what string, problems []string) error {
+	return errorf(http.StatusConflict, "%s cannot be %s (nothing was started):\n  %s", x.label(), what, strings.Join(problems, "\n  "))
 }
 
 // planItem is a machine of a plan's reprotect, and the failover it is for.
@@ -150,10 +216,25 @@ type planItem struct {
 // toward the original disks after the plan's committed failover, forward
 // again after its failback.
 func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error) {
-	p, err := s.Plan(ctx, plan)
+	x, err := s.planSet(ctx, plan)
 	if err != nil {
 		return api.Job{}, err
 	}
+	return s.reprotectSet(ctx, x)
+}
+
+// ReprotectGroup reprotects a replication group's machines as
+// ReprotectPlan does a plan's: the failovers no plan made.
+func (s *Server) ReprotectGroup(ctx context.Context, group string) (api.Job, error) {
+	x, err := s.groupSet(ctx, group)
+	if err != nil {
+		return api.Job{}, err
+	}
+	return s.reprotectSet(ctx, x)
+}
+
+func (s *Server) reprotectSet(ctx context.Context, x fbSet) (api.Job, error) {
+	p := x.p
 	groups, err := s.planMachineGroups(ctx, p)
 	if err != nil {
 		return api.Job{}, err
@@ -171,8 +252,8 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 			}
 			f, err := s.db.LiveFailover(ctx, m.ID)
 			if err == nil {
-				if f.Plan != p.Name {
-					problems = append(problems, fmt.Sprintf("machine %s: its failover %s was not made by plan %s: reprotect it with --machine %s", m.Name, f.ID, p.Name, m.Name))
+				if !x.owns(f) {
+					problems = append(problems, fmt.Sprintf("machine %s: its failover %s was not %s: reprotect it with --machine %s", m.Name, f.ID, x.ownsWhat(), m.Name))
 					continue
 				}
 				if d := decodeDetail(f); d.Reverse != nil && d.Reverse.State == dirReprotected && s.reverseRunOf(m.ID) != nil {
@@ -186,7 +267,7 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 				if unplannedFailover(f) {
 					// Its reprotect waits for the original agent and compares
 					// the disks first: a job of its own (not done in a plan's).
-					problems = append(problems, fmt.Sprintf("machine %s: its failover %s was unplanned; a plan's reprotect does not do the checksum compare that needs: reprotect it with --machine %s, then run the plan's reprotect again", m.Name, f.ID, m.Name))
+					problems = append(problems, fmt.Sprintf("machine %s: its failover %s was unplanned; the reprotect of a %s does not do the checksum compare that needs: reprotect it with --machine %s, then run asr reprotect %s again", m.Name, f.ID, x.kind, m.Name, x.flag()))
 					continue
 				}
 				rev = append(rev, planItem{m, f})
@@ -200,8 +281,8 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 			if err != nil {
 				return api.Job{}, err
 			}
-			if !ok || f.Plan != p.Name {
-				continue // not failed over by the plan: nothing to do
+			if !ok || !x.owns(f) {
+				continue // not failed over by the set: nothing to do
 			}
 			if err := refuseUnprotected(m, "a reprotect"); err != nil {
 				problems = append(problems, err.Error())
@@ -212,15 +293,15 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 		}
 	}
 	if len(problems) > 0 {
-		return api.Job{}, refusePlan(p, "reprotected", problems)
+		return api.Job{}, refusePlan(x, "reprotected", problems)
 	}
 	if len(rev)+len(fwd) == 0 {
 		if already > 0 {
-			return api.Job{}, errorf(http.StatusConflict, "plan %s: its %d failed-over machines are reprotected already: fail it back with asr failback --plan %s", p.Name, already, p.Name)
+			return api.Job{}, errorf(http.StatusConflict, "%s: its %d failed-over machines are reprotected already: fail it back with asr failback %s", x.label(), already, x.flag())
 		}
-		return api.Job{}, errorf(http.StatusConflict, "plan %s has nothing to reprotect: no machine of it has a committed failover made by the plan, nor a failback waiting for forward protection", p.Name)
+		return api.Job{}, errorf(http.StatusConflict, "%s has nothing to reprotect: no machine of it has a committed failover %s, nor a failback waiting for forward protection", x.label(), x.ownsWhat())
 	}
-	return s.startPlanJob(ctx, "reprotect", p, names, func(ctx context.Context, j *job) error {
+	return s.startPlanJob(ctx, "reprotect", x, names, func(ctx context.Context, j *job) error {
 		var lines []string
 		var sent, compared, resent int64
 		for _, it := range rev {
@@ -243,10 +324,10 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 		}
 		var head []string
 		if len(rev) > 0 {
-			head = append(head, fmt.Sprintf("plan %s reprotected: %s, %d bytes sent to the original disks", p.Name, machinesWord(len(rev), ""), sent))
+			head = append(head, fmt.Sprintf("%s reprotected: %s, %d bytes sent to the original disks", x.label(), machinesWord(len(rev), ""), sent))
 		}
 		if len(fwd) > 0 {
-			head = append(head, fmt.Sprintf("plan %s protected again: %s, %d bytes compared, %d sent", p.Name, machinesWord(len(fwd), ""), compared, resent))
+			head = append(head, fmt.Sprintf("%s protected again: %s, %d bytes compared, %d sent", x.label(), machinesWord(len(fwd), ""), compared, resent))
 		}
 		j.setResult(append(head, lines...), 0)
 		return nil
@@ -255,10 +336,26 @@ func (s *Server) ReprotectPlan(ctx context.Context, plan string) (api.Job, error
 
 // FailbackPlan fails a reprotected plan back to its original machines.
 func (s *Server) FailbackPlan(ctx context.Context, plan string) (api.Job, error) {
-	p, err := s.Plan(ctx, plan)
+	x, err := s.planSet(ctx, plan)
 	if err != nil {
 		return api.Job{}, err
 	}
+	return s.failbackSet(ctx, x)
+}
+
+// FailbackGroup fails a reprotected replication group back as
+// FailbackPlan does a plan: every member stopped, drained and verified
+// before one switch of them all.
+func (s *Server) FailbackGroup(ctx context.Context, group string) (api.Job, error) {
+	x, err := s.groupSet(ctx, group)
+	if err != nil {
+		return api.Job{}, err
+	}
+	return s.failbackSet(ctx, x)
+}
+
+func (s *Server) failbackSet(ctx context.Context, x fbSet) (api.Job, error) {
+	p := x.p
 	groups, err := s.planMachineGroups(ctx, p)
 	if err != nil {
 		return api.Job{}, err
@@ -282,11 +379,11 @@ func (s *Server) FailbackPlan(ctx context.Context, plan string) (api.Job, error)
 			if err != nil {
 				return api.Job{}, err
 			}
-			if f.Plan != p.Name {
-				problems = append(problems, fmt.Sprintf("machine %s: its failover %s was not made by plan %s: fail it back with --machine %s", m.Name, f.ID, p.Name, m.Name))
+			if !x.owns(f) {
+				problems = append(problems, fmt.Sprintf("machine %s: its failover %s was not %s: fail it back with --machine %s", m.Name, f.ID, x.ownsWhat(), m.Name))
 				continue
 			}
-			f, run, err := s.failbackReady(ctx, m, "--plan "+p.Name)
+			f, run, err := s.failbackReady(ctx, m, x.flag())
 			if err != nil {
 				problems = append(problems, err.Error())
 				continue
@@ -302,19 +399,19 @@ func (s *Server) FailbackPlan(ctx context.Context, plan string) (api.Job, error)
 				return api.Job{}, err
 			}
 			if len(others) > 0 {
-				problems = append(problems, fmt.Sprintf("machine %s is in replication group %s with %s, failed over and not in plan %s: a group's machines switch back together; add them to the plan", sm.m.Name, sm.m.Group, strings.Join(others, ", "), p.Name))
+				problems = append(problems, fmt.Sprintf("machine %s is in replication group %s with %s, failed over and not in %s: a group's machines switch back together; add them to the plan", sm.m.Name, sm.m.Group, strings.Join(others, ", "), x.label()))
 			}
 		}
 	}
 	if len(problems) > 0 {
-		return api.Job{}, refusePlan(p, "failed back", problems)
+		return api.Job{}, refusePlan(x, "failed back", problems)
 	}
 	if len(names) == 0 {
-		return api.Job{}, errorf(http.StatusConflict, "plan %s has no failed-over machine to fail back", p.Name)
+		return api.Job{}, errorf(http.StatusConflict, "%s has no failed-over machine to fail back", x.label())
 	}
-	return s.startPlanJob(ctx, "failback", p, names, func(ctx context.Context, j *job) error {
+	return s.startPlanJob(ctx, "failback", x, names, func(ctx context.Context, j *job) error {
 		start := time.Now()
-		lines, err := s.runPlanFailback(ctx, j, p, members)
+		lines, err := s.runPlanFailback(ctx, j, x, members)
 		j.setResult(lines, time.Since(start))
 		return err
 	})
@@ -322,7 +419,8 @@ func (s *Server) FailbackPlan(ctx context.Context, plan string) (api.Job, error)
 
 // runPlanFailback is a plan's failback job: shut down (last group first),
 // drain and verify every machine, switch them all, power on in plan order.
-func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, members [][]*switchMember) ([]string, error) {
+func (s *Server) runPlanFailback(ctx context.Context, j *job, x fbSet, members [][]*switchMember) ([]string, error) {
+	p := x.p
 	var all []*switchMember
 	for _, g := range members {
 		all = append(all, g...)
@@ -356,9 +454,14 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 	var lines []string
 	var sent, compared int64
 	var failed error
+	actx := api.ActionContext{Plan: p.Name, Type: "failback", Direction: "recovery-to-primary", Machines: map[string]api.ActionMachine{}}
 	for i, g := range members {
 		if len(g) == 0 {
 			continue
+		}
+		if failed == nil {
+			actx.Phase = "pre"
+			failed = s.runActions(ctx, j, i+1, p.Groups[i].Pre, &actx, true)
 		}
 		done := j.step(fmt.Sprintf("group %d: power on", i+1), machinesWord(len(g), "original"))
 		n := 0
@@ -377,18 +480,25 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, p api.Plan, member
 			d := decodeDetail(sm.f)
 			sent, compared = sent+d.Reverse.Sent, compared+d.Reverse.Compared
 			lines = append(lines, fmt.Sprintf("%s: failed back: %d bytes sent, %d bytes compared", sm.m.Name, d.Reverse.Sent, d.Reverse.Compared))
+			am := api.ActionMachine{To: "original"}
+			if vm := s.sourceVM(ctx, sm.m); vm != nil {
+				am.VM = vm.Name
+			}
+			actx.Machines[sm.m.Name] = am
 			n++
 		}
 		if failed != nil {
 			done("", fmt.Errorf("%w; the rest are powered on in the background", failed))
-		} else {
-			done(fmt.Sprintf("%d powered on", n), nil)
+			continue
 		}
+		done(fmt.Sprintf("%d powered on", n), nil)
+		actx.Phase = "post"
+		failed = s.runActions(ctx, j, i+1, p.Groups[i].Post, &actx, true)
 	}
 	if failed != nil {
 		return lines, failed
 	}
-	head := fmt.Sprintf("plan %s failed back: %s, %d bytes sent, %d bytes compared; run asr reprotect --plan %s to protect them again", p.Name, machinesWord(len(all), ""), sent, compared, p.Name)
+	head := fmt.Sprintf("%s failed back: %s, %d bytes sent, %d bytes compared; run asr reprotect %s to protect them again", x.label(), machinesWord(len(all), ""), sent, compared, x.flag())
 	return append([]string{head}, lines...), nil
 }
 
@@ -429,6 +539,24 @@ func (s *Server) planFailbackPrepare(ctx context.Context, j *job, members [][]*s
 
 func (s *Server) handleReprotectPlan(w http.ResponseWriter, r *http.Request) error {
 	j, err := s.ReprotectPlan(r.Context(), chi.URLParam(r, "plan"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, j)
+	return nil
+}
+
+func (s *Server) handleReprotectGroup(w http.ResponseWriter, r *http.Request) error {
+	j, err := s.ReprotectGroup(r.Context(), chi.URLParam(r, "group"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, j)
+	return nil
+}
+
+func (s *Server) handleFailbackGroup(w http.ResponseWriter, r *http.Request) error {
+	j, err := s.FailbackGroup(r.Context(), chi.URLParam(r, "group"))
 	if err != nil {
 		return err
 	}

@@ -2,10 +2,12 @@ package server_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -27,6 +29,7 @@ type planRig struct {
 	disks   map[string]string // machine -> its original disk file
 	exports map[string]string // machine -> its export's URI
 	rnd     *rand.Rand
+	plan    string // the plan that failed them over ("" for a group's failover)
 }
 
 var planMachines = []string{"db", "app1", "app2"}
@@ -34,6 +37,15 @@ var planMachines = []string{"db", "app1", "app2"}
 // startPlanRig protects the machines and fails the plan over; commit
 // commits it.
 func startPlanRig(t *testing.T, commit bool) *planRig {
+	t.Helper()
+	return startPlanRigWith(t, commit, []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}}})
+}
+
+// startPlanRigWith is startPlanRig with the plan's groups (their actions)
+// given: db in group 1, app1 and app2 in group 2. With groups nil there is
+// no plan: db fails over by itself, app1 and app2 as replication group rg
+// (asr failover --group rg).
+func startPlanRigWith(t *testing.T, commit bool, groups []api.PlanGroup) *planRig {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -59,14 +71,22 @@ func startPlanRig(t *testing.T, commit bool) *planRig {
 			t.Fatal(err)
 		}
 	}
-	if _, err := r.client.CreatePlan(ctx, api.Plan{Name: "app", Groups: []api.PlanGroup{
-		{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}},
-	}}); err != nil {
-		t.Fatal(err)
-	}
-	r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: true, To: api.ToNBD}))
-	if commit {
-		r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Plan: "app"}))
+	if groups == nil {
+		for _, a := range []api.FailoverAction{{Machine: "db"}, {Group: "rg"}} {
+			r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: a.Machine, Group: a.Group, Planned: true, To: api.ToNBD}))
+			if commit {
+				r.mustJob(r.client.FailoverAction(ctx, "commit", a))
+			}
+		}
+	} else {
+		pr.plan = "app"
+		if _, err := r.client.CreatePlan(ctx, api.Plan{Name: "app", Groups: groups}); err != nil {
+			t.Fatal(err)
+		}
+		r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: true, To: api.ToNBD}))
+		if commit {
+			r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Plan: "app"}))
+		}
 	}
 	pr.readExports()
 	return pr
@@ -80,7 +100,7 @@ func (pr *planRig) readExports() {
 		pr.t.Fatal(err)
 	}
 	for _, f := range fos {
-		if len(f.Exports) != 1 || f.Plan != "app" {
+		if len(f.Exports) != 1 || f.Plan != pr.plan {
 			pr.t.Fatalf("failover of %s: %+v", f.Machine, f)
 		}
 		pr.exports[f.Machine] = f.Exports[0].URI
@@ -120,9 +140,12 @@ func (pr *planRig) sums() map[string][32]byte {
 	return out
 }
 
-func (pr *planRig) directions(want string) {
+func (pr *planRig) directions(want string, machines ...string) {
 	pr.t.Helper()
-	for _, name := range planMachines {
+	if len(machines) == 0 {
+		machines = planMachines
+	}
+	for _, name := range machines {
 		if d := pr.machine(name).Direction; d != want {
 			pr.t.Fatalf("machine %s: direction %q, want %q", name, d, want)
 		}
@@ -148,8 +171,15 @@ func stepIndex(t *testing.T, j api.Job, name string) int {
 func (pr *planRig) failBackPlan(want map[string][32]byte) {
 	t := pr.t
 	t.Helper()
+	pr.checkPlanFailback(pr.mustJob(pr.client.FailbackPlan(context.Background(), "app")), want)
+}
+
+// checkPlanFailback checks a plan failback's finished job (see
+// failBackPlan).
+func (pr *planRig) checkPlanFailback(j api.Job, want map[string][32]byte) {
+	t := pr.t
+	t.Helper()
 	ctx := context.Background()
-	j := pr.mustJob(pr.client.FailbackPlan(ctx, "app"))
 	t.Logf("plan failback output %q", j.Output)
 	if len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan app failed back: 3 machines") {
 		t.Fatalf("plan failback output %q", j.Output)
@@ -385,4 +415,167 @@ func TestFailbackPlanFinishedAfterARestartPastTheSwitch(t *testing.T) {
 		t.Fatalf("live failovers: %+v", fos)
 	}
 	pr.forward()
+}
+
+// A plan's actions run on failback too, in the reverse direction, around
+// each group's power-on: a script for both directions runs on failover and
+// on failback (with the direction and type in its context), one for
+// failover only does not run on failback, a manual action for failback
+// only holds the failback after group 2's power-on (and never the
+// failover) until it is confirmed.
+func TestFailbackPlanActions(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	logf := filepath.Join(dir, "actions.log")
+	script := func(name string) string {
+		p := filepath.Join(dir, name)
+		body := "#!/bin/sh\n{ printf '%s ' " + name + "; cat; echo; } >> " + logf + "\n"
+		if err := os.WriteFile(p, []byte(body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	both, foOnly, fbOnly := script("both.sh"), script("failover-only.sh"), script("failback-only.sh")
+	pr := startPlanRigWith(t, true, []api.PlanGroup{
+		{Machines: []string{"db"}, Pre: []api.PlanAction{{Kind: "script", Path: both}}, Post: []api.PlanAction{{Kind: "script", Path: foOnly, On: api.ActionOnFailover}}},
+		{Machines: []string{"app1", "app2"}, Pre: []api.PlanAction{{Kind: "script", Path: fbOnly, On: api.ActionOnFailback}},
+			Post: []api.PlanAction{{Kind: "manual", Text: "check the application", On: api.ActionOnFailback}}},
+	})
+	type line struct {
+		script string
+		actx   api.ActionContext
+	}
+	lines := func() []line {
+		b, err := os.ReadFile(logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []line
+		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			name, js, _ := strings.Cut(l, " ")
+			var a api.ActionContext
+			if err := json.Unmarshal([]byte(js), &a); err != nil {
+				t.Fatalf("action log line %q: %v", l, err)
+			}
+			out = append(out, line{name, a})
+		}
+		return out
+	}
+	got := lines()
+	if len(got) != 2 || got[0].script != "both.sh" || got[1].script != "failover-only.sh" ||
+		got[0].actx.Direction != "primary-to-recovery" || got[0].actx.Type != "planned" || got[1].actx.Phase != "post" {
+		t.Fatalf("the failover's actions: %+v", got)
+	}
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	want := pr.sums()
+	j, err := pr.client.FailbackPlan(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the plan failback to wait on group 2's manual action", func() bool {
+		j, err = pr.client.Job(ctx, j.ID)
+		if err != nil || j.State != api.JobRunning {
+			t.Fatalf("the plan failback ended without waiting: %+v %v", j, err)
+		}
+		return j.Waiting != ""
+	})
+	if j.Waiting != "check the application" {
+		t.Fatalf("waiting on %q", j.Waiting)
+	}
+	got = lines()[2:]
+	if len(got) != 2 || got[0].script != "both.sh" || got[1].script != "failback-only.sh" {
+		t.Fatalf("the failback's actions: %+v", got)
+	}
+	for i, g := range []int{1, 2} {
+		a := got[i].actx
+		if a.Direction != "recovery-to-primary" || a.Type != "failback" || a.Phase != "pre" || a.Group != g || a.Plan != "app" {
+			t.Fatalf("failback action %d's context: %+v", i, a)
+		}
+	}
+	// Group 1 was powered on before group 2's pre action: it is in the
+	// context, at its original place.
+	if m, ok := got[1].actx.Machines["db"]; !ok || m.To != "original" || len(got[1].actx.Machines) != 1 {
+		t.Fatalf("group 2's pre action's machines: %+v", got[1].actx.Machines)
+	}
+	if at := stepIndex(t, j, "group 2 pre 1"); at < stepIndex(t, j, "group 1: power on") || at > stepIndex(t, j, "group 2: power on") {
+		t.Fatalf("group 2's pre action ran out of order: %+v", j.Steps)
+	}
+	if _, err := pr.client.ConfirmJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	pr.checkPlanFailback(pr.mustJob(j, nil), want)
+	if n := len(lines()); n != 4 {
+		t.Fatalf("%d actions ran in all, want 4", n)
+	}
+}
+
+// A replication group failed over by asr failover --group fails back with
+// asr failback --group (no plan needed): its reprotect, the failback of one
+// member alone refused with that hint, the group's failback (every
+// member's original disk equals its export), forward again. db, failed
+// over by itself, is not the group's and stays as it is.
+func TestFailbackGroup(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRigWith(t, true, nil)
+	rg := []string{"app1", "app2"}
+	if _, err := pr.client.FailbackGroup(ctx, "nope"); err == nil || !strings.Contains(err.Error(), "no replication group named") {
+		t.Fatalf("failback of an unknown group: %v", err)
+	}
+	if _, err := pr.client.FailbackGroup(ctx, "rg"); err == nil || !strings.Contains(err.Error(), "reprotect") {
+		t.Fatalf("group failback before reprotect: %v", err)
+	}
+	for _, m := range planMachines {
+		pr.write(m, 6)
+	}
+	j := pr.mustJob(pr.client.ReprotectGroup(ctx, "rg"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "group rg reprotected: 2 machines") || j.Subject != "group rg" {
+		t.Fatalf("group reprotect %q: %q", j.Subject, j.Output)
+	}
+	pr.directions("reprotected", rg...)
+	pr.directions("failed-over", "db")
+	_, err := pr.client.Failback(ctx, "app1")
+	if err == nil || !strings.Contains(err.Error(), "replication group rg with app2") || !strings.Contains(err.Error(), "asr failback --group rg") {
+		t.Fatalf("failback of one member of a replication group: %v", err)
+	}
+	for _, m := range rg {
+		pr.write(m, 3)
+	}
+	want := pr.sums()
+	j = pr.mustJob(pr.client.FailbackGroup(ctx, "rg"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "group rg failed back: 2 machines") || !strings.Contains(j.Output[0], "asr reprotect --group rg") {
+		t.Fatalf("group failback output %q", j.Output)
+	}
+	if stepIndex(t, j, "switch") > stepIndex(t, j, "app1: power on") || stepIndex(t, j, "app2: verify") > stepIndex(t, j, "switch") {
+		t.Fatalf("the group's failback steps out of order: %+v", j.Steps)
+	}
+	for _, m := range rg {
+		if fileSum(t, pr.disks[m]) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+	pr.directions("failed-back", rg...)
+	pr.directions("failed-over", "db")
+	j = pr.mustJob(pr.client.ReprotectGroup(ctx, "rg"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "group rg protected again: 2 machines") {
+		t.Fatalf("forward group reprotect output %q", j.Output)
+	}
+	for _, m := range rg {
+		pr.waitProtected(m)
+		p, err := pr.client.Tag(ctx, m, false, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := t.TempDir()
+		pr.recover(m, p.ID, out)
+		if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, pr.disks[m]) {
+			t.Fatalf("machine %s: the point after the forward reprotect differs from the source", m)
+		}
+	}
+	pr.directions("", rg...)
 }

@@ -237,7 +237,7 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 // each disk at its place on the source when they are as many. wrap, if
 // not nil, wraps each disk's reader (disk i of exs).
 func vsphereVM(src *vmware.VM, name string, vt api.VSphereTarget, isolated, powerOn bool, exs []*export, wrap func(i int, r io.ReaderAt) io.ReaderAt) (vmware.FailoverSpec, []vmware.FailoverDisk) {
-	spec := vmware.FailoverSpec{VMName: name, Datastore: vt.Datastore, Host: vt.Host, Pool: vt.Pool,
+	spec := vmware.FailoverSpec{VMName: name, Datastore: vt.Datastore, Host: vt.Host, Pool: vt.Pool, Folder: vt.Folder,
 		Network: vt.Network, Isolated: isolated, PowerOn: powerOn, CPUs: 1, MemoryMiB: 1024}
 	var srcDisks []vmware.Disk
 	if src != nil {

@@ -113,6 +113,22 @@ func (s *Server) failoverTargets(ctx context.Context, req api.FailoverRequest) (
 			return nil, err
 		}
 		ms = append(ms, m)
+	case req.Group != "" && req.Planned:
+		// Every member, each stopped and given a last point by the job:
+		// the members stopped one after the other, each point is its
+		// machine's final state, so together they are a moment of the
+		// group. No group point is needed.
+		x, err := s.groupSet(ctx, req.Group)
+		if err != nil {
+			return nil, err
+		}
+		for _, name := range x.p.Groups[0].Machines {
+			m, err := s.db.MachineByName(ctx, name)
+			if err != nil {
+				return nil, fmt.Errorf("group %s: member %s: %w", req.Group, name, err)
+			}
+			ms = append(ms, m)
+		}
 	case req.Group != "":
 		gp, err := s.cat.FindGroupPoint(ctx, req.Group, req.Point)
 		if err != nil {

@@ -411,6 +411,7 @@ func TestPlanTestFailover(t *testing.T) {
 		{Name: "p", Groups: []api.PlanGroup{{Machines: []string{"nope"}}}},
 		{Name: "p", Groups: []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"db"}}}},
 		{Name: "p", Groups: []api.PlanGroup{{Machines: []string{"db"}, Pre: []api.PlanAction{{Kind: "script", Path: "relative.sh"}}}}},
+		{Name: "p", Groups: []api.PlanGroup{{Machines: []string{"db"}, Pre: []api.PlanAction{{Kind: "script", Path: script, On: "sideways"}}}}},
 		{Name: "bad name!", Groups: []api.PlanGroup{{Machines: []string{"db"}}}},
 		{Name: "p", Groups: make([]api.PlanGroup, 8)},
 	}

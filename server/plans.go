@@ -85,6 +85,11 @@ func (s *Server) checkPlan(ctx context.Context, p *api.Plan) error {
 			default:
 				return errorf(http.StatusBadRequest, "group %d: action kind %q: want script or manual", i+1, a.Kind)
 			}
+			switch a.On {
+			case "", api.ActionOnFailover, api.ActionOnFailback:
+			default:
+				return errorf(http.StatusBadRequest, "group %d: an action runs on %q or %q (or both: leave it empty), not %q", i+1, api.ActionOnFailover, api.ActionOnFailback, a.On)
+			}
 		}
 	}
 	if d := p.Drill; d != nil {
@@ -233,12 +238,9 @@ func (s *Server) runPlan(ctx context.Context, j *job, p api.Plan, groups [][]foT
 	var all []string
 	for i, g := range p.Groups {
 		n := i + 1
-		actx.Group = n
 		actx.Phase = "pre"
-		for k, a := range g.Pre {
-			if err := s.runAction(ctx, j, fmt.Sprintf("group %d pre %d", n, k+1), a, actx); err != nil {
-				return all, err
-			}
+		if err := s.runActions(ctx, j, n, g.Pre, &actx, false); err != nil {
+			return all, err
 		}
 		// A plan's points are resolved when its group starts: a later
 		// group fails over at a point as recent as its turn allows.
@@ -268,13 +270,27 @@ func (s *Server) runPlan(ctx context.Context, j *job, p api.Plan, groups [][]foT
 			actx.Machines[t.m.Name] = am
 		}
 		actx.Phase = "post"
-		for k, a := range g.Post {
-			if err := s.runAction(ctx, j, fmt.Sprintf("group %d post %d", n, k+1), a, actx); err != nil {
-				return all, err
-			}
+		if err := s.runActions(ctx, j, n, g.Post, &actx, false); err != nil {
+			return all, err
 		}
 	}
 	return all, nil
+}
+
+// runActions runs group n's actions of actx.Phase that run in the plan's
+// direction (failback or failover), in order; the first that fails ends
+// them. Each is a step of the job, numbered as in the plan.
+func (s *Server) runActions(ctx context.Context, j *job, n int, as []api.PlanAction, actx *api.ActionContext, failback bool) error {
+	actx.Group = n
+	for k, a := range as {
+		if !a.RunsOn(failback) {
+			continue
+		}
+		if err := s.runAction(ctx, j, fmt.Sprintf("group %d %s %d", n, actx.Phase, k+1), a, *actx); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // runAction runs one of a plan's actions as a step of its job.
@@ -306,7 +322,7 @@ func (s *Server) runScript(ctx context.Context, path string, actx api.ActionCont
 	in, _ := json.Marshal(actx)
 	cmd := exec.CommandContext(ctx, path)
 	cmd.Stdin = bytes.NewReader(in)
-	cmd.Env = append(os.Environ(), "ASR_PLAN="+actx.Plan, fmt.Sprintf("ASR_GROUP=%d", actx.Group), "ASR_PHASE="+actx.Phase, "ASR_FAILOVER_TYPE="+actx.Type)
+	cmd.Env = append(os.Environ(), "ASR_PLAN="+actx.Plan, fmt.Sprintf("ASR_GROUP=%d", actx.Group), "ASR_PHASE="+actx.Phase, "ASR_FAILOVER_TYPE="+actx.Type, "ASR_DIRECTION="+actx.Direction)
 	var out tailBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.WaitDelay = 5 * time.Second

@@ -62,6 +62,10 @@ type FailoverSpec struct {
 	// inventory path); both "" is the root pool of the first cluster,
 	// else of the first standalone host. A Host alone uses its root pool.
 	Host, Pool string
+	// Folder is the VM folder (a name or an inventory path, e.g.
+	// "/DC0/vm/DR/web") the VM is registered in; "" is the data center's
+	// VM folder. A folder that is not a VM folder is refused.
+	Folder string
 	// Network is the network every NIC is attached to; "" keeps each
 	// NIC's own network (NIC.Network), and "VM Network" for a NIC without
 	// one.
@@ -340,6 +344,7 @@ type failover struct {
 
 	dc       *object.Datacenter
 	folders  *object.DatacenterFolders
+	vmFolder *object.Folder // where the VM is registered (Folder, or the VM folder)
 	ds       *object.Datastore
 	pool     *object.ResourcePool
 	host     *object.HostSystem // nil: vCenter chooses
@@ -373,6 +378,12 @@ func (f *failover) resolve(ctx context.Context) error {
 	fd.SetDatacenter(f.dc)
 	if f.folders, err = f.dc.Folders(ctx); err != nil {
 		return fmt.Errorf("datacenter folders: %w", err)
+	}
+	f.vmFolder = f.folders.VmFolder
+	if s.Folder != "" {
+		if f.vmFolder, err = vmFolder(ctx, fd, s.Folder); err != nil {
+			return err
+		}
 	}
 	if f.ds, err = fd.Datastore(ctx, s.Datastore); err != nil {
 		return findError("datastore", s.Datastore, err)
@@ -424,6 +435,23 @@ func (f *failover) resolve(ctx context.Context) error {
 }
 
 // place resolves the resource pool and host.
+// vmFolder finds a VM folder by name or inventory path: a folder whose
+// children may be virtual machines.
+func vmFolder(ctx context.Context, fd *find.Finder, name string) (*object.Folder, error) {
+	folder, err := fd.Folder(ctx, name)
+	if err != nil {
+		return nil, findError("VM folder", name, err)
+	}
+	var mf mo.Folder
+	if err := folder.Properties(ctx, folder.Reference(), []string{"childType"}, &mf); err != nil {
+		return nil, fmt.Errorf("folder %s: %w", name, err)
+	}
+	if !slices.Contains(mf.ChildType, "VirtualMachine") {
+		return nil, fmt.Errorf("%w: folder %s holds %s, not virtual machines", ErrNotFound, name, strings.Join(mf.ChildType, ", "))
+	}
+	return folder, nil
+}
+
 func (f *failover) place(ctx context.Context, fd *find.Finder) error {
 	s := f.spec
 	var err error
@@ -729,7 +757,7 @@ func (f *failover) create(ctx context.Context) error {
 		DeviceChange: changes,
 		ExtraConfig:  []types.BaseOptionValue{&types.OptionValue{Key: failoverMarker, Value: "true"}},
 	}
-	task, err := f.folders.VmFolder.CreateVM(ctx, cs, f.pool, f.host)
+	task, err := f.vmFolder.CreateVM(ctx, cs, f.pool, f.host)
 	if err != nil {
 		return err
 	}

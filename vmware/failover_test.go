@@ -158,7 +158,7 @@ func vmInfo(t *testing.T, c *govmomi.Client, ref string) mo.VirtualMachine {
 	var m mo.VirtualMachine
 	pc := property.DefaultCollector(c.Client)
 	err := pc.RetrieveOne(context.Background(), types.ManagedObjectReference{Type: "VirtualMachine", Value: ref},
-		[]string{"name", "config", "runtime.powerState", "runtime.host", "network"}, &m)
+		[]string{"name", "config", "runtime.powerState", "runtime.host", "network", "parent"}, &m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -506,6 +506,8 @@ func TestFailoverRefused(t *testing.T) {
 		{"unknown host", func(s *FailoverSpec) { s.Host = "esx-nope" }, nil, ErrNotFound},
 		{"unknown pool", func(s *FailoverSpec) { s.Pool = "/DC0/host/DC0_C0/Resources/nope" }, nil, ErrNotFound},
 		{"unknown network", func(s *FailoverSpec) { s.Network = "nope" }, nil, ErrNotFound},
+		{"unknown folder", func(s *FailoverSpec) { s.Folder = "/DC0/vm/nope" }, nil, ErrNotFound},
+		{"not a VM folder", func(s *FailoverSpec) { s.Folder = "/DC0/host" }, nil, ErrNotFound},
 		{"unknown NIC network", func(s *FailoverSpec) { s.NICs = []NIC{{Type: "e1000", Network: "gone"}} }, nil, ErrNotFound},
 		{"host outside the pool", func(s *FailoverSpec) { s.Host, s.Pool = "DC0_H0", "/DC0/host/DC0_C0/Resources" }, nil, ErrInvalidFailover},
 		{"name with a slash", func(s *FailoverSpec) { s.VMName = "a/b" }, nil, ErrInvalidFailover},
@@ -776,8 +778,25 @@ func TestFailoverNetworkAndPlacement(t *testing.T) {
 	s := mustFailoverSim(t)
 	ctx := ctxT(t)
 	b := mustDiskBytes(t, 1<<20, 5)
+	// A VM folder of the operator's: /DC0/vm/DR/web.
+	dc, err := find.NewFinder(s.c.Client).Datacenter(ctx, "DC0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	folders, err := dc.Folders(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dr, err := folders.VmFolder.CreateFolder(ctx, "DR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	web, err := dr.CreateFolder(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
 	spec := FailoverSpec{VMName: "placed", Datastore: s.ds, CPUs: 1, MemoryMiB: 512, Network: "DC0_DVPG0",
-		Host: "DC0_C0_H1", Pool: "/DC0/host/DC0_C0/Resources",
+		Host: "DC0_C0_H1", Pool: "/DC0/host/DC0_C0/Resources", Folder: "/DC0/vm/DR/web",
 		NICs: []NIC{{Type: "vmxnet3", Network: "VM Network"}, {Type: "e1000"}}}
 	res, err := FailoverToVSphere(ctx, s.c, spec, []FailoverDisk{{Name: "disk0", Size: int64(len(b)), Src: bytes.NewReader(b)}}, nil)
 	if err != nil {
@@ -790,6 +809,9 @@ func TestFailoverNetworkAndPlacement(t *testing.T) {
 	}
 	if host.Name != "DC0_C0_H1" || res.Host != "DC0_C0_H1" {
 		t.Fatalf("on host %s (result %q), want DC0_C0_H1", host.Name, res.Host)
+	}
+	if m.Parent == nil || *m.Parent != web.Reference() {
+		t.Fatalf("VM in folder %v, want %v (/DC0/vm/DR/web)", m.Parent, web.Reference())
 	}
 	var pgs []string
 	for _, d := range m.Config.Hardware.Device {

@@ -230,3 +230,73 @@ func TestFailbackStart(t *testing.T) {
 	}
 	post(t, h, id, "/machines/nosuch/failback", url.Values{"csrf": {csrf}}, http.StatusNotFound)
 }
+
+// The alternate location's page: offered (on the machine's page and as a
+// form) only for a committed failover to NBD with no job running; its
+// POST starts FailbackTo with the form's fields and goes to the job; a
+// refusal of the server shows on the form with what was typed; no
+// vCenter, no CSRF token or an empty datastore start nothing.
+func TestFailbackAlternate(t *testing.T) {
+	for c, tc := range failbackCases {
+		b := failbackBackend(c)
+		b.vcenters = []api.VCenter{{Name: "vc1"}}
+		h := newTestHandler(t, b)
+		id, _ := mustLogin(t, h, b)
+		want := tc.failover != nil && tc.failover.To == api.ToNBD && tc.failover.State == "committed" && tc.job == nil &&
+			(tc.failover.Failback == nil || tc.failover.Failback.State != "failing-back")
+		body := get(t, h, id, "/machines/db", http.StatusOK)
+		if got := strings.Contains(body, `href="/machines/db/failback-alternate"`); got != want {
+			t.Errorf("%s: the machine page offers the alternate location: %v, want %v", tc.name, got, want)
+		}
+		status := http.StatusOK
+		if !want {
+			status = http.StatusConflict
+		}
+		body = get(t, h, id, "/machines/db/failback-alternate", status)
+		if got := strings.Contains(body, `id="alternate-form"`); got != want {
+			t.Errorf("%s: the form is shown: %v, want %v", tc.name, got, want)
+		}
+		if tc.name == "failed_over" || tc.name == "failed_over_vsphere" {
+			checkGolden(t, "page_failback_alternate_"+tc.name, body)
+		}
+	}
+
+	b := failbackBackend(5) // reprotected, to NBD
+	h := newTestHandler(t, b)
+	id, csrf := mustLogin(t, h, b)
+	body := get(t, h, id, "/machines/db/failback-alternate", http.StatusOK)
+	if !strings.Contains(body, "No vCenter is registered") || strings.Contains(body, `id="alternate-form"`) {
+		t.Errorf("without a vCenter the form is offered:\n%s", body)
+	}
+	b.vcenters = []api.VCenter{{Name: "vc1"}, {Name: "vc2"}}
+	form := url.Values{"vcenter": {"vc2"}, "datastore": {"ds2"}, "vm_name": {"db-new"}, "folder": {"/DC0/vm/DR"}, "network": {"LAN"}}
+	post(t, h, id, "/machines/db/failback-alternate", form, http.StatusForbidden)
+	form.Set("csrf", csrf)
+	noDS := url.Values{"csrf": {csrf}, "vcenter": {"vc1"}}
+	if body := post(t, h, id, "/machines/db/failback-alternate", noDS, http.StatusBadRequest).Body.String(); !strings.Contains(body, "name the datastore") {
+		t.Errorf("an empty datastore:\n%s", body)
+	}
+	if len(b.alternate) != 0 {
+		t.Fatalf("started without the CSRF token or a datastore: %+v", b.alternate)
+	}
+	w := post(t, h, id, "/machines/db/failback-alternate", form, http.StatusSeeOther)
+	if loc := w.Header().Get("Location"); loc != "/jobs/job-1" {
+		t.Fatalf("went to %q, want the job's page", loc)
+	}
+	wantReq := api.FailbackRequest{Alternate: true, VMName: "db-new", VSphere: &api.VSphereTarget{VCenter: "vc2", Datastore: "ds2", Folder: "/DC0/vm/DR", Network: "LAN"}}
+	if len(b.alternate) != 1 || b.alternate[0].VMName != wantReq.VMName || *b.alternate[0].VSphere != *wantReq.VSphere || !b.alternate[0].Alternate {
+		t.Fatalf("FailbackTo got %+v, want %+v", b.alternate, wantReq)
+	}
+	b.jobs = nil
+	b.refuse = errors.New(`datastore "ds9": not found`)
+	form.Set("datastore", "ds9")
+	body = post(t, h, id, "/machines/db/failback-alternate", form, http.StatusConflict).Body.String()
+	if !strings.Contains(body, "Nothing was started: datastore &#34;ds9&#34;: not found") || !strings.Contains(body, `value="ds9"`) ||
+		!strings.Contains(body, `value="/DC0/vm/DR"`) || !strings.Contains(body, `<option value="vc2" selected>`) {
+		t.Fatalf("the refusal is not shown with the form as typed:\n%s", body)
+	}
+	if !strings.Contains(body, "asr failback --machine db --alternate --vcenter vc2 --datastore ds9 --vm-name db-new --folder /DC0/vm/DR --network LAN") {
+		t.Errorf("the page lacks the same request's command line:\n%s", body)
+	}
+	post(t, h, id, "/machines/nosuch/failback-alternate", form, http.StatusNotFound)
+}

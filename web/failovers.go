@@ -102,8 +102,8 @@ type failoverForm struct {
 
 	BootCheck, BootPort, BootTimeout string
 
-	VCenter, Datastore, Host, Pool, Network string
-	PowerOn                                 bool
+	VCenter, Datastore, Host, Pool, Folder, Network string
+	PowerOn                                         bool
 
 	Subscription, ResourceGroup, Location, VNet, Subnet, Size string
 
@@ -168,7 +168,7 @@ func formFailover(r *http.Request) (failoverForm, api.FailoverRequest, error) {
 	val := func(k string) string { return strings.TrimSpace(r.PostFormValue(k)) }
 	f := failoverForm{Machine: val("machine"), Kind: val("kind"), Point: val("point"), To: val("to"),
 		BootCheck: r.PostFormValue("boot_check"), BootPort: val("boot_port"), BootTimeout: val("boot_timeout"),
-		VCenter: val("vcenter"), Datastore: val("datastore"), Host: val("host"), Pool: val("pool"), Network: val("network"),
+		VCenter: val("vcenter"), Datastore: val("datastore"), Host: val("host"), Pool: val("pool"), Folder: val("folder"), Network: val("network"),
 		PowerOn:      r.PostFormValue("power_on") != "",
 		Subscription: val("subscription"), ResourceGroup: val("resource_group"), Location: val("location"),
 		VNet: val("vnet"), Subnet: val("subnet"), Size: val("size")}
@@ -196,7 +196,7 @@ func formFailover(r *http.Request) (failoverForm, api.FailoverRequest, error) {
 			return f, req, err
 		}
 	case api.ToVSphere:
-		req.VSphere = &api.VSphereTarget{VCenter: f.VCenter, Datastore: f.Datastore, Host: f.Host, Pool: f.Pool, Network: f.Network, PowerOn: f.PowerOn}
+		req.VSphere = &api.VSphereTarget{VCenter: f.VCenter, Datastore: f.Datastore, Host: f.Host, Pool: f.Pool, Folder: f.Folder, Network: f.Network, PowerOn: f.PowerOn}
 	case api.ToAzure:
 		req.Azure = &api.AzureTarget{Subscription: f.Subscription, ResourceGroup: f.ResourceGroup, Location: f.Location,
 			VNet: f.VNet, Subnet: f.Subnet, Size: f.Size}

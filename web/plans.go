@@ -120,12 +120,18 @@ func parseActions(s string) []api.PlanAction {
 	var out []api.PlanAction
 	for _, line := range strings.Split(s, "\n") {
 		line = strings.TrimSpace(line)
+		on := ""
+		for _, d := range []string{api.ActionOnFailover, api.ActionOnFailback} {
+			if rest, ok := strings.CutPrefix(line, d+":"); ok {
+				on, line = d, strings.TrimSpace(rest)
+			}
+		}
 		switch {
 		case line == "":
 		case strings.HasPrefix(line, "/"):
-			out = append(out, api.PlanAction{Kind: "script", Path: line})
+			out = append(out, api.PlanAction{Kind: "script", Path: line, On: on})
 		default:
-			out = append(out, api.PlanAction{Kind: "manual", Text: line})
+			out = append(out, api.PlanAction{Kind: "manual", Text: line, On: on})
 		}
 	}
 	return out
@@ -297,10 +303,14 @@ func planActionURL(name, action string) templ.SafeURL {
 
 // actionText is a plan's action in a few words.
 func actionText(a api.PlanAction) string {
-	if a.Kind == "script" {
-		return "script " + a.Path
+	on := ""
+	if a.On != "" {
+		on = " (on " + a.On + " only)"
 	}
-	return "manual: " + a.Text
+	if a.Kind == "script" {
+		return "script " + a.Path + on
+	}
+	return "manual: " + a.Text + on
 }
 
 // drillText is a plan's drill schedule in a few words.

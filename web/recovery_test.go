@@ -23,6 +23,7 @@ type fakeRecovery struct {
 	failovers []api.Failover
 	points    map[string][]api.PointJSON // machine -> points, oldest first
 	requests  []api.FailoverRequest      // every StartFailover
+	alternate []api.FailbackRequest      // every FailbackTo
 	actions   []string                   // "cleanup machine/plan", "commit ...", "change-point ..."
 	confirmed []string                   // job ids
 	cancelled []string
@@ -256,16 +257,17 @@ func TestCreatePlan(t *testing.T) {
 	h := newTestHandler(t, b)
 	id, csrf := mustLogin(t, h, b)
 	form := url.Values{"csrf": {csrf}, "name": {"shop"},
-		"g1_machines": {"db"}, "g1_post": {"check the database\n\n"},
-		"g2_machines": {"app"}, "g2_pre": {"/etc/asr/dns-switch.sh\r\nwarn the users"},
+		"g1_machines": {"db"}, "g1_post": {"check the database\n\nfailback: check the replication\n"},
+		"g2_machines": {"app"}, "g2_pre": {"/etc/asr/dns-switch.sh\r\nwarn the users\nfailover:/etc/asr/fence.sh"},
 		"drill": {"1"}, "drill_every": {"24"}, "drill_check": {"login:"}, "drill_port": {"22"}, "drill_timeout": {"120"}}
 	w := post(t, h, id, "/plans", form, http.StatusSeeOther)
 	if loc := w.Header().Get("Location"); loc != "/plans?created=shop#plan-shop" {
 		t.Errorf("created: to %s", loc)
 	}
 	want := api.Plan{Name: "shop", Created: testNow, Groups: []api.PlanGroup{
-		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "manual", Text: "check the database"}}},
-		{Machines: []string{"app"}, Pre: []api.PlanAction{{Kind: "script", Path: "/etc/asr/dns-switch.sh"}, {Kind: "manual", Text: "warn the users"}}},
+		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "manual", Text: "check the database"}, {Kind: "manual", Text: "check the replication", On: api.ActionOnFailback}}},
+		{Machines: []string{"app"}, Pre: []api.PlanAction{{Kind: "script", Path: "/etc/asr/dns-switch.sh"}, {Kind: "manual", Text: "warn the users"},
+			{Kind: "script", Path: "/etc/asr/fence.sh", On: api.ActionOnFailover}}},
 	}, Drill: &api.PlanDrill{EverySeconds: 24 * 3600, BootCheck: "login:", BootPort: 22, TimeoutSeconds: 120}}
 	if len(b.plans) != 1 || !reflect.DeepEqual(b.plans[0], want) {
 		t.Fatalf("plan stored:\n%+v\nwant\n%+v", b.plans, want)
@@ -441,8 +443,8 @@ func TestNewFailover(t *testing.T) {
 			api.FailoverRequest{Machine: "db", Test: true, Point: "0000000000000006", To: api.ToNBD}},
 		{"drill", url.Values{"kind": {"test"}, "point": {"latest-app"}, "to": {"qemu"}, "boot_check": {"login:"}, "boot_timeout": {"60"}},
 			api.FailoverRequest{Machine: "db", Test: true, Point: "latest-app", To: api.ToQEMU, BootCheck: "login:", BootTimeout: 60}},
-		{"planned vsphere", url.Values{"kind": {"planned"}, "point": {"latest"}, "to": {"vsphere"}, "datastore": {"ds1"}, "network": {"VM Network"}},
-			api.FailoverRequest{Machine: "db", Planned: true, To: api.ToVSphere, VSphere: &api.VSphereTarget{VCenter: "vc1", Datastore: "ds1", Network: "VM Network"}}},
+		{"planned vsphere", url.Values{"kind": {"planned"}, "point": {"latest"}, "to": {"vsphere"}, "datastore": {"ds1"}, "folder": {"/DC0/vm/DR"}, "network": {"VM Network"}},
+			api.FailoverRequest{Machine: "db", Planned: true, To: api.ToVSphere, VSphere: &api.VSphereTarget{VCenter: "vc1", Datastore: "ds1", Folder: "/DC0/vm/DR", Network: "VM Network"}}},
 		{"unplanned azure", url.Values{"kind": {"unplanned"}, "point": {"latest"}, "to": {"azure"}, "subscription": {"sub"}, "resource_group": {"rg"},
 			"location": {"westeurope"}, "vnet": {"vnet1"}, "subnet": {"default"}, "size": {"Standard_D2s_v5"}},
 			api.FailoverRequest{Machine: "db", Point: "latest", To: api.ToAzure, Azure: &api.AzureTarget{Subscription: "sub", ResourceGroup: "rg",
@@ -555,6 +557,13 @@ func (b *fakeBackend) Reprotect(_ context.Context, machine string) (api.Job, err
 
 func (b *fakeBackend) Failback(_ context.Context, machine string) (api.Job, error) {
 	return b.action("failback", api.FailoverAction{Machine: machine})
+}
+
+func (b *fakeBackend) FailbackTo(_ context.Context, machine string, req api.FailbackRequest) (api.Job, error) {
+	b.mu.Lock()
+	b.alternate = append(b.alternate, req)
+	b.mu.Unlock()
+	return b.action("failback-alternate", api.FailoverAction{Machine: machine})
 }
 
 func (b *fakeBackend) ReprotectPlan(_ context.Context, plan string) (api.Job, error) {

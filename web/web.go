@@ -66,6 +66,17 @@ type Backend interface {
 
 	// ProcessServer returns the process server's figures.
 	ProcessServer(ctx context.Context) (api.ProcessServer, error)
+	// ProcessServers lists the built-in process server and the scale-out
+	// ones with their state and figures (asr ps list).
+	ProcessServers(ctx context.Context) ([]api.ProcessServerInfo, error)
+	// SwitchProcessServer moves a machine to another process server (a
+	// name, api.BuiltinProcessServer or api.AutoProcessServer) and
+	// returns the one chosen, once the old one has handed it over.
+	SwitchProcessServer(ctx context.Context, machine, to string) (string, error)
+	// SwitchAll moves every machine of process server from to another,
+	// one at a time; it returns the machines moved (also when it stops
+	// at one that fails).
+	SwitchAll(ctx context.Context, from, to string) ([]string, error)
 
 	// VCenters lists the registered vCenters.
 	VCenters(ctx context.Context) ([]api.VCenter, error)
@@ -121,6 +132,10 @@ type Backend interface {
 	// nothing and returns an error whose message is shown to the user.
 	Reprotect(ctx context.Context, machine string) (api.Job, error)
 	Failback(ctx context.Context, machine string) (api.Job, error)
+	// FailbackTo starts the job that fails a machine back to a new VM made
+	// through a vCenter (req.Alternate), a full copy of its failed-over
+	// disks.
+	FailbackTo(ctx context.Context, machine string, req api.FailbackRequest) (api.Job, error)
 	// ReprotectPlan and FailbackPlan do the same for every machine a
 	// recovery plan's failover failed over, as one job; a plan any of
 	// whose machines cannot take part starts nothing, and the error
@@ -234,6 +249,7 @@ func New(b Backend, opts Options) *Handler {
 	machine := &machineHandler{backend: b, log: log, now: now}
 	policies := &policiesHandler{backend: b, log: log, now: now}
 	groups := &groupsHandler{backend: b, log: log, now: now}
+	pss := &processServersHandler{backend: b, log: log, now: now}
 	infra := &infrastructureHandler{backend: b, log: log, now: now}
 	failback := &failbackHandler{backend: b, log: log, now: now}
 
@@ -262,12 +278,14 @@ func New(b Backend, opts Options) *Handler {
 		r.Get("/policies/{policy}/edit", policies.editPage)
 		r.Get("/groups", groups.page)
 		r.Get("/infrastructure", infra.page)
+		r.Get("/process-servers", pss.page)
 		r.Get("/fragments/infrastructure", infra.fragment)
 		r.Get("/fragments/machines", machines.fragment)
 		r.Get("/settings", settings.page)
 		r.Get("/machines/{machine}/resync", machines.resyncPage)
 		r.Get("/machines/{machine}/reprotect", failback.confirmPage(actionReprotect))
 		r.Get("/machines/{machine}/failback", failback.confirmPage(actionFailback))
+		r.Get("/machines/{machine}/"+actionAlternate, failback.alternatePage)
 		r.Get("/vcenters", vcenters.page)
 		r.Get("/vcenters/{vcenter}/remove", vcenters.removePage)
 		r.Get("/vms", inventory.page)
@@ -290,6 +308,7 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/machines/{machine}/resync", machines.startResync)
 			r.Post("/machines/{machine}/reprotect", failback.start(actionReprotect))
 			r.Post("/machines/{machine}/failback", failback.start(actionFailback))
+			r.Post("/machines/{machine}/"+actionAlternate, failback.alternateStart)
 			r.Post("/vcenters", vcenters.add)
 			r.Post("/vcenters/{vcenter}/remove", vcenters.remove)
 			r.Post("/protect", inventory.protect)
@@ -308,6 +327,8 @@ func New(b Backend, opts Options) *Handler {
 			r.Post("/policies/{policy}/edit", policies.update)
 			r.Post("/groups/members", groups.setMember)
 			r.Post("/groups/{group}/points", groups.tag)
+			r.Post("/process-servers/switch", pss.switchMachine)
+			r.Post("/process-servers/{ps}/move", pss.moveAll)
 		})
 	})
 	return &Handler{router: r, auth: auth, settings: settings}

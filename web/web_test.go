@@ -40,6 +40,7 @@ type fakeBackend struct {
 	fakeRecovery // plans, failovers, points (recovery_test.go)
 	fakeAlerts   // alerts, events, notifications (alerts_test.go)
 	fakeConsole  // history, tags, policies, groups, machine events (console_test.go)
+	fakePSs      // process servers and switches (processservers_test.go)
 }
 
 var _ Backend = (*fakeBackend)(nil)

@@ -14,7 +14,10 @@
 // Records are appended in one order and completed (the write to the backing
 // disk done) in possibly another; the spool hands the shipper only the prefix
 // of records that are all complete (Shippable), so an acknowledged record is
-// always one the source disk holds too.
+// always one the source disk holds too. At most MaxInFlight records are
+// appended past the first incomplete one (Append waits), so after a kill
+// the records whose change may not have reached the disk are among the
+// last MaxInFlight (Recovered.Recent).
 package spool
 
 import (
@@ -132,8 +135,12 @@ type Position struct {
 	Offset int64
 }
 
-// Tail describes the last record a disk had in the spool when it was opened;
-// after an unclean stop its change may not have reached the backing disk.
+// MaxInFlight bounds the records appended and not yet completed, counted
+// from the first incomplete one: Append waits while that many are.
+const MaxInFlight = 64
+
+// Tail describes a change record the spool held when it was opened; after
+// an unclean stop its change may not have reached the backing disk.
 type Tail struct {
 	Disk   uint32
 	Kind   replication.Kind
@@ -144,9 +151,15 @@ type Tail struct {
 // Recovered is what Open found in an existing spool.
 type Recovered struct {
 	Records   int
-	Truncated int64           // bytes of torn tail cut off
-	Tails     map[uint32]Tail // last data-changing record per disk
-	Progress  map[uint32]replication.Record
+	Truncated int64 // bytes of torn tail cut off
+	// Recent are the guest's change records (write, zero, trim) among
+	// the last MaxInFlight records, in sequence order: every change that
+	// may have been logged and not written (or the reverse) when the agent
+	// stopped is one of them. (Base records are read from the disk and
+	// complete at once: never in flight.)
+	Recent   []Tail
+	Progress map[uint32]replication.Record
+	last     []Tail // the last MaxInFlight records (Kind 0: not a change)
 }
 
 // Open opens or creates the spool in dir. acked is the last sequence number
@@ -163,7 +176,6 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		opts.FileBytes = opts.MaxBytes / 4
 	}
 	var rec Recovered
-	rec.Tails = map[uint32]Tail{}
 	rec.Progress = map[uint32]replication.Record{}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, rec, err
@@ -208,6 +220,12 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 			return nil, rec, err
 		}
 	}
+	for _, t := range rec.last {
+		if t.Kind != 0 {
+			rec.Recent = append(rec.Recent, t)
+		}
+	}
+	rec.last = nil
 	s.shipSeq = s.next - 1
 	s.ship = s.endPos()
 	s.synced = s.next - 1
@@ -308,10 +326,17 @@ func (s *Spool) openFile(path string, last bool, rec *Recovered) (*file, error) 
 }
 
 func noteRecord(rec *Recovered, r *replication.Record) {
+	if len(rec.last) == MaxInFlight {
+		rec.last = append(rec.last[:0], rec.last[1:]...)
+	}
+	t := Tail{Disk: r.Disk, Kind: r.Kind, Offset: r.Offset, Length: r.Length}
 	switch r.Kind {
-	case replication.KindWrite, replication.KindZero, replication.KindTrim, replication.KindBase:
-		rec.Tails[r.Disk] = Tail{Disk: r.Disk, Kind: r.Kind, Offset: r.Offset, Length: r.Length}
-	case replication.KindProgress:
+	case replication.KindWrite, replication.KindZero, replication.KindTrim:
+		rec.last = append(rec.last, t)
+	default:
+		rec.last = append(rec.last, Tail{})
+	}
+	if r.Kind == replication.KindProgress {
 		r.Data = nil
 		rec.Progress[r.Disk] = *r
 	}
@@ -427,15 +452,26 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 			return 0, ErrFull
 		}
 	}
-	for !s.closed && s.bytes+size > s.opts.MaxBytes && s.bytes > headerSize {
-		if s.acked+1 == s.next && len(s.files) == 1 {
-			// Everything is acknowledged but the current file holds it:
-			// start a new file so the old one can go.
-			if err := s.newFile(); err != nil {
-				return 0, fmt.Errorf("spool: %w", err)
+	for {
+		for !s.closed && s.bytes+size > s.opts.MaxBytes && s.bytes > headerSize {
+			if s.acked+1 == s.next && len(s.files) == 1 {
+				// Everything is acknowledged but the current file holds it:
+				// start a new file so the old one can go.
+				if err := s.newFile(); err != nil {
+					return 0, fmt.Errorf("spool: %w", err)
+				}
+				s.trimLocked()
+				continue
 			}
-			s.trimLocked()
-			continue
+			if err := ctx.Err(); err != nil {
+				return 0, err
+			}
+			s.waitLocked(ctx)
+		}
+		// The in-flight window (see MaxInFlight): the first incomplete
+		// record completes without any lock its appenders may hold.
+		if s.closed || len(s.inflight) < MaxInFlight {
+			break
 		}
 		if err := ctx.Err(); err != nil {
 			return 0, err

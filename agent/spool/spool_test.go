@@ -98,7 +98,7 @@ func TestRotateAckReopen(t *testing.T) {
 		t.Fatalf("first %d: unacknowledged records deleted", s.First())
 	}
 	// Reopen without a clean close: everything not acknowledged is there,
-	// and the last change of each disk is reported.
+	// and the last changes are reported.
 	s2, rec, err := Open(dir, Options{MaxBytes: 64 << 20, FileBytes: 64 << 10}, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -110,8 +110,9 @@ func TestRotateAckReopen(t *testing.T) {
 	if got := readAll(t, s2, 61); len(got) != 40 {
 		t.Fatalf("after reopen: %d records from 61", len(got))
 	}
-	if rec.Tails[1].Offset != 99*4096 || rec.Tails[0].Offset != 98*4096 {
-		t.Fatalf("tails %+v", rec.Tails)
+	if n := len(rec.Recent); n != min(MaxInFlight, rec.Records) || rec.Recent[n-1].Disk != 1 || rec.Recent[n-1].Offset != 99*4096 ||
+		rec.Recent[n-2].Disk != 0 || rec.Recent[n-2].Offset != 98*4096 {
+		t.Fatalf("recent changes %+v", rec.Recent)
 	}
 	s.Close()
 }
@@ -341,5 +342,46 @@ func TestReset(t *testing.T) {
 	got := readAll(t, s2, s2.First())
 	if rec.Records != 1 || len(got) != 1 || got[0].Seq != 1 || string(got[0].Data) != "new log" || s2.Next() != 2 {
 		t.Fatalf("reopened after a reset: %d records recovered, %+v, next %d", rec.Records, got, s2.Next())
+	}
+}
+
+// At most MaxInFlight records are appended past the first incomplete one:
+// an append waits for it, and the records a kill may leave logged but not
+// written are all among the last MaxInFlight, which Open reports (Recent).
+func TestInFlightWindow(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	first := mustAppend(t, s, 0, 0, []byte("held"))
+	for i := 1; i < MaxInFlight; i++ {
+		s.Complete(mustAppend(t, s, 1, uint64(i)*4096, []byte("done")))
+	}
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	r := replication.Record{Kind: replication.KindWrite, Disk: 2, Length: 4, Data: []byte("more")}
+	if _, err := s.Append(cancelled, &r); !errors.Is(err, context.Canceled) {
+		t.Fatalf("append past the window = %v, want it to wait (context canceled)", err)
+	}
+	s.Complete(first)
+	if _, err := s.Append(cancelled, &r); err != nil {
+		t.Fatalf("append once the first record completed: %v", err)
+	}
+	tag := replication.Record{Kind: replication.KindResync, Disk: 2, Data: []byte("not a change"), Length: 12}
+	seq, err := s.Append(context.Background(), &tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Complete(seq)
+	s.Close()
+	_, rec := mustOpen(t, dir, Options{})
+	// The last MaxInFlight records: 62 of disk 1 (from offset 2*4096),
+	// disk 2's, and the resync mark (not a change).
+	if len(rec.Recent) != MaxInFlight-1 {
+		t.Fatalf("%d recent changes, want %d", len(rec.Recent), MaxInFlight-1)
+	}
+	if got := rec.Recent[0]; got.Disk != 1 || got.Offset != 2*4096 {
+		t.Fatalf("first recent change %+v, want disk 1 at %d", got, 2*4096)
+	}
+	if got := rec.Recent[len(rec.Recent)-1]; got.Disk != 2 || got.Length != 4 {
+		t.Fatalf("last recent change %+v, want disk 2's", got)
 	}
 }

@@ -13,6 +13,7 @@
 //	asrbench capacity  server memory with 1, 16 and 64 TiB of sparse protected disks
 //	asrbench discovery vCenter inventory watch (100, 1,000, 5,000 simulated VMs) vs polling
 //	asrbench failover  time to a usable test-failover NBD export, 1 GiB and 1 TiB sparse disks
+//	asrbench scaleout  aggregate churn of 4 agents through one process server vs two (scaleout.go)
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
 // `make peers` installs (zstd, fio, nbdkit, rsync, Azurite); discovery
@@ -101,6 +102,8 @@ func main() {
 		err = benchDiscovery(dir)
 	case "failover":
 		err = benchFailover(dir)
+	case "scaleout":
+		err = benchScaleOut(dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}

@@ -39,6 +39,13 @@ type replica struct {
 	// written to the target (figures).
 	onQuarantine func(path, reason string)
 	onUploaded   func(n int64)
+	// pointMade says the machine has a recovery point: from then on every
+	// applied segment is kept on the target for any-point-in-time
+	// recovery. Before it (initial replication) only segments holding a tag
+	// are: recovery to a time starts from a point and replays what follows
+	// it, so changes before the first point are never replayed, and the
+	// initial copy's data is not stored twice.
+	pointMade atomic.Bool
 	// applied counts the cache bytes of the segments applied since the
 	// machine was opened (MachineStats.AppliedBytes): the same bytes the
 	// backlog and the received count measure, as they came over the wire.
@@ -210,13 +217,21 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	if err != nil {
 		return err
 	}
+	// Verified, decompressed and hashed outside the applier's lock, on
+	// every CPU; a segment that fails is reported by the apply below.
+	prep, perr := replication.PrepareSegment(data)
+	if perr != nil && !errors.Is(perr, replication.ErrCorrupt) {
+		return perr
+	}
 	// Kept on the target first, so a point is never reported before the
 	// changes after it can be replayed; a segment that fails verification
-	// is not kept (Apply reports it below).
-	if err := r.keepSegment(ctx, data); err == nil {
-		r.onUploaded(int64(len(data)))
-	} else if !errors.Is(err, replication.ErrCorrupt) {
-		return err
+	// is not kept.
+	if perr == nil {
+		if kept, err := r.keepSegment(ctx, data, prep); err != nil {
+			return err
+		} else if kept {
+			r.onUploaded(int64(len(data)))
+		}
 	}
 	r.mu.Lock()
 	if first, err := replication.ParseSegmentHeader(data); err == nil && first > r.a.AppliedSeq()+1 {
@@ -232,7 +247,10 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 			return err
 		}
 	}
-	err = r.a.Apply(ctx, data)
+	err = perr
+	if err == nil {
+		err = r.a.ApplyPrepared(ctx, prep)
+	}
 	if errors.Is(err, replication.ErrCorrupt) {
 		reason := fmt.Sprintf("segment %s failed verification (%v); it was not applied", filepath.Base(sg.path), err)
 		r.log.Error("corrupt segment", "segment", filepath.Base(sg.path), "err", err)
@@ -271,21 +289,24 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	return nil
 }
 
-// keepSegment stores an applied segment on the target, where recovery to
-// any point in time replays it (pruned once older than the policy's window).
-func (r *replica) keepSegment(ctx context.Context, data []byte) error {
-	si, err := replication.DescribeSegment(data)
-	if err != nil {
-		return err
+// keepSegment stores an applied segment (data, prepared as p) on the
+// target, where recovery to any point in time replays it (pruned once
+// older than the policy's window), unless no point can start a replay
+// before its records (pointMade): it reports whether it kept it.
+func (r *replica) keepSegment(ctx context.Context, data []byte, p *replication.PreparedSegment) (bool, error) {
+	if p.Empty() || !p.Tags && !r.pointMade.Load() {
+		return false, nil
 	}
+	si := p.Info()
 	if err := r.cat.PutSegment(ctx, r.id, si, data); err != nil {
-		return fmt.Errorf("keep segment %d-%d on the target: %w", si.First, si.Last, err)
+		return false, fmt.Errorf("keep segment %d-%d on the target: %w", si.First, si.Last, err)
 	}
-	return nil
+	return true, nil
 }
 
 // keepApplied keeps segments applied before a stop on the target, unless
-// they are there already, and removes them from the cache.
+// they are there already (or need not be, keepSegment), and removes them
+// from the cache.
 func (r *replica) keepApplied(ctx context.Context, segs []sealedSeg) error {
 	if len(segs) == 0 {
 		return nil
@@ -303,8 +324,12 @@ func (r *replica) keepApplied(ctx context.Context, segs []sealedSeg) error {
 		// any-point-in-time store yet.
 		if !onTarget[sg.first] {
 			data, err := os.ReadFile(sg.path)
+			var p *replication.PreparedSegment
 			if err == nil {
-				err = r.keepSegment(ctx, data)
+				p, err = replication.PrepareSegment(data)
+			}
+			if err == nil {
+				_, err = r.keepSegment(ctx, data, p)
 			}
 			if err != nil {
 				r.log.Warn("applied segment not kept for any-point-in-time recovery", "segment", filepath.Base(sg.path), "err", err)

@@ -3,6 +3,7 @@ package procserver
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -135,5 +136,61 @@ func TestWaitAppliedSealsTheOpenFile(t *testing.T) {
 	r.waitApplied(t, 2) // sealed on request: the file would wait an hour
 	if err := r.rep.waitApplied(context.Background(), r.cache, 3, 50*time.Millisecond); err == nil {
 		t.Fatal("seq 3, never sent, is applied")
+	}
+}
+
+// The initial copy is not kept on the target as any-point-in-time
+// segments: nothing before a machine's first point is ever replayed (a
+// replay starts from a point), so a segment is kept only from the first
+// point on, or when it holds a tag that may make one. Recovery to a time
+// after the first point still replays what follows it.
+func TestSegmentsBeforeTheFirstPointAreNotKept(t *testing.T) {
+	ctx := context.Background()
+	cat := mustCatalog(t)
+	cache := t.TempDir()
+	prepare(t, cache, cat)
+	dir := filepath.Join(cache, machineID)
+	at := func(s int64) int64 { return time.Unix(s, 0).UnixNano() }
+	base := bytes.Repeat([]byte("base data "), 6554)[:64<<10]
+	later := []byte("written after the first point")
+	writeSegment(t, dir, 1,
+		replication.Record{Kind: replication.KindBase, Offset: 0, Data: base, Time: at(1)},
+		replication.Record{Kind: replication.KindBase, Offset: 512 << 10, Data: base, Time: at(1)})
+	writeSegment(t, dir, 3, replication.Record{Kind: replication.KindProgress, Offset: 1 << 20, Flags: replication.FlagDone, Time: at(2)})
+	writeSegment(t, dir, 4,
+		replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: []byte("before the point"), Time: at(3)},
+		replication.Record{Kind: replication.KindTag, Time: at(4)})
+	writeSegment(t, dir, 6, replication.Record{Kind: replication.KindWrite, Offset: 8192, Data: later, Time: at(5)})
+	s := mustServer(t, cache, cat)
+	defer s.Close()
+	if st := waitApplied(t, s, 6); st.ApplyError != "" {
+		t.Fatalf("apply error: %s", st.ApplyError)
+	}
+	segs, err := cat.Segments(ctx, machineID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ranges []string
+	for _, si := range segs {
+		ranges = append(ranges, fmt.Sprintf("%d-%d", si.First, si.Last))
+	}
+	if got := strings.Join(ranges, " "); got != "4-5 6-6" {
+		t.Fatalf("kept segments %q, want the one holding the first point's tag and those after it (4-5 6-6)", got)
+	}
+	m, err := cat.Machine(ctx, machineID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	if _, _, last, err := replication.RecoverTime(ctx, cat, m, time.Unix(5, 0), out, replication.RecoverOptions{}); err != nil || last != 6 {
+		t.Fatalf("recover to a time after the first point: last seq %d, %v", last, err)
+	}
+	img, err := os.ReadFile(filepath.Join(out, "d.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(img[:4096], base[:4096]) || !bytes.Equal(img[512<<10:512<<10+len(base)], base) ||
+		!bytes.Equal(img[8192:8192+len(later)], later) {
+		t.Fatal("the disk recovered to a time is not the initial copy plus the changes up to that time")
 	}
 }

@@ -40,6 +40,11 @@ func TestCleanCloseIsNotAWarning(t *testing.T) {
 	ta.c.Close()
 	waitFor(t, "the closed connection logged", func() bool { return strings.Contains(logs.String(), "data connection closed") })
 	for _, line := range strings.Split(logs.String(), "\n") {
+		// The cache disk's state is the host's (its free space), not the
+		// connection's: a nearly full disk under the test is no failure.
+		if strings.Contains(line, `msg="process server cache disk"`) {
+			continue
+		}
 		if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
 			t.Errorf("a clean close logged %q", line)
 		}

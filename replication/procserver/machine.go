@@ -73,6 +73,13 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 		return nil, err
 	}
 	m.rep = newReplica(id, dir, s.cfg.Catalog, a, m.log)
+	// Segments are kept from the first point on (keepSegment). A listing
+	// that fails keeps them all, as if a point existed: never fewer.
+	ps, err := s.cfg.Catalog.Points(ctx, id)
+	if err != nil {
+		m.log.Warn("cannot list the machine's points; every applied segment is kept on the target", "err", err)
+	}
+	m.rep.pointMade.Store(err != nil || len(ps) > 0)
 	m.rep.onUploaded = s.uploadedBytes
 	if s.cfg.OnQuarantine != nil {
 		m.rep.onQuarantine = func(path, reason string) { s.cfg.OnQuarantine(id, path, reason) }
@@ -80,6 +87,7 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 	// The applier's callbacks run under its lock, on the apply path: they
 	// must return at once (Config says so to the server).
 	a.OnPoint = func(p replication.Point, reqID uint64) {
+		m.rep.pointMade.Store(true)
 		if s.cfg.OnPoint != nil {
 			s.cfg.OnPoint(id, p)
 		}

@@ -49,7 +49,10 @@ type VSphereTarget struct {
 	Datastore string `json:"datastore"`
 	Host      string `json:"host,omitempty"`
 	Pool      string `json:"pool,omitempty"`
-	Network   string `json:"network,omitempty"`
+	// Folder is the VM folder (name or inventory path) of the new VM; ""
+	// is the data center's VM folder.
+	Folder  string `json:"folder,omitempty"`
+	Network string `json:"network,omitempty"`
 	// PowerOn powers a test failover's VM on (a failover's always is).
 	PowerOn bool `json:"power_on,omitempty"`
 }

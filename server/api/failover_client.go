@@ -104,3 +104,19 @@ func (c *Client) FailbackPlan(ctx context.Context, plan string) (Job, error) {
 	err := c.Do(ctx, http.MethodPost, "/api/v1/plans/"+url.PathEscape(plan)+"/failback", nil, &j)
 	return j, err
 }
+
+// ReprotectGroup reprotects a replication group's machines as
+// ReprotectPlan does a plan's (the failovers no plan made).
+func (c *Client) ReprotectGroup(ctx context.Context, group string) (Job, error) {
+	var j Job
+	err := c.Do(ctx, http.MethodPost, "/api/v1/groups/"+url.PathEscape(group)+"/reprotect", nil, &j)
+	return j, err
+}
+
+// FailbackGroup fails a reprotected replication group back (a job): every
+// member stopped, drained and verified, then all switched at once.
+func (c *Client) FailbackGroup(ctx context.Context, group string) (Job, error) {
+	var j Job
+	err := c.Do(ctx, http.MethodPost, "/api/v1/groups/"+url.PathEscape(group)+"/failback", nil, &j)
+	return j, err
+}

@@ -29,10 +29,31 @@ type PlanGroup struct {
 // PlanAction is a script the server runs (with the JSON context on its
 // standard input) or a manual action that pauses the plan until an
 // operator confirms it.
+//
+// As in ASR, an action runs on failover, on failback, or both (On empty):
+// a plan's failback runs each group's pre actions before the group's
+// original machines power on and its post actions after, with the
+// context's Direction "recovery-to-primary" and Type "failback".
 type PlanAction struct {
 	Kind string `json:"kind"`           // script | manual
 	Path string `json:"path,omitempty"` // script: an absolute path on the server
 	Text string `json:"text,omitempty"` // manual: what to do
+	On   string `json:"on,omitempty"`   // "" (both directions) | failover | failback
+}
+
+// Directions an action runs in (PlanAction.On).
+const (
+	ActionOnFailover = "failover"
+	ActionOnFailback = "failback"
+)
+
+// RunsOn reports whether the action runs in a plan's failover (failback
+// false) or failback.
+func (a PlanAction) RunsOn(failback bool) bool {
+	if failback {
+		return a.On != ActionOnFailover
+	}
+	return a.On != ActionOnFailback
 }
 
 // PlanDrill is a plan's drill schedule.
@@ -46,8 +67,8 @@ type PlanDrill struct {
 // ActionContext is the JSON a plan's script reads on its standard input.
 type ActionContext struct {
 	Plan      string `json:"plan"`
-	Type      string `json:"failover_type"` // test | planned | unplanned
-	Direction string `json:"direction"`     // primary-to-recovery
+	Type      string `json:"failover_type"` // test | planned | unplanned | failback
+	Direction string `json:"direction"`     // primary-to-recovery | recovery-to-primary
 	Group     int    `json:"group"`
 	Phase     string `json:"phase"` // pre | post
 	// Machines maps every machine of the plan that failed over so far to

@@ -60,16 +60,17 @@ Usage:
   asr jobs     [ID] [--json]
   asr job      show|confirm|cancel ID
   asr failover --machine M|--group G|--plan P [--test] [--planned] [--point ID|latest|latest-app | --time T] --to nbd|qemu|vsphere|azure
-               [--boot-check REGEX] [--boot-port N] [--vcenter N --datastore DS [--host H|--pool P] [--network N]]
+               [--boot-check REGEX] [--boot-port N] [--vcenter N --datastore DS [--host H|--pool P] [--folder F] [--network N]]
                [--subscription S --resource-group RG --location L --vnet V --subnet SN [--size SIZE]]
   asr failover --machine M|--group G|--plan P --cleanup | --commit | --change-point ID  |  --list [--all] [--json]
-  asr reprotect --machine M|--plan P   (after a committed failover to nbd: send its changes back, an unplanned one after a checksum
+  asr reprotect --machine M|--plan P|--group G  (after a committed failover to nbd: send its changes back, an unplanned one after a checksum
                                         compare (--machine only); after failback: protect forward again)
-  asr failback  --machine M|--plan P   (stop the failed-over machine, drain, verify, thaw the original, power its linked VM on; a plan:
-                                        shut down last group first, drain and verify all, switch all at once, power on in plan order)
-  asr failback  --machine M --alternate --vcenter N --datastore DS [--vm-name NAME] [--host H|--pool P] [--network N]
+  asr failback  --machine M|--plan P|--group G  (stop the failed-over machine, drain, verify, thaw the original, power its linked VM on; a plan:
+                                        shut down last group first, drain and verify all, switch all at once, power on in plan order;
+                                        a replication group: every member drained and verified, all switched at once)
+  asr failback  --machine M --alternate --vcenter N --datastore DS [--vm-name NAME] [--host H|--pool P] [--folder F] [--network N]
                (a new VM with a full, verified copy of the failed-over disks; the original is not touched)
-  asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
+  asr plan     create NAME --group 1=M1,M2 [--group 2=M3] [--pre N=[failback:]script:PATH] [--post N=manual:TEXT] [--drill-every 168h --boot-check RE]
                | list | show NAME | delete NAME [--json]
   asr metrics  token [--rotate] [--json]   (the read-only token of GET /metrics, Prometheus)
   asr version

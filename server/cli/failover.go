@@ -38,6 +38,7 @@ func runFailover(ctx context.Context, e *env, args []string) error {
 	datastore := fs.String("datastore", "", "--to vsphere: the datastore for the recovered disks")
 	host := fs.String("host", "", "--to vsphere: the ESXi host (default: the first cluster's pool)")
 	pool := fs.String("pool", "", "--to vsphere: the resource pool")
+	folder := fs.String("folder", "", "--to vsphere: the VM folder of the new VM, a name or inventory path (default: the data center's VM folder)")
 	network := fs.String("network", "", "--to vsphere: the network for the NICs (a test failover uses an isolated one)")
 	powerOn := fs.Bool("power-on", false, "--to vsphere --test: power the test VM on")
 	sub := fs.String("subscription", "", "--to azure: subscription id")
@@ -103,7 +104,7 @@ func runFailover(ctx context.Context, e *env, args []string) error {
 			req.BootTimeout = bootTimeout.Seconds()
 		}
 		if *vcenter != "" || *datastore != "" || *to == api.ToVSphere {
-			req.VSphere = &api.VSphereTarget{VCenter: *vcenter, Datastore: *datastore, Host: *host, Pool: *pool, Network: *network, PowerOn: *powerOn}
+			req.VSphere = &api.VSphereTarget{VCenter: *vcenter, Datastore: *datastore, Host: *host, Pool: *pool, Folder: *folder, Network: *network, PowerOn: *powerOn}
 		}
 		if *sub != "" || *rg != "" || *to == api.ToAzure {
 			req.Azure = &api.AzureTarget{Subscription: *sub, ResourceGroup: *rg, Location: *loc, VNet: *vnet, Subnet: *subnet, Size: *size}
@@ -134,7 +135,7 @@ func failbackText(fb *api.FailbackStatus) string {
 }
 
 // runPlan manages recovery plans.
-const planUsage = `asr plan create NAME --group 1=M1,M2 [--group 2=M3 ...] [--pre N=script:PATH|manual:TEXT] [--post N=...]
+const planUsage = `asr plan create NAME --group 1=M1,M2 [--group 2=M3 ...] [--pre N=[ON:]script:PATH|[ON:]manual:TEXT] [--post N=...]
                 [--drill-every 168h --boot-check REGEX|--boot-port N [--boot-timeout 5m]]
 asr plan list [--json]
 asr plan show NAME [--json]
@@ -144,6 +145,9 @@ A recovery plan fails over up to 7 groups of machines in order: the machines
 of a group in parallel, group N when group N-1 has started. A script action
 runs on the server with the JSON context on its standard input; a manual
 action pauses the plan until confirmed (console, asr job confirm ID).
+An action runs on failover and on failback (asr failback --plan NAME runs
+it around the group's power-on, direction recovery-to-primary), or only on
+ON: failover or failback (--pre 1=failback:manual:TEXT).
 Use it with: asr failover --plan NAME [--test] --to nbd|qemu|vsphere|azure`
 
 func runPlan(ctx context.Context, e *env, args []string) error {
@@ -165,8 +169,8 @@ func runPlan(ctx context.Context, e *env, args []string) error {
 	asJSON := fs.Bool("json", false, "print JSON")
 	var groups, pres, posts multiFlag
 	fs.Var(&groups, "group", "N=MACHINE,MACHINE...: the machines of group N (1 to 7), repeated per group")
-	fs.Var(&pres, "pre", "N=script:PATH or N=manual:TEXT: an action before group N fails over (repeatable)")
-	fs.Var(&posts, "post", "N=script:PATH or N=manual:TEXT: an action after group N has started (repeatable)")
+	fs.Var(&pres, "pre", "N=[failover:|failback:]script:PATH or N=[...]manual:TEXT: an action before group N fails over or fails back (repeatable)")
+	fs.Var(&posts, "post", "N=[failover:|failback:]script:PATH or N=[...]manual:TEXT: an action after group N has started (repeatable)")
 	drillEvery := fs.Duration("drill-every", 0, "run a verified drill of the plan this often (e.g. 168h), reported as an event")
 	bootCheck := fs.String("boot-check", "", "the drill's boot check (a regular expression on the serial console)")
 	bootPort := fs.Int("boot-port", 0, "the drill's boot check (a guest TCP port that must answer)")
@@ -221,13 +225,18 @@ func runPlan(ctx context.Context, e *env, args []string) error {
 				return 0, api.PlanAction{}, err
 			}
 			kind, arg, _ := strings.Cut(v, ":")
+			on := ""
+			if kind == api.ActionOnFailover || kind == api.ActionOnFailback {
+				on = kind
+				kind, arg, _ = strings.Cut(arg, ":")
+			}
 			switch kind {
 			case "script":
-				return n, api.PlanAction{Kind: "script", Path: arg}, nil
+				return n, api.PlanAction{Kind: "script", Path: arg, On: on}, nil
 			case "manual":
-				return n, api.PlanAction{Kind: "manual", Text: arg}, nil
+				return n, api.PlanAction{Kind: "manual", Text: arg, On: on}, nil
 			}
-			return 0, api.PlanAction{}, fmt.Errorf("%q: want N=script:PATH or N=manual:TEXT", spec)
+			return 0, api.PlanAction{}, fmt.Errorf("%q: want N=[failover:|failback:]script:PATH or N=[failover:|failback:]manual:TEXT", spec)
 		}
 		for _, a := range pres {
 			n, act, err := action(a)
@@ -317,10 +326,14 @@ func actions(as []api.PlanAction) string {
 	}
 	var out []string
 	for _, a := range as {
+		on := ""
+		if a.On != "" {
+			on = a.On + ":"
+		}
 		if a.Kind == "script" {
-			out = append(out, "script:"+a.Path)
+			out = append(out, on+"script:"+a.Path)
 		} else {
-			out = append(out, "manual:"+a.Text)
+			out = append(out, on+"manual:"+a.Text)
 		}
 	}
 	return strings.Join(out, "; ")

@@ -82,12 +82,17 @@ func TestFailoverPlanJobCommands(t *testing.T) {
 	// Plans.
 	mustFail(t, "no machine named", with("plan", "create", "p1", "--group", "1=nope")...)
 	mustFail(t, "group 1 is missing", with("plan", "create", "p1", "--group", "2=vm1")...)
-	mustFail(t, "want N=script:PATH", with("plan", "create", "p1", "--group", "1=vm1", "--post", "1=phone:boss")...)
-	mustRun(t, with("plan", "create", "p1", "--group", "1=vm1", "--post", "1=manual:check the app")...)
+	mustFail(t, "script:PATH", with("plan", "create", "p1", "--group", "1=vm1", "--post", "1=phone:boss")...)
+	mustFail(t, "script:PATH", with("plan", "create", "p1", "--group", "1=vm1", "--post", "1=failback:phone:boss")...)
+	mustRun(t, with("plan", "create", "p1", "--group", "1=vm1", "--post", "1=manual:check the app", "--post", "1=failback:manual:check the replication")...)
 	var p api.Plan
 	mustJSON(t, mustRun(t, with("plan", "show", "p1", "--json")...), &p)
-	if len(p.Groups) != 1 || p.Groups[0].Machines[0] != "vm1" || p.Groups[0].Post[0].Text != "check the app" {
+	if len(p.Groups) != 1 || p.Groups[0].Machines[0] != "vm1" || len(p.Groups[0].Post) != 2 || p.Groups[0].Post[0].Text != "check the app" ||
+		p.Groups[0].Post[1] != (api.PlanAction{Kind: "manual", Text: "check the replication", On: api.ActionOnFailback}) {
 		t.Fatalf("plan show: %+v", p)
+	}
+	if got := mustRun(t, with("plan", "show", "p1")...); !strings.Contains(got, "failback:manual:check the replication") {
+		t.Fatalf("plan show: %q", got)
 	}
 	if got := mustRun(t, with("plan", "list")...); !strings.Contains(got, "p1") {
 		t.Fatalf("plan list: %q", got)
