@@ -9,8 +9,11 @@
 //
 // It serves the machines the configuration server assigns to it (each
 // heartbeat's reply), and hands over any other it has open (applied whole,
-// then its lease let go); see docs/ARCHITECTURE.md, "Scale-out process
-// servers".
+// then its lease let go). Its heartbeats also report what the machines do
+// (report.go: what its process server's callbacks tell, as the built-in
+// one's tell the configuration server) and carry the results of the
+// commands the replies ask (commands.go: point requests, resyncs,
+// pruning); see docs/ARCHITECTURE.md, "Scale-out process servers".
 package psnode
 
 import (
@@ -30,7 +33,6 @@ import (
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/replication/procserver"
-	"github.com/asrdr/asr/replication/retry"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/server/hoststat"
 )
@@ -53,7 +55,10 @@ type Config struct {
 	// (server.OpenTarget with server.SharedTarget; injected by the wiring).
 	OpenTarget    func(ctx context.Context, url string) (replication.Target, error)
 	CacheMaxBytes int64
-	Logger        *slog.Logger
+	// ReportMachines bounds the machines one heartbeat reports (default
+	// and at most api.MaxPSReportMachines; tests make it small).
+	ReportMachines int
+	Logger         *slog.Logger
 }
 
 // Node is a running scale-out process server.
@@ -69,7 +74,11 @@ type Node struct {
 	vaultID  string
 	ps       *procserver.Server
 	host     *hoststat.Sampler
-	client   *http.Client // mutual TLS to the configuration server
+	client   *http.Client  // mutual TLS to the configuration server
+	out      *outbox       // the machines' news for the heartbeats (report.go)
+	cmds     commands      // the configuration server's commands (commands.go)
+	kick     chan struct{} // a heartbeat now (kickBeat)
+	beatMu   sync.Mutex    // one heartbeat at a time
 
 	mu       sync.Mutex
 	assigned map[string]api.PSAssignment // the machines it serves, by id (the last heartbeat's reply)
@@ -90,7 +99,9 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("--name %q: want %s, neither %q nor %q (reserved)", cfg.Name, replication.MachineNameRule, api.BuiltinProcessServer, api.AutoProcessServer)
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "process-server", "process_server", cfg.Name), host: hoststat.New(),
-		assigned: map[string]api.PSAssignment{}, handing: map[string]bool{}}
+		assigned: map[string]api.PSAssignment{}, handing: map[string]bool{}, kick: make(chan struct{}, 1),
+		cmds: commands{running: map[string]bool{}, results: map[string]api.PSCommandResult{}}}
+	n.out = newOutbox(n.log, cfg.ReportMachines)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	if err := n.open(ctx); err != nil {
 		n.Close()
@@ -143,15 +154,20 @@ func (n *Node) open(ctx context.Context) error {
 	if err := n.beat(ctx, nil); err != nil {
 		return fmt.Errorf("first heartbeat to %s: %w", n.enrol.URL, err)
 	}
-	ps, err := procserver.New(ctx, procserver.Config{
+	pcfg := procserver.Config{
 		Name:          cfg.Name,
 		Serves:        n.serves,
 		CacheDir:      filepath.Join(cfg.DataDir, "cache"),
 		Catalog:       cat,
 		Authorize:     n.authorize,
+		PolicyFor:     n.policyFor,
 		CacheMaxBytes: cfg.CacheMaxBytes,
 		Logger:        n.log,
-	})
+	}
+	// What the configuration server's built-in process server reports
+	// through the same callbacks goes to it in the heartbeats.
+	n.out.callbacks(&pcfg)
+	ps, err := procserver.New(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("process server: %w", err)
 	}
@@ -242,6 +258,13 @@ func (n *Node) assignment(id string) (api.PSAssignment, bool) {
 	return a, ok
 }
 
+// policyFor is the process server's Config.PolicyFor: the point schedule
+// the configuration server named for the machine.
+func (n *Node) policyFor(id string) *replication.AgentPolicy {
+	a, _ := n.assignment(id)
+	return a.Policy
+}
+
 // serves is the process server's Config.Serves.
 func (n *Node) serves(id string) error {
 	if _, ok := n.assignment(id); !ok {
@@ -264,10 +287,23 @@ func (n *Node) follow(reply *api.ProcessServerHeartbeatReply) {
 	}
 	n.mu.Lock()
 	ps := n.ps
+	was := n.assigned
 	n.assigned = m
 	n.mu.Unlock()
 	if ps == nil {
 		return
+	}
+	// A changed schedule goes to the agent now (a new connection gets it
+	// in its Welcome: policyFor).
+	for id, a := range m {
+		if old, ok := was[id]; ok && a.Policy != nil && (old.Policy == nil || *old.Policy != *a.Policy) && n.ctx.Err() == nil {
+			p := *a.Policy
+			n.wg.Go(func() {
+				if err := ps.SendPolicy(id, p); err != nil {
+					n.log.Warn("push policy", "machine", id, "err", err)
+				}
+			})
+		}
 	}
 	// Not under n.mu: the process server asks serves (n.mu) under its
 	// own lock.
@@ -349,7 +385,7 @@ func (n *Node) heartbeatLoop(ctx context.Context) error {
 		default:
 			every = min(max(every, time.Second), time.Minute)
 		}
-		if retry.Sleep(ctx, every) != nil {
+		if n.waitBeat(ctx, every) != nil {
 			return nil
 		}
 		n.host.Sample(time.Now())
@@ -362,20 +398,28 @@ func (n *Node) beat(ctx context.Context, reply *api.ProcessServerHeartbeatReply)
 	if reply == nil {
 		reply = &api.ProcessServerHeartbeatReply{}
 	}
+	n.beatMu.Lock()
+	defer n.beatMu.Unlock()
 	h := n.host.Last()
 	n.mu.Lock()
 	ps := n.ps
 	n.mu.Unlock()
 	var f procserver.Figures
-	hb := api.ProcessServerHeartbeat{Name: n.cfg.Name, VaultID: n.vaultID, Machines: []string{}}
+	hb := api.ProcessServerHeartbeat{Name: n.cfg.Name, VaultID: n.vaultID, Machines: []string{}, Run: n.out.run}
 	if ps != nil {
 		f, hb.Machines = ps.Figures(), ps.MachineIDs()
+		hb.Reports, hb.ReportSeq = n.out.report(ps, hb.Machines)
+		hb.Results = n.cmds.pending()
 	}
 	hb.Figures = api.NewProcessServer(f, h.CPU, h.Memory, h.MemoryTotal, h.Err, n.targetID)
 	if err := enroll.DoJSON(ctx, n.client, http.MethodPost, n.enrol.URL+"/api/v1/process-servers/heartbeat", hb, reply); err != nil {
 		return err
 	}
+	n.out.answered(hb.ReportSeq)
 	n.follow(reply)
+	if ps != nil {
+		n.followCommands(hb.Results, reply.Commands)
+	}
 	return nil
 }
 

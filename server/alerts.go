@@ -463,7 +463,7 @@ func (s *Server) alertConditions(ctx context.Context) ([]alertObs, error) {
 			}
 			policies[m.Policy] = p
 		}
-		st, ok := s.ps.Stats(m.ID)
+		st, ok := s.machineStats(m.ID)
 		mo, err := s.machineObs(ctx, m, p, now, st, ok)
 		if err != nil {
 			return nil, err
@@ -548,12 +548,7 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 	// no threshold, nothing to measure from), the machine is still there:
 	// its RPO alert holds (keep), it does not clear.
 	rpoKeep := alertObs{kind: api.AlertRPO, key: m.ID, machineID: m.ID, machine: m.Name, keep: true}
-	if s.assignedTo(m.ID) != "" {
-		// On a scale-out process server, which reports no agent status
-		// or points to this server (not done yet): neither its RPO nor
-		// its agent's connection can be told here; their alerts hold.
-		obs = append(obs, rpoKeep, alertObs{kind: api.AlertHeartbeat, key: m.ID, machineID: m.ID, machine: m.Name, keep: true})
-	} else if !protected || p.RPOThreshold <= 0 {
+	if !protected || p.RPOThreshold <= 0 {
 		obs = append(obs, rpoKeep)
 	} else {
 		var r time.Duration
@@ -593,11 +588,8 @@ func (s *Server) machineObs(ctx context.Context, m store.Machine, p replication.
 	}
 	// The agent's heartbeat: not connected for HeartbeatLost (warning),
 	// four times that (critical). No contact is known from before this
-	// server started. (Observed above for a machine on a scale-out
-	// process server.)
-	if s.assignedTo(m.ID) != "" {
-		return s.machineObsRest(ctx, m, obs)
-	}
+	// server started. A machine on a scale-out process server is
+	// observed the same way, from its heartbeats' reports (machineStats).
 	connected := ok && st.Connected
 	last := s.alerts.started
 	for _, t := range []time.Time{m.LastSeen, st.StatusAt} {

@@ -68,7 +68,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func readJSON(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	return readJSONMax(r, v, 1<<20)
+}
+
+// readJSONMax is readJSON for a body of at most max bytes.
+func readJSONMax(r *http.Request, v any, max int64) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, max))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		return errorf(http.StatusBadRequest, "request body: %v", err)
@@ -329,13 +334,13 @@ func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	if req.NoWait {
-		if st, ok := s.ps.Stats(m.ID); !ok || !st.Connected {
+		if st, ok := s.machineStats(m.ID); !ok || !st.Connected {
 			return fmt.Errorf("machine %s: %w", m.Name, procserver.ErrNotConnected)
 		}
 		if !s.goRequest(func() {
 			ctx, cancel := context.WithTimeout(s.ctx, timeout)
 			defer cancel()
-			if _, err := s.ps.RequestPoint(ctx, m.ID, req.App); err != nil {
+			if _, err := s.requestPoint(ctx, m.ID, req.App); err != nil {
 				s.log.Warn("requested point failed", "machine", m.ID, "err", err)
 			}
 		}) {
@@ -362,7 +367,7 @@ func (s *Server) tag(ctx context.Context, m store.Machine, app bool) (replicatio
 	if err := refuseUnprotected(m, "a recovery point"); err != nil {
 		return replication.Point{}, err
 	}
-	p, err := s.ps.RequestPoint(ctx, m.ID, app)
+	p, err := s.requestPoint(ctx, m.ID, app)
 	if err != nil {
 		if errors.Is(err, procserver.ErrRemoved) {
 			return p, errorf(http.StatusConflict, "%v", err)

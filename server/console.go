@@ -447,7 +447,11 @@ func (s *Server) machineView(ctx context.Context, m store.Machine, l *links) (ap
 	if v.PointCount, err = s.db.PointCount(ctx, m.ID); err != nil {
 		return v, err
 	}
-	if st, ok := s.ps.Stats(m.ID); ok {
+	v.ProcessServer = api.BuiltinProcessServer
+	if ps := s.assignedTo(m.ID); ps != "" {
+		v.ProcessServer = ps
+	}
+	if st, ok := s.machineStats(m.ID); ok {
 		v.Connected = st.Connected
 		v.CacheBytes = st.CacheBytes
 		if st.ApplyError != "" && v.Error == "" {

@@ -431,7 +431,7 @@ func (c *metricsCollector) collectMachines(ctx context.Context, gauge, counter f
 		gauge(descMachineProgress, v.Progress, name)
 		var backlog, applied float64
 		var backlogAge time.Duration
-		if st, ok := s.ps.Stats(v.ID); ok {
+		if st, ok := s.machineStats(v.ID); ok {
 			backlog, applied = float64(st.BacklogBytes), float64(st.AppliedBytes)
 			if !st.BacklogSince.IsZero() {
 				backlogAge = max(time.Since(st.BacklogSince), 0)

@@ -35,6 +35,10 @@ type news struct {
 	events  []store.Event               // in order
 	contact *contact
 	resyncs map[uint32]replication.ResyncStatus // each disk's latest progress
+	// reconcile brings the machine's points table in step with the
+	// catalog again (a scale-out process server dropped points it could
+	// not report).
+	reconcile bool
 }
 
 // contact is what the agent's connection attempts say.
@@ -53,6 +57,7 @@ func (n *news) merge(n2 *news) {
 		n.state = n2.state
 	}
 	n.points = append(n.points, n2.points...)
+	n.reconcile = n.reconcile || n2.reconcile
 	n.events = append(n.events, n2.events...)
 	if c2 := n2.contact; c2 != nil {
 		if n.contact == nil {

@@ -108,6 +108,10 @@ func (s *Server) writeNews(ctx context.Context, id string, n *news) error {
 		// reported (points, disk states) is still written.
 		n.resyncs = nil
 	}
+	if n.reconcile {
+		delete(s.mirrorSeen, id) // mirrored reads the catalog's points again
+		n.reconcile = false
+	}
 	if id != "" {
 		known, err := s.mirrored(ctx, id)
 		if err != nil {

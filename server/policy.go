@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -368,6 +369,8 @@ func (s *Server) prune(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	for _, m := range ms {
 		if m.Unprotected() {
 			// Its points are frozen as they were when its protection
@@ -379,27 +382,36 @@ func (s *Server) prune(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if _, ok := s.ps.Stats(m.ID); !ok {
-			continue // never connected: no applier, no points
+		if _, ok := s.machineStats(m.ID); !ok {
+			continue // never connected (or not reported yet): no applier, no points
 		}
 		if err := s.pruneSegments(ctx, m.ID, s.now().Add(-p.PITWindow)); err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}
-		deleted, err := s.ps.PrunePoints(ctx, m.ID, s.now().Add(-p.Retention), held[m.ID])
+		if s.assignedTo(m.ID) != "" {
+			// Its scale-out process server prunes (a command in its
+			// next heartbeat's reply): all such machines at once, not a
+			// heartbeat's wait each in turn.
+			wg.Go(func() {
+				if _, n, err := s.prunePoints(ctx, m.ID, s.now().Add(-p.Retention), held[m.ID]); err != nil {
+					s.log.Error("prune recovery points", "machine", m.ID, "err", err)
+				} else if n > 0 {
+					s.log.Info("recovery points pruned", "machine", m.ID, "count", n, "retention", p.Retention)
+				}
+			})
+			continue
+		}
+		seqs, n, err := s.prunePoints(ctx, m.ID, s.now().Add(-p.Retention), held[m.ID])
 		if err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}
-		if len(deleted) == 0 {
+		if n == 0 {
 			continue
-		}
-		seqs := make([]uint64, len(deleted))
-		for i, d := range deleted {
-			seqs[i] = d.Seq
 		}
 		if err := s.db.DeletePoints(ctx, m.ID, seqs); err != nil {
 			return err
 		}
-		s.log.Info("recovery points pruned", "machine", m.ID, "count", len(deleted), "retention", p.Retention)
+		s.log.Info("recovery points pruned", "machine", m.ID, "count", n, "retention", p.Retention)
 	}
 	return nil
 }

@@ -51,6 +51,12 @@ type processServers struct {
 	mu       sync.Mutex
 	last     map[string]psBeat
 	assigned map[string]string // machine id -> scale-out process server; absent: the built-in one
+	// What the heartbeats report (procservers_report.go): each machine's
+	// figures, the newest news taken from each process server, the
+	// commands waiting for their results (by id).
+	machines map[string]psMachine
+	runs     map[string]psRun
+	cmds     map[string]*psCmd
 }
 
 type psBeat struct {
@@ -188,7 +194,7 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 		return err
 	}
 	var hb api.ProcessServerHeartbeat
-	if err := readJSON(r, &hb); err != nil {
+	if err := readJSONMax(r, &hb, api.MaxPSHeartbeatBytes); err != nil {
 		return err
 	}
 	if hb.Name != p.Name {
@@ -199,6 +205,9 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 	}
 	if len(hb.Machines) > api.MaxPSMachines {
 		return errorf(http.StatusBadRequest, "heartbeat names %d machines, at most %d", len(hb.Machines), api.MaxPSMachines)
+	}
+	if err := checkReports(&hb); err != nil {
+		return errorf(http.StatusBadRequest, "%v; nothing of the heartbeat was taken", err)
 	}
 	open := make(map[string]bool, len(hb.Machines))
 	for _, id := range hb.Machines {
@@ -215,9 +224,17 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 			ids = append(ids, id)
 		}
 	}
+	fresh, cmds := s.takeReports(p.Name, &hb, open)
 	s.pss.mu.Unlock()
+	if fresh {
+		for _, r := range hb.Reports {
+			if r.News != nil {
+				s.applyPSNews(r.MachineID, r.News)
+			}
+		}
+	}
 	// Three beats in the lost interval at least: one late beat is no alert.
-	reply := api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3), Assigned: []api.PSAssignment{}}
+	reply := api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3), Assigned: []api.PSAssignment{}, Commands: cmds}
 	for _, id := range ids {
 		m, err := s.db.Machine(r.Context(), id)
 		if errors.Is(err, store.ErrNotFound) {
@@ -228,7 +245,14 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 		if m.Unprotected() {
 			continue // its agent is refused; nothing opens it
 		}
-		reply.Assigned = append(reply.Assigned, api.PSAssignment{MachineID: m.ID, Name: m.Name, CertSerial: m.CertSerial})
+		a := api.PSAssignment{MachineID: m.ID, Name: m.Name, CertSerial: m.CertSerial}
+		if ap := s.policyFor(m.ID); ap != nil {
+			// Replication groups' cuts go through the built-in process
+			// server: a member on a scale-out one makes its own points.
+			ap.Group = ""
+			a.Policy = ap
+		}
+		reply.Assigned = append(reply.Assigned, a)
 	}
 	writeJSON(w, http.StatusOK, reply)
 	return nil

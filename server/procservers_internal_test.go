@@ -1,8 +1,11 @@
 package server
 
 import (
+	"strings"
 	"testing"
 
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/server/api"
 )
 
@@ -24,6 +27,40 @@ func TestPickLeastLoaded(t *testing.T) {
 		got, ok := pickLeastLoaded(tc.l)
 		if got != tc.want || ok != (tc.want != "") {
 			t.Errorf("%s: %q, %v; want %q", tc.name, got, ok, tc.want)
+		}
+	}
+}
+
+// A heartbeat's reports are bounded before anything of them is used:
+// machines, points, events, damage blocks, resyncs, disks, results.
+func TestCheckReportsBounds(t *testing.T) {
+	const id = "0123456789abcdef0123456789abcdef"
+	one := func(n *api.PSNews) *api.ProcessServerHeartbeat {
+		return &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{MachineID: id, News: n}}}
+	}
+	if err := checkReports(one(&api.PSNews{Points: make([]replication.Point, api.MaxPSReportPoints), Events: make([]replication.AgentEvent, api.MaxPSReportEvents),
+		State: &replication.MachineCatalog{ID: id}, Bytes: 5})); err != nil {
+		t.Fatalf("at the bounds: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		hb   *api.ProcessServerHeartbeat
+		want string
+	}{
+		{"machines", &api.ProcessServerHeartbeat{Reports: make([]api.PSMachineReport, api.MaxPSReportMachines+1)}, "machines, at most"},
+		{"results", &api.ProcessServerHeartbeat{Results: make([]api.PSCommandResult, api.MaxPSCommands+1)}, "command results"},
+		{"no id", &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{}}}, "not a machine id"},
+		{"points", one(&api.PSNews{Points: make([]replication.Point, api.MaxPSReportPoints+1)}), "points in one heartbeat"},
+		{"events", one(&api.PSNews{Events: make([]replication.AgentEvent, api.MaxPSReportEvents+1)}), "events"},
+		{"damage blocks", one(&api.PSNews{Damage: []procserver.Damage{{Blocks: make([]int64, api.MaxPSDamageBlocks+1)}}}), "blocks"},
+		{"resyncs", one(&api.PSNews{Resyncs: make([]replication.ResyncStatus, replication.MaxDisks+1)}), "resyncs"},
+		{"another machine's catalog", one(&api.PSNews{State: &replication.MachineCatalog{ID: "ff"}}), "catalog view"},
+		{"disks", one(&api.PSNews{State: &replication.MachineCatalog{ID: id, Disks: make([]replication.CatalogDisk, replication.MaxDisks+1)}}), "catalog view"},
+		{"negative bytes", one(&api.PSNews{Bytes: -1}), "bytes received"},
+		{"status", &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{MachineID: id, Status: &replication.Status{Events: make([]replication.AgentEvent, replication.MaxStatusEvents+1)}}}}, "events"},
+	} {
+		if err := checkReports(tc.hb); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error with %q", tc.name, err, tc.want)
 		}
 	}
 }

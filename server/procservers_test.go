@@ -301,3 +301,241 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 		t.Fatalf("removing ps1 once vm1 left it: %v", err)
 	}
 }
+
+// A machine on a scale-out process server is shown, given points and
+// alerted on as on the built-in one: its process server's heartbeats
+// report the agent's connection and status, the bytes received and each
+// new point (in GET /api/v1/machines/{m}: connected, RPO known, last point,
+// point count); `asr tag` makes a point there (a command in a heartbeat's
+// reply); the policy's schedule reaches the agent (crash points every 5 s
+// appear); a resync asked for runs there and repairs a block the replica
+// lacks; when the agent stops, its heartbeat and RPO alerts raise. A
+// recovery through the server is refused while the machine is there, and
+// the point made there recovers bit-exact once it is back.
+func TestProcessServerReportsAndCommands(t *testing.T) {
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger()}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.tune = func(c *server.Config) {
+		c.PolicyEvery, c.PSHeartbeatLost, c.AlertClear, c.HeartbeatLost = 20*time.Millisecond, 3*time.Second, 50*time.Millisecond, 500*time.Millisecond
+	}
+	r.start()
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	defer cancel()
+	passFile := filepath.Join(dir, "srv", server.PassphraseFile)
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 8<<20, 3)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0})
+	ra := startAgent(t, cfg)
+	r.waitProtected("vm1")
+
+	n, err := psnode.Open(ctx, r.psConfig("ps1", passFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- n.Run(nctx) }()
+	t.Cleanup(func() {
+		stop()
+		<-done
+		n.Close()
+	})
+	r.waitPS(ctx, "ps1", api.PSHealthy)
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
+		t.Fatal(err)
+	}
+	before := r.machine("vm1").BytesReceived
+
+	// Writes, then a point asked for through the configuration server
+	// (again until the agent is connected to ps1).
+	c0, err := nbd.Dial(ctx, cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c0.Close()
+	rnd := rand.New(rand.NewPCG(9, 9))
+	for _, off := range []int64{0, 3 << 20, 7 << 20} {
+		b := make([]byte, 256<<10)
+		for i := range b {
+			b[i] = byte(rnd.IntN(256))
+		}
+		if err := c0.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var p api.PointJSON
+	for {
+		p, err = r.client.Tag(ctx, "vm1", false, time.Minute)
+		if err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no point of vm1 on ps1: %v", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	waitFor(t, "vm1's view to show ps1's point, connection, RPO and bytes", func() bool {
+		m := r.machine("vm1")
+		return m.LastPoint != nil && m.LastPoint.ID == p.ID && m.Connected && m.RPOKnown && m.BytesReceived >= before+768<<10
+	})
+	// The point is in the catalog too (the points list), and was made by
+	// ps1: the built-in process server does not have the machine open.
+	var pts []api.PointJSON
+	if err := r.client.Do(ctx, "GET", "/api/v1/machines/vm1/points", nil, &pts); err != nil || len(pts) == 0 || pts[len(pts)-1].ID != p.ID {
+		t.Fatalf("points of vm1: %+v, %v (want %s last)", pts, err, p.ID)
+	}
+	if l, _ := r.client.ProcessServers(ctx); l[0].Machines != 0 {
+		t.Fatalf("the built-in process server has %d machines open", l[0].Machines)
+	}
+	// Recovery through the server: refused while ps1 writes the replica.
+	if _, err := r.client.RecoverPoint(ctx, "vm1", p.ID, filepath.Join(dir, "early"), replication.RecoverOptions{}); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
+		t.Fatalf("recovery of a machine on ps1: %v", err)
+	}
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", nil, nil); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
+		t.Fatalf("scrub of a machine on ps1: %v", err)
+	}
+
+	sumAtP := fileSum(t, d0)
+
+	// A resync asked for runs through ps1: a block written past the
+	// splitter (the replica lacks it) is found and sent.
+	f, err := os.OpenFile(d0, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte(strings.Repeat("written past the splitter ", 300)), 5<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/resync", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the resync through ps1 done", func() bool {
+		var rows []api.ResyncJSON
+		if err := r.client.Do(ctx, "GET", "/api/v1/machines/vm1/resync", nil, &rows); err != nil {
+			t.Fatal(err)
+		}
+		for _, x := range rows {
+			if x.State == "failed" {
+				t.Fatalf("resync through ps1: %+v", x)
+			}
+		}
+		return len(rows) == 0 && r.machine("vm1").State == replication.StateProtected
+	})
+
+	// The policy reaches the agent through ps1: crash points every 5 s.
+	count := r.machine("vm1").PointCount
+	if err := r.client.Do(ctx, "PATCH", "/api/v1/policies/default", api.PolicyJSON{CrashInterval: "5s"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "crash points of the pushed schedule", func() bool { return r.machine("vm1").PointCount >= count+2 })
+
+	// Connected: no heartbeat alert. Stopped: heartbeat and RPO alerts.
+	r.waitPasses(5)
+	if as, err := r.client.Alerts(ctx, false); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, a := range as {
+			if a.Kind == api.AlertHeartbeat && a.Machine == "vm1" {
+				t.Fatalf("heartbeat alert while vm1's agent is connected to ps1: %+v", a)
+			}
+		}
+	}
+	if err := r.client.Do(ctx, "PATCH", "/api/v1/policies/default", api.PolicyJSON{RPOThreshold: "1s", CrashInterval: "5m"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	last := r.machine("vm1").LastPoint.ID
+	ra.close()
+	waitFor(t, "vm1 shown disconnected", func() bool { return !r.machine("vm1").Connected })
+	r.waitAlert(api.AlertHeartbeat, "vm1", "")
+	if a := r.waitAlert(api.AlertRPO, "vm1", ""); !strings.Contains(a.Message, "exceeds the threshold") {
+		t.Fatalf("RPO alert: %+v", a)
+	}
+
+	// Back on the built-in process server: the point asked for on ps1,
+	// and the last one (after the resync, with no write since), recover
+	// bit-exact.
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", api.BuiltinProcessServer); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string][32]byte{p.ID: sumAtP, last: fileSum(t, d0)} {
+		out := filepath.Join(dir, "out-"+id)
+		r.recover("vm1", id, out)
+		if fileSum(t, filepath.Join(out, "d0.img")) != want {
+			t.Fatalf("point %s made on ps1 differs from the source", id)
+		}
+	}
+}
+
+// Retention reaches a machine on a scale-out process server: its points
+// past the policy's retention are pruned there (a command in a heartbeat's
+// reply), the newest kept, and the vault database follows the catalog.
+func TestProcessServerPrunes(t *testing.T) {
+	dir := t.TempDir()
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+		c.PolicyEvery, c.PruneEvery, c.PSHeartbeatLost = 50*time.Millisecond, 50*time.Millisecond, 3*time.Second
+	}}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	defer cancel()
+	d := filepath.Join(dir, "d.img")
+	mustDisk(t, d, 4<<20, 1)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: d}))
+	r.waitProtected("vm1")
+	if err := r.client.Do(ctx, "POST", "/api/v1/policies", api.PolicyJSON{Name: "short", Retention: "1h", AppFrequency: "0", PITWindow: "30m"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/policy", api.AssignRequest{Policy: "short"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	n, err := psnode.Open(ctx, r.psConfig("ps1", filepath.Join(dir, "srv", server.PassphraseFile)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- n.Run(nctx) }()
+	t.Cleanup(func() {
+		stop()
+		<-done
+		n.Close()
+	})
+	r.waitPS(ctx, "ps1", api.PSHealthy)
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
+		t.Fatal(err)
+	}
+	var last api.PointJSON
+	for range 3 {
+		for {
+			if last, err = r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("no point of vm1 on ps1: %v", err)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+	waitFor(t, "three points or more in the view", func() bool { return r.machine("vm1").PointCount >= 3 })
+	clock.Add(int64(2 * time.Hour)) // every point is past the retention
+	waitFor(t, "the old points pruned by ps1, the newest kept", func() bool {
+		clock.Add(int64(time.Second)) // the next prune pass is due
+		var pts []api.PointJSON
+		if err := r.client.Do(ctx, "GET", "/api/v1/machines/vm1/points", nil, &pts); err != nil {
+			t.Fatal(err)
+		}
+		m := r.machine("vm1")
+		return len(pts) == 1 && pts[0].ID == last.ID && m.PointCount == 1 && m.LastPoint != nil && m.LastPoint.ID == last.ID
+	})
+}

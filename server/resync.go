@@ -267,7 +267,7 @@ func (s *Server) maybeStartResync(ctx context.Context, r store.Resync) {
 	// after the fact): one the scheduler made is started only while the
 	// catalog still marks the disk, or a disk its done record just made
 	// consistent would be compared whole again, without points meanwhile.
-	err = s.ps.StartResync(ctx, m.ID, job, !r.Manual)
+	err = s.startResync(ctx, m.ID, job, !r.Manual)
 	if errors.Is(err, procserver.ErrResyncNotNeeded) {
 		if err := s.db.DeleteResync(ctx, m.ID, r.Disk); err != nil {
 			s.log.Error("drop a resync the catalog no longer needs", "machine", m.ID, "disk", r.Disk, "err", err)

@@ -96,7 +96,9 @@ func (s *Server) maybeScrub(ctx context.Context) {
 	}
 	now := s.now()
 	for _, m := range ms {
-		if m.Unprotected() || len(m.Disks) == 0 || now.Sub(m.LastScrub) < every {
+		if m.Unprotected() || len(m.Disks) == 0 || now.Sub(m.LastScrub) < every || s.assignedTo(m.ID) != "" {
+			// (A scale-out process server's machine is scrubbed once it
+			// is back on the built-in one: not done there yet.)
 			continue
 		}
 		if m.LastScrub.IsZero() && now.Sub(m.RegisteredAt) < every {
@@ -128,6 +130,9 @@ func (s *Server) maybeScrub(ctx context.Context) {
 // ScrubMachine scrubs a machine's replica now and records the result
 // (scheduled: see procserver.Server.Scrub).
 func (s *Server) ScrubMachine(ctx context.Context, m store.Machine, scheduled bool) (procserver.ScrubReport, error) {
+	if ps := s.assignedTo(m.ID); ps != "" {
+		return procserver.ScrubReport{}, errorf(http.StatusConflict, "machine %s is served by process server %s: a scrub there is not done yet; switch it back first (asr ps switch --machine %s --to builtin)", m.Name, ps, m.Name)
+	}
 	start := s.now()
 	rep, err := s.ps.Scrub(ctx, m.ID, scheduled)
 	// The damage it found is noted for the database (the process server's

@@ -39,7 +39,10 @@ type Machine struct {
 	LastPoint     *Point `json:"last_point,omitempty"` // latest recovery point; nil if none
 	PointCount    int    `json:"point_count"`
 	BytesReceived int64  `json:"bytes_received"`
-	CacheBytes    int64  `json:"cache_bytes"`     // process-server backlog for this machine
+	CacheBytes    int64  `json:"cache_bytes"` // process-server backlog for this machine
+	// ProcessServer names the process server serving the machine
+	// (BuiltinProcessServer or a scale-out one's name).
+	ProcessServer string `json:"process_server,omitempty"`
 	Error         string `json:"error,omitempty"` // last error to show on the machine
 
 	Policy string `json:"policy"`          // replication policy assigned

@@ -3,6 +3,7 @@ package api
 import (
 	"time"
 
+	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
 )
 
@@ -17,6 +18,19 @@ type ProcessServerHeartbeat struct {
 	// Machines are the ids of the machines it has open (and so holds the
 	// lease of), at most MaxPSMachines.
 	Machines []string `json:"machines"`
+	// Reports are what it reports of the machines it has open (at most
+	// MaxPSReportMachines; the others in later heartbeats). News are
+	// numbered: ReportSeq counts, from 1, the news-carrying heartbeats of
+	// this run of the process server (Run, a random id made at its
+	// start). Heartbeats are sent again with the same news and number
+	// until one is answered, and the configuration server takes a
+	// number's news once.
+	Reports   []PSMachineReport `json:"reports,omitempty"`
+	Run       string            `json:"run,omitempty"`
+	ReportSeq uint64            `json:"report_seq,omitempty"`
+	// Results are the outcomes of the commands it finished (at most
+	// MaxPSCommands).
+	Results []PSCommandResult `json:"results,omitempty"`
 }
 
 // MaxPSMachines bounds the machines a heartbeat or its reply names (ASR
@@ -31,6 +45,9 @@ type ProcessServerHeartbeatReply struct {
 	// the certificate serial of their latest registration) and hands over
 	// any other machine it has open (procserver.Release).
 	Assigned []PSAssignment `json:"assigned"`
+	// Commands are the commands it is to run (PSCommand), at most
+	// MaxPSCommands; each is named again until its result comes.
+	Commands []PSCommand `json:"commands,omitempty"`
 }
 
 // PSAssignment is a machine a scale-out process server serves.
@@ -38,6 +55,9 @@ type PSAssignment struct {
 	MachineID  string `json:"machine_id"`
 	Name       string `json:"name"`
 	CertSerial string `json:"cert_serial"`
+	// Policy is the point schedule its agent is sent (at connection,
+	// and again when it changes).
+	Policy *replication.AgentPolicy `json:"policy,omitempty"`
 }
 
 // SwitchRequest is the body of POST /api/v1/machines/{m}/process-server.
@@ -119,4 +139,132 @@ type SwitchAllResult struct {
 // process server the machine is on now.
 type SwitchResult struct {
 	ProcessServer string `json:"process_server"`
+}
+
+// Bounds of what one heartbeat carries about the machines a scale-out
+// process server has open (PSMachineReport) and of the commands a reply
+// carries: a process server with more sends the rest in later heartbeats.
+const (
+	MaxPSReportMachines = 256  // machine reports per heartbeat
+	MaxPSReportPoints   = 64   // new recovery points per machine per heartbeat
+	MaxPSReportEvents   = 64   // events (agent events, damage, quarantines) per machine per heartbeat
+	MaxPSDamageBlocks   = 1024 // blocks named by one damage report
+	MaxPSCommands       = 256  // commands per reply, results per heartbeat
+	// MaxPSHeartbeatBytes bounds a heartbeat's body; a process server
+	// keeps the news of one heartbeat within MaxPSNewsBytes (one
+	// machine's news at least), which leaves room for the figures of
+	// MaxPSReportMachines machines and the ids of MaxPSMachines.
+	MaxPSHeartbeatBytes = 8 << 20
+	MaxPSNewsBytes      = 4 << 20
+)
+
+// PSMachineReport is what a scale-out process server reports of one
+// machine it has open, for the configuration server's vault database and
+// views: the figures its built-in process server would give
+// (procserver.MachineStats) and, in News, what happened since the last
+// report the configuration server acknowledged.
+type PSMachineReport struct {
+	MachineID string `json:"machine_id"`
+	Connected bool   `json:"connected"`
+	// Status is the agent's last status (without its events, which are
+	// in News), StatusAge how long ago the process server received it
+	// (its own clock: the configuration server subtracts it from the
+	// heartbeat's arrival); nil: no status since it opened the machine.
+	Status       *replication.Status `json:"status,omitempty"`
+	StatusAge    time.Duration       `json:"status_age_ns,omitempty"`
+	DurableSeq   uint64              `json:"durable_seq"`
+	AppliedSeq   uint64              `json:"applied_seq"`
+	CacheBytes   int64               `json:"cache_bytes"`
+	Segments     int                 `json:"segments"`
+	ApplyError   string              `json:"apply_error,omitempty"`
+	BacklogBytes int64               `json:"backlog_bytes"`
+	BacklogAge   time.Duration       `json:"backlog_age_ns,omitempty"` // how old the oldest backlog byte is
+	AppliedBytes int64               `json:"applied_bytes"`
+	News         *PSNews             `json:"news,omitempty"`
+}
+
+// PSNews is what the process server's callbacks (procserver.Config: OnState,
+// OnPoint, OnBytes, OnStatus, OnConnect, OnRefused, OnDamage, OnQuarantine)
+// reported of one machine since the last acknowledged report; the
+// configuration server hands each to its own callback of the same name.
+type PSNews struct {
+	State   *replication.MachineCatalog `json:"state,omitempty"` // the newest catalog view
+	Points  []replication.Point         `json:"points,omitempty"`
+	Bytes   int64                       `json:"bytes,omitempty"` // payload bytes received
+	Events  []replication.AgentEvent    `json:"events,omitempty"`
+	Resyncs []replication.ResyncStatus  `json:"resyncs,omitempty"` // each disk's latest progress
+	// Connect is the Hello of the agent's latest connection (its version,
+	// BIOS UUID and disks' modes), Refused why an agent was turned away.
+	Connect    *replication.Hello  `json:"connect,omitempty"`
+	Refused    string              `json:"refused,omitempty"`
+	Damage     []procserver.Damage `json:"damage,omitempty"`
+	Quarantine []PSQuarantine      `json:"quarantine,omitempty"`
+	// Reconcile says points were dropped while the configuration server
+	// could not be reached: it rereads the machine's points from the
+	// catalog.
+	Reconcile bool `json:"reconcile,omitempty"`
+}
+
+// PSQuarantine is a cached segment that failed verification (OnQuarantine).
+type PSQuarantine struct {
+	Path   string `json:"path"`
+	Reason string `json:"reason"`
+}
+
+// PSCommand is something the configuration server asks a scale-out
+// process server to do for a machine it serves, carried in heartbeat
+// replies until the process server reports its result (PSCommandResult):
+// the process server runs each id once.
+type PSCommand struct {
+	ID        string `json:"id"`
+	Kind      string `json:"kind"` // PSCommandPoint
+	MachineID string `json:"machine_id"`
+	App       bool   `json:"app,omitempty"` // PSCommandPoint: application-consistent
+	// PSCommandResync: the job, started only while the catalog marks
+	// the disk if IfMarked (procserver.Server.StartResync).
+	Resync   *replication.ResyncJob `json:"resync,omitempty"`
+	IfMarked bool                   `json:"if_marked,omitempty"`
+	// PSCommandPrune: delete the points older than Before but the newest
+	// and those named by Keep (at most MaxPSPruneKeep), as
+	// procserver.Server.PrunePoints.
+	Before time.Time `json:"before,omitzero"`
+	Keep   []uint64  `json:"keep,omitempty"`
+	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
+	Timeout time.Duration `json:"timeout_ns"`
+}
+
+// Command kinds.
+const (
+	// PSCommandPoint asks the machine's agent for a recovery point now
+	// (procserver.Server.RequestPoint); the result names it.
+	PSCommandPoint = "point"
+	// PSCommandResync starts a resync job on the machine's agent; the
+	// result says it started (its progress and end come as any resync's).
+	PSCommandResync = "resync"
+	// PSCommandPrune prunes the machine's points past its retention; the
+	// result counts those deleted (the configuration server then rereads
+	// the machine's points from the catalog).
+	PSCommandPrune = "prune"
+)
+
+// MaxPSPruneKeep bounds the points a prune command keeps by name (the
+// points of live failovers).
+const MaxPSPruneKeep = 10000
+
+// MaxPSCommandTimeout bounds a command's run.
+const MaxPSCommandTimeout = 30 * time.Minute
+
+// PSCommandResult is a finished command's outcome, sent in every
+// heartbeat until the reply no longer names the command.
+type PSCommandResult struct {
+	ID    string `json:"id"`
+	Error string `json:"error,omitempty"`
+	// NotConnected says the machine's agent was not connected.
+	NotConnected bool `json:"not_connected,omitempty"`
+	// NotNeeded says a resync was not started: the catalog no longer
+	// marks the disk (procserver.ErrResyncNotNeeded).
+	NotNeeded bool `json:"not_needed,omitempty"`
+	// Deleted counts the points a prune deleted.
+	Deleted int                `json:"deleted,omitempty"`
+	Point   *replication.Point `json:"point,omitempty"`
 }

@@ -65,6 +65,9 @@ func machineTable(tw *tabwriter.Writer, ms []api.Machine) {
 		if m.Unprotected {
 			agentState = "refused"
 		}
+		if m.ProcessServer != "" && m.ProcessServer != api.BuiltinProcessServer {
+			agentState += " (ps " + m.ProcessServer + ")"
+		}
 		state := m.State
 		switch m.State {
 		case api.StateInitial:

@@ -1,0 +1,86 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/server/api"
+)
+
+// TestE2EProcessServerStatusAndTag: a real `asr server` and a real `asr
+// process-server`. A machine switched to the scale-out process server is
+// shown by `asr status` as on the built-in one (its process server,
+// connected, its RPO, the bytes it sends there); `asr tag` makes a point
+// there (a command in the process server's heartbeat reply), listed by
+// `asr status` and `asr points`; `asr recover` is refused with the reason
+// while the scale-out process server writes the replica; back on the
+// built-in process server, that point recovers bit-exact.
+func TestE2EProcessServerStatusAndTag(t *testing.T) {
+	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
+	pass := filepath.Join(c.srvDir, "passphrase")
+	d0 := filepath.Join(c.dir, "d0.img")
+	makeDisk(t, d0, 32<<20, 11)
+	a := c.startAgent("vm1", nil, "d0="+d0)
+	c.waitState("vm1", "protected", 3*time.Minute)
+	ps1 := startProc(t, "ps1", filepath.Join(c.dir, "ps1.log"), "process-server", "--config", c.url(), "--passphrase-file", pass,
+		"--data", filepath.Join(c.dir, "ps1"), "--data-listen", "127.0.0.1:0", "--name", "ps1")
+	ps1.waitLog(t, "asr process server running")
+	deadline := time.Now().Add(hungAfter)
+	for {
+		var l []api.ProcessServerInfo
+		if err := json.Unmarshal([]byte(c.mustCLI("ps", "list", "--json")), &l); err != nil {
+			t.Fatal(err)
+		}
+		if len(l) == 2 && l[1].State == api.PSHealthy {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ps1 never healthy: %+v", l)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c.mustCLI("ps", "switch", "--machine", "vm1", "--to", "ps1")
+	before := c.status("vm1").BytesReceived
+
+	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d0"), "-c", "write -P 0x6b 2M 3M", "-c", "write -P 0x19 30M 128k")
+	var id string
+	for {
+		out, err := c.cli("tag", "--machine", "vm1", "--wait", "--timeout", tagTimeout)
+		if err == nil {
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			id = lines[len(lines)-1]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no point of vm1 on ps1: %v\nps1's log:\n%s", err, ps1.logTail())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	st := c.waitStatus("vm1", "the point made on ps1, connected, RPO known, bytes received", func(st machineStatus) bool {
+		return st.ProcessServer == "ps1" && st.Connected && st.RPOKnown && st.LastPoint != nil && st.LastPoint.ID == id &&
+			st.BytesReceived > before
+	})
+	if st.State != "protected" {
+		t.Fatalf("vm1 on ps1: %+v", st)
+	}
+	if out := c.mustCLI("status", "--machine", "vm1"); !strings.Contains(out, id) {
+		t.Fatalf("asr status does not show the point %s:\n%s", id, out)
+	}
+	if out := c.mustCLI("points", "--machine", "vm1"); !strings.Contains(out, id) {
+		t.Fatalf("asr points lacks %s:\n%s", id, out)
+	}
+	if _, err := c.cli("recover", "--machine", "vm1", "--point", id, "--out", filepath.Join(c.dir, "early")); err == nil ||
+		!strings.Contains(err.Error(), "served by process server ps1") {
+		t.Fatalf("recovery of a machine on ps1: %v", err)
+	}
+
+	// Back on the built-in process server (ps1 hands it over, applied
+	// whole): the point made on ps1 recovers bit-exact (no write since).
+	c.mustCLI("ps", "switch", "--machine", "vm1", "--to", "builtin")
+	c.recoverAndCheck("vm1", id, map[string]string{"d0": sha256File(t, d0)})
+}

@@ -1,0 +1,148 @@
+package psnode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
+)
+
+// commands runs what the configuration server asks in its heartbeat
+// replies (api.PSCommand): each id once, while the replies name it; the
+// result is sent in every heartbeat until a reply no longer names the
+// command (the configuration server has it). A restarted process server
+// runs a command still named again (a point request makes one more
+// point).
+type commands struct {
+	mu      sync.Mutex
+	running map[string]bool
+	results map[string]api.PSCommandResult
+}
+
+// pending are the results to send.
+func (c *commands) pending() []api.PSCommandResult {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]api.PSCommandResult, 0, min(len(c.results), api.MaxPSCommands))
+	for _, r := range c.results {
+		if len(out) == api.MaxPSCommands {
+			break
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// follow takes a reply's commands: results sent and no longer named are
+// forgotten; commands neither running nor done start (run, one goroutine
+// each, owned by the node).
+func (n *Node) followCommands(sent []api.PSCommandResult, cmds []api.PSCommand) {
+	c := &n.cmds
+	named := make(map[string]bool, len(cmds))
+	for _, cmd := range cmds {
+		named[cmd.ID] = true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, r := range sent {
+		if !named[r.ID] {
+			delete(c.results, r.ID)
+		}
+	}
+	if len(cmds) > api.MaxPSCommands {
+		n.log.Error("the configuration server sent too many commands; ignored", "commands", len(cmds), "max", api.MaxPSCommands)
+		return
+	}
+	for _, cmd := range cmds {
+		if _, done := c.results[cmd.ID]; done || c.running[cmd.ID] || n.ctx.Err() != nil {
+			continue
+		}
+		c.running[cmd.ID] = true
+		n.wg.Go(func() {
+			r := n.run(cmd)
+			r.ID = cmd.ID
+			c.mu.Lock()
+			delete(c.running, cmd.ID)
+			c.results[cmd.ID] = r
+			c.mu.Unlock()
+			n.kickBeat() // the result at once, not at the next beat
+		})
+	}
+}
+
+// run runs one command.
+func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
+	if cmd.ID == "" || len(cmd.ID) > 64 {
+		return api.PSCommandResult{Error: fmt.Sprintf("command id %q: want 1 to 64 bytes", cmd.ID)}
+	}
+	if err := n.serves(cmd.MachineID); err != nil {
+		return api.PSCommandResult{Error: err.Error()}
+	}
+	timeout := cmd.Timeout
+	if timeout <= 0 || timeout > api.MaxPSCommandTimeout {
+		timeout = api.MaxPSCommandTimeout
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, timeout)
+	defer cancel()
+	switch cmd.Kind {
+	case api.PSCommandPoint:
+		n.log.Info("recovery point requested by the configuration server", "machine", cmd.MachineID, "app", cmd.App, "command", cmd.ID)
+		p, err := n.ps.RequestPoint(ctx, cmd.MachineID, cmd.App)
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error(), NotConnected: errors.Is(err, procserver.ErrNotConnected)}
+		}
+		return api.PSCommandResult{Point: &p}
+	case api.PSCommandResync:
+		if cmd.Resync == nil {
+			return api.PSCommandResult{Error: "a resync command without its job"}
+		}
+		n.log.Info("resync started by the configuration server", "machine", cmd.MachineID, "disk", cmd.Resync.Disk, "job", cmd.Resync.ID, "command", cmd.ID)
+		err := n.ps.StartResync(ctx, cmd.MachineID, *cmd.Resync, cmd.IfMarked)
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error(), NotConnected: errors.Is(err, procserver.ErrNotConnected), NotNeeded: errors.Is(err, procserver.ErrResyncNotNeeded)}
+		}
+		return api.PSCommandResult{}
+	case api.PSCommandPrune:
+		if len(cmd.Keep) > api.MaxPSPruneKeep {
+			return api.PSCommandResult{Error: fmt.Sprintf("a prune keeping %d points by name, at most %d", len(cmd.Keep), api.MaxPSPruneKeep)}
+		}
+		keep := make(map[uint64]bool, len(cmd.Keep))
+		for _, k := range cmd.Keep {
+			keep[k] = true
+		}
+		deleted, err := n.ps.PrunePoints(ctx, cmd.MachineID, cmd.Before, keep)
+		if len(deleted) > 0 {
+			n.log.Info("recovery points pruned", "machine", cmd.MachineID, "count", len(deleted), "before", cmd.Before)
+		}
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error(), Deleted: len(deleted)}
+		}
+		return api.PSCommandResult{Deleted: len(deleted)}
+	}
+	return api.PSCommandResult{Error: fmt.Sprintf("unknown command %q (this process server is older than the configuration server?)", cmd.Kind)}
+}
+
+// kickBeat has the heartbeat loop send a heartbeat now.
+func (n *Node) kickBeat() {
+	select {
+	case n.kick <- struct{}{}:
+	default:
+	}
+}
+
+// waitBeat waits d, or until kickBeat, or ctx ends.
+func (n *Node) waitBeat(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	case <-n.kick:
+	}
+	return nil
+}
