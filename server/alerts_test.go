@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -261,7 +262,14 @@ func TestAlertConditions(t *testing.T) {
 	r.waitResolved(rs.ID)
 	r.waitResolved(sc.ID)
 	r.waitResolved(vc.ID)
-	if as, _ := r.client.Alerts(ctx, false); len(as) != 1 || as[0].ID != jb.ID {
+	as, _ := r.client.Alerts(ctx, false)
+	// The host's own figures (CPU, memory, the cache disk's free space)
+	// are this machine's, not the test's: a busy or nearly full host may
+	// raise them.
+	as = slices.DeleteFunc(as, func(a api.Alert) bool {
+		return a.Kind == api.AlertPSCPU || a.Kind == api.AlertPSMemory || a.Kind == api.AlertPSCacheFree
+	})
+	if len(as) != 1 || as[0].ID != jb.ID {
 		t.Fatalf("active alerts %+v, want only the job's", as)
 	}
 }
