@@ -260,15 +260,20 @@ func (s *Server) failoverOne(ctx context.Context, j *job, t foTarget, req api.Fa
 	}
 	reqJSON, _ := json.Marshal(req)
 	f.Detail = encodeDetail(failoverDetail{Request: reqJSON})
+	// A machine on a scale-out process server comes back to the built-in
+	// one first (failover_ps.go).
+	if err := s.toBuiltinForFailover(ctx, j, m, req.Planned); err != nil {
+		return nil, err
+	}
 	// The record comes first: it claims the machine (one live failover
 	// each), so a planned failover freezes no source another one holds.
-	// A machine on a scale-out process server is refused (its replica is
-	// written by another process; the exports read it in this one): the
-	// switch lock keeps a switch from slipping in before the record.
+	// The switch lock keeps a switch away from the built-in process
+	// server (the exports read the replica in this process) from slipping
+	// in before the record.
 	s.pss.switchMu.Lock()
 	if ps := s.assignedTo(m.ID); ps != "" {
 		s.pss.switchMu.Unlock()
-		return nil, fmt.Errorf("machine %s is served by process server %s: switch it back first (asr ps switch --machine %s --to builtin); failover from a scale-out process server is not done yet", m.Name, ps, m.Name)
+		return nil, fmt.Errorf("machine %s was switched to process server %s during its failover: fail it over again", m.Name, ps)
 	}
 	err := s.db.AddFailover(ctx, f)
 	s.pss.switchMu.Unlock()

@@ -561,19 +561,13 @@ func (s *Server) autoSwitch(ctx context.Context) error {
 			continue
 		}
 		for _, id := range ids {
-			if err := s.db.Assign(ctx, id, ""); err != nil {
-				return err
-			}
-			s.pss.mu.Lock()
-			delete(s.pss.assigned, id)
-			s.pss.mu.Unlock()
 			name := id
 			if m, err := s.db.Machine(ctx, id); err == nil {
 				name = m.Name
 			}
-			s.raise(ctx, store.Event{MachineID: id, Kind: "process-server-switch", Severity: api.SeverityWarning,
-				Message: fmt.Sprintf("%s switched automatically from process server %s (no heartbeat since %s) to the built-in one; changes its cache acknowledged and did not apply are resynced",
-					name, p.Name, last.UTC().Format(time.RFC3339))})
+			if err := s.takeBackLocked(ctx, id, name, p.Name, "automatically (--auto-switch)"); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -1,0 +1,164 @@
+package server_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
+	"github.com/asrdr/asr/psnode"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
+)
+
+// A failover of a machine served by a scale-out process server: the job
+// first brings it back to the built-in one (a hand-over while ps1
+// answers; taken back at once when ps1 is gone, for an unplanned
+// failover), then serves the point's exports, equal to the point.
+func TestFailoverFromAScaleOutProcessServer(t *testing.T) {
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
+		c.PSHeartbeatLost, c.NBDListen = 2*time.Second, "127.0.0.1:0"
+	}}
+	if testing.Verbose() {
+		r.log = slog.Default()
+	}
+	r.start()
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	defer cancel()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 8<<20, 4)
+	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0})
+	startAgent(t, cfg)
+	r.waitProtected("vm1")
+	n, err := psnode.Open(ctx, r.psConfig("ps1", filepath.Join(dir, "srv", server.PassphraseFile)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nctx, stopPS := context.WithCancel(ctx)
+	psDone := make(chan error, 1)
+	go func() { psDone <- n.Run(nctx) }()
+	psStopped := false
+	stop := func() {
+		if !psStopped {
+			psStopped = true
+			stopPS()
+			<-psDone
+			n.Close()
+		}
+	}
+	t.Cleanup(stop)
+	r.waitPS(ctx, "ps1", api.PSHealthy)
+	c0, err := nbd.Dial(ctx, cfg.NBD, "d0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c0.Close()
+	rnd := rand.New(rand.NewPCG(4, 4))
+	write := func() {
+		b := make([]byte, 128<<10)
+		for i := range b {
+			b[i] = byte(rnd.IntN(256))
+		}
+		if err := c0.WriteAt(b, rnd.Int64N(60)<<17); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// tagOnPS1 switches vm1 to ps1, writes and takes a point there.
+	tagOnPS1 := func() api.PointJSON {
+		t.Helper()
+		if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
+			t.Fatal(err)
+		}
+		write()
+		for {
+			p, err := r.client.Tag(ctx, "vm1", false, time.Minute)
+			if err == nil {
+				return p
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("no point on ps1: %v", err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	// check fails vm1 over at p (test), checks the job's first step and
+	// the export against the point recovered, and cleans up.
+	check := func(p api.PointJSON, test bool, stepDone string) {
+		t.Helper()
+		j := r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", Test: test, Point: p.ID, To: api.ToNBD}))
+		i := slices.IndexFunc(j.Steps, func(s api.JobStep) bool { return s.Name == "vm1: to the built-in process server" })
+		if i < 0 || !strings.Contains(j.Steps[i].Detail, stepDone) {
+			t.Fatalf("the failover's steps %+v, want vm1 brought back (%s)", j.Steps, stepDone)
+		}
+		if ps := r.machine("vm1").ProcessServer; ps != "" && ps != api.BuiltinProcessServer {
+			t.Fatalf("after the failover vm1 is on %q", ps)
+		}
+		out := t.TempDir()
+		r.recover("vm1", p.ID, out)
+		b, err := os.ReadFile(filepath.Join(out, "d0.img"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := dialExport(t, exportsOf(t, j)["d0"])
+		got := exportSum(t, c)
+		c.Close()
+		if got != sha256.Sum256(b) {
+			t.Fatalf("the export of point %s differs from the point", p.ID)
+		}
+		action := "cleanup"
+		if !test {
+			action = "commit"
+		}
+		r.mustJob(r.client.FailoverAction(ctx, action, api.FailoverAction{Machine: "vm1"}))
+	}
+
+	// ps1 answers: a hand-over.
+	check(tagOnPS1(), true, "handed over")
+
+	// ps1 is gone: an unplanned failover takes vm1 back at once.
+	p := tagOnPS1()
+	stop()
+	for {
+		l, err := r.client.ProcessServers(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := slices.IndexFunc(l, func(x api.ProcessServerInfo) bool { return x.Name == "ps1" }); i >= 0 && l[i].State == api.PSNoHeartbeat {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("ps1 never lost its heartbeat")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	// A planned one needs the hand-over: refused, nothing changed.
+	if j := r.runJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: "vm1", Planned: true, To: api.ToNBD})); j.State != api.JobFailed ||
+		!strings.Contains(j.Error, "planned failover needs its process server's hand-over") {
+		t.Fatalf("a planned failover with ps1 gone: %s %s", j.State, j.Error)
+	}
+	if ps := r.machine("vm1").ProcessServer; ps != "ps1" {
+		t.Fatalf("a refused planned failover moved vm1 to %q", ps)
+	}
+	check(p, false, "taken back")
+	var evs []api.EventJSON
+	if err := r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=vm1", nil, &evs); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(evs, func(e api.EventJSON) bool {
+		return e.Kind == "process-server-switch" && strings.Contains(e.Message, "taken back from process server ps1 for a failover")
+	}) {
+		t.Fatalf("no event of the take-back: %+v", evs)
+	}
+}
