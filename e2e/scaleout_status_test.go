@@ -79,8 +79,21 @@ func TestE2EProcessServerStatusAndTag(t *testing.T) {
 		t.Fatalf("recovery of a machine on ps1: %v", err)
 	}
 
-	// Back on the built-in process server (ps1 hands it over, applied
-	// whole): the point made on ps1 recovers bit-exact (no write since).
-	c.mustCLI("ps", "switch", "--machine", "vm1", "--to", "builtin")
+	// A test failover of it brings it back to the built-in process server
+	// first (ps1 hands it over, applied whole), then exports the point:
+	// equal to the source (no write since).
+	r := c.failover("--machine", "vm1", "--test", "--point", id, "--to", "nbd")
+	if !strings.Contains(r.out, "vm1: to the built-in process server") {
+		t.Fatalf("the test failover of a machine on ps1 did not bring it back first:\n%s", r.out)
+	}
+	if got, want := nbdCopySum(t, exportURIs(t, r)["d0"]), sha256File(t, d0); got != want {
+		t.Fatalf("the export of point %s: %s, the source %s", id, got, want)
+	}
+	c.mustCLI("failover", "--machine", "vm1", "--cleanup")
+	if st := c.status("vm1"); st.ProcessServer != "" && st.ProcessServer != "builtin" {
+		t.Fatalf("after the failover vm1 is on %q", st.ProcessServer)
+	}
+	// On the built-in process server: the point made on ps1 recovers
+	// bit-exact.
 	c.recoverAndCheck("vm1", id, map[string]string{"d0": sha256File(t, d0)})
 }
