@@ -31,14 +31,20 @@ func (s *Server) psAlive(name string) (bool, time.Time) {
 	return !b.at.IsZero() && s.now().Sub(b.at) <= s.cfg.PSHeartbeatLost, b.at
 }
 
-// toBuiltinForFailover brings m back to the built-in process server (see
-// above); a machine already there is left as it is.
-func (s *Server) toBuiltinForFailover(ctx context.Context, j *job, m store.Machine, planned bool) error {
+// toBuiltin brings m back to the built-in process server (see above),
+// for why ("for the failover", "to be unprotected"); a machine already
+// there is left as it is. needHandOver refuses the take-back. j, if not
+// nil, gets a step.
+func (s *Server) toBuiltin(ctx context.Context, j *job, m store.Machine, needHandOver bool, why string) error {
 	ps := s.assignedTo(m.ID)
 	if ps == "" {
 		return nil
 	}
-	done := j.step(m.Name+": to the built-in process server", "from process server "+ps+", for the failover")
+	done := func(string, error) {}
+	if j != nil {
+		done = j.step(m.Name+": to the built-in process server", "from process server "+ps+", "+why)
+	}
+	planned := needHandOver
 	if alive, _ := s.psAlive(ps); alive || planned {
 		_, err := s.SwitchProcessServer(ctx, m.Name, api.BuiltinProcessServer)
 		if err != nil && planned && !alive {
@@ -48,7 +54,7 @@ func (s *Server) toBuiltinForFailover(ctx context.Context, j *job, m store.Machi
 		return err
 	}
 	s.pss.switchMu.Lock()
-	err := s.takeBackLocked(ctx, m.ID, m.Name, ps, "for a failover")
+	err := s.takeBackLocked(ctx, m.ID, m.Name, ps, why)
 	s.pss.switchMu.Unlock()
 	done("taken back: process server "+ps+" sends no heartbeat", err)
 	return err

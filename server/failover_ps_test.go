@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -40,24 +41,7 @@ func TestFailoverFromAScaleOutProcessServer(t *testing.T) {
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0})
 	startAgent(t, cfg)
 	r.waitProtected("vm1")
-	n, err := psnode.Open(ctx, r.psConfig("ps1", filepath.Join(dir, "srv", server.PassphraseFile)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nctx, stopPS := context.WithCancel(ctx)
-	psDone := make(chan error, 1)
-	go func() { psDone <- n.Run(nctx) }()
-	psStopped := false
-	stop := func() {
-		if !psStopped {
-			psStopped = true
-			stopPS()
-			<-psDone
-			n.Close()
-		}
-	}
-	t.Cleanup(stop)
-	r.waitPS(ctx, "ps1", api.PSHealthy)
+	stop := r.runPS(ctx, "ps1")
 	c0, err := nbd.Dial(ctx, cfg.NBD, "d0")
 	if err != nil {
 		t.Fatal(err)
@@ -160,5 +144,72 @@ func TestFailoverFromAScaleOutProcessServer(t *testing.T) {
 		return e.Kind == "process-server-switch" && strings.Contains(e.Message, "taken back from process server ps1 for a failover")
 	}) {
 		t.Fatalf("no event of the take-back: %+v", evs)
+	}
+}
+
+// runPS runs a scale-out process server in process until the returned
+// stop (also called at the test's end) and waits until it is healthy.
+func (r *rig) runPS(ctx context.Context, name string) (stop func()) {
+	r.t.Helper()
+	n, err := psnode.Open(ctx, r.psConfig(name, filepath.Join(r.dir, "srv", server.PassphraseFile)))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	nctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- n.Run(nctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			<-done
+			n.Close()
+		})
+	}
+	r.t.Cleanup(stop)
+	r.waitPS(ctx, name, api.PSHealthy)
+	return stop
+}
+
+// Unprotecting a machine on a scale-out process server brings it back to
+// the built-in one first (handed over: every acknowledged write applied),
+// then ends its protection there; its replica recovers the last point.
+func TestUnprotectFromAScaleOutProcessServer(t *testing.T) {
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, log: quietLogger()}
+	r.start()
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	defer cancel()
+	d0 := filepath.Join(dir, "d0.img")
+	mustDisk(t, d0, 4<<20, 6)
+	startAgent(t, r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0}))
+	r.waitProtected("vm1")
+	r.runPS(ctx, "ps1")
+	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
+		t.Fatal(err)
+	}
+	var p api.PointJSON
+	for {
+		var err error
+		if p, err = r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no point on ps1: %v", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if err := r.client.Unprotect(ctx, "vm1", false); err != nil {
+		t.Fatal(err)
+	}
+	m := r.machine("vm1")
+	if !m.Unprotected || (m.ProcessServer != "" && m.ProcessServer != api.BuiltinProcessServer) {
+		t.Fatalf("after unprotect: unprotected %v, on %q", m.Unprotected, m.ProcessServer)
+	}
+	out := t.TempDir()
+	r.recover("vm1", p.ID, out)
+	if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, d0) {
+		t.Fatal("the point made on ps1 does not recover the source after the unprotect")
 	}
 }

@@ -262,7 +262,7 @@ func (s *Server) failoverOne(ctx context.Context, j *job, t foTarget, req api.Fa
 	f.Detail = encodeDetail(failoverDetail{Request: reqJSON})
 	// A machine on a scale-out process server comes back to the built-in
 	// one first (failover_ps.go).
-	if err := s.toBuiltinForFailover(ctx, j, m, req.Planned); err != nil {
+	if err := s.toBuiltin(ctx, j, m, req.Planned, "for a failover"); err != nil {
 		return nil, err
 	}
 	// The record comes first: it claims the machine (one live failover

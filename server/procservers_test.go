@@ -262,10 +262,6 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 	if err := r.client.RemoveProcessServer(ctx, "ps1"); err == nil || !strings.Contains(err.Error(), "serves 1 machines") {
 		t.Fatalf("removing the process server vm1 is on: %v", err)
 	}
-	// Its replica is written by ps1: no unprotect, no failover from here.
-	if err := r.client.Unprotect(ctx, "vm1", true); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
-		t.Fatalf("unprotect of a machine on ps1: %v", err)
-	}
 	// auto: the least loaded healthy one; ps2 has no machine and uploads
 	// nothing now, the built-in one and ps1 neither: one of the three.
 	if now, err := r.client.SwitchProcessServer(ctx, "vm1", api.AutoProcessServer); err != nil || now == api.AutoProcessServer || now == "" {

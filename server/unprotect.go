@@ -55,13 +55,17 @@ func (s *Server) Unprotect(ctx context.Context, machine string, deleteReplica bo
 	if s.reverseRunOf(m.ID) != nil {
 		return errorf(http.StatusConflict, "machine %s is reprotected (failback in progress): fail it back first", m.Name)
 	}
+	// The removal (drain, deletion) is the built-in process server's:
+	// a machine on a scale-out one comes back first, handed over (or
+	// taken back when that process server is gone; failover_ps.go).
+	if err := s.toBuiltin(ctx, nil, m, false, "to be unprotected"); err != nil {
+		return err
+	}
 	// The switch lock until the machine is marked: no switch slips in.
 	s.pss.switchMu.Lock()
 	if ps := s.assignedTo(m.ID); ps != "" {
 		s.pss.switchMu.Unlock()
-		// Its replica is written by another process: the removal (drain,
-		// deletion) is the built-in process server's.
-		return errorf(http.StatusConflict, "machine %s is served by process server %s: switch it back first (asr ps switch --machine %s --to builtin); nothing was changed", m.Name, ps, m.Name)
+		return errorf(http.StatusConflict, "machine %s was switched to process server %s meanwhile: unprotect it again; nothing was changed", m.Name, ps)
 	}
 	if m.Unprotected() && m.DeleteReplica && !deleteReplica {
 		s.pss.switchMu.Unlock()
