@@ -13,6 +13,7 @@
 //	asrbench capacity  server memory with 1, 16 and 64 TiB of sparse protected disks
 //	asrbench discovery vCenter inventory watch (100, 1,000, 5,000 simulated VMs) vs polling
 //	asrbench failover  time to a usable test-failover NBD export, 1 GiB and 1 TiB sparse disks
+//	asrbench initial-peers, guest-write, churn: against the peers (issue 13, peers.go)
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
 // `make peers` installs (zstd, fio, nbdkit, rsync, Azurite); discovery
@@ -60,7 +61,7 @@ func main() {
 		return
 	}
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery|failover")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery|failover|initial-peers|guest-write|churn")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -101,6 +102,8 @@ func main() {
 		err = benchDiscovery(dir)
 	case "failover":
 		err = benchFailover(dir)
+	case "initial-peers", "guest-write", "churn":
+		err = benchPeers(flag.Arg(0), dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}
