@@ -8,14 +8,17 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/server/api"
 )
 
 // The performance baseline against the peers (issue 13), one command each:
@@ -263,6 +266,7 @@ func benchInitialPeers(dir string) error {
 	if err != nil {
 		return err
 	}
+	defer track(sshd.stop)()
 	defer sshd.stop()
 	ssh := sshd.sshCommand()
 	out := filepath.Join(dir, "out")
@@ -345,11 +349,12 @@ func asrInitialRound(dir, disk string) (time.Duration, string, error) {
 	if err != nil {
 		return 0, "", err
 	}
+	defer track(c.stop)()
 	defer c.stop()
 	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}); err != nil {
 		return 0, "", err
 	}
-	if err := c.waitProtected(10 * time.Minute); err != nil {
+	if err := c.waitUsable(10 * time.Minute); err != nil {
 		return 0, "", err
 	}
 	if err := fsyncTree(filepath.Join(c.srvDir, "target")); err != nil {
@@ -403,44 +408,66 @@ func pin(p *exec.Cmd, cpu string) error {
 // pinnedCluster starts a server (moved to serverCPU; it starts with this
 // process's CPU, so its Go runtime sizes itself for one) and an agent
 // (guestCPU, inherited) on a fresh sparse disk of size bytes, and waits
-// until the disk is protected and its NBD socket answers.
-func pinnedCluster(dir string, size int64) (*cluster, error) {
+// until the disk is protected and its NBD socket answers. The caller calls
+// stop.
+func pinnedCluster(dir string, size int64) (c *cluster, stop func(), err error) {
 	disk := filepath.Join(dir, "disk.img")
 	if err := sparseFile(disk, size); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	c, err := startServer(dir, noNBDListen...)
-	if err != nil {
-		return nil, err
+	if c, err = startServer(dir, noNBDListen...); err != nil {
+		return nil, nil, err
 	}
+	untrack := track(c.stop)
+	stop = func() { c.stop(); untrack() }
+	defer func() {
+		if err != nil {
+			stop()
+		}
+	}()
 	if err := pin(c.server, serverCPU); err != nil {
-		c.stop()
-		return nil, err
+		return nil, nil, err
 	}
 	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}, "--spool-max", *spoolMaxArg); err != nil {
-		c.stop()
-		return nil, err
+		return nil, nil, err
 	}
 	if err := c.waitSocket(); err != nil {
-		c.stop()
-		return nil, err
+		return nil, nil, err
 	}
-	if err := c.waitProtected(5 * time.Minute); err != nil {
-		c.stop()
-		return nil, err
+	if err := c.waitUsable(5 * time.Minute); err != nil {
+		return nil, nil, err
 	}
 	// Threads the server made while it was being moved follow their parent:
 	// check again.
 	if err := pin(c.server, serverCPU); err != nil {
-		c.stop()
-		return nil, err
+		return nil, nil, err
 	}
-	return c, pin(c.agent, guestCPU)
+	if err := pin(c.agent, guestCPU); err != nil {
+		return nil, nil, err
+	}
+	return c, stop, nil
+}
+
+// waitUsable waits until the disk is protected, and fails at once if the
+// server refuses the agent (a sticky error such as a full cache disk, which
+// only a restart clears).
+func (c *cluster) waitUsable(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if ms, err := c.machines(); err == nil && len(ms) == 1 && ms[0].State == api.StateProtected {
+			return nil
+		}
+		if b, _ := os.ReadFile(filepath.Join(c.dir, "agent-bench.log")); strings.Contains(string(b), "the server refuses this agent") {
+			return fmt.Errorf("the server refuses the agent; see %s", filepath.Join(c.dir, "agent-bench.log"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return errors.New("not protected in time; see " + c.dir)
 }
 
 // startNbdkit serves path with nbdkit's file plugin on dir/nbdkit.sock
 // (on this process's CPU, inherited).
-func startNbdkit(dir, path string) (*exec.Cmd, string, error) {
+func startNbdkit(dir, path string) (stop func(), uri string, err error) {
 	sock := filepath.Join(dir, "nbdkit.sock")
 	k := exec.Command("nbdkit", "--foreground", "--unix", sock, "file", path)
 	logf, err := os.Create(filepath.Join(dir, "nbdkit.log"))
@@ -452,14 +479,16 @@ func startNbdkit(dir, path string) (*exec.Cmd, string, error) {
 	if err := k.Start(); err != nil {
 		return nil, "", fmt.Errorf("nbdkit: %w", err)
 	}
+	untrack := track(func() { k.Process.Kill() })
+	stop = func() { stopProc(k); untrack() }
 	for i := 0; i < 200; i++ {
 		if conn, err := net.Dial("unix", sock); err == nil {
 			conn.Close()
-			return k, "nbd+unix:///?socket=" + sock, nil
+			return stop, "nbd+unix:///?socket=" + sock, nil
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
-	stopProc(k)
+	stop()
 	return nil, "", errors.New("nbdkit did not start")
 }
 
@@ -622,11 +651,11 @@ func nbdkitWrite(dir string, size int64, job func(uri string) []string) (float64
 		return 0, err
 	}
 	dropCaches()
-	k, uri, err := startNbdkit(dir, disk)
+	stop, uri, err := startNbdkit(dir, disk)
 	if err != nil {
 		return 0, err
 	}
-	defer stopProc(k)
+	defer stop()
 	_, mbps, err := fioResult(job(uri)...)
 	return mbps, err
 }
@@ -636,11 +665,11 @@ func nbdkitWrite(dir string, size int64, job func(uri string) []string) (float64
 // wrote.
 func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string) (float64, string, error) {
 	dropCaches()
-	c, err := pinnedCluster(dir, size)
+	c, stop, err := pinnedCluster(dir, size)
 	if err != nil {
 		return 0, "", err
 	}
-	defer c.stop()
+	defer stop()
 	smp := c.sample()
 	_, mbps, err := fioResult(job("nbd+unix:///d0?socket=" + c.sock)...)
 	smp.end()
@@ -723,12 +752,12 @@ func benchChurn(dir string) error {
 	if err := sparseFile(kitDisk, diskSize); err != nil {
 		return err
 	}
-	k, uri, err := startNbdkit(rd, kitDisk)
+	stopKit, uri, err := startNbdkit(rd, kitDisk)
 	if err != nil {
 		return err
 	}
 	_, kitMBps, err := fioResult(job(uri)...)
-	stopProc(k)
+	stopKit()
 	os.RemoveAll(rd)
 	if err != nil {
 		return err
@@ -775,11 +804,11 @@ func churnRun(dir string, rate int, job func(string) []string) (churnStep, error
 		return s, err
 	}
 	defer os.RemoveAll(rd)
-	c, err := pinnedCluster(rd, 4<<30)
+	c, stop, err := pinnedCluster(rd, 4<<30)
 	if err != nil {
 		return s, err
 	}
-	defer c.stop()
+	defer stop()
 	st0, err := c.drained()
 	if err != nil {
 		return s, err
@@ -802,6 +831,31 @@ func churnRun(dir string, rate int, job func(string) []string) (churnStep, error
 	return s, nil
 }
 
+// live holds what this file's benchmarks have started and not stopped yet,
+// so that an interrupt (SIGINT, SIGTERM) stops them too.
+var live struct {
+	sync.Mutex
+	stops map[int]func()
+	next  int
+}
+
+// track registers stop and returns the function that unregisters it.
+func track(stop func()) (untrack func()) {
+	live.Lock()
+	defer live.Unlock()
+	if live.stops == nil {
+		live.stops = map[int]func(){}
+	}
+	id := live.next
+	live.next++
+	live.stops[id] = stop
+	return func() {
+		live.Lock()
+		delete(live.stops, id)
+		live.Unlock()
+	}
+}
+
 // benchPeers runs one of this file's benchmarks.
 func benchPeers(name, dir string) error {
 	if *workDir == "" {
@@ -809,6 +863,24 @@ func benchPeers(name, dir string) error {
 		// exits): remove the temporary directory here too.
 		defer os.RemoveAll(dir)
 	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		sig, ok := <-sigs
+		if !ok {
+			return
+		}
+		live.Lock()
+		for _, stop := range live.stops {
+			stop()
+		}
+		live.Unlock()
+		if *workDir == "" {
+			os.RemoveAll(dir)
+		}
+		fail(fmt.Errorf("interrupted (%v): every process stopped", sig))
+	}()
 	switch name {
 	case "initial-peers":
 		return benchInitialPeers(dir)
