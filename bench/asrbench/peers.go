@@ -63,6 +63,20 @@ func needTools(tools ...string) error {
 	return nil
 }
 
+// needSpace fails with a clear message when dir's file system has less
+// than n bytes free (the machine's disk is shared: a benchmark that runs
+// out midway reports a misleading error).
+func needSpace(dir string, n int64) error {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return err
+	}
+	if free := int64(st.Bavail) * st.Bsize; free < n {
+		return fmt.Errorf("%s has %.1f GB free; this benchmark needs about %.1f GB (use -dir elsewhere)", dir, float64(free)/1e9, float64(n)/1e9)
+	}
+	return nil
+}
+
 // median of a non-empty slice of seconds.
 func median(xs []float64) float64 {
 	s := slices.Clone(xs)
@@ -255,6 +269,10 @@ func benchInitialPeers(dir string) error {
 		return errors.New("-rounds: want 1 or more")
 	}
 	size := parseSize(*sizeArg)
+	// The disk, a peer's copy, and asr's cache, replica and spool.
+	if err := needSpace(dir, 4*size); err != nil {
+		return err
+	}
 	disk := filepath.Join(dir, "disk.img")
 	if err := makeMixedDisk(disk, size); err != nil {
 		return err
@@ -584,6 +602,10 @@ func benchGuestWrite(dir string) error {
 	}
 	size := parseSize(*fioSize)
 	spoolMax := parseSize(*spoolMaxArg)
+	// The disk, the replica, the spool and the cache.
+	if err := needSpace(dir, 3*size+2*spoolMax); err != nil {
+		return err
+	}
 	if err := pinSelf(); err != nil {
 		return err
 	}
@@ -731,10 +753,13 @@ func benchChurn(dir string) error {
 		}
 		steps = append(steps, n)
 	}
+	const diskSize = 4 << 30
+	if err := needSpace(dir, 3*diskSize+2*parseSize(*spoolMaxArg)); err != nil {
+		return err
+	}
 	if err := pinSelf(); err != nil {
 		return err
 	}
-	const diskSize = 4 << 30
 	job := func(uri string) []string {
 		return []string{"--name=churn", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite", "--bsrange=4k-64k",
 			"--iodepth=" + strconv.Itoa(*churnDepth), "--size=4G", "--time_based", "--runtime=" + strconv.Itoa(*churnSeconds),
