@@ -38,6 +38,7 @@ var (
 	churnRates   = flag.String("churn-rates", "20,50,100,150,200", "churn: fio --rate steps, MB/s, tried in order until one fails")
 	churnSeconds = flag.Int("churn-seconds", 60, "churn: duration of each step")
 	churnDepth   = flag.Int("churn-iodepth", 4, "churn: fio iodepth")
+	guestCases   = flag.String("guest-cases", "randwrite:4k,write:1M", "guest-write: fio RW:BS cases, comma-separated")
 )
 
 const (
@@ -609,7 +610,14 @@ func benchGuestWrite(dir string) error {
 	if err := pinSelf(); err != nil {
 		return err
 	}
-	cases := []struct{ rw, bs string }{{"randwrite", "4k"}, {"write", "1M"}}
+	var cases []struct{ rw, bs string }
+	for _, c := range strings.Split(*guestCases, ",") {
+		rw, bs, ok := strings.Cut(c, ":")
+		if !ok || rw == "" || bs == "" {
+			return fmt.Errorf("-guest-cases: %q: want RW:BS, e.g. randwrite:4k", c)
+		}
+		cases = append(cases, struct{ rw, bs string }{rw, bs})
+	}
 	type res struct{ kit, asr []float64 }
 	results := make([]res, len(cases))
 	fmt.Printf("guest writes: fio %s (nbd engine, iodepth 8, %d s, --size=%s on a fresh sparse %s file per run), fio and the NBD server (asr agent or nbdkit file) on CPU %s, asr server on CPU %s; agent --spool-max %s; %d rounds, contenders alternating\n",
