@@ -680,7 +680,6 @@ func nbdkitWrite(dir string, size int64, job func(uri string) []string) (float64
 	if err := sparseFile(disk, size); err != nil {
 		return 0, err
 	}
-	dropCaches()
 	stop, uri, err := startNbdkit(dir, disk)
 	if err != nil {
 		return 0, err
@@ -694,7 +693,6 @@ func nbdkitWrite(dir string, size int64, job func(uri string) []string) (float64
 // sparse file; the note says how far the spool filled and how much fio
 // wrote.
 func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string) (float64, string, error) {
-	dropCaches()
 	c, stop, err := pinnedCluster(dir, size)
 	if err != nil {
 		return 0, "", err
