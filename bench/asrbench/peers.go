@@ -236,9 +236,12 @@ func runGroup(script string) (time.Duration, error) {
 	if err := cmd.Start(); err != nil {
 		return 0, err
 	}
+	kill := func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	untrack := track(kill)
 	err := cmd.Wait()
 	d := time.Since(start)
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	kill()
+	untrack()
 	if err != nil {
 		return 0, fmt.Errorf("%s: %w", script, err)
 	}
@@ -333,16 +336,21 @@ func benchInitialPeers(dir string) error {
 	}
 	os.Remove(out)
 	asrMed := median(cs[0].secs)
-	fmt.Printf("\n%-34s %-24s %8s %14s %8s\n", "contender", "seconds per round", "median", "ratio asr/peer", "goal")
+	fmt.Printf("\n%-34s %-24s %8s %14s %-20s %8s\n", "contender", "seconds per round", "median", "ratio asr/peer", "ratio per round", "goal")
 	for _, c := range cs {
-		ratio, goal := "", ""
+		ratio, perRound, goal := "", "", ""
 		if c.goal > 0 {
 			ratio = fmt.Sprintf("%.2fx", median(c.secs)/asrMed)
+			var rs []float64
+			for r := range c.secs {
+				rs = append(rs, c.secs[r]/cs[0].secs[r])
+			}
+			perRound = joinFloats(rs, "%.2f")
 			goal = fmt.Sprintf(">= %.1fx", c.goal)
 		}
-		fmt.Printf("%-34s %-24s %8.2f %14s %8s\n", c.name, joinFloats(c.secs, "%.2f"), median(c.secs), ratio, goal)
+		fmt.Printf("%-34s %-24s %8.2f %14s %-20s %8s\n", c.name, joinFloats(c.secs, "%.2f"), median(c.secs), ratio, perRound, goal)
 	}
-	fmt.Println("\n(ratio = peer's median time / asr's median time: above 1 means asr is faster)")
+	fmt.Println("\n(ratio = peer's median time / asr's median time, and per round the peer's time / asr's in that round: above 1 means asr is faster)")
 	for _, c := range cs {
 		fmt.Printf("%s: %s\n", c.name, c.cmd)
 	}
@@ -658,11 +666,15 @@ func benchGuestWrite(dir string) error {
 			}
 		}
 	}
-	fmt.Printf("\n%-26s %-26s %8s %14s %6s\n", "contender", "MB/s per round", "median", "ratio asr/kit", "goal")
+	fmt.Printf("\n%-26s %-26s %8s %14s %-20s %6s\n", "contender", "MB/s per round", "median", "ratio asr/kit", "ratio per round", "goal")
 	for ci, cs := range cases {
 		k, a := median(results[ci].kit), median(results[ci].asr)
-		fmt.Printf("%-26s %-26s %8.1f %14s %6s\n", "nbdkit file "+cs.rw+" "+cs.bs, joinFloats(results[ci].kit, "%.0f"), k, "", "")
-		fmt.Printf("%-26s %-26s %8.1f %13.2fx %6s\n", "asr agent "+cs.rw+" "+cs.bs, joinFloats(results[ci].asr, "%.0f"), a, a/k, ">=0.8x")
+		var rs []float64
+		for r := range results[ci].asr {
+			rs = append(rs, results[ci].asr[r]/results[ci].kit[r])
+		}
+		fmt.Printf("%-26s %-26s %8.1f %14s %-20s %6s\n", "nbdkit file "+cs.rw+" "+cs.bs, joinFloats(results[ci].kit, "%.0f"), k, "", "", "")
+		fmt.Printf("%-26s %-26s %8.1f %13.2fx %-20s %6s\n", "asr agent "+cs.rw+" "+cs.bs, joinFloats(results[ci].asr, "%.0f"), a, a/k, joinFloats(rs, "%.2f"), ">=0.8x")
 	}
 	fmt.Printf("\n(spool bound %s: once the changes not yet acknowledged reach it, the agent stops spooling and only marks changed blocks, resent later; a run that reached it measures that mode, not steady replication)\n", *spoolMaxArg)
 	return nil
