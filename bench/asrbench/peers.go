@@ -78,15 +78,15 @@ func needSpace(dir string, n int64) error {
 	return nil
 }
 
-// median of a non-empty slice of seconds.
+// median of a non-empty slice.
 func median(xs []float64) float64 {
 	s := slices.Clone(xs)
 	slices.Sort(s)
-	if n := len(s); n%2 == 1 {
+	n := len(s)
+	if n%2 == 1 {
 		return s[n/2]
-	} else {
-		return (s[n/2-1] + s[n/2]) / 2
 	}
+	return (s[n/2-1] + s[n/2]) / 2
 }
 
 func joinFloats(xs []float64, format string) string {
