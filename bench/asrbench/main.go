@@ -14,6 +14,7 @@
 //	asrbench discovery vCenter inventory watch (100, 1,000, 5,000 simulated VMs) vs polling
 //	asrbench failover  time to a usable test-failover NBD export, 1 GiB and 1 TiB sparse disks
 //	asrbench scaleout  aggregate churn of 4 agents through one process server vs two (scaleout.go)
+//	asrbench initial-peers, guest-write, churn: against the peers (issue 13, peers.go)
 //
 // It needs a built asr binary (-asr, default bin/asr) and the peers that
 // `make peers` installs (zstd, fio, nbdkit, rsync, Azurite); discovery
@@ -61,7 +62,7 @@ func main() {
 		return
 	}
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery|failover")
+		fmt.Fprintln(os.Stderr, "usage: asrbench [flags] initial|splitter|rpo|points|group|pit|storage|resync|azure|capacity|discovery|failover|initial-peers|guest-write|churn|scaleout")
 		os.Exit(2)
 	}
 	abs, err := filepath.Abs(*asrBin)
@@ -104,6 +105,8 @@ func main() {
 		err = benchFailover(dir)
 	case "scaleout":
 		err = benchScaleOut(dir)
+	case "initial-peers", "guest-write", "churn":
+		err = benchPeers(flag.Arg(0), dir)
 	default:
 		err = fmt.Errorf("unknown benchmark %q", flag.Arg(0))
 	}
