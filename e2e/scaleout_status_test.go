@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -79,6 +80,17 @@ func TestE2EProcessServerStatusAndTag(t *testing.T) {
 		t.Fatalf("recovery of a machine on ps1: %v", err)
 	}
 
+	// A scrub of it runs on ps1 (a command in its heartbeat's reply).
+	var vj api.VerifyJSON
+	if err := json.Unmarshal([]byte(c.mustCLI("verify", "--machine", "vm1", "--no-source", "--json")), &vj); err != nil {
+		t.Fatal(err)
+	}
+	if vj.Scrub == nil || len(vj.Scrub.Disks) != 1 || vj.Scrub.Disks[0].Checked <= 0 || vj.Damaged {
+		t.Fatalf("asr verify of vm1 on ps1: %+v", vj)
+	}
+	if b, _ := os.ReadFile(ps1.log); !strings.Contains(string(b), "scrub asked by the configuration server") {
+		t.Fatal("ps1 did not run the scrub")
+	}
 	// A test failover of it brings it back to the built-in process server
 	// first (ps1 hands it over, applied whole), then exports the point:
 	// equal to the source (no write since).

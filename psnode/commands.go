@@ -122,6 +122,14 @@ func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
 			return api.PSCommandResult{Error: err.Error(), Deleted: len(deleted)}
 		}
 		return api.PSCommandResult{Deleted: len(deleted)}
+	case api.PSCommandScrub:
+		n.log.Info("scrub asked by the configuration server", "machine", cmd.MachineID, "scheduled", cmd.Scheduled, "command", cmd.ID)
+		rep, err := n.ps.Scrub(ctx, cmd.MachineID, cmd.Scheduled)
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error()}
+		}
+		notListed := boundScrub(&rep)
+		return api.PSCommandResult{Scrub: &rep, ScrubDamagedNotListed: notListed}
 	}
 	return api.PSCommandResult{Error: fmt.Sprintf("unknown command %q (this process server is older than the configuration server?)", cmd.Kind)}
 }
@@ -145,4 +153,37 @@ func (n *Node) waitBeat(ctx context.Context, d time.Duration) error {
 	case <-n.kick:
 	}
 	return nil
+}
+
+// boundScrub cuts a scrub report to what a command result carries
+// (api.MaxPSScrubEntries disks and points, api.MaxPSScrubDamaged damaged
+// blocks listed each) and returns the damaged blocks left out (their
+// damage also reached the configuration server as reports' news).
+func boundScrub(rep *procserver.ScrubReport) int64 {
+	var left int64
+	if len(rep.Disks) > api.MaxPSScrubEntries {
+		for _, d := range rep.Disks[api.MaxPSScrubEntries:] {
+			left += int64(len(d.Damaged))
+		}
+		rep.Disks = rep.Disks[:api.MaxPSScrubEntries]
+	}
+	if len(rep.Points) > api.MaxPSScrubEntries {
+		for _, p := range rep.Points[api.MaxPSScrubEntries:] {
+			left += int64(len(p.Damaged))
+		}
+		rep.Points = rep.Points[:api.MaxPSScrubEntries]
+	}
+	for i := range rep.Disks {
+		if d := &rep.Disks[i]; len(d.Damaged) > api.MaxPSScrubDamaged {
+			left += int64(len(d.Damaged) - api.MaxPSScrubDamaged)
+			d.Damaged = d.Damaged[:api.MaxPSScrubDamaged]
+		}
+	}
+	for i := range rep.Points {
+		if p := &rep.Points[i]; len(p.Damaged) > api.MaxPSScrubDamaged {
+			left += int64(len(p.Damaged) - api.MaxPSScrubDamaged)
+			p.Damaged = p.Damaged[:api.MaxPSScrubDamaged]
+		}
+	}
+	return left
 }

@@ -58,6 +58,9 @@ func TestCheckReportsBounds(t *testing.T) {
 		{"disks", one(&api.PSNews{State: &replication.MachineCatalog{ID: id, Disks: make([]replication.CatalogDisk, replication.MaxDisks+1)}}), "catalog view"},
 		{"negative bytes", one(&api.PSNews{Bytes: -1}), "bytes received"},
 		{"status", &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{MachineID: id, Status: &replication.Status{Events: make([]replication.AgentEvent, replication.MaxStatusEvents+1)}}}}, "events"},
+		{"scrub disks", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Disks: make([]procserver.DiskScrub, api.MaxPSScrubEntries+1)}}}}, "a scrub report of"},
+		{"scrub damaged", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Points: []procserver.PointScrub{{Damaged: make([]int64, api.MaxPSScrubDamaged+1)}}}}}}, "damaged blocks"},
+		{"scrub negative", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Disks: []procserver.DiskScrub{{Checked: -1}}}}}}, "checked"},
 	} {
 		if err := checkReports(tc.hb); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error with %q", tc.name, err, tc.want)

@@ -84,6 +84,11 @@ func checkReports(hb *api.ProcessServerHeartbeat) error {
 	if len(hb.Results) > api.MaxPSCommands {
 		return fmt.Errorf("heartbeat carries %d command results, at most %d", len(hb.Results), api.MaxPSCommands)
 	}
+	for _, r := range hb.Results {
+		if err := checkScrubResult(r); err != nil {
+			return fmt.Errorf("command %s: %w", r.ID, err)
+		}
+	}
 	for _, r := range hb.Reports {
 		if len(r.MachineID) == 0 || len(r.MachineID) > 64 {
 			return fmt.Errorf("report of machine %q: not a machine id", r.MachineID)
@@ -336,4 +341,29 @@ func (s *Server) prunePoints(ctx context.Context, id string, before time.Time, k
 		return nil, r.Deleted, fmt.Errorf("process server %s: %s", ps, r.Error)
 	}
 	return nil, r.Deleted, nil
+}
+
+// checkScrubResult bounds a scrub's report in a command result.
+func checkScrubResult(r api.PSCommandResult) error {
+	rep := r.Scrub
+	if rep == nil {
+		return nil
+	}
+	if len(rep.Disks) > api.MaxPSScrubEntries || len(rep.Points) > api.MaxPSScrubEntries {
+		return fmt.Errorf("a scrub report of %d disks and %d points, at most %d each", len(rep.Disks), len(rep.Points), api.MaxPSScrubEntries)
+	}
+	for _, d := range rep.Disks {
+		if len(d.Damaged) > api.MaxPSScrubDamaged || d.Checked < 0 {
+			return fmt.Errorf("a scrub of disk %s listing %d damaged blocks (at most %d), %d checked", d.Disk, len(d.Damaged), api.MaxPSScrubDamaged, d.Checked)
+		}
+	}
+	for _, p := range rep.Points {
+		if len(p.Damaged) > api.MaxPSScrubDamaged || p.Checked < 0 {
+			return fmt.Errorf("a scrub of point %s listing %d damaged blocks (at most %d), %d checked", p.Point, len(p.Damaged), api.MaxPSScrubDamaged, p.Checked)
+		}
+	}
+	if r.ScrubDamagedNotListed < 0 {
+		return fmt.Errorf("a scrub report with %d damaged blocks not listed", r.ScrubDamagedNotListed)
+	}
+	return nil
 }

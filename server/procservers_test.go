@@ -391,8 +391,13 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 	if _, err := r.client.RecoverPoint(ctx, "vm1", p.ID, filepath.Join(dir, "early"), replication.RecoverOptions{}); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
 		t.Fatalf("recovery of a machine on ps1: %v", err)
 	}
-	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", nil, nil); err == nil || !strings.Contains(err.Error(), "served by process server ps1") {
+	// A scrub runs there (a command to ps1) and its report comes back.
+	var vj api.VerifyJSON
+	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/verify", api.VerifyRequest{NoSource: true}, &vj); err != nil {
 		t.Fatalf("scrub of a machine on ps1: %v", err)
+	}
+	if vj.Scrub == nil || len(vj.Scrub.Disks) != 1 || vj.Scrub.Disks[0].Checked <= 0 || vj.Damaged {
+		t.Fatalf("the scrub of vm1 on ps1: %+v", vj)
 	}
 
 	sumAtP := fileSum(t, d0)

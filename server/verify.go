@@ -96,9 +96,7 @@ func (s *Server) maybeScrub(ctx context.Context) {
 	}
 	now := s.now()
 	for _, m := range ms {
-		if m.Unprotected() || len(m.Disks) == 0 || now.Sub(m.LastScrub) < every || s.assignedTo(m.ID) != "" {
-			// (A scale-out process server's machine is scrubbed once it
-			// is back on the built-in one: not done there yet.)
+		if m.Unprotected() || len(m.Disks) == 0 || now.Sub(m.LastScrub) < every {
 			continue
 		}
 		if m.LastScrub.IsZero() && now.Sub(m.RegisteredAt) < every {
@@ -130,11 +128,26 @@ func (s *Server) maybeScrub(ctx context.Context) {
 // ScrubMachine scrubs a machine's replica now and records the result
 // (scheduled: see procserver.Server.Scrub).
 func (s *Server) ScrubMachine(ctx context.Context, m store.Machine, scheduled bool) (procserver.ScrubReport, error) {
-	if ps := s.assignedTo(m.ID); ps != "" {
-		return procserver.ScrubReport{}, errorf(http.StatusConflict, "machine %s is served by process server %s: a scrub there is not done yet; switch it back first (asr ps switch --machine %s --to builtin)", m.Name, ps, m.Name)
-	}
 	start := s.now()
-	rep, err := s.ps.Scrub(ctx, m.ID, scheduled)
+	var rep procserver.ScrubReport
+	var err error
+	var notListed int64
+	if ps := s.assignedTo(m.ID); ps != "" {
+		// Its process server scrubs it (a command in its heartbeat
+		// reply); its damage comes back as its reports' news.
+		var r api.PSCommandResult
+		r, err = s.psCommand(ctx, ps, api.PSCommand{Kind: api.PSCommandScrub, MachineID: m.ID, Scheduled: scheduled, Timeout: api.MaxPSCommandTimeout})
+		switch {
+		case err == nil && r.Error != "":
+			err = fmt.Errorf("process server %s: %s", ps, r.Error)
+		case err == nil && r.Scrub == nil:
+			err = fmt.Errorf("process server %s answered the scrub of %s without a report", ps, m.Name)
+		case err == nil:
+			rep, notListed = *r.Scrub, r.ScrubDamagedNotListed
+		}
+	} else {
+		rep, err = s.ps.Scrub(ctx, m.ID, scheduled)
+	}
 	// The damage it found is noted for the database (the process server's
 	// callbacks do not wait for it): written before the scrub's answer.
 	if serr := s.mirror.sync(ctx); serr != nil && err == nil {
@@ -147,7 +160,10 @@ func (s *Server) ScrubMachine(ctx context.Context, m store.Machine, scheduled bo
 		return rep, err
 	}
 	summary, outcome := scrubSummary(rep), store.ScrubOK
-	if rep.Damaged() {
+	if notListed > 0 {
+		summary += fmt.Sprintf(" (and %d more damaged blocks not listed)", notListed)
+	}
+	if rep.Damaged() || notListed > 0 {
 		outcome = store.ScrubDamaged
 	}
 	if err := s.db.SetScrub(s.ctx, m.ID, start, outcome, summary); err != nil {

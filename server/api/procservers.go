@@ -229,6 +229,8 @@ type PSCommand struct {
 	// procserver.Server.PrunePoints.
 	Before time.Time `json:"before,omitzero"`
 	Keep   []uint64  `json:"keep,omitempty"`
+	// PSCommandScrub: a scheduled scrub (procserver.Server.Scrub).
+	Scheduled bool `json:"scheduled,omitempty"`
 	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
 	Timeout time.Duration `json:"timeout_ns"`
 }
@@ -245,11 +247,23 @@ const (
 	// result counts those deleted (the configuration server then rereads
 	// the machine's points from the catalog).
 	PSCommandPrune = "prune"
+	// PSCommandScrub scrubs the machine's replica and points
+	// (procserver.Server.Scrub; Scheduled as there); the result is the
+	// report, its damaged-block lists cut at MaxPSScrubDamaged each.
+	PSCommandScrub = "scrub"
 )
 
 // MaxPSPruneKeep bounds the points a prune command keeps by name (the
 // points of live failovers).
 const MaxPSPruneKeep = 10000
+
+// Bounds of a scrub's report in a command result: disks and points listed,
+// and damaged blocks listed per disk or point (the count beyond is in
+// ScrubDamagedNotListed).
+const (
+	MaxPSScrubEntries = 4096
+	MaxPSScrubDamaged = 1024
+)
 
 // MaxPSCommandTimeout bounds a command's run.
 const MaxPSCommandTimeout = 30 * time.Minute
@@ -266,5 +280,9 @@ type PSCommandResult struct {
 	NotNeeded bool `json:"not_needed,omitempty"`
 	// Deleted counts the points a prune deleted.
 	Deleted int                `json:"deleted,omitempty"`
+	// Scrub is a scrub's report; ScrubDamagedNotListed counts the damaged
+	// blocks its lists leave out (past MaxPSScrubDamaged each).
+	Scrub                 *procserver.ScrubReport `json:"scrub,omitempty"`
+	ScrubDamagedNotListed int64                   `json:"scrub_damaged_not_listed,omitempty"`
 	Point   *replication.Point `json:"point,omitempty"`
 }
