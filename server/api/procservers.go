@@ -279,10 +279,10 @@ type PSCommandResult struct {
 	// marks the disk (procserver.ErrResyncNotNeeded).
 	NotNeeded bool `json:"not_needed,omitempty"`
 	// Deleted counts the points a prune deleted.
-	Deleted int                `json:"deleted,omitempty"`
+	Deleted int `json:"deleted,omitempty"`
 	// Scrub is a scrub's report; ScrubDamagedNotListed counts the damaged
 	// blocks its lists leave out (past MaxPSScrubDamaged each).
 	Scrub                 *procserver.ScrubReport `json:"scrub,omitempty"`
 	ScrubDamagedNotListed int64                   `json:"scrub_damaged_not_listed,omitempty"`
-	Point   *replication.Point `json:"point,omitempty"`
+	Point                 *replication.Point      `json:"point,omitempty"`
 }
