@@ -19,11 +19,13 @@ const TestSubscription = testSub
 
 // NewFakeARM returns a fake ARM with the subnets net-rg/dr-vnet/app and
 // net-rg/test-vnet/isolated, importing disks only from fixed-VHD page
-// blobs in Azurite.
+// blobs in Azurite; a disk's GrantAccess answers a read SAS of the blob
+// it was imported from.
 func NewFakeARM(t *testing.T) *FakeARM {
 	f := newFakeARM(t)
 	a := &azuriteImport{ids: map[string][]byte{}}
 	f.importCheck = a.check
+	f.grantSAS = azuriteSAS
 	return f
 }
 
@@ -32,3 +34,9 @@ func (f *fakeARM) Options() *arm.ClientOptions { return f.options() }
 
 // Resources lists what exists: "disk RG/NAME", "nic ...", "vm ...".
 func (f *fakeARM) Resources() []string { return f.resources() }
+
+// Grants lists the disks whose read SAS was not revoked ("RG/NAME").
+func (f *fakeARM) Grants() []string { return f.grants() }
+
+// VMPower is a VM's power state: "running", "deallocated", "" if none.
+func (f *fakeARM) VMPower(rg, name string) string { return f.vmPower(rg, name) }
