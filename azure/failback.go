@@ -66,6 +66,9 @@ func OpenRecoveredVM(cred azcore.TokenCredential, opts *arm.ClientOptions, res F
 	return &RecoveredVM{c: c, rg: res.ResourceGroup, name: res.VMName}, nil
 }
 
+// ResourceGroup is the VM's resource group.
+func (v *RecoveredVM) ResourceGroup() string { return v.rg }
+
 // String names the VM: "RG/NAME".
 func (v *RecoveredVM) String() string { return v.rg + "/" + v.name }
 

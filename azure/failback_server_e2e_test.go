@@ -1,0 +1,145 @@
+//go:build e2e
+
+package azure_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+
+	"github.com/asrdr/asr/server/api"
+)
+
+// The cycle of a failover to Azure through the server: a real failover
+// (VM, managed disk imported from the VHD page blob) committed, the
+// recovered VM's writes (into the page blob the fake ARM's GrantAccess
+// answers a read SAS of: it stands for the managed disk), reprotect
+// freezes the original and sends only the blocks that differ, more
+// writes, failback deallocates the VM, sends what changed, verifies: the
+// original disk's SHA-256 equals the recovered disk's. Every read SAS is
+// revoked. Run against the fake ARM and Azurite only, never real Azure.
+func TestServerFailbackFromAzure(t *testing.T) {
+	const size = 8 << 20 // a multiple of 1 MiB: the VHD is the disk's size
+	r := startAzureRig(t, size)
+	c, ctx := r.c, r.ctx
+	target := &api.AzureTarget{Subscription: "11111111-2222-3333-4444-555555555555", ResourceGroup: "net-rg", Location: "westeurope", VNet: "dr-vnet", Subnet: "app"}
+	if j := r.run(t, func() (api.Job, error) {
+		return c.StartFailover(ctx, api.FailoverRequest{Machine: "web01", To: api.ToAzure, Azure: target})
+	}); j.State != api.JobSucceeded {
+		t.Fatalf("failover to Azure: %s %s", j.State, j.Error)
+	}
+	fos, err := c.Failovers(ctx, false)
+	if err != nil || len(fos) != 1 {
+		t.Fatalf("failovers %+v %v", fos, err)
+	}
+	if j := r.run(t, func() (api.Job, error) { return c.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "web01"}) }); j.State != api.JobSucceeded {
+		t.Fatalf("commit: %s %s %v", j.State, j.Error, j.Steps)
+	}
+	if j, err := c.Failback(ctx, "web01"); err == nil || !strings.Contains(err.Error(), "not reprotected") {
+		t.Fatalf("failback before reprotect: %+v %v", j, err)
+	}
+
+	// The recovered VM's disk: the page blob the managed disk came from.
+	cc, err := container.NewClientFromConnectionString(r.az.ConnString(), "failover-vault", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb := cc.NewPageBlobClient(fmt.Sprintf("failover/web01-%s-d0.vhd", fos[0].ID))
+	rnd := rand.New(rand.NewPCG(14, 15))
+	var wrote int64
+	write := func(n int) {
+		t.Helper()
+		buf := make([]byte, 65536)
+		for range n {
+			for i := range buf {
+				buf[i] = byte(rnd.IntN(256))
+			}
+			off := rnd.Int64N(size/65536) * 65536
+			if _, err := pb.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(buf)), blob.HTTPRange{Offset: off, Count: 65536}, nil); err != nil {
+				t.Fatal(err)
+			}
+			wrote += 65536
+		}
+	}
+	write(10)
+	j := r.run(t, func() (api.Job, error) { return c.Reprotect(ctx, "web01") })
+	if j.State != api.JobSucceeded || len(j.Output) != 2 {
+		t.Fatalf("reprotect: %s %s %v %q", j.State, j.Error, j.Steps, j.Output)
+	}
+	var compared, differ, sent int64
+	if _, err := fmt.Sscanf(j.Output[0], "reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", &compared, &differ, &sent); err != nil {
+		t.Fatalf("reprotect output %q: %v", j.Output[0], err)
+	}
+	if compared != size || sent != differ || sent <= 0 || sent > wrote {
+		t.Fatalf("reprotect: %d compared, %d differ, %d sent, for %d bytes written into the recovered disk", compared, differ, sent, wrote)
+	}
+	if steps := stepNames(j); !slices.Contains(steps, "web01: find VM web01-recovered=done") || !slices.Contains(steps, "web01: compare and send=done") {
+		t.Fatalf("reprotect steps %v", steps)
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "running" {
+		t.Fatalf("the recovered VM after reprotect: %q", p)
+	}
+	before := wrote
+	write(5)
+	j = r.run(t, func() (api.Job, error) { return c.Failback(ctx, "web01") })
+	if j.State != api.JobSucceeded {
+		t.Fatalf("failback: %s %s %v", j.State, j.Error, stepNames(j))
+	}
+	steps := stepNames(j)
+	for _, s := range []string{"web01: stop the recovered VM=done", "web01: send the last changes=done", "web01: verify=done", "web01: end the failover=done"} {
+		if !slices.Contains(steps, s) {
+			t.Fatalf("failback steps %v lack %s", steps, s)
+		}
+	}
+	var fbSent, fbCompared int64
+	if _, err := fmt.Sscanf(j.Output[0], "failed back: %d bytes sent, %d bytes compared", &fbSent, &fbCompared); err != nil {
+		t.Fatalf("failback output %q: %v", j.Output, err)
+	}
+	if fbCompared != size || fbSent-sent <= 0 || fbSent-sent > wrote-before {
+		t.Fatalf("failback: %d sent in all (%d at reprotect), %d compared, for %d bytes written since reprotect", fbSent, sent, fbCompared, wrote-before)
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM after failback: %q", p)
+	}
+	if g := r.arm.Grants(); len(g) != 0 {
+		t.Fatalf("read SAS not revoked: %v", g)
+	}
+	dl, err := pb.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	_, err = io.Copy(h, dl.Body)
+	dl.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := os.ReadFile(r.disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha256.Sum256(orig) != [32]byte(h.Sum(nil)) {
+		t.Fatal("the original disk differs from the recovered disk's final state")
+	}
+	if fos, _ := c.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers after failback: %+v", fos)
+	}
+}
+
+func stepNames(j api.Job) []string {
+	var out []string
+	for _, s := range j.Steps {
+		out = append(out, s.Name+"="+s.State)
+	}
+	return out
+}
