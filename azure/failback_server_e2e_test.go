@@ -4,6 +4,7 @@ package azure_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"io"
@@ -12,25 +13,24 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 
 	"github.com/asrdr/asr/server/api"
 )
 
-// The cycle of a failover to Azure through the server: a real failover
-// (VM, managed disk imported from the VHD page blob) committed, the
-// recovered VM's writes (into the page blob the fake ARM's GrantAccess
-// answers a read SAS of: it stands for the managed disk), reprotect
-// freezes the original and sends only the blocks that differ, more
-// writes, failback deallocates the VM, sends what changed, verifies: the
-// original disk's SHA-256 equals the recovered disk's. Every read SAS is
-// revoked. Run against the fake ARM and Azurite only, never real Azure.
-func TestServerFailbackFromAzure(t *testing.T) {
-	const size = 8 << 20 // a multiple of 1 MiB: the VHD is the disk's size
-	r := startAzureRig(t, size)
+// startAzureFailback starts an azureRig whose disk of size bytes is
+// failed over to Azure (a real failover) and committed; pb is the page
+// blob standing for the recovered disk; write writes n
+// random 64 KiB blocks into the recovered disk (the page blob it was
+// imported from, which the fake ARM's read SAS reads), adding to *wrote.
+func startAzureFailback(t *testing.T, size int64) (r *azureRig, pb *pageblob.Client, write func(n int), wrote *int64) {
+	t.Helper()
+	r = startAzureRig(t, int(size))
 	c, ctx := r.c, r.ctx
 	target := &api.AzureTarget{Subscription: "11111111-2222-3333-4444-555555555555", ResourceGroup: "net-rg", Location: "westeurope", VNet: "dr-vnet", Subnet: "app"}
 	if j := r.run(t, func() (api.Job, error) {
@@ -54,10 +54,10 @@ func TestServerFailbackFromAzure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pb := cc.NewPageBlobClient(fmt.Sprintf("failover/web01-%s-d0.vhd", fos[0].ID))
+	pb = cc.NewPageBlobClient(fmt.Sprintf("failover/web01-%s-d0.vhd", fos[0].ID))
 	rnd := rand.New(rand.NewPCG(14, 15))
-	var wrote int64
-	write := func(n int) {
+	wrote = new(int64)
+	write = func(n int) {
 		t.Helper()
 		buf := make([]byte, 65536)
 		for range n {
@@ -68,9 +68,24 @@ func TestServerFailbackFromAzure(t *testing.T) {
 			if _, err := pb.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(buf)), blob.HTTPRange{Offset: off, Count: 65536}, nil); err != nil {
 				t.Fatal(err)
 			}
-			wrote += 65536
+			*wrote += 65536
 		}
 	}
+	return r, pb, write, wrote
+}
+
+// The cycle of a failover to Azure through the server: a real failover
+// (VM, managed disk imported from the VHD page blob) committed, the
+// recovered VM's writes (into the page blob the fake ARM's GrantAccess
+// answers a read SAS of: it stands for the managed disk), reprotect
+// freezes the original and sends only the blocks that differ, more
+// writes, failback deallocates the VM, sends what changed, verifies: the
+// original disk's SHA-256 equals the recovered disk's. Every read SAS is
+// revoked. Run against the fake ARM and Azurite only, never real Azure.
+func TestServerFailbackFromAzure(t *testing.T) {
+	const size = 8 << 20 // a multiple of 1 MiB: the VHD is the disk's size
+	r, pb, write, wp := startAzureFailback(t, size)
+	c, ctx := r.c, r.ctx
 	write(10)
 	j := r.run(t, func() (api.Job, error) { return c.Reprotect(ctx, "web01") })
 	if j.State != api.JobSucceeded || len(j.Output) != 2 {
@@ -80,8 +95,8 @@ func TestServerFailbackFromAzure(t *testing.T) {
 	if _, err := fmt.Sscanf(j.Output[0], "reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", &compared, &differ, &sent); err != nil {
 		t.Fatalf("reprotect output %q: %v", j.Output[0], err)
 	}
-	if compared != size || sent != differ || sent <= 0 || sent > wrote {
-		t.Fatalf("reprotect: %d compared, %d differ, %d sent, for %d bytes written into the recovered disk", compared, differ, sent, wrote)
+	if compared != size || sent != differ || sent <= 0 || sent > *wp {
+		t.Fatalf("reprotect: %d compared, %d differ, %d sent, for %d bytes written into the recovered disk", compared, differ, sent, *wp)
 	}
 	if steps := stepNames(j); !slices.Contains(steps, "web01: find VM web01-recovered=done") || !slices.Contains(steps, "web01: compare and send=done") {
 		t.Fatalf("reprotect steps %v", steps)
@@ -89,7 +104,7 @@ func TestServerFailbackFromAzure(t *testing.T) {
 	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "running" {
 		t.Fatalf("the recovered VM after reprotect: %q", p)
 	}
-	before := wrote
+	before := *wp
 	write(5)
 	j = r.run(t, func() (api.Job, error) { return c.Failback(ctx, "web01") })
 	if j.State != api.JobSucceeded {
@@ -105,8 +120,8 @@ func TestServerFailbackFromAzure(t *testing.T) {
 	if _, err := fmt.Sscanf(j.Output[0], "failed back: %d bytes sent, %d bytes compared", &fbSent, &fbCompared); err != nil {
 		t.Fatalf("failback output %q: %v", j.Output, err)
 	}
-	if fbCompared != size || fbSent-sent <= 0 || fbSent-sent > wrote-before {
-		t.Fatalf("failback: %d sent in all (%d at reprotect), %d compared, for %d bytes written since reprotect", fbSent, sent, fbCompared, wrote-before)
+	if fbCompared != size || fbSent-sent <= 0 || fbSent-sent > *wp-before {
+		t.Fatalf("failback: %d sent in all (%d at reprotect), %d compared, for %d bytes written since reprotect", fbSent, sent, fbCompared, *wp-before)
 	}
 	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
 		t.Fatalf("the recovered VM after failback: %q", p)
@@ -142,4 +157,54 @@ func stepNames(j api.Job) []string {
 		out = append(out, s.Name+"="+s.State)
 	}
 	return out
+}
+
+// A failback of a failover to Azure cancelled before its switch: it waits
+// for the original agent (stopped) in its pass, with the VM deallocated;
+// the cancel starts the VM again, revokes every read SAS and leaves the
+// machine reprotected.
+func TestServerFailbackFromAzureCancelled(t *testing.T) {
+	r, _, write, _ := startAzureFailback(t, 4<<20)
+	c, ctx := r.c, r.ctx
+	write(3)
+	if j := r.run(t, func() (api.Job, error) { return c.Reprotect(ctx, "web01") }); j.State != api.JobSucceeded {
+		t.Fatalf("reprotect: %s %s", j.State, j.Error)
+	}
+	r.stopAgent()
+	j, err := c.Failback(ctx, "web01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	for waiting := false; !waiting; {
+		jj, err := c.Job(wctx, j.ID)
+		if err != nil {
+			t.Fatalf("the failback never waited for the original agent: %v", err)
+		}
+		for _, s := range jj.Steps {
+			waiting = waiting || s.Name == "web01: send the last changes" && s.State == "running" && strings.Contains(s.Detail, "waiting for the original agent") && jj.Cancellable
+		}
+		if !waiting {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM during the failback's pass: %q", p)
+	}
+	if _, err := c.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j, err = c.WaitJob(wctx, j.ID, nil); err != nil || j.State == api.JobSucceeded || !slices.Contains(stepNames(j), "web01: power the recovered VM on again=done") {
+		t.Fatalf("a cancelled failback: %v %s, steps %v", err, j.State, stepNames(j))
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "running" {
+		t.Fatalf("the recovered VM after the cancel: %q", p)
+	}
+	if g := r.arm.Grants(); len(g) != 0 {
+		t.Fatalf("read SAS not revoked after the cancel: %v", g)
+	}
+	if fos, err := c.Failovers(ctx, false); err != nil || len(fos) != 1 || fos[0].Failback == nil || fos[0].Failback.State != "reprotected" {
+		t.Fatalf("the failover after the cancel: %+v %v", fos, err)
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -38,6 +39,8 @@ type azureRig struct {
 	c    *api.Client
 	ctx  context.Context
 	disk string // the original disk d0
+	// stopAgent stops the agent (once; the cleanup does it otherwise).
+	stopAgent func()
 }
 
 func startAzureRig(t *testing.T, size int) *azureRig {
@@ -75,8 +78,10 @@ func startAzureRig(t *testing.T, size int) *azureRig {
 	actx, acancel := context.WithCancel(context.Background())
 	adone := make(chan error, 1)
 	go func() { adone <- a.Run(actx) }()
+	var once sync.Once
+	stop := func() { once.Do(func() { acancel(); <-adone; a.Close() }) }
 	// Registered after the server's: runs first.
-	t.Cleanup(func() { acancel(); <-adone; a.Close() })
+	t.Cleanup(stop)
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		if _, err := c.Tag(ctx, "web01", false, time.Minute); err == nil {
@@ -86,7 +91,7 @@ func startAzureRig(t *testing.T, size int) *azureRig {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return &azureRig{az: az, arm: arm, c: c, ctx: ctx, disk: disk}
+	return &azureRig{az: az, arm: arm, c: c, ctx: ctx, disk: disk, stopAgent: stop}
 }
 
 // run starts a job and waits for its end (at most 3 minutes).
