@@ -6,15 +6,14 @@ package azure
 // each one in order through a read SAS that ARM grants on it
 // (Disks.GrantAccess: the disk's VHD as a page blob), revokes the access
 // once read, and stops the VM by deallocating it (or starts it again when
-// a failback does not switch).
+// a failback does not switch). Azure grants no read SAS on a disk of a VM
+// that is not deallocated: while the VM runs (reprotect's pass), each
+// disk is read from a snapshot of it (a full copy, tagged asr-failover,
+// made, read through its own SAS, and deleted).
 //
 // Status: run only against the Azure SDK's fake ARM servers, whose
-// GrantAccess answers a SAS URL of a page blob in Azurite, never against
-// real Azure. Known difference: Azure refuses a read SAS on a disk
-// attached to a running VM, so reprotect's pass, which reads the disks
-// while the recovered VM runs, would need a snapshot of each disk there
-// (not done); failback's pass runs with the VM deallocated, which Azure
-// allows.
+// GrantAccess answers a SAS URL of a page blob (or of a blob snapshot) in
+// Azurite, never against real Azure.
 
 import (
 	"context"
@@ -26,6 +25,7 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/arm"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/runtime"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
 	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/compute/armcompute/v8"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
@@ -48,6 +48,7 @@ type RecoveredVM struct {
 type RecoveredDisk struct {
 	Name, ResourceGroup string
 	Size                int64
+	ID, Location        string
 }
 
 // OpenRecoveredVM returns the VM of a failover's result (no call made).
@@ -114,71 +115,147 @@ func (v *RecoveredVM) Disks(ctx context.Context) ([]RecoveredDisk, error) {
 		if size <= 0 || size%replication.VHDAlign != 0 {
 			return nil, fmt.Errorf("VM %s: disk %s: Azure says %d bytes", v, rid.Name, size)
 		}
-		out = append(out, RecoveredDisk{Name: rid.Name, ResourceGroup: rid.ResourceGroupName, Size: size})
+		out = append(out, RecoveredDisk{Name: rid.Name, ResourceGroup: rid.ResourceGroupName, Size: size, ID: *ref.ID, Location: deref(d.Location, "")})
 	}
 	return out, nil
 }
 
-// OpenDisk grants read access to disk d and returns a reader of its
-// d.Size bytes, in order (the VHD's footer, after them, is not read).
-// Close revokes the access; it must be called.
+// OpenDisk returns a reader of disk d's d.Size bytes, in order (the VHD's
+// footer, after them, is not read), through a read SAS: of the disk if
+// the VM is deallocated, else of a snapshot of it made now. Close revokes
+// the access (and deletes the snapshot); it must be called.
 func (v *RecoveredVM) OpenDisk(ctx context.Context, d RecoveredDisk) (io.ReadCloser, error) {
-	p, err := v.c.disks.BeginGrantAccess(ctx, d.ResourceGroup, d.Name, armcompute.GrantAccessData{
-		Access: to.Ptr(armcompute.AccessLevelRead), DurationInSeconds: to.Ptr(int32(grantSeconds))}, nil)
-	var r armcompute.DisksClientGrantAccessResponse
+	st, err := v.powerState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if st == "deallocated" {
+		sas, err := grant(ctx, "disk "+d.Name, func() (*runtime.Poller[armcompute.DisksClientGrantAccessResponse], error) {
+			return v.c.disks.BeginGrantAccess(ctx, d.ResourceGroup, d.Name, readAccess(), nil)
+		}, func(r armcompute.DisksClientGrantAccessResponse) *string { return r.AccessSAS })
+		end := func() error {
+			return revoke("disk "+d.Name, func(ctx context.Context) error {
+				p, err := v.c.disks.BeginRevokeAccess(ctx, d.ResourceGroup, d.Name, nil)
+				if err == nil {
+					_, err = p.PollUntilDone(ctx, pollOptions())
+				}
+				return err
+			})
+		}
+		return readSAS(ctx, "disk "+d.Name, sas, err, d.Size, end)
+	}
+	snap := snapshotName(d.Name)
+	what := fmt.Sprintf("snapshot %s of disk %s", snap, d.Name)
+	end := func() error { return v.dropSnapshot(d.ResourceGroup, snap) }
+	// A snapshot left by a pass cut short is replaced: its content is old.
+	if err := end(); err != nil {
+		return nil, err
+	}
+	sp, err := v.c.snapshots.BeginCreateOrUpdate(ctx, d.ResourceGroup, snap, armcompute.Snapshot{
+		Location: to.Ptr(d.Location),
+		Tags:     map[string]*string{TagFailover: to.Ptr("true")},
+		Properties: &armcompute.SnapshotProperties{CreationData: &armcompute.CreationData{
+			CreateOption: to.Ptr(armcompute.DiskCreateOptionCopy), SourceResourceID: to.Ptr(d.ID)}},
+	}, nil)
+	if err == nil {
+		_, err = sp.PollUntilDone(ctx, pollOptions())
+	}
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("make %s: %w", what, armError(err)), end())
+	}
+	sas, err := grant(ctx, what, func() (*runtime.Poller[armcompute.SnapshotsClientGrantAccessResponse], error) {
+		return v.c.snapshots.BeginGrantAccess(ctx, d.ResourceGroup, snap, readAccess(), nil)
+	}, func(r armcompute.SnapshotsClientGrantAccessResponse) *string { return r.AccessSAS })
+	return readSAS(ctx, what, sas, err, d.Size, end)
+}
+
+func readAccess() armcompute.GrantAccessData {
+	return armcompute.GrantAccessData{Access: to.Ptr(armcompute.AccessLevelRead), DurationInSeconds: to.Ptr(int32(grantSeconds))}
+}
+
+// snapshotName is the name of the snapshot OpenDisk makes of a disk.
+func snapshotName(disk string) string {
+	const suffix = "-asr-failback"
+	return disk[:min(len(disk), 80-len(suffix))] + suffix
+}
+
+// grant asks for a read SAS and waits for it.
+func grant[T any](ctx context.Context, what string, begin func() (*runtime.Poller[T], error), sas func(T) *string) (string, error) {
+	p, err := begin()
+	var r T
 	if err == nil {
 		r, err = p.PollUntilDone(ctx, pollOptions())
 	}
 	if err != nil {
-		return nil, fmt.Errorf("grant read access to disk %s: %w", d.Name, armError(err))
+		return "", fmt.Errorf("grant read access to %s: %w", what, armError(err))
 	}
-	rc := &diskReader{v: v, d: d}
-	sas := deref(r.AccessSAS, "")
-	if sas == "" {
-		return nil, errors.Join(fmt.Errorf("grant read access to disk %s: Azure returned no SAS", d.Name), rc.revoke())
+	if s := deref(sas(r), ""); s != "" {
+		return s, nil
+	}
+	return "", fmt.Errorf("grant read access to %s: Azure returned no SAS", what)
+}
+
+// revoke runs an end of access, even once the caller gave up.
+func revoke(what string, fn func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), rollbackTimeout)
+	defer cancel()
+	if err := fn(ctx); err != nil && !isNotFound(err) {
+		return fmt.Errorf("revoke read access to %s: %w", what, armError(err))
+	}
+	return nil
+}
+
+// dropSnapshot revokes a snapshot's access and deletes it; one that is
+// gone is fine.
+func (v *RecoveredVM) dropSnapshot(rg, snap string) error {
+	return revoke("snapshot "+snap, func(ctx context.Context) error {
+		p, err := v.c.snapshots.BeginRevokeAccess(ctx, rg, snap, nil)
+		if err == nil {
+			_, err = p.PollUntilDone(ctx, pollOptions())
+		}
+		if err != nil && !isNotFound(err) {
+			return err
+		}
+		d, err := v.c.snapshots.BeginDelete(ctx, rg, snap, nil)
+		if err == nil {
+			_, err = d.PollUntilDone(ctx, pollOptions())
+		}
+		return err
+	})
+}
+
+// readSAS opens the page blob at sas (granted, unless gerr) for its first
+// size bytes; the reader's Close, or a failure here, calls end.
+func readSAS(ctx context.Context, what, sas string, gerr error, size int64, end func() error) (io.ReadCloser, error) {
+	if gerr != nil {
+		return nil, errors.Join(gerr, end())
 	}
 	bc, err := blob.NewClientWithNoCredential(sas, nil)
 	var dl blob.DownloadStreamResponse
 	if err == nil {
-		dl, err = bc.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: d.Size}})
+		dl, err = bc.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
 	}
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("read disk %s: %w", d.Name, azError(err)), rc.revoke())
+		return nil, errors.Join(fmt.Errorf("read %s: %w", what, azError(err)), end())
 	}
-	if n := deref(dl.ContentLength, -1); n != d.Size {
+	if n := deref(dl.ContentLength, -1); n != size {
 		dl.Body.Close()
-		return nil, errors.Join(fmt.Errorf("read disk %s: Azure sends %d bytes of its %d", d.Name, n, d.Size), rc.revoke())
+		return nil, errors.Join(fmt.Errorf("read %s: Azure sends %d bytes of its %d", what, n, size), end())
 	}
-	rc.body = dl.NewRetryReader(ctx, &blob.RetryReaderOptions{MaxRetries: 5})
-	return rc, nil
+	return &sasReader{body: dl.NewRetryReader(ctx, &blob.RetryReaderOptions{MaxRetries: 5}), end: end}, nil
 }
 
-// diskReader reads a disk through its SAS; Close revokes the SAS.
-type diskReader struct {
-	v    *RecoveredVM
-	d    RecoveredDisk
+// sasReader reads a disk through a SAS; Close ends the access.
+type sasReader struct {
 	body io.ReadCloser
+	end  func() error
 }
 
-func (r *diskReader) Read(p []byte) (int, error) { return r.body.Read(p) }
+func (r *sasReader) Read(p []byte) (int, error) { return r.body.Read(p) }
 
-func (r *diskReader) Close() error {
+func (r *sasReader) Close() error {
 	r.body.Close()
-	return r.revoke()
-}
-
-// revoke ends the disk's read access, even once the caller gave up.
-func (r *diskReader) revoke() error {
-	ctx, cancel := context.WithTimeout(context.Background(), rollbackTimeout)
-	defer cancel()
-	p, err := r.v.c.disks.BeginRevokeAccess(ctx, r.d.ResourceGroup, r.d.Name, nil)
-	if err == nil {
-		_, err = p.PollUntilDone(ctx, pollOptions())
-	}
-	if err != nil {
-		return fmt.Errorf("revoke read access to disk %s: %w", r.d.Name, armError(err))
-	}
-	return nil
+	return r.end()
 }
 
 // powerState returns the VM's PowerState status ("running",

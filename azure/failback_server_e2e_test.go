@@ -78,7 +78,8 @@ func startAzureFailback(t *testing.T, size int64) (r *azureRig, pb *pageblob.Cli
 // (VM, managed disk imported from the VHD page blob) committed, the
 // recovered VM's writes (into the page blob the fake ARM's GrantAccess
 // answers a read SAS of: it stands for the managed disk), reprotect
-// freezes the original and sends only the blocks that differ, more
+// freezes the original and sends only the blocks that differ (read from
+// snapshots of the running VM's disks), more
 // writes, failback deallocates the VM, sends what changed, verifies: the
 // original disk's SHA-256 equals the recovered disk's. Every read SAS is
 // revoked. Run against the fake ARM and Azurite only, never real Azure.
@@ -103,6 +104,11 @@ func TestServerFailbackFromAzure(t *testing.T) {
 	}
 	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "running" {
 		t.Fatalf("the recovered VM after reprotect: %q", p)
+	}
+	// Reprotect read snapshots of the running VM's disks (Azure grants no
+	// SAS on them), deleted after.
+	if res := r.arm.Resources(); slices.ContainsFunc(res, func(s string) bool { return strings.HasPrefix(s, "snapshot ") }) || len(r.arm.Grants()) != 0 {
+		t.Fatalf("after reprotect: %v, grants %v", res, r.arm.Grants())
 	}
 	before := *wp
 	write(5)

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -98,6 +99,32 @@ func azuriteSAS(d armcompute.Disk) (string, error) {
 		return "", err
 	}
 	return bc.GetSASURL(sas.BlobPermissions{Read: true}, time.Now().Add(time.Hour), nil)
+}
+
+// azuriteSnapshotSAS is the fake ARM's snapshot of disk d on Azurite: a
+// blob snapshot of the page blob d was imported from (a frozen copy), and
+// a read SAS URL of it.
+func azuriteSnapshotSAS(d armcompute.Disk) (string, error) {
+	if d.Properties == nil || d.Properties.CreationData == nil || d.Properties.CreationData.SourceURI == nil {
+		return "", fmt.Errorf("disk %s was not imported from a blob", deref(d.Name, ""))
+	}
+	cred, err := blob.NewSharedKeyCredential(azuritetest.Account, azuritetest.Key)
+	if err != nil {
+		return "", err
+	}
+	bc, err := blob.NewClientWithSharedKeyCredential(*d.Properties.CreationData.SourceURI, cred, nil)
+	if err != nil {
+		return "", err
+	}
+	r, err := bc.CreateSnapshot(context.Background(), nil)
+	if err != nil {
+		return "", err
+	}
+	sc, err := bc.WithSnapshot(deref(r.Snapshot, ""))
+	if err != nil {
+		return "", err
+	}
+	return sc.GetSASURL(sas.BlobPermissions{Read: true}, time.Now().Add(time.Hour), nil)
 }
 
 // mustVHD writes a fixed VHD of a raw image of size bytes, filled with
@@ -257,10 +284,12 @@ func mustKeyCred(t *testing.T) *blob.SharedKeyCredential {
 }
 
 // TestRecoveredVMAzurite: a failover's VM as failback uses it. Its disks
-// are listed in order with the VHDs' sizes; each is read through the read
-// SAS the fake ARM grants (the page blob in Azurite it was imported from,
-// written into here as the recovered VM would), without the VHD footer,
-// and the access is revoked on Close; the VM deallocates and starts.
+// are listed in order with the VHDs' sizes; while the VM runs each is read
+// from a snapshot (a blob snapshot in Azurite: a write after it is not
+// seen), deleted on Close; deallocated, from the disk itself (the page
+// blob it was imported from, written into here as the recovered VM
+// would), through a read SAS the fake ARM grants, without the VHD footer,
+// revoked on Close. The VM deallocates and starts.
 func TestRecoveredVMAzurite(t *testing.T) {
 	cs := azuritetest.Start(t)
 	tg := mustOpen(t, Config{ConnectionString: cs, Container: containerFor(t.TempDir())})
@@ -308,8 +337,13 @@ func TestRecoveredVMAzurite(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if g := f.grants(); len(g) != 1 {
-			t.Fatalf("grants while reading: %v", g)
+		if g := f.grants(); len(g) != 1 || !strings.HasPrefix(g[0], "snapshot ") {
+			t.Fatalf("grants while reading a running VM's disk: %v", g)
+		}
+		if i == 1 { // after the snapshot: not in what is read
+			if _, err := tg.cc.NewPageBlobClient("failover/app-1.vhd").UploadPages(ctx, streaming.NopCloser(bytes.NewReader(make([]byte, 512))), blob.HTTPRange{Offset: 0, Count: 512}, nil); err != nil {
+				t.Fatal(err)
+			}
 		}
 		b, err := io.ReadAll(rc)
 		if err != nil {
@@ -328,6 +362,37 @@ func TestRecoveredVMAzurite(t *testing.T) {
 	}
 	if g := f.grants(); len(g) != 0 {
 		t.Fatalf("grants left: %v", g)
+	}
+	if res := f.resources(); slices.ContainsFunc(res, func(r string) bool { return strings.HasPrefix(r, "snapshot ") }) {
+		t.Fatalf("snapshots left: %v", res)
+	}
+	// Deallocated: the disk itself, with the write made after the snapshot.
+	if _, err := vm.Deallocate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := vm.OpenDisk(ctx, got[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := f.grants(); len(g) != 1 || g[0] != testRG+"/web01-datadisk-0" {
+		t.Fatalf("grants while reading a deallocated VM's disk: %v", g)
+	}
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	copy(want, make([]byte, 512))
+	if !bytes.Equal(b, want) {
+		t.Fatal("the deallocated VM's disk: not its content")
+	}
+	if g := f.grants(); len(g) != 0 {
+		t.Fatalf("grants left: %v", g)
+	}
+	if _, err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
 	}
 	for _, step := range []struct {
 		fn    func(context.Context) (bool, error)

@@ -57,6 +57,10 @@ type fakeARM struct {
 	// (the Azurite tests: of the page blob the disk was imported from);
 	// unset, GrantAccess is refused.
 	grantSAS func(d armcompute.Disk) (string, error)
+	// snapshotSAS, if set, freezes a copy of disk d for a snapshot and
+	// returns its read SAS URL (Azurite: a blob snapshot of the blob d
+	// was imported from); unset, a snapshot's GrantAccess is refused.
+	snapshotSAS func(d armcompute.Disk) (string, error)
 
 	mu      sync.Mutex
 	calls   int      // every request
@@ -66,7 +70,8 @@ type fakeARM struct {
 	nics    map[string]armnetwork.Interface
 	vms     map[string]armcompute.VirtualMachine
 	power   map[string]string // VM -> "running" | "deallocated"
-	granted map[string]bool   // disks with a read SAS not revoked
+	granted map[string]bool   // disks and snapshots with a read SAS not revoked
+	snaps   map[string]string // snapshot -> its read SAS ("" if none)
 
 	compute, network policy.Transporter
 }
@@ -80,6 +85,7 @@ func newFakeARM(t *testing.T) *fakeARM {
 		vms:     map[string]armcompute.VirtualMachine{},
 		power:   map[string]string{},
 		granted: map[string]bool{},
+		snaps:   map[string]string{},
 	}
 	f.addSubnet("net-rg", "dr-vnet", "app")
 	f.addSubnet("net-rg", "test-vnet", "isolated")
@@ -98,6 +104,12 @@ func newFakeARM(t *testing.T) *fakeARM {
 			InstanceView:        f.instanceView,
 			BeginDeallocate:     f.deallocate,
 			BeginStart:          f.start,
+		},
+		SnapshotsServer: computefake.SnapshotsServer{
+			BeginCreateOrUpdate: f.putSnapshot,
+			BeginGrantAccess:    f.grantSnapshot,
+			BeginRevokeAccess:   f.revokeSnapshot,
+			BeginDelete:         f.deleteSnapshot,
 		},
 	})
 	f.network = networkfake.NewServerFactoryTransport(&networkfake.ServerFactory{
@@ -460,6 +472,9 @@ func (f *fakeARM) resources() []string {
 	}
 	for k := range f.vms {
 		out = append(out, "vm "+k)
+	}
+	for k := range f.snaps {
+		out = append(out, "snapshot "+k)
 	}
 	slices.Sort(out)
 	return out
@@ -967,6 +982,14 @@ func (f *fakeARM) grantAccess(_ context.Context, rg, name string, g armcompute.G
 		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
 		return
 	}
+	// As Azure: no SAS on a disk of a VM that is not deallocated.
+	if d.ManagedBy != nil {
+		k, _ := f.lookup(d.ManagedBy, "Microsoft.Compute/virtualMachines")
+		if f.vmPower(strings.SplitN(k, "/", 2)[0], strings.SplitN(k, "/", 2)[1]) != "deallocated" {
+			errResp.SetResponseError(http.StatusConflict, "OperationNotAllowed")
+			return
+		}
+	}
 	sas, err := f.grantSAS(d)
 	if err != nil {
 		f.t.Logf("disk %s: no SAS: %v", name, err)
@@ -1055,5 +1078,92 @@ func (f *fakeARM) start(_ context.Context, rg, name string, _ *armcompute.Virtua
 	}
 	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
 	resp.SetTerminalResponse(http.StatusOK, armcompute.VirtualMachinesClientStartResponse{}, nil)
+	return
+}
+
+func (f *fakeARM) putSnapshot(_ context.Context, rg, name string, sn armcompute.Snapshot, _ *armcompute.SnapshotsClientBeginCreateOrUpdateOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientCreateOrUpdateResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	f.writes = append(f.writes, "PUT snapshots/"+name)
+	_, exists := f.snaps[key(rg, name)]
+	var cd *armcompute.CreationData
+	if sn.Properties != nil {
+		cd = sn.Properties.CreationData
+	}
+	var src armcompute.Disk
+	ok := false
+	if cd != nil && deref(cd.CreateOption, "") == armcompute.DiskCreateOptionCopy {
+		if k, isDisk := f.lookup(cd.SourceResourceID, "Microsoft.Compute/disks"); isDisk {
+			src, ok = f.disks[k]
+		}
+	}
+	f.mu.Unlock()
+	if exists || !ok || sn.Location == nil {
+		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
+		return
+	}
+	sas := ""
+	if f.snapshotSAS != nil {
+		var err error
+		if sas, err = f.snapshotSAS(src); err != nil {
+			f.t.Logf("snapshot %s: %v", name, err)
+			errResp.SetResponseError(http.StatusInternalServerError, "InternalError")
+			return
+		}
+	}
+	sn.ID = to.Ptr(f.id(rg, "Microsoft.Compute/snapshots", name))
+	sn.Name = to.Ptr(name)
+	f.mu.Lock()
+	f.snaps[key(rg, name)] = sas
+	f.mu.Unlock()
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientCreateOrUpdateResponse{Snapshot: sn}, nil)
+	return
+}
+
+func (f *fakeARM) grantSnapshot(_ context.Context, rg, name string, g armcompute.GrantAccessData, _ *armcompute.SnapshotsClientBeginGrantAccessOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientGrantAccessResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "POST snapshots/"+name+"/beginGetAccess")
+	sas, ok := f.snaps[key(rg, name)]
+	if !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	if deref(g.Access, "") != armcompute.AccessLevelRead || deref(g.DurationInSeconds, 0) <= 0 || sas == "" {
+		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
+		return
+	}
+	f.granted["snapshot "+key(rg, name)] = true
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientGrantAccessResponse{AccessURI: armcompute.AccessURI{AccessSAS: to.Ptr(sas)}}, nil)
+	return
+}
+
+func (f *fakeARM) revokeSnapshot(_ context.Context, rg, name string, _ *armcompute.SnapshotsClientBeginRevokeAccessOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientRevokeAccessResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "POST snapshots/"+name+"/endGetAccess")
+	if _, ok := f.snaps[key(rg, name)]; !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	delete(f.granted, "snapshot "+key(rg, name))
+	resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientRevokeAccessResponse{}, nil)
+	return
+}
+
+func (f *fakeARM) deleteSnapshot(_ context.Context, rg, name string, _ *armcompute.SnapshotsClientBeginDeleteOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientDeleteResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "DELETE snapshots/"+name)
+	switch _, ok := f.snaps[key(rg, name)]; {
+	case !ok:
+		resp.SetTerminalResponse(http.StatusNoContent, armcompute.SnapshotsClientDeleteResponse{}, nil)
+	case f.granted["snapshot "+key(rg, name)]:
+		errResp.SetResponseError(http.StatusConflict, "OperationNotAllowed") // its SAS is active
+	default:
+		delete(f.snaps, key(rg, name))
+		resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientDeleteResponse{}, nil)
+	}
 	return
 }

@@ -12,11 +12,10 @@ import (
 // The Azure side of failback_vsphere.go's recoveredVM: the VM a failover
 // to Azure made (failover_dest.go's failoverToAzure), its managed disks
 // read through a read SAS ARM grants on each (azure.RecoveredVM), its
-// power through deallocate and start. Run only against the Azure SDK's
-// fake ARM servers and Azurite, never against real Azure; and Azure
-// refuses a read SAS on a disk of a running VM, so reprotect's pass (the
-// recovered VM runs) would need a snapshot of each disk there, which is
-// not done (docs/ARCHITECTURE.md, "Failback").
+// power through deallocate and start (reprotect's pass, the VM running,
+// reads snapshots of its disks: Azure grants no SAS on a running VM's
+// disk). Run only against the Azure SDK's fake ARM servers and Azurite,
+// never against real Azure (docs/ARCHITECTURE.md, "Failback").
 
 // azureResult is what a failover to Azure recorded it made.
 func azureResult(d failoverDetail) (azure.FailoverResult, error) {
