@@ -64,7 +64,7 @@ func startAzureFailback(t *testing.T, size int64) (r *azureRig, pb *pageblob.Cli
 			for i := range buf {
 				buf[i] = byte(rnd.IntN(256))
 			}
-			off := rnd.Int64N(size/65536) * 65536
+			off := rnd.Int64N(size/65536) * 65536 // within the machine's disk
 			if _, err := pb.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(buf)), blob.HTTPRange{Offset: off, Count: 65536}, nil); err != nil {
 				t.Fatal(err)
 			}
@@ -83,8 +83,16 @@ func startAzureFailback(t *testing.T, size int64) (r *azureRig, pb *pageblob.Cli
 // writes, failback deallocates the VM, sends what changed, verifies: the
 // original disk's SHA-256 equals the recovered disk's. Every read SAS is
 // revoked. Run against the fake ARM and Azurite only, never real Azure.
+// The disk's size a multiple of 1 MiB (the VHD's size), or not (the
+// VHD, hence the managed disk, rounded up: the first size bytes are the
+// machine's disk).
 func TestServerFailbackFromAzure(t *testing.T) {
-	const size = 8 << 20 // a multiple of 1 MiB: the VHD is the disk's size
+	for _, size := range []int64{8 << 20, 6<<20 + 4096} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) { testServerFailbackFromAzure(t, size) })
+	}
+}
+
+func testServerFailbackFromAzure(t *testing.T, size int64) {
 	r, pb, write, wp := startAzureFailback(t, size)
 	c, ctx := r.c, r.ctx
 	write(10)

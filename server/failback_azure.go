@@ -68,8 +68,10 @@ func (a *azureVM) disks(ctx context.Context) ([]recoveredDisk, error) {
 
 func (a *azureVM) open(ctx context.Context, d recoveredDisk) (io.ReadCloser, int64, error) {
 	ad := d.ref.(azure.RecoveredDisk)
+	// d.size may be less than the managed disk's (recoveredDisks): the
+	// pass reads that much and closes.
 	rc, err := a.vm.OpenDisk(ctx, ad)
-	return rc, ad.Size, err
+	return rc, -1, err
 }
 
 func (a *azureVM) powerOff(ctx context.Context) (bool, error) { return a.vm.Deallocate(ctx) }

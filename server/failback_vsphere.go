@@ -284,6 +284,17 @@ func (s *Server) recoveredDisks(ctx context.Context, j *job, vm recoveredVM, m s
 		done("", err)
 		return nil, err
 	}
+	if _, ok := vm.(*azureVM); ok {
+		// A VHD's size is a multiple of 1 MiB: the failover rounded a
+		// disk up, and the machine's disk is the first md.Size bytes.
+		// What the recovered guest wrote past them has no room on the
+		// original.
+		for i, md := range machineDisks(m) {
+			if d := &disks[i]; d.size > md.Size && d.size == alignUp(md.Size, replication.VHDAlign) {
+				d.size = md.Size
+			}
+		}
+	}
 	names := make([]string, len(disks))
 	for i, d := range disks {
 		names[i] = d.name
@@ -291,6 +302,9 @@ func (s *Server) recoveredDisks(ctx context.Context, j *job, vm recoveredVM, m s
 	done(fmt.Sprintf("%d disks: %v", len(disks), names), nil)
 	return disks, nil
 }
+
+// alignUp rounds n up to a multiple of a.
+func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
 
 // machineDisks is m.Disks in index order (the failover's disk order).
 func machineDisks(m store.Machine) []store.Disk {
