@@ -19,11 +19,15 @@ const TestSubscription = testSub
 
 // NewFakeARM returns a fake ARM with the subnets net-rg/dr-vnet/app and
 // net-rg/test-vnet/isolated, importing disks only from fixed-VHD page
-// blobs in Azurite.
+// blobs in Azurite; a disk's GrantAccess answers a read SAS of the blob
+// it was imported from (refused, as by Azure, unless its VM is
+// deallocated), a snapshot's a SAS of a blob snapshot of that blob.
 func NewFakeARM(t *testing.T) *FakeARM {
 	f := newFakeARM(t)
 	a := &azuriteImport{ids: map[string][]byte{}}
 	f.importCheck = a.check
+	f.grantSAS = azuriteSAS
+	f.snapshotSAS = azuriteSnapshotSAS
 	return f
 }
 
@@ -32,3 +36,10 @@ func (f *fakeARM) Options() *arm.ClientOptions { return f.options() }
 
 // Resources lists what exists: "disk RG/NAME", "nic ...", "vm ...".
 func (f *fakeARM) Resources() []string { return f.resources() }
+
+// Grants lists the disks ("RG/NAME") and snapshots ("snapshot RG/NAME")
+// whose read SAS was not revoked.
+func (f *fakeARM) Grants() []string { return f.grants() }
+
+// VMPower is a VM's power state: "running", "deallocated", "" if none.
+func (f *fakeARM) VMPower(rg, name string) string { return f.vmPower(rg, name) }

@@ -601,10 +601,11 @@ func (t *Target) FailoverDisk(ctx context.Context, spec FailoverSpec, blobName, 
 
 // armClients are the ARM clients of one subscription.
 type armClients struct {
-	disks   *armcompute.DisksClient
-	vms     *armcompute.VirtualMachinesClient
-	nics    *armnetwork.InterfacesClient
-	subnets *armnetwork.SubnetsClient
+	disks     *armcompute.DisksClient
+	snapshots *armcompute.SnapshotsClient
+	vms       *armcompute.VirtualMachinesClient
+	nics      *armnetwork.InterfacesClient
+	subnets   *armnetwork.SubnetsClient
 }
 
 func newARMClients(subscription string, cred azcore.TokenCredential, opts *arm.ClientOptions) (*armClients, error) {
@@ -617,10 +618,11 @@ func newARMClients(subscription string, cred azcore.TokenCredential, opts *arm.C
 		return nil, err
 	}
 	return &armClients{
-		disks:   cf.NewDisksClient(),
-		vms:     cf.NewVirtualMachinesClient(),
-		nics:    nf.NewInterfacesClient(),
-		subnets: nf.NewSubnetsClient(),
+		disks:     cf.NewDisksClient(),
+		snapshots: cf.NewSnapshotsClient(),
+		vms:       cf.NewVirtualMachinesClient(),
+		nics:      nf.NewInterfacesClient(),
+		subnets:   nf.NewSubnetsClient(),
 	}, nil
 }
 

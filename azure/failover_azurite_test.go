@@ -10,13 +10,18 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/arm"
 	azfake "github.com/Azure/azure-sdk-for-go/sdk/azcore/fake"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/compute/armcompute/v8"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
 
 	"github.com/asrdr/asr/azure/azuritetest"
 	"github.com/asrdr/asr/replication"
@@ -76,6 +81,50 @@ func (a *azuriteImport) check(ctx context.Context, uri, accountID string) (int64
 	a.ids[uri] = footer[68:84]
 	a.mu.Unlock()
 	return vsize, nil
+}
+
+// azuriteSAS is the fake ARM's GrantAccess on Azurite: a read SAS URL of
+// the page blob disk d was imported from, which stands for the managed
+// disk (a test writes into it as the recovered VM would into its disk).
+func azuriteSAS(d armcompute.Disk) (string, error) {
+	if d.Properties == nil || d.Properties.CreationData == nil || d.Properties.CreationData.SourceURI == nil {
+		return "", fmt.Errorf("disk %s was not imported from a blob", deref(d.Name, ""))
+	}
+	cred, err := blob.NewSharedKeyCredential(azuritetest.Account, azuritetest.Key)
+	if err != nil {
+		return "", err
+	}
+	bc, err := blob.NewClientWithSharedKeyCredential(*d.Properties.CreationData.SourceURI, cred, nil)
+	if err != nil {
+		return "", err
+	}
+	return bc.GetSASURL(sas.BlobPermissions{Read: true}, time.Now().Add(time.Hour), nil)
+}
+
+// azuriteSnapshotSAS is the fake ARM's snapshot of disk d on Azurite: a
+// blob snapshot of the page blob d was imported from (a frozen copy), and
+// a read SAS URL of it.
+func azuriteSnapshotSAS(d armcompute.Disk) (string, error) {
+	if d.Properties == nil || d.Properties.CreationData == nil || d.Properties.CreationData.SourceURI == nil {
+		return "", fmt.Errorf("disk %s was not imported from a blob", deref(d.Name, ""))
+	}
+	cred, err := blob.NewSharedKeyCredential(azuritetest.Account, azuritetest.Key)
+	if err != nil {
+		return "", err
+	}
+	bc, err := blob.NewClientWithSharedKeyCredential(*d.Properties.CreationData.SourceURI, cred, nil)
+	if err != nil {
+		return "", err
+	}
+	r, err := bc.CreateSnapshot(context.Background(), nil)
+	if err != nil {
+		return "", err
+	}
+	sc, err := bc.WithSnapshot(deref(r.Snapshot, ""))
+	if err != nil {
+		return "", err
+	}
+	return sc.GetSASURL(sas.BlobPermissions{Read: true}, time.Now().Add(time.Hour), nil)
 }
 
 // mustVHD writes a fixed VHD of a raw image of size bytes, filled with
@@ -232,4 +281,131 @@ func mustKeyCred(t *testing.T) *blob.SharedKeyCredential {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// TestRecoveredVMAzurite: a failover's VM as failback uses it. Its disks
+// are listed in order with the VHDs' sizes; while the VM runs each is read
+// from a snapshot (a blob snapshot in Azurite: a write after it is not
+// seen), deleted on Close; deallocated, from the disk itself (the page
+// blob it was imported from, written into here as the recovered VM
+// would), through a read SAS the fake ARM grants, without the VHD footer,
+// revoked on Close. The VM deallocates and starts.
+func TestRecoveredVMAzurite(t *testing.T) {
+	cs := azuritetest.Start(t)
+	tg := mustOpen(t, Config{ConnectionString: cs, Container: containerFor(t.TempDir())})
+	defer mustCloseTarget(t, tg)
+	ctx := t.Context()
+	dir := t.TempDir()
+	spec := testSpec()
+	var disks []FailoverDisk
+	for i, size := range []int{2 << 20, 3 << 20} {
+		path, _, _ := mustVHD(t, dir, fmt.Sprintf("disk%d", i), size, byte('p'+i))
+		name := fmt.Sprintf("failover/app-%d.vhd", i)
+		if _, err := tg.UploadVHD(ctx, path, name); err != nil {
+			t.Fatal(err)
+		}
+		d, err := tg.FailoverDisk(ctx, spec, name, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		disks = append(disks, d)
+	}
+	f := NewFakeARM(t)
+	res, _ := mustFailover(t, f, spec, disks)
+	if _, err := OpenRecoveredVM(&azfake.TokenCredential{}, f.options(), FailoverResult{VMName: "x", Subscription: testSub, Test: true, VMID: "id"}); !errors.Is(err, ErrInvalidFailover) {
+		t.Fatalf("a test failover's VM: %v", err)
+	}
+	vm, err := OpenRecoveredVM(&azfake.TokenCredential{}, f.options(), res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := vm.Disks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Name != "web01-osdisk" || got[0].Size != 2<<20 || got[1].Name != "web01-datadisk-0" || got[1].Size != 3<<20 {
+		t.Fatalf("disks %+v", got)
+	}
+	// The recovered VM writes into its data disk.
+	want := bytes.Repeat([]byte{'q'}, 3<<20)
+	copy(want[1<<20:], bytes.Repeat([]byte{'Z'}, 512))
+	if _, err := tg.cc.NewPageBlobClient("failover/app-1.vhd").UploadPages(ctx, streaming.NopCloser(bytes.NewReader(want[1<<20:1<<20+512])), blob.HTTPRange{Offset: 1 << 20, Count: 512}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range got {
+		rc, err := vm.OpenDisk(ctx, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g := f.grants(); len(g) != 1 || !strings.HasPrefix(g[0], "snapshot ") {
+			t.Fatalf("grants while reading a running VM's disk: %v", g)
+		}
+		if i == 1 { // after the snapshot: not in what is read
+			if _, err := tg.cc.NewPageBlobClient("failover/app-1.vhd").UploadPages(ctx, streaming.NopCloser(bytes.NewReader(make([]byte, 512))), blob.HTTPRange{Offset: 0, Count: 512}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b, err := io.ReadAll(rc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := rc.Close(); err != nil {
+			t.Fatal(err)
+		}
+		exp := bytes.Repeat([]byte{byte('p' + i)}, int(d.Size))
+		if i == 1 {
+			exp = want
+		}
+		if !bytes.Equal(b, exp) {
+			t.Fatalf("disk %s: %d bytes read, not the disk's content", d.Name, len(b))
+		}
+	}
+	if g := f.grants(); len(g) != 0 {
+		t.Fatalf("grants left: %v", g)
+	}
+	if res := f.resources(); slices.ContainsFunc(res, func(r string) bool { return strings.HasPrefix(r, "snapshot ") }) {
+		t.Fatalf("snapshots left: %v", res)
+	}
+	// Deallocated: the disk itself, with the write made after the snapshot.
+	if _, err := vm.Deallocate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := vm.OpenDisk(ctx, got[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := f.grants(); len(g) != 1 || g[0] != testRG+"/web01-datadisk-0" {
+		t.Fatalf("grants while reading a deallocated VM's disk: %v", g)
+	}
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	copy(want, make([]byte, 512))
+	if !bytes.Equal(b, want) {
+		t.Fatal("the deallocated VM's disk: not its content")
+	}
+	if g := f.grants(); len(g) != 0 {
+		t.Fatalf("grants left: %v", g)
+	}
+	if _, err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		fn    func(context.Context) (bool, error)
+		did   bool
+		state string
+	}{{vm.Deallocate, true, "deallocated"}, {vm.Deallocate, false, "deallocated"}, {vm.Start, true, "running"}, {vm.Start, false, "running"}} {
+		did, err := step.fn(ctx)
+		if err != nil || did != step.did || f.vmPower(testRG, "web01") != step.state {
+			t.Fatalf("power: %v %v, state %s; want %v %s", did, err, f.vmPower(testRG, "web01"), step.did, step.state)
+		}
+	}
+	gone, _ := OpenRecoveredVM(&azfake.TokenCredential{}, f.options(), FailoverResult{Subscription: testSub, ResourceGroup: testRG, VMName: "nosuchvm", VMID: "x"})
+	if _, err := gone.Disks(ctx); !errors.Is(err, replication.ErrNotFound) {
+		t.Fatalf("a missing VM: %v", err)
+	}
 }

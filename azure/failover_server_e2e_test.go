@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,7 +31,20 @@ import (
 // of the disk's size), a NIC and a VM through the SDK's fake servers. A
 // test failover's resources go at cleanup. This is as far as this path
 // has run: never against real Azure.
-func TestServerFailoverToAzure(t *testing.T) {
+// azureRig is a real server replicating to Azurite, with the fake ARM,
+// and a real agent protecting web01's disk d0; a first point is taken.
+type azureRig struct {
+	az   *azuritetest.Azurite
+	arm  *azure.FakeARM
+	c    *api.Client
+	ctx  context.Context
+	disk string // the original disk d0
+	// stopAgent stops the agent (once; the cleanup does it otherwise).
+	stopAgent func()
+}
+
+func startAzureRig(t *testing.T, size int) *azureRig {
+	t.Helper()
 	az := azuritetest.New(t)
 	t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnString())
 	arm := azure.NewFakeARM(t)
@@ -44,13 +58,13 @@ func TestServerFailoverToAzure(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
-	defer func() { cancel(); <-done; srv.Close() }()
+	t.Cleanup(func() { cancel(); <-done; srv.Close() })
 	c, err := api.NewClient(srv.URL(), filepath.Join(dir, "srv", server.AdminTokenFile), filepath.Join(dir, "srv", "ca.pem"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	disk := filepath.Join(dir, "d0.img")
-	b := make([]byte, 3<<20+4096)
+	b := make([]byte, size)
 	rand.Read(b)
 	if err := os.WriteFile(disk, b, 0o600); err != nil {
 		t.Fatal(err)
@@ -64,7 +78,10 @@ func TestServerFailoverToAzure(t *testing.T) {
 	actx, acancel := context.WithCancel(context.Background())
 	adone := make(chan error, 1)
 	go func() { adone <- a.Run(actx) }()
-	defer func() { acancel(); <-adone; a.Close() }()
+	var once sync.Once
+	stop := func() { once.Do(func() { acancel(); <-adone; a.Close() }) }
+	// Registered after the server's: runs first.
+	t.Cleanup(stop)
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		if _, err := c.Tag(ctx, "web01", false, time.Minute); err == nil {
@@ -74,18 +91,30 @@ func TestServerFailoverToAzure(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	return &azureRig{az: az, arm: arm, c: c, ctx: ctx, disk: disk, stopAgent: stop}
+}
+
+// run starts a job and waits for its end (at most 3 minutes).
+func (r *azureRig) run(t *testing.T, start func() (api.Job, error)) api.Job {
+	t.Helper()
+	j, err := start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(r.ctx, 3*time.Minute)
+	defer wcancel()
+	if j, err = r.c.WaitJob(wctx, j.ID, nil); err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+func TestServerFailoverToAzure(t *testing.T) {
+	r := startAzureRig(t, 3<<20+4096)
+	c, arm, ctx := r.c, r.arm, r.ctx
 	run := func(req api.FailoverRequest) api.Job {
 		t.Helper()
-		j, err := c.StartFailover(ctx, req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
-		defer wcancel()
-		if j, err = c.WaitJob(wctx, j.ID, nil); err != nil {
-			t.Fatal(err)
-		}
-		return j
+		return r.run(t, func() (api.Job, error) { return c.StartFailover(ctx, req) })
 	}
 	target := &api.AzureTarget{Subscription: azure.TestSubscription, ResourceGroup: "net-rg", Location: "westeurope", VNet: "test-vnet", Subnet: "isolated"}
 	j := run(api.FailoverRequest{Machine: "web01", Test: true, To: api.ToAzure, Azure: target})

@@ -53,6 +53,14 @@ type fakeARM struct {
 	// after the rollback looked).
 	vmFail string
 	lateVM *lateVM // the PUT "late" holds back
+	// grantSAS, if set, answers a disk's GrantAccess with a read SAS URL
+	// (the Azurite tests: of the page blob the disk was imported from);
+	// unset, GrantAccess is refused.
+	grantSAS func(d armcompute.Disk) (string, error)
+	// snapshotSAS, if set, freezes a copy of disk d for a snapshot and
+	// returns its read SAS URL (Azurite: a blob snapshot of the blob d
+	// was imported from); unset, a snapshot's GrantAccess is refused.
+	snapshotSAS func(d armcompute.Disk) (string, error)
 
 	mu      sync.Mutex
 	calls   int      // every request
@@ -61,6 +69,9 @@ type fakeARM struct {
 	disks   map[string]armcompute.Disk
 	nics    map[string]armnetwork.Interface
 	vms     map[string]armcompute.VirtualMachine
+	power   map[string]string // VM -> "running" | "deallocated"
+	granted map[string]bool   // disks and snapshots with a read SAS not revoked
+	snaps   map[string]string // snapshot -> its read SAS ("" if none)
 
 	compute, network policy.Transporter
 }
@@ -72,6 +83,9 @@ func newFakeARM(t *testing.T) *fakeARM {
 		disks:   map[string]armcompute.Disk{},
 		nics:    map[string]armnetwork.Interface{},
 		vms:     map[string]armcompute.VirtualMachine{},
+		power:   map[string]string{},
+		granted: map[string]bool{},
+		snaps:   map[string]string{},
 	}
 	f.addSubnet("net-rg", "dr-vnet", "app")
 	f.addSubnet("net-rg", "test-vnet", "isolated")
@@ -80,11 +94,22 @@ func newFakeARM(t *testing.T) *fakeARM {
 			Get:                 f.getDisk,
 			BeginCreateOrUpdate: f.putDisk,
 			BeginDelete:         f.deleteDisk,
+			BeginGrantAccess:    f.grantAccess,
+			BeginRevokeAccess:   f.revokeAccess,
 		},
 		VirtualMachinesServer: computefake.VirtualMachinesServer{
 			Get:                 f.getVM,
 			BeginCreateOrUpdate: f.putVM,
 			BeginDelete:         f.deleteVM,
+			InstanceView:        f.instanceView,
+			BeginDeallocate:     f.deallocate,
+			BeginStart:          f.start,
+		},
+		SnapshotsServer: computefake.SnapshotsServer{
+			BeginCreateOrUpdate: f.putSnapshot,
+			BeginGrantAccess:    f.grantSnapshot,
+			BeginRevokeAccess:   f.revokeSnapshot,
+			BeginDelete:         f.deleteSnapshot,
 		},
 	})
 	f.network = networkfake.NewServerFactoryTransport(&networkfake.ServerFactory{
@@ -348,6 +373,7 @@ func (f *fakeARM) putVM(_ context.Context, rg, name string, vm armcompute.Virtua
 		p.ProvisioningState = to.Ptr("Failed")
 	}
 	f.vms[key(rg, name)] = vm
+	f.power[key(rg, name)] = "running" // Azure starts what it creates
 	for _, k := range diskKeys {
 		d := f.disks[k]
 		d.ManagedBy = vm.ID
@@ -401,6 +427,7 @@ func (f *fakeARM) deleteVMNow(rg, name string) (resp azfake.PollerResponder[armc
 		return
 	}
 	delete(f.vms, key(rg, name))
+	delete(f.power, key(rg, name))
 	// Deleting a VM detaches its disks and NICs and leaves them.
 	for k, d := range f.disks {
 		if d.ManagedBy != nil && strings.EqualFold(*d.ManagedBy, *vm.ID) {
@@ -445,6 +472,9 @@ func (f *fakeARM) resources() []string {
 	}
 	for k := range f.vms {
 		out = append(out, "vm "+k)
+	}
+	for k := range f.snaps {
+		out = append(out, "snapshot "+k)
 	}
 	slices.Sort(out)
 	return out
@@ -935,4 +965,205 @@ func TestDeleteFailoverInvalid(t *testing.T) {
 	if f.callCount() != 0 {
 		t.Fatalf("%d calls", f.callCount())
 	}
+}
+
+// grantAccess answers a disk's read SAS through grantSAS, recording the
+// grant until it is revoked.
+func (f *fakeARM) grantAccess(_ context.Context, rg, name string, g armcompute.GrantAccessData, _ *armcompute.DisksClientBeginGrantAccessOptions) (resp azfake.PollerResponder[armcompute.DisksClientGrantAccessResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	f.writes = append(f.writes, "POST disks/"+name+"/beginGetAccess")
+	d, ok := f.disks[key(rg, name)]
+	f.mu.Unlock()
+	if !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	if deref(g.Access, "") != armcompute.AccessLevelRead || deref(g.DurationInSeconds, 0) <= 0 || f.grantSAS == nil {
+		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
+		return
+	}
+	// As Azure: no SAS on a disk of a VM that is not deallocated.
+	if d.ManagedBy != nil {
+		k, _ := f.lookup(d.ManagedBy, "Microsoft.Compute/virtualMachines")
+		if f.vmPower(strings.SplitN(k, "/", 2)[0], strings.SplitN(k, "/", 2)[1]) != "deallocated" {
+			errResp.SetResponseError(http.StatusConflict, "OperationNotAllowed")
+			return
+		}
+	}
+	sas, err := f.grantSAS(d)
+	if err != nil {
+		f.t.Logf("disk %s: no SAS: %v", name, err)
+		errResp.SetResponseError(http.StatusInternalServerError, "InternalError")
+		return
+	}
+	f.mu.Lock()
+	f.granted[key(rg, name)] = true
+	f.mu.Unlock()
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.DisksClientGrantAccessResponse{AccessURI: armcompute.AccessURI{AccessSAS: to.Ptr(sas)}}, nil)
+	return
+}
+
+func (f *fakeARM) revokeAccess(_ context.Context, rg, name string, _ *armcompute.DisksClientBeginRevokeAccessOptions) (resp azfake.PollerResponder[armcompute.DisksClientRevokeAccessResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "POST disks/"+name+"/endGetAccess")
+	if _, ok := f.disks[key(rg, name)]; !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	delete(f.granted, key(rg, name))
+	resp.SetTerminalResponse(http.StatusOK, armcompute.DisksClientRevokeAccessResponse{}, nil)
+	return
+}
+
+// grants lists the disks whose read SAS is not revoked.
+func (f *fakeARM) grants() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for k := range f.granted {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (f *fakeARM) instanceView(_ context.Context, rg, name string, _ *armcompute.VirtualMachinesClientInstanceViewOptions) (resp azfake.Responder[armcompute.VirtualMachinesClientInstanceViewResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st, ok := f.power[key(rg, name)]
+	if !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	resp.SetResponse(http.StatusOK, armcompute.VirtualMachinesClientInstanceViewResponse{VirtualMachineInstanceView: armcompute.VirtualMachineInstanceView{
+		Statuses: []*armcompute.InstanceViewStatus{{Code: to.Ptr("ProvisioningState/succeeded")}, {Code: to.Ptr("PowerState/" + st)}}}}, nil)
+	return
+}
+
+// setPower moves a VM to state, as a deallocate or a start does.
+func (f *fakeARM) setPower(rg, name, verb, state string) (int, string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "POST vms/"+name+"/"+verb)
+	if _, ok := f.power[key(rg, name)]; !ok {
+		return http.StatusNotFound, "ResourceNotFound"
+	}
+	f.power[key(rg, name)] = state
+	return http.StatusOK, ""
+}
+
+// vmPower is a VM's power state ("" if there is no VM).
+func (f *fakeARM) vmPower(rg, name string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.power[key(rg, name)]
+}
+
+func (f *fakeARM) deallocate(_ context.Context, rg, name string, _ *armcompute.VirtualMachinesClientBeginDeallocateOptions) (resp azfake.PollerResponder[armcompute.VirtualMachinesClientDeallocateResponse], errResp azfake.ErrorResponder) {
+	if code, e := f.setPower(rg, name, "deallocate", "deallocated"); e != "" {
+		errResp.SetResponseError(code, e)
+		return
+	}
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.VirtualMachinesClientDeallocateResponse{}, nil)
+	return
+}
+
+func (f *fakeARM) start(_ context.Context, rg, name string, _ *armcompute.VirtualMachinesClientBeginStartOptions) (resp azfake.PollerResponder[armcompute.VirtualMachinesClientStartResponse], errResp azfake.ErrorResponder) {
+	if code, e := f.setPower(rg, name, "start", "running"); e != "" {
+		errResp.SetResponseError(code, e)
+		return
+	}
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.VirtualMachinesClientStartResponse{}, nil)
+	return
+}
+
+func (f *fakeARM) putSnapshot(_ context.Context, rg, name string, sn armcompute.Snapshot, _ *armcompute.SnapshotsClientBeginCreateOrUpdateOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientCreateOrUpdateResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	f.writes = append(f.writes, "PUT snapshots/"+name)
+	_, exists := f.snaps[key(rg, name)]
+	var cd *armcompute.CreationData
+	if sn.Properties != nil {
+		cd = sn.Properties.CreationData
+	}
+	var src armcompute.Disk
+	ok := false
+	if cd != nil && deref(cd.CreateOption, "") == armcompute.DiskCreateOptionCopy {
+		if k, isDisk := f.lookup(cd.SourceResourceID, "Microsoft.Compute/disks"); isDisk {
+			src, ok = f.disks[k]
+		}
+	}
+	f.mu.Unlock()
+	if exists || !ok || sn.Location == nil {
+		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
+		return
+	}
+	sas := ""
+	if f.snapshotSAS != nil {
+		var err error
+		if sas, err = f.snapshotSAS(src); err != nil {
+			f.t.Logf("snapshot %s: %v", name, err)
+			errResp.SetResponseError(http.StatusInternalServerError, "InternalError")
+			return
+		}
+	}
+	sn.ID = to.Ptr(f.id(rg, "Microsoft.Compute/snapshots", name))
+	sn.Name = to.Ptr(name)
+	f.mu.Lock()
+	f.snaps[key(rg, name)] = sas
+	f.mu.Unlock()
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientCreateOrUpdateResponse{Snapshot: sn}, nil)
+	return
+}
+
+func (f *fakeARM) grantSnapshot(_ context.Context, rg, name string, g armcompute.GrantAccessData, _ *armcompute.SnapshotsClientBeginGrantAccessOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientGrantAccessResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "POST snapshots/"+name+"/beginGetAccess")
+	sas, ok := f.snaps[key(rg, name)]
+	if !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	if deref(g.Access, "") != armcompute.AccessLevelRead || deref(g.DurationInSeconds, 0) <= 0 || sas == "" {
+		errResp.SetResponseError(http.StatusBadRequest, "InvalidParameter")
+		return
+	}
+	f.granted["snapshot "+key(rg, name)] = true
+	resp.AddNonTerminalResponse(http.StatusAccepted, nil)
+	resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientGrantAccessResponse{AccessURI: armcompute.AccessURI{AccessSAS: to.Ptr(sas)}}, nil)
+	return
+}
+
+func (f *fakeARM) revokeSnapshot(_ context.Context, rg, name string, _ *armcompute.SnapshotsClientBeginRevokeAccessOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientRevokeAccessResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "POST snapshots/"+name+"/endGetAccess")
+	if _, ok := f.snaps[key(rg, name)]; !ok {
+		errResp.SetResponseError(http.StatusNotFound, "ResourceNotFound")
+		return
+	}
+	delete(f.granted, "snapshot "+key(rg, name))
+	resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientRevokeAccessResponse{}, nil)
+	return
+}
+
+func (f *fakeARM) deleteSnapshot(_ context.Context, rg, name string, _ *armcompute.SnapshotsClientBeginDeleteOptions) (resp azfake.PollerResponder[armcompute.SnapshotsClientDeleteResponse], errResp azfake.ErrorResponder) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.writes = append(f.writes, "DELETE snapshots/"+name)
+	switch _, ok := f.snaps[key(rg, name)]; {
+	case !ok:
+		resp.SetTerminalResponse(http.StatusNoContent, armcompute.SnapshotsClientDeleteResponse{}, nil)
+	case f.granted["snapshot "+key(rg, name)]:
+		errResp.SetResponseError(http.StatusConflict, "OperationNotAllowed") // its SAS is active
+	default:
+		delete(f.snaps, key(rg, name))
+		resp.SetTerminalResponse(http.StatusOK, armcompute.SnapshotsClientDeleteResponse{}, nil)
+	}
+	return
 }

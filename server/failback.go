@@ -66,7 +66,9 @@ type reverseDetail struct {
 	Alternate *altDetail `json:"alternate,omitempty"`
 	// VSphere is reprotect's pass of a failover to vSphere
 	// (failback_vsphere.go); nil for a failover to NBD.
-	VSphere *vsphereReverse `json:"vsphere,omitempty"`
+	VSphere *vmReverse `json:"vsphere,omitempty"`
+	// Azure is the same for a failover to Azure (failback_azure.go).
+	Azure *vmReverse `json:"azure,omitempty"`
 }
 
 // reverseState is the server's running reverse shipments, by machine id.
@@ -258,8 +260,8 @@ func (s *Server) lastFailback(ctx context.Context, machineID string) (store.Fail
 }
 
 func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
-	if vsphereFailback(f) {
-		return s.reprotectVSphere(ctx, m, f)
+	if vmFailback(f) {
+		return s.reprotectVM(ctx, m, f)
 	}
 	if err := s.refuseReprotectReverse(ctx, m, f); err != nil {
 		return api.Job{}, err
@@ -617,8 +619,8 @@ func (s *Server) Failback(ctx context.Context, machine string) (api.Job, error) 
 	if err := s.refuseFailbackRunning(m); err != nil {
 		return api.Job{}, err
 	}
-	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil && vsphereFailback(f) {
-		return s.failbackVSphere(ctx, m, f)
+	if f, err := s.db.LiveFailover(ctx, m.ID); err == nil && vmFailback(f) {
+		return s.failbackVM(ctx, m, f)
 	}
 	f, run, err := s.failbackReady(ctx, m, "--machine "+m.Name)
 	if err != nil {
@@ -964,7 +966,7 @@ func (s *Server) restoreReverse(ctx context.Context, f store.Failover, m store.M
 	}
 	switch d.Reverse.State {
 	case dirReprotected:
-		if vsphereFailback(f) {
+		if vmFailback(f) {
 			return // nothing runs between reprotect and failback
 		}
 		if _, err := s.startReverse(f, m, false); err != nil {

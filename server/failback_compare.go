@@ -180,7 +180,7 @@ func newCompare(f store.Failover, name string, disks []revDisk) *reverseCompare 
 // keepSourceStep is the commit's step for a failover to NBD, whose
 // source stays registered for failback.
 func keepSourceStep(f store.Failover) (string, string) {
-	if vsphereFailback(f) {
+	if vmFailback(f) {
 		return "keep the source registered", "the original agent stays registered: reprotect freezes it and sends back only the blocks where the recovered VM's disks differ"
 	}
 	if unplannedFailover(f) {
@@ -195,7 +195,7 @@ func keepSourceStep(f store.Failover) (string, string) {
 // gets no RPO or heartbeat alerts until the failback ends the failover.
 func (s *Server) sourceFailedOverUnplanned(ctx context.Context, machineID string) bool {
 	f, err := s.db.LiveFailover(ctx, machineID)
-	return err == nil && f.State == store.FailoverCommitted && (reverseCandidate(f) && unplannedFailover(f) || vsphereFailback(f))
+	return err == nil && f.State == store.FailoverCommitted && (reverseCandidate(f) && unplannedFailover(f) || vmFailback(f))
 }
 
 // unplannedFailover says whether a failover was made unplanned.

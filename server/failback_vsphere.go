@@ -24,13 +24,16 @@ import (
 	"github.com/asrdr/asr/vmware"
 )
 
-// Failback of a committed failover to vSphere, to the original location
-// (docs/ARCHITECTURE.md, "Failback"). The failover made a VM in a
-// registered vCenter from the point; the recovered machine runs there and
-// its disks are flat VMDKs in a datastore. The original machine's agent
-// stayed registered at the commit. The failed-over state is read where it
-// is, through vCenter's /folder endpoint (the datastore's flat files),
-// and never copied whole to the original:
+// Failback of a committed failover to vSphere or to Azure, to the
+// original location (docs/ARCHITECTURE.md, "Failback"). The failover made
+// a VM from the point, in a registered vCenter (its disks flat VMDKs in a
+// datastore) or in Azure (managed disks, failback_azure.go); the
+// recovered machine runs there. Both are a recoveredVM: its disks read in
+// order, and a power off and on. The original machine's agent stayed
+// registered at the commit. The failed-over state is read where it is
+// (vSphere: through vCenter's /folder endpoint, the datastore's flat
+// files; Azure: through a read SAS ARM grants on each managed disk), and
+// never copied whole to the original:
 //
 //   - Reprotect (reverse): the original agent is frozen under the
 //     failover (failback_compare.go's freezeOriginal: waits, cancellable,
@@ -42,10 +45,10 @@ import (
 //     acknowledged once durable on the original disk. The recovered VM
 //     runs on meanwhile: its pass reads a disk in use, which is fine,
 //     since failback's pass is the one that counts.
-//   - Failback: the recovered VM is powered off through vCenter (the
-//     recovered machine stopped: nothing it wrote after is lost, there is
+//   - Failback: the recovered VM is powered off (vSphere) or deallocated
+//     (Azure) (the recovered machine stopped: nothing it wrote after is lost, there is
 //     nothing after), the same pass again (only what changed since
-//     reprotect differs), each flat file's SHA-256 taken as it is read;
+//     reprotect differs), each disk's SHA-256 taken as it is read;
 //     then the original disks' SHA-256 (REVERSE_SUM) must equal them. The
 //     switch and its end are the NBD failback's (recordSwitch,
 //     finishFailback: thaw, the linked VM powered on, the failover ended).
@@ -61,36 +64,125 @@ import (
 // agent in the recovered guest ships them; failback's pass finds them),
 // so there is no reverse RPO for these failovers.
 
-// vsphereReverse is the reverse record of a failover to vSphere
-// (reverseDetail.VSphere): reprotect's checksum pass.
-type vsphereReverse struct {
+// vmReverse is the reverse record of a failover to a VM
+// (reverseDetail.VSphere or .Azure): reprotect's checksum pass.
+type vmReverse struct {
 	Compared int64 `json:"compared"` // bytes compared by reprotect's pass
 	Differ   int64 `json:"differ"`   // bytes found different (and sent)
 }
 
-// vsphereFailback says whether f is a real failover to vSphere whose VM
-// is recorded: failback to the original location reads that VM's disks.
-func vsphereFailback(f store.Failover) bool {
-	if f.Kind != api.FailoverReal || f.Dest != api.ToVSphere {
+// vmFailback says whether f is a real failover to vSphere or Azure whose
+// VM is recorded: failback to the original location reads that VM's
+// disks.
+func vmFailback(f store.Failover) bool {
+	if f.Kind != api.FailoverReal {
 		return false
 	}
 	d := decodeDetail(f)
-	return d.VSphere != nil && d.VSphere.Ref != ""
+	switch f.Dest {
+	case api.ToVSphere:
+		return d.VSphere != nil && d.VSphere.Ref != ""
+	case api.ToAzure:
+		res, err := azureResult(d)
+		return err == nil && res.VMID != "" && !res.Test
+	}
+	return false
 }
 
-// vspherePass is what one checksum pass did.
-type vspherePass struct {
+// recoveredVM is the VM a committed failover made, where the recovered
+// machine runs (vcenterVM, azureVM): what failback reads and stops.
+type recoveredVM interface {
+	// name is the VM's name; place says where it is ("vCenter vc1",
+	// "Azure resource group RG"); String is "VM NAME in PLACE".
+	name() string
+	place() string
+	String() string
+	// disks lists its disks in the failover's order (the machine's disks
+	// by index).
+	disks(ctx context.Context) ([]recoveredDisk, error)
+	// open opens a disk for reading in order, with its size (-1: not
+	// known); Close must be called.
+	open(ctx context.Context, d recoveredDisk) (io.ReadCloser, int64, error)
+	// powerOff stops the VM and waits; false: it was off already.
+	powerOff(ctx context.Context) (bool, error)
+	// powerOn starts it again (a failback that did not switch).
+	powerOn(ctx context.Context) (bool, error)
+	close()
+}
+
+// recoveredDisk is one disk of a recoveredVM: a name for an operator,
+// its size, and the implementation's own reference.
+type recoveredDisk struct {
+	name string
+	size int64
+	ref  any
+}
+
+// openRecoveredVM returns the VM failover f made (vmFailback(f) holds).
+func (s *Server) openRecoveredVM(ctx context.Context, f store.Failover) (recoveredVM, error) {
+	d := decodeDetail(f)
+	if f.Dest == api.ToAzure {
+		return s.openAzureVM(d)
+	}
+	c, err := s.vcenterClient(ctx, d.VSphere.VCenter)
+	if err != nil {
+		return nil, err
+	}
+	return &vcenterVM{c: c, v: d.VSphere}, nil
+}
+
+// vcenterVM is a failover's VM in vCenter.
+type vcenterVM struct {
+	c *govmomi.Client
+	v *vsphereDetail
+}
+
+func (vm *vcenterVM) name() string   { return vm.v.Name }
+func (vm *vcenterVM) place() string  { return "vCenter " + vm.v.VCenter }
+func (vm *vcenterVM) String() string { return vmLabel(vm) }
+
+// vmLabel is a recoveredVM's String.
+func vmLabel(vm recoveredVM) string { return fmt.Sprintf("VM %s in %s", vm.name(), vm.place()) }
+
+func (vm *vcenterVM) disks(ctx context.Context) ([]recoveredDisk, error) {
+	ds, err := vmware.RecoveredDisks(ctx, vm.c, vm.v.Ref)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]recoveredDisk, len(ds))
+	for i, d := range ds {
+		out[i] = recoveredDisk{name: d.Descriptor, size: d.Size, ref: d}
+	}
+	return out, nil
+}
+
+func (vm *vcenterVM) open(ctx context.Context, d recoveredDisk) (io.ReadCloser, int64, error) {
+	return vmware.OpenFlat(ctx, vm.c, d.ref.(vmware.RecoveredDisk))
+}
+
+func (vm *vcenterVM) powerOff(ctx context.Context) (bool, error) {
+	return vmware.PowerOff(ctx, vm.c, vm.v.Ref)
+}
+
+func (vm *vcenterVM) powerOn(ctx context.Context) (bool, error) {
+	return vmware.PowerOn(ctx, vm.c, vm.v.Ref)
+}
+
+func (vm *vcenterVM) close() { vm.c.Logout(context.Background()) }
+
+// vmPass is what one checksum pass did.
+type vmPass struct {
 	compared, differ, sent int64
 	sums                   []string // each recovered disk's SHA-256, in m.Disks order
 }
 
-// vsphereStepTimeout bounds the power-on of a recovered VM when a
-// failback is cancelled or fails.
-const vsphereStepTimeout = vcenterStepTimeout
+// vmStepTimeout bounds the power-on of a recovered VM when a failback is
+// cancelled or fails.
+const vmStepTimeout = vcenterStepTimeout
 
-// reprotectVSphere reprotects a committed failover to vSphere toward the
-// original disks.
-func (s *Server) reprotectVSphere(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
+// reprotectVM reprotects a committed failover to vSphere or Azure toward
+// the original disks.
+func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
 	if f.State != store.FailoverCommitted {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
 	}
@@ -98,35 +190,34 @@ func (s *Server) reprotectVSphere(ctx context.Context, m store.Machine, f store.
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
 	if m.Unprotected() {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is unprotected (its failover was committed before failback of failovers to vSphere kept the original agent registered): failback needs the original agent", m.Name)
+		return api.Job{}, errorf(http.StatusConflict, "machine %s is unprotected (its failover was committed before failback of failovers to %s kept the original agent registered): failback needs the original agent", m.Name, f.Dest)
 	}
 	for _, d := range m.Disks {
 		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
 			return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
 		}
 	}
-	d := decodeDetail(f)
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
 		log := s.log.With("machine", m.Name, "failover", f.ID)
 		j.setCancellable(true)
-		if err := s.freezeForVSphere(ctx, j, m, f, log); err != nil {
+		if err := s.freezeForVM(ctx, j, m, f, log); err != nil {
 			return err
 		}
 		// Still cancellable: a pass cut short wrote only some blocks of
 		// the frozen original, which failback's pass makes whole; the
 		// original stays frozen until failback (or asr unprotect).
-		c, err := s.vcenterClient(ctx, d.VSphere.VCenter)
+		vm, err := s.openRecoveredVM(ctx, f)
 		if err != nil {
 			return err
 		}
-		defer c.Logout(context.WithoutCancel(ctx))
-		disks, err := s.recoveredDisks(ctx, j, c, m, d.VSphere)
+		defer vm.close()
+		disks, err := s.recoveredDisks(ctx, j, vm, m)
 		if err != nil {
 			return err
 		}
-		p, err := s.vsphereCompare(ctx, j, m.Name+": compare and send",
-			fmt.Sprintf("block sums of the original disks against VM %s's (read through vCenter %s): only the blocks that differ are sent", d.VSphere.Name, d.VSphere.VCenter),
-			c, m, f, disks, false)
+		p, err := s.compareVM(ctx, j, m.Name+": compare and send",
+			fmt.Sprintf("block sums of the original disks against those of %s: only the blocks that differ are sent", vm),
+			vm, m, f, disks, false)
 		if err != nil {
 			return err
 		}
@@ -137,8 +228,13 @@ func (s *Server) reprotectVSphere(ctx context.Context, m store.Machine, f store.
 		}
 		if err == nil {
 			cd := decodeDetail(cur)
-			cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent,
-				VSphere: &vsphereReverse{Compared: p.compared, Differ: p.differ}}
+			cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
+			pass := &vmReverse{Compared: p.compared, Differ: p.differ}
+			if f.Dest == api.ToAzure {
+				cd.Reverse.Azure = pass
+			} else {
+				cd.Reverse.VSphere = pass
+			}
 			cur.Detail = encodeDetail(cd)
 			err = s.db.UpdateFailover(ctx, cur)
 		}
@@ -147,19 +243,19 @@ func (s *Server) reprotectVSphere(ctx context.Context, m store.Machine, f store.
 			return err
 		}
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("failover %s (to vSphere, VM %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, d.VSphere.Name, p.compared, p.differ)})
+			Message: fmt.Sprintf("failover %s (to %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, vm, p.compared, p.differ)})
 		j.setResult([]string{
 			fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", p.compared, p.differ, p.sent),
-			fmt.Sprintf("VM %s runs on; its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", d.VSphere.Name, m.Name),
+			fmt.Sprintf("VM %s runs on; its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", vm.name(), m.Name),
 		}, 0)
 		return nil
 	})
 }
 
-// freezeForVSphere freezes the original agent under the failover and
+// freezeForVM freezes the original agent under the failover and
 // marks the replica for a resync, as an unplanned failover's reprotect
 // does (freezeOriginal), as the job's step; cancellable while it waits.
-func (s *Server) freezeForVSphere(ctx context.Context, j *job, m store.Machine, f store.Failover, log *slog.Logger) error {
+func (s *Server) freezeForVM(ctx context.Context, j *job, m store.Machine, f store.Failover, log *slog.Logger) error {
 	run := &reverseRun{failoverID: f.ID, machineID: m.ID, changed: make(chan struct{}),
 		cmp: &reverseCompare{machine: m.Name, frozen: make(chan struct{}), done: make(chan struct{})}}
 	fctx, cancel := context.WithCancel(ctx)
@@ -177,24 +273,38 @@ func (s *Server) freezeForVSphere(ctx context.Context, j *job, m store.Machine, 
 
 // recoveredDisks returns the recovered VM's disks, one per protected
 // disk in m.Disks' order, as a job step.
-func (s *Server) recoveredDisks(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, v *vsphereDetail) ([]vmware.RecoveredDisk, error) {
-	done := j.step(m.Name+": find VM "+v.Name, fmt.Sprintf("its disks' flat files, through vCenter %s", v.VCenter))
-	disks, err := vmware.RecoveredDisks(ctx, c, v.Ref)
+func (s *Server) recoveredDisks(ctx context.Context, j *job, vm recoveredVM, m store.Machine) ([]recoveredDisk, error) {
+	done := j.step(m.Name+": find VM "+vm.name(), fmt.Sprintf("the disks of %s", vm))
+	disks, err := vm.disks(ctx)
 	if err == nil && len(disks) != len(m.Disks) {
-		err = fmt.Errorf("VM %s has %d disks, machine %s %d: its disks were changed since the failover; failback needs them as the failover made them", v.Name, len(disks), m.Name, len(m.Disks))
+		err = fmt.Errorf("VM %s has %d disks, machine %s %d: its disks were changed since the failover; failback needs them as the failover made them", vm.name(), len(disks), m.Name, len(m.Disks))
 	}
 	if err != nil {
-		err = fmt.Errorf("the recovered VM %s (%s) in vCenter %s: %w", v.Name, v.Ref, v.VCenter, err)
+		err = fmt.Errorf("the recovered %s: %w", vm, err)
 		done("", err)
 		return nil, err
 	}
+	if _, ok := vm.(*azureVM); ok {
+		// A VHD's size is a multiple of 1 MiB: the failover rounded a
+		// disk up, and the machine's disk is the first md.Size bytes.
+		// What the recovered guest wrote past them has no room on the
+		// original.
+		for i, md := range machineDisks(m) {
+			if d := &disks[i]; d.size > md.Size && d.size == alignUp(md.Size, replication.VHDAlign) {
+				d.size = md.Size
+			}
+		}
+	}
 	names := make([]string, len(disks))
 	for i, d := range disks {
-		names[i] = d.Descriptor
+		names[i] = d.name
 	}
 	done(fmt.Sprintf("%d disks: %v", len(disks), names), nil)
 	return disks, nil
 }
+
+// alignUp rounds n up to a multiple of a.
+func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
 
 // machineDisks is m.Disks in index order (the failover's disk order).
 func machineDisks(m store.Machine) []store.Disk {
@@ -203,15 +313,15 @@ func machineDisks(m store.Machine) []store.Disk {
 	return ds
 }
 
-// vsphereCompare is one checksum pass over every recovered disk: read in
-// order through vCenter, each batch of blocks' sums compared with the
+// compareVM is one checksum pass over every recovered disk: read in
+// order, each batch of blocks' sums compared with the
 // original's, the blocks that differ written to the original (each
-// acknowledged durable). withSum also takes each flat file's SHA-256.
-func (s *Server) vsphereCompare(ctx context.Context, j *job, name, detail string, c *govmomi.Client, m store.Machine, f store.Failover, disks []vmware.RecoveredDisk, withSum bool) (vspherePass, error) {
-	var p vspherePass
+// acknowledged durable). withSum also takes each disk's SHA-256.
+func (s *Server) compareVM(ctx context.Context, j *job, name, detail string, vm recoveredVM, m store.Machine, f store.Failover, disks []recoveredDisk, withSum bool) (vmPass, error) {
+	var p vmPass
 	var total int64
 	for _, d := range disks {
-		total += d.Size
+		total += d.size
 	}
 	waiting := ""
 	show := func(state string) {
@@ -222,7 +332,7 @@ func (s *Server) vsphereCompare(ctx context.Context, j *job, name, detail string
 		}
 		j.update(st)
 	}
-	fail := func(err error) (vspherePass, error) {
+	fail := func(err error) (vmPass, error) {
 		j.update(api.JobStep{Name: name, State: "failed", Total: total, Done: p.compared, Detail: err.Error()})
 		return p, err
 	}
@@ -230,7 +340,7 @@ func (s *Server) vsphereCompare(ctx context.Context, j *job, name, detail string
 	buf := make([]byte, compareBatch*overlay.BlockSize)
 	for i, md := range machineDisks(m) {
 		rd := disks[i]
-		rc, size, err := vmware.OpenFlat(ctx, c, rd)
+		rc, size, err := vm.open(ctx, rd)
 		if err != nil {
 			return fail(err)
 		}
@@ -239,7 +349,9 @@ func (s *Server) vsphereCompare(ctx context.Context, j *job, name, detail string
 			h = sha256.New()
 		}
 		n, err := s.compareFlat(ctx, m, f, md, rd, rc, size, buf, h, &p, func(w string) { waiting = w; show("running") })
-		rc.Close()
+		if cerr := rc.Close(); err == nil {
+			err = cerr
+		}
 		if err != nil {
 			return fail(err)
 		}
@@ -256,19 +368,19 @@ func (s *Server) vsphereCompare(ctx context.Context, j *job, name, detail string
 // compareFlat compares one recovered disk (r, size bytes; -1 unknown)
 // with original disk md, sending the blocks that differ; it returns the
 // bytes read.
-func (s *Server) compareFlat(ctx context.Context, m store.Machine, f store.Failover, md store.Disk, rd vmware.RecoveredDisk, r io.Reader, size int64, buf []byte, h hash.Hash, p *vspherePass, wait func(string)) (int64, error) {
-	if size >= 0 && size != rd.Size {
-		return 0, fmt.Errorf("the flat file of %s is %d bytes, the disk %d", rd.Descriptor, size, rd.Size)
+func (s *Server) compareFlat(ctx context.Context, m store.Machine, f store.Failover, md store.Disk, rd recoveredDisk, r io.Reader, size int64, buf []byte, h hash.Hash, p *vmPass, wait func(string)) (int64, error) {
+	if size >= 0 && size != rd.size {
+		return 0, fmt.Errorf("the content of %s is %d bytes, the disk %d", rd.name, size, rd.size)
 	}
 	var off int64
-	for off < rd.Size {
+	for off < rd.size {
 		if err := ctx.Err(); err != nil {
 			return off, err
 		}
-		want := min(int64(len(buf)), rd.Size-off)
+		want := min(int64(len(buf)), rd.size-off)
 		got, err := io.ReadFull(r, buf[:want])
 		if err != nil {
-			return off, fmt.Errorf("read %s at %d (%d of %d bytes): %w", rd.Descriptor, off, got, want, err)
+			return off, fmt.Errorf("read %s at %d (%d of %d bytes): %w", rd.name, off, got, want, err)
 		}
 		chunk := buf[:want]
 		if h != nil {
@@ -285,8 +397,8 @@ func (s *Server) compareFlat(ctx context.Context, m store.Machine, f store.Failo
 		if err != nil {
 			return off, fmt.Errorf("block sums of original disk %s at %d: %w", md.Name, off, err)
 		}
-		if osize != rd.Size {
-			return off, fmt.Errorf("the original disk %s is %d bytes, the recovered one (%s) %d", md.Name, osize, rd.Descriptor, rd.Size)
+		if osize != rd.size {
+			return off, fmt.Errorf("the original disk %s is %d bytes, the recovered one (%s) %d", md.Name, osize, rd.name, rd.size)
 		}
 		if len(sums) != count {
 			return off, fmt.Errorf("original disk %s: %d block sums for %d blocks", md.Name, len(sums), count)
@@ -362,29 +474,28 @@ func (s *Server) retryOriginal(ctx context.Context, m store.Machine, wait func(s
 	}
 }
 
-// failbackVSphere fails a reprotected failover to vSphere back to the
+// failbackVM fails a reprotected failover to vSphere or Azure back to the
 // original disks.
-func (s *Server) failbackVSphere(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
+func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
 	d := decodeDetail(f)
 	if d.Reverse == nil {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect --machine %s first", m.Name, m.Name)
 	}
-	if d.Reverse.State != dirReprotected || d.Reverse.VSphere == nil {
+	if d.Reverse.State != dirReprotected || d.Reverse.VSphere == nil && d.Reverse.Azure == nil {
 		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
 	if err := s.refuseGroupAlone(ctx, m); err != nil {
 		return api.Job{}, err
 	}
-	v := d.VSphere
 	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
 		start := time.Now()
 		j.setCancellable(true)
-		c, err := s.vcenterClient(ctx, v.VCenter)
+		vm, err := s.openRecoveredVM(ctx, f)
 		if err != nil {
 			return err
 		}
-		defer c.Logout(context.WithoutCancel(ctx))
-		sw, err := s.failbackVSphereSteps(ctx, j, c, m, f, v, d.Reverse.Sent)
+		defer vm.close()
+		sw, err := s.failbackVMSteps(ctx, j, vm, m, f, d.Reverse.Sent)
 		if err != nil {
 			return err
 		}
@@ -398,18 +509,18 @@ func (s *Server) failbackVSphere(ctx context.Context, m store.Machine, f store.F
 		if err != nil {
 			s.finishLater(sw.f, m)
 		}
-		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in vCenter %s: remove it there once the original machine runs", v.Name, v.VCenter))
+		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", vm.name(), vm.place()))
 		j.setResult(lines, time.Since(start))
 		return err
 	})
 }
 
-// failbackVSphereSteps stops the recovered VM, sends its last changes and
+// failbackVMSteps stops the recovered VM, sends its last changes and
 // verifies, and records the switch; before the switch a failure or a
 // cancel powers the recovered VM on again.
-func (s *Server) failbackVSphereSteps(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, f store.Failover, v *vsphereDetail, sentBefore int64) (sw *switchMember, err error) {
-	done := j.step(m.Name+": stop the recovered VM", fmt.Sprintf("power off VM %s through vCenter %s: the failed-over machine writes nothing more", v.Name, v.VCenter))
-	off, err := vmware.PowerOff(ctx, c, v.Ref)
+func (s *Server) failbackVMSteps(ctx context.Context, j *job, vm recoveredVM, m store.Machine, f store.Failover, sentBefore int64) (sw *switchMember, err error) {
+	done := j.step(m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", vm))
+	off, err := vm.powerOff(ctx)
 	if err != nil {
 		done("", err)
 		return nil, err
@@ -419,22 +530,22 @@ func (s *Server) failbackVSphereSteps(ctx context.Context, j *job, c *govmomi.Cl
 		if err == nil || !off {
 			return
 		}
-		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), vsphereStepTimeout)
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), vmStepTimeout)
 		defer cancel()
 		undo := j.step(m.Name+": power the recovered VM on again", "the failback did not switch: the failed-over machine runs on")
-		_, perr := vmware.PowerOn(pctx, c, v.Ref)
+		_, perr := vm.powerOn(pctx)
 		undo("powered on", perr)
 		if perr != nil {
 			s.raise(pctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "failback-power-on",
-				Message: fmt.Sprintf("failback of %s did not switch, and its recovered VM %s could not be powered on again (%v): power it on in vCenter %s", m.Name, v.Name, perr, v.VCenter)})
+				Message: fmt.Sprintf("failback of %s did not switch, and its recovered %s could not be powered on again (%v): power it on there", m.Name, vm, perr)})
 		}
 	}()
-	disks, err := s.recoveredDisks(ctx, j, c, m, v)
+	disks, err := s.recoveredDisks(ctx, j, vm, m)
 	if err != nil {
 		return nil, err
 	}
-	p, err := s.vsphereCompare(ctx, j, m.Name+": send the last changes",
-		"block sums of the original disks against the stopped VM's: the blocks that differ are sent", c, m, f, disks, true)
+	p, err := s.compareVM(ctx, j, m.Name+": send the last changes",
+		"block sums of the original disks against the stopped VM's: the blocks that differ are sent", vm, m, f, disks, true)
 	if err != nil {
 		return nil, err
 	}
@@ -449,8 +560,8 @@ func (s *Server) failbackVSphereSteps(ctx context.Context, j *job, c *govmomi.Cl
 			got, size, err = s.ps.ReverseSum(ctx, m.ID, f.ID, md.Index)
 			return err
 		})
-		if err == nil && (got != p.sums[i] || size != disks[i].Size) {
-			err = fmt.Errorf("disk %s: the original (sha256 %s, %d bytes) differs from the recovered VM's %s (sha256 %s, %d bytes)", md.Name, got, size, disks[i].Descriptor, p.sums[i], disks[i].Size)
+		if err == nil && (got != p.sums[i] || size != disks[i].size) {
+			err = fmt.Errorf("disk %s: the original (sha256 %s, %d bytes) differs from the recovered VM's %s (sha256 %s, %d bytes)", md.Name, got, size, disks[i].name, p.sums[i], disks[i].size)
 		}
 		if err != nil {
 			j.update(api.JobStep{Name: verify, State: "failed", Detail: err.Error()})

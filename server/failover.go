@@ -526,7 +526,7 @@ func (s *Server) restoreFailovers(ctx context.Context) error {
 		}
 		serving := (f.Dest == api.ToNBD) && f.State != store.FailoverStarting
 		if !serving {
-			if f.State == store.FailoverCommitted && vsphereFailback(f) {
+			if f.State == store.FailoverCommitted && vmFailback(f) {
 				s.restoreReverse(ctx, f, m) // a failback past its switch
 			}
 			if f.State == store.FailoverStarting || f.Dest == api.ToQEMU {

@@ -518,8 +518,8 @@ func (s *Server) Commit(ctx context.Context, a api.FailoverAction) (api.Job, err
 			} else {
 				done(fmt.Sprintf("kept: %v", err), nil)
 			}
-			if reverseCandidate(f) || vsphereFailback(f) {
-				// A failover to NBD or vSphere: the source's agent stays registered
+			if reverseCandidate(f) || vmFailback(f) {
+				// A failover to NBD, vSphere or Azure: the source's agent stays registered
 				// (frozen if planned) as failback's master target (asr
 				// reprotect ships the changes back; an unplanned one
 				// freezes it and compares its disks first).

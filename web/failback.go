@@ -65,7 +65,7 @@ func failbackOfferFor(m api.Machine, f *api.Failover, running *api.Job) failback
 		switch {
 		case f == nil:
 		case f.To != api.ToNBD && f.To != api.ToVSphere:
-			o.Note = "Failback is done for failovers to the server's NBD exports or to vSphere; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not supported yet."
+			o.Note = "The console fails back failovers to the server's NBD exports or to vSphere; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not here yet (a committed real failover to Azure: asr reprotect and asr failback --machine M)."
 		case f.State != "committed":
 			o.Note = "Commit the failover (Failovers page) to reprotect it: until then it can still change its point."
 		default:

@@ -1,0 +1,224 @@
+//go:build e2e
+
+package azure_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
+
+	"github.com/asrdr/asr/server/api"
+)
+
+// startAzureFailback starts an azureRig whose disk of size bytes is
+// failed over to Azure (a real failover) and committed; pb is the page
+// blob standing for the recovered disk; write writes n
+// random 64 KiB blocks into the recovered disk (the page blob it was
+// imported from, which the fake ARM's read SAS reads), adding to *wrote.
+func startAzureFailback(t *testing.T, size int64) (r *azureRig, pb *pageblob.Client, write func(n int), wrote *int64) {
+	t.Helper()
+	r = startAzureRig(t, int(size))
+	c, ctx := r.c, r.ctx
+	target := &api.AzureTarget{Subscription: "11111111-2222-3333-4444-555555555555", ResourceGroup: "net-rg", Location: "westeurope", VNet: "dr-vnet", Subnet: "app"}
+	if j := r.run(t, func() (api.Job, error) {
+		return c.StartFailover(ctx, api.FailoverRequest{Machine: "web01", To: api.ToAzure, Azure: target})
+	}); j.State != api.JobSucceeded {
+		t.Fatalf("failover to Azure: %s %s", j.State, j.Error)
+	}
+	fos, err := c.Failovers(ctx, false)
+	if err != nil || len(fos) != 1 {
+		t.Fatalf("failovers %+v %v", fos, err)
+	}
+	if j := r.run(t, func() (api.Job, error) { return c.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "web01"}) }); j.State != api.JobSucceeded {
+		t.Fatalf("commit: %s %s %v", j.State, j.Error, j.Steps)
+	}
+	if j, err := c.Failback(ctx, "web01"); err == nil || !strings.Contains(err.Error(), "not reprotected") {
+		t.Fatalf("failback before reprotect: %+v %v", j, err)
+	}
+
+	// The recovered VM's disk: the page blob the managed disk came from.
+	cc, err := container.NewClientFromConnectionString(r.az.ConnString(), "failover-vault", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb = cc.NewPageBlobClient(fmt.Sprintf("failover/web01-%s-d0.vhd", fos[0].ID))
+	rnd := rand.New(rand.NewPCG(14, 15))
+	wrote = new(int64)
+	write = func(n int) {
+		t.Helper()
+		buf := make([]byte, 65536)
+		for range n {
+			for i := range buf {
+				buf[i] = byte(rnd.IntN(256))
+			}
+			off := rnd.Int64N(size/65536) * 65536 // within the machine's disk
+			if _, err := pb.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(buf)), blob.HTTPRange{Offset: off, Count: 65536}, nil); err != nil {
+				t.Fatal(err)
+			}
+			*wrote += 65536
+		}
+	}
+	return r, pb, write, wrote
+}
+
+// The cycle of a failover to Azure through the server: a real failover
+// (VM, managed disk imported from the VHD page blob) committed, the
+// recovered VM's writes (into the page blob the fake ARM's GrantAccess
+// answers a read SAS of: it stands for the managed disk), reprotect
+// freezes the original and sends only the blocks that differ (read from
+// snapshots of the running VM's disks), more
+// writes, failback deallocates the VM, sends what changed, verifies: the
+// original disk's SHA-256 equals the recovered disk's. Every read SAS is
+// revoked. Run against the fake ARM and Azurite only, never real Azure.
+// The disk's size a multiple of 1 MiB (the VHD's size), or not (the
+// VHD, hence the managed disk, rounded up: the first size bytes are the
+// machine's disk).
+func TestServerFailbackFromAzure(t *testing.T) {
+	for _, size := range []int64{8 << 20, 6<<20 + 4096} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) { testServerFailbackFromAzure(t, size) })
+	}
+}
+
+func testServerFailbackFromAzure(t *testing.T, size int64) {
+	r, pb, write, wp := startAzureFailback(t, size)
+	c, ctx := r.c, r.ctx
+	write(10)
+	j := r.run(t, func() (api.Job, error) { return c.Reprotect(ctx, "web01") })
+	if j.State != api.JobSucceeded || len(j.Output) != 2 {
+		t.Fatalf("reprotect: %s %s %v %q", j.State, j.Error, j.Steps, j.Output)
+	}
+	var compared, differ, sent int64
+	if _, err := fmt.Sscanf(j.Output[0], "reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", &compared, &differ, &sent); err != nil {
+		t.Fatalf("reprotect output %q: %v", j.Output[0], err)
+	}
+	if compared != size || sent != differ || sent <= 0 || sent > *wp {
+		t.Fatalf("reprotect: %d compared, %d differ, %d sent, for %d bytes written into the recovered disk", compared, differ, sent, *wp)
+	}
+	if steps := stepNames(j); !slices.Contains(steps, "web01: find VM web01-recovered=done") || !slices.Contains(steps, "web01: compare and send=done") {
+		t.Fatalf("reprotect steps %v", steps)
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "running" {
+		t.Fatalf("the recovered VM after reprotect: %q", p)
+	}
+	// Reprotect read snapshots of the running VM's disks (Azure grants no
+	// SAS on them), deleted after.
+	if res := r.arm.Resources(); slices.ContainsFunc(res, func(s string) bool { return strings.HasPrefix(s, "snapshot ") }) || len(r.arm.Grants()) != 0 {
+		t.Fatalf("after reprotect: %v, grants %v", res, r.arm.Grants())
+	}
+	before := *wp
+	write(5)
+	j = r.run(t, func() (api.Job, error) { return c.Failback(ctx, "web01") })
+	if j.State != api.JobSucceeded {
+		t.Fatalf("failback: %s %s %v", j.State, j.Error, stepNames(j))
+	}
+	steps := stepNames(j)
+	for _, s := range []string{"web01: stop the recovered VM=done", "web01: send the last changes=done", "web01: verify=done", "web01: end the failover=done"} {
+		if !slices.Contains(steps, s) {
+			t.Fatalf("failback steps %v lack %s", steps, s)
+		}
+	}
+	var fbSent, fbCompared int64
+	if _, err := fmt.Sscanf(j.Output[0], "failed back: %d bytes sent, %d bytes compared", &fbSent, &fbCompared); err != nil {
+		t.Fatalf("failback output %q: %v", j.Output, err)
+	}
+	if fbCompared != size || fbSent-sent <= 0 || fbSent-sent > *wp-before {
+		t.Fatalf("failback: %d sent in all (%d at reprotect), %d compared, for %d bytes written since reprotect", fbSent, sent, fbCompared, *wp-before)
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM after failback: %q", p)
+	}
+	if g := r.arm.Grants(); len(g) != 0 {
+		t.Fatalf("read SAS not revoked: %v", g)
+	}
+	dl, err := pb.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	_, err = io.Copy(h, dl.Body)
+	dl.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := os.ReadFile(r.disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha256.Sum256(orig) != [32]byte(h.Sum(nil)) {
+		t.Fatal("the original disk differs from the recovered disk's final state")
+	}
+	if fos, _ := c.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers after failback: %+v", fos)
+	}
+}
+
+func stepNames(j api.Job) []string {
+	var out []string
+	for _, s := range j.Steps {
+		out = append(out, s.Name+"="+s.State)
+	}
+	return out
+}
+
+// A failback of a failover to Azure cancelled before its switch: it waits
+// for the original agent (stopped) in its pass, with the VM deallocated;
+// the cancel starts the VM again, revokes every read SAS and leaves the
+// machine reprotected.
+func TestServerFailbackFromAzureCancelled(t *testing.T) {
+	r, _, write, _ := startAzureFailback(t, 4<<20)
+	c, ctx := r.c, r.ctx
+	write(3)
+	if j := r.run(t, func() (api.Job, error) { return c.Reprotect(ctx, "web01") }); j.State != api.JobSucceeded {
+		t.Fatalf("reprotect: %s %s", j.State, j.Error)
+	}
+	r.stopAgent()
+	j, err := c.Failback(ctx, "web01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	for waiting := false; !waiting; {
+		jj, err := c.Job(wctx, j.ID)
+		if err != nil {
+			t.Fatalf("the failback never waited for the original agent: %v", err)
+		}
+		for _, s := range jj.Steps {
+			waiting = waiting || s.Name == "web01: send the last changes" && s.State == "running" && strings.Contains(s.Detail, "waiting for the original agent") && jj.Cancellable
+		}
+		if !waiting {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM during the failback's pass: %q", p)
+	}
+	if _, err := c.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j, err = c.WaitJob(wctx, j.ID, nil); err != nil || j.State == api.JobSucceeded || !slices.Contains(stepNames(j), "web01: power the recovered VM on again=done") {
+		t.Fatalf("a cancelled failback: %v %s, steps %v", err, j.State, stepNames(j))
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "running" {
+		t.Fatalf("the recovered VM after the cancel: %q", p)
+	}
+	if g := r.arm.Grants(); len(g) != 0 {
+		t.Fatalf("read SAS not revoked after the cancel: %v", g)
+	}
+	if fos, err := c.Failovers(ctx, false); err != nil || len(fos) != 1 || fos[0].Failback == nil || fos[0].Failback.State != "reprotected" {
+		t.Fatalf("the failover after the cancel: %+v %v", fos, err)
+	}
+}
