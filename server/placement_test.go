@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/agent"
-	"github.com/asrdr/asr/psnode"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
 )
@@ -32,19 +31,7 @@ func TestPlacementAuto(t *testing.T) {
 	r.start()
 	ctx, cancel := context.WithTimeout(context.Background(), hung)
 	defer cancel()
-	n, err := psnode.Open(ctx, r.psConfig("ps1", filepath.Join(dir, "srv", server.PassphraseFile)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- n.Run(nctx) }()
-	t.Cleanup(func() {
-		stop()
-		<-done
-		n.Close()
-	})
-	r.waitPS(ctx, "ps1", api.PSHealthy)
+	r.runPS(ctx, "ps1")
 
 	d1 := filepath.Join(dir, "d1.img")
 	mustDisk(t, d1, 4<<20, 1)

@@ -320,26 +320,13 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 	r.start()
 	ctx, cancel := context.WithTimeout(context.Background(), hung)
 	defer cancel()
-	passFile := filepath.Join(dir, "srv", server.PassphraseFile)
 	d0 := filepath.Join(dir, "d0.img")
 	mustDisk(t, d0, 8<<20, 3)
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d0", Path: d0})
 	ra := startAgent(t, cfg)
 	r.waitProtected("vm1")
 
-	n, err := psnode.Open(ctx, r.psConfig("ps1", passFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- n.Run(nctx) }()
-	t.Cleanup(func() {
-		stop()
-		<-done
-		n.Close()
-	})
-	r.waitPS(ctx, "ps1", api.PSHealthy)
+	r.runPS(ctx, "ps1")
 	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
 		t.Fatal(err)
 	}
@@ -499,23 +486,12 @@ func TestProcessServerPrunes(t *testing.T) {
 	if err := r.client.Do(ctx, "POST", "/api/v1/machines/vm1/policy", api.AssignRequest{Policy: "short"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	n, err := psnode.Open(ctx, r.psConfig("ps1", filepath.Join(dir, "srv", server.PassphraseFile)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- n.Run(nctx) }()
-	t.Cleanup(func() {
-		stop()
-		<-done
-		n.Close()
-	})
-	r.waitPS(ctx, "ps1", api.PSHealthy)
+	r.runPS(ctx, "ps1")
 	if _, err := r.client.SwitchProcessServer(ctx, "vm1", "ps1"); err != nil {
 		t.Fatal(err)
 	}
 	var last api.PointJSON
+	var err error
 	for range 3 {
 		for {
 			if last, err = r.client.Tag(ctx, "vm1", false, time.Minute); err == nil {
