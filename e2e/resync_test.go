@@ -142,6 +142,11 @@ func pendingChanges(t *testing.T, seed uint64) (*cluster, string, string, *agent
 	makeRandomDisk(t, disk, 64<<20, seed)
 	a := c.startAgent("vm1", []string{"--spool-max", "16MiB"}, "d="+disk)
 	c.waitState("vm1", "protected", time.Minute)
+	// A point first: from it on the changes are kept on the target as
+	// any-point segments, which a full file system refuses (before the
+	// first point nothing is kept, and the replica's blocks, all written
+	// by the initial copy, take new data in place).
+	c.tag("vm1")
 	fillFS(t, filepath.Join(tgt, "filler"))
 	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x41 1M 6M", "-c", "write -P 0x42 20M 6M")
 	// Every change is acknowledged (the agent drops them) and in a sealed

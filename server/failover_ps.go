@@ -54,16 +54,16 @@ func (s *Server) toBuiltin(ctx context.Context, j *job, m store.Machine, needHan
 		return err
 	}
 	s.pss.switchMu.Lock()
-	err := s.takeBackLocked(ctx, m.ID, m.Name, ps, why)
+	err := s.takeBackLocked(ctx, m.ID, m.Name, ps, "taken back "+why)
 	s.pss.switchMu.Unlock()
 	done("taken back: process server "+ps+" sends no heartbeat", err)
 	return err
 }
 
 // takeBackLocked assigns a machine of a silent scale-out process server to
-// the built-in one without a hand-over (an event says why). s.pss.switchMu
-// is held.
-func (s *Server) takeBackLocked(ctx context.Context, id, name, from, why string) error {
+// the built-in one without a hand-over (an event says how: "switched
+// automatically", "taken back for a failover"). s.pss.switchMu is held.
+func (s *Server) takeBackLocked(ctx context.Context, id, name, from, how string) error {
 	if err := s.db.Assign(ctx, id, ""); err != nil {
 		return err
 	}
@@ -76,7 +76,7 @@ func (s *Server) takeBackLocked(ctx context.Context, id, name, from, why string)
 		since = "none since " + last.UTC().Format(time.RFC3339)
 	}
 	s.raise(ctx, store.Event{MachineID: id, Kind: "process-server-switch", Severity: api.SeverityWarning,
-		Message: fmt.Sprintf("%s taken back from process server %s %s (no heartbeat: %s) by the built-in one; changes its cache acknowledged and did not apply are resynced",
-			name, from, why, since)})
+		Message: fmt.Sprintf("%s %s from process server %s (no heartbeat: %s) to the built-in one; changes its cache acknowledged and did not apply are resynced",
+			name, how, from, since)})
 	return nil
 }

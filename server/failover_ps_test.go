@@ -141,7 +141,7 @@ func TestFailoverFromAScaleOutProcessServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.ContainsFunc(evs, func(e api.EventJSON) bool {
-		return e.Kind == "process-server-switch" && strings.Contains(e.Message, "taken back from process server ps1 for a failover")
+		return e.Kind == "process-server-switch" && strings.Contains(e.Message, "taken back for a failover from process server ps1")
 	}) {
 		t.Fatalf("no event of the take-back: %+v", evs)
 	}

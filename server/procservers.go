@@ -565,7 +565,7 @@ func (s *Server) autoSwitch(ctx context.Context) error {
 			if m, err := s.db.Machine(ctx, id); err == nil {
 				name = m.Name
 			}
-			if err := s.takeBackLocked(ctx, id, name, p.Name, "automatically (--auto-switch)"); err != nil {
+			if err := s.takeBackLocked(ctx, id, name, p.Name, "switched automatically"); err != nil {
 				return err
 			}
 		}
