@@ -279,7 +279,9 @@ func (d *Disk) relogLocked(off, n int64) error {
 // Relog re-reads a range and logs its current contents (used after an
 // unclean stop for the range of the disk's last logged change).
 func (d *Disk) Relog(off, n int64) error {
-	if off >= d.size {
+	if off < 0 || n <= 0 || off >= d.size {
+		// Not on the disk (a negative offset is a record's 64-bit one past
+		// any disk): nothing there to log.
 		return nil
 	}
 	n = min(n, d.size-off)

@@ -478,3 +478,16 @@ func TestMergeTails(t *testing.T) {
 		t.Fatalf("mergeTails = %+v, want %+v", got, want)
 	}
 }
+
+// A range read from the log whose 64-bit offset is past any disk (negative
+// as an int64) is not on the disk: nothing is read or logged, and the
+// repair that asked goes on (it used to fail at every start).
+func TestRelogOfAnOffsetPastAnyDisk(t *testing.T) {
+	d, sp, _ := mustTestDisk(t, 1<<20)
+	before := sp.Next()
+	for _, off := range []int64{-4096, 1 << 20} {
+		if err := d.Relog(off, 4096); err != nil || sp.Next() != before {
+			t.Fatalf("offset %d: %v, %d records logged", off, err, sp.Next()-before)
+		}
+	}
+}
