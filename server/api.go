@@ -292,6 +292,7 @@ func (s *Server) handleMachine(w http.ResponseWriter, r *http.Request) error {
 	}
 	v.Direction = s.directionOf(r.Context(), m.ID)
 	v.Reverse = s.reverseStatus(r.Context(), m)
+	v.ReverseSource = s.reverseSource(r.Context(), m.ID)
 	writeJSON(w, http.StatusOK, v)
 	return nil
 }

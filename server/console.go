@@ -367,6 +367,7 @@ func (s *Server) Machines(ctx context.Context) ([]api.Machine, error) {
 		}
 		v.Direction = s.directionOf(ctx, m.ID)
 		v.Reverse = s.reverseStatus(ctx, m)
+		v.ReverseSource = s.reverseSource(ctx, m.ID)
 		out = append(out, v)
 	}
 	return out, nil

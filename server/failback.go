@@ -823,6 +823,7 @@ func (s *Server) finishFailback(ctx context.Context, j *job, f store.Failover, m
 	powerNote := s.powerOnOriginal(ctx, j, m)
 	done = step(m.Name+": end the failover", "its exports and overlays go")
 	s.stopReverse(m.ID)
+	s.recAgents.end(m.ID)
 	err = s.unexport(m.ID, f.ID, true)
 	if err == nil {
 		d := decodeDetail(f)

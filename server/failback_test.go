@@ -416,7 +416,14 @@ func startUnplannedRig(t *testing.T) *failbackRig {
 // disk, through its agent.
 func (fr *failbackRig) writeSource(disk string, n int) {
 	fr.t.Helper()
-	c, err := nbd.Dial(context.Background(), fr.cfg.NBD, disk)
+	fr.writeVia(fr.cfg.NBD, disk, n)
+}
+
+// writeVia writes n random 64 KiB blocks into a disk through the agent
+// serving NBD at addr.
+func (fr *failbackRig) writeVia(addr, disk string, n int) {
+	fr.t.Helper()
+	c, err := nbd.Dial(context.Background(), addr, disk)
 	if err != nil {
 		fr.t.Fatal(err)
 	}

@@ -69,6 +69,11 @@ import (
 type vmReverse struct {
 	Compared int64 `json:"compared"` // bytes compared by reprotect's pass
 	Differ   int64 `json:"differ"`   // bytes found different (and sent)
+	// Path is how the recovered VM's writes after reprotect reach the
+	// original disks: pathAgent (its agent ships them as they happen,
+	// failback_agent.go) or pathVCenter ("" before it: failback's pass
+	// finds them).
+	Path string `json:"path,omitempty"`
 }
 
 // vmFailback says whether f is a real failover to vSphere or Azure whose
@@ -174,6 +179,7 @@ func (vm *vcenterVM) close() { vm.c.Logout(context.Background()) }
 type vmPass struct {
 	compared, differ, sent int64
 	sums                   []string // each recovered disk's SHA-256, in m.Disks order
+	path                   string   // reprotect's: pathAgent or pathVCenter
 }
 
 // vmStepTimeout bounds the power-on of a recovered VM when a failback is
@@ -215,11 +221,32 @@ func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failo
 		if err != nil {
 			return err
 		}
-		p, err := s.compareVM(ctx, j, m.Name+": compare and send",
-			fmt.Sprintf("block sums of the original disks against those of %s: only the blocks that differ are sent", vm),
-			vm, m, f, disks, false)
-		if err != nil {
-			return err
+		// The agent in the recovered VM, connected: its writes are held
+		// from its Welcome until this compare (begun after it) is done,
+		// then shipped as they happen; one welcomed again meanwhile
+		// dropped records the compare may have missed: compare again.
+		ra := s.recAgents.of(m.ID, f.ID)
+		var p vmPass
+		for {
+			var epoch uint64
+			agent := false
+			if ra != nil {
+				epoch, agent = ra.beginCompare()
+			}
+			p, err = s.compareVM(ctx, j, m.Name+": compare and send",
+				fmt.Sprintf("block sums of the original disks against those of %s: only the blocks that differ are sent", vm),
+				vm, m, f, disks, false)
+			if err != nil {
+				return err
+			}
+			if !agent {
+				p.path = pathVCenter
+				break
+			}
+			if ra.goLive(epoch) {
+				p.path = pathAgent
+				break
+			}
 		}
 		s.rv.recMu.Lock()
 		cur, err := s.db.LiveFailover(ctx, m.ID)
@@ -229,7 +256,7 @@ func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failo
 		if err == nil {
 			cd := decodeDetail(cur)
 			cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
-			pass := &vmReverse{Compared: p.compared, Differ: p.differ}
+			pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path}
 			if f.Dest == api.ToAzure {
 				cd.Reverse.Azure = pass
 			} else {
@@ -244,9 +271,13 @@ func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failo
 		}
 		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
 			Message: fmt.Sprintf("failover %s (to %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, vm, p.compared, p.differ)})
+		next := fmt.Sprintf("VM %s runs on; no asr agent in it is connected, so its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", vm.name(), m.Name)
+		if p.path == pathAgent {
+			next = fmt.Sprintf("path: the asr agent in VM %s (BIOS UUID %s) ships its writes to the original disks as they happen", vm.name(), ra.uuid)
+		}
 		j.setResult([]string{
 			fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", p.compared, p.differ, p.sent),
-			fmt.Sprintf("VM %s runs on; its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", vm.name(), m.Name),
+			next,
 		}, 0)
 		return nil
 	})
@@ -540,6 +571,9 @@ func (s *Server) failbackVMSteps(ctx context.Context, j *job, vm recoveredVM, m 
 				Message: fmt.Sprintf("failback of %s did not switch, and its recovered %s could not be powered on again (%v): power it on there", m.Name, vm, perr)})
 		}
 	}()
+	if err := s.drainRecoveredAgent(ctx, j, m, f); err != nil {
+		return nil, err
+	}
 	disks, err := s.recoveredDisks(ctx, j, vm, m)
 	if err != nil {
 		return nil, err

@@ -184,6 +184,8 @@ type Server struct {
 	vc   vcenterState  // vCenter discoveries (vmware.go)
 	fo   failoverState // failovers' NBD exports (failover.go)
 	rv   reverseState  // failback's shipments to the original disks (failback.go)
+	// recAgents are the agents of recovered VMs (failback_agent.go).
+	recAgents recoveredAgents
 
 	fb altFailback // the alternate-location failback's test hook (failback_alt.go)
 
@@ -348,23 +350,24 @@ func (s *Server) open(ctx context.Context) error {
 	// Before the process server, which reports each machine it opens.
 	s.mirror = newMirror(s.writeNews, s.log.With("component", "mirror"), time.Second, 30*time.Second)
 	s.ps, err = procserver.New(ctx, procserver.Config{
-		Removed:       removed,
-		Serves:        s.servesBuiltin,
-		CacheDir:      filepath.Join(cfg.DataDir, CacheDir),
-		Catalog:       s.cat,
-		Authorize:     s.authorizeAgent,
-		OnState:       s.onState,
-		OnPoint:       s.onPoint,
-		OnBytes:       s.onBytes,
-		OnDamage:      s.noteDamage,
-		OnQuarantine:  s.onQuarantine,
-		OnConnect:     s.onConnect,
-		OnRefused:     s.onRefused,
-		OnCacheState:  s.onCacheState,
-		OnStatus:      s.onStatus,
-		PolicyFor:     s.policyFor,
-		CacheMaxBytes: cfg.CacheMaxBytes,
-		Logger:        cfg.Logger.With("component", "procserver"),
+		Removed:        removed,
+		Serves:         s.servesBuiltin,
+		CacheDir:       filepath.Join(cfg.DataDir, CacheDir),
+		Catalog:        s.cat,
+		Authorize:      s.authorizeAgent,
+		OnState:        s.onState,
+		OnPoint:        s.onPoint,
+		OnBytes:        s.onBytes,
+		OnDamage:       s.noteDamage,
+		OnQuarantine:   s.onQuarantine,
+		OnConnect:      s.onConnect,
+		RecoveredAgent: s.recoveredAgent,
+		OnRefused:      s.onRefused,
+		OnCacheState:   s.onCacheState,
+		OnStatus:       s.onStatus,
+		PolicyFor:      s.policyFor,
+		CacheMaxBytes:  cfg.CacheMaxBytes,
+		Logger:         cfg.Logger.With("component", "procserver"),
 	})
 	if err != nil {
 		return fmt.Errorf("process server: %w", err)

@@ -60,9 +60,16 @@ type Config struct {
 	// registered machine's agent turned away (the reason is for the console).
 	// Authorize and PolicyFor are asked when an agent connects, before its
 	// Welcome.
-	OnConnect    func(machineID string, h replication.Hello)
-	OnRefused    func(machineID, reason string)
-	OnDisconnect func(machineID string, err error)
+	OnConnect func(machineID string, h replication.Hello)
+	// RecoveredAgent is asked after Authorize, before the machine's
+	// session is touched: nil, nil for the machine's own agent; a sink
+	// for the agent of a VM a failover made of the machine (its Hello
+	// reports that VM's BIOS UUID: recovered.go), whose connection is
+	// served apart; an error refuses the connection with it. nil: every
+	// agent is the machine's own.
+	RecoveredAgent func(ctx context.Context, machineID string, h replication.Hello) (ReverseSink, error)
+	OnRefused      func(machineID, reason string)
+	OnDisconnect   func(machineID string, err error)
 	// SegmentBytes seals a cache file at this size (compressed bytes or raw
 	// record bytes, whichever is reached first). Default 32 MiB.
 	SegmentBytes int64
@@ -413,6 +420,21 @@ func (s *Server) serveConn(c net.Conn) error {
 	}
 	if err := h.Validate(); err != nil {
 		return refuse("%v", err)
+	}
+	if s.cfg.RecoveredAgent != nil {
+		sink, err := s.cfg.RecoveredAgent(s.ctx, id, h)
+		if errors.Is(err, ErrTryLater) {
+			if s.cfg.OnRefused != nil {
+				s.cfg.OnRefused(id, err.Error())
+			}
+			return fail(false, "%v", err)
+		} else if err != nil {
+			return refuse("%v", err)
+		}
+		if sink != nil {
+			log.Info("a recovered VM's agent connected", "name", name, "bios_uuid", h.BIOSUUID)
+			return s.serveRecovered(c, br, bw, h, sink, fail)
+		}
 	}
 	m, err := s.machine(s.ctx, id, name)
 	if errors.Is(err, ErrRemoved) {

@@ -77,6 +77,9 @@ type Machine struct {
 	// Reverse is the reverse direction of a reprotected machine (nil
 	// unless its changes are being sent back to the original disks).
 	Reverse *ReverseStatus `json:"reverse,omitempty"`
+	// ReverseSource is the agent in the VM a committed failover to
+	// vSphere made, when one connected (nil otherwise).
+	ReverseSource *ReverseSource `json:"reverse_source,omitempty"`
 
 	Disks []Disk `json:"disks"`
 }
@@ -104,6 +107,31 @@ type ReverseStatus struct {
 	// started. LastPoint is the newest reverse point recorded.
 	ConsistentAt time.Time `json:"consistent_at,omitzero"`
 	LastPoint    time.Time `json:"last_point,omitzero"`
+}
+
+// ReverseSource is the agent of a recovered VM: it runs the original
+// machine's agent installation (same identity) and reports the
+// recovered VM's BIOS UUID; the server takes it as the source of the
+// reverse direction, never as the machine's own agent.
+type ReverseSource struct {
+	Kind      string    `json:"kind"` // "agent"
+	VM        string    `json:"vm"`   // the recovered VM
+	BIOSUUID  string    `json:"bios_uuid"`
+	Connected bool      `json:"connected"`
+	Since     time.Time `json:"since,omitzero"` // its connection's start
+	Version   string    `json:"version,omitempty"`
+	// Live: its writes go to the original disks as they happen (after
+	// reprotect's compare); false: held (it spools), Held says why when
+	// it is not just waiting for reprotect.
+	Live bool   `json:"live"`
+	Held string `json:"held,omitempty"`
+	// Sent is the bytes written to the original disks from its log since
+	// the server started; SpoolBytes what its last status says it holds
+	// unacknowledged; OldestPending the time of the oldest of those.
+	Sent          int64     `json:"sent"`
+	SpoolBytes    int64     `json:"spool_bytes"`
+	OldestPending time.Time `json:"oldest_pending,omitzero"`
+	LastError     string    `json:"last_error,omitempty"`
 }
 
 // ProcessServer is the process server's health as the console shows it

@@ -1,0 +1,154 @@
+package procserver
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// A recovered VM's agent (docs/ARCHITECTURE.md, "Failback", "The agent in
+// the recovered VM"): a failover to vSphere boots a VM from the replica,
+// which carries the original agent's installation, identity and
+// certificate. Its agent connects as the original machine but reports the
+// recovered VM's BIOS UUID. Config.RecoveredAgent tells the two apart
+// before anything of the machine's session is touched: the recovered
+// agent's connection never joins the machine's forward log, its records
+// are never cached or applied to the replica; they go to a ReverseSink,
+// which writes them to the original disks (through the original agent)
+// and only then are they acknowledged.
+
+// ReverseSink receives the log of a recovered VM's agent: the server's
+// reverse direction for a failover to a VM.
+type ReverseSink interface {
+	// Start is asked once the Hello is read: the Welcome's DurableSeq
+	// (the records the agent may drop), or a refusal.
+	Start(h replication.Hello) (durable uint64, err error)
+	// Status receives each status report.
+	Status(st replication.Status)
+	// Hold returns once the records may be written (the reverse compare
+	// that began after this connection's Welcome is done), or with
+	// ctx's error. It is asked before each DATA frame is written;
+	// meanwhile the connection acknowledges nothing new.
+	Hold(ctx context.Context) error
+	// Write makes a DATA frame's records durable on the original disks,
+	// in order, and returns nil only then: the frame is acknowledged
+	// after it.
+	Write(ctx context.Context, recs []replication.Record) error
+	// Closed reports the end of the connection.
+	Closed(err error)
+}
+
+// serveRecovered serves a recovered VM's agent: Welcome, then each DATA
+// frame checked whole, written through the sink and acknowledged, in
+// order; STATUS frames to the sink.
+func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, h replication.Hello, sink ReverseSink, fail func(fatal bool, format string, args ...any) error) (err error) {
+	durable, err := sink.Start(h)
+	if err != nil {
+		return fail(true, "%v", err)
+	}
+	defer func() { sink.Closed(err) }()
+	sizes := make(map[uint32]int64, len(h.Disks))
+	for _, d := range h.Disks {
+		sizes[d.Index] = d.Size
+	}
+	disk := func(i uint32) (int64, bool) { sz, ok := sizes[i]; return sz, ok }
+	write := func(f replication.Frame) error {
+		c.SetWriteDeadline(time.Now().Add(time.Minute))
+		if err := replication.WriteFrame(bw, &f); err != nil {
+			return err
+		}
+		return bw.Flush()
+	}
+	wf, _ := replication.JSONFrame(replication.FrameWelcome, replication.Welcome{DurableSeq: durable})
+	if err := write(wf); err != nil {
+		return err
+	}
+	c.SetDeadline(time.Time{})
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	// The connection's end (the agent gone) ends a Write that waits.
+	go func() {
+		<-ctx.Done()
+		c.Close()
+	}()
+	acked := durable
+	var buf, dbuf []byte
+	codec := replication.DefaultCodec()
+	for {
+		c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+		f, nb, err := replication.ReadFrame(br, buf)
+		buf = nb
+		if err != nil {
+			return err
+		}
+		switch f.Type {
+		case replication.FrameData:
+			if dbuf, err = codec.CheckData(&f, dbuf, disk); err != nil {
+				return fmt.Errorf("refused a data frame at seq %d (nothing of it was written or acknowledged): %w", f.Seq, err)
+			}
+			var recs []replication.Record
+			if recs, dbuf, err = codec.Records(&f, dbuf); err != nil {
+				return err
+			}
+			// While the stream is held the agent still hears from the
+			// server (its link's deadline): the last acknowledgement
+			// again, which changes nothing on its side.
+			for {
+				hctx, hcancel := context.WithTimeout(ctx, holdKeepalive)
+				err := sink.Hold(hctx)
+				hcancel()
+				if err == nil {
+					break
+				}
+				if ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+					return err
+				}
+				if err := write(replication.Frame{Type: replication.FrameAck, Seq: acked}); err != nil {
+					return err
+				}
+			}
+			if err := sink.Write(ctx, recs); err != nil {
+				return fmt.Errorf("reverse records %d to %d: %w", f.Seq, f.Seq+uint64(f.Count)-1, err)
+			}
+			if cap(dbuf) > 2*replication.MaxFrameRaw {
+				dbuf = nil
+			}
+			acked = f.Seq + uint64(f.Count) - 1
+			if err := write(replication.Frame{Type: replication.FrameAck, Seq: acked}); err != nil {
+				return err
+			}
+			s.rawBytes.Add(int64(f.RawLen))
+			s.wireBytes.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
+		case replication.FrameStatus:
+			var st replication.Status
+			if err := replication.DecodeJSON(&f, &st); err != nil {
+				return err
+			}
+			if err := st.Validate(); err != nil {
+				return err
+			}
+			sink.Status(st)
+		case replication.FrameError:
+			var e replication.ErrorMessage
+			replication.DecodeJSON(&f, &e)
+			return fmt.Errorf("agent reports: %s", e.Message)
+		default:
+			// HASHES, HELD, REVERSE_ACK answer requests never made on
+			// this connection.
+			return &replication.ProtocolError{Reason: fmt.Sprintf("unexpected %s frame from a recovered VM's agent", f.Type)}
+		}
+	}
+}
+
+// ErrTryLater, wrapped in RecoveredAgent's error, turns the agent away
+// for now: it tries again (not a fatal refusal).
+var ErrTryLater = errors.New("try again later")
+
+// holdKeepalive is how often a held connection repeats its last
+// acknowledgement (the agent drops a link silent for a minute).
+const holdKeepalive = 20 * time.Second

@@ -1,0 +1,370 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/procserver"
+	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/store"
+)
+
+// The agent in the recovered VM (docs/ARCHITECTURE.md, "Failback", "The
+// agent in a recovered VM"). A failover to vSphere boots a VM from the
+// replica, which carries the original agent's installation: identity,
+// certificate, server address. That agent connects as the original
+// machine, but reports the recovered VM's BIOS UUID. recoveredAgent tells
+// it from the original agent by that UUID (the recovered VM's, found in
+// the vCenter inventory by the failover's vCenter and VM ref) and serves
+// it as the reverse source: its records are written to the original
+// disks through the original agent (frozen), in order, and acknowledged
+// to it only once durable there; before reprotect's compare is done the
+// stream is held (the agent spools). An agent reporting any other UUID
+// than the machine's for that identity is refused.
+
+// recoveredAgents holds the agents of recovered VMs, by machine id.
+type recoveredAgents struct {
+	mu sync.Mutex
+	by map[string]*recAgent
+}
+
+// recAgent is the reverse source of one failover: the agent of its
+// recovered VM. It implements procserver.ReverseSink.
+type recAgent struct {
+	s                     *Server
+	machineID, machine    string
+	failoverID, uuid, vm  string
+	sent, writes, records atomic.Int64
+
+	mu        sync.Mutex
+	conns     int // connections open now
+	since     time.Time
+	version   string
+	status    replication.Status
+	statusAt  time.Time
+	lastErr   string
+	epoch     uint64        // bumped at each Welcome that drops the agent's records
+	live      bool          // records are written as they come
+	liveCh    chan struct{} // closed when live
+	stopped   chan struct{} // closed when the failover ends: connections end
+	needsPass string        // why the stream is held until failback's pass
+}
+
+var _ procserver.ReverseSink = (*recAgent)(nil)
+
+// recoveredAgent is procserver.Config.RecoveredAgent: nil for the
+// machine's own agent, the failover's recAgent for the agent of the VM a
+// committed failover to vSphere made, an error for any other.
+func (s *Server) recoveredAgent(ctx context.Context, machineID string, h replication.Hello) (procserver.ReverseSink, error) {
+	if h.BIOSUUID == "" {
+		return nil, nil
+	}
+	m, err := s.db.Machine(ctx, machineID)
+	if err != nil {
+		return nil, err
+	}
+	f, err := s.db.LiveFailover(ctx, machineID)
+	if err == nil && f.Kind == api.FailoverReal && f.Dest == api.ToVSphere {
+		d := decodeDetail(f)
+		if d.VSphere != nil && d.VSphere.Ref != "" && s.isRecoveredVM(ctx, d.VSphere, h.BIOSUUID) {
+			if f.State != store.FailoverCommitted {
+				return nil, fmt.Errorf("%w: the agent of VM %s (made by failover %s of machine %s) connected as machine %s; it is the reverse source once the failover is committed (asr failover --commit), until then it is turned away", procserver.ErrTryLater, d.VSphere.Name, f.ID, m.Name, m.Name)
+			}
+			return s.recAgents.get(s, m, f, d, h.BIOSUUID), nil
+		}
+	} else if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return nil, err
+	}
+	if m.BIOSUUID != "" && m.BIOSUUID != h.BIOSUUID {
+		if err == nil && f.Kind == api.FailoverReal && f.Dest == api.ToVSphere {
+			// The recovered VM may boot before the inventory has seen it.
+			return nil, fmt.Errorf("%w: an agent with the identity of machine %s reports BIOS UUID %s, neither machine %s's (%s) nor, as the vCenter inventory has it so far, that of the VM its failover %s made: refused", procserver.ErrTryLater, m.Name, h.BIOSUUID, m.Name, m.BIOSUUID, f.ID)
+		}
+		return nil, fmt.Errorf("an agent with the identity of machine %s reports BIOS UUID %s, but machine %s is BIOS UUID %s and no live failover of it made a VM with that UUID: a copy of its agent's state on another guest (a clone?) is refused; register that guest's agent anew", m.Name, h.BIOSUUID, m.Name, m.BIOSUUID)
+	}
+	return nil, nil
+}
+
+// isRecoveredVM says whether the vCenter inventory has the failover's VM
+// with BIOS UUID uuid.
+func (s *Server) isRecoveredVM(ctx context.Context, v *vsphereDetail, uuid string) bool {
+	rows, err := s.db.VMsWithUUIDs(ctx, []string{uuid})
+	if err != nil {
+		return false
+	}
+	for _, r := range rows {
+		if r.VCenter == v.VCenter && r.Ref == v.Ref {
+			return true
+		}
+	}
+	return false
+}
+
+// get returns failover f's reverse source, made at its agent's first
+// connection. It starts live when the record says reprotect went through
+// the agent (a server restart since: the agent's spool holds exactly
+// what was not acknowledged).
+func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d failoverDetail, uuid string) *recAgent {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	if a := ra.by[m.ID]; a != nil && a.failoverID == f.ID {
+		return a
+	}
+	if ra.by == nil {
+		ra.by = map[string]*recAgent{}
+	}
+	a := &recAgent{s: s, machineID: m.ID, machine: m.Name, failoverID: f.ID, uuid: uuid, vm: d.VSphere.Name,
+		liveCh: make(chan struct{}), stopped: make(chan struct{})}
+	if r := d.Reverse; r != nil && r.State == dirReprotected && r.VSphere != nil && r.VSphere.Path == pathAgent {
+		a.live = true
+		close(a.liveCh)
+	}
+	ra.by[m.ID] = a
+	return a
+}
+
+// of returns machine id's reverse source for failover fid, nil if none.
+func (ra *recoveredAgents) of(id, fid string) *recAgent {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	if a := ra.by[id]; a != nil && a.failoverID == fid {
+		return a
+	}
+	return nil
+}
+
+// end forgets machine id's reverse source and ends its connections (its
+// failover ended).
+func (ra *recoveredAgents) end(id string) {
+	ra.mu.Lock()
+	a := ra.by[id]
+	delete(ra.by, id)
+	ra.mu.Unlock()
+	if a != nil {
+		a.mu.Lock()
+		select {
+		case <-a.stopped:
+		default:
+			close(a.stopped)
+		}
+		a.mu.Unlock()
+	}
+}
+
+// Start welcomes a connection: while live, after the last record the
+// agent holds acknowledged (everything before it is on the original
+// disks); otherwise after its last record (they are on the recovered
+// disks, which a compare begun after this Welcome reads), a new epoch.
+// An agent that lost records in a hard stop (Recovering, or a disk it
+// reports diverged) cannot be continued: the stream is held until
+// failback's pass, which compares every block.
+func (a *recAgent) Start(h replication.Hello) (uint64, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	select {
+	case <-a.stopped:
+		return 0, fmt.Errorf("failover %s of machine %s has ended: the recovered VM's agent is no longer its reverse source", a.failoverID, a.machine)
+	default:
+	}
+	lost := h.Recovering
+	for _, d := range h.Disks {
+		lost = lost || d.Diverged != ""
+	}
+	if a.live && lost {
+		a.live, a.liveCh = false, make(chan struct{})
+		a.needsPass = "the recovered VM's agent lost records in a hard stop: its writes are held until failback's pass compares every block"
+	}
+	a.conns++
+	a.since, a.version = a.s.now(), h.AgentVersion
+	if a.live {
+		return max(h.SpoolFirst, 1) - 1, nil
+	}
+	a.epoch++
+	return max(h.NextSeq, 1) - 1, nil
+}
+
+// Status notes a status report.
+func (a *recAgent) Status(st replication.Status) {
+	a.mu.Lock()
+	a.status, a.statusAt = st, a.s.now()
+	a.mu.Unlock()
+}
+
+// Closed notes the end of a connection.
+func (a *recAgent) Closed(err error) {
+	a.mu.Lock()
+	a.conns--
+	if err != nil {
+		a.lastErr = err.Error()
+	}
+	a.mu.Unlock()
+}
+
+// Hold waits until the stream is live.
+func (a *recAgent) Hold(ctx context.Context) error {
+	a.mu.Lock()
+	ch := a.liveCh
+	a.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-a.stopped:
+		return errors.New("the failover ended")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Write writes the records' data to the original disks, in order, each
+// acknowledged once durable by the original agent; an original agent
+// away is waited for, a refusal ends the connection (the agent sends
+// again later).
+func (a *recAgent) Write(ctx context.Context, recs []replication.Record) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-a.stopped:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var zeros []byte
+	for _, r := range recs {
+		var data []byte
+		switch r.Kind {
+		case replication.KindWrite, replication.KindBase:
+			data = r.Data
+		case replication.KindZero, replication.KindTrim:
+			if zeros == nil {
+				zeros = make([]byte, replication.MaxReverseData)
+			}
+		default:
+			continue // tags, progress, resync marks: nothing to write
+		}
+		for off, end := int64(r.Offset), int64(r.End()); off < end; {
+			n := min(end-off, replication.MaxReverseData)
+			chunk := zeros[:0]
+			if data != nil {
+				chunk = data[off-int64(r.Offset) : off-int64(r.Offset)+n]
+			} else {
+				chunk = zeros[:n]
+			}
+			err := a.s.retryOriginal(ctx, store.Machine{ID: a.machineID, Name: a.machine}, func(string) {}, func() error {
+				return a.s.ps.ReverseWrite(ctx, a.machineID, a.failoverID, r.Disk, off, chunk)
+			})
+			if err != nil {
+				return err
+			}
+			a.sent.Add(n)
+			off += n
+		}
+		a.writes.Add(1)
+	}
+	a.records.Add(int64(len(recs)))
+	return nil
+}
+
+// beginCompare returns the epoch a compare starts in, and whether an
+// agent is connected.
+func (a *recAgent) beginCompare() (uint64, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.epoch, a.conns > 0
+}
+
+// goLive lets the stream flow once a compare begun in epoch e is done,
+// and says false if the agent was welcomed again since (records it
+// dropped may be newer than what the compare read): compare again.
+func (a *recAgent) goLive(e uint64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.epoch != e {
+		return false
+	}
+	if !a.live {
+		a.live, a.needsPass = true, ""
+		close(a.liveCh)
+	}
+	return true
+}
+
+// drained reports whether the agent's last status (after since) shows
+// nothing unacknowledged, and whether one is connected.
+func (a *recAgent) drained(since time.Time) (done, connected bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	// A held stream has nothing to drain: failback's pass sends it all.
+	return !a.live || a.statusAt.After(since) && a.status.OldestPending == 0, a.conns > 0
+}
+
+// view is the reverse source for the API.
+func (a *recAgent) view() *api.ReverseSource {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v := &api.ReverseSource{Kind: pathAgent, VM: a.vm, BIOSUUID: a.uuid, Connected: a.conns > 0, Version: a.version,
+		Live: a.live, Held: a.needsPass, Sent: a.sent.Load(), LastError: a.lastErr}
+	if a.conns > 0 {
+		v.Since = a.since
+	}
+	if a.live && a.status.OldestPending > 0 {
+		v.OldestPending = time.Unix(0, a.status.OldestPending)
+	}
+	v.SpoolBytes = a.status.SpoolBytes
+	return v
+}
+
+// Reverse paths of a failover to vSphere (vmReverse.Path).
+const (
+	pathAgent   = "agent"   // the recovered VM's agent ships its writes as they happen
+	pathVCenter = "vcenter" // the recovered VM's flat files read through vCenter by each pass
+)
+
+// reverseSource is the recovered VM's agent of machine id's live
+// failover for the API (nil if none connected since the server started).
+func (s *Server) reverseSource(ctx context.Context, id string) *api.ReverseSource {
+	s.recAgents.mu.Lock()
+	a := s.recAgents.by[id]
+	s.recAgents.mu.Unlock()
+	if a == nil {
+		return nil
+	}
+	return a.view()
+}
+
+// drainRecoveredAgent, in failback once the recovered VM is stopped,
+// waits until its agent's stream is drained: its status, sent after the
+// stop, shows nothing unacknowledged. An agent gone with the VM (its
+// spool is on the recovered disks) is not waited for: failback's pass
+// that follows compares every block and sends what it did not.
+func (s *Server) drainRecoveredAgent(ctx context.Context, j *job, m store.Machine, f store.Failover) error {
+	a := s.recAgents.of(m.ID, f.ID)
+	if a == nil {
+		return nil
+	}
+	name := m.Name + ": drain the reverse stream"
+	j.update(api.JobStep{Name: name, State: "running", Detail: fmt.Sprintf("the agent in VM %s sends its last writes", a.vm)})
+	since := s.now()
+	for {
+		done, connected := a.drained(since)
+		switch {
+		case done:
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("drained: %d bytes sent by the agent in VM %s since the server started", a.sent.Load(), a.vm)})
+			return nil
+		case !connected:
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("the agent in VM %s is gone with it: what it did not send is found by the pass", a.vm)})
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			j.update(api.JobStep{Name: name, State: "failed", Detail: ctx.Err().Error()})
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

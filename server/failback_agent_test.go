@@ -1,0 +1,108 @@
+package server_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/asrdr/asr/agent"
+)
+
+// copyAgentState copies an agent's state directory (identity,
+// certificate, log), as the replica carries it into the recovered VM.
+func copyAgentState(t *testing.T, from, to string) {
+	t.Helper()
+	if err := os.CopyFS(to, os.DirFS(from)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFailbackRecoveredAgent: after a committed failover to vSphere, an
+// agent with the original's identity and state but the recovered VM's
+// BIOS UUID, whose disks are the recovered VM's flat files, is taken as
+// the reverse source, never as the original: the original agent stays
+// connected and the machine's BIOS UUID unchanged; a third with an
+// unknown BIOS UUID is refused, saying why. Reprotect compares first and
+// then the recovered agent's writes reach the original disks as they
+// happen; failback drains its stream and ends equal.
+func TestFailbackRecoveredAgent(t *testing.T) {
+	vr := startVSphereRig(t)
+	r := vr.rig
+	ctx := context.Background()
+	recUUID := strings.ToLower(vr.rec.UUID(ctx))
+	if recUUID == "" || recUUID == vr.cfg.BIOSUUID {
+		t.Fatalf("recovered VM's UUID %q", recUUID)
+	}
+	// The state as the replica carries it (taken with the original agent
+	// stopped, so that its files are whole).
+	vr.ra.close()
+	recState := filepath.Join(r.dir, "recovered-state")
+	copyAgentState(t, vr.cfg.StateDir, recState)
+	cloneState := filepath.Join(r.dir, "clone-state")
+	copyAgentState(t, vr.cfg.StateDir, cloneState)
+	vr.ra = startAgent(t, vr.cfg)
+	waitFor(t, "the original agent connected", func() bool { return r.machine("app01").Connected })
+
+	clone := vr.cfg
+	clone.StateDir, clone.NBD = cloneState, "unix:"+filepath.Join(r.dir, "clone.sock")
+	clone.BIOSUUID = "4211aaaa-0000-4000-8000-000000000099"
+	clone.Disks = []agent.DiskSpec{{Name: "d0", Path: filepath.Join(r.dir, "clone0.img")}, {Name: "d1", Path: filepath.Join(r.dir, "clone1.img")}}
+	mustDisk(t, clone.Disks[0].Path, 8<<20, 1)
+	mustDisk(t, clone.Disks[1].Path, 16<<20, 2)
+	ca := startAgent(t, clone)
+	waitFor(t, "the clone refused", func() bool {
+		return strings.Contains(r.machine("app01").Error, "reports BIOS UUID 4211aaaa-0000-4000-8000-000000000099")
+	})
+	ca.close()
+	if m := r.machine("app01"); m.BIOSUUID != vr.cfg.BIOSUUID || m.ReverseSource != nil {
+		t.Fatalf("after the clone: BIOS UUID %q, reverse source %+v", m.BIOSUUID, m.ReverseSource)
+	}
+
+	rc := vr.cfg
+	rc.StateDir, rc.NBD, rc.BIOSUUID = recState, "unix:"+filepath.Join(r.dir, "recovered.sock"), recUUID
+	rc.Disks = []agent.DiskSpec{{Name: "d0", Path: vr.flats["d0"]}, {Name: "d1", Path: vr.flats["d1"]}}
+	recAgent := startAgent(t, rc)
+	waitFor(t, "the recovered agent taken as the reverse source", func() bool {
+		m := r.machine("app01")
+		return m.ReverseSource != nil && m.ReverseSource.Connected
+	})
+	m := r.machine("app01")
+	if m.BIOSUUID != vr.cfg.BIOSUUID || !m.Connected || m.ReverseSource.BIOSUUID != recUUID || m.ReverseSource.VM != "app01-recovered" || m.ReverseSource.Live {
+		t.Fatalf("machine %+v, reverse source %+v", m, m.ReverseSource)
+	}
+
+	// Writes through the recovered agent before reprotect are held (the
+	// compare finds them), those after are shipped.
+	vr.writeVia(rc.NBD, "d0", 4)
+	j := r.mustJob(r.client.Reprotect(ctx, "app01"))
+	if !strings.Contains(strings.Join(j.Output, "\n"), "path: the asr agent in VM app01-recovered") {
+		t.Fatalf("reprotect output %q", j.Output)
+	}
+	if m := r.machine("app01"); m.ReverseSource == nil || !m.ReverseSource.Live {
+		t.Fatalf("after reprotect: reverse source %+v", m.ReverseSource)
+	}
+	vr.writeVia(rc.NBD, "d1", 6)
+	vr.writeVia(rc.NBD, "d0", 3)
+	waitFor(t, "the recovered agent's writes on the original", func() bool {
+		return fileSHA(t, vr.disks["d0"]) == fileSHA(t, vr.flats["d0"]) && fileSHA(t, vr.disks["d1"]) == fileSHA(t, vr.flats["d1"])
+	})
+	if s := r.machine("app01").ReverseSource.Sent; s < 9*65536 || s > 2*13*65536 {
+		t.Fatalf("the recovered agent's stream sent %d bytes for %d written", s, 13*65536)
+	}
+	j = r.mustJob(r.client.Failback(ctx, "app01"))
+	out := strings.Join(j.Output, "\n")
+	if !strings.Contains(out, "failed back") && !strings.Contains(out, "sent") {
+		t.Fatalf("failback output %q", j.Output)
+	}
+	recAgent.close()
+	for _, d := range []string{"d0", "d1"} {
+		if a, b := fileSHA(t, vr.disks[d]), fileSHA(t, vr.flats[d]); a != b {
+			t.Fatalf("disk %s: original %s, recovered %s", d, a, b)
+		}
+	}
+	if m := r.machine("app01"); m.Direction != "failed-back" || m.ReverseSource != nil {
+		t.Fatalf("after failback: direction %q, reverse source %+v", m.Direction, m.ReverseSource)
+	}
+}
