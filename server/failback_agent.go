@@ -53,6 +53,8 @@ type recAgent struct {
 	liveCh    chan struct{} // closed when live
 	stopped   chan struct{} // closed when the failover ends: connections end
 	needsPass string        // why the stream is held until failback's pass
+
+	fp failbackPolicyState // its reverse points (failback_rpo.go)
 }
 
 var _ procserver.ReverseSink = (*recAgent)(nil)
@@ -188,11 +190,60 @@ func (a *recAgent) Start(h replication.Hello) (uint64, error) {
 	return max(h.NextSeq, 1) - 1, nil
 }
 
-// Status notes a status report.
+// Status notes a status report; one that shows nothing unacknowledged
+// on a live stream may be a reverse point.
 func (a *recAgent) Status(st replication.Status) {
 	a.mu.Lock()
 	a.status, a.statusAt = st, a.s.now()
+	live := a.live
 	a.mu.Unlock()
+	a.fp.ready.Store(true)
+	if live && st.OldestPending == 0 {
+		a.s.reversePoint(a.s.ctx, a.machineID, &a.fp, func(time.Time) bool { return a.lag(time.Time{}).consistent }, a.sent.Load)
+	}
+}
+
+// lag is the reverse RPO of the agent's stream at now, from its last
+// status: every write before the status's time (or, with writes
+// pending, before the oldest of them) was acknowledged, so is on the
+// original disks. Never less than the true one; more by at most the
+// agent's status interval (a second) while statuses are read; a stream
+// waiting for the original agent reads none, so its RPO grows. The times
+// are the recovered guest's clock. A held stream is not known (the
+// alert is kept).
+func (a *recAgent) lag(now time.Time) reverseLag {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.live || a.statusAt.IsZero() {
+		return reverseLag{}
+	}
+	l := reverseLag{known: true, synced: true}
+	safe := time.Unix(0, a.status.Time)
+	if a.status.OldestPending > 0 {
+		safe, l.pending = time.Unix(0, a.status.OldestPending), a.status.SpoolBytes
+	} else {
+		l.consistent = true
+	}
+	if !now.IsZero() {
+		l.rpo = max(0, now.Sub(safe))
+	}
+	return l
+}
+
+// liveOf returns machine id's reverse source if its stream is live.
+func (ra *recoveredAgents) liveOf(id string) *recAgent {
+	ra.mu.Lock()
+	a := ra.by[id]
+	ra.mu.Unlock()
+	if a == nil {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.live {
+		return nil
+	}
+	return a
 }
 
 // Closed notes the end of a connection.

@@ -2,12 +2,17 @@ package server_test
 
 import (
 	"context"
+	"net/http"
+	"slices"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/server"
+	"github.com/asrdr/asr/server/api"
 )
 
 // copyAgentState copies an agent's state directory (identity,
@@ -88,9 +93,52 @@ func TestFailbackRecoveredAgent(t *testing.T) {
 	waitFor(t, "the recovered agent's writes on the original", func() bool {
 		return fileSHA(t, vr.disks["d0"]) == fileSHA(t, vr.flats["d0"]) && fileSHA(t, vr.disks["d1"]) == fileSHA(t, vr.flats["d1"])
 	})
+	// The reverse direction's RPO and points come from the agent's
+	// status: nothing pending once its writes are on the original.
+	waitFor(t, "the reverse RPO known, nothing pending, a reverse point", func() bool {
+		m := r.machine("app01")
+		if m.Reverse == nil || !m.Reverse.RPOKnown || !m.Reverse.FirstPassDone || m.Reverse.Pending != 0 || m.Reverse.Policy != "default-failback" {
+			return false
+		}
+		var evs []api.EventJSON
+		if err := r.client.Do(ctx, http.MethodGet, "/api/v1/events?machine=app01", nil, &evs); err != nil {
+			t.Fatal(err)
+		}
+		return slices.ContainsFunc(evs, func(e api.EventJSON) bool { return e.Kind == "reverse-point" })
+	})
 	if s := r.machine("app01").ReverseSource.Sent; s < 9*65536 || s > 2*13*65536 {
 		t.Fatalf("the recovered agent's stream sent %d bytes for %d written", s, 13*65536)
 	}
+
+	// A server restart: the record says the path is the agent, so its
+	// next connection is live at once. Then the original agent gone:
+	// the recovered agent's writes wait, the reverse RPO grows past the
+	// failback policy's threshold and the alert is raised; the original
+	// back, they drain and it clears.
+	vr.stop()
+	vr.tune = func(c *server.Config) { c.PolicyEvery, c.AlertClear = 20*time.Millisecond, 200*time.Millisecond }
+	vr.start()
+	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default-failback", api.PolicyJSON{RPOThreshold: "1s"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the recovered agent live again after the restart", func() bool {
+		m := r.machine("app01")
+		return m.ReverseSource != nil && m.ReverseSource.Connected && m.ReverseSource.Live && m.Connected
+	})
+	vr.ra.close()
+	vr.writeVia(rc.NBD, "d1", 3)
+	al := r.waitAlert(api.AlertReverseRPO, "app01", "")
+	if !strings.Contains(al.Message, "reverse direction") || !strings.Contains(al.Action, "recovered VM app01-recovered") {
+		t.Fatalf("reverse RPO alert %+v", al)
+	}
+	if rv := r.machine("app01").Reverse; rv == nil || rv.RPO <= time.Second {
+		t.Fatalf("reverse status with the original agent gone: %+v", rv)
+	}
+	vr.ra = startAgent(t, vr.cfg)
+	r.waitResolved(al.ID)
+	waitFor(t, "the writes made with the original agent gone on the original", func() bool {
+		return fileSHA(t, vr.disks["d1"]) == fileSHA(t, vr.flats["d1"])
+	})
 	j = r.mustJob(r.client.Failback(ctx, "app01"))
 	out := strings.Join(j.Output, "\n")
 	if !strings.Contains(out, "failed back") && !strings.Contains(out, "sent") {

@@ -248,20 +248,24 @@ func (s *Server) failbackPolicy(ctx context.Context, policy string) (replication
 // reverseStatus is a reprotected machine's reverse direction for the API
 // (nil when its changes are not being sent back).
 func (s *Server) reverseStatus(ctx context.Context, m store.Machine) *api.ReverseStatus {
-	run := s.reverseRunOf(m.ID)
-	if run == nil {
+	now := s.now()
+	var l reverseLag
+	var fp *failbackPolicyState
+	if run := s.reverseRunOf(m.ID); run != nil {
+		l, fp = run.lag(now), &run.fp
+	} else if a := s.recAgents.liveOf(m.ID); a != nil {
+		l, fp = a.lag(now), &a.fp
+	} else {
 		return nil
 	}
-	now := s.now()
-	l := run.lag(now)
 	rs := &api.ReverseStatus{RPO: l.rpo, RPOKnown: l.known, Pending: l.pending, FirstPassDone: l.synced,
 		Policy: replication.FailbackName(m.Policy)}
 	if p, err := s.failbackPolicy(ctx, m.Policy); err == nil {
 		rs.Threshold = p.RPOThreshold
 	}
-	run.fp.mu.Lock()
-	rs.LastPoint = run.fp.last
-	run.fp.mu.Unlock()
+	fp.mu.Lock()
+	rs.LastPoint = fp.last
+	fp.mu.Unlock()
 	if l.consistent {
 		rs.ConsistentAt = now
 	} else {
@@ -280,15 +284,20 @@ func (s *Server) reverseStatus(ctx context.Context, m store.Machine) *api.Revers
 func (s *Server) reverseRPOObs(ctx context.Context, ms []store.Machine, now time.Time) ([]alertObs, error) {
 	var obs []alertObs
 	for _, m := range ms {
-		run := s.reverseRunOf(m.ID)
-		if run == nil {
+		var l reverseLag
+		action := fmt.Sprintf("the changes go back through the original machine's agent: check that it runs and is connected (asr status --machine %s; on the original guest: systemctl status asr-agent) and the network from this server to it; ", m.Name)
+		if run := s.reverseRunOf(m.ID); run != nil {
+			l = run.lag(now)
+		} else if a := s.recAgents.liveOf(m.ID); a != nil {
+			l = a.lag(now)
+			action = fmt.Sprintf("the changes come from the asr agent in the recovered VM %s and go back through the original machine's agent: check that both run and are connected (asr status --machine %s --json: reverse_source) and the network between them and this server; ", a.vm, m.Name)
+		} else {
 			continue
 		}
 		p, err := s.failbackPolicy(ctx, m.Policy)
 		if err != nil {
 			return nil, fmt.Errorf("failback policy of machine %s: %w", m.Name, err)
 		}
-		l := run.lag(now)
 		o := alertObs{kind: api.AlertReverseRPO, key: m.ID, machineID: m.ID, machine: m.Name}
 		if !l.known || !l.synced || p.RPOThreshold <= 0 {
 			o.keep = true
@@ -298,8 +307,7 @@ func (s *Server) reverseRPOObs(ctx context.Context, ms []store.Machine, now time
 		o.clear, o.level = l.rpo <= p.RPOThreshold*8/10, rpoLevel(l.rpo, p.RPOThreshold)
 		o.message = fmt.Sprintf("reverse direction (failback): the original disks of %s are %s behind the failed-over machine, over the threshold of %s (failback policy %s); %d bytes written since are not on them yet",
 			m.Name, l.rpo.Round(time.Second), p.RPOThreshold, p.Name, l.pending)
-		o.action = fmt.Sprintf("the changes go back through the original machine's agent: check that it runs and is connected (asr status --machine %s; on the original guest: systemctl status asr-agent) and the network from this server to it; "+
-			"the failed-over machine runs on meanwhile, a failback waits until these changes are on the original disks; critical at twice the threshold (asr policy set %s --rpo-threshold D changes it)", m.Name, p.Name)
+		o.action = action + fmt.Sprintf("the failed-over machine runs on meanwhile, a failback waits until these changes are on the original disks; critical at twice the threshold (asr policy set %s --rpo-threshold D changes it)", p.Name)
 		if o.level == 0 {
 			o.message = fmt.Sprintf("reverse direction (failback): the original disks of %s are %s behind, under the threshold of %s (failback policy %s)",
 				m.Name, l.rpo.Round(time.Second), p.RPOThreshold, p.Name)
@@ -323,17 +331,24 @@ type failbackPolicyState struct {
 // copy of the failed-over machine as of now, recorded as a reverse point
 // (an event) at most every failback policy's crash-consistent interval.
 func (s *Server) reverseIdle(ctx context.Context, run *reverseRun) {
+	s.reversePoint(ctx, run.machineID, &run.fp, func(now time.Time) bool { return run.lag(now).consistent }, run.total)
+}
+
+// reversePoint records a reverse point of machine id if consistent says
+// the original disks are a crash-consistent copy now and the failback
+// policy's crash-consistent interval has passed since the last (fp).
+func (s *Server) reversePoint(ctx context.Context, id string, fp *failbackPolicyState, consistent func(time.Time) bool, sent func() int64) {
 	now := s.now()
-	run.fp.mu.Lock()
-	last := run.fp.last
-	run.fp.mu.Unlock()
+	fp.mu.Lock()
+	last := fp.last
+	fp.mu.Unlock()
 	if !last.IsZero() && now.Sub(last) < replication.MinCrashInterval {
 		return // no policy allows one yet: spare the database
 	}
-	if !run.lag(now).consistent {
+	if !consistent(now) {
 		return
 	}
-	m, err := s.db.Machine(ctx, run.machineID)
+	m, err := s.db.Machine(ctx, id)
 	if err != nil {
 		return
 	}
@@ -342,18 +357,18 @@ func (s *Server) reverseIdle(ctx context.Context, run *reverseRun) {
 		s.log.Error("failback policy", "machine", m.Name, "err", err)
 		return
 	}
-	run.fp.mu.Lock()
-	due := run.fp.last.IsZero() || now.Sub(run.fp.last) >= p.CrashInterval
+	fp.mu.Lock()
+	due := fp.last.IsZero() || now.Sub(fp.last) >= p.CrashInterval
 	if due {
-		run.fp.last = now
+		fp.last = now
 	}
-	run.fp.mu.Unlock()
+	fp.mu.Unlock()
 	if !due {
 		return
 	}
 	s.raise(ctx, store.Event{MachineID: m.ID, Severity: api.SeverityInfo, Kind: eventReversePoint,
 		Message: fmt.Sprintf("reverse point: the original disks hold every write to the failed-over machine up to %s (a crash-consistent copy; %d bytes sent back so far); a record, not a recoverable image: the original disks are written in place",
-			now.UTC().Format(time.RFC3339), run.total())})
+			now.UTC().Format(time.RFC3339), sent())})
 }
 
 // eventReversePoint is the kind of a reverse point's event.
