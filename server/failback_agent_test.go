@@ -3,9 +3,9 @@ package server_test
 import (
 	"context"
 	"net/http"
-	"slices"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
