@@ -609,7 +609,13 @@ func (s *Server) failbackVMSteps(ctx context.Context, j *job, vm recoveredVM, m 
 		return nil, err
 	}
 	j.setCancellable(false)
-	sw = &switchMember{m: m, run: &reverseRun{base: sentBefore + p.sent}, compared: p.compared}
+	// The recovered VM's agent's stream counts as sent too (since the
+	// server started: that count is not kept across restarts).
+	streamed := int64(0)
+	if a := s.recAgents.of(m.ID, f.ID); a != nil {
+		streamed = a.sent.Load()
+	}
+	sw = &switchMember{m: m, run: &reverseRun{base: sentBefore + p.sent + streamed}, compared: p.compared}
 	if err := s.recordSwitch(ctx, []*switchMember{sw}); err != nil {
 		return nil, err
 	}

@@ -1,0 +1,86 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/server/api"
+)
+
+// TestE2EFailbackFromVSphereRecoveredAgent: a failover to vSphere (the
+// simulator) committed; in the recovered VM the asr agent of the
+// original installation starts (a real `asr agent` with a copy of the
+// original agent's state, its disk the recovered VM's flat file in the
+// simulator's datastore directory, its BIOS UUID the recovered VM's
+// config.uuid): the server takes it as the reverse source, never as
+// the original. fio writes through its NBD write-splitter; reprotect
+// compares first, then its writes reach the original disk as they
+// happen (the original equal to the flat file before failback, the
+// reverse RPO known); failback drains it: the original disk's SHA-256
+// equals the recovered disk's final content, bytes sent within 2x of
+// bytes written after the failover; forward protection resumes.
+func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c, flat := vc.failbackCase, vc.c, vc.flat
+	rec := c.waitVM("guest01-recovered", "in the inventory with its BIOS UUID", func(vm api.VM) bool {
+		return vm.BIOSUUID != "" && vm.BIOSUUID != guestUUID
+	})
+	// The replica carries the original agent's state: copied with that
+	// agent stopped, so that its files are whole.
+	orig := c.agents["m"]
+	orig.stop()
+	recState := filepath.Join(c.dir, "recovered-state")
+	if err := os.CopyFS(recState, os.DirFS(orig.state)); err != nil {
+		t.Fatal(err)
+	}
+	c.startAgent("m", nil)
+	sock := filepath.Join(c.dir, "recovered.sock")
+	c.agents["recovered"] = &agentProc{name: "recovered", state: recState, sock: sock,
+		args: []string{"agent", "--server", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+			"--state", recState, "--name", "m", "--nbd", "unix:" + sock, "--crash-interval", "1h",
+			"--disk", "d=" + flat, "--bios-uuid", rec.BIOSUUID}}
+	ra := c.startAgent("recovered", nil)
+	st := c.waitStatus("m", "the recovered VM's agent taken as the reverse source", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected && st.Connected
+	})
+	if st.BIOSUUID != guestUUID || st.ReverseSource.BIOSUUID != rec.BIOSUUID || st.ReverseSource.VM != "guest01-recovered" || st.ReverseSource.Live {
+		t.Fatalf("machine m: BIOS UUID %s, reverse source %+v", st.BIOSUUID, st.ReverseSource)
+	}
+	fc.fio(ra.uri("d"), "recovered", 3<<20)
+
+	out := c.mustCLI("reprotect", "--machine", "m")
+	if !strings.Contains(out, "path: the asr agent in VM guest01-recovered") || reprotectedRE.FindStringSubmatch(out) == nil {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	fc.fio(ra.uri("d"), "recovered-after-reprotect", 2<<20)
+	c.waitStatus("m", "the recovered agent's writes on the original, the reverse RPO known", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Live && st.ReverseSource.OldestPending.IsZero() &&
+			st.Reverse != nil && st.Reverse.RPOKnown && st.Reverse.Pending == 0
+	})
+	// Shipped as they happen: equal before failback.
+	deadline := time.Now().Add(hungAfter)
+	for sha256File(t, fc.disk) != sha256File(t, flat) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the original disk never equal to the recovered VM's before failback")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	out = c.mustCLI("failback", "--machine", "m")
+	for _, s := range []string{"m: stop the recovered VM", "m: drain the reverse stream", "m: verify", "m: end the failover"} {
+		if !strings.Contains(out, s) {
+			t.Fatalf("failback output lacks %q:\n%s", s, out)
+		}
+	}
+	fc.checkFailedBack(out, sha256File(t, flat))
+	if st := c.status("m"); st.ReverseSource != nil || st.BIOSUUID != guestUUID {
+		t.Fatalf("after failback: reverse source %+v, BIOS UUID %s", st.ReverseSource, st.BIOSUUID)
+	}
+	ra.stop()
+	fc.checkForward()
+}
