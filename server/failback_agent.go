@@ -55,9 +55,61 @@ type recAgent struct {
 	needsPass string        // why the stream is held until failback's pass
 
 	fp failbackPolicyState // its reverse points (failback_rpo.go)
+
+	gen uint64     // the newest connection's (under mu)
+	wmu sync.Mutex // one write to the original at a time
 }
 
-var _ procserver.ReverseSink = (*recAgent)(nil)
+// recConn is one connection of a recovered VM's agent: the sink the
+// process server serves it with. Only the newest connection writes: an
+// older one still in a write finishes it first (wmu), then is ended, so
+// the log's suffix the new one sends again is written in order after
+// it, never interleaved with it.
+type recConn struct {
+	a   *recAgent
+	gen uint64
+}
+
+func (c *recConn) Start(h replication.Hello) (uint64, error) {
+	d, gen, err := c.a.start(h)
+	c.gen = gen
+	return d, err
+}
+
+func (c *recConn) current() error {
+	c.a.mu.Lock()
+	defer c.a.mu.Unlock()
+	if c.a.gen != c.gen {
+		return errors.New("a newer connection of the recovered VM's agent took over")
+	}
+	return nil
+}
+
+func (c *recConn) Status(st replication.Status) {
+	if c.current() == nil {
+		c.a.noteStatus(st)
+	}
+}
+
+func (c *recConn) Hold(ctx context.Context) error {
+	if err := c.current(); err != nil {
+		return err
+	}
+	return c.a.hold(ctx)
+}
+
+func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
+	c.a.wmu.Lock()
+	defer c.a.wmu.Unlock()
+	if err := c.current(); err != nil {
+		return err
+	}
+	return c.a.write(ctx, recs)
+}
+
+func (c *recConn) Closed(err error) { c.a.closed(err) }
+
+var _ procserver.ReverseSink = (*recConn)(nil)
 
 // recoveredAgent is procserver.Config.RecoveredAgent: nil for the
 // machine's own agent, the failover's recAgent for the agent of the VM a
@@ -77,7 +129,7 @@ func (s *Server) recoveredAgent(ctx context.Context, machineID string, h replica
 			if f.State != store.FailoverCommitted {
 				return nil, fmt.Errorf("%w: the agent of VM %s (made by failover %s of machine %s) connected as machine %s; it is the reverse source once the failover is committed (asr failover --commit), until then it is turned away", procserver.ErrTryLater, d.VSphere.Name, f.ID, m.Name, m.Name)
 			}
-			return s.recAgents.get(s, m, f, d, h.BIOSUUID), nil
+			return &recConn{a: s.recAgents.get(s, m, f, d, h.BIOSUUID)}, nil
 		}
 	} else if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return nil, err
@@ -158,19 +210,20 @@ func (ra *recoveredAgents) end(id string) {
 	}
 }
 
-// Start welcomes a connection: while live, after the last record the
+// start welcomes a connection (its generation: the newest is the only
+// one that writes): while live, after the last record the
 // agent holds acknowledged (everything before it is on the original
 // disks); otherwise after its last record (they are on the recovered
 // disks, which a compare begun after this Welcome reads), a new epoch.
 // An agent that lost records in a hard stop (Recovering, or a disk it
 // reports diverged) cannot be continued: the stream is held until
 // failback's pass, which compares every block.
-func (a *recAgent) Start(h replication.Hello) (uint64, error) {
+func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	select {
 	case <-a.stopped:
-		return 0, fmt.Errorf("failover %s of machine %s has ended: the recovered VM's agent is no longer its reverse source", a.failoverID, a.machine)
+		return 0, 0, fmt.Errorf("failover %s of machine %s has ended: the recovered VM's agent is no longer its reverse source", a.failoverID, a.machine)
 	default:
 	}
 	lost := h.Recovering
@@ -182,17 +235,18 @@ func (a *recAgent) Start(h replication.Hello) (uint64, error) {
 		a.needsPass = "the recovered VM's agent lost records in a hard stop: its writes are held until failback's pass compares every block"
 	}
 	a.conns++
+	a.gen++
 	a.since, a.version = a.s.now(), h.AgentVersion
 	if a.live {
-		return max(h.SpoolFirst, 1) - 1, nil
+		return max(h.SpoolFirst, 1) - 1, a.gen, nil
 	}
 	a.epoch++
-	return max(h.NextSeq, 1) - 1, nil
+	return max(h.NextSeq, 1) - 1, a.gen, nil
 }
 
-// Status notes a status report; one that shows nothing unacknowledged
+// noteStatus notes a status report; one that shows nothing unacknowledged
 // on a live stream may be a reverse point.
-func (a *recAgent) Status(st replication.Status) {
+func (a *recAgent) noteStatus(st replication.Status) {
 	a.mu.Lock()
 	a.status, a.statusAt = st, a.s.now()
 	live := a.live
@@ -246,8 +300,8 @@ func (ra *recoveredAgents) liveOf(id string) *recAgent {
 	return a
 }
 
-// Closed notes the end of a connection.
-func (a *recAgent) Closed(err error) {
+// closed notes the end of a connection.
+func (a *recAgent) closed(err error) {
 	a.mu.Lock()
 	a.conns--
 	if err != nil {
@@ -256,8 +310,8 @@ func (a *recAgent) Closed(err error) {
 	a.mu.Unlock()
 }
 
-// Hold waits until the stream is live.
-func (a *recAgent) Hold(ctx context.Context) error {
+// hold waits until the stream is live.
+func (a *recAgent) hold(ctx context.Context) error {
 	a.mu.Lock()
 	ch := a.liveCh
 	a.mu.Unlock()
@@ -271,11 +325,11 @@ func (a *recAgent) Hold(ctx context.Context) error {
 	}
 }
 
-// Write writes the records' data to the original disks, in order, each
+// write writes the records' data to the original disks, in order, each
 // acknowledged once durable by the original agent; an original agent
 // away is waited for, a refusal ends the connection (the agent sends
 // again later).
-func (a *recAgent) Write(ctx context.Context, recs []replication.Record) error {
+func (a *recAgent) write(ctx context.Context, recs []replication.Record) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
