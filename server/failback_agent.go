@@ -144,9 +144,13 @@ func (s *Server) recoveredAgent(ctx context.Context, machineID string, h replica
 	return nil, nil
 }
 
-// isRecoveredVM says whether the vCenter inventory has the failover's VM
-// with BIOS UUID uuid.
+// isRecoveredVM says whether the failover's VM has BIOS UUID uuid: as
+// the failover recorded it, or (a record made before it was kept) as the
+// vCenter inventory has it.
 func (s *Server) isRecoveredVM(ctx context.Context, v *vsphereDetail, uuid string) bool {
+	if v.UUID != "" {
+		return v.UUID == uuid
+	}
 	rows, err := s.db.VMsWithUUIDs(ctx, []string{uuid})
 	if err != nil {
 		return false

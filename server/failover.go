@@ -409,6 +409,9 @@ type vsphereDetail struct {
 	VCenter string `json:"vcenter"`
 	Ref     string `json:"ref"`
 	Name    string `json:"name"`
+	// UUID is the VM's BIOS UUID ("" in records made before it was
+	// kept: the inventory is asked).
+	UUID string `json:"uuid,omitempty"`
 }
 
 func decodeDetail(f store.Failover) failoverDetail {

@@ -227,7 +227,7 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 		return d, nil, err
 	}
 	d.VM = vt.VCenter + "/" + res.Name
-	d.VSphere = &vsphereDetail{VCenter: vt.VCenter, Ref: res.Ref, Name: res.Name}
+	d.VSphere = &vsphereDetail{VCenter: vt.VCenter, Ref: res.Ref, Name: res.Name, UUID: res.UUID}
 	return d, []string{fmt.Sprintf("%s %s %s", m.Name, d.VM, res.Ref)}, nil
 }
 

@@ -100,6 +100,7 @@ type FailoverResult struct {
 	Disks     []string // the descriptors' datastore paths, in the order of the disks
 	Networks  []string // each NIC's network
 	Host      string   // the host it was placed on ("" if vCenter chose)
+	UUID      string   // its BIOS UUID (config.uuid, lower case)
 	PoweredOn bool
 	Bytes     int64 // the disks' bytes written
 }
@@ -592,6 +593,15 @@ func (f *failover) run(ctx context.Context) (string, error) {
 
 	if err := f.create(ctx); err != nil {
 		return "create VM", err
+	}
+	// Its BIOS UUID: what the asr agent in it reports (failback tells
+	// that agent from the original machine's by it).
+	var mvm mo.VirtualMachine
+	if err := f.vm.Properties(ctx, f.vm.Reference(), []string{"config.uuid"}, &mvm); err != nil {
+		return "read the VM's BIOS UUID", err
+	}
+	if mvm.Config != nil {
+		f.res.UUID = strings.ToLower(mvm.Config.Uuid)
 	}
 	if s.PowerOn {
 		t, err := f.vm.PowerOn(ctx)

@@ -274,6 +274,10 @@ func TestFailover(t *testing.T) {
 	if res.Ref == "" || res.Name != spec.VMName || res.PoweredOn || res.Bytes != total || res.Dir != "[LocalDS_0] "+spec.VMName {
 		t.Fatalf("result %+v", res)
 	}
+	// Its BIOS UUID, as vCenter has it (lower case).
+	if u := strings.ToLower(object.NewVirtualMachine(s.c.Client, types.ManagedObjectReference{Type: "VirtualMachine", Value: res.Ref}).UUID(ctx)); u == "" || res.UUID != u {
+		t.Fatalf("result's BIOS UUID %q, the VM's %q", res.UUID, u)
+	}
 
 	// Progress: from 0 to the total, never backwards, never overlapping.
 	if pl.overlap || len(pl.calls) < 2 || pl.calls[0] != [2]int64{0, total} || pl.calls[len(pl.calls)-1] != [2]int64{total, total} {
