@@ -12,6 +12,40 @@ import (
 	"github.com/asrdr/asr/server/api"
 )
 
+// startRecoveredAgent starts, in vc's recovered VM, the asr agent of
+// the original installation: a real `asr agent` with a copy of the
+// original agent's state (copied with that agent stopped, so that its
+// files are whole, as the replica carries them), its disk the recovered
+// VM's flat file, its BIOS UUID the recovered VM's; and waits until the
+// server takes it as the reverse source.
+func startRecoveredAgent(t *testing.T, vc *vsphereFailbackCase) *agentProc {
+	t.Helper()
+	c := vc.c
+	rec := c.waitVM("guest01-recovered", "in the inventory with its BIOS UUID", func(vm api.VM) bool {
+		return vm.BIOSUUID != "" && vm.BIOSUUID != guestUUID
+	})
+	orig := c.agents["m"]
+	orig.stop()
+	recState := filepath.Join(c.dir, "recovered-state")
+	if err := os.CopyFS(recState, os.DirFS(orig.state)); err != nil {
+		t.Fatal(err)
+	}
+	c.startAgent("m", nil)
+	sock := filepath.Join(c.dir, "recovered.sock")
+	c.agents["recovered"] = &agentProc{name: "recovered", state: recState, sock: sock,
+		args: []string{"agent", "--server", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+			"--state", recState, "--name", "m", "--nbd", "unix:" + sock, "--crash-interval", "1h",
+			"--disk", "d=" + vc.flat, "--bios-uuid", rec.BIOSUUID}}
+	ra := c.startAgent("recovered", nil)
+	st := c.waitStatus("m", "the recovered VM's agent taken as the reverse source", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected && st.Connected
+	})
+	if st.BIOSUUID != guestUUID || st.ReverseSource.BIOSUUID != rec.BIOSUUID || st.ReverseSource.VM != "guest01-recovered" || st.ReverseSource.Live {
+		t.Fatalf("machine m: BIOS UUID %s, reverse source %+v", st.BIOSUUID, st.ReverseSource)
+	}
+	return ra
+}
+
 // TestE2EFailbackFromVSphereRecoveredAgent: a failover to vSphere (the
 // simulator) committed; in the recovered VM the asr agent of the
 // original installation starts (a real `asr agent` with a copy of the
@@ -27,30 +61,7 @@ import (
 func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat := vc.failbackCase, vc.c, vc.flat
-	rec := c.waitVM("guest01-recovered", "in the inventory with its BIOS UUID", func(vm api.VM) bool {
-		return vm.BIOSUUID != "" && vm.BIOSUUID != guestUUID
-	})
-	// The replica carries the original agent's state: copied with that
-	// agent stopped, so that its files are whole.
-	orig := c.agents["m"]
-	orig.stop()
-	recState := filepath.Join(c.dir, "recovered-state")
-	if err := os.CopyFS(recState, os.DirFS(orig.state)); err != nil {
-		t.Fatal(err)
-	}
-	c.startAgent("m", nil)
-	sock := filepath.Join(c.dir, "recovered.sock")
-	c.agents["recovered"] = &agentProc{name: "recovered", state: recState, sock: sock,
-		args: []string{"agent", "--server", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
-			"--state", recState, "--name", "m", "--nbd", "unix:" + sock, "--crash-interval", "1h",
-			"--disk", "d=" + flat, "--bios-uuid", rec.BIOSUUID}}
-	ra := c.startAgent("recovered", nil)
-	st := c.waitStatus("m", "the recovered VM's agent taken as the reverse source", func(st machineStatus) bool {
-		return st.ReverseSource != nil && st.ReverseSource.Connected && st.Connected
-	})
-	if st.BIOSUUID != guestUUID || st.ReverseSource.BIOSUUID != rec.BIOSUUID || st.ReverseSource.VM != "guest01-recovered" || st.ReverseSource.Live {
-		t.Fatalf("machine m: BIOS UUID %s, reverse source %+v", st.BIOSUUID, st.ReverseSource)
-	}
+	ra := startRecoveredAgent(t, vc)
 	fc.fio(ra.uri("d"), "recovered", 3<<20)
 
 	out := c.mustCLI("reprotect", "--machine", "m")
@@ -80,6 +91,54 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 	fc.checkFailedBack(out, sha256File(t, flat))
 	if st := c.status("m"); st.ReverseSource != nil || st.BIOSUUID != guestUUID {
 		t.Fatalf("after failback: reverse source %+v, BIOS UUID %s", st.ReverseSource, st.BIOSUUID)
+	}
+	ra.stop()
+	fc.checkForward()
+}
+
+// TestE2EFailbackFromVSphereRecoveredAgentKilled: the same path with
+// kills. Reprotected through the recovered VM's agent; the original
+// agent held by SIGSTOP while fio writes through the recovered agent (its
+// writes wait, unacknowledged, in its spool); kill -9 of the server,
+// restarted: the stream is live again at once; kill -9 of the recovered
+// agent, restarted (its log repaired; after a hard stop its writes are
+// held until failback's pass); the original resumed; failback: the
+// original disk equals the recovered disk's final content, nothing
+// lost.
+func TestE2EFailbackFromVSphereRecoveredAgentKilled(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c, flat := vc.failbackCase, vc.c, vc.flat
+	ra := startRecoveredAgent(t, vc)
+	out := c.mustCLI("reprotect", "--machine", "m")
+	if !strings.Contains(out, "path: the asr agent in VM guest01-recovered") {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	orig := c.agents["m"]
+	orig.proc.pause()
+	fc.fio(ra.uri("d"), "recovered-held", 2<<20)
+	c.waitStatus("m", "the recovered agent's writes pending", func(st machineStatus) bool {
+		return st.ReverseSource != nil && !st.ReverseSource.OldestPending.IsZero()
+	})
+	c.server.kill()
+	c.startServer()
+	c.waitStatus("m", "the recovered agent live again after the server's restart", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected && st.ReverseSource.Live
+	})
+	ra.proc.kill()
+	ra = c.startAgent("recovered", nil)
+	fc.fio(ra.uri("d"), "recovered-after-kill", 1<<20)
+	orig.proc.resume()
+	out, err := c.cli("failback", "--machine", "m")
+	if err != nil {
+		t.Fatalf("failback after the kills: %v\n%s", err, out)
+	}
+	t.Logf("failback after the kills:\n%s", out)
+	want := sha256File(t, flat)
+	if got := sha256File(t, fc.disk); got != want {
+		t.Fatalf("original disk sha256 %s, the recovered disk's %s", got, want)
+	}
+	if st := c.status("m"); st.Direction != "failed-back" || st.ReverseSource != nil {
+		t.Fatalf("after failback: direction %q, reverse source %+v", st.Direction, st.ReverseSource)
 	}
 	ra.stop()
 	fc.checkForward()
