@@ -56,8 +56,11 @@ type recAgent struct {
 
 	fp failbackPolicyState // its reverse points (failback_rpo.go)
 
-	gen uint64     // the newest connection's (under mu)
-	wmu sync.Mutex // one write to the original at a time
+	gen   uint64     // the newest connection's (under mu)
+	acked uint64     // the last record acknowledged to the agent (under mu; since the server started)
+	logID string     // the agent's log, as its last Hello named it
+	floor uint64     // records up to it are never written (on the recovered disks before the compare)
+	wmu   sync.Mutex // one write to the original at a time
 }
 
 // recConn is one connection of a recovered VM's agent: the sink the
@@ -104,7 +107,13 @@ func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
 	if err := c.current(); err != nil {
 		return err
 	}
-	return c.a.write(ctx, recs)
+	if err := c.a.write(ctx, recs); err != nil {
+		return err
+	}
+	c.a.mu.Lock()
+	c.a.acked = max(c.a.acked, recs[len(recs)-1].Seq)
+	c.a.mu.Unlock()
+	return nil
 }
 
 func (c *recConn) Closed(err error) { c.a.closed(err) }
@@ -179,7 +188,7 @@ func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d f
 	a := &recAgent{s: s, machineID: m.ID, machine: m.Name, failoverID: f.ID, uuid: uuid, vm: d.VSphere.Name,
 		liveCh: make(chan struct{}), stopped: make(chan struct{})}
 	if r := d.Reverse; r != nil && r.State == dirReprotected && r.VSphere != nil && r.VSphere.Path == pathAgent {
-		a.live = true
+		a.live, a.floor, a.logID = true, r.VSphere.From, r.VSphere.Log
 		close(a.liveCh)
 	}
 	ra.by[m.ID] = a
@@ -219,8 +228,8 @@ func (ra *recoveredAgents) end(id string) {
 // agent holds acknowledged (everything before it is on the original
 // disks); otherwise after its last record (they are on the recovered
 // disks, which a compare begun after this Welcome reads), a new epoch.
-// An agent that lost records in a hard stop (Recovering, or a disk it
-// reports diverged) cannot be continued: the stream is held until
+// An agent that lost records in a hard stop (Recovering, a disk it
+// reports diverged, or another log than before) cannot be continued: the stream is held until
 // failback's pass, which compares every block.
 func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 	a.mu.Lock()
@@ -230,10 +239,20 @@ func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 		return 0, 0, fmt.Errorf("failover %s of machine %s has ended: the recovered VM's agent is no longer its reverse source", a.failoverID, a.machine)
 	default:
 	}
-	lost := h.Recovering
+	// Another log than the last connection's: the agent's state was
+	// lost or replaced; its numbering means nothing to acked.
+	newLog := a.logID != "" && h.LogID != a.logID
+	if newLog {
+		a.acked = 0
+	}
+	a.logID = h.LogID
+	lost := h.Recovering || newLog
 	for _, d := range h.Disks {
 		lost = lost || d.Diverged != ""
 	}
+	// Records up to floor were on the recovered disks before the
+	// compare that let the stream flow: never written again.
+	lost = lost || a.live && max(h.NextSeq, 1)-1 < a.floor
 	if a.live && lost {
 		a.live, a.liveCh = false, make(chan struct{})
 		a.needsPass = "the recovered VM's agent lost records in a hard stop: its writes are held until failback's pass compares every block"
@@ -242,10 +261,19 @@ func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 	a.gen++
 	a.since, a.version = a.s.now(), h.AgentVersion
 	if a.live {
-		return max(h.SpoolFirst, 1) - 1, a.gen, nil
+		// Records before SpoolFirst were acknowledged; so were those up
+		// to acked (the spool keeps acknowledged records until it trims
+		// them). After a server restart acked is not known: what the
+		// spool still holds is written again, in order (harmless).
+		d := max(max(h.SpoolFirst, 1)-1, a.floor)
+		if a.acked > d && a.acked < h.NextSeq {
+			d = a.acked
+		}
+		return d, a.gen, nil
 	}
 	a.epoch++
-	return max(h.NextSeq, 1) - 1, a.gen, nil
+	a.floor = max(h.NextSeq, 1) - 1
+	return a.floor, a.gen, nil
 }
 
 // noteStatus notes a status report; one that shows nothing unacknowledged
@@ -388,19 +416,20 @@ func (a *recAgent) beginCompare() (uint64, bool) {
 }
 
 // goLive lets the stream flow once a compare begun in epoch e is done,
-// and says false if the agent was welcomed again since (records it
+// with the floor and log to record (a restart continues from them), and
+// says false if the agent was welcomed again since (records it
 // dropped may be newer than what the compare read): compare again.
-func (a *recAgent) goLive(e uint64) bool {
+func (a *recAgent) goLive(e uint64) (floor uint64, logID string, ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.epoch != e {
-		return false
+		return 0, "", false
 	}
 	if !a.live {
 		a.live, a.needsPass = true, ""
 		close(a.liveCh)
 	}
-	return true
+	return a.floor, a.logID, true
 }
 
 // drained reports whether the agent's last status (after since) shows

@@ -74,6 +74,11 @@ type vmReverse struct {
 	// failback_agent.go) or pathVCenter ("" before it: failback's pass
 	// finds them).
 	Path string `json:"path,omitempty"`
+	// From and Log, with pathAgent: the agent's records up to From (in
+	// its log Log) were on the recovered disks before reprotect's
+	// compare and are never written to the original (failback_agent.go).
+	From uint64 `json:"from,omitempty"`
+	Log  string `json:"log,omitempty"`
 }
 
 // vmFailback says whether f is a real failover to vSphere or Azure whose
@@ -180,6 +185,8 @@ type vmPass struct {
 	compared, differ, sent int64
 	sums                   []string // each recovered disk's SHA-256, in m.Disks order
 	path                   string   // reprotect's: pathAgent or pathVCenter
+	from                   uint64   // with pathAgent: the stream's floor (recAgent.floor)
+	log                    string   // and the agent's log
 }
 
 // vmStepTimeout bounds the power-on of a recovered VM when a failback is
@@ -243,8 +250,8 @@ func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failo
 				p.path = pathVCenter
 				break
 			}
-			if ra.goLive(epoch) {
-				p.path = pathAgent
+			if floor, logID, ok := ra.goLive(epoch); ok {
+				p.path, p.from, p.log = pathAgent, floor, logID
 				break
 			}
 		}
@@ -256,7 +263,7 @@ func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failo
 		if err == nil {
 			cd := decodeDetail(cur)
 			cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
-			pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path}
+			pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path, From: p.from, Log: p.log}
 			if f.Dest == api.ToAzure {
 				cd.Reverse.Azure = pass
 			} else {
