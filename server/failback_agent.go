@@ -256,6 +256,8 @@ func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 	if a.live && lost {
 		a.live, a.liveCh = false, make(chan struct{})
 		a.needsPass = "the recovered VM's agent lost records in a hard stop: its writes are held until failback's pass compares every block"
+		a.s.wg.Add(1)
+		go func() { defer a.s.wg.Done(); a.s.recordHeld(a.machineID, a.failoverID) }()
 	}
 	a.conns++
 	a.gen++
@@ -504,5 +506,28 @@ func (s *Server) drainRecoveredAgent(ctx context.Context, j *job, m store.Machin
 			return ctx.Err()
 		case <-time.After(200 * time.Millisecond):
 		}
+	}
+}
+
+// recordHeld records that failover fid's stream from the recovered VM's
+// agent is held for good (the agent lost records): its reverse path is
+// the flat files' (failback's pass), so a restarted server does not take
+// the stream as live again.
+func (s *Server) recordHeld(machineID, fid string) {
+	ctx := s.ctx
+	s.rv.recMu.Lock()
+	defer s.rv.recMu.Unlock()
+	f, err := s.db.LiveFailover(ctx, machineID)
+	if err != nil || f.ID != fid {
+		return
+	}
+	d := decodeDetail(f)
+	if d.Reverse == nil || d.Reverse.VSphere == nil || d.Reverse.VSphere.Path != pathAgent {
+		return
+	}
+	d.Reverse.VSphere.Path = pathVCenter
+	f.Detail = encodeDetail(d)
+	if err := s.db.UpdateFailover(ctx, f); err != nil {
+		s.log.Error("record the recovered agent's stream held", "machine", machineID, "failover", fid, "err", err)
 	}
 }
