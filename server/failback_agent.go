@@ -388,11 +388,9 @@ func (a *recAgent) write(ctx context.Context, recs []replication.Record) error {
 		}
 		for off, end := int64(r.Offset), int64(r.End()); off < end; {
 			n := min(end-off, replication.MaxReverseData)
-			chunk := zeros[:0]
+			chunk := zeros[:min(n, int64(len(zeros)))]
 			if data != nil {
 				chunk = data[off-int64(r.Offset) : off-int64(r.Offset)+n]
-			} else {
-				chunk = zeros[:n]
 			}
 			err := a.s.retryOriginal(ctx, store.Machine{ID: a.machineID, Name: a.machine}, func(string) {}, func() error {
 				return a.s.ps.ReverseWrite(ctx, a.machineID, a.failoverID, r.Disk, off, chunk)
