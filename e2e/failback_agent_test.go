@@ -5,6 +5,7 @@ package e2e
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -73,8 +74,18 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 		return st.ReverseSource != nil && st.ReverseSource.Live && st.ReverseSource.OldestPending.IsZero() &&
 			st.Reverse != nil && st.Reverse.RPOKnown && st.Reverse.Pending == 0
 	})
-	// Shipped as they happen: equal before failback.
+	if _, ok := c.reverseRPOMetric(t, "m"); !ok {
+		t.Fatal("no asr_machine_reverse_rpo_seconds while the recovered agent's stream is live")
+	}
 	deadline := time.Now().Add(hungAfter)
+	for !slices.ContainsFunc(c.events("m"), func(e api.EventJSON) bool { return e.Kind == "reverse-point" }) {
+		if time.Now().After(deadline) {
+			t.Fatal("no reverse point recorded while the original disk was drained")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// Shipped as they happen: equal before failback.
+	deadline = time.Now().Add(hungAfter)
 	for sha256File(t, fc.disk) != sha256File(t, flat) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the original disk never equal to the recovered VM's before failback")
@@ -91,6 +102,9 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 	fc.checkFailedBack(out, sha256File(t, flat))
 	if st := c.status("m"); st.ReverseSource != nil || st.BIOSUUID != guestUUID {
 		t.Fatalf("after failback: reverse source %+v, BIOS UUID %s", st.ReverseSource, st.BIOSUUID)
+	}
+	if _, ok := c.reverseRPOMetric(t, "m"); ok {
+		t.Fatal("asr_machine_reverse_rpo_seconds still present after failback")
 	}
 	ra.stop()
 	fc.checkForward()

@@ -234,6 +234,19 @@ func (r *reverseRun) lag(now time.Time) reverseLag {
 	return l
 }
 
+// reverseLagOf is machine id's reverse lag at now: its NBD failover's
+// shipper, or the live stream of its recovered VM's agent; false if its
+// changes are not being sent back.
+func (s *Server) reverseLagOf(id string, now time.Time) (reverseLag, bool) {
+	if run := s.reverseRunOf(id); run != nil {
+		return run.lag(now), true
+	}
+	if a := s.recAgents.liveOf(id); a != nil {
+		return a.lag(now), true
+	}
+	return reverseLag{}, false
+}
+
 // failbackPolicy is the failback policy of a machine's replication policy
 // (its twin); a vault without one (never seen: twins are made with their
 // policy) gets the failback defaults.
@@ -249,13 +262,14 @@ func (s *Server) failbackPolicy(ctx context.Context, policy string) (replication
 // (nil when its changes are not being sent back).
 func (s *Server) reverseStatus(ctx context.Context, m store.Machine) *api.ReverseStatus {
 	now := s.now()
-	var l reverseLag
 	var fp *failbackPolicyState
 	if run := s.reverseRunOf(m.ID); run != nil {
-		l, fp = run.lag(now), &run.fp
+		fp = &run.fp
 	} else if a := s.recAgents.liveOf(m.ID); a != nil {
-		l, fp = a.lag(now), &a.fp
-	} else {
+		fp = &a.fp
+	}
+	l, ok := s.reverseLagOf(m.ID, now)
+	if !ok || fp == nil {
 		return nil
 	}
 	rs := &api.ReverseStatus{RPO: l.rpo, RPOKnown: l.known, Pending: l.pending, FirstPassDone: l.synced,
@@ -284,15 +298,13 @@ func (s *Server) reverseStatus(ctx context.Context, m store.Machine) *api.Revers
 func (s *Server) reverseRPOObs(ctx context.Context, ms []store.Machine, now time.Time) ([]alertObs, error) {
 	var obs []alertObs
 	for _, m := range ms {
-		var l reverseLag
-		action := fmt.Sprintf("the changes go back through the original machine's agent: check that it runs and is connected (asr status --machine %s; on the original guest: systemctl status asr-agent) and the network from this server to it; ", m.Name)
-		if run := s.reverseRunOf(m.ID); run != nil {
-			l = run.lag(now)
-		} else if a := s.recAgents.liveOf(m.ID); a != nil {
-			l = a.lag(now)
-			action = fmt.Sprintf("the changes come from the asr agent in the recovered VM %s and go back through the original machine's agent: check that both run and are connected (asr status --machine %s --json: reverse_source) and the network between them and this server; ", a.vm, m.Name)
-		} else {
+		l, ok := s.reverseLagOf(m.ID, now)
+		if !ok {
 			continue
+		}
+		action := fmt.Sprintf("the changes go back through the original machine's agent: check that it runs and is connected (asr status --machine %s; on the original guest: systemctl status asr-agent) and the network from this server to it; ", m.Name)
+		if a := s.recAgents.liveOf(m.ID); a != nil && s.reverseRunOf(m.ID) == nil {
+			action = fmt.Sprintf("the changes come from the asr agent in the recovered VM %s and go back through the original machine's agent: check that both run and are connected (asr status --machine %s --json: reverse_source) and the network between them and this server; ", a.vm, m.Name)
 		}
 		p, err := s.failbackPolicy(ctx, m.Policy)
 		if err != nil {

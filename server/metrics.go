@@ -416,8 +416,7 @@ func (c *metricsCollector) collectMachines(ctx context.Context, gauge, counter f
 			gauge(descMachineState, bool01(v.State == st), name, st)
 		}
 		gauge(descConnected, bool01(v.Connected), name)
-		if run := s.reverseRunOf(v.ID); run != nil {
-			l := run.lag(s.now())
+		if l, ok := s.reverseLagOf(v.ID, s.now()); ok {
 			gauge(descReversePending, float64(l.pending), name)
 			if l.known {
 				gauge(descReverseRPO, l.rpo.Seconds(), name)
