@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -19,6 +20,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
+	"github.com/chromedp/chromedp"
 
 	"github.com/asrdr/asr/azure/azuritetest"
 	"github.com/asrdr/asr/azure/fakearm"
@@ -189,4 +191,67 @@ func TestE2EFailbackFromAzure(t *testing.T) {
 		t.Fatalf("the fake tenant issued %d tokens; %d ARM requests came without one", issued, refused)
 	}
 	ac.checkForward()
+}
+
+// TestE2EConsoleFailbackAzure: a failover to Azure (Azurite and the fake
+// ARM over HTTPS) committed, then Reprotect and Failback from the
+// machine's page in Chromium, each confirmation naming the recovered VM,
+// what happens to it in Azure and that this path has run only against
+// the fakes; the original disk ends equal to the recovered disk, the VM
+// deallocated, no read SAS or snapshot left.
+func TestE2EConsoleFailbackAzure(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
+	}
+	ac := startAzureFailbackCase(t)
+	c := ac.c
+	ac.write(16)
+	p := openConsole(t, c, browser)
+
+	p.machinePage(c, "m")
+	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed over") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
+		t.Fatalf("the committed failover to Azure's machine page shows:\n%s", s)
+	}
+	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="reprotect"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-reprotect")))
+	if s := p.text("#failback-steps"); !strings.Contains(s, "azure/net-rg/m-recovered") || !strings.Contains(s, "from a snapshot") {
+		t.Fatalf("the reprotect confirmation says:\n%s", s)
+	}
+	if s := p.text("#failback-azure-untested"); !strings.Contains(s, "never against real Azure") {
+		t.Fatalf("the reprotect confirmation does not say how far this ran: %q", s)
+	}
+	p.screenshot("fbaz-01-reprotect-confirm")
+	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")))
+	out, steps := p.jobDone("reprotect")
+	m := reprotectedRE.FindStringSubmatch(out)
+	if m == nil || !strings.Contains(steps, "compare and send") {
+		t.Fatalf("the reprotect job shows:\n%s\n%s", out, steps)
+	}
+	if sent, _ := strconv.ParseInt(m[3], 10, 64); sent <= 0 || sent > ac.written {
+		t.Fatalf("reprotect sent %d bytes for %d written into the recovered disk", sent, ac.written)
+	}
+	ac.clean("after reprotect")
+	ac.write(8)
+
+	p.machinePage(c, "m")
+	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="failback"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-failback")))
+	if s := p.text("#failback-steps"); !strings.Contains(s, "azure/net-rg/m-recovered is deallocated") || !strings.Contains(s, "compared whole") {
+		t.Fatalf("the failback confirmation says:\n%s", s)
+	}
+	p.screenshot("fbaz-02-failback-confirm")
+	p.do(chromedp.Click(chromedp.CSS("#confirm-failback")))
+	out, steps = p.jobDone("failback")
+	if !strings.Contains(steps, "stop the recovered VM") || !strings.Contains(steps, "compared: equal") {
+		t.Fatalf("the failback's steps:\n%s", steps)
+	}
+	p.screenshot("fbaz-03-failed-back-job")
+	ac.checkFailedBack(out, ac.recoveredSum())
+	if pw := ac.arm.VMPower("net-rg", "m-recovered"); pw != "deallocated" {
+		t.Fatalf("the recovered VM after failback: %q", pw)
+	}
+	ac.clean("after failback")
+	p.machinePage(c, "m")
+	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
+		t.Fatalf("the failed-back machine's page shows:\n%s", s)
+	}
 }
