@@ -15,8 +15,8 @@ import (
 )
 
 // The failback cycle from the console (docs/ARCHITECTURE.md, "Failback"):
-// a machine failed over (planned) to the server's NBD exports and
-// committed is reprotected (its changes go back to the original disks),
+// a machine failed over to the server's NBD exports, to vSphere or to
+// Azure and committed is reprotected (its changes go back to the original disks),
 // failed back (the failed-over machine stopped, its last changes drained,
 // the on-premises machine resumed), and reprotected forward (a checksum
 // resync). Each is a confirmation page and a POST that starts the
