@@ -142,7 +142,8 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 		if len(g) == 0 || failed != nil {
 			continue
 		}
-		if gi < rec.Next.Group {
+		if gi < rec.Next.Group || gi == rec.Next.Group && rec.Next.Phase == "post" {
+			// Powered on before a restart.
 			for _, pm := range g {
 				m, f, _, err := s.pfState(ctx, pm)
 				if err != nil {
@@ -151,7 +152,12 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 				}
 				finished(pm, m, f)
 			}
-			continue
+			if failed != nil {
+				break
+			}
+			if gi < rec.Next.Group {
+				continue
+			}
 		}
 		if gi > rec.Next.Group {
 			rec.Next = pfCursor{Group: gi, Phase: "pre"}
