@@ -92,6 +92,9 @@ func decodePFRecord(data string) (*pfRecord, error) {
 	default:
 		return nil, fmt.Errorf("phase %q", rec.Next.Phase)
 	}
+	if rec.Next.Group < 0 || rec.Next.Action < 0 {
+		return nil, fmt.Errorf("next step: group %d, action %d", rec.Next.Group, rec.Next.Action)
+	}
 	return &rec, nil
 }
 
