@@ -286,6 +286,9 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 // refuseReprotectReverse says why a machine's live failover f cannot be
 // reprotected toward its original disks (nil if it can).
 func (s *Server) refuseReprotectReverse(ctx context.Context, m store.Machine, f store.Failover) error {
+	if f.Kind == api.FailoverTest {
+		return errorf(http.StatusConflict, "machine %s has a test failover (%s): a test failover is cleaned up (asr failover --cleanup), never failed back", m.Name, f.ID)
+	}
 	if !reverseCandidate(f) {
 		return errorf(http.StatusConflict, "machine %s: failback is done for failovers to the server's NBD exports (this one is %s to %s); the others are not supported yet", m.Name, kindWord(f.Kind), f.Dest)
 	}
