@@ -844,3 +844,51 @@ func TestFailbackPlanResumedAfterARestart(t *testing.T) {
 	}
 	pr.checkPlanFailback(j, want)
 }
+
+// A plan's reprotect waits for the original agent of an unplanned
+// failover that is away, and may be cancelled there: that machine's
+// reprotect is taken back (failed over again), those done before stay
+// reprotected; run again once the agent is back, it reprotects only that
+// one, and the plan fails back equal.
+func TestFailbackPlanUnplannedCancelledWhileFreezing(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRigOf(t, true, []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}}}, false)
+	for _, m := range planMachines {
+		pr.write(m, 3)
+	}
+	pr.agents["app2"].close()
+	j, err := pr.client.ReprotectPlan(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the plan's reprotect waiting for app2's agent", func() bool {
+		jj, err := pr.client.Job(ctx, j.ID)
+		if err != nil || jj.State != api.JobRunning {
+			t.Fatalf("the plan's reprotect: %+v %v", jj, err)
+		}
+		for _, s := range jj.Steps {
+			if s.Name == "app2: freeze the original" && s.State == "running" && strings.Contains(s.Detail, "waiting for the original agent") && jj.Cancellable {
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := pr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = pr.runJob(j, nil); j.State != api.JobCancelled {
+		t.Fatalf("the cancelled plan reprotect: %s %s", j.State, j.Error)
+	}
+	pr.directions("reprotected", "db", "app1")
+	pr.directions("failed-over", "app2")
+	pr.agents["app2"] = startAgent(t, pr.cfgs["app2"])
+	j = pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	if len(j.Output) != 2 || !strings.HasPrefix(j.Output[0], "plan app reprotected: 1 machine,") || !strings.HasPrefix(j.Output[1], "app2: reprotected: ") {
+		t.Fatalf("the plan's reprotect again: %q", j.Output)
+	}
+	pr.directions("reprotected")
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	pr.failBackPlan(pr.sums())
+}
