@@ -48,6 +48,7 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	fs.StringVar(&c.Placement, "placement", server.PlacementBuiltin, "where a newly registered machine is served: builtin (this server's process server) or auto (the least loaded healthy process server, by upload rate, then machines)")
 	fs.DurationVar(&c.PSHeartbeatLost, "ps-heartbeat-lost", 2*time.Minute, "raise a critical alert when a scale-out process server sends no heartbeat for this long")
 	fs.DurationVar(&c.AlertClear, "alert-clear", 2*time.Minute, "how long a condition must be clearly false before its alert clears")
+	cacheMax := cacheMaxFlag(fs) // the built-in process server's
 	fs.Func("host", "extra host name or address for the server certificate (repeatable)", func(v string) error {
 		c.Hosts = append(c.Hosts, v)
 		return nil
@@ -57,6 +58,10 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	}
 	if c.TargetTier != replication.TierStandard && c.TargetTier != replication.TierPremium {
 		return c, fmt.Errorf("--target-tier %q: want standard or premium", c.TargetTier)
+	}
+	var err error
+	if c.CacheMaxBytes, err = cacheMax(); err != nil {
+		return c, err
 	}
 	return c, nil
 }
