@@ -13,7 +13,9 @@
 // (report.go: what its process server's callbacks tell, as the built-in
 // one's tell the configuration server) and carry the results of the
 // commands the replies ask (commands.go: point requests, resyncs,
-// pruning); see docs/ARCHITECTURE.md, "Scale-out process servers".
+// pruning, scrubs, point checks; image.go: a recovery's image, POSTed to
+// the configuration server); see docs/ARCHITECTURE.md, "Scale-out process
+// servers".
 package psnode
 
 import (
