@@ -42,7 +42,8 @@ func (r *rig) tagWhenConnected(ctx context.Context, name string) api.PointJSON {
 // through the configuration server (the image POSTed by ps1 and streamed
 // on) equals the source at the point although the replica changes under
 // it mid-stream (the stream paused after 1 MiB while writes at the end of
-// the disk are applied and a later point made); a damaged block in the
+// the disk are applied and a later point made), and so does a recovery to
+// an instant between that point and the next; a damaged block in the
 // point is reported by the check (and an event), fails the recovery
 // naming the offset and the other points sharing it, and is listed by a
 // recovery that accepts it; the built-in process server never opens the
@@ -111,6 +112,7 @@ func TestProcessServerReadsItsPoints(t *testing.T) {
 	}
 	write(size-2<<20, 2<<20)
 	write(40<<20, 1<<20)
+	written := time.Now()
 	p2 := r.tagWhenConnected(ctx, "vm1")
 	if _, err := io.CopyN(h, img.Body, img.Size-1<<20); err != nil {
 		t.Fatalf("the rest of the image: %v", err)
@@ -125,6 +127,15 @@ func TestProcessServerReadsItsPoints(t *testing.T) {
 	r.recover("vm1", p2.ID, out)
 	if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, d0) {
 		t.Fatalf("point %s recovered through the server differs from the source", p2.ID)
+	}
+	// To an instant between p and p2: p's image from ps1, then the kept
+	// segments up to it.
+	out = filepath.Join(dir, "pit")
+	if _, err := r.client.RecoverTime(ctx, "vm1", written, out, replication.RecoverOptions{}); err != nil {
+		t.Fatalf("recovery to a point in time of a machine on ps1: %v", err)
+	}
+	if fileSum(t, filepath.Join(out, "d0.img")) != fileSum(t, d0) {
+		t.Fatalf("the disk at %s (after the writes before %s) differs from the source", written.Format(time.RFC3339Nano), p2.ID)
 	}
 	if l, _ := r.client.ProcessServers(ctx); l[0].Machines != 0 {
 		t.Fatalf("the built-in process server opened %d machines", l[0].Machines)
