@@ -49,6 +49,7 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	fs.StringVar(&c.Placement, "placement", server.PlacementBuiltin, "where a newly registered machine is served: builtin (this server's process server) or auto (the least loaded healthy process server, by upload rate, then machines)")
 	fs.DurationVar(&c.PSHeartbeatLost, "ps-heartbeat-lost", 2*time.Minute, "raise a critical alert when a scale-out process server sends no heartbeat for this long")
 	fs.DurationVar(&c.AlertClear, "alert-clear", 2*time.Minute, "how long a condition must be clearly false before its alert clears")
+	cacheMax := cacheMaxFlag(fs) // the built-in process server's
 	var cloud azure.Cloud
 	fs.StringVar(&cloud.Name, "azure-cloud", "public", "the Azure of failovers to Azure: public, usgovernment or china (its Resource Manager endpoint and Microsoft Entra ID authority)")
 	fs.StringVar(&cloud.ARMEndpoint, "azure-arm-endpoint", "", "Azure Resource Manager at this https URL instead of the cloud's (a disconnected cloud; the tests' fake ARM)")
@@ -63,6 +64,10 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	}
 	if c.TargetTier != replication.TierStandard && c.TargetTier != replication.TierPremium {
 		return c, fmt.Errorf("--target-tier %q: want standard or premium", c.TargetTier)
+	}
+	var err error
+	if c.CacheMaxBytes, err = cacheMax(); err != nil {
+		return c, err
 	}
 	opts, err := cloud.ARMOptions()
 	if err != nil {
