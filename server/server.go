@@ -96,7 +96,8 @@ type Config struct {
 	// without a heartbeat before its critical alert (default 2m).
 	PSHeartbeatLost time.Duration
 	// AutoSwitch moves the machines of a scale-out process server with no
-	// heartbeat for PSHeartbeatLost to the built-in one (procservers.go).
+	// heartbeat for PSHeartbeatLost to the healthy ones, spread by churn
+	// (procservers.go, autoSwitch).
 	AutoSwitch bool
 	// Placement is where a newly registered machine is served:
 	// PlacementBuiltin (the built-in process server, ASR's default) or
