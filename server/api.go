@@ -103,6 +103,7 @@ func (s *Server) routes() http.Handler {
 		// proof, then heartbeats by their client certificate.
 		r.Post("/process-servers/register", handle(s.handlePSRegister))
 		r.Post("/process-servers/heartbeat", handle(s.handlePSHeartbeat))
+		r.Post("/process-servers/cuts/{cut}", handle(s.handlePSCut))
 		// An agent asks where its process server is (client certificate).
 		r.Get("/agents/data-address", handle(s.handleDataAddress))
 		// Operator API: admin token.

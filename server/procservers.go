@@ -246,9 +246,8 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 		}
 		a := api.PSAssignment{MachineID: m.ID, Name: m.Name, CertSerial: m.CertSerial}
 		if ap := s.policyFor(m.ID); ap != nil {
-			// Replication groups' cuts go through the built-in process
-			// server: a member on a scale-out one makes its own points.
-			ap.Group = ""
+			// A group member's agent makes no points of its own: the
+			// group's cuts reach it as commands (groupcut.go).
 			a.Policy = ap
 		}
 		reply.Assigned = append(reply.Assigned, a)

@@ -158,6 +158,7 @@ type Server struct {
 	resyncMu sync.Mutex
 
 	cutMu sync.Mutex // one replication-group cut at a time
+	cuts  cuts       // the cuts with members on scale-out process servers (groupcut.go)
 
 	// unprotectMu serializes the removals of unprotected machines
 	// (unprotect.go); unprot (under unprotMu) notes the unprotected

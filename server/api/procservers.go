@@ -231,6 +231,8 @@ type PSCommand struct {
 	Keep   []uint64  `json:"keep,omitempty"`
 	// PSCommandScrub: a scheduled scrub (procserver.Server.Scrub).
 	Scheduled bool `json:"scheduled,omitempty"`
+	// PSCommandGroupCut: the cut the machine takes part in.
+	Cut *PSCut `json:"cut,omitempty"`
 	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
 	Timeout time.Duration `json:"timeout_ns"`
 }
@@ -251,7 +253,56 @@ const (
 	// (procserver.Server.Scrub; Scheduled as there); the result is the
 	// report, its damaged-block lists cut at MaxPSScrubDamaged each.
 	PSCommandScrub = "scrub"
+	// PSCommandGroupCut has the machine take part in a replication
+	// group's cut that the configuration server coordinates across
+	// process servers (Cut): the process server reports its member's
+	// states (POST /api/v1/process-servers/cuts/{id}, PSCutReport) and
+	// follows the decisions (PSCutDecision); the result is the member's
+	// point, whose Cut is the cut's id.
+	PSCommandGroupCut = "groupCut"
 )
+
+// PSCut is a replication group's cut a scale-out process server's machine
+// takes part in (PSCommandGroupCut).
+type PSCut struct {
+	ID  uint64 `json:"id"` // the tag's request id on every member, and its point's Cut
+	App bool   `json:"app,omitempty"`
+	// HoldWait bounds the wait for the agent's HELD (at most
+	// MaxPSCutHoldWait).
+	HoldWait time.Duration `json:"hold_wait_ns"`
+}
+
+// MaxPSCutHoldWait bounds PSCut.HoldWait.
+const MaxPSCutHoldWait = time.Minute
+
+// PSCutReport is the body of POST /api/v1/process-servers/cuts/{id}: a
+// member's state in a cut. The answer (PSCutDecision) comes once the
+// configuration server has decided what follows that state, at most
+// MaxPSCutPoll later (then PSCutRelease).
+type PSCutReport struct {
+	MachineID string `json:"machine_id"`
+	State     string `json:"state"`           // PSCutReady, PSCutHeld or PSCutFailed
+	Error     string `json:"error,omitempty"` // PSCutFailed: why (at most 4096 bytes)
+}
+
+// PSCutDecision answers a PSCutReport.
+type PSCutDecision struct {
+	Action string `json:"action"` // PSCutHold, PSCutCut or PSCutRelease
+	Reason string `json:"reason,omitempty"`
+}
+
+// A member's states in a cut, and the decisions.
+const (
+	PSCutReady   = "ready"   // the agent is connected: it can hold when told
+	PSCutHeld    = "held"    // the agent holds its writes (HELD)
+	PSCutFailed  = "failed"  // it cannot take part: the whole cut is abandoned
+	PSCutHold    = "hold"    // every member is ready: hold (HOLD)
+	PSCutCut     = "cut"     // every member holds: tag (CUT)
+	PSCutRelease = "release" // the cut is abandoned: release (RELEASE), no tag
+)
+
+// MaxPSCutPoll bounds how long a PSCutReport waits for its decision.
+const MaxPSCutPoll = 30 * time.Second
 
 // MaxPSPruneKeep bounds the points a prune command keeps by name (the
 // points of live failovers).
