@@ -262,14 +262,19 @@ func (s *Server) cutAcross(ctx context.Context, local []string, remote map[strin
 		err error
 	}
 	localHeld := make(chan holdResult, 1)
+	hctx, stopHold := context.WithCancel(cctx)
+	defer stopHold()
 	run.decide(api.PSCutHold, "")
 	wg.Go(func() {
-		h, err := s.ps.HoldCut(cctx, id, local, app, wait)
+		h, err := s.ps.HoldCut(hctx, id, local, app, wait)
 		localHeld <- holdResult{h, err}
 	})
 	err := until(api.PSCutHeld, wait, "not every member held its writes")
 	if err != nil {
-		run.decide(api.PSCutRelease, err.Error()) // at once: the others wait held
+		// At once: the others wait held (the built-in one's hold, if
+		// still waiting, releases its members).
+		run.decide(api.PSCutRelease, err.Error())
+		stopHold()
 	}
 	lh := <-localHeld // bounded by wait
 	if err == nil && lh.err != nil {
