@@ -145,6 +145,11 @@ func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
 		return api.PSCommandResult{Scrub: &rep, ScrubDamagedNotListed: notListed}
 	case api.PSCommandImage:
 		return n.image(ctx, cmd)
+	case api.PSCommandGroupCut:
+		if cmd.Cut != nil {
+			n.log.Info("group cut asked by the configuration server", "machine", cmd.MachineID, "cut", cmd.Cut.ID, "app", cmd.Cut.App, "command", cmd.ID)
+		}
+		return groupCut(ctx, n.cutTransport(), cmd)
 	}
 	return api.PSCommandResult{Error: fmt.Sprintf("unknown command %q (this process server is older than the configuration server?)", cmd.Kind)}
 }

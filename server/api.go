@@ -104,6 +104,7 @@ func (s *Server) routes() http.Handler {
 		r.Post("/process-servers/register", handle(s.handlePSRegister))
 		r.Post("/process-servers/heartbeat", handle(s.handlePSHeartbeat))
 		r.Post("/process-servers/images/{id}", handle(s.handlePSImage)) // api.PSImagePath
+		r.Post("/process-servers/cuts/{cut}", handle(s.handlePSCut))
 		// An agent asks where its process server is (client certificate).
 		r.Get("/agents/data-address", handle(s.handleDataAddress))
 		// Operator API: admin token.
@@ -113,6 +114,7 @@ func (s *Server) routes() http.Handler {
 			r.Get("/machines/{machine}", handle(s.handleMachine))
 			r.Get("/machines/{machine}/points", handle(s.handlePoints))
 			r.Post("/machines/{machine}/points", handle(s.handleTag))
+			r.Get("/machines/{machine}/points/{point}", handle(s.handlePoint))
 			r.Get("/machines/{machine}/points/{point}/disks/{disk}/image", handle(s.handleImage))
 			r.Post("/machines/{machine}/policy", handle(s.handleAssignPolicy))
 			r.Get("/machines/{machine}/timeplan", handle(s.handleTimePlan))
@@ -311,6 +313,21 @@ func (s *Server) handlePoints(w http.ResponseWriter, r *http.Request) error {
 		out[i] = api.PointOf(p)
 	}
 	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// handlePoint answers one point, read whole from the catalog (the listing
+// reads only the objects' names): its cut among others.
+func (s *Server) handlePoint(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.findMachine(r.Context(), r)
+	if err != nil {
+		return err
+	}
+	p, err := s.cat.FindPoint(r.Context(), m.ID, chi.URLParam(r, "point"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.PointOf(p))
 	return nil
 }
 

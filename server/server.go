@@ -99,7 +99,8 @@ type Config struct {
 	// without a heartbeat before its critical alert (default 2m).
 	PSHeartbeatLost time.Duration
 	// AutoSwitch moves the machines of a scale-out process server with no
-	// heartbeat for PSHeartbeatLost to the built-in one (procservers.go).
+	// heartbeat for PSHeartbeatLost to the healthy ones, spread by churn
+	// (procservers.go, autoSwitch).
 	AutoSwitch bool
 	// Placement is where a newly registered machine is served:
 	// PlacementBuiltin (the built-in process server, ASR's default) or
@@ -160,6 +161,7 @@ type Server struct {
 	resyncMu sync.Mutex
 
 	cutMu sync.Mutex // one replication-group cut at a time
+	cuts  cuts       // the cuts with members on scale-out process servers (groupcut.go)
 
 	// unprotectMu serializes the removals of unprotected machines
 	// (unprotect.go); unprot (under unprotMu) notes the unprotected

@@ -10,6 +10,7 @@
 package api
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -224,11 +225,22 @@ type PointJSON struct {
 	ID   string `json:"id"`
 	Time string `json:"time"` // RFC 3339, UTC
 	Kind string `json:"kind"`
+	// Cut is the replication group's cut the point is a member's part of
+	// (replication.Point.Cut, in decimal; "": none).
+	Cut string `json:"cut,omitempty"`
 }
 
 // PointOf is recovery point p as the API shows it.
 func PointOf(p replication.Point) PointJSON {
-	return PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind}
+	return PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind, Cut: cutString(p.Cut)}
+}
+
+// cutString is a cut id as the API shows it ("" for none).
+func cutString(id uint64) string {
+	if id == 0 {
+		return ""
+	}
+	return strconv.FormatUint(id, 10)
 }
 
 // TagRequest is the body of POST /api/v1/machines/{m}/points.
@@ -311,12 +323,13 @@ type GroupPointJSON struct {
 	Time    string            `json:"time"`
 	Kind    string            `json:"kind"`
 	Members map[string]string `json:"members"` // machine name -> point id
+	Cut     string            `json:"cut,omitempty"`
 }
 
 // GroupPointOf is group point gp as the API shows it, each member named
 // by name(machine id).
 func GroupPointOf(gp replication.GroupPoint, name func(id string) string) GroupPointJSON {
-	out := GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
+	out := GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}, Cut: cutString(gp.Cut)}
 	for id, pid := range gp.Members {
 		out.Members[name(id)] = pid
 	}

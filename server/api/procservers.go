@@ -238,6 +238,8 @@ type PSCommand struct {
 	PointID      string `json:"point_id,omitempty"`
 	Disk         string `json:"disk,omitempty"`
 	AcceptDamage bool   `json:"accept_damage,omitempty"`
+	// PSCommandGroupCut: the cut the machine takes part in.
+	Cut *PSCut `json:"cut,omitempty"`
 	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
 	Timeout time.Duration `json:"timeout_ns"`
 }
@@ -271,6 +273,13 @@ const (
 	// (Error: why it is incomplete; Damaged: the damaged blocks streamed
 	// as they are, with AcceptDamage).
 	PSCommandImage = "image"
+	// PSCommandGroupCut has the machine take part in a replication
+	// group's cut that the configuration server coordinates across
+	// process servers (Cut): the process server reports its member's
+	// states (POST /api/v1/process-servers/cuts/{id}, PSCutReport) and
+	// follows the decisions (PSCutDecision); the result is the member's
+	// point, whose Cut is the cut's id.
+	PSCommandGroupCut = "groupCut"
 )
 
 // PSImagePath is where a scale-out process server POSTs the image a
@@ -282,6 +291,48 @@ const PSImagePath = "/api/v1/process-servers/images/"
 // MaxPSImageDamaged bounds the damaged blocks an image's result lists
 // (the built-in process server's stream lists as many).
 const MaxPSImageDamaged = 10000
+
+// PSCut is a replication group's cut a scale-out process server's machine
+// takes part in (PSCommandGroupCut).
+type PSCut struct {
+	ID  uint64 `json:"id"` // the tag's request id on every member, and its point's Cut
+	App bool   `json:"app,omitempty"`
+	// HoldWait bounds the wait for the agent's HELD (at most
+	// MaxPSCutHoldWait).
+	HoldWait time.Duration `json:"hold_wait_ns"`
+}
+
+// MaxPSCutHoldWait bounds PSCut.HoldWait.
+const MaxPSCutHoldWait = time.Minute
+
+// PSCutReport is the body of POST /api/v1/process-servers/cuts/{id}: a
+// member's state in a cut. The answer (PSCutDecision) comes once the
+// configuration server has decided what follows that state, at most
+// MaxPSCutPoll later (then PSCutRelease).
+type PSCutReport struct {
+	MachineID string `json:"machine_id"`
+	State     string `json:"state"`           // PSCutReady, PSCutHeld or PSCutFailed
+	Error     string `json:"error,omitempty"` // PSCutFailed: why (at most 4096 bytes)
+}
+
+// PSCutDecision answers a PSCutReport.
+type PSCutDecision struct {
+	Action string `json:"action"` // PSCutHold, PSCutCut or PSCutRelease
+	Reason string `json:"reason,omitempty"`
+}
+
+// A member's states in a cut, and the decisions.
+const (
+	PSCutReady   = "ready"   // the agent is connected: it can hold when told
+	PSCutHeld    = "held"    // the agent holds its writes (HELD)
+	PSCutFailed  = "failed"  // it cannot take part: the whole cut is abandoned
+	PSCutHold    = "hold"    // every member is ready: hold (HOLD)
+	PSCutCut     = "cut"     // every member holds: tag (CUT)
+	PSCutRelease = "release" // the cut is abandoned: release (RELEASE), no tag
+)
+
+// MaxPSCutPoll bounds how long a PSCutReport waits for its decision.
+const MaxPSCutPoll = 30 * time.Second
 
 // MaxPSPruneKeep bounds the points a prune command keeps by name (the
 // points of live failovers).

@@ -124,6 +124,7 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--time", "yesterday"}, "want RFC 3339"},
 		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--to-blob", "x"}, "--to-blob needs --format vhd"},
 		{[]string{"points", "--machine", "vm1", "--target", "file://" + nowhere}, "--target needs --passphrase-file"},
+		{[]string{"points", "--group", "web", "--point", "latest"}, "--point goes with --machine, not --group"},
 		{[]string{"policy"}, "asr policy list"},
 		{[]string{"policy", "show"}, "give the policy name first"},
 		{[]string{"group"}, "usage: asr group set"},

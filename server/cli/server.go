@@ -45,7 +45,7 @@ func serverFlags(e *env, args []string) (server.Config, error) {
 	fs.StringVar(&c.AdvertiseURL, "advertise-url", "", "control URL that guests reach the server at, given to pushed agents, https://HOST:PORT (default: the --listen address; add HOST with --host)")
 	fs.DurationVar(&c.HeartbeatLost, "heartbeat-lost", 15*time.Minute, "alert when an agent has not been connected for this long (critical at 4 times it)")
 	fs.DurationVar(&c.HealthHold, "health-hold", 15*time.Minute, "how long the process server's health figures, a vCenter outage or target errors must hold before they alert")
-	fs.BoolVar(&c.AutoSwitch, "auto-switch", false, "move the machines of a scale-out process server with no heartbeat for --ps-heartbeat-lost to the built-in one (what its cache did not apply is resynced)")
+	fs.BoolVar(&c.AutoSwitch, "auto-switch", false, "move the machines of a scale-out process server with no heartbeat for --ps-heartbeat-lost to the healthy ones, the built-in one included, spread by churn (what its cache did not apply is resynced)")
 	fs.StringVar(&c.Placement, "placement", server.PlacementBuiltin, "where a newly registered machine is served: builtin (this server's process server) or auto (the least loaded healthy process server, by upload rate, then machines)")
 	fs.DurationVar(&c.PSHeartbeatLost, "ps-heartbeat-lost", 2*time.Minute, "raise a critical alert when a scale-out process server sends no heartbeat for this long")
 	fs.DurationVar(&c.AlertClear, "alert-clear", 2*time.Minute, "how long a condition must be clearly false before its alert clears")
