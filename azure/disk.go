@@ -128,7 +128,7 @@ func (s diskStorage) LoadDisk(ctx context.Context, key string, size int64) (disk
 		if size == 0 {
 			return diskcore.Loaded{}, replication.ErrNotFound
 		}
-		if err := t.checkWrite(); err != nil {
+		if err := t.checkWrite(key); err != nil {
 			return diskcore.Loaded{}, err
 		}
 		d.size = size
@@ -434,7 +434,7 @@ func (d *disk) flushLocked(ctx context.Context) error {
 	if len(d.pages) == 0 && len(d.clears) == 0 {
 		return nil
 	}
-	if err := d.t.checkWrite(); err != nil {
+	if err := d.t.checkWrite(d.key); err != nil {
 		return err
 	}
 	g, gctx := errgroup.WithContext(ctx)
@@ -621,7 +621,7 @@ func (d *disk) Close(ctx context.Context, held []any) error {
 	if len(held) == 0 {
 		return nil
 	}
-	if err := d.t.checkWrite(); err != nil {
+	if err := d.t.checkWrite(d.key); err != nil {
 		return err
 	}
 	var errs []error
