@@ -176,6 +176,9 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 	if leaseID == "" {
 		leaseID = uuid.NewString()
 	}
+	if cfg.MachineLease == 0 {
+		cfg.MachineLease = DefaultMachineLease
+	}
 	t := &Target{
 		name:        cfg.String(),
 		account:     cfg.Account,

@@ -325,6 +325,21 @@ func TestPagesUp(t *testing.T) {
 	}
 }
 
+func TestMachineLeaseBounds(t *testing.T) {
+	for _, d := range []time.Duration{time.Second, 14 * time.Second, 61 * time.Second, 15500 * time.Millisecond} {
+		cfg := Config{Account: "acct", Container: "vault", Key: testKey, MachineLease: d}
+		if _, err := cfg.resolve(); err == nil || !strings.Contains(err.Error(), "machine lease") {
+			t.Errorf("machine lease %s: %v, want a refusal", d, err)
+		}
+	}
+	for _, d := range []time.Duration{0, 15 * time.Second, time.Minute} {
+		cfg := Config{Account: "acct", Container: "vault", Key: testKey, MachineLease: d}
+		if _, err := cfg.resolve(); err != nil {
+			t.Errorf("machine lease %s: %v", d, err)
+		}
+	}
+}
+
 func TestCheckWrite(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	clock := func() time.Time { return now }

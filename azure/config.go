@@ -168,10 +168,7 @@ func (c Config) resolve() (Config, error) {
 	default:
 		return Config{}, fmt.Errorf("azure target %s: no credentials: set %s, or %s or %s", c, EnvConnectionString, EnvKey, EnvSAS)
 	}
-	if c.MachineLease == 0 {
-		c.MachineLease = DefaultMachineLease
-	}
-	if c.MachineLease < 15*time.Second || c.MachineLease > 60*time.Second || c.MachineLease%time.Second != 0 {
+	if c.MachineLease != 0 && c.MachineLease < 15*time.Second || c.MachineLease > 60*time.Second || c.MachineLease%time.Second != 0 {
 		return Config{}, fmt.Errorf("azure target %s: machine lease %s: want whole seconds from 15 to 60", c, c.MachineLease)
 	}
 	if c.LeaseID != "" {
