@@ -30,10 +30,19 @@
 // directory, so after a restart it takes its own lease back at once, while
 // another server must wait up to 60 s for a crashed one's lease to expire.
 //
+// Scale-out process servers share the container with the configuration
+// server (Config.Shared): they take no lease on it, and each machine's
+// blobs are written under that machine's lease, a lease on the blob
+// leases/<machine id> (lease.go, replication.MachineLeaser), which every
+// process server, the configuration server's built-in one included, takes
+// before it opens the machine.
+//
 // # Layout
 //
 //	format            layout version: "ASRAZB", u16 version, u32 zero, CRC-32C
 //	lock              empty block blob whose lease is the write lock (ErrLocked)
+//	leases/<id>       empty block blob whose lease is machine <id>'s; metadata
+//	                  asrholder (the holder's name, for the refused)
 //	objects/<key>     one block blob per object
 //	disks/<key>       the disk's newest contents, a page blob; metadata
 //	                  asrversion (1), asrsize, and asrdeleting (snapshot IDs
@@ -47,12 +56,21 @@
 //
 // # Leases and fencing
 //
-// The lease fences servers, not requests: the other blobs take no lease
-// condition. Every write checks first that the lease is held: it fails
-// (wrapping replication.ErrLocked) once a renewal finds the lease lost, and
-// fails for as long as no renewal has succeeded for 50 s, before the service
-// could let another server take the lease. Reads go on regardless, so a
-// recovery still works.
+// The leases fence writers, not requests: the other blobs take no lease
+// condition. Every write checks first that the leases it depends on are
+// held (checkWrite): the container's, in the configuration server, and the
+// machine's for a blob under machines/<id>/ whose lease this Target holds.
+// A check fails once a renewal finds the lease lost (the container's wraps
+// replication.ErrLocked, a machine's replication.ErrMachineLeased), and
+// for as long as no renewal has succeeded for 5/6 of the lease's duration
+// (50 s of 60), before the service could let another holder take it. A
+// shared Target (a scale-out process server) writes only the blobs of the
+// machines it has leased: anything else (the vault descriptor, group
+// points, another machine) is refused; the configuration server, fenced by
+// the container's lease, also writes machines it has not leased (it
+// deletes them and prunes their kept segments). Reads go on regardless, so
+// a recovery still works. A write request already sent when its lease
+// lapses (the SDK retries a request for up to a minute) is not stopped.
 //
 // # Errors
 //
