@@ -69,8 +69,12 @@
 // points, another machine) is refused; the configuration server, fenced by
 // the container's lease, also writes machines it has not leased (it
 // deletes them and prunes their kept segments). Reads go on regardless, so
-// a recovery still works. A write request already sent when its lease
-// lapses (the SDK retries a request for up to a minute) is not stopped.
+// a recovery still works. Each write request is also bounded by the
+// earliest moment its leases may lapse (leaseBound: the start of the last
+// renewal plus the duration), so a request the SDK is still retrying then
+// is abandoned; only a request the service receives before that and
+// applies after (held in the network) escapes the fence, as it would any
+// fence without a lease condition on the written blob itself.
 //
 // # Errors
 //
@@ -391,6 +395,8 @@ func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
 		return fmt.Errorf("put object %s: %w", key, err)
 	}
 	bc := t.cc.NewBlockBlobClient(objectsPrefix + key)
+	ctx, cancel := t.leaseBound(ctx, key)
+	defer cancel()
 	if _, err := bc.Upload(ctx, streaming.NopCloser(bytes.NewReader(data)), nil); err != nil {
 		return fmt.Errorf("put object %s: %w", key, azError(err))
 	}
@@ -483,6 +489,8 @@ func (t *Target) DeleteObject(ctx context.Context, key string) error {
 	if err := t.checkWrite(key); err != nil {
 		return fmt.Errorf("delete object %s: %w", key, err)
 	}
+	ctx, cancel := t.leaseBound(ctx, key)
+	defer cancel()
 	_, err := t.cc.NewBlobClient(objectsPrefix+key).Delete(ctx, nil)
 	if err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
 		return fmt.Errorf("delete object %s: %w", key, azError(err))

@@ -2,6 +2,7 @@ package azure
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -403,6 +404,30 @@ func TestCheckWrite(t *testing.T) {
 	if err := shared.checkWrite("machines/m1/points/p"); !errors.Is(err, replication.ErrMachineLeased) {
 		t.Fatalf("lease lost: %v", err)
 	}
+
+	// Write requests are bounded by the earliest expiry of their leases:
+	// m1's, renewed 13 s ago for 15, before the container's.
+	ctx, cancel := tg.leaseBound(t.Context(), "machines/m1/disks/0")
+	if dl, ok := ctx.Deadline(); !ok || time.Until(dl) > 2*time.Second {
+		t.Fatalf("m1's write bounded by %v, %v, want m1's lease's expiry, 2 s away", dl, ok)
+	}
+	cancel()
+	ctx, cancel = tg.leaseBound(t.Context(), "vault")
+	if dl, ok := ctx.Deadline(); !ok || time.Until(dl) <= 2*time.Second {
+		t.Fatalf("the vault's write bounded by %v, %v, want the container lease's expiry", dl, ok)
+	}
+	cancel()
+	now = now.Add(3 * time.Second) // m1's lease may have lapsed
+	ctx, cancel = tg.leaseBound(t.Context(), "machines/m1/disks/0")
+	if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		t.Fatalf("a write past its lease's expiry: %v, want it abandoned", ctx.Err())
+	}
+	cancel()
+	ctx, cancel = shared.leaseBound(t.Context(), "machines/m9/machine")
+	if _, ok := ctx.Deadline(); ok {
+		t.Fatal("a write depending on no lease is bounded")
+	}
+	cancel()
 
 	tg.lock.err = lost(nil)
 	if err := tg.checkWrite("machines/m2/machine"); !errors.Is(err, replication.ErrLocked) {

@@ -154,6 +154,14 @@ func (l *blobLease) check() error {
 	return nil
 }
 
+// expiry is the earliest moment the service may let the lease lapse: the
+// start of its last successful renewal plus its duration.
+func (l *blobLease) expiry() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.renewed.Add(l.period())
+}
+
 // release gives the lease up, so another holder can take it at once. A
 // lease no longer held (it expired, another Target with the same lease ID
 // released it, or another holder took it after that; or its blob is gone)
@@ -425,6 +433,33 @@ func (t *Target) checkWrite(key string) error {
 		return fmt.Errorf("%s is shared with the configuration server, which alone writes %s: %w", t, key, replication.ErrLocked)
 	}
 	return fmt.Errorf("%s: this process server does not hold machine %s's lease: %w", t, id, replication.ErrMachineLeased)
+}
+
+// leaseBound bounds one write request of key's blob (checked by checkWrite
+// first) by the earliest moment a lease it depends on may lapse (expiry):
+// a request the SDK is still retrying then is abandoned, never sent when
+// another holder may have taken the lease. Only write calls take it: reads
+// go on whatever the leases.
+func (t *Target) leaseBound(ctx context.Context, key string) (context.Context, context.CancelFunc) {
+	var end time.Time
+	if t.lock != nil {
+		end = t.lock.expiry()
+	}
+	if id, ok := replication.MachineOfKey(key); ok {
+		t.mmu.Lock()
+		ml := t.machines[id]
+		t.mmu.Unlock()
+		if ml != nil && ml.bl != nil {
+			if e := ml.bl.expiry(); end.IsZero() || e.Before(end) {
+				end = e
+			}
+		}
+	}
+	if end.IsZero() {
+		return context.WithCancel(ctx)
+	}
+	// As a duration from the Target's clock, which tests move.
+	return context.WithTimeout(ctx, end.Sub(t.now()))
 }
 
 // releaseMachines releases every machine lease still held, and takes no
