@@ -280,18 +280,21 @@ func (t *Target) LeaseMachine(ctx context.Context, id, holder string) (replicati
 	defer t.mmu.Unlock()
 	if err == nil && t.leasesClosed {
 		err = fmt.Errorf("lease machine %s: %s: %w", id, t, replication.ErrClosed)
-		bl.stop()
 		bl.release()
 	}
 	if err != nil {
 		delete(t.machines, id)
 		return nil, err
 	}
+	// Under mmu, not closed: Close waits for these renewals only after
+	// it has set leasesClosed, so none starts once it waits.
+	bl.start(t.ctx, &t.wg)
 	ml.bl = bl
 	return ml, nil
 }
 
-// takeMachine acquires leases/<id>, labels it and starts its renewals.
+// takeMachine acquires leases/<id> and labels it; LeaseMachine starts its
+// renewals.
 func (t *Target) takeMachine(ctx context.Context, id, holder string) (*blobLease, error) {
 	name := leasesPrefix + id
 	bl, err := t.newLease(name, "machine "+id+"'s lease", t.machineSecs, func(answer error) error {
@@ -318,7 +321,6 @@ func (t *Target) takeMachine(ctx context.Context, id, holder string) (*blobLease
 		bl.release()
 		return nil, fmt.Errorf("lease machine %s: label the lease with its holder: %w", id, azError(err))
 	}
-	bl.start(t.ctx, &t.wg)
 	return bl, nil
 }
 

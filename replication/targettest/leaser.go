@@ -2,7 +2,9 @@ package targettest
 
 import (
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/asrdr/asr/replication"
@@ -84,6 +86,35 @@ func RunLeaser(t *testing.T, open LeaserOpenFunc) {
 		t.Fatalf("after the drop: %v", err)
 	}
 	a3.Release()
+
+	// Contenders at once, in both targets: one holder.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var won []replication.Lease
+	for i := range 8 {
+		l := csl
+		if i%2 == 1 {
+			l = psl
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			lease, err := l.LeaseMachine(ctx, "dd04", fmt.Sprintf("contender %d", i))
+			if err != nil && !errors.Is(err, replication.ErrMachineLeased) {
+				t.Errorf("contender %d: %v", i, err)
+			}
+			if err == nil {
+				mu.Lock()
+				won = append(won, lease)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(won) != 1 {
+		t.Fatalf("%d of 8 contenders hold machine dd04's lease, want 1", len(won))
+	}
+	won[0].Release()
 
 	// Closing a target lets its leases go.
 	if err := ps.Close(); err != nil {
