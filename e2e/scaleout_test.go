@@ -432,12 +432,14 @@ func TestE2EScaleOutFourAgents(t *testing.T) {
 }
 
 // startPS starts a scale-out process server (`asr process-server`) named
-// name, registered with the cluster's configuration server, and waits
-// until it runs. Its log is c.psLog(name), appended to across restarts.
-func (c *cluster) startPS(name string) *proc {
+// name, registered with the cluster's configuration server, with extra
+// arguments, and waits until it runs. Its log is c.psLog(name), appended
+// to across restarts.
+func (c *cluster) startPS(name string, extra ...string) *proc {
 	c.t.Helper()
-	p := startProc(c.t, name, c.psLog(name), "process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
-		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name)
+	args := append([]string{"process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name}, extra...)
+	p := startProc(c.t, name, c.psLog(name), args...)
 	p.waitLog(c.t, "asr process server running")
 	return p
 }

@@ -57,6 +57,7 @@ type processServers struct {
 	machines map[string]psMachine
 	runs     map[string]psRun
 	cmds     map[string]*psCmd
+	images   map[string]*psImage // image streams awaited, by command id (procservers_points.go)
 }
 
 type psBeat struct {
@@ -224,7 +225,7 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 			ids = append(ids, id)
 		}
 	}
-	fresh, cmds := s.takeReports(p.Name, &hb, open)
+	fresh, cmds, done := s.takeReports(p.Name, &hb, open)
 	s.pss.mu.Unlock()
 	if fresh {
 		for _, r := range hb.Reports {
@@ -233,6 +234,7 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 			}
 		}
 	}
+	deliver(done)
 	// Three beats in the lost interval at least: one late beat is no alert.
 	reply := api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3), Assigned: []api.PSAssignment{}, Commands: cmds}
 	for _, id := range ids {

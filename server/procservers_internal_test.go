@@ -60,6 +60,7 @@ func TestCheckReportsBounds(t *testing.T) {
 		{"status", &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{MachineID: id, Status: &replication.Status{Events: make([]replication.AgentEvent, replication.MaxStatusEvents+1)}}}}, "events"},
 		{"scrub disks", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Disks: make([]procserver.DiskScrub, api.MaxPSScrubEntries+1)}}}}, "a scrub report of"},
 		{"scrub damaged", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Points: []procserver.PointScrub{{Damaged: make([]int64, api.MaxPSScrubDamaged+1)}}}}}}, "damaged blocks"},
+		{"image damaged", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Damaged: make([]int64, api.MaxPSImageDamaged+1)}}}, "an image's result"},
 		{"scrub negative", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Disks: []procserver.DiskScrub{{Checked: -1}}}}}}, "checked"},
 	} {
 		if err := checkReports(tc.hb); err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -78,8 +78,11 @@ type Config struct {
 	// DefaultNBDListen; "off": only the data directory's UNIX socket).
 	NBDListen string
 	// ARMCredential and ARMOptions reach Azure Resource Manager for
-	// failovers to Azure (nil: azidentity's default credential chain and
-	// the SDK's defaults; tests point them at the SDK's fake servers).
+	// failovers to Azure. ARMOptions nil: the public cloud, the SDK's
+	// defaults; `asr server --azure-*` sets them (azure.Cloud: a national
+	// cloud, or another endpoint). ARMCredential nil: azidentity's default
+	// chain, asking the authority of ARMOptions' cloud. In-process tests
+	// set both to reach the SDK's fake servers directly.
 	ARMCredential azcore.TokenCredential
 	ARMOptions    *arm.ClientOptions
 	// DrillCheckEvery is how often the plans' drill schedules are checked

@@ -118,7 +118,8 @@ type ProcessServer struct {
 	CacheFreeB   uint64        `json:"cache_free_bytes"`
 	CacheState   string        `json:"cache_state"` // ok, warning (under 30% free), critical (under 25%)
 	CacheError   string        `json:"cache_error,omitempty"`
-	Target       string        `json:"target"` // where replicated data lands, e.g. azure://acct/container
+	CacheMaxB    int64         `json:"cache_max_bytes"` // past this the process server stops reading from agents (--cache-max)
+	Target       string        `json:"target"`          // where replicated data lands, e.g. azure://acct/container
 
 	RawBytes  int64 `json:"raw_bytes"`  // record bytes received since the server started
 	WireBytes int64 `json:"wire_bytes"` // the same as they came over the wire (compressed)

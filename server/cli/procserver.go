@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -17,8 +18,9 @@ import (
 // runProcessServer runs a scale-out process server until ctx ends.
 func runProcessServer(ctx context.Context, e *env, args []string) error {
 	var c psnode.Config
-	var passFile, cacheMax string
+	var passFile string
 	fs := e.flags("asr process-server")
+	cacheMax := cacheMaxFlag(fs)
 	fs.StringVar(&c.ConfigURL, "config", "", "the configuration server's control URL, https://HOST:PORT")
 	fs.StringVar(&passFile, "passphrase-file", "", "file holding the vault passphrase (to register, and to open the vault on the target)")
 	fs.StringVar(&c.DataDir, "data", "./asr-ps-data", "directory for the process server's cache")
@@ -26,7 +28,6 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&c.AdvertiseData, "advertise-data", "", "data address its agents dial, HOST:PORT (default: the listener's, with this host's address towards the configuration server)")
 	fs.StringVar(&c.Name, "name", "", "the process server's name (letters, digits, '.', '_', '-')")
 	fs.StringVar(&c.Target, "target", "", "target storage URL (default: the configuration server's, handed over at registration; an azure:// target takes its credentials from this host's environment)")
-	fs.StringVar(&cacheMax, "cache-max", "8GiB", "stop reading from agents while the cache holds more (agents spool)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -39,8 +40,8 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 		return errors.New("--name is required")
 	}
 	var err error
-	if c.CacheMaxBytes, err = replication.ParseSize(cacheMax); err != nil {
-		return fmt.Errorf("--cache-max: %w", err)
+	if c.CacheMaxBytes, err = cacheMax(); err != nil {
+		return err
 	}
 	if c.Passphrase, err = api.ReadSecretFile(passFile); err != nil {
 		return fmt.Errorf("--passphrase-file: %w", err)
@@ -64,6 +65,24 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 		err = cerr
 	}
 	return err
+}
+
+// cacheMaxFlag defines --cache-max, the bound of a process server's cache
+// (`asr process-server`'s, and the built-in one's of `asr server`), and
+// returns its parser: a positive size (8GiB by default), past which the
+// process server stops reading from its agents, which spool.
+func cacheMaxFlag(fs *flag.FlagSet) func() (int64, error) {
+	v := fs.String("cache-max", "8GiB", "stop reading from agents while the process server's cache holds more (agents spool); a size such as 64GiB")
+	return func() (int64, error) {
+		n, err := replication.ParseSize(*v)
+		if err != nil {
+			return 0, fmt.Errorf("--cache-max: %w", err)
+		}
+		if n <= 0 {
+			return 0, fmt.Errorf("--cache-max %s: want a positive size (e.g. 8GiB)", *v)
+		}
+		return n, nil
+	}
 }
 
 const psUsage = `usage: asr ps list [--json] | switch --machine M|--from PS --to PS | remove NAME
