@@ -251,6 +251,23 @@ const vaultKey = "vault"
 
 func machineKey(id string) string { return "machines/" + id + "/machine" }
 
+// MachineOfKey returns the machine a target key belongs to: every key under
+// machines/<id>/ (its catalog entry, points, kept segments, replica and
+// checksum disks), which only the holder of the machine's lease writes
+// (MachineLeaser). ok is false for the others (the vault descriptor,
+// group points).
+func MachineOfKey(key string) (id string, ok bool) {
+	rest, ok := strings.CutPrefix(key, "machines/")
+	if !ok {
+		return "", false
+	}
+	id, _, ok = strings.Cut(rest, "/")
+	if !ok || !ValidKeyElem(id) {
+		return "", false
+	}
+	return id, true
+}
+
 // pointKey names a point's catalog object. The key itself carries the
 // sequence number, time and kind, so listing the points needs no reads.
 func pointKey(id string, p Point) string {

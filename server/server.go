@@ -311,7 +311,7 @@ func (s *Server) open(ctx context.Context) error {
 		}
 		targetURL = "file://" + abs
 	}
-	lease, err := leaseID(cfg.DataDir)
+	lease, err := LeaseID(cfg.DataDir)
 	if err != nil {
 		return err
 	}
@@ -451,12 +451,13 @@ func (s *Server) loadRegistrationKey(ctx context.Context) error {
 	return nil
 }
 
-// leaseFile holds the id of the server's write lease on an Azure target, so
-// that a restarted server takes its own lease back at once.
+// leaseFile holds the id of the leases a server (or a scale-out process
+// server) takes on an Azure target, the container's and the machines', so
+// that once restarted it takes its own leases back at once.
 const leaseFile = "target-lease"
 
-// leaseID reads the server's lease id, making one on first use.
-func leaseID(dataDir string) (string, error) {
+// LeaseID reads the lease id kept in dataDir, making one on first use.
+func LeaseID(dataDir string) (string, error) {
 	path := filepath.Join(dataDir, leaseFile)
 	if b, err := os.ReadFile(path); err == nil {
 		return strings.TrimSpace(string(b)), nil
@@ -509,16 +510,17 @@ const (
 	// SharedTarget opens a target the configuration server holds, for a
 	// scale-out process server: it must exist, and its writes are fenced
 	// per machine (replication.MachineLeaser) instead of by the whole
-	// target's lock. Only the local-directory target does this yet.
+	// target's lock (localfs.Shared, azure.Config.Shared).
 	SharedTarget
 )
 
 // OpenTarget opens a target storage URL: file://PATH, or
 // azure://ACCOUNT/CONTAINER with credentials from the environment
 // (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with
-// AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN). lease is the id of the
-// write lease on an Azure container ("": a new one); mode says whether a
-// missing target is created.
+// AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN). lease is the id proposed
+// for the leases taken on an Azure container, its write lease and the
+// machines' ("": a new one; LeaseID keeps one in a data directory); mode
+// says whether a missing target is created.
 func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replication.Target, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
@@ -549,17 +551,13 @@ func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replic
 		}
 		return t, nil
 	case "azure":
-		if mode == SharedTarget {
-			// The container has one write lease (azure.go); leases per
-			// machine on Azure are not done yet.
-			return nil, fmt.Errorf("target %s: a scale-out process server cannot share an Azure target yet (the container has one write lease, held by the configuration server); only file:// targets can be shared", raw)
-		}
 		cfg, err := azure.ParseURL(raw, os.Getenv)
 		if err != nil {
 			return nil, err
 		}
 		cfg.LeaseID = lease
 		cfg.NoCreate = mode == ExistingTarget
+		cfg.Shared = mode == SharedTarget
 		t, err := azure.Open(ctx, cfg)
 		if errors.Is(err, replication.ErrLocked) {
 			return nil, fmt.Errorf("%w (stop it, or ask it with --server)", err)

@@ -27,7 +27,7 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of its agents' data listener (mutual TLS)")
 	fs.StringVar(&c.AdvertiseData, "advertise-data", "", "data address its agents dial, HOST:PORT (default: the listener's, with this host's address towards the configuration server)")
 	fs.StringVar(&c.Name, "name", "", "the process server's name (letters, digits, '.', '_', '-')")
-	fs.StringVar(&c.Target, "target", "", "target storage URL (default: the configuration server's, handed over at registration; file:// only)")
+	fs.StringVar(&c.Target, "target", "", "target storage URL (default: the configuration server's, handed over at registration; an azure:// target takes its credentials from this host's environment)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -47,7 +47,13 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("--passphrase-file: %w", err)
 	}
 	c.OpenTarget = func(ctx context.Context, url string) (replication.Target, error) {
-		return server.OpenTarget(ctx, url, "", server.SharedTarget)
+		// The id of its machines' leases on an Azure target, kept so
+		// that once restarted it takes them back at once.
+		lease, err := server.LeaseID(c.DataDir)
+		if err != nil {
+			return nil, err
+		}
+		return server.OpenTarget(ctx, url, lease, server.SharedTarget)
 	}
 	c.Logger = e.log
 	n, err := psnode.Open(ctx, c)
