@@ -172,7 +172,7 @@ func (f *failover) finalPoint(ctx context.Context, fr replication.Freeze) (uint6
 	if err := f.disks.syncAll(f.spool); err != nil {
 		return 0, fmt.Errorf("flush the disks: %w", err)
 	}
-	return f.points.tagSeq(fr.Req, false)
+	return f.points.tagSeq(fr.Req, false, 0)
 }
 
 // thaw carries out the server's THAW: the failover is cancelled and guest

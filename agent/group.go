@@ -106,7 +106,10 @@ func (g *groupCuts) run(c replication.Cut, w frameWriter) {
 				sent = nil
 			case t := <-ch:
 				if t == replication.FrameCut {
-					return g.points.tag(c.ID, app)
+					// The cut's id on the tag, marked as a cut's:
+					// every member's point records it (Point.Cut).
+					_, err := g.points.tagSeq(c.ID, app, replication.FlagCut)
+					return err
 				}
 				return fmt.Errorf("cut %d abandoned by the server", c.ID)
 			case <-box.C:

@@ -152,13 +152,14 @@ func (p *points) point(reqID uint64, app bool) error {
 // tag appends a recovery-point tag record; app marks it application-
 // consistent (the caller has quiesced the guest).
 func (p *points) tag(reqID uint64, app bool) error {
-	_, err := p.tagSeq(reqID, app)
+	_, err := p.tagSeq(reqID, app, 0)
 	return err
 }
 
-// tagSeq is tag, returning the tag record's sequence number.
-func (p *points) tagSeq(reqID uint64, app bool) (uint64, error) {
-	rec := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindTag, Offset: reqID}
+// tagSeq is tag, returning the tag record's sequence number; flags are
+// added to the record's (replication.FlagCut: a group cut's tag).
+func (p *points) tagSeq(reqID uint64, app bool, flags uint8) (uint64, error) {
+	rec := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindTag, Offset: reqID, Flags: flags}
 	switch {
 	case app:
 		rec.Flags |= replication.FlagApp

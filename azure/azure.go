@@ -30,10 +30,19 @@
 // directory, so after a restart it takes its own lease back at once, while
 // another server must wait up to 60 s for a crashed one's lease to expire.
 //
+// Scale-out process servers share the container with the configuration
+// server (Config.Shared): they take no lease on it, and each machine's
+// blobs are written under that machine's lease, a lease on the blob
+// leases/<machine id> (lease.go, replication.MachineLeaser), which every
+// process server, the configuration server's built-in one included, takes
+// before it opens the machine.
+//
 // # Layout
 //
 //	format            layout version: "ASRAZB", u16 version, u32 zero, CRC-32C
 //	lock              empty block blob whose lease is the write lock (ErrLocked)
+//	leases/<id>       empty block blob whose lease is machine <id>'s; metadata
+//	                  asrholder (the holder's name, for the refused)
 //	objects/<key>     one block blob per object
 //	disks/<key>       the disk's newest contents, a page blob; metadata
 //	                  asrversion (1), asrsize, and asrdeleting (snapshot IDs
@@ -47,12 +56,25 @@
 //
 // # Leases and fencing
 //
-// The lease fences servers, not requests: the other blobs take no lease
-// condition. Every write checks first that the lease is held: it fails
-// (wrapping replication.ErrLocked) once a renewal finds the lease lost, and
-// fails for as long as no renewal has succeeded for 50 s, before the service
-// could let another server take the lease. Reads go on regardless, so a
-// recovery still works.
+// The leases fence writers, not requests: the other blobs take no lease
+// condition. Every write checks first that the leases it depends on are
+// held (checkWrite): the container's, in the configuration server, and the
+// machine's for a blob under machines/<id>/ whose lease this Target holds.
+// A check fails once a renewal finds the lease lost (the container's wraps
+// replication.ErrLocked, a machine's replication.ErrMachineLeased), and
+// for as long as no renewal has succeeded for 5/6 of the lease's duration
+// (50 s of 60), before the service could let another holder take it. A
+// shared Target (a scale-out process server) writes only the blobs of the
+// machines it has leased: anything else (the vault descriptor, group
+// points, another machine) is refused; the configuration server, fenced by
+// the container's lease, also writes machines it has not leased (it
+// deletes them and prunes their kept segments). Reads go on regardless, so
+// a recovery still works. Each write request is also bounded by the
+// earliest moment its leases may lapse (leaseBound: the start of the last
+// renewal plus the duration), so a request the SDK is still retrying then
+// is abandoned; only a request the service receives before that and
+// applies after (held in the network) escapes the fence, as it would any
+// fence without a lease condition on the written blob itself.
 //
 // # Errors
 //
@@ -87,9 +109,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
-	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blockblob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
-	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
 	"github.com/google/uuid"
 
 	"github.com/asrdr/asr/replication"
@@ -111,19 +131,11 @@ const (
 	maxBlobNameLen = 1024 // the service's limit
 	maxKeyLen      = maxBlobNameLen - len(objectsPrefix)
 
+	// leaseSeconds is the container's write lease's duration (lease.go
+	// says how a lease is renewed and trusted).
 	leaseSeconds = 60
-	renewEvery   = 20 * time.Second
-	// renewRetry is the pause after a renewal that failed for a transient
-	// reason, and renewTimeout bounds one renewal, retries included: the
-	// lease must not lapse while the pipeline backs off.
-	renewRetry   = 5 * time.Second
-	renewTimeout = 15 * time.Second
-	// leaseTrust is how long after the start of its last successful renewal
-	// the lease counts as held. The service counts 60 s from when it got the
-	// request, later than the start; the 10 s left over cover clock rates.
-	leaseTrust = 50 * time.Second
 
-	// closeTimeout bounds the release of the lease in Close.
+	// closeTimeout bounds the release of a lease.
 	closeTimeout = 30 * time.Second
 )
 
@@ -144,19 +156,21 @@ type Target struct {
 	name    string // azure://ACCOUNT/CONTAINER
 	account string // the storage account, for FailoverDisk's resource ID
 	cc      *container.Client
-	lock    *lease.BlobClient
+	leaseID string     // proposed for every lease this Target takes
+	lock    *blobLease // the container's write lease; nil when shared
 	log     *slog.Logger
 	now     func() time.Time
 
 	// ctx lives until Close; it serves the calls that take no context
-	// (WriteAt, ZeroAt, ReadAt) and the lease's renewals.
+	// (WriteAt, ZeroAt, ReadAt) and the leases' renewals.
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	leaseMu  sync.Mutex
-	renewed  time.Time // start of the last successful acquire or renewal
-	leaseErr error     // set for good once a renewal finds the lease lost
+	machineSecs  int32 // a machine lease's duration (Config.MachineLease)
+	mmu          sync.Mutex
+	machines     map[string]*machineLease // the machine leases held, by machine id (lease.go)
+	leasesClosed bool                     // Close has released them: no more are taken
 
 	disks     *diskcore.Disks // the open disks, and whether t is closed
 	closeOnce sync.Once
@@ -165,11 +179,12 @@ type Target struct {
 var _ replication.Target = (*Target)(nil)
 
 // Open opens the vault in cfg's container, creating the container if it is
-// missing (unless cfg.NoCreate), and takes the container's write lease. It
-// returns an error wrapping replication.ErrLocked if another server holds
-// the lease, one wrapping ErrAuth if the account refuses the credentials,
-// and, with cfg.NoCreate, one wrapping replication.ErrNotFound if the
-// container holds no vault.
+// missing (unless cfg.NoCreate or cfg.Shared), and takes the container's
+// write lease (unless cfg.Shared). It returns an error wrapping
+// replication.ErrLocked if another server holds the lease, one wrapping
+// ErrAuth if the account refuses the credentials, and, with cfg.NoCreate
+// or cfg.Shared, one wrapping replication.ErrNotFound if the container
+// holds no vault.
 func Open(ctx context.Context, cfg Config) (*Target, error) {
 	cfg, err := cfg.resolve()
 	if err != nil {
@@ -183,20 +198,21 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 	if leaseID == "" {
 		leaseID = uuid.NewString()
 	}
-	lc, err := lease.NewBlobClient(cc.NewBlockBlobClient(lockBlob), &lease.BlobClientOptions{LeaseID: &leaseID})
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", cfg, err)
+	if cfg.MachineLease == 0 {
+		cfg.MachineLease = DefaultMachineLease
 	}
 	t := &Target{
-		name:    cfg.String(),
-		account: cfg.Account,
-		cc:      cc,
-		lock:    lc,
-		log:     slog.Default().With("component", "azure", "target", cfg.String()),
-		now:     time.Now,
+		name:        cfg.String(),
+		account:     cfg.Account,
+		cc:          cc,
+		leaseID:     leaseID,
+		log:         slog.Default().With("component", "azure", "target", cfg.String()),
+		now:         time.Now,
+		machineSecs: int32(cfg.MachineLease / time.Second),
+		machines:    map[string]*machineLease{},
 	}
 	var createErr error
-	if cfg.NoCreate {
+	if cfg.NoCreate || cfg.Shared {
 		// Before the lease, whose lock blob a new vault would get.
 		if err := t.checkExists(ctx); err != nil {
 			return nil, err
@@ -204,11 +220,23 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 	} else if createErr, err = t.createContainer(ctx, cfg.Key == ""); err != nil {
 		return nil, fmt.Errorf("open %s: %w", t, err)
 	}
-	if err := t.acquireLease(ctx); err != nil {
-		if createErr != nil && bloberror.HasCode(err, bloberror.ContainerNotFound) {
-			return nil, fmt.Errorf("open %s: the container does not exist and the SAS token cannot create it (Create Container: %v): create the container, or use a SAS with the create permission on containers, or the account key", t, createErr)
+	if !cfg.Shared {
+		if t.lock, err = t.newLease(lockBlob, "the write lease", leaseSeconds, func(answer error) error {
+			return fmt.Errorf("%s: the write lease is lost (%v); another asr server may be writing the container, so this one stops: %w", t, answer, replication.ErrLocked)
+		}); err != nil {
+			return nil, fmt.Errorf("open %s: %w", cfg, err)
 		}
-		return nil, fmt.Errorf("open %s: %w", t, err)
+		if err := t.take(ctx, t.lock, lockBlob); err != nil {
+			if createErr != nil && bloberror.HasCode(err, bloberror.ContainerNotFound) {
+				return nil, fmt.Errorf("open %s: the container does not exist and the SAS token cannot create it (Create Container: %v): create the container, or use a SAS with the create permission on containers, or the account key", t, createErr)
+			}
+			if leaseHeld(err) {
+				err = fmt.Errorf("another asr server holds the container (the lease on its %q blob; a crashed server's lease expires within %d s): %w", lockBlob, leaseSeconds, replication.ErrLocked)
+			} else {
+				err = fmt.Errorf("take the write lease: %w", azError(err))
+			}
+			return nil, fmt.Errorf("open %s: %w", t, err)
+		}
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.disks = diskcore.New(diskStorage{t}, diskcore.Config{
@@ -219,13 +247,16 @@ func Open(ctx context.Context, cfg Config) (*Target, error) {
 		CheckWrite:  t.checkWrite,
 		Logger:      t.log,
 	})
-	if err := t.checkFormat(ctx, !cfg.NoCreate); err != nil {
+	if err := t.checkFormat(ctx, !cfg.NoCreate && !cfg.Shared); err != nil {
 		t.cancel()
-		t.releaseLease()
+		if t.lock != nil {
+			t.lock.release()
+		}
 		return nil, fmt.Errorf("open %s: %w", t, err)
 	}
-	t.wg.Add(1)
-	go t.keepLease()
+	if t.lock != nil {
+		t.lock.start(t.ctx, &t.wg)
+	}
 	return t, nil
 }
 
@@ -271,121 +302,6 @@ func (t *Target) createContainer(ctx context.Context, sas bool) (createErr, err 
 		return errors.New(se.answer()), nil
 	}
 	return nil, fmt.Errorf("create container: %w", azError(err))
-}
-
-// acquireLease takes the lock blob's lease, creating the blob in a new vault.
-func (t *Target) acquireLease(ctx context.Context) error {
-	for created := false; ; created = true {
-		start := t.now()
-		_, err := t.lock.AcquireLease(ctx, leaseSeconds, nil)
-		switch {
-		case err == nil:
-			t.leaseMu.Lock()
-			t.renewed = start
-			t.leaseMu.Unlock()
-			return nil
-		case bloberror.HasCode(err, bloberror.LeaseAlreadyPresent, bloberror.LeaseIsBreakingAndCannotBeAcquired):
-			return fmt.Errorf("another asr server holds the container (the lease on its %q blob; a crashed server's lease expires within %d s): %w", lockBlob, leaseSeconds, replication.ErrLocked)
-		case bloberror.HasCode(err, bloberror.BlobNotFound) && !created:
-			// A new vault. If-None-Match keeps a lock blob that another
-			// server made meanwhile, and its lease.
-			_, err := t.cc.NewBlockBlobClient(lockBlob).Upload(ctx, streaming.NopCloser(bytes.NewReader(nil)), &blockblob.UploadOptions{
-				AccessConditions: &blob.AccessConditions{ModifiedAccessConditions: &blob.ModifiedAccessConditions{IfNoneMatch: to.Ptr(azcore.ETagAny)}},
-			})
-			if err != nil && !bloberror.HasCode(err, bloberror.BlobAlreadyExists, bloberror.LeaseIDMissing, bloberror.ConditionNotMet) {
-				return fmt.Errorf("create the %s blob: %w", lockBlob, azError(err))
-			}
-		default:
-			return fmt.Errorf("take the write lease: %w", azError(err))
-		}
-	}
-}
-
-// keepLease renews the lease until Close.
-func (t *Target) keepLease() {
-	defer t.wg.Done()
-	timer := time.NewTimer(renewEvery)
-	defer timer.Stop()
-	for {
-		select {
-		case <-t.ctx.Done():
-			return
-		case <-timer.C:
-		}
-		next := renewEvery
-		if err := t.renew(t.ctx); err != nil {
-			if t.ctx.Err() != nil {
-				return
-			}
-			if errors.Is(err, replication.ErrLocked) {
-				t.log.Error("write lease lost; writes fail from now on", "err", err)
-				return
-			}
-			t.log.Warn("write lease renewal failed; retrying", "err", err)
-			next = renewRetry
-		}
-		timer.Reset(next)
-	}
-}
-
-// renew renews the lease once. A refusal that says the lease is gone (taken,
-// broken, released, or its blob deleted) is final: it is recorded, and
-// every later write fails with it.
-func (t *Target) renew(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, renewTimeout)
-	defer cancel()
-	start := t.now()
-	_, err := t.lock.RenewLease(ctx, nil)
-	t.leaseMu.Lock()
-	defer t.leaseMu.Unlock()
-	if t.leaseErr != nil {
-		return t.leaseErr
-	}
-	if err == nil {
-		t.renewed = start
-		return nil
-	}
-	if bloberror.HasCode(err, bloberror.LeaseIDMismatchWithLeaseOperation, bloberror.LeaseIsBrokenAndCannotBeRenewed,
-		bloberror.LeaseNotPresentWithLeaseOperation, bloberror.LeaseLost, bloberror.LeaseAlreadyPresent,
-		bloberror.BlobNotFound, bloberror.ContainerNotFound) {
-		t.leaseErr = fmt.Errorf("%s: the write lease is lost (%v); another asr server may be writing the container, so this one stops: %w", t, azError(err), replication.ErrLocked)
-		return t.leaseErr
-	}
-	return fmt.Errorf("renew the write lease: %w", azError(err))
-}
-
-// checkWrite returns an error unless the lease is surely held.
-func (t *Target) checkWrite() error {
-	t.leaseMu.Lock()
-	defer t.leaseMu.Unlock()
-	if t.leaseErr != nil {
-		return t.leaseErr
-	}
-	if age := t.now().Sub(t.renewed); age > leaseTrust {
-		return fmt.Errorf("%s: the write lease has not been renewed for %s and may lapse; writes wait for a renewal", t, age.Round(time.Second))
-	}
-	return nil
-}
-
-// releaseLease gives the lease up, so another server can take it at once. A
-// lease this Target no longer holds (it expired, another Target with the
-// same lease ID released it, or another server took it after that) is fine:
-// Azure answers the first case with LeaseNotPresent, Azurite with
-// LeaseIdMismatch.
-func (t *Target) releaseLease() error {
-	t.leaseMu.Lock()
-	lost := t.leaseErr != nil
-	t.leaseMu.Unlock()
-	if lost {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
-	defer cancel()
-	_, err := t.lock.ReleaseLease(ctx, nil)
-	if err != nil && !bloberror.HasCode(err, bloberror.LeaseNotPresentWithLeaseOperation, bloberror.LeaseIDMismatchWithLeaseOperation) {
-		return fmt.Errorf("release the write lease: %w", azError(err))
-	}
-	return nil
 }
 
 // checkExists returns an error wrapping replication.ErrNotFound unless the
@@ -445,9 +361,13 @@ func (t *Target) String() string { return t.name }
 func (t *Target) Close() (err error) {
 	t.closeOnce.Do(func() {
 		err = t.disks.Close()
+		err = errors.Join(err, t.releaseMachines())
 		t.cancel()
 		t.wg.Wait()
-		if err = errors.Join(err, t.releaseLease()); err != nil {
+		if t.lock != nil {
+			err = errors.Join(err, t.lock.release())
+		}
+		if err != nil {
 			err = fmt.Errorf("close %s: %w", t, err)
 		}
 	})
@@ -471,10 +391,12 @@ func (t *Target) PutObject(ctx context.Context, key string, data []byte) error {
 	if err := t.disks.Check(ctx, "put object", key, false); err != nil {
 		return err
 	}
-	if err := t.checkWrite(); err != nil {
+	if err := t.checkWrite(key); err != nil {
 		return fmt.Errorf("put object %s: %w", key, err)
 	}
 	bc := t.cc.NewBlockBlobClient(objectsPrefix + key)
+	ctx, cancel := t.leaseBound(ctx, key)
+	defer cancel()
 	if _, err := bc.Upload(ctx, streaming.NopCloser(bytes.NewReader(data)), nil); err != nil {
 		return fmt.Errorf("put object %s: %w", key, azError(err))
 	}
@@ -564,9 +486,11 @@ func (t *Target) DeleteObject(ctx context.Context, key string) error {
 	if err := t.disks.Check(ctx, "delete object", key, false); err != nil {
 		return err
 	}
-	if err := t.checkWrite(); err != nil {
+	if err := t.checkWrite(key); err != nil {
 		return fmt.Errorf("delete object %s: %w", key, err)
 	}
+	ctx, cancel := t.leaseBound(ctx, key)
+	defer cancel()
 	_, err := t.cc.NewBlobClient(objectsPrefix+key).Delete(ctx, nil)
 	if err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
 		return fmt.Errorf("delete object %s: %w", key, azError(err))

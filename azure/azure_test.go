@@ -2,6 +2,7 @@ package azure
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -325,28 +326,112 @@ func TestPagesUp(t *testing.T) {
 	}
 }
 
+func TestMachineLeaseBounds(t *testing.T) {
+	for _, d := range []time.Duration{time.Second, 14 * time.Second, 61 * time.Second, 15500 * time.Millisecond} {
+		cfg := Config{Account: "acct", Container: "vault", Key: testKey, MachineLease: d}
+		if _, err := cfg.resolve(); err == nil || !strings.Contains(err.Error(), "machine lease") {
+			t.Errorf("machine lease %s: %v, want a refusal", d, err)
+		}
+	}
+	for _, d := range []time.Duration{0, 15 * time.Second, time.Minute} {
+		cfg := Config{Account: "acct", Container: "vault", Key: testKey, MachineLease: d}
+		if _, err := cfg.resolve(); err != nil {
+			t.Errorf("machine lease %s: %v", d, err)
+		}
+	}
+}
+
 func TestCheckWrite(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	tg := &Target{name: "azure://acct/vault", now: func() time.Time { return now }, renewed: now}
-	if err := tg.checkWrite(); err != nil {
+	clock := func() time.Time { return now }
+	lost := func(answer error) error { return fmt.Errorf("lost: %w", replication.ErrLocked) }
+	tg := &Target{name: "azure://acct/vault", now: clock, machines: map[string]*machineLease{},
+		lock: &blobLease{what: "the write lease", secs: leaseSeconds, now: clock, renewed: now, lost: lost}}
+	if err := tg.checkWrite("vault"); err != nil {
 		t.Fatal(err)
 	}
-	now = now.Add(leaseTrust)
-	if err := tg.checkWrite(); err != nil {
+	now = now.Add(50 * time.Second)
+	if err := tg.checkWrite("vault"); err != nil {
 		t.Fatalf("at the limit: %v", err)
 	}
 	now = now.Add(time.Second)
-	err := tg.checkWrite()
+	err := tg.checkWrite("vault")
 	if err == nil || errors.Is(err, replication.ErrLocked) {
-		t.Fatalf("lease not renewed for %s: %v, want a transient error", leaseTrust+time.Second, err)
+		t.Fatalf("lease not renewed for 51 s: %v, want a transient error", err)
 	}
-	tg.renewed = now
-	if err := tg.checkWrite(); err != nil {
+	tg.lock.renewed = now
+	if err := tg.checkWrite("vault"); err != nil {
 		t.Fatalf("after a renewal: %v", err)
 	}
-	tg.leaseErr = fmt.Errorf("lost: %w", replication.ErrLocked)
-	if err := tg.checkWrite(); !errors.Is(err, replication.ErrLocked) {
+
+	// The configuration server writes a machine it has not leased (it
+	// prunes and deletes); one it has leased only under that lease.
+	if err := tg.checkWrite("machines/m1/segments/x"); err != nil {
+		t.Fatalf("a machine not leased, with the container's lease: %v", err)
+	}
+	m1 := &blobLease{what: "machine m1's lease", secs: 15, now: clock, renewed: now, lost: func(error) error { return replication.ErrMachineLeased }}
+	tg.machines["m1"] = &machineLease{id: "m1", bl: m1}
+	if err := tg.checkWrite("machines/m1/disks/0"); err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(13 * time.Second) // past 5/6 of 15 s
+	if err := tg.checkWrite("machines/m1/disks/0"); err == nil {
+		t.Fatal("a machine lease not renewed for 13 s of 15 trusted")
+	}
+	if err := tg.checkWrite("machines/m2/machine"); err != nil {
+		t.Fatalf("another machine: %v", err)
+	}
+
+	// A process server sharing the container: only its leased machines.
+	shared := &Target{name: "azure://acct/vault", now: clock, machines: map[string]*machineLease{}}
+	shared.machines["m1"] = &machineLease{id: "m1", bl: &blobLease{what: "machine m1's lease", secs: 60, now: clock, renewed: now}}
+	shared.machines["m3"] = &machineLease{id: "m3"} // being acquired
+	if err := shared.checkWrite("machines/m1/points/p"); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"machines/m2/machine", "machines/m3/machine"} {
+		if err := shared.checkWrite(k); !errors.Is(err, replication.ErrMachineLeased) {
+			t.Fatalf("shared, %s not leased: %v, want ErrMachineLeased", k, err)
+		}
+	}
+	for _, k := range []string{"vault", "groups/g/points/1", "machines/m1", "machines"} {
+		if err := shared.checkWrite(k); !errors.Is(err, replication.ErrLocked) {
+			t.Fatalf("shared, %s: %v, want ErrLocked", k, err)
+		}
+	}
+	m1s := shared.machines["m1"].bl
+	m1s.err = fmt.Errorf("lost: %w", replication.ErrMachineLeased)
+	if err := shared.checkWrite("machines/m1/points/p"); !errors.Is(err, replication.ErrMachineLeased) {
 		t.Fatalf("lease lost: %v", err)
+	}
+
+	// Write requests are bounded by the earliest expiry of their leases:
+	// m1's, renewed 13 s ago for 15, before the container's.
+	ctx, cancel := tg.leaseBound(t.Context(), "machines/m1/disks/0")
+	if dl, ok := ctx.Deadline(); !ok || time.Until(dl) > 2*time.Second {
+		t.Fatalf("m1's write bounded by %v, %v, want m1's lease's expiry, 2 s away", dl, ok)
+	}
+	cancel()
+	ctx, cancel = tg.leaseBound(t.Context(), "vault")
+	if dl, ok := ctx.Deadline(); !ok || time.Until(dl) <= 2*time.Second {
+		t.Fatalf("the vault's write bounded by %v, %v, want the container lease's expiry", dl, ok)
+	}
+	cancel()
+	now = now.Add(3 * time.Second) // m1's lease may have lapsed
+	ctx, cancel = tg.leaseBound(t.Context(), "machines/m1/disks/0")
+	if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		t.Fatalf("a write past its lease's expiry: %v, want it abandoned", ctx.Err())
+	}
+	cancel()
+	ctx, cancel = shared.leaseBound(t.Context(), "machines/m9/machine")
+	if _, ok := ctx.Deadline(); ok {
+		t.Fatal("a write depending on no lease is bounded")
+	}
+	cancel()
+
+	tg.lock.err = lost(nil)
+	if err := tg.checkWrite("machines/m2/machine"); !errors.Is(err, replication.ErrLocked) {
+		t.Fatalf("container lease lost: %v", err)
 	}
 }
 

@@ -35,6 +35,10 @@ func TestAzurite(t *testing.T) {
 	})
 	t.Run("Lease", func(t *testing.T) { testLease(t, cs) })
 	t.Run("LeaseLost", func(t *testing.T) { testLeaseLost(t, cs) })
+	t.Run("MachineLeases", func(t *testing.T) { testMachineLeases(t, cs) })
+	t.Run("Shared", func(t *testing.T) { testShared(t, cs) })
+	t.Run("MachineLeaseLost", func(t *testing.T) { testMachineLeaseLost(t, cs) })
+	t.Run("MachineLeaseLapse", func(t *testing.T) { testMachineLeaseLapse(t, cs) })
 	t.Run("WrongKey", func(t *testing.T) { testWrongKey(t, cs) })
 	t.Run("MissingContainer", func(t *testing.T) { testMissingContainer(t, cs) })
 	t.Run("NoCreate", func(t *testing.T) { testNoCreate(t, cs) })
@@ -98,7 +102,7 @@ func testLease(t *testing.T, cs string) {
 	if err := c.PutObject(t.Context(), "k", []byte("v")); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.renew(t.Context()); err != nil {
+	if err := a.lock.renew(t.Context()); err != nil {
 		t.Fatalf("renewal of a lease taken back with its own ID: %v", err)
 	}
 	mustCloseTarget(t, c)
@@ -138,7 +142,7 @@ func testLeaseLost(t *testing.T, cs string) {
 	b := mustOpen(t, cfg)
 	defer mustCloseTarget(t, b)
 
-	if err := a.renew(t.Context()); !errors.Is(err, replication.ErrLocked) {
+	if err := a.lock.renew(t.Context()); !errors.Is(err, replication.ErrLocked) {
 		t.Fatalf("renewal of a lease another server holds: %v, want ErrLocked", err)
 	}
 	if err := a.PutObject(t.Context(), "k", []byte("w")); !errors.Is(err, replication.ErrLocked) {

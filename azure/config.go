@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/google/uuid"
 )
@@ -56,6 +57,14 @@ type Config struct {
 	// replication.ErrNotFound. Readers of a target open it so, and a
 	// mistyped container name does not become an empty vault.
 	NoCreate bool
+	// Shared opens a container the configuration server holds, for a
+	// scale-out process server: it takes no lease on the container and
+	// creates nothing (as NoCreate), and writes only the blobs of the
+	// machines whose lease it holds (Target.LeaseMachine).
+	Shared bool
+	// MachineLease is the duration of a machine's lease, 15 to 60 s
+	// (whole seconds, the service's bounds); 0 is DefaultMachineLease.
+	MachineLease time.Duration
 }
 
 // String returns "azure://ACCOUNT/CONTAINER", without secrets.
@@ -158,6 +167,9 @@ func (c Config) resolve() (Config, error) {
 		}
 	default:
 		return Config{}, fmt.Errorf("azure target %s: no credentials: set %s, or %s or %s", c, EnvConnectionString, EnvKey, EnvSAS)
+	}
+	if c.MachineLease != 0 && c.MachineLease < 15*time.Second || c.MachineLease > 60*time.Second || c.MachineLease%time.Second != 0 {
+		return Config{}, fmt.Errorf("azure target %s: machine lease %s: want whole seconds from 15 to 60", c, c.MachineLease)
 	}
 	if c.LeaseID != "" {
 		if _, err := uuid.Parse(c.LeaseID); err != nil {

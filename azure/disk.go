@@ -99,6 +99,8 @@ type diskStorage struct{ t *Target }
 // DeleteDisk removes the page blob at key with its snapshots; a missing one
 // is nil.
 func (s diskStorage) DeleteDisk(ctx context.Context, key string) error {
+	ctx, cancel := s.t.leaseBound(ctx, key)
+	defer cancel()
 	_, err := s.t.cc.NewBlobClient(disksPrefix+key).Delete(ctx, &blob.DeleteOptions{DeleteSnapshots: to.Ptr(blob.DeleteSnapshotsOptionTypeInclude)})
 	if err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
 		return azError(err)
@@ -128,14 +130,16 @@ func (s diskStorage) LoadDisk(ctx context.Context, key string, size int64) (disk
 		if size == 0 {
 			return diskcore.Loaded{}, replication.ErrNotFound
 		}
-		if err := t.checkWrite(); err != nil {
+		if err := t.checkWrite(key); err != nil {
 			return diskcore.Loaded{}, err
 		}
 		d.size = size
-		_, err = d.pb.Create(ctx, pagesUp(size)*pageSize, &pageblob.CreateOptions{
+		cctx, cancel := t.leaseBound(ctx, key)
+		_, err = d.pb.Create(cctx, pagesUp(size)*pageSize, &pageblob.CreateOptions{
 			Metadata:         d.metadata(),
 			AccessConditions: &blob.AccessConditions{ModifiedAccessConditions: &blob.ModifiedAccessConditions{IfNoneMatch: to.Ptr(azcore.ETagAny)}},
 		})
+		cancel()
 		if err == nil {
 			return diskcore.Loaded{Disk: d, Size: size}, nil
 		}
@@ -207,6 +211,8 @@ func (d *disk) metadata() map[string]*string {
 
 // writeMetadata stores metadata().
 func (d *disk) writeMetadata(ctx context.Context) error {
+	ctx, cancel := d.t.leaseBound(ctx, d.key)
+	defer cancel()
 	if _, err := d.pb.SetMetadata(ctx, d.metadata(), nil); err != nil {
 		return fmt.Errorf("set page blob metadata: %w", azError(err))
 	}
@@ -306,6 +312,8 @@ func (d *disk) deleteSnapshot(ctx context.Context, s *snapshot) error {
 	if err != nil {
 		return fmt.Errorf("snapshot %s (%s): %w", s.name, s.id, err)
 	}
+	ctx, cancel := d.t.leaseBound(ctx, d.key)
+	defer cancel()
 	if _, err := bc.Delete(ctx, nil); err != nil && !bloberror.HasCode(err, bloberror.BlobNotFound) {
 		return fmt.Errorf("delete snapshot %s (%s): %w", s.name, s.id, azError(err))
 	}
@@ -434,9 +442,11 @@ func (d *disk) flushLocked(ctx context.Context) error {
 	if len(d.pages) == 0 && len(d.clears) == 0 {
 		return nil
 	}
-	if err := d.t.checkWrite(); err != nil {
+	if err := d.t.checkWrite(d.key); err != nil {
 		return err
 	}
+	ctx, cancel := d.t.leaseBound(ctx, d.key)
+	defer cancel()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(flushParallel)
 	for _, s := range d.clears {
@@ -530,7 +540,10 @@ func (d *disk) Resize(ctx context.Context, size int64) error {
 	// The blob grows first: a crash before the metadata leaves a blob
 	// larger than its disk, which is harmless and grows again next time.
 	if pagesUp(size) > pagesUp(old) {
-		if _, err := d.pb.Resize(ctx, pagesUp(size)*pageSize, nil); err != nil {
+		rctx, cancel := d.t.leaseBound(ctx, d.key)
+		_, err := d.pb.Resize(rctx, pagesUp(size)*pageSize, nil)
+		cancel()
+		if err != nil {
 			return azError(err)
 		}
 	}
@@ -550,7 +563,9 @@ func (d *disk) Snapshot(ctx context.Context, name string) (any, error) {
 		metaSize:    to.Ptr(strconv.FormatInt(d.size, 10)),
 		metaSnap:    to.Ptr(name),
 	}
-	_, cerr := d.pb.CreateSnapshot(ctx, &blob.CreateSnapshotOptions{Metadata: meta})
+	cctx, cancel := d.t.leaseBound(ctx, d.key)
+	_, cerr := d.pb.CreateSnapshot(cctx, &blob.CreateSnapshotOptions{Metadata: meta})
+	cancel()
 	// Whatever the answer, the service may hold the snapshot, or two of it
 	// (a create retried after its answer was lost): the listing tells.
 	listed, err := d.listSnapshots(ctx)
@@ -621,7 +636,7 @@ func (d *disk) Close(ctx context.Context, held []any) error {
 	if len(held) == 0 {
 		return nil
 	}
-	if err := d.t.checkWrite(); err != nil {
+	if err := d.t.checkWrite(d.key); err != nil {
 		return err
 	}
 	var errs []error

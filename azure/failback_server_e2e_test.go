@@ -143,7 +143,17 @@ func testServerFailbackFromAzure(t *testing.T, size int64) {
 	if g := r.arm.Grants(); len(g) != 0 {
 		t.Fatalf("read SAS not revoked: %v", g)
 	}
-	dl, err := pb.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
+	checkOriginalEqualsRecovered(t, r, pb, size)
+	if fos, _ := c.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers after failback: %+v", fos)
+	}
+}
+
+// checkOriginalEqualsRecovered checks that the original disk's SHA-256
+// equals the recovered disk's first size bytes.
+func checkOriginalEqualsRecovered(t *testing.T, r *azureRig, pb *pageblob.Client, size int64) {
+	t.Helper()
+	dl, err := pb.DownloadStream(r.ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,8 +170,51 @@ func testServerFailbackFromAzure(t *testing.T, size int64) {
 	if sha256.Sum256(orig) != [32]byte(h.Sum(nil)) {
 		t.Fatal("the original disk differs from the recovered disk's final state")
 	}
+}
+
+// A recovery plan holding a machine failed over to Azure (by itself)
+// reprotects and fails it back by the failover to Azure's path: the
+// plan's reprotect reads snapshots of the running VM's disks and sends
+// only what differs; the plan's failback deallocates the VM, sends the
+// rest, verifies and switches; the original disk equals the recovered
+// one. Against the fake ARM and Azurite only.
+func TestServerFailbackPlanFromAzure(t *testing.T) {
+	const size = 4 << 20
+	r, pb, write, wp := startAzureFailback(t, size)
+	c, ctx := r.c, r.ctx
+	if _, err := c.CreatePlan(ctx, api.Plan{Name: "az", Groups: []api.PlanGroup{{Machines: []string{"web01"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	write(6)
+	j := r.run(t, func() (api.Job, error) { return c.ReprotectPlan(ctx, "az") })
+	if j.State != api.JobSucceeded || len(j.Output) != 2 || !strings.HasPrefix(j.Output[0], "plan az reprotected: 1 machine,") {
+		t.Fatalf("the plan's reprotect: %s %s %q", j.State, j.Error, j.Output)
+	}
+	var compared, differ, sent int64
+	if _, err := fmt.Sscanf(j.Output[1], "web01: reprotected: %d bytes compared, %d differ, %d bytes sent", &compared, &differ, &sent); err != nil ||
+		compared != size || sent != differ || sent <= 0 || sent > *wp {
+		t.Fatalf("the plan's reprotect %q (%v): for %d bytes written", j.Output[1], err, *wp)
+	}
+	write(3)
+	j = r.run(t, func() (api.Job, error) { return c.FailbackPlan(ctx, "az") })
+	if j.State != api.JobSucceeded || len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "plan az failed back: 1 machine") ||
+		!strings.Contains(j.Output[2], "web01-recovered") {
+		t.Fatalf("the plan's failback: %s %s %q %v", j.State, j.Error, j.Output, stepNames(j))
+	}
+	for _, s := range []string{"group 1: shut down=done", "web01: stop the recovered VM=done", "web01: send the last changes=done", "web01: verify=done", "switch=done", "group 1: power on=done"} {
+		if !slices.Contains(stepNames(j), s) {
+			t.Fatalf("the plan's failback steps %v lack %s", stepNames(j), s)
+		}
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM after the plan's failback: %q", p)
+	}
+	if g := r.arm.Grants(); len(g) != 0 {
+		t.Fatalf("read SAS not revoked: %v", g)
+	}
+	checkOriginalEqualsRecovered(t, r, pb, size)
 	if fos, _ := c.Failovers(ctx, false); len(fos) != 0 {
-		t.Fatalf("live failovers after failback: %+v", fos)
+		t.Fatalf("live failovers after the plan's failback: %+v", fos)
 	}
 }
 

@@ -41,7 +41,6 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/arm"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/runtime"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
-	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/compute/armcompute/v8"
 	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/network/armnetwork/v9"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
@@ -166,18 +165,6 @@ type FailoverResult struct {
 	// PrivateIP is the NIC's private address, if Azure reported one.
 	PrivateIP string
 	Test      bool
-}
-
-// NewCredential returns the credential of the production path:
-// azidentity's DefaultAzureCredential, which tries the environment
-// (AZURE_TENANT_ID, AZURE_CLIENT_ID and a secret or certificate), workload
-// identity, a managed identity, then the Azure CLI's and azd's logins.
-func NewCredential() (azcore.TokenCredential, error) {
-	cred, err := azidentity.NewDefaultAzureCredential(nil)
-	if err != nil {
-		return nil, fmt.Errorf("azure credential: %w", err)
-	}
-	return cred, nil
 }
 
 // OSTypeFromGuest maps a vSphere guest OS (its ID, "windows2019srv_64Guest",

@@ -12,120 +12,16 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
-	"github.com/Azure/azure-sdk-for-go/sdk/azcore/arm"
 	azfake "github.com/Azure/azure-sdk-for-go/sdk/azcore/fake"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
-	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/compute/armcompute/v8"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
-	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
 
 	"github.com/asrdr/asr/azure/azuritetest"
+	"github.com/asrdr/asr/azure/fakearm"
 	"github.com/asrdr/asr/replication"
 )
-
-// azuriteImport makes the fake ARM's disk import read the source the way
-// Azure does: the page blob must exist in Azurite, in the account the
-// storage account ID names, and be a fixed VHD of its own size; the disk's
-// size is the VHD's. It records each imported blob's VHD unique ID (footer
-// bytes 68-84), so a test can tell which file became which disk.
-type azuriteImport struct {
-	mu  sync.Mutex
-	ids map[string][]byte // source URI -> VHD unique ID
-}
-
-func (a *azuriteImport) check(ctx context.Context, uri, accountID string) (int64, error) {
-	rid, err := arm.ParseResourceID(accountID)
-	if err != nil || rid.Name != azuritetest.Account {
-		return 0, fmt.Errorf("storage account %s is not Azurite's %s", accountID, azuritetest.Account)
-	}
-	cred, err := blob.NewSharedKeyCredential(azuritetest.Account, azuritetest.Key)
-	if err != nil {
-		return 0, err
-	}
-	bc, err := blob.NewClientWithSharedKeyCredential(uri, cred, nil)
-	if err != nil {
-		return 0, err
-	}
-	props, err := bc.GetProperties(ctx, nil)
-	if err != nil {
-		return 0, err
-	}
-	if deref(props.BlobType, "") != blob.BlobTypePageBlob {
-		return 0, fmt.Errorf("%s is a %v, not a page blob", uri, deref(props.BlobType, ""))
-	}
-	size := deref(props.ContentLength, 0)
-	if size < replication.VHDFooterSize {
-		return 0, fmt.Errorf("%s: %d bytes", uri, size)
-	}
-	resp, err := bc.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: size - replication.VHDFooterSize, Count: replication.VHDFooterSize}})
-	if err != nil {
-		return 0, err
-	}
-	footer, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		return 0, err
-	}
-	vsize, err := replication.CheckVHDFooter(footer)
-	if err != nil {
-		return 0, err
-	}
-	if vsize != size-replication.VHDFooterSize || vsize%replication.VHDAlign != 0 {
-		return 0, fmt.Errorf("%s: VHD of %d bytes in a blob of %d", uri, vsize, size)
-	}
-	a.mu.Lock()
-	a.ids[uri] = footer[68:84]
-	a.mu.Unlock()
-	return vsize, nil
-}
-
-// azuriteSAS is the fake ARM's GrantAccess on Azurite: a read SAS URL of
-// the page blob disk d was imported from, which stands for the managed
-// disk (a test writes into it as the recovered VM would into its disk).
-func azuriteSAS(d armcompute.Disk) (string, error) {
-	if d.Properties == nil || d.Properties.CreationData == nil || d.Properties.CreationData.SourceURI == nil {
-		return "", fmt.Errorf("disk %s was not imported from a blob", deref(d.Name, ""))
-	}
-	cred, err := blob.NewSharedKeyCredential(azuritetest.Account, azuritetest.Key)
-	if err != nil {
-		return "", err
-	}
-	bc, err := blob.NewClientWithSharedKeyCredential(*d.Properties.CreationData.SourceURI, cred, nil)
-	if err != nil {
-		return "", err
-	}
-	return bc.GetSASURL(sas.BlobPermissions{Read: true}, time.Now().Add(time.Hour), nil)
-}
-
-// azuriteSnapshotSAS is the fake ARM's snapshot of disk d on Azurite: a
-// blob snapshot of the page blob d was imported from (a frozen copy), and
-// a read SAS URL of it.
-func azuriteSnapshotSAS(d armcompute.Disk) (string, error) {
-	if d.Properties == nil || d.Properties.CreationData == nil || d.Properties.CreationData.SourceURI == nil {
-		return "", fmt.Errorf("disk %s was not imported from a blob", deref(d.Name, ""))
-	}
-	cred, err := blob.NewSharedKeyCredential(azuritetest.Account, azuritetest.Key)
-	if err != nil {
-		return "", err
-	}
-	bc, err := blob.NewClientWithSharedKeyCredential(*d.Properties.CreationData.SourceURI, cred, nil)
-	if err != nil {
-		return "", err
-	}
-	r, err := bc.CreateSnapshot(context.Background(), nil)
-	if err != nil {
-		return "", err
-	}
-	sc, err := bc.WithSnapshot(deref(r.Snapshot, ""))
-	if err != nil {
-		return "", err
-	}
-	return sc.GetSASURL(sas.BlobPermissions{Read: true}, time.Now().Add(time.Hour), nil)
-}
 
 // mustVHD writes a fixed VHD of a raw image of size bytes, filled with
 // fill, and returns its path, virtual size and unique ID.
@@ -198,48 +94,45 @@ func TestFailoverAzurite(t *testing.T) {
 	})
 
 	t.Run("Failover", func(t *testing.T) {
-		f := newFakeARM(t)
-		imp := &azuriteImport{ids: map[string][]byte{}}
-		f.importCheck = imp.check
+		f := fakearm.New(t)
+		imp := fakearm.NewAzuriteImport()
+		f.ImportCheck = imp.Check
 		res, _ := mustFailover(t, f, spec, disks)
 		checkFailover(t, f, spec, disks, res, "Standard_D4s_v3")
-		f.mu.Lock()
-		defer f.mu.Unlock()
 		for i, id := range res.DiskIDs {
-			k, _ := f.lookup(&id, "Microsoft.Compute/disks")
-			d := f.disks[k]
+			d, _ := f.Disk(id)
 			if got := deref(d.Properties.DiskSizeBytes, 0); got != vsizes[i] {
 				t.Errorf("disk %d: %d bytes, want the VHD's %d", i, got, vsizes[i])
 			}
-			if got := imp.ids[disks[i].BlobURL]; !bytes.Equal(got, uniq[i]) {
+			if got := imp.ID(disks[i].BlobURL); !bytes.Equal(got, uniq[i]) {
 				t.Errorf("disk %d imported the VHD %x, want %x (disk%d.vhd)", i, got, uniq[i], i)
 			}
 		}
 	})
 
 	t.Run("MissingBlob", func(t *testing.T) {
-		f := newFakeARM(t)
-		imp := &azuriteImport{ids: map[string][]byte{}}
-		f.importCheck = imp.check
+		f := fakearm.New(t)
+		imp := fakearm.NewAzuriteImport()
+		f.ImportCheck = imp.Check
 		ds := append([]FailoverDisk(nil), disks...)
 		ds[1].BlobURL = strings.Replace(ds[1].BlobURL, "web01-1.vhd", "web01-9.vhd", 1)
-		_, err := FailoverToAzure(ctx, &azfake.TokenCredential{}, f.options(), spec, ds, nil)
+		_, err := FailoverToAzure(ctx, &azfake.TokenCredential{}, f.Options(), spec, ds, nil)
 		if err == nil || !strings.Contains(err.Error(), "import disk web01-datadisk-0") {
 			t.Fatalf("err %v, want the import of the missing blob failing", err)
 		}
-		if got := f.resources(); len(got) != 0 {
+		if got := f.Resources(); len(got) != 0 {
 			t.Fatalf("left: %v", got)
 		}
 	})
 
 	t.Run("RollbackAndTestFailover", func(t *testing.T) {
-		f := newFakeARM(t)
-		f.importCheck = (&azuriteImport{ids: map[string][]byte{}}).check
-		f.vmFail = "provision"
-		if _, err := FailoverToAzure(ctx, &azfake.TokenCredential{}, f.options(), spec, disks, nil); err == nil {
+		f := fakearm.New(t)
+		f.ImportCheck = fakearm.NewAzuriteImport().Check
+		f.VMFail = "provision"
+		if _, err := FailoverToAzure(ctx, &azfake.TokenCredential{}, f.Options(), spec, disks, nil); err == nil {
 			t.Fatal("failover succeeded with the VM failing")
 		}
-		if got := f.resources(); len(got) != 0 {
+		if got := f.Resources(); len(got) != 0 {
 			t.Fatalf("left after the rollback: %v", got)
 		}
 		// The blobs stay: a rollback deletes only what it created in
@@ -254,7 +147,7 @@ func TestFailoverAzurite(t *testing.T) {
 			}
 		}
 
-		f.vmFail = ""
+		f.VMFail = ""
 		test := spec
 		test.Test = true
 		test.VNet, test.Subnet = "test-vnet", "isolated"
@@ -265,10 +158,10 @@ func TestFailoverAzurite(t *testing.T) {
 		test.VMName = "web01-test"
 		res, _ := mustFailover(t, f, test, disks)
 		checkFailover(t, f, test, disks, res, "Standard_D4s_v3")
-		if err := DeleteFailover(ctx, &azfake.TokenCredential{}, f.options(), res); err != nil {
+		if err := DeleteFailover(ctx, &azfake.TokenCredential{}, f.Options(), res); err != nil {
 			t.Fatal(err)
 		}
-		if got := f.resources(); len(got) != 0 {
+		if got := f.Resources(); len(got) != 0 {
 			t.Fatalf("left after DeleteFailover: %v", got)
 		}
 	})
@@ -310,12 +203,12 @@ func TestRecoveredVMAzurite(t *testing.T) {
 		}
 		disks = append(disks, d)
 	}
-	f := NewFakeARM(t)
+	f := fakearm.NewAzurite(t)
 	res, _ := mustFailover(t, f, spec, disks)
-	if _, err := OpenRecoveredVM(&azfake.TokenCredential{}, f.options(), FailoverResult{VMName: "x", Subscription: testSub, Test: true, VMID: "id"}); !errors.Is(err, ErrInvalidFailover) {
+	if _, err := OpenRecoveredVM(&azfake.TokenCredential{}, f.Options(), FailoverResult{VMName: "x", Subscription: testSub, Test: true, VMID: "id"}); !errors.Is(err, ErrInvalidFailover) {
 		t.Fatalf("a test failover's VM: %v", err)
 	}
-	vm, err := OpenRecoveredVM(&azfake.TokenCredential{}, f.options(), res)
+	vm, err := OpenRecoveredVM(&azfake.TokenCredential{}, f.Options(), res)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -337,7 +230,7 @@ func TestRecoveredVMAzurite(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if g := f.grants(); len(g) != 1 || !strings.HasPrefix(g[0], "snapshot ") {
+		if g := f.Grants(); len(g) != 1 || !strings.HasPrefix(g[0], "snapshot ") {
 			t.Fatalf("grants while reading a running VM's disk: %v", g)
 		}
 		if i == 1 { // after the snapshot: not in what is read
@@ -360,10 +253,10 @@ func TestRecoveredVMAzurite(t *testing.T) {
 			t.Fatalf("disk %s: %d bytes read, not the disk's content", d.Name, len(b))
 		}
 	}
-	if g := f.grants(); len(g) != 0 {
+	if g := f.Grants(); len(g) != 0 {
 		t.Fatalf("grants left: %v", g)
 	}
-	if res := f.resources(); slices.ContainsFunc(res, func(r string) bool { return strings.HasPrefix(r, "snapshot ") }) {
+	if res := f.Resources(); slices.ContainsFunc(res, func(r string) bool { return strings.HasPrefix(r, "snapshot ") }) {
 		t.Fatalf("snapshots left: %v", res)
 	}
 	// Deallocated: the disk itself, with the write made after the snapshot.
@@ -374,7 +267,7 @@ func TestRecoveredVMAzurite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if g := f.grants(); len(g) != 1 || g[0] != testRG+"/web01-datadisk-0" {
+	if g := f.Grants(); len(g) != 1 || g[0] != testRG+"/web01-datadisk-0" {
 		t.Fatalf("grants while reading a deallocated VM's disk: %v", g)
 	}
 	b, err := io.ReadAll(rc)
@@ -388,7 +281,7 @@ func TestRecoveredVMAzurite(t *testing.T) {
 	if !bytes.Equal(b, want) {
 		t.Fatal("the deallocated VM's disk: not its content")
 	}
-	if g := f.grants(); len(g) != 0 {
+	if g := f.Grants(); len(g) != 0 {
 		t.Fatalf("grants left: %v", g)
 	}
 	if _, err := vm.Start(ctx); err != nil {
@@ -400,11 +293,11 @@ func TestRecoveredVMAzurite(t *testing.T) {
 		state string
 	}{{vm.Deallocate, true, "deallocated"}, {vm.Deallocate, false, "deallocated"}, {vm.Start, true, "running"}, {vm.Start, false, "running"}} {
 		did, err := step.fn(ctx)
-		if err != nil || did != step.did || f.vmPower(testRG, "web01") != step.state {
-			t.Fatalf("power: %v %v, state %s; want %v %s", did, err, f.vmPower(testRG, "web01"), step.did, step.state)
+		if err != nil || did != step.did || f.VMPower(testRG, "web01") != step.state {
+			t.Fatalf("power: %v %v, state %s; want %v %s", did, err, f.VMPower(testRG, "web01"), step.did, step.state)
 		}
 	}
-	gone, _ := OpenRecoveredVM(&azfake.TokenCredential{}, f.options(), FailoverResult{Subscription: testSub, ResourceGroup: testRG, VMName: "nosuchvm", VMID: "x"})
+	gone, _ := OpenRecoveredVM(&azfake.TokenCredential{}, f.Options(), FailoverResult{Subscription: testSub, ResourceGroup: testRG, VMName: "nosuchvm", VMID: "x"})
 	if _, err := gone.Disks(ctx); !errors.Is(err, replication.ErrNotFound) {
 		t.Fatalf("a missing VM: %v", err)
 	}

@@ -18,8 +18,8 @@ import (
 	azfake "github.com/Azure/azure-sdk-for-go/sdk/azcore/fake"
 
 	"github.com/asrdr/asr/agent"
-	"github.com/asrdr/asr/azure"
 	"github.com/asrdr/asr/azure/azuritetest"
+	"github.com/asrdr/asr/azure/fakearm"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
 )
@@ -35,7 +35,7 @@ import (
 // and a real agent protecting web01's disk d0; a first point is taken.
 type azureRig struct {
 	az   *azuritetest.Azurite
-	arm  *azure.FakeARM
+	arm  *fakearm.ARM
 	c    *api.Client
 	ctx  context.Context
 	disk string // the original disk d0
@@ -47,7 +47,7 @@ func startAzureRig(t *testing.T, size int) *azureRig {
 	t.Helper()
 	az := azuritetest.New(t)
 	t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnString())
-	arm := azure.NewFakeARM(t)
+	arm := fakearm.NewAzurite(t)
 	dir := t.TempDir()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	srv, err := server.Open(context.Background(), server.Config{DataDir: filepath.Join(dir, "srv"), Listen: "127.0.0.1:0", DataListen: "127.0.0.1:0",
@@ -116,7 +116,7 @@ func TestServerFailoverToAzure(t *testing.T) {
 		t.Helper()
 		return r.run(t, func() (api.Job, error) { return c.StartFailover(ctx, req) })
 	}
-	target := &api.AzureTarget{Subscription: azure.TestSubscription, ResourceGroup: "net-rg", Location: "westeurope", VNet: "test-vnet", Subnet: "isolated"}
+	target := &api.AzureTarget{Subscription: fakearm.Subscription, ResourceGroup: "net-rg", Location: "westeurope", VNet: "test-vnet", Subnet: "isolated"}
 	j := run(api.FailoverRequest{Machine: "web01", Test: true, To: api.ToAzure, Azure: target})
 	if j.State != api.JobSucceeded {
 		t.Fatalf("test failover to Azure: %s %s %+v", j.State, j.Error, j.Steps)

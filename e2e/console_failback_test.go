@@ -47,26 +47,9 @@ func TestE2EConsoleFailback(t *testing.T) {
 	fc.fio(a.uri("d"), "fwd", 1<<20)
 
 	p := openConsole(t, c, browser)
-	machinePage := func() {
-		t.Helper()
-		p.do(chromedp.Navigate(c.url()+"/machines/m"), chromedp.WaitVisible(chromedp.CSS("#machine-title")))
-	}
-	// jobDone waits until the job's page shows its end, and returns its
-	// output and its steps.
-	jobDone := func(what string) (output, steps string) {
-		t.Helper()
-		p.waitVisible("showed the end of the "+what+" job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
-		if s := p.text("#job-state"); s != "succeeded" {
-			t.Fatalf("the %s job %s:\n%s", what, s, p.text("#job"))
-		}
-		if p.exists("#job-output") { // a job without result lines has none
-			output = p.text("#job-output")
-		}
-		return output, p.text("#job-steps")
-	}
 
 	// No failback yet: no direction, no button.
-	machinePage()
+	p.machinePage(c, "m")
 	if p.exists("#machine-failback") || p.exists("a.failback-action") {
 		t.Fatal("a protected machine's page shows failback")
 	}
@@ -77,7 +60,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 		t.Fatal("the failover form is not prefilled with a planned failover to NBD")
 	}
 	p.do(chromedp.Click(chromedp.CSS("#failover-submit")))
-	out, _ := jobDone("failover")
+	out, _ := p.jobDone("failover")
 	fs := c.liveFailovers()
 	if len(fs) != 1 || len(fs[0].Exports) != 1 || !fs[0].Planned || !strings.Contains(out, fs[0].Exports[0].URI) {
 		t.Fatalf("after the planned failover: %+v; the job's output:\n%s", fs, out)
@@ -86,7 +69,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	fc.written = 0 // counted from the failover on
 
 	// Not committed yet: the machine's page says to commit, no button.
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed over") || !strings.Contains(s, "Commit the failover") || p.exists("a.failback-action") {
 		t.Fatalf("an uncommitted failover's machine page shows:\n%s", s)
 	}
@@ -95,7 +78,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	// Commit, from the failovers page.
 	p.do(chromedp.Navigate(c.url()+"/failovers"), chromedp.WaitVisible(chromedp.CSS("button.failover-commit")),
 		chromedp.Click(chromedp.CSS("button.failover-commit")))
-	jobDone("commit")
+	p.jobDone("commit")
 	if st := c.status("m"); st.Direction != "failed-over" || st.Unprotected {
 		t.Fatalf("after commit: direction %q, unprotected %v", st.Direction, st.Unprotected)
 	}
@@ -104,7 +87,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	fc.fio(fc.export, "failed-over", 4<<20)
 
 	// Reprotect: the button, its confirmation, its job.
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed over") || !strings.Contains(s, "Reprotect") {
 		t.Fatalf("the committed failover's machine page shows:\n%s", s)
 	}
@@ -117,7 +100,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	}
 	p.screenshot("fb-02-reprotect-confirm")
 	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")))
-	out, steps := jobDone("reprotect")
+	out, steps := p.jobDone("reprotect")
 	if !strings.Contains(out, "reprotected:") || !strings.Contains(out, "bytes sent") || !strings.Contains(steps, "first pass") {
 		t.Fatalf("the reprotect job shows:\n%s\n%s", out, steps)
 	}
@@ -125,7 +108,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	if st := c.status("m"); st.Direction != "reprotected" {
 		t.Fatalf("after reprotect: direction %q", st.Direction)
 	}
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Reprotected") || !strings.Contains(s, "sent back to the original disks") ||
 		!p.exists(`a.failback-action[data-failback="failback"]`) || p.exists(`a.failback-action[data-failback="reprotect"]`) {
 		t.Fatalf("the reprotected machine's page shows:\n%s", s)
@@ -142,7 +125,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	a.proc.pause()
 	fc.fio(fc.export, "held", 2<<20)
 	want := nbdCopySum(t, fc.export)
-	machinePage()
+	p.machinePage(c, "m")
 	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="failback"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-failback")))
 	if s := p.text("#failback-steps"); !strings.Contains(s, "failed-over machine is stopped") || !strings.Contains(s, "last changes are drained") ||
 		!strings.Contains(s, "compared whole") || !strings.Contains(s, "on-premises machine is resumed") {
@@ -163,13 +146,13 @@ func TestE2EConsoleFailback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "failback running") || p.exists("a.failback-action") {
 		t.Fatalf("the machine's page while its failback runs:\n%s", s)
 	}
 	p.do(chromedp.Navigate(jobURL), chromedp.WaitVisible(chromedp.CSS("#job")))
 	a.proc.resume()
-	out, steps = jobDone("failback")
+	out, steps = p.jobDone("failback")
 	t.Logf("failback job:\n%s\n%s", out, steps)
 	if !strings.Contains(steps, ": verify") || !strings.Contains(steps, "compared: equal") || !strings.Contains(steps, ": power on") {
 		t.Fatalf("the failback's steps:\n%s", steps)
@@ -179,7 +162,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 
 	// Failed back: the machine's page offers Reprotect forward; a failback
 	// asked for again is refused with the reason (409), nothing changed.
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !strings.Contains(s, "Reprotect forward") ||
 		!p.exists(`a.failback-action[data-failback="reprotect"]`) {
 		t.Fatalf("the failed-back machine's page shows:\n%s", s)
@@ -193,7 +176,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	// Reprotect forward: the original runs again (writes through its
 	// agent), the checksum resync sends only what differs.
 	fc.fio(a.uri("d"), "back-home", 1<<20)
-	machinePage()
+	p.machinePage(c, "m")
 	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="reprotect"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-reprotect")))
 	if s := p.text("#failback-steps"); !strings.Contains(s, "compares checksums") || !strings.Contains(s, "not a new initial replication") {
 		t.Fatalf("the forward reprotect's confirmation says:\n%s", s)
@@ -237,7 +220,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	} else {
 		p.do(chromedp.Click(chromedp.CSS("#failback-running-job")), chromedp.WaitVisible(chromedp.CSS("#job")))
 	}
-	out, steps = jobDone("forward reprotect")
+	out, steps = p.jobDone("forward reprotect")
 	m := forwardRE.FindStringSubmatch(out)
 	if m == nil || !strings.Contains(steps, "resync d") {
 		t.Fatalf("the forward reprotect job shows:\n%s\n%s", out, steps)
@@ -252,7 +235,7 @@ func TestE2EConsoleFailback(t *testing.T) {
 	if st := c.status("m"); st.Direction != "" {
 		t.Fatalf("after the forward reprotect: direction %q", st.Direction)
 	}
-	machinePage()
+	p.machinePage(c, "m")
 	if p.exists("#machine-failback") || p.exists("a.failback-action") {
 		t.Fatal("the machine's page still shows failback once protected forward")
 	}

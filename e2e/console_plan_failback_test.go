@@ -43,17 +43,6 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 		t.Helper()
 		p.do(chromedp.Navigate(c.url()+"/plans"), chromedp.WaitVisible(chromedp.CSS("#plan-dr")))
 	}
-	jobDone := func(what string) (output, steps string) {
-		t.Helper()
-		p.waitVisible("showed the end of the "+what+" job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
-		if s := p.text("#job-state"); s != "succeeded" {
-			t.Fatalf("the %s job %s:\n%s", what, s, p.text("#job"))
-		}
-		if p.exists("#job-output") {
-			output = p.text("#job-output")
-		}
-		return output, p.text("#job-steps")
-	}
 	directions := func(want string) {
 		t.Helper()
 		for _, m := range machines {
@@ -66,10 +55,10 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 	// The plan's planned failover to NBD and its commit, from its card.
 	plansPage()
 	p.do(chromedp.Click(chromedp.CSS(`#plan-dr form.plan-failover button[type="submit"]`)))
-	jobDone("plan failover")
+	p.jobDone("plan failover")
 	plansPage()
 	p.do(chromedp.Click(chromedp.CSS(`#plan-dr button.plan-commit`)))
-	jobDone("plan commit")
+	p.jobDone("plan commit")
 	directions("failed-over")
 	exports := map[string]string{}
 	for _, f := range c.liveFailovers() {
@@ -90,7 +79,7 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 	}
 	p.screenshot("planfb-01-reprotect-confirm")
 	p.do(chromedp.Click(chromedp.CSS("#confirm-plan-reprotect")))
-	out, _ := jobDone("plan reprotect")
+	out, _ := p.jobDone("plan reprotect")
 	if !strings.Contains(out, "plan dr reprotected: 2 machines") {
 		t.Fatalf("the plan reprotect job's output:\n%s", out)
 	}
@@ -113,7 +102,7 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 	}
 	p.screenshot("planfb-02-failback-confirm")
 	p.do(chromedp.Click(chromedp.CSS("#confirm-plan-failback")))
-	out, steps := jobDone("plan failback")
+	out, steps := p.jobDone("plan failback")
 	t.Logf("plan failback job:\n%s\n%s", out, steps)
 	order := []string{"group 2: shut down", "group 1: shut down", "m2: drain", "m1: drain", "m1: verify", "switch", "group 1: power on", "group 2: power on"}
 	last := -1
@@ -142,7 +131,7 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 	plansPage()
 	p.do(chromedp.Click(chromedp.CSS(`#plan-dr a.plan-reprotect`)), chromedp.WaitVisible(chromedp.CSS("#confirm-plan-reprotect")))
 	p.do(chromedp.Click(chromedp.CSS("#confirm-plan-reprotect")))
-	out, _ = jobDone("plan forward reprotect")
+	out, _ = p.jobDone("plan forward reprotect")
 	if !strings.Contains(out, "plan dr protected again: 2 machines") {
 		t.Fatalf("the forward plan reprotect job's output:\n%s", out)
 	}

@@ -506,6 +506,26 @@ type consolePage struct {
 	shots string
 }
 
+// machinePage opens machine's page in the console of c.
+func (p *consolePage) machinePage(c *cluster, machine string) {
+	p.t.Helper()
+	p.do(chromedp.Navigate(c.url()+"/machines/"+machine), chromedp.WaitVisible(chromedp.CSS("#machine-title")))
+}
+
+// jobDone waits until the job's page shows its end, fails the test if
+// the job did not succeed, and returns its output and its steps.
+func (p *consolePage) jobDone(what string) (output, steps string) {
+	p.t.Helper()
+	p.waitVisible("showed the end of the "+what+" job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
+	if s := p.text("#job-state"); s != "succeeded" {
+		p.t.Fatalf("the %s job %s:\n%s", what, s, p.text("#job"))
+	}
+	if p.exists("#job-output") { // a job without result lines has none
+		output = p.text("#job-output")
+	}
+	return output, p.text("#job-steps")
+}
+
 // stale tells an error from a node that htmx's polling replaced between
 // its query and its use: the step is done again on the new node.
 func staleNode(err error) bool {

@@ -14,9 +14,15 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/asrdr/asr/server/api"
 )
 
 // planFio writes n bytes of random 64 KiB blocks into uri (a 16 MiB disk).
@@ -220,5 +226,154 @@ func TestE2EFailbackGroup(t *testing.T) {
 		if st := c.status(m); st.Direction != "" {
 			t.Fatalf("%s after the forward reprotect: direction %q", m, st.Direction)
 		}
+	}
+}
+
+// waitJob polls a job until ok (bounded by hungAfter); the job must be
+// running meanwhile unless ok accepts its end.
+func (c *cluster) waitJob(id, what string, ok func(api.Job) bool) api.Job {
+	c.t.Helper()
+	deadline := time.Now().Add(hungAfter)
+	for {
+		j := c.job(id)
+		if ok(j) {
+			return j
+		}
+		if j.State != api.JobRunning || time.Now().After(deadline) {
+			c.t.Fatalf("job %s, waiting for %s: %+v", id, what, j)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestE2EFailbackPlanMixed: a plan of two groups: db (group 1), failed
+// over by itself (planned) to the server's NBD exports, and m (group 2),
+// linked to the simulator's guest01, failed over (unplanned) to vSphere.
+// fio writes into db's export and into the recovered VM's flat file;
+// asr reprotect --plan reprotects each by its own path; more fio; asr
+// failback --plan: group 1's failback-only manual action holds the job
+// after db's power-on, and the server is killed (-9) there, past the
+// switch. Restarted, the same job resumes: it waits on that action again
+// (m still failing back: the plan's order kept), and once confirmed
+// group 2's pre script runs, then m's power-on, then its post script;
+// group 1's pre script is not run again. Every original disk's SHA-256
+// equals its failed-over final state.
+func TestE2EFailbackPlanMixed(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c := vc.failbackCase, vc.c
+	dbDisk := filepath.Join(c.dir, "db.img")
+	makeDisk(t, dbDisk, 16<<20, 31)
+	c.startAgent("db", nil, "d="+dbDisk)
+	c.waitState("db", "protected", hungAfter)
+	planFio(t, c.agents["db"].uri("d"), "fwd-db", 1<<20)
+	c.mustCLI("failover", "--machine", "db", "--planned", "--to", "nbd")
+	c.mustCLI("failover", "--machine", "db", "--commit")
+	var export string
+	for _, f := range c.liveFailovers() {
+		if f.Machine == "db" && len(f.Exports) == 1 {
+			export = f.Exports[0].URI
+		}
+	}
+	if export == "" {
+		t.Fatalf("no export of db: %+v", c.liveFailovers())
+	}
+	actionLog := filepath.Join(c.dir, "actions.log")
+	script := filepath.Join(c.dir, "action.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$ASR_DIRECTION $ASR_PHASE $ASR_GROUP\" >> "+actionLog+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.mustCLI("plan", "create", "mix", "--group", "1=db", "--group", "2=m",
+		"--pre", "1=failback:script:"+script, "--post", "1=failback:manual:check the database",
+		"--pre", "2=failback:script:"+script, "--post", "2=failback:script:"+script)
+	actions := func() string {
+		b, err := os.ReadFile(actionLog)
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	planFio(t, export, "failed-over-db", 2<<20)
+	fc.fioFile(vc.flat, "recovered", 2<<20)
+	out := c.mustCLI("reprotect", "--plan", "mix")
+	t.Logf("reprotect --plan:\n%s", out)
+	if !strings.Contains(out, "plan mix reprotected: 2 machines") || !strings.Contains(out, "db: reprotected: ") || reprotectedRE.FindStringSubmatch(out) == nil {
+		t.Fatalf("reprotect --plan:\n%s", out)
+	}
+	for _, m := range []string{"db", "m"} {
+		if st := c.status(m); st.Direction != "reprotected" {
+			t.Fatalf("%s after reprotect --plan: direction %q", m, st.Direction)
+		}
+	}
+	planFio(t, export, "reprotected-db", 1<<20)
+	fc.fioFile(vc.flat, "recovered-after-reprotect", 1<<20)
+	wantDB := nbdCopySum(t, export)
+	wantM := sha256File(t, vc.flat)
+
+	id := strings.TrimSpace(c.mustCLI("failback", "--plan", "mix", "--no-wait"))
+	waiting := func() {
+		t.Helper()
+		c.waitJob(id, "group 1's manual action", func(j api.Job) bool { return j.Waiting == "check the database" })
+	}
+	waiting()
+	if st := c.status("db"); st.Direction != "failed-back" {
+		t.Fatalf("db while group 1's action waits: direction %q", st.Direction)
+	}
+	if st := c.status("m"); st.Direction != "failing-back" {
+		t.Fatalf("m while group 1's action waits: direction %q", st.Direction)
+	}
+	if got := actions(); got != "recovery-to-primary pre 1\n" {
+		t.Fatalf("the plan's actions before the kill: %q", got)
+	}
+	c.server.kill()
+	c.startServer()
+	waiting() // the same job, resumed
+	if st := c.status("m"); st.Direction != "failing-back" {
+		t.Fatalf("m after the restart, before group 1's action is confirmed: direction %q", st.Direction)
+	}
+	if got := actions(); got != "recovery-to-primary pre 1\n" {
+		t.Fatalf("the plan's actions after the restart: %q", got)
+	}
+	if out := c.mustCLI("job", "confirm", id); !strings.Contains(out, "confirmed") {
+		t.Fatalf("job confirm: %s", out)
+	}
+	j := c.waitJob(id, "its end", func(j api.Job) bool { return j.State != api.JobRunning })
+	t.Logf("the resumed failback: %s %s %q", j.State, j.Error, j.Output)
+	if j.State != api.JobSucceeded || len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan mix failed back: 2 machines") ||
+		!strings.Contains(j.Output[3], "guest01-recovered") {
+		t.Fatalf("the resumed plan failback: %+v", j)
+	}
+	at := func(name string) int {
+		i := slices.IndexFunc(j.Steps, func(s api.JobStep) bool { return s.Name == name })
+		if i < 0 {
+			t.Fatalf("the job has no step %q: %+v", name, j.Steps)
+		}
+		return i
+	}
+	order := []string{"group 2: shut down", "m: stop the recovered VM", "group 1: shut down", "db: stop the failed-over machine",
+		"switch", "group 1 pre 1", "group 1: power on", "resume", "group 2 pre 1", "group 2: power on", "m: end the failover", "group 2 post 1"}
+	for k := 1; k < len(order); k++ {
+		if at(order[k-1]) >= at(order[k]) {
+			t.Fatalf("step %q is not before %q: %+v", order[k-1], order[k], j.Steps)
+		}
+	}
+	if got := actions(); got != "recovery-to-primary pre 1\nrecovery-to-primary pre 2\nrecovery-to-primary post 2\n" {
+		t.Fatalf("the plan's actions after its failback: %q", got)
+	}
+	if got := sha256File(t, dbDisk); got != wantDB {
+		t.Fatalf("db: original disk sha256 %s, the export's final state %s", got, wantDB)
+	}
+	if got := sha256File(t, fc.disk); got != wantM {
+		t.Fatalf("m: original disk sha256 %s, the recovered VM's final disk %s", got, wantM)
+	}
+	for _, m := range []string{"db", "m"} {
+		if st := c.status(m); st.Direction != "failed-back" {
+			t.Fatalf("%s after the plan's failback: direction %q", m, st.Direction)
+		}
+	}
+	if fs := c.liveFailovers(); len(fs) != 0 {
+		t.Fatalf("live failovers after the plan's failback: %+v", fs)
+	}
+	if vm, ok := simVM(t, vc.sim, vc.ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatalf("the recovered VM after the plan's failback: found %v, %s", ok, vm.Runtime.PowerState)
 	}
 }

@@ -302,23 +302,8 @@ func TestE2EConsoleFailbackVSphere(t *testing.T) {
 	fc.fioFile(flat, "recovered", 2<<20)
 
 	p := openConsole(t, c, browser)
-	machinePage := func() {
-		t.Helper()
-		p.do(chromedp.Navigate(c.url()+"/machines/m"), chromedp.WaitVisible(chromedp.CSS("#machine-title")))
-	}
-	jobDone := func(what string) (output, steps string) {
-		t.Helper()
-		p.waitVisible("showed the end of the "+what+" job", `#job[data-state="succeeded"], #job[data-state="failed"]`)
-		if s := p.text("#job-state"); s != "succeeded" {
-			t.Fatalf("the %s job %s:\n%s", what, s, p.text("#job"))
-		}
-		if p.exists("#job-output") {
-			output = p.text("#job-output")
-		}
-		return output, p.text("#job-steps")
-	}
 
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed over") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
 		t.Fatalf("the committed failover to vSphere's machine page shows:\n%s", s)
 	}
@@ -328,20 +313,20 @@ func TestE2EConsoleFailbackVSphere(t *testing.T) {
 	}
 	p.screenshot("fbvs-01-reprotect-confirm")
 	p.do(chromedp.Click(chromedp.CSS("#confirm-reprotect")))
-	out, steps := jobDone("reprotect")
+	out, steps := p.jobDone("reprotect")
 	if m := reprotectedRE.FindStringSubmatch(out); m == nil || !strings.Contains(steps, "compare and send") {
 		t.Fatalf("the reprotect job shows:\n%s\n%s", out, steps)
 	}
 	fc.fioFile(flat, "recovered-after-reprotect", 1<<20)
 
-	machinePage()
+	p.machinePage(c, "m")
 	p.do(chromedp.Click(chromedp.CSS(`a.failback-action[data-failback="failback"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-failback")))
 	if s := p.text("#failback-steps"); !strings.Contains(s, "vc1/guest01-recovered is powered off") || !strings.Contains(s, "compared whole") {
 		t.Fatalf("the failback confirmation says:\n%s", s)
 	}
 	p.screenshot("fbvs-02-failback-confirm")
 	p.do(chromedp.Click(chromedp.CSS("#confirm-failback")))
-	out, steps = jobDone("failback")
+	out, steps = p.jobDone("failback")
 	if !strings.Contains(steps, "stop the recovered VM") || !strings.Contains(steps, "compared: equal") {
 		t.Fatalf("the failback's steps:\n%s", steps)
 	}
@@ -350,7 +335,7 @@ func TestE2EConsoleFailbackVSphere(t *testing.T) {
 	if vm, ok := simVM(t, sim, ref); !ok || vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
 		t.Fatalf("the recovered VM after failback: found %v, %s", ok, vm.Runtime.PowerState)
 	}
-	machinePage()
+	p.machinePage(c, "m")
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
 		t.Fatalf("the failed-back machine's page shows:\n%s", s)
 	}

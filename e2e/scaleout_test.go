@@ -233,66 +233,96 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 }
 
 // TestE2EProcessServerAutoSwitch: with --auto-switch, kill -9 of the
-// process server a machine is on, under fio: its heartbeat stops, the
-// machine moves to the built-in process server by itself and its agent
-// follows; what the dead one acknowledged and did not apply is a sequence
-// gap, resynced (asr resync --wait), never lost silently: the latest point
-// recovers bit-exact.
+// process server two machines are on, under fio: its heartbeat stops, and
+// the machines move by themselves to the healthy process servers, spread
+// by churn: with the built-in one and ps2 both idle, one to each (never to
+// the silent ps1); their agents follow. What the dead one acknowledged and
+// did not apply is a sequence gap, resynced (asr resync --wait) where each
+// machine now is, never lost silently: each machine's latest point, the
+// one on ps2 made there, recovers bit-exact.
 func TestE2EProcessServerAutoSwitch(t *testing.T) {
 	c := newClusterArgs(t, "--auto-switch", "--ps-heartbeat-lost", "3s")
-	disk := filepath.Join(c.dir, "vm1.img")
-	makeDisk(t, disk, 32<<20, 7)
-	a := c.startAgent("vm1", nil, "d0="+disk)
-	c.waitState("vm1", "protected", 3*time.Minute)
+	vms := []string{"vm1", "vm2"}
+	disks := map[string]string{}
+	agents := map[string]*agentProc{}
+	for i, vm := range vms {
+		disks[vm] = filepath.Join(c.dir, vm+".img")
+		makeDisk(t, disks[vm], 24<<20, uint64(7+i))
+		agents[vm] = c.startAgent(vm, nil, "d0="+disks[vm])
+	}
+	for _, vm := range vms {
+		c.waitState(vm, "protected", 3*time.Minute)
+	}
 	ps1 := c.startPS("ps1")
-	ps := func() api.ProcessServerInfo {
-		t.Helper()
-		p, _ := c.psInfo("ps1")
-		return p
-	}
-	deadline := time.Now().Add(hungAfter)
-	for ps().State != api.PSHealthy {
-		if time.Now().After(deadline) {
-			t.Fatal("ps1 never healthy")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	c.startPS("ps2")
+	c.waitPS("ps1 and ps2 healthy", func(l map[string]api.ProcessServerInfo) bool {
+		return l["ps1"].State == api.PSHealthy && l["ps2"].State == api.PSHealthy
+	})
 
 	stop := make(chan struct{})
 	var bg background
-	fioRounds(t, &bg, stop, "vm1", a.uri("d0"), 7)
-	c.mustCLI("ps", "switch", "--machine", "vm1", "--to", "ps1")
-	deadline = time.Now().Add(hungAfter)
-	for ps().Figures.RawBytes == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("no data reached ps1")
-		}
-		time.Sleep(100 * time.Millisecond)
+	for i, vm := range vms {
+		fioRounds(t, &bg, stop, vm, agents[vm].uri("d0"), 700*(i+1), "--rate=2m")
 	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			close(stop)
+			bg.wait()
+		}
+	}()
+	c.switchTo("vm1", "ps1")
+	c.switchTo("vm2", "ps1")
+	// The built-in process server serves nothing now and its upload
+	// window (10 s) has emptied: it and ps2 are equally idle.
+	c.waitPS("the built-in process server and ps2 idle", func(l map[string]api.ProcessServerInfo) bool {
+		b, p2 := l[api.BuiltinProcessServer], l["ps2"]
+		return l["ps1"].Machines == 2 && b.Machines == 0 && b.Figures.UploadRate == 0 && p2.Machines == 0 && p2.Figures.UploadRate == 0
+	})
 	ps1.kill()
-	// Moved by itself: ps1 serves nothing any more.
-	deadline = time.Now().Add(hungAfter)
-	for {
-		p := ps()
-		if p.State == api.PSNoHeartbeat && p.Machines == 0 {
-			break
+	c.waitPS("vm1 and vm2 moved off the silent ps1 by themselves", func(l map[string]api.ProcessServerInfo) bool {
+		return l["ps1"].State == api.PSNoHeartbeat && l["ps1"].Machines == 0
+	})
+	// Spread: one to each (the first to the built-in one, listed first;
+	// then ps2, which has fewer machines and less churn).
+	on := map[string]string{}
+	for _, vm := range vms {
+		out := c.mustCLI("events", "--machine", vm)
+		switch {
+		case strings.Contains(out, "switched automatically from process server ps1") && strings.Contains(out, "to process server ps2;"):
+			on[vm] = "ps2"
+		case strings.Contains(out, "switched automatically from process server ps1") && strings.Contains(out, "to the built-in one;"):
+			on[vm] = api.BuiltinProcessServer
+		default:
+			t.Fatalf("no event of %s's automatic switch:\n%s", vm, out)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("vm1 never left the dead ps1: %+v", p)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
+	if on["vm1"] == on["vm2"] {
+		t.Fatalf("both machines of ps1 went to %s: not spread", on["vm1"])
+	}
+	if l := c.psList(); l["ps2"].Machines != 1 {
+		t.Fatalf("ps2 serves %d machines, want 1: %+v", l["ps2"].Machines, l)
+	}
+	for _, vm := range vms {
+		waitConnected(t, c.psLog(on[vm]), vm, 0)
+	}
+	stopped = true
 	close(stop)
 	if err := bg.wait(); err != nil {
 		t.Fatal(err)
 	}
-	// The built-in process server has it (the agent followed): a resync
-	// makes the replica equal to the source whatever ps1 took with it.
-	c.mustCLI("resync", "--machine", "vm1", "--wait")
-	id := c.tag("vm1")
-	c.recoverAndCheck("vm1", id, map[string]string{"d0": sha256File(t, disk)})
-	if out := c.mustCLI("events", "--machine", "vm1"); !strings.Contains(out, "switched automatically from process server ps1") {
-		t.Fatalf("no event of the automatic switch:\n%s", out)
+	// Where each machine now is, a resync makes the replica equal to the
+	// source whatever ps1 took with it; the latest point (made on ps2 for
+	// the machine there) holds every write. A machine on a scale-out
+	// process server is recovered through the server once back on the
+	// built-in one (handed over: nothing lost).
+	for _, vm := range vms {
+		c.mustCLI("resync", "--machine", vm, "--wait")
+		id := c.tag(vm)
+		if on[vm] == "ps2" {
+			c.mustCLI("ps", "switch", "--machine", vm, "--to", "builtin")
+		}
+		c.recoverAndCheck(vm, id, map[string]string{"d0": sha256File(t, disks[vm])})
 	}
 }
 
@@ -304,10 +334,12 @@ func TestE2EProcessServerAutoSwitch(t *testing.T) {
 // (kill -9) with two machines: a switch away from it is refused (its cache
 // may hold acknowledged changes); started again it recovers its cache and
 // takes its agents back, and `asr ps switch --from ps1` then moves its
-// machines with nothing lost (no resync: the hand-over applied the cache).
-// The configuration server is restarted with --auto-switch and ps2 killed
-// with the two other machines: they move to the built-in process server by
-// themselves, the gap its cache took with it is resynced. With fio
+// machines with nothing lost (no resync: the hand-over applied the cache);
+// ps1 is then removed. The configuration server is restarted with
+// --auto-switch and ps2 killed with the two other machines: they move by
+// themselves to the only healthy process server left, the built-in one
+// (never to the removed ps1), and the gap ps2's cache took with it is
+// resynced. With fio
 // stopped, every machine's latest point recovers bit-exact against its
 // source disk: no write acknowledged to fio is lost, whichever process
 // server received it and whatever happened to that one.
@@ -381,6 +413,9 @@ func TestE2EScaleOutFourAgents(t *testing.T) {
 		waitConnected(t, c.psLog(api.BuiltinProcessServer), vm, before[vm])
 	}
 
+	// ps1, which serves nothing now, is removed: the automatic switch
+	// below has only the built-in one to choose.
+	c.mustCLI("ps", "remove", "ps1")
 	// --auto-switch (the configuration server restarted with it; the
 	// process servers and the agents wait for it), then kill -9 of ps2
 	// with vm2 and vm3 on it, mid-stream.
@@ -428,16 +463,17 @@ func TestE2EScaleOutFourAgents(t *testing.T) {
 			}
 		}
 	}
-	c.mustCLI("ps", "remove", "ps1")
 }
 
 // startPS starts a scale-out process server (`asr process-server`) named
-// name, registered with the cluster's configuration server, and waits
-// until it runs. Its log is c.psLog(name), appended to across restarts.
-func (c *cluster) startPS(name string) *proc {
+// name, registered with the cluster's configuration server, with extra
+// arguments, and waits until it runs. Its log is c.psLog(name), appended
+// to across restarts.
+func (c *cluster) startPS(name string, extra ...string) *proc {
 	c.t.Helper()
-	p := startProc(c.t, name, c.psLog(name), "process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
-		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name)
+	args := append([]string{"process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name}, extra...)
+	p := startProc(c.t, name, c.psLog(name), args...)
 	p.waitLog(c.t, "asr process server running")
 	return p
 }

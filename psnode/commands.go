@@ -74,7 +74,8 @@ func (n *Node) followCommands(sent []api.PSCommandResult, cmds []api.PSCommand) 
 	}
 }
 
-// run runs one command.
+// run runs one command (an image's stream outlives the command's timeout,
+// which bounds its start: image.go).
 func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
 	if cmd.ID == "" || len(cmd.ID) > 64 {
 		return api.PSCommandResult{Error: fmt.Sprintf("command id %q: want 1 to 64 bytes", cmd.ID)}
@@ -130,6 +131,25 @@ func (n *Node) run(cmd api.PSCommand) api.PSCommandResult {
 		}
 		notListed := boundScrub(&rep)
 		return api.PSCommandResult{Scrub: &rep, ScrubDamagedNotListed: notListed}
+	case api.PSCommandCheckPoint:
+		if cmd.PointID == "" {
+			return api.PSCommandResult{Error: "a point check without its point"}
+		}
+		n.log.Info("point check asked by the configuration server", "machine", cmd.MachineID, "point", cmd.PointID, "command", cmd.ID)
+		pts, err := n.ps.CheckPoint(ctx, cmd.MachineID, cmd.PointID)
+		if err != nil {
+			return api.PSCommandResult{Error: err.Error()}
+		}
+		rep := procserver.ScrubReport{Points: pts}
+		notListed := boundScrub(&rep)
+		return api.PSCommandResult{Scrub: &rep, ScrubDamagedNotListed: notListed}
+	case api.PSCommandImage:
+		return n.image(ctx, cmd)
+	case api.PSCommandGroupCut:
+		if cmd.Cut != nil {
+			n.log.Info("group cut asked by the configuration server", "machine", cmd.MachineID, "cut", cmd.Cut.ID, "app", cmd.Cut.App, "command", cmd.ID)
+		}
+		return groupCut(ctx, n.cutTransport(), cmd)
 	}
 	return api.PSCommandResult{Error: fmt.Sprintf("unknown command %q (this process server is older than the configuration server?)", cmd.Kind)}
 }

@@ -13,7 +13,9 @@
 // (report.go: what its process server's callbacks tell, as the built-in
 // one's tell the configuration server) and carry the results of the
 // commands the replies ask (commands.go: point requests, resyncs,
-// pruning); see docs/ARCHITECTURE.md, "Scale-out process servers".
+// pruning, scrubs, point checks; image.go: a recovery's image, POSTed to
+// the configuration server); see docs/ARCHITECTURE.md, "Scale-out process
+// servers".
 package psnode
 
 import (
@@ -72,7 +74,11 @@ type Node struct {
 	target   replication.Target
 	targetID string // what the target is, for the heartbeat's figures
 	vaultID  string
+	cat      *replication.Catalog // the vault's catalog on the target (image.go finds points there)
 	ps       *procserver.Server
+	// onDamage is the process server's OnDamage (a damage report in the
+	// next heartbeat's news), for the damage a recovery's read finds.
+	onDamage func(id string, d procserver.Damage)
 	host     *hoststat.Sampler
 	client   *http.Client  // mutual TLS to the configuration server
 	out      *outbox       // the machines' news for the heartbeats (report.go)
@@ -144,7 +150,7 @@ func (n *Node) open(ctx context.Context) error {
 	if v.ID != reg.VaultID {
 		return fmt.Errorf("target %s holds vault %s, the configuration server's is %s: give this process server the configuration server's target", n.target, v.ID, reg.VaultID)
 	}
-	n.vaultID, n.targetID = v.ID, n.target.String()
+	n.vaultID, n.targetID, n.cat = v.ID, n.target.String(), cat
 	n.client = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
 		RootCAs: n.enrol.Pool, ServerName: n.enrol.Host, Certificates: []tls.Certificate{n.cert},
 		NextProtos: []string{enroll.ClientCertALPN, "http/1.1"}, MinVersion: tls.VersionTLS13}}}
@@ -167,6 +173,7 @@ func (n *Node) open(ctx context.Context) error {
 	// What the configuration server's built-in process server reports
 	// through the same callbacks goes to it in the heartbeats.
 	n.out.callbacks(&pcfg)
+	n.onDamage = pcfg.OnDamage
 	ps, err := procserver.New(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("process server: %w", err)
@@ -407,9 +414,12 @@ func (n *Node) beat(ctx context.Context, reply *api.ProcessServerHeartbeatReply)
 	var f procserver.Figures
 	hb := api.ProcessServerHeartbeat{Name: n.cfg.Name, VaultID: n.vaultID, Machines: []string{}, Run: n.out.run}
 	if ps != nil {
+		// The results first: what a command reported (the damage a
+		// scrub found) was noted before its result, so it rides in this
+		// heartbeat's news or an earlier one's.
+		hb.Results = n.cmds.pending()
 		f, hb.Machines = ps.Figures(), ps.MachineIDs()
 		hb.Reports, hb.ReportSeq = n.out.report(ps, hb.Machines)
-		hb.Results = n.cmds.pending()
 	}
 	hb.Figures = api.NewProcessServer(f, h.CPU, h.Memory, h.MemoryTotal, h.Err, n.targetID)
 	if err := enroll.DoJSON(ctx, n.client, http.MethodPost, n.enrol.URL+"/api/v1/process-servers/heartbeat", hb, reply); err != nil {

@@ -522,6 +522,9 @@ func (a *Applier) tag(ctx context.Context, r *Record) error {
 		return nil
 	}
 	p := Point{ID: PointID(r.Seq), Seq: r.Seq, Time: time.Unix(0, r.Time).UTC(), Kind: PointCrash}
+	if r.Flags&FlagCut != 0 {
+		p.Cut = r.Offset
+	}
 	switch {
 	case r.Flags&FlagApp != 0:
 		p.Kind = PointApp

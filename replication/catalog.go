@@ -159,6 +159,12 @@ type Point struct {
 	// it (sums.go): recovery checks what it reads. Points made before asr
 	// kept checksums have none and are recovered unchecked.
 	Sums bool `json:"sums,omitempty"`
+	// Cut is the id of the replication group's cut this point is a
+	// member's part of (its tag record has FlagCut), the same on every
+	// member's point and on the group point; 0: none. A cut that failed
+	// after some members tagged leaves points with a Cut no group point
+	// names: only a group point says its members form a consistent cut.
+	Cut uint64 `json:"cut,omitempty"`
 }
 
 // PointID is the identifier operators use for the point after record seq.
@@ -244,6 +250,23 @@ type Catalog struct {
 const vaultKey = "vault"
 
 func machineKey(id string) string { return "machines/" + id + "/machine" }
+
+// MachineOfKey returns the machine a target key belongs to: every key under
+// machines/<id>/ (its catalog entry, points, kept segments, replica and
+// checksum disks), which only the holder of the machine's lease writes
+// (MachineLeaser). ok is false for the others (the vault descriptor,
+// group points).
+func MachineOfKey(key string) (id string, ok bool) {
+	rest, ok := strings.CutPrefix(key, "machines/")
+	if !ok {
+		return "", false
+	}
+	id, _, ok = strings.Cut(rest, "/")
+	if !ok || !ValidKeyElem(id) {
+		return "", false
+	}
+	return id, true
+}
 
 // pointKey names a point's catalog object. The key itself carries the
 // sequence number, time and kind, so listing the points needs no reads.
@@ -496,6 +519,9 @@ type GroupPoint struct {
 	Time    time.Time         `json:"time"`
 	Kind    string            `json:"kind"`    // app only if every member's point is
 	Members map[string]string `json:"members"` // machine id -> point id
+	// Cut is the cut's id, the Cut of every member's point (0 in group
+	// points made before points recorded it).
+	Cut uint64 `json:"cut,omitempty"`
 }
 
 var groupNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

@@ -117,3 +117,28 @@ func TestCatalogDeleteMachine(t *testing.T) {
 		d.Close()
 	}
 }
+
+// MachineOfKey covers every key of a machine and nothing else: what a
+// machine's lease fences on a shared target.
+func TestMachineOfKey(t *testing.T) {
+	for _, c := range []struct {
+		key, id string
+	}{
+		{"machines/m1/machine", "m1"},
+		{"machines/m1/points/0000000000000001.0000000000000002.crash", "m1"},
+		{"machines/m-2/segments/0000000000000001-0000000000000002.0000000000000003.seg", "m-2"},
+		{replication.DiskKey("abc", 3), "abc"},
+		{replication.SumKey("abc", 3), "abc"},
+		{"vault", ""},
+		{"groups/g/points/00000000000000000001", ""},
+		{"machines/m1", ""},
+		{"machines//machine", ""},
+		{"machines/../machine", ""},
+		{"machinesX/m1/machine", ""},
+	} {
+		id, ok := replication.MachineOfKey(c.key)
+		if id != c.id || ok != (c.id != "") {
+			t.Errorf("MachineOfKey(%q) = %q, %v, want %q", c.key, id, ok, c.id)
+		}
+	}
+}

@@ -25,6 +25,11 @@ var ErrMachineLeased = errors.New("the machine's replica is being written by ano
 //     lease after its last write).
 //   - id is a machine id (a key element, ValidKeyElem); holder is a label
 //     for operators (the process server's name), not a secret.
+//   - A machine's blobs are the keys under machines/<id>/ (MachineOfKey).
+//     A target whose leases can be lost while their holder runs (Azure's
+//     lapse when not renewed) refuses a holder's writes of those keys once
+//     it cannot be sure its lease is held, as it refuses writes once its
+//     lease on the whole target is lost.
 type MachineLeaser interface {
 	LeaseMachine(ctx context.Context, id, holder string) (Lease, error)
 	// DropMachineLease removes what the target keeps of a machine's lease

@@ -83,6 +83,10 @@ const (
 	// not make the disk inconsistent; the process server marks the disk
 	// only if the compare finds differences.
 	FlagVerify uint8 = 1 << 3
+	// FlagCut on a KindTag record: the point is this machine's part of a
+	// replication group's cut, whose id is the record's Offset (the same
+	// on every member; Point.Cut).
+	FlagCut uint8 = 1 << 4
 )
 
 // MaxRecordData bounds the payload of one record (the NBD request limit).

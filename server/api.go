@@ -103,6 +103,8 @@ func (s *Server) routes() http.Handler {
 		// proof, then heartbeats by their client certificate.
 		r.Post("/process-servers/register", handle(s.handlePSRegister))
 		r.Post("/process-servers/heartbeat", handle(s.handlePSHeartbeat))
+		r.Post("/process-servers/images/{id}", handle(s.handlePSImage)) // api.PSImagePath
+		r.Post("/process-servers/cuts/{cut}", handle(s.handlePSCut))
 		// An agent asks where its process server is (client certificate).
 		r.Get("/agents/data-address", handle(s.handleDataAddress))
 		// Operator API: admin token.
@@ -112,6 +114,7 @@ func (s *Server) routes() http.Handler {
 			r.Get("/machines/{machine}", handle(s.handleMachine))
 			r.Get("/machines/{machine}/points", handle(s.handlePoints))
 			r.Post("/machines/{machine}/points", handle(s.handleTag))
+			r.Get("/machines/{machine}/points/{point}", handle(s.handlePoint))
 			r.Get("/machines/{machine}/points/{point}/disks/{disk}/image", handle(s.handleImage))
 			r.Post("/machines/{machine}/policy", handle(s.handleAssignPolicy))
 			r.Get("/machines/{machine}/timeplan", handle(s.handleTimePlan))
@@ -314,6 +317,21 @@ func (s *Server) handlePoints(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// handlePoint answers one point, read whole from the catalog (the listing
+// reads only the objects' names): its cut among others.
+func (s *Server) handlePoint(w http.ResponseWriter, r *http.Request) error {
+	m, err := s.findMachine(r.Context(), r)
+	if err != nil {
+		return err
+	}
+	p, err := s.cat.FindPoint(r.Context(), m.ID, chi.URLParam(r, "point"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.PointOf(p))
+	return nil
+}
+
 func (s *Server) handleTag(w http.ResponseWriter, r *http.Request) error {
 	m, err := s.findMachine(r.Context(), r)
 	if err != nil {
@@ -389,8 +407,9 @@ func (s *Server) tag(ctx context.Context, m store.Machine, app bool) (replicatio
 // handleImage streams a disk at a point, byte for byte, as
 // application/octet-stream, checking every block against the point's
 // checksums. The snapshot reader is taken from the running applier, so the
-// image is exact while replication goes on. ?accept_damage=1 streams
-// damaged blocks as they are and lists them in a trailer.
+// image is exact while replication goes on (a machine on a scale-out
+// process server: from that one's, psImageStream). ?accept_damage=1
+// streams damaged blocks as they are and lists them in a trailer.
 func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	m, err := s.findMachine(ctx, r)
@@ -403,20 +422,17 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 	}
 	accept := r.URL.Query().Get("accept_damage") == "1"
 	diskName := chi.URLParam(r, "disk")
+	if ps := s.assignedTo(m.ID); ps != "" {
+		// Its process server reads it (procservers_points.go).
+		return s.psImageStream(w, r, m, ps, p, diskName, accept)
+	}
 	snap, err := s.ps.OpenPoint(ctx, m.ID, p, diskName, accept)
 	if err != nil {
 		return err
 	}
 	defer snap.Close()
 	size := snap.Size()
-	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set(api.HeaderImageSize, strconv.FormatInt(size, 10))
-	if snap.Checked() {
-		w.Header().Set(api.HeaderImageChecked, "1")
-	}
-	w.Header().Set("X-Asr-Point", p.ID)
-	w.Header().Set("Trailer", api.TrailerImageError+", "+api.TrailerDamaged)
-	w.WriteHeader(http.StatusOK)
+	startImage(w, size, snap.Checked(), p.ID)
 	_, err = io.CopyBuffer(w, io.NewSectionReader(snap, 0, size), make([]byte, 1<<20))
 	var de *replication.DamageError
 	if errors.As(err, &de) {
@@ -428,14 +444,35 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 		w.Header().Set(api.TrailerImageError, err.Error())
 		return nil
 	}
-	if d := snap.Damaged(); len(d) > 0 {
-		parts := make([]string, 0, min(len(d), 10000))
-		for _, off := range d[:min(len(d), 10000)] {
-			parts = append(parts, strconv.FormatInt(off, 10))
-		}
-		w.Header().Set(api.TrailerDamaged, strings.Join(parts, ","))
-	}
+	setDamagedTrailer(w, snap.Damaged())
 	return nil
+}
+
+// startImage sends an image stream's headers: its size, whether every
+// block is checked against the point's checksums, the point, and the
+// trailers that follow the stream.
+func startImage(w http.ResponseWriter, size int64, checked bool, point string) {
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set(api.HeaderImageSize, strconv.FormatInt(size, 10))
+	if checked {
+		w.Header().Set(api.HeaderImageChecked, "1")
+	}
+	w.Header().Set("X-Asr-Point", point)
+	w.Header().Set("Trailer", api.TrailerImageError+", "+api.TrailerDamaged)
+	w.WriteHeader(http.StatusOK)
+}
+
+// setDamagedTrailer lists, after an image stream, the damaged blocks it
+// streamed as they are (at most api.MaxPSImageDamaged).
+func setDamagedTrailer(w http.ResponseWriter, d []int64) {
+	if len(d) == 0 {
+		return
+	}
+	parts := make([]string, 0, min(len(d), api.MaxPSImageDamaged))
+	for _, off := range d[:min(len(d), api.MaxPSImageDamaged)] {
+		parts = append(parts, strconv.FormatInt(off, 10))
+	}
+	w.Header().Set(api.TrailerDamaged, strings.Join(parts, ","))
 }
 
 func (s *Server) handleTimePlan(w http.ResponseWriter, r *http.Request) error {

@@ -87,6 +87,10 @@ type reverseState struct {
 	// planJobs maps a running plan reprotect or failback job's id to
 	// its machines' names (under startMu).
 	planJobs map[string][]string
+	// planOwned, at start, holds the ids of the machines a plan's
+	// failback past its switch finishes (set before restoreFailovers,
+	// read-only after it).
+	planOwned map[string]bool
 }
 
 // failbackJobRunning returns the id of a reprotect or failback job of
@@ -282,6 +286,9 @@ func (s *Server) reprotectReverse(ctx context.Context, m store.Machine, f store.
 // refuseReprotectReverse says why a machine's live failover f cannot be
 // reprotected toward its original disks (nil if it can).
 func (s *Server) refuseReprotectReverse(ctx context.Context, m store.Machine, f store.Failover) error {
+	if f.Kind == api.FailoverTest {
+		return errorf(http.StatusConflict, "machine %s has a test failover (%s): a test failover is cleaned up (asr failover --cleanup), never failed back", m.Name, f.ID)
+	}
 	if !reverseCandidate(f) {
 		return errorf(http.StatusConflict, "machine %s: failback is done for failovers to the server's NBD exports (this one is %s to %s); the others are not supported yet", m.Name, kindWord(f.Kind), f.Dest)
 	}
@@ -294,12 +301,7 @@ func (s *Server) refuseReprotectReverse(ctx context.Context, m store.Machine, f 
 	if d := decodeDetail(f); d.Reverse != nil {
 		return errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
-	for _, d := range m.Disks {
-		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
-			return errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
-		}
-	}
-	return nil
+	return s.refuseResyncRunning(ctx, m)
 }
 
 // reprotectReverseSteps are a reverse reprotect's steps in job j: the
@@ -702,7 +704,7 @@ func (s *Server) failbackSteps(ctx context.Context, j *job, f *store.Failover, m
 	// The switch: from here the failback goes on (also after a restart).
 	j.setCancellable(false)
 	sw := &switchMember{m: m, run: run, compared: compared}
-	if err := s.recordSwitch(ctx, []*switchMember{sw}); err != nil {
+	if err := s.recordSwitch(ctx, []*switchMember{sw}, nil); err != nil {
 		return err
 	}
 	*f = sw.f
@@ -766,12 +768,24 @@ type switchMember struct {
 	run      *reverseRun
 	compared int64
 	f        store.Failover
+
+	// A failover to vSphere or Azure (failback_vsphere.go): its recovered
+	// VM (opened by stopMember), whether the failback powered it off, its
+	// bytes sent before (reprotect's), and the last pass (drainMember).
+	toVM       bool
+	vm         recoveredVM
+	vmOff      bool
+	sentBefore int64
+	disks      []recoveredDisk
+	pass       vmPass
 }
 
 // recordSwitch records the switch of stopped, drained and verified
 // machines (failing-back), all in one transaction: from here their
-// failback goes on, also after a restart.
-func (s *Server) recordSwitch(ctx context.Context, ms []*switchMember) error {
+// failback goes on, also after a restart. pf, for a plan's (or group's)
+// failback, is its progress past the switch, recorded in the same
+// transaction (failback_plan.go).
+func (s *Server) recordSwitch(ctx context.Context, ms []*switchMember, pf *store.PlanFailback) error {
 	ctx = context.WithoutCancel(ctx)
 	s.rv.recMu.Lock()
 	defer s.rv.recMu.Unlock()
@@ -789,7 +803,13 @@ func (s *Server) recordSwitch(ctx context.Context, ms []*switchMember) error {
 		cur.Detail = encodeDetail(d)
 		fs[i] = cur
 	}
-	if err := s.db.UpdateFailovers(ctx, fs); err != nil {
+	var err error
+	if pf != nil {
+		err = s.db.SwitchFailovers(ctx, fs, *pf)
+	} else {
+		err = s.db.UpdateFailovers(ctx, fs)
+	}
+	if err != nil {
 		return err
 	}
 	for i, sm := range ms {
@@ -982,6 +1002,9 @@ func (s *Server) restoreReverse(ctx context.Context, f store.Failover, m store.M
 			}
 		}
 		s.fo.mu.Unlock()
+		if s.rv.planOwned[m.ID] {
+			return // its plan's failback job goes on (resumePlanFailbacks)
+		}
 		s.finishLater(f, m)
 	}
 }

@@ -445,44 +445,52 @@ func (s *Server) reprotectUnplanned(ctx context.Context, m store.Machine, f stor
 		if d.Reverse.Unplanned == nil || d.Reverse.State != dirReprotected || run == nil || run.failoverID != f.ID || run.cmp.left() == 0 {
 			return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 		}
-	} else {
-		for _, d := range m.Disks {
-			if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
-				return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
-			}
-		}
+	} else if err := s.refuseResyncRunning(ctx, m); err != nil {
+		return api.Job{}, err
 	}
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
-		j.setCancellable(true)
-		if run == nil {
-			var err error
-			if run, err = s.startUnplanned(ctx, j, m, f); err != nil {
-				return err
-			}
-		}
-		c := run.cmp
-		if err := s.waitCompare(ctx, j, run, m.Name+": freeze the original",
-			fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), c.frozen, false); err != nil {
-			if s.ctx.Err() == nil && errors.Is(err, context.Canceled) {
-				// Cancelled: back to failed over (a restart resumes instead).
-				s.undoUnplanned(context.WithoutCancel(ctx), m, f.ID)
-			}
+		compared, differ, sent, err := s.reprotectUnplannedSteps(ctx, j, m, f, run)
+		if err != nil {
 			return err
 		}
-		j.setCancellable(false)
-		if err := s.waitCompare(ctx, j, run, m.Name+": compare",
-			"block sums of the original disks against the failed-over state: only the blocks that differ are sent", c.done, true); err != nil {
-			return err
-		}
-		rec, _ := c.snapshot()
-		if err := s.waitDrained(ctx, j, m.Name+": first pass", "send the changes to the original disks", run); err != nil {
-			return err
-		}
-		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("failover %s (unplanned) reprotected: %d bytes compared, %d differed; %d bytes sent to the original disks", f.ID, c.total, rec.differ(), run.total())})
-		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", c.total, rec.differ(), run.total())}, 0)
+		j.setResult([]string{fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", compared, differ, sent)}, 0)
 		return nil
 	})
+}
+
+// reprotectUnplannedSteps are an unplanned failover's reprotect in job j:
+// run (nil: not started yet) started, the original frozen (the job
+// cancellable while it waits: a cancel takes the reprotect back), the
+// disks compared, the first pass sent. It returns the bytes compared,
+// found different and sent.
+func (s *Server) reprotectUnplannedSteps(ctx context.Context, j *job, m store.Machine, f store.Failover, run *reverseRun) (compared, differ, sent int64, err error) {
+	j.setCancellable(true)
+	if run == nil {
+		if run, err = s.startUnplanned(ctx, j, m, f); err != nil {
+			return 0, 0, 0, err
+		}
+	}
+	c := run.cmp
+	if err := s.waitCompare(ctx, j, run, m.Name+": freeze the original",
+		fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), c.frozen, false); err != nil {
+		if s.ctx.Err() == nil && errors.Is(err, context.Canceled) {
+			// Cancelled: back to failed over (a restart resumes instead).
+			s.undoUnplanned(context.WithoutCancel(ctx), m, f.ID)
+		}
+		return 0, 0, 0, err
+	}
+	j.setCancellable(false)
+	if err := s.waitCompare(ctx, j, run, m.Name+": compare",
+		"block sums of the original disks against the failed-over state: only the blocks that differ are sent", c.done, true); err != nil {
+		return 0, 0, 0, err
+	}
+	rec, _ := c.snapshot()
+	if err := s.waitDrained(ctx, j, m.Name+": first pass", "send the changes to the original disks", run); err != nil {
+		return 0, 0, 0, err
+	}
+	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
+		Message: fmt.Sprintf("failover %s (unplanned) reprotected: %d bytes compared, %d differed; %d bytes sent to the original disks", f.ID, c.total, rec.differ(), run.total())})
+	return c.total, rec.differ(), run.total(), nil
 }
 
 // startUnplanned records an unplanned failover's reprotect and starts

@@ -9,6 +9,8 @@ import (
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/overlay"
+	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/store"
 )
 
 // The reverse map: marks, takes, acknowledgements and failures; saved as
@@ -60,5 +62,33 @@ func TestReverseMap(t *testing.T) {
 	}
 	if _, err := loadReverseMap(path+".none", size, func() {}); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a missing map: %v", err)
+	}
+}
+
+// A plan failback's record past its switch is read back as written;
+// what is not one (another version, a kind, a phase, groups and members
+// that do not match) is refused.
+func TestDecodePFRecord(t *testing.T) {
+	x := fbSet{kind: "plan", p: api.Plan{Name: "p", Groups: []api.PlanGroup{{Machines: []string{"a"}}, {Machines: []string{"b"}}}}}
+	rec := newPFRecord(x, [][]*switchMember{{{m: store.Machine{ID: "1", Name: "a"}, f: store.Failover{ID: "f1"}}}, {{m: store.Machine{ID: "2", Name: "b"}, f: store.Failover{ID: "f2"}}}})
+	rec.Next = pfCursor{Group: 1, Phase: "post", Action: 2}
+	row, err := rec.row("j", "plan p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := decodePFRecord(row.Data)
+	if err != nil || got.Next != rec.Next || got.Members[1][0] != (pfMember{Machine: "2", Name: "b", Failover: "f2"}) || got.Plan.Name != "p" {
+		t.Fatalf("decoded %+v %v", got, err)
+	}
+	for _, bad := range []string{
+		``, `{`, `{"v":2,"kind":"plan","plan":{"groups":[{}]},"members":[[]],"next":{"phase":"pre"}}`,
+		`{"v":1,"kind":"x","plan":{"groups":[{}]},"members":[[]],"next":{"phase":"pre"}}`,
+		`{"v":1,"kind":"plan","plan":{"groups":[{}]},"members":[[],[]],"next":{"phase":"pre"}}`,
+		`{"v":1,"kind":"plan","plan":{"groups":[{}]},"members":[[]],"next":{"phase":"later"}}`,
+		`{"v":1,"kind":"plan","plan":{"groups":[{}]},"members":[[]],"next":{"phase":"pre","action":-1}}`,
+	} {
+		if _, err := decodePFRecord(bad); err == nil {
+			t.Fatalf("record %q accepted", bad)
+		}
 	}
 }

@@ -38,8 +38,16 @@ import (
 // power on and its post actions after, with the direction
 // "recovery-to-primary"; they run past the switch, so an action that fails
 // fails the job and the groups after it are finished in the background
-// without their actions (a power-on failure does the same). A plan whose
-// failback a restart finishes past the switch does not run them.
+// without their actions (a power-on failure does the same). The progress
+// past the switch is recorded (failback_plan_resume.go): a server
+// restarted there resumes the job with the remaining groups in order and
+// their actions.
+//
+// Each machine reprotects and fails back by its own path: a failover to
+// NBD planned (the overlay's blocks) or unplanned (the original frozen and
+// compared first), or to vSphere or Azure (the recovered VM powered off,
+// its disks read through vCenter or a SAS: failback_vsphere.go); a plan
+// may mix them.
 
 // fbSet is what a reprotect or failback of several machines at once acts
 // on: a recovery plan (its groups in order, its actions), or a replication
@@ -60,9 +68,13 @@ func (x fbSet) flag() string { return "--" + x.kind + " " + x.p.Name }
 // owns reports whether a failover is the set's to fail back: one the plan
 // made; for a group, one no plan made (of the group, or of a member by
 // itself).
+//
+// A plan takes every failover of its machines that no other plan made (as
+// ASR's recovery plans act on each of their machines whatever failed it
+// over): its own, and those of asr failover --machine or --group.
 func (x fbSet) owns(f store.Failover) bool {
 	if x.kind == "plan" {
-		return f.Plan == x.p.Name
+		return f.Plan == x.p.Name || f.Plan == ""
 	}
 	return f.Plan == ""
 }
@@ -70,7 +82,7 @@ func (x fbSet) owns(f store.Failover) bool {
 // ownsWhat says which failovers the set fails back.
 func (x fbSet) ownsWhat() string {
 	if x.kind == "plan" {
-		return "made by plan " + x.p.Name
+		return "made by plan " + x.p.Name + " or by asr failover --machine or --group"
 	}
 	return "made by asr failover --group or --machine (not by a plan)"
 }
@@ -179,8 +191,17 @@ func (s *Server) refuseGroupAlone(ctx context.Context, m store.Machine) error {
 // a reprotect or failback of any of its machines is refused.
 // s.rv.startMu is held.
 func (s *Server) startPlanJob(ctx context.Context, kind string, x fbSet, machines []string, fn func(ctx context.Context, j *job) error) (api.Job, error) {
+	return s.registerPlanJob(x, machines, func(wrap func(context.Context, *job) error) (api.Job, error) {
+		return s.startJob(ctx, kind, x.label(), wrap)
+	}, fn)
+}
+
+// registerPlanJob runs fn as a plan's job started by start (a new job, or
+// one resumed at a restart), its machines noted in s.rv.planJobs while it
+// runs. s.rv.startMu is held.
+func (s *Server) registerPlanJob(x fbSet, machines []string, start func(func(context.Context, *job) error) (api.Job, error), fn func(ctx context.Context, j *job) error) (api.Job, error) {
 	ready := make(chan struct{})
-	j, err := s.startJob(ctx, kind, x.label(), func(ctx context.Context, j *job) error {
+	j, err := start(func(ctx context.Context, j *job) error {
 		<-ready
 		defer func() {
 			s.rv.startMu.Lock()
@@ -206,10 +227,13 @@ func refusePlan(x fbSet, what string, problems []string) error {
 	return errorf(http.StatusConflict, "%s cannot be %s (nothing was started):\n  %s", x.label(), what, strings.Join(problems, "\n  "))
 }
 
-// planItem is a machine of a plan's reprotect, and the failover it is for.
+// planItem is a machine of a plan's reprotect, and the failover it is
+// for; run is an unplanned failover's reprotect whose compare goes on (a
+// restart ended the job that started it): the plan's job follows it.
 type planItem struct {
-	m store.Machine
-	f store.Failover
+	m   store.Machine
+	f   store.Failover
+	run *reverseRun
 }
 
 // ReprotectPlan reprotects a plan's machines in the direction they need:
@@ -256,22 +280,16 @@ func (s *Server) reprotectSet(ctx context.Context, x fbSet) (api.Job, error) {
 					problems = append(problems, fmt.Sprintf("machine %s: its failover %s was not %s: reprotect it with --machine %s", m.Name, f.ID, x.ownsWhat(), m.Name))
 					continue
 				}
-				if d := decodeDetail(f); d.Reverse != nil && d.Reverse.State == dirReprotected && s.reverseRunOf(m.ID) != nil {
-					already++ // reprotected before (by itself, or a plan reprotect that stopped half-way)
-					continue
-				}
-				if err := s.refuseReprotectReverse(ctx, m, f); err != nil {
+				it, done, err := s.reverseItem(ctx, m, f)
+				switch {
+				case err != nil:
 					problems = append(problems, err.Error())
-					continue
+				case done:
+					already++ // reprotected before (by itself, or a plan reprotect that stopped half-way)
+				default:
+					rev = append(rev, it)
+					names = append(names, m.Name)
 				}
-				if unplannedFailover(f) {
-					// Its reprotect waits for the original agent and compares
-					// the disks first: a job of its own (not done in a plan's).
-					problems = append(problems, fmt.Sprintf("machine %s: its failover %s was unplanned; the reprotect of a %s does not do the checksum compare that needs: reprotect it with --machine %s, then run asr reprotect %s again", m.Name, f.ID, x.kind, m.Name, x.flag()))
-					continue
-				}
-				rev = append(rev, planItem{m, f})
-				names = append(names, m.Name)
 				continue
 			}
 			if !errors.Is(err, store.ErrNotFound) {
@@ -288,7 +306,7 @@ func (s *Server) reprotectSet(ctx context.Context, x fbSet) (api.Job, error) {
 				problems = append(problems, err.Error())
 				continue
 			}
-			fwd = append(fwd, planItem{m, f})
+			fwd = append(fwd, planItem{m: m, f: f})
 			names = append(names, m.Name)
 		}
 	}
@@ -303,15 +321,15 @@ func (s *Server) reprotectSet(ctx context.Context, x fbSet) (api.Job, error) {
 	}
 	return s.startPlanJob(ctx, "reprotect", x, names, func(ctx context.Context, j *job) error {
 		var lines []string
-		var sent, compared, resent int64
+		var sent, compared, resent, cmpRev int64
 		for _, it := range rev {
-			n, err := s.reprotectReverseSteps(ctx, j, it.m, it.f)
+			line, n, c, err := s.reprotectItem(ctx, j, it)
 			if err != nil {
 				j.setResult(lines, 0)
 				return fmt.Errorf("machine %s: %w", it.m.Name, err)
 			}
-			sent += n
-			lines = append(lines, fmt.Sprintf("%s: reprotected: %d bytes sent to the original disks", it.m.Name, n))
+			sent, cmpRev = sent+n, cmpRev+c
+			lines = append(lines, it.m.Name+": "+line)
 		}
 		for _, it := range fwd {
 			c, n, err := s.reprotectForwardSteps(ctx, j, it.m, it.f)
@@ -324,7 +342,11 @@ func (s *Server) reprotectSet(ctx context.Context, x fbSet) (api.Job, error) {
 		}
 		var head []string
 		if len(rev) > 0 {
-			head = append(head, fmt.Sprintf("%s reprotected: %s, %d bytes sent to the original disks", x.label(), machinesWord(len(rev), ""), sent))
+			h := fmt.Sprintf("%s reprotected: %s, %d bytes sent to the original disks", x.label(), machinesWord(len(rev), ""), sent)
+			if cmpRev > 0 {
+				h += fmt.Sprintf(" (%d bytes compared by checksum)", cmpRev)
+			}
+			head = append(head, h)
 		}
 		if len(fwd) > 0 {
 			head = append(head, fmt.Sprintf("%s protected again: %s, %d bytes compared, %d sent", x.label(), machinesWord(len(fwd), ""), compared, resent))
@@ -332,6 +354,70 @@ func (s *Server) reprotectSet(ctx context.Context, x fbSet) (api.Job, error) {
 		j.setResult(append(head, lines...), 0)
 		return nil
 	})
+}
+
+// reverseItem says what a set's reprotect does with machine m's live
+// failover f (the set's): reprotect it (it), nothing (done: reprotected
+// already), or why it cannot (err). Each failover is reprotected by its
+// own path: to NBD planned (the overlay's blocks), unplanned (the original
+// frozen and compared first: failback_compare.go), to vSphere or Azure
+// (one checksum pass over the recovered VM's disks: failback_vsphere.go).
+func (s *Server) reverseItem(ctx context.Context, m store.Machine, f store.Failover) (it planItem, done bool, err error) {
+	it = planItem{m: m, f: f}
+	d := decodeDetail(f)
+	if vmFailback(f) {
+		if d.Reverse != nil && d.Reverse.State == dirReprotected {
+			return it, true, nil
+		}
+		return it, false, s.refuseReprotectVM(ctx, m, f)
+	}
+	if d.Reverse != nil && d.Reverse.State == dirReprotected {
+		run := s.reverseRunOf(m.ID)
+		switch {
+		case run == nil || run.failoverID != f.ID:
+			return it, false, errorf(http.StatusConflict, "machine %s: its changes are not being sent back (is the server starting?)", m.Name)
+		case run.cmp.left() > 0:
+			it.run = run // its compare goes on: followed
+			return it, false, nil
+		}
+		return it, true, nil
+	}
+	if d.Reverse != nil {
+		return it, false, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if err := s.refuseReprotectReverse(ctx, m, f); err != nil {
+		return it, false, err
+	}
+	if unplannedFailover(f) {
+		err = s.refuseResyncRunning(ctx, m)
+	}
+	return it, false, err
+}
+
+// reprotectItem reprotects one machine of a set in its job: its result
+// line, the bytes sent and compared.
+func (s *Server) reprotectItem(ctx context.Context, j *job, it planItem) (line string, sent, compared int64, err error) {
+	switch {
+	case vmFailback(it.f):
+		j.setCancellable(true)
+		defer j.setCancellable(false)
+		p, vm, err := s.reprotectVMSteps(ctx, j, it.m, it.f)
+		if err != nil {
+			return "", 0, 0, err
+		}
+		return fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks; VM %s runs on until the failback", p.compared, p.differ, p.sent, vm), p.sent, p.compared, nil
+	case unplannedFailover(it.f):
+		c, differ, n, err := s.reprotectUnplannedSteps(ctx, j, it.m, it.f, it.run)
+		if err != nil {
+			return "", 0, 0, err
+		}
+		return fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", c, differ, n), n, c, nil
+	}
+	n, err := s.reprotectReverseSteps(ctx, j, it.m, it.f)
+	if err != nil {
+		return "", 0, 0, err
+	}
+	return fmt.Sprintf("reprotected: %d bytes sent to the original disks", n), n, 0, nil
 }
 
 // FailbackPlan fails a reprotected plan back to its original machines.
@@ -383,12 +469,22 @@ func (s *Server) failbackSet(ctx context.Context, x fbSet) (api.Job, error) {
 				problems = append(problems, fmt.Sprintf("machine %s: its failover %s was not %s: fail it back with --machine %s", m.Name, f.ID, x.ownsWhat(), m.Name))
 				continue
 			}
-			f, run, err := s.failbackReady(ctx, m, x.flag())
-			if err != nil {
-				problems = append(problems, err.Error())
-				continue
+			var sm *switchMember
+			if vmFailback(f) {
+				if err := failbackVMReady(m, f, x.flag()); err != nil {
+					problems = append(problems, err.Error())
+					continue
+				}
+				sm = newVMMember(m, f)
+			} else {
+				f, run, err := s.failbackReady(ctx, m, x.flag())
+				if err != nil {
+					problems = append(problems, err.Error())
+					continue
+				}
+				sm = &switchMember{m: m, run: run, f: f}
 			}
-			members[i] = append(members[i], &switchMember{m: m, run: run, f: f})
+			members[i] = append(members[i], sm)
 			names = append(names, m.Name)
 		}
 	}
@@ -418,30 +514,37 @@ func (s *Server) failbackSet(ctx context.Context, x fbSet) (api.Job, error) {
 }
 
 // runPlanFailback is a plan's failback job: shut down (last group first),
-// drain and verify every machine, switch them all, power on in plan order.
+// drain and verify every machine, switch them all (with the progress
+// record past the switch), power on in plan order (planPowerOn).
 func (s *Server) runPlanFailback(ctx context.Context, j *job, x fbSet, members [][]*switchMember) ([]string, error) {
-	p := x.p
 	var all []*switchMember
 	for _, g := range members {
 		all = append(all, g...)
 	}
+	defer func() {
+		for _, sm := range all {
+			sm.close()
+		}
+	}()
 	j.setCancellable(true)
 	err := s.planFailbackPrepare(ctx, j, members)
 	if err == nil {
 		err = ctx.Err()
 	}
+	rec := newPFRecord(x, members)
 	if err == nil {
 		// The switch: from here the failback goes on (also after a restart).
 		j.setCancellable(false)
 		done := j.step("switch", machinesWord(len(all), "")+" switch back at once")
-		err = s.recordSwitch(ctx, all)
+		var pf store.PlanFailback
+		if pf, err = rec.row(j.id, x.label()); err == nil {
+			err = s.recordSwitch(ctx, all, &pf)
+		}
 		done("recorded", err)
 	}
 	if err != nil {
 		for _, sm := range all {
-			for _, d := range sm.run.disks {
-				d.be.stopped.Store(false) // the failed-over machines run on
-			}
+			s.undoMember(ctx, j, sm) // the failed-over machines run on
 		}
 		return nil, err
 	}
@@ -449,63 +552,19 @@ func (s *Server) runPlanFailback(ctx context.Context, j *job, x fbSet, members [
 		s.rv.switchHook(s.ctx)
 	}
 	if s.ctx.Err() != nil {
-		return nil, fmt.Errorf("the server stopped after the switch: the failback is finished at its next start")
+		return nil, errServerStopped
 	}
-	var lines []string
-	var sent, compared int64
-	var failed error
-	actx := api.ActionContext{Plan: p.Name, Type: "failback", Direction: "recovery-to-primary", Machines: map[string]api.ActionMachine{}}
-	for i, g := range members {
-		if len(g) == 0 {
-			continue
-		}
-		if failed == nil {
-			actx.Phase = "pre"
-			failed = s.runActions(ctx, j, i+1, p.Groups[i].Pre, &actx, true)
-		}
-		done := j.step(fmt.Sprintf("group %d: power on", i+1), machinesWord(len(g), "original"))
-		n := 0
-		for _, sm := range g {
-			if failed != nil {
-				// A group failed to power on: the rest are finished in the
-				// background (past the switch, never undone).
-				s.finishLater(sm.f, sm.m)
-				continue
-			}
-			if _, err := s.finishFailback(ctx, j, sm.f, sm.m); err != nil {
-				failed = fmt.Errorf("machine %s: %w", sm.m.Name, err)
-				s.finishLater(sm.f, sm.m)
-				continue
-			}
-			d := decodeDetail(sm.f)
-			sent, compared = sent+d.Reverse.Sent, compared+d.Reverse.Compared
-			lines = append(lines, fmt.Sprintf("%s: failed back: %d bytes sent, %d bytes compared", sm.m.Name, d.Reverse.Sent, d.Reverse.Compared))
-			am := api.ActionMachine{To: "original"}
-			if vm := s.sourceVM(ctx, sm.m); vm != nil {
-				am.VM = vm.Name
-			}
-			actx.Machines[sm.m.Name] = am
-			n++
-		}
-		if failed != nil {
-			done("", fmt.Errorf("%w; the rest are powered on in the background", failed))
-			continue
-		}
-		done(fmt.Sprintf("%d powered on", n), nil)
-		actx.Phase = "post"
-		failed = s.runActions(ctx, j, i+1, p.Groups[i].Post, &actx, true)
-	}
-	if failed != nil {
-		return lines, failed
-	}
-	head := fmt.Sprintf("%s failed back: %s, %d bytes sent, %d bytes compared; run asr reprotect %s to protect them again", x.label(), machinesWord(len(all), ""), sent, compared, x.flag())
-	return append([]string{head}, lines...), nil
+	return s.planPowerOn(ctx, j, rec)
 }
+
+// errServerStopped ends a plan's failback job that a server stop cut past
+// its switch: its record stays, and the next start resumes the job.
+var errServerStopped = errors.New("the server stopped after the switch: the failback goes on at its next start, with the remaining groups in order and their actions")
 
 // planFailbackPrepare stops every failed-over machine of the plan (the
 // last group first), drains every one, then compares every original disk
-// with its export: all of it before any switch, any of it undone by a
-// cancel.
+// with its failed-over state: all of it before any switch, any of it
+// undone by a cancel.
 func (s *Server) planFailbackPrepare(ctx context.Context, j *job, members [][]*switchMember) error {
 	var order []*switchMember // the shut-down order
 	for i := len(members) - 1; i >= 0; i-- {
@@ -514,7 +573,7 @@ func (s *Server) planFailbackPrepare(ctx context.Context, j *job, members [][]*s
 		}
 		done := j.step(fmt.Sprintf("group %d: shut down", i+1), "stop "+machinesWord(len(members[i]), "failed-over"))
 		for _, sm := range members[i] {
-			if err := stopFailedOver(j, sm.m, sm.run); err != nil {
+			if err := s.stopMember(ctx, j, sm); err != nil {
 				done("", err)
 				return err
 			}
@@ -523,16 +582,14 @@ func (s *Server) planFailbackPrepare(ctx context.Context, j *job, members [][]*s
 		order = append(order, members[i]...)
 	}
 	for _, sm := range order {
-		if err := s.waitDrained(ctx, j, sm.m.Name+": drain", "send the last changes to the original disks", sm.run); err != nil {
+		if err := s.drainMember(ctx, j, sm); err != nil {
 			return fmt.Errorf("machine %s: %w", sm.m.Name, err)
 		}
 	}
 	for _, sm := range order {
-		c, err := s.verifyOriginal(ctx, j, sm.f, sm.m, sm.run)
-		if err != nil {
+		if err := s.verifyMember(ctx, j, sm); err != nil {
 			return fmt.Errorf("machine %s: %w", sm.m.Name, err)
 		}
-		sm.compared = c
 	}
 	return nil
 }

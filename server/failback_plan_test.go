@@ -9,12 +9,17 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vmware/govmomi/vim25/types"
+
 	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
 )
@@ -47,6 +52,14 @@ func startPlanRig(t *testing.T, commit bool) *planRig {
 // (asr failover --group rg).
 func startPlanRigWith(t *testing.T, commit bool, groups []api.PlanGroup) *planRig {
 	t.Helper()
+	return startPlanRigOf(t, commit, groups, true)
+}
+
+// startPlanRigOf is startPlanRigWith, the failover planned or not (an
+// unplanned one at a point of each machine taken first; the sources run
+// on after it).
+func startPlanRigOf(t *testing.T, commit bool, groups []api.PlanGroup, planned bool) *planRig {
+	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -71,9 +84,16 @@ func startPlanRigWith(t *testing.T, commit bool, groups []api.PlanGroup) *planRi
 			t.Fatal(err)
 		}
 	}
+	if !planned {
+		for _, name := range planMachines {
+			if _, err := r.client.Tag(ctx, name, false, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	if groups == nil {
 		for _, a := range []api.FailoverAction{{Machine: "db"}, {Group: "rg"}} {
-			r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: a.Machine, Group: a.Group, Planned: true, To: api.ToNBD}))
+			r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Machine: a.Machine, Group: a.Group, Planned: planned, To: api.ToNBD}))
 			if commit {
 				r.mustJob(r.client.FailoverAction(ctx, "commit", a))
 			}
@@ -83,7 +103,7 @@ func startPlanRigWith(t *testing.T, commit bool, groups []api.PlanGroup) *planRi
 		if _, err := r.client.CreatePlan(ctx, api.Plan{Name: "app", Groups: groups}); err != nil {
 			t.Fatal(err)
 		}
-		r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: true, To: api.ToNBD}))
+		r.mustJob(r.client.StartFailover(ctx, api.FailoverRequest{Plan: "app", Planned: planned, To: api.ToNBD}))
 		if commit {
 			r.mustJob(r.client.FailoverAction(ctx, "commit", api.FailoverAction{Plan: "app"}))
 		}
@@ -578,4 +598,297 @@ func TestFailbackGroup(t *testing.T) {
 		}
 	}
 	pr.directions("", rg...)
+}
+
+// writeSource writes n random 64 KiB blocks into a machine's original
+// disk through its agent (after an unplanned failover: on the original
+// only, never in the failed-over state).
+func (pr *planRig) writeSource(machine string, n int) {
+	pr.t.Helper()
+	c, err := nbd.Dial(context.Background(), pr.cfgs[machine].NBD, "d0")
+	if err != nil {
+		pr.t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 65536)
+	for range n {
+		for i := range buf {
+			buf[i] = byte(pr.rnd.IntN(256))
+		}
+		if err := c.WriteAt(buf, pr.rnd.Int64N(c.Size()/65536)*65536); err != nil {
+			pr.t.Fatalf("a write to the original of %s: %v", machine, err)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		pr.t.Fatal(err)
+	}
+}
+
+var planReprotectedRE = regexp.MustCompile(`^(\S+): reprotected: (\d+) bytes compared, (\d+) differ, (\d+) bytes sent to the original disks`)
+
+// A plan failed over unplanned (the sources written after its points, on
+// the originals only) is reprotected by asr reprotect --plan: each
+// original agent frozen and its disks compared by checksum, only what
+// differs sent; the plan's failback then leaves every original disk equal
+// to its export's final state, and forward protection resumes.
+func TestFailbackPlanUnplanned(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRigOf(t, true, []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}}}, false)
+	for _, m := range planMachines {
+		pr.writeSource(m, 3) // after the point: the compare finds it
+		pr.write(m, 4)
+	}
+	j := pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	t.Logf("plan reprotect output %q", j.Output)
+	if len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan app reprotected: 3 machines") || !strings.Contains(j.Output[0], "compared by checksum") {
+		t.Fatalf("plan reprotect output %q", j.Output)
+	}
+	for _, l := range j.Output[1:] {
+		g := planReprotectedRE.FindStringSubmatch(l)
+		if g == nil {
+			t.Fatalf("plan reprotect line %q", l)
+		}
+		compared, _ := strconv.ParseInt(g[2], 10, 64)
+		differ, _ := strconv.ParseInt(g[3], 10, 64)
+		size := int64(4+2*slices.Index(planMachines, g[1])) << 20
+		// At least the source's writes differ; far less than the disk.
+		if compared != size || differ < 65536 || differ > 7*65536 {
+			t.Fatalf("%s: %d bytes compared of %d, %d differ", g[1], compared, size, differ)
+		}
+	}
+	for _, s := range []string{"db: freeze the original", "db: compare", "app2: compare"} {
+		if j.Steps[stepIndex(t, j, s)].State != "done" {
+			t.Fatalf("step %s: %+v", s, j.Steps)
+		}
+	}
+	pr.directions("reprotected")
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	pr.failBackPlan(pr.sums())
+	pr.forward()
+}
+
+// A plan mixing a failover to the server's NBD exports (db, planned, by
+// itself) and one to vSphere (app01, unplanned, to a VM in the simulator):
+// asr reprotect --plan reprotects each by its own path (the overlay's
+// blocks; the recovered VM's disks read through vCenter and compared),
+// asr failback --plan stops both (the recovered VM powered off, last
+// group first), sends and verifies, switches them at once and powers on
+// in the plan's order; every original disk equals its failed-over state.
+func TestFailbackPlanMixed(t *testing.T) {
+	ctx := context.Background()
+	vr := startVSphereRig(t)
+	p := filepath.Join(vr.dir, "db.img")
+	mustDisk(t, p, 4<<20, 91)
+	startAgent(t, vr.agentConfig("db", agent.DiskSpec{Name: "d0", Path: p}))
+	vr.waitProtected("db")
+	vr.mustJob(vr.client.StartFailover(ctx, api.FailoverRequest{Machine: "db", Planned: true, To: api.ToNBD}))
+	vr.mustJob(vr.client.FailoverAction(ctx, "commit", api.FailoverAction{Machine: "db"}))
+	if _, err := vr.client.CreatePlan(ctx, api.Plan{Name: "mix", Groups: []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app01"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	var export string
+	fos, err := vr.client.Failovers(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fos {
+		if f.Machine == "db" && len(f.Exports) == 1 {
+			export = f.Exports[0].URI
+		}
+	}
+	pr := &planRig{rig: vr.rig, exports: map[string]string{"db": export}, rnd: vr.rnd}
+	pr.write("db", 5)
+	vr.writeRecovered("d0", 4)
+	if _, err := vr.client.FailbackPlan(ctx, "mix"); err == nil || !strings.Contains(err.Error(), "app01 is not reprotected") || !strings.Contains(err.Error(), "db is not reprotected") {
+		t.Fatalf("plan failback before reprotect: %v", err)
+	}
+	j := vr.mustJob(vr.client.ReprotectPlan(ctx, "mix"))
+	t.Logf("plan reprotect output %q", j.Output)
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "plan mix reprotected: 2 machines") ||
+		!strings.HasPrefix(j.Output[1], "db: reprotected: ") || planReprotectedRE.FindStringSubmatch(j.Output[2]) == nil {
+		t.Fatalf("plan reprotect output %q", j.Output)
+	}
+	if stepIndex(t, j, "db: first pass") > stepIndex(t, j, "app01: freeze the original") || j.Steps[stepIndex(t, j, "app01: compare and send")].State != "done" {
+		t.Fatalf("plan reprotect steps %v", stepNames(j))
+	}
+	for _, m := range []string{"db", "app01"} {
+		if d := vr.machine(m).Direction; d != "reprotected" {
+			t.Fatalf("%s after the plan's reprotect: direction %q", m, d)
+		}
+	}
+	if _, err := vr.client.ReprotectPlan(ctx, "mix"); err == nil || !strings.Contains(err.Error(), "reprotected already") {
+		t.Fatalf("a second plan reprotect: %v", err)
+	}
+	pr.write("db", 3)
+	vr.writeRecovered("d1", 6)
+	want := pr.sums()["db"]
+	j = vr.mustJob(vr.client.FailbackPlan(ctx, "mix"))
+	t.Logf("plan failback output %q", j.Output)
+	if len(j.Output) != 4 || !strings.HasPrefix(j.Output[0], "plan mix failed back: 2 machines") ||
+		!strings.Contains(j.Output[3], "app01-recovered") || !strings.Contains(j.Output[3], "stays powered off") {
+		t.Fatalf("plan failback output %q", j.Output)
+	}
+	at := func(name string) int { return stepIndex(t, j, name) }
+	order := []string{"group 2: shut down", "app01: stop the recovered VM", "group 1: shut down", "db: stop the failed-over machine",
+		"app01: send the last changes", "db: drain", "app01: verify", "db: verify", "switch",
+		"group 1: power on", "db: power on", "group 2: power on", "app01: power on", "app01: end the failover"}
+	for k := 1; k < len(order); k++ {
+		if at(order[k-1]) >= at(order[k]) {
+			t.Fatalf("step %q is not before %q: %v", order[k-1], order[k], stepNames(j))
+		}
+	}
+	if fileSum(t, p) != want {
+		t.Fatal("db: the original disk differs from the export's final state")
+	}
+	for d, path := range vr.disks {
+		if fileSHA(t, path) != fileSHA(t, vr.flats[d]) {
+			t.Fatalf("app01 disk %s: the original differs from the recovered VM's final state", d)
+		}
+	}
+	if powerState(t, vr.rec) != types.VirtualMachinePowerStatePoweredOff {
+		t.Fatal("the recovered VM runs after the plan's failback")
+	}
+	for _, m := range []string{"db", "app01"} {
+		if d := vr.machine(m).Direction; d != "failed-back" {
+			t.Fatalf("%s after the plan's failback: direction %q", m, d)
+		}
+	}
+	j = vr.mustJob(vr.client.ReprotectPlan(ctx, "mix"))
+	if len(j.Output) != 3 || !strings.HasPrefix(j.Output[0], "plan mix protected again: 2 machines") {
+		t.Fatalf("forward plan reprotect output %q", j.Output)
+	}
+	vr.waitProtected("app01")
+	vr.waitProtected("db")
+}
+
+// A server restarted after a plan failback's switch resumes the same job
+// from where it was: group 1 powered on, its failback-only manual action
+// waiting (not confirmed) at the stop; after the restart the job waits on
+// it again, group 2 still failing back (the plan's order kept); once
+// confirmed, group 2's pre script runs, then its power-on; group 1's pre
+// script, run before the stop, does not run again.
+func TestFailbackPlanResumedAfterARestart(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	logf := filepath.Join(dir, "actions.log")
+	script := filepath.Join(dir, "log.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$ASR_DIRECTION $ASR_PHASE $ASR_GROUP\" >> "+logf+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pr := startPlanRigWith(t, true, []api.PlanGroup{
+		{Machines: []string{"db"}, Pre: []api.PlanAction{{Kind: "script", Path: script, On: api.ActionOnFailback}},
+			Post: []api.PlanAction{{Kind: "manual", Text: "check the database", On: api.ActionOnFailback}}},
+		{Machines: []string{"app1", "app2"}, Pre: []api.PlanAction{{Kind: "script", Path: script, On: api.ActionOnFailback}},
+			Post: []api.PlanAction{{Kind: "script", Path: script, On: api.ActionOnFailback}}},
+	})
+	actions := func() string {
+		b, err := os.ReadFile(logf)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	want := pr.sums()
+	j, err := pr.client.FailbackPlan(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waiting := func() {
+		t.Helper()
+		waitFor(t, "the plan failback to wait on group 1's manual action", func() bool {
+			jj, err := pr.client.Job(ctx, j.ID)
+			if err != nil || jj.State != api.JobRunning {
+				t.Fatalf("the plan failback job: %+v %v", jj, err)
+			}
+			return jj.Waiting == "check the database"
+		})
+	}
+	waiting()
+	pr.directions("failed-back", "db")
+	pr.directions("failing-back", "app1", "app2")
+	if got := actions(); got != "recovery-to-primary pre 1\n" {
+		t.Fatalf("actions before the restart: %q", got)
+	}
+	pr.stop()
+	pr.start()
+	waiting()
+	pr.directions("failing-back", "app1", "app2") // behind group 1's action
+	if got := actions(); got != "recovery-to-primary pre 1\n" {
+		t.Fatalf("actions after the restart: %q", got)
+	}
+	if _, err := pr.client.Failback(ctx, "app1"); err == nil || !strings.Contains(err.Error(), j.ID) {
+		t.Fatalf("a machine's failback while its plan's resumed failback runs: %v", err)
+	}
+	if _, err := pr.client.ConfirmJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	j = pr.runJob(j, nil)
+	if j.State != api.JobSucceeded {
+		t.Fatalf("the resumed plan failback: %s %s, steps %v", j.State, j.Error, stepNames(j))
+	}
+	if stepIndex(t, j, "resume") > stepIndex(t, j, "group 2 pre 1") || stepIndex(t, j, "group 2 pre 1") > stepIndex(t, j, "group 2: power on") ||
+		stepIndex(t, j, "group 1: power on") > stepIndex(t, j, "resume") {
+		t.Fatalf("the resumed job's steps out of order: %v", stepNames(j))
+	}
+	if got := actions(); got != "recovery-to-primary pre 1\nrecovery-to-primary pre 2\nrecovery-to-primary post 2\n" {
+		t.Fatalf("actions after the resumed failback: %q", got)
+	}
+	pr.checkPlanFailback(j, want)
+}
+
+// A plan's reprotect waits for the original agent of an unplanned
+// failover that is away, and may be cancelled there: that machine's
+// reprotect is taken back (failed over again), those done before stay
+// reprotected; run again once the agent is back, it reprotects only that
+// one, and the plan fails back equal.
+func TestFailbackPlanUnplannedCancelledWhileFreezing(t *testing.T) {
+	ctx := context.Background()
+	pr := startPlanRigOf(t, true, []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}}}, false)
+	for _, m := range planMachines {
+		pr.write(m, 3)
+	}
+	pr.agents["app2"].close()
+	j, err := pr.client.ReprotectPlan(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the plan's reprotect waiting for app2's agent", func() bool {
+		jj, err := pr.client.Job(ctx, j.ID)
+		if err != nil || jj.State != api.JobRunning {
+			t.Fatalf("the plan's reprotect: %+v %v", jj, err)
+		}
+		for _, s := range jj.Steps {
+			if s.Name == "app2: freeze the original" && s.State == "running" && strings.Contains(s.Detail, "waiting for the original agent") && jj.Cancellable {
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := pr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = pr.runJob(j, nil); j.State != api.JobCancelled {
+		t.Fatalf("the cancelled plan reprotect: %s %s", j.State, j.Error)
+	}
+	pr.directions("reprotected", "db", "app1")
+	pr.directions("failed-over", "app2")
+	pr.agents["app2"] = startAgent(t, pr.cfgs["app2"])
+	j = pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	if len(j.Output) != 2 || !strings.HasPrefix(j.Output[0], "plan app reprotected: 1 machine,") || !strings.HasPrefix(j.Output[1], "app2: reprotected: ") {
+		t.Fatalf("the plan's reprotect again: %q", j.Output)
+	}
+	pr.directions("reprotected")
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	pr.failBackPlan(pr.sums())
 }

@@ -187,100 +187,53 @@ type vmPass struct {
 	path                   string   // reprotect's: pathAgent or pathVCenter
 	from                   uint64   // with pathAgent: the stream's floor (recAgent.floor)
 	log                    string   // and the agent's log
+	agent                  string   // and the agent's BIOS UUID
 }
 
 // vmStepTimeout bounds the power-on of a recovered VM when a failback is
 // cancelled or fails.
 const vmStepTimeout = vcenterStepTimeout
 
+// refuseReprotectVM says why a machine's live failover to a VM cannot be
+// reprotected toward its original disks (nil if it can).
+func (s *Server) refuseReprotectVM(ctx context.Context, m store.Machine, f store.Failover) error {
+	if f.State != store.FailoverCommitted {
+		return errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
+	}
+	if d := decodeDetail(f); d.Reverse != nil {
+		return errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if m.Unprotected() {
+		return errorf(http.StatusConflict, "machine %s is unprotected (its failover was committed before failback of failovers to %s kept the original agent registered): failback needs the original agent", m.Name, f.Dest)
+	}
+	return s.refuseResyncRunning(ctx, m)
+}
+
+// refuseResyncRunning refuses a reprotect while a disk of m is resynced.
+func (s *Server) refuseResyncRunning(ctx context.Context, m store.Machine) error {
+	for _, d := range m.Disks {
+		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
+			return errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
+		}
+	}
+	return nil
+}
+
 // reprotectVM reprotects a committed failover to vSphere or Azure toward
 // the original disks.
 func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
-	if f.State != store.FailoverCommitted {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then reprotect", m.Name, f.State)
-	}
-	if d := decodeDetail(f); d.Reverse != nil {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
-	}
-	if m.Unprotected() {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is unprotected (its failover was committed before failback of failovers to %s kept the original agent registered): failback needs the original agent", m.Name, f.Dest)
-	}
-	for _, d := range m.Disks {
-		if r, err := s.db.Resync(ctx, m.ID, d.Index); err == nil && r.State == store.ResyncRunning {
-			return api.Job{}, errorf(http.StatusConflict, "disk %s of machine %s is being resynced: reprotect once it is done", d.Name, m.Name)
-		}
+	if err := s.refuseReprotectVM(ctx, m, f); err != nil {
+		return api.Job{}, err
 	}
 	return s.startJob(ctx, "reprotect", m.Name, func(ctx context.Context, j *job) error {
-		log := s.log.With("machine", m.Name, "failover", f.ID)
 		j.setCancellable(true)
-		if err := s.freezeForVM(ctx, j, m, f, log); err != nil {
-			return err
-		}
-		// Still cancellable: a pass cut short wrote only some blocks of
-		// the frozen original, which failback's pass makes whole; the
-		// original stays frozen until failback (or asr unprotect).
-		vm, err := s.openRecoveredVM(ctx, f)
+		p, vm, err := s.reprotectVMSteps(ctx, j, m, f)
 		if err != nil {
 			return err
 		}
-		defer vm.close()
-		disks, err := s.recoveredDisks(ctx, j, vm, m)
-		if err != nil {
-			return err
-		}
-		// The agent in the recovered VM, connected: its writes are held
-		// from its Welcome until this compare (begun after it) is done,
-		// then shipped as they happen; one welcomed again meanwhile
-		// dropped records the compare may have missed: compare again.
-		ra := s.recAgents.of(m.ID, f.ID)
-		var p vmPass
-		for {
-			var epoch uint64
-			agent := false
-			if ra != nil {
-				epoch, agent = ra.beginCompare()
-			}
-			p, err = s.compareVM(ctx, j, m.Name+": compare and send",
-				fmt.Sprintf("block sums of the original disks against those of %s: only the blocks that differ are sent", vm),
-				vm, m, f, disks, false)
-			if err != nil {
-				return err
-			}
-			if !agent {
-				p.path = pathVCenter
-				break
-			}
-			if floor, logID, ok := ra.goLive(epoch); ok {
-				p.path, p.from, p.log = pathAgent, floor, logID
-				break
-			}
-		}
-		s.rv.recMu.Lock()
-		cur, err := s.db.LiveFailover(ctx, m.ID)
-		if err == nil && cur.ID != f.ID {
-			err = fmt.Errorf("machine %s: failover %s is not live any more", m.Name, f.ID)
-		}
-		if err == nil {
-			cd := decodeDetail(cur)
-			cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
-			pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path, From: p.from, Log: p.log}
-			if f.Dest == api.ToAzure {
-				cd.Reverse.Azure = pass
-			} else {
-				cd.Reverse.VSphere = pass
-			}
-			cur.Detail = encodeDetail(cd)
-			err = s.db.UpdateFailover(ctx, cur)
-		}
-		s.rv.recMu.Unlock()
-		if err != nil {
-			return err
-		}
-		s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
-			Message: fmt.Sprintf("failover %s (to %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, vm, p.compared, p.differ)})
-		next := fmt.Sprintf("VM %s runs on; no asr agent in it is connected, so its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", vm.name(), m.Name)
+		next := fmt.Sprintf("VM %s runs on; no asr agent in it is connected, so its writes from now on are found and sent by asr failback --machine %s (which powers it off first)", vm, m.Name)
 		if p.path == pathAgent {
-			next = fmt.Sprintf("path: the asr agent in VM %s (BIOS UUID %s) ships its writes to the original disks as they happen", vm.name(), ra.uuid)
+			next = fmt.Sprintf("path: the asr agent in VM %s (BIOS UUID %s) ships its writes to the original disks as they happen", vm, p.agent)
 		}
 		j.setResult([]string{
 			fmt.Sprintf("reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", p.compared, p.differ, p.sent),
@@ -288,6 +241,79 @@ func (s *Server) reprotectVM(ctx context.Context, m store.Machine, f store.Failo
 		}, 0)
 		return nil
 	})
+}
+
+// reprotectVMSteps are the reprotect of a failover to a VM in job j (which
+// may be cancelled throughout): the original frozen, one checksum pass,
+// the record. It returns the pass and the VM's name.
+func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, f store.Failover) (vmPass, string, error) {
+	log := s.log.With("machine", m.Name, "failover", f.ID)
+	if err := s.freezeForVM(ctx, j, m, f, log); err != nil {
+		return vmPass{}, "", err
+	}
+	// Still cancellable: a pass cut short wrote only some blocks of
+	// the frozen original, which failback's pass makes whole; the
+	// original stays frozen until failback (or asr unprotect).
+	vm, err := s.openRecoveredVM(ctx, f)
+	if err != nil {
+		return vmPass{}, "", err
+	}
+	defer vm.close()
+	disks, err := s.recoveredDisks(ctx, j, vm, m)
+	if err != nil {
+		return vmPass{}, "", err
+	}
+	// The agent in the recovered VM, connected: its writes are held
+	// from its Welcome until this compare (begun after it) is done, then
+	// shipped as they happen; one welcomed again meanwhile dropped
+	// records the compare may have missed: compare again.
+	ra := s.recAgents.of(m.ID, f.ID)
+	var p vmPass
+	for {
+		var epoch uint64
+		agent := false
+		if ra != nil {
+			epoch, agent = ra.beginCompare()
+		}
+		p, err = s.compareVM(ctx, j, m.Name+": compare and send",
+			fmt.Sprintf("block sums of the original disks against those of %s: only the blocks that differ are sent", vm),
+			vm, m, f, disks, false)
+		if err != nil {
+			return p, "", err
+		}
+		if !agent {
+			p.path = pathVCenter
+			break
+		}
+		if floor, logID, ok := ra.goLive(epoch); ok {
+			p.path, p.from, p.log, p.agent = pathAgent, floor, logID, ra.uuid
+			break
+		}
+	}
+	s.rv.recMu.Lock()
+	cur, err := s.db.LiveFailover(ctx, m.ID)
+	if err == nil && cur.ID != f.ID {
+		err = fmt.Errorf("machine %s: failover %s is not live any more", m.Name, f.ID)
+	}
+	if err == nil {
+		cd := decodeDetail(cur)
+		cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
+		pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path, From: p.from, Log: p.log}
+		if f.Dest == api.ToAzure {
+			cd.Reverse.Azure = pass
+		} else {
+			cd.Reverse.VSphere = pass
+		}
+		cur.Detail = encodeDetail(cd)
+		err = s.db.UpdateFailover(ctx, cur)
+	}
+	s.rv.recMu.Unlock()
+	if err != nil {
+		return p, "", err
+	}
+	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
+		Message: fmt.Sprintf("failover %s (to %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, vm, p.compared, p.differ)})
+	return p, vm.name(), nil
 }
 
 // freezeForVM freezes the original agent under the failover and
@@ -512,15 +538,24 @@ func (s *Server) retryOriginal(ctx context.Context, m store.Machine, wait func(s
 	}
 }
 
+// failbackVMReady says why a failover to a VM cannot fail back (nil if it
+// can); again names the flag that reprotects it.
+func failbackVMReady(m store.Machine, f store.Failover, again string) error {
+	d := decodeDetail(f)
+	if d.Reverse == nil {
+		return errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect %s first", m.Name, again)
+	}
+	if d.Reverse.State != dirReprotected || d.Reverse.VSphere == nil && d.Reverse.Azure == nil {
+		return errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	return nil
+}
+
 // failbackVM fails a reprotected failover to vSphere or Azure back to the
 // original disks.
 func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failover) (api.Job, error) {
-	d := decodeDetail(f)
-	if d.Reverse == nil {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is not reprotected: run asr reprotect --machine %s first", m.Name, m.Name)
-	}
-	if d.Reverse.State != dirReprotected || d.Reverse.VSphere == nil && d.Reverse.Azure == nil {
-		return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	if err := failbackVMReady(m, f, "--machine "+m.Name); err != nil {
+		return api.Job{}, err
 	}
 	if err := s.refuseGroupAlone(ctx, m); err != nil {
 		return api.Job{}, err
@@ -528,13 +563,9 @@ func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failov
 	return s.startJob(ctx, "failback", m.Name, func(ctx context.Context, j *job) error {
 		start := time.Now()
 		j.setCancellable(true)
-		vm, err := s.openRecoveredVM(ctx, f)
-		if err != nil {
-			return err
-		}
-		defer vm.close()
-		sw, err := s.failbackVMSteps(ctx, j, vm, m, f, d.Reverse.Sent)
-		if err != nil {
+		sm := newVMMember(m, f)
+		defer sm.close()
+		if err := s.failbackVMSteps(ctx, j, sm); err != nil {
 			return err
 		}
 		if s.rv.switchHook != nil {
@@ -543,11 +574,11 @@ func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failov
 		if s.ctx.Err() != nil {
 			return fmt.Errorf("the server stopped after the switch: the failback is finished at its next start")
 		}
-		lines, err := s.finishFailback(ctx, j, sw.f, m)
+		lines, err := s.finishFailback(ctx, j, sm.f, m)
 		if err != nil {
-			s.finishLater(sw.f, m)
+			s.finishLater(sm.f, m)
 		}
-		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", vm.name(), vm.place()))
+		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", sm.vm.name(), sm.vm.place()))
 		j.setResult(lines, time.Since(start))
 		return err
 	})
@@ -556,40 +587,89 @@ func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failov
 // failbackVMSteps stops the recovered VM, sends its last changes and
 // verifies, and records the switch; before the switch a failure or a
 // cancel powers the recovered VM on again.
-func (s *Server) failbackVMSteps(ctx context.Context, j *job, vm recoveredVM, m store.Machine, f store.Failover, sentBefore int64) (sw *switchMember, err error) {
-	done := j.step(m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", vm))
-	off, err := vm.powerOff(ctx)
-	if err != nil {
-		done("", err)
-		return nil, err
-	}
-	done(map[bool]string{true: "powered off", false: "off already"}[off], nil)
+func (s *Server) failbackVMSteps(ctx context.Context, j *job, sm *switchMember) (err error) {
 	defer func() {
-		if err == nil || !off {
-			return
-		}
-		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), vmStepTimeout)
-		defer cancel()
-		undo := j.step(m.Name+": power the recovered VM on again", "the failback did not switch: the failed-over machine runs on")
-		_, perr := vm.powerOn(pctx)
-		undo("powered on", perr)
-		if perr != nil {
-			s.raise(pctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "failback-power-on",
-				Message: fmt.Sprintf("failback of %s did not switch, and its recovered %s could not be powered on again (%v): power it on there", m.Name, vm, perr)})
+		if err != nil {
+			s.undoMember(ctx, j, sm)
 		}
 	}()
-	if err := s.drainRecoveredAgent(ctx, j, m, f); err != nil {
-		return nil, err
+	for _, step := range []func(context.Context, *job, *switchMember) error{s.stopMember, s.drainMember, s.verifyMember} {
+		if err := step(ctx, j, sm); err != nil {
+			return err
+		}
 	}
-	disks, err := s.recoveredDisks(ctx, j, vm, m)
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	j.setCancellable(false)
+	return s.recordSwitch(ctx, []*switchMember{sm}, nil)
+}
+
+// newVMMember is a reprotected failover to a VM as a failback's member.
+func newVMMember(m store.Machine, f store.Failover) *switchMember {
+	return &switchMember{m: m, f: f, toVM: true, sentBefore: decodeDetail(f).Reverse.Sent}
+}
+
+// The member steps of a failback (failbackVMSteps, a plan's or group's):
+// stop the failed-over machine, drain (send its last changes), verify the
+// original disks, and, before the switch, undo the stop. For a failover
+// to NBD they act on its exports and its shipper; for one to a VM, on the
+// recovered VM (powered off, one checksum pass, SHA-256 compared).
+
+// stopMember stops a member's failed-over machine.
+func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error {
+	if !sm.toVM {
+		return stopFailedOver(j, sm.m, sm.run)
+	}
+	if sm.vm == nil {
+		vm, err := s.openRecoveredVM(ctx, sm.f)
+		if err != nil {
+			return fmt.Errorf("machine %s: the recovered VM: %w", sm.m.Name, err)
+		}
+		sm.vm = vm
+	}
+	done := j.step(sm.m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", sm.vm))
+	off, err := sm.vm.powerOff(ctx)
 	if err != nil {
-		return nil, err
+		done("", err)
+		return err
 	}
-	p, err := s.compareVM(ctx, j, m.Name+": send the last changes",
-		"block sums of the original disks against the stopped VM's: the blocks that differ are sent", vm, m, f, disks, true)
+	sm.vmOff = off
+	done(map[bool]string{true: "powered off", false: "off already"}[off], nil)
+	return nil
+}
+
+// drainMember waits until every change of a stopped member is on its
+// original disks.
+func (s *Server) drainMember(ctx context.Context, j *job, sm *switchMember) error {
+	if !sm.toVM {
+		return s.waitDrained(ctx, j, sm.m.Name+": drain", "send the last changes to the original disks", sm.run)
+	}
+	if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
+		return err
+	}
+	disks, err := s.recoveredDisks(ctx, j, sm.vm, sm.m)
 	if err != nil {
-		return nil, err
+		return err
 	}
+	p, err := s.compareVM(ctx, j, sm.m.Name+": send the last changes",
+		"block sums of the original disks against the stopped VM's: the blocks that differ are sent", sm.vm, sm.m, sm.f, disks, true)
+	if err != nil {
+		return err
+	}
+	sm.disks, sm.pass = disks, p
+	return nil
+}
+
+// verifyMember compares every original disk of a drained member with its
+// failed-over state, whole (SHA-256 on both sides).
+func (s *Server) verifyMember(ctx context.Context, j *job, sm *switchMember) error {
+	if !sm.toVM {
+		c, err := s.verifyOriginal(ctx, j, sm.f, sm.m, sm.run)
+		sm.compared = c
+		return err
+	}
+	m, p := sm.m, sm.pass
 	verify := m.Name + ": verify"
 	j.update(api.JobStep{Name: verify, State: "running", Detail: "compare the original disks with the recovered VM's (SHA-256)", Total: p.compared})
 	var compared int64
@@ -598,33 +678,62 @@ func (s *Server) failbackVMSteps(ctx context.Context, j *job, vm recoveredVM, m 
 		var size int64
 		err := s.retryOriginal(ctx, m, func(string) {}, func() error {
 			var err error
-			got, size, err = s.ps.ReverseSum(ctx, m.ID, f.ID, md.Index)
+			got, size, err = s.ps.ReverseSum(ctx, m.ID, sm.f.ID, md.Index)
 			return err
 		})
-		if err == nil && (got != p.sums[i] || size != disks[i].size) {
-			err = fmt.Errorf("disk %s: the original (sha256 %s, %d bytes) differs from the recovered VM's %s (sha256 %s, %d bytes)", md.Name, got, size, disks[i].name, p.sums[i], disks[i].size)
+		if err == nil && (got != p.sums[i] || size != sm.disks[i].size) {
+			err = fmt.Errorf("disk %s: the original (sha256 %s, %d bytes) differs from the recovered VM's %s (sha256 %s, %d bytes)", md.Name, got, size, sm.disks[i].name, p.sums[i], sm.disks[i].size)
 		}
 		if err != nil {
 			j.update(api.JobStep{Name: verify, State: "failed", Detail: err.Error()})
-			return nil, err
+			return err
 		}
 		compared += size
 		j.update(api.JobStep{Name: verify, State: "running", Detail: "compare the original disks with the recovered VM's (SHA-256)", Total: p.compared, Done: compared})
 	}
 	j.update(api.JobStep{Name: verify, State: "done", Detail: fmt.Sprintf("%d bytes compared: equal", compared), Total: p.compared, Done: compared})
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	j.setCancellable(false)
+	sm.compared = p.compared
 	// The recovered VM's agent's stream counts as sent too (since the
 	// server started: that count is not kept across restarts).
 	streamed := int64(0)
-	if a := s.recAgents.of(m.ID, f.ID); a != nil {
+	if a := s.recAgents.of(m.ID, sm.f.ID); a != nil {
 		streamed = a.sent.Load()
 	}
-	sw = &switchMember{m: m, run: &reverseRun{base: sentBefore + p.sent + streamed}, compared: p.compared}
-	if err := s.recordSwitch(ctx, []*switchMember{sw}); err != nil {
-		return nil, err
+	sm.run = &reverseRun{base: sm.sentBefore + p.sent + streamed} // the bytes sent, for the switch's record
+	return nil
+}
+
+// undoMember lets a member's failed-over machine run on after a failback
+// that did not switch: its exports writable again, or its recovered VM
+// powered on again (if the failback powered it off).
+func (s *Server) undoMember(ctx context.Context, j *job, sm *switchMember) {
+	if !sm.toVM {
+		if sm.run != nil {
+			for _, d := range sm.run.disks {
+				d.be.stopped.Store(false)
+			}
+		}
+		return
 	}
-	return sw, nil
+	if !sm.vmOff || sm.vm == nil {
+		return
+	}
+	m, vm := sm.m, sm.vm
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), vmStepTimeout)
+	defer cancel()
+	undo := j.step(m.Name+": power the recovered VM on again", "the failback did not switch: the failed-over machine runs on")
+	_, perr := vm.powerOn(pctx)
+	undo("powered on", perr)
+	if perr != nil {
+		s.raise(pctx, store.Event{MachineID: m.ID, Severity: "warning", Kind: "failback-power-on",
+			Message: fmt.Sprintf("failback of %s did not switch, and its recovered %s could not be powered on again (%v): power it on there", m.Name, vm, perr)})
+	}
+	sm.vmOff = false
+}
+
+// close releases a member's recovered VM client.
+func (sm *switchMember) close() {
+	if sm.vm != nil {
+		sm.vm.close()
+	}
 }

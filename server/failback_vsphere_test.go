@@ -37,7 +37,7 @@ func startVSphereRig(t *testing.T) *vsphereRig {
 	ctx := context.Background()
 	dir := t.TempDir()
 	sim := startSim(t)
-	r := &rig{t: t, dir: dir, log: quietLogger()}
+	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
 	if testing.Verbose() {
 		r.log = slog.Default()
 	}

@@ -522,6 +522,11 @@ func (s *Server) restoreFailovers(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Plans' failbacks past their switch: their machines are theirs.
+	pfs, err := s.loadPlanFailbacks(ctx)
+	if err != nil {
+		return err
+	}
 	for _, f := range fs {
 		m, err := s.db.Machine(ctx, f.MachineID)
 		if err != nil {
@@ -558,7 +563,7 @@ func (s *Server) restoreFailovers(ctx context.Context) error {
 				Message: fmt.Sprintf("the exports of %s %s could not be served again: %v", kindWord(f.Kind), f.ID, err)})
 		}
 	}
-	return nil
+	return s.resumePlanFailbacks(ctx, pfs)
 }
 
 func kindWord(kind string) string {

@@ -328,12 +328,13 @@ func (s *Server) removeVSphereVM(ctx context.Context, d *failoverDetail) error {
 }
 
 // azureCredential is the ARM credential: the configured one (tests), else
-// azidentity's default chain (environment, managed identity, Azure CLI).
+// azidentity's default chain (environment, managed identity, Azure CLI)
+// in the cloud of ARMOptions.
 func (s *Server) azureCredential() (azcore.TokenCredential, error) {
 	if s.cfg.ARMCredential != nil {
 		return s.cfg.ARMCredential, nil
 	}
-	return azure.NewCredential()
+	return azure.NewCredential(s.cfg.ARMOptions)
 }
 
 // azureVMName makes a machine name an Azure VM name (no underscores).

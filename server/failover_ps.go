@@ -54,21 +54,30 @@ func (s *Server) toBuiltin(ctx context.Context, j *job, m store.Machine, needHan
 		return err
 	}
 	s.pss.switchMu.Lock()
-	err := s.takeBackLocked(ctx, m.ID, m.Name, ps, "taken back "+why)
+	err := s.takeBackLocked(ctx, m.ID, m.Name, ps, api.BuiltinProcessServer, "taken back "+why)
 	s.pss.switchMu.Unlock()
 	done("taken back: process server "+ps+" sends no heartbeat", err)
 	return err
 }
 
 // takeBackLocked assigns a machine of a silent scale-out process server to
-// the built-in one without a hand-over (an event says how: "switched
-// automatically", "taken back for a failover"). s.pss.switchMu is held.
-func (s *Server) takeBackLocked(ctx context.Context, id, name, from, how string) error {
-	if err := s.db.Assign(ctx, id, ""); err != nil {
+// process server to (a scale-out one's name or api.BuiltinProcessServer)
+// without a hand-over (an event says how: "switched automatically",
+// "taken back for a failover"). s.pss.switchMu is held.
+func (s *Server) takeBackLocked(ctx context.Context, id, name, from, to, how string) error {
+	newPS, dest := to, "process server "+to
+	if to == api.BuiltinProcessServer {
+		newPS, dest = "", "the built-in one"
+	}
+	if err := s.db.Assign(ctx, id, newPS); err != nil {
 		return err
 	}
 	s.pss.mu.Lock()
-	delete(s.pss.assigned, id)
+	if newPS == "" {
+		delete(s.pss.assigned, id)
+	} else {
+		s.pss.assigned[id] = newPS
+	}
 	last := s.pss.last[from].at
 	s.pss.mu.Unlock()
 	since := "none since this server started"
@@ -76,7 +85,7 @@ func (s *Server) takeBackLocked(ctx context.Context, id, name, from, how string)
 		since = "none since " + last.UTC().Format(time.RFC3339)
 	}
 	s.raise(ctx, store.Event{MachineID: id, Kind: "process-server-switch", Severity: api.SeverityWarning,
-		Message: fmt.Sprintf("%s %s from process server %s (no heartbeat: %s) to the built-in one; changes its cache acknowledged and did not apply are resynced",
-			name, how, from, since)})
+		Message: fmt.Sprintf("%s %s from process server %s (no heartbeat: %s) to %s; changes its cache acknowledged and did not apply are resynced",
+			name, how, from, since, dest)})
 	return nil
 }

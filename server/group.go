@@ -18,9 +18,10 @@ import (
 
 // Replication groups (multi-VM consistency): the machines of a group share
 // their crash- and application-consistent points. The server makes them:
-// each is a cut across the members (procserver.GroupCut), on the schedule
-// of the members' policies (the shortest interval among them), or on
-// request. Members' agents then schedule no points of their own.
+// each is a cut across the members, whichever process servers serve them
+// (cutAcross, groupcut.go), on the schedule of the members' policies (the
+// shortest interval among them), or on request. Members' agents then
+// schedule no points of their own.
 
 // holdWait bounds how long the group waits for every member to hold its
 // writes; an application-consistent cut also waits for the freezes.
@@ -92,20 +93,26 @@ func (s *Server) groupCut(ctx context.Context, group string, app bool) (replicat
 	if len(members) == 0 {
 		return replication.GroupPoint{}, errorf(http.StatusNotFound, "no machine is in group %q", group)
 	}
-	ids := make([]string, len(members))
-	names := map[string]string{}
-	for i, m := range members {
-		ids[i], names[m.ID] = m.ID, m.Name
+	// The members on the built-in process server, and those on scale-out
+	// ones (cutAcross coordinates them).
+	var local []string
+	remote := map[string]string{}
+	for _, m := range members {
+		if ps := s.assignedTo(m.ID); ps != "" {
+			remote[m.ID] = ps
+		} else {
+			local = append(local, m.ID)
+		}
 	}
 	wait := holdWait
 	if app {
 		wait += 15 * time.Second // pre-freeze scripts and freezes first
 	}
-	points, err := s.ps.GroupCut(ctx, ids, app, wait)
+	cut, points, err := s.cutAcross(ctx, local, remote, app, wait)
 	if err != nil {
 		return replication.GroupPoint{}, err
 	}
-	gp := replication.GroupPoint{Kind: replication.PointApp, Members: map[string]string{}}
+	gp := replication.GroupPoint{Kind: replication.PointApp, Members: map[string]string{}, Cut: cut}
 	for id, p := range points {
 		gp.Members[id] = p.ID
 		if p.Time.After(gp.Time) {
@@ -229,7 +236,7 @@ func (s *Server) groupSchedule(ctx context.Context, members []store.Machine) (cr
 		if p.AppFrequency > 0 && (app == 0 || p.AppFrequency < app) {
 			app = p.AppFrequency
 		}
-		st, ok := s.ps.Stats(m.ID)
+		st, ok := s.machineStats(m.ID) // on any process server
 		ready = ready && ok && st.Connected
 		for _, d := range m.Disks {
 			ready = ready && d.State == replication.StateProtected

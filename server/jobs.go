@@ -54,6 +54,27 @@ func (s *Server) startJob(ctx context.Context, kind, subject string, fn func(ctx
 	if err := s.db.AddJob(ctx, store.Job{ID: j.id, Kind: kind, Subject: subject, StartedAt: j.j.StartedAt}); err != nil {
 		return api.Job{}, err
 	}
+	return s.runJob(j, fn), nil
+}
+
+// resumeJob runs fn as job rec again, a job a stopped server left (its
+// steps and output as recorded, its state running again): a failback
+// past its switch goes on after a restart in the job that started it.
+func (s *Server) resumeJob(ctx context.Context, rec store.Job, fn func(ctx context.Context, j *job) error) (api.Job, error) {
+	if err := s.db.ResumeJob(ctx, rec.ID); err != nil {
+		return api.Job{}, err
+	}
+	j := &job{s: s, id: rec.ID, changed: make(chan struct{})}
+	j.j = jobFromRow(rec)
+	j.j.State, j.j.Error, j.j.EndedAt, j.j.Waiting = api.JobRunning, "", time.Time{}, ""
+	j.log = func(msg string, args ...any) {
+		s.log.Info(msg, append([]any{"job", j.id, "kind", rec.Kind, "subject", rec.Subject}, args...)...)
+	}
+	return s.runJob(j, fn), nil
+}
+
+// runJob runs a recorded job's fn on its own goroutine.
+func (s *Server) runJob(j *job, fn func(ctx context.Context, j *job) error) api.Job {
 	s.jobs.mu.Lock()
 	if s.jobs.running == nil {
 		s.jobs.running = map[string]*job{}
@@ -73,7 +94,7 @@ func (s *Server) startJob(ctx context.Context, kind, subject string, fn func(ctx
 		delete(s.jobs.running, j.id)
 		s.jobs.mu.Unlock()
 	}()
-	return j.snapshot(), nil
+	return j.snapshot()
 }
 
 func (j *job) snapshot() api.Job {

@@ -32,8 +32,7 @@ import (
 // lease on the target, and agents ask the control URL where their process
 // server is at each connect (GET /api/v1/agents/data-address); with
 // Config.AutoSwitch the machines of a silent process server move to the
-// built-in one (autoSwitch). Not done yet: the least-loaded choice for new
-// machines.
+// healthy ones, spread by churn (autoSwitch).
 
 // defaultPSHeartbeatLost is how long a process server may go without a
 // heartbeat before its critical alert; psHeartbeatEvery how often it is
@@ -57,6 +56,7 @@ type processServers struct {
 	machines map[string]psMachine
 	runs     map[string]psRun
 	cmds     map[string]*psCmd
+	images   map[string]*psImage // image streams awaited, by command id (procservers_points.go)
 }
 
 type psBeat struct {
@@ -224,7 +224,7 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 			ids = append(ids, id)
 		}
 	}
-	fresh, cmds := s.takeReports(p.Name, &hb, open)
+	fresh, cmds, done := s.takeReports(p.Name, &hb, open)
 	s.pss.mu.Unlock()
 	if fresh {
 		for _, r := range hb.Reports {
@@ -233,6 +233,7 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 			}
 		}
 	}
+	deliver(done)
 	// Three beats in the lost interval at least: one late beat is no alert.
 	reply := api.ProcessServerHeartbeatReply{Every: min(psHeartbeatEvery, s.cfg.PSHeartbeatLost/3), Assigned: []api.PSAssignment{}, Commands: cmds}
 	for _, id := range ids {
@@ -247,9 +248,8 @@ func (s *Server) handlePSHeartbeat(w http.ResponseWriter, r *http.Request) error
 		}
 		a := api.PSAssignment{MachineID: m.ID, Name: m.Name, CertSerial: m.CertSerial}
 		if ap := s.policyFor(m.ID); ap != nil {
-			// Replication groups' cuts go through the built-in process
-			// server: a member on a scale-out one makes its own points.
-			ap.Group = ""
+			// A group member's agent makes no points of its own: the
+			// group's cuts reach it as commands (groupcut.go).
 			a.Policy = ap
 		}
 		reply.Assigned = append(reply.Assigned, a)
@@ -527,15 +527,16 @@ func (s *Server) handleDataAddress(w http.ResponseWriter, r *http.Request) error
 
 // autoSwitch moves the machines of every scale-out process server without
 // a heartbeat for PSHeartbeatLost (counted from this server's start for
-// one not heard since) to the built-in process server. The silent one
-// cannot hand them over: what its cache acknowledged and did not apply is
-// not on the target, so the built-in one finds the agent's log past the
-// catalog's applied sequence (a sequence gap) and the machine's disks are
-// marked for a resync (its reason says so), never silently continued. Its
-// lease guards the rest: a process server that is alive but cut off from
-// this server keeps the machine's lease, so the built-in one cannot open
-// the machine until it lets go (it learns of the switch at its next
-// heartbeat and hands the machine over, drained, with no gap).
+// one not heard since) to the healthy process servers, the built-in one
+// included, spread by churn (spreadOver): never to a silent or removed
+// one. The silent one cannot hand them over: what its cache acknowledged
+// and did not apply is not on the target, so the new process server finds
+// the agent's log past the catalog's applied sequence (a sequence gap) and
+// the machine's disks are marked for a resync (its reason says so), never
+// silently continued. Its lease guards the rest: a process server that is
+// alive but cut off from this server keeps the machine's lease, so the new
+// one cannot open the machine until it lets go (it learns of the switch at
+// its next heartbeat and hands the machine over, drained, with no gap).
 func (s *Server) autoSwitch(ctx context.Context) error {
 	rows, err := s.db.ProcessServers(ctx)
 	if err != nil {
@@ -560,17 +561,70 @@ func (s *Server) autoSwitch(ctx context.Context) error {
 		if now.Sub(last) <= s.cfg.PSHeartbeatLost || len(ids) == 0 {
 			continue
 		}
-		for _, id := range ids {
+		slices.Sort(ids) // the same spread for the same machines
+		l, err := s.ProcessServers(ctx)
+		if err != nil {
+			return err
+		}
+		var rate float64 // the silent one's churn, as its last heartbeat said
+		for _, i := range l {
+			if i.Name == p.Name {
+				rate = i.Figures.UploadRate
+			}
+		}
+		to := spreadOver(l, len(ids), rate)
+		for i, id := range ids {
 			name := id
 			if m, err := s.db.Machine(ctx, id); err == nil {
 				name = m.Name
 			}
-			if err := s.takeBackLocked(ctx, id, name, p.Name, "switched automatically"); err != nil {
+			if err := s.takeBackLocked(ctx, id, name, p.Name, to[i], "switched automatically"); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// spreadOver chooses, for each of n machines of a silent process server
+// whose last heartbeat reported an upload rate of rate bytes/s for them
+// all, a healthy process server of l (pickLeastLoaded), one machine after
+// the other, each counted on the one it goes to: one machine more, and its
+// share of the churn (rate/n; when the silent one reported none, the mean
+// churn per machine of the healthy ones), so they spread rather than pile
+// on the least loaded one. The built-in one is always healthy: every
+// machine gets a process server.
+func spreadOver(l []api.ProcessServerInfo, n int, rate float64) []string {
+	l = slices.Clone(l)
+	share := rate / float64(n)
+	if share <= 0 {
+		var total float64
+		machines := 0
+		for _, p := range l {
+			if p.State == api.PSHealthy {
+				total += p.Figures.UploadRate
+				machines += p.Machines
+			}
+		}
+		if machines > 0 {
+			share = total / float64(machines)
+		}
+	}
+	to := make([]string, n)
+	for i := range to {
+		name, ok := pickLeastLoaded(l)
+		if !ok {
+			name = api.BuiltinProcessServer
+		}
+		to[i] = name
+		for j := range l {
+			if l[j].Name == name {
+				l[j].Figures.UploadRate += share
+				l[j].Machines++
+			}
+		}
+	}
+	return to
 }
 
 // SwitchAll moves every machine of process server from (a scale-out one's

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"maps"
 	"strings"
 	"testing"
 
@@ -28,6 +29,54 @@ func TestPickLeastLoaded(t *testing.T) {
 		if got != tc.want || ok != (tc.want != "") {
 			t.Errorf("%s: %q, %v; want %q", tc.name, got, ok, tc.want)
 		}
+	}
+}
+
+// The machines of a silent process server spread over the healthy ones by
+// churn, the built-in one included: each machine placed counts on the one
+// it goes to (its share of the silent one's churn, one machine more); a
+// silent one is never chosen, even when it looks the least loaded.
+func TestSpreadOver(t *testing.T) {
+	ps := func(name, state string, rate float64, machines int) api.ProcessServerInfo {
+		return api.ProcessServerInfo{Name: name, State: state, Machines: machines, Figures: api.ProcessServer{UploadRate: rate}}
+	}
+	count := func(to []string) map[string]int {
+		n := map[string]int{}
+		for _, p := range to {
+			n[p]++
+		}
+		return n
+	}
+	for _, tc := range []struct {
+		name string
+		l    []api.ProcessServerInfo
+		n    int
+		rate float64
+		want map[string]int
+	}{
+		{"even load: one each in turn", []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 2e6, 2), ps("ps1", api.PSNoHeartbeat, 0, 4), ps("ps2", api.PSHealthy, 2e6, 2), ps("ps3", api.PSHealthy, 2e6, 2)},
+			6, 6e6, map[string]int{"builtin": 2, "ps2": 2, "ps3": 2}},
+		{"the idle one takes more, not all", []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 4e6, 2), ps("ps1", api.PSNoHeartbeat, 0, 4), ps("ps2", api.PSHealthy, 0, 0)},
+			4, 8e6, map[string]int{"ps2": 3, "builtin": 1}},
+		{"a second silent one is never chosen", []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 9e6, 5), ps("ps1", api.PSNoHeartbeat, 0, 3), ps("ps2", api.PSNoHeartbeat, 0, 0), ps("ps3", api.PSHealthy, 1e6, 1)},
+			3, 3e6, map[string]int{"ps3": 3}},
+		{"the silent one reported no churn: the healthy ones' mean per machine", []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 3e6, 3), ps("ps1", api.PSNoHeartbeat, 0, 2), ps("ps2", api.PSHealthy, 0, 0)},
+			2, 0, map[string]int{"ps2": 2}},
+		{"all idle: by machines", []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 0, 0), ps("ps1", api.PSNoHeartbeat, 0, 2), ps("ps2", api.PSHealthy, 0, 0)},
+			2, 0, map[string]int{"builtin": 1, "ps2": 1}},
+		{"only the built-in one is healthy", []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 5e6, 1), ps("ps1", api.PSNoHeartbeat, 0, 2)},
+			2, 1e6, map[string]int{"builtin": 2}},
+	} {
+		to := spreadOver(tc.l, tc.n, tc.rate)
+		if got := count(to); len(to) != tc.n || !maps.Equal(got, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	// The list given is not changed.
+	l := []api.ProcessServerInfo{ps("builtin", api.PSHealthy, 1, 1), ps("ps2", api.PSHealthy, 1, 1)}
+	spreadOver(l, 4, 4)
+	if l[0].Machines != 1 || l[1].Figures.UploadRate != 1 {
+		t.Fatalf("spreadOver changed its list: %+v", l)
 	}
 }
 
@@ -60,6 +109,7 @@ func TestCheckReportsBounds(t *testing.T) {
 		{"status", &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{MachineID: id, Status: &replication.Status{Events: make([]replication.AgentEvent, replication.MaxStatusEvents+1)}}}}, "events"},
 		{"scrub disks", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Disks: make([]procserver.DiskScrub, api.MaxPSScrubEntries+1)}}}}, "a scrub report of"},
 		{"scrub damaged", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Points: []procserver.PointScrub{{Damaged: make([]int64, api.MaxPSScrubDamaged+1)}}}}}}, "damaged blocks"},
+		{"image damaged", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Damaged: make([]int64, api.MaxPSImageDamaged+1)}}}, "an image's result"},
 		{"scrub negative", &api.ProcessServerHeartbeat{Results: []api.PSCommandResult{{Scrub: &procserver.ScrubReport{Disks: []procserver.DiskScrub{{Checked: -1}}}}}}, "checked"},
 	} {
 		if err := checkReports(tc.hb); err == nil || !strings.Contains(err.Error(), tc.want) {

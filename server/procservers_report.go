@@ -88,6 +88,9 @@ func checkReports(hb *api.ProcessServerHeartbeat) error {
 		if err := checkScrubResult(r); err != nil {
 			return fmt.Errorf("command %s: %w", r.ID, err)
 		}
+		if len(r.Damaged) > api.MaxPSImageDamaged {
+			return fmt.Errorf("command %s: an image's result listing %d damaged blocks, at most %d", r.ID, len(r.Damaged), api.MaxPSImageDamaged)
+		}
 	}
 	for _, r := range hb.Reports {
 		if len(r.MachineID) == 0 || len(r.MachineID) > 64 {
@@ -130,11 +133,25 @@ func checkReports(hb *api.ProcessServerHeartbeat) error {
 	return nil
 }
 
-// takeReports keeps the figures of a heartbeat's reports, delivers its
-// command results, and says whether its news are new (numbered past the
-// last taken from the same run); it returns the commands pending for the
-// process server. Under s.pss.mu.
-func (s *Server) takeReports(name string, hb *api.ProcessServerHeartbeat, open map[string]bool) (fresh bool, cmds []api.PSCommand) {
+// psDone is a command's result to hand to its waiter.
+type psDone struct {
+	c *psCmd
+	r api.PSCommandResult
+}
+
+// deliver hands each result to its waiter (after the heartbeat's news were
+// noted: a waiter that syncs the mirror finds what the command reported).
+func deliver(done []psDone) {
+	for _, d := range done {
+		d.c.done <- d.r // buffered, one result
+	}
+}
+
+// takeReports keeps the figures of a heartbeat's reports, takes its
+// command results out of the table (done, to deliver), and says whether
+// its news are new (numbered past the last taken from the same run); it
+// returns the commands pending for the process server. Under s.pss.mu.
+func (s *Server) takeReports(name string, hb *api.ProcessServerHeartbeat, open map[string]bool) (fresh bool, cmds []api.PSCommand, done []psDone) {
 	pss := &s.pss
 	if pss.machines == nil {
 		pss.machines, pss.runs, pss.cmds = map[string]psMachine{}, map[string]psRun{}, map[string]*psCmd{}
@@ -167,7 +184,7 @@ func (s *Server) takeReports(name string, hb *api.ProcessServerHeartbeat, open m
 	}
 	for _, r := range hb.Results {
 		if c := pss.cmds[r.ID]; c != nil && c.ps == name {
-			c.done <- r // buffered, one result: the command leaves the table now
+			done = append(done, psDone{c, r}) // the command leaves the table now
 			delete(pss.cmds, r.ID)
 		}
 	}
@@ -176,7 +193,7 @@ func (s *Server) takeReports(name string, hb *api.ProcessServerHeartbeat, open m
 			cmds = append(cmds, c.cmd)
 		}
 	}
-	return fresh, cmds
+	return fresh, cmds, done
 }
 
 // applyPSNews hands what a scale-out process server's callbacks reported
@@ -218,14 +235,26 @@ func (s *Server) applyPSNews(id string, n *api.PSNews) {
 // and waits for the result, or for ctx (the command is then withdrawn:
 // replies name it no more).
 func (s *Server) psCommand(ctx context.Context, ps string, cmd api.PSCommand) (api.PSCommandResult, error) {
+	c, withdraw, err := s.psSend(ps, cmd, nil)
+	if err != nil {
+		return api.PSCommandResult{}, err
+	}
+	defer withdraw()
+	return s.psWait(ctx, c)
+}
+
+// psSend queues cmd for scale-out process server ps (its id made here;
+// img, if not nil, is the image stream it is to POST, taken under the
+// same id) until withdraw, which the caller must call.
+func (s *Server) psSend(ps string, cmd api.PSCommand, img *psImage) (c *psCmd, withdraw func(), err error) {
 	b := make([]byte, 12)
 	rand.Read(b)
 	cmd.ID = hex.EncodeToString(b)
-	c := &psCmd{ps: ps, cmd: cmd, done: make(chan api.PSCommandResult, 1)}
+	c = &psCmd{ps: ps, cmd: cmd, done: make(chan api.PSCommandResult, 1)}
 	s.pss.mu.Lock()
+	defer s.pss.mu.Unlock()
 	if b := s.pss.last[ps]; b.at.IsZero() || s.now().Sub(b.at) > s.cfg.PSHeartbeatLost {
-		s.pss.mu.Unlock()
-		return api.PSCommandResult{}, errorf(http.StatusConflict, "process server %s, which serves machine %s, sends no heartbeat: nothing was asked of it (asr ps list)", ps, cmd.MachineID)
+		return nil, nil, errorf(http.StatusConflict, "process server %s, which serves machine %s, sends no heartbeat: nothing was asked of it (asr ps list)", ps, cmd.MachineID)
 	}
 	if s.pss.cmds == nil {
 		s.pss.machines, s.pss.runs, s.pss.cmds = map[string]psMachine{}, map[string]psRun{}, map[string]*psCmd{}
@@ -237,16 +266,29 @@ func (s *Server) psCommand(ctx context.Context, ps string, cmd api.PSCommand) (a
 		}
 	}
 	if n >= api.MaxPSCommands {
-		s.pss.mu.Unlock()
-		return api.PSCommandResult{}, errorf(http.StatusServiceUnavailable, "process server %s has %d commands waiting already; try again", ps, n)
+		return nil, nil, errorf(http.StatusServiceUnavailable, "process server %s has %d commands waiting already; try again", ps, n)
 	}
 	s.pss.cmds[cmd.ID] = c
-	s.pss.mu.Unlock()
-	defer func() {
+	if img != nil {
+		if s.pss.images == nil {
+			s.pss.images = map[string]*psImage{}
+		}
+		s.pss.images[cmd.ID] = img
+	}
+	return c, func() {
 		s.pss.mu.Lock()
 		delete(s.pss.cmds, cmd.ID)
+		if img != nil {
+			delete(s.pss.images, cmd.ID)
+			close(img.gone)
+		}
 		s.pss.mu.Unlock()
-	}()
+	}, nil
+}
+
+// psWait waits for command c's result, or for ctx.
+func (s *Server) psWait(ctx context.Context, c *psCmd) (api.PSCommandResult, error) {
+	ps, cmd := c.ps, c.cmd
 	select {
 	case r := <-c.done:
 		return r, nil

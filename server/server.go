@@ -78,8 +78,11 @@ type Config struct {
 	// DefaultNBDListen; "off": only the data directory's UNIX socket).
 	NBDListen string
 	// ARMCredential and ARMOptions reach Azure Resource Manager for
-	// failovers to Azure (nil: azidentity's default credential chain and
-	// the SDK's defaults; tests point them at the SDK's fake servers).
+	// failovers to Azure. ARMOptions nil: the public cloud, the SDK's
+	// defaults; `asr server --azure-*` sets them (azure.Cloud: a national
+	// cloud, or another endpoint). ARMCredential nil: azidentity's default
+	// chain, asking the authority of ARMOptions' cloud. In-process tests
+	// set both to reach the SDK's fake servers directly.
 	ARMCredential azcore.TokenCredential
 	ARMOptions    *arm.ClientOptions
 	// DrillCheckEvery is how often the plans' drill schedules are checked
@@ -96,7 +99,8 @@ type Config struct {
 	// without a heartbeat before its critical alert (default 2m).
 	PSHeartbeatLost time.Duration
 	// AutoSwitch moves the machines of a scale-out process server with no
-	// heartbeat for PSHeartbeatLost to the built-in one (procservers.go).
+	// heartbeat for PSHeartbeatLost to the healthy ones, spread by churn
+	// (procservers.go, autoSwitch).
 	AutoSwitch bool
 	// Placement is where a newly registered machine is served:
 	// PlacementBuiltin (the built-in process server, ASR's default) or
@@ -157,6 +161,7 @@ type Server struct {
 	resyncMu sync.Mutex
 
 	cutMu sync.Mutex // one replication-group cut at a time
+	cuts  cuts       // the cuts with members on scale-out process servers (groupcut.go)
 
 	// unprotectMu serializes the removals of unprotected machines
 	// (unprotect.go); unprot (under unprotMu) notes the unprotected
@@ -308,7 +313,7 @@ func (s *Server) open(ctx context.Context) error {
 		}
 		targetURL = "file://" + abs
 	}
-	lease, err := leaseID(cfg.DataDir)
+	lease, err := LeaseID(cfg.DataDir)
 	if err != nil {
 		return err
 	}
@@ -449,12 +454,13 @@ func (s *Server) loadRegistrationKey(ctx context.Context) error {
 	return nil
 }
 
-// leaseFile holds the id of the server's write lease on an Azure target, so
-// that a restarted server takes its own lease back at once.
+// leaseFile holds the id of the leases a server (or a scale-out process
+// server) takes on an Azure target, the container's and the machines', so
+// that once restarted it takes its own leases back at once.
 const leaseFile = "target-lease"
 
-// leaseID reads the server's lease id, making one on first use.
-func leaseID(dataDir string) (string, error) {
+// LeaseID reads the lease id kept in dataDir, making one on first use.
+func LeaseID(dataDir string) (string, error) {
 	path := filepath.Join(dataDir, leaseFile)
 	if b, err := os.ReadFile(path); err == nil {
 		return strings.TrimSpace(string(b)), nil
@@ -507,16 +513,17 @@ const (
 	// SharedTarget opens a target the configuration server holds, for a
 	// scale-out process server: it must exist, and its writes are fenced
 	// per machine (replication.MachineLeaser) instead of by the whole
-	// target's lock. Only the local-directory target does this yet.
+	// target's lock (localfs.Shared, azure.Config.Shared).
 	SharedTarget
 )
 
 // OpenTarget opens a target storage URL: file://PATH, or
 // azure://ACCOUNT/CONTAINER with credentials from the environment
 // (AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with
-// AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN). lease is the id of the
-// write lease on an Azure container ("": a new one); mode says whether a
-// missing target is created.
+// AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN). lease is the id proposed
+// for the leases taken on an Azure container, its write lease and the
+// machines' ("": a new one; LeaseID keeps one in a data directory); mode
+// says whether a missing target is created.
 func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replication.Target, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
@@ -547,17 +554,13 @@ func OpenTarget(ctx context.Context, raw, lease string, mode TargetMode) (replic
 		}
 		return t, nil
 	case "azure":
-		if mode == SharedTarget {
-			// The container has one write lease (azure.go); leases per
-			// machine on Azure are not done yet.
-			return nil, fmt.Errorf("target %s: a scale-out process server cannot share an Azure target yet (the container has one write lease, held by the configuration server); only file:// targets can be shared", raw)
-		}
 		cfg, err := azure.ParseURL(raw, os.Getenv)
 		if err != nil {
 			return nil, err
 		}
 		cfg.LeaseID = lease
 		cfg.NoCreate = mode == ExistingTarget
+		cfg.Shared = mode == SharedTarget
 		t, err := azure.Open(ctx, cfg)
 		if errors.Is(err, replication.ErrLocked) {
 			return nil, fmt.Errorf("%w (stop it, or ask it with --server)", err)

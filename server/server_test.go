@@ -861,9 +861,17 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 // group point holds a prefix of them (a write is in it only if every
 // earlier write, on whichever machine, is too).
 func TestGroupPointsAreConsistentCuts(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
-	r := startServer(t, dir)
+	checkGroupCuts(t, startServer(t, dir), dir, nil, 5)
+}
+
+// checkGroupCuts is TestGroupPointsAreConsistentCuts on rig r, with the
+// machines named in on (vm0, vm1, vm2 -> a scale-out process server r
+// runs) switched there before the writes and the cuts, and back to the
+// built-in one before their recovery; cuts group points are made. Every
+// member's point records the group point's cut.
+func checkGroupCuts(t *testing.T, r *rig, dir string, on map[string]string, cuts int) {
+	ctx := context.Background()
 	const n = 3
 	var clients []*nbd.Client
 	var agents []*runningAgent
@@ -887,9 +895,16 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 		defer c.Close()
 		clients = append(clients, c)
 	}
+	for name, ps := range on {
+		if _, err := r.client.SwitchProcessServer(ctx, name, ps); err != nil {
+			t.Fatal(err)
+		}
+		r.waitConnected(name)
+	}
 	// Write k goes to machine k%n at block k/n: an 8-byte counter k+1.
 	stop := make(chan struct{})
 	var wrote atomic.Int64
+	var full atomic.Bool // every block written
 	done := make(chan error, 1)
 	go func() {
 		for k := 0; ; k++ {
@@ -900,6 +915,7 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 			default:
 			}
 			if k/n >= 65536 {
+				full.Store(true)
 				<-stop
 				done <- nil
 				return
@@ -914,11 +930,11 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 		}
 	}()
 	var gps []api.GroupPointJSON
-	for i := 0; i < 5; i++ {
+	for i := 0; i < cuts; i++ {
 		// Each cut comes after at least 20 more writes, however slow
-		// they are.
+		// they are (or after the last).
 		from, deadline := wrote.Load(), time.Now().Add(hung)
-		for wrote.Load() < from+20 {
+		for wrote.Load() < from+20 && !full.Load() {
 			if time.Now().After(deadline) {
 				t.Fatalf("the writer is stuck at write %d", wrote.Load())
 			}
@@ -928,18 +944,40 @@ func TestGroupPointsAreConsistentCuts(t *testing.T) {
 			case <-time.After(time.Millisecond):
 			}
 		}
+		if i == 0 && full.Load() {
+			t.Fatal("the writer wrote every block before the first cut: no cut runs under its writes")
+		}
 		var gp api.GroupPointJSON
+		t0 := time.Now()
 		if err := r.client.Do(ctx, http.MethodPost, "/api/v1/groups/g/points", TagRequestNoWait(), &gp); err != nil {
 			t.Fatal(err)
 		}
-		if len(gp.Members) != n {
-			t.Fatalf("group point with %d members", len(gp.Members))
+		t.Logf("group point %s in %s, after write %d", gp.ID, time.Since(t0).Round(time.Millisecond), wrote.Load())
+
+		if len(gp.Members) != n || gp.Cut == "" {
+			t.Fatalf("group point with %d members, cut %q", len(gp.Members), gp.Cut)
 		}
 		gps = append(gps, gp)
 	}
 	close(stop)
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+	for _, gp := range gps {
+		for name, pid := range gp.Members {
+			var p api.PointJSON
+			if err := r.client.Do(ctx, http.MethodGet, "/api/v1/machines/"+name+"/points/"+pid, nil, &p); err != nil {
+				t.Fatal(err)
+			}
+			if p.ID != pid || p.Cut != gp.Cut {
+				t.Fatalf("group point %s (cut %s): %s's point %s records cut %q: %+v", gp.ID, gp.Cut, name, pid, p.Cut, p)
+			}
+		}
+	}
+	for name := range on {
+		if _, err := r.client.SwitchProcessServer(ctx, name, api.BuiltinProcessServer); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if wrote.Load() < 100 {
 		t.Fatalf("only %d writes during the cuts", wrote.Load())

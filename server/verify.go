@@ -229,24 +229,40 @@ func (s *Server) handleVerify(w http.ResponseWriter, r *http.Request) error {
 	}
 	out := api.VerifyJSON{Machine: m.Name}
 	if req.Point != "" {
-		ps, err := s.ps.CheckPoint(ctx, m.ID, req.Point)
-		if err != nil {
+		var ps []procserver.PointScrub
+		var notListed int64
+		if on := s.assignedTo(m.ID); on != "" {
+			// Its process server reads it (a command): the point's blocks
+			// are consistent only in the process that applies the machine.
+			p, err := s.cat.FindPoint(ctx, m.ID, req.Point)
+			if err != nil {
+				return err
+			}
+			ps, notListed, err = s.psCheckPoint(ctx, on, m, p.ID)
+			if err != nil {
+				return err
+			}
+		} else if ps, err = s.ps.CheckPoint(ctx, m.ID, req.Point); err != nil {
 			return err
 		}
 		if err := s.mirror.sync(ctx); err != nil { // its damage events
 			return err
 		}
 		out.Point = ps
-		var damaged int
+		damaged := notListed
 		var checked int64
 		for _, p := range ps {
-			damaged += len(p.Damaged)
+			damaged += int64(len(p.Damaged))
 			checked += p.Checked
 		}
 		out.Damaged = damaged > 0
-		out.Summary = fmt.Sprintf("point %s: %d bytes checked, %d damaged blocks", req.Point, checked, damaged)
+		id := req.Point
 		if len(ps) > 0 {
-			out.Summary = fmt.Sprintf("point %s: %d bytes checked, %d damaged blocks", ps[0].Point, checked, damaged)
+			id = ps[0].Point
+		}
+		out.Summary = fmt.Sprintf("point %s: %d bytes checked, %d damaged blocks", id, checked, damaged)
+		if notListed > 0 {
+			out.Summary += fmt.Sprintf(" (%d of them not listed)", notListed)
 		}
 		writeJSON(w, http.StatusOK, out)
 		return nil

@@ -15,8 +15,8 @@ import (
 )
 
 // The failback cycle from the console (docs/ARCHITECTURE.md, "Failback"):
-// a machine failed over (planned) to the server's NBD exports and
-// committed is reprotected (its changes go back to the original disks),
+// a machine failed over to the server's NBD exports, to vSphere or to
+// Azure and committed is reprotected (its changes go back to the original disks),
 // failed back (the failed-over machine stopped, its last changes drained,
 // the on-premises machine resumed), and reprotected forward (a checksum
 // resync). Each is a confirmation page and a POST that starts the
@@ -64,8 +64,8 @@ func failbackOfferFor(m api.Machine, f *api.Failover, running *api.Job) failback
 	case "failed-over":
 		switch {
 		case f == nil:
-		case f.To != api.ToNBD && f.To != api.ToVSphere:
-			o.Note = "The console fails back failovers to the server's NBD exports or to vSphere; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not here yet (a committed real failover to Azure: asr reprotect and asr failback --machine M)."
+		case f.To != api.ToNBD && f.To != api.ToVSphere && f.To != api.ToAzure:
+			o.Note = "The console fails back failovers to the server's NBD exports, to vSphere or to Azure; this one is " + plannedWord(f.Planned) + " to " + f.To + ": not here yet."
 		case f.State != "committed":
 			o.Note = "Commit the failover (Failovers page) to reprotect it: until then it can still change its point."
 		default:
@@ -158,10 +158,18 @@ type failbackView struct {
 // direction allows now.
 func (v failbackView) Applies() bool { return v.Offer.Action == v.Action }
 
-// VSphere reports whether the machine's live failover is to vSphere (its
-// failback reads the recovered VM's disks through vCenter).
-func (v failbackView) VSphere() bool {
-	return v.Offer.Failover != nil && v.Offer.Failover.To == api.ToVSphere
+// RecoveredVM reports whether the machine's live failover made a VM, in
+// vSphere or in Azure: its reprotect and failback read the recovered
+// VM's disks where they are (server/failback_vsphere.go), and failback
+// stops that VM.
+func (v failbackView) RecoveredVM() bool {
+	return v.Offer.Failover != nil && (v.Offer.Failover.To == api.ToVSphere || v.Offer.Failover.To == api.ToAzure)
+}
+
+// Azure reports whether the machine's live failover is to Azure (its VM
+// and managed disks reached through Azure Resource Manager).
+func (v failbackView) Azure() bool {
+	return v.Offer.Failover != nil && v.Offer.Failover.To == api.ToAzure
 }
 
 func (h *failbackHandler) view(r *http.Request, action string) (failbackView, int, string) {
@@ -285,4 +293,13 @@ func (v failbackView) PendingNow() string {
 		return ""
 	}
 	return " (" + humanBytes(f.Failback.Pending) + " pending now)"
+}
+
+// stopsIt is how failback stops the recovered VM: "deallocates it"
+// (Azure) or "powers it off" (vSphere).
+func stopsIt(v failbackView) string {
+	if v.Azure() {
+		return "deallocates it"
+	}
+	return "powers it off"
 }

@@ -71,14 +71,22 @@ var failbackCases = []struct {
 		}),
 		note: "The switch is done", direction: "Failing back"},
 	{name: "failed_back", machine: withDirection("failed-back"), action: actionReprotect, forward: true, direction: "Failed back"},
-	{name: "failed_over_azure", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = api.ToAzure; f.Exports = nil }),
-		note: "this one is planned to azure", direction: "Failed over"},
+	{name: "failed_over_azure", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = api.ToAzure; f.Exports = nil; f.VM = "azure/net-rg/db-recovered" }),
+		action: actionReprotect, direction: "Failed over"},
 	{name: "reprotected_vsphere", machine: withDirection("reprotected"),
 		failover: failoverWith(func(f *api.Failover) {
 			f.To, f.Exports, f.VM = api.ToVSphere, nil, "vc1/db-recovered"
 			f.Failback = &api.FailbackStatus{State: "reprotected", Sent: 3 * mib}
 		}),
 		action: actionFailback, note: "3 MiB sent back to the original disks", direction: "Reprotected"},
+	{name: "reprotected_azure", machine: withDirection("reprotected"),
+		failover: failoverWith(func(f *api.Failover) {
+			f.To, f.Exports, f.VM = api.ToAzure, nil, "azure/net-rg/db-recovered"
+			f.Failback = &api.FailbackStatus{State: "reprotected", Sent: 3 * mib}
+		}),
+		action: actionFailback, note: "3 MiB sent back to the original disks", direction: "Reprotected"},
+	{name: "failed_over_qemu", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = "qemu"; f.Exports = nil }),
+		note: "this one is planned to qemu: not here yet", direction: "Failed over"},
 }
 
 func failbackBackend(c int) *fakeBackend {
@@ -162,6 +170,12 @@ func TestFailbackConfirmPages(t *testing.T) {
 			[]string{"Reprotect db", "original agent is frozen", "vc1/db-recovered", "only the blocks that differ", `id="confirm-reprotect"`}},
 		{"failback_vsphere", "/machines/db/failback", 11, http.StatusOK,
 			[]string{"Fail db back", "vc1/db-recovered", "is powered off", "compared whole", `id="confirm-failback"`}},
+		{"reprotect_azure", "/machines/db/reprotect", 10, http.StatusOK,
+			[]string{"Reprotect db", "original agent is frozen", "azure/net-rg/db-recovered", "managed disks are read", "from a snapshot",
+				"only the blocks that differ", "failback deallocates it", "never against real Azure", `id="confirm-reprotect"`}},
+		{"failback_azure", "/machines/db/failback", 12, http.StatusOK,
+			[]string{"Fail db back", "azure/net-rg/db-recovered", "is deallocated", "read SAS", "compared whole", "stay in Azure, deallocated",
+				"started again", "never against real Azure", `id="confirm-failback"`}},
 		{"failback_not_reprotected", "/machines/db/failback", 1, http.StatusConflict,
 			[]string{"failback does not apply now", "Back to db"}},
 		{"reprotect_uncommitted", "/machines/db/reprotect", 2, http.StatusConflict,
@@ -195,7 +209,13 @@ func TestFailbackConfirmPages(t *testing.T) {
 // CSRF token they are refused; a refusal of the server shows its message
 // on the confirmation page and starts nothing.
 func TestFailbackStart(t *testing.T) {
-	b := failbackBackend(1)
+	for _, c := range []int{1, 10} { // failed over to NBD, to Azure
+		t.Run(failbackCases[c].name, func(t *testing.T) { testFailbackStart(t, c) })
+	}
+}
+
+func testFailbackStart(t *testing.T, c int) {
+	b := failbackBackend(c)
 	h := newTestHandler(t, b)
 	id, csrf := mustLogin(t, h, b)
 	post(t, h, id, "/machines/db/reprotect", url.Values{}, http.StatusForbidden)
@@ -224,7 +244,9 @@ func TestFailbackStart(t *testing.T) {
 	if !strings.Contains(body, "Nothing was started: machine db is reprotected already") || !strings.Contains(body, `role="alert"`) {
 		t.Fatalf("the refusal is not shown:\n%s", body)
 	}
-	checkGolden(t, "page_reprotect_refused", body)
+	if c == 1 {
+		checkGolden(t, "page_reprotect_refused", body)
+	}
 	if len(b.actions) != 3 || len(b.jobs) != 2 {
 		t.Fatalf("a refused reprotect started a job: %v, %d jobs", b.actions, len(b.jobs))
 	}

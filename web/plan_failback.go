@@ -38,8 +38,8 @@ func (v planFailbackView) MachineNow(name string) string {
 		return "no live failover"
 	}
 	s := failoverKind(f.Kind) + " to " + f.To + ", " + f.State
-	if f.Plan != v.Plan.Name {
-		s += ", not made by this plan"
+	if f.Plan != "" && f.Plan != v.Plan.Name {
+		s += ", made by plan " + f.Plan
 	}
 	if f.Failback != nil {
 		s += "; " + directionText(f.Failback.State)

@@ -97,7 +97,7 @@ func (h *Handle) lock(write bool) (*disk, error) {
 		return nil, fmt.Errorf("disk %s: %w", d.key, replication.ErrClosed)
 	}
 	if write {
-		if err := d.disks.checkWrite(); err != nil {
+		if err := d.disks.checkWrite(d.key); err != nil {
 			d.wmu.Unlock()
 			return nil, fmt.Errorf("disk %s: %w", d.key, err)
 		}
@@ -343,7 +343,7 @@ func (d *disk) gcLocked(ctx context.Context) error {
 	if len(free) == 0 {
 		return nil
 	}
-	if err := d.disks.checkWrite(); err != nil {
+	if err := d.disks.checkWrite(d.key); err != nil {
 		return err
 	}
 	var errs []error

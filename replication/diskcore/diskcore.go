@@ -162,9 +162,10 @@ type Config struct {
 	// Context serves the calls that take none (a flush by WriteAt, Close);
 	// nil is context.Background().
 	Context context.Context
-	// CheckWrite, if set, is asked before every change: a target that has
-	// lost its write lease refuses them (reads go on).
-	CheckWrite func() error
+	// CheckWrite, if set, is asked before every change of the disk at key:
+	// a target that has lost its write lease (or the lease of the machine
+	// the disk belongs to) refuses them (reads go on).
+	CheckWrite func(key string) error
 	// Logger logs what fails where no caller sees it (nil: slog.Default()).
 	Logger *slog.Logger
 }
@@ -310,7 +311,7 @@ func (s *Disks) DeleteDisk(ctx context.Context, key string) error {
 	if _, ok := s.open[key]; ok {
 		return fmt.Errorf("delete disk %s: %w", key, replication.ErrDiskOpen)
 	}
-	if err := s.checkWrite(); err != nil {
+	if err := s.checkWrite(key); err != nil {
 		return fmt.Errorf("delete disk %s: %w", key, err)
 	}
 	if err := s.st.DeleteDisk(ctx, key); err != nil {
@@ -344,11 +345,11 @@ func (s *Disks) Close() error {
 	return errors.Join(errs...)
 }
 
-func (s *Disks) checkWrite() error {
+func (s *Disks) checkWrite(key string) error {
 	if s.cfg.CheckWrite == nil {
 		return nil
 	}
-	return s.cfg.CheckWrite()
+	return s.cfg.CheckWrite(key)
 }
 
 // StorageOf returns the storage behind a replica disk of this package, for

@@ -77,6 +77,12 @@ func DoJSON(ctx context.Context, c *http.Client, method, url string, in, out any
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
+	return Do(c, req, out)
+}
+
+// Do sends req and decodes the answer into out (nil: ignored), as
+// DoJSON does for a request made by the caller (a streamed body).
+func Do(c *http.Client, req *http.Request, out any) error {
 	resp, err := c.Do(req)
 	if err != nil {
 		return err

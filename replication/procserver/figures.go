@@ -52,6 +52,8 @@ type Figures struct {
 	CacheTotalB  uint64        `json:"cache_total_bytes"`
 	CacheState   string        `json:"cache_state"` // ok, warning, critical
 	CacheError   string        `json:"cache_error,omitempty"`
+	// CacheMaxBytes is its cache's bound (Config.CacheMaxBytes).
+	CacheMaxBytes int64 `json:"cache_max_bytes"`
 }
 
 // meter counts bytes into one-second buckets for a moving rate.
@@ -156,12 +158,13 @@ func (s *Server) cacheFull() bool {
 func (s *Server) Figures() Figures {
 	now := time.Now()
 	f := Figures{
-		UploadRate:  s.uploads.rate(now),
-		Uploaded:    s.uploaded.Load(),
-		RawBytes:    s.rawBytes.Load(),
-		WireBytes:   s.wireBytes.Load(),
-		CacheFreeB:  s.space.free.Load(),
-		CacheTotalB: s.space.total.Load(),
+		UploadRate:    s.uploads.rate(now),
+		Uploaded:      s.uploaded.Load(),
+		RawBytes:      s.rawBytes.Load(),
+		WireBytes:     s.wireBytes.Load(),
+		CacheFreeB:    s.space.free.Load(),
+		CacheTotalB:   s.space.total.Load(),
+		CacheMaxBytes: s.cfg.CacheMaxBytes,
 	}
 	f.CacheState, _ = s.space.state.Load().(string)
 	f.CacheError, _ = s.space.err.Load().(string)

@@ -36,13 +36,21 @@ func (ps *points) want(id uint64) <-chan pointResult {
 	return ch
 }
 
-// wantHeld registers group cut id: the agent's HELD comes on the channel.
-func (ps *points) wantHeld(id uint64) <-chan struct{} {
-	ch := make(chan struct{}, 1)
+// wantCut registers group cut id: the agent's HELD, then its point, come
+// on the channels. ok is false, and nothing is registered, when id is
+// already waited on.
+func (ps *points) wantCut(id uint64) (held <-chan struct{}, point <-chan pointResult, ok bool) {
+	hc, pc := make(chan struct{}, 1), make(chan pointResult, 1)
 	ps.mu.Lock()
-	ps.helds[id] = ch
-	ps.mu.Unlock()
-	return ch
+	defer ps.mu.Unlock()
+	if _, busy := ps.waiters[id]; busy {
+		return nil, nil, false
+	}
+	if _, busy := ps.helds[id]; busy {
+		return nil, nil, false
+	}
+	ps.helds[id], ps.waiters[id] = hc, pc
+	return hc, pc, true
 }
 
 // forget drops request id (answered, or given up).

@@ -25,12 +25,35 @@ func TestPoints(t *testing.T) {
 		t.Fatalf("a second answer %+v", r)
 	default:
 	}
-	held := ps.wantHeld(9)
+	held, point, ok := ps.wantCut(9)
+	if !ok {
+		t.Fatal("cut 9 refused")
+	}
+	if _, _, ok := ps.wantCut(9); ok {
+		t.Fatal("cut 9 registered twice")
+	}
+	if _, _, ok := ps.wantCut(10); !ok {
+		t.Fatal("cut 10 refused")
+	}
+	ps.forget(10)
 	ps.held(9)
 	ps.held(9) // repeated: never blocks
 	<-held
+	ps.resolve(9, pointResult{p: replication.Point{ID: "p9", Cut: 9}})
+	if r := <-point; r.p.Cut != 9 {
+		t.Fatalf("cut 9's point %+v", r)
+	}
 	ps.forget(9)
 	ps.held(9)
+	if _, _, ok := ps.wantCut(9); !ok {
+		t.Fatal("cut 9 refused once forgotten")
+	}
+	ps.forget(9)
+	ps.want(11)
+	if _, _, ok := ps.wantCut(11); ok {
+		t.Fatal("a cut over a waiting point request's id")
+	}
+	ps.forget(11)
 	ch = ps.want(10)
 	ps.forget(10)
 	ps.resolve(10, pointResult{})

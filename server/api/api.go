@@ -10,6 +10,7 @@
 package api
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -146,7 +147,8 @@ type ProcessServer struct {
 	CacheFreeB   uint64        `json:"cache_free_bytes"`
 	CacheState   string        `json:"cache_state"` // ok, warning (under 30% free), critical (under 25%)
 	CacheError   string        `json:"cache_error,omitempty"`
-	Target       string        `json:"target"` // where replicated data lands, e.g. azure://acct/container
+	CacheMaxB    int64         `json:"cache_max_bytes"` // past this the process server stops reading from agents (--cache-max)
+	Target       string        `json:"target"`          // where replicated data lands, e.g. azure://acct/container
 
 	RawBytes  int64 `json:"raw_bytes"`  // record bytes received since the server started
 	WireBytes int64 `json:"wire_bytes"` // the same as they came over the wire (compressed)
@@ -251,11 +253,22 @@ type PointJSON struct {
 	ID   string `json:"id"`
 	Time string `json:"time"` // RFC 3339, UTC
 	Kind string `json:"kind"`
+	// Cut is the replication group's cut the point is a member's part of
+	// (replication.Point.Cut, in decimal; "": none).
+	Cut string `json:"cut,omitempty"`
 }
 
 // PointOf is recovery point p as the API shows it.
 func PointOf(p replication.Point) PointJSON {
-	return PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind}
+	return PointJSON{ID: p.ID, Time: p.Time.UTC().Format(time.RFC3339Nano), Kind: p.Kind, Cut: cutString(p.Cut)}
+}
+
+// cutString is a cut id as the API shows it ("" for none).
+func cutString(id uint64) string {
+	if id == 0 {
+		return ""
+	}
+	return strconv.FormatUint(id, 10)
 }
 
 // TagRequest is the body of POST /api/v1/machines/{m}/points.
@@ -338,12 +351,13 @@ type GroupPointJSON struct {
 	Time    string            `json:"time"`
 	Kind    string            `json:"kind"`
 	Members map[string]string `json:"members"` // machine name -> point id
+	Cut     string            `json:"cut,omitempty"`
 }
 
 // GroupPointOf is group point gp as the API shows it, each member named
 // by name(machine id).
 func GroupPointOf(gp replication.GroupPoint, name func(id string) string) GroupPointJSON {
-	out := GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}}
+	out := GroupPointJSON{ID: gp.ID, Time: gp.Time.UTC().Format(time.RFC3339Nano), Kind: gp.Kind, Members: map[string]string{}, Cut: cutString(gp.Cut)}
 	for id, pid := range gp.Members {
 		out.Members[name(id)] = pid
 	}

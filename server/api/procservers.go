@@ -103,7 +103,7 @@ type ProcessServerInfo struct {
 func NewProcessServer(f procserver.Figures, cpu, memory float64, memTotal uint64, hostErr error, target string) ProcessServer {
 	ps := ProcessServer{BacklogBytes: f.BacklogBytes, BacklogAge: f.BacklogAge, UploadRate: f.UploadRate, Uploaded: f.Uploaded,
 		Compression: f.Compression, CacheFree: f.CacheFree, CacheFreeB: f.CacheFreeB, CacheState: f.CacheState,
-		CacheError: f.CacheError, Target: target,
+		CacheError: f.CacheError, CacheMaxB: f.CacheMaxBytes, Target: target,
 		CPU: cpu, Memory: memory, MemoryTotal: memTotal, RawBytes: f.RawBytes, WireBytes: f.WireBytes}
 	if hostErr != nil {
 		ps.HostError = hostErr.Error()
@@ -231,6 +231,15 @@ type PSCommand struct {
 	Keep   []uint64  `json:"keep,omitempty"`
 	// PSCommandScrub: a scheduled scrub (procserver.Server.Scrub).
 	Scheduled bool `json:"scheduled,omitempty"`
+	// PSCommandCheckPoint and PSCommandImage: the recovery point (its
+	// id, resolved by the configuration server); PSCommandImage: the
+	// disk (its name) and whether damaged blocks are streamed as they
+	// are (AcceptDamage).
+	PointID      string `json:"point_id,omitempty"`
+	Disk         string `json:"disk,omitempty"`
+	AcceptDamage bool   `json:"accept_damage,omitempty"`
+	// PSCommandGroupCut: the cut the machine takes part in.
+	Cut *PSCut `json:"cut,omitempty"`
 	// Timeout bounds the command's run (at most MaxPSCommandTimeout).
 	Timeout time.Duration `json:"timeout_ns"`
 }
@@ -251,7 +260,79 @@ const (
 	// (procserver.Server.Scrub; Scheduled as there); the result is the
 	// report, its damaged-block lists cut at MaxPSScrubDamaged each.
 	PSCommandScrub = "scrub"
+	// PSCommandCheckPoint reads every disk of a recovery point through
+	// its checksums (procserver.Server.CheckPoint: `asr verify
+	// --point`); the result is a scrub report of that point only
+	// (Scrub.Points), cut as a scrub's.
+	PSCommandCheckPoint = "check-point"
+	// PSCommandImage streams a disk at a recovery point, read through
+	// its checksums from the running applier's snapshot (as the built-in
+	// process server serves `asr recover`), to the configuration server:
+	// a POST of the image to PSImagePath + the command's id, over the
+	// process server's mutual TLS; the result is the stream's verdict
+	// (Error: why it is incomplete; Damaged: the damaged blocks streamed
+	// as they are, with AcceptDamage).
+	PSCommandImage = "image"
+	// PSCommandGroupCut has the machine take part in a replication
+	// group's cut that the configuration server coordinates across
+	// process servers (Cut): the process server reports its member's
+	// states (POST /api/v1/process-servers/cuts/{id}, PSCutReport) and
+	// follows the decisions (PSCutDecision); the result is the member's
+	// point, whose Cut is the cut's id.
+	PSCommandGroupCut = "groupCut"
 )
+
+// PSImagePath is where a scale-out process server POSTs the image a
+// PSCommandImage asks for (followed by the command's id): the body is the
+// image, exactly HeaderImageSize bytes; HeaderImageChecked as in a
+// recovery's stream.
+const PSImagePath = "/api/v1/process-servers/images/"
+
+// MaxPSImageDamaged bounds the damaged blocks an image's result lists
+// (the built-in process server's stream lists as many).
+const MaxPSImageDamaged = 10000
+
+// PSCut is a replication group's cut a scale-out process server's machine
+// takes part in (PSCommandGroupCut).
+type PSCut struct {
+	ID  uint64 `json:"id"` // the tag's request id on every member, and its point's Cut
+	App bool   `json:"app,omitempty"`
+	// HoldWait bounds the wait for the agent's HELD (at most
+	// MaxPSCutHoldWait).
+	HoldWait time.Duration `json:"hold_wait_ns"`
+}
+
+// MaxPSCutHoldWait bounds PSCut.HoldWait.
+const MaxPSCutHoldWait = time.Minute
+
+// PSCutReport is the body of POST /api/v1/process-servers/cuts/{id}: a
+// member's state in a cut. The answer (PSCutDecision) comes once the
+// configuration server has decided what follows that state, at most
+// MaxPSCutPoll later (then PSCutRelease).
+type PSCutReport struct {
+	MachineID string `json:"machine_id"`
+	State     string `json:"state"`           // PSCutReady, PSCutHeld or PSCutFailed
+	Error     string `json:"error,omitempty"` // PSCutFailed: why (at most 4096 bytes)
+}
+
+// PSCutDecision answers a PSCutReport.
+type PSCutDecision struct {
+	Action string `json:"action"` // PSCutHold, PSCutCut or PSCutRelease
+	Reason string `json:"reason,omitempty"`
+}
+
+// A member's states in a cut, and the decisions.
+const (
+	PSCutReady   = "ready"   // the agent is connected: it can hold when told
+	PSCutHeld    = "held"    // the agent holds its writes (HELD)
+	PSCutFailed  = "failed"  // it cannot take part: the whole cut is abandoned
+	PSCutHold    = "hold"    // every member is ready: hold (HOLD)
+	PSCutCut     = "cut"     // every member holds: tag (CUT)
+	PSCutRelease = "release" // the cut is abandoned: release (RELEASE), no tag
+)
+
+// MaxPSCutPoll bounds how long a PSCutReport waits for its decision.
+const MaxPSCutPoll = 30 * time.Second
 
 // MaxPSPruneKeep bounds the points a prune command keeps by name (the
 // points of live failovers).
@@ -280,9 +361,14 @@ type PSCommandResult struct {
 	NotNeeded bool `json:"not_needed,omitempty"`
 	// Deleted counts the points a prune deleted.
 	Deleted int `json:"deleted,omitempty"`
-	// Scrub is a scrub's report; ScrubDamagedNotListed counts the damaged
-	// blocks its lists leave out (past MaxPSScrubDamaged each).
+	// Scrub is a scrub's report (a point check's: its Points only);
+	// ScrubDamagedNotListed counts the damaged blocks its lists leave out
+	// (past MaxPSScrubDamaged each).
 	Scrub                 *procserver.ScrubReport `json:"scrub,omitempty"`
 	ScrubDamagedNotListed int64                   `json:"scrub_damaged_not_listed,omitempty"`
 	Point                 *replication.Point      `json:"point,omitempty"`
+	// Damaged are the offsets of the damaged blocks an image streamed as
+	// they are (PSCommandImage with AcceptDamage), at most
+	// MaxPSImageDamaged.
+	Damaged []int64 `json:"damaged,omitempty"`
 }

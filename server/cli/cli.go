@@ -63,10 +63,11 @@ Usage:
                [--boot-check REGEX] [--boot-port N] [--vcenter N --datastore DS [--host H|--pool P] [--folder F] [--network N]]
                [--subscription S --resource-group RG --location L --vnet V --subnet SN [--size SIZE]]
   asr failover --machine M|--group G|--plan P --cleanup | --commit | --change-point ID  |  --list [--all] [--json]
-  asr reprotect --machine M|--plan P|--group G  (after a committed failover to nbd: send its changes back, an unplanned one after a checksum
-                                        compare (--machine only); after failback: protect forward again)
-  asr failback  --machine M|--plan P|--group G  (stop the failed-over machine, drain, verify, thaw the original, power its linked VM on; a plan:
-                                        shut down last group first, drain and verify all, switch all at once, power on in plan order;
+  asr reprotect --machine M|--plan P|--group G  (after a committed failover to nbd, vsphere or azure: send its changes back, an unplanned
+                                        one or a VM's after a checksum compare; after failback: protect forward again)
+  asr failback  --machine M|--plan P|--group G  (stop the failed-over machine or recovered VM, drain, verify, thaw the original, power its
+                                        linked VM on; a plan: shut down last group first, drain and verify all, switch all at once,
+                                        power on in plan order with its failback actions, resumed there after a server restart;
                                         a replication group: every member drained and verified, all switched at once)
   asr failback  --machine M --alternate --vcenter N --datastore DS [--vm-name NAME] [--host H|--pool P] [--folder F] [--network N]
                (a new VM with a full, verified copy of the failed-over disks; the original is not touched)

@@ -124,11 +124,18 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--time", "yesterday"}, "want RFC 3339"},
 		{[]string{"recover", "--machine", "vm1", "--out", nowhere, "--to-blob", "x"}, "--to-blob needs --format vhd"},
 		{[]string{"points", "--machine", "vm1", "--target", "file://" + nowhere}, "--target needs --passphrase-file"},
+		{[]string{"points", "--group", "web", "--point", "latest"}, "--point goes with --machine, not --group"},
 		{[]string{"policy"}, "asr policy list"},
 		{[]string{"policy", "show"}, "give the policy name first"},
 		{[]string{"group"}, "usage: asr group set"},
 		{[]string{"group", "set", "--machine", "vm1"}, "--machine (and, for set, --group) are required"},
 		{[]string{"server", "--target-tier", "gold"}, `--target-tier "gold"`},
+		{[]string{"server", "--cache-max", "lots"}, "--cache-max"},
+		{[]string{"server", "--cache-max", "0"}, "--cache-max 0: want a positive size"},
+		{[]string{"server", "--azure-cloud", "mars"}, `Azure cloud "mars"`},
+		{[]string{"server", "--azure-arm-endpoint", "http://arm.example.test"}, "want an https URL"},
+		{[]string{"server", "--azure-authority-host", "login.example.test"}, "want an https URL"},
+		{[]string{"server", "--azure-ca-file", nowhere}, "Azure CA file"},
 		{[]string{"agent", "--nbd", "unix:/tmp/x.sock"}, "at least one --disk NAME=PATH is required"},
 		{[]string{"agent", "--disk", "d"}, "want NAME=PATH"},
 		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--spool-max", "lots"}, "--spool-max"},
@@ -150,6 +157,7 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"process-server", "--config", "https://x:1"}, "--passphrase-file is required"},
 		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere}, "--name is required"},
 		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere, "--name", "p", "--cache-max", "lots"}, "--cache-max"},
+		{[]string{"process-server", "--config", "https://x:1", "--passphrase-file", nowhere, "--name", "p", "--cache-max", "0KiB"}, "want a positive size"},
 		{[]string{"ps"}, "no verb given"},
 		{[]string{"ps", "bogus"}, `unknown verb "bogus"`},
 		{[]string{"ps", "remove"}, "give the process server's name"},
@@ -223,7 +231,8 @@ func TestOperatorCommands(t *testing.T) {
 	mustFail(t, `no machine named "vm2"`, with("status", "--machine", "vm2")...)
 
 	// The process server.
-	if got := mustRun(t, with("status", "--process-server")...); !strings.HasPrefix(got, "target:       localfs:") || !strings.Contains(got, "\ncache disk:   ") {
+	if got := mustRun(t, with("status", "--process-server")...); !strings.HasPrefix(got, "target:       localfs:") || !strings.Contains(got, "\ncache disk:   ") ||
+		!strings.Contains(got, "\ncache bound:  8589934592 bytes (--cache-max)") {
 		t.Errorf("status --process-server = %q", got)
 	}
 	var ps api.ProcessServer
@@ -405,4 +414,19 @@ func TestVMwareCommands(t *testing.T) {
 		t.Errorf("vcenter remove = %q", got)
 	}
 	mustFail(t, `no vCenter named "vc1"`, with("vcenter", "remove", "vc1")...)
+}
+
+// `asr server --cache-max` is the built-in process server's cache bound,
+// parsed as `asr process-server`'s (8GiB by default).
+func TestServerCacheMax(t *testing.T) {
+	e := &env{out: io.Discard, errOut: io.Discard}
+	for _, tc := range []struct {
+		args []string
+		want int64
+	}{{nil, 8 << 30}, {[]string{"--cache-max", "64MiB"}, 64 << 20}, {[]string{"--cache-max", "1TiB"}, 1 << 40}} {
+		c, err := serverFlags(e, tc.args)
+		if err != nil || c.CacheMaxBytes != tc.want {
+			t.Errorf("asr server %v: cache bound %d, %v; want %d", tc.args, c.CacheMaxBytes, err, tc.want)
+		}
+	}
 }

@@ -10,11 +10,11 @@ import (
 )
 
 // runReprotect reprotects a machine, a recovery plan's or a replication
-// group's machines: after
-// a committed failover to the server's NBD exports, their changes go back
-// to the original disks (after an unplanned one, once the original agent
-// is frozen and its disks compared; --machine only); after a failback,
-// protection resumes forward with a checksum resync.
+// group's machines: after a committed failover to the server's NBD
+// exports, to vSphere or to Azure, their changes go back to the original
+// disks (after an unplanned one or one to a VM, once the original agent
+// is frozen and its disks compared); after a failback, protection resumes
+// forward with a checksum resync.
 func runReprotect(ctx context.Context, e *env, args []string) error {
 	return machineJob(ctx, e, args, "asr reprotect", nil,
 		func(c *api.Client, m string) (api.Job, error) { return c.Reprotect(ctx, m) },

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -20,9 +21,13 @@ import (
 func runPoints(ctx context.Context, e *env, args []string) error {
 	out := e.out
 	fs, o := e.opCommand("asr points", true)
-	asJSON := fs.Bool("json", false, "print JSON: [{id, time, kind}]")
+	asJSON := fs.Bool("json", false, "print JSON: [{id, time, kind, cut}]")
+	point := fs.String("point", "", "only this point (an id, or latest), read whole: with the replication-group cut it is part of")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *point != "" && o.group != "" {
+		return errors.New("--point goes with --machine, not --group")
 	}
 	if o.group != "" {
 		gps, closeFn, err := groupPoints(ctx, o, o.group)
@@ -42,19 +47,34 @@ func runPoints(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		defer closeFn()
-		ps, err := cat.Points(ctx, m.ID)
-		if err != nil {
-			return err
-		}
-		for _, p := range ps {
-			points = append(points, api.PointOf(p))
+		if *point != "" {
+			p, err := cat.FindPoint(ctx, m.ID, *point)
+			if err != nil {
+				return err
+			}
+			points = []api.PointJSON{api.PointOf(p)}
+		} else {
+			ps, err := cat.Points(ctx, m.ID)
+			if err != nil {
+				return err
+			}
+			for _, p := range ps {
+				points = append(points, api.PointOf(p))
+			}
 		}
 	} else {
 		c, err := o.client()
 		if err != nil {
 			return err
 		}
-		if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/"+url.PathEscape(o.machine)+"/points", nil, &points); err != nil {
+		path := "/api/v1/machines/" + url.PathEscape(o.machine) + "/points"
+		if *point != "" {
+			var p api.PointJSON
+			if err := c.Do(ctx, http.MethodGet, path+"/"+url.PathEscape(*point), nil, &p); err != nil {
+				return err
+			}
+			points = []api.PointJSON{p}
+		} else if err := c.Do(ctx, http.MethodGet, path, nil, &points); err != nil {
 			return err
 		}
 	}
@@ -64,6 +84,13 @@ func runPoints(ctx context.Context, e *env, args []string) error {
 	return output(out, *asJSON, points, func(tw *tabwriter.Writer) {
 		if len(points) == 0 {
 			fmt.Fprintln(tw, "no recovery points yet")
+			return
+		}
+		if *point != "" { // read whole: its cut is known
+			fmt.Fprintln(tw, "ID\tTIME\tKIND\tCUT")
+			for _, p := range points {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.ID, p.Time, p.Kind, cmp.Or(p.Cut, "-"))
+			}
 			return
 		}
 		fmt.Fprintln(tw, "ID\tTIME\tKIND")
@@ -125,6 +152,9 @@ func printGroupPoints(out io.Writer, gps []api.GroupPointJSON, asJSON bool) erro
 			}
 			sort.Strings(names)
 			fmt.Fprintf(tw, "%s  %s  %s ", gp.ID, gp.Time, gp.Kind)
+			if gp.Cut != "" {
+				fmt.Fprintf(tw, " cut %s", gp.Cut)
+			}
 			for _, n := range names {
 				fmt.Fprintf(tw, " %s:%s", n, gp.Members[n])
 			}

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -17,16 +18,16 @@ import (
 // runProcessServer runs a scale-out process server until ctx ends.
 func runProcessServer(ctx context.Context, e *env, args []string) error {
 	var c psnode.Config
-	var passFile, cacheMax string
+	var passFile string
 	fs := e.flags("asr process-server")
+	cacheMax := cacheMaxFlag(fs)
 	fs.StringVar(&c.ConfigURL, "config", "", "the configuration server's control URL, https://HOST:PORT")
 	fs.StringVar(&passFile, "passphrase-file", "", "file holding the vault passphrase (to register, and to open the vault on the target)")
 	fs.StringVar(&c.DataDir, "data", "./asr-ps-data", "directory for the process server's cache")
 	fs.StringVar(&c.DataListen, "data-listen", ":9443", "address of its agents' data listener (mutual TLS)")
 	fs.StringVar(&c.AdvertiseData, "advertise-data", "", "data address its agents dial, HOST:PORT (default: the listener's, with this host's address towards the configuration server)")
 	fs.StringVar(&c.Name, "name", "", "the process server's name (letters, digits, '.', '_', '-')")
-	fs.StringVar(&c.Target, "target", "", "target storage URL (default: the configuration server's, handed over at registration; file:// only)")
-	fs.StringVar(&cacheMax, "cache-max", "8GiB", "stop reading from agents while the cache holds more (agents spool)")
+	fs.StringVar(&c.Target, "target", "", "target storage URL (default: the configuration server's, handed over at registration; an azure:// target takes its credentials from this host's environment)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -39,14 +40,20 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 		return errors.New("--name is required")
 	}
 	var err error
-	if c.CacheMaxBytes, err = replication.ParseSize(cacheMax); err != nil {
-		return fmt.Errorf("--cache-max: %w", err)
+	if c.CacheMaxBytes, err = cacheMax(); err != nil {
+		return err
 	}
 	if c.Passphrase, err = api.ReadSecretFile(passFile); err != nil {
 		return fmt.Errorf("--passphrase-file: %w", err)
 	}
 	c.OpenTarget = func(ctx context.Context, url string) (replication.Target, error) {
-		return server.OpenTarget(ctx, url, "", server.SharedTarget)
+		// The id of its machines' leases on an Azure target, kept so
+		// that once restarted it takes them back at once.
+		lease, err := server.LeaseID(c.DataDir)
+		if err != nil {
+			return nil, err
+		}
+		return server.OpenTarget(ctx, url, lease, server.SharedTarget)
 	}
 	c.Logger = e.log
 	n, err := psnode.Open(ctx, c)
@@ -58,6 +65,24 @@ func runProcessServer(ctx context.Context, e *env, args []string) error {
 		err = cerr
 	}
 	return err
+}
+
+// cacheMaxFlag defines --cache-max, the bound of a process server's cache
+// (`asr process-server`'s, and the built-in one's of `asr server`), and
+// returns its parser: a positive size (8GiB by default), past which the
+// process server stops reading from its agents, which spool.
+func cacheMaxFlag(fs *flag.FlagSet) func() (int64, error) {
+	v := fs.String("cache-max", "8GiB", "stop reading from agents while the process server's cache holds more (agents spool); a size such as 64GiB")
+	return func() (int64, error) {
+		n, err := replication.ParseSize(*v)
+		if err != nil {
+			return 0, fmt.Errorf("--cache-max: %w", err)
+		}
+		if n <= 0 {
+			return 0, fmt.Errorf("--cache-max %s: want a positive size (e.g. 8GiB)", *v)
+		}
+		return n, nil
+	}
 }
 
 const psUsage = `usage: asr ps list [--json] | switch --machine M|--from PS --to PS | remove NAME

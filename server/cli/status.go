@@ -35,8 +35,8 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			if ps.CacheError != "" {
 				cache = "unknown: " + ps.CacheError
 			}
-			fmt.Fprintf(tw, "target:       %s\nbacklog:      %d bytes, oldest %s\nupload rate:  %.0f bytes/s\ncompression:  %.2fx\ncache disk:   %s\n",
-				ps.Target, ps.BacklogBytes, ps.BacklogAge.Round(time.Millisecond), ps.UploadRate, ps.Compression, cache)
+			fmt.Fprintf(tw, "target:       %s\nbacklog:      %d bytes, oldest %s\nupload rate:  %.0f bytes/s\ncompression:  %.2fx\ncache disk:   %s\ncache bound:  %d bytes (--cache-max)\n",
+				ps.Target, ps.BacklogBytes, ps.BacklogAge.Round(time.Millisecond), ps.UploadRate, ps.Compression, cache, ps.CacheMaxB)
 		})
 	}
 	var ms []api.Machine

@@ -71,6 +71,11 @@ func TestTagWaitsForTheInitialReplication(t *testing.T) {
 	if got := mustRun(t, with("points", "--machine", "vm1")...); !strings.Contains(got, lines[len(lines)-1]) {
 		t.Errorf("points after tag --wait: %q, want %s", got, lines[len(lines)-1])
 	}
+	// One point read whole: not a group's (no cut).
+	if got := mustRun(t, with("points", "--machine", "vm1", "--point", lines[len(lines)-1])...); !strings.Contains(got, "CUT") || !strings.Contains(got, lines[len(lines)-1]) || !strings.HasSuffix(strings.TrimSpace(got), "-") {
+		t.Errorf("points --point %s: %q", lines[len(lines)-1], got)
+	}
+	mustFail(t, "no such recovery point", with("points", "--machine", "vm1", "--point", "12345678")...)
 
 	// An unprotected machine: no wait, a clear error.
 	mustRun(t, with("unprotect", "--machine", "vm1")...)
