@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"sync"
 
@@ -14,8 +15,9 @@ import (
 
 // The wire protocol (docs/PROTOCOL.md) is a stream of frames in both
 // directions over one mutual-TLS connection per agent. Segment files on the
-// process server hold DATA frames exactly as they arrived, so one codec serves
-// the wire, the cache and the target.
+// process server hold DATA frames as they arrived (compressed by the process
+// server if the agent sent them plain), so one codec serves the wire, the
+// cache and the target.
 
 // FrameType says what a frame carries.
 type FrameType uint8
@@ -284,43 +286,78 @@ type Codec struct {
 }
 
 var (
-	codecOnce   sync.Once
-	sharedCodec *Codec
+	codecOnce, serverCodecOnce sync.Once
+	sharedCodec, serverCodec   *Codec
 )
 
-// DefaultCodec returns a process-wide codec (zstd at its fastest level).
+// DefaultCodec returns a process-wide codec (zstd at its fastest level)
+// with one encoder: an agent's, which compresses on the guest's CPU only
+// when told to (`asr agent --compress`).
 func DefaultCodec() *Codec {
-	codecOnce.Do(func() {
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-			zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
-		if err != nil {
-			panic(err)
-		}
-		// DecodeAll writes at most cap(dst): Records gives it room for
-		// exactly the raw length the frame header announced.
-		dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
-			zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true),
-			zstd.WithDecodeAllCapLimit(true))
-		if err != nil {
-			panic(err)
-		}
-		sharedCodec = &Codec{enc: enc, dec: dec}
-	})
+	codecOnce.Do(func() { sharedCodec = newCodec(1) })
 	return sharedCodec
+}
+
+// ServerCodec returns the process server's codec: the same format as
+// DefaultCodec's, with an encoder per CPU, as it compresses the frames of
+// every agent that sends them uncompressed (CompressData).
+func ServerCodec() *Codec {
+	serverCodecOnce.Do(func() { serverCodec = newCodec(0) })
+	return serverCodec
+}
+
+// newCodec makes a codec with encoders encoders (0: one per CPU).
+func newCodec(encoders int) *Codec {
+	if encoders == 0 {
+		encoders = runtime.GOMAXPROCS(0)
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
+		zstd.WithEncoderConcurrency(encoders), zstd.WithLowerEncoderMem(true))
+	if err != nil {
+		panic(err)
+	}
+	// DecodeAll writes at most cap(dst): Records gives it room for
+	// exactly the raw length the frame header announced.
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
+		zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true),
+		zstd.WithDecodeAllCapLimit(true))
+	if err != nil {
+		panic(err)
+	}
+	return &Codec{enc: enc, dec: dec}
 }
 
 // DataFrame builds a DATA frame from encoded records, compressed into dst's
 // storage when that makes it smaller.
 func (c *Codec) DataFrame(raw []byte, first uint64, count uint32, dst []byte) Frame {
 	comp := c.enc.EncodeAll(raw, dst[:0])
-	f := Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw))}
-	if len(comp) < len(raw) {
-		f.Flags = FlagZstd
-		f.Payload = comp
-	} else {
-		f.Payload = raw
+	if len(comp) >= len(raw) {
+		return PlainDataFrame(raw, first, count)
 	}
-	return f
+	return Frame{Type: FrameData, Flags: FlagZstd, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: comp}
+}
+
+// PlainDataFrame builds an uncompressed DATA frame from encoded records.
+func PlainDataFrame(raw []byte, first uint64, count uint32) Frame {
+	return Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: raw}
+}
+
+// CompressData compresses an uncompressed DATA frame f in place, into
+// dst's storage, when that makes it smaller (its other flags kept); a
+// compressed frame is left as it is. It returns dst's storage for reuse.
+// The records inside keep their own checksums, so what the agent logged is
+// still checked end to end after the process server compressed it.
+func (c *Codec) CompressData(f *Frame, dst []byte) []byte {
+	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
+		return dst
+	}
+	cf := c.DataFrame(f.Payload, f.Seq, f.Count, dst)
+	if cf.Flags&FlagZstd != 0 {
+		cf.Flags |= f.Flags
+		*f = cf
+		return cf.Payload
+	}
+	return dst
 }
 
 // Records decodes the records of a DATA frame, decompressing into buf, and

@@ -82,6 +82,54 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 }
 
+// TestCompressData: the process server compresses a plain DATA frame
+// (its tag flag kept, its records unchanged), leaves a compressed one as
+// it is, and an incompressible one plain.
+func TestCompressData(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	recs := mustRecords(t, 7, 20, r)
+	raw := encodeRecords(recs)
+	c := ServerCodec()
+	f := PlainDataFrame(raw, 7, uint32(len(recs)))
+	f.Flags = FlagTag
+	c.CompressData(&f, nil)
+	if f.Flags != FlagZstd|FlagTag || len(f.Payload) >= len(raw) || f.RawLen != uint32(len(raw)) {
+		t.Fatalf("flags %#x, %d bytes of %d: want compressed, the tag flag kept", f.Flags, len(f.Payload), len(raw))
+	}
+	var buf bytes.Buffer
+	if err := WriteFrame(&buf, &f); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := ReadFrame(&buf, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := DefaultCodec().Records(&got, nil)
+	if err != nil || len(out) != len(recs) {
+		t.Fatalf("%d records, %v", len(out), err)
+	}
+	for i := range recs {
+		if !bytes.Equal(out[i].Data, recs[i].Data) || out[i].Seq != recs[i].Seq {
+			t.Fatalf("record %d differs", i)
+		}
+	}
+	again := f
+	c.CompressData(&again, nil)
+	if !bytes.Equal(again.Payload, f.Payload) || again.Flags != f.Flags {
+		t.Fatal("a compressed frame was compressed again")
+	}
+	noise := make([]byte, 64<<10)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	rec := Record{Seq: 1, Kind: KindWrite, Length: uint32(len(noise)), Data: noise}
+	plain := PlainDataFrame(AppendRecord(nil, &rec), 1, 1)
+	c.CompressData(&plain, nil)
+	if plain.Flags&FlagZstd != 0 {
+		t.Fatal("incompressible records were stored compressed (larger)")
+	}
+}
+
 func TestFrameRejects(t *testing.T) {
 	f, _ := JSONFrame(FrameHello, Hello{MachineID: "ab"})
 	good := AppendFrame(nil, &f)
