@@ -410,6 +410,42 @@ func (c *Codec) payload(f *Frame, buf []byte) ([]byte, []byte, error) {
 	return raw, buf, nil
 }
 
+// maxCompressSkip bounds how many frames an AdaptiveCompressor leaves
+// plain, untried, after frames that did not compress.
+const maxCompressSkip = 63
+
+// AdaptiveCompressor compresses a stream's plain DATA frames
+// (CompressData) but stops trying on a stream that does not compress: after
+// a frame that gained nothing it leaves the next 1, 3, 7 ... up to 63
+// frames plain without trying, and tries again after them; a frame that
+// compresses starts it over. On incompressible data (fio's random buffers,
+// encrypted or compressed files) trying costs a core about 1 s per GB for
+// nothing. Not safe for concurrent use: one per connection.
+type AdaptiveCompressor struct {
+	Codec   *Codec
+	skip    int // frames still to leave untried
+	backoff int // the skip after the next frame that does not compress
+}
+
+// Compress is CompressData, unless the stream did not compress lately.
+func (a *AdaptiveCompressor) Compress(f *Frame, dst []byte) []byte {
+	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
+		return dst
+	}
+	if a.skip > 0 {
+		a.skip--
+		return dst
+	}
+	dst = a.Codec.CompressData(f, dst)
+	if f.Flags&FlagZstd != 0 {
+		a.backoff = 0
+		return dst
+	}
+	a.backoff = min(2*a.backoff+1, maxCompressSkip)
+	a.skip = a.backoff
+	return dst
+}
+
 // JSONFrame builds a control frame carrying v as JSON.
 func JSONFrame(t FrameType, v any) (Frame, error) {
 	p, err := json.Marshal(v)

@@ -130,6 +130,63 @@ func TestCompressData(t *testing.T) {
 	}
 }
 
+// TestAdaptiveCompressor: a frame that does not compress makes the
+// compressor leave the next frames untried, 1, 3, 7 ... at most 63 of them;
+// a frame that compresses starts it over.
+func TestAdaptiveCompressor(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	noise := make([]byte, 16<<10)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	text := bytes.Repeat([]byte("abc"), 16<<10/3)
+	a := AdaptiveCompressor{Codec: ServerCodec()}
+	compressed := func(data []byte) bool {
+		rec := Record{Seq: 1, Kind: KindWrite, Length: uint32(len(data)), Data: data}
+		f := PlainDataFrame(AppendRecord(nil, &rec), 1, 1)
+		a.Compress(&f, nil)
+		return f.Flags&FlagZstd != 0
+	}
+	// untried counts the text frames left plain before one is compressed.
+	untried := func() int {
+		n := 0
+		for !compressed(text) {
+			if n++; n > 100 {
+				t.Fatal("text never compressed again")
+			}
+		}
+		return n
+	}
+	if !compressed(text) {
+		t.Fatal("text not compressed")
+	}
+	for i, want := range []int{1, 3, 7, 15, 31, 63, 63} {
+		// i+1 noise frames, each tried after the window the one before
+		// opened: the window grows to 2^(i+1)-1, then text waits it out.
+		a.backoff, a.skip = 0, 0
+		for range i + 1 {
+			compressed(noise)
+			for a.skip > 0 {
+				compressed(noise)
+			}
+		}
+		if i == 6 {
+			compressed(noise) // past the cap
+			for a.skip > 0 {
+				compressed(noise)
+			}
+		}
+		// The last noise frame opened the window: text now waits.
+		a.skip = a.backoff
+		if got := untried(); got != want {
+			t.Fatalf("after %d frames that did not compress: %d frames left untried, want %d", i+1, got, want)
+		}
+		if a.backoff != 0 {
+			t.Fatal("a frame that compressed did not start it over")
+		}
+	}
+}
+
 func TestFrameRejects(t *testing.T) {
 	f, _ := JSONFrame(FrameHello, Hello{MachineID: "ab"})
 	good := AppendFrame(nil, &f)

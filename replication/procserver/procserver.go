@@ -457,6 +457,7 @@ func (s *Server) serveConn(c net.Conn) error {
 func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 	var buf, dbuf, cbuf []byte
 	codec := replication.ServerCodec()
+	comp := replication.AdaptiveCompressor{Codec: codec}
 	for {
 		// An agent sends a status at least every few seconds.
 		cc.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
@@ -493,8 +494,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			wire := int64(len(f.Payload) + replication.FrameHeaderSize)
 			// An agent sends plain frames unless told to compress (its
 			// CPU is the guest's): compressed here, before the cache, so
-			// the cache and the target hold compressed segments either way.
-			cbuf = codec.CompressData(&f, cbuf[:0])
+			// the cache and the target hold compressed segments, unless
+			// the stream does not compress (then tried only now and then).
+			cbuf = comp.Compress(&f, cbuf[:0])
 			if err := m.append(cc, &f); err != nil {
 				return err
 			}
