@@ -414,11 +414,16 @@ func (c *Codec) payload(f *Frame, buf []byte) ([]byte, []byte, error) {
 // plain, untried, after frames that did not compress.
 const maxCompressSkip = 63
 
+// adaptiveMinFrame is the smallest frame whose result an
+// AdaptiveCompressor counts.
+const adaptiveMinFrame = 64 << 10
+
 // AdaptiveCompressor compresses a stream's plain DATA frames
 // (CompressData) but stops trying on a stream that does not compress: after
 // a frame that gained nothing it leaves the next 1, 3, 7 ... up to 63
 // frames plain without trying, and tries again after them; a frame that
-// compresses starts it over. On incompressible data (fio's random buffers,
+// compresses starts it over. Frames under 64 KiB are always tried and not
+// counted. On incompressible data (fio's random buffers,
 // encrypted or compressed files) trying costs a core about 1 s per GB for
 // nothing. Not safe for concurrent use: one per connection.
 type AdaptiveCompressor struct {
@@ -431,6 +436,11 @@ type AdaptiveCompressor struct {
 func (a *AdaptiveCompressor) Compress(f *Frame, dst []byte) []byte {
 	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
 		return dst
+	}
+	if len(f.Payload) < adaptiveMinFrame {
+		// Small frames (a tag, a few writes at a low rate) cost little to
+		// try and say little about the stream: tried, not counted.
+		return a.Codec.CompressData(f, dst)
 	}
 	if a.skip > 0 {
 		a.skip--

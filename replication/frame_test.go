@@ -132,14 +132,14 @@ func TestCompressData(t *testing.T) {
 
 // TestAdaptiveCompressor: a frame that does not compress makes the
 // compressor leave the next frames untried, 1, 3, 7 ... at most 63 of them;
-// a frame that compresses starts it over.
+// a frame that compresses starts it over; a small frame is always tried.
 func TestAdaptiveCompressor(t *testing.T) {
 	r := rand.New(rand.NewPCG(7, 8))
-	noise := make([]byte, 16<<10)
+	noise := make([]byte, 128<<10)
 	for i := range noise {
 		noise[i] = byte(r.Uint32())
 	}
-	text := bytes.Repeat([]byte("abc"), 16<<10/3)
+	text := bytes.Repeat([]byte("abc"), 128<<10/3)
 	a := AdaptiveCompressor{Codec: ServerCodec()}
 	compressed := func(data []byte) bool {
 		rec := Record{Seq: 1, Kind: KindWrite, Length: uint32(len(data)), Data: data}
@@ -184,6 +184,12 @@ func TestAdaptiveCompressor(t *testing.T) {
 		if a.backoff != 0 {
 			t.Fatal("a frame that compressed did not start it over")
 		}
+	}
+	// Small frames are always tried and leave the window as it is.
+	a.backoff, a.skip = 7, 7
+	small := bytes.Repeat([]byte("abc"), 1000)
+	if !compressed(small) || a.skip != 7 || a.backoff != 7 {
+		t.Fatalf("a small frame: skip %d, backoff %d", a.skip, a.backoff)
 	}
 }
 
