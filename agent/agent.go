@@ -56,10 +56,11 @@ type Config struct {
 	// starving the guest's own I/O.
 	ResyncRate int64
 	// Compress makes the agent compress its DATA frames (zstd) before
-	// sending them, on the guest's CPU: for a link slower than the
-	// agent's compression. By default the frames go plain and the process
-	// server compresses them before its cache (issue 13: the guest pays
-	// only for the agent).
+	// sending them, on the guest's CPU (`asr agent` does by default).
+	// Without it the frames go plain and the process server compresses
+	// them before its cache: less CPU on the guest, but at 100 MB/s of
+	// churn on the 2-core bench machine the RPO then missed its bound
+	// (BENCHMARKS.md, "Agent memory and compression off the guest").
 	Compress bool
 	// MemoryLimit is the soft limit of the agent's Go memory that
 	// `asr agent` sets once the agent is open (debug.SetMemoryLimit; 0:

@@ -270,10 +270,10 @@ func TestE2EKillDuringDelta(t *testing.T) {
 	t.Logf("bytes received: %d for the initial copy of %d bytes, %d since for %d bytes of writes", initial, size, delta, written)
 }
 
-// TestE2ECompressionWhereTold: an agent sends its changes plain by default
-// (its frames on the wire as large as its records) and the process server
-// compresses them before its cache; an agent run with --compress sends
-// them compressed. Both machines' points are recovered bit-exact.
+// TestE2ECompressionWhereTold: an agent run with --compress=false sends its
+// changes plain (its frames on the wire as large as its records) and the
+// process server compresses them before its cache; an agent by default
+// sends them compressed. Both machines' points are recovered bit-exact.
 func TestE2ECompressionWhereTold(t *testing.T) {
 	c := newCluster(t)
 	type run struct {
@@ -281,7 +281,7 @@ func TestE2ECompressionWhereTold(t *testing.T) {
 		extra    []string
 		compress bool
 	}
-	for _, r := range []run{{"plain", nil, false}, {"zstd", []string{"--compress"}, true}} {
+	for _, r := range []run{{"plain", []string{"--compress=false"}, false}, {"zstd", nil, true}} {
 		disk := filepath.Join(c.dir, r.name+".img") // all zeros: the copy sends nothing
 		if f, err := os.Create(disk); err != nil || f.Truncate(32<<20) != nil || f.Close() != nil {
 			t.Fatal("make the disk:", err)
