@@ -55,6 +55,17 @@ type Config struct {
 	// per second (0: unlimited), as DRBD's resync-rate keeps a resync from
 	// starving the guest's own I/O.
 	ResyncRate int64
+	// Compress makes the agent compress its DATA frames (zstd) before
+	// sending them, on the guest's CPU (`asr agent` does by default).
+	// Without it the frames go plain and the process server compresses
+	// them before its cache: less CPU on the guest, but at 100 MB/s of
+	// churn on the 2-core bench machine the RPO then missed its bound
+	// (BENCHMARKS.md, "Agent memory and compression off the guest").
+	Compress bool
+	// MemoryLimit is the soft limit of the agent's Go memory that
+	// `asr agent` sets once the agent is open (debug.SetMemoryLimit; 0:
+	// none). New does not set it: it is process-wide.
+	MemoryLimit int64
 	// BIOSUUID is the guest's BIOS UUID the agent reports, which links the
 	// machine to its VM in the vCenter inventory. "" reads it from
 	// replication.BIOSUUIDFile (`--bios-uuid` overrides it, for tests and for
@@ -76,6 +87,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--crash-interval %s: the minimum is 1s", c.CrashInterval)
 	case c.SpoolMax < 16<<20:
 		return fmt.Errorf("--spool-max %d: the minimum is 16MiB", c.SpoolMax)
+	case c.MemoryLimit != 0 && c.MemoryLimit < 16<<20:
+		return fmt.Errorf("--memory-limit %d: the minimum is 16MiB (0: none)", c.MemoryLimit)
 	case !replication.ValidMachineName(c.Name):
 		return fmt.Errorf("--name %q: want %s", c.Name, replication.MachineNameRule)
 	}
@@ -217,7 +230,7 @@ func (a *Agent) wire(from map[uint32]copyPos) error {
 		control = a.state.server()
 	}
 	dd := &dataDialer{dir: cfg.StateDir, control: control, st: a.state, log: log}
-	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, dd.dial, a, loadSendCounters(cfg.StateDir))
+	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, cfg.Compress, dd.dial, a, loadSendCounters(cfg.StateDir))
 	a.resyncer = newResyncer(ctx, log, a.spool, a.disks, a.state, a.tags, a.ship.current, cfg.ResyncRate)
 	a.stats = newStatsFile(ctx, cfg.StateDir, a.Stats)
 	var err error

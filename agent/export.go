@@ -9,6 +9,12 @@ import (
 	"github.com/asrdr/asr/agent/nbd"
 )
 
+// nbdBudget bounds the payload bytes of the guest's NBD requests in
+// flight, on every connection together (nbd.Server.MaxBytes): what the
+// agent's memory holds for them. 16 MiB keeps fio's 1 MiB writes at
+// iodepth 8 (8 MiB) unthrottled; a larger request still runs, alone.
+const nbdBudget = 16 << 20
+
 // exporter serves the protected disks over NBD (export name = disk name),
 // scan-mode disks excepted: the guest uses those directly. It owns the
 // listener and the server's goroutine (which waits for its connections).
@@ -38,7 +44,8 @@ func listenNBD(parent context.Context, addr string, disks diskSet, log *slog.Log
 			}
 			return names
 		},
-		Logger: log,
+		Logger:   log,
+		MaxBytes: nbdBudget,
 	}
 	l, err := nbd.Listen(addr)
 	if err != nil {

@@ -148,12 +148,20 @@ func (c *copier) restart(copied map[uint32]bool) {
 // need not travel), interleaved with the guest's writes in the log. A
 // restart wakes it again.
 func (c *copier) loop() {
-	buf := make([]byte, initialChunk)
 	for {
 		// The generation first: a restart after this read makes the
 		// copy's next step stale, whatever cursor is read below.
 		gen := c.gen.Load()
+		// The chunk buffer lives only while there is a copy to make: the
+		// agent's memory is small once every disk is copied.
+		var buf []byte
 		for _, d := range c.disks {
+			if c.done[d.Index].Load() {
+				continue
+			}
+			if buf == nil {
+				buf = make([]byte, initialChunk)
+			}
 			if !c.copyDisk(d, buf, gen) {
 				break
 			}

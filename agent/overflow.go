@@ -259,7 +259,7 @@ func (o *overflow) reset() {
 func (o *overflow) loop() {
 	t := time.NewTicker(overflowTick)
 	defer t.Stop()
-	buf := make([]byte, 1<<20)
+	var buf []byte // only while catching up
 	for {
 		select {
 		case <-o.rt.ctx.Done():
@@ -279,6 +279,9 @@ func (o *overflow) loop() {
 			o.active.Store(false) // guest writes are logged again from here
 			o.log.Info("spool drained: resending the changed blocks")
 		}
+		if buf == nil {
+			buf = make([]byte, 1<<20)
+		}
 		if err := o.drain(buf); err != nil {
 			if !errors.Is(err, spool.ErrFull) && o.rt.ctx.Err() == nil {
 				o.log.Error("resend changed blocks", "err", err)
@@ -286,6 +289,7 @@ func (o *overflow) loop() {
 			continue
 		}
 		o.finish()
+		buf = nil
 	}
 }
 

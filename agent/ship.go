@@ -90,6 +90,7 @@ type shipper struct {
 	spool    *spool.Spool
 	tags     *tagMarks // records that ship like a tag (FlagTag)
 	maxRate  int64     // bytes per second on the wire (0: unlimited)
+	compress bool      // zstd on the agent (else the process server compresses)
 	dial     func(ctx context.Context) (net.Conn, error)
 	h        shipHandler
 	counters *sendCounters
@@ -98,9 +99,9 @@ type shipper struct {
 	rt  *routines                   // the ship loop (whose sessions end before it does)
 }
 
-func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64,
+func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64, compress bool,
 	dial func(context.Context) (net.Conn, error), h shipHandler, counters *sendCounters) *shipper {
-	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, dial: dial, h: h, counters: counters,
+	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, compress: compress, dial: dial, h: h, counters: counters,
 		rt: newRoutines(parent)}
 }
 
@@ -320,7 +321,12 @@ func (s *shipSession) write(f *replication.Frame) error {
 func (s *shipSession) send(ctx context.Context, rd interface {
 	Next(context.Context, []byte, int, time.Duration) ([]byte, uint64, uint32, error)
 }) error {
-	codec := replication.DefaultCodec()
+	var codec *replication.Codec
+	if s.sh.compress {
+		// Made only when asked for: its encoder's window is memory
+		// the agent otherwise does not use.
+		codec = replication.DefaultCodec()
+	}
 	var buf, cbuf []byte
 	pacer := pace.New(s.sh.maxRate) // --max-rate, per session: a new one starts at once
 	for ctx.Err() == nil {
@@ -352,10 +358,13 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 			}
 			count += n
 		}
-		if cap(cbuf) < len(buf) {
-			cbuf = make([]byte, 0, len(buf))
+		f := replication.PlainDataFrame(buf, first, count)
+		if codec != nil {
+			if cap(cbuf) < len(buf) {
+				cbuf = make([]byte, 0, len(buf))
+			}
+			f = codec.DataFrame(buf, first, count, cbuf)
 		}
-		f := codec.DataFrame(buf, first, count, cbuf)
 		last := first + uint64(count) - 1
 		if s.sh.tags.has(first, last) {
 			f.Flags |= replication.FlagTag

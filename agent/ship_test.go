@@ -2,8 +2,10 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -149,13 +151,19 @@ func (s *fakeProcServer) sendJSON(typ replication.FrameType, v any) {
 // servers' ends, on the returned channel.
 func mustShipper(t *testing.T, sp *spool.Spool, h shipHandler) (*shipper, chan *fakeProcServer) {
 	t.Helper()
+	return mustShipperCompress(t, sp, h, false)
+}
+
+// mustShipperCompress is mustShipper with the agent's --compress.
+func mustShipperCompress(t *testing.T, sp *spool.Spool, h shipHandler, compress bool) (*shipper, chan *fakeProcServer) {
+	t.Helper()
 	conns := make(chan *fakeProcServer, 8)
 	dial := func(ctx context.Context) (net.Conn, error) {
 		c, s := net.Pipe()
 		conns <- &fakeProcServer{t: t, nc: s, br: bufio.NewReader(s)}
 		return c, nil
 	}
-	sh := newShipper(context.Background(), slog.New(slog.DiscardHandler), sp, &tagMarks{}, 0, dial, h, &sendCounters{})
+	sh := newShipper(context.Background(), slog.New(slog.DiscardHandler), sp, &tagMarks{}, 0, compress, dial, h, &sendCounters{})
 	t.Cleanup(sh.Close)
 	return sh, conns
 }
@@ -342,4 +350,47 @@ func TestShipperCloseInHandshake(t *testing.T) {
 			t.Fatalf("Close took %s in the handshake", took)
 		}
 	})
+}
+
+// TestShipperCompressOnlyWhenAsked: by default the agent sends its DATA
+// frames plain (the process server compresses them, off the guest's CPU);
+// with --compress it sends compressible records zstd-compressed. Either
+// way the records arrive whole.
+func TestShipperCompressOnlyWhenAsked(t *testing.T) {
+	for _, compress := range []bool{false, true} {
+		t.Run(fmt.Sprintf("compress=%v", compress), func(t *testing.T) {
+			_, sp, _ := mustTestDisk(t, 1<<20)
+			sh, conns := mustShipperCompress(t, sp, newFakeShipHandler(), compress)
+			data := bytes.Repeat([]byte("compressible "), 4096/13+1)[:4096]
+			for i := range 4 {
+				rec := replication.Record{Kind: replication.KindWrite, Offset: uint64(i) * 4096, Length: 4096, Data: data}
+				seq, err := sp.Append(context.Background(), &rec)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sp.Complete(seq)
+			}
+			sh.start()
+			srv := <-conns
+			srv.mustRead(replication.FrameHello)
+			srv.sendJSON(replication.FrameWelcome, replication.Welcome{DurableSeq: 0})
+			n := 0
+			for n < 4 {
+				f := srv.mustRead(replication.FrameData)
+				if zst := f.Flags&replication.FlagZstd != 0; zst != compress {
+					t.Fatalf("frame compressed %v, want %v", zst, compress)
+				}
+				rs, _, err := replication.DefaultCodec().Records(&f, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, r := range rs {
+					if !bytes.Equal(r.Data, data) {
+						t.Fatalf("record %d: data differs", r.Seq)
+					}
+				}
+				n += len(rs)
+			}
+		})
+	}
 }

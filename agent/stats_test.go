@@ -57,3 +57,20 @@ func TestStatsFile(t *testing.T) {
 		}
 	})
 }
+
+// TestLatencySamplesBounded: the changes waiting for an acknowledgement
+// are sampled up to maxPendingSamples, whatever the backlog; the ones
+// sampled are counted once acknowledged.
+func TestLatencySamplesBounded(t *testing.T) {
+	l := &latency{}
+	for seq := uint64(1); seq <= maxPendingSamples+100; seq++ {
+		l.wrote(seq)
+	}
+	if n := len(l.pending); n != maxPendingSamples {
+		t.Fatalf("%d samples pending, bound %d", n, maxPendingSamples)
+	}
+	l.acked(maxPendingSamples + 100)
+	if st := l.stats(); st.Count != maxPendingSamples || len(l.pending) != 0 {
+		t.Fatalf("%d counted, %d pending: want %d and 0", st.Count, len(l.pending), maxPendingSamples)
+	}
+}

@@ -269,3 +269,53 @@ func TestE2EKillDuringDelta(t *testing.T) {
 	}
 	t.Logf("bytes received: %d for the initial copy of %d bytes, %d since for %d bytes of writes", initial, size, delta, written)
 }
+
+// TestE2ECompressionWhereTold: an agent run with --compress=false sends its
+// changes plain (its frames on the wire as large as its records) and the
+// process server compresses them before its cache; an agent by default
+// sends them compressed. Both machines' points are recovered bit-exact.
+func TestE2ECompressionWhereTold(t *testing.T) {
+	c := newCluster(t)
+	type run struct {
+		name     string
+		extra    []string
+		compress bool
+	}
+	for _, r := range []run{{"plain", []string{"--compress=false"}, false}, {"zstd", nil, true}} {
+		disk := filepath.Join(c.dir, r.name+".img") // all zeros: the copy sends nothing
+		if f, err := os.Create(disk); err != nil || f.Truncate(32<<20) != nil || f.Close() != nil {
+			t.Fatal("make the disk:", err)
+		}
+		a := c.startAgent(r.name, r.extra, "d0="+disk)
+		c.waitState(r.name, "protected", 3*time.Minute)
+		// Highly compressible changes: 8 MiB of one byte.
+		nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d0"), "-c", "write -P 0x33 4M 8M", "-c", "flush")
+		id := c.tag(r.name)
+		c.recoverAndCheck(r.name, id, map[string]string{"d0": sha256File(t, disk)})
+		var st struct {
+			RawSent   int64 `json:"raw_sent"`
+			BytesSent int64 `json:"bytes_sent"`
+		}
+		deadline := time.Now().Add(hungAfter) // rewritten every second
+		for st.RawSent < 8<<20 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the agent's stats say %+v", r.name, st)
+			}
+			if b, err := os.ReadFile(filepath.Join(a.state, "stats.json")); err == nil {
+				json.Unmarshal(b, &st)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if compressed := st.BytesSent < st.RawSent/2; compressed != r.compress {
+			t.Fatalf("%s: %d frame bytes for %d record bytes sent: compressed on the agent %v, want %v", r.name, st.BytesSent, st.RawSent, compressed, r.compress)
+		}
+		// The server's ratio is of what it cached: compressed either way.
+		var ps struct {
+			Compression float64 `json:"compression"`
+		}
+		if err := json.Unmarshal([]byte(c.mustCLI("status", "--process-server", "--json")), &ps); err != nil || ps.Compression < 2 {
+			t.Fatalf("%s: the process server's compression %.2f (%v): want the cache compressed", r.name, ps.Compression, err)
+		}
+		a.stop()
+	}
+}

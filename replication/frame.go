@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"sync"
 
@@ -14,8 +15,9 @@ import (
 
 // The wire protocol (docs/PROTOCOL.md) is a stream of frames in both
 // directions over one mutual-TLS connection per agent. Segment files on the
-// process server hold DATA frames exactly as they arrived, so one codec serves
-// the wire, the cache and the target.
+// process server hold DATA frames as they arrived (compressed by the process
+// server if the agent sent them plain), so one codec serves the wire, the
+// cache and the target.
 
 // FrameType says what a frame carries.
 type FrameType uint8
@@ -284,43 +286,78 @@ type Codec struct {
 }
 
 var (
-	codecOnce   sync.Once
-	sharedCodec *Codec
+	codecOnce, serverCodecOnce sync.Once
+	sharedCodec, serverCodec   *Codec
 )
 
-// DefaultCodec returns a process-wide codec (zstd at its fastest level).
+// DefaultCodec returns a process-wide codec (zstd at its fastest level)
+// with one encoder: an agent's, which compresses on the guest's CPU only
+// when told to (`asr agent --compress`).
 func DefaultCodec() *Codec {
-	codecOnce.Do(func() {
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-			zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
-		if err != nil {
-			panic(err)
-		}
-		// DecodeAll writes at most cap(dst): Records gives it room for
-		// exactly the raw length the frame header announced.
-		dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
-			zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true),
-			zstd.WithDecodeAllCapLimit(true))
-		if err != nil {
-			panic(err)
-		}
-		sharedCodec = &Codec{enc: enc, dec: dec}
-	})
+	codecOnce.Do(func() { sharedCodec = newCodec(1) })
 	return sharedCodec
+}
+
+// ServerCodec returns the process server's codec: the same format as
+// DefaultCodec's, with an encoder per CPU, as it compresses the frames of
+// every agent that sends them uncompressed (CompressData).
+func ServerCodec() *Codec {
+	serverCodecOnce.Do(func() { serverCodec = newCodec(0) })
+	return serverCodec
+}
+
+// newCodec makes a codec with encoders encoders (0: one per CPU).
+func newCodec(encoders int) *Codec {
+	if encoders == 0 {
+		encoders = runtime.GOMAXPROCS(0)
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
+		zstd.WithEncoderConcurrency(encoders), zstd.WithLowerEncoderMem(true))
+	if err != nil {
+		panic(err)
+	}
+	// DecodeAll writes at most cap(dst): Records gives it room for
+	// exactly the raw length the frame header announced.
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
+		zstd.WithDecoderMaxMemory(MaxFrameRaw), zstd.WithDecoderLowmem(true),
+		zstd.WithDecodeAllCapLimit(true))
+	if err != nil {
+		panic(err)
+	}
+	return &Codec{enc: enc, dec: dec}
 }
 
 // DataFrame builds a DATA frame from encoded records, compressed into dst's
 // storage when that makes it smaller.
 func (c *Codec) DataFrame(raw []byte, first uint64, count uint32, dst []byte) Frame {
 	comp := c.enc.EncodeAll(raw, dst[:0])
-	f := Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw))}
-	if len(comp) < len(raw) {
-		f.Flags = FlagZstd
-		f.Payload = comp
-	} else {
-		f.Payload = raw
+	if len(comp) >= len(raw) {
+		return PlainDataFrame(raw, first, count)
 	}
-	return f
+	return Frame{Type: FrameData, Flags: FlagZstd, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: comp}
+}
+
+// PlainDataFrame builds an uncompressed DATA frame from encoded records.
+func PlainDataFrame(raw []byte, first uint64, count uint32) Frame {
+	return Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: raw}
+}
+
+// CompressData compresses an uncompressed DATA frame f in place, into
+// dst's storage, when that makes it smaller (its other flags kept); a
+// compressed frame is left as it is. It returns dst's storage for reuse.
+// The records inside keep their own checksums, so what the agent logged is
+// still checked end to end after the process server compressed it.
+func (c *Codec) CompressData(f *Frame, dst []byte) []byte {
+	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
+		return dst
+	}
+	cf := c.DataFrame(f.Payload, f.Seq, f.Count, dst)
+	if cf.Flags&FlagZstd != 0 {
+		cf.Flags |= f.Flags
+		*f = cf
+		return cf.Payload
+	}
+	return dst
 }
 
 // Records decodes the records of a DATA frame, decompressing into buf, and
@@ -371,6 +408,52 @@ func (c *Codec) payload(f *Frame, buf []byte) ([]byte, []byte, error) {
 		return nil, buf, fmt.Errorf("frame at seq %d: %d bytes of records, header says %d: %w", f.Seq, len(raw), f.RawLen, ErrCorrupt)
 	}
 	return raw, buf, nil
+}
+
+// maxCompressSkip bounds how many frames an AdaptiveCompressor leaves
+// plain, untried, after frames that did not compress.
+const maxCompressSkip = 63
+
+// adaptiveMinFrame is the smallest frame whose result an
+// AdaptiveCompressor counts.
+const adaptiveMinFrame = 64 << 10
+
+// AdaptiveCompressor compresses a stream's plain DATA frames
+// (CompressData) but stops trying on a stream that does not compress: after
+// a frame that gained nothing it leaves the next 1, 3, 7 ... up to 63
+// frames plain without trying, and tries again after them; a frame that
+// compresses starts it over. Frames under 64 KiB are always tried and not
+// counted. On incompressible data (fio's random buffers,
+// encrypted or compressed files) trying costs a core about 1 s per GB for
+// nothing. Not safe for concurrent use: one per connection.
+type AdaptiveCompressor struct {
+	Codec   *Codec
+	skip    int // frames still to leave untried
+	backoff int // the skip after the next frame that does not compress
+}
+
+// Compress is CompressData, unless the stream did not compress lately.
+func (a *AdaptiveCompressor) Compress(f *Frame, dst []byte) []byte {
+	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
+		return dst
+	}
+	if len(f.Payload) < adaptiveMinFrame {
+		// Small frames (a tag, a few writes at a low rate) cost little to
+		// try and say little about the stream: tried, not counted.
+		return a.Codec.CompressData(f, dst)
+	}
+	if a.skip > 0 {
+		a.skip--
+		return dst
+	}
+	dst = a.Codec.CompressData(f, dst)
+	if f.Flags&FlagZstd != 0 {
+		a.backoff = 0
+		return dst
+	}
+	a.backoff = min(2*a.backoff+1, maxCompressSkip)
+	a.skip = a.backoff
+	return dst
 }
 
 // JSONFrame builds a control frame carrying v as JSON.

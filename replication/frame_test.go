@@ -82,6 +82,117 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 }
 
+// TestCompressData: the process server compresses a plain DATA frame
+// (its tag flag kept, its records unchanged), leaves a compressed one as
+// it is, and an incompressible one plain.
+func TestCompressData(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	recs := mustRecords(t, 7, 20, r)
+	raw := encodeRecords(recs)
+	c := ServerCodec()
+	f := PlainDataFrame(raw, 7, uint32(len(recs)))
+	f.Flags = FlagTag
+	c.CompressData(&f, nil)
+	if f.Flags != FlagZstd|FlagTag || len(f.Payload) >= len(raw) || f.RawLen != uint32(len(raw)) {
+		t.Fatalf("flags %#x, %d bytes of %d: want compressed, the tag flag kept", f.Flags, len(f.Payload), len(raw))
+	}
+	var buf bytes.Buffer
+	if err := WriteFrame(&buf, &f); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := ReadFrame(&buf, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := DefaultCodec().Records(&got, nil)
+	if err != nil || len(out) != len(recs) {
+		t.Fatalf("%d records, %v", len(out), err)
+	}
+	for i := range recs {
+		if !bytes.Equal(out[i].Data, recs[i].Data) || out[i].Seq != recs[i].Seq {
+			t.Fatalf("record %d differs", i)
+		}
+	}
+	again := f
+	c.CompressData(&again, nil)
+	if !bytes.Equal(again.Payload, f.Payload) || again.Flags != f.Flags {
+		t.Fatal("a compressed frame was compressed again")
+	}
+	noise := make([]byte, 64<<10)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	rec := Record{Seq: 1, Kind: KindWrite, Length: uint32(len(noise)), Data: noise}
+	plain := PlainDataFrame(AppendRecord(nil, &rec), 1, 1)
+	c.CompressData(&plain, nil)
+	if plain.Flags&FlagZstd != 0 {
+		t.Fatal("incompressible records were stored compressed (larger)")
+	}
+}
+
+// TestAdaptiveCompressor: a frame that does not compress makes the
+// compressor leave the next frames untried, 1, 3, 7 ... at most 63 of them;
+// a frame that compresses starts it over; a small frame is always tried.
+func TestAdaptiveCompressor(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	noise := make([]byte, 128<<10)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	text := bytes.Repeat([]byte("abc"), 128<<10/3)
+	a := AdaptiveCompressor{Codec: ServerCodec()}
+	compressed := func(data []byte) bool {
+		rec := Record{Seq: 1, Kind: KindWrite, Length: uint32(len(data)), Data: data}
+		f := PlainDataFrame(AppendRecord(nil, &rec), 1, 1)
+		a.Compress(&f, nil)
+		return f.Flags&FlagZstd != 0
+	}
+	// untried counts the text frames left plain before one is compressed.
+	untried := func() int {
+		n := 0
+		for !compressed(text) {
+			if n++; n > 100 {
+				t.Fatal("text never compressed again")
+			}
+		}
+		return n
+	}
+	if !compressed(text) {
+		t.Fatal("text not compressed")
+	}
+	for i, want := range []int{1, 3, 7, 15, 31, 63, 63} {
+		// i+1 noise frames, each tried after the window the one before
+		// opened: the window grows to 2^(i+1)-1, then text waits it out.
+		a.backoff, a.skip = 0, 0
+		for range i + 1 {
+			compressed(noise)
+			for a.skip > 0 {
+				compressed(noise)
+			}
+		}
+		if i == 6 {
+			compressed(noise) // past the cap
+			for a.skip > 0 {
+				compressed(noise)
+			}
+		}
+		// The last noise frame opened the window: text now waits.
+		a.skip = a.backoff
+		if got := untried(); got != want {
+			t.Fatalf("after %d frames that did not compress: %d frames left untried, want %d", i+1, got, want)
+		}
+		if a.backoff != 0 {
+			t.Fatal("a frame that compressed did not start it over")
+		}
+	}
+	// Small frames are always tried and leave the window as it is.
+	a.backoff, a.skip = 7, 7
+	small := bytes.Repeat([]byte("abc"), 1000)
+	if !compressed(small) || a.skip != 7 || a.backoff != 7 {
+		t.Fatalf("a small frame: skip %d, backoff %d", a.skip, a.backoff)
+	}
+}
+
 func TestFrameRejects(t *testing.T) {
 	f, _ := JSONFrame(FrameHello, Hello{MachineID: "ab"})
 	good := AppendFrame(nil, &f)

@@ -267,7 +267,7 @@ var (
 	descPSWire = prometheus.NewDesc("asr_process_server_received_wire_bytes_total",
 		"The same records' bytes as they came over the wire (compressed), since the server started.", nil, nil)
 	descPSCompression = prometheus.NewDesc("asr_process_server_compression_ratio",
-		"Uncompressed over compressed bytes received since the server started (0: nothing received).", nil, nil)
+		"Uncompressed over compressed bytes of the records received since the server started, as cached (compressed by the agent or the process server; 0: nothing received).", nil, nil)
 	descPSCacheFree = prometheus.NewDesc("asr_process_server_cache_free_ratio",
 		"Fraction of the cache disk free, 0..1 (warning under 0.30, critical under 0.25).", nil, nil)
 	descPSCacheFreeB = prometheus.NewDesc("asr_process_server_cache_free_bytes",

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/replication/retry"
+	"golang.org/x/sync/semaphore"
 )
 
 // Backend is a disk exported over NBD. Methods may be called concurrently,
@@ -71,15 +72,40 @@ type Server struct {
 	// slog.Default() is used.
 	Logger *slog.Logger
 	// MaxInFlight bounds the requests processed concurrently on one
-	// connection (DefaultMaxInFlight if zero). Each holds at most one
-	// MaxPayload buffer, so a connection uses at most
-	// MaxInFlight × 32 MiB of payload memory.
+	// connection (DefaultMaxInFlight if zero). Their payload buffers
+	// together are bounded by MaxBytes, across every connection.
 	MaxInFlight int
 	// HandshakeTimeout bounds the time a client may take to select an
 	// export (DefaultHandshakeTimeout if zero, no limit if negative).
 	HandshakeTimeout time.Duration
+	// MaxBytes bounds the payload bytes (WRITE data read, READ data to
+	// send) of the requests in flight on all of the server's connections
+	// together (DefaultMaxBytes if zero). A connection's reader waits for
+	// room before it reads a payload, so a client writing faster than the
+	// backend completes is slowed, not buffered. A request larger than
+	// MaxBytes runs once it is the only one in flight.
+	MaxBytes int64
 
-	connID atomic.Uint64
+	connID   atomic.Uint64
+	initOnce sync.Once
+	budget   *semaphore.Weighted
+	maxBytes int64
+}
+
+// DefaultMaxBytes is the payload budget of a Server whose MaxBytes is zero:
+// one request of the largest size, or many smaller ones.
+const DefaultMaxBytes = MaxPayload
+
+// payloadBudget returns the server's shared budget and its size.
+func (s *Server) payloadBudget() (*semaphore.Weighted, int64) {
+	s.initOnce.Do(func() {
+		s.maxBytes = s.MaxBytes
+		if s.maxBytes <= 0 {
+			s.maxBytes = DefaultMaxBytes
+		}
+		s.budget = semaphore.NewWeighted(s.maxBytes)
+	})
+	return s.budget, s.maxBytes
 }
 
 func (s *Server) logger() *slog.Logger {

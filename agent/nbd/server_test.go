@@ -975,3 +975,97 @@ func TestBufPool(t *testing.T) {
 		t.Fatalf("pool handed out a foreign buffer of cap %d", cap(*p))
 	}
 }
+
+// TestPayloadBudget: the payload bytes of the requests in flight on all
+// connections together stay within MaxBytes; requests waiting for room go
+// on as others complete (none is lost or refused); a request larger than
+// the whole budget runs alone, a WRITE as a READ.
+func TestPayloadBudget(t *testing.T) {
+	const budget, piece = 64 << 10, 16 << 10
+	mb := newMemBackend(1 << 20)
+	var mu sync.Mutex
+	var inBackend, peak int
+	entered := make(chan struct{}, 64)
+	gate, stop := make(chan struct{}), make(chan struct{})
+	track := func(n int) func() {
+		mu.Lock()
+		inBackend += n
+		peak = max(peak, inBackend)
+		mu.Unlock()
+		return func() { mu.Lock(); inBackend -= n; mu.Unlock() }
+	}
+	hb := &hookBackend{Backend: mb,
+		onWrite: func(p []byte, off int64, fua bool) error {
+			defer track(len(p))()
+			entered <- struct{}{}
+			select {
+			case <-gate:
+			case <-stop:
+			}
+			return mb.WriteAt(p, off, fua)
+		},
+		onRead: func(p []byte, off int64) error {
+			defer track(len(p))()
+			return mb.ReadAt(p, off)
+		}}
+	lookup, list := exports(map[string]Backend{"disk": hb})
+	logger, _ := newTestLogger()
+	addr := mustServe(t, &Server{Lookup: lookup, List: list, Logger: logger, MaxBytes: budget})
+	conns := []*Client{mustDial(t, addr, "disk"), mustDial(t, addr, "disk")}
+	t.Cleanup(func() { close(stop) }) // first: a failed test leaves no write waiting
+
+	const writes = 12 // 192 KiB: three budgets' worth
+	var wg sync.WaitGroup
+	for i := range writes {
+		wg.Go(func() {
+			p := bytes.Repeat([]byte{byte(i + 1)}, piece)
+			if err := conns[i%2].WriteAt(p, int64(i)*piece); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	// The budget's worth enters the backend; then each one let through
+	// makes room for one more, until all are done.
+	for range budget / piece {
+		<-entered
+	}
+	time.Sleep(50 * time.Millisecond) // give a broken budget the chance to show
+	mu.Lock()
+	now := inBackend
+	mu.Unlock()
+	if now != budget {
+		t.Fatalf("%d payload bytes in the backend with every write waiting, want the budget's %d", now, budget)
+	}
+	go func() {
+		for range writes {
+			gate <- struct{}{}
+		}
+	}()
+	for range writes - budget/piece {
+		<-entered
+	}
+	wg.Wait()
+	mu.Lock() // the replies' order is not one the race detector sees
+	p := peak
+	mu.Unlock()
+	if p > budget {
+		t.Fatalf("%d payload bytes in the backend at once, budget %d", p, budget)
+	}
+	for i := range writes {
+		if got := mb.bytes(i*piece, 1); got != string([]byte{byte(i + 1)}) {
+			t.Fatalf("write %d: byte %q", i, got)
+		}
+	}
+
+	// Larger than the whole budget: runs once alone.
+	big := bytes.Repeat([]byte{0xAB}, 2*budget)
+	go func() { <-entered; gate <- struct{}{} }()
+	if err := conns[0].WriteAt(big, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2*budget)
+	if err := conns[1].ReadAt(got, 0); err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("read back the large write: %v", err)
+	}
+	mb.assertClean(t)
+}

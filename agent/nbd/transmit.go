@@ -77,19 +77,34 @@ func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) 
 			return nil
 		}
 		sem <- struct{}{}
+		// Room for the payload first (WRITE data, or READ data the
+		// handler reads), shared by every connection: released once the
+		// reply is sent. Nothing that holds room waits for room, so the
+		// wait always ends.
+		held, err := c.reserve(&req, exp)
+		if err != nil {
+			<-sem
+			return err
+		}
+		release := func() {
+			if held > 0 {
+				c.srv.budget.Release(held)
+			}
+			<-sem
+		}
 		if req.typ == cmdWrite && req.length > 0 {
 			if !exp.inside(req.off, req.length) {
 				// Refused (ENOSPC) whatever it holds: skip the payload
 				// rather than allocate for it.
 				if err := discard(c.br, int64(req.length)); err != nil {
-					<-sem
+					release()
 					return err
 				}
 			} else {
 				req.buf = getBuf(int(req.length))
 				if err := readFull(c.br, *req.buf, "read write payload", false); err != nil {
 					putBuf(req.buf)
-					<-sem
+					release()
 					return err
 				}
 			}
@@ -97,10 +112,38 @@ func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
+			defer release()
 			c.handle(exp, &req)
 		}()
 	}
+}
+
+// reserve waits for room in the server's payload budget for req's buffer:
+// a WRITE's payload (inside the export: one outside is skipped unread) or
+// a READ's data (up to MaxPayload: a larger one is refused unread). A
+// request larger than the whole budget takes all of it. It returns the
+// bytes held, to release once the reply is sent.
+func (c *conn) reserve(req *request, exp *export) (int64, error) {
+	var n int64
+	switch req.typ {
+	case cmdWrite:
+		if exp.inside(req.off, req.length) {
+			n = int64(req.length)
+		}
+	case cmdRead:
+		if req.length <= MaxPayload && exp.inside(req.off, req.length) {
+			n = int64(req.length)
+		}
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	budget, max := c.srv.payloadBudget()
+	n = min(n, max)
+	if err := budget.Acquire(c.ctx, n); err != nil {
+		return 0, err
+	}
+	return n, nil
 }
 
 // inside reports whether [off, off+n) lies within the export.

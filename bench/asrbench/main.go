@@ -187,6 +187,7 @@ func timeCmd(script string) (time.Duration, error) {
 
 // cluster is an asr server and one agent started as processes.
 type cluster struct {
+	bin              string // the asr binary of the server and the agents
 	dir, srvDir, url string
 	server, agent    *exec.Cmd
 	extra            []*exec.Cmd // every agent started
@@ -237,10 +238,16 @@ func protectedMixedDisk(dir string, size int64, timeout time.Duration) (*cluster
 
 // startServer starts an asr server in dir/srv and waits for its API.
 func startServer(dir string, extra ...string) (*cluster, error) {
-	c := &cluster{dir: dir, srvDir: filepath.Join(dir, "srv"), sock: filepath.Join(dir, "nbd.sock")}
+	return startServerBin(*asrBin, dir, extra...)
+}
+
+// startServerBin is startServer with the asr binary bin, which the
+// cluster's agents run too.
+func startServerBin(bin, dir string, extra ...string) (*cluster, error) {
+	c := &cluster{bin: bin, dir: dir, srvDir: filepath.Join(dir, "srv"), sock: filepath.Join(dir, "nbd.sock")}
 	listen := "127.0.0.1:" + freePort()
 	c.url = "https://" + listen
-	c.server = exec.Command(*asrBin, append([]string{"server", "--data", c.srvDir, "--listen", listen, "--data-listen", "127.0.0.1:" + freePort()}, extra...)...)
+	c.server = exec.Command(bin, append([]string{"server", "--data", c.srvDir, "--listen", listen, "--data-listen", "127.0.0.1:" + freePort()}, extra...)...)
 	logf, _ := os.Create(filepath.Join(dir, "server.log"))
 	c.server.Stdout, c.server.Stderr = logf, logf
 	if err := c.server.Start(); err != nil {
@@ -270,7 +277,7 @@ func (c *cluster) addAgent(name, sock string, disks map[string]string, agentArgs
 	for dn, path := range disks {
 		args = append(args, "--disk", dn+"="+path)
 	}
-	a := exec.Command(*asrBin, append(args, agentArgs...)...)
+	a := exec.Command(c.bin, append(args, agentArgs...)...)
 	alog, _ := os.Create(filepath.Join(c.dir, "agent-"+name+".log"))
 	a.Stdout, a.Stderr = alog, alog
 	if err := a.Start(); err != nil {
@@ -338,20 +345,28 @@ func diskWritten() int64 {
 
 // rssKiB returns a process's current and peak resident set (VmRSS, VmHWM).
 func rssKiB(p *exec.Cmd) (cur, peak int64) {
+	m := procStatus(p)
+	return m["VmRSS:"], m["VmHWM:"]
+}
+
+// procStatus returns the KiB figures of a process's /proc/PID/status.
+func procStatus(p *exec.Cmd) map[string]int64 {
+	m := map[string]int64{}
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Process.Pid))
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.Fields(l)
 		if len(f) >= 2 {
 			v, _ := strconv.ParseInt(f[1], 10, 64)
-			switch f[0] {
-			case "VmRSS:":
-				cur = v
-			case "VmHWM:":
-				peak = v
-			}
+			m[f[0]] = v
 		}
 	}
-	return
+	return m
+}
+
+// resetPeakRSS starts a process's VmHWM again from its current RSS
+// (clear_refs 5), so that a peak read later is the peak of what follows.
+func resetPeakRSS(p *exec.Cmd) error {
+	return os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", p.Process.Pid), []byte("5"), 0)
 }
 
 func benchInitial(dir string) error {

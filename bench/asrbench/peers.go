@@ -39,6 +39,9 @@ var (
 	churnSeconds = flag.Int("churn-seconds", 60, "churn: duration of each step")
 	churnDepth   = flag.Int("churn-iodepth", 4, "churn: fio iodepth")
 	guestCases   = flag.String("guest-cases", "randwrite:4k,write:1M", "guest-write: fio RW:BS cases, comma-separated")
+	asrBase      = flag.String("asr-base", "", "guest-write, churn: a second asr binary (e.g. main's) run as one more contender, alternating with -asr, to compare the two side by side")
+	agentArgs    = flag.String("agent-args", "", "guest-write, churn: extra flags of the -asr agent, space-separated (e.g. --compress)")
+	baseArgs     = flag.String("base-agent-args", "", "guest-write, churn: extra flags of the -asr-base agent, space-separated")
 )
 
 const (
@@ -399,6 +402,36 @@ func asrInitialRound(dir, disk string) (time.Duration, string, error) {
 // another asr on the machine may hold; these benchmarks make no failover.
 var noNBDListen = []string{"--nbd-listen", "off"}
 
+// asrContender is one asr build (and agent flags) a benchmark runs.
+type asrContender struct {
+	name string
+	bin  string
+	args []string
+}
+
+// asrContenders returns -asr ("asr") and, with -asr-base, the base build
+// ("base").
+func asrContenders() ([]asrContender, error) {
+	cs := []asrContender{{name: "asr", bin: *asrBin, args: strings.Fields(*agentArgs)}}
+	if *asrBase != "" {
+		abs, err := filepath.Abs(*asrBase)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := os.Stat(abs); err != nil {
+			return nil, fmt.Errorf("-asr-base: %w", err)
+		}
+		cs = append(cs, asrContender{name: "base", bin: abs, args: strings.Fields(*baseArgs)})
+	}
+	return cs, nil
+}
+
+// rotate returns xs rotated left by k: contenders take turns going first.
+func rotate[T any](xs []T, k int) []T {
+	k %= len(xs)
+	return append(append([]T{}, xs[k:]...), xs[:k]...)
+}
+
 // --- pinning ---
 
 // pinSelf pins every thread of this process to guestCPU, so that the
@@ -437,12 +470,12 @@ func pin(p *exec.Cmd, cpu string) error {
 // (guestCPU, inherited) on a fresh sparse disk of size bytes, and waits
 // until the disk is protected and its NBD socket answers. The caller calls
 // stop.
-func pinnedCluster(dir string, size int64) (c *cluster, stop func(), err error) {
+func pinnedCluster(dir string, size int64, ct asrContender) (c *cluster, stop func(), err error) {
 	disk := filepath.Join(dir, "disk.img")
 	if err := sparseFile(disk, size); err != nil {
 		return nil, nil, err
 	}
-	if c, err = startServer(dir, noNBDListen...); err != nil {
+	if c, err = startServerBin(ct.bin, dir, noNBDListen...); err != nil {
 		return nil, nil, err
 	}
 	untrack := track(c.stop)
@@ -455,7 +488,7 @@ func pinnedCluster(dir string, size int64) (c *cluster, stop func(), err error) 
 	if err := pin(c.server, serverCPU); err != nil {
 		return nil, nil, err
 	}
-	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}, "--spool-max", *spoolMaxArg); err != nil {
+	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}, append([]string{"--spool-max", *spoolMaxArg}, ct.args...)...); err != nil {
 		return nil, nil, err
 	}
 	if err := c.waitSocket(); err != nil {
@@ -569,14 +602,21 @@ func (c *cluster) overflows() int {
 
 // sampler records the agent's peak spool and RSS while a run goes on.
 type sampler struct {
+	c                *cluster
 	stop             chan struct{}
 	done             chan struct{}
 	spoolMax         int64
-	agentRSS, srvRSS int64
+	agentRSS, srvRSS int64 // VmRSS, max sampled
+	agentAnon        int64 // RssAnon, max sampled
+	agentPeak        int64 // VmHWM from the sample's start to its end
 }
 
+// sample starts sampling; the agent's peak RSS (VmHWM) counts from now.
 func (c *cluster) sample() *sampler {
-	s := &sampler{stop: make(chan struct{}), done: make(chan struct{})}
+	s := &sampler{c: c, stop: make(chan struct{}), done: make(chan struct{})}
+	if err := resetPeakRSS(c.agent); err != nil {
+		fmt.Fprintf(os.Stderr, "asrbench: reset the agent's peak RSS: %v (its peak counts from its start)\n", err)
+	}
 	go func() {
 		defer close(s.done)
 		t := time.NewTicker(500 * time.Millisecond)
@@ -589,16 +629,21 @@ func (c *cluster) sample() *sampler {
 				if st, err := c.agentStats(); err == nil {
 					s.spoolMax = max(s.spoolMax, st.SpoolBytes)
 				}
-				a, _ := rssKiB(c.agent)
+				am := procStatus(c.agent)
 				v, _ := rssKiB(c.server)
-				s.agentRSS, s.srvRSS = max(s.agentRSS, a), max(s.srvRSS, v)
+				s.agentRSS, s.srvRSS = max(s.agentRSS, am["VmRSS:"]), max(s.srvRSS, v)
+				s.agentAnon = max(s.agentAnon, am["RssAnon:"])
 			}
 		}
 	}()
 	return s
 }
 
-func (s *sampler) end() { close(s.stop); <-s.done }
+func (s *sampler) end() {
+	close(s.stop)
+	<-s.done
+	_, s.agentPeak = rssKiB(s.c.agent)
+}
 
 // --- guest-write ---
 
@@ -626,13 +671,32 @@ func benchGuestWrite(dir string) error {
 		}
 		cases = append(cases, struct{ rw, bs string }{rw, bs})
 	}
-	type res struct{ kit, asr []float64 }
+	cts, err := asrContenders()
+	if err != nil {
+		return err
+	}
+	// Per case, per contender (nbdkit is index 0, then cts in order): MB/s
+	// and the agent's peak RSS (KiB) of each round.
+	type res struct {
+		mbps [][]float64
+		rss  [][]int64
+	}
 	results := make([]res, len(cases))
+	for i := range results {
+		results[i] = res{mbps: make([][]float64, 1+len(cts)), rss: make([][]int64, 1+len(cts))}
+	}
 	fmt.Printf("guest writes: fio %s (nbd engine, iodepth 8, %d s, --size=%s on a fresh sparse %s file per run), fio and the NBD server (asr agent or nbdkit file) on CPU %s, asr server on CPU %s; agent --spool-max %s; %d rounds, contenders alternating\n",
 		fioVersion(), *seconds, *fioSize, *fioSize, guestCPU, serverCPU, *spoolMaxArg, *rounds)
+	for _, ct := range cts {
+		fmt.Printf("  %s: %s %s\n", ct.name, ct.bin, strings.Join(ct.args, " "))
+	}
+	order := make([]int, 1+len(cts))
+	for i := range order {
+		order[i] = i
+	}
 	for r := 0; r < *rounds; r++ {
 		for ci, cs := range cases {
-			for k := 0; k < 2; k++ {
+			for _, k := range rotate(order, r+ci) {
 				rd, err := os.MkdirTemp(dir, "run")
 				if err != nil {
 					return err
@@ -646,37 +710,55 @@ func benchGuestWrite(dir string) error {
 					}
 					return args
 				}
-				if (k+r)%2 == 0 {
+				if k == 0 {
 					mbps, err := nbdkitWrite(rd, size, job)
 					os.RemoveAll(rd)
 					if err != nil {
 						return err
 					}
-					results[ci].kit = append(results[ci].kit, mbps)
+					results[ci].mbps[0] = append(results[ci].mbps[0], mbps)
 					fmt.Printf("  round %d: nbdkit %s %s: %.1f MB/s\n", r+1, cs.rw, cs.bs, mbps)
 				} else {
-					mbps, note, err := asrWrite(rd, size, spoolMax, job)
+					ct := cts[k-1]
+					mbps, rss, note, err := asrWrite(rd, size, spoolMax, job, ct)
 					os.RemoveAll(rd)
 					if err != nil {
 						return err
 					}
-					results[ci].asr = append(results[ci].asr, mbps)
-					fmt.Printf("  round %d: asr    %s %s: %.1f MB/s (%s)\n", r+1, cs.rw, cs.bs, mbps, note)
+					results[ci].mbps[k] = append(results[ci].mbps[k], mbps)
+					results[ci].rss[k] = append(results[ci].rss[k], rss)
+					fmt.Printf("  round %d: %-6s %s %s: %.1f MB/s (%s)\n", r+1, ct.name, cs.rw, cs.bs, mbps, note)
 				}
 			}
 		}
 	}
-	fmt.Printf("\n%-26s %-26s %8s %14s %-20s %6s\n", "contender", "MB/s per round", "median", "ratio asr/kit", "ratio per round", "goal")
+	fmt.Printf("\n%-26s %-22s %8s %14s %-18s %-16s %6s\n", "contender", "MB/s per round", "median", "ratio to kit", "ratio per round", "agent RSS peak", "goal")
 	for ci, cs := range cases {
-		k, a := median(results[ci].kit), median(results[ci].asr)
-		var rs []float64
-		for r := range results[ci].asr {
-			rs = append(rs, results[ci].asr[r]/results[ci].kit[r])
+		kit := results[ci].mbps[0]
+		fmt.Printf("%-26s %-22s %8.1f %14s %-18s %-16s %6s\n", "nbdkit file "+cs.rw+" "+cs.bs, joinFloats(kit, "%.0f"), median(kit), "", "", "", "")
+		for k, ct := range cts {
+			a := results[ci].mbps[k+1]
+			var rs []float64
+			for r := range a {
+				rs = append(rs, a[r]/kit[r])
+			}
+			var rss []float64
+			for _, v := range results[ci].rss[k+1] {
+				rss = append(rss, float64(v>>10))
+			}
+			fmt.Printf("%-26s %-22s %8.1f %13.2fx %-18s %-16s %6s\n", ct.name+" agent "+cs.rw+" "+cs.bs, joinFloats(a, "%.0f"), median(a), median(a)/median(kit),
+				joinFloats(rs, "%.2f"), joinFloats(rss, "%.0f")+" MiB", ">=0.8x")
 		}
-		fmt.Printf("%-26s %-26s %8.1f %14s %-20s %6s\n", "nbdkit file "+cs.rw+" "+cs.bs, joinFloats(results[ci].kit, "%.0f"), k, "", "", "")
-		fmt.Printf("%-26s %-26s %8.1f %13.2fx %-20s %6s\n", "asr agent "+cs.rw+" "+cs.bs, joinFloats(results[ci].asr, "%.0f"), a, a/k, joinFloats(rs, "%.2f"), ">=0.8x")
+		if len(cts) == 2 {
+			a, b := results[ci].mbps[1], results[ci].mbps[2]
+			var rs []float64
+			for r := range a {
+				rs = append(rs, a[r]/b[r])
+			}
+			fmt.Printf("%-26s %-22s %8s %13.2fx %-18s\n", "asr / base "+cs.rw+" "+cs.bs, "", "", median(a)/median(b), joinFloats(rs, "%.2f"))
+		}
 	}
-	fmt.Printf("\n(spool bound %s: once the changes not yet acknowledged reach it, the agent stops spooling and only marks changed blocks, resent later; a run that reached it measures that mode, not steady replication)\n", *spoolMaxArg)
+	fmt.Printf("\n(agent RSS peak: VmHWM from fio's start to its end; spool bound %s: once the changes not yet acknowledged reach it, the agent stops spooling and only marks changed blocks, resent later; a run that reached it measures that mode, not steady replication)\n", *spoolMaxArg)
 	return nil
 }
 
@@ -704,17 +786,17 @@ func nbdkitWrite(dir string, size int64, job func(uri string) []string) (float64
 // asrWrite runs the fio job through a fresh agent (and server) on a fresh
 // sparse file; the note says how far the spool filled and how much fio
 // wrote.
-func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string) (float64, string, error) {
-	c, stop, err := pinnedCluster(dir, size)
+func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string, ct asrContender) (float64, int64, string, error) {
+	c, stop, err := pinnedCluster(dir, size, ct)
 	if err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	defer stop()
 	smp := c.sample()
 	_, mbps, err := fioResult(job("nbd+unix:///d0?socket=" + c.sock)...)
 	smp.end()
 	if err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	written := mbps * float64(*seconds)
 	note := fmt.Sprintf("fio wrote %.2f GB; spool peak %.0f MiB of %d MiB", written/1e3, float64(smp.spoolMax)/(1<<20), spoolMax>>20)
@@ -723,17 +805,20 @@ func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string) (
 	} else {
 		note += "; spool bound not reached"
 	}
-	return mbps, note, nil
+	note += fmt.Sprintf("; agent RSS peak %d MiB (anon %d MiB)", smp.agentPeak>>10, smp.agentAnon>>10)
+	return mbps, smp.agentPeak, note, nil
 }
 
 // --- churn ---
 
 type churnStep struct {
+	who            string  // the asr contender
 	rate           int     // fio --rate, MB/s
 	mbps           float64 // what fio did
 	lat            agent.LatencyStats
 	overflow       int
-	agentRSS       int64 // KiB
+	agentRSS       int64 // KiB, VmHWM from fio's start until every change is acknowledged
+	agentAnon      int64 // KiB, RssAnon, max sampled
 	srvCPU, agtCPU float64
 	guestBytes     int64 // the agent's raw record bytes (guest changes) sent
 	wireBytes      int64 // frame bytes sent (compressed)
@@ -806,48 +891,60 @@ func benchChurn(dir string) error {
 		return err
 	}
 	fmt.Printf("nbdkit file plugin, same job without --rate: %.1f MB/s (the raw ceiling)\n\n", kitMBps)
-	fmt.Printf("%8s %9s %8s %8s %9s %9s %9s %11s %9s %10s %s\n", "rate", "fio MB/s", "p50 ms", "p99 ms", "max ms", "overflow", "agent RSS", "server CPU", "agent CPU", "guest GB", "result")
+	cts, err := asrContenders()
+	if err != nil {
+		return err
+	}
+	for _, ct := range cts {
+		fmt.Printf("%s: %s %s\n", ct.name, ct.bin, strings.Join(ct.args, " "))
+	}
+	fmt.Printf("\n%-5s %8s %9s %8s %8s %9s %9s %9s %9s %11s %9s %10s %s\n", "who", "rate", "fio MB/s", "p50 ms", "p99 ms", "max ms", "overflow", "agent RSS", "anon", "server CPU", "agent CPU", "guest GB", "result")
 	var results []churnStep
-	for _, rate := range steps {
-		st, err := churnRun(dir, rate, job)
-		if err != nil {
-			return err
+	best := map[string]int{}
+	for i, rate := range steps {
+		held := false
+		for _, ct := range rotate(cts, i) { // contenders take turns going first
+			st, err := churnRun(dir, rate, job, ct)
+			if err != nil {
+				return err
+			}
+			results = append(results, st)
+			fmt.Printf("%-5s %5d MB/s %9.1f %8.0f %8.0f %9.0f %9d %6d MiB %5d MiB %9.1f s %7.1f s %10.2f %s\n", st.who, st.rate, st.mbps, st.lat.P50Ms, st.lat.P99Ms, st.lat.MaxMs, st.overflow, st.agentRSS>>10, st.agentAnon>>10, st.srvCPU, st.agtCPU, float64(st.guestBytes)/1e9, st.why())
+			if st.ok() {
+				best[st.who] = rate
+				held = true
+			}
 		}
-		results = append(results, st)
-		fmt.Printf("%5d MB/s %9.1f %8.0f %8.0f %9.0f %9d %6d MiB %9.1f s %7.1f s %10.2f %s\n", st.rate, st.mbps, st.lat.P50Ms, st.lat.P99Ms, st.lat.MaxMs, st.overflow, st.agentRSS>>10, st.srvCPU, st.agtCPU, float64(st.guestBytes)/1e9, st.why())
-		if !st.ok() {
+		if !held {
 			break
 		}
 	}
-	best := 0
-	for _, s := range results {
-		if s.ok() {
-			best = s.rate
-		}
+	for _, ct := range cts {
+		fmt.Printf("\n%s: highest rate held: %d MB/s (goal >= 100 MB/s); nbdkit's ceiling %.1f MB/s; ratio %.2fx of nbdkit", ct.name, best[ct.name], kitMBps, float64(best[ct.name])/kitMBps)
 	}
-	fmt.Printf("\nhighest rate held: %d MB/s (goal >= 100 MB/s); nbdkit's ceiling %.1f MB/s; ratio %.2fx of nbdkit\n", best, kitMBps, float64(best)/kitMBps)
+	fmt.Println("\n(agent RSS: its VmHWM from fio's start until every change is acknowledged; anon: its RssAnon, max sampled every 0.5 s)")
 	fmt.Printf("\nprocess-server capacity (the asr server's utime+stime over each step, fio start to every change acknowledged):\n")
-	fmt.Printf("%8s %12s %14s %14s %16s %22s\n", "rate", "guest GB", "wire GB", "server CPU-s", "CPU-s per GB", "TB/day per core")
+	fmt.Printf("%-5s %8s %12s %14s %14s %16s %22s\n", "who", "rate", "guest GB", "wire GB", "server CPU-s", "CPU-s per GB", "TB/day per core")
 	for _, s := range results {
 		if s.guestBytes == 0 {
 			continue
 		}
 		perGB := s.srvCPU / (float64(s.guestBytes) / 1e9)
-		fmt.Printf("%5d MB/s %12.2f %14.2f %14.1f %16.2f %22.1f\n", s.rate, float64(s.guestBytes)/1e9, float64(s.wireBytes)/1e9, s.srvCPU, perGB, 86400/perGB/1e3)
+		fmt.Printf("%-5s %5d MB/s %12.2f %14.2f %14.1f %16.2f %22.1f\n", s.who, s.rate, float64(s.guestBytes)/1e9, float64(s.wireBytes)/1e9, s.srvCPU, perGB, 86400/perGB/1e3)
 	}
-	fmt.Println("(guest GB: the agent's record bytes sent, i.e. the guest's changes; wire GB: compressed frames; one core sustains 86400 / (CPU-s per GB) GB per day; goal >= 5 TB/day per core)")
+	fmt.Println("(guest GB: the agent's record bytes sent, i.e. the guest's changes; wire GB: the frames sent (compressed only by an agent that compresses); one core sustains 86400 / (CPU-s per GB) GB per day; goal >= 5 TB/day per core)")
 	return nil
 }
 
 // churnRun runs one rate-limited step on a fresh cluster.
-func churnRun(dir string, rate int, job func(string) []string) (churnStep, error) {
-	s := churnStep{rate: rate}
+func churnRun(dir string, rate int, job func(string) []string, ct asrContender) (churnStep, error) {
+	s := churnStep{who: ct.name, rate: rate}
 	rd, err := os.MkdirTemp(dir, "churn")
 	if err != nil {
 		return s, err
 	}
 	defer os.RemoveAll(rd)
-	c, stop, err := pinnedCluster(rd, 4<<30)
+	c, stop, err := pinnedCluster(rd, 4<<30, ct)
 	if err != nil {
 		return s, err
 	}
@@ -869,7 +966,7 @@ func churnRun(dir string, rate int, job func(string) []string) (churnStep, error
 		return s, err
 	}
 	s.srvCPU, s.agtCPU = cpuSeconds(c.server)-srv0, cpuSeconds(c.agent)-agt0
-	s.lat, s.overflow, s.agentRSS = st1.Latency, c.overflows(), smp.agentRSS
+	s.lat, s.overflow, s.agentRSS, s.agentAnon = st1.Latency, c.overflows(), smp.agentPeak, smp.agentAnon
 	s.guestBytes, s.wireBytes = st1.RawSent-st0.RawSent, st1.BytesSent-st0.BytesSent
 	return s, nil
 }

@@ -45,8 +45,9 @@ type Figures struct {
 	UploadRate   float64       `json:"upload_rate"`    // bytes per second written to the target, over the last 10 s
 	Uploaded     int64         `json:"uploaded"`       // bytes written to the target since start
 	RawBytes     int64         `json:"raw_bytes"`      // record bytes received since start
-	WireBytes    int64         `json:"wire_bytes"`     // the same, as they came over the wire (compressed)
-	Compression  float64       `json:"compression"`    // RawBytes / WireBytes (0: nothing received)
+	WireBytes    int64         `json:"wire_bytes"`     // the same, as they came over the wire (compressed if the agent compresses)
+	CachedBytes  int64         `json:"cached_bytes"`   // the same, as written to the cache (compressed by the agent or here)
+	Compression  float64       `json:"compression"`    // RawBytes / CachedBytes (0: nothing received)
 	CacheFree    float64       `json:"cache_free"`     // fraction of the cache disk free, 0..1
 	CacheFreeB   uint64        `json:"cache_free_bytes"`
 	CacheTotalB  uint64        `json:"cache_total_bytes"`
@@ -162,6 +163,7 @@ func (s *Server) Figures() Figures {
 		Uploaded:      s.uploaded.Load(),
 		RawBytes:      s.rawBytes.Load(),
 		WireBytes:     s.wireBytes.Load(),
+		CachedBytes:   s.cachedBytes.Load(),
 		CacheFreeB:    s.space.free.Load(),
 		CacheTotalB:   s.space.total.Load(),
 		CacheMaxBytes: s.cfg.CacheMaxBytes,
@@ -171,8 +173,8 @@ func (s *Server) Figures() Figures {
 	if f.CacheTotalB > 0 {
 		f.CacheFree = float64(f.CacheFreeB) / float64(f.CacheTotalB)
 	}
-	if f.WireBytes > 0 {
-		f.Compression = float64(f.RawBytes) / float64(f.WireBytes)
+	if f.CachedBytes > 0 {
+		f.Compression = float64(f.RawBytes) / float64(f.CachedBytes)
 	}
 	s.mu.Lock()
 	ms := make([]*machine, 0, len(s.machines))

@@ -131,9 +131,9 @@ type Server struct {
 	newLogWait atomic.Int64 // see newLogWait
 
 	// Figures (figures.go).
-	space                         cacheSpace
-	uploads                       meter
-	uploaded, rawBytes, wireBytes atomic.Int64
+	space                                      cacheSpace
+	uploads                                    meter
+	uploaded, rawBytes, wireBytes, cachedBytes atomic.Int64
 }
 
 // New creates a process server and recovers its cache: unsealed files are
@@ -477,8 +477,9 @@ func (s *Server) serveConn(c net.Conn) error {
 
 // readLoop appends the agent's DATA frames to the cache.
 func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
-	var buf, dbuf []byte
-	codec := replication.DefaultCodec()
+	var buf, dbuf, cbuf []byte
+	codec := replication.ServerCodec()
+	comp := replication.AdaptiveCompressor{Codec: codec}
 	for {
 		// An agent sends a status at least every few seconds.
 		cc.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
@@ -512,13 +513,20 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if cap(dbuf) > 2*replication.MaxFrameRaw {
 				dbuf = nil
 			}
+			wire := int64(len(f.Payload) + replication.FrameHeaderSize)
+			// An agent sends plain frames unless told to compress (its
+			// CPU is the guest's): compressed here, before the cache, so
+			// the cache and the target hold compressed segments, unless
+			// the stream does not compress (then tried only now and then).
+			cbuf = comp.Compress(&f, cbuf[:0])
 			if err := m.append(cc, &f); err != nil {
 				return err
 			}
 			s.rawBytes.Add(int64(f.RawLen))
-			s.wireBytes.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
+			s.wireBytes.Add(wire)
+			s.cachedBytes.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
 			if s.cfg.OnBytes != nil {
-				s.cfg.OnBytes(m.id, int64(len(f.Payload)+replication.FrameHeaderSize))
+				s.cfg.OnBytes(m.id, wire)
 			}
 		case replication.FrameStatus:
 			var st replication.Status

@@ -142,7 +142,7 @@ type ProcessServer struct {
 	BacklogAge   time.Duration `json:"backlog_age_ns"` // age of the oldest data not yet applied
 	UploadRate   float64       `json:"upload_rate"`    // bytes per second written to the target, last 10 s
 	Uploaded     int64         `json:"uploaded"`       // bytes written to the target since the server started
-	Compression  float64       `json:"compression"`    // uncompressed / compressed bytes received (0: none yet)
+	Compression  float64       `json:"compression"`    // uncompressed / compressed bytes received, as cached (0: none yet)
 	CacheFree    float64       `json:"cache_free"`     // fraction of the cache disk free, 0..1
 	CacheFreeB   uint64        `json:"cache_free_bytes"`
 	CacheState   string        `json:"cache_state"` // ok, warning (under 30% free), critical (under 25%)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -21,6 +22,13 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	a, err := agent.New(ctx, cfg)
 	if err != nil {
 		return err
+	}
+	// A first registration's Argon2id (64 MiB) is garbage now: give it
+	// back before the agent's soft memory limit applies (GOMEMLIMIT, if
+	// set, is the operator's and wins).
+	debug.FreeOSMemory()
+	if cfg.MemoryLimit > 0 && os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(cfg.MemoryLimit)
 	}
 	err = a.Run(ctx)
 	if cerr := a.Close(); err == nil {
@@ -51,6 +59,8 @@ func agentFlags(e *env, args []string) (agent.Config, error) {
 	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
 	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
 	resyncRate := fs.String("resync-rate", "0", "how fast a resync may read the source disks, bytes per second, e.g. 200MiB (0: unlimited)")
+	memLimit := fs.String("memory-limit", "40MiB", "soft limit of the agent's Go memory (heap, stacks; the Go runtime's GOMEMLIMIT, which overrides it when set); 0: none")
+	fs.BoolVar(&c.Compress, "compress", true, "compress the changes (zstd) on the agent, on the guest's CPU, before sending; --compress=false sends them plain and the process server compresses them (less CPU on the guest)")
 	fs.Func("disk", "protected disk NAME=PATH, served over NBD; NAME=PATH,mode=scan[,interval=30s] for a disk the guest uses directly, copied by periodic scans (repeat for each disk)", func(v string) error {
 		name, rest, ok := strings.Cut(v, "=")
 		if !ok || rest == "" {
@@ -98,6 +108,9 @@ func agentFlags(e *env, args []string) (agent.Config, error) {
 	}
 	if c.ResyncRate, err = replication.ParseSize(*resyncRate); err != nil {
 		return c, fmt.Errorf("--resync-rate: %w", err)
+	}
+	if c.MemoryLimit, err = replication.ParseSize(*memLimit); err != nil {
+		return c, fmt.Errorf("--memory-limit: %w", err)
 	}
 	if c.Name == "" {
 		c.Name, _ = os.Hostname()

@@ -186,6 +186,16 @@ func run(args []string, stdout, stderr io.Writer, version string) error {
 			f.Close()
 		}()
 	}
+	// ASR_MEMPROFILE=PREFIX writes a heap profile of the command to
+	// PREFIX.COMMAND when it ends (memory work; see BENCHMARKS.md).
+	if path := os.Getenv("ASR_MEMPROFILE"); path != "" {
+		defer func() {
+			if f, err := os.Create(path + "." + cmd); err == nil {
+				pprof.Lookup("heap").WriteTo(f, 0)
+				f.Close()
+			}
+		}()
+	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: logLevel()}))
 	slog.SetDefault(log)
 	return runCmd(ctx, &env{out: stdout, errOut: stderr, log: log}, rest)

@@ -139,6 +139,8 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"agent", "--nbd", "unix:/tmp/x.sock"}, "at least one --disk NAME=PATH is required"},
 		{[]string{"agent", "--disk", "d"}, "want NAME=PATH"},
 		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--spool-max", "lots"}, "--spool-max"},
+		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--memory-limit", "lots"}, "--memory-limit"},
+		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--memory-limit", "8MiB"}, "--memory-limit 8388608: the minimum is 16MiB (0: none)"},
 		{[]string{"demo", "--machines", "0"}, "--machines: 1 to 16"},
 		{[]string{"demo", "--disk-size", "big"}, `size "big"`},
 		{[]string{"verify"}, "--machine is required"},
