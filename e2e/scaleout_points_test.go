@@ -101,7 +101,7 @@ func TestE2EProcessServerPoints(t *testing.T) {
 	if _, err := io.CopyN(h, img.Body, img.Size-1<<20); err != nil {
 		t.Fatalf("the rest of the image: %v", err)
 	}
-	if d, err := img.Finish(); err != nil || len(d) > 0 {
+	if d, more, err := img.Finish(); err != nil || len(d) > 0 || more > 0 {
 		t.Fatalf("the image's verdict: %v, damaged %v", err, d)
 	}
 	if got := hex.EncodeToString(h.Sum(nil)); got != atID {

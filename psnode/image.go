@@ -86,7 +86,8 @@ func (n *Node) image(ctx context.Context, cmd api.PSCommand) api.PSCommandResult
 		return api.PSCommandResult{Error: fmt.Sprintf("stream of disk %s at point %s to the configuration server: %v", cmd.Disk, p.ID, err)}
 	}
 	d := snap.Damaged()
-	return api.PSCommandResult{Damaged: d[:min(len(d), api.MaxPSImageDamaged)]}
+	listed := d[:min(len(d), api.MaxPSImageDamaged)]
+	return api.PSCommandResult{Damaged: listed, DamagedNotListed: int64(len(d) - len(listed))}
 }
 
 // imageBody is an image's request body: it records why a read failed,

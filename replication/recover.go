@@ -99,6 +99,10 @@ type RecoveredDisk struct {
 	// Damaged lists the blocks that did not match their checksums and were
 	// written as they are (only with RecoverOptions.AcceptDamage).
 	Damaged []int64
+	// DamagedNotListed counts the damaged blocks written as they are
+	// that Damaged does not list (a recovery through the server lists at
+	// most 10,000).
+	DamagedNotListed int64
 }
 
 // RecoverOptions are the choices of a recovery.

@@ -444,7 +444,7 @@ func (s *Server) handleImage(w http.ResponseWriter, r *http.Request) error {
 		w.Header().Set(api.TrailerImageError, err.Error())
 		return nil
 	}
-	setDamagedTrailer(w, snap.Damaged())
+	setDamagedTrailer(w, snap.Damaged(), 0)
 	return nil
 }
 
@@ -458,21 +458,25 @@ func startImage(w http.ResponseWriter, size int64, checked bool, point string) {
 		w.Header().Set(api.HeaderImageChecked, "1")
 	}
 	w.Header().Set("X-Asr-Point", point)
-	w.Header().Set("Trailer", api.TrailerImageError+", "+api.TrailerDamaged)
+	w.Header().Set("Trailer", api.TrailerImageError+", "+api.TrailerDamaged+", "+api.TrailerDamagedMore)
 	w.WriteHeader(http.StatusOK)
 }
 
 // setDamagedTrailer lists, after an image stream, the damaged blocks it
-// streamed as they are (at most api.MaxPSImageDamaged).
-func setDamagedTrailer(w http.ResponseWriter, d []int64) {
-	if len(d) == 0 {
-		return
+// streamed as they are (at most api.MaxPSImageDamaged), and counts those
+// past that, with notListed more known not to be in d.
+func setDamagedTrailer(w http.ResponseWriter, d []int64, notListed int64) {
+	listed := d[:min(len(d), api.MaxPSImageDamaged)]
+	if len(listed) > 0 {
+		parts := make([]string, 0, len(listed))
+		for _, off := range listed {
+			parts = append(parts, strconv.FormatInt(off, 10))
+		}
+		w.Header().Set(api.TrailerDamaged, strings.Join(parts, ","))
 	}
-	parts := make([]string, 0, min(len(d), api.MaxPSImageDamaged))
-	for _, off := range d[:min(len(d), api.MaxPSImageDamaged)] {
-		parts = append(parts, strconv.FormatInt(off, 10))
+	if more := int64(len(d)-len(listed)) + notListed; more > 0 {
+		w.Header().Set(api.TrailerDamagedMore, strconv.FormatInt(more, 10))
 	}
-	w.Header().Set(api.TrailerDamaged, strings.Join(parts, ","))
 }
 
 func (s *Server) handleTimePlan(w http.ResponseWriter, r *http.Request) error {

@@ -1,7 +1,14 @@
 package server
 
 import (
+	"context"
+	"encoding/pem"
+	"io"
 	"maps"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -115,5 +122,55 @@ func TestCheckReportsBounds(t *testing.T) {
 		if err := checkReports(tc.hb); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error with %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// TestDamagedTrailerReachesTheClient: an image stream's damaged-block
+// trailer at its largest (api.MaxPSImageDamaged offsets of a large disk,
+// far past Go's default 4 KiB trailer read) reaches the API client whole,
+// and the blocks past the list are counted, not dropped.
+func TestDamagedTrailerReachesTheClient(t *testing.T) {
+	const size = 1 << 40
+	d := make([]int64, api.MaxPSImageDamaged+5)
+	for i := range d {
+		d[i] = size - int64(len(d)-i)*4096
+	}
+	body := []byte("image")
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		startImage(w, int64(len(body)), true, "p1")
+		w.Write(body)
+		setDamagedTrailer(w, d, 7)
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	caFile, tokFile := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "token")
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	if err := os.WriteFile(caFile, ca, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(tokFile, []byte("token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := api.NewClient(srv.URL, tokFile, caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := c.Image(context.Background(), "vm1", "p1", "d0", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img.Size = size // the offsets are checked against the disk's size
+	if _, err := io.Copy(io.Discard, img.Body); err != nil {
+		t.Fatal(err)
+	}
+	got, more, err := img.Finish()
+	if err != nil {
+		t.Fatalf("the trailer of %d offsets: %v", api.MaxPSImageDamaged, err)
+	}
+	if len(got) != api.MaxPSImageDamaged || got[0] != d[0] || got[len(got)-1] != d[api.MaxPSImageDamaged-1] {
+		t.Fatalf("listed %d damaged blocks, want the first %d", len(got), api.MaxPSImageDamaged)
+	}
+	if more != 5+7 {
+		t.Fatalf("%d damaged blocks not listed, want 12", more)
 	}
 }

@@ -117,7 +117,7 @@ func (s *Server) psImageStream(w http.ResponseWriter, r *http.Request, m store.M
 				}
 			}
 			if verdict == "" {
-				setDamagedTrailer(w, res.Damaged)
+				setDamagedTrailer(w, res.Damaged, res.DamagedNotListed)
 			}
 		}
 	case <-wait.Done():

@@ -117,7 +117,7 @@ func TestProcessServerReadsItsPoints(t *testing.T) {
 	if _, err := io.CopyN(h, img.Body, img.Size-1<<20); err != nil {
 		t.Fatalf("the rest of the image: %v", err)
 	}
-	if d, err := img.Finish(); err != nil || len(d) > 0 {
+	if d, more, err := img.Finish(); err != nil || len(d) > 0 || more > 0 {
 		t.Fatalf("the image's verdict: %v, damaged %v", err, d)
 	}
 	if [32]byte(h.Sum(nil)) != atP {

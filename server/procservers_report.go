@@ -91,6 +91,9 @@ func checkReports(hb *api.ProcessServerHeartbeat) error {
 		if len(r.Damaged) > api.MaxPSImageDamaged {
 			return fmt.Errorf("command %s: an image's result listing %d damaged blocks, at most %d", r.ID, len(r.Damaged), api.MaxPSImageDamaged)
 		}
+		if r.DamagedNotListed < 0 || r.DamagedNotListed > replication.MaxDiskSize/4096 {
+			return fmt.Errorf("command %s: an image's result counting %d damaged blocks not listed", r.ID, r.DamagedNotListed)
+		}
 	}
 	for _, r := range hb.Reports {
 		if len(r.MachineID) == 0 || len(r.MachineID) > 64 {

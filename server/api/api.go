@@ -286,8 +286,17 @@ const (
 	HeaderImageSize    = "X-Asr-Size"    // bytes of the image
 	HeaderImageChecked = "X-Asr-Checked" // "1": every block is checked against the point's checksums
 	TrailerImageError  = "X-Asr-Error"   // set if the stream is incomplete, and why
-	TrailerDamaged     = "X-Asr-Damaged" // with accept_damage: offsets of damaged blocks, comma-separated
+	TrailerDamaged     = "X-Asr-Damaged" // with accept_damage: offsets of damaged blocks, comma-separated (at most MaxPSImageDamaged)
+	// TrailerDamagedMore counts the damaged blocks streamed as they are
+	// that TrailerDamaged does not list (past MaxPSImageDamaged).
+	TrailerDamagedMore = "X-Asr-Damaged-More"
 )
+
+// ImageReadBuffer is the read buffer of the API client's connections. Go's
+// client reads an answer's trailers within one read buffer (4 KiB by
+// default), and a TrailerDamaged list of MaxPSImageDamaged offsets takes
+// up to 10,000 x 20 bytes.
+const ImageReadBuffer = 256 << 10
 
 // TimePlanJSON is the answer of GET /api/v1/machines/{m}/timeplan?time=T:
 // the point to start from and the kept segments to replay.

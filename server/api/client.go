@@ -45,7 +45,7 @@ func NewClient(serverURL, tokenFile, caFile string) (*Client, error) {
 		return nil, fmt.Errorf("--server %q: want https://HOST:PORT", serverURL)
 	}
 	return &Client{URL: strings.TrimSuffix(serverURL, "/"), Token: string(tok), HTTP: &http.Client{
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ReadBufferSize: ImageReadBuffer},
 	}}, nil
 }
 
@@ -135,27 +135,38 @@ type ImageStream struct {
 }
 
 // Finish reads the rest of the stream and returns the offsets of damaged
-// blocks the server streamed as they are (with accept), or the error that
+// blocks the server streamed as they are (with accept; at most
+// MaxPSImageDamaged) and how many more it did not list, or the error that
 // cut the stream short.
-func (s *ImageStream) Finish() ([]int64, error) {
+func (s *ImageStream) Finish() (damaged []int64, notListed int64, err error) {
 	defer s.resp.Body.Close()
 	if _, err := io.Copy(io.Discard, io.LimitReader(s.resp.Body, 1<<20)); err != nil {
-		return nil, fmt.Errorf("image stream: %w", err)
+		return nil, 0, fmt.Errorf("image stream: %w", err)
 	}
 	if msg := s.resp.Trailer.Get(TrailerImageError); msg != "" {
-		return nil, fmt.Errorf("server: %s", msg)
+		return nil, 0, fmt.Errorf("server: %s", msg)
 	}
-	var damaged []int64
 	if v := s.resp.Trailer.Get(TrailerDamaged); v != "" {
-		for _, f := range strings.Split(v, ",") {
+		parts := strings.Split(v, ",")
+		if len(parts) > MaxPSImageDamaged {
+			return nil, 0, fmt.Errorf("image stream: the server listed %d damaged blocks, at most %d", len(parts), MaxPSImageDamaged)
+		}
+		for _, f := range parts {
 			off, err := strconv.ParseInt(f, 10, 64)
-			if err != nil {
-				return nil, fmt.Errorf("image stream: bad damage list from the server")
+			if err != nil || off < 0 || off >= s.Size {
+				return nil, 0, fmt.Errorf("image stream: bad damage list from the server")
 			}
 			damaged = append(damaged, off)
 		}
 	}
-	return damaged, nil
+	if v := s.resp.Trailer.Get(TrailerDamagedMore); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 || n > s.Size/4096 {
+			return nil, 0, fmt.Errorf("image stream: bad count of damaged blocks not listed from the server")
+		}
+		notListed = n
+	}
+	return damaged, notListed, nil
 }
 
 // Tag asks for a recovery point and waits for it.
@@ -234,7 +245,7 @@ func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string, o
 		}
 		path := filepath.Join(dir, d.Name+".img")
 		n, err := replication.WriteImageFile(ctx, replication.ProgressReader(img.Body, d.Name, img.Size, opts.Progress), img.Size, path)
-		damaged, ferr := img.Finish()
+		damaged, notListed, ferr := img.Finish()
 		if ferr != nil {
 			// The server's reason beats a short stream's.
 			err = ferr
@@ -244,7 +255,7 @@ func (c *Client) RecoverPoint(ctx context.Context, machine, point, dir string, o
 			return res, fmt.Errorf("recover disk %s: %w", d.Name, err)
 		}
 		res.Disks = append(res.Disks, replication.RecoveredDisk{Name: d.Name, Path: path, Size: img.Size, Data: n,
-			Checked: img.Checked, Damaged: damaged})
+			Checked: img.Checked, Damaged: damaged, DamagedNotListed: notListed})
 	}
 	return res, nil
 }

@@ -369,6 +369,7 @@ type PSCommandResult struct {
 	Point                 *replication.Point      `json:"point,omitempty"`
 	// Damaged are the offsets of the damaged blocks an image streamed as
 	// they are (PSCommandImage with AcceptDamage), at most
-	// MaxPSImageDamaged.
-	Damaged []int64 `json:"damaged,omitempty"`
+	// MaxPSImageDamaged; DamagedNotListed counts those past it.
+	Damaged          []int64 `json:"damaged,omitempty"`
+	DamagedNotListed int64   `json:"damaged_not_listed,omitempty"`
 }

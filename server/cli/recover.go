@@ -273,16 +273,16 @@ func printDisks(out io.Writer, disks []replication.RecoveredDisk) {
 			check = "not checked: the point predates block checksums"
 		}
 		fmt.Fprintf(out, "disk %s: %s (%d bytes, %d of data; %s)\n", d.Name, d.Path, d.Size, d.Data, check)
-		if len(d.Damaged) > 0 {
+		if total := int64(len(d.Damaged)) + d.DamagedNotListed; total > 0 {
 			offs := make([]string, 0, 8)
 			for _, off := range d.Damaged[:min(len(d.Damaged), 8)] {
 				offs = append(offs, fmt.Sprint(off))
 			}
 			more := ""
-			if len(d.Damaged) > 8 {
-				more = fmt.Sprintf(" and %d more", len(d.Damaged)-8)
+			if shown := int64(len(offs)); total > shown {
+				more = fmt.Sprintf(" and %d more", total-shown)
 			}
-			fmt.Fprintf(out, "  WARNING: %d damaged blocks of 4 KiB written as they are (accepted), at offsets %s%s\n", len(d.Damaged), strings.Join(offs, ", "), more)
+			fmt.Fprintf(out, "  WARNING: %d damaged blocks of 4 KiB written as they are (accepted), at offsets %s%s\n", total, strings.Join(offs, ", "), more)
 		}
 	}
 }
