@@ -2,8 +2,11 @@ package psnode
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -23,13 +26,22 @@ type commands struct {
 	results map[string]api.PSCommandResult
 }
 
-// pending are the results to send.
+// pending are the results to send: in the order of their ids, within
+// api.MaxPSCommands and api.MaxPSResultsBytes (one at least); the others
+// go in the next heartbeats, once the configuration server has these.
 func (c *commands) pending() []api.PSCommandResult {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make([]api.PSCommandResult, 0, min(len(c.results), api.MaxPSCommands))
-	for _, r := range c.results {
-		if len(out) == api.MaxPSCommands {
+	ids := slices.Sorted(maps.Keys(c.results))
+	out := make([]api.PSCommandResult, 0, min(len(ids), api.MaxPSCommands))
+	size := 0
+	for _, id := range ids {
+		r := c.results[id]
+		b, err := json.Marshal(r)
+		if err != nil {
+			continue // not sent: no result type fails to marshal
+		}
+		if size += len(b); len(out) == api.MaxPSCommands || size > api.MaxPSResultsBytes && len(out) > 0 {
 			break
 		}
 		out = append(out, r)
@@ -204,6 +216,22 @@ func boundScrub(rep *procserver.ScrubReport) int64 {
 			left += int64(len(p.Damaged) - api.MaxPSScrubDamaged)
 			p.Damaged = p.Damaged[:api.MaxPSScrubDamaged]
 		}
+	}
+	// The whole report's lists: the disks' first, then the points'.
+	room := api.MaxPSScrubDamagedTotal
+	cut := func(l []int64) []int64 {
+		if len(l) > room {
+			left += int64(len(l) - room)
+			l = l[:room]
+		}
+		room -= len(l)
+		return l
+	}
+	for i := range rep.Disks {
+		rep.Disks[i].Damaged = cut(rep.Disks[i].Damaged)
+	}
+	for i := range rep.Points {
+		rep.Points[i].Damaged = cut(rep.Points[i].Damaged)
 	}
 	return left
 }

@@ -407,6 +407,16 @@ func checkScrubResult(r api.PSCommandResult) error {
 			return fmt.Errorf("a scrub of point %s listing %d damaged blocks (at most %d), %d checked", p.Point, len(p.Damaged), api.MaxPSScrubDamaged, p.Checked)
 		}
 	}
+	listed := 0
+	for _, d := range rep.Disks {
+		listed += len(d.Damaged)
+	}
+	for _, p := range rep.Points {
+		listed += len(p.Damaged)
+	}
+	if listed > api.MaxPSScrubDamagedTotal {
+		return fmt.Errorf("a scrub report listing %d damaged blocks, at most %d", listed, api.MaxPSScrubDamagedTotal)
+	}
 	if r.ScrubDamagedNotListed < 0 {
 		return fmt.Errorf("a scrub report with %d damaged blocks not listed", r.ScrubDamagedNotListed)
 	}

@@ -339,12 +339,21 @@ const MaxPSCutPoll = 30 * time.Second
 const MaxPSPruneKeep = 10000
 
 // Bounds of a scrub's report in a command result: disks and points listed,
-// and damaged blocks listed per disk or point (the count beyond is in
-// ScrubDamagedNotListed).
+// damaged blocks listed per disk or point and in the whole report (the
+// count beyond is in ScrubDamagedNotListed). At its largest a report
+// takes about 3 MB of JSON (8,192 entries, 65,536 offsets of up to 20
+// bytes), so a heartbeat carries it within MaxPSResultsBytes.
 const (
-	MaxPSScrubEntries = 4096
-	MaxPSScrubDamaged = 1024
+	MaxPSScrubEntries      = 4096
+	MaxPSScrubDamaged      = 1024
+	MaxPSScrubDamagedTotal = 65536
 )
+
+// MaxPSResultsBytes bounds the command results one heartbeat carries (as
+// JSON; one result at least): with the news (MaxPSNewsBytes) and the
+// figures, a heartbeat stays within the body the configuration server
+// reads. The results left out go in the next heartbeats.
+const MaxPSResultsBytes = 3 << 20
 
 // MaxPSCommandTimeout bounds a command's run.
 const MaxPSCommandTimeout = 30 * time.Minute
