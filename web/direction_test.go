@@ -44,3 +44,34 @@ func TestReverseRPOShown(t *testing.T) {
 		t.Errorf("unknown reverse RPO: %q %v %q", reverseRPOText(r), reverseOver(r), reverseDetailText(r))
 	}
 }
+
+// A machine failed over to vSphere whose recovered VM's agent connected
+// shows that agent as its reverse source, live or held, on the machines
+// page and its own page.
+func TestReverseSourceShown(t *testing.T) {
+	src := &api.ReverseSource{Kind: "agent", VM: "web-recovered", Connected: true, Live: true, Sent: 5 << 20, SpoolBytes: 1 << 20}
+	b := newFakeBackend(api.Machine{ID: "m1", Name: "web", State: api.StateResync, Direction: "reprotected", ReverseSource: src,
+		Disks: []api.Disk{{Index: 0, Name: "d0", Size: 1 << 20, State: api.StateResync}}})
+	h := newTestHandler(t, b)
+	id, _ := mustLogin(t, h, b)
+	for _, page := range []string{"/machines", "/machines/web"} {
+		body := get(t, h, id, page, http.StatusOK)
+		if !strings.Contains(body, `data-reverse-source="live"`) || !strings.Contains(body, "the asr agent in VM web-recovered") ||
+			!strings.Contains(body, "its writes go to the original disks as they happen; 5 MiB sent, 1 MiB in its spool") {
+			t.Errorf("%s does not show the recovered VM's agent:\n%s", page, body)
+		}
+	}
+	for _, tc := range []struct {
+		s     api.ReverseSource
+		state string
+		text  string
+	}{
+		{api.ReverseSource{Connected: true}, "held", "held in its spool until reprotect has compared the disks"},
+		{api.ReverseSource{Connected: true, Held: "its log was lost"}, "held", "held in its spool: its log was lost"},
+		{api.ReverseSource{Live: true, LastError: "original agent gone"}, "disconnected", "not connected; its writes go to the original disks as they happen; 0 B sent, 0 B in its spool; last error: original agent gone"},
+	} {
+		if st, tx := reverseSourceState(&tc.s), reverseSourceText(&tc.s); st != tc.state || !strings.Contains(tx, tc.text) {
+			t.Errorf("%+v: %q %q, want %q and %q", tc.s, st, tx, tc.state, tc.text)
+		}
+	}
+}

@@ -139,6 +139,40 @@ func reverseDetailText(r *api.ReverseStatus) string {
 	return s
 }
 
+// reverseSourceState is a recovered VM's agent's state in one word
+// (data-reverse-source): live, held or disconnected.
+func reverseSourceState(s *api.ReverseSource) string {
+	switch {
+	case !s.Connected:
+		return "disconnected"
+	case s.Live:
+		return "live"
+	}
+	return "held"
+}
+
+// reverseSourceText says what the agent in the recovered VM does with
+// the writes it captures.
+func reverseSourceText(s *api.ReverseSource) string {
+	var t string
+	switch {
+	case s.Live:
+		t = "its writes go to the original disks as they happen"
+	case s.Held != "":
+		t = "its writes are held in its spool: " + s.Held
+	default:
+		t = "its writes are held in its spool until reprotect has compared the disks"
+	}
+	if !s.Connected {
+		t = "not connected; " + t
+	}
+	t += fmt.Sprintf("; %s sent, %s in its spool", humanBytes(s.Sent), humanBytes(s.SpoolBytes))
+	if s.LastError != "" {
+		t += "; last error: " + s.LastError
+	}
+	return t
+}
+
 // directionNext is the command that moves a machine on in its failback.
 func directionNext(d string) string {
 	switch d {
