@@ -16,6 +16,7 @@ import (
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/overlay"
+	"github.com/asrdr/asr/replication/procserver"
 	"github.com/asrdr/asr/replication/retry"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
@@ -123,11 +124,16 @@ func (s *Server) refuseFailbackRunning(m store.Machine) error {
 type reverseRun struct {
 	failoverID string
 	machineID  string
+	name       string // the machine's, for the texts
 	disks      []revDisk
 	base       int64 // bytes sent before a restart (the record's)
 	sent       atomic.Int64
 	wakeCh     chan struct{}
-	cmp        *reverseCompare // an unplanned failover's compare, run first
+	// cmp is the checksum compare run before shipping: an unplanned
+	// failover's, or one begun again when the original agent was found
+	// thawed (recompare); nil once none is needed.
+	cmp   atomic.Pointer[reverseCompare]
+	cmpMu sync.Mutex // serializes beginRecompare
 
 	mu      sync.Mutex
 	changed chan struct{} // closed and replaced at each acknowledged batch or error
@@ -180,7 +186,7 @@ func (r *reverseRun) pending() int64 {
 	for _, d := range r.disks {
 		n += d.m.pending()
 	}
-	return n + r.cmp.left()
+	return n + r.cmp.Load().left()
 }
 
 func (r *reverseRun) saveMaps() error {
@@ -356,7 +362,7 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (ru
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
-	run = &reverseRun{failoverID: f.ID, machineID: m.ID, wakeCh: make(chan struct{}, 1), changed: make(chan struct{}),
+	run = &reverseRun{failoverID: f.ID, machineID: m.ID, name: m.Name, wakeCh: make(chan struct{}, 1), changed: make(chan struct{}),
 		done: make(chan struct{}), cancel: cancel}
 	if d := decodeDetail(f); d.Reverse != nil {
 		run.base = d.Reverse.Sent
@@ -419,16 +425,13 @@ func (s *Server) startReverse(f store.Failover, m store.Machine, fresh bool) (ru
 		rm.setClock(s.now)
 		run.disks = append(run.disks, revDisk{index: mc.Disks[i].Index, name: e.disk, be: e.be, m: rm, remade: remade})
 	}
-	run.cmp = newCompare(f, m.Name, run.disks)
+	run.cmp.Store(newCompare(f, m.Name, run.disks))
 	run.fp.ready.Store(true) // its disks may be read from now on (failback_rpo.go)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		defer close(run.done)
-		if run.cmp != nil {
-			s.runCompare(ctx, run) // nothing is sent before it is done
-		}
-		s.shipReverse(ctx, run)
+		s.shipReverse(ctx, run) // a compare due first: nothing is sent before it is done
 	}()
 	return run, nil
 }
@@ -475,6 +478,12 @@ func (s *Server) shipReverse(ctx context.Context, run *reverseRun) {
 		s.saveSent(context.WithoutCancel(ctx), run)
 	}()
 	for ctx.Err() == nil {
+		if run.cmp.Load().left() > 0 {
+			// A compare is due (an unplanned failover's, or one begun
+			// again after a thaw): nothing is sent before it is done.
+			s.runCompare(ctx, run)
+			continue
+		}
 		sent := false
 		var failed error
 		for _, d := range run.disks {
@@ -495,6 +504,13 @@ func (s *Server) shipReverse(ctx context.Context, run *reverseRun) {
 		if failed != nil {
 			if ctx.Err() != nil {
 				return
+			}
+			if errors.Is(failed, procserver.ErrReverseRefused) && s.agentThawed(run) {
+				// Thawed by hand, its state lost, reinstalled: the guest
+				// may have written the original disks since. Frozen
+				// again and compared again from the start (above).
+				s.beginRecompare(ctx, run, failed)
+				continue
 			}
 			log.Warn("failback: sending to the original disks failed; trying again", "err", failed)
 			run.notify(failed.Error())
@@ -592,7 +608,20 @@ func (s *Server) waitDrained(ctx context.Context, j *job, name, detail string, r
 			return nil
 		}
 		d := detail
-		if lastErr != "" {
+		if c := run.cmp.Load(); c.left() > 0 {
+			// A compare first (an unplanned failover's, or one begun
+			// again: the original agent was found thawed).
+			rec, waiting := c.snapshot()
+			if rec.Thawed > 0 {
+				d += fmt.Sprintf(" (the original agent was found thawed (%d times): frozen again, its disks compared again from the start: %d of %d bytes compared", rec.Thawed, c.compared(), c.total)
+			} else {
+				d += fmt.Sprintf(" (the original disks are compared first: %d of %d bytes compared", c.compared(), c.total)
+			}
+			if waiting != "" {
+				d += "; " + waiting
+			}
+			d += ")"
+		} else if lastErr != "" {
 			d = detail + " (retrying: " + lastErr + ")"
 		}
 		j.update(api.JobStep{Name: name, State: "running", Detail: d, Total: max(start, left), Done: max(start-left, 0)})
@@ -679,7 +708,7 @@ func (s *Server) failbackReady(ctx context.Context, m store.Machine, again strin
 	if d.Reverse.State != dirReprotected {
 		return f, nil, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
-	if err := run.cmp.refuseFailback(); err != nil {
+	if err := run.cmp.Load().refuseFailback(); err != nil {
 		return f, nil, err
 	}
 	return f, run, nil
@@ -730,8 +759,25 @@ func stopFailedOver(j *job, m store.Machine, run *reverseRun) error {
 }
 
 // verifyOriginal compares every original disk of a drained machine with
-// its export, whole (SHA-256 on both sides); it returns the bytes compared.
+// its export, whole (SHA-256 on both sides); it returns the bytes
+// compared. An original agent found thawed meanwhile (a refusal) is
+// frozen again, its disks compared again and the differences sent
+// (beginRecompare, then the drain again), and the verify run again.
 func (s *Server) verifyOriginal(ctx context.Context, j *job, f store.Failover, m store.Machine, run *reverseRun) (int64, error) {
+	for {
+		compared, err := s.verifyOnce(ctx, j, f, m, run)
+		if err == nil || ctx.Err() != nil || !s.thawedAfterRefusal(ctx, run, err) {
+			return compared, err
+		}
+		s.beginRecompare(ctx, run, err)
+		if err := s.waitDrained(ctx, j, m.Name+": drain", "the original agent was found thawed: frozen again, its disks compared again, the differences sent", run); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// verifyOnce is one verification of verifyOriginal.
+func (s *Server) verifyOnce(ctx context.Context, j *job, f store.Failover, m store.Machine, run *reverseRun) (int64, error) {
 	var compared int64
 	verify := m.Name + ": verify"
 	total := int64(0)

@@ -53,6 +53,11 @@ type compareDetail struct {
 	At     map[string]int64 `json:"at,omitempty"`   // compared up to, by disk
 	Total  int64            `json:"total"`          // the disks' bytes
 	Diff   map[string]int64 `json:"diff,omitempty"` // bytes found different, by disk
+	// Thawed counts the times the original agent was found no longer
+	// frozen under the failover (thawed by hand, its state lost,
+	// reinstalled) and the compare begun again from the start; a planned
+	// failover's record has a compare only from the first of them.
+	Thawed int `json:"thawed,omitempty"`
 }
 
 // differ is the bytes the compare found different on every disk.
@@ -139,10 +144,13 @@ func (c *reverseCompare) refuseFailback() error {
 	if c.left() == 0 {
 		return nil
 	}
-	_, w := c.snapshot()
+	r, w := c.snapshot()
 	why := "the checksum compare of its original disks is not finished"
 	if w != "" {
 		why += " (" + w + ")"
+	}
+	if r.Thawed > 0 {
+		return errorf(http.StatusConflict, "machine %s: its original agent was found thawed: it is frozen again and %s: fail back once it is done (asr failover --list --json shows its progress)", c.machine, why)
 	}
 	return errorf(http.StatusConflict, "machine %s: %s: fail back once asr reprotect is done", c.machine, why)
 }
@@ -207,7 +215,7 @@ func unplannedFailover(f store.Failover) bool {
 // runCompare freezes the original agent and compares its disks with the
 // exports, marking what differs; it returns when done or when ctx ends.
 func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
-	c := run.cmp
+	c := run.cmp.Load()
 	log := s.log.With("machine", c.machine, "failover", run.failoverID)
 	defer s.saveCompare(context.WithoutCancel(ctx), run)
 	for {
@@ -241,7 +249,7 @@ func (s *Server) runCompare(ctx context.Context, run *reverseRun) {
 // false, nothing compared; the blocks marked stay marked) and the caller
 // freezes it again.
 func (s *Server) compareDisks(ctx context.Context, run *reverseRun, log *slog.Logger) (thawed, ok bool) {
-	c := run.cmp
+	c := run.cmp.Load()
 	backoff := retry.New(500*time.Millisecond, 5*time.Second)
 	buf := make([]byte, overlay.BlockSize)
 	lastSave := time.Now()
@@ -269,9 +277,9 @@ func (s *Server) compareDisks(ctx context.Context, run *reverseRun, log *slog.Lo
 					return false, false
 				}
 				if errors.Is(err, procserver.ErrReverseRefused) && s.agentThawed(run) {
-					log.Warn("failback: the original agent is not frozen any more: frozen again, compared again from the start", "err", err)
 					c.mu.Lock()
 					c.rec.Frozen = false
+					c.rec.Thawed++
 					for k := range c.rec.At {
 						c.rec.At[k], c.rec.Diff[k] = 0, 0
 					}
@@ -279,6 +287,7 @@ func (s *Server) compareDisks(ctx context.Context, run *reverseRun, log *slog.Lo
 					if err := s.saveCompare(ctx, run); err != nil {
 						log.Error("failback: record the compare's restart", "err", err)
 					}
+					s.noteThawed(ctx, run, "its disks were compared", err)
 					return true, true
 				}
 				why := fmt.Sprintf("compare disk %s at %d: %v", d.name, off, err)
@@ -319,6 +328,88 @@ func (s *Server) compareDisks(ctx context.Context, run *reverseRun, log *slog.Lo
 	return false, true
 }
 
+// beginRecompare begins the compare of a reprotected failover's disks
+// again from the start, after a refusal (cause) from an original agent
+// found no longer frozen under the failover while its changes were sent
+// or verified: the guest may have written the original disks while
+// thawed. The compare's record says so (Thawed; saved after the maps,
+// so a restart resumes it: newCompare), a warning event names the
+// machine, and the shipper, woken, freezes the agent again and compares
+// (runCompare) before it sends anything more; pending counts the bytes
+// not compared meanwhile, so a failback's drain waits for it. The blocks
+// marked stay marked. A compare under way already is left alone.
+func (s *Server) beginRecompare(ctx context.Context, run *reverseRun, cause error) {
+	run.cmpMu.Lock()
+	old := run.cmp.Load()
+	if old.left() > 0 {
+		run.cmpMu.Unlock()
+		return
+	}
+	thawed := 0
+	if old != nil {
+		r, _ := old.snapshot()
+		thawed = r.Thawed
+	} else if f, err := s.db.LiveFailover(ctx, run.machineID); err == nil && f.ID == run.failoverID {
+		if d := decodeDetail(f); d.Reverse != nil && d.Reverse.Unplanned != nil {
+			thawed = d.Reverse.Unplanned.Thawed
+		}
+	}
+	c := &reverseCompare{machine: run.name, frozen: make(chan struct{}), done: make(chan struct{})}
+	c.rec = compareDetail{At: map[string]int64{}, Diff: map[string]int64{}, Thawed: thawed + 1}
+	for _, d := range run.disks {
+		c.total += d.be.ov.Size()
+		c.rec.At[d.name], c.rec.Diff[d.name] = 0, 0
+	}
+	c.rec.Total = c.total
+	run.cmp.Store(c)
+	run.cmpMu.Unlock()
+	if err := s.saveCompare(ctx, run); err != nil {
+		s.log.Error("failback: record the compare begun again", "machine", run.name, "err", err)
+	}
+	s.noteThawed(ctx, run, "its changes were sent back", cause)
+	run.notify(fmt.Sprintf("the original agent of machine %s was found thawed: frozen again, its disks compared again from the start", run.name))
+	run.wake()
+}
+
+// noteThawed raises the warning event of an original agent found thawed
+// (when: what the server was doing).
+func (s *Server) noteThawed(ctx context.Context, run *reverseRun, when string, cause error) {
+	name := run.name
+	if name == "" {
+		name = run.cmp.Load().machine
+	}
+	s.log.Warn("failback: the original agent is not frozen any more: frozen again, compared again from the start", "machine", name, "failover", run.failoverID, "err", cause)
+	s.raise(context.WithoutCancel(ctx), store.Event{MachineID: run.machineID, Severity: "warning", Kind: "failback-thawed",
+		Message: fmt.Sprintf("the original agent of machine %s was found no longer frozen under failover %s while %s (thawed by hand, its state lost or reinstalled: %v): it is frozen again and its disks compared again from the start; what the original guest wrote meanwhile is replaced by the failed-over state", name, run.failoverID, when, cause)})
+}
+
+// thawedAfterRefusal says whether a refusal (err) came from an original
+// agent no longer frozen under the run's failover, waiting (bounded) for
+// a status report newer than the refusal: the agent reports one every
+// second, and the last one may predate its thaw.
+func (s *Server) thawedAfterRefusal(ctx context.Context, run *reverseRun, err error) bool {
+	if !errors.Is(err, procserver.ErrReverseRefused) {
+		return false
+	}
+	at := time.Now()
+	deadline := time.NewTimer(5 * time.Second)
+	defer deadline.Stop()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if st, ok := s.ps.Stats(run.machineID); !ok || !st.Connected || st.StatusAt.After(at) {
+			return s.agentThawed(run)
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-deadline.C:
+			return s.agentThawed(run)
+		case <-t.C:
+		}
+	}
+}
+
 // agentThawed says whether the agent, connected, reports that it is not
 // frozen under the run's failover.
 func (s *Server) agentThawed(run *reverseRun) bool {
@@ -348,7 +439,7 @@ func compareSums(d revDisk, off int64, sums []replication.Hash, buf []byte) (int
 // freezeOriginal freezes the original agent under the failover (waiting
 // for it to connect) and marks the replica for a resync; false: ctx ended.
 func (s *Server) freezeOriginal(ctx context.Context, run *reverseRun, log *slog.Logger) bool {
-	c := run.cmp
+	c := run.cmp.Load()
 	backoff := retry.New(time.Second, 10*time.Second)
 	c.mu.Lock()
 	frozen := c.rec.Frozen
@@ -414,7 +505,7 @@ func (s *Server) saveCompare(ctx context.Context, run *reverseRun) error {
 	if err := run.saveMaps(); err != nil {
 		return err
 	}
-	rec, _ := run.cmp.snapshot()
+	rec, _ := run.cmp.Load().snapshot()
 	s.rv.recMu.Lock()
 	defer s.rv.recMu.Unlock()
 	f, err := s.db.LiveFailover(ctx, run.machineID)
@@ -422,7 +513,7 @@ func (s *Server) saveCompare(ctx context.Context, run *reverseRun) error {
 		return err
 	}
 	d := decodeDetail(f)
-	if d.Reverse == nil || d.Reverse.State != dirReprotected || d.Reverse.Unplanned == nil {
+	if d.Reverse == nil || d.Reverse.State != dirReprotected || d.Reverse.Unplanned == nil && rec.Thawed == 0 {
 		return nil
 	}
 	d.Reverse.Unplanned = &rec
@@ -442,7 +533,7 @@ func (s *Server) reprotectUnplanned(ctx context.Context, m store.Machine, f stor
 	var run *reverseRun
 	if d := decodeDetail(f); d.Reverse != nil {
 		run = s.reverseRunOf(m.ID)
-		if d.Reverse.Unplanned == nil || d.Reverse.State != dirReprotected || run == nil || run.failoverID != f.ID || run.cmp.left() == 0 {
+		if d.Reverse.Unplanned == nil || d.Reverse.State != dirReprotected || run == nil || run.failoverID != f.ID || run.cmp.Load().left() == 0 {
 			return api.Job{}, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 		}
 	} else if err := s.refuseResyncRunning(ctx, m); err != nil {
@@ -470,7 +561,7 @@ func (s *Server) reprotectUnplannedSteps(ctx context.Context, j *job, m store.Ma
 			return 0, 0, 0, err
 		}
 	}
-	c := run.cmp
+	c := run.cmp.Load()
 	if err := s.waitCompare(ctx, j, run, m.Name+": freeze the original",
 		fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), c.frozen, false); err != nil {
 		if s.ctx.Err() == nil && errors.Is(err, context.Canceled) {
@@ -521,7 +612,7 @@ func (s *Server) startUnplanned(ctx context.Context, j *job, m store.Machine, f 
 // waitCompare runs a job step until ch closes, with the compare's
 // progress (bytes compared, when progress) and why it waits.
 func (s *Server) waitCompare(ctx context.Context, j *job, run *reverseRun, name, detail string, ch <-chan struct{}, progress bool) error {
-	c := run.cmp
+	c := run.cmp.Load()
 	for {
 		changed, _ := run.watch()
 		rec, waiting := c.snapshot()
@@ -593,14 +684,14 @@ func (s *Server) checksumView(f store.Failover, r *reverseDetail) *api.FailbackC
 	}
 	rec, waiting := *r.Unplanned, ""
 	if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
-		if run.cmp != nil {
-			rec, waiting = run.cmp.snapshot()
-			if run.cmp.left() == 0 {
+		if c := run.cmp.Load(); c != nil {
+			rec, waiting = c.snapshot()
+			if c.left() == 0 {
 				rec.Done = true
 			}
 		}
 	}
-	v := &api.FailbackChecksum{State: "comparing", Total: rec.Total, Differ: rec.differ(), Waiting: waiting}
+	v := &api.FailbackChecksum{State: "comparing", Total: rec.Total, Differ: rec.differ(), Waiting: waiting, Thawed: rec.Thawed}
 	for _, n := range rec.At {
 		v.Compared += n
 	}

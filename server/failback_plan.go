@@ -376,7 +376,7 @@ func (s *Server) reverseItem(ctx context.Context, m store.Machine, f store.Failo
 		switch {
 		case run == nil || run.failoverID != f.ID:
 			return it, false, errorf(http.StatusConflict, "machine %s: its changes are not being sent back (is the server starting?)", m.Name)
-		case run.cmp.left() > 0:
+		case run.cmp.Load().left() > 0:
 			it.run = run // its compare goes on: followed
 			return it, false, nil
 		}

@@ -320,8 +320,8 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 // marks the replica for a resync, as an unplanned failover's reprotect
 // does (freezeOriginal), as the job's step; cancellable while it waits.
 func (s *Server) freezeForVM(ctx context.Context, j *job, m store.Machine, f store.Failover, log *slog.Logger) error {
-	run := &reverseRun{failoverID: f.ID, machineID: m.ID, changed: make(chan struct{}),
-		cmp: &reverseCompare{machine: m.Name, frozen: make(chan struct{}), done: make(chan struct{})}}
+	run := &reverseRun{failoverID: f.ID, machineID: m.ID, changed: make(chan struct{})}
+	run.cmp.Store(&reverseCompare{machine: m.Name, frozen: make(chan struct{}), done: make(chan struct{})})
 	fctx, cancel := context.WithCancel(ctx)
 	ended := make(chan struct{})
 	go func() {
@@ -329,7 +329,7 @@ func (s *Server) freezeForVM(ctx context.Context, j *job, m store.Machine, f sto
 		s.freezeOriginal(fctx, run, log)
 	}()
 	err := s.waitCompare(ctx, j, run, m.Name+": freeze the original",
-		fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), run.cmp.frozen, false)
+		fmt.Sprintf("waits for the original agent of machine %s to connect and stop writing its disks", m.Name), run.cmp.Load().frozen, false)
 	cancel()
 	<-ended
 	return err

@@ -131,13 +131,18 @@ type FailbackStatus struct {
 // failover's reprotect is: State waiting-for-agent (the original agent
 // must connect and be frozen first), comparing or done; Compared of
 // Total bytes compared; Differ, the bytes found different (marked to be
-// sent); Waiting, why it waits now, if it does.
+// sent); Waiting, why it waits now, if it does; Thawed, the times the
+// original agent was found no longer frozen under the failover (thawed
+// by hand, its state lost) while compared, sent to or verified: frozen
+// again each time and compared again from the start (a planned
+// failover's reprotect has a compare only from the first of them).
 type FailbackChecksum struct {
 	State    string `json:"state"`
 	Total    int64  `json:"total"`
 	Compared int64  `json:"compared"`
 	Differ   int64  `json:"differ"`
 	Waiting  string `json:"waiting,omitempty"`
+	Thawed   int    `json:"thawed,omitempty"`
 }
 
 // Export is one recovered disk served over NBD.
