@@ -780,3 +780,95 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 	want := fr.sums()
 	fr.checkFailedBack(want)
 }
+
+// thawOriginal thaws the original agent under its failover, as an
+// operator (or an agent whose frozen state was lost) would, and writes a
+// block of 0xee at off of its disk through its NBD splitter: the guest
+// writing the original disks while thawed.
+func (fr *failbackRig) thawOriginal(disk string, off int64) {
+	t := fr.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	fos, err := fr.client.Failovers(ctx, false)
+	if err != nil || len(fos) != 1 {
+		t.Fatalf("failovers: %+v %v", fos, err)
+	}
+	if err := fr.srv.ProcessServerForTest().Thaw(ctx, fos[0].MachineID, fos[0].ID); err != nil {
+		t.Fatalf("thaw the original: %v", err)
+	}
+	c, err := nbd.Dial(ctx, fr.cfg.NBD, disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.WriteAt(bytes.Repeat([]byte{0xee}, 65536), off); err != nil {
+		t.Fatalf("a guest write to the thawed original: %v", err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fr.written += 65536
+}
+
+// mustThawedEvent checks a failback-thawed warning event names vm1.
+func (fr *failbackRig) mustThawedEvent() {
+	fr.t.Helper()
+	evs, err := fr.srv.DB().Events(context.Background(), "", 200)
+	if err != nil {
+		fr.t.Fatal(err)
+	}
+	for _, e := range evs {
+		if e.Kind == "failback-thawed" && e.Severity == "warning" && strings.Contains(e.Message, "machine vm1 ") {
+			return
+		}
+	}
+	fr.t.Fatalf("no failback-thawed event for vm1 in %+v", evs)
+}
+
+// An original agent thawed while a planned failover's changes are
+// shipped back (by hand, or its frozen state lost), whose guest writes
+// the original disks meanwhile, is frozen again at the shipper's next
+// refused write and its disks compared again from the start: the guest's
+// write, on a block the failed-over machine never wrote, is overwritten
+// too, and failback ends with the originals equal to the failed-over
+// state. (Before, the shipper retried the refused writes forever.)
+func TestFailbackThawedWhileShipping(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 4)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	if c := fr.checksum(); c != nil {
+		t.Fatalf("a planned failover's reprotect compared: %+v", c)
+	}
+	fr.thawOriginal("d1", 65536*9)
+	fr.write("d0", 4) // the shipper's next writes are refused
+	waitFor(t, "the original frozen again, compared and the changes sent", func() bool {
+		c := fr.checksum()
+		return c != nil && c.Thawed == 1 && c.State == "done" && fr.checksumPending() == 0
+	})
+	if c := fr.checksum(); c.Compared != (8+16)<<20 || c.Differ < 65536 {
+		t.Fatalf("the compare after the thaw: %+v", c)
+	}
+	fr.mustThawedEvent()
+	want := fr.sums()
+	fr.checkFailedBack(want)
+}
+
+// The same at failback: an original agent thawed once the changes are
+// drained (nothing left to ship) is found by the verify, frozen again,
+// compared, the differences sent, and the verify passes.
+func TestFailbackThawedBeforeVerify(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d1", 4)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	fr.thawOriginal("d0", 65536*3)
+	want := fr.sums()
+	fr.checkFailedBack(want)
+	fr.mustThawedEvent()
+	all, err := fr.client.Failovers(ctx, true)
+	if err != nil || len(all) == 0 || all[0].Failback == nil || all[0].Failback.Checksum == nil || all[0].Failback.Checksum.Thawed != 1 {
+		t.Fatalf("the failover after failback: %+v %v", all, err)
+	}
+}
