@@ -388,7 +388,7 @@ func (s *Server) noteThawed(ctx context.Context, run *reverseRun, when string, c
 // a status report newer than the refusal: the agent reports one every
 // second, and the last one may predate its thaw.
 func (s *Server) thawedAfterRefusal(ctx context.Context, run *reverseRun, err error) bool {
-	if !errors.Is(err, procserver.ErrReverseRefused) {
+	if !errors.Is(err, procserver.ErrReverseRefused) || ctx.Err() != nil {
 		return false
 	}
 	at := time.Now()

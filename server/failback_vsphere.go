@@ -380,8 +380,36 @@ func machineDisks(m store.Machine) []store.Disk {
 // compareVM is one checksum pass over every recovered disk: read in
 // order, each batch of blocks' sums compared with the
 // original's, the blocks that differ written to the original (each
-// acknowledged durable). withSum also takes each disk's SHA-256.
+// acknowledged durable). withSum also takes each disk's SHA-256. An
+// original agent found thawed (a refusal; thawed by hand, its state
+// lost) is frozen again and the pass run again from the start: the
+// guest may have written any block of the original meanwhile.
 func (s *Server) compareVM(ctx context.Context, j *job, name, detail string, vm recoveredVM, m store.Machine, f store.Failover, disks []recoveredDisk, withSum bool) (vmPass, error) {
+	var sent int64 // by the passes cut short
+	for {
+		p, err := s.compareVMOnce(ctx, j, name, detail, vm, m, f, disks, withSum)
+		p.sent += sent
+		if err == nil || !s.refreezeVM(ctx, j, m, f, err) {
+			return p, err
+		}
+		sent = p.sent
+	}
+}
+
+// refreezeVM, after err from the original agent, says whether it was a
+// refusal from an agent no longer frozen under failover f; if so, the
+// agent is frozen again (freezeForVM, the job's step) and a warning event
+// raised; false also when that freeze ends with ctx.
+func (s *Server) refreezeVM(ctx context.Context, j *job, m store.Machine, f store.Failover, err error) bool {
+	run := &reverseRun{failoverID: f.ID, machineID: m.ID, name: m.Name}
+	if !s.thawedAfterRefusal(ctx, run, err) {
+		return false
+	}
+	s.noteThawed(ctx, run, "its disks were compared with the recovered VM's", err)
+	return s.freezeForVM(ctx, j, m, f, s.log.With("machine", m.Name, "failover", f.ID)) == nil
+}
+
+func (s *Server) compareVMOnce(ctx context.Context, j *job, name, detail string, vm recoveredVM, m store.Machine, f store.Failover, disks []recoveredDisk, withSum bool) (vmPass, error) {
 	var p vmPass
 	var total int64
 	for _, d := range disks {
@@ -673,7 +701,8 @@ func (s *Server) verifyMember(ctx context.Context, j *job, sm *switchMember) err
 	verify := m.Name + ": verify"
 	j.update(api.JobStep{Name: verify, State: "running", Detail: "compare the original disks with the recovered VM's (SHA-256)", Total: p.compared})
 	var compared int64
-	for i, md := range machineDisks(m) {
+	for i := 0; i < len(sm.disks); i++ {
+		md := machineDisks(m)[i]
 		var got string
 		var size int64
 		err := s.retryOriginal(ctx, m, func(string) {}, func() error {
@@ -683,6 +712,19 @@ func (s *Server) verifyMember(ctx context.Context, j *job, sm *switchMember) err
 		})
 		if err == nil && (got != p.sums[i] || size != sm.disks[i].size) {
 			err = fmt.Errorf("disk %s: the original (sha256 %s, %d bytes) differs from the recovered VM's %s (sha256 %s, %d bytes)", md.Name, got, size, sm.disks[i].name, p.sums[i], sm.disks[i].size)
+		}
+		if err != nil && s.refreezeVM(ctx, j, m, sm.f, err) {
+			// Thawed since the pass: frozen again, the pass run again
+			// (the recovered VM is off: it finds what the original
+			// guest wrote), then every disk verified again.
+			np, perr := s.compareVM(ctx, j, m.Name+": send the last changes",
+				"the original agent was found thawed: block sums of the original disks against the stopped VM's again, the blocks that differ sent", sm.vm, m, sm.f, sm.disks, true)
+			if perr == nil {
+				np.sent += p.sent
+				sm.pass, p, compared, i = np, np, 0, -1
+				continue
+			}
+			err = perr
 		}
 		if err != nil {
 			j.update(api.JobStep{Name: verify, State: "failed", Detail: err.Error()})
