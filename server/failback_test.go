@@ -811,19 +811,19 @@ func (fr *failbackRig) thawOriginal(disk string, off int64) {
 	fr.written += 65536
 }
 
-// mustThawedEvent checks a failback-thawed warning event names vm1.
-func (fr *failbackRig) mustThawedEvent() {
+// mustThawedEvent checks a failback-thawed warning event names machine.
+func (fr *failbackRig) mustThawedEvent(machine string) {
 	fr.t.Helper()
 	evs, err := fr.srv.DB().Events(context.Background(), "", 200)
 	if err != nil {
 		fr.t.Fatal(err)
 	}
 	for _, e := range evs {
-		if e.Kind == "failback-thawed" && e.Severity == "warning" && strings.Contains(e.Message, "machine vm1 ") {
+		if e.Kind == "failback-thawed" && e.Severity == "warning" && strings.Contains(e.Message, "machine "+machine+" ") {
 			return
 		}
 	}
-	fr.t.Fatalf("no failback-thawed event for vm1 in %+v", evs)
+	fr.t.Fatalf("no failback-thawed event for %s in %+v", machine, evs)
 }
 
 // An original agent thawed while a planned failover's changes are
@@ -850,7 +850,7 @@ func TestFailbackThawedWhileShipping(t *testing.T) {
 	if c := fr.checksum(); c.Compared != (8+16)<<20 || c.Differ < 65536 {
 		t.Fatalf("the compare after the thaw: %+v", c)
 	}
-	fr.mustThawedEvent()
+	fr.mustThawedEvent("vm1")
 	want := fr.sums()
 	fr.checkFailedBack(want)
 }
@@ -866,7 +866,7 @@ func TestFailbackThawedBeforeVerify(t *testing.T) {
 	fr.thawOriginal("d0", 65536*3)
 	want := fr.sums()
 	fr.checkFailedBack(want)
-	fr.mustThawedEvent()
+	fr.mustThawedEvent("vm1")
 	all, err := fr.client.Failovers(ctx, true)
 	if err != nil || len(all) == 0 || all[0].Failback == nil || all[0].Failback.Checksum == nil || all[0].Failback.Checksum.Thawed != 1 {
 		t.Fatalf("the failover after failback: %+v %v", all, err)

@@ -364,3 +364,30 @@ func TestFailbackFromVSphereFinishedAfterARestartPastTheSwitch(t *testing.T) {
 	}
 	vr.checkForwardOf("app01")
 }
+
+// An original agent thawed after reprotect (by hand, or its frozen state
+// lost), whose guest writes the original meanwhile, is found by
+// failback's pass (a refusal): frozen again, the pass run again from the
+// start, and the original ends equal to the recovered VM's disks.
+// (Before, the failback failed, saying to run reprotect again.)
+func TestFailbackFromVSphereThawed(t *testing.T) {
+	ctx := context.Background()
+	vr := startVSphereRig(t)
+	vr.writeRecovered("d0", 4)
+	vr.mustJob(vr.client.Reprotect(ctx, "app01"))
+	vr.thawOriginal("d1", 65536*5)
+	vr.writeRecovered("d1", 3)
+	j := vr.mustJob(vr.client.Failback(ctx, "app01"))
+	steps := stepNames(j)
+	for _, s := range []string{"app01: freeze the original=done", "app01: send the last changes=done", "app01: verify=done", "app01: end the failover=done"} {
+		if !slices.Contains(steps, s) {
+			t.Fatalf("failback steps %v lack %s", steps, s)
+		}
+	}
+	for d, p := range vr.disks {
+		if fileSHA(t, p) != fileSHA(t, vr.flats[d]) {
+			t.Fatalf("disk %s: the original differs from the recovered VM's final state", d)
+		}
+	}
+	vr.mustThawedEvent("app01")
+}
