@@ -872,3 +872,34 @@ func TestFailbackThawedBeforeVerify(t *testing.T) {
 		t.Fatalf("the failover after failback: %+v %v", all, err)
 	}
 }
+
+// The compare begun again after a thaw survives a server stop in its
+// middle: the record (thawed, the compare's progress) makes the restarted
+// server go on with it before shipping, and failback ends equal.
+func TestFailbackThawedCompareResumes(t *testing.T) {
+	ctx := context.Background()
+	fr := startFailbackRig(t)
+	fr.write("d0", 4)
+	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
+	stopped := make(chan struct{})
+	var once sync.Once
+	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+		if disk == "d1" {
+			once.Do(func() { close(stopped) })
+			<-ctx.Done() // held until the server stops
+		}
+	})
+	defer server.SetFailbackCompareHook(nil)
+	fr.thawOriginal("d1", 65536*9)
+	fr.write("d0", 4) // the shipper's next writes are refused
+	<-stopped
+	fr.stop()
+	server.SetFailbackCompareHook(nil)
+	fr.restart2()
+	waitFor(t, "the compare after the restart", func() bool {
+		c := fr.checksum()
+		return c != nil && c.Thawed == 1 && c.State == "done" && fr.checksumPending() == 0
+	})
+	want := fr.sums()
+	fr.checkFailedBack(want)
+}
