@@ -79,6 +79,13 @@ type vmReverse struct {
 	// compare and are never written to the original (failback_agent.go).
 	From uint64 `json:"from,omitempty"`
 	Log  string `json:"log,omitempty"`
+	// Streamed and Acked: the bytes the agent's stream wrote to the
+	// original disks and the last of its records acknowledged (in Log),
+	// saved at most every second while it writes and at the server's
+	// stop (saveStream), so a restart keeps failback's total and tells
+	// the agent the right resend point.
+	Streamed int64  `json:"streamed,omitempty"`
+	Acked    uint64 `json:"acked,omitempty"`
 }
 
 // vmFailback says whether f is a real failover to vSphere or Azure whose
@@ -310,6 +317,9 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	s.rv.recMu.Unlock()
 	if err != nil {
 		return p, "", err
+	}
+	if ra != nil {
+		ra.kickSave() // the stream's writes since goLive
 	}
 	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
 		Message: fmt.Sprintf("failover %s (to %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, vm, p.compared, p.differ)})
@@ -578,7 +588,7 @@ func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failov
 		if err != nil {
 			s.finishLater(sm.f, m)
 		}
-		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", sm.vm.name(), sm.vm.place()))
+		lines = append(lines, lastPassLine(sm), fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", sm.vm.name(), sm.vm.place()))
 		j.setResult(lines, time.Since(start))
 		return err
 	})
@@ -628,6 +638,9 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 		}
 		sm.vm = vm
 	}
+	if err := s.freezeRecoveredAgent(ctx, j, sm); err != nil {
+		return err
+	}
 	done := j.step(sm.m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", sm.vm))
 	off, err := sm.vm.powerOff(ctx)
 	if err != nil {
@@ -645,8 +658,10 @@ func (s *Server) drainMember(ctx context.Context, j *job, sm *switchMember) erro
 	if !sm.toVM {
 		return s.waitDrained(ctx, j, sm.m.Name+": drain", "send the last changes to the original disks", sm.run)
 	}
-	if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
-		return err
+	if !sm.rec.drained {
+		if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
+			return err
+		}
 	}
 	disks, err := s.recoveredDisks(ctx, j, sm.vm, sm.m)
 	if err != nil {
@@ -693,12 +708,8 @@ func (s *Server) verifyMember(ctx context.Context, j *job, sm *switchMember) err
 	}
 	j.update(api.JobStep{Name: verify, State: "done", Detail: fmt.Sprintf("%d bytes compared: equal", compared), Total: p.compared, Done: compared})
 	sm.compared = p.compared
-	// The recovered VM's agent's stream counts as sent too (since the
-	// server started: that count is not kept across restarts).
-	streamed := int64(0)
-	if a := s.recAgents.of(m.ID, sm.f.ID); a != nil {
-		streamed = a.sent.Load()
-	}
+	// The recovered VM's agent's stream counts as sent too.
+	streamed := s.streamedOf(sm.f)
 	sm.run = &reverseRun{base: sm.sentBefore + p.sent + streamed} // the bytes sent, for the switch's record
 	return nil
 }
@@ -715,6 +726,7 @@ func (s *Server) undoMember(ctx context.Context, j *job, sm *switchMember) {
 		}
 		return
 	}
+	defer s.thawRecoveredAgent(j, sm)
 	if !sm.vmOff || sm.vm == nil {
 		return
 	}
@@ -736,4 +748,14 @@ func (sm *switchMember) close() {
 	if sm.vm != nil {
 		sm.vm.close()
 	}
+}
+
+// lastPassLine says what failback's pass over the stopped VM's disks
+// sent, and whether the recovered agent was frozen and drained first.
+func lastPassLine(sm *switchMember) string {
+	l := fmt.Sprintf("the last pass over the stopped VM's disks sent %d bytes", sm.pass.sent)
+	if sm.rec.drained {
+		l += " (its agent was frozen and drained before the power-off)"
+	}
+	return l
 }
