@@ -95,9 +95,7 @@ func (a *Agent) policy(p replication.AgentPolicy) { a.points.setPolicy(p) }
 
 // status is the report sent every second.
 func (a *Agent) status() replication.Status {
-	last := a.spool.Next() - 1
-	done := min(a.spool.Completed(), last) // a spool reset in between: never beyond it
 	return replication.Status{Time: time.Now().UnixNano(), SpoolBytes: a.spool.Pending(),
-		OldestPending: a.spool.OldestPending(), LastSeq: last, Disks: a.Progress(),
-		Events: a.events.take(), Resync: a.resyncer.status(), Failover: a.fo.current(), Completed: done}
+		OldestPending: a.spool.OldestPending(), LastSeq: a.spool.Next() - 1, Disks: a.Progress(),
+		Events: a.events.take(), Resync: a.resyncer.status(), Failover: a.fo.current()}
 }

@@ -573,12 +573,6 @@ type Status struct {
 	// Failover is the ID of the planned failover the agent is frozen
 	// under (FrameFreeze), "" if none: its guest writes are refused.
 	Failover string `json:"failover,omitempty"`
-	// Completed is the last sequence number whose change, and every one
-	// before it, has completed on the disk (0 from older agents): a
-	// reader of the disks after this status sees those changes (the
-	// reverse stream of a recovered VM's agent skips what reprotect's
-	// compare read).
-	Completed uint64 `json:"completed,omitempty"`
 }
 
 // ResyncJob asks the agent to resync a disk: compare the source with the

@@ -124,9 +124,6 @@ func (s *Status) Validate() error {
 	if s.Failover != "" && !ValidFreezeID(s.Failover) {
 		return validationError("status", "failover id %q is not valid", s.Failover)
 	}
-	if s.Completed > s.LastSeq {
-		return validationError("status", "completed seq %d beyond the last seq %d", s.Completed, s.LastSeq)
-	}
 	return nil
 }
 

@@ -61,10 +61,6 @@ type recAgent struct {
 	acked uint64     // the last record acknowledged to the agent (under mu; kept in the record, saveStream)
 	logID string     // the agent's log, as its last Hello named it
 	floor uint64     // records up to it are never written (on the recovered disks before the compare)
-	// completed is the last status's Status.Completed since the last
-	// Welcome, cmpFloor its value when the compare began: the records up
-	// to it were on the recovered disks before the compare read them.
-	completed, cmpFloor uint64
 	wmu   sync.Mutex // one write to the original at a time
 
 	// Failback's freeze (freezeRecoveredAgent), under mu: the newest
@@ -358,7 +354,6 @@ func (a *recAgent) start(h replication.Hello, out chan replication.Frame) (uint6
 	a.gen++
 	a.since, a.version = a.s.now(), h.AgentVersion
 	a.out = out
-	a.completed = 0 // a status of this connection's numbering says
 	if a.freezing && !a.tagged {
 		// A connection ended before the freeze's tag came: asked again
 		// (same failover and request: the agent, frozen already, tags again).
@@ -387,7 +382,6 @@ func (a *recAgent) noteStatus(st replication.Status) {
 	a.mu.Lock()
 	a.status, a.statusAt = st, a.s.now()
 	a.frozen = st.Failover
-	a.completed = st.Completed
 	a.signal()
 	live := a.live
 	a.mu.Unlock()
@@ -480,14 +474,8 @@ func (a *recAgent) write(ctx context.Context, recs []replication.Record) error {
 		case <-ctx.Done():
 		}
 	}()
-	a.mu.Lock()
-	floor := a.floor
-	a.mu.Unlock()
 	var zeros []byte
 	for _, r := range recs {
-		if r.Seq <= floor {
-			continue // on the recovered disks before reprotect's compare read them
-		}
 		var data []byte
 		switch r.Kind {
 		case replication.KindWrite, replication.KindBase:
@@ -525,7 +513,6 @@ func (a *recAgent) write(ctx context.Context, recs []replication.Record) error {
 func (a *recAgent) beginCompare() (uint64, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.cmpFloor = a.completed
 	return a.epoch, a.conns > 0
 }
 
@@ -539,10 +526,6 @@ func (a *recAgent) goLive(e uint64) (floor uint64, logID string, ok bool) {
 	if a.epoch != e {
 		return 0, "", false
 	}
-	// The writes the agent reported complete before the compare began
-	// were read by it: not sent again by the stream (the frames held
-	// meanwhile hold them).
-	a.floor = max(a.floor, a.cmpFloor)
 	if !a.live {
 		a.live, a.needsPass = true, ""
 		close(a.liveCh)

@@ -664,14 +664,6 @@ func (s *Spool) Acked() uint64 {
 	return s.acked
 }
 
-// Completed returns the last sequence number up to which every record
-// appended was completed (Complete): shippable.
-func (s *Spool) Completed() uint64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.shipSeq
-}
-
 // Next returns the sequence number the next Append will use.
 func (s *Spool) Next() uint64 {
 	s.mu.Lock()
