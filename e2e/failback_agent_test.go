@@ -94,7 +94,6 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
-
 	// A graceful restart of the server keeps the stream's figures: the
 	// bytes it sent, and its last record acknowledged (the agent is not
 	// asked for its spool past the floor again).
