@@ -588,7 +588,10 @@ func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failov
 		if err != nil {
 			s.finishLater(sm.f, m)
 		}
-		lines = append(lines, lastPassLine(sm), fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", sm.vm.name(), sm.vm.place()))
+		if sm.rec.froze {
+			lines = append(lines, lastPassLine(sm))
+		}
+		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", sm.vm.name(), sm.vm.place()))
 		j.setResult(lines, time.Since(start))
 		return err
 	})
@@ -751,7 +754,8 @@ func (sm *switchMember) close() {
 }
 
 // lastPassLine says what failback's pass over the stopped VM's disks
-// sent, and whether the recovered agent was frozen and drained first.
+// sent after the recovered agent's freeze, and whether its stream was
+// drained first.
 func lastPassLine(sm *switchMember) string {
 	l := fmt.Sprintf("the last pass over the stopped VM's disks sent %d bytes", sm.pass.sent)
 	if sm.rec.drained {
