@@ -265,8 +265,11 @@ func (s *Server) isRecoveredVM(ctx context.Context, v *vsphereDetail, uuid strin
 func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d failoverDetail, uuid string) *recAgent {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
-	if a := ra.by[m.ID]; a != nil && a.failoverID == f.ID {
-		return a
+	if a := ra.by[m.ID]; a != nil {
+		if a.failoverID == f.ID {
+			return a
+		}
+		a.stop() // another failover's, whose end did not forget it
 	}
 	if ra.by == nil {
 		ra.by = map[string]*recAgent{}
@@ -304,13 +307,18 @@ func (ra *recoveredAgents) end(id string) {
 	delete(ra.by, id)
 	ra.mu.Unlock()
 	if a != nil {
-		a.mu.Lock()
-		select {
-		case <-a.stopped:
-		default:
-			close(a.stopped)
-		}
-		a.mu.Unlock()
+		a.stop()
+	}
+}
+
+// stop ends a's connections and its saver.
+func (a *recAgent) stop() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	select {
+	case <-a.stopped:
+	default:
+		close(a.stopped)
 	}
 }
 

@@ -59,10 +59,11 @@ import (
 // verified whole, so a pass cut short by a stop is simply run again; the
 // record says reprotected only once reprotect's pass is done, and
 // failing-back only once failback's is verified (a restart past that
-// finishes it: restoreReverse). Not done here: the recovered machine's
-// writes between reprotect and failback are not sent as they happen (no
-// agent in the recovered guest ships them; failback's pass finds them),
-// so there is no reverse RPO for these failovers.
+// finishes it: restoreReverse). Without an asr agent in the recovered
+// VM (failback_agent.go: it ships the writes as they happen, and is
+// frozen and drained before failback's power-off), the recovered
+// machine's writes between reprotect and failback are found by
+// failback's pass, and there is no reverse RPO.
 
 // vmReverse is the reverse record of a failover to a VM
 // (reverseDetail.VSphere or .Azure): reprotect's checksum pass.
