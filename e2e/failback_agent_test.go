@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"slices"
@@ -93,13 +94,41 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
+	// A graceful restart of the server keeps the stream's figures: the
+	// bytes it sent, and its last record acknowledged (the agent is not
+	// asked for its spool past the floor again).
+	sent := c.status("m").ReverseSource.Sent
+	c.server.stop()
+	c.startServer()
+	c.waitStatus("m", "the recovered agent live again after the restart, nothing pending", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected && st.ReverseSource.Live &&
+			st.Reverse != nil && st.Reverse.RPOKnown && st.Reverse.Pending == 0
+	})
+	if got := c.status("m").ReverseSource.Sent; got != sent {
+		t.Fatalf("the stream sent %d bytes before the restart, %d after it", sent, got)
+	}
+	t.Logf("the recovered agent's stream: %d bytes sent for %d written through it after reprotect (kept across the restart)", sent, int64(2<<20))
+
+	// Failback freezes the recovered agent and drains its stream before
+	// the power-off: the last pass sends nothing.
+	fc.fio(ra.uri("d"), "recovered-before-failback", 1<<20)
 	out = c.mustCLI("failback", "--machine", "m")
-	for _, s := range []string{"m: stop the recovered VM", "m: drain the reverse stream", "m: verify", "m: end the failover"} {
+	for _, s := range []string{"m: freeze and drain the recovered agent", "m: stop the recovered VM", "m: verify", "m: end the failover",
+		"the last pass over the stopped VM's disks sent 0 bytes (its agent was frozen and drained before the power-off)"} {
 		if !strings.Contains(out, s) {
 			t.Fatalf("failback output lacks %q:\n%s", s, out)
 		}
 	}
 	fc.checkFailedBack(out, sha256File(t, flat))
+	// The recovered agent stays frozen (the simulator's power-off does
+	// not stop its process): fio's writes through its splitter refused.
+	ctx, cancel := context.WithTimeout(context.Background(), hungAfter)
+	defer cancel()
+	fout, err := runTool(ctx, t, "fio", "--name=frozen", "--ioengine=nbd", "--uri="+ra.uri("d"), "--rw=randwrite", "--bs=64k",
+		"--iodepth=1", "--size=32M", "--io_size=65536")
+	if err == nil || !strings.Contains(fout, "not permitted") {
+		t.Fatalf("fio through the frozen recovered agent: %v\n%s", err, fout)
+	}
 	if st := c.status("m"); st.ReverseSource != nil || st.BIOSUUID != guestUUID {
 		t.Fatalf("after failback: reverse source %+v, BIOS UUID %s", st.ReverseSource, st.BIOSUUID)
 	}

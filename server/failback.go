@@ -824,6 +824,7 @@ type switchMember struct {
 	sentBefore int64
 	disks      []recoveredDisk
 	pass       vmPass
+	rec        recFreeze // the recovered VM's agent frozen before the stop (failback_agent.go)
 }
 
 // recordSwitch records the switch of stopped, drained and verified

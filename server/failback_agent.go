@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,10 +58,58 @@ type recAgent struct {
 	fp failbackPolicyState // its reverse points (failback_rpo.go)
 
 	gen   uint64     // the newest connection's (under mu)
-	acked uint64     // the last record acknowledged to the agent (under mu; since the server started)
+	acked uint64     // the last record acknowledged to the agent (under mu; kept in the record, saveStream)
 	logID string     // the agent's log, as its last Hello named it
 	floor uint64     // records up to it are never written (on the recovered disks before the compare)
 	wmu   sync.Mutex // one write to the original at a time
+
+	// Failback's freeze (freezeRecoveredAgent), under mu: the newest
+	// connection's control frames, whether failback wants the agent
+	// frozen (FREEZE again at each connection until its tag is written),
+	// the final point's request id, whether that tag was written (every
+	// record before it is on the original disks), the failover its last
+	// status says it is frozen under, and a channel closed (and
+	// replaced) at each change a waiter watches.
+	out       chan replication.Frame
+	freezing  bool
+	freezeReq uint64
+	tagged    bool
+	frozen    string
+	writing   int // Writes under way: the connection reads no status meanwhile
+	changed   chan struct{}
+	kick      chan struct{} // a write since the last save (saveStream)
+}
+
+// recFreeze is what failback did to the recovered VM's agent
+// (switchMember.rec): froze it (a cancel thaws it), and drained its
+// stream before the power-off (failback's pass then finds nothing).
+type recFreeze struct {
+	froze, drained bool
+}
+
+// recFreezeAnswer bounds the wait for a status saying the recovered
+// agent froze: past it, failback takes the path without the freeze.
+const recFreezeAnswer = 30 * time.Second
+
+// recFreezeReq numbers the final points asked of recovered agents.
+var recFreezeReq atomic.Uint64
+
+// signal wakes the waiters on a's state (under a.mu).
+func (a *recAgent) signal() {
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// send queues a control frame for the newest connection (under a.mu);
+// none connected: nothing (the next connection is asked in start).
+func (a *recAgent) send(f replication.Frame) {
+	if a.out == nil || a.conns == 0 {
+		return
+	}
+	select {
+	case a.out <- f:
+	default: // the connection is stuck: its end asks the next one
+	}
 }
 
 // recConn is one connection of a recovered VM's agent: the sink the
@@ -69,15 +118,20 @@ type recAgent struct {
 // the log's suffix the new one sends again is written in order after
 // it, never interleaved with it.
 type recConn struct {
-	a   *recAgent
-	gen uint64
+	a         *recAgent
+	gen       uint64
+	out       chan replication.Frame
+	thawAsked bool // THAW sent to an agent found frozen while failback wants it not
 }
 
 func (c *recConn) Start(h replication.Hello) (uint64, error) {
-	d, gen, err := c.a.start(h)
+	c.out = make(chan replication.Frame, 4)
+	d, gen, err := c.a.start(h, c.out)
 	c.gen = gen
 	return d, err
 }
+
+func (c *recConn) Control() <-chan replication.Frame { return c.out }
 
 func (c *recConn) current() error {
 	c.a.mu.Lock()
@@ -89,8 +143,25 @@ func (c *recConn) current() error {
 }
 
 func (c *recConn) Status(st replication.Status) {
-	if c.current() == nil {
-		c.a.noteStatus(st)
+	if c.current() != nil {
+		return
+	}
+	c.a.noteStatus(st)
+	// Frozen under the failover while no failback wants it (one
+	// cancelled, a server restarted, its state's copy frozen): thawed,
+	// once a connection.
+	a := c.a
+	a.mu.Lock()
+	thaw := st.Failover == a.failoverID && !a.freezing && !c.thawAsked
+	a.mu.Unlock()
+	if thaw {
+		c.thawAsked = true
+		if f, err := replication.JSONFrame(replication.FrameThaw, replication.Freeze{ID: a.failoverID}); err == nil {
+			select {
+			case c.out <- f:
+			default:
+			}
+		}
 	}
 }
 
@@ -107,12 +178,27 @@ func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
 	if err := c.current(); err != nil {
 		return err
 	}
-	if err := c.a.write(ctx, recs); err != nil {
+	a := c.a
+	a.mu.Lock()
+	a.writing++
+	a.mu.Unlock()
+	err := a.write(ctx, recs)
+	a.mu.Lock()
+	a.writing--
+	a.mu.Unlock()
+	if err != nil {
 		return err
 	}
-	c.a.mu.Lock()
-	c.a.acked = max(c.a.acked, recs[len(recs)-1].Seq)
-	c.a.mu.Unlock()
+	a.mu.Lock()
+	a.acked = max(a.acked, recs[len(recs)-1].Seq)
+	if a.freezing && !a.tagged && slices.ContainsFunc(recs, func(r replication.Record) bool {
+		return r.Kind == replication.KindTag && r.Offset == a.freezeReq
+	}) {
+		a.tagged = true // nothing can come after the freeze's tag
+	}
+	a.signal()
+	a.mu.Unlock()
+	a.kickSave()
 	return nil
 }
 
@@ -179,19 +265,27 @@ func (s *Server) isRecoveredVM(ctx context.Context, v *vsphereDetail, uuid strin
 func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d failoverDetail, uuid string) *recAgent {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
-	if a := ra.by[m.ID]; a != nil && a.failoverID == f.ID {
-		return a
+	if a := ra.by[m.ID]; a != nil {
+		if a.failoverID == f.ID {
+			return a
+		}
+		a.stop() // another failover's, whose end did not forget it
 	}
 	if ra.by == nil {
 		ra.by = map[string]*recAgent{}
 	}
 	a := &recAgent{s: s, machineID: m.ID, machine: m.Name, failoverID: f.ID, uuid: uuid, vm: d.VSphere.Name,
-		liveCh: make(chan struct{}), stopped: make(chan struct{})}
-	if r := d.Reverse; r != nil && r.State == dirReprotected && r.VSphere != nil && r.VSphere.Path == pathAgent {
-		a.live, a.floor, a.logID = true, r.VSphere.From, r.VSphere.Log
-		close(a.liveCh)
+		liveCh: make(chan struct{}), stopped: make(chan struct{}), changed: make(chan struct{}), kick: make(chan struct{}, 1)}
+	if r := d.Reverse; r != nil && r.VSphere != nil {
+		a.sent.Store(r.VSphere.Streamed)
+		if r.State == dirReprotected && r.VSphere.Path == pathAgent {
+			a.live, a.floor, a.logID, a.acked = true, r.VSphere.From, r.VSphere.Log, r.VSphere.Acked
+			close(a.liveCh)
+		}
 	}
 	ra.by[m.ID] = a
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); s.saveStream(a) }()
 	return a
 }
 
@@ -213,13 +307,18 @@ func (ra *recoveredAgents) end(id string) {
 	delete(ra.by, id)
 	ra.mu.Unlock()
 	if a != nil {
-		a.mu.Lock()
-		select {
-		case <-a.stopped:
-		default:
-			close(a.stopped)
-		}
-		a.mu.Unlock()
+		a.stop()
+	}
+}
+
+// stop ends a's connections and its saver.
+func (a *recAgent) stop() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	select {
+	case <-a.stopped:
+	default:
+		close(a.stopped)
 	}
 }
 
@@ -231,7 +330,7 @@ func (ra *recoveredAgents) end(id string) {
 // An agent that lost records in a hard stop (Recovering, a disk it
 // reports diverged, or another log than before) cannot be continued: the stream is held until
 // failback's pass, which compares every block.
-func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
+func (a *recAgent) start(h replication.Hello, out chan replication.Frame) (uint64, uint64, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	select {
@@ -262,6 +361,13 @@ func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 	a.conns++
 	a.gen++
 	a.since, a.version = a.s.now(), h.AgentVersion
+	a.out = out
+	if a.freezing && !a.tagged {
+		// A connection ended before the freeze's tag came: asked again
+		// (same failover and request: the agent, frozen already, tags again).
+		a.send(freezeFrame(a.failoverID, a.freezeReq))
+	}
+	a.signal()
 	if a.live {
 		// Records before SpoolFirst were acknowledged; so were those up
 		// to acked (the spool keeps acknowledged records until it trims
@@ -283,6 +389,8 @@ func (a *recAgent) start(h replication.Hello) (uint64, uint64, error) {
 func (a *recAgent) noteStatus(st replication.Status) {
 	a.mu.Lock()
 	a.status, a.statusAt = st, a.s.now()
+	a.frozen = st.Failover
+	a.signal()
 	live := a.live
 	a.mu.Unlock()
 	a.fp.ready.Store(true)
@@ -341,6 +449,7 @@ func (a *recAgent) closed(err error) {
 	if err != nil {
 		a.lastErr = err.Error()
 	}
+	a.signal()
 	a.mu.Unlock()
 }
 
@@ -446,7 +555,7 @@ func (a *recAgent) view() *api.ReverseSource {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v := &api.ReverseSource{Kind: pathAgent, VM: a.vm, BIOSUUID: a.uuid, Connected: a.conns > 0, Version: a.version,
-		Live: a.live, Held: a.needsPass, Sent: a.sent.Load(), LastError: a.lastErr}
+		Live: a.live, Held: a.needsPass, Frozen: a.conns > 0 && a.frozen != "", Sent: a.sent.Load(), LastError: a.lastErr}
 	if a.conns > 0 {
 		v.Since = a.since
 	}
@@ -492,7 +601,7 @@ func (s *Server) drainRecoveredAgent(ctx context.Context, j *job, m store.Machin
 		done, connected := a.drained(since)
 		switch {
 		case done:
-			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("drained: %d bytes sent by the agent in VM %s since the server started", a.sent.Load(), a.vm)})
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("drained: %d bytes sent by the agent in VM %s since reprotect", a.sent.Load(), a.vm)})
 			return nil
 		case !connected:
 			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("the agent in VM %s is gone with it: what it did not send is found by the pass", a.vm)})
@@ -527,5 +636,230 @@ func (s *Server) recordHeld(machineID, fid string) {
 	f.Detail = encodeDetail(d)
 	if err := s.db.UpdateFailover(ctx, f); err != nil {
 		s.log.Error("record the recovered agent's stream held", "machine", machineID, "failover", fid, "err", err)
+	}
+}
+
+// freezeFrame is the FREEZE of failover fid's recovered agent, its final
+// point asked as request req.
+func freezeFrame(fid string, req uint64) replication.Frame {
+	f, _ := replication.JSONFrame(replication.FrameFreeze, replication.Freeze{ID: fid, Req: req})
+	return f
+}
+
+// freezeRecoveredAgent, in failback before the recovered VM's power-off,
+// does to the recovered VM's agent what a planned failover does to a
+// source agent: FREEZE under the failover (guest writes refused from
+// then on, across its restarts), whose final point's tag record comes
+// after every write the guest saw complete; once the stream has written
+// that tag to the original disks, nothing is pending and nothing can
+// come, so the pass after the power-off finds nothing to send. An agent
+// not connected, whose stream is held, that does not report the freeze
+// within recFreezeAnswer or goes away before its tag is written, is left
+// to the path without the freeze (power off, drain what comes, the pass
+// finds the rest), and the step says so. Cancellable: the caller's undo
+// thaws it (thawRecoveredAgent).
+func (s *Server) freezeRecoveredAgent(ctx context.Context, j *job, sm *switchMember) error {
+	a := s.recAgents.of(sm.m.ID, sm.f.ID)
+	if a == nil {
+		return nil
+	}
+	name := sm.m.Name + ": freeze and drain the recovered agent"
+	without := "; the VM is powered off, what its agent still sends is drained, and the pass reads its disks whole and sends the rest"
+	a.mu.Lock()
+	why := ""
+	switch {
+	case a.conns == 0:
+		why = "the agent in VM " + a.vm + " is not connected"
+	case !a.live:
+		why = "the agent in VM " + a.vm + "'s stream is held"
+		if a.needsPass != "" {
+			why += " (" + a.needsPass + ")"
+		}
+	}
+	if why == "" {
+		a.freezing, a.tagged, a.freezeReq = true, false, recFreezeReq.Add(1)
+		a.send(freezeFrame(a.failoverID, a.freezeReq))
+		sm.rec.froze = true
+	}
+	a.mu.Unlock()
+	if why != "" {
+		j.update(api.JobStep{Name: name, State: "done", Detail: "not frozen: " + why + without})
+		return nil
+	}
+	start := a.sent.Load()
+	j.update(api.JobStep{Name: name, State: "running", Detail: fmt.Sprintf("FREEZE sent to the agent in VM %s: its guest writes are refused, its last writes go to the original disks", a.vm)})
+	answer := time.NewTimer(recFreezeAnswer)
+	defer answer.Stop()
+	answered := false
+	for {
+		a.mu.Lock()
+		tagged, frozen, connected, live, ch := a.tagged, a.frozen == a.failoverID, a.conns > 0, a.live, a.changed
+		writing := a.writing > 0
+		pending := a.status.SpoolBytes
+		a.mu.Unlock()
+		why := ""
+		switch {
+		case tagged:
+			sm.rec.drained = true
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("frozen (guest writes refused) and drained: %d bytes sent by the agent in VM %s since the freeze, nothing pending", a.sent.Load()-start, a.vm)})
+			return nil
+		case !connected:
+			why = "the agent in VM " + a.vm + " went away before its last writes were sent"
+		case !live:
+			why = "the agent in VM " + a.vm + "'s stream is held"
+		}
+		if why != "" {
+			j.update(api.JobStep{Name: name, State: "done", Detail: "not drained: " + why + without})
+			return nil
+		}
+		if frozen && !answered {
+			answered = true
+			j.update(api.JobStep{Name: name, State: "running", Detail: fmt.Sprintf("the agent in VM %s is frozen (guest writes refused); its last writes go to the original disks (%d bytes in its spool)", a.vm, pending)})
+		}
+		var timeout <-chan time.Time
+		if !answered {
+			timeout = answer.C
+		}
+		select {
+		case <-ch:
+		case <-timeout:
+			if writing {
+				// Its answer is behind a write to the original disks
+				// (an original agent away is waited for): not read yet.
+				answer.Reset(recFreezeAnswer)
+				continue
+			}
+			j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("not frozen: the agent in VM %s did not report the freeze within %s%s", a.vm, recFreezeAnswer, without)})
+			return nil
+		case <-ctx.Done():
+			j.update(api.JobStep{Name: name, State: "failed", Detail: ctx.Err().Error()})
+			return ctx.Err()
+		}
+	}
+}
+
+// thawRecoveredAgent, after a failback that did not switch, lets the
+// recovered VM's agent take guest writes again: THAW now if it is
+// connected, else at its next connection (Status thaws an agent frozen
+// under the failover that no failback wants frozen).
+func (s *Server) thawRecoveredAgent(j *job, sm *switchMember) {
+	if !sm.rec.froze {
+		return
+	}
+	sm.rec = recFreeze{}
+	a := s.recAgents.of(sm.m.ID, sm.f.ID)
+	if a == nil {
+		return
+	}
+	a.mu.Lock()
+	a.freezing, a.tagged = false, false
+	connected := a.conns > 0
+	if f, err := replication.JSONFrame(replication.FrameThaw, replication.Freeze{ID: a.failoverID}); err == nil {
+		a.send(f)
+	}
+	a.signal()
+	a.mu.Unlock()
+	detail := "THAW sent: its guest writes are accepted again"
+	if !connected {
+		detail = "not connected: thawed when it connects again"
+	}
+	j.update(api.JobStep{Name: sm.m.Name + ": thaw the recovered agent", State: "done", Detail: detail})
+}
+
+// streamedOf is the bytes the recovered VM's agent's stream wrote to
+// failover f's original disks: its recAgent's count (which starts from
+// the record's), else the record's (no connection since a restart).
+func (s *Server) streamedOf(f store.Failover) int64 {
+	if a := s.recAgents.of(f.MachineID, f.ID); a != nil {
+		return a.sent.Load()
+	}
+	if r := decodeDetail(f).Reverse; r != nil && r.VSphere != nil {
+		return r.VSphere.Streamed
+	}
+	return 0
+}
+
+// kickSave asks saveStream to record a's figures.
+func (a *recAgent) kickSave() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// saveStream keeps a's bytes sent and last record acknowledged in the
+// failover's record: after its writes, at most every second (as the NBD
+// shipper's maps), and once more at the server's stop (saveStreams). A kill -9 may
+// leave them a second behind: the count short, the agent told to send
+// again an ordered suffix it had sent (harmless).
+func (s *Server) saveStream(a *recAgent) {
+	var last time.Time
+	for {
+		select {
+		case <-a.kick:
+		case <-a.stopped:
+			return
+		case <-s.ctx.Done():
+			return // Close saves them (saveStreams)
+		}
+		if wait := time.Second - time.Since(last); wait > 0 {
+			select {
+			case <-time.After(wait):
+			case <-a.stopped:
+				return
+			case <-s.ctx.Done():
+				return
+			}
+		}
+		s.recordStream(s.ctx, a)
+		last = time.Now()
+	}
+}
+
+// recordStream writes a's figures into its failover's record (while it
+// is reprotected; the acknowledged record only while its path is the
+// agent's, in the same log).
+func (s *Server) recordStream(ctx context.Context, a *recAgent) {
+	a.mu.Lock()
+	acked, logID := a.acked, a.logID
+	a.mu.Unlock()
+	sent := a.sent.Load()
+	s.rv.recMu.Lock()
+	defer s.rv.recMu.Unlock()
+	f, err := s.db.LiveFailover(ctx, a.machineID)
+	if err != nil || f.ID != a.failoverID {
+		return
+	}
+	d := decodeDetail(f)
+	r := d.Reverse
+	if r == nil || r.State != dirReprotected || r.VSphere == nil {
+		return
+	}
+	v := *r.VSphere
+	v.Streamed = sent
+	if v.Path == pathAgent && v.Log == logID {
+		v.Acked = max(v.Acked, acked)
+	}
+	if v == *r.VSphere {
+		return
+	}
+	r.VSphere = &v
+	f.Detail = encodeDetail(d)
+	if err := s.db.UpdateFailover(ctx, f); err != nil {
+		s.log.Error("failback: record the recovered agent's stream", "machine", a.machineID, "failover", a.failoverID, "err", err)
+	}
+}
+
+// saveStreams records every recovered agent's figures (at the server's
+// stop, once no connection writes any more).
+func (s *Server) saveStreams() {
+	s.recAgents.mu.Lock()
+	as := make([]*recAgent, 0, len(s.recAgents.by))
+	for _, a := range s.recAgents.by {
+		as = append(as, a)
+	}
+	s.recAgents.mu.Unlock()
+	for _, a := range as {
+		s.recordStream(context.Background(), a)
 	}
 }

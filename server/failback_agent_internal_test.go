@@ -76,14 +76,28 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	if err := s.db.UpdateFailover(ctx, f); err != nil {
 		t.Fatal(err)
 	}
+	// The stream's figures kept in the record (as saveStream and the
+	// stop do): a restart starts from them.
+	a.sent.Store(777)
+	s.recordStream(ctx, a)
 	s.recAgents.end(id)
-	a = s.recAgents.get(s, m, f, d, d.VSphere.UUID)
-	c4 := &recConn{a: a}
-	if dur, _ := c4.Start(hello(1, 141, "log1")); dur != 120 || !a.live {
-		t.Fatalf("Welcome after a restart: %d (live %v), want 120", dur, a.live)
+	cur, err := s.db.LiveFailover(ctx, id)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if dur, _ := (&recConn{a: a}).Start(hello(125, 141, "log1")); dur != 124 {
-		t.Fatalf("Welcome after a restart, spool from 125: %d, want 124", dur)
+	if v := decodeDetail(cur).Reverse.VSphere; v.Streamed != 777 || v.Acked != 130 {
+		t.Fatalf("the record's stream: %+v, want 777 bytes, record 130", v)
+	}
+	a = s.recAgents.get(s, m, cur, decodeDetail(cur), d.VSphere.UUID)
+	c4 := &recConn{a: a}
+	if dur, _ := c4.Start(hello(1, 141, "log1")); dur != 130 || !a.live || a.sent.Load() != 777 {
+		t.Fatalf("Welcome after a restart: %d (live %v, %d bytes sent), want 130 (the last acknowledged)", dur, a.live, a.sent.Load())
+	}
+	if dur, _ := (&recConn{a: a}).Start(hello(135, 141, "log1")); dur != 134 {
+		t.Fatalf("Welcome after a restart, spool from 135: %d, want 134", dur)
+	}
+	if dur, _ := (&recConn{a: a}).Start(hello(1, 126, "log1")); dur != 120 {
+		t.Fatalf("Welcome after a restart, the agent behind the acknowledged record: %d, want 120 (the floor)", dur)
 	}
 	// Another log: held, and recorded so.
 	if dur, _ := (&recConn{a: a}).Start(hello(1, 11, "log2")); dur != 10 || a.live || a.needsPass == "" {

@@ -2,6 +2,8 @@ package server_test
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
 )
@@ -110,6 +113,10 @@ func TestFailbackRecoveredAgent(t *testing.T) {
 		t.Fatalf("the recovered agent's stream sent %d bytes for %d written", s, 13*65536)
 	}
 
+	// A server restart keeps the stream's figures (the record): the
+	// bytes sent, and the last record acknowledged, so the agent is not
+	// asked for what its spool keeps past the floor again.
+	sent := r.machine("app01").ReverseSource.Sent
 	// A server restart: the record says the path is the agent, so its
 	// next connection is live at once. Then the original agent gone:
 	// the recovered agent's writes wait, the reverse RPO grows past the
@@ -121,10 +128,17 @@ func TestFailbackRecoveredAgent(t *testing.T) {
 	if err := r.client.Do(ctx, http.MethodPatch, "/api/v1/policies/default-failback", api.PolicyJSON{RPOThreshold: "1s"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the recovered agent live again after the restart", func() bool {
+	waitFor(t, "the recovered agent live again after the restart, nothing pending", func() bool {
 		m := r.machine("app01")
-		return m.ReverseSource != nil && m.ReverseSource.Connected && m.ReverseSource.Live && m.Connected
+		return m.ReverseSource != nil && m.ReverseSource.Connected && m.ReverseSource.Live && m.Connected &&
+			m.Reverse != nil && m.Reverse.RPOKnown && m.Reverse.Pending == 0
 	})
+	if s := r.machine("app01").ReverseSource.Sent; s != sent {
+		t.Fatalf("after a restart the stream counts %d bytes sent, %d before it (the spool sent again, or the count lost)", s, sent)
+	}
+	if fos, err := r.client.Failovers(ctx, false); err != nil || len(fos) != 1 || fos[0].Failback == nil || fos[0].Failback.Sent < sent {
+		t.Fatalf("failovers after the restart: %+v %v (want the stream's %d bytes counted)", fos, err, sent)
+	}
 	vr.ra.close()
 	vr.writeVia(rc.NBD, "d1", 3)
 	al := r.waitAlert(api.AlertReverseRPO, "app01", "")
@@ -139,10 +153,61 @@ func TestFailbackRecoveredAgent(t *testing.T) {
 	waitFor(t, "the writes made with the original agent gone on the original", func() bool {
 		return fileSHA(t, vr.disks["d1"]) == fileSHA(t, vr.flats["d1"])
 	})
+
+	// Failback freezes the recovered agent before the power-off: with
+	// the original agent away its last writes wait, the guest's writes
+	// are refused (EPERM); a cancel thaws it.
+	vr.ra.close()
+	vr.writeVia(rc.NBD, "d0", 2)
+	j, err := r.client.Failback(ctx, "app01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const freezeStep = "app01: freeze and drain the recovered agent"
+	fos, err := r.client.Failovers(ctx, false)
+	if err != nil || len(fos) != 1 {
+		t.Fatalf("failovers %+v %v", fos, err)
+	}
+	fid := fos[0].ID
+	// Its statuses wait behind its writes (the original agent away):
+	// the freeze is seen in its state file.
+	waitFor(t, "the recovered agent frozen, its drain waiting", func() bool {
+		jj, err := r.client.Job(ctx, j.ID)
+		if err != nil || !jj.Cancellable || frozenUnder(t, recState) != fid {
+			return false
+		}
+		// Saved, then refused: a write in between is taken (and shipped).
+		return slices.Contains(stepNames(jj), freezeStep+"=running") && writeRefused(t, rc.NBD, "d1")
+	})
+	if _, err := r.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j = r.runJob(j, nil); j.State == api.JobSucceeded || !slices.Contains(stepNames(j), "app01: thaw the recovered agent=done") || slices.Contains(stepNames(j), "app01: stop the recovered VM=done") {
+		t.Fatalf("a cancelled failback: %s, steps %v", j.State, stepNames(j))
+	}
+	waitFor(t, "the recovered agent thawed", func() bool { return frozenUnder(t, recState) == "" && !writeRefused(t, rc.NBD, "d1") })
+	vr.writeVia(rc.NBD, "d1", 2)
+	vr.ra = startAgent(t, vr.cfg)
+	waitFor(t, "the writes made with the original agent gone on the original, the agent seen thawed", func() bool {
+		m := r.machine("app01")
+		return fileSHA(t, vr.disks["d0"]) == fileSHA(t, vr.flats["d0"]) && fileSHA(t, vr.disks["d1"]) == fileSHA(t, vr.flats["d1"]) &&
+			m.ReverseSource != nil && m.ReverseSource.Connected && !m.ReverseSource.Frozen
+	})
+
+	// Failback: frozen and drained before the power-off, so its pass
+	// over the stopped VM's disks sends nothing.
+	vr.writeVia(rc.NBD, "d0", 2)
 	j = r.mustJob(r.client.Failback(ctx, "app01"))
 	out := strings.Join(j.Output, "\n")
-	if !strings.Contains(out, "failed back") && !strings.Contains(out, "sent") {
-		t.Fatalf("failback output %q", j.Output)
+	if !strings.Contains(out, "the last pass over the stopped VM's disks sent 0 bytes (its agent was frozen and drained before the power-off)") {
+		t.Fatalf("failback output %q, steps %v", j.Output, stepNames(j))
+	}
+	if got := stepNames(j); !slices.Contains(got, freezeStep+"=done") || slices.Index(got, freezeStep+"=done") > slices.Index(got, "app01: stop the recovered VM=done") {
+		t.Fatalf("failback steps %v", got)
+	}
+	mustRefuseWrite(t, rc.NBD, "d0")
+	if frozenUnder(t, recState) != fid {
+		t.Fatal("the recovered agent is not frozen under the failover after failback")
 	}
 	recAgent.close()
 	for _, d := range []string{"d0", "d1"} {
@@ -153,4 +218,46 @@ func TestFailbackRecoveredAgent(t *testing.T) {
 	if m := r.machine("app01"); m.Direction != "failed-back" || m.ReverseSource != nil {
 		t.Fatalf("after failback: direction %q, reverse source %+v", m.Direction, m.ReverseSource)
 	}
+}
+
+// mustRefuseWrite checks that a write through an agent's NBD splitter is
+// refused (EPERM: the agent is frozen).
+func mustRefuseWrite(t *testing.T, addr, disk string) {
+	t.Helper()
+	if !writeRefused(t, addr, disk) {
+		t.Fatal("a write through the frozen recovered agent was taken, want EPERM")
+	}
+}
+
+// writeRefused writes 4 KiB of zeros at the start of an agent's NBD
+// disk: true if refused with EPERM, false if taken.
+func writeRefused(t *testing.T, addr, disk string) bool {
+	t.Helper()
+	c, err := nbd.Dial(context.Background(), addr, disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.WriteAt(make([]byte, 4096), 0)
+	if err != nil && !errors.Is(err, nbd.EPERM) {
+		t.Fatalf("a write through the recovered agent: %v", err)
+	}
+	return err != nil
+}
+
+// frozenUnder is the failover an agent's state file says it is frozen
+// under ("" if none).
+func frozenUnder(t *testing.T, stateDir string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(stateDir, "state.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Failover string `json:"failover"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Failover
 }

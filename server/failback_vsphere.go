@@ -59,10 +59,11 @@ import (
 // verified whole, so a pass cut short by a stop is simply run again; the
 // record says reprotected only once reprotect's pass is done, and
 // failing-back only once failback's is verified (a restart past that
-// finishes it: restoreReverse). Not done here: the recovered machine's
-// writes between reprotect and failback are not sent as they happen (no
-// agent in the recovered guest ships them; failback's pass finds them),
-// so there is no reverse RPO for these failovers.
+// finishes it: restoreReverse). Without an asr agent in the recovered
+// VM (failback_agent.go: it ships the writes as they happen, and is
+// frozen and drained before failback's power-off), the recovered
+// machine's writes between reprotect and failback are found by
+// failback's pass, and there is no reverse RPO.
 
 // vmReverse is the reverse record of a failover to a VM
 // (reverseDetail.VSphere or .Azure): reprotect's checksum pass.
@@ -79,6 +80,13 @@ type vmReverse struct {
 	// compare and are never written to the original (failback_agent.go).
 	From uint64 `json:"from,omitempty"`
 	Log  string `json:"log,omitempty"`
+	// Streamed and Acked: the bytes the agent's stream wrote to the
+	// original disks and the last of its records acknowledged (in Log),
+	// saved at most every second while it writes and at the server's
+	// stop (saveStream), so a restart keeps failback's total and tells
+	// the agent the right resend point.
+	Streamed int64  `json:"streamed,omitempty"`
+	Acked    uint64 `json:"acked,omitempty"`
 }
 
 // vmFailback says whether f is a real failover to vSphere or Azure whose
@@ -310,6 +318,9 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	s.rv.recMu.Unlock()
 	if err != nil {
 		return p, "", err
+	}
+	if ra != nil {
+		ra.kickSave() // the stream's writes since goLive
 	}
 	s.raise(ctx, store.Event{MachineID: m.ID, Severity: "info", Kind: "reprotected",
 		Message: fmt.Sprintf("failover %s (to %s) reprotected: %d bytes compared, %d differed and were sent to the original disks", f.ID, vm, p.compared, p.differ)})
@@ -606,6 +617,9 @@ func (s *Server) failbackVM(ctx context.Context, m store.Machine, f store.Failov
 		if err != nil {
 			s.finishLater(sm.f, m)
 		}
+		if sm.rec.froze {
+			lines = append(lines, lastPassLine(sm))
+		}
 		lines = append(lines, fmt.Sprintf("the recovered VM %s stays powered off in %s: remove it there once the original machine runs", sm.vm.name(), sm.vm.place()))
 		j.setResult(lines, time.Since(start))
 		return err
@@ -656,6 +670,9 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 		}
 		sm.vm = vm
 	}
+	if err := s.freezeRecoveredAgent(ctx, j, sm); err != nil {
+		return err
+	}
 	done := j.step(sm.m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", sm.vm))
 	off, err := sm.vm.powerOff(ctx)
 	if err != nil {
@@ -673,8 +690,10 @@ func (s *Server) drainMember(ctx context.Context, j *job, sm *switchMember) erro
 	if !sm.toVM {
 		return s.waitDrained(ctx, j, sm.m.Name+": drain", "send the last changes to the original disks", sm.run)
 	}
-	if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
-		return err
+	if !sm.rec.drained {
+		if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
+			return err
+		}
 	}
 	disks, err := s.recoveredDisks(ctx, j, sm.vm, sm.m)
 	if err != nil {
@@ -735,12 +754,8 @@ func (s *Server) verifyMember(ctx context.Context, j *job, sm *switchMember) err
 	}
 	j.update(api.JobStep{Name: verify, State: "done", Detail: fmt.Sprintf("%d bytes compared: equal", compared), Total: p.compared, Done: compared})
 	sm.compared = p.compared
-	// The recovered VM's agent's stream counts as sent too (since the
-	// server started: that count is not kept across restarts).
-	streamed := int64(0)
-	if a := s.recAgents.of(m.ID, sm.f.ID); a != nil {
-		streamed = a.sent.Load()
-	}
+	// The recovered VM's agent's stream counts as sent too.
+	streamed := s.streamedOf(sm.f)
 	sm.run = &reverseRun{base: sm.sentBefore + p.sent + streamed} // the bytes sent, for the switch's record
 	return nil
 }
@@ -757,6 +772,7 @@ func (s *Server) undoMember(ctx context.Context, j *job, sm *switchMember) {
 		}
 		return
 	}
+	defer s.thawRecoveredAgent(j, sm)
 	if !sm.vmOff || sm.vm == nil {
 		return
 	}
@@ -778,4 +794,15 @@ func (sm *switchMember) close() {
 	if sm.vm != nil {
 		sm.vm.close()
 	}
+}
+
+// lastPassLine says what failback's pass over the stopped VM's disks
+// sent after the recovered agent's freeze, and whether its stream was
+// drained first.
+func lastPassLine(sm *switchMember) string {
+	l := fmt.Sprintf("the last pass over the stopped VM's disks sent %d bytes", sm.pass.sent)
+	if sm.rec.drained {
+		l += " (its agent was frozen and drained before the power-off)"
+	}
+	return l
 }

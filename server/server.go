@@ -685,6 +685,9 @@ func (s *Server) Close() error {
 	if s.ps != nil {
 		keep(s.ps.Close())
 	}
+	if s.db != nil {
+		s.saveStreams() // after the process server: the recovered agents' last writes counted
+	}
 	if s.mirror != nil {
 		s.mirror.close() // after the process server: nothing more is noted
 	}

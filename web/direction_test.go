@@ -68,6 +68,7 @@ func TestReverseSourceShown(t *testing.T) {
 	}{
 		{api.ReverseSource{Connected: true}, "held", "held in its spool until reprotect has compared the disks"},
 		{api.ReverseSource{Connected: true, Held: "its log was lost"}, "held", "held in its spool: its log was lost"},
+		{api.ReverseSource{Connected: true, Live: true, Frozen: true}, "live", "frozen for failback (its guest's writes are refused); its writes go to the original disks"},
 		{api.ReverseSource{Live: true, LastError: "original agent gone"}, "disconnected", "not connected; its writes go to the original disks as they happen; 0 B sent, 0 B in its spool; last error: original agent gone"},
 	} {
 		if st, tx := reverseSourceState(&tc.s), reverseSourceText(&tc.s); st != tc.state || !strings.Contains(tx, tc.text) {

@@ -163,6 +163,9 @@ func reverseSourceText(s *api.ReverseSource) string {
 	default:
 		t = "its writes are held in its spool until reprotect has compared the disks"
 	}
+	if s.Frozen {
+		t = "frozen for failback (its guest's writes are refused); " + t
+	}
 	if !s.Connected {
 		t = "not connected; " + t
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -41,6 +42,10 @@ type ReverseSink interface {
 	Write(ctx context.Context, recs []replication.Record) error
 	// Closed reports the end of the connection.
 	Closed(err error)
+	// Control is the frames the server sends the agent besides ACKs
+	// (FREEZE and THAW: the recovered agent frozen at failback), read
+	// from Start's return until the connection ends; nil for none.
+	Control() <-chan replication.Frame
 }
 
 // serveRecovered serves a recovered VM's agent: Welcome, then each DATA
@@ -57,7 +62,10 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		sizes[d.Index] = d.Size
 	}
 	disk := func(i uint32) (int64, bool) { sz, ok := sizes[i]; return sz, ok }
+	var wmu sync.Mutex // the reading loop's ACKs and the sink's control frames
 	write := func(f replication.Frame) error {
+		wmu.Lock()
+		defer wmu.Unlock()
 		c.SetWriteDeadline(time.Now().Add(time.Minute))
 		if err := replication.WriteFrame(bw, &f); err != nil {
 			return err
@@ -76,6 +84,21 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		<-ctx.Done()
 		c.Close()
 	}()
+	if ctl := sink.Control(); ctl != nil {
+		go func() {
+			for {
+				select {
+				case f := <-ctl:
+					if err := write(f); err != nil {
+						cancel()
+						return
+					}
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+	}
 	acked := durable
 	var buf, dbuf []byte
 	codec := replication.DefaultCodec()

@@ -126,8 +126,11 @@ type ReverseSource struct {
 	// it is not just waiting for reprotect.
 	Live bool   `json:"live"`
 	Held string `json:"held,omitempty"`
-	// Sent is the bytes written to the original disks from its log since
-	// the server started; SpoolBytes what its last status says it holds
+	// Frozen: its last status says it refuses guest writes (frozen by
+	// failback before the recovered VM's power-off).
+	Frozen bool `json:"frozen,omitempty"`
+	// Sent is the bytes written to the original disks from its log (kept
+	// across server restarts in the failover's record); SpoolBytes what its last status says it holds
 	// unacknowledged; OldestPending the time of the oldest of those.
 	Sent          int64     `json:"sent"`
 	SpoolBytes    int64     `json:"spool_bytes"`
