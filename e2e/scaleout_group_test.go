@@ -37,18 +37,7 @@ func TestE2EGroupAcrossProcessServers(t *testing.T) {
 	c.startPS("ps1")
 	c.waitPS("ps1 healthy", func(l map[string]api.ProcessServerInfo) bool { return l["ps1"].State == api.PSHealthy })
 
-	stop := make(chan struct{})
-	var bg background
-	for i, vm := range vms {
-		fioRounds(t, &bg, stop, vm, agents[vm].uri("d0"), 500*(i+1), "--rate=2m")
-	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			close(stop)
-			bg.wait()
-		}
-	}()
+	stopFio := fioOn(t, vms, agents, 500)
 	c.switchTo("vm2", "ps1")
 
 	// groupPoint takes a group point with the CLI and checks that its
@@ -97,9 +86,7 @@ func TestE2EGroupAcrossProcessServers(t *testing.T) {
 		return gp
 	}
 	groupPoint() // under fio
-	stopped = true
-	close(stop)
-	if err := bg.wait(); err != nil {
+	if err := stopFio(); err != nil {
 		t.Fatal(err)
 	}
 	gp := groupPoint()

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -259,18 +260,7 @@ func TestE2EProcessServerAutoSwitch(t *testing.T) {
 		return l["ps1"].State == api.PSHealthy && l["ps2"].State == api.PSHealthy
 	})
 
-	stop := make(chan struct{})
-	var bg background
-	for i, vm := range vms {
-		fioRounds(t, &bg, stop, vm, agents[vm].uri("d0"), 700*(i+1), "--rate=2m")
-	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			close(stop)
-			bg.wait()
-		}
-	}()
+	stopFio := fioOn(t, vms, agents, 700)
 	c.switchTo("vm1", "ps1")
 	c.switchTo("vm2", "ps1")
 	// The built-in process server serves nothing now and its upload
@@ -306,9 +296,7 @@ func TestE2EProcessServerAutoSwitch(t *testing.T) {
 	for _, vm := range vms {
 		waitConnected(t, c.psLog(on[vm]), vm, 0)
 	}
-	stopped = true
-	close(stop)
-	if err := bg.wait(); err != nil {
+	if err := stopFio(); err != nil {
 		t.Fatal(err)
 	}
 	// Where each machine now is, a resync makes the replica equal to the
@@ -363,18 +351,7 @@ func TestE2EScaleOutFourAgents(t *testing.T) {
 
 	// fio on the four machines until stopped (rate-limited: four guests,
 	// three process servers and fio share this machine's cores).
-	stop := make(chan struct{})
-	var bg background
-	for i, vm := range vms {
-		fioRounds(t, &bg, stop, vm, agents[vm].uri("d0"), 1000*(i+1), "--rate=2m")
-	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			close(stop)
-			bg.wait()
-		}
-	}()
+	stopFio := fioOn(t, vms, agents, 1000)
 	// Spread: vm1 and vm2 on ps1, vm3 on ps2, vm4 on the built-in one.
 	c.switchTo("vm1", "ps1")
 	c.switchTo("vm2", "ps1")
@@ -439,9 +416,7 @@ func TestE2EScaleOutFourAgents(t *testing.T) {
 
 	// fio stops (every run verified what it wrote); what ps2's cache took
 	// with it is resynced; each machine's latest point holds every write.
-	stopped = true
-	close(stop)
-	if err := bg.wait(); err != nil {
+	if err := stopFio(); err != nil {
 		t.Fatal(err)
 	}
 	for _, vm := range []string{"vm2", "vm3"} {
@@ -574,6 +549,27 @@ func waitConnected(t *testing.T, log, vm string, n int) {
 // fioRounds runs fio on an NBD URI in the background until stop is
 // closed: rounds of 4 MiB of random 4 KiB writes (each round at another
 // offset, seeded seed+round), each verified by fio as it goes.
+// fioOn runs fioRounds at 2 MiB/s on each machine's d0 (seeds seedStep,
+// 2*seedStep, ...) until the returned stop is called, or the test ends;
+// stop waits for every run and returns the first error (called again, the
+// same).
+func fioOn(t *testing.T, vms []string, agents map[string]*agentProc, seedStep int) (stop func() error) {
+	t.Helper()
+	ch := make(chan struct{})
+	var bg background
+	for i, vm := range vms {
+		fioRounds(t, &bg, ch, vm, agents[vm].uri("d0"), seedStep*(i+1), "--rate=2m")
+	}
+	var once sync.Once
+	var err error
+	stop = func() error {
+		once.Do(func() { close(ch); err = bg.wait() })
+		return err
+	}
+	t.Cleanup(func() { stop() })
+	return stop
+}
+
 func fioRounds(t *testing.T, bg *background, stop <-chan struct{}, vm, uri string, seed int, extra ...string) {
 	t.Helper()
 	nbdPeerTool(t, "fio")
