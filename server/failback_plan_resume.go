@@ -35,6 +35,10 @@ type pfRecord struct {
 	// Members are the machines switched, by the plan's group.
 	Members [][]pfMember `json:"members"`
 	Next    pfCursor     `json:"next"`
+	// Failed are the steps that failed past the switch (an action, a
+	// machine's power-on), the plan going on past them: the job fails
+	// at its end, naming them.
+	Failed []string `json:"failed,omitempty"`
 }
 
 // pfMember is a machine a plan's failback switched.
@@ -112,11 +116,20 @@ func (s *Server) savePF(j *job, rec *pfRecord) {
 
 // planPowerOn powers the switched machines on, group by group in the
 // plan's order from the record's cursor, each group's actions around its
-// power-on, and ends the record. Past the switch nothing is undone: an
-// action or a power-on that fails fails the job, and the machines not
-// powered on yet are finished in the background without their actions; a
-// server stop leaves the record for the next start.
+// power-on, and ends the record. Past the switch nothing is undone, and a
+// failure does not end the plan: an action that fails (a script's exit, a
+// manual action cancelled) or a machine whose power-on fails is recorded
+// in the record's Failed, the machine is finished in the background
+// (finishLater), and the plan goes on in its order with its actions; the
+// job fails at the end, naming every failure. A server stop leaves the
+// record for the next start, the step under way to do again.
 func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]string, error) {
+	// The job's cancel no longer stops it, a server stop does; the job's
+	// own context still answers a manual action waiting (runPFActions).
+	jctx := ctx
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)()
 	x := fbSet{kind: rec.Kind, p: rec.Plan}
 	actx := api.ActionContext{Plan: x.p.Name, Type: "failback", Direction: "recovery-to-primary", Machines: map[string]api.ActionMachine{}}
 	var lines []string
@@ -140,22 +153,58 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 		actx.Machines[pm.Name] = am
 		n++
 	}
-	var failed error
+	// failed records a failure past which the plan goes on; false when
+	// the server is stopping (the step is done again at the next start).
+	failed := func(what string, err error) bool {
+		if s.ctx.Err() != nil {
+			return false
+		}
+		rec.Failed = append(rec.Failed, fmt.Sprintf("%s: %v", what, err))
+		s.log.Warn("failback: a plan's step failed past the switch; the plan goes on in its order", "job", j.id, "step", what, "err", err)
+		return true
+	}
+	// powerOn powers a machine on: "" when it is, else what failed (the
+	// machine then finished in the background, left out of the actions'
+	// context); stop when the server is stopping.
+	powerOn := func(pm pfMember, m store.Machine, f store.Failover) (fail string, stop bool) {
+		_, err := s.finishFailback(ctx, j, f, m)
+		if err == nil {
+			var ended store.Failover
+			if ended, err = s.pfEnded(ctx, pm); err == nil {
+				finished(pm, m, ended)
+				return "", false
+			}
+		}
+		what := "machine " + pm.Name + ": power on"
+		if !failed(what, fmt.Errorf("%w (powered on in the background, out of the plan's order)", err)) {
+			return "", true
+		}
+		s.finishLater(f, m)
+		return rec.Failed[len(rec.Failed)-1], false
+	}
+	stopped := false
 	for gi, g := range rec.Members {
-		if len(g) == 0 || failed != nil {
+		if len(g) == 0 || stopped {
 			continue
 		}
 		if gi < rec.Next.Group || gi == rec.Next.Group && rec.Next.Phase == "post" {
-			// Powered on before a restart.
+			// Powered on before a restart (a failed one is finished in
+			// the background again).
 			for _, pm := range g {
-				m, f, _, err := s.pfState(ctx, pm)
-				if err != nil {
-					failed = err
+				m, f, live, err := s.pfState(ctx, pm)
+				switch {
+				case err != nil:
+					stopped = !failed("machine "+pm.Name, err)
+				case live:
+					s.finishLater(f, m)
+				default:
+					finished(pm, m, f)
+				}
+				if stopped {
 					break
 				}
-				finished(pm, m, f)
 			}
-			if failed != nil {
+			if stopped {
 				break
 			}
 			if gi < rec.Next.Group {
@@ -168,78 +217,94 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 		grp := x.p.Groups[gi]
 		if rec.Next.Phase == "pre" {
 			actx.Phase = "pre"
-			if failed = s.runPFActions(ctx, j, rec, gi, grp.Pre, &actx); failed != nil {
+			if stopped = !s.runPFActions(ctx, jctx, j, rec, gi, grp.Pre, &actx, failed); stopped {
 				break
 			}
 			rec.Next = pfCursor{Group: gi, Phase: "power"}
 		}
 		if rec.Next.Phase == "power" {
 			done := j.step(fmt.Sprintf("group %d: power on", gi+1), machinesWord(len(g), "original"))
-			k := 0
+			var fails []string
 			for _, pm := range g {
 				m, f, live, err := s.pfState(ctx, pm)
-				if err == nil && live {
-					// Past the switch: finished now, or in the background.
-					if _, err = s.finishFailback(ctx, j, f, m); err == nil {
-						f, err = s.pfEnded(ctx, pm)
+				fail := ""
+				switch {
+				case err != nil:
+					if stopped = !failed("machine "+pm.Name, err); !stopped {
+						fail = rec.Failed[len(rec.Failed)-1]
 					}
+				case live:
+					// Past the switch: finished now, or in the background.
+					fail, stopped = powerOn(pm, m, f)
+				default:
+					finished(pm, m, f)
 				}
-				if err != nil {
-					failed = fmt.Errorf("machine %s: %w", pm.Name, err)
+				if stopped {
 					break
 				}
-				finished(pm, m, f)
-				k++
+				if fail != "" {
+					fails = append(fails, fail)
+				}
 			}
-			if failed != nil {
-				done("", failed)
+			if stopped {
+				done("", errServerStopped)
 				break
 			}
-			done(fmt.Sprintf("%d powered on", k), nil)
+			if len(fails) > 0 {
+				done("", fmt.Errorf("%d of %d powered on: %s", len(g)-len(fails), len(g), strings.Join(fails, "; ")))
+			} else {
+				done(fmt.Sprintf("%d powered on", len(g)), nil)
+			}
 			rec.Next = pfCursor{Group: gi, Phase: "post"}
 			s.savePF(j, rec)
 		}
 		actx.Phase = "post"
-		if failed = s.runPFActions(ctx, j, rec, gi, grp.Post, &actx); failed != nil {
+		if stopped = !s.runPFActions(ctx, jctx, j, rec, gi, grp.Post, &actx, failed); stopped {
 			break
 		}
 		rec.Next = pfCursor{Group: gi + 1, Phase: "pre"}
 		s.savePF(j, rec)
 	}
-	if failed != nil {
-		if s.ctx.Err() != nil {
-			return lines, errServerStopped // the record stays: the next start resumes
-		}
-		// Past the switch, never undone: the rest are finished in the
-		// background, without their actions.
-		s.finishPFLater(ctx, rec)
-		if err := s.db.DeletePlanFailback(context.WithoutCancel(ctx), j.id); err != nil {
-			s.log.Error("failback: remove a plan failback's record", "job", j.id, "err", err)
-		}
-		return lines, fmt.Errorf("%w; the machines not powered on yet are powered on in the background, without the plan's actions", failed)
+	if stopped {
+		return lines, errServerStopped // the record stays: the next start resumes
 	}
 	if err := s.db.DeletePlanFailback(context.WithoutCancel(ctx), j.id); err != nil {
 		s.log.Error("failback: remove a plan failback's record", "job", j.id, "err", err)
 	}
 	head := fmt.Sprintf("%s failed back: %s, %d bytes sent, %d bytes compared; run asr reprotect %s to protect them again", x.label(), machinesWord(n, ""), sent, compared, x.flag())
+	if len(rec.Failed) > 0 {
+		head = fmt.Sprintf("%s failed back with failures past the switch (the plan went on in its order, with its actions): %s, %d bytes sent, %d bytes compared; %d failed", x.label(), machinesWord(n, ""), sent, compared, len(rec.Failed))
+		for _, f := range rec.Failed {
+			lines = append(lines, "failed: "+f)
+		}
+		return append([]string{head}, lines...), fmt.Errorf("past the switch, %s (the plan went on in its order, with its actions)", strings.Join(rec.Failed, "; "))
+	}
 	return append([]string{head}, lines...), nil
 }
 
 // runPFActions runs group gi's actions of actx.Phase that run on
-// failback, from the cursor's, recording each one done.
-func (s *Server) runPFActions(ctx context.Context, j *job, rec *pfRecord, gi int, as []api.PlanAction, actx *api.ActionContext) error {
+// failback, from the cursor's, recording each one done or failed (failed
+// says whether to go on); false when the server is stopping. A manual
+// action waits on the job's context jctx: a cancel past the switch
+// answers it (not done, recorded as failed), and the plan goes on.
+func (s *Server) runPFActions(ctx, jctx context.Context, j *job, rec *pfRecord, gi int, as []api.PlanAction, actx *api.ActionContext, failed func(string, error) bool) bool {
 	actx.Group = gi + 1
 	for k := rec.Next.Action; k < len(as); k++ {
 		if a := as[k]; a.RunsOn(true) {
-			if err := s.runAction(ctx, j, fmt.Sprintf("group %d %s %d", gi+1, actx.Phase, k+1), a, *actx); err != nil {
-				return err
+			name := fmt.Sprintf("group %d %s %d", gi+1, actx.Phase, k+1)
+			actCtx := ctx
+			if a.Kind == "manual" {
+				actCtx = jctx
+			}
+			if err := s.runAction(actCtx, j, name, a, *actx); err != nil && !failed(name, err) {
+				return false
 			}
 		}
 		rec.Next = pfCursor{Group: gi, Phase: actx.Phase, Action: k + 1}
 		s.savePF(j, rec)
 	}
 	rec.Next.Action = 0
-	return nil
+	return true
 }
 
 // pfState returns a member's machine and failover: live (still to power
@@ -266,18 +331,6 @@ func (s *Server) pfEnded(ctx context.Context, pm pfMember) (store.Failover, erro
 		return f, fmt.Errorf("machine %s: %w", pm.Name, err)
 	}
 	return f, nil
-}
-
-// finishPFLater finishes in the background every member of a record not
-// powered on yet (finishLater: retried until done or the server stops).
-func (s *Server) finishPFLater(ctx context.Context, rec *pfRecord) {
-	for _, g := range rec.Members {
-		for _, pm := range g {
-			if m, f, live, err := s.pfState(ctx, pm); err == nil && live {
-				s.finishLater(f, m)
-			}
-		}
-	}
 }
 
 // loadPlanFailbacks, at start before restoreFailovers, reads the plan

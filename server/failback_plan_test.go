@@ -892,3 +892,83 @@ func TestFailbackPlanUnplannedCancelledWhileFreezing(t *testing.T) {
 	}
 	pr.failBackPlan(pr.sums())
 }
+
+// Past the switch a failure does not end the plan: group 1's post script
+// fails and app1's agent is away at its power-on (stopped at the
+// switch), yet group 2's actions run in the plan's order around its
+// power-on (their context without app1), the job fails naming both, and
+// app1 is powered on in the background once its agent is back. Before,
+// the first failure ended the job and the rest were powered on without
+// their actions.
+func TestFailbackPlanGoesOnPastAFailure(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	logf := filepath.Join(dir, "actions.log")
+	logScript := filepath.Join(dir, "log.sh")
+	if err := os.WriteFile(logScript, []byte("#!/bin/sh\n{ printf '%s ' \"$ASR_PHASE-$ASR_GROUP\"; cat; echo; } >> "+logf+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	failScript := filepath.Join(dir, "fail.sh")
+	if err := os.WriteFile(failScript, []byte("#!/bin/sh\necho the database is not answering\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pr := startPlanRigWith(t, true, []api.PlanGroup{
+		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "script", Path: failScript, On: api.ActionOnFailback}}},
+		{Machines: []string{"app1", "app2"}, Pre: []api.PlanAction{{Kind: "script", Path: logScript, On: api.ActionOnFailback}},
+			Post: []api.PlanAction{{Kind: "script", Path: logScript, On: api.ActionOnFailback}}},
+	})
+	for _, m := range planMachines {
+		pr.write(m, 4)
+	}
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	for _, m := range planMachines {
+		pr.write(m, 2)
+	}
+	want := pr.sums()
+	// app1's agent goes away once the switch is recorded: its power-on
+	// (the thaw) fails.
+	server.SetFailbackSwitchHook(pr.srv, func(context.Context) { pr.agents["app1"].close() })
+	j := pr.runJob(pr.client.FailbackPlan(ctx, "app"))
+	t.Logf("plan failback: %s %q, output %q, steps %v", j.State, j.Error, j.Output, stepNames(j))
+	if j.State != api.JobFailed || !strings.Contains(j.Error, "group 1 post 1") || !strings.Contains(j.Error, "machine app1: power on") {
+		t.Fatalf("the plan failback: %s %q", j.State, j.Error)
+	}
+	state := map[string]string{"group 1: power on": "done", "group 1 post 1": "failed", "group 2 pre 1": "done",
+		"group 2: power on": "failed", "app2: power on": "done", "group 2 post 1": "done"}
+	order := []string{"group 1: power on", "group 1 post 1", "group 2 pre 1", "group 2: power on", "app2: power on", "group 2 post 1"}
+	for k, name := range order {
+		if st := j.Steps[stepIndex(t, j, name)]; st.State != state[name] {
+			t.Fatalf("step %+v: want %s", st, state[name])
+		}
+		if k > 0 && stepIndex(t, j, order[k-1]) > stepIndex(t, j, name) {
+			t.Fatalf("step %q after %q: %v", order[k-1], name, stepNames(j))
+		}
+	}
+	b, err := os.ReadFile(logf)
+	if err != nil {
+		t.Fatalf("group 2's actions did not run: %v", err)
+	}
+	got := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(got) != 2 || !strings.HasPrefix(got[0], "pre-2 ") || !strings.HasPrefix(got[1], "post-2 ") {
+		t.Fatalf("group 2's actions: %q", got)
+	}
+	var post api.ActionContext
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(got[1], "post-2 ")), &post); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := post.Machines["app1"]; ok || len(post.Machines) != 2 {
+		t.Fatalf("group 2's post action's machines: %+v (want db and app2, not app1)", post.Machines)
+	}
+	pr.directions("failed-back", "db", "app2")
+	pr.directions("failing-back", "app1")
+	pr.agents["app1"] = startAgent(t, pr.cfgs["app1"])
+	waitFor(t, "app1 powered on in the background", func() bool { return pr.machine("app1").Direction == "failed-back" })
+	for m, p := range pr.disks {
+		if fileSum(t, p) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+	if fos, _ := pr.client.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers: %+v", fos)
+	}
+}
