@@ -217,6 +217,13 @@ func (s *Server) registerPlanJob(x fbSet, machines []string, start func(func(con
 		s.rv.planJobs = map[string][]string{}
 	}
 	s.rv.planJobs[j.ID] = machines
+	s.jobs.mu.Lock()
+	rj := s.jobs.running[j.ID]
+	s.jobs.mu.Unlock()
+	if rj != nil {
+		rj.setMachines(machines)
+		j = rj.snapshot()
+	}
 	close(ready)
 	return j, nil
 }

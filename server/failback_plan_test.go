@@ -811,6 +811,16 @@ func TestFailbackPlanResumedAfterARestart(t *testing.T) {
 			}
 			return jj.Waiting == "check the database"
 		})
+		// The job names its machines, in the list too: each machine's
+		// page shows it as its own.
+		js, err := pr.client.Jobs(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(js, func(x api.Job) bool { return x.ID == j.ID })
+		if i < 0 || !slices.Equal(slices.Sorted(slices.Values(js[i].Machines)), []string{"app1", "app2", "db"}) {
+			t.Fatalf("the running plan failback's machines in the jobs list: %+v", js)
+		}
 	}
 	waiting()
 	pr.directions("failed-back", "db")

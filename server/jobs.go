@@ -110,6 +110,7 @@ func (j *job) cloneLocked() api.Job {
 	c := j.j
 	c.Steps = append([]api.JobStep(nil), j.j.Steps...)
 	c.Output = append([]string(nil), j.j.Output...)
+	c.Machines = append([]string(nil), j.j.Machines...)
 	return c
 }
 
@@ -219,6 +220,14 @@ func (j *job) setResult(lines []string, rto time.Duration) {
 	c := j.cloneLocked()
 	j.mu.Unlock()
 	j.save(c)
+}
+
+// setMachines notes the machines a plan's job acts on (api.Job.Machines).
+func (j *job) setMachines(names []string) {
+	j.mu.Lock()
+	j.j.Machines = append([]string(nil), names...)
+	j.publishLocked()
+	j.mu.Unlock()
 }
 
 // setCancellable says whether an operator may cancel the job now (it is

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -81,6 +82,38 @@ func failbackOfferFor(m api.Machine, f *api.Failover, running *api.Job) failback
 	return o
 }
 
+// runningJobText says that a reprotect or failback job of a machine runs:
+// its own, or its plan's (or replication group's), which it is one
+// machine of.
+func runningJobText(j api.Job, machine string) string {
+	of := machine
+	if j.Subject != machine {
+		of = j.Subject + ", " + machine + " among its machines,"
+	}
+	return "A " + j.Kind + " job of " + of + " is running: wait for it to end."
+}
+
+// jobStepNow is what a running job does now: the newest step running (or
+// the newest step), and the manual action it waits on.
+func jobStepNow(j api.Job) string {
+	now := ""
+	if n := len(j.Steps); n > 0 {
+		now = j.Steps[n-1].Name
+	}
+	for _, st := range j.Steps {
+		if st.State == "running" {
+			now = st.Name
+		}
+	}
+	if j.Waiting != "" {
+		if now != "" {
+			now += ": "
+		}
+		now += "waits for a manual action: " + j.Waiting
+	}
+	return now
+}
+
 func plannedWord(planned bool) string {
 	if planned {
 		return "planned"
@@ -121,7 +154,7 @@ func failbackOffers(ctx context.Context, b Backend, log *slog.Logger, ms []api.M
 		var running *api.Job
 		for i := range js {
 			j := js[i]
-			if (j.Kind == actionReprotect || j.Kind == actionFailback) && j.Subject == m.Name && j.State == api.JobRunning {
+			if (j.Kind == actionReprotect || j.Kind == actionFailback) && (j.Subject == m.Name || slices.Contains(j.Machines, m.Name)) && j.State == api.JobRunning {
 				running = &js[i]
 				break
 			}
@@ -190,7 +223,7 @@ func (v failbackView) notApplicable() string {
 	m := v.Machine
 	switch {
 	case v.Offer.Job != nil:
-		return "A " + v.Offer.Job.Kind + " job of " + m.Name + " is running: wait for it to end."
+		return runningJobText(*v.Offer.Job, m.Name)
 	case v.Offer.Note != "":
 		return v.Offer.Note
 	case m.Direction == "":

@@ -90,7 +90,7 @@ func (v alternateView) notApplicable() string {
 	f := v.Offer.Failover
 	switch {
 	case v.Offer.Job != nil:
-		return "A " + v.Offer.Job.Kind + " job of " + v.Machine.Name + " is running: wait for it to end."
+		return runningJobText(*v.Offer.Job, v.Machine.Name)
 	case f == nil:
 		return v.Machine.Name + " has no live failover: there is nothing to fail back."
 	case f.To != api.ToNBD:

@@ -87,6 +87,23 @@ var failbackCases = []struct {
 		action: actionFailback, note: "3 MiB sent back to the original disks", direction: "Reprotected"},
 	{name: "failed_over_qemu", machine: withDirection("failed-over"), failover: failoverWith(func(f *api.Failover) { f.To = "qemu"; f.Exports = nil }),
 		note: "this one is planned to qemu: not here yet", direction: "Failed over"},
+	// A plan's (or group's) job is the machine's own when it names it:
+	// its link and what it does now, no button.
+	{name: "plan_failback_running", machine: withDirection("reprotected"),
+		failover: failoverWith(func(f *api.Failover) { f.Failback = &api.FailbackStatus{State: "reprotected", Sent: 6 * mib} }),
+		job: &api.Job{ID: "job-9", Kind: "failback", Subject: "plan app", State: api.JobRunning, Machines: []string{"app1", "db"},
+			Steps: []api.JobStep{{Name: "group 2: shut down", State: "done"}, {Name: "db: drain", State: "running"}}},
+		note: "of plan app</span> <a href=\"/jobs/job-9\">its job's progress</a> <span class=\"muted failback-job-step\">db: drain</span>", direction: "Reprotected"},
+	{name: "plan_failback_waiting", machine: withDirection("failing-back"),
+		failover: failoverWith(func(f *api.Failover) { f.Failback = &api.FailbackStatus{State: "failing-back", Sent: 6 * mib} }),
+		job: &api.Job{ID: "job-9", Kind: "failback", Subject: "group rg", State: api.JobRunning, Machines: []string{"db"}, Waiting: "check the database",
+			Steps: []api.JobStep{{Name: "switch", State: "done"}, {Name: "group 1 post 1", State: "running"}}},
+		note: "group 1 post 1: waits for a manual action: check the database", direction: "Failing back"},
+	// Another plan's job leaves the machine's button.
+	{name: "plan_job_of_others", machine: withDirection("reprotected"),
+		failover: failoverWith(func(f *api.Failover) { f.Failback = &api.FailbackStatus{State: "reprotected", Sent: 6 * mib} }),
+		job:      &api.Job{ID: "job-9", Kind: "failback", Subject: "plan other", State: api.JobRunning, Machines: []string{"app1"}},
+		action:   actionFailback, direction: "Reprotected"},
 }
 
 func failbackBackend(c int) *fakeBackend {
@@ -136,8 +153,8 @@ func TestFailbackButtons(t *testing.T) {
 				if tc.action != "" && strings.Contains(body, "<code>asr "+tc.action) {
 					t.Errorf("%s: the next command is shown with its button", where)
 				}
-				if tc.job != nil && !strings.Contains(body, `href="/jobs/job-9"`) {
-					t.Errorf("%s: the running job is not linked", where)
+				if tc.job != nil && (tc.action == "") != strings.Contains(body, `href="/jobs/job-9"`) {
+					t.Errorf("%s: the running job is linked %v, want %v", where, !(tc.action == ""), tc.action == "")
 				}
 			}
 			if fo := tc.failover; fo != nil && fo.Failback != nil {
@@ -182,6 +199,8 @@ func TestFailbackConfirmPages(t *testing.T) {
 			[]string{"Commit the failover"}},
 		{"reprotect_running", "/machines/db/reprotect", 6, http.StatusConflict,
 			[]string{"A reprotect job of db is running", `id="failback-running-job" class="button button-primary" href="/jobs/job-9"`}},
+		{"failback_plan_running", "/machines/db/failback", 14, http.StatusConflict,
+			[]string{"A failback job of plan app, db among its machines, is running", `id="failback-running-job" class="button button-primary" href="/jobs/job-9"`}},
 	} {
 		t.Run(tc.golden, func(t *testing.T) {
 			b := failbackBackend(tc.c)

@@ -168,6 +168,10 @@ type Job struct {
 	Waiting string `json:"waiting,omitempty"`
 	// Cancellable says POST /api/v1/jobs/{id}/cancel may stop it now.
 	Cancellable bool `json:"cancellable,omitempty"`
+	// Machines are the machines a running plan's (or replication
+	// group's) reprotect or failback acts on, by name: a machine's page
+	// shows that job as its own. Not kept once the job ends.
+	Machines []string `json:"machines,omitempty"`
 }
 
 // JobStep is one step of a job; Done and Total count bytes where the step
