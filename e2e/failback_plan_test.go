@@ -38,7 +38,9 @@ func planFio(t *testing.T, uri, name string, n int64) {
 }
 
 // TestE2EFailbackPlan: the whole cycle of a plan; every original disk
-// equals its export's final content, and new points recover bit-exact.
+// equals its export's final content, and new points recover bit-exact. A
+// failback-only script of group 1 fails past the switch: the job fails
+// naming it, yet group 2 still runs its action and powers on in order.
 func TestE2EFailbackPlan(t *testing.T) {
 	c := newFailoverCluster(t)
 	machines := []string{"db", "app1", "app2"}
@@ -61,7 +63,12 @@ func TestE2EFailbackPlan(t *testing.T) {
 	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$ASR_DIRECTION $ASR_PHASE $ASR_GROUP $ASR_FAILOVER_TYPE\" >> "+actionLog+"\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	c.mustCLI("plan", "create", "app", "--group", "1=db", "--group", "2=app1,app2", "--pre", "2=script:"+script, "--post", "1=failback:script:"+script)
+	failing := filepath.Join(c.dir, "failing.sh")
+	if err := os.WriteFile(failing, []byte("#!/bin/sh\necho the database does not answer\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.mustCLI("plan", "create", "app", "--group", "1=db", "--group", "2=app1,app2", "--pre", "2=script:"+script,
+		"--post", "1=failback:script:"+script, "--post", "1=failback:script:"+failing)
 	actions := func() string {
 		b, err := os.ReadFile(actionLog)
 		if err != nil {
@@ -110,10 +117,12 @@ func TestE2EFailbackPlan(t *testing.T) {
 		planFio(t, exports[m], "reprotected-"+m, 1<<20)
 		want[m] = nbdCopySum(t, exports[m])
 	}
-	out = c.mustCLI("failback", "--plan", "app")
-	t.Logf("failback --plan:\n%s", out)
-	if !strings.Contains(out, "plan app failed back: 3 machines") {
-		t.Fatalf("failback --plan:\n%s", out)
+	out, err := c.cli("failback", "--plan", "app")
+	t.Logf("failback --plan: %v\n%s", err, out)
+	if err == nil || !strings.Contains(err.Error(), "group 1 post 2: script "+failing) ||
+		!strings.Contains(out, "plan app failed back with failures past the switch (the plan went on in its order, with its actions): 3 machines") ||
+		!strings.Contains(out, "failed: group 1 post 2") {
+		t.Fatalf("failback --plan with a failing script past the switch: %v\n%s", err, out)
 	}
 	for _, m := range machines {
 		re := regexp.MustCompile(regexp.QuoteMeta(m) + `: failed back: (\d+) bytes sent, (\d+) bytes compared`)
@@ -137,7 +146,8 @@ func TestE2EFailbackPlan(t *testing.T) {
 		t.Fatalf("live failovers after failback --plan: %+v", fs)
 	}
 	// On failback: group 1's failback-only post action after db's
-	// power-on, then group 2's pre action before app1's and app2's.
+	// power-on, then (past the failing one) group 2's pre action before
+	// app1's and app2's.
 	if got := actions(); got != "primary-to-recovery pre 2 planned\nrecovery-to-primary post 1 failback\nrecovery-to-primary pre 2 failback\n" {
 		t.Fatalf("the plan's actions after its failback: %q", got)
 	}

@@ -155,12 +155,12 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 	}
 	// failed records a failure past which the plan goes on; false when
 	// the server is stopping (the step is done again at the next start).
-	failed := func(what string, err error) bool {
+	failed := func(err error) bool {
 		if s.ctx.Err() != nil {
 			return false
 		}
-		rec.Failed = append(rec.Failed, fmt.Sprintf("%s: %v", what, err))
-		s.log.Warn("failback: a plan's step failed past the switch; the plan goes on in its order", "job", j.id, "step", what, "err", err)
+		rec.Failed = append(rec.Failed, err.Error())
+		s.log.Warn("failback: a plan's step failed past the switch; the plan goes on in its order", "job", j.id, "err", err)
 		return true
 	}
 	// powerOn powers a machine on: "" when it is, else what failed (the
@@ -175,8 +175,7 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 				return "", false
 			}
 		}
-		what := "machine " + pm.Name + ": power on"
-		if !failed(what, fmt.Errorf("%w (powered on in the background, out of the plan's order)", err)) {
+		if !failed(fmt.Errorf("machine %s: power on: %w (powered on in the background, out of the plan's order)", pm.Name, err)) {
 			return "", true
 		}
 		s.finishLater(f, m)
@@ -194,7 +193,7 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 				m, f, live, err := s.pfState(ctx, pm)
 				switch {
 				case err != nil:
-					stopped = !failed("machine "+pm.Name, err)
+					stopped = !failed(err)
 				case live:
 					s.finishLater(f, m)
 				default:
@@ -230,7 +229,7 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 				fail := ""
 				switch {
 				case err != nil:
-					if stopped = !failed("machine "+pm.Name, err); !stopped {
+					if stopped = !failed(err); !stopped {
 						fail = rec.Failed[len(rec.Failed)-1]
 					}
 				case live:
@@ -287,7 +286,7 @@ func (s *Server) planPowerOn(ctx context.Context, j *job, rec *pfRecord) ([]stri
 // says whether to go on); false when the server is stopping. A manual
 // action waits on the job's context jctx: a cancel past the switch
 // answers it (not done, recorded as failed), and the plan goes on.
-func (s *Server) runPFActions(ctx, jctx context.Context, j *job, rec *pfRecord, gi int, as []api.PlanAction, actx *api.ActionContext, failed func(string, error) bool) bool {
+func (s *Server) runPFActions(ctx, jctx context.Context, j *job, rec *pfRecord, gi int, as []api.PlanAction, actx *api.ActionContext, failed func(error) bool) bool {
 	actx.Group = gi + 1
 	for k := rec.Next.Action; k < len(as); k++ {
 		if a := as[k]; a.RunsOn(true) {
@@ -296,7 +295,11 @@ func (s *Server) runPFActions(ctx, jctx context.Context, j *job, rec *pfRecord, 
 			if a.Kind == "manual" {
 				actCtx = jctx
 			}
-			if err := s.runAction(actCtx, j, name, a, *actx); err != nil && !failed(name, err) {
+			err := s.runAction(actCtx, j, name, a, *actx)
+			if err != nil && a.Kind == "manual" {
+				err = fmt.Errorf("%s: manual action %q not confirmed: %w", name, a.Text, err)
+			}
+			if err != nil && !failed(err) {
 				return false
 			}
 		}

@@ -982,3 +982,54 @@ func TestFailbackPlanGoesOnPastAFailure(t *testing.T) {
 		t.Fatalf("live failovers: %+v", fos)
 	}
 }
+
+// A manual action cancelled past the switch cannot undo it: the action
+// is recorded as not confirmed, and the plan goes on in its order with its
+// actions (group 2's script, its power-on); the job ends cancelled,
+// naming the action, every machine failed back.
+func TestFailbackPlanManualCancelledPastTheSwitch(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	logf := filepath.Join(dir, "actions.log")
+	logScript := filepath.Join(dir, "log.sh")
+	if err := os.WriteFile(logScript, []byte("#!/bin/sh\necho \"$ASR_PHASE $ASR_GROUP\" >> "+logf+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pr := startPlanRigWith(t, true, []api.PlanGroup{
+		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "manual", Text: "check the database", On: api.ActionOnFailback}}},
+		{Machines: []string{"app1", "app2"}, Pre: []api.PlanAction{{Kind: "script", Path: logScript, On: api.ActionOnFailback}}},
+	})
+	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
+	want := pr.sums()
+	j, err := pr.client.FailbackPlan(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the plan failback to wait on group 1's manual action", func() bool {
+		j, err = pr.client.Job(ctx, j.ID)
+		if err != nil || j.State != api.JobRunning {
+			t.Fatalf("the plan failback ended without waiting: %+v %v", j, err)
+		}
+		return j.Waiting != ""
+	})
+	if _, err := pr.client.CancelJob(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	j = pr.runJob(j, nil)
+	t.Logf("plan failback: %s %q, steps %v", j.State, j.Error, stepNames(j))
+	if j.State != api.JobCancelled || !strings.Contains(j.Error, `group 1 post 1: manual action "check the database" not confirmed`) {
+		t.Fatalf("the plan failback: %s %q", j.State, j.Error)
+	}
+	if stepIndex(t, j, "group 1 post 1") > stepIndex(t, j, "group 2 pre 1") || stepIndex(t, j, "group 2 pre 1") > stepIndex(t, j, "group 2: power on") {
+		t.Fatalf("steps out of the plan's order: %v", stepNames(j))
+	}
+	if b, err := os.ReadFile(logf); err != nil || string(b) != "pre 2\n" {
+		t.Fatalf("group 2's action after the cancel: %q %v", b, err)
+	}
+	pr.directions("failed-back")
+	for m, p := range pr.disks {
+		if fileSum(t, p) != want[m] {
+			t.Fatalf("machine %s: the original disk differs from the failed-over disk's final state", m)
+		}
+	}
+}
