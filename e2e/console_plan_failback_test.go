@@ -16,7 +16,9 @@ import (
 // agents: the plan's planned failover to NBD and its commit (its
 // buttons), fio into the exports, Reprotect… (the confirmation page, its
 // job), more fio, Failback… (the confirmation page; its job shuts group 2
-// down first and powers group 1 on first), Reprotect… forward. Every
+// down first and powers group 1 on first; while group 1's failback-only
+// manual action holds it, m2's page shows that job as its own, without
+// its button), Reprotect… forward. Every
 // original disk ends equal to its export's final content and new points
 // recover bit-exact.
 func TestE2EConsolePlanFailback(t *testing.T) {
@@ -36,7 +38,7 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 		c.waitState(m, "protected", hungAfter)
 		planFio(t, c.agents[m].uri("d"), "fwd-"+m, 1<<20)
 	}
-	c.mustCLI("plan", "create", "dr", "--group", "1=m1", "--group", "2=m2")
+	c.mustCLI("plan", "create", "dr", "--group", "1=m1", "--group", "2=m2", "--post", "1=failback:manual:check m1")
 
 	p := openConsole(t, c, browser)
 	plansPage := func() {
@@ -102,6 +104,24 @@ func TestE2EConsolePlanFailback(t *testing.T) {
 	}
 	p.screenshot("planfb-02-failback-confirm")
 	p.do(chromedp.Click(chromedp.CSS("#confirm-plan-failback")))
+	// Past the switch, group 1's manual action holds the job: m2's page
+	// shows the plan's job as its own (the link, what it waits on), with
+	// no button of its own.
+	p.waitVisible("showed group 1's manual action", "#job-confirm")
+	planJob, err := chromedp.Run(p.ctx, chromedp.Location())
+	if err != nil || !strings.Contains(planJob, "/jobs/") {
+		t.Fatalf("the plan failback's page: %q %v", planJob, err)
+	}
+	p.do(chromedp.Navigate(c.url()+"/machines/m2"), chromedp.WaitVisible(chromedp.CSS(".failback-job")))
+	if s := p.text(".failback-job"); !strings.Contains(s, "failback running") || !strings.Contains(s, "of plan dr") ||
+		!strings.Contains(s, "group 1 post 1: waits for a manual action: check m1") {
+		t.Fatalf("m2's page shows its plan's job as:\n%s", s)
+	}
+	if p.exists("[data-failback]") || !p.exists(`.failback-job a[href="`+strings.TrimPrefix(planJob, c.url())+`"]`) {
+		t.Fatalf("m2's page offers a button, or does not link its plan's job, while that job runs:\n%s", p.text(".direction"))
+	}
+	p.screenshot("planfb-02b-machine-in-plan-job")
+	p.do(chromedp.Navigate(planJob), chromedp.WaitVisible(chromedp.CSS("#job-confirm")), chromedp.Click(chromedp.CSS("#job-confirm")))
 	out, steps := p.jobDone("plan failback")
 	t.Logf("plan failback job:\n%s\n%s", out, steps)
 	order := []string{"group 2: shut down", "group 1: shut down", "m2: drain", "m1: drain", "m1: verify", "switch", "group 1: power on", "group 2: power on"}
