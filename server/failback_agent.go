@@ -70,6 +70,7 @@ type recAgent struct {
 	// when the stream went live (a status of the original agent read
 	// after it says whether it is still frozen: checkOriginalFrozen).
 	noted    uint64
+	owed     uint64 // the last record dropped in the epoch: acknowledged once live (Status)
 	cmpBegun bool
 	dropped  atomic.Int64
 	liveAt   time.Time
@@ -167,13 +168,14 @@ func (c *recConn) Status(st replication.Status) {
 	a := c.a
 	a.mu.Lock()
 	thaw := st.Failover == a.failoverID && !a.freezing && !c.thawAsked
-	if a.live && a.noted > a.acked {
+	if a.live && a.owed > a.acked {
 		// The frames dropped while held are on the original (the
 		// compare read them): acknowledged, so the agent's spool trims
-		// them and its status shows nothing pending.
+		// them and its status shows nothing pending. (Only records it
+		// shipped: an ACK past them is refused by the agent.)
 		select {
-		case c.out <- replication.Frame{Type: replication.FrameAck, Seq: a.noted}:
-			a.acked = a.noted
+		case c.out <- replication.Frame{Type: replication.FrameAck, Seq: a.owed}:
+			a.acked = a.owed
 		default:
 		}
 	}
@@ -210,6 +212,7 @@ func (c *recConn) Admit(recs []replication.Record) bool {
 // noteDroppedLocked notes a dropped frame's records (under a.mu).
 func (a *recAgent) noteDroppedLocked(recs []replication.Record) {
 	a.noted = max(a.noted, recs[len(recs)-1].Seq)
+	a.owed = max(a.owed, recs[len(recs)-1].Seq)
 	var n int64
 	for _, r := range recs {
 		switch r.Kind {
@@ -464,7 +467,7 @@ func (a *recAgent) start(h replication.Hello, out chan replication.Frame) (uint6
 	}
 	a.epoch++
 	a.floor = max(h.NextSeq, 1) - 1
-	a.noted, a.cmpBegun = a.floor, false
+	a.noted, a.owed, a.cmpBegun = a.floor, 0, false
 	return a.floor, a.gen, nil
 }
 
