@@ -73,7 +73,7 @@ type recAgent struct {
 	owed     uint64 // the last record dropped in the epoch: acknowledged once live (Status)
 	cmpBegun bool
 	dropped  atomic.Int64
-	liveAt   time.Time
+	liveAt   time.Time // wall clock, as the process server's StatusAt
 	// The compare begun again after the original agent was found
 	// thawed (recompareVM): its cancel (the failover ended) and end.
 	recmp context.CancelFunc
@@ -362,7 +362,7 @@ func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d f
 	if r := d.Reverse; r != nil && r.VSphere != nil {
 		a.sent.Store(r.VSphere.Streamed)
 		if r.State == dirReprotected && r.VSphere.Path == pathAgent {
-			a.live, a.floor, a.logID, a.acked, a.liveAt = true, r.VSphere.From, r.VSphere.Log, r.VSphere.Acked, s.now()
+			a.live, a.floor, a.logID, a.acked, a.liveAt = true, r.VSphere.From, r.VSphere.Log, r.VSphere.Acked, time.Now()
 			close(a.liveCh)
 		}
 	}
@@ -627,7 +627,7 @@ func (a *recAgent) goLive(e uint64) (floor uint64, logID string, ok bool) {
 		// original now: never written (and acknowledged at the next
 		// status, Status).
 		a.floor = max(a.floor, a.noted)
-		a.live, a.needsPass, a.liveAt = true, "", a.s.now()
+		a.live, a.needsPass, a.liveAt = true, "", time.Now()
 		close(a.liveCh)
 	}
 	return a.floor, a.logID, true
