@@ -65,6 +65,11 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 	fc, c, flat := vc.failbackCase, vc.c, vc.flat
 	ra := startRecoveredAgent(t, vc)
 	fc.fio(ra.uri("d"), "recovered", 3<<20)
+	// Held until reprotect: dropped by the server (its compare reads
+	// them), not sent twice.
+	c.waitStatus("m", "the writes before reprotect dropped by the held stream", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Dropped == 3<<20
+	})
 
 	out := c.mustCLI("reprotect", "--machine", "m")
 	if !strings.Contains(out, "path: the asr agent in VM guest01-recovered") || reprotectedRE.FindStringSubmatch(out) == nil {
@@ -107,6 +112,10 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 	if got := c.status("m").ReverseSource.Sent; got != sent {
 		t.Fatalf("the stream sent %d bytes before the restart, %d after it", sent, got)
 	}
+	// Each write once: those before reprotect by its compare.
+	if sent != 2<<20 {
+		t.Fatalf("the stream sent %d bytes for %d written through the agent after reprotect", sent, 2<<20)
+	}
 	t.Logf("the recovered agent's stream: %d bytes sent for %d written through it after reprotect (kept across the restart)", sent, int64(2<<20))
 
 	// Failback freezes the recovered agent and drains its stream before
@@ -135,6 +144,57 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 	if _, ok := c.reverseRPOMetric(t, "m"); ok {
 		t.Fatal("asr_machine_reverse_rpo_seconds still present after failback")
 	}
+	ra.stop()
+	fc.checkForward()
+}
+
+// TestE2EFailbackFromVSphereRecoveredAgentThawed: the recovered VM's
+// agent streams its writes after reprotect; the original agent is
+// killed (kill -9) and started again with the freeze gone from its state
+// file (its state lost: it comes back thawed), and its guest writes the
+// original disk (qemu-io through its NBD splitter). fio through the
+// recovered agent then makes the stream's writes refused: the server
+// freezes the original again, compares the recovered VM's disk again
+// (a reprotect job) and resumes the stream, a failback-thawed event
+// recorded: the original equal to the flat file before failback;
+// failback ends bit-exact, forward protection resumes.
+func TestE2EFailbackFromVSphereRecoveredAgentThawed(t *testing.T) {
+	vc := startVSphereFailbackCase(t)
+	fc, c, flat := vc.failbackCase, vc.c, vc.flat
+	ra := startRecoveredAgent(t, vc)
+	if out := c.mustCLI("reprotect", "--machine", "m"); !strings.Contains(out, "path: the asr agent in VM guest01-recovered") {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	a := c.agents["m"]
+	a.proc.kill()
+	thawState(t, a.state)
+	c.startAgent("m", nil)
+	// Accepted: the original agent is not frozen.
+	fc.qemuWrite(a.uri("d"), 0xab, 30<<20, 1<<20)
+	fc.fio(ra.uri("d"), "recovered-after-thaw", 1<<20)
+	deadline := time.Now().Add(hungAfter)
+	for {
+		st := c.status("m")
+		if st.ReverseSource != nil && st.ReverseSource.Live && st.ReverseSource.OldestPending.IsZero() &&
+			sha256File(t, fc.disk) == sha256File(t, flat) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the original disk never equal to the recovered VM's after the thaw: reverse source %+v", st.ReverseSource)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !slices.ContainsFunc(c.events("m"), func(e api.EventJSON) bool {
+		return e.Kind == "failback-thawed" && e.Severity == "warning" && strings.Contains(e.Message, "refused by the agent")
+	}) {
+		t.Fatalf("no failback-thawed event of the refused write: %+v", c.events("m"))
+	}
+	fc.fio(ra.uri("d"), "recovered-before-failback", 1<<20)
+	out := c.mustCLI("failback", "--machine", "m")
+	if !strings.Contains(out, "the last pass over the stopped VM's disks sent 0 bytes") {
+		t.Fatalf("failback:\n%s", out)
+	}
+	fc.checkFailedBack(out, sha256File(t, flat))
 	ra.stop()
 	fc.checkForward()
 }

@@ -63,6 +63,21 @@ type recAgent struct {
 	floor uint64     // records up to it are never written (on the recovered disks before the compare)
 	wmu   sync.Mutex // one write to the original at a time
 
+	// While held: the last record of the frames dropped since the
+	// epoch began (Admit: on the recovered disks before any compare
+	// began, so the compare to come reads them), whether a compare
+	// began (frames are held from then on), the bytes dropped so, and
+	// when the stream went live (a status of the original agent read
+	// after it says whether it is still frozen: checkOriginalFrozen).
+	noted    uint64
+	owed     uint64 // the last record dropped in the epoch: acknowledged once live (Status)
+	cmpBegun bool
+	dropped  atomic.Int64
+	liveAt   time.Time // wall clock, as the process server's StatusAt
+	// The compare begun again after the original agent was found
+	// thawed (recompareVM): its cancel (the failover ended) and end.
+	recmp context.CancelFunc
+
 	// Failback's freeze (freezeRecoveredAgent), under mu: the newest
 	// connection's control frames, whether failback wants the agent
 	// frozen (FREEZE again at each connection until its tag is written),
@@ -153,6 +168,17 @@ func (c *recConn) Status(st replication.Status) {
 	a := c.a
 	a.mu.Lock()
 	thaw := st.Failover == a.failoverID && !a.freezing && !c.thawAsked
+	if a.live && a.owed > a.acked {
+		// The frames dropped while held are on the original (the
+		// compare read them): acknowledged, so the agent's spool trims
+		// them and its status shows nothing pending. (Only records it
+		// shipped: an ACK past them is refused by the agent.)
+		select {
+		case c.out <- replication.Frame{Type: replication.FrameAck, Seq: a.owed}:
+			a.acked = a.owed
+		default:
+		}
+	}
 	a.mu.Unlock()
 	if thaw {
 		c.thawAsked = true
@@ -163,6 +189,38 @@ func (c *recConn) Status(st replication.Status) {
 			}
 		}
 	}
+}
+
+// Admit drops a frame while the stream is held and no compare has
+// begun: its records were on the recovered disks when it came (the
+// agent ships a record once its write completed), so the compare to
+// come reads their blocks; the frame's last record is noted, and the
+// floor raised to it when that compare is done (goLive): the stream
+// never sends them too. Once a compare began, frames wait (Hold): one
+// that came after the compare's read of its block must be written.
+func (c *recConn) Admit(recs []replication.Record) bool {
+	a := c.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.gen != c.gen || a.live || a.cmpBegun || len(recs) == 0 {
+		return true // Hold decides
+	}
+	a.noteDroppedLocked(recs)
+	return false
+}
+
+// noteDroppedLocked notes a dropped frame's records (under a.mu).
+func (a *recAgent) noteDroppedLocked(recs []replication.Record) {
+	a.noted = max(a.noted, recs[len(recs)-1].Seq)
+	a.owed = max(a.owed, recs[len(recs)-1].Seq)
+	var n int64
+	for _, r := range recs {
+		switch r.Kind {
+		case replication.KindWrite, replication.KindBase, replication.KindZero, replication.KindTrim:
+			n += int64(r.End() - r.Offset)
+		}
+	}
+	a.dropped.Add(n)
 }
 
 func (c *recConn) Hold(ctx context.Context) error {
@@ -180,6 +238,19 @@ func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
 	}
 	a := c.a
 	a.mu.Lock()
+	if !a.live {
+		// Held again (the original agent found thawed) since Hold let
+		// this frame through.
+		begun := a.cmpBegun
+		if !begun {
+			a.noteDroppedLocked(recs)
+		}
+		a.mu.Unlock()
+		if !begun {
+			return fmt.Errorf("records %d to %d: %w", recs[0].Seq, recs[len(recs)-1].Seq, procserver.ErrDropped)
+		}
+		return errors.New("the stream was held again while this frame waited to be written: the agent sends it again")
+	}
 	a.writing++
 	a.mu.Unlock()
 	err := a.write(ctx, recs)
@@ -187,6 +258,18 @@ func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
 	a.writing--
 	a.mu.Unlock()
 	if err != nil {
+		if a.s.thawedAfterRefusal(ctx, a.run(), err) {
+			// Refused by an original agent no longer frozen: what its
+			// guest wrote meanwhile is anywhere. Held, the original
+			// frozen again and the disks compared again (recompareVM),
+			// which reads this frame's records on the recovered disks.
+			a.mu.Lock()
+			a.holdAgainLocked()
+			a.noteDroppedLocked(recs)
+			a.mu.Unlock()
+			a.s.recompareVM(a, err)
+			return fmt.Errorf("records %d to %d refused by the original agent, found thawed: %w", recs[0].Seq, recs[len(recs)-1].Seq, procserver.ErrDropped)
+		}
 		return err
 	}
 	a.mu.Lock()
@@ -279,7 +362,7 @@ func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d f
 	if r := d.Reverse; r != nil && r.VSphere != nil {
 		a.sent.Store(r.VSphere.Streamed)
 		if r.State == dirReprotected && r.VSphere.Path == pathAgent {
-			a.live, a.floor, a.logID, a.acked = true, r.VSphere.From, r.VSphere.Log, r.VSphere.Acked
+			a.live, a.floor, a.logID, a.acked, a.liveAt = true, r.VSphere.From, r.VSphere.Log, r.VSphere.Acked, time.Now()
 			close(a.liveCh)
 		}
 	}
@@ -319,6 +402,9 @@ func (a *recAgent) stop() {
 	case <-a.stopped:
 	default:
 		close(a.stopped)
+	}
+	if a.recmp != nil {
+		a.recmp()
 	}
 }
 
@@ -381,6 +467,7 @@ func (a *recAgent) start(h replication.Hello, out chan replication.Frame) (uint6
 	}
 	a.epoch++
 	a.floor = max(h.NextSeq, 1) - 1
+	a.noted, a.owed, a.cmpBegun = a.floor, 0, false
 	return a.floor, a.gen, nil
 }
 
@@ -517,10 +604,11 @@ func (a *recAgent) write(ctx context.Context, recs []replication.Record) error {
 }
 
 // beginCompare returns the epoch a compare starts in, and whether an
-// agent is connected.
+// agent is connected. Frames are no longer dropped (Admit): they wait.
 func (a *recAgent) beginCompare() (uint64, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.cmpBegun = true
 	return a.epoch, a.conns > 0
 }
 
@@ -535,7 +623,11 @@ func (a *recAgent) goLive(e uint64) (floor uint64, logID string, ok bool) {
 		return 0, "", false
 	}
 	if !a.live {
-		a.live, a.needsPass = true, ""
+		// The frames dropped before the compare began are on the
+		// original now: never written (and acknowledged at the next
+		// status, Status).
+		a.floor = max(a.floor, a.noted)
+		a.live, a.needsPass, a.liveAt = true, "", time.Now()
 		close(a.liveCh)
 	}
 	return a.floor, a.logID, true
@@ -555,7 +647,7 @@ func (a *recAgent) view() *api.ReverseSource {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v := &api.ReverseSource{Kind: pathAgent, VM: a.vm, BIOSUUID: a.uuid, Connected: a.conns > 0, Version: a.version,
-		Live: a.live, Held: a.needsPass, Frozen: a.conns > 0 && a.frozen != "", Sent: a.sent.Load(), LastError: a.lastErr}
+		Live: a.live, Held: a.needsPass, Frozen: a.conns > 0 && a.frozen != "", Sent: a.sent.Load(), Dropped: a.dropped.Load(), LastError: a.lastErr}
 	if a.conns > 0 {
 		v.Since = a.since
 	}

@@ -296,6 +296,9 @@ func (s *Server) reverseStatus(ctx context.Context, m store.Machine) *api.Revers
 // cleared). A machine no longer reprotected is not observed: its alert
 // clears.
 func (s *Server) reverseRPOObs(ctx context.Context, ms []store.Machine, now time.Time) ([]alertObs, error) {
+	// The same pass checks that the original agents the recovered
+	// agents' streams write through are still frozen.
+	s.checkOriginalFrozen(ms)
 	var obs []alertObs
 	for _, m := range ms {
 		l, ok := s.reverseLagOf(m.ID, now)

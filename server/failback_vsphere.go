@@ -276,27 +276,9 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	// shipped as they happen; one welcomed again meanwhile dropped
 	// records the compare may have missed: compare again.
 	ra := s.recAgents.of(m.ID, f.ID)
-	var p vmPass
-	for {
-		var epoch uint64
-		agent := false
-		if ra != nil {
-			epoch, agent = ra.beginCompare()
-		}
-		p, err = s.compareVM(ctx, j, m.Name+": compare and send",
-			fmt.Sprintf("block sums of the original disks against those of %s: only the blocks that differ are sent", vm),
-			vm, m, f, disks, false)
-		if err != nil {
-			return p, "", err
-		}
-		if !agent {
-			p.path = pathVCenter
-			break
-		}
-		if floor, logID, ok := ra.goLive(epoch); ok {
-			p.path, p.from, p.log, p.agent = pathAgent, floor, logID, ra.uuid
-			break
-		}
+	p, err := s.compareForStream(ctx, j, vm, m, f, disks, ra, false)
+	if err != nil {
+		return p, "", err
 	}
 	s.rv.recMu.Lock()
 	cur, err := s.db.LiveFailover(ctx, m.ID)

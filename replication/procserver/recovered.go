@@ -31,6 +31,14 @@ type ReverseSink interface {
 	Start(h replication.Hello) (durable uint64, err error)
 	// Status receives each status report.
 	Status(st replication.Status)
+	// Admit is asked for each DATA frame (its records, checked) before
+	// Hold: false drops it, neither written nor acknowledged, and the
+	// connection reads on. The sink says false only for records it
+	// knows a compare yet to begin reads on the recovered disks (the
+	// agent ships only records whose disk write completed), which that
+	// compare's end acknowledges (an ACK among Control's frames, or a
+	// later frame's); memory stays bounded while the stream is held.
+	Admit(recs []replication.Record) bool
 	// Hold returns once the records may be written (the reverse compare
 	// that began after this connection's Welcome is done), or with
 	// ctx's error. It is asked before each DATA frame is written;
@@ -38,7 +46,9 @@ type ReverseSink interface {
 	Hold(ctx context.Context) error
 	// Write makes a DATA frame's records durable on the original disks,
 	// in order, and returns nil only then: the frame is acknowledged
-	// after it.
+	// after it. An error wrapping ErrDropped: the frame was not written,
+	// and a compare yet to begin reads its records (as Admit's false):
+	// not acknowledged, the connection reads on.
 	Write(ctx context.Context, recs []replication.Record) error
 	// Closed reports the end of the connection.
 	Closed(err error)
@@ -62,7 +72,8 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		sizes[d.Index] = d.Size
 	}
 	disk := func(i uint32) (int64, bool) { sz, ok := sizes[i]; return sz, ok }
-	var wmu sync.Mutex // the reading loop's ACKs and the sink's control frames
+	var wmu sync.Mutex  // the reading loop's ACKs and the sink's control frames
+	var wrote time.Time // the last frame sent (under wmu)
 	write := func(f replication.Frame) error {
 		wmu.Lock()
 		defer wmu.Unlock()
@@ -70,7 +81,15 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		if err := replication.WriteFrame(bw, &f); err != nil {
 			return err
 		}
+		wrote = time.Now()
 		return bw.Flush()
+	}
+	// silent says whether the agent has heard nothing for holdKeepalive
+	// (frames dropped or nothing written: no ACK sent).
+	silent := func() bool {
+		wmu.Lock()
+		defer wmu.Unlock()
+		return time.Since(wrote) > holdKeepalive
 	}
 	wf, _ := replication.JSONFrame(replication.FrameWelcome, replication.Welcome{DurableSeq: durable})
 	if err := write(wf); err != nil {
@@ -103,6 +122,14 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 	var buf, dbuf []byte
 	codec := replication.DefaultCodec()
 	for {
+		// While frames are dropped the agent still hears from the
+		// server (its link's deadline): the last acknowledgement again,
+		// which changes nothing on its side.
+		if silent() {
+			if err := write(replication.Frame{Type: replication.FrameAck, Seq: acked}); err != nil {
+				return err
+			}
+		}
 		c.SetReadDeadline(time.Now().Add(2 * time.Minute))
 		f, nb, err := replication.ReadFrame(br, buf)
 		buf = nb
@@ -117,6 +144,9 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 			var recs []replication.Record
 			if recs, dbuf, err = codec.Records(&f, dbuf); err != nil {
 				return err
+			}
+			if !sink.Admit(recs) {
+				continue
 			}
 			// While the stream is held the agent still hears from the
 			// server (its link's deadline): the last acknowledgement
@@ -135,7 +165,9 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 					return err
 				}
 			}
-			if err := sink.Write(ctx, recs); err != nil {
+			if err := sink.Write(ctx, recs); errors.Is(err, ErrDropped) {
+				continue
+			} else if err != nil {
 				return fmt.Errorf("reverse records %d to %d: %w", f.Seq, f.Seq+uint64(f.Count)-1, err)
 			}
 			if cap(dbuf) > 2*replication.MaxFrameRaw {
@@ -171,6 +203,11 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 // ErrTryLater, wrapped in RecoveredAgent's error, turns the agent away
 // for now: it tries again (not a fatal refusal).
 var ErrTryLater = errors.New("try again later")
+
+// ErrDropped, wrapped in a ReverseSink's Write error, says the frame was
+// not written and is not to be acknowledged: a compare yet to begin
+// reads its records on the recovered disks. The connection reads on.
+var ErrDropped = errors.New("dropped: a compare to come reads these records")
 
 // holdKeepalive is how often a held connection repeats its last
 // acknowledgement (the agent drops a link silent for a minute).

@@ -132,7 +132,12 @@ type ReverseSource struct {
 	// Sent is the bytes written to the original disks from its log (kept
 	// across server restarts in the failover's record); SpoolBytes what its last status says it holds
 	// unacknowledged; OldestPending the time of the oldest of those.
-	Sent          int64     `json:"sent"`
+	Sent int64 `json:"sent"`
+	// Dropped is the bytes of its records not sent because they came
+	// while its stream was held, before a compare began: that compare
+	// read their blocks on the recovered disks (since the server
+	// started).
+	Dropped       int64     `json:"dropped,omitempty"`
 	SpoolBytes    int64     `json:"spool_bytes"`
 	OldestPending time.Time `json:"oldest_pending,omitzero"`
 	LastError     string    `json:"last_error,omitempty"`
