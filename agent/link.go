@@ -51,6 +51,9 @@ func (a *Agent) welcome(hello replication.Hello, w replication.Welcome) error {
 			return err
 		}
 	}
+	// The log's numbering is known now: appends held after an unclean
+	// stop with the memory log go on (afterForcedShutdown).
+	a.spool.Release()
 	if err := a.state.clearDiverged(hello.Disks); err != nil {
 		a.log.Error("save agent state", "err", err)
 	}

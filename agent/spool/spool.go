@@ -117,6 +117,8 @@ type Spool struct {
 	cutErr error
 	// waiters counts the appends waiting in waitLocked (for tests).
 	waiters int
+	// held makes appends wait (Hold, Release).
+	held bool
 }
 
 type file struct {
@@ -467,6 +469,26 @@ func (s *Spool) Append(ctx context.Context, r *replication.Record) (uint64, erro
 // ErrFull is returned by TryAppend when the spool is over its soft limit.
 var ErrFull = errors.New("spool full")
 
+// Hold makes every append (TryAppend too) wait until
+// Release: the agent holds its log after an unclean start with the memory
+// log until it knows where the server's records end (Rebase), so that no
+// record of the new run is numbered as one the server already holds.
+func (s *Spool) Hold() {
+	s.mu.Lock()
+	s.held = true
+	s.mu.Unlock()
+}
+
+// Release ends a Hold.
+func (s *Spool) Release() {
+	s.mu.Lock()
+	if s.held {
+		s.held = false
+		s.cond.Broadcast()
+	}
+	s.mu.Unlock()
+}
+
 // softLimit is the share of MaxBytes above which TryAppend refuses: the rest
 // is kept for the records that mark the start of an overflow.
 const softLimit = 0.9
@@ -493,6 +515,13 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		}
 		if s.closed {
 			return 0, ErrClosed
+		}
+		if s.held {
+			if err := ctx.Err(); err != nil {
+				return 0, err
+			}
+			s.waitLocked(ctx) // TryAppend too: the hold is short
+			continue
 		}
 		if over(s.opts.MaxBytes) || try && over(soft) {
 			if s.acked+1 == s.next && len(s.files) == 1 && len(s.mem) == 0 {
