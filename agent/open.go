@@ -325,7 +325,7 @@ func (a *Agent) afterForcedShutdown(st *state, memLost bool) error {
 				ds.DivergedRanges = append(ds.DivergedRanges, rs...)
 			}
 		}
-		a.log.Warn(what+": the extents in the activity log will be resynced")
+		a.log.Warn(what + ": the extents in the activity log will be resynced")
 	}
 	if err := st.save(a.cfg.StateDir); err != nil {
 		return err
