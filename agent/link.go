@@ -34,7 +34,10 @@ func (a *Agent) hello() replication.Hello {
 // told of, what it holds durably, the machine's policy.
 func (a *Agent) welcome(hello replication.Hello, w replication.Welcome) error {
 	if w.NewLog {
-		// Another log than the server's: never joined by number.
+		// Another log than the server's: never joined by number (a hold
+		// of the log after an unclean stop ends first: the new log's
+		// switch waits for appends that may hold a disk's lock).
+		a.spool.Release()
 		if err := a.startNewLog(w); err != nil {
 			return err
 		}
