@@ -93,11 +93,13 @@ type Spool struct {
 	buf      []byte
 
 	// The memory log (Options.MemBytes): mem holds the records after the
-	// files' last one, oldest first; memBytes their encoded size (also in
-	// bytes). marks are where spills began in the files (a reader that
-	// read records from memory finds them again there after a spill).
+	// files' last one, oldest first, encoded in ring (allocated once: no
+	// garbage per record); memBytes their size (also in bytes). marks are
+	// where spills began in the files (a reader that read records from
+	// memory finds them again there after a spill).
 	mem      []memRec
 	memBytes int64
+	ring     []byte
 	marks    []mark
 
 	// samples of (seq, time) of appended records, at most one per
@@ -140,9 +142,10 @@ type appendFile interface {
 	Close() error
 }
 
-// memRec is a record of the memory log, encoded.
+// memRec is a record of the memory log, encoded in the ring at off.
 type memRec struct {
 	seq uint64
+	off int
 	b   []byte
 }
 
@@ -221,6 +224,9 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 	}
 	s := &Spool{dir: dir, opts: opts, acked: acked, next: acked + 1}
 	s.cond = sync.NewCond(&s.mu)
+	if opts.MemBytes > 0 {
+		s.ring = make([]byte, opts.MemBytes)
+	}
 	names, err := filepath.Glob(filepath.Join(dir, "*"+suffix))
 	if err != nil {
 		return nil, rec, err
@@ -556,12 +562,24 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 	if s.closed {
 		return 0, ErrClosed
 	}
-	if s.opts.MemBytes > 0 && s.memBytes+size > s.opts.MemBytes && len(s.mem) > 0 {
-		// The server falls behind: the oldest records go to the files,
-		// down to three quarters of the bound (spills come in batches).
-		if err := s.spillLocked(min(s.opts.MemBytes*3/4, s.opts.MemBytes-size)); err != nil {
-			return 0, err
+	at := -1 // the record's place in the memory log's ring
+	if s.opts.MemBytes > 0 {
+		at = s.ringAlloc(int(size))
+		if at < 0 && len(s.mem) > 0 {
+			// The server falls behind: the oldest records go to the
+			// files, down to three quarters of the bound (spills come
+			// in batches), and more until the record fits.
+			if err := s.spillLocked(min(s.opts.MemBytes*3/4, s.opts.MemBytes-size)); err != nil {
+				return 0, err
+			}
+			for at = s.ringAlloc(int(size)); at < 0 && len(s.mem) > 0; at = s.ringAlloc(int(size)) {
+				if err := s.spillLocked(s.memBytes - int64(len(s.mem[0].b))); err != nil {
+					return 0, err
+				}
+			}
 		}
+		// A record larger than the memory log goes to the files, after
+		// every record in memory (all spilled above).
 	}
 	r.Seq = s.next
 	// Times never go back along the sequence: recovery to a point in time
@@ -571,9 +589,13 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		r.Time = s.lastTime
 	}
 	s.lastTime = r.Time
-	if s.opts.MemBytes > 0 {
-		b := replication.AppendRecord(make([]byte, 0, size), r)
-		s.mem = append(s.mem, memRec{seq: r.Seq, b: b})
+	if at >= 0 {
+		b := replication.AppendRecord(s.ring[at:at:at+int(size)], r)
+		if len(b) != int(size) {
+			// Not in its place in the ring (a spill writes the ring).
+			return 0, fmt.Errorf("spool: record seq %d encoded to %d bytes, not %d", r.Seq, len(b), size)
+		}
+		s.mem = append(s.mem, memRec{seq: r.Seq, off: at, b: b})
 		s.memBytes += size
 		s.bytes += size
 	} else {
@@ -593,6 +615,29 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		s.samples = append(s.samples, sample{r.Seq, r.Time})
 	}
 	return r.Seq, nil
+}
+
+// ringAlloc returns the offset of room for n bytes in the ring after the
+// memory log's last record (wrapping to the start), or -1 if there is none.
+func (s *Spool) ringAlloc(n int) int {
+	at := -1
+	if len(s.mem) == 0 {
+		if n <= len(s.ring) {
+			at = 0
+		}
+	} else {
+		head, last := s.mem[0].off, s.mem[len(s.mem)-1]
+		tail := last.off + len(last.b)
+		switch {
+		case last.off >= head && tail+n <= len(s.ring): // after the last
+			at = tail
+		case last.off >= head && n <= head: // wrapped to the start
+			at = 0
+		case last.off < head && tail+n <= head: // wrapped already
+			at = tail
+		}
+	}
+	return at
 }
 
 // fileNextLocked is the sequence number of the first record not in the
@@ -640,7 +685,9 @@ func (s *Spool) spillLocked(target int64) error {
 		}
 		at := Position{File: cur.first, Offset: cur.size}
 		b := s.mem[0].b
-		if n > 1 {
+		if first, last := s.mem[0], s.mem[n-1]; last.off+len(last.b)-first.off == int(size) {
+			b = s.ring[first.off : last.off+len(last.b)] // contiguous in the ring
+		} else if n > 1 {
 			s.buf = s.buf[:0]
 			for _, r := range s.mem[:n] {
 				s.buf = append(s.buf, r.b...)
