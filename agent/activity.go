@@ -28,6 +28,11 @@ import (
 // machine itself went down (another boot id) the extents in the log are at
 // risk: the disk is marked for a resync of exactly those ranges.
 //
+// With the memory log (spool.Options.MemBytes) a killed process loses the
+// records in memory, so an extent stays in the log until every change to
+// it is acknowledged by the server, not only fsync'd (acked, below), and
+// any unclean start resyncs the log's extents (open.go).
+//
 // The file is a journal (DRBD's activity-log transactions): a header, then
 // one fixed-size record per extent added, appended and fsync'd before
 // the change that added it goes on (concurrent additions share one
@@ -99,8 +104,18 @@ type activityLog struct {
 	// sync makes every completed change durable in the spool and the
 	// disks (before a checkpoint).
 	sync func() error
-	rt   *routines // the checkpoints
+	// seqs, with the memory log, returns the spool's last acknowledged
+	// sequence number and the next it gives out: a checkpoint drops an
+	// extent only once every change to it is acknowledged (nil: once
+	// fsync'd).
+	seqs func() (acked, next uint64)
+	// marks are (generation, next seq) pairs taken at checkpoints, oldest
+	// first, for seqs: changes up to gen were logged below next.
+	marks []alMark
+	rt    *routines // the checkpoints
 }
+
+type alMark struct{ gen, next uint64 }
 
 func openActivityLog(parent context.Context, dir string, log *slog.Logger, sync func() error) *activityLog {
 	return &activityLog{path: filepath.Join(dir, activityFile), log: log, set: map[alKey]alEntry{},
@@ -275,9 +290,18 @@ func (al *activityLog) checkpoint(sync func() error) error {
 	for ig := range al.inflight {
 		g = min(g, ig-1)
 	}
+	if al.seqs != nil {
+		// Changes up to g were logged (given their sequence numbers)
+		// before next: they are acknowledged once next-1 is.
+		_, next := al.seqs()
+		al.marks = append(al.marks, alMark{gen: g, next: next})
+	}
 	al.mu.Unlock()
 	if err := sync(); err != nil {
 		return err
+	}
+	if al.seqs != nil {
+		g = al.ackedGen()
 	}
 	al.wmu.Lock()
 	defer al.wmu.Unlock()
@@ -294,6 +318,26 @@ func (al *activityLog) checkpoint(sync func() error) error {
 		return nil
 	}
 	return al.compactLocked()
+}
+
+// ackedGen returns the last generation whose changes are all acknowledged,
+// from the marks (0 if none is known), and forgets the marks it passed.
+func (al *activityLog) ackedGen() uint64 {
+	acked, _ := al.seqs()
+	al.mu.Lock()
+	defer al.mu.Unlock()
+	g := uint64(0)
+	n := 0
+	for n < len(al.marks) && al.marks[n].next-1 <= acked {
+		g = al.marks[n].gen
+		n++
+	}
+	if n > 0 {
+		// Keep the last mark passed: a later one is newer, an older one
+		// drops nothing more.
+		al.marks = al.marks[n-1:]
+	}
+	return g
 }
 
 func alHeader() []byte {

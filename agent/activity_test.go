@@ -205,3 +205,52 @@ func TestActivityLogHotExtentDoesNotWaitForTheJournal(t *testing.T) {
 	}
 	al.wmu.Unlock()
 }
+
+// With the memory log, a checkpoint keeps every extent with a change not
+// yet acknowledged by the server, however synced: a kill loses the records
+// in memory, and the extents named here are all a restart resyncs. It
+// fails if an unacknowledged extent is dropped.
+func TestActivityLogKeepsUnacknowledged(t *testing.T) {
+	dir := t.TempDir()
+	al := openActivityLog(context.Background(), dir, slog.New(slog.DiscardHandler), nil)
+	defer al.Close()
+	var acked, next uint64 = 0, 1
+	al.seqs = func() (uint64, uint64) { return acked, next }
+	change := func(disk uint32, off int64) {
+		t.Helper()
+		mustTouchDone(t, al, disk, off, 4096)
+		next++ // the change was logged as seq next
+	}
+	sync := func() error { return nil }
+	change(0, 0)          // seq 1
+	change(1, 5*alExtent) // seq 2
+	if err := al.checkpoint(sync); err != nil {
+		t.Fatal(err)
+	}
+	if risk, ok := atRisk(dir); !ok || len(risk[0]) != 1 || len(risk[1]) != 1 {
+		t.Fatalf("synced, nothing acknowledged: at risk %v, want both extents", risk)
+	}
+	acked = 1 // only the first change: not yet the extent of the second
+	if err := al.checkpoint(sync); err != nil {
+		t.Fatal(err)
+	}
+	if risk, ok := atRisk(dir); !ok || len(risk[0]) != 1 || len(risk[1]) != 1 {
+		t.Fatalf("seq 1 of 2 acknowledged: at risk %v, want both extents (the checkpoint knows only that changes up to seq 2 were logged)", risk)
+	}
+	change(2, 0) // seq 3, after the last checkpoint
+	acked = 2
+	if err := al.checkpoint(sync); err != nil {
+		t.Fatal(err)
+	}
+	risk, ok := atRisk(dir)
+	if !ok || len(risk[0]) != 0 || len(risk[1]) != 0 || len(risk[2]) != 1 {
+		t.Fatalf("seq 2 of 3 acknowledged: at risk %v, want only disk 2's extent", risk)
+	}
+	acked = 3
+	if err := al.checkpoint(sync); err != nil {
+		t.Fatal(err)
+	}
+	if risk, ok := atRisk(dir); !ok || len(risk) != 0 {
+		t.Fatalf("everything acknowledged: at risk %v", risk)
+	}
+}

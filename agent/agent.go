@@ -48,6 +48,13 @@ type Config struct {
 	FreezeMounts   []string      // mount points frozen for application-consistent points
 	FreezeTimeout  time.Duration // the freeze is time-boxed (default 10s)
 	SpoolMax       int64
+	// MemoryLog, when set, keeps the changes not yet acknowledged in a
+	// memory log of this many bytes in front of the spool, which is then
+	// written only while the server falls behind (spool.Options.MemBytes).
+	// The cost: after an unclean stop (kill -9) the activity log's extents
+	// are resynced (docs/ARCHITECTURE.md, "The memory log"). 0: every
+	// change is written to the spool.
+	MemoryLog int64
 	// MaxRate limits the replication bandwidth to this many bytes per
 	// second on the wire (0: unlimited), as ASR and Zerto throttle.
 	MaxRate int64
@@ -87,6 +94,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--crash-interval %s: the minimum is 1s", c.CrashInterval)
 	case c.SpoolMax < 16<<20:
 		return fmt.Errorf("--spool-max %d: the minimum is 16MiB", c.SpoolMax)
+	case c.MemoryLog != 0 && (c.MemoryLog < 1<<20 || c.MemoryLog > c.SpoolMax/2):
+		return fmt.Errorf("--memory-log %d: want 0 (none) or 1MiB to half of --spool-max", c.MemoryLog)
 	case c.MemoryLimit != 0 && c.MemoryLimit < 16<<20:
 		return fmt.Errorf("--memory-limit %d: the minimum is 16MiB (0: none)", c.MemoryLimit)
 	case !replication.ValidMachineName(c.Name):
@@ -209,6 +218,9 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 func (a *Agent) wire(from map[uint32]copyPos) error {
 	cfg, ctx, log := a.cfg, a.ctx, a.log
 	a.al = openActivityLog(ctx, cfg.StateDir, log, func() error { return a.disks.syncAll(a.spool) })
+	if cfg.MemoryLog > 0 {
+		a.al.seqs = func() (uint64, uint64) { return a.spool.Acked(), a.spool.Next() }
+	}
 	a.over = newOverflow(ctx, log, a.spool, a.disks, a.state, a.events)
 	for _, d := range a.disks {
 		d.al, d.over, d.changes = a.al, a.over, newChangeMap(d.Size())

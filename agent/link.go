@@ -34,7 +34,10 @@ func (a *Agent) hello() replication.Hello {
 // told of, what it holds durably, the machine's policy.
 func (a *Agent) welcome(hello replication.Hello, w replication.Welcome) error {
 	if w.NewLog {
-		// Another log than the server's: never joined by number.
+		// Another log than the server's: never joined by number (a hold
+		// of the log after an unclean stop ends first: the new log's
+		// switch waits for appends that may hold a disk's lock).
+		a.spool.Release()
 		if err := a.startNewLog(w); err != nil {
 			return err
 		}
@@ -51,6 +54,9 @@ func (a *Agent) welcome(hello replication.Hello, w replication.Welcome) error {
 			return err
 		}
 	}
+	// The log's numbering is known now: appends held after an unclean
+	// stop with the memory log go on (afterForcedShutdown).
+	a.spool.Release()
 	if err := a.state.clearDiverged(hello.Disks); err != nil {
 		a.log.Error("save agent state", "err", err)
 	}

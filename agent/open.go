@@ -91,7 +91,10 @@ func (a *Agent) open(st *state) error {
 		}
 	}
 	a.unclean = !exists(filepath.Join(cfg.StateDir, cleanFile))
-	sp, rec, err := spool.Open(filepath.Join(cfg.StateDir, spoolDir), spool.Options{MaxBytes: cfg.SpoolMax}, st.Acked)
+	// The last run's records in memory were lost if it stopped uncleanly.
+	memLost := a.unclean && st.MemoryLog
+	st.MemoryLog = cfg.MemoryLog > 0
+	sp, rec, err := spool.Open(filepath.Join(cfg.StateDir, spoolDir), spool.Options{MaxBytes: cfg.SpoolMax, MemBytes: cfg.MemoryLog}, st.Acked)
 	if err != nil {
 		return fmt.Errorf("open spool: %w", err)
 	}
@@ -148,10 +151,13 @@ func (a *Agent) open(st *state) error {
 	if err := st.save(cfg.StateDir); err != nil {
 		return err
 	}
-	if err := repairLog(cfg.StateDir, a.unclean, rec, st, a.disks, sp, a.log); err != nil {
+	// After the memory log was lost the activity log's extents are
+	// resynced, which covers the ranges a repair would re-log (they are
+	// not acknowledged, so in the activity log).
+	if err := repairLog(cfg.StateDir, a.unclean && !memLost, rec, st, a.disks, sp, a.log); err != nil {
 		return err
 	}
-	if err := a.afterForcedShutdown(st); err != nil {
+	if err := a.afterForcedShutdown(st, memLost); err != nil {
 		return err
 	}
 	a.state = newStateStore(cfg.StateDir, st)
@@ -277,10 +283,15 @@ func mergeTails(ts []spool.Tail) []spool.Tail {
 }
 
 // afterForcedShutdown checks whether the machine went down since the last
-// run (an unclean stop and another boot id): then the changes in the
-// activity log's extents may be lost from the spool while on the disk (or
-// the reverse), and each disk is marked for a resync of those ranges.
-func (a *Agent) afterForcedShutdown(st *state) error {
+// run (an unclean stop and another boot id), or the last run stopped
+// uncleanly with a memory log (memLost): then the changes in the activity
+// log's extents may be lost from the spool while on the disk (or the
+// reverse), and each disk is marked for a resync of those ranges. The
+// server may then hold records the agent lost (recovering: it continues
+// after them); with the memory log the spool is held until the agent knows
+// where the server's records end (welcome), so no record of this run is
+// numbered as one the server holds and dropped by the Rebase.
+func (a *Agent) afterForcedShutdown(st *state, memLost bool) error {
 	boot := bootID()
 	prev := st.BootID
 	st.BootID = boot
@@ -291,8 +302,14 @@ func (a *Agent) afterForcedShutdown(st *state) error {
 		}
 		st.Overflow = false
 	}
-	if a.unclean && prev != "" && boot != "" && prev != boot {
+	forced := a.unclean && prev != "" && boot != "" && prev != boot
+	if forced || memLost {
 		a.recovering = true
+		what := "forced shutdown of the machine"
+		if !forced {
+			what = "unclean stop of the agent with its memory log"
+			a.spool.Hold()
+		}
 		risk, ok := atRisk(a.cfg.StateDir)
 		for i := range st.Disks {
 			ds := &st.Disks[i]
@@ -300,15 +317,15 @@ func (a *Agent) afterForcedShutdown(st *state) error {
 				continue // already marked (whole disk)
 			}
 			if !ok {
-				ds.Diverged, ds.DivergedRanges = "forced shutdown of the machine (activity log unreadable: the whole disk is at risk)", nil
+				ds.Diverged, ds.DivergedRanges = what+" (activity log unreadable: the whole disk is at risk)", nil
 				continue
 			}
 			if rs := risk[ds.Index]; len(rs) > 0 {
-				ds.Diverged = fmt.Sprintf("forced shutdown of the machine: %d extents of 4 MiB had changes in flight", len(rs))
+				ds.Diverged = fmt.Sprintf("%s: %d extents of 4 MiB had changes in flight", what, len(rs))
 				ds.DivergedRanges = append(ds.DivergedRanges, rs...)
 			}
 		}
-		a.log.Warn("the machine went down while the agent ran: the extents in its activity log will be resynced")
+		a.log.Warn(what + ": the extents in the activity log will be resynced")
 	}
 	if err := st.save(a.cfg.StateDir); err != nil {
 		return err

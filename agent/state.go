@@ -33,6 +33,9 @@ type state struct {
 	// Overflow is set while the spool overflows (changes are tracked in
 	// memory only).
 	Overflow bool `json:"overflow,omitempty"`
+	// MemoryLog is set while an agent with a memory log runs (saved at
+	// its start): an unclean stop then lost the records in memory.
+	MemoryLog bool `json:"memory_log,omitempty"`
 	// LogID names this agent's log (Hello.LogID): made with the state, so
 	// an agent that registers again, or lost its state, has another one,
 	// and the server never joins its records to the old log by number.

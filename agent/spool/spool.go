@@ -11,6 +11,17 @@
 // The spool is bounded: Append blocks (back-pressure reaching the guest's
 // writes) while the unacknowledged bytes exceed the limit.
 //
+// With Options.MemBytes set the spool is a bounded memory log in front of
+// its files: records are kept in memory, from where the shipper reads them,
+// and the oldest are written to the files (spilled) only while the memory
+// holds more than MemBytes, i.e. while the server falls behind. In steady
+// state a record is then never written on the guest. A killed process
+// loses the records in memory: the agent names their extents in its
+// activity log until they are acknowledged, and resyncs those extents
+// after an unclean start (docs/ARCHITECTURE.md, "The memory log"). A clean
+// Close spills every record first. The files always hold a prefix of the
+// unacknowledged sequence and the memory the rest.
+//
 // Records are appended in one order and completed (the write to the backing
 // disk done) in possibly another; the spool hands the shipper only the prefix
 // of records that are all complete (Shippable), so an acknowledged record is
@@ -60,6 +71,9 @@ type Options struct {
 	MaxBytes int64
 	// FileBytes is the size at which a new file is started.
 	FileBytes int64
+	// MemBytes, when set, keeps records in memory and writes them to the
+	// files only while more than MemBytes are held (the memory log).
+	MemBytes int64
 }
 
 // Spool is an open spool directory. It is safe for concurrent use.
@@ -75,9 +89,18 @@ type Spool struct {
 	acked    uint64  // last acknowledged sequence number
 	bytes    int64   // bytes in files (headers included)
 	inflight []pending
-	ship     Position // end of the shippable prefix
-	shipSeq  uint64   // last shippable sequence number
+	shipSeq  uint64 // last shippable sequence number
 	buf      []byte
+
+	// The memory log (Options.MemBytes): mem holds the records after the
+	// files' last one, oldest first, encoded in ring (allocated once: no
+	// garbage per record); memBytes their size (also in bytes). marks are
+	// where spills began in the files (a reader that read records from
+	// memory finds them again there after a spill).
+	mem      []memRec
+	memBytes int64
+	ring     []byte
+	marks    []mark
 
 	// samples of (seq, time) of appended records, at most one per
 	// sampleEvery, for OldestPending; popped as records are acknowledged.
@@ -96,6 +119,8 @@ type Spool struct {
 	cutErr error
 	// waiters counts the appends waiting in waitLocked (for tests).
 	waiters int
+	// held makes appends wait (Hold, Release).
+	held bool
 }
 
 type file struct {
@@ -117,6 +142,19 @@ type appendFile interface {
 	Close() error
 }
 
+// memRec is a record of the memory log, encoded in the ring at off.
+type memRec struct {
+	seq uint64
+	off int
+	b   []byte
+}
+
+// mark is the place of record seq in a file.
+type mark struct {
+	seq uint64
+	pos Position
+}
+
 type sample struct {
 	seq  uint64
 	time int64
@@ -127,7 +165,6 @@ const sampleEvery = int64(10 * time.Millisecond)
 
 type pending struct {
 	seq  uint64
-	end  Position
 	done bool
 }
 
@@ -177,6 +214,9 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 	if opts.FileBytes > opts.MaxBytes/4 {
 		opts.FileBytes = opts.MaxBytes / 4
 	}
+	if opts.MemBytes < 0 || opts.MemBytes > opts.MaxBytes/2 {
+		return nil, Recovered{}, fmt.Errorf("spool: memory log of %d bytes: want 0 to half of the spool's %d", opts.MemBytes, opts.MaxBytes)
+	}
 	var rec Recovered
 	rec.Progress = map[uint32]replication.Record{}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -184,6 +224,9 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 	}
 	s := &Spool{dir: dir, opts: opts, acked: acked, next: acked + 1}
 	s.cond = sync.NewCond(&s.mu)
+	if opts.MemBytes > 0 {
+		s.ring = make([]byte, opts.MemBytes)
+	}
 	names, err := filepath.Glob(filepath.Join(dir, "*"+suffix))
 	if err != nil {
 		return nil, rec, err
@@ -217,7 +260,7 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		s.next = acked + 1
 	}
 	if len(s.files) == 0 || s.files[len(s.files)-1].size >= s.opts.FileBytes {
-		if err := s.newFile(); err != nil {
+		if err := s.newFile(s.next); err != nil {
 			s.closeFiles()
 			return nil, rec, err
 		}
@@ -238,7 +281,6 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		}
 	}
 	s.shipSeq = s.next - 1
-	s.ship = s.endPos()
 	s.synced = s.next - 1
 	s.trimLocked()
 	return s, rec, nil
@@ -390,16 +432,16 @@ func parseHeader(h []byte) (uint64, error) {
 	return binary.LittleEndian.Uint64(h[8:]), nil
 }
 
-// newFile starts a new file at s.next. The previous one is not fsync'd here:
+// newFile starts a new file whose first record will be first. The previous one is not fsync'd here:
 // Sync covers every dirty file, and not forcing each full file to disk lets
 // records that are acknowledged soon never be written back at all.
-func (s *Spool) newFile() error {
-	path := filepath.Join(s.dir, fmt.Sprintf("%016x%s", s.next, suffix))
+func (s *Spool) newFile(first uint64) error {
+	path := filepath.Join(s.dir, fmt.Sprintf("%016x%s", first, suffix))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(header(s.next)); err != nil {
+	if _, err := f.Write(header(first)); err != nil {
 		f.Close()
 		return err
 	}
@@ -412,7 +454,7 @@ func (s *Spool) newFile() error {
 		os.Remove(path)
 		return err
 	}
-	s.files = append(s.files, &file{first: s.next, last: s.next - 1, size: headerSize, f: f, path: path})
+	s.files = append(s.files, &file{first: first, last: first - 1, size: headerSize, f: f, path: path})
 	s.bytes += headerSize
 	return nil
 }
@@ -432,6 +474,26 @@ func (s *Spool) Append(ctx context.Context, r *replication.Record) (uint64, erro
 
 // ErrFull is returned by TryAppend when the spool is over its soft limit.
 var ErrFull = errors.New("spool full")
+
+// Hold makes every append (TryAppend too) wait until
+// Release: the agent holds its log after an unclean start with the memory
+// log until it knows where the server's records end (Rebase), so that no
+// record of the new run is numbered as one the server already holds.
+func (s *Spool) Hold() {
+	s.mu.Lock()
+	s.held = true
+	s.mu.Unlock()
+}
+
+// Release ends a Hold.
+func (s *Spool) Release() {
+	s.mu.Lock()
+	if s.held {
+		s.held = false
+		s.cond.Broadcast()
+	}
+	s.mu.Unlock()
+}
 
 // softLimit is the share of MaxBytes above which TryAppend refuses: the rest
 // is kept for the records that mark the start of an overflow.
@@ -460,11 +522,18 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		if s.closed {
 			return 0, ErrClosed
 		}
+		if s.held {
+			if err := ctx.Err(); err != nil {
+				return 0, err
+			}
+			s.waitLocked(ctx) // TryAppend too: the hold is short
+			continue
+		}
 		if over(s.opts.MaxBytes) || try && over(soft) {
-			if s.acked+1 == s.next && len(s.files) == 1 {
+			if s.acked+1 == s.next && len(s.files) == 1 && len(s.mem) == 0 {
 				// Everything is acknowledged but the current file holds it:
 				// start a new file so the old one can go.
-				if err := s.newFile(); err != nil {
+				if err := s.newFile(s.next); err != nil {
 					return 0, fmt.Errorf("spool: %w", err)
 				}
 				s.trimLocked()
@@ -493,12 +562,25 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 	if s.closed {
 		return 0, ErrClosed
 	}
-	if s.files[len(s.files)-1].size >= s.opts.FileBytes {
-		if err := s.newFile(); err != nil {
-			return 0, fmt.Errorf("spool: %w", err)
+	at := -1 // the record's place in the memory log's ring
+	if s.opts.MemBytes > 0 {
+		at = s.ringAlloc(int(size))
+		if at < 0 && len(s.mem) > 0 {
+			// The server falls behind: the oldest records go to the
+			// files, down to three quarters of the bound (spills come
+			// in batches), and more until the record fits.
+			if err := s.spillLocked(min(s.opts.MemBytes*3/4, s.opts.MemBytes-size)); err != nil {
+				return 0, err
+			}
+			for at = s.ringAlloc(int(size)); at < 0 && len(s.mem) > 0; at = s.ringAlloc(int(size)) {
+				if err := s.spillLocked(s.memBytes - int64(len(s.mem[0].b))); err != nil {
+					return 0, err
+				}
+			}
 		}
+		// A record larger than the memory log goes to the files, after
+		// every record in memory (all spilled above).
 	}
-	cur := s.files[len(s.files)-1]
 	r.Seq = s.next
 	// Times never go back along the sequence: recovery to a point in time
 	// takes exactly the records up to it. The caller's time was read before
@@ -507,8 +589,161 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		r.Time = s.lastTime
 	}
 	s.lastTime = r.Time
-	s.buf = replication.AppendRecord(s.buf[:0], r)
-	if _, err := cur.f.Write(s.buf); err != nil {
+	if at >= 0 {
+		b := replication.AppendRecord(s.ring[at:at:at+int(size)], r)
+		if len(b) != int(size) {
+			// Not in its place in the ring (a spill writes the ring).
+			return 0, fmt.Errorf("spool: record seq %d encoded to %d bytes, not %d", r.Seq, len(b), size)
+		}
+		s.mem = append(s.mem, memRec{seq: r.Seq, off: at, b: b})
+		s.memBytes += size
+		s.bytes += size
+	} else {
+		s.buf = replication.AppendRecord(s.buf[:0], r)
+		err := s.writeLocked(s.buf, r.Seq, r.Seq)
+		if cap(s.buf) > 4<<20 {
+			s.buf = nil // do not keep a huge buffer around
+		}
+		if err != nil {
+			return 0, err
+		}
+		s.bytes += size
+	}
+	s.next++
+	s.inflight = append(s.inflight, pending{seq: r.Seq})
+	if n := len(s.samples); n == 0 || r.Time-s.samples[n-1].time >= sampleEvery {
+		s.samples = append(s.samples, sample{r.Seq, r.Time})
+	}
+	return r.Seq, nil
+}
+
+// ringAlloc returns the offset of room for n bytes in the ring after the
+// memory log's last record (wrapping to the start), or -1 if there is none.
+func (s *Spool) ringAlloc(n int) int {
+	at := -1
+	if len(s.mem) == 0 {
+		if n <= len(s.ring) {
+			at = 0
+		}
+	} else {
+		head, last := s.mem[0].off, s.mem[len(s.mem)-1]
+		tail := last.off + len(last.b)
+		switch {
+		case last.off >= head && tail+n <= len(s.ring): // after the last
+			at = tail
+		case last.off >= head && n <= head: // wrapped to the start
+			at = 0
+		case last.off < head && tail+n <= head: // wrapped already
+			at = tail
+		}
+	}
+	return at
+}
+
+// fileNextLocked is the sequence number of the first record not in the
+// files: the memory log's first, or the next to be given out.
+func (s *Spool) fileNextLocked() uint64 {
+	if len(s.mem) > 0 {
+		return s.mem[0].seq
+	}
+	return s.next
+}
+
+// spillLocked writes the memory log's oldest records to the files until it
+// holds at most target bytes.
+func (s *Spool) spillLocked(target int64) error {
+	for s.memBytes > target && len(s.mem) > 0 {
+		cur := s.files[len(s.files)-1]
+		if cur.last+1 != s.mem[0].seq {
+			// Records after the files' end were acknowledged and dropped
+			// from memory without ever being spilled: every file holds
+			// only acknowledged records (acknowledgements come in order).
+			// The files start again at the memory's first record, the old
+			// ones removed first so a crash never leaves a gap between
+			// files.
+			if err := s.restartFilesLocked(s.mem[0].seq); err != nil {
+				return err
+			}
+			cur = s.files[len(s.files)-1]
+		} else if cur.size >= s.opts.FileBytes {
+			if err := s.newFile(s.mem[0].seq); err != nil {
+				return fmt.Errorf("spool: %w", err)
+			}
+			cur = s.files[len(s.files)-1]
+		}
+		// One write(2) for a batch of records, at most 4 MiB or the
+		// file's room, whichever ends first (at least one record).
+		var n int
+		var size int64
+		for n < len(s.mem) && s.memBytes-size > target {
+			l := int64(len(s.mem[n].b))
+			if n > 0 && (size+l > 4<<20 || cur.size+size+l > s.opts.FileBytes) {
+				break
+			}
+			size += l
+			n++
+		}
+		at := Position{File: cur.first, Offset: cur.size}
+		b := s.mem[0].b
+		if first, last := s.mem[0], s.mem[n-1]; last.off+len(last.b)-first.off == int(size) {
+			b = s.ring[first.off : last.off+len(last.b)] // contiguous in the ring
+		} else if n > 1 {
+			s.buf = s.buf[:0]
+			for _, r := range s.mem[:n] {
+				s.buf = append(s.buf, r.b...)
+			}
+			b = s.buf
+		}
+		err := s.writeLocked(b, s.mem[0].seq, s.mem[n-1].seq)
+		if cap(s.buf) > 4<<20 {
+			s.buf = nil
+		}
+		if err != nil {
+			return err
+		}
+		s.marks = append(s.marks, mark{seq: s.mem[0].seq, pos: at})
+		s.memBytes -= size
+		clear(s.mem[:n])
+		s.mem = s.mem[n:]
+	}
+	if len(s.mem) == 0 {
+		s.mem = nil
+	}
+	return nil
+}
+
+// restartFilesLocked removes every file (all acknowledged), newest first,
+// and starts an empty one at first.
+func (s *Spool) restartFilesLocked(first uint64) error {
+	for i := len(s.files) - 1; i >= 0; i-- {
+		f := s.files[i]
+		if err := os.Remove(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("spool: %w", err)
+		}
+		f.f.Close()
+		s.bytes -= f.size
+		s.files = s.files[:i]
+	}
+	s.marks = nil
+	if err := atomicfile.SyncDir(s.dir); err != nil {
+		return fmt.Errorf("spool: %w", err)
+	}
+	if err := s.newFile(first); err != nil {
+		return fmt.Errorf("spool: %w", err)
+	}
+	return nil
+}
+
+// writeLocked appends b, the encoded records first..last, to the current
+// file (starting a new one first if it is full) with one write(2).
+func (s *Spool) writeLocked(b []byte, first, last uint64) error {
+	if s.files[len(s.files)-1].size >= s.opts.FileBytes {
+		if err := s.newFile(first); err != nil {
+			return fmt.Errorf("spool: %w", err)
+		}
+	}
+	cur := s.files[len(s.files)-1]
+	if _, err := cur.f.Write(b); err != nil {
 		// The file may now hold a torn record; cut it off so later records
 		// are not written after garbage. If that fails too, no later
 		// record may follow (Open would cut it off with the garbage).
@@ -519,23 +754,14 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		if cut != nil {
 			s.cutErr = fmt.Errorf("spool: a write to %s failed and its torn bytes could not be cut off, so nothing more is logged until the agent restarts: %w",
 				filepath.Base(cur.path), errors.Join(err, cut))
-			return 0, s.cutErr
+			return s.cutErr
 		}
-		return 0, fmt.Errorf("spool write: %w", err)
+		return fmt.Errorf("spool write: %w", err)
 	}
-	if cap(s.buf) > 4<<20 {
-		s.buf = nil // do not keep a huge buffer around
-	}
-	cur.size += size
-	cur.last = r.Seq
-	s.bytes += size
-	s.next++
+	cur.size += int64(len(b))
+	cur.last = last
 	cur.dirty = true
-	s.inflight = append(s.inflight, pending{seq: r.Seq, end: Position{File: cur.first, Offset: cur.size}})
-	if n := len(s.samples); n == 0 || r.Time-s.samples[n-1].time >= sampleEvery {
-		s.samples = append(s.samples, sample{r.Seq, r.Time})
-	}
-	return r.Seq, nil
+	return nil
 }
 
 // waitLocked waits on the condition variable but wakes up when ctx is done.
@@ -563,7 +789,6 @@ func (s *Spool) Complete(seq uint64) {
 		}
 	}
 	for len(s.inflight) > 0 && s.inflight[0].done {
-		s.ship = s.inflight[0].end
 		s.shipSeq = s.inflight[0].seq
 		s.inflight = s.inflight[1:]
 		advanced = true
@@ -591,7 +816,9 @@ func (s *Spool) Sync() error {
 		s.mu.Unlock()
 		return s.cutErr
 	}
-	target := s.next - 1
+	// Records in memory are not made durable (the activity log names
+	// their extents, and the disk holds their changes).
+	target := s.fileNextLocked() - 1
 	if s.synced >= target {
 		s.mu.Unlock()
 		return nil
@@ -639,6 +866,18 @@ func (s *Spool) Ack(seq uint64) error {
 		s.lastAckedTime = s.samples[0].time
 		s.samples = s.samples[1:]
 	}
+	n := 0
+	for n < len(s.mem) && s.mem[n].seq <= seq {
+		l := int64(len(s.mem[n].b))
+		s.memBytes -= l
+		s.bytes -= l
+		n++
+	}
+	clear(s.mem[:n])
+	s.mem = s.mem[n:]
+	if len(s.mem) == 0 {
+		s.mem = nil
+	}
 	err := s.trimLocked()
 	s.cond.Broadcast()
 	return err
@@ -653,6 +892,9 @@ func (s *Spool) trimLocked() error {
 		}
 		s.bytes -= f.size
 		s.files = s.files[1:]
+	}
+	for len(s.marks) > 0 && s.marks[0].pos.File < s.files[0].first {
+		s.marks = s.marks[1:]
 	}
 	return nil
 }
@@ -675,7 +917,24 @@ func (s *Spool) Next() uint64 {
 func (s *Spool) First() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.files[0].first
+	return s.firstLocked()
+}
+
+func (s *Spool) firstLocked() uint64 {
+	if f := s.files[0]; f.last >= f.first {
+		return f.first
+	}
+	if len(s.mem) > 0 {
+		return s.mem[0].seq
+	}
+	return s.next
+}
+
+// Memory returns the bytes of the records held in memory (the memory log).
+func (s *Spool) Memory() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.memBytes
 }
 
 // Pending returns the bytes held for records not yet acknowledged (an
@@ -701,7 +960,8 @@ func (s *Spool) Fill() float64 {
 	return float64(s.bytes) / float64(s.opts.MaxBytes)
 }
 
-// Close closes the spool files. Blocked Appends return ErrClosed.
+// Close writes the memory log's records to the files and closes them.
+// Blocked Appends return ErrClosed.
 func (s *Spool) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -711,6 +971,9 @@ func (s *Spool) Close() error {
 	s.closed = true
 	s.cond.Broadcast()
 	var err error
+	if s.cutErr == nil {
+		err = s.spillLocked(0)
+	}
 	for _, f := range s.files {
 		if f.dirty {
 			if serr := f.f.Sync(); serr != nil && err == nil {
@@ -730,62 +993,96 @@ func (s *Spool) closeFiles() {
 
 // Reader reads shippable records in order. Each shipper connection makes one.
 type Reader struct {
-	s    *Spool
-	pos  Position
-	seq  uint64 // next seq to read
-	f    *os.File
-	size int64 // size of f once known to be final, else -1
+	s      *Spool
+	pos    Position
+	seq    uint64 // next seq to read
+	f      *os.File
+	size   int64 // size of f once known to be final, else -1
+	inFile bool  // pos and f are at seq (else seq is found again first)
 }
 
 // NewReader returns a reader positioned at record seq, which must be in the
 // spool (between First and the next seq to be given out).
 func (s *Spool) NewReader(seq uint64) (*Reader, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if seq < s.files[0].first || seq > s.next {
-		return nil, fmt.Errorf("spool holds seq %d..%d, not %d", s.files[0].first, s.next-1, seq)
+	if seq < s.firstLocked() || seq > s.next {
+		err := fmt.Errorf("spool holds seq %d..%d, not %d", s.firstLocked(), s.next-1, seq)
+		s.mu.Unlock()
+		return nil, err
 	}
+	inFiles := seq < s.fileNextLocked()
+	s.mu.Unlock()
+	r := &Reader{s: s, seq: seq, size: -1}
+	if inFiles {
+		if err := r.seek(); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// seek positions the reader at r.seq in the files: from the start of the
+// file holding it, or from the last spill that began before it in that
+// file, it walks the records' headers.
+func (r *Reader) seek() error {
+	s := r.s
+	s.mu.Lock()
 	var fi *file
 	for _, f := range s.files {
-		if f.first <= seq {
+		if f.first <= r.seq {
 			fi = f
 		}
 	}
-	r := &Reader{s: s, pos: Position{File: fi.first, Offset: headerSize}, seq: fi.first, size: -1}
+	if fi == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("spool: no file holds seq %d", r.seq)
+	}
+	pos, seq := Position{File: fi.first, Offset: headerSize}, fi.first
+	for _, m := range s.marks {
+		if m.pos.File == fi.first && m.seq <= r.seq {
+			pos, seq = m.pos, m.seq
+		}
+	}
+	s.mu.Unlock()
 	f, err := os.Open(fi.path)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	r.f = f
-	// Skip records before seq by their headers.
+	// Skip records before r.seq by their headers.
 	hdr := make([]byte, replication.RecordHeaderSize)
-	for r.seq < seq {
-		if _, err := f.ReadAt(hdr, r.pos.Offset); err != nil {
+	for seq < r.seq {
+		if _, err := f.ReadAt(hdr, pos.Offset); err != nil {
 			f.Close()
-			return nil, fmt.Errorf("spool seek to seq %d: %w", seq, err)
+			return fmt.Errorf("spool seek to seq %d: %w", r.seq, err)
 		}
 		h, err := peekHeader(hdr)
 		if err != nil {
 			f.Close()
-			return nil, err
+			return err
 		}
-		r.pos.Offset += replication.RecordHeaderSize
+		pos.Offset += replication.RecordHeaderSize
 		if h.Kind.HasData() {
-			r.pos.Offset += int64(h.Length)
+			pos.Offset += int64(h.Length)
 		}
-		r.seq++
+		seq++
 	}
-	return r, nil
+	if r.f != nil {
+		r.f.Close()
+	}
+	r.f, r.pos, r.size, r.inFile = f, pos, -1, true
+	return nil
 }
 
 // Next appends encoded records to buf until about max bytes or the end of
 // the shippable prefix, waiting up to wait for at least one record. It
 // returns the grown buffer, the first sequence number and the record count
-// (0 if nothing became shippable in time). Records are copied in bulk, their
-// headers walked (not decoded) to count them and check the sequence.
+// (0 if nothing became shippable in time). Records are copied in bulk from
+// the files, their headers walked (not decoded) to count them and check the
+// sequence, or from the memory log.
 func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Duration) ([]byte, uint64, uint32, error) {
 	s := r.s
 	s.mu.Lock()
@@ -800,24 +1097,79 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 		s.mu.Unlock()
 		return buf, 0, 0, ErrClosed
 	}
-	end, endSeq := s.ship, s.shipSeq
+	endSeq := s.shipSeq
 	s.mu.Unlock()
 	first := r.seq
 	var count uint32
 	for r.seq <= endSeq && len(buf) < max {
+		s.mu.Lock()
+		fileNext, end := s.fileNextLocked(), s.endPos()
+		s.mu.Unlock()
+		var n uint32
+		var err error
+		if r.seq < fileNext {
+			if !r.inFile {
+				if err := r.seek(); err != nil {
+					return buf, first, count, err
+				}
+			}
+			buf, n, err = r.readFiles(buf, max, min(endSeq, fileNext-1), end)
+		} else {
+			var spilled bool
+			buf, n, spilled = r.readMemory(buf, max, endSeq)
+			if spilled {
+				continue // written to the files meanwhile: read there
+			}
+		}
+		count += n
+		if err != nil || n == 0 {
+			return buf, first, count, err
+		}
+	}
+	return buf, first, count, nil
+}
+
+// readMemory copies records r.seq..endSeq from the memory log. spilled
+// reports that r.seq is no longer there (a spill moved it to the files).
+func (r *Reader) readMemory(buf []byte, max int, endSeq uint64) ([]byte, uint32, bool) {
+	s := r.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.mem) == 0 || s.mem[0].seq > r.seq {
+		return buf, 0, true
+	}
+	r.inFile = false
+	var n uint32
+	for i := int(r.seq - s.mem[0].seq); i < len(s.mem) && r.seq <= endSeq; i++ {
+		b := s.mem[i].b
+		if len(buf)+len(b) > max && len(buf) > 0 {
+			break // a frame may exceed max by one record, its first
+		}
+		buf = append(buf, b...)
+		r.seq++
+		n++
+	}
+	return buf, n, false
+}
+
+// readFiles copies records r.seq..endSeq from the files; end is the end
+// of what was written to the last one.
+func (r *Reader) readFiles(buf []byte, max int, endSeq uint64, end Position) ([]byte, uint32, error) {
+	var count uint32
+	for r.seq <= endSeq && len(buf) < max {
 		limit := end.Offset
 		if r.pos.File != end.File {
-			// An older file than the shippable end: it is complete and immutable.
+			// An older file than the last: it is complete and immutable.
 			if r.size < 0 {
 				st, err := r.f.Stat()
 				if err != nil {
-					return buf, first, count, err
+					return buf, count, err
 				}
 				r.size = st.Size()
 			}
 			if r.pos.Offset >= r.size {
 				if err := r.advanceFile(); err != nil {
-					return buf, first, count, err
+					return buf, count, err
 				}
 				continue
 			}
@@ -833,24 +1185,24 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 		at := len(buf)
 		buf = append(buf, make([]byte, n)...)
 		if _, err := r.f.ReadAt(buf[at:], r.pos.Offset); err != nil {
-			return buf[:at], first, count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)
+			return buf[:at], count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)
 		}
 		// Walk whole records in what was read.
 		p := at
 		for p+replication.RecordHeaderSize <= len(buf) && r.seq <= endSeq {
 			h, err := peekHeader(buf[p:])
 			if err != nil {
-				return buf[:p], first, count, fmt.Errorf("spool record seq %d: %w", r.seq, err)
+				return buf[:p], count, fmt.Errorf("spool record seq %d: %w", r.seq, err)
 			}
 			if h.Seq != r.seq {
-				return buf[:p], first, count, fmt.Errorf("spool: found seq %d, want %d: %w", h.Seq, r.seq, replication.ErrCorrupt)
+				return buf[:p], count, fmt.Errorf("spool: found seq %d, want %d: %w", h.Seq, r.seq, replication.ErrCorrupt)
 			}
 			rl := replication.RecordHeaderSize
 			if h.Kind.HasData() {
 				rl += int(h.Length)
 			}
 			if int64(rl) > limit-r.pos.Offset {
-				return buf[:p], first, count, fmt.Errorf("spool record seq %d of %d bytes runs past the end of what was written: %w", r.seq, rl, replication.ErrCorrupt)
+				return buf[:p], count, fmt.Errorf("spool record seq %d of %d bytes runs past the end of what was written: %w", r.seq, rl, replication.ErrCorrupt)
 			}
 			if p+rl > len(buf) {
 				if p == at && at == 0 {
@@ -858,7 +1210,7 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 					// read it whole (a frame may exceed max by one record).
 					buf = append(buf[:at], make([]byte, rl)...)
 					if _, err := r.f.ReadAt(buf[at:], r.pos.Offset); err != nil {
-						return buf[:at], first, count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)
+						return buf[:at], count, fmt.Errorf("spool read at seq %d: %w", r.seq, err)
 					}
 					continue
 				}
@@ -874,7 +1226,7 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 			break
 		}
 	}
-	return buf, first, count, nil
+	return buf, count, nil
 }
 
 func (r *Reader) advanceFile() error {
@@ -903,7 +1255,12 @@ func (r *Reader) advanceFile() error {
 }
 
 // Close releases the reader.
-func (r *Reader) Close() error { return r.f.Close() }
+func (r *Reader) Close() error {
+	if r.f == nil {
+		return nil
+	}
+	return r.f.Close()
+}
 
 // OldestPending returns the agent time (Unix ns) of the oldest record not
 // yet acknowledged, to within sampleEvery, or 0 if none is pending.
@@ -961,6 +1318,8 @@ func (s *Spool) Reset(next uint64) error {
 // prefix of the log, never a tail that could pass for the new one), then
 // starts an empty file at next.
 func (s *Spool) restartLocked(next uint64) error {
+	s.bytes -= s.memBytes
+	s.mem, s.memBytes, s.marks = nil, 0, nil
 	for i := len(s.files) - 1; i >= 0; i-- {
 		f := s.files[i]
 		if err := os.Remove(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -968,7 +1327,6 @@ func (s *Spool) restartLocked(next uint64) error {
 			// keep using it as such.
 			s.next = f.last + 1
 			s.acked, s.shipSeq, s.synced = min(s.acked, f.last), min(s.shipSeq, f.last), min(s.synced, f.last)
-			s.ship = s.endPos()
 			for len(s.samples) > 0 && s.samples[len(s.samples)-1].seq > f.last {
 				s.samples = s.samples[:len(s.samples)-1]
 			}
@@ -983,10 +1341,10 @@ func (s *Spool) restartLocked(next uint64) error {
 	}
 	s.files, s.bytes = nil, 0
 	s.next, s.acked = next, next-1
-	if err := s.newFile(); err != nil {
+	if err := s.newFile(next); err != nil {
 		return err
 	}
-	s.ship, s.shipSeq, s.synced = s.endPos(), next-1, next-1
+	s.shipSeq, s.synced = next-1, next-1
 	s.samples = nil
 	s.cond.Broadcast()
 	return nil

@@ -57,6 +57,7 @@ func agentFlags(e *env, args []string) (agent.Config, error) {
 		return nil
 	})
 	spoolMax := fs.String("spool-max", "1GiB", "maximum size of the on-disk spool of changes not yet acknowledged")
+	memLog := fs.String("memory-log", "0", "keep the changes not yet acknowledged in a memory log of this size (e.g. 8MiB), written to the spool only while the server falls behind; the cost: a kill -9 of the agent makes the extents of its activity log be resynced, with no new recovery point until then (0: every change is written to the spool)")
 	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
 	resyncRate := fs.String("resync-rate", "0", "how fast a resync may read the source disks, bytes per second, e.g. 200MiB (0: unlimited)")
 	memLimit := fs.String("memory-limit", "40MiB", "soft limit of the agent's Go memory (heap, stacks; the Go runtime's GOMEMLIMIT, which overrides it when set); 0: none")
@@ -102,6 +103,9 @@ func agentFlags(e *env, args []string) (agent.Config, error) {
 	var err error
 	if c.SpoolMax, err = replication.ParseSize(*spoolMax); err != nil {
 		return c, fmt.Errorf("--spool-max: %w", err)
+	}
+	if c.MemoryLog, err = replication.ParseSize(*memLog); err != nil {
+		return c, fmt.Errorf("--memory-log: %w", err)
 	}
 	if c.MaxRate, err = replication.ParseSize(*maxRate); err != nil {
 		return c, fmt.Errorf("--max-rate: %w", err)

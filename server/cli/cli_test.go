@@ -140,6 +140,8 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"agent", "--disk", "d"}, "want NAME=PATH"},
 		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--spool-max", "lots"}, "--spool-max"},
 		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--memory-limit", "lots"}, "--memory-limit"},
+		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--memory-log", "lots"}, "--memory-log"},
+		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--memory-log", "1KiB"}, "--memory-log 1024: want 0 (none) or 1MiB to half of --spool-max"},
 		{[]string{"agent", "--disk", "d=/dev/null", "--nbd", "unix:/x", "--name", "vm1", "--memory-limit", "8MiB"}, "--memory-limit 8388608: the minimum is 16MiB (0: none)"},
 		{[]string{"demo", "--machines", "0"}, "--machines: 1 to 16"},
 		{[]string{"demo", "--disk-size", "big"}, `size "big"`},
