@@ -161,6 +161,10 @@ type Agent struct {
 	uuid       string // the guest's BIOS UUID, reported in Hello ("": unknown)
 	unclean    bool   // no clean marker at start: the log was repaired
 	recovering bool   // started after the machine went down: may adopt the server's sequence
+	// After a forced shutdown, until a Welcome: each Hello marks the
+	// spooled changes' ranges for a resync and holds the spool until its
+	// Welcome (divergeSpooled); used by the ship loop's goroutine only.
+	divergeFirst, helloHold bool
 
 	// Open from New to Close.
 	state *stateStore

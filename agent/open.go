@@ -305,6 +305,7 @@ func (a *Agent) afterForcedShutdown(st *state, memLost bool) error {
 	forced := a.unclean && prev != "" && boot != "" && prev != boot
 	if forced || memLost {
 		a.recovering = true
+		a.divergeFirst = forced
 		what := "forced shutdown of the machine"
 		if !forced {
 			what = "unclean stop of the agent with its memory log"

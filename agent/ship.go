@@ -51,6 +51,8 @@ type shipHandler interface {
 	// sent: it may start a new log, move the log's start, or refuse to go
 	// on (a *fatalError).
 	welcome(hello replication.Hello, w replication.Welcome) error
+	// handshakeEnded is called when the session ends, Welcome or not.
+	handshakeEnded()
 	// acked handles the acknowledgement of every record up to seq.
 	acked(seq uint64) error
 	// tagRequest makes the point the server asks for, without waiting
@@ -216,6 +218,7 @@ func (sh *shipper) session() error {
 	bw := bufio.NewWriterSize(nc, 256<<10)
 
 	hello := sh.h.hello()
+	defer sh.h.handshakeEnded()
 	hf, _ := replication.JSONFrame(replication.FrameHello, hello)
 	nc.SetDeadline(time.Now().Add(30 * time.Second))
 	if err := replication.WriteFrame(bw, &hf); err != nil {

@@ -58,6 +58,7 @@ func (h *fakeShipHandler) welcome(hello replication.Hello, w replication.Welcome
 	h.calls <- welcomeCall{hello, w}
 	return h.welcomeErr
 }
+func (h *fakeShipHandler) handshakeEnded()        {}
 func (h *fakeShipHandler) acked(seq uint64) error { h.calls <- ackCall(seq); return nil }
 func (h *fakeShipHandler) tagRequest(_ context.Context, tr replication.TagRequest) {
 	h.calls <- tagCall(tr)
