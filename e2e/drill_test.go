@@ -54,6 +54,7 @@ var jobStartRE = regexp.MustCompile(`(?m)^job ([0-9a-f]+): `)
 // shows the marker and its port 80 answers; the job records the RTO and
 // the boot step; nothing of the drill stays live.
 func TestE2EDrillBootsProtectedDisk(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	point := protectBootDisk(t, c, "m", bootdisk.Options{Hostname: "drill-m", Marker: "e2e-drill"})
 
@@ -114,6 +115,7 @@ func TestE2EDrillBootsProtectedDisk(t *testing.T) {
 // the command fails, the job is failed with the reason, a drill-failed
 // event is raised and nothing stays live.
 func TestE2EDrillCorruptKernelFails(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	protectBootDisk(t, c, "m", bootdisk.Options{CorruptKernel: true})
 

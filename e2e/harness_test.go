@@ -5,6 +5,14 @@
 // (qemu-io, fio, nbdcopy), killed with SIGKILL at awkward moments, and
 // checked byte for byte. Run with `make test` (or `go test -tags e2e ./e2e/`
 // with ASR_BIN pointing at a built binary; without it the binary is built).
+//
+// The tests mostly wait (on agents, intervals, guests), so each one that
+// does not set the environment (t.Setenv) calls t.Parallel(): every test
+// has its own directory, ports (freePort; a server whose port was taken
+// meanwhile tries others), network namespaces, browser and peers, and
+// nothing in this package is shared but read-only tables. scripts/e2e.sh
+// runs them 3 at a time (-parallel): more on a 2-core machine only slows
+// each, and must pass all the same.
 package e2e
 
 import (
@@ -39,6 +47,10 @@ var asrBin string
 const hungAfter = 3 * time.Minute
 
 func TestMain(m *testing.M) {
+	// Drills use TCG, the same on every machine with or without /dev/kvm:
+	// set here for every server the tests start, as tests that run in
+	// parallel cannot set it each (t.Setenv).
+	os.Setenv("ASR_DRILL_ACCEL", "tcg")
 	asrBin = os.Getenv("ASR_BIN")
 	if asrBin == "" {
 		dir, err := os.MkdirTemp("", "asr-e2e-bin")

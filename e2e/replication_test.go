@@ -19,6 +19,7 @@ import (
 // later (through the server, and from the target alone with the server gone)
 // has exactly those bytes.
 func TestE2EReplicateRecoverBitExact(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	replicateRecoverBitExact(t, c, "file://"+filepath.Join(c.srvDir, "target"))
 }
@@ -127,6 +128,7 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 // TestE2EWrongPassphrase: the agent exits non-zero with a clear message and
 // nothing is registered.
 func TestE2EWrongPassphrase(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 4<<20, 1)
@@ -146,6 +148,7 @@ func TestE2EWrongPassphrase(t *testing.T) {
 // initial copy; after a restart the copy resumes (the server received less
 // than 1.2 x the disk size in all) and the latest point equals the source.
 func TestE2EKillAgentDuringInitial(t *testing.T) {
+	t.Parallel()
 	c, gate := gatedCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 96 << 20
@@ -176,6 +179,7 @@ func TestE2EKillAgentDuringInitial(t *testing.T) {
 // bit-exact. The target keeps no segment of the log before that point:
 // the initial copy is stored once, as the replica (issue 13).
 func TestE2EKillServerDuringInitial(t *testing.T) {
+	t.Parallel()
 	c, gate := gatedCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 96 << 20
@@ -217,6 +221,7 @@ func TestE2EKillServerDuringInitial(t *testing.T) {
 // fio writes through the splitter; after restarts the latest point equals
 // the source and nothing was sent again from zero.
 func TestE2EKillDuringDelta(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 128 << 20
@@ -275,6 +280,7 @@ func TestE2EKillDuringDelta(t *testing.T) {
 // process server compresses them before its cache; an agent by default
 // sends them compressed. Both machines' points are recovered bit-exact.
 func TestE2ECompressionWhereTold(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	type run struct {
 		name     string
