@@ -32,7 +32,14 @@ import (
 // port of its own (its drills use TCG: TestMain).
 func newFailoverCluster(t *testing.T, serverArgs ...string) *cluster {
 	t.Helper()
-	return newClusterArgs(t, append([]string{"--nbd-listen", "127.0.0.1:" + freePort(t)}, serverArgs...)...)
+	return newFailoverClusterEnv(t, nil, serverArgs...)
+}
+
+// newFailoverClusterEnv is newFailoverCluster with variables added to the
+// environment of the cluster's processes (cluster.env).
+func newFailoverClusterEnv(t *testing.T, env []string, serverArgs ...string) *cluster {
+	t.Helper()
+	return newClusterEnv(t, env, append([]string{"--nbd-listen", "127.0.0.1:" + freePort(t)}, serverArgs...)...)
 }
 
 // failoverResult is what `asr failover` printed: the job's id, its RTO and

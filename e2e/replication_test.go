@@ -27,6 +27,7 @@ func TestE2EReplicateRecoverBitExact(t *testing.T) {
 // TestE2EAzureReplicateRecoverBitExact: the same with the replicas and the
 // catalog in Azure Blob Storage (a real Azurite).
 func TestE2EAzureReplicateRecoverBitExact(t *testing.T) {
+	t.Parallel()
 	c, _, target := azureCluster(t)
 	replicateRecoverBitExact(t, c, target)
 }
@@ -108,7 +109,7 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	pass := filepath.Join(c.dir, "pass-copy")
 	b, _ := os.ReadFile(filepath.Join(c.srvDir, "passphrase"))
 	os.WriteFile(pass, b, 0o600)
-	out, err := runAsr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass, "--json")
+	out, err := c.asr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass, "--json")
 	if err != nil || !strings.Contains(out, points[2].id) {
 		t.Fatalf("offline points: %v\n%s", err, out)
 	}
@@ -119,7 +120,7 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	c.recoverAndCheck("vm1", "latest", latest.sums, "--target", target, "--passphrase-file", pass)
 	// A wrong passphrase opens nothing.
 	os.WriteFile(pass, []byte("wrong"), 0o600)
-	if _, err := runAsr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass); err == nil ||
+	if _, err := c.asr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass); err == nil ||
 		!strings.Contains(err.Error(), "wrong vault passphrase") {
 		t.Fatalf("wrong passphrase: %v", err)
 	}

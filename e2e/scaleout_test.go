@@ -452,7 +452,7 @@ func (c *cluster) startPS(name string, extra ...string) *proc {
 	c.t.Helper()
 	args := append([]string{"process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
 		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name}, extra...)
-	p := startProc(c.t, name, c.psLog(name), args...)
+	p := startProcEnv(c.t, name, c.psLog(name), c.env, asrBin, args...)
 	p.waitLog(c.t, "asr process server running")
 	return p
 }
