@@ -247,6 +247,7 @@ func (c *cluster) waitAlertPasses(t *testing.T, n int) {
 // refused, with it (the password kept for the same server and user) it
 // arrives.
 func TestE2EAlertMail(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--alert-clear", "2s")
 	tl := makeSMTPTLS(t, c.dir)
 	mp := startMailpit(t, c.dir, tl)

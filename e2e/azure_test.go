@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -17,13 +18,12 @@ import (
 )
 
 // azureCluster is a cluster whose server replicates to a container in a
-// real Azurite it started; credentials reach every asr process through the
-// environment, as the Azure CLI names them.
+// real Azurite it started; credentials reach every asr process of the
+// cluster through the environment, as the Azure CLI names them.
 func azureCluster(t *testing.T) (*cluster, *azuritetest.Azurite, string) {
 	az := azuritetest.New(t)
-	t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnString())
 	target := "azure://" + azuritetest.Account + "/vault1"
-	c := newClusterArgs(t, "--target", target)
+	c := newClusterEnv(t, []string{"AZURE_STORAGE_CONNECTION_STRING=" + az.ConnString()}, "--target", target)
 	return c, az, target
 }
 
@@ -34,6 +34,7 @@ func azureCluster(t *testing.T) (*cluster, *azuritetest.Azurite, string) {
 // is written as raw images and as a fixed VHD page blob in the container,
 // both the source disk at that point byte for byte.
 func TestE2EAzureReplicateFailover(t *testing.T) {
+	t.Parallel()
 	c, az, target := azureCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 24<<20, 41) // a whole number of MiB: the VHD holds exactly the disk
@@ -64,7 +65,7 @@ func TestE2EAzureReplicateFailover(t *testing.T) {
 	c.server.stop()
 	os.RemoveAll(c.srvDir)
 
-	out, err := runAsr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass)
+	out, err := c.asr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass)
 	if err != nil || !strings.Contains(out, id) {
 		t.Fatalf("points from the target: %v\n%s", err, out)
 	}
@@ -72,7 +73,7 @@ func TestE2EAzureReplicateFailover(t *testing.T) {
 
 	// A VHD in the container, ready to become a managed disk.
 	dir := filepath.Join(c.dir, "vhd")
-	out, err = runAsr("recover", "--machine", "vm1", "--point", id, "--out", dir, "--format", "vhd",
+	out, err = c.asr("recover", "--machine", "vm1", "--point", id, "--out", dir, "--format", "vhd",
 		"--to-blob", "failover/vm1-d.vhd", "--target", target, "--passphrase-file", pass)
 	if err != nil {
 		t.Fatalf("recover to a VHD blob: %v\n%s", err, out)
@@ -92,7 +93,7 @@ func TestE2EAzureReplicateFailover(t *testing.T) {
 	// A wrong passphrase opens nothing.
 	bad := filepath.Join(c.dir, "bad")
 	os.WriteFile(bad, []byte("not the passphrase\n"), 0o600)
-	if out, err := runAsr("points", "--machine", "vm1", "--target", target, "--passphrase-file", bad); err == nil ||
+	if out, err := c.asr("points", "--machine", "vm1", "--target", target, "--passphrase-file", bad); err == nil ||
 		!strings.Contains(err.Error(), "passphrase") {
 		t.Fatalf("wrong passphrase: %v\n%s", err, out)
 	}
@@ -101,11 +102,14 @@ func TestE2EAzureReplicateFailover(t *testing.T) {
 // TestE2EAzureWrongKey: a storage key the account refuses is a clear error
 // at once, not a crash loop or a long retry.
 func TestE2EAzureWrongKey(t *testing.T) {
+	t.Parallel()
 	az := azuritetest.New(t)
-	t.Setenv("AZURE_STORAGE_CONNECTION_STRING", strings.Replace(az.ConnString(), azuritetest.Key, "d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXkgd3Jvbmcga2V5IHdyb25nIGtleQ==", 1))
+	env := []string{"AZURE_STORAGE_CONNECTION_STRING=" + strings.Replace(az.ConnString(), azuritetest.Key, "d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXkgd3Jvbmcga2V5IHdyb25nIGtleQ==", 1)}
 	dir := t.TempDir()
 	start := time.Now()
-	out, err := runAsr("server", "--data", filepath.Join(dir, "srv"), "--listen", "127.0.0.1:"+freePort(t),
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	out, err := runAsrEnv(ctx, env, "server", "--data", filepath.Join(dir, "srv"), "--listen", "127.0.0.1:"+freePort(t),
 		"--data-listen", "127.0.0.1:"+freePort(t), "--target", "azure://"+azuritetest.Account+"/vault1")
 	if err == nil || !strings.Contains(err.Error(), "rejected the credentials") {
 		t.Fatalf("server with a wrong key: %v\n%s", err, out)
@@ -120,6 +124,7 @@ func TestE2EAzureWrongKey(t *testing.T) {
 // SIGTERM: killed with SIGKILL it loses blobs it had acknowledged, which the
 // real service never does.)
 func TestE2EAzureOutage(t *testing.T) {
+	t.Parallel()
 	c, az, _ := azureCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 16<<20, 42)
@@ -154,6 +159,7 @@ func TestE2EAzureOutage(t *testing.T) {
 // agent's writes are still acknowledged into the cache, and nothing is
 // written to a container it no longer owns.
 func TestE2EAzureContainerDeleted(t *testing.T) {
+	t.Parallel()
 	c, az, _ := azureCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 8<<20, 44)

@@ -35,6 +35,7 @@ import (
 // The alerts page polls: both changes appear without a reload.
 // Every state is checked in the page's DOM text and screenshotted.
 func TestE2EConsoleAlerts(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

@@ -35,6 +35,7 @@ var bytesShownRE = regexp.MustCompile(`\d+(\.\d)? (B|KiB|MiB|GiB)`)
 // The original disk ends equal to the export's final content and a new
 // point recovers bit-exact.
 func TestE2EConsoleFailback(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

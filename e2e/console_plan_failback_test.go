@@ -22,6 +22,7 @@ import (
 // original disk ends equal to its export's final content and new points
 // recover bit-exact.
 func TestE2EConsolePlanFailback(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

@@ -28,6 +28,7 @@ import (
 // each machine, the script having read the plan's context with m1's
 // exports. Cleanup from the plans page ends both test failovers.
 func TestE2EConsolePlan(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

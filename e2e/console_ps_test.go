@@ -22,6 +22,7 @@ import (
 // server's reason; "Move all" brings vm1 back to the built-in one; a
 // point taken then recovers bit-exact.
 func TestE2EConsoleProcessServers(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

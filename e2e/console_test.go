@@ -30,6 +30,7 @@ import (
 // page has shown it, so the copy cannot finish before the browser has
 // loaded the page.
 func TestE2EConsoleInChromium(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
@@ -221,6 +222,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 // takes a screenshot (kept in $ASR_SCREENSHOTS, else the test's temporary
 // directory), checked not to be blank.
 func TestE2EConsoleDR(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

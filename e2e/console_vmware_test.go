@@ -30,6 +30,7 @@ import (
 // until initial replication has begun; the machines page shows the machine
 // linked to its VM.
 func TestE2EConsoleVMware(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

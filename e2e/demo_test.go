@@ -24,6 +24,7 @@ import (
 // policy's 5 min), and a restarted demo whose data port moved is
 // reconnected to by its agents.
 func TestE2EDemoShowsTheWholeFlow(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	listen := "127.0.0.1:" + freePort(t)
 	logPath := filepath.Join(dir, "demo.log")

@@ -61,6 +61,7 @@ func startRecoveredAgent(t *testing.T, vc *vsphereFailbackCase) *agentProc {
 // equals the recovered disk's final content, bytes sent within 2x of
 // bytes written after the failover; forward protection resumes.
 func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat := vc.failbackCase, vc.c, vc.flat
 	ra := startRecoveredAgent(t, vc)
@@ -209,6 +210,7 @@ func TestE2EFailbackFromVSphereRecoveredAgentThawed(t *testing.T) {
 // original disk equals the recovered disk's final content, nothing
 // lost.
 func TestE2EFailbackFromVSphereRecoveredAgentKilled(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat := vc.failbackCase, vc.c, vc.flat
 	ra := startRecoveredAgent(t, vc)

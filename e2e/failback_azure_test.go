@@ -50,14 +50,10 @@ const azureFailbackSize = 32 << 20
 func startAzureFailbackCase(t *testing.T) *azureFailbackCase {
 	t.Helper()
 	az := azuritetest.New(t)
-	t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnString())
 	f := fakearm.NewAzurite(t)
 	srv := fakearm.Serve(t, f)
-	for _, kv := range srv.Env() {
-		k, v, _ := strings.Cut(kv, "=")
-		t.Setenv(k, v) // inherited by the server process
-	}
-	c := newFailoverCluster(t, "--target", "azure://"+azuritetest.Account+"/vault1",
+	env := append([]string{"AZURE_STORAGE_CONNECTION_STRING=" + az.ConnString()}, srv.Env()...)
+	c := newFailoverClusterEnv(t, env, "--target", "azure://"+azuritetest.Account+"/vault1",
 		"--azure-arm-endpoint", srv.URL, "--azure-authority-host", srv.URL, "--azure-ca-file", srv.CAFile)
 	fc := &failbackCase{c: c, disk: filepath.Join(c.dir, "d.img")}
 	makeDisk(t, fc.disk, azureFailbackSize, 17)
@@ -149,6 +145,7 @@ func (ac *azureFailbackCase) clean(when string) {
 // snapshot left; forward protection resumes and a new point recovers
 // bit-exact.
 func TestE2EFailbackFromAzure(t *testing.T) {
+	t.Parallel()
 	ac := startAzureFailbackCase(t)
 	c := ac.c
 	ac.write(32) // 2 MiB
@@ -200,6 +197,7 @@ func TestE2EFailbackFromAzure(t *testing.T) {
 // the fakes; the original disk ends equal to the recovered disk, the VM
 // deallocated, no read SAS or snapshot left.
 func TestE2EConsoleFailbackAzure(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

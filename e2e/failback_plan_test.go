@@ -42,6 +42,7 @@ func planFio(t *testing.T, uri, name string, n int64) {
 // failback-only script of group 1 fails past the switch: the job fails
 // naming it, yet group 2 still runs its action and powers on in order.
 func TestE2EFailbackPlan(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	machines := []string{"db", "app1", "app2"}
 	disks := map[string]string{}
@@ -184,6 +185,7 @@ func TestE2EFailbackPlan(t *testing.T) {
 // with that hint); every original disk equals its export's final content,
 // and asr reprotect --group protects them forward.
 func TestE2EFailbackGroup(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	machines := []string{"app1", "app2"}
 	disks := map[string]string{}
@@ -269,6 +271,7 @@ func (c *cluster) waitJob(id, what string, ok func(api.Job) bool) api.Job {
 // group 1's pre script is not run again. Every original disk's SHA-256
 // equals its failed-over final state.
 func TestE2EFailbackPlanMixed(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c := vc.failbackCase, vc.c
 	dbDisk := filepath.Join(c.dir, "db.img")

@@ -65,6 +65,7 @@ func (c *cluster) alertsOf(all bool) []api.Alert {
 }
 
 func TestE2EFailbackPolicyReverseRPO(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

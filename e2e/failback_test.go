@@ -129,6 +129,7 @@ func (fc *failbackCase) checkForward() {
 // bytes written after the failover; forward protection resumes and a new
 // point recovers bit-exact.
 func TestE2EFailbackFullCycle(t *testing.T) {
+	t.Parallel()
 	fc := startFailbackCase(t)
 	c := fc.c
 	fc.fio(fc.export, "failed-over", 4<<20)
@@ -152,6 +153,7 @@ func TestE2EFailbackFullCycle(t *testing.T) {
 // started again, the agent killed (kill -9) and started again; the
 // failback is run again and completes with nothing lost.
 func TestE2EFailbackKilled(t *testing.T) {
+	t.Parallel()
 	fc := startFailbackCase(t)
 	c := fc.c
 	fc.fio(fc.export, "failed-over", 3<<20)
@@ -295,6 +297,7 @@ func (fc *failbackCase) finishUnplanned() {
 // final state, with far less sent than the disk; forward protection
 // resumes and a new point recovers bit-exact.
 func TestE2EFailbackUnplanned(t *testing.T) {
+	t.Parallel()
 	fc := startUnplannedCase(t, 32<<20)
 	c := fc.c
 	if out, err := c.cli("failback", "--machine", "m"); err == nil {
@@ -349,6 +352,7 @@ func TestE2EFailbackUnplanned(t *testing.T) {
 // checked the same wherever it lands, and the server test
 // TestFailbackUnplannedCompareResumes stops it at a known place.)
 func TestE2EFailbackUnplannedKilledInCompare(t *testing.T) {
+	t.Parallel()
 	fc := startUnplannedCase(t, 256<<20)
 	c := fc.c
 	a := c.agents["m"]

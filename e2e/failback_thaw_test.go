@@ -20,6 +20,7 @@ import (
 // from the start and sends what differs; failback ends with the original
 // disk equal to the export (SHA-256), a failback-thawed event recorded.
 func TestE2EFailbackThawedWhileShipping(t *testing.T) {
+	t.Parallel()
 	fc := startFailbackCase(t)
 	c := fc.c
 	fc.fio(fc.export, "failed-over", 2<<20)

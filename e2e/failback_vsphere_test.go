@@ -74,6 +74,7 @@ var alternateRE = regexp.MustCompile(`failed back to a new VM: vc1/(\S+) \((vm-\
 // datastore's directory equals the export's final content; the original
 // disk is not written; forward reprotect is refused with what to do.
 func TestE2EFailbackAlternateVSphere(t *testing.T) {
+	t.Parallel()
 	lc := startLinkedFailbackCase(t)
 	c := lc.c
 	// Refused before anything stops: an unknown datastore.
@@ -148,6 +149,7 @@ func TestE2EFailbackAlternateVSphere(t *testing.T) {
 // (the planned failover shut it down); the original disk equals the
 // export's final content.
 func TestE2EFailbackPowersOnVM(t *testing.T) {
+	t.Parallel()
 	lc := startLinkedFailbackCase(t)
 	want := nbdCopySum(t, lc.export)
 	out := lc.c.mustCLI("failback", "--machine", "m")
@@ -236,6 +238,7 @@ func startVSphereFailbackCase(t *testing.T) *vsphereFailbackCase {
 // SHA-256 equals the recovered VM's final disk; forward protection
 // resumes and a new point recovers bit-exact.
 func TestE2EFailbackFromVSphere(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat, sim, ref := vc.failbackCase, vc.c, vc.flat, vc.sim, vc.ref
 	const size = 32 << 20
@@ -278,6 +281,7 @@ func TestE2EFailbackFromVSphere(t *testing.T) {
 // the original disk ends equal to the recovered VM's flat file, the
 // recovered VM powered off.
 func TestE2EConsoleFailbackVSphere(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")
@@ -348,6 +352,7 @@ func TestE2EConsoleFailbackVSphere(t *testing.T) {
 // ends with the original equal to the recovered VM's disk; forward
 // protection resumes.
 func TestE2EFailbackFromVSphereKilled(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c := vc.failbackCase, vc.c
 	fc.fioFile(vc.flat, "recovered", 2<<20)
@@ -429,6 +434,7 @@ func simVMFolder(t *testing.T, sim *vcsim.Sim, name string) types.ManagedObjectR
 // succeeded, the new VM is in the folder, powered on, and its flat file
 // equals the export's final content; the original disk is not written.
 func TestE2EConsoleFailbackAlternate(t *testing.T) {
+	t.Parallel()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatal("chromium is required for this test but is not installed: install it (apt-get install chromium)")

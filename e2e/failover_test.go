@@ -29,12 +29,17 @@ import (
 )
 
 // newFailoverCluster starts a cluster whose server serves its exports on a
-// port of its own, and whose drills use TCG (the same on every machine,
-// with or without /dev/kvm).
+// port of its own (its drills use TCG: TestMain).
 func newFailoverCluster(t *testing.T, serverArgs ...string) *cluster {
 	t.Helper()
-	t.Setenv("ASR_DRILL_ACCEL", "tcg") // inherited by the server process
-	return newClusterArgs(t, append([]string{"--nbd-listen", "127.0.0.1:" + freePort(t)}, serverArgs...)...)
+	return newFailoverClusterEnv(t, nil, serverArgs...)
+}
+
+// newFailoverClusterEnv is newFailoverCluster with variables added to the
+// environment of the cluster's processes (cluster.env).
+func newFailoverClusterEnv(t *testing.T, env []string, serverArgs ...string) *cluster {
+	t.Helper()
+	return newClusterEnv(t, env, append([]string{"--nbd-listen", "127.0.0.1:" + freePort(t)}, serverArgs...)...)
 }
 
 // failoverResult is what `asr failover` printed: the job's id, its RTO and
@@ -169,6 +174,7 @@ func nbdCopySum(t *testing.T, uri string) string {
 // changing; replication and new points go on meanwhile; cleanup removes
 // the exports.
 func TestE2EFailoverTestNBD(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	d0, d1 := filepath.Join(c.dir, "d0.img"), filepath.Join(c.dir, "d1.img")
 	makeHoleyDisk(t, d0, 48<<20, 1)
@@ -274,6 +280,7 @@ func TestE2EFailoverTestNBD(t *testing.T) {
 // acknowledged is in the last point. Commit keeps the source frozen, its
 // agent registered (failback's master target).
 func TestE2EFailoverPlannedUnderFio(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 64<<20, 3)
@@ -421,6 +428,7 @@ func vsphereResult(t *testing.T, r failoverResult, machine string) (vmPath, ref 
 // the point's disk (the datastore's flat file equals it byte for byte) and
 // creates a powered-on VM with the source's CPUs and memory.
 func TestE2EFailoverVSphere(t *testing.T) {
+	t.Parallel()
 	c := newFailoverCluster(t)
 	const size = 24 << 20
 	sim := c.addSimVCenter("guest01", size)

@@ -318,6 +318,7 @@ func (c *cluster) verifyPoints(t *testing.T, ck *checker, points []pointCheck) {
 // TestE2EFaultsLink degrades and cuts the agent's link during the initial
 // copy and during delta replication.
 func TestE2EFaultsLink(t *testing.T) {
+	t.Parallel()
 	c, ns := faultCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeRandomDisk(t, disk, 96<<20, 11)
@@ -373,6 +374,7 @@ func TestE2EFaultsLink(t *testing.T) {
 // TestE2EFaultsKills kills the agent and the server with SIGKILL at random
 // moments, many times, while the checker writes.
 func TestE2EFaultsKills(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeRandomDisk(t, disk, 64<<20, 12)
@@ -414,6 +416,7 @@ func TestE2EFaultsKills(t *testing.T) {
 // directory (cache and target) while the checker writes; once space is
 // freed, replication resumes and nothing acknowledged is lost.
 func TestE2EFaultsServerDiskFull(t *testing.T) {
+	t.Parallel()
 	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
 	c.srvDir = filepath.Join(c.dir, "srv")
 	if err := os.MkdirAll(c.srvDir, 0o700); err != nil {

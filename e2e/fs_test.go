@@ -20,6 +20,7 @@ import (
 // point. The agent also freezes a real mounted file system (FIFREEZE) for
 // each point and leaves it thawed.
 func TestE2EExt4AppConsistent(t *testing.T) {
+	t.Parallel()
 	for _, tool := range []string{"mkfs.ext4", "debugfs", "e2fsck"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s is required for this test but is not installed (apt-get install e2fsprogs)", tool)

@@ -5,6 +5,15 @@
 // (qemu-io, fio, nbdcopy), killed with SIGKILL at awkward moments, and
 // checked byte for byte. Run with `make test` (or `go test -tags e2e ./e2e/`
 // with ASR_BIN pointing at a built binary; without it the binary is built).
+//
+// The tests mostly wait (on agents, intervals, guests), so every one calls
+// t.Parallel(): each has its own directory, ports (freePort; a server
+// whose port was taken meanwhile tries others), network namespaces,
+// browser and peers; nothing in this package is shared but read-only
+// tables, and no test sets the process's environment (t.Setenv): a
+// cluster's processes get theirs from cluster.env. scripts/e2e.sh
+// runs them 3 at a time (-parallel): more on a 2-core machine only slows
+// each, and must pass all the same.
 package e2e
 
 import (
@@ -39,6 +48,10 @@ var asrBin string
 const hungAfter = 3 * time.Minute
 
 func TestMain(m *testing.M) {
+	// Drills use TCG, the same on every machine with or without /dev/kvm:
+	// set here for every server the tests start, as tests that run in
+	// parallel cannot set it each (t.Setenv).
+	os.Setenv("ASR_DRILL_ACCEL", "tcg")
 	asrBin = os.Getenv("ASR_BIN")
 	if asrBin == "" {
 		dir, err := os.MkdirTemp("", "asr-e2e-bin")
@@ -90,13 +103,19 @@ func startProc(t *testing.T, name, logPath string, args ...string) *proc {
 // startProcCmd starts any program (e.g. ip netns exec ... asr).
 func startProcCmd(t *testing.T, name, logPath, prog string, args ...string) *proc {
 	t.Helper()
+	return startProcEnv(t, name, logPath, nil, prog, args...)
+}
+
+// startProcEnv starts a program with variables added to the environment.
+func startProcEnv(t *testing.T, name, logPath string, env []string, prog string, args ...string) *proc {
+	t.Helper()
 	lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := contain(exec.Command(prog, args...))
 	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.Env = append(os.Environ(), "ASR_LOG_LEVEL=info")
+	cmd.Env = append(append(os.Environ(), "ASR_LOG_LEVEL=info"), env...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -224,7 +243,11 @@ type cluster struct {
 	agents   map[string]*agentProc
 	// serverArgs are extra arguments for asr server.
 	serverArgs []string
-	gate       *dataGate // between the agents and the data listener, if any
+	// env is added to the environment of every asr process the cluster
+	// starts and of its commands (e.g. a target's credentials): tests that
+	// run in parallel cannot set the process's own (t.Setenv).
+	env  []string
+	gate *dataGate // between the agents and the data listener, if any
 }
 
 type agentProc struct {
@@ -251,7 +274,13 @@ func newCluster(t *testing.T) *cluster { return newClusterArgs(t) }
 
 // newClusterArgs starts a cluster whose server gets extra arguments.
 func newClusterArgs(t *testing.T, serverArgs ...string) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}, serverArgs: serverArgs}
+	return newClusterEnv(t, nil, serverArgs...)
+}
+
+// newClusterEnv starts a cluster whose processes get variables added to
+// their environment (cluster.env) and whose server gets extra arguments.
+func newClusterEnv(t *testing.T, env []string, serverArgs ...string) *cluster {
+	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}, serverArgs: serverArgs, env: env}
 	c.srvDir = filepath.Join(c.dir, "srv")
 	t.Cleanup(c.dumpLogsOnFailure)
 	c.listen = "127.0.0.1:" + freePort(t)
@@ -299,7 +328,7 @@ func (c *cluster) startServer() {
 			args = append(args, "--nbd-listen", "127.0.0.1:0")
 		}
 		args = append(args, c.serverArgs...)
-		c.server = startProc(c.t, "server", filepath.Join(c.dir, "server.log"), args...)
+		c.server = startProcEnv(c.t, "server", filepath.Join(c.dir, "server.log"), c.env, asrBin, args...)
 		if c.serverUp() {
 			return
 		}
@@ -334,7 +363,7 @@ func (c *cluster) serverUp() bool {
 			case <-ctx.Done():
 			}
 		}()
-		_, err := runAsrCtx(ctx, "status", "--data", c.srvDir, "--server", c.url())
+		_, err := runAsrEnv(ctx, c.env, "status", "--data", c.srvDir, "--server", c.url())
 		cancel()
 		if err == nil {
 			return true
@@ -376,7 +405,7 @@ func (c *cluster) startAgentIn(ns *netns, name string, extra []string, disks ...
 		args = append([]string{"netns", "exec", a.ns.name, asrBin}, args...)
 		a.proc = startProcCmd(c.t, name, filepath.Join(c.dir, name+".log"), "ip", args...)
 	} else {
-		a.proc = startProc(c.t, name, filepath.Join(c.dir, name+".log"), args...)
+		a.proc = startProcEnv(c.t, name, filepath.Join(c.dir, name+".log"), c.env, asrBin, args...)
 	}
 	// Ready when its NBD socket answers.
 	deadline := time.Now().Add(hungAfter) // a hung agent, not a slow one
@@ -400,8 +429,15 @@ func (a *agentProc) uri(disk string) string { return "nbd+unix:///" + disk + "?s
 // cli runs an operator command against the cluster's server and returns its
 // standard output.
 func (c *cluster) cli(args ...string) (string, error) {
-	args = append(args, "--data", c.srvDir, "--server", c.url())
-	return runAsr(args...)
+	return c.asr(append(args, "--data", c.srvDir, "--server", c.url())...)
+}
+
+// asr runs an asr command with the cluster's environment (cluster.env),
+// without the server's address (e.g. one that reads the target itself).
+func (c *cluster) asr(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	return runAsrEnv(ctx, c.env, args...)
 }
 
 func runAsr(args ...string) (string, error) {
@@ -412,7 +448,15 @@ func runAsr(args ...string) (string, error) {
 
 // runAsrCtx runs an asr command, killed when ctx is done.
 func runAsrCtx(ctx context.Context, args ...string) (string, error) {
+	return runAsrEnv(ctx, nil, args...)
+}
+
+// runAsrEnv runs an asr command with variables added to the environment.
+func runAsrEnv(ctx context.Context, env []string, args ...string) (string, error) {
 	cmd := contain(exec.CommandContext(ctx, asrBin, args...))
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -528,7 +572,7 @@ func (c *cluster) recoverAndCheck(machine, point string, want map[string]string,
 	args := append([]string{"recover", "--machine", machine, "--point", point, "--out", out}, extra...)
 	var err error
 	if len(extra) > 0 {
-		_, err = runAsr(args...)
+		_, err = c.asr(args...)
 	} else {
 		_, err = c.cli(args...)
 	}

@@ -24,6 +24,7 @@ import (
 // agent), after which a new point recovers bit-exact while the old points
 // still report their damage.
 func TestE2EBitRotDetectedAndRepaired(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 32<<20, 11)
@@ -99,6 +100,7 @@ func TestE2EBitRotDetectedAndRepaired(t *testing.T) {
 // points and survives a server restart; a disk larger than asr supports is
 // refused with a clear error, and the server stays up.
 func TestE2EHugeSparseDisk(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "big.img")
 	f, err := os.Create(disk)

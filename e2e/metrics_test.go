@@ -32,6 +32,7 @@ var prometheusTools = map[string]string{"prometheus": "prometheus", "promtool": 
 // file as its credentials), scrapes it until it holds the protected
 // machine's RPO. The metrics token reads nothing of the API.
 func TestE2EMetricsPrometheus(t *testing.T) {
+	t.Parallel()
 	tools := map[string]string{}
 	for tool, pkg := range prometheusTools {
 		p, err := exec.LookPath(tool)

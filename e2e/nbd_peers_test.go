@@ -196,6 +196,7 @@ func nbdPeerExpectBytes(t *testing.T, file []byte, off, n int, want byte) {
 }
 
 func TestNBDPeerNbdinfo(t *testing.T) {
+	t.Parallel()
 	const size = 48 << 20
 	for _, tcp := range []bool{false, true} {
 		t.Run(fmt.Sprintf("tcp=%v", tcp), func(t *testing.T) {
@@ -243,6 +244,7 @@ func TestNBDPeerNbdinfo(t *testing.T) {
 }
 
 func TestNBDPeerQemuIO(t *testing.T) {
+	t.Parallel()
 	const size = 16 << 20
 	d := nbdPeerServe(t, size, false)
 	out := nbdPeerRun(t, "qemu-io", "-f", "raw",
@@ -292,6 +294,7 @@ func TestNBDPeerQemuIO(t *testing.T) {
 }
 
 func TestNBDPeerQemuIOTCP(t *testing.T) {
+	t.Parallel()
 	d := nbdPeerServe(t, 4<<20, true)
 	out := nbdPeerRun(t, "qemu-io", "-f", "raw",
 		"-c", "write -P 0x42 512k 1M", "-c", "read -P 0x42 512k 1M", d.uri)
@@ -302,6 +305,7 @@ func TestNBDPeerQemuIOTCP(t *testing.T) {
 }
 
 func TestNBDPeerNbdcopy(t *testing.T) {
+	t.Parallel()
 	const size = 32 << 20
 	d := nbdPeerServe(t, size, false)
 
@@ -343,6 +347,7 @@ func TestNBDPeerNbdcopy(t *testing.T) {
 }
 
 func TestNBDPeerFio(t *testing.T) {
+	t.Parallel()
 	d := nbdPeerServe(t, 64<<20, false)
 	out := nbdPeerRun(t, "fio", "--thread",
 		"--name=randwrite-verify",
@@ -394,6 +399,7 @@ func TestNBDPeerFio(t *testing.T) {
 // TestNBDPeerClientAgainstNbdkit checks the Go client against a server it
 // was not written with.
 func TestNBDPeerClientAgainstNbdkit(t *testing.T) {
+	t.Parallel()
 	nbdkit := nbdPeerTool(t, "nbdkit")
 	sock := filepath.Join(t.TempDir(), "kit.sock")
 	ctx, cancel := context.WithCancel(context.Background())

@@ -58,6 +58,7 @@ func diffBytes(t *testing.T, a, b string) int64 {
 // new log started). The recovered point is the disk, byte for byte, with
 // the fresh agent's 30 writes.
 func TestE2EReregisteredAgentNewLog(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 64 << 20

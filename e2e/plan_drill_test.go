@@ -18,7 +18,7 @@ import (
 // in an isolated namespace until the console shows the marker, then
 // cleaned up), and the result is reported as an event naming the plan.
 func TestE2EPlanScheduledDrill(t *testing.T) {
-	t.Setenv("ASR_DRILL_ACCEL", "tcg") // the server inherits it
+	t.Parallel()
 	c := newClusterArgs(t, "--drill-check-every", "1s")
 	disk := filepath.Join(c.dir, "boot.img")
 	if err := bootdisk.Make(disk, 48, bootdisk.Options{Marker: "scheduled drill", Hostname: "web01"}); err != nil {

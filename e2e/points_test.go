@@ -16,6 +16,7 @@ import (
 // an invalid policy refused, a replication group cut and recovered whole,
 // and a recovery to an instant, through the server and from the target.
 func TestE2EPolicyGroupTimeCLI(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	var disks []string
 	for _, name := range []string{"vm1", "vm2"} {

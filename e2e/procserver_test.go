@@ -90,6 +90,7 @@ func fillFSTo(t *testing.T, path string, leave uint64) {
 // 64 MiB (the agent spools the rest) instead of filling its disk, and once
 // there is room again everything drains and the replica is bit-exact.
 func TestE2ECacheDiskCritical(t *testing.T) {
+	t.Parallel()
 	c := &cluster{t: t, dir: t.TempDir(), agents: map[string]*agentProc{}}
 	c.srvDir = filepath.Join(c.dir, "srv")
 	tgt := filepath.Join(c.dir, "target")

@@ -19,6 +19,7 @@ import (
 // later (through the server, and from the target alone with the server gone)
 // has exactly those bytes.
 func TestE2EReplicateRecoverBitExact(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	replicateRecoverBitExact(t, c, "file://"+filepath.Join(c.srvDir, "target"))
 }
@@ -26,6 +27,7 @@ func TestE2EReplicateRecoverBitExact(t *testing.T) {
 // TestE2EAzureReplicateRecoverBitExact: the same with the replicas and the
 // catalog in Azure Blob Storage (a real Azurite).
 func TestE2EAzureReplicateRecoverBitExact(t *testing.T) {
+	t.Parallel()
 	c, _, target := azureCluster(t)
 	replicateRecoverBitExact(t, c, target)
 }
@@ -107,7 +109,7 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	pass := filepath.Join(c.dir, "pass-copy")
 	b, _ := os.ReadFile(filepath.Join(c.srvDir, "passphrase"))
 	os.WriteFile(pass, b, 0o600)
-	out, err := runAsr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass, "--json")
+	out, err := c.asr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass, "--json")
 	if err != nil || !strings.Contains(out, points[2].id) {
 		t.Fatalf("offline points: %v\n%s", err, out)
 	}
@@ -118,7 +120,7 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 	c.recoverAndCheck("vm1", "latest", latest.sums, "--target", target, "--passphrase-file", pass)
 	// A wrong passphrase opens nothing.
 	os.WriteFile(pass, []byte("wrong"), 0o600)
-	if _, err := runAsr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass); err == nil ||
+	if _, err := c.asr("points", "--machine", "vm1", "--target", target, "--passphrase-file", pass); err == nil ||
 		!strings.Contains(err.Error(), "wrong vault passphrase") {
 		t.Fatalf("wrong passphrase: %v", err)
 	}
@@ -127,6 +129,7 @@ func replicateRecoverBitExact(t *testing.T, c *cluster, target string) {
 // TestE2EWrongPassphrase: the agent exits non-zero with a clear message and
 // nothing is registered.
 func TestE2EWrongPassphrase(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 4<<20, 1)
@@ -146,6 +149,7 @@ func TestE2EWrongPassphrase(t *testing.T) {
 // initial copy; after a restart the copy resumes (the server received less
 // than 1.2 x the disk size in all) and the latest point equals the source.
 func TestE2EKillAgentDuringInitial(t *testing.T) {
+	t.Parallel()
 	c, gate := gatedCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 96 << 20
@@ -176,6 +180,7 @@ func TestE2EKillAgentDuringInitial(t *testing.T) {
 // bit-exact. The target keeps no segment of the log before that point:
 // the initial copy is stored once, as the replica (issue 13).
 func TestE2EKillServerDuringInitial(t *testing.T) {
+	t.Parallel()
 	c, gate := gatedCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 96 << 20
@@ -217,6 +222,7 @@ func TestE2EKillServerDuringInitial(t *testing.T) {
 // fio writes through the splitter; after restarts the latest point equals
 // the source and nothing was sent again from zero.
 func TestE2EKillDuringDelta(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 128 << 20
@@ -275,6 +281,7 @@ func TestE2EKillDuringDelta(t *testing.T) {
 // process server compresses them before its cache; an agent by default
 // sends them compressed. Both machines' points are recovered bit-exact.
 func TestE2ECompressionWhereTold(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	type run struct {
 		name     string

@@ -98,6 +98,7 @@ func (c *cluster) forcedShutdown(t *testing.T, a *agentProc, name, disk string, 
 // killed and its machine comes back with another boot id); the extents in
 // the activity log are resynced, and only they.
 func TestE2EResyncForcedShutdown(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 256 << 20
@@ -229,6 +230,7 @@ func (c *cluster) waitSealed(t *testing.T, seq uint64) {
 // changes make, not the one before: else the blocks look equal, are not
 // sent, and the changes applied afterwards leave the replica wrong.
 func TestE2EResyncComparesAfterTheLog(t *testing.T) {
+	t.Parallel()
 	c, tgt, disk, _ := pendingChanges(t, 28)
 	// The disk's first 7 MiB as makeRandomDisk made them.
 	orig := make([]byte, 7<<20)
@@ -274,6 +276,7 @@ func cachedChanges(t *testing.T, seed uint64) (*cluster, string) {
 // applied (its checksum no longer matches). It is not applied, the disk is
 // marked, and the resync sends what differs.
 func TestE2EResyncCorruptSegment(t *testing.T) {
+	t.Parallel()
 	c, disk := cachedChanges(t, 25)
 	segs, _ := filepath.Glob(filepath.Join(c.srvDir, "cache", "*", "*.seg"))
 	slices.Sort(segs)
@@ -303,6 +306,7 @@ func TestE2EResyncCorruptSegment(t *testing.T) {
 // TestE2EResyncDiskGrown: the disk grows while the agent is stopped; the
 // replica grows and only the new area's data travels.
 func TestE2EResyncDiskGrown(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeRandomDisk(t, disk, 32<<20, 26)
@@ -333,6 +337,7 @@ func TestE2EResyncDiskGrown(t *testing.T) {
 // changed-block map) and when the server is back, the marked blocks, and
 // only they, are resent.
 func TestE2EResyncSpoolOverflow(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeRandomDisk(t, disk, 64<<20, 27)
@@ -373,6 +378,7 @@ func TestE2EResyncSpoolOverflow(t *testing.T) {
 // was lost); the agent no longer has them either. The gap marks the disk;
 // the resync sends what differs.
 func TestE2EResyncSequenceGap(t *testing.T) {
+	t.Parallel()
 	c, disk := cachedChanges(t, 22)
 	const size = 64 << 20
 	// The cache is lost with the server.
@@ -398,6 +404,7 @@ func TestE2EResyncSequenceGap(t *testing.T) {
 // where it was (the bytes compared stay under 1.5 x the disk; starting over
 // would pass it) and ends bit-exact.
 func TestE2EResyncUnderWritesAndKill(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 256 << 20
@@ -492,6 +499,7 @@ func agentResync(t *testing.T, a *agentProc) *agentResyncState {
 
 // TestE2EDiskShrinkRefused: a protected disk that shrank is a clear error.
 func TestE2EDiskShrinkRefused(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	makeDisk(t, disk, 16<<20, 24)

@@ -27,6 +27,7 @@ import (
 // recovers bit-exact: no write acknowledged to fio is lost, whichever
 // process server wrote it.
 func TestE2EProcessServerAzure(t *testing.T) {
+	t.Parallel()
 	c, az, target := azureCluster(t)
 	disk := filepath.Join(c.dir, "vm1.img")
 	makeDisk(t, disk, 24<<20, 17)

@@ -21,6 +21,7 @@ import (
 // brought back to the built-in process server first: recovery reads the
 // replica there), equals each source disk bit for bit.
 func TestE2EGroupAcrossProcessServers(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
 	vms := []string{"vm1", "vm2"}
 	disks := map[string]string{}

@@ -30,6 +30,7 @@ import (
 // --point` (non-zero exit, the offset) and fails `asr recover` (the
 // offset, the point).
 func TestE2EProcessServerPoints(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--cache-max", "6GiB")
 	disk := filepath.Join(c.dir, "d0.img")
 	makeDisk(t, disk, 64<<20, 21)

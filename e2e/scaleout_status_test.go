@@ -22,6 +22,7 @@ import (
 // server reads the point there, bit-exact; back on the built-in process
 // server, that point recovers bit-exact too.
 func TestE2EProcessServerStatusAndTag(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
 	pass := filepath.Join(c.srvDir, "passphrase")
 	d0 := filepath.Join(c.dir, "d0.img")

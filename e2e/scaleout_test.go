@@ -27,6 +27,7 @@ import (
 // ps-heartbeat alert; `asr ps remove` stops the other (its next heartbeat
 // is refused). Switches are TestE2EProcessServerSwitch's.
 func TestE2EProcessServers(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
 	d0 := filepath.Join(c.dir, "d0.img")
 	makeDisk(t, d0, 32<<20, 1)
@@ -136,6 +137,7 @@ func TestE2EProcessServers(t *testing.T) {
 // recovers bit-exact: no write acknowledged to fio is lost, whichever
 // process server received it.
 func TestE2EProcessServerSwitch(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disks := map[string]string{}
 	agents := map[string]*agentProc{}
@@ -242,6 +244,7 @@ func TestE2EProcessServerSwitch(t *testing.T) {
 // machine now is, never lost silently: each machine's latest point, the
 // one on ps2 made there, recovers bit-exact.
 func TestE2EProcessServerAutoSwitch(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--auto-switch", "--ps-heartbeat-lost", "3s")
 	vms := []string{"vm1", "vm2"}
 	disks := map[string]string{}
@@ -332,6 +335,7 @@ func TestE2EProcessServerAutoSwitch(t *testing.T) {
 // source disk: no write acknowledged to fio is lost, whichever process
 // server received it and whatever happened to that one.
 func TestE2EScaleOutFourAgents(t *testing.T) {
+	t.Parallel()
 	c := newClusterArgs(t, "--ps-heartbeat-lost", "3s")
 	vms := []string{"vm1", "vm2", "vm3", "vm4"}
 	disks := map[string]string{}
@@ -448,7 +452,7 @@ func (c *cluster) startPS(name string, extra ...string) *proc {
 	c.t.Helper()
 	args := append([]string{"process-server", "--config", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
 		"--data", filepath.Join(c.dir, name), "--data-listen", "127.0.0.1:0", "--name", name}, extra...)
-	p := startProc(c.t, name, c.psLog(name), args...)
+	p := startProcEnv(c.t, name, c.psLog(name), c.env, asrBin, args...)
 	p.waitLog(c.t, "asr process server running")
 	return p
 }

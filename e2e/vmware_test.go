@@ -100,6 +100,7 @@ func killPidFile(path string) {
 // completes and the latest point equals the disk; a wrong key and a changed
 // host key give their clear errors; unprotect removes the agent.
 func TestE2EProtectFromInventory(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	const size = 24 << 20
 	c.addSimVCenter("guest01", size)
