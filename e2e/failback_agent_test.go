@@ -160,6 +160,7 @@ func TestE2EFailbackFromVSphereRecoveredAgent(t *testing.T) {
 // recorded: the original equal to the flat file before failback;
 // failback ends bit-exact, forward protection resumes.
 func TestE2EFailbackFromVSphereRecoveredAgentThawed(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat := vc.failbackCase, vc.c, vc.flat
 	ra := startRecoveredAgent(t, vc)

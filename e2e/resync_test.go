@@ -521,6 +521,7 @@ func TestE2EDiskShrinkRefused(t *testing.T) {
 // or one the restarted agent numbered as a record the server holds, would
 // show in the recovered image.
 func TestE2EMemoryLogKill(t *testing.T) {
+	t.Parallel()
 	c := newCluster(t)
 	disk := filepath.Join(c.dir, "d.img")
 	const size = 128 << 20
