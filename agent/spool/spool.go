@@ -241,6 +241,19 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		if f == nil {
 			continue
 		}
+		if len(s.files) > 0 && f.first > s.next && f.first <= acked+1 {
+			// A gap the caller's acks cover: the files before it are all
+			// acknowledged (a start with acks ahead of the files, below,
+			// stopped before it trimmed them).
+			for _, old := range s.files {
+				old.f.Close()
+				if err := os.Remove(old.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+					f.f.Close()
+					return nil, rec, err
+				}
+			}
+			s.files, s.bytes = nil, 0
+		}
 		if len(s.files) > 0 && f.first != s.next {
 			s.closeFiles()
 			return nil, rec, fmt.Errorf("spool %s: file %s starts at seq %d, want %d: %w",
@@ -256,10 +269,15 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		s.bytes += f.size
 	}
 	if s.next <= acked {
-		// Everything in the spool was acknowledged.
+		// Everything in the spool was acknowledged (the files may even
+		// end before the acks: a forced shutdown lost their tail after
+		// the state file had recorded the server's acks).
 		s.next = acked + 1
 	}
-	if len(s.files) == 0 || s.files[len(s.files)-1].size >= s.opts.FileBytes {
+	if len(s.files) == 0 || s.files[len(s.files)-1].size >= s.opts.FileBytes || s.files[len(s.files)-1].last+1 != s.next {
+		// A new file where the last one cannot take seq s.next (full, or
+		// its records end before the acks: the next record must be found
+		// under its own number); trimLocked then drops the acknowledged.
 		if err := s.newFile(s.next); err != nil {
 			s.closeFiles()
 			return nil, rec, err
