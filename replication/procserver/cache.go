@@ -37,6 +37,13 @@ import (
 
 const openName = "open.seg"
 
+// directCommitBytes is how many record bytes applied directly wake the
+// sync loop for a commit while more frames are waiting to be read (a
+// commit flushes the replica and writes the catalog: doing it per frame
+// costs more than the cache's fsync did); a pause in the stream wakes it
+// at once.
+const directCommitBytes = 16 << 20
+
 // cacheFile is the open cache file (an *os.File; tests inject failures).
 type cacheFile interface {
 	io.Writer
@@ -108,6 +115,7 @@ type cache struct {
 	appended  uint64 // last seq written to the cache, or applied directly
 	durable   uint64 // last seq fsync'd or committed (acknowledged)
 	direct    uint64 // last seq applied directly to the replica (applyDirect)
+	directRaw int64  // record bytes applied directly since the sync loop was last woken for them
 	sealed    []sealedSeg
 	writer    uint64 // the epoch that may append (takeOver, fence)
 	broken    error  // set when the cache could not be made durable
@@ -298,8 +306,10 @@ func (c *cache) commitLocked() error {
 // acknowledged once the sync loop has committed it (cfg.commit: the
 // replica flushed, the applied seq recorded on the target), never before.
 // It reports false (and does nothing) when the cache holds frames not yet
-// applied: the caller appends the frame instead.
-func (c *cache) applyDirect(epoch uint64, f *replication.Frame, apply func() error) (bool, error) {
+// applied: the caller appends the frame instead. more says more frames
+// are already waiting to be read: the commit is left to the next of them
+// (up to directCommitBytes) or the sync loop's tick.
+func (c *cache) applyDirect(epoch uint64, f *replication.Frame, more bool, apply func() error) (bool, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.writableLocked(epoch); err != nil {
@@ -316,7 +326,11 @@ func (c *cache) applyDirect(epoch uint64, f *replication.Frame, apply func() err
 	}
 	c.appended = f.Seq + uint64(f.Count) - 1
 	c.direct = c.appended
-	c.kick()
+	c.directRaw += int64(f.RawLen)
+	if !more || c.directRaw >= directCommitBytes {
+		c.directRaw = 0
+		c.kick()
+	}
 	return true, nil
 }
 

@@ -87,7 +87,7 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 	}
 	for seq := uint64(1); seq <= 40; seq += 2 {
 		f := dataFrame(seq, writeRec(seq*4096, "a"), writeRec(seq*4096+4096, "b"))
-		if ok, err := c.applyDirect(epoch, &f, apply(&f)); !ok || err != nil {
+		if ok, err := c.applyDirect(epoch, &f, seq%8 != 7, apply(&f)); !ok || err != nil {
 			t.Fatalf("frame %d not applied directly: %v, %v", seq, ok, err)
 		}
 	}
@@ -98,7 +98,7 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	f42 := dataFrame(42, writeRec(0, "after"))
-	if ok, err := c.applyDirect(epoch, &f42, func() error { t.Error("applied past a cached frame"); return nil }); ok || err != nil {
+	if ok, err := c.applyDirect(epoch, &f42, false, func() error { t.Error("applied past a cached frame"); return nil }); ok || err != nil {
 		t.Fatalf("applyDirect with a cached frame before it: %v, %v", ok, err)
 	}
 	if err := c.append(epoch, &f42); err != nil {
@@ -144,7 +144,7 @@ func TestCacheDirectFailedCommitIsSticky(t *testing.T) {
 	defer c.close()
 	epoch, _, _ := c.takeOver()
 	f := dataFrame(1, writeRec(0, "a"))
-	if ok, err := c.applyDirect(epoch, &f, func() error { return nil }); !ok || err != nil {
+	if ok, err := c.applyDirect(epoch, &f, false, func() error { return nil }); !ok || err != nil {
 		t.Fatalf("applyDirect: %v, %v", ok, err)
 	}
 	select {
