@@ -357,6 +357,9 @@ func (c *cache) skipTo(epoch, last uint64) error {
 	if last <= c.appended {
 		return fmt.Errorf("skip to seq %d: the cache holds up to %d", last, c.appended)
 	}
+	if err := c.commitLocked(); err != nil {
+		return err
+	}
 	if c.openRaw > 0 {
 		if err := c.sealLocked(); err != nil {
 			return fmt.Errorf("seal the cache before a sequence gap: %w", err)
@@ -539,6 +542,11 @@ func (c *cache) syncOnce() (durable uint64, ok bool, err error) {
 // sealLocked closes the open file with a SEAL frame, renames it to its
 // sequence range and starts a new one. Caller holds mu.
 func (c *cache) sealLocked() error {
+	// The frames applied directly before the file come before it: a
+	// sealed segment is for the apply loop, and its seal reports durable.
+	if err := c.commitLocked(); err != nil {
+		return err
+	}
 	first, last := c.openFirst, c.appended
 	count := uint32(last - first + 1)
 	seal := replication.SealFrame(last, count)

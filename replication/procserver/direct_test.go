@@ -47,7 +47,19 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 			mu.Unlock()
 			durable <- seq
 		},
-		onSealed: func() { sealed <- struct{}{} },
+		onSealed: func() {
+			// Under the cache's lock: the segment goes to the apply loop,
+			// which must find every frame before it applied.
+			mu.Lock()
+			if committed < written {
+				select {
+				case bad <- "a segment sealed before the frames applied directly were committed":
+				default:
+				}
+			}
+			mu.Unlock()
+			sealed <- struct{}{}
+		},
 		commit: func() (uint64, error) {
 			mu.Lock()
 			defer mu.Unlock()
@@ -107,6 +119,7 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 	waitDurable(42)
 	c.sealSoon(42)
 	<-sealed
+
 	sg, ok := c.next()
 	if !ok || sg.first != 41 || sg.last != 42 {
 		t.Fatalf("sealed %+v, %v; want seq 41-42", sg, ok)
@@ -117,6 +130,31 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 	}
 	if _, err := replication.PrepareSegment(data); err != nil {
 		t.Fatalf("the segment after frames applied directly: %v", err)
+	}
+	f43 := dataFrame(43, writeRec(0, "direct"))
+	if ok, err := c.applyDirect(epoch, &f43, false, apply(&f43)); ok || err != nil {
+		t.Fatalf("applyDirect with a sealed segment not yet applied: %v, %v", ok, err)
+	}
+	c.done(sg)
+	// Frames applied directly with more to come (the sync loop not woken
+	// for them), then one cached and sealed at once: the seal commits
+	// them first.
+	if ok, err := c.applyDirect(epoch, &f43, true, apply(&f43)); !ok || err != nil {
+		t.Fatalf("applyDirect: %v, %v", ok, err)
+	}
+	f44 := dataFrame(44, writeRec(0, "cached"))
+	if err := c.append(epoch, &f44); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	err = c.sealLocked()
+	c.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-sealed
+	if sg, ok := c.next(); !ok || sg.first != 44 || sg.last != 44 {
+		t.Fatalf("sealed %+v, %v; want seq 44", sg, ok)
 	}
 	select {
 	case msg := <-bad:
