@@ -138,10 +138,9 @@ func (m *machine) append(cc *agentConn, f *replication.Frame) error {
 // (applyDirect) rather than through the cache: before the machine's first
 // point (from then on every segment is kept on the target for recovery to
 // any point in time, so each frame must pass through the cache) and
-// unless it holds a tag (points are made by the apply loop), or the server
-// was told to cache every frame (Config.NoDirect).
+// unless it holds a tag (points are made by the apply loop).
 func (m *machine) direct(f *replication.Frame) bool {
-	return !m.s.cfg.NoDirect && f.Flags&replication.FlagTag == 0 && !m.rep.pointMade.Load()
+	return f.Flags&replication.FlagTag == 0 && !m.rep.pointMade.Load()
 }
 
 // applyDirect applies a prepared DATA frame of connection cc to the

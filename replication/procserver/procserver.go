@@ -76,12 +76,6 @@ type Config struct {
 	// SealAfter seals a non-empty cache file this long after its first frame.
 	// Default 1s.
 	SealAfter time.Duration
-	// NoDirect makes every DATA frame pass through the cache. By default a
-	// frame that comes while the cache holds nothing not yet applied,
-	// before the machine's first point (the initial copy), is applied
-	// straight to the replica and acknowledged once the replica is flushed
-	// and the applied seq recorded (machine.applyDirect).
-	NoDirect bool
 	// CacheMaxBytes stops reading from agents while the cache holds more
 	// (back-pressure: agents spool). Default 8 GiB.
 	CacheMaxBytes int64
