@@ -99,7 +99,7 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 	}
 	for seq := uint64(1); seq <= 40; seq += 2 {
 		f := dataFrame(seq, writeRec(seq*4096, "a"), writeRec(seq*4096+4096, "b"))
-		if ok, err := c.applyDirect(epoch, &f, seq%8 != 7, apply(&f)); !ok || err != nil {
+		if ok, err := c.applyDirect(epoch, &f, seq%8 == 7 || seq == 39, apply(&f)); !ok || err != nil {
 			t.Fatalf("frame %d not applied directly: %v, %v", seq, ok, err)
 		}
 	}
@@ -132,14 +132,14 @@ func TestCacheDirectAcknowledgedOnlyAfterCommit(t *testing.T) {
 		t.Fatalf("the segment after frames applied directly: %v", err)
 	}
 	f43 := dataFrame(43, writeRec(0, "direct"))
-	if ok, err := c.applyDirect(epoch, &f43, false, apply(&f43)); ok || err != nil {
+	if ok, err := c.applyDirect(epoch, &f43, true, apply(&f43)); ok || err != nil {
 		t.Fatalf("applyDirect with a sealed segment not yet applied: %v, %v", ok, err)
 	}
 	c.done(sg)
 	// Frames applied directly with more to come (the sync loop not woken
 	// for them), then one cached and sealed at once: the seal commits
 	// them first.
-	if ok, err := c.applyDirect(epoch, &f43, true, apply(&f43)); !ok || err != nil {
+	if ok, err := c.applyDirect(epoch, &f43, false, apply(&f43)); !ok || err != nil {
 		t.Fatalf("applyDirect: %v, %v", ok, err)
 	}
 	f44 := dataFrame(44, writeRec(0, "cached"))
@@ -182,7 +182,7 @@ func TestCacheDirectFailedCommitIsSticky(t *testing.T) {
 	defer c.close()
 	epoch, _, _ := c.takeOver()
 	f := dataFrame(1, writeRec(0, "a"))
-	if ok, err := c.applyDirect(epoch, &f, false, func() error { return nil }); !ok || err != nil {
+	if ok, err := c.applyDirect(epoch, &f, true, func() error { return nil }); !ok || err != nil {
 		t.Fatalf("applyDirect: %v, %v", ok, err)
 	}
 	select {

@@ -147,14 +147,13 @@ func (m *machine) direct(f *replication.Frame) bool {
 // replica without caching it, if the cache holds nothing not yet applied
 // and the frame starts or ends no resync (a compare waits for the
 // replica to reach a resync's start through the apply loop); false: the
-// caller appends it to the cache. more: frames are waiting to be read
-// (cache.applyDirect).
-func (m *machine) applyDirect(cc *agentConn, f *replication.Frame, p *replication.PreparedSegment, more bool) (bool, error) {
+// caller appends it to the cache.
+func (m *machine) applyDirect(cc *agentConn, f *replication.Frame, p *replication.PreparedSegment) (bool, error) {
 	if p.Tags || p.Resync {
 		return false, nil
 	}
 	wire := int64(len(f.Payload) + replication.FrameHeaderSize)
-	return m.cache.applyDirect(cc.epoch, f, more, func() error { return m.rep.applyDirect(m.s.ctx, p, int64(f.RawLen), wire) })
+	return m.cache.applyDirect(cc.epoch, f, false, func() error { return m.rep.applyDirect(m.s.ctx, p, int64(f.RawLen), wire) })
 }
 
 // backlog is what the cache holds that is not applied yet (an open file

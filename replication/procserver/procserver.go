@@ -524,7 +524,7 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			if prep != nil {
 				// The records alias dbuf and buf: applied before the next
 				// frame is read.
-				applied, err := m.applyDirect(cc, &f, prep, br.Buffered() > 0)
+				applied, err := m.applyDirect(cc, &f, prep)
 				if err != nil {
 					return err
 				}
