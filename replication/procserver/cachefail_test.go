@@ -245,3 +245,60 @@ func TestReplacedConnection(t *testing.T) {
 	mustReplicaHolds(t, r.s, 4096, rec4.Data)
 	mustReplicaHolds(t, r.s, 0, []byte("old log")) // not "late"
 }
+
+// heldWrite holds the open cache file's writes until gate is closed.
+type heldWrite struct {
+	cacheFile
+	entered chan struct{} // closed at the first write
+	gate    chan struct{}
+	once    sync.Once
+}
+
+func (h *heldWrite) Write(p []byte) (int, error) {
+	h.once.Do(func() { close(h.entered) })
+	<-h.gate
+	return h.cacheFile.Write(p)
+}
+
+// The connection's reader goes on reading and checking the next frame
+// while the cache write of a frame is held (the cacheWriter): a damaged
+// frame behind a held write is refused before that write ends. Read
+// serially, it would be read only once the write ended.
+func TestReaderOvertakesAHeldCacheWrite(t *testing.T) {
+	refused := make(chan string, 1)
+	r := mustTLSRigWith(t, func(c *Config) {
+		c.OnRefused = func(_, reason string) {
+			select {
+			case refused <- reason:
+			default:
+			}
+		}
+	})
+	a := protectWithLogA(t, r)
+	m, _ := r.s.known(machineID)
+	h := &heldWrite{entered: make(chan struct{}), gate: make(chan struct{})}
+	m.cache.mu.Lock()
+	h.cacheFile = m.cache.open
+	m.cache.open = h
+	m.cache.mu.Unlock()
+	defer close(h.gate)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a.send(dataFrame(4, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("held write")}))
+	select {
+	case <-h.entered:
+	case <-ctx.Done():
+		t.Fatal("the first frame's cache write never started")
+	}
+	bad := dataFrame(5, replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: []byte("damaged")})
+	bad.Payload[len(bad.Payload)-1] ^= 0xff // the record's CRC-32C no longer matches
+	a.send(bad)
+	select {
+	case reason := <-refused:
+		if !strings.Contains(reason, "seq 5") {
+			t.Fatalf("refused %q, want the frame at seq 5", reason)
+		}
+	case <-ctx.Done():
+		t.Fatal("the damaged frame was not read while the write before it was held")
+	}
+}

@@ -475,18 +475,35 @@ func (s *Server) serveConn(c net.Conn) error {
 	return err
 }
 
-// readLoop appends the agent's DATA frames to the cache.
-func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
-	var buf, dbuf, cbuf []byte
+// readLoop appends the agent's DATA frames to the cache. The cache
+// writes run in their own goroutine (cacheWriter), so that reading,
+// decrypting and checking the next frame overlaps the write of this one;
+// every other frame waits until the DATA frames before it are written,
+// so the order the agent sent them in holds for everything they do.
+func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err error) {
+	var dbuf []byte
 	codec := replication.ServerCodec()
 	comp := replication.AdaptiveCompressor{Codec: codec}
+	w := newCacheWriter(s, m, cc)
+	defer func() {
+		if werr := w.close(); werr != nil {
+			err = werr // the cache's failure, not the closed connection it caused
+		}
+	}()
 	for {
 		// An agent sends a status at least every few seconds.
 		cc.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
-		f, nb, err := replication.ReadFrame(br, buf)
-		buf = nb
+		fb := w.buffers()
+		f, nb, err := replication.ReadFrame(br, fb.read)
+		fb.read = nb
 		if err != nil {
 			return err
+		}
+		if f.Type != replication.FrameData {
+			w.release(fb)
+			if err := w.barrier(); err != nil {
+				return err
+			}
 		}
 		switch f.Type {
 		case replication.FrameData:
@@ -541,15 +558,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 			// CPU is the guest's): compressed here, before the cache, so
 			// the cache and the target hold compressed segments, unless
 			// the stream does not compress (then tried only now and then).
-			cbuf = comp.Compress(&f, cbuf[:0])
-			if err := m.append(cc, &f); err != nil {
+			fb.comp = comp.Compress(&f, fb.comp[:0])
+			if err := w.append(f, wire, fb); err != nil {
 				return err
-			}
-			s.rawBytes.Add(int64(f.RawLen))
-			s.wireBytes.Add(wire)
-			s.cachedBytes.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
-			if s.cfg.OnBytes != nil {
-				s.cfg.OnBytes(m.id, wire)
 			}
 		case replication.FrameStatus:
 			var st replication.Status
@@ -596,6 +607,126 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) error {
 		default:
 			return &replication.ProtocolError{Reason: fmt.Sprintf("unexpected %s frame from agent", f.Type)}
 		}
+	}
+}
+
+// cacheWriterDepth is how many DATA frames of a connection are read and
+// checked ahead of the one being written to the cache: the memory this
+// costs is that many frames' buffers (a frame is at most
+// replication.MaxFrameRaw, 4 MiB from an asr agent).
+const cacheWriterDepth = 2
+
+// frameBuffers hold one DATA frame as read (read) and as compressed here
+// (comp); a frame's payload is in one of them until it is written.
+type frameBuffers struct{ read, comp []byte }
+
+// cacheWriter writes a connection's DATA frames to the machine's cache in
+// its own goroutine, in the order it is given them, so that the reader
+// does not wait for a write (the cache's write(2), slowed by the kernel's
+// dirty-page throttling on a busy disk, and its lock, held while a
+// segment is sealed with its fsyncs) before it reads the next frame.
+// Buffer sets circulate between the reader and the writer: at most
+// cacheWriterDepth+1 frames are held, the one being read included.
+// After the first failed write nothing more is written; the connection is
+// closed, and close returns that error.
+type cacheWriter struct {
+	s    *Server
+	m    *machine
+	cc   *agentConn
+	work chan queuedFrame
+	free chan *frameBuffers
+	wg   sync.WaitGroup // frames given and not yet written (or dropped)
+	done chan struct{}
+
+	mu  sync.Mutex
+	err error
+}
+
+type queuedFrame struct {
+	f    replication.Frame
+	wire int64
+	fb   *frameBuffers
+}
+
+func newCacheWriter(s *Server, m *machine, cc *agentConn) *cacheWriter {
+	w := &cacheWriter{s: s, m: m, cc: cc, work: make(chan queuedFrame, cacheWriterDepth),
+		free: make(chan *frameBuffers, cacheWriterDepth+1), done: make(chan struct{})}
+	for range cacheWriterDepth + 1 {
+		w.free <- &frameBuffers{}
+	}
+	go w.loop()
+	return w
+}
+
+// buffers waits for a free buffer set for the next frame.
+func (w *cacheWriter) buffers() *frameBuffers { return <-w.free }
+
+// release gives back a buffer set whose frame is not written (not DATA).
+func (w *cacheWriter) release(fb *frameBuffers) {
+	if cap(fb.read) > 2*replication.MaxFrameRaw {
+		fb.read = nil
+	}
+	if cap(fb.comp) > 2*replication.MaxFrameRaw {
+		fb.comp = nil
+	}
+	w.free <- fb
+}
+
+// append queues a checked DATA frame whose payload is in fb. It returns
+// the error of an earlier write, if one failed.
+func (w *cacheWriter) append(f replication.Frame, wire int64, fb *frameBuffers) error {
+	if err := w.failed(); err != nil {
+		w.release(fb)
+		return err
+	}
+	w.wg.Add(1)
+	w.work <- queuedFrame{f: f, wire: wire, fb: fb}
+	return nil
+}
+
+// barrier waits until every frame given so far is written, and returns
+// the error of a failed write.
+func (w *cacheWriter) barrier() error {
+	w.wg.Wait()
+	return w.failed()
+}
+
+func (w *cacheWriter) failed() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
+}
+
+// close waits for the frames given so far, stops the writer and returns
+// the error of a failed write.
+func (w *cacheWriter) close() error {
+	close(w.work)
+	<-w.done
+	return w.failed()
+}
+
+func (w *cacheWriter) loop() {
+	defer close(w.done)
+	s := w.s
+	for q := range w.work {
+		if w.failed() == nil {
+			if err := w.m.append(w.cc, &q.f); err != nil {
+				w.mu.Lock()
+				w.err = err
+				w.mu.Unlock()
+				// The reader may be waiting for the agent's next frame.
+				w.cc.c.Close()
+			} else {
+				s.rawBytes.Add(int64(q.f.RawLen))
+				s.wireBytes.Add(q.wire)
+				s.cachedBytes.Add(int64(len(q.f.Payload) + replication.FrameHeaderSize))
+				if s.cfg.OnBytes != nil {
+					s.cfg.OnBytes(w.m.id, q.wire)
+				}
+			}
+		}
+		w.release(q.fb)
+		w.wg.Done()
 	}
 }
 
