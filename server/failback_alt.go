@@ -389,11 +389,21 @@ type flatReader struct {
 	mu   sync.Mutex
 	rc   io.ReadCloser
 	next int64
+	err  error // the first error: every read after it fails too
 }
 
 func (r *flatReader) ReadAt(p []byte, off int64) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.err != nil {
+		return 0, r.err
+	}
+	n, err := r.read(p, off)
+	r.err = err
+	return n, err
+}
+
+func (r *flatReader) read(p []byte, off int64) (int, error) {
 	if off != r.next || off+int64(len(p)) > r.d.size {
 		return 0, fmt.Errorf("%s: a read of %d bytes at %d, not in order (next %d) or past its %d bytes", r.d.name, len(p), off, r.next, r.d.size)
 	}
