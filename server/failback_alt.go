@@ -32,6 +32,15 @@ import (
 // on. The original disks are not touched. The new VM has no asr agent:
 // protecting it forward means enabling its replication from the
 // inventory (asr protect --vm NAME), not asr reprotect.
+//
+// A failover to vSphere is copied the same way from its recovered VM
+// (altSource): its asr agent, if one streams, is frozen and drained
+// (freezeRecoveredAgent), the VM powered off (stopMember), and each of
+// its flat files read once, in order, through vCenter (flatReader) into
+// the new VM's upload, hashed as it goes; a cancel before the switch, or
+// a failure, powers it on again and thaws its agent (undoMember). After
+// the switch it stays powered off where it is. A failover to Azure is
+// not copied to an alternate location (not done).
 
 // altDetail is the new VM of an alternate-location failback (in the
 // failover record's reverseDetail).
@@ -102,9 +111,15 @@ func (s *Server) failbackAlternate(ctx context.Context, machine string, req api.
 	if name == "" {
 		name = alternateName(m, src)
 	}
-	spec, disks := vsphereVM(src, name, *vt, false, false, ex.disks, nil)
 	cctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	var fds []vmware.FailoverDisk
+	if ex != nil {
+		fds = exportDisks(ex.disks, nil)
+	} else if fds, err = s.recoveredSizes(cctx, m, f); err != nil {
+		return api.Job{}, err
+	}
+	spec, disks := vsphereVM(src, name, *vt, false, false, fds)
 	c, err := s.vcenterClient(cctx, vt.VCenter)
 	if err != nil {
 		return api.Job{}, err
@@ -134,8 +149,8 @@ func (s *Server) failbackAlternate(ctx context.Context, machine string, req api.
 }
 
 // alternateFailover is the failover an alternate-location failback takes
-// (a live failover to NBD, committed, not failing back or failed back)
-// and its exports.
+// (a live failover to NBD or vSphere, committed, not failing back or
+// failed back) and its exports (nil for a failover to vSphere).
 func (s *Server) alternateFailover(ctx context.Context, m store.Machine) (store.Failover, *exported, error) {
 	f, err := s.db.LiveFailover(ctx, m.ID)
 	if errors.Is(err, store.ErrNotFound) {
@@ -143,14 +158,18 @@ func (s *Server) alternateFailover(ctx context.Context, m store.Machine) (store.
 	} else if err != nil {
 		return f, nil, err
 	}
-	if f.Kind != api.FailoverReal || f.Dest != api.ToNBD {
-		return f, nil, errorf(http.StatusConflict, "machine %s: failback to an alternate location is done for failovers to the server's NBD exports (this one is %s to %s)", m.Name, kindWord(f.Kind), f.Dest)
+	toVSphere := f.Dest == api.ToVSphere && vmFailback(f)
+	if f.Kind != api.FailoverReal || f.Dest != api.ToNBD && !toVSphere {
+		return f, nil, errorf(http.StatusConflict, "machine %s: failback to an alternate location is done for failovers to the server's NBD exports or to vSphere (this one is %s to %s)", m.Name, kindWord(f.Kind), f.Dest)
 	}
 	if f.State != store.FailoverCommitted {
 		return f, nil, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then fail back", m.Name, f.State)
 	}
 	if d := decodeDetail(f); d.Reverse != nil && d.Reverse.State != dirReprotected {
 		return f, nil, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
+	}
+	if toVSphere {
+		return f, nil, nil
 	}
 	s.fo.mu.Lock()
 	ex := s.fo.byMachine[m.ID]
@@ -166,16 +185,19 @@ func (s *Server) alternateFailover(ctx context.Context, m store.Machine) (store.
 func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failover, m store.Machine, ex *exported, src *vmware.VM, vt api.VSphereTarget, name string) error {
 	start := time.Now()
 	j.setCancellable(true)
+	as := &altSource{ex: ex}
+	if ex == nil {
+		as.sm = &switchMember{m: m, f: f, toVM: true}
+	}
+	defer as.close()
 	c, err := s.vcenterClient(ctx, vt.VCenter)
 	if err != nil {
 		return err
 	}
 	defer c.Logout(context.WithoutCancel(ctx))
-	res, err := s.copyToAlternate(ctx, j, c, m, ex, src, vt, name)
+	res, err := s.copyToAlternate(ctx, j, c, m, as, src, vt, name)
 	if err != nil {
-		for _, e := range ex.disks {
-			e.be.stopped.Store(false) // the failed-over machine runs on
-		}
+		s.undoSource(ctx, j, as) // the failed-over machine runs on
 		return err
 	}
 	if s.fb.verifiedHook != nil {
@@ -185,18 +207,26 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 	// that came before it undoes the copy.
 	j.setCancellable(false)
 	if ctx.Err() != nil {
-		s.undoAlternate(ctx, c, ex, f, m, res)
+		s.undoAlternate(ctx, j, c, as, f, m, res)
 		return ctx.Err()
 	}
-	done := j.step(m.Name+": end the failover", "record the failback to "+vt.VCenter+"/"+res.Name+"; the exports and overlays go")
+	gone := "; the exports and overlays go"
+	if ex == nil {
+		gone = "; the recovered VM stays powered off"
+	}
+	done := j.step(m.Name+": end the failover", "record the failback to "+vt.VCenter+"/"+res.Name+gone)
 	f, frozen, err := s.recordAlternate(ctx, f, m, vt, res)
 	done("", err)
 	if err != nil {
-		s.undoAlternate(ctx, c, ex, f, m, res)
+		s.undoAlternate(ctx, j, c, as, f, m, res)
 		return err
 	}
-	if err := s.unexport(m.ID, f.ID, true); err != nil {
-		s.log.Warn("failback: remove the exports", "machine", m.Name, "failover", f.ID, "err", err)
+	if ex != nil {
+		if err := s.unexport(m.ID, f.ID, true); err != nil {
+			s.log.Warn("failback: remove the exports", "machine", m.Name, "failover", f.ID, "err", err)
+		}
+	} else {
+		s.recAgents.end(m.ID)
 	}
 	vm := vt.VCenter + "/" + res.Name
 	lines := []string{fmt.Sprintf("failed back to a new VM: %s (%s) in %s, %d bytes copied and verified", vm, res.Ref, res.Dir, res.Bytes)}
@@ -214,41 +244,222 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 	if frozen {
 		lines = append(lines, fmt.Sprintf("the original machine's agent stays frozen (its disks refuse writes; they are not the failed-back state): remove it with asr unprotect --machine %s", m.Name))
 	}
+	if as.sm != nil {
+		lines = append(lines, fmt.Sprintf("the recovered %s stays powered off: remove it there once the new VM runs", as.sm.vm))
+	}
 	s.raise(context.WithoutCancel(ctx), store.Event{MachineID: m.ID, Severity: "info", Kind: "failed-back",
 		Message: fmt.Sprintf("failed back from failover %s to a new VM %s (%s), %d bytes copied and verified; it has no agent: enable its replication from the inventory to protect it", f.ID, vm, res.Ref, res.Bytes)})
 	j.setResult(lines, time.Since(start))
 	return nil
 }
 
-// copyToAlternate stops the failed-over machine, makes the VM (powered
-// off) with a copy of each export, and verifies each flat file read back
-// through the datastore against its export. A failure removes the VM.
-func (s *Server) copyToAlternate(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, ex *exported, src *vmware.VM, vt api.VSphereTarget, name string) (vmware.FailoverResult, error) {
+// altSource is the failed-over machine an alternate-location failback
+// copies: its exports (a failover to NBD) or its recovered VM (a
+// failover to vSphere: sm, and its disks once stopped).
+type altSource struct {
+	ex      *exported
+	sm      *switchMember
+	readers []*flatReader
+}
+
+// close ends the recovered VM's reads and its client.
+func (as *altSource) close() {
+	for _, r := range as.readers {
+		r.Close()
+	}
+	if as.sm != nil {
+		as.sm.close()
+	}
+}
+
+// stopSource stops the failed-over machine: its exports refuse writes
+// (and are flushed), or its recovered VM's agent is frozen and drained
+// and the VM powered off (stopMember), then its disks listed.
+func (s *Server) stopSource(ctx context.Context, j *job, m store.Machine, as *altSource) error {
+	if as.sm != nil {
+		if err := s.stopMember(ctx, j, as.sm); err != nil {
+			return err
+		}
+		disks, err := s.recoveredDisks(ctx, j, as.sm.vm, m)
+		as.sm.disks = disks
+		return err
+	}
 	done := j.step(m.Name+": stop the failed-over machine", "its exports refuse writes from now on")
 	var err error
-	for _, e := range ex.disks {
+	for _, e := range as.ex.disks {
 		e.be.stopped.Store(true)
 	}
-	for _, e := range ex.disks {
+	for _, e := range as.ex.disks {
 		if ferr := e.be.Flush(); ferr != nil && err == nil {
 			err = ferr
 		}
 	}
 	done("writes refused; flushed", err)
+	return err
+}
+
+// undoSource lets the failed-over machine run on: its exports writable
+// again, or its recovered VM powered on again and its agent thawed.
+func (s *Server) undoSource(ctx context.Context, j *job, as *altSource) {
+	if as.sm != nil {
+		s.undoMember(ctx, j, as.sm)
+		return
+	}
+	for _, e := range as.ex.disks {
+		e.be.stopped.Store(false)
+	}
+}
+
+// sourceDisks are the stopped source's disks as the new VM's (Name, Size,
+// Src), each reader wrapped by wrap.
+func (s *Server) sourceDisks(ctx context.Context, m store.Machine, as *altSource, wrap func(i int, r io.ReaderAt) io.ReaderAt) []vmware.FailoverDisk {
+	if as.ex != nil {
+		return exportDisks(as.ex.disks, wrap)
+	}
+	mds := machineDisks(m)
+	fds := make([]vmware.FailoverDisk, len(as.sm.disks))
+	for i, d := range as.sm.disks {
+		r := &flatReader{ctx: ctx, vm: as.sm.vm, d: d}
+		as.readers = append(as.readers, r)
+		fds[i] = vmware.FailoverDisk{Name: mds[i].Name, Size: d.size, Src: wrap(i, r)}
+	}
+	return fds
+}
+
+// sumSource is disk i's SHA-256, read whole again (its sum taken during
+// the upload is not the disk's: not read once in order).
+func (s *Server) sumSource(ctx context.Context, as *altSource, i int) (string, error) {
+	if as.ex != nil {
+		return overlaySum(ctx, as.ex.disks[i].ov)
+	}
+	d := as.sm.disks[i]
+	rc, size, err := as.sm.vm.open(ctx, d)
 	if err != nil {
+		return "", err
+	}
+	defer rc.Close()
+	if size >= 0 && size != d.size {
+		return "", fmt.Errorf("the content of %s is %d bytes, the disk %d", d.name, size, d.size)
+	}
+	h := sha256.New()
+	if n, err := io.Copy(h, io.LimitReader(rc, d.size)); err != nil || n != d.size {
+		return "", fmt.Errorf("read %s (%d of %d bytes): %v", d.name, n, d.size, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// recoveredSizes lists the disks of failover f's recovered VM as a new
+// VM's (Name and Size; a source never read), to check the request.
+func (s *Server) recoveredSizes(ctx context.Context, m store.Machine, f store.Failover) ([]vmware.FailoverDisk, error) {
+	vm, err := s.openRecoveredVM(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	defer vm.close()
+	disks, err := vm.disks(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("the recovered %s: %w", vm, err)
+	}
+	mds := machineDisks(m)
+	if len(disks) != len(mds) {
+		return nil, errorf(http.StatusConflict, "the recovered VM %s has %d disks, machine %s %d: its disks were changed since the failover; a failback needs them as the failover made them", vm.name(), len(disks), m.Name, len(mds))
+	}
+	fds := make([]vmware.FailoverDisk, len(disks))
+	for i, d := range disks {
+		fds[i] = vmware.FailoverDisk{Name: mds[i].Name, Size: d.size, Src: notRead{}}
+	}
+	return fds, nil
+}
+
+// notRead is the source of a disk only checked (vmware.CheckFailover).
+type notRead struct{}
+
+func (notRead) ReadAt([]byte, int64) (int, error) {
+	return 0, errors.New("a disk only checked is not read")
+}
+
+// flatReader reads a recovered VM's disk as vmware.FailoverDisk's Src
+// wants it: once, in order (each read where the last ended), opened at
+// the first read; a read elsewhere is an error.
+type flatReader struct {
+	ctx context.Context
+	vm  recoveredVM
+	d   recoveredDisk
+
+	mu   sync.Mutex
+	rc   io.ReadCloser
+	next int64
+	err  error // the first error: every read after it fails too
+}
+
+func (r *flatReader) ReadAt(p []byte, off int64) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.err != nil {
+		return 0, r.err
+	}
+	n, err := r.read(p, off)
+	r.err = err
+	return n, err
+}
+
+func (r *flatReader) read(p []byte, off int64) (int, error) {
+	if off != r.next || off+int64(len(p)) > r.d.size {
+		return 0, fmt.Errorf("%s: a read of %d bytes at %d, not in order (next %d) or past its %d bytes", r.d.name, len(p), off, r.next, r.d.size)
+	}
+	if r.rc == nil {
+		rc, size, err := r.vm.open(r.ctx, r.d)
+		if err != nil {
+			return 0, err
+		}
+		r.rc = rc
+		if size >= 0 && size != r.d.size {
+			return 0, fmt.Errorf("the content of %s is %d bytes, the disk %d", r.d.name, size, r.d.size)
+		}
+	}
+	n, err := io.ReadFull(r.rc, p)
+	r.next += int64(n)
+	if err != nil {
+		return n, fmt.Errorf("read %s at %d (%d of %d bytes): %w", r.d.name, off, n, len(p), err)
+	}
+	return n, nil
+}
+
+// Close ends the read, if begun.
+func (r *flatReader) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.rc == nil {
+		return nil
+	}
+	err := r.rc.Close()
+	r.rc = nil
+	return err
+}
+
+// copyToAlternate stops the failed-over machine, makes the VM (powered
+// off) with a copy of each of its disks, and verifies each flat file
+// read back through the datastore against its source. A failure removes
+// the VM.
+func (s *Server) copyToAlternate(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, as *altSource, src *vmware.VM, vt api.VSphereTarget, name string) (vmware.FailoverResult, error) {
+	if err := s.stopSource(ctx, j, m, as); err != nil {
 		return vmware.FailoverResult{}, err
 	}
-	// Each export is hashed as it is uploaded (read once, in order).
-	sums := make([]*seqSum, len(ex.disks))
-	spec, disks := vsphereVM(src, name, vt, false, false, ex.disks, func(i int, r io.ReaderAt) io.ReaderAt {
-		sums[i] = &seqSum{r: r, h: sha256.New()}
+	// Each disk is hashed as it is uploaded (read once, in order).
+	var sums []*seqSum
+	fds := s.sourceDisks(ctx, m, as, func(i int, r io.ReaderAt) io.ReaderAt {
+		sums = append(sums, &seqSum{r: r, h: sha256.New()})
 		return sums[i]
 	})
+	spec, disks := vsphereVM(src, name, vt, false, false, fds)
 	res, err := s.createVSphereVM(ctx, j, c, m, vt.VCenter, spec, disks)
+	for _, r := range as.readers {
+		r.Close()
+	}
 	if err != nil {
 		return res, err
 	}
-	if err := s.verifyAlternate(ctx, j, c, m, ex, sums, res); err != nil {
+	if err := s.verifyAlternate(ctx, j, c, m, as, fds, sums, res); err != nil {
 		dctx, dcancel := s.boundedCtx(ctx)
 		derr := vmware.DeleteFailoverVM(dctx, c, res.Ref)
 		dcancel()
@@ -261,8 +472,8 @@ func (s *Server) copyToAlternate(ctx context.Context, j *job, c *govmomi.Client,
 }
 
 // verifyAlternate compares each flat file, read back through the
-// datastore, with its export (SHA-256).
-func (s *Server) verifyAlternate(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, ex *exported, sums []*seqSum, res vmware.FailoverResult) error {
+// datastore, with its source disk (SHA-256).
+func (s *Server) verifyAlternate(ctx context.Context, j *job, c *govmomi.Client, m store.Machine, as *altSource, fds []vmware.FailoverDisk, sums []*seqSum, res vmware.FailoverResult) error {
 	name := m.Name + ": verify"
 	detail := "read each flat file back from the datastore, compare with the failed-over disk (SHA-256)"
 	j.update(api.JobStep{Name: name, State: "running", Detail: detail, Total: res.Bytes})
@@ -276,18 +487,18 @@ func (s *Server) verifyAlternate(ctx context.Context, j *job, c *govmomi.Client,
 	if err != nil {
 		return fail(err)
 	}
-	if len(got) != len(ex.disks) {
-		return fail(fmt.Errorf("%d flat files read back for %d disks", len(got), len(ex.disks)))
+	if len(got) != len(fds) {
+		return fail(fmt.Errorf("%d flat files read back for %d disks", len(got), len(fds)))
 	}
-	for i, e := range ex.disks {
-		want, ok := sums[i].sum(e.ov.Size())
-		if !ok { // not read once in order: read the export again
-			if want, err = overlaySum(ctx, e.ov); err != nil {
+	for i, d := range fds {
+		want, ok := sums[i].sum(d.Size)
+		if !ok { // not read once in order: read the disk again
+			if want, err = s.sumSource(ctx, as, i); err != nil {
 				return fail(err)
 			}
 		}
-		if got[i].SHA256 != want || got[i].Size != e.ov.Size() {
-			return fail(fmt.Errorf("disk %s: %s (sha256 %s, %d bytes) differs from the failed-over disk (sha256 %s, %d bytes)", e.disk, got[i].Path, got[i].SHA256, got[i].Size, want, e.ov.Size()))
+		if got[i].SHA256 != want || got[i].Size != d.Size {
+			return fail(fmt.Errorf("disk %s: %s (sha256 %s, %d bytes) differs from the failed-over disk (sha256 %s, %d bytes)", d.Name, got[i].Path, got[i].SHA256, got[i].Size, want, d.Size))
 		}
 	}
 	j.update(api.JobStep{Name: name, State: "done", Detail: fmt.Sprintf("%d bytes read back: equal", res.Bytes), Total: res.Bytes, Done: res.Bytes})
@@ -315,7 +526,7 @@ func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.
 	reprotected := d.Reverse != nil
 	r := &reverseDetail{Started: s.now()}
 	if reprotected {
-		r.Started, r.Sent = d.Reverse.Started, d.Reverse.Sent
+		r.Started, r.Sent, r.VSphere = d.Reverse.Started, d.Reverse.Sent, d.Reverse.VSphere
 	}
 	r.State, r.Compared = dirFailedBack, res.Bytes
 	r.Alternate = &altDetail{VCenter: vt.VCenter, Ref: res.Ref, Name: res.Name, Datastore: vt.Datastore}
@@ -329,9 +540,10 @@ func (s *Server) recordAlternate(ctx context.Context, f store.Failover, m store.
 }
 
 // undoAlternate, after a cancel at the switch or a failed record, removes
-// the new VM and lets the failed-over machine run on (shipping to the
-// original disks again if it was reprotected and its shipper stopped).
-func (s *Server) undoAlternate(ctx context.Context, c *govmomi.Client, ex *exported, f store.Failover, m store.Machine, res vmware.FailoverResult) {
+// the new VM and lets the failed-over machine run on (a failover to NBD
+// shipping to the original disks again if it was reprotected and its
+// shipper stopped).
+func (s *Server) undoAlternate(ctx context.Context, j *job, c *govmomi.Client, as *altSource, f store.Failover, m store.Machine, res vmware.FailoverResult) {
 	dctx, dcancel := s.boundedCtx(ctx)
 	err := vmware.DeleteFailoverVM(dctx, c, res.Ref)
 	dcancel()
@@ -339,8 +551,9 @@ func (s *Server) undoAlternate(ctx context.Context, c *govmomi.Client, ex *expor
 	if err != nil {
 		s.log.Error("failback: remove the new VM (cancelled at the switch, or not recorded)", "machine", m.Name, "vm", res.Name, "err", err)
 	}
-	for _, e := range ex.disks {
-		e.be.stopped.Store(false)
+	s.undoSource(ctx, j, as)
+	if as.ex == nil {
+		return
 	}
 	if cur, err := s.db.LiveFailover(ctx, m.ID); err == nil && cur.ID == f.ID && s.reverseRunOf(m.ID) == nil {
 		if d := decodeDetail(cur); d.Reverse != nil && d.Reverse.State == dirReprotected {

@@ -2,8 +2,10 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"io"
 	"testing"
 )
 
@@ -34,4 +36,79 @@ func TestSeqSum(t *testing.T) {
 			t.Fatalf("reads %v gave a sum %s", rs, got)
 		}
 	}
+}
+
+// memVM is a recoveredVM whose one disk is bytes in memory, its content
+// size as the server would say it (size).
+type memVM struct {
+	data   []byte
+	size   int64
+	opened int
+}
+
+func (v *memVM) name() string   { return "mem" }
+func (v *memVM) place() string  { return "memory" }
+func (v *memVM) String() string { return vmLabel(v) }
+func (v *memVM) disks(context.Context) ([]recoveredDisk, error) {
+	return []recoveredDisk{{name: "d0", size: int64(len(v.data))}}, nil
+}
+func (v *memVM) open(context.Context, recoveredDisk) (io.ReadCloser, int64, error) {
+	v.opened++
+	return io.NopCloser(bytes.NewReader(v.data)), v.size, nil
+}
+func (v *memVM) powerOff(context.Context) (bool, error) { return true, nil }
+func (v *memVM) powerOn(context.Context) (bool, error)  { return true, nil }
+func (v *memVM) close()                                 {}
+
+// flatReader gives a recovered disk to the upload read once, in order,
+// opened once at the first read; a read elsewhere, past the disk, or of
+// content whose size is not the disk's is an error, never other bytes.
+func TestFlatReader(t *testing.T) {
+	disk := bytes.Repeat([]byte("recovered-"), 7000)
+	n := int64(len(disk))
+	ctx := context.Background()
+	vm := &memVM{data: disk, size: n}
+	r := &flatReader{ctx: ctx, vm: vm, d: recoveredDisk{name: "d0", size: n}}
+	var got []byte
+	for off := int64(0); off < n; off += 32 << 10 {
+		p := make([]byte, min(32<<10, n-off))
+		if k, err := r.ReadAt(p, off); err != nil || k != len(p) {
+			t.Fatalf("read at %d: %d, %v", off, k, err)
+		}
+		got = append(got, p...)
+	}
+	if !bytes.Equal(got, disk) || vm.opened != 1 {
+		t.Fatalf("read in order: equal %v, opened %d times", bytes.Equal(got, disk), vm.opened)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		size      int64 // the content's size as the server says it
+		off, want int64
+	}{
+		{"not from the start", n, 512, 512},
+		{"past the disk", n, 0, n + 1},
+		{"content of another size", n + 512, 0, 512},
+	} {
+		vm := &memVM{data: disk, size: tc.size}
+		r := &flatReader{ctx: ctx, vm: vm, d: recoveredDisk{name: "d0", size: n}}
+		if k, err := r.ReadAt(make([]byte, tc.want), tc.off); err == nil || k != 0 {
+			t.Errorf("%s: %d bytes, %v", tc.name, k, err)
+		}
+		if k, err := r.ReadAt(make([]byte, 512), 0); err == nil || k != 0 { // and after it
+			t.Errorf("%s, then a read from the start: %d bytes, %v", tc.name, k, err)
+		}
+		r.Close()
+	}
+	// Twice the same range: the second is refused.
+	r = &flatReader{ctx: ctx, vm: &memVM{data: disk, size: -1}, d: recoveredDisk{name: "d0", size: n}}
+	if _, err := r.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.ReadAt(make([]byte, 4096), 0); err == nil {
+		t.Fatal("a range read again was accepted")
+	}
+	r.Close()
 }

@@ -97,6 +97,21 @@ func (r *rig) addSim(sim *vcsim.Sim) *govmomi.Client {
 // the new VM, the exports gone and the forward reprotect refused with
 // what to do instead.
 func (fr *failbackRig) checkAlternate(j api.Job, gc *govmomi.Client, dsDir, name string, want map[string][32]byte) {
+	fr.t.Helper()
+	fr.checkAlternateOf("vm1", "vm1: stop the failed-over machine", j, gc, dsDir, name, want)
+	u, err := url.Parse(fr.exports["d0"])
+	if err != nil {
+		fr.t.Fatal(err)
+	}
+	if c, err := nbd.Dial(context.Background(), u.Host, strings.TrimPrefix(u.Path, "/")); err == nil {
+		c.Close()
+		fr.t.Fatal("the export is still served after the failback")
+	}
+}
+
+// checkAlternateOf is checkAlternate for machine m, whose failed-over
+// machine's stop is the job's step stop, without the exports' check.
+func (fr *failbackRig) checkAlternateOf(m, stop string, j api.Job, gc *govmomi.Client, dsDir, name string, want map[string][32]byte) {
 	t := fr.t
 	t.Helper()
 	ctx := context.Background()
@@ -108,7 +123,7 @@ func (fr *failbackRig) checkAlternate(j api.Job, gc *govmomi.Client, dsDir, name
 	for _, s := range j.Steps {
 		steps = append(steps, s.Name+"="+s.State)
 	}
-	for _, s := range []string{"vm1: stop the failed-over machine=done", "vm1: create VM in vc1=done", "vm1: verify=done", "vm1: end the failover=done", "vm1: power on=done"} {
+	for _, s := range []string{stop + "=done", m + ": create VM in vc1=done", m + ": verify=done", m + ": end the failover=done", m + ": power on=done"} {
 		if !slices.Contains(steps, s) {
 			t.Fatalf("steps %v lack %s", steps, s)
 		}
@@ -145,18 +160,10 @@ func (fr *failbackRig) checkAlternate(j api.Job, gc *govmomi.Client, dsDir, name
 	if fos, _ := fr.client.Failovers(ctx, false); len(fos) != 0 {
 		t.Fatalf("live failovers after failback: %+v", fos)
 	}
-	if m := fr.machine("vm1"); m.Direction != "failed-back" {
-		t.Fatalf("after the failback: direction %q", m.Direction)
+	if mm := fr.machine(m); mm.Direction != "failed-back" {
+		t.Fatalf("after the failback: direction %q", mm.Direction)
 	}
-	u, err := url.Parse(fr.exports["d0"])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if c, err := nbd.Dial(ctx, u.Host, strings.TrimPrefix(u.Path, "/")); err == nil {
-		c.Close()
-		t.Fatal("the export is still served after the failback")
-	}
-	_, err = fr.client.Reprotect(ctx, "vm1")
+	_, err = fr.client.Reprotect(ctx, m)
 	if statusOf(err) != http.StatusConflict || !strings.Contains(err.Error(), "asr protect --vm "+name) {
 		t.Fatalf("forward reprotect after an alternate failback: %v", err)
 	}

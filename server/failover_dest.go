@@ -221,7 +221,7 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 		os.RemoveAll(failoverDir(s.cfg.DataDir, f.ID))
 	}()
 	src := s.sourceVM(ctx, m)
-	spec, disks := vsphereVM(src, recoveredName(m, src, req.Test), *vt, req.Test, !req.Test || vt.PowerOn, ex.disks, nil)
+	spec, disks := vsphereVM(src, recoveredName(m, src, req.Test), *vt, req.Test, !req.Test || vt.PowerOn, exportDisks(ex.disks, nil))
 	res, err := s.createVSphereVM(ctx, j, c, m, vt.VCenter, spec, disks)
 	if err != nil {
 		return d, nil, err
@@ -232,11 +232,11 @@ func (s *Server) failoverToVSphere(ctx context.Context, j *job, f store.Failover
 }
 
 // vsphereVM is the VM a failover to vSphere (or an alternate-location
-// failback) makes of a machine's exported disks: the source VM's CPUs,
-// memory, guest, firmware and NICs when the machine is linked to one (src),
-// each disk at its place on the source when they are as many. wrap, if
-// not nil, wraps each disk's reader (disk i of exs).
-func vsphereVM(src *vmware.VM, name string, vt api.VSphereTarget, isolated, powerOn bool, exs []*export, wrap func(i int, r io.ReaderAt) io.ReaderAt) (vmware.FailoverSpec, []vmware.FailoverDisk) {
+// failback) makes of a machine's disks (each its Name, Size and Src): the
+// source VM's CPUs, memory, guest, firmware and NICs when the machine is
+// linked to one (src), each disk at its place on the source when they are
+// as many (else the first free unit).
+func vsphereVM(src *vmware.VM, name string, vt api.VSphereTarget, isolated, powerOn bool, disks []vmware.FailoverDisk) (vmware.FailoverSpec, []vmware.FailoverDisk) {
 	spec := vmware.FailoverSpec{VMName: name, Datastore: vt.Datastore, Host: vt.Host, Pool: vt.Pool, Folder: vt.Folder,
 		Network: vt.Network, Isolated: isolated, PowerOn: powerOn, CPUs: 1, MemoryMiB: 1024}
 	var srcDisks []vmware.Disk
@@ -247,21 +247,31 @@ func vsphereVM(src *vmware.VM, name string, vt api.VSphereTarget, isolated, powe
 	if len(spec.NICs) == 0 {
 		spec.NICs = []vmware.NIC{{Type: "vmxnet3"}}
 	}
-	var disks []vmware.FailoverDisk
+	disks = slices.Clone(disks)
+	for i := range disks {
+		fd := &disks[i]
+		fd.Controller, fd.Bus, fd.Unit = "", 0, -1
+		// The source's disks in device order match the protected disks
+		// in index order when they are as many: each keeps its controller.
+		if len(srcDisks) == len(disks) {
+			fd.Controller, fd.Bus, fd.Unit = srcDisks[i].ControllerType, srcDisks[i].ControllerBus, srcDisks[i].Unit
+		}
+	}
+	return spec, disks
+}
+
+// exportDisks are a failover's exported disks as a new VM's (vsphereVM);
+// wrap, if not nil, wraps each disk's reader (disk i of exs).
+func exportDisks(exs []*export, wrap func(i int, r io.ReaderAt) io.ReaderAt) []vmware.FailoverDisk {
+	disks := make([]vmware.FailoverDisk, len(exs))
 	for i, e := range exs {
 		var r io.ReaderAt = overlayReader{e.ov}
 		if wrap != nil {
 			r = wrap(i, r)
 		}
-		fd := vmware.FailoverDisk{Name: e.disk, Size: e.ov.Size(), Src: r, Unit: -1}
-		// The source's disks in device order match the protected disks
-		// in index order when they are as many: each keeps its controller.
-		if len(srcDisks) == len(exs) {
-			fd.Controller, fd.Bus, fd.Unit = srcDisks[i].ControllerType, srcDisks[i].ControllerBus, srcDisks[i].Unit
-		}
-		disks = append(disks, fd)
+		disks[i] = vmware.FailoverDisk{Name: e.disk, Size: e.ov.Size(), Src: r}
 	}
-	return spec, disks
+	return disks
 }
 
 // vsphereError maps the errors of a request made wrong to 400.

@@ -103,7 +103,7 @@ func alternatePage(v alternateView) templ.Component {
 					return templ_7745c5c3_Err
 				}
 			}
-			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 7, "<ol id=\"alternate-steps\"><li>The failed-over machine is stopped: its disks refuse writes from then on.</li><li>A new VM is made in the vCenter, with the source's CPUs, memory and network adapters, and a full copy of each failed-over disk, read back through vCenter and compared (SHA-256).</li><li>The new VM is powered on and the failover ends. The original disks are not touched; the new VM has no asr agent: protect it from the inventory.</li></ol><p class=\"help\">Cancel the job before the copy ends and the failed-over machine runs on; the new VM is removed.</p></section>")
+			templ_7745c5c3_Err = templruntime.WriteString(templ_7745c5c3_Buffer, 7, "<ol id=\"alternate-steps\"><li>The failed-over machine is stopped: its disks refuse writes from then on (a failover to vSphere: its VM is powered off, its asr agent frozen first if one streams).</li><li>A new VM is made in the vCenter, with the source's CPUs, memory and network adapters, and a full copy of each failed-over disk, read back through vCenter and compared (SHA-256).</li><li>The new VM is powered on and the failover ends. The original disks are not touched; the new VM has no asr agent: protect it from the inventory.</li></ol><p class=\"help\">Cancel the job before the copy ends and the failed-over machine runs on (a recovered VM is powered on again); the new VM is removed.</p></section>")
 			if templ_7745c5c3_Err != nil {
 				return templ_7745c5c3_Err
 			}
