@@ -37,7 +37,7 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	hello := func(first, next uint64, log string) replication.Hello {
 		return replication.Hello{MachineID: id, SpoolFirst: first, NextSeq: next, LogID: log}
 	}
-	a := s.recAgents.get(s, m, f, d, d.VSphere.UUID)
+	a := s.recAgents.get(s, m, f, d, d.VSphere.Name, d.VSphere.UUID)
 	c1 := &recConn{a: a}
 	if dur, err := c1.Start(hello(1, 101, "log1")); err != nil || dur != 100 {
 		t.Fatalf("held Welcome: %d, %v; want 100", dur, err)
@@ -88,7 +88,7 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	if v := decodeDetail(cur).Reverse.VSphere; v.Streamed != 777 || v.Acked != 130 {
 		t.Fatalf("the record's stream: %+v, want 777 bytes, record 130", v)
 	}
-	a = s.recAgents.get(s, m, cur, decodeDetail(cur), d.VSphere.UUID)
+	a = s.recAgents.get(s, m, cur, decodeDetail(cur), d.VSphere.Name, d.VSphere.UUID)
 	c4 := &recConn{a: a}
 	if dur, _ := c4.Start(hello(1, 141, "log1")); dur != 130 || !a.live || a.sent.Load() != 777 {
 		t.Fatalf("Welcome after a restart: %d (live %v, %d bytes sent), want 130 (the last acknowledged)", dur, a.live, a.sent.Load())
