@@ -81,6 +81,8 @@ type recAgent struct {
 	writing   int // Writes under way: the connection reads no status meanwhile
 	changed   chan struct{}
 	kick      chan struct{} // a write since the last save (saveStream)
+
+	cmp recCompare // resyncs and disk sums asked of it (failback_agent_resync.go)
 }
 
 // recFreeze is what failback did to the recovered VM's agent
@@ -88,6 +90,10 @@ type recAgent struct {
 // stream before the power-off (failback's pass then finds nothing).
 type recFreeze struct {
 	froze, drained bool
+	// sums: a failover to Azure's agent, frozen and drained, showed
+	// every disk equal to the original's SHA-256 before the stop
+	// (verifyRecoveredAgent): no pass over the stopped VM's disks.
+	sums []string
 }
 
 // recFreezeAnswer bounds the wait for a status saying the recovered
@@ -131,6 +137,9 @@ func (c *recConn) Start(h replication.Hello) (uint64, error) {
 	c.out = make(chan replication.Frame, 4)
 	d, gen, err := c.a.start(h, c.out)
 	c.gen = gen
+	if err == nil {
+		c.a.noteWelcome(d)
+	}
 	return d, err
 }
 
@@ -202,6 +211,7 @@ func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
 	a.signal()
 	a.mu.Unlock()
 	a.kickSave()
+	a.resyncWritten(recs)
 	return nil
 }
 

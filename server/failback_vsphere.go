@@ -277,7 +277,16 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	// records the compare may have missed: compare again.
 	ra := s.recAgents.of(m.ID, f.ID)
 	var p vmPass
-	for {
+	agentDone := false
+	if ra != nil && f.Dest == api.ToAzure {
+		// Azure: the agent compares its disks itself
+		// (failback_agent_resync.go); the SAS path if it cannot.
+		p, agentDone, err = s.resyncThroughAgent(ctx, j, m, f, ra)
+		if err != nil && !errors.Is(err, errAgentPathLost) {
+			return p, "", err
+		}
+	}
+	for !agentDone {
 		var epoch uint64
 		agent := false
 		if ra != nil {
@@ -673,6 +682,9 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 	if err := s.freezeRecoveredAgent(ctx, j, sm); err != nil {
 		return err
 	}
+	if err := s.verifyRecoveredAgent(ctx, j, sm); err != nil {
+		return err
+	}
 	done := j.step(sm.m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", sm.vm))
 	off, err := sm.vm.powerOff(ctx)
 	if err != nil {
@@ -689,6 +701,9 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 func (s *Server) drainMember(ctx context.Context, j *job, sm *switchMember) error {
 	if !sm.toVM {
 		return s.waitDrained(ctx, j, sm.m.Name+": drain", "send the last changes to the original disks", sm.run)
+	}
+	if sm.rec.sums != nil {
+		return s.passByAgent(ctx, j, sm)
 	}
 	if !sm.rec.drained {
 		if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
@@ -800,6 +815,9 @@ func (sm *switchMember) close() {
 // sent after the recovered agent's freeze, and whether its stream was
 // drained first.
 func lastPassLine(sm *switchMember) string {
+	if sm.rec.sums != nil {
+		return "no pass over the stopped VM's disks: its agent, frozen and drained, showed each disk equal to the original (SHA-256) before the stop"
+	}
 	l := fmt.Sprintf("the last pass over the stopped VM's disks sent %d bytes", sm.pass.sent)
 	if sm.rec.drained {
 		l += " (its agent was frozen and drained before the power-off)"
