@@ -314,7 +314,11 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	}
 	if err == nil {
 		cd := decodeDetail(cur)
-		cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
+		sent := p.sent
+		if agentDone {
+			sent = 0 // sent by the agent's stream: counted in its Streamed
+		}
+		cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: sent}
 		pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path, From: p.from, Log: p.log}
 		if f.Dest == api.ToAzure {
 			cd.Reverse.Azure = pass
