@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -119,5 +120,27 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	}
 	if v := a.view(); v.Live || v.Held == "" {
 		t.Fatalf("view %+v", v)
+	}
+}
+
+// TestSameVMUUID: an Azure VM's unique id matches the guest's BIOS UUID
+// as it is, case aside, or with its first three fields byte-swapped.
+func TestSameVMUUID(t *testing.T) {
+	const id = "839cf249-9ce9-4f63-9c5b-6909602a6528"
+	for _, c := range []struct {
+		vmID, bios string
+		want       bool
+	}{
+		{id, id, true},
+		{id, strings.ToUpper(id), true},
+		{id, "49f29c83-e99c-634f-9c5b-6909602a6528", true},
+		{id, "49f29c83-e99c-634f-9c5b-6909602a6529", false},
+		{id, "839cf249-9ce9-4f63-9c5b-6909602a6529", false},
+		{"", "", false},
+		{"not-a-uuid", "x", false},
+	} {
+		if got := sameVMUUID(c.vmID, c.bios); got != c.want {
+			t.Errorf("sameVMUUID(%q, %q) = %v, want %v", c.vmID, c.bios, got, c.want)
+		}
 	}
 }
