@@ -451,3 +451,31 @@ func (s *Server) passByAgent(ctx context.Context, j *job, sm *switchMember) erro
 	sm.disks, sm.pass = disks, vmPass{compared: compared, sums: sm.rec.sums}
 	return nil
 }
+
+// resyncHeldAgent, in failback before the freeze, makes the held stream
+// of a failover to Azure's recovered agent (it lost records in a hard
+// stop, or a server restart found its record held) live again by the
+// compare through it: the forward direction's answer to lost records, a
+// resync, rather than a pass over the stopped VM's disks through SAS.
+// Not connected, or its stream lost again meanwhile: nothing done, the
+// path without the agent follows.
+func (s *Server) resyncHeldAgent(ctx context.Context, j *job, sm *switchMember) error {
+	if sm.f.Dest != api.ToAzure {
+		return nil
+	}
+	a := s.recAgents.of(sm.m.ID, sm.f.ID)
+	if a == nil {
+		return nil
+	}
+	a.mu.Lock()
+	held, connected := !a.live, a.conns > 0
+	a.mu.Unlock()
+	if !held || !connected {
+		return nil
+	}
+	_, _, err := s.resyncThroughAgent(ctx, j, sm.m, sm.f, a)
+	if errors.Is(err, errAgentPathLost) {
+		return nil
+	}
+	return err
+}

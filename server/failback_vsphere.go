@@ -683,6 +683,9 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 		}
 		sm.vm = vm
 	}
+	if err := s.resyncHeldAgent(ctx, j, sm); err != nil {
+		return err
+	}
 	if err := s.freezeRecoveredAgent(ctx, j, sm); err != nil {
 		return err
 	}
