@@ -78,6 +78,9 @@ func blockSums(d io.ReaderAt, size int64, r replication.ReverseSum) ([]byte, err
 			return nil, fmt.Errorf("read at %d: %w", off, err)
 		}
 		s := replication.BlockSum(p)
+		if r.Leaves {
+			s = replication.HashData(p)
+		}
 		out = append(out, s[:]...)
 	}
 	return out, nil

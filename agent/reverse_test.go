@@ -99,4 +99,17 @@ func TestReverseBlockSums(t *testing.T) {
 	if ack := a.reverseSum(req); ack.Error == "" {
 		t.Fatalf("block sums past the disk's end: %+v", ack)
 	}
+	// Leaves: the resync's 4 KiB leaf hashes, as a recovered agent's
+	// resync compares them.
+	leaves := replication.ReverseSum{ID: "f", Seq: 4, Disk: d.Index, Off: 65536, Block: replication.HashBlock, Count: replication.HashFanout, Leaves: true}
+	ack = a.reverseSum(leaves)
+	want := replication.ChunkLeaves(b[65536:min(65536+replication.HashChunk, len(b))])
+	if ack.Error != "" || len(ack.Hashes) != 16*len(want) {
+		t.Fatalf("leaf hashes: error %q, %d bytes for %d blocks", ack.Error, len(ack.Hashes), len(want))
+	}
+	for i, l := range want {
+		if !bytes.Equal(ack.Hashes[16*i:16*i+16], l[:]) {
+			t.Fatalf("leaf %d differs from the disk's", i)
+		}
+	}
 }

@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -20,6 +22,8 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 
+	"github.com/asrdr/asr/agent"
+	"github.com/asrdr/asr/agent/nbd"
 	"github.com/asrdr/asr/server/api"
 )
 
@@ -273,5 +277,192 @@ func TestServerFailbackFromAzureCancelled(t *testing.T) {
 	}
 	if fos, err := c.Failovers(ctx, false); err != nil || len(fos) != 1 || fos[0].Failback == nil || fos[0].Failback.State != "reprotected" {
 		t.Fatalf("the failover after the cancel: %+v %v", fos, err)
+	}
+}
+
+// TestServerFailbackFromAzureRecoveredAgent: after a committed failover
+// to Azure, an agent with the original's state and the recovered VM's
+// unique id (ARM's vmId) as its BIOS UUID is the reverse source. Its
+// disk stands for the VM's managed disk: a local file holding the
+// recovered disk's content as the failover left it. Reprotect compares
+// through it (the agent's resync against the original disks: its writes
+// before reprotect found, no snapshot or read SAS), then its writes reach
+// the original disks as they happen; failback freezes and drains it,
+// verifies its disk against the original by SHA-256 before the
+// deallocation and reads nothing through SAS. Against the fake ARM and
+// Azurite only.
+func TestServerFailbackFromAzureRecoveredAgent(t *testing.T) {
+	const size = 8 << 20
+	r, pb, _, _ := startAzureFailback(t, size)
+	c, ctx := r.c, r.ctx
+	vm, ok := r.arm.VM(r.arm.ID("net-rg", "Microsoft.Compute/virtualMachines", "web01-recovered"))
+	if !ok || vm.Properties.VMID == nil {
+		t.Fatalf("the recovered VM %+v", vm)
+	}
+	vmID := *vm.Properties.VMID
+	dir := filepath.Dir(r.disk)
+	// The recovered VM's disk as the failover made it.
+	recDisk := filepath.Join(dir, "recovered0.img")
+	dl, err := pb.DownloadStream(ctx, &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(dl.Body)
+	dl.Body.Close()
+	if err != nil || len(b) != size {
+		t.Fatalf("download the recovered disk: %d bytes, %v", len(b), err)
+	}
+	if err := os.WriteFile(recDisk, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The agent's state as the replica carries it (the original agent
+	// stopped meanwhile, so that its files are whole).
+	r.stopAgent()
+	recState := filepath.Join(dir, "recovered-state")
+	if err := os.CopyFS(recState, os.DirFS(r.cfg.StateDir)); err != nil {
+		t.Fatal(err)
+	}
+	startRigAgent(t, r.cfg)
+	// The guest's writes before its agent started (not in its log):
+	// only the compare finds them.
+	rnd := rand.New(rand.NewPCG(14, 16))
+	var before int64
+	for range 4 {
+		blk := make([]byte, 65536)
+		for i := range blk {
+			blk[i] = byte(rnd.IntN(256))
+		}
+		copy(b[rnd.Int64N(size/65536)*65536:], blk)
+		before += 65536
+	}
+	if err := os.WriteFile(recDisk, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rc := r.cfg
+	rc.StateDir, rc.NBD, rc.BIOSUUID = recState, "unix:"+filepath.Join(dir, "recovered.sock"), vmID
+	rc.Disks = []agent.DiskSpec{{Name: "d0", Path: recDisk}}
+	startRigAgent(t, rc)
+	machine := func() api.Machine {
+		t.Helper()
+		var m api.Machine
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/machines/web01", nil, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	waitUntil(t, "the recovered agent taken as the reverse source", func() bool {
+		m := machine()
+		return m.ReverseSource != nil && m.ReverseSource.Connected && m.Connected
+	})
+	if m := machine(); m.ReverseSource.VM != "web01-recovered" || m.ReverseSource.BIOSUUID != vmID || m.BIOSUUID == vmID {
+		t.Fatalf("machine %+v, reverse source %+v", m, m.ReverseSource)
+	}
+	var wrote int64
+	writeVia := func(n int) {
+		t.Helper()
+		nc, err := nbd.Dial(ctx, rc.NBD, "d0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		buf := make([]byte, 65536)
+		for range n {
+			for i := range buf {
+				buf[i] = byte(rnd.IntN(256))
+			}
+			if err := nc.WriteAt(buf, rnd.Int64N(size/65536)*65536); err != nil {
+				t.Fatalf("write through the recovered agent: %v", err)
+			}
+			wrote += 65536
+		}
+		if err := nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Writes before reprotect: on the agent's disk only, found by the
+	// compare through it.
+	writeVia(6)
+	armWrites := len(r.arm.Writes())
+	j := r.run(t, func() (api.Job, error) { return c.Reprotect(ctx, "web01") })
+	if j.State != api.JobSucceeded || !strings.Contains(strings.Join(j.Output, "\n"), "path: the asr agent in VM web01-recovered") {
+		t.Fatalf("reprotect: %s %s %v %q", j.State, j.Error, stepNames(j), j.Output)
+	}
+	if steps := stepNames(j); !slices.Contains(steps, "web01: compare through the recovered agent=done") || slices.Contains(steps, "web01: compare and send=done") {
+		t.Fatalf("reprotect steps %v", steps)
+	}
+	var compared, differ, sent int64
+	if _, err := fmt.Sscanf(j.Output[0], "reprotected: %d bytes compared, %d differ, %d bytes sent to the original disks", &compared, &differ, &sent); err != nil {
+		t.Fatalf("reprotect output %q: %v", j.Output[0], err)
+	}
+	if compared != size || differ < before || sent < wrote+before || sent > 2*(wrote+before) {
+		t.Fatalf("reprotect: %d compared, %d in differing chunks, %d sent, for %d bytes written through the agent and %d before it", compared, differ, sent, wrote, before)
+	}
+	t.Logf("reprotect: %q, %d bytes written through the agent before it, %d before the agent", j.Output, wrote, before)
+	// Nothing asked of ARM: no snapshot, no read SAS.
+	if w := r.arm.Writes()[armWrites:]; len(w) != 0 {
+		t.Fatalf("ARM changes during reprotect through the agent: %v", w)
+	}
+	fileSum := func(p string) [32]byte {
+		t.Helper()
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sha256.Sum256(b)
+	}
+	if fileSum(r.disk) != fileSum(recDisk) {
+		t.Fatal("the original disk differs from the recovered agent's after reprotect")
+	}
+	// Writes after it are shipped as they happen.
+	writeVia(5)
+	waitUntil(t, "the recovered agent's writes on the original, nothing pending", func() bool {
+		m := machine()
+		return fileSum(r.disk) == fileSum(recDisk) && m.Reverse != nil && m.Reverse.RPOKnown && m.Reverse.Pending == 0
+	})
+	writeVia(3)
+	j = r.run(t, func() (api.Job, error) { return c.Failback(ctx, "web01") })
+	if j.State != api.JobSucceeded {
+		t.Fatalf("failback: %s %s %v", j.State, j.Error, stepNames(j))
+	}
+	steps := stepNames(j)
+	for _, s := range []string{"web01: freeze and drain the recovered agent=done", "web01: verify through the recovered agent=done", "web01: stop the recovered VM=done", "web01: verify=done", "web01: end the failover=done"} {
+		if !slices.Contains(steps, s) {
+			t.Fatalf("failback steps %v lack %s", steps, s)
+		}
+	}
+	if slices.Contains(steps, "web01: send the last changes=done") || !strings.Contains(strings.Join(j.Output, "\n"), "no pass over the stopped VM's disks") {
+		t.Fatalf("failback read the stopped VM's disks: %v %q", steps, j.Output)
+	}
+	t.Logf("failback: %q", j.Output)
+	var fbSent, fbCompared int64
+	if _, err := fmt.Sscanf(j.Output[0], "failed back: %d bytes sent, %d bytes compared", &fbSent, &fbCompared); err != nil {
+		t.Fatalf("failback output %q: %v", j.Output, err)
+	}
+	if fbCompared != size || fbSent < wrote+before || fbSent > 2*(wrote+before) {
+		t.Fatalf("failback: %d sent in all, %d compared, for %d bytes written through the agent and %d before it", fbSent, fbCompared, wrote, before)
+	}
+	if fileSum(r.disk) != fileSum(recDisk) {
+		t.Fatal("the original disk differs from the recovered agent's after failback")
+	}
+	if p := r.arm.VMPower("net-rg", "web01-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM after failback: %q", p)
+	}
+	if g := r.arm.Grants(); len(g) != 0 {
+		t.Fatalf("read SAS after failback: %v", g)
+	}
+	if fos, _ := c.Failovers(ctx, false); len(fos) != 0 {
+		t.Fatalf("live failovers after failback: %+v", fos)
+	}
+}
+
+// waitUntil waits for cond, at most 3 minutes.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

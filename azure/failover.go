@@ -157,7 +157,13 @@ type FailoverResult struct {
 	ResourceGroup string
 	VMName        string
 	VMID          string
-	NICID         string
+	// VMUUID is the VM's unique id as ARM reports it
+	// (VirtualMachineProperties.VMID), which its guest reads as its
+	// SMBIOS UUID: the asr agent in the recovered guest reports it as
+	// its BIOS UUID (failback's reverse source). Empty in a record made
+	// before it was kept, or if ARM reported none.
+	VMUUID string `json:",omitempty"`
+	NICID  string
 	// DiskIDs are the managed disks' resource IDs, the OS disk first, then
 	// the data disks by LUN.
 	DiskIDs []string
@@ -831,6 +837,9 @@ func FailoverToAzure(ctx context.Context, cred azcore.TokenCredential, opts *arm
 		return res, fmt.Errorf("failover %s: create VM: Azure returned no ID", spec.VMName)
 	}
 	res.VMID = *createdVM.ID
+	if p := createdVM.Properties; p != nil && p.VMID != nil {
+		res.VMUUID = *p.VMID
+	}
 	progress(fmt.Sprintf("VM %s created", spec.VMName))
 	return res, nil
 }

@@ -41,6 +41,7 @@ type azureRig struct {
 	disk string // the original disk d0
 	// stopAgent stops the agent (once; the cleanup does it otherwise).
 	stopAgent func()
+	cfg       agent.Config // the agent's, to start it again
 }
 
 func startAzureRig(t *testing.T, size int) *azureRig {
@@ -69,19 +70,10 @@ func startAzureRig(t *testing.T, size int) *azureRig {
 	if err := os.WriteFile(disk, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a, err := agent.New(context.Background(), agent.Config{Server: srv.URL(), PassphraseFile: filepath.Join(dir, "srv", server.PassphraseFile),
+	cfg := agent.Config{Server: srv.URL(), PassphraseFile: filepath.Join(dir, "srv", server.PassphraseFile),
 		StateDir: filepath.Join(dir, "agent"), Name: "web01", Disks: []agent.DiskSpec{{Name: "d0", Path: disk}},
-		NBD: "unix:" + filepath.Join(dir, "web01.sock"), CrashInterval: time.Hour, SpoolMax: 16 << 20, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	adone := make(chan error, 1)
-	go func() { adone <- a.Run(actx) }()
-	var once sync.Once
-	stop := func() { once.Do(func() { acancel(); <-adone; a.Close() }) }
-	// Registered after the server's: runs first.
-	t.Cleanup(stop)
+		NBD: "unix:" + filepath.Join(dir, "web01.sock"), CrashInterval: time.Hour, SpoolMax: 16 << 20, Logger: log}
+	stop := startRigAgent(t, cfg)
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		if _, err := c.Tag(ctx, "web01", false, time.Minute); err == nil {
@@ -91,7 +83,24 @@ func startAzureRig(t *testing.T, size int) *azureRig {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return &azureRig{az: az, arm: arm, c: c, ctx: ctx, disk: disk, stopAgent: stop}
+	return &azureRig{az: az, arm: arm, c: c, ctx: ctx, disk: disk, stopAgent: stop, cfg: cfg}
+}
+
+// startRigAgent runs an agent of cfg in process; the returned func stops
+// it (once; the test's cleanup does it otherwise, before the server's).
+func startRigAgent(t *testing.T, cfg agent.Config) func() {
+	t.Helper()
+	a, err := agent.New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, acancel := context.WithCancel(context.Background())
+	adone := make(chan error, 1)
+	go func() { adone <- a.Run(actx) }()
+	var once sync.Once
+	stop := func() { once.Do(func() { acancel(); <-adone; a.Close() }) }
+	t.Cleanup(stop)
+	return stop
 }
 
 // run starts a job and waits for its end (at most 3 minutes).

@@ -114,6 +114,9 @@ func checkFailover(t *testing.T, f *fakearm.ARM, spec FailoverSpec, disks []Fail
 		t.Fatalf("VM %s (%s) does not exist", spec.VMName, res.VMID)
 	}
 	wantTag("VM", vm.Tags)
+	if id := deref(vm.Properties.VMID, ""); id == "" || res.VMUUID != id {
+		t.Errorf("the result's VM UUID %q, ARM's vmId %q", res.VMUUID, id)
+	}
 	if got := string(deref(vm.Properties.HardwareProfile.VMSize, "")); got != wantSize || res.Size != wantSize {
 		t.Errorf("VM size %s, result %s, want %s", got, res.Size, wantSize)
 	}

@@ -9,12 +9,14 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
@@ -252,4 +254,192 @@ func TestE2EConsoleFailbackAzure(t *testing.T) {
 	if s := p.text("#machine-failback"); !strings.Contains(s, "Failed back") || !p.exists(`a.failback-action[data-failback="reprotect"]`) {
 		t.Fatalf("the failed-back machine's page shows:\n%s", s)
 	}
+}
+
+// startAzureRecoveredAgent starts, in ac's recovered VM, the asr agent
+// of the original installation: a real `asr agent` with a copy of the
+// original agent's state (copied with that agent stopped), its BIOS UUID
+// the VM's unique id as ARM reports it, its disk a file standing for the
+// VM's managed disk (the recovered disk as the failover left it, plus
+// 512 KiB the guest wrote before its agent started, counted as written);
+// it waits until the server takes it as the reverse source.
+func startAzureRecoveredAgent(t *testing.T, ac *azureFailbackCase) (ra *agentProc, recDisk string) {
+	t.Helper()
+	fc, c := ac.failbackCase, ac.c
+	vm, ok := ac.arm.VM(ac.arm.ID("net-rg", "Microsoft.Compute/virtualMachines", "m-recovered"))
+	if !ok || vm.Properties.VMID == nil {
+		t.Fatalf("the recovered VM %+v", vm)
+	}
+	vmID := *vm.Properties.VMID
+	// The managed disk as the failover made it, and the guest's writes
+	// before its agent started.
+	dl, err := ac.recovered.DownloadStream(t.Context(), &blob.DownloadStreamOptions{Range: blob.HTTPRange{Offset: 0, Count: azureFailbackSize}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(dl.Body)
+	dl.Body.Close()
+	if err != nil || len(b) != azureFailbackSize {
+		t.Fatalf("download the recovered disk: %d bytes, %v", len(b), err)
+	}
+	for range 8 {
+		off := ac.rnd.Int64N(azureFailbackSize/65536) * 65536
+		for i := range 65536 {
+			b[off+int64(i)] = byte(ac.rnd.IntN(256))
+		}
+		fc.written += 65536
+	}
+	recDisk = filepath.Join(c.dir, "recovered.img")
+	if err := os.WriteFile(recDisk, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	orig := c.agents["m"]
+	orig.stop()
+	recState := filepath.Join(c.dir, "recovered-state")
+	if err := os.CopyFS(recState, os.DirFS(orig.state)); err != nil {
+		t.Fatal(err)
+	}
+	c.startAgent("m", nil)
+	sock := filepath.Join(c.dir, "recovered.sock")
+	c.agents["recovered"] = &agentProc{name: "recovered", state: recState, sock: sock,
+		args: []string{"agent", "--server", c.url(), "--passphrase-file", filepath.Join(c.srvDir, "passphrase"),
+			"--state", recState, "--name", "m", "--nbd", "unix:" + sock, "--crash-interval", "1h",
+			"--disk", "d=" + recDisk, "--bios-uuid", vmID}}
+	ra = c.startAgent("recovered", nil)
+	st := c.waitStatus("m", "the recovered VM's agent taken as the reverse source", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected && st.Connected
+	})
+	if st.ReverseSource.BIOSUUID != vmID || st.ReverseSource.VM != "m-recovered" || st.BIOSUUID == vmID {
+		t.Fatalf("machine m: BIOS UUID %s, reverse source %+v", st.BIOSUUID, st.ReverseSource)
+	}
+	return ra, recDisk
+}
+
+// TestE2EFailbackFromAzureRecoveredAgent: the real binary's failover to
+// Azure (Azurite and the fake ARM over HTTPS) committed; in the recovered
+// VM the asr agent of the original installation starts: a real `asr
+// agent` with a copy of the original agent's state, its BIOS UUID the
+// VM's unique id as ARM reports it (vmId), its disk standing for the
+// VM's managed disk (a file holding the recovered disk's content as the
+// failover left it, plus writes made before the agent started, which
+// are not in its log). Reprotect compares through the agent (its resync
+// against the original disk: no snapshot, no read SAS, no ARM change),
+// fio's writes through its splitter before and after reprotect reach the
+// original disk; failback freezes and drains it, verifies by SHA-256
+// through both agents before the deallocation and reads nothing of the
+// stopped VM's disks: the original equals the agent's disk, within 2x of
+// the bytes written; forward protection resumes and a new point
+// recovers bit-exact. Never real Azure.
+func TestE2EFailbackFromAzureRecoveredAgent(t *testing.T) {
+	ac := startAzureFailbackCase(t)
+	fc, c := ac.failbackCase, ac.c
+	ra, recDisk := startAzureRecoveredAgent(t, ac)
+	fc.fio(ra.uri("d"), "recovered", 2<<20)
+
+	armWrites := len(ac.arm.Writes())
+	out := c.mustCLI("reprotect", "--machine", "m")
+	m := reprotectedRE.FindStringSubmatch(out)
+	if m == nil || !strings.Contains(out, "path: the asr agent in VM m-recovered") || !strings.Contains(out, "m: compare through the recovered agent") {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	compared, _ := strconv.ParseInt(m[1], 10, 64)
+	sent, _ := strconv.ParseInt(m[3], 10, 64)
+	if compared != azureFailbackSize || sent <= 0 || sent > 2*fc.written {
+		t.Fatalf("reprotect compared %d bytes and sent %d, for %d written into the recovered disk", compared, sent, fc.written)
+	}
+	t.Logf("reprotect through the agent: %d bytes compared, %d sent, %d written", compared, sent, fc.written)
+	if w := ac.arm.Writes()[armWrites:]; len(w) != 0 {
+		t.Fatalf("ARM changes during reprotect through the agent: %v", w)
+	}
+	ac.clean("after reprotect")
+	fc.fio(ra.uri("d"), "recovered-after-reprotect", 1<<20)
+	c.waitStatus("m", "the recovered agent's writes on the original, the reverse RPO known", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Live && st.ReverseSource.OldestPending.IsZero() &&
+			st.Reverse != nil && st.Reverse.RPOKnown && st.Reverse.Pending == 0
+	})
+	// Shipped as they happen: equal before failback (the status read
+	// above may predate fio's last writes).
+	deadline := time.Now().Add(hungAfter)
+	for sha256File(t, fc.disk) != sha256File(t, recDisk) {
+		if time.Now().After(deadline) {
+			t.Fatal("the original disk never equal to the recovered agent's before failback")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	fc.fio(ra.uri("d"), "recovered-before-failback", 1<<20)
+	out = c.mustCLI("failback", "--machine", "m")
+	for _, s := range []string{"m: freeze and drain the recovered agent", "m: verify through the recovered agent", "m: stop the recovered VM", "m: verify", "m: end the failover",
+		"no pass over the stopped VM's disks"} {
+		if !strings.Contains(out, s) {
+			t.Fatalf("failback output lacks %q:\n%s", s, out)
+		}
+	}
+	if strings.Contains(out, "m: send the last changes") {
+		t.Fatalf("failback read the stopped VM's disks:\n%s", out)
+	}
+	fc.checkFailedBack(out, sha256File(t, recDisk))
+	if p := ac.arm.VMPower("net-rg", "m-recovered"); p != "deallocated" {
+		t.Fatalf("the recovered VM after failback: %q", p)
+	}
+	ac.clean("after failback")
+	ra.stop()
+	fc.checkForward()
+}
+
+// TestE2EFailbackFromAzureRecoveredAgentKilled: the same path with
+// kills. Reprotected through the recovered agent; the original agent
+// held by SIGSTOP while fio writes through the recovered agent (its
+// writes wait in its spool); kill -9 of the server, restarted: the
+// stream live again; kill -9 of the recovered agent, restarted (after a
+// hard stop its stream is held); more fio; the original resumed;
+// failback compares through the agent again (a resync of the held
+// stream, not a pass through SAS), freezes, drains and verifies it: the
+// original disk equals the agent's disk, nothing lost; forward
+// protection resumes.
+func TestE2EFailbackFromAzureRecoveredAgentKilled(t *testing.T) {
+	ac := startAzureFailbackCase(t)
+	fc, c := ac.failbackCase, ac.c
+	ra, recDisk := startAzureRecoveredAgent(t, ac)
+	out := c.mustCLI("reprotect", "--machine", "m")
+	if !strings.Contains(out, "path: the asr agent in VM m-recovered") {
+		t.Fatalf("reprotect:\n%s", out)
+	}
+	orig := c.agents["m"]
+	orig.proc.pause()
+	fc.fio(ra.uri("d"), "recovered-held", 2<<20)
+	c.waitStatus("m", "the recovered agent's writes pending", func(st machineStatus) bool {
+		return st.ReverseSource != nil && !st.ReverseSource.OldestPending.IsZero()
+	})
+	c.server.kill()
+	c.startServer()
+	c.waitStatus("m", "the recovered agent live again after the server's restart", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected && st.ReverseSource.Live
+	})
+	ra.proc.kill()
+	ra = c.startAgent("recovered", nil)
+	c.waitStatus("m", "the recovered agent connected again", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected
+	})
+	fc.fio(ra.uri("d"), "recovered-after-kill", 1<<20)
+	orig.proc.resume()
+	out, err := c.cli("failback", "--machine", "m")
+	if err != nil {
+		t.Fatalf("failback after the kills: %v\n%s", err, out)
+	}
+	t.Logf("failback after the kills:\n%s", out)
+	for _, s := range []string{"m: verify through the recovered agent", "no pass over the stopped VM's disks"} {
+		if !strings.Contains(out, s) {
+			t.Fatalf("failback output lacks %q:\n%s", s, out)
+		}
+	}
+	if want, got := sha256File(t, recDisk), sha256File(t, fc.disk); got != want {
+		t.Fatalf("original disk sha256 %s, the recovered agent's disk %s", got, want)
+	}
+	if st := c.status("m"); st.Direction != "failed-back" || st.ReverseSource != nil {
+		t.Fatalf("after failback: direction %q, reverse source %+v", st.Direction, st.ReverseSource)
+	}
+	ac.clean("after failback")
+	ra.stop()
+	fc.checkForward()
 }

@@ -112,6 +112,13 @@ type ReverseSum struct {
 	Off   int64  `json:"off,omitempty"`
 	Block int64  `json:"block,omitempty"`
 	Count int    `json:"count,omitempty"`
+	// Leaves asks, with Block = HashBlock, for each block's resync leaf
+	// hash (HashData) rather than its BlockSum: the WANT of a resync run
+	// by a recovered VM's agent against the original disks (the server's
+	// failback_agent_resync.go). An agent older than it ignores the field
+	// and answers BlockSums, which differ from every leaf: the whole
+	// chunk is then sent, correct but larger.
+	Leaves bool `json:"leaves,omitempty"`
 }
 
 // MaxReverseHashes bounds the block sums one REVERSE_SUM asks for.
@@ -124,6 +131,9 @@ const MaxReverseHashes = 1024
 func (r *ReverseSum) Validate() error {
 	if !ValidFreezeID(r.ID) {
 		return validationError("reverse-sum", "id %q: want %s", r.ID, MachineNameRule)
+	}
+	if r.Leaves && r.Block != HashBlock {
+		return validationError("reverse-sum", "leaf hashes of %d-byte blocks: want %d", r.Block, HashBlock)
 	}
 	if r.Block == 0 {
 		if r.Off != 0 || r.Count != 0 {

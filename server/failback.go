@@ -72,6 +72,19 @@ type reverseDetail struct {
 	Azure *vmReverse `json:"azure,omitempty"`
 }
 
+// vmPass is the reverse record's pass of a failover to a VM, vSphere's or
+// Azure's (nil for a failover to NBD): the recovered VM's agent keeps its
+// stream's figures there for either.
+func (r *reverseDetail) vmPass() *vmReverse {
+	if r == nil {
+		return nil
+	}
+	if r.Azure != nil {
+		return r.Azure
+	}
+	return r.VSphere
+}
+
 // reverseState is the server's running reverse shipments, by machine id.
 type reverseState struct {
 	mu   sync.Mutex

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/procserver"
@@ -93,6 +96,8 @@ type recAgent struct {
 	writing   int // Writes under way: the connection reads no status meanwhile
 	changed   chan struct{}
 	kick      chan struct{} // a write since the last save (saveStream)
+
+	cmp recCompare // resyncs and disk sums asked of it (failback_agent_resync.go)
 }
 
 // recFreeze is what failback did to the recovered VM's agent
@@ -100,6 +105,10 @@ type recAgent struct {
 // stream before the power-off (failback's pass then finds nothing).
 type recFreeze struct {
 	froze, drained bool
+	// sums: a failover to Azure's agent, frozen and drained, showed
+	// every disk equal to the original's SHA-256 before the stop
+	// (verifyRecoveredAgent): no pass over the stopped VM's disks.
+	sums []string
 }
 
 // recFreezeAnswer bounds the wait for a status saying the recovered
@@ -143,6 +152,9 @@ func (c *recConn) Start(h replication.Hello) (uint64, error) {
 	c.out = make(chan replication.Frame, 4)
 	d, gen, err := c.a.start(h, c.out)
 	c.gen = gen
+	if err == nil {
+		c.a.noteWelcome(d)
+	}
 	return d, err
 }
 
@@ -282,6 +294,7 @@ func (c *recConn) Write(ctx context.Context, recs []replication.Record) error {
 	a.signal()
 	a.mu.Unlock()
 	a.kickSave()
+	a.resyncWritten(recs)
 	return nil
 }
 
@@ -291,7 +304,7 @@ var _ procserver.ReverseSink = (*recConn)(nil)
 
 // recoveredAgent is procserver.Config.RecoveredAgent: nil for the
 // machine's own agent, the failover's recAgent for the agent of the VM a
-// committed failover to vSphere made, an error for any other.
+// committed failover to vSphere or Azure made, an error for any other.
 func (s *Server) recoveredAgent(ctx context.Context, machineID string, h replication.Hello) (procserver.ReverseSink, error) {
 	if h.BIOSUUID == "" {
 		return nil, nil
@@ -301,15 +314,15 @@ func (s *Server) recoveredAgent(ctx context.Context, machineID string, h replica
 		return nil, err
 	}
 	f, err := s.db.LiveFailover(ctx, machineID)
-	if err == nil && f.Kind == api.FailoverReal && f.Dest == api.ToVSphere {
+	if err == nil {
 		d := decodeDetail(f)
-		if d.VSphere != nil && d.VSphere.Ref != "" && s.isRecoveredVM(ctx, d.VSphere, h.BIOSUUID) {
+		if vm, ok := s.recoveredByUUID(ctx, f, d, h.BIOSUUID); ok {
 			if f.State != store.FailoverCommitted {
-				return nil, fmt.Errorf("%w: the agent of VM %s (made by failover %s of machine %s) connected as machine %s; it is the reverse source once the failover is committed (asr failover --commit), until then it is turned away", procserver.ErrTryLater, d.VSphere.Name, f.ID, m.Name, m.Name)
+				return nil, fmt.Errorf("%w: the agent of VM %s (made by failover %s of machine %s) connected as machine %s; it is the reverse source once the failover is committed (asr failover --commit), until then it is turned away", procserver.ErrTryLater, vm, f.ID, m.Name, m.Name)
 			}
-			return &recConn{a: s.recAgents.get(s, m, f, d, h.BIOSUUID)}, nil
+			return &recConn{a: s.recAgents.get(s, m, f, d, vm, h.BIOSUUID)}, nil
 		}
-	} else if err != nil && !errors.Is(err, store.ErrNotFound) {
+	} else if !errors.Is(err, store.ErrNotFound) {
 		return nil, err
 	}
 	if m.BIOSUUID != "" && m.BIOSUUID != h.BIOSUUID {
@@ -320,6 +333,49 @@ func (s *Server) recoveredAgent(ctx context.Context, machineID string, h replica
 		return nil, fmt.Errorf("an agent with the identity of machine %s reports BIOS UUID %s, but machine %s is BIOS UUID %s and no live failover of it made a VM with that UUID: a copy of its agent's state on another guest (a clone?) is refused; register that guest's agent anew", m.Name, h.BIOSUUID, m.Name, m.BIOSUUID)
 	}
 	return nil, nil
+}
+
+// recoveredByUUID says whether live failover f (its detail d) made a VM
+// whose BIOS UUID is uuid, and names it: a real failover to vSphere
+// (isRecoveredVM) or to Azure (the VM's unique id ARM reported,
+// sameVMUUID).
+func (s *Server) recoveredByUUID(ctx context.Context, f store.Failover, d failoverDetail, uuid string) (string, bool) {
+	if f.Kind != api.FailoverReal {
+		return "", false
+	}
+	switch f.Dest {
+	case api.ToVSphere:
+		if d.VSphere != nil && d.VSphere.Ref != "" && s.isRecoveredVM(ctx, d.VSphere, uuid) {
+			return d.VSphere.Name, true
+		}
+	case api.ToAzure:
+		if res, err := azureResult(d); err == nil && !res.Test && res.VMID != "" && sameVMUUID(res.VMUUID, uuid) {
+			return res.VMName, true
+		}
+	}
+	return "", false
+}
+
+// sameVMUUID says whether an Azure VM's unique id (vmId, as ARM reports
+// it) is the BIOS UUID its guest reads: equal (case aside), or equal with
+// the first three fields byte-swapped, as Azure's documentation says
+// some VMs' SMBIOS shows them (the guest reads them little-endian).
+// Checked only against the fake ARM, which gives a random UUID.
+func sameVMUUID(vmID, bios string) bool {
+	if vmID == "" {
+		return false
+	}
+	if strings.EqualFold(vmID, bios) {
+		return true
+	}
+	u, err := uuid.Parse(vmID)
+	if err != nil {
+		return false
+	}
+	slices.Reverse(u[0:4])
+	slices.Reverse(u[4:6])
+	slices.Reverse(u[6:8])
+	return strings.EqualFold(u.String(), bios)
 }
 
 // isRecoveredVM says whether the failover's VM has BIOS UUID uuid: as
@@ -345,7 +401,7 @@ func (s *Server) isRecoveredVM(ctx context.Context, v *vsphereDetail, uuid strin
 // connection. It starts live when the record says reprotect went through
 // the agent (a server restart since: the agent's spool holds exactly
 // what was not acknowledged).
-func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d failoverDetail, uuid string) *recAgent {
+func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d failoverDetail, vm, uuid string) *recAgent {
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
 	if a := ra.by[m.ID]; a != nil {
@@ -357,12 +413,12 @@ func (ra *recoveredAgents) get(s *Server, m store.Machine, f store.Failover, d f
 	if ra.by == nil {
 		ra.by = map[string]*recAgent{}
 	}
-	a := &recAgent{s: s, machineID: m.ID, machine: m.Name, failoverID: f.ID, uuid: uuid, vm: d.VSphere.Name,
+	a := &recAgent{s: s, machineID: m.ID, machine: m.Name, failoverID: f.ID, uuid: uuid, vm: vm,
 		liveCh: make(chan struct{}), stopped: make(chan struct{}), changed: make(chan struct{}), kick: make(chan struct{}, 1)}
-	if r := d.Reverse; r != nil && r.VSphere != nil {
-		a.sent.Store(r.VSphere.Streamed)
-		if r.State == dirReprotected && r.VSphere.Path == pathAgent {
-			a.live, a.floor, a.logID, a.acked, a.liveAt = true, r.VSphere.From, r.VSphere.Log, r.VSphere.Acked, time.Now()
+	if v := d.Reverse.vmPass(); v != nil {
+		a.sent.Store(v.Streamed)
+		if d.Reverse.State == dirReprotected && v.Path == pathAgent {
+			a.live, a.floor, a.logID, a.acked, a.liveAt = true, v.From, v.Log, v.Acked, time.Now()
 			close(a.liveCh)
 		}
 	}
@@ -721,10 +777,11 @@ func (s *Server) recordHeld(machineID, fid string) {
 		return
 	}
 	d := decodeDetail(f)
-	if d.Reverse == nil || d.Reverse.VSphere == nil || d.Reverse.VSphere.Path != pathAgent {
+	v := d.Reverse.vmPass()
+	if v == nil || v.Path != pathAgent {
 		return
 	}
-	d.Reverse.VSphere.Path = pathVCenter
+	v.Path = pathVCenter
 	f.Detail = encodeDetail(d)
 	if err := s.db.UpdateFailover(ctx, f); err != nil {
 		s.log.Error("record the recovered agent's stream held", "machine", machineID, "failover", fid, "err", err)
@@ -865,8 +922,8 @@ func (s *Server) streamedOf(f store.Failover) int64 {
 	if a := s.recAgents.of(f.MachineID, f.ID); a != nil {
 		return a.sent.Load()
 	}
-	if r := decodeDetail(f).Reverse; r != nil && r.VSphere != nil {
-		return r.VSphere.Streamed
+	if v := decodeDetail(f).Reverse.vmPass(); v != nil {
+		return v.Streamed
 	}
 	return 0
 }
@@ -924,18 +981,19 @@ func (s *Server) recordStream(ctx context.Context, a *recAgent) {
 	}
 	d := decodeDetail(f)
 	r := d.Reverse
-	if r == nil || r.State != dirReprotected || r.VSphere == nil {
+	if r == nil || r.State != dirReprotected || r.vmPass() == nil {
 		return
 	}
-	v := *r.VSphere
+	old := r.vmPass()
+	v := *old
 	v.Streamed = sent
 	if v.Path == pathAgent && v.Log == logID {
 		v.Acked = max(v.Acked, acked)
 	}
-	if v == *r.VSphere {
+	if v == *old {
 		return
 	}
-	r.VSphere = &v
+	*old = v
 	f.Detail = encodeDetail(d)
 	if err := s.db.UpdateFailover(ctx, f); err != nil {
 		s.log.Error("failback: record the recovered agent's stream", "machine", a.machineID, "failover", a.failoverID, "err", err)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -37,7 +38,7 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	hello := func(first, next uint64, log string) replication.Hello {
 		return replication.Hello{MachineID: id, SpoolFirst: first, NextSeq: next, LogID: log}
 	}
-	a := s.recAgents.get(s, m, f, d, d.VSphere.UUID)
+	a := s.recAgents.get(s, m, f, d, d.VSphere.Name, d.VSphere.UUID)
 	c1 := &recConn{a: a}
 	if dur, err := c1.Start(hello(1, 101, "log1")); err != nil || dur != 100 {
 		t.Fatalf("held Welcome: %d, %v; want 100", dur, err)
@@ -88,7 +89,7 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	if v := decodeDetail(cur).Reverse.VSphere; v.Streamed != 777 || v.Acked != 130 {
 		t.Fatalf("the record's stream: %+v, want 777 bytes, record 130", v)
 	}
-	a = s.recAgents.get(s, m, cur, decodeDetail(cur), d.VSphere.UUID)
+	a = s.recAgents.get(s, m, cur, decodeDetail(cur), d.VSphere.Name, d.VSphere.UUID)
 	c4 := &recConn{a: a}
 	if dur, _ := c4.Start(hello(1, 141, "log1")); dur != 130 || !a.live || a.sent.Load() != 777 {
 		t.Fatalf("Welcome after a restart: %d (live %v, %d bytes sent), want 130 (the last acknowledged)", dur, a.live, a.sent.Load())
@@ -119,5 +120,27 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 	}
 	if v := a.view(); v.Live || v.Held == "" {
 		t.Fatalf("view %+v", v)
+	}
+}
+
+// TestSameVMUUID: an Azure VM's unique id matches the guest's BIOS UUID
+// as it is, case aside, or with its first three fields byte-swapped.
+func TestSameVMUUID(t *testing.T) {
+	const id = "839cf249-9ce9-4f63-9c5b-6909602a6528"
+	for _, c := range []struct {
+		vmID, bios string
+		want       bool
+	}{
+		{id, id, true},
+		{id, strings.ToUpper(id), true},
+		{id, "49f29c83-e99c-634f-9c5b-6909602a6528", true},
+		{id, "49f29c83-e99c-634f-9c5b-6909602a6529", false},
+		{id, "839cf249-9ce9-4f63-9c5b-6909602a6529", false},
+		{"", "", false},
+		{"not-a-uuid", "x", false},
+	} {
+		if got := sameVMUUID(c.vmID, c.bios); got != c.want {
+			t.Errorf("sameVMUUID(%q, %q) = %v, want %v", c.vmID, c.bios, got, c.want)
+		}
 	}
 }

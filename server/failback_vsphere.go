@@ -276,9 +276,21 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	// shipped as they happen; one welcomed again meanwhile dropped
 	// records the compare may have missed: compare again.
 	ra := s.recAgents.of(m.ID, f.ID)
-	p, err := s.compareForStream(ctx, j, vm, m, f, disks, ra, false)
-	if err != nil {
-		return p, "", err
+	var p vmPass
+	agentDone := false
+	if ra != nil && f.Dest == api.ToAzure {
+		// Azure: the agent compares its disks itself
+		// (failback_agent_resync.go); the SAS path if it cannot.
+		p, agentDone, err = s.resyncThroughAgent(ctx, j, m, f, ra)
+		if err != nil && !errors.Is(err, errAgentPathLost) {
+			return p, "", err
+		}
+	}
+	if !agentDone {
+		p, err = s.compareForStream(ctx, j, vm, m, f, disks, ra, false)
+		if err != nil {
+			return p, "", err
+		}
 	}
 	s.rv.recMu.Lock()
 	cur, err := s.db.LiveFailover(ctx, m.ID)
@@ -287,7 +299,11 @@ func (s *Server) reprotectVMSteps(ctx context.Context, j *job, m store.Machine, 
 	}
 	if err == nil {
 		cd := decodeDetail(cur)
-		cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: p.sent}
+		sent := p.sent
+		if agentDone {
+			sent = 0 // sent by the agent's stream: counted in its Streamed
+		}
+		cd.Reverse = &reverseDetail{State: dirReprotected, Started: s.now(), Sent: sent}
 		pass := &vmReverse{Compared: p.compared, Differ: p.differ, Path: p.path, From: p.from, Log: p.log}
 		if f.Dest == api.ToAzure {
 			cd.Reverse.Azure = pass
@@ -652,7 +668,13 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 		}
 		sm.vm = vm
 	}
+	if err := s.resyncHeldAgent(ctx, j, sm); err != nil {
+		return err
+	}
 	if err := s.freezeRecoveredAgent(ctx, j, sm); err != nil {
+		return err
+	}
+	if err := s.verifyRecoveredAgent(ctx, j, sm); err != nil {
 		return err
 	}
 	done := j.step(sm.m.Name+": stop the recovered VM", fmt.Sprintf("power off %s: the failed-over machine writes nothing more", sm.vm))
@@ -671,6 +693,9 @@ func (s *Server) stopMember(ctx context.Context, j *job, sm *switchMember) error
 func (s *Server) drainMember(ctx context.Context, j *job, sm *switchMember) error {
 	if !sm.toVM {
 		return s.waitDrained(ctx, j, sm.m.Name+": drain", "send the last changes to the original disks", sm.run)
+	}
+	if sm.rec.sums != nil {
+		return s.passByAgent(ctx, j, sm)
 	}
 	if !sm.rec.drained {
 		if err := s.drainRecoveredAgent(ctx, j, sm.m, sm.f); err != nil {
@@ -782,6 +807,9 @@ func (sm *switchMember) close() {
 // sent after the recovered agent's freeze, and whether its stream was
 // drained first.
 func lastPassLine(sm *switchMember) string {
+	if sm.rec.sums != nil {
+		return "no pass over the stopped VM's disks: its agent, frozen and drained, showed each disk equal to the original (SHA-256) before the stop"
+	}
 	l := fmt.Sprintf("the last pass over the stopped VM's disks sent %d bytes", sm.pass.sent)
 	if sm.rec.drained {
 		l += " (its agent was frozen and drained before the power-off)"

@@ -491,7 +491,7 @@ func (s *Server) failoverView(ctx context.Context, f store.Failover) api.Failove
 		v.Failback = &api.FailbackStatus{State: r.State, Sent: r.Sent, Compared: r.Compared, Forward: r.Forward, Resynced: r.Resynced, Resent: r.Resent, VM: alternateVM(r)}
 		if run := s.reverseRunOf(f.MachineID); run != nil && run.failoverID == f.ID {
 			v.Failback.Sent, v.Failback.Pending = run.total(), run.pending()
-		} else if r.State == dirReprotected && r.VSphere != nil {
+		} else if r.State == dirReprotected && r.vmPass() != nil {
 			v.Failback.Sent += s.streamedOf(f) // the recovered VM's agent's stream
 		}
 		v.Failback.Checksum = s.checksumView(f, r)

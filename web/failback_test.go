@@ -223,6 +223,18 @@ func TestFailbackConfirmPages(t *testing.T) {
 	h := newTestHandler(t, b)
 	id, _ := mustLogin(t, h, b)
 	get(t, h, id, "/machines/nosuch/reprotect", http.StatusNotFound)
+
+	// With the recovered VM's agent connected, reprotect of a failover to
+	// Azure says it compares through it and streams its writes.
+	b = failbackBackend(10)
+	b.machines[0].ReverseSource = &api.ReverseSource{Kind: "agent", VM: "db-recovered", Connected: true}
+	h = newTestHandler(t, b)
+	id, _ = mustLogin(t, h, b)
+	body := get(t, h, id, "/machines/db/reprotect", http.StatusOK)
+	if !strings.Contains(body, `id="failback-recovered-agent"`) || !strings.Contains(body, "no snapshot, no read SAS") ||
+		!strings.Contains(body, "sent to the original disks as they happen") || strings.Contains(body, "not sent as they happen") {
+		t.Error("the reprotect page with the recovered agent connected does not say it goes through it")
+	}
 }
 
 // The confirmed POSTs start the server's jobs and go to them; without the

@@ -29,6 +29,7 @@ import (
 	computefake "github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/compute/armcompute/v8/fake"
 	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/network/armnetwork/v9"
 	networkfake "github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/network/armnetwork/v9/fake"
+	"github.com/google/uuid"
 )
 
 // Subscription is the fake's subscription: it answers no other.
@@ -380,6 +381,9 @@ func (f *ARM) putVM(_ context.Context, rg, name string, vm armcompute.VirtualMac
 	vm.ID = to.Ptr(f.ID(rg, "Microsoft.Compute/virtualMachines", name))
 	vm.Name = to.Ptr(name)
 	p.ProvisioningState = to.Ptr("Succeeded")
+	// Azure gives each VM a unique id, which its guest sees as the SMBIOS
+	// UUID (/sys/class/dmi/id/product_uuid).
+	p.VMID = to.Ptr(uuid.NewString())
 	if f.VMFail == "provision" {
 		p.ProvisioningState = to.Ptr("Failed")
 	}

@@ -58,6 +58,19 @@ type ReverseSink interface {
 	Control() <-chan replication.Frame
 }
 
+// ReverseComparer is what a ReverseSink also implements when it runs
+// resync jobs on the recovered VM's agent against the original disks
+// (RESYNC sent through Control): the agent's HASHES are answered by
+// Hashes, called in order off the reading loop (it may wait for the
+// records up to the job's start record to be written, which the loop
+// reads), and sent back as WANT; REVERSE_ACK, the answer to a
+// REVERSE_SUM sent through Control, goes to ReverseAck. Without it those
+// frames end the connection as unexpected.
+type ReverseComparer interface {
+	Hashes(ctx context.Context, h replication.Hashes) replication.Want
+	ReverseAck(a replication.ReverseAck)
+}
+
 // serveRecovered serves a recovered VM's agent: Welcome, then each DATA
 // frame checked whole, written through the sink and acknowledged, in
 // order; STATUS frames to the sink.
@@ -109,6 +122,29 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 				select {
 				case f := <-ctl:
 					if err := write(f); err != nil {
+						cancel()
+						return
+					}
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+	}
+	cmp, _ := sink.(ReverseComparer)
+	// The agent keeps one batch of hashes in flight; a few more queued
+	// are refused rather than held (bounded memory).
+	hashes := make(chan replication.Hashes, 4)
+	if cmp != nil {
+		go func() {
+			for {
+				select {
+				case h := <-hashes:
+					wf, err := replication.JSONFrame(replication.FrameWant, cmp.Hashes(ctx, h))
+					if err == nil {
+						err = write(wf)
+					}
+					if err != nil {
 						cancel()
 						return
 					}
@@ -188,6 +224,31 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 				return err
 			}
 			sink.Status(st)
+		case replication.FrameHashes:
+			if cmp == nil {
+				return &replication.ProtocolError{Reason: "unexpected hashes frame from a recovered VM's agent: no resync was asked"}
+			}
+			var h replication.Hashes
+			if err := replication.DecodeJSON(&f, &h); err != nil {
+				return err
+			}
+			if err := h.Validate(); err != nil {
+				return err
+			}
+			select {
+			case hashes <- h:
+			default:
+				return &replication.ProtocolError{Reason: "a recovered VM's agent sent more batches of hashes than it may have in flight"}
+			}
+		case replication.FrameReverseAck:
+			if cmp == nil {
+				return &replication.ProtocolError{Reason: "unexpected reverse-ack frame from a recovered VM's agent"}
+			}
+			var a replication.ReverseAck
+			if err := replication.DecodeJSON(&f, &a); err != nil {
+				return err
+			}
+			cmp.ReverseAck(a)
 		case replication.FrameError:
 			var e replication.ErrorMessage
 			replication.DecodeJSON(&f, &e)

@@ -98,12 +98,25 @@ func (s *Server) ReverseSum(ctx context.Context, machineID, id string, disk uint
 // the disk's end), and the disk's size. The count of sums is checked
 // against that size.
 func (s *Server) ReverseBlockSums(ctx context.Context, machineID, id string, disk uint32, off, block int64, count int) ([]replication.Hash, int64, error) {
+	return s.reverseHashes(ctx, machineID, replication.ReverseSum{ID: id, Disk: disk, Off: off, Block: block, Count: count})
+}
+
+// ReverseLeaves returns the resync's leaf hashes (replication.HashData)
+// of count 4 KiB blocks from off of machineID's original disk, as
+// ReverseBlockSums does for block sums: a recovered VM's agent's resync
+// against the original disks asks them for its WANT.
+func (s *Server) ReverseLeaves(ctx context.Context, machineID, id string, disk uint32, off int64, count int) ([]replication.Hash, int64, error) {
+	return s.reverseHashes(ctx, machineID, replication.ReverseSum{ID: id, Disk: disk, Off: off, Block: replication.HashBlock, Count: count, Leaves: true})
+}
+
+// reverseHashes asks the block hashes req names (its Seq set here).
+func (s *Server) reverseHashes(ctx context.Context, machineID string, req replication.ReverseSum) ([]replication.Hash, int64, error) {
 	m, err := s.knownMachine(machineID)
 	if err != nil {
 		return nil, 0, err
 	}
 	seq := s.reqID.Add(1)
-	req := replication.ReverseSum{ID: id, Seq: seq, Disk: disk, Off: off, Block: block, Count: count}
+	req.Seq = seq
 	if err := req.Validate(); err != nil {
 		return nil, 0, err
 	}
