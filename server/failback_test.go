@@ -209,6 +209,7 @@ func (fr *failbackRig) checkForward() {
 // within twice the bytes written; forward protection resumes with a
 // checksum resync and a new point recovers bit-exact.
 func TestFailbackFullCycle(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	// Refused before a reprotect.
@@ -256,6 +257,7 @@ func TestFailbackFullCycle(t *testing.T) {
 // changes go back: the shipping resumes from the saved maps and nothing
 // is lost.
 func TestFailbackResumesAfterRestarts(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 16)
@@ -286,6 +288,7 @@ func TestFailbackResumesAfterRestarts(t *testing.T) {
 
 // Bad requests are refused with a reason and change nothing.
 func TestFailbackRefusals(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	if _, err := fr.client.Failback(ctx, "nosuch"); err == nil {
@@ -313,6 +316,7 @@ func TestFailbackRefusals(t *testing.T) {
 // exports writable) and the machine reprotected; run again once the agent
 // is back, it completes.
 func TestFailbackCancel(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 4)
@@ -462,6 +466,7 @@ func (fr *failbackRig) checksum() *api.FailbackChecksum {
 // below the disks' size: no full copy); forward protection resumes and a
 // new point recovers bit-exact.
 func TestFailbackUnplannedFullCycle(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 10)
@@ -527,6 +532,7 @@ func (fr *failbackRig) failback() *api.FailbackStatus {
 // after the restart follows it until the agent is back and the changes
 // are on the original disks.
 func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 4)
@@ -667,6 +673,7 @@ func (fr *failbackRig) checksumPending() int64 {
 // failing-back) finishes it at its next start: the original is thawed,
 // the failover ended, nothing lost.
 func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 6)
@@ -703,6 +710,7 @@ func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
 // usually gone), while a protected machine whose agent went away at the
 // same time is alerted.
 func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	d := filepath.Join(fr.dir, "other.img")
@@ -788,7 +796,7 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 func (fr *failbackRig) thawOriginal(disk string, off int64) {
 	t := fr.t
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
 	defer cancel()
 	fos, err := fr.client.Failovers(ctx, false)
 	if err != nil || len(fos) != 1 {
@@ -834,6 +842,7 @@ func (fr *failbackRig) mustThawedEvent(machine string) {
 // too, and failback ends with the originals equal to the failed-over
 // state. (Before, the shipper retried the refused writes forever.)
 func TestFailbackThawedWhileShipping(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 4)
@@ -859,6 +868,7 @@ func TestFailbackThawedWhileShipping(t *testing.T) {
 // drained (nothing left to ship) is found by the verify, frozen again,
 // compared, the differences sent, and the verify passes.
 func TestFailbackThawedBeforeVerify(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d1", 4)

@@ -32,6 +32,7 @@ func groupRig(t *testing.T, dir string) *rig {
 // only if every earlier write, on whichever machine, is too), and every
 // member's point records the group point's cut.
 func TestGroupCutsAcrossProcessServers(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := groupRig(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), hung)
@@ -50,6 +51,7 @@ func TestGroupCutsAcrossProcessServers(t *testing.T) {
 // server is released (a write to it completes, and a later cut, once the
 // agent is back, makes a group point).
 func TestGroupCutAcrossProcessServersFailsWhole(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := groupRig(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), hung)

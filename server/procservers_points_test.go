@@ -49,6 +49,7 @@ func (r *rig) tagWhenConnected(ctx context.Context, name string) api.PointJSON {
 // recovery that accepts it; the built-in process server never opens the
 // machine.
 func TestProcessServerReadsItsPoints(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.PSHeartbeatLost = 3 * time.Second }}
 	if testing.Verbose() {
