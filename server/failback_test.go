@@ -609,19 +609,20 @@ func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
 // found different are still sent (the original ends equal to the
 // failed-over state).
 func TestFailbackUnplannedCompareResumes(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 6)
 	fr.write("d1", 6)
 	stopped := make(chan struct{})
 	var once sync.Once
-	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+	id := fr.machine("vm1").ID
+	setCompareHook(t, id, func(ctx context.Context, disk string, off int64) {
 		if disk == "d1" {
 			once.Do(func() { close(stopped) })
 			<-ctx.Done() // held until the server stops
 		}
 	})
-	defer server.SetFailbackCompareHook(nil)
 	if _, err := fr.client.Reprotect(ctx, "vm1"); err != nil {
 		t.Fatal(err)
 	}
@@ -629,7 +630,7 @@ func TestFailbackUnplannedCompareResumes(t *testing.T) {
 	fr.stop()
 	var mu sync.Mutex
 	asked := map[string]bool{} // a batch retried (the agent reconnecting) counts once
-	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+	setCompareHook(t, id, func(ctx context.Context, disk string, off int64) {
 		mu.Lock()
 		asked[fmt.Sprintf("%s@%d", disk, off)] = true
 		mu.Unlock()
@@ -646,6 +647,14 @@ func TestFailbackUnplannedCompareResumes(t *testing.T) {
 	mu.Unlock()
 	want := fr.sums()
 	fr.checkFailedBack(want)
+}
+
+// setCompareHook sets the hook a machine's checksum compares call before
+// each batch (see server.SetFailbackCompareHook) until the test ends.
+func setCompareHook(t *testing.T, machineID string, hook func(ctx context.Context, disk string, off int64)) {
+	t.Helper()
+	server.SetFailbackCompareHook(machineID, hook)
+	t.Cleanup(func() { server.SetFailbackCompareHook(machineID, nil) })
 }
 
 // restart2 starts a stopped server again (restart after a stop of its own).
@@ -748,6 +757,7 @@ func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
 // is frozen again and its disks compared again from the start: a write it
 // took meanwhile, on a disk compared already, is overwritten too.
 func TestFailbackUnplannedThawedInCompare(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 4)
@@ -757,7 +767,7 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 	}
 	thawed := make(chan error, 1)
 	var once sync.Once
-	server.SetFailbackCompareHook(func(hctx context.Context, disk string, off int64) {
+	setCompareHook(t, fos[0].MachineID, func(hctx context.Context, disk string, off int64) {
 		if disk != "d1" {
 			return
 		}
@@ -775,7 +785,6 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 			thawed <- err
 		})
 	})
-	defer server.SetFailbackCompareHook(nil)
 	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
 	if err := <-thawed; err != nil {
 		t.Fatalf("thaw and write the original: %v", err)
@@ -887,24 +896,25 @@ func TestFailbackThawedBeforeVerify(t *testing.T) {
 // middle: the record (thawed, the compare's progress) makes the restarted
 // server go on with it before shipping, and failback ends equal.
 func TestFailbackThawedCompareResumes(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 4)
 	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
 	stopped := make(chan struct{})
 	var once sync.Once
-	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+	id := fr.machine("vm1").ID
+	setCompareHook(t, id, func(ctx context.Context, disk string, off int64) {
 		if disk == "d1" {
 			once.Do(func() { close(stopped) })
 			<-ctx.Done() // held until the server stops
 		}
 	})
-	defer server.SetFailbackCompareHook(nil)
 	fr.thawOriginal("d1", 65536*9)
 	fr.write("d0", 4) // the shipper's next writes are refused
 	<-stopped
 	fr.stop()
-	server.SetFailbackCompareHook(nil)
+	server.SetFailbackCompareHook(id, nil)
 	fr.restart2()
 	waitFor(t, "the compare after the restart", func() bool {
 		c := fr.checksum()
