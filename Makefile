@@ -11,6 +11,10 @@ GO ?= go
 # CI has 90 minutes in all: a hung test must end its run well before that,
 # with go test's panic naming it (scripts/e2e.sh has the e2e packages' own).
 UNIT_TIMEOUT ?= 25m
+# Tests that call t.Parallel run this many at a time in a package (go
+# test's default is GOMAXPROCS, 2 in CI): most of the server package's
+# tests wait on their servers and agents more than they compute.
+UNIT_PARALLEL ?= 4
 
 .PHONY: test unit e2e peers build bench generate vet fuzz
 
@@ -22,7 +26,7 @@ vet:
 	./scripts/check-tracked.sh
 
 unit:
-	$(GO) test -race -count=1 -timeout $(UNIT_TIMEOUT) ./...
+	$(GO) test -race -count=1 -parallel $(UNIT_PARALLEL) -timeout $(UNIT_TIMEOUT) ./...
 
 e2e: build
 	GO=$(GO) ASR_BIN=$(CURDIR)/bin/asr ./scripts/e2e.sh

@@ -60,6 +60,7 @@ func cpu(level int, clear bool) alertObs {
 }
 
 func TestEngineHysteresis(t *testing.T) {
+	t.Parallel()
 	r := newEngineRig(t, 2*time.Minute)
 	// Over the warning level, but not yet for the hold: nothing.
 	if got := r.pass(0, cpu(1, false)); len(got) != 0 {
@@ -120,6 +121,7 @@ func TestEngineHysteresis(t *testing.T) {
 // A flapping figure (over, under, over, ...) never raises with a hold, and
 // an active alert of a flapping figure never clears.
 func TestEngineNoFlapping(t *testing.T) {
+	t.Parallel()
 	r := newEngineRig(t, 2*time.Minute)
 	for i := 0; i < 50; i++ {
 		r.pass(time.Minute, cpu(1, false))
@@ -144,6 +146,7 @@ func TestEngineNoFlapping(t *testing.T) {
 // An alert whose subject is gone (no observation) clears after AlertClear;
 // a critical level raises critical at once.
 func TestEngineSubjectGone(t *testing.T) {
+	t.Parallel()
 	r := newEngineRig(t, time.Minute)
 	o := alertObs{kind: api.AlertScrubDamage, key: "m1", level: 2, message: "damage"}
 	if got := r.pass(0, o); len(got) != 1 || got[0] != "raised critical" {
@@ -159,6 +162,7 @@ func TestEngineSubjectGone(t *testing.T) {
 }
 
 func TestProcessServerObs(t *testing.T) {
+	t.Parallel()
 	level := func(obs []alertObs, kind string) (int, bool) {
 		for _, o := range obs {
 			if o.kind == kind {
@@ -204,6 +208,7 @@ func TestProcessServerObs(t *testing.T) {
 }
 
 func TestCertObs(t *testing.T) {
+	t.Parallel()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	day := 24 * time.Hour
 	for _, tc := range []struct {
@@ -221,6 +226,7 @@ func TestCertObs(t *testing.T) {
 }
 
 func TestRPOLevel(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		rpo  time.Duration
 		want int

@@ -65,6 +65,7 @@ func mustActive(t *testing.T, s *Server) map[string]store.Alert {
 // raised pass after pass; one failing write does not stop the others and
 // is raised on the next pass; a row already active is adopted.
 func TestAlertPassManyConditionsAndAFailingWrite(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)
@@ -118,6 +119,7 @@ func TestAlertPassManyConditionsAndAFailingWrite(t *testing.T) {
 // machine's disk went into resync stays active however long; only the
 // machine's going away clears it.
 func TestEngineKeepHolds(t *testing.T) {
+	t.Parallel()
 	r := newEngineRig(t, 2*time.Minute)
 	rpoObs := func(level int, clear, keep bool) alertObs {
 		return alertObs{kind: api.AlertRPO, key: "m1", level: level, clear: clear, keep: keep, message: "RPO"}
@@ -148,6 +150,7 @@ func TestEngineKeepHolds(t *testing.T) {
 
 // An active alert's message follows the figure, as an update (no notice).
 func TestEngineUpdatesMessage(t *testing.T) {
+	t.Parallel()
 	e := alertEngine{clear: time.Minute}
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	o := alertObs{kind: api.AlertRPO, key: "m1", level: 1, message: "RPO 20m", action: "check"}
@@ -193,6 +196,7 @@ func obsOf(obs []alertObs, kind string) (alertObs, bool) {
 // keep; it is measured on the server's clock; a failed scrub is a
 // warning of its own, damage a critical one.
 func TestMachineObs(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2030, 6, 1, 0, 0, 0, 0, time.UTC)} // far from the wall clock
 	s := mustOpenServer(t, clock)
@@ -266,6 +270,7 @@ func withDisksProtected(m store.Machine) store.Machine {
 
 // Failed jobs are read by when they ended, not among the latest jobs.
 func TestAlertConditionsFailedJobOfADay(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2030, 6, 1, 0, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)
@@ -301,6 +306,7 @@ func TestAlertConditionsFailedJobOfADay(t *testing.T) {
 // One target outage is one alert keyed by the target, naming the
 // machines; without figures it is kept.
 func TestTargetObs(t *testing.T) {
+	t.Parallel()
 	errs := []string{}
 	for i := 0; i < 8; i++ {
 		errs = append(errs, fmt.Sprintf("vm%d: 403 forbidden", i))
@@ -321,6 +327,7 @@ func TestTargetObs(t *testing.T) {
 // The pass prunes the alerts resolved over 30 days ago (their resolve
 // told), hourly.
 func TestAlertPassPrunes(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)

@@ -102,6 +102,7 @@ func (h *hookRecorder) count(kind, change string) int {
 // latest point or its last contact), and it is alerted, as is the lost
 // heartbeat; both reach the webhook once.
 func TestAlertRPOOfAnAgentThatNeverReconnected(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
@@ -203,6 +204,7 @@ func TestAlertRPOOfAnAgentThatNeverReconnected(t *testing.T) {
 // raised naming its machine and disk with an action, and cleared when
 // the state is normal again.
 func TestAlertConditions(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	r := &rig{t: t, dir: t.TempDir(), log: quietLogger(), tune: func(c *server.Config) {
 		c.PolicyEvery, c.HealthHold, c.AlertClear, c.HeartbeatLost = 20*time.Millisecond, 50*time.Millisecond, 50*time.Millisecond, time.Hour
@@ -278,6 +280,7 @@ func TestAlertConditions(t *testing.T) {
 // the SMTP password is stored sealed and never shown; a test
 // notification comes back with the SMTP server's refusal.
 func TestNotificationSettingsAPI(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	r := startServer(t, t.TempDir())
 	c := r.client
@@ -368,6 +371,7 @@ func isStatus(err error, status int) bool {
 // The server's certificate: a warning 30 days before it expires, critical
 // 7 days before, on the server's clock.
 func TestAlertCertificateExpiry(t *testing.T) {
+	t.Parallel()
 	var mu sync.Mutex
 	now := time.Now()
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }

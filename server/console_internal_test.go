@@ -44,6 +44,7 @@ func mustOpenServer(t *testing.T, clock *testClock) *Server {
 // TestConsolePoliciesAndGroups: the console's policy and group changes go
 // through the API's checks, and a refused one changes nothing.
 func TestConsolePoliciesAndGroups(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)
@@ -105,6 +106,7 @@ func TestConsolePoliciesAndGroups(t *testing.T) {
 // an agent not seen since the start) and its bytes received; old samples
 // are pruned.
 func TestHistorySample(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)

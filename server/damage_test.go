@@ -44,7 +44,7 @@ func dialAs(t *testing.T, r *rig, cfg agent.Config, hello replication.Hello) (*t
 		t.Fatal(err)
 	}
 	br := bufio.NewReader(c)
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	c.SetReadDeadline(time.Now().Add(hung))
 	f, _, err := replication.ReadFrame(br, nil)
 	if err != nil || f.Type != replication.FrameWelcome {
 		t.Fatalf("welcome: %v %v %s", f.Type, err, f.Payload)
@@ -61,6 +61,7 @@ func dialAs(t *testing.T, r *rig, cfg agent.Config, hello replication.Hello) (*t
 // closed with the reason on the machine, the server stays up, and the real
 // agent goes on replicating.
 func TestDataFrameCountRefusedBeforeAck(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var logs syncBuffer
@@ -85,7 +86,7 @@ func TestDataFrameCountRefusedBeforeAck(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Nothing may be acknowledged; the server closes the connection.
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	c.SetReadDeadline(time.Now().Add(hung))
 	for {
 		f, _, err := replication.ReadFrame(br, nil)
 		if err != nil {
@@ -121,6 +122,7 @@ func TestDataFrameCountRefusedBeforeAck(t *testing.T) {
 // marks it, and `asr verify` (the compare with the source) resends it, so
 // that a new point is whole again while the old ones stay damaged.
 func TestBitRotFoundAndRepaired(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -237,6 +239,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // only inside the machine's resync window; damage it finds is marked and
 // resynced from the source in the window, and the next point is whole.
 func TestScheduledScrub(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var clock atomic.Int64

@@ -15,6 +15,7 @@ import (
 // refuses, the agent asks the control URL for the data port and
 // reconnects there, and writes made meanwhile reach a point.
 func TestAgentFindsAMovedDataListener(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)

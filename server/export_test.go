@@ -39,13 +39,13 @@ func SetOutboxBackoff(s *Server, min, max time.Duration) {
 // recorded, before the thaw, with the server's context.
 func SetFailbackSwitchHook(s *Server, hook func(ctx context.Context)) { s.rv.switchHook = hook }
 
-// SetFailbackCompareHook sets the hook an unplanned failover's checksum
-// compare calls before each batch (for every server of the test binary;
-// nil removes it).
-func SetFailbackCompareHook(hook func(ctx context.Context, disk string, off int64)) {
+// SetFailbackCompareHook sets the hook the checksum compares of a
+// machine (by id) call before each batch, on every server of the test
+// binary (a restarted one too); nil removes it.
+func SetFailbackCompareHook(machineID string, hook func(ctx context.Context, disk string, off int64)) {
 	if hook == nil {
-		compareTestHook.Store(nil)
+		compareTestHooks.Delete(machineID)
 		return
 	}
-	compareTestHook.Store(&hook)
+	compareTestHooks.Store(machineID, hook)
 }

@@ -36,6 +36,7 @@ func copyAgentState(t *testing.T, from, to string) {
 // then the recovered agent's writes reach the original disks as they
 // happen; failback drains its stream and ends equal.
 func TestFailbackRecoveredAgent(t *testing.T) {
+	t.Parallel()
 	vr := startVSphereRig(t)
 	r := vr.rig
 	ctx := context.Background()

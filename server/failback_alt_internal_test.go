@@ -13,6 +13,7 @@ import (
 // order, whole: a read out of order, a read again or a short read give
 // none (the export is then read again to compare).
 func TestSeqSum(t *testing.T) {
+	t.Parallel()
 	disk := bytes.Repeat([]byte("asr-failback-"), 10000)
 	want := sha256.Sum256(disk)
 	n := int64(len(disk))

@@ -175,6 +175,7 @@ func (fr *failbackRig) checkAlternateOf(m, stop string, j api.Job, gc *govmomi.C
 // powered on once verified; the original disks are not written after the
 // failback, the original agent stays frozen.
 func TestFailbackAlternateReprotected(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	sim := startSim(t)
@@ -250,6 +251,7 @@ func TestFailbackAlternateReprotected(t *testing.T) {
 // An alternate-location failback of a committed failover that was never
 // reprotected, named, with a second failback refused while it runs.
 func TestFailbackAlternateCommitted(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	sim := startSim(t)
@@ -279,6 +281,7 @@ func TestFailbackAlternateCommitted(t *testing.T) {
 // failover shut it down); with the vCenter down, the failback completes
 // and the job says the VM must be powered on by hand.
 func TestFailbackPowersOnTheLinkedVM(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	sim := startSim(t)
@@ -381,6 +384,7 @@ func TestFailbackPowersOnTheLinkedVM(t *testing.T) {
 // the failed-over machine run on: its exports writable, its changes
 // still going back to the original; the next failback completes.
 func TestFailbackAlternateCancelled(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	sim := startSim(t)

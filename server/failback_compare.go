@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/asrdr/asr/replication"
@@ -69,9 +68,11 @@ func (r compareDetail) differ() int64 {
 	return n
 }
 
-// compareTestHook, for tests, is called before each batch of the
-// compare asks the agent for its sums.
-var compareTestHook atomic.Pointer[func(ctx context.Context, disk string, off int64)]
+// compareTestHooks, for tests, maps a machine's id to the hook called
+// before each batch of its compare asks the agent for its sums. By
+// machine, not by server: a compare resumed at a server's start runs
+// before its Run, and the tests of the binary run in parallel.
+var compareTestHooks sync.Map // string -> func(ctx context.Context, disk string, off int64)
 
 // compareBatch is the blocks one REVERSE_SUM asks for (16 MiB of disk).
 const compareBatch = 256
@@ -265,8 +266,8 @@ func (s *Server) compareDisks(ctx context.Context, run *reverseRun, log *slog.Lo
 			if ctx.Err() != nil {
 				return false, false
 			}
-			if h := compareTestHook.Load(); h != nil {
-				(*h)(ctx, d.name, off)
+			if h, ok := compareTestHooks.Load(run.machineID); ok {
+				h.(func(ctx context.Context, disk string, off int64))(ctx, d.name, off)
 			}
 			sums, osize, err := s.ps.ReverseBlockSums(ctx, run.machineID, run.failoverID, d.index, off, overlay.BlockSize, compareBatch)
 			if err == nil && osize != size {

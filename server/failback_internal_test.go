@@ -16,6 +16,7 @@ import (
 // The reverse map: marks, takes, acknowledgements and failures; saved as
 // dirty or in flight; a damaged or foreign file refused.
 func TestReverseMap(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "d.rev")
 	size := int64(100*overlay.BlockSize + 123)
 	m := newReverseMap(path, size, func() {})
@@ -69,6 +70,7 @@ func TestReverseMap(t *testing.T) {
 // what is not one (another version, a kind, a phase, groups and members
 // that do not match) is refused.
 func TestDecodePFRecord(t *testing.T) {
+	t.Parallel()
 	x := fbSet{kind: "plan", p: api.Plan{Name: "p", Groups: []api.PlanGroup{{Machines: []string{"a"}}, {Machines: []string{"b"}}}}}
 	rec := newPFRecord(x, [][]*switchMember{{{m: store.Machine{ID: "1", Name: "a"}, f: store.Failover{ID: "f1"}}}, {{m: store.Machine{ID: "2", Name: "b"}, f: store.Failover{ID: "f2"}}}})
 	rec.Next = pfCursor{Group: 1, Phase: "post", Action: 2}

@@ -277,6 +277,7 @@ func (pr *planRig) forward() {
 // group first, drain and verify all, switch, power on in plan order), the
 // original disks equal the exports, forward protection again.
 func TestFailbackPlanCycle(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRig(t, true)
 	if _, err := pr.client.FailbackPlan(ctx, "app"); err == nil || !strings.Contains(err.Error(), "reprotect --plan app") {
@@ -310,6 +311,7 @@ func TestFailbackPlanCycle(t *testing.T) {
 // drain of one machine waits for its agent, every failed-over machine runs
 // on (its export writable) and stays reprotected; run again, it completes.
 func TestFailbackPlanCancel(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRig(t, true)
 	for _, m := range planMachines {
@@ -368,6 +370,7 @@ func TestFailbackPlanCancel(t *testing.T) {
 
 // Refusals list every machine that cannot take part and start nothing.
 func TestFailbackPlanRefusals(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRig(t, false)
 	var ae *api.Error
@@ -396,6 +399,7 @@ func TestFailbackPlanRefusals(t *testing.T) {
 // record says failing-back, in one transaction) finishes every machine at
 // its next start: nothing lost, none left half-way.
 func TestFailbackPlanFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRig(t, true)
 	for _, m := range planMachines {
@@ -444,6 +448,7 @@ func TestFailbackPlanFinishedAfterARestartPastTheSwitch(t *testing.T) {
 // only holds the failback after group 2's power-on (and never the
 // failover) until it is confirmed.
 func TestFailbackPlanActions(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	logf := filepath.Join(dir, "actions.log")
@@ -541,6 +546,7 @@ func TestFailbackPlanActions(t *testing.T) {
 // member's original disk equals its export), forward again. db, failed
 // over by itself, is not the group's and stays as it is.
 func TestFailbackGroup(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRigWith(t, true, nil)
 	rg := []string{"app1", "app2"}
@@ -632,6 +638,7 @@ var planReprotectedRE = regexp.MustCompile(`^(\S+): reprotected: (\d+) bytes com
 // differs sent; the plan's failback then leaves every original disk equal
 // to its export's final state, and forward protection resumes.
 func TestFailbackPlanUnplanned(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRigOf(t, true, []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}}}, false)
 	for _, m := range planMachines {
@@ -677,6 +684,7 @@ func TestFailbackPlanUnplanned(t *testing.T) {
 // group first), sends and verifies, switches them at once and powers on
 // in the plan's order; every original disk equals its failed-over state.
 func TestFailbackPlanMixed(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	vr := startVSphereRig(t)
 	p := filepath.Join(vr.dir, "db.img")
@@ -770,6 +778,7 @@ func TestFailbackPlanMixed(t *testing.T) {
 // confirmed, group 2's pre script runs, then its power-on; group 1's pre
 // script, run before the stop, does not run again.
 func TestFailbackPlanResumedAfterARestart(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	logf := filepath.Join(dir, "actions.log")
@@ -861,6 +870,7 @@ func TestFailbackPlanResumedAfterARestart(t *testing.T) {
 // reprotected; run again once the agent is back, it reprotects only that
 // one, and the plan fails back equal.
 func TestFailbackPlanUnplannedCancelledWhileFreezing(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	pr := startPlanRigOf(t, true, []api.PlanGroup{{Machines: []string{"db"}}, {Machines: []string{"app1", "app2"}}}, false)
 	for _, m := range planMachines {

@@ -33,6 +33,7 @@ func mustLag(t *testing.T, m *reverseMap, now time.Time, want time.Duration) {
 // acknowledged (never less than the true age); a failure keeps it; saved
 // with the map and loaded again; a version 1 map's age is not known.
 func TestReverseMapAge(t *testing.T) {
+	t.Parallel()
 	clock := &testClock{t: time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)}
 	path := filepath.Join(t.TempDir(), "d.rev")
 	m := newReverseMap(path, 64*overlay.BlockSize, func() {})
@@ -140,6 +141,7 @@ func TestReverseMapAge(t *testing.T) {
 // when the machine is no longer reprotected. The API and the metrics
 // show the figure.
 func TestReverseRPOAlert(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)
@@ -274,6 +276,7 @@ func TestReverseRPOAlert(t *testing.T) {
 // every failback policy's crash-consistent interval, pruned past its
 // retention.
 func TestReversePoints(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	clock := &testClock{t: time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)}
 	s := mustOpenServer(t, clock)

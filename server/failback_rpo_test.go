@@ -18,6 +18,7 @@ import (
 // threshold is far above); the agent back, the changes drain, the RPO is
 // 0 again and the alert clears; failback then completes as usual.
 func TestFailbackReverseRPOAlert(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.stop()

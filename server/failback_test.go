@@ -209,6 +209,7 @@ func (fr *failbackRig) checkForward() {
 // within twice the bytes written; forward protection resumes with a
 // checksum resync and a new point recovers bit-exact.
 func TestFailbackFullCycle(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	// Refused before a reprotect.
@@ -256,6 +257,7 @@ func TestFailbackFullCycle(t *testing.T) {
 // changes go back: the shipping resumes from the saved maps and nothing
 // is lost.
 func TestFailbackResumesAfterRestarts(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 16)
@@ -286,6 +288,7 @@ func TestFailbackResumesAfterRestarts(t *testing.T) {
 
 // Bad requests are refused with a reason and change nothing.
 func TestFailbackRefusals(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	if _, err := fr.client.Failback(ctx, "nosuch"); err == nil {
@@ -313,6 +316,7 @@ func TestFailbackRefusals(t *testing.T) {
 // exports writable) and the machine reprotected; run again once the agent
 // is back, it completes.
 func TestFailbackCancel(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 4)
@@ -462,6 +466,7 @@ func (fr *failbackRig) checksum() *api.FailbackChecksum {
 // below the disks' size: no full copy); forward protection resumes and a
 // new point recovers bit-exact.
 func TestFailbackUnplannedFullCycle(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 10)
@@ -527,6 +532,7 @@ func (fr *failbackRig) failback() *api.FailbackStatus {
 // after the restart follows it until the agent is back and the changes
 // are on the original disks.
 func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 4)
@@ -603,19 +609,20 @@ func TestFailbackUnplannedWaitsForTheAgent(t *testing.T) {
 // found different are still sent (the original ends equal to the
 // failed-over state).
 func TestFailbackUnplannedCompareResumes(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 6)
 	fr.write("d1", 6)
 	stopped := make(chan struct{})
 	var once sync.Once
-	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+	id := fr.machine("vm1").ID
+	setCompareHook(t, id, func(ctx context.Context, disk string, off int64) {
 		if disk == "d1" {
 			once.Do(func() { close(stopped) })
 			<-ctx.Done() // held until the server stops
 		}
 	})
-	defer server.SetFailbackCompareHook(nil)
 	if _, err := fr.client.Reprotect(ctx, "vm1"); err != nil {
 		t.Fatal(err)
 	}
@@ -623,7 +630,7 @@ func TestFailbackUnplannedCompareResumes(t *testing.T) {
 	fr.stop()
 	var mu sync.Mutex
 	asked := map[string]bool{} // a batch retried (the agent reconnecting) counts once
-	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+	setCompareHook(t, id, func(ctx context.Context, disk string, off int64) {
 		mu.Lock()
 		asked[fmt.Sprintf("%s@%d", disk, off)] = true
 		mu.Unlock()
@@ -640,6 +647,14 @@ func TestFailbackUnplannedCompareResumes(t *testing.T) {
 	mu.Unlock()
 	want := fr.sums()
 	fr.checkFailedBack(want)
+}
+
+// setCompareHook sets the hook a machine's checksum compares call before
+// each batch (see server.SetFailbackCompareHook) until the test ends.
+func setCompareHook(t *testing.T, machineID string, hook func(ctx context.Context, disk string, off int64)) {
+	t.Helper()
+	server.SetFailbackCompareHook(machineID, hook)
+	t.Cleanup(func() { server.SetFailbackCompareHook(machineID, nil) })
 }
 
 // restart2 starts a stopped server again (restart after a stop of its own).
@@ -667,6 +682,7 @@ func (fr *failbackRig) checksumPending() int64 {
 // failing-back) finishes it at its next start: the original is thawed,
 // the failover ended, nothing lost.
 func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 6)
@@ -703,6 +719,7 @@ func TestFailbackFinishedAfterARestartPastTheSwitch(t *testing.T) {
 // usually gone), while a protected machine whose agent went away at the
 // same time is alerted.
 func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	d := filepath.Join(fr.dir, "other.img")
@@ -740,6 +757,7 @@ func TestFailbackUnplannedSourceNotAlerted(t *testing.T) {
 // is frozen again and its disks compared again from the start: a write it
 // took meanwhile, on a disk compared already, is overwritten too.
 func TestFailbackUnplannedThawedInCompare(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startUnplannedRig(t)
 	fr.write("d0", 4)
@@ -749,7 +767,7 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 	}
 	thawed := make(chan error, 1)
 	var once sync.Once
-	server.SetFailbackCompareHook(func(hctx context.Context, disk string, off int64) {
+	setCompareHook(t, fos[0].MachineID, func(hctx context.Context, disk string, off int64) {
 		if disk != "d1" {
 			return
 		}
@@ -767,7 +785,6 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 			thawed <- err
 		})
 	})
-	defer server.SetFailbackCompareHook(nil)
 	j := fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
 	if err := <-thawed; err != nil {
 		t.Fatalf("thaw and write the original: %v", err)
@@ -788,7 +805,7 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 func (fr *failbackRig) thawOriginal(disk string, off int64) {
 	t := fr.t
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), hung)
 	defer cancel()
 	fos, err := fr.client.Failovers(ctx, false)
 	if err != nil || len(fos) != 1 {
@@ -834,6 +851,7 @@ func (fr *failbackRig) mustThawedEvent(machine string) {
 // too, and failback ends with the originals equal to the failed-over
 // state. (Before, the shipper retried the refused writes forever.)
 func TestFailbackThawedWhileShipping(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 4)
@@ -859,6 +877,7 @@ func TestFailbackThawedWhileShipping(t *testing.T) {
 // drained (nothing left to ship) is found by the verify, frozen again,
 // compared, the differences sent, and the verify passes.
 func TestFailbackThawedBeforeVerify(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d1", 4)
@@ -877,24 +896,25 @@ func TestFailbackThawedBeforeVerify(t *testing.T) {
 // middle: the record (thawed, the compare's progress) makes the restarted
 // server go on with it before shipping, and failback ends equal.
 func TestFailbackThawedCompareResumes(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fr := startFailbackRig(t)
 	fr.write("d0", 4)
 	fr.mustJob(fr.client.Reprotect(ctx, "vm1"))
 	stopped := make(chan struct{})
 	var once sync.Once
-	server.SetFailbackCompareHook(func(ctx context.Context, disk string, off int64) {
+	id := fr.machine("vm1").ID
+	setCompareHook(t, id, func(ctx context.Context, disk string, off int64) {
 		if disk == "d1" {
 			once.Do(func() { close(stopped) })
 			<-ctx.Done() // held until the server stops
 		}
 	})
-	defer server.SetFailbackCompareHook(nil)
 	fr.thawOriginal("d1", 65536*9)
 	fr.write("d0", 4) // the shipper's next writes are refused
 	<-stopped
 	fr.stop()
-	server.SetFailbackCompareHook(nil)
+	server.SetFailbackCompareHook(id, nil)
 	fr.restart2()
 	waitFor(t, "the compare after the restart", func() bool {
 		c := fr.checksum()

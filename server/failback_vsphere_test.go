@@ -134,6 +134,7 @@ func stepNames(j api.Job) []string {
 // original disks equal the recovered VM's flat files, powers the original
 // VM on; forward protection resumes and a new point recovers bit-exact.
 func TestFailbackFromVSphere(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	vr := startVSphereRig(t)
 	const total = (8 + 16) << 20
@@ -224,6 +225,7 @@ func TestFailbackFromVSphere(t *testing.T) {
 // recovered VM on again and leaves the machine reprotected; a server
 // restart keeps it reprotected; failback then completes.
 func TestFailbackFromVSphereCancelled(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	vr := startVSphereRig(t)
 	vr.writeRecovered("d0", 4)
@@ -329,6 +331,7 @@ func (fr *failbackRig) checkForwardOf(name string) {
 // A server stop right after a vSphere failback's switch: the next start
 // finishes it (thaw, the original VM powered on, the failover ended).
 func TestFailbackFromVSphereFinishedAfterARestartPastTheSwitch(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	vr := startVSphereRig(t)
 	vr.writeRecovered("d1", 7)
@@ -371,6 +374,7 @@ func TestFailbackFromVSphereFinishedAfterARestartPastTheSwitch(t *testing.T) {
 // start, and the original ends equal to the recovered VM's disks.
 // (Before, the failback failed, saying to run reprotect again.)
 func TestFailbackFromVSphereThawed(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	vr := startVSphereRig(t)
 	vr.writeRecovered("d0", 4)

@@ -26,6 +26,9 @@ import (
 // answers; taken back at once when ps1 is gone, for an unplanned
 // failover), then serves the point's exports, equal to the point.
 func TestFailoverFromAScaleOutProcessServer(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
 		c.PSHeartbeatLost, c.NBDListen = 2*time.Second, "127.0.0.1:0"
@@ -175,6 +178,9 @@ func (r *rig) runPS(ctx context.Context, name string) (stop func()) {
 // the built-in one first (handed over: every acknowledged write applied),
 // then ends its protection there; its replica recovers the last point.
 func TestUnprotectFromAScaleOutProcessServer(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
 	r.start()

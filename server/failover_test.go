@@ -97,6 +97,7 @@ func exportsOf(t *testing.T, j api.Job) map[string]string {
 // touching the point; replication and new points go on; retention keeps
 // the point; cleanup removes the exports and releases the point.
 func TestTestFailoverToNBD(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var clock atomic.Int64
@@ -208,6 +209,7 @@ func TestTestFailoverToNBD(t *testing.T) {
 // registered (failback's master target), keeps
 // the exports and releases the other points.
 func TestFailoverChangePointCommit(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -301,6 +303,7 @@ func TestFailoverChangePointCommit(t *testing.T) {
 
 // A test failover at a time replays the kept changes up to it.
 func TestTestFailoverAtTime(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -347,6 +350,7 @@ func TestTestFailoverAtTime(t *testing.T) {
 
 // Bad requests are refused with a clear error and change nothing.
 func TestFailoverRefusesBadRequests(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -389,6 +393,7 @@ func TestFailoverRefusesBadRequests(t *testing.T) {
 // A recovery plan fails its groups over in order, runs a script with the
 // JSON context and waits on a manual action until it is confirmed.
 func TestPlanTestFailover(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -486,6 +491,7 @@ func TestPlanTestFailover(t *testing.T) {
 // source refuses writes from the freeze on, and the failed-over exports
 // equal the source disk byte for byte (every acknowledged write is there).
 func TestPlannedFailoverToNBD(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -536,6 +542,7 @@ func TestPlannedFailoverToNBD(t *testing.T) {
 // A planned failover needs the source's agent: without it the job fails
 // with the reason and nothing is left.
 func TestPlannedFailoverNeedsTheAgent(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -556,6 +563,7 @@ func TestPlannedFailoverNeedsTheAgent(t *testing.T) {
 
 // The replica a live failover runs from cannot be deleted.
 func TestUnprotectKeepsAFailedOverReplica(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -580,6 +588,7 @@ func TestUnprotectKeepsAFailedOverReplica(t *testing.T) {
 // A replication group fails over at one of its cuts: each member from its
 // own point of that cut.
 func TestGroupTestFailover(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -641,6 +650,7 @@ func TestGroupTestFailover(t *testing.T) {
 // its vCenter after the last point, then recovers it in the vCenter with
 // the VM's CPUs and memory.
 func TestPlannedFailoverShutsTheVMDown(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	sim := startSim(t)

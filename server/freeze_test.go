@@ -75,6 +75,7 @@ func (w *stripeWriter) run(progress chan<- struct{}) error {
 // point equals the source disks byte for byte, since nothing can be
 // written after the freeze. Thaw allows writes again.
 func TestPlannedFailoverFreezeLosesNoAcknowledgedWrite(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)

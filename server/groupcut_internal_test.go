@@ -13,6 +13,7 @@ import (
 // never taken back; a report from another process server than the
 // member's, or of a machine not in the cut, is refused.
 func TestCutRunDecisions(t *testing.T) {
+	t.Parallel()
 	c := newCutRun(9, false, map[string]string{"m1": "ps1", "m2": "ps2"})
 	if err := c.report("ps2", api.PSCutReport{MachineID: "m1", State: api.PSCutReady}); err == nil || !strings.Contains(err.Error(), "through process server ps1") {
 		t.Fatalf("m1 reported by ps2: %v", err)

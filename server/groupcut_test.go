@@ -32,6 +32,9 @@ func groupRig(t *testing.T, dir string) *rig {
 // only if every earlier write, on whichever machine, is too), and every
 // member's point records the group point's cut.
 func TestGroupCutsAcrossProcessServers(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := groupRig(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), hung)
@@ -50,6 +53,9 @@ func TestGroupCutsAcrossProcessServers(t *testing.T) {
 // server is released (a write to it completes, and a later cut, once the
 // agent is back, makes a group point).
 func TestGroupCutAcrossProcessServersFailsWhole(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := groupRig(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), hung)

@@ -15,6 +15,7 @@ import (
 // TestHistoryLoop: the running server samples a replicating machine's RPO
 // and bytes received, served by GET /api/v1/machines/{m}/history.
 func TestHistoryLoop(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.HistoryEvery = 20 * time.Millisecond }}

@@ -18,6 +18,7 @@ import (
 // a session cookie and the machines page; posted again, it leads to the
 // login form and signs nobody in.
 func TestLoginLinkSignsInOnce(t *testing.T) {
+	t.Parallel()
 	r := startServer(t, t.TempDir())
 	caPEM, err := os.ReadFile(filepath.Join(r.dir, "srv", "ca.pem"))
 	if err != nil {

@@ -148,6 +148,7 @@ func (s scrape) must(t *testing.T, name string, labels ...string) float64 {
 // and the process server's as the API shows them; an ended job is in the
 // job histograms; a rotated token replaces the old one at once.
 func TestMetrics(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.NBDListen = "127.0.0.1:0" }}
@@ -427,6 +428,7 @@ func benchmarkMetricsScrape(b *testing.B, machines int) {
 // known, its lower bound is shown and grows; the active alerts are
 // counted by kind and severity, zero for the kinds with none.
 func TestMetricsRPOLowerBoundAndAlerts(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
 	r.start()

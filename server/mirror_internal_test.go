@@ -75,6 +75,7 @@ func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, n
 // is coalesced (the newest catalog view replaces the ones before; points
 // and events are kept in order), and sync waits until it is written.
 func TestMirrorCoalescesWhileTheDatabaseIsHeld(t *testing.T) {
+	t.Parallel()
 	db := &fakeDB{gate: make(chan struct{})}
 	m := newMirror(db.write, quietLog(), time.Second, time.Second)
 	defer m.close()
@@ -120,6 +121,7 @@ func TestMirrorCoalescesWhileTheDatabaseIsHeld(t *testing.T) {
 // written before the failure, which is taken out) and what was noted
 // meanwhile merged after it; sync waits until everything is written.
 func TestMirrorRetriesWhatFails(t *testing.T) {
+	t.Parallel()
 	db := &fakeDB{fail: errors.New("database is locked"), failed: make(chan struct{}, 1)}
 	m := newMirror(db.write, quietLog(), time.Millisecond, 10*time.Millisecond)
 	defer m.close()
@@ -145,6 +147,7 @@ func TestMirrorRetriesWhatFails(t *testing.T) {
 // While the database takes nothing, a machine's events are bounded: the
 // oldest go, with a log line, rather than memory without end.
 func TestMirrorBoundsEvents(t *testing.T) {
+	t.Parallel()
 	db := &fakeDB{gate: make(chan struct{})}
 	m := newMirror(db.write, quietLog(), time.Second, time.Second)
 	defer m.close()

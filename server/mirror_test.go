@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
@@ -22,6 +21,7 @@ import (
 // database is back, its copies catch up with the catalog: the machine
 // shows the points, and the last one holds the guest's writes.
 func TestReplicationDoesNotWaitOnTheDatabase(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -51,7 +51,7 @@ func TestReplicationDoesNotWaitOnTheDatabase(t *testing.T) {
 		}
 		// The bound is for a hung test: while the database is held,
 		// anything that waits on it never returns.
-		pctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		pctx, cancel := context.WithTimeout(ctx, hung)
 		p, err := ps.RequestPoint(pctx, id, false)
 		cancel()
 		if err != nil {

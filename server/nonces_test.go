@@ -11,6 +11,7 @@ type fakeClock struct{ t time.Time }
 func (c *fakeClock) now() time.Time { return c.t }
 
 func TestNonceTableBoundsPerSourceAndOverall(t *testing.T) {
+	t.Parallel()
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	tab := newNonceTable(3, 10, time.Minute, clk.now)
 
@@ -63,6 +64,7 @@ func TestNonceTableBoundsPerSourceAndOverall(t *testing.T) {
 }
 
 func TestNonceTableExpiry(t *testing.T) {
+	t.Parallel()
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	tab := newNonceTable(3, 10, time.Minute, clk.now)
 	old := tab.issue("192.0.2.1")
@@ -83,6 +85,7 @@ func TestNonceTableExpiry(t *testing.T) {
 }
 
 func TestNonceSource(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ a, b string }{
 		{"192.0.2.1:1000", "192.0.2.1:2000"},
 		{"192.0.2.1:1000", "[::ffff:192.0.2.1]:2000"},          // IPv4-mapped

@@ -45,6 +45,7 @@ func (r *rig) waitPasses(n int64) {
 // notice was sent sends it neither by mail nor to the webhook again,
 // however many passes it makes.
 func TestOutboxRestartSendsNothingTwice(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	mail, err := smtptest.Start(smtptest.Options{})
 	if err != nil {
@@ -89,6 +90,7 @@ func TestOutboxRestartSendsNothingTwice(t *testing.T) {
 // A notice the server left unsent (a crash between the raise and the
 // send) is sent at the next start.
 func TestOutboxSendsWhatAStoppedServerLeft(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	hook := &hookRecorder{}
 	hs := httptest.NewServer(hook)
@@ -125,6 +127,7 @@ func TestOutboxSendsWhatAStoppedServerLeft(t *testing.T) {
 // A mail the SMTP server refuses is sent again, with a backoff, until it
 // is accepted; then once only.
 func TestOutboxRetriesAFailedMail(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	mail, err := smtptest.Start(smtptest.Options{Refuse: map[string]string{"ops@example.com": "451 4.3.0 try again later"}})
 	if err != nil {
@@ -159,6 +162,7 @@ func TestOutboxRetriesAFailedMail(t *testing.T) {
 // The stored SMTP password is kept only for the same server and user; a
 // CA given for STARTTLS is checked, stored and used; a bad one is refused.
 func TestEmailSettingsPasswordAndCA(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	mail, err := smtptest.Start(smtptest.Options{StartTLS: true, Users: map[string]string{"asr": "p4ss"}})
 	if err != nil {

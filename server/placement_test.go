@@ -20,6 +20,9 @@ import (
 // goes to ps1 (the built-in one serves vm1), with an event saying so, and
 // its agent's records reach ps1. An unknown placement is refused at start.
 func TestPlacementAuto(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	if _, err := server.Open(context.Background(), server.Config{DataDir: t.TempDir(), Placement: "random"}); err == nil || !strings.Contains(err.Error(), "placement") {
 		t.Fatalf("an unknown placement: %v", err)
 	}

@@ -18,6 +18,7 @@ import (
 )
 
 func TestPickLeastLoaded(t *testing.T) {
+	t.Parallel()
 	ps := func(name, state string, rate float64, machines int) api.ProcessServerInfo {
 		return api.ProcessServerInfo{Name: name, State: state, Machines: machines, Figures: api.ProcessServer{UploadRate: rate}}
 	}
@@ -44,6 +45,7 @@ func TestPickLeastLoaded(t *testing.T) {
 // it goes to (its share of the silent one's churn, one machine more); a
 // silent one is never chosen, even when it looks the least loaded.
 func TestSpreadOver(t *testing.T) {
+	t.Parallel()
 	ps := func(name, state string, rate float64, machines int) api.ProcessServerInfo {
 		return api.ProcessServerInfo{Name: name, State: state, Machines: machines, Figures: api.ProcessServer{UploadRate: rate}}
 	}
@@ -90,6 +92,7 @@ func TestSpreadOver(t *testing.T) {
 // A heartbeat's reports are bounded before anything of them is used:
 // machines, points, events, damage blocks, resyncs, disks, results.
 func TestCheckReportsBounds(t *testing.T) {
+	t.Parallel()
 	const id = "0123456789abcdef0123456789abcdef"
 	one := func(n *api.PSNews) *api.ProcessServerHeartbeat {
 		return &api.ProcessServerHeartbeat{Reports: []api.PSMachineReport{{MachineID: id, News: n}}}
@@ -130,6 +133,7 @@ func TestCheckReportsBounds(t *testing.T) {
 // far past Go's default 4 KiB trailer read) reaches the API client whole,
 // and the blocks past the list are counted, not dropped.
 func TestDamagedTrailerReachesTheClient(t *testing.T) {
+	t.Parallel()
 	const size = 1 << 40
 	d := make([]int64, api.MaxPSImageDamaged+5)
 	for i := range d {

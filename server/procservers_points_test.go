@@ -49,6 +49,9 @@ func (r *rig) tagWhenConnected(ctx context.Context, name string) api.PointJSON {
 // recovery that accepts it; the built-in process server never opens the
 // machine.
 func TestProcessServerReadsItsPoints(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) { c.PSHeartbeatLost = 3 * time.Second }}
 	if testing.Verbose() {

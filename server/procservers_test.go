@@ -62,6 +62,9 @@ func (r *rig) waitPS(ctx context.Context, name, state string) api.ProcessServerI
 // nothing; removal revokes it (its next heartbeat is refused and it stops);
 // a silent one raises a critical alert.
 func TestProcessServerRegistersAndBeats(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
 	if testing.Verbose() {
@@ -167,6 +170,7 @@ func TestProcessServerRegistersAndBeats(t *testing.T) {
 // a point made at the end recovers bit-exact: every write acknowledged to
 // the guest is in the replica, whichever process server received it.
 func TestSwitchProcessServerMidStream(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
 	if testing.Verbose() {
@@ -309,6 +313,9 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 // recovery through the server while the machine is there is read by ps1,
 // and the point made there recovers bit-exact once it is back too.
 func TestProcessServerReportsAndCommands(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
 	if testing.Verbose() {
@@ -464,6 +471,9 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 // past the policy's retention are pruned there (a command in a heartbeat's
 // reply), the newest kept, and the vault database follows the catalog.
 func TestProcessServerPrunes(t *testing.T) {
+	// Not parallel: it runs scale-out process servers, whose heartbeats
+	// and commands have deadlines (PSHeartbeatLost, psCommandWait) that
+	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	var clock atomic.Int64
 	clock.Store(time.Now().UnixNano())

@@ -123,6 +123,7 @@ func (e *enroller) register(ch enroll.Challenge, name string) (int, string) {
 // The nonce table once held 10,000 challenges from anyone and refused more
 // for five minutes: one source could block every registration.
 func TestChallengeFloodFromOneSourceBlocksNoOther(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	legit := newEnroller(t, r, "127.0.0.1")
@@ -166,6 +167,7 @@ func TestChallengeFloodFromOneSourceBlocksNoOther(t *testing.T) {
 
 // Machine names were checked only by the agent: the server took anything.
 func TestRegisterRefusesBadMachineNames(t *testing.T) {
+	t.Parallel()
 	r := startServer(t, t.TempDir())
 	e := newEnroller(t, r, "127.0.0.1")
 	if st, body := e.register(e.mustChallenge(), "m1"); st != http.StatusOK {

@@ -215,6 +215,7 @@ func (r *rig) recover(name, point, out string) {
 }
 
 func TestReplicateTagRecover(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -338,6 +339,7 @@ func TestReplicateTagRecover(t *testing.T) {
 }
 
 func TestWrongPassphraseRegistersNothing(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	disk := filepath.Join(dir, "d.img")
@@ -360,6 +362,7 @@ func TestWrongPassphraseRegistersNothing(t *testing.T) {
 }
 
 func TestAgentAndServerRestartResume(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -419,6 +422,7 @@ func (s *syncBuffer) String() string {
 }
 
 func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var logs syncBuffer
@@ -484,6 +488,7 @@ func TestMalformedDataConnectionHarmsNothingElse(t *testing.T) {
 // A policy assigned to a running agent changes its point schedule at once,
 // without a restart.
 func TestPolicyReachesRunningAgent(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -522,6 +527,7 @@ func TestPolicyReachesRunningAgent(t *testing.T) {
 }
 
 func TestVaultCreatedOnceAndReused(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	srvDir := filepath.Join(dir, "srv")
@@ -556,6 +562,7 @@ func TestVaultCreatedOnceAndReused(t *testing.T) {
 }
 
 func TestPolicyAPIRulesAndFailbackTwin(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	r := startServer(t, t.TempDir())
 	var ps []api.PolicyJSON
@@ -620,6 +627,7 @@ func TestPolicyAPIRulesAndFailbackTwin(t *testing.T) {
 // schedule (with an injected clock), the newest is always kept, and their
 // copy-on-write space is reclaimed.
 func TestRetentionPrunesAndReclaims(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var clock atomic.Int64
@@ -695,6 +703,7 @@ func TestRetentionPrunesAndReclaims(t *testing.T) {
 // Crossing the policy's RPO threshold raises an event; coming back under it
 // raises another.
 func TestRPOThresholdEvents(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger(), tune: func(c *server.Config) {
@@ -741,6 +750,7 @@ func TestRPOThresholdEvents(t *testing.T) {
 // flight at the instant may or may not be there), through the server and
 // from the target alone.
 func TestRecoverAnyPointInTime(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -861,6 +871,7 @@ func TestRecoverAnyPointInTime(t *testing.T) {
 // group point holds a prefix of them (a write is in it only if every
 // earlier write, on whichever machine, is too).
 func TestGroupPointsAreConsistentCuts(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	checkGroupCuts(t, startServer(t, dir), dir, nil, 5)
 }
@@ -1024,6 +1035,7 @@ func TagRequestNoWait() api.TagRequest { return api.TagRequest{} }
 // by periodic scans; its points are marked inconsistent, except an
 // application-consistent one, which scans while frozen.
 func TestScanModeDisk(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	start := time.Now()
 	deadline0 := func(*testing.T) time.Time { return start.Add(hung) }
@@ -1106,11 +1118,13 @@ func TestScanModeDisk(t *testing.T) {
 // An operator's resync compares the disk with its replica and sends only
 // what differs: here blocks changed behind the splitter's back.
 func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	disk := filepath.Join(dir, "d.img")
-	mustDisk(t, disk, 64<<20, 7)
+	const size = 16 << 20
+	mustDisk(t, disk, size, 7)
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
 	ra := startAgent(t, cfg)
 	r.waitProtected("vm1")
@@ -1126,7 +1140,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 		for j := range b {
 			b[j] = byte(rnd.IntN(256))
 		}
-		f.WriteAt(b, int64(rnd.IntN(16384))*4096)
+		f.WriteAt(b, int64(rnd.IntN(size/4096))*4096)
 	}
 	f.Close()
 	var rows []api.ResyncJSON
@@ -1172,7 +1186,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 	if _, err := fmt.Sscanf(msg[strings.Index(msg, "compared"):], "compared %d bytes, sent %d", &compared, &sent); err != nil {
 		t.Fatalf("resync-done event %q: %v", msg, err)
 	}
-	if compared != 64<<20 || sent > changed*4096 || sent < 4096 {
+	if compared != size || sent > changed*4096 || sent < 4096 {
 		t.Fatalf("compared %d bytes and sent %d for %d changed blocks of 4 KiB", compared, sent, changed)
 	}
 	t.Logf("compared %d bytes, sent %d (%d blocks changed)", compared, sent, changed)
@@ -1184,6 +1198,7 @@ func TestOperatorResyncSendsOnlyTheDelta(t *testing.T) {
 // second time (the second job would replace the first on the agent). The
 // request's start is held until the loop has tried the row.
 func TestOperatorResyncStartsOneJob(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var attempts, starts, passes atomic.Int64
@@ -1289,6 +1304,7 @@ func (l *loopPasses) waitWhole(t *testing.T) {
 // scheduler, only once the resync window opens (injected clock); an
 // operator's request would run at once.
 func TestGrownDiskResyncedInTheWindow(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var clock atomic.Int64
@@ -1360,6 +1376,7 @@ func TestGrownDiskResyncedInTheWindow(t *testing.T) {
 // would fall outside it, it stays failed with the reason on the machine
 // (API, event) until an operator starts it, which then runs at once.
 func TestScheduledResyncRetriesThenFails(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	var clock atomic.Int64
@@ -1458,13 +1475,14 @@ func TestScheduledResyncRetriesThenFails(t *testing.T) {
 // go on (tracked in a changed-block map, not stalled), and when the server
 // is back the marked blocks, and only they, are resent.
 func TestSpoolOverflowResendsChangedBlocks(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
 	disk := filepath.Join(dir, "d.img")
-	mustDisk(t, disk, 64<<20, 9)
+	mustDisk(t, disk, 32<<20, 9) // room for the 24 MiB written below
 	cfg := r.agentConfig("vm1", agent.DiskSpec{Name: "d", Path: disk})
-	cfg.SpoolMax = 16 << 20
+	cfg.SpoolMax = 16 << 20 // the smallest the agent takes
 	ra := startAgent(t, cfg)
 	r.waitProtected("vm1")
 	r.stop()
@@ -1561,6 +1579,7 @@ func (l *lockedBuffer) String() string {
 // with a log line, the vault database is 0600, and a target outside the
 // data directory is private too.
 func TestDataDirAndTargetPrivate(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	data, target := filepath.Join(dir, "data"), filepath.Join(dir, "target")
 	for _, d := range []string{data, target} {

@@ -110,6 +110,7 @@ func mustHoldNothingOf(t *testing.T, dir, id string, disks []uint32) {
 // again (nothing to do), then with its replica deleted (nothing of it left
 // on the target or in the database), and its name registered afresh.
 func TestUnprotect(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	r := startServer(t, dir)
@@ -269,6 +270,7 @@ func TestUnprotect(t *testing.T) {
 // not open the machine, its cache is applied and removed (replica kept), or
 // everything of it deleted (with the replica).
 func TestUnprotectFinishedAtStart(t *testing.T) {
+	t.Parallel()
 	for _, del := range []bool{false, true} {
 		name := "keep"
 		if del {

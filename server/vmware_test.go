@@ -70,6 +70,7 @@ func statusOf(err error) int {
 // keeps the VMs, stale, through an outage; the password is in no answer,
 // log line or database page.
 func TestVCenterRegisterDiscoverLink(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	sim := startSim(t)
 	dir := t.TempDir()
