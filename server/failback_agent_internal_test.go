@@ -127,6 +127,7 @@ func TestRecoveredAgentWelcome(t *testing.T) {
 // TestSameVMUUID: an Azure VM's unique id matches the guest's BIOS UUID
 // as it is, case aside, or with its first three fields byte-swapped.
 func TestSameVMUUID(t *testing.T) {
+	t.Parallel()
 	const id = "839cf249-9ce9-4f63-9c5b-6909602a6528"
 	for _, c := range []struct {
 		vmID, bios string

@@ -250,6 +250,7 @@ func (vr *vsphereRig) recoveredAgentConfig(uuid string, names ...string) (agent.
 // same way. Failback then ends bit-exact. (Before, the refused writes
 // were sent again and refused again until failback's pass.)
 func TestFailbackRecoveredAgentThawed(t *testing.T) {
+	t.Parallel()
 	vr := startVSphereRig(t)
 	r := vr.rig
 	ctx := context.Background()

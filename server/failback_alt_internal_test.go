@@ -65,6 +65,7 @@ func (v *memVM) close()                                 {}
 // opened once at the first read; a read elsewhere, past the disk, or of
 // content whose size is not the disk's is an error, never other bytes.
 func TestFlatReader(t *testing.T) {
+	t.Parallel()
 	disk := bytes.Repeat([]byte("recovered-"), 7000)
 	n := int64(len(disk))
 	ctx := context.Background()

@@ -28,6 +28,7 @@ import (
 // records the failback and powers the new VM on; the recovered VM stays
 // off and the original disks are not touched.
 func TestFailbackAlternateFromVSphere(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	vr := startVSphereRig(t)
 	gc := vr.rec.Client()

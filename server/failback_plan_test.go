@@ -921,6 +921,7 @@ func TestFailbackPlanUnplannedCancelledWhileFreezing(t *testing.T) {
 // the first failure ended the job and the rest were powered on without
 // their actions.
 func TestFailbackPlanGoesOnPastAFailure(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	logf := filepath.Join(dir, "actions.log")
@@ -998,6 +999,7 @@ func TestFailbackPlanGoesOnPastAFailure(t *testing.T) {
 // actions (group 2's script, its power-on); the job ends cancelled,
 // naming the action, every machine failed back.
 func TestFailbackPlanManualCancelledPastTheSwitch(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dir := t.TempDir()
 	logf := filepath.Join(dir, "actions.log")
