@@ -499,17 +499,7 @@ func TestFailbackPlanActions(t *testing.T) {
 		pr.write(m, 2)
 	}
 	want := pr.sums()
-	j, err := pr.client.FailbackPlan(ctx, "app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the plan failback to wait on group 2's manual action", func() bool {
-		j, err = pr.client.Job(ctx, j.ID)
-		if err != nil || j.State != api.JobRunning {
-			t.Fatalf("the plan failback ended without waiting: %+v %v", j, err)
-		}
-		return j.Waiting != ""
-	})
+	j := pr.failbackWaiting("group 2's manual action")
 	if j.Waiting != "check the application" {
 		t.Fatalf("waiting on %q", j.Waiting)
 	}
@@ -609,6 +599,25 @@ func TestFailbackGroup(t *testing.T) {
 // writeSource writes n random 64 KiB blocks into a machine's original
 // disk through its agent (after an unplanned failover: on the original
 // only, never in the failed-over state).
+// failbackWaiting starts plan app's failback and waits until its job
+// waits on a manual action (what names it).
+func (pr *planRig) failbackWaiting(what string) api.Job {
+	pr.t.Helper()
+	ctx := context.Background()
+	j, err := pr.client.FailbackPlan(ctx, "app")
+	if err != nil {
+		pr.t.Fatal(err)
+	}
+	waitFor(pr.t, "the plan failback to wait on "+what, func() bool {
+		j, err = pr.client.Job(ctx, j.ID)
+		if err != nil || j.State != api.JobRunning {
+			pr.t.Fatalf("the plan failback ended without waiting: %+v %v", j, err)
+		}
+		return j.Waiting != ""
+	})
+	return j
+}
+
 func (pr *planRig) writeSource(machine string, n int) {
 	pr.t.Helper()
 	c, err := nbd.Dial(context.Background(), pr.cfgs[machine].NBD, "d0")
@@ -1013,17 +1022,7 @@ func TestFailbackPlanManualCancelledPastTheSwitch(t *testing.T) {
 	})
 	pr.mustJob(pr.client.ReprotectPlan(ctx, "app"))
 	want := pr.sums()
-	j, err := pr.client.FailbackPlan(ctx, "app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the plan failback to wait on group 1's manual action", func() bool {
-		j, err = pr.client.Job(ctx, j.ID)
-		if err != nil || j.State != api.JobRunning {
-			t.Fatalf("the plan failback ended without waiting: %+v %v", j, err)
-		}
-		return j.Waiting != ""
-	})
+	j := pr.failbackWaiting("group 1's manual action")
 	if _, err := pr.client.CancelJob(ctx, j.ID); err != nil {
 		t.Fatal(err)
 	}
