@@ -214,9 +214,28 @@ func TestE2EFailbackFromVSphereRecoveredAgentKilled(t *testing.T) {
 	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat := vc.failbackCase, vc.c, vc.flat
-	ra := startRecoveredAgent(t, vc)
+	ra, _ := fc.killedWhileReverseStreaming(startRecoveredAgent(t, vc), "guest01-recovered")
+	want := sha256File(t, flat)
+	if got := sha256File(t, fc.disk); got != want {
+		t.Fatalf("original disk sha256 %s, the recovered disk's %s", got, want)
+	}
+	if st := c.status("m"); st.Direction != "failed-back" || st.ReverseSource != nil {
+		t.Fatalf("after failback: direction %q, reverse source %+v", st.Direction, st.ReverseSource)
+	}
+	ra.stop()
+	fc.checkForward()
+}
+
+// killedWhileReverseStreaming reprotects machine m through the agent ra
+// in its recovered VM vm, then, with the original agent stopped (SIGSTOP)
+// and writes through ra pending, kills -9 the server and then ra, each
+// started again, writes through the new ra, resumes the original agent
+// and fails back. It returns the new ra and failback's output.
+func (fc *failbackCase) killedWhileReverseStreaming(ra *agentProc, vm string) (*agentProc, string) {
+	c, t := fc.c, fc.c.t
+	t.Helper()
 	out := c.mustCLI("reprotect", "--machine", "m")
-	if !strings.Contains(out, "path: the asr agent in VM guest01-recovered") {
+	if !strings.Contains(out, "path: the asr agent in VM "+vm) {
 		t.Fatalf("reprotect:\n%s", out)
 	}
 	orig := c.agents["m"]
@@ -232,6 +251,9 @@ func TestE2EFailbackFromVSphereRecoveredAgentKilled(t *testing.T) {
 	})
 	ra.proc.kill()
 	ra = c.startAgent("recovered", nil)
+	c.waitStatus("m", "the recovered agent connected again", func(st machineStatus) bool {
+		return st.ReverseSource != nil && st.ReverseSource.Connected
+	})
 	fc.fio(ra.uri("d"), "recovered-after-kill", 1<<20)
 	orig.proc.resume()
 	out, err := c.cli("failback", "--machine", "m")
@@ -239,13 +261,5 @@ func TestE2EFailbackFromVSphereRecoveredAgentKilled(t *testing.T) {
 		t.Fatalf("failback after the kills: %v\n%s", err, out)
 	}
 	t.Logf("failback after the kills:\n%s", out)
-	want := sha256File(t, flat)
-	if got := sha256File(t, fc.disk); got != want {
-		t.Fatalf("original disk sha256 %s, the recovered disk's %s", got, want)
-	}
-	if st := c.status("m"); st.Direction != "failed-back" || st.ReverseSource != nil {
-		t.Fatalf("after failback: direction %q, reverse source %+v", st.Direction, st.ReverseSource)
-	}
-	ra.stop()
-	fc.checkForward()
+	return ra, out
 }

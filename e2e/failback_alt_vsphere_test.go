@@ -17,6 +17,7 @@ import (
 // file equals the recovered VM's final state by SHA-256; the recovered VM
 // stays off, the original disk is not written, the failover ends.
 func TestE2EFailbackAlternateFromVSphere(t *testing.T) {
+	t.Parallel()
 	vc := startVSphereFailbackCase(t)
 	fc, c, flat, sim, ref := vc.failbackCase, vc.c, vc.flat, vc.sim, vc.ref
 	dsDir := filepath.Dir(filepath.Dir(flat))

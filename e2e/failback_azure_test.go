@@ -331,6 +331,7 @@ func startAzureRecoveredAgent(t *testing.T, ac *azureFailbackCase) (ra *agentPro
 // the bytes written; forward protection resumes and a new point
 // recovers bit-exact. Never real Azure.
 func TestE2EFailbackFromAzureRecoveredAgent(t *testing.T) {
+	t.Parallel()
 	ac := startAzureFailbackCase(t)
 	fc, c := ac.failbackCase, ac.c
 	ra, recDisk := startAzureRecoveredAgent(t, ac)
@@ -398,36 +399,11 @@ func TestE2EFailbackFromAzureRecoveredAgent(t *testing.T) {
 // original disk equals the agent's disk, nothing lost; forward
 // protection resumes.
 func TestE2EFailbackFromAzureRecoveredAgentKilled(t *testing.T) {
+	t.Parallel()
 	ac := startAzureFailbackCase(t)
 	fc, c := ac.failbackCase, ac.c
 	ra, recDisk := startAzureRecoveredAgent(t, ac)
-	out := c.mustCLI("reprotect", "--machine", "m")
-	if !strings.Contains(out, "path: the asr agent in VM m-recovered") {
-		t.Fatalf("reprotect:\n%s", out)
-	}
-	orig := c.agents["m"]
-	orig.proc.pause()
-	fc.fio(ra.uri("d"), "recovered-held", 2<<20)
-	c.waitStatus("m", "the recovered agent's writes pending", func(st machineStatus) bool {
-		return st.ReverseSource != nil && !st.ReverseSource.OldestPending.IsZero()
-	})
-	c.server.kill()
-	c.startServer()
-	c.waitStatus("m", "the recovered agent live again after the server's restart", func(st machineStatus) bool {
-		return st.ReverseSource != nil && st.ReverseSource.Connected && st.ReverseSource.Live
-	})
-	ra.proc.kill()
-	ra = c.startAgent("recovered", nil)
-	c.waitStatus("m", "the recovered agent connected again", func(st machineStatus) bool {
-		return st.ReverseSource != nil && st.ReverseSource.Connected
-	})
-	fc.fio(ra.uri("d"), "recovered-after-kill", 1<<20)
-	orig.proc.resume()
-	out, err := c.cli("failback", "--machine", "m")
-	if err != nil {
-		t.Fatalf("failback after the kills: %v\n%s", err, out)
-	}
-	t.Logf("failback after the kills:\n%s", out)
+	ra, out := fc.killedWhileReverseStreaming(ra, "m-recovered")
 	for _, s := range []string{"m: verify through the recovered agent", "no pass over the stopped VM's disks"} {
 		if !strings.Contains(out, s) {
 			t.Fatalf("failback output lacks %q:\n%s", s, out)
