@@ -167,12 +167,7 @@ func TestE2EFailbackFromVSphereRecoveredAgentThawed(t *testing.T) {
 	if out := c.mustCLI("reprotect", "--machine", "m"); !strings.Contains(out, "path: the asr agent in VM guest01-recovered") {
 		t.Fatalf("reprotect:\n%s", out)
 	}
-	a := c.agents["m"]
-	a.proc.kill()
-	thawState(t, a.state)
-	c.startAgent("m", nil)
-	// Accepted: the original agent is not frozen.
-	fc.qemuWrite(a.uri("d"), 0xab, 30<<20, 1<<20)
+	fc.thawOriginal()
 	fc.fio(ra.uri("d"), "recovered-after-thaw", 1<<20)
 	deadline := time.Now().Add(hungAfter)
 	for {

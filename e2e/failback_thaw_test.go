@@ -27,13 +27,9 @@ func TestE2EFailbackThawedWhileShipping(t *testing.T) {
 	if out := c.mustCLI("reprotect", "--machine", "m"); !strings.Contains(out, "reprotected:") {
 		t.Fatalf("reprotect:\n%s", out)
 	}
-	a := c.agents["m"]
-	a.proc.kill()
-	thawState(t, a.state)
-	c.startAgent("m", nil)
-	// Accepted: the agent is not frozen. Where the failed-over machine
-	// writes nothing more: only the compare finds it.
-	fc.qemuWrite(a.uri("d"), 0xab, 30<<20, 1<<20)
+	// Where the failed-over machine writes nothing more: only the
+	// compare finds it.
+	fc.thawOriginal()
 	fc.fio(fc.export, "reprotected", 1<<20)
 	deadline := time.Now().Add(hungAfter)
 	for {
@@ -87,4 +83,17 @@ func thawState(t *testing.T, dir string) {
 	if err := os.WriteFile(p, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// thawOriginal kills -9 machine m's original agent and starts it again
+// with the freeze gone from its state file (its state lost: it comes
+// back thawed); its guest then writes 1 MiB at 30 MiB of the original
+// disk through its splitter (accepted: the agent is not frozen).
+func (fc *failbackCase) thawOriginal() {
+	c := fc.c
+	a := c.agents["m"]
+	a.proc.kill()
+	thawState(c.t, a.state)
+	c.startAgent("m", nil)
+	fc.qemuWrite(a.uri("d"), 0xab, 30<<20, 1<<20)
 }
