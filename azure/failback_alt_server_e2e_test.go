@@ -14,8 +14,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	"github.com/Azure/azure-sdk-for-go/sdk/resourcemanager/compute/armcompute/v8"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 	"github.com/vmware/govmomi/find"
@@ -30,7 +32,8 @@ import (
 // VM's managed disk copied into a new VM made through vCenter (govmomi's
 // simulator). The disk's size is not a multiple of 1 MiB (the managed
 // disk rounded up: the new VM's disk is the machine's first size bytes).
-// A refused datastore changes nothing; a read that fails during the copy
+// A refused datastore changes nothing; a cancel during the copy (held in
+// the read SAS's grant) and a read that fails during the copy
 // (the page blob behind the managed disk cut short) removes the new VM,
 // starts the Azure VM again and revokes every read SAS; the next
 // failback deallocates the VM, copies its final state (the new VM's flat
@@ -98,14 +101,43 @@ func TestServerFailbackAlternateFromAzure(t *testing.T) {
 	}
 	running("after a refused datastore")
 
+	// Cancelled during the copy, with the VM deallocated: from within
+	// the read SAS's grant, which is then refused (a grant that lands
+	// after the client gave up and revoked is not handled: not done).
+	req := api.FailbackRequest{Alternate: true, VSphere: &api.VSphereTarget{VCenter: "vc1", Datastore: "LocalDS_0"}}
+	jobID := make(chan string, 1)
+	sas := r.arm.GrantSAS
+	var power string
+	r.arm.GrantSAS = func(armcompute.Disk) (string, error) {
+		power = r.arm.VMPower("net-rg", "web01-recovered")
+		if _, err := c.CancelJob(ctx, <-jobID); err != nil {
+			t.Errorf("cancel the failback during its copy: %v", err)
+		}
+		return "", errors.New("refused after the cancel")
+	}
+	j, err := c.FailbackTo(ctx, "web01", req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jobID <- j.ID
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer wcancel()
+	if j, err = c.WaitJob(wctx, j.ID, nil); err != nil || j.State != api.JobCancelled || !slices.Contains(stepNames(j), "web01: power the recovered VM on again=done") {
+		t.Fatalf("a cancelled failback: %v %s %s, steps %v", err, j.State, j.Error, stepNames(j))
+	}
+	if power != "deallocated" {
+		t.Fatalf("the Azure VM during the copy: %q", power)
+	}
+	r.arm.GrantSAS = sas
+	running("after a cancel")
+
 	// The page blob behind the managed disk cut short: the copy's read
 	// fails once the VM is deallocated.
 	full := blobBytes(t, ctx, pb, -1)
 	if _, err := pb.Resize(ctx, 1<<20, nil); err != nil {
 		t.Fatal(err)
 	}
-	req := api.FailbackRequest{Alternate: true, VSphere: &api.VSphereTarget{VCenter: "vc1", Datastore: "LocalDS_0"}}
-	j := r.run(t, func() (api.Job, error) { return c.FailbackTo(ctx, "web01", req) })
+	j = r.run(t, func() (api.Job, error) { return c.FailbackTo(ctx, "web01", req) })
 	if j.State != api.JobFailed || !slices.Contains(stepNames(j), "web01: stop the recovered VM=done") ||
 		!slices.Contains(stepNames(j), "web01: power the recovered VM on again=done") {
 		t.Fatalf("a failback whose read fails: %s %s, steps %v", j.State, j.Error, stepNames(j))
