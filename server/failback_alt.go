@@ -40,7 +40,13 @@ import (
 // the new VM's upload, hashed as it goes; a cancel before the switch, or
 // a failure, powers it on again and thaws its agent (undoMember). After
 // the switch it stays powered off where it is. A failover to Azure is
-// not copied to an alternate location (not done).
+// copied the same way from its VM in Azure (azureVM, failback_azure.go):
+// its agent frozen and drained if one streams, the VM deallocated, each
+// managed disk read once, in order, through a read SAS (revoked when the
+// read ends), the first bytes of the machine's size (fitDisks: the VHD
+// rounded a disk up to 1 MiB); a cancel or failure before the switch
+// starts it again. This path has run only against the fake ARM and
+// Azurite, never against real Azure.
 
 // altDetail is the new VM of an alternate-location failback (in the
 // failover record's reverseDetail).
@@ -158,9 +164,9 @@ func (s *Server) alternateFailover(ctx context.Context, m store.Machine) (store.
 	} else if err != nil {
 		return f, nil, err
 	}
-	toVSphere := f.Dest == api.ToVSphere && vmFailback(f)
-	if f.Kind != api.FailoverReal || f.Dest != api.ToNBD && !toVSphere {
-		return f, nil, errorf(http.StatusConflict, "machine %s: failback to an alternate location is done for failovers to the server's NBD exports or to vSphere (this one is %s to %s)", m.Name, kindWord(f.Kind), f.Dest)
+	toVM := (f.Dest == api.ToVSphere || f.Dest == api.ToAzure) && vmFailback(f)
+	if f.Kind != api.FailoverReal || f.Dest != api.ToNBD && !toVM {
+		return f, nil, errorf(http.StatusConflict, "machine %s: failback to an alternate location is done for failovers to the server's NBD exports, to vSphere or to Azure (this one is %s to %s)", m.Name, kindWord(f.Kind), f.Dest)
 	}
 	if f.State != store.FailoverCommitted {
 		return f, nil, errorf(http.StatusConflict, "machine %s's failover is %s: commit it first (asr failover --commit), then fail back", m.Name, f.State)
@@ -168,7 +174,7 @@ func (s *Server) alternateFailover(ctx context.Context, m store.Machine) (store.
 	if d := decodeDetail(f); d.Reverse != nil && d.Reverse.State != dirReprotected {
 		return f, nil, errorf(http.StatusConflict, "machine %s is %s already", m.Name, d.Reverse.State)
 	}
-	if toVSphere {
+	if toVM {
 		return f, nil, nil
 	}
 	s.fo.mu.Lock()
@@ -212,7 +218,7 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 	}
 	gone := "; the exports and overlays go"
 	if ex == nil {
-		gone = "; the recovered VM stays powered off"
+		gone = "; the recovered VM stays " + stoppedWord(as.sm.vm)
 	}
 	done := j.step(m.Name+": end the failover", "record the failback to "+vt.VCenter+"/"+res.Name+gone)
 	f, frozen, err := s.recordAlternate(ctx, f, m, vt, res)
@@ -245,7 +251,7 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 		lines = append(lines, fmt.Sprintf("the original machine's agent stays frozen (its disks refuse writes; they are not the failed-back state): remove it with asr unprotect --machine %s", m.Name))
 	}
 	if as.sm != nil {
-		lines = append(lines, fmt.Sprintf("the recovered %s stays powered off: remove it there once the new VM runs", as.sm.vm))
+		lines = append(lines, fmt.Sprintf("the recovered %s stays %s: remove it there once the new VM runs", as.sm.vm, stoppedWord(as.sm.vm)))
 	}
 	s.raise(context.WithoutCancel(ctx), store.Event{MachineID: m.ID, Severity: "info", Kind: "failed-back",
 		Message: fmt.Sprintf("failed back from failover %s to a new VM %s (%s), %d bytes copied and verified; it has no agent: enable its replication from the inventory to protect it", f.ID, vm, res.Ref, res.Bytes)})
@@ -253,9 +259,17 @@ func (s *Server) runFailbackAlternate(ctx context.Context, j *job, f store.Failo
 	return nil
 }
 
+// stoppedWord says how a recovered VM is left stopped.
+func stoppedWord(vm recoveredVM) string {
+	if _, ok := vm.(*azureVM); ok {
+		return "deallocated"
+	}
+	return "powered off"
+}
+
 // altSource is the failed-over machine an alternate-location failback
 // copies: its exports (a failover to NBD) or its recovered VM (a
-// failover to vSphere: sm, and its disks once stopped).
+// failover to vSphere or Azure: sm, and its disks once stopped).
 type altSource struct {
 	ex      *exported
 	sm      *switchMember
@@ -364,6 +378,7 @@ func (s *Server) recoveredSizes(ctx context.Context, m store.Machine, f store.Fa
 	if len(disks) != len(mds) {
 		return nil, errorf(http.StatusConflict, "the recovered VM %s has %d disks, machine %s %d: its disks were changed since the failover; a failback needs them as the failover made them", vm.name(), len(disks), m.Name, len(mds))
 	}
+	fitDisks(vm, m, disks)
 	fds := make([]vmware.FailoverDisk, len(disks))
 	for i, d := range disks {
 		fds[i] = vmware.FailoverDisk{Name: mds[i].Name, Size: d.size, Src: notRead{}}

@@ -357,23 +357,28 @@ func (s *Server) recoveredDisks(ctx context.Context, j *job, vm recoveredVM, m s
 		done("", err)
 		return nil, err
 	}
-	if _, ok := vm.(*azureVM); ok {
-		// A VHD's size is a multiple of 1 MiB: the failover rounded a
-		// disk up, and the machine's disk is the first md.Size bytes.
-		// What the recovered guest wrote past them has no room on the
-		// original.
-		for i, md := range machineDisks(m) {
-			if d := &disks[i]; d.size > md.Size && d.size == alignUp(md.Size, replication.VHDAlign) {
-				d.size = md.Size
-			}
-		}
-	}
+	fitDisks(vm, m, disks)
 	names := make([]string, len(disks))
 	for i, d := range disks {
 		names[i] = d.name
 	}
 	done(fmt.Sprintf("%d disks: %v", len(disks), names), nil)
 	return disks, nil
+}
+
+// fitDisks sizes a recovered VM's disks (as many as m's) as the
+// machine's: a VHD's size is a multiple of 1 MiB, so a failover to Azure
+// rounded a disk up, and the machine's disk is the first md.Size bytes.
+// What the recovered guest wrote past them has no room on the original.
+func fitDisks(vm recoveredVM, m store.Machine, disks []recoveredDisk) {
+	if _, ok := vm.(*azureVM); !ok {
+		return
+	}
+	for i, md := range machineDisks(m) {
+		if d := &disks[i]; d.size > md.Size && d.size == alignUp(md.Size, replication.VHDAlign) {
+			d.size = md.Size
+		}
+	}
 }
 
 // alignUp rounds n up to a multiple of a.

@@ -22,13 +22,18 @@ import (
 const actionAlternate = "failback-alternate"
 
 // alternateOffered reports whether the machine's live failover can fail
-// back to a new VM: a committed failover to the server's NBD exports or
-// to vSphere, no reprotect or failback job running. The server decides again at the
-// POST.
+// back to a new VM: a committed failover to the server's NBD exports, to
+// vSphere or to Azure, no reprotect or failback job running. The server
+// decides again at the POST.
 func alternateOffered(o failbackOffer) bool {
 	f := o.Failover
-	return o.Job == nil && f != nil && (f.To == api.ToNBD || f.To == api.ToVSphere) && f.Kind == "failover" && f.State == "committed" &&
+	return o.Job == nil && f != nil && alternateFrom(f.To) && f.Kind == "failover" && f.State == "committed" &&
 		(f.Failback == nil || f.Failback.State != "failing-back")
+}
+
+// alternateFrom reports whether a failover to dest is copied to a new VM.
+func alternateFrom(dest string) bool {
+	return dest == api.ToNBD || dest == api.ToVSphere || dest == api.ToAzure
 }
 
 // alternateForm is the form as typed.
@@ -93,8 +98,8 @@ func (v alternateView) notApplicable() string {
 		return runningJobText(*v.Offer.Job, v.Machine.Name)
 	case f == nil:
 		return v.Machine.Name + " has no live failover: there is nothing to fail back."
-	case f.To != api.ToNBD && f.To != api.ToVSphere:
-		return v.Machine.Name + " runs failed over to " + f.To + ": only a failover to the server's NBD exports or to vSphere is copied to a new VM."
+	case !alternateFrom(f.To):
+		return v.Machine.Name + " runs failed over to " + f.To + ": only a failover to the server's NBD exports, to vSphere or to Azure is copied to a new VM."
 	case f.State != "committed":
 		return v.Machine.Name + "'s failover is " + f.State + ": commit it first."
 	}

@@ -286,8 +286,8 @@ func testFailbackStart(t *testing.T, c int) {
 }
 
 // The alternate location's page: offered (on the machine's page and as a
-// form) only for a committed failover to NBD or to vSphere with no job
-// running (not one to Azure); its
+// form) only for a committed failover to NBD, to vSphere or to Azure
+// with no job running (not one to QEMU); its
 // POST starts FailbackTo with the form's fields and goes to the job; a
 // refusal of the server shows on the form with what was typed; no
 // vCenter, no CSRF token or an empty datastore start nothing.
@@ -298,7 +298,7 @@ func TestFailbackAlternate(t *testing.T) {
 		h := newTestHandler(t, b)
 		id, _ := mustLogin(t, h, b)
 		ownJob := tc.job != nil && (tc.job.Subject == "db" || slices.Contains(tc.job.Machines, "db"))
-		want := tc.failover != nil && (tc.failover.To == api.ToNBD || tc.failover.To == api.ToVSphere) && tc.failover.State == "committed" && !ownJob &&
+		want := tc.failover != nil && alternateFrom(tc.failover.To) && tc.failover.State == "committed" && !ownJob &&
 			(tc.failover.Failback == nil || tc.failover.Failback.State != "failing-back")
 		body := get(t, h, id, "/machines/db", http.StatusOK)
 		if got := strings.Contains(body, `href="/machines/db/failback-alternate"`); got != want {
@@ -312,7 +312,7 @@ func TestFailbackAlternate(t *testing.T) {
 		if got := strings.Contains(body, `id="alternate-form"`); got != want {
 			t.Errorf("%s: the form is shown: %v, want %v", tc.name, got, want)
 		}
-		if tc.name == "failed_over" || tc.name == "failed_over_vsphere" {
+		if tc.name == "failed_over" || tc.name == "failed_over_vsphere" || tc.name == "failed_over_azure" {
 			checkGolden(t, "page_failback_alternate_"+tc.name, body)
 		}
 	}
