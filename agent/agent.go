@@ -165,6 +165,9 @@ type Agent struct {
 	// spooled changes' ranges for a resync and holds the spool until its
 	// Welcome (divergeSpooled); used by the ship loop's goroutine only.
 	divergeFirst, helloHold bool
+	// runFirst is the first sequence number this run logs (the spool's
+	// next at open, before the repair re-logs anything).
+	runFirst uint64
 
 	// Open from New to Close.
 	state *stateStore

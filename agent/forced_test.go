@@ -16,6 +16,12 @@ func TestForcedShutdownKeepsWritesBeforeWelcome(t *testing.T) {
 	const size = 64 << 20
 	a := mustAgent(t, agentSetup{sizes: []int64{size, size}})
 	a.recovering, a.divergeFirst = true, true
+	// A change of the run before the crash that the spool kept: the
+	// server holds it under the same number, it is not resynced.
+	if err := a.disks[0].WriteAt(bytes.Repeat([]byte{6}, 4096), 48<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	a.runFirst = a.spool.Next()
 	// Writes since the start, before any connection: extents 1 and 9 of
 	// disk 0, extent 3 of disk 1 (a write across two extents).
 	writes := []struct {
@@ -35,6 +41,9 @@ func TestForcedShutdownKeepsWritesBeforeWelcome(t *testing.T) {
 		1: {{Off: 12 << 20, Len: 4 << 20}, {Off: 16 << 20, Len: 4 << 20}},
 	}
 	for _, di := range hello.Disks {
+		if di.Index == 0 && rangesCover(di.DivergedRanges, []replication.Range{{Off: 48 << 20, Len: 4096}}) {
+			t.Fatalf("disk 0 in the Hello: ranges %v name the change the spool kept from before the crash", di.DivergedRanges)
+		}
 		if di.Diverged == "" || !rangesCover(di.DivergedRanges, want[di.Index]) {
 			t.Fatalf("disk %d in the Hello: diverged %q ranges %v, want %v named for a resync", di.Index, di.Diverged, di.DivergedRanges, want[di.Index])
 		}

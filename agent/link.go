@@ -94,14 +94,16 @@ func (a *Agent) welcome(hello replication.Hello, w replication.Welcome) error {
 	return nil
 }
 
-// divergeSpooled marks, durably, the 4 MiB extents of every change the
-// spool holds for a resync: after a forced shutdown the server may hold
+// divergeSpooled marks, durably, the 4 MiB extents of every change this
+// run logged (the repair's re-logged ones among them) for a resync: after a forced shutdown the server may hold
 // other records under their numbers (the spool lost its tail with the
 // page cache), and the guest's writes logged since this start, before the
 // server's Welcome, would be dropped with them by the Rebase. The caller
 // holds the spool (no append until the Welcome).
 func (a *Agent) divergeSpooled() error {
-	first, next := a.spool.First(), a.spool.Next()
+	// The records of the run before the crash that the spool kept are
+	// the server's too, under the same numbers: only this run's count.
+	first, next := max(a.spool.First(), a.runFirst), a.spool.Next()
 	if first >= next {
 		return nil
 	}

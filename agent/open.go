@@ -99,6 +99,7 @@ func (a *Agent) open(st *state) error {
 		return fmt.Errorf("open spool: %w", err)
 	}
 	a.spool = sp
+	a.runFirst = sp.Next()
 	if rec.Truncated > 0 {
 		a.log.Warn("spool had a torn record at its end (the agent stopped mid-write); cut it off", "bytes", rec.Truncated)
 	}
