@@ -539,18 +539,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 			}
 			wire := int64(len(f.Payload) + replication.FrameHeaderSize)
 			if prep != nil {
-				// The frames before it must be in the cache first: the
-				// cache decides whether it holds anything unapplied. The
-				// records alias dbuf and fb: applied before the next
-				// frame is read, and fb given back.
-				if err := w.barrier(); err != nil {
-					w.release(fb)
-					return err
-				}
+				// The records alias dbuf and buf: applied before the next
+				// frame is read.
 				applied, err := m.applyDirect(cc, &f, prep)
-				if err != nil || applied {
-					w.release(fb)
-				}
 				if err != nil {
 					return err
 				}
