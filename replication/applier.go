@@ -27,9 +27,6 @@ type Applier struct {
 	m     MachineCatalog
 	disks map[uint32]ReplicaDisk
 	sums  map[uint32]*Sums // each replica disk's block checksums (sums.go)
-	// written is the last seq ApplyDirect wrote to the replica and Commit
-	// has not yet flushed and recorded (0, or <= AppliedSeq: none).
-	written uint64
 
 	// OnPoint is called after a point is durable on the target. reqID is the
 	// operator request that asked for it (0 for a scheduled point).
@@ -230,10 +227,7 @@ type PreparedSegment struct {
 	// tag record (one that may make a recovery point).
 	LastTime time.Time
 	Tags     bool
-	// Resync says it holds a resync record (the start or end of a
-	// resync), which the direct path leaves to the cache.
-	Resync bool
-	recs   []preparedRecord
+	recs     []preparedRecord
 }
 
 type preparedRecord struct {
@@ -295,60 +289,41 @@ func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 					failed.Store(true)
 					return
 				}
-				out[i].recs = prepareRecords(recs)
+				prs := make([]preparedRecord, len(recs))
+				for j := range recs {
+					prs[j].r = recs[j]
+					if k := recs[j].Kind; k == KindWrite || k == KindBase {
+						prs[j].be = EntriesOf(int64(recs[j].Offset), recs[j].Data)
+					}
+				}
+				out[i].recs = prs
 			}
 		}()
 	}
 	wg.Wait()
-	parts := make([][]preparedRecord, len(out))
-	for i, d := range out {
+	// Sized by the records decoded, never by a count the segment claims.
+	n := 0
+	for _, d := range out {
 		if d.err != nil {
 			return nil, fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, d.err)
 		}
-		parts[i] = d.recs
+		n += len(d.recs)
 	}
-	return prepared(scan.First, scan.Last, parts), nil
-}
-
-// prepareRecords pairs decoded records with their writes' block checksums.
-func prepareRecords(recs []Record) []preparedRecord {
-	prs := make([]preparedRecord, len(recs))
-	for j := range recs {
-		prs[j].r = recs[j]
-		if k := recs[j].Kind; k == KindWrite || k == KindBase {
-			prs[j].be = EntriesOf(int64(recs[j].Offset), recs[j].Data)
-		}
-	}
-	return prs
-}
-
-// prepared joins the prepared records of a segment's frames (at least
-// one record in all).
-func prepared(first, last uint64, parts [][]preparedRecord) *PreparedSegment {
-	// Sized by the records decoded, never by a count the segment claims.
-	n := 0
-	for _, recs := range parts {
-		n += len(recs)
-	}
-	p := &PreparedSegment{First: first, Last: last, recs: make([]preparedRecord, 0, n)}
-	for _, recs := range parts {
-		for _, pr := range recs {
+	p := &PreparedSegment{First: scan.First, Last: scan.Last, recs: make([]preparedRecord, 0, n)}
+	for _, d := range out {
+		for _, pr := range d.recs {
 			p.Tags = p.Tags || pr.r.Kind == KindTag
-			p.Resync = p.Resync || pr.r.Kind == KindResync
 		}
-		p.recs = append(p.recs, recs...)
+		p.recs = append(p.recs, d.recs...)
 	}
 	p.LastTime = time.Unix(0, p.recs[len(p.recs)-1].r.Time).UTC()
-	return p
+	return p, nil
 }
 
 // ApplyPrepared applies a prepared segment (see Apply): every record is
 // checked against the machine's disks before the first write, then the
 // records are applied in log order.
 func (a *Applier) ApplyPrepared(ctx context.Context, p *PreparedSegment) error {
-	if a.written > a.m.AppliedSeq {
-		return fmt.Errorf("segment %d-%d: records up to %d were applied directly and not committed", p.First, p.Last, a.written)
-	}
 	if p.Last <= a.m.AppliedSeq {
 		return nil
 	}
@@ -375,49 +350,6 @@ func (a *Applier) ApplyPrepared(ctx context.Context, p *PreparedSegment) error {
 		return nil
 	}
 	return a.checkpoint(ctx, p.Last)
-}
-
-// ApplyDirect writes the records of p (PrepareFrame) to the replica, in
-// log order, right after the last record applied or written directly, but
-// neither flushes the replica nor records them as applied: Commit does,
-// for every frame written since the last one (group commit). Until then a
-// crash loses them from the replica, so they must not be acknowledged: the
-// agent sends them again from AppliedSeq+1 (re-applying is idempotent).
-// Every record is checked before the first write; a segment (ApplyPrepared)
-// is refused until the records written here are committed.
-func (a *Applier) ApplyDirect(ctx context.Context, p *PreparedSegment) error {
-	next := max(a.m.AppliedSeq, a.written) + 1
-	if p.First != next {
-		return fmt.Errorf("direct records %d-%d, expected seq %d", p.First, p.Last, next)
-	}
-	if p.Tags {
-		return fmt.Errorf("direct records %d-%d hold a tag: a point is made from the cache only", p.First, p.Last)
-	}
-	for i := range p.recs {
-		if err := a.check(&p.recs[i].r); err != nil {
-			return fmt.Errorf("direct records %d-%d: %w", p.First, p.Last, err)
-		}
-	}
-	for i := range p.recs {
-		if err := a.apply(ctx, &p.recs[i].r, p.recs[i].be); err != nil {
-			return err
-		}
-	}
-	a.written = p.Last
-	return nil
-}
-
-// Commit flushes the replica and its checksums and records every record
-// ApplyDirect wrote as applied (the catalog's applied seq, on the target
-// with the replica: the watermark a restart resumes after). It returns the
-// applied seq.
-func (a *Applier) Commit(ctx context.Context) (uint64, error) {
-	if a.written > a.m.AppliedSeq {
-		if err := a.checkpoint(ctx, a.written); err != nil {
-			return a.m.AppliedSeq, err
-		}
-	}
-	return a.m.AppliedSeq, nil
 }
 
 // check validates a record against the machine's disks.

@@ -11,64 +11,41 @@ import "fmt"
 // writes a frame to its cache, so nothing malformed or damaged is ever
 // acknowledged: the agent still holds it and sends it again.
 func (c *Codec) CheckData(f *Frame, buf []byte, disk func(index uint32) (size int64, ok bool)) ([]byte, error) {
-	_, buf, err := c.checkData(f, buf, disk)
-	return buf, err
-}
-
-// PrepareFrame checks a DATA frame as CheckData does and decodes it for
-// Applier.ApplyDirect, its writes' block checksums computed: the process
-// server's direct path (a frame applied to the replica without passing
-// through its cache) decompresses each frame once. The records alias buf
-// (returned), which must not be reused until they are applied.
-func (c *Codec) PrepareFrame(f *Frame, buf []byte, disk func(index uint32) (size int64, ok bool)) (*PreparedSegment, []byte, error) {
-	raw, buf, err := c.checkData(f, buf, disk)
-	if err != nil {
-		return nil, buf, err
-	}
-	recs, err := DecodeRecords(raw, f.Seq, f.Count)
-	if err != nil {
-		return nil, buf, err
-	}
-	return prepared(f.Seq, f.Seq+uint64(f.Count)-1, [][]preparedRecord{prepareRecords(recs)}), buf, nil
-}
-
-// checkData is CheckData, returning the decompressed records too.
-func (c *Codec) checkData(f *Frame, buf []byte, disk func(index uint32) (size int64, ok bool)) ([]byte, []byte, error) {
 	if f.Type == FrameData && f.Count == 0 {
-		return nil, buf, fmt.Errorf("data frame at seq %d holds no records: %w", f.Seq, ErrCorrupt)
+		return buf, fmt.Errorf("data frame at seq %d holds no records: %w", f.Seq, ErrCorrupt)
 	}
 	raw, buf, err := c.payload(f, buf)
 	if err != nil {
-		return nil, buf, err
+		return buf, err
 	}
 	// A count the bytes cannot hold is refused before anything is read.
 	if uint64(f.Count) > uint64(len(raw)/RecordHeaderSize) {
-		return nil, buf, fmt.Errorf("frame at seq %d claims %d records in %d bytes: %w", f.Seq, f.Count, len(raw), ErrCorrupt)
+		return buf, fmt.Errorf("frame at seq %d claims %d records in %d bytes: %w", f.Seq, f.Count, len(raw), ErrCorrupt)
 	}
 	n := uint32(0)
 	for b := raw; len(b) > 0; n++ {
 		r, used, err := DecodeRecord(b)
 		if err != nil {
-			return nil, buf, err
+			return buf, err
 		}
 		if want := f.Seq + uint64(n); r.Seq != want {
-			return nil, buf, fmt.Errorf("record seq %d, want %d: %w", r.Seq, want, ErrCorrupt)
+			return buf, fmt.Errorf("record seq %d, want %d: %w", r.Seq, want, ErrCorrupt)
 		}
 		if disk != nil && r.Kind != KindTag {
 			size, ok := disk(r.Disk)
 			switch {
 			case !ok:
-				return nil, buf, fmt.Errorf("record %d names unknown disk %d: %w", r.Seq, r.Disk, ErrCorrupt)
+				return buf, fmt.Errorf("record %d names unknown disk %d: %w", r.Seq, r.Disk, ErrCorrupt)
 			case r.Kind == KindProgress && r.Offset > uint64(size):
-				return nil, buf, fmt.Errorf("record %d: progress %d past disk end %d: %w", r.Seq, r.Offset, size, ErrCorrupt)
+				return buf, fmt.Errorf("record %d: progress %d past disk end %d: %w", r.Seq, r.Offset, size, ErrCorrupt)
 			case r.Kind != KindProgress && r.Kind != KindResync && r.End() > uint64(size):
-				return nil, buf, fmt.Errorf("record %d: %s at %d+%d past disk end %d: %w", r.Seq, r.Kind, r.Offset, r.Length, size, ErrCorrupt)
+				return buf, fmt.Errorf("record %d: %s at %d+%d past disk end %d: %w", r.Seq, r.Kind, r.Offset, r.Length, size, ErrCorrupt)
 			}
 		}
 		b = b[used:]
 	}
 	if n != f.Count {
-		return nil, buf, fmt.Errorf("frame at seq %d holds %d records, header says %d: %w", f.Seq, n, f.Count, ErrCorrupt)
+		return buf, fmt.Errorf("frame at seq %d holds %d records, header says %d: %w", f.Seq, n, f.Count, ErrCorrupt)
 	}
-	return raw, buf, nil
+	return buf, nil
 }

@@ -39,7 +39,7 @@ var (
 	churnSeconds = flag.Int("churn-seconds", 60, "churn: duration of each step")
 	churnDepth   = flag.Int("churn-iodepth", 4, "churn: fio iodepth")
 	guestCases   = flag.String("guest-cases", "randwrite:4k,write:1M", "guest-write: fio RW:BS cases, comma-separated")
-	asrBase      = flag.String("asr-base", "", "initial-peers, guest-write, churn: a second asr binary (e.g. main's) run as one more contender, alternating with -asr, to compare the two side by side")
+	asrBase      = flag.String("asr-base", "", "guest-write, churn: a second asr binary (e.g. main's) run as one more contender, alternating with -asr, to compare the two side by side")
 	agentArgs    = flag.String("agent-args", "", "guest-write, churn: extra flags of the -asr agent, space-separated (e.g. --compress)")
 	baseArgs     = flag.String("base-agent-args", "", "guest-write, churn: extra flags of the -asr-base agent, space-separated")
 )
@@ -300,7 +300,6 @@ func benchInitialPeers(dir string) error {
 	type contender struct {
 		name, cmd string
 		goal      float64
-		compare   bool // a ratio against asr's time (peers, -asr-base)
 		run       func() (time.Duration, error)
 		secs      []float64
 	}
@@ -314,30 +313,12 @@ func benchInitialPeers(dir string) error {
 	var asrExtra []string
 	cs := []*contender{
 		{name: "asr initial replication", cmd: "asr server + asr agent, until protected, + fsync of the replica", run: func() (time.Duration, error) {
-			d, extra, err := asrInitialRound(*asrBin, dir, disk)
+			d, extra, err := asrInitialRound(dir, disk)
 			asrExtra = append(asrExtra, extra)
 			return d, err
 		}},
-		{name: "zstd -1 -T0 | ssh | zstd -d | dd", cmd: zstdScript, goal: 1.0, compare: true, run: peer(zstdScript)},
-		{name: "rsync -S --whole-file over ssh", cmd: rsyncScript, goal: 1.3, compare: true, run: peer(rsyncScript)},
-	}
-	if *asrBase != "" {
-		// The base build as one more contender, side by side.
-		base, err := filepath.Abs(*asrBase)
-		if err != nil {
-			return err
-		}
-		var baseExtra []string
-		defer func() {
-			for i, e := range baseExtra {
-				fmt.Printf("asr base round %d: %s\n", i+1, e)
-			}
-		}()
-		cs = append(cs, &contender{name: "asr base (-asr-base)", cmd: "the same, with " + base, compare: true, run: func() (time.Duration, error) {
-			d, extra, err := asrInitialRound(base, dir, disk)
-			baseExtra = append(baseExtra, extra)
-			return d, err
-		}})
+		{name: "zstd -1 -T0 | ssh | zstd -d | dd", cmd: zstdScript, goal: 1.0, run: peer(zstdScript)},
+		{name: "rsync -S --whole-file over ssh", cmd: rsyncScript, goal: 1.3, run: peer(rsyncScript)},
 	}
 	fmt.Printf("initial replication of a %s mixed disk (1/3 zero, 1/3 text-like, 1/3 random; source in the page cache), %d rounds, contenders alternating\n", *sizeArg, *rounds)
 	for r := 0; r < *rounds; r++ {
@@ -361,15 +342,13 @@ func benchInitialPeers(dir string) error {
 	fmt.Printf("\n%-34s %-24s %8s %14s %-20s %8s\n", "contender", "seconds per round", "median", "ratio asr/peer", "ratio per round", "goal")
 	for _, c := range cs {
 		ratio, perRound, goal := "", "", ""
-		if c.compare {
+		if c.goal > 0 {
 			ratio = fmt.Sprintf("%.2fx", median(c.secs)/asrMed)
 			var rs []float64
 			for r := range c.secs {
 				rs = append(rs, c.secs[r]/cs[0].secs[r])
 			}
 			perRound = joinFloats(rs, "%.2f")
-		}
-		if c.goal > 0 {
 			goal = fmt.Sprintf(">= %.1fx", c.goal)
 		}
 		fmt.Printf("%-34s %-24s %8.2f %14s %-20s %8s\n", c.name, joinFloats(c.secs, "%.2f"), median(c.secs), ratio, perRound, goal)
@@ -387,7 +366,7 @@ func benchInitialPeers(dir string) error {
 // asrInitialRound replicates disk with a fresh server and agent in a fresh
 // directory: the time from starting them to the disk protected, plus an
 // fsync of every file of the target (the replica).
-func asrInitialRound(bin, dir, disk string) (time.Duration, string, error) {
+func asrInitialRound(dir, disk string) (time.Duration, string, error) {
 	rd, err := os.MkdirTemp(dir, "asr")
 	if err != nil {
 		return 0, "", err
@@ -396,7 +375,7 @@ func asrInitialRound(bin, dir, disk string) (time.Duration, string, error) {
 	exec.Command("sync").Run()
 	written0 := diskWritten()
 	start := time.Now()
-	c, err := startServerBin(bin, rd, noNBDListen...)
+	c, err := startServer(rd, noNBDListen...)
 	if err != nil {
 		return 0, "", err
 	}

@@ -97,42 +97,6 @@ func (r *replica) with(fn func(a *replication.Applier) error) error {
 	return fn(r.a)
 }
 
-// applyDirect writes a frame's records (PrepareFrame) to the replica
-// without caching them (cache.applyDirect says when): they are not flushed
-// or recorded as applied until commit. raw and wire are the frame's record
-// bytes and its bytes as they came (figures).
-func (r *replica) applyDirect(ctx context.Context, p *replication.PreparedSegment, raw, wire int64) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.closed {
-		return errors.New("applier closed")
-	}
-	if err := r.a.ApplyDirect(ctx, p); err != nil {
-		return err
-	}
-	r.onUploaded(raw)
-	r.applied.Add(wire)
-	return nil
-}
-
-// commit flushes what applyDirect wrote and records it as applied (the
-// cache's sync loop, before it acknowledges it), and tells waiters.
-func (r *replica) commit(ctx context.Context) (uint64, error) {
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
-		return 0, errors.New("applier closed")
-	}
-	before := r.a.AppliedSeq()
-	seq, err := r.a.Commit(ctx)
-	r.mu.Unlock()
-	if seq > before {
-		r.setErr("")
-		r.advanced()
-	}
-	return seq, err
-}
-
 func (r *replica) appliedSeq() uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()

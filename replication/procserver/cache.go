@@ -37,14 +37,6 @@ import (
 
 const openName = "open.seg"
 
-// directCommitBytes is how many record bytes applied directly wake the
-// sync loop for a commit; below it the loop's tick (SealAfter / 4) commits
-// them. A commit flushes the replica and its sums and writes the catalog:
-// done per frame (and so per 4 MiB) it made the copy several times slower
-// than through the cache on a busy disk. The agent's 64 MiB window keeps
-// sending meanwhile.
-const directCommitBytes = 32 << 20
-
 // cacheFile is the open cache file (an *os.File; tests inject failures).
 type cacheFile interface {
 	io.Writer
@@ -79,12 +71,6 @@ type cacheConfig struct {
 	onDurable func(seq uint64)
 	onFail    func(err error)
 	onSealed  func()
-	// commit makes the frames applied directly to the replica
-	// (applyDirect) durable there and returns the applied seq (the
-	// replica's watermark); the sync loop calls it before it reports a
-	// durable seq past them, under no lock of the cache's, and takeOver
-	// and sealAll under the cache's lock.
-	commit func() (uint64, error)
 }
 
 type sealedSeg struct {
@@ -113,10 +99,8 @@ type cache struct {
 	openRaw   int64     // raw record bytes in the open file
 	openSince time.Time
 	openTag   bool   // the open file holds a tag: seal soon
-	appended  uint64 // last seq written to the cache, or applied directly
-	durable   uint64 // last seq fsync'd or committed (acknowledged)
-	direct    uint64 // last seq applied directly to the replica (applyDirect)
-	directRaw int64  // record bytes applied directly since the sync loop was last woken for them
+	appended  uint64 // last seq written to the cache
+	durable   uint64 // last seq fsync'd (acknowledged)
 	sealed    []sealedSeg
 	writer    uint64 // the epoch that may append (takeOver, fence)
 	broken    error  // set when the cache could not be made durable
@@ -141,9 +125,6 @@ func openCache(parent context.Context, cfg cacheConfig, applied uint64) (*cache,
 	}
 	if cfg.onFail == nil {
 		cfg.onFail = func(error) {}
-	}
-	if cfg.commit == nil {
-		cfg.commit = func() (uint64, error) { return 0, errors.New("no direct path") }
 	}
 	c := &cache{cfg: cfg, log: cfg.log, wake: make(chan struct{}, 1), durable: applied}
 	if err := os.MkdirAll(cfg.dir, 0o700); err != nil {
@@ -272,9 +253,6 @@ func (c *cache) takeOver() (epoch, durable uint64, err error) {
 	}
 	c.writer++
 	if c.appended > c.durable {
-		if err := c.commitLocked(); err != nil {
-			return 0, 0, err
-		}
 		if err := c.open.Sync(); err != nil {
 			c.breakLocked(err)
 			return 0, 0, c.broken
@@ -282,57 +260,6 @@ func (c *cache) takeOver() (epoch, durable uint64, err error) {
 		c.durable = c.appended
 	}
 	return c.writer, c.durable, nil
-}
-
-// commitLocked makes the frames applied directly durable on the replica
-// (cfg.commit), if some are not yet; a failure stops the cache for good,
-// as a failed fsync does. Caller holds mu.
-func (c *cache) commitLocked() error {
-	if c.direct <= c.durable {
-		return nil
-	}
-	if _, err := c.cfg.commit(); err != nil {
-		c.breakLocked(fmt.Errorf("commit the frames applied to the replica: %v", err))
-		return c.broken
-	}
-	c.durable = max(c.durable, c.direct)
-	return nil
-}
-
-// applyDirect applies a DATA frame of the writer with this epoch straight
-// to the replica (apply), in place of caching it, if the cache holds
-// nothing not yet applied: then every record before the frame is on the
-// replica, so applying it now keeps the log's order, and the frame needs
-// neither the cache's write, its fsync, nor a second decompression. It is
-// acknowledged once the sync loop has committed it (cfg.commit: the
-// replica flushed, the applied seq recorded on the target), never before.
-// It reports false (and does nothing) when the cache holds frames not yet
-// applied: the caller appends the frame instead. now wakes the sync loop
-// for a commit at once; otherwise it commits at directCommitBytes or on
-// its tick.
-func (c *cache) applyDirect(epoch uint64, f *replication.Frame, now bool, apply func() error) (bool, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := c.writableLocked(epoch); err != nil {
-		return false, err
-	}
-	if f.Seq != c.appended+1 || f.Count == 0 {
-		return false, &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, c.appended+1)}
-	}
-	if c.openRaw > 0 || len(c.sealed) > 0 {
-		return false, nil
-	}
-	if err := apply(); err != nil {
-		return false, fmt.Errorf("apply a frame to the replica: %w", err)
-	}
-	c.appended = f.Seq + uint64(f.Count) - 1
-	c.direct = c.appended
-	c.directRaw += int64(f.RawLen)
-	if now || c.directRaw >= directCommitBytes {
-		c.directRaw = 0
-		c.kick()
-	}
-	return true, nil
 }
 
 // fence ends a writer's epoch (its connection ended): it can append
@@ -357,9 +284,6 @@ func (c *cache) skipTo(epoch, last uint64) error {
 	}
 	if last <= c.appended {
 		return fmt.Errorf("skip to seq %d: the cache holds up to %d", last, c.appended)
-	}
-	if err := c.commitLocked(); err != nil {
-		return err
 	}
 	if c.openRaw > 0 {
 		if err := c.sealLocked(); err != nil {
@@ -411,17 +335,6 @@ func (c *cache) append(epoch uint64, f *replication.Frame) error {
 	}
 	if f.Seq != c.appended+1 || f.Count == 0 {
 		return &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, c.appended+1)}
-	}
-	if c.openRaw == 0 && c.openFirst != f.Seq {
-		// Frames were applied directly since the open file was started:
-		// its header must name the first seq it holds.
-		c.open.Close()
-		c.cfg.total.Add(-c.openBytes)
-		if err := c.newOpenFile(); err != nil {
-			c.open = nil
-			c.breakLocked(fmt.Errorf("start a new cache file after frames applied directly: %v", err))
-			return c.broken
-		}
 	}
 	b := replication.AppendFrame(make([]byte, 0, replication.FrameHeaderSize+len(f.Payload)), f)
 	if _, err := c.open.Write(b); err != nil {
@@ -501,21 +414,9 @@ func (c *cache) syncOnce() (durable uint64, ok bool, err error) {
 		c.mu.Unlock()
 		return 0, false, nil
 	}
-	target, f, was, direct, frames := c.appended, c.open, c.durable, c.direct, c.openRaw > 0
+	target, f, was := c.appended, c.open, c.durable
 	c.mu.Unlock()
-	if direct > was {
-		// The frames applied directly come before any in the open file.
-		if _, err := c.cfg.commit(); err != nil {
-			c.mu.Lock()
-			c.breakLocked(fmt.Errorf("commit the frames applied to the replica: %v", err))
-			c.mu.Unlock()
-			return 0, false, err
-		}
-		c.mu.Lock()
-		c.durable = max(c.durable, direct)
-		c.mu.Unlock()
-	}
-	if target > was && frames {
+	if target > was {
 		// Outside the lock: appends go on meanwhile (group commit).
 		if err := f.Sync(); err != nil {
 			c.mu.Lock()
@@ -528,7 +429,7 @@ func (c *cache) syncOnce() (durable uint64, ok bool, err error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.open == f && target > c.durable && (frames || target == direct) {
+	if c.open == f && target > c.durable {
 		c.durable = target
 	}
 	if c.openRaw > 0 && (c.openTag || c.openBytes >= c.cfg.segmentBytes || c.openRaw >= c.cfg.segmentBytes ||
@@ -543,11 +444,6 @@ func (c *cache) syncOnce() (durable uint64, ok bool, err error) {
 // sealLocked closes the open file with a SEAL frame, renames it to its
 // sequence range and starts a new one. Caller holds mu.
 func (c *cache) sealLocked() error {
-	// The frames applied directly before the file come before it: a
-	// sealed segment is for the apply loop, and its seal reports durable.
-	if err := c.commitLocked(); err != nil {
-		return err
-	}
 	first, last := c.openFirst, c.appended
 	count := uint32(last - first + 1)
 	seal := replication.SealFrame(last, count)
@@ -614,9 +510,6 @@ func (c *cache) sealAll() error {
 	}
 	if c.broken != nil {
 		return c.broken
-	}
-	if err := c.commitLocked(); err != nil {
-		return err
 	}
 	if c.openRaw == 0 {
 		return nil

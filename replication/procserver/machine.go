@@ -108,7 +108,6 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 		onDurable: m.sess.ack,
 		onFail:    func(error) { m.sess.kick() },
 		onSealed:  m.rep.kick,
-		commit:    func() (uint64, error) { return m.rep.commit(s.ctx) },
 	}, a.AppliedSeq())
 	if err != nil {
 		a.Close()
@@ -132,28 +131,6 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 // append writes a DATA frame of connection cc to the cache.
 func (m *machine) append(cc *agentConn, f *replication.Frame) error {
 	return m.cache.append(cc.epoch, f)
-}
-
-// direct reports whether a DATA frame may go straight to the replica
-// (applyDirect) rather than through the cache: before the machine's first
-// point (from then on every segment is kept on the target for recovery to
-// any point in time, so each frame must pass through the cache) and
-// unless it holds a tag (points are made by the apply loop).
-func (m *machine) direct(f *replication.Frame) bool {
-	return f.Flags&replication.FlagTag == 0 && !m.rep.pointMade.Load()
-}
-
-// applyDirect applies a prepared DATA frame of connection cc to the
-// replica without caching it, if the cache holds nothing not yet applied
-// and the frame starts or ends no resync (a compare waits for the
-// replica to reach a resync's start through the apply loop); false: the
-// caller appends it to the cache.
-func (m *machine) applyDirect(cc *agentConn, f *replication.Frame, p *replication.PreparedSegment) (bool, error) {
-	if p.Tags || p.Resync {
-		return false, nil
-	}
-	wire := int64(len(f.Payload) + replication.FrameHeaderSize)
-	return m.cache.applyDirect(cc.epoch, f, false, func() error { return m.rep.applyDirect(m.s.ctx, p, int64(f.RawLen), wire) })
 }
 
 // backlog is what the cache holds that is not applied yet (an open file

@@ -518,16 +518,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 			}
 			// Checked whole before it is written: nothing malformed or
 			// damaged is ever acknowledged (the agent keeps it and sends
-			// it again on the next connection). A frame that may go
-			// straight to the replica is decoded for it as it is checked.
+			// it again on the next connection).
 			var err error
-			var prep *replication.PreparedSegment
-			if m.direct(&f) {
-				prep, dbuf, err = codec.PrepareFrame(&f, dbuf, cc.disk)
-			} else {
-				dbuf, err = codec.CheckData(&f, dbuf, cc.disk)
-			}
-			if err != nil {
+			if dbuf, err = codec.CheckData(&f, dbuf, cc.disk); err != nil {
 				err = fmt.Errorf("refused a data frame at seq %d (nothing of it was kept or acknowledged): %w", f.Seq, err)
 				if s.cfg.OnRefused != nil {
 					s.cfg.OnRefused(m.id, err.Error())
@@ -538,22 +531,6 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 				dbuf = nil
 			}
 			wire := int64(len(f.Payload) + replication.FrameHeaderSize)
-			if prep != nil {
-				// The records alias dbuf and buf: applied before the next
-				// frame is read.
-				applied, err := m.applyDirect(cc, &f, prep)
-				if err != nil {
-					return err
-				}
-				if applied {
-					s.rawBytes.Add(int64(f.RawLen))
-					s.wireBytes.Add(wire)
-					if s.cfg.OnBytes != nil {
-						s.cfg.OnBytes(m.id, wire)
-					}
-					continue
-				}
-			}
 			// An agent sends plain frames unless told to compress (its
 			// CPU is the guest's): compressed here, before the cache, so
 			// the cache and the target hold compressed segments, unless
