@@ -599,6 +599,19 @@ func TestFailbackGroup(t *testing.T) {
 // writeSource writes n random 64 KiB blocks into a machine's original
 // disk through its agent (after an unplanned failover: on the original
 // only, never in the failed-over state).
+// actionLogScript writes a plan action's script that appends the line
+// what (shell words: the action's variables) to a log; it returns the
+// script and the log.
+func actionLogScript(t *testing.T, what string) (script, logf string) {
+	t.Helper()
+	dir := t.TempDir()
+	script, logf = filepath.Join(dir, "log.sh"), filepath.Join(dir, "actions.log")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \""+what+"\" >> "+logf+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return script, logf
+}
+
 // failbackWaiting starts plan app's failback and waits until its job
 // waits on a manual action (what names it).
 func (pr *planRig) failbackWaiting(what string) api.Job {
@@ -789,12 +802,7 @@ func TestFailbackPlanMixed(t *testing.T) {
 func TestFailbackPlanResumedAfterARestart(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	dir := t.TempDir()
-	logf := filepath.Join(dir, "actions.log")
-	script := filepath.Join(dir, "log.sh")
-	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$ASR_DIRECTION $ASR_PHASE $ASR_GROUP\" >> "+logf+"\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
+	script, logf := actionLogScript(t, "$ASR_DIRECTION $ASR_PHASE $ASR_GROUP")
 	pr := startPlanRigWith(t, true, []api.PlanGroup{
 		{Machines: []string{"db"}, Pre: []api.PlanAction{{Kind: "script", Path: script, On: api.ActionOnFailback}},
 			Post: []api.PlanAction{{Kind: "manual", Text: "check the database", On: api.ActionOnFailback}}},
@@ -1010,12 +1018,7 @@ func TestFailbackPlanGoesOnPastAFailure(t *testing.T) {
 func TestFailbackPlanManualCancelledPastTheSwitch(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	dir := t.TempDir()
-	logf := filepath.Join(dir, "actions.log")
-	logScript := filepath.Join(dir, "log.sh")
-	if err := os.WriteFile(logScript, []byte("#!/bin/sh\necho \"$ASR_PHASE $ASR_GROUP\" >> "+logf+"\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
+	logScript, logf := actionLogScript(t, "$ASR_PHASE $ASR_GROUP")
 	pr := startPlanRigWith(t, true, []api.PlanGroup{
 		{Machines: []string{"db"}, Post: []api.PlanAction{{Kind: "manual", Text: "check the database", On: api.ActionOnFailback}}},
 		{Machines: []string{"app1", "app2"}, Pre: []api.PlanAction{{Kind: "script", Path: logScript, On: api.ActionOnFailback}}},
