@@ -62,13 +62,18 @@ type Config struct {
 	// per second (0: unlimited), as DRBD's resync-rate keeps a resync from
 	// starving the guest's own I/O.
 	ResyncRate int64
-	// Compress makes the agent compress its DATA frames (zstd) before
-	// sending them, on the guest's CPU (`asr agent` does by default).
-	// Without it the frames go plain and the process server compresses
-	// them before its cache: less CPU on the guest, but at 100 MB/s of
-	// churn on the 2-core bench machine the RPO then missed its bound
-	// (BENCHMARKS.md, "Agent memory and compression off the guest").
+	// Compress makes the agent compress its DATA frames before sending
+	// them, on the guest's CPU (`asr agent` does by default), as
+	// Compression says. Without it the frames go plain and the process
+	// server compresses them before its cache: less CPU on the guest, but
+	// at 100 MB/s of churn on the 2-core bench machine the RPO then missed
+	// its bound (BENCHMARKS.md, "Agent memory and compression off the
+	// guest").
 	Compress bool
+	// Compression picks the codec when Compress is set: CompressAuto (the
+	// default, ""), CompressZstd or CompressS2. S2 goes only to a process
+	// server that decodes it (its Welcome says so); zstd otherwise.
+	Compression string
 	// MemoryLimit is the soft limit of the agent's Go memory that
 	// `asr agent` sets once the agent is open (debug.SetMemoryLimit; 0:
 	// none). New does not set it: it is process-wide.
@@ -100,6 +105,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--memory-limit %d: the minimum is 16MiB (0: none)", c.MemoryLimit)
 	case !replication.ValidMachineName(c.Name):
 		return fmt.Errorf("--name %q: want %s", c.Name, replication.MachineNameRule)
+	case c.Compression != "" && c.Compression != CompressAuto && c.Compression != CompressZstd && c.Compression != CompressS2:
+		return fmt.Errorf("--compression %q: want %s, %s or %s", c.Compression, CompressAuto, CompressZstd, CompressS2)
 	}
 	if c.BIOSUUID != "" {
 		if _, err := replication.ParseBIOSUUID(c.BIOSUUID); err != nil {
@@ -249,7 +256,7 @@ func (a *Agent) wire(from map[uint32]copyPos) error {
 		control = a.state.server()
 	}
 	dd := &dataDialer{dir: cfg.StateDir, control: control, st: a.state, log: log}
-	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, cfg.Compress, dd.dial, a, loadSendCounters(cfg.StateDir))
+	a.ship = newShipper(ctx, log, a.spool, a.tags, cfg.MaxRate, shipCodec(cfg), dd.dial, a, loadSendCounters(cfg.StateDir))
 	a.resyncer = newResyncer(ctx, log, a.spool, a.disks, a.state, a.tags, a.ship.current, cfg.ResyncRate)
 	a.stats = newStatsFile(ctx, cfg.StateDir, a.Stats)
 	var err error
@@ -369,6 +376,7 @@ func (a *Agent) Stats() Stats {
 	c := a.ship.counters
 	return Stats{
 		BytesSent: c.bytesSent.Load(), RawSent: c.rawSent.Load(), Frames: c.frames.Load(), Records: c.records.Load(),
+		FramesZstd: c.framesZstd.Load(), FramesS2: c.framesS2.Load(),
 		Acked: a.spool.Acked(), NextSeq: a.spool.Next(), SpoolBytes: a.spool.Pending(),
 		Writes: a.disks.writes(), Latency: a.lat.stats(), Holds: a.groups.holds.stats(), Connected: c.connected.Load(),
 		Disks: a.Progress(),

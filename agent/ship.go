@@ -90,9 +90,9 @@ type shipHandler interface {
 type shipper struct {
 	log      *slog.Logger
 	spool    *spool.Spool
-	tags     *tagMarks // records that ship like a tag (FlagTag)
-	maxRate  int64     // bytes per second on the wire (0: unlimited)
-	compress bool      // zstd on the agent (else the process server compresses)
+	tags     *tagMarks     // records that ship like a tag (FlagTag)
+	maxRate  int64         // bytes per second on the wire (0: unlimited)
+	codec    shipCodecMode // how the agent compresses (shipCodec)
 	dial     func(ctx context.Context) (net.Conn, error)
 	h        shipHandler
 	counters *sendCounters
@@ -101,10 +101,88 @@ type shipper struct {
 	rt  *routines                   // the ship loop (whose sessions end before it does)
 }
 
-func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64, compress bool,
+func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags *tagMarks, maxRate int64, codec shipCodecMode,
 	dial func(context.Context) (net.Conn, error), h shipHandler, counters *sendCounters) *shipper {
-	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, compress: compress, dial: dial, h: h, counters: counters,
+	return &shipper{log: log, spool: sp, tags: tags, maxRate: maxRate, codec: codec, dial: dial, h: h, counters: counters,
 		rt: newRoutines(parent)}
+}
+
+// Compression settings of Config.Compression.
+const (
+	// CompressAuto, the default: base data (the initial copy) in S2,
+	// which the process server decodes at once and, before the first
+	// point, never keeps, and every other frame in zstd with the adaptive
+	// skip (a frame that does not compress leaves the next ones untried).
+	CompressAuto = "auto"
+	CompressZstd = "zstd" // every frame zstd, tried each time
+	CompressS2   = "s2"   // every frame S2
+)
+
+// shipCodecMode is how a shipper compresses its DATA frames.
+type shipCodecMode uint8
+
+const (
+	shipPlain shipCodecMode = iota // plain: the process server compresses
+	shipAuto
+	shipZstd
+	shipS2
+)
+
+// shipCodec is the shipper's codec mode for cfg.
+func shipCodec(cfg Config) shipCodecMode {
+	switch {
+	case !cfg.Compress:
+		return shipPlain
+	case cfg.Compression == CompressZstd:
+		return shipZstd
+	case cfg.Compression == CompressS2:
+		return shipS2
+	}
+	return shipAuto
+}
+
+// frameCompressor compresses one session's DATA frames as its mode says.
+// Not safe for concurrent use.
+type frameCompressor struct {
+	mode     shipCodecMode
+	s2       bool // the server decodes S2
+	adaptive *replication.AdaptiveCompressor
+}
+
+// frame builds the DATA frame of the encoded records raw, compressed into
+// dst's storage if at all, and returns it with that storage for reuse.
+func (c *frameCompressor) frame(raw []byte, first uint64, count uint32, dst []byte) (replication.Frame, []byte) {
+	f := replication.PlainDataFrame(raw, first, count)
+	if c.mode == shipPlain {
+		return f, dst
+	}
+	if c.s2 && c.mode != shipZstd {
+		s2 := c.mode == shipS2
+		if !s2 {
+			base, all := replication.BaseShare(raw)
+			s2 = all > 0 && 2*base >= all
+		}
+		if s2 {
+			f = replication.S2DataFrame(raw, first, count, dst)
+			if f.Compressed() {
+				dst = f.Payload
+			}
+			return f, dst
+		}
+	}
+	if cap(dst) < len(raw) {
+		dst = make([]byte, 0, len(raw))
+	}
+	if c.mode == shipZstd {
+		f = replication.DefaultCodec().DataFrame(raw, first, count, dst)
+		return f, dst
+	}
+	if c.adaptive == nil {
+		// Made only when asked for: its encoder's window is memory the
+		// agent otherwise does not use.
+		c.adaptive = &replication.AdaptiveCompressor{Codec: replication.DefaultCodec()}
+	}
+	return f, c.adaptive.Compress(&f, dst)
 }
 
 // start begins shipping.
@@ -256,7 +334,7 @@ func (sh *shipper) session() error {
 	sh.counters.connected.Store(true)
 	sh.log.Info("connected to the process server", "addr", nc.RemoteAddr().String(), "resume_seq", w.DurableSeq+1)
 
-	s := &shipSession{sh: sh, nc: nc, bw: bw}
+	s := &shipSession{sh: sh, nc: nc, bw: bw, s2: w.Decodes(replication.CodecS2)}
 	s.cond = sync.NewCond(&s.mu)
 	sh.cur.Store(s)
 	defer sh.cur.CompareAndSwap(s, nil)
@@ -298,6 +376,7 @@ type shipSession struct {
 	nc  net.Conn
 	wmu sync.Mutex // guards bw
 	bw  *bufio.Writer
+	s2  bool // the server decodes S2 (its Welcome)
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -324,12 +403,7 @@ func (s *shipSession) write(f *replication.Frame) error {
 func (s *shipSession) send(ctx context.Context, rd interface {
 	Next(context.Context, []byte, int, time.Duration) ([]byte, uint64, uint32, error)
 }) error {
-	var codec *replication.Codec
-	if s.sh.compress {
-		// Made only when asked for: its encoder's window is memory
-		// the agent otherwise does not use.
-		codec = replication.DefaultCodec()
-	}
+	fr := frameCompressor{mode: s.sh.codec, s2: s.s2}
 	var buf, cbuf []byte
 	pacer := pace.New(s.sh.maxRate) // --max-rate, per session: a new one starts at once
 	for ctx.Err() == nil {
@@ -361,13 +435,8 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 			}
 			count += n
 		}
-		f := replication.PlainDataFrame(buf, first, count)
-		if codec != nil {
-			if cap(cbuf) < len(buf) {
-				cbuf = make([]byte, 0, len(buf))
-			}
-			f = codec.DataFrame(buf, first, count, cbuf)
-		}
+		var f replication.Frame
+		f, cbuf = fr.frame(buf, first, count, cbuf)
 		last := first + uint64(count) - 1
 		if s.sh.tags.has(first, last) {
 			f.Flags |= replication.FlagTag
@@ -386,6 +455,12 @@ func (s *shipSession) send(ctx context.Context, rd interface {
 		c.bytesSent.Add(int64(len(f.Payload) + replication.FrameHeaderSize))
 		c.rawSent.Add(int64(len(buf)))
 		c.frames.Add(1)
+		switch {
+		case f.Flags&replication.FlagZstd != 0:
+			c.framesZstd.Add(1)
+		case f.Flags&replication.FlagS2 != 0:
+			c.framesS2.Add(1)
+		}
 		c.records.Add(int64(count))
 		if cap(buf) > 2*frameRaw+replication.MaxRecordData {
 			buf = nil

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -152,11 +151,12 @@ func (s *fakeProcServer) sendJSON(typ replication.FrameType, v any) {
 // servers' ends, on the returned channel.
 func mustShipper(t *testing.T, sp *spool.Spool, h shipHandler) (*shipper, chan *fakeProcServer) {
 	t.Helper()
-	return mustShipperCompress(t, sp, h, false)
+	return mustShipperCodec(t, sp, h, shipPlain)
 }
 
-// mustShipperCompress is mustShipper with the agent's --compress.
-func mustShipperCompress(t *testing.T, sp *spool.Spool, h shipHandler, compress bool) (*shipper, chan *fakeProcServer) {
+// mustShipperCodec is mustShipper with the agent's --compress and
+// --compression.
+func mustShipperCodec(t *testing.T, sp *spool.Spool, h shipHandler, codec shipCodecMode) (*shipper, chan *fakeProcServer) {
 	t.Helper()
 	conns := make(chan *fakeProcServer, 8)
 	dial := func(ctx context.Context) (net.Conn, error) {
@@ -164,7 +164,7 @@ func mustShipperCompress(t *testing.T, sp *spool.Spool, h shipHandler, compress 
 		conns <- &fakeProcServer{t: t, nc: s, br: bufio.NewReader(s)}
 		return c, nil
 	}
-	sh := newShipper(context.Background(), slog.New(slog.DiscardHandler), sp, &tagMarks{}, 0, compress, dial, h, &sendCounters{})
+	sh := newShipper(context.Background(), slog.New(slog.DiscardHandler), sp, &tagMarks{}, 0, codec, dial, h, &sendCounters{})
 	t.Cleanup(sh.Close)
 	return sh, conns
 }
@@ -353,18 +353,37 @@ func TestShipperCloseInHandshake(t *testing.T) {
 	})
 }
 
-// TestShipperCompressOnlyWhenAsked: by default the agent sends its DATA
-// frames plain (the process server compresses them, off the guest's CPU);
-// with --compress it sends compressible records zstd-compressed. Either
-// way the records arrive whole.
-func TestShipperCompressOnlyWhenAsked(t *testing.T) {
-	for _, compress := range []bool{false, true} {
-		t.Run(fmt.Sprintf("compress=%v", compress), func(t *testing.T) {
+// TestShipperCompression: each --compress/--compression setting sends the
+// codec it names, S2 only to a server whose Welcome lists it (an older
+// server gets zstd), the default S2 only for frames of base data (the
+// initial copy) and zstd for the guest's changes. Either way the records
+// arrive whole.
+func TestShipperCompression(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		mode     shipCodecMode
+		base, s2 bool  // base records; the server decodes S2
+		want     uint8 // the compression flag of every frame
+	}{
+		{"plain", shipPlain, false, true, 0},
+		{"plain/base", shipPlain, true, true, 0},
+		{"auto/writes", shipAuto, false, true, replication.FlagZstd},
+		{"auto/base", shipAuto, true, true, replication.FlagS2},
+		{"auto/base/old-server", shipAuto, true, false, replication.FlagZstd},
+		{"zstd/base", shipZstd, true, true, replication.FlagZstd},
+		{"s2/writes", shipS2, false, true, replication.FlagS2},
+		{"s2/writes/old-server", shipS2, false, false, replication.FlagZstd},
+	} {
+		t.Run(c.name, func(t *testing.T) {
 			_, sp, _ := mustTestDisk(t, 1<<20)
-			sh, conns := mustShipperCompress(t, sp, newFakeShipHandler(), compress)
+			sh, conns := mustShipperCodec(t, sp, newFakeShipHandler(), c.mode)
 			data := bytes.Repeat([]byte("compressible "), 4096/13+1)[:4096]
+			kind := replication.KindWrite
+			if c.base {
+				kind = replication.KindBase
+			}
 			for i := range 4 {
-				rec := replication.Record{Kind: replication.KindWrite, Offset: uint64(i) * 4096, Length: 4096, Data: data}
+				rec := replication.Record{Kind: kind, Offset: uint64(i) * 4096, Length: 4096, Data: data}
 				seq, err := sp.Append(context.Background(), &rec)
 				if err != nil {
 					t.Fatal(err)
@@ -374,20 +393,24 @@ func TestShipperCompressOnlyWhenAsked(t *testing.T) {
 			sh.start()
 			srv := <-conns
 			srv.mustRead(replication.FrameHello)
-			srv.sendJSON(replication.FrameWelcome, replication.Welcome{DurableSeq: 0})
+			w := replication.Welcome{DurableSeq: 0}
+			if c.s2 {
+				w.Codecs = replication.ServerCodecs
+			}
+			srv.sendJSON(replication.FrameWelcome, w)
 			n := 0
 			for n < 4 {
 				f := srv.mustRead(replication.FrameData)
-				if zst := f.Flags&replication.FlagZstd != 0; zst != compress {
-					t.Fatalf("frame compressed %v, want %v", zst, compress)
+				if got := f.Flags & (replication.FlagZstd | replication.FlagS2); got != c.want {
+					t.Fatalf("frame flags %#x, want %#x", got, c.want)
 				}
 				rs, _, err := replication.DefaultCodec().Records(&f, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
 				for _, r := range rs {
-					if !bytes.Equal(r.Data, data) {
-						t.Fatalf("record %d: data differs", r.Seq)
+					if !bytes.Equal(r.Data, data) || r.Kind != kind {
+						t.Fatalf("record %d: data or kind differs", r.Seq)
 					}
 				}
 				n += len(rs)

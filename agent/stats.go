@@ -18,6 +18,8 @@ type Stats struct {
 	BytesSent  int64        `json:"bytes_sent"` // frame bytes sent to the process server, all connections, all runs
 	RawSent    int64        `json:"raw_sent"`   // record bytes before compression
 	Frames     int64        `json:"frames"`
+	FramesZstd int64        `json:"frames_zstd"` // of Frames, those sent zstd-compressed
+	FramesS2   int64        `json:"frames_s2"`   // and those sent S2-compressed
 	Records    int64        `json:"records"`
 	Acked      uint64       `json:"acked"`
 	NextSeq    uint64       `json:"next_seq"`
@@ -36,6 +38,7 @@ const statsFileName = "stats.json"
 // the last run's stats file.
 type sendCounters struct {
 	bytesSent, rawSent, frames, records atomic.Int64
+	framesZstd, framesS2                atomic.Int64
 	connected                           atomic.Bool
 }
 
@@ -48,6 +51,8 @@ func loadSendCounters(dir string) *sendCounters {
 		c.bytesSent.Store(prev.BytesSent)
 		c.rawSent.Store(prev.RawSent)
 		c.frames.Store(prev.Frames)
+		c.framesZstd.Store(prev.FramesZstd)
+		c.framesS2.Store(prev.FramesS2)
 		c.records.Store(prev.Records)
 	}
 	return c

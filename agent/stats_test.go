@@ -17,10 +17,10 @@ func TestSendCountersCarryOn(t *testing.T) {
 	if c := loadSendCounters(dir); c.bytesSent.Load() != 0 {
 		t.Fatal("counters without a stats file")
 	}
-	b, _ := json.Marshal(Stats{BytesSent: 10, RawSent: 20, Frames: 3, Records: 40, Writes: 99, Connected: true})
+	b, _ := json.Marshal(Stats{BytesSent: 10, RawSent: 20, Frames: 3, FramesZstd: 2, FramesS2: 1, Records: 40, Writes: 99, Connected: true})
 	os.WriteFile(filepath.Join(dir, statsFileName), b, 0o644)
 	c := loadSendCounters(dir)
-	if c.bytesSent.Load() != 10 || c.rawSent.Load() != 20 || c.frames.Load() != 3 || c.records.Load() != 40 || c.connected.Load() {
+	if c.bytesSent.Load() != 10 || c.rawSent.Load() != 20 || c.frames.Load() != 3 || c.framesZstd.Load() != 2 || c.framesS2.Load() != 1 || c.records.Load() != 40 || c.connected.Load() {
 		t.Fatalf("counters %d %d %d %d %v", c.bytesSent.Load(), c.rawSent.Load(), c.frames.Load(), c.records.Load(), c.connected.Load())
 	}
 }

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -279,42 +280,64 @@ func TestE2EKillDuringDelta(t *testing.T) {
 // TestE2ECompressionWhereTold: an agent run with --compress=false sends its
 // changes plain (its frames on the wire as large as its records) and the
 // process server compresses them before its cache; an agent by default
-// sends them compressed. Both machines' points are recovered bit-exact.
+// sends its initial copy in S2 (the server's Welcome lists it) and its
+// changes in zstd; with --compression s2 its changes go in S2 too. Every
+// machine's point is recovered bit-exact.
 func TestE2ECompressionWhereTold(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t)
 	type run struct {
-		name     string
-		extra    []string
-		compress bool
+		name    string
+		extra   []string
+		changes string // the codec of the changes' frames: "", "zstd" or "s2"
 	}
-	for _, r := range []run{{"plain", []string{"--compress=false"}, false}, {"zstd", nil, true}} {
-		disk := filepath.Join(c.dir, r.name+".img") // all zeros: the copy sends nothing
-		if f, err := os.Create(disk); err != nil || f.Truncate(32<<20) != nil || f.Close() != nil {
+	type stats struct {
+		RawSent    int64 `json:"raw_sent"`
+		BytesSent  int64 `json:"bytes_sent"`
+		Frames     int64 `json:"frames"`
+		FramesZstd int64 `json:"frames_zstd"`
+		FramesS2   int64 `json:"frames_s2"`
+	}
+	for _, r := range []run{{"plain", []string{"--compress=false"}, ""}, {"auto", nil, "zstd"}, {"s2", []string{"--compression", "s2"}, "s2"}} {
+		// 8 MiB of text-like data for the initial copy, the rest zeros.
+		disk := filepath.Join(c.dir, r.name+".img")
+		text := bytes.Repeat([]byte("the replica of disk block 42 journal recovery point\n"), 8<<20/52+1)[:8<<20]
+		if err := os.WriteFile(disk, text, 0o644); err != nil || os.Truncate(disk, 32<<20) != nil {
 			t.Fatal("make the disk:", err)
 		}
 		a := c.startAgent(r.name, r.extra, "d0="+disk)
 		c.waitState(r.name, "protected", 3*time.Minute)
+		read := func(min int64) stats {
+			var st stats
+			deadline := time.Now().Add(hungAfter) // rewritten every second
+			for st.RawSent < min {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: the agent's stats say %+v", r.name, st)
+				}
+				if b, err := os.ReadFile(filepath.Join(a.state, "stats.json")); err == nil {
+					json.Unmarshal(b, &st)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			return st
+		}
+		copied := read(8 << 20)
+		wantS2 := r.name != "plain" // the copy, by default and with s2
+		if got := copied.FramesS2 > 0 && copied.FramesZstd == 0; got != wantS2 || (!wantS2 && copied.FramesS2+copied.FramesZstd != 0) {
+			t.Fatalf("%s: the initial copy sent %+v: want S2 frames only %v", r.name, copied, wantS2)
+		}
 		// Highly compressible changes: 8 MiB of one byte.
 		nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d0"), "-c", "write -P 0x33 4M 8M", "-c", "flush")
 		id := c.tag(r.name)
 		c.recoverAndCheck(r.name, id, map[string]string{"d0": sha256File(t, disk)})
-		var st struct {
-			RawSent   int64 `json:"raw_sent"`
-			BytesSent int64 `json:"bytes_sent"`
+		st := read(copied.RawSent + 8<<20)
+		sent, raw := st.BytesSent-copied.BytesSent, st.RawSent-copied.RawSent
+		if compressed := sent < raw/2; compressed != (r.changes != "") {
+			t.Fatalf("%s: %d frame bytes for %d record bytes of changes sent: compressed on the agent %v, want %v", r.name, sent, raw, compressed, r.changes != "")
 		}
-		deadline := time.Now().Add(hungAfter) // rewritten every second
-		for st.RawSent < 8<<20 {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: the agent's stats say %+v", r.name, st)
-			}
-			if b, err := os.ReadFile(filepath.Join(a.state, "stats.json")); err == nil {
-				json.Unmarshal(b, &st)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		if compressed := st.BytesSent < st.RawSent/2; compressed != r.compress {
-			t.Fatalf("%s: %d frame bytes for %d record bytes sent: compressed on the agent %v, want %v", r.name, st.BytesSent, st.RawSent, compressed, r.compress)
+		zstd, s2 := st.FramesZstd-copied.FramesZstd, st.FramesS2-copied.FramesS2
+		if ok := map[string]bool{"": zstd+s2 == 0, "zstd": zstd > 0 && s2 == 0, "s2": s2 > 0 && zstd == 0}[r.changes]; !ok {
+			t.Fatalf("%s: the changes went as %d zstd and %d S2 frames: want %q", r.name, zstd, s2, r.changes)
 		}
 		// The server's ratio is of what it cached: compressed either way.
 		var ps struct {

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
 )
 
@@ -81,7 +82,24 @@ const (
 	// resync: the process server seals its segment at once so the point
 	// becomes recoverable, or the disk protected again, quickly.
 	FlagTag uint8 = 1 << 1
+	// FlagS2 marks a DATA payload compressed with S2 (the block format of
+	// github.com/klauspost/compress/s2): on the bench disk's text about 4x
+	// faster than zstd's fastest level to compress and 2x to decompress,
+	// for about a quarter more bytes, and 8x faster on incompressible data.
+	// An agent sends it only to a process server whose Welcome lists
+	// CodecS2; at most one of FlagZstd and FlagS2 is set.
+	FlagS2 uint8 = 1 << 2
 )
+
+// CodecS2 names S2 in Welcome.Codecs.
+const CodecS2 = "s2"
+
+// ServerCodecs are the payload codecs beyond zstd this build decodes: a
+// process server lists them in its Welcome.
+var ServerCodecs = []string{CodecS2}
+
+// Compressed reports whether f's payload is compressed (zstd or S2).
+func (f *Frame) Compressed() bool { return f.Flags&(FlagZstd|FlagS2) != 0 }
 
 var frameMagic = [4]byte{'A', 'S', 'R', 'F'}
 
@@ -127,7 +145,7 @@ func encodeFrameHeader(h []byte, f *Frame) {
 	h[7] = 0
 	binary.LittleEndian.PutUint32(h[8:], uint32(len(f.Payload)))
 	raw := f.RawLen
-	if f.Flags&FlagZstd == 0 {
+	if !f.Compressed() {
 		raw = uint32(len(f.Payload))
 	}
 	binary.LittleEndian.PutUint32(h[12:], raw)
@@ -183,8 +201,11 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown frame type %d", h[5])}
 	}
 	f.Flags = h[6]
-	if f.Flags&^(FlagZstd|FlagTag) != 0 || h[7] != 0 {
+	if f.Flags&^(FlagZstd|FlagTag|FlagS2) != 0 || h[7] != 0 {
 		return f, 0, &ProtocolError{fmt.Sprintf("unknown flags %#x", h[6])}
+	}
+	if f.Flags&FlagZstd != 0 && f.Flags&FlagS2 != 0 {
+		return f, 0, &ProtocolError{fmt.Sprintf("flags %#x: both zstd and s2", h[6])}
 	}
 	plen := binary.LittleEndian.Uint32(h[8:])
 	f.RawLen = binary.LittleEndian.Uint32(h[12:])
@@ -199,7 +220,7 @@ func ParseFrameHeader(h []byte) (Frame, int, error) {
 	if f.RawLen > MaxFrameRaw {
 		return f, 0, &ProtocolError{fmt.Sprintf("raw payload of %d bytes over the %d limit", f.RawLen, MaxFrameRaw)}
 	}
-	if f.Flags&FlagZstd == 0 && f.RawLen != plen {
+	if !f.Compressed() && f.RawLen != plen {
 		return f, 0, &ProtocolError{"uncompressed payload with raw length != length"}
 	}
 	return f, int(plen), nil
@@ -337,6 +358,22 @@ func (c *Codec) DataFrame(raw []byte, first uint64, count uint32, dst []byte) Fr
 	return Frame{Type: FrameData, Flags: FlagZstd, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: comp}
 }
 
+// S2DataFrame builds a DATA frame from encoded records, compressed with S2
+// into dst's storage when that makes it smaller. Only for a peer that
+// decodes S2 (Welcome.Codecs).
+func S2DataFrame(raw []byte, first uint64, count uint32, dst []byte) Frame {
+	if n := s2.MaxEncodedLen(len(raw)); n < 0 || len(raw) > MaxFrameRaw {
+		return PlainDataFrame(raw, first, count)
+	} else if cap(dst) < n {
+		dst = make([]byte, n)
+	}
+	comp := s2.Encode(dst[:cap(dst)], raw)
+	if len(comp) >= len(raw) {
+		return PlainDataFrame(raw, first, count)
+	}
+	return Frame{Type: FrameData, Flags: FlagS2, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: comp}
+}
+
 // PlainDataFrame builds an uncompressed DATA frame from encoded records.
 func PlainDataFrame(raw []byte, first uint64, count uint32) Frame {
 	return Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: raw}
@@ -348,7 +385,7 @@ func PlainDataFrame(raw []byte, first uint64, count uint32) Frame {
 // The records inside keep their own checksums, so what the agent logged is
 // still checked end to end after the process server compressed it.
 func (c *Codec) CompressData(f *Frame, dst []byte) []byte {
-	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
+	if f.Type != FrameData || f.Compressed() {
 		return dst
 	}
 	cf := c.DataFrame(f.Payload, f.Seq, f.Count, dst)
@@ -386,7 +423,23 @@ func (c *Codec) payload(f *Frame, buf []byte) ([]byte, []byte, error) {
 		return nil, buf, fmt.Errorf("frame at seq %d: raw length %d over the %d limit: %w", f.Seq, f.RawLen, MaxFrameRaw, ErrCorrupt)
 	}
 	raw := f.Payload
-	if f.Flags&FlagZstd != 0 {
+	if f.Flags&FlagS2 != 0 {
+		n := int(f.RawLen)
+		dl, err := s2.DecodedLen(f.Payload)
+		if err != nil {
+			return nil, buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
+		}
+		if dl != n {
+			return nil, buf, fmt.Errorf("frame at seq %d: compressed content of %d bytes, header says %d: %w", f.Seq, dl, n, ErrCorrupt)
+		}
+		if cap(buf) < n {
+			buf = make([]byte, 0, n)
+		}
+		raw, err = s2.Decode(buf[:n], f.Payload)
+		if err != nil {
+			return nil, buf, fmt.Errorf("decompress frame at seq %d: %v: %w", f.Seq, err, ErrCorrupt)
+		}
+	} else if f.Flags&FlagZstd != 0 {
 		n := int(f.RawLen)
 		var zh zstd.Header
 		if err := zh.Decode(f.Payload); err != nil {
@@ -434,7 +487,7 @@ type AdaptiveCompressor struct {
 
 // Compress is CompressData, unless the stream did not compress lately.
 func (a *AdaptiveCompressor) Compress(f *Frame, dst []byte) []byte {
-	if f.Type != FrameData || f.Flags&FlagZstd != 0 {
+	if f.Type != FrameData || f.Compressed() {
 		return dst
 	}
 	if len(f.Payload) < adaptiveMinFrame {
@@ -542,7 +595,13 @@ type Welcome struct {
 	// Policy, when set, is the machine's point schedule, which overrides
 	// the agent's flags.
 	Policy *AgentPolicy `json:"policy,omitempty"`
+	// Codecs lists the DATA payload codecs beyond zstd the server decodes
+	// (ServerCodecs); an agent uses no other. An older server sends none.
+	Codecs []string `json:"codecs,omitempty"`
 }
+
+// Decodes reports whether the server that sent w decodes codec.
+func (w *Welcome) Decodes(codec string) bool { return slices.Contains(w.Codecs, codec) }
 
 // AgentPolicy is the part of a replication policy the agent carries out:
 // when it makes crash- and application-consistent points. Durations in ns.

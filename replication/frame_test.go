@@ -82,6 +82,95 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 }
 
+// TestS2Frame: an S2 DATA frame goes over the wire and decodes to its
+// records; a payload whose S2 header announces another length than the
+// frame's, a damaged payload, and a frame flagged both zstd and S2 are
+// refused as corrupt; incompressible records stay plain; the process
+// server does not compress an S2 frame again.
+func TestS2Frame(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 10))
+	recs := mustRecords(t, 100, 50, r)
+	raw := encodeRecords(recs)
+	f := S2DataFrame(raw, 100, uint32(len(recs)), nil)
+	if f.Flags != FlagS2 || len(f.Payload) >= len(raw) || !f.Compressed() {
+		t.Fatalf("flags %#x, %d bytes of %d: want S2", f.Flags, len(f.Payload), len(raw))
+	}
+	var buf bytes.Buffer
+	if err := WriteFrame(&buf, &f); err != nil {
+		t.Fatal(err)
+	}
+	wire := slices.Clone(buf.Bytes())
+	got, _, err := ReadFrame(&buf, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := DefaultCodec().Records(&got, nil)
+	if err != nil || len(out) != len(recs) {
+		t.Fatalf("%d records, %v", len(out), err)
+	}
+	for i := range recs {
+		if !bytes.Equal(out[i].Data, recs[i].Data) || out[i].Seq != recs[i].Seq {
+			t.Fatalf("record %d differs", i)
+		}
+	}
+	if _, err := DefaultCodec().CheckData(&got, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	again := got
+	ServerCodec().CompressData(&again, nil)
+	if again.Flags != FlagS2 || !bytes.Equal(again.Payload, got.Payload) {
+		t.Fatal("an S2 frame was compressed again")
+	}
+
+	short := got
+	short.RawLen--
+	if _, _, err := DefaultCodec().Records(&short, nil); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("raw length one short of the S2 header's: %v", err)
+	}
+	bad := got
+	bad.Payload = slices.Clone(got.Payload)
+	for i := len(bad.Payload) / 2; i < len(bad.Payload); i++ {
+		bad.Payload[i] ^= 0x5a
+	}
+	if _, err := DefaultCodec().CheckData(&bad, nil, nil); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("damaged S2 payload: %v", err)
+	}
+
+	both := slices.Clone(wire)
+	both[6] |= FlagZstd
+	binary.LittleEndian.PutUint32(both[32:], Checksum(both[:32]))
+	if _, _, err := ReadFrame(bytes.NewReader(both), nil); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a frame flagged zstd and S2: %v", err)
+	}
+
+	noise := make([]byte, 64<<10)
+	for i := range noise {
+		noise[i] = byte(r.Uint32())
+	}
+	rec := Record{Seq: 1, Kind: KindWrite, Length: uint32(len(noise)), Data: noise}
+	if p := S2DataFrame(AppendRecord(nil, &rec), 1, 1, nil); p.Compressed() {
+		t.Fatal("incompressible records were sent compressed (larger)")
+	}
+}
+
+// TestBaseShare: an agent's frame is counted by its records' data bytes,
+// base against all.
+func TestBaseShare(t *testing.T) {
+	recs := []Record{
+		{Seq: 1, Kind: KindBase, Length: 8192, Data: make([]byte, 8192)},
+		{Seq: 2, Kind: KindZero, Length: 1 << 20},
+		{Seq: 3, Kind: KindWrite, Length: 4096, Data: make([]byte, 4096)},
+		{Seq: 4, Kind: KindTag},
+	}
+	raw := encodeRecords(recs)
+	if base, all := BaseShare(raw); base != 8192 || all != 12288 {
+		t.Fatalf("base %d of %d, want 8192 of 12288", base, all)
+	}
+	if base, all := BaseShare(raw[:RecordHeaderSize+100]); base != 0 || all != 0 {
+		t.Fatalf("a cut record: base %d of %d, want nothing", base, all)
+	}
+}
+
 // TestCompressData: the process server compresses a plain DATA frame
 // (its tag flag kept, its records unchanged), leaves a compressed one as
 // it is, and an incompressible one plain.
@@ -323,6 +412,8 @@ func FuzzReadFrame(f *testing.F) {
 	raw := encodeRecords(seedRecords(1, 5))
 	df := c.DataFrame(raw, 1, 5, nil)
 	f.Add(AppendFrame(nil, &df))
+	sf := S2DataFrame(raw, 1, 5, nil)
+	f.Add(AppendFrame(nil, &sf))
 	hf, _ := JSONFrame(FrameHello, Hello{MachineID: "00ff", Disks: []DiskInfo{{Index: 0, Name: "d", Size: 4096}}})
 	f.Add(AppendFrame(nil, &hf))
 	ack := Frame{Type: FrameAck, Seq: 42}
@@ -373,7 +464,7 @@ func readFrames(t *testing.T, c *Codec, data []byte) {
 // for a compressed payload.
 func decodeFrame(t *testing.T, c *Codec, fr *Frame) []Record {
 	bound := allocguard.Bound(len(fr.Payload))
-	if fr.Flags&FlagZstd != 0 {
+	if fr.Compressed() {
 		bound += uint64(min(fr.RawLen, MaxFrameRaw))
 	}
 	var recs []Record

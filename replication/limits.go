@@ -94,13 +94,19 @@ func (r Range) validate() error {
 	return nil
 }
 
-// Validate checks a Welcome: its policy, if any.
+// Validate checks a Welcome: the count of its codecs, and its policy, if any.
 func (w *Welcome) Validate() error {
+	if len(w.Codecs) > maxCodecs {
+		return validationError("welcome", "%d codecs, over the %d limit", len(w.Codecs), maxCodecs)
+	}
 	if w.Policy != nil {
 		return w.Policy.Validate()
 	}
 	return nil
 }
+
+// maxCodecs bounds Welcome.Codecs.
+const maxCodecs = 16
 
 // Validate checks a point schedule: no negative interval, a valid group name.
 func (p *AgentPolicy) Validate() error {

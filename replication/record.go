@@ -162,6 +162,31 @@ func AppendRecord(dst []byte, r *Record) []byte {
 // the data separately (no copy of large payloads).
 func EncodeRecordHeader(b []byte, r *Record, dataCRC uint32) { putRecordHeader(b, r, dataCRC) }
 
+// BaseShare returns how many data bytes of the encoded records in raw
+// belong to base (initial-copy) records, and how many data bytes they hold
+// in all. It reads only the record headers, so raw must be records this
+// process encoded (an agent's frame before it is sent); a header whose
+// length runs past raw ends the count.
+func BaseShare(raw []byte) (base, all int) {
+	for len(raw) >= RecordHeaderSize {
+		k := Kind(raw[20])
+		n := RecordHeaderSize
+		if k.HasData() {
+			l := int(binary.LittleEndian.Uint32(raw[32:]))
+			if l > len(raw)-n {
+				break
+			}
+			n += l
+			all += l
+			if k == KindBase {
+				base += l
+			}
+		}
+		raw = raw[n:]
+	}
+	return base, all
+}
+
 // DecodeRecord decodes one record from the front of b and returns it with the
 // number of bytes consumed. Data aliases b. The data checksum and the
 // structure (kind, lengths) are verified; a failure wraps ErrCorrupt.

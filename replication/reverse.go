@@ -52,7 +52,7 @@ func ReverseFrame(seq uint64, d ReverseData) (Frame, error) {
 func DecodeReverse(f *Frame) (ReverseData, error) {
 	var d ReverseData
 	p := f.Payload
-	if f.Flags&FlagZstd != 0 {
+	if f.Compressed() {
 		return d, &ProtocolError{"reverse frame: compressed payload"}
 	}
 	if len(p) < 1 {

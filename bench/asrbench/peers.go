@@ -39,9 +39,9 @@ var (
 	churnSeconds = flag.Int("churn-seconds", 60, "churn: duration of each step")
 	churnDepth   = flag.Int("churn-iodepth", 4, "churn: fio iodepth")
 	guestCases   = flag.String("guest-cases", "randwrite:4k,write:1M", "guest-write: fio RW:BS cases, comma-separated")
-	asrBase      = flag.String("asr-base", "", "guest-write, churn: a second asr binary (e.g. main's) run as one more contender, alternating with -asr, to compare the two side by side")
-	agentArgs    = flag.String("agent-args", "", "guest-write, churn: extra flags of the -asr agent, space-separated (e.g. --compress)")
-	baseArgs     = flag.String("base-agent-args", "", "guest-write, churn: extra flags of the -asr-base agent, space-separated")
+	asrBase      = flag.String("asr-base", "", "initial-peers, guest-write, churn: a second asr binary (e.g. main's) run as one more contender, alternating with -asr, to compare the two side by side")
+	agentArgs    = flag.String("agent-args", "", "initial-peers, guest-write, churn: extra flags of the -asr agent, space-separated (e.g. --compress)")
+	baseArgs     = flag.String("base-agent-args", "", "initial-peers, guest-write, churn: extra flags of the -asr-base agent, space-separated")
 )
 
 const (
@@ -310,16 +310,27 @@ func benchInitialPeers(dir string) error {
 			return runGroup(script)
 		}
 	}
-	var asrExtra []string
-	cs := []*contender{
-		{name: "asr initial replication", cmd: "asr server + asr agent, until protected, + fsync of the replica", run: func() (time.Duration, error) {
-			d, extra, err := asrInitialRound(dir, disk)
-			asrExtra = append(asrExtra, extra)
+	cts, err := asrContenders()
+	if err != nil {
+		return err
+	}
+	asrExtra := make([][]string, len(cts))
+	var cs []*contender
+	for i, ct := range cts {
+		name := "asr initial replication"
+		if ct.name != "asr" {
+			name = "asr (" + ct.name + ") initial replication"
+		}
+		cs = append(cs, &contender{name: name, cmd: fmt.Sprintf("%s server + agent %s, until protected, + fsync of the replica", ct.bin, strings.Join(ct.args, " ")), run: func() (time.Duration, error) {
+			d, extra, err := asrInitialRound(dir, disk, ct)
+			asrExtra[i] = append(asrExtra[i], extra)
 			return d, err
-		}},
+		}})
+	}
+	cs = append(cs, []*contender{
 		{name: "zstd -1 -T0 | ssh | zstd -d | dd", cmd: zstdScript, goal: 1.0, run: peer(zstdScript)},
 		{name: "rsync -S --whole-file over ssh", cmd: rsyncScript, goal: 1.3, run: peer(rsyncScript)},
-	}
+	}...)
 	fmt.Printf("initial replication of a %s mixed disk (1/3 zero, 1/3 text-like, 1/3 random; source in the page cache), %d rounds, contenders alternating\n", *sizeArg, *rounds)
 	for r := 0; r < *rounds; r++ {
 		for i := range cs {
@@ -357,8 +368,10 @@ func benchInitialPeers(dir string) error {
 	for _, c := range cs {
 		fmt.Printf("%s: %s\n", c.name, c.cmd)
 	}
-	for i, e := range asrExtra {
-		fmt.Printf("asr round %d: %s\n", i+1, e)
+	for i, es := range asrExtra {
+		for r, e := range es {
+			fmt.Printf("%s round %d: %s\n", cts[i].name, r+1, e)
+		}
 	}
 	return nil
 }
@@ -366,7 +379,7 @@ func benchInitialPeers(dir string) error {
 // asrInitialRound replicates disk with a fresh server and agent in a fresh
 // directory: the time from starting them to the disk protected, plus an
 // fsync of every file of the target (the replica).
-func asrInitialRound(dir, disk string) (time.Duration, string, error) {
+func asrInitialRound(dir, disk string, ct asrContender) (time.Duration, string, error) {
 	rd, err := os.MkdirTemp(dir, "asr")
 	if err != nil {
 		return 0, "", err
@@ -375,13 +388,13 @@ func asrInitialRound(dir, disk string) (time.Duration, string, error) {
 	exec.Command("sync").Run()
 	written0 := diskWritten()
 	start := time.Now()
-	c, err := startServer(rd, noNBDListen...)
+	c, err := startServerBin(ct.bin, rd, noNBDListen...)
 	if err != nil {
 		return 0, "", err
 	}
 	defer track(c.stop)()
 	defer c.stop()
-	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}); err != nil {
+	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}, ct.args...); err != nil {
 		return 0, "", err
 	}
 	if err := c.waitUsable(10 * time.Minute); err != nil {

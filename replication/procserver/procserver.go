@@ -455,6 +455,7 @@ func (s *Server) serveConn(c net.Conn) error {
 	if s.cfg.OnConnect != nil {
 		s.cfg.OnConnect(id, h)
 	}
+	welcome.Codecs = replication.ServerCodecs
 	wf, _ := replication.JSONFrame(replication.FrameWelcome, welcome)
 	if err := replication.WriteFrame(bw, &wf); err != nil {
 		return err

@@ -104,7 +104,7 @@ func (s *Server) serveRecovered(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		defer wmu.Unlock()
 		return time.Since(wrote) > holdKeepalive
 	}
-	wf, _ := replication.JSONFrame(replication.FrameWelcome, replication.Welcome{DurableSeq: durable})
+	wf, _ := replication.JSONFrame(replication.FrameWelcome, replication.Welcome{DurableSeq: durable, Codecs: replication.ServerCodecs})
 	if err := write(wf); err != nil {
 		return err
 	}

@@ -61,7 +61,8 @@ func agentFlags(e *env, args []string) (agent.Config, error) {
 	maxRate := fs.String("max-rate", "0", "replication bandwidth limit in bytes per second, e.g. 50MiB (0: unlimited)")
 	resyncRate := fs.String("resync-rate", "0", "how fast a resync may read the source disks, bytes per second, e.g. 200MiB (0: unlimited)")
 	memLimit := fs.String("memory-limit", "40MiB", "soft limit of the agent's Go memory (heap, stacks; the Go runtime's GOMEMLIMIT, which overrides it when set); 0: none")
-	fs.BoolVar(&c.Compress, "compress", true, "compress the changes (zstd) on the agent, on the guest's CPU, before sending; --compress=false sends them plain and the process server compresses them (less CPU on the guest)")
+	fs.BoolVar(&c.Compress, "compress", true, "compress the changes on the agent, on the guest's CPU, before sending (--compression); --compress=false sends them plain and the process server compresses them (less CPU on the guest)")
+	fs.StringVar(&c.Compression, "compression", agent.CompressAuto, "the codec with --compress: auto (the initial copy in S2, fast, the guest's changes in zstd, skipped for a while after data that does not compress), zstd, or s2 (every frame; S2 only to a process server that decodes it)")
 	fs.Func("disk", "protected disk NAME=PATH, served over NBD; NAME=PATH,mode=scan[,interval=30s] for a disk the guest uses directly, copied by periodic scans (repeat for each disk)", func(v string) error {
 		name, rest, ok := strings.Cut(v, "=")
 		if !ok || rest == "" {
