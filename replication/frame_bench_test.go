@@ -18,18 +18,17 @@ func BenchmarkDataFrame(b *testing.B) {
 	r := rand.New(rand.NewPCG(5, 6))
 	wr := rand.New(rand.NewPCG(1, 2))
 	dict := []string{"the ", "replica ", "of ", "disk ", "block ", "journal ", "recovery ", "point ", "site ", "and ", "\n", "2026-11-26 ", "INFO ", "vm-042 "}
-	wordText := make([]byte, 64<<10)
-	for j := 0; j < len(wordText); {
-		j += copy(wordText[j:], dict[wr.IntN(len(dict))])
-	}
 	mk := func(random, words bool) []byte {
 		var raw []byte
 		text := bytes.Repeat([]byte("the quick brown fox jumps over the lazy dog 0123456789\n"), 64<<10/55+1)
 		for seq := uint64(1); len(raw) < 4<<20; seq++ {
 			n := (1 + r.IntN(16)) * 4096
 			data := text[:n]
-			if words {
-				data = wordText[:n]
+			if words { // fresh words for every record, as on the disk
+				data = make([]byte, n)
+				for j := 0; j < n; {
+					j += copy(data[j:], dict[wr.IntN(len(dict))])
+				}
 			}
 			if random {
 				data = make([]byte, n)
