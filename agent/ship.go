@@ -111,8 +111,9 @@ func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags 
 const (
 	// CompressAuto, the default: base data (the initial copy) in S2,
 	// which the process server decodes at once and, before the first
-	// point, never keeps, and every other frame in zstd with the adaptive
-	// skip (a frame that does not compress leaves the next ones untried).
+	// point, never keeps; the guest's changes in zstd with the adaptive
+	// skip (a frame that does not compress leaves the next ones untried);
+	// a frame of record headers only (tags, progress, trims) plain.
 	CompressAuto = "auto"
 	CompressZstd = "zstd" // every frame zstd, tried each time
 	CompressS2   = "s2"   // every frame S2
@@ -156,19 +157,22 @@ func (c *frameCompressor) frame(raw []byte, first uint64, count uint32, dst []by
 	if c.mode == shipPlain {
 		return f, dst
 	}
-	if c.s2 && c.mode != shipZstd {
-		s2 := c.mode == shipS2
-		if !s2 {
-			base, all := replication.BaseShare(raw)
-			s2 = all > 0 && 2*base >= all
-		}
-		if s2 {
-			f = replication.S2DataFrame(raw, first, count, dst)
-			if f.Compressed() {
-				dst = f.Payload
-			}
+	s2 := c.s2 && c.mode == shipS2
+	if c.mode == shipAuto {
+		base, all := replication.BaseShare(raw)
+		if all == 0 {
+			// Record headers only (a tag, progress, trims): little to
+			// gain, and the process server compresses what it caches.
 			return f, dst
 		}
+		s2 = c.s2 && 2*base >= all
+	}
+	if s2 {
+		f = replication.S2DataFrame(raw, first, count, dst)
+		if f.Compressed() {
+			dst = f.Payload
+		}
+		return f, dst
 	}
 	if cap(dst) < len(raw) {
 		dst = make([]byte, 0, len(raw))

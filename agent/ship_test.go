@@ -360,29 +360,31 @@ func TestShipperCloseInHandshake(t *testing.T) {
 // arrive whole.
 func TestShipperCompression(t *testing.T) {
 	for _, c := range []struct {
-		name     string
-		mode     shipCodecMode
-		base, s2 bool  // base records; the server decodes S2
-		want     uint8 // the compression flag of every frame
+		name string
+		mode shipCodecMode
+		kind replication.Kind // of the records
+		s2   bool             // the server decodes S2
+		want uint8            // the compression flag of every frame
 	}{
-		{"plain", shipPlain, false, true, 0},
-		{"plain/base", shipPlain, true, true, 0},
-		{"auto/writes", shipAuto, false, true, replication.FlagZstd},
-		{"auto/base", shipAuto, true, true, replication.FlagS2},
-		{"auto/base/old-server", shipAuto, true, false, replication.FlagZstd},
-		{"zstd/base", shipZstd, true, true, replication.FlagZstd},
-		{"s2/writes", shipS2, false, true, replication.FlagS2},
-		{"s2/writes/old-server", shipS2, false, false, replication.FlagZstd},
+		{"plain", shipPlain, replication.KindWrite, true, 0},
+		{"plain/base", shipPlain, replication.KindBase, true, 0},
+		{"auto/writes", shipAuto, replication.KindWrite, true, replication.FlagZstd},
+		{"auto/base", shipAuto, replication.KindBase, true, replication.FlagS2},
+		{"auto/base/old-server", shipAuto, replication.KindBase, false, replication.FlagZstd},
+		{"auto/headers-only", shipAuto, replication.KindZero, true, 0},
+		{"zstd/base", shipZstd, replication.KindBase, true, replication.FlagZstd},
+		{"s2/writes", shipS2, replication.KindWrite, true, replication.FlagS2},
+		{"s2/writes/old-server", shipS2, replication.KindWrite, false, replication.FlagZstd},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, sp, _ := mustTestDisk(t, 1<<20)
 			sh, conns := mustShipperCodec(t, sp, newFakeShipHandler(), c.mode)
 			data := bytes.Repeat([]byte("compressible "), 4096/13+1)[:4096]
-			kind := replication.KindWrite
-			if c.base {
-				kind = replication.KindBase
+			kind, n := c.kind, 4
+			if !kind.HasData() {
+				data, n = nil, 200 // 8 KiB of headers, which zstd would shrink
 			}
-			for i := range 4 {
+			for i := range n {
 				rec := replication.Record{Kind: kind, Offset: uint64(i) * 4096, Length: 4096, Data: data}
 				seq, err := sp.Append(context.Background(), &rec)
 				if err != nil {
@@ -398,8 +400,8 @@ func TestShipperCompression(t *testing.T) {
 				w.Codecs = replication.ServerCodecs
 			}
 			srv.sendJSON(replication.FrameWelcome, w)
-			n := 0
-			for n < 4 {
+			got := 0
+			for got < n {
 				f := srv.mustRead(replication.FrameData)
 				if got := f.Flags & (replication.FlagZstd | replication.FlagS2); got != c.want {
 					t.Fatalf("frame flags %#x, want %#x", got, c.want)
@@ -413,7 +415,7 @@ func TestShipperCompression(t *testing.T) {
 						t.Fatalf("record %d: data or kind differs", r.Seq)
 					}
 				}
-				n += len(rs)
+				got += len(rs)
 			}
 		})
 	}
