@@ -249,9 +249,31 @@ func (p *PreparedSegment) Info() SegmentInfo {
 // applier state, so it runs outside the applier's lock (and ahead of the
 // segment before it); a failure wraps ErrCorrupt.
 func PrepareSegment(seg []byte) (*PreparedSegment, error) {
+	return PrepareSegmentFrom(seg, nil)
+}
+
+// PrepareSegmentFrom is PrepareSegment taking the records of a frame from
+// known when it has them: the records that frame's payload decodes to,
+// decoded and checked (record checksums, sequence numbers, count) from the
+// very payload the frame holds, and still in memory since (the process
+// server's reader hands them over, keyed by the frame it wrote to its
+// cache). The segment is still scanned whole (every frame's header and
+// payload checksum), and only a frame whose key (seq, count, lengths,
+// flags and payload checksum) is known's takes its records; the others
+// are decompressed and checked here. known is called from one goroutine,
+// once per DATA frame, in order.
+func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*PreparedSegment, error) {
 	var frames []Frame
-	scan, err := ScanSegment(seg, false, func(f *Frame) error {
+	var given [][]Record
+	scan, err := scanKeyed(seg, false, func(f *Frame, k FrameKey) error {
 		frames = append(frames, *f)
+		var recs []Record
+		if known != nil {
+			if r, ok := known(k); ok && len(r) == int(f.Count) && r[0].Seq == f.Seq {
+				recs = r
+			}
+		}
+		given = append(given, recs)
 		return nil
 	})
 	if err != nil {
@@ -281,13 +303,17 @@ func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 				if i >= len(frames) {
 					return
 				}
-				// Each frame decompresses into its own buffer: records
-				// alias it.
-				recs, _, err := codec.Records(&frames[i], nil)
-				if err != nil {
-					out[i].err = err
-					failed.Store(true)
-					return
+				recs := given[i]
+				if recs == nil {
+					// Each frame decompresses into its own buffer:
+					// records alias it.
+					var err error
+					recs, _, err = codec.Records(&frames[i], nil)
+					if err != nil {
+						out[i].err = err
+						failed.Store(true)
+						return
+					}
 				}
 				prs := make([]preparedRecord, len(recs))
 				for j := range recs {

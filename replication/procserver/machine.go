@@ -73,6 +73,7 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 		return nil, err
 	}
 	m.rep = newReplica(id, dir, s.cfg.Catalog, a, m.log)
+	m.rep.handoff = newHandoff(&s.handoff)
 	// Segments are kept from the first point on (keepSegment). A listing
 	// that fails keeps them all, as if a point existed: never fewer.
 	ps, err := s.cfg.Catalog.Points(ctx, id)
@@ -128,8 +129,9 @@ func (m *machine) open(ctx context.Context, dir, name string) (*machine, error) 
 	return m, nil
 }
 
-// append writes a DATA frame of connection cc to the cache.
-func (m *machine) append(cc *agentConn, f *replication.Frame) error {
+// append writes a DATA frame of connection cc to the cache, and returns
+// its key as written.
+func (m *machine) append(cc *agentConn, f *replication.Frame) (replication.FrameKey, error) {
 	return m.cache.append(cc.epoch, f)
 }
 
@@ -155,6 +157,7 @@ func (m *machine) stats() MachineStats {
 func (m *machine) close() error {
 	m.cmp.close()
 	err := m.rep.close()
+	m.rep.handoff.close()
 	if cerr := m.cache.close(); err == nil {
 		err = cerr
 	}
