@@ -329,18 +329,24 @@ func (c *cache) breakLocked(err error) {
 // file, and returns the key of the frame as written. It is acknowledged
 // once the sync loop has fsync'd it.
 func (c *cache) append(epoch uint64, f *replication.Frame) (replication.FrameKey, error) {
+	var h [replication.FrameHeaderSize]byte
+	key := replication.EncodeFrameHeader(&h, f)
+	return key, c.appendEncoded(epoch, f, &h)
+}
+
+// appendEncoded is append with f's header encoded by the caller
+// (replication.EncodeFrameHeader), outside the cache's lock.
+func (c *cache) appendEncoded(epoch uint64, f *replication.Frame, h *[replication.FrameHeaderSize]byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.writableLocked(epoch); err != nil {
-		return replication.FrameKey{}, err
+		return err
 	}
 	if f.Seq != c.appended+1 || f.Count == 0 {
-		return replication.FrameKey{}, &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, c.appended+1)}
+		return &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, c.appended+1)}
 	}
 	// Header and payload written apart: the payload (up to 16 MiB) is
 	// not copied into a new buffer first.
-	var h [replication.FrameHeaderSize]byte
-	key := replication.EncodeFrameHeader(&h, f)
 	_, err := c.open.Write(h[:])
 	if err == nil && len(f.Payload) > 0 {
 		_, err = c.open.Write(f.Payload)
@@ -348,7 +354,7 @@ func (c *cache) append(epoch uint64, f *replication.Frame) (replication.FrameKey
 	if err != nil {
 		// A partial write leaves garbage: cut it so the file stays valid.
 		c.cutLocked()
-		return replication.FrameKey{}, fmt.Errorf("write cache: %w", err)
+		return fmt.Errorf("write cache: %w", err)
 	}
 	n := int64(len(h) + len(f.Payload))
 	if c.openRaw == 0 {
@@ -362,7 +368,7 @@ func (c *cache) append(epoch uint64, f *replication.Frame) (replication.FrameKey
 	}
 	c.cfg.total.Add(n)
 	c.kick()
-	return key, nil
+	return nil
 }
 
 // kick wakes the sync loop.

@@ -12,10 +12,14 @@ import (
 // machine's applier, so that a frame is decompressed and its records
 // checked once on the process server, not twice. The reader decodes and
 // checks every DATA frame before it is written to the cache (nothing
-// malformed is ever acknowledged: CheckRecords); once the cache has
-// written it, the cacheWriter leaves the records here, keyed by the frame
-// as written (replication.FrameKey: seq, count, lengths, flags and the
-// payload's CRC-32C, computed as the cache encoded the header). The
+// malformed is ever acknowledged: CheckRecords); as the cacheWriter
+// writes it, it leaves the records here, keyed by the frame as the cache
+// writes it (replication.FrameKey: seq, count, lengths, flags and the
+// payload's CRC-32C, computed as the header is encoded). The entry is
+// put just before the write (the applier may take the frame as soon as
+// it is written and sealed) and dropped if the write fails; either way
+// the applier only takes it for a frame of a sealed segment, which is
+// durable, with that key. The
 // applier still reads the sealed segment from the cache and scans it whole
 // (every frame's header and payload checksum): a frame whose key is here
 // takes these records (replication.PrepareSegmentFrom), any other is
@@ -132,6 +136,17 @@ func (h *handoff) take(k replication.FrameKey) ([]replication.Record, int64, boo
 	}
 	h.hits.Add(1)
 	return e.recs, e.size, true
+}
+
+// drop removes the entry of the frame with key k, if there is one (its
+// write failed).
+func (h *handoff) drop(k replication.FrameKey) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if e, ok := h.entries[k]; ok {
+		delete(h.entries, k)
+		h.budget.release(e.size)
+	}
 }
 
 // giveBack returns what taken entries counted, once their records are

@@ -135,6 +135,11 @@ func (m *machine) append(cc *agentConn, f *replication.Frame) (replication.Frame
 	return m.cache.append(cc.epoch, f)
 }
 
+// appendEncoded is append with f's header encoded by the caller.
+func (m *machine) appendEncoded(cc *agentConn, f *replication.Frame, h *[replication.FrameHeaderSize]byte) error {
+	return m.cache.appendEncoded(cc.epoch, f, h)
+}
+
 // backlog is what the cache holds that is not applied yet (an open file
 // with no frames is not backlog) and when the oldest of it arrived (zero:
 // nothing).

@@ -724,14 +724,25 @@ func (w *cacheWriter) loop() {
 	s := w.s
 	for q := range w.work {
 		if w.failed() == nil {
-			if key, err := w.m.append(w.cc, &q.f); err != nil {
+			// The header (and its payload checksum) is encoded here,
+			// outside the cache's lock, and the records handed off
+			// before the write: the sync loop may seal the frame, and
+			// the applier take it, as soon as it is written. An entry
+			// is only ever taken for a sealed frame with its key, so
+			// one whose write fails is merely dropped.
+			var h [replication.FrameHeaderSize]byte
+			key := replication.EncodeFrameHeader(&h, &q.f)
+			handed := w.handOff(key, q.fb)
+			if err := w.m.appendEncoded(w.cc, &q.f, &h); err != nil {
+				if handed {
+					w.m.rep.handoff.drop(key)
+				}
 				w.mu.Lock()
 				w.err = err
 				w.mu.Unlock()
 				// The reader may be waiting for the agent's next frame.
 				w.cc.c.Close()
 			} else {
-				w.handOff(key, q.fb)
 				s.rawBytes.Add(int64(q.f.RawLen))
 				s.wireBytes.Add(q.wire)
 				s.cachedBytes.Add(int64(len(q.f.Payload) + replication.FrameHeaderSize))
@@ -745,20 +756,29 @@ func (w *cacheWriter) loop() {
 	}
 }
 
-// handOff leaves a written frame's checked records, with the buffer they
-// alias, to the machine's applier (handoff.go), if the budget allows.
-func (w *cacheWriter) handOff(key replication.FrameKey, fb *frameBuffers) {
-	if fb.recs == nil {
-		return
-	}
-	if fb.plain {
-		if w.m.rep.handoff.put(key, fb.recs, fb.read) {
-			fb.readCap, fb.read = cap(fb.read), nil
+// handOff leaves the checked records of a frame the cache is about to
+// write as key, with the buffer they alias, to the machine's applier
+// (handoff.go), if the budget allows; it reports whether it did.
+func (w *cacheWriter) handOff(key replication.FrameKey, fb *frameBuffers) bool {
+	recs := fb.recs
+	fb.recs = nil
+	switch {
+	case recs == nil:
+		return false
+	case fb.plain:
+		// The payload the cache writes is this buffer too: it is only
+		// read from now on.
+		if !w.m.rep.handoff.put(key, recs, fb.read) {
+			return false
 		}
-	} else if w.m.rep.handoff.put(key, fb.recs, fb.dec) {
+		fb.readCap, fb.read = cap(fb.read), nil
+	default:
+		if !w.m.rep.handoff.put(key, recs, fb.dec) {
+			return false
+		}
 		fb.dec = nil
 	}
-	fb.recs = nil
+	return true
 }
 
 // RequestPoint asks a machine's agent for a recovery point now and waits
