@@ -162,7 +162,10 @@ func (m *machine) stats() MachineStats {
 func (m *machine) close() error {
 	m.cmp.close()
 	err := m.rep.close()
-	m.rep.handoff.close()
+	h := m.rep.handoff
+	h.close()
+	m.log.Info("frames the applier took from the reader's decode (hits) and decoded again from the cache (misses) since the machine was opened",
+		"hits", h.hits.Load(), "misses", h.misses.Load(), "refused", h.refused.Load())
 	if cerr := m.cache.close(); err == nil {
 		err = cerr
 	}
