@@ -33,8 +33,8 @@ import (
 // were never decoded), and have not left the process's memory since,
 // where the applier's own decode would hold them too between its check
 // and its write. Checking again would cost a CRC-32C pass over every
-// record byte (about 0.36 CPU-s for the 2 GiB disk of asrbench
-// initial-peers) to guard only against memory corruption, which nothing
+// record byte (about 0.24 CPU-s for the 2 GiB disk of asrbench
+// initial-peers: BENCHMARKS.md) to guard only against memory corruption, which nothing
 // else on the path guards against either.
 //
 // Memory: the entries (their decode buffers and record slices) of every
