@@ -228,7 +228,14 @@ type PreparedSegment struct {
 	LastTime time.Time
 	Tags     bool
 	recs     []preparedRecord
+	given    bool // GiveData
 }
+
+// GiveData lets ApplyPrepared hand the records' data to replica disks
+// that keep it until their next flush instead of copying it
+// (OwningWriter). The caller promises that nothing changes the segment's
+// bytes, or the buffers of the records its known function gave, again.
+func (p *PreparedSegment) GiveData() { p.given = true }
 
 type preparedRecord struct {
 	r  Record
@@ -367,7 +374,7 @@ func (a *Applier) ApplyPrepared(ctx context.Context, p *PreparedSegment) error {
 		if pr.r.Seq <= a.m.AppliedSeq {
 			continue
 		}
-		if err := a.apply(ctx, &pr.r, pr.be); err != nil {
+		if err := a.apply(ctx, &pr.r, pr.be, p.given); err != nil {
 			return err
 		}
 		dirty = true
@@ -402,10 +409,19 @@ func (a *Applier) check(r *Record) error {
 	return nil
 }
 
-func (a *Applier) apply(ctx context.Context, r *Record, be BlockEntries) error {
+// apply applies one record; with given, its data may be kept by the
+// replica disk (PreparedSegment.GiveData).
+func (a *Applier) apply(ctx context.Context, r *Record, be BlockEntries, given bool) error {
 	switch r.Kind {
 	case KindWrite, KindBase:
-		if err := a.disks[r.Disk].WriteAt(r.Data, int64(r.Offset)); err != nil {
+		rd := a.disks[r.Disk]
+		var err error
+		if ow, ok := rd.(OwningWriter); ok && given {
+			err = ow.WriteAtOwned(r.Data, int64(r.Offset))
+		} else {
+			err = rd.WriteAt(r.Data, int64(r.Offset))
+		}
+		if err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
 		}
 		if err := a.sums[r.Disk].NoteEntries(int64(r.Offset), r.Data, be); err != nil {

@@ -238,6 +238,12 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	if perr != nil && !errors.Is(perr, replication.ErrCorrupt) {
 		return perr
 	}
+	if perr == nil {
+		// Nothing changes data (read here) or the hand-off's buffers
+		// (the reader gave them away) again: the replica disks may keep
+		// the records' bytes until their flush rather than copy them.
+		prep.GiveData()
+	}
 	// Kept on the target first, so a point is never reported before the
 	// changes after it can be replayed; a segment that fails verification
 	// is not kept.
