@@ -82,8 +82,9 @@ type Config struct {
 	// HandoffBytes bounds the memory of the DATA frames the connections'
 	// readers decoded and checked, held for the appliers so that they do
 	// not decode them again from the cache (handoff.go), across all
-	// machines. Default 128 MiB (four segments of 32 MiB); negative:
-	// none, every frame is decoded again from its segment.
+	// machines. Default 64 MiB (two segments of 32 MiB: the one being
+	// applied, the one filling); negative: none, every frame is decoded
+	// again from its segment.
 	HandoffBytes int64
 	// DiskFree reports the free and total bytes of the file system holding
 	// dir (default: statfs). OnCacheState reports the cache disk entering
@@ -157,7 +158,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		cfg.CacheMaxBytes = 8 << 30
 	}
 	if cfg.HandoffBytes == 0 {
-		cfg.HandoffBytes = 128 << 20
+		cfg.HandoffBytes = 64 << 20
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
