@@ -614,16 +614,17 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 
 // cacheWriterDepth is how many DATA frames of a connection are read and
 // checked ahead of the one being written to the cache: the memory this
-// costs is that many frames' buffers (a frame is at most
-// replication.MaxFrameRaw, 4 MiB from an asr agent).
+// costs is that many frames' buffers (as read, decompressed and
+// compressed here: a frame is at most replication.MaxFrameRaw
+// decompressed, 4 MiB from an asr agent).
 const cacheWriterDepth = 2
 
 // frameBuffers hold one DATA frame as read (read), decompressed to check
 // it (dec) and as compressed here (comp); a frame's payload is in read or
 // comp until it is written. recs are its records as checked, which alias
 // read (plain) or dec: the cacheWriter hands them, with the buffer they
-// alias, to the applier once the frame is written (the set then gets a
-// new buffer: readCap is the size of the read buffer that went).
+// alias, to the applier as it writes the frame (the set then gets a new
+// buffer: readCap is the size of the read buffer that went).
 type frameBuffers struct {
 	read, dec, comp []byte
 	recs            []replication.Record
