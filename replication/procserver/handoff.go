@@ -12,20 +12,18 @@ import (
 // machine's applier, so that a frame is decompressed and its records
 // checked once on the process server, not twice. The reader decodes and
 // checks every DATA frame before it is written to the cache (nothing
-// malformed is ever acknowledged: CheckRecords); as the cacheWriter
-// writes it, it leaves the records here, keyed by the frame as the cache
-// writes it (replication.FrameKey: seq, count, lengths, flags and the
-// payload's CRC-32C, computed as the header is encoded). The entry is
-// put just before the write (the applier may take the frame as soon as
-// it is written and sealed) and dropped if the write fails; either way
-// the applier only takes it for a frame of a sealed segment, which is
-// durable, with that key. The
-// applier still reads the sealed segment from the cache and scans it whole
-// (every frame's header and payload checksum): a frame whose key is here
-// takes these records (replication.PrepareSegmentFrom), any other is
-// decoded from the file as before. So records are only ever applied to
-// the frame they were decoded from, and a miss (the bound reached, the
-// entry dropped, a restart) costs only the second decode.
+// malformed is ever acknowledged: CheckRecords). As the cacheWriter
+// writes the frame it leaves the records here, keyed by the frame as the
+// cache writes it (replication.FrameKey: seq, count, lengths, flags and
+// the payload's CRC-32C, computed as the header is encoded): just before
+// the write, as the frame may be sealed and applied as soon as it is
+// written, and dropped again if the write fails. The applier still reads
+// the sealed segment (durable: fsync'd before its seal) from the cache
+// and scans it whole (every frame's header and payload checksum): a frame
+// whose key is here takes these records (replication.PrepareSegmentFrom),
+// any other is decoded from the file as before. So records are only ever
+// applied to the frame they were decoded from, and a miss (the bound
+// reached, the entry dropped, a restart) costs only the second decode.
 //
 // Record checksums are not checked again on a hit: the records were
 // checked by CheckRecords from the very payload bytes the cache wrote (a
@@ -34,8 +32,8 @@ import (
 // where the applier's own decode would hold them too between its check
 // and its write. Checking again would cost a CRC-32C pass over every
 // record byte (about 0.24 CPU-s for the 2 GiB disk of asrbench
-// initial-peers: BENCHMARKS.md) to guard only against memory corruption, which nothing
-// else on the path guards against either.
+// initial-peers: BENCHMARKS.md) to guard only against memory corruption,
+// which nothing else on the path guards against either.
 //
 // Memory: the entries (their decode buffers and record slices) of every
 // machine count against one budget (Config.HandoffBytes), from the put
