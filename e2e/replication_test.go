@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -144,6 +146,38 @@ func TestE2EWrongPassphrase(t *testing.T) {
 	if s := c.mustCLI("status"); strings.Contains(s, "vm1") {
 		t.Fatalf("a machine was registered:\n%s", s)
 	}
+}
+
+// TestE2EInitialDecodedOnce: the initial copy of a mixed disk through the
+// real binary; the process server's applier takes the records its
+// connection's reader decoded and checked (the hand-off: each frame
+// decoded once) instead of decoding the cached segments again, and the
+// first point recovers bit-exact. The server logs how many frames it took
+// (hits) and decoded again (misses) when it stops.
+func TestE2EInitialDecodedOnce(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	disk := filepath.Join(c.dir, "d.img")
+	makeDisk(t, disk, 48<<20, 3)
+	c.startAgent("vm1", nil, "d="+disk)
+	c.waitState("vm1", "protected", 3*time.Minute)
+	id := c.tag("vm1")
+	c.recoverAndCheck("vm1", id, map[string]string{"d": sha256File(t, disk)})
+	c.server.stop()
+	b, err := os.ReadFile(c.server.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`took from the reader's decode.* hits=(\d+) misses=(\d+)`).FindSubmatch(b)
+	if m == nil {
+		t.Fatal("the server did not log its hand-off's hits and misses when it stopped")
+	}
+	hits, _ := strconv.Atoi(string(m[1]))
+	misses, _ := strconv.Atoi(string(m[2]))
+	if hits == 0 {
+		t.Fatalf("no frame of the initial copy was taken from the reader's decode (%d decoded again from the cache)", misses)
+	}
+	t.Logf("frames taken from the reader's decode: %d; decoded again from the cache: %d", hits, misses)
 }
 
 // TestE2EKillAgentDuringInitial: kill -9 of the agent halfway through the

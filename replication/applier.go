@@ -228,7 +228,14 @@ type PreparedSegment struct {
 	LastTime time.Time
 	Tags     bool
 	recs     []preparedRecord
+	given    bool // GiveData
 }
+
+// GiveData lets ApplyPrepared hand the records' data to replica disks
+// that keep it until their next flush instead of copying it
+// (OwningWriter). The caller promises that nothing changes the segment's
+// bytes, or the buffers of the records its known function gave, again.
+func (p *PreparedSegment) GiveData() { p.given = true }
 
 type preparedRecord struct {
 	r  Record
@@ -249,9 +256,31 @@ func (p *PreparedSegment) Info() SegmentInfo {
 // applier state, so it runs outside the applier's lock (and ahead of the
 // segment before it); a failure wraps ErrCorrupt.
 func PrepareSegment(seg []byte) (*PreparedSegment, error) {
+	return PrepareSegmentFrom(seg, nil)
+}
+
+// PrepareSegmentFrom is PrepareSegment taking the records of a frame from
+// known when it has them: the records that frame's payload decodes to,
+// decoded and checked (record checksums, sequence numbers, count) from the
+// very payload the frame holds, and still in memory since (the process
+// server's reader hands them over, keyed by the frame it wrote to its
+// cache). The segment is still scanned whole (every frame's header and
+// payload checksum), and only a frame whose key (seq, count, lengths,
+// flags and payload checksum) is known's takes its records; the others
+// are decompressed and checked here. known is called from one goroutine,
+// once per DATA frame, in order.
+func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*PreparedSegment, error) {
 	var frames []Frame
-	scan, err := ScanSegment(seg, false, func(f *Frame) error {
+	var given [][]Record
+	scan, err := scanKeyed(seg, false, func(f *Frame, k FrameKey) error {
 		frames = append(frames, *f)
+		var recs []Record
+		if known != nil {
+			if r, ok := known(k); ok && len(r) == int(f.Count) && r[0].Seq == f.Seq {
+				recs = r
+			}
+		}
+		given = append(given, recs)
 		return nil
 	})
 	if err != nil {
@@ -281,13 +310,17 @@ func PrepareSegment(seg []byte) (*PreparedSegment, error) {
 				if i >= len(frames) {
 					return
 				}
-				// Each frame decompresses into its own buffer: records
-				// alias it.
-				recs, _, err := codec.Records(&frames[i], nil)
-				if err != nil {
-					out[i].err = err
-					failed.Store(true)
-					return
+				recs := given[i]
+				if recs == nil {
+					// Each frame decompresses into its own buffer:
+					// records alias it.
+					var err error
+					recs, _, err = codec.Records(&frames[i], nil)
+					if err != nil {
+						out[i].err = err
+						failed.Store(true)
+						return
+					}
 				}
 				prs := make([]preparedRecord, len(recs))
 				for j := range recs {
@@ -341,7 +374,7 @@ func (a *Applier) ApplyPrepared(ctx context.Context, p *PreparedSegment) error {
 		if pr.r.Seq <= a.m.AppliedSeq {
 			continue
 		}
-		if err := a.apply(ctx, &pr.r, pr.be); err != nil {
+		if err := a.apply(ctx, &pr.r, pr.be, p.given); err != nil {
 			return err
 		}
 		dirty = true
@@ -376,10 +409,19 @@ func (a *Applier) check(r *Record) error {
 	return nil
 }
 
-func (a *Applier) apply(ctx context.Context, r *Record, be BlockEntries) error {
+// apply applies one record; with given, its data may be kept by the
+// replica disk (PreparedSegment.GiveData).
+func (a *Applier) apply(ctx context.Context, r *Record, be BlockEntries, given bool) error {
 	switch r.Kind {
 	case KindWrite, KindBase:
-		if err := a.disks[r.Disk].WriteAt(r.Data, int64(r.Offset)); err != nil {
+		rd := a.disks[r.Disk]
+		var err error
+		if ow, ok := rd.(OwningWriter); ok && given {
+			err = ow.WriteAtOwned(r.Data, int64(r.Offset))
+		} else {
+			err = rd.WriteAt(r.Data, int64(r.Offset))
+		}
+		if err != nil {
 			return fmt.Errorf("apply record %d to disk %d: %w", r.Seq, r.Disk, err)
 		}
 		if err := a.sums[r.Disk].NoteEntries(int64(r.Offset), r.Data, be); err != nil {

@@ -409,3 +409,78 @@ func TestApplierMarkResyncIsWholeDisk(t *testing.T) {
 		t.Fatalf("after MarkResync: %+v, want a whole-disk resync", d)
 	}
 }
+
+// TestPrepareSegmentFrom: the records a frame's key is known for are
+// taken instead of a decode (and records known for another key never
+// are); the key is that of the frame as EncodeFrameHeader wrote it, and
+// CheckRecords returns what a decode of the frame returns.
+func TestPrepareSegmentFrom(t *testing.T) {
+	ctx := context.Background()
+	cat := &replication.Catalog{T: memtarget.New(), Codec: replication.PlainCodec{}}
+	a, err := replication.OpenApplier(ctx, cat, "m1", "vm", slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d", Size: diskSize}}); err != nil {
+		t.Fatal(err)
+	}
+	var b segBuilder
+	b.next = 1
+	seg := b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("in the segment")},
+		replication.Record{Kind: replication.KindTag})
+	var f replication.Frame
+	if _, err := replication.ScanSegment(seg, false, func(g *replication.Frame) error { f = *g; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	var h [replication.FrameHeaderSize]byte
+	key := replication.EncodeFrameHeader(&h, &f)
+	recs, _, err := replication.DefaultCodec().CheckRecords(&f, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	decoded, _, err := replication.DefaultCodec().Records(&f, nil)
+	if err != nil || len(decoded) != len(recs) || !bytes.Equal(decoded[0].Data, recs[0].Data) || decoded[1].Seq != recs[1].Seq {
+		t.Fatalf("CheckRecords %+v, Records %+v (%v)", recs, decoded, err)
+	}
+	// Known records with their own data, to see which were applied.
+	known := []replication.Record{recs[0], recs[1]}
+	known[0].Data = []byte("from the hand-off")
+	known[0].Length = uint32(len(known[0].Data))
+	asked := 0
+	other := key
+	other.PCRC++
+	p, err := replication.PrepareSegmentFrom(seg, func(k replication.FrameKey) ([]replication.Record, bool) {
+		asked++
+		return known, k == other
+	})
+	if err != nil || asked != 1 {
+		t.Fatalf("prepare: %v, asked %d times", err, asked)
+	}
+	if err := a.ApplyPrepared(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	rd, _ := a.Disk(0)
+	got := make([]byte, len("in the segment"))
+	rd.ReadAt(got, 0)
+	if string(got) != "in the segment" {
+		t.Fatalf("replica %q: records known for another key were applied", got)
+	}
+	seg2 := b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: []byte("in the segment")})
+	if _, err := replication.ScanSegment(seg2, false, func(g *replication.Frame) error { f = *g; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	key2 := replication.EncodeFrameHeader(&h, &f)
+	hand := []replication.Record{{Seq: 3, Kind: replication.KindWrite, Offset: 4096, Length: 14, Data: []byte("from hand-off!")}}
+	p, err = replication.PrepareSegmentFrom(seg2, func(k replication.FrameKey) ([]replication.Record, bool) { return hand, k == key2 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.ApplyPrepared(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	rd.ReadAt(got, 4096)
+	if string(got) != "from hand-off!" {
+		t.Fatalf("replica %q: the records known for the frame's key were not taken", got)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"reflect"
 	"runtime"
 	"slices"
 	"testing"
@@ -116,6 +117,27 @@ func scanSegment(t *testing.T, c *Codec, data []byte) {
 	}
 	if p.First != s.First || p.Last != s.Last || len(p.recs) != int(n) {
 		t.Fatalf("PrepareSegment %d-%d with %d records, scan %d-%d with %d", p.First, p.Last, len(p.recs), s.First, s.Last, n)
+	}
+	// Taking the records a process server's reader checked (the
+	// hand-off, keyed by each frame as it was written) prepares the same.
+	known := map[FrameKey][]Record{}
+	ScanSegment(data, false, func(f *Frame) error {
+		var h [FrameHeaderSize]byte
+		if recs, _, err := c.CheckRecords(f, nil, nil); err == nil {
+			known[EncodeFrameHeader(&h, f)] = recs
+		}
+		return nil
+	})
+	taken := 0
+	p2, err := PrepareSegmentFrom(data, func(k FrameKey) ([]Record, bool) {
+		r, ok := known[k]
+		if ok {
+			taken++
+		}
+		return r, ok
+	})
+	if err != nil || taken != len(known) || !reflect.DeepEqual(p, p2) {
+		t.Fatalf("PrepareSegmentFrom with the checked records (%d of %d taken): %v, or another segment", taken, len(known), err)
 	}
 	var si SegmentInfo
 	allocguard.Check(t, "DescribeSegment", bound+MaxFrameRaw, func() { si, err = DescribeSegment(data) })

@@ -155,6 +155,32 @@ func encodeFrameHeader(h []byte, f *Frame) {
 	binary.LittleEndian.PutUint32(h[32:], Checksum(h[:32]))
 }
 
+// FrameKey names a DATA frame's exact bytes: the fields of its header and
+// the CRC-32C of its payload. Two frames with the same key hold the same
+// payload, up to a CRC-32C collision (the strength of every frame check).
+// The process server keys the records its reader decoded by it, so the
+// applier takes them only for the frame a sealed segment holds.
+type FrameKey struct {
+	Seq                uint64
+	Count, RawLen, Len uint32
+	PCRC               uint32
+	Flags              uint8
+}
+
+// EncodeFrameHeader writes f's header to h and returns the key of the
+// frame it starts (its payload checksum computed once, here).
+func EncodeFrameHeader(h *[FrameHeaderSize]byte, f *Frame) FrameKey {
+	encodeFrameHeader(h[:], f)
+	return headerKey(h[:])
+}
+
+// headerKey is the key of the frame whose (valid) header is h.
+func headerKey(h []byte) FrameKey {
+	return FrameKey{Seq: binary.LittleEndian.Uint64(h[16:]), Count: binary.LittleEndian.Uint32(h[24:]),
+		RawLen: binary.LittleEndian.Uint32(h[12:]), Len: binary.LittleEndian.Uint32(h[8:]),
+		PCRC: frameCRC(h), Flags: h[6]}
+}
+
 // WriteFrame writes f to w as header and payload.
 func WriteFrame(w io.Writer, f *Frame) error {
 	var h [FrameHeaderSize]byte

@@ -467,9 +467,19 @@ func decodeFrame(t *testing.T, c *Codec, fr *Frame) []Record {
 	if fr.Compressed() {
 		bound += uint64(min(fr.RawLen, MaxFrameRaw))
 	}
-	var recs []Record
-	var err error
+	var recs, checked []Record
+	var err, cerr error
 	allocguard.Check(t, "Codec.Records", bound, func() { recs, _, err = c.Records(fr, nil) })
+	// The process server's check, whose records the applier may take
+	// instead of its own decode (the hand-off): the same verdict and the
+	// same records (a frame of no records is refused there).
+	allocguard.Check(t, "Codec.CheckRecords", bound, func() { checked, _, cerr = c.CheckRecords(fr, nil, nil) })
+	if cerr != nil && !errors.Is(cerr, ErrCorrupt) {
+		t.Fatalf("CheckRecords error %v does not wrap ErrCorrupt", cerr)
+	}
+	if (err == nil && fr.Count > 0) != (cerr == nil) {
+		t.Fatalf("Records says %v, CheckRecords %v", err, cerr)
+	}
 	if err != nil {
 		if !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("Records error %v does not wrap ErrCorrupt", err)
@@ -478,6 +488,9 @@ func decodeFrame(t *testing.T, c *Codec, fr *Frame) []Record {
 	}
 	if uint32(len(recs)) != fr.Count {
 		t.Fatalf("decoded %d records, header says %d", len(recs), fr.Count)
+	}
+	if cerr == nil && !bytes.Equal(encodeRecords(checked), encodeRecords(recs)) {
+		t.Fatal("CheckRecords and Records decoded different records")
 	}
 	return recs
 }

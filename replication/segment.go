@@ -90,6 +90,15 @@ type SegmentScan struct {
 // incomplete or damaged frame: that is how an unsealed cache file is recovered
 // after a crash (the damaged tail was never acknowledged).
 func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentScan, error) {
+	var kfn func(*Frame, FrameKey) error
+	if fn != nil {
+		kfn = func(f *Frame, _ FrameKey) error { return fn(f) }
+	}
+	return scanKeyed(data, allowTail, kfn)
+}
+
+// scanKeyed is ScanSegment, fn also given each DATA frame's key.
+func scanKeyed(data []byte, allowTail bool, fn func(f *Frame, k FrameKey) error) (SegmentScan, error) {
 	var s SegmentScan
 	first, err := ParseSegmentHeader(data)
 	if err != nil {
@@ -105,6 +114,7 @@ func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentS
 			}
 			return s, fmt.Errorf("segment frame %d at byte %d: %v: %w", s.Frames, s.ValidLen, err, ErrCorrupt)
 		}
+		h := rest[:FrameHeaderSize]
 		rest = rest[n:]
 		end := len(data) - len(rest)
 		switch f.Type {
@@ -116,7 +126,7 @@ func ScanSegment(data []byte, allowTail bool, fn func(f *Frame) error) (SegmentS
 				return s, fmt.Errorf("segment frame %d: seq %d count %d, want seq %d: %w", s.Frames, f.Seq, f.Count, s.Last+1, ErrCorrupt)
 			}
 			if fn != nil {
-				if err := fn(&f); err != nil {
+				if err := fn(&f, headerKey(h)); err != nil {
 					return s, err
 				}
 			}

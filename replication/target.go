@@ -187,6 +187,15 @@ type ReplicaDisk interface {
 	Close() error
 }
 
+// OwningWriter is a ReplicaDisk that can take the bytes it is written
+// instead of copying them: WriteAtOwned is WriteAt, but the disk may keep p
+// (until its next flush), and the caller never changes p after the call.
+// The applier uses it for records whose buffers nothing reuses
+// (PreparedSegment.GiveData).
+type OwningWriter interface {
+	WriteAtOwned(p []byte, off int64) error
+}
+
 // SnapshotReader reads a disk as it was at a snapshot. ReadAt of a range
 // inside the disk fills the whole buffer (no short reads).
 type SnapshotReader interface {

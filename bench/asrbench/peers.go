@@ -315,6 +315,7 @@ func benchInitialPeers(dir string) error {
 		return err
 	}
 	asrExtra := make([][]string, len(cts))
+	asrCPU := make([][]float64, len(cts))
 	var cs []*contender
 	for i, ct := range cts {
 		name := "asr initial replication"
@@ -322,8 +323,9 @@ func benchInitialPeers(dir string) error {
 			name = "asr (" + ct.name + ") initial replication"
 		}
 		cs = append(cs, &contender{name: name, cmd: fmt.Sprintf("%s server (started first, not timed) + agent %s, from the agent's start until protected, + fsync of the replica", ct.bin, strings.Join(ct.args, " ")), run: func() (time.Duration, error) {
-			d, extra, err := asrInitialRound(dir, disk, ct)
+			d, cpu, extra, err := asrInitialRound(dir, disk, ct)
 			asrExtra[i] = append(asrExtra[i], extra)
+			asrCPU[i] = append(asrCPU[i], cpu)
 			return d, err
 		}})
 	}
@@ -373,17 +375,22 @@ func benchInitialPeers(dir string) error {
 			fmt.Printf("%s round %d: %s\n", cts[i].name, r+1, e)
 		}
 	}
+	fmt.Printf("\n%-34s %-24s %8s %16s\n", "asr server's CPU-seconds", "per round", "median", "ratio to asr")
+	for i, ct := range cts {
+		fmt.Printf("%-34s %-24s %8.2f %15.2fx\n", ct.name, joinFloats(asrCPU[i], "%.2f"), median(asrCPU[i]), median(asrCPU[i])/median(asrCPU[0]))
+	}
+	fmt.Println("(the server's utime+stime from its start to the disk protected, read from /proc before it stops)")
 	return nil
 }
 
 // asrInitialRound replicates disk with a fresh server and agent in a fresh
 // directory: the time from starting the agent (the server already up) to
 // the disk protected, plus an fsync of every file of the target (the
-// replica).
-func asrInitialRound(dir, disk string, ct asrContender) (time.Duration, string, error) {
+// replica), and the server's CPU-seconds.
+func asrInitialRound(dir, disk string, ct asrContender) (time.Duration, float64, string, error) {
 	rd, err := os.MkdirTemp(dir, "asr")
 	if err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	defer os.RemoveAll(rd)
 	exec.Command("sync").Run()
@@ -395,27 +402,29 @@ func asrInitialRound(dir, disk string, ct asrContender) (time.Duration, string, 
 	t0 := time.Now()
 	c, err := startServerBin(ct.bin, rd, noNBDListen...)
 	if err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	defer track(c.stop)()
 	defer c.stop()
 	srvStart := time.Since(t0)
+	cpu0 := cpuSeconds(c.server) // its start's, not counted
 	start := time.Now()
 	if c.agent, err = c.addAgent("bench", c.sock, map[string]string{"d0": disk}, ct.args...); err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	if err := c.waitUsable(10 * time.Minute); err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	if err := fsyncTree(filepath.Join(c.srvDir, "target")); err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	d := time.Since(start)
+	cpu := cpuSeconds(c.server) - cpu0
 	_, agentPeak := rssKiB(c.agent)
 	_, srvPeak := rssKiB(c.server)
 	du, _ := exec.Command("du", "-sk", filepath.Join(c.srvDir, "target")).Output()
-	return d, fmt.Sprintf("server start %.2f s (not timed), agent peak RSS %d MiB, server peak RSS %d MiB, target %s KiB, %.2f GB written to the block devices",
-		srvStart.Seconds(), agentPeak>>10, srvPeak>>10, strings.Fields(string(du) + " ?")[0], float64(diskWritten()-written0)/1e9), nil
+	return d, cpu, fmt.Sprintf("server start %.2f s (not timed), server CPU-s after it %.2f, agent peak RSS %d MiB, server peak RSS %d MiB, target %s KiB, %.2f GB written to the block devices",
+		srvStart.Seconds(), cpu, agentPeak>>10, srvPeak>>10, strings.Fields(string(du) + " ?")[0], float64(diskWritten()-written0)/1e9), nil
 }
 
 // noNBDListen keeps the server off the failover NBD port (10809), which

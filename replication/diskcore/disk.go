@@ -118,6 +118,18 @@ func (h *Handle) WriteAt(p []byte, off int64) error {
 	return h.change("write", off, int64(len(p)), func(st Disk) error { return st.Write(p, off) })
 }
 
+// WriteAtOwned is WriteAt for a p the caller never changes again
+// (replication.OwningWriter): a storage that can keep it (OwningDisk) does,
+// instead of a copy; any other is given it as by WriteAt.
+func (h *Handle) WriteAtOwned(p []byte, off int64) error {
+	return h.change("write", off, int64(len(p)), func(st Disk) error {
+		if o, ok := st.(OwningDisk); ok {
+			return o.WriteOwned(p, off)
+		}
+		return st.Write(p, off)
+	})
+}
+
 // ZeroAt makes n bytes at off read as zero; the storage may hold the change
 // until Flush.
 func (h *Handle) ZeroAt(off, n int64) error {

@@ -133,6 +133,13 @@ type Disk interface {
 	Close(ctx context.Context, held []any) error
 }
 
+// OwningDisk is a Disk that can keep the bytes of a write until Flush
+// without copying them: WriteOwned is Write for a p its caller never
+// changes again (Handle.WriteAtOwned).
+type OwningDisk interface {
+	WriteOwned(p []byte, off int64) error
+}
+
 // Reader reads one snapshot. The core checks the ranges: ReadAt is given
 // ranges inside [0, Size()) and fills them whole or fails.
 type Reader interface {

@@ -95,8 +95,9 @@ type disk struct {
 }
 
 var (
-	_ diskcore.Disk     = (*disk)(nil)
-	_ diskcore.Extenter = (*disk)(nil)
+	_ diskcore.Disk       = (*disk)(nil)
+	_ diskcore.Extenter   = (*disk)(nil)
+	_ diskcore.OwningDisk = (*disk)(nil)
 )
 
 func (t *Target) diskDir(key string) string {
@@ -310,9 +311,17 @@ func (d *disk) loadEpoch(path string) (*epoch, error) {
 }
 
 // Write saves for the newest snapshot the old contents of the blocks p
-// changes, at once, and queues the write until Flush.
+// changes, at once, and queues the write until Flush (a copy of p: the
+// caller may reuse it).
 func (d *disk) Write(p []byte, off int64) error {
-	return d.change(off, int64(len(p)), bytes.Clone(p))
+	return d.WriteOwned(bytes.Clone(p), off)
+}
+
+// WriteOwned is Write queueing p itself, which its caller never changes
+// again (diskcore.OwningDisk): the applier's decoded records, whose copy
+// cost a memmove of every byte applied.
+func (d *disk) WriteOwned(p []byte, off int64) error {
+	return d.change(off, int64(len(p)), p)
 }
 
 // Zero saves like Write and queues a change that makes n bytes at off read

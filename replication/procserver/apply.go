@@ -50,6 +50,10 @@ type replica struct {
 	// machine was opened (MachineStats.AppliedBytes): the same bytes the
 	// backlog and the received count measure, as they came over the wire.
 	applied atomic.Int64
+	// handoff holds the records the connection's reader decoded and
+	// checked, which the apply loop takes instead of decoding its frames
+	// again (handoff.go).
+	handoff *handoff
 
 	mu     sync.Mutex
 	a      *replication.Applier
@@ -67,7 +71,7 @@ type replica struct {
 
 func newReplica(id, dir string, cat *replication.Catalog, a *replication.Applier, log *slog.Logger) *replica {
 	return &replica{id: id, dir: dir, cat: cat, a: a, log: log, wake: make(chan struct{}, 1), progress: make(chan struct{}),
-		onQuarantine: func(string, string) {}, onUploaded: func(int64) {}}
+		onQuarantine: func(string, string) {}, onUploaded: func(int64) {}, handoff: newHandoff(&handoffBudget{})}
 }
 
 // start starts the apply loop on the segments of q (stopped by parent or
@@ -218,10 +222,27 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 		return err
 	}
 	// Verified, decompressed and hashed outside the applier's lock, on
-	// every CPU; a segment that fails is reported by the apply below.
-	prep, perr := replication.PrepareSegment(data)
+	// every CPU; a segment that fails is reported by the apply below. The
+	// frames whose records the reader handed over are not decoded again;
+	// what they count against the hand-off's budget is given back once
+	// they are applied (or dropped), and the entries of frames the
+	// applier is past (this segment's, taken or not) are dropped.
+	var lent int64
+	defer func() { r.handoff.giveBack(lent) }()
+	defer r.handoff.dropThrough(sg.last)
+	prep, perr := replication.PrepareSegmentFrom(data, func(k replication.FrameKey) ([]replication.Record, bool) {
+		recs, n, ok := r.handoff.take(k)
+		lent += n
+		return recs, ok
+	})
 	if perr != nil && !errors.Is(perr, replication.ErrCorrupt) {
 		return perr
+	}
+	if perr == nil {
+		// Nothing changes data (read here) or the hand-off's buffers
+		// (the reader gave them away) again: the replica disks may keep
+		// the records' bytes until their flush rather than copy them.
+		prep.GiveData()
 	}
 	// Kept on the target first, so a point is never reported before the
 	// changes after it can be replayed; a segment that fails verification

@@ -58,6 +58,7 @@ func mustReplica(t *testing.T, prepare func(dir string)) *replicaRig {
 		prepare(r.dir)
 	}
 	r.rep = newReplica(machineID, r.dir, r.cat, a, log)
+	r.rep.handoff = newHandoff(&handoffBudget{max: 64 << 20})
 	var total atomic.Int64
 	var done []sealedSeg
 	r.cache, done, err = openCache(ctx, cacheConfig{dir: r.dir, segmentBytes: 1 << 30, sealAfter: time.Hour, total: &total, log: log,
@@ -130,7 +131,7 @@ func TestWaitAppliedSealsTheOpenFile(t *testing.T) {
 	r.waitApplied(t, 1)
 	epoch, _, _ := r.cache.takeOver()
 	f := dataFrame(2, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("in the open file")})
-	if err := r.cache.append(epoch, &f); err != nil {
+	if _, err := r.cache.append(epoch, &f); err != nil {
 		t.Fatal(err)
 	}
 	r.waitApplied(t, 2) // sealed on request: the file would wait an hour

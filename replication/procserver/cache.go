@@ -326,8 +326,17 @@ func (c *cache) breakLocked(err error) {
 }
 
 // append writes a DATA frame of the writer with this epoch to the open
-// file. It is acknowledged once the sync loop has fsync'd it.
-func (c *cache) append(epoch uint64, f *replication.Frame) error {
+// file, and returns the key of the frame as written. It is acknowledged
+// once the sync loop has fsync'd it.
+func (c *cache) append(epoch uint64, f *replication.Frame) (replication.FrameKey, error) {
+	var h [replication.FrameHeaderSize]byte
+	key := replication.EncodeFrameHeader(&h, f)
+	return key, c.appendEncoded(epoch, f, &h)
+}
+
+// appendEncoded is append with f's header encoded by the caller
+// (replication.EncodeFrameHeader), outside the cache's lock.
+func (c *cache) appendEncoded(epoch uint64, f *replication.Frame, h *[replication.FrameHeaderSize]byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.writableLocked(epoch); err != nil {
@@ -336,22 +345,28 @@ func (c *cache) append(epoch uint64, f *replication.Frame) error {
 	if f.Seq != c.appended+1 || f.Count == 0 {
 		return &replication.ProtocolError{Reason: fmt.Sprintf("data frame at seq %d (%d records), expected seq %d", f.Seq, f.Count, c.appended+1)}
 	}
-	b := replication.AppendFrame(make([]byte, 0, replication.FrameHeaderSize+len(f.Payload)), f)
-	if _, err := c.open.Write(b); err != nil {
+	// Header and payload written apart: the payload (up to 16 MiB) is
+	// not copied into a new buffer first.
+	_, err := c.open.Write(h[:])
+	if err == nil && len(f.Payload) > 0 {
+		_, err = c.open.Write(f.Payload)
+	}
+	if err != nil {
 		// A partial write leaves garbage: cut it so the file stays valid.
 		c.cutLocked()
 		return fmt.Errorf("write cache: %w", err)
 	}
+	n := int64(len(h) + len(f.Payload))
 	if c.openRaw == 0 {
 		c.openSince = time.Now()
 	}
-	c.openBytes += int64(len(b))
+	c.openBytes += n
 	c.openRaw += int64(f.RawLen)
 	c.appended = f.Seq + uint64(f.Count) - 1
 	if f.Flags&replication.FlagTag != 0 {
 		c.openTag = true
 	}
-	c.cfg.total.Add(int64(len(b)))
+	c.cfg.total.Add(n)
 	c.kick()
 	return nil
 }

@@ -68,7 +68,7 @@ func (r *cacheRig) waitDurable(seq uint64) {
 
 func (r *cacheRig) mustAppend(epoch uint64, f replication.Frame) {
 	r.t.Helper()
-	if err := r.c.append(epoch, &f); err != nil {
+	if _, err := r.c.append(epoch, &f); err != nil {
 		r.t.Fatal(err)
 	}
 }
@@ -139,7 +139,7 @@ func TestCacheFailedFsyncIsSticky(t *testing.T) {
 	}
 	fs.failSyncs(nil) // the disk works again
 	f := dataFrame(2, writeRec(0, "b"))
-	if err := r.c.append(epoch, &f); err == nil {
+	if _, err := r.c.append(epoch, &f); err == nil {
 		t.Fatal("appended after a failed fsync")
 	}
 	if _, _, err := r.c.takeOver(); err == nil {
@@ -178,13 +178,13 @@ func TestCacheTakeOverFencesTheOldWriter(t *testing.T) {
 		t.Fatalf("takeOver: durable %d, %v; want 1, appended by the first writer", durable, err)
 	}
 	f := dataFrame(2, writeRec(0, "late"))
-	if err := r.c.append(first, &f); !errors.Is(err, errReplaced) {
+	if _, err := r.c.append(first, &f); !errors.Is(err, errReplaced) {
 		t.Fatalf("the old writer appended: %v", err)
 	}
 	r.mustAppend(second, f)
 	r.c.fence(second)
 	f = dataFrame(3, writeRec(0, "after the end"))
-	if err := r.c.append(second, &f); !errors.Is(err, errReplaced) {
+	if _, err := r.c.append(second, &f); !errors.Is(err, errReplaced) {
 		t.Fatalf("a fenced writer appended: %v", err)
 	}
 }
@@ -207,7 +207,7 @@ func TestCacheSkipTo(t *testing.T) {
 	}
 	f := dataFrame(3, writeRec(0, "c"))
 	var pe *replication.ProtocolError
-	if err := r.c.append(epoch, &f); !errors.As(err, &pe) {
+	if _, err := r.c.append(epoch, &f); !errors.As(err, &pe) {
 		t.Fatalf("a frame inside the gap: %v", err)
 	}
 	r.mustAppend(epoch, dataFrame(10, writeRec(0, "after the gap")))

@@ -236,7 +236,7 @@ func TestReplacedConnection(t *testing.T) {
 		t.Fatalf("the first connection was acknowledged seq %d", acked)
 	}
 	late := dataFrame(5, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("late")})
-	if err := m.append(first, &late); !errors.Is(err, errReplaced) {
+	if _, err := m.append(first, &late); !errors.Is(err, errReplaced) {
 		t.Fatalf("the replaced connection appended: %v", err)
 	}
 	release()

@@ -50,7 +50,11 @@ func (g *gatedTarget) PutObject(ctx context.Context, key string, data []byte) er
 	gate := g.gate
 	g.mu.Unlock()
 	if gate != nil {
-		<-gate
+		select {
+		case <-gate:
+		case <-ctx.Done(): // the server closes
+			return ctx.Err()
+		}
 	}
 	return g.Target.PutObject(ctx, key, data)
 }
@@ -361,7 +365,7 @@ func TestDisconnect(t *testing.T) {
 		t.Fatal("still connected")
 	}
 	f := dataFrame(4, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: []byte("late")})
-	if err := m.append(cc, &f); err == nil {
+	if _, err := m.append(cc, &f); err == nil {
 		t.Fatal("the disconnected connection could still append")
 	}
 	a.waitClosed()

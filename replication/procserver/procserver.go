@@ -79,6 +79,13 @@ type Config struct {
 	// CacheMaxBytes stops reading from agents while the cache holds more
 	// (back-pressure: agents spool). Default 8 GiB.
 	CacheMaxBytes int64
+	// HandoffBytes bounds the memory of the DATA frames the connections'
+	// readers decoded and checked, held for the appliers so that they do
+	// not decode them again from the cache (handoff.go), across all
+	// machines. Default 64 MiB (two segments of 32 MiB: the one being
+	// applied, the one filling); negative: none, every frame is decoded
+	// again from its segment.
+	HandoffBytes int64
 	// DiskFree reports the free and total bytes of the file system holding
 	// dir (default: statfs). OnCacheState reports the cache disk entering
 	// another state (CacheOK, CacheWarning, CacheCritical).
@@ -127,6 +134,7 @@ type Server struct {
 	conns    map[net.Conn]struct{}
 
 	cacheBytes atomic.Int64
+	handoff    handoffBudget // the decoded frames the readers hand the appliers (handoff.go)
 	reqID      atomic.Uint64
 	newLogWait atomic.Int64 // see newLogWait
 
@@ -149,6 +157,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.CacheMaxBytes <= 0 {
 		cfg.CacheMaxBytes = 8 << 30
 	}
+	if cfg.HandoffBytes == 0 {
+		cfg.HandoffBytes = 64 << 20
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -161,6 +172,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}, failed: map[string]error{}, removed: map[string]bool{}, handing: map[string]bool{}, conns: map[net.Conn]struct{}{},
 		handshakes: make(chan struct{}, maxHandshakes), hellos: make(chan struct{}, maxHellos), helloing: map[string]int{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.handoff.max = max(cfg.HandoffBytes, 0)
 	s.reqID.Store(uint64(time.Now().UnixNano()))
 	s.newLogWait.Store(int64(newLogWait))
 	for _, id := range cfg.Removed {
@@ -482,7 +494,6 @@ func (s *Server) serveConn(c net.Conn) error {
 // every other frame waits until the DATA frames before it are written,
 // so the order the agent sent them in holds for everything they do.
 func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err error) {
-	var dbuf []byte
 	codec := replication.ServerCodec()
 	comp := replication.AdaptiveCompressor{Codec: codec}
 	w := newCacheWriter(s, m, cc)
@@ -495,6 +506,11 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 		// An agent sends a status at least every few seconds.
 		cc.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
 		fb := w.buffers()
+		if fb.read == nil && fb.readCap > 0 {
+			// Its buffer went to the hand-off with the records it held:
+			// as large again as that frame, which did arrive.
+			fb.read = make([]byte, 0, fb.readCap)
+		}
 		f, nb, err := replication.ReadFrame(br, fb.read)
 		fb.read = nb
 		if err != nil {
@@ -520,23 +536,31 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 			// Checked whole before it is written: nothing malformed or
 			// damaged is ever acknowledged (the agent keeps it and sends
 			// it again on the next connection).
-			var err error
-			if dbuf, err = codec.CheckData(&f, dbuf, cc.disk); err != nil {
+			recs, dec, err := codec.CheckRecords(&f, fb.dec, cc.disk)
+			fb.dec = dec
+			if err != nil {
+				w.release(fb)
 				err = fmt.Errorf("refused a data frame at seq %d (nothing of it was kept or acknowledged): %w", f.Seq, err)
 				if s.cfg.OnRefused != nil {
 					s.cfg.OnRefused(m.id, err.Error())
 				}
 				return err
 			}
-			if cap(dbuf) > 2*replication.MaxFrameRaw {
-				dbuf = nil
-			}
 			wire := int64(len(f.Payload) + replication.FrameHeaderSize)
 			// An agent sends plain frames unless told to compress (its
 			// CPU is the guest's): compressed here, before the cache, so
 			// the cache and the target hold compressed segments, unless
 			// the stream does not compress (then tried only now and then).
+			plain, flags := !f.Compressed(), f.Flags
 			fb.comp = comp.Compress(&f, fb.comp[:0])
+			fb.recs, fb.plain = nil, plain
+			if f.Flags == flags {
+				// The cache writes the bytes the records were decoded
+				// from: they go to the applier (handoff.go). A frame
+				// compressed here is not handed off, so the applier
+				// decodes what the cache holds of it.
+				fb.recs = recs
+			}
 			if err := w.append(f, wire, fb); err != nil {
 				return err
 			}
@@ -590,13 +614,23 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 
 // cacheWriterDepth is how many DATA frames of a connection are read and
 // checked ahead of the one being written to the cache: the memory this
-// costs is that many frames' buffers (a frame is at most
-// replication.MaxFrameRaw, 4 MiB from an asr agent).
+// costs is that many frames' buffers (as read, decompressed and
+// compressed here: a frame is at most replication.MaxFrameRaw
+// decompressed, 4 MiB from an asr agent).
 const cacheWriterDepth = 2
 
-// frameBuffers hold one DATA frame as read (read) and as compressed here
-// (comp); a frame's payload is in one of them until it is written.
-type frameBuffers struct{ read, comp []byte }
+// frameBuffers hold one DATA frame as read (read), decompressed to check
+// it (dec) and as compressed here (comp); a frame's payload is in read or
+// comp until it is written. recs are its records as checked, which alias
+// read (plain) or dec: the cacheWriter hands them, with the buffer they
+// alias, to the applier as it writes the frame (the set then gets a new
+// buffer: readCap is the size of the read buffer that went).
+type frameBuffers struct {
+	read, dec, comp []byte
+	recs            []replication.Record
+	plain           bool
+	readCap         int
+}
 
 // cacheWriter writes a connection's DATA frames to the machine's cache in
 // its own goroutine, in the order it is given them, so that the reader
@@ -647,6 +681,10 @@ func (w *cacheWriter) release(fb *frameBuffers) {
 	if cap(fb.comp) > 2*replication.MaxFrameRaw {
 		fb.comp = nil
 	}
+	if cap(fb.dec) > 2*replication.MaxFrameRaw {
+		fb.dec = nil
+	}
+	fb.recs = nil
 	w.free <- fb
 }
 
@@ -688,7 +726,19 @@ func (w *cacheWriter) loop() {
 	s := w.s
 	for q := range w.work {
 		if w.failed() == nil {
-			if err := w.m.append(w.cc, &q.f); err != nil {
+			// The header (and its payload checksum) is encoded here,
+			// outside the cache's lock, and the records handed off
+			// before the write: the sync loop may seal the frame, and
+			// the applier take it, as soon as it is written. An entry
+			// is only ever taken for a sealed frame with its key, so
+			// one whose write fails is merely dropped.
+			var h [replication.FrameHeaderSize]byte
+			key := replication.EncodeFrameHeader(&h, &q.f)
+			handed := w.handOff(key, q.fb)
+			if err := w.m.appendEncoded(w.cc, &q.f, &h); err != nil {
+				if handed {
+					w.m.rep.handoff.drop(key)
+				}
 				w.mu.Lock()
 				w.err = err
 				w.mu.Unlock()
@@ -706,6 +756,31 @@ func (w *cacheWriter) loop() {
 		w.release(q.fb)
 		w.wg.Done()
 	}
+}
+
+// handOff leaves the checked records of a frame the cache is about to
+// write as key, with the buffer they alias, to the machine's applier
+// (handoff.go), if the budget allows; it reports whether it did.
+func (w *cacheWriter) handOff(key replication.FrameKey, fb *frameBuffers) bool {
+	recs := fb.recs
+	fb.recs = nil
+	switch {
+	case recs == nil:
+		return false
+	case fb.plain:
+		// The payload the cache writes is this buffer too: it is only
+		// read from now on.
+		if !w.m.rep.handoff.put(key, recs, fb.read) {
+			return false
+		}
+		fb.readCap, fb.read = cap(fb.read), nil
+	default:
+		if !w.m.rep.handoff.put(key, recs, fb.dec) {
+			return false
+		}
+		fb.dec = nil
+	}
+	return true
 }
 
 // RequestPoint asks a machine's agent for a recovery point now and waits

@@ -96,7 +96,7 @@ func TestRemoveWithoutDrain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.cache.append(epoch, &f); err != nil {
+	if _, err := m.cache.append(epoch, &f); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Remove(ctx, machineID, false); err != nil {
@@ -105,7 +105,7 @@ func TestRemoveWithoutDrain(t *testing.T) {
 	if mc, _ := cat.Machine(ctx, machineID); mc.AppliedSeq != 0 {
 		t.Fatalf("applied %d after a removal without drain", mc.AppliedSeq)
 	}
-	if err := m.cache.append(epoch, &f); err == nil {
+	if _, err := m.cache.append(epoch, &f); err == nil {
 		t.Fatal("the removed machine's cache took a frame")
 	}
 	if err := cat.DeleteMachine(ctx, machineID); err != nil {

@@ -1,0 +1,183 @@
+package procserver
+
+import (
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// The hand-off of decoded DATA frames from a connection's reader to the
+// machine's applier, so that a frame is decompressed and its records
+// checked once on the process server, not twice. The reader decodes and
+// checks every DATA frame before it is written to the cache (nothing
+// malformed is ever acknowledged: CheckRecords). As the cacheWriter
+// writes the frame it leaves the records here, keyed by the frame as the
+// cache writes it (replication.FrameKey: seq, count, lengths, flags and
+// the payload's CRC-32C, computed as the header is encoded): just before
+// the write, as the frame may be sealed and applied as soon as it is
+// written, and dropped again if the write fails. The applier still reads
+// the sealed segment (durable: fsync'd before its seal) from the cache
+// and scans it whole (every frame's header and payload checksum): a frame
+// whose key is here takes these records (replication.PrepareSegmentFrom),
+// any other is decoded from the file as before. So records are only ever
+// applied to the frame they were decoded from, and a miss (the bound
+// reached, the entry dropped, a restart) costs only the second decode.
+//
+// Record checksums are not checked again on a hit: the records were
+// checked by CheckRecords from the very payload bytes the cache wrote (a
+// frame the server compressed itself is not handed off: its cached bytes
+// were never decoded), and have not left the process's memory since,
+// where the applier's own decode would hold them too between its check
+// and its write. Checking again would cost a CRC-32C pass over every
+// record byte (about 0.24 CPU-s for the 2 GiB disk of asrbench
+// initial-peers: BENCHMARKS.md) to guard only against memory corruption,
+// which nothing else on the path guards against either.
+//
+// Memory: the entries (their decode buffers and record slices) of every
+// machine count against one budget (Config.HandoffBytes), from the put
+// until the applier has applied the segment that took them; a put past it
+// is refused (the oldest entries, the applier's next, are kept: evicting
+// them would turn a backlog into misses only). Entries the applier will
+// not take (their segment quarantined, a frame written again after a
+// failed write) are dropped once it has passed their sequence numbers,
+// and every entry when the machine closes.
+
+// handoffBudget bounds the bytes every machine's hand-off holds.
+type handoffBudget struct {
+	max  int64
+	used atomic.Int64
+}
+
+// reserve takes n bytes of the budget, if they fit.
+func (b *handoffBudget) reserve(n int64) bool {
+	for {
+		u := b.used.Load()
+		if u+n > b.max {
+			return false
+		}
+		if b.used.CompareAndSwap(u, u+n) {
+			return true
+		}
+	}
+}
+
+func (b *handoffBudget) release(n int64) { b.used.Add(-n) }
+
+// handoff is one machine's: the cacheWriter of its connection puts, its
+// applier takes.
+type handoff struct {
+	budget *handoffBudget
+
+	mu      sync.Mutex
+	entries map[replication.FrameKey]handoffEntry
+	closed  bool
+
+	// hits and misses count the DATA frames the applier took from here and
+	// decoded from the segment file; refused the puts past the budget.
+	hits, misses, refused atomic.Int64
+}
+
+type handoffEntry struct {
+	recs []replication.Record
+	size int64 // what it counts against the budget
+}
+
+func newHandoff(budget *handoffBudget) *handoff {
+	return &handoff{budget: budget, entries: map[replication.FrameKey]handoffEntry{}}
+}
+
+// recordSize is what a decoded record costs beyond its data.
+const recordSize = int64(unsafe.Sizeof(replication.Record{}))
+
+// handoffSize is what records decoded into buf cost the budget.
+func handoffSize(buf []byte, recs []replication.Record) int64 {
+	return int64(cap(buf)) + int64(cap(recs))*recordSize
+}
+
+// put leaves the records of the frame the cache wrote as k, decoded
+// into buf (which they alias; it is the hand-off's from now on if put
+// returns true), for the applier. It reports false, and keeps nothing,
+// past the budget.
+func (h *handoff) put(k replication.FrameKey, recs []replication.Record, buf []byte) bool {
+	size := handoffSize(buf, recs)
+	if !h.budget.reserve(size) {
+		h.refused.Add(1)
+		return false
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		h.budget.release(size)
+		return false
+	}
+	if old, ok := h.entries[k]; ok {
+		h.budget.release(old.size)
+	}
+	h.entries[k] = handoffEntry{recs: recs, size: size}
+	return true
+}
+
+// take removes and returns the records of the frame with key k, and what
+// they count against the budget until the applier gives it back (lent).
+func (h *handoff) take(k replication.FrameKey) ([]replication.Record, int64, bool) {
+	h.mu.Lock()
+	e, ok := h.entries[k]
+	if ok {
+		delete(h.entries, k)
+	}
+	h.mu.Unlock()
+	if !ok {
+		h.misses.Add(1)
+		return nil, 0, false
+	}
+	h.hits.Add(1)
+	return e.recs, e.size, true
+}
+
+// drop removes the entry of the frame with key k, if there is one (its
+// write failed).
+func (h *handoff) drop(k replication.FrameKey) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if e, ok := h.entries[k]; ok {
+		delete(h.entries, k)
+		h.budget.release(e.size)
+	}
+}
+
+// giveBack returns what taken entries counted, once their records are
+// applied (nothing refers to them any more).
+func (h *handoff) giveBack(n int64) { h.budget.release(n) }
+
+// dropThrough drops the entries of frames ending at or before seq: the
+// applier is past them.
+func (h *handoff) dropThrough(seq uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for k, e := range h.entries {
+		if k.Seq+uint64(k.Count)-1 <= seq {
+			delete(h.entries, k)
+			h.budget.release(e.size)
+		}
+	}
+}
+
+// close drops every entry; later puts keep nothing.
+func (h *handoff) close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for k, e := range h.entries {
+		delete(h.entries, k)
+		h.budget.release(e.size)
+	}
+}
+
+// held is how many entries wait for the applier.
+func (h *handoff) held() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.entries)
+}
