@@ -86,7 +86,9 @@ func TestE2EProcessServers(t *testing.T) {
 	id := c.tag("vm1")
 	c.recoverAndCheck("vm1", id, map[string]string{"d0": sha256File(t, d0)})
 
-	// kill -9: no heartbeat, a critical alert.
+	// kill -9: no heartbeat, a critical alert (raised after the kill, and
+	// active: one from before it would prove nothing).
+	killed := time.Now()
 	ps2.kill()
 	deadline = time.Now().Add(hungAfter)
 	for {
@@ -96,7 +98,8 @@ func TestE2EProcessServers(t *testing.T) {
 		}
 		found := false
 		for _, a := range as {
-			found = found || a.Kind == api.AlertPSHeartbeat && a.Severity == api.SeverityCritical && strings.Contains(a.Message, "ps2")
+			found = found || a.Kind == api.AlertPSHeartbeat && a.Severity == api.SeverityCritical && strings.Contains(a.Message, "ps2") &&
+				a.State == api.AlertActive && !a.Raised.Before(killed)
 		}
 		if found {
 			break

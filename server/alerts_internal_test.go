@@ -207,6 +207,27 @@ func TestProcessServerObs(t *testing.T) {
 	}
 }
 
+// TestHeartbeatSince: a process server's silence counts from its last
+// heartbeat, else from the later of the server's start and its
+// registration (one registered after the start was reported silent since
+// the start before its first heartbeat could come).
+func TestHeartbeatSince(t *testing.T) {
+	t.Parallel()
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		registered, beat, want time.Time
+	}{
+		{start.Add(-time.Hour), time.Time{}, start},
+		{start.Add(5 * time.Second), time.Time{}, start.Add(5 * time.Second)},
+		{start.Add(5 * time.Second), start.Add(6 * time.Second), start.Add(6 * time.Second)},
+		{start.Add(-time.Hour), start.Add(-time.Minute), start},
+	} {
+		if got := heartbeatSince(start, tc.registered, tc.beat); !got.Equal(tc.want) {
+			t.Errorf("registered %s, beat %s: %s, want %s", tc.registered, tc.beat, got, tc.want)
+		}
+	}
+}
+
 func TestCertObs(t *testing.T) {
 	t.Parallel()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)

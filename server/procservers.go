@@ -336,7 +336,8 @@ func (s *Server) handlePSRemove(w http.ResponseWriter, r *http.Request) error {
 
 // psHeartbeatObs observes each scale-out process server's heartbeat: none
 // for PSHeartbeatLost is critical (a heartbeat clears it). No heartbeat is
-// known from before this server started: the wait counts from the start.
+// known from before this server started: the wait counts from the start,
+// or from the registration of one registered since.
 func (s *Server) psHeartbeatObs(ctx context.Context, now time.Time) ([]alertObs, error) {
 	rows, err := s.db.ProcessServers(ctx)
 	if err != nil {
@@ -346,10 +347,7 @@ func (s *Server) psHeartbeatObs(ctx context.Context, now time.Time) ([]alertObs,
 	defer s.pss.mu.Unlock()
 	var obs []alertObs
 	for _, p := range rows {
-		last := s.alerts.started
-		if b := s.pss.last[p.Name]; b.at.After(last) {
-			last = b.at
-		}
+		last := heartbeatSince(s.alerts.started, p.Registered, s.pss.last[p.Name].at)
 		down := now.Sub(last)
 		o := alertObs{kind: api.AlertPSHeartbeat, key: p.Name, subject: "process server " + p.Name, clear: down <= s.cfg.PSHeartbeatLost}
 		if !o.clear {
@@ -362,6 +360,20 @@ func (s *Server) psHeartbeatObs(ctx context.Context, now time.Time) ([]alertObs,
 		obs = append(obs, o)
 	}
 	return obs, nil
+}
+
+// heartbeatSince is when a process server's silence began: its last
+// heartbeat, or if none since, the later of this server's start (no
+// heartbeat is known from before it) and the process server's
+// registration (one registered since has had no time to beat before it).
+func heartbeatSince(started, registered, beat time.Time) time.Time {
+	last := started
+	for _, t := range []time.Time{registered, beat} {
+		if t.After(last) {
+			last = t
+		}
+	}
+	return last
 }
 
 // SwitchProcessServer moves a machine to another process server (to: a
@@ -548,6 +560,9 @@ func (s *Server) autoSwitch(ctx context.Context) error {
 	for _, p := range rows {
 		s.pss.mu.Lock()
 		last := s.alerts.started
+		if p.Registered.After(last) {
+			last = p.Registered
+		}
 		if b := s.pss.last[p.Name]; b.at.After(last) {
 			last = b.at
 		}
