@@ -10,3 +10,6 @@ func newRing(n int) ([]byte, error) {
 
 // freeRing leaves a ring of newRing to the garbage collector.
 func freeRing([]byte) error { return nil }
+
+// releaseRing keeps the pages of a ring on the heap.
+func releaseRing([]byte) error { return nil }

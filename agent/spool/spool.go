@@ -101,8 +101,12 @@ type Spool struct {
 	mem      []memRec
 	memArr   []memRec // the array mem is in (pushMem)
 	memBytes int64
-	ring     []byte
-	marks    []mark
+	// ringHigh is the end of the ring's part touched since ringReleased,
+	// when its pages past ringKeep were last given back.
+	ringHigh     int
+	ringReleased time.Time
+	ring         []byte
+	marks        []mark
 
 	// samples of (seq, time) of appended records, at most one per
 	// sampleEvery, for OldestPending; popped as records are acknowledged.
@@ -623,6 +627,7 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 			return 0, fmt.Errorf("spool: record seq %d encoded to %d bytes, not %d", r.Seq, len(b), size)
 		}
 		s.pushMem(memRec{seq: r.Seq, off: at, n: len(b)})
+		s.ringHigh = max(s.ringHigh, at+len(b))
 		s.memBytes += size
 		s.bytes += size
 	} else {
@@ -917,14 +922,41 @@ func (s *Spool) Ack(seq uint64) error {
 		s.bytes -= l
 		n++
 	}
-	clear(s.mem[:n])
 	s.mem = s.mem[n:]
 	if len(s.mem) == 0 {
 		s.mem = nil
+		s.releaseRingLocked()
 	}
 	err := s.trimLocked()
 	s.cond.Broadcast()
 	return err
+}
+
+// ringKeep is the part of the memory log's ring kept in memory when the
+// log empties (the steady state's depth), and ringReleaseEvery how often at
+// most the pages past it that a backlog touched are given back.
+const (
+	ringKeep         = 4 << 20
+	ringReleaseEvery = 5 * time.Second
+)
+
+// releaseRingLocked gives the ring's pages past ringKeep back to the
+// system once the log is empty (appends start again at the ring's start),
+// at most every ringReleaseEvery: the RSS then follows the backlog instead
+// of keeping its peak, for the cost of a page fault per page the next
+// backlog touches again.
+func (s *Spool) releaseRingLocked() {
+	if s.ringHigh <= ringKeep || len(s.mem) > 0 {
+		return
+	}
+	now := time.Now()
+	if now.Sub(s.ringReleased) < ringReleaseEvery {
+		return
+	}
+	from := ringKeep &^ (os.Getpagesize() - 1)
+	if from < len(s.ring) && releaseRing(s.ring[from:s.ringHigh]) == nil {
+		s.ringHigh, s.ringReleased = from, now
+	}
 }
 
 func (s *Spool) trimLocked() error {
