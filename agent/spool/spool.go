@@ -93,14 +93,20 @@ type Spool struct {
 	buf      []byte
 
 	// The memory log (Options.MemBytes): mem holds the records after the
-	// files' last one, oldest first, encoded in ring (allocated once: no
-	// garbage per record); memBytes their size (also in bytes). marks are
-	// where spills began in the files (a reader that read records from
-	// memory finds them again there after a spill).
+	// files' last one, oldest first, encoded in ring (mapped once, outside
+	// the Go heap: see newRing; no garbage per record); memBytes their
+	// size (also in bytes). marks are where spills began in the files (a
+	// reader that read records from memory finds them again there after a
+	// spill).
 	mem      []memRec
+	memArr   []memRec // the array mem is in (pushMem)
 	memBytes int64
-	ring     []byte
-	marks    []mark
+	// ringHigh is the end of the ring's part touched since ringReleased,
+	// when its pages past ringKeep were last given back.
+	ringHigh     int
+	ringReleased time.Time
+	ring         []byte
+	marks        []mark
 
 	// samples of (seq, time) of appended records, at most one per
 	// sampleEvery, for OldestPending; popped as records are acknowledged.
@@ -142,12 +148,16 @@ type appendFile interface {
 	Close() error
 }
 
-// memRec is a record of the memory log, encoded in the ring at off.
+// memRec is a record of the memory log, encoded in ring[off:off+n]. It
+// holds no pointer, so the garbage collector never scans the log's index.
 type memRec struct {
 	seq uint64
 	off int
-	b   []byte
+	n   int
 }
+
+// rec returns the encoded record m.
+func (s *Spool) rec(m memRec) []byte { return s.ring[m.off : m.off+m.n] }
 
 // mark is the place of record seq in a file.
 type mark struct {
@@ -224,9 +234,6 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 	}
 	s := &Spool{dir: dir, opts: opts, acked: acked, next: acked + 1}
 	s.cond = sync.NewCond(&s.mu)
-	if opts.MemBytes > 0 {
-		s.ring = make([]byte, opts.MemBytes)
-	}
 	names, err := filepath.Glob(filepath.Join(dir, "*"+suffix))
 	if err != nil {
 		return nil, rec, err
@@ -296,6 +303,12 @@ func Open(dir string, opts Options, acked uint64) (*Spool, Recovered, error) {
 		if err := f.f.Sync(); err != nil {
 			s.closeFiles()
 			return nil, rec, fmt.Errorf("spool: sync %s: %w", f.path, err)
+		}
+	}
+	if opts.MemBytes > 0 {
+		if s.ring, err = newRing(int(opts.MemBytes)); err != nil {
+			s.closeFiles()
+			return nil, rec, fmt.Errorf("spool: memory log of %d bytes: %w", opts.MemBytes, err)
 		}
 	}
 	s.shipSeq = s.next - 1
@@ -591,7 +604,7 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 				return 0, err
 			}
 			for at = s.ringAlloc(int(size)); at < 0 && len(s.mem) > 0; at = s.ringAlloc(int(size)) {
-				if err := s.spillLocked(s.memBytes - int64(len(s.mem[0].b))); err != nil {
+				if err := s.spillLocked(s.memBytes - int64(s.mem[0].n)); err != nil {
 					return 0, err
 				}
 			}
@@ -613,7 +626,8 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 			// Not in its place in the ring (a spill writes the ring).
 			return 0, fmt.Errorf("spool: record seq %d encoded to %d bytes, not %d", r.Seq, len(b), size)
 		}
-		s.mem = append(s.mem, memRec{seq: r.Seq, off: at, b: b})
+		s.pushMem(memRec{seq: r.Seq, off: at, n: len(b)})
+		s.ringHigh = max(s.ringHigh, at+len(b))
 		s.memBytes += size
 		s.bytes += size
 	} else {
@@ -645,7 +659,7 @@ func (s *Spool) ringAlloc(n int) int {
 		}
 	} else {
 		head, last := s.mem[0].off, s.mem[len(s.mem)-1]
-		tail := last.off + len(last.b)
+		tail := last.off + last.n
 		switch {
 		case last.off >= head && tail+n <= len(s.ring): // after the last
 			at = tail
@@ -656,6 +670,23 @@ func (s *Spool) ringAlloc(n int) int {
 		}
 	}
 	return at
+}
+
+// pushMem appends m to mem. Records leave mem at the front (acks,
+// spills): when mem reaches its array's end, the records left are moved
+// back to the array's start, and a new array is made only when they fill
+// half of it, so the steady state allocates nothing per record.
+func (s *Spool) pushMem(m memRec) {
+	if len(s.mem) == cap(s.mem) {
+		if len(s.mem) == 0 && cap(s.memArr) > 1<<16 {
+			s.memArr = nil // a backlog's index, not kept once it is gone
+		}
+		if 2*len(s.mem) > cap(s.memArr) || s.memArr == nil {
+			s.memArr = make([]memRec, 2*len(s.mem)+256)
+		}
+		s.mem = s.memArr[:copy(s.memArr, s.mem)]
+	}
+	s.mem = append(s.mem, m)
 }
 
 // fileNextLocked is the sequence number of the first record not in the
@@ -694,7 +725,7 @@ func (s *Spool) spillLocked(target int64) error {
 		var n int
 		var size int64
 		for n < len(s.mem) && s.memBytes-size > target {
-			l := int64(len(s.mem[n].b))
+			l := int64(s.mem[n].n)
 			if n > 0 && (size+l > 4<<20 || cur.size+size+l > s.opts.FileBytes) {
 				break
 			}
@@ -702,13 +733,13 @@ func (s *Spool) spillLocked(target int64) error {
 			n++
 		}
 		at := Position{File: cur.first, Offset: cur.size}
-		b := s.mem[0].b
-		if first, last := s.mem[0], s.mem[n-1]; last.off+len(last.b)-first.off == int(size) {
-			b = s.ring[first.off : last.off+len(last.b)] // contiguous in the ring
+		b := s.rec(s.mem[0])
+		if first, last := s.mem[0], s.mem[n-1]; last.off+last.n-first.off == int(size) {
+			b = s.ring[first.off : last.off+last.n] // contiguous in the ring
 		} else if n > 1 {
 			s.buf = s.buf[:0]
 			for _, r := range s.mem[:n] {
-				s.buf = append(s.buf, r.b...)
+				s.buf = append(s.buf, s.rec(r)...)
 			}
 			b = s.buf
 		}
@@ -886,19 +917,46 @@ func (s *Spool) Ack(seq uint64) error {
 	}
 	n := 0
 	for n < len(s.mem) && s.mem[n].seq <= seq {
-		l := int64(len(s.mem[n].b))
+		l := int64(s.mem[n].n)
 		s.memBytes -= l
 		s.bytes -= l
 		n++
 	}
-	clear(s.mem[:n])
 	s.mem = s.mem[n:]
 	if len(s.mem) == 0 {
 		s.mem = nil
+		s.releaseRingLocked()
 	}
 	err := s.trimLocked()
 	s.cond.Broadcast()
 	return err
+}
+
+// ringKeep is the part of the memory log's ring kept in memory when the
+// log empties (the steady state's depth), and ringReleaseEvery how often at
+// most the pages past it that a backlog touched are given back.
+const (
+	ringKeep         = 4 << 20
+	ringReleaseEvery = 5 * time.Second
+)
+
+// releaseRingLocked gives the ring's pages past ringKeep back to the
+// system once the log is empty (appends start again at the ring's start),
+// at most every ringReleaseEvery: the RSS then follows the backlog instead
+// of keeping its peak, for the cost of a page fault per page the next
+// backlog touches again.
+func (s *Spool) releaseRingLocked() {
+	if s.ringHigh <= ringKeep || len(s.mem) > 0 {
+		return
+	}
+	now := time.Now()
+	if now.Sub(s.ringReleased) < ringReleaseEvery {
+		return
+	}
+	from := ringKeep &^ (os.Getpagesize() - 1)
+	if from < len(s.ring) && releaseRing(s.ring[from:s.ringHigh]) == nil {
+		s.ringHigh, s.ringReleased = from, now
+	}
 }
 
 func (s *Spool) trimLocked() error {
@@ -1000,6 +1058,17 @@ func (s *Spool) Close() error {
 		}
 	}
 	s.closeFiles()
+	if s.ring != nil {
+		// Nothing reads the ring once closed (readMemory checks); what
+		// a failed spill left in it is lost as in a kill, and the
+		// activity log names its extents.
+		s.bytes -= s.memBytes
+		s.mem, s.memBytes = nil, 0
+		if ferr := freeRing(s.ring); ferr != nil && err == nil {
+			err = ferr
+		}
+		s.ring = nil
+	}
 	return err
 }
 
@@ -1121,6 +1190,10 @@ func (r *Reader) Next(ctx context.Context, buf []byte, max int, wait time.Durati
 	var count uint32
 	for r.seq <= endSeq && len(buf) < max {
 		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return buf, first, count, ErrClosed
+		}
 		fileNext, end := s.fileNextLocked(), s.endPos()
 		s.mu.Unlock()
 		var n uint32
@@ -1153,13 +1226,15 @@ func (r *Reader) readMemory(buf []byte, max int, endSeq uint64) ([]byte, uint32,
 	s := r.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.mem) == 0 || s.mem[0].seq > r.seq {
+	if s.closed || len(s.mem) == 0 || s.mem[0].seq > r.seq {
+		// (Closed: the ring is unmapped, and what it held was spilled
+		// for the next reader of the files.)
 		return buf, 0, true
 	}
 	r.inFile = false
 	var n uint32
 	for i := int(r.seq - s.mem[0].seq); i < len(s.mem) && r.seq <= endSeq; i++ {
-		b := s.mem[i].b
+		b := s.rec(s.mem[i])
 		if len(buf)+len(b) > max && len(buf) > 0 {
 			break // a frame may exceed max by one record, its first
 		}

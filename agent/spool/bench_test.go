@@ -1,0 +1,96 @@
+package spool
+
+import (
+	"context"
+	"math/rand/v2"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/asrdr/asr/replication"
+)
+
+// BenchmarkSteadyState is the agent's path of a change with the server
+// keeping up, through the spool files (spool) and through a 64 MiB memory
+// log (memlog), side by side: append (the splitter), complete, read (the
+// shipper, frames of up to 4 MiB) and acknowledge, 16 records of 4-64 KiB
+// at a time, under the soft memory limit `asr agent` sets by default
+// (--memory-limit 40MiB). It reports the CPU per record (ns/op), the
+// allocations per record and the garbage collections per 1000 records: a
+// memory log whose ring counted against the limit kept the collector
+// running without a pause (the agent's CPU 2.6-3.1x the spool's in the
+// churn bench, BENCHMARKS.md "Steady state (2026-12-06, late)").
+func BenchmarkSteadyState(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		mem  int64
+	}{{"spool", 0}, {"memlog", 64 << 20}} {
+		b.Run(c.name, func(b *testing.B) {
+			defer debug.SetMemoryLimit(debug.SetMemoryLimit(40 << 20))
+			s, _, err := Open(b.TempDir(), Options{MaxBytes: 1 << 30, MemBytes: c.mem}, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			rd, err := s.NewReader(1)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer rd.Close()
+			rng := rand.New(rand.NewPCG(1, 2))
+			// The guest's data comes in buffers from a sync.Pool, as the
+			// NBD server's (agent/nbd/bufpool.go): a collection empties
+			// the pool, and every buffer is then allocated anew.
+			var pool sync.Pool
+			var buf []byte
+			var bytes int64
+			const batch = 16
+			ctx := context.Background()
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			gcs := ms.NumGC
+			b.ReportAllocs()
+			b.ResetTimer()
+			for done := 0; done < b.N; {
+				n := min(batch, b.N-done)
+				for range n {
+					l := 4<<10 + rng.IntN(60<<10+1)
+					data, ok := pool.Get().(*[]byte)
+					if !ok {
+						d := make([]byte, 64<<10)
+						data = &d
+					}
+					(*data)[0] = byte(done)
+					r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite,
+						Offset: rng.Uint64N(1<<30) &^ 4095, Length: uint32(l), Data: (*data)[:l]}
+					seq, err := s.Append(ctx, &r)
+					if err != nil {
+						b.Fatal(err)
+					}
+					pool.Put(data)
+					s.Complete(seq)
+					bytes += int64(l)
+				}
+				for got := 0; got < n; {
+					var first uint64
+					var count uint32
+					buf, first, count, err = rd.Next(ctx, buf[:0], 4<<20, 0)
+					if err != nil || count == 0 {
+						b.Fatalf("read: %d records, %v", count, err)
+					}
+					if err := s.Ack(first + uint64(count) - 1); err != nil {
+						b.Fatal(err)
+					}
+					got += int(count)
+				}
+				done += n
+			}
+			b.StopTimer()
+			runtime.ReadMemStats(&ms)
+			b.ReportMetric(float64(ms.NumGC-gcs)*1000/float64(b.N), "GCs/1000rec")
+			b.SetBytes(bytes / int64(b.N))
+		})
+	}
+}
