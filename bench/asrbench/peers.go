@@ -379,7 +379,7 @@ func benchInitialPeers(dir string) error {
 	for i, ct := range cts {
 		fmt.Printf("%-34s %-24s %8.2f %15.2fx\n", ct.name, joinFloats(asrCPU[i], "%.2f"), median(asrCPU[i]), median(asrCPU[i])/median(asrCPU[0]))
 	}
-	fmt.Println("(the server's utime+stime from its start to the disk protected, read from /proc before it stops)")
+	fmt.Println("(the server's utime+stime from the agent's start to the disk protected, its own start not counted, read from /proc before it stops)")
 	return nil
 }
 
