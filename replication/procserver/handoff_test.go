@@ -46,20 +46,16 @@ func randomBytes(seed uint64, n int) []byte {
 // s2Frame encodes records first.. as one S2 DATA frame, as an agent does
 // for its initial copy.
 func s2Frame(first uint64, recs ...replication.Record) replication.Frame {
-	f := dataFrame(first, recs...)
-	raw, _, err := replication.DefaultCodec().Records(&f, nil)
-	if err != nil {
-		panic(err)
-	}
-	var enc []byte
-	for i := range raw {
-		enc = replication.AppendRecord(enc, &raw[i])
-	}
-	return replication.S2DataFrame(enc, first, uint32(len(recs)), nil)
+	return replication.S2DataFrame(encodeAsFrame(first, recs...), first, uint32(len(recs)), nil)
 }
 
 // plainFrame encodes records first.. as one uncompressed DATA frame.
 func plainFrame(first uint64, recs ...replication.Record) replication.Frame {
+	return replication.PlainDataFrame(encodeAsFrame(first, recs...), first, uint32(len(recs)))
+}
+
+// encodeAsFrame encodes records first.. as dataFrame numbers them.
+func encodeAsFrame(first uint64, recs ...replication.Record) []byte {
 	f := dataFrame(first, recs...)
 	raw, _, err := replication.DefaultCodec().Records(&f, nil)
 	if err != nil {
@@ -69,7 +65,7 @@ func plainFrame(first uint64, recs ...replication.Record) replication.Frame {
 	for i := range raw {
 		enc = replication.AppendRecord(enc, &raw[i])
 	}
-	return replication.PlainDataFrame(enc, first, uint32(len(recs)))
+	return enc
 }
 
 // shipFrame sends f, sealed at once, and waits for its acknowledgement.
