@@ -110,8 +110,9 @@ func newShipper(parent context.Context, log *slog.Logger, sp *spool.Spool, tags 
 // Compression settings of Config.Compression.
 const (
 	// CompressAuto, the default: base data (the initial copy) in S2,
-	// which the process server decodes at once and, before the first
-	// point, never keeps; the guest's changes in zstd with the adaptive
+	// which the process server decodes at once and does not keep as
+	// any-point segments before the machine's first point (a disk added
+	// later, or a new log's copy, is kept in S2); the guest's changes in zstd with the adaptive
 	// skip (a frame that does not compress leaves the next ones untried);
 	// a frame of record headers only (tags, progress, trims) plain.
 	CompressAuto = "auto"
@@ -168,11 +169,10 @@ func (c *frameCompressor) frame(raw []byte, first uint64, count uint32, dst []by
 		s2 = c.s2 && 2*base >= all
 	}
 	if s2 {
-		f = replication.S2DataFrame(raw, first, count, dst)
-		if f.Compressed() {
-			dst = f.Payload
-		}
-		return f, dst
+		// Room for the worst case, kept: a frame that does not compress
+		// (an encrypted disk's copy) allocates nothing either.
+		dst = replication.S2Room(dst, len(raw))
+		return replication.S2DataFrame(raw, first, count, dst), dst
 	}
 	if cap(dst) < len(raw) {
 		dst = make([]byte, 0, len(raw))

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"testing"
 	"testing/synctest"
@@ -351,6 +352,29 @@ func TestShipperCloseInHandshake(t *testing.T) {
 			t.Fatalf("Close took %s in the handshake", took)
 		}
 	})
+}
+
+// TestFrameCompressorKeepsItsRoom: frames of base data that S2 cannot
+// shrink (an encrypted disk's copy) reuse one buffer: after the first,
+// building one allocates nothing (it allocated the worst case's buffer
+// for every frame).
+func TestFrameCompressorKeepsItsRoom(t *testing.T) {
+	noise := make([]byte, 1<<20)
+	rand.NewChaCha8([32]byte{1}).Read(noise)
+	rec := replication.Record{Seq: 1, Kind: replication.KindBase, Length: uint32(len(noise)), Data: noise}
+	raw := replication.AppendRecord(nil, &rec)
+	c := frameCompressor{mode: shipAuto, s2: true}
+	var dst []byte
+	allocs := testing.AllocsPerRun(10, func() {
+		var f replication.Frame
+		f, dst = c.frame(raw, 1, 1, dst)
+		if f.Compressed() {
+			t.Fatal("random data compressed")
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%.1f allocations per frame, want none", allocs)
+	}
 }
 
 // TestShipperCompression: each --compress/--compression setting sends the

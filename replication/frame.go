@@ -400,6 +400,16 @@ func S2DataFrame(raw []byte, first uint64, count uint32, dst []byte) Frame {
 	return Frame{Type: FrameData, Flags: FlagS2, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: comp}
 }
 
+// S2Room returns dst, or a new buffer if dst is too small, with the
+// capacity S2DataFrame needs to compress n bytes of records into it
+// without allocating (whether or not they compress).
+func S2Room(dst []byte, n int) []byte {
+	if m := s2.MaxEncodedLen(n); m > cap(dst) {
+		return make([]byte, 0, m)
+	}
+	return dst
+}
+
 // PlainDataFrame builds an uncompressed DATA frame from encoded records.
 func PlainDataFrame(raw []byte, first uint64, count uint32) Frame {
 	return Frame{Type: FrameData, Seq: first, Count: count, RawLen: uint32(len(raw)), Payload: raw}
