@@ -303,7 +303,7 @@ func (h *hookRecorder) wait(t *testing.T, what string, match func(api.WebhookBod
 
 func (p *consolePage) evalBool(expr string) bool {
 	p.t.Helper()
-	b, err := chromedp.Run(p.ctx, chromedp.Evaluate[bool](expr))
+	b, err := runFresh(p.ctx, chromedp.Evaluate[bool](expr))
 	if err != nil {
 		p.t.Fatalf("%s: %v", expr, err)
 	}

@@ -74,9 +74,7 @@ func TestE2EConsolePlan(t *testing.T) {
 
 	// The job page's section is swapped by htmx's polling: a node found can
 	// be gone when it is used. That step is done again.
-	stale := func(err error) bool {
-		return err != nil && (strings.Contains(err.Error(), "node with given id") || strings.Contains(err.Error(), "Could not find node"))
-	}
+	stale := staleNode
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {

@@ -70,11 +70,9 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The live sections are swapped in whole by htmx's polling: a node the
-	// browser found can be gone by the time it is read or clicked
-	// ("No node with given id found"). That step did nothing and is done
-	// again on the new node.
-	stale := func(err error) bool { return err != nil && strings.Contains(err.Error(), "node with given id") }
+	// The live sections are swapped in whole by htmx's polling: a step
+	// can find its node gone (staleNode), and is done again.
+	stale := staleNode
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
@@ -528,10 +526,34 @@ func (p *consolePage) jobDone(what string) (output, steps string) {
 	return output, p.text("#job-steps")
 }
 
-// stale tells an error from a node that htmx's polling replaced between
-// its query and its use: the step is done again on the new node.
+// staleNode tells an error from a step that found the page changing
+// under it, and so did nothing: a node that htmx's polling replaced
+// between its query and its use ("No node with given id", "Could not
+// find node"), or a page being navigated away while the step ran, whose
+// JavaScript context is gone ("Cannot find context with specified id",
+// "Execution context was destroyed"). The step is done again on the new
+// page or node.
 func staleNode(err error) bool {
-	return err != nil && (strings.Contains(err.Error(), "node with given id") || strings.Contains(err.Error(), "Could not find node"))
+	if err == nil {
+		return false
+	}
+	s := err.Error()
+	for _, m := range []string{"node with given id", "Could not find node", "Cannot find context with specified id", "Execution context was destroyed"} {
+		if strings.Contains(s, m) {
+			return true
+		}
+	}
+	return false
+}
+
+// runFresh runs a step that only reads, again while staleNode says the
+// page changed under it.
+func runFresh[T any](ctx context.Context, a chromedp.Action[T]) (T, error) {
+	v, err := chromedp.Run(ctx, a)
+	for staleNode(err) {
+		v, err = chromedp.Run(ctx, a)
+	}
+	return v, err
 }
 
 func (p *consolePage) do(steps ...chromedp.Action[chromedp.Void]) {
@@ -561,7 +583,7 @@ func (p *consolePage) text(sel string) string {
 
 func (p *consolePage) evalInt(expr string) int {
 	p.t.Helper()
-	n, err := chromedp.Run(p.ctx, chromedp.Evaluate[int](expr))
+	n, err := runFresh(p.ctx, chromedp.Evaluate[int](expr))
 	if err != nil {
 		p.t.Fatalf("%s: %v", expr, err)
 	}
@@ -570,7 +592,7 @@ func (p *consolePage) evalInt(expr string) int {
 
 func (p *consolePage) evalString(expr string) string {
 	p.t.Helper()
-	s, err := chromedp.Run(p.ctx, chromedp.Evaluate[string](expr))
+	s, err := runFresh(p.ctx, chromedp.Evaluate[string](expr))
 	if err != nil {
 		p.t.Fatalf("%s: %v", expr, err)
 	}

@@ -77,9 +77,10 @@ func TestE2EConsoleVMware(t *testing.T) {
 	ctx, cancelT := context.WithTimeout(ctx, 10*time.Minute) // a hung browser, not a pace
 	defer cancelT()
 
-	// The job page's section is swapped by htmx's polling: a node found can
-	// be gone when it is read. That read is done again.
-	stale := func(err error) bool { return err != nil && strings.Contains(err.Error(), "node with given id") }
+	// The job page's section is swapped by htmx's polling, and the filter
+	// loads a new page: a step can find its node or page gone
+	// (staleNode), and is done again.
+	stale := staleNode
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
@@ -106,6 +107,9 @@ func TestE2EConsoleVMware(t *testing.T) {
 	html := func() string {
 		t.Helper()
 		s, err := chromedp.Run(ctx, chromedp.Evaluate[string]("document.documentElement.outerHTML"))
+		for stale(err) {
+			s, err = chromedp.Run(ctx, chromedp.Evaluate[string]("document.documentElement.outerHTML"))
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
