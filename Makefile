@@ -18,14 +18,18 @@ UNIT_PARALLEL ?= 4
 
 .PHONY: test unit e2e peers build bench generate vet fuzz
 
-# The unit and e2e stages run side by side (scripts/test.sh): both mostly
+# The unit stage runs beside the rest (scripts/test.sh): the peers'
+# install (mostly network), vet, the build and the e2e stage. They mostly
 # wait, and one after the other they kept CI's two cores half idle.
 # make unit and make e2e run one stage alone.
-test: peers vet build
-	GO=$(GO) ASR_BIN=$(CURDIR)/bin/asr UNIT_TIMEOUT=$(UNIT_TIMEOUT) UNIT_PARALLEL=$(UNIT_PARALLEL) ./scripts/test.sh
+test:
+	GO=$(GO) MAKE=$(MAKE) UNIT_TIMEOUT=$(UNIT_TIMEOUT) UNIT_PARALLEL=$(UNIT_PARALLEL) ./scripts/test.sh
 
+# vet, build and the e2e stage compile with the same settings (no cgo,
+# -trimpath: the static binary's), so each package is compiled once for
+# all three; the unit stage's -race needs cgo and compiles its own.
 vet:
-	$(GO) vet ./...
+	CGO_ENABLED=0 $(GO) vet -trimpath ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	./scripts/check-tracked.sh
 
