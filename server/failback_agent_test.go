@@ -326,15 +326,22 @@ func TestFailbackRecoveredAgentThawed(t *testing.T) {
 
 	// Thawed again with nothing sent: found by the policy engine's pass
 	// (a restart with it every 20 ms; the record says the stream is
-	// live from the floor the compare set).
+	// live from the floor the compare set). The thaw and the original
+	// guest's write come first, while no pass runs (a restart with it
+	// every hour): a pass between them freezes the original again, as
+	// it should, and the write is refused (EPERM), which a loaded
+	// machine's delay once made happen.
 	vr.stop()
-	vr.tune = func(c *server.Config) { c.NBDListen, c.PolicyEvery = "127.0.0.1:0", 20*time.Millisecond }
+	vr.tune = func(c *server.Config) { c.NBDListen, c.PolicyEvery = "127.0.0.1:0", time.Hour }
 	vr.start()
 	waitFor(t, "the stream live after the restart", func() bool {
 		m := r.machine("app01")
 		return m.Connected && m.ReverseSource != nil && m.ReverseSource.Connected && m.ReverseSource.Live && equal()
 	})
 	vr.thawOriginal("d1", 65536*7)
+	vr.stop()
+	vr.tune = func(c *server.Config) { c.NBDListen, c.PolicyEvery = "127.0.0.1:0", 20*time.Millisecond }
+	vr.start()
 	waitFor(t, "the thaw found with nothing sent, compared again, the original equal", func() bool {
 		m := r.machine("app01")
 		return reprotects() == 3 && m.ReverseSource != nil && m.ReverseSource.Live && equal()

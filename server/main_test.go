@@ -1,10 +1,12 @@
 package server_test
 
 import (
+	"fmt"
 	"os"
 	"testing"
 
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/vmware/vcsim"
 )
 
 // TestMain makes the passphrase key derivation cheap for this package's
@@ -16,5 +18,13 @@ import (
 // run the real binary at the real cost.
 func TestMain(m *testing.M) {
 	replication.VaultKDF = replication.KDFParams{Time: 1, Memory: 1 << 10, Threads: 1}
-	os.Exit(m.Run())
+	// The vCenter simulators the tests run side by side, created before
+	// any runs (vcsim.Prepare says why); a test past the count fails.
+	if err := vcsim.Prepare(32); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	vcsim.Discard()
+	os.Exit(code)
 }

@@ -23,7 +23,15 @@ import (
 // derives the vault and registration keys at the vault's cost otherwise.
 func TestMain(m *testing.M) {
 	replication.VaultKDF = replication.KDFParams{Time: 1, Memory: 1 << 10, Threads: 1}
-	os.Exit(m.Run())
+	// The vCenter simulators the tests run side by side, created before
+	// any runs (vcsim.Prepare says why); a test past the count fails.
+	if err := vcsim.Prepare(4); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	vcsim.Discard()
+	os.Exit(code)
 }
 
 // result is what one run of the command line did.

@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -34,13 +35,75 @@ type Sim struct {
 	server *simulator.Server
 }
 
-// Start creates the inventory of a small vCenter (simulator.VPX: one data
-// center, a cluster and a standalone host, a few VMs) and serves it over
-// TLS on 127.0.0.1. The password is the one to log in with.
-func Start(user, password string) (*Sim, error) {
+// The simulator's Model.Create appends to a package variable of govmomi
+// (simulator.EvalLicense, in LicenseManager.init) that every simulator
+// reads whenever an entity is added to its inventory (a host, a VM): in
+// one process, a simulator created while another adds a VM is a data
+// race, which go test -race reports (govmomi v0.56.0). A test package
+// that runs simulators side by side calls Prepare first, from TestMain:
+// the models are created there, before any runs, and Start takes one.
+var pool struct {
+	sync.Mutex
+	prepared bool
+	models   []*simulator.Model
+}
+
+// Prepare creates n simulator models for Start to take, one after the
+// other and before any simulator runs. After it, Start fails once all n
+// are taken rather than create one beside running simulators.
+func Prepare(n int) error {
+	pool.Lock()
+	defer pool.Unlock()
+	for range n {
+		m := simulator.VPX()
+		if err := m.Create(); err != nil {
+			return fmt.Errorf("vCenter simulator: %w", err)
+		}
+		pool.models = append(pool.models, m)
+	}
+	pool.prepared = true
+	return nil
+}
+
+// Discard removes the prepared models that no Start took (their
+// datastore directories).
+func Discard() {
+	pool.Lock()
+	defer pool.Unlock()
+	for _, m := range pool.models {
+		m.Remove()
+	}
+	pool.models = nil
+}
+
+// newModel returns a prepared model, or creates one where none were
+// prepared.
+func newModel() (*simulator.Model, error) {
+	pool.Lock()
+	defer pool.Unlock()
+	if pool.prepared {
+		if len(pool.models) == 0 {
+			return nil, errors.New("vCenter simulator: every model vcsim.Prepare made is taken; prepare more (one created beside running simulators races on govmomi's EvalLicense)")
+		}
+		m := pool.models[len(pool.models)-1]
+		pool.models = pool.models[:len(pool.models)-1]
+		return m, nil
+	}
 	m := simulator.VPX()
 	if err := m.Create(); err != nil {
 		return nil, fmt.Errorf("vCenter simulator: %w", err)
+	}
+	return m, nil
+}
+
+// Start creates the inventory of a small vCenter (simulator.VPX: one data
+// center, a cluster and a standalone host, a few VMs), or takes one
+// Prepare made, and serves it over TLS on 127.0.0.1. The password is the
+// one to log in with.
+func Start(user, password string) (*Sim, error) {
+	m, err := newModel()
+	if err != nil {
+		return nil, err
 	}
 	m.Service.TLS = new(tls.Config) // the simulator's own localhost certificate
 	m.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(user, password)}
