@@ -112,8 +112,16 @@ func Start(user, password string) (*Sim, error) {
 	return s, nil
 }
 
+// serving orders the simulators' NewServer calls: each rewrites the
+// ".uri" option values that every model of the process shares with
+// govmomi's templates (govmomi v0.56.0), a data race between two that
+// start at once.
+var serving sync.Mutex
+
 func (s *Sim) serve() {
+	serving.Lock()
 	srv := s.Model.Service.NewServer()
+	serving.Unlock()
 	u := *srv.URL
 	u.User = nil
 	sum := sha256.Sum256(srv.Certificate().Raw)
