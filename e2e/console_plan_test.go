@@ -72,16 +72,12 @@ func TestE2EConsolePlan(t *testing.T) {
 	ctx, cancelT := context.WithTimeout(ctx, 10*time.Minute) // a hung browser, not a pace
 	defer cancelT()
 
-	// The job page's section is swapped by htmx's polling: a node found can
-	// be gone when it is used. That step is done again.
-	stale := staleNode
+	// A step that finds the page changing under it is done again
+	// (runFresh, staleNode).
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
-			_, err := chromedp.Run(ctx, step)
-			for stale(err) {
-				_, err = chromedp.Run(ctx, step)
-			}
+			_, err := runFresh(ctx, step)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -89,10 +85,7 @@ func TestE2EConsolePlan(t *testing.T) {
 	}
 	text := func(sel string) string {
 		t.Helper()
-		s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
-		for stale(err) {
-			s, err = chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
-		}
+		s, err := runFresh(ctx, chromedp.Text(chromedp.CSS(sel)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -104,10 +97,7 @@ func TestE2EConsolePlan(t *testing.T) {
 		t.Helper()
 		wctx, cancel := context.WithTimeout(ctx, hungAfter)
 		defer cancel()
-		_, err := chromedp.Run(wctx, chromedp.WaitVisible(chromedp.CSS(sel)))
-		for stale(err) {
-			_, err = chromedp.Run(wctx, chromedp.WaitVisible(chromedp.CSS(sel)))
-		}
+		_, err := runFresh(wctx, chromedp.WaitVisible(chromedp.CSS(sel)))
 		if err != nil {
 			page, _ := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("main")))
 			t.Fatalf("never %s (%s): %v; the page shows:\n%s", what, sel, err, page)
@@ -134,10 +124,7 @@ func TestE2EConsolePlan(t *testing.T) {
 	jobEnded := func() string {
 		t.Helper()
 		waitVisible("saw the job end", `#job[data-state="succeeded"], #job[data-state="failed"]`)
-		s, err := chromedp.Run(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
-		for stale(err) {
-			s, err = chromedp.Run(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
-		}
+		s, err := runFresh(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -70,16 +70,12 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The live sections are swapped in whole by htmx's polling: a step
-	// can find its node gone (staleNode), and is done again.
-	stale := staleNode
+	// A step that finds the page changing under it is done again
+	// (runFresh, staleNode).
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
-			_, err := chromedp.Run(ctx, step)
-			for stale(err) {
-				_, err = chromedp.Run(ctx, step)
-			}
+			_, err := runFresh(ctx, step)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -87,10 +83,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	}
 	text := func(sel chromedp.CSS) string {
 		t.Helper()
-		s, err := chromedp.Run(ctx, chromedp.Text(sel))
-		for stale(err) {
-			s, err = chromedp.Run(ctx, chromedp.Text(sel))
-		}
+		s, err := runFresh(ctx, chromedp.Text(sel))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -546,8 +539,8 @@ func staleNode(err error) bool {
 	return false
 }
 
-// runFresh runs a step that only reads, again while staleNode says the
-// page changed under it.
+// runFresh runs a step, again while staleNode says the page changed
+// under it (such a step did nothing).
 func runFresh[T any](ctx context.Context, a chromedp.Action[T]) (T, error) {
 	v, err := chromedp.Run(ctx, a)
 	for staleNode(err) {
@@ -624,10 +617,7 @@ func (p *consolePage) waitVisible(what, sel string) {
 	p.t.Helper()
 	wctx, cancel := context.WithTimeout(p.ctx, hungAfter)
 	defer cancel()
-	_, err := chromedp.Run(wctx, chromedp.WaitVisible(chromedp.CSS(sel)))
-	for staleNode(err) {
-		_, err = chromedp.Run(wctx, chromedp.WaitVisible(chromedp.CSS(sel)))
-	}
+	_, err := runFresh(wctx, chromedp.WaitVisible(chromedp.CSS(sel)))
 	if err != nil {
 		page, _ := chromedp.Run(p.ctx, chromedp.Text(chromedp.CSS("main")))
 		p.t.Fatalf("never %s (%s): %v; the page shows:\n%s", what, sel, err, page)

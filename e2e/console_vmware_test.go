@@ -77,17 +77,12 @@ func TestE2EConsoleVMware(t *testing.T) {
 	ctx, cancelT := context.WithTimeout(ctx, 10*time.Minute) // a hung browser, not a pace
 	defer cancelT()
 
-	// The job page's section is swapped by htmx's polling, and the filter
-	// loads a new page: a step can find its node or page gone
-	// (staleNode), and is done again.
-	stale := staleNode
+	// A step that finds the page changing under it is done again
+	// (runFresh, staleNode).
 	do := func(steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		for _, step := range steps {
-			_, err := chromedp.Run(ctx, step)
-			for stale(err) {
-				_, err = chromedp.Run(ctx, step)
-			}
+			_, err := runFresh(ctx, step)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -95,10 +90,7 @@ func TestE2EConsoleVMware(t *testing.T) {
 	}
 	text := func(sel string) string {
 		t.Helper()
-		s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
-		for stale(err) {
-			s, err = chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
-		}
+		s, err := runFresh(ctx, chromedp.Text(chromedp.CSS(sel)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -106,10 +98,7 @@ func TestE2EConsoleVMware(t *testing.T) {
 	}
 	html := func() string {
 		t.Helper()
-		s, err := chromedp.Run(ctx, chromedp.Evaluate[string]("document.documentElement.outerHTML"))
-		for stale(err) {
-			s, err = chromedp.Run(ctx, chromedp.Evaluate[string]("document.documentElement.outerHTML"))
-		}
+		s, err := runFresh(ctx, chromedp.Evaluate[string]("document.documentElement.outerHTML"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -265,10 +254,7 @@ func TestE2EConsoleVMware(t *testing.T) {
 		t.Fatalf("the job page is titled %q", h)
 	}
 	state := func() string {
-		s, err := chromedp.Run(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
-		for stale(err) {
-			s, err = chromedp.Run(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
-		}
+		s, err := runFresh(ctx, chromedp.AttributeValue(chromedp.CSS("#job"), "data-state"))
 		if err != nil {
 			t.Fatal(err)
 		}
