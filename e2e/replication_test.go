@@ -153,7 +153,9 @@ func TestE2EWrongPassphrase(t *testing.T) {
 // connection's reader decoded and checked (the hand-off: each frame
 // decoded once) instead of decoding the cached segments again, and the
 // first point recovers bit-exact. The server logs how many frames it took
-// (hits) and decoded again (misses) when it stops.
+// (hits) and decoded again (misses) when it stops, and how many segments
+// it applied from the hand-off alone, their files never read (whole: the
+// initial copy's, before the first point).
 func TestE2EInitialDecodedOnce(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t)
@@ -177,7 +179,11 @@ func TestE2EInitialDecodedOnce(t *testing.T) {
 	if hits == 0 {
 		t.Fatalf("no frame of the initial copy was taken from the reader's decode (%d decoded again from the cache)", misses)
 	}
-	t.Logf("frames taken from the reader's decode: %d; decoded again from the cache: %d", hits, misses)
+	w := regexp.MustCompile(`took from the reader's decode.* whole=(\d+)`).FindSubmatch(b)
+	if w == nil || string(w[1]) == "0" {
+		t.Fatalf("no segment of the initial copy applied without reading its file: %q", w)
+	}
+	t.Logf("frames taken from the reader's decode: %d; decoded again from the cache: %d; segments applied without reading their file: %s", hits, misses, w[1])
 }
 
 // TestE2EKillAgentDuringInitial: kill -9 of the agent halfway through the

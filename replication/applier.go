@@ -289,11 +289,43 @@ func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*P
 	if scan.Records == 0 {
 		return &PreparedSegment{First: scan.First, Last: scan.Last}, nil // nothing to apply, nothing to keep
 	}
+	return prepareFrames(scan.First, scan.Last, frames, given)
+}
+
+// PrepareHanded is PrepareSegmentFrom for a segment first..last whose
+// file need not be read: recs holds, for each of its DATA frames in
+// order, the records decoded and checked from the very payload the
+// segment holds for it (the process server's hand-off, which keeps the
+// records of the frames it wrote, keys as written). It checks that each
+// frame's records match its key (count, first seq) and that the frames
+// number first to last without a gap or an overlap; a failure wraps
+// ErrCorrupt (the caller then reads the file instead).
+func PrepareHanded(first, last uint64, keys []FrameKey, recs [][]Record) (*PreparedSegment, error) {
+	if len(keys) == 0 || len(keys) != len(recs) {
+		return nil, fmt.Errorf("segment %d-%d: %d frames, records for %d: %w", first, last, len(keys), len(recs), ErrCorrupt)
+	}
+	next := first
+	for i, k := range keys {
+		if k.Count == 0 || k.Seq != next || len(recs[i]) != int(k.Count) || recs[i][0].Seq != k.Seq {
+			return nil, fmt.Errorf("segment %d-%d: frame %d (seq %d, %d records) does not follow seq %d: %w", first, last, i, k.Seq, k.Count, next-1, ErrCorrupt)
+		}
+		next = k.Seq + uint64(k.Count)
+	}
+	if next-1 != last {
+		return nil, fmt.Errorf("segment %d-%d: its frames end at seq %d: %w", first, last, next-1, ErrCorrupt)
+	}
+	return prepareFrames(first, last, nil, recs)
+}
+
+// prepareFrames decodes the frames of segment first..last whose records
+// are not given (given[i] nil: frames[i] is decompressed and checked)
+// and hashes every write's blocks, on every CPU.
+func prepareFrames(first, last uint64, frames []Frame, given [][]Record) (*PreparedSegment, error) {
 	type decoded struct {
 		recs []preparedRecord
 		err  error
 	}
-	out := make([]decoded, len(frames))
+	out := make([]decoded, len(given))
 	codec := DefaultCodec()
 	// Frames are taken in order and none after a failure: beyond the
 	// frames that decode, at most one per worker is decompressed (each
@@ -301,13 +333,13 @@ func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*P
 	var next atomic.Int64
 	var failed atomic.Bool
 	var wg sync.WaitGroup
-	for w := min(runtime.GOMAXPROCS(0), len(frames)); w > 0; w-- {
+	for w := min(runtime.GOMAXPROCS(0), len(given)); w > 0; w-- {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for !failed.Load() {
 				i := int(next.Add(1) - 1)
-				if i >= len(frames) {
+				if i >= len(given) {
 					return
 				}
 				recs := given[i]
@@ -338,11 +370,11 @@ func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*P
 	n := 0
 	for _, d := range out {
 		if d.err != nil {
-			return nil, fmt.Errorf("segment %d-%d: %w", scan.First, scan.Last, d.err)
+			return nil, fmt.Errorf("segment %d-%d: %w", first, last, d.err)
 		}
 		n += len(d.recs)
 	}
-	p := &PreparedSegment{First: scan.First, Last: scan.Last, recs: make([]preparedRecord, 0, n)}
+	p := &PreparedSegment{First: first, Last: last, recs: make([]preparedRecord, 0, n)}
 	for _, d := range out {
 		for _, pr := range d.recs {
 			p.Tags = p.Tags || pr.r.Kind == KindTag

@@ -646,3 +646,68 @@ func TestSegmentScan(t *testing.T) {
 		t.Fatalf("segment name round trip: %d %d %v", f, l, ok)
 	}
 }
+
+// TestPrepareHanded: a segment prepared from records handed over for
+// each of its frames (PrepareHanded) is the segment PrepareSegment makes
+// from its bytes (same records, block checksums, range, time); frames
+// that do not number first to last without a gap or an overlap, or whose
+// records do not match their key, are refused with ErrCorrupt.
+func TestPrepareHanded(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 10))
+	c := DefaultCodec()
+	seg := SegmentHeader(10, time.Now())
+	var keys []FrameKey
+	var handed [][]Record
+	next := uint64(10)
+	for range 3 {
+		recs := mustRecords(t, next, 4, r)
+		f := c.DataFrame(encodeRecords(recs), next, 4, nil)
+		var h [FrameHeaderSize]byte
+		keys = append(keys, EncodeFrameHeader(&h, &f))
+		got, _, err := c.CheckRecords(&f, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		handed = append(handed, got)
+		seg = AppendFrame(seg, &f)
+		next += 4
+	}
+	seal := SealFrame(next-1, 12)
+	seg = AppendFrame(seg, &seal)
+	want, err := PrepareSegment(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := PrepareHanded(10, 21, keys, handed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.First != want.First || got.Last != want.Last || !got.LastTime.Equal(want.LastTime) || got.Tags != want.Tags || len(got.recs) != len(want.recs) {
+		t.Fatalf("prepared from the hand-off %d-%d (%d records, %v), from the bytes %d-%d (%d records, %v)",
+			got.First, got.Last, len(got.recs), got.LastTime, want.First, want.Last, len(want.recs), want.LastTime)
+	}
+	for i := range want.recs {
+		g, w := got.recs[i], want.recs[i]
+		if g.r.Seq != w.r.Seq || g.r.Kind != w.r.Kind || g.r.Offset != w.r.Offset || !bytes.Equal(g.r.Data, w.r.Data) || g.be.first != w.be.first || !slices.Equal(g.be.e, w.be.e) {
+			t.Fatalf("record %d differs: %+v against %+v", i, g.r, w.r)
+		}
+	}
+	for name, tc := range map[string]struct {
+		first, last uint64
+		keys        []FrameKey
+		recs        [][]Record
+	}{
+		"no frames":          {10, 21, nil, nil},
+		"a frame left out":   {10, 21, []FrameKey{keys[0], keys[2]}, [][]Record{handed[0], handed[2]}},
+		"out of order":       {10, 21, []FrameKey{keys[1], keys[0], keys[2]}, [][]Record{handed[1], handed[0], handed[2]}},
+		"ends early":         {10, 25, keys, handed},
+		"starts late":        {9, 21, keys, handed},
+		"records of another": {10, 21, keys, [][]Record{handed[0], handed[2], handed[1]}},
+		"a record short":     {10, 21, keys, [][]Record{handed[0], handed[1][:3], handed[2]}},
+		"keys and records":   {10, 21, keys, handed[:2]},
+	} {
+		if _, err := PrepareHanded(tc.first, tc.last, tc.keys, tc.recs); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: %v, want ErrCorrupt", name, err)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -123,6 +124,7 @@ func (r *replica) handles(idx uint32) (replication.ReplicaDisk, *replication.Sum
 }
 
 func (r *replica) setErr(msg string) {
+	r.handoff.stalled.Store(msg != "")
 	r.stateMu.Lock()
 	r.applyErr = msg
 	r.stateMu.Unlock()
@@ -217,10 +219,6 @@ func (r *replica) loop(q segmentQueue) {
 
 func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	ctx := r.ctx
-	data, err := os.ReadFile(sg.path)
-	if err != nil {
-		return err
-	}
 	// Verified, decompressed and hashed outside the applier's lock, on
 	// every CPU; a segment that fails is reported by the apply below. The
 	// frames whose records the reader handed over are not decoded again;
@@ -229,14 +227,25 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	// applier is past (this segment's, taken or not) are dropped.
 	var lent int64
 	defer func() { r.handoff.giveBack(lent) }()
+	var data []byte // the segment file, read unless the hand-off has it all
+	prep, lent, whole := r.preparedFromHandoff(sg)
+	var perr error
+	if !whole {
+		var err error
+		if data, err = os.ReadFile(sg.path); err != nil {
+			return err
+		}
+	}
 	defer r.handoff.dropThrough(sg.last)
-	prep, perr := replication.PrepareSegmentFrom(data, func(k replication.FrameKey) ([]replication.Record, bool) {
-		recs, n, ok := r.handoff.take(k)
-		lent += n
-		return recs, ok
-	})
-	if perr != nil && !errors.Is(perr, replication.ErrCorrupt) {
-		return perr
+	if !whole {
+		prep, perr = replication.PrepareSegmentFrom(data, func(k replication.FrameKey) ([]replication.Record, bool) {
+			recs, n, ok := r.handoff.take(k)
+			lent += n
+			return recs, ok
+		})
+		if perr != nil && !errors.Is(perr, replication.ErrCorrupt) {
+			return perr
+		}
 	}
 	if perr == nil {
 		// Nothing changes data (read here) or the hand-off's buffers
@@ -254,8 +263,12 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 			r.onUploaded(int64(len(data)))
 		}
 	}
+	first := sg.first
+	if data != nil {
+		first, _ = replication.ParseSegmentHeader(data)
+	}
 	r.mu.Lock()
-	if first, err := replication.ParseSegmentHeader(data); err == nil && first > r.a.AppliedSeq()+1 {
+	if first > r.a.AppliedSeq()+1 {
 		// A sequence gap: the records before this segment are lost.
 		reason := fmt.Sprintf("changes %d to %d were lost before they were applied (sequence gap)", r.a.AppliedSeq()+1, first-1)
 		r.log.Error("sequence gap", "from", r.a.AppliedSeq()+1, "to", first-1)
@@ -268,7 +281,7 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 			return err
 		}
 	}
-	err = perr
+	err := perr
 	if err == nil {
 		err = r.a.ApplyPrepared(ctx, prep)
 	}
@@ -310,13 +323,51 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	return nil
 }
 
+// preparedFromHandoff prepares segment sg from the hand-off alone, its
+// file not read, when the hand-off holds the records of every frame this
+// process wrote to it (sg.keys) and the segment will not be kept on the
+// target (no point yet: the initial copy, and no tag in it; a kept
+// segment's bytes are read and scanned whole). The file's bytes are only
+// ever needed after a restart, when they are read and checked whole
+// (every frame's header and payload checksum): here the records applied
+// are those decoded and checked from the payloads the cache wrote, still
+// in memory since, as with every hand-off hit. It reports false (and
+// takes nothing) otherwise; the caller then reads the file.
+func (r *replica) preparedFromHandoff(sg sealedSeg) (*replication.PreparedSegment, int64, bool) {
+	if len(sg.keys) == 0 || r.pointMade.Load() || slices.ContainsFunc(sg.keys, func(k replication.FrameKey) bool {
+		return k.Flags&replication.FlagTag != 0
+	}) {
+		return nil, 0, false
+	}
+	recs, lent, ok := r.handoff.takeAll(sg.keys)
+	if !ok {
+		return nil, 0, false
+	}
+	p, err := replication.PrepareHanded(sg.first, sg.last, sg.keys, recs)
+	if err == nil && p.Tags {
+		err = errors.New("a tag record in a frame not flagged as holding one")
+	}
+	if err != nil {
+		// Not for frames this process wrote in order; the file decides.
+		r.log.Warn("segment not prepared from the hand-off; reading its file", "segment", filepath.Base(sg.path), "err", err)
+		r.handoff.giveBack(lent)
+		return nil, 0, false
+	}
+	return p, lent, true
+}
+
 // keepSegment stores an applied segment (data, prepared as p) on the
 // target, where recovery to any point in time replays it (pruned once
 // older than the policy's window), unless no point can start a replay
-// before its records (pointMade): it reports whether it kept it.
+// before its records (pointMade): it reports whether it kept it. A
+// segment prepared without its file (data nil) is never one to keep
+// (preparedFromHandoff).
 func (r *replica) keepSegment(ctx context.Context, data []byte, p *replication.PreparedSegment) (bool, error) {
 	if p.Empty() || !p.Tags && !r.pointMade.Load() {
 		return false, nil
+	}
+	if data == nil {
+		return false, fmt.Errorf("segment %d-%d to keep on the target was prepared without reading it", p.First, p.Last)
 	}
 	si := p.Info()
 	if err := r.cat.PutSegment(ctx, r.id, si, data); err != nil {

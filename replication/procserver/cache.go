@@ -79,6 +79,11 @@ type sealedSeg struct {
 	size        int64
 	raw         int64 // record bytes, uncompressed (= size for a segment recovered at start)
 	sealedAt    time.Time
+	// keys are the DATA frames the file holds, in order, as this process
+	// wrote them (nil for a segment recovered at start): the applier
+	// may take every one's records from the hand-off without reading
+	// the file (apply.go, preparedFromHandoff).
+	keys []replication.FrameKey
 }
 
 // cache is a machine's durable cache. mu guards its state; the sync loop
@@ -98,9 +103,10 @@ type cache struct {
 	openBytes int64     // bytes in the open file
 	openRaw   int64     // raw record bytes in the open file
 	openSince time.Time
-	openTag   bool   // the open file holds a tag: seal soon
-	appended  uint64 // last seq written to the cache
-	durable   uint64 // last seq fsync'd (acknowledged)
+	openTag   bool                   // the open file holds a tag: seal soon
+	openKeys  []replication.FrameKey // the DATA frames written to the open file
+	appended  uint64                 // last seq written to the cache
+	durable   uint64                 // last seq fsync'd (acknowledged)
 	sealed    []sealedSeg
 	writer    uint64 // the epoch that may append (takeOver, fence)
 	broken    error  // set when the cache could not be made durable
@@ -233,7 +239,7 @@ func (c *cache) newOpenFile() error {
 		f.Close()
 		return err
 	}
-	c.open, c.openFirst, c.openBytes, c.openRaw, c.openTag = f, c.appended+1, int64(len(h)), 0, false
+	c.open, c.openFirst, c.openBytes, c.openRaw, c.openTag, c.openKeys = f, c.appended+1, int64(len(h)), 0, false, nil
 	c.cfg.total.Add(int64(len(h)))
 	return nil
 }
@@ -331,12 +337,13 @@ func (c *cache) breakLocked(err error) {
 func (c *cache) append(epoch uint64, f *replication.Frame) (replication.FrameKey, error) {
 	var h [replication.FrameHeaderSize]byte
 	key := replication.EncodeFrameHeader(&h, f)
-	return key, c.appendEncoded(epoch, f, &h)
+	return key, c.appendEncoded(epoch, f, &h, key)
 }
 
 // appendEncoded is append with f's header encoded by the caller
-// (replication.EncodeFrameHeader), outside the cache's lock.
-func (c *cache) appendEncoded(epoch uint64, f *replication.Frame, h *[replication.FrameHeaderSize]byte) error {
+// (replication.EncodeFrameHeader, which gave key), outside the cache's
+// lock.
+func (c *cache) appendEncoded(epoch uint64, f *replication.Frame, h *[replication.FrameHeaderSize]byte, key replication.FrameKey) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.writableLocked(epoch); err != nil {
@@ -362,6 +369,7 @@ func (c *cache) appendEncoded(epoch uint64, f *replication.Frame, h *[replicatio
 	}
 	c.openBytes += n
 	c.openRaw += int64(f.RawLen)
+	c.openKeys = append(c.openKeys, key)
 	c.appended = f.Seq + uint64(f.Count) - 1
 	if f.Flags&replication.FlagTag != 0 {
 		c.openTag = true
@@ -488,7 +496,8 @@ func (c *cache) sealLocked() error {
 		c.log.Warn("directory fsync after sealing failed", "err", err)
 	}
 	c.cfg.total.Add(int64(len(b)))
-	c.sealed = append(c.sealed, sealedSeg{first: first, last: last, path: path, size: size, raw: raw, sealedAt: time.Now()})
+	c.sealed = append(c.sealed, sealedSeg{first: first, last: last, path: path, size: size, raw: raw, sealedAt: time.Now(), keys: c.openKeys})
+	c.openKeys = nil
 	c.durable = last
 	c.cfg.onSealed()
 	if err := c.newOpenFile(); err != nil {

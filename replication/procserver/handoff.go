@@ -3,6 +3,7 @@ package procserver
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/asrdr/asr/replication"
@@ -17,13 +18,20 @@ import (
 // cache writes it (replication.FrameKey: seq, count, lengths, flags and
 // the payload's CRC-32C, computed as the header is encoded): just before
 // the write, as the frame may be sealed and applied as soon as it is
-// written, and dropped again if the write fails. The applier still reads
-// the sealed segment (durable: fsync'd before its seal) from the cache
-// and scans it whole (every frame's header and payload checksum): a frame
-// whose key is here takes these records (replication.PrepareSegmentFrom),
-// any other is decoded from the file as before. So records are only ever
-// applied to the frame they were decoded from, and a miss (the bound
-// reached, the entry dropped, a restart) costs only the second decode.
+// written, and dropped again if the write fails. The cache remembers the
+// key of every frame it wrote to a segment (sealedSeg.keys). Before the
+// machine's first point (the initial copy, whose segments are not kept
+// on the target), a segment all of whose frames are here is applied from
+// here alone, its file never read (replication.PrepareHanded, which
+// checks that the frames number the segment's range without a gap): the
+// file is what a restart recovers from, read and checked whole then.
+// Otherwise the applier reads the sealed segment (durable: fsync'd
+// before its seal) and scans it whole (every frame's header and payload
+// checksum): a frame whose key is here takes these records
+// (replication.PrepareSegmentFrom), any other is decoded from the file
+// as before. So records are only ever applied to the frame they were
+// decoded from, and a miss (the bound reached, the entry dropped, a
+// restart) costs only the second decode, and the read.
 //
 // Record checksums are not checked again on a hit: the records were
 // checked by CheckRecords from the very payload bytes the cache wrote (a
@@ -48,6 +56,9 @@ import (
 type handoffBudget struct {
 	max  int64
 	used atomic.Int64
+
+	mu    sync.Mutex
+	freed chan struct{} // closed (and forgotten) when bytes are released
 }
 
 // reserve takes n bytes of the budget, if they fit.
@@ -63,7 +74,50 @@ func (b *handoffBudget) reserve(n int64) bool {
 	}
 }
 
-func (b *handoffBudget) release(n int64) { b.used.Add(-n) }
+func (b *handoffBudget) release(n int64) {
+	b.used.Add(-n)
+	b.mu.Lock()
+	if b.freed != nil {
+		close(b.freed)
+		b.freed = nil
+	}
+	b.mu.Unlock()
+}
+
+// reserveWait is reserve, waiting for bytes released while they do not
+// fit, until d has passed or stop is closed.
+func (b *handoffBudget) reserveWait(n int64, d time.Duration, stop <-chan struct{}) bool {
+	if n > b.max {
+		return false
+	}
+	var timeout <-chan time.Time
+	for {
+		// A release after the failed reserve below closes the channel
+		// taken under the same lock: no release is missed.
+		b.mu.Lock()
+		if b.reserve(n) {
+			b.mu.Unlock()
+			return true
+		}
+		if b.freed == nil {
+			b.freed = make(chan struct{})
+		}
+		freed := b.freed
+		b.mu.Unlock()
+		if timeout == nil {
+			t := time.NewTimer(d)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-freed:
+		case <-timeout:
+			return false
+		case <-stop:
+			return false
+		}
+	}
+}
 
 // handoff is one machine's: the cacheWriter of its connection puts, its
 // applier takes.
@@ -75,8 +129,18 @@ type handoff struct {
 	closed  bool
 
 	// hits and misses count the DATA frames the applier took from here and
-	// decoded from the segment file; refused the puts past the budget.
-	hits, misses, refused atomic.Int64
+	// decoded from the segment file; refused the puts past the budget;
+	// whole the segments every frame of which was taken here at once
+	// (takeAll), their files not read; waited the puts that waited for
+	// the budget.
+	hits, misses, refused, whole, waited atomic.Int64
+
+	// A put waits for the budget (putWait) only while the applier is
+	// applying: not while its last try failed (stalled: the target out
+	// of reach, when the cache must take the agent's frames at full
+	// speed), nor after a wait that ran out, until the applier gives
+	// bytes back again (noWait).
+	stalled, noWait atomic.Bool
 }
 
 type handoffEntry struct {
@@ -101,8 +165,33 @@ func handoffSize(buf []byte, recs []replication.Record) int64 {
 // returns true), for the applier. It reports false, and keeps nothing,
 // past the budget.
 func (h *handoff) put(k replication.FrameKey, recs []replication.Record, buf []byte) bool {
+	return h.putWait(k, recs, buf, 0, nil)
+}
+
+// handoffWait is the longest a frame's put waits for the budget by
+// default (Config.HandoffWait): about ten times what applying a 32 MiB
+// segment takes here.
+const handoffWait = 2 * time.Second
+
+// putWait is put, waiting up to d (or until stop is closed) for the
+// budget while the applier is applying (stalled, noWait). The reader
+// runs ahead of an applier slower than it (the initial copy, whose
+// applier writes, hashes and flushes the replica) only by what the
+// budget holds: past it, a frame refused would be read back from its
+// segment and decoded again by that same applier, which would then fall
+// further behind; waiting delays the frame's write to the cache and its
+// acknowledgement instead, by about the time the applier takes to catch
+// up, when the replica could not be any further along anyway.
+func (h *handoff) putWait(k replication.FrameKey, recs []replication.Record, buf []byte, d time.Duration, stop <-chan struct{}) bool {
 	size := handoffSize(buf, recs)
-	if !h.budget.reserve(size) {
+	ok := h.budget.reserve(size)
+	if !ok && d > 0 && !h.stalled.Load() && !h.noWait.Load() {
+		h.waited.Add(1)
+		if ok = h.budget.reserveWait(size, d, stop); !ok {
+			h.noWait.Store(true)
+		}
+	}
+	if !ok {
 		h.refused.Add(1)
 		return false
 	}
@@ -136,6 +225,29 @@ func (h *handoff) take(k replication.FrameKey) ([]replication.Record, int64, boo
 	return e.recs, e.size, true
 }
 
+// takeAll removes and returns the records of every frame in keys, in
+// order, and what they count against the budget until given back, if
+// every one is here; if one is not, it takes none and reports false.
+func (h *handoff) takeAll(keys []replication.FrameKey) ([][]replication.Record, int64, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, k := range keys {
+		if _, ok := h.entries[k]; !ok {
+			return nil, 0, false
+		}
+	}
+	recs := make([][]replication.Record, len(keys))
+	var lent int64
+	for i, k := range keys {
+		e := h.entries[k]
+		delete(h.entries, k)
+		recs[i], lent = e.recs, lent+e.size
+	}
+	h.hits.Add(int64(len(keys)))
+	h.whole.Add(1)
+	return recs, lent, true
+}
+
 // drop removes the entry of the frame with key k, if there is one (its
 // write failed).
 func (h *handoff) drop(k replication.FrameKey) {
@@ -149,7 +261,12 @@ func (h *handoff) drop(k replication.FrameKey) {
 
 // giveBack returns what taken entries counted, once their records are
 // applied (nothing refers to them any more).
-func (h *handoff) giveBack(n int64) { h.budget.release(n) }
+func (h *handoff) giveBack(n int64) {
+	if n > 0 {
+		h.noWait.Store(false)
+		h.budget.release(n)
+	}
+}
 
 // dropThrough drops the entries of frames ending at or before seq: the
 // applier is past them.

@@ -2,7 +2,12 @@ package procserver
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -127,7 +132,7 @@ func TestHandoffDecodesEachFrameOnce(t *testing.T) {
 // from the files. Every byte reaches the replica either way.
 func TestHandoffBoundAndRestart(t *testing.T) {
 	const budget = 600 << 10
-	r := mustTLSRigWith(t, func(c *Config) { c.HandoffBytes = budget })
+	r := mustTLSRigWith(t, func(c *Config) { c.HandoffBytes, c.HandoffWait = budget, time.Millisecond })
 	a := protectWithLogA(t, r)
 	h := machineOf(t, r.s).rep.handoff
 	hits0 := h.hits.Load()
@@ -229,4 +234,213 @@ func TestHandoffTakesOnlyItsFrame(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// TestHandoffWholeSegmentUnread: before the machine's first point (the
+// initial copy), a segment every frame of which the hand-off holds with
+// the key the cache wrote is applied from the hand-off alone, its file
+// not read: bytes spoiled in the file after the write are never seen,
+// the replica holds what was sent. After a point (segments are kept on
+// the target from then on) the same spoiled file is read and scanned
+// whole, and fails: not applied, the disk marked for resync. A segment
+// with one frame missing from the hand-off is read too.
+func TestHandoffWholeSegmentUnread(t *testing.T) {
+	r := mustReplica(t, nil)
+	r.waitApplied(t, 1)
+	epoch, _, _ := r.cache.takeOver()
+	h := r.rep.handoff
+	hits0, misses0 := h.hits.Load(), h.misses.Load() // segment 1, written before the start: read
+	codec := replication.DefaultCodec()
+	// frame appends f to the cache as the cacheWriter does, the records
+	// handed off first unless skip.
+	frame := func(f replication.Frame, skip bool) {
+		t.Helper()
+		var hdr [replication.FrameHeaderSize]byte
+		key := replication.EncodeFrameHeader(&hdr, &f)
+		if !skip {
+			recs, buf, err := codec.CheckRecords(&f, nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !h.put(key, recs, buf) {
+				t.Fatal("put refused")
+			}
+		}
+		if err := r.cache.appendEncoded(epoch, &f, &hdr, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// spoil flips a byte of every record's data in the open file.
+	spoil := func(data ...[]byte) {
+		t.Helper()
+		path := filepath.Join(r.dir, openName)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range data {
+			i := bytes.Index(b, d)
+			if i < 0 {
+				t.Fatalf("%q not in the open file", d[:8])
+			}
+			b[i+len(d)/2] ^= 0xff
+		}
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	one, two := randomBytes(1, 8<<10), randomBytes(2, 8<<10)
+	frame(plainFrame(2, replication.Record{Kind: replication.KindWrite, Offset: 0, Data: one}), false)
+	frame(plainFrame(3, replication.Record{Kind: replication.KindWrite, Offset: 64 << 10, Data: two}), false)
+	spoil(one, two)
+	r.waitApplied(t, 3)
+	if w, hits, misses := h.whole.Load(), h.hits.Load()-hits0, h.misses.Load()-misses0; w != 1 || hits != 2 || misses != 0 {
+		t.Fatalf("whole segments %d, hits %d, misses %d: want the one segment taken whole (2 hits)", w, hits, misses)
+	}
+	rd, _, _ := r.rep.handles(0)
+	for off, want := range map[int64][]byte{0: one, 64 << 10: two} {
+		got := make([]byte, len(want))
+		rd.ReadAt(got, off)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("replica at %d does not hold what was sent", off)
+		}
+	}
+	if m := r.rep.machine(); m.Disks[0].State == replication.StateResync {
+		t.Fatalf("disk marked for resync: %+v", m.Disks[0])
+	}
+
+	// One frame's records not handed off: the file is read, and fails.
+	three, four := randomBytes(3, 8<<10), randomBytes(4, 8<<10)
+	frame(plainFrame(4, replication.Record{Kind: replication.KindWrite, Offset: 128 << 10, Data: three}), false)
+	frame(plainFrame(5, replication.Record{Kind: replication.KindWrite, Offset: 192 << 10, Data: four}), true)
+	spoil(four)
+	r.waitApplied(t, 5)
+	if m := r.rep.machine(); m.Disks[0].State != replication.StateResync || !strings.Contains(m.Disks[0].Reason, "failed verification") {
+		t.Fatalf("a spoiled segment read from its file: disk %+v, want marked for resync", m.Disks[0])
+	}
+	if w := h.whole.Load(); w != 1 {
+		t.Fatalf("whole segments %d: want the segment with a frame missing read from its file", w)
+	}
+
+	// After a point: every frame handed off, and still read.
+	r.rep.pointMade.Store(true)
+	r.rep.mu.Lock()
+	err := r.rep.a.MarkResync(context.Background(), -1, "")
+	r.rep.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad0 := badCount(t, r.dir)
+	five := randomBytes(5, 8<<10)
+	frame(plainFrame(6, replication.Record{Kind: replication.KindWrite, Offset: 256 << 10, Data: five}), false)
+	spoil(five)
+	r.waitApplied(t, 6)
+	if w := h.whole.Load(); w != 1 {
+		t.Fatalf("whole segments %d after a point: want every segment read", w)
+	}
+	if n := badCount(t, r.dir); n != bad0+1 {
+		t.Fatalf("%d segments quarantined after a point, %d before: want the spoiled one", n, bad0)
+	}
+}
+
+// badCount counts the quarantined segments of the cache directory dir.
+func badCount(t *testing.T, dir string) int {
+	t.Helper()
+	es, err := os.ReadDir(filepath.Join(dir, "bad"))
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	return len(es)
+}
+
+// TestHandoffWaitsForAnApplierBehind: a frame of base data (the initial
+// copy's) past the budget waits for the applier while it applies (here
+// its checkpoint held by the target, which then answers) rather than be
+// refused and decoded again from its segment: no refusal, no miss. A
+// frame of the guest's changes past the budget never waits: refused at
+// once, its backlog left to the cache. While the applier's tries fail
+// (the target refusing), a frame of base data past the budget is refused
+// at once too, the cache taking the agent's frames at full speed: with a
+// wait of a minute allowed, its acknowledgement comes within the read's
+// 30 s.
+func TestHandoffWaitsForAnApplierBehind(t *testing.T) {
+	r := mustTLSRigWith(t, func(c *Config) {
+		c.HandoffBytes = 180 << 10 // two frames of 64 KiB, not three
+		c.HandoffWait = time.Minute
+	})
+	a := protectWithLogA(t, r)
+	h := machineOf(t, r.s).rep.handoff
+	hits0, misses0, refused0 := h.hits.Load(), h.misses.Load(), h.refused.Load()
+	var want [][]byte
+	frame := func(kind replication.Kind) replication.Frame {
+		i := len(want)
+		d := randomBytes(uint64(40+i), 64<<10)
+		want = append(want, d)
+		f := s2Frame(uint64(4+i), replication.Record{Kind: kind, Offset: uint64(i) * (64 << 10), Data: d})
+		f.Flags |= replication.FlagTag
+		return f
+	}
+	// waitAck reads until seq is acknowledged.
+	waitAck := func(seq uint64) {
+		t.Helper()
+		for {
+			if f := a.read(); f.Type == replication.FrameAck && f.Seq >= seq {
+				return
+			}
+		}
+	}
+	counts := func() (hits, misses, refused, waited int64) {
+		return h.hits.Load() - hits0, h.misses.Load() - misses0, h.refused.Load() - refused0, h.waited.Load()
+	}
+	r.target.shut()
+	a.shipFrame(frame(replication.KindBase))
+	a.shipFrame(frame(replication.KindBase))
+	a.send(frame(replication.KindBase))
+	for deadline := time.Now().Add(time.Minute); h.waited.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the third frame never waited: %d bytes held of %d", r.s.handoff.used.Load(), r.s.handoff.max)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	r.target.open()
+	waitAck(6)
+	waitApplied(t, r.s, 6)
+	if hits, misses, refused, waited := counts(); hits != 3 || misses != 0 || refused != 0 || waited != 1 {
+		t.Fatalf("hits %d, misses %d, refused %d, waited %d: want the third frame to wait, then taken", hits, misses, refused, waited)
+	}
+
+	// The guest's changes: the applier held again, and the third frame
+	// past the budget is refused at once.
+	r.target.shut()
+	for range 3 {
+		a.shipFrame(frame(replication.KindWrite))
+	}
+	if _, _, refused, waited := counts(); refused == 0 || waited != 1 {
+		t.Fatalf("refused %d, waited %d: want the guest's changes past the budget refused, none waiting", refused, waited)
+	}
+	r.target.open()
+	waitApplied(t, r.s, 9)
+
+	// The target refusing: the applier's tries fail, and it is stalled.
+	r.target.fail(errors.New("target out of reach"))
+	refused1 := h.refused.Load()
+	a.shipFrame(frame(replication.KindBase))
+	for deadline := time.Now().Add(time.Minute); !h.stalled.Load(); {
+		if time.Now().After(deadline) {
+			t.Fatal("the applier never failed against the refusing target")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for range 3 {
+		a.shipFrame(frame(replication.KindBase))
+	}
+	if _, _, _, waited := counts(); waited != 1 || h.refused.Load() == refused1 {
+		t.Fatalf("waited %d, refused %d while the applier failed: want frames past the budget refused at once", waited, h.refused.Load()-refused1)
+	}
+	r.target.open()
+	waitApplied(t, r.s, 13)
+	for i, d := range want {
+		mustReplicaHolds(t, r.s, int64(i)*(64<<10), d)
+	}
+	waitHandoffEmpty(t, r.s, h)
 }

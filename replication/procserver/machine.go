@@ -135,9 +135,9 @@ func (m *machine) append(cc *agentConn, f *replication.Frame) (replication.Frame
 	return m.cache.append(cc.epoch, f)
 }
 
-// appendEncoded is append with f's header encoded by the caller.
-func (m *machine) appendEncoded(cc *agentConn, f *replication.Frame, h *[replication.FrameHeaderSize]byte) error {
-	return m.cache.appendEncoded(cc.epoch, f, h)
+// appendEncoded is append with f's header encoded by the caller (key).
+func (m *machine) appendEncoded(cc *agentConn, f *replication.Frame, h *[replication.FrameHeaderSize]byte, key replication.FrameKey) error {
+	return m.cache.appendEncoded(cc.epoch, f, h, key)
 }
 
 // backlog is what the cache holds that is not applied yet (an open file
@@ -164,8 +164,8 @@ func (m *machine) close() error {
 	err := m.rep.close()
 	h := m.rep.handoff
 	h.close()
-	m.log.Info("frames the applier took from the reader's decode (hits) and decoded again from the cache (misses) since the machine was opened",
-		"hits", h.hits.Load(), "misses", h.misses.Load(), "refused", h.refused.Load())
+	m.log.Info("frames the applier took from the reader's decode (hits) and decoded again from the cache (misses) since the machine was opened, the frames that waited for the budget (waited), and the segments applied without reading their file (whole)",
+		"hits", h.hits.Load(), "misses", h.misses.Load(), "refused", h.refused.Load(), "waited", h.waited.Load(), "whole", h.whole.Load())
 	if cerr := m.cache.close(); err == nil {
 		err = cerr
 	}

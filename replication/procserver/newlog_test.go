@@ -43,12 +43,16 @@ type gatedTarget struct {
 	replication.Target
 	mu   sync.Mutex
 	gate chan struct{}
+	err  error // every PutObject fails with it (fail) until open
 }
 
 func (g *gatedTarget) PutObject(ctx context.Context, key string, data []byte) error {
 	g.mu.Lock()
-	gate := g.gate
+	gate, err := g.gate, g.err
 	g.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	if gate != nil {
 		select {
 		case <-gate:
@@ -65,8 +69,16 @@ func (g *gatedTarget) shut() {
 	g.mu.Unlock()
 }
 
+// fail makes every PutObject fail with err until open.
+func (g *gatedTarget) fail(err error) {
+	g.mu.Lock()
+	g.err = err
+	g.mu.Unlock()
+}
+
 func (g *gatedTarget) open() {
 	g.mu.Lock()
+	g.err = nil
 	if g.gate != nil {
 		close(g.gate)
 		g.gate = nil

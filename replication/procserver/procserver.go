@@ -86,6 +86,10 @@ type Config struct {
 	// applied, the one filling); negative: none, every frame is decoded
 	// again from its segment.
 	HandoffBytes int64
+	// HandoffWait is the longest a frame past HandoffBytes waits for the
+	// applier to give bytes back before it is refused (handoff.putWait).
+	// Default 2 s.
+	HandoffWait time.Duration
 	// DiskFree reports the free and total bytes of the file system holding
 	// dir (default: statfs). OnCacheState reports the cache disk entering
 	// another state (CacheOK, CacheWarning, CacheCritical).
@@ -159,6 +163,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.HandoffBytes == 0 {
 		cfg.HandoffBytes = 64 << 20
+	}
+	if cfg.HandoffWait <= 0 {
+		cfg.HandoffWait = handoffWait
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -735,7 +742,7 @@ func (w *cacheWriter) loop() {
 			var h [replication.FrameHeaderSize]byte
 			key := replication.EncodeFrameHeader(&h, &q.f)
 			handed := w.handOff(key, q.fb)
-			if err := w.m.appendEncoded(w.cc, &q.f, &h); err != nil {
+			if err := w.m.appendEncoded(w.cc, &q.f, &h, key); err != nil {
 				if handed {
 					w.m.rep.handoff.drop(key)
 				}
@@ -760,27 +767,52 @@ func (w *cacheWriter) loop() {
 
 // handOff leaves the checked records of a frame the cache is about to
 // write as key, with the buffer they alias, to the machine's applier
-// (handoff.go), if the budget allows; it reports whether it did.
+// (handoff.go), if the budget allows; it reports whether it did. A frame
+// of base data only (the initial copy's) waits for the budget while the
+// applier applies (handoff.putWait): such data can always be read from
+// the source again, and the replica cannot be further along than the
+// applier anyway. A frame holding the guest's changes never waits: a
+// backlog of those belongs in the cache, not in the agent's spool.
 func (w *cacheWriter) handOff(key replication.FrameKey, fb *frameBuffers) bool {
 	recs := fb.recs
 	fb.recs = nil
+	var wait time.Duration
+	if baseOnly(recs) {
+		wait = w.s.cfg.HandoffWait
+	}
 	switch {
 	case recs == nil:
 		return false
 	case fb.plain:
 		// The payload the cache writes is this buffer too: it is only
 		// read from now on.
-		if !w.m.rep.handoff.put(key, recs, fb.read) {
+		if !w.m.rep.handoff.putWait(key, recs, fb.read, wait, w.cc.replaced) {
 			return false
 		}
 		fb.readCap, fb.read = cap(fb.read), nil
 	default:
-		if !w.m.rep.handoff.put(key, recs, fb.dec) {
+		if !w.m.rep.handoff.putWait(key, recs, fb.dec, wait, w.cc.replaced) {
 			return false
 		}
 		fb.dec = nil
 	}
 	return true
+}
+
+// baseOnly reports whether recs hold base data (KindBase) and nothing
+// else but the copy's progress.
+func baseOnly(recs []replication.Record) bool {
+	base := false
+	for i := range recs {
+		switch recs[i].Kind {
+		case replication.KindBase:
+			base = true
+		case replication.KindProgress:
+		default:
+			return false
+		}
+	}
+	return base
 }
 
 // RequestPoint asks a machine's agent for a recovery point now and waits
