@@ -124,7 +124,7 @@ func (r *replica) handles(idx uint32) (replication.ReplicaDisk, *replication.Sum
 }
 
 func (r *replica) setErr(msg string) {
-	r.handoff.stalled.Store(msg != "")
+	r.handoff.stall(msg != "")
 	r.stateMu.Lock()
 	r.applyErr = msg
 	r.stateMu.Unlock()

@@ -135,11 +135,12 @@ type handoff struct {
 	// the budget.
 	hits, misses, refused, whole, waited atomic.Int64
 
-	// A put waits for the budget (putWait) only while the applier is
-	// applying: not while its last try failed (stalled: the target out
-	// of reach, when the cache must take the agent's frames at full
-	// speed), nor after a wait that ran out, until the applier gives
-	// bytes back again (noWait).
+	// While the applier's last try failed (stalled: the target out of
+	// reach) nothing is put: what it holds is dropped (stall), so that
+	// the budget all machines share goes to appliers that apply, and
+	// the cache takes the agent's frames at full speed. A put waits for
+	// the budget (putWait) only while the applier applies: not after a
+	// wait that ran out, until the applier gives bytes back (noWait).
 	stalled, noWait atomic.Bool
 }
 
@@ -183,9 +184,13 @@ const handoffWait = 2 * time.Second
 // acknowledgement instead, by about the time the applier takes to catch
 // up, when the replica could not be any further along anyway.
 func (h *handoff) putWait(k replication.FrameKey, recs []replication.Record, buf []byte, d time.Duration, stop <-chan struct{}) bool {
+	if h.stalled.Load() {
+		h.refused.Add(1)
+		return false
+	}
 	size := handoffSize(buf, recs)
 	ok := h.budget.reserve(size)
-	if !ok && d > 0 && !h.stalled.Load() && !h.noWait.Load() {
+	if !ok && d > 0 && !h.noWait.Load() {
 		h.waited.Add(1)
 		if ok = h.budget.reserveWait(size, d, stop); !ok {
 			h.noWait.Store(true)
@@ -278,6 +283,20 @@ func (h *handoff) dropThrough(seq uint64) {
 			delete(h.entries, k)
 			h.budget.release(e.size)
 		}
+	}
+}
+
+// stall records the applier's try failing (stalled) or succeeding again;
+// failing, every entry is dropped (stalled).
+func (h *handoff) stall(failed bool) {
+	if h.stalled.Swap(failed) == failed || !failed {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for k, e := range h.entries {
+		delete(h.entries, k)
+		h.budget.release(e.size)
 	}
 }
 
