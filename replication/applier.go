@@ -289,7 +289,7 @@ func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*P
 	if scan.Records == 0 {
 		return &PreparedSegment{First: scan.First, Last: scan.Last}, nil // nothing to apply, nothing to keep
 	}
-	return prepareFrames(scan.First, scan.Last, frames, given)
+	return prepareFrames(scan.First, scan.Last, frames, given, nil)
 }
 
 // PrepareHanded is PrepareSegmentFrom for a segment first..last whose
@@ -299,10 +299,17 @@ func PrepareSegmentFrom(seg []byte, known func(k FrameKey) ([]Record, bool)) (*P
 // records of the frames it wrote, keys as written). It checks that each
 // frame's records match its key (count, first seq) and that the frames
 // number first to last without a gap or an overlap; a failure wraps
-// ErrCorrupt (the caller then reads the file instead).
-func PrepareHanded(first, last uint64, keys []FrameKey, recs [][]Record) (*PreparedSegment, error) {
-	if len(keys) == 0 || len(keys) != len(recs) {
+// ErrCorrupt (the caller then reads the file instead). entries, if not
+// nil, holds each frame's RecordEntries where the hand-off computed them
+// (nil for a frame whose writes are hashed here).
+func PrepareHanded(first, last uint64, keys []FrameKey, recs [][]Record, entries [][]BlockEntries) (*PreparedSegment, error) {
+	if len(keys) == 0 || len(keys) != len(recs) || entries != nil && len(entries) != len(recs) {
 		return nil, fmt.Errorf("segment %d-%d: %d frames, records for %d: %w", first, last, len(keys), len(recs), ErrCorrupt)
+	}
+	for i := range entries {
+		if entries[i] != nil && len(entries[i]) != len(recs[i]) {
+			return nil, fmt.Errorf("segment %d-%d: frame %d has %d records, checksums for %d: %w", first, last, i, len(recs[i]), len(entries[i]), ErrCorrupt)
+		}
 	}
 	next := first
 	for i, k := range keys {
@@ -314,13 +321,30 @@ func PrepareHanded(first, last uint64, keys []FrameKey, recs [][]Record) (*Prepa
 	if next-1 != last {
 		return nil, fmt.Errorf("segment %d-%d: its frames end at seq %d: %w", first, last, next-1, ErrCorrupt)
 	}
-	return prepareFrames(first, last, nil, recs)
+	return prepareFrames(first, last, nil, recs, entries)
 }
+
+// RecordEntries hashes the whole blocks of each write and base record of
+// recs (EntriesOf; the zero BlockEntries for any other record): what the
+// applier needs of them, computed ahead (PrepareHanded).
+func RecordEntries(recs []Record) []BlockEntries {
+	be := make([]BlockEntries, len(recs))
+	for j := range recs {
+		if k := recs[j].Kind; k == KindWrite || k == KindBase {
+			be[j] = EntriesOf(int64(recs[j].Offset), recs[j].Data)
+		}
+	}
+	return be
+}
+
+// Size is what be holds in memory beyond its header.
+func (be BlockEntries) Size() int64 { return int64(cap(be.e)) * int64(len(Hash{})) }
 
 // prepareFrames decodes the frames of segment first..last whose records
 // are not given (given[i] nil: frames[i] is decompressed and checked)
-// and hashes every write's blocks, on every CPU.
-func prepareFrames(first, last uint64, frames []Frame, given [][]Record) (*PreparedSegment, error) {
+// and hashes every write's blocks, on every CPU, but for the frames
+// whose entries are given (entries[i] not nil, when entries is not).
+func prepareFrames(first, last uint64, frames []Frame, given [][]Record, entries [][]BlockEntries) (*PreparedSegment, error) {
 	type decoded struct {
 		recs []preparedRecord
 		err  error
@@ -354,11 +378,25 @@ func prepareFrames(first, last uint64, frames []Frame, given [][]Record) (*Prepa
 						return
 					}
 				}
+				var be []BlockEntries
+				if entries != nil {
+					be = entries[i]
+				}
 				prs := make([]preparedRecord, len(recs))
 				for j := range recs {
 					prs[j].r = recs[j]
-					if k := recs[j].Kind; k == KindWrite || k == KindBase {
-						prs[j].be = EntriesOf(int64(recs[j].Offset), recs[j].Data)
+					hashed := recs[j].Kind == KindWrite || recs[j].Kind == KindBase
+					switch {
+					case be == nil:
+						if hashed {
+							prs[j].be = EntriesOf(int64(recs[j].Offset), recs[j].Data)
+						}
+					case !be[j].fits(int64(recs[j].Offset), len(recs[j].Data), hashed):
+						out[i].err = fmt.Errorf("record %d: the checksums given are not of its blocks: %w", recs[j].Seq, ErrCorrupt)
+						failed.Store(true)
+						return
+					default:
+						prs[j].be = be[j]
 					}
 				}
 				out[i].recs = prs

@@ -678,7 +678,7 @@ func TestPrepareHanded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := PrepareHanded(10, 21, keys, handed)
+	got, err := PrepareHanded(10, 21, keys, handed, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -686,11 +686,25 @@ func TestPrepareHanded(t *testing.T) {
 		t.Fatalf("prepared from the hand-off %d-%d (%d records, %v), from the bytes %d-%d (%d records, %v)",
 			got.First, got.Last, len(got.recs), got.LastTime, want.First, want.Last, len(want.recs), want.LastTime)
 	}
-	for i := range want.recs {
-		g, w := got.recs[i], want.recs[i]
-		if g.r.Seq != w.r.Seq || g.r.Kind != w.r.Kind || g.r.Offset != w.r.Offset || !bytes.Equal(g.r.Data, w.r.Data) || g.be.first != w.be.first || !slices.Equal(g.be.e, w.be.e) {
-			t.Fatalf("record %d differs: %+v against %+v", i, g.r, w.r)
+	// The blocks' checksums computed ahead, for two frames of three.
+	entries := [][]BlockEntries{RecordEntries(handed[0]), nil, RecordEntries(handed[2])}
+	ahead, err := PrepareHanded(10, 21, keys, handed, entries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, got := range []*PreparedSegment{got, ahead} {
+		for i := range want.recs {
+			g, w := got.recs[i], want.recs[i]
+			if g.r.Seq != w.r.Seq || g.r.Kind != w.r.Kind || g.r.Offset != w.r.Offset || !bytes.Equal(g.r.Data, w.r.Data) || g.be.first != w.be.first || !slices.Equal(g.be.e, w.be.e) {
+				t.Fatalf("record %d differs: %+v against %+v", i, g.r, w.r)
+			}
 		}
+	}
+	if _, err := PrepareHanded(10, 21, keys, handed, entries[:2]); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("checksums for two frames of three: %v, want ErrCorrupt", err)
+	}
+	if _, err := PrepareHanded(10, 21, keys, handed, [][]BlockEntries{nil, entries[0], nil}); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("checksums of another frame: %v, want ErrCorrupt", err)
 	}
 	for name, tc := range map[string]struct {
 		first, last uint64
@@ -706,7 +720,7 @@ func TestPrepareHanded(t *testing.T) {
 		"a record short":     {10, 21, keys, [][]Record{handed[0], handed[1][:3], handed[2]}},
 		"keys and records":   {10, 21, keys, handed[:2]},
 	} {
-		if _, err := PrepareHanded(tc.first, tc.last, tc.keys, tc.recs); !errors.Is(err, ErrCorrupt) {
+		if _, err := PrepareHanded(tc.first, tc.last, tc.keys, tc.recs, nil); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s: %v, want ErrCorrupt", name, err)
 		}
 	}

@@ -225,6 +225,18 @@ func EntriesOf(off int64, data []byte) BlockEntries {
 	return be
 }
 
+// fits reports whether be can be EntriesOf(off, data) for n bytes of data
+// (hashed), or the zero BlockEntries (not hashed): its first block and
+// count. (Whether each checksum is of that data is not checked: that
+// would hash it again.)
+func (be BlockEntries) fits(off int64, n int, hashed bool) bool {
+	if !hashed {
+		return be.e == nil && be.first == 0
+	}
+	first := (off + HashBlock - 1) / HashBlock
+	return be.first == first && int64(len(be.e)) == max(0, (off+int64(n))/HashBlock-first)
+}
+
 // NoteEntries is Note with the whole blocks' entries given (be is
 // EntriesOf(off, data)); a block be does not hold is hashed here.
 func (s *Sums) NoteEntries(off int64, data []byte, be BlockEntries) error {

@@ -146,7 +146,8 @@ type handoff struct {
 
 type handoffEntry struct {
 	recs []replication.Record
-	size int64 // what it counts against the budget
+	be   []replication.BlockEntries // their blocks' checksums, if computed (nil)
+	size int64                      // what it counts against the budget
 }
 
 func newHandoff(budget *handoffBudget) *handoff {
@@ -156,9 +157,17 @@ func newHandoff(budget *handoffBudget) *handoff {
 // recordSize is what a decoded record costs beyond its data.
 const recordSize = int64(unsafe.Sizeof(replication.Record{}))
 
-// handoffSize is what records decoded into buf cost the budget.
-func handoffSize(buf []byte, recs []replication.Record) int64 {
-	return int64(cap(buf)) + int64(cap(recs))*recordSize
+// entriesSize is what a BlockEntries costs beyond its checksums.
+const entriesSize = int64(unsafe.Sizeof(replication.BlockEntries{}))
+
+// handoffSize is what records decoded into buf, with their blocks'
+// checksums be (if computed), cost the budget.
+func handoffSize(buf []byte, recs []replication.Record, be []replication.BlockEntries) int64 {
+	n := int64(cap(buf)) + int64(cap(recs))*recordSize + int64(cap(be))*entriesSize
+	for i := range be {
+		n += be[i].Size()
+	}
+	return n
 }
 
 // put leaves the records of the frame the cache wrote as k, decoded
@@ -166,7 +175,7 @@ func handoffSize(buf []byte, recs []replication.Record) int64 {
 // returns true), for the applier. It reports false, and keeps nothing,
 // past the budget.
 func (h *handoff) put(k replication.FrameKey, recs []replication.Record, buf []byte) bool {
-	return h.putWait(k, recs, buf, 0, nil)
+	return h.putWait(k, recs, nil, buf, 0, nil)
 }
 
 // handoffWait is the longest a frame's put waits for the budget by
@@ -174,8 +183,9 @@ func (h *handoff) put(k replication.FrameKey, recs []replication.Record, buf []b
 // segment takes here.
 const handoffWait = 2 * time.Second
 
-// putWait is put, waiting up to d (or until stop is closed) for the
-// budget while the applier is applying (stalled, noWait). The reader
+// putWait is put with the records' blocks' checksums be (if computed:
+// replication.RecordEntries), waiting up to d (or until stop is closed)
+// for the budget while the applier is applying (stalled, noWait). The reader
 // runs ahead of an applier slower than it (the initial copy, whose
 // applier writes, hashes and flushes the replica) only by what the
 // budget holds: past it, a frame refused would be read back from its
@@ -183,12 +193,12 @@ const handoffWait = 2 * time.Second
 // further behind; waiting delays the frame's write to the cache and its
 // acknowledgement instead, by about the time the applier takes to catch
 // up, when the replica could not be any further along anyway.
-func (h *handoff) putWait(k replication.FrameKey, recs []replication.Record, buf []byte, d time.Duration, stop <-chan struct{}) bool {
+func (h *handoff) putWait(k replication.FrameKey, recs []replication.Record, be []replication.BlockEntries, buf []byte, d time.Duration, stop <-chan struct{}) bool {
 	if h.stalled.Load() {
 		h.refused.Add(1)
 		return false
 	}
-	size := handoffSize(buf, recs)
+	size := handoffSize(buf, recs, be)
 	ok := h.budget.reserve(size)
 	if !ok && d > 0 && !h.noWait.Load() {
 		h.waited.Add(1)
@@ -209,7 +219,7 @@ func (h *handoff) putWait(k replication.FrameKey, recs []replication.Record, buf
 	if old, ok := h.entries[k]; ok {
 		h.budget.release(old.size)
 	}
-	h.entries[k] = handoffEntry{recs: recs, size: size}
+	h.entries[k] = handoffEntry{recs: recs, be: be, size: size}
 	return true
 }
 
@@ -231,26 +241,28 @@ func (h *handoff) take(k replication.FrameKey) ([]replication.Record, int64, boo
 }
 
 // takeAll removes and returns the records of every frame in keys, in
-// order, and what they count against the budget until given back, if
-// every one is here; if one is not, it takes none and reports false.
-func (h *handoff) takeAll(keys []replication.FrameKey) ([][]replication.Record, int64, bool) {
+// order, with their blocks' checksums where computed (nil otherwise), and
+// what they count against the budget until given back, if every one is
+// here; if one is not, it takes none and reports false.
+func (h *handoff) takeAll(keys []replication.FrameKey) ([][]replication.Record, [][]replication.BlockEntries, int64, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, k := range keys {
 		if _, ok := h.entries[k]; !ok {
-			return nil, 0, false
+			return nil, nil, 0, false
 		}
 	}
 	recs := make([][]replication.Record, len(keys))
+	be := make([][]replication.BlockEntries, len(keys))
 	var lent int64
 	for i, k := range keys {
 		e := h.entries[k]
 		delete(h.entries, k)
-		recs[i], lent = e.recs, lent+e.size
+		recs[i], be[i], lent = e.recs, e.be, lent+e.size
 	}
 	h.hits.Add(int64(len(keys)))
 	h.whole.Add(1)
-	return recs, lent, true
+	return recs, be, lent, true
 }
 
 // drop removes the entry of the frame with key k, if there is one (its

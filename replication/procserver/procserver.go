@@ -780,18 +780,25 @@ func (w *cacheWriter) handOff(key replication.FrameKey, fb *frameBuffers) bool {
 	if baseOnly(recs) {
 		wait = w.s.cfg.HandoffWait
 	}
+	// Before the machine's first point the applier takes whole segments
+	// from here (preparedFromHandoff): their writes are hashed here, on
+	// this goroutine, off the applier's path (it hashes the others).
+	var be []replication.BlockEntries
+	if recs != nil && !w.m.rep.pointMade.Load() {
+		be = replication.RecordEntries(recs)
+	}
 	switch {
 	case recs == nil:
 		return false
 	case fb.plain:
 		// The payload the cache writes is this buffer too: it is only
 		// read from now on.
-		if !w.m.rep.handoff.putWait(key, recs, fb.read, wait, w.cc.replaced) {
+		if !w.m.rep.handoff.putWait(key, recs, be, fb.read, wait, w.cc.replaced) {
 			return false
 		}
 		fb.readCap, fb.read = cap(fb.read), nil
 	default:
-		if !w.m.rep.handoff.putWait(key, recs, fb.dec, wait, w.cc.replaced) {
+		if !w.m.rep.handoff.putWait(key, recs, be, fb.dec, wait, w.cc.replaced) {
 			return false
 		}
 		fb.dec = nil
