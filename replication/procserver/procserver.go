@@ -776,16 +776,19 @@ func (w *cacheWriter) loop() {
 func (w *cacheWriter) handOff(key replication.FrameKey, fb *frameBuffers) bool {
 	recs := fb.recs
 	fb.recs = nil
+	// Base data (the initial copy's) before the machine's first point:
+	// it waits for the budget, so the applier takes its segments whole
+	// from here (preparedFromHandoff), and its writes are hashed here,
+	// on this goroutine, off the applier's path. The applier hashes any
+	// other frame's, on every CPU (a guest's changes: a frame refused
+	// the budget would make its segment's hashed ones be hashed again).
 	var wait time.Duration
+	var be []replication.BlockEntries
 	if baseOnly(recs) {
 		wait = w.s.cfg.HandoffWait
-	}
-	// Before the machine's first point the applier takes whole segments
-	// from here (preparedFromHandoff): their writes are hashed here, on
-	// this goroutine, off the applier's path (it hashes the others).
-	var be []replication.BlockEntries
-	if recs != nil && !w.m.rep.pointMade.Load() {
-		be = replication.RecordEntries(recs)
+		if !w.m.rep.pointMade.Load() {
+			be = replication.RecordEntries(recs)
+		}
 	}
 	switch {
 	case recs == nil:
