@@ -569,6 +569,11 @@ func (d *disk) applyLocked(k int, sync bool) error {
 	return nil
 }
 
+// writebackMin is the smallest write whose writeback applyOp starts at
+// once (an initial copy's chunk is 1 MiB; a guest's 4 KiB write is left
+// to the fsync).
+const writebackMin = 256 << 10
+
 func (d *disk) dropOps(k int) {
 	for _, o := range d.ops[:k] {
 		d.opBytes -= int64(len(o.data)) + opOverhead
@@ -582,6 +587,10 @@ func (d *disk) dropOps(k int) {
 func (d *disk) applyOp(o op) error {
 	if o.data != nil {
 		_, err := d.replica.WriteAt(o.data, o.off)
+		if err == nil && len(o.data) >= writebackMin {
+			// The disk writes it while the next ops are copied in.
+			startWriteback(d.replica, o.off, int64(len(o.data)))
+		}
 		return err
 	}
 	if punch(d.replica, o.off, o.n) == nil {

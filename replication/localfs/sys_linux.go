@@ -9,6 +9,8 @@ import (
 	"os"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/asrdr/asr/replication"
 )
 
@@ -82,4 +84,18 @@ func nextHole(f *os.File, off int64) (int64, bool) {
 		return 0, false
 	}
 	return pos, true
+}
+
+// startWriteback asks the kernel to start writing f's dirty pages in
+// off..off+n to the disk, without waiting (sync_file_range with
+// SYNC_FILE_RANGE_WRITE): the flush's fsync then waits for less. Only a
+// hint: an error is ignored, the fsync still decides.
+func startWriteback(f *os.File, off, n int64) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Control(func(fd uintptr) {
+		unix.SyncFileRange(int(fd), off, n, unix.SYNC_FILE_RANGE_WRITE)
+	})
 }
