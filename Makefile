@@ -10,7 +10,7 @@ GO ?= go
 # a CPU hog) may take several times as long as an idle one, and must pass.
 # CI has 90 minutes in all: a hung test must end its run well before that,
 # with go test's panic naming it (scripts/e2e.sh has the e2e packages' own).
-UNIT_TIMEOUT ?= 25m
+UNIT_TIMEOUT ?= 45m
 # Tests that call t.Parallel run this many at a time in a package (go
 # test's default is GOMAXPROCS, 2 in CI): most of the server package's
 # tests wait on their servers and agents more than they compute.

@@ -12,7 +12,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 GO="${GO:-go}"
 MAKE="${MAKE:-make}"
-: "${UNIT_TIMEOUT:=25m}"
+: "${UNIT_TIMEOUT:=45m}"
 : "${UNIT_PARALLEL:=4}"
 mkdir -p bin
 rm -f bin/e2e.log # a stage that did not run this time shows no old failures

@@ -49,3 +49,11 @@ func SetFailbackCompareHook(machineID string, hook func(ctx context.Context, dis
 	}
 	compareTestHooks.Store(machineID, hook)
 }
+
+// SetNonceTTL changes how long s's registration challenges live (a test
+// whose flood of challenges outlasts the 5 minutes on a loaded machine).
+func SetNonceTTL(s *Server, d time.Duration) {
+	s.nonces.mu.Lock()
+	defer s.nonces.mu.Unlock()
+	s.nonces.ttl = d
+}
