@@ -201,6 +201,8 @@ func (r *replica) loop(q segmentQueue) {
 			return
 		case <-r.wake:
 		case <-time.After(5 * time.Second):
+			// Idle: the readers' pooled buffers go once none is taken.
+			r.handoff.budget.pool.trim()
 		}
 		for r.ctx.Err() == nil {
 			sg, ok := q.next()
@@ -231,9 +233,20 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	// they are applied (or dropped), and the entries of frames the
 	// applier is past (this segment's, taken or not) are dropped.
 	var lent int64
-	defer func() { r.handoff.giveBack(lent) }()
+	// bufs are the buffers the taken records alias: pooled for the
+	// readers' next frames (handoffBudget.recycle) once the records are
+	// applied and the replica flushed, when nothing refers to them any
+	// more (a disk that failed may still hold the writes it queued).
+	var bufs [][]byte
+	applied := false
+	defer func() {
+		r.handoff.giveBack(lent)
+		if applied {
+			r.handoff.budget.recycle(bufs)
+		}
+	}()
 	var data []byte // the segment file, read unless the hand-off has it all
-	prep, lent, whole := r.preparedFromHandoff(sg)
+	prep, bufs, lent, whole := r.preparedFromHandoff(sg)
 	var perr error
 	if !whole {
 		var err error
@@ -244,8 +257,11 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	defer r.handoff.dropThrough(sg.last)
 	if !whole {
 		prep, perr = replication.PrepareSegmentFrom(data, func(k replication.FrameKey) ([]replication.Record, bool) {
-			recs, n, ok := r.handoff.take(k)
+			recs, buf, n, ok := r.handoff.take(k)
 			lent += n
+			if ok {
+				bufs = append(bufs, buf)
+			}
 			return recs, ok
 		})
 		if perr != nil && !errors.Is(perr, replication.ErrCorrupt) {
@@ -289,6 +305,7 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 	err := perr
 	if err == nil {
 		err = r.a.ApplyPrepared(ctx, prep)
+		applied = err == nil
 	}
 	if errors.Is(err, replication.ErrCorrupt) {
 		reason := fmt.Sprintf("segment %s failed verification (%v); it was not applied", filepath.Base(sg.path), err)
@@ -340,15 +357,15 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 // are those decoded and checked from the payloads the cache wrote, still
 // in memory since, as with every hand-off hit. It reports false (and
 // takes nothing) otherwise; the caller then reads the file.
-func (r *replica) preparedFromHandoff(sg sealedSeg) (*replication.PreparedSegment, int64, bool) {
+func (r *replica) preparedFromHandoff(sg sealedSeg) (*replication.PreparedSegment, [][]byte, int64, bool) {
 	if len(sg.keys) == 0 || r.pointMade.Load() || slices.ContainsFunc(sg.keys, func(k replication.FrameKey) bool {
 		return k.Flags&replication.FlagTag != 0
 	}) {
-		return nil, 0, false
+		return nil, nil, 0, false
 	}
-	recs, be, lent, ok := r.handoff.takeAll(sg.keys)
+	recs, be, bufs, lent, ok := r.handoff.takeAll(sg.keys)
 	if !ok {
-		return nil, 0, false
+		return nil, nil, 0, false
 	}
 	p, err := replication.PrepareHanded(sg.first, sg.last, sg.keys, recs, be)
 	if err == nil && p.Tags {
@@ -358,9 +375,9 @@ func (r *replica) preparedFromHandoff(sg sealedSeg) (*replication.PreparedSegmen
 		// Not for frames this process wrote in order; the file decides.
 		r.log.Warn("segment not prepared from the hand-off; reading its file", "segment", filepath.Base(sg.path), "err", err)
 		r.handoff.giveBack(lent)
-		return nil, 0, false
+		return nil, nil, 0, false
 	}
-	return p, lent, true
+	return p, bufs, lent, true
 }
 
 // removalQueue is how many applied segment files may wait for the

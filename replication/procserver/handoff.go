@@ -1,6 +1,7 @@
 package procserver
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -59,6 +60,94 @@ type handoffBudget struct {
 
 	mu    sync.Mutex
 	freed chan struct{} // closed (and forgotten) when bytes are released
+
+	pool bufPool // the buffers of applied entries, for the readers' next frames
+}
+
+// bufPool keeps the decode buffers of hand-off entries once their records
+// are applied, for the readers' next frames: a new buffer for every frame
+// handed off made the Go heap grow and shrink by the budget's worth, and
+// every page of it was faulted in again (on this project's 2-core VM a
+// minor fault costs 5-20 µs: the 2 GiB initial copy of asrbench took about
+// 64,000 of them in the decode alone, and zeroed the reused pages first).
+// It holds at most half the budget (what the appliers give back while the
+// readers wait for the rest), and nothing once the readers have taken
+// nothing from it for poolIdle.
+type bufPool struct {
+	mu    sync.Mutex
+	bufs  [][]byte
+	bytes int64
+	last  time.Time // of the last get
+
+	reused atomic.Int64 // the buffers get returned
+}
+
+// poolIdle is how long buffers stay pooled while no reader takes one.
+const poolIdle = 10 * time.Second
+
+// get returns a pooled buffer of at least n bytes' capacity, emptied,
+// or nil.
+func (p *bufPool) get(n int) []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.last = time.Now()
+	for i, b := range p.bufs {
+		if cap(b) >= n {
+			p.bufs = slices.Delete(p.bufs, i, i+1)
+			p.bytes -= int64(cap(b))
+			p.reused.Add(1)
+			return b[:0]
+		}
+	}
+	return nil
+}
+
+// put keeps b, which nothing refers to any more, if there is room (max
+// bytes in all).
+func (p *bufPool) put(b []byte, max int64) {
+	if cap(b) == 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.bytes+int64(cap(b)) > max {
+		return
+	}
+	p.bufs = append(p.bufs, b[:0])
+	p.bytes += int64(cap(b))
+}
+
+// trim drops every buffer if no reader took one for poolIdle.
+func (p *bufPool) trim() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if time.Since(p.last) >= poolIdle {
+		p.bufs, p.bytes = nil, 0
+	}
+}
+
+// held is the bytes pooled.
+func (p *bufPool) held() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bytes
+}
+
+// buffer returns a buffer of at least n bytes' capacity for a reader's
+// next frame: a pooled one, or a new one.
+func (b *handoffBudget) buffer(n int) []byte {
+	if buf := b.pool.get(n); buf != nil {
+		return buf
+	}
+	return make([]byte, 0, n)
+}
+
+// recycle pools bufs, the buffers of entries whose records are applied
+// and referred to by nothing any more.
+func (b *handoffBudget) recycle(bufs [][]byte) {
+	for _, buf := range bufs {
+		b.pool.put(buf, b.max/2)
+	}
 }
 
 // reserve takes n bytes of the budget, if they fit.
@@ -146,6 +235,7 @@ type handoff struct {
 
 type handoffEntry struct {
 	recs []replication.Record
+	buf  []byte                     // what recs alias (bufPool once they are applied)
 	be   []replication.BlockEntries // their blocks' checksums, if computed (nil)
 	size int64                      // what it counts against the budget
 }
@@ -219,13 +309,14 @@ func (h *handoff) putWait(k replication.FrameKey, recs []replication.Record, be 
 	if old, ok := h.entries[k]; ok {
 		h.budget.release(old.size)
 	}
-	h.entries[k] = handoffEntry{recs: recs, be: be, size: size}
+	h.entries[k] = handoffEntry{recs: recs, be: be, buf: buf, size: size}
 	return true
 }
 
-// take removes and returns the records of the frame with key k, and what
-// they count against the budget until the applier gives it back (lent).
-func (h *handoff) take(k replication.FrameKey) ([]replication.Record, int64, bool) {
+// take removes and returns the records of the frame with key k, the
+// buffer they alias, and what they count against the budget until the
+// applier gives it back (lent).
+func (h *handoff) take(k replication.FrameKey) ([]replication.Record, []byte, int64, bool) {
 	h.mu.Lock()
 	e, ok := h.entries[k]
 	if ok {
@@ -234,35 +325,37 @@ func (h *handoff) take(k replication.FrameKey) ([]replication.Record, int64, boo
 	h.mu.Unlock()
 	if !ok {
 		h.misses.Add(1)
-		return nil, 0, false
+		return nil, nil, 0, false
 	}
 	h.hits.Add(1)
-	return e.recs, e.size, true
+	return e.recs, e.buf, e.size, true
 }
 
 // takeAll removes and returns the records of every frame in keys, in
-// order, with their blocks' checksums where computed (nil otherwise), and
-// what they count against the budget until given back, if every one is
-// here; if one is not, it takes none and reports false.
-func (h *handoff) takeAll(keys []replication.FrameKey) ([][]replication.Record, [][]replication.BlockEntries, int64, bool) {
+// order, with their blocks' checksums where computed (nil otherwise), the
+// buffers they alias, and what they count against the budget until given
+// back, if every one is here; if one is not, it takes none and reports
+// false.
+func (h *handoff) takeAll(keys []replication.FrameKey) ([][]replication.Record, [][]replication.BlockEntries, [][]byte, int64, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, k := range keys {
 		if _, ok := h.entries[k]; !ok {
-			return nil, nil, 0, false
+			return nil, nil, nil, 0, false
 		}
 	}
 	recs := make([][]replication.Record, len(keys))
 	be := make([][]replication.BlockEntries, len(keys))
+	bufs := make([][]byte, len(keys))
 	var lent int64
 	for i, k := range keys {
 		e := h.entries[k]
 		delete(h.entries, k)
-		recs[i], be[i], lent = e.recs, e.be, lent+e.size
+		recs[i], be[i], bufs[i], lent = e.recs, e.be, e.buf, lent+e.size
 	}
 	h.hits.Add(int64(len(keys)))
 	h.whole.Add(1)
-	return recs, be, lent, true
+	return recs, be, bufs, lent, true
 }
 
 // drop removes the entry of the frame with key k, if there is one (its

@@ -444,3 +444,67 @@ func TestHandoffWaitsForAnApplierBehind(t *testing.T) {
 	}
 	waitHandoffEmpty(t, r.s, h)
 }
+
+// TestHandoffBuffersReused: once a frame handed off is applied (the
+// replica flushed), its decode buffer goes to the pool and the reader
+// decodes a later frame into it, instead of a new buffer whose pages the
+// kernel must fault in again. Every frame still reaches the replica as
+// sent: a reused buffer is only written after the records it held are on
+// the replica.
+func TestHandoffBuffersReused(t *testing.T) {
+	r := mustTLSRig(t)
+	a := protectWithLogA(t, r) // seq 1-3
+	h := machineOf(t, r.s).rep.handoff
+	pool := &r.s.handoff.pool
+	reused0 := pool.reused.Load()
+	var want [][]byte
+	for i := range 6 {
+		d := randomBytes(uint64(40+i), 96<<10)
+		d = append(d, bytes.Repeat([]byte{byte(i)}, 32<<10)...) // compresses a little: S2 keeps it
+		want = append(want, d)
+		a.shipFrame(s2Frame(uint64(4+i), replication.Record{Kind: replication.KindWrite, Offset: uint64(i) * (128 << 10), Data: d}))
+		waitApplied(t, r.s, uint64(4+i))
+	}
+	if n := pool.reused.Load() - reused0; n < 4 {
+		t.Fatalf("the reader took %d pooled buffers for 6 frames each applied before the next was sent: want the applied frames' buffers back", n)
+	}
+	for i, d := range want {
+		mustReplicaHolds(t, r.s, int64(i)*(128<<10), d)
+	}
+	waitHandoffEmpty(t, r.s, h)
+	if held := pool.held(); held > r.s.handoff.max/2 {
+		t.Fatalf("the pool holds %d bytes, over half the budget's %d", held, r.s.handoff.max)
+	}
+}
+
+// TestBufPool: a pooled buffer is returned only for a size it holds, the
+// pool keeps no more than its bound, and drops everything once no buffer
+// was taken for poolIdle.
+func TestBufPool(t *testing.T) {
+	var p bufPool
+	p.put(make([]byte, 10, 100), 250)
+	p.put(make([]byte, 0, 100), 250)
+	p.put(make([]byte, 0, 100), 250) // past 250: dropped
+	if got := p.held(); got != 200 {
+		t.Fatalf("pool holds %d bytes, want 200", got)
+	}
+	if b := p.get(101); b != nil {
+		t.Fatalf("got a buffer of %d for 101 bytes", cap(b))
+	}
+	b := p.get(100)
+	if b == nil || len(b) != 0 || cap(b) != 100 {
+		t.Fatalf("got len %d cap %d, want an empty buffer of 100", len(b), cap(b))
+	}
+	if got := p.held(); got != 100 {
+		t.Fatalf("pool holds %d bytes after a get, want 100", got)
+	}
+	p.trim() // a buffer was just taken: kept
+	if got := p.held(); got != 100 {
+		t.Fatalf("pool holds %d bytes after a trim while in use, want 100", got)
+	}
+	p.last = time.Now().Add(-poolIdle)
+	p.trim()
+	if got := p.held(); got != 0 || p.get(1) != nil {
+		t.Fatalf("pool holds %d bytes after idling: want none", got)
+	}
+}

@@ -515,8 +515,9 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 		fb := w.buffers()
 		if fb.read == nil && fb.readCap > 0 {
 			// Its buffer went to the hand-off with the records it held:
-			// as large again as that frame, which did arrive.
-			fb.read = make([]byte, 0, fb.readCap)
+			// as large again as that frame, which did arrive (an applied
+			// one's, pooled, if there is one).
+			fb.read = s.handoff.buffer(fb.readCap)
 		}
 		f, nb, err := replication.ReadFrame(br, fb.read)
 		fb.read = nb
@@ -543,6 +544,11 @@ func (s *Server) readLoop(m *machine, cc *agentConn, br *bufio.Reader) (err erro
 			// Checked whole before it is written: nothing malformed or
 			// damaged is ever acknowledged (the agent keeps it and sends
 			// it again on the next connection).
+			if fb.dec == nil && f.Compressed() && f.RawLen <= replication.MaxFrameRaw {
+				// The last one went to the hand-off with its records:
+				// an applied frame's, pooled, if there is one.
+				fb.dec = s.handoff.pool.get(int(f.RawLen))
+			}
 			recs, dec, err := codec.CheckRecords(&f, fb.dec, cc.disk)
 			fb.dec = dec
 			if err != nil {
