@@ -8,7 +8,7 @@ import (
 	"fmt"
 	"time"
 
-	"golang.org/x/crypto/argon2"
+	"github.com/asrdr/asr/replication/argon2id"
 )
 
 // ErrWrongPassphrase is returned when a passphrase does not open the vault a
@@ -33,7 +33,7 @@ var VaultKDF = KDFParams{Time: 2, Memory: 64 << 10, Threads: 2}
 // be sane (argon2 panics on zero passes or lanes): check any that came from
 // the wire first.
 func (p KDFParams) Key(passphrase, salt []byte) []byte {
-	return argon2.IDKey(passphrase, salt, p.Time, p.Memory, p.Threads, 32)
+	return argon2id.IDKey(passphrase, salt, p.Time, p.Memory, p.Threads, 32)
 }
 
 // DeriveVaultKey derives the 32-byte vault key from a passphrase and salt.

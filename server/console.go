@@ -11,9 +11,8 @@ import (
 	"net/http"
 	"time"
 
-	"golang.org/x/crypto/argon2"
-
 	"github.com/asrdr/asr/replication"
+	"github.com/asrdr/asr/replication/argon2id"
 	"github.com/asrdr/asr/server/api"
 	"github.com/asrdr/asr/store"
 	"github.com/asrdr/asr/web"
@@ -324,7 +323,7 @@ func (s *Server) SetPassword(ctx context.Context, pw string) error {
 	}
 	salt := make([]byte, 16)
 	rand.Read(salt)
-	h := argon2.IDKey([]byte(pw), salt, 2, 64<<10, 2, 32)
+	h := argon2id.IDKey([]byte(pw), salt, 2, 64<<10, 2, 32)
 	return s.db.SetSetting(ctx, "console_password",
 		base64.RawStdEncoding.EncodeToString(salt)+"$"+base64.RawStdEncoding.EncodeToString(h))
 }
@@ -345,7 +344,7 @@ func (s *Server) checkPassword(ctx context.Context, pw string) bool {
 	if err1 != nil || err2 != nil {
 		return false
 	}
-	got := argon2.IDKey([]byte(pw), salt, 2, 64<<10, 2, 32)
+	got := argon2id.IDKey([]byte(pw), salt, 2, 64<<10, 2, 32)
 	return subtle.ConstantTimeCompare(got, want) == 1
 }
 

@@ -18,7 +18,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -249,9 +248,8 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	// Opening ran Argon2id (64 MiB each) for the vault and registration
-	// keys: give that memory back now rather than whenever the runtime
-	// gets to it.
-	debug.FreeOSMemory()
+	// keys, in memory of its own that is unmapped already
+	// (replication/argon2id), not the Go heap's.
 	return s, nil
 }
 

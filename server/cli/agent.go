@@ -23,10 +23,10 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	// A first registration's Argon2id (64 MiB) is garbage now: give it
-	// back before the agent's soft memory limit applies (GOMEMLIMIT, if
-	// set, is the operator's and wins).
-	debug.FreeOSMemory()
+	// A first registration's Argon2id (64 MiB) ran in memory of its own,
+	// unmapped already (replication/argon2id): the agent's soft memory
+	// limit (GOMEMLIMIT, if set, is the operator's and wins) is for the
+	// Go heap that is left.
 	if cfg.MemoryLimit > 0 && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(cfg.MemoryLimit)
 	}
