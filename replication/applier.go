@@ -673,13 +673,25 @@ func (a *Applier) tag(ctx context.Context, r *Record) error {
 	return nil
 }
 
-// checkpoint flushes the replica disks and records seq as applied.
+// checkpoint flushes the replica disks and records seq as applied. If the
+// catalog cannot record it (the target full or out of reach), the applied
+// seq stays where the catalog has it: a retry applies the records again
+// (as a restart would: applying is idempotent from applied_seq), and the
+// cache keeps the segment until the catalog says it is applied. Before
+// this an applied seq advanced in memory only made the retry skip the
+// segment as applied, and the cache dropped it without the catalog
+// knowing (a restart then found a sequence gap).
 func (a *Applier) checkpoint(ctx context.Context, seq uint64) error {
 	if err := a.flush(ctx); err != nil {
 		return err
 	}
+	was := a.m.AppliedSeq
 	a.m.AppliedSeq = seq
-	return a.saveMachine(ctx)
+	if err := a.saveMachine(ctx); err != nil {
+		a.m.AppliedSeq = was
+		return err
+	}
+	return nil
 }
 
 // flush flushes the replica disks, then hashes the blocks written in part

@@ -484,3 +484,52 @@ func TestPrepareSegmentFrom(t *testing.T) {
 		t.Fatalf("replica %q: the records known for the frame's key were not taken", got)
 	}
 }
+
+// TestApplierCheckpointNotRecorded: a segment whose checkpoint the catalog
+// cannot record (the target full) is not applied as far as anyone can
+// tell: the applied seq stays, so the process server keeps the segment in
+// its cache and tries again; the retry applies it whole once the catalog
+// takes the checkpoint, and the catalog then holds the new applied seq.
+func TestApplierCheckpointNotRecorded(t *testing.T) {
+	ctx := context.Background()
+	tgt := &failingPuts{Target: memtarget.New(), left: 1 << 30} // seal_test.go
+	t.Cleanup(func() { tgt.Close() })
+	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
+	a, err := replication.OpenApplier(ctx, cat, "00aa", "vm1", slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d0", Size: diskSize}}); err != nil {
+		t.Fatal(err)
+	}
+	b := &segBuilder{next: 1}
+	s1 := b.segment(t, replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone})
+	if err := a.Apply(ctx, s1); err != nil {
+		t.Fatal(err)
+	}
+	s2 := b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: fill(4096, 9)})
+	tgt.left = 0
+	if err := a.Apply(ctx, s2); err == nil {
+		t.Fatal("applied with the catalog failing")
+	}
+	if got := a.AppliedSeq(); got != 1 {
+		t.Fatalf("applied seq %d after a checkpoint the catalog refused: want 1", got)
+	}
+	tgt.left = 1 << 30
+	if err := a.Apply(ctx, s2); err != nil {
+		t.Fatal(err)
+	}
+	m, err := cat.Machine(ctx, "00aa")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.AppliedSeq() != 2 || m.AppliedSeq != 2 {
+		t.Fatalf("after the retry: applied seq %d, the catalog's %d: want 2", a.AppliedSeq(), m.AppliedSeq)
+	}
+	rd, _ := a.Disk(0)
+	got := make([]byte, 4096)
+	if _, err := rd.ReadAt(got, 4096); err != nil || !bytes.Equal(got, fill(4096, 9)) {
+		t.Fatalf("the retried segment's write is not on the replica (%v)", err)
+	}
+}
