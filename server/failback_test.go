@@ -805,7 +805,7 @@ func TestFailbackUnplannedThawedInCompare(t *testing.T) {
 func (fr *failbackRig) thawOriginal(disk string, off int64) {
 	t := fr.t
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	fos, err := fr.client.Failovers(ctx, false)
 	if err != nil || len(fos) != 1 {

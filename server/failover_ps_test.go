@@ -37,7 +37,7 @@ func TestFailoverFromAScaleOutProcessServer(t *testing.T) {
 		r.log = slog.Default()
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	d0 := filepath.Join(dir, "d0.img")
 	mustDisk(t, d0, 8<<20, 4)
@@ -184,7 +184,7 @@ func TestUnprotectFromAScaleOutProcessServer(t *testing.T) {
 	dir := t.TempDir()
 	r := &rig{t: t, dir: dir, log: quietLogger()}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	d0 := filepath.Join(dir, "d0.img")
 	mustDisk(t, d0, 4<<20, 6)

@@ -61,7 +61,7 @@ func (r *rig) runJob(j api.Job, err error) api.Job {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	j, err = r.client.WaitJob(ctx, j.ID, nil)
 	if err != nil {

@@ -37,7 +37,7 @@ func TestGroupCutsAcrossProcessServers(t *testing.T) {
 	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := groupRig(t, dir)
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	r.runPS(ctx, "ps1")
 	r.runPS(ctx, "ps2")
@@ -58,7 +58,7 @@ func TestGroupCutAcrossProcessServersFailsWhole(t *testing.T) {
 	// the package's other tests run beside it made them overrun.
 	dir := t.TempDir()
 	r := groupRig(t, dir)
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	r.runPS(ctx, "ps1")
 	cfgs := map[string]agent.Config{}

@@ -32,7 +32,7 @@ func TestPlacementAuto(t *testing.T) {
 		r.log = slog.Default()
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	r.runPS(ctx, "ps1")
 

@@ -58,7 +58,7 @@ func TestProcessServerReadsItsPoints(t *testing.T) {
 		r.log = slog.Default()
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	d0 := filepath.Join(dir, "d0.img")
 	const size = 64 << 20

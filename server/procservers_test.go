@@ -74,7 +74,7 @@ func TestProcessServerRegistersAndBeats(t *testing.T) {
 		c.PolicyEvery, c.PSHeartbeatLost, c.AlertClear, c.HeartbeatLost = 20*time.Millisecond, 2*time.Second, 50*time.Millisecond, time.Hour
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	passFile := filepath.Join(dir, "srv", server.PassphraseFile)
 
@@ -177,7 +177,7 @@ func TestSwitchProcessServerMidStream(t *testing.T) {
 		r.log = slog.Default()
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	passFile := filepath.Join(dir, "srv", server.PassphraseFile)
 	d0 := filepath.Join(dir, "d0.img")
@@ -325,7 +325,7 @@ func TestProcessServerReportsAndCommands(t *testing.T) {
 		c.PolicyEvery, c.PSHeartbeatLost, c.AlertClear, c.HeartbeatLost = 20*time.Millisecond, 3*time.Second, 50*time.Millisecond, 500*time.Millisecond
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	d0 := filepath.Join(dir, "d0.img")
 	mustDisk(t, d0, 8<<20, 3)
@@ -485,7 +485,7 @@ func TestProcessServerPrunes(t *testing.T) {
 		r.log = slog.Default()
 	}
 	r.start()
-	ctx, cancel := context.WithTimeout(context.Background(), hung)
+	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
 	d := filepath.Join(dir, "d.img")
 	mustDisk(t, d, 4<<20, 1)

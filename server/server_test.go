@@ -53,6 +53,12 @@ type rig struct {
 // a hung run, never the pace a loaded machine has to keep.
 const hung = 3 * time.Minute
 
+// hungTest bounds the context a whole test shares among its many waits
+// and calls: a test that ran 182 s under load (the unit stage beside the
+// e2e stage) hit a 3-minute context mid-recovery, whose connection it
+// then closed. Only a safety net, well inside the package's timeout.
+const hungTest = 20 * time.Minute
+
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
