@@ -70,9 +70,10 @@ type handoffBudget struct {
 // every page of it was faulted in again (on this project's 2-core VM a
 // minor fault costs 5-20 µs: the 2 GiB initial copy of asrbench took about
 // 64,000 of them in the decode alone, and zeroed the reused pages first).
-// It holds at most half the budget (what the appliers give back while the
-// readers wait for the rest), and nothing once the readers have taken
-// nothing from it for poolIdle.
+// It holds at most the budget's worth (the buffers in flight and pooled
+// then stay about one budget in all: with half, a fifth of the frames of
+// asrbench initial still got a new buffer), and nothing once the readers
+// have taken nothing from it for poolIdle.
 type bufPool struct {
 	mu    sync.Mutex
 	bufs  [][]byte
@@ -146,7 +147,7 @@ func (b *handoffBudget) buffer(n int) []byte {
 // and referred to by nothing any more.
 func (b *handoffBudget) recycle(bufs [][]byte) {
 	for _, buf := range bufs {
-		b.pool.put(buf, b.max/2)
+		b.pool.put(buf, b.max)
 	}
 }
 

@@ -472,8 +472,8 @@ func TestHandoffBuffersReused(t *testing.T) {
 		mustReplicaHolds(t, r.s, int64(i)*(128<<10), d)
 	}
 	waitHandoffEmpty(t, r.s, h)
-	if held := pool.held(); held > r.s.handoff.max/2 {
-		t.Fatalf("the pool holds %d bytes, over half the budget's %d", held, r.s.handoff.max)
+	if held := pool.held(); held > r.s.handoff.max {
+		t.Fatalf("the pool holds %d bytes, over the budget's %d", held, r.s.handoff.max)
 	}
 }
 
