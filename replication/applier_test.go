@@ -493,21 +493,7 @@ func TestPrepareSegmentFrom(t *testing.T) {
 func TestApplierCheckpointNotRecorded(t *testing.T) {
 	ctx := context.Background()
 	tgt := &failingPuts{Target: memtarget.New(), left: 1 << 30} // seal_test.go
-	t.Cleanup(func() { tgt.Close() })
-	cat := &replication.Catalog{T: tgt, Codec: replication.PlainCodec{}}
-	a, err := replication.OpenApplier(ctx, cat, "00aa", "vm1", slog.Default())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	if err := a.EnsureDisks(ctx, []replication.DiskInfo{{Index: 0, Name: "d0", Size: diskSize}}); err != nil {
-		t.Fatal(err)
-	}
-	b := &segBuilder{next: 1}
-	s1 := b.segment(t, replication.Record{Kind: replication.KindProgress, Offset: diskSize, Flags: replication.FlagDone})
-	if err := a.Apply(ctx, s1); err != nil {
-		t.Fatal(err)
-	}
+	a, cat, b := sumsApplier(t, tgt, diskSize)                  // seq 1: the initial copy done
 	s2 := b.segment(t, replication.Record{Kind: replication.KindWrite, Offset: 4096, Data: fill(4096, 9)})
 	tgt.left = 0
 	if err := a.Apply(ctx, s2); err == nil {
