@@ -8,8 +8,8 @@ package hoststat
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -145,20 +145,25 @@ func readMeminfo(path string) (avail, total uint64, err error) {
 	return avail, total, nil
 }
 
-// readSmall reads at most 1 MiB of a /proc file.
+// maxProcFile bounds what readSmall reads of a /proc file.
+const maxProcFile = 1 << 20
+
+// readSmall reads a /proc file of at most maxProcFile bytes. The buffer
+// grows with what the file holds (/proc/meminfo and /proc/stat are a few
+// KiB): a sample runs with every heartbeat, and a 1 MiB buffer each time
+// was 256 fresh pages to fault in and zero for a 2 KiB file.
 func readSmall(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	b := make([]byte, 1<<20)
-	n, err := f.Read(b)
-	if err != nil && n == 0 {
+	b, err := io.ReadAll(io.LimitReader(f, maxProcFile+1))
+	if err != nil {
 		return nil, err
 	}
-	if n == len(b) {
-		return nil, errors.New(path + ": larger than 1 MiB")
+	if len(b) > maxProcFile {
+		return nil, fmt.Errorf("%s: larger than %d bytes", path, maxProcFile)
 	}
-	return b[:n], nil
+	return b, nil
 }

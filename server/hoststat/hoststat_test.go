@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -72,5 +73,37 @@ func TestSampleThisMachine(t *testing.T) {
 	}
 	if f.Memory <= 0 || f.Memory > 1 || f.MemoryTotal == 0 {
 		t.Errorf("memory figures %+v out of range", f)
+	}
+}
+
+// TestSampleRefusesAHugeFile: a file past maxProcFile is an error, not a
+// sample from its first MiB (the bound on what is read).
+func TestSampleRefusesAHugeFile(t *testing.T) {
+	dir := t.TempDir()
+	write(t, dir, "stat", "cpu 1 2 3 4 5\n")
+	write(t, dir, "meminfo", "MemTotal: 4 kB\nMemAvailable: 1 kB\n"+strings.Repeat("x", maxProcFile))
+	if _, err := NewAt(dir).Sample(time.Now()); err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("a meminfo of over %d bytes: err = %v, want larger than", maxProcFile, err)
+	}
+}
+
+// TestSampleAllocatesWithTheFile: a sample allocates about what the files
+// hold, not a MiB each (it ran with every heartbeat). It fails if
+// readSmall goes back to a fixed 1 MiB buffer.
+func TestSampleAllocatesWithTheFile(t *testing.T) {
+	dir := t.TempDir()
+	write(t, dir, "meminfo", "MemTotal:       1000 kB\nMemAvailable:    250 kB\n")
+	write(t, dir, "stat", "cpu  100 0 100 700 100 0 0 0 0 0\n")
+	s := NewAt(dir)
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	for range 10 {
+		if _, err := s.Sample(time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runtime.ReadMemStats(&ms1)
+	if per := (ms1.TotalAlloc - ms0.TotalAlloc) / 10; per > 64<<10 {
+		t.Fatalf("a sample allocated %d bytes for two files of under 100 bytes", per)
 	}
 }
