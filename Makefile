@@ -15,6 +15,19 @@ UNIT_TIMEOUT ?= 45m
 # test's default is GOMAXPROCS, 2 in CI): most of the server package's
 # tests wait on their servers and agents more than they compute.
 UNIT_PARALLEL ?= 4
+# The unit stage's race detector and Go runtime settings (BENCHMARKS.md,
+# "Test suite length: the race detector's shadow memory"). The race
+# runtime clears the shadow of every allocation over 64 KiB by mapping it
+# anew (clear_shadow_mmap_threshold), so each big buffer's first use
+# faulted its shadow back in page by page, two faults and a TLB shootdown
+# a page; it now clears it in place. Its shadow may use huge pages
+# (no_huge_pages_for_shadow=0), and the runtime gives heap pages back
+# with MADV_FREE (madvdontneed=0), which the next allocation reuses
+# without a fault. Detection is the same: these change how memory is
+# zeroed and returned, not what is checked. What you set in GORACE or
+# GODEBUG comes last and wins.
+UNIT_GORACE ?= clear_shadow_mmap_threshold=1073741824 no_huge_pages_for_shadow=0
+UNIT_GODEBUG ?= madvdontneed=0
 
 .PHONY: test unit e2e peers build bench generate vet fuzz
 
@@ -23,7 +36,8 @@ UNIT_PARALLEL ?= 4
 # wait, and one after the other they kept CI's two cores half idle.
 # make unit and make e2e run one stage alone.
 test:
-	GO=$(GO) MAKE=$(MAKE) UNIT_TIMEOUT=$(UNIT_TIMEOUT) UNIT_PARALLEL=$(UNIT_PARALLEL) ./scripts/test.sh
+	GO=$(GO) MAKE=$(MAKE) UNIT_TIMEOUT=$(UNIT_TIMEOUT) UNIT_PARALLEL=$(UNIT_PARALLEL) \
+		UNIT_GORACE="$(UNIT_GORACE)" UNIT_GODEBUG="$(UNIT_GODEBUG)" ./scripts/test.sh
 
 # vet, build and the e2e stage compile with the same settings (no cgo,
 # -trimpath: the static binary's), so each package is compiled once for
@@ -34,7 +48,8 @@ vet:
 	./scripts/check-tracked.sh
 
 unit:
-	$(GO) test -race -count=1 -parallel $(UNIT_PARALLEL) -timeout $(UNIT_TIMEOUT) ./...
+	GORACE="$(UNIT_GORACE) $$GORACE" GODEBUG="$(UNIT_GODEBUG)$${GODEBUG:+,$$GODEBUG}" \
+		$(GO) test -race -count=1 -parallel $(UNIT_PARALLEL) -timeout $(UNIT_TIMEOUT) ./...
 
 e2e: build
 	GO=$(GO) ASR_BIN=$(CURDIR)/bin/asr ./scripts/e2e.sh

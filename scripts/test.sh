@@ -14,6 +14,12 @@ GO="${GO:-go}"
 MAKE="${MAKE:-make}"
 : "${UNIT_TIMEOUT:=45m}"
 : "${UNIT_PARALLEL:=4}"
+# The race detector's and the runtime's memory settings for the unit stage
+# (the Makefile says why); GORACE and GODEBUG from the caller come last.
+: "${UNIT_GORACE=clear_shadow_mmap_threshold=1073741824 no_huge_pages_for_shadow=0}"
+: "${UNIT_GODEBUG=madvdontneed=0}"
+unitgorace="$UNIT_GORACE ${GORACE:-}"
+unitgodebug="$UNIT_GODEBUG${GODEBUG:+,$GODEBUG}"
 mkdir -p bin
 rm -f bin/e2e.log # a stage that did not run this time shows no old failures
 unitlog="$root/bin/unit.log"
@@ -21,8 +27,8 @@ began=$(date +%s)
 
 (
   start=$(date +%s)
-  echo "### $GO test -race -count=1 -parallel $UNIT_PARALLEL -timeout $UNIT_TIMEOUT ./..."
-  "$GO" test -race -count=1 -parallel "$UNIT_PARALLEL" -timeout "$UNIT_TIMEOUT" ./... 2>&1
+  echo "### GORACE='$unitgorace' GODEBUG='$unitgodebug' $GO test -race -count=1 -parallel $UNIT_PARALLEL -timeout $UNIT_TIMEOUT ./..."
+  GORACE="$unitgorace" GODEBUG="$unitgodebug" "$GO" test -race -count=1 -parallel "$UNIT_PARALLEL" -timeout "$UNIT_TIMEOUT" ./... 2>&1
   st=$?
   echo "### unit: exit $st after $(( $(date +%s) - start )) s"
   exit $st
