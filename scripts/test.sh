@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # make test: the unit stage (go test -race ./..., which needs no peer) runs
 # beside the rest: the peers' install (apt-get, npm, go install: mostly
-# network), make vet, make build and the e2e stage (scripts/e2e.sh,
-# streamed). One after the other they kept CI's two cores about half busy
-# (27 min of wall time for 26.5 CPU-minutes on this machine, warm); side
-# by side they overlap. The unit stage's output goes to bin/unit.log and
-# is shown when the rest ends. The end of the output repeats each
+# network) beside make vet and make build, then the e2e stage
+# (scripts/e2e.sh, streamed). One after the other they kept CI's two
+# cores about half busy (27 min of wall time for 26.5 CPU-minutes on this
+# machine, warm); side by side they overlap. The unit stage's output goes
+# to bin/unit.log and is shown when the rest ends, the peers' to
+# bin/peers.log, shown when vet and the build are done. The end of the output repeats each
 # stage's exit and time and what failed, as a CI summary shows the end.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,11 +49,33 @@ stage() {
   echo "${lines[-1]}"
   return $st
 }
+# The peers' install (apt-get and npm: mostly waiting on the network)
+# runs beside vet and the build (the compiler: CPU), which need none of
+# it; its output goes to bin/peers.log, shown when it ends. The e2e stage
+# starts when all three are done.
+peerslog="$root/bin/peers.log"
+(
+  start=$(date +%s)
+  "$MAKE" --no-print-directory peers
+  st=$?
+  echo "### peers: exit $st after $(( $(date +%s) - start )) s"
+  exit $st
+) >"$peerslog" 2>&1 &
+peers=$!
+echo "### the peers' install runs beside vet and the build; its output is shown when it ends"
 rest=0
-stage peers "$MAKE" --no-print-directory peers &&
-  stage vet "$MAKE" --no-print-directory vet &&
-  stage build "$MAKE" --no-print-directory build &&
+stage vet "$MAKE" --no-print-directory vet &&
+  stage build "$MAKE" --no-print-directory build || rest=1
+wait $peers
+peersst=$?
+cat "$peerslog"
+lines=("$(tail -n 1 "$peerslog")" "${lines[@]}")
+if [ "$peersst" != 0 ]; then
+  rest=1
+fi
+if [ "$rest" = 0 ]; then
   stage e2e env GO="$GO" ASR_BIN="$root/bin/asr" ./scripts/e2e.sh || rest=1
+fi
 
 wait $unit
 unitst=$?
