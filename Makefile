@@ -32,8 +32,9 @@ UNIT_GODEBUG ?= madvdontneed=0
 .PHONY: test unit e2e peers build bench generate vet fuzz
 
 # The unit stage runs beside the rest (scripts/test.sh): the peers'
-# install (mostly network), vet, the build and the e2e stage. They mostly
-# wait, and one after the other they kept CI's two cores half idle.
+# install (mostly network) beside vet and the build, then the e2e stage.
+# They mostly wait, and one after the other they kept CI's two cores half
+# idle.
 # make unit and make e2e run one stage alone.
 test:
 	GO=$(GO) MAKE=$(MAKE) UNIT_TIMEOUT=$(UNIT_TIMEOUT) UNIT_PARALLEL=$(UNIT_PARALLEL) \
