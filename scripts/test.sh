@@ -6,8 +6,9 @@
 # cores about half busy (27 min of wall time for 26.5 CPU-minutes on this
 # machine, warm); side by side they overlap. The unit stage's output goes
 # to bin/unit.log and is shown when the rest ends, the peers' to
-# bin/peers.log, shown when vet and the build are done. The end of the output repeats each
-# stage's exit and time and what failed, as a CI summary shows the end.
+# bin/peers.log, shown when vet and the build are done. The end of the
+# output repeats each stage's exit and time and what failed, as a CI
+# summary shows the end.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
