@@ -17,8 +17,9 @@ UNIT_TIMEOUT ?= 45m
 UNIT_PARALLEL ?= 4
 # The unit stage's race detector and Go runtime settings (BENCHMARKS.md,
 # "Test suite length: the race detector's shadow memory"). The race
-# runtime clears the shadow of every allocation over 64 KiB by mapping it
-# anew (clear_shadow_mmap_threshold), so each big buffer's first use
+# runtime clears the shadow of a new allocation by mapping it anew once
+# that shadow passes 64 KiB (clear_shadow_mmap_threshold; an object of
+# 32 KiB and up), so each big buffer's first use
 # faulted its shadow back in page by page, two faults and a TLB shootdown
 # a page; it now clears it in place. Its shadow may use huge pages
 # (no_huge_pages_for_shadow=0), and the runtime gives heap pages back
