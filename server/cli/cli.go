@@ -24,6 +24,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"runtime/pprof"
+	"runtime/trace"
 	"syscall"
 	"text/tabwriter"
 
@@ -183,6 +184,21 @@ func run(args []string, stdout, stderr io.Writer, version string) error {
 		}
 		defer func() {
 			pprof.StopCPUProfile()
+			f.Close()
+		}()
+	}
+	// ASR_TRACE=PREFIX writes an execution trace of the command to
+	// PREFIX.COMMAND (where goroutines wait: go tool trace -pprof=sync).
+	if path := os.Getenv("ASR_TRACE"); path != "" {
+		f, err := os.Create(path + "." + cmd)
+		if err != nil {
+			return err
+		}
+		if err := trace.Start(f); err != nil {
+			return err
+		}
+		defer func() {
+			trace.Stop()
 			f.Close()
 		}()
 	}
