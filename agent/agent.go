@@ -239,7 +239,7 @@ func (a *Agent) wire(from map[uint32]copyPos) error {
 	for _, d := range a.disks {
 		d.al, d.over, d.changes = a.al, a.over, newChangeMap(d.Size())
 	}
-	a.copies = newCopier(ctx, log, a.spool, a.disks, from)
+	a.copies = newCopier(ctx, log, a.spool, a.disks, a.tags, from)
 	a.points = newPoints(ctx, log, a.spool, a.disks, a.tags, a.events, cfg.CrashInterval, cfg.AppFrequency, freezeConfig{
 		preFreeze: cfg.PreFreeze, postThaw: cfg.PostThaw, mounts: cfg.FreezeMounts, timeout: cfg.FreezeTimeout})
 	a.points.ready = a.copies.allDone

@@ -47,6 +47,7 @@ type copier struct {
 	log   *slog.Logger
 	spool *spool.Spool
 	disks diskSet
+	tags  *tagMarks // the done record ships like a tag
 
 	// cursors and done have one entry per disk, made at construction.
 	cursors map[uint32]*atomic.Int64
@@ -64,8 +65,8 @@ type copier struct {
 
 // newCopier makes the copier of disks, each resuming from its position
 // in from (the start without one).
-func newCopier(parent context.Context, log *slog.Logger, sp *spool.Spool, disks diskSet, from map[uint32]copyPos) *copier {
-	c := &copier{log: log, spool: sp, disks: disks, cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{},
+func newCopier(parent context.Context, log *slog.Logger, sp *spool.Spool, disks diskSet, tags *tagMarks, from map[uint32]copyPos) *copier {
+	c := &copier{log: log, spool: sp, disks: disks, tags: tags, cursors: map[uint32]*atomic.Int64{}, done: map[uint32]*atomic.Bool{},
 		wake: make(chan struct{}, 1), rt: newRoutines(parent)}
 	for _, d := range disks {
 		c.cursors[d.Index] = &atomic.Int64{}
@@ -325,6 +326,12 @@ func (c *copier) markProgress(d *Disk, off int64, done bool, gen uint64) (bool, 
 	seq, err := c.spool.Append(c.rt.ctx, &rec)
 	if err != nil {
 		return true, err
+	}
+	if done {
+		// The end of the copy ships like a tag: the server seals it at
+		// once, and the disk is protected without waiting for the next
+		// seal (up to a second).
+		c.tags.mark(seq)
 	}
 	c.spool.Complete(seq)
 	c.mu.Lock()

@@ -21,7 +21,7 @@ func mustCopier(t *testing.T, size int64, dataMiB []int64, from copyPos) (*copie
 			t.Fatal(err)
 		}
 	}
-	c := newCopier(context.Background(), slog.New(slog.DiscardHandler), sp, diskSet{d}, map[uint32]copyPos{0: from})
+	c := newCopier(context.Background(), slog.New(slog.DiscardHandler), sp, diskSet{d}, &tagMarks{}, map[uint32]copyPos{0: from})
 	t.Cleanup(c.Close)
 	return c, d
 }
@@ -67,6 +67,11 @@ func TestCopierCopiesData(t *testing.T) {
 	}
 	if len(marks) < 3 || marks[len(marks)-1].Offset != size || marks[len(marks)-1].Flags&replication.FlagDone == 0 {
 		t.Fatalf("progress records %+v: want one every 16 MiB and the end", marks)
+	}
+	// The end ships like a tag (the server seals it at once); the
+	// progress marks before it do not.
+	if got, want := c.tags.pending(), []uint64{marks[len(marks)-1].Seq}; !equalU64(got, want) {
+		t.Fatalf("records marked to ship like a tag %v, want the end's %v", got, want)
 	}
 	// A restart reads again at most 16 MiB (holes are skipped, not read).
 	for i := 1; i < len(marks); i++ {

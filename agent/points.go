@@ -20,7 +20,8 @@ import (
 // (group.go).
 
 // tagMarks are the sequence numbers of the records that ship like a tag
-// (FlagTag: tags and resync-done records) and have not been sent yet; the
+// (FlagTag: tags, the end of an initial copy or of a resync) and have not
+// been sent yet; the
 // server seals its cache file at once when a frame carries one.
 type tagMarks struct {
 	mu   sync.Mutex

@@ -358,12 +358,17 @@ func (r *replica) applyOne(q segmentQueue, sg sealedSeg) error {
 // in memory since, as with every hand-off hit. It reports false (and
 // takes nothing) otherwise; the caller then reads the file.
 func (r *replica) preparedFromHandoff(sg sealedSeg) (*replication.PreparedSegment, [][]byte, int64, bool) {
-	if len(sg.keys) == 0 || r.pointMade.Load() || slices.ContainsFunc(sg.keys, func(k replication.FrameKey) bool {
-		return k.Flags&replication.FlagTag != 0
-	}) {
+	if len(sg.keys) == 0 || r.pointMade.Load() {
 		return nil, nil, 0, false
 	}
-	recs, be, bufs, lent, ok := r.handoff.takeAll(sg.keys)
+	// A frame flagged as a tag may hold a point's tag, which makes the
+	// segment one to keep; the other records that ship like a tag (the
+	// end of an initial copy or of a resync) do not.
+	recs, be, bufs, lent, ok := r.handoff.takeAll(sg.keys, func(k replication.FrameKey, recs []replication.Record) bool {
+		return k.Flags&replication.FlagTag == 0 || !slices.ContainsFunc(recs, func(rec replication.Record) bool {
+			return rec.Kind == replication.KindTag
+		})
+	})
 	if !ok {
 		return nil, nil, 0, false
 	}

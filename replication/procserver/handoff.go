@@ -335,13 +335,14 @@ func (h *handoff) take(k replication.FrameKey) ([]replication.Record, []byte, in
 // takeAll removes and returns the records of every frame in keys, in
 // order, with their blocks' checksums where computed (nil otherwise), the
 // buffers they alias, and what they count against the budget until given
-// back, if every one is here; if one is not, it takes none and reports
-// false.
-func (h *handoff) takeAll(keys []replication.FrameKey) ([][]replication.Record, [][]replication.BlockEntries, [][]byte, int64, bool) {
+// back, if every one is here and accept (unless nil) accepts each one's
+// records; otherwise it takes none and reports false.
+func (h *handoff) takeAll(keys []replication.FrameKey, accept func(replication.FrameKey, []replication.Record) bool) ([][]replication.Record, [][]replication.BlockEntries, [][]byte, int64, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, k := range keys {
-		if _, ok := h.entries[k]; !ok {
+		e, ok := h.entries[k]
+		if !ok || accept != nil && !accept(k, e.recs) {
 			return nil, nil, nil, 0, false
 		}
 	}

@@ -309,16 +309,34 @@ func TestHandoffWholeSegmentUnread(t *testing.T) {
 		t.Fatalf("disk marked for resync: %+v", m.Disks[0])
 	}
 
+	// A frame flagged as a tag that holds no point's tag (the end of an
+	// initial copy ships so, to be sealed at once): still taken whole.
+	six := randomBytes(6, 8<<10)
+	tagged := plainFrame(4, replication.Record{Kind: replication.KindWrite, Offset: 320 << 10, Data: six},
+		replication.Record{Kind: replication.KindProgress, Offset: 1 << 20, Flags: replication.FlagDone})
+	tagged.Flags |= replication.FlagTag
+	frame(tagged, false)
+	spoil(six)
+	r.waitApplied(t, 5)
+	if w := h.whole.Load(); w != 2 {
+		t.Fatalf("whole segments %d: want the segment with the end of a copy taken whole too", w)
+	}
+	got := make([]byte, len(six))
+	rd.ReadAt(got, 320<<10)
+	if !bytes.Equal(got, six) {
+		t.Fatal("replica does not hold what was sent in the tagged frame")
+	}
+
 	// One frame's records not handed off: the file is read, and fails.
 	three, four := randomBytes(3, 8<<10), randomBytes(4, 8<<10)
-	frame(plainFrame(4, replication.Record{Kind: replication.KindWrite, Offset: 128 << 10, Data: three}), false)
-	frame(plainFrame(5, replication.Record{Kind: replication.KindWrite, Offset: 192 << 10, Data: four}), true)
+	frame(plainFrame(6, replication.Record{Kind: replication.KindWrite, Offset: 128 << 10, Data: three}), false)
+	frame(plainFrame(7, replication.Record{Kind: replication.KindWrite, Offset: 192 << 10, Data: four}), true)
 	spoil(four)
-	r.waitApplied(t, 5)
+	r.waitApplied(t, 7)
 	if m := r.rep.machine(); m.Disks[0].State != replication.StateResync || !strings.Contains(m.Disks[0].Reason, "failed verification") {
 		t.Fatalf("a spoiled segment read from its file: disk %+v, want marked for resync", m.Disks[0])
 	}
-	if w := h.whole.Load(); w != 1 {
+	if w := h.whole.Load(); w != 2 {
 		t.Fatalf("whole segments %d: want the segment with a frame missing read from its file", w)
 	}
 
@@ -332,10 +350,10 @@ func TestHandoffWholeSegmentUnread(t *testing.T) {
 	}
 	bad0 := badCount(t, r.dir)
 	five := randomBytes(5, 8<<10)
-	frame(plainFrame(6, replication.Record{Kind: replication.KindWrite, Offset: 256 << 10, Data: five}), false)
+	frame(plainFrame(8, replication.Record{Kind: replication.KindWrite, Offset: 256 << 10, Data: five}), false)
 	spoil(five)
-	r.waitApplied(t, 6)
-	if w := h.whole.Load(); w != 1 {
+	r.waitApplied(t, 8)
+	if w := h.whole.Load(); w != 2 {
 		t.Fatalf("whole segments %d after a point: want every segment read", w)
 	}
 	if n := badCount(t, r.dir); n != bad0+1 {
