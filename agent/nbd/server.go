@@ -87,6 +87,8 @@ type Server struct {
 	MaxBytes int64
 
 	connID   atomic.Uint64
+	queued   atomic.Int64 // replies queued (reply), on every connection
+	batches  atomic.Int64 // the writes that sent them (writeReplies)
 	initOnce sync.Once
 	budget   *semaphore.Weighted
 	maxBytes int64
@@ -239,7 +241,13 @@ type conn struct {
 	br  *bufio.Reader
 	log *slog.Logger
 
-	wmu sync.Mutex // serialises replies in the transmission phase
+	// Replies in the transmission phase (reply): the queue, the handler
+	// writing it, and the writer's own buffers.
+	rmu     sync.Mutex
+	replies []replyItem
+	writing bool
+	spare   []replyItem
+	iov     net.Buffers
 
 	failOnce sync.Once
 	failErr  error // first error that broke the connection, set via fail

@@ -4,8 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"syscall"
@@ -112,8 +112,7 @@ func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer release()
-			c.handle(exp, &req)
+			c.handle(exp, &req, release)
 		}()
 	}
 }
@@ -163,24 +162,35 @@ func discard(r io.Reader, n int64) error {
 	return nil
 }
 
-// handle executes one request and sends its reply.
-func (c *conn) handle(exp *export, req *request) {
+// handle executes one request and queues its reply; release frees the
+// request's place in flight and its payload budget once the reply is
+// written.
+func (c *conn) handle(exp *export, req *request, release func()) {
+	queued := false
 	defer func() {
-		putBuf(req.buf)
 		if r := recover(); r != nil {
 			c.log.Error("nbd backend panicked", "op", cmdName(req.typ), "offset", req.off,
 				"length", req.length, "panic", r, "stack", string(debug.Stack()))
 			c.fail(fmt.Errorf("backend panic in %s: %v", cmdName(req.typ), r))
 		}
+		if !queued {
+			putBuf(req.buf)
+			release()
+		}
 	}()
 	errno := c.execute(exp, req)
-	var data []byte
+	it := replyItem{buf: req.buf, release: release}
+	be.PutUint32(it.h[0:], simpleReplyMagic)
+	be.PutUint32(it.h[4:], uint32(errno))
+	be.PutUint64(it.h[8:], req.handle)
 	if errno == 0 && req.typ == cmdRead && req.buf != nil {
-		data = *req.buf
+		it.data = *req.buf
+	} else {
+		putBuf(req.buf) // a WRITE's payload, or a failed READ's buffer
+		it.buf = nil
 	}
-	if err := c.reply(req.handle, errno, data); err != nil {
-		c.fail(fmt.Errorf("send %s reply: %w", cmdName(req.typ), err))
-	}
+	queued = true
+	c.reply(it)
 }
 
 // validFlags are the command flags each command accepts. FUA is allowed
@@ -263,22 +273,79 @@ func errnoFor(err error) Errno {
 	return EIO
 }
 
-// reply sends a simple reply; data follows the header for a successful
-// READ. Replies from concurrent handlers are serialised.
-func (c *conn) reply(handle uint64, errno Errno, data []byte) error {
-	var h [simpleReplySize]byte
-	be.PutUint32(h[0:], simpleReplyMagic)
-	be.PutUint32(h[4:], uint32(errno))
-	be.PutUint64(h[8:], handle)
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.failed.Load() {
-		return nil // the connection is already gone; fail has the reason
+// replyItem is a simple reply waiting to be written: its header, the data
+// of a successful READ (aliasing buf, which goes back to the pool once
+// written) and the request's release.
+type replyItem struct {
+	h       [simpleReplySize]byte
+	data    []byte
+	buf     *[]byte
+	release func()
+}
+
+// reply queues it and returns once it is written, or queued behind the
+// handler that writes replies now. Replies are written in batches: the
+// handler that finds no writer becomes it, first lets the other runnable
+// handlers queue their replies (runtime.Gosched: on a guest's one CPU a
+// queue depth's handlers run one after another), then writes every queued
+// reply with one writev, until none is left. No reply waits for a request
+// still being handled: only for the writer's next pass. The writer is a
+// handler, counted by transmit's wait group, so no reply is left behind
+// when the session ends. A reply queued after the connection failed is
+// dropped (fail has the reason) and its request released.
+func (c *conn) reply(it replyItem) {
+	c.srv.queued.Add(1)
+	c.rmu.Lock()
+	c.replies = append(c.replies, it)
+	if c.writing {
+		c.rmu.Unlock()
+		return
 	}
-	bufs := net.Buffers{h[:]}
-	if len(data) > 0 {
-		bufs = append(bufs, data)
+	c.writing = true
+	c.rmu.Unlock()
+	runtime.Gosched()
+	for {
+		c.rmu.Lock()
+		if len(c.replies) == 0 {
+			c.writing = false
+			c.rmu.Unlock()
+			return
+		}
+		// The queue's array and the spare one take turns.
+		batch := c.replies
+		c.replies, c.spare = c.spare[:0], nil
+		c.rmu.Unlock()
+		c.writeReplies(batch)
+		clear(batch)
+		c.rmu.Lock()
+		c.spare = batch[:0]
+		c.rmu.Unlock()
 	}
-	_, err := bufs.WriteTo(c.nc)
-	return err
+}
+
+// writeReplies writes batch with one writev and releases its requests.
+// Only the writer (reply) calls it.
+func (c *conn) writeReplies(batch []replyItem) {
+	var err error
+	if !c.failed.Load() {
+		iov := c.iov[:0]
+		for i := range batch {
+			iov = append(iov, batch[i].h[:])
+			if len(batch[i].data) > 0 {
+				iov = append(iov, batch[i].data)
+			}
+		}
+		c.iov = iov
+		c.srv.batches.Add(1)
+		bufs := iov // WriteTo consumes its copy of the slice
+		_, err = bufs.WriteTo(c.nc)
+		clear(iov)
+	}
+	for i := range batch {
+		putBuf(batch[i].buf)
+		batch[i].release()
+	}
+	if err != nil {
+		c.fail(fmt.Errorf("send %d replies: %w", len(batch), err))
+	}
 }
