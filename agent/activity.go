@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -22,15 +23,24 @@ import (
 // shutdown: the 4 MiB extents of each disk with changes that may not yet be
 // durable in both the spool and the disk. An extent is added, durably,
 // before its first change goes to the spool and the disk; every few
-// seconds, once the spool and the disks are fsynced, the extents whose
-// changes all completed before the fsync leave it. A process that is
+// seconds (a checkpoint) the extents whose changes are all durable leave
+// it (below). A process that is
 // killed loses nothing (the page cache keeps the spool), but after the
 // machine itself went down (another boot id) the extents in the log are at
 // risk: the disk is marked for a resync of exactly those ranges.
 //
+// An extent's changes are durable once a sync that began after them ends:
+// the guest's own flushes (Disk.Flush, which credits its disk's extents)
+// or the checkpoint's. A checkpoint syncs by itself only while more than
+// alHot extents are at risk (DRBD's al-extents): a guest that flushes
+// keeps the log small on its own, and one that never flushes keeps its
+// hot extents in the log rather than having its disk written back every
+// few seconds by the agent. The price is the resync after the machine
+// went down: at most alHot extents, the ranges the guest had not flushed.
+//
 // With the memory log (spool.Options.MemBytes) a killed process loses the
 // records in memory, so an extent stays in the log until every change to
-// it is acknowledged by the server, not only fsync'd (acked, below), and
+// it is acknowledged by the server, not only durable (ackedGen, below), and
 // any unclean start resyncs the log's extents (open.go).
 //
 // The file is a journal (DRBD's activity-log transactions): a header, then
@@ -48,6 +58,10 @@ const alExtent = 4 << 20
 
 // alCheckpoint is how often the activity log is emptied of synced extents.
 const alCheckpoint = 5 * time.Second
+
+// alHot is how many extents (4 GiB) the log keeps at risk before a
+// checkpoint syncs the spool and the disks itself.
+const alHot = 1024
 
 // The journal's layout (little endian). Header (16 bytes): "ASRAL2", u16
 // version (2), u32 zero, u32 CRC-32C of bytes 0..11. Record (24 bytes):
@@ -102,8 +116,14 @@ type activityLog struct {
 	f   *os.File // the journal, opened for appending; nil until the first write
 
 	// sync makes every completed change durable in the spool and the
-	// disks (before a checkpoint).
+	// disks (before a checkpoint with more than hot extents at risk).
 	sync func() error
+	hot  int // alHot (tests lower it)
+	// synced is the last generation whose changes are all durable on
+	// every disk (a checkpoint's sync), flushed the same per disk (the
+	// guest's flushes of that disk).
+	synced  uint64
+	flushed map[uint32]uint64
 	// seqs, with the memory log, returns the spool's last acknowledged
 	// sequence number and the next it gives out: a checkpoint drops an
 	// extent only once every change to it is acknowledged (nil: once
@@ -119,7 +139,7 @@ type alMark struct{ gen, next uint64 }
 
 func openActivityLog(parent context.Context, dir string, log *slog.Logger, sync func() error) *activityLog {
 	return &activityLog{path: filepath.Join(dir, activityFile), log: log, set: map[alKey]alEntry{},
-		inflight: map[uint64]int{}, sync: sync, rt: newRoutines(parent)}
+		inflight: map[uint64]int{}, sync: sync, hot: alHot, flushed: map[uint32]uint64{}, rt: newRoutines(parent)}
 }
 
 // start checkpoints the log every alCheckpoint.
@@ -132,7 +152,13 @@ func (al *activityLog) start() {
 			case <-al.rt.ctx.Done():
 				return
 			case <-t.C:
-				if err := al.checkpoint(al.sync); err != nil && al.rt.ctx.Err() == nil {
+				al.mu.Lock()
+				var sync func() error
+				if len(al.set) > al.hot {
+					sync = al.sync
+				}
+				al.mu.Unlock()
+				if err := al.checkpoint(sync); err != nil && al.rt.ctx.Err() == nil {
 					al.log.Error("activity log checkpoint", "err", err)
 				}
 			}
@@ -275,21 +301,43 @@ func (al *activityLog) compactLocked() error {
 	return nil
 }
 
-// checkpoint fsyncs the spool and the disks (sync) and then drops from the
-// log the extents whose changes all completed before the fsync began, and
-// compacts the journal.
+// completedLocked returns the last generation whose changes are all done
+// (a change still in flight may reach the spool or the disk after a sync
+// that begins now). The caller holds mu.
+func (al *activityLog) completedLocked() uint64 {
+	g := al.gen
+	for ig := range al.inflight {
+		g = min(g, ig-1)
+	}
+	return g
+}
+
+// completed is completedLocked for a sync about to begin (Disk.Flush).
+func (al *activityLog) completed() uint64 {
+	al.mu.Lock()
+	defer al.mu.Unlock()
+	return al.completedLocked()
+}
+
+// flushedDisk records that a sync of disk and the spool, begun when
+// completed returned g, ended: the disk's changes up to g are durable.
+func (al *activityLog) flushedDisk(disk uint32, g uint64) {
+	al.mu.Lock()
+	al.flushed[disk] = max(al.flushed[disk], g)
+	al.mu.Unlock()
+}
+
+// checkpoint drops from the log the extents whose changes are all durable
+// (a sync of their disk began after the last of them: the guest's flushes,
+// or sync when not nil, which this checkpoint calls first) and, with the
+// memory log, acknowledged; and compacts the journal.
 func (al *activityLog) checkpoint(sync func() error) error {
 	al.mu.Lock()
 	if len(al.set) == 0 {
 		al.mu.Unlock()
 		return nil
 	}
-	// Changes up to g were done when the sync began (a change still in
-	// flight may reach the spool or the disk after the fsync).
-	g := al.gen
-	for ig := range al.inflight {
-		g = min(g, ig-1)
-	}
+	g := al.completedLocked()
 	if al.seqs != nil {
 		// Changes up to g were logged (given their sequence numbers)
 		// before next: they are acknowledged once next-1 is.
@@ -297,18 +345,24 @@ func (al *activityLog) checkpoint(sync func() error) error {
 		al.marks = append(al.marks, alMark{gen: g, next: next})
 	}
 	al.mu.Unlock()
-	if err := sync(); err != nil {
-		return err
+	if sync != nil {
+		if err := sync(); err != nil {
+			return err
+		}
+		al.mu.Lock()
+		al.synced = max(al.synced, g)
+		al.mu.Unlock()
 	}
+	acked := uint64(math.MaxUint64)
 	if al.seqs != nil {
-		g = al.ackedGen()
+		acked = al.ackedGen()
 	}
 	al.wmu.Lock()
 	defer al.wmu.Unlock()
 	al.mu.Lock()
 	dropped := 0
 	for k, e := range al.set {
-		if e.gen <= g {
+		if e.gen <= max(al.synced, al.flushed[k.disk]) && e.gen <= acked {
 			delete(al.set, k)
 			dropped++
 		}

@@ -42,19 +42,50 @@ func TestActivityLogCheckpoint(t *testing.T) {
 	}
 }
 
-// The checkpoint loop runs every alCheckpoint and stops with Close.
+// The checkpoint loop runs every alCheckpoint and stops with Close. It
+// syncs the spool and the disks itself only while more than hot extents
+// are at risk; below that an extent leaves once a flush of its disk that
+// began after its last change ended.
 func TestActivityLogLoop(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		dir := t.TempDir()
 		syncs := 0
 		al := openActivityLog(context.Background(), dir, slog.New(slog.DiscardHandler), func() error { syncs++; return nil })
+		al.hot = 3
 		al.start()
-		mustTouchDone(t, al, 1, 0, 1)
-		time.Sleep(alCheckpoint + time.Millisecond)
-		synctest.Wait()
-		if risk, ok := atRisk(dir); syncs != 1 || !ok || len(risk) != 0 {
-			t.Fatalf("after a checkpoint interval: %d syncs, at risk %v", syncs, risk)
+		risk := func(want map[uint32]int, wantSyncs int) {
+			t.Helper()
+			time.Sleep(alCheckpoint)
+			synctest.Wait()
+			r, ok := atRisk(dir)
+			got := map[uint32]int{}
+			for d, rs := range r {
+				for _, x := range rs {
+					got[d] += int(x.Len / alExtent)
+				}
+			}
+			if !ok || syncs != wantSyncs || !maps.Equal(got, want) {
+				t.Fatalf("extents at risk %v, %d syncs; want %v, %d syncs", got, syncs, want, wantSyncs)
+			}
 		}
+		mustTouchDone(t, al, 1, 0, 1)
+		mustTouchDone(t, al, 2, 0, 1)
+		risk(map[uint32]int{1: 1, 2: 1}, 0) // not over hot: no sync, nothing durable
+		al.flushedDisk(1, al.completed())
+		risk(map[uint32]int{2: 1}, 0) // disk 1's flush covers its extent only
+		// A change in flight when a flush begins is not covered by it.
+		g, err := al.touch(1, alExtent, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		al.flushedDisk(1, al.completed())
+		al.done(g)
+		risk(map[uint32]int{1: 1, 2: 1}, 0)
+		al.flushedDisk(1, al.completed())
+		risk(map[uint32]int{2: 1}, 0)
+		// Over hot: the checkpoint syncs and everything done leaves.
+		mustTouchDone(t, al, 1, 0, 3*alExtent)
+		risk(map[uint32]int{}, 1)
 		time.Sleep(3 * alCheckpoint) // nothing at risk: no sync
 		al.Close()
 		if syncs != 1 {

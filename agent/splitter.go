@@ -112,12 +112,23 @@ func (d *Disk) Trim(off, n int64, fua bool) error {
 }
 
 // Flush makes every completed change durable in the spool and on the backing
-// disk.
+// disk; the activity log then lets go of the disk's extents whose changes
+// all completed before it began.
 func (d *Disk) Flush() error {
+	var g uint64
+	if d.al != nil {
+		g = d.al.completed()
+	}
 	if err := d.spool.Sync(); err != nil {
 		return err
 	}
-	return d.fb.Flush()
+	if err := d.fb.Flush(); err != nil {
+		return err
+	}
+	if d.al != nil {
+		d.al.flushedDisk(d.Index, g)
+	}
+	return nil
 }
 
 // Record size limits: a guest write is logged as records of at most

@@ -159,7 +159,7 @@ func TestE2EConsoleInChromium(t *testing.T) {
 	// The console shows why and when.
 	now := time.Now().Local()
 	c.mustCLI("resync", "--window", now.Add(2*time.Hour).Format("15:04")+"-"+now.Add(3*time.Hour).Format("15:04"))
-	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("data"), "-c", "write -P 0x61 8M 64k", "-c", "write -P 0x62 40M 64k")
+	guestWritesThenCrash(t, a.uri("data"), "write -P 0x61 8M 64k", "write -P 0x62 40M 64k")
 	// The block changed behind the splitter lies in a logged write's
 	// extent but outside every logged write: the restarted agent re-logs
 	// the ranges of its last changes anyway (agent/open.go, repairLog).

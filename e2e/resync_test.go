@@ -5,6 +5,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,6 +96,27 @@ func (c *cluster) forcedShutdown(t *testing.T, a *agentProc, name, disk string, 
 	return c.startAgent(name, nil)
 }
 
+// guestWritesThenCrash makes writes as a guest whose machine goes down
+// right after them: qemu-io in write-back mode (no FUA) killed after its
+// writes, so it never flushes them. (A guest's flush makes its writes
+// durable: the activity log then forgets their extents, and a crash after
+// it puts nothing at risk.)
+func guestWritesThenCrash(t *testing.T, uri string, writes ...string) {
+	t.Helper()
+	args := []string{"-f", "raw", "-t", "writeback", uri}
+	for _, w := range writes {
+		args = append(args, "-c", w)
+	}
+	args = append(args, "-c", "sigraise 9")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := contain(exec.CommandContext(ctx, nbdPeerTool(t, "qemu-io"), args...)).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL || strings.Count(string(out), "wrote ") != len(writes) {
+		t.Fatalf("qemu-io %s: %v (want its writes done, then killed)\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
 // TestE2EResyncForcedShutdown: the machine goes down hard (the agent is
 // killed and its machine comes back with another boot id); the extents in
 // the activity log are resynced, and only they.
@@ -106,7 +129,7 @@ func TestE2EResyncForcedShutdown(t *testing.T) {
 	a := c.startAgent("vm1", nil, "d="+disk)
 	c.waitState("vm1", "protected", 2*time.Minute)
 	// Writes in two extents (the activity log names them), then the crash.
-	nbdPeerRun(t, "qemu-io", "-f", "raw", a.uri("d"), "-c", "write -P 0x31 8M 64k", "-c", "write -P 0x32 100M 64k")
+	guestWritesThenCrash(t, a.uri("d"), "write -P 0x31 8M 64k", "write -P 0x32 100M 64k")
 	// The blocks changed behind the splitter lie in those extents but outside
 	// the last write, which the restarted agent logs again anyway.
 	c.forcedShutdown(t, a, "vm1", disk, 8<<20+128<<10, 100<<20+256<<10)
