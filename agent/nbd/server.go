@@ -89,6 +89,7 @@ type Server struct {
 	connID   atomic.Uint64
 	queued   atomic.Int64 // replies queued (reply), on every connection
 	batches  atomic.Int64 // the writes that sent them (writeReplies)
+	handlers atomic.Int64 // handler goroutines started (readRequests)
 	initOnce sync.Once
 	budget   *semaphore.Weighted
 	maxBytes int64

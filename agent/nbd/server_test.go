@@ -1136,3 +1136,40 @@ func TestRepliesBatched(t *testing.T) {
 		t.Fatalf("ServeConn: %v", err)
 	}
 }
+
+// TestHandlersServeManyRequests: a connection's handler goroutines serve
+// one request after another, at most MaxInFlight of them, instead of a new
+// goroutine (a new stack, grown on every write) per request.
+func TestHandlersServeManyRequests(t *testing.T) {
+	const inFlight, rounds = 4, 50
+	mb := newMemBackend(1 << 20)
+	lookup, list := exports(map[string]Backend{"disk": mb})
+	logger, _ := newTestLogger()
+	srv := &Server{Lookup: lookup, List: list, Logger: logger, MaxInFlight: inFlight}
+	client, server := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeConn(context.Background(), server) }()
+	client.SetDeadline(time.Now().Add(time.Minute))
+	r := &rawConn{t: t, c: client, br: bufio.NewReader(client)}
+	r.goExport("disk")
+	for k := range rounds {
+		for i := range inFlight {
+			r.sendReq(0, cmdWrite, uint64(i), uint64(i)*4096, 4096, bytes.Repeat([]byte{byte(k)}, 4096))
+		}
+		for range inFlight {
+			if errno, h := r.readReply(); errno != 0 || h >= inFlight {
+				t.Fatalf("reply errno %d handle %d", errno, h)
+			}
+		}
+	}
+	if got, want := mb.bytes(0, 4096), string(bytes.Repeat([]byte{rounds - 1}, 4096)); got != want {
+		t.Fatal("the last round's write is not on the disk")
+	}
+	if n := srv.handlers.Load(); n < 1 || n > inFlight {
+		t.Fatalf("%d handlers started for %d requests, want 1 to %d", n, rounds*inFlight, inFlight)
+	}
+	client.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("ServeConn: %v", err)
+	}
+}

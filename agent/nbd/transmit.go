@@ -42,8 +42,13 @@ func parseRequest(h *[requestSize]byte) (request, error) {
 }
 
 // transmit runs the transmission phase: one goroutine reads requests and
-// starts a handler per request, at most MaxInFlight at a time; handlers
-// reply in completion order. It returns once every handler has replied.
+// hands each to a handler, at most MaxInFlight at a time; handlers reply in
+// completion order. It returns once every handler has replied.
+//
+// Handlers are goroutines that serve one request after another, started
+// as needed up to the connection's limit: a goroutine per request would
+// start on a small stack and grow it (a copy) for every write, whose path
+// through the backend is deep.
 func (c *conn) transmit(exp *export) error {
 	sem := make(chan struct{}, c.srv.maxInFlight())
 	var wg sync.WaitGroup
@@ -60,6 +65,9 @@ func (c *conn) transmit(exp *export) error {
 
 func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) error {
 	var h [requestSize]byte
+	jobs := make(chan job)
+	defer close(jobs) // the handlers return once their last request is served
+	handlers := 0
 	for {
 		if err := readFull(c.br, h[:], "read request header", true); err != nil {
 			if err == io.EOF {
@@ -109,12 +117,32 @@ func (c *conn) readRequests(exp *export, sem chan struct{}, wg *sync.WaitGroup) 
 				}
 			}
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c.handle(exp, &req, release)
-		}()
+		j := job{req: req, release: release}
+		select {
+		case jobs <- j: // an idle handler
+		default:
+			if handlers == cap(sem) {
+				jobs <- j // every handler is busy or about to be idle
+				continue
+			}
+			handlers++
+			c.srv.handlers.Add(1)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c.handle(exp, &j.req, j.release)
+				for j := range jobs {
+					c.handle(exp, &j.req, j.release)
+				}
+			}()
+		}
 	}
+}
+
+// job is a request handed to a handler, and what releases its room.
+type job struct {
+	req     request
+	release func()
 }
 
 // reserve waits for room in the server's payload budget for req's buffer:
