@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -507,5 +508,80 @@ func waitWaiters(t *testing.T, s *Spool, n int) {
 			t.Fatalf("%d appends wait, want %d", w, n)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestGroupCommit: appends made while another append gathers its batch
+// share its write(2), and each returns once its record is in the file; a
+// failed batch fails every append in it and gives their numbers back, and
+// the next record takes the first of them.
+func TestGroupCommit(t *testing.T) {
+	const n = 8
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	first := mustAppend(t, s, 0, 0, bytes.Repeat([]byte{1}, 4096))
+	s.Complete(first)
+	// appendAll appends n records at once; the first batch's writer
+	// waits until all n are numbered in it.
+	appendAll := func(fill byte) ([]uint64, []error) {
+		base := s.Next()
+		s.gathering = func() {
+			for s.Next() < base+n {
+				time.Sleep(time.Millisecond)
+			}
+		}
+		seqs, errs := make([]uint64, n), make([]error, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite, Offset: uint64(i) * 4096, Length: 4096, Data: bytes.Repeat([]byte{fill}, 4096)}
+				seqs[i], errs[i] = s.Append(context.Background(), &r)
+			})
+		}
+		wg.Wait()
+		s.gathering = nil
+		return seqs, errs
+	}
+
+	batches := s.batches
+	seqs, errs := appendAll(2)
+	got := map[uint64]bool{}
+	for i := range n {
+		if errs[i] != nil || seqs[i] <= first || seqs[i] > first+n || got[seqs[i]] {
+			t.Fatalf("append %d: seq %d, %v", i, seqs[i], errs[i])
+		}
+		got[seqs[i]] = true
+		s.Complete(seqs[i])
+	}
+	if w := s.batches - batches; w != 1 {
+		t.Fatalf("%d records appended together took %d writes, want 1", n, w)
+	}
+	if recs := readAll(t, s, first); len(recs) != n+1 || recs[n].Seq != first+n || recs[n].Data[0] != 2 {
+		t.Fatalf("the spool holds %d records, want %d", len(recs), n+1)
+	}
+
+	eio := errors.New("injected write error")
+	ff := &faultyFile{appendFile: s.files[len(s.files)-1].f, writeErr: eio, partial: 10}
+	s.files[len(s.files)-1].f = ff
+	_, errs = appendAll(3)
+	for i, err := range errs {
+		if !errors.Is(err, eio) {
+			t.Fatalf("append %d in a failed batch: %v, want the write's error", i, err)
+		}
+	}
+	if next := s.Next(); next != first+n+1 {
+		t.Fatalf("after a failed batch the next seq is %d, want %d (the batch's numbers given back)", next, first+n+1)
+	}
+	ff.writeErr = nil
+	last := mustAppend(t, s, 0, 0, bytes.Repeat([]byte{4}, 4096))
+	s.Complete(last)
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, rec := mustOpen(t, dir, Options{})
+	defer s.Close()
+	if rec.Records != n+2 || rec.Truncated != 0 || last != first+n+1 {
+		t.Fatalf("reopen: %d records, %d bytes cut, last seq %d; want %d records, none cut, seq %d", rec.Records, rec.Truncated, last, n+2, first+n+1)
 	}
 }
