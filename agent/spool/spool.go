@@ -1105,6 +1105,9 @@ func (s *Spool) firstLocked() uint64 {
 	if len(s.mem) > 0 {
 		return s.mem[0].seq
 	}
+	if s.batch != nil {
+		return s.batch.first
+	}
 	return s.next
 }
 

@@ -585,3 +585,17 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("reopen: %d records, %d bytes cut, last seq %d; want %d records, none cut, seq %d", rec.Records, rec.Truncated, last, n+2, first+n+1)
 	}
 }
+
+// TestFirstCountsTheBatch: while the first records of an empty spool are
+// being written, First names them (the agent's Hello says where its log
+// starts: a number beyond them would be a gap to the server).
+func TestFirstCountsTheBatch(t *testing.T) {
+	s, _ := mustOpen(t, t.TempDir(), Options{})
+	defer s.Close()
+	var first, next uint64
+	s.gathering = func() { first, next = s.First(), s.Next() }
+	seq := mustAppend(t, s, 0, 0, make([]byte, 4096))
+	if first != seq || next != seq+1 {
+		t.Fatalf("while record %d was written: First %d, Next %d; want %d, %d", seq, first, next, seq, seq+1)
+	}
+}
