@@ -588,6 +588,12 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 			s.waitLocked(ctx)
 			continue
 		}
+		// A record too large for a batch is written alone, after the
+		// batch being gathered (its writer is running).
+		if s.batch != nil && size >= batchRecord && s.opts.MemBytes == 0 {
+			s.waitLocked(ctx)
+			continue
+		}
 		// The in-flight window (see MaxInFlight): the first incomplete
 		// record completes without any lock its appenders may hold.
 		if len(s.inflight) >= MaxInFlight {
@@ -639,7 +645,7 @@ func (s *Spool) append(ctx context.Context, r *replication.Record, try bool) (ui
 		s.ringHigh = max(s.ringHigh, at+len(b))
 		s.memBytes += size
 		s.bytes += size
-	} else if s.opts.MemBytes == 0 {
+	} else if s.opts.MemBytes == 0 && size < batchRecord {
 		return s.commitLocked(r, size)
 	} else {
 		s.buf = replication.AppendRecord(s.buf[:0], r)
@@ -666,6 +672,12 @@ func (s *Spool) sampleLocked(r *replication.Record) {
 
 // batch is a group commit: records appended while another append writes,
 // written to the file together with one write(2).
+//
+// Records of batchRecord bytes or more are written alone: their write(2)
+// and pages are already few per byte, and gathering them would copy them
+// into a buffer of up to MaxInFlight of them.
+const batchRecord = 64 << 10
+
 type batch struct {
 	buf         []byte // the encoded records first..last
 	first, last uint64

@@ -599,3 +599,44 @@ func TestFirstCountsTheBatch(t *testing.T) {
 		t.Fatalf("while record %d was written: First %d, Next %d; want %d, %d", seq, first, next, seq, seq+1)
 	}
 }
+
+// TestLargeRecordAfterBatch: a record of batchRecord bytes or more is
+// written alone, after the batch being gathered when it came.
+func TestLargeRecordAfterBatch(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := mustOpen(t, dir, Options{})
+	big := make(chan uint64, 1)
+	s.gathering = func() {
+		s.gathering = nil
+		go func() { big <- mustAppend(t, s, 0, 1<<20, bytes.Repeat([]byte{9}, batchRecord)) }()
+		for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+			s.mu.Lock()
+			w := s.waiters
+			s.mu.Unlock()
+			if w == 1 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Error("the large record did not wait for the batch")
+				return
+			}
+		}
+	}
+	batches := s.batches
+	small := mustAppend(t, s, 0, 0, bytes.Repeat([]byte{1}, 4096))
+	s.Complete(small)
+	large := <-big
+	s.Complete(large)
+	if large != small+1 || s.batches-batches != 1 {
+		t.Fatalf("small record %d, large %d, %d batches; want the large one next, alone", small, large, s.batches-batches)
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, rec := mustOpen(t, dir, Options{})
+	defer s.Close()
+	if got := readAll(t, s, small); rec.Records != 2 || len(got) != 2 || got[1].Seq != large || got[1].Data[0] != 9 {
+		t.Fatalf("reopen: %d records", rec.Records)
+	}
+}
