@@ -17,7 +17,9 @@
 //     must cover writes from every connection: the server advertises
 //     NBD_FLAG_CAN_MULTI_CONN. The replies that complete while one is
 //     being written go out together in the next write (one writev), never
-//     held for a request still being handled.
+//     held for a request still being handled. A connection's requests are
+//     served by handler goroutines started as needed, up to MaxInFlight,
+//     each serving one request after another.
 //   - A request that does not fit the export fails with EINVAL (READ, TRIM)
 //     or ENOSPC (WRITE, WRITE_ZEROES), as the protocol recommends; the
 //     payload of such a WRITE is read and discarded so the connection stays

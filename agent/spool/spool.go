@@ -4,8 +4,11 @@
 //
 // A spool is a directory of files named by the first sequence number they
 // hold (%016x.spool). Each file has a header and then records in the
-// replication.Record encoding, each written with a single write(2), so a
-// killed agent leaves at most one torn record at the tail, which Open cuts off.
+// replication.Record encoding. Appends are group commits: the records
+// appended while the first of them gathers its batch are written with a
+// single write(2), so a killed agent leaves at most one torn batch at the
+// tail (whose appends had not returned), which Open cuts off at its first
+// torn record.
 // Files are deleted once every record in them is acknowledged.
 //
 // The spool is bounded: Append blocks (back-pressure reaching the guest's
