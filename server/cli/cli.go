@@ -173,32 +173,28 @@ func run(args []string, stdout, stderr io.Writer, version string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	// ASR_CPUPROFILE=PREFIX writes a CPU profile of the command to
-	// PREFIX.COMMAND (for performance work; see BENCHMARKS.md).
-	if path := os.Getenv("ASR_CPUPROFILE"); path != "" {
+	// PREFIX.COMMAND (for performance work; see BENCHMARKS.md), and
+	// ASR_TRACE=PREFIX an execution trace (where goroutines wait: go tool
+	// trace -pprof=sync).
+	for _, p := range []struct {
+		env   string
+		start func(io.Writer) error
+		stop  func()
+	}{{"ASR_CPUPROFILE", pprof.StartCPUProfile, pprof.StopCPUProfile}, {"ASR_TRACE", trace.Start, trace.Stop}} {
+		path := os.Getenv(p.env)
+		if path == "" {
+			continue
+		}
 		f, err := os.Create(path + "." + cmd)
 		if err != nil {
 			return err
 		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer func() {
-			pprof.StopCPUProfile()
+		if err := p.start(f); err != nil {
 			f.Close()
-		}()
-	}
-	// ASR_TRACE=PREFIX writes an execution trace of the command to
-	// PREFIX.COMMAND (where goroutines wait: go tool trace -pprof=sync).
-	if path := os.Getenv("ASR_TRACE"); path != "" {
-		f, err := os.Create(path + "." + cmd)
-		if err != nil {
-			return err
-		}
-		if err := trace.Start(f); err != nil {
 			return err
 		}
 		defer func() {
-			trace.Stop()
+			p.stop()
 			f.Close()
 		}()
 	}
