@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
 )
 
@@ -106,6 +108,7 @@ func Start(user, password string) (*Sim, error) {
 		return nil, err
 	}
 	m.Service.TLS = new(tls.Config) // the simulator's own localhost certificate
+	m.Service.Context.Map.AddHandler(detachDevices{m.Service.Context.Map})
 	m.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(user, password)}
 	s := &Sim{Model: m, User: user, Password: password}
 	s.serve()
@@ -301,3 +304,51 @@ func SetUUID(ctx context.Context, vm *object.VirtualMachine, uuid string) error 
 	}
 	return t.Wait(ctx)
 }
+
+// detachDevices is a listener on the simulator's inventory (a
+// RegisterObject handler). It mends a data race inside govmomi's simulator
+// (v0.56.0): a VM's task that changes its devices (ReconfigVM_Task,
+// Destroy_Task and RelocateVM_Task run configureDevices) removes a device
+// from the VM's device list in place, while a WaitForUpdatesEx response
+// may hold that same list (a change's value goes to the property
+// collectors uncopied) and is marshalled outside any lock. go test -race
+// reported it under load: the discovery watcher's response against
+// Destroy_Task. As such a task is registered, before it runs, the listener
+// wraps its body: under the VM's lock, which the task holds as it runs,
+// the VM is first given a copy of its device list, so the task changes a
+// list that no response holds. (The simulator copies the list the same way
+// before a power operation, its cloneDevice.)
+type detachDevices struct {
+	m *simulator.Registry
+}
+
+func (detachDevices) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "AsrDetachDevices", Value: "vcsim"}
+}
+
+func (d detachDevices) PutObject(_ *simulator.Context, o mo.Reference) {
+	t, ok := o.(*simulator.Task)
+	if !ok || t.Info.Entity == nil || t.Execute == nil {
+		return
+	}
+	switch t.Info.DescriptionId {
+	case "VirtualMachine.reconfigVm", "VirtualMachine.destroy", "VirtualMachine.relocateVm":
+	default:
+		return
+	}
+	vm, ok := d.m.Get(*t.Info.Entity).(*simulator.VirtualMachine)
+	if !ok {
+		return
+	}
+	run := t.Execute
+	t.Execute = func(t *simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		if vm.Config != nil {
+			vm.Config.Hardware.Device = slices.Clone(vm.Config.Hardware.Device)
+		}
+		return run(t)
+	}
+}
+
+func (detachDevices) UpdateObject(*simulator.Context, mo.Reference, []types.PropertyChange) {}
+
+func (detachDevices) RemoveObject(*simulator.Context, types.ManagedObjectReference) {}
