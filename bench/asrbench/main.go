@@ -78,6 +78,9 @@ func main() {
 		defer os.RemoveAll(dir)
 	}
 	fmt.Printf("machine: %d cores, %s; %s\n", runtime.NumCPU(), cpuModel(), time.Now().UTC().Format(time.RFC3339))
+	if order, ok := pageReportingOrder(pageReportingDir); ok {
+		fmt.Printf("machine: free page reporting on (blocks of %d KiB freed go back to the hypervisor, and a fresh page-cache page then costs a fault there: BENCHMARKS.md, \"The bench machine's memory\")\n", 4<<order)
+	}
 	switch flag.Arg(0) {
 	case "initial":
 		err = benchInitial(dir)
@@ -118,6 +121,42 @@ func main() {
 func fail(err error) {
 	fmt.Fprintln(os.Stderr, "asrbench:", err)
 	os.Exit(1)
+}
+
+// pageReportingDir holds the kernel's free page reporting parameters
+// (page_reporting_order; reported_kib where the kernel counts them).
+const pageReportingDir = "/sys/module/page_reporting/parameters"
+
+// pageReportingOrder returns the order of the free blocks the guest hands
+// back to its hypervisor, if it does.
+func pageReportingOrder(dir string) (int, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, "page_reporting_order"))
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || n < 0 || n > 20 {
+		return 0, false
+	}
+	return n, true
+}
+
+// hostReportedKiB returns the KiB the guest has handed back to its
+// hypervisor so far, where the kernel counts them.
+func hostReportedKiB() (int64, bool) {
+	return readKiB(filepath.Join(pageReportingDir, "reported_kib"))
+}
+
+func readKiB(path string) (int64, bool) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
 }
 
 func cpuModel() string {

@@ -345,17 +345,23 @@ func benchInitialPeers(dir string) error {
 			if err := warm(); err != nil {
 				return err
 			}
+			rep0, repOK := hostReportedKiB()
 			d, err := c.run()
 			if err != nil {
 				return fmt.Errorf("%s, round %d: %w", c.name, r+1, err)
 			}
+			rep1, _ := hostReportedKiB()
 			if r == 0 && c.goal > 0 { // a peer's copy must be the disk
 				if msg, err := exec.Command("cmp", disk, out).CombinedOutput(); err != nil {
 					return fmt.Errorf("%s made a wrong copy: %v: %s", c.name, err, msg)
 				}
 			}
 			c.secs = append(c.secs, d.Seconds())
-			fmt.Printf("  round %d: %-34s %7.2f s\n", r+1, c.name, d.Seconds())
+			if repOK {
+				fmt.Printf("  round %d: %-34s %7.2f s  (the guest freed back to the hypervisor meanwhile: %.2f GiB)\n", r+1, c.name, d.Seconds(), float64(rep1-rep0)/(1<<20))
+			} else {
+				fmt.Printf("  round %d: %-34s %7.2f s\n", r+1, c.name, d.Seconds())
+			}
 		}
 	}
 	os.Remove(out)
