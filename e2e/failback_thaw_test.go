@@ -89,11 +89,21 @@ func thawState(t *testing.T, dir string) {
 // with the freeze gone from its state file (its state lost: it comes
 // back thawed); its guest then writes 1 MiB at 30 MiB of the original
 // disk through its splitter (accepted: the agent is not frozen).
+//
+// The server is paused (SIGSTOP) from before the kill until the write is
+// done: once it hears from the thawed agent it freezes it again (a
+// refused write of the reverse stream, or the policy pass reading its
+// status), and a guest write after that is refused, as it must be. In
+// a CI run it did so before qemu-io's write arrived. Paused, the server
+// finds the thaw only after the guest wrote, every run; the agent serves
+// its guest without its server.
 func (fc *failbackCase) thawOriginal() {
 	c := fc.c
 	a := c.agents["m"]
+	c.server.pause()
 	a.proc.kill()
 	thawState(c.t, a.state)
 	c.startAgent("m", nil)
 	fc.qemuWrite(a.uri("d"), 0xab, 30<<20, 1<<20)
+	c.server.resume()
 }

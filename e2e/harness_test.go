@@ -37,6 +37,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/asrdr/asr/e2e/freeport"
 	"github.com/asrdr/asr/server/api"
 )
 
@@ -261,12 +262,10 @@ type agentProc struct {
 
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freeport.Port()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	_, port, _ := net.SplitHostPort(l.Addr().String())
 	return port
 }
 

@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/asrdr/asr/e2e/freeport"
 )
 
 // Binary is the sshd the tests run.
@@ -96,13 +98,11 @@ func Start(t testing.TB, opts *Options) *Server {
 	if err := os.WriteFile(filepath.Join(s.dir, "authorized_keys"), []byte(s.ClientKeyAuth), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freeport.Port()
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Addr = l.Addr().String()
-	l.Close()
-	_, port, _ := net.SplitHostPort(s.Addr)
+	s.Addr = net.JoinHostPort("127.0.0.1", port)
 	cfg := strings.Join([]string{
 		"ListenAddress 127.0.0.1",
 		"Port " + port,
