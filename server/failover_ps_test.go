@@ -16,9 +16,9 @@ import (
 
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
-	"github.com/asrdr/asr/psnode"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/server/psnode"
 )
 
 // A failover of a machine served by a scale-out process server: the job

@@ -15,11 +15,11 @@ import (
 	"github.com/asrdr/asr/agent"
 	"github.com/asrdr/asr/agent/nbd"
 
-	"github.com/asrdr/asr/psnode"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/replication/enroll"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/server/psnode"
 )
 
 func (r *rig) psConfig(name, passFile string) psnode.Config {

@@ -9,10 +9,10 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/asrdr/asr/psnode"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server"
 	"github.com/asrdr/asr/server/api"
+	"github.com/asrdr/asr/server/psnode"
 )
 
 // runProcessServer runs a scale-out process server until ctx ends.
