@@ -637,6 +637,23 @@ func (c *cluster) drained() (agent.Stats, error) {
 	return st, fmt.Errorf("the server did not acknowledge every change within %v (acked %d, next %d, spool %d bytes); see %s", drainDeadline, st.Acked, st.NextSeq, st.SpoolBytes, c.dir)
 }
 
+// caughtUp waits until the agent's overflow is resolved (its log says
+// so) and the server acknowledged every change, and returns the agent's
+// stats then and the time since since (to about a second: the stats file
+// is written every second).
+func (c *cluster) caughtUp(since time.Time) (agent.Stats, time.Duration, error) {
+	deadline := time.Now().Add(drainDeadline)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(filepath.Join(c.dir, "agent-bench.log"))
+		if strings.Contains(string(b), "overflow resolved") {
+			st, err := c.drained()
+			return st, time.Since(since), err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return agent.Stats{}, 0, fmt.Errorf("the agent's overflow was not resolved within %v; see %s", drainDeadline, c.dir)
+}
+
 // overflows counts the agent's spool overflows (its log says each).
 func (c *cluster) overflows() int {
 	b, _ := os.ReadFile(filepath.Join(c.dir, "agent-bench.log"))
@@ -841,10 +858,15 @@ func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string, c
 	if err != nil {
 		return 0, 0, "", err
 	}
+	fioEnd := time.Now()
 	written := mbps * float64(*seconds)
 	note := fmt.Sprintf("fio wrote %.2f GB; spool peak %.0f MiB of %d MiB", written/1e3, float64(smp.spoolMax)/(1<<20), spoolMax>>20)
 	if n := c.overflows(); n > 0 {
-		note += fmt.Sprintf("; spool bound reached (%d overflow)", n)
+		st, took, err := c.caughtUp(fioEnd)
+		if err != nil {
+			return 0, 0, "", err
+		}
+		note += fmt.Sprintf("; spool bound reached (%d overflow); consistent again and acknowledged %.1f s after fio ended, %.2f GB of records sent", n, took.Seconds(), float64(st.RawSent)/1e9)
 	} else {
 		note += "; spool bound not reached"
 	}
