@@ -41,6 +41,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/asrdr/asr/e2e/freeport"
 	"github.com/asrdr/asr/replication"
 	"github.com/asrdr/asr/server/api"
 )
@@ -234,13 +235,14 @@ type cluster struct {
 	ctl              *api.Client // the control API, as the operator CLI uses it
 }
 
+// freePort is a port for a server the bench starts as its own process
+// (e2e/freeport: below the kernel's ephemeral range, so that no other
+// process's connection takes it before the server binds it).
 func freePort() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := freeport.Port()
 	if err != nil {
 		fail(err)
 	}
-	defer l.Close()
-	_, p, _ := net.SplitHostPort(l.Addr().String())
 	return p
 }
 
