@@ -35,6 +35,7 @@ type Sim struct {
 
 	mu     sync.Mutex
 	server *simulator.Server
+	gate   *logoutGate // its SDK's Logout held behind its long polls
 }
 
 // The simulator's Model.Create appends to a package variable of govmomi
@@ -110,9 +111,26 @@ func Start(user, password string) (*Sim, error) {
 	m.Service.TLS = new(tls.Config) // the simulator's own localhost certificate
 	m.Service.Context.Map.AddHandler(detachDevices{m.Service.Context.Map})
 	m.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(user, password)}
-	s := &Sim{Model: m, User: user, Password: password}
+	s := &Sim{Model: m, User: user, Password: password, gate: newLogoutGate()}
+	s.sdkMux()
 	s.serve()
 	return s, nil
+}
+
+// sdkMux gives the simulator a new mux with the SDK's paths behind the
+// logout gate (logoutgate.go). The simulator registers its other
+// handlers on it as it starts (NewServer), and the SDK's only once per
+// model (RegisterSDK, called here first, on the mux being replaced), so
+// a mux made anew for each start holds each once.
+func (s *Sim) sdkMux() {
+	svc := s.Model.Service
+	path := svc.Context.Map.Path
+	svc.RegisterSDK(svc.Context.Map, path+"/vimService")
+	sdk := s.gate.wrap(svc.ServeSDK)
+	mux := http.NewServeMux()
+	mux.HandleFunc(path, sdk)
+	mux.HandleFunc(path+"/vimService", sdk)
+	svc.ServeMux = mux
 }
 
 // serving orders the simulators' NewServer calls: each rewrites the
@@ -153,12 +171,7 @@ func (s *Sim) Stop() {
 // on its mux as it starts and cannot twice on one: it gets a new mux, with
 // the SDK's paths, which it registers only once.)
 func (s *Sim) Restart() {
-	svc := s.Model.Service
-	path := svc.Context.Map.Path
-	mux := http.NewServeMux()
-	mux.HandleFunc(path, svc.ServeSDK)
-	mux.HandleFunc(path+"/vimService", svc.ServeSDK)
-	svc.ServeMux = mux
+	s.sdkMux()
 	s.serve()
 }
 
