@@ -2,8 +2,10 @@ package vcsim
 
 import (
 	"bytes"
+	"encoding/xml"
 	"io"
 	"net/http"
+	"regexp"
 	"sync"
 	"time"
 )
@@ -18,12 +20,13 @@ import (
 // watcher at shutdown: the client cancelled the request, the handler
 // runs on) hung both for ever: docs/ARCHITECTURE.md, "Known limits",
 // once in a CI-like run. The gate holds a session's Logout until that
-// session's WaitForUpdates(Ex) calls have returned. The watcher's polls
-// are bounded by their MaxWaitSeconds; a wait past logoutWaitMax goes
+// session's WaitForUpdates(Ex) calls have returned, and ends them first
+// the way a client would: a CancelWaitForUpdates on each one's
+// collector, on behalf of the session. A wait past logoutWaitMax goes
 // ahead anyway, so that the gate cannot hang a run itself.
 type logoutGate struct {
 	mu    sync.Mutex
-	waits map[string]int // session key -> WaitForUpdates calls in the simulator
+	waits map[string]map[string]int // session key -> collector -> WaitForUpdates calls in the simulator
 }
 
 // logoutWaitMax bounds how long a Logout waits for its session's polls.
@@ -33,7 +36,10 @@ const logoutWaitMax = 2 * time.Minute
 // small; uploads go to /folder, not here).
 const maxSOAPBody = 16 << 20
 
-func newLogoutGate() *logoutGate { return &logoutGate{waits: map[string]int{}} }
+func newLogoutGate() *logoutGate { return &logoutGate{waits: map[string]map[string]int{}} }
+
+// thisRE finds a call's managed object (its _this).
+var thisRE = regexp.MustCompile(`<_this[^>]*>([^<]{1,200})</_this>`)
 
 // wrap serves next behind the gate.
 func (g *logoutGate) wrap(next http.HandlerFunc) http.HandlerFunc {
@@ -55,27 +61,56 @@ func (g *logoutGate) wrap(next http.HandlerFunc) http.HandlerFunc {
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		switch {
 		case bytes.Contains(body, []byte("<WaitForUpdates")): // WaitForUpdatesEx too
-			g.add(key, 1)
-			defer g.add(key, -1)
+			pc := ""
+			if m := thisRE.FindSubmatch(body); m != nil {
+				pc = string(m[1])
+			}
+			g.add(key, pc, 1)
+			defer g.add(key, pc, -1)
 		case bytes.Contains(body, []byte("<Logout")):
-			g.idle(key, time.Now().Add(logoutWaitMax))
+			deadline := time.Now().Add(logoutWaitMax)
+			for _, pc := range g.collectors(key) {
+				cancelWait(next, r, pc)
+			}
+			g.idle(key, deadline)
 		}
 		next(w, r)
 	}
 }
 
-func (g *logoutGate) add(key string, n int) {
+func (g *logoutGate) add(key, pc string, n int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.waits[key] += n; g.waits[key] <= 0 {
+	m := g.waits[key]
+	if m == nil {
+		m = map[string]int{}
+		g.waits[key] = m
+	}
+	if m[pc] += n; m[pc] <= 0 {
+		delete(m, pc)
+	}
+	if len(m) == 0 {
 		delete(g.waits, key)
 	}
+}
+
+// collectors are the collectors of session key's calls in the simulator.
+func (g *logoutGate) collectors(key string) []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var pcs []string
+	for pc := range g.waits[key] {
+		if pc != "" {
+			pcs = append(pcs, pc)
+		}
+	}
+	return pcs
 }
 
 func (g *logoutGate) busy(key string) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.waits[key] > 0
+	return len(g.waits[key]) > 0
 }
 
 // idle returns once no WaitForUpdates call of session key runs, or at
@@ -85,6 +120,27 @@ func (g *logoutGate) idle(key string, deadline time.Time) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// cancelWait serves a CancelWaitForUpdates of collector pc on behalf of
+// r's session (its cookies and headers), its answer discarded.
+func cancelWait(next http.HandlerFunc, r *http.Request, pc string) {
+	var b bytes.Buffer
+	b.WriteString(`<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><CancelWaitForUpdates xmlns="urn:vim25"><_this type="PropertyCollector">`)
+	xml.EscapeText(&b, []byte(pc))
+	b.WriteString(`</_this></CancelWaitForUpdates></soapenv:Body></soapenv:Envelope>`)
+	req := r.Clone(r.Context())
+	req.Body = io.NopCloser(&b)
+	req.ContentLength = int64(b.Len())
+	req.Header.Set("SOAPAction", "urn:vim25/8.0.0.0")
+	next(discard{header: http.Header{}}, req)
+}
+
+// discard is a ResponseWriter that keeps nothing.
+type discard struct{ header http.Header }
+
+func (d discard) Header() http.Header       { return d.header }
+func (discard) Write(p []byte) (int, error) { return len(p), nil }
+func (discard) WriteHeader(int)             {}
 
 // sessionKey is the session a request belongs to: the cookie or header
 // govmomi's clients send.
