@@ -1,8 +1,14 @@
 package vcsim
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -78,18 +84,89 @@ func TestLogoutWaitsForItsSessionsPoll(t *testing.T) {
 	if sim.gate.pending() == 0 {
 		t.Fatalf("session 2's Logout ended session 1's poll, or returned only after it (%d s)", maxWait)
 	}
-	// Session 1's Logout returns after its poll did.
+	// Session 1's Logout returns after its poll did, in the simulator:
+	// the gate counts a call until its handler has returned. (The poll's
+	// answer may reach this client after the Logout's: that is the HTTP
+	// client's order, not the simulator's.)
 	if err := c1.Logout(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if n := sim.gate.pending(); n != 0 {
+		t.Fatalf("session 1's Logout returned while %d poll(s) still ran in the simulator", n)
+	}
+	// Ended by the gate's CancelWaitForUpdates, long before its
+	// MaxWaitSeconds: RequestCanceled.
 	select {
 	case err := <-polled:
-		// Ended by the gate's CancelWaitForUpdates, long before its
-		// MaxWaitSeconds: RequestCanceled.
 		if err == nil || !strings.Contains(err.Error(), "RequestCanceled") && !strings.Contains(err.Error(), "canceled") {
 			t.Fatalf("the poll ended with %v: want it cancelled by the Logout", err)
 		}
-	default:
-		t.Fatal("session 1's Logout returned while its own poll still ran in the simulator")
+	case <-time.After(maxWait / 2 * time.Second): // a hung client, not a pace
+		t.Fatal("the poll's answer never came")
+	}
+}
+
+// The gate lets a Logout through only after its session's poll has
+// returned, even when the poll does not end at the cancel (a fake
+// simulator here: the real one ends it at once, so only this shows the
+// wait itself).
+func TestLogoutGateWaitsForAPollThatIgnoresTheCancel(t *testing.T) {
+	var mu sync.Mutex
+	var order []string
+	note := func(s string) {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, s)
+	}
+	cancelled := make(chan struct{})
+	release := make(chan struct{})
+	logoutIn := make(chan struct{})
+	next := func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		switch {
+		case bytes.Contains(body, []byte("<CancelWaitForUpdates")):
+			note("cancel " + thisRE.FindStringSubmatch(string(body))[1])
+			close(cancelled)
+		case bytes.Contains(body, []byte("<WaitForUpdates")):
+			<-release
+			note("poll returned")
+		case bytes.Contains(body, []byte("<Logout")):
+			note("logout")
+			close(logoutIn)
+		}
+	}
+	g := newLogoutGate()
+	h := g.wrap(next)
+	call := func(body string) {
+		r := httptest.NewRequest(http.MethodPost, "/sdk", strings.NewReader(body))
+		r.AddCookie(&http.Cookie{Name: "vmware_soap_session", Value: "s1"})
+		h(httptest.NewRecorder(), r)
+	}
+	polled := make(chan struct{})
+	go func() {
+		defer close(polled)
+		call(`<Envelope><Body><WaitForUpdatesEx><_this type="PropertyCollector">pc-7</_this></WaitForUpdatesEx></Body></Envelope>`)
+	}()
+	for g.pending() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	loggedOut := make(chan struct{})
+	go func() {
+		defer close(loggedOut)
+		call(`<Envelope><Body><Logout><_this type="SessionManager">SessionManager</_this></Logout></Body></Envelope>`)
+	}()
+	<-cancelled
+	select {
+	case <-logoutIn:
+		t.Fatal("the Logout reached the simulator while its session's poll still ran")
+	case <-time.After(200 * time.Millisecond): // long enough to see a gate that does not wait
+	}
+	close(release)
+	<-polled
+	<-loggedOut
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"cancel pc-7", "poll returned", "logout"}; !slices.Equal(order, want) {
+		t.Fatalf("order %q, want %q", order, want)
 	}
 }
