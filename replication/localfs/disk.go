@@ -78,6 +78,7 @@ type disk struct {
 
 	// The writer's.
 	replica *os.File
+	direct  *directWriter // the replica opened O_DIRECT (direct.go); nil where refused
 	ops     []op
 	opBytes int64
 	readBuf []byte
@@ -166,6 +167,9 @@ func (s diskStorage) LoadDisk(ctx context.Context, key string, size int64) (disk
 		size:    st.Size(),
 		nblocks: uint64((st.Size() + blockSize - 1) / blockSize),
 		replica: f,
+	}
+	if df, err := openDirect(filepath.Join(ddir, replicaName)); err == nil {
+		d.direct = newDirectWriter(df)
 	}
 	if err := d.loadChain(); err != nil {
 		d.closeFiles()
@@ -551,7 +555,22 @@ func (d *disk) applyLocked(k int, sync bool) error {
 	if k == 0 {
 		return nil
 	}
-	for i := 0; i < k; i++ {
+	for i := 0; i < k; {
+		if j := d.directRun(i, k); j > i {
+			d.mu.Lock()
+			err := d.direct.writeAll(d.ops[i:j])
+			d.mu.Unlock()
+			if errors.Is(err, errDirectRefused) {
+				d.stopDirect(err)
+				continue // the same ops again, buffered
+			}
+			if err != nil {
+				d.dropOps(i)
+				return fmt.Errorf("apply to replica: %w", err)
+			}
+			i = j
+			continue
+		}
 		d.mu.Lock()
 		err := d.applyOp(d.ops[i])
 		d.mu.Unlock()
@@ -559,6 +578,7 @@ func (d *disk) applyLocked(k int, sync bool) error {
 			d.dropOps(i)
 			return fmt.Errorf("apply to replica: %w", err)
 		}
+		i++
 	}
 	d.dropOps(k)
 	if sync {
@@ -567,6 +587,40 @@ func (d *disk) applyLocked(k int, sync bool) error {
 		}
 	}
 	return nil
+}
+
+// directRun returns the end of the run of queued changes from i (before k)
+// that go direct together: writes of at least directMin, aligned, none
+// overlapping another of the run, at most directParallel. It is i when the
+// change at i is not one (or the disk writes buffered).
+func (d *disk) directRun(i, k int) int {
+	if d.direct == nil {
+		return i
+	}
+	j := i
+	for ; j < k && j-i < directParallel; j++ {
+		o := d.ops[j]
+		if o.data == nil || !directEligible(o.off, len(o.data)) {
+			break
+		}
+		overlaps := false
+		for _, p := range d.ops[i:j] {
+			if o.off < p.off+p.n && p.off < o.off+o.n {
+				overlaps = true
+			}
+		}
+		if overlaps {
+			break
+		}
+	}
+	return j
+}
+
+// stopDirect makes the disk write buffered from now on.
+func (d *disk) stopDirect(err error) {
+	slog.Default().Warn("the replica's file system refused a direct write: writing through the page cache", "disk", d.key, "err", err)
+	d.direct.close()
+	d.direct = nil
 }
 
 // writebackMin is the smallest write whose writeback applyOp starts at
@@ -799,6 +853,9 @@ func (d *disk) closeFiles() {
 	defer d.mu.Unlock()
 	d.closed = true
 	d.replica.Close()
+	if d.direct != nil {
+		d.direct.close()
+	}
 	for _, e := range d.chain {
 		e.f.Close()
 	}

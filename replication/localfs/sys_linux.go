@@ -99,3 +99,9 @@ func startWriteback(f *os.File, off, n int64) {
 		unix.SyncFileRange(int(fd), off, n, unix.SYNC_FILE_RANGE_WRITE)
 	})
 }
+
+// openDirect opens path for writes that bypass the page cache (O_DIRECT);
+// a file system that does not take them (tmpfs) refuses the open.
+func openDirect(path string) (*os.File, error) {
+	return os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
+}

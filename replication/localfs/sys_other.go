@@ -24,3 +24,7 @@ func nextHole(*os.File, int64) (int64, bool) { return 0, false }
 
 // startWriteback does nothing here: the flush's fsync writes everything.
 func startWriteback(*os.File, int64, int64) {}
+
+// openDirect is not wired up here: the replica is written through the
+// page cache.
+func openDirect(string) (*os.File, error) { return nil, errors.ErrUnsupported }
