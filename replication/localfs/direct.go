@@ -45,18 +45,37 @@ const (
 
 // directWriter writes a replica through its O_DIRECT descriptor.
 type directWriter struct {
-	f    *os.File
-	bufs chan []byte // directParallel aligned buffers
+	f *os.File
 	// writeAt writes p at off (f.WriteAt; tests inject failures).
 	writeAt func(p []byte, off int64) (int, error)
 }
 
 func newDirectWriter(f *os.File) *directWriter {
-	w := &directWriter{f: f, bufs: make(chan []byte, directParallel), writeAt: f.WriteAt}
-	for range directParallel {
-		w.bufs <- alignedBuf(directBuf)
+	return &directWriter{f: f, writeAt: f.WriteAt}
+}
+
+// directBufs keeps the aligned buffers of every disk's direct writes for
+// the next, up to directKeep of them: the server's memory does not grow
+// with the disks it holds, and a kept buffer's pages are not fresh ones.
+var directBufs = make(chan []byte, directKeep)
+
+// directKeep is how many aligned buffers directBufs keeps.
+const directKeep = 4 * directParallel
+
+func getDirectBuf() []byte {
+	select {
+	case b := <-directBufs:
+		return b
+	default:
+		return alignedBuf(directBuf)
 	}
-	return w
+}
+
+func putDirectBuf(b []byte) {
+	select {
+	case directBufs <- b:
+	default:
+	}
 }
 
 // alignedBuf returns n bytes starting at a directAlign boundary.
@@ -66,7 +85,7 @@ func alignedBuf(n int) []byte {
 	return b[skip : skip+n : skip+n]
 }
 
-// eligible says whether a write of n bytes at off may go direct.
+// directEligible says whether a write of n bytes at off may go direct.
 func directEligible(off int64, n int) bool {
 	return n >= directMin && off%directAlign == 0 && n%directAlign == 0
 }
@@ -78,8 +97,8 @@ var errDirectRefused = errors.New("direct write refused")
 // write writes p at off through an aligned buffer, in pieces of at most
 // directBuf.
 func (w *directWriter) write(p []byte, off int64) error {
-	buf := <-w.bufs
-	defer func() { w.bufs <- buf }()
+	buf := getDirectBuf()
+	defer putDirectBuf(buf)
 	for len(p) > 0 {
 		k := copy(buf, p)
 		n, err := w.writeAt(buf[:k], off)
@@ -97,8 +116,8 @@ func (w *directWriter) write(p []byte, off int64) error {
 	return nil
 }
 
-// writeAll writes ops, which do not overlap, at once (at most
-// directParallel in flight), and returns the first error.
+// writeAll writes ops, which do not overlap, at once (the caller gives at
+// most directParallel), and returns their errors.
 func (w *directWriter) writeAll(ops []op) error {
 	if len(ops) == 1 {
 		return w.write(ops[0].data, ops[0].off)

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"unsafe"
@@ -117,9 +118,9 @@ func TestDirectRefusedWritesBuffered(t *testing.T) {
 	if d.d.direct == nil {
 		t.Fatal("the replica was not opened O_DIRECT")
 	}
-	refused := 0
+	var refused atomic.Int32 // the run's writes are concurrent
 	d.d.direct.writeAt = func([]byte, int64) (int, error) {
-		refused++
+		refused.Add(1)
 		return 0, &os.PathError{Op: "write", Path: "replica", Err: syscall.EINVAL}
 	}
 	p := bytes.Repeat([]byte{7}, 1<<20)
@@ -131,8 +132,8 @@ func TestDirectRefusedWritesBuffered(t *testing.T) {
 	if err := d.Flush(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if refused == 0 || d.d.direct != nil {
-		t.Fatalf("refused %d times, direct writer %v: want the refusal seen and the writer gone", refused, d.d.direct)
+	if refused.Load() == 0 || d.d.direct != nil {
+		t.Fatalf("refused %d times, direct writer %v: want the refusal seen and the writer gone", refused.Load(), d.d.direct)
 	}
 	if err := d.WriteAt(p, 4<<20); err != nil {
 		t.Fatal(err)

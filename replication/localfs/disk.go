@@ -619,6 +619,8 @@ func (d *disk) directRun(i, k int) int {
 // stopDirect makes the disk write buffered from now on.
 func (d *disk) stopDirect(err error) {
 	slog.Default().Warn("the replica's file system refused a direct write: writing through the page cache", "disk", d.key, "err", err)
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	d.direct.close()
 	d.direct = nil
 }
