@@ -51,16 +51,24 @@ func boolBytes(bs []bool) []byte {
 	return b
 }
 
+// directDisk opens a disk m/d0 of size bytes on a new target, which must
+// write it direct.
+func directDisk(t *testing.T, size int64) (*Target, *tdisk) {
+	t.Helper()
+	tg := mustOpen(t, t.TempDir())
+	d := mustDisk(t, tg, "m/d0", size)
+	t.Cleanup(func() { d.Close() })
+	if d.d.direct == nil {
+		t.Fatal("the replica was not opened O_DIRECT (the test's directory is on a file system that refuses it?)")
+	}
+	return tg, d
+}
+
 // One flush mixing large aligned writes (direct), small and unaligned ones
 // (buffered) and overlaps among them leaves the replica as the writes in
 // their order would, and the direct writes' pages out of the page cache.
 func TestDirectWritesInOrderAndUncached(t *testing.T) {
-	tg := mustOpen(t, t.TempDir())
-	d := mustDisk(t, tg, "m/d0", 32<<20)
-	defer d.Close()
-	if d.d.direct == nil {
-		t.Fatal("the replica was not opened O_DIRECT (the test's directory is on a file system that refuses it?)")
-	}
+	tg, d := directDisk(t, 32<<20)
 	model := make([]byte, 32<<20)
 	rnd := rand.New(rand.NewPCG(1, 2))
 	write := func(off int64, n int) {
@@ -112,12 +120,7 @@ func TestDirectWritesInOrderAndUncached(t *testing.T) {
 // A file system that refuses a direct write (EINVAL) gets it again
 // buffered, and every later write buffered.
 func TestDirectRefusedWritesBuffered(t *testing.T) {
-	tg := mustOpen(t, t.TempDir())
-	d := mustDisk(t, tg, "m/d0", 8<<20)
-	defer d.Close()
-	if d.d.direct == nil {
-		t.Fatal("the replica was not opened O_DIRECT")
-	}
+	_, d := directDisk(t, 8<<20)
 	var refused atomic.Int32 // the run's writes are concurrent
 	d.d.direct.writeAt = func([]byte, int64) (int, error) {
 		refused.Add(1)
@@ -152,12 +155,7 @@ func TestDirectRefusedWritesBuffered(t *testing.T) {
 // A direct write that fails otherwise (EIO) fails the flush and keeps the
 // change queued; the next flush writes it.
 func TestDirectFailureKeepsTheChange(t *testing.T) {
-	tg := mustOpen(t, t.TempDir())
-	d := mustDisk(t, tg, "m/d0", 8<<20)
-	defer d.Close()
-	if d.d.direct == nil {
-		t.Fatal("the replica was not opened O_DIRECT")
-	}
+	_, d := directDisk(t, 8<<20)
 	real := d.d.direct.writeAt
 	d.d.direct.writeAt = func([]byte, int64) (int, error) { return 0, syscall.EIO }
 	p := bytes.Repeat([]byte{9}, 1<<20)
