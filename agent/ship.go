@@ -252,10 +252,10 @@ func tlsDialer(dir, addr string) func(context.Context) (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}, Config: cfg}
+		d := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		nc, err := d.DialContext(dctx, "tcp", addr)
+		nc, err := dialTLS(dctx, d, addr, cfg)
 		if err != nil {
 			return nil, fmt.Errorf("connect %s: %w", addr, err)
 		}
@@ -306,7 +306,7 @@ func (sh *shipper) session() error {
 	if err := replication.WriteFrame(bw, &hf); err != nil {
 		return err
 	}
-	if err := bw.Flush(); err != nil {
+	if err := flushSent(bw, nc); err != nil {
 		return err
 	}
 	f, _, err := replication.ReadFrame(br, nil)
@@ -401,7 +401,19 @@ func (s *shipSession) write(f *replication.Frame) error {
 	if err := replication.WriteFrame(s.bw, f); err != nil {
 		return err
 	}
-	return s.bw.Flush()
+	return flushSent(s.bw, s.nc)
+}
+
+// flushSent sends what bw holds, and what the connection gathered of it
+// (a sendBuffer under TLS).
+func flushSent(bw *bufio.Writer, nc net.Conn) error {
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	if f, ok := nc.(flusher); ok {
+		return f.Flush()
+	}
+	return nil
 }
 
 func (s *shipSession) send(ctx context.Context, rd interface {
