@@ -92,3 +92,59 @@ func TestMemoryLogRingReleaseKeepsRecords(t *testing.T) {
 	s.mu.Unlock()
 	backlog(2) // on the released pages
 }
+
+// TestMemoryLogRingReusesTouchedPages: under continuous churn, with a few
+// records in flight and the log never empty, appends start again at the
+// ring's start rather than walk on through pages never touched, so the
+// touched part (the RSS the ring costs) stays near what is in flight, not
+// the ring's size; and every record still reads back whole. It fails if
+// appends go on to the ring's end.
+func TestMemoryLogRingReusesTouchedPages(t *testing.T) {
+	const size = 16 << 20
+	s, _ := mustOpen(t, t.TempDir(), Options{MaxBytes: 1 << 30, MemBytes: size})
+	defer s.Close()
+	rng := rand.New(rand.NewPCG(5, 6))
+	const inFlight = 16 // records of 64 KiB: 1 MiB in flight
+	data := make([]byte, 64<<10)
+	var seqs []uint64
+	want := map[uint64][]byte{}
+	for i := range 4 * size / len(data) { // four times the ring's size
+		for j := range data {
+			data[j] = byte(rng.Uint32())
+		}
+		seq := mustAppend(t, s, 0, uint64(i%64)*uint64(len(data)), data)
+		s.Complete(seq)
+		seqs = append(seqs, seq)
+		want[seq] = bytes.Clone(data)
+		if len(seqs) > inFlight {
+			// What is still in flight reads back whole.
+			got := readAll(t, s, seqs[0])
+			if len(got) != len(seqs) {
+				t.Fatalf("read %d records from %d, want %d", len(got), seqs[0], len(seqs))
+			}
+			for _, r := range got {
+				if !bytes.Equal(r.Data, want[r.Seq]) {
+					t.Fatalf("record %d differs", r.Seq)
+				}
+			}
+			// The oldest half is acknowledged: the log never empties.
+			acked := seqs[len(seqs)/2-1]
+			if err := s.Ack(acked); err != nil {
+				t.Fatal(err)
+			}
+			for _, q := range seqs[:len(seqs)/2] {
+				delete(want, q)
+			}
+			seqs = seqs[len(seqs)/2:]
+		}
+	}
+	s.mu.Lock()
+	high, mem := s.ringHigh, len(s.mem)
+	s.mu.Unlock()
+	if mem == 0 {
+		t.Fatal("the log emptied: the test did not keep records in flight")
+	}
+	if limit := 3 * (inFlight + 1) * (len(data) + replication.RecordHeaderSize); high > limit {
+		t.Fatalf("with at most %d records of %d bytes in flight the ring was touched up to %d of %d bytes, want at most %d", inFlight+1, len(data), high, size, limit)
+	}
+}

@@ -765,6 +765,15 @@ func (s *Spool) writeBatchLocked(b *batch) {
 
 // ringAlloc returns the offset of room for n bytes in the ring after the
 // memory log's last record (wrapping to the start), or -1 if there is none.
+//
+// It wraps to the start as soon as the record would otherwise reach past
+// the part of the ring touched since its pages were last given back
+// (ringHigh) and the start is free: under continuous churn the log seldom
+// empties, and appends that went on to the ring's end touched every page
+// of it (the agent's RSS was the whole ring above the spool log's: 77
+// against 51 MiB at 100 MB/s with 32 MiB), where the records in flight
+// need only a few MiB. The touched part now grows only when the records
+// not yet acknowledged need it.
 func (s *Spool) ringAlloc(n int) int {
 	at := -1
 	if len(s.mem) == 0 {
@@ -775,7 +784,7 @@ func (s *Spool) ringAlloc(n int) int {
 		head, last := s.mem[0].off, s.mem[len(s.mem)-1]
 		tail := last.off + last.n
 		switch {
-		case last.off >= head && tail+n <= len(s.ring): // after the last
+		case last.off >= head && tail+n <= len(s.ring) && (tail+n <= s.ringHigh || n > head): // after the last
 			at = tail
 		case last.off >= head && n <= head: // wrapped to the start
 			at = 0
