@@ -94,3 +94,61 @@ func BenchmarkSteadyState(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkBacklog is the agent's path of 1 MiB changes while the server
+// falls behind: every record is read and acknowledged only once 256 MiB
+// more were appended after it, so the memory log (32 MiB, memlog) spills
+// all but its last 32 MiB to the files, and the spool log (spool) writes
+// everything there. Side by side: the CPU per record of appending,
+// reading and acknowledging.
+func BenchmarkBacklog(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		mem  int64
+	}{{"spool", 0}, {"memlog", 32 << 20}} {
+		b.Run(c.name, func(b *testing.B) {
+			s, _, err := Open(b.TempDir(), Options{MaxBytes: 1 << 30, MemBytes: c.mem}, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			rd, err := s.NewReader(1)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer rd.Close()
+			const size, lag = 1 << 20, 256
+			data := make([]byte, size)
+			rng := rand.New(rand.NewPCG(1, 2))
+			for j := range data {
+				data[j] = byte(rng.Uint32())
+			}
+			ctx := context.Background()
+			var buf []byte
+			read := 0
+			b.SetBytes(size)
+			b.ResetTimer()
+			for i := range b.N {
+				r := replication.Record{Time: time.Now().UnixNano(), Kind: replication.KindWrite,
+					Offset: uint64(i%1024) * size, Length: size, Data: data}
+				seq, err := s.Append(ctx, &r)
+				if err != nil {
+					b.Fatal(err)
+				}
+				s.Complete(seq)
+				for read+lag <= i || (i == b.N-1 && read <= i) {
+					var first uint64
+					var count uint32
+					buf, first, count, err = rd.Next(ctx, buf[:0], 4<<20, 0)
+					if err != nil || count == 0 {
+						b.Fatalf("read: %d records, %v", count, err)
+					}
+					if err := s.Ack(first + uint64(count) - 1); err != nil {
+						b.Fatal(err)
+					}
+					read += int(count)
+				}
+			}
+		})
+	}
+}

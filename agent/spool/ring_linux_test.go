@@ -144,7 +144,7 @@ func TestMemoryLogRingReusesTouchedPages(t *testing.T) {
 	if mem == 0 {
 		t.Fatal("the log emptied: the test did not keep records in flight")
 	}
-	if limit := 3 * (inFlight + 1) * (len(data) + replication.RecordHeaderSize); high > limit {
+	if limit := 4 * (inFlight + 1) * (len(data) + replication.RecordHeaderSize); high > limit {
 		t.Fatalf("with at most %d records of %d bytes in flight the ring was touched up to %d of %d bytes, want at most %d", inFlight+1, len(data), high, size, limit)
 	}
 }

@@ -768,12 +768,16 @@ func (s *Spool) writeBatchLocked(b *batch) {
 //
 // It wraps to the start as soon as the record would otherwise reach past
 // the part of the ring touched since its pages were last given back
-// (ringHigh) and the start is free: under continuous churn the log seldom
-// empties, and appends that went on to the ring's end touched every page
-// of it (the agent's RSS was the whole ring above the spool log's: 77
-// against 51 MiB at 100 MB/s with 32 MiB), where the records in flight
-// need only a few MiB. The touched part now grows only when the records
-// not yet acknowledged need it.
+// (ringHigh) and the start has room for twice what the log holds: under
+// continuous churn the log seldom empties, and appends that went on to
+// the ring's end touched every page of it (the agent's RSS was the whole
+// ring above the spool log's: 81 against 51 MiB at 100 MB/s with 32 MiB),
+// where the records in flight need only a few MiB. The touched part now
+// grows only when the records not yet acknowledged need it: about three
+// times what the log holds. The price: while wrapped, the log holds at
+// most what the start had room for, so a backlog that grows more than
+// threefold within one turn of the ring spills before the ring is full
+// (and the next turn goes further).
 func (s *Spool) ringAlloc(n int) int {
 	at := -1
 	if len(s.mem) == 0 {
@@ -784,7 +788,7 @@ func (s *Spool) ringAlloc(n int) int {
 		head, last := s.mem[0].off, s.mem[len(s.mem)-1]
 		tail := last.off + last.n
 		switch {
-		case last.off >= head && tail+n <= len(s.ring) && (tail+n <= s.ringHigh || n > head): // after the last
+		case last.off >= head && tail+n <= len(s.ring) && (tail+n <= s.ringHigh || int64(head) < 2*s.memBytes+int64(n)): // after the last
 			at = tail
 		case last.off >= head && n <= head: // wrapped to the start
 			at = 0
@@ -847,33 +851,24 @@ func (s *Spool) spillLocked(target int64) error {
 			cur = s.files[len(s.files)-1]
 		}
 		// One write(2) for a batch of records, at most 4 MiB or the
-		// file's room, whichever ends first (at least one record).
+		// file's room, whichever ends first (at least one record), and
+		// straight from the ring: a batch ends where the ring wraps (a
+		// batch across the wrap was copied into a buffer first, of up
+		// to 4 MiB, allocated anew each time).
 		var n int
 		var size int64
 		for n < len(s.mem) && s.memBytes-size > target {
 			l := int64(s.mem[n].n)
-			if n > 0 && (size+l > 4<<20 || cur.size+size+l > s.opts.FileBytes) {
+			if n > 0 && (size+l > 4<<20 || cur.size+size+l > s.opts.FileBytes ||
+				s.mem[n].off != s.mem[n-1].off+s.mem[n-1].n) {
 				break
 			}
 			size += l
 			n++
 		}
 		at := Position{File: cur.first, Offset: cur.size}
-		b := s.rec(s.mem[0])
-		if first, last := s.mem[0], s.mem[n-1]; last.off+last.n-first.off == int(size) {
-			b = s.ring[first.off : last.off+last.n] // contiguous in the ring
-		} else if n > 1 {
-			s.buf = s.buf[:0]
-			for _, r := range s.mem[:n] {
-				s.buf = append(s.buf, s.rec(r)...)
-			}
-			b = s.buf
-		}
-		err := s.writeLocked(b, s.mem[0].seq, s.mem[n-1].seq)
-		if cap(s.buf) > 4<<20 {
-			s.buf = nil
-		}
-		if err != nil {
+		b := s.ring[s.mem[0].off : s.mem[n-1].off+s.mem[n-1].n]
+		if err := s.writeLocked(b, s.mem[0].seq, s.mem[n-1].seq); err != nil {
 			return err
 		}
 		s.marks = append(s.marks, mark{seq: s.mem[0].seq, pos: at})
