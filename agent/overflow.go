@@ -214,7 +214,7 @@ func (o *overflow) enter(d *Disk) bool {
 		// writes from here are tracked in the maps.
 		for _, dk := range o.disks {
 			rec := replication.Record{Time: time.Now().UnixNano(), Disk: dk.Index, Kind: replication.KindResync,
-				Data: []byte("spool overflow: the agent tracks changed blocks until it catches up")}
+				Data: []byte(replication.OverflowReason)}
 			rec.Length = uint32(len(rec.Data))
 			seq, err := o.spool.Append(o.rt.ctx, &rec)
 			if err != nil {

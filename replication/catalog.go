@@ -32,6 +32,15 @@ const (
 	StateResync    = "resync"
 )
 
+// OverflowReason is the reason of the resync an agent's spool overflow
+// starts (the start record it logs as its spool fills). The agent ends it
+// itself, resending the blocks it marked meanwhile, so the server
+// schedules no checksum resync for it: one started in the resync window
+// hashed the whole disk on the guest while the agent was still resending.
+// An agent that stops in the middle marks its disks for a full resync at
+// its next start, with another reason, which is scheduled.
+const OverflowReason = "spool overflow: the agent tracks changed blocks until it catches up"
+
 // States of a disk's resync as the server schedules it (its database, the
 // API and the console).
 const (

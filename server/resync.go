@@ -16,10 +16,13 @@ import (
 
 // Resync scheduling, as in ASR: a disk that needs a resync (whatever the
 // trigger: a lost or corrupt segment, a disk that grew, an agent that
-// stopped uncleanly or overflowed its spool, ...) gets a row in the resyncs
-// table. An automatic resync waits for the resync window, outside office
-// hours (default 22:00-06:00 server local time; per vault with the setting
-// resync_window, per policy with its resync_window); an operator's request
+// stopped uncleanly or in the middle of a spool overflow, ...) gets a row
+// in the resyncs table. A spool overflow itself does not: the agent
+// resends the blocks it marked and ends that resync itself
+// (replication.OverflowReason). An automatic resync waits for the resync
+// window, outside office hours (default 22:00-06:00 server local time;
+// per vault with the setting resync_window, per policy with its
+// resync_window); an operator's request
 // (asr resync, the console's Resync button) runs at once. A failed attempt
 // is retried with backoff inside the window; when the next try would fall
 // outside it, the resync stays failed, with its reason on the machine, until
@@ -160,7 +163,8 @@ func (s *Server) reconcileResyncs(ctx context.Context, m replication.MachineCata
 			if err := schedule(d, &row); err != nil {
 				return err
 			}
-		case resync && !has:
+		case resync && !has && d.Reason != replication.OverflowReason:
+			// (An overflow's resync is the agent's to end: OverflowReason.)
 			if err := schedule(d, nil); err != nil {
 				return err
 			}
