@@ -38,8 +38,9 @@ func (c *countConn) sizes() []int {
 }
 
 // tlsPair starts a TLS server on loopback that hands what it reads to
-// got, and returns a client connection over a countConn.
-func tlsPair(t *testing.T) (*tlsConn, *countConn, <-chan []byte) {
+// got (or, with drain, reads it into one buffer and drops it), and
+// returns a client connection over a countConn.
+func tlsPair(t testing.TB, drain bool) (*tlsConn, *countConn, <-chan []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -64,6 +65,11 @@ func tlsPair(t *testing.T) (*tlsConn, *countConn, <-chan []byte) {
 		}
 		defer c.Close()
 		sc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+		if drain {
+			io.Copy(io.Discard, sc)
+			close(got)
+			return
+		}
 		for {
 			b := make([]byte, 256<<10)
 			n, err := sc.Read(b)
@@ -114,7 +120,7 @@ func readN(t *testing.T, got <-chan []byte, n int) []byte {
 // each flush; a small write waits for the flush; the bytes arrive whole
 // and in order.
 func TestSendBufferGathersRecords(t *testing.T) {
-	tc, cc, got := tlsPair(t)
+	tc, cc, got := tlsPair(t, false)
 	afterHandshake := len(cc.sizes())
 
 	// A small frame is held until the flush.
@@ -174,7 +180,7 @@ func TestSendBufferGathersRecords(t *testing.T) {
 // TestSendBufferWriteErrorSurfaces: a socket that fails makes the flush
 // fail (the shipper then ends the session), and the failure stays.
 func TestSendBufferWriteErrorSurfaces(t *testing.T) {
-	tc, cc, _ := tlsPair(t)
+	tc, cc, _ := tlsPair(t, false)
 	if _, err := tc.Write([]byte("frame")); err != nil {
 		t.Fatal(err)
 	}
@@ -186,3 +192,4 @@ func TestSendBufferWriteErrorSurfaces(t *testing.T) {
 		t.Fatal("a write after a failed flush succeeded")
 	}
 }
+
