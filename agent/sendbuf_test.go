@@ -192,4 +192,3 @@ func TestSendBufferWriteErrorSurfaces(t *testing.T) {
 		t.Fatal("a write after a failed flush succeeded")
 	}
 }
-
