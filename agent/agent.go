@@ -378,7 +378,8 @@ func (a *Agent) Stats() Stats {
 		BytesSent: c.bytesSent.Load(), RawSent: c.rawSent.Load(), Frames: c.frames.Load(), Records: c.records.Load(),
 		FramesZstd: c.framesZstd.Load(), FramesS2: c.framesS2.Load(),
 		Acked: a.spool.Acked(), NextSeq: a.spool.Next(), SpoolBytes: a.spool.Pending(),
-		Writes: a.disks.writes(), Latency: a.lat.stats(), Holds: a.groups.holds.stats(), Connected: c.connected.Load(),
+		SpoolWritten: a.spool.Written(),
+		Writes:       a.disks.writes(), Latency: a.lat.stats(), Holds: a.groups.holds.stats(), Connected: c.connected.Load(),
 		Disks: a.Progress(),
 	}
 }

@@ -15,20 +15,24 @@ import (
 // Stats are the agent's cumulative figures, also written to
 // STATE/stats.json every second.
 type Stats struct {
-	BytesSent  int64        `json:"bytes_sent"` // frame bytes sent to the process server, all connections, all runs
-	RawSent    int64        `json:"raw_sent"`   // record bytes before compression
-	Frames     int64        `json:"frames"`
-	FramesZstd int64        `json:"frames_zstd"` // of Frames, those sent zstd-compressed
-	FramesS2   int64        `json:"frames_s2"`   // and those sent S2-compressed
-	Records    int64        `json:"records"`
-	Acked      uint64       `json:"acked"`
-	NextSeq    uint64       `json:"next_seq"`
-	SpoolBytes int64        `json:"spool_bytes"`
-	Writes     int64        `json:"writes"` // guest changes this run
-	Latency    LatencyStats `json:"ack_latency"`
-	Holds      LatencyStats `json:"group_holds"` // how long group cuts held the guest's writes
-	Connected  bool         `json:"connected"`
-	Disks      []replication.DiskProgress
+	BytesSent  int64  `json:"bytes_sent"` // frame bytes sent to the process server, all connections, all runs
+	RawSent    int64  `json:"raw_sent"`   // record bytes before compression
+	Frames     int64  `json:"frames"`
+	FramesZstd int64  `json:"frames_zstd"` // of Frames, those sent zstd-compressed
+	FramesS2   int64  `json:"frames_s2"`   // and those sent S2-compressed
+	Records    int64  `json:"records"`
+	Acked      uint64 `json:"acked"`
+	NextSeq    uint64 `json:"next_seq"`
+	SpoolBytes int64  `json:"spool_bytes"`
+	// SpoolWritten is the bytes of records written to the spool's files
+	// this run: every change with the spool log, what the memory log
+	// spilled with it.
+	SpoolWritten int64        `json:"spool_written"`
+	Writes       int64        `json:"writes"` // guest changes this run
+	Latency      LatencyStats `json:"ack_latency"`
+	Holds        LatencyStats `json:"group_holds"` // how long group cuts held the guest's writes
+	Connected    bool         `json:"connected"`
+	Disks        []replication.DiskProgress
 }
 
 // statsFileName is where the figures are written, in the state directory.

@@ -62,6 +62,34 @@ func TestMemoryLogSteadyStateWritesNothing(t *testing.T) {
 	if m := s.Memory(); m != 0 {
 		t.Fatalf("memory log holds %d bytes with everything acknowledged", m)
 	}
+	if w := s.Written(); w != 0 {
+		t.Fatalf("Written says %d bytes went to the files in steady state, want 0", w)
+	}
+}
+
+// TestWrittenCountsFileBytes: Written counts the record bytes written to
+// the files: every record with the spool log, only the spills with the
+// memory log (the agent's stats report it; asrbench prints it).
+func TestWrittenCountsFileBytes(t *testing.T) {
+	data := bytes.Repeat([]byte{9}, 8192)
+	rec := int64(len(data) + replication.RecordHeaderSize)
+	for _, c := range []struct {
+		name string
+		mem  int64
+		want int64
+	}{{"spool log", 0, 100 * rec}, {"memory log", 20 * rec, 80 * rec}} {
+		s, _ := mustOpen(t, t.TempDir(), Options{MaxBytes: 64 << 20, MemBytes: c.mem})
+		for i := range 100 { // nothing acknowledged: a backlog
+			s.Complete(mustAppend(t, s, 0, uint64(i)*8192, data))
+		}
+		// The memory log spills down to three quarters of its bound (15
+		// records) whenever a record does not fit: after the first 20,
+		// every fifth append spills five, and the last 20 stay in memory.
+		if w := s.Written(); w != c.want {
+			t.Fatalf("%s: Written %d, want %d", c.name, w, c.want)
+		}
+		s.Close()
+	}
 }
 
 // TestMemoryLogBacklogLosesNothing: while the server falls behind, the

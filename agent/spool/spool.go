@@ -92,6 +92,7 @@ type Spool struct {
 	next     uint64  // next sequence number to give out
 	acked    uint64  // last acknowledged sequence number
 	bytes    int64   // bytes in files (headers included)
+	written  int64   // bytes of records written to files since Open (Written)
 	inflight []pending
 	shipSeq  uint64 // last shippable sequence number
 	buf      []byte
@@ -931,7 +932,17 @@ func (s *Spool) writeLocked(b []byte, first, last uint64) error {
 	cur.size += int64(len(b))
 	cur.last = last
 	cur.dirty = true
+	s.written += int64(len(b))
 	return nil
+}
+
+// Written returns the bytes of records written to the spool's files since
+// Open: every record with the spool log; with the memory log only what it
+// spilled (and what a clean stop writes).
+func (s *Spool) Written() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.written
 }
 
 // waitLocked waits on the condition variable but wakes up when ctx is done.

@@ -861,15 +861,23 @@ func asrWrite(dir string, size, spoolMax int64, job func(uri string) []string, c
 	fioEnd := time.Now()
 	written := mbps * float64(*seconds)
 	note := fmt.Sprintf("fio wrote %.2f GB; spool peak %.0f MiB of %d MiB", written/1e3, float64(smp.spoolMax)/(1<<20), spoolMax>>20)
+	var st agent.Stats
 	if n := c.overflows(); n > 0 {
-		st, took, err := c.caughtUp(fioEnd)
+		var took time.Duration
+		st, took, err = c.caughtUp(fioEnd)
 		if err != nil {
 			return 0, 0, "", err
 		}
 		note += fmt.Sprintf("; spool bound reached (%d overflow); consistent again and acknowledged %.1f s after fio ended, %.2f GB of records sent", n, took.Seconds(), float64(st.RawSent)/1e9)
 	} else {
+		if st, err = c.drained(); err != nil {
+			return 0, 0, "", err
+		}
 		note += "; spool bound not reached"
 	}
+	// What went to the spool's files: every change with the spool log,
+	// the spills with the memory log.
+	note += fmt.Sprintf("; %.2f GB written to the spool files", float64(st.SpoolWritten)/1e9)
 	note += fmt.Sprintf("; agent RSS peak %d MiB (anon %d MiB)", smp.agentPeak>>10, smp.agentAnon>>10)
 	return mbps, smp.agentPeak, note, nil
 }
