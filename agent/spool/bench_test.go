@@ -29,16 +29,7 @@ func BenchmarkSteadyState(b *testing.B) {
 	}{{"spool", 0}, {"memlog", 64 << 20}} {
 		b.Run(c.name, func(b *testing.B) {
 			defer debug.SetMemoryLimit(debug.SetMemoryLimit(40 << 20))
-			s, _, err := Open(b.TempDir(), Options{MaxBytes: 1 << 30, MemBytes: c.mem}, 0)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			rd, err := s.NewReader(1)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer rd.Close()
+			s, rd := benchSpool(b, c.mem)
 			rng := rand.New(rand.NewPCG(1, 2))
 			// The guest's data comes in buffers from a sync.Pool, as the
 			// NBD server's (agent/nbd/bufpool.go): a collection empties
@@ -76,6 +67,7 @@ func BenchmarkSteadyState(b *testing.B) {
 				for got := 0; got < n; {
 					var first uint64
 					var count uint32
+					var err error
 					buf, first, count, err = rd.Next(ctx, buf[:0], 4<<20, 0)
 					if err != nil || count == 0 {
 						b.Fatalf("read: %d records, %v", count, err)
@@ -107,16 +99,7 @@ func BenchmarkBacklog(b *testing.B) {
 		mem  int64
 	}{{"spool", 0}, {"memlog", 32 << 20}} {
 		b.Run(c.name, func(b *testing.B) {
-			s, _, err := Open(b.TempDir(), Options{MaxBytes: 1 << 30, MemBytes: c.mem}, 0)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			rd, err := s.NewReader(1)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer rd.Close()
+			s, rd := benchSpool(b, c.mem)
 			const size, lag = 1 << 20, 256
 			data := make([]byte, size)
 			rng := rand.New(rand.NewPCG(1, 2))
@@ -139,6 +122,7 @@ func BenchmarkBacklog(b *testing.B) {
 				for read+lag <= i || (i == b.N-1 && read <= i) {
 					var first uint64
 					var count uint32
+					var err error
 					buf, first, count, err = rd.Next(ctx, buf[:0], 4<<20, 0)
 					if err != nil || count == 0 {
 						b.Fatalf("read: %d records, %v", count, err)
@@ -151,4 +135,20 @@ func BenchmarkBacklog(b *testing.B) {
 			}
 		})
 	}
+}
+
+// benchSpool opens a spool of 1 GiB with a memory log of mem bytes (0:
+// none) and a reader from its first record, both closed when b ends.
+func benchSpool(b *testing.B, mem int64) (*Spool, *Reader) {
+	s, _, err := Open(b.TempDir(), Options{MaxBytes: 1 << 30, MemBytes: mem}, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	rd, err := s.NewReader(1)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { rd.Close() })
+	return s, rd
 }
