@@ -65,17 +65,9 @@ func BenchmarkSteadyState(b *testing.B) {
 					bytes += int64(l)
 				}
 				for got := 0; got < n; {
-					var first uint64
-					var count uint32
-					var err error
-					buf, first, count, err = rd.Next(ctx, buf[:0], 4<<20, 0)
-					if err != nil || count == 0 {
-						b.Fatalf("read: %d records, %v", count, err)
-					}
-					if err := s.Ack(first + uint64(count) - 1); err != nil {
-						b.Fatal(err)
-					}
-					got += int(count)
+					var count int
+					buf, count = shipFrame(b, s, rd, buf)
+					got += count
 				}
 				done += n
 			}
@@ -120,17 +112,9 @@ func BenchmarkBacklog(b *testing.B) {
 				}
 				s.Complete(seq)
 				for read+lag <= i || (i == b.N-1 && read <= i) {
-					var first uint64
-					var count uint32
-					var err error
-					buf, first, count, err = rd.Next(ctx, buf[:0], 4<<20, 0)
-					if err != nil || count == 0 {
-						b.Fatalf("read: %d records, %v", count, err)
-					}
-					if err := s.Ack(first + uint64(count) - 1); err != nil {
-						b.Fatal(err)
-					}
-					read += int(count)
+					var count int
+					buf, count = shipFrame(b, s, rd, buf)
+					read += count
 				}
 			}
 		})
@@ -151,4 +135,17 @@ func benchSpool(b *testing.B, mem int64) (*Spool, *Reader) {
 	}
 	b.Cleanup(func() { rd.Close() })
 	return s, rd
+}
+
+// shipFrame reads a frame of up to 4 MiB of records into buf, as the
+// shipper does, and acknowledges them; it returns buf and their count.
+func shipFrame(b *testing.B, s *Spool, rd *Reader, buf []byte) ([]byte, int) {
+	buf, first, count, err := rd.Next(context.Background(), buf[:0], 4<<20, 0)
+	if err != nil || count == 0 {
+		b.Fatalf("read: %d records, %v", count, err)
+	}
+	if err := s.Ack(first + uint64(count) - 1); err != nil {
+		b.Fatal(err)
+	}
+	return buf, int(count)
 }
