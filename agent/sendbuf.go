@@ -18,10 +18,10 @@ const sendChunk = 64 << 10
 // write(2), and the kernel's cost per call (on loopback the receiving
 // side's too, which runs on the sender's CPU there) was most of what
 // shipping cost the guest's core beside AES-GCM (BENCHMARKS.md, "Guest
-// writes: TLS records sent in 64 KiB writes").
+// writes: TLS records in 64 KiB writes, ...").
 //
-// It passes writes through until gather is called (the handshake reads
-// and writes in turn, and must not wait in a buffer), then keeps them
+// It passes writes through until startGathering (the handshake reads and
+// writes in turn, and must not wait in a buffer), then keeps them
 // until it holds sendChunk bytes or Flush is called. The shipper flushes
 // after every frame it writes (tlsConn.Flush), so nothing waits for more
 // data. Close drops what is buffered: by then the session has failed or
